@@ -1,0 +1,333 @@
+"""Typed configuration: one YAML file parsed into frozen dataclasses, checked on construction.
+
+YAML is only parsed (``yaml.safe_load``) and then mapped field by field onto the dataclasses below; an unknown key,
+a value of the wrong type or an out-of-range value raises :class:`~engine.errors.ConfigError` naming the dotted
+key and the value. Any value can be overridden with ``--set dotted.key=value`` (the value is read as YAML, so
+``--set promoter.upstream=2000`` gives an int and ``--set inputs.samples=null`` clears a path).
+
+Relative input paths are resolved against the directory of the config file, so a config travels with its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from engine.errors import ConfigError
+
+Scale = Literal["tpm", "counts", "log"]
+GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
+ExpressionFormat = Literal["auto", "gct", "wide", "long"]
+SoftMask = Literal["upper", "n"]
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key!r} has value {value!r}; expected {expected}")
+
+
+@dataclass(frozen=True)
+class InputsConfig:
+    """Input files. Only ``genes`` and ``expression`` are required.
+
+    Attributes:
+        genes: gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV with named columns.
+        expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues) or long TSV/CSV/Parquet
+            (gene_id, sample_id, value).
+        genome: FASTA (plain or bgzip) for promoter sequence; optional.
+        samples: sample table (sample_id -> donor_id, tissue); without it every expression column is one tissue
+            of one reference genotype, as in a median-by-tissue table.
+        variants: VCF/VCF.gz/BCF of personal genomes; optional.
+        sample_map: two-column table linking VCF sample names to expression donor ids, when they differ.
+        scale: what the expression values are: ``tpm`` (or another length-normalised abundance), raw
+            ``counts`` (normalised per sample on reading) or already ``log``-transformed.
+        genes_format, expression_format: ``auto`` picks the format from the file name.
+        gene_types: keep only these gene types from a GTF/GFF3/TSV that has them (empty: keep all).
+    """
+
+    genes: str = ""
+    expression: str = ""
+    genome: str | None = None
+    samples: str | None = None
+    variants: str | None = None
+    sample_map: str | None = None
+    scale: Scale = "tpm"
+    genes_format: GenesFormat = "auto"
+    expression_format: ExpressionFormat = "auto"
+    gene_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(bool(self.genes), "inputs.genes", self.genes, "a path to a gene annotation file")
+        _require(bool(self.expression), "inputs.expression", self.expression, "a path to an expression file")
+
+    def resolved(self, base: Path) -> InputsConfig:
+        """Return a copy with every relative path made absolute against ``base``."""
+
+        def fix(p: str | None) -> str | None:
+            if p is None:
+                return None
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() else (base / path).resolve())
+
+        return dataclasses.replace(
+            self,
+            genes=fix(self.genes),
+            expression=fix(self.expression),
+            genome=fix(self.genome),
+            samples=fix(self.samples),
+            variants=fix(self.variants),
+            sample_map=fix(self.sample_map),
+        )
+
+
+@dataclass(frozen=True)
+class ExpressionConfig:
+    """How expression values are turned into the modelling scale.
+
+    Attributes:
+        transform: ``log1p`` of TPM / normalised counts (ignored when ``inputs.scale`` is ``log``).
+        counts_normalisation: per-sample normalisation of raw counts: ``cpm`` (counts per million of the genes
+            in the file) or ``median_ratio`` (DESeq2-style size factors, robust when few genes are present).
+    """
+
+    transform: Literal["log1p", "none"] = "log1p"
+    counts_normalisation: Literal["cpm", "median_ratio"] = "cpm"
+
+
+@dataclass(frozen=True)
+class PromoterConfig:
+    """The promoter window around each TSS, strand-oriented (upstream is 5' of the TSS on the gene's strand).
+
+    Attributes:
+        upstream: bases 5' of the TSS.
+        downstream: bases 3' of the TSS, the TSS base included.
+        soft_mask: ``upper`` keeps soft-masked (lower-case) bases as ordinary bases; ``n`` turns them into N.
+    """
+
+    upstream: int = 1000
+    downstream: int = 500
+    soft_mask: SoftMask = "upper"
+
+    def __post_init__(self) -> None:
+        _require(self.upstream >= 0, "promoter.upstream", self.upstream, "an integer >= 0")
+        _require(self.downstream >= 1, "promoter.downstream", self.downstream, "an integer >= 1 (the TSS base)")
+        _require(
+            self.upstream + self.downstream <= 1_000_000,
+            "promoter.upstream",
+            self.upstream,
+            "a window of at most 1 Mb in all",
+        )
+
+    @property
+    def length(self) -> int:
+        return self.upstream + self.downstream
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how to run Ray.
+
+    Attributes:
+        address: ``None`` starts a local single-node Ray in this process; ``auto`` or ``ray://...`` joins a cluster.
+        num_cpus: CPUs for a local Ray (``None``: all of this machine's).
+        object_store_mb: object store size for a local Ray (``None``: Ray's default).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", self.num_cpus, "an integer >= 1")
+        _require(
+            self.object_store_mb is None or self.object_store_mb >= 64,
+            "ray.object_store_mb",
+            self.object_store_mb,
+            "at least 64",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration tree."""
+
+    inputs: InputsConfig
+    name: str = "geximpute"
+    seed: int = 0
+    output_dir: str = "geximpute-out"
+    expression: ExpressionConfig = field(default_factory=ExpressionConfig)
+    promoter: PromoterConfig = field(default_factory=PromoterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name", self.name, "a non-empty dataset name")
+        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (for manifests and bundles)."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# Parsing -------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} has value {value!r}; expected a mapping of {tp.__name__} keys")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            (item_tp, *_rest) = typing.get_args(tp)
+            return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key {key!r} has value {value!r}; expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is absent
+        raise ConfigError(f"config section {prefix or '<top>'!r}: {exc}") from exc
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` applied (value parsed as YAML)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def config_from_dict(
+    data: Mapping[str, Any], base_dir: str | Path = ".", overrides: Iterable[str] = ()
+) -> Config:
+    """Build a :class:`Config` from plain data; relative input paths resolve against ``base_dir``."""
+    merged = apply_overrides(dict(data), overrides)
+    if "inputs" not in merged:
+        raise ConfigError("config has no 'inputs' section; it must name at least inputs.genes and inputs.expression")
+    config = _build(Config, merged)
+    base = Path(base_dir).resolve()
+    out_dir = Path(config.output_dir).expanduser()
+    return dataclasses.replace(
+        config,
+        inputs=config.inputs.resolved(base),
+        output_dir=str(out_dir if out_dir.is_absolute() else (base / out_dir).resolve()),
+    )
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config file and apply ``--set`` overrides.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or holds an unknown key or a bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top, got {type(data).__name__}")
+    try:
+        return config_from_dict(data, base_dir=path.parent, overrides=overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,75 @@
+"""Checks shared by the readers: the file exists, is not empty, and a gzip file is whole."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from pathlib import Path
+
+from engine.errors import InputError
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
+def check_readable(path: str | Path, what: str) -> Path:
+    """Fail with an :class:`InputError` naming ``path`` unless it is a non-empty readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, f"{what} not found", hint="Check the path in the config (relative paths are "
+                         "resolved against the config file's folder)")
+    if not path.is_file():
+        raise InputError(path, f"{what} is not a regular file")
+    if path.stat().st_size == 0:
+        raise InputError(path, f"{what} is empty")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(path, f"{what} cannot be opened ({exc.strerror})") from exc
+    return path
+
+
+def check_gzip_whole(path: str | Path, what: str) -> None:
+    """Decompress a gzip/bgzip file to its end; fail if it is truncated or corrupt.
+
+    Streams in 1 MiB chunks, so memory stays flat; cost is one pass over the file.
+    """
+    path = Path(path)
+    if not is_gzip(path):
+        return
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise InputError(
+            path,
+            f"{what} is a truncated or corrupt gzip file ({exc})",
+            expected="a complete gzip/bgzip stream",
+            hint="Download or copy the file again",
+        ) from exc
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a plain or gzip-compressed text file for reading."""
+    path = Path(path)
+    if is_gzip(path):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def strip_version(gene_id: str) -> str:
+    """``ENSG00000141510.17`` -> ``ENSG00000141510``; ``ENSG00000141510.17_PAR_Y`` keeps its PAR tag."""
+    head, dot, tail = gene_id.partition(".")
+    if not dot:
+        return gene_id
+    version, underscore, rest = tail.partition("_")
+    if version.isdigit():
+        return head + (underscore + rest if underscore else "")
+    return gene_id

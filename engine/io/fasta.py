@@ -1,0 +1,134 @@
+"""Reference genome access through pyfaidx: plain or bgzip FASTA, strand-aware promoter windows."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfaidx
+
+from engine.errors import InputError
+from engine.io.checks import check_readable
+
+_COMPLEMENT = str.maketrans("ACGTNacgtnRYKMSWBDHVrykmswbdhv", "TGCANtgcanYRMKSWVHDByrmkswvhdb")
+
+
+def reverse_complement(seq: str) -> str:
+    """Reverse complement, keeping case (soft-masking) and IUPAC codes."""
+    return seq.translate(_COMPLEMENT)[::-1]
+
+
+@dataclass(frozen=True)
+class PromoterWindow:
+    """One strand-oriented window around a TSS.
+
+    Attributes:
+        sequence: 5'->3' on the gene's strand, ``upstream + downstream`` long; positions off the record are ``N``.
+        padded: number of positions that fell off the record's start or end (0 when the window is complete).
+        soft_masked: number of soft-masked (lower-case) bases in the window before ``soft_mask`` handling.
+    """
+
+    sequence: str
+    padded: int
+    soft_masked: int
+
+    @property
+    def complete(self) -> bool:
+        return self.padded == 0
+
+
+class Genome:
+    """A FASTA file opened through pyfaidx (plain ``.fa`` or bgzip ``.fa.gz`` with its ``.fai``/``.gzi``).
+
+    Args:
+        path: the FASTA file.
+
+    Raises:
+        InputError: the file is missing or empty, is plain gzip rather than bgzip, or cannot be indexed.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        check_readable(self.path, "FASTA file")
+        try:
+            self._fasta = pyfaidx.Fasta(
+                str(self.path), as_raw=True, sequence_always_upper=False, rebuild=False, build_index=True
+            )
+        except pyfaidx.UnsupportedCompressionFormat as exc:
+            raise InputError(
+                self.path,
+                "compressed with plain gzip, which allows no random access",
+                expected="a plain FASTA or a bgzip-compressed one",
+                hint="Recompress with `bgzip` (htslib) or decompress it",
+            ) from exc
+        except (OSError, ValueError, pyfaidx.FastaIndexingError, gzip.BadGzipFile) as exc:
+            raise InputError(self.path, f"cannot be read as FASTA ({exc})", expected="'>name' records") from exc
+        self.lengths: dict[str, int] = {name: len(rec) for name, rec in self._fasta.records.items()}
+        if not self.lengths:
+            raise InputError(self.path, "holds no FASTA records", expected="at least one '>name' record")
+
+    def __contains__(self, chrom: str) -> bool:
+        return chrom in self.lengths
+
+    @property
+    def chroms(self) -> list[str]:
+        return list(self.lengths)
+
+    def fetch(self, chrom: str, start: int, end: int) -> str:
+        """Bases ``start..end`` (1-based, inclusive) of ``chrom`` as stored (soft-masking kept).
+
+        Positions before 1 or past the record's end are returned as ``N``, so the result is always
+        ``end - start + 1`` long.
+        """
+        if chrom not in self.lengths:
+            raise KeyError(f"{self.path}: no record {chrom!r}; records: {', '.join(self.chroms[:10])}")
+        length = self.lengths[chrom]
+        lo, hi = max(start, 1), min(end, length)
+        left = min(max(1 - start, 0), end - start + 1)
+        if lo > hi:
+            return "N" * (end - start + 1)
+        seq = self._fasta[chrom][lo - 1 : hi]
+        right = end - start + 1 - left - len(seq)
+        return "N" * left + seq + "N" * right
+
+    def window(
+        self,
+        chrom: str,
+        tss: int,
+        strand: str,
+        upstream: int,
+        downstream: int,
+        soft_mask: str = "upper",
+    ) -> PromoterWindow:
+        """The promoter window around ``tss`` (1-based), 5'->3' on ``strand``.
+
+        The window covers ``upstream`` bases 5' of the TSS, the TSS itself and ``downstream - 1`` bases 3' of it.
+        ``soft_mask="upper"`` upper-cases soft-masked bases; ``"n"`` turns them into ``N``.
+        """
+        if strand == "+":
+            start, end = tss - upstream, tss + downstream - 1
+        elif strand == "-":
+            start, end = tss - downstream + 1, tss + upstream
+        else:
+            raise ValueError(f"strand must be '+' or '-', got {strand!r}")
+        raw = self.fetch(chrom, start, end)
+        length = self.lengths[chrom]
+        padded = max(0, 1 - start) + max(0, end - length)
+        padded = min(padded, end - start + 1)
+        soft = sum(1 for c in raw if c.islower())
+        if soft_mask == "n" and soft:
+            raw = "".join("N" if c.islower() else c for c in raw)
+        seq = raw.upper()
+        if strand == "-":
+            seq = reverse_complement(seq)
+        return PromoterWindow(sequence=seq, padded=padded, soft_masked=soft)
+
+    def close(self) -> None:
+        self._fasta.close()
+
+    def __enter__(self) -> Genome:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates (or updates) the virtual environment at .venv in the repository root and installs geximpute into it.
+#
+#   bash scripts/setup.sh            # CPU-only machine: torch CPU build + xgboost-cpu, no CUDA packages
+#   GEXIMPUTE_GPU=1 bash scripts/setup.sh   # GPU machine: CUDA torch from the default index + xgboost with NCCL
+#
+# Environment:
+#   PYTHON                 interpreter to build the venv from (default: python3.11, then python3)
+#   GEXIMPUTE_GPU          1 = GPU install, 0 = CPU install (default: 1 if nvidia-smi is found, else 0)
+#   GEXIMPUTE_TORCH_INDEX  extra index URL for the torch wheel (e.g. PyTorch's CPU index on machines
+#                          without a local CPU wheel); unset = pip's configured indexes
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+py=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)'; then
+    echo "setup: geximpute needs Python 3.11; $py is $("$py" --version 2>&1). Set PYTHON=/path/to/python3.11." >&2
+    exit 2
+fi
+
+gpu=${GEXIMPUTE_GPU:-$(command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)}
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch first, pinned, so that nothing later resolves an unpinned torch with CUDA packages.
+torch_index=()
+[ -n "${GEXIMPUTE_TORCH_INDEX:-}" ] && torch_index=(--extra-index-url "$GEXIMPUTE_TORCH_INDEX")
+"${pip[@]}" "${torch_index[@]}" "torch==2.13.0"
+
+if [ "$gpu" = 1 ]; then extra=gpu; else extra=cpu; fi
+"${pip[@]}" -e ".[${extra},test]"
+echo "setup: .venv ready ($extra install, $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
