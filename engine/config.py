@@ -50,6 +50,8 @@ class InputsConfig:
             ``counts`` (normalised per sample on reading) or already ``log``-transformed.
         genes_format, expression_format: ``auto`` picks the format from the file name.
         gene_types: keep only these gene types from a GTF/GFF3/TSV that has them (empty: keep all).
+        genome_partial: the FASTA deliberately covers only part of the genome (some chromosomes, or pieces of
+            them): genes and variants outside it get no sequence and are reported, instead of being an error.
     """
 
     genes: str = ""
@@ -62,6 +64,7 @@ class InputsConfig:
     genes_format: GenesFormat = "auto"
     expression_format: ExpressionFormat = "auto"
     gene_types: tuple[str, ...] = ()
+    genome_partial: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.genes), "inputs.genes", self.genes, "a path to a gene annotation file")

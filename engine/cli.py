@@ -1,0 +1,162 @@
+"""The ``geximpute`` command line: thin argument parsing over the engine's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from engine import __version__
+from engine.errors import GeximputeError
+
+log = logging.getLogger("engine")
+
+#: the steps of DESIGN.md that later versions implement; listed so that --help shows the whole shape
+PLANNED = {
+    "prepare": "build promoter and context records with Ray Data",
+    "train": "train the CNN-transformer with Ray Train",
+    "fit-head": "fit the XGBoost head with Ray Train",
+    "impute": "write genotype-tissue predictions to partitioned Parquet",
+    "evaluate": "score every method on the same hidden entries",
+    "variant-effects": "score promoter variants by predicted expression change",
+    "nightly": "impute the new genomes of an inbox",
+    "benchmark": "measure every stage at a given scale",
+    "submit": "submit a step to a Ray cluster as a Ray job",
+}
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, metavar="FILE", help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set promoter.upstream=2000 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from engine.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from engine.dataset import format_summary, load_dataset
+
+    dataset = load_dataset(_load(args))
+    if args.json:
+        print(json.dumps(dataset.report, indent=2))
+    else:
+        print(format_summary(dataset.report))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from engine.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues
+    )
+    result = generate(args.out, spec, overwrite=args.overwrite)
+    print(f"synthetic dataset written to {result.out_dir}")
+    print(f"  next: geximpute inspect --config {result.config_path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.dataset import format_summary, load_dataset
+    from engine.synth import SynthSpec, generate
+
+    out = Path(args.out)
+    log.info("demo: generating a synthetic dataset in %s", out / "synthetic")
+    result = generate(out / "synthetic", SynthSpec(seed=args.seed), overwrite=True)
+    summaries = [format_summary(load_dataset(load_config(result.config_path)).report)]
+    real = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("gtex-medians.yaml", "gtex-v8-samples.yaml"):
+        path = real / name
+        if path.is_file():
+            try:
+                log.info("demo: inspecting the real data of %s", path)
+                summaries.append(format_summary(load_dataset(load_config(path)).report))
+            except GeximputeError as exc:  # real data not beside this checkout
+                log.warning("demo: skipping %s: %s", path, exc)
+    text = "\n\n".join(summaries)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nsummary written to {out / 'summary.txt'}")
+    return 0
+
+
+def _planned(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"geximpute {name}: not available in geximpute {__version__} yet ({PLANNED[name]}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geximpute",
+        description="Genotype- and tissue-specific gene expression imputation at genome scale, on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"geximpute {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="load and validate every input, print a summary")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset with planted effects and its truth")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--genes", type=int, default=240, help="number of genes (default 240)")
+    p.add_argument("--donors", type=int, default=40, help="number of donors (default 40)")
+    p.add_argument("--tissues", type=int, default=6, help="number of tissues (default 6)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="the main job, end to end on demo data")
+    p.add_argument("--out", default="geximpute-demo", metavar="DIR", help="output folder (default geximpute-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    for name, text in PLANNED.items():
+        p = sub.add_parser(name, help=f"{text} (not available yet)")
+        _add_config(p, required=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_planned(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except GeximputeError as exc:
+        print(f"geximpute {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"geximpute {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Load every input a config names, validate each and their joins, and summarise them (``geximpute inspect``)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from engine import schema as S
+from engine.config import Config
+from engine.errors import InputError
+from engine.io.expression import Expression, read_expression
+from engine.io.fasta import Genome
+from engine.io.genes import GeneTable, read_genes
+from engine.io.samples import read_samples, reference_samples
+
+if TYPE_CHECKING:
+    from engine.io.variants import Variants
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dataset:
+    """All inputs of one config, validated and joined.
+
+    Attributes:
+        config: the resolved config.
+        genes: the annotation (all genes of the file).
+        expression: the expression matrix, genes x samples on the input scale.
+        samples: sample table rows for the expression's samples, in its column order (:data:`schema.SAMPLES`).
+        genome: the FASTA, when configured.
+        variants: the personal genomes, when configured.
+        report: per-input reports and join counts.
+    """
+
+    config: Config
+    genes: GeneTable
+    expression: Expression
+    samples: pa.Table
+    genome: Genome | None = None
+    variants: Variants | None = None
+    report: dict = field(default_factory=dict)
+
+
+def load_dataset(config: Config, *, with_variants: bool = True) -> Dataset:
+    """Read and validate every configured input.
+
+    Raises:
+        InputError: any input is bad, or the expression names samples the sample table lacks.
+    """
+    inputs = config.inputs
+    genome = None
+    if inputs.genome:
+        log.info("reading genome %s", inputs.genome)
+        genome = Genome(inputs.genome)
+    log.info("reading genes %s", inputs.genes)
+    genes = read_genes(
+        inputs.genes,
+        inputs.genes_format,
+        gene_types=inputs.gene_types,
+        genome=genome,
+        genome_partial=inputs.genome_partial,
+    )
+    log.info("reading expression %s", inputs.expression)
+    expression = read_expression(inputs.expression, inputs.expression_format, inputs.scale)
+    if inputs.samples:
+        log.info("reading sample table %s", inputs.samples)
+        samples = _join_samples(read_samples(inputs.samples), expression, inputs.samples)
+    else:
+        samples = reference_samples(expression.sample_ids)
+    variants = None
+    if inputs.variants and with_variants:
+        from engine.io.variants import read_sample_map, read_variants
+
+        log.info("reading variants %s", inputs.variants)
+        variants = read_variants(
+            inputs.variants,
+            genome,
+            sample_map=read_sample_map(inputs.sample_map) if inputs.sample_map else None,
+            genome_partial=inputs.genome_partial,
+        )
+    dataset = Dataset(config, genes, expression, samples, genome, variants)
+    dataset.report = summarise(dataset)
+    return dataset
+
+
+def _join_samples(table: pa.Table, expression: Expression, samples_path: str) -> pa.Table:
+    index = {s: i for i, s in enumerate(table[S.SAMPLE_ID].to_pylist())}
+    absent = [s for s in expression.sample_ids if s not in index]
+    if absent:
+        raise InputError(
+            expression.path,
+            f"{len(absent)} of {len(expression.sample_ids)} expression samples are absent from the sample table "
+            f"{samples_path}, e.g. {', '.join(absent[:3])}",
+            record=f"sample column {absent[0]!r}",
+            expected="every expression sample listed in inputs.samples",
+            hint="Use the sample table that belongs to this expression file",
+        )
+    rows = pa.array([index[s] for s in expression.sample_ids], pa.int64())
+    return table.take(rows)
+
+
+def promoter_coverage(genes: pa.Table, genome: Genome, upstream: int, downstream: int) -> np.ndarray:
+    """Boolean per gene: its whole promoter window lies inside a FASTA record."""
+    tss = genes[S.TSS].to_numpy()
+    plus = np.asarray(genes[S.STRAND].to_pylist(), dtype=object) == "+"
+    start = np.where(plus, tss - upstream, tss - downstream + 1)
+    end = np.where(plus, tss + downstream - 1, tss + upstream)
+    length = np.array([genome.lengths.get(c, 0) for c in genes[S.CHROM].to_pylist()])
+    return (start >= 1) & (end <= length)
+
+
+def summarise(dataset: Dataset) -> dict:
+    """Counts and join rates of a dataset, as plain data."""
+    expr, genes = dataset.expression, dataset.genes
+    annotated = set(genes.table[S.GENE_ID].to_pylist())
+    joined = [g for g in expr.gene_ids if g in annotated]
+    donors = dataset.samples[S.DONOR_ID].to_pylist()
+    tissues = dataset.samples[S.TISSUE].to_pylist()
+    cells = set(zip(donors, tissues, strict=True))
+    n_donors, n_tissues = len(set(donors)), len(set(tissues))
+    report: dict = {
+        "name": dataset.config.name,
+        "genes": {
+            "annotation": len(genes),
+            "expression": len(expr.gene_ids),
+            "expression_with_annotation": len(joined),
+            "join_rate_expression_to_annotation": len(joined) / max(len(expr.gene_ids), 1),
+            "renamed_chroms": genes.report.get("renamed_chroms", {}),
+        },
+        "samples": {
+            "samples": len(expr.sample_ids),
+            "donors": n_donors,
+            "tissues": n_tissues,
+            "observed_donor_tissue_cells": len(cells),
+            "observed_cell_fraction": len(cells) / max(n_donors * n_tissues, 1),
+            "samples_per_cell_max": max(Counter(zip(donors, tissues, strict=True)).values(), default=0),
+            "has_sample_table": bool(dataset.config.inputs.samples),
+        },
+        "expression": {
+            "format": expr.report.get("format"),
+            "scale": expr.scale,
+            "measured_entries": expr.report.get("n_measured"),
+            "measured_entry_fraction": expr.report.get("measured_fraction"),
+        },
+    }
+    if "gct_declared_shape" in expr.report:
+        report["expression"]["gct_declared_shape"] = list(expr.report["gct_declared_shape"])
+        report["expression"]["gct_dimension_line_matches"] = expr.report["gct_dimension_line_matches"]
+    if dataset.genome is not None:
+        genome = dataset.genome
+        table = genes.table
+        in_expr = np.isin(np.asarray(table[S.GENE_ID].to_pylist(), dtype=object), np.asarray(joined, dtype=object))
+        on_chrom = np.array([c in genome for c in table[S.CHROM].to_pylist()])
+        p = dataset.config.promoter
+        full = promoter_coverage(table, genome, p.upstream, p.downstream)
+        report["genome"] = {
+            "path": str(genome.path),
+            "records": {k: v for k, v in genome.lengths.items()},
+            "expressed_genes_on_genome_chroms": int((in_expr & on_chrom).sum()),
+            "promoter_window": f"{p.upstream} bp upstream + {p.downstream} bp downstream",
+            "expressed_genes_with_full_promoter": int((in_expr & full).sum()),
+            "promoter_join_rate": float((in_expr & full).sum() / max(len(joined), 1)),
+        }
+    if dataset.variants is not None:
+        v = dataset.variants
+        expr_donors = set(donors)
+        report["variants"] = {
+            "path": str(v.path),
+            "sites": v.sites.num_rows,
+            "genomes": len(v.samples),
+            "genomes_with_expression": len(expr_donors & set(v.samples)),
+            **{k: v.report[k] for k in ("n_multiallelic", "n_missing_calls", "n_unphased_calls",
+                                         "ref_mismatch_fraction") if k in v.report},
+        }
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """Human-readable summary of :func:`summarise`'s output."""
+    g, s, e = report["genes"], report["samples"], report["expression"]
+    lines = [
+        f"dataset {report['name']}",
+        f"  genes       {g['expression']:,} in expression, {g['annotation']:,} annotated, "
+        f"{g['expression_with_annotation']:,} joined ({g['join_rate_expression_to_annotation']:.1%})",
+    ]
+    if g["renamed_chroms"]:
+        lines.append(f"              chromosomes renamed: {g['renamed_chroms']}")
+    lines += [
+        f"  samples     {s['samples']:,} samples, {s['donors']:,} donor(s), {s['tissues']:,} tissues"
+        + ("" if s["has_sample_table"] else " (no sample table: one reference genotype, one column per tissue)"),
+        f"  cells       {s['observed_donor_tissue_cells']:,} of {s['donors'] * s['tissues']:,} donor-tissue cells "
+        f"observed ({s['observed_cell_fraction']:.1%})",
+        f"  expression  {e['format']} on scale {e['scale']}; {e['measured_entries']:,} entries measured "
+        f"({e['measured_entry_fraction']:.1%} of gene x sample)",
+    ]
+    if "gct_declared_shape" in e and not e["gct_dimension_line_matches"]:
+        lines.append(
+            f"              note: the GCT dimension line says {e['gct_declared_shape'][0]:,} x "
+            f"{e['gct_declared_shape'][1]:,}; the file holds {g['expression']:,} x {s['samples']:,} (read as is)"
+        )
+    if "genome" in report:
+        m = report["genome"]
+        lines += [
+            f"  genome      {len(m['records'])} records ({sum(m['records'].values()):,} bp): {m['path']}",
+            f"  promoters   {m['expressed_genes_with_full_promoter']:,} expressed genes have a full "
+            f"{m['promoter_window']} window in the genome ({m['promoter_join_rate']:.1%}); "
+            f"{m['expressed_genes_on_genome_chroms']:,} lie on its chromosomes",
+        ]
+    if "variants" in report:
+        v = report["variants"]
+        lines.append(
+            f"  variants    {v['sites']:,} sites x {v['genomes']:,} genomes, {v['genomes_with_expression']:,} "
+            f"with expression; REF mismatch {v.get('ref_mismatch_fraction', 0):.2%}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues) or long TSV/CSV/Parquet.
+
+Every layout is read into one in-memory form, :class:`Expression`: a genes x samples float32 matrix with NaN for
+entries that were not measured, plus the gene and sample ids. Values are kept on the scale they were given on;
+:func:`to_model_scale` turns them into the modelling scale (log1p of TPM or of normalised counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine import schema as S
+from engine.config import ExpressionConfig
+from engine.errors import InputError
+from engine.io.checks import open_text, strip_version
+from engine.io.tables import is_parquet, read_table, require_columns
+
+#: wide-table columns that describe genes rather than hold values
+ANNOTATION_COLUMNS = {"description", "gene_name", "name", "symbol", "gene_symbol", "gene.name", "gene_type"}
+GENE_ID_COLUMNS = ["gene_id", "Name", "gene", "geneid", "ensembl_gene_id", "id"]
+
+
+@dataclass
+class Expression:
+    """A genes x samples expression matrix.
+
+    Attributes:
+        path: the file read.
+        gene_ids: gene ids without version suffix, one per row.
+        sample_ids: sample (or tissue) ids, one per column.
+        values: float32 array of shape (n_genes, n_samples); NaN where nothing was measured.
+        scale: ``tpm``, ``counts`` or ``log``, as configured.
+        report: counts for ``inspect``.
+    """
+
+    path: Path
+    gene_ids: list[str]
+    sample_ids: list[str]
+    values: np.ndarray
+    scale: str
+    report: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape
+
+    def to_long(self) -> pa.Table:
+        """The measured entries as a long table (:data:`engine.schema.EXPRESSION_LONG`)."""
+        gi, si = np.nonzero(~np.isnan(self.values))
+        return pa.table(
+            {
+                S.GENE_ID: pa.array(np.asarray(self.gene_ids, dtype=object)[gi], pa.string()),
+                S.SAMPLE_ID: pa.array(np.asarray(self.sample_ids, dtype=object)[si], pa.string()),
+                S.VALUE: pa.array(self.values[gi, si].astype(np.float64)),
+            },
+            schema=S.EXPRESSION_LONG,
+        )
+
+
+def detect_format(path: Path) -> str:
+    """``gct``, ``long`` or ``wide`` from the file name and, for text tables, the header."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".gct"):
+        return "gct"
+    if is_parquet(path):
+        return "long"
+    with open_text(path) as fh:
+        header = fh.readline().strip().lower()
+    sep = "," if name.endswith(".csv") else "\t"
+    columns = {c.strip().strip('"') for c in header.split(sep)}
+    return "long" if {"sample_id", "value"} <= columns else "wide"
+
+
+def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> Expression:
+    """Read and validate an expression file.
+
+    Args:
+        path: GCT 1.2, wide TSV/CSV or long TSV/CSV/Parquet (plain or gzip).
+        fmt: ``auto``, ``gct``, ``wide`` or ``long``.
+        scale: ``tpm`` and ``counts`` must be non-negative; ``log`` may be negative.
+
+    Raises:
+        InputError: missing/empty/truncated file, a bad GCT header, missing columns, non-numeric or negative
+            values, duplicate gene ids or sample columns.
+    """
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "gct":
+        expr = _read_gct(path, scale)
+    elif fmt == "long":
+        expr = _read_long(path, scale)
+    else:
+        expr = _read_wide(path, scale, read_table(path, "expression table"), first_data_line=2)
+    if expr.values.size == 0:
+        raise InputError(path, "expression table holds no values", expected="at least one gene and one sample")
+    if scale != "log":
+        neg = expr.values < 0
+        if neg.any():
+            g, s = (int(x[0]) for x in np.nonzero(neg))
+            raise InputError(
+                path,
+                f"negative expression value {expr.values[g, s]:g} for scale {scale!r}",
+                record=f"gene {expr.gene_ids[g]}, sample {expr.sample_ids[s]}"
+                + (f" (line {g + expr.report['first_data_line']})" if "first_data_line" in expr.report else ""),
+                expected="values >= 0 (set inputs.scale: log for log-scale values)",
+            )
+    measured = ~np.isnan(expr.values)
+    expr.report.update(
+        format=fmt,
+        n_genes=len(expr.gene_ids),
+        n_samples=len(expr.sample_ids),
+        n_measured=int(measured.sum()),
+        measured_fraction=float(measured.mean()),
+    )
+    return expr
+
+
+def _read_gct(path: Path, scale: str) -> Expression:
+    with open_text(path) as fh:
+        version = fh.readline().strip()
+        dims = fh.readline().strip().split("\t")
+    if version != "#1.2":
+        raise InputError(path, f"first line is {version[:40]!r}", record="line 1", expected="'#1.2' (GCT 1.2)")
+    # The dimension line is not trusted (a cut file keeps the uncut file's counts); it is only compared.
+    try:
+        declared = (int(dims[0]), int(dims[1]))
+    except (ValueError, IndexError) as exc:
+        raise InputError(
+            path, f"dimension line is {' '.join(dims)[:40]!r}", record="line 2", expected="'<rows>\\t<columns>'"
+        ) from exc
+    table = read_table(path, "GCT expression file", skip_rows=2, delimiter="\t")
+    if not table.column_names or table.column_names[0] != "Name":
+        raise InputError(
+            path,
+            f"header starts with {table.column_names[:2]}",
+            record="line 3",
+            expected="'Name', 'Description', then one column per sample",
+        )
+    expr = _read_wide(path, scale, table, first_data_line=4)
+    expr.report["gct_declared_shape"] = declared
+    expr.report["gct_dimension_line_matches"] = declared == expr.values.shape
+    return expr
+
+
+def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) -> Expression:
+    names = table.column_names
+    lower = {n.lower(): n for n in names}
+    id_col = next((lower[c.lower()] for c in GENE_ID_COLUMNS if c.lower() in lower), names[0])
+    value_cols = [n for n in names if n != id_col and not (n.lower() in ANNOTATION_COLUMNS and
+                                                            pa.types.is_string(table[n].type))]
+    if not value_cols:
+        raise InputError(path, "no value columns", record="the header", expected="one column per sample or tissue")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(value_cols):
+        if n in seen:
+            raise InputError(path, f"sample column {n!r} appears twice", record="the header",
+                             expected="unique sample names")
+        seen[n] = i
+    columns = []
+    for n in value_cols:
+        col = table[n]
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
+            _raise_non_numeric(path, table, id_col, n, first_data_line)
+        columns.append(col.cast(pa.float32()).to_numpy(zero_copy_only=False))
+    values = np.column_stack(columns).astype(np.float32, copy=False)
+    gene_ids = _gene_ids(path, table[id_col], first_data_line)
+    return Expression(
+        path=path,
+        gene_ids=gene_ids,
+        sample_ids=list(value_cols),
+        values=values,
+        scale=scale,
+        report={"first_data_line": first_data_line},
+    )
+
+
+def _raise_non_numeric(path: Path, table: pa.Table, id_col: str, column: str, first_data_line: int) -> None:
+    raw = table[column].cast(pa.string()).to_pandas()
+    parsed = pd.to_numeric(raw, errors="coerce")
+    bad = np.flatnonzero(parsed.isna().to_numpy() & raw.notna().to_numpy())
+    i = int(bad[0]) if len(bad) else 0
+    raise InputError(
+        path,
+        f"non-numeric expression value {raw.iloc[i]!r} in column {column!r}",
+        record=f"line {i + first_data_line} (gene {table[id_col][i].as_py()})",
+        expected="a number, or an empty cell / NA for a missing value",
+    )
+
+
+def _gene_ids(path: Path, column: pa.ChunkedArray, first_data_line: int) -> list[str]:
+    raw = column.cast(pa.string()).to_pylist()
+    if None in raw:
+        i = raw.index(None)
+        raise InputError(path, "empty gene id", record=f"line {i + first_data_line}", expected="a gene id")
+    ids = [strip_version(g) for g in raw]
+    arr = np.asarray(ids, dtype=object)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        lines = ", ".join(str(i + first_data_line) for i in np.flatnonzero(arr == dup)[:3])
+        raise InputError(
+            path,
+            f"{int((counts > 1).sum())} duplicate gene id(s), e.g. {dup!r}",
+            record=f"lines {lines}",
+            expected="one row per gene (version suffixes are ignored when comparing)",
+        )
+    return ids
+
+
+def _read_long(path: Path, scale: str) -> Expression:
+    table = read_table(path, "expression table (long)")
+    table = require_columns(
+        table, path, "expression table (long)", {S.GENE_ID: ["gene", "Name"], S.SAMPLE_ID: ["sample"],
+                                                 S.VALUE: ["tpm", "count", "expression"]}
+    )
+    value = table[S.VALUE]
+    if not (pa.types.is_integer(value.type) or pa.types.is_floating(value.type)):
+        _raise_non_numeric(path, table, S.GENE_ID, S.VALUE, 2)
+    gene_raw = table[S.GENE_ID].cast(pa.string())
+    sample = table[S.SAMPLE_ID].cast(pa.string())
+    for name, col in ((S.GENE_ID, gene_raw), (S.SAMPLE_ID, sample)):
+        if col.null_count:
+            i = pc.index(pc.is_null(col), True).as_py()
+            raise InputError(path, f"empty {name}", record=f"row {i + 1}", expected=f"a {name} on every row")
+    genes = np.asarray([strip_version(g) for g in gene_raw.to_pylist()], dtype=object)
+    samples = np.asarray(sample.to_pylist(), dtype=object)
+    gene_ids, gi = np.unique(genes, return_inverse=True)
+    sample_ids, si = np.unique(samples, return_inverse=True)
+    key = gi.astype(np.int64) * len(sample_ids) + si
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        rows = np.flatnonzero(key == uniq[counts > 1][0])[:2]
+        raise InputError(
+            path,
+            f"gene {genes[rows[0]]} in sample {samples[rows[0]]} appears more than once",
+            record=f"rows {', '.join(str(r + 1) for r in rows)}",
+            expected="one value per (gene_id, sample_id)",
+        )
+    values = np.full((len(gene_ids), len(sample_ids)), np.nan, dtype=np.float32)
+    values[gi, si] = value.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    return Expression(path=path, gene_ids=list(gene_ids), sample_ids=list(sample_ids), values=values, scale=scale)
+
+
+def size_factors(counts: np.ndarray, method: str) -> np.ndarray:
+    """Per-sample scaling of raw counts (genes x samples, NaN allowed) to counts per million.
+
+    ``cpm`` divides by each sample's total over the genes present; ``median_ratio`` uses DESeq2's
+    median-of-ratios to a pseudo-reference (geometric mean per gene over samples where it is > 0), which does not
+    let a few highly expressed genes dominate when the file holds few genes.
+
+    Returns:
+        an array of shape (n_samples,) such that ``counts / factor`` is on a per-million scale.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "cpm":
+            total = np.nansum(counts, axis=0)
+            return np.where(total > 0, total / 1e6, 1.0)
+        logc = np.where(counts > 0, np.log(counts), np.nan)
+        ref = np.nanmean(logc, axis=1, keepdims=True)
+        ratios = np.nanmedian(logc - ref, axis=0)
+        factor = np.exp(np.nan_to_num(ratios, nan=0.0))
+        # scale so that the median sample has the same per-million scale as cpm
+        total = np.nansum(counts, axis=0)
+        norm = np.nanmedian(np.where(total > 0, total / 1e6, np.nan) / factor)
+        return factor * (norm if np.isfinite(norm) else 1.0)
+
+
+def to_model_scale(expr: Expression, config: ExpressionConfig) -> np.ndarray:
+    """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log``.
+
+    Returns:
+        float32 array of the same shape as ``expr.values`` (NaN preserved).
+    """
+    values = expr.values.astype(np.float32, copy=True)
+    if expr.scale == "log" or config.transform == "none":
+        if expr.scale == "counts":
+            values = values / size_factors(values, config.counts_normalisation)[None, :].astype(np.float32)
+        return values
+    if expr.scale == "counts":
+        values = values / size_factors(values, config.counts_normalisation)[None, :].astype(np.float32)
+    return np.log1p(values)
+
+
+def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -> np.ndarray:
+    """Inverse of the log1p transform: TPM (or normalised counts per million) from modelling-scale values."""
+    if scale == "log" or config.transform == "none":
+        return values
+    return np.expm1(values)

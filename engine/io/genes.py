@@ -1,0 +1,340 @@
+"""Gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV -> one row per gene with its TSS (engine.schema.GENES).
+
+Gene ids lose their version suffix (``ENSG00000141510.17`` -> ``ENSG00000141510``) so that sources on different
+GENCODE releases join. Chromosome names are harmonised to the genome's (or to ``chr``-style without a genome) and
+the renames are reported. The TSS is the 5' end on the gene's strand: ``start`` on ``+``, ``end`` on ``-``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine import schema as S
+from engine.errors import InputError
+from engine.io.checks import strip_version
+from engine.io.chroms import harmonise_chroms, renamed
+from engine.io.fasta import Genome
+from engine.io.tables import count_leading_comments, read_table, require_columns
+
+GFF_COLUMNS = ["seqid", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]
+BED_COLUMNS = ["chrom", "start0", "end", "name", "score", "strand"]
+
+
+@dataclass
+class GeneTable:
+    """Genes with their TSS.
+
+    Attributes:
+        table: one row per gene, :data:`engine.schema.GENES`, sorted by chrom then TSS.
+        path: the file read.
+        report: counts and renames for ``inspect``.
+    """
+
+    table: pa.Table
+    path: Path
+    report: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+
+def detect_format(path: Path) -> str:
+    """Gene-annotation format from the file name."""
+    name = path.name.lower().removesuffix(".gz")
+    for suffix, fmt in ((".gtf", "gtf"), (".gff3", "gff3"), (".gff", "gff3"), (".bed", "bed"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return fmt
+    return "tsv"
+
+
+def _attribute(attrs: pa.ChunkedArray, pattern: str) -> pa.ChunkedArray:
+    """First capture ``value`` of ``pattern`` in every attribute string (null where absent)."""
+    return pc.struct_field(pc.extract_regex(attrs, pattern), [0])
+
+
+def _read_gff(path: Path, fmt: str) -> pa.Table:
+    table = read_table(
+        path,
+        "gene annotation",
+        column_names=GFF_COLUMNS,
+        column_types={"start": pa.int64(), "end": pa.int64(), **{c: pa.string() for c in ("seqid", "feature",
+                      "strand", "attributes", "source", "score", "frame")}},
+        skip_rows=count_leading_comments(path),
+        quoting=False,
+        skip_comment_rows=True,
+    )
+    genes = table.filter(pc.equal(table["feature"], "gene"))
+    if genes.num_rows == 0:
+        raise InputError(
+            path,
+            f"no 'gene' records among {table.num_rows} {fmt.upper()} lines",
+            expected="column 3 = 'gene' for one record per gene",
+        )
+    attrs = genes["attributes"]
+    if fmt == "gtf":
+        gene_id = _attribute(attrs, r'gene_id "(?P<v>[^"]+)"')
+        gene_name = _attribute(attrs, r'gene_name "(?P<v>[^"]+)"')
+        gene_type = _attribute(attrs, r'gene_(?:bio)?type "(?P<v>[^"]+)"')
+    else:
+        gene_id = pc.coalesce(
+            _attribute(attrs, r"(?:^|;)gene_id=(?P<v>[^;]+)"),
+            _attribute(attrs, r"(?:^|;)ID=(?:gene:)?(?P<v>[^;]+)"),
+        )
+        gene_name = pc.coalesce(
+            _attribute(attrs, r"(?:^|;)gene_name=(?P<v>[^;]+)"), _attribute(attrs, r"(?:^|;)Name=(?P<v>[^;]+)")
+        )
+        gene_type = pc.coalesce(
+            _attribute(attrs, r"(?:^|;)gene_type=(?P<v>[^;]+)"), _attribute(attrs, r"(?:^|;)biotype=(?P<v>[^;]+)")
+        )
+    missing = pc.is_null(gene_id)
+    if pc.any(missing).as_py():
+        i = pc.index(missing, True).as_py()
+        raise InputError(
+            path,
+            "a gene record has no gene id",
+            record=f"gene record {i + 1} ({genes['seqid'][i].as_py()}:{genes['start'][i].as_py()})",
+            expected='gene_id "..." (GTF) or ID=/gene_id= (GFF3) in column 9',
+        )
+    strand = genes["strand"]
+    tss = pc.if_else(pc.equal(strand, "-"), genes["end"], genes["start"])
+    return pa.table(
+        {
+            S.GENE_ID: gene_id,
+            S.GENE_NAME: gene_name,
+            S.GENE_TYPE: gene_type,
+            S.CHROM: genes["seqid"],
+            S.START: genes["start"],
+            S.END: genes["end"],
+            S.TSS: tss,
+            S.STRAND: strand,
+        }
+    )
+
+
+def _read_bed(path: Path) -> pa.Table:
+    table = read_table(
+        path,
+        "gene annotation (BED6)",
+        column_names=BED_COLUMNS,
+        column_types={"chrom": pa.string(), "start0": pa.int64(), "end": pa.int64(), "name": pa.string(),
+                      "strand": pa.string()},
+        skip_rows=count_leading_comments(path, "#") + count_leading_comments(path, "track"),
+        delimiter="\t",
+        quoting=False,
+    )
+    start = pc.add(table["start0"], 1)  # BED is 0-based half-open
+    tss = pc.if_else(pc.equal(table["strand"], "-"), table["end"], start)
+    return pa.table(
+        {
+            S.GENE_ID: table["name"],
+            S.GENE_NAME: pa.nulls(table.num_rows, pa.string()),
+            S.GENE_TYPE: pa.nulls(table.num_rows, pa.string()),
+            S.CHROM: table["chrom"],
+            S.START: start,
+            S.END: table["end"],
+            S.TSS: tss,
+            S.STRAND: table["strand"],
+        }
+    )
+
+
+def _read_named(path: Path, fmt: str) -> pa.Table:
+    table = read_table(path, "gene annotation", delimiter="," if fmt == "csv" else "\t")
+    table = require_columns(
+        table,
+        path,
+        "gene annotation",
+        {S.GENE_ID: ["gene", "ensembl_gene_id", "geneid", "id"], S.CHROM: ["chr", "chromosome", "seqname",
+         "seqid", "contig"], S.STRAND: []},
+    )
+    names = table.column_names
+    n = table.num_rows
+
+    def column(name: str, tp: pa.DataType) -> pa.Array | pa.ChunkedArray:
+        if name not in names:
+            return pa.nulls(n, tp)
+        try:
+            return table[name].cast(tp)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(path, f"column {name!r} is not {tp}", expected=f"{tp} values ({exc})") from exc
+
+    start, end = column(S.START, pa.int64()), column(S.END, pa.int64())
+    if S.TSS in names:
+        tss = column(S.TSS, pa.int64())
+    elif S.START in names and S.END in names:
+        tss = pc.if_else(pc.equal(table[S.STRAND], "-"), end, start)
+    else:
+        raise InputError(
+            path,
+            "gene annotation has no TSS",
+            record="the header",
+            expected=f"a 'tss' column, or 'start' and 'end' with 'strand'; the file has {names[:12]}",
+        )
+    return pa.table(
+        {
+            S.GENE_ID: column(S.GENE_ID, pa.string()),
+            S.GENE_NAME: column(S.GENE_NAME, pa.string()),
+            S.GENE_TYPE: column(S.GENE_TYPE, pa.string()),
+            S.CHROM: column(S.CHROM, pa.string()),
+            S.START: start,
+            S.END: end,
+            S.TSS: tss,
+            S.STRAND: column(S.STRAND, pa.string()),
+        }
+    )
+
+
+def _record(fmt: str, i: int, table: pa.Table) -> str:
+    """Human locator of row ``i``: a data line for delimited files, the gene otherwise."""
+    gene = table[S.GENE_ID][i].as_py()
+    if fmt in ("tsv", "csv"):
+        return f"line {i + 2} (gene {gene})"
+    return f"gene {gene}"
+
+
+def read_genes(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    gene_types: tuple[str, ...] = (),
+    genome: Genome | None = None,
+    genome_partial: bool = False,
+) -> GeneTable:
+    """Read and validate a gene annotation.
+
+    Args:
+        path: GTF/GFF3/BED6/TSV/CSV, plain or gzip.
+        fmt: ``auto`` (from the name), ``gtf``, ``gff3``, ``bed``, ``tsv`` or ``csv``.
+        gene_types: keep only these gene types (when the file has them).
+        genome: when given, chromosome names are harmonised to its records and TSSs checked against them.
+        genome_partial: the genome holds only part of each chromosome (or only some chromosomes): genes outside
+            it are kept and reported instead of being an error.
+
+    Raises:
+        InputError: missing/empty/truncated file, missing columns, bad strand or TSS, duplicate gene ids,
+            chromosomes absent from the genome, a TSS outside its chromosome.
+    """
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt in ("gtf", "gff3"):
+        table = _read_gff(path, fmt)
+    elif fmt == "bed":
+        table = _read_bed(path)
+    else:
+        table = _read_named(path, fmt)
+    report: dict = {"format": fmt, "n_records": table.num_rows}
+
+    # Nulls and bad values, reported with the first offending record.
+    for name in (S.GENE_ID, S.CHROM, S.TSS, S.STRAND):
+        nulls = pc.is_null(table[name])
+        if pc.any(nulls).as_py():
+            i = pc.index(nulls, True).as_py()
+            raise InputError(
+                path, f"no {name} (empty or '.')", record=_record(fmt, i, table), expected=f"a {name} on every gene"
+            )
+    bad_strand = pc.invert(pc.is_in(table[S.STRAND], pa.array(["+", "-"])))
+    if pc.any(bad_strand).as_py():
+        i = pc.index(bad_strand, True).as_py()
+        raise InputError(
+            path,
+            f"strand {table[S.STRAND][i].as_py()!r}",
+            record=_record(fmt, i, table),
+            expected="'+' or '-'",
+        )
+    bad_tss = pc.less(table[S.TSS], 1)
+    if pc.any(bad_tss).as_py():
+        i = pc.index(bad_tss, True).as_py()
+        raise InputError(
+            path,
+            f"TSS {table[S.TSS][i].as_py()} is outside its chromosome",
+            record=_record(fmt, i, table),
+            expected="a 1-based position >= 1",
+        )
+
+    if gene_types and pc.any(pc.is_valid(table[S.GENE_TYPE])).as_py():
+        keep = pc.is_in(table[S.GENE_TYPE], pa.array(list(gene_types)))
+        report["n_dropped_gene_type"] = table.num_rows - pc.sum(keep).as_py()
+        table = table.filter(keep)
+
+    ids = [strip_version(g) for g in table[S.GENE_ID].to_pylist()]
+    report["n_version_stripped"] = sum(a != b for a, b in zip(ids, table[S.GENE_ID].to_pylist(), strict=True))
+    table = table.set_column(0, S.GENE_ID, pa.array(ids, pa.string()))
+    _check_unique(table, path, fmt)
+
+    chroms = pc.unique(table[S.CHROM]).to_pylist()
+    mapping = harmonise_chroms(chroms, genome.chroms if genome is not None else None)
+    report["renamed_chroms"] = renamed(mapping)
+    if report["renamed_chroms"]:
+        table = table.set_column(
+            table.schema.get_field_index(S.CHROM),
+            S.CHROM,
+            pa.array([mapping[c] for c in table[S.CHROM].to_pylist()], pa.string()),
+        )
+    if genome is not None:
+        report.update(_check_against_genome(table, path, fmt, genome, genome_partial))
+
+    table = S.check_table(table, S.GENES, str(path))
+    table = table.sort_by([(S.CHROM, "ascending"), (S.TSS, "ascending")])
+    report["n_genes"] = table.num_rows
+    report["n_chroms"] = len(pc.unique(table[S.CHROM]))
+    return GeneTable(table=table, path=path, report=report)
+
+
+def _check_unique(table: pa.Table, path: Path, fmt: str) -> None:
+    ids = np.asarray(table[S.GENE_ID].to_pylist(), dtype=object)
+    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        rows = np.flatnonzero(ids == dup[0])[:3]
+        where = ", ".join(_record(fmt, int(i), table) for i in rows)
+        raise InputError(
+            path,
+            f"{len(dup)} duplicate gene id(s), e.g. {dup[0]!r} ({', '.join(map(str, dup[1:4]))})".rstrip(" ()"),
+            record=where,
+            expected="one record per gene id (version suffixes are ignored when comparing)",
+            hint="Remove the duplicates, or keep one gene type with inputs.gene_types",
+        )
+
+
+def _check_against_genome(table: pa.Table, path: Path, fmt: str, genome: Genome, partial: bool) -> dict:
+    chrom = table[S.CHROM].to_pylist()
+    tss = table[S.TSS].to_numpy()
+    in_genome = np.array([c in genome for c in chrom])
+    lengths = np.array([genome.lengths.get(c, 0) for c in chrom])
+    if not in_genome.any():
+        raise InputError(
+            path,
+            f"none of the annotation's chromosomes ({', '.join(sorted(set(chrom))[:6])}) is in the genome "
+            f"{genome.path}",
+            expected=f"chromosomes named as in the FASTA ({', '.join(genome.chroms[:6])})",
+            hint="Check that the annotation and the FASTA are of the same genome",
+        )
+    if not in_genome.all() and not partial:
+        i = int(np.flatnonzero(~in_genome)[0])
+        absent = sorted({c for c, ok in zip(chrom, in_genome, strict=True) if not ok})
+        raise InputError(
+            path,
+            f"chromosome(s) {', '.join(absent[:6])} absent from the genome {genome.path}",
+            record=_record(fmt, i, table),
+            expected=f"one of {', '.join(genome.chroms[:8])}",
+            hint="Set inputs.genome_partial: true if the FASTA deliberately covers only part of the genome",
+        )
+    outside = in_genome & (tss > lengths)
+    if outside.any() and not partial:
+        i = int(np.flatnonzero(outside)[0])
+        raise InputError(
+            path,
+            f"TSS {int(tss[i])} is outside its chromosome {chrom[i]} (length {int(lengths[i])} in {genome.path})",
+            record=_record(fmt, i, table),
+            expected="a TSS within the chromosome",
+            hint="Check the genome build, or set inputs.genome_partial: true for a FASTA of chromosome pieces",
+        )
+    return {
+        "n_on_genome_chroms": int(in_genome.sum()),
+        "n_tss_in_genome": int((in_genome & ~outside).sum()),
+    }

@@ -1,0 +1,148 @@
+"""Delimited-text tables through pyarrow.csv, with errors that name the file and the line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from engine.errors import InputError
+from engine.io.checks import check_gzip_whole, check_readable
+
+#: strings read as missing values in every table
+NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]
+
+
+def delimiter_for(path: Path) -> str:
+    """``,`` for ``.csv``/``.csv.gz``, tab otherwise."""
+    name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
+    return "," if name.endswith(".csv") else "\t"
+
+
+def is_parquet(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PAR1"
+
+
+def count_leading_comments(path: Path, prefix: str = "#") -> int:
+    """Number of lines at the top of a (possibly gzip) text file that start with ``prefix``."""
+    from engine.io.checks import open_text
+
+    n = 0
+    with open_text(path) as fh:
+        for line in fh:
+            if not line.startswith(prefix):
+                break
+            n += 1
+    return n
+
+
+def read_table(
+    path: str | Path,
+    what: str,
+    *,
+    column_names: Sequence[str] | None = None,
+    column_types: dict[str, pa.DataType] | None = None,
+    skip_rows: int = 0,
+    delimiter: str | None = None,
+    quoting: bool = True,
+    null_values: Sequence[str] = NULL_VALUES,
+    skip_comment_rows: bool = False,
+) -> pa.Table:
+    """Read a TSV/CSV (plain or gzip) or Parquet file into an Arrow table.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages ("gene annotation").
+        column_names: names for a file without a header row.
+        column_types: types to force, by column name (others are inferred).
+        skip_rows: lines to skip before the header (or the first row).
+        delimiter: field separator; default from the extension (``.csv`` comma, else tab).
+        quoting: whether ``"`` quotes fields (off for GTF/GFF3, whose attributes hold quotes).
+        null_values: strings read as null.
+        skip_comment_rows: drop rows starting with ``#`` anywhere in the file (GFF3 ``###`` directives).
+
+    Raises:
+        InputError: missing, empty or truncated file; rows with the wrong number of fields; values that do not
+            fit a forced column type.
+    """
+    path = check_readable(path, what)
+    if is_parquet(path):
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(path, f"{what} is not a readable Parquet file ({exc})") from exc
+    check_gzip_whole(path, what)
+    delimiter = delimiter or delimiter_for(path)
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        if skip_comment_rows and (row.text or "").startswith("#"):
+            return "skip"
+        return "error"
+
+    read = pacsv.ReadOptions(
+        skip_rows=skip_rows, column_names=list(column_names) if column_names else None, block_size=1 << 24
+    )
+    parse = pacsv.ParseOptions(
+        delimiter=delimiter,
+        quote_char='"' if quoting else False,
+        invalid_row_handler=on_invalid,
+        newlines_in_values=False,
+    )
+    convert = pacsv.ConvertOptions(
+        column_types=column_types or {},
+        null_values=list(null_values),
+        strings_can_be_null=True,
+    )
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        message = str(exc)
+        if "Empty CSV file" in message:
+            raise InputError(path, f"{what} has no rows") from exc
+        raise InputError(path, f"{what} cannot be parsed: {_short_arrow_message(message)}") from exc
+    if skip_comment_rows and table.num_rows and table.num_columns:
+        first = table.column(0)
+        if pa.types.is_string(first.type):
+            import pyarrow.compute as pc
+
+            keep = pc.invert(pc.fill_null(pc.starts_with(first, "#"), False))
+            table = table.filter(keep)
+    return table
+
+
+def _short_arrow_message(message: str) -> str:
+    # Arrow repeats the offending row in full; keep the first 300 characters.
+    message = message.replace("CSV parse error: ", "").strip()
+    return message if len(message) <= 300 else message[:300] + " ..."
+
+
+def require_columns(table: pa.Table, path: Path | str, what: str, required: dict[str, Sequence[str]]) -> pa.Table:
+    """Rename the first alias found of each required column to its canonical name.
+
+    Args:
+        required: ``{canonical_name: [accepted names, ...]}`` (matched case-insensitively).
+
+    Raises:
+        InputError: naming the missing columns, the accepted names and the columns the file has.
+    """
+    lower = {name.lower(): name for name in table.column_names}
+    renames = {}
+    missing = []
+    for canonical, aliases in required.items():
+        found = next((lower[a.lower()] for a in (canonical, *aliases) if a.lower() in lower), None)
+        if found is None:
+            missing.append(f"{canonical} (or {', '.join(aliases)})" if aliases else canonical)
+        else:
+            renames[found] = canonical
+    if missing:
+        raise InputError(
+            path,
+            f"{what} lacks required column(s) {'; '.join(missing)}",
+            record="the header",
+            expected=f"named columns; the file has {table.column_names[:12]}",
+        )
+    return table.rename_columns([renames.get(n, n) for n in table.column_names])

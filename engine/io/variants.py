@@ -1,0 +1,700 @@
+"""Genotypes from VCF, VCF.gz (gzip or bgzip) and BCF through cyvcf2, checked against the reference genome.
+
+:func:`read_variants` returns the sites as an Arrow table in :data:`engine.schema.VARIANT_SITES` (chromosome
+names harmonised to the FASTA's), the genotypes as an ``int8`` array of allele indices per haplotype and a
+report of what was read, renamed, dropped and checked. Every problem with the input raises
+:class:`~engine.errors.InputError` naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cyvcf2
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from engine import schema
+from engine.errors import ConfigError, InputError
+from engine.io.checks import check_gzip_whole, check_readable, is_gzip, open_text
+from engine.io.chroms import chrom_key, harmonise_chroms, renamed
+from engine.io.fasta import Genome
+
+#: columns of a sample map file
+VCF_SAMPLE = "vcf_sample"
+
+#: at most this many names or sites are listed in an error message
+_SHOW = 5
+
+_MAX_ALLELES = int(np.iinfo(np.int8).max)
+_GT_HEADER_LINE = '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">'
+
+
+@dataclass
+class Variants:
+    """The sites and genotypes of one VCF/BCF file.
+
+    Attributes:
+        path: the file read.
+        sites: one row per site in :data:`engine.schema.VARIANT_SITES`: ``chrom`` (the FASTA's name),
+            ``pos`` (1-based), ``variant_id`` (null for ``.``), ``ref``, ``alt`` (every ALT allele; empty
+            for a monomorphic site with ALT ``.``).
+        samples: donor ids, in the order of the ``samples`` argument or else of the file.
+        genotypes: ``int8``, shape (n_sites, n_samples, 2): allele index per haplotype (0 = REF, k = k-th
+            ALT), -1 where missing. A haploid call fills both haplotypes with its one allele.
+        phased: ``bool``, shape (n_sites, n_samples): True where the call is phased (``|``) or haploid.
+        report: counts: ``n_sites`` (kept), ``n_sites_read``, ``n_samples``, ``n_multiallelic``,
+            ``n_indels`` (an ALT whose length differs from REF's; symbolic ALTs excluded),
+            ``n_missing_calls`` (calls with at least one missing allele), ``n_unphased_calls`` (called,
+            diploid and unphased), ``renamed_chroms`` ``{vcf name: FASTA name}``, ``n_ref_checked``,
+            ``n_ref_mismatch`` (dropped), ``ref_mismatch_fraction``, ``ref_mismatch_examples``,
+            ``n_sites_off_genome`` (chromosome absent from the FASTA or REF past the record's end; kept,
+            unchecked) and ``indexed`` (whether ``regions`` were read through the file's index).
+    """
+
+    path: Path
+    sites: pa.Table
+    samples: list[str]
+    genotypes: np.ndarray
+    phased: np.ndarray
+    report: dict
+
+    def __post_init__(self) -> None:
+        shape = (self.sites.num_rows, len(self.samples))
+        if self.genotypes.shape != (*shape, 2) or self.phased.shape != shape:
+            raise ValueError(
+                f"{self.path}: genotypes {self.genotypes.shape} and phased {self.phased.shape} do not match "
+                f"{shape[0]} sites x {shape[1]} samples"
+            )
+
+
+# Sample map -------------------------------------------------------------------------------------------------
+
+
+def read_sample_map(path: str | Path) -> dict[str, str]:
+    """Read a two-column table that maps VCF sample names to donor ids.
+
+    The file is tab- or comma-separated (told apart by its header line), may be gzip-compressed and must have
+    the columns ``vcf_sample`` and ``donor_id``; other columns are ignored.
+
+    Args:
+        path: the sample map file.
+
+    Returns:
+        ``{vcf_sample: donor_id}``.
+
+    Raises:
+        InputError: the file is missing or empty, lacks a column, has an empty value, or repeats a VCF
+            sample or a donor id.
+    """
+    path = check_readable(path, "sample map")
+    check_gzip_whole(path, "sample map")
+    with open_text(path) as fh:
+        header = fh.readline().rstrip("\r\n")
+    delimiter = "\t" if "\t" in header else ","
+    columns = [name.strip() for name in header.split(delimiter)]
+    missing = [name for name in (VCF_SAMPLE, schema.DONOR_ID) if name not in columns]
+    if missing:
+        raise InputError(
+            path,
+            f"sample map lacks column(s) {', '.join(missing)}",
+            record=f"header line 1 (columns: {', '.join(repr(c) for c in columns[:10])})",
+            expected=f"a header line with columns {VCF_SAMPLE} and {schema.DONOR_ID}, tab- or comma-"
+            "separated",
+        )
+    try:
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=[VCF_SAMPLE, schema.DONOR_ID],
+                column_types={VCF_SAMPLE: pa.string(), schema.DONOR_ID: pa.string()},
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"cannot be read as a table ({exc})", expected="one value per column") from exc
+    vcf_samples = [s.strip() for s in table.column(VCF_SAMPLE).to_pylist()]
+    donors = [d.strip() for d in table.column(schema.DONOR_ID).to_pylist()]
+    if not vcf_samples:
+        raise InputError(path, "sample map has no rows", expected="one row per VCF sample after the header")
+    for row, (sample, donor) in enumerate(zip(vcf_samples, donors, strict=True)):
+        if not sample or not donor:
+            raise InputError(
+                path, "empty value", record=f"line {row + 2}", expected="a VCF sample and a donor id"
+            )
+    for column, values in ((VCF_SAMPLE, vcf_samples), (schema.DONOR_ID, donors)):
+        seen: dict[str, int] = {}
+        for row, value in enumerate(values):
+            if value in seen:
+                raise InputError(
+                    path,
+                    f"{column} {value!r} appears twice",
+                    record=f"lines {seen[value] + 2} and {row + 2}",
+                    expected=f"each {column} once",
+                )
+            seen[value] = row
+    return dict(zip(vcf_samples, donors, strict=True))
+
+
+# Reading ----------------------------------------------------------------------------------------------------
+
+
+def read_variants(
+    path: str | Path,
+    genome: Genome | None = None,
+    *,
+    sample_map: dict[str, str] | None = None,
+    samples: list[str] | None = None,
+    regions: list[tuple[str, int, int]] | None = None,
+    genome_partial: bool = False,
+    max_ref_mismatch: float = 0.01,
+) -> Variants:
+    """Read the sites and genotypes of a VCF, VCF.gz or BCF file and check them against the genome.
+
+    Args:
+        path: the VCF/BCF file; a ``.tbi``/``.csi`` index beside it is used for ``regions``.
+        genome: the reference; when given, chromosome names are mapped to its record names and REF alleles
+            are checked against it. Without it, names are mapped to the UCSC style (``chr17``).
+        sample_map: ``{vcf_sample: donor_id}`` (see :func:`read_sample_map`); every VCF sample used must be
+            in it.
+        samples: donor ids to keep, in this order; all samples of the file when None.
+        regions: ``(chrom, start, end)`` intervals, 1-based and inclusive, in any chromosome naming; only
+            sites whose POS lies in one are read. All sites when None.
+        genome_partial: the FASTA holds only some chromosomes or only part of them: sites off it are kept
+            unchecked and counted rather than refused.
+        max_ref_mismatch: largest fraction of checked sites whose REF may disagree with the FASTA; those
+            sites are dropped. A larger fraction raises, as it means the VCF and FASTA builds differ.
+
+    Returns:
+        The sites, samples, genotypes, phase flags and report (see :class:`Variants`).
+
+    Raises:
+        InputError: the file is missing, empty, truncated or not a VCF/BCF; has no samples or no GT field;
+            is unsorted; lacks a requested sample or a sample of the map; has sites off the genome (unless
+            ``genome_partial``) or none on it; or has too many REF alleles that disagree with the FASTA.
+        ConfigError: ``samples``, ``regions`` or ``max_ref_mismatch`` are malformed.
+    """
+    if not 0.0 <= max_ref_mismatch <= 1.0:
+        raise ConfigError(f"max_ref_mismatch must lie in [0, 1], got {max_ref_mismatch!r}")
+    wanted = _check_regions(regions)
+    path = check_readable(path, "VCF file")
+    check_gzip_whole(path, "VCF file")
+    vcf = _open_vcf(path)
+    try:
+        vcf_samples = list(vcf.samples)
+        if not vcf_samples:
+            raise InputError(
+                path,
+                "has no sample columns, so no genotypes",
+                record="the #CHROM header line",
+                expected="FORMAT and at least one sample column after INFO",
+                hint="A sites-only VCF cannot be used; give the VCF with the donors' genotypes",
+            )
+        if not vcf.contains("GT"):
+            raise InputError(
+                path,
+                "no GT field is declared in the header",
+                record="the ## header lines",
+                expected=f"a FORMAT GT line such as {_GT_HEADER_LINE}",
+                hint="Genotypes are read from GT; if the records carry GT, add that header line "
+                "(e.g. with `bcftools annotate --header-lines`)",
+            )
+        used, donors = _select_samples(path, vcf_samples, sample_map, samples)
+        if len(used) < len(vcf_samples):
+            vcf.set_samples(used)
+        # htslib keeps the file's sample order; `order` puts the columns in the order asked for
+        position = {name: i for i, name in enumerate(vcf.samples)}
+        order = np.array([position[name] for name in used], dtype=np.intp)
+        index_file = _index_of(path) if wanted is not None else None
+        records = _query(vcf, wanted) if index_file is not None else _stream(path, vcf, wanted)
+        raw = _collect(path, records, len(used), order)
+    finally:
+        vcf.close()
+
+    mapping = harmonise_chroms(dict.fromkeys(raw["chrom"]), genome.chroms if genome is not None else None)
+    sites = schema.check_table(
+        pa.table(
+            {
+                schema.CHROM: pa.array([mapping[c] for c in raw["chrom"]], pa.string()),
+                schema.POS: pa.array(raw["pos"], pa.int64()),
+                schema.VARIANT_ID: pa.array(raw["id"], pa.string()),
+                schema.REF: pa.array(raw["ref"], pa.string()),
+                schema.ALT: pa.array(raw["alt"], pa.list_(pa.string())),
+            }
+        ),
+        schema.VARIANT_SITES,
+        f"{path}: sites",
+    )
+    n_sites = sites.num_rows
+    genotypes = np.stack(raw["gt"]) if n_sites else np.full((0, len(used), 2), -1, dtype=np.int8)
+    phased = np.stack(raw["phased"]) if n_sites else np.zeros((0, len(used)), dtype=bool)
+
+    ref_report = {
+        "n_ref_checked": 0,
+        "n_ref_mismatch": 0,
+        "ref_mismatch_fraction": 0.0,
+        "ref_mismatch_examples": [],
+    }
+    n_off = 0
+    if genome is not None and n_sites:
+        on_genome = _on_genome(sites, genome)
+        _check_off_genome(path, sites, genome, on_genome, genome_partial)
+        n_off = int((~on_genome).sum())
+        ref_report = check_ref_alleles(sites, genome, path, max_ref_mismatch)
+        keep = ~ref_report.pop("mismatch_mask")
+        if not keep.all():
+            sites = sites.filter(pa.array(keep))
+            genotypes = genotypes[keep]
+            phased = phased[keep]
+
+    report = {
+        "n_sites": sites.num_rows,
+        "n_sites_read": n_sites,
+        "n_samples": len(donors),
+        **_call_counts(sites, genotypes, phased),
+        "renamed_chroms": renamed(mapping),
+        **ref_report,
+        "n_sites_off_genome": n_off,
+        "indexed": index_file is not None,
+    }
+    return Variants(path=path, sites=sites, samples=donors, genotypes=genotypes, phased=phased, report=report)
+
+
+def _check_regions(regions: list[tuple[str, int, int]] | None) -> dict[str, list[tuple[int, int]]] | None:
+    """Regions as ``{chromosome key: sorted, merged [(start, end)]}``; None when not given."""
+    if regions is None:
+        return None
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for region in regions:
+        try:
+            chrom, start, end = region
+            start, end = int(start), int(end)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"regions: {region!r} is not (chrom, start, end)") from exc
+        if start < 1 or end < start:
+            raise ConfigError(f"regions: {region!r} needs 1 <= start <= end (1-based, inclusive)")
+        by_key.setdefault(chrom_key(str(chrom)), []).append((start, end))
+    for key, intervals in by_key.items():
+        intervals.sort()
+        merged = [intervals[0]]
+        for start, end in intervals[1:]:
+            if start <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        by_key[key] = merged
+    return by_key
+
+
+def _open_vcf(path: Path) -> cyvcf2.VCF:
+    """Open with cyvcf2, turning htslib's refusals into an :class:`InputError` that says what is wrong."""
+    try:
+        return cyvcf2.VCF(str(path), lazy=True)
+    except Exception as exc:  # cyvcf2 raises bare Exception for a bad header, OSError for an unknown format
+        raise InputError(
+            path,
+            f"{_why_not_vcf(path)} (htslib: {exc})",
+            expected="a VCF (plain, gzip or bgzip) or BCF file: '##' meta lines, then a '#CHROM POS ID REF "
+            "ALT QUAL FILTER INFO FORMAT sample...' line, then one record per line",
+        ) from exc
+
+
+def _why_not_vcf(path: Path) -> str:
+    """Say in words why htslib could not open ``path``, looking at its first lines."""
+    opener = gzip.open if is_gzip(path) else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return "cannot be read"
+    if head.startswith(b"BCF"):
+        return "is a BCF file whose header cannot be read"
+    lines = head.decode("utf-8", errors="replace").splitlines()
+    if not lines or not lines[0].startswith("##fileformat=VCF"):
+        first = lines[0][:60] if lines else ""
+        return f"is not a VCF: the first line is {first!r}, not '##fileformat=VCFv4.x'"
+    if not any(line.startswith("#CHROM") for line in lines):
+        return "is not a VCF: no '#CHROM' header line before the records"
+    return "has a VCF header that cannot be parsed"
+
+
+def _select_samples(
+    path: Path, vcf_samples: list[str], sample_map: dict[str, str] | None, samples: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """The VCF samples to read and their donor ids, both in the order of ``samples`` (else of the file)."""
+    if sample_map is None:
+        donor_of = {s: s for s in vcf_samples}
+        unmapped: list[str] = []
+    else:
+        donor_of = {s: sample_map[s] for s in vcf_samples if s in sample_map}
+        unmapped = [s for s in vcf_samples if s not in sample_map]
+    if samples is None:
+        if unmapped:
+            raise InputError(
+                path,
+                f"{len(unmapped)} of {len(vcf_samples)} VCF samples are absent from the sample map: "
+                f"{_few(unmapped)}",
+                record="the #CHROM header line",
+                expected="every VCF sample in the sample map's vcf_sample column",
+                hint="Add them to the sample map, or choose the donors to read with `samples`",
+            )
+        used = list(vcf_samples)
+    else:
+        duplicated = [d for d, n in Counter(samples).items() if n > 1]
+        if duplicated:
+            raise ConfigError(f"samples: donor ids repeated: {_few(duplicated)}")
+        vcf_of: dict[str, str] = {}
+        for vcf_sample, donor in donor_of.items():
+            vcf_of.setdefault(donor, vcf_sample)
+        absent = [d for d in samples if d not in vcf_of]
+        if absent:
+            hint = "Check the donor ids against the VCF's sample names"
+            if sample_map is not None:
+                hint = "Check the sample map"
+                if unmapped:
+                    hint += f"; these VCF samples are not in it: {_few(unmapped)}"
+            raise InputError(
+                path,
+                f"{len(absent)} of {len(samples)} requested donors are not in the VCF: {_few(absent)}",
+                record="the #CHROM header line",
+                expected="each requested donor as a VCF sample"
+                + (" (through the sample map)" if sample_map else ""),
+                hint=hint,
+            )
+        used = [vcf_of[d] for d in samples]
+    donors = [donor_of[s] for s in used]
+    duplicated = [d for d, n in Counter(donors).items() if n > 1]
+    if duplicated:
+        raise InputError(
+            path,
+            f"several VCF samples map to the same donor: {_few(duplicated)}",
+            record="the #CHROM header line",
+            expected="one VCF sample per donor",
+            hint="Fix the sample map, or choose one sample per donor with `samples`",
+        )
+    return used, donors
+
+
+def _index_of(path: Path) -> Path | None:
+    """The ``.tbi``/``.csi`` index beside ``path``, if there is one."""
+    for suffix in (".csi", ".tbi"):
+        index = path.with_name(path.name + suffix)
+        if index.is_file():
+            return index
+    return None
+
+
+def _query(
+    vcf: cyvcf2.VCF, wanted: dict[str, list[tuple[int, int]]]
+) -> Iterator[tuple[cyvcf2.Variant, int | None]]:
+    """Records whose POS lies in ``wanted``, through the index, in the file's chromosome order."""
+    for chrom in vcf.seqnames:
+        for start, end in wanted.get(chrom_key(chrom), ()):
+            # the index also returns records that start before `start` and overlap it
+            for variant in vcf(f"{chrom}:{start}-{end}"):
+                if start <= variant.POS <= end:
+                    yield variant, None
+
+
+def _stream(
+    path: Path, vcf: cyvcf2.VCF, wanted: dict[str, list[tuple[int, int]]] | None
+) -> Iterator[tuple[cyvcf2.Variant, int | None]]:
+    """Every record with its number (1-based), checked to be sorted, less those outside ``wanted``."""
+    done: set[str] = set()
+    chrom, last_pos, number = None, 0, 0
+    keys: dict[str, str] = {}
+    iterator = iter(vcf)
+    while True:
+        try:
+            variant = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # htslib parse errors come as bare Exception
+            where = f"record {number + 1}" + _line_of(path, number + 1)
+            if chrom is not None:
+                where += f", after {chrom}:{last_pos}"
+            raise InputError(
+                path,
+                f"record cannot be parsed (htslib: {exc})",
+                record=where,
+                expected="tab-separated CHROM, POS, ID, REF, ALT, QUAL, FILTER, INFO, FORMAT and sample "
+                "columns",
+            ) from exc
+        number += 1
+        pos = variant.POS
+        if variant.CHROM != chrom:
+            if variant.CHROM in done:
+                raise InputError(
+                    path,
+                    f"unsorted: chromosome {variant.CHROM} appears again after {chrom}",
+                    record=_where(path, variant.CHROM, pos, number),
+                    expected="all records of a chromosome together, sorted by position",
+                    hint="Sort the file, e.g. `bcftools sort`",
+                )
+            if chrom is not None:
+                done.add(chrom)
+            chrom, last_pos = variant.CHROM, 0
+        elif pos < last_pos:
+            raise InputError(
+                path,
+                f"unsorted: position {pos} comes after {last_pos}",
+                record=_where(path, chrom, pos, number),
+                expected="records sorted by position within each chromosome",
+                hint="Sort the file, e.g. `bcftools sort`",
+            )
+        last_pos = pos
+        if wanted is not None:
+            if chrom not in keys:
+                keys[chrom] = chrom_key(chrom)
+            if not _within(wanted.get(keys[chrom], ()), pos):
+                continue
+        yield variant, number
+
+
+def _within(intervals: list[tuple[int, int]], pos: int) -> bool:
+    i = bisect.bisect_right(intervals, (pos, float("inf"))) - 1
+    return i >= 0 and intervals[i][0] <= pos <= intervals[i][1]
+
+
+def _where(path: Path, chrom: str, pos: int, number: int | None) -> str:
+    """``"chr17:1234 (record 5, line 31)"``: a record for an error message."""
+    if number is None:  # read through the index: the record's number in the file is unknown
+        return f"{chrom}:{pos}"
+    return f"{chrom}:{pos} (record {number}{_line_of(path, number)})"
+
+
+def _line_of(path: Path, number: int) -> str:
+    """``", line N"`` for the ``number``-th record of a text VCF; ``""`` for BCF or when not found.
+
+    Only called on the way to an error, so reading the file again costs nothing on the good path.
+    """
+    if number < 1:
+        return ""
+    try:
+        with open_text(path) as fh:
+            seen = 0
+            for line_no, line in enumerate(fh, start=1):
+                if line.startswith("#") or not line.strip():
+                    continue
+                seen += 1
+                if seen == number:
+                    return f", line {line_no}"
+    except (OSError, UnicodeDecodeError, EOFError):
+        return ""
+    return ""
+
+
+def _collect(
+    path: Path, records: Iterator[tuple[cyvcf2.Variant, int | None]], n_samples: int, order: np.ndarray
+) -> dict[str, list]:
+    """Site columns and per-site genotype rows of ``records``."""
+    raw: dict[str, list] = {key: [] for key in ("chrom", "pos", "id", "ref", "alt", "gt", "phased")}
+    reorder = not np.array_equal(order, np.arange(len(order)))
+    for variant, number in records:
+        alt = list(variant.ALT)
+        if len(alt) >= _MAX_ALLELES:
+            raise InputError(
+                path,
+                f"{len(alt)} ALT alleles",
+                record=_where(path, variant.CHROM, variant.POS, number),
+                expected=f"fewer than {_MAX_ALLELES} ALT alleles per site",
+            )
+        gt, phased = _genotype(path, variant, number, n_samples)
+        if reorder:
+            gt, phased = gt[order], phased[order]
+        top = int(gt.max()) if gt.size else -1
+        if top > len(alt):
+            raise InputError(
+                path,
+                f"a GT names allele {top} but the site has {len(alt)} ALT allele(s)",
+                record=_where(path, variant.CHROM, variant.POS, number),
+                expected=f"allele indices 0..{len(alt)}",
+            )
+        raw["chrom"].append(variant.CHROM)
+        raw["pos"].append(variant.POS)
+        raw["id"].append(variant.ID)
+        raw["ref"].append(variant.REF)
+        raw["alt"].append(alt)
+        raw["gt"].append(gt)
+        raw["phased"].append(phased)
+    return raw
+
+
+def _genotype(
+    path: Path, variant: cyvcf2.Variant, number: int | None, n_samples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(int8 (n_samples, 2) allele indices, bool (n_samples,) phased)`` of one record."""
+    call = variant.genotype
+    if call is None:  # this record's FORMAT lacks GT
+        return np.full((n_samples, 2), -1, dtype=np.int8), np.zeros(n_samples, dtype=bool)
+    array = call.array()  # int16 (n_samples, ploidy + 1): alleles, then the phase flag; -2 pads shorter calls
+    ploidy = array.shape[1] - 1
+    if ploidy == 1:
+        first = array[:, 0]
+        return np.stack([first, first], axis=1).astype(np.int8), np.ones(n_samples, dtype=bool)
+    if ploidy != 2:
+        raise InputError(
+            path,
+            f"ploidy {ploidy} genotypes",
+            record=_where(path, variant.CHROM, variant.POS, number),
+            expected="haploid or diploid GT",
+        )
+    first, second = array[:, 0], array[:, 1]
+    haploid = second == -2
+    second = np.where(haploid, first, second)
+    return np.stack([first, second], axis=1).astype(np.int8), array[:, 2].astype(bool) | haploid
+
+
+def _call_counts(sites: pa.Table, genotypes: np.ndarray, phased: np.ndarray) -> dict[str, int]:
+    missing = (genotypes < 0).any(axis=2)
+    ref = sites.column(schema.REF).to_pylist()
+    alts = sites.column(schema.ALT).to_pylist()
+    return {
+        "n_multiallelic": sum(1 for alt in alts if len(alt) > 1),
+        "n_indels": sum(
+            1
+            for r, alt in zip(ref, alts, strict=True)
+            if any(len(a) != len(r) for a in alt if not a.startswith("<") and a not in ("*", "."))
+        ),
+        "n_missing_calls": int(missing.sum()),
+        "n_unphased_calls": int((~phased & ~missing).sum()),
+    }
+
+
+# Genome checks ----------------------------------------------------------------------------------------------
+
+
+def _on_genome(sites: pa.Table, genome: Genome) -> np.ndarray:
+    """Bool per site: its chromosome is a FASTA record and its REF lies within that record."""
+    chroms = sites.column(schema.CHROM).to_pylist()
+    pos = sites.column(schema.POS).to_pylist()
+    ref = sites.column(schema.REF).to_pylist()
+    lengths = genome.lengths
+    return np.array(
+        [c in lengths and p + len(r) - 1 <= lengths[c] for c, p, r in zip(chroms, pos, ref, strict=True)],
+        dtype=bool,
+    )
+
+
+def _check_off_genome(
+    path: Path, sites: pa.Table, genome: Genome, on_genome: np.ndarray, partial: bool
+) -> None:
+    """Refuse a VCF with no site on the genome, and (unless ``partial``) one with any site off it."""
+    if on_genome.all():
+        return
+    chroms = sites.column(schema.CHROM).to_pylist()
+    absent = Counter(c for c in chroms if c not in genome.lengths)
+    listed = ", ".join(f"{c} ({n} sites)" for c, n in list(absent.items())[:_SHOW])
+    fasta = f"the FASTA {genome.path.name} (records: {_few(genome.chroms)})"
+    if not on_genome.any():
+        raise InputError(
+            path,
+            f"none of its {len(chroms)} sites lies on {fasta}"
+            + (f"; VCF chromosomes: {listed}" if absent else "; every site lies past the end of its record"),
+            expected="a FASTA of the VCF's genome build holding its chromosomes",
+            hint="Check that the VCF and the FASTA are of the same species and build",
+        )
+    if partial:
+        return
+    if absent:
+        raise InputError(
+            path,
+            f"{sum(absent.values())} sites lie on chromosomes absent from {fasta}: {listed}",
+            record=_site(sites, chroms.index(next(iter(absent)))),
+            expected="every VCF chromosome in the FASTA",
+            hint="Use a FASTA with these chromosomes, drop them from the VCF (e.g. `bcftools view -t "
+            "^chrY`), or set genome_partial to keep them unchecked",
+        )
+    past = np.flatnonzero(~on_genome)
+    examples = "; ".join(
+        f"{_site(sites, i)} (record length {genome.lengths[chroms[i]]})" for i in past[:_SHOW]
+    )
+    raise InputError(
+        path,
+        f"{len(past)} sites lie past the end of their chromosome in {fasta}",
+        record=examples,
+        expected="every site within its FASTA record",
+        hint="The VCF and FASTA may be of different builds; if the FASTA holds only part of each chromosome, "
+        "set genome_partial",
+    )
+
+
+def check_ref_alleles(sites: pa.Table, genome: Genome, path: str | Path, max_ref_mismatch: float) -> dict:
+    """Compare each site's REF with the FASTA; refuse when too many disagree.
+
+    Only sites whose chromosome is a FASTA record and whose REF lies within it are checked; the comparison
+    ignores case (soft-masking) and treats ``N`` on either side as matching any base.
+
+    Args:
+        sites: a table in :data:`engine.schema.VARIANT_SITES` with chromosome names of ``genome``.
+        genome: the reference.
+        path: the VCF the sites came from, for messages.
+        max_ref_mismatch: largest fraction of checked sites allowed to disagree.
+
+    Returns:
+        ``n_ref_checked``, ``n_ref_mismatch``, ``ref_mismatch_fraction``, ``ref_mismatch_examples`` (up to 5
+        ``"chr17:156665 REF=C FASTA=T"``) and ``mismatch_mask`` (bool per row of ``sites``).
+
+    Raises:
+        InputError: more than ``max_ref_mismatch`` of the checked sites disagree, which means the VCF and the
+            FASTA are of different genome builds.
+    """
+    chroms = sites.column(schema.CHROM).to_pylist()
+    positions = sites.column(schema.POS).to_pylist()
+    refs = sites.column(schema.REF).to_pylist()
+    mismatch = np.zeros(len(refs), dtype=bool)
+    examples: list[str] = []
+    checked = 0
+    for i, (chrom, pos, ref) in enumerate(zip(chroms, positions, refs, strict=True)):
+        end = pos + len(ref) - 1
+        if chrom not in genome.lengths or end > genome.lengths[chrom]:
+            continue
+        checked += 1
+        fasta = genome.fetch(chrom, pos, end).upper()
+        if not _same_bases(ref.upper(), fasta):
+            mismatch[i] = True
+            if len(examples) < _SHOW:
+                examples.append(f"{chrom}:{pos} REF={ref} FASTA={fasta}")
+    n_mismatch = int(mismatch.sum())
+    fraction = n_mismatch / checked if checked else 0.0
+    if fraction > max_ref_mismatch:
+        raise InputError(
+            path,
+            f"REF alleles disagree with the FASTA {Path(genome.path).name} at {n_mismatch} of {checked} "
+            f"sites ({100 * fraction:.1f}%): this looks like a genome-build mismatch (e.g. an hg19 VCF read "
+            "with an hg38 FASTA)",
+            record="; ".join(examples),
+            expected=f"at most {100 * max_ref_mismatch:g}% of REF alleles (max_ref_mismatch) differing",
+            hint="Use the FASTA of the VCF's build, or lift the VCF over to the FASTA's build "
+            "(`bcftools norm --check-ref e -f FASTA` lists every mismatch)",
+        )
+    return {
+        "n_ref_checked": checked,
+        "n_ref_mismatch": n_mismatch,
+        "ref_mismatch_fraction": fraction,
+        "ref_mismatch_examples": examples,
+        "mismatch_mask": mismatch,
+    }
+
+
+def _same_bases(ref: str, fasta: str) -> bool:
+    return ref == fasta or (
+        len(ref) == len(fasta)
+        and all(a == b or a == "N" or b == "N" for a, b in zip(ref, fasta, strict=True))
+    )
+
+
+def _site(sites: pa.Table, row: int) -> str:
+    return f"{sites.column(schema.CHROM)[row].as_py()}:{sites.column(schema.POS)[row].as_py()}"
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(str(n) for n in names[:_SHOW])
+    return shown + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")

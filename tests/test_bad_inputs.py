@@ -1,0 +1,168 @@
+"""Every class of bad input: a clear error naming the file and the offending record, a non-zero exit, no output.
+
+Each test starts from a small valid dataset, breaks one thing, and checks both the reader's InputError and what
+``geximpute inspect`` prints and returns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.config import load_config
+from engine.dataset import load_dataset
+from engine.errors import InputError
+
+FASTA = ">chr1\n" + "ACGT" * 250 + "\n>chr2\n" + "GATTACA" * 100 + "\n"
+GENES = "gene_id\tchrom\ttss\tstrand\nENSG01\tchr1\t300\t+\nENSG02\tchr1\t600\t-\nENSG03\tchr2\t200\t+\n"
+GCT = (
+    "#1.2\n3\t4\nName\tDescription\tS1\tS2\tS3\tS4\n"
+    "ENSG01.1\ta\t1\t2\t3\t4\nENSG02.1\tb\t5\t\t7\t8\nENSG03.2\tc\t0\t0.5\t1\t2\n"
+)
+SAMPLES = "sample_id\tdonor_id\ttissue\nS1\tD1\tLiver\nS2\tD1\tLung\nS3\tD2\tLiver\nS4\tD2\tLung\n"
+CONFIG = """
+name: toy
+inputs:
+  genome: genome.fa
+  genes: genes.tsv
+  expression: expr.gct
+  samples: samples.tsv
+promoter: {upstream: 100, downstream: 50}
+"""
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    for name, text in (("genome.fa", FASTA), ("genes.tsv", GENES), ("expr.gct", GCT), ("samples.tsv", SAMPLES),
+                       ("config.yaml", CONFIG)):
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def inspect(toy: Path, capsys, *overrides: str) -> tuple[int, str]:
+    args = ["inspect", "--config", str(toy / "config.yaml")]
+    for o in overrides:
+        args += ["--set", o]
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def expect_failure(toy: Path, capsys, file: str, *needles: str, overrides: tuple[str, ...] = ()) -> InputError:
+    """The reader raises an InputError naming ``file`` and each needle; the CLI exits 2 and prints the same."""
+    with pytest.raises(InputError) as err:
+        load_dataset(load_config(toy / "config.yaml", overrides))
+    message = str(err.value)
+    assert file in message, message
+    for needle in needles:
+        assert needle in message, message
+    code, output = inspect(toy, capsys, *overrides)
+    assert code == 2
+    assert "error:" in output and file in output and "Traceback" not in output
+    return err.value
+
+
+def test_the_toy_dataset_is_valid(toy, capsys):
+    code, output = inspect(toy, capsys)
+    assert code == 0, output
+    assert "2 donor(s), 2 tissues" in output
+    assert "4 of 4 donor-tissue cells observed (100.0%)" in output
+    assert "3 expressed genes have a full" in output
+
+
+def test_missing_file(toy, capsys):
+    (toy / "samples.tsv").unlink()
+    expect_failure(toy, capsys, "samples.tsv", "not found")
+
+
+def test_empty_file(toy, capsys):
+    (toy / "genes.tsv").write_text("")
+    expect_failure(toy, capsys, "genes.tsv", "empty")
+
+
+def test_truncated_gzip(toy, capsys):
+    data = gzip.compress(GCT.encode() * 50)
+    (toy / "expr.gct.gz").write_bytes(data[: len(data) // 2])
+    expect_failure(toy, capsys, "expr.gct.gz", "truncated", overrides=("inputs.expression=expr.gct.gz",))
+
+
+def test_misnamed_column(toy, capsys):
+    (toy / "samples.tsv").write_text(SAMPLES.replace("tissue", "tisue"))
+    expect_failure(toy, capsys, "samples.tsv", "tissue", "tisue")
+
+
+def test_missing_column(toy, capsys):
+    (toy / "genes.tsv").write_text("gene_id\tchrom\ttss\nENSG01\tchr1\t300\n")
+    expect_failure(toy, capsys, "genes.tsv", "strand", "the header")
+
+
+def test_duplicate_gene_ids_in_expression(toy, capsys):
+    # versions differ but the ids are the same gene
+    (toy / "expr.gct").write_text(GCT.replace("ENSG03.2", "ENSG01.7"))
+    expect_failure(toy, capsys, "expr.gct", "duplicate gene id", "ENSG01", "lines 4, 6")
+
+
+def test_duplicate_gene_ids_in_annotation(toy, capsys):
+    (toy / "genes.tsv").write_text(GENES + "ENSG02.4\tchr2\t100\t+\n")
+    expect_failure(toy, capsys, "genes.tsv", "duplicate gene id", "ENSG02", "line 3")
+
+
+def test_non_numeric_expression(toy, capsys):
+    (toy / "expr.gct").write_text(GCT.replace("\t7\t", "\tseven\t"))
+    expect_failure(toy, capsys, "expr.gct", "'seven'", "column 'S3'", "line 5", "ENSG02")
+
+
+def test_negative_expression(toy, capsys):
+    (toy / "expr.gct").write_text(GCT.replace("\t0.5\t", "\t-0.5\t"))
+    expect_failure(toy, capsys, "expr.gct", "negative", "ENSG03", "S2", "line 6")
+
+
+def test_expression_sample_absent_from_sample_table(toy, capsys):
+    (toy / "samples.tsv").write_text(SAMPLES.replace("S3\tD2\tLiver\n", ""))
+    expect_failure(toy, capsys, "expr.gct", "samples.tsv", "S3", "absent from the sample table")
+
+
+def test_chromosome_absent_from_fasta(toy, capsys):
+    (toy / "genes.tsv").write_text(GENES + "ENSG04\tchr9\t100\t+\n")
+    expect_failure(toy, capsys, "genes.tsv", "chr9", "absent from the genome", "line 5")
+
+
+def test_no_chromosome_in_fasta_even_when_partial(toy, capsys):
+    (toy / "genes.tsv").write_text(GENES.replace("chr1", "chr7").replace("chr2", "chr8"))
+    expect_failure(toy, capsys, "genes.tsv", "none of the annotation's chromosomes",
+                   overrides=("inputs.genome_partial=true",))
+
+
+def test_tss_outside_its_chromosome(toy, capsys):
+    (toy / "genes.tsv").write_text(GENES.replace("chr2\t200", "chr2\t5000"))
+    expect_failure(toy, capsys, "genes.tsv", "TSS 5000", "outside its chromosome chr2", "ENSG03")
+
+
+def test_partial_genome_accepts_genes_past_the_record(toy, capsys):
+    (toy / "genes.tsv").write_text(GENES.replace("chr2\t200", "chr2\t5000"))
+    code, output = inspect(toy, capsys, "inputs.genome_partial=true")
+    assert code == 0, output
+    assert "2 expressed genes have a full" in output
+
+
+def test_bad_strand(toy, capsys):
+    (toy / "genes.tsv").write_text(GENES.replace("600\t-", "600\t*"))
+    expect_failure(toy, capsys, "genes.tsv", "strand '*'", "line 3", "expected '+' or '-'")
+    (toy / "genes.tsv").write_text(GENES.replace("600\t-", "600\t."))
+    expect_failure(toy, capsys, "genes.tsv", "no strand", "line 3")
+
+
+def test_cli_exit_code_is_non_zero_in_a_real_process(toy):
+    (toy / "expr.gct").write_text(GCT.replace("\t7\t", "\tseven\t"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "inspect", "--config", str(toy / "config.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "expr.gct" in proc.stderr and "seven" in proc.stderr

@@ -1,0 +1,91 @@
+"""The typed config: YAML parsed into frozen dataclasses, validated, overridable with --set."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config, PromoterConfig, apply_overrides, dump_config, load_config
+from engine.errors import ConfigError
+
+MINIMAL = """
+name: toy
+inputs:
+  genes: data/genes.gtf
+  expression: data/expr.gct
+promoter:
+  upstream: 200
+"""
+
+
+def test_load_resolves_paths_against_the_config_folder(write):
+    path = write("cfg/config.yaml", MINIMAL)
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert config.inputs.genes == str((path.parent / "data/genes.gtf").resolve())
+    assert config.inputs.genome is None and config.inputs.samples is None
+    assert config.promoter == PromoterConfig(upstream=200, downstream=500)
+    assert config.output_dir == str((path.parent / "geximpute-out").resolve())
+
+
+def test_config_is_frozen(write):
+    config = load_config(write("config.yaml", MINIMAL))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 3  # type: ignore[misc]
+
+
+def test_set_overrides_parse_values_as_yaml(write):
+    config = load_config(
+        write("config.yaml", MINIMAL),
+        ["promoter.downstream=300", "inputs.scale=counts", "inputs.gene_types=[protein_coding, lncRNA]"],
+    )
+    assert config.promoter.downstream == 300
+    assert config.inputs.scale == "counts"
+    assert config.inputs.gene_types == ("protein_coding", "lncRNA")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("promoter.upstream=-5", "promoter.upstream", "-5"),
+        ("inputs.scale=fpkm", "inputs.scale", "'fpkm'"),
+        ("promoter.soft_mask=lower", "promoter.soft_mask", "'lower'"),
+        ("seed=abc", "seed", "'abc'"),
+        ("ray.num_cpus=0", "ray.num_cpus", "0"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_value(write, override, key, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(write("config.yaml", MINIMAL), [override])
+    assert key in str(err.value) and value in str(err.value)
+    assert "config.yaml" in str(err.value)
+
+
+def test_unknown_key_is_rejected_with_the_valid_keys(write):
+    with pytest.raises(ConfigError, match=r"unknown config key 'promoter.upstrem'.*upstream"):
+        load_config(write("config.yaml", MINIMAL), ["promoter.upstrem=10"])
+
+
+def test_missing_required_input_is_named(write):
+    with pytest.raises(ConfigError, match="inputs.expression"):
+        load_config(write("config.yaml", "inputs:\n  genes: g.gtf\n"))
+
+
+def test_yaml_is_only_parsed_never_evaluated(write):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write("config.yaml", "inputs: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        apply_overrides({}, ["promoter.upstream"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_dump_round_trips(write, tmp_path: Path):
+    config = load_config(write("config.yaml", MINIMAL), ["seed=7"])
+    again = load_config(write("again.yaml", dump_config(config)))
+    assert again == config

@@ -1,0 +1,227 @@
+"""Readers on small hand-made files in every supported layout, checked value by value."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine import schema as S
+from engine.config import ExpressionConfig
+from engine.errors import InputError
+from engine.io.chroms import harmonise_chroms
+from engine.io.expression import read_expression, size_factors, to_model_scale
+from engine.io.fasta import Genome, reverse_complement
+from engine.io.genes import read_genes
+from engine.io.samples import read_samples
+
+# chr1 = 40 bases with a soft-masked stretch at 11..20
+CHR1 = "ACGTACGTAC" + "ggccttaagg" + "TTTTAAAACC" + "GGGGCCCCAT"
+FASTA = ">chr1 test\n" + CHR1[:25] + "\n" + CHR1[25:] + "\n>chr2\n" + "A" * 30 + "\n"
+
+GTF = """##description: toy
+##format: gtf
+chr1\tHAVANA\tgene\t5\t30\t.\t+\t.\tgene_id "ENSG01.3"; gene_type "protein_coding"; gene_name "AAA";
+chr1\tHAVANA\ttranscript\t5\t30\t.\t+\t.\tgene_id "ENSG01.3"; transcript_id "T1"; gene_name "AAA";
+chr1\tHAVANA\texon\t5\t30\t.\t+\t.\tgene_id "ENSG01.3"; transcript_id "T1"; exon_number 1;
+chr1\tHAVANA\tgene\t12\t35\t.\t-\t.\tgene_id "ENSG02.1"; gene_type "lncRNA"; gene_name "BBB";
+chr2\tHAVANA\tgene\t3\t9\t.\t-\t.\tgene_id "ENSG03"; gene_type "protein_coding"; gene_name "CCC";
+"""
+
+
+@pytest.fixture
+def genome(write) -> Genome:
+    return Genome(write("genome.fa", FASTA))
+
+
+# FASTA ---------------------------------------------------------------------------------------------------------
+
+
+def test_fetch_is_1_based_inclusive_and_keeps_soft_masking(genome):
+    assert genome.lengths == {"chr1": 40, "chr2": 30}
+    assert genome.fetch("chr1", 1, 4) == "ACGT"
+    assert genome.fetch("chr1", 11, 14) == "ggcc"
+
+
+def test_plus_strand_window(genome):
+    w = genome.window("chr1", tss=5, strand="+", upstream=4, downstream=3)
+    assert w.sequence == "ACGTACG" and w.padded == 0 and w.complete
+
+
+def test_minus_strand_window_is_reverse_complemented(genome):
+    # '-' gene with TSS 8: window covers 8-3+1=6 .. 8+4=12, read on the minus strand
+    w = genome.window("chr1", tss=8, strand="-", upstream=4, downstream=3)
+    assert w.sequence == reverse_complement(CHR1[5:12].upper())
+    assert w.sequence == "CCGTACG"
+    assert w.soft_masked == 2  # bases 11 and 12 are lower case
+
+
+def test_window_off_the_record_is_padded_with_n_and_flagged(genome):
+    start = genome.window("chr1", tss=2, strand="+", upstream=4, downstream=2)
+    assert start.sequence == "NNN" + "ACG" and start.padded == 3 and not start.complete
+    end = genome.window("chr1", tss=39, strand="+", upstream=1, downstream=5)
+    assert end.sequence == "CATNNN" and end.padded == 3
+
+
+def test_soft_masked_bases_upper_or_n(genome):
+    upper = genome.window("chr1", tss=11, strand="+", upstream=0, downstream=4)
+    n = genome.window("chr1", tss=11, strand="+", upstream=0, downstream=4, soft_mask="n")
+    assert upper.sequence == "GGCC" and upper.soft_masked == 4
+    assert n.sequence == "NNNN"
+
+
+def test_bgzip_fasta_is_read(tmp_path, real_data):
+    genome = Genome(real_data / "sequence" / "hg38_prefixes.fa.gz")
+    assert genome.lengths["chr17"] == 7_843_138
+    # TP53 TSS (GENCODE v45, minus strand) sits in the real chr17 piece
+    assert len(genome.window("chr17", 7_687_538, "-", 1000, 500).sequence) == 1500
+
+
+def test_plain_gzip_fasta_gets_a_clear_error(tmp_path):
+    path = tmp_path / "genome.fa.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(FASTA)
+    with pytest.raises(InputError, match=r"genome.fa.gz: .*plain gzip.*bgzip"):
+        Genome(path)
+
+
+# genes ---------------------------------------------------------------------------------------------------------
+
+
+def test_gtf_genes_with_tss_from_strand_and_versions_stripped(write, genome):
+    genes = read_genes(write("genes.gtf.gz", GTF), genome=genome)
+    rows = {r["gene_id"]: r for r in genes.table.to_pylist()}
+    assert set(rows) == {"ENSG01", "ENSG02", "ENSG03"}
+    assert rows["ENSG01"]["tss"] == 5 and rows["ENSG01"]["strand"] == "+"
+    assert rows["ENSG02"]["tss"] == 35 and rows["ENSG02"]["gene_type"] == "lncRNA"
+    assert rows["ENSG03"]["tss"] == 9 and rows["ENSG03"]["gene_name"] == "CCC"
+    assert genes.table.schema.equals(S.GENES)
+
+
+def test_gene_types_filter(write):
+    genes = read_genes(write("genes.gtf", GTF), gene_types=("protein_coding",))
+    assert sorted(genes.table[S.GENE_ID].to_pylist()) == ["ENSG01", "ENSG03"]
+
+
+def test_gff3_genes(write):
+    text = (
+        "##gff-version 3\n"
+        "1\tensembl\tgene\t100\t200\t.\t-\t.\tID=gene:ENSG07;Name=GGG;biotype=protein_coding\n"
+        "1\tensembl\tmRNA\t100\t200\t.\t-\t.\tID=transcript:T7;Parent=gene:ENSG07\n"
+        "###\n"
+        "2\tensembl\tgene\t5\t50\t.\t+\t.\tID=ENSG08.2;gene_id=ENSG08.2;gene_name=HHH\n"
+    )
+    genes = read_genes(write("genes.gff3", text))
+    rows = {r["gene_id"]: r for r in genes.table.to_pylist()}
+    assert rows["ENSG07"]["tss"] == 200 and rows["ENSG07"]["chrom"] == "chr1"
+    assert rows["ENSG07"]["gene_name"] == "GGG" and rows["ENSG07"]["gene_type"] == "protein_coding"
+    assert rows["ENSG08"]["tss"] == 5 and rows["ENSG08"]["gene_name"] == "HHH"
+    assert genes.report["renamed_chroms"] == {"1": "chr1", "2": "chr2"}
+
+
+def test_bed6_is_zero_based(write):
+    genes = read_genes(write("genes.bed", "chr1\t9\t20\tENSG01\t0\t+\nchr1\t29\t40\tENSG02\t0\t-\n"))
+    rows = {r["gene_id"]: r["tss"] for r in genes.table.to_pylist()}
+    assert rows == {"ENSG01": 10, "ENSG02": 40}
+
+
+def test_named_tsv_and_csv(write):
+    tsv = read_genes(write("genes.tsv", "gene_id\tchrom\ttss\tstrand\nENSG01.1\t17\t100\t+\n"))
+    assert tsv.table.to_pylist()[0] | {} == {
+        "gene_id": "ENSG01", "gene_name": None, "gene_type": None, "chrom": "chr17", "start": None,
+        "end": None, "tss": 100, "strand": "+",
+    }
+    assert tsv.report["renamed_chroms"] == {"17": "chr17"}
+    csv = read_genes(write("genes.csv", "gene,chromosome,start,end,strand\nENSG05,chr3,10,90,-\n"))
+    assert csv.table.to_pylist()[0]["tss"] == 90
+
+
+def test_chrom_names_follow_the_genome(genome):
+    assert harmonise_chroms(["1", "chr2", "MT"], ["chr1", "chr2", "chrM"]) == {"1": "chr1", "chr2": "chr2",
+                                                                               "MT": "chrM"}
+    assert harmonise_chroms(["chr1", "X"], ["1", "X"]) == {"chr1": "1", "X": "X"}
+
+
+# expression ----------------------------------------------------------------------------------------------------
+
+GCT = "#1.2\n999\t999\nName\tDescription\tS1\tS2\tS3\nENSG01.5\tAAA\t1.5\t\t3\nENSG02.1\tBBB\t0\t2\tNA\n"
+
+
+def test_gct_ignores_its_dimension_line_and_reads_blanks_as_missing(write):
+    expr = read_expression(write("expr.gct.gz", GCT))
+    assert expr.gene_ids == ["ENSG01", "ENSG02"] and expr.sample_ids == ["S1", "S2", "S3"]
+    assert expr.values[0, 0] == 1.5 and math.isnan(expr.values[0, 1]) and math.isnan(expr.values[1, 2])
+    assert expr.report["gct_declared_shape"] == (999, 999)
+    assert expr.report["gct_dimension_line_matches"] is False
+    assert expr.report["n_measured"] == 4
+
+
+def test_wide_table_with_gene_name_column(write):
+    expr = read_expression(write("medians.tsv", "gene_id\tgene_name\tLiver\tLung\nENSG01\tAAA\t10\t0.5\n"))
+    assert expr.sample_ids == ["Liver", "Lung"]
+    np.testing.assert_allclose(expr.values, [[10, 0.5]])
+
+
+def test_long_tsv_and_parquet_give_the_same_matrix(write, tmp_path):
+    text = "gene_id\tsample_id\tvalue\nENSG01\tS1\t1\nENSG01\tS2\t2\nENSG02\tS2\t5\n"
+    tsv = read_expression(write("long.tsv", text))
+    pq.write_table(
+        pa.table({"gene_id": ["ENSG01", "ENSG01", "ENSG02"], "sample_id": ["S1", "S2", "S2"], "value": [1.0, 2, 5]}),
+        tmp_path / "long.parquet",
+    )
+    par = read_expression(tmp_path / "long.parquet")
+    for expr in (tsv, par):
+        assert expr.gene_ids == ["ENSG01", "ENSG02"] and expr.sample_ids == ["S1", "S2"]
+        np.testing.assert_array_equal(expr.values, np.array([[1, 2], [np.nan, 5]], dtype=np.float32))
+    long = tsv.to_long()
+    assert long.schema.equals(S.EXPRESSION_LONG) and long.num_rows == 3
+
+
+def test_counts_are_normalised_per_sample_then_log1p(write):
+    expr = read_expression(write("counts.tsv", "gene_id\tA\tB\ng1\t10\t20\ng2\t30\t60\n"), scale="counts")
+    cpm = to_model_scale(expr, ExpressionConfig(counts_normalisation="cpm"))
+    # B is A sequenced twice as deep: the same profile after normalisation
+    np.testing.assert_allclose(cpm[:, 0], cpm[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(cpm[:, 0], np.log1p([0.25e6, 0.75e6]), rtol=1e-6)
+    ratio = size_factors(expr.values, "median_ratio")
+    assert ratio[1] / ratio[0] == pytest.approx(2.0)
+
+
+def test_log_scale_allows_negative_values(write):
+    expr = read_expression(write("log.tsv", "gene_id\tA\ng1\t-1.5\n"), scale="log")
+    assert expr.values[0, 0] == -1.5
+    assert to_model_scale(expr, ExpressionConfig())[0, 0] == -1.5
+
+
+# samples -------------------------------------------------------------------------------------------------------
+
+
+def test_engine_sample_table(write):
+    table = read_samples(write("samples.tsv", "sample_id\tdonor_id\ttissue\textra\nS1\tD1\tLiver\tx\n"))
+    assert table.to_pylist() == [{"sample_id": "S1", "donor_id": "D1", "tissue": "Liver"}]
+
+
+def test_gtex_attribute_layout_derives_the_donor(write):
+    text = "SAMPID\tSMTS\tSMTSD\nGTEX-1117F-0226-SM-5GZZ7\tAdipose Tissue\tAdipose - Subcutaneous\n"
+    table = read_samples(write("SampleAttributesDS.txt", text))
+    assert table.to_pylist() == [
+        {"sample_id": "GTEX-1117F-0226-SM-5GZZ7", "donor_id": "GTEX-1117F", "tissue": "Adipose - Subcutaneous"}
+    ]
+
+
+# command line --------------------------------------------------------------------------------------------------
+
+
+def test_cli_help_lists_the_design_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("inspect", "synth", "demo", "prepare", "train", "fit-head", "impute", "evaluate", "nightly",
+                 "benchmark", "submit", "variant-effects"):
+        assert name in out
