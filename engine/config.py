@@ -134,6 +134,98 @@ class PromoterConfig:
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """Held-out chromosomes for model validation and test (names as in the genome or the annotation)."""
+
+    valid_chroms: tuple[str, ...] = ()
+    test_chroms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        both = set(self.valid_chroms) & set(self.test_chroms)
+        _require(not both, "split.test_chroms", list(self.test_chroms), f"no chromosome also in valid_chroms {both}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Which values are hidden for evaluation, and how results are scored.
+
+    Attributes:
+        task: ``entries`` hides a random fraction of observed (gene, sample) values; ``genes`` hides whole genes
+            in every sample; ``samples`` hides whole samples (a donor's entire tissue).
+        seed: seed of the hidden set (independent of the global seed so that methods can vary while the hidden
+            set stays fixed).
+        fraction: fraction of entries, genes or samples hidden.
+        methods: the methods scored, all on exactly the same hidden entries.
+        min_donors: fewest hidden donors of a (gene, tissue) for its across-donor Pearson to count.
+    """
+
+    task: Literal["entries", "genes", "samples"] = "entries"
+    seed: int = 0
+    fraction: float = 0.1
+    methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor")
+    min_donors: int = 10
+
+    def __post_init__(self) -> None:
+        _require(0 < self.fraction < 1, "evaluation.fraction", self.fraction, "a number in (0, 1)")
+        _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
+        _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
+        known = {"distance", "row_tissue", "matrix_completion", "tissue_donor"}
+        bad = [m for m in self.methods if m not in known]
+        _require(not bad, "evaluation.methods", list(self.methods), f"names among {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """The context of each target entry.
+
+    Attributes:
+        k_neighbours: nearest genes on the same chromosome, with a visible value in the same sample.
+        max_distance: neighbours farther than this (bp, TSS to TSS) are left out; ``None``: no limit.
+    """
+
+    k_neighbours: int = 16
+    max_distance: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.k_neighbours <= 256, "context.k_neighbours", self.k_neighbours, "an integer in 1..256")
+        _require(
+            self.max_distance is None or self.max_distance > 0,
+            "context.max_distance",
+            self.max_distance,
+            "a positive number of bases or null",
+        )
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """Settings of the classical baselines.
+
+    Attributes:
+        distance_k: neighbours averaged by the ``distance`` baseline (at most ``context.k_neighbours``).
+        distance_offset: bases added to the TSS distance in the inverse-distance weight ``1 / (d + offset)``.
+        mc_rank: rank of the soft-impute completion.
+        mc_shrinkage: singular-value shrinkage, as a fraction of the largest singular value.
+        mc_iterations: soft-impute iterations.
+        donor_shrinkage: pseudo-count shrinking a donor's effect toward 0 when it has few other tissues.
+    """
+
+    distance_k: int = 10
+    distance_offset: float = 1000.0
+    mc_rank: int = 10
+    mc_shrinkage: float = 0.02
+    mc_iterations: int = 50
+    donor_shrinkage: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.distance_k >= 1, "baselines.distance_k", self.distance_k, "an integer >= 1")
+        _require(self.distance_offset > 0, "baselines.distance_offset", self.distance_offset, "a number > 0")
+        _require(self.mc_rank >= 1, "baselines.mc_rank", self.mc_rank, "an integer >= 1")
+        _require(0 <= self.mc_shrinkage < 1, "baselines.mc_shrinkage", self.mc_shrinkage, "a number in [0, 1)")
+        _require(self.mc_iterations >= 1, "baselines.mc_iterations", self.mc_iterations, "an integer >= 1")
+        _require(self.donor_shrinkage >= 0, "baselines.donor_shrinkage", self.donor_shrinkage, "a number >= 0")
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """Where and how to run Ray.
 
@@ -141,13 +233,20 @@ class RayConfig:
         address: ``None`` starts a local single-node Ray in this process; ``auto`` or ``ray://...`` joins a cluster.
         num_cpus: CPUs for a local Ray (``None``: all of this machine's).
         object_store_mb: object store size for a local Ray (``None``: Ray's default).
+        cpus_per_task: CPUs each Ray Data task or actor asks for; fractional so that read tasks still get
+            scheduled on a 2-core machine.
+        concurrency: Ray Data actors building records.
     """
 
     address: str | None = None
     num_cpus: int | None = None
     object_store_mb: int | None = None
+    cpus_per_task: float = 0.5
+    concurrency: int = 2
 
     def __post_init__(self) -> None:
+        _require(0 < self.cpus_per_task <= 64, "ray.cpus_per_task", self.cpus_per_task, "a number in (0, 64]")
+        _require(self.concurrency >= 1, "ray.concurrency", self.concurrency, "an integer >= 1")
         _require(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", self.num_cpus, "an integer >= 1")
         _require(
             self.object_store_mb is None or self.object_store_mb >= 64,
@@ -167,11 +266,21 @@ class Config:
     output_dir: str = "geximpute-out"
     expression: ExpressionConfig = field(default_factory=ExpressionConfig)
     promoter: PromoterConfig = field(default_factory=PromoterConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", self.name, "a non-empty dataset name")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _require(
+            self.baselines.distance_k <= self.context.k_neighbours,
+            "baselines.distance_k",
+            self.baselines.distance_k,
+            f"at most context.k_neighbours ({self.context.k_neighbours})",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (for manifests and bundles)."""

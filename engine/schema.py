@@ -106,3 +106,52 @@ def check_table(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
         if not field.nullable and table.column(field.name).null_count:
             raise ValueError(f"{what}: column {field.name!r} has {table.column(field.name).null_count} nulls")
     return table
+
+# Records (geximpute prepare) ----------------------------------------------------------------------------------
+#: orientation of a neighbour relative to the target gene
+ORIENT_SAME, ORIENT_DIVERGENT, ORIENT_CONVERGENT = 0, 1, 2
+
+CONTEXT = pa.schema(
+    [
+        pa.field(GENE_ID, pa.string(), nullable=False),
+        pa.field(SAMPLE_ID, pa.string(), nullable=False),
+        pa.field(DONOR_ID, pa.string(), nullable=False),
+        pa.field(TISSUE, pa.string(), nullable=False),
+        pa.field(CHROM, pa.string(), nullable=False),
+        pa.field("gene_index", pa.int32(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("tissue_index", pa.int16(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("hidden", pa.bool_(), nullable=False),
+        # the visible value of the entry itself (training label); null for hidden and unmeasured entries
+        pa.field("target", pa.float32()),
+        # K nearest genes on the chromosome with a visible value in this sample, nearest first
+        pa.field("nb_value", pa.list_(pa.float32()), nullable=False),
+        pa.field("nb_logdist", pa.list_(pa.float32()), nullable=False),  # sign(d) log10(1+|d|), d 5'->3' of target
+        pa.field("nb_orient", pa.list_(pa.int8()), nullable=False),  # ORIENT_*
+        pa.field("nb_overlap", pa.list_(pa.bool_()), nullable=False),
+        # the same gene in the donor's other samples with a visible value
+        pa.field("tis_value", pa.list_(pa.float32()), nullable=False),
+        pa.field("tis_index", pa.list_(pa.int16()), nullable=False),
+        pa.field("tis_corr", pa.list_(pa.float32()), nullable=False),  # correlation with the target tissue
+        pa.field("tissue_mean", pa.float32()),  # the gene in the target tissue, mean over other donors
+        pa.field("gene_mean", pa.float32()),  # the gene over every other visible sample
+    ]
+)
+
+PROMOTERS = pa.schema(
+    [
+        pa.field("promoter_id", pa.string(), nullable=False),  # hash of the sequence
+        pa.field("sequence", pa.string(), nullable=False),  # 5'->3' on the gene's strand, upper case, N padded
+        pa.field("padded", pa.int32(), nullable=False),
+    ]
+)
+
+GENE_PROMOTERS = pa.schema(
+    [
+        pa.field(GENE_ID, pa.string(), nullable=False),
+        pa.field(CHROM, pa.string(), nullable=False),
+        pa.field("promoter_id", pa.string(), nullable=False),
+        pa.field("soft_masked", pa.int32(), nullable=False),
+    ]
+)

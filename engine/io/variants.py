@@ -296,7 +296,7 @@ def _check_regions(regions: list[tuple[str, int, int]] | None) -> dict[str, list
 def _open_vcf(path: Path) -> cyvcf2.VCF:
     """Open with cyvcf2, turning htslib's refusals into an :class:`InputError` that says what is wrong."""
     try:
-        return cyvcf2.VCF(str(path), lazy=True)
+        return cyvcf2.VCF(str(path))
     except Exception as exc:  # cyvcf2 raises bare Exception for a bad header, OSError for an unknown format
         raise InputError(
             path,
@@ -531,10 +531,11 @@ def _genotype(
     path: Path, variant: cyvcf2.Variant, number: int | None, n_samples: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(int8 (n_samples, 2) allele indices, bool (n_samples,) phased)`` of one record."""
-    call = variant.genotype
-    if call is None:  # this record's FORMAT lacks GT
+    # cyvcf2 raises on `.genotype` of a record whose FORMAT leaves GT out (e.g. DS only): all calls missing
+    if "GT" not in variant.FORMAT:
         return np.full((n_samples, 2), -1, dtype=np.int8), np.zeros(n_samples, dtype=bool)
-    array = call.array()  # int16 (n_samples, ploidy + 1): alleles, then the phase flag; -2 pads shorter calls
+    # int16 (n_samples, ploidy + 1): the alleles, then the phase flag; -2 pads calls shorter than the ploidy
+    array = variant.genotype.array()
     ploidy = array.shape[1] - 1
     if ploidy == 1:
         first = array[:, 0]

@@ -1,0 +1,183 @@
+"""Context of target entries, built from the visible problem only, vectorised per sample.
+
+For a target (gene g, sample s) the context is: the K nearest other genes on g's chromosome with a visible value
+in s (value, signed log distance, relative orientation, overlap); g's visible values in the donor's other samples
+with each tissue's correlation to s's tissue; g's mean in s's tissue over other donors; g's mean over every other
+visible sample. No value of the target entry itself enters its own context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from engine import schema as S
+from engine.problem import SPLITS, VisibleProblem
+
+
+class ContextIndex:
+    """Per-problem lookup arrays shared by every block (built once per worker).
+
+    Args:
+        problem: the visible problem.
+    """
+
+    def __init__(self, problem: VisibleProblem) -> None:
+        self.problem = problem
+        _, chrom_code = np.unique(problem.chroms, return_inverse=True)
+        self.chrom_code = chrom_code.astype(np.int64)
+        # one sorted coordinate along the genome: genes are sorted by (chrom, tss)
+        self.gpos = self.chrom_code * (1 << 40) + problem.tss
+        order = np.argsort(self.gpos, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            raise ValueError("problem genes must be sorted by chromosome and TSS")
+        values = problem.values
+        visible = ~np.isnan(values)
+        filled = np.where(visible, values, 0.0)
+        n_tissues = len(problem.tissues)
+        self.tissue_sum = np.zeros((problem.n_genes, n_tissues))
+        self.tissue_n = np.zeros((problem.n_genes, n_tissues))
+        np.add.at(self.tissue_sum.T, problem.tissue_index, filled.T)
+        np.add.at(self.tissue_n.T, problem.tissue_index, visible.T.astype(float))
+        self.gene_sum = filled.sum(axis=1)
+        self.gene_n = visible.sum(axis=1).astype(float)
+        # samples of each donor
+        order = np.argsort(problem.donor_index, kind="stable")
+        bounds = np.searchsorted(problem.donor_index[order], np.arange(len(problem.donors) + 1))
+        self.donor_samples = [order[bounds[d]:bounds[d + 1]] for d in range(len(problem.donors))]
+
+
+def _flatten(rows: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-length lists from a padded (n, m) array and its mask: (flat values, lengths)."""
+    return rows[mask], mask.sum(axis=1)
+
+
+def _lists(parts: list[np.ndarray], lengths: np.ndarray, tp: pa.DataType) -> pa.ListArray:
+    flat = np.concatenate(parts) if parts else np.zeros(0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=tp))
+
+
+def build_context(
+    index: ContextIndex,
+    gene_index: np.ndarray,
+    sample_index: np.ndarray,
+    hidden: np.ndarray,
+    k: int,
+    max_distance: int | None = None,
+) -> pa.Table:
+    """Context records of the target entries (``gene_index[i]``, ``sample_index[i]``).
+
+    Args:
+        index: lookup arrays of the problem.
+        gene_index, sample_index: (N,) target entries.
+        hidden: (N,) bool, whether each target is a hidden evaluation entry (its label is then left null; the
+            problem holds no value for it anyway).
+        k: neighbours per target.
+        max_distance: neighbours farther than this (bp) are left out.
+
+    Returns:
+        :data:`engine.schema.CONTEXT` table, targets grouped by sample.
+    """
+    p = index.problem
+    order = np.lexsort((gene_index, sample_index))
+    gene_index, sample_index, hidden = gene_index[order], sample_index[order], hidden[order]
+    samples, starts = np.unique(sample_index, return_index=True)
+    ends = np.append(starts[1:], len(sample_index))
+    window = np.arange(-k - 1, k + 1)
+
+    nb_parts: dict[str, list[np.ndarray]] = {"value": [], "logdist": [], "orient": [], "overlap": []}
+    nb_len, tis_len = [], []
+    tis_parts: dict[str, list[np.ndarray]] = {"value": [], "index": [], "corr": []}
+    target = np.full(len(gene_index), np.nan, dtype=np.float32)
+    tissue_mean = np.full(len(gene_index), np.nan, dtype=np.float32)
+    gene_mean = np.full(len(gene_index), np.nan, dtype=np.float32)
+
+    for s, lo, hi in zip(samples, starts, ends, strict=True):
+        tg = gene_index[lo:hi]
+        col = p.values[:, s]
+        vis_idx = np.flatnonzero(~np.isnan(col))
+        own = col[tg]
+        target[lo:hi] = np.where(hidden[lo:hi], np.nan, own)
+
+        # neighbours: the K nearest visible genes lie within K places on either side in genome order
+        if len(vis_idx):
+            ins = np.searchsorted(index.gpos[vis_idx], index.gpos[tg])
+            cand = ins[:, None] + window[None, :]
+            ok = (cand >= 0) & (cand < len(vis_idx))
+            cand_g = vis_idx[np.clip(cand, 0, len(vis_idx) - 1)]
+            ok &= index.chrom_code[cand_g] == index.chrom_code[tg][:, None]
+            ok &= cand_g != tg[:, None]
+            dist = np.abs(p.tss[cand_g] - p.tss[tg][:, None]).astype(np.float64)
+            if max_distance is not None:
+                ok &= dist <= max_distance
+            dist[~ok] = np.inf
+            pick = np.argsort(dist, axis=1, kind="stable")[:, :k]
+            nb = np.take_along_axis(cand_g, pick, axis=1)
+            nb_ok = np.take_along_axis(ok, pick, axis=1)
+        else:
+            nb = np.zeros((len(tg), 0), dtype=np.int64)
+            nb_ok = np.zeros((len(tg), 0), dtype=bool)
+        signed = (p.tss[nb] - p.tss[tg][:, None]) * p.strand[tg][:, None]
+        logdist = np.sign(signed) * np.log10(1.0 + np.abs(signed))
+        same = p.strand[nb] == p.strand[tg][:, None]
+        orient = np.where(same, S.ORIENT_SAME, np.where(signed < 0, S.ORIENT_DIVERGENT, S.ORIENT_CONVERGENT))
+        overlap = (p.start[nb] <= p.end[tg][:, None]) & (p.start[tg][:, None] <= p.end[nb])
+        for name, arr in (("value", col[nb]), ("logdist", logdist), ("orient", orient), ("overlap", overlap)):
+            flat, lengths = _flatten(arr, nb_ok)
+            nb_parts[name].append(flat)
+        nb_len.append(lengths)
+
+        # the same gene in the donor's other samples
+        d, t = p.donor_index[s], p.tissue_index[s]
+        mine = index.donor_samples[d]
+        others = mine[mine != s]
+        vals = p.values[np.ix_(tg, others)]
+        ok = ~np.isnan(vals)
+        tis = np.broadcast_to(p.tissue_index[others][None, :], vals.shape)
+        corr = p.tissue_corr[t][tis]
+        for name, arr in (("value", vals), ("index", tis), ("corr", corr)):
+            flat, lengths = _flatten(arr, ok)
+            tis_parts[name].append(flat)
+        tis_len.append(lengths)
+
+        # the gene in this tissue over other donors, and over every other sample
+        same_tissue = mine[p.tissue_index[mine] == t]
+        own_vals = p.values[np.ix_(tg, same_tissue)]
+        own_sum = np.nansum(own_vals, axis=1)
+        own_n = (~np.isnan(own_vals)).sum(axis=1)
+        n_other = index.tissue_n[tg, t] - own_n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tissue_mean[lo:hi] = np.where(n_other > 0, (index.tissue_sum[tg, t] - own_sum) / n_other, np.nan)
+            own_visible = ~np.isnan(own)
+            g_n = index.gene_n[tg] - own_visible
+            g_sum = index.gene_sum[tg] - np.where(own_visible, own, 0.0)
+            gene_mean[lo:hi] = np.where(g_n > 0, g_sum / g_n, np.nan)
+
+    nb_lengths = np.concatenate(nb_len) if nb_len else np.zeros(0, dtype=np.int64)
+    tis_lengths = np.concatenate(tis_len) if tis_len else np.zeros(0, dtype=np.int64)
+    split_names = np.asarray(SPLITS, dtype=object)
+    columns = {
+        S.GENE_ID: pa.array(p.gene_ids[gene_index], pa.string()),
+        S.SAMPLE_ID: pa.array(p.sample_ids[sample_index], pa.string()),
+        S.DONOR_ID: pa.array(np.asarray(p.donors, dtype=object)[p.donor_index[sample_index]], pa.string()),
+        S.TISSUE: pa.array(np.asarray(p.tissues, dtype=object)[p.tissue_index[sample_index]], pa.string()),
+        S.CHROM: pa.array(p.chroms[gene_index], pa.string()),
+        "gene_index": pa.array(gene_index.astype(np.int32)),
+        "sample_index": pa.array(sample_index.astype(np.int32)),
+        "tissue_index": pa.array(p.tissue_index[sample_index].astype(np.int16)),
+        "split": pa.array(split_names[p.split[gene_index]], pa.string()),
+        "hidden": pa.array(hidden.astype(bool)),
+        "target": pa.array(target, pa.float32(), from_pandas=True),
+        "nb_value": _lists(nb_parts["value"], nb_lengths, pa.float32()),
+        "nb_logdist": _lists(nb_parts["logdist"], nb_lengths, pa.float32()),
+        "nb_orient": _lists(nb_parts["orient"], nb_lengths, pa.int8()),
+        "nb_overlap": _lists(nb_parts["overlap"], nb_lengths, pa.bool_()),
+        "tis_value": _lists(tis_parts["value"], tis_lengths, pa.float32()),
+        "tis_index": _lists(tis_parts["index"], tis_lengths, pa.int16()),
+        "tis_corr": _lists(tis_parts["corr"], tis_lengths, pa.float32()),
+        "tissue_mean": pa.array(tissue_mean, pa.float32(), from_pandas=True),
+        "gene_mean": pa.array(gene_mean, pa.float32(), from_pandas=True),
+    }
+    return pa.table(columns, schema=S.CONTEXT)

@@ -1,0 +1,200 @@
+"""``geximpute prepare``: promoter and context records, built with Ray Data and written as Parquet.
+
+Layout of the output folder::
+
+    promoters.parquet          one row per unique promoter sequence (schema.PROMOTERS)
+    gene_promoters.parquet     gene -> promoter_id (schema.GENE_PROMOTERS)
+    context/chrom=<c>/*.parquet one row per target entry with its context (schema.CONTEXT)
+    _manifest.json             config, versions, input fingerprints, row counts
+
+Context records are built by Ray Data actors, one block of samples at a time, from the visible problem held once
+in Ray's object store, and streamed to Parquet: the driver never holds the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import schema as S
+from engine.config import Config
+from engine.context import ContextIndex, build_context
+from engine.dataset import Dataset, load_dataset
+from engine.problem import HiddenTruth, VisibleProblem, make_problem
+from engine.provenance import manifest, staged_dir, write_json
+from engine.raytools import ensure_ray
+
+log = logging.getLogger(__name__)
+
+#: target entries per Ray Data block (one block = a set of whole samples)
+BLOCK_ENTRIES = 100_000
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` produced."""
+
+    out_dir: Path
+    problem: VisibleProblem
+    truth: HiddenTruth
+    n_records: int
+    n_promoters: int
+    seconds: float
+
+
+def promoter_tables(dataset: Dataset, gene_ids: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """Reference promoter windows of ``gene_ids``, one copy per unique sequence.
+
+    Genes whose window lies wholly off the genome get no row; partially covered windows are N-padded.
+    """
+    genome = dataset.genome
+    if genome is None:
+        return S.PROMOTERS.empty_table(), S.GENE_PROMOTERS.empty_table()
+    p = dataset.config.promoter
+    table = dataset.genes.table
+    wanted = set(gene_ids.tolist())
+    seqs: dict[str, tuple[str, int]] = {}
+    rows: dict[str, list] = {S.GENE_ID: [], S.CHROM: [], "promoter_id": [], "soft_masked": []}
+    for gene, chrom, tss, strand in zip(
+        table[S.GENE_ID].to_pylist(), table[S.CHROM].to_pylist(), table[S.TSS].to_pylist(),
+        table[S.STRAND].to_pylist(), strict=True,
+    ):
+        if gene not in wanted or chrom not in genome:
+            continue
+        window = genome.window(chrom, tss, strand, p.upstream, p.downstream, p.soft_mask)
+        if window.padded >= p.length:
+            continue
+        pid = hashlib.sha1(window.sequence.encode()).hexdigest()[:16]
+        seqs.setdefault(pid, (window.sequence, window.padded))
+        rows[S.GENE_ID].append(gene)
+        rows[S.CHROM].append(chrom)
+        rows["promoter_id"].append(pid)
+        rows["soft_masked"].append(window.soft_masked)
+    promoters = pa.table(
+        {
+            "promoter_id": list(seqs),
+            "sequence": [s for s, _ in seqs.values()],
+            "padded": [n for _, n in seqs.values()],
+        },
+        schema=S.PROMOTERS,
+    )
+    return promoters, pa.table(rows, schema=S.GENE_PROMOTERS)
+
+
+def sample_blocks(targets: np.ndarray, block_entries: int = BLOCK_ENTRIES) -> list[dict]:
+    """Consecutive sample ranges holding about ``block_entries`` target entries each."""
+    per_sample = targets.sum(axis=0)
+    blocks, lo, acc = [], 0, 0
+    for s, n in enumerate(per_sample):
+        acc += int(n)
+        if acc >= block_entries:
+            blocks.append({"lo": lo, "hi": s + 1})
+            lo, acc = s + 1, 0
+    if lo < len(per_sample):
+        blocks.append({"lo": lo, "hi": len(per_sample)})
+    return blocks
+
+
+class ContextBuilder:
+    """Ray Data actor: builds the context records of a block of samples.
+
+    The problem and the target masks arrive as object references and are fetched once per actor (numpy arrays
+    in the object store are read without a copy).
+    """
+
+    def __init__(self, problem_ref, masks_ref, k: int, max_distance: int | None) -> None:
+        import ray
+
+        self.index = ContextIndex(ray.get(problem_ref))
+        self.targets, self.hidden = ray.get(masks_ref)
+        self.k, self.max_distance = k, max_distance
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        tables = []
+        for lo, hi in zip(batch["lo"], batch["hi"], strict=True):
+            gi, si = np.nonzero(self.targets[:, lo:hi])
+            si = si + lo
+            tables.append(build_context(self.index, gi, si, self.hidden[gi, si], self.k, self.max_distance))
+        return pa.concat_tables(tables)
+
+
+def target_masks(problem: VisibleProblem, truth: HiddenTruth, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, hidden) boolean (G, S) masks: ``all`` = visible + hidden, ``hidden`` or ``visible`` only."""
+    hidden = np.zeros(problem.values.shape, dtype=bool)
+    hidden[truth.gene_index, truth.sample_index] = True
+    visible = ~np.isnan(problem.values)
+    targets = {"all": visible | hidden, "hidden": hidden, "visible": visible}[which]
+    return targets, hidden
+
+
+def prepare(
+    config: Config,
+    out_dir: str | Path | None = None,
+    *,
+    dataset: Dataset | None = None,
+    targets: str = "all",
+) -> Prepared:
+    """Build and write the records of ``config``.
+
+    Args:
+        config: the resolved config; ``config.evaluation`` decides what is hidden.
+        out_dir: output folder (default ``<output_dir>/records``); replaced atomically.
+        dataset: an already loaded dataset (default: load the config's inputs).
+        targets: which entries get a context record: ``all``, ``hidden`` or ``visible``.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir or Path(config.output_dir) / "records")
+    dataset = dataset or load_dataset(config)
+    problem, truth = make_problem(dataset)
+    target_mask, hidden = target_masks(problem, truth, targets)
+    blocks = sample_blocks(target_mask)
+    log.info("prepare: %d target entries in %d blocks -> %s", int(target_mask.sum()), len(blocks), out_dir)
+
+    ensure_ray(config.ray)
+    with staged_dir(out_dir) as staging:
+        promoters, gene_promoters = promoter_tables(dataset, problem.gene_ids)
+        pq.write_table(promoters, staging / "promoters.parquet")
+        pq.write_table(gene_promoters, staging / "gene_promoters.parquet")
+        log.info("prepare: %d genes with a promoter, %d unique sequences", gene_promoters.num_rows,
+                 promoters.num_rows)
+        problem_ref = ray.put(problem)
+        masks_ref = ray.put((target_mask, hidden))
+        records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
+            ContextBuilder,
+            fn_constructor_kwargs={
+                "problem_ref": problem_ref,
+                "masks_ref": masks_ref,
+                "k": config.context.k_neighbours,
+                "max_distance": config.context.max_distance,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=config.ray.cpus_per_task,
+            concurrency=min(config.ray.concurrency, len(blocks)),
+        )
+        records.write_parquet(str(staging / "context"), partition_cols=[S.CHROM])
+        n_records = pq.ParquetDataset(staging / "context").read(columns=["gene_index"]).num_rows
+        seconds = time.perf_counter() - t0
+        write_json(
+            staging / "_manifest.json",
+            manifest(
+                config,
+                step="prepare",
+                targets=targets,
+                rows={"context": n_records, "promoters": promoters.num_rows,
+                      "gene_promoters": gene_promoters.num_rows},
+                hidden_entries=len(truth),
+                seconds=round(seconds, 2),
+            ),
+        )
+    log.info("prepare: %d records in %.1f s", n_records, seconds)
+    return Prepared(out_dir, problem, truth, n_records, promoters.num_rows, seconds)

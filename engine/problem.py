@@ -1,0 +1,221 @@
+"""The imputation problem: the expression matrix on the modelling scale, split into what is visible and what is
+hidden for evaluation.
+
+:func:`make_problem` is the only place where hidden values are separated from visible ones. Everything that builds
+features or fits a method receives a :class:`VisibleProblem`, which holds no hidden value at all (hidden entries
+are NaN in it, exactly like entries that were never measured); the hidden values travel separately in
+:class:`HiddenTruth` and are used for scoring only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import schema as S
+from engine.config import Config, EvaluationConfig
+from engine.dataset import Dataset
+from engine.errors import ConfigError
+from engine.io.chroms import chrom_key
+from engine.io.expression import to_model_scale
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class VisibleProblem:
+    """Everything a method may see. Genes are the annotated expression genes, sorted by chromosome and TSS.
+
+    Attributes:
+        gene_ids, chroms: (G,) gene ids and chromosome names.
+        tss, start, end: (G,) int64 1-based coordinates (start/end = TSS where the annotation has no body).
+        strand: (G,) int8, +1 or -1.
+        split: (G,) int8 index into :data:`SPLITS` by held-out chromosome.
+        sample_ids: (S,) sample ids; donor_index, tissue_index: (S,) int32 into ``donors`` and ``tissues``.
+        values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*.
+        tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
+    """
+
+    gene_ids: np.ndarray
+    chroms: np.ndarray
+    tss: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    strand: np.ndarray
+    split: np.ndarray
+    sample_ids: np.ndarray
+    donor_index: np.ndarray
+    tissue_index: np.ndarray
+    donors: list[str]
+    tissues: list[str]
+    values: np.ndarray
+    tissue_corr: np.ndarray
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_ids)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass
+class HiddenTruth:
+    """The hidden entries (gene index, sample index) and their true values. Used for scoring only."""
+
+    gene_index: np.ndarray
+    sample_index: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def model_matrix(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(values on the modelling scale for annotated genes, row indices into the annotation table).
+
+    Rows follow the annotation's (chrom, TSS) order; expression genes without annotation are dropped.
+    """
+    config = dataset.config
+    values = to_model_scale(dataset.expression, config.expression)
+    row_of = {g: i for i, g in enumerate(dataset.expression.gene_ids)}
+    ann_ids = dataset.genes.table[S.GENE_ID].to_pylist()
+    keep = [i for i, g in enumerate(ann_ids) if g in row_of]
+    rows = [row_of[ann_ids[i]] for i in keep]
+    return values[rows], np.asarray(keep, dtype=np.int64)
+
+
+def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarray | None = None) -> np.ndarray:
+    """The hidden mask for ``task``, seeded by ``task.seed``; only observed entries are ever hidden.
+
+    Args:
+        observed: (G, S) bool, measured entries.
+        task: the evaluation settings.
+        donor_index: unused today; kept so that donor-level hiding can be added without a signature change.
+
+    Returns:
+        (G, S) bool mask of hidden entries.
+    """
+    rng = np.random.default_rng(task.seed)
+    n_genes, n_samples = observed.shape
+    hidden = np.zeros_like(observed)
+    if task.task == "entries":
+        idx = np.flatnonzero(observed.ravel())
+        n = max(1, int(round(task.fraction * len(idx))))
+        hidden.ravel()[rng.choice(idx, size=n, replace=False)] = True
+    elif task.task == "genes":
+        candidates = np.flatnonzero(observed.any(axis=1))
+        n = max(1, int(round(task.fraction * len(candidates))))
+        hidden[rng.choice(candidates, size=n, replace=False)] = True
+    else:
+        candidates = np.flatnonzero(observed.any(axis=0))
+        n = max(1, int(round(task.fraction * len(candidates))))
+        hidden[:, rng.choice(candidates, size=n, replace=False)] = True
+    return hidden & observed
+
+
+def tissue_correlation(values: np.ndarray, tissue_index: np.ndarray, n_tissues: int) -> np.ndarray:
+    """Tissue-tissue Pearson correlation of gene-centred values, from visible values only.
+
+    Each gene's values are centred on its mean over all visible samples, then averaged per (gene, tissue) over
+    donors, and tissues are correlated over genes. Pairs sharing fewer than 3 genes get 0.
+
+    Returns:
+        (T, T) float32 with ones on the diagonal.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centred = values - np.nanmean(values, axis=1, keepdims=True)
+        sums = np.zeros((values.shape[0], n_tissues))
+        counts = np.zeros((values.shape[0], n_tissues))
+        ok = ~np.isnan(centred)
+        np.add.at(sums.T, tissue_index, np.where(ok, centred, 0).T)
+        np.add.at(counts.T, tissue_index, ok.T.astype(float))
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    corr = np.zeros((n_tissues, n_tissues), dtype=np.float32)
+    ok = ~np.isnan(means)
+    for a in range(n_tissues):
+        for b in range(a, n_tissues):
+            both = ok[:, a] & ok[:, b]
+            if both.sum() >= 3:
+                x, y = means[both, a], means[both, b]
+                if x.std() > 0 and y.std() > 0:
+                    corr[a, b] = corr[b, a] = np.corrcoef(x, y)[0, 1]
+    np.fill_diagonal(corr, 1.0)
+    return corr
+
+
+def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
+    """Split index per gene from the held-out chromosomes (names compared without the ``chr`` prefix)."""
+    valid = {chrom_key(c) for c in config.split.valid_chroms}
+    test = {chrom_key(c) for c in config.split.test_chroms}
+    keys = np.array([chrom_key(c) for c in chroms], dtype=object)
+    out = np.zeros(len(chroms), dtype=np.int8)
+    out[np.isin(keys, list(valid))] = 1
+    out[np.isin(keys, list(test))] = 2
+    return out
+
+
+def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[VisibleProblem, HiddenTruth]:
+    """Split a dataset into the visible problem and the hidden truth of ``config.evaluation``.
+
+    Args:
+        dataset: the loaded inputs.
+        hidden_mask: ``False`` hides nothing (imputation of what is missing, no evaluation).
+
+    Raises:
+        ConfigError: the task needs a sample table (``samples``) and the dataset has one donor.
+    """
+    config = dataset.config
+    values, ann_rows = model_matrix(dataset)
+    genes = dataset.genes.table.take(ann_rows)
+    samples = dataset.samples
+    donors, donor_index = np.unique(np.asarray(samples[S.DONOR_ID].to_pylist(), dtype=object),
+                                    return_inverse=True)
+    tissues, tissue_index = np.unique(np.asarray(samples[S.TISSUE].to_pylist(), dtype=object),
+                                      return_inverse=True)
+    if config.evaluation.task == "samples" and len(donors) < 2 and hidden_mask:
+        raise ConfigError(
+            "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
+            "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
+        )
+    observed = ~np.isnan(values)
+    hidden = hide(observed, config.evaluation) if hidden_mask else np.zeros_like(observed)
+    gi, si = np.nonzero(hidden)
+    truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
+    visible = values.copy()
+    visible[hidden] = np.nan
+    del values  # nothing below may see a hidden value
+
+    tss = genes[S.TSS].to_numpy()
+    start = genes[S.START].fill_null(0).to_numpy()
+    end = genes[S.END].fill_null(0).to_numpy()
+    start = np.where(start > 0, start, tss)
+    end = np.where(end > 0, end, tss)
+    chroms = np.asarray(genes[S.CHROM].to_pylist(), dtype=object)
+    problem = VisibleProblem(
+        gene_ids=np.asarray(genes[S.GENE_ID].to_pylist(), dtype=object),
+        chroms=chroms,
+        tss=tss.astype(np.int64),
+        start=start.astype(np.int64),
+        end=end.astype(np.int64),
+        strand=np.where(np.asarray(genes[S.STRAND].to_pylist(), dtype=object) == "-", -1, 1).astype(np.int8),
+        split=split_of(chroms, config),
+        sample_ids=np.asarray(samples[S.SAMPLE_ID].to_pylist(), dtype=object),
+        donor_index=donor_index.astype(np.int32),
+        tissue_index=tissue_index.astype(np.int32),
+        donors=list(donors),
+        tissues=list(tissues),
+        values=visible,
+        tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
+    )
+    log.info(
+        "problem: %d genes x %d samples (%d donors, %d tissues); %d visible, %d hidden (%s task)",
+        problem.n_genes, problem.n_samples, len(donors), len(tissues), int((~np.isnan(visible)).sum()),
+        len(truth), config.evaluation.task,
+    )
+    return problem, truth

@@ -1,0 +1,80 @@
+"""Provenance carried by every output: the resolved config, package versions and input fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from engine import __version__
+from engine.config import Config
+
+
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file (streamed in 1 MiB chunks)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def input_fingerprints(config: Config) -> dict[str, Any]:
+    """Fingerprints of every configured input file."""
+    inputs = config.inputs
+    names = ("genes", "expression", "samples", "genome", "variants", "sample_map")
+    return {n: fingerprint(getattr(inputs, n)) for n in names if getattr(inputs, n)}
+
+
+def versions() -> dict[str, str]:
+    """Versions of geximpute, Python and the libraries whose behaviour shapes the outputs."""
+    out = {"geximpute": __version__, "python": platform.python_version()}
+    for dist in ("ray", "torch", "xgboost", "xgboost-cpu", "pyarrow", "numpy", "pandas", "pyfaidx", "cyvcf2"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def manifest(config: Config, **extra: Any) -> dict[str, Any]:
+    """The manifest written beside an output: config, versions, input fingerprints and ``extra``."""
+    return {"config": config.to_dict(), "versions": versions(), "inputs": input_fingerprints(config), **extra}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """Write a folder atomically: yields a staging folder beside ``out``, renamed onto ``out`` on success.
+
+    A failure removes the staging folder and leaves any previous ``out`` untouched. On success the previous ``out``
+    (if any) is replaced as a whole, so a reader never sees a mix of two runs.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
