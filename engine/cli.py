@@ -16,11 +16,9 @@ log = logging.getLogger("engine")
 
 #: the steps of DESIGN.md that later versions implement; listed so that --help shows the whole shape
 PLANNED = {
-    "prepare": "build promoter and context records with Ray Data",
     "train": "train the CNN-transformer with Ray Train",
     "fit-head": "fit the XGBoost head with Ray Train",
     "impute": "write genotype-tissue predictions to partitioned Parquet",
-    "evaluate": "score every method on the same hidden entries",
     "variant-effects": "score promoter variants by predicted expression change",
     "nightly": "impute the new genomes of an inbox",
     "benchmark": "measure every stage at a given scale",
@@ -95,6 +93,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from engine.prepare import prepare
+
+    result = prepare(_load(args), args.out, targets=args.targets)
+    print(f"{result.n_records:,} context records and {result.n_promoters:,} unique promoters written to "
+          f"{result.out_dir} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from engine.evaluate import evaluate, report
+
+    metrics = evaluate(_load(args), args.out)
+    print(report(metrics))
+    print(f"metrics.json and report.md written to {args.out}")
+    return 0
+
+
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(f"geximpute {name}: not available in geximpute {__version__} yet ({PLANNED[name]}).", file=sys.stderr)
@@ -130,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="geximpute-demo", metavar="DIR", help="output folder (default geximpute-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare", help="build promoter and context records with Ray Data (Parquet by chrom)")
+    _add_config(p)
+    p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/records)")
+    p.add_argument("--targets", choices=["all", "hidden", "visible"], default="all",
+                   help="entries that get a context record (default all measured entries)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")
+    _add_config(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    p.set_defaults(func=cmd_evaluate)
 
     for name, text in PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)")

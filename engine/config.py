@@ -211,8 +211,8 @@ class BaselinesConfig:
 
     distance_k: int = 10
     distance_offset: float = 1000.0
-    mc_rank: int = 10
-    mc_shrinkage: float = 0.02
+    mc_rank: int = 3
+    mc_shrinkage: float = 0.01
     mc_iterations: int = 50
     donor_shrinkage: float = 1.0
 

@@ -36,3 +36,23 @@ def write(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session: 2 CPUs, small object store, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """A small synthetic dataset (with its config.yaml), written once per session."""
+    from engine.synth import SynthSpec, generate
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate(out, SynthSpec(seed=3, n_genes=120, n_donors=24, n_tissues=4))
+    return out

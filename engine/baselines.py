@@ -1,0 +1,198 @@
+"""Classical baselines, each behind one interface and scored on exactly the same hidden entries.
+
+A method is fitted on the visible problem only and predicts the target entries of a table of context records
+(:data:`engine.schema.CONTEXT`). All predictions are on the modelling scale.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from engine.config import BaselinesConfig
+from engine.problem import VisibleProblem
+
+
+class Method(Protocol):
+    """What every method of ``geximpute evaluate`` provides."""
+
+    name: str
+
+    def fit(self, problem: VisibleProblem) -> None: ...
+
+    def predict(self, records: pa.Table) -> np.ndarray: ...
+
+
+def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, row id of each value) of a list column."""
+    arr = column.combine_chunks()
+    offsets = arr.offsets.to_numpy()
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    return flat, rows
+
+
+def _rank_in_row(rows: np.ndarray) -> np.ndarray:
+    """Position of each flat element inside its row (0 for the first)."""
+    if len(rows) == 0:
+        return rows
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    return np.arange(len(rows)) - first
+
+
+def _gene_means(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-gene visible mean (global mean where a gene has no visible value) and the global mean."""
+    with np.errstate(invalid="ignore"):
+        overall = float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
+        counts = (~np.isnan(values)).sum(axis=1)
+        sums = np.nansum(values, axis=1)
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), overall)
+    return means, overall
+
+
+class DistanceBaseline:
+    """Inverse-distance-weighted mean of the K nearest visible neighbours in the same sample.
+
+    Weight of a neighbour at TSS distance d: ``1 / (d + offset)``. An entry without any visible neighbour gets its
+    sample's visible mean.
+    """
+
+    name = "distance"
+
+    def __init__(self, k: int, offset: float) -> None:
+        self.k, self.offset = k, offset
+
+    def fit(self, problem: VisibleProblem) -> None:
+        with np.errstate(invalid="ignore"):
+            col = np.nanmean(problem.values, axis=0)
+        self.sample_mean = np.where(np.isnan(col), np.nanmean(problem.values), col)
+
+    def predict(self, records: pa.Table) -> np.ndarray:
+        values, rows = _list_parts(records["nb_value"])
+        logdist, _ = _list_parts(records["nb_logdist"])
+        keep = _rank_in_row(rows) < self.k
+        dist = np.expm1(np.abs(logdist[keep].astype(np.float64)) * np.log(10.0))
+        w = 1.0 / (dist + self.offset)
+        n = records.num_rows
+        num = np.bincount(rows[keep], weights=w * values[keep], minlength=n)
+        den = np.bincount(rows[keep], weights=w, minlength=n)
+        fallback = self.sample_mean[records["sample_index"].to_numpy()]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / den, fallback)
+
+
+class RowTissueBaseline:
+    """The gene's visible mean plus a per-tissue offset (the tissue's mean deviation from gene means)."""
+
+    name = "row_tissue"
+
+    def fit(self, problem: VisibleProblem) -> None:
+        self.gene_mean, _ = _gene_means(problem.values)
+        resid = problem.values - self.gene_mean[:, None]
+        n_t = len(problem.tissues)
+        sums = np.zeros(n_t)
+        counts = np.zeros(n_t)
+        ok = ~np.isnan(resid)
+        np.add.at(sums, problem.tissue_index, np.where(ok, resid, 0).sum(axis=0))
+        np.add.at(counts, problem.tissue_index, ok.sum(axis=0))
+        self.tissue_offset = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+
+    def predict(self, records: pa.Table) -> np.ndarray:
+        g = records["gene_index"].to_numpy()
+        t = records["tissue_index"].to_numpy()
+        return self.gene_mean[g] + self.tissue_offset[t]
+
+
+class MatrixCompletionBaseline:
+    """Soft-impute (Mazumder, Hastie & Tibshirani 2010) of the gene x sample matrix around gene means and sample
+    effects; singular values shrunk by ``shrinkage`` x the largest and truncated to ``rank``."""
+
+    name = "matrix_completion"
+
+    def __init__(self, rank: int, shrinkage: float, iterations: int) -> None:
+        self.rank, self.shrinkage, self.iterations = rank, shrinkage, iterations
+
+    def fit(self, problem: VisibleProblem) -> None:
+        values = problem.values.astype(np.float64)
+        ok = ~np.isnan(values)
+        gene_mean, _ = _gene_means(values)
+        # start from the gene means; each iteration re-estimates gene means and sample effects from the completed
+        # matrix, so that the low-rank part is fitted to the doubly centred residual
+        filled = np.where(ok, values, gene_mean[:, None])
+        rank = min(self.rank, *values.shape)
+        for _ in range(self.iterations):
+            mu = filled.mean(axis=1, keepdims=True)
+            effect = (filled - mu).mean(axis=0, keepdims=True)
+            resid = filled - mu - effect
+            u, s, vt = np.linalg.svd(resid, full_matrices=False)
+            s = np.maximum(s[:rank] - self.shrinkage * s[0], 0.0)
+            estimate = mu + effect + (u[:, :rank] * s) @ vt[:rank]
+            new = np.where(ok, values, estimate)
+            delta = np.linalg.norm(new - filled) / max(np.linalg.norm(filled), 1e-12)
+            filled = new
+            if delta < 1e-6:
+                break
+        self.completed = estimate
+
+    def predict(self, records: pa.Table) -> np.ndarray:
+        g = records["gene_index"].to_numpy()
+        s = records["sample_index"].to_numpy()
+        return self.completed[g, s]
+
+
+class TissueDonorBaseline:
+    """The gene's mean in the target tissue across donors, plus the donor's own deviation from the tissue means in
+    its other tissues (shrunk toward 0 by ``shrinkage`` pseudo-tissues). Needs a sample table with donors."""
+
+    name = "tissue_donor"
+
+    def __init__(self, shrinkage: float) -> None:
+        self.shrinkage = shrinkage
+
+    def fit(self, problem: VisibleProblem) -> None:
+        values = problem.values
+        n_t = len(problem.tissues)
+        ok = ~np.isnan(values)
+        sums = np.zeros((values.shape[0], n_t))
+        counts = np.zeros((values.shape[0], n_t))
+        np.add.at(sums.T, problem.tissue_index, np.where(ok, values, 0).T)
+        np.add.at(counts.T, problem.tissue_index, ok.T.astype(float))
+        fallback = RowTissueBaseline()
+        fallback.fit(problem)
+        row_tissue = fallback.gene_mean[:, None] + fallback.tissue_offset[None, :]
+        self.tissue_mean = np.where(counts > 0, sums / np.maximum(counts, 1), row_tissue)
+
+    def predict(self, records: pa.Table) -> np.ndarray:
+        g = records["gene_index"].to_numpy()
+        t = records["tissue_index"].to_numpy()
+        base = self.tissue_mean[g, t]
+        values, rows = _list_parts(records["tis_value"])
+        tissues, _ = _list_parts(records["tis_index"])
+        resid = values - self.tissue_mean[g[rows], tissues]
+        n = records.num_rows
+        total = np.bincount(rows, weights=resid, minlength=n)
+        count = np.bincount(rows, minlength=n)
+        return base + total / (count + self.shrinkage)
+
+
+def make_methods(names: tuple[str, ...], config: BaselinesConfig, n_donors: int) -> tuple[list[Method], dict]:
+    """The configured baselines, and the reasons for any that do not apply to this dataset."""
+    methods: list[Method] = []
+    skipped = {}
+    for name in names:
+        if name == "distance":
+            methods.append(DistanceBaseline(config.distance_k, config.distance_offset))
+        elif name == "row_tissue":
+            methods.append(RowTissueBaseline())
+        elif name == "matrix_completion":
+            methods.append(MatrixCompletionBaseline(config.mc_rank, config.mc_shrinkage, config.mc_iterations))
+        elif name == "tissue_donor":
+            if n_donors < 2:
+                skipped[name] = "needs sample-level data with several donors"
+            else:
+                methods.append(TissueDonorBaseline(config.donor_shrinkage))
+    return methods, skipped

@@ -1,0 +1,83 @@
+"""Scores of predictions against hidden values, in the shape of ``metrics.json`` (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def score(
+    predicted: np.ndarray,
+    observed: np.ndarray,
+    *,
+    gene: np.ndarray,
+    tissue: np.ndarray,
+    donor: np.ndarray,
+    tissue_names: list[str],
+    min_donors: int = 10,
+) -> dict:
+    """Pearson, Spearman, RMSE and R2 overall; per tissue; across donors; on low-expressed genes.
+
+    Args:
+        predicted, observed: (N,) values on the modelling scale.
+        gene, tissue, donor: (N,) integer ids of each entry.
+        tissue_names: names indexed by ``tissue``.
+        min_donors: fewest entries of a (gene, tissue) for its across-donor Pearson to count.
+
+    Returns:
+        ``{"pearson", "spearman", "rmse", "r2", "per_tissue", "across_donors_pearson_mean",
+        "low_expressed_pearson", "n"}``. ``across_donors_pearson_mean`` is the mean over (gene, tissue) pairs
+        with at least ``min_donors`` hidden donors of the Pearson across those donors (null without such pairs).
+        ``low_expressed_pearson`` is the Pearson over entries of the quartile of genes with the lowest mean
+        observed value.
+    """
+    if np.isnan(predicted).any():
+        raise ValueError(f"{int(np.isnan(predicted).sum())} predictions are NaN")
+    resid = predicted - observed
+    sst = float(((observed - observed.mean()) ** 2).sum())
+    out: dict = {
+        "n": int(len(observed)),
+        "pearson": _pearson(predicted, observed),
+        "spearman": _spearman(predicted, observed),
+        "rmse": float(np.sqrt(np.mean(resid**2))),
+        "r2": float(1 - (resid**2).sum() / sst) if sst > 0 else None,
+    }
+    per_tissue = {}
+    for t in np.unique(tissue):
+        m = tissue == t
+        per_tissue[tissue_names[t]] = {"pearson": _pearson(predicted[m], observed[m]), "n": int(m.sum())}
+    out["per_tissue"] = per_tissue
+
+    across = []
+    if len(np.unique(donor)) > 1:
+        key = gene.astype(np.int64) * (int(tissue.max()) + 1) + tissue
+        order = np.argsort(key, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            if hi - lo >= min_donors:
+                idx = order[lo:hi]
+                r = _pearson(predicted[idx], observed[idx])
+                if r is not None:
+                    across.append(r)
+    out["across_donors_pearson_mean"] = float(np.mean(across)) if across else None
+    out["across_donors_pairs"] = len(across)
+
+    genes = np.unique(gene)
+    means = np.array([observed[gene == g].mean() for g in genes]) if len(genes) < 5000 else \
+        np.bincount(gene, weights=observed)[genes] / np.bincount(gene)[genes]
+    low = genes[means <= np.quantile(means, 0.25)]
+    m = np.isin(gene, low)
+    out["low_expressed_pearson"] = _pearson(predicted[m], observed[m])
+    return out
