@@ -58,9 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from engine.synth import SynthSpec, generate
 
-    spec = SynthSpec(
-        seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues
-    )
+    spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues)
     result = generate(args.out, spec, overwrite=args.overwrite)
     print(f"synthetic dataset written to {result.out_dir}")
     print(f"  next: geximpute inspect --config {result.config_path}")
@@ -97,8 +95,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from engine.prepare import prepare
 
     result = prepare(_load(args), args.out, targets=args.targets)
-    print(f"{result.n_records:,} context records and {result.n_promoters:,} unique promoters written to "
-          f"{result.out_dir} in {result.seconds:.1f} s")
+    print(
+        f"{result.n_records:,} context records and {result.n_promoters:,} unique promoters written to "
+        f"{result.out_dir} in {result.seconds:.1f} s"
+    )
     return 0
 
 
@@ -113,7 +113,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        print(f"geximpute {name}: not available in geximpute {__version__} yet ({PLANNED[name]}).", file=sys.stderr)
+        print(
+            f"geximpute {name}: not available in geximpute {__version__} yet ({PLANNED[name]}).",
+            file=sys.stderr,
+        )
         return 2
 
     return run
@@ -150,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build promoter and context records with Ray Data (Parquet by chrom)")
     _add_config(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/records)")
-    p.add_argument("--targets", choices=["all", "hidden", "visible"], default="all",
-                   help="entries that get a context record (default all measured entries)")
+    p.add_argument(
+        "--targets",
+        choices=["all", "hidden", "visible"],
+        default="all",
+        help="entries that get a context record (default all measured entries)",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")

@@ -142,7 +142,12 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         both = set(self.valid_chroms) & set(self.test_chroms)
-        _require(not both, "split.test_chroms", list(self.test_chroms), f"no chromosome also in valid_chroms {both}")
+        _require(
+            not both,
+            "split.test_chroms",
+            list(self.test_chroms),
+            f"no chromosome also in valid_chroms {both}",
+        )
 
 
 @dataclass(frozen=True)
@@ -402,9 +407,7 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def config_from_dict(
-    data: Mapping[str, Any], base_dir: str | Path = ".", overrides: Iterable[str] = ()
-) -> Config:
+def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", overrides: Iterable[str] = ()) -> Config:
     """Build a :class:`Config` from plain data; relative input paths resolve against ``base_dir``."""
     merged = apply_overrides(dict(data), overrides)
     if "inputs" not in merged:

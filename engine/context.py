@@ -44,7 +44,7 @@ class ContextIndex:
         # samples of each donor
         order = np.argsort(problem.donor_index, kind="stable")
         bounds = np.searchsorted(problem.donor_index[order], np.arange(len(problem.donors) + 1))
-        self.donor_samples = [order[bounds[d]:bounds[d + 1]] for d in range(len(problem.donors))]
+        self.donor_samples = [order[bounds[d] : bounds[d + 1]] for d in range(len(problem.donors))]
 
 
 def _flatten(rows: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -175,8 +175,11 @@ def summarise(dataset: Dataset) -> dict:
             "sites": v.sites.num_rows,
             "genomes": len(v.samples),
             "genomes_with_expression": len(expr_donors & set(v.samples)),
-            **{k: v.report[k] for k in ("n_multiallelic", "n_missing_calls", "n_unphased_calls",
-                                         "ref_mismatch_fraction") if k in v.report},
+            **{
+                k: v.report[k]
+                for k in ("n_multiallelic", "n_missing_calls", "n_unphased_calls", "ref_mismatch_fraction")
+                if k in v.report
+            },
         }
     return report
 

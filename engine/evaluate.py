@@ -72,12 +72,21 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
             timings[method.name] = round(time.perf_counter() - t, 2)
             predictions[method.name] = pred
             results[method.name] = score(
-                pred, observed, gene=gene, tissue=tissue, donor=donor, tissue_names=problem.tissues,
+                pred,
+                observed,
+                gene=gene,
+                tissue=tissue,
+                donor=donor,
+                tissue_names=problem.tissues,
                 min_donors=config.evaluation.min_donors,
             )
-            log.info("evaluate: %-18s pearson %.4f  rmse %.4f  (%.1f s)", method.name,
-                     results[method.name]["pearson"] or float("nan"), results[method.name]["rmse"],
-                     timings[method.name])
+            log.info(
+                "evaluate: %-18s pearson %.4f  rmse %.4f  (%.1f s)",
+                method.name,
+                results[method.name]["pearson"] or float("nan"),
+                results[method.name]["rmse"],
+                timings[method.name],
+            )
         metrics = {
             "dataset": config.name,
             "task": config.evaluation.task,
@@ -88,8 +97,11 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
             "n_samples": problem.n_samples,
             "methods": results,
             "skipped": skipped,
-            "seconds": {"prepare": round(prepared.seconds, 2), **timings,
-                        "total": round(time.perf_counter() - t0, 2)},
+            "seconds": {
+                "prepare": round(prepared.seconds, 2),
+                **timings,
+                "total": round(time.perf_counter() - t0, 2),
+            },
         }
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "_manifest.json", manifest(config, step="evaluate"))
@@ -134,8 +146,11 @@ def report(metrics: dict) -> str:
         )
     if "distance" in metrics["methods"] and metrics["methods"]["distance"]["pearson"]:
         base = metrics["methods"]["distance"]["pearson"]
-        lines += ["", "Pearson relative to `distance`: " + ", ".join(
-            f"{n} {m['pearson'] / base:.2f}x" for n, m in ranked if m["pearson"] is not None)]
+        lines += [
+            "",
+            "Pearson relative to `distance`: "
+            + ", ".join(f"{n} {m['pearson'] / base:.2f}x" for n, m in ranked if m["pearson"] is not None),
+        ]
     for name, why in metrics.get("skipped", {}).items():
         lines.append(f"\n`{name}` skipped: {why}.")
     lines += ["", "![predicted vs observed](pred_vs_obs.png)", "", "![per tissue](per_tissue.png)", ""]

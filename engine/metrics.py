@@ -75,8 +75,11 @@ def score(
     out["across_donors_pairs"] = len(across)
 
     genes = np.unique(gene)
-    means = np.array([observed[gene == g].mean() for g in genes]) if len(genes) < 5000 else \
-        np.bincount(gene, weights=observed)[genes] / np.bincount(gene)[genes]
+    means = (
+        np.array([observed[gene == g].mean() for g in genes])
+        if len(genes) < 5000
+        else np.bincount(gene, weights=observed)[genes] / np.bincount(gene)[genes]
+    )
     low = genes[means <= np.quantile(means, 0.25)]
     m = np.isin(gene, low)
     out["low_expressed_pearson"] = _pearson(predicted[m], observed[m])

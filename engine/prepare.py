@@ -63,8 +63,11 @@ def promoter_tables(dataset: Dataset, gene_ids: np.ndarray) -> tuple[pa.Table, p
     seqs: dict[str, tuple[str, int]] = {}
     rows: dict[str, list] = {S.GENE_ID: [], S.CHROM: [], "promoter_id": [], "soft_masked": []}
     for gene, chrom, tss, strand in zip(
-        table[S.GENE_ID].to_pylist(), table[S.CHROM].to_pylist(), table[S.TSS].to_pylist(),
-        table[S.STRAND].to_pylist(), strict=True,
+        table[S.GENE_ID].to_pylist(),
+        table[S.CHROM].to_pylist(),
+        table[S.TSS].to_pylist(),
+        table[S.STRAND].to_pylist(),
+        strict=True,
     ):
         if gene not in wanted or chrom not in genome:
             continue
@@ -164,8 +167,11 @@ def prepare(
         promoters, gene_promoters = promoter_tables(dataset, problem.gene_ids)
         pq.write_table(promoters, staging / "promoters.parquet")
         pq.write_table(gene_promoters, staging / "gene_promoters.parquet")
-        log.info("prepare: %d genes with a promoter, %d unique sequences", gene_promoters.num_rows,
-                 promoters.num_rows)
+        log.info(
+            "prepare: %d genes with a promoter, %d unique sequences",
+            gene_promoters.num_rows,
+            promoters.num_rows,
+        )
         problem_ref = ray.put(problem)
         masks_ref = ray.put((target_mask, hidden))
         records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
@@ -190,8 +196,11 @@ def prepare(
                 config,
                 step="prepare",
                 targets=targets,
-                rows={"context": n_records, "promoters": promoters.num_rows,
-                      "gene_promoters": gene_promoters.num_rows},
+                rows={
+                    "context": n_records,
+                    "promoters": promoters.num_rows,
+                    "gene_promoters": gene_promoters.num_rows,
+                },
                 hidden_entries=len(truth),
                 seconds=round(seconds, 2),
             ),

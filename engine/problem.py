@@ -174,10 +174,8 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
     values, ann_rows = model_matrix(dataset)
     genes = dataset.genes.table.take(ann_rows)
     samples = dataset.samples
-    donors, donor_index = np.unique(np.asarray(samples[S.DONOR_ID].to_pylist(), dtype=object),
-                                    return_inverse=True)
-    tissues, tissue_index = np.unique(np.asarray(samples[S.TISSUE].to_pylist(), dtype=object),
-                                      return_inverse=True)
+    donors, donor_index = np.unique(np.asarray(samples[S.DONOR_ID].to_pylist(), dtype=object), return_inverse=True)
+    tissues, tissue_index = np.unique(np.asarray(samples[S.TISSUE].to_pylist(), dtype=object), return_inverse=True)
     if config.evaluation.task == "samples" and len(donors) < 2 and hidden_mask:
         raise ConfigError(
             "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
@@ -215,7 +213,12 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
     )
     log.info(
         "problem: %d genes x %d samples (%d donors, %d tissues); %d visible, %d hidden (%s task)",
-        problem.n_genes, problem.n_samples, len(donors), len(tissues), int((~np.isnan(visible)).sum()),
-        len(truth), config.evaluation.task,
+        problem.n_genes,
+        problem.n_samples,
+        len(donors),
+        len(tissues),
+        int((~np.isnan(visible)).sum()),
+        len(truth),
+        config.evaluation.task,
     )
     return problem, truth

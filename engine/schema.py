@@ -107,6 +107,7 @@ def check_table(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
             raise ValueError(f"{what}: column {field.name!r} has {table.column(field.name).null_count} nulls")
     return table
 
+
 # Records (geximpute prepare) ----------------------------------------------------------------------------------
 #: orientation of a neighbour relative to the target gene
 ORIENT_SAME, ORIENT_DIVERGENT, ORIENT_CONVERGENT = 0, 1, 2

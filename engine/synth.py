@@ -86,9 +86,7 @@ class _ModelParams:
     base_range: tuple[float, float] = (0.5, 5.5)
     tissue_mean_sd: float = 0.2  # mu[t]
     n_tissue_factors: int = 3  # K
-    tissue_factor_shift: float = (
-        1.0  # added to the first factor so that most tissue pairs correlate positively
-    )
+    tissue_factor_shift: float = 1.0  # added to the first factor so that most tissue pairs correlate positively
     tissue_loading_sd: float = 0.4  # L[g, :]
     module_profile_sd: float = 0.4  # m[k, t]
     module_loading_range: tuple[float, float] = (0.5, 1.5)  # lam[g]
@@ -278,13 +276,10 @@ def generate(out_dir: str | Path, spec: SynthSpec | None = None, *, overwrite: b
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_file() or out_dir.is_symlink():
-        raise FileExistsError(
-            f"{out_dir}: exists and is not a folder; pass another path for the synthetic dataset"
-        )
+        raise FileExistsError(f"{out_dir}: exists and is not a folder; pass another path for the synthetic dataset")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"{out_dir}: folder exists and is not empty; pass overwrite=True to replace it, "
-            "or choose another path"
+            f"{out_dir}: folder exists and is not empty; pass overwrite=True to replace it, or choose another path"
         )
 
 
@@ -419,9 +414,7 @@ def _layout_genes(
             {"chrom_index": ci, "chrom": chroms[ci], "start": start, "end": end, "tss": tss, "strand": strand}
         ).iloc[order]
         frames.append(frame)
-        all_exons.extend(
-            _draw_exons(int(s), int(e), rng) for s, e in zip(frame["start"], frame["end"], strict=True)
-        )
+        all_exons.extend(_draw_exons(int(s), int(e), rng) for s, e in zip(frame["start"], frame["end"], strict=True))
     genes = pd.concat(frames, ignore_index=True)
     assert (genes["tss"] > margin).all() and (genes["tss"] <= spec.chrom_length - margin).all()
     number = np.arange(1, len(genes) + 1)
@@ -435,9 +428,7 @@ def _layout_genes(
     return genes, all_exons
 
 
-def _place_tss(
-    spec: SynthSpec, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _place_tss(spec: SynthSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TSS positions, strands and body lengths of ``n`` genes on one chromosome, in TSS order.
 
     Gaps are log-normal, so some genes sit close together and others far apart; a few adjacent pairs are made
@@ -683,34 +674,24 @@ def _assign_alleles(
     n = len(sites)
     chrom_index, pos, is_eqtl = (sites[c].to_numpy() for c in ("chrom_index", "pos", "is_eqtl"))
     # 0-based position of the next site on the same chromosome: a deletion must end before it
-    next_i0 = np.where(
-        np.r_[chrom_index[1:] == chrom_index[:-1], False], np.r_[pos[1:], 0] - 1, np.iinfo(int).max
-    )
+    next_i0 = np.where(np.r_[chrom_index[1:] == chrom_index[:-1], False], np.r_[pos[1:], 0] - 1, np.iinfo(int).max)
     rates = np.cumsum([_MODEL.deletion_rate, _MODEL.insertion_rate, _MODEL.multiallelic_rate])
-    kinds = np.array(["del", "ins", "multi", "snv"], dtype=object)[
-        np.searchsorted(rates, rng.random(n), "right")
-    ]
+    kinds = np.array(["del", "ins", "multi", "snv"], dtype=object)[np.searchsorted(rates, rng.random(n), "right")]
     kinds[is_eqtl] = "snv"
     alleles: list[tuple[str, list[str]] | None] = []
     for i in range(n):
         ci = int(chrom_index[i])
-        made = _make_alleles(
-            kinds[i], texts[ci], int(pos[i]) - 1, int(next_i0[i]), motif_bases[ci], patterns, rng
-        )
+        made = _make_alleles(kinds[i], texts[ci], int(pos[i]) - 1, int(next_i0[i]), motif_bases[ci], patterns, rng)
         if made is None and kinds[i] != "snv":
             kinds[i] = "snv"
-            made = _make_alleles(
-                "snv", texts[ci], int(pos[i]) - 1, int(next_i0[i]), motif_bases[ci], patterns, rng
-            )
+            made = _make_alleles("snv", texts[ci], int(pos[i]) - 1, int(next_i0[i]), motif_bases[ci], patterns, rng)
         alleles.append(made)
     for needed in ("multi", "ins", "del"):
         if (kinds == needed).any():
             continue
         for i in rng.permutation(np.flatnonzero((kinds == "snv") & ~is_eqtl)):
             ci = int(chrom_index[i])
-            made = _make_alleles(
-                needed, texts[ci], int(pos[i]) - 1, int(next_i0[i]), motif_bases[ci], patterns, rng
-            )
+            made = _make_alleles(needed, texts[ci], int(pos[i]) - 1, int(next_i0[i]), motif_bases[ci], patterns, rng)
             if made is not None:
                 kinds[i], alleles[i] = needed, made
                 break
@@ -889,9 +870,7 @@ def _simulate_expression(
     return y, eqtls, cov / np.outer(sd, sd)
 
 
-def _heritability_scale(
-    raw: np.ndarray, rest: np.ndarray, h2_target: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _heritability_scale(raw: np.ndarray, rest: np.ndarray, h2_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per gene, the factor ``c`` on the raw genetic value that gives the target pooled heritability.
 
     With ``vG = var(raw)``, ``C = mean_t cov(raw, rest_t)`` and ``R = mean_t var(rest_t)`` (over donors),
@@ -1123,16 +1102,10 @@ def _write_truth(folder: Path, data: _Dataset) -> None:
             "alt_frequency": alt_freq,
         }
     ).sort_values([S.CHROM, S.POS, S.GENE_ID], key=_natural_chrom)
-    eqtls.to_csv(
-        folder / FILES["truth_eqtls"], sep="\t", index=False, float_format="%.6g", lineterminator="\n"
-    )
+    eqtls.to_csv(folder / FILES["truth_eqtls"], sep="\t", index=False, float_format="%.6g", lineterminator="\n")
 
-    corr = pd.DataFrame(
-        data.tissue_correlation, index=pd.Index(data.tissues, name=S.TISSUE), columns=data.tissues
-    )
-    corr.to_csv(
-        folder / FILES["truth_tissue_correlation"], sep="\t", float_format="%.6g", lineterminator="\n"
-    )
+    corr = pd.DataFrame(data.tissue_correlation, index=pd.Index(data.tissues, name=S.TISSUE), columns=data.tissues)
+    corr.to_csv(folder / FILES["truth_tissue_correlation"], sep="\t", float_format="%.6g", lineterminator="\n")
 
     pq.write_table(_truth_long(data), folder / FILES["truth_expression"], compression="zstd")
     (folder / FILES["truth_summary"]).write_text(json.dumps(data.summary, indent=2, sort_keys=True) + "\n")

@@ -38,8 +38,13 @@ promoter: {upstream: 100, downstream: 50}
 
 @pytest.fixture
 def toy(tmp_path: Path) -> Path:
-    for name, text in (("genome.fa", FASTA), ("genes.tsv", GENES), ("expr.gct", GCT), ("samples.tsv", SAMPLES),
-                       ("config.yaml", CONFIG)):
+    for name, text in (
+        ("genome.fa", FASTA),
+        ("genes.tsv", GENES),
+        ("expr.gct", GCT),
+        ("samples.tsv", SAMPLES),
+        ("config.yaml", CONFIG),
+    ):
         (tmp_path / name).write_text(text)
     return tmp_path
 
@@ -134,8 +139,13 @@ def test_chromosome_absent_from_fasta(toy, capsys):
 
 def test_no_chromosome_in_fasta_even_when_partial(toy, capsys):
     (toy / "genes.tsv").write_text(GENES.replace("chr1", "chr7").replace("chr2", "chr8"))
-    expect_failure(toy, capsys, "genes.tsv", "none of the annotation's chromosomes",
-                   overrides=("inputs.genome_partial=true",))
+    expect_failure(
+        toy,
+        capsys,
+        "genes.tsv",
+        "none of the annotation's chromosomes",
+        overrides=("inputs.genome_partial=true",),
+    )
 
 
 def test_tss_outside_its_chromosome(toy, capsys):

@@ -7,7 +7,12 @@ import pyarrow as pa
 import pytest
 
 from engine import schema as S
-from engine.baselines import DistanceBaseline, MatrixCompletionBaseline, RowTissueBaseline, TissueDonorBaseline
+from engine.baselines import (
+    DistanceBaseline,
+    MatrixCompletionBaseline,
+    RowTissueBaseline,
+    TissueDonorBaseline,
+)
 from engine.context import ContextIndex, build_context
 from engine.problem import VisibleProblem
 
@@ -148,9 +153,16 @@ def test_matrix_completion_recovers_a_low_rank_matrix():
     visible = full.copy()
     visible[mask] = np.nan
     problem = VisibleProblem(
-        **{**problem.__dict__, "values": visible, "gene_ids": np.arange(40).astype(str).astype(object),
-           "sample_ids": np.arange(30).astype(str).astype(object), "tissue_index": np.zeros(30, dtype=np.int32),
-           "donor_index": np.arange(30, dtype=np.int32), "donors": [str(i) for i in range(30)], "tissues": ["T"]}
+        **{
+            **problem.__dict__,
+            "values": visible,
+            "gene_ids": np.arange(40).astype(str).astype(object),
+            "sample_ids": np.arange(30).astype(str).astype(object),
+            "tissue_index": np.zeros(30, dtype=np.int32),
+            "donor_index": np.arange(30, dtype=np.int32),
+            "donors": [str(i) for i in range(30)],
+            "tissues": ["T"],
+        }
     )
     method = MatrixCompletionBaseline(rank=2, shrinkage=0.0, iterations=300)
     method.fit(problem)

@@ -107,8 +107,13 @@ def test_prepare_writes_records_partitioned_by_chromosome(ray_local, synth_small
 
 
 def test_evaluate_writes_metrics_report_and_plots(ray_local, synth_small, tmp_path):
-    config = config_for(synth_small, tmp_path, "evaluation.task=samples", "evaluation.fraction=0.25",
-                        "evaluation.min_donors=3")
+    config = config_for(
+        synth_small,
+        tmp_path,
+        "evaluation.task=samples",
+        "evaluation.fraction=0.25",
+        "evaluation.min_donors=3",
+    )
     metrics = evaluate(config, tmp_path / "eval")
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["methods"].keys() == metrics["methods"].keys()
@@ -116,8 +121,15 @@ def test_evaluate_writes_metrics_report_and_plots(ray_local, synth_small, tmp_pa
     assert set(saved["methods"]) == {"distance", "row_tissue", "matrix_completion", "tissue_donor"}
     for name, m in saved["methods"].items():
         assert m["n"] == saved["n_hidden"], name
-        assert set(m) >= {"pearson", "spearman", "rmse", "r2", "per_tissue", "across_donors_pearson_mean",
-                          "low_expressed_pearson"}
+        assert set(m) >= {
+            "pearson",
+            "spearman",
+            "rmse",
+            "r2",
+            "per_tissue",
+            "across_donors_pearson_mean",
+            "low_expressed_pearson",
+        }
         assert sum(t["n"] for t in m["per_tissue"].values()) == saved["n_hidden"]
     # the planted donor effects make the donor's other tissues informative
     td, rt = saved["methods"]["tissue_donor"], saved["methods"]["row_tissue"]

@@ -134,8 +134,14 @@ def test_bed6_is_zero_based(write):
 def test_named_tsv_and_csv(write):
     tsv = read_genes(write("genes.tsv", "gene_id\tchrom\ttss\tstrand\nENSG01.1\t17\t100\t+\n"))
     assert tsv.table.to_pylist()[0] | {} == {
-        "gene_id": "ENSG01", "gene_name": None, "gene_type": None, "chrom": "chr17", "start": None,
-        "end": None, "tss": 100, "strand": "+",
+        "gene_id": "ENSG01",
+        "gene_name": None,
+        "gene_type": None,
+        "chrom": "chr17",
+        "start": None,
+        "end": None,
+        "tss": 100,
+        "strand": "+",
     }
     assert tsv.report["renamed_chroms"] == {"17": "chr17"}
     csv = read_genes(write("genes.csv", "gene,chromosome,start,end,strand\nENSG05,chr3,10,90,-\n"))
@@ -143,8 +149,11 @@ def test_named_tsv_and_csv(write):
 
 
 def test_chrom_names_follow_the_genome(genome):
-    assert harmonise_chroms(["1", "chr2", "MT"], ["chr1", "chr2", "chrM"]) == {"1": "chr1", "chr2": "chr2",
-                                                                               "MT": "chrM"}
+    assert harmonise_chroms(["1", "chr2", "MT"], ["chr1", "chr2", "chrM"]) == {
+        "1": "chr1",
+        "chr2": "chr2",
+        "MT": "chrM",
+    }
     assert harmonise_chroms(["chr1", "X"], ["1", "X"]) == {"chr1": "1", "X": "X"}
 
 
@@ -211,7 +220,11 @@ def test_gtex_attribute_layout_derives_the_donor(write):
     text = "SAMPID\tSMTS\tSMTSD\nGTEX-1117F-0226-SM-5GZZ7\tAdipose Tissue\tAdipose - Subcutaneous\n"
     table = read_samples(write("SampleAttributesDS.txt", text))
     assert table.to_pylist() == [
-        {"sample_id": "GTEX-1117F-0226-SM-5GZZ7", "donor_id": "GTEX-1117F", "tissue": "Adipose - Subcutaneous"}
+        {
+            "sample_id": "GTEX-1117F-0226-SM-5GZZ7",
+            "donor_id": "GTEX-1117F",
+            "tissue": "Adipose - Subcutaneous",
+        }
     ]
 
 
@@ -222,6 +235,18 @@ def test_cli_help_lists_the_design_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for name in ("inspect", "synth", "demo", "prepare", "train", "fit-head", "impute", "evaluate", "nightly",
-                 "benchmark", "submit", "variant-effects"):
+    for name in (
+        "inspect",
+        "synth",
+        "demo",
+        "prepare",
+        "train",
+        "fit-head",
+        "impute",
+        "evaluate",
+        "nightly",
+        "benchmark",
+        "submit",
+        "variant-effects",
+    ):
         assert name in out

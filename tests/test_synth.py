@@ -120,9 +120,7 @@ def test_failure_mid_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: py
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failure_while_overwriting_keeps_the_old_dataset(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failure_while_overwriting_keeps_the_old_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = generate(tmp_path / "data", SMALL).out_dir
     before = _files(out)
 

@@ -67,9 +67,7 @@ def write_vcf(
     if gt_header:
         header.append('##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">')
     header.extend(extra_header)
-    header.append(
-        "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *samples])
-    )
+    header.append("\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *samples]))
     text = "\n".join(header + [r.replace(" ", "\t") for r in records]) + "\n"
     if path.suffix == ".gz":
         path.write_bytes(gzip.compress(text.encode()))

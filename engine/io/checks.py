@@ -21,8 +21,11 @@ def check_readable(path: str | Path, what: str) -> Path:
     """Fail with an :class:`InputError` naming ``path`` unless it is a non-empty readable file."""
     path = Path(path)
     if not path.exists():
-        raise InputError(path, f"{what} not found", hint="Check the path in the config (relative paths are "
-                         "resolved against the config file's folder)")
+        raise InputError(
+            path,
+            f"{what} not found",
+            hint="Check the path in the config (relative paths are resolved against the config file's folder)",
+        )
     if not path.is_file():
         raise InputError(path, f"{what} is not a regular file")
     if path.stat().st_size == 0:

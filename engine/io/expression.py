@@ -132,7 +132,10 @@ def _read_gct(path: Path, scale: str) -> Expression:
         declared = (int(dims[0]), int(dims[1]))
     except (ValueError, IndexError) as exc:
         raise InputError(
-            path, f"dimension line is {' '.join(dims)[:40]!r}", record="line 2", expected="'<rows>\\t<columns>'"
+            path,
+            f"dimension line is {' '.join(dims)[:40]!r}",
+            record="line 2",
+            expected="'<rows>\\t<columns>'",
         ) from exc
     table = read_table(path, "GCT expression file", skip_rows=2, delimiter="\t")
     if not table.column_names or table.column_names[0] != "Name":
@@ -152,15 +155,20 @@ def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) ->
     names = table.column_names
     lower = {n.lower(): n for n in names}
     id_col = next((lower[c.lower()] for c in GENE_ID_COLUMNS if c.lower() in lower), names[0])
-    value_cols = [n for n in names if n != id_col and not (n.lower() in ANNOTATION_COLUMNS and
-                                                            pa.types.is_string(table[n].type))]
+    value_cols = [
+        n for n in names if n != id_col and not (n.lower() in ANNOTATION_COLUMNS and pa.types.is_string(table[n].type))
+    ]
     if not value_cols:
         raise InputError(path, "no value columns", record="the header", expected="one column per sample or tissue")
     seen: dict[str, int] = {}
     for i, n in enumerate(value_cols):
         if n in seen:
-            raise InputError(path, f"sample column {n!r} appears twice", record="the header",
-                             expected="unique sample names")
+            raise InputError(
+                path,
+                f"sample column {n!r} appears twice",
+                record="the header",
+                expected="unique sample names",
+            )
         seen[n] = i
     columns = []
     for n in value_cols:
@@ -216,8 +224,10 @@ def _gene_ids(path: Path, column: pa.ChunkedArray, first_data_line: int) -> list
 def _read_long(path: Path, scale: str) -> Expression:
     table = read_table(path, "expression table (long)")
     table = require_columns(
-        table, path, "expression table (long)", {S.GENE_ID: ["gene", "Name"], S.SAMPLE_ID: ["sample"],
-                                                 S.VALUE: ["tpm", "count", "expression"]}
+        table,
+        path,
+        "expression table (long)",
+        {S.GENE_ID: ["gene", "Name"], S.SAMPLE_ID: ["sample"], S.VALUE: ["tpm", "count", "expression"]},
     )
     value = table[S.VALUE]
     if not (pa.types.is_integer(value.type) or pa.types.is_floating(value.type)):

@@ -46,7 +46,13 @@ class GeneTable:
 def detect_format(path: Path) -> str:
     """Gene-annotation format from the file name."""
     name = path.name.lower().removesuffix(".gz")
-    for suffix, fmt in ((".gtf", "gtf"), (".gff3", "gff3"), (".gff", "gff3"), (".bed", "bed"), (".csv", "csv")):
+    for suffix, fmt in (
+        (".gtf", "gtf"),
+        (".gff3", "gff3"),
+        (".gff", "gff3"),
+        (".bed", "bed"),
+        (".csv", "csv"),
+    ):
         if name.endswith(suffix):
             return fmt
     return "tsv"
@@ -62,8 +68,11 @@ def _read_gff(path: Path, fmt: str) -> pa.Table:
         path,
         "gene annotation",
         column_names=GFF_COLUMNS,
-        column_types={"start": pa.int64(), "end": pa.int64(), **{c: pa.string() for c in ("seqid", "feature",
-                      "strand", "attributes", "source", "score", "frame")}},
+        column_types={
+            "start": pa.int64(),
+            "end": pa.int64(),
+            **{c: pa.string() for c in ("seqid", "feature", "strand", "attributes", "source", "score", "frame")},
+        },
         skip_rows=count_leading_comments(path),
         quoting=False,
         skip_comment_rows=True,
@@ -86,10 +95,12 @@ def _read_gff(path: Path, fmt: str) -> pa.Table:
             _attribute(attrs, r"(?:^|;)ID=(?:gene:)?(?P<v>[^;]+)"),
         )
         gene_name = pc.coalesce(
-            _attribute(attrs, r"(?:^|;)gene_name=(?P<v>[^;]+)"), _attribute(attrs, r"(?:^|;)Name=(?P<v>[^;]+)")
+            _attribute(attrs, r"(?:^|;)gene_name=(?P<v>[^;]+)"),
+            _attribute(attrs, r"(?:^|;)Name=(?P<v>[^;]+)"),
         )
         gene_type = pc.coalesce(
-            _attribute(attrs, r"(?:^|;)gene_type=(?P<v>[^;]+)"), _attribute(attrs, r"(?:^|;)biotype=(?P<v>[^;]+)")
+            _attribute(attrs, r"(?:^|;)gene_type=(?P<v>[^;]+)"),
+            _attribute(attrs, r"(?:^|;)biotype=(?P<v>[^;]+)"),
         )
     missing = pc.is_null(gene_id)
     if pc.any(missing).as_py():
@@ -121,8 +132,13 @@ def _read_bed(path: Path) -> pa.Table:
         path,
         "gene annotation (BED6)",
         column_names=BED_COLUMNS,
-        column_types={"chrom": pa.string(), "start0": pa.int64(), "end": pa.int64(), "name": pa.string(),
-                      "strand": pa.string()},
+        column_types={
+            "chrom": pa.string(),
+            "start0": pa.int64(),
+            "end": pa.int64(),
+            "name": pa.string(),
+            "strand": pa.string(),
+        },
         skip_rows=count_leading_comments(path, "#") + count_leading_comments(path, "track"),
         delimiter="\t",
         quoting=False,
@@ -149,8 +165,11 @@ def _read_named(path: Path, fmt: str) -> pa.Table:
         table,
         path,
         "gene annotation",
-        {S.GENE_ID: ["gene", "ensembl_gene_id", "geneid", "id"], S.CHROM: ["chr", "chromosome", "seqname",
-         "seqid", "contig"], S.STRAND: []},
+        {
+            S.GENE_ID: ["gene", "ensembl_gene_id", "geneid", "id"],
+            S.CHROM: ["chr", "chromosome", "seqname", "seqid", "contig"],
+            S.STRAND: [],
+        },
     )
     names = table.column_names
     n = table.num_rows
@@ -235,7 +254,10 @@ def read_genes(
         if pc.any(nulls).as_py():
             i = pc.index(nulls, True).as_py()
             raise InputError(
-                path, f"no {name} (empty or '.')", record=_record(fmt, i, table), expected=f"a {name} on every gene"
+                path,
+                f"no {name} (empty or '.')",
+                record=_record(fmt, i, table),
+                expected=f"a {name} on every gene",
             )
     bad_strand = pc.invert(pc.is_in(table[S.STRAND], pa.array(["+", "-"])))
     if pc.any(bad_strand).as_py():

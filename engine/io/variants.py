@@ -105,8 +105,7 @@ def read_sample_map(path: str | Path) -> dict[str, str]:
             path,
             f"sample map lacks column(s) {', '.join(missing)}",
             record=f"header line 1 (columns: {', '.join(repr(c) for c in columns[:10])})",
-            expected=f"a header line with columns {VCF_SAMPLE} and {schema.DONOR_ID}, tab- or comma-"
-            "separated",
+            expected=f"a header line with columns {VCF_SAMPLE} and {schema.DONOR_ID}, tab- or comma-separated",
         )
     try:
         table = pacsv.read_csv(
@@ -126,9 +125,7 @@ def read_sample_map(path: str | Path) -> dict[str, str]:
         raise InputError(path, "sample map has no rows", expected="one row per VCF sample after the header")
     for row, (sample, donor) in enumerate(zip(vcf_samples, donors, strict=True)):
         if not sample or not donor:
-            raise InputError(
-                path, "empty value", record=f"line {row + 2}", expected="a VCF sample and a donor id"
-            )
+            raise InputError(path, "empty value", record=f"line {row + 2}", expected="a VCF sample and a donor id")
     for column, values in ((VCF_SAMPLE, vcf_samples), (schema.DONOR_ID, donors)):
         seen: dict[str, int] = {}
         for row, value in enumerate(values):
@@ -339,8 +336,7 @@ def _select_samples(
         if unmapped:
             raise InputError(
                 path,
-                f"{len(unmapped)} of {len(vcf_samples)} VCF samples are absent from the sample map: "
-                f"{_few(unmapped)}",
+                f"{len(unmapped)} of {len(vcf_samples)} VCF samples are absent from the sample map: {_few(unmapped)}",
                 record="the #CHROM header line",
                 expected="every VCF sample in the sample map's vcf_sample column",
                 hint="Add them to the sample map, or choose the donors to read with `samples`",
@@ -364,8 +360,7 @@ def _select_samples(
                 path,
                 f"{len(absent)} of {len(samples)} requested donors are not in the VCF: {_few(absent)}",
                 record="the #CHROM header line",
-                expected="each requested donor as a VCF sample"
-                + (" (through the sample map)" if sample_map else ""),
+                expected="each requested donor as a VCF sample" + (" (through the sample map)" if sample_map else ""),
                 hint=hint,
             )
         used = [vcf_of[d] for d in samples]
@@ -391,9 +386,7 @@ def _index_of(path: Path) -> Path | None:
     return None
 
 
-def _query(
-    vcf: cyvcf2.VCF, wanted: dict[str, list[tuple[int, int]]]
-) -> Iterator[tuple[cyvcf2.Variant, int | None]]:
+def _query(vcf: cyvcf2.VCF, wanted: dict[str, list[tuple[int, int]]]) -> Iterator[tuple[cyvcf2.Variant, int | None]]:
     """Records whose POS lies in ``wanted``, through the index, in the file's chromosome order."""
     for chrom in vcf.seqnames:
         for start, end in wanted.get(chrom_key(chrom), ()):
@@ -424,8 +417,7 @@ def _stream(
                 path,
                 f"record cannot be parsed (htslib: {exc})",
                 record=where,
-                expected="tab-separated CHROM, POS, ID, REF, ALT, QUAL, FILTER, INFO, FORMAT and sample "
-                "columns",
+                expected="tab-separated CHROM, POS, ID, REF, ALT, QUAL, FILTER, INFO, FORMAT and sample columns",
             ) from exc
         number += 1
         pos = variant.POS
@@ -527,9 +519,7 @@ def _collect(
     return raw
 
 
-def _genotype(
-    path: Path, variant: cyvcf2.Variant, number: int | None, n_samples: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _genotype(path: Path, variant: cyvcf2.Variant, number: int | None, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """``(int8 (n_samples, 2) allele indices, bool (n_samples,) phased)`` of one record."""
     # cyvcf2 raises on `.genotype` of a record whose FORMAT leaves GT out (e.g. DS only): all calls missing
     if "GT" not in variant.FORMAT:
@@ -584,9 +574,7 @@ def _on_genome(sites: pa.Table, genome: Genome) -> np.ndarray:
     )
 
 
-def _check_off_genome(
-    path: Path, sites: pa.Table, genome: Genome, on_genome: np.ndarray, partial: bool
-) -> None:
+def _check_off_genome(path: Path, sites: pa.Table, genome: Genome, on_genome: np.ndarray, partial: bool) -> None:
     """Refuse a VCF with no site on the genome, and (unless ``partial``) one with any site off it."""
     if on_genome.all():
         return
@@ -614,9 +602,7 @@ def _check_off_genome(
             "^chrY`), or set genome_partial to keep them unchecked",
         )
     past = np.flatnonzero(~on_genome)
-    examples = "; ".join(
-        f"{_site(sites, i)} (record length {genome.lengths[chroms[i]]})" for i in past[:_SHOW]
-    )
+    examples = "; ".join(f"{_site(sites, i)} (record length {genome.lengths[chroms[i]]})" for i in past[:_SHOW])
     raise InputError(
         path,
         f"{len(past)} sites lie past the end of their chromosome in {fasta}",
@@ -687,8 +673,7 @@ def check_ref_alleles(sites: pa.Table, genome: Genome, path: str | Path, max_ref
 
 def _same_bases(ref: str, fasta: str) -> bool:
     return ref == fasta or (
-        len(ref) == len(fasta)
-        and all(a == b or a == "N" or b == "N" for a, b in zip(ref, fasta, strict=True))
+        len(ref) == len(fasta) and all(a == b or a == "N" or b == "N" for a, b in zip(ref, fasta, strict=True))
     )
 
 
