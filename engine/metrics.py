@@ -6,14 +6,20 @@ import numpy as np
 from scipy import stats
 
 
+def _constant(x: np.ndarray) -> bool:
+    # exact ties can still give a tiny non-zero std through rounding in the mean
+    return bool(np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max())))
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+    """Pearson correlation, or None when it is undefined (fewer than 3 values, or either side constant)."""
+    if len(x) < 3 or _constant(x) or _constant(y):
         return None
     return float(np.corrcoef(x, y)[0, 1])
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+    if len(x) < 3 or _constant(x) or _constant(y):
         return None
     return float(stats.spearmanr(x, y).statistic)
 

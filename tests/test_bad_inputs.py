@@ -176,3 +176,27 @@ def test_cli_exit_code_is_non_zero_in_a_real_process(toy):
     )
     assert proc.returncode == 2
     assert "expr.gct" in proc.stderr and "seven" in proc.stderr
+
+
+VCF_HEADER = (
+    "##fileformat=VCFv4.2\n##contig=<ID=chr1,length=1000>\n"
+    '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'
+    "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tD1\tD2\n"
+)
+
+
+def test_vcf_genome_build_mismatch(toy, capsys):
+    # chr1 is ACGT repeated: position p holds "ACGT"[(p - 1) % 4]; these REFs are all off by one base
+    sites = "".join(f"chr1\t{p}\t.\t{'ACGT'[p % 4]}\tT\t.\tPASS\t.\tGT\t0|1\t0|0\n" for p in range(101, 121))
+    (toy / "genomes.vcf").write_text(VCF_HEADER + sites)
+    expect_failure(
+        toy, capsys, "genomes.vcf", "build", "20 of 20", "chr1:101", overrides=("inputs.variants=genomes.vcf",)
+    )
+
+
+def test_vcf_that_matches_the_genome_is_summarised(toy, capsys):
+    sites = "".join(f"chr1\t{p}\t.\t{'ACGT'[(p - 1) % 4]}\tT\t.\tPASS\t.\tGT\t0|1\t0|0\n" for p in range(101, 106))
+    (toy / "genomes.vcf").write_text(VCF_HEADER + sites)
+    code, output = inspect(toy, capsys, "inputs.variants=genomes.vcf")
+    assert code == 0, output
+    assert "5 sites x 2 genomes, 2 with expression; REF mismatch 0.00%" in output

@@ -170,3 +170,18 @@ def test_matrix_completion_recovers_a_low_rank_matrix():
     records = pa.table({"gene_index": gi, "sample_index": si})
     err = np.abs(method.predict(records) - full[gi, si])
     assert err.mean() < 0.01
+
+
+def test_metrics_leave_undefined_correlations_out():
+    from engine.metrics import score
+
+    observed = np.array([1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5])
+    constant_per_group = np.array([0.1 + 0.2] * 4 + [2.0] * 4)  # one value per (gene, tissue): no across-donor r
+    gene = np.array([0] * 4 + [1] * 4)
+    out = score(constant_per_group, observed, gene=gene, tissue=np.zeros(8, int), donor=np.arange(8),
+                tissue_names=["T"], min_donors=3)
+    assert out["across_donors_pearson_mean"] is None and out["across_donors_pairs"] == 0
+    good = score(observed + 0.1, observed, gene=gene, tissue=np.zeros(8, int), donor=np.arange(8),
+                 tissue_names=["T"], min_donors=3)
+    assert good["across_donors_pearson_mean"] == pytest.approx(1.0)
+    assert good["rmse"] == pytest.approx(0.1) and good["per_tissue"]["T"]["n"] == 8

@@ -1,0 +1,101 @@
+"""Benchmark of ``geximpute prepare``: seconds per million context records and peak memory.
+
+Generates a synthetic dataset at the requested scale (not timed), runs ``prepare`` on a local single-node Ray
+(all measured entries get a record), and prints one JSON line per scale with the wall time, the time per million
+records, and the peak resident memory of the driver and of the driver plus every Ray process it started.
+
+    .venv/bin/python benchmarks/bench_prepare.py --genes 1000 --donors 100 --tissues 10 --scales 1 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+class PeakRSS:
+    """Samples the resident memory of this process and all its descendants every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.driver = 0
+        self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                own = me.memory_info().rss
+                kids = 0
+                for child in me.children(recursive=True):
+                    try:
+                        kids += child.memory_info().rss
+                    except psutil.Error:
+                        continue
+                self.driver = max(self.driver, own)
+                self.total = max(self.total, own + kids)
+            except psutil.Error:
+                pass
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genes", type=int, default=1000)
+    parser.add_argument("--donors", type=int, default=100)
+    parser.add_argument("--tissues", type=int, default=10)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1], help="multiply donors by each of these")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    import ray
+
+    from engine.config import load_config
+    from engine.prepare import prepare
+    from engine.synth import SynthSpec, generate
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-prepare-"))
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        for scale in args.scales:
+            spec = SynthSpec(seed=0, n_genes=args.genes, n_donors=args.donors * scale, n_tissues=args.tissues,
+                             chrom_length=max(400_000, args.genes * 4_000))
+            data = generate(work / f"data-x{scale}", spec, overwrite=True)
+            config = load_config(data.config_path, [f"output_dir={work / f'out-x{scale}'}",
+                                                    f"ray.num_cpus={args.num_cpus}"])
+            with PeakRSS() as peak:
+                t0 = time.perf_counter()
+                result = prepare(config, work / f"records-x{scale}", targets="all")
+                seconds = time.perf_counter() - t0
+            size = sum(f.stat().st_size for f in (work / f"records-x{scale}").rglob("*.parquet"))
+            print(json.dumps({
+                "scale": scale, "genes": args.genes, "donors": args.donors * scale, "tissues": args.tissues,
+                "records": result.n_records, "seconds": round(seconds, 2),
+                "seconds_per_million_records": round(seconds / result.n_records * 1e6, 2),
+                "peak_rss_driver_mb": round(peak.driver / 2**20), "peak_rss_total_mb": round(peak.total / 2**20),
+                "parquet_mb": round(size / 2**20, 1), "num_cpus": args.num_cpus,
+            }), flush=True)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
