@@ -231,6 +231,115 @@ class BaselinesConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """Size of the CNN-transformer network (see :mod:`engine.model.network`)."""
+
+    d_model: int = 32
+    n_heads: int = 4
+    n_layers: int = 2
+    cnn_channels: int = 32
+    cnn_kernel: int = 15
+    cnn_layers: int = 3
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.d_model >= 4, "model.d_model", self.d_model, "an integer >= 4")
+        _require(self.d_model % self.n_heads == 0, "model.n_heads", self.n_heads, "a divisor of model.d_model")
+        _require(self.n_layers >= 1, "model.n_layers", self.n_layers, "an integer >= 1")
+        _require(self.cnn_layers >= 1, "model.cnn_layers", self.cnn_layers, "an integer >= 1")
+        _require(self.cnn_kernel % 2 == 1, "model.cnn_kernel", self.cnn_kernel, "an odd integer")
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of the network with Ray Train (TorchTrainer, DDP).
+
+    Attributes:
+        num_workers: Ray Train workers (one process each; DDP over gloo on CPU, NCCL on GPU).
+        use_gpu: one GPU per worker; bf16 autocast is used on GPU.
+        cpus_per_worker: CPUs each worker asks for (fractional on small machines so Ray Data still runs).
+        batch_size: examples per worker and step.
+        epochs: most epochs; training stops earlier when the validation loss stops improving.
+        patience: epochs without improvement before stopping.
+        lr, weight_decay: AdamW settings.
+        folds, fold_fraction: inner folds of re-hidden visible entries that make the training examples
+            (see :mod:`engine.folds`).
+        drop_neighbours, drop_tissues, drop_gene: denoising: per example, the chance that the whole neighbour
+            group, tissue group or gene-level means are hidden from the network.
+        max_failures: worker failures survived by resuming from the last checkpoint.
+        max_examples_per_epoch: cap on examples per epoch (``None``: all).
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 512
+    epochs: int = 8
+    patience: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    folds: int = 2
+    fold_fraction: float = 0.2
+    drop_neighbours: float = 0.1
+    drop_tissues: float = 0.1
+    drop_gene: float = 0.1
+    max_failures: int = 2
+    max_examples_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
+        _require(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _require(self.batch_size >= 2, "train.batch_size", self.batch_size, "an integer >= 2")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(self.folds >= 1, "train.folds", self.folds, "an integer >= 1")
+        _require(
+            0 < self.fold_fraction and self.folds * self.fold_fraction <= 1,
+            "train.fold_fraction",
+            self.fold_fraction,
+            f"a number in (0, 1/train.folds] = (0, {1 / self.folds:.3g}]",
+        )
+        for name in ("drop_neighbours", "drop_tissues", "drop_gene"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"train.{name}", value, "a probability in [0, 1)")
+        _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The XGBoost head, fitted with Ray Train's XGBoostTrainer.
+
+    Attributes:
+        num_workers, cpus_per_worker: Ray Train workers of the XGBoost fit.
+        num_boost_round, max_depth, eta, subsample, colsample_bytree, min_child_weight: XGBoost settings.
+        quantiles: lower and upper quantiles of the interval given with every estimate (0.1, 0.9: 80%).
+    """
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    num_boost_round: int = 400
+    max_depth: int = 6
+    eta: float = 0.05
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    min_child_weight: float = 5.0
+    quantiles: tuple[float, ...] = (0.1, 0.9)
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "head.num_workers", self.num_workers, "an integer >= 1")
+        _require(self.num_boost_round >= 1, "head.num_boost_round", self.num_boost_round, "an integer >= 1")
+        _require(0 < self.eta <= 1, "head.eta", self.eta, "a number in (0, 1]")
+        _require(
+            len(self.quantiles) == 2 and 0 < self.quantiles[0] < self.quantiles[1] < 1,
+            "head.quantiles",
+            list(self.quantiles),
+            "two increasing probabilities in (0, 1)",
+        )
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """Where and how to run Ray.
 
@@ -275,6 +384,9 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

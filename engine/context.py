@@ -41,6 +41,14 @@ class ContextIndex:
         np.add.at(self.tissue_n.T, problem.tissue_index, visible.T.astype(float))
         self.gene_sum = filled.sum(axis=1)
         self.gene_n = visible.sum(axis=1).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gene_mean = np.where(self.gene_n > 0, self.gene_sum / self.gene_n, np.nan)
+            resid = np.where(visible, values - gene_mean[:, None], 0.0)
+            r_sum = np.zeros(n_tissues)
+            r_n = np.zeros(n_tissues)
+            np.add.at(r_sum, problem.tissue_index, resid.sum(axis=0))
+            np.add.at(r_n, problem.tissue_index, visible.sum(axis=0))
+            self.tissue_offset = np.where(r_n > 0, r_sum / np.maximum(r_n, 1), 0.0).astype(np.float32)
         # samples of each donor
         order = np.argsort(problem.donor_index, kind="stable")
         bounds = np.searchsorted(problem.donor_index[order], np.arange(len(problem.donors) + 1))
@@ -89,7 +97,7 @@ def build_context(
 
     nb_parts: dict[str, list[np.ndarray]] = {"value": [], "logdist": [], "orient": [], "overlap": []}
     nb_len, tis_len = [], []
-    tis_parts: dict[str, list[np.ndarray]] = {"value": [], "index": [], "corr": []}
+    tis_parts: dict[str, list[np.ndarray]] = {"value": [], "index": [], "corr": [], "mean": []}
     target = np.full(len(gene_index), np.nan, dtype=np.float32)
     tissue_mean = np.full(len(gene_index), np.nan, dtype=np.float32)
     gene_mean = np.full(len(gene_index), np.nan, dtype=np.float32)
@@ -129,7 +137,7 @@ def build_context(
             nb_parts[name].append(flat)
         nb_len.append(lengths)
 
-        # the same gene in the donor's other samples
+        # the same gene in the donor's other samples, with the gene's mean in each tissue over other donors
         d, t = p.donor_index[s], p.tissue_index[s]
         mine = index.donor_samples[d]
         others = mine[mine != s]
@@ -137,7 +145,18 @@ def build_context(
         ok = ~np.isnan(vals)
         tis = np.broadcast_to(p.tissue_index[others][None, :], vals.shape)
         corr = p.tissue_corr[t][tis]
-        for name, arr in (("value", vals), ("index", tis), ("corr", corr)):
+        mine_vals = p.values[np.ix_(tg, mine)]
+        mine_ok = ~np.isnan(mine_vals)
+        n_tissues = index.tissue_sum.shape[1]
+        donor_sum = np.zeros((len(tg), n_tissues))
+        donor_n = np.zeros((len(tg), n_tissues))
+        np.add.at(donor_sum.T, p.tissue_index[mine], np.where(mine_ok, mine_vals, 0.0).T)
+        np.add.at(donor_n.T, p.tissue_index[mine], mine_ok.T.astype(float))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            other_n = index.tissue_n[tg] - donor_n
+            other_mean = np.where(other_n > 0, (index.tissue_sum[tg] - donor_sum) / other_n, np.nan)
+        tis_mean = np.take_along_axis(other_mean, tis, axis=1) if tis.size else np.zeros(tis.shape)
+        for name, arr in (("value", vals), ("index", tis), ("corr", corr), ("mean", tis_mean)):
             flat, lengths = _flatten(arr, ok)
             tis_parts[name].append(flat)
         tis_len.append(lengths)
@@ -177,7 +196,9 @@ def build_context(
         "tis_value": _lists(tis_parts["value"], tis_lengths, pa.float32()),
         "tis_index": _lists(tis_parts["index"], tis_lengths, pa.int16()),
         "tis_corr": _lists(tis_parts["corr"], tis_lengths, pa.float32()),
+        "tis_mean": _lists(tis_parts["mean"], tis_lengths, pa.float32()),
         "tissue_mean": pa.array(tissue_mean, pa.float32(), from_pandas=True),
         "gene_mean": pa.array(gene_mean, pa.float32(), from_pandas=True),
+        "tissue_offset": pa.array(index.tissue_offset[p.tissue_index[sample_index]], pa.float32()),
     }
     return pa.table(columns, schema=S.CONTEXT)

@@ -27,6 +27,7 @@ from engine import schema as S
 from engine.config import Config
 from engine.context import ContextIndex, build_context
 from engine.dataset import Dataset, load_dataset
+from engine.folds import fold_problem, training_folds
 from engine.problem import HiddenTruth, VisibleProblem, make_problem
 from engine.provenance import manifest, staged_dir, write_json
 from engine.raytools import ensure_ray
@@ -45,6 +46,7 @@ class Prepared:
     problem: VisibleProblem
     truth: HiddenTruth
     n_records: int
+    n_train: int
     n_promoters: int
     seconds: float
 
@@ -112,11 +114,13 @@ class ContextBuilder:
     in the object store are read without a copy).
     """
 
-    def __init__(self, problem_ref, masks_ref, k: int, max_distance: int | None) -> None:
+    def __init__(self, refs: tuple, k: int, max_distance: int | None) -> None:
         import ray
 
+        problem_ref, masks_ref, labels_ref = refs
         self.index = ContextIndex(ray.get(problem_ref))
         self.targets, self.hidden = ray.get(masks_ref)
+        self.labels = ray.get(labels_ref) if labels_ref is not None else None
         self.k, self.max_distance = k, max_distance
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -124,8 +128,53 @@ class ContextBuilder:
         for lo, hi in zip(batch["lo"], batch["hi"], strict=True):
             gi, si = np.nonzero(self.targets[:, lo:hi])
             si = si + lo
-            tables.append(build_context(self.index, gi, si, self.hidden[gi, si], self.k, self.max_distance))
+            table = build_context(self.index, gi, si, self.hidden[gi, si], self.k, self.max_distance)
+            if self.labels is not None:
+                # training folds: the label of a re-hidden entry is its visible value in the outer problem
+                g = table["gene_index"].to_numpy()
+                s = table["sample_index"].to_numpy()
+                label = pa.array(self.labels[g, s], pa.float32(), from_pandas=True)
+                table = table.set_column(table.schema.get_field_index("target"), "target", label)
+            tables.append(table)
         return pa.concat_tables(tables)
+
+
+def write_records(
+    config: Config,
+    problem: VisibleProblem,
+    targets: np.ndarray,
+    hidden: np.ndarray,
+    out: Path,
+    labels: np.ndarray | None = None,
+) -> int:
+    """Build the context records of the ``targets`` entries with Ray Data and write them under ``out``.
+
+    Args:
+        config: ray and context settings.
+        problem: what the records may see.
+        targets, hidden: (G, S) masks of the entries that get a record and of those flagged hidden.
+        out: folder of the Parquet dataset, partitioned by chromosome.
+        labels: (G, S) values to use as each record's ``target`` instead of the problem's own.
+
+    Returns:
+        the number of records written.
+    """
+    import ray
+
+    blocks = sample_blocks(targets)
+    refs = (ray.put(problem), ray.put((targets, hidden)), None if labels is None else ray.put(labels))
+    records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
+        ContextBuilder,
+        # the references travel inside a tuple so that the actors fetch them themselves, once each
+        fn_constructor_kwargs={"refs": refs, "k": config.context.k_neighbours,
+                               "max_distance": config.context.max_distance},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=config.ray.cpus_per_task,
+        concurrency=max(1, min(config.ray.concurrency, len(blocks))),
+    )
+    records.write_parquet(str(out), partition_cols=[S.CHROM])
+    return pq.ParquetDataset(out).read(columns=["gene_index"]).num_rows
 
 
 def target_masks(problem: VisibleProblem, truth: HiddenTruth, which: str) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +192,7 @@ def prepare(
     *,
     dataset: Dataset | None = None,
     targets: str = "all",
+    training: bool = False,
 ) -> Prepared:
     """Build and write the records of ``config``.
 
@@ -151,16 +201,14 @@ def prepare(
         out_dir: output folder (default ``<output_dir>/records``); replaced atomically.
         dataset: an already loaded dataset (default: load the config's inputs).
         targets: which entries get a context record: ``all``, ``hidden`` or ``visible``.
+        training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`engine.folds`).
     """
-    import ray
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir or Path(config.output_dir) / "records")
     dataset = dataset or load_dataset(config)
     problem, truth = make_problem(dataset)
     target_mask, hidden = target_masks(problem, truth, targets)
-    blocks = sample_blocks(target_mask)
-    log.info("prepare: %d target entries in %d blocks -> %s", int(target_mask.sum()), len(blocks), out_dir)
+    log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
 
     ensure_ray(config.ray)
     with staged_dir(out_dir) as staging:
@@ -172,23 +220,15 @@ def prepare(
             gene_promoters.num_rows,
             promoters.num_rows,
         )
-        problem_ref = ray.put(problem)
-        masks_ref = ray.put((target_mask, hidden))
-        records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
-            ContextBuilder,
-            fn_constructor_kwargs={
-                "problem_ref": problem_ref,
-                "masks_ref": masks_ref,
-                "k": config.context.k_neighbours,
-                "max_distance": config.context.max_distance,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=config.ray.cpus_per_task,
-            concurrency=min(config.ray.concurrency, len(blocks)),
-        )
-        records.write_parquet(str(staging / "context"), partition_cols=[S.CHROM])
-        n_records = pq.ParquetDataset(staging / "context").read(columns=["gene_index"]).num_rows
+        n_records = write_records(config, problem, target_mask, hidden, staging / "context")
+        n_train = 0
+        if training:
+            t = config.train
+            for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
+                                                     config.seed)):
+                log.info("prepare: training fold %d: %d re-hidden entries", f, int(inner.sum()))
+                n_train += write_records(config, fold_problem(problem, inner), inner, inner,
+                                         staging / "train" / f"fold={f}", labels=problem.values)
         seconds = time.perf_counter() - t0
         write_json(
             staging / "_manifest.json",
@@ -198,6 +238,7 @@ def prepare(
                 targets=targets,
                 rows={
                     "context": n_records,
+                    "train": n_train,
                     "promoters": promoters.num_rows,
                     "gene_promoters": gene_promoters.num_rows,
                 },
@@ -206,4 +247,4 @@ def prepare(
             ),
         )
     log.info("prepare: %d records in %.1f s", n_records, seconds)
-    return Prepared(out_dir, problem, truth, n_records, promoters.num_rows, seconds)
+    return Prepared(out_dir, problem, truth, n_records, n_train, promoters.num_rows, seconds)

@@ -135,8 +135,11 @@ CONTEXT = pa.schema(
         pa.field("tis_value", pa.list_(pa.float32()), nullable=False),
         pa.field("tis_index", pa.list_(pa.int16()), nullable=False),
         pa.field("tis_corr", pa.list_(pa.float32()), nullable=False),  # correlation with the target tissue
+        # the gene's mean in each of those tissues over the other donors (NaN where there is none)
+        pa.field("tis_mean", pa.list_(pa.float32()), nullable=False),
         pa.field("tissue_mean", pa.float32()),  # the gene in the target tissue, mean over other donors
         pa.field("gene_mean", pa.float32()),  # the gene over every other visible sample
+        pa.field("tissue_offset", pa.float32(), nullable=False),  # the target tissue's mean deviation from genes
     ]
 )
 

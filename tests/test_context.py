@@ -99,8 +99,17 @@ def test_tissue_context_and_means_leave_the_target_out():
     rec = context_of(toy_problem(), gene=0, sample=2)  # g0 in D2:T1, value 3.0
     assert rec["tis_value"] == [4.0] and rec["tis_index"] == [1]
     assert rec["tis_corr"] == [pytest.approx(0.6)]
+    assert rec["tis_mean"] == [pytest.approx(2.0)]  # g0 in T2 over the other donor (D1)
     assert rec["tissue_mean"] == pytest.approx(1.0)  # T1 in the other donor only
     assert rec["gene_mean"] == pytest.approx((1 + 2 + 4) / 3)  # every other sample
+
+
+def test_tissue_offset_is_the_tissue_mean_deviation_from_gene_means():
+    problem = toy_problem()
+    rec = context_of(problem, gene=0, sample=2)
+    values = problem.values
+    resid = values - np.nanmean(values, axis=1, keepdims=True)
+    assert rec["tissue_offset"] == pytest.approx(float(np.nanmean(resid[:, [0, 2]])), rel=1e-5)
 
 
 def test_hidden_target_has_no_label():

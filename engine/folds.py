@@ -1,0 +1,63 @@
+"""Training examples that look like the evaluation's hidden entries: inner folds hidden from the visible data.
+
+The network and the head learn to impute by predicting visible values that were hidden *again*, in the same way
+as the evaluation task hides values (whole genes, whole samples or single entries). Each fold hides a disjoint
+``fraction`` of the visible units; the records of a fold are built from what is left visible in it and labelled
+with the re-hidden visible values. Outer hidden values are never touched: they are not in the visible problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from engine.problem import VisibleProblem, tissue_correlation
+
+
+def training_folds(
+    problem: VisibleProblem, task: str, n_folds: int, fraction: float, seed: int
+) -> list[np.ndarray]:
+    """Disjoint inner-hidden masks, one per fold, each a subset of the visible entries.
+
+    Args:
+        problem: the visible problem.
+        task: ``entries``, ``genes`` or ``samples``: the unit hidden together.
+        n_folds: number of folds.
+        fraction: fraction of the visible units each fold hides (``n_folds * fraction <= 1``).
+        seed: seeds the assignment of units to folds.
+
+    Returns:
+        ``n_folds`` boolean (G, S) masks.
+    """
+    if n_folds * fraction > 1 + 1e-9:
+        raise ValueError(f"train.folds x train.fold_fraction = {n_folds} x {fraction} > 1: folds would overlap")
+    visible = ~np.isnan(problem.values)
+    rng = np.random.default_rng(seed)
+    if task == "genes":
+        units = rng.permutation(np.flatnonzero(visible.any(axis=1)))
+    elif task == "samples":
+        units = rng.permutation(np.flatnonzero(visible.any(axis=0)))
+    else:
+        units = rng.permutation(np.flatnonzero(visible.ravel()))
+    per_fold = max(1, int(round(fraction * len(units))))
+    masks = []
+    for f in range(n_folds):
+        chosen = units[f * per_fold : (f + 1) * per_fold]
+        mask = np.zeros_like(visible)
+        if task == "genes":
+            mask[chosen] = True
+        elif task == "samples":
+            mask[:, chosen] = True
+        else:
+            mask.ravel()[chosen] = True
+        masks.append(mask & visible)
+    return masks
+
+
+def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray) -> VisibleProblem:
+    """The problem with ``inner_hidden`` entries hidden as well; tissue correlations recomputed without them."""
+    values = problem.values.copy()
+    values[inner_hidden] = np.nan
+    corr = tissue_correlation(values, problem.tissue_index, len(problem.tissues))
+    return dataclasses.replace(problem, values=values, tissue_corr=corr)
