@@ -1,0 +1,197 @@
+"""The XGBoost head, fitted with Ray Train's ``XGBoostTrainer``: a point estimate and an 80% interval.
+
+The head sees the network's embedding (when there is one) and the engineered features of
+:mod:`engine.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the estimate and
+XGBoost's multi-quantile objective for the interval bounds. The bounds are then conformalised on held-out
+training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the quantile of
+``max(lower - y, y - upper)`` that makes the interval cover the intended fraction of held-out values.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine.config import HeadConfig
+
+log = logging.getLogger(__name__)
+
+POINT_FILE = "point.ubj"
+INTERVAL_FILE = "interval.ubj"
+
+
+@dataclass
+class HeadModel:
+    """The fitted head.
+
+    Attributes:
+        point: booster of the estimate.
+        interval: booster of the lower and upper quantiles (two outputs).
+        conformal: amount added to the upper and subtracted from the lower bound.
+        n_features: number of input columns.
+        coverage: the intended coverage of the interval (0.8 for quantiles 0.1 and 0.9).
+    """
+
+    point: object
+    interval: object
+    conformal: float
+    n_features: int
+    coverage: float
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper), each (N,), from (N, n_features) features."""
+        import xgboost
+
+        if features.shape[1] != self.n_features:
+            raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
+        matrix = xgboost.DMatrix(features, missing=np.nan)
+        point = self.point.predict(matrix)
+        bounds = self.interval.predict(matrix).reshape(len(features), -1)
+        lower = np.minimum(bounds[:, 0], bounds[:, -1]) - self.conformal
+        upper = np.maximum(bounds[:, 0], bounds[:, -1]) + self.conformal
+        return point, lower, upper
+
+    def save(self, folder: Path) -> None:
+        self.point.save_model(str(folder / POINT_FILE))
+        self.interval.save_model(str(folder / INTERVAL_FILE))
+
+    @classmethod
+    def load(cls, folder: Path, conformal: float, n_features: int, coverage: float) -> HeadModel:
+        import xgboost
+
+        point, interval = xgboost.Booster(), xgboost.Booster()
+        point.load_model(str(folder / POINT_FILE))
+        interval.load_model(str(folder / INTERVAL_FILE))
+        return cls(point, interval, conformal, n_features, coverage)
+
+
+def _table(features: np.ndarray, labels: np.ndarray) -> pa.Table:
+    cols = {f"f{i}": pa.array(features[:, i]) for i in range(features.shape[1])}
+    cols["label"] = pa.array(labels.astype(np.float32))
+    return pa.table(cols)
+
+
+def _xgb_params(config: dict, nthread: int) -> dict:
+    return {
+        "tree_method": "hist",
+        "max_depth": config["max_depth"],
+        "eta": config["eta"],
+        "subsample": config["subsample"],
+        "colsample_bytree": config["colsample_bytree"],
+        "min_child_weight": config["min_child_weight"],
+        "nthread": nthread,
+        "seed": config["seed"],
+    }
+
+
+def _head_worker(config: dict) -> None:
+    """Ray Train worker of the XGBoost fit: both boosters, one report (with the checkpoint) at the end."""
+    import os
+
+    import ray.train
+    import xgboost
+
+    def matrix(name: str) -> xgboost.DMatrix:
+        frame = ray.train.get_dataset_shard(name).materialize().to_pandas()
+        # plain arrays, no feature names: prediction later sees numpy arrays too
+        features = frame.drop(columns="label").to_numpy(dtype=np.float32)
+        return xgboost.DMatrix(features, label=frame["label"].to_numpy(), missing=np.nan)
+
+    train, valid = matrix("train"), matrix("valid")
+    base = _xgb_params(config, config["nthread"])
+    # each ray.train.report costs seconds: evaluation logs stay inside xgboost, one report at the end
+    point = xgboost.train(
+        {**base, "objective": "reg:squarederror", "eval_metric": "rmse"},
+        train,
+        num_boost_round=config["num_boost_round"],
+        evals=[(valid, "valid")],
+        early_stopping_rounds=30,
+        verbose_eval=False,
+    )
+    rounds = point.best_iteration + 1
+    point = point[:rounds]
+    interval = xgboost.train(
+        {**base, "objective": "reg:quantileerror", "quantile_alpha": np.asarray(config["quantiles"])},
+        train,
+        num_boost_round=rounds,
+        verbose_eval=False,
+    )
+    metrics = {"rounds": rounds, "valid_rmse": float(point.eval(valid).split(":")[-1])}
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            point.save_model(os.path.join(folder, POINT_FILE))
+            interval.save_model(os.path.join(folder, INTERVAL_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    config: HeadConfig,
+    storage: Path,
+    *,
+    seed: int = 0,
+    name: str = "head",
+) -> HeadModel:
+    """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows.
+
+    Args:
+        features: (N, F) float32, NaN = missing.
+        labels: (N,) values on the modelling scale.
+        valid: (N,) bool, rows held out for early stopping and for calibrating the interval.
+        config: head settings.
+        storage: folder for Ray Train's run and checkpoint.
+        seed: XGBoost seed.
+        name: Ray Train run name.
+    """
+    import ray
+    import xgboost
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.xgboost import XGBoostTrainer
+
+    t0 = time.perf_counter()
+    train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid]))
+    valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid]))
+    loop_config = {
+        "max_depth": config.max_depth,
+        "eta": config.eta,
+        "subsample": config.subsample,
+        "colsample_bytree": config.colsample_bytree,
+        "min_child_weight": config.min_child_weight,
+        "num_boost_round": config.num_boost_round,
+        "quantiles": list(config.quantiles),
+        "nthread": max(1, int(round(config.cpus_per_worker))),
+        "seed": seed,
+    }
+    trainer = XGBoostTrainer(
+        _head_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        datasets={"train": train_ds, "valid": valid_ds},
+        run_config=RunConfig(storage_path=str(storage.resolve()), name=name),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        point, interval = xgboost.Booster(), xgboost.Booster()
+        point.load_model(str(Path(folder) / POINT_FILE))
+        interval.load_model(str(Path(folder) / INTERVAL_FILE))
+    coverage = config.quantiles[1] - config.quantiles[0]
+    head = HeadModel(point, interval, 0.0, features.shape[1], coverage)
+    _, lower, upper = head.predict(features[valid])
+    score = np.maximum(lower - labels[valid], labels[valid] - upper)
+    n = len(score)
+    level = min(1.0, np.ceil((n + 1) * coverage) / n)
+    head.conformal = float(np.quantile(score, level)) if n else 0.0
+    log.info("head %s: %s, conformal %+.4f, %.1f s", name, result.metrics, head.conformal,
+             time.perf_counter() - t0)
+    return head
