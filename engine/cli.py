@@ -16,8 +16,6 @@ log = logging.getLogger("engine")
 
 #: the steps of DESIGN.md that later versions implement; listed so that --help shows the whole shape
 PLANNED = {
-    "train": "train the CNN-transformer with Ray Train",
-    "fit-head": "fit the XGBoost head with Ray Train",
     "impute": "write genotype-tissue predictions to partitioned Parquet",
     "variant-effects": "score promoter variants by predicted expression change",
     "nightly": "impute the new genomes of an inbox",
@@ -94,11 +92,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from engine.prepare import prepare
 
-    result = prepare(_load(args), args.out, targets=args.targets)
+    result = prepare(_load(args), args.out, targets=args.targets, training=args.training)
     print(
         f"{result.n_records:,} context records and {result.n_promoters:,} unique promoters written to "
         f"{result.out_dir} in {result.seconds:.1f} s"
     )
+    return 0
+
+
+def _records_dir(args: argparse.Namespace, config) -> Path:
+    return Path(args.records or Path(config.output_dir) / "records")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from engine.hybrid import train_hybrid_network
+    from engine.prepare import read_problem_index
+
+    config = _load(args)
+    records = _records_dir(args, config)
+    gene_ids, tissues = read_problem_index(records)
+    from engine.raytools import ensure_ray
+
+    ensure_ray(config.ray)
+    out = Path(args.out or Path(config.output_dir) / "network")
+    out.mkdir(parents=True, exist_ok=True)
+    network = train_hybrid_network(config, records, gene_ids, len(tissues), out / "runs")
+    torch.save(network.state, out / "network.pt")
+    (out / "network.json").write_text(json.dumps({"network": network.spec.__dict__,
+                                                  "features": network.features.__dict__,
+                                                  "metrics": network.metrics}, indent=2, default=str))
+    print(f"network trained: {network.metrics}; weights in {out / 'network.pt'}")
+    return 0
+
+
+def cmd_fit_head(args: argparse.Namespace) -> int:
+    import json
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from engine.bundle import save_bundle
+    from engine.hybrid import fit_hybrid_head
+    from engine.model.features import FeatureSpec
+    from engine.model.network import NetworkSpec
+    from engine.prepare import read_problem_index
+    from engine.raytools import ensure_ray
+    from engine.train import TrainedNetwork
+
+    config = _load(args)
+    records = _records_dir(args, config)
+    gene_ids, _ = read_problem_index(records)
+    net_dir = Path(args.network or Path(config.output_dir) / "network")
+    if not (net_dir / "network.pt").is_file():
+        raise GeximputeError(f"{net_dir}: no trained network (network.pt); run `geximpute train` first")
+    specs = json.loads((net_dir / "network.json").read_text())
+    network = TrainedNetwork(
+        spec=NetworkSpec(**specs["network"]),
+        features=FeatureSpec(**specs["features"]),
+        state=torch.load(net_dir / "network.pt", weights_only=True, map_location="cpu"),
+        metrics=specs.get("metrics", {}),
+    )
+    ensure_ray(config.ray)
+    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, net_dir / "runs")
+    out = Path(args.out or Path(config.output_dir) / "model")
+    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
+    version = save_bundle(models, out, sequences=sequences, gene_ids=gene_ids, metrics=network.metrics)
+    print(f"model bundle {version} written to {out}")
     return 0
 
 
@@ -159,7 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="entries that get a context record (default all measured entries)",
     )
+    p.add_argument("--training", action="store_true",
+                   help="also write the labelled training folds that `train` and `fit-head` read")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train the CNN-transformer with Ray Train (TorchTrainer, DDP)")
+    _add_config(p)
+    p.add_argument("--records", metavar="DIR", help="prepare output with training folds (default <output_dir>/records)")
+    p.add_argument("--out", metavar="DIR", help="where the network goes (default <output_dir>/network)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("fit-head", help="fit the XGBoost head with Ray Train and write the model bundle")
+    _add_config(p)
+    p.add_argument("--records", metavar="DIR", help="prepare output with training folds (default <output_dir>/records)")
+    p.add_argument("--network", metavar="DIR", help="trained network (default <output_dir>/network)")
+    p.add_argument("--out", metavar="DIR", help="bundle folder (default <output_dir>/model)")
+    p.set_defaults(func=cmd_fit_head)
 
     p = sub.add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")
     _add_config(p)

@@ -160,21 +160,24 @@ class EvaluationConfig:
         seed: seed of the hidden set (independent of the global seed so that methods can vary while the hidden
             set stays fixed).
         fraction: fraction of entries, genes or samples hidden.
-        methods: the methods scored, all on exactly the same hidden entries.
+        methods: the methods scored, all on exactly the same hidden entries; ``hybrid`` trains the network and
+            the head on training folds (see :mod:`engine.folds`).
+        ablations: with ``hybrid``, also score ``cnn_only``, ``transformer_only`` and ``xgb_features_only``.
         min_donors: fewest hidden donors of a (gene, tissue) for its across-donor Pearson to count.
     """
 
     task: Literal["entries", "genes", "samples"] = "entries"
     seed: int = 0
     fraction: float = 0.1
-    methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor")
+    methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid")
+    ablations: bool = True
     min_donors: int = 10
 
     def __post_init__(self) -> None:
         _require(0 < self.fraction < 1, "evaluation.fraction", self.fraction, "a number in (0, 1)")
         _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
-        known = {"distance", "row_tissue", "matrix_completion", "tissue_donor"}
+        known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid"}
         bad = [m for m in self.methods if m not in known]
         _require(not bad, "evaluation.methods", list(self.methods), f"names among {sorted(known)}")
 
@@ -280,7 +283,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     folds: int = 2
-    fold_fraction: float = 0.2
+    fold_fraction: float = 0.25
     drop_neighbours: float = 0.1
     drop_tissues: float = 0.1
     drop_gene: float = 0.1

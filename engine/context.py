@@ -95,7 +95,9 @@ def build_context(
     ends = np.append(starts[1:], len(sample_index))
     window = np.arange(-k - 1, k + 1)
 
-    nb_parts: dict[str, list[np.ndarray]] = {"value": [], "logdist": [], "orient": [], "overlap": []}
+    nb_parts: dict[str, list[np.ndarray]] = {"value": [], "logdist": [], "orient": [], "overlap": [], "mean": []}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        all_gene_mean = np.where(index.gene_n > 0, index.gene_sum / np.maximum(index.gene_n, 1), np.nan)
     nb_len, tis_len = [], []
     tis_parts: dict[str, list[np.ndarray]] = {"value": [], "index": [], "corr": [], "mean": []}
     target = np.full(len(gene_index), np.nan, dtype=np.float32)
@@ -132,7 +134,9 @@ def build_context(
         same = p.strand[nb] == p.strand[tg][:, None]
         orient = np.where(same, S.ORIENT_SAME, np.where(signed < 0, S.ORIENT_DIVERGENT, S.ORIENT_CONVERGENT))
         overlap = (p.start[nb] <= p.end[tg][:, None]) & (p.start[tg][:, None] <= p.end[nb])
-        for name, arr in (("value", col[nb]), ("logdist", logdist), ("orient", orient), ("overlap", overlap)):
+        nb_columns = (("value", col[nb]), ("logdist", logdist), ("orient", orient), ("overlap", overlap),
+                      ("mean", all_gene_mean[nb]))
+        for name, arr in nb_columns:
             flat, lengths = _flatten(arr, nb_ok)
             nb_parts[name].append(flat)
         nb_len.append(lengths)
@@ -193,6 +197,7 @@ def build_context(
         "nb_logdist": _lists(nb_parts["logdist"], nb_lengths, pa.float32()),
         "nb_orient": _lists(nb_parts["orient"], nb_lengths, pa.int8()),
         "nb_overlap": _lists(nb_parts["overlap"], nb_lengths, pa.bool_()),
+        "nb_gene_mean": _lists(nb_parts["mean"], nb_lengths, pa.float32()),
         "tis_value": _lists(tis_parts["value"], tis_lengths, pa.float32()),
         "tis_index": _lists(tis_parts["index"], tis_lengths, pa.int16()),
         "tis_corr": _lists(tis_parts["corr"], tis_lengths, pa.float32()),

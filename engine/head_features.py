@@ -17,6 +17,8 @@ FEATURE_NAMES = (
     "nb_mean",
     "nb_std",
     "nb_count",
+    "nb_gene_mean_idw",
+    "nb_deviation_idw",
     "tis_count",
     "tis_mean_value",
     "tis_corr_weighted",
@@ -85,6 +87,13 @@ def engineered_features(
         var = _row_sum(value**2, rows, n) / np.maximum(count, 1) - mean**2
         out[has, col["nb_std"]] = np.sqrt(np.maximum(var[has], 0))
     out[:, col["nb_count"]] = count
+    # the neighbours' own levels, and how far this tissue sits from them: the region's tissue signal
+    nb_level, _, _ = _parts(records["nb_gene_mean"])
+    w_all = 1.0 / (dist + distance_offset)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den_all = _row_sum(w_all, rows, n)
+        out[has, col["nb_gene_mean_idw"]] = (_row_sum(w_all * nb_level, rows, n) / den_all)[has]
+        out[has, col["nb_deviation_idw"]] = (_row_sum(w_all * (value - nb_level), rows, n) / den_all)[has]
 
     tval, trows, toffs = _parts(records["tis_value"])
     tcorr, _, _ = _parts(records["tis_corr"])

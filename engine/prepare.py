@@ -177,6 +177,37 @@ def write_records(
     return pq.ParquetDataset(out).read(columns=["gene_index"]).num_rows
 
 
+def write_problem_index(problem: VisibleProblem, folder: Path) -> None:
+    """``genes.parquet`` and ``samples.parquet``: what ``gene_index`` and ``sample_index`` of the records mean."""
+    pq.write_table(
+        pa.table({S.GENE_ID: pa.array(problem.gene_ids, pa.string()), S.CHROM: pa.array(problem.chroms, pa.string()),
+                  S.TSS: problem.tss, S.STRAND: problem.strand}),
+        folder / "genes.parquet",
+    )
+    pq.write_table(
+        pa.table({
+            S.SAMPLE_ID: pa.array(problem.sample_ids, pa.string()),
+            S.DONOR_ID: pa.array(np.asarray(problem.donors, dtype=object)[problem.donor_index], pa.string()),
+            S.TISSUE: pa.array(np.asarray(problem.tissues, dtype=object)[problem.tissue_index], pa.string()),
+            "tissue_index": problem.tissue_index,
+        }),
+        folder / "samples.parquet",
+    )
+
+
+def read_problem_index(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """(gene ids in ``gene_index`` order, tissue names in ``tissue_index`` order) of a prepare output."""
+    if not (folder / "genes.parquet").is_file():
+        raise FileNotFoundError(f"{folder}: not a prepare output (no genes.parquet); run `geximpute prepare` first")
+    genes = pq.read_table(folder / "genes.parquet")[S.GENE_ID].to_pylist()
+    samples = pq.read_table(folder / "samples.parquet")
+    order = np.argsort(samples["tissue_index"].to_numpy(), kind="stable")
+    names = np.asarray(samples[S.TISSUE].to_pylist(), dtype=object)[order]
+    index = samples["tissue_index"].to_numpy()[order]
+    tissues = [names[np.flatnonzero(index == t)[0]] for t in range(int(index.max()) + 1)] if len(index) else []
+    return np.asarray(genes, dtype=object), tissues
+
+
 def target_masks(problem: VisibleProblem, truth: HiddenTruth, which: str) -> tuple[np.ndarray, np.ndarray]:
     """(targets, hidden) boolean (G, S) masks: ``all`` = visible + hidden, ``hidden`` or ``visible`` only."""
     hidden = np.zeros(problem.values.shape, dtype=bool)
@@ -220,6 +251,7 @@ def prepare(
             gene_promoters.num_rows,
             promoters.num_rows,
         )
+        write_problem_index(problem, staging)
         n_records = write_records(config, problem, target_mask, hidden, staging / "context")
         n_train = 0
         if training:

@@ -131,6 +131,8 @@ CONTEXT = pa.schema(
         pa.field("nb_logdist", pa.list_(pa.float32()), nullable=False),  # sign(d) log10(1+|d|), d 5'->3' of target
         pa.field("nb_orient", pa.list_(pa.int8()), nullable=False),  # ORIENT_*
         pa.field("nb_overlap", pa.list_(pa.bool_()), nullable=False),
+        # each neighbour's mean over all its visible samples: its value minus this is the region's tissue signal
+        pa.field("nb_gene_mean", pa.list_(pa.float32()), nullable=False),
         # the same gene in the donor's other samples with a visible value
         pa.field("tis_value", pa.list_(pa.float32()), nullable=False),
         pa.field("tis_index", pa.list_(pa.int16()), nullable=False),

@@ -194,3 +194,10 @@ def test_metrics_leave_undefined_correlations_out():
                  tissue_names=["T"], min_donors=3)
     assert good["across_donors_pearson_mean"] == pytest.approx(1.0)
     assert good["rmse"] == pytest.approx(0.1) and good["per_tissue"]["T"]["n"] == 8
+
+
+def test_neighbours_carry_their_own_mean_level():
+    problem = toy_problem()
+    rec = context_of(problem, gene=0, sample=0, k=3)
+    means = np.nanmean(problem.values, axis=1)
+    np.testing.assert_allclose(rec["nb_gene_mean"], means[[1, 2, 3]], rtol=1e-6)

@@ -1,0 +1,128 @@
+"""The model bundle: the single artefact that later steps load.
+
+A bundle folder holds::
+
+    network.pt        network weights (a plain state dict; loaded with ``torch.load(weights_only=True)``)
+    network.json      NetworkSpec and FeatureSpec of the network
+    point.ubj         XGBoost booster of the estimate
+    interval.ubj      XGBoost booster of the interval bounds
+    head.json         conformal width, feature count, coverage, engineered feature names
+    promoters.parquet the one-hot promoter table's sequences and the genes that use each row
+    config.yaml       the resolved config that made it
+    manifest.json     versions, input fingerprints, training metrics, model_version
+
+``model_version`` is a hash of the weights and boosters, so two bundles with the same version predict the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from engine.config import Config, config_from_dict, dump_config
+from engine.head import INTERVAL_FILE, POINT_FILE, HeadModel
+from engine.head_features import FEATURE_NAMES
+from engine.hybrid import HybridModels
+from engine.model.features import FeatureSpec, one_hot_promoters
+from engine.model.network import NetworkSpec
+from engine.provenance import manifest, staged_dir, write_json
+from engine.train import TrainedNetwork
+
+NETWORK_FILE = "network.pt"
+
+
+def _model_version(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (NETWORK_FILE, POINT_FILE, INTERVAL_FILE, "head.json", "network.json"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str], gene_ids: np.ndarray,
+                metrics: dict | None = None) -> str:
+    """Write ``models`` (network and hybrid head) as a bundle, atomically; returns its ``model_version``.
+
+    Args:
+        models: the fitted hybrid.
+        folder: bundle folder (replaced as a whole).
+        sequences: the promoter sequences of the rows of ``models.promoters``.
+        gene_ids: problem genes, in the order of ``models.promoter_of_gene``.
+        metrics: training figures recorded in the manifest.
+    """
+    with staged_dir(folder) as staging:
+        torch.save(models.network.state, staging / NETWORK_FILE)
+        (staging / "network.json").write_text(json.dumps({
+            "network": dataclasses.asdict(models.network.spec),
+            "features": dataclasses.asdict(models.network.features),
+        }, indent=2))
+        models.head.save(staging)
+        (staging / "head.json").write_text(json.dumps({
+            "conformal": models.head.conformal,
+            "n_features": models.head.n_features,
+            "coverage": models.head.coverage,
+            "engineered_features": list(FEATURE_NAMES),
+        }, indent=2))
+        has = models.promoter_of_gene >= 0
+        pq.write_table(pa.table({"sequence": pa.array(sequences, pa.string())}), staging / "promoters.parquet")
+        pq.write_table(
+            pa.table({"gene_id": pa.array(np.asarray(gene_ids, dtype=object)[has], pa.string()),
+                      "promoter_row": pa.array(models.promoter_of_gene[has])}),
+            staging / "gene_promoters.parquet",
+        )
+        (staging / "config.yaml").write_text(dump_config(models.config))
+        version = _model_version(staging)
+        write_json(staging / "manifest.json", manifest(models.config, step="bundle", model_version=version,
+                                                       metrics=metrics or {}, seconds=models.seconds))
+    return version
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A loaded bundle: the hybrid and the promoter row of each gene id."""
+
+    models: HybridModels
+    gene_promoter: dict[str, int]
+    model_version: str
+    folder: Path
+
+    def predict(self, records: pa.Table, gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper) of context records whose ``gene_index`` indexes ``gene_ids``."""
+        self.models.promoter_of_gene = np.array([self.gene_promoter.get(g, -1) for g in gene_ids], dtype=np.int64)
+        _, _, inputs = self.models.head_inputs(records)
+        return self.models.head.predict(inputs)
+
+
+def load_bundle(folder: str | Path) -> Bundle:
+    """Load a bundle written by :func:`save_bundle`.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+    """
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model bundle (no manifest.json); run `geximpute fit-head` first")
+    import yaml
+
+    config: Config = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    specs = json.loads((folder / "network.json").read_text())
+    spec = NetworkSpec(**specs["network"])
+    features = FeatureSpec(**specs["features"])
+    state = torch.load(folder / NETWORK_FILE, weights_only=True, map_location="cpu")
+    network = TrainedNetwork(spec=spec, features=features, state=state, metrics={})
+    head_meta = json.loads((folder / "head.json").read_text())
+    head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"])
+    sequences = pq.read_table(folder / "promoters.parquet")["sequence"].to_pylist()
+    links = pq.read_table(folder / "gene_promoters.parquet")
+    promoters = one_hot_promoters(sequences, spec.promoter_length) if sequences else np.zeros(
+        (0, 4, spec.promoter_length), np.uint8)
+    gene_promoter = dict(zip(links["gene_id"].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
+    models = HybridModels(config, promoters, np.zeros(0, np.int64), network, head)
+    version = json.loads((folder / "manifest.json").read_text())["model_version"]
+    return Bundle(models, gene_promoter, version, folder)

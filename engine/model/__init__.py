@@ -1,0 +1,30 @@
+"""The imputation network and its input arrays: plain torch modules and numpy featurisation, no Ray.
+
+``features`` turns context records into fixed-shape arrays; ``network`` holds the promoter CNN, the context
+transformer and the hybrid network with its ablations.
+"""
+
+from engine.model.features import (
+    BATCH_KEYS,
+    FeatureSpec,
+    drop_groups,
+    empty_batch,
+    featurize,
+    one_hot_promoters,
+    to_tensors,
+)
+from engine.model.network import ContextEncoder, HybridNet, NetworkSpec, PromoterCNN
+
+__all__ = [
+    "BATCH_KEYS",
+    "ContextEncoder",
+    "FeatureSpec",
+    "HybridNet",
+    "NetworkSpec",
+    "PromoterCNN",
+    "drop_groups",
+    "empty_batch",
+    "featurize",
+    "one_hot_promoters",
+    "to_tensors",
+]

@@ -1,0 +1,319 @@
+"""``geximpute train``: the CNN-transformer trained with Ray Train's TorchTrainer (DDP), one report per epoch.
+
+Workers read the labelled training folds through Ray Data (``ray.train.get_dataset_shard``), featurise each
+Arrow batch, hide whole evidence groups at random (denoising), and minimise the squared error on standardised
+values. Validation uses held-out chromosomes (``split.valid_chroms``) or, without them, a seeded holdout of the
+task's units (genes, samples or entries). Every epoch writes a checkpoint; a restarted worker group resumes from
+the last one (``train.max_failures``); training stops when the validation loss has not improved for
+``train.patience`` epochs and the best weights are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from engine import schema as S
+from engine.config import Config
+from engine.model.features import FeatureSpec, drop_groups, featurize, one_hot_promoters, to_tensors
+from engine.model.network import HybridNet, NetworkSpec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+HOLDOUT_PERCENT = 15
+
+
+def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarray:
+    """Rows held out for validation: records on validation chromosomes, or a seeded 15% of the task's units."""
+    if use_chroms:
+        return table["split"].to_numpy(zero_copy_only=False) == "valid"
+    gene = table["gene_index"].to_numpy().astype(np.uint64)
+    sample = table["sample_index"].to_numpy().astype(np.uint64)
+    unit = {"genes": gene, "samples": sample}.get(task, gene * np.uint64(1_000_003) + sample)
+    mixed = (unit * np.uint64(2654435761) + np.uint64(seed * 97 + 13)) % np.uint64(2**32)
+    return (mixed % np.uint64(100)) < HOLDOUT_PERCENT
+
+
+def promoter_inputs(records_dir: Path, gene_ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(one-hot promoter table (P, 4, L) uint8, promoter row of each problem gene (G,) int64, -1 = none)."""
+    promoters = pq.read_table(records_dir / "promoters.parquet")
+    links = pq.read_table(records_dir / "gene_promoters.parquet")
+    row_of = {pid: i for i, pid in enumerate(promoters["promoter_id"].to_pylist())}
+    gene_row = {g: row_of[p] for g, p in zip(links[S.GENE_ID].to_pylist(), links["promoter_id"].to_pylist(),
+                                                strict=True)}
+    table = one_hot_promoters(promoters["sequence"].to_pylist(), length)
+    lookup = np.array([gene_row.get(g, -1) for g in gene_ids], dtype=np.int64)
+    return table, lookup
+
+
+@dataclass
+class TrainedNetwork:
+    """A trained network: its spec, its input spec and its best weights."""
+
+    spec: NetworkSpec
+    features: FeatureSpec
+    state: dict
+    metrics: dict
+
+    def model(self) -> HybridNet:
+        net = HybridNet(self.spec)
+        net.load_state_dict(self.state)
+        return net.eval()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _batches(shard, batch_size: int, cfg: dict, promoter_of_gene: np.ndarray, limit: int | None, shuffle: bool):
+    """Featurised numpy batches of a Ray Data shard (each worker gets equal-sized shards: DDP stays in step)."""
+    seen = 0
+    kwargs = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": cfg["seed"]} if shuffle else {}
+    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=shuffle, **kwargs):
+        if limit is not None and seen >= limit:
+            break
+        seen += table.num_rows
+        gene = table["gene_index"].to_numpy()
+        yield featurize(table, cfg["features"], promoter_of_gene[gene])
+
+
+def _train_loop(cfg: dict) -> None:
+    """Ray Train worker: one epoch at a time, a checkpoint and one report per epoch."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    device = ray.train.torch.get_device()
+    net = HybridNet(cfg["spec"])
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    promoters = torch.as_tensor(cfg["promoters"], device=device) if len(cfg["promoters"]) else None
+    lookup = cfg["promoter_of_gene"]
+    state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0}
+    # the run's own checkpoint (after a worker failure) wins over the one it was asked to start from
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg["resume_path"]:
+        checkpoint = ray.train.Checkpoint.from_directory(cfg["resume_path"])
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location=device)
+        _unwrap(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {k: saved[k] for k in state}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
+
+    for epoch in range(state["epoch"] + 1, cfg["epochs"]):
+        if state["bad_epochs"] >= cfg["patience"]:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        rng = np.random.default_rng(cfg["seed"] * 1000 + epoch * 10 + rank)
+        loss_sum, n_seen = 0.0, 0
+        for batch in _batches(train_shard, cfg["batch_size"], cfg, lookup, per_worker_limit, shuffle=True):
+            batch = drop_groups(batch, rng, *cfg["drop"])
+            tensors = to_tensors(batch, device)
+            with autocast:
+                pred, _ = model(tensors, promoters)
+            loss = torch.mean((pred.float() - tensors["target"]) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            loss_sum += float(loss) * len(pred)
+            n_seen += len(pred)
+        model.eval()
+        sq, count = 0.0, 0
+        with torch.no_grad():
+            for batch in _batches(valid_shard, 4 * cfg["batch_size"], cfg, lookup, None, shuffle=False):
+                tensors = to_tensors(batch, device)
+                with autocast:
+                    pred, _ = model(tensors, promoters)
+                sq += float(torch.sum((pred.float() - tensors["target"]) ** 2))
+                count += len(pred)
+        totals = torch.tensor([sq, count, loss_sum, n_seen], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        val_loss = float(totals[0] / max(totals[1], 1))
+        train_loss = float(totals[2] / max(totals[3], 1))
+        if val_loss < state["best_val"] - 1e-4:
+            state["best_val"], state["bad_epochs"] = val_loss, 0
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val": state["best_val"],
+                   "examples": int(totals[3]), "seconds": time.perf_counter() - t0}
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **state},
+                           os.path.join(folder, STATE_FILE))
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+def fold_dirs(records_dir: Path, folds: list[int]) -> list[Path]:
+    """The Parquet folders of the given training folds of a prepare output."""
+    dirs = [records_dir / "train" / f"fold={f}" for f in folds]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"training folds missing: {missing}; run prepare with training folds first")
+    return dirs
+
+
+def latest_checkpoint(storage: Path, name: str):
+    """The newest checkpoint of run ``name`` under ``storage`` (a ``ray.train.Checkpoint``), or None."""
+    from ray.train import Checkpoint
+
+    runs = sorted((p for p in (storage / name).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return Checkpoint.from_directory(str(runs[-1])) if runs else None
+
+
+def train_network(
+    config: Config,
+    train_dirs: list[Path],
+    records_dir: Path,
+    gene_ids: np.ndarray,
+    n_tissues: int,
+    *,
+    use_promoter: bool = True,
+    use_context: bool = True,
+    storage: Path,
+    name: str = "network",
+    resume_from=None,
+) -> TrainedNetwork:
+    """Train one network variant with ``TorchTrainer`` and return its best weights.
+
+    Args:
+        config: the resolved config (``model``, ``train``, ``split``, ``evaluation.task``, ``seed``).
+        train_dirs: Parquet folders of labelled training records (folds of ``train/`` of a prepare output).
+        records_dir: the prepare output holding ``promoters.parquet`` and ``gene_promoters.parquet``.
+        gene_ids: ids of the problem's genes (``gene_index`` order).
+        n_tissues: tissue vocabulary size.
+        use_promoter, use_context: the variant (both: hybrid; ablations otherwise).
+        storage: folder for Ray Train's runs and checkpoints.
+        name: run name (a run of the same name and storage resumes).
+        resume_from: a ``ray.train.Checkpoint`` to continue from.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    tc = config.train
+    table = pa.concat_tables(
+        pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index"]) for d in train_dirs
+    )
+    labels = table["target"].to_numpy(zero_copy_only=False)
+    use_chroms = bool(config.split.valid_chroms) and bool(np.any(table["split"].to_numpy(zero_copy_only=False)
+                                                                 == "valid"))
+    valid = holdout(table, config.evaluation.task, use_chroms, config.seed)
+    train_labels = labels[~valid]
+    features = FeatureSpec(
+        k_neighbours=config.context.k_neighbours,
+        n_tissues=n_tissues,
+        promoter_length=config.promoter.length,
+        value_center=float(np.mean(train_labels)),
+        value_scale=float(np.std(train_labels)) or 1.0,
+    )
+    m = config.model
+    spec = NetworkSpec(
+        n_tissues=n_tissues, promoter_length=config.promoter.length, d_model=m.d_model, n_heads=m.n_heads,
+        n_layers=m.n_layers, cnn_channels=m.cnn_channels, cnn_kernel=m.cnn_kernel, cnn_layers=m.cnn_layers,
+        dropout=m.dropout, use_promoter=use_promoter, use_context=use_context,
+    )
+    promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
+    valid_ref = np.flatnonzero(valid)
+
+    def split(part: str):
+        def select(batch: pa.Table) -> pa.Table:
+            rows = holdout(batch, config.evaluation.task, use_chroms, config.seed)
+            return batch.filter(pa.array(rows if part == "valid" else ~rows))
+
+        return ray.data.read_parquet([str(d) for d in train_dirs]).map_batches(
+            select, batch_format="pyarrow", num_cpus=config.ray.cpus_per_task
+        )
+
+    loop_config = {
+        "spec": spec,
+        "features": features,
+        "promoters": promoters,
+        "promoter_of_gene": lookup,
+        "seed": config.seed,
+        "lr": tc.lr,
+        "weight_decay": tc.weight_decay,
+        "epochs": tc.epochs,
+        "patience": tc.patience,
+        "batch_size": tc.batch_size,
+        "drop": (tc.drop_neighbours, tc.drop_tissues, tc.drop_gene),
+        "max_examples": tc.max_examples_per_epoch,
+        "threads": tc.cpus_per_worker,
+        "resume_path": resume_from.path if resume_from is not None else None,
+    }
+    log.info("train %s: %d training and %d validation examples (%s), %d promoters, %d worker(s)%s", name,
+             int((~valid).sum()), len(valid_ref), "chromosomes" if use_chroms else "unit holdout",
+             len(promoters), tc.num_workers, " with GPU" if tc.use_gpu else "")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
+        ),
+        datasets={"train": split("train"), "valid": split("valid")},
+        run_config=RunConfig(
+            storage_path=str(storage.resolve()),
+            name=name,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
+    best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
+    metrics = {**result.metrics, "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("train %s: best validation loss %.4f after %d epochs (%.0f s)", name, saved["best_val"],
+             saved["epoch"] + 1, metrics["seconds"])
+    return TrainedNetwork(spec=spec, features=features, state=best, metrics=metrics)
+
+
+def run_network(
+    network: TrainedNetwork,
+    records: pa.Table,
+    promoters: np.ndarray,
+    promoter_of_gene: np.ndarray,
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions on the value scale (N,), embeddings (N, D)) of ``records``, in-process, no gradients."""
+    model = network.model()
+    table = torch.as_tensor(promoters) if len(promoters) else None
+    preds, embs = [], []
+    with torch.no_grad():
+        for start in range(0, records.num_rows, batch_size):
+            part = records.slice(start, batch_size)
+            batch = featurize(part, network.features, promoter_of_gene[part["gene_index"].to_numpy()])
+            batch.pop("target", None)
+            pred, emb = model(to_tensors(batch), table)
+            preds.append(network.features.unstandardise(pred.float().numpy()))
+            embs.append(emb.float().numpy())
+    if not preds:
+        return np.zeros(0, np.float32), np.zeros((0, network.model().embedding_dim), np.float32)
+    return np.concatenate(preds), np.concatenate(embs)

@@ -1,0 +1,538 @@
+"""Featurisation of context records and the hybrid network: exact arrays, invariances, DDP-safety and learnability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from engine import schema as S
+from engine.model import (
+    BATCH_KEYS,
+    FeatureSpec,
+    HybridNet,
+    NetworkSpec,
+    drop_groups,
+    empty_batch,
+    featurize,
+    one_hot_promoters,
+    to_tensors,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared CI machine makes spinning OpenMP threads slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VARIANTS = {
+    "hybrid": (True, True),
+    "transformer_only": (False, True),
+    "cnn_only": (True, False),
+    "gene_only": (False, False),
+}
+
+
+def context_table(rows: list[dict]) -> pa.Table:
+    """A :data:`engine.schema.CONTEXT` table from short row dicts; unnamed columns get neutral values."""
+    defaults = {
+        S.GENE_ID: "g",
+        S.SAMPLE_ID: "s",
+        S.DONOR_ID: "d",
+        S.TISSUE: "t",
+        S.CHROM: "chr1",
+        "gene_index": 0,
+        "sample_index": 0,
+        "tissue_index": 0,
+        "split": "train",
+        "hidden": False,
+        "target": None,
+        "nb_value": [],
+        "nb_logdist": [],
+        "nb_orient": [],
+        "nb_overlap": [],
+        "nb_gene_mean": [],
+        "tis_value": [],
+        "tis_index": [],
+        "tis_corr": [],
+        "tis_mean": [],
+        "tissue_mean": None,
+        "gene_mean": None,
+        "tissue_offset": 0.0,
+    }
+    full = [{**defaults, **row} for row in rows]
+    return pa.Table.from_pylist(full, schema=S.CONTEXT)
+
+
+def random_records(rng: np.random.Generator, n: int, k_max: int, n_tissues: int) -> pa.Table:
+    """``n`` records with random list lengths (some empty), values and null means."""
+    rows = []
+    for _ in range(n):
+        k, t = int(rng.integers(0, k_max + 1)), int(rng.integers(0, n_tissues + 2))
+        rows.append(
+            {
+                "tissue_index": int(rng.integers(0, n_tissues)),
+                "target": float(rng.normal()),
+                "nb_value": rng.normal(size=k).tolist(),
+                "nb_logdist": rng.uniform(-6, 6, k).tolist(),
+                "nb_orient": rng.integers(0, 3, k).tolist(),
+                "nb_overlap": (rng.random(k) < 0.2).tolist(),
+                "nb_gene_mean": rng.normal(size=k).tolist(),
+                "tis_value": rng.normal(size=t).tolist(),
+                "tis_index": rng.integers(0, n_tissues, t).tolist(),
+                "tis_corr": rng.uniform(-1, 1, t).tolist(),
+                "tis_mean": np.where(rng.random(t) < 0.2, np.nan, rng.normal(size=t)).tolist(),
+                "tissue_mean": None if rng.random() < 0.3 else float(rng.normal()),
+                "gene_mean": None if rng.random() < 0.3 else float(rng.normal()),
+                "tissue_offset": float(rng.normal()),
+            }
+        )
+    return context_table(rows)
+
+
+def tiny_spec(**kw) -> NetworkSpec:
+    base = dict(
+        n_tissues=4,
+        promoter_length=40,
+        d_model=16,
+        n_heads=2,
+        n_layers=2,
+        cnn_channels=8,
+        cnn_kernel=5,
+        cnn_layers=2,
+        dropout=0.0,
+    )
+    return NetworkSpec(**{**base, **kw})
+
+
+def random_promoters(rng: np.random.Generator, p: int, length: int) -> torch.Tensor:
+    seqs = ["".join(rng.choice(list("ACGT"), length)) for _ in range(p)]
+    return torch.from_numpy(one_hot_promoters(seqs, length))
+
+
+# featurize ------------------------------------------------------------------------------------------------------
+
+
+def test_one_hot_promoters_order_n_padding_and_truncation():
+    onehot = one_hot_promoters(["ACGTN", "acgt", "TTTTTTTT"], 6)
+    assert onehot.shape == (3, 4, 6) and onehot.dtype == np.uint8
+    expected0 = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],  # A
+            [0, 1, 0, 0, 0, 0],  # C
+            [0, 0, 1, 0, 0, 0],  # G
+            [0, 0, 0, 1, 0, 0],  # T; N at 4 and padding at 5 are all zeros
+        ]
+    )
+    np.testing.assert_array_equal(onehot[0], expected0)
+    np.testing.assert_array_equal(onehot[1], expected0)  # soft-masked letters read as bases
+    np.testing.assert_array_equal(onehot[2], np.array([[0] * 6, [0] * 6, [0] * 6, [1] * 6]))  # first L kept
+    assert one_hot_promoters([], 5).shape == (0, 4, 5)
+
+
+def test_featurize_gives_exact_padded_arrays():
+    table = context_table(
+        [
+            {  # more neighbours than K (nearest kept), fewer tissues than T
+                "tissue_index": 1,
+                "target": 5.0,
+                "nb_value": [3.0, 5.0, 7.0],
+                "nb_logdist": [-3.0, 6.0, 1.2],
+                "nb_orient": [S.ORIENT_DIVERGENT, S.ORIENT_SAME, S.ORIENT_CONVERGENT],
+                "nb_overlap": [True, False, False],
+                "nb_gene_mean": [5.0, 1.0, 3.0],
+                "tis_value": [9.0],
+                "tis_index": [2],
+                "tis_corr": [0.5],
+                "tis_mean": [float("nan")],  # no other donor has that tissue
+                "tissue_mean": 3.0,
+                "gene_mean": 1.0,
+                "tissue_offset": -1.0,
+            },
+            {"tissue_index": 0},  # no neighbours, no tissues, null means, null target
+            {  # a donor with two samples of one tissue: more entries than T, the first T kept
+                "tissue_index": 2,
+                "target": 1.0,
+                "nb_value": [1.0],
+                "nb_logdist": [-1.5],
+                "nb_orient": [S.ORIENT_CONVERGENT],
+                "nb_overlap": [False],
+                "nb_gene_mean": [3.0],
+                "tis_value": [1.0, 3.0, 5.0, 7.0],
+                "tis_index": [0, 0, 1, 2],
+                "tis_corr": [0.1, 0.1, 0.2, 0.3],
+                "tis_mean": [1.0, 1.0, 9.0, 3.0],
+                "gene_mean": 7.0,
+                "tissue_offset": 0.5,
+            },
+        ]
+    )
+    spec = FeatureSpec(k_neighbours=2, n_tissues=3, promoter_length=10, value_center=1.0, value_scale=2.0)
+    b = featurize(table, spec, promoter_index=np.array([4, -1, 0]))
+    assert set(b) == {*BATCH_KEYS, "target"}
+
+    np.testing.assert_array_equal(b["nb_mask"], [[True, True], [False, False], [True, False]])
+    np.testing.assert_allclose(b["nb_value"], [[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])  # (v - 1) / 2
+    np.testing.assert_allclose(b["nb_logdist"], [[-0.5, 1.0], [0.0, 0.0], [-0.25, 0.0]])
+    np.testing.assert_array_equal(b["nb_orient"], [[S.ORIENT_DIVERGENT, S.ORIENT_SAME], [0, 0], [2, 0]])
+    np.testing.assert_array_equal(b["nb_overlap"], [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(b["nb_gene_mean"], [[2.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+
+    np.testing.assert_array_equal(b["tis_mask"], [[True, False, False], [False] * 3, [True] * 3])
+    np.testing.assert_allclose(b["tis_value"], [[4.0, 0, 0], [0, 0, 0], [0.0, 1.0, 2.0]])
+    np.testing.assert_array_equal(b["tis_index"], [[2, 0, 0], [0, 0, 0], [0, 0, 1]])
+    np.testing.assert_allclose(b["tis_corr"], [[0.5, 0, 0], [0, 0, 0], [0.1, 0.1, 0.2]], rtol=1e-6)
+    np.testing.assert_allclose(b["tis_mean"], [[0, 0, 0], [0, 0, 0], [0.0, 0.0, 4.0]])
+    np.testing.assert_array_equal(b["tis_mean_ok"], [[0, 0, 0], [0, 0, 0], [1, 1, 1]])  # NaN mean: slot kept
+    np.testing.assert_allclose(b["tissue_offset"], [-0.5, 0.0, 0.25])  # scaled, not centred
+
+    np.testing.assert_array_equal(b["tissue_index"], [1, 0, 2])
+    np.testing.assert_allclose(b["tissue_mean"], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(b["tissue_mean_ok"], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(b["gene_mean"], [0.0, 0.0, 3.0])
+    np.testing.assert_array_equal(b["gene_mean_ok"], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(b["promoter_index"], [4, -1, 0])
+    np.testing.assert_allclose(b["target"], [2.0, np.nan, 0.0])
+
+    dtypes = {k: v.dtype for k, v in b.items()}
+    assert dtypes["nb_orient"] == dtypes["tis_index"] == dtypes["tissue_index"] == dtypes["promoter_index"] == np.int64
+    assert dtypes["nb_mask"] == dtypes["tis_mask"] == np.bool_
+    assert all(dtypes[k] == np.float32 for k in ("nb_value", "nb_logdist", "tis_value", "tis_corr", "gene_mean_ok"))
+
+    # no promoter index: all -1; no target column: no target key
+    b2 = featurize(table.drop_columns(["target"]), spec)
+    np.testing.assert_array_equal(b2["promoter_index"], [-1, -1, -1])
+    assert "target" not in b2
+
+
+def test_featurize_reads_chunked_and_sliced_tables_like_one_block():
+    rng = np.random.default_rng(0)
+    table = random_records(rng, 30, k_max=6, n_tissues=4)
+    spec = FeatureSpec(k_neighbours=4, n_tissues=4, promoter_length=10)
+    whole = featurize(table, spec)
+    pieces = pa.concat_tables([table.slice(0, 7), table.slice(7, 13), table.slice(20)])
+    assert pieces.column("nb_value").num_chunks == 3
+    for name, arr in featurize(pieces, spec).items():
+        np.testing.assert_array_equal(arr, whole[name], err_msg=name)
+    for name, arr in featurize(table.slice(9, 11), spec).items():
+        np.testing.assert_array_equal(arr, whole[name][9:20], err_msg=name)
+
+
+def test_featurize_rejects_inconsistent_records():
+    spec = FeatureSpec(k_neighbours=2, n_tissues=3, promoter_length=10)
+    good = {"tis_value": [1.0], "tis_index": [2], "tis_corr": [0.5], "tis_mean": [1.0]}
+    featurize(context_table([good]), spec)  # the good row is good
+    with pytest.raises(ValueError, match="column .tis_index. holds 3"):
+        featurize(context_table([{**good, "tis_index": [3]}]), spec)
+    with pytest.raises(ValueError, match="column .tissue_index. holds 5"):
+        featurize(context_table([{"tissue_index": 5}]), spec)
+    with pytest.raises(ValueError, match="parallel"):
+        featurize(context_table([{**good, "tis_corr": [0.5, 0.1]}]), spec)
+    with pytest.raises(ValueError, match="promoter_index"):
+        featurize(context_table([good]), spec, promoter_index=np.array([0, 1]))
+    with pytest.raises(ValueError, match="missing|lack"):
+        featurize(context_table([good]).drop_columns(["nb_value"]), spec)
+    with pytest.raises(ValueError, match="value_scale"):
+        FeatureSpec(k_neighbours=2, n_tissues=3, promoter_length=10, value_scale=0.0)
+
+
+def test_drop_groups_clears_whole_groups_per_row():
+    rng = np.random.default_rng(1)
+    spec = FeatureSpec(k_neighbours=4, n_tissues=4, promoter_length=10)
+    batch = featurize(random_records(rng, 400, k_max=4, n_tissues=4), spec)
+    before = {k: v.copy() for k, v in batch.items()}
+
+    none = drop_groups(batch, rng, 0.0, 0.0, 0.0)
+    for k in batch:
+        np.testing.assert_array_equal(none[k], batch[k])
+
+    all_nb = drop_groups(batch, rng, 1.0, 0.0, 0.0)
+    assert not all_nb["nb_mask"].any() and not all_nb["nb_value"].any() and not all_nb["nb_orient"].any()
+    assert not all_nb["nb_gene_mean"].any()
+    for k in ("tis_mask", "tis_value", "tis_mean_ok", "tissue_mean_ok", "gene_mean", "tissue_offset", "target"):
+        np.testing.assert_array_equal(all_nb[k], batch[k])
+
+    half = drop_groups(batch, np.random.default_rng(2), 0.5, 0.5, 0.5)
+    had_nb, had_tis, had_gene = batch["nb_mask"].any(1), batch["tis_mask"].any(1), batch["gene_mean_ok"] > 0
+    lost_nb = had_nb & ~half["nb_mask"].any(1)
+    lost_tis = had_tis & ~half["tis_mask"].any(1)
+    lost_gene = had_gene & (half["gene_mean_ok"] == 0)
+    for lost, had in ((lost_nb, had_nb), (lost_tis, had_tis), (lost_gene, had_gene)):
+        assert 0.35 < lost.sum() / had.sum() < 0.65
+    # a row keeps a group whole or loses it whole, and the drops are independent across groups
+    kept = half["nb_mask"].any(1)
+    np.testing.assert_array_equal(half["nb_mask"][kept], batch["nb_mask"][kept])
+    assert not np.array_equal(lost_nb, lost_tis)
+    assert (half["tissue_mean_ok"][lost_gene] == 0).all() and (half["tissue_mean"][lost_gene] == 0).all()
+    assert not half["tis_value"][~half["tis_mask"]].any() and not half["tis_mean_ok"][~half["tis_mask"]].any()
+    np.testing.assert_array_equal(half["tissue_offset"], batch["tissue_offset"])
+    for k in batch:  # the input is left alone
+        np.testing.assert_array_equal(batch[k], before[k])
+
+
+def test_records_from_build_context_featurize_and_run():
+    """The record builder and the featuriser agree on the schema (guards against drift between the two)."""
+    from engine.context import ContextIndex, build_context
+    from engine.problem import VisibleProblem
+
+    rng = np.random.default_rng(11)
+    n_genes, donors, tissues = 12, ["D0", "D1", "D2"], ["T0", "T1", "T2"]
+    donor_index = np.repeat(np.arange(3), 3).astype(np.int32)
+    tissue_index = np.tile(np.arange(3), 3).astype(np.int32)
+    values = rng.normal(2.0, 1.0, (n_genes, 9)).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = np.nan
+    tss = np.sort(rng.choice(np.arange(1000, 200_000, 100), n_genes, replace=False))
+    problem = VisibleProblem(
+        gene_ids=np.array([f"g{i}" for i in range(n_genes)], dtype=object),
+        chroms=np.array(["chr1"] * n_genes, dtype=object),
+        tss=tss,
+        start=tss,
+        end=tss + 500,
+        strand=rng.choice([-1, 1], n_genes).astype(np.int8),
+        split=np.zeros(n_genes, dtype=np.int8),
+        sample_ids=np.array([f"D{d}:T{t}" for d, t in zip(donor_index, tissue_index, strict=True)], dtype=object),
+        donor_index=donor_index,
+        tissue_index=tissue_index,
+        donors=donors,
+        tissues=tissues,
+        values=values,
+        tissue_corr=np.eye(3, dtype=np.float32),
+    )
+    genes, samples = np.meshgrid(np.arange(n_genes), np.arange(9), indexing="ij")
+    records = build_context(
+        ContextIndex(problem), genes.ravel(), samples.ravel(), np.zeros(genes.size, dtype=bool), k=4
+    )
+    spec = FeatureSpec(k_neighbours=3, n_tissues=3, promoter_length=40)
+    batch = featurize(records, spec)
+    lengths = np.diff(records["nb_value"].combine_chunks().offsets.to_numpy())
+    np.testing.assert_array_equal(batch["nb_mask"].sum(1), np.minimum(lengths, 3))
+    assert batch["tis_mask"].any() and batch["nb_mask"].any() and (batch["tissue_mean_ok"] > 0).any()
+    pred, emb = HybridNet(tiny_spec(n_tissues=3, use_promoter=False)).eval()(to_tensors(batch), None)
+    assert pred.shape == (genes.size,) and torch.isfinite(pred).all() and torch.isfinite(emb).all()
+
+
+# network --------------------------------------------------------------------------------------------------------
+
+
+def make_batch(seed: int, n: int = 24, with_promoters: bool = True, with_context: bool = True):
+    rng = np.random.default_rng(seed)
+    spec = FeatureSpec(k_neighbours=5, n_tissues=4, promoter_length=40)
+    records = random_records(rng, n, k_max=7, n_tissues=4)
+    pidx = rng.integers(-1, 6, n) if with_promoters else np.full(n, -1)
+    batch = featurize(records, spec, promoter_index=pidx)
+    if not with_context:
+        batch = drop_groups(batch, rng, 1.0, 1.0, 1.0)
+    promoters = random_promoters(rng, 6, 40) if with_promoters else None
+    return to_tensors(batch), promoters
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_output_shapes_and_dtypes(variant):
+    use_promoter, use_context = VARIANTS[variant]
+    net = HybridNet(tiny_spec(use_promoter=use_promoter, use_context=use_context)).eval()
+    assert net.spec.variant == variant
+    batch, promoters = make_batch(0)
+    pred, emb = net(batch, promoters)
+    assert pred.shape == (24,) and emb.shape == (24, net.embedding_dim) and net.embedding_dim == 16
+    assert pred.dtype == emb.dtype == torch.float32
+    assert torch.isfinite(pred).all() and torch.isfinite(emb).all()
+    # a zero-row batch (an empty block) passes through
+    empty = to_tensors(empty_batch(FeatureSpec(k_neighbours=5, n_tissues=4, promoter_length=40)))
+    pred0, emb0 = net(empty, promoters)
+    assert pred0.shape == (0,) and emb0.shape == (0, 16)
+
+
+def test_promoter_cnn_shapes_and_short_sequences():
+    net = HybridNet(tiny_spec())
+    x = random_promoters(np.random.default_rng(0), 3, 40)
+    assert net.promoter_cnn(x).shape == (3, 16)
+    assert net.promoter_cnn(x[:, :, :3]).shape == (3, 16)  # pooling in ceil mode copes with L < pool size
+    torch.testing.assert_close(net.promoter_cnn(x), net.promoter_cnn(x.float()))  # uint8 and float agree
+
+
+def test_query_only_last_layer_equals_full_encoder():
+    net = HybridNet(tiny_spec(use_promoter=False)).eval()
+    batch, _ = make_batch(3)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["x"], captured["pad"] = args[0], kwargs["src_key_padding_mask"]
+
+    layers = net.context.encoder.layers
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        _, emb = net(batch, None)
+        handle.remove()
+        full = net.context.encoder(captured["x"], src_key_padding_mask=captured["pad"])[:, 0]
+    torch.testing.assert_close(emb, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "transformer_only"])
+def test_padding_and_masked_values_do_not_change_predictions(variant):
+    use_promoter, use_context = VARIANTS[variant]
+    torch.manual_seed(0)
+    net = HybridNet(tiny_spec(use_promoter=use_promoter, use_context=use_context, dropout=0.1)).eval()
+    batch, promoters = make_batch(4)
+    with torch.no_grad():
+        ref, ref_emb = net(batch, promoters)
+
+        # more padded slots on both groups
+        padded = dict(batch)
+        for group, keys in (
+            ("nb", ("value", "logdist", "orient", "overlap", "gene_mean", "mask")),
+            ("tis", ("value", "index", "corr", "mean", "mean_ok", "mask")),
+        ):
+            for key in keys:
+                arr = batch[f"{group}_{key}"]
+                padded[f"{group}_{key}"] = torch.cat([arr, torch.zeros_like(arr[:, :3])], dim=1)
+        pred, _ = net(padded, promoters)
+        torch.testing.assert_close(pred, ref, rtol=1e-5, atol=1e-5)
+
+        # garbage under False masks (NaN values, out-of-range indices) and under ok == 0
+        garbage = dict(batch)
+        for key in ("nb_value", "nb_logdist", "nb_overlap", "nb_gene_mean", "tis_value", "tis_corr", "tis_mean"):
+            mask = batch["nb_mask"] if key.startswith("nb") else batch["tis_mask"]
+            garbage[key] = torch.where(mask, batch[key], torch.full_like(batch[key], float("nan")))
+        garbage["nb_orient"] = torch.where(batch["nb_mask"], batch["nb_orient"], 99)
+        garbage["tis_index"] = torch.where(batch["tis_mask"], batch["tis_index"], -7)
+        garbage["tis_mean_ok"] = torch.where(batch["tis_mask"], batch["tis_mean_ok"], 1.0)
+        for name in ("tissue_mean", "gene_mean"):
+            garbage[name] = torch.where(batch[f"{name}_ok"] > 0, batch[name], 1e6)
+        pred, emb = net(garbage, promoters)
+        torch.testing.assert_close(pred, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(emb, ref_emb, rtol=1e-5, atol=1e-5)
+
+        # a row alone (its own padding only) predicts what it predicts among longer rows
+        lengths = batch["nb_mask"].sum(1) + batch["tis_mask"].sum(1)
+        assert len(set(lengths.tolist())) > 5
+        for i in range(len(ref)):
+            alone, _ = net({k: v[i : i + 1] for k, v in batch.items()}, promoters)
+            torch.testing.assert_close(alone, ref[i : i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_promoters_are_encoded_once_per_unique_promoter_and_minus_one_uses_the_stand_in():
+    net = HybridNet(tiny_spec()).eval()
+    rng = np.random.default_rng(5)
+    batch, _ = make_batch(5, n=100)
+    promoters = random_promoters(rng, 50, 40)
+    pidx = torch.from_numpy(rng.choice([7, 19, 42, -1], 100))
+    pidx[:4] = torch.tensor([7, 19, 42, -1])
+    batch["promoter_index"] = pidx
+    seen = []
+    net.promoter_cnn.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        per_row = net.promoter_embedding(pidx, promoters)
+        assert seen == [3]  # 100 rows, 3 distinct promoters: 3 sequences through the CNN, once
+        encoded = net.promoter_cnn(promoters[[7, 19, 42]])
+        for i, p in enumerate((7, 19, 42)):
+            torch.testing.assert_close(per_row[pidx == p], encoded[i].expand(int((pidx == p).sum()), -1))
+        torch.testing.assert_close(per_row[pidx == -1], net.no_promoter.expand(int((pidx == -1).sum()), -1))
+
+        # rows without a promoter ignore the sequence table entirely
+        pred, _ = net(batch, promoters)
+        other, _ = net(batch, random_promoters(rng, 50, 40))
+        none = pidx == -1
+        torch.testing.assert_close(pred[none], other[none])
+        assert not torch.allclose(pred[~none], other[~none])
+
+    with pytest.raises(ValueError, match="no promoter table"):
+        net(batch, None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", ["promoters", "no_promoters", "no_context"])
+def test_every_parameter_gets_a_gradient(variant, case):
+    """DDP without find_unused_parameters needs a gradient for every parameter on every batch."""
+    use_promoter, use_context = VARIANTS[variant]
+    net = HybridNet(tiny_spec(use_promoter=use_promoter, use_context=use_context, dropout=0.1)).train()
+    batch, promoters = make_batch(6, with_promoters=case == "promoters", with_context=case != "no_context")
+    pred, emb = net(batch, promoters)
+    (pred.sum() + emb.sum()).backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_autocast_on_cpu_gives_finite_outputs_and_gradients(variant):
+    use_promoter, use_context = VARIANTS[variant]
+    net = HybridNet(tiny_spec(use_promoter=use_promoter, use_context=use_context))
+    batch, promoters = make_batch(7)
+    batch["nb_mask"][0] = False  # a row with no context at all
+    batch["tis_mask"][0] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, emb = net(batch, promoters)
+    assert pred.dtype == emb.dtype == torch.float32
+    assert torch.isfinite(pred).all() and torch.isfinite(emb).all()
+    pred.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_network_spec_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="n_heads"):
+        NetworkSpec(n_tissues=3, promoter_length=10, d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="dropout"):
+        NetworkSpec(n_tissues=3, promoter_length=10, dropout=1.0)
+    with pytest.raises(ValueError, match="n_tissues"):
+        NetworkSpec(n_tissues=0, promoter_length=10)
+
+
+# learnability ---------------------------------------------------------------------------------------------------
+
+
+def _train(net: HybridNet, batches, promoters, steps: int = 200, lr: float = 3e-3) -> tuple[float, float]:
+    """Mean loss of the first and last 20 steps."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        pred, _ = net(batch, promoters)
+        loss = torch.nn.functional.mse_loss(pred, batch["target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses[:20])), float(np.mean(losses[-20:]))
+
+
+def test_learns_a_promoter_motif():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(8)
+    length, n_prom, motif = 60, 64, "GATTACAG"
+    seqs, has = [], rng.random(n_prom) < 0.5
+    for h in has:
+        s = list(rng.choice(list("ACGT"), length))
+        if h:
+            at = int(rng.integers(0, length - len(motif)))
+            s[at : at + len(motif)] = motif
+        seqs.append("".join(s))
+    promoters = torch.from_numpy(one_hot_promoters(seqs, length))
+    spec = FeatureSpec(k_neighbours=4, n_tissues=4, promoter_length=length)
+    batches = []
+    for _ in range(8):
+        b = featurize(random_records(rng, 64, k_max=4, n_tissues=4), spec, promoter_index=rng.integers(0, n_prom, 64))
+        b["target"] = np.where(has[b["promoter_index"]], 1.0, -1.0).astype(np.float32)  # context is noise
+        batches.append(to_tensors(b))
+    net = HybridNet(tiny_spec(promoter_length=length, n_layers=1, cnn_channels=16, cnn_kernel=9))
+    first, last = _train(net, batches, promoters)
+    assert last < 0.5 * first, (first, last)
+
+
+def test_learns_the_mean_of_the_neighbours():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(9)
+    spec = FeatureSpec(k_neighbours=6, n_tissues=4, promoter_length=40)
+    batches = []
+    for _ in range(8):
+        b = featurize(random_records(rng, 128, k_max=6, n_tissues=4), spec)
+        n_nb = b["nb_mask"].sum(1)
+        b["target"] = np.where(n_nb > 0, b["nb_value"].sum(1) / np.maximum(n_nb, 1), 0.0).astype(np.float32)
+        batches.append(to_tensors(b))
+    net = HybridNet(tiny_spec(use_promoter=False, n_layers=1))
+    first, last = _train(net, batches, None)
+    assert last < 0.5 * first, (first, last)
