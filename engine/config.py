@@ -238,7 +238,7 @@ class ModelConfig:
     """Size of the CNN-transformer network (see :mod:`engine.model.network`)."""
 
     d_model: int = 32
-    n_heads: int = 4
+    n_heads: int = 2
     n_layers: int = 2
     cnn_channels: int = 32
     cnn_kernel: int = 15

@@ -96,6 +96,7 @@ def _train_loop(cfg: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(max(1, int(cfg["threads"])))
+    torch.set_flush_denormal(True)  # tiny Adam moments otherwise slow CPU steps down
     device = ray.train.torch.get_device()
     net = HybridNet(cfg["spec"])
     model = ray.train.torch.prepare_model(net)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -19,8 +20,11 @@ from engine.problem import make_problem
 TASKS = ("entries", "genes", "samples")
 
 
+BASELINES = "evaluation.methods=[distance, row_tissue, matrix_completion, tissue_donor]"
+
+
 def config_for(synth_small, tmp_path, *overrides):
-    return load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}", *overrides])
+    return load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}", BASELINES, *overrides])
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -50,6 +54,13 @@ def features_and_predictions(dataset):
     records = build_context(ContextIndex(problem), gi, si, hidden[gi, si], 8)
     hidden_records = records.filter(records["hidden"])
     methods, _ = make_methods(dataset.config.evaluation.methods, dataset.config.baselines, len(problem.donors))
+    # the hybrid's training examples: folds re-hidden from the visible problem, labelled with visible values
+    from engine.folds import fold_problem, training_folds
+
+    for inner in training_folds(problem, dataset.config.evaluation.task, 2, 0.25, seed=0):
+        fi, fs = np.nonzero(inner)
+        fold = build_context(ContextIndex(fold_problem(problem, inner)), fi, fs, np.ones(len(fi), bool), 8)
+        records = pa.concat_tables([records, fold])
     preds = {}
     for m in methods:
         m.fit(problem)
@@ -59,7 +70,7 @@ def features_and_predictions(dataset):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_no_hidden_value_reaches_any_feature_or_prediction(synth_small, task):
-    config = load_config(synth_small / "config.yaml", [f"evaluation.task={task}", "evaluation.fraction=0.2"])
+    config = load_config(synth_small / "config.yaml", [f"evaluation.task={task}", "evaluation.fraction=0.2", BASELINES])
     dataset = load_dataset(config)
     records, preds, truth = features_and_predictions(dataset)
 
@@ -147,3 +158,23 @@ def test_same_seed_same_results_other_seed_other_results(ray_local, synth_small,
     c = evaluate(config_for(synth_small, tmp_path, "evaluation.seed=2"), tmp_path / "c")
     assert a["methods"] == b["methods"]
     assert a["methods"]["distance"]["pearson"] != c["methods"]["distance"]["pearson"]
+
+
+def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_path):
+    from test_hybrid import TINY
+
+    config = load_config(
+        synth_small / "config.yaml",
+        [f"output_dir={tmp_path}", *TINY, "evaluation.task=samples", "evaluation.fraction=0.25",
+         "evaluation.min_donors=3"],
+    )
+    metrics = evaluate(config, tmp_path / "eval")
+    methods = metrics["methods"]
+    assert {"hybrid", "cnn_only", "transformer_only", "xgb_features_only", "tissue_donor"} <= set(methods)
+    for name in ("hybrid", "cnn_only", "transformer_only", "xgb_features_only"):
+        assert methods[name]["n"] == metrics["n_hidden"]
+        assert methods[name]["rmse"] < 10
+    assert 0.5 < methods["hybrid"]["coverage_80"] <= 1.0
+    assert "coverage_80" not in methods["cnn_only"]
+    assert (tmp_path / "eval" / "runs").is_dir()  # Ray Train runs and checkpoints are kept with the evaluation
+    assert "| hybrid |" in (tmp_path / "eval" / "report.md").read_text()

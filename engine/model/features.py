@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from engine import schema as S
@@ -135,8 +136,10 @@ def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray, np
     lengths = offsets[1:] - starts
     if arr.null_count:  # a null list slot may carry any offsets; it holds nothing
         lengths = np.where(arr.is_valid().to_numpy(zero_copy_only=False), lengths, 0)
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return starts, lengths, values
+    flat = arr.values
+    if flat.null_count and not pa.types.is_floating(flat.type):  # floats turn null into NaN; others need a value
+        flat = pc.fill_null(flat, False if pa.types.is_boolean(flat.type) else 0)
+    return starts, lengths, flat.to_numpy(zero_copy_only=False)
 
 
 def _pad(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray, width: int, dtype: type) -> np.ndarray:
@@ -155,7 +158,6 @@ def _group(
     """Padded arrays of a group of parallel list columns and their (N, width) presence mask."""
     out: dict[str, np.ndarray] = {}
     first_lengths = None
-    starts = lengths = None
     for name, dtype in zip(columns, dtypes, strict=True):
         starts, lengths, values = _list_column(table, name)
         if first_lengths is None:
@@ -181,14 +183,17 @@ def _standard_where(present: np.ndarray, values: np.ndarray, spec: FeatureSpec) 
     return np.where(present, spec.standardise(np.nan_to_num(values)), 0).astype(np.float32)
 
 
-def _check_range(values: np.ndarray, where: np.ndarray, lo: int, hi: int, name: str) -> None:
+def _check_range(values: np.ndarray, where: np.ndarray, lo: int, hi: int, name: str, hint: str) -> None:
+    """Raise when ``values`` under ``where`` leave ``[lo, hi)``, naming the first bad row."""
     bad = where & ((values < lo) | (values >= hi))
     if bad.any():
         row = int(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))[0])
         raise ValueError(
-            f"featurize: column {name!r} holds {values[bad][0]} in row {row}, expected [{lo}, {hi}); "
-            f"is FeatureSpec.n_tissues the size of the tissue vocabulary the records were built with?"
+            f"featurize: column {name!r} holds {values[bad][0]} in row {row}, expected [{lo}, {hi}); {hint}"
         )
+
+
+_TISSUE_HINT = "is FeatureSpec.n_tissues the size of the tissue vocabulary the records were built with?"
 
 
 def featurize(records: pa.Table, spec: FeatureSpec, promoter_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -220,8 +225,8 @@ def featurize(records: pa.Table, spec: FeatureSpec, promoter_index: np.ndarray |
     # a NaN value is no evidence: drop the slot rather than let it poison the attention
     nb_mask &= ~np.isnan(nb["nb_value"])
     tis_mask &= ~np.isnan(tis["tis_value"]) & ~np.isnan(tis["tis_corr"])
-    _check_range(nb["nb_orient"], nb_mask, 0, 3, "nb_orient")
-    _check_range(tis["tis_index"], tis_mask, 0, t, "tis_index")
+    _check_range(nb["nb_orient"], nb_mask, 0, 3, "nb_orient", "expected one of engine.schema.ORIENT_*")
+    _check_range(tis["tis_index"], tis_mask, 0, t, "tis_index", _TISSUE_HINT)
     tis_mean_ok = tis_mask & ~np.isnan(tis["tis_mean"])
 
     batch: dict[str, np.ndarray] = {
@@ -240,7 +245,7 @@ def featurize(records: pa.Table, spec: FeatureSpec, promoter_index: np.ndarray |
     }
 
     tissue_index = records.column("tissue_index").to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
-    _check_range(tissue_index, np.ones(n, dtype=bool), 0, t, "tissue_index")
+    _check_range(tissue_index, np.ones(n, dtype=bool), 0, t, "tissue_index", _TISSUE_HINT)
     batch["tissue_index"] = tissue_index
     for name in ("tissue_mean", "gene_mean"):
         raw = _scalar(records, name)
