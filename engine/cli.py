@@ -56,7 +56,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from engine.synth import SynthSpec, generate
 
-    spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues)
+    # ~3.3 kb of chromosome per gene keeps the default density (240 genes on 2 x 400 kb) at any size
+    length = args.chrom_length or max(SynthSpec.chrom_length, args.genes * 3_400 // SynthSpec.n_chroms)
+    spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues,
+                     chrom_length=length)
     result = generate(args.out, spec, overwrite=args.overwrite)
     print(f"synthetic dataset written to {result.out_dir}")
     print(f"  next: geximpute inspect --config {result.config_path}")
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", type=int, default=240, help="number of genes (default 240)")
     p.add_argument("--donors", type=int, default=40, help="number of donors (default 40)")
     p.add_argument("--tissues", type=int, default=6, help="number of tissues (default 6)")
+    p.add_argument("--chrom-length", type=int, default=None,
+                   help="bases per chromosome (default: grows with --genes, at least 400,000)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_synth)
 

@@ -127,11 +127,38 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
         }
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "_manifest.json", manifest(config, step="evaluate"))
+        _add_promoter_subsets(results, predictions, observed, gene, prepared)
         _write_predictions(staging, records, observed, predictions)
         _plots(staging, observed, predictions, results)
         (staging / "report.md").write_text(report(metrics))
     log.info("evaluate: wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
     return metrics
+
+
+def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray, gene: np.ndarray,
+                          prepared: Prepared) -> None:
+    """Scores on the hidden entries of genes with and without a promoter sequence in the genome, per method.
+
+    Only a few hundred genes of the real data have sequence; these subsets show what the sequence branch adds where
+    it can act.
+    """
+    import pyarrow.parquet as pq
+
+    with_seq = set(pq.read_table(prepared.out_dir / "gene_promoters.parquet")[S.GENE_ID].to_pylist())
+    has = np.isin(prepared.problem.gene_ids[gene], np.asarray(sorted(with_seq), dtype=object))
+    if not has.any() or has.all():
+        return
+    for name, pred in predictions.items():
+        subsets = {}
+        for label, mask in (("with_promoter", has), ("without_promoter", ~has)):
+            x, y = pred[mask], observed[mask]
+            subsets[label] = {
+                "n": int(mask.sum()),
+                "genes": int(len(np.unique(gene[mask]))),
+                "pearson": float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and np.ptp(x) > 0 else None,
+                "rmse": float(np.sqrt(np.mean((x - y) ** 2))),
+            }
+        results[name]["subsets"] = subsets
 
 
 def _write_predictions(out: Path, records: pa.Table, observed: np.ndarray, predictions: dict) -> None:
@@ -174,6 +201,21 @@ def report(metrics: dict) -> str:
             "Pearson relative to `distance`: "
             + ", ".join(f"{n} {m['pearson'] / base:.2f}x" for n, m in ranked if m["pearson"] is not None),
         ]
+    subsets = {n: m["subsets"] for n, m in ranked if "subsets" in m}
+    if subsets:
+        first = next(iter(subsets.values()))
+        lines += [
+            "",
+            f"Genes with a promoter sequence in the genome: {first['with_promoter']['genes']} of the hidden genes "
+            f"({first['with_promoter']['n']:,} entries); without: {first['without_promoter']['genes']}.",
+            "",
+            "| method | Pearson with promoter | RMSE with promoter | Pearson without | RMSE without |",
+            "|---|---|---|---|---|",
+        ]
+        for name, sub in subsets.items():
+            w, wo = sub["with_promoter"], sub["without_promoter"]
+            lines.append(f"| {name} | {_fmt(w['pearson'])} | {_fmt(w['rmse'])} | {_fmt(wo['pearson'])} | "
+                         f"{_fmt(wo['rmse'])} |")
     for name, why in metrics.get("skipped", {}).items():
         lines.append(f"\n`{name}` skipped: {why}.")
     lines += ["", "![predicted vs observed](pred_vs_obs.png)", "", "![per tissue](per_tissue.png)", ""]
