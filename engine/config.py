@@ -287,6 +287,7 @@ class TrainConfig:
     drop_neighbours: float = 0.1
     drop_tissues: float = 0.1
     drop_gene: float = 0.1
+    drop_promoter: float = 0.0
     max_failures: int = 2
     max_examples_per_epoch: int | None = None
 
@@ -304,7 +305,7 @@ class TrainConfig:
             self.fold_fraction,
             f"a number in (0, 1/train.folds] = (0, {1 / self.folds:.3g}]",
         )
-        for name in ("drop_neighbours", "drop_tissues", "drop_gene"):
+        for name in ("drop_neighbours", "drop_tissues", "drop_gene", "drop_promoter"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "a probability in [0, 1)")
         _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")

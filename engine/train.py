@@ -128,6 +128,10 @@ def _train_loop(cfg: dict) -> None:
         loss_sum, n_seen = 0.0, 0
         for batch in _batches(train_shard, cfg["batch_size"], cfg, lookup, per_worker_limit, shuffle=True):
             batch = drop_groups(batch, rng, *cfg["drop"])
+            if cfg["drop_promoter"] > 0:
+                # the stand-in now and then: the network cannot lean on recognising a training gene's promoter
+                batch["promoter_index"] = np.where(rng.random(len(batch["promoter_index"])) < cfg["drop_promoter"],
+                                                   -1, batch["promoter_index"])
             tensors = to_tensors(batch, device)
             with autocast:
                 pred, _ = model(tensors, promoters)
@@ -263,6 +267,7 @@ def train_network(
         "patience": tc.patience,
         "batch_size": tc.batch_size,
         "drop": (tc.drop_neighbours, tc.drop_tissues, tc.drop_gene),
+        "drop_promoter": tc.drop_promoter,
         "max_examples": tc.max_examples_per_epoch,
         "threads": tc.cpus_per_worker,
         "resume_path": resume_from.path if resume_from is not None else None,
