@@ -10,6 +10,7 @@ the last one (``train.max_failures``); training stops when the validation loss h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -237,12 +238,9 @@ def train_network(
         value_center=float(np.mean(train_labels)),
         value_scale=float(np.std(train_labels)) or 1.0,
     )
-    m = config.model
-    spec = NetworkSpec(
-        n_tissues=n_tissues, promoter_length=config.promoter.length, d_model=m.d_model, n_heads=m.n_heads,
-        n_layers=m.n_layers, cnn_channels=m.cnn_channels, cnn_kernel=m.cnn_kernel, cnn_layers=m.cnn_layers,
-        dropout=m.dropout, use_promoter=use_promoter, use_context=use_context,
-    )
+    # ModelConfig's fields are NetworkSpec's size fields, by name
+    spec = NetworkSpec(n_tissues=n_tissues, promoter_length=config.promoter.length, use_promoter=use_promoter,
+                       use_context=use_context, **dataclasses.asdict(config.model))
     promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
     valid_ref = np.flatnonzero(valid)
 
