@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.config import BaselinesConfig
+from engine.head_features import idw_estimate, list_parts
 from engine.problem import VisibleProblem
 
 
@@ -23,25 +24,6 @@ class Method(Protocol):
     def fit(self, problem: VisibleProblem) -> None: ...
 
     def predict(self, records: pa.Table) -> np.ndarray: ...
-
-
-def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, row id of each value) of a list column."""
-    arr = column.combine_chunks()
-    offsets = arr.offsets.to_numpy()
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    lengths = np.diff(offsets)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    return flat, rows
-
-
-def _rank_in_row(rows: np.ndarray) -> np.ndarray:
-    """Position of each flat element inside its row (0 for the first)."""
-    if len(rows) == 0:
-        return rows
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    first = np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
-    return np.arange(len(rows)) - first
 
 
 def _gene_means(values: np.ndarray) -> tuple[np.ndarray, float]:
@@ -72,17 +54,9 @@ class DistanceBaseline:
         self.sample_mean = np.where(np.isnan(col), np.nanmean(problem.values), col)
 
     def predict(self, records: pa.Table) -> np.ndarray:
-        values, rows = _list_parts(records["nb_value"])
-        logdist, _ = _list_parts(records["nb_logdist"])
-        keep = _rank_in_row(rows) < self.k
-        dist = np.expm1(np.abs(logdist[keep].astype(np.float64)) * np.log(10.0))
-        w = 1.0 / (dist + self.offset)
-        n = records.num_rows
-        num = np.bincount(rows[keep], weights=w * values[keep], minlength=n)
-        den = np.bincount(rows[keep], weights=w, minlength=n)
+        estimate = idw_estimate(records, self.k, self.offset)
         fallback = self.sample_mean[records["sample_index"].to_numpy()]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, num / den, fallback)
+        return np.where(np.isnan(estimate), fallback, estimate)
 
 
 class RowTissueBaseline:
@@ -170,8 +144,9 @@ class TissueDonorBaseline:
         g = records["gene_index"].to_numpy()
         t = records["tissue_index"].to_numpy()
         base = self.tissue_mean[g, t]
-        values, rows = _list_parts(records["tis_value"])
-        tissues, _ = _list_parts(records["tis_index"])
+        values, rows, _ = list_parts(records["tis_value"])
+        tissues, _, _ = list_parts(records["tis_index"])
+        tissues = tissues.astype(np.int64)
         resid = values - self.tissue_mean[g[rows], tissues]
         n = records.num_rows
         total = np.bincount(rows, weights=resid, minlength=n)

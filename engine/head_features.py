@@ -33,7 +33,7 @@ FEATURE_NAMES = (
 )
 
 
-def _parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(flat float64 values, row of each value, offsets) of a list column."""
     arr = column.combine_chunks()
     offsets = arr.offsets.to_numpy().astype(np.int64)
@@ -41,6 +41,25 @@ def _parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     flat = arr.values.slice(0, offsets[-1]).to_numpy(zero_copy_only=False).astype(np.float64)
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     return flat, rows, offsets
+
+
+def idw_estimate(records: pa.Table, k: int, offset: float) -> np.ndarray:
+    """Inverse-distance-weighted mean of each record's ``k`` nearest neighbours, weight ``1 / (d + offset)``.
+
+    This is the ``distance`` baseline's estimate and the head's ``est_distance`` feature.
+
+    Returns:
+        (N,) float64, NaN for records without a neighbour.
+    """
+    value, rows, offsets = list_parts(records["nb_value"])
+    logdist, _, _ = list_parts(records["nb_logdist"])
+    n = records.num_rows
+    keep = (np.arange(len(rows)) - offsets[rows]) < k if len(rows) else np.zeros(0, dtype=bool)
+    dist = np.expm1(np.abs(logdist) * np.log(10.0))
+    w = np.where(keep, 1.0 / (dist + offset), 0.0)
+    num, den = _row_sum(w * value, rows, n), _row_sum(w, rows, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
 
 
 def _row_sum(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
@@ -68,17 +87,13 @@ def engineered_features(
     out = np.full((n, len(FEATURE_NAMES)), np.nan)
     col = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
-    value, rows, offsets = _parts(records["nb_value"])
-    logdist, _, _ = _parts(records["nb_logdist"])
+    value, rows, offsets = list_parts(records["nb_value"])
+    logdist, _, _ = list_parts(records["nb_logdist"])
     count = np.diff(offsets)
-    rank = np.arange(len(rows)) - offsets[rows] if len(rows) else rows
-    keep = rank < distance_k
     dist = np.expm1(np.abs(logdist) * np.log(10.0))
-    w = np.where(keep, 1.0 / (dist + distance_offset), 0.0)
-    num, den = _row_sum(w * value, rows, n), _row_sum(w, rows, n)
     has = count > 0
+    out[:, col["est_distance"]] = idw_estimate(records, distance_k, distance_offset)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[has, col["est_distance"]] = num[has] / den[has]
         first = offsets[:-1][has]
         out[has, col["nb_nearest_value"]] = value[first]
         out[has, col["nb_nearest_logdist"]] = logdist[first]
@@ -88,16 +103,16 @@ def engineered_features(
         out[has, col["nb_std"]] = np.sqrt(np.maximum(var[has], 0))
     out[:, col["nb_count"]] = count
     # the neighbours' own levels, and how far this tissue sits from them: the region's tissue signal
-    nb_level, _, _ = _parts(records["nb_gene_mean"])
+    nb_level, _, _ = list_parts(records["nb_gene_mean"])
     w_all = 1.0 / (dist + distance_offset)
     with np.errstate(invalid="ignore", divide="ignore"):
         den_all = _row_sum(w_all, rows, n)
         out[has, col["nb_gene_mean_idw"]] = (_row_sum(w_all * nb_level, rows, n) / den_all)[has]
         out[has, col["nb_deviation_idw"]] = (_row_sum(w_all * (value - nb_level), rows, n) / den_all)[has]
 
-    tval, trows, toffs = _parts(records["tis_value"])
-    tcorr, _, _ = _parts(records["tis_corr"])
-    tmean, _, _ = _parts(records["tis_mean"])
+    tval, trows, toffs = list_parts(records["tis_value"])
+    tcorr, _, _ = list_parts(records["tis_corr"])
+    tmean, _, _ = list_parts(records["tis_mean"])
     tcount = np.diff(toffs)
     thas = tcount > 0
     out[:, col["tis_count"]] = tcount
