@@ -32,7 +32,8 @@ Semantics:
   insertion inside a replaced span): the first by position is applied, the later one is skipped and counted.
 - **Phase.** Haplotype A is the first allele of the GT, B the second. Unphased diploid calls are taken in the order
   written and counted: the model averages the two haplotype embeddings, so phase matters only for the combination
-  of several sites inside one window.
+  of several sites inside one window. A haploid call (read into both haplotypes by ``read_variants``) gives two
+  equal haplotypes.
 - **Missing alleles** (index -1): ``missing="reference"`` reads them as REF and counts them; ``missing="error"``
   raises :class:`~engine.errors.InputError` naming the file, site, donor and gene.
 - **Skipped ALTs.** Symbolic ALTs (``<DEL>``, ``<CN0>``), the spanning-deletion ``*`` and any ALT with letters other
