@@ -7,11 +7,14 @@ A bundle folder holds::
     point.ubj         XGBoost booster of the estimate
     interval.ubj      XGBoost booster of the interval bounds
     head.json         conformal width, feature count, coverage, engineered feature names
-    promoters.parquet the one-hot promoter table's sequences and the genes that use each row
+    promoters.parquet the reference promoter sequences of the training genes
+    gene_promoters.parquet gene id -> row of promoters.parquet
     config.yaml       the resolved config that made it
     manifest.json     versions, input fingerprints, training metrics, model_version
 
 ``model_version`` is a hash of the weights and boosters, so two bundles with the same version predict the same.
+Personal haplotypes are not stored: they are rebuilt from the VCF of whatever donors are being predicted and passed
+to :meth:`Bundle.predict` with their lookup.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from engine.config import Config, config_from_dict, dump_config
 from engine.head import INTERVAL_FILE, POINT_FILE, HeadModel
 from engine.head_features import FEATURE_NAMES
 from engine.hybrid import HybridModels
-from engine.model.features import FeatureSpec, one_hot_promoters
+from engine.model.features import FeatureSpec, PromoterLookup, one_hot_promoters
 from engine.model.network import NetworkSpec
 from engine.provenance import manifest, staged_dir, write_json
 from engine.train import TrainedNetwork
@@ -53,7 +56,7 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         models: the fitted hybrid.
         folder: bundle folder (replaced as a whole).
         sequences: the promoter sequences of the rows of ``models.promoters``.
-        gene_ids: problem genes, in the order of ``models.promoter_of_gene``.
+        gene_ids: problem genes, in the order of ``models.lookup.gene_row``.
         metrics: training figures recorded in the manifest.
     """
     with staged_dir(folder) as staging:
@@ -69,11 +72,15 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
             "coverage": models.head.coverage,
             "engineered_features": list(FEATURE_NAMES),
         }, indent=2))
-        has = models.promoter_of_gene >= 0
-        pq.write_table(pa.table({"sequence": pa.array(sequences, pa.string())}), staging / "promoters.parquet")
+        gene_row = models.lookup.gene_row
+        has = gene_row >= 0
+        # only the reference windows: personal haplotypes come from the VCF of the donors being predicted
+        used, row = np.unique(gene_row[has], return_inverse=True)
+        pq.write_table(pa.table({"sequence": pa.array([sequences[i] for i in used], pa.string())}),
+                       staging / "promoters.parquet")
         pq.write_table(
             pa.table({"gene_id": pa.array(np.asarray(gene_ids, dtype=object)[has], pa.string()),
-                      "promoter_row": pa.array(models.promoter_of_gene[has])}),
+                      "promoter_row": pa.array(row.astype(np.int64))}),
             staging / "gene_promoters.parquet",
         )
         (staging / "config.yaml").write_text(dump_config(models.config))
@@ -91,10 +98,30 @@ class Bundle:
     gene_promoter: dict[str, int]
     model_version: str
     folder: Path
+    reference_promoters: np.ndarray  # (P, 4, L) one-hot reference windows of the training genes
 
-    def predict(self, records: pa.Table, gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(estimate, lower, upper) of context records whose ``gene_index`` indexes ``gene_ids``."""
-        self.models.promoter_of_gene = np.array([self.gene_promoter.get(g, -1) for g in gene_ids], dtype=np.int64)
+    def reference_lookup(self, gene_ids: np.ndarray) -> PromoterLookup:
+        """Every record of ``gene_ids`` reads its gene's reference window from the bundle's own table."""
+        return PromoterLookup.reference(np.array([self.gene_promoter.get(g, -1) for g in gene_ids], dtype=np.int64))
+
+    def predict(
+        self,
+        records: pa.Table,
+        gene_ids: np.ndarray,
+        promoters: tuple[np.ndarray, PromoterLookup] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper) of context records whose ``gene_index`` indexes ``gene_ids``.
+
+        Args:
+            records: context records (schema.CONTEXT).
+            gene_ids: the genes of ``gene_index``.
+            promoters: the one-hot promoter table and lookup of the records (e.g. with donors' haplotypes built
+                from their VCF, see :func:`engine.train.make_lookup`); default: the bundle's reference windows.
+        """
+        if promoters is None:
+            self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)
+        else:
+            self.models.promoters, self.models.lookup = promoters
         _, _, inputs = self.models.head_inputs(records)
         return self.models.head.predict(inputs)
 
@@ -123,6 +150,6 @@ def load_bundle(folder: str | Path) -> Bundle:
     promoters = one_hot_promoters(sequences, spec.promoter_length) if sequences else np.zeros(
         (0, 4, spec.promoter_length), np.uint8)
     gene_promoter = dict(zip(links["gene_id"].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
-    models = HybridModels(config, promoters, np.zeros(0, np.int64), network, head)
+    models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head)
     version = json.loads((folder / "manifest.json").read_text())["model_version"]
-    return Bundle(models, gene_promoter, version, folder)
+    return Bundle(models, gene_promoter, version, folder, promoters)

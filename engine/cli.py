@@ -16,11 +16,7 @@ log = logging.getLogger("engine")
 
 #: the steps of DESIGN.md that later versions implement; listed so that --help shows the whole shape
 PLANNED = {
-    "impute": "write genotype-tissue predictions to partitioned Parquet",
-    "variant-effects": "score promoter variants by predicted expression change",
-    "nightly": "impute the new genomes of an inbox",
     "benchmark": "measure every stage at a given scale",
-    "submit": "submit a step to a Ray cluster as a Ray job",
 }
 
 
@@ -67,28 +63,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-    from engine.dataset import format_summary, load_dataset
-    from engine.synth import SynthSpec, generate
+    from engine.demo import run_demo
 
-    out = Path(args.out)
-    log.info("demo: generating a synthetic dataset in %s", out / "synthetic")
-    result = generate(out / "synthetic", SynthSpec(seed=args.seed), overwrite=True)
-    summaries = [format_summary(load_dataset(load_config(result.config_path)).report)]
-    real = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("gtex-medians.yaml", "gtex-v8-samples.yaml"):
-        path = real / name
-        if path.is_file():
-            try:
-                log.info("demo: inspecting the real data of %s", path)
-                summaries.append(format_summary(load_dataset(load_config(path)).report))
-            except GeximputeError as exc:  # real data not beside this checkout
-                log.warning("demo: skipping %s: %s", path, exc)
-    text = "\n\n".join(summaries)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.txt").write_text(text + "\n")
-    print(text)
-    print(f"\nsummary written to {out / 'summary.txt'}")
+    summary = run_demo(args.out, seed=args.seed)
+    print(summary.read_text())
+    print(f"summary written to {summary} (plot: {summary.with_suffix('.png')})")
     return 0
 
 
@@ -177,6 +156,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from engine.submit import report, submit
+
+    result = submit(args.step, args.config, args.overrides, address=args.address, wait=not args.no_wait)
+    return report(result, args.address)
+
+
+def cmd_impute(args: argparse.Namespace) -> int:
+    from engine.impute import impute
+
+    result = impute(_load(args), model=args.model, out_dir=args.out,
+                    include_observed=True if args.include_observed else None)
+    print(f"{result.n_rows:,} predictions ({len(result.rows)} tissues, {result.n_missing_profiles:,} missing "
+          f"donor-tissue profiles) of model {result.model_version} written to {result.out_dir} in "
+          f"{result.seconds:.1f} s (run {result.run_id})")
+    return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from engine.nightly import nightly
+
+    result = nightly(_load(args), run_date=args.run_date)
+    for name, why in result.quarantined.items():
+        print(f"quarantined {name}: {why}", file=sys.stderr)
+    if not result.done:
+        print(f"nightly {result.run_date}: nothing new to impute ({len(result.already_done)} genomes already done, "
+              f"{len(result.quarantined)} quarantined)")
+    else:
+        print(f"nightly {result.run_date}: {len(result.done)} donors imputed, {result.rows:,} rows in "
+              f"{result.partition}; {len(result.quarantined)} quarantined; {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_variant_effects(args: argparse.Namespace) -> int:
+    from engine.variant_effects import variant_effects
+
+    table = variant_effects(_load(args), args.out, args.model)
+    print(f"{table.num_rows:,} variant effects (variant allele x gene x tissue) written to "
+          f"{Path(args.out) / 'variant_effects.parquet'}")
+    return 0
+
+
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(
@@ -213,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("demo", help="the main job, end to end on demo data")
+    p = sub.add_parser("demo", help="the main job on the real GTEx data: train, impute, Parquet, summary")
     p.add_argument("--out", default="geximpute-demo", metavar="DIR", help="output folder (default geximpute-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
@@ -248,6 +269,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.set_defaults(func=cmd_evaluate)
+
+    from engine.submit import STEPS as SUBMIT_STEPS
+
+    p = sub.add_parser("submit", help="run a step on a Ray cluster as a Ray job, streaming its logs (token auth)")
+    p.add_argument("step", choices=list(SUBMIT_STEPS),
+                   help="the step (`pipeline`: prepare --training, train, fit-head, impute)")
+    p.add_argument("--address", metavar="URL",
+                   help="the cluster's job server, e.g. http://127.0.0.1:8265 (default $RAY_API_SERVER_ADDRESS or "
+                        "$RAY_ADDRESS); the token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
+                        "~/.ray/auth_token")
+    _add_config(p)
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("impute", help="predict every missing donor-tissue-gene entry into partitioned Parquet")
+    _add_config(p)
+    p.add_argument("--model", metavar="DIR", help="model bundle (default <output_dir>/model, from fit-head)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/predictions; replaced atomically)")
+    p.add_argument("--include-observed", action="store_true",
+                   help="also write the measured entries, with their measured value in `observed`")
+    p.set_defaults(func=cmd_impute)
+
+    p = sub.add_parser("nightly", help="impute the new genomes of an inbox into a partition per run date")
+    _add_config(p)
+    p.add_argument("--run-date", metavar="YYYY-MM-DD", help="the partition to write (default today)")
+    p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser("variant-effects",
+                       help="score every promoter variant by its predicted expression change per tissue (Parquet)")
+    _add_config(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    p.add_argument("--model", metavar="DIR", help="model bundle (default <output_dir>/model)")
+    p.set_defaults(func=cmd_variant_effects)
 
     for name, text in PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)")

@@ -156,7 +156,8 @@ class EvaluationConfig:
 
     Attributes:
         task: ``entries`` hides a random fraction of observed (gene, sample) values; ``genes`` hides whole genes
-            in every sample; ``samples`` hides whole samples (a donor's entire tissue).
+            in every sample; ``samples`` hides whole samples (a donor's entire tissue), or with ``whole_donors``
+            every sample of a fraction of the donors (held-out individuals: only their genomes are known).
         seed: seed of the hidden set (independent of the global seed so that methods can vary while the hidden
             set stays fixed).
         fraction: fraction of entries, genes or samples hidden.
@@ -164,6 +165,10 @@ class EvaluationConfig:
             the head on training folds (see :mod:`engine.folds`).
         ablations: with ``hybrid``, also score ``cnn_only``, ``transformer_only`` and ``xgb_features_only``.
         min_donors: fewest hidden donors of a (gene, tissue) for its across-donor Pearson to count.
+        whole_donors: with task ``samples``, hide whole donors (``fraction`` of the donors) instead of samples.
+        heritability: optional table (TSV/CSV with ``gene_id`` and ``h2`` columns, e.g. the ``truth/genes.tsv``
+            of ``geximpute synth``); the report then shows each gene's planted ceiling ``sqrt(h2)`` next to the
+            across-donor Pearson of every method.
     """
 
     task: Literal["entries", "genes", "samples"] = "entries"
@@ -172,13 +177,18 @@ class EvaluationConfig:
     methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid")
     ablations: bool = True
     min_donors: int = 10
+    whole_donors: bool = False
+    heritability: str | None = None
 
     def __post_init__(self) -> None:
         _require(0 < self.fraction < 1, "evaluation.fraction", self.fraction, "a number in (0, 1)")
         _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
-        known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid"}
+        known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
+                 "elastic_net"}
         bad = [m for m in self.methods if m not in known]
+        _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
+                 "false unless evaluation.task is 'samples'")
         _require(not bad, "evaluation.methods", list(self.methods), f"names among {sorted(known)}")
 
 
@@ -189,10 +199,14 @@ class ContextConfig:
     Attributes:
         k_neighbours: nearest genes on the same chromosome, with a visible value in the same sample.
         max_distance: neighbours farther than this (bp, TSS to TSS) are left out; ``None``: no limit.
+        genetic_shrinkage: ridge penalty of the per-gene cis-genetic score on promoter-variant dosages
+            (:func:`engine.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
+            needs before it moves far from 0. ``null`` (default): chosen per gene by leave-one-donor-out error.
     """
 
     k_neighbours: int = 16
     max_distance: int | None = None
+    genetic_shrinkage: float | None = None
 
     def __post_init__(self) -> None:
         _require(1 <= self.k_neighbours <= 256, "context.k_neighbours", self.k_neighbours, "an integer in 1..256")
@@ -202,6 +216,8 @@ class ContextConfig:
             self.max_distance,
             "a positive number of bases or null",
         )
+        _require(self.genetic_shrinkage is None or self.genetic_shrinkage > 0, "context.genetic_shrinkage",
+                 self.genetic_shrinkage, "a number > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -374,6 +390,83 @@ class RayConfig:
         )
 
 
+def _resolve_path(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+@dataclass(frozen=True)
+class ImputeConfig:
+    """Batch imputation (``geximpute impute``, see :mod:`engine.impute`).
+
+    Attributes:
+        donors: donors whose missing entries are imputed (empty: every donor of the data).
+        tissues: tissues imputed (empty: every tissue of the data, which is the model's tissue vocabulary).
+        include_observed: also write the measured entries, each with its prediction (made without its own
+            value) and the measured value in ``observed``.
+        missing_profiles: give every (donor, tissue) pair without any sample a profile of its own (a sample with
+            nothing measured, predicted from the donor's other tissues); ``false`` fills only the missing genes
+            of measured samples.
+        batch_size: context records per prediction batch (and about the rows per Parquet file).
+        predictors: predictor actors on CPU (each ``ray.cpus_per_task`` CPUs); with GPUs, one actor per GPU.
+        use_gpu: ``true``/``false`` forces GPU predictor actors on or off; ``null`` uses GPUs when the Ray
+            cluster has any (or ``train.use_gpu`` is set).
+        model_dir: the model bundle (default ``<output_dir>/model``, as written by ``geximpute fit-head``).
+        out_dir: the Parquet output (default ``<output_dir>/predictions``); replaced as a whole by each run.
+    """
+
+    donors: tuple[str, ...] = ()
+    tissues: tuple[str, ...] = ()
+    include_observed: bool = False
+    missing_profiles: bool = True
+    batch_size: int = 16384
+    predictors: int = 2
+    use_gpu: bool | None = None
+    model_dir: str | None = None
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "impute.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.predictors >= 1, "impute.predictors", self.predictors, "an integer >= 1")
+
+    def resolved(self, base: Path) -> ImputeConfig:
+        """Return a copy with relative folders made absolute against ``base``."""
+        return dataclasses.replace(self, model_dir=_resolve_path(self.model_dir, base),
+                                   out_dir=_resolve_path(self.out_dir, base))
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """Nightly imputation of new genomes (``geximpute nightly``, see :mod:`engine.nightly`).
+
+    Attributes:
+        inbox: folder of new genomes: one ``<donor>.vcf``/``.vcf.gz``/``.bcf`` per donor, optionally with
+            ``<donor>.expression.tsv`` (genes x tissues, wide, on ``inputs.scale``) of the donor's measured tissues.
+        output: root of the nightly Parquet dataset, ``run_date=YYYY-MM-DD/tissue=.../`` (default
+            ``<output_dir>/nightly``).
+        ledger: JSON record of the donors done (default ``<output>.ledger.json`` beside the output).
+        quarantine: where malformed inputs are moved, each with its error beside it (default ``<inbox>/quarantine``).
+        donors_per_commit: donors imputed and committed together; an interrupted run keeps the commits it made.
+    """
+
+    inbox: str | None = None
+    output: str | None = None
+    ledger: str | None = None
+    quarantine: str | None = None
+    donors_per_commit: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.donors_per_commit >= 1, "nightly.donors_per_commit", self.donors_per_commit, "an integer >= 1")
+
+    def resolved(self, base: Path) -> NightlyConfig:
+        """Return a copy with relative paths made absolute against ``base``."""
+        return dataclasses.replace(self, inbox=_resolve_path(self.inbox, base), output=_resolve_path(self.output, base),
+                                   ledger=_resolve_path(self.ledger, base),
+                                   quarantine=_resolve_path(self.quarantine, base))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration tree."""
@@ -392,6 +485,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    impute: ImputeConfig = field(default_factory=ImputeConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", self.name, "a non-empty dataset name")
@@ -531,10 +626,16 @@ def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", overri
     config = _build(Config, merged)
     base = Path(base_dir).resolve()
     out_dir = Path(config.output_dir).expanduser()
+    h2 = config.evaluation.heritability
+    if h2 is not None and not Path(h2).expanduser().is_absolute():
+        config = dataclasses.replace(
+            config, evaluation=dataclasses.replace(config.evaluation, heritability=str((base / h2).resolve())))
     return dataclasses.replace(
         config,
         inputs=config.inputs.resolved(base),
         output_dir=str(out_dir if out_dir.is_absolute() else (base / out_dir).resolve()),
+        impute=config.impute.resolved(base),
+        nightly=config.nightly.resolved(base),
     )
 
 

@@ -3,7 +3,8 @@
 For a target (gene g, sample s) the context is: the K nearest other genes on g's chromosome with a visible value
 in s (value, signed log distance, relative orientation, overlap); g's visible values in the donor's other samples
 with each tissue's correlation to s's tissue; g's mean in s's tissue over other donors; g's mean over every other
-visible sample. No value of the target entry itself enters its own context.
+visible sample; with personal genomes, the donor's cis-genetic score for g (:func:`engine.genomes.genetic_scores`,
+fitted on the visible values of the problem). No value of the target entry itself enters its own context.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ class ContextIndex:
 
     Args:
         problem: the visible problem.
+        genetic_shrinkage: ridge penalty of the cis-genetic scores (``context.genetic_shrinkage``).
     """
 
-    def __init__(self, problem: VisibleProblem) -> None:
+    def __init__(self, problem: VisibleProblem, genetic_shrinkage: float | None = None) -> None:
         self.problem = problem
+        self.genetic = None
+        if problem.genomes is not None:
+            from engine.genomes import genetic_scores
+
+            self.genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index,
+                                             problem.donor_index, len(problem.tissues), genetic_shrinkage)
         _, chrom_code = np.unique(problem.chroms, return_inverse=True)
         self.chrom_code = chrom_code.astype(np.int64)
         # one sorted coordinate along the genome: genes are sorted by (chrom, tss)
@@ -205,5 +213,8 @@ def build_context(
         "tissue_mean": pa.array(tissue_mean, pa.float32(), from_pandas=True),
         "gene_mean": pa.array(gene_mean, pa.float32(), from_pandas=True),
         "tissue_offset": pa.array(index.tissue_offset[p.tissue_index[sample_index]], pa.float32()),
+        "genetic_score": pa.array(
+            index.genetic[gene_index, p.donor_index[sample_index]] if index.genetic is not None
+            else np.full(len(gene_index), np.nan, np.float32), pa.float32(), from_pandas=True),
     }
     return pa.table(columns, schema=S.CONTEXT)

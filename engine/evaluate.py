@@ -60,7 +60,8 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
         records = read_records(prepared, hidden=True)
         observed = hidden_values(prepared, records)
         problem = prepared.problem
-        methods, skipped = make_methods(config.evaluation.methods, config.baselines, len(problem.donors))
+        methods, skipped = make_methods(config.evaluation.methods, config.baselines, len(problem.donors),
+                                        has_genomes=problem.genomes is not None, seed=config.seed)
         gene = records["gene_index"].to_numpy()
         sample = records["sample_index"].to_numpy()
         tissue = problem.tissue_index[sample]
@@ -109,6 +110,18 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
                          results[name]["rmse"])
             timings["hybrid"] = round(time.perf_counter() - t, 1)
             timings.update(models.seconds)
+        if "hybrid_reference" in config.evaluation.methods:
+            if problem.genomes is None:
+                skipped["hybrid_reference"] = "the same as hybrid without personal genomes (inputs.variants)"
+            else:
+                t = time.perf_counter()
+                pred = _reference_hybrid(config, dataset, staging, records)
+                predictions["hybrid_reference"] = pred
+                results["hybrid_reference"] = score(
+                    pred, observed, gene=gene, tissue=tissue, donor=donor, tissue_names=problem.tissues,
+                    min_donors=config.evaluation.min_donors,
+                )
+                timings["hybrid_reference"] = round(time.perf_counter() - t, 1)
         metrics = {
             "dataset": config.name,
             "task": config.evaluation.task,
@@ -119,6 +132,8 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
             "n_samples": problem.n_samples,
             "methods": results,
             "skipped": skipped,
+            **({"genetic": genetic_table(config, predictions, observed, gene, tissue, problem.gene_ids)}
+               if problem.genomes is not None else {}),
             "seconds": {
                 "prepare": round(prepared.seconds, 2),
                 **timings,
@@ -133,6 +148,91 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
         (staging / "report.md").write_text(report(metrics))
     log.info("evaluate: wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
     return metrics
+
+
+def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table) -> np.ndarray:
+    """The hybrid trained and applied with the reference genome only (personal genomes dropped), on ``records``."""
+    import dataclasses
+
+    from engine.hybrid import fit_hybrid
+
+    reference = dataclasses.replace(dataset, variants=None)
+    folder = staging / "records_reference"
+    prepared = prepare(config, folder, dataset=reference, targets="hidden", training=True)
+    ref_records = read_records(prepared, hidden=True)
+    keys = ("gene_index", "sample_index")
+    if not all(np.array_equal(ref_records[k].to_numpy(), records[k].to_numpy()) for k in keys):
+        raise RuntimeError("the reference-genome records do not match the hidden entries one to one")
+    models = fit_hybrid(config, folder, prepared.problem.gene_ids, len(prepared.problem.tissues),
+                        staging / "runs_reference", ablations=False)
+    return np.asarray(models.predict(ref_records)["hybrid"][0], dtype=np.float64)
+
+
+#: the methods of the genotype table of ``metrics.json``, in report order
+GENETIC_METHODS = ("hybrid", "hybrid_reference", "elastic_net")
+
+
+def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene: np.ndarray, tissue: np.ndarray,
+                  gene_ids: np.ndarray) -> dict:
+    """Per gene, the Pearson across held-out donors of each genotype method, next to the planted ceiling.
+
+    For each (gene, tissue) with at least ``evaluation.min_donors`` hidden donors, the Pearson across those
+    donors; a constant prediction (a model that cannot tell donors apart) counts as 0. A gene's figure is the
+    mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
+    means are given over the genes with ``h2 > 0`` as well.
+    """
+    from engine.metrics import _constant, _pearson
+
+    names = [m for m in GENETIC_METHODS if m in predictions]
+    key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+    per_gene: dict[int, dict[str, list[float]]] = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        idx = order[lo:hi]
+        if hi - lo < config.evaluation.min_donors or _constant(observed[idx]):
+            continue
+        row = per_gene.setdefault(int(gene[idx[0]]), {m: [] for m in names})
+        for m in names:
+            r = _pearson(predictions[m][idx], observed[idx])
+            row[m].append(0.0 if r is None else r)
+    h2 = _heritability(config.evaluation.heritability)
+    rows = []
+    for g, vals in sorted(per_gene.items()):
+        entry = {"gene_id": str(gene_ids[g]), "n_tissues": len(vals[names[0]]) if names else 0}
+        entry.update({m: float(np.mean(v)) for m, v in vals.items()})
+        if h2 is not None and str(gene_ids[g]) in h2:
+            entry["h2"] = h2[str(gene_ids[g])]
+            entry["ceiling"] = float(np.sqrt(max(entry["h2"], 0.0)))
+        rows.append(entry)
+
+    def means(subset: list[dict]) -> dict:
+        out = {m: float(np.mean([r[m] for r in subset])) if subset else None for m in names}
+        if subset and all("ceiling" in r for r in subset):
+            out["ceiling"] = float(np.mean([r["ceiling"] for r in subset]))
+        return out
+
+    table = {"n_genes": len(rows), "mean": means(rows), "per_gene": rows}
+    if h2 is not None:
+        heritable = [r for r in rows if r.get("h2", 0.0) > 0]
+        table["n_heritable_genes"] = len(heritable)
+        table["mean_heritable"] = means(heritable)
+    return table
+
+
+def _heritability(path: str | None) -> dict[str, float] | None:
+    """``gene_id -> h2`` of the configured heritability table, or None."""
+    if path is None:
+        return None
+    from engine.io.tables import read_table
+
+    table = read_table(path, "heritability table")
+    missing = [c for c in ("gene_id", "h2") if c not in table.column_names]
+    if missing:
+        from engine.errors import InputError
+
+        raise InputError(path, f"no column {missing[0]!r}", expected="a table with gene_id and h2 columns")
+    return dict(zip(table["gene_id"].to_pylist(), (float(x) for x in table["h2"].to_pylist()), strict=True))
 
 
 def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray, gene: np.ndarray,
@@ -216,6 +316,25 @@ def report(metrics: dict) -> str:
             w, wo = sub["with_promoter"], sub["without_promoter"]
             lines.append(f"| {name} | {_fmt(w['pearson'])} | {_fmt(w['rmse'])} | {_fmt(wo['pearson'])} | "
                          f"{_fmt(wo['rmse'])} |")
+    genetic = metrics.get("genetic")
+    if genetic and genetic["n_genes"]:
+        names = [m for m in GENETIC_METHODS if m in genetic["mean"]]
+        lines += [
+            "",
+            f"## Across held-out donors, per gene ({genetic['n_genes']} genes)",
+            "",
+            "Pearson across the hidden donors of each (gene, tissue), averaged over the gene's tissues; a model that "
+            "predicts every donor alike scores 0.",
+            "",
+            "| genes | " + " | ".join(names) + (" | ceiling sqrt(h2) |" if "ceiling" in genetic["mean"] else " |"),
+            "|---|" + "---|" * (len(names) + ("ceiling" in genetic["mean"])),
+        ]
+        for label, key in (("all", "mean"), ("h2 > 0", "mean_heritable")):
+            if key in genetic:
+                row = genetic[key]
+                cells = [_fmt(row.get(m)) for m in names] + ([_fmt(row.get("ceiling"))] if "ceiling" in row else [])
+                n = genetic["n_genes"] if key == "mean" else genetic["n_heritable_genes"]
+                lines.append(f"| {label} ({n}) | " + " | ".join(cells) + " |")
     for name, why in metrics.get("skipped", {}).items():
         lines.append(f"\n`{name}` skipped: {why}.")
     lines += ["", "![predicted vs observed](pred_vs_obs.png)", "", "![per tissue](per_tissue.png)", ""]

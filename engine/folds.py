@@ -16,7 +16,7 @@ from engine.problem import VisibleProblem, tissue_correlation
 
 
 def training_folds(
-    problem: VisibleProblem, task: str, n_folds: int, fraction: float, seed: int
+    problem: VisibleProblem, task: str, n_folds: int, fraction: float, seed: int, *, whole_donors: bool = False
 ) -> list[np.ndarray]:
     """Disjoint inner-hidden masks, one per fold, each a subset of the visible entries.
 
@@ -26,6 +26,7 @@ def training_folds(
         n_folds: number of folds.
         fraction: fraction of the visible units each fold hides (``n_folds * fraction <= 1``).
         seed: seeds the assignment of units to folds.
+        whole_donors: with ``samples``, the unit is a donor (every sample of it), as in the evaluation.
 
     Returns:
         ``n_folds`` boolean (G, S) masks.
@@ -36,6 +37,8 @@ def training_folds(
     rng = np.random.default_rng(seed)
     if task == "genes":
         units = rng.permutation(np.flatnonzero(visible.any(axis=1)))
+    elif task == "samples" and whole_donors:
+        units = rng.permutation(np.unique(problem.donor_index[visible.any(axis=0)]))
     elif task == "samples":
         units = rng.permutation(np.flatnonzero(visible.any(axis=0)))
     else:
@@ -47,6 +50,8 @@ def training_folds(
         mask = np.zeros_like(visible)
         if task == "genes":
             mask[chosen] = True
+        elif task == "samples" and whole_donors:
+            mask[:, np.isin(problem.donor_index, chosen)] = True
         elif task == "samples":
             mask[:, chosen] = True
         else:

@@ -30,6 +30,8 @@ FEATURE_NAMES = (
     "est_row_tissue",
     "est_tissue_donor",
     "tissue_index",
+    "genetic_score",
+    "est_tissue_genetic",
 )
 
 
@@ -139,4 +141,9 @@ def engineered_features(
     out[:, col["est_row_tissue"]] = gene_mean + _nan_column(records["tissue_offset"])
     out[:, col["est_tissue_donor"]] = tissue_mean + r_sum / (r_n + donor_shrinkage)
     out[:, col["tissue_index"]] = records["tissue_index"].to_numpy()
+    # the donor's cis-genetic score (NaN without personal genomes), and the gene's level in the tissue moved by it
+    genetic = (_nan_column(records["genetic_score"]) if "genetic_score" in records.column_names
+               else np.full(n, np.nan))
+    out[:, col["genetic_score"]] = genetic
+    out[:, col["est_tissue_genetic"]] = tissue_mean + genetic
     return out.astype(np.float32)

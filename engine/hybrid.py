@@ -24,6 +24,7 @@ import pyarrow.dataset as pads
 from engine.config import Config
 from engine.head import HeadModel, fit_head
 from engine.head_features import engineered_features
+from engine.model.features import PromoterLookup
 from engine.train import TrainedNetwork, fold_dirs, holdout, promoter_inputs, run_network, train_network
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class HybridModels:
 
     config: Config
     promoters: np.ndarray
-    promoter_of_gene: np.ndarray
+    lookup: PromoterLookup
     network: TrainedNetwork
     head: HeadModel
     ablations: dict[str, TrainedNetwork] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class HybridModels:
         engineered = engineered_features(
             records, distance_k=b.distance_k, distance_offset=b.distance_offset, donor_shrinkage=b.donor_shrinkage
         )
-        pred, emb = run_network(self.network, records, self.promoters, self.promoter_of_gene)
+        pred, emb = run_network(self.network, records, self.promoters, self.lookup)
         return engineered, pred, np.hstack([emb, engineered]).astype(np.float32)
 
     def predict(self, records: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
@@ -60,7 +61,7 @@ class HybridModels:
         if self.features_head is not None:
             out["xgb_features_only"] = self.features_head.predict(engineered)
         for name, network in self.ablations.items():
-            pred, _ = run_network(network, records, self.promoters, self.promoter_of_gene)
+            pred, _ = run_network(network, records, self.promoters, self.lookup)
             out[name] = (pred, None, None)
         return out
 

@@ -2,8 +2,11 @@
 
 Layout of the output folder::
 
-    promoters.parquet          one row per unique promoter sequence (schema.PROMOTERS)
-    gene_promoters.parquet     gene -> promoter_id (schema.GENE_PROMOTERS)
+    promoters.parquet          one row per unique promoter sequence (schema.PROMOTERS): reference windows and,
+                               with personal genomes, every donor haplotype
+    gene_promoters.parquet     gene -> promoter_id of its reference window (schema.GENE_PROMOTERS)
+    donor_promoters.parquet    (gene, donor) -> the donor's two haplotypes, where they differ from the reference
+                               (schema.DONOR_PROMOTERS; empty without personal genomes)
     context/chrom=<c>/*.parquet one row per target entry with its context (schema.CONTEXT)
     _manifest.json             config, versions, input fingerprints, row counts
 
@@ -93,6 +96,29 @@ def promoter_tables(dataset: Dataset, gene_ids: np.ndarray) -> tuple[pa.Table, p
     return promoters, pa.table(rows, schema=S.GENE_PROMOTERS)
 
 
+def personal_promoter_tables(problem: VisibleProblem, promoters: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(promoters with every donor haplotype added, donor_promoters) of a problem with personal genomes."""
+    genomes = problem.genomes
+    if genomes is None:
+        return promoters, S.DONOR_PROMOTERS.empty_table()
+    known = set(promoters["promoter_id"].to_pylist())
+    extra = [(pid, seq) for pid, seq in zip(genomes.promoter_ids, genomes.sequences, strict=True) if pid not in known]
+    if extra:
+        added = pa.table({"promoter_id": [p for p, _ in extra], "sequence": [q for _, q in extra],
+                          "padded": [q.count("N") for _, q in extra]}, schema=S.PROMOTERS)
+        promoters = pa.concat_tables([promoters, added])
+    ids = np.asarray(genomes.promoter_ids, dtype=object)
+    differs = np.any(genomes.rows != genomes.reference_row[:, None, None], axis=2) & (genomes.rows >= 0).all(axis=2)
+    g, d = np.nonzero(differs)
+    donor_promoters = pa.table({
+        S.GENE_ID: pa.array(problem.gene_ids[g], pa.string()),
+        S.DONOR_ID: pa.array(np.asarray(problem.donors, dtype=object)[d], pa.string()),
+        "promoter_a": pa.array(ids[genomes.rows[g, d, 0]], pa.string()),
+        "promoter_b": pa.array(ids[genomes.rows[g, d, 1]], pa.string()),
+    }, schema=S.DONOR_PROMOTERS)
+    return promoters, donor_promoters
+
+
 def sample_blocks(targets: np.ndarray, block_entries: int = BLOCK_ENTRIES) -> list[dict]:
     """Consecutive sample ranges holding about ``block_entries`` target entries each."""
     per_sample = targets.sum(axis=0)
@@ -114,11 +140,11 @@ class ContextBuilder:
     in the object store are read without a copy).
     """
 
-    def __init__(self, refs: tuple, k: int, max_distance: int | None) -> None:
+    def __init__(self, refs: tuple, k: int, max_distance: int | None, genetic_shrinkage: float | None = None) -> None:
         import ray
 
         problem_ref, masks_ref, labels_ref = refs
-        self.index = ContextIndex(ray.get(problem_ref))
+        self.index = ContextIndex(ray.get(problem_ref), genetic_shrinkage)
         self.targets, self.hidden = ray.get(masks_ref)
         self.labels = ray.get(labels_ref) if labels_ref is not None else None
         self.k, self.max_distance = k, max_distance
@@ -167,7 +193,8 @@ def write_records(
         ContextBuilder,
         # the references travel inside a tuple so that the actors fetch them themselves, once each
         fn_constructor_kwargs={"refs": refs, "k": config.context.k_neighbours,
-                               "max_distance": config.context.max_distance},
+                               "max_distance": config.context.max_distance,
+                               "genetic_shrinkage": config.context.genetic_shrinkage},
         batch_size=1,
         batch_format="numpy",
         num_cpus=config.ray.cpus_per_task,
@@ -244,8 +271,10 @@ def prepare(
     ensure_ray(config.ray)
     with staged_dir(out_dir) as staging:
         promoters, gene_promoters = promoter_tables(dataset, problem.gene_ids)
+        promoters, donor_promoters = personal_promoter_tables(problem, promoters)
         pq.write_table(promoters, staging / "promoters.parquet")
         pq.write_table(gene_promoters, staging / "gene_promoters.parquet")
+        pq.write_table(donor_promoters, staging / "donor_promoters.parquet")
         log.info(
             "prepare: %d genes with a promoter, %d unique sequences",
             gene_promoters.num_rows,
@@ -257,7 +286,7 @@ def prepare(
         if training:
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
-                                                     config.seed)):
+                                                     config.seed, whole_donors=config.evaluation.whole_donors)):
                 log.info("prepare: training fold %d: %d re-hidden entries", f, int(inner.sum()))
                 n_train += write_records(config, fold_problem(problem, inner), inner, inner,
                                          staging / "train" / f"fold={f}", labels=problem.values)
@@ -273,7 +302,9 @@ def prepare(
                     "train": n_train,
                     "promoters": promoters.num_rows,
                     "gene_promoters": gene_promoters.num_rows,
+                    "donor_promoters": donor_promoters.num_rows,
                 },
+                genomes=problem.genomes.report if problem.genomes is not None else None,
                 hidden_entries=len(truth),
                 seconds=round(seconds, 2),
             ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from engine.dataset import Dataset
 from engine.errors import ConfigError
 from engine.io.chroms import chrom_key
 from engine.io.expression import to_model_scale
+
+if TYPE_CHECKING:
+    from engine.genomes import DonorGenomes
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ class VisibleProblem:
         sample_ids: (S,) sample ids; donor_index, tissue_index: (S,) int32 into ``donors`` and ``tissues``.
         values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*.
         tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
+        genomes: the donors' promoter haplotypes and variant dosages (:mod:`engine.genomes`), None without
+            personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
     """
 
     gene_ids: np.ndarray
@@ -54,6 +60,7 @@ class VisibleProblem:
     tissues: list[str]
     values: np.ndarray
     tissue_corr: np.ndarray
+    genomes: DonorGenomes | None = None
 
     @property
     def n_genes(self) -> int:
@@ -96,7 +103,7 @@ def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarra
     Args:
         observed: (G, S) bool, measured entries.
         task: the evaluation settings.
-        donor_index: unused today; kept so that donor-level hiding can be added without a signature change.
+        donor_index: (S,) donor of each sample; needed with ``task.whole_donors``.
 
     Returns:
         (G, S) bool mask of hidden entries.
@@ -112,6 +119,12 @@ def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarra
         candidates = np.flatnonzero(observed.any(axis=1))
         n = max(1, int(round(task.fraction * len(candidates))))
         hidden[rng.choice(candidates, size=n, replace=False)] = True
+    elif task.whole_donors:
+        if donor_index is None:
+            raise ValueError("hide: evaluation.whole_donors needs the donor of each sample")
+        candidates = np.unique(donor_index[observed.any(axis=0)])
+        n = max(1, int(round(task.fraction * len(candidates))))
+        hidden[:, np.isin(donor_index, rng.choice(candidates, size=n, replace=False))] = True
     else:
         candidates = np.flatnonzero(observed.any(axis=0))
         n = max(1, int(round(task.fraction * len(candidates))))
@@ -182,7 +195,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
             "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
         )
     observed = ~np.isnan(values)
-    hidden = hide(observed, config.evaluation) if hidden_mask else np.zeros_like(observed)
+    hidden = hide(observed, config.evaluation, donor_index=donor_index) if hidden_mask else np.zeros_like(observed)
     gi, si = np.nonzero(hidden)
     truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
     visible = values.copy()
@@ -211,6 +224,10 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
         values=visible,
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
     )
+    if dataset.variants is not None:
+        from engine.genomes import donor_genomes
+
+        problem.genomes = donor_genomes(dataset, problem)
     log.info(
         "problem: %d genes x %d samples (%d donors, %d tissues); %d visible, %d hidden (%s task)",
         problem.n_genes,

@@ -142,6 +142,9 @@ CONTEXT = pa.schema(
         pa.field("tissue_mean", pa.float32()),  # the gene in the target tissue, mean over other donors
         pa.field("gene_mean", pa.float32()),  # the gene over every other visible sample
         pa.field("tissue_offset", pa.float32(), nullable=False),  # the target tissue's mean deviation from genes
+        # the donor's cis-genetic score for the gene (engine.genomes.genetic_scores, fitted on visible values of
+        # other donors); null without personal genomes, for donors without a genome and genes without variants
+        pa.field("genetic_score", pa.float32()),
     ]
 )
 
@@ -150,6 +153,35 @@ PROMOTERS = pa.schema(
         pa.field("promoter_id", pa.string(), nullable=False),  # hash of the sequence
         pa.field("sequence", pa.string(), nullable=False),  # 5'->3' on the gene's strand, upper case, N padded
         pa.field("padded", pa.int32(), nullable=False),
+    ]
+)
+
+#: ``geximpute variant-effects``: one row per (variant ALT allele, gene whose promoter holds it, tissue)
+VARIANT_EFFECTS = pa.schema(
+    [
+        pa.field("variant_id", pa.string()),  # the VCF's ID, null for '.'
+        pa.field(CHROM, pa.string(), nullable=False),
+        pa.field("pos", pa.int64(), nullable=False),  # 1-based, as in the VCF
+        pa.field("ref", pa.string(), nullable=False),
+        pa.field("alt", pa.string(), nullable=False),
+        pa.field(GENE_ID, pa.string(), nullable=False),
+        pa.field("tss_offset", pa.int64(), nullable=False),  # POS - TSS along the gene's strand (< 0: upstream)
+        pa.field(TISSUE, pa.string(), nullable=False),
+        pa.field("predicted_ref", pa.float32(), nullable=False),  # homozygous reference promoter
+        pa.field("predicted_alt", pa.float32(), nullable=False),  # homozygous for this ALT allele alone
+        pa.field("effect", pa.float32(), nullable=False),  # (alt - ref) / 2: change per ALT allele, modelling scale
+        pa.field("genetic_effect", pa.float32(), nullable=False),  # the cis-genetic score's part of ``effect``
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+
+#: donors whose promoter haplotypes differ from the reference: the rows that override gene_promoters for them
+DONOR_PROMOTERS = pa.schema(
+    [
+        pa.field(GENE_ID, pa.string(), nullable=False),
+        pa.field(DONOR_ID, pa.string(), nullable=False),
+        pa.field("promoter_a", pa.string(), nullable=False),  # promoter_id of haplotype A
+        pa.field("promoter_b", pa.string(), nullable=False),  # promoter_id of haplotype B
     ]
 )
 

@@ -25,7 +25,7 @@ import torch
 
 from engine import schema as S
 from engine.config import Config
-from engine.model.features import FeatureSpec, drop_groups, featurize, one_hot_promoters, to_tensors
+from engine.model.features import FeatureSpec, PromoterLookup, drop_groups, featurize, one_hot_promoters, to_tensors
 from engine.model.network import HybridNet, NetworkSpec
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,51 @@ def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarr
     return (mixed % np.uint64(100)) < HOLDOUT_PERCENT
 
 
-def promoter_inputs(records_dir: Path, gene_ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(one-hot promoter table (P, 4, L) uint8, promoter row of each problem gene (G,) int64, -1 = none)."""
+def promoter_inputs(records_dir: Path, gene_ids: np.ndarray, length: int) -> tuple[np.ndarray, PromoterLookup]:
+    """(one-hot promoter table (P, 4, L) uint8, the promoter rows of each record) of a prepare output.
+
+    Records read their gene's reference window, or, with personal genomes (``donor_promoters.parquet``), their
+    donor's two haplotypes.
+    """
     promoters = pq.read_table(records_dir / "promoters.parquet")
     links = pq.read_table(records_dir / "gene_promoters.parquet")
-    row_of = {pid: i for i, pid in enumerate(promoters["promoter_id"].to_pylist())}
-    gene_row = {g: row_of[p] for g, p in zip(links[S.GENE_ID].to_pylist(), links["promoter_id"].to_pylist(),
-                                                strict=True)}
     table = one_hot_promoters(promoters["sequence"].to_pylist(), length)
-    lookup = np.array([gene_row.get(g, -1) for g in gene_ids], dtype=np.int64)
+    personal = records_dir / "donor_promoters.parquet"
+    samples = pq.read_table(records_dir / "samples.parquet", columns=[S.DONOR_ID])[S.DONOR_ID].to_pylist()
+    lookup = make_lookup(promoters["promoter_id"].to_pylist(), links, gene_ids, samples,
+                         pq.read_table(personal) if personal.is_file() else None)
     return table, lookup
+
+
+def make_lookup(promoter_ids: list[str], gene_promoters: pa.Table, gene_ids: np.ndarray, sample_donors: list[str],
+                donor_promoters: pa.Table | None) -> PromoterLookup:
+    """The :class:`PromoterLookup` of records over ``gene_ids`` and samples whose donors are ``sample_donors``.
+
+    Args:
+        promoter_ids: ids of the rows of the one-hot table.
+        gene_promoters: ``gene_id`` -> ``promoter_id`` of the reference windows (schema.GENE_PROMOTERS).
+        gene_ids: (G,) the records' ``gene_index`` order.
+        sample_donors: (S,) donor id of each ``sample_index``.
+        donor_promoters: (gene, donor) -> haplotype ids where they differ from the reference, or None.
+    """
+    row_of = {pid: i for i, pid in enumerate(promoter_ids)}
+    gene_row = {g: row_of[p] for g, p in zip(gene_promoters[S.GENE_ID].to_pylist(),
+                                            gene_promoters["promoter_id"].to_pylist(), strict=True)}
+    rows = np.array([gene_row.get(g, -1) for g in gene_ids], dtype=np.int64)
+    if donor_promoters is None or donor_promoters.num_rows == 0:
+        return PromoterLookup.reference(rows)
+    donors, sample_donor = np.unique(np.asarray(sample_donors, dtype=object), return_inverse=True)
+    donor_of = {d: i for i, d in enumerate(donors)}
+    gene_of = {g: i for i, g in enumerate(gene_ids)}
+    g = np.array([gene_of.get(x, -1) for x in donor_promoters[S.GENE_ID].to_pylist()], dtype=np.int64)
+    d = np.array([donor_of.get(x, -1) for x in donor_promoters[S.DONOR_ID].to_pylist()], dtype=np.int64)
+    a = np.array([row_of.get(x, -1) for x in donor_promoters["promoter_a"].to_pylist()], dtype=np.int64)
+    b = np.array([row_of.get(x, -1) for x in donor_promoters["promoter_b"].to_pylist()], dtype=np.int64)
+    keep = (g >= 0) & (d >= 0) & (a >= 0) & (b >= 0)
+    keys = g[keep] * len(donors) + d[keep]
+    order = np.argsort(keys, kind="stable")
+    return PromoterLookup(rows, sample_donor.astype(np.int64), keys[order],
+                          np.stack([a[keep], b[keep]], axis=1)[order], len(donors))
 
 
 @dataclass
@@ -76,7 +111,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _batches(shard, batch_size: int, cfg: dict, promoter_of_gene: np.ndarray, limit: int | None, shuffle: bool):
+def _batches(shard, batch_size: int, cfg: dict, lookup: PromoterLookup, limit: int | None, shuffle: bool):
     """Featurised numpy batches of a Ray Data shard (each worker gets equal-sized shards: DDP stays in step)."""
     seen = 0
     kwargs = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": cfg["seed"]} if shuffle else {}
@@ -84,8 +119,7 @@ def _batches(shard, batch_size: int, cfg: dict, promoter_of_gene: np.ndarray, li
         if limit is not None and seen >= limit:
             break
         seen += table.num_rows
-        gene = table["gene_index"].to_numpy()
-        yield featurize(table, cfg["features"], promoter_of_gene[gene])
+        yield featurize(table, cfg["features"], lookup.for_records(table))
 
 
 def _train_loop(cfg: dict) -> None:
@@ -103,7 +137,7 @@ def _train_loop(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     promoters = torch.as_tensor(cfg["promoters"], device=device) if len(cfg["promoters"]) else None
-    lookup = cfg["promoter_of_gene"]
+    lookup = cfg["promoter_lookup"]
     state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0}
     # the run's own checkpoint (after a worker failure) wins over the one it was asked to start from
     checkpoint = ray.train.get_checkpoint()
@@ -131,8 +165,9 @@ def _train_loop(cfg: dict) -> None:
             batch = drop_groups(batch, rng, *cfg["drop"])
             if cfg["drop_promoter"] > 0:
                 # the stand-in now and then: the network cannot lean on recognising a training gene's promoter
-                batch["promoter_index"] = np.where(rng.random(len(batch["promoter_index"])) < cfg["drop_promoter"],
-                                                   -1, batch["promoter_index"])
+                drop = rng.random(len(batch["promoter_index"])) < cfg["drop_promoter"]
+                for key in ("promoter_index", "promoter_index_b"):
+                    batch[key] = np.where(drop, -1, batch[key])
             tensors = to_tensors(batch, device)
             with autocast:
                 pred, _ = model(tensors, promoters)
@@ -257,7 +292,7 @@ def train_network(
         "spec": spec,
         "features": features,
         "promoters": promoters,
-        "promoter_of_gene": lookup,
+        "promoter_lookup": lookup,
         "seed": config.seed,
         "lr": tc.lr,
         "weight_decay": tc.weight_decay,
@@ -303,7 +338,7 @@ def run_network(
     network: TrainedNetwork,
     records: pa.Table,
     promoters: np.ndarray,
-    promoter_of_gene: np.ndarray,
+    lookup: PromoterLookup,
     batch_size: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predictions on the value scale (N,), embeddings (N, D)) of ``records``, in-process, no gradients."""
@@ -313,7 +348,7 @@ def run_network(
     with torch.no_grad():
         for start in range(0, records.num_rows, batch_size):
             part = records.slice(start, batch_size)
-            batch = featurize(part, network.features, promoter_of_gene[part["gene_index"].to_numpy()])
+            batch = featurize(part, network.features, lookup.for_records(part))
             batch.pop("target", None)
             pred, emb = model(to_tensors(batch), table)
             preds.append(network.features.unstandardise(pred.float().numpy()))

@@ -423,6 +423,7 @@ def test_promoters_are_encoded_once_per_unique_promoter_and_minus_one_uses_the_s
     pidx = torch.from_numpy(rng.choice([7, 19, 42, -1], 100))
     pidx[:4] = torch.tensor([7, 19, 42, -1])
     batch["promoter_index"] = pidx
+    batch["promoter_index_b"] = pidx  # homozygous: both haplotypes the same row
     seen = []
     net.promoter_cnn.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     with torch.no_grad():
@@ -442,6 +443,35 @@ def test_promoters_are_encoded_once_per_unique_promoter_and_minus_one_uses_the_s
 
     with pytest.raises(ValueError, match="no promoter table"):
         net(batch, None)
+
+
+def test_two_haplotypes_average_their_embeddings_and_the_cnn_sees_each_once():
+    """A heterozygous row reads the mean of its haplotypes' embeddings; homozygous rows read their own."""
+    net = HybridNet(tiny_spec()).eval()
+    rng = np.random.default_rng(6)
+    batch, _ = make_batch(6, n=30)
+    promoters = random_promoters(rng, 10, 40)
+    a = torch.from_numpy(rng.choice([1, 2], 30))
+    b = torch.from_numpy(rng.choice([2, 3], 30))
+    seen = []
+    net.promoter_cnn.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        batch["promoter_index"], batch["promoter_index_b"] = a, b
+        het, _ = net(batch, promoters)
+        assert seen == [3]  # rows 1, 2, 3 once each
+        encoded = net.promoter_cnn(promoters[[1, 2, 3]])
+        # the same prediction when both slots hold the averaged embedding's rows swapped: order does not matter
+        batch["promoter_index"], batch["promoter_index_b"] = b, a
+        swapped, _ = net(batch, promoters)
+        torch.testing.assert_close(het, swapped)
+        batch["promoter_index"], batch["promoter_index_b"] = a, a
+        hom, _ = net(batch, promoters)
+        differs = a != b
+        assert differs.any() and not torch.allclose(het[differs], hom[differs])
+        torch.testing.assert_close(het[~differs], hom[~differs])
+        mean = 0.5 * (encoded[a - 1] + encoded[b - 1])
+        torch.testing.assert_close(0.5 * (net.promoter_embedding(a, promoters) + net.promoter_embedding(b, promoters)),
+                                   mean)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -13,12 +13,14 @@ Batch keys and shapes (N rows, K = ``k_neighbours``, T = ``n_tissues``)::
     tis_mean (N, T) float32      tis_mean_ok (N, T) float32   tis_mask (N, T) bool
     tissue_index (N,) int64      tissue_mean (N,) float32     tissue_mean_ok (N,) float32
     gene_mean (N,) float32       gene_mean_ok (N,) float32    tissue_offset (N,) float32
-    promoter_index (N,) int64
+    genetic_score (N,) float32   genetic_score_ok (N,) float32
+    promoter_index (N,) int64    promoter_index_b (N,) int64  (the donor's two haplotypes; equal for the reference)
     target (N,) float32          (only when the table has a ``target`` column; NaN where null)
 
-Expression levels (``*_value``, ``*_mean``, ``target``) are standardised; ``tissue_offset`` is a difference of
-levels, so it is only divided by ``value_scale``. Slots under a False mask hold 0; a neighbour or tissue whose
-value is NaN in the records counts as absent, and a NaN ``tis_mean`` (no other donor) gives ``tis_mean_ok`` 0.
+Expression levels (``*_value``, ``*_mean``, ``target``) are standardised; ``tissue_offset`` and ``genetic_score``
+are differences of levels, so they are only divided by ``value_scale``. Slots under a False mask hold 0; a
+neighbour or tissue whose value is NaN in the records counts as absent, and a NaN ``tis_mean`` (no other donor)
+gives ``tis_mean_ok`` 0.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ BATCH_KEYS = (
     "gene_mean",
     "gene_mean_ok",
     "tissue_offset",
+    "genetic_score",
+    "genetic_score_ok",
     "promoter_index",
+    "promoter_index_b",
 )
 
 # A, C, G, T (either case) -> 0..3; anything else -> 4, which matches no channel and so encodes as all zeros
@@ -106,6 +111,54 @@ class FeatureSpec:
     def unstandardise(self, values: np.ndarray) -> np.ndarray:
         """Network output back on the value scale: ``values * value_scale + value_center``."""
         return (np.asarray(values, dtype=np.float64) * self.value_scale + self.value_center).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PromoterLookup:
+    """The promoter rows a record reads: its gene's reference window, or its donor's two haplotypes.
+
+    Attributes:
+        gene_row: (G,) int64 reference row of each gene in the one-hot table, -1 = no promoter.
+        sample_donor: (S,) int64 donor index of each sample (``sample_index`` of the records).
+        personal_keys: (M,) int64 sorted keys ``gene * n_donors + donor`` of the pairs whose haplotypes differ from
+            the reference.
+        personal_rows: (M, 2) int64 rows of those pairs' haplotypes A and B.
+        n_donors: donor count of the keys.
+    """
+
+    gene_row: np.ndarray
+    sample_donor: np.ndarray
+    personal_keys: np.ndarray
+    personal_rows: np.ndarray
+    n_donors: int
+
+    @classmethod
+    def reference(cls, gene_row: np.ndarray) -> PromoterLookup:
+        """A lookup that gives every record its gene's reference window."""
+        return cls(np.asarray(gene_row, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                   np.zeros((0, 2), np.int64), 0)
+
+    @property
+    def personal(self) -> bool:
+        """Whether any donor carries a non-reference haplotype."""
+        return len(self.personal_keys) > 0
+
+    def rows(self, gene_index: np.ndarray, sample_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """((N,) row of haplotype A, (N,) row of haplotype B) of records (gene_index, sample_index)."""
+        gene_index = np.asarray(gene_index, np.int64)
+        a = self.gene_row[gene_index]
+        b = a.copy()
+        if self.personal:
+            key = gene_index * self.n_donors + self.sample_donor[np.asarray(sample_index, np.int64)]
+            pos = np.minimum(np.searchsorted(self.personal_keys, key), len(self.personal_keys) - 1)
+            hit = self.personal_keys[pos] == key
+            a[hit] = self.personal_rows[pos[hit], 0]
+            b[hit] = self.personal_rows[pos[hit], 1]
+        return a, b
+
+    def for_records(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rows` of a table with ``gene_index`` and ``sample_index`` columns."""
+        return self.rows(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
 
 
 def one_hot_promoters(sequences: list[str], length: int) -> np.ndarray:
@@ -196,14 +249,19 @@ def _check_range(values: np.ndarray, where: np.ndarray, lo: int, hi: int, name: 
 _TISSUE_HINT = "is FeatureSpec.n_tissues the size of the tissue vocabulary the records were built with?"
 
 
-def featurize(records: pa.Table, spec: FeatureSpec, promoter_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def featurize(
+    records: pa.Table,
+    spec: FeatureSpec,
+    promoter_index: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Fixed-shape arrays of a table of context records.
 
     Args:
         records: a table with the :data:`engine.schema.CONTEXT` columns (extra columns are ignored; ``target`` is
             optional).
         spec: widths and value standardisation.
-        promoter_index: (N,) index of each row's promoter in the one-hot promoter table, -1 for none; all -1
+        promoter_index: (N,) index of each row's promoter in the one-hot promoter table, -1 for none; or a pair
+            of such arrays, the rows of the donor's haplotypes A and B (:meth:`PromoterLookup.rows`); all -1
             when None.
 
     Returns:
@@ -255,17 +313,24 @@ def featurize(records: pa.Table, spec: FeatureSpec, promoter_index: np.ndarray |
     # a tissue's deviation from gene means: a difference of levels, so scaled but not centred
     offset = np.nan_to_num(_scalar(records, "tissue_offset")) / spec.value_scale
     batch["tissue_offset"] = offset.astype(np.float32)
+    # the donor's cis-genetic score: a deviation from the gene's level, so scaled but not centred
+    genetic = _scalar(records, "genetic_score") if "genetic_score" in records.column_names else np.full(n, np.nan)
+    genetic_ok = ~np.isnan(genetic)
+    batch["genetic_score"] = np.where(genetic_ok, np.nan_to_num(genetic) / spec.value_scale, 0).astype(np.float32)
+    batch["genetic_score_ok"] = genetic_ok.astype(np.float32)
 
-    if promoter_index is None:
-        batch["promoter_index"] = np.full(n, -1, dtype=np.int64)
-    else:
-        pidx = np.asarray(promoter_index)
+    pair = promoter_index if isinstance(promoter_index, tuple) else (promoter_index, promoter_index)
+    for key, pidx in zip(("promoter_index", "promoter_index_b"), pair, strict=True):
+        if pidx is None:
+            batch[key] = np.full(n, -1, dtype=np.int64)
+            continue
+        pidx = np.asarray(pidx)
         if pidx.shape != (n,) or (pidx.size and pidx.min() < -1):
             raise ValueError(
                 f"featurize: promoter_index must be ({n},) integers >= -1, got shape {pidx.shape}"
                 + (f" with minimum {pidx.min()}" if pidx.size else "")
             )
-        batch["promoter_index"] = pidx.astype(np.int64)
+        batch[key] = pidx.astype(np.int64)
 
     if "target" in records.column_names:
         batch["target"] = spec.standardise(_scalar(records, "target"))

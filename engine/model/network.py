@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 #: the gene-level scalars ((value, ok) pairs) and the target tissue's offset, in the order the query reads them
-GENE_SCALARS = ("tissue_mean", "tissue_mean_ok", "gene_mean", "gene_mean_ok", "tissue_offset")
+GENE_SCALARS = ("tissue_mean", "tissue_mean_ok", "gene_mean", "gene_mean_ok", "tissue_offset", "genetic_score",
+                "genetic_score_ok")
 #: per-slot inputs of a neighbour token and of a tissue token (besides the embedded indices)
 NEIGHBOUR_INPUTS = ("nb_value", "nb_logdist", "nb_overlap", "nb_gene_mean")
 TISSUE_INPUTS = ("tis_value", "tis_corr", "tis_mean", "tis_mean_ok")
@@ -304,7 +305,8 @@ class HybridNet(nn.Module):
 
         Args:
             batch: tensors of :func:`engine.model.features.featurize` (via ``to_tensors``): nb_* (N, K),
-                tis_* (N, T), tissue_index, the gene-level scalars and promoter_index (N,).
+                tis_* (N, T), tissue_index, the gene-level scalars, promoter_index (N,) and optionally
+                promoter_index_b (N,) (the second haplotype; the first is used twice without it).
             promoters: (P, 4, L) one-hot promoter table; may be None when ``use_promoter`` is False or no row has
                 a promoter.
 
@@ -319,13 +321,19 @@ class HybridNet(nn.Module):
                 torch.where(ok["gene_mean"] > 0, batch["gene_mean"].float(), 0.0),
                 ok["gene_mean"],
                 batch["tissue_offset"].float(),
+                batch["genetic_score"].float(),
+                batch["genetic_score_ok"].float(),
             ],
             dim=-1,
-        )  # (N, 5)
+        )  # (N, 7)
         tissue = self.target_tissue_embedding(batch["tissue_index"].long())  # (N, D)
         promoter = None
         if self.spec.use_promoter:
-            promoter = self.promoter_embedding(batch["promoter_index"].long(), promoters)  # (N, D)
+            # a donor's two haplotypes, each encoded once per unique sequence in the batch, averaged (additive)
+            a = batch["promoter_index"].long()
+            b = batch["promoter_index_b"].long() if "promoter_index_b" in batch else a
+            both = self.promoter_embedding(torch.cat([a, b]), promoters)  # (2N, D)
+            promoter = 0.5 * (both[: len(a)] + both[len(a) :])  # (N, D)
 
         if self.spec.use_context:
             query = tissue + self.gene_proj(scalars)

@@ -1,0 +1,233 @@
+"""Donors' genomes as the model sees them: promoter haplotypes per (gene, donor) and promoter-variant dosages.
+
+:class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`engine.haplotypes`) to the problem's genes and
+donors. It holds, for every problem gene and donor, the rows of the donor's two promoter haplotypes in one table of
+unique sequences (the reference row for donors without a genome and for genes without variants), and the ALT
+dosage of every variant site inside a promoter window (NaN where the call is missing or the donor has no genome).
+
+:func:`genetic_scores` turns visible expression into a per-(gene, donor) cis-genetic score: for each gene, a ridge
+regression of the donors' visible expression residuals (value minus the gene's mean in that tissue, averaged over
+the donor's visible tissues) on their promoter-variant dosages, evaluated for every donor with a genome. It is
+fitted on visible values only, so for a held-out donor it uses nothing but the donor's genotypes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import schema as S
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DonorGenomes:
+    """Personal promoter haplotypes and promoter-variant dosages of the problem's donors.
+
+    Attributes:
+        sequences: P unique promoter sequences (reference windows and every donor haplotype), 5'->3'.
+        promoter_ids: (P,) ids of ``sequences`` (sha1 prefix, as in ``promoters.parquet``).
+        reference_row: (G,) int64 row of each problem gene's reference window, -1 where it has none.
+        rows: (G, D, 2) int32 rows of each donor's two haplotypes (``reference_row`` where the donor carries the
+            reference or has no genome; -1 where the gene has no window).
+        has_genome: (D,) bool, the donor is in the VCF.
+        site_ptr: (G + 1,) int64; the promoter sites of gene g are ``site_ptr[g]:site_ptr[g + 1]`` of the
+            arrays below (a site in two genes' windows appears once per gene).
+        site_index: (M,) int64 row of each site in the VCF's site table.
+        dosage: (M, D) float32 ALT allele count (0, 1, 2), NaN where missing or the donor has no genome.
+        report: haplotype construction counts (:func:`engine.haplotypes.build_haplotypes`).
+    """
+
+    sequences: list[str]
+    promoter_ids: list[str]
+    reference_row: np.ndarray
+    rows: np.ndarray
+    has_genome: np.ndarray
+    site_ptr: np.ndarray
+    site_index: np.ndarray
+    dosage: np.ndarray
+    report: dict
+
+    @property
+    def n_personal(self) -> int:
+        """(gene, donor) pairs with at least one haplotype that differs from the reference."""
+        ref = self.reference_row[:, None, None]
+        return int(np.any(self.rows != ref, axis=2).sum())
+
+    def gene_sites(self, g: int) -> np.ndarray:
+        """Positions (into ``site_index``/``dosage``) of the promoter sites of gene ``g``."""
+        return np.arange(self.site_ptr[g], self.site_ptr[g + 1])
+
+
+def window_bounds(tss: np.ndarray, strand: np.ndarray, upstream: int, downstream: int) -> tuple[np.ndarray, ...]:
+    """1-based inclusive genomic (start, end) of promoter windows, as :meth:`engine.io.fasta.Genome.window`."""
+    plus = np.asarray(strand) > 0
+    start = np.where(plus, tss - upstream, tss - downstream + 1)
+    end = np.where(plus, tss + downstream - 1, tss + upstream)
+    return start.astype(np.int64), end.astype(np.int64)
+
+
+def promoter_sites(
+    chroms: np.ndarray, start: np.ndarray, end: np.ndarray, site_chroms: np.ndarray, site_pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(site_ptr (G + 1,), site_index (M,)): the sites whose position lies in each gene's window.
+
+    Sites must be sorted by position within each chromosome (the VCF reader guarantees it).
+    """
+    parts, counts = [], np.zeros(len(chroms), dtype=np.int64)
+    by_chrom: dict[str, np.ndarray] = {}
+    for c in np.unique(site_chroms):
+        by_chrom[c] = np.flatnonzero(site_chroms == c)
+    for g, (c, lo, hi) in enumerate(zip(chroms, start, end, strict=True)):
+        rows = by_chrom.get(c)
+        if rows is None:
+            parts.append(np.zeros(0, np.int64))
+            continue
+        pos = site_pos[rows]
+        a, b = np.searchsorted(pos, lo, "left"), np.searchsorted(pos, hi, "right")
+        parts.append(rows[a:b])
+        counts[g] = b - a
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    index = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return ptr, index
+
+
+def donor_genomes(dataset, problem) -> DonorGenomes | None:
+    """The :class:`DonorGenomes` of ``problem``'s genes and donors, or None without ``inputs.variants``.
+
+    Args:
+        dataset: the loaded inputs (:class:`engine.dataset.Dataset`) with its genome and variants.
+        problem: the visible problem whose gene and donor order the result follows.
+    """
+    variants = dataset.variants
+    if variants is None or dataset.genome is None:
+        return None
+    import pyarrow as pa
+
+    from engine.haplotypes import build_haplotypes
+
+    p = dataset.config.promoter
+    genes = pa.table({
+        S.GENE_ID: pa.array(problem.gene_ids, pa.string()),
+        S.CHROM: pa.array(problem.chroms, pa.string()),
+        S.TSS: pa.array(problem.tss, pa.int64()),
+        S.STRAND: pa.array(np.where(problem.strand > 0, "+", "-"), pa.string()),
+    })
+    haps = build_haplotypes(dataset.genome, genes, variants, p)
+    vcf_donor = {d: i for i, d in enumerate(haps.donors)}
+    col = np.array([vcf_donor.get(d, -1) for d in problem.donors], dtype=np.int64)
+    has = col >= 0
+    ref = np.asarray(haps.reference_row, dtype=np.int64)
+    rows = np.repeat(ref[:, None, None], len(problem.donors), axis=1).repeat(2, axis=2).astype(np.int32)
+    if has.any():
+        rows[:, has, :] = haps.rows[:, col[has], :]
+
+    start, end = window_bounds(problem.tss, problem.strand, p.upstream, p.downstream)
+    sites = variants.sites
+    ptr, index = promoter_sites(problem.chroms, start, end,
+                                np.asarray(sites[S.CHROM].to_pylist(), dtype=object), sites["pos"].to_numpy())
+    calls = variants.genotypes[index]  # (M, n_vcf, 2)
+    alt = _alt_dosage(calls)
+    dosage = np.full((len(index), len(problem.donors)), np.nan, dtype=np.float32)
+    if has.any():
+        dosage[:, has] = alt[:, col[has]]
+    genomes = DonorGenomes(
+        sequences=list(haps.sequences), promoter_ids=list(haps.promoter_ids), reference_row=ref, rows=rows,
+        has_genome=has, site_ptr=ptr, site_index=index, dosage=dosage,
+        report={**haps.report, "n_problem_donors_with_genome": int(has.sum()),
+                "n_problem_donors": len(problem.donors), "n_promoter_site_links": len(index)},
+    )
+    log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d promoter-site links; "
+             "%d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
+             len(genomes.sequences), len(index), genomes.n_personal)
+    return genomes
+
+
+def _alt_dosage(calls: np.ndarray) -> np.ndarray:
+    """(M, n, 2) allele indices -> (M, n) float32 count of non-REF alleles; NaN where either allele is missing."""
+    missing = (calls < 0).any(axis=2)
+    count = (calls > 0).sum(axis=2).astype(np.float32)
+    return np.where(missing, np.nan, count).astype(np.float32)
+
+
+def donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray, n_donors: int,
+                    n_tissues: int) -> np.ndarray:
+    """(G, D) each donor's mean visible deviation from the gene's per-tissue mean; NaN where none is visible."""
+    visible = ~np.isnan(values)
+    filled = np.where(visible, values, 0.0)
+    t_sum = np.zeros((values.shape[0], n_tissues))
+    t_n = np.zeros((values.shape[0], n_tissues))
+    np.add.at(t_sum.T, tissue_index, filled.T)
+    np.add.at(t_n.T, tissue_index, visible.T.astype(float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t_mean = t_sum / np.maximum(t_n, 1)
+        resid = np.where(visible, values - t_mean[:, tissue_index], 0.0)
+        d_sum = np.zeros((values.shape[0], n_donors))
+        d_n = np.zeros((values.shape[0], n_donors))
+        np.add.at(d_sum.T, donor_index, resid.T)
+        np.add.at(d_n.T, donor_index, visible.T.astype(float))
+        return np.where(d_n > 0, d_sum / np.maximum(d_n, 1), np.nan)
+
+
+#: ridge penalties tried per gene when ``context.genetic_shrinkage`` is null (leave-one-donor-out choice)
+SHRINKAGE_GRID = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, shrinkage: float | None) -> np.ndarray:
+    """Ridge coefficients of centred ``y`` on centred ``x`` (n, m); with ``shrinkage`` None the penalty of
+    :data:`SHRINKAGE_GRID` with the smallest leave-one-out error (closed form, ``e_i / (1 - h_ii)``)."""
+    grid = SHRINKAGE_GRID if shrinkage is None else (shrinkage,)
+    best, best_err = np.zeros(x.shape[1]), np.inf
+    for lam in grid:
+        inv = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
+        beta = inv @ (x.T @ y)
+        if len(grid) == 1:
+            return beta
+        leverage = np.einsum("ij,jk,ik->i", x, inv, x)
+        err = float(np.mean(((y - x @ beta) / np.maximum(1 - leverage - 1.0 / len(y), 1e-6)) ** 2))
+        if err < best_err:
+            best, best_err = beta, err
+    return best
+
+
+def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray,
+                   n_tissues: int, shrinkage: float | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per-(gene, donor) cis-genetic score fitted on visible values (see the module docstring).
+
+    Args:
+        genomes: the donors' genomes.
+        values: (G, S) visible values (NaN = unknown).
+        tissue_index, donor_index: (S,) of the samples.
+        n_tissues: tissue count.
+        shrinkage: ridge penalty on centred dosages (about: donors' worth of evidence pulled towards 0); None
+            chooses it per gene from :data:`SHRINKAGE_GRID` by leave-one-donor-out error.
+
+    Returns:
+        scores (G, D) float32 (NaN for genes without a promoter variant or donors without a genome) and, per gene,
+        the fitted effect per ALT allele of each of its promoter sites (zeros when nothing was fitted).
+    """
+    n_genes, n_donors = genomes.rows.shape[0], genomes.rows.shape[1]
+    resid = donor_residuals(values, tissue_index, donor_index, n_donors, n_tissues)
+    scores = np.full((n_genes, n_donors), np.nan, dtype=np.float32)
+    effects: list[np.ndarray] = []
+    has = genomes.has_genome
+    for g in range(n_genes):
+        lo, hi = genomes.site_ptr[g], genomes.site_ptr[g + 1]
+        if hi == lo:
+            effects.append(np.zeros(0, np.float32))
+            continue
+        x = genomes.dosage[lo:hi].T.astype(np.float64)  # (D, m)
+        mean = np.nanmean(np.where(has[:, None], x, np.nan), axis=0) if has.any() else np.zeros(hi - lo)
+        mean = np.nan_to_num(mean)
+        x = np.where(np.isnan(x), mean, x) - mean  # missing calls at the mean dosage
+        y = resid[g]
+        fit = has & ~np.isnan(y)
+        beta = np.zeros(hi - lo)
+        if fit.sum() >= 5:
+            beta = _ridge(x[fit] - x[fit].mean(axis=0), y[fit] - y[fit].mean(), shrinkage)
+        effects.append(beta.astype(np.float32))
+        scores[g, has] = (x[has] @ beta).astype(np.float32)
+    return scores, effects

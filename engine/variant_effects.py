@@ -1,0 +1,188 @@
+"""``geximpute variant-effects``: the predicted expression change of every promoter variant, per tissue.
+
+For each variant site in a gene's promoter window and each of its ALT alleles, the model bundle predicts the gene in
+every tissue twice, for a donor homozygous for the reference promoter and for one homozygous for the promoter that
+carries only that ALT allele (:func:`engine.haplotypes.edit_window`), with no other context than the gene's levels
+across donors. Both branches see the difference: the CNN reads the two promoters, and the cis-genetic score
+(:func:`engine.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by twice
+the site's fitted effect. ``effect`` is half the difference, the change per ALT allele, on the modelling scale.
+
+Output (atomic folder): ``variant_effects.parquet`` (:data:`engine.schema.VARIANT_EFFECTS`) and ``_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import schema as S
+from engine.config import Config
+from engine.errors import ConfigError
+from engine.model.features import PromoterLookup, one_hot_promoters
+
+log = logging.getLogger(__name__)
+
+
+def _population_records(problem, gene: np.ndarray, tissue: np.ndarray, genetic: np.ndarray) -> pa.Table:
+    """Context records of (gene, tissue) pairs for a donor known only by its genome: no neighbour, no other tissue,
+    the gene's visible levels across donors, and the given cis-genetic score."""
+    from engine.context import ContextIndex
+
+    index = ContextIndex(problem)
+    n = len(gene)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tissue_mean = np.where(index.tissue_n[gene, tissue] > 0,
+                               index.tissue_sum[gene, tissue] / np.maximum(index.tissue_n[gene, tissue], 1), np.nan)
+        gene_mean = np.where(index.gene_n[gene] > 0, index.gene_sum[gene] / np.maximum(index.gene_n[gene], 1), np.nan)
+    empty_offsets = pa.array(np.zeros(n + 1, dtype=np.int32))
+
+    def empty(tp: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(empty_offsets, pa.array([], type=tp))
+
+    columns = {
+        S.GENE_ID: pa.array(problem.gene_ids[gene], pa.string()),
+        S.SAMPLE_ID: pa.array([""] * n, pa.string()),
+        S.DONOR_ID: pa.array([""] * n, pa.string()),
+        S.TISSUE: pa.array(np.asarray(problem.tissues, dtype=object)[tissue], pa.string()),
+        S.CHROM: pa.array(problem.chroms[gene], pa.string()),
+        "gene_index": pa.array(gene.astype(np.int32)),
+        "sample_index": pa.array(np.arange(n, dtype=np.int32)),
+        "tissue_index": pa.array(tissue.astype(np.int16)),
+        "split": pa.array(["train"] * n, pa.string()),
+        "hidden": pa.array(np.zeros(n, dtype=bool)),
+        "target": pa.nulls(n, pa.float32()),
+        "nb_value": empty(pa.float32()),
+        "nb_logdist": empty(pa.float32()),
+        "nb_orient": empty(pa.int8()),
+        "nb_overlap": empty(pa.bool_()),
+        "nb_gene_mean": empty(pa.float32()),
+        "tis_value": empty(pa.float32()),
+        "tis_index": empty(pa.int16()),
+        "tis_corr": empty(pa.float32()),
+        "tis_mean": empty(pa.float32()),
+        "tissue_mean": pa.array(tissue_mean, pa.float32(), from_pandas=True),
+        "gene_mean": pa.array(gene_mean, pa.float32(), from_pandas=True),
+        "tissue_offset": pa.array(index.tissue_offset[tissue], pa.float32()),
+        "genetic_score": pa.array(genetic, pa.float32(), from_pandas=True),
+    }
+    return pa.table(columns, schema=S.CONTEXT)
+
+
+def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path | None = None) -> pa.Table:
+    """Score every promoter variant of ``config.inputs.variants`` with the bundle in ``model_dir`` and write them.
+
+    Args:
+        config: the resolved config; needs ``inputs.variants`` and ``inputs.genome``.
+        out_dir: output folder (replaced atomically).
+        model_dir: model bundle (default ``<output_dir>/model``).
+
+    Returns:
+        the table written.
+
+    Raises:
+        ConfigError: no variants or no genome configured.
+    """
+    from engine.bundle import load_bundle
+    from engine.dataset import load_dataset
+    from engine.genomes import genetic_scores
+    from engine.haplotypes import edit_window, is_sequence_allele
+    from engine.problem import make_problem
+    from engine.provenance import manifest, staged_dir, write_json
+
+    t0 = time.perf_counter()
+    if not config.inputs.variants or not config.inputs.genome:
+        raise ConfigError("geximpute variant-effects needs inputs.variants (a VCF) and inputs.genome (the FASTA)")
+    bundle = load_bundle(model_dir or Path(config.output_dir) / "model")
+    dataset = load_dataset(config)
+    problem, _ = make_problem(dataset, hidden_mask=False)
+    genomes = problem.genomes
+    assert genomes is not None  # variants configured
+    _, effects = genetic_scores(genomes, problem.values, problem.tissue_index, problem.donor_index,
+                                len(problem.tissues), config.context.genetic_shrinkage)
+    sites = dataset.variants.sites
+    p = config.promoter
+    genome = dataset.genome
+    strand_sym = np.where(problem.strand > 0, "+", "-")
+
+    # one (gene, site, allele) per row; the reference and the ALT promoter of each
+    rows: dict[str, list] = {k: [] for k in ("gene", "site", "allele", "ref_seq", "alt_seq", "beta", "mean")}
+    for g in np.flatnonzero(np.diff(genomes.site_ptr) > 0):
+        if genomes.reference_row[g] < 0:
+            continue
+        chrom, tss = problem.chroms[g], int(problem.tss[g])
+        for j, pos_in in enumerate(range(genomes.site_ptr[g], genomes.site_ptr[g + 1])):
+            s = int(genomes.site_index[pos_in])
+            pos, ref = int(sites["pos"][s].as_py()), sites["ref"][s].as_py()
+            alts = sites["alt"][s].as_py() or []
+            lo = min(pos, tss - max(p.upstream, p.downstream)) - len(ref) - p.length
+            hi = max(pos + len(ref), tss + max(p.upstream, p.downstream)) + p.length
+            region = genome.fetch(chrom, lo, hi)
+            ref_seq = genomes.sequences[genomes.reference_row[g]]
+            dosage = genomes.dosage[pos_in]
+            mean = float(np.nanmean(dosage)) if np.isfinite(dosage).any() else 0.0
+            for k, alt in enumerate(alts, start=1):
+                if not is_sequence_allele(alt):
+                    continue
+                edited = edit_window(region, lo, tss, strand_sym[g], p.upstream, p.downstream, [(pos, ref, alt)],
+                                     p.soft_mask)
+                rows["gene"].append(g)
+                rows["site"].append(s)
+                rows["allele"].append(k)
+                rows["ref_seq"].append(ref_seq)
+                rows["alt_seq"].append(edited.sequence)
+                # the score is additive in ALT dosage of the site, whatever the allele (engine.genomes)
+                rows["beta"].append(float(effects[g][j]) if len(effects[g]) else 0.0)
+                rows["mean"].append(mean)
+    n_pairs = len(rows["gene"])
+    log.info("variant-effects: %d (variant allele, gene) pairs x %d tissues", n_pairs, len(problem.tissues))
+
+    sequences = sorted(set(rows["ref_seq"]) | set(rows["alt_seq"]))
+    row_of = {seq: i for i, seq in enumerate(sequences)}
+    table = one_hot_promoters(sequences, p.length) if sequences else np.zeros((0, 4, p.length), np.uint8)
+    n_t = len(problem.tissues)
+    gene = np.repeat(np.asarray(rows["gene"], dtype=np.int64), n_t)
+    tissue = np.tile(np.arange(n_t), n_pairs)
+    beta = np.repeat(np.asarray(rows["beta"]), n_t)
+    mean = np.repeat(np.asarray(rows["mean"]), n_t)
+    predicted = {}
+    for allele, seqs, score in (("ref", rows["ref_seq"], -beta * mean), ("alt", rows["alt_seq"], beta * (2 - mean))):
+        hap = np.repeat(np.array([row_of[q] for q in seqs], dtype=np.int64), n_t)
+        n = len(gene)
+        # every record is its own donor, homozygous for its promoter
+        lookup = PromoterLookup(np.full(problem.n_genes, -1, np.int64), np.arange(n, dtype=np.int64),
+                                gene * n + np.arange(n), np.stack([hap, hap], axis=1), n)
+        records = _population_records(problem, gene, tissue, score)
+        predicted[allele], _, _ = bundle.predict(records, problem.gene_ids, promoters=(table, lookup))
+
+    site = np.repeat(np.asarray(rows["site"], dtype=np.int64), n_t)
+    allele = np.repeat(np.asarray(rows["allele"], dtype=np.int64), n_t)
+    alt_names = [sites["alt"][int(s)].as_py()[int(a) - 1] for s, a in zip(site, allele, strict=True)]
+    offset = (sites["pos"].to_numpy()[site] - problem.tss[gene]) * problem.strand[gene]
+    out = pa.table({
+        "variant_id": sites["variant_id"].take(pa.array(site)),
+        S.CHROM: pa.array(problem.chroms[gene], pa.string()),
+        "pos": sites["pos"].take(pa.array(site)),
+        "ref": sites["ref"].take(pa.array(site)),
+        "alt": pa.array(alt_names, pa.string()),
+        S.GENE_ID: pa.array(problem.gene_ids[gene], pa.string()),
+        "tss_offset": pa.array(offset.astype(np.int64)),
+        S.TISSUE: pa.array(np.asarray(problem.tissues, dtype=object)[tissue], pa.string()),
+        "predicted_ref": pa.array(predicted["ref"], pa.float32()),
+        "predicted_alt": pa.array(predicted["alt"], pa.float32()),
+        "effect": pa.array((predicted["alt"] - predicted["ref"]) / 2, pa.float32()),
+        "genetic_effect": pa.array(beta, pa.float32()),
+        "model_version": pa.array([bundle.model_version] * len(gene), pa.string()),
+    }, schema=S.VARIANT_EFFECTS)
+    with staged_dir(out_dir) as staging:
+        pq.write_table(out, staging / "variant_effects.parquet")
+        write_json(staging / "_manifest.json", manifest(
+            config, step="variant-effects", model_version=bundle.model_version,
+            rows={"variant_effects": out.num_rows, "variant_gene_pairs": n_pairs},
+            seconds=round(time.perf_counter() - t0, 2)))
+    log.info("variant-effects: %d rows in %.1f s", out.num_rows, time.perf_counter() - t0)
+    return out
