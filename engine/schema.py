@@ -87,6 +87,14 @@ PREDICTIONS = pa.schema(
     ]
 )
 
+#: the partition folders of prediction outputs (hive style, values URI-encoded): ``geximpute impute`` writes
+#: ``tissue=<t>/``, ``geximpute nightly`` writes ``run_date=<YYYY-MM-DD>/tissue=<t>/``; the partition columns are not
+#: stored in the files, readers get them from the folder names. ``sample_id`` is null for a donor-tissue profile that
+#: was never sampled; ``observed`` is null for an imputed entry.
+RUN_DATE = "run_date"
+PREDICTION_PARTITIONS = (TISSUE,)
+NIGHTLY_PARTITIONS = (RUN_DATE, TISSUE)
+
 
 def check_table(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
     """Return ``table`` with columns ordered and cast to ``schema``.

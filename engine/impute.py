@@ -1,0 +1,511 @@
+"""``geximpute impute``: every missing (donor, tissue, gene) entry predicted by a model bundle, written as Parquet.
+
+One streaming Ray Data job::
+
+    blocks of samples -> map_batches(ContextBuilder)  context records of the target entries (engine.prepare)
+                      -> map_batches(Predictor)       the bundle, loaded once per actor (GPU actors when GPUs exist)
+                      -> write_parquet(partition_cols=[tissue])
+
+Output (DESIGN.md, "Prediction output")::
+
+    <out>/tissue=<name>/<uuid>_<block>-<i>.parquet  schema.PREDICTIONS (the tissue is in the folder name, URI-encoded)
+    <out>/_manifest.json                          config, input fingerprints, model_version, run_id, rows per tissue,
+                                                  versions
+
+A (donor, tissue) pair without any sample (most of GTEx: 34% of the pairs were sampled) is a missing profile: the
+problem gets a virtual sample for it, with nothing measured, so that its context is the donor's other tissues, the
+gene's means and its neighbours' means, exactly as for a hidden sample in evaluation. Its ``sample_id`` is null.
+
+A run is atomic and idempotent: it writes into a staging folder beside the output and renames it onto the output at
+the end (:func:`engine.provenance.staged_dir`), so a reader sees the previous run or this one, never a mix, and a
+run that fails or is killed leaves the previous output as it was. ``run_id`` is a hash of the model version, the
+input fingerprints and the selection, and each run replaces the output as a whole: the same inputs and model give
+the same rows, not twice as many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import schema as S
+from engine.config import Config, ExpressionConfig
+from engine.errors import ConfigError, GeximputeError
+from engine.prepare import ContextBuilder, sample_blocks
+from engine.problem import VisibleProblem
+
+log = logging.getLogger(__name__)
+
+#: target entries per block of samples sent to a context actor
+BLOCK_ENTRIES = 50_000
+#: errors of the output folder that mean "cannot write here", reported as :class:`OutputError`
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+VIRTUAL_PREFIX = "virtual:"
+
+
+class OutputError(GeximputeError):
+    """The output folder cannot be written (disk full, permission denied, read-only file system)."""
+
+
+@dataclass
+class ImputeResult:
+    """What one ``impute`` run wrote.
+
+    Attributes:
+        out_dir: the committed output folder.
+        run_id: the run's id (also in every row).
+        model_version: the bundle's version (also in every row).
+        rows: rows written per tissue.
+        n_rows: rows written in all.
+        n_missing_profiles: (donor, tissue) pairs without a sample that got a profile.
+        seconds: wall time of the run.
+    """
+
+    out_dir: Path
+    run_id: str
+    model_version: str
+    rows: dict[str, int]
+    n_rows: int
+    n_missing_profiles: int
+    seconds: float
+
+
+def model_dir(config: Config) -> Path:
+    """The bundle folder of ``config``: ``impute.model_dir`` or ``<output_dir>/model``."""
+    return Path(config.impute.model_dir or Path(config.output_dir) / "model")
+
+
+def output_dir(config: Config) -> Path:
+    """The prediction folder of ``config``: ``impute.out_dir`` or ``<output_dir>/predictions``."""
+    return Path(config.impute.out_dir or Path(config.output_dir) / "predictions")
+
+
+# The problem: selection and missing profiles -------------------------------------------------------------------
+
+
+def _indices(names: list[str], wanted: Iterable[str], key: str) -> np.ndarray:
+    """Indices of ``wanted`` in ``names`` (all when ``wanted`` is empty); unknown names raise ConfigError."""
+    wanted = list(wanted)
+    if not wanted:
+        return np.arange(len(names))
+    position = {n: i for i, n in enumerate(names)}
+    unknown = [w for w in wanted if w not in position]
+    if unknown:
+        raise ConfigError(f"config key {key!r} names {unknown[:5]} which the data does not have; expected names among "
+                          f"{names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)} in all)")
+    return np.array(sorted({position[w] for w in wanted}), dtype=np.int64)
+
+
+def add_missing_profiles(
+    problem: VisibleProblem, donors: Iterable[str] = (), tissues: Iterable[str] = ()
+) -> tuple[VisibleProblem, np.ndarray]:
+    """Add a virtual sample (nothing measured) for every selected (donor, tissue) pair that has no sample.
+
+    Samples are then ordered by (tissue, donor), so that a block of consecutive samples covers few tissues and the
+    output has few files per tissue. The visible values, the tissue correlations and the donors are unchanged: a
+    virtual sample only adds a column of NaN, which no context feature of another entry can see.
+
+    Args:
+        problem: the visible problem.
+        donors, tissues: the selection (empty: all).
+
+    Returns:
+        (the problem with the virtual samples, (S,) bool flag of the virtual samples).
+    """
+    d_sel = _indices(problem.donors, donors, "impute.donors")
+    t_sel = _indices(problem.tissues, tissues, "impute.tissues")
+    have = np.zeros((len(problem.donors), len(problem.tissues)), dtype=bool)
+    have[problem.donor_index, problem.tissue_index] = True
+    dd, tt = np.nonzero(~have[np.ix_(d_sel, t_sel)])
+    new_donor, new_tissue = d_sel[dd].astype(np.int32), t_sel[tt].astype(np.int32)
+    names_d = np.asarray(problem.donors, dtype=object)
+    names_t = np.asarray(problem.tissues, dtype=object)
+    new_ids = np.array([f"{VIRTUAL_PREFIX}{d}:{t}" for d, t in zip(names_d[new_donor], names_t[new_tissue],
+                                                                      strict=True)], dtype=object)
+    donor_index = np.concatenate([problem.donor_index, new_donor]).astype(np.int32)
+    tissue_index = np.concatenate([problem.tissue_index, new_tissue]).astype(np.int32)
+    virtual = np.concatenate([np.zeros(problem.n_samples, bool), np.ones(len(new_donor), bool)])
+    order = np.lexsort((virtual, donor_index, tissue_index))
+    values = np.concatenate([problem.values, np.full((problem.n_genes, len(new_donor)), np.nan, np.float32)], axis=1)
+    out = dataclasses.replace(
+        problem,
+        sample_ids=np.concatenate([problem.sample_ids, new_ids])[order],
+        donor_index=donor_index[order],
+        tissue_index=tissue_index[order],
+        values=values[:, order],
+    )
+    return out, virtual[order]
+
+
+def target_mask(
+    problem: VisibleProblem, donors: Iterable[str] = (), tissues: Iterable[str] = (), include_observed: bool = False
+) -> np.ndarray:
+    """(G, S) bool: the entries to predict: unmeasured entries of the selected samples, and with
+    ``include_observed`` their measured entries too."""
+    d_sel = _indices(problem.donors, donors, "impute.donors")
+    t_sel = _indices(problem.tissues, tissues, "impute.tissues")
+    chosen = np.isin(problem.donor_index, d_sel) & np.isin(problem.tissue_index, t_sel)
+    wanted = np.ones(problem.values.shape, bool) if include_observed else np.isnan(problem.values)
+    return wanted & chosen[None, :]
+
+
+# The predictor actor ------------------------------------------------------------------------------------------
+
+
+def load_bundle_from(folder: str) -> Any:
+    """The default bundle loader of :class:`Predictor` (a module function, so that Ray pickles it by name)."""
+    from engine.bundle import load_bundle
+
+    return load_bundle(folder)
+
+
+def personal_promoters(haplotypes: Any, records: pa.Table, gene_ids: np.ndarray) -> Any:
+    """HOOK (issue 5): the promoter inputs of ``records`` built from their donors' own haplotypes.
+
+    Today it returns None, and :meth:`Bundle.predict` uses the reference promoter windows. When the model is
+    genotype-aware, ``haplotypes`` (per-donor promoter haplotypes built from each donor's VCF, passed to
+    :class:`Predictor` by ``impute``/``nightly``) become the one-hot table and lookup that ``Bundle.predict``
+    takes, and this is the one place that builds them.
+    """
+    return None
+
+
+class Predictor:
+    """Ray Data actor: context records in, :data:`engine.schema.PREDICTIONS` rows out.
+
+    The bundle is loaded once per actor through ``loader`` (a dependency, not a global: tests may pass another).
+    This class is the one caller of ``Bundle.predict`` in the engine's imputation path.
+
+    Args:
+        loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, [promoters])`` and
+            ``model_version``.
+        bundle_dir: the bundle folder.
+        refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes or None).
+        run_id: written in every row.
+        scale: ``inputs.scale`` of the data, for ``predicted_tpm``.
+        expression: the expression settings, for ``predicted_tpm``.
+        use_gpu: the actor holds a GPU (the network then runs where ``Bundle.predict`` puts it).
+    """
+
+    def __init__(self, loader: Callable[[str], Any], bundle_dir: str, refs: tuple, run_id: str, scale: str,
+                 expression: ExpressionConfig, use_gpu: bool = False) -> None:
+        import ray
+
+        self.bundle = loader(bundle_dir)
+        genes_ref, virtual_ref, haplotypes_ref = refs
+        self.gene_ids = ray.get(genes_ref)
+        self.virtual = ray.get(virtual_ref)
+        self.haplotypes = ray.get(haplotypes_ref) if haplotypes_ref is not None else None
+        self.run_id, self.scale, self.expression, self.use_gpu = run_id, scale, expression, use_gpu
+
+    def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
+        promoters = personal_promoters(self.haplotypes, records, self.gene_ids)
+        if promoters is None:
+            return self.bundle.predict(records, self.gene_ids)
+        return self.bundle.predict(records, self.gene_ids, promoters)
+
+    def __call__(self, records: pa.Table) -> pa.Table:
+        from engine.io.expression import from_model_scale
+
+        estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
+        n = records.num_rows
+        virtual = self.virtual[records["sample_index"].to_numpy()]
+        sample_ids = np.asarray(records[S.SAMPLE_ID].to_pylist(), dtype=object)
+        sample_ids[virtual] = None
+        table = pa.table({
+            S.GENE_ID: records[S.GENE_ID],
+            S.DONOR_ID: records[S.DONOR_ID],
+            S.TISSUE: records[S.TISSUE],
+            S.SAMPLE_ID: pa.array(sample_ids, pa.string()),
+            "predicted": pa.array(estimate),
+            "predicted_lower": pa.array(lower),
+            "predicted_upper": pa.array(upper),
+            "predicted_tpm": pa.array(from_model_scale(estimate, self.scale, self.expression).astype(np.float32)),
+            # the measured value where the entry was measured (only targets with --include-observed); null where
+            # imputed: the context records carry it as their label
+            "observed": pa.array(records["target"].to_numpy(zero_copy_only=False), pa.float32(), from_pandas=True),
+            "model_version": pa.array([self.bundle.model_version] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+        })
+        return S.check_table(table, S.PREDICTIONS, "predictions")
+
+
+# The pipeline -------------------------------------------------------------------------------------------------
+
+
+def write_predictions(dataset: Any, folder: Path, num_cpus: float) -> None:
+    """Write the prediction stream as Parquet partitioned by tissue (the seam through which tests inject write
+    faults such as a full disk)."""
+    dataset.write_parquet(str(folder), partition_cols=list(S.PREDICTION_PARTITIONS),
+                          ray_remote_args={"num_cpus": num_cpus})
+
+
+def gpus_to_use(config: Config) -> int:
+    """GPU predictor actors: ``impute.use_gpu`` when set, else one per GPU of the Ray cluster."""
+    import ray
+
+    n = int(ray.cluster_resources().get("GPU", 0))
+    wanted = config.impute.use_gpu
+    if wanted is None:
+        wanted = n > 0 or config.train.use_gpu
+    if wanted and n == 0:
+        raise ConfigError("config key 'impute.use_gpu' (or 'train.use_gpu') asks for GPUs, but the Ray cluster has "
+                          "none; set impute.use_gpu: false")
+    return n if wanted else 0
+
+
+def run_pipeline(
+    config: Config,
+    problem: VisibleProblem,
+    targets: np.ndarray,
+    virtual: np.ndarray,
+    bundle_dir: Path,
+    out: Path,
+    run_id: str,
+    *,
+    loader: Callable[[str], Any] = load_bundle_from,
+    haplotypes: Any = None,
+) -> None:
+    """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job.
+
+    Args:
+        config: ray, context, impute and expression settings.
+        problem: the problem whose ``targets`` entries are predicted (with its virtual samples).
+        targets: (G, S) bool, the entries to predict.
+        virtual: (S,) bool, the virtual samples (their ``sample_id`` is written as null).
+        bundle_dir: the model bundle.
+        out: the folder written (a staging folder: it is not committed here).
+        run_id: the run's id.
+        loader: how a predictor actor loads the bundle.
+        haplotypes: per-donor promoter haplotypes for :func:`personal_promoters` (None today).
+    """
+    import ray
+
+    blocks = sample_blocks(targets, BLOCK_ENTRIES)
+    cpus = config.ray.cpus_per_task
+    refs = (ray.put(problem), ray.put((targets, np.zeros_like(targets))), None)
+    context_kwargs: dict[str, Any] = {"refs": refs, "k": config.context.k_neighbours,
+                                      "max_distance": config.context.max_distance}
+    if getattr(config.context, "genetic_shrinkage", None) is not None:  # genotype-aware context (issue 5)
+        context_kwargs["genetic_shrinkage"] = config.context.genetic_shrinkage
+    n_gpus = gpus_to_use(config)
+    n_actors = n_gpus or min(config.impute.predictors, max(1, len(blocks)))
+    resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}
+    log.info("impute: %d blocks of samples, %d predictor actor(s)%s", len(blocks), n_actors,
+             " on GPU" if n_gpus else "")
+    predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
+                      ray.put(haplotypes) if haplotypes is not None else None)
+    stream = (
+        ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks)))
+        .map_batches(ContextBuilder, fn_constructor_kwargs=context_kwargs, batch_size=1, batch_format="numpy",
+                     num_cpus=cpus, compute=ray.data.ActorPoolStrategy(size=1))
+        .map_batches(
+            Predictor,
+            fn_constructor_kwargs={"loader": loader, "bundle_dir": str(bundle_dir), "refs": predictor_refs,
+                                   "run_id": run_id, "scale": config.inputs.scale, "expression": config.expression,
+                                   "use_gpu": bool(n_gpus)},
+            batch_size=config.impute.batch_size,
+            batch_format="pyarrow",
+            # a fixed pool: an autoscaling one does not grow while the context stage holds CPUs
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            **resources,
+        )
+    )
+    write_predictions(stream, out, cpus)
+
+
+def partition_rows(folder: Path, key: str = S.TISSUE) -> dict[str, int]:
+    """Rows per ``key=...`` partition of a Parquet folder, from the files' footers (no data read)."""
+    rows: dict[str, int] = {}
+    for part in sorted(folder.glob(f"{key}=*")):
+        name = urllib.parse.unquote(part.name.split("=", 1)[1])
+        rows[name] = sum(pq.ParquetFile(f).metadata.num_rows for f in part.glob("*.parquet"))
+    return rows
+
+
+def make_run_id(**parts: Any) -> str:
+    """A run id that depends on nothing but ``parts`` (model version, input fingerprints, selection)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Atomic output ------------------------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Tidy what killed runs left beside ``out``: staging folders of dead processes are removed, and if a run died
+    between the two renames of its commit (``out`` moved aside, the new one not yet in place), the previous output
+    is put back."""
+    if not out.parent.is_dir():
+        return
+    for kind in ("staging", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            try:
+                pid = int(path.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if pid_alive(pid) and pid != os.getpid():
+                continue
+            if kind == "old" and not out.exists():
+                log.warning("impute: restoring %s from %s (a run died while committing)", out, path)
+                os.replace(path, out)
+            else:
+                log.info("impute: removing %s left by a run that did not finish", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def output_os_error(exc: BaseException) -> OSError | None:
+    """The OSError of the output (disk full, permission, read-only) behind ``exc``, also through Ray's wrappers."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def output_error(out: Path, err: OSError) -> OutputError:
+    """The :class:`OutputError` a user can act on, naming the output folder and the file that failed."""
+    name = errno.errorcode.get(err.errno or 0, "error")
+    where = f" ({err.filename})" if err.filename else ""
+    return OutputError(
+        f"{out}: cannot write the predictions: {err.strerror or err} [{name}]{where}. Nothing was committed: the "
+        f"previous output, if any, is unchanged and the staging folder was removed. Free space on the file system or "
+        f"make {out.parent} writable, then run again"
+    )
+
+
+# The command --------------------------------------------------------------------------------------------------
+
+
+def _check_bundle(bundle: Any, folder: Path, problem: VisibleProblem, config: Config) -> None:
+    n_tissues = bundle.models.network.features.n_tissues
+    if n_tissues != len(problem.tissues):
+        raise GeximputeError(
+            f"{folder}: the model was trained on {n_tissues} tissues but the data of the config "
+            f"({config.inputs.expression}) has {len(problem.tissues)}; expected the inputs the bundle was trained on "
+            f"(its config.yaml names them)"
+        )
+
+
+def impute(
+    config: Config,
+    *,
+    model: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    include_observed: bool | None = None,
+    problem: VisibleProblem | None = None,
+    dataset: Any = None,
+) -> ImputeResult:
+    """Predict every missing entry of the configured donors and tissues and commit the Parquet output atomically.
+
+    Args:
+        config: the resolved config (``impute`` section: selection, batch size, predictors).
+        model: the bundle folder (default :func:`model_dir`).
+        out_dir: the output folder (default :func:`output_dir`); replaced as a whole.
+        include_observed: also write measured entries (default ``impute.include_observed``).
+        problem: the visible problem to impute (default: all inputs, nothing hidden); the demo passes one with
+            hidden genes to score them.
+        dataset: the loaded inputs (default: load them from ``config``).
+
+    Raises:
+        GeximputeError: the bundle is missing or does not fit the data; :class:`OutputError` when the output cannot
+            be written (nothing is committed then).
+    """
+    import ray
+
+    from engine.bundle import load_bundle
+    from engine.dataset import load_dataset
+    from engine.problem import make_problem
+    from engine.provenance import input_fingerprints, manifest, staged_dir, write_json
+    from engine.raytools import ensure_ray
+
+    t0 = time.perf_counter()
+    settings = config.impute
+    bundle_dir = Path(model or model_dir(config))
+    out = Path(out_dir or output_dir(config))
+    include_observed = settings.include_observed if include_observed is None else include_observed
+    try:
+        bundle = load_bundle(bundle_dir)
+    except FileNotFoundError as exc:
+        raise GeximputeError(str(exc)) from exc
+    if problem is None:
+        dataset = dataset or load_dataset(config)
+        problem, _ = make_problem(dataset, hidden_mask=False)
+    _check_bundle(bundle, bundle_dir, problem, config)
+    n_virtual = 0
+    virtual = np.zeros(problem.n_samples, bool)
+    if settings.missing_profiles:
+        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
+        n_virtual = int(virtual.sum())
+    targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
+    n_targets = int(targets.sum())
+    fingerprints = input_fingerprints(config)
+    run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
+                         donors=list(settings.donors), tissues=list(settings.tissues),
+                         include_observed=include_observed, missing_profiles=settings.missing_profiles)
+    log.info("impute: %d entries (%d missing profiles) of %d donors x %d tissues with model %s -> %s (run %s)",
+             n_targets, n_virtual, len(problem.donors), len(problem.tissues), bundle.model_version, out, run_id)
+
+    ensure_ray(config.ray)
+    clean_stale(out)
+    try:
+        with staged_dir(out) as staging:
+            run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id)
+            rows = partition_rows(staging)
+            n_rows = sum(rows.values())
+            if n_rows != n_targets:
+                raise GeximputeError(f"{out}: {n_rows} rows written for {n_targets} target entries; nothing committed")
+            seconds = time.perf_counter() - t0
+            write_json(staging / "_manifest.json", manifest(
+                config, step="impute", run_id=run_id, model_version=bundle.model_version,
+                model={"path": str(bundle_dir), "model_version": bundle.model_version},
+                include_observed=include_observed, missing_profiles=n_virtual, n_rows=n_rows, rows=rows,
+                seconds=round(seconds, 2), entries_per_second=round(n_rows / max(seconds, 1e-9), 1),
+                ray={"gpus": ray.cluster_resources().get("GPU", 0)},
+            ))
+    except GeximputeError:
+        raise
+    except Exception as exc:
+        err = output_os_error(exc)
+        if err is None:
+            raise
+        raise output_error(out, err) from exc
+    seconds = time.perf_counter() - t0
+    log.info("impute: %d rows in %d tissues committed to %s in %.1f s (%.0f entries/s)", n_rows, len(rows), out,
+             seconds, n_rows / max(seconds, 1e-9))
+    return ImputeResult(out, run_id, bundle.model_version, rows, n_rows, n_virtual, seconds)

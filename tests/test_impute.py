@@ -1,0 +1,250 @@
+"""Batch imputation on a real local Ray with a tiny real bundle (trained once per module): every missing entry
+exactly once, missing donor-tissue profiles, the output contract of DESIGN.md, the manifest, readers (pyarrow,
+pandas, DuckDB with the README's query), idempotent reruns and the selection settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from engine import schema as S
+from engine.config import load_config
+from engine.errors import ConfigError
+from engine.impute import add_missing_profiles, impute, target_mask
+from engine.problem import VisibleProblem
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.d_model=8",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.cnn_channels=8",
+    "model.cnn_layers=2",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "train.cpus_per_worker=0.5",
+    "head.num_boost_round=30",
+    "head.cpus_per_worker=0.5",
+    "evaluation.task=entries",
+]
+
+#: tissue names as GTEx writes them: spaces, dashes and brackets must survive the hive partition folder names
+TISSUE_NAMES = {
+    "Tissue01": "Brain - Cortex",
+    "Tissue02": "Cells - EBV-transformed lymphocytes",
+    "Tissue03": "Skin - Sun Exposed (Lower leg)",
+    "Tissue04": "Whole Blood",
+}
+
+
+def gtex_named_copy(src: Path, dst: Path) -> Path:
+    """A copy of a synthetic dataset whose tissues carry GTEx-style names; returns its config path."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    samples = pd.read_csv(dst / "samples.tsv", sep="\t")
+    samples["tissue"] = samples["tissue"].map(lambda t: TISSUE_NAMES.get(t, t))
+    samples.to_csv(dst / "samples.tsv", sep="\t", index=False)
+    return dst / "config.yaml"
+
+
+def build_bundle(config_path: Path, work: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """prepare (training folds) -> train -> fit-head -> bundle, with the TINY settings; returns the bundle folder."""
+    from engine.bundle import save_bundle
+    from engine.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.prepare import prepare, read_problem_index
+
+    config = load_config(config_path, [f"output_dir={work}", *TINY, *overrides])
+    records = work / "records"
+    prepare(config, records, targets="hidden", training=True)
+    gene_ids, tissues = read_problem_index(records)
+    network = train_hybrid_network(config, records, gene_ids, len(tissues), work / "runs")
+    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, work / "runs")
+    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
+    save_bundle(models, work / "model", sequences=sequences, gene_ids=gene_ids)
+    return work / "model"
+
+
+def expected_missing(data: Path) -> tuple[int, set[tuple[str, str]], int]:
+    """Independently of the engine: (missing entries of measured samples, donor-tissue pairs without a sample,
+    genes), from the raw GCT and sample table."""
+    expr = pd.read_csv(data / "expression.gct", sep="\t", skiprows=2).drop(columns=["Name", "Description"])
+    samples = pd.read_csv(data / "samples.tsv", sep="\t").set_index("sample_id").loc[expr.columns]
+    pairs = set(zip(samples["donor_id"], samples["tissue"], strict=True))
+    all_pairs = {(d, t) for d in samples["donor_id"].unique() for t in samples["tissue"].unique()}
+    return int(expr.isna().to_numpy().sum()), all_pairs - pairs, len(expr)
+
+
+def read_output(folder: Path):
+    return pads.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas()
+
+
+def assert_keys_unique(frame: pd.DataFrame) -> None:
+    keys = frame[["donor_id", "tissue", "gene_id"]].astype(str)
+    dupes = keys.duplicated().sum()
+    assert dupes == 0, f"{dupes} duplicated (donor, tissue, gene) keys"
+
+
+@pytest.fixture(scope="module")
+def data(synth_small, tmp_path_factory) -> Path:
+    return gtex_named_copy(synth_small, tmp_path_factory.mktemp("impute-data")).parent
+
+
+@pytest.fixture(scope="module")
+def bundle(ray_local, data, tmp_path_factory) -> Path:
+    return build_bundle(data / "config.yaml", tmp_path_factory.mktemp("impute-model"))
+
+
+@pytest.fixture(scope="module")
+def first_run(bundle, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("impute-out") / "predictions"
+    config = load_config(data / "config.yaml", [f"output_dir={out.parent}"])
+    return config, impute(config, model=bundle, out_dir=out)
+
+
+# Without Ray ----------------------------------------------------------------------------------------------------
+
+
+def _problem() -> VisibleProblem:
+    values = np.array([[1.0, 2.0, np.nan], [3.0, np.nan, 4.0]], dtype=np.float32)  # 2 genes x 3 samples
+    return VisibleProblem(
+        gene_ids=np.array(["g1", "g2"], dtype=object), chroms=np.array(["chr1", "chr1"], dtype=object),
+        tss=np.array([100, 200]), start=np.array([100, 200]), end=np.array([150, 250]),
+        strand=np.array([1, -1], dtype=np.int8), split=np.zeros(2, np.int8),
+        sample_ids=np.array(["s1", "s2", "s3"], dtype=object), donor_index=np.array([0, 0, 1], np.int32),
+        tissue_index=np.array([0, 1, 0], np.int32), donors=["d1", "d2"], tissues=["A", "B"], values=values,
+        tissue_corr=np.eye(2, dtype=np.float32),
+    )
+
+
+def test_missing_profiles_are_virtual_samples_of_nothing_measured():
+    problem = _problem()
+    extended, virtual = add_missing_profiles(problem)
+    # d2 has no sample in tissue B: one virtual sample, NaN everywhere, ordered by (tissue, donor)
+    assert virtual.sum() == 1 and extended.n_samples == 4
+    assert np.isnan(extended.values[:, virtual]).all()
+    assert list(extended.tissue_index) == sorted(extended.tissue_index)
+    v = int(np.flatnonzero(virtual)[0])
+    assert (extended.donors[extended.donor_index[v]], extended.tissues[extended.tissue_index[v]]) == ("d2", "B")
+    # the measured values travel with their samples
+    for s, sid in enumerate(problem.sample_ids):
+        np.testing.assert_array_equal(extended.values[:, list(extended.sample_ids).index(sid)], problem.values[:, s])
+    targets = target_mask(extended)
+    assert targets.sum() == 2 + 2  # two missing entries of measured samples, two genes of the virtual sample
+    assert target_mask(extended, include_observed=True).all()
+    only = target_mask(extended, donors=["d1"], tissues=["B"])
+    assert only.sum() == 1 and only[:, list(extended.sample_ids).index("s2")].sum() == 1
+    assert add_missing_profiles(problem, tissues=["A"])[1].sum() == 0
+    with pytest.raises(ConfigError, match="impute.donors"):
+        add_missing_profiles(problem, donors=["nobody"])
+
+
+# On Ray ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_missing_entry_once_with_the_output_contract(first_run, data, bundle):
+    config, result = first_run
+    n_missing, missing_pairs, n_genes = expected_missing(data)
+    frame = read_output(result.out_dir)
+    assert len(frame) == result.n_rows == n_missing + len(missing_pairs) * n_genes
+    assert result.n_missing_profiles == len(missing_pairs)
+    assert_keys_unique(frame)
+    # DESIGN.md's columns, on the declared schema
+    assert set(S.PREDICTIONS.names) <= set(frame.columns)
+    files = list(result.out_dir.glob("tissue=*/*.parquet"))
+    assert files and pq.read_schema(files[0]).remove_metadata().equals(S.PREDICTIONS.remove(2), check_metadata=False)
+    assert set(frame["tissue"].astype(str)) == set(TISSUE_NAMES.values())
+    # missing profiles: no sample id; missing genes of measured samples: their sample id
+    virtual = frame["sample_id"].isna()
+    assert set(zip(frame.loc[virtual, "donor_id"], frame.loc[virtual, "tissue"].astype(str),
+                   strict=True)) == missing_pairs
+    assert virtual.sum() == len(missing_pairs) * n_genes
+    assert frame["observed"].isna().all()
+    assert (frame["predicted_lower"] <= frame["predicted_upper"]).all() and np.isfinite(frame["predicted"]).all()
+    np.testing.assert_allclose(frame["predicted_tpm"], np.expm1(frame["predicted"]), rtol=1e-4, atol=1e-4)
+    version = json.loads((bundle / "manifest.json").read_text())["model_version"]
+    assert set(frame["model_version"]) == {version} and set(frame["run_id"]) == {result.run_id}
+    # the manifest: config, inputs, model, run, rows per partition, versions
+    manifest = json.loads((result.out_dir / "_manifest.json").read_text())
+    assert manifest["run_id"] == result.run_id and manifest["model_version"] == version
+    assert manifest["rows"] == frame.groupby(frame["tissue"].astype(str)).size().to_dict()
+    assert {"config", "versions", "inputs"} <= set(manifest) and "expression" in manifest["inputs"]
+    # nothing but the committed folder is left beside it
+    assert sorted(p.name for p in result.out_dir.parent.iterdir()) == ["predictions"]
+
+
+def test_pyarrow_pandas_and_duckdb_read_the_output_with_the_readme_query(first_run):
+    import duckdb
+
+    _, result = first_run
+    n = result.n_rows
+    assert pads.dataset(result.out_dir, format="parquet", partitioning="hive").count_rows() == n
+    frame = pd.read_parquet(result.out_dir)
+    assert len(frame) == n and set(frame["tissue"].astype(str)) == set(TISSUE_NAMES.values())
+    # the exact query README shows, pointed at this output instead of the demo's
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"```sql\n(.*?)```", readme, re.S)
+    assert match, "README.md has no ```sql block"
+    query = match.group(1)
+    demo_path = re.search(r"read_parquet\('([^']+?)/\*\*/\*\.parquet'", query).group(1)
+    rows = duckdb.sql(query.replace(demo_path, str(result.out_dir))).fetchall()
+    assert rows, "the README query returned nothing"
+    total = duckdb.sql(f"SELECT count(*) FROM read_parquet('{result.out_dir}/**/*.parquet', hive_partitioning = "
+                       f"true)").fetchall()[0][0]
+    assert total == n
+    tissues = {r[0] for r in duckdb.sql(f"SELECT DISTINCT tissue FROM read_parquet('{result.out_dir}/**/*.parquet', "
+                                        f"hive_partitioning = true)").fetchall()}
+    assert tissues == set(TISSUE_NAMES.values())
+
+
+def test_rerun_replaces_with_the_same_rows(first_run, bundle):
+    config, result = first_run
+    before = read_output(result.out_dir)
+    again = impute(config, model=bundle, out_dir=result.out_dir)
+    after = read_output(result.out_dir)
+    assert again.run_id == result.run_id and again.n_rows == result.n_rows == len(after)
+    key = ["donor_id", "tissue", "gene_id"]
+    for frame in (before, after):
+        frame["tissue"] = frame["tissue"].astype(str)
+    pd.testing.assert_frame_equal(before.sort_values(key).reset_index(drop=True),
+                                  after.sort_values(key).reset_index(drop=True), check_exact=False, rtol=1e-5)
+    assert sorted(p.name for p in result.out_dir.parent.iterdir()) == ["predictions"]
+
+
+def test_selection_with_observed_entries_through_the_cli(first_run, data, bundle, tmp_path):
+    from engine.cli import main
+
+    config, _ = first_run
+    donor = "SYN-D0002"
+    tissues = ["Whole Blood", "Skin - Sun Exposed (Lower leg)"]
+    out = tmp_path / "selected"
+    rc = main(["-q", "impute", "--config", str(data / "config.yaml"), "--model", str(bundle), "--out", str(out),
+               "--include-observed", "--set", f"impute.donors=[{donor}]",
+               "--set", f"impute.tissues={json.dumps(tissues)}"])
+    assert rc == 0
+    frame = read_output(out)
+    _, _, n_genes = expected_missing(data)
+    assert len(frame) == len(tissues) * n_genes  # every entry of the donor in those tissues, measured or not
+    assert_keys_unique(frame)
+    assert set(frame["donor_id"]) == {donor} and set(frame["tissue"].astype(str)) == set(tissues)
+    measured = frame["observed"].notna()
+    assert measured.any() and (~measured).any()
+    assert frame.loc[measured, "sample_id"].notna().all()
+    # the observed value is the measured one on the modelling scale (log1p TPM)
+    expr = pd.read_csv(data / "expression.gct", sep="\t", skiprows=2).set_index("Name")
+    expr.index = expr.index.str.replace(r"\.\d+$", "", regex=True)
+    row = frame.loc[measured].iloc[0]
+    np.testing.assert_allclose(row["observed"], np.log1p(expr.loc[row["gene_id"], row["sample_id"]]), rtol=1e-5)
+
+
+def test_readme_shows_the_query_the_demo_runs():
+    from engine.demo import README_QUERY
+
+    assert README_QUERY.format(path="geximpute-demo/gtex-v8/predictions") in (REPO / "README.md").read_text()
