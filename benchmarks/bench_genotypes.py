@@ -37,7 +37,7 @@ def run(out: Path, genes: int, donors: int, tissues: int, epochs: int, seed: int
                        "heritability": str(data / "truth" / "genes.tsv")},
         "train": {"epochs": epochs, "folds": 2},
     })
-    path = out / "eqtl.yaml"
+    path = data / "eqtl.yaml"  # beside the data: its paths are relative to the config's folder
     path.write_text(yaml.safe_dump(config))
     t0 = time.perf_counter()
     code = cli(["-q", "evaluate", "--config", str(path), "--out", str(out / "eval")])

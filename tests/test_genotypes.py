@@ -1,0 +1,196 @@
+"""Personal genomes in the model: cis-genetic scores, whole-donor hold-out, haplotype lookups, the elastic-net
+baseline, and a planted-eQTL run of ``evaluate`` and ``variant-effects`` against the synthetic truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine.baselines import ElasticNetBaseline
+from engine.cli import main as cli
+from engine.config import EvaluationConfig, load_config
+from engine.dataset import load_dataset
+from engine.folds import training_folds
+from engine.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds
+from engine.model.features import PromoterLookup
+from engine.problem import hide, make_problem
+from engine.synth import SynthSpec, generate
+
+TINY = [
+    "model.d_model=8",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.cnn_channels=8",
+    "model.cnn_layers=2",
+    "train.batch_size=128",
+    "train.epochs=3",
+    "train.cpus_per_worker=0.5",
+    "head.num_boost_round=60",
+    "head.cpus_per_worker=0.5",
+]
+GENOTYPE_TASK = [
+    "evaluation.task=samples",
+    "evaluation.whole_donors=true",
+    "evaluation.fraction=0.25",
+    "evaluation.min_donors=8",
+    "evaluation.ablations=false",
+    "evaluation.methods=[tissue_donor, elastic_net, hybrid, hybrid_reference]",
+]
+
+
+def _genomes(dosage: np.ndarray, site_ptr: np.ndarray) -> DonorGenomes:
+    n_genes, n_donors = len(site_ptr) - 1, dosage.shape[1]
+    return DonorGenomes(
+        sequences=[], promoter_ids=[], reference_row=np.zeros(n_genes, np.int64),
+        rows=np.zeros((n_genes, n_donors, 2), np.int32), has_genome=np.ones(n_donors, bool),
+        site_ptr=site_ptr, site_index=np.arange(site_ptr[-1]), dosage=dosage.astype(np.float32), report={},
+    )
+
+
+def test_genetic_scores_recover_a_planted_effect_and_use_only_visible_donors():
+    rng = np.random.default_rng(0)
+    n_donors, n_tissues = 300, 3
+    dosage = rng.binomial(2, 0.4, (3, n_donors)).astype(float)  # gene 0: sites 0, 1; gene 1: site 2
+    genomes = _genomes(dosage, np.array([0, 2, 3, 3]))  # gene 2 has no site
+    donor_index = np.repeat(np.arange(n_donors), n_tissues)
+    tissue_index = np.tile(np.arange(n_tissues), n_donors)
+    genetic = np.zeros((3, n_donors))
+    genetic[0] = 0.8 * dosage[0]  # site 1 has no effect, gene 1 none at all
+    values = genetic[:, donor_index] + rng.normal(0, 0.3, (3, len(donor_index))) + np.array([[5.0], [3.0], [1.0]])
+    held_out = np.arange(n_donors) >= 250
+    values[:, held_out[donor_index]] = np.nan  # whole donors hidden: only their genomes are known
+    scores, effects = genetic_scores(genomes, values, tissue_index, donor_index, n_tissues, None)
+    assert effects[0][0] == pytest.approx(0.8, abs=0.08) and abs(effects[0][1]) < 0.08
+    assert abs(effects[1][0]) < 0.08 and len(effects[2]) == 0
+    assert np.isnan(scores[2]).all()
+    # held-out donors are scored from their genotypes alone, and the score tracks the planted value
+    assert np.corrcoef(scores[0, held_out], genetic[0, held_out])[0, 1] > 0.95
+    # changing a hidden value changes nothing: hidden values are not in the visible matrix at all
+    again, _ = genetic_scores(genomes, values.copy(), tissue_index, donor_index, n_tissues, None)
+    np.testing.assert_array_equal(np.nan_to_num(scores, nan=-9), np.nan_to_num(again, nan=-9))
+
+
+def test_promoter_sites_follow_the_window_on_both_strands():
+    tss = np.array([1000, 1000])
+    start, end = window_bounds(tss, np.array([1, -1]), upstream=100, downstream=50)
+    assert (start[0], end[0]) == (900, 1049) and (start[1], end[1]) == (951, 1100)
+    chroms = np.array(["c", "c"], dtype=object)
+    pos = np.array([899, 900, 1049, 1050, 1100, 1101])
+    ptr, index = promoter_sites(chroms, start, end, np.array(["c"] * 6, dtype=object), pos)
+    assert pos[index[ptr[0]:ptr[1]]].tolist() == [900, 1049, 1050][:2]
+    assert pos[index[ptr[1]:ptr[2]]].tolist() == [1049, 1050, 1100]
+
+
+def test_whole_donor_hiding_and_folds_take_every_sample_of_a_donor():
+    rng = np.random.default_rng(1)
+    donor_index = np.repeat(np.arange(40), 3)
+    observed = rng.random((20, len(donor_index))) < 0.9
+    task = EvaluationConfig(task="samples", whole_donors=True, fraction=0.25)
+    hidden = hide(observed, task, donor_index=donor_index)
+    donors = np.unique(donor_index[hidden.any(axis=0)])
+    assert len(donors) == 10
+    assert (hidden[:, np.isin(donor_index, donors)] == observed[:, np.isin(donor_index, donors)]).all()
+    assert not hidden[:, ~np.isin(donor_index, donors)].any()
+    with pytest.raises(Exception, match="whole_donors"):
+        EvaluationConfig(task="entries", whole_donors=True)
+
+
+def test_promoter_lookup_gives_personal_rows_and_the_reference_elsewhere():
+    lookup = PromoterLookup(gene_row=np.array([0, 1, -1]), sample_donor=np.array([0, 1, 1, 2]),
+                            personal_keys=np.array([0 * 3 + 1, 1 * 3 + 2]), personal_rows=np.array([[5, 6], [7, 1]]),
+                            n_donors=3)
+    a, b = lookup.rows(np.array([0, 0, 0, 1, 1, 2]), np.array([0, 1, 2, 0, 3, 3]))
+    assert a.tolist() == [0, 5, 5, 1, 7, -1]
+    assert b.tolist() == [0, 6, 6, 1, 1, -1]
+    ref = PromoterLookup.reference(np.array([3, -1]))
+    assert [x.tolist() for x in ref.rows(np.array([0, 1]), np.array([9, 9]))] == [[3, -1], [3, -1]]
+
+
+@pytest.fixture(scope="module")
+def eqtl_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eqtl") / "data"
+    generate(out, SynthSpec(seed=11, n_genes=100, n_donors=120, n_tissues=3))
+    return out
+
+
+def test_elastic_net_predicts_held_out_donors_from_their_genotypes(eqtl_data):
+    config = load_config(eqtl_data / "config.yaml", GENOTYPE_TASK)
+    problem, truth = make_problem(load_dataset(config))
+    assert problem.genomes is not None and problem.genomes.has_genome.all()
+    method = ElasticNetBaseline()
+    method.fit(problem)
+    assert method.n_fitted > 10
+    held = np.unique(problem.donor_index[truth.sample_index])
+    # donors held out have no visible value, yet the baseline tells them apart
+    assert np.isnan(problem.values[:, np.isin(problem.donor_index, held)]).all()
+    assert np.ptp(method.genetic[:, held], axis=1).max() > 0
+
+
+def test_training_folds_with_whole_donors_are_disjoint_donor_sets(eqtl_data):
+    config = load_config(eqtl_data / "config.yaml", GENOTYPE_TASK)
+    problem, _ = make_problem(load_dataset(config))
+    folds = training_folds(problem, "samples", 2, 0.25, 0, whole_donors=True)
+    donor_sets = [set(np.unique(problem.donor_index[f.any(axis=0)]).tolist()) for f in folds]
+    assert donor_sets[0] and not donor_sets[0] & donor_sets[1]
+    # every visible value of a chosen donor is re-hidden, and nothing of the others
+    visible = ~np.isnan(problem.values)
+    for f, donors in zip(folds, donor_sets, strict=True):
+        cols = np.isin(problem.donor_index, list(donors))
+        assert (f[:, cols] == visible[:, cols]).all() and not f[:, ~cols].any()
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, eqtl_data, tmp_path_factory) -> tuple[dict, Path, Path]:
+    out = tmp_path_factory.mktemp("eqtl-eval")
+    config = eqtl_data / "config.yaml"
+    code = cli(["-q", "evaluate", "--config", str(config), "--out", str(out / "eval"),
+                "--set", f"output_dir={out / 'work'}",
+                "--set", f"evaluation.heritability={eqtl_data / 'truth' / 'genes.tsv'}",
+                *[x for s in TINY + GENOTYPE_TASK for x in ("--set", s)]])
+    assert code == 0
+    return json.loads((out / "eval" / "metrics.json").read_text()), out, config
+
+
+def test_planted_eqtls_genotype_hybrid_against_reference_elastic_net_and_ceiling(evaluated):
+    metrics, _, _ = evaluated
+    genetic = metrics["genetic"]
+    heritable = genetic["mean_heritable"]
+    assert genetic["n_heritable_genes"] >= 20
+    # the reference-genome model predicts every held-out donor alike
+    assert heritable["hybrid_reference"] == pytest.approx(0.0, abs=0.02)
+    # the genotype-aware hybrid tells held-out donors apart, about as well as the elastic net, below the ceiling
+    assert heritable["hybrid"] > 0.5 * heritable["ceiling"]
+    assert heritable["hybrid"] >= heritable["elastic_net"] - 0.08
+    assert heritable["hybrid"] <= heritable["ceiling"] + 0.1
+    assert genetic["mean"]["hybrid"] < heritable["hybrid"]  # genes without planted eQTLs drag the mean down
+    assert "hybrid_reference" in metrics["methods"] and "elastic_net" in metrics["methods"]
+
+
+def test_variant_effects_follow_the_planted_eqtls(evaluated, tmp_path):
+    _, out, config = evaluated
+    records = out / "eval" / "records"
+    common = ["--config", str(config), "--set", f"output_dir={tmp_path}",
+              *[x for s in TINY + GENOTYPE_TASK for x in ("--set", s)]]
+    assert cli(["-q", "train", *common, "--records", str(records)]) == 0
+    assert cli(["-q", "fit-head", *common, "--records", str(records)]) == 0
+    assert cli(["-q", "variant-effects", *common, "--out", str(tmp_path / "effects")]) == 0
+    table = pq.read_table(tmp_path / "effects" / "variant_effects.parquet").to_pandas()
+    manifest = json.loads((tmp_path / "effects" / "_manifest.json").read_text())
+    assert manifest["rows"]["variant_effects"] == len(table)
+    n_tissues = table["tissue"].nunique()
+    assert n_tissues == 3 and len(table) == manifest["rows"]["variant_gene_pairs"] * n_tissues
+    assert table.groupby(["variant_id", "gene_id", "alt"]).size().eq(n_tissues).all()
+    import pandas as pd
+
+    planted = pd.read_csv(config.parent / "truth" / "eqtls.tsv", sep="\t")[["variant_id", "gene_id", "effect"]]
+    per_variant = table.groupby(["variant_id", "gene_id"], as_index=False)["effect"].mean()
+    joined = per_variant.merge(planted, on=["variant_id", "gene_id"], how="left").fillna({"effect_y": 0.0})
+    strong = joined[joined["effect_y"].abs() > 0.2]
+    assert len(strong) >= 5
+    # the sign of every strong planted effect is recovered, and effects correlate with the truth overall
+    assert (np.sign(strong["effect_x"]) == np.sign(strong["effect_y"])).mean() >= 0.9
+    assert np.corrcoef(joined["effect_x"], joined["effect_y"])[0, 1] > 0.5
