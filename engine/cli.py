@@ -159,8 +159,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from engine.submit import report, submit
 
-    result = submit(args.step, args.config, args.overrides, address=args.address, wait=not args.no_wait)
-    return report(result, args.address)
+    return report(submit(args.step, args.config, args.overrides, address=args.address, wait=not args.no_wait))
 
 
 def cmd_impute(args: argparse.Namespace) -> int:

@@ -1,0 +1,287 @@
+"""Submitting a step to a Ray cluster as a Ray job (``geximpute submit``).
+
+The job runs ``python -m jobs.STEP --config geximpute-job.yaml`` on the cluster. Its ``working_dir`` is a small
+folder staged on this machine and uploaded by the Ray Jobs SDK: the local ``engine`` and ``jobs`` sources (so the
+cluster runs exactly the code that submitted it, over the dependencies installed on its nodes) and the config,
+resolved here. Resolving means the ``--set`` overrides are applied, relative paths are made absolute against the
+config file's folder (the data is never shipped: the paths must be readable on the cluster, as on a local cluster or
+a shared mount) and ``ray.address`` is set to ``auto`` so that the job joins the cluster it runs on.
+
+Token authentication: the cluster's token is read from Ray's usual places, in Ray's order (the ``RAY_AUTH_TOKEN``
+environment variable, the file named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``) and sent as an
+``Authorization: Bearer`` header, unless ``RAY_AUTH_MODE=disabled``. It is never printed, logged, or written into
+the config, the ``runtime_env`` or the job's metadata; the cluster's own nodes hold the token the job itself uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from engine import __version__
+from engine.config import dump_config, load_config
+from engine.errors import GeximputeError
+
+log = logging.getLogger(__name__)
+
+#: steps that can be submitted, as ``geximpute`` names them, with the ``jobs`` module that runs each
+STEPS: dict[str, str] = {
+    "prepare": "prepare",
+    "train": "train",
+    "fit-head": "fit_head",
+    "impute": "impute",
+    "nightly": "nightly",
+    "pipeline": "pipeline",
+}
+#: the config's name inside the job's working_dir
+JOB_CONFIG = "geximpute-job.yaml"
+#: overrides every submitted config gets last: the job joins the cluster it runs on, with that cluster's resources
+CLUSTER_OVERRIDES = ("ray.address=auto", "ray.num_cpus=null", "ray.object_store_mb=null")
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+#: where the Ray Jobs CLI and SDK look for the cluster's address when none is given, in order
+ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+TOKEN_HELP = (
+    "Provide the cluster's token the way Ray reads it: `export RAY_AUTH_TOKEN_PATH=/path/to/token` (a file holding "
+    "only the token), `export RAY_AUTH_TOKEN=...`, or the file ~/.ray/auth_token; `ray get-auth-token` prints the "
+    "token on a machine that has it (e.g. the head node), and a KubeRay cluster keeps it in the Secret its "
+    "authOptions name."
+)
+
+
+@dataclass(frozen=True)
+class Token:
+    """An authentication token and where it came from (the source is safe to show; the value is not)."""
+
+    value: str
+    source: str
+
+    def __repr__(self) -> str:  # keep the value out of tracebacks and debug logs
+        return f"Token(source={self.source!r})"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What became of a submitted job.
+
+    Attributes:
+        submission_id: the Ray job's submission id.
+        address: the job server it was submitted to.
+        status: the last status seen (``SUCCEEDED``, ``FAILED``, ``STOPPED``; ``PENDING``/``RUNNING`` without wait).
+        message: the job server's message about that status, if any.
+    """
+
+    submission_id: str
+    address: str
+    status: str
+    message: str = ""
+
+
+def find_token(environ: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
+    """The Ray authentication token from Ray's usual places, in Ray's order of precedence.
+
+    Args:
+        environ: environment to read (default ``os.environ``).
+        home: home folder for ``~/.ray/auth_token`` (default the user's).
+
+    Returns:
+        The token, or ``None`` when no place holds one or ``RAY_AUTH_MODE=disabled``.
+
+    Raises:
+        GeximputeError: ``RAY_AUTH_TOKEN_PATH`` names a file that cannot be read or is empty (Ray itself treats that
+            as a fatal misconfiguration), or ``RAY_AUTH_MODE=token`` and no token is found.
+    """
+    env = os.environ if environ is None else environ
+    mode = env.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode == "disabled":
+        return None
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(env["RAY_AUTH_TOKEN"].strip(), "the RAY_AUTH_TOKEN environment variable")
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise GeximputeError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file ({exc.strerror})") from None
+        if not value:
+            raise GeximputeError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
+        return Token(value, f"the file {path} (RAY_AUTH_TOKEN_PATH)")
+    default = (home / ".ray" / "auth_token") if home else DEFAULT_TOKEN_FILE.expanduser()
+    if default.is_file():
+        value = default.read_text().strip()
+        if value:
+            return Token(value, f"the file {default}")
+    if mode == "token":
+        raise GeximputeError(f"RAY_AUTH_MODE=token but no authentication token was found. {TOKEN_HELP}")
+    return None
+
+
+def stage_job_dir(dest: Path, config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the job's working_dir: copies of the ``engine`` and ``jobs`` packages and the resolved config.
+
+    Args:
+        dest: an empty or absent folder.
+        config_path: the config file on this machine.
+        overrides: ``--set`` overrides, applied before :data:`CLUSTER_OVERRIDES`.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        ConfigError: the config cannot be read or holds a bad value (checked here, before anything is submitted).
+    """
+    import engine
+    import jobs
+
+    config = load_config(config_path, [*overrides, *CLUSTER_OVERRIDES])
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in (engine, jobs):
+        source = Path(package.__file__).resolve().parent
+        shutil.copytree(source, dest / source.name, ignore=ignore)
+    (dest / JOB_CONFIG).write_text(
+        f"# resolved by geximpute {__version__} submit from {Path(config_path).resolve()}\n" + dump_config(config)
+    )
+    return dest
+
+
+def entrypoint(step: str) -> str:
+    """The shell command the job runs, relative to its working_dir."""
+    return f"python -m jobs.{STEPS[step]} --config {JOB_CONFIG}"
+
+
+def _client(address: str, token: Token | None):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {token.value}"} if token else None
+    # the Jobs SDK lets these variables override its address argument: hide them while it resolves an explicit one
+    hidden = {var: os.environ.pop(var) for var in ADDRESS_VARS if var in os.environ}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        raise _refused(address, token, exc) from None
+    except ConnectionError as exc:
+        raise GeximputeError(
+            f"cannot reach a Ray job server at {address}: {exc}. Is the cluster up, and is this the address of its "
+            "dashboard (http://HEAD:8265 by default; `ray dashboard CLUSTER.yaml` or `kubectl port-forward` "
+            "forwards it)?"
+        ) from None
+    finally:
+        os.environ.update(hidden)
+
+
+def _refused(address: str, token: Token | None, exc: Exception) -> GeximputeError:
+    body = str(getattr(exc, "message", exc)).splitlines()[0]
+    if token is None:
+        why = "no authentication token was sent, and the cluster requires one"
+    else:
+        why = f"it did not accept the token from {token.source}"
+    return GeximputeError(f"the Ray cluster at {address} refused the request ({body}): {why}. {TOKEN_HELP}")
+
+
+async def _follow(client, submission_id: str, out: TextIO) -> None:
+    async for lines in client.tail_job_logs(submission_id):
+        out.write(lines)
+        out.flush()
+
+
+def wait_for(client, submission_id: str, address: str, out: TextIO, poll_s: float = 2.0) -> JobResult:
+    """Stream the job's logs to ``out`` until it ends, then return its final status."""
+    from ray.job_submission import JobStatus
+
+    try:
+        asyncio.run(_follow(client, submission_id, out))
+    except RuntimeError as exc:  # the log stream broke off; the job may still be running
+        log.warning("submit: log stream of %s ended early (%s); waiting for the job to finish", submission_id, exc)
+    while not (status := client.get_job_status(submission_id)).is_terminal():
+        time.sleep(poll_s)
+    message = client.get_job_info(submission_id).message or ""
+    return JobResult(submission_id, address, JobStatus(status).value, message)
+
+
+def submit(
+    step: str,
+    config_path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    address: str | None = None,
+    wait: bool = True,
+    out: TextIO = sys.stdout,
+) -> JobResult:
+    """Submit ``python -m jobs.STEP`` to a Ray cluster and, with ``wait``, stream its logs until it ends.
+
+    Args:
+        step: one of :data:`STEPS`.
+        config_path: the config file on this machine; resolved and shipped with the job.
+        overrides: ``--set`` overrides, baked into the shipped config.
+        address: the cluster's job server (``http://HEAD:8265``); ``None`` uses ``RAY_API_SERVER_ADDRESS`` or
+            ``RAY_ADDRESS``. An explicit address wins over those variables.
+        wait: follow the job's logs until it ends.
+        out: where the job's logs go.
+
+    Returns:
+        The job's submission id and its last status.
+
+    Raises:
+        GeximputeError: unknown step, bad config, unreachable cluster, or a refused token (the message says how to
+            provide one).
+    """
+    from ray.exceptions import AuthenticationError
+
+    if step not in STEPS:
+        raise GeximputeError(f"unknown step {step!r}; choose one of {', '.join(STEPS)}")
+    address = address or next((os.environ[v] for v in ADDRESS_VARS if os.environ.get(v)), None)
+    if not address:
+        raise GeximputeError("no cluster address: pass --address http://HEAD:8265 (the cluster's job server)")
+    token = find_token()
+    log.info("submit: %s", f"token authentication, token from {token.source}" if token else "no token sent")
+    submission_id = f"geximpute-{step}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    with tempfile.TemporaryDirectory(prefix="geximpute-job-") as tmp:
+        job_dir = stage_job_dir(Path(tmp) / "job", config_path, overrides)
+        client = _client(address, token)
+        try:
+            client.submit_job(  # uploads job_dir before it returns
+                entrypoint=entrypoint(step),
+                submission_id=submission_id,
+                runtime_env={"working_dir": str(job_dir)},
+                metadata={"geximpute_step": step, "geximpute_version": __version__,
+                          "config": str(Path(config_path).resolve())},
+            )
+        except AuthenticationError as exc:
+            raise _refused(address, token, exc) from None
+        except RuntimeError as exc:
+            raise GeximputeError(f"the Ray job server at {address} did not take the job: {exc}") from None
+    log.info("submit: job %s submitted to %s: %s", submission_id, address, entrypoint(step))
+    if not wait:
+        return JobResult(submission_id, address, client.get_job_status(submission_id).value)
+    try:
+        return wait_for(client, submission_id, address, out)
+    except AuthenticationError as exc:
+        raise _refused(address, token, exc) from None
+    except KeyboardInterrupt:  # stop following, not the job: it runs on the cluster
+        return JobResult(submission_id, address, client.get_job_status(submission_id).value)
+
+
+def report(result: JobResult) -> int:
+    """Print a one-line outcome to stderr; returns the exit status (0 on success or when not waiting, else 1)."""
+    job = result.submission_id
+    if result.status == "SUCCEEDED":
+        print(f"geximpute submit: job {job} succeeded", file=sys.stderr)
+        return 0
+    if result.status in ("PENDING", "RUNNING"):
+        print(f"geximpute submit: job {job} is {result.status}; follow it with `ray job logs --follow {job} --address "
+              f"{result.address}`, stop it with `ray job stop {job} --address {result.address}`", file=sys.stderr)
+        return 0
+    # the first line only: the server's message repeats the tail of the logs that were just streamed
+    detail = f": {result.message.splitlines()[0]}" if result.message else ""
+    print(f"geximpute submit: job {job} {result.status}{detail}", file=sys.stderr)
+    return 1

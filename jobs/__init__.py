@@ -1,0 +1,38 @@
+"""Entry points for running geximpute's steps as Ray jobs: ``python -m jobs.NAME --config FILE [--set k=v ...]``.
+
+Each module is a thin ``main()`` over the ``geximpute`` command line (:mod:`engine.cli`): it takes the config and
+its overrides, runs one step (``pipeline`` runs them in order) and returns the step's exit status. The same command
+runs on a laptop (a local Ray starts in the process), as a Ray job (``geximpute submit``, ``ray job submit``), on a
+cluster launched with ``ray up`` and in a KubeRay ``RayJob``.
+
+``jobs`` is part of the installed package (``pyproject.toml`` lists it beside ``engine``), so the entry points work
+from any folder once geximpute is installed; ``geximpute submit`` also ships the local ``engine`` and ``jobs``
+sources in the job's ``working_dir``, where they take precedence over an installed copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def step_args(name: str, argv: Sequence[str] | None, description: str | None = None) -> list[str]:
+    """Parse ``--config FILE [--set KEY=VALUE ...]`` and return them as ``geximpute`` arguments.
+
+    Args:
+        name: the job's module name, for ``--help`` and error messages.
+        argv: the arguments after ``python -m jobs.NAME`` (``None``: ``sys.argv[1:]``).
+        description: what the job does, for ``--help`` (the job module's docstring).
+
+    Returns:
+        ``["--config", FILE, "--set", KEY=VALUE, ...]``, ready to follow a ``geximpute`` subcommand.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=description)
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    args = parser.parse_args(argv)
+    forwarded = ["--config", args.config]
+    for item in args.overrides:
+        forwarded += ["--set", item]
+    return forwarded

@@ -1,0 +1,18 @@
+"""Ray job entry point: train the network with Ray Train (`geximpute train`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from engine import cli
+from jobs import step_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the step; returns its exit status (0 on success)."""
+    return cli.main(["train", *step_args("train", argv, __doc__)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""``geximpute submit`` against a real Ray cluster started here (``ray start --head`` with token authentication), and
+the token and working_dir handling on their own.
+
+The cluster is this module's own: its own temp dir, ports and token file, started in a new session and stopped by
+its process id; other Ray instances on the machine (the in-process ``ray_local`` fixture, other users' clusters) are
+never touched. The user side runs the CLI in a subprocess with the token given as a user would
+(``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``) and a home folder without ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.errors import GeximputeError
+from engine.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir
+
+BIN = Path(sys.executable).parent
+GEXIMPUTE = str(BIN / "geximpute")
+#: a few minutes of work on 2 cores: tiny network, few boosting rounds, the entries task
+TINY = [
+    "model.d_model=8",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.cnn_channels=8",
+    "model.cnn_layers=2",
+    "train.batch_size=64",
+    "train.epochs=1",
+    "train.cpus_per_worker=0.5",
+    "head.num_boost_round=10",
+    "head.cpus_per_worker=0.5",
+    "evaluation.task=entries",
+]
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any Ray address or token setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a job entrypoint is this venv's
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Head:
+    """A running single-node Ray cluster started by this module."""
+
+    address: str
+    token: str
+    token_path: Path
+    temp_dir: Path
+    proc: subprocess.Popen
+
+    def user_env(self, home: Path, **extra: str) -> dict[str, str]:
+        """A user's environment for the CLI: the token from ``RAY_AUTH_TOKEN_PATH``, a home without a token."""
+        return _clean_env(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path), **extra)
+
+    def own_processes(self) -> list[int]:
+        """Live processes of this cluster: in the session ``ray start`` led, naming its temp dir or running in it
+        (a job's driver runs in its working_dir, under the temp dir)."""
+        import psutil
+
+        found = []
+        mine = str(self.temp_dir)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if p.pid == os.getpid():
+                continue
+            try:
+                if (os.getsid(p.pid) == self.proc.pid or mine in " ".join(p.info["cmdline"] or ())
+                        or (p.cwd() + os.sep).startswith(mine + os.sep)):
+                    found.append(p.pid)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return found
+
+
+def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError as exc:  # 401: up, and asking for the token
+            if exc.code in (401, 403):
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard at {address} did not come up in {timeout_s:.0f} s")
+
+
+def _stop(head: Head) -> None:
+    """Stop only this cluster, by pid: SIGTERM to every process of it (``ray start --block`` alone can wait long on
+    the actors a finished job left behind), SIGKILL to what is left after a grace period."""
+    for sig, grace_s in ((signal.SIGTERM, 8), (signal.SIGKILL, 10)):
+        for pid in head.own_processes():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while (head.proc.poll() is None or head.own_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)  # poll() also reaps `ray start`
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head on 127.0.0.1 with token authentication, 2 CPUs, its own ports and temp dir."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="gxray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    token = secrets.token_hex(32)
+    token_path = temp_dir / "auth_token"
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    gcs, dash, client, agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--temp-dir", str(temp_dir / "ray"),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
+        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(300 * 1024 * 1024),
+    ]
+    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    log = (temp_dir / "ray-start.log").open("w")
+    # a new session: every process of this cluster shares its id, so the teardown can find them all
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = Head(f"http://127.0.0.1:{dash}", token, token_path, temp_dir, proc)
+    try:
+        _wait_for_dashboard(head.address, proc)
+        yield head
+    finally:
+        _stop(head)
+        log.close()
+        assert head.own_processes() == [], "processes of the test cluster survived its stop"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{head.address}/api/version", timeout=2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _jobs(head: Head) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"}).list_jobs()
+
+
+def _submit(head: Head, env: dict[str, str], cwd: Path, *args: str, timeout: float = 600):
+    """Run ``geximpute submit ARGS --address HEAD`` as a user would, in ``cwd``; returns the finished process."""
+    return subprocess.run([GEXIMPUTE, "submit", *args, "--address", head.address], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def test_submission_without_the_token_is_refused(ray_head, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"inputs": {"genes": "g.gtf", "expression": "e.gct"}}))
+    before = len(_jobs(ray_head))
+    home = tmp_path / "home"
+    home.mkdir()
+
+    missing = _submit(ray_head, _clean_env(HOME=str(home)), tmp_path, "prepare", "--config", str(config), timeout=120)
+    assert missing.returncode == 2, missing.stderr
+    assert "refused" in missing.stderr and "no authentication token was sent" in missing.stderr
+    assert "RAY_AUTH_TOKEN_PATH" in missing.stderr and "ray get-auth-token" in missing.stderr
+
+    wrong = _submit(ray_head, _clean_env(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token"),
+                    tmp_path, "prepare", "--config", str(config), timeout=120)
+    assert wrong.returncode == 2, wrong.stderr
+    assert "did not accept the token from the RAY_AUTH_TOKEN environment variable" in wrong.stderr
+    assert "not-the-token" not in wrong.stderr + wrong.stdout
+
+    assert len(_jobs(ray_head)) == before  # nothing was submitted
+
+
+def test_pipeline_job_on_a_real_cluster(ray_head, tmp_path):
+    import pyarrow.dataset as pads
+
+    from engine.synth import SynthSpec, generate
+
+    data = generate(tmp_path / "data", SynthSpec(seed=5, n_genes=48, n_donors=10, n_tissues=3))
+    out = tmp_path / "out"
+    home = tmp_path / "home"
+    home.mkdir()
+    sets = [arg for item in [f"output_dir={out}", *TINY] for arg in ("--set", item)]
+    started = time.monotonic()
+    run = _submit(ray_head, ray_head.user_env(home), tmp_path, "pipeline", "--config", str(data.config_path), *sets)
+    seconds = time.monotonic() - started
+    print(f"pipeline job: {seconds:.0f} s\n{run.stderr[-3000:]}")
+
+    assert run.returncode == 0, run.stderr
+    assert "succeeded" in run.stderr
+    # the token reached the cluster and nothing else: not the output, not the job's record
+    assert ray_head.token not in run.stdout + run.stderr
+    (job,) = [j for j in _jobs(ray_head) if j.metadata.get("geximpute_step") == "pipeline"]
+    assert job.status == "SUCCEEDED" and job.entrypoint == entrypoint("pipeline")
+    assert ray_head.token not in repr(job.runtime_env) + repr(job.metadata) + job.entrypoint
+    # the job's logs were streamed to stdout: every step ran, on the cluster
+    for step in ("prepare --training", "train", "fit-head", "impute"):
+        assert f"pipeline: geximpute {step}" in run.stdout
+    assert "pipeline: all steps succeeded" in run.stdout
+
+    # the Parquet the impute step wrote: partitioned by tissue, one row per (donor, tissue, gene)
+    assert list((out / "predictions").glob("tissue=*/*.parquet"))
+    predictions = pads.dataset(out / "predictions", format="parquet", partitioning="hive").to_table().to_pandas()
+    assert len(predictions) > 0
+    assert not predictions.duplicated(["donor_id", "tissue", "gene_id"]).any()
+
+
+# --- token and working_dir handling, without a cluster -------------------------------------------------------
+
+
+def test_token_comes_from_rays_places_in_rays_order(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    path = tmp_path / "token"
+    path.write_text("  from-path\n")
+
+    assert find_token({}, home).value == "from-home"
+    assert find_token({"RAY_AUTH_TOKEN_PATH": str(path)}, home).value == "from-path"
+    both = find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home)
+    assert both.value == "from-env" and "RAY_AUTH_TOKEN" in both.source
+    assert find_token({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}, home) is None
+    assert find_token({}, tmp_path / "nobody") is None
+    assert "from-env" not in repr(both)  # a token never shows in a repr, a traceback or a log line
+
+
+def test_token_misconfiguration_is_a_clear_error(tmp_path):
+    with pytest.raises(GeximputeError, match="RAY_AUTH_TOKEN_PATH=.*cannot read"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "absent")}, tmp_path)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(GeximputeError, match="token file is empty"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")}, tmp_path)
+    with pytest.raises(GeximputeError, match="RAY_AUTH_MODE=token but no authentication token"):
+        find_token({"RAY_AUTH_MODE": "token"}, tmp_path)
+
+
+def test_job_dir_holds_the_packages_and_the_resolved_config(tmp_path):
+    from engine.config import config_from_dict
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "config.yaml").write_text(yaml.safe_dump({
+        "inputs": {"genes": "genes.gtf", "expression": "expr.gct"},
+        "output_dir": "out",
+        "ray": {"num_cpus": 2},
+    }))
+    job = stage_job_dir(tmp_path / "job", data / "config.yaml", ["train.epochs=3"])
+
+    assert (job / "engine" / "submit.py").is_file() and (job / "jobs" / "pipeline.py").is_file()
+    assert not list(job.rglob("__pycache__"))
+    shipped = yaml.safe_load((job / JOB_CONFIG).read_text())
+    # relative paths are made absolute here, overrides are baked in, and the job joins its cluster
+    assert shipped["inputs"]["genes"] == str((data / "genes.gtf").resolve())
+    assert shipped["output_dir"] == str((data / "out").resolve())
+    assert shipped["train"]["epochs"] == 3
+    assert shipped["ray"]["address"] == "auto" and shipped["ray"]["num_cpus"] is None
+    config_from_dict(shipped, base_dir="/elsewhere")  # still a valid config wherever it lands
+
+
+def test_every_step_has_a_job_module():
+    import importlib
+
+    for step, module in STEPS.items():
+        assert callable(importlib.import_module(f"jobs.{module}").main), step
+        assert entrypoint(step) == f"python -m jobs.{module} --config {JOB_CONFIG}"
+    assert repr(Token("secret", "somewhere")) == "Token(source='somewhere')"
+
+
+def test_the_outcome_line_and_exit_status(capsys):
+    from engine.submit import JobResult, report
+
+    assert report(JobResult("j1", "http://h:8265", "SUCCEEDED")) == 0
+    assert report(JobResult("j2", "http://h:8265", "FAILED", "Job entrypoint command failed with exit code 2, "
+                            "last available logs:\nTraceback ...\n")) == 1
+    assert report(JobResult("j3", "http://h:8265", "RUNNING")) == 0  # --no-wait, or Ctrl-C while following
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "geximpute submit: job j1 succeeded"
+    # the first line of the server's reason only: the logs it repeats were streamed already
+    assert lines[1].endswith("job j2 FAILED: Job entrypoint command failed with exit code 2, last available logs:")
+    assert "ray job logs --follow j3 --address http://h:8265" in lines[2] and "ray job stop j3" in lines[2]
