@@ -122,8 +122,7 @@ class Bundle:
             self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)
         else:
             self.models.promoters, self.models.lookup = promoters
-        _, _, inputs = self.models.head_inputs(records)
-        return self.models.head.predict(inputs)
+        return self.models.predict_head(records)
 
 
 def load_bundle(folder: str | Path) -> Bundle:

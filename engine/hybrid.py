@@ -45,6 +45,12 @@ class HybridModels:
     features_head: HeadModel | None = None
     seconds: dict = field(default_factory=dict)
 
+    def predict_head(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper) of the hybrid head on ``records`` (the genetic offset added back)."""
+        _, _, inputs = self.head_inputs(records)
+        offset = genetic_offset(records)
+        return tuple(part + offset for part in self.head.predict(inputs))  # type: ignore[return-value]
+
     def head_inputs(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(engineered features, network predictions, head inputs = [embedding, engineered]) of ``records``."""
         b = self.config.baselines
@@ -57,13 +63,27 @@ class HybridModels:
     def predict(self, records: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
         """``{method: (estimate, lower, upper)}`` for every method available (bounds None where there are none)."""
         engineered, net_pred, inputs = self.head_inputs(records)
-        out = {"hybrid": self.head.predict(inputs), "hybrid_network": (net_pred, None, None)}
+        offset = genetic_offset(records)
+        out = {"hybrid": tuple(p + offset for p in self.head.predict(inputs)), "hybrid_network": (net_pred, None, None)}
         if self.features_head is not None:
-            out["xgb_features_only"] = self.features_head.predict(engineered)
+            out["xgb_features_only"] = tuple(p + offset for p in self.features_head.predict(engineered))
         for name, network in self.ablations.items():
             pred, _ = run_network(network, records, self.promoters, self.lookup)
             out[name] = (pred, None, None)
         return out
+
+
+def genetic_offset(records: pa.Table) -> np.ndarray:
+    """(N,) the records' cis-genetic score, 0 where there is none: the heads learn the rest around it.
+
+    Trees split a continuous input into steps; a donor's genetic deviation within a gene is small next to the
+    differences between genes, so a head that had to rebuild it from splits would lose most of it. The score is
+    already a shrunken estimate (:func:`engine.genomes.genetic_scores`), so it enters additively, as XGBoost's base
+    margin would, and the head still sees it as a feature to correct it.
+    """
+    if "genetic_score" not in records.column_names:
+        return np.zeros(records.num_rows)
+    return np.nan_to_num(records["genetic_score"].to_numpy(zero_copy_only=False).astype(np.float64))
 
 
 def read_training(dirs: list[Path]) -> pa.Table:
@@ -102,10 +122,10 @@ def train_hybrid_network(
 
 
 def head_training(config: Config, records_dir: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """(records, labels, validation rows) of the head folds of ``records_dir``."""
+    """(records, labels minus their genetic offset, validation rows) of the head folds of ``records_dir``."""
     _, head_folds = split_folds(config.train.folds)
     training = read_training(fold_dirs(records_dir, head_folds))
-    labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64)
+    labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
     use_chroms = bool(config.split.valid_chroms) and bool(
         np.any(training["split"].to_numpy(zero_copy_only=False) == "valid")
     )
