@@ -91,12 +91,14 @@ def test_bundle_loads_back_to_the_same_predictions(prepared, tmp_path):
     network = train_hybrid_network(config, records, gene_ids, len(tissues), tmp_path, name="net")
     models, _, _ = fit_hybrid_head(config, records, network, gene_ids, tmp_path)
     hidden = pads.dataset(records / "context", partitioning="hive").to_table()
-    expected = models.head.predict(models.head_inputs(hidden)[2])
+    expected = models.predict_head(hidden)
+    personal = (models.promoters, models.lookup)  # the synthetic data has genomes: the donors' own haplotypes
+    assert models.lookup.personal
     sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
     version = save_bundle(models, tmp_path / "bundle", sequences=sequences, gene_ids=gene_ids)
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.model_version == version
-    got = bundle.predict(hidden, gene_ids)
+    got = bundle.predict(hidden, gene_ids, promoters=personal)
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     estimate, lower, upper = got
