@@ -174,15 +174,38 @@ def load_bundle_from(folder: str) -> Any:
     return load_bundle(folder)
 
 
-def personal_promoters(haplotypes: Any, records: pa.Table, gene_ids: np.ndarray) -> Any:
-    """HOOK (issue 5): the promoter inputs of ``records`` built from their donors' own haplotypes.
+def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndarray, Any] | None:
+    """The promoter inputs of the problem's donors' own haplotypes, or None without personal genomes.
 
-    Today it returns None, and :meth:`Bundle.predict` uses the reference promoter windows. When the model is
-    genotype-aware, ``haplotypes`` (per-donor promoter haplotypes built from each donor's VCF, passed to
-    :class:`Predictor` by ``impute``/``nightly``) become the one-hot table and lookup that ``Bundle.predict``
-    takes, and this is the one place that builds them.
+    Returns:
+        (one-hot table (P, 4, L) of every reference window and donor haplotype, the
+        :class:`~engine.model.features.PromoterLookup` of the problem's samples), as ``Bundle.predict`` takes them.
     """
-    return None
+    genomes = getattr(problem, "genomes", None)
+    if genomes is None:
+        return None
+    from engine.model.features import PromoterLookup, one_hot_promoters
+
+    reference = np.asarray(genomes.reference_row, np.int64)
+    rows = np.asarray(genomes.rows, np.int64)  # (G, D, 2)
+    differs = np.any(rows != reference[:, None, None], axis=2) & (rows >= 0).all(axis=2)
+    gene, donor = np.nonzero(differs)  # row-major: the keys come out sorted
+    n_donors = rows.shape[1]
+    table = one_hot_promoters(list(genomes.sequences), length)
+    lookup = PromoterLookup(reference, np.asarray(problem.donor_index, np.int64), gene * n_donors + donor,
+                            rows[gene, donor], n_donors)
+    return table, lookup
+
+
+def personal_promoters(haplotypes: Any, records: pa.Table, gene_ids: np.ndarray) -> Any:
+    """HOOK: the promoter inputs ``Bundle.predict`` gets for ``records``, from their donors' own haplotypes.
+
+    ``haplotypes`` is what ``impute`` built with :func:`donor_promoter_inputs` (a one-hot table and a lookup over
+    the problem's samples) or None; None makes ``Bundle.predict`` read the bundle's reference windows. ``nightly``
+    passes None until new donors' haplotypes are built (:func:`engine.nightly.donor_haplotypes`). This is the one
+    place where per-donor promoter inputs meet the predictor.
+    """
+    return haplotypes
 
 
 class Predictor:
@@ -293,7 +316,8 @@ def run_pipeline(
         out: the folder written (a staging folder: it is not committed here).
         run_id: the run's id.
         loader: how a predictor actor loads the bundle.
-        haplotypes: per-donor promoter haplotypes for :func:`personal_promoters` (None today).
+        haplotypes: the donors' promoter inputs (:func:`donor_promoter_inputs`); None: the bundle's reference
+            windows.
     """
     import ray
 
@@ -474,6 +498,7 @@ def impute(
         n_virtual = int(virtual.sum())
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
+    haplotypes = donor_promoter_inputs(problem, bundle.models.network.spec.promoter_length)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=list(settings.donors), tissues=list(settings.tissues),
@@ -485,7 +510,7 @@ def impute(
     clean_stale(out)
     try:
         with staged_dir(out) as staging:
-            run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id)
+            run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id, haplotypes=haplotypes)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:

@@ -22,9 +22,10 @@ rewritten atomically after that. If a run dies between the two, the next run fin
 manifest and records them instead of imputing them again, so no donor is ever written twice. A run with nothing new
 writes nothing.
 
-How a donor's genome enters the model: the model is being made genotype-aware (issue 5). Until then each VCF is
-read and validated here, :func:`donor_haplotypes` (the hook) returns None, and the donor's profiles are predicted
-from its measured tissues when given and from the gene, tissue and neighbour context otherwise.
+How a donor's genome enters the model: each VCF is read and validated here, but the new donors' promoter haplotypes
+are not built yet: :func:`donor_haplotypes` is the hook where they will be, and until then a donor's profiles are
+predicted from its measured tissues when given, and from the gene, tissue and neighbour context otherwise, with the
+reference promoter windows.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from engine.errors import ConfigError, GeximputeError, InputError
 from engine.impute import (
     OutputError,
     add_missing_profiles,
+    donor_promoter_inputs,
     make_run_id,
     model_dir,
     output_error,
@@ -302,15 +304,16 @@ def scan_inbox(inbox: Path) -> list[InboxItem]:
     return items
 
 
-def donor_haplotypes(new: NewDonor, dataset: Any) -> Any:
-    """HOOK (issue 5): the donor's promoter haplotypes, built from its VCF, for the predictor.
+def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: Any) -> VisibleProblem:
+    """HOOK (issue 5): the problem with per-donor promoter haplotypes that cover the new donors.
 
-    Returns None today: the model does not yet take personal haplotypes at prediction time. When it does, build
-    them here from ``new.variants`` and ``dataset.genome`` (``engine.haplotypes``); ``nightly`` passes the
-    ``{donor: haplotypes}`` map to :func:`engine.impute.run_pipeline`, whose predictor hands it to
-    :func:`engine.impute.personal_promoters` and on to ``Bundle.predict``.
+    Today it returns ``problem`` as it is, without personal genomes (``problem.genomes`` is None), so the new
+    donors' profiles are predicted from the reference promoter windows. To make nightly genotype-aware, build the
+    new donors' haplotypes here from ``donors[i].variants`` and ``dataset.genome`` (``engine.haplotypes``), merged
+    into the reference donors' ``engine.genomes.DonorGenomes``; :func:`engine.impute.donor_promoter_inputs` then
+    turns them into the promoter inputs that the predictor passes to ``Bundle.predict``.
     """
-    return None
+    return problem
 
 
 def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, genome: Any) -> NewDonor:
@@ -535,8 +538,8 @@ def _run(config: Config, root: Path, day: str) -> NightlyResult:
         return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0)
 
     extended, virtual = extend_problem(problem, valid, config.impute.tissues)
-    haps = {n.item.donor: donor_haplotypes(n, dataset) for n in valid}
-    haplotypes = haps if any(h is not None for h in haps.values()) else None
+    extended = donor_haplotypes(extended, valid, dataset)
+    haplotypes = donor_promoter_inputs(extended, bundle.models.network.spec.promoter_length)
     fingerprints = {k: v["sha256"] for k, v in input_fingerprints(config).items()}
     ensure_ray(config.ray)
     rows, step = 0, config.nightly.donors_per_commit
