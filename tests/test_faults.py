@@ -1,0 +1,297 @@
+"""Faults caused on purpose, and what survives them. Each test asserts row counts and unique (donor, tissue, gene)
+keys afterwards.
+
+- a Ray Train worker SIGKILLed mid-training: the run resumes from its last checkpoint and finishes;
+- an ``impute`` process SIGKILLed while writing: the previous output is intact, the rerun writes every row once;
+- a ``nightly`` process SIGKILLed after some donors: the next run does the rest, none twice;
+- an output folder that cannot be written, and a full disk (OSError ENOSPC injected through the writer seam):
+  a clear error naming the path, nothing committed, no staging left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow.dataset as pads
+import pytest
+from test_impute import TINY, assert_keys_unique, expected_missing, gtex_named_copy, read_output
+from test_nightly import donor_vcf, make_config, read_all
+
+from engine.config import load_config
+from engine.impute import OutputError, impute
+from engine.nightly import ledger_path, lock_path, nightly, output_root
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+
+
+class WorkerKiller:
+    """SIGKILLs this test's Ray Train worker (found among this process's descendants by its process title) once the
+    run's first checkpoint is registered (in Ray Train's checkpoint manager snapshot), and records the epoch of every
+    checkpoint the run registers, in order."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        self.killed: list[int] = []
+        self.epoch_at_kill: int | None = None
+        self.epochs: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.snapshot.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            latest = (self.read() or {}).get("latest_checkpoint_result")
+            if latest:
+                epoch = latest["metrics"]["epoch"]
+                if not self.epochs or self.epochs[-1] != epoch:
+                    self.epochs.append(epoch)
+                if not self.killed:
+                    for proc in psutil.Process().children(recursive=True):
+                        try:
+                            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                                os.kill(proc.pid, signal.SIGKILL)
+                                self.killed.append(proc.pid)
+                        except psutil.Error:
+                            continue
+                    self.epoch_at_kill = epoch
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> WorkerKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        latest = (self.read() or {}).get("latest_checkpoint_result")
+        if latest and (not self.epochs or self.epochs[-1] != latest["metrics"]["epoch"]):
+            self.epochs.append(latest["metrics"]["epoch"])
+
+
+@pytest.fixture(scope="module")
+def data(synth_small, tmp_path_factory) -> Path:
+    return gtex_named_copy(synth_small, tmp_path_factory.mktemp("faults-data")).parent
+
+
+@pytest.fixture(scope="module")
+def killed_training(ray_local, data, tmp_path_factory):
+    """Train with the worker killed after its first checkpoint, fit the head and write the bundle."""
+    import pyarrow.parquet as pq
+
+    from engine.bundle import save_bundle
+    from engine.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.prepare import prepare, read_problem_index
+
+    work = tmp_path_factory.mktemp("faults-model")
+    # few examples per epoch: the epochs are short, the worker is killed in the second one
+    config = load_config(data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
+                                                f"train.patience={EPOCHS}", "train.max_failures=2",
+                                                "train.max_examples_per_epoch=512", "head.num_boost_round=10"])
+    records = work / "records"
+    prepare(config, records, targets="hidden", training=True)
+    gene_ids, tissues = read_problem_index(records)
+    with WorkerKiller(work / "runs" / "hybrid") as killer:
+        network = train_hybrid_network(config, records, gene_ids, len(tissues), work / "runs")
+    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, work / "runs")
+    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
+    save_bundle(models, work / "model", sequences=sequences, gene_ids=gene_ids)
+    return network, killer, work / "model"
+
+
+@pytest.fixture(scope="module")
+def previous(killed_training, data, tmp_path_factory):
+    """A committed impute output (the 'previous run' that faults must not damage)."""
+    _, _, bundle = killed_training
+    out = tmp_path_factory.mktemp("faults-out") / "predictions"
+    config = load_config(data / "config.yaml", [f"output_dir={out.parent}"])
+    return config, impute(config, model=bundle, out_dir=out)
+
+
+def _fingerprint(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", "-q", *args]
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            tail = proc.stderr.read()[-3000:]
+            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}: {tail}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, previous, data):
+    network, killer, _ = killed_training
+    assert killer.killed, "the training worker was never killed"
+    # killed once the first epoch's checkpoint was registered, before the last epoch
+    assert killer.epoch_at_kill is not None and killer.epoch_at_kill < EPOCHS - 1
+    # the run finished every epoch ...
+    assert network.metrics["epoch"] == EPOCHS - 1 and np.isfinite(network.metrics["val_loss"])
+    # ... resuming from its checkpoint: each epoch reported once, in order (a restart from scratch repeats epoch 0)
+    assert killer.epochs == list(range(EPOCHS))
+    assert killer.read()["current_report_index"] == EPOCHS
+    # the bundle of that run imputes every missing entry once
+    _, result = previous
+    n_missing, missing_pairs, n_genes = expected_missing(data)
+    frame = read_output(result.out_dir)
+    assert len(frame) == result.n_rows == n_missing + len(missing_pairs) * n_genes
+    assert_keys_unique(frame)
+
+
+def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, previous, data, tmp_path):
+    import shutil
+
+    import ray
+
+    _, _, bundle = killed_training
+    config, result = previous
+    out = tmp_path / "predictions"  # a copy: the other tests keep the fixture's output as it is
+    shutil.copytree(result.out_dir, out)
+    before = _fingerprint(out)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    address = ray.get_runtime_context().gcs_address
+    # with every observed entry too and small batches, the write takes a while: the kill lands in the middle
+    proc = subprocess.Popen(
+        _cli("impute", "--config", str(data / "config.yaml"), "--model", str(bundle), "--out", str(out),
+             "--include-observed", "--set", f"ray.address={address}", "--set", "impute.batch_size=40",
+             "--set", "impute.predictors=1"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    staged = out.parent / f".{out.name}.staging-{proc.pid}"
+    _wait_for(lambda: any(staged.glob("tissue=*/*.parquet")), proc, 300, "the first Parquet file in staging")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert staged.is_dir(), "the run had already committed: the kill came too late"
+    # the previous output is untouched and whole
+    assert _fingerprint(out) == before
+    assert json.loads((out / "_manifest.json").read_text()) == manifest
+    frame = read_output(out)
+    assert len(frame) == result.n_rows
+    assert_keys_unique(frame)
+
+    # the rerun cleans up after the killed run and writes every row exactly once
+    again = impute(config, model=bundle, out_dir=out, include_observed=True)
+    frame = read_output(out)
+    _, missing_pairs, n_genes = expected_missing(data)
+    n_samples = len(pd.read_csv(data / "samples.tsv", sep="\t"))
+    assert len(frame) == again.n_rows == n_genes * (n_samples + len(missing_pairs))
+    assert_keys_unique(frame)
+    assert frame["observed"].notna().sum() > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_training, data, tmp_path):
+    import ray
+
+    _, _, bundle = killed_training
+    config = make_config(data, bundle, tmp_path, "nightly.donors_per_commit=1")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    donors = [f"NEW-{i:03d}" for i in range(1, 5)]
+    for i, donor in enumerate(donors):
+        donor_vcf(data / "variants.vcf", f"SYN-D{i + 1:04d}", donor, inbox / f"{donor}.vcf")
+    ledger = ledger_path(config)
+
+    def recorded() -> list[str]:
+        try:
+            return sorted(json.loads(ledger.read_text())["donors"])
+        except (FileNotFoundError, ValueError):
+            return []
+
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        _cli("nightly", "--config", str(data / "config.yaml"), "--run-date", "2026-02-01",
+             "--set", f"output_dir={tmp_path}", "--set", f"nightly.inbox={inbox}",
+             "--set", f"impute.model_dir={bundle}", "--set", "nightly.donors_per_commit=1",
+             "--set", f"ray.address={address}"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    _wait_for(lambda: len(recorded()) >= 1, proc, 300, "the first donor in the ledger")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = recorded()
+    assert 1 <= len(first) < len(donors), f"the kill came too late: {first}"
+    assert lock_path(config).exists()  # the dead run's lock is still there
+
+    result = nightly(config, run_date="2026-02-02")
+    # the rest (a donor committed just before the kill but not yet in the ledger is recovered, not redone)
+    assert result.done and set(result.done) <= set(donors) - set(first)
+    assert not lock_path(config).exists()
+    frame = read_all(output_root(config))
+    genes = len(pd.read_csv(data / "expression.gct", sep="\t", skiprows=2))
+    n_tissues = pd.read_csv(data / "samples.tsv", sep="\t")["tissue"].nunique()
+    assert frame.groupby("donor_id").size().to_dict() == {d: genes * n_tissues for d in donors}
+    assert_keys_unique(frame)
+    assert recorded() == donors
+    # and once more: nothing left to do
+    assert nightly(config, run_date="2026-02-03").done == []
+
+
+def test_unwritable_output_folder_is_a_clear_error(killed_training, previous, tmp_path):
+    _, _, bundle = killed_training
+    config, result = previous
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        writable = os.access(locked, os.W_OK)  # root may write anywhere
+        # a folder nobody may create anything in, root included
+        out = (Path("/sys/fs/geximpute-test") if writable else locked) / "predictions"
+        with pytest.raises(OutputError) as caught:
+            impute(config, model=bundle, out_dir=out)
+        message = str(caught.value)
+        assert str(out) in message and "Nothing was committed" in message
+        assert not out.exists()
+    finally:
+        locked.chmod(stat.S_IRWXU)
+    assert sorted(p.name for p in locked.iterdir()) == []
+    assert len(read_output(result.out_dir)) == result.n_rows
+
+
+def test_disk_full_while_writing_commits_nothing(killed_training, previous, monkeypatch):
+    import engine.impute as impute_module
+
+    _, _, bundle = killed_training
+    config, result = previous
+    out = result.out_dir
+    before = _fingerprint(out)
+    real_write = impute_module.write_predictions
+
+    def full_disk(dataset, folder: Path, num_cpus: float) -> None:
+        real_write(dataset, folder, num_cpus)  # the files are there, half a run's worth as far as anyone knows
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "tissue=x" / "part-0.parquet"))
+
+    monkeypatch.setattr(impute_module, "write_predictions", full_disk)
+    with pytest.raises(OutputError, match="No space left on device") as caught:
+        impute(config, model=bundle, out_dir=out, include_observed=True)  # a different run: it would replace
+    assert str(out) in str(caught.value)
+    assert _fingerprint(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no staging left
+    frame = pads.dataset(out, format="parquet", partitioning="hive").to_table().to_pandas()
+    assert len(frame) == result.n_rows
+    assert_keys_unique(frame)
