@@ -193,7 +193,7 @@ def _plot(out: Path, medians: dict, v8: dict) -> None:
     obs, pred = medians["observed"], medians["predicted"]
     lo, hi = float(min(obs.min(), pred.min())), float(max(obs.max(), pred.max()))
     a.hexbin(obs, pred, gridsize=50, bins="log", cmap="viridis", extent=(lo, hi, lo, hi))
-    a.plot([lo, hi], [lo, hi], color="white", lw=0.8)
+    a.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls="--")
     a.set_xlabel("held-out median log1p(TPM)")
     a.set_ylabel("imputed log1p(TPM)")
     a.set_title(f"GTEx medians: hidden genes (r = {np.corrcoef(obs, pred)[0, 1]:.3f})")

@@ -34,7 +34,7 @@ from engine.impute import OutputError, impute
 from engine.nightly import ledger_path, lock_path, nightly, output_root
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 3
+EPOCHS = 2
 
 
 class WorkerKiller:
@@ -212,7 +212,7 @@ def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_tra
     config = make_config(data, bundle, tmp_path, "nightly.donors_per_commit=1")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    donors = [f"NEW-{i:03d}" for i in range(1, 5)]
+    donors = [f"NEW-{i:03d}" for i in range(1, 4)]
     for i, donor in enumerate(donors):
         donor_vcf(data / "variants.vcf", f"SYN-D{i + 1:04d}", donor, inbox / f"{donor}.vcf")
     ledger = ledger_path(config)
