@@ -2,7 +2,8 @@
 
 Generates a synthetic dataset at the requested scale (not timed), runs ``prepare`` on a local single-node Ray
 (all measured entries get a record), and prints one JSON line per scale with the wall time, the time per million
-records, and the peak resident memory of the driver and of the driver plus every Ray process it started.
+records, and the peak resident memory of the driver and of the driver plus every Ray process it started
+(:class:`engine.benchmark.PeakRSS`; ``geximpute benchmark`` measures every stage the same way).
 
     .venv/bin/python benchmarks/bench_prepare.py --genes 1000 --donors 100 --tissues 10 --scales 1 2 4
 """
@@ -13,46 +14,8 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import psutil
-
-
-class PeakRSS:
-    """Samples the resident memory of this process and all its descendants every 0.2 s."""
-
-    def __init__(self) -> None:
-        self.driver = 0
-        self.total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                own = me.memory_info().rss
-                kids = 0
-                for child in me.children(recursive=True):
-                    try:
-                        kids += child.memory_info().rss
-                    except psutil.Error:
-                        continue
-                self.driver = max(self.driver, own)
-                self.total = max(self.total, own + kids)
-            except psutil.Error:
-                pass
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -68,6 +31,7 @@ def main() -> None:
 
     import ray
 
+    from engine.benchmark import PeakRSS
     from engine.config import load_config
     from engine.prepare import prepare
     from engine.synth import SynthSpec, generate

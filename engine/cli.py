@@ -15,9 +15,7 @@ from engine.errors import GeximputeError
 log = logging.getLogger("engine")
 
 #: the steps of DESIGN.md that later versions implement; listed so that --help shows the whole shape
-PLANNED = {
-    "benchmark": "measure every stage at a given scale",
-}
+PLANNED: dict[str, str] = {}
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -197,6 +195,23 @@ def cmd_variant_effects(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from engine.benchmark import BenchSpec, run_benchmark, summary
+    from engine.errors import ConfigError
+
+    try:
+        spec = BenchSpec(genes=args.genes, donors=args.donors, tissues=args.tissues,
+                         observed_fraction=args.observed_fraction, variant_density=args.variant_density,
+                         scales=tuple(args.scales), epochs=args.epochs, max_examples=args.max_examples,
+                         encoder_entries=args.encoder_entries, seed=args.seed, overrides=tuple(args.overrides))
+    except ValueError as exc:  # a bad option value: say which, without a traceback
+        raise ConfigError(str(exc)) from exc
+    bench = run_benchmark(args.out, spec, keep_work=args.keep_work)
+    print(summary(bench))
+    print(f"bench.json and bench.png written to {args.out}")
+    return 0
+
+
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(
@@ -301,6 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.add_argument("--model", metavar="DIR", help="model bundle (default <output_dir>/model)")
     p.set_defaults(func=cmd_variant_effects)
+
+    p = sub.add_parser("benchmark", help="measure every stage on synthetic data of a given scale (bench.json, plot)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: bench.json, bench.png")
+    p.add_argument("--genes", type=int, default=1000, help="genes, fixed over the scaling series (default 1000)")
+    p.add_argument("--donors", type=int, default=100, help="donors at scale 1 (default 100)")
+    p.add_argument("--tissues", type=int, default=10, help="tissues (default 10)")
+    p.add_argument("--observed-fraction", type=float, default=0.6,
+                   help="share of donor-tissue cells with a sample; the rest are imputed (default 0.6)")
+    p.add_argument("--variant-density", type=int, default=3, help="variant sites per promoter window (default 3)")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4],
+                   help="donor multipliers of the scaling series (default 1 2 4)")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
+    p.add_argument("--max-examples", type=int, default=20_000, help="training examples per epoch (default 20000)")
+    p.add_argument("--encoder-entries", type=int, default=8192,
+                   help="entries of the shared vs per-entry promoter-encoder comparison (default 8192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of the runs, e.g. --set model.d_model=16 (repeatable)")
+    p.add_argument("--keep-work", action="store_true", help="keep DIR/work (data, records, bundle)")
+    p.set_defaults(func=cmd_benchmark)
 
     for name, text in PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)")

@@ -1,0 +1,117 @@
+"""``geximpute benchmark`` at a tiny scale on the session's local Ray: bench.json's keys and sanity, the plot, and
+the promoter-encoder cache against the network's own per-batch encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.model.features import FeatureSpec, PromoterLookup
+from engine.model.network import HybridNet, NetworkSpec
+
+TINY = [
+    "model.d_model=8",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.cnn_channels=8",
+    "model.cnn_layers=2",
+    "train.batch_size=32",
+    "train.fold_fraction=0.3",
+    "train.cpus_per_worker=0.5",
+    "head.num_boost_round=10",
+    "head.cpus_per_worker=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def bench(ray_local, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["-q", "benchmark", "--out", str(out), "--genes", "40", "--donors", "4", "--tissues", "3",
+            "--scales", "1", "2", "4", "--epochs", "1", "--max-examples", "256", "--encoder-entries", "100"]
+    for item in TINY:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_bench_json_has_the_comparable_keys_and_sane_figures(bench):
+    data, out = bench
+    for key in ("impute_entries_per_min", "encoder_calls_per_entry", "device", "scaling", "stages", "targets"):
+        assert key in data
+    assert data["device"].startswith(("cpu: ", "gpu: "))
+    assert data["impute_entries_per_min"] > 0
+    assert 0 < data["encoder_calls_per_entry"] < 1
+    scaling = data["scaling"]
+    assert len(scaling) == 3
+    entries = [s["entries"] for s in scaling]
+    assert entries == sorted(set(entries)) and entries[0] > 0
+    for step in scaling:
+        assert step["seconds"] > 0 and step["peak_rss_mb"] > 0
+        assert set(step) >= {"entries", "seconds", "peak_rss_mb"}
+    assert all(s["time_ratio"] > 0 for s in scaling[1:])
+    for name in ("prepare", "train", "fit_head", "impute"):
+        assert data["stages"][name]["seconds"] > 0
+    assert data["stages"]["train"]["samples_per_second"] > 0
+    assert (out / "bench.png").stat().st_size > 0
+    assert not (out / "work").exists()  # scratch removed
+
+
+def test_sharing_encodes_each_haplotype_once_and_beats_a_copy_per_entry(bench):
+    enc = bench[0]["encoder"]
+    assert enc["shared"]["encoded_sequences"] == enc["distinct_haplotype_rows"]
+    assert enc["per_entry"]["encoded_sequences"] == 2 * enc["entries"]
+    assert enc["per_entry"]["encoder_calls_per_entry"] == 2.0
+    assert enc["shared"]["encoder_calls_per_entry"] < enc["per_entry"]["encoder_calls_per_entry"]
+
+
+def test_cached_encoder_gives_the_network_its_own_predictions():
+    """run_network's promoter cache (one CNN pass per unique row, kept across batches) changes no prediction."""
+    import pyarrow as pa
+
+    from engine import schema as S
+    from engine.model.features import featurize, to_tensors
+    from engine.train import PromoterEncoderCache, TrainedNetwork, run_network
+
+    torch.manual_seed(0)
+    spec = NetworkSpec(n_tissues=3, promoter_length=40, d_model=8, n_heads=2, n_layers=1, cnn_channels=8,
+                       cnn_kernel=5, cnn_layers=2)
+    net = HybridNet(spec).eval()
+    network = TrainedNetwork(spec, FeatureSpec(k_neighbours=4, n_tissues=3, promoter_length=40),
+                             net.state_dict(), {})
+    rng = np.random.default_rng(0)
+    table = np.eye(4, dtype=np.uint8)[rng.integers(0, 4, size=(5, 40))].transpose(0, 2, 1).copy()  # (5, 4, 40)
+    n = 50
+    empty = pa.array([[]] * n, pa.list_(pa.float32()))
+    columns = {name: pa.nulls(n, field.type) for name, field in zip(S.CONTEXT.names, S.CONTEXT, strict=True)}
+    columns.update({
+        "gene_index": pa.array(rng.integers(0, 6, n).astype(np.int32)),
+        "sample_index": pa.array(rng.integers(0, 4, n).astype(np.int32)),
+        "tissue_index": pa.array(rng.integers(0, 3, n).astype(np.int16)),
+        "tissue_mean": pa.array(rng.normal(size=n).astype(np.float32)),
+        "gene_mean": pa.array(rng.normal(size=n).astype(np.float32)),
+        "tissue_offset": pa.array(np.zeros(n, np.float32)),
+        "nb_value": empty, "nb_logdist": empty, "nb_gene_mean": empty, "tis_value": empty, "tis_corr": empty,
+        "tis_mean": empty, "nb_orient": pa.array([[]] * n, pa.list_(pa.int8())),
+        "nb_overlap": pa.array([[]] * n, pa.list_(pa.bool_())), "tis_index": pa.array([[]] * n, pa.list_(pa.int16())),
+    })
+    records = pa.table(columns)
+    # genes 0-4 read rows 0-4, gene 5 has none; donor 1's gene 2 carries rows (3, 4)
+    lookup = PromoterLookup(np.array([0, 1, 2, 3, 4, -1]), np.array([0, 1, 0, 1]), np.array([2 * 2 + 1]),
+                            np.array([[3, 4]]), 2)
+    batch = featurize(records, network.features, lookup.for_records(records))
+    with torch.no_grad():
+        direct, direct_emb = net(to_tensors(batch), torch.as_tensor(table))
+    cached, cached_emb = run_network(network, records, table, lookup, batch_size=7)
+    np.testing.assert_allclose(cached, network.features.unstandardise(direct.numpy()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached_emb, direct_emb.numpy(), rtol=1e-5, atol=1e-6)
+    cache = network._inference[0].promoter_cnn
+    assert isinstance(cache, PromoterEncoderCache)
+    used = int((np.unique(np.concatenate(lookup.for_records(records))) >= 0).sum())
+    assert cache.encoded == used  # each row the records read, once
+    run_network(network, records, table, lookup)
+    assert cache.encoded == used  # the same table again: nothing re-encoded
