@@ -572,6 +572,7 @@ def plot_bench(bench: dict, path: Path) -> None:
     ax.bar(labels, [enc["shared"]["encoder_calls_per_entry"], enc["per_entry"]["encoder_calls_per_entry"]],
            color=["tab:green", "tab:red"])
     ax.set_ylabel("promoter-CNN sequences per entry")
+    ax.set_ylim(0, 1.3 * max(enc["shared"]["encoder_calls_per_entry"], enc["per_entry"]["encoder_calls_per_entry"]))
     ax.set_title(f"promoter encoder: {enc['entries']:,} entries, speed-up x{enc['speedup']}")
     for i, key in enumerate(("shared", "per_entry")):
         ax.text(i, enc[key]["encoder_calls_per_entry"], f"{enc[key]['encoder_calls_per_entry']:.3f}\n"

@@ -425,7 +425,7 @@ def run_network(
 
     Records are featurised ``chunk`` rows at a time and go through the network ``batch_size`` rows at a time:
     small batches keep the attention's activations in the CPU's cache and let each batch drop the padded slots
-    that none of its rows uses (on the 2-core development machine 512 rows ran 1.7x faster per entry than 4096,
+    that none of its rows uses (on the 2-core development machine 512 rows ran 2.3x faster per entry than 4096,
     docs/benchmarks.md). The network is built once per process and each unique promoter haplotype is encoded once
     (:meth:`TrainedNetwork.inference`).
     """

@@ -25,6 +25,7 @@ TINY = [
     "train.cpus_per_worker=0.5",
     "head.num_boost_round=10",
     "head.cpus_per_worker=0.5",
+    "impute.predictors=1",  # one predictor actor to start per imputation run
 ]
 
 
