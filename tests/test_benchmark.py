@@ -9,22 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_NETWORK
 
 from engine.cli import main
 from engine.model.features import FeatureSpec, PromoterLookup
 from engine.model.network import HybridNet, NetworkSpec
 
 TINY = [
-    "model.d_model=8",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.cnn_channels=8",
-    "model.cnn_layers=2",
+    *TINY_NETWORK,
     "train.batch_size=32",
     "train.fold_fraction=0.3",
-    "train.cpus_per_worker=0.5",
     "head.num_boost_round=10",
-    "head.cpus_per_worker=0.5",
     "impute.predictors=1",  # one predictor actor to start per imputation run
 ]
 

@@ -26,8 +26,9 @@ import pandas as pd
 import psutil
 import pyarrow.dataset as pads
 import pytest
-from test_impute import TINY, assert_keys_unique, expected_missing, gtex_named_copy, read_output
+from test_impute import assert_keys_unique, expected_missing, gtex_named_copy, read_output
 from test_nightly import donor_vcf, make_config, read_all
+from tiny import TINY
 
 from engine.config import load_config
 from engine.impute import OutputError, impute

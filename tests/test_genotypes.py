@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny import TINY_NETWORK
 
 from engine.baselines import ElasticNetBaseline
 from engine.cli import main as cli
@@ -20,18 +21,7 @@ from engine.model.features import PromoterLookup
 from engine.problem import hide, make_problem
 from engine.synth import SynthSpec, generate
 
-TINY = [
-    "model.d_model=8",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.cnn_channels=8",
-    "model.cnn_layers=2",
-    "train.batch_size=128",
-    "train.epochs=3",
-    "train.cpus_per_worker=0.5",
-    "head.num_boost_round=60",
-    "head.cpus_per_worker=0.5",
-]
+TINY = [*TINY_NETWORK, "train.batch_size=128", "train.epochs=3", "head.num_boost_round=60"]
 GENOTYPE_TASK = [
     "evaluation.task=samples",
     "evaluation.whole_donors=true",

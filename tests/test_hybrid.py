@@ -8,6 +8,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny import TINY
 
 from engine.bundle import load_bundle, save_bundle
 from engine.config import load_config
@@ -15,20 +16,6 @@ from engine.hybrid import fit_hybrid_head, train_hybrid_network
 from engine.model.network import HybridNet
 from engine.prepare import prepare, read_problem_index
 from engine.train import latest_checkpoint
-
-TINY = [
-    "model.d_model=8",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.cnn_channels=8",
-    "model.cnn_layers=2",
-    "train.batch_size=64",
-    "train.epochs=2",
-    "train.cpus_per_worker=0.5",
-    "head.num_boost_round=30",
-    "head.cpus_per_worker=0.5",
-    "evaluation.task=entries",
-]
 
 
 @pytest.fixture(scope="module")

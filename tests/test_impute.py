@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from tiny import TINY
 
 from engine import schema as S
 from engine.config import load_config
@@ -23,19 +24,6 @@ from engine.problem import VisibleProblem
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "model.d_model=8",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.cnn_channels=8",
-    "model.cnn_layers=2",
-    "train.batch_size=64",
-    "train.epochs=2",
-    "train.cpus_per_worker=0.5",
-    "head.num_boost_round=30",
-    "head.cpus_per_worker=0.5",
-    "evaluation.task=entries",
-]
 
 #: tissue names as GTEx writes them: spaces, dashes and brackets must survive the hive partition folder names
 TISSUE_NAMES = {

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import TINY as TINY_BASE
 
 from engine.errors import GeximputeError
 from engine.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir
@@ -32,19 +33,7 @@ from engine.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stag
 BIN = Path(sys.executable).parent
 GEXIMPUTE = str(BIN / "geximpute")
 #: a few minutes of work on 2 cores: tiny network, few boosting rounds, the entries task
-TINY = [
-    "model.d_model=8",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.cnn_channels=8",
-    "model.cnn_layers=2",
-    "train.batch_size=64",
-    "train.epochs=1",
-    "train.cpus_per_worker=0.5",
-    "head.num_boost_round=10",
-    "head.cpus_per_worker=0.5",
-    "evaluation.task=entries",
-]
+TINY = [*TINY_BASE, "train.epochs=1", "head.num_boost_round=10"]
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 
