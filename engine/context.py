@@ -22,12 +22,15 @@ class ContextIndex:
     Args:
         problem: the visible problem.
         genetic_shrinkage: ridge penalty of the cis-genetic scores (``context.genetic_shrinkage``).
+        genetic: (G, D) cis-genetic scores of ``problem`` already fitted (:func:`engine.genomes.genetic_scores`);
+            fitted here from ``problem`` when it has genomes and this is None.
     """
 
-    def __init__(self, problem: VisibleProblem, genetic_shrinkage: float | None = None) -> None:
+    def __init__(self, problem: VisibleProblem, genetic_shrinkage: float | None = None,
+                 genetic: np.ndarray | None = None) -> None:
         self.problem = problem
-        self.genetic = None
-        if problem.genomes is not None:
+        self.genetic = genetic
+        if genetic is None and problem.genomes is not None:
             from engine.genomes import genetic_scores
 
             self.genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index,

@@ -51,15 +51,10 @@ class DonorGenomes:
     dosage: np.ndarray
     report: dict
 
-    @property
-    def n_personal(self) -> int:
-        """(gene, donor) pairs with at least one haplotype that differs from the reference."""
-        ref = self.reference_row[:, None, None]
-        return int(np.any(self.rows != ref, axis=2).sum())
-
-    def gene_sites(self, g: int) -> np.ndarray:
-        """Positions (into ``site_index``/``dosage``) of the promoter sites of gene ``g``."""
-        return np.arange(self.site_ptr[g], self.site_ptr[g + 1])
+    def personal_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gene, donor) indices, in row-major order, of the pairs whose haplotypes differ from the reference."""
+        differs = np.any(self.rows != self.reference_row[:, None, None], axis=2) & (self.rows >= 0).all(axis=2)
+        return np.nonzero(differs)
 
 
 def window_bounds(tss: np.ndarray, strand: np.ndarray, upstream: int, downstream: int) -> tuple[np.ndarray, ...]:
@@ -142,7 +137,7 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     )
     log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d promoter-site links; "
              "%d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
-             len(genomes.sequences), len(index), genomes.n_personal)
+             len(genomes.sequences), len(index), len(genomes.personal_pairs()[0]))
     return genomes
 
 

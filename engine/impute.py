@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config, ExpressionConfig
 from engine.errors import ConfigError, GeximputeError
-from engine.prepare import ContextBuilder, sample_blocks
+from engine.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
 from engine.problem import VisibleProblem
 
 log = logging.getLogger(__name__)
@@ -181,15 +181,14 @@ def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndar
         (one-hot table (P, 4, L) of every reference window and donor haplotype, the
         :class:`~engine.model.features.PromoterLookup` of the problem's samples), as ``Bundle.predict`` takes them.
     """
-    genomes = getattr(problem, "genomes", None)
+    genomes = problem.genomes
     if genomes is None:
         return None
     from engine.model.features import PromoterLookup, one_hot_promoters
 
     reference = np.asarray(genomes.reference_row, np.int64)
     rows = np.asarray(genomes.rows, np.int64)  # (G, D, 2)
-    differs = np.any(rows != reference[:, None, None], axis=2) & (rows >= 0).all(axis=2)
-    gene, donor = np.nonzero(differs)  # row-major: the keys come out sorted
+    gene, donor = genomes.personal_pairs()  # row-major: the keys come out sorted
     n_donors = rows.shape[1]
     table = one_hot_promoters(list(genomes.sequences), length)
     lookup = PromoterLookup(reference, np.asarray(problem.donor_index, np.int64), gene * n_donors + donor,
@@ -323,11 +322,7 @@ def run_pipeline(
 
     blocks = sample_blocks(targets, BLOCK_ENTRIES)
     cpus = config.ray.cpus_per_task
-    refs = (ray.put(problem), ray.put((targets, np.zeros_like(targets))), None)
-    context_kwargs: dict[str, Any] = {"refs": refs, "k": config.context.k_neighbours,
-                                      "max_distance": config.context.max_distance}
-    if getattr(config.context, "genetic_shrinkage", None) is not None:  # genotype-aware context (issue 5)
-        context_kwargs["genetic_shrinkage"] = config.context.genetic_shrinkage
+    context_kwargs = context_builder_kwargs(config, problem, targets, np.zeros_like(targets))
     n_gpus = gpus_to_use(config)
     n_actors = n_gpus or min(config.impute.predictors, max(1, len(blocks)))
     resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}

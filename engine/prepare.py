@@ -108,8 +108,7 @@ def personal_promoter_tables(problem: VisibleProblem, promoters: pa.Table) -> tu
                           "padded": [q.count("N") for _, q in extra]}, schema=S.PROMOTERS)
         promoters = pa.concat_tables([promoters, added])
     ids = np.asarray(genomes.promoter_ids, dtype=object)
-    differs = np.any(genomes.rows != genomes.reference_row[:, None, None], axis=2) & (genomes.rows >= 0).all(axis=2)
-    g, d = np.nonzero(differs)
+    g, d = genomes.personal_pairs()
     donor_promoters = pa.table({
         S.GENE_ID: pa.array(problem.gene_ids[g], pa.string()),
         S.DONOR_ID: pa.array(np.asarray(problem.donors, dtype=object)[d], pa.string()),
@@ -136,15 +135,16 @@ def sample_blocks(targets: np.ndarray, block_entries: int = BLOCK_ENTRIES) -> li
 class ContextBuilder:
     """Ray Data actor: builds the context records of a block of samples.
 
-    The problem and the target masks arrive as object references and are fetched once per actor (numpy arrays
-    in the object store are read without a copy).
+    The problem, the target masks and the cis-genetic scores arrive as object references and are fetched once per
+    actor (numpy arrays in the object store are read without a copy); :func:`context_builder_kwargs` makes them.
     """
 
-    def __init__(self, refs: tuple, k: int, max_distance: int | None, genetic_shrinkage: float | None = None) -> None:
+    def __init__(self, refs: tuple, k: int, max_distance: int | None) -> None:
         import ray
 
-        problem_ref, masks_ref, labels_ref = refs
-        self.index = ContextIndex(ray.get(problem_ref), genetic_shrinkage)
+        problem_ref, masks_ref, labels_ref, genetic_ref = refs
+        genetic = ray.get(genetic_ref) if genetic_ref is not None else None
+        self.index = ContextIndex(ray.get(problem_ref), genetic=genetic)
         self.targets, self.hidden = ray.get(masks_ref)
         self.labels = ray.get(labels_ref) if labels_ref is not None else None
         self.k, self.max_distance = k, max_distance
@@ -163,6 +163,31 @@ class ContextBuilder:
                 table = table.set_column(table.schema.get_field_index("target"), "target", label)
             tables.append(table)
         return pa.concat_tables(tables)
+
+
+def context_builder_kwargs(
+    config: Config,
+    problem: VisibleProblem,
+    targets: np.ndarray,
+    hidden: np.ndarray,
+    labels: np.ndarray | None = None,
+) -> dict:
+    """The constructor arguments of :class:`ContextBuilder` for the ``targets`` entries of ``problem``.
+
+    The problem's cis-genetic scores are fitted here, once, rather than in every actor that builds records. The
+    references travel inside a tuple so that the actors fetch them themselves, once each.
+    """
+    import ray
+
+    genetic = None
+    if problem.genomes is not None:
+        from engine.genomes import genetic_scores
+
+        genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
+                                    len(problem.tissues), config.context.genetic_shrinkage)
+    refs = (ray.put(problem), ray.put((targets, hidden)), None if labels is None else ray.put(labels),
+            None if genetic is None else ray.put(genetic))
+    return {"refs": refs, "k": config.context.k_neighbours, "max_distance": config.context.max_distance}
 
 
 def write_records(
@@ -188,13 +213,9 @@ def write_records(
     import ray
 
     blocks = sample_blocks(targets)
-    refs = (ray.put(problem), ray.put((targets, hidden)), None if labels is None else ray.put(labels))
     records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
         ContextBuilder,
-        # the references travel inside a tuple so that the actors fetch them themselves, once each
-        fn_constructor_kwargs={"refs": refs, "k": config.context.k_neighbours,
-                               "max_distance": config.context.max_distance,
-                               "genetic_shrinkage": config.context.genetic_shrinkage},
+        fn_constructor_kwargs=context_builder_kwargs(config, problem, targets, hidden, labels),
         batch_size=1,
         batch_format="numpy",
         num_cpus=config.ray.cpus_per_task,

@@ -28,12 +28,11 @@ from engine.model.features import PromoterLookup, one_hot_promoters
 log = logging.getLogger(__name__)
 
 
-def _population_records(problem, gene: np.ndarray, tissue: np.ndarray, genetic: np.ndarray) -> pa.Table:
+def _population_records(index, gene: np.ndarray, tissue: np.ndarray, genetic: np.ndarray) -> pa.Table:
     """Context records of (gene, tissue) pairs for a donor known only by its genome: no neighbour, no other tissue,
-    the gene's visible levels across donors, and the given cis-genetic score."""
-    from engine.context import ContextIndex
-
-    index = ContextIndex(problem)
+    the gene's visible levels across donors (from ``index``, a :class:`engine.context.ContextIndex`), and the given
+    cis-genetic score."""
+    problem = index.problem
     n = len(gene)
     with np.errstate(invalid="ignore", divide="ignore"):
         tissue_mean = np.where(index.tissue_n[gene, tissue] > 0,
@@ -88,6 +87,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
         ConfigError: no variants or no genome configured.
     """
     from engine.bundle import load_bundle
+    from engine.context import ContextIndex
     from engine.dataset import load_dataset
     from engine.genomes import genetic_scores
     from engine.haplotypes import edit_window, is_sequence_allele
@@ -102,8 +102,9 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     problem, _ = make_problem(dataset, hidden_mask=False)
     genomes = problem.genomes
     assert genomes is not None  # variants configured
-    _, effects = genetic_scores(genomes, problem.values, problem.tissue_index, problem.donor_index,
-                                len(problem.tissues), config.context.genetic_shrinkage)
+    scores, effects = genetic_scores(genomes, problem.values, problem.tissue_index, problem.donor_index,
+                                     len(problem.tissues), config.context.genetic_shrinkage)
+    index = ContextIndex(problem, genetic=scores)  # the gene's levels across donors, scores fitted once
     sites = dataset.variants.sites
     p = config.promoter
     genome = dataset.genome
@@ -156,7 +157,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
         # every record is its own donor, homozygous for its promoter
         lookup = PromoterLookup(np.full(problem.n_genes, -1, np.int64), np.arange(n, dtype=np.int64),
                                 gene * n + np.arange(n), np.stack([hap, hap], axis=1), n)
-        records = _population_records(problem, gene, tissue, score)
+        records = _population_records(index, gene, tissue, score)
         predicted[allele], _, _ = bundle.predict(records, problem.gene_ids, promoters=(table, lookup))
 
     site = np.repeat(np.asarray(rows["site"], dtype=np.int64), n_t)
