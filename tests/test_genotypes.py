@@ -145,6 +145,7 @@ def evaluated(ray_local, eqtl_data, tmp_path_factory) -> tuple[dict, Path, Path]
     return json.loads((out / "eval" / "metrics.json").read_text()), out, config
 
 
+@pytest.mark.slow  # two hybrids and an elastic net: a few minutes on 2 cores (`bash scripts/test.sh -m slow`)
 def test_planted_eqtls_genotype_hybrid_against_reference_elastic_net_and_ceiling(evaluated):
     metrics, _, _ = evaluated
     genetic = metrics["genetic"]
@@ -160,6 +161,7 @@ def test_planted_eqtls_genotype_hybrid_against_reference_elastic_net_and_ceiling
     assert "hybrid_reference" in metrics["methods"] and "elastic_net" in metrics["methods"]
 
 
+@pytest.mark.slow  # trains on the evaluation's records: runs with the test above
 def test_variant_effects_follow_the_planted_eqtls(evaluated, tmp_path):
     _, out, config = evaluated
     records = out / "eval" / "records"
