@@ -1,4 +1,4 @@
-"""Benchmark of :func:`engine.haplotypes.build_haplotypes` on the real 1000 Genomes subset.
+"""Benchmark of :func:`engine.science.haplotypes.build_haplotypes` on the real 1000 Genomes subset.
 
 Reads the real hg38 pieces, the 1000 Genomes phase 3 chr17 subset (139 sites x 1,126 people) and the genes of an
 annotation whose whole promoter window lies in the sequence, then builds every donor's two promoter haplotypes.
@@ -36,11 +36,11 @@ def main() -> None:
 
     from engine import schema as S
     from engine.config import PromoterConfig
-    from engine.dataset import promoter_coverage
-    from engine.haplotypes import build_haplotypes
+    from engine.io.dataset import promoter_coverage
     from engine.io.fasta import Genome
     from engine.io.genes import read_genes
     from engine.io.variants import read_variants
+    from engine.science.haplotypes import build_haplotypes
 
     promoter = PromoterConfig(upstream=args.upstream, downstream=args.downstream)
     with Genome(args.data / FASTA) as genome:

@@ -1,6 +1,6 @@
 """Benchmark of ``geximpute impute``: entries per second end to end into Parquet, and peak memory.
 
-Generates a synthetic dataset (``engine.synth.generate``) and trains a bundle on it with minimal training (neither
+Generates a synthetic dataset (``engine.apps.synth.generate``) and trains a bundle on it with minimal training (neither
 is timed: imputation throughput depends on the model's size, not on how well it was trained; the network has the
 default size of ``model``), then runs ``impute`` on a local single-node Ray: every missing entry, whole missing
 donor-tissue profiles included, from context records through the predictor actors into Parquet and the atomic
@@ -67,10 +67,10 @@ def build_bundle(config_path: Path, work: Path, overrides: list[str]) -> Path:
     """prepare (training folds) -> train (1 epoch, few examples) -> fit-head -> bundle."""
     import pyarrow.parquet as pq
 
-    from engine.bundle import save_bundle
     from engine.config import load_config
-    from engine.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.prepare import prepare, read_problem_index
+    from engine.fit.bundle import save_bundle
+    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.steps.prepare import prepare, read_problem_index
 
     config = load_config(config_path, [f"output_dir={work}", *overrides])
     records = work / "records"
@@ -99,9 +99,9 @@ def main() -> None:
     import pyarrow.dataset as pads
     import ray
 
+    from engine.apps.synth import SynthSpec, generate
     from engine.config import load_config
-    from engine.impute import impute
-    from engine.synth import SynthSpec, generate
+    from engine.steps.impute import impute
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-impute-"))
     data = work / "data"

@@ -162,7 +162,7 @@ class EvaluationConfig:
             set stays fixed).
         fraction: fraction of entries, genes or samples hidden.
         methods: the methods scored, all on exactly the same hidden entries; ``hybrid`` trains the network and
-            the head on training folds (see :mod:`engine.folds`).
+            the head on training folds (see :mod:`engine.science.folds`).
         ablations: with ``hybrid``, also score ``cnn_only``, ``transformer_only`` and ``xgb_features_only``.
         min_donors: fewest hidden donors of a (gene, tissue) for its across-donor Pearson to count.
         whole_donors: with task ``samples``, hide whole donors (``fraction`` of the donors) instead of samples.
@@ -200,7 +200,7 @@ class ContextConfig:
         k_neighbours: nearest genes on the same chromosome, with a visible value in the same sample.
         max_distance: neighbours farther than this (bp, TSS to TSS) are left out; ``None``: no limit.
         genetic_shrinkage: ridge penalty of the per-gene cis-genetic score on promoter-variant dosages
-            (:func:`engine.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
+            (:func:`engine.science.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
             needs before it moves far from 0. ``null`` (default): chosen per gene by leave-one-donor-out error.
     """
 
@@ -283,7 +283,7 @@ class TrainConfig:
         patience: epochs without improvement before stopping.
         lr, weight_decay: AdamW settings.
         folds, fold_fraction: inner folds of re-hidden visible entries that make the training examples
-            (see :mod:`engine.folds`).
+            (see :mod:`engine.science.folds`).
         drop_neighbours, drop_tissues, drop_gene: denoising: per example, the chance that the whole neighbour
             group, tissue group or gene-level means are hidden from the network.
         max_failures: worker failures survived by resuming from the last checkpoint.
@@ -399,7 +399,7 @@ def _resolve_path(path: str | None, base: Path) -> str | None:
 
 @dataclass(frozen=True)
 class ImputeConfig:
-    """Batch imputation (``geximpute impute``, see :mod:`engine.impute`).
+    """Batch imputation (``geximpute impute``, see :mod:`engine.steps.impute`).
 
     Attributes:
         donors: donors whose missing entries are imputed (empty: every donor of the data).
@@ -439,7 +439,7 @@ class ImputeConfig:
 
 @dataclass(frozen=True)
 class NightlyConfig:
-    """Nightly imputation of new genomes (``geximpute nightly``, see :mod:`engine.nightly`).
+    """Nightly imputation of new genomes (``geximpute nightly``, see :mod:`engine.steps.nightly`).
 
     Attributes:
         inbox: folder of new genomes: one ``<donor>.vcf``/``.vcf.gz``/``.bcf`` per donor, optionally with

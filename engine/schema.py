@@ -150,7 +150,7 @@ CONTEXT = pa.schema(
         pa.field("tissue_mean", pa.float32()),  # the gene in the target tissue, mean over other donors
         pa.field("gene_mean", pa.float32()),  # the gene over every other visible sample
         pa.field("tissue_offset", pa.float32(), nullable=False),  # the target tissue's mean deviation from genes
-        # the donor's cis-genetic score for the gene (engine.genomes.genetic_scores, fitted on visible values of
+        # the donor's cis-genetic score for the gene (engine.science.genomes.genetic_scores, fitted on visible values of
         # other donors); null without personal genomes, for donors without a genome and genes without variants
         pa.field("genetic_score", pa.float32()),
     ]

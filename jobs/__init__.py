@@ -1,6 +1,6 @@
 """Entry points for running geximpute's steps as Ray jobs: ``python -m jobs.NAME --config FILE [--set k=v ...]``.
 
-Each module is a thin ``main()`` over the ``geximpute`` command line (:mod:`engine.cli`): it takes the config and
+Each module is a thin ``main()`` over the ``geximpute`` command line (:mod:`engine.apps.cli`): it takes the config and
 its overrides, runs one step (``pipeline`` runs them in order) and returns the step's exit status. The same command
 runs on a laptop (a local Ray starts in the process), as a Ray job (``geximpute submit``, ``ray job submit``), on a
 cluster launched with ``ray up`` and in a KubeRay ``RayJob``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from engine import cli
+from engine.apps import cli
 from jobs import step_args
 
 

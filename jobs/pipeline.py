@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from engine import cli
+from engine.apps import cli
 from jobs import step_args
 
 #: the ``geximpute`` subcommands the pipeline runs, in order

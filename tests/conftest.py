@@ -51,7 +51,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A small synthetic dataset (with its config.yaml), written once per session."""
-    from engine.synth import SynthSpec, generate
+    from engine.apps.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, SynthSpec(seed=3, n_genes=120, n_donors=24, n_tissues=4))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from engine.apps.cli import main
 from engine.config import load_config
-from engine.dataset import load_dataset
 from engine.errors import InputError
+from engine.io.dataset import load_dataset
 
 FASTA = ">chr1\n" + "ACGT" * 250 + "\n>chr2\n" + "GATTACA" * 100 + "\n"
 GENES = "gene_id\tchrom\ttss\tstrand\nENSG01\tchr1\t300\t+\nENSG02\tchr1\t600\t-\nENSG03\tchr2\t200\t+\n"
@@ -170,7 +170,7 @@ def test_bad_strand(toy, capsys):
 def test_cli_exit_code_is_non_zero_in_a_real_process(toy):
     (toy / "expr.gct").write_text(GCT.replace("\t7\t", "\tseven\t"))
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "inspect", "--config", str(toy / "config.yaml")],
+        [sys.executable, "-m", "engine.apps.cli", "inspect", "--config", str(toy / "config.yaml")],
         capture_output=True,
         text=True,
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import TINY_NETWORK
 
-from engine.cli import main
+from engine.apps.cli import main
 from engine.model.features import FeatureSpec, PromoterLookup
 from engine.model.network import HybridNet, NetworkSpec
 
@@ -70,8 +70,8 @@ def test_cached_encoder_gives_the_network_its_own_predictions():
     import pyarrow as pa
 
     from engine import schema as S
+    from engine.fit.train import PromoterEncoderCache, TrainedNetwork, run_network
     from engine.model.features import featurize, to_tensors
-    from engine.train import PromoterEncoderCache, TrainedNetwork, run_network
 
     torch.manual_seed(0)
     spec = NetworkSpec(n_tissues=3, promoter_length=40, d_model=8, n_heads=2, n_layers=1, cnn_channels=8,

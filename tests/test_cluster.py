@@ -220,7 +220,7 @@ def test_token_authentication_stays_on_and_no_token_is_written_down():
 @pytest.fixture
 def calls(monkeypatch):
     """Record every ``geximpute`` command a job runs; ``fail`` names the subcommands that exit with status 2."""
-    from engine import cli
+    from engine.apps import cli
 
     seen: list[list[str]] = []
     fail: set[str] = set()

@@ -7,14 +7,14 @@ import pyarrow as pa
 import pytest
 
 from engine import schema as S
-from engine.baselines import (
+from engine.science.baselines import (
     DistanceBaseline,
     MatrixCompletionBaseline,
     RowTissueBaseline,
     TissueDonorBaseline,
 )
-from engine.context import ContextIndex, build_context
-from engine.problem import VisibleProblem
+from engine.science.context import ContextIndex, build_context
+from engine.science.problem import VisibleProblem
 
 NAN = np.nan
 
@@ -182,7 +182,7 @@ def test_matrix_completion_recovers_a_low_rank_matrix():
 
 
 def test_metrics_leave_undefined_correlations_out():
-    from engine.metrics import score
+    from engine.science.metrics import score
 
     observed = np.array([1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5])
     constant_per_group = np.array([0.1 + 0.2] * 4 + [2.0] * 4)  # one value per (gene, tissue): no across-donor r

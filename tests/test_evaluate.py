@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from engine.baselines import make_methods
 from engine.config import load_config
-from engine.context import ContextIndex, build_context
-from engine.dataset import load_dataset
-from engine.evaluate import evaluate
-from engine.prepare import prepare, target_masks
-from engine.problem import make_problem
+from engine.io.dataset import load_dataset
+from engine.science.baselines import make_methods
+from engine.science.context import ContextIndex, build_context
+from engine.science.problem import make_problem
+from engine.steps.evaluate import evaluate
+from engine.steps.prepare import prepare, target_masks
 
 TASKS = ("entries", "genes", "samples")
 
@@ -55,7 +55,7 @@ def features_and_predictions(dataset):
     hidden_records = records.filter(records["hidden"])
     methods, _ = make_methods(dataset.config.evaluation.methods, dataset.config.baselines, len(problem.donors))
     # the hybrid's training examples: folds re-hidden from the visible problem, labelled with visible values
-    from engine.folds import fold_problem, training_folds
+    from engine.science.folds import fold_problem, training_folds
 
     for inner in training_folds(problem, dataset.config.evaluation.task, 2, 0.25, seed=0):
         fi, fs = np.nonzero(inner)
@@ -75,7 +75,7 @@ def test_no_hidden_value_reaches_any_feature_or_prediction(synth_small, task):
     records, preds, truth = features_and_predictions(dataset)
 
     # change every hidden value (in the raw input matrix) and build everything again
-    from engine.problem import model_matrix
+    from engine.science.problem import model_matrix
 
     _, rows = model_matrix(dataset)
     expr_row = {g: i for i, g in enumerate(dataset.expression.gene_ids)}

@@ -31,8 +31,8 @@ from test_nightly import donor_vcf, make_config, read_all
 from tiny import TINY
 
 from engine.config import load_config
-from engine.impute import OutputError, impute
-from engine.nightly import ledger_path, lock_path, nightly, output_root
+from engine.steps.impute import OutputError, impute
+from engine.steps.nightly import ledger_path, lock_path, nightly, output_root
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -97,9 +97,9 @@ def killed_training(ray_local, data, tmp_path_factory):
     """Train with the worker killed after its first checkpoint, fit the head and write the bundle."""
     import pyarrow.parquet as pq
 
-    from engine.bundle import save_bundle
-    from engine.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.prepare import prepare, read_problem_index
+    from engine.fit.bundle import save_bundle
+    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.steps.prepare import prepare, read_problem_index
 
     work = tmp_path_factory.mktemp("faults-model")
     # few examples per epoch: the epochs are short, the worker is killed in the second one
@@ -131,7 +131,7 @@ def _fingerprint(folder: Path) -> dict[str, int]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", "-q", *args]
+    return [sys.executable, "-m", "engine.apps.cli", "-q", *args]
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:
@@ -275,7 +275,7 @@ def test_unwritable_output_folder_is_a_clear_error(killed_training, previous, tm
 
 
 def test_disk_full_while_writing_commits_nothing(killed_training, previous, monkeypatch):
-    import engine.impute as impute_module
+    import engine.steps.impute as impute_module
 
     _, _, bundle = killed_training
     config, result = previous

@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from tiny import TINY_NETWORK
 
-from engine.baselines import ElasticNetBaseline
-from engine.cli import main as cli
+from engine.apps.cli import main as cli
+from engine.apps.synth import SynthSpec, generate
 from engine.config import EvaluationConfig, load_config
-from engine.dataset import load_dataset
-from engine.folds import training_folds
-from engine.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds
+from engine.io.dataset import load_dataset
 from engine.model.features import PromoterLookup
-from engine.problem import hide, make_problem
-from engine.synth import SynthSpec, generate
+from engine.science.baselines import ElasticNetBaseline
+from engine.science.folds import training_folds
+from engine.science.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds
+from engine.science.problem import hide, make_problem
 
 TINY = [*TINY_NETWORK, "train.batch_size=128", "train.epochs=3", "head.num_boost_round=60"]
 GENOTYPE_TASK = [

@@ -10,12 +10,12 @@ import pytest
 import torch
 from tiny import TINY
 
-from engine.bundle import load_bundle, save_bundle
 from engine.config import load_config
-from engine.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.fit.bundle import load_bundle, save_bundle
+from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.fit.train import latest_checkpoint
 from engine.model.network import HybridNet
-from engine.prepare import prepare, read_problem_index
-from engine.train import latest_checkpoint
+from engine.steps.prepare import prepare, read_problem_index
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_resume_from_checkpoint(prepared, tmp_path):
     checkpoint = latest_checkpoint(tmp_path, "first")
     assert checkpoint is not None
 
-    from engine.hybrid import split_folds
-    from engine.train import fold_dirs, train_network
+    from engine.fit.hybrid import split_folds
+    from engine.fit.train import fold_dirs, train_network
 
     three = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=3",
                                                 "train.patience=5"])

@@ -19,8 +19,8 @@ from tiny import TINY
 from engine import schema as S
 from engine.config import load_config
 from engine.errors import ConfigError
-from engine.impute import add_missing_profiles, impute, target_mask
-from engine.problem import VisibleProblem
+from engine.science.problem import VisibleProblem
+from engine.steps.impute import add_missing_profiles, impute, target_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,9 +45,9 @@ def gtex_named_copy(src: Path, dst: Path) -> Path:
 
 def build_bundle(config_path: Path, work: Path, overrides: tuple[str, ...] = ()) -> Path:
     """prepare (training folds) -> train -> fit-head -> bundle, with the TINY settings; returns the bundle folder."""
-    from engine.bundle import save_bundle
-    from engine.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.prepare import prepare, read_problem_index
+    from engine.fit.bundle import save_bundle
+    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.steps.prepare import prepare, read_problem_index
 
     config = load_config(config_path, [f"output_dir={work}", *TINY, *overrides])
     records = work / "records"
@@ -207,7 +207,7 @@ def test_rerun_replaces_with_the_same_rows(first_run, bundle):
 
 
 def test_selection_with_observed_entries_through_the_cli(first_run, data, bundle, tmp_path):
-    from engine.cli import main
+    from engine.apps.cli import main
 
     config, _ = first_run
     donor = "SYN-D0002"
@@ -233,6 +233,6 @@ def test_selection_with_observed_entries_through_the_cli(first_run, data, bundle
 
 
 def test_readme_shows_the_query_the_demo_runs():
-    from engine.demo import README_QUERY
+    from engine.apps.demo import README_QUERY
 
     assert README_QUERY.format(path="geximpute-demo/gtex-v8/predictions") in (REPO / "README.md").read_text()

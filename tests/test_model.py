@@ -277,8 +277,8 @@ def test_drop_groups_clears_whole_groups_per_row():
 
 def test_records_from_build_context_featurize_and_run():
     """The record builder and the featuriser agree on the schema (guards against drift between the two)."""
-    from engine.context import ContextIndex, build_context
-    from engine.problem import VisibleProblem
+    from engine.science.context import ContextIndex, build_context
+    from engine.science.problem import VisibleProblem
 
     rng = np.random.default_rng(11)
     n_genes, donors, tissues = 12, ["D0", "D1", "D2"], ["T0", "T1", "T2"]

@@ -15,7 +15,7 @@ import pytest
 from test_impute import TISSUE_NAMES, assert_keys_unique, build_bundle, gtex_named_copy
 
 from engine.config import load_config
-from engine.nightly import LockBusy, RunLock, ledger_path, lock_path, nightly, output_root, scan_inbox
+from engine.steps.nightly import LockBusy, RunLock, ledger_path, lock_path, nightly, output_root, scan_inbox
 
 
 def donor_vcf(src: Path, donor: str, name: str, out: Path) -> Path:

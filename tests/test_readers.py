@@ -233,7 +233,7 @@ def test_gtex_attribute_layout_derives_the_donor(write):
 
 def test_cli_help_lists_the_design_subcommands():
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "engine.apps.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for name in (
         "inspect",

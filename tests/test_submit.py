@@ -28,7 +28,7 @@ import yaml
 from tiny import TINY as TINY_BASE
 
 from engine.errors import GeximputeError
-from engine.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir
+from engine.runtime.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir
 
 BIN = Path(sys.executable).parent
 GEXIMPUTE = str(BIN / "geximpute")
@@ -191,7 +191,7 @@ def test_submission_without_the_token_is_refused(ray_head, tmp_path):
 def test_pipeline_job_on_a_real_cluster(ray_head, tmp_path):
     import pyarrow.dataset as pads
 
-    from engine.synth import SynthSpec, generate
+    from engine.apps.synth import SynthSpec, generate
 
     data = generate(tmp_path / "data", SynthSpec(seed=5, n_genes=48, n_donors=10, n_tissues=3))
     out = tmp_path / "out"
@@ -284,7 +284,7 @@ def test_every_step_has_a_job_module():
 
 
 def test_the_outcome_line_and_exit_status(capsys):
-    from engine.submit import JobResult, report
+    from engine.runtime.submit import JobResult, report
 
     assert report(JobResult("j1", "http://h:8265", "SUCCEEDED")) == 0
     assert report(JobResult("j2", "http://h:8265", "FAILED", "Job entrypoint command failed with exit code 2, "

@@ -9,7 +9,7 @@ Semantics:
 - **Window.** As :meth:`engine.io.fasta.Genome.window`: ``upstream`` bases 5' of the TSS, the TSS base and
   ``downstream - 1`` bases 3' of it, 5'->3' on the gene's strand (reverse complement on ``-``), soft-masking handled
   by ``promoter.soft_mask``, N beyond the chromosome's ends. A haplotype that carries only REF alleles gives the
-  very sequence (and so the promoter id) of :func:`engine.prepare.promoter_tables`; genes whose window lies wholly
+  very sequence (and so the promoter id) of :func:`engine.steps.prepare.promoter_tables`; genes whose window lies wholly
   off the chromosome get no window (row -1), as there.
 - **Alleles.** Allele index k of a site is its k-th ALT. Each (POS, REF, ALT) is first trimmed to the bases that
   change: the common prefix (the VCF padding base), then the common suffix, are dropped. The haplotype is the
@@ -73,7 +73,7 @@ _SOFT_TO_N = str.maketrans(string.ascii_lowercase, "N" * len(string.ascii_lowerc
 
 
 def promoter_id(sequence: str) -> str:
-    """The id of a promoter: the first 16 hex digits of its SHA-1, as in :func:`engine.prepare.promoter_tables`.
+    """The id of a promoter: the first 16 hex digits of its SHA-1, as in :func:`engine.steps.prepare.promoter_tables`.
 
     Args:
         sequence: the promoter, 5'->3'.
@@ -244,7 +244,7 @@ class PromoterHaplotypes:
     Attributes:
         sequences: P unique sequences, 5'->3' on the gene's strand, each ``promoter.length`` long: every gene's
             reference window and every donor haplotype.
-        promoter_ids: (P,) ``sha1(sequence)[:16]``, the ids of :func:`engine.prepare.promoter_tables`.
+        promoter_ids: (P,) ``sha1(sequence)[:16]``, the ids of :func:`engine.steps.prepare.promoter_tables`.
         gene_ids: (G,) object, the genes asked for, in the order given.
         reference_row: (G,) int64 row of each gene's reference window, -1 where the gene has no window (its
             chromosome is not in the FASTA or its window lies wholly off it).

@@ -30,7 +30,7 @@ from engine.errors import GeximputeError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 #: small settings that keep the whole demo within minutes on 2 cores
@@ -67,9 +67,9 @@ class DemoPart:
 
 def _train_bundle(config: Config, part: DemoPart, dataset) -> tuple[Path, object]:
     """prepare (training folds) -> train -> fit-head -> bundle, timed into ``part.seconds``."""
-    from engine.bundle import save_bundle
-    from engine.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.prepare import prepare
+    from engine.fit.bundle import save_bundle
+    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.steps.prepare import prepare
 
     out = Path(config.output_dir)
     t = time.perf_counter()
@@ -92,11 +92,11 @@ def _train_bundle(config: Config, part: DemoPart, dataset) -> tuple[Path, object
 
 def _medians(out: Path, seed: int) -> tuple[DemoPart, dict]:
     """Hidden genes of the medians: train without them, impute them, score them."""
-    from engine.baselines import make_methods
-    from engine.dataset import load_dataset
-    from engine.evaluate import hidden_values, read_records
-    from engine.impute import impute
-    from engine.metrics import score
+    from engine.io.dataset import load_dataset
+    from engine.science.baselines import make_methods
+    from engine.science.metrics import score
+    from engine.steps.evaluate import hidden_values, read_records
+    from engine.steps.impute import impute
 
     config = load_config(CONFIGS / "gtex-medians.yaml", [*DEMO_SETTINGS, f"output_dir={out / 'gtex-medians'}",
                                                          "evaluation.task=genes", f"seed={seed}"])
@@ -146,8 +146,8 @@ def _medians(out: Path, seed: int) -> tuple[DemoPart, dict]:
 
 def _v8(out: Path, seed: int) -> tuple[DemoPart, dict]:
     """Missing donor-tissue profiles of the v8 sample-level data."""
-    from engine.dataset import load_dataset
-    from engine.impute import impute
+    from engine.io.dataset import load_dataset
+    from engine.steps.impute import impute
 
     config = load_config(CONFIGS / "gtex-v8-samples.yaml", [*DEMO_SETTINGS, f"output_dir={out / 'gtex-v8'}",
                                                             f"seed={seed}"])
@@ -256,7 +256,7 @@ def run_demo(out: str | Path, *, seed: int = 0) -> Path:
     Raises:
         GeximputeError: the real data is not beside the checkout, or a step fails.
     """
-    from engine.raytools import ensure_ray
+    from engine.runtime.raytools import ensure_ray
 
     t0 = time.perf_counter()
     out = Path(out).resolve()

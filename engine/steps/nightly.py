@@ -16,7 +16,7 @@ Output (``nightly.output``, default ``<output_dir>/nightly``) and what sits besi
 
 A run takes the lock (created with ``O_EXCL``; a lock whose process is gone is stale and is broken), validates each
 new genome (a malformed one is quarantined and the others go on), and imputes the new donors ``donors_per_commit``
-at a time. Each commit is one Ray Data job (:func:`engine.impute.run_pipeline`) into a staging folder outside the
+at a time. Each commit is one Ray Data job (:func:`engine.steps.impute.run_pipeline`) into a staging folder outside the
 dataset, holding the day's partition so far plus the new rows, renamed onto ``run_date=<day>`` at once; the ledger is
 rewritten atomically after that. If a run dies between the two, the next run finds the donors in the partition's
 manifest and records them instead of imputing them again, so no donor is ever written twice. A run with nothing new
@@ -47,7 +47,8 @@ import numpy as np
 from engine import schema as S
 from engine.config import Config
 from engine.errors import ConfigError, GeximputeError, InputError
-from engine.impute import (
+from engine.science.problem import VisibleProblem
+from engine.steps.impute import (
     OutputError,
     add_missing_profiles,
     donor_promoter_inputs,
@@ -60,7 +61,6 @@ from engine.impute import (
     run_pipeline,
     target_mask,
 )
-from engine.problem import VisibleProblem
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,8 @@ def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: A
 
     Today it returns ``problem`` as it is, without personal genomes (``problem.genomes`` is None), so the new
     donors' profiles are predicted from the reference promoter windows. To make nightly genotype-aware, build the
-    new donors' haplotypes here from ``donors[i].variants`` and ``dataset.genome`` (``engine.haplotypes``), merged
-    into the reference donors' ``engine.genomes.DonorGenomes``; :func:`engine.impute.donor_promoter_inputs` then
+    new donors' haplotypes here from ``donors[i].variants`` and ``dataset.genome`` (``engine.science.haplotypes``), merged
+    into the reference donors' ``engine.science.genomes.DonorGenomes``; :func:`engine.steps.impute.donor_promoter_inputs` then
     turns them into the promoter inputs that the predictor passes to ``Bundle.predict``.
     """
     return problem
@@ -325,7 +325,7 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     """
     from engine.io.expression import read_expression, to_model_scale
     from engine.io.variants import read_variants
-    from engine.provenance import fingerprint
+    from engine.runtime.provenance import fingerprint
 
     variants = read_variants(item.vcf, genome, samples=[item.donor], genome_partial=config.inputs.genome_partial)
     new = NewDonor(item, variants, vcf_sha256=fingerprint(item.vcf)["sha256"])
@@ -424,7 +424,7 @@ def commit_partition(staging: Path, target: Path, old: Path) -> None:
 def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem, virtual: np.ndarray,
                   chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict) -> dict[str, dict]:
     """Impute ``chunk`` into the day's partition (atomic replace). Returns the chunk's ledger entries."""
-    from engine.provenance import manifest, write_json
+    from engine.runtime.provenance import manifest, write_json
 
     donors = [n.item.donor for n in chunk]
     run_id = make_run_id(model_version=bundle.model_version, inputs=fingerprints, run_date=day,
@@ -502,11 +502,11 @@ def nightly(config: Config, *, run_date: str | None = None) -> NightlyResult:
 
 def _run(config: Config, root: Path, day: str) -> NightlyResult:
     """The body of :func:`nightly`, under the lock."""
-    from engine.bundle import load_bundle
-    from engine.dataset import load_dataset
-    from engine.problem import make_problem
-    from engine.provenance import input_fingerprints
-    from engine.raytools import ensure_ray
+    from engine.fit.bundle import load_bundle
+    from engine.io.dataset import load_dataset
+    from engine.runtime.provenance import input_fingerprints
+    from engine.runtime.raytools import ensure_ray
+    from engine.science.problem import make_problem
 
     t0 = time.perf_counter()
     ledger_file = ledger_path(config)

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from engine.config import BaselinesConfig
-from engine.head_features import idw_estimate, list_parts
-from engine.problem import VisibleProblem
+from engine.science.head_features import idw_estimate, list_parts
+from engine.science.problem import VisibleProblem
 
 
 class Method(Protocol):
@@ -161,7 +161,7 @@ class ElasticNetBaseline:
     donor's predicted genetic deviation.
 
     The model is fitted per gene on the donor residuals pooled over tissues (each donor's mean visible deviation
-    from the gene's tissue means, :func:`engine.genomes.donor_residuals`), not per (gene, tissue) as PrediXcan
+    from the gene's tissue means, :func:`engine.science.genomes.donor_residuals`), not per (gene, tissue) as PrediXcan
     does: with few donors per tissue, pooling gives the baseline more data for effects shared across tissues.
     Needs personal genomes (``inputs.variants``).
     """
@@ -177,7 +177,7 @@ class ElasticNetBaseline:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import ElasticNetCV
 
-        from engine.genomes import donor_residuals
+        from engine.science.genomes import donor_residuals
 
         genomes = problem.genomes
         if genomes is None:

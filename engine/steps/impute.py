@@ -2,7 +2,7 @@
 
 One streaming Ray Data job::
 
-    blocks of samples -> map_batches(ContextBuilder)  context records of the target entries (engine.prepare)
+    blocks of samples -> map_batches(ContextBuilder)  context records of the target entries (engine.steps.prepare)
                       -> map_batches(Predictor)       the bundle, loaded once per actor (GPU actors when GPUs exist)
                       -> write_parquet(partition_cols=[tissue])
 
@@ -17,7 +17,7 @@ problem gets a virtual sample for it, with nothing measured, so that its context
 gene's means and its neighbours' means, exactly as for a hidden sample in evaluation. Its ``sample_id`` is null.
 
 A run is atomic and idempotent: it writes into a staging folder beside the output and renames it onto the output at
-the end (:func:`engine.provenance.staged_dir`), so a reader sees the previous run or this one, never a mix, and a
+the end (:func:`engine.runtime.provenance.staged_dir`), so a reader sees the previous run or this one, never a mix, and a
 run that fails or is killed leaves the previous output as it was. ``run_id`` is a hash of the model version, the
 input fingerprints and the selection, and each run replaces the output as a whole: the same inputs and model give
 the same rows, not twice as many.
@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config, ExpressionConfig
 from engine.errors import ConfigError, GeximputeError
-from engine.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
-from engine.problem import VisibleProblem
+from engine.science.problem import VisibleProblem
+from engine.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def target_mask(
 
 def load_bundle_from(folder: str) -> Any:
     """The default bundle loader of :class:`Predictor` (a module function, so that Ray pickles it by name)."""
-    from engine.bundle import load_bundle
+    from engine.fit.bundle import load_bundle
 
     return load_bundle(folder)
 
@@ -201,7 +201,7 @@ def personal_promoters(haplotypes: Any, records: pa.Table, gene_ids: np.ndarray)
 
     ``haplotypes`` is what ``impute`` built with :func:`donor_promoter_inputs` (a one-hot table and a lookup over
     the problem's samples) or None; None makes ``Bundle.predict`` read the bundle's reference windows. ``nightly``
-    passes None until new donors' haplotypes are built (:func:`engine.nightly.donor_haplotypes`). This is the one
+    passes None until new donors' haplotypes are built (:func:`engine.steps.nightly.donor_haplotypes`). This is the one
     place where per-donor promoter inputs meet the predictor.
     """
     return haplotypes
@@ -467,11 +467,11 @@ def impute(
     """
     import ray
 
-    from engine.bundle import load_bundle
-    from engine.dataset import load_dataset
-    from engine.problem import make_problem
-    from engine.provenance import input_fingerprints, manifest, staged_dir, write_json
-    from engine.raytools import ensure_ray
+    from engine.fit.bundle import load_bundle
+    from engine.io.dataset import load_dataset
+    from engine.runtime.provenance import input_fingerprints, manifest, staged_dir, write_json
+    from engine.runtime.raytools import ensure_ray
+    from engine.science.problem import make_problem
 
     t0 = time.perf_counter()
     settings = config.impute

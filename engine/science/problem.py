@@ -17,13 +17,13 @@ import numpy as np
 
 from engine import schema as S
 from engine.config import Config, EvaluationConfig
-from engine.dataset import Dataset
 from engine.errors import ConfigError
 from engine.io.chroms import chrom_key
+from engine.io.dataset import Dataset
 from engine.io.expression import to_model_scale
 
 if TYPE_CHECKING:
-    from engine.genomes import DonorGenomes
+    from engine.science.genomes import DonorGenomes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class VisibleProblem:
         sample_ids: (S,) sample ids; donor_index, tissue_index: (S,) int32 into ``donors`` and ``tissues``.
         values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*.
         tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
-        genomes: the donors' promoter haplotypes and variant dosages (:mod:`engine.genomes`), None without
+        genomes: the donors' promoter haplotypes and variant dosages (:mod:`engine.science.genomes`), None without
             personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
     """
 
@@ -225,7 +225,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
     )
     if dataset.variants is not None:
-        from engine.genomes import donor_genomes
+        from engine.science.genomes import donor_genomes
 
         problem.genomes = donor_genomes(dataset, problem)
     log.info(

@@ -37,7 +37,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from engine.dataset import format_summary, load_dataset
+    from engine.io.dataset import format_summary, load_dataset
 
     dataset = load_dataset(_load(args))
     if args.json:
@@ -48,7 +48,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from engine.synth import SynthSpec, generate
+    from engine.apps.synth import SynthSpec, generate
 
     # ~3.3 kb of chromosome per gene keeps the default density (240 genes on 2 x 400 kb) at any size
     length = args.chrom_length or max(SynthSpec.chrom_length, args.genes * 3_400 // SynthSpec.n_chroms)
@@ -61,7 +61,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from engine.apps.demo import run_demo
 
     summary = run_demo(args.out, seed=args.seed)
     print(summary.read_text())
@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from engine.prepare import prepare
+    from engine.steps.prepare import prepare
 
     result = prepare(_load(args), args.out, targets=args.targets, training=args.training)
     print(
@@ -89,13 +89,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from engine.hybrid import train_hybrid_network
-    from engine.prepare import read_problem_index
+    from engine.fit.hybrid import train_hybrid_network
+    from engine.steps.prepare import read_problem_index
 
     config = _load(args)
     records = _records_dir(args, config)
     gene_ids, tissues = read_problem_index(records)
-    from engine.raytools import ensure_ray
+    from engine.runtime.raytools import ensure_ray
 
     ensure_ray(config.ray)
     out = Path(args.out or Path(config.output_dir) / "network")
@@ -115,13 +115,13 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
     import torch
 
-    from engine.bundle import save_bundle
-    from engine.hybrid import fit_hybrid_head
+    from engine.fit.bundle import save_bundle
+    from engine.fit.hybrid import fit_hybrid_head
+    from engine.fit.train import TrainedNetwork
     from engine.model.features import FeatureSpec
     from engine.model.network import NetworkSpec
-    from engine.prepare import read_problem_index
-    from engine.raytools import ensure_ray
-    from engine.train import TrainedNetwork
+    from engine.runtime.raytools import ensure_ray
+    from engine.steps.prepare import read_problem_index
 
     config = _load(args)
     records = _records_dir(args, config)
@@ -146,7 +146,7 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.evaluate import evaluate, report
+    from engine.steps.evaluate import evaluate, report
 
     metrics = evaluate(_load(args), args.out)
     print(report(metrics))
@@ -155,13 +155,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from engine.submit import report, submit
+    from engine.runtime.submit import report, submit
 
     return report(submit(args.step, args.config, args.overrides, address=args.address, wait=not args.no_wait))
 
 
 def cmd_impute(args: argparse.Namespace) -> int:
-    from engine.impute import impute
+    from engine.steps.impute import impute
 
     result = impute(_load(args), model=args.model, out_dir=args.out,
                     include_observed=True if args.include_observed else None)
@@ -172,7 +172,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from engine.nightly import nightly
+    from engine.steps.nightly import nightly
 
     result = nightly(_load(args), run_date=args.run_date)
     for name, why in result.quarantined.items():
@@ -187,7 +187,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def cmd_variant_effects(args: argparse.Namespace) -> int:
-    from engine.variant_effects import variant_effects
+    from engine.steps.variant_effects import variant_effects
 
     table = variant_effects(_load(args), args.out, args.model)
     print(f"{table.num_rows:,} variant effects (variant allele x gene x tissue) written to "
@@ -196,7 +196,7 @@ def cmd_variant_effects(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from engine.benchmark import BenchSpec, run_benchmark, summary
+    from engine.apps.benchmark import BenchSpec, run_benchmark, summary
     from engine.errors import ConfigError
 
     try:
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.set_defaults(func=cmd_evaluate)
 
-    from engine.submit import STEPS as SUBMIT_STEPS
+    from engine.runtime.submit import STEPS as SUBMIT_STEPS
 
     p = sub.add_parser("submit", help="run a step on a Ray cluster as a Ray job, streaming its logs (token auth)")
     p.add_argument("step", choices=list(SUBMIT_STEPS),

@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from engine.config import Config
-from engine.head import HeadModel, fit_head
-from engine.head_features import engineered_features
+from engine.fit.head import HeadModel, fit_head
+from engine.fit.train import TrainedNetwork, fold_dirs, holdout, promoter_inputs, run_network, train_network
 from engine.model.features import PromoterLookup
-from engine.train import TrainedNetwork, fold_dirs, holdout, promoter_inputs, run_network, train_network
+from engine.science.head_features import engineered_features
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def genetic_offset(records: pa.Table) -> np.ndarray:
 
     Trees split a continuous input into steps; a donor's genetic deviation within a gene is small next to the
     differences between genes, so a head that had to rebuild it from splits would lose most of it. The score is
-    already a shrunken estimate (:func:`engine.genomes.genetic_scores`), so it enters additively, as XGBoost's base
+    already a shrunken estimate (:func:`engine.science.genomes.genetic_scores`), so it enters additively, as XGBoost's base
     margin would, and the head still sees it as a feature to correct it.
     """
     if "genetic_score" not in records.column_names:

@@ -30,13 +30,13 @@ import pyarrow.parquet as pq
 import torch
 
 from engine.config import Config, config_from_dict, dump_config
-from engine.head import INTERVAL_FILE, POINT_FILE, HeadModel
-from engine.head_features import FEATURE_NAMES
-from engine.hybrid import HybridModels
+from engine.fit.head import INTERVAL_FILE, POINT_FILE, HeadModel
+from engine.fit.hybrid import HybridModels
+from engine.fit.train import TrainedNetwork
 from engine.model.features import FeatureSpec, PromoterLookup, one_hot_promoters
 from engine.model.network import NetworkSpec
-from engine.provenance import manifest, staged_dir, write_json
-from engine.train import TrainedNetwork
+from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.science.head_features import FEATURE_NAMES
 
 NETWORK_FILE = "network.pt"
 
@@ -116,7 +116,7 @@ class Bundle:
             records: context records (schema.CONTEXT).
             gene_ids: the genes of ``gene_index``.
             promoters: the one-hot promoter table and lookup of the records (e.g. with donors' haplotypes built
-                from their VCF, see :func:`engine.train.make_lookup`); default: the bundle's reference windows.
+                from their VCF, see :func:`engine.fit.train.make_lookup`); default: the bundle's reference windows.
         """
         if promoters is None:
             self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)

@@ -1,7 +1,7 @@
 """The XGBoost head, fitted with Ray Train's ``XGBoostTrainer``: a point estimate and an 80% interval.
 
 The head sees the network's embedding (when there is one) and the engineered features of
-:mod:`engine.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the estimate and
+:mod:`engine.science.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the estimate and
 XGBoost's multi-quantile objective for the interval bounds. The bounds are then conformalised on held-out
 training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the quantile of
 ``max(lower - y, y - upper)`` that makes the interval cover the intended fraction of held-out values.

@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from engine import schema as S
-from engine.baselines import make_methods
 from engine.config import Config
-from engine.dataset import load_dataset
-from engine.metrics import score
-from engine.prepare import Prepared, prepare
-from engine.provenance import manifest, staged_dir, write_json
+from engine.io.dataset import load_dataset
+from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.science.baselines import make_methods
+from engine.science.metrics import score
+from engine.steps.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
                 timings[method.name],
             )
         if with_hybrid:
-            from engine.hybrid import fit_hybrid
+            from engine.fit.hybrid import fit_hybrid
 
             t = time.perf_counter()
             models = fit_hybrid(config, staging / "records", problem.gene_ids, len(problem.tissues),
@@ -154,7 +154,7 @@ def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table)
     """The hybrid trained and applied with the reference genome only (personal genomes dropped), on ``records``."""
     import dataclasses
 
-    from engine.hybrid import fit_hybrid
+    from engine.fit.hybrid import fit_hybrid
 
     reference = dataclasses.replace(dataset, variants=None)
     folder = staging / "records_reference"
@@ -181,7 +181,7 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
     mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
     means are given over the genes with ``h2 > 0`` as well.
     """
-    from engine.metrics import _constant, _pearson
+    from engine.science.metrics import _constant, _pearson
 
     names = [m for m in GENETIC_METHODS if m in predictions]
     key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue

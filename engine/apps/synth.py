@@ -921,7 +921,7 @@ def _summarise(data: _Dataset) -> dict[str, Any]:
     y = data.y
     return _rounded(
         {
-            "generator": "engine.synth",
+            "generator": "engine.apps.synth",
             "seed": spec.seed,
             "spec": dataclasses.asdict(spec),
             "motifs": {
@@ -996,7 +996,7 @@ def _write_fasta(path: Path, data: _Dataset) -> None:
 
 def _write_gtf(path: Path, data: _Dataset) -> None:
     """GENCODE-style GTF: gene, transcript and exon records, versioned ids, sorted by chrom and start."""
-    lines = ["##description: synthetic annotation (engine.synth)", "##provider: geximpute", "##format: gtf"]
+    lines = ["##description: synthetic annotation (engine.apps.synth)", "##provider: geximpute", "##format: gtf"]
     exon_number = 0
     for i, gene in enumerate(data.genes.itertuples(index=False)):
         number = i + 1

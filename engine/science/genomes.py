@@ -1,6 +1,6 @@
 """Donors' genomes as the model sees them: promoter haplotypes per (gene, donor) and promoter-variant dosages.
 
-:class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`engine.haplotypes`) to the problem's genes and
+:class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`engine.science.haplotypes`) to the problem's genes and
 donors. It holds, for every problem gene and donor, the rows of the donor's two promoter haplotypes in one table of
 unique sequences (the reference row for donors without a genome and for genes without variants), and the ALT
 dosage of every variant site inside a promoter window (NaN where the call is missing or the donor has no genome).
@@ -38,7 +38,7 @@ class DonorGenomes:
             arrays below (a site in two genes' windows appears once per gene).
         site_index: (M,) int64 row of each site in the VCF's site table.
         dosage: (M, D) float32 ALT allele count (0, 1, 2), NaN where missing or the donor has no genome.
-        report: haplotype construction counts (:func:`engine.haplotypes.build_haplotypes`).
+        report: haplotype construction counts (:func:`engine.science.haplotypes.build_haplotypes`).
     """
 
     sequences: list[str]
@@ -94,7 +94,7 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     """The :class:`DonorGenomes` of ``problem``'s genes and donors, or None without ``inputs.variants``.
 
     Args:
-        dataset: the loaded inputs (:class:`engine.dataset.Dataset`) with its genome and variants.
+        dataset: the loaded inputs (:class:`engine.io.dataset.Dataset`) with its genome and variants.
         problem: the visible problem whose gene and donor order the result follows.
     """
     variants = dataset.variants
@@ -102,7 +102,7 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
         return None
     import pyarrow as pa
 
-    from engine.haplotypes import build_haplotypes
+    from engine.science.haplotypes import build_haplotypes
 
     p = dataset.config.promoter
     genes = pa.table({

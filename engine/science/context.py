@@ -3,7 +3,7 @@
 For a target (gene g, sample s) the context is: the K nearest other genes on g's chromosome with a visible value
 in s (value, signed log distance, relative orientation, overlap); g's visible values in the donor's other samples
 with each tissue's correlation to s's tissue; g's mean in s's tissue over other donors; g's mean over every other
-visible sample; with personal genomes, the donor's cis-genetic score for g (:func:`engine.genomes.genetic_scores`,
+visible sample; with personal genomes, the donor's cis-genetic score for g (:func:`engine.science.genomes.genetic_scores`,
 fitted on the visible values of the problem). No value of the target entry itself enters its own context.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema as S
-from engine.problem import SPLITS, VisibleProblem
+from engine.science.problem import SPLITS, VisibleProblem
 
 
 class ContextIndex:
@@ -22,7 +22,7 @@ class ContextIndex:
     Args:
         problem: the visible problem.
         genetic_shrinkage: ridge penalty of the cis-genetic scores (``context.genetic_shrinkage``).
-        genetic: (G, D) cis-genetic scores of ``problem`` already fitted (:func:`engine.genomes.genetic_scores`);
+        genetic: (G, D) cis-genetic scores of ``problem`` already fitted (:func:`engine.science.genomes.genetic_scores`);
             fitted here from ``problem`` when it has genomes and this is None.
     """
 
@@ -31,7 +31,7 @@ class ContextIndex:
         self.problem = problem
         self.genetic = genetic
         if genetic is None and problem.genomes is not None:
-            from engine.genomes import genetic_scores
+            from engine.science.genomes import genetic_scores
 
             self.genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index,
                                              problem.donor_index, len(problem.tissues), genetic_shrinkage)

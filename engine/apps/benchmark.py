@@ -11,10 +11,10 @@ worker processes (:class:`PeakRSS`). The scaling series multiplies the donors, s
 fixed, and records the time ratio between consecutive steps.
 
 The promoter-encoder comparison replays the imputation's prediction call (``Bundle.predict``, what
-:class:`engine.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and tissues,
+:class:`engine.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and tissues,
 so their haplotype sharing is the whole run's), counting the sequences that go through the network's
 ``PromoterCNN`` with a forward hook. It runs twice on the same entries: as imputation does (each unique promoter
-haplotype encoded once, :class:`engine.train.PromoterEncoderCache`) and with a per-entry copy of every entry's two
+haplotype encoded once, :class:`engine.fit.train.PromoterEncoderCache`) and with a per-entry copy of every entry's two
 promoter haplotypes, so that nothing is shared; the ratio of their times is the speed-up of sharing.
 
 ``bench.json`` carries at least ``impute_entries_per_min``, ``encoder_calls_per_entry``, ``device`` and
@@ -186,7 +186,7 @@ def device_description() -> dict[str, str]:
     device = f"cpu: {cpu_model()}, {usable_cores()} cores"
     if torch.cuda.is_available():
         gpu = (f"{torch.cuda.get_device_name(0)} present but not measured: imputation's network "
-               "(engine.train.run_network) runs on the CPU")
+               "(engine.fit.train.run_network) runs on the CPU")
     else:
         gpu = "none: no GPU on this machine (torch.cuda.is_available() is False); GPU figures not measured"
     return {"device": device, "gpu": gpu}
@@ -240,8 +240,8 @@ class BenchSpec:
             raise ValueError(f"BenchSpec.scales: expected increasing integers >= 1, got {self.scales!r}")
 
     def synth_spec(self, scale: int) -> Any:
-        """The :class:`engine.synth.SynthSpec` of one step of the scaling series (donors x ``scale``)."""
-        from engine.synth import SynthSpec
+        """The :class:`engine.apps.synth.SynthSpec` of one step of the scaling series (donors x ``scale``)."""
+        from engine.apps.synth import SynthSpec
 
         # ~3.4 kb of chromosome per gene, as `geximpute synth` lays them out
         length = max(SynthSpec.chrom_length, self.genes * 3_400 // SynthSpec.n_chroms)
@@ -282,9 +282,9 @@ def build_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
     """
     import pyarrow.parquet as pq
 
-    from engine.bundle import save_bundle
-    from engine.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.prepare import prepare, read_problem_index
+    from engine.fit.bundle import save_bundle
+    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+    from engine.steps.prepare import prepare, read_problem_index
 
     records = work / "records"
     with measured(stages, "prepare") as fig:
@@ -318,9 +318,9 @@ def build_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
 
 def imputation_problem(config: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags), as ``impute`` builds them."""
-    from engine.dataset import load_dataset
-    from engine.impute import add_missing_profiles, target_mask
-    from engine.problem import make_problem
+    from engine.io.dataset import load_dataset
+    from engine.science.problem import make_problem
+    from engine.steps.impute import add_missing_profiles, target_mask
 
     settings = config.impute
     problem, _ = make_problem(load_dataset(config), hidden_mask=False)
@@ -334,7 +334,7 @@ def imputation_problem(config: Any) -> tuple[Any, np.ndarray, np.ndarray]:
 def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> int:
     """Distinct promoter-table rows (haplotypes A and B) that the ``targets`` entries read: the sequences one
     predictor encodes if it sees every entry."""
-    from engine.impute import donor_promoter_inputs
+    from engine.steps.impute import donor_promoter_inputs
 
     inputs = donor_promoter_inputs(problem, length)
     if inputs is None:
@@ -348,7 +348,7 @@ def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> in
 
 def impute_step(config: Any, bundle: Path, out: Path) -> dict[str, Any]:
     """One measured ``impute`` run (end to end into Parquet, commit included)."""
-    from engine.impute import impute
+    from engine.steps.impute import impute
 
     with PeakRSS() as peak:
         t0 = time.perf_counter()
@@ -423,10 +423,10 @@ def encoder_comparison(config: Any, bundle_dir: Path, entries: int) -> dict[str,
     """
     import torch
 
-    from engine.bundle import load_bundle
-    from engine.context import ContextIndex, build_context
-    from engine.impute import BLOCK_ENTRIES, donor_promoter_inputs
-    from engine.prepare import sample_blocks
+    from engine.fit.bundle import load_bundle
+    from engine.science.context import ContextIndex, build_context
+    from engine.steps.impute import BLOCK_ENTRIES, donor_promoter_inputs
+    from engine.steps.prepare import sample_blocks
 
     problem, targets, _ = imputation_problem(config)
     genes = encoder_genes(targets, entries)
@@ -597,11 +597,11 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
     """
     import ray
 
+    from engine.apps.synth import generate
     from engine.config import load_config
-    from engine.impute import BLOCK_ENTRIES
-    from engine.provenance import versions
-    from engine.raytools import ensure_ray
-    from engine.synth import generate
+    from engine.runtime.provenance import versions
+    from engine.runtime.raytools import ensure_ray
+    from engine.steps.impute import BLOCK_ENTRIES
 
     spec = spec or BenchSpec()
     out = Path(out)

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 
 from engine import schema as S
 from engine.config import Config
-from engine.context import ContextIndex, build_context
-from engine.dataset import Dataset, load_dataset
-from engine.folds import fold_problem, training_folds
-from engine.problem import HiddenTruth, VisibleProblem, make_problem
-from engine.provenance import manifest, staged_dir, write_json
-from engine.raytools import ensure_ray
+from engine.io.dataset import Dataset, load_dataset
+from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.runtime.raytools import ensure_ray
+from engine.science.context import ContextIndex, build_context
+from engine.science.folds import fold_problem, training_folds
+from engine.science.problem import HiddenTruth, VisibleProblem, make_problem
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def context_builder_kwargs(
 
     genetic = None
     if problem.genomes is not None:
-        from engine.genomes import genetic_scores
+        from engine.science.genomes import genetic_scores
 
         genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), config.context.genetic_shrinkage)
@@ -280,7 +280,7 @@ def prepare(
         out_dir: output folder (default ``<output_dir>/records``); replaced atomically.
         dataset: an already loaded dataset (default: load the config's inputs).
         targets: which entries get a context record: ``all``, ``hidden`` or ``visible``.
-        training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`engine.folds`).
+        training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`engine.science.folds`).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir or Path(config.output_dir) / "records")

@@ -2,9 +2,9 @@
 
 For each variant site in a gene's promoter window and each of its ALT alleles, the model bundle predicts the gene in
 every tissue twice, for a donor homozygous for the reference promoter and for one homozygous for the promoter that
-carries only that ALT allele (:func:`engine.haplotypes.edit_window`), with no other context than the gene's levels
+carries only that ALT allele (:func:`engine.science.haplotypes.edit_window`), with no other context than the gene's levels
 across donors. Both branches see the difference: the CNN reads the two promoters, and the cis-genetic score
-(:func:`engine.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by twice
+(:func:`engine.science.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by twice
 the site's fitted effect. ``effect`` is half the difference, the change per ALT allele, on the modelling scale.
 
 Output (atomic folder): ``variant_effects.parquet`` (:data:`engine.schema.VARIANT_EFFECTS`) and ``_manifest.json``.
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def _population_records(index, gene: np.ndarray, tissue: np.ndarray, genetic: np.ndarray) -> pa.Table:
     """Context records of (gene, tissue) pairs for a donor known only by its genome: no neighbour, no other tissue,
-    the gene's visible levels across donors (from ``index``, a :class:`engine.context.ContextIndex`), and the given
+    the gene's visible levels across donors (from ``index``, a :class:`engine.science.context.ContextIndex`), and the given
     cis-genetic score."""
     problem = index.problem
     n = len(gene)
@@ -86,13 +86,13 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     Raises:
         ConfigError: no variants or no genome configured.
     """
-    from engine.bundle import load_bundle
-    from engine.context import ContextIndex
-    from engine.dataset import load_dataset
-    from engine.genomes import genetic_scores
-    from engine.haplotypes import edit_window, is_sequence_allele
-    from engine.problem import make_problem
-    from engine.provenance import manifest, staged_dir, write_json
+    from engine.fit.bundle import load_bundle
+    from engine.io.dataset import load_dataset
+    from engine.runtime.provenance import manifest, staged_dir, write_json
+    from engine.science.context import ContextIndex
+    from engine.science.genomes import genetic_scores
+    from engine.science.haplotypes import edit_window, is_sequence_allele
+    from engine.science.problem import make_problem
 
     t0 = time.perf_counter()
     if not config.inputs.variants or not config.inputs.genome:
@@ -136,7 +136,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
                 rows["allele"].append(k)
                 rows["ref_seq"].append(ref_seq)
                 rows["alt_seq"].append(edited.sequence)
-                # the score is additive in ALT dosage of the site, whatever the allele (engine.genomes)
+                # the score is additive in ALT dosage of the site, whatever the allele (engine.science.genomes)
                 rows["beta"].append(float(effects[g][j]) if len(effects[g]) else 0.0)
                 rows["mean"].append(mean)
     n_pairs = len(rows["gene"])
