@@ -112,11 +112,15 @@ class PromoterConfig:
         upstream: bases 5' of the TSS.
         downstream: bases 3' of the TSS, the TSS base included.
         soft_mask: ``upper`` keeps soft-masked (lower-case) bases as ordinary bases; ``n`` turns them into N.
+        max_unknown_fraction: a gene's window counts as known only when at most this fraction of its bases are
+            unknown (``N`` in the FASTA, or off the record); other genes get the network's learned stand-in. A
+            sparse genome marks unknown sequence with ``N``: with the default 0 a partly known window is unknown.
     """
 
     upstream: int = 1000
     downstream: int = 500
     soft_mask: SoftMask = "upper"
+    max_unknown_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.upstream >= 0, "promoter.upstream", self.upstream, "an integer >= 0")
@@ -127,10 +131,16 @@ class PromoterConfig:
             self.upstream,
             "a window of at most 1 Mb in all",
         )
+        _require(0 <= self.max_unknown_fraction < 1, "promoter.max_unknown_fraction", self.max_unknown_fraction,
+                 "a number in [0, 1)")
 
     @property
     def length(self) -> int:
         return self.upstream + self.downstream
+
+    def known(self, unknown_bases: int) -> bool:
+        """Whether a window with ``unknown_bases`` unknown bases counts as known sequence."""
+        return unknown_bases <= self.max_unknown_fraction * self.length
 
 
 @dataclass(frozen=True)

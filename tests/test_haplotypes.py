@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -281,14 +283,23 @@ def test_reference_haplotype_has_the_promoter_id_of_promoter_tables(tmp_path: Pa
     genes = genes_table(
         ("gplus", "chr1", TSS, "+"),
         ("gminus", "chr1", TSS, "-"),
-        ("gedge", "chr1", 3, "+"),  # partly off the start: N padded, kept
+        ("gedge", "chr1", 3, "+"),  # partly off the start (4 of 10 bases): N padded, kept under `loose`
         ("goff", "chr1", 200, "-"),  # wholly off the record: no window
         ("gmask", "chr2", 25, "-"),
         ("gabsent", "chrX", 30, "+"),  # chromosome not in the FASTA
     )
     records = [rec(28, b(28), other(b(28)), "0|0", "0|1")]
-    h = build(tmp_path, genome, records, ["ref_only", "carrier"], genes=genes)
-    dataset = SimpleNamespace(genome=genome, genes=SimpleNamespace(table=genes), config=SimpleNamespace(promoter=P))
+    loose = dataclasses.replace(P, max_unknown_fraction=0.5)
+    h = build(tmp_path, genome, records, ["ref_only", "carrier"], genes=genes, promoter=loose)
+    dataset = SimpleNamespace(genome=genome, genes=SimpleNamespace(table=genes), config=SimpleNamespace(promoter=loose))
+    (tmp_path / "strict").mkdir()
+    strict = build(tmp_path / "strict", genome, records, ["ref_only", "carrier"], genes=genes)
+    _, strict_promoters = promoter_tables(SimpleNamespace(genome=genome, genes=SimpleNamespace(table=genes),
+                                                          config=SimpleNamespace(promoter=P)),
+                                          np.array(genes["gene_id"].to_pylist(), dtype=object))
+    # the default max_unknown_fraction 0: a window with any unknown base is unknown, in both tables alike
+    assert set(strict_promoters["gene_id"].to_pylist()) == {"gplus", "gminus", "gmask"}
+    assert strict.reference_row[2] == -1 and strict.report["n_genes_with_window"] == 3
     promoters, gene_promoters = promoter_tables(dataset, np.array(genes["gene_id"].to_pylist(), dtype=object))
     expected = dict(zip(gene_promoters["gene_id"].to_pylist(), gene_promoters["promoter_id"].to_pylist(), strict=True))
     sequence_of = dict(zip(promoters["promoter_id"].to_pylist(), promoters["sequence"].to_pylist(), strict=True))
@@ -376,7 +387,9 @@ def test_agrees_with_edit_window_over_the_whole_chromosome(tmp_path: Path, genom
         records.append(rec(pos, ref, ",".join(alts), *gts))
         sites.append((pos, ref, alts, gts))
     tsss = [(f"g{i}", "chr1", t, s) for i, (t, s) in enumerate((t, s) for t in (5, 18, 30, 44, 61, 80) for s in "+-")]
-    h = build(tmp_path, genome, records, donors, genes=genes_table(*tsss))
+    # windows near the ends are partly off the record: kept here to test the padding
+    h = build(tmp_path, genome, records, donors, genes=genes_table(*tsss),
+              promoter=dataclasses.replace(P, max_unknown_fraction=0.9))
 
     padded = "N" * 40 + CHR1 + "N" * 40
     for g, (_, _, tss, strand) in enumerate(tsss):

@@ -27,11 +27,13 @@ class PromoterWindow:
         sequence: 5'->3' on the gene's strand, ``upstream + downstream`` long; positions off the record are ``N``.
         padded: number of positions that fell off the record's start or end (0 when the window is complete).
         soft_masked: number of soft-masked (lower-case) bases in the window before ``soft_mask`` handling.
+        unknown: number of unknown bases (``N`` in the FASTA, padding included) before ``soft_mask`` handling.
     """
 
     sequence: str
     padded: int
     soft_masked: int
+    unknown: int = 0
 
     @property
     def complete(self) -> bool:
@@ -117,12 +119,13 @@ class Genome:
         padded = max(0, 1 - start) + max(0, end - length)
         padded = min(padded, end - start + 1)
         soft = sum(1 for c in raw if c.islower())
+        unknown = raw.count("N") + raw.count("n")
         if soft_mask == "n" and soft:
             raw = "".join("N" if c.islower() else c for c in raw)
         seq = raw.upper()
         if strand == "-":
             seq = reverse_complement(seq)
-        return PromoterWindow(sequence=seq, padded=padded, soft_masked=soft)
+        return PromoterWindow(sequence=seq, padded=padded, soft_masked=soft, unknown=unknown)
 
     def close(self) -> None:
         self._fasta.close()

@@ -331,7 +331,7 @@ def build_haplotypes(
         if chrom not in genome:
             continue
         window = genome.window(chrom, t, strand, up, down, promoter.soft_mask)
-        if window.padded >= length:
+        if window.padded >= length or not promoter.known(window.unknown):
             continue
         ref_row = row_of.setdefault(window.sequence, len(row_of))
         reference_row[g] = ref_row

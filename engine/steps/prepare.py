@@ -57,7 +57,8 @@ class Prepared:
 def promoter_tables(dataset: Dataset, gene_ids: np.ndarray) -> tuple[pa.Table, pa.Table]:
     """Reference promoter windows of ``gene_ids``, one copy per unique sequence.
 
-    Genes whose window lies wholly off the genome get no row; partially covered windows are N-padded.
+    Genes whose window has more unknown bases (``N`` or off the record) than ``promoter.max_unknown_fraction``
+    allows get no row (the network's learned stand-in); windows that pass keep their few ``N`` bases.
     """
     genome = dataset.genome
     if genome is None:
@@ -77,7 +78,7 @@ def promoter_tables(dataset: Dataset, gene_ids: np.ndarray) -> tuple[pa.Table, p
         if gene not in wanted or chrom not in genome:
             continue
         window = genome.window(chrom, tss, strand, p.upstream, p.downstream, p.soft_mask)
-        if window.padded >= p.length:
+        if window.padded >= p.length or not p.known(window.unknown):
             continue
         pid = hashlib.sha1(window.sequence.encode()).hexdigest()[:16]
         seqs.setdefault(pid, (window.sequence, window.padded))
