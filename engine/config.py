@@ -11,6 +11,7 @@ Relative input paths are resolved against the directory of the config file, so a
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,11 @@ Scale = Literal["tpm", "counts", "log"]
 GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
 ExpressionFormat = Literal["auto", "gct", "wide", "long"]
 SoftMask = Literal["upper", "n"]
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -261,7 +267,19 @@ class BaselinesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Size of the CNN-transformer network (see :mod:`engine.model.network`)."""
+    """Size of the CNN-transformer network, checked once here; :class:`engine.model.network.NetworkSpec` extends it.
+
+    Attributes:
+        d_model: width of tokens, the promoter embedding and the returned embedding.
+        n_heads: attention heads; divides ``d_model``. 2 heads of width 16, not 4 of 8: CPU attention kernels cost
+            per head at these sizes (4 heads measured about 1.5x slower per training step for the same flops).
+        n_layers: transformer layers.
+        cnn_channels: channels of every conv block.
+        cnn_kernel: conv kernel width (bp at the first block); odd, so a conv keeps a sequence centred.
+        cnn_layers: conv blocks; each but the last is followed by a 4x max-pool.
+        dropout: dropout on the transformer's residual branches (not on its attention weights), in the
+            ``cnn_only`` MLP and in the head.
+    """
 
     d_model: int = 32
     n_heads: int = 2
@@ -272,10 +290,11 @@ class ModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.d_model >= 4, "model.d_model", self.d_model, "an integer >= 4")
+        for name, low in (("d_model", 4), ("n_heads", 1), ("n_layers", 1), ("cnn_channels", 1), ("cnn_kernel", 1),
+                          ("cnn_layers", 1)):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= low, f"model.{name}", value, f"an integer >= {low}")
         _require(self.d_model % self.n_heads == 0, "model.n_heads", self.n_heads, "a divisor of model.d_model")
-        _require(self.n_layers >= 1, "model.n_layers", self.n_layers, "an integer >= 1")
-        _require(self.cnn_layers >= 1, "model.cnn_layers", self.cnn_layers, "an integer >= 1")
         _require(self.cnn_kernel % 2 == 1, "model.cnn_kernel", self.cnn_kernel, "an odd integer")
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
 

@@ -12,7 +12,8 @@ import torch
 from tiny import TINY_NETWORK
 
 from engine.apps.cli import main
-from engine.model.features import FeatureSpec, PromoterLookup
+from engine.model.features import FeatureSpec
+from engine.science.promoters import PromoterLookup
 from engine.model.network import HybridNet, NetworkSpec
 
 TINY = [
@@ -70,7 +71,7 @@ def test_cached_encoder_gives_the_network_its_own_predictions():
     import pyarrow as pa
 
     from engine import schema as S
-    from engine.fit.train import PromoterEncoderCache, TrainedNetwork, run_network
+    from engine.model.inference import PromoterEncoderCache, TrainedNetwork, run_network
     from engine.model.features import featurize, to_tensors
 
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from engine.apps.cli import main as cli
 from engine.apps.synth import SynthSpec, generate
 from engine.config import EvaluationConfig, load_config
 from engine.io.dataset import load_dataset
-from engine.model.features import PromoterLookup
+from engine.science.promoters import PromoterLookup
 from engine.science.baselines import ElasticNetBaseline
 from engine.science.folds import training_folds
 from engine.science.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds

@@ -16,9 +16,9 @@ from engine.model import (
     drop_groups,
     empty_batch,
     featurize,
-    one_hot_promoters,
     to_tensors,
 )
+from engine.science.promoters import one_hot_promoters
 
 
 @pytest.fixture(autouse=True)

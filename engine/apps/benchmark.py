@@ -14,7 +14,7 @@ The promoter-encoder comparison replays the imputation's prediction call (``Bund
 :class:`engine.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and tissues,
 so their haplotype sharing is the whole run's), counting the sequences that go through the network's
 ``PromoterCNN`` with a forward hook. It runs twice on the same entries: as imputation does (each unique promoter
-haplotype encoded once, :class:`engine.fit.train.PromoterEncoderCache`) and with a per-entry copy of every entry's two
+haplotype encoded once, :class:`engine.model.inference.PromoterEncoderCache`) and with a per-entry copy of every entry's two
 promoter haplotypes, so that nothing is shared; the ratio of their times is the speed-up of sharing.
 
 ``bench.json`` carries at least ``impute_entries_per_min``, ``encoder_calls_per_entry``, ``device`` and
@@ -186,7 +186,7 @@ def device_description() -> dict[str, str]:
     device = f"cpu: {cpu_model()}, {usable_cores()} cores"
     if torch.cuda.is_available():
         gpu = (f"{torch.cuda.get_device_name(0)} present but not measured: imputation's network "
-               "(engine.fit.train.run_network) runs on the CPU")
+               "(engine.model.inference.run_network) runs on the CPU")
     else:
         gpu = "none: no GPU on this machine (torch.cuda.is_available() is False); GPU figures not measured"
     return {"device": device, "gpu": gpu}

@@ -117,7 +117,7 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 
     from engine.fit.bundle import save_bundle
     from engine.fit.hybrid import fit_hybrid_head
-    from engine.fit.train import TrainedNetwork
+    from engine.model.inference import TrainedNetwork
     from engine.model.features import FeatureSpec
     from engine.model.network import NetworkSpec
     from engine.runtime.raytools import ensure_ray

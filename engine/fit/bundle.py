@@ -31,12 +31,13 @@ import torch
 
 from engine.config import Config, config_from_dict, dump_config
 from engine.fit.head import INTERVAL_FILE, POINT_FILE, HeadModel
-from engine.fit.hybrid import HybridModels
-from engine.fit.train import TrainedNetwork
-from engine.model.features import FeatureSpec, PromoterLookup, one_hot_promoters
+from engine.fit.models import HybridModels
+from engine.model.features import FeatureSpec
+from engine.model.inference import TrainedNetwork
 from engine.model.network import NetworkSpec
 from engine.runtime.provenance import manifest, staged_dir, write_json
 from engine.science.head_features import FEATURE_NAMES
+from engine.science.promoters import PromoterLookup, one_hot_promoters
 
 NETWORK_FILE = "network.pt"
 
@@ -116,7 +117,7 @@ class Bundle:
             records: context records (schema.CONTEXT).
             gene_ids: the genes of ``gene_index``.
             promoters: the one-hot promoter table and lookup of the records (e.g. with donors' haplotypes built
-                from their VCF, see :func:`engine.fit.train.make_lookup`); default: the bundle's reference windows.
+                from their VCF, see :func:`engine.science.promoters.make_lookup`); default: the bundle's reference windows.
         """
         if promoters is None:
             self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)
@@ -146,8 +147,7 @@ def load_bundle(folder: str | Path) -> Bundle:
     head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"])
     sequences = pq.read_table(folder / "promoters.parquet")["sequence"].to_pylist()
     links = pq.read_table(folder / "gene_promoters.parquet")
-    promoters = one_hot_promoters(sequences, spec.promoter_length) if sequences else np.zeros(
-        (0, 4, spec.promoter_length), np.uint8)
+    promoters = one_hot_promoters(sequences, spec.promoter_length)
     gene_promoter = dict(zip(links["gene_id"].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
     models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head)
     version = json.loads((folder / "manifest.json").read_text())["model_version"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,69 +21,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from engine.config import Config
-from engine.fit.head import HeadModel, fit_head
-from engine.fit.train import TrainedNetwork, fold_dirs, holdout, promoter_inputs, run_network, train_network
-from engine.model.features import PromoterLookup
-from engine.science.head_features import engineered_features
+from engine.fit.head import fit_head
+from engine.fit.models import HybridModels, genetic_offset
+from engine.fit.train import fold_dirs, holdout, train_network
+from engine.model.inference import TrainedNetwork
+from engine.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
-
-HYBRID_METHODS = ("hybrid", "xgb_features_only", "transformer_only", "cnn_only")
-
-
-@dataclass
-class HybridModels:
-    """The fitted networks and heads of one evaluation (or of one model bundle)."""
-
-    config: Config
-    promoters: np.ndarray
-    lookup: PromoterLookup
-    network: TrainedNetwork
-    head: HeadModel
-    ablations: dict[str, TrainedNetwork] = field(default_factory=dict)
-    features_head: HeadModel | None = None
-    seconds: dict = field(default_factory=dict)
-
-    def predict_head(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(estimate, lower, upper) of the hybrid head on ``records`` (the genetic offset added back)."""
-        _, _, inputs = self.head_inputs(records)
-        offset = genetic_offset(records)
-        return tuple(part + offset for part in self.head.predict(inputs))  # type: ignore[return-value]
-
-    def head_inputs(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(engineered features, network predictions, head inputs = [embedding, engineered]) of ``records``."""
-        b = self.config.baselines
-        engineered = engineered_features(
-            records, distance_k=b.distance_k, distance_offset=b.distance_offset, donor_shrinkage=b.donor_shrinkage
-        )
-        pred, emb = run_network(self.network, records, self.promoters, self.lookup)
-        return engineered, pred, np.hstack([emb, engineered]).astype(np.float32)
-
-    def predict(self, records: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
-        """``{method: (estimate, lower, upper)}`` for every method available (bounds None where there are none)."""
-        engineered, net_pred, inputs = self.head_inputs(records)
-        offset = genetic_offset(records)
-        out = {"hybrid": tuple(p + offset for p in self.head.predict(inputs)), "hybrid_network": (net_pred, None, None)}
-        if self.features_head is not None:
-            out["xgb_features_only"] = tuple(p + offset for p in self.features_head.predict(engineered))
-        for name, network in self.ablations.items():
-            pred, _ = run_network(network, records, self.promoters, self.lookup)
-            out[name] = (pred, None, None)
-        return out
-
-
-def genetic_offset(records: pa.Table) -> np.ndarray:
-    """(N,) the records' cis-genetic score, 0 where there is none: the heads learn the rest around it.
-
-    Trees split a continuous input into steps; a donor's genetic deviation within a gene is small next to the
-    differences between genes, so a head that had to rebuild it from splits would lose most of it. The score is
-    already a shrunken estimate (:func:`engine.science.genomes.genetic_scores`), so it enters additively, as XGBoost's base
-    margin would, and the head still sees it as a feature to correct it.
-    """
-    if "genetic_score" not in records.column_names:
-        return np.zeros(records.num_rows)
-    return np.nan_to_num(records["genetic_score"].to_numpy(zero_copy_only=False).astype(np.float64))
-
 
 def read_training(dirs: list[Path]) -> pa.Table:
     """The labelled training records of the given fold folders."""

@@ -1,8 +1,10 @@
 """``geximpute train``: the CNN-transformer trained with Ray Train's TorchTrainer (DDP), one report per epoch.
 
-Workers read the labelled training folds through Ray Data (``ray.train.get_dataset_shard``), featurise each
-Arrow batch, hide whole evidence groups at random (denoising), and minimise the squared error on standardised
-values. Validation uses held-out chromosomes (``split.valid_chroms``) or, without them, a seeded holdout of the
+Workers read the labelled training folds through Ray Data (``ray.train.get_dataset_shard``) once, then each
+epoch visit a fresh seeded permutation of all their training records (cut to ``train.max_examples_per_epoch``), so
+every epoch samples the whole genome rather than the first chromosomes of the files; they featurise each batch,
+hide whole evidence groups at random (denoising), and minimise the squared error on standardised values. Each
+epoch's report says how many training genes and chromosomes it saw. Validation uses held-out chromosomes (``split.valid_chroms``) or, without them, a seeded holdout of the
 task's units (genes, samples or entries). Every epoch writes a checkpoint; a restarted worker group resumes from
 the last one (``train.max_failures``); training stops when the validation loss has not improved for
 ``train.patience`` epochs and the best weights are kept.
@@ -10,13 +12,10 @@ the last one (``train.max_failures``); training stops when the validation loss h
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engine import schema as S
 from engine.config import Config
-from engine.model.features import FeatureSpec, PromoterLookup, drop_groups, featurize, one_hot_promoters, to_tensors
+from engine.model.features import FeatureSpec, drop_groups, featurize, to_tensors
+from engine.model.inference import TrainedNetwork
 from engine.model.network import HybridNet, NetworkSpec
+from engine.science.promoters import PromoterLookup, promoter_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,159 +46,30 @@ def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarr
     return (mixed % np.uint64(100)) < HOLDOUT_PERCENT
 
 
-def promoter_inputs(records_dir: Path, gene_ids: np.ndarray, length: int) -> tuple[np.ndarray, PromoterLookup]:
-    """(one-hot promoter table (P, 4, L) uint8, the promoter rows of each record) of a prepare output.
-
-    Records read their gene's reference window, or, with personal genomes (``donor_promoters.parquet``), their
-    donor's two haplotypes.
-    """
-    promoters = pq.read_table(records_dir / "promoters.parquet")
-    links = pq.read_table(records_dir / "gene_promoters.parquet")
-    table = one_hot_promoters(promoters["sequence"].to_pylist(), length)
-    personal = records_dir / "donor_promoters.parquet"
-    samples = pq.read_table(records_dir / "samples.parquet", columns=[S.DONOR_ID])[S.DONOR_ID].to_pylist()
-    lookup = make_lookup(promoters["promoter_id"].to_pylist(), links, gene_ids, samples,
-                         pq.read_table(personal) if personal.is_file() else None)
-    return table, lookup
-
-
-def make_lookup(promoter_ids: list[str], gene_promoters: pa.Table, gene_ids: np.ndarray, sample_donors: list[str],
-                donor_promoters: pa.Table | None) -> PromoterLookup:
-    """The :class:`PromoterLookup` of records over ``gene_ids`` and samples whose donors are ``sample_donors``.
-
-    Args:
-        promoter_ids: ids of the rows of the one-hot table.
-        gene_promoters: ``gene_id`` -> ``promoter_id`` of the reference windows (schema.GENE_PROMOTERS).
-        gene_ids: (G,) the records' ``gene_index`` order.
-        sample_donors: (S,) donor id of each ``sample_index``.
-        donor_promoters: (gene, donor) -> haplotype ids where they differ from the reference, or None.
-    """
-    row_of = {pid: i for i, pid in enumerate(promoter_ids)}
-    gene_row = {g: row_of[p] for g, p in zip(gene_promoters[S.GENE_ID].to_pylist(),
-                                            gene_promoters["promoter_id"].to_pylist(), strict=True)}
-    rows = np.array([gene_row.get(g, -1) for g in gene_ids], dtype=np.int64)
-    if donor_promoters is None or donor_promoters.num_rows == 0:
-        return PromoterLookup.reference(rows)
-    donors, sample_donor = np.unique(np.asarray(sample_donors, dtype=object), return_inverse=True)
-    donor_of = {d: i for i, d in enumerate(donors)}
-    gene_of = {g: i for i, g in enumerate(gene_ids)}
-    g = np.array([gene_of.get(x, -1) for x in donor_promoters[S.GENE_ID].to_pylist()], dtype=np.int64)
-    d = np.array([donor_of.get(x, -1) for x in donor_promoters[S.DONOR_ID].to_pylist()], dtype=np.int64)
-    a = np.array([row_of.get(x, -1) for x in donor_promoters["promoter_a"].to_pylist()], dtype=np.int64)
-    b = np.array([row_of.get(x, -1) for x in donor_promoters["promoter_b"].to_pylist()], dtype=np.int64)
-    keep = (g >= 0) & (d >= 0) & (a >= 0) & (b >= 0)
-    keys = g[keep] * len(donors) + d[keep]
-    order = np.argsort(keys, kind="stable")
-    return PromoterLookup(rows, sample_donor.astype(np.int64), keys[order],
-                          np.stack([a[keep], b[keep]], axis=1)[order], len(donors))
-
-
-class PromoterEncoderCache(torch.nn.Module):
-    """Inference stand-in for ``HybridNet.promoter_cnn``: each row of a promoter table is encoded once, then reused.
-
-    ``HybridNet.promoter_embedding`` passes the CNN the rows a batch needs, ``promoters[unique]``. Given the
-    (P, 1) table of row numbers :attr:`row_ids` as its ``promoters``, it passes (U, 1) row numbers here instead of
-    one-hot sequences, and this module returns their embeddings, running the wrapped CNN only on rows it has not
-    encoded before. Donors share reference promoters and a gene has few distinct haplotypes, so the CNN's work
-    follows the unique haplotypes, not the entries. The math is the network's own: in eval mode a sequence's
-    embedding does not depend on the other sequences of its batch.
-
-    Args:
-        cnn: the network's ``PromoterCNN``.
-        table: (P, 4, L) one-hot promoter table (kept by reference, not copied).
-        chunk: sequences per CNN call when many rows are new at once: small calls keep the activations in the CPU's
-            cache (64 ran 2x faster per sequence than 512 on the development machine, docs/benchmarks.md).
-    """
-
-    def __init__(self, cnn: torch.nn.Module, table: np.ndarray, chunk: int = 64) -> None:
-        super().__init__()
-        self.cnn = cnn
-        with warnings.catch_warnings():  # a read-only array from Ray's object store: only ever read here
-            warnings.simplefilter("ignore", UserWarning)
-            self.table = torch.as_tensor(table)  # (P, 4, L), shares memory with ``table``
-        self.chunk = chunk
-        self.embeddings: torch.Tensor | None = None  # (P, D) once the first row is encoded
-        self.known = torch.zeros(len(table), dtype=torch.bool)  # (P,)
-        self.encoded = 0  # sequences run through the CNN so far
-
-    @property
-    def row_ids(self) -> torch.Tensor:
-        """(P, 1) int64 row numbers: what the network takes as its promoter table when this module stands in."""
-        return torch.arange(len(self.known), dtype=torch.int64)[:, None]
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """(U, 1) int64 row numbers -> (U, D) embeddings."""
-        rows = rows[:, 0].cpu()
-        new = torch.unique(rows[~self.known[rows]])
-        for start in range(0, len(new), self.chunk):
-            part = new[start : start + self.chunk]
-            encoded = self.cnn(self.table[part])  # (u, D)
-            if self.embeddings is None:
-                self.embeddings = torch.zeros((len(self.known), encoded.shape[1]), dtype=encoded.dtype)
-            self.embeddings[part] = encoded
-            self.known[part] = True
-            self.encoded += len(part)
-        if self.embeddings is None:  # no row at all
-            return torch.zeros((0, self.cnn.proj.out_features))
-        return self.embeddings[rows]
-
-
-@dataclass
-class TrainedNetwork:
-    """A trained network: its spec, its input spec and its best weights."""
-
-    spec: NetworkSpec
-    features: FeatureSpec
-    state: dict
-    metrics: dict
-    # the eval-mode network of run_network and its promoter cache, built once per process (not pickled)
-    _inference: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
-
-    def model(self) -> HybridNet:
-        net = HybridNet(self.spec)
-        net.load_state_dict(self.state)
-        return net.eval()
-
-    def inference(self, promoters: np.ndarray) -> tuple[HybridNet, torch.Tensor | None]:
-        """(the eval-mode network, the promoter table to pass its forward) for predicting with ``promoters``.
-
-        The network is built once; with a promoter branch its CNN is wrapped in a :class:`PromoterEncoderCache` of
-        ``promoters``, kept while later calls pass the same table object (a new table starts a new cache).
-        """
-        if self._inference is not None and self._inference[1] is promoters:
-            model, _, table = self._inference
-            return model, table
-        model = self._inference[0] if self._inference is not None else self.model()
-        table = None
-        if self.spec.use_promoter:
-            cnn = model.promoter_cnn.cnn if isinstance(model.promoter_cnn, PromoterEncoderCache) else model.promoter_cnn
-            if len(promoters):
-                model.promoter_cnn = PromoterEncoderCache(cnn, promoters)
-                table = model.promoter_cnn.row_ids
-            else:
-                model.promoter_cnn = cnn
-        self._inference = (model, promoters, table)
-        return model, table
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_inference"] = None
-        return state
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _batches(shard, batch_size: int, cfg: dict, lookup: PromoterLookup, limit: int | None, shuffle: bool):
-    """Featurised numpy batches of a Ray Data shard (each worker gets equal-sized shards: DDP stays in step)."""
-    seen = 0
-    kwargs = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": cfg["seed"]} if shuffle else {}
-    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=shuffle, **kwargs):
-        if limit is not None and seen >= limit:
-            break
-        seen += table.num_rows
+def _batches(shard, batch_size: int, cfg: dict, lookup: PromoterLookup):
+    """Featurised numpy batches of a Ray Data shard, in its order (validation)."""
+    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         yield featurize(table, cfg["features"], lookup.for_records(table))
+
+
+def epoch_rows(n: int, limit: int | None, seed: int, epoch: int, rank: int) -> np.ndarray:
+    """The rows one training epoch visits, in order: a fresh permutation of all ``n`` rows, seeded by (seed,
+    epoch, worker rank), cut to ``limit``. Every row is equally likely in every epoch, wherever it is stored."""
+    order = np.random.default_rng([seed, epoch, rank]).permutation(n)
+    return order if limit is None else order[:limit]
+
+
+def _epoch_batches(table: pa.Table, order: np.ndarray, batch_size: int, cfg: dict, lookup: PromoterLookup):
+    """(record rows, featurised batch) of one epoch over ``table`` in ``order``; a trailing partial batch is
+    dropped unless it is the only one (workers' shards have equal sizes: DDP stays in step)."""
+    stop = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
+    for lo in range(0, stop, batch_size):
+        part = table.take(pa.array(order[lo : lo + batch_size]))
+        yield part, featurize(part, cfg["features"], lookup.for_records(part))
 
 
 def _train_loop(cfg: dict) -> None:
@@ -232,6 +103,10 @@ def _train_loop(cfg: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
+    # this worker's training records, read once; each epoch samples them afresh (epoch_rows)
+    parts = list(train_shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
+    records = pa.concat_tables(parts).combine_chunks() if parts else None
+    gene_chrom = cfg["gene_chrom"]
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"]):
         if state["bad_epochs"] >= cfg["patience"]:
@@ -240,7 +115,10 @@ def _train_loop(cfg: dict) -> None:
         model.train()
         rng = np.random.default_rng(cfg["seed"] * 1000 + epoch * 10 + rank)
         loss_sum, n_seen = 0.0, 0
-        for batch in _batches(train_shard, cfg["batch_size"], cfg, lookup, per_worker_limit, shuffle=True):
+        genes_seen = torch.zeros(len(gene_chrom), dtype=torch.float64)
+        order = epoch_rows(records.num_rows if records is not None else 0, per_worker_limit, cfg["seed"], epoch, rank)
+        for part, batch in _epoch_batches(records, order, cfg["batch_size"], cfg, lookup) if len(order) else ():
+            genes_seen[torch.as_tensor(part["gene_index"].to_numpy().astype(np.int64))] = 1.0
             batch = drop_groups(batch, rng, *cfg["drop"])
             if cfg["drop_promoter"] > 0:
                 # the stand-in now and then: the network cannot lean on recognising a training gene's promoter
@@ -260,7 +138,7 @@ def _train_loop(cfg: dict) -> None:
         model.eval()
         sq, count = 0.0, 0
         with torch.no_grad():
-            for batch in _batches(valid_shard, 4 * cfg["batch_size"], cfg, lookup, None, shuffle=False):
+            for batch in _batches(valid_shard, 4 * cfg["batch_size"], cfg, lookup):
                 tensors = to_tensors(batch, device)
                 with autocast:
                     pred, _ = model(tensors, promoters)
@@ -269,6 +147,9 @@ def _train_loop(cfg: dict) -> None:
         totals = torch.tensor([sq, count, loss_sum, n_seen], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(genes_seen)
+        seen = genes_seen.numpy() > 0
+        chroms_seen = np.unique(gene_chrom[seen & (gene_chrom >= 0)])
         val_loss = float(totals[0] / max(totals[1], 1))
         train_loss = float(totals[2] / max(totals[3], 1))
         if val_loss < state["best_val"] - 1e-4:
@@ -278,7 +159,15 @@ def _train_loop(cfg: dict) -> None:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val": state["best_val"],
-                   "examples": int(totals[3]), "seconds": time.perf_counter() - t0}
+                   "examples": int(totals[3]), "seconds": time.perf_counter() - t0,
+                   "genes_seen": int(seen.sum()), "genes_train": cfg["n_train_genes"],
+                   "chroms_seen": len(chroms_seen), "chroms_train": cfg["n_train_chroms"],
+                   "chroms_unseen": sorted(set(cfg["train_chroms"]) - {cfg["chrom_names"][c] for c in chroms_seen})}
+        if rank == 0:
+            log.info("epoch %d: %d examples, %d of %d training genes and %d of %d chromosomes seen%s", epoch,
+                     metrics["examples"], metrics["genes_seen"], metrics["genes_train"], metrics["chroms_seen"],
+                     metrics["chroms_train"], f" (never: {metrics['chroms_unseen']})" if metrics["chroms_unseen"]
+                     else "")
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
@@ -338,7 +227,8 @@ def train_network(
     t0 = time.perf_counter()
     tc = config.train
     table = pa.concat_tables(
-        pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index"]) for d in train_dirs
+        pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index", "chrom"])
+        for d in train_dirs
     )
     labels = table["target"].to_numpy(zero_copy_only=False)
     use_chroms = bool(config.split.valid_chroms) and bool(np.any(table["split"].to_numpy(zero_copy_only=False)
@@ -352,11 +242,16 @@ def train_network(
         value_center=float(np.mean(train_labels)),
         value_scale=float(np.std(train_labels)) or 1.0,
     )
-    # ModelConfig's fields are NetworkSpec's size fields, by name
-    spec = NetworkSpec(n_tissues=n_tissues, promoter_length=config.promoter.length, use_promoter=use_promoter,
-                       use_context=use_context, **dataclasses.asdict(config.model))
+    spec = NetworkSpec.of(config.model, n_tissues=n_tissues, promoter_length=config.promoter.length,
+                          use_promoter=use_promoter, use_context=use_context)
     promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
     valid_ref = np.flatnonzero(valid)
+    # the chromosome of each gene, to report which chromosomes an epoch reached
+    chrom_names, chrom_code = np.unique(np.asarray(table["chrom"].to_pylist(), dtype=object), return_inverse=True)
+    gene_chrom = np.full(len(gene_ids), -1, dtype=np.int64)
+    gene_index = table["gene_index"].to_numpy().astype(np.int64)
+    gene_chrom[gene_index] = chrom_code
+    train_genes = np.unique(gene_index[~valid])
 
     def split(part: str):
         def select(batch: pa.Table) -> pa.Table:
@@ -381,6 +276,11 @@ def train_network(
         "drop": (tc.drop_neighbours, tc.drop_tissues, tc.drop_gene),
         "drop_promoter": tc.drop_promoter,
         "max_examples": tc.max_examples_per_epoch,
+        "gene_chrom": gene_chrom,
+        "chrom_names": [str(c) for c in chrom_names],
+        "n_train_genes": len(train_genes),
+        "train_chroms": sorted({str(chrom_names[c]) for c in np.unique(gene_chrom[train_genes])}),
+        "n_train_chroms": len(np.unique(gene_chrom[train_genes])),
         "threads": tc.cpus_per_worker,
         "resume_path": resume_from.path if resume_from is not None else None,
     }
@@ -411,37 +311,3 @@ def train_network(
     log.info("train %s: best validation loss %.4f after %d epochs (%.0f s)", name, saved["best_val"],
              saved["epoch"] + 1, metrics["seconds"])
     return TrainedNetwork(spec=spec, features=features, state=best, metrics=metrics)
-
-
-def run_network(
-    network: TrainedNetwork,
-    records: pa.Table,
-    promoters: np.ndarray,
-    lookup: PromoterLookup,
-    batch_size: int = 512,
-    chunk: int = 16384,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions on the value scale (N,), embeddings (N, D)) of ``records``, in-process, no gradients.
-
-    Records are featurised ``chunk`` rows at a time and go through the network ``batch_size`` rows at a time:
-    small batches keep the attention's activations in the CPU's cache and let each batch drop the padded slots
-    that none of its rows uses (on the 2-core development machine 512 rows ran 2.3x faster per entry than 4096,
-    docs/benchmarks.md). The network is built once per process and each unique promoter haplotype is encoded once
-    (:meth:`TrainedNetwork.inference`).
-    """
-    model, table = network.inference(promoters)
-    n = records.num_rows
-    preds = np.empty(n, np.float32)
-    embs = np.empty((n, model.embedding_dim), np.float32)
-    with torch.no_grad():
-        for lo in range(0, n, chunk):
-            part = records.slice(lo, chunk)
-            batch = featurize(part, network.features, lookup.for_records(part))
-            batch.pop("target", None)
-            tensors = to_tensors(batch)
-            for start in range(0, part.num_rows, batch_size):
-                pred, emb = model({k: v[start : start + batch_size] for k, v in tensors.items()}, table)
-                rows = slice(lo + start, lo + start + len(pred))
-                preds[rows] = network.features.unstandardise(pred.numpy())
-                embs[rows] = emb.numpy()
-    return preds, embs

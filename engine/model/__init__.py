@@ -1,7 +1,8 @@
 """The imputation network and its input arrays: plain torch modules and numpy featurisation, no Ray.
 
 ``features`` turns context records into fixed-shape arrays; ``network`` holds the promoter CNN, the context
-transformer and the hybrid network with its ablations.
+transformer and the hybrid network with its ablations; ``inference`` runs a trained network on records. The
+promoter one-hot encoder and lookup are numpy only and live in :mod:`engine.science.promoters`.
 """
 
 from engine.model.features import (
@@ -10,7 +11,6 @@ from engine.model.features import (
     drop_groups,
     empty_batch,
     featurize,
-    one_hot_promoters,
     to_tensors,
 )
 from engine.model.network import ContextEncoder, HybridNet, NetworkSpec, PromoterCNN
@@ -25,6 +25,5 @@ __all__ = [
     "drop_groups",
     "empty_batch",
     "featurize",
-    "one_hot_promoters",
     "to_tensors",
 ]

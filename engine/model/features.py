@@ -68,13 +68,6 @@ BATCH_KEYS = (
     "promoter_index_b",
 )
 
-# A, C, G, T (either case) -> 0..3; anything else -> 4, which matches no channel and so encodes as all zeros
-_BASE_CODE = np.full(256, 4, dtype=np.uint8)
-for _i, _b in enumerate(b"ACGT"):
-    _BASE_CODE[_b] = _i
-    _BASE_CODE[_b + 32] = _i
-
-
 @dataclass(frozen=True)
 class FeatureSpec:
     """How records become arrays.
@@ -111,73 +104,6 @@ class FeatureSpec:
     def unstandardise(self, values: np.ndarray) -> np.ndarray:
         """Network output back on the value scale: ``values * value_scale + value_center``."""
         return (np.asarray(values, dtype=np.float64) * self.value_scale + self.value_center).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class PromoterLookup:
-    """The promoter rows a record reads: its gene's reference window, or its donor's two haplotypes.
-
-    Attributes:
-        gene_row: (G,) int64 reference row of each gene in the one-hot table, -1 = no promoter.
-        sample_donor: (S,) int64 donor index of each sample (``sample_index`` of the records).
-        personal_keys: (M,) int64 sorted keys ``gene * n_donors + donor`` of the pairs whose haplotypes differ from
-            the reference.
-        personal_rows: (M, 2) int64 rows of those pairs' haplotypes A and B.
-        n_donors: donor count of the keys.
-    """
-
-    gene_row: np.ndarray
-    sample_donor: np.ndarray
-    personal_keys: np.ndarray
-    personal_rows: np.ndarray
-    n_donors: int
-
-    @classmethod
-    def reference(cls, gene_row: np.ndarray) -> PromoterLookup:
-        """A lookup that gives every record its gene's reference window."""
-        return cls(np.asarray(gene_row, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                   np.zeros((0, 2), np.int64), 0)
-
-    @property
-    def personal(self) -> bool:
-        """Whether any donor carries a non-reference haplotype."""
-        return len(self.personal_keys) > 0
-
-    def rows(self, gene_index: np.ndarray, sample_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """((N,) row of haplotype A, (N,) row of haplotype B) of records (gene_index, sample_index)."""
-        gene_index = np.asarray(gene_index, np.int64)
-        a = self.gene_row[gene_index]
-        b = a.copy()
-        if self.personal:
-            key = gene_index * self.n_donors + self.sample_donor[np.asarray(sample_index, np.int64)]
-            pos = np.minimum(np.searchsorted(self.personal_keys, key), len(self.personal_keys) - 1)
-            hit = self.personal_keys[pos] == key
-            a[hit] = self.personal_rows[pos[hit], 0]
-            b[hit] = self.personal_rows[pos[hit], 1]
-        return a, b
-
-    def for_records(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`rows` of a table with ``gene_index`` and ``sample_index`` columns."""
-        return self.rows(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
-
-
-def one_hot_promoters(sequences: list[str], length: int) -> np.ndarray:
-    """One-hot encode promoter sequences.
-
-    Args:
-        sequences: P sequences, 5'->3' on the gene's strand (:data:`engine.schema.PROMOTERS` ``sequence``).
-        length: L. Shorter sequences are right-padded with zeros; longer ones keep their first L bases, so
-            position i is always the same offset from the window start.
-
-    Returns:
-        (P, 4, L) uint8, channels A, C, G, T; N and any other letter are all zeros.
-    """
-    if length < 1:
-        raise ValueError(f"one_hot_promoters: length must be >= 1, got {length}")
-    # one fixed-width byte string per sequence, then a single table lookup over all of them
-    raw = b"".join(s.encode("ascii", errors="replace")[:length].ljust(length, b"N") for s in sequences)
-    codes = _BASE_CODE[np.frombuffer(raw, dtype=np.uint8)].reshape(len(sequences), length)
-    return (codes[:, None, :] == np.arange(4, dtype=np.uint8)[None, :, None]).astype(np.uint8)
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,10 +17,15 @@ Every parameter of a given spec takes part in every forward, so the network can 
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from engine.config import ModelConfig
 
 #: the gene-level scalars ((value, ok) pairs) and the target tissue's offset, in the order the query reads them
 GENE_SCALARS = ("tissue_mean", "tissue_mean_ok", "gene_mean", "gene_mean_ok", "tissue_offset", "genetic_score",
@@ -33,50 +38,33 @@ _N_ORIENT = 3  # engine.schema.ORIENT_SAME, ORIENT_DIVERGENT, ORIENT_CONVERGENT
 _QUERY, _NEIGHBOUR, _TISSUE = 0, 1, 2  # token types
 
 
-@dataclass(frozen=True)
-class NetworkSpec:
-    """Shape of the network.
+@dataclass(frozen=True, kw_only=True)
+class NetworkSpec(ModelConfig):
+    """Shape of the network: the size fields and checks of :class:`engine.config.ModelConfig`, plus its inputs.
 
     Attributes:
         n_tissues: tissue vocabulary size (``FeatureSpec.n_tissues``).
         promoter_length: L of the one-hot promoters.
-        d_model: width of tokens, the promoter embedding and the returned embedding.
-        n_heads: attention heads; divides ``d_model``.
-        n_layers: transformer layers.
-        cnn_channels: channels of every conv block.
-        cnn_kernel: conv kernel width (bp at the first block).
-        cnn_layers: conv blocks; each but the last is followed by a 4x max-pool.
-        dropout: dropout on the transformer's residual branches (not on its attention weights), in the
-            ``cnn_only`` MLP and in the head.
         use_promoter: build the promoter CNN.
         use_context: build the transformer over neighbour and tissue tokens.
     """
 
     n_tissues: int
     promoter_length: int
-    d_model: int = 32
-    # 2 heads of width 16, not 4 of 8: CPU attention kernels cost per head at these sizes (4 heads measured
-    # about 1.5x slower per training step for the same attention flops)
-    n_heads: int = 2
-    n_layers: int = 2
-    cnn_channels: int = 32
-    cnn_kernel: int = 15
-    cnn_layers: int = 3
-    dropout: float = 0.1
     use_promoter: bool = True
     use_context: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("n_tissues", "promoter_length", "d_model", "n_heads", "n_layers", "cnn_channels", "cnn_kernel"):
+        super().__post_init__()
+        for name in ("n_tissues", "promoter_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"NetworkSpec.{name}: expected an integer >= 1, got {value!r}")
-        if not isinstance(self.cnn_layers, int) or self.cnn_layers < 1:
-            raise ValueError(f"NetworkSpec.cnn_layers: expected an integer >= 1, got {self.cnn_layers!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"NetworkSpec.n_heads: {self.n_heads} does not divide d_model={self.d_model}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"NetworkSpec.dropout: expected a number in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def of(cls, size: ModelConfig, **inputs: Any) -> NetworkSpec:
+        """The spec of a network of ``size`` (a ``ModelConfig``) with ``inputs`` (n_tissues, promoter_length, ...)."""
+        return cls(**{f.name: getattr(size, f.name) for f in dataclasses.fields(ModelConfig)}, **inputs)
 
     @property
     def variant(self) -> str:

@@ -47,6 +47,7 @@ from engine import schema as S
 from engine.config import Config, ExpressionConfig
 from engine.errors import ConfigError, GeximputeError
 from engine.science.problem import VisibleProblem
+from engine.science.promoters import PromoterLookup, genome_promoter_inputs
 from engine.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
 
 log = logging.getLogger(__name__)
@@ -174,37 +175,16 @@ def load_bundle_from(folder: str) -> Any:
     return load_bundle(folder)
 
 
-def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndarray, Any] | None:
+def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndarray, PromoterLookup] | None:
     """The promoter inputs of the problem's donors' own haplotypes, or None without personal genomes.
 
     Returns:
         (one-hot table (P, 4, L) of every reference window and donor haplotype, the
-        :class:`~engine.model.features.PromoterLookup` of the problem's samples), as ``Bundle.predict`` takes them.
+        :class:`~engine.science.promoters.PromoterLookup` of the problem's samples), as ``Bundle.predict`` takes them.
     """
-    genomes = problem.genomes
-    if genomes is None:
+    if problem.genomes is None:
         return None
-    from engine.model.features import PromoterLookup, one_hot_promoters
-
-    reference = np.asarray(genomes.reference_row, np.int64)
-    rows = np.asarray(genomes.rows, np.int64)  # (G, D, 2)
-    gene, donor = genomes.personal_pairs()  # row-major: the keys come out sorted
-    n_donors = rows.shape[1]
-    table = one_hot_promoters(list(genomes.sequences), length)
-    lookup = PromoterLookup(reference, np.asarray(problem.donor_index, np.int64), gene * n_donors + donor,
-                            rows[gene, donor], n_donors)
-    return table, lookup
-
-
-def personal_promoters(haplotypes: Any, records: pa.Table, gene_ids: np.ndarray) -> Any:
-    """HOOK: the promoter inputs ``Bundle.predict`` gets for ``records``, from their donors' own haplotypes.
-
-    ``haplotypes`` is what ``impute`` built with :func:`donor_promoter_inputs` (a one-hot table and a lookup over
-    the problem's samples) or None; None makes ``Bundle.predict`` read the bundle's reference windows. ``nightly``
-    passes None until new donors' haplotypes are built (:func:`engine.steps.nightly.donor_haplotypes`). This is the one
-    place where per-donor promoter inputs meet the predictor.
-    """
-    return haplotypes
+    return genome_promoter_inputs(problem.genomes, problem.donor_index, length)
 
 
 class Predictor:
@@ -237,10 +217,9 @@ class Predictor:
 
     def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
-        promoters = personal_promoters(self.haplotypes, records, self.gene_ids)
-        if promoters is None:
+        if self.haplotypes is None:  # the bundle's reference windows
             return self.bundle.predict(records, self.gene_ids)
-        return self.bundle.predict(records, self.gene_ids, promoters)
+        return self.bundle.predict(records, self.gene_ids, self.haplotypes)
 
     def __call__(self, records: pa.Table) -> pa.Table:
         from engine.io.expression import from_model_scale

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config
 from engine.errors import ConfigError
-from engine.model.features import PromoterLookup, one_hot_promoters
+from engine.science.promoters import PromoterLookup, one_hot_promoters
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
 
     sequences = sorted(set(rows["ref_seq"]) | set(rows["alt_seq"]))
     row_of = {seq: i for i, seq in enumerate(sequences)}
-    table = one_hot_promoters(sequences, p.length) if sequences else np.zeros((0, 4, p.length), np.uint8)
+    table = one_hot_promoters(sequences, p.length)
     n_t = len(problem.tissues)
     gene = np.repeat(np.asarray(rows["gene"], dtype=np.int64), n_t)
     tissue = np.tile(np.arange(n_t), n_pairs)
