@@ -93,7 +93,6 @@ PREDICTIONS = pa.schema(
 #: was never sampled; ``observed`` is null for an imputed entry.
 RUN_DATE = "run_date"
 PREDICTION_PARTITIONS = (TISSUE,)
-NIGHTLY_PARTITIONS = (RUN_DATE, TISSUE)
 
 
 def check_table(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:

@@ -32,7 +32,7 @@ import platform
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -691,8 +691,3 @@ def summary(bench: dict) -> str:
     for name, st in bench["stages"].items():
         lines.append(f"  stage {name:<9} {st['seconds']:7.1f} s")
     return "\n".join(lines)
-
-
-def parse_scales(values: Sequence[str | int]) -> tuple[int, ...]:
-    """``--scales`` values as ints."""
-    return tuple(int(v) for v in values)

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine import __version__
@@ -14,12 +14,8 @@ from engine.errors import GeximputeError
 
 log = logging.getLogger("engine")
 
-#: the steps of DESIGN.md that later versions implement; listed so that --help shows the whole shape
-PLANNED: dict[str, str] = {}
-
-
-def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, metavar="FILE", help="YAML config file")
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -117,8 +113,8 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 
     from engine.fit.bundle import save_bundle
     from engine.fit.hybrid import fit_hybrid_head
-    from engine.model.inference import TrainedNetwork
     from engine.model.features import FeatureSpec
+    from engine.model.inference import TrainedNetwork
     from engine.model.network import NetworkSpec
     from engine.runtime.raytools import ensure_ray
     from engine.steps.prepare import read_problem_index
@@ -210,17 +206,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(summary(bench))
     print(f"bench.json and bench.png written to {args.out}")
     return 0
-
-
-def _planned(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(
-            f"geximpute {name}: not available in geximpute {__version__} yet ({PLANNED[name]}).",
-            file=sys.stderr,
-        )
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,11 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work", action="store_true", help="keep DIR/work (data, records, bundle)")
     p.set_defaults(func=cmd_benchmark)
 
-    for name, text in PLANNED.items():
-        p = sub.add_parser(name, help=f"{text} (not available yet)")
-        _add_config(p, required=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_planned(name))
     return parser
 
 
