@@ -1,0 +1,108 @@
+"""The engine's layers import only downward: each module's imports (top-level and inside functions) are walked with
+``ast`` and an import of a higher layer fails, naming the file, the line and the two layers.
+
+Layer order (docs/architecture.md): base (``engine/__init__``, ``errors``, ``config``, ``schema``) < ``io`` <
+``science`` < ``model`` < ``runtime`` < ``fit`` < ``steps`` < ``apps``; ``jobs/`` may import anything.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = ROOT / "engine"
+LAYERS = ("base", "io", "science", "model", "runtime", "fit", "steps", "apps")
+BASE_MODULES = {"engine", "engine.errors", "engine.config", "engine.schema"}
+#: third-party packages a layer must not import, though a higher one may: science is numpy only, model is torch
+#: without Ray (model code knows nothing about Ray), io reads files without any model library
+FORBIDDEN = {
+    "base": {"ray", "torch", "xgboost", "sklearn", "matplotlib"},
+    "io": {"ray", "torch", "xgboost", "sklearn", "matplotlib"},
+    "science": {"ray", "torch", "xgboost", "matplotlib"},
+    "model": {"ray", "xgboost", "matplotlib"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> str:
+    """The layer of an engine module name; raises for a module outside every layer."""
+    if module in BASE_MODULES:
+        return "base"
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in LAYERS[1:]:
+        return parts[1]
+    raise ValueError(f"{module}: in no layer; put it in a subpackage ({', '.join(LAYERS[1:])}) or the base")
+
+
+def imported_modules(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, module name) of every import in ``tree``, at any depth; ``from engine import schema`` gives
+    ``engine.schema``. A relative import gives ``.``: the engine spells its imports out."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                found.append((node.lineno, "."))
+                continue
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                path = ROOT / candidate.replace(".", "/")
+                is_module = path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+                found.append((node.lineno, candidate if is_module else node.module))
+    return found
+
+
+ENGINE_FILES = sorted(ENGINE.rglob("*.py"))
+
+
+def test_every_engine_module_has_a_layer():
+    for path in ENGINE_FILES:
+        layer_of(module_name(path))  # raises with the module's name
+
+
+@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_go_only_downward(path: Path):
+    module = module_name(path)
+    own = LAYERS.index(layer_of(module))
+    tree = ast.parse(path.read_text(), filename=str(path))
+    upward = []
+    for line, target in imported_modules(tree):
+        top = target.split(".")[0]
+        if target == ".":
+            upward.append(f"{path.relative_to(ROOT)}:{line}: a relative import; write it absolute")
+        elif top == "engine":
+            other = layer_of(target)
+            if LAYERS.index(other) > own:
+                upward.append(f"{path.relative_to(ROOT)}:{line}: {LAYERS[own]} imports {target} ({other})")
+        elif top in FORBIDDEN.get(LAYERS[own], ()):
+            upward.append(f"{path.relative_to(ROOT)}:{line}: {LAYERS[own]} imports {top}")
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_the_walker_sees_imports_inside_functions_and_from_package_imports():
+    source = (
+        "from engine import schema\n"
+        "import engine.io.fasta\n"
+        "def f():\n"
+        "    from engine.steps.impute import impute\n"
+        "    from engine.fit import bundle\n"
+        "    import torch\n"
+        "from . import x\n"
+    )
+    found = dict((m, line) for line, m in imported_modules(ast.parse(source)))
+    assert found == {"engine.schema": 1, "engine.io.fasta": 2, "engine.steps.impute": 4, "engine.fit.bundle": 5,
+                     "torch": 6, ".": 7}
+    assert [layer_of(m) for m in ("engine", "engine.schema", "engine.io.fasta", "engine.steps.impute")] == [
+        "base", "base", "io", "steps"]
+    with pytest.raises(ValueError, match="in no layer"):
+        layer_of("engine.utils")
