@@ -23,9 +23,9 @@ import yaml
 
 from engine.errors import ConfigError
 
-Scale = Literal["tpm", "counts", "log"]
+Scale = Literal["tpm", "counts", "log", "normalised"]
 GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
-ExpressionFormat = Literal["auto", "gct", "wide", "long"]
+ExpressionFormat = Literal["auto", "gct", "wide", "long", "bed"]
 SoftMask = Literal["upper", "n"]
 
 
@@ -41,19 +41,25 @@ def _require(condition: bool, key: str, value: Any, expected: str) -> None:
 
 @dataclass(frozen=True)
 class InputsConfig:
-    """Input files. Only ``genes`` and ``expression`` are required.
+    """Input files. Only ``expression`` is always required; ``genes`` too unless the expression is a phenotype BED.
 
     Attributes:
-        genes: gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV with named columns.
-        expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues) or long TSV/CSV/Parquet
-            (gene_id, sample_id, value).
+        genes: gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV with named columns. May be left out when
+            ``expression`` is a QTLtools/FastQTL phenotype BED: the genes' TSS and strand are then read from it.
+        expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues), long TSV/CSV/Parquet
+            (gene_id, sample_id, value) or a QTLtools/FastQTL phenotype BED (``#chr start end gene length
+            strand`` then one column per person, format ``bed``).
         genome: FASTA (plain or bgzip) for promoter sequence; optional.
         samples: sample table (sample_id -> donor_id, tissue); without it every expression column is one tissue
             of one reference genotype, as in a median-by-tissue table.
         variants: VCF/VCF.gz/BCF of personal genomes; optional.
         sample_map: two-column table linking VCF sample names to expression donor ids, when they differ.
         scale: what the expression values are: ``tpm`` (or another length-normalised abundance), raw
-            ``counts`` (normalised per sample on reading) or already ``log``-transformed.
+            ``counts`` (normalised per sample on reading), already ``log``-transformed, or ``normalised`` by an
+            eQTL pipeline (e.g. rank-normalised; may be negative): ``log`` and ``normalised`` values are used as
+            they are, with no transform.
+        tissue: the one tissue of an expression file with one column per person and no sample table (a phenotype
+            BED): each column is then a donor (named by the column) measured in this tissue.
         genes_format, expression_format: ``auto`` picks the format from the file name.
         gene_types: keep only these gene types from a GTF/GFF3/TSV that has them (empty: keep all).
         genome_partial: the FASTA deliberately covers only part of the genome (some chromosomes, or pieces of
@@ -71,10 +77,14 @@ class InputsConfig:
     expression_format: ExpressionFormat = "auto"
     gene_types: tuple[str, ...] = ()
     genome_partial: bool = False
+    tissue: str | None = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.genes), "inputs.genes", self.genes, "a path to a gene annotation file")
         _require(bool(self.expression), "inputs.expression", self.expression, "a path to an expression file")
+        bed = self.expression_format == "bed" or self.expression.lower().removesuffix(".gz").endswith(".bed")
+        _require(bool(self.genes) or bed, "inputs.genes", self.genes,
+                 "a path to a gene annotation file (it may be left out only when inputs.expression is a "
+                 "phenotype BED, whose rows give each gene's TSS and strand)")
 
     def resolved(self, base: Path) -> InputsConfig:
         """Return a copy with every relative path made absolute against ``base``."""
@@ -87,7 +97,7 @@ class InputsConfig:
 
         return dataclasses.replace(
             self,
-            genes=fix(self.genes),
+            genes=fix(self.genes) if self.genes else "",
             expression=fix(self.expression),
             genome=fix(self.genome),
             samples=fix(self.samples),
@@ -234,6 +244,35 @@ class ContextConfig:
         )
         _require(self.genetic_shrinkage is None or self.genetic_shrinkage > 0, "context.genetic_shrinkage",
                  self.genetic_shrinkage, "a number > 0 or null")
+
+
+@dataclass(frozen=True)
+class GenotypesConfig:
+    """How personal genomes (``inputs.variants``) are read and used.
+
+    Attributes:
+        cis_window: bases on each side of the TSS whose variants feed the cis-genetic score
+            (:func:`engine.science.genomes.genetic_scores`) and the ``elastic_net`` baseline, which always see the
+            same window (PrediXcan uses 1 Mb; 100 kb keeps most of the signal at SNP-array density). ``null``:
+            the promoter window only. The CNN reads the promoter haplotypes whatever this is.
+        missing: a missing call (``./.``, or one missing allele) inside a window: ``mean`` reads the allele as
+            REF in the promoter haplotypes and gives the site the mean dosage of the donors called there in the
+            genetic score (it then adds nothing to the donor's score); ``reference`` reads it as REF in both;
+            ``error`` refuses the VCF, naming the site and the donor.
+        unphased: a donor with unphased heterozygous calls at two or more sites of one promoter window, whose two
+            promoter haplotypes are therefore ambiguous: ``as_written`` takes the alleles in the order the GT
+            writes them (``0/1``: ALT on haplotype B); ``cis`` puts every heterozygous ALT of the window on
+            haplotype B whatever the GT's order (all on one chromosome); ``error`` refuses the VCF. Phased calls
+            are never changed. The genetic score uses dosages, which phase does not affect.
+    """
+
+    cis_window: int | None = None
+    missing: Literal["mean", "reference", "error"] = "mean"
+    unphased: Literal["as_written", "cis", "error"] = "as_written"
+
+    def __post_init__(self) -> None:
+        _require(self.cis_window is None or 0 <= self.cis_window <= 10_000_000, "genotypes.cis_window",
+                 self.cis_window, "null or a number of bases in 0..10,000,000")
 
 
 @dataclass(frozen=True)
@@ -509,6 +548,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    genotypes: GenotypesConfig = field(default_factory=GenotypesConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -15,8 +15,8 @@ from engine.config import Config
 from engine.errors import InputError
 from engine.io.expression import Expression, read_expression
 from engine.io.fasta import Genome
-from engine.io.genes import GeneTable, read_genes
-from engine.io.samples import read_samples, reference_samples
+from engine.io.genes import GeneTable, phenotype_bed_genes, read_genes
+from engine.io.samples import person_samples, read_samples, reference_samples
 
 if TYPE_CHECKING:
     from engine.io.variants import Variants
@@ -58,35 +58,64 @@ def load_dataset(config: Config, *, with_variants: bool = True) -> Dataset:
     if inputs.genome:
         log.info("reading genome %s", inputs.genome)
         genome = Genome(inputs.genome)
-    log.info("reading genes %s", inputs.genes)
-    genes = read_genes(
-        inputs.genes,
-        inputs.genes_format,
-        gene_types=inputs.gene_types,
-        genome=genome,
-        genome_partial=inputs.genome_partial,
-    )
     log.info("reading expression %s", inputs.expression)
     expression = read_expression(inputs.expression, inputs.expression_format, inputs.scale)
+    if inputs.genes:
+        log.info("reading genes %s", inputs.genes)
+        genes = read_genes(
+            inputs.genes,
+            inputs.genes_format,
+            gene_types=inputs.gene_types,
+            genome=genome,
+            genome_partial=inputs.genome_partial,
+        )
+    elif expression.genes is not None:
+        log.info("genes: TSS and strand from the phenotype BED %s", inputs.expression)
+        genes = phenotype_bed_genes(expression.genes, expression.path, genome=genome,
+                                    genome_partial=inputs.genome_partial)
+    else:
+        raise InputError(expression.path, "no gene annotation: inputs.genes is not set and the expression file "
+                         "does not give the genes' coordinates", expected="inputs.genes, or a phenotype BED")
     if inputs.samples:
         log.info("reading sample table %s", inputs.samples)
         samples = _join_samples(read_samples(inputs.samples), expression, inputs.samples)
+    elif expression.genes is not None or inputs.tissue:
+        # one column per person, all of one tissue (a phenotype BED): each column is a donor
+        samples = person_samples(expression.sample_ids, inputs.tissue or "tissue")
     else:
         samples = reference_samples(expression.sample_ids)
     variants = None
     if inputs.variants and with_variants:
         from engine.io.variants import read_sample_map, read_variants
 
-        log.info("reading variants %s", inputs.variants)
+        regions = variant_regions(genes, expression.gene_ids, config)
+        log.info("reading variants %s in %d windows around %d genes", inputs.variants, len(regions),
+                 len(expression.gene_ids))
         variants = read_variants(
             inputs.variants,
             genome,
             sample_map=read_sample_map(inputs.sample_map) if inputs.sample_map else None,
+            regions=regions,
             genome_partial=inputs.genome_partial,
         )
     dataset = Dataset(config, genes, expression, samples, genome, variants)
     dataset.report = summarise(dataset)
     return dataset
+
+
+def variant_regions(genes: GeneTable, gene_ids: list[str], config: Config) -> list[tuple[str, int, int]]:
+    """The genomic windows whose variants the model reads: around each expressed gene's TSS, its promoter window
+    and its cis window (``genotypes.cis_window``), widened by one promoter length so that a deletion starting just
+    outside a promoter window and reaching into it is read too. 1-based inclusive; overlapping ones are merged by
+    :func:`engine.io.variants.read_variants`, which reads them through the VCF's index when it has one, so that
+    memory grows with the windows and not with the file."""
+    table = genes.table
+    keep = np.isin(np.asarray(table[S.GENE_ID].to_pylist(), dtype=object), np.asarray(gene_ids, dtype=object))
+    p = config.promoter
+    half = max(p.upstream, p.downstream, config.genotypes.cis_window or 0) + p.length
+    chroms = np.asarray(table[S.CHROM].to_pylist(), dtype=object)[keep]
+    tss = table[S.TSS].to_numpy()[keep].astype(np.int64)
+    return [(str(c), int(max(t - half, 1)), int(t + half)) for c, t in zip(chroms, tss, strict=True)]
 
 
 def _join_samples(table: pa.Table, expression: Expression, samples_path: str) -> pa.Table:
@@ -196,7 +225,8 @@ def format_summary(report: dict) -> str:
         lines.append(f"              chromosomes renamed: {g['renamed_chroms']}")
     lines += [
         f"  samples     {s['samples']:,} samples, {s['donors']:,} donor(s), {s['tissues']:,} tissues"
-        + ("" if s["has_sample_table"] else " (no sample table: one reference genotype, one column per tissue)"),
+        + ("" if s["has_sample_table"] or s["donors"] > 1
+           else " (no sample table: one reference genotype, one column per tissue)"),
         f"  cells       {s['observed_donor_tissue_cells']:,} of {s['donors'] * s['tissues']:,} donor-tissue cells "
         f"observed ({s['observed_cell_fraction']:.1%})",
         f"  expression  {e['format']} on scale {e['scale']}; {e['measured_entries']:,} entries measured "

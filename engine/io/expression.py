@@ -1,4 +1,5 @@
-"""Expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues) or long TSV/CSV/Parquet.
+"""Expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues), long TSV/CSV/Parquet, or a QTLtools/FastQTL
+phenotype BED (``#chr start end gene [gid|length strand]`` then one column per person).
 
 Every layout is read into one in-memory form, :class:`Expression`: a genes x samples float32 matrix with NaN for
 entries that were not measured, plus the gene and sample ids. Values are kept on the scale they were given on;
@@ -35,8 +36,10 @@ class Expression:
         gene_ids: gene ids without version suffix, one per row.
         sample_ids: sample (or tissue) ids, one per column.
         values: float32 array of shape (n_genes, n_samples); NaN where nothing was measured.
-        scale: ``tpm``, ``counts`` or ``log``, as configured.
+        scale: ``tpm``, ``counts``, ``log`` or ``normalised``, as configured.
         report: counts for ``inspect``.
+        genes: for a phenotype BED, its rows' coordinates as a table of ``gene_id`` (as written), ``chrom``,
+            ``start0``, ``end`` and ``strand`` (see :func:`engine.io.genes.phenotype_bed_genes`); None otherwise.
     """
 
     path: Path
@@ -45,6 +48,7 @@ class Expression:
     values: np.ndarray
     scale: str
     report: dict = field(default_factory=dict)
+    genes: pa.Table | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,10 +68,12 @@ class Expression:
 
 
 def detect_format(path: Path) -> str:
-    """``gct``, ``long`` or ``wide`` from the file name and, for text tables, the header."""
+    """``gct``, ``bed``, ``long`` or ``wide`` from the file name and, for text tables, the header."""
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".gct"):
         return "gct"
+    if name.endswith(".bed"):
+        return "bed"
     if is_parquet(path):
         return "long"
     with open_text(path) as fh:
@@ -81,9 +87,9 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
     """Read and validate an expression file.
 
     Args:
-        path: GCT 1.2, wide TSV/CSV or long TSV/CSV/Parquet (plain or gzip).
-        fmt: ``auto``, ``gct``, ``wide`` or ``long``.
-        scale: ``tpm`` and ``counts`` must be non-negative; ``log`` may be negative.
+        path: GCT 1.2, wide TSV/CSV, long TSV/CSV/Parquet or phenotype BED (plain, gzip or bgzip).
+        fmt: ``auto``, ``gct``, ``wide``, ``long`` or ``bed``.
+        scale: ``tpm`` and ``counts`` must be non-negative; ``log`` and ``normalised`` may be negative.
 
     Raises:
         InputError: missing/empty/truncated file, a bad GCT header, missing columns, non-numeric or negative
@@ -95,11 +101,13 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
         expr = _read_gct(path, scale)
     elif fmt == "long":
         expr = _read_long(path, scale)
+    elif fmt == "bed":
+        expr = _read_phenotype_bed(path, scale)
     else:
         expr = _read_wide(path, scale, read_table(path, "expression table"), first_data_line=2)
     if expr.values.size == 0:
         raise InputError(path, "expression table holds no values", expected="at least one gene and one sample")
-    if scale != "log":
+    if scale not in ("log", "normalised"):
         neg = expr.values < 0
         if neg.any():
             g, s = (int(x[0]) for x in np.nonzero(neg))
@@ -108,7 +116,8 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
                 f"negative expression value {expr.values[g, s]:g} for scale {scale!r}",
                 record=f"gene {expr.gene_ids[g]}, sample {expr.sample_ids[s]}"
                 + (f" (line {g + expr.report['first_data_line']})" if "first_data_line" in expr.report else ""),
-                expected="values >= 0 (set inputs.scale: log for log-scale values)",
+                expected="values >= 0 (set inputs.scale: log for log-scale values, or normalised for values an "
+                "eQTL pipeline has normalised)",
             )
     measured = ~np.isnan(expr.values)
     expr.report.update(
@@ -148,6 +157,35 @@ def _read_gct(path: Path, scale: str) -> Expression:
     expr = _read_wide(path, scale, table, first_data_line=4)
     expr.report["gct_declared_shape"] = declared
     expr.report["gct_dimension_line_matches"] = declared == expr.values.shape
+    return expr
+
+
+#: the coordinate columns of a phenotype BED: QTLtools writes six (the fifth is a group id, or a length), FastQTL four
+BED_COORDINATES = ("#chr", "start", "end")
+
+
+def _read_phenotype_bed(path: Path, scale: str) -> Expression:
+    """A QTLtools (``#chr start end pid gid strand``) or FastQTL (``#Chr start end ID``) phenotype BED."""
+    table = read_table(path, "phenotype BED", delimiter="\t", quoting=False,
+                       column_types={"#chr": pa.string(), "#Chr": pa.string()})
+    names = table.column_names
+    lower = [n.lower() for n in names]
+    if len(names) < 5 or tuple(lower[:3]) != BED_COORDINATES:
+        raise InputError(path, f"header starts with {names[:6]}", record="line 1",
+                         expected="a phenotype BED header '#chr start end <id> [<gid or length> strand]' followed "
+                         "by one column per person (QTLtools/FastQTL layout)")
+    n_coord = 6 if len(names) > 6 and lower[5] == "strand" else 4
+    coords = table.select(names[:n_coord])
+    values = table.select([names[3], *names[n_coord:]])
+    expr = _read_wide(path, scale, values.rename_columns(["gene_id", *names[n_coord:]]), first_data_line=2)
+    strand = coords.column(5).cast(pa.string()) if n_coord == 6 else pa.nulls(table.num_rows, pa.string())
+    expr.genes = pa.table({
+        "gene_id": coords.column(3).cast(pa.string()),
+        "chrom": coords.column(0).cast(pa.string()),
+        "start0": coords.column(1),
+        "end": coords.column(2),
+        "strand": strand,
+    })
     return expr
 
 
@@ -282,13 +320,14 @@ def size_factors(counts: np.ndarray, method: str) -> np.ndarray:
 
 
 def to_model_scale(expr: Expression, config: ExpressionConfig) -> np.ndarray:
-    """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log``.
+    """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log`` and
+    ``normalised``.
 
     Returns:
         float32 array of the same shape as ``expr.values`` (NaN preserved).
     """
     values = expr.values.astype(np.float32, copy=True)
-    if expr.scale == "log" or config.transform == "none":
+    if expr.scale in ("log", "normalised") or config.transform == "none":
         if expr.scale == "counts":
             values = values / size_factors(values, config.counts_normalisation)[None, :].astype(np.float32)
         return values
@@ -299,6 +338,6 @@ def to_model_scale(expr: Expression, config: ExpressionConfig) -> np.ndarray:
 
 def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -> np.ndarray:
     """Inverse of the log1p transform: TPM (or normalised counts per million) from modelling-scale values."""
-    if scale == "log" or config.transform == "none":
+    if scale in ("log", "normalised") or config.transform == "none":
         return values
     return np.expm1(values)

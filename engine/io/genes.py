@@ -246,6 +246,42 @@ def read_genes(
         table = _read_bed(path)
     else:
         table = _read_named(path, fmt)
+    return _validated(table, path, fmt, gene_types, genome, genome_partial)
+
+
+def phenotype_bed_genes(coords: pa.Table, path: str | Path, *, genome: Genome | None = None,
+                        genome_partial: bool = False) -> GeneTable:
+    """The genes of a phenotype BED (:func:`engine.io.expression.read_expression`'s ``Expression.genes``).
+
+    QTLtools writes each gene as a 1-bp interval at its TSS (``end`` is the TSS); for a longer interval the TSS is
+    its 5' end on the strand, as in a BED6 annotation. Validated like :func:`read_genes`.
+
+    Raises:
+        InputError: the BED has no strand column (FastQTL's four-column layout), or any check of
+            :func:`read_genes` fails.
+    """
+    path = Path(path)
+    if coords["strand"].null_count == coords.num_rows:
+        raise InputError(path, "phenotype BED has no strand column", record="the header",
+                         expected="the QTLtools layout '#chr start end pid gid strand'",
+                         hint="Give the genes' TSS and strand with inputs.genes (e.g. the GTF)")
+    start = pc.add(coords["start0"], 1)  # BED is 0-based half-open
+    table = pa.table({
+        S.GENE_ID: coords["gene_id"],
+        S.GENE_NAME: pa.nulls(coords.num_rows, pa.string()),
+        S.GENE_TYPE: pa.nulls(coords.num_rows, pa.string()),
+        S.CHROM: coords["chrom"],
+        S.START: start,
+        S.END: coords["end"],
+        S.TSS: pc.if_else(pc.equal(coords["strand"], "-"), coords["end"], start),
+        S.STRAND: coords["strand"],
+    })
+    return _validated(table, path, "phenotype-bed", (), genome, genome_partial)
+
+
+def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...], genome: Genome | None,
+               genome_partial: bool) -> GeneTable:
+    """Check and normalise a gene table read from ``path`` (see :func:`read_genes`)."""
     report: dict = {"format": fmt, "n_records": table.num_rows}
 
     # Nulls and bad values, reported with the first offending record.

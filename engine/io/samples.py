@@ -84,3 +84,8 @@ def reference_samples(tissues: list[str]) -> pa.Table:
         {S.SAMPLE_ID: tissues, S.DONOR_ID: [S.REFERENCE_DONOR] * len(tissues), S.TISSUE: tissues},
         schema=S.SAMPLES,
     )
+
+
+def person_samples(donors: list[str], tissue: str) -> pa.Table:
+    """The sample table of a one-tissue file with one column per person: each column is a donor's one sample."""
+    return pa.table({S.SAMPLE_ID: donors, S.DONOR_ID: donors, S.TISSUE: [tissue] * len(donors)}, schema=S.SAMPLES)

@@ -157,7 +157,8 @@ class TissueDonorBaseline:
 class ElasticNetBaseline:
     """PrediXcan-style genetic predictor: per gene, an elastic net (scikit-learn ``ElasticNetCV``, l1_ratio 0.5,
     penalty chosen by 5-fold cross-validation over donors) of the donors' expression on the ALT dosages of the
-    variants in the gene's promoter window; prediction = the gene's visible mean in the target tissue + the
+    variants in the gene's cis window (``genotypes.cis_window``, the very window of the hybrid's cis-genetic score);
+    prediction = the gene's visible mean in the target tissue + the
     donor's predicted genetic deviation.
 
     The model is fitted per gene on the donor residuals pooled over tissues (each donor's mean visible deviation
@@ -197,7 +198,7 @@ class ElasticNetBaseline:
             fit = has & ~np.isnan(y)
             if hi == lo or fit.sum() < 10:
                 continue
-            x = genomes.dosage[lo:hi].T.astype(np.float64)  # (D, m)
+            x = genomes.link_dosage(lo, hi).T.astype(np.float64)  # (D, m)
             mean = np.nan_to_num(np.nanmean(np.where(has[:, None], x, np.nan), axis=0))
             x = np.where(np.isnan(x), mean, x)
             if not np.any(x[fit].std(axis=0) > 0):

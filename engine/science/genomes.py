@@ -1,14 +1,19 @@
-"""Donors' genomes as the model sees them: promoter haplotypes per (gene, donor) and promoter-variant dosages.
+"""Donors' genomes as the model sees them: promoter haplotypes per (gene, donor) and cis-variant dosages.
 
 :class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`engine.science.haplotypes`) to the problem's genes and
 donors. It holds, for every problem gene and donor, the rows of the donor's two promoter haplotypes in one table of
 unique sequences (the reference row for donors without a genome and for genes without variants), and the ALT
-dosage of every variant site inside a promoter window (NaN where the call is missing or the donor has no genome).
+dosage of every variant site inside the gene's cis window (``genotypes.cis_window`` bases either side of the TSS, or
+the promoter window when that is null; NaN where the call is missing or the donor has no genome). The CNN reads
+the promoter haplotypes; the cis-genetic score and the ``elastic_net`` baseline read the cis-window dosages.
 
 :func:`genetic_scores` turns visible expression into a per-(gene, donor) cis-genetic score: for each gene, a ridge
 regression of the donors' visible expression residuals (value minus the gene's mean in that tissue, averaged over
-the donor's visible tissues) on their promoter-variant dosages, evaluated for every donor with a genome. It is
+the donor's visible tissues) on their cis-variant dosages, evaluated for every donor with a genome. It is
 fitted on visible values only, so for a held-out donor it uses nothing but the donor's genotypes.
+
+Missing calls follow ``genotypes.missing`` (``mean``: NaN here, the donors' mean dosage when fitted and scored;
+``reference``: dosage 0; ``error``: refused). Dosages do not depend on phase.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DonorGenomes:
-    """Personal promoter haplotypes and promoter-variant dosages of the problem's donors.
+    """Personal promoter haplotypes and cis-variant dosages of the problem's donors.
 
     Attributes:
         sequences: P unique promoter sequences (reference windows and every donor haplotype), 5'->3'.
@@ -34,11 +39,13 @@ class DonorGenomes:
         rows: (G, D, 2) int32 rows of each donor's two haplotypes (``reference_row`` where the donor carries the
             reference or has no genome; -1 where the gene has no window).
         has_genome: (D,) bool, the donor is in the VCF.
-        site_ptr: (G + 1,) int64; the promoter sites of gene g are ``site_ptr[g]:site_ptr[g + 1]`` of the
-            arrays below (a site in two genes' windows appears once per gene).
+        site_ptr: (G + 1,) int64; the cis-window sites of gene g are ``site_ptr[g]:site_ptr[g + 1]`` of
+            ``site_index`` and ``dosage_row`` (a site in two genes' windows appears once per gene).
         site_index: (M,) int64 row of each site in the VCF's site table.
-        dosage: (M, D) float32 ALT allele count (0, 1, 2), NaN where missing or the donor has no genome.
+        dosage: (U, D) float32 ALT allele count (0, 1, 2) of each site used, NaN where missing or the donor has
+            no genome; :meth:`gene_dosage` gives a gene's rows.
         report: haplotype construction counts (:func:`engine.science.haplotypes.build_haplotypes`).
+        dosage_row: (M,) int64 row in ``dosage`` of each site link; None when ``dosage`` has one row per link.
     """
 
     sequences: list[str]
@@ -50,6 +57,17 @@ class DonorGenomes:
     site_index: np.ndarray
     dosage: np.ndarray
     report: dict
+    dosage_row: np.ndarray | None = None
+
+    def link_dosage(self, lo: int, hi: int) -> np.ndarray:
+        """(hi - lo, D) float32 dosages of the site links ``lo:hi``."""
+        if self.dosage_row is None:
+            return self.dosage[lo:hi]
+        return self.dosage[self.dosage_row[lo:hi]]
+
+    def gene_dosage(self, g: int) -> np.ndarray:
+        """(m, D) float32 dosages of gene ``g``'s cis-window sites."""
+        return self.link_dosage(int(self.site_ptr[g]), int(self.site_ptr[g + 1]))
 
     def personal_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(gene, donor) indices, in row-major order, of the pairs whose haplotypes differ from the reference."""
@@ -105,13 +123,15 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     from engine.science.haplotypes import build_haplotypes
 
     p = dataset.config.promoter
+    policy = dataset.config.genotypes
     genes = pa.table({
         S.GENE_ID: pa.array(problem.gene_ids, pa.string()),
         S.CHROM: pa.array(problem.chroms, pa.string()),
         S.TSS: pa.array(problem.tss, pa.int64()),
         S.STRAND: pa.array(np.where(problem.strand > 0, "+", "-"), pa.string()),
     })
-    haps = build_haplotypes(dataset.genome, genes, variants, p)
+    haps = build_haplotypes(dataset.genome, genes, variants, p,
+                            missing="error" if policy.missing == "error" else "reference", unphased=policy.unphased)
     vcf_donor = {d: i for i, d in enumerate(haps.donors)}
     col = np.array([vcf_donor.get(d, -1) for d in problem.donors], dtype=np.int64)
     has = col >= 0
@@ -120,25 +140,70 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     if has.any():
         rows[:, has, :] = haps.rows[:, col[has], :]
 
-    start, end = window_bounds(problem.tss, problem.strand, p.upstream, p.downstream)
+    start, end = cis_bounds(problem.tss, problem.strand, p.upstream, p.downstream, policy.cis_window)
     sites = variants.sites
     ptr, index = promoter_sites(problem.chroms, start, end,
                                 np.asarray(sites[S.CHROM].to_pylist(), dtype=object), sites["pos"].to_numpy())
-    calls = variants.genotypes[index]  # (M, n_vcf, 2)
+    used, dosage_row = np.unique(index, return_inverse=True)
+    calls = variants.genotypes[used]  # (U, n_vcf, 2)
+    if policy.missing == "error":
+        refuse_missing(variants, used, ptr, index, problem.gene_ids, col[has])
     alt = _alt_dosage(calls)
-    dosage = np.full((len(index), len(problem.donors)), np.nan, dtype=np.float32)
+    if policy.missing == "reference":
+        alt = np.nan_to_num(alt, nan=0.0)
+    dosage = np.full((len(used), len(problem.donors)), np.nan, dtype=np.float32)
     if has.any():
         dosage[:, has] = alt[:, col[has]]
     genomes = DonorGenomes(
         sequences=list(haps.sequences), promoter_ids=list(haps.promoter_ids), reference_row=ref, rows=rows,
         has_genome=has, site_ptr=ptr, site_index=index, dosage=dosage,
         report={**haps.report, "n_problem_donors_with_genome": int(has.sum()),
-                "n_problem_donors": len(problem.donors), "n_promoter_site_links": len(index)},
+                "n_problem_donors": len(problem.donors), "cis_window": policy.cis_window,
+                "n_cis_site_links": len(index), "n_cis_sites": len(used),
+                "n_genes_with_cis_site": int((np.diff(ptr) > 0).sum()),
+                "missing_policy": policy.missing, "unphased_policy": policy.unphased},
+        dosage_row=dosage_row.reshape(-1).astype(np.int64),
     )
-    log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d promoter-site links; "
-             "%d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
-             len(genomes.sequences), len(index), len(genomes.personal_pairs()[0]))
+    log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d cis-site links (%d sites, "
+             "window %s); %d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
+             len(genomes.sequences), len(index), len(used),
+             "the promoter" if policy.cis_window is None else f"+/-{policy.cis_window:,} bp",
+             len(genomes.personal_pairs()[0]))
     return genomes
+
+
+def cis_bounds(tss: np.ndarray, strand: np.ndarray, upstream: int, downstream: int,
+               cis_window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """1-based inclusive (start, end) of each gene's cis window: ``cis_window`` bases either side of the TSS, or
+    the promoter window when ``cis_window`` is None."""
+    if cis_window is None:
+        return window_bounds(tss, strand, upstream, downstream)
+    tss = np.asarray(tss, dtype=np.int64)
+    return np.maximum(tss - cis_window, 1), tss + cis_window
+
+
+def refuse_missing(variants, sites: np.ndarray, ptr: np.ndarray, index: np.ndarray, gene_ids: np.ndarray,
+                   columns: np.ndarray) -> None:
+    """Raise :class:`~engine.errors.InputError` on the first missing call of ``columns`` (VCF sample columns) at
+    ``sites`` (``genotypes.missing: error``), naming the file, the site, the donor and a gene whose window holds it."""
+    from engine.errors import InputError
+
+    calls = variants.genotypes[sites][:, columns]
+    hits = np.argwhere((calls < 0).any(axis=2))
+    if not hits.size:
+        return
+    i, d = (int(x) for x in hits[0])
+    site = int(sites[i])
+    link = int(np.flatnonzero(index == site)[0])
+    gene = gene_ids[int(np.searchsorted(ptr, link, side="right") - 1)]
+    chrom, pos = variants.sites[S.CHROM][site].as_py(), variants.sites[S.POS][site].as_py()
+    raise InputError(
+        variants.path,
+        f"{len(hits)} missing call(s) at sites in the cis windows of the problem's genes",
+        record=f"site {chrom}:{pos}, donor {variants.samples[int(columns[d])]}, in the window of gene {gene}",
+        expected="every call made at sites the model reads (genotypes.missing: error)",
+        hint="Set genotypes.missing to mean or reference, or impute the VCF first (e.g. Beagle)",
+    )
 
 
 def _alt_dosage(calls: np.ndarray) -> np.ndarray:
@@ -201,8 +266,8 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
             chooses it per gene from :data:`SHRINKAGE_GRID` by leave-one-donor-out error.
 
     Returns:
-        scores (G, D) float32 (NaN for genes without a promoter variant or donors without a genome) and, per gene,
-        the fitted effect per ALT allele of each of its promoter sites (zeros when nothing was fitted).
+        scores (G, D) float32 (NaN for genes without a cis variant or donors without a genome) and, per gene,
+        the fitted effect per ALT allele of each of its cis-window sites (zeros when nothing was fitted).
     """
     n_genes, n_donors = genomes.rows.shape[0], genomes.rows.shape[1]
     resid = donor_residuals(values, tissue_index, donor_index, n_donors, n_tissues)
@@ -214,7 +279,7 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
         if hi == lo:
             effects.append(np.zeros(0, np.float32))
             continue
-        x = genomes.dosage[lo:hi].T.astype(np.float64)  # (D, m)
+        x = genomes.link_dosage(lo, hi).T.astype(np.float64)  # (D, m)
         mean = np.nanmean(np.where(has[:, None], x, np.nan), axis=0) if has.any() else np.zeros(hi - lo)
         mean = np.nan_to_num(mean)
         x = np.where(np.isnan(x), mean, x) - mean  # missing calls at the mean dosage

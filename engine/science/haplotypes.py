@@ -67,6 +67,8 @@ from engine.io.variants import Variants
 
 MissingPolicy = Literal["reference", "error"]
 MISSING_POLICIES: tuple[str, ...] = ("reference", "error")
+UnphasedPolicy = Literal["as_written", "cis", "error"]
+UNPHASED_POLICIES: tuple[str, ...] = ("as_written", "cis", "error")
 
 _BASES = frozenset("ACGTNacgtn")
 _SOFT_TO_N = str.maketrans(string.ascii_lowercase, "N" * len(string.ascii_lowercase))
@@ -291,6 +293,7 @@ def build_haplotypes(
     promoter: PromoterConfig,
     *,
     missing: MissingPolicy = "reference",
+    unphased: UnphasedPolicy = "as_written",
 ) -> PromoterHaplotypes:
     """Every donor's two promoter haplotypes for each gene, one sequence built per distinct haplotype.
 
@@ -301,17 +304,24 @@ def build_haplotypes(
         variants: the donors' genotypes (:func:`engine.io.variants.read_variants`).
         promoter: the window (``upstream``, ``downstream``, ``soft_mask``).
         missing: ``reference`` reads a missing allele as REF; ``error`` refuses it.
+        unphased: a donor with unphased heterozygous calls at two or more sites of one window (ambiguous phase):
+            ``as_written`` keeps the GT's order, ``cis`` puts every such ALT on haplotype B (REF on A), ``error``
+            refuses it (:class:`~engine.config.GenotypesConfig`).
 
     Returns:
         The unique sequences, each gene's reference row and each donor's two haplotype rows, with counts.
 
     Raises:
-        ConfigError: ``missing`` is not a known policy.
+        ConfigError: ``missing`` or ``unphased`` is not a known policy.
         ValueError: ``genes`` lacks a column, has an empty value or a strand other than ``+``/``-``.
-        InputError: ``missing="error"`` and a call inside a promoter window has a missing allele.
+        InputError: ``missing="error"`` and a call inside a promoter window has a missing allele, or
+            ``unphased="error"`` and a donor's phase inside a window is ambiguous.
     """
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"missing must be one of {', '.join(repr(p) for p in MISSING_POLICIES)}, got {missing!r}")
+    if unphased not in UNPHASED_POLICIES:
+        raise ConfigError(f"unphased must be one of {', '.join(repr(p) for p in UNPHASED_POLICIES)}, "
+                          f"got {unphased!r}")
     gene_ids, gene_chroms, tss, strands = _gene_columns(genes, genome)
     sites = _Sites(variants, genome)
     up, down, length = promoter.upstream, promoter.downstream, promoter.length
@@ -325,7 +335,7 @@ def build_haplotypes(
     reference_row = np.full(n_genes, -1, dtype=np.int64)
     row_of: dict[str, int] = {}
     used = np.zeros(sites.n, dtype=bool)
-    n_with_window = built = overlap_skipped = indels_applied = 0
+    n_with_window = built = overlap_skipped = indels_applied = ambiguous_pairs = 0
     for g in range(n_genes):
         chrom, strand, t = gene_chroms[g], strands[g], int(tss[g])
         if chrom not in genome:
@@ -347,6 +357,13 @@ def build_haplotypes(
         if missing == "error":
             _refuse_missing(variants, index, gene_ids[g])
         alleles = sites.alleles(index)  # (n_sites, 2 * D)
+        het, ambiguous = _ambiguous_phase(variants, index)
+        if ambiguous.any():
+            ambiguous_pairs += int(ambiguous.sum())
+            if unphased == "error":
+                _refuse_ambiguous(variants, index, het, ambiguous, gene_ids[g])
+            if unphased == "cis":
+                alleles = _alts_on_b(alleles, het & ambiguous[None, :])
         carried = alleles.any(axis=1)
         if not carried.any():
             continue
@@ -383,6 +400,8 @@ def build_haplotypes(
         **sites.call_counts(used),
         "n_overlap_skipped": overlap_skipped,
         "n_indels_applied": indels_applied,
+        "n_ambiguous_phase_pairs": ambiguous_pairs,
+        "unphased_policy": unphased,
     }
     return PromoterHaplotypes(
         sequences=sequences,
@@ -505,6 +524,41 @@ class _Sites:
             "n_unphased_calls": int((~self.variants.phased[index] & ~missing.any(axis=2)).sum()),
             "n_symbolic_skipped": int(unusable.sum()),
         }
+
+
+def _ambiguous_phase(variants: Variants, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((n_sites, D) unphased heterozygous calls at ``index``, (D,) donors with two or more of them)."""
+    calls = variants.genotypes[index]
+    het = (calls[..., 0] != calls[..., 1]) & (calls >= 0).all(axis=2) & ~variants.phased[index]
+    return het, het.sum(axis=0) >= 2
+
+
+def _alts_on_b(alleles: np.ndarray, move: np.ndarray) -> np.ndarray:
+    """``alleles`` (n_sites, 2 * D) with the calls of ``move`` (n_sites, D) that pair REF with one ALT rewritten
+    as REF on haplotype A and the ALT on B (policy ``cis``); calls with two different ALTs keep their order."""
+    pairs = alleles.reshape(alleles.shape[0], -1, 2).copy()
+    one_ref = move & ((pairs[..., 0] == 0) | (pairs[..., 1] == 0))
+    alt = pairs[..., 0] + pairs[..., 1]
+    pairs[..., 0] = np.where(one_ref, 0, pairs[..., 0])
+    pairs[..., 1] = np.where(one_ref, alt, pairs[..., 1])
+    return pairs.reshape(alleles.shape)
+
+
+def _refuse_ambiguous(variants: Variants, index: np.ndarray, het: np.ndarray, ambiguous: np.ndarray,
+                      gene_id: str) -> None:
+    """Raise on the first donor whose phase in the window of ``gene_id`` is ambiguous (``unphased="error"``)."""
+    d = int(np.flatnonzero(ambiguous)[0])
+    rows = index[np.flatnonzero(het[:, d])[:2]]
+    where = ", ".join(f"{variants.sites[S.CHROM][int(r)].as_py()}:{variants.sites[S.POS][int(r)].as_py()}"
+                      for r in rows)
+    raise InputError(
+        variants.path,
+        f"{int(ambiguous.sum())} donor(s) have unphased heterozygous calls at two or more sites of the promoter "
+        f"window of gene {gene_id}: their two promoter haplotypes are ambiguous",
+        record=f"donor {variants.samples[d]}, sites {where}",
+        expected="phased calls (0|1) wherever a window holds two heterozygous sites (genotypes.unphased: error)",
+        hint="Phase the VCF (e.g. with SHAPEIT or Beagle), or set genotypes.unphased to as_written or cis",
+    )
 
 
 def _refuse_missing(variants: Variants, index: np.ndarray, gene_id: str) -> None:

@@ -124,7 +124,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
             hi = max(pos + len(ref), tss + max(p.upstream, p.downstream)) + p.length
             region = genome.fetch(chrom, lo, hi)
             ref_seq = genomes.sequences[genomes.reference_row[g]]
-            dosage = genomes.dosage[pos_in]
+            dosage = genomes.link_dosage(pos_in, pos_in + 1)[0]
             mean = float(np.nanmean(dosage)) if np.isfinite(dosage).any() else 0.0
             for k, alt in enumerate(alts, start=1):
                 if not is_sequence_allele(alt):
