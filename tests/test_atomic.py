@@ -1,0 +1,232 @@
+"""The commit protocol and leases of :mod:`engine.runtime.atomic`, with real processes and real files (no Ray).
+
+Each writer below writes ``N_FILES`` files that all carry the writer's label, so a reader can tell a complete
+version (N files, one label) from a mix or a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.runtime import atomic
+from engine.runtime.atomic import (
+    COMMIT_POINTS,
+    Lease,
+    LeaseBusy,
+    LeaseLost,
+    OutputRefused,
+    resolve,
+    staged_output,
+    store_of,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+N_FILES = 20
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from engine.runtime.atomic import staged_output
+    out, label, pause, n_files = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    with staged_output(out, step="test") as staging:
+        for i in range(n_files):
+            (staging / f"part-{i:03d}.txt").write_text(label)
+        time.sleep(pause)
+    print("committed", label)
+""")
+
+
+def write_version(out: Path, label: str, **kwargs) -> None:
+    with staged_output(out, step="test", **kwargs) as staging:
+        for i in range(N_FILES):
+            (staging / f"part-{i:03d}.txt").write_text(label)
+
+
+def read_version(out: Path) -> str:
+    """The label of the version ``out`` names; fails on a partial or mixed version."""
+    folder = resolve(out)
+    labels = [p.read_text() for p in sorted(folder.glob("part-*.txt"))]
+    assert len(labels) == N_FILES, f"{len(labels)} files in {folder}"
+    assert len(set(labels)) == 1, f"a mix of versions in {folder}: {sorted(set(labels))}"
+    return labels[0]
+
+
+def run_writer(out: Path, label: str, pause: float = 0.0, env: dict | None = None, wait: bool = True):
+    full = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    argv = [sys.executable, "-c", WRITER, str(out), label, str(pause), str(N_FILES)]
+    proc = subprocess.Popen(argv, env=full, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        proc.wait(timeout=120)
+    return proc
+
+
+def test_commit_is_a_link_to_a_private_durable_version_and_old_versions_are_kept_then_pruned(tmp_path):
+    out = tmp_path / "out"
+    write_version(out, "one")
+    assert out.is_symlink() and read_version(out) == "one"
+    first = resolve(out)
+    assert first.parent == store_of(out) and first.name.startswith("v-")
+    marker = json.loads((first / atomic.MARKER).read_text())
+    assert marker["step"] == "test" and marker["version"] == first.name
+    for path in [first, *first.iterdir()]:
+        assert not os.stat(path).st_mode & stat.S_IRWXO, f"{path} is readable by others"
+    write_version(out, "two")  # the first version stays for its readers
+    assert read_version(out) == "two" and first.is_dir() and (first / atomic.SUPERSEDED).exists()
+    assert {p.read_text() for p in first.glob("part-*")} == {"one"}
+    write_version(out, "three", keep=0)  # superseded versions older than `keep` go
+    assert read_version(out) == "three"
+    assert sorted(p.name for p in store_of(out).iterdir()) == [resolve(out).name]  # no lease, staging or version
+
+
+def test_a_folder_that_is_not_ours_is_refused_and_left_whole(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "expression.tsv").write_text("gene_id\tliver\n")
+    with pytest.raises(OutputRefused, match=r"data: is a folder that is not a geximpute output"):
+        write_version(data, "x")
+    assert sorted(p.name for p in data.iterdir()) == ["expression.tsv"] and not data.is_symlink()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(OutputRefused, match="is a file"):
+        write_version(a_file, "x")
+    assert a_file.read_text() == "keep me"
+    other = tmp_path / "bundle"
+    with staged_output(other, step="bundle") as staging:
+        (staging / "manifest.json").write_text("{}")
+    with pytest.raises(OutputRefused, match="holds the output of `bundle`, not of `test`"):
+        write_version(other, "x")
+    assert (resolve(other) / "manifest.json").exists()
+    assert not list(store_of(data).glob("staging-*")) if store_of(data).exists() else True
+
+
+def test_force_replaces_a_foreign_folder_but_keeps_it_as_a_superseded_version(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.tsv").write_text("precious")
+    write_version(data, "forced", force=True)
+    assert read_version(data) == "forced"
+    kept = [v for v in store_of(data).glob("v-*") if (v / "x.tsv").exists()]
+    assert len(kept) == 1 and (kept[0] / "x.tsv").read_text() == "precious"
+
+
+def test_an_empty_folder_and_an_output_of_the_old_layout_are_replaced_without_a_gap(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_version(empty, "new")
+    assert read_version(empty) == "new"
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "_manifest.json").write_text(json.dumps({"step": "test", "versions": {"geximpute": "0.1"}}))
+    (legacy / "part-000.txt").write_text("old")
+    write_version(legacy, "new")
+    assert read_version(legacy) == "new"
+    assert any((v / "_manifest.json").exists() for v in store_of(legacy).glob("v-*"))  # kept for its readers
+
+
+def test_two_writers_on_one_output_from_two_hosts_one_wins_the_other_refuses(tmp_path):
+    out = tmp_path / "out"
+    write_version(out, "before")
+    first = run_writer(out, "host-a", pause=6, env={"GEXIMPUTE_HOST": "pod-a"}, wait=False)
+    lease = store_of(out) / "lease.json"
+    deadline = time.time() + 60
+    while not lease.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = run_writer(out, "host-b", env={"GEXIMPUTE_HOST": "pod-b"})
+    assert second.returncode != 0
+    err = second.stderr.read()
+    assert "LeaseBusy" in err and "pod-a" in err, err
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert read_version(out) == "host-a"
+    assert not list(store_of(out).glob("staging-*"))
+
+
+def test_a_reader_during_commits_sees_one_complete_version(tmp_path):
+    out = tmp_path / "out"
+    write_version(out, "v0")
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(read_version(out))  # through the link, as any reader of <out>/ does
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(1, 16):
+        proc = run_writer(out, f"v{i}")
+        assert proc.returncode == 0, proc.stderr.read()
+    stop.set()
+    thread.join()
+    assert not errors, errors[0]
+    assert len(seen) > 15 and set(seen) <= {f"v{i}" for i in range(16)}
+    assert read_version(out) == "v15"
+
+
+@pytest.mark.parametrize("point", COMMIT_POINTS)
+def test_a_run_killed_at_each_step_of_the_commit_leaves_a_readable_version(tmp_path, point):
+    out = tmp_path / "out"
+    write_version(out, "previous")
+    killed = run_writer(out, "killed", env={"GEXIMPUTE_KILL_AT": point, "GEXIMPUTE_LEASE_SECONDS": "1"})
+    assert killed.returncode == -9, killed.stderr.read()
+    # the commit is visible from "linked" on; before it the previous version is
+    assert read_version(out) == ("killed" if point in ("linked", "pruned") else "previous")
+    assert (store_of(out) / "lease.json").exists()  # the dead run's lease ...
+    time.sleep(1.2)  # ... expires, and the next run takes over and tidies
+    after = run_writer(out, "after")
+    assert after.returncode == 0, after.stderr.read()
+    assert read_version(out) == "after"
+    assert not list(store_of(out).glob("staging-*"))
+    assert not list(out.parent.glob(f".{out.name}.link-*"))
+
+
+def test_an_expired_lease_of_another_host_is_taken_over_and_a_live_one_is_not(tmp_path):
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"owner": "pod-x-7-abc", "host": "pod-x", "pid": 7, "expires": time.time() - 1}))
+    with Lease(path, what="nightly run") as lease:
+        assert json.loads(path.read_text())["owner"] == lease.owner
+        with pytest.raises(LeaseBusy, match=r"another nightly run holds the lease: .* on "):
+            Lease(path, what="nightly run").acquire()
+    assert not path.exists()
+    path.write_text(json.dumps({"owner": "pod-y-8-def", "host": "pod-y", "pid": 8, "expires": time.time() + 60}))
+    with pytest.raises(LeaseBusy, match="pod-y"):
+        Lease(path).acquire()
+    assert json.loads(path.read_text())["owner"] == "pod-y-8-def"  # someone else's lease is left alone
+    path.write_text("")  # torn by a crash: expired once older than 30 s
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    with Lease(path):
+        pass
+
+
+def test_the_heartbeat_renews_and_a_lost_lease_commits_nothing(tmp_path):
+    path = tmp_path / "lease.json"
+    with Lease(path, ttl=0.6) as lease:
+        first = json.loads(path.read_text())["expires"]
+        time.sleep(1.5)
+        lease.check()  # still ours, well after the first expiry time
+        assert json.loads(path.read_text())["expires"] > first + 0.5
+    out = tmp_path / "out"
+    write_version(out, "kept")
+    with pytest.raises(LeaseLost, match="no longer holds"):
+        with staged_output(out, step="test") as staging:
+            (staging / "part-000.txt").write_text("lost")
+            lease_file = store_of(out) / "lease.json"
+            holder = json.loads(lease_file.read_text())
+            lease_file.write_text(json.dumps({**holder, "owner": "someone-else"}))  # taken over meanwhile
+    assert read_version(out) == "kept"
+    assert not list(store_of(out).glob("staging-*"))
