@@ -200,7 +200,8 @@ class EvaluationConfig:
     task: Literal["entries", "genes", "samples"] = "entries"
     seed: int = 0
     fraction: float = 0.1
-    methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid")
+    methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
+                                "iterative_ridge", "tensor_factorisation", "promoter_composition", "hybrid")
     ablations: bool = True
     min_donors: int = 10
     whole_donors: bool = False
@@ -211,7 +212,8 @@ class EvaluationConfig:
         _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
         known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
-                 "elastic_net"}
+                 "elastic_net", "pairwise_regression", "iterative_ridge", "tensor_factorisation",
+                 "promoter_composition"}
         bad = [m for m in self.methods if m not in known]
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
                  "false unless evaluation.task is 'samples'")
@@ -225,7 +227,7 @@ class ContextConfig:
     Attributes:
         k_neighbours: nearest genes on the same chromosome, with a visible value in the same sample.
         max_distance: neighbours farther than this (bp, TSS to TSS) are left out; ``None``: no limit.
-        genetic_shrinkage: ridge penalty of the per-gene cis-genetic score on promoter-variant dosages
+        genetic_shrinkage: ridge penalty of the per-gene cis-genetic score on cis-variant dosages
             (:func:`engine.science.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
             needs before it moves far from 0. ``null`` (default): chosen per gene by leave-one-donor-out error.
     """
@@ -286,6 +288,20 @@ class BaselinesConfig:
         mc_shrinkage: singular-value shrinkage, as a fraction of the largest singular value.
         mc_iterations: soft-impute iterations.
         donor_shrinkage: pseudo-count shrinking a donor's effect toward 0 when it has few other tissues.
+        pr_min_donors: fewest donors with both tissues visible for a tissue pair's slope in
+            ``pairwise_regression``.
+        pr_prior: weight of the gene's tissue mean beside the pairwise estimates (in units of r^2/(1-r^2)).
+        ridge_alpha: ridge penalty of each tissue's regression on the others in ``iterative_ridge``.
+        ridge_iterations: rounds of ``iterative_ridge`` over all tissues.
+        tf_rank: rank of the donor factors of ``tensor_factorisation``.
+        tf_lambda: ridge penalty of its donor factors and loadings.
+        tf_iterations: alternating least-squares rounds of ``tensor_factorisation``.
+        comp_alpha: ridge penalty of ``promoter_composition`` (on standardised features).
+        tune: choose every tunable setting above from a small grid on a validation split carved out of the
+            visible data (never the hidden entries); the choice is written into ``metrics.json``. ``false``: use
+            the values as configured.
+        tune_fraction: fraction of the visible units (genes, samples or entries, as the task hides) in the
+            validation split.
     """
 
     distance_k: int = 10
@@ -294,6 +310,16 @@ class BaselinesConfig:
     mc_shrinkage: float = 0.01
     mc_iterations: int = 50
     donor_shrinkage: float = 1.0
+    pr_min_donors: int = 10
+    pr_prior: float = 0.0
+    ridge_alpha: float = 10.0
+    ridge_iterations: int = 5
+    tf_rank: int = 4
+    tf_lambda: float = 10.0
+    tf_iterations: int = 20
+    comp_alpha: float = 1.0
+    tune: bool = True
+    tune_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.distance_k >= 1, "baselines.distance_k", self.distance_k, "an integer >= 1")
@@ -302,6 +328,15 @@ class BaselinesConfig:
         _require(0 <= self.mc_shrinkage < 1, "baselines.mc_shrinkage", self.mc_shrinkage, "a number in [0, 1)")
         _require(self.mc_iterations >= 1, "baselines.mc_iterations", self.mc_iterations, "an integer >= 1")
         _require(self.donor_shrinkage >= 0, "baselines.donor_shrinkage", self.donor_shrinkage, "a number >= 0")
+        _require(self.pr_min_donors >= 3, "baselines.pr_min_donors", self.pr_min_donors, "an integer >= 3")
+        _require(self.pr_prior >= 0, "baselines.pr_prior", self.pr_prior, "a number >= 0")
+        _require(self.ridge_alpha >= 0, "baselines.ridge_alpha", self.ridge_alpha, "a number >= 0")
+        _require(self.ridge_iterations >= 1, "baselines.ridge_iterations", self.ridge_iterations, "an integer >= 1")
+        _require(self.tf_rank >= 1, "baselines.tf_rank", self.tf_rank, "an integer >= 1")
+        _require(self.tf_lambda > 0, "baselines.tf_lambda", self.tf_lambda, "a number > 0")
+        _require(self.tf_iterations >= 1, "baselines.tf_iterations", self.tf_iterations, "an integer >= 1")
+        _require(self.comp_alpha >= 0, "baselines.comp_alpha", self.comp_alpha, "a number >= 0")
+        _require(0 < self.tune_fraction < 0.5, "baselines.tune_fraction", self.tune_fraction, "a number in (0, 0.5)")
 
 
 @dataclass(frozen=True)

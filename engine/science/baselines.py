@@ -6,12 +6,19 @@ A method is fitted on the visible problem only and predicts the target entries o
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import warnings
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+from scipy import sparse
 
 from engine.config import BaselinesConfig
+from engine.science.context import ContextIndex, build_context
+from engine.science.folds import fold_problem, training_folds
+from engine.science.genomes import donor_residuals
 from engine.science.head_features import idw_estimate, list_parts
 from engine.science.problem import VisibleProblem
 
@@ -74,11 +81,13 @@ class RowTissueBaseline:
         np.add.at(sums, problem.tissue_index, np.where(ok, resid, 0).sum(axis=0))
         np.add.at(counts, problem.tissue_index, ok.sum(axis=0))
         self.tissue_offset = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        self.sample_tissue = problem.tissue_index
 
     def predict(self, records: pa.Table) -> np.ndarray:
-        g = records["gene_index"].to_numpy()
-        t = records["tissue_index"].to_numpy()
-        return self.gene_mean[g] + self.tissue_offset[t]
+        return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
+
+    def predict_entries(self, gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+        return self.gene_mean[gene_index] + self.tissue_offset[self.sample_tissue[sample_index]]
 
 
 class MatrixCompletionBaseline:
@@ -113,9 +122,10 @@ class MatrixCompletionBaseline:
         self.completed = estimate
 
     def predict(self, records: pa.Table) -> np.ndarray:
-        g = records["gene_index"].to_numpy()
-        s = records["sample_index"].to_numpy()
-        return self.completed[g, s]
+        return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
+
+    def predict_entries(self, gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+        return self.completed[gene_index, sample_index]
 
 
 class TissueDonorBaseline:
@@ -173,12 +183,9 @@ class ElasticNetBaseline:
         self.seed = seed
 
     def fit(self, problem: VisibleProblem) -> None:
-        import warnings
-
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import ElasticNetCV
 
-        from engine.science.genomes import donor_residuals
 
         genomes = problem.genomes
         if genomes is None:
@@ -218,26 +225,481 @@ class ElasticNetBaseline:
         return self.tissue_mean[g, t] + self.genetic[g, d]
 
 
+def donor_tissue_cube(problem: VisibleProblem) -> np.ndarray:
+    """(G, D, T) float64 visible mean of each (gene, donor, tissue) cell over its samples; NaN where none is visible.
+
+    GTEx has one sample per donor and tissue; where a cell has several, their visible values are averaged.
+    """
+    n_d, n_t = len(problem.donors), len(problem.tissues)
+    cell = problem.donor_index.astype(np.int64) * n_t + problem.tissue_index
+    onehot = sparse.csr_matrix((np.ones(problem.n_samples), (np.arange(problem.n_samples), cell)),
+                               shape=(problem.n_samples, n_d * n_t))
+    ok = ~np.isnan(problem.values)
+    sums = np.asarray(np.where(ok, problem.values, 0.0).astype(np.float64) @ onehot)
+    counts = np.asarray(ok.astype(np.float64) @ onehot)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cube = np.where(counts > 0, sums / counts, np.nan)
+    return cube.reshape(problem.n_genes, n_d, n_t)
+
+
+def _gene_tissue_means(cube: np.ndarray) -> np.ndarray:
+    """(G, T) mean over donors of each (gene, tissue); row_tissue-style fallback (gene mean + tissue offset, or the
+    global mean + tissue offset for a gene with nothing visible) where a (gene, tissue) has no visible donor."""
+    ok = ~np.isnan(cube)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        counts = ok.sum(axis=1)
+        means = np.where(counts > 0, np.where(ok, cube, 0.0).sum(axis=1) / np.maximum(counts, 1), np.nan)
+        overall = float(np.nanmean(cube)) if ok.any() else 0.0
+        gene_mean = np.nanmean(means, axis=1)
+        gene_mean = np.where(np.isnan(gene_mean), overall, gene_mean)
+        offset = np.nanmean(means - gene_mean[:, None], axis=0)
+    offset = np.where(np.isnan(offset), 0.0, offset)
+    return np.where(np.isnan(means), gene_mean[:, None] + offset[None, :], means)
+
+
+class _CubeMethod:
+    """A method that predicts every (gene, donor, tissue) cell at fit time; a sample reads its donor-tissue cell."""
+
+    name = ""
+
+    def fit(self, problem: VisibleProblem) -> None:
+        self.sample_donor = problem.donor_index
+        self.sample_tissue = problem.tissue_index
+        self.cells = self._fit_cube(problem)
+
+    def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, records: pa.Table) -> np.ndarray:
+        return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
+
+    def predict_entries(self, gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+        sample_index = np.asarray(sample_index, np.int64)
+        return self.cells[np.asarray(gene_index, np.int64), self.sample_donor[sample_index],
+                          self.sample_tissue[sample_index]]
+
+
+class PairwiseRegressionBaseline(_CubeMethod):
+    """TEEBoT-style pairwise tissue regression (Basu et al. 2021).
+
+    For each gene and each ordered tissue pair (target t, predictor u), a least-squares line of the gene's value in
+    t on its value in u across the donors with both visible (at least ``min_donors``). A donor's estimate in t is
+    the average of the lines' predictions from the donor's visible other tissues, each weighted by r^2 / (1 - r^2)
+    of its line; ``prior`` adds the gene's mean in t across donors with that weight. Cells without any usable
+    predictor get that mean. Needs a sample table with several donors.
+    """
+
+    name = "pairwise_regression"
+
+    def __init__(self, min_donors: int, prior: float) -> None:
+        self.min_donors, self.prior = min_donors, prior
+
+    def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
+        cube = donor_tissue_cube(problem)
+        base = _gene_tissue_means(cube)
+        out = np.empty_like(cube)
+        eye = np.eye(cube.shape[2], dtype=bool)
+        for g in range(cube.shape[0]):
+            ok = ~np.isnan(cube[g])
+            m = ok.astype(np.float64)
+            a = np.where(ok, cube[g], 0.0)
+            n = m.T @ m  # [t, u]: donors with both visible
+            s_t = a.T @ m  # sum of x_t over them
+            s_tt = (a * a).T @ m
+            s_tu = a.T @ a
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_t, mean_u = s_t / n, s_t.T / n
+                cov = s_tu / n - mean_t * mean_u
+                var_t = s_tt / n - mean_t**2
+                var_u = var_t.T
+                usable = (n >= self.min_donors) & (var_t > 1e-9) & (var_u > 1e-9) & ~eye
+                slope = np.where(usable, cov / var_u, 0.0)
+                r2 = np.where(usable, np.minimum(cov**2 / (var_t * var_u), 0.99), 0.0)
+            weight = r2 / (1.0 - r2)
+            intercept = np.where(usable, mean_t - slope * mean_u, 0.0)
+            num = m @ (weight * intercept).T + a @ (weight * slope).T + self.prior * base[g][None, :]
+            den = m @ weight.T + self.prior
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[g] = np.where(den > 1e-12, num / den, base[g][None, :])
+        return out
+
+
+class IterativeRidgeBaseline(_CubeMethod):
+    """MICE-style chained ridge regressions over tissues (van Buuren & Groothuis-Oudshoorn 2011, with ridge).
+
+    Rows are (gene, donor) pairs (genes alone for a median-by-tissue table) and columns tissues. With several
+    donors each cell is first taken as its deviation from the (gene, tissue) mean over donors, so the regressions
+    learn how a donor's deviations carry across tissues rather than how genes differ. Missing cells start at the
+    row's visible mean plus the tissue's mean offset; then, ``iterations`` times, each tissue's column is
+    regressed (ridge, penalty ``alpha``, intercept) on all the other columns over the rows where it is visible, and
+    its missing cells are replaced by the regression's prediction.
+    """
+
+    name = "iterative_ridge"
+
+    def __init__(self, alpha: float, iterations: int) -> None:
+        self.alpha, self.iterations = alpha, iterations
+
+    def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
+        cube = donor_tissue_cube(problem)
+        n_g, n_d, n_t = cube.shape
+        base = _gene_tissue_means(cube) if n_d > 1 else np.zeros((n_g, n_t))
+        x = (cube - base[:, None, :]).reshape(n_g * n_d, n_t)
+        ok = ~np.isnan(x)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            counts = ok.sum(axis=1)
+            row_mean = np.where(counts > 0, np.where(ok, x, 0.0).sum(axis=1) / np.maximum(counts, 1), np.nan)
+            if n_d > 1:  # a row with nothing visible: no deviation from the (gene, tissue) means
+                row_mean = np.where(np.isnan(row_mean), 0.0, row_mean)
+            else:  # a gene with nothing visible: the global mean
+                row_mean = np.where(np.isnan(row_mean), np.nanmean(x) if ok.any() else 0.0, row_mean)
+            offset = np.nanmean(np.where(ok, x - row_mean[:, None], np.nan), axis=0) if ok.any() else np.zeros(n_t)
+        offset = np.where(np.isnan(offset), 0.0, offset)
+        filled = np.where(ok, x, row_mean[:, None] + offset[None, :])
+        for _ in range(self.iterations if n_t > 1 else 0):
+            for t in range(n_t):
+                obs = ok[:, t]
+                if obs.all() or obs.sum() < 3:
+                    continue
+                xo = filled[obs]
+                mu_x = xo.mean(axis=0)
+                xc = xo - mu_x
+                gram = xc.T @ xc + self.alpha * np.eye(n_t)
+                rhs = xc.T @ (x[obs, t] - x[obs, t].mean())
+                # column t is the response: drop it from the regressors
+                gram[t, :], gram[:, t], gram[t, t], rhs[t] = 0.0, 0.0, 1.0, 0.0
+                beta = np.linalg.solve(gram, rhs)
+                miss = ~obs
+                filled[miss, t] = x[obs, t].mean() + (filled[miss] - mu_x) @ beta
+        return filled.reshape(cube.shape) + base[:, None, :]
+
+
+class TensorFactorisationBaseline(_CubeMethod):
+    """Low-rank factorisation of the gene x donor x tissue array around each (gene, tissue)'s mean over donors.
+
+    The residual of cell (g, d, t) is modelled as ``W[g, t] . Z[d]``: ``rank`` latent factors per donor, learned
+    from every visible cell of that donor, and a loading per (gene, tissue) (a Tucker-1 factorisation along the
+    donor mode, HYFA-like in spirit). Fitted by alternating ridge least squares (penalty ``lam``) on the visible
+    cells only; a donor with nothing visible gets Z = 0, i.e. the (gene, tissue) mean. Needs several donors.
+    """
+
+    name = "tensor_factorisation"
+
+    def __init__(self, rank: int, lam: float, iterations: int, seed: int = 0) -> None:
+        self.rank, self.lam, self.iterations, self.seed = rank, lam, iterations, seed
+
+    @staticmethod
+    def _solve(mask: np.ndarray, resid: np.ndarray, factors: np.ndarray, lam: float) -> np.ndarray:
+        """Ridge solution of each row of ``resid`` (masked) on ``factors``: (rows, r)."""
+        r = factors.shape[1]
+        outer = (factors[:, :, None] * factors[:, None, :]).reshape(len(factors), r * r)
+        gram = (mask @ outer).reshape(-1, r, r) + lam * np.eye(r)
+        rhs = resid @ factors
+        return np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
+
+    def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
+        cube = donor_tissue_cube(problem)
+        n_g, n_d, n_t = cube.shape
+        base = _gene_tissue_means(cube)
+        # rows (gene, tissue), columns donors
+        resid = (cube - base[:, None, :]).transpose(0, 2, 1).reshape(n_g * n_t, n_d)
+        ok = ~np.isnan(resid)
+        mask = ok.astype(np.float64)
+        resid0 = np.where(ok, resid, 0.0)
+        rng = np.random.default_rng(self.seed)
+        z = rng.normal(scale=0.1, size=(n_d, self.rank))
+        for _ in range(self.iterations):
+            w = self._solve(mask, resid0, z, self.lam)
+            z = self._solve(mask.T, resid0.T, w, self.lam)
+        fitted = (w @ z.T).reshape(n_g, n_t, n_d).transpose(0, 2, 1)
+        return base[:, None, :] + fitted
+
+
+COMPOSITION_FEATURES = ("gc", "cpg_per_100bp", "cpg_obs_exp", "gc_core", "cpg_core_per_100bp")
+
+
+def promoter_composition(sequences: list[str | None], upstream: int, core: int = 250) -> np.ndarray:
+    """Base composition of strand-oriented promoter windows: GC fraction, CpG dinucleotides per 100 bp and CpG
+    observed/expected over the whole window, and GC and CpG density of the core ``+/- core`` bp around the TSS.
+
+    Only known bases count (``N`` is unknown sequence); a window with less than half its bases known, or None,
+    gives a row of NaN.
+
+    Args:
+        sequences: one window per gene (None for a gene without one); the TSS is at offset ``upstream``.
+        upstream: bases of the window upstream of the TSS.
+        core: half-width of the core window.
+
+    Returns:
+        (N, 5) float64 in the order of :data:`COMPOSITION_FEATURES`.
+    """
+    out = np.full((len(sequences), len(COMPOSITION_FEATURES)), np.nan)
+
+    def stats(seq: str) -> tuple[float, float, float, int]:
+        known = sum(seq.count(b) for b in "ACGT")
+        gc = seq.count("G") + seq.count("C")
+        cpg = seq.count("CG")
+        c, g = seq.count("C"), seq.count("G")
+        oe = cpg * known / (c * g) if c and g else 0.0
+        return gc / max(known, 1), 100.0 * cpg / max(known, 1), oe, known
+
+    for i, seq in enumerate(sequences):
+        if not seq:
+            continue
+        seq = seq.upper()
+        gc, cpg, oe, known = stats(seq)
+        if known < len(seq) / 2:
+            continue
+        core_seq = seq[max(0, upstream - core) : upstream + core]
+        gc_c, cpg_c, _, known_c = stats(core_seq)
+        out[i] = (gc, cpg, oe, gc_c if known_c else gc, cpg_c if known_c else cpg)
+    return out
+
+
+class PromoterCompositionBaseline:
+    """Expression from promoter base composition alone (CpG islands mark broadly expressed genes): per tissue, a
+    ridge regression (penalty ``alpha`` on standardised features) of the genes' visible mean in that tissue on the
+    composition of their promoter (:func:`promoter_composition`). Genes without a known promoter get the tissue's
+    mean over genes without one.
+
+    Args:
+        composition: (G, F) features of the problem's genes, NaN rows for genes without sequence.
+        alpha: ridge penalty.
+    """
+
+    name = "promoter_composition"
+
+    def __init__(self, composition: np.ndarray, alpha: float) -> None:
+        self.composition, self.alpha = np.asarray(composition, np.float64), alpha
+
+    def fit(self, problem: VisibleProblem) -> None:
+        if len(self.composition) != problem.n_genes:
+            raise ValueError(f"promoter_composition: {len(self.composition)} composition rows for "
+                             f"{problem.n_genes} genes")
+        means = _gene_tissue_means(donor_tissue_cube(problem))  # (G, T) with fallbacks
+        observed = ~np.isnan(problem.values)
+        seen = observed.any(axis=1)
+        has = ~np.isnan(self.composition).any(axis=1)
+        fit = has & seen
+        n_t = len(problem.tissues)
+        fallback_rows = seen & ~has
+        self.fallback = (means[fallback_rows].mean(axis=0) if fallback_rows.any()
+                         else means[seen].mean(axis=0) if seen.any() else np.zeros(n_t))
+        self.has = has
+        self.sample_tissue = problem.tissue_index
+        if fit.sum() < 3:
+            self.coef = np.zeros((self.composition.shape[1], n_t))
+            self.intercept = self.fallback
+            self.mu, self.sd = np.zeros(self.composition.shape[1]), np.ones(self.composition.shape[1])
+            return
+        x = self.composition[fit]
+        self.mu, self.sd = x.mean(axis=0), x.std(axis=0)
+        self.sd = np.where(self.sd > 0, self.sd, 1.0)
+        xs = (x - self.mu) / self.sd
+        y = means[fit]
+        self.intercept = y.mean(axis=0)
+        self.coef = np.linalg.solve(xs.T @ xs + self.alpha * np.eye(xs.shape[1]), xs.T @ (y - self.intercept))
+
+    def predict(self, records: pa.Table) -> np.ndarray:
+        return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
+
+    def predict_entries(self, gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+        gene_index = np.asarray(gene_index, np.int64)
+        t = self.sample_tissue[np.asarray(sample_index, np.int64)]
+        x = (np.nan_to_num(self.composition[gene_index]) - self.mu) / self.sd
+        est = self.intercept[t] + np.einsum("nf,fn->n", x, self.coef[:, t])
+        return np.where(self.has[gene_index], est, self.fallback[t])
+
+
+#: methods that predict any (gene, sample) entry from the fitted problem alone, without context records; they
+#: give out-of-fold estimates (:func:`out_of_fold_estimates`)
+ENTRY_METHODS = ("row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge", "tensor_factorisation",
+                 "promoter_composition")
+#: methods that need several donors (a sample table)
+DONOR_METHODS = ("tissue_donor", "pairwise_regression", "tensor_factorisation")
+
+
+def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
+                composition: np.ndarray | None = None) -> Method:
+    """One baseline by name with the settings of ``config`` (no applicability check: see :func:`make_methods`)."""
+    if name == "distance":
+        return DistanceBaseline(config.distance_k, config.distance_offset)
+    if name == "row_tissue":
+        return RowTissueBaseline()
+    if name == "matrix_completion":
+        return MatrixCompletionBaseline(config.mc_rank, config.mc_shrinkage, config.mc_iterations)
+    if name == "tissue_donor":
+        return TissueDonorBaseline(config.donor_shrinkage)
+    if name == "elastic_net":
+        return ElasticNetBaseline(seed)
+    if name == "pairwise_regression":
+        return PairwiseRegressionBaseline(config.pr_min_donors, config.pr_prior)
+    if name == "iterative_ridge":
+        return IterativeRidgeBaseline(config.ridge_alpha, config.ridge_iterations)
+    if name == "tensor_factorisation":
+        return TensorFactorisationBaseline(config.tf_rank, config.tf_lambda, config.tf_iterations, seed)
+    if name == "promoter_composition":
+        if composition is None:
+            raise ValueError("promoter_composition needs the promoter composition of every gene")
+        return PromoterCompositionBaseline(composition, config.comp_alpha)
+    raise ValueError(f"unknown baseline {name!r}")
+
+
 def make_methods(names: tuple[str, ...], config: BaselinesConfig, n_donors: int,
-                 has_genomes: bool = False, seed: int = 0) -> tuple[list[Method], dict]:
-    """The configured baselines, and the reasons for any that do not apply to this dataset."""
+                 has_genomes: bool = False, seed: int = 0,
+                 composition: np.ndarray | None = None) -> tuple[list[Method], dict]:
+    """The configured baselines, and the reasons for any that do not apply to this dataset.
+
+    Args:
+        names: method names; names that are not baselines (``hybrid``...) are ignored.
+        config: their settings.
+        n_donors: donors of the problem (methods of :data:`DONOR_METHODS` need at least 2).
+        has_genomes: whether the problem has personal genomes (``elastic_net`` needs them).
+        seed: seeds the methods that draw random numbers.
+        composition: (G, F) promoter composition of the genes (:func:`promoter_composition`), for
+            ``promoter_composition``; None: that method is skipped.
+    """
     methods: list[Method] = []
     skipped = {}
     for name in names:
-        if name == "elastic_net":
-            if has_genomes:
-                methods.append(ElasticNetBaseline(seed))
-            else:
-                skipped[name] = "needs personal genomes (inputs.variants)"
-        if name == "distance":
-            methods.append(DistanceBaseline(config.distance_k, config.distance_offset))
-        elif name == "row_tissue":
-            methods.append(RowTissueBaseline())
-        elif name == "matrix_completion":
-            methods.append(MatrixCompletionBaseline(config.mc_rank, config.mc_shrinkage, config.mc_iterations))
-        elif name == "tissue_donor":
-            if n_donors < 2:
-                skipped[name] = "needs sample-level data with several donors"
-            else:
-                methods.append(TissueDonorBaseline(config.donor_shrinkage))
+        if name not in BASELINES:
+            continue
+        if name == "elastic_net" and not has_genomes:
+            skipped[name] = "needs personal genomes (inputs.variants)"
+        elif name in DONOR_METHODS and n_donors < 2:
+            skipped[name] = "needs sample-level data with several donors"
+        elif name == "promoter_composition" and (composition is None or np.isnan(composition).all()):
+            skipped[name] = "needs promoter sequence (inputs.genome) for some genes"
+        else:
+            methods.append(make_method(name, config, seed=seed, composition=composition))
     return methods, skipped
+
+
+BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "elastic_net", "pairwise_regression",
+             "iterative_ridge", "tensor_factorisation", "promoter_composition")
+
+#: the grid each tunable method's settings are chosen from on the validation split
+TUNING_GRIDS: dict[str, dict[str, tuple]] = {
+    "distance": {"distance_k": (2, 5, 10, 16), "distance_offset": (100.0, 1000.0, 10000.0)},
+    "matrix_completion": {"mc_rank": (1, 2, 3, 5, 8), "mc_shrinkage": (0.0, 0.01, 0.05)},
+    "tissue_donor": {"donor_shrinkage": (0.0, 0.5, 1.0, 2.0, 5.0)},
+    "pairwise_regression": {"pr_min_donors": (5, 10, 20, 40), "pr_prior": (0.0, 0.3, 1.0)},
+    "iterative_ridge": {"ridge_alpha": (1.0, 10.0, 100.0, 1000.0, 10000.0)},
+    "tensor_factorisation": {"tf_rank": (2, 4, 8, 16), "tf_lambda": (1.0, 10.0, 100.0)},
+    "promoter_composition": {"comp_alpha": (0.1, 1.0, 10.0, 100.0, 1000.0)},
+}
+
+
+def validation_mask(problem: VisibleProblem, task: str, fraction: float, seed: int, *,
+                    whole_donors: bool = False) -> np.ndarray:
+    """(G, S) bool: a validation split carved out of the *visible* entries, hidden as the task hides (whole genes,
+    samples or donors, or single entries). Its seed is offset from the training folds' so the two differ."""
+    return training_folds(problem, task, 1, fraction, seed + 104_729, whole_donors=whole_donors)[0]
+
+
+def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig, task: str, *,
+                  seed: int = 0, whole_donors: bool = False, composition: np.ndarray | None = None,
+                  k_neighbours: int = 16, max_entries: int = 60_000) -> tuple[BaselinesConfig, dict]:
+    """Choose each named method's settings from :data:`TUNING_GRIDS` on a validation split of the visible data.
+
+    The split hides ``config.tune_fraction`` of the visible units as the task hides them
+    (:func:`validation_mask`); each candidate is fitted on what is left and scored by RMSE on the split's values
+    (at most ``max_entries`` of them, drawn with ``seed``). Hidden (evaluation) entries are not in ``problem`` and
+    play no part.
+
+    Returns:
+        (the config with every chosen setting, ``{method: {"chosen": {...}, "rmse": x, "grid": [...],
+        "n_validation": n}}``).
+    """
+    mask = validation_mask(problem, task, config.tune_fraction, seed, whole_donors=whole_donors)
+    gi, si = np.nonzero(mask)
+    if len(gi) == 0:
+        return config, {}
+    rng = np.random.default_rng(seed)
+    if len(gi) > max_entries:
+        keep = np.sort(rng.choice(len(gi), size=max_entries, replace=False))
+        gi, si = gi[keep], si[keep]
+    truth = problem.values[gi, si].astype(np.float64)
+
+    valid_problem = fold_problem(problem, mask)
+    records = None
+    report: dict = {}
+    chosen = config
+    for name in names:
+        grid = TUNING_GRIDS.get(name)
+        if grid is None or name not in BASELINES:
+            continue
+        methods, skipped = make_methods((name,), config, len(problem.donors), problem.genomes is not None, seed,
+                                        composition)
+        if not methods:
+            continue
+        if name not in ENTRY_METHODS and records is None:
+            genetic = None if problem.genomes is None else np.zeros((problem.n_genes, len(problem.donors)))
+            records = build_context(ContextIndex(valid_problem, genetic=genetic), gi, si,
+                                    np.ones(len(gi), dtype=bool), k_neighbours)
+        keys = list(grid)
+        candidates = [dict(zip(keys, combo, strict=True)) for combo in _product(*(grid[k] for k in keys))]
+        if "distance_k" in grid:
+            candidates = [c for c in candidates if c["distance_k"] <= k_neighbours]
+        rows = []
+        for cand in candidates:
+            method = make_method(name, dataclasses.replace(config, **cand), seed=seed, composition=composition)
+            method.fit(valid_problem)
+            pred = (method.predict_entries(gi, si) if name in ENTRY_METHODS else method.predict(records))
+            rows.append({**cand, "rmse": float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))})
+        best = min(rows, key=lambda r: r["rmse"])
+        settings = {k: best[k] for k in keys}
+        chosen = dataclasses.replace(chosen, **settings)
+        report[name] = {"chosen": settings, "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi))}
+    return chosen, report
+
+
+def _product(*axes: tuple) -> list[tuple]:
+    return list(itertools.product(*axes))
+
+
+def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
+                       names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
+                       composition: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each applicable entry method (:data:`ENTRY_METHODS`) fitted on ``problem`` and evaluated at the entries
+    (``gene_index[i]``, ``sample_index[i]``): the head features of the hidden (evaluation) entries.
+
+    Returns:
+        ``{name: (N,) float64}``; methods that do not apply to the problem are left out.
+    """
+    names = tuple(n for n in names if n in ENTRY_METHODS)
+    methods, _ = make_methods(names, config, len(problem.donors), problem.genomes is not None, seed, composition)
+    out = {}
+    for method in methods:
+        method.fit(problem)
+        out[method.name] = np.asarray(method.predict_entries(gene_index, sample_index), np.float64)
+    return out
+
+
+def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray], names: tuple[str, ...],
+                          config: BaselinesConfig, *, seed: int = 0,
+                          composition: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Out-of-fold estimates of the entry methods for training units: the head features of the training folds.
+
+    For each fold k, every method is fitted on ``problem`` with fold k's entries hidden as well
+    (:func:`engine.science.folds.fold_problem`) and predicts fold k's entries, exactly as the evaluation fits on
+    the visible problem and predicts the hidden entries. No estimate of an entry ever saw that entry's value.
+
+    Args:
+        problem: the visible problem.
+        fold_masks: disjoint (G, S) bool masks (e.g. :func:`engine.science.folds.training_folds`).
+        names: methods wanted; only applicable :data:`ENTRY_METHODS` are computed.
+
+    Returns:
+        ``{name: (G, S) float32}``, the estimate at each fold entry, NaN elsewhere.
+    """
+    out: dict[str, np.ndarray] = {}
+    for mask in fold_masks:
+        gi, si = np.nonzero(mask)
+        if len(gi) == 0:
+            continue
+        fold = fold_problem(problem, mask)
+        for name, est in baseline_estimates(fold, gi, si, names, config, seed=seed, composition=composition).items():
+            grid = out.setdefault(name, np.full(problem.values.shape, np.nan, dtype=np.float32))
+            grid[gi, si] = est
+    return out
