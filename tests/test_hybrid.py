@@ -1,41 +1,49 @@
 """The hybrid model on a real local Ray: Ray Train with one and two workers (DDP over gloo), resuming from a
-checkpoint, the XGBoost head on Ray Train, and the model bundle loading back to the same predictions."""
+checkpoint, the XGBoost head on Ray Train, the model bundle loading back to the same predictions, and the hybrid
+beating the per-gene-and-tissue mean on the planted synthetic task. The one-worker network, its checkpoints and the
+bundle are the session's tiny model (``tiny_model`` in conftest.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny import TINY
+from helpers import TINY
 
+from engine import schema as S
 from engine.config import load_config
-from engine.fit.bundle import load_bundle, save_bundle
-from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.fit.bundle import load_bundle
+from engine.fit.hybrid import train_hybrid_network
 from engine.fit.train import latest_checkpoint
 from engine.model.network import HybridNet
-from engine.steps.prepare import prepare, read_problem_index
+from engine.science.baselines import make_methods
+from engine.steps.evaluate import hidden_values
+from engine.steps.prepare import read_problem_index
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, synth_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hybrid")
-    config = load_config(synth_small / "config.yaml", [f"output_dir={out}", *TINY])
-    result = prepare(config, out / "records", targets="hidden", training=True)
+def prepared(tiny_model):
+    """(config, records folder, prepare's output) of the session's tiny model."""
+    result = tiny_model.progress.results["prepare"]
     assert result.n_train > 0
-    return config, out / "records", result
+    return tiny_model.config, tiny_model.records, result
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_train_with_one_and_two_workers(prepared, tmp_path, workers):
+def test_train_with_one_and_two_workers(prepared, tiny_model, tmp_path, workers):
     config, records, result = prepared
-    config = load_config(
-        _config_path(config),
-        [f"output_dir={tmp_path}", *TINY, f"train.num_workers={workers}"],
-    )
-    gene_ids, tissues = read_problem_index(records)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), tmp_path / "runs", name=f"w{workers}")
+    if workers == 1:  # the session's tiny model: trained with one worker by build_bundle
+        assert config.train.num_workers == 1
+        network = tiny_model.progress.results["train"]
+    else:
+        config = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, f"train.num_workers={workers}"])
+        gene_ids, tissues = read_problem_index(records)
+        network = train_hybrid_network(config, records, gene_ids, len(tissues), tmp_path / "runs", name=f"w{workers}")
     assert network.metrics["epoch"] == 1
     assert np.isfinite(network.metrics["val_loss"]) and np.isfinite(network.metrics["train_loss"])
     fresh = HybridNet(network.spec).state_dict()
@@ -43,6 +51,21 @@ def test_train_with_one_and_two_workers(prepared, tmp_path, workers):
     assert len(changed) > len(fresh) // 2  # the weights were trained, not the initial ones
     # two workers saw the data once between them: the examples of an epoch add up over the workers
     assert network.metrics["examples"] > 0
+
+
+def test_every_epoch_samples_every_training_chromosome(prepared, tmp_path):
+    """Records are stored by chromosome; an epoch cut to a fifth of them must still reach every chromosome."""
+    config, records, _ = prepared
+    n_train = sum(pq.ParquetDataset(d).read(columns=["target"]).num_rows for d in sorted((records / "train").iterdir()))
+    config = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=1",
+                                                f"train.max_examples_per_epoch={n_train // 5}"])
+    gene_ids, tissues = read_problem_index(records)
+    network = train_hybrid_network(config, records, gene_ids, len(tissues), tmp_path / "runs", name="coverage")
+    m = network.metrics
+    assert m["chroms_train"] >= 2
+    assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
+    assert m["genes_seen"] >= 0.8 * m["genes_train"], m
+    assert m["examples"] <= n_train // 5
 
 
 def _config_path(config):
@@ -54,9 +77,9 @@ def _config_path(config):
 def test_resume_from_checkpoint(prepared, tmp_path):
     config, records, _ = prepared
     gene_ids, tissues = read_problem_index(records)
-    one = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=1"])
-    train_hybrid_network(one, records, gene_ids, len(tissues), tmp_path, name="first")
-    checkpoint = latest_checkpoint(tmp_path, "first")
+    # the tiny model trained TINY's 2 epochs (0 and 1) with one worker; its last checkpoint is epoch 1
+    assert config.train.epochs == 2
+    checkpoint = latest_checkpoint(Path(config.output_dir) / "network" / "runs", "hybrid")
     assert checkpoint is not None
 
     from engine.fit.hybrid import split_folds
@@ -68,33 +91,54 @@ def test_resume_from_checkpoint(prepared, tmp_path):
     resumed = train_network(three, fold_dirs(records, net_folds), records, gene_ids, len(tissues),
                             storage=tmp_path, name="second", resume_from=checkpoint)
     assert resumed.metrics["epoch"] == 2
-    # epoch 0 came from the checkpoint: the resumed run wrote checkpoints for epochs 1 and 2 only
-    assert len([p for p in (tmp_path / "second").glob("checkpoint_*") if p.is_dir()]) == 2
+    # epochs 0 and 1 came from the checkpoint: the resumed run wrote a checkpoint for epoch 2 only
+    assert len([p for p in (tmp_path / "second").glob("checkpoint_*") if p.is_dir()]) == 1
 
 
-def test_bundle_loads_back_to_the_same_predictions(prepared, tmp_path):
-    config, records, result = prepared
-    gene_ids, tissues = read_problem_index(records)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), tmp_path, name="net")
-    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, tmp_path)
-    hidden = pads.dataset(records / "context", partitioning="hive").to_table()
+def _hidden(records) -> pa.Table:
+    """The tiny model's context records: the entries hidden for evaluation, sorted by (gene, sample)."""
+    table = pads.dataset(records / "context", partitioning="hive").to_table()
+    return table.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
+
+
+def test_bundle_loads_back_to_the_same_predictions(tiny_model):
+    models = tiny_model.progress.results["fit_head"]  # as fitted, before saving
+    hidden = _hidden(tiny_model.records)
     expected = models.predict_head(hidden)
     personal = (models.promoters, models.lookup)  # the synthetic data has genomes: the donors' own haplotypes
     assert models.lookup.personal
-    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-    version = save_bundle(models, tmp_path / "bundle", sequences=sequences, gene_ids=gene_ids)
-    bundle = load_bundle(tmp_path / "bundle")
-    assert bundle.model_version == version
+    gene_ids, _ = read_problem_index(tiny_model.records)
+    bundle = load_bundle(tiny_model.folder)  # a fresh copy: predict() sets the promoters of the shared one
+    assert bundle.model_version == tiny_model.progress.stages["fit_head"]["model_version"]
     got = bundle.predict(hidden, gene_ids, promoters=personal)
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     estimate, lower, upper = got
     assert np.all(lower <= upper) and np.isfinite(estimate).all()
-    # the head learned something: better than predicting the mean of the labels
-    truth = result.truth
-    n_samples = result.problem.n_samples
-    order = {int(g) * n_samples + int(s): v for g, s, v in zip(truth.gene_index, truth.sample_index, truth.values,
-                                                                  strict=True)}
-    observed = np.array([order[int(g) * n_samples + int(s)] for g, s in
-                         zip(hidden["gene_index"].to_numpy(), hidden["sample_index"].to_numpy(), strict=True)])
-    assert np.mean((estimate - observed) ** 2) < np.var(observed)
+    # the bundle's files are the ones engine.schema declares, its tables in their declared schemas
+    assert sorted(p.name for p in tiny_model.folder.iterdir()) == sorted(S.BUNDLE_FILES)
+    for name, schema in ((S.BUNDLE_PROMOTERS_FILE, S.BUNDLE_PROMOTERS),
+                         (S.BUNDLE_GENE_PROMOTERS_FILE, S.BUNDLE_GENE_PROMOTERS)):
+        assert pq.read_schema(tiny_model.folder / name).remove_metadata().equals(schema)
+
+
+def test_hybrid_beats_the_gene_tissue_mean_on_the_planted_task(tiny_model):
+    """The synthetic data plants donor effects shared across a donor's tissues (engine.apps.synth): a donor's other
+    tissues tell the hidden entry more than the gene's mean in the tissue does. The tiny hybrid (2 epochs, 30 trees)
+    must use that: a lower error than ``row_tissue`` on the same hidden entries, and a positive correlation with the
+    truth within genes (which ``row_tissue``, one value per gene and tissue, cannot have across donors)."""
+    prepared = tiny_model.progress.results["prepare"]
+    hidden = _hidden(tiny_model.records)
+    truth = hidden_values(prepared, hidden)
+    estimate, lower, upper = tiny_model.progress.results["fit_head"].predict_head(hidden)
+    (row_tissue,), _ = make_methods(("row_tissue",), tiny_model.config.baselines, len(prepared.problem.donors))
+    row_tissue.fit(prepared.problem)
+    baseline = np.asarray(row_tissue.predict(hidden), np.float64)
+    ok = np.isfinite(baseline)
+    assert ok.mean() > 0.9 and len(truth) > 200
+    rmse = {name: float(np.sqrt(np.mean((pred[ok] - truth[ok]) ** 2)))
+            for name, pred in (("hybrid", estimate), ("row_tissue", baseline))}
+    assert rmse["hybrid"] < 0.9 * rmse["row_tissue"], rmse
+    # the interval is meant to cover 80%: far from it either way means the conformal step broke
+    coverage = float(np.mean((truth >= lower) & (truth <= upper)))
+    assert 0.6 <= coverage <= 0.97, coverage

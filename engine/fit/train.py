@@ -4,10 +4,11 @@ Workers read the labelled training folds through Ray Data (``ray.train.get_datas
 epoch visit a fresh seeded permutation of all their training records (cut to ``train.max_examples_per_epoch``), so
 every epoch samples the whole genome rather than the first chromosomes of the files; they featurise each batch,
 hide whole evidence groups at random (denoising), and minimise the squared error on standardised values. Each
-epoch's report says how many training genes and chromosomes it saw. Validation uses held-out chromosomes (``split.valid_chroms``) or, without them, a seeded holdout of the
-task's units (genes, samples or entries). Every epoch writes a checkpoint; a restarted worker group resumes from
-the last one (``train.max_failures``); training stops when the validation loss has not improved for
-``train.patience`` epochs and the best weights are kept.
+epoch's report says how many training genes and chromosomes it saw. Validation uses held-out chromosomes
+(``split.valid_chroms``) or, without them, a seeded holdout of the task's units (genes, samples or entries).
+Every epoch writes a checkpoint; a restarted worker group resumes from the last one (``train.max_failures``);
+training stops when the validation loss has not improved for ``train.patience`` epochs and the best weights are
+kept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from engine.config import Config
 from engine.model.features import FeatureSpec, drop_groups, featurize, to_tensors
 from engine.model.inference import TrainedNetwork
 from engine.model.network import HybridNet, NetworkSpec
+from engine.runtime.console import stage
+from engine.runtime.raytools import progress_callbacks
 from engine.science.promoters import PromoterLookup, promoter_inputs
 
 log = logging.getLogger(__name__)
@@ -287,6 +290,7 @@ def train_network(
     log.info("train %s: %d training and %d validation examples (%s), %d promoters, %d worker(s)%s", name,
              int((~valid).sum()), len(valid_ref), "chromosomes" if use_chroms else "unit holdout",
              len(promoters), tc.num_workers, " with GPU" if tc.use_gpu else "")
+    progress = stage(f"train: {name}", total=tc.epochs, unit="epochs")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -301,9 +305,11 @@ def train_network(
             name=name,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=progress_callbacks(progress.counter()),
         ),
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
     best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
