@@ -17,6 +17,14 @@ import statistics
 import time
 from pathlib import Path
 
+from engine import schema as S
+from engine.config import PromoterConfig
+from engine.io.dataset import promoter_coverage
+from engine.io.fasta import Genome
+from engine.io.genes import read_genes
+from engine.io.variants import read_variants
+from engine.science.haplotypes import build_haplotypes
+
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 ANNOTATIONS = {
     "xpresso": "coordinates/xpresso_hg38_cage_corrected_tss.tsv",  # the configs' TSS table, genome-wide
@@ -33,14 +41,6 @@ def main() -> None:
     parser.add_argument("--downstream", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-
-    from engine import schema as S
-    from engine.config import PromoterConfig
-    from engine.io.dataset import promoter_coverage
-    from engine.io.fasta import Genome
-    from engine.io.genes import read_genes
-    from engine.io.variants import read_variants
-    from engine.science.haplotypes import build_haplotypes
 
     promoter = PromoterConfig(upstream=args.upstream, downstream=args.downstream)
     with Genome(args.data / FASTA) as genome:

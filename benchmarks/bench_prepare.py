@@ -17,6 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.apps.benchmark import PeakRSS
+from engine.apps.synth import SynthSpec, generate
+from engine.config import load_config
+from engine.steps.prepare import prepare
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,11 +35,6 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import ray
-
-    from engine.apps.benchmark import PeakRSS
-    from engine.apps.synth import SynthSpec, generate
-    from engine.config import load_config
-    from engine.steps.prepare import prepare
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-prepare-"))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)

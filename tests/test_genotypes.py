@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from tiny import TINY_NETWORK
@@ -15,11 +16,11 @@ from engine.apps.cli import main as cli
 from engine.apps.synth import SynthSpec, generate
 from engine.config import EvaluationConfig, load_config
 from engine.io.dataset import load_dataset
-from engine.science.promoters import PromoterLookup
 from engine.science.baselines import ElasticNetBaseline
 from engine.science.folds import training_folds
 from engine.science.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds
 from engine.science.problem import hide, make_problem
+from engine.science.promoters import PromoterLookup
 
 TINY = [*TINY_NETWORK, "train.batch_size=128", "train.epochs=3", "head.num_boost_round=60"]
 GENOTYPE_TASK = [
@@ -176,7 +177,6 @@ def test_variant_effects_follow_the_planted_eqtls(evaluated, tmp_path):
     n_tissues = table["tissue"].nunique()
     assert n_tissues == 3 and len(table) == manifest["rows"]["variant_gene_pairs"] * n_tissues
     assert table.groupby(["variant_id", "gene_id", "alt"]).size().eq(n_tissues).all()
-    import pandas as pd
 
     planted = pd.read_csv(config.parent / "truth" / "eqtls.tsv", sep="\t")[["variant_id", "gene_id", "effect"]]
     per_variant = table.groupby(["variant_id", "gene_id"], as_index=False)["effect"].mean()

@@ -1,9 +1,9 @@
-"""Tests of engine.science.haplotypes on hand-made FASTA/VCF files (base by base) and on the real 1000 Genomes subset."""
+"""Tests of engine.science.haplotypes on hand-made FASTA/VCF files (base by base) and on the real 1000 Genomes
+subset."""
 
 from __future__ import annotations
 
 import dataclasses
-
 import random
 from pathlib import Path
 from types import SimpleNamespace

@@ -11,11 +11,11 @@ worker processes (:class:`PeakRSS`). The scaling series multiplies the donors, s
 fixed, and records the time ratio between consecutive steps.
 
 The promoter-encoder comparison replays the imputation's prediction call (``Bundle.predict``, what
-:class:`engine.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and tissues,
-so their haplotype sharing is the whole run's), counting the sequences that go through the network's
+:class:`engine.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and
+tissues, so their haplotype sharing is the whole run's), counting the sequences that go through the network's
 ``PromoterCNN`` with a forward hook. It runs twice on the same entries: as imputation does (each unique promoter
-haplotype encoded once, :class:`engine.model.inference.PromoterEncoderCache`) and with a per-entry copy of every entry's two
-promoter haplotypes, so that nothing is shared; the ratio of their times is the speed-up of sharing.
+haplotype encoded once, :class:`engine.model.inference.PromoterEncoderCache`) and with a per-entry copy of every
+entry's two promoter haplotypes, so that nothing is shared; the ratio of their times is the speed-up of sharing.
 
 ``bench.json`` carries at least ``impute_entries_per_min``, ``encoder_calls_per_entry``, ``device`` and
 ``scaling`` (``[{"entries", "seconds", "peak_rss_mb"}, ...]``) so that runs can be compared by script.
@@ -39,9 +39,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engine import __version__
+from engine.apps.synth import SynthSpec, generate
+from engine.config import load_config
+from engine.fit.bundle import load_bundle, save_bundle
+from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.io.dataset import load_dataset
+from engine.model.network import PromoterCNN
+from engine.runtime.provenance import versions
+from engine.runtime.raytools import ensure_ray
+from engine.science.context import ContextIndex, build_context
+from engine.science.problem import make_problem
+from engine.steps.impute import BLOCK_ENTRIES, add_missing_profiles, donor_promoter_inputs, impute, target_mask
+from engine.steps.prepare import prepare, read_problem_index, sample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +110,6 @@ class PeakRSS:
 
     def sample(self) -> None:
         """Take one sample now."""
-        import psutil
-
         me = psutil.Process()
         try:
             own = me.memory_info().rss
@@ -241,8 +253,6 @@ class BenchSpec:
 
     def synth_spec(self, scale: int) -> Any:
         """The :class:`engine.apps.synth.SynthSpec` of one step of the scaling series (donors x ``scale``)."""
-        from engine.apps.synth import SynthSpec
-
         # ~3.4 kb of chromosome per gene, as `geximpute synth` lays them out
         length = max(SynthSpec.chrom_length, self.genes * 3_400 // SynthSpec.n_chroms)
         return SynthSpec(seed=self.seed, n_genes=self.genes, n_donors=self.donors * scale, n_tissues=self.tissues,
@@ -280,11 +290,6 @@ def build_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
     Returns:
         the bundle folder.
     """
-    import pyarrow.parquet as pq
-
-    from engine.fit.bundle import save_bundle
-    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.steps.prepare import prepare, read_problem_index
 
     records = work / "records"
     with measured(stages, "prepare") as fig:
@@ -318,10 +323,6 @@ def build_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
 
 def imputation_problem(config: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags), as ``impute`` builds them."""
-    from engine.io.dataset import load_dataset
-    from engine.science.problem import make_problem
-    from engine.steps.impute import add_missing_profiles, target_mask
-
     settings = config.impute
     problem, _ = make_problem(load_dataset(config), hidden_mask=False)
     virtual = np.zeros(problem.n_samples, bool)
@@ -334,8 +335,6 @@ def imputation_problem(config: Any) -> tuple[Any, np.ndarray, np.ndarray]:
 def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> int:
     """Distinct promoter-table rows (haplotypes A and B) that the ``targets`` entries read: the sequences one
     predictor encodes if it sees every entry."""
-    from engine.steps.impute import donor_promoter_inputs
-
     inputs = donor_promoter_inputs(problem, length)
     if inputs is None:
         return 0
@@ -348,8 +347,6 @@ def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> in
 
 def impute_step(config: Any, bundle: Path, out: Path) -> dict[str, Any]:
     """One measured ``impute`` run (end to end into Parquet, commit included)."""
-    from engine.steps.impute import impute
-
     with PeakRSS() as peak:
         t0 = time.perf_counter()
         result = impute(config, model=bundle, out_dir=out)
@@ -374,8 +371,6 @@ class EncoderCounter:
         self._handle = None
 
     def _hook(self, module: Any, args: tuple, output: Any) -> None:
-        from engine.model.network import PromoterCNN
-
         if isinstance(module, PromoterCNN):
             self.sequences += int(args[0].shape[0])
             self.calls += 1
@@ -422,11 +417,6 @@ def encoder_comparison(config: Any, bundle_dir: Path, entries: int) -> dict[str,
     encoder each. The records are every target entry of a few genes, so their haplotype sharing is the run's.
     """
     import torch
-
-    from engine.fit.bundle import load_bundle
-    from engine.science.context import ContextIndex, build_context
-    from engine.steps.impute import BLOCK_ENTRIES, donor_promoter_inputs
-    from engine.steps.prepare import sample_blocks
 
     problem, targets, _ = imputation_problem(config)
     genes = encoder_genes(targets, entries)
@@ -596,12 +586,6 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
         what ``bench.json`` holds.
     """
     import ray
-
-    from engine.apps.synth import generate
-    from engine.config import load_config
-    from engine.runtime.provenance import versions
-    from engine.runtime.raytools import ensure_ray
-    from engine.steps.impute import BLOCK_ENTRIES
 
     spec = spec or BenchSpec()
     out = Path(out)

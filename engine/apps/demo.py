@@ -27,6 +27,15 @@ import pyarrow.parquet as pq
 
 from engine.config import Config, load_config
 from engine.errors import GeximputeError
+from engine.fit.bundle import save_bundle
+from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.io.dataset import load_dataset
+from engine.runtime.raytools import ensure_ray
+from engine.science.baselines import make_methods
+from engine.science.metrics import score
+from engine.steps.evaluate import hidden_values, read_records
+from engine.steps.impute import impute
+from engine.steps.prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +76,6 @@ class DemoPart:
 
 def _train_bundle(config: Config, part: DemoPart, dataset) -> tuple[Path, object]:
     """prepare (training folds) -> train -> fit-head -> bundle, timed into ``part.seconds``."""
-    from engine.fit.bundle import save_bundle
-    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.steps.prepare import prepare
-
     out = Path(config.output_dir)
     t = time.perf_counter()
     prepared = prepare(config, out / "records", dataset=dataset, targets="hidden", training=True)
@@ -92,12 +97,6 @@ def _train_bundle(config: Config, part: DemoPart, dataset) -> tuple[Path, object
 
 def _medians(out: Path, seed: int) -> tuple[DemoPart, dict]:
     """Hidden genes of the medians: train without them, impute them, score them."""
-    from engine.io.dataset import load_dataset
-    from engine.science.baselines import make_methods
-    from engine.science.metrics import score
-    from engine.steps.evaluate import hidden_values, read_records
-    from engine.steps.impute import impute
-
     config = load_config(CONFIGS / "gtex-medians.yaml", [*DEMO_SETTINGS, f"output_dir={out / 'gtex-medians'}",
                                                          "evaluation.task=genes", f"seed={seed}"])
     part = DemoPart("gtex-medians", config)
@@ -146,9 +145,6 @@ def _medians(out: Path, seed: int) -> tuple[DemoPart, dict]:
 
 def _v8(out: Path, seed: int) -> tuple[DemoPart, dict]:
     """Missing donor-tissue profiles of the v8 sample-level data."""
-    from engine.io.dataset import load_dataset
-    from engine.steps.impute import impute
-
     config = load_config(CONFIGS / "gtex-v8-samples.yaml", [*DEMO_SETTINGS, f"output_dir={out / 'gtex-v8'}",
                                                             f"seed={seed}"])
     part = DemoPart("gtex-v8", config)
@@ -256,8 +252,6 @@ def run_demo(out: str | Path, *, seed: int = 0) -> Path:
     Raises:
         GeximputeError: the real data is not beside the checkout, or a step fails.
     """
-    from engine.runtime.raytools import ensure_ray
-
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

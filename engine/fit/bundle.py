@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 from engine.config import Config, config_from_dict, dump_config
 from engine.fit.head import INTERVAL_FILE, POINT_FILE, HeadModel
@@ -117,7 +118,8 @@ class Bundle:
             records: context records (schema.CONTEXT).
             gene_ids: the genes of ``gene_index``.
             promoters: the one-hot promoter table and lookup of the records (e.g. with donors' haplotypes built
-                from their VCF, see :func:`engine.science.promoters.make_lookup`); default: the bundle's reference windows.
+                from their VCF, see :func:`engine.science.promoters.genome_promoter_inputs`); default: the bundle's
+                reference windows.
         """
         if promoters is None:
             self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)
@@ -135,7 +137,6 @@ def load_bundle(folder: str | Path) -> Bundle:
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model bundle (no manifest.json); run `geximpute fit-head` first")
-    import yaml
 
     config: Config = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
     specs = json.loads((folder / "network.json").read_text())

@@ -1,8 +1,8 @@
 """The XGBoost head, fitted with Ray Train's ``XGBoostTrainer``: a point estimate and an 80% interval.
 
 The head sees the network's embedding (when there is one) and the engineered features of
-:mod:`engine.science.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the estimate and
-XGBoost's multi-quantile objective for the interval bounds. The bounds are then conformalised on held-out
+:mod:`engine.science.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the
+estimate and XGBoost's multi-quantile objective for the interval bounds. The bounds are then conformalised on held-out
 training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the quantile of
 ``max(lower - y, y - upper)`` that makes the interval cover the intended fraction of held-out values.
 """
@@ -10,6 +10,7 @@ training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -92,8 +93,6 @@ def _xgb_params(config: dict, nthread: int) -> dict:
 
 def _head_worker(config: dict) -> None:
     """Ray Train worker of the XGBoost fit: both boosters, one report (with the checkpoint) at the end."""
-    import os
-
     import ray.train
     import xgboost
 

@@ -64,8 +64,8 @@ def genetic_offset(records: pa.Table) -> np.ndarray:
 
     Trees split a continuous input into steps; a donor's genetic deviation within a gene is small next to the
     differences between genes, so a head that had to rebuild it from splits would lose most of it. The score is
-    already a shrunken estimate (:func:`engine.science.genomes.genetic_scores`), so it enters additively, as XGBoost's base
-    margin would, and the head still sees it as a feature to correct it.
+    already a shrunken estimate (:func:`engine.science.genomes.genetic_scores`), so it enters additively, as
+    XGBoost's base margin would, and the head still sees it as a feature to correct it.
     """
     if "genetic_score" not in records.column_names:
         return np.zeros(records.num_rows)

@@ -17,6 +17,7 @@ from engine.io.expression import Expression, read_expression
 from engine.io.fasta import Genome
 from engine.io.genes import GeneTable, phenotype_bed_genes, read_genes
 from engine.io.samples import person_samples, read_samples, reference_samples
+from engine.io.variants import read_sample_map, read_variants
 
 if TYPE_CHECKING:
     from engine.io.variants import Variants
@@ -86,8 +87,6 @@ def load_dataset(config: Config, *, with_variants: bool = True) -> Dataset:
         samples = reference_samples(expression.sample_ids)
     variants = None
     if inputs.variants and with_variants:
-        from engine.io.variants import read_sample_map, read_variants
-
         regions = variant_regions(genes, expression.gene_ids, config)
         log.info("reading variants %s in %d windows around %d genes", inputs.variants, len(regions),
                  len(expression.gene_ids))

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from engine.errors import InputError
-from engine.io.checks import check_gzip_whole, check_readable
+from engine.io.checks import check_gzip_whole, check_readable, open_text
 
 #: strings read as missing values in every table
 NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]
@@ -29,8 +30,6 @@ def is_parquet(path: Path) -> bool:
 
 def count_leading_comments(path: Path, prefix: str = "#") -> int:
     """Number of lines at the top of a (possibly gzip) text file that start with ``prefix``."""
-    from engine.io.checks import open_text
-
     n = 0
     with open_text(path) as fh:
         for line in fh:
@@ -107,8 +106,6 @@ def read_table(
     if skip_comment_rows and table.num_rows and table.num_columns:
         first = table.column(0)
         if pa.types.is_string(first.type):
-            import pyarrow.compute as pc
-
             keep = pc.invert(pc.fill_null(pc.starts_with(first, "#"), False))
             table = table.filter(keep)
     return table

@@ -138,6 +138,7 @@ def stage_job_dir(dest: Path, config_path: str | Path, overrides: list[str] | tu
     Raises:
         ConfigError: the config cannot be read or holds a bad value (checked here, before anything is submitted).
     """
+    # the packages themselves, located to be copied; imported here because jobs imports engine
     import engine
     import jobs
 

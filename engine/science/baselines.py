@@ -186,7 +186,6 @@ class ElasticNetBaseline:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import ElasticNetCV
 
-
         genomes = problem.genomes
         if genomes is None:
             raise ValueError("elastic_net needs personal genomes (inputs.variants)")

@@ -3,8 +3,9 @@
 For a target (gene g, sample s) the context is: the K nearest other genes on g's chromosome with a visible value
 in s (value, signed log distance, relative orientation, overlap); g's visible values in the donor's other samples
 with each tissue's correlation to s's tissue; g's mean in s's tissue over other donors; g's mean over every other
-visible sample; with personal genomes, the donor's cis-genetic score for g (:func:`engine.science.genomes.genetic_scores`,
-fitted on the visible values of the problem). No value of the target entry itself enters its own context.
+visible sample; with personal genomes, the donor's cis-genetic score for g
+(:func:`engine.science.genomes.genetic_scores`, fitted on the visible values of the problem). No value of the target
+entry itself enters its own context.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema as S
+from engine.science.genomes import genetic_scores
 from engine.science.problem import SPLITS, VisibleProblem
 
 
@@ -22,8 +24,9 @@ class ContextIndex:
     Args:
         problem: the visible problem.
         genetic_shrinkage: ridge penalty of the cis-genetic scores (``context.genetic_shrinkage``).
-        genetic: (G, D) cis-genetic scores of ``problem`` already fitted (:func:`engine.science.genomes.genetic_scores`);
-            fitted here from ``problem`` when it has genomes and this is None.
+        genetic: (G, D) cis-genetic scores of ``problem`` already fitted
+            (:func:`engine.science.genomes.genetic_scores`); fitted here from ``problem`` when it has genomes and this
+            is None.
     """
 
     def __init__(self, problem: VisibleProblem, genetic_shrinkage: float | None = None,
@@ -31,8 +34,6 @@ class ContextIndex:
         self.problem = problem
         self.genetic = genetic
         if genetic is None and problem.genomes is not None:
-            from engine.science.genomes import genetic_scores
-
             self.genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index,
                                              problem.donor_index, len(problem.tissues), genetic_shrinkage)
         _, chrom_code = np.unique(problem.chroms, return_inverse=True)

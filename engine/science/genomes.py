@@ -22,8 +22,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from engine import schema as S
+from engine.errors import InputError
+from engine.science.haplotypes import build_haplotypes
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +121,6 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     variants = dataset.variants
     if variants is None or dataset.genome is None:
         return None
-    import pyarrow as pa
-
-    from engine.science.haplotypes import build_haplotypes
 
     p = dataset.config.promoter
     policy = dataset.config.genotypes
@@ -186,8 +186,6 @@ def refuse_missing(variants, sites: np.ndarray, ptr: np.ndarray, index: np.ndarr
                    columns: np.ndarray) -> None:
     """Raise :class:`~engine.errors.InputError` on the first missing call of ``columns`` (VCF sample columns) at
     ``sites`` (``genotypes.missing: error``), naming the file, the site, the donor and a gene whose window holds it."""
-    from engine.errors import InputError
-
     calls = variants.genotypes[sites][:, columns]
     hits = np.argwhere((calls < 0).any(axis=2))
     if not hits.size:

@@ -21,6 +21,7 @@ from engine.errors import ConfigError
 from engine.io.chroms import chrom_key
 from engine.io.dataset import Dataset
 from engine.io.expression import to_model_scale
+from engine.science.genomes import donor_genomes
 
 if TYPE_CHECKING:
     from engine.science.genomes import DonorGenomes
@@ -225,8 +226,6 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
     )
     if dataset.variants is not None:
-        from engine.science.genomes import donor_genomes
-
         problem.genomes = donor_genomes(dataset, problem)
     log.info(
         "problem: %d genes x %d samples (%d donors, %d tissues); %d visible, %d hidden (%s task)",

@@ -5,6 +5,7 @@ Writes ``metrics.json`` (the stable shape of DESIGN.md), ``report.md`` and PNG p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -12,13 +13,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from engine import schema as S
 from engine.config import Config
+from engine.errors import InputError
+from engine.fit.hybrid import fit_hybrid
 from engine.io.dataset import load_dataset
+from engine.io.tables import read_table
 from engine.runtime.provenance import manifest, staged_dir, write_json
 from engine.science.baselines import make_methods
-from engine.science.metrics import score
+from engine.science.metrics import _constant, _pearson, score
 from engine.steps.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -90,8 +95,6 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
                 timings[method.name],
             )
         if with_hybrid:
-            from engine.fit.hybrid import fit_hybrid
-
             t = time.perf_counter()
             models = fit_hybrid(config, staging / "records", problem.gene_ids, len(problem.tissues),
                                 staging / "runs", ablations=config.evaluation.ablations)
@@ -152,9 +155,6 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
 
 def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table) -> np.ndarray:
     """The hybrid trained and applied with the reference genome only (personal genomes dropped), on ``records``."""
-    import dataclasses
-
-    from engine.fit.hybrid import fit_hybrid
 
     reference = dataclasses.replace(dataset, variants=None)
     folder = staging / "records_reference"
@@ -181,8 +181,6 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
     mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
     means are given over the genes with ``h2 > 0`` as well.
     """
-    from engine.science.metrics import _constant, _pearson
-
     names = [m for m in GENETIC_METHODS if m in predictions]
     key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
     order = np.argsort(key, kind="stable")
@@ -224,13 +222,10 @@ def _heritability(path: str | None) -> dict[str, float] | None:
     """``gene_id -> h2`` of the configured heritability table, or None."""
     if path is None:
         return None
-    from engine.io.tables import read_table
 
     table = read_table(path, "heritability table")
     missing = [c for c in ("gene_id", "h2") if c not in table.column_names]
     if missing:
-        from engine.errors import InputError
-
         raise InputError(path, f"no column {missing[0]!r}", expected="a table with gene_id and h2 columns")
     return dict(zip(table["gene_id"].to_pylist(), (float(x) for x in table["h2"].to_pylist()), strict=True))
 
@@ -242,8 +237,6 @@ def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray
     Only a few hundred genes of the real data have sequence; these subsets show what the sequence branch adds where
     it can act.
     """
-    import pyarrow.parquet as pq
-
     with_seq = set(pq.read_table(prepared.out_dir / "gene_promoters.parquet")[S.GENE_ID].to_pylist())
     has = np.isin(prepared.problem.gene_ids[gene], np.asarray(sorted(with_seq), dtype=object))
     if not has.any() or has.all():
@@ -262,8 +255,6 @@ def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray
 
 
 def _write_predictions(out: Path, records: pa.Table, observed: np.ndarray, predictions: dict) -> None:
-    import pyarrow.parquet as pq
-
     cols = {name: records[name] for name in (S.GENE_ID, S.SAMPLE_ID, S.DONOR_ID, S.TISSUE, S.CHROM)}
     cols["observed"] = pa.array(observed, pa.float32())
     for name, pred in predictions.items():

@@ -46,7 +46,12 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config, ExpressionConfig
 from engine.errors import ConfigError, GeximputeError
-from engine.science.problem import VisibleProblem
+from engine.fit.bundle import load_bundle
+from engine.io.dataset import load_dataset
+from engine.io.expression import from_model_scale
+from engine.runtime.provenance import input_fingerprints, manifest, staged_dir, write_json
+from engine.runtime.raytools import ensure_ray
+from engine.science.problem import VisibleProblem, make_problem
 from engine.science.promoters import PromoterLookup, genome_promoter_inputs
 from engine.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
 
@@ -170,8 +175,6 @@ def target_mask(
 
 def load_bundle_from(folder: str) -> Any:
     """The default bundle loader of :class:`Predictor` (a module function, so that Ray pickles it by name)."""
-    from engine.fit.bundle import load_bundle
-
     return load_bundle(folder)
 
 
@@ -222,8 +225,6 @@ class Predictor:
         return self.bundle.predict(records, self.gene_ids, self.haplotypes)
 
     def __call__(self, records: pa.Table) -> pa.Table:
-        from engine.io.expression import from_model_scale
-
         estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
         n = records.num_rows
         virtual = self.virtual[records["sample_index"].to_numpy()]
@@ -445,12 +446,6 @@ def impute(
             be written (nothing is committed then).
     """
     import ray
-
-    from engine.fit.bundle import load_bundle
-    from engine.io.dataset import load_dataset
-    from engine.runtime.provenance import input_fingerprints, manifest, staged_dir, write_json
-    from engine.runtime.raytools import ensure_ray
-    from engine.science.problem import make_problem
 
     t0 = time.perf_counter()
     settings = config.impute

@@ -43,11 +43,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 from engine import schema as S
 from engine.config import Config
 from engine.errors import ConfigError, GeximputeError, InputError
-from engine.science.problem import VisibleProblem
+from engine.fit.bundle import load_bundle
+from engine.io.dataset import load_dataset
+from engine.io.expression import read_expression, to_model_scale
+from engine.io.variants import read_variants
+from engine.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
+from engine.runtime.raytools import ensure_ray
+from engine.science.problem import VisibleProblem, make_problem
 from engine.steps.impute import (
     OutputError,
     add_missing_profiles,
@@ -247,8 +255,8 @@ def write_ledger(path: Path, donors: dict[str, dict]) -> None:
 def committed_donors(root: Path) -> dict[str, dict]:
     """Donors recorded in the manifests of the committed partitions of ``root``."""
     found: dict[str, dict] = {}
-    for manifest in sorted(root.glob(f"{RUN_DATE}=*/_manifest.json")):
-        data = json.loads(manifest.read_text())
+    for manifest_file in sorted(root.glob(f"{RUN_DATE}=*/_manifest.json")):
+        data = json.loads(manifest_file.read_text())
         for donor, info in data.get("donors", {}).items():
             found[donor] = {**info, RUN_DATE: data[RUN_DATE]}
     return found
@@ -323,10 +331,6 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
         InputError: the VCF or the expression file is malformed, the VCF lacks the donor's sample, or the
             expression names a tissue the model does not know.
     """
-    from engine.io.expression import read_expression, to_model_scale
-    from engine.io.variants import read_variants
-    from engine.runtime.provenance import fingerprint
-
     variants = read_variants(item.vcf, genome, samples=[item.donor], genome_partial=config.inputs.genome_partial)
     new = NewDonor(item, variants, vcf_sha256=fingerprint(item.vcf)["sha256"])
     if item.expression is None:
@@ -424,8 +428,6 @@ def commit_partition(staging: Path, target: Path, old: Path) -> None:
 def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem, virtual: np.ndarray,
                   chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict) -> dict[str, dict]:
     """Impute ``chunk`` into the day's partition (atomic replace). Returns the chunk's ledger entries."""
-    from engine.runtime.provenance import manifest, write_json
-
     donors = [n.item.donor for n in chunk]
     run_id = make_run_id(model_version=bundle.model_version, inputs=fingerprints, run_date=day,
                          donors={n.item.donor: n.vcf_sha256 for n in chunk})
@@ -467,9 +469,6 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
 
 
 def _rows_by_donor(folder: Path, run_id: str) -> dict[str, int]:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
     table = pads.dataset(folder, format="parquet", partitioning="hive").to_table(
         columns=[S.DONOR_ID], filter=pads.field("run_id") == run_id)
     counts = pc.value_counts(table[S.DONOR_ID]).to_pylist()
@@ -502,12 +501,6 @@ def nightly(config: Config, *, run_date: str | None = None) -> NightlyResult:
 
 def _run(config: Config, root: Path, day: str) -> NightlyResult:
     """The body of :func:`nightly`, under the lock."""
-    from engine.fit.bundle import load_bundle
-    from engine.io.dataset import load_dataset
-    from engine.runtime.provenance import input_fingerprints
-    from engine.runtime.raytools import ensure_ray
-    from engine.science.problem import make_problem
-
     t0 = time.perf_counter()
     ledger_file = ledger_path(config)
     recorded = read_ledger(ledger_file)

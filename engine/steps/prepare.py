@@ -33,6 +33,7 @@ from engine.runtime.provenance import manifest, staged_dir, write_json
 from engine.runtime.raytools import ensure_ray
 from engine.science.context import ContextIndex, build_context
 from engine.science.folds import fold_problem, training_folds
+from engine.science.genomes import genetic_scores
 from engine.science.problem import HiddenTruth, VisibleProblem, make_problem
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,6 @@ def context_builder_kwargs(
 
     genetic = None
     if problem.genomes is not None:
-        from engine.science.genomes import genetic_scores
-
         genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), config.context.genetic_shrinkage)
     refs = (ray.put(problem), ray.put((targets, hidden)), None if labels is None else ray.put(labels),

@@ -2,8 +2,8 @@
 
 For each variant site in a gene's promoter window and each of its ALT alleles, the model bundle predicts the gene in
 every tissue twice, for a donor homozygous for the reference promoter and for one homozygous for the promoter that
-carries only that ALT allele (:func:`engine.science.haplotypes.edit_window`), with no other context than the gene's levels
-across donors. Both branches see the difference: the CNN reads the two promoters, and the cis-genetic score
+carries only that ALT allele (:func:`engine.science.haplotypes.edit_window`), with no other context than the gene's
+levels across donors. Both branches see the difference: the CNN reads the two promoters, and the cis-genetic score
 (:func:`engine.science.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by twice
 the site's fitted effect. ``effect`` is half the difference, the change per ALT allele, on the modelling scale.
 
@@ -23,6 +23,13 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config
 from engine.errors import ConfigError
+from engine.fit.bundle import load_bundle
+from engine.io.dataset import load_dataset
+from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.science.context import ContextIndex
+from engine.science.genomes import genetic_scores
+from engine.science.haplotypes import edit_window, is_sequence_allele
+from engine.science.problem import make_problem
 from engine.science.promoters import PromoterLookup, one_hot_promoters
 
 log = logging.getLogger(__name__)
@@ -30,8 +37,8 @@ log = logging.getLogger(__name__)
 
 def _population_records(index, gene: np.ndarray, tissue: np.ndarray, genetic: np.ndarray) -> pa.Table:
     """Context records of (gene, tissue) pairs for a donor known only by its genome: no neighbour, no other tissue,
-    the gene's visible levels across donors (from ``index``, a :class:`engine.science.context.ContextIndex`), and the given
-    cis-genetic score."""
+    the gene's visible levels across donors (from ``index``, a :class:`engine.science.context.ContextIndex`), and
+    the given cis-genetic score."""
     problem = index.problem
     n = len(gene)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -86,14 +93,6 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     Raises:
         ConfigError: no variants or no genome configured.
     """
-    from engine.fit.bundle import load_bundle
-    from engine.io.dataset import load_dataset
-    from engine.runtime.provenance import manifest, staged_dir, write_json
-    from engine.science.context import ContextIndex
-    from engine.science.genomes import genetic_scores
-    from engine.science.haplotypes import edit_window, is_sequence_allele
-    from engine.science.problem import make_problem
-
     t0 = time.perf_counter()
     if not config.inputs.variants or not config.inputs.genome:
         raise ConfigError("geximpute variant-effects needs inputs.variants (a VCF) and inputs.genome (the FASTA)")
