@@ -2,8 +2,9 @@
 
 :func:`featurize` pads or truncates every list column of a record table to a fixed width using the list arrays'
 offsets (one gather per column, no per-row Python); :func:`drop_groups` hides whole evidence groups per row as a
-denoising augmentation; :func:`one_hot_promoters` encodes the promoter table once, so a batch carries only an index
-into it. Values enter the network standardised, ``(v - value_center) / value_scale``.
+denoising augmentation. Promoters are one-hot encoded once per table
+(:func:`engine.science.promoters.one_hot_promoters`), so a batch carries only an index into it. Values enter the
+network standardised, ``(v - value_center) / value_scale``.
 
 Batch keys and shapes (N rows, K = ``k_neighbours``, T = ``n_tissues``)::
 
