@@ -8,6 +8,8 @@ Layer order (docs/architecture.md): base (``engine/__init__``, ``errors``, ``con
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,21 @@ def test_the_walker_sees_imports_inside_functions_and_from_package_imports():
         "base", "base", "io", "steps"]
     with pytest.raises(ValueError, match="in no layer"):
         layer_of("engine.utils")
+
+
+def _modules_after_import(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(out.stdout.split())
+
+
+def test_the_cli_starts_without_the_heavy_libraries():
+    # `geximpute --help` stays fast: each command imports its step module (numpy, pyarrow, torch, Ray) when it runs
+    loaded = _modules_after_import("engine.apps.cli")
+    assert not {"torch", "ray", "xgboost", "pyarrow", "numpy"} & loaded
+
+
+def test_loading_a_bundle_does_not_import_the_training_code():
+    loaded = _modules_after_import("engine.fit.bundle")
+    assert "engine.fit.models" in loaded
+    assert not {"engine.fit.train", "engine.fit.hybrid", "ray"} & loaded
