@@ -26,7 +26,6 @@ for _i, _b in enumerate(b"ACGT"):
     _BASE_CODE[_b + 32] = _i
 
 
-
 @dataclass(frozen=True)
 class PromoterLookup:
     """The promoter rows a record reads: its gene's reference window, or its donor's two haplotypes.
