@@ -552,6 +552,10 @@ class NightlyConfig:
         ledger: JSON record of the donors done (default ``<output>.ledger.json`` beside the output).
         quarantine: where malformed inputs are moved, each with its error beside it (default ``<inbox>/quarantine``).
         donors_per_commit: donors imputed and committed together; an interrupted run keeps the commits it made.
+        lease_seconds: time to live of the run's lease (``<output>.lock``), renewed every third of it while the run
+            works; a run killed on any host blocks the next one at most this long.
+        redelivered: a done donor whose genome file changed (a new checksum): ``reimpute`` imputes it again into the
+            run date of the run that sees it (the next one if it was imputed the same day); ``ignore`` only warns.
     """
 
     inbox: str | None = None
@@ -559,9 +563,12 @@ class NightlyConfig:
     ledger: str | None = None
     quarantine: str | None = None
     donors_per_commit: int = 50
+    lease_seconds: float = 600.0
+    redelivered: Literal["reimpute", "ignore"] = "reimpute"
 
     def __post_init__(self) -> None:
         _require(self.donors_per_commit >= 1, "nightly.donors_per_commit", self.donors_per_commit, "an integer >= 1")
+        _require(self.lease_seconds >= 5, "nightly.lease_seconds", self.lease_seconds, "a number of seconds >= 5")
 
     def resolved(self, base: Path) -> NightlyConfig:
         """Return a copy with relative paths made absolute against ``base``."""

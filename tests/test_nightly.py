@@ -1,40 +1,19 @@
-"""Nightly imputation of an inbox of new genomes on a real local Ray with a tiny real bundle (trained once per
-module): each donor once, a partition per run date, the ledger, quarantine of malformed inputs, the lock."""
+"""Nightly imputation of an inbox of new genomes on a real local Ray with the session's tiny real bundle: each
+donor once, a partition per run date, the ledger, quarantine of malformed inputs, the lock."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.dataset as pads
 import pytest
-from test_impute import TISSUE_NAMES, assert_keys_unique, build_bundle, gtex_named_copy
+from helpers import TISSUE_NAMES, assert_keys_unique, donor_vcf, nightly_config, read_nightly
 
-from engine.config import load_config
-from engine.steps.nightly import LockBusy, RunLock, ledger_path, lock_path, nightly, output_root, scan_inbox
-
-
-def donor_vcf(src: Path, donor: str, name: str, out: Path) -> Path:
-    """The genome of ``donor`` from a multi-sample VCF, as a one-sample VCF whose sample is called ``name``."""
-    lines = []
-    column = None
-    for line in src.read_text().splitlines():
-        if line.startswith("##"):
-            lines.append(line)
-            continue
-        fields = line.split("\t")
-        if line.startswith("#CHROM"):
-            column = fields.index(donor)
-            fields = fields[:9] + [name]
-        else:
-            fields = fields[:9] + [fields[column]]
-        lines.append("\t".join(fields))
-    out.write_text("\n".join(lines) + "\n")
-    return out
+from engine.runtime.atomic import Lease
+from engine.steps.nightly import LockBusy, ledger_path, lock_path, nightly, output_root, scan_inbox
 
 
 def donor_expression(data: Path, donor: str, tissues: list[str], out: Path) -> tuple[Path, int]:
@@ -52,42 +31,31 @@ def donor_expression(data: Path, donor: str, tissues: list[str], out: Path) -> t
 
 
 @pytest.fixture(scope="module")
-def data(synth_small, tmp_path_factory) -> Path:
-    return gtex_named_copy(synth_small, tmp_path_factory.mktemp("nightly-data")).parent
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
-def bundle(ray_local, data, tmp_path_factory) -> Path:
-    return build_bundle(data / "config.yaml", tmp_path_factory.mktemp("nightly-model"))
+def bundle(tiny_model) -> Path:
+    return tiny_model.folder
 
 
 def n_genes(data: Path) -> int:
     return len(pd.read_csv(data / "expression.gct", sep="\t", skiprows=2))
 
 
-def make_config(data: Path, bundle: Path, work: Path, *extra: str):
-    return load_config(data / "config.yaml", [f"output_dir={work}", f"nightly.inbox={work / 'inbox'}",
-                                              f"impute.model_dir={bundle}", *extra])
-
-
-def read_all(root: Path) -> pd.DataFrame:
-    frame = pads.dataset(root, format="parquet", partitioning="hive").to_table().to_pandas()
-    frame["tissue"] = frame["tissue"].astype(str)
-    frame["run_date"] = frame["run_date"].astype(str)
-    return frame
-
-
-def test_lock_is_exclusive_and_a_dead_holder_is_stale(tmp_path):
+def test_lock_is_an_exclusive_lease_and_an_expired_one_of_another_pod_is_taken_over(tmp_path):
     path = tmp_path / "out.lock"
-    with RunLock(path):
+    with Lease(path, what="nightly run"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
-        with pytest.raises(LockBusy, match="another nightly run holds the lock"):
-            RunLock(path).__enter__()
+        with pytest.raises(LockBusy, match="another nightly run holds the lease"):
+            Lease(path, what="nightly run").acquire()
     assert not path.exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    path.write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "then"}))
-    with RunLock(path):  # the holder is gone: the lock is broken and taken
-        assert json.loads(path.read_text())["pid"] == os.getpid()
+    # the run of last night's head pod was killed: its lease names another host and has expired
+    path.write_text(json.dumps({"owner": "head-pod-1-1-aa", "host": "head-pod-1", "pid": os.getpid(),
+                                "expires": time.time() - 5}))
+    with Lease(path, what="nightly run"):  # taken over without comparing hosts or pids
+        assert json.loads(path.read_text())["host"] != "head-pod-1"
     assert not path.exists()
 
 
@@ -101,7 +69,7 @@ def test_inbox_pairs_genomes_with_their_expression(tmp_path):
 
 
 def test_nightly_imputes_each_new_donor_once_and_quarantines_bad_inputs(data, bundle, tmp_path):
-    config = make_config(data, bundle, tmp_path)
+    config = nightly_config(data, bundle, tmp_path)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     vcf = data / "variants.vcf"
@@ -131,7 +99,7 @@ def test_nightly_imputes_each_new_donor_once_and_quarantines_bad_inputs(data, bu
         "NEW-BAD" in (quarantine / "NEW-BAD.vcf.error.txt").read_text()
 
     root = output_root(config)
-    frame = read_all(root)
+    frame = read_nightly(root)
     counts = frame.groupby("donor_id").size().to_dict()
     assert counts == {"NEW-001": genes * len(tissues), "NEW-002": genes * (len(tissues) - 2) + unmeasured}
     assert result.rows == len(frame)
@@ -156,7 +124,7 @@ def test_nightly_imputes_each_new_donor_once_and_quarantines_bad_inputs(data, bu
     donor_vcf(vcf, "SYN-D0006", "NEW-003", inbox / "NEW-003.vcf")
     later = nightly(config, run_date="2026-01-03")
     assert later.done == ["NEW-003"]
-    frame = read_all(root)
+    frame = read_nightly(root)
     assert_keys_unique(frame)
     assert frame.groupby("run_date")["donor_id"].unique().map(sorted).to_dict() == {
         "2026-01-01": ["NEW-001", "NEW-002"], "2026-01-03": ["NEW-003"]}
@@ -164,12 +132,58 @@ def test_nightly_imputes_each_new_donor_once_and_quarantines_bad_inputs(data, bu
 
 
 def test_a_held_lock_stops_a_second_run(data, bundle, tmp_path):
-    config = make_config(data, bundle, tmp_path)
+    config = nightly_config(data, bundle, tmp_path)
     (tmp_path / "inbox").mkdir()
     lock = lock_path(config)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
-    with pytest.raises(LockBusy, match=str(lock)):
+    lock.write_text(json.dumps({"owner": "head-pod-2-7-bb", "host": "head-pod-2", "pid": 7,
+                                "expires": time.time() + 600}))
+    with pytest.raises(LockBusy, match=f"{lock}: another nightly run holds the lease: head-pod-2-7-bb"):
         nightly(config, run_date="2026-01-01")
     assert lock.exists()  # someone else's lock is left alone
     lock.unlink()
+
+
+def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(data, bundle, tmp_path, monkeypatch):
+    import engine.steps.nightly as nightly_module
+
+    config = nightly_config(data, bundle, tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    vcf = data / "variants.vcf"
+    genes, tissues = n_genes(data), len(TISSUE_NAMES)
+    donor_vcf(vcf, "SYN-D0001", "NEW-A", inbox / "NEW-A.vcf")
+    donor_vcf(vcf, "SYN-D0002", "DUP", inbox / "DUP.vcf")
+    donor_vcf(vcf, "SYN-D0002", "DUP", inbox / "DUP.vcf.gz")  # the same donor under two extensions
+    donor_vcf(vcf, "SYN-D0003", "ODD", inbox / "ODD.vcf")
+    real_read = nightly_module.read_variants
+
+    def read_variants(path, *args, **kwargs):  # an error no reader anticipated, for one donor only
+        if Path(path).name == "ODD.vcf":
+            raise KeyError("an unexpected failure")
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(nightly_module, "read_variants", read_variants)
+    first = nightly(config, run_date="2026-02-01")
+    assert first.done == ["NEW-A"]
+    assert sorted(first.quarantined) == ["DUP.vcf", "ODD.vcf"]
+    quarantine = inbox / "quarantine"
+    assert (quarantine / "DUP.vcf").is_file() and (quarantine / "DUP.vcf.gz").is_file()
+    assert "2 genome files claim donor 'DUP' (DUP.vcf, DUP.vcf.gz)" in (quarantine / "DUP.vcf.error.txt").read_text()
+    assert "KeyError" in (quarantine / "ODD.vcf.error.txt").read_text()
+    assert oct((quarantine / "ODD.vcf").stat().st_mode & 0o777) == oct(0o640)
+
+    # NEW-A's genome is delivered again, changed: not re-imputed the same day, then into the next run date
+    donor_vcf(vcf, "SYN-D0004", "NEW-A", inbox / "NEW-A.vcf")
+    same_day = nightly(config, run_date="2026-02-01")
+    assert same_day.done == [] and same_day.deferred == ["NEW-A"]
+    later = nightly(config, run_date="2026-02-02")
+    assert later.done == ["NEW-A"] and later.reimputed == ["NEW-A"]
+    frame = read_nightly(output_root(config))
+    per_day = frame.groupby("run_date").size().to_dict()
+    assert per_day == {"2026-02-01": genes * tissues, "2026-02-02": genes * tissues}
+    for _, day in frame.groupby("run_date"):
+        assert_keys_unique(day)
+    ledger = json.loads(ledger_path(config).read_text())["donors"]
+    assert ledger["NEW-A"]["run_date"] == "2026-02-02"
+    assert nightly(config, run_date="2026-02-03").done == []  # the new checksum is recorded: once only

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from engine import __version__
 from engine.config import load_config
 from engine.errors import ConfigError, GeximputeError
-from engine.runtime.raytools import ensure_ray
+from engine.runtime.console import LOG_NAME, echo, session
 from engine.runtime.submit import STEPS as SUBMIT_STEPS
 from engine.runtime.submit import report, submit
 
@@ -36,6 +35,11 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it is not an earlier output of this command (refused otherwise)")
+
+
 def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
@@ -45,9 +49,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(_load(args))
     if args.json:
-        print(json.dumps(dataset.report, indent=2))
+        echo(json.dumps(dataset.report, indent=2))
     else:
-        print(format_summary(dataset.report))
+        echo(format_summary(dataset.report))
     return 0
 
 
@@ -59,8 +63,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues,
                      chrom_length=length)
     result = generate(args.out, spec, overwrite=args.overwrite)
-    print(f"synthetic dataset written to {result.out_dir}")
-    print(f"  next: geximpute inspect --config {result.config_path}")
+    echo(f"synthetic dataset written to {result.out_dir}")
+    echo(f"  next: geximpute inspect --config {result.config_path}")
     return 0
 
 
@@ -68,86 +72,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from engine.apps.demo import run_demo
 
     summary = run_demo(args.out, seed=args.seed)
-    print(summary.read_text())
-    print(f"summary written to {summary} (plot: {summary.with_suffix('.png')})")
+    echo(f"summary written to {summary.parent / 'report.html'} and {summary} (plot: {summary.with_suffix('.png')})")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from engine.steps.prepare import prepare
 
-    result = prepare(_load(args), args.out, targets=args.targets, training=args.training)
-    print(
+    result = prepare(_load(args), args.out, targets=args.targets, training=args.training, force=args.force)
+    echo(
         f"{result.n_records:,} context records and {result.n_promoters:,} unique promoters written to "
         f"{result.out_dir} in {result.seconds:.1f} s"
     )
     return 0
 
 
-def _records_dir(args: argparse.Namespace, config) -> Path:
-    return Path(args.records or Path(config.output_dir) / "records")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from engine.fit.hybrid import train_hybrid_network
-    from engine.steps.prepare import read_problem_index
+    from engine.schema import NETWORK_WEIGHTS_FILE
+    from engine.steps.pipeline import output_path, train_and_save
 
     config = _load(args)
-    records = _records_dir(args, config)
-    gene_ids, tissues = read_problem_index(records)
-
-    ensure_ray(config.ray)
-    out = Path(args.out or Path(config.output_dir) / "network")
-    out.mkdir(parents=True, exist_ok=True)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), out / "runs")
-    torch.save(network.state, out / "network.pt")
-    (out / "network.json").write_text(json.dumps({"network": network.spec.__dict__,
-                                                  "features": network.features.__dict__,
-                                                  "metrics": network.metrics}, indent=2, default=str))
-    print(f"network trained: {network.metrics}; weights in {out / 'network.pt'}")
+    network = train_and_save(config, args.records, args.out)
+    echo(f"network trained: {network.metrics}; weights in "
+         f"{output_path(config, args.out, 'network') / NETWORK_WEIGHTS_FILE}")
     return 0
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:
-    import torch
-
-    from engine.fit.bundle import save_bundle
-    from engine.fit.hybrid import fit_hybrid_head
-    from engine.model.features import FeatureSpec
-    from engine.model.inference import TrainedNetwork
-    from engine.model.network import NetworkSpec
-    from engine.steps.prepare import read_problem_index
+    from engine.steps.pipeline import fit_head_and_save, output_path
 
     config = _load(args)
-    records = _records_dir(args, config)
-    gene_ids, _ = read_problem_index(records)
-    net_dir = Path(args.network or Path(config.output_dir) / "network")
-    if not (net_dir / "network.pt").is_file():
-        raise GeximputeError(f"{net_dir}: no trained network (network.pt); run `geximpute train` first")
-    specs = json.loads((net_dir / "network.json").read_text())
-    network = TrainedNetwork(
-        spec=NetworkSpec(**specs["network"]),
-        features=FeatureSpec(**specs["features"]),
-        state=torch.load(net_dir / "network.pt", weights_only=True, map_location="cpu"),
-        metrics=specs.get("metrics", {}),
-    )
-    ensure_ray(config.ray)
-    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, net_dir / "runs")
-    out = Path(args.out or Path(config.output_dir) / "model")
-    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-    version = save_bundle(models, out, sequences=sequences, gene_ids=gene_ids, metrics=network.metrics)
-    print(f"model bundle {version} written to {out}")
+    _, version, _ = fit_head_and_save(config, args.records, args.network, args.out)
+    echo(f"model bundle {version} written to {output_path(config, args.out, 'model')}")
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.steps.evaluate import evaluate, report
+def results_table(metrics: dict) -> str:
+    """The methods of an evaluation, best first, one short line each (the full report is report.html)."""
+    ranked = sorted(metrics["methods"].items(), key=lambda kv: -(kv[1].get("pearson") or -1))
+    width = max((len(n) for n, _ in ranked), default=6)
+    lines = [f"{metrics['n_hidden']:,} hidden entries ({metrics['task']} task); Pearson and RMSE on log1p:"]
+    for name, m in ranked:
+        pearson = "n/a" if m.get("pearson") is None else f"{m['pearson']:.4f}"
+        lines.append(f"  {name:<{width}}  pearson {pearson}  rmse {m['rmse']:.4f}")
+    return "\n".join(lines)
 
-    metrics = evaluate(_load(args), args.out)
-    print(report(metrics))
-    print(f"metrics.json and report.md written to {args.out}")
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from engine.steps.evaluate import evaluate
+
+    metrics = evaluate(_load(args), args.out, force=args.force)
+    echo(results_table(metrics))
+    echo(f"report.html, report.md and metrics.json written to {args.out}")
     return 0
 
 
@@ -159,8 +135,8 @@ def cmd_impute(args: argparse.Namespace) -> int:
     from engine.steps.impute import impute
 
     result = impute(_load(args), model=args.model, out_dir=args.out,
-                    include_observed=True if args.include_observed else None)
-    print(f"{result.n_rows:,} predictions ({len(result.rows)} tissues, {result.n_missing_profiles:,} missing "
+                    include_observed=True if args.include_observed else None, force=args.force)
+    echo(f"{result.n_rows:,} predictions ({len(result.rows)} tissues, {result.n_missing_profiles:,} missing "
           f"donor-tissue profiles) of model {result.model_version} written to {result.out_dir} in "
           f"{result.seconds:.1f} s (run {result.run_id})")
     return 0
@@ -171,12 +147,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
     result = nightly(_load(args), run_date=args.run_date)
     for name, why in result.quarantined.items():
-        print(f"quarantined {name}: {why}", file=sys.stderr)
+        echo(f"quarantined {name}: {why}", err=True)
     if not result.done:
-        print(f"nightly {result.run_date}: nothing new to impute ({len(result.already_done)} genomes already done, "
+        echo(f"nightly {result.run_date}: nothing new to impute ({len(result.already_done)} genomes already done, "
               f"{len(result.quarantined)} quarantined)")
     else:
-        print(f"nightly {result.run_date}: {len(result.done)} donors imputed, {result.rows:,} rows in "
+        echo(f"nightly {result.run_date}: {len(result.done)} donors imputed, {result.rows:,} rows in "
               f"{result.partition}; {len(result.quarantined)} quarantined; {result.seconds:.1f} s")
     return 0
 
@@ -184,8 +160,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 def cmd_variant_effects(args: argparse.Namespace) -> int:
     from engine.steps.variant_effects import variant_effects
 
-    table = variant_effects(_load(args), args.out, args.model)
-    print(f"{table.num_rows:,} variant effects (variant allele x gene x tissue) written to "
+    table = variant_effects(_load(args), args.out, args.model, force=args.force)
+    echo(f"{table.num_rows:,} variant effects (variant allele x gene x tissue) written to "
           f"{Path(args.out) / 'variant_effects.parquet'}")
     return 0
 
@@ -201,8 +177,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad option value: say which, without a traceback
         raise ConfigError(str(exc)) from exc
     bench = run_benchmark(args.out, spec, keep_work=args.keep_work)
-    print(summary(bench))
-    print(f"bench.json and bench.png written to {args.out}")
+    echo(summary(bench))
+    echo(f"bench.json and bench.png written to {args.out}")
     return 0
 
 
@@ -213,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"geximpute {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and the libraries' logging live instead of only in the log file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("inspect", help="load and validate every input, print a summary")
@@ -247,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--training", action="store_true",
                    help="also write the labelled training folds that `train` and `fit-head` read")
+    _add_force(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train the CNN-transformer with Ray Train (TorchTrainer, DDP)")
@@ -265,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    _add_force(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("submit", help="run a step on a Ray cluster as a Ray job, streaming its logs (token auth)")
@@ -284,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/predictions; replaced atomically)")
     p.add_argument("--include-observed", action="store_true",
                    help="also write the measured entries, with their measured value in `observed`")
+    _add_force(p)
     p.set_defaults(func=cmd_impute)
 
     p = sub.add_parser("nightly", help="impute the new genomes of an inbox into a partition per run date")
@@ -296,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.add_argument("--model", metavar="DIR", help="model bundle (default <output_dir>/model)")
+    _add_force(p)
     p.set_defaults(func=cmd_variant_effects)
 
     p = sub.add_parser("benchmark", help="measure every stage on synthetic data of a given scale (bench.json, plot)")
@@ -321,9 +303,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: commands that start Ray: they run in a console session (engine lines and progress on the terminal, the rest in a
+#: log file of their output folder)
+SESSION_COMMANDS = ("prepare", "train", "fit-head", "evaluate", "impute", "nightly", "variant-effects", "demo",
+                    "benchmark")
+
+_DEFAULT_FOLDERS = {"prepare": "records", "train": "network", "fit-head": "model", "impute": "predictions"}
+
+
+def _output_folder(args: argparse.Namespace) -> Path | None:
+    """The output folder of a session command (where its log file ends up), or None if it cannot be told."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    try:
+        config = _load(args)
+    except Exception:  # noqa: BLE001 - the command itself reports a bad config
+        return None
+    return Path(config.output_dir) / _DEFAULT_FOLDERS.get(args.command, "")
+
+
+def _run_in_session(args: argparse.Namespace) -> int:
+    """Run a Ray command with its own output on the terminal and Ray's and third-party output in a log file.
+
+    The log is written beside the output folder while the step runs (steps replace their folder atomically) and
+    moved into it as ``geximpute.log`` at the end.
+    """
+
+    folder = _output_folder(args)
+    if folder is None:
+        log_path = final = None
+    else:
+        folder = folder.resolve()
+        final = folder / LOG_NAME
+        log_path = folder.parent / f".{folder.name}.{LOG_NAME}-{os.getpid()}"
+    status = 2
+    try:
+        with session(log_path, verbose=args.verbose, quiet=args.quiet):
+            if final is not None and not args.quiet:
+                echo(f"geximpute {args.command}: log file {final}", err=True)
+            try:
+                status = args.func(args)
+            except (GeximputeError, FileExistsError) as exc:
+                echo(f"geximpute {args.command}: error: {exc}", err=True)
+                status = 2
+            finally:
+                if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                    sys.modules["ray"].shutdown()  # inside the session: Ray's goodbye lines go to the log too
+    finally:
+        if log_path is not None and log_path.exists():
+            if status == 0 and folder.is_dir():
+                os.replace(log_path, final)
+            else:
+                print(f"geximpute {args.command}: failed; Ray's and the libraries' output is in {log_path}",
+                      file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in SESSION_COMMANDS:
+        return _run_in_session(args)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

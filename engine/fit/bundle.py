@@ -1,9 +1,9 @@
 """The model bundle: the single artefact that later steps load.
 
-A bundle folder holds::
+A bundle folder holds (names and Parquet schemas declared in :mod:`engine.schema`, ``BUNDLE_FILES``)::
 
     network.pt        network weights (a plain state dict; loaded with ``torch.load(weights_only=True)``)
-    network.json      NetworkSpec and FeatureSpec of the network
+    network.json      NetworkSpec and FeatureSpec of the network (the format of :func:`save_network`)
     point.ubj         XGBoost booster of the estimate
     interval.ubj      XGBoost booster of the interval bounds
     head.json         conformal width, feature count, coverage, engineered feature names
@@ -30,22 +30,65 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from engine import schema as S
 from engine.config import Config, config_from_dict, dump_config
-from engine.fit.head import INTERVAL_FILE, POINT_FILE, HeadModel
+from engine.errors import GeximputeError
+from engine.fit.head import HeadModel
 from engine.fit.models import HybridModels
 from engine.model.features import FeatureSpec
 from engine.model.inference import TrainedNetwork
 from engine.model.network import NetworkSpec
-from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.runtime.atomic import staged_output
+from engine.runtime.provenance import manifest, write_json
 from engine.science.head_features import FEATURE_NAMES
 from engine.science.promoters import PromoterLookup, one_hot_promoters
 
-NETWORK_FILE = "network.pt"
+
+def save_network(network: TrainedNetwork, folder: str | Path, *, with_metrics: bool = True) -> Path:
+    """Write a trained network's weights and specs into ``folder`` (``geximpute train``'s output; a bundle's copy).
+
+    Args:
+        network: the trained network.
+        folder: created if absent; ``network.pt`` and ``network.json`` in it are replaced.
+        with_metrics: also record the training figures in ``network.json`` (a bundle keeps them in its manifest
+            instead, so that its ``model_version`` depends on the model alone).
+
+    Returns:
+        the path of the weights file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state, folder / S.NETWORK_WEIGHTS_FILE)
+    specs = {"network": dataclasses.asdict(network.spec), "features": dataclasses.asdict(network.features)}
+    if with_metrics:
+        specs["metrics"] = network.metrics
+    (folder / S.NETWORK_SPECS_FILE).write_text(json.dumps(specs, indent=2, default=str))
+    return folder / S.NETWORK_WEIGHTS_FILE
+
+
+def load_network(folder: str | Path) -> TrainedNetwork:
+    """Read a network written by :func:`save_network` (weights loaded with ``weights_only=True``, on the CPU).
+
+    Raises:
+        GeximputeError: ``folder`` holds no trained network.
+    """
+    folder = Path(folder)
+    weights, specs_file = folder / S.NETWORK_WEIGHTS_FILE, folder / S.NETWORK_SPECS_FILE
+    if not weights.is_file() or not specs_file.is_file():
+        raise GeximputeError(f"{folder}: no trained network ({S.NETWORK_WEIGHTS_FILE} and {S.NETWORK_SPECS_FILE}); "
+                             "run `geximpute train` first")
+    specs = json.loads(specs_file.read_text())
+    return TrainedNetwork(
+        spec=NetworkSpec(**specs["network"]),
+        features=FeatureSpec(**specs["features"]),
+        state=torch.load(weights, weights_only=True, map_location="cpu"),
+        metrics=specs.get("metrics", {}),
+    )
 
 
 def _model_version(folder: Path) -> str:
     digest = hashlib.sha256()
-    for name in (NETWORK_FILE, POINT_FILE, INTERVAL_FILE, "head.json", "network.json"):
+    for name in S.BUNDLE_VERSIONED_FILES:
         digest.update((folder / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -61,14 +104,10 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         gene_ids: problem genes, in the order of ``models.lookup.gene_row``.
         metrics: training figures recorded in the manifest.
     """
-    with staged_dir(folder) as staging:
-        torch.save(models.network.state, staging / NETWORK_FILE)
-        (staging / "network.json").write_text(json.dumps({
-            "network": dataclasses.asdict(models.network.spec),
-            "features": dataclasses.asdict(models.network.features),
-        }, indent=2))
+    with staged_output(folder, step="bundle") as staging:
+        save_network(models.network, staging, with_metrics=False)
         models.head.save(staging)
-        (staging / "head.json").write_text(json.dumps({
+        (staging / S.HEAD_SPECS_FILE).write_text(json.dumps({
             "conformal": models.head.conformal,
             "n_features": models.head.n_features,
             "coverage": models.head.coverage,
@@ -78,16 +117,16 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         has = gene_row >= 0
         # only the reference windows: personal haplotypes come from the VCF of the donors being predicted
         used, row = np.unique(gene_row[has], return_inverse=True)
-        pq.write_table(pa.table({"sequence": pa.array([sequences[i] for i in used], pa.string())}),
-                       staging / "promoters.parquet")
+        pq.write_table(pa.table({"sequence": pa.array([sequences[i] for i in used], pa.string())},
+                                schema=S.BUNDLE_PROMOTERS), staging / S.BUNDLE_PROMOTERS_FILE)
         pq.write_table(
-            pa.table({"gene_id": pa.array(np.asarray(gene_ids, dtype=object)[has], pa.string()),
-                      "promoter_row": pa.array(row.astype(np.int64))}),
-            staging / "gene_promoters.parquet",
+            pa.table({S.GENE_ID: pa.array(np.asarray(gene_ids, dtype=object)[has], pa.string()),
+                      "promoter_row": pa.array(row.astype(np.int64))}, schema=S.BUNDLE_GENE_PROMOTERS),
+            staging / S.BUNDLE_GENE_PROMOTERS_FILE,
         )
-        (staging / "config.yaml").write_text(dump_config(models.config))
+        (staging / S.BUNDLE_CONFIG_FILE).write_text(dump_config(models.config))
         version = _model_version(staging)
-        write_json(staging / "manifest.json", manifest(models.config, step="bundle", model_version=version,
+        write_json(staging / S.BUNDLE_MANIFEST_FILE, manifest(models.config, step="bundle", model_version=version,
                                                        metrics=metrics or {}, seconds=models.seconds))
     return version
 
@@ -135,21 +174,18 @@ def load_bundle(folder: str | Path) -> Bundle:
         FileNotFoundError: the folder or one of its files is missing.
     """
     folder = Path(folder)
-    if not (folder / "manifest.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a model bundle (no manifest.json); run `geximpute fit-head` first")
+    if not (folder / S.BUNDLE_MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a model bundle (no {S.BUNDLE_MANIFEST_FILE}); "
+                                "run `geximpute fit-head` first")
 
-    config: Config = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-    specs = json.loads((folder / "network.json").read_text())
-    spec = NetworkSpec(**specs["network"])
-    features = FeatureSpec(**specs["features"])
-    state = torch.load(folder / NETWORK_FILE, weights_only=True, map_location="cpu")
-    network = TrainedNetwork(spec=spec, features=features, state=state, metrics={})
-    head_meta = json.loads((folder / "head.json").read_text())
+    config: Config = config_from_dict(yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text()))
+    network = load_network(folder)
+    head_meta = json.loads((folder / S.HEAD_SPECS_FILE).read_text())
     head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"])
-    sequences = pq.read_table(folder / "promoters.parquet")["sequence"].to_pylist()
-    links = pq.read_table(folder / "gene_promoters.parquet")
-    promoters = one_hot_promoters(sequences, spec.promoter_length)
-    gene_promoter = dict(zip(links["gene_id"].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
+    sequences = pq.read_table(folder / S.BUNDLE_PROMOTERS_FILE)["sequence"].to_pylist()
+    links = pq.read_table(folder / S.BUNDLE_GENE_PROMOTERS_FILE)
+    promoters = one_hot_promoters(sequences, network.spec.promoter_length)
+    gene_promoter = dict(zip(links[S.GENE_ID].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
     models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head)
-    version = json.loads((folder / "manifest.json").read_text())["model_version"]
+    version = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())["model_version"]
     return Bundle(models, gene_promoter, version, folder, promoters)

@@ -255,8 +255,11 @@ class Lease:
                 return True
         try:
             return float(holder["expires"]) < time.time()
-        except (KeyError, TypeError, ValueError):
-            return True
+        except (KeyError, TypeError, ValueError):  # a pid lock of the previous protocol: judged by its age
+            try:
+                return time.time() - self.path.stat().st_mtime > self.ttl
+            except FileNotFoundError:
+                return True
 
     def _content(self, acquired: str | None = None) -> str:
         now = time.time()

@@ -1,6 +1,7 @@
 """``geximpute evaluate``: hide, prepare, fit every method on visible data, predict the hidden entries, score.
 
-Writes ``metrics.json`` (the stable shape of DESIGN.md), ``report.md`` and PNG plots into the output folder.
+Writes ``metrics.json`` (the stable shape of DESIGN.md), ``report.html`` (one self-contained page with every plot,
+:mod:`engine.steps.html_report`), ``report.md`` and PNG plots into the output folder.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from engine.errors import InputError
 from engine.fit.hybrid import fit_hybrid
 from engine.io.dataset import load_dataset
 from engine.io.tables import read_table
-from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.runtime.atomic import staged_output
+from engine.runtime.console import stage
+from engine.runtime.provenance import manifest, write_json
 from engine.science.baselines import make_methods
 from engine.science.metrics import _constant, _pearson, score
+from engine.steps.html_report import evaluation_sections, write_report
 from engine.steps.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -50,16 +54,20 @@ def hidden_values(prepared: Prepared, records: pa.Table) -> np.ndarray:
     return truth.values[order][pos]
 
 
-def evaluate(config: Config, out_dir: str | Path) -> dict:
+def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dict:
     """Run the evaluation protocol of ``config.evaluation`` and write its outputs to ``out_dir``.
+
+    ``out_dir`` is replaced atomically (:mod:`engine.runtime.atomic`); a folder that is not an earlier evaluate
+    output is refused unless ``force``.
 
     Returns:
         the metrics dictionary written to ``metrics.json``.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    dataset = load_dataset(config)
-    with staged_dir(out_dir) as staging:
+    with stage("load inputs", unit="steps"):
+        dataset = load_dataset(config)
+    with staged_output(out_dir, step="evaluate", force=force) as staging:
         with_hybrid = "hybrid" in config.evaluation.methods
         prepared = prepare(config, staging / "records", dataset=dataset, targets="hidden", training=with_hybrid)
         records = read_records(prepared, hidden=True)
@@ -72,6 +80,7 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
         tissue = problem.tissue_index[sample]
         donor = problem.donor_index[sample]
         results, predictions, timings = {}, {}, {}
+        progress = stage("baselines", total=len(methods), unit="methods")
         for method in methods:
             t = time.perf_counter()
             method.fit(problem)
@@ -87,18 +96,23 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
                 tissue_names=problem.tissues,
                 min_donors=config.evaluation.min_donors,
             )
-            log.info(
+            log.debug(  # the terminal gets the results table at the end; the log file gets each line
                 "evaluate: %-18s pearson %.4f  rmse %.4f  (%.1f s)",
                 method.name,
                 results[method.name]["pearson"] or float("nan"),
                 results[method.name]["rmse"],
                 timings[method.name],
             )
+            progress.advance()
+        progress.close()
         if with_hybrid:
             t = time.perf_counter()
             models = fit_hybrid(config, staging / "records", problem.gene_ids, len(problem.tissues),
-                                staging / "runs", ablations=config.evaluation.ablations)
-            for name, (pred, lower, upper) in models.predict(records).items():
+                                staging / "runs", ablations=config.evaluation.ablations, problem=problem)
+            with stage("hybrid: predict the hidden entries", total=1, unit="passes") as progress:
+                hybrid_predictions = models.predict(records)
+                progress.advance()
+            for name, (pred, lower, upper) in hybrid_predictions.items():
                 pred = np.asarray(pred, dtype=np.float64)
                 predictions[name] = pred
                 results[name] = score(
@@ -109,7 +123,7 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
                     inside = (observed >= lower) & (observed <= upper)
                     results[name]["coverage_80"] = float(inside.mean())
                     results[name]["interval_width_mean"] = float(np.mean(upper - lower))
-                log.info("evaluate: %-18s pearson %.4f  rmse %.4f", name, results[name]["pearson"] or float("nan"),
+                log.debug("evaluate: %-18s pearson %.4f  rmse %.4f", name, results[name]["pearson"] or float("nan"),
                          results[name]["rmse"])
             timings["hybrid"] = round(time.perf_counter() - t, 1)
             timings.update(models.seconds)
@@ -144,11 +158,16 @@ def evaluate(config: Config, out_dir: str | Path) -> dict:
             },
         }
         write_json(staging / "metrics.json", metrics)
-        write_json(staging / "_manifest.json", manifest(config, step="evaluate"))
+        made = manifest(config, step="evaluate")
+        write_json(staging / "_manifest.json", made)
         _add_promoter_subsets(results, predictions, observed, gene, prepared)
         _write_predictions(staging, records, observed, predictions)
         _plots(staging, observed, predictions, results)
         (staging / "report.md").write_text(report(metrics))
+        write_report(staging / "report.html", f"geximpute evaluate: {config.name}",
+                     f"task {config.evaluation.task}, {metrics['n_hidden']:,} hidden entries",
+                     evaluation_sections(metrics, observed, predictions, gene, tissue, config.evaluation.min_donors,
+                                         made))
     log.info("evaluate: wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
     return metrics
 
@@ -164,7 +183,7 @@ def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table)
     if not all(np.array_equal(ref_records[k].to_numpy(), records[k].to_numpy()) for k in keys):
         raise RuntimeError("the reference-genome records do not match the hidden entries one to one")
     models = fit_hybrid(config, folder, prepared.problem.gene_ids, len(prepared.problem.tissues),
-                        staging / "runs_reference", ablations=False)
+                        staging / "runs_reference", ablations=False, problem=prepared.problem)
     return np.asarray(models.predict(ref_records)["hybrid"][0], dtype=np.float64)
 
 

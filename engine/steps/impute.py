@@ -16,11 +16,12 @@ A (donor, tissue) pair without any sample (most of GTEx: 34% of the pairs were s
 problem gets a virtual sample for it, with nothing measured, so that its context is the donor's other tissues, the
 gene's means and its neighbours' means, exactly as for a hidden sample in evaluation. Its ``sample_id`` is null.
 
-A run is atomic and idempotent: it writes into a staging folder beside the output and renames it onto the output at
-the end (:func:`engine.runtime.provenance.staged_dir`), so a reader sees the previous run or this one, never a mix, and a
-run that fails or is killed leaves the previous output as it was. ``run_id`` is a hash of the model version, the
-input fingerprints and the selection, and each run replaces the output as a whole: the same inputs and model give
-the same rows, not twice as many.
+A run is atomic and idempotent: it holds the output's lease, writes into a staging folder of its own and commits it
+by one atomic pointer switch (:func:`engine.runtime.atomic.staged_output`), so a reader sees the previous run or
+this one, never a mix, and a run that fails or is killed leaves the previous output as it was. A second run on the
+same output at the same time is refused; an ``--out`` that is not an earlier impute output is refused unless
+``force``. ``run_id`` is a hash of the model version, the input fingerprints and the selection, and each run
+replaces the output as a whole: the same inputs and model give the same rows, not twice as many.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -49,7 +48,8 @@ from engine.errors import ConfigError, GeximputeError
 from engine.fit.bundle import load_bundle
 from engine.io.dataset import load_dataset
 from engine.io.expression import from_model_scale
-from engine.runtime.provenance import input_fingerprints, manifest, staged_dir, write_json
+from engine.runtime.atomic import check_replaceable, staged_output, store_of
+from engine.runtime.provenance import input_fingerprints, manifest, write_json
 from engine.runtime.raytools import ensure_ray
 from engine.science.problem import VisibleProblem, make_problem
 from engine.science.promoters import PromoterLookup, genome_promoter_inputs
@@ -347,41 +347,6 @@ def make_run_id(**parts: Any) -> str:
 # Atomic output ------------------------------------------------------------------------------------------------
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def clean_stale(out: Path) -> None:
-    """Tidy what killed runs left beside ``out``: staging folders of dead processes are removed, and if a run died
-    between the two renames of its commit (``out`` moved aside, the new one not yet in place), the previous output
-    is put back."""
-    if not out.parent.is_dir():
-        return
-    for kind in ("staging", "old"):
-        for path in out.parent.glob(f".{out.name}.{kind}-*"):
-            try:
-                pid = int(path.name.rsplit("-", 1)[1])
-            except ValueError:
-                continue
-            if pid_alive(pid) and pid != os.getpid():
-                continue
-            if kind == "old" and not out.exists():
-                log.warning("impute: restoring %s from %s (a run died while committing)", out, path)
-                os.replace(path, out)
-            else:
-                log.info("impute: removing %s left by a run that did not finish", path)
-                shutil.rmtree(path, ignore_errors=True)
-
-
 def output_os_error(exc: BaseException) -> OSError | None:
     """The OSError of the output (disk full, permission, read-only) behind ``exc``, also through Ray's wrappers."""
     seen: set[int] = set()
@@ -429,6 +394,7 @@ def impute(
     include_observed: bool | None = None,
     problem: VisibleProblem | None = None,
     dataset: Any = None,
+    force: bool = False,
 ) -> ImputeResult:
     """Predict every missing entry of the configured donors and tissues and commit the Parquet output atomically.
 
@@ -440,6 +406,7 @@ def impute(
         problem: the visible problem to impute (default: all inputs, nothing hidden); the demo passes one with
             hidden genes to score them.
         dataset: the loaded inputs (default: load them from ``config``).
+        force: replace ``out_dir`` even when it is not an earlier impute output.
 
     Raises:
         GeximputeError: the bundle is missing or does not fit the data; :class:`OutputError` when the output cannot
@@ -452,6 +419,7 @@ def impute(
     bundle_dir = Path(model or model_dir(config))
     out = Path(out_dir or output_dir(config))
     include_observed = settings.include_observed if include_observed is None else include_observed
+    check_replaceable(out, "impute", store_of(out.absolute()), force)  # before any work: refuse early
     try:
         bundle = load_bundle(bundle_dir)
     except FileNotFoundError as exc:
@@ -476,9 +444,8 @@ def impute(
              n_targets, n_virtual, len(problem.donors), len(problem.tissues), bundle.model_version, out, run_id)
 
     ensure_ray(config.ray)
-    clean_stale(out)
     try:
-        with staged_dir(out) as staging:
+        with staged_output(out, step="impute", force=force) as staging:
             run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id, haplotypes=haplotypes)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())

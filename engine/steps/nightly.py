@@ -22,10 +22,12 @@ rewritten atomically after that. If a run dies between the two, the next run fin
 manifest and records them instead of imputing them again, so no donor is ever written twice. A run with nothing new
 writes nothing.
 
-How a donor's genome enters the model: each VCF is read and validated here, but the new donors' promoter haplotypes
-are not built yet: :func:`donor_haplotypes` is the hook where they will be, and until then a donor's profiles are
-predicted from its measured tissues when given, and from the gene, tissue and neighbour context otherwise, with the
-reference promoter windows.
+How a donor's genome enters the model: each VCF is read in the windows the model reads (through its index when it has
+one) and validated; :func:`donor_haplotypes` builds the new donors' promoter haplotypes and cis-site dosages from it
+next to the reference donors' genomes, so that the predictor reads each donor's own promoters and the context its
+cis-genetic score, exactly as in ``impute``. A VCF with no record in any of those windows is quarantined (it would
+otherwise be predicted as the reference genome). A model trained without personal genomes (no ``inputs.variants``)
+predicts every donor from the reference genome, the new ones too.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,16 @@ from engine.fit.bundle import load_bundle
 from engine.io.dataset import load_dataset
 from engine.io.expression import read_expression, to_model_scale
 from engine.io.variants import read_variants
+from engine.runtime.atomic import (
+    Lease,
+    LeaseBusy,
+    clean_staging,
+    read_json,
+    resolve,
+    staged_output,
+    store_of,
+    write_durable,
+)
 from engine.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
 from engine.runtime.raytools import ensure_ray
 from engine.science.problem import VisibleProblem, make_problem
@@ -65,7 +77,6 @@ from engine.steps.impute import (
     output_error,
     output_os_error,
     partition_rows,
-    pid_alive,
     run_pipeline,
     target_mask,
 )
@@ -77,8 +88,8 @@ EXPRESSION_SUFFIXES = (".expression.tsv", ".expression.tsv.gz", ".expression.csv
 RUN_DATE = S.RUN_DATE
 
 
-class LockBusy(GeximputeError):
-    """Another nightly run holds the lock."""
+#: another nightly run holds the run's lease (kept under its earlier name)
+LockBusy = LeaseBusy
 
 
 @dataclass
@@ -88,10 +99,11 @@ class InboxItem:
     donor: str
     vcf: Path
     expression: Path | None = None
+    duplicates: list[Path] = field(default_factory=list)  # other genome files of the same donor (quarantined)
 
     @property
     def files(self) -> list[Path]:
-        return [self.vcf] + ([self.expression] if self.expression else [])
+        return [self.vcf, *self.duplicates] + ([self.expression] if self.expression else [])
 
 
 @dataclass
@@ -116,6 +128,8 @@ class NightlyResult:
     rows: int
     partition: Path | None
     seconds: float
+    reimputed: list[str] = field(default_factory=list)  # done donors whose genome changed, imputed again
+    deferred: list[str] = field(default_factory=list)  # changed genomes of donors imputed today: next run date
 
 
 # Paths --------------------------------------------------------------------------------------------------------
@@ -141,90 +155,19 @@ def quarantine_dir(config: Config) -> Path:
     return Path(config.nightly.quarantine or Path(config.nightly.inbox or ".") / "quarantine")
 
 
-def _staging(root: Path) -> Path:
-    # outside the dataset root, so that no reader of the root ever lists it
-    return root.parent / f".{root.name}.staging-{os.getpid()}"
-
-
-def _old(root: Path, day: str) -> Path:
-    return root.parent / f".{root.name}.old-{day}-{os.getpid()}"
+def partition_store(root: Path) -> Path:
+    """Where the versions and staging folders of ``root``'s partitions live: ``.<root>.geximpute/`` beside the
+    root, outside the dataset, so that no reader of the root ever lists them."""
+    return store_of(root)
 
 
 # Lock ---------------------------------------------------------------------------------------------------------
 
 
-class RunLock:
-    """An exclusive lock file: created with ``O_CREAT | O_EXCL``, holding the owner's pid, host and start time.
-
-    A lock whose process no longer runs on this host is stale: it is moved aside and taken. A lock held by a live
-    process (or by another host, whose processes cannot be checked) raises :class:`LockBusy`.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.token = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now().isoformat()}
-
-    def _read(self) -> tuple[str, dict | None]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return "", None
-        try:
-            return text, json.loads(text)
-        except ValueError:
-            return text, None
-
-    def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                text, holder = self._read()
-                if not self._stale(holder):
-                    who = f"pid {holder['pid']} on {holder['host']}, since {holder['started']}" if holder else "?"
-                    raise LockBusy(
-                        f"{self.path}: another nightly run holds the lock ({who}); wait for it to finish. If no run "
-                        f"is active, remove the lock file and run again"
-                    ) from None
-                self._break(text, holder)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(self.token))
-                fh.flush()
-                os.fsync(fh.fileno())
-            return self
-        raise LockBusy(f"{self.path}: could not take the lock (other runs keep taking it); try again")
-
-    def _stale(self, holder: dict | None) -> bool:
-        if holder is None:  # unreadable: a run that died while writing it, unless it is being written right now
-            try:
-                return time.time() - self.path.stat().st_mtime > 30
-            except FileNotFoundError:
-                return True
-        return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
-
-    def _break(self, text: str, holder: dict | None) -> None:
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
-            return
-        if aside.read_text() != text:  # another run took it in between: give it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink()
-            raise LockBusy(f"{self.path}: another nightly run took the lock; wait for it to finish")
-        aside.unlink()
-        log.warning("nightly: broke the stale lock %s of pid %s (no longer running)", self.path,
-                    holder.get("pid") if holder else "?")
-
-    def __exit__(self, *exc: object) -> None:
-        _, holder = self._read()
-        if holder == self.token:
-            self.path.unlink()
+def run_lease(config: Config) -> Lease:
+    """The nightly run's lease (:class:`engine.runtime.atomic.Lease`) on :func:`lock_path`: it expires unless
+    renewed, so a run killed on one pod never blocks a run on another; ``nightly.lease_seconds`` long."""
+    return Lease(lock_path(config), what="nightly run", ttl=config.nightly.lease_seconds)
 
 
 # Ledger -------------------------------------------------------------------------------------------------------
@@ -243,47 +186,69 @@ def read_ledger(path: Path) -> dict[str, dict]:
 
 
 def write_ledger(path: Path, donors: dict[str, dict]) -> None:
-    """Write the ledger atomically (a temporary file beside it, fsynced, renamed onto it)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps({"donors": dict(sorted(donors.items()))}, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write the ledger atomically and durably (:func:`engine.runtime.atomic.write_durable`, mode 0640)."""
+    write_durable(path, json.dumps({"donors": dict(sorted(donors.items()))}, indent=1) + "\n")
+
+
+def _donors_from_rows(partition: Path) -> dict[str, dict]:
+    """The donors of a partition read from its rows (donor, run id, rows), for a partition whose manifest is torn."""
+    table = pads.dataset(partition, format="parquet", partitioning="hive").to_table(columns=[S.DONOR_ID, "run_id"])
+    found: dict[str, dict] = {}
+    for donor, run_id in zip(table[S.DONOR_ID].to_pylist(), table["run_id"].to_pylist(), strict=True):
+        entry = found.setdefault(donor, {"run_id": run_id, "rows": 0, "vcf_sha256": None})
+        entry["rows"] += 1
+    return found
 
 
 def committed_donors(root: Path) -> dict[str, dict]:
-    """Donors recorded in the manifests of the committed partitions of ``root``."""
+    """Donors recorded in the committed partitions of ``root`` (the latest run date of each donor).
+
+    A partition's manifest is written last and fsynced before the commit; one found empty or torn anyway (a volume
+    that lost it) is not fatal: the partition's donors are read from its rows instead, with a warning.
+    """
     found: dict[str, dict] = {}
-    for manifest_file in sorted(root.glob(f"{RUN_DATE}=*/_manifest.json")):
-        data = json.loads(manifest_file.read_text())
-        for donor, info in data.get("donors", {}).items():
-            found[donor] = {**info, RUN_DATE: data[RUN_DATE]}
+    for partition in sorted(root.glob(f"{RUN_DATE}=*")):
+        day = partition.name.split("=", 1)[1]
+        try:
+            donors = read_json(partition / "_manifest.json", "partition manifest").get("donors", {})
+        except (GeximputeError, FileNotFoundError) as exc:
+            log.warning("nightly: %s; reading the partition's donors from its rows", exc)
+            donors = _donors_from_rows(partition)
+        for donor, info in donors.items():
+            found[donor] = {**info, RUN_DATE: day}
     return found
 
 
 def recover(root: Path, ledger: dict[str, dict]) -> dict[str, dict]:
-    """Tidy what a killed run left (under the lock, so nothing else is running) and complete the ledger.
+    """Tidy what a killed run left (under the run's lease, so no other run is active) and complete the ledger.
 
-    Staging folders are removed; a partition moved aside by a commit that did not finish is put back; donors in a
-    committed partition but not in the ledger (the run died before writing it) are added to the ledger.
+    Staging folders of the partitions' store are removed (their runs' lease expired, since this run holds it);
+    donors committed but not in the ledger, or committed by a later run than the ledger says (the run died between
+    the commit and the ledger), are recorded from the partitions.
     """
-    for path in root.parent.glob(f".{root.name}.staging-*"):
+    for store in partition_store(root).glob(f"{RUN_DATE}=*"):
+        clean_staging(store)
+    for path in root.parent.glob(f".{root.name}.staging-*"):  # left by the previous (pid-named) protocol
         log.info("nightly: removing %s left by a run that did not finish", path)
         shutil.rmtree(path, ignore_errors=True)
     for path in root.parent.glob(f".{root.name}.old-*"):
         day = path.name.split(".old-", 1)[1].rsplit("-", 1)[0]
         target = root / f"{RUN_DATE}={day}"
-        if not target.exists():
+        if not os.path.lexists(target):
             log.warning("nightly: restoring %s (a run died while committing it)", target)
             os.replace(path, target)
         else:
             shutil.rmtree(path, ignore_errors=True)
-    missing = {d: info for d, info in committed_donors(root).items() if d not in ledger}
-    if missing:
+    updated = {}
+    for donor, info in committed_donors(root).items():
+        known = ledger.get(donor)
+        if known is None or (known.get("run_id") != info.get("run_id")
+                             and str(info[RUN_DATE]) >= str(known.get(RUN_DATE, ""))):
+            updated[donor] = info
+    if updated:
         log.warning("nightly: %d donors are committed but not in the ledger (a run died before recording them): "
-                    "recorded now, not imputed again", len(missing))
-    return {**ledger, **missing}
+                    "recorded now, not imputed again", len(updated))
+    return {**ledger, **updated}
 
 
 # Inbox --------------------------------------------------------------------------------------------------------
@@ -297,31 +262,57 @@ def _strip(name: str, suffixes: tuple[str, ...]) -> str | None:
 
 
 def scan_inbox(inbox: Path) -> list[InboxItem]:
-    """The genomes of the inbox (one per donor), each with its expression file when there is one."""
+    """The genomes of the inbox, one item per donor whatever the extension, each with its expression file when
+    there is one; a donor claimed by two genome files (``X.vcf`` and ``X.vcf.gz``) has them in ``duplicates``."""
     if not inbox.is_dir():
         raise ConfigError(f"config key 'nightly.inbox' has value {str(inbox)!r}; expected an existing folder")
     files = {p.name: p for p in inbox.iterdir() if p.is_file()}
     expressions = {d: p for n, p in files.items() if (d := _strip(n, EXPRESSION_SUFFIXES))}
-    items = []
+    by_donor: dict[str, InboxItem] = {}
     for name, path in sorted(files.items()):
         donor = _strip(name, VCF_SUFFIXES)
-        if donor:
-            items.append(InboxItem(donor, path, expressions.pop(donor, None)))
+        if not donor:
+            continue
+        if donor in by_donor:
+            by_donor[donor].duplicates.append(path)
+        else:
+            by_donor[donor] = InboxItem(donor, path, expressions.pop(donor, None))
+    items = list(by_donor.values())
     for donor, path in expressions.items():
         log.warning("nightly: %s has no genome beside it (%s.vcf.gz); left in the inbox", path, donor)
     return items
 
 
-def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: Any) -> VisibleProblem:
-    """HOOK (issue 5): the problem with per-donor promoter haplotypes that cover the new donors.
+def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: Any,
+                     reference: Any = None) -> VisibleProblem:
+    """The extended problem with genomes that cover the new donors: their promoter haplotypes and cis-site dosages
+    built from their own VCFs (:func:`engine.science.genomes.add_donors`) next to the reference donors'.
 
-    Today it returns ``problem`` as it is, without personal genomes (``problem.genomes`` is None), so the new
-    donors' profiles are predicted from the reference promoter windows. To make nightly genotype-aware, build the
-    new donors' haplotypes here from ``donors[i].variants`` and ``dataset.genome`` (``engine.science.haplotypes``), merged
-    into the reference donors' ``engine.science.genomes.DonorGenomes``; :func:`engine.steps.impute.donor_promoter_inputs` then
-    turns them into the promoter inputs that the predictor passes to ``Bundle.predict``.
+    With these, :func:`engine.steps.impute.donor_promoter_inputs` gives the predictor each new donor's own promoter
+    haplotypes, and the context's cis-genetic score (fitted on the reference donors' visible expression and
+    genotypes) is evaluated on the new donor's genotypes, exactly as ``impute`` does for the data's donors.
+
+    Args:
+        problem: the problem extended with the new donors (:func:`extend_problem`).
+        donors: the new donors, each with its validated VCF.
+        dataset: the loaded reference inputs (its genome and its VCF).
+        reference: the reference problem's genomes (``problem.genomes`` before the new donors were added); None
+            when the model was trained without personal genomes (no ``inputs.variants``): the problem is then
+            returned as it is and the new donors are predicted from the reference genome, like every donor of a
+            reference-only model.
     """
-    return problem
+    if reference is None or dataset.genome is None:
+        if donors:
+            log.info("nightly: the model uses no personal genomes (inputs.variants unset): %d new donors are "
+                     "predicted from the reference genome", len(donors))
+        return problem
+    from engine.science.genomes import add_donors
+
+    genomes = add_donors(reference, list(problem.donors), {d.item.donor: d.variants for d in donors},
+                         dataset.variants, dataset.genome, problem, dataset.config)
+    log.info("nightly: genomes of %d new donors: %d promoter sequences in all, %d (gene, donor) pairs differ from "
+             "the reference", len(donors), len(genomes.sequences), len(genomes.personal_pairs()[0]))
+    return dataclasses.replace(problem, genomes=genomes)
 
 
 def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, genome: Any) -> NewDonor:
@@ -331,7 +322,26 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
         InputError: the VCF or the expression file is malformed, the VCF lacks the donor's sample, or the
             expression names a tissue the model does not know.
     """
-    variants = read_variants(item.vcf, genome, samples=[item.donor], genome_partial=config.inputs.genome_partial)
+    from engine.io.dataset import window_regions
+    from engine.science.genomes import uncovered_chromosomes
+
+    # only the windows the model reads, through the VCF's index when it has one
+    regions = window_regions(problem.chroms, problem.tss, config)
+    variants = read_variants(item.vcf, genome, samples=[item.donor], regions=regions,
+                             genome_partial=config.inputs.genome_partial)
+    if config.inputs.variants:  # the model reads genomes: one that lacks the model's regions cannot be used
+        absent = uncovered_chromosomes(variants, problem.chroms)
+        if variants.sites.num_rows == 0:
+            raise InputError(
+                item.vcf, f"none of its records lies in the {len(regions):,} windows the model reads around its "
+                f"genes' TSSs (chromosomes {', '.join(sorted(set(map(str, problem.chroms)))[:6])})",
+                expected="the donor's genotypes on the chromosomes of the model's genes, in the genome build of "
+                "inputs.genome", hint="Predicting this donor would silently use the reference genome; give the "
+                "donor's VCF for these regions")
+        if absent:
+            log.warning("nightly: %s has no record on %s: the donor's genotypes there are unknown (their genetic "
+                        "score counts them as missing; their promoters read the reference)", item.vcf.name,
+                        ", ".join(absent[:6]))
     new = NewDonor(item, variants, vcf_sha256=fingerprint(item.vcf)["sha256"])
     if item.expression is None:
         return new
@@ -354,14 +364,15 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
 
 def quarantine(item: InboxItem, error: BaseException, folder: Path) -> None:
     """Move the item's files to ``folder``, each with ``<file>.error.txt`` saying why."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o750, parents=True, exist_ok=True)
     stamp = dt.datetime.now().isoformat(timespec="seconds")
     for path in item.files:
         target = folder / path.name
         if target.exists():
             target = folder / f"{path.name}.{stamp.replace(':', '')}"
         shutil.move(str(path), target)
-        target.with_name(target.name + ".error.txt").write_text(f"{stamp} {item.vcf.name}: {error}\n")
+        os.chmod(target, 0o640)
+        write_durable(target.with_name(target.name + ".error.txt"), f"{stamp} {item.vcf.name}: {error}\n")
     log.warning("nightly: quarantined %s: %s", item.vcf.name, error)
 
 
@@ -405,9 +416,9 @@ def extend_problem(problem: VisibleProblem, donors: list[NewDonor], tissues: tup
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file under ``src`` into ``dst`` (same tree; copies where links are not possible)."""
+    """Hard-link every data file under ``src`` into ``dst`` (same tree; copies where links are not possible)."""
     for path in src.rglob("*"):
-        if path.is_file() and path.name != "_manifest.json":
+        if path.is_file() and not path.name.startswith(("_", ".")):
             target = dst / path.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -416,52 +427,53 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(path, target)
 
 
-def commit_partition(staging: Path, target: Path, old: Path) -> None:
-    """Put ``staging`` in place of ``target`` (the previous partition is moved aside, then removed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+def _partition_donors(partition: Path) -> dict[str, dict]:
+    """The donors of one committed partition, from its manifest (or its rows when the manifest is torn)."""
+    try:
+        return dict(read_json(partition / "_manifest.json", "partition manifest").get("donors", {}))
+    except (GeximputeError, FileNotFoundError) as exc:
+        log.warning("nightly: %s; reading the partition's donors from its rows", exc)
+        return _donors_from_rows(partition)
 
 
 def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem, virtual: np.ndarray,
-                  chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict) -> dict[str, dict]:
-    """Impute ``chunk`` into the day's partition (atomic replace). Returns the chunk's ledger entries."""
+                  chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict,
+                  lease: Lease) -> dict[str, dict]:
+    """Impute ``chunk`` into the day's partition: a new version of it (the previous rows hard-linked, the new rows
+    written) committed by :func:`engine.runtime.atomic.staged_output` under the run's lease. Returns the chunk's
+    ledger entries."""
     donors = [n.item.donor for n in chunk]
     run_id = make_run_id(model_version=bundle.model_version, inputs=fingerprints, run_date=day,
                          donors={n.item.donor: n.vcf_sha256 for n in chunk})
     targets = target_mask(problem, donors, config.impute.tissues, config.impute.include_observed)
     partition = root / f"{RUN_DATE}={day}"
-    staging = _staging(root)
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir(parents=True)
-        previous = {}
-        if (partition / "_manifest.json").is_file():
-            previous = json.loads((partition / "_manifest.json").read_text()).get("donors", {})
-            _link_tree(partition, staging)
-        run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id, haplotypes=haplotypes)
-        # rows per donor of this chunk, from the new files only
-        rows_by_donor = _rows_by_donor(staging, run_id)
-        entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),
-                       "vcf_sha256": next(n.vcf_sha256 for n in chunk if n.item.donor == d)} for d in donors}
-        expected = int(targets.sum())
-        if sum(e["rows"] for e in entries.values()) != expected:
-            raise GeximputeError(f"{partition}: {sum(e['rows'] for e in entries.values())} rows written for "
-                                 f"{expected} target entries; nothing committed")
-        write_json(staging / "_manifest.json", manifest(
-            config, step="nightly", run_date=day, model_version=bundle.model_version,
-            donors={**previous, **entries}, rows=partition_rows(staging),
-            inbox={n.item.donor: [str(p) for p in n.item.files] for n in chunk},
-        ))
-        commit_partition(staging, partition, _old(root, day))
+        with staged_output(partition, step="nightly", store=partition_store(root) / partition.name,
+                           lease=lease) as staging:
+            previous = {}
+            if partition.is_dir():
+                current = resolve(partition)
+                previous = _partition_donors(current)
+                _link_tree(current, staging)
+            run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id,
+                         haplotypes=haplotypes)
+            # rows per donor of this chunk, from the new files only
+            rows_by_donor = _rows_by_donor(staging, run_id)
+            entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),
+                           "vcf_sha256": next(n.vcf_sha256 for n in chunk if n.item.donor == d)} for d in donors}
+            expected = int(targets.sum())
+            if sum(e["rows"] for e in entries.values()) != expected:
+                raise GeximputeError(f"{partition}: {sum(e['rows'] for e in entries.values())} rows written for "
+                                     f"{expected} target entries; nothing committed")
+            write_json(staging / "_manifest.json", manifest(
+                config, step="nightly", run_date=day, model_version=bundle.model_version,
+                donors={**previous, **entries}, rows=partition_rows(staging),
+                inbox={n.item.donor: [str(p) for p in n.item.files] for n in chunk},
+            ))
     except GeximputeError:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        err = output_os_error(exc) if isinstance(exc, Exception) else None
+    except Exception as exc:
+        err = output_os_error(exc)
         if err is not None:
             raise output_error(partition, err) from exc
         raise
@@ -475,32 +487,69 @@ def _rows_by_donor(folder: Path, run_id: str) -> dict[str, int]:
     return {c["values"]: int(c["counts"]) for c in counts}
 
 
+def check_run_date(day: str) -> str:
+    """``day`` if it is an ISO date written ``YYYY-MM-DD`` (``20240101`` would be a partition of its own)."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day or ""):
+        raise ConfigError(f"run date {day!r}: expected an ISO date written YYYY-MM-DD, e.g. 2024-01-31")
+    try:
+        dt.date.fromisoformat(day)
+    except ValueError:
+        raise ConfigError(f"run date {day!r}: not a calendar date; expected YYYY-MM-DD, e.g. 2024-01-31") from None
+    return day
+
+
 def nightly(config: Config, *, run_date: str | None = None) -> NightlyResult:
     """Impute the inbox's donors that are not in the ledger into ``run_date=<day>`` (default: today).
 
     Raises:
         ConfigError: ``nightly.inbox`` is not set or not a folder, or ``run_date`` is not a date.
-        LockBusy: another run holds the lock.
+        LockBusy: another run holds the run's lease.
         OutputError: the output cannot be written (nothing of the failing commit is kept).
     """
     if not config.nightly.inbox:
         raise ConfigError("config key 'nightly.inbox' is not set; expected the folder where new genomes arrive")
-    day = run_date or dt.date.today().isoformat()
-    try:
-        dt.date.fromisoformat(day)
-    except ValueError:
-        raise ConfigError(f"run date {day!r}: expected YYYY-MM-DD") from None
+    day = check_run_date(run_date or dt.date.today().isoformat())
     root = output_root(config)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{root}: cannot create the nightly output folder: {exc}") from exc
-    with RunLock(lock_path(config)):
-        return _run(config, root, day)
+    with run_lease(config) as lease:
+        return _run(config, root, day, lease)
 
 
-def _run(config: Config, root: Path, day: str) -> NightlyResult:
-    """The body of :func:`nightly`, under the lock."""
+def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy: str
+                 ) -> tuple[list[InboxItem], list[str]]:
+    """Done donors whose genome changed since (a new checksum): (to re-impute today, deferred to a later date).
+
+    With ``nightly.redelivered: reimpute`` a changed genome is imputed again into today's partition (its earlier
+    rows stay in their run date; a reader takes each donor's latest run date), unless it was imputed today, in
+    which case it waits for the next run date. With ``ignore`` it is only reported.
+    """
+    again, deferred = [], []
+    for item in items:
+        before = done.get(item.donor)
+        if before is None or not before.get("vcf_sha256"):
+            continue
+        now = fingerprint(item.vcf)["sha256"]
+        if now == before["vcf_sha256"]:
+            continue
+        if policy == "ignore":
+            log.warning("nightly: %s changed since donor %s was imputed on %s (new checksum); not imputed again "
+                        "(nightly.redelivered: ignore)", item.vcf, item.donor, before.get(RUN_DATE))
+        elif str(before.get(RUN_DATE)) == day:
+            log.warning("nightly: %s changed since donor %s was imputed today; re-imputed by the next run date",
+                        item.vcf, item.donor)
+            deferred.append(item.donor)
+        else:
+            log.warning("nightly: %s changed since donor %s was imputed on %s (new checksum): imputing it again "
+                        "into %s=%s", item.vcf, item.donor, before.get(RUN_DATE), RUN_DATE, day)
+            again.append(item)
+    return again, deferred
+
+
+def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
+    """The body of :func:`nightly`, under the run's lease."""
     t0 = time.perf_counter()
     ledger_file = ledger_path(config)
     recorded = read_ledger(ledger_file)
@@ -508,37 +557,50 @@ def _run(config: Config, root: Path, day: str) -> NightlyResult:
     if done != recorded:
         write_ledger(ledger_file, done)
     items = scan_inbox(Path(config.nightly.inbox))
-    todo = [i for i in items if i.donor not in done]
-    already = [i.donor for i in items if i.donor in done]
+    quarantined: dict[str, str] = {}
+    for item in [i for i in items if i.duplicates]:
+        names = ", ".join(p.name for p in [item.vcf, *item.duplicates])
+        error = InputError(item.vcf, f"{len(item.duplicates) + 1} genome files claim donor {item.donor!r} ({names})",
+                           expected="one genome file per donor in the inbox",
+                           hint="keep the right one and put it back in the inbox")
+        quarantine(item, error, quarantine_dir(config))
+        quarantined[item.vcf.name] = str(error)
+    items = [i for i in items if not i.duplicates]
+    again, deferred = _redelivered([i for i in items if i.donor in done], done, day, config.nightly.redelivered)
+    todo = [i for i in items if i.donor not in done] + again
+    already = [i.donor for i in items if i.donor in done and i not in again]
     if not todo:
         log.info("nightly: nothing new in %s (%d genomes already done)", config.nightly.inbox, len(already))
-        return NightlyResult(day, [], {}, already, 0, None, time.perf_counter() - t0)
+        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred)
 
     try:
         bundle = load_bundle(model_dir(config))
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
-    dataset = load_dataset(config, with_variants=False)
+    dataset = load_dataset(config)  # with the reference donors' genomes, which the genetic score is fitted on
     problem, _ = make_problem(dataset, hidden_mask=False)
-    valid, quarantined = [], {}
+    valid = []
     for item in todo:
         try:
             valid.append(read_new_donor(item, config, problem, dataset.genome))
-        except (GeximputeError, OSError, ValueError) as exc:
+        except Exception as exc:  # any failure of one donor's input quarantines that donor, never the night
+            if not isinstance(exc, (GeximputeError, OSError, ValueError)):
+                log.exception("nightly: unexpected error reading %s", item.vcf)
+                exc = GeximputeError(f"{item.vcf}: unexpected error while reading it: {type(exc).__name__}: {exc}")
             quarantine(item, exc, quarantine_dir(config))
             quarantined[item.vcf.name] = str(exc)
     if not valid:
-        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0)
+        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred)
 
     extended, virtual = extend_problem(problem, valid, config.impute.tissues)
-    extended = donor_haplotypes(extended, valid, dataset)
+    extended = donor_haplotypes(extended, valid, dataset, problem.genomes)
     haplotypes = donor_promoter_inputs(extended, bundle.models.network.spec.promoter_length)
     fingerprints = {k: v["sha256"] for k, v in input_fingerprints(config).items()}
     ensure_ray(config.ray)
     rows, step = 0, config.nightly.donors_per_commit
     for start in range(0, len(valid), step):
         chunk = valid[start : start + step]
-        entries = _commit_chunk(config, root, day, extended, virtual, chunk, bundle, haplotypes, fingerprints)
+        entries = _commit_chunk(config, root, day, extended, virtual, chunk, bundle, haplotypes, fingerprints, lease)
         done.update(entries)
         write_ledger(ledger_file, done)
         n_rows = sum(e["rows"] for e in entries.values())
@@ -546,4 +608,4 @@ def _run(config: Config, root: Path, day: str) -> NightlyResult:
         log.info("nightly: committed %d donors (%d rows) to %s=%s; %d of %d done", len(chunk), n_rows, RUN_DATE, day,
                  start + len(chunk), len(valid))
     return NightlyResult(day, [n.item.donor for n in valid], quarantined, already, rows, root / f"{RUN_DATE}={day}",
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, reimputed=[i.donor for i in again], deferred=deferred)

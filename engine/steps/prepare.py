@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config
 from engine.io.dataset import Dataset, load_dataset
-from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.runtime.atomic import staged_output
+from engine.runtime.console import stage
+from engine.runtime.provenance import manifest, write_json
 from engine.runtime.raytools import ensure_ray
 from engine.science.context import ContextIndex, build_context
 from engine.science.folds import fold_problem, training_folds
@@ -141,7 +143,7 @@ class ContextBuilder:
     actor (numpy arrays in the object store are read without a copy); :func:`context_builder_kwargs` makes them.
     """
 
-    def __init__(self, refs: tuple, k: int, max_distance: int | None) -> None:
+    def __init__(self, refs: tuple, k: int, max_distance: int | None, progress=None) -> None:
         import ray
 
         problem_ref, masks_ref, labels_ref, genetic_ref = refs
@@ -150,6 +152,7 @@ class ContextBuilder:
         self.targets, self.hidden = ray.get(masks_ref)
         self.labels = ray.get(labels_ref) if labels_ref is not None else None
         self.k, self.max_distance = k, max_distance
+        self.progress = progress  # a progress counter actor (engine.runtime.raytools.progress_counter) or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = []
@@ -164,6 +167,8 @@ class ContextBuilder:
                 label = pa.array(self.labels[g, s], pa.float32(), from_pandas=True)
                 table = table.set_column(table.schema.get_field_index("target"), "target", label)
             tables.append(table)
+        if self.progress is not None:
+            self.progress.add.remote(len(batch["lo"]))
         return pa.concat_tables(tables)
 
 
@@ -197,6 +202,7 @@ def write_records(
     hidden: np.ndarray,
     out: Path,
     labels: np.ndarray | None = None,
+    name: str = "prepare: context records",
 ) -> int:
     """Build the context records of the ``targets`` entries with Ray Data and write them under ``out``.
 
@@ -206,6 +212,7 @@ def write_records(
         targets, hidden: (G, S) masks of the entries that get a record and of those flagged hidden.
         out: folder of the Parquet dataset, partitioned by chromosome.
         labels: (G, S) values to use as each record's ``target`` instead of the problem's own.
+        name: the progress display's name.
 
     Returns:
         the number of records written.
@@ -213,15 +220,17 @@ def write_records(
     import ray
 
     blocks = sample_blocks(targets)
-    records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
-        ContextBuilder,
-        fn_constructor_kwargs=context_builder_kwargs(config, problem, targets, hidden, labels),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=config.ray.cpus_per_task,
-        concurrency=max(1, min(config.ray.concurrency, len(blocks))),
-    )
-    records.write_parquet(str(out), partition_cols=[S.CHROM])
+    with stage(name, total=len(blocks), unit="blocks") as progress:
+        kwargs = context_builder_kwargs(config, problem, targets, hidden, labels)
+        records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
+            ContextBuilder,
+            fn_constructor_kwargs={**kwargs, "progress": progress.counter()},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=config.ray.cpus_per_task,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(config.ray.concurrency, len(blocks)))),
+        )
+        records.write_parquet(str(out), partition_cols=[S.CHROM])
     return pq.ParquetDataset(out).read(columns=["gene_index"]).num_rows
 
 
@@ -272,6 +281,7 @@ def prepare(
     dataset: Dataset | None = None,
     targets: str = "all",
     training: bool = False,
+    force: bool = False,
 ) -> Prepared:
     """Build and write the records of ``config``.
 
@@ -281,6 +291,7 @@ def prepare(
         dataset: an already loaded dataset (default: load the config's inputs).
         targets: which entries get a context record: ``all``, ``hidden`` or ``visible``.
         training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`engine.science.folds`).
+        force: replace ``out_dir`` even when it is not an earlier prepare output (:mod:`engine.runtime.atomic`).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir or Path(config.output_dir) / "records")
@@ -290,7 +301,7 @@ def prepare(
     log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
 
     ensure_ray(config.ray)
-    with staged_dir(out_dir) as staging:
+    with staged_output(out_dir, step="prepare", force=force) as staging:
         promoters, gene_promoters = promoter_tables(dataset, problem.gene_ids)
         promoters, donor_promoters = personal_promoter_tables(problem, promoters)
         pq.write_table(promoters, staging / "promoters.parquet")
@@ -308,9 +319,10 @@ def prepare(
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
                                                      config.seed, whole_donors=config.evaluation.whole_donors)):
-                log.info("prepare: training fold %d: %d re-hidden entries", f, int(inner.sum()))
+                log.debug("prepare: training fold %d: %d re-hidden entries", f, int(inner.sum()))
                 n_train += write_records(config, fold_problem(problem, inner), inner, inner,
-                                         staging / "train" / f"fold={f}", labels=problem.values)
+                                         staging / "train" / f"fold={f}", labels=problem.values,
+                                         name=f"prepare: training fold {f}")
         seconds = time.perf_counter() - t0
         write_json(
             staging / "_manifest.json",

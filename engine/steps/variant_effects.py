@@ -25,7 +25,8 @@ from engine.config import Config
 from engine.errors import ConfigError
 from engine.fit.bundle import load_bundle
 from engine.io.dataset import load_dataset
-from engine.runtime.provenance import manifest, staged_dir, write_json
+from engine.runtime.atomic import staged_output
+from engine.runtime.provenance import manifest, write_json
 from engine.science.context import ContextIndex
 from engine.science.genomes import genetic_scores
 from engine.science.haplotypes import edit_window, is_sequence_allele
@@ -79,13 +80,15 @@ def _population_records(index, gene: np.ndarray, tissue: np.ndarray, genetic: np
     return pa.table(columns, schema=S.CONTEXT)
 
 
-def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path | None = None) -> pa.Table:
+def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path | None = None, *,
+                    force: bool = False) -> pa.Table:
     """Score every promoter variant of ``config.inputs.variants`` with the bundle in ``model_dir`` and write them.
 
     Args:
         config: the resolved config; needs ``inputs.variants`` and ``inputs.genome``.
         out_dir: output folder (replaced atomically).
         model_dir: model bundle (default ``<output_dir>/model``).
+        force: replace ``out_dir`` even when it is not an earlier variant-effects output.
 
     Returns:
         the table written.
@@ -178,7 +181,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
         "genetic_effect": pa.array(beta, pa.float32()),
         "model_version": pa.array([bundle.model_version] * len(gene), pa.string()),
     }, schema=S.VARIANT_EFFECTS)
-    with staged_dir(out_dir) as staging:
+    with staged_output(out_dir, step="variant-effects", force=force) as staging:
         pq.write_table(out, staging / "variant_effects.parquet")
         write_json(staging / "_manifest.json", manifest(
             config, step="variant-effects", model_version=bundle.model_version,
