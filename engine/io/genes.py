@@ -279,6 +279,11 @@ def phenotype_bed_genes(coords: pa.Table, path: str | Path, *, genome: Genome | 
     return _validated(table, path, "phenotype-bed", (), genome, genome_partial)
 
 
+def _first(bad: pa.ChunkedArray) -> int | None:
+    """The row of the first True of a boolean column, or None."""
+    return pc.index(bad, True).as_py() if pc.any(bad).as_py() else None
+
+
 def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...], genome: Genome | None,
                genome_partial: bool) -> GeneTable:
     """Check and normalise a gene table read from ``path`` (see :func:`read_genes`)."""
@@ -286,33 +291,15 @@ def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...
 
     # Nulls and bad values, reported with the first offending record.
     for name in (S.GENE_ID, S.CHROM, S.TSS, S.STRAND):
-        nulls = pc.is_null(table[name])
-        if pc.any(nulls).as_py():
-            i = pc.index(nulls, True).as_py()
-            raise InputError(
-                path,
-                f"no {name} (empty or '.')",
-                record=_record(fmt, i, table),
-                expected=f"a {name} on every gene",
-            )
-    bad_strand = pc.invert(pc.is_in(table[S.STRAND], pa.array(["+", "-"])))
-    if pc.any(bad_strand).as_py():
-        i = pc.index(bad_strand, True).as_py()
-        raise InputError(
-            path,
-            f"strand {table[S.STRAND][i].as_py()!r}",
-            record=_record(fmt, i, table),
-            expected="'+' or '-'",
-        )
-    bad_tss = pc.less(table[S.TSS], 1)
-    if pc.any(bad_tss).as_py():
-        i = pc.index(bad_tss, True).as_py()
-        raise InputError(
-            path,
-            f"TSS {table[S.TSS][i].as_py()} is outside its chromosome",
-            record=_record(fmt, i, table),
-            expected="a 1-based position >= 1",
-        )
+        if (i := _first(pc.is_null(table[name]))) is not None:
+            raise InputError(path, f"no {name} (empty or '.')", record=_record(fmt, i, table),
+                             expected=f"a {name} on every gene")
+    if (i := _first(pc.invert(pc.is_in(table[S.STRAND], pa.array(["+", "-"]))))) is not None:
+        raise InputError(path, f"strand {table[S.STRAND][i].as_py()!r}", record=_record(fmt, i, table),
+                         expected="'+' or '-'")
+    if (i := _first(pc.less(table[S.TSS], 1))) is not None:
+        raise InputError(path, f"TSS {table[S.TSS][i].as_py()} is outside its chromosome",
+                         record=_record(fmt, i, table), expected="a 1-based position >= 1")
 
     if gene_types and pc.any(pc.is_valid(table[S.GENE_TYPE])).as_py():
         keep = pc.is_in(table[S.GENE_TYPE], pa.array(list(gene_types)))
