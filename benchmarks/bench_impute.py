@@ -63,26 +63,6 @@ class PeakMemory:
         self._thread.join()
 
 
-def build_bundle(config_path: Path, work: Path, overrides: list[str]) -> Path:
-    """prepare (training folds) -> train (1 epoch, few examples) -> fit-head -> bundle."""
-    import pyarrow.parquet as pq
-
-    from engine.config import load_config
-    from engine.fit.bundle import save_bundle
-    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.steps.prepare import prepare, read_problem_index
-
-    config = load_config(config_path, [f"output_dir={work}", *overrides])
-    records = work / "records"
-    prepare(config, records, targets="hidden", training=True)
-    gene_ids, tissues = read_problem_index(records)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), work / "runs")
-    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, work / "runs")
-    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-    save_bundle(models, work / "model", sequences=sequences, gene_ids=gene_ids)
-    return work / "model"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genes", type=int, default=1000)
@@ -102,6 +82,7 @@ def main() -> None:
     from engine.apps.synth import SynthSpec, generate
     from engine.config import load_config
     from engine.steps.impute import impute
+    from engine.steps.pipeline import build_bundle
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-impute-"))
     data = work / "data"
@@ -115,8 +96,8 @@ def main() -> None:
                     "train.fold_fraction=0.05", "head.num_boost_round=50", "head.cpus_per_worker=1.0",
                     "evaluation.task=entries"]
         bundle = work / "model"
-        if not (bundle / "manifest.json").is_file():
-            bundle = build_bundle(data / "config.yaml", work, training)
+        if not (bundle / "manifest.json").is_file():  # prepare (training folds) -> train -> fit-head -> bundle
+            build_bundle(load_config(data / "config.yaml", [f"output_dir={work}", *training]), out=bundle)
         config = load_config(data / "config.yaml", [f"output_dir={work}", f"impute.predictors={args.predictors}",
                                                     f"impute.batch_size={args.batch_size}"])
         with PeakMemory() as memory:

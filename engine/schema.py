@@ -200,3 +200,41 @@ GENE_PROMOTERS = pa.schema(
         pa.field("soft_masked", pa.int32(), nullable=False),
     ]
 )
+
+# The model bundle (engine.fit.bundle) and the trained network (``geximpute train``) ---------------------------
+#: the trained network, written by ``geximpute train`` into its folder and copied into every bundle
+NETWORK_WEIGHTS_FILE = "network.pt"  # the state dict (torch.save; read back with torch.load(weights_only=True))
+NETWORK_SPECS_FILE = "network.json"  # {"network": NetworkSpec, "features": FeatureSpec[, "metrics": training figures]}
+#: the XGBoost head (engine.fit.head): boosters of the estimate and of the interval bounds, and their settings
+HEAD_POINT_FILE = "point.ubj"
+HEAD_INTERVAL_FILE = "interval.ubj"
+HEAD_SPECS_FILE = "head.json"  # conformal width, feature count, coverage, engineered feature names
+#: the reference promoter windows of the training genes (personal haplotypes come from the VCF at prediction time)
+BUNDLE_PROMOTERS_FILE = "promoters.parquet"
+BUNDLE_GENE_PROMOTERS_FILE = "gene_promoters.parquet"
+BUNDLE_CONFIG_FILE = "config.yaml"  # the resolved config that made the bundle
+BUNDLE_MANIFEST_FILE = "manifest.json"  # versions, input fingerprints, training metrics, model_version
+
+#: every file of a bundle folder, in the order listed by :mod:`engine.fit.bundle`
+BUNDLE_FILES = (
+    NETWORK_WEIGHTS_FILE, NETWORK_SPECS_FILE, HEAD_POINT_FILE, HEAD_INTERVAL_FILE, HEAD_SPECS_FILE,
+    BUNDLE_PROMOTERS_FILE, BUNDLE_GENE_PROMOTERS_FILE, BUNDLE_CONFIG_FILE, BUNDLE_MANIFEST_FILE,
+)
+#: the files whose bytes make ``model_version``: two bundles with the same version predict the same
+BUNDLE_VERSIONED_FILES = (NETWORK_WEIGHTS_FILE, HEAD_POINT_FILE, HEAD_INTERVAL_FILE, HEAD_SPECS_FILE,
+                          NETWORK_SPECS_FILE)
+
+#: ``promoters.parquet`` of a bundle: one row per reference promoter window used by a training gene
+BUNDLE_PROMOTERS = pa.schema(
+    [
+        pa.field("sequence", pa.string(), nullable=False),  # as in PROMOTERS: 5'->3' on the gene's strand
+    ]
+)
+
+#: ``gene_promoters.parquet`` of a bundle: the row of ``promoters.parquet`` that holds each gene's window
+BUNDLE_GENE_PROMOTERS = pa.schema(
+    [
+        pa.field(GENE_ID, pa.string(), nullable=False),
+        pa.field("promoter_row", pa.int64(), nullable=False),
+    ]
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import helpers
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -51,8 +52,26 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A small synthetic dataset (with its config.yaml), written once per session."""
-    from engine.apps.synth import SynthSpec, generate
+    return helpers.synth_small(tmp_path_factory.mktemp("synth") / "data")
 
-    out = tmp_path_factory.mktemp("synth") / "data"
-    generate(out, SynthSpec(seed=3, n_genes=120, n_donors=24, n_tissues=4))
-    return out
+
+@pytest.fixture(scope="session")
+def tiny_data(synth_small, tmp_path_factory) -> Path:
+    """``synth_small`` with GTEx-style tissue names (spaces, dashes, brackets), the data of the tiny model."""
+    return helpers.gtex_named_copy(synth_small, tmp_path_factory.mktemp("tiny-data")).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(ray_local, tiny_data, tmp_path_factory) -> helpers.TinyModel:
+    """The one trained model of the default suite: ``build_bundle`` with the TINY settings on ``tiny_data``.
+
+    Tests read it and never write into its folders; one that needs a different model builds its own.
+    """
+    return helpers.build_tiny_model(tiny_data, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_imputation(tiny_model, tmp_path_factory):
+    """(config, ImputeResult) of imputing every missing entry of ``tiny_data`` with the tiny model; the golden
+    predictions are rows of it."""
+    return helpers.impute_tiny(tiny_model, tmp_path_factory.mktemp("tiny-impute") / "predictions")

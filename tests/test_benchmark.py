@@ -7,15 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from tiny import TINY_NETWORK
+from helpers import TINY_NETWORK
 
-from engine import schema as S
 from engine.apps.cli import main
-from engine.model.features import FeatureSpec, featurize, to_tensors
-from engine.model.inference import PromoterEncoderCache, TrainedNetwork, run_network
+from engine.model.features import FeatureSpec
 from engine.model.network import HybridNet, NetworkSpec
 from engine.science.promoters import PromoterLookup
 
@@ -71,6 +68,11 @@ def test_sharing_encodes_each_haplotype_once_and_beats_a_copy_per_entry(bench):
 
 def test_cached_encoder_gives_the_network_its_own_predictions():
     """run_network's promoter cache (one CNN pass per unique row, kept across batches) changes no prediction."""
+    import pyarrow as pa
+
+    from engine import schema as S
+    from engine.model.features import featurize, to_tensors
+    from engine.model.inference import PromoterEncoderCache, TrainedNetwork, run_network
 
     torch.manual_seed(0)
     spec = NetworkSpec(n_tissues=3, promoter_length=40, d_model=8, n_heads=2, n_layers=1, cnn_channels=8,

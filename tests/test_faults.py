@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,13 @@ import pandas as pd
 import psutil
 import pyarrow.dataset as pads
 import pytest
-from test_impute import assert_keys_unique, expected_missing, gtex_named_copy, read_output
-from test_nightly import donor_vcf, make_config, read_all
-from tiny import TINY
+from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, nightly_config, read_nightly, read_output
 
 from engine.config import load_config
+from engine.runtime.atomic import LeaseBusy, resolve, store_of
 from engine.steps.impute import OutputError, impute
 from engine.steps.nightly import ledger_path, lock_path, nightly, output_root
+from engine.steps.pipeline import Progress, build_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -88,33 +90,38 @@ class WorkerKiller:
 
 
 @pytest.fixture(scope="module")
-def data(synth_small, tmp_path_factory) -> Path:
-    return gtex_named_copy(synth_small, tmp_path_factory.mktemp("faults-data")).parent
+def data(tiny_data) -> Path:
+    return tiny_data
+
+
+class KilledTraining(Progress):
+    """build_bundle's stages, the training one watched by a :class:`WorkerKiller`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.killer = WorkerKiller(run_dir)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        with super().stage(name) as figures:
+            if name != "train":
+                yield figures
+                return
+            with self.killer:
+                yield figures
 
 
 @pytest.fixture(scope="module")
 def killed_training(ray_local, data, tmp_path_factory):
-    """Train with the worker killed after its first checkpoint, fit the head and write the bundle."""
-    import pyarrow.parquet as pq
-
-    from engine.fit.bundle import save_bundle
-    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.steps.prepare import prepare, read_problem_index
-
+    """build_bundle with the training worker killed after its first checkpoint: (network, killer, bundle folder)."""
     work = tmp_path_factory.mktemp("faults-model")
     # few examples per epoch: the epochs are short, the worker is killed in the second one
     config = load_config(data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
                                                 f"train.patience={EPOCHS}", "train.max_failures=2",
                                                 "train.max_examples_per_epoch=512", "head.num_boost_round=10"])
-    records = work / "records"
-    prepare(config, records, targets="hidden", training=True)
-    gene_ids, tissues = read_problem_index(records)
-    with WorkerKiller(work / "runs" / "hybrid") as killer:
-        network = train_hybrid_network(config, records, gene_ids, len(tissues), work / "runs")
-    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, work / "runs")
-    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-    save_bundle(models, work / "model", sequences=sequences, gene_ids=gene_ids)
-    return network, killer, work / "model"
+    progress = KilledTraining(work / "network" / "runs" / "hybrid")
+    bundle = build_bundle(config, progress=progress)
+    return progress.results["train"], progress.killer, bundle.folder
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +189,18 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
              "--include-observed", "--set", f"ray.address={address}", "--set", "impute.batch_size=40",
              "--set", "impute.predictors=1"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "GEXIMPUTE_LEASE_SECONDS": "3"},  # the dead run's lease expires soon after the kill
     )
-    staged = out.parent / f".{out.name}.staging-{proc.pid}"
-    _wait_for(lambda: any(staged.glob("tissue=*/*.parquet")), proc, 300, "the first Parquet file in staging")
+    store = store_of(out)
+
+    def staged() -> list[Path]:  # the run's own staging folder: named by host, pid and a random part
+        return list(store.glob(f"staging-*-{proc.pid}-*"))
+
+    _wait_for(lambda: any(f for d in staged() for f in d.glob("tissue=*/*.parquet")), proc, 300,
+              "the first Parquet file in staging")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert staged.is_dir(), "the run had already committed: the kill came too late"
+    assert staged(), "the run had already committed: the kill came too late"
     # the previous output is untouched and whole
     assert _fingerprint(out) == before
     assert json.loads((out / "_manifest.json").read_text()) == manifest
@@ -195,7 +208,11 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
     assert len(frame) == result.n_rows
     assert_keys_unique(frame)
 
-    # the rerun cleans up after the killed run and writes every row exactly once
+    # the dead run's lease stops a rerun until it expires; then the rerun takes over, cleans up after the killed
+    # run and writes every row exactly once
+    with pytest.raises(LeaseBusy, match="holds the lease"):
+        impute(config, model=bundle, out_dir=out, include_observed=True)
+    time.sleep(3.5)
     again = impute(config, model=bundle, out_dir=out, include_observed=True)
     frame = read_output(out)
     _, missing_pairs, n_genes = expected_missing(data)
@@ -203,14 +220,15 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
     assert len(frame) == again.n_rows == n_genes * (n_samples + len(missing_pairs))
     assert_keys_unique(frame)
     assert frame["observed"].notna().sum() > 0
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, store.name])
+    assert not list(store.glob("staging-*")) and resolve(out).parent == store
 
 
 def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_training, data, tmp_path):
     import ray
 
     _, _, bundle = killed_training
-    config = make_config(data, bundle, tmp_path, "nightly.donors_per_commit=1")
+    config = nightly_config(data, bundle, tmp_path, "nightly.donors_per_commit=1", "nightly.lease_seconds=5")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     donors = [f"NEW-{i:03d}" for i in range(1, 4)]
@@ -229,7 +247,7 @@ def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_tra
         _cli("nightly", "--config", str(data / "config.yaml"), "--run-date", "2026-02-01",
              "--set", f"output_dir={tmp_path}", "--set", f"nightly.inbox={inbox}",
              "--set", f"impute.model_dir={bundle}", "--set", "nightly.donors_per_commit=1",
-             "--set", f"ray.address={address}"),
+             "--set", "nightly.lease_seconds=5", "--set", f"ray.address={address}"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     _wait_for(lambda: len(recorded()) >= 1, proc, 300, "the first donor in the ledger")
@@ -237,13 +255,16 @@ def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_tra
     proc.wait()
     first = recorded()
     assert 1 <= len(first) < len(donors), f"the kill came too late: {first}"
-    assert lock_path(config).exists()  # the dead run's lock is still there
+    assert lock_path(config).exists()  # the dead run's lease is still there, and holds until it expires
+    with pytest.raises(LeaseBusy, match="another nightly run holds the lease"):
+        nightly(config, run_date="2026-02-02")
+    time.sleep(max(0.0, json.loads(lock_path(config).read_text())["expires"] - time.time()) + 0.2)
 
-    result = nightly(config, run_date="2026-02-02")
+    result = nightly(config, run_date="2026-02-02")  # a new pod (host) needs no pid or host check
     # the rest (a donor committed just before the kill but not yet in the ledger is recovered, not redone)
     assert result.done and set(result.done) <= set(donors) - set(first)
     assert not lock_path(config).exists()
-    frame = read_all(output_root(config))
+    frame = read_nightly(output_root(config))
     genes = len(pd.read_csv(data / "expression.gct", sep="\t", skiprows=2))
     n_tissues = pd.read_csv(data / "samples.tsv", sep="\t")["tissue"].nunique()
     assert frame.groupby("donor_id").size().to_dict() == {d: genes * n_tissues for d in donors}

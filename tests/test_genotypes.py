@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from tiny import TINY_NETWORK
+from helpers import TINY_NETWORK
 
 from engine.apps.cli import main as cli
 from engine.apps.synth import SynthSpec, generate
@@ -177,6 +176,7 @@ def test_variant_effects_follow_the_planted_eqtls(evaluated, tmp_path):
     n_tissues = table["tissue"].nunique()
     assert n_tissues == 3 and len(table) == manifest["rows"]["variant_gene_pairs"] * n_tissues
     assert table.groupby(["variant_id", "gene_id", "alt"]).size().eq(n_tissues).all()
+    import pandas as pd
 
     planted = pd.read_csv(config.parent / "truth" / "eqtls.tsv", sep="\t")[["variant_id", "gene_id", "effect"]]
     per_variant = table.groupby(["variant_id", "gene_id"], as_index=False)["effect"].mean()

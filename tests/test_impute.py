@@ -1,4 +1,4 @@
-"""Batch imputation on a real local Ray with a tiny real bundle (trained once per module): every missing entry
+"""Batch imputation on a real local Ray with the session's tiny real bundle: every missing entry
 exactly once, missing donor-tissue profiles, the output contract of DESIGN.md, the manifest, readers (pyarrow,
 pandas, DuckDB with the README's query), idempotent reruns and the selection settings."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,9 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from tiny import TINY
+from helpers import TISSUE_NAMES, assert_keys_unique, expected_missing, read_output
 
 from engine import schema as S
-from engine.config import load_config
 from engine.errors import ConfigError
 from engine.science.problem import VisibleProblem
 from engine.steps.impute import add_missing_profiles, impute, target_mask
@@ -25,76 +23,19 @@ from engine.steps.impute import add_missing_profiles, impute, target_mask
 REPO = Path(__file__).resolve().parents[1]
 
 
-#: tissue names as GTEx writes them: spaces, dashes and brackets must survive the hive partition folder names
-TISSUE_NAMES = {
-    "Tissue01": "Brain - Cortex",
-    "Tissue02": "Cells - EBV-transformed lymphocytes",
-    "Tissue03": "Skin - Sun Exposed (Lower leg)",
-    "Tissue04": "Whole Blood",
-}
-
-
-def gtex_named_copy(src: Path, dst: Path) -> Path:
-    """A copy of a synthetic dataset whose tissues carry GTEx-style names; returns its config path."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    samples = pd.read_csv(dst / "samples.tsv", sep="\t")
-    samples["tissue"] = samples["tissue"].map(lambda t: TISSUE_NAMES.get(t, t))
-    samples.to_csv(dst / "samples.tsv", sep="\t", index=False)
-    return dst / "config.yaml"
-
-
-def build_bundle(config_path: Path, work: Path, overrides: tuple[str, ...] = ()) -> Path:
-    """prepare (training folds) -> train -> fit-head -> bundle, with the TINY settings; returns the bundle folder."""
-    from engine.fit.bundle import save_bundle
-    from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
-    from engine.steps.prepare import prepare, read_problem_index
-
-    config = load_config(config_path, [f"output_dir={work}", *TINY, *overrides])
-    records = work / "records"
-    prepare(config, records, targets="hidden", training=True)
-    gene_ids, tissues = read_problem_index(records)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), work / "runs")
-    models, _, _ = fit_hybrid_head(config, records, network, gene_ids, work / "runs")
-    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-    save_bundle(models, work / "model", sequences=sequences, gene_ids=gene_ids)
-    return work / "model"
-
-
-def expected_missing(data: Path) -> tuple[int, set[tuple[str, str]], int]:
-    """Independently of the engine: (missing entries of measured samples, donor-tissue pairs without a sample,
-    genes), from the raw GCT and sample table."""
-    expr = pd.read_csv(data / "expression.gct", sep="\t", skiprows=2).drop(columns=["Name", "Description"])
-    samples = pd.read_csv(data / "samples.tsv", sep="\t").set_index("sample_id").loc[expr.columns]
-    pairs = set(zip(samples["donor_id"], samples["tissue"], strict=True))
-    all_pairs = {(d, t) for d in samples["donor_id"].unique() for t in samples["tissue"].unique()}
-    return int(expr.isna().to_numpy().sum()), all_pairs - pairs, len(expr)
-
-
-def read_output(folder: Path):
-    return pads.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas()
-
-
-def assert_keys_unique(frame: pd.DataFrame) -> None:
-    keys = frame[["donor_id", "tissue", "gene_id"]].astype(str)
-    dupes = keys.duplicated().sum()
-    assert dupes == 0, f"{dupes} duplicated (donor, tissue, gene) keys"
+@pytest.fixture(scope="module")
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
-def data(synth_small, tmp_path_factory) -> Path:
-    return gtex_named_copy(synth_small, tmp_path_factory.mktemp("impute-data")).parent
+def bundle(tiny_model) -> Path:
+    return tiny_model.folder
 
 
 @pytest.fixture(scope="module")
-def bundle(ray_local, data, tmp_path_factory) -> Path:
-    return build_bundle(data / "config.yaml", tmp_path_factory.mktemp("impute-model"))
-
-
-@pytest.fixture(scope="module")
-def first_run(bundle, data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("impute-out") / "predictions"
-    config = load_config(data / "config.yaml", [f"output_dir={out.parent}"])
-    return config, impute(config, model=bundle, out_dir=out)
+def first_run(tiny_imputation):
+    return tiny_imputation
 
 
 # Without Ray ----------------------------------------------------------------------------------------------------

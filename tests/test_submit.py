@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import TINY as TINY_BASE
+from helpers import TINY as TINY_BASE
 
 from engine.errors import GeximputeError
 from engine.runtime.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir

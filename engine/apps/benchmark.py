@@ -41,13 +41,11 @@ from typing import Any
 import numpy as np
 import psutil
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine import __version__
 from engine.apps.synth import SynthSpec, generate
 from engine.config import load_config
-from engine.fit.bundle import load_bundle, save_bundle
-from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.fit.bundle import load_bundle
 from engine.io.dataset import load_dataset
 from engine.model.network import PromoterCNN
 from engine.runtime.provenance import versions
@@ -55,7 +53,8 @@ from engine.runtime.raytools import ensure_ray
 from engine.science.context import ContextIndex, build_context
 from engine.science.problem import make_problem
 from engine.steps.impute import BLOCK_ENTRIES, add_missing_profiles, donor_promoter_inputs, impute, target_mask
-from engine.steps.prepare import prepare, read_problem_index, sample_blocks
+from engine.steps.pipeline import Progress, build_bundle
+from engine.steps.prepare import sample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -284,37 +283,27 @@ def _rate(count: float, seconds: float) -> float:
 # The model ---------------------------------------------------------------------------------------------------
 
 
-def build_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
-    """prepare (every measured entry, with training folds) -> train -> fit-head -> bundle, each stage measured.
+def measured_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
+    """:func:`engine.steps.pipeline.build_bundle` on every measured entry (prepare with training folds -> train ->
+    fit-head -> bundle), each of its stages timed and memory-sampled by :func:`measured` into ``stages``.
 
     Returns:
         the bundle folder.
     """
+    class Measured(Progress):
+        def stage(self, name: str):  # type: ignore[override]
+            return measured(self.stages, name)
 
-    records = work / "records"
-    with measured(stages, "prepare") as fig:
-        prepared = prepare(config, records, targets="all", training=True)
-        n = prepared.n_records + prepared.n_train
-        fig.update(records=n, context_records=prepared.n_records, training_records=prepared.n_train,
-                   promoters=prepared.n_promoters)
-    fig["records_per_second"] = _rate(n, fig["seconds"])
-
-    gene_ids, tissues = read_problem_index(records)
-    with measured(stages, "train") as fig:
-        network = train_hybrid_network(config, records, gene_ids, len(tissues), work / "runs")
-    epochs = int(network.metrics.get("epoch", 0)) + 1
-    per_epoch = int(network.metrics.get("examples", 0))
-    fig.update(epochs=epochs, samples=epochs * per_epoch, samples_per_second=_rate(epochs * per_epoch, fig["seconds"]),
-               val_loss=network.metrics.get("val_loss"))
-
-    with measured(stages, "fit_head") as fig:
-        models, _, training = fit_hybrid_head(config, records, network, gene_ids, work / "runs")
-        sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-        bundle = work / "model"
-        version = save_bundle(models, bundle, sequences=sequences, gene_ids=gene_ids, metrics=network.metrics)
-    fig.update(records=training.num_rows, records_per_second=_rate(training.num_rows, fig["seconds"]),
-               model_version=version, head_trees=models.head.point.num_boosted_rounds(),
-               seconds_detail=models.seconds)
+    bundle = work / "model"
+    build_bundle(config, targets="all", records_dir=work / "records", network_dir=work / "network", out=bundle,
+                 progress=Measured(stages))
+    fig = stages["prepare"]
+    fig["records_per_second"] = _rate(fig["records"], fig["seconds"])
+    fig = stages["train"]
+    samples = fig["epochs"] * fig.pop("examples_per_epoch")
+    fig.update(samples=samples, samples_per_second=_rate(samples, fig["seconds"]))
+    fig = stages["fit_head"]
+    fig["records_per_second"] = _rate(fig["records"], fig["seconds"])
     return bundle
 
 
@@ -609,7 +598,7 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
     started = ensure_ray(first.ray)
     try:
         resources = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
-        bundle = build_bundle(first, work / f"x{spec.scales[0]}", stages)
+        bundle = measured_bundle(first, work / f"x{spec.scales[0]}", stages)
         scaling = []
         for scale in spec.scales:
             config = config_of(scale)

@@ -23,19 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from engine.config import Config, load_config
 from engine.errors import GeximputeError
-from engine.fit.bundle import save_bundle
-from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
 from engine.io.dataset import load_dataset
 from engine.runtime.raytools import ensure_ray
 from engine.science.baselines import make_methods
 from engine.science.metrics import score
 from engine.steps.evaluate import hidden_values, read_records
 from engine.steps.impute import impute
-from engine.steps.prepare import prepare
+from engine.steps.pipeline import Progress, build_bundle
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +72,14 @@ class DemoPart:
 
 
 def _train_bundle(config: Config, part: DemoPart, dataset) -> tuple[Path, object]:
-    """prepare (training folds) -> train -> fit-head -> bundle, timed into ``part.seconds``."""
-    out = Path(config.output_dir)
-    t = time.perf_counter()
-    prepared = prepare(config, out / "records", dataset=dataset, targets="hidden", training=True)
-    part.seconds["prepare"] = round(time.perf_counter() - t, 1)
-    problem = prepared.problem
-    t = time.perf_counter()
-    network = train_hybrid_network(config, prepared.out_dir, problem.gene_ids, len(problem.tissues), out / "runs")
-    part.seconds["train"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    models, _, _ = fit_hybrid_head(config, prepared.out_dir, network, problem.gene_ids, out / "runs")
-    sequences = pq.read_table(prepared.out_dir / "promoters.parquet")["sequence"].to_pylist()
-    version = save_bundle(models, out / "model", sequences=sequences, gene_ids=problem.gene_ids,
-                          metrics=network.metrics)
-    part.seconds["fit_head"] = round(time.perf_counter() - t, 1)
-    part.facts["model_version"] = version
-    part.facts["network_val_loss"] = network.metrics.get("val_loss")
-    return out / "model", prepared
+    """:func:`engine.steps.pipeline.build_bundle` on the hidden entries, its stages timed into ``part.seconds``;
+    returns (the bundle folder, prepare's output)."""
+    progress = Progress()
+    bundle = build_bundle(config, dataset=dataset, targets="hidden", progress=progress)
+    part.seconds.update({name: figures["seconds"] for name, figures in progress.stages.items()})
+    part.facts["model_version"] = bundle.model_version
+    part.facts["network_val_loss"] = progress.stages["train"]["val_loss"]
+    return bundle.folder, progress.results["prepare"]
 
 
 def _medians(out: Path, seed: int) -> tuple[DemoPart, dict]:

@@ -1,0 +1,161 @@
+"""One model from a config: prepare the training records, train the network, fit the XGBoost head, save the bundle.
+
+:func:`build_bundle` is the library's one recipe for a model; the ``geximpute`` commands ``train`` and ``fit-head``
+are its two middle stages (:func:`train_and_save`, :func:`fit_head_and_save`), run one at a time with their files
+in between. The demo, the benchmark, the benchmarks scripts and the tests build their models through it.
+
+Folders, each defaulting to a folder of ``config.output_dir``::
+
+    records/   prepare's output with the labelled training folds (engine.steps.prepare)
+    network/   the trained network (engine.fit.bundle.save_network) and its Ray Train runs and checkpoints (runs/)
+    model/     the bundle (engine.fit.bundle, layout in engine.schema.BUNDLE_FILES)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from engine.config import Config
+from engine.fit.bundle import Bundle, load_bundle, load_network, save_bundle, save_network
+from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from engine.fit.models import HybridModels
+from engine.io.dataset import Dataset
+from engine.model.inference import TrainedNetwork
+from engine.runtime.raytools import ensure_ray
+from engine.steps.prepare import prepare, read_problem_index
+
+log = logging.getLogger(__name__)
+
+#: the stages of :func:`build_bundle`, in order
+STAGES = ("prepare", "train", "fit_head")
+
+
+def output_path(config: Config, given: str | Path | None, default: str) -> Path:
+    """``given``, or the folder ``default`` (``records``, ``network``, ``model``) of ``config.output_dir``."""
+    return Path(given) if given else Path(config.output_dir) / default
+
+
+@dataclass
+class Progress:
+    """What :func:`build_bundle` did, stage by stage: pass one in to read it back, or a subclass to measure stages.
+
+    Attributes:
+        stages: stage name -> its figures (plain numbers and strings, ready for JSON): ``seconds`` and counts.
+        results: stage name -> what the stage made: ``prepare`` the :class:`~engine.steps.prepare.Prepared`,
+            ``train`` the :class:`~engine.model.inference.TrainedNetwork`, ``fit_head`` the fitted
+            :class:`~engine.fit.models.HybridModels` (before saving; the returned bundle is read back from disk).
+    """
+
+    stages: dict[str, dict] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Run one stage: yields the dict its figures go into, then records its wall time under ``seconds``."""
+        figures: dict = {}
+        t0 = time.perf_counter()
+        yield figures
+        figures["seconds"] = round(time.perf_counter() - t0, 1)
+        self.stages[name] = figures
+        log.info("build_bundle: %s done in %.1f s", name, figures["seconds"])
+
+
+def train_and_save(config: Config, records_dir: str | Path | None = None,
+                   network_dir: str | Path | None = None) -> TrainedNetwork:
+    """Train the network on the training folds of ``records_dir`` and save it into ``network_dir``
+    (``geximpute train``); Ray Train's runs and checkpoints go to ``network_dir/runs``."""
+    records = output_path(config, records_dir, "records")
+    out = output_path(config, network_dir, "network")
+    gene_ids, tissues = read_problem_index(records)
+    ensure_ray(config.ray)
+    out.mkdir(parents=True, exist_ok=True)
+    network = train_hybrid_network(config, records, gene_ids, len(tissues), out / "runs")
+    save_network(network, out)
+    return network
+
+
+def fit_head_and_save(
+    config: Config,
+    records_dir: str | Path | None = None,
+    network: TrainedNetwork | str | Path | None = None,
+    out: str | Path | None = None,
+) -> tuple[HybridModels, str, int]:
+    """Fit the XGBoost head over the embeddings of ``network`` on the head fold of ``records_dir`` and write the
+    bundle into ``out`` (``geximpute fit-head``).
+
+    Args:
+        config: the resolved config.
+        records_dir: prepare's output with training folds (default ``<output_dir>/records``).
+        network: a trained network, or the folder :func:`train_and_save` wrote it to (default
+            ``<output_dir>/network``); the head's Ray Train runs go to that folder's ``runs``.
+        out: the bundle folder (default ``<output_dir>/model``), replaced atomically.
+
+    Returns:
+        (the fitted models, the bundle's ``model_version``, the number of records the head was fitted on).
+    """
+    records = output_path(config, records_dir, "records")
+    if isinstance(network, TrainedNetwork):
+        trained, runs = network, output_path(config, None, "network") / "runs"
+    else:
+        net_dir = output_path(config, network, "network")
+        trained, runs = load_network(net_dir), net_dir / "runs"
+    gene_ids, _ = read_problem_index(records)
+    ensure_ray(config.ray)
+    models, _, training = fit_hybrid_head(config, records, trained, gene_ids, runs)
+    sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
+    version = save_bundle(models, output_path(config, out, "model"), sequences=sequences, gene_ids=gene_ids,
+                          metrics=trained.metrics)
+    return models, version, training.num_rows
+
+
+def build_bundle(
+    config: Config,
+    *,
+    dataset: Dataset | None = None,
+    targets: str = "hidden",
+    records_dir: str | Path | None = None,
+    network_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """prepare (with training folds) -> train -> fit-head -> bundle; returns the bundle as loaded from ``out``.
+
+    Args:
+        config: the resolved config (its ``train``, ``head`` and ``evaluation`` settings decide the model).
+        dataset: the config's inputs, already loaded (default: load them).
+        targets: the entries that get a context record besides the training folds (``prepare --targets``); the
+            model needs none of them, so the default is the smallest set, the entries hidden for evaluation.
+        records_dir: prepare's output folder (default ``<output_dir>/records``), replaced.
+        network_dir: the trained network and its Ray Train runs (default ``<output_dir>/network``).
+        out: the bundle folder (default ``<output_dir>/model``), replaced atomically.
+        progress: receives each stage's figures and results (see :class:`Progress`); a subclass can wrap the stages
+            in its own measurements (the benchmark measures memory this way).
+    """
+    progress = progress if progress is not None else Progress()
+    records = output_path(config, records_dir, "records")
+    with progress.stage("prepare") as figures:
+        prepared = prepare(config, records, dataset=dataset, targets=targets, training=True)
+        figures.update(records=prepared.n_records + prepared.n_train, context_records=prepared.n_records,
+                       training_records=prepared.n_train, promoters=prepared.n_promoters)
+    progress.results["prepare"] = prepared
+    with progress.stage("train") as figures:
+        network = train_and_save(config, records, network_dir)
+        figures.update(epochs=int(network.metrics.get("epoch", 0)) + 1,
+                       examples_per_epoch=int(network.metrics.get("examples", 0)),
+                       val_loss=network.metrics.get("val_loss"))
+    progress.results["train"] = network
+    with progress.stage("fit_head") as figures:
+        net_dir = output_path(config, network_dir, "network")
+        models, version, n_head = fit_head_and_save(config, records, net_dir, out)
+        figures.update(records=n_head, model_version=version, head_trees=models.head.point.num_boosted_rounds(),
+                       seconds_detail=models.seconds)
+    progress.results["fit_head"] = models
+    return load_bundle(output_path(config, out, "model"))
