@@ -295,44 +295,69 @@ def _read_long(path: Path, scale: str) -> Expression:
     return Expression(path=path, gene_ids=list(gene_ids), sample_ids=list(sample_ids), values=values, scale=scale)
 
 
-def size_factors(counts: np.ndarray, method: str) -> np.ndarray:
+def size_factors(counts: np.ndarray, method: str, visible: np.ndarray | None = None) -> np.ndarray:
     """Per-sample scaling of raw counts (genes x samples, NaN allowed) to counts per million.
 
     ``cpm`` divides by each sample's total over the genes present; ``median_ratio`` uses DESeq2's
     median-of-ratios to a pseudo-reference (geometric mean per gene over samples where it is > 0), which does not
     let a few highly expressed genes dominate when the file holds few genes.
 
+    Args:
+        counts: (G, S) raw counts.
+        method: ``cpm`` or ``median_ratio``.
+        visible: (G, S) bool, the entries the factors may be computed from (the values left visible after hiding
+            the evaluation's entries); None: every measured entry. A hidden value then never moves a visible one:
+            totals, the pseudo-reference and the per-million rescaling use visible entries only. A sample with
+            no visible entry at all (a hidden sample) is scaled by its own entries: only its hidden truth, used for
+            scoring, is on that scale.
+
     Returns:
         an array of shape (n_samples,) such that ``counts / factor`` is on a per-million scale.
     """
+    measured = ~np.isnan(counts)
+    if visible is None:
+        visible = measured
+    visible = visible & measured
+    has_visible = visible.any(axis=0)
+    # what each sample's factor is computed from: its visible entries, or all its own entries when none is visible
+    basis = np.where(has_visible[None, :], np.where(visible, counts, np.nan), counts)
     with np.errstate(divide="ignore", invalid="ignore"):
         if method == "cpm":
-            total = np.nansum(counts, axis=0)
+            total = np.nansum(basis, axis=0)
             return np.where(total > 0, total / 1e6, 1.0)
-        logc = np.where(counts > 0, np.log(counts), np.nan)
-        ref = np.nanmean(logc, axis=1, keepdims=True)
+        logc = np.where(basis > 0, np.log(basis), np.nan)
+        # the pseudo-reference comes from visible entries only
+        ref = np.nanmean(np.where(visible & (counts > 0), np.log(np.where(counts > 0, counts, 1.0)), np.nan),
+                         axis=1, keepdims=True)
         ratios = np.nanmedian(logc - ref, axis=0)
         factor = np.exp(np.nan_to_num(ratios, nan=0.0))
-        # scale so that the median sample has the same per-million scale as cpm
-        total = np.nansum(counts, axis=0)
-        norm = np.nanmedian(np.where(total > 0, total / 1e6, np.nan) / factor)
+        # scale so that the median sample has the same per-million scale as cpm (median over samples with
+        # visible entries, from their visible totals)
+        total = np.nansum(basis, axis=0)
+        per_million = np.where((total > 0) & has_visible, total / 1e6, np.nan) / factor
+        norm = np.nanmedian(per_million) if np.isfinite(per_million).any() else np.nan
         return factor * (norm if np.isfinite(norm) else 1.0)
 
 
-def to_model_scale(expr: Expression, config: ExpressionConfig) -> np.ndarray:
+def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarray | None = None) -> np.ndarray:
     """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log`` and
     ``normalised``.
+
+    Args:
+        expr: the expression read.
+        config: the transform and the counts normalisation.
+        visible: (G, S) bool over ``expr``'s rows and columns: the entries that count normalisation may be
+            computed from (see :func:`size_factors`); None: all measured entries.
 
     Returns:
         float32 array of the same shape as ``expr.values`` (NaN preserved).
     """
     values = expr.values.astype(np.float32, copy=True)
-    if expr.scale in ("log", "normalised") or config.transform == "none":
-        if expr.scale == "counts":
-            values = values / size_factors(values, config.counts_normalisation)[None, :].astype(np.float32)
-        return values
     if expr.scale == "counts":
-        values = values / size_factors(values, config.counts_normalisation)[None, :].astype(np.float32)
+        factors = size_factors(values, config.counts_normalisation, visible)
+        values = values / factors[None, :].astype(np.float32)
+    if expr.scale in ("log", "normalised") or config.transform == "none":
+        return values
     return np.log1p(values)
 
 

@@ -84,18 +84,35 @@ class HiddenTruth:
         return len(self.values)
 
 
-def model_matrix(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(values on the modelling scale for annotated genes, row indices into the annotation table).
-
-    Rows follow the annotation's (chrom, TSS) order; expression genes without annotation are dropped.
-    """
-    config = dataset.config
-    values = to_model_scale(dataset.expression, config.expression)
+def annotated_rows(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(expression row of each annotated expression gene, its row in the annotation table), in the annotation's
+    (chrom, TSS) order; expression genes without annotation are left out."""
     row_of = {g: i for i, g in enumerate(dataset.expression.gene_ids)}
     ann_ids = dataset.genes.table[S.GENE_ID].to_pylist()
     keep = [i for i, g in enumerate(ann_ids) if g in row_of]
     rows = [row_of[ann_ids[i]] for i in keep]
-    return values[rows], np.asarray(keep, dtype=np.int64)
+    return np.asarray(rows, dtype=np.int64), np.asarray(keep, dtype=np.int64)
+
+
+def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(values on the modelling scale for annotated genes, row indices into the annotation table).
+
+    Rows follow the annotation's (chrom, TSS) order; expression genes without annotation are dropped.
+
+    Args:
+        dataset: the loaded inputs.
+        hidden: (G, S) bool over the returned rows: entries hidden for evaluation. Count normalisation (CPM,
+            median-of-ratios) is then computed from the other entries only, so a hidden count moves no visible
+            value (:func:`engine.io.expression.size_factors`).
+    """
+    config = dataset.config
+    rows, keep = annotated_rows(dataset)
+    visible = None
+    if hidden is not None and hidden.any():
+        visible = ~np.isnan(dataset.expression.values)
+        visible[rows] &= ~hidden
+    values = to_model_scale(dataset.expression, config.expression, visible)
+    return values[rows], keep
 
 
 def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarray | None = None) -> np.ndarray:
@@ -185,7 +202,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
         ConfigError: the task needs a sample table (``samples``) and the dataset has one donor.
     """
     config = dataset.config
-    values, ann_rows = model_matrix(dataset)
+    expr_rows, ann_rows = annotated_rows(dataset)
     genes = dataset.genes.table.take(ann_rows)
     samples = dataset.samples
     donors, donor_index = np.unique(np.asarray(samples[S.DONOR_ID].to_pylist(), dtype=object), return_inverse=True)
@@ -195,8 +212,10 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
             "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
             "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
         )
-    observed = ~np.isnan(values)
+    observed = ~np.isnan(dataset.expression.values[expr_rows])
     hidden = hide(observed, config.evaluation, donor_index=donor_index) if hidden_mask else np.zeros_like(observed)
+    # normalised after hiding: the hidden entries take no part in any count normalisation
+    values, _ = model_matrix(dataset, hidden)
     gi, si = np.nonzero(hidden)
     truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
     visible = values.copy()
