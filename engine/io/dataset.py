@@ -110,10 +110,15 @@ def variant_regions(genes: GeneTable, gene_ids: list[str], config: Config) -> li
     memory grows with the windows and not with the file."""
     table = genes.table
     keep = np.isin(np.asarray(table[S.GENE_ID].to_pylist(), dtype=object), np.asarray(gene_ids, dtype=object))
+    chroms = np.asarray(table[S.CHROM].to_pylist(), dtype=object)[keep]
+    return window_regions(chroms, table[S.TSS].to_numpy()[keep], config)
+
+
+def window_regions(chroms: np.ndarray, tss: np.ndarray, config: Config) -> list[tuple[str, int, int]]:
+    """:func:`variant_regions` of genes given by their chromosomes and TSSs."""
     p = config.promoter
     half = max(p.upstream, p.downstream, config.genotypes.cis_window or 0) + p.length
-    chroms = np.asarray(table[S.CHROM].to_pylist(), dtype=object)[keep]
-    tss = table[S.TSS].to_numpy()[keep].astype(np.int64)
+    tss = np.asarray(tss, dtype=np.int64)
     return [(str(c), int(max(t - half, 1)), int(t + half)) for c, t in zip(chroms, tss, strict=True)]
 
 

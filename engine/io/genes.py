@@ -78,6 +78,8 @@ def _read_gff(path: Path, fmt: str) -> pa.Table:
         skip_comment_rows=True,
     )
     genes = table.filter(pc.equal(table["feature"], "gene"))
+    if fmt == "gtf":
+        genes = pa.concat_tables([genes, _genes_from_transcripts(table, genes)])
     if genes.num_rows == 0:
         raise InputError(
             path,
@@ -125,6 +127,29 @@ def _read_gff(path: Path, fmt: str) -> pa.Table:
             S.STRAND: strand,
         }
     )
+
+
+def _genes_from_transcripts(table: pa.Table, genes: pa.Table) -> pa.Table:
+    """GTF 'gene' records for genes that have transcripts but no 'gene' line (GTF2 files, or a GTF cut by
+    transcript): the gene spans its transcripts, on their chromosome and strand."""
+    tx = table.filter(pc.equal(table["feature"], "transcript"))
+    if tx.num_rows == 0:
+        return genes.slice(0, 0)
+    tx_gene = _attribute(tx["attributes"], r'gene_id "(?P<v>[^"]+)"')
+    have = _attribute(genes["attributes"], r'gene_id "(?P<v>[^"]+)"')
+    tx = tx.append_column("gene", tx_gene).filter(pc.and_(pc.is_valid(tx_gene),
+                                                          pc.invert(pc.is_in(tx_gene, value_set=have))))
+    if tx.num_rows == 0:
+        return genes.slice(0, 0)
+    spans = tx.group_by("gene", use_threads=False).aggregate(
+        [("start", "min"), ("end", "max"), ("seqid", "first"), ("strand", "first"), ("attributes", "first")])
+    return pa.table({
+        "seqid": spans["seqid_first"], "source": pa.nulls(spans.num_rows, pa.string()),
+        "feature": pa.array(["gene"] * spans.num_rows, pa.string()), "start": spans["start_min"],
+        "end": spans["end_max"], "score": pa.nulls(spans.num_rows, pa.string()),
+        "strand": spans["strand_first"], "frame": pa.nulls(spans.num_rows, pa.string()),
+        "attributes": spans["attributes_first"],
+    }).select(genes.column_names).cast(genes.schema)
 
 
 def _read_bed(path: Path) -> pa.Table:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -230,24 +231,32 @@ def donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: n
         return np.where(d_n > 0, d_sum / np.maximum(d_n, 1), np.nan)
 
 
-#: ridge penalties tried per gene when ``context.genetic_shrinkage`` is null (leave-one-donor-out choice)
-SHRINKAGE_GRID = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0)
+#: ridge penalties tried per gene when ``context.genetic_shrinkage`` is null (leave-one-donor-out choice); no effect at
+#: all (an infinite penalty) is always a candidate too, so a gene without signal gets a score of 0
+SHRINKAGE_GRID = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, shrinkage: float | None) -> np.ndarray:
     """Ridge coefficients of centred ``y`` on centred ``x`` (n, m); with ``shrinkage`` None the penalty of
-    :data:`SHRINKAGE_GRID` with the smallest leave-one-out error (closed form, ``e_i / (1 - h_ii)``)."""
-    grid = SHRINKAGE_GRID if shrinkage is None else (shrinkage,)
-    best, best_err = np.zeros(x.shape[1]), np.inf
-    for lam in grid:
-        inv = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
-        beta = inv @ (x.T @ y)
-        if len(grid) == 1:
-            return beta
-        leverage = np.einsum("ij,jk,ik->i", x, inv, x)
-        err = float(np.mean(((y - x @ beta) / np.maximum(1 - leverage - 1.0 / len(y), 1e-6)) ** 2))
+    :data:`SHRINKAGE_GRID` (or none at all: zero effects) with the smallest leave-one-out error (closed form,
+    ``e_i / (1 - h_ii)``, with one more degree of freedom for the centring).
+
+    One SVD of ``x`` serves every penalty, so a cis window of hundreds of sites costs one decomposition per gene.
+    """
+    n = len(y)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    uty = u.T @ y
+    if shrinkage is not None:
+        return vt.T @ (s / (s**2 + shrinkage) * uty)
+    best = np.zeros(x.shape[1])
+    best_err = float(np.mean((y / max(1 - 1.0 / n, 1e-6)) ** 2))
+    for lam in SHRINKAGE_GRID:
+        shrink = s**2 / (s**2 + lam)
+        leverage = (u**2) @ shrink
+        fitted = u @ (shrink * uty)
+        err = float(np.mean(((y - fitted) / np.maximum(1 - leverage - 1.0 / n, 1e-6)) ** 2))
         if err < best_err:
-            best, best_err = beta, err
+            best, best_err = vt.T @ (s / (s**2 + lam) * uty), err
     return best
 
 
@@ -289,3 +298,154 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
         effects.append(beta.astype(np.float32))
         scores[g, has] = (x[has] @ beta).astype(np.float32)
     return scores, effects
+
+
+def add_donors(genomes: DonorGenomes | None, donors: list[str], new: dict[str, Any], reference: Any, genome: Any,
+               problem: Any, config: Any) -> DonorGenomes:
+    """``genomes`` of the reference donors extended to every donor of ``donors`` with the genomes in ``new``.
+
+    New donors are those of nightly's inbox, each with a VCF of its own: their promoter haplotypes are built from
+    it exactly as the reference donors' (:func:`engine.science.haplotypes.build_haplotypes`, with the same
+    ``genotypes`` policies), and their dosages at the reference VCF's cis sites (the sites the genetic score
+    was fitted on) are read from it. A site absent from a donor's VCF on a chromosome where the VCF has records
+    is read as REF (a single-sample VCF lists the sites where the donor differs); on a chromosome where it has
+    none the dosage is missing (policy ``genotypes.missing``), and :func:`uncovered_chromosomes` lets the caller
+    say so.
+
+    Args:
+        genomes: the reference donors' genomes (the first ``genomes.rows.shape[1]`` of ``donors``), or None when
+            the reference data has no VCF (then only the new donors' haplotypes are known and no cis site is).
+        donors: every donor of the extended problem, the reference donors first, in their order.
+        new: ``{donor id: Variants}`` of the new donors (one sample each).
+        reference: the reference donors' :class:`~engine.io.variants.Variants` (None with ``genomes`` None).
+        genome: the FASTA.
+        problem: the problem whose genes (order, TSS, strand) the genomes follow.
+        config: the resolved config (``promoter``, ``genotypes``).
+    """
+    import pyarrow as pa
+
+    from engine.science.haplotypes import build_haplotypes
+
+    n_genes, n_donors = problem.n_genes, len(donors)
+    genes = pa.table({
+        S.GENE_ID: pa.array(problem.gene_ids, pa.string()),
+        S.CHROM: pa.array(problem.chroms, pa.string()),
+        S.TSS: pa.array(problem.tss, pa.int64()),
+        S.STRAND: pa.array(np.where(problem.strand > 0, "+", "-"), pa.string()),
+    })
+    policy = config.genotypes
+    if genomes is None:
+        ref_haps = build_haplotypes(genome, genes, _no_donors(), config.promoter)
+        sequences, ids = list(ref_haps.sequences), list(ref_haps.promoter_ids)
+        reference_row = np.asarray(ref_haps.reference_row, np.int64)
+        old_rows = np.zeros((n_genes, 0, 2), np.int32)
+        old_has = np.zeros(0, bool)
+        site_ptr, site_index = np.zeros(n_genes + 1, np.int64), np.zeros(0, np.int64)
+        old_dosage, dosage_row = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    else:
+        sequences, ids = list(genomes.sequences), list(genomes.promoter_ids)
+        reference_row = np.asarray(genomes.reference_row, np.int64)
+        old_rows, old_has = genomes.rows, genomes.has_genome
+        site_ptr, site_index = genomes.site_ptr, genomes.site_index
+        old_dosage = genomes.dosage
+        dosage_row = (genomes.dosage_row if genomes.dosage_row is not None
+                      else np.arange(len(site_index), dtype=np.int64))
+    n_old = old_rows.shape[1]
+    if len(donors) < n_old:
+        raise ValueError(f"add_donors: {len(donors)} donors, fewer than the {n_old} reference donors")
+    rows = np.repeat(reference_row[:, None, None], n_donors, axis=1).repeat(2, axis=2).astype(np.int32)
+    rows[:, :n_old] = old_rows
+    has = np.zeros(n_donors, bool)
+    has[:n_old] = old_has
+    dosage = np.full((old_dosage.shape[0], n_donors), np.nan, np.float32)
+    dosage[:, :n_old] = old_dosage
+    # the reference VCF row of each dosage row, and the (chrom, pos, ref) -> ALTs of those sites
+    used = np.zeros(old_dosage.shape[0], np.int64)
+    used[dosage_row] = site_index
+    keys: list[tuple[str, int, str]] = []
+    ref_alts: list[list[str]] = []
+    if reference is not None and len(used):
+        sites = reference.sites.take(pa.array(used))
+        keys = list(zip(sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(), sites[S.REF].to_pylist(), strict=True))
+        ref_alts = sites[S.ALT].to_pylist()
+    row_of = {seq: i for i, seq in enumerate(sequences)}
+    report = dict(genomes.report) if genomes is not None else {}
+    ambiguous = 0
+    for donor, variants in new.items():
+        d = donors.index(donor)
+        haps = build_haplotypes(genome, genes, variants, config.promoter,
+                                missing="error" if policy.missing == "error" else "reference",
+                                unphased=policy.unphased)
+        ambiguous += haps.report.get("n_ambiguous_phase_pairs", 0)
+        remap = np.array([row_of.setdefault(s, len(row_of)) for s in haps.sequences], dtype=np.int64)
+        for s, pid in zip(haps.sequences, haps.promoter_ids, strict=True):
+            if row_of[s] == len(sequences):
+                sequences.append(s)
+                ids.append(pid)
+        mine = haps.rows[:, 0, :]
+        rows[:, d, :] = np.where(mine >= 0, remap[np.maximum(mine, 0)], -1)
+        has[d] = True
+        dosage[:, d] = _dosage_at(keys, ref_alts, variants, policy.missing)
+    out = DonorGenomes(
+        sequences=sequences, promoter_ids=ids, reference_row=reference_row, rows=rows, has_genome=has,
+        site_ptr=site_ptr, site_index=site_index, dosage=dosage,
+        report={**report, "n_new_donors": len(new), "n_new_ambiguous_phase_pairs": ambiguous,
+                "n_problem_donors": n_donors, "n_problem_donors_with_genome": int(has.sum())},
+        dosage_row=dosage_row,
+    )
+    return out
+
+
+def uncovered_chromosomes(variants: Any, chroms: np.ndarray) -> list[str]:
+    """The chromosomes of ``chroms`` (the problem's genes) on which ``variants`` has no site at all."""
+    from engine.io.chroms import chrom_key
+
+    have = {chrom_key(c) for c in variants.sites[S.CHROM].to_pylist()}
+    return sorted({str(c) for c in chroms if chrom_key(str(c)) not in have})
+
+
+def _dosage_at(keys: list[tuple[str, int, str]], ref_alts: list[list[str]], variants: Any,
+               missing: str) -> np.ndarray:
+    """(U,) float32 ALT dosage of the one donor of ``variants`` at the sites ``keys`` (their ALTs ``ref_alts``):
+    the donor's alleles that are one of the site's ALTs; 0 where its VCF has no record at the site but has records
+    on that chromosome; NaN where the call is missing or the chromosome is absent (0 with ``missing`` reference)."""
+    from engine.io.chroms import chrom_key
+
+    sites = variants.sites
+    calls = variants.genotypes[:, 0, :]  # (n, 2)
+    mine = {}
+    for i, (c, p, r, alts) in enumerate(zip(sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(),
+                                            sites[S.REF].to_pylist(), sites[S.ALT].to_pylist(), strict=True)):
+        mine[(chrom_key(c), p, r)] = (i, alts)
+    covered = {chrom_key(c) for c in sites[S.CHROM].to_pylist()}
+    out = np.full(len(keys), np.nan, np.float32)
+    for u, (c, p, r) in enumerate(keys):
+        k = chrom_key(c)
+        hit = mine.get((k, p, r))
+        if hit is None:
+            if k in covered:
+                out[u] = 0.0
+            continue
+        i, alts = hit
+        call = calls[i]
+        if (call < 0).any():
+            continue
+        out[u] = float(sum(1 for a in call if a > 0 and alts[a - 1] in ref_alts[u]))
+    if missing == "reference":
+        out = np.nan_to_num(out, nan=0.0)
+    return out
+
+
+def _no_donors() -> Any:
+    """A :class:`~engine.io.variants.Variants` without sites or donors (reference windows only)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from engine.io.variants import Variants
+
+    sites = pa.table({S.CHROM: pa.array([], pa.string()), S.POS: pa.array([], pa.int64()),
+                      S.VARIANT_ID: pa.array([], pa.string()), S.REF: pa.array([], pa.string()),
+                      S.ALT: pa.array([], pa.list_(pa.string()))})
+    return Variants(path=Path("<none>"), sites=sites, samples=[], genotypes=np.zeros((0, 0, 2), np.int8),
+                    phased=np.zeros((0, 0), bool), report={})

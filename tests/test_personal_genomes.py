@@ -1,0 +1,284 @@
+"""Personal genomes for real (issue 14): the phenotype-BED expression layout and the Geuvadis files as shipped, VCFs
+read by region, the missing-call and unphased-heterozygote policies, the cis window of the genetic score and the
+elastic net, and nightly predictions that read each new donor's own genome."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import donor_vcf, nightly_config, read_nightly
+
+from engine.config import config_from_dict, load_config
+from engine.errors import ConfigError, InputError
+from engine.io.dataset import load_dataset, variant_regions
+from engine.io.expression import read_expression, to_model_scale
+from engine.io.fasta import Genome
+from engine.io.variants import read_variants
+from engine.science.baselines import ElasticNetBaseline
+from engine.science.genomes import genetic_scores
+from engine.science.problem import make_problem
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def geuvadis(real_data) -> Path:
+    folder = real_data / "geuvadis"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    return folder
+
+
+# Phenotype BED and the Geuvadis files ---------------------------------------------------------------------------
+
+
+def test_phenotype_bed_gives_genes_people_and_one_tissue(geuvadis):
+    bed = geuvadis / "geuvadis_lcl_chr22_genes_expression.bed.gz"
+    config = config_from_dict({"inputs": {"expression": str(bed), "scale": "normalised", "tissue": "LCL"}})
+    dataset = load_dataset(config)
+    raw = pd.read_csv(bed, sep="\t", nrows=5)
+    assert dataset.expression.shape == (608, 358)
+    assert dataset.expression.sample_ids[:3] == list(raw.columns[6:9])
+    # every column is a person: one sample per donor, all of one tissue
+    assert dataset.samples["donor_id"].to_pylist() == dataset.expression.sample_ids
+    assert set(dataset.samples["tissue"].to_pylist()) == {"LCL"}
+    # the genes come from the BED: TSS = end (a 1-bp interval at the TSS), strand from its sixth column
+    genes = dataset.genes.table.to_pandas().set_index("gene_id")
+    for _, row in raw.iterrows():
+        gene = genes.loc[row["gene"].split(".")[0]]
+        assert (gene["chrom"], gene["tss"], gene["strand"]) == (row["#chr"], row["end"], row["strand"])
+    # values are used as they are: no log1p for scale 'normalised'
+    values = to_model_scale(dataset.expression, config.expression)
+    assert np.allclose(values[0, :3], raw.iloc[0, 6:9].to_numpy(float), atol=1e-6)
+
+
+def test_normalised_scale_keeps_negative_values_and_tpm_refuses_them(tmp_path):
+    bed = tmp_path / "ranks.bed"
+    bed.write_text("#chr\tstart\tend\tgene\tgid\tstrand\tP1\tP2\tP3\n"
+                   "chr1\t99\t100\tG1.4\tG1\t+\t-1.25\t0.5\t0.75\n"
+                   "chr1\t499\t500\tG2\tG2\t-\t0.1\t-0.2\t0.3\n")
+    expr = read_expression(bed, "auto", "normalised")
+    assert expr.gene_ids == ["G1", "G2"] and expr.sample_ids == ["P1", "P2", "P3"]
+    assert expr.values[0, 0] == pytest.approx(-1.25)
+    with pytest.raises(InputError, match=r"negative expression value -1\.25.*normalised"):
+        read_expression(bed, "auto", "tpm")
+    # FastQTL's four-column layout has no strand: the genes must then come from an annotation
+    fastqtl = tmp_path / "fastqtl.bed"
+    fastqtl.write_text("#Chr\tstart\tend\tID\tP1\tP2\nchr1\t99\t100\tG1\t1.0\t2.0\n")
+    with pytest.raises(InputError, match="no strand column"):
+        load_dataset(config_from_dict({"inputs": {"expression": str(fastqtl), "scale": "normalised"}}))
+    with pytest.raises(ConfigError, match="inputs.genes"):
+        config_from_dict({"inputs": {"expression": str(tmp_path / "table.tsv")}})
+
+
+def test_geuvadis_config_reads_the_files_as_shipped_with_the_gtf(geuvadis):
+    config = load_config(REPO / "configs" / "geuvadis-lcl.yaml")
+    assert config.evaluation.task == "samples" and config.evaluation.whole_donors
+    assert config.evaluation.fraction == 0.25 and config.genotypes.cis_window == 100_000
+    dataset = load_dataset(config, with_variants=False)
+    assert config.inputs.genes.endswith("gencode.v19.chr22.gtf.gz")
+    report = dataset.report
+    assert report["genes"]["expression_with_annotation"] == 608
+    assert report["samples"]["donors"] == 358 and report["samples"]["tissues"] == 1
+    # the TSS is the GTF's (the gene's 5' end), the gene name too
+    genes = dataset.genes.table.to_pandas().set_index("gene_id")
+    assert genes.loc["ENSG00000215270", "gene_name"] is not None
+
+
+def test_an_hg19_vcf_with_an_hg38_fasta_is_refused(geuvadis, real_data):
+    with pytest.raises(InputError, match="none of its .* sites lies on the FASTA|REF alleles disagree"):
+        read_variants(geuvadis / "1000G_phase1_chr22_hg19_unphased.vcf.gz",
+                      genome=Genome(real_data / "sequence" / "hg38_sparse_promoters.fa.gz"),
+                      genome_partial=True)
+
+
+def test_vcf_is_read_in_the_model_windows_only_through_the_index_or_streaming(geuvadis, tmp_path):
+    config = load_config(REPO / "configs" / "geuvadis-lcl.yaml", ["genotypes.cis_window=5000"])
+    dataset = load_dataset(config)
+    regions = variant_regions(dataset.genes, dataset.expression.gene_ids, config)
+    v = dataset.variants
+    assert v.report["indexed"] is True
+    pos = v.sites["pos"].to_numpy()
+    starts = np.array([r[1] for r in regions])
+    ends = np.array([r[2] for r in regions])
+    inside = ((pos[:, None] >= starts[None, :]) & (pos[:, None] <= ends[None, :])).any(axis=1)
+    assert inside.all() and 1_000 < len(pos) < 46_312  # only the windows: far from the file's 46,312 SNPs
+    # the same sites without an index (streamed, filtered as they pass)
+    plain = tmp_path / "noindex.vcf.gz"
+    shutil.copy(geuvadis / "1000G_phase1_chr22_hg19_unphased.vcf.gz", plain)
+    streamed = read_variants(plain, dataset.genome, regions=regions, genome_partial=True,
+                             samples=v.samples[:5])
+    assert streamed.report["indexed"] is False
+    assert np.array_equal(streamed.sites["pos"].to_numpy(), pos)
+    assert np.array_equal(streamed.genotypes, v.genotypes[:, :5])
+
+
+# A small dataset written on the fly: one chromosome, two genes, 40 people -----------------------------------------
+
+N_PEOPLE = 40
+TSS1, TSS2 = 5_000, 40_000
+FAR = TSS1 + 20_000  # a SNP 20 kb from gene 1's TSS: outside its promoter, inside a 50 kb cis window
+
+
+def _small_dataset(tmp: Path, extra_records: list[str] = (), gts: dict[int, list[str]] | None = None,
+                   effect_far: float = 1.0) -> tuple[Path, dict]:
+    rng = np.random.default_rng(0)
+    random.seed(1)
+    chrom = "".join(random.choice("ACGT") for _ in range(60_000))
+    (tmp / "ref.fa").write_text(">chr1\n" + "\n".join(chrom[i:i + 60] for i in range(0, len(chrom), 60)) + "\n")
+    people = [f"P{i:02d}" for i in range(N_PEOPLE)]
+    far = rng.integers(0, 3, N_PEOPLE)
+    records = {FAR: [["0/0", "0/1", "1/1"][d] for d in far]}
+    records.update(gts or {})
+    lines = ["##fileformat=VCFv4.2", "##contig=<ID=chr1,length=60000>",
+             '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
+             "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *people])]
+    for pos in sorted(records):
+        ref = chrom[pos - 1]
+        alt = {"A": "C", "C": "G", "G": "T", "T": "A"}[ref]
+        lines.append("\t".join(["chr1", str(pos), f"s{pos}", ref, alt, ".", "PASS", ".", "GT", *records[pos]]))
+    (tmp / "people.vcf").write_text("\n".join([*lines, *extra_records]) + "\n")
+    level1 = 2.0 + effect_far * far + rng.normal(0, 0.3, N_PEOPLE)
+    level2 = 1.0 + rng.normal(0, 0.3, N_PEOPLE)
+    header = "#chr\tstart\tend\tgene\tlength\tstrand\t" + "\t".join(people)
+    rows = [f"chr1\t{TSS1 - 1}\t{TSS1}\tG1\t1000\t+\t" + "\t".join(f"{x:.4f}" for x in level1),
+            f"chr1\t{TSS2 - 1}\t{TSS2}\tG2\t1000\t-\t" + "\t".join(f"{x:.4f}" for x in level2)]
+    with gzip.open(tmp / "expr.bed.gz", "wt") as fh:
+        fh.write("\n".join([header, *rows]) + "\n")
+    inputs = {"expression": str(tmp / "expr.bed.gz"), "scale": "normalised", "tissue": "LCL",
+              "genome": str(tmp / "ref.fa"), "variants": str(tmp / "people.vcf")}
+    return tmp, {"inputs": inputs, "evaluation": {"task": "samples", "whole_donors": True, "fraction": 0.25}}
+
+
+def _problem(data: dict, **genotypes):
+    config = config_from_dict({**data, "genotypes": genotypes})
+    dataset = load_dataset(config)
+    return make_problem(dataset)
+
+
+def test_cis_window_feeds_the_genetic_score_and_the_elastic_net_beyond_the_promoter(tmp_path):
+    _, data = _small_dataset(tmp_path)
+    promoter_only, _ = _problem(data)
+    assert promoter_only.genomes.gene_dosage(0).shape[0] == 0  # the far SNP is outside the promoter window
+    problem, truth = _problem(data, cis_window=50_000)
+    genomes = problem.genomes
+    assert genomes.gene_dosage(0).shape[0] == 1 and genomes.gene_dosage(1).shape[0] == 1  # 15 kb from gene 2 too
+    scores, _ = genetic_scores(genomes, problem.values, problem.tissue_index, problem.donor_index, 1, None)
+    # held-out people: their score comes from their genotype only, and follows the planted effect
+    hidden = np.unique(problem.donor_index[truth.sample_index])
+    dosage = genomes.gene_dosage(0)[0]
+    assert np.corrcoef(scores[0, hidden], dosage[hidden])[0, 1] > 0.99
+    assert np.all(np.isnan(problem.values[:, np.isin(problem.donor_index, hidden)]))
+    # the elastic net reads the very same sites: it predicts held-out people from the far SNP
+    net = ElasticNetBaseline(seed=0)
+    net.fit(problem)
+    assert net.n_fitted >= 1
+    assert np.corrcoef(net.genetic[0, hidden], dosage[hidden])[0, 1] > 0.99
+    assert promoter_only.genomes.report["n_cis_site_links"] == 0 and genomes.report["n_cis_site_links"] == 2
+
+
+def test_missing_call_policies(tmp_path):
+    gts = {TSS1 - 100: ["0/1"] * (N_PEOPLE - 1) + ["./."]}
+    _, data = _small_dataset(tmp_path, gts=gts)
+    mean, _ = _problem(data, missing="mean")
+    last = mean.donors.index(f"P{N_PEOPLE - 1:02d}")
+    assert np.isnan(mean.genomes.gene_dosage(0)[0, last]) and mean.genomes.gene_dosage(0)[0, 0] == 1
+    reference, _ = _problem(data, missing="reference")
+    assert reference.genomes.gene_dosage(0)[0, last] == 0
+    # the missing call's haplotypes read REF in both policies
+    ref_row = reference.genomes.reference_row[0]
+    assert (reference.genomes.rows[0, last] == ref_row).all() and (mean.genomes.rows[0, last] == ref_row).all()
+    with pytest.raises(InputError, match=rf"missing (call|allele).*site chr1:{TSS1 - 100}.*donor P{N_PEOPLE - 1:02d}"):
+        _problem(data, missing="error")
+
+
+def test_unphased_heterozygotes_at_two_sites_of_a_window(tmp_path):
+    # P00: 1/0 and 0/1 (unphased, ambiguous); P01: 1|0 and 0|1 (phased: never changed); the rest REF
+    a, b = TSS1 - 200, TSS1 + 100
+    gts = {a: ["1/0", "1|0"] + ["0/0"] * (N_PEOPLE - 2), b: ["0/1", "0|1"] + ["0/0"] * (N_PEOPLE - 2)}
+    _, data = _small_dataset(tmp_path, gts=gts)
+
+    def haplotypes(policy: str) -> tuple[list[str], list[str]]:
+        problem, _ = _problem(data, unphased=policy)
+        g = problem.genomes
+        return ([g.sequences[r] for r in g.rows[0, problem.donors.index("P00")]],
+                [g.sequences[r] for r in g.rows[0, problem.donors.index("P01")]])
+
+    reference = _problem(data)[0].genomes
+    ref_seq = reference.sequences[reference.reference_row[0]]
+    ia, ib = a - (TSS1 - 1000), b - (TSS1 - 1000)  # offsets in the '+' window
+    written, phased = haplotypes("as_written")
+    # as written: one ALT on each haplotype
+    assert [s[ia] != ref_seq[ia] for s in written] == [True, False]
+    assert [s[ib] != ref_seq[ib] for s in written] == [False, True]
+    cis, phased_cis = haplotypes("cis")
+    assert cis[0] == ref_seq  # both ALTs on haplotype B
+    assert cis[1][ia] != ref_seq[ia] and cis[1][ib] != ref_seq[ib]
+    assert phased_cis == phased  # phased calls keep their phase
+    assert _problem(data, unphased="cis")[0].genomes.report["n_ambiguous_phase_pairs"] == 1
+    with pytest.raises(InputError, match=rf"unphased heterozygous.*gene G1.*donor P00, sites chr1:{a}, chr1:{b}"):
+        _problem(data, unphased="error")
+
+
+# Nightly reads the new genomes -----------------------------------------------------------------------------------
+
+
+def _set_genotype(vcf: Path, pos: int, gt: str, out: Path) -> Path:
+    lines = vcf.read_text().splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split("\t")
+        if not line.startswith("#") and int(fields[1]) == pos:
+            fields[9] = gt
+            lines[i] = "\t".join(fields)
+            break
+    else:
+        raise AssertionError(f"{vcf} has no record at {pos}")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_nightly_predicts_new_donors_from_their_own_genomes(tiny_model, tmp_path):
+    data = tiny_model.data
+    eqtls = pd.read_csv(data / "truth" / "eqtls.tsv", sep="\t")
+    f = eqtls["alt_frequency"]
+    pick = eqtls.loc[(eqtls["effect"].abs() * np.sqrt(f * (1 - f))).idxmax()]
+    gene, pos, effect = pick["gene_id"], int(pick["pos"]), float(pick["effect"])
+
+    def run(work: Path, *extra: str) -> pd.DataFrame:
+        inbox = work / "inbox"
+        inbox.mkdir(parents=True)
+        base = donor_vcf(data / "variants.vcf", "SYN-D0001", "X", work / "base.vcf")
+        for name, gt in (("NEW-REF", "0|0"), ("NEW-ALT", "1|1")):
+            _set_genotype(base, pos, gt, inbox / f"{name}.vcf")
+            text = (inbox / f"{name}.vcf").read_text().replace("\tX\n", f"\t{name}\n", 1)
+            (inbox / f"{name}.vcf").write_text(text)
+        # a genome that lacks the model's regions: a VCF with a header and no record
+        header = [line for line in base.read_text().splitlines() if line.startswith("#")]
+        (inbox / "NEW-EMPTY.vcf").write_text("\n".join(header).replace("\tX", "\tNEW-EMPTY") + "\n")
+        config = nightly_config(data, tiny_model.folder, work, *extra)
+        from engine.steps.nightly import nightly, output_root
+
+        result = nightly(config, run_date="2026-02-01")
+        return result, read_nightly(output_root(config))
+
+    result, frame = run(tmp_path / "genomes")
+    assert sorted(result.done) == ["NEW-ALT", "NEW-REF"]
+    assert "windows the model reads" in result.quarantined["NEW-EMPTY.vcf"]
+    mine = frame[frame["gene_id"] == gene].pivot(index="tissue", columns="donor_id", values="predicted")
+    diff = (mine["NEW-ALT"] - mine["NEW-REF"]).to_numpy()
+    assert np.all(np.sign(diff) == np.sign(effect)), (gene, effect, diff)
+    # other genes whose windows do not hold the site: the two donors are predicted alike
+    others = frame[frame["gene_id"] != gene].pivot_table(index=["gene_id", "tissue"], columns="donor_id",
+                                                         values="predicted")
+    assert np.median(np.abs(others["NEW-ALT"] - others["NEW-REF"])) < np.abs(diff).mean() / 5
+
+    # a model without personal genomes: both donors are predicted from the reference genome, identically
+    _, frame = run(tmp_path / "reference", "inputs.variants=null")
+    table = frame.pivot_table(index=["gene_id", "tissue"], columns="donor_id", values="predicted")
+    assert np.array_equal(table["NEW-ALT"].to_numpy(), table["NEW-REF"].to_numpy())
