@@ -119,8 +119,15 @@ def results_table(metrics: dict) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.steps.evaluate import evaluate
+    from engine.steps.evaluate import evaluate, evaluate_seeds
 
+    if args.seeds:
+        from engine.science.comparisons import seeds_report
+
+        summary = evaluate_seeds(_load(args), args.out, args.seeds, force=args.force)
+        echo(seeds_report(summary))
+        echo(f"one evaluation per seed in {args.out}/seed_<s>; summary.json and summary.md written to {args.out}")
+        return 0
     metrics = evaluate(_load(args), args.out, force=args.force)
     echo(results_table(metrics))
     echo(f"report.html, report.md and metrics.json written to {args.out}")
@@ -244,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="evaluate once per evaluation.seed (hidden set) into OUT/seed_S, with mean and spread in "
+                        "OUT/summary.json and summary.md")
     _add_force(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from engine import schema as S
 from engine.config import HeadConfig
+from engine.runtime.console import stage
+from engine.runtime.raytools import progress_callbacks
 
 log = logging.getLogger(__name__)
 
-POINT_FILE = "point.ubj"
-INTERVAL_FILE = "interval.ubj"
+POINT_FILE = S.HEAD_POINT_FILE
+INTERVAL_FILE = S.HEAD_INTERVAL_FILE
 
 
 @dataclass
@@ -171,15 +174,19 @@ def fit_head(
         "nthread": max(1, int(round(config.cpus_per_worker))),
         "seed": seed,
     }
+
+    progress = stage(f"fit head: {name}", total=1, unit="fits")
     trainer = XGBoostTrainer(
         _head_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         datasets={"train": train_ds, "valid": valid_ds},
-        run_config=RunConfig(storage_path=str(storage.resolve()), name=name),
+        run_config=RunConfig(storage_path=str(storage.resolve()), name=name,
+                             callbacks=progress_callbacks(progress.counter())),
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))

@@ -23,7 +23,17 @@ def ensure_ray(config: RayConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    from engine.runtime.console import redirected
+
+    if redirected():
+        # the engine shows one display per stage; Ray Data's own bars (and their logged form off a terminal) would
+        # only fill the log file, and bars drawn in workers are flushed by the driver at exit, after the session
+        os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    else:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     if config.address:
         ray.init(address=config.address, **kwargs)
@@ -35,3 +45,44 @@ def ensure_ray(config: RayConfig) -> bool:
         )
     log.info("ray: %s", ray.cluster_resources())
     return True
+
+
+def progress_counter():
+    """A Ray actor that counts units of work done in Ray processes, for :func:`engine.runtime.console.stage`.
+
+    It takes no CPU, so it never competes with the work it counts. Callers add with ``.add.remote(n)``; the driver
+    polls ``.value.remote()``.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressCounter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self, n: int = 1) -> None:
+            self.n += n
+
+        def value(self) -> int:
+            return self.n
+
+    return ProgressCounter.remote()
+
+
+def progress_callbacks(counter) -> list:
+    """Ray Train callbacks that count each ``ray.train.report`` (one per epoch) on ``counter``; [] without one.
+
+    The callback runs in Ray Train's controller, so it holds the counter's actor handle, not the driver's display.
+    """
+    if counter is None:
+        return []
+    from ray.train import UserCallback
+
+    class ReportCounter(UserCallback):
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            self.handle.add.remote(1)
+
+    return [ReportCounter(counter)]

@@ -7,15 +7,15 @@ A method is fitted on the visible problem only and predicts the target entries o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import warnings
-import functools
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-from threadpoolctl import threadpool_limits
 from scipy import sparse
+from threadpoolctl import threadpool_limits
 
 from engine.config import BaselinesConfig
 from engine.science.context import ContextIndex, build_context
@@ -473,6 +473,15 @@ def promoter_composition(sequences: list[str | None], upstream: int, core: int =
         gc_c, cpg_c, _, known_c = stats(core_seq)
         out[i] = (gc, cpg, oe, gc_c if known_c else gc, cpg_c if known_c else cpg)
     return out
+
+
+def composition_of(gene_ids: np.ndarray, gene_promoters: pa.Table, promoters: pa.Table, upstream: int) -> np.ndarray:
+    """(G, F) :func:`promoter_composition` of the reference promoter of each gene of ``gene_ids`` (NaN rows for genes
+    without one), from a prepare output's ``gene_promoters`` (gene_id -> promoter_id) and ``promoters``
+    (promoter_id -> sequence) tables."""
+    seq_of = dict(zip(promoters["promoter_id"].to_pylist(), promoters["sequence"].to_pylist(), strict=True))
+    pid_of = dict(zip(gene_promoters["gene_id"].to_pylist(), gene_promoters["promoter_id"].to_pylist(), strict=True))
+    return promoter_composition([seq_of.get(pid_of.get(g)) for g in gene_ids], upstream)
 
 
 class PromoterCompositionBaseline:

@@ -160,7 +160,9 @@ def tissue_correlation(values: np.ndarray, tissue_index: np.ndarray, n_tissues: 
         (T, T) float32 with ones on the diagonal.
     """
     with np.errstate(invalid="ignore", divide="ignore"):
-        centred = values - np.nanmean(values, axis=1, keepdims=True)
+        # a gene hidden in every sample (task genes) has no mean: its row stays NaN, without nanmean's warning
+        n = (~np.isnan(values)).sum(axis=1, keepdims=True)
+        centred = values - np.where(n > 0, np.nansum(values, axis=1, keepdims=True) / np.maximum(n, 1), np.nan)
         sums = np.zeros((values.shape[0], n_tissues))
         counts = np.zeros((values.shape[0], n_tissues))
         ok = ~np.isnan(centred)

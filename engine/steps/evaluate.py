@@ -25,7 +25,8 @@ from engine.io.tables import read_table
 from engine.runtime.atomic import staged_output
 from engine.runtime.console import stage
 from engine.runtime.provenance import manifest, write_json
-from engine.science.baselines import make_methods
+from engine.science.baselines import composition_of, make_methods, tune_settings
+from engine.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from engine.science.metrics import _constant, _pearson, score
 from engine.steps.html_report import evaluation_sections, write_report
 from engine.steps.prepare import Prepared, prepare
@@ -73,8 +74,13 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         records = read_records(prepared, hidden=True)
         observed = hidden_values(prepared, records)
         problem = prepared.problem
-        methods, skipped = make_methods(config.evaluation.methods, config.baselines, len(problem.donors),
-                                        has_genomes=problem.genomes is not None, seed=config.seed)
+        composition = promoter_composition_of(prepared, config)
+        t = time.perf_counter()
+        baselines, tuning = tuned_baselines(config, problem, composition)
+        tuning_seconds = round(time.perf_counter() - t, 2)
+        methods, skipped = make_methods(config.evaluation.methods, baselines, len(problem.donors),
+                                        has_genomes=problem.genomes is not None, seed=config.seed,
+                                        composition=composition)
         gene = records["gene_index"].to_numpy()
         sample = records["sample_index"].to_numpy()
         tissue = problem.tissue_index[sample]
@@ -123,6 +129,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                     inside = (observed >= lower) & (observed <= upper)
                     results[name]["coverage_80"] = float(inside.mean())
                     results[name]["interval_width_mean"] = float(np.mean(upper - lower))
+                    results[name]["coverage_80_breakdown"] = coverage_breakdown(observed, lower, upper, tissue,
+                                                                                problem.tissues)
                 log.debug("evaluate: %-18s pearson %.4f  rmse %.4f", name, results[name]["pearson"] or float("nan"),
                          results[name]["rmse"])
             timings["hybrid"] = round(time.perf_counter() - t, 1)
@@ -139,6 +147,16 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                     min_donors=config.evaluation.min_donors,
                 )
                 timings["hybrid_reference"] = round(time.perf_counter() - t, 1)
+        with_sequence = promoter_mask(prepared, gene)
+        _add_promoter_subsets(results, predictions, observed, gene, with_sequence)
+        comparisons = {"all": paired_bootstrap(predictions, observed, gene, tissue, config.evaluation.task,
+                                               min_donors=config.evaluation.min_donors, seed=config.seed)}
+        if with_sequence.any() and not with_sequence.all():
+            comparisons["with_promoter"] = paired_bootstrap(predictions, observed, gene, tissue,
+                                                            config.evaluation.task, mask=with_sequence,
+                                                            min_donors=config.evaluation.min_donors,
+                                                            seed=config.seed)
+        comparisons = {k: v for k, v in comparisons.items() if v}
         metrics = {
             "dataset": config.name,
             "task": config.evaluation.task,
@@ -149,10 +167,15 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
             "n_samples": problem.n_samples,
             "methods": results,
             "skipped": skipped,
+            "sequence": sequence_counts(prepared, gene),
+            "baselines": {"tuned": config.baselines.tune, "settings": dataclasses.asdict(baselines),
+                          "tuning": tuning},
+            **({"comparisons": comparisons} if comparisons else {}),
             **({"genetic": genetic_table(config, predictions, observed, gene, tissue, problem.gene_ids)}
                if problem.genomes is not None else {}),
             "seconds": {
                 "prepare": round(prepared.seconds, 2),
+                "tuning": tuning_seconds,
                 **timings,
                 "total": round(time.perf_counter() - t0, 2),
             },
@@ -160,7 +183,6 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         write_json(staging / "metrics.json", metrics)
         made = manifest(config, step="evaluate")
         write_json(staging / "_manifest.json", made)
-        _add_promoter_subsets(results, predictions, observed, gene, prepared)
         _write_predictions(staging, records, observed, predictions)
         _plots(staging, observed, predictions, results)
         (staging / "report.md").write_text(report(metrics))
@@ -170,6 +192,26 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                                          made))
     log.info("evaluate: wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
     return metrics
+
+
+def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, force: bool = False) -> dict:
+    """:func:`evaluate` once per ``evaluation.seed`` in ``seeds`` (each into ``out_dir/seed_<s>``), then the mean and
+    spread of every method's figures and the paired comparisons of each seed in ``out_dir/summary.json`` and
+    ``summary.md`` (:func:`engine.science.comparisons.summarise_seeds`).
+
+    Returns:
+        the summary dictionary.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in seeds:
+        seeded = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, seed=seed))
+        runs.append(evaluate(seeded, out_dir / f"seed_{seed}", force=force))
+    summary = summarise_seeds(runs)
+    write_json(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(seeds_report(summary))
+    return summary
 
 
 def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table) -> np.ndarray:
@@ -249,15 +291,49 @@ def _heritability(path: str | None) -> dict[str, float] | None:
     return dict(zip(table["gene_id"].to_pylist(), (float(x) for x in table["h2"].to_pylist()), strict=True))
 
 
+def promoter_composition_of(prepared: Prepared, config: Config) -> np.ndarray:
+    """(G, F) promoter composition of the problem's genes from the prepare output (NaN rows: no known promoter)."""
+    return composition_of(prepared.problem.gene_ids, pq.read_table(prepared.out_dir / "gene_promoters.parquet"),
+                          pq.read_table(prepared.out_dir / "promoters.parquet"), config.promoter.upstream)
+
+
+def tuned_baselines(config: Config, problem, composition: np.ndarray | None):
+    """The baselines' settings, chosen on a validation split of the visible data when ``baselines.tune``
+    (:func:`engine.science.baselines.tune_settings`), and the tuning report (empty when not tuned)."""
+    if not config.baselines.tune:
+        return config.baselines, {}
+    with stage("baselines: tune settings on a visible validation split", total=1, unit="passes") as progress:
+        chosen, tuning = tune_settings(problem, config.evaluation.methods, config.baselines, config.evaluation.task,
+                                       seed=config.evaluation.seed, whole_donors=config.evaluation.whole_donors,
+                                       composition=composition, k_neighbours=config.context.k_neighbours)
+        progress.advance()
+    for name, row in tuning.items():
+        log.info("evaluate: %s settings %s (validation RMSE %.4f on %d visible entries)", name, row["chosen"],
+                 row["rmse"], row["n_validation"])
+    return chosen, tuning
+
+
+def promoter_mask(prepared: Prepared, gene: np.ndarray) -> np.ndarray:
+    """(N,) bool: the entry's gene has a promoter sequence (a row of the prepare output's gene_promoters)."""
+    with_seq = pq.read_table(prepared.out_dir / "gene_promoters.parquet")[S.GENE_ID].to_pylist()
+    return np.isin(prepared.problem.gene_ids[gene], np.asarray(sorted(set(with_seq)), dtype=object))
+
+
+def sequence_counts(prepared: Prepared, gene: np.ndarray) -> dict:
+    """How many genes have a promoter sequence: of all the problem's genes, and of the genes with hidden entries."""
+    has_gene = promoter_mask(prepared, np.arange(prepared.problem.n_genes))
+    hidden_genes = np.unique(gene)
+    return {"genes": int(prepared.problem.n_genes), "genes_with_sequence": int(has_gene.sum()),
+            "hidden_genes": int(len(hidden_genes)), "hidden_genes_with_sequence": int(has_gene[hidden_genes].sum()),
+            "hidden_entries_with_sequence": int(has_gene[gene].sum())}
+
+
 def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray, gene: np.ndarray,
-                          prepared: Prepared) -> None:
+                          has: np.ndarray) -> None:
     """Scores on the hidden entries of genes with and without a promoter sequence in the genome, per method.
 
-    Only a few hundred genes of the real data have sequence; these subsets show what the sequence branch adds where
-    it can act.
+    These subsets show what the sequence branch adds where it can act.
     """
-    with_seq = set(pq.read_table(prepared.out_dir / "gene_promoters.parquet")[S.GENE_ID].to_pylist())
-    has = np.isin(prepared.problem.gene_ids[gene], np.asarray(sorted(with_seq), dtype=object))
     if not has.any() or has.all():
         return
     for name, pred in predictions.items():
@@ -267,7 +343,7 @@ def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray
             subsets[label] = {
                 "n": int(mask.sum()),
                 "genes": int(len(np.unique(gene[mask]))),
-                "pearson": float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and np.ptp(x) > 0 else None,
+                "pearson": _pearson(x, y),
                 "rmse": float(np.sqrt(np.mean((x - y) ** 2))),
             }
         results[name]["subsets"] = subsets
@@ -345,10 +421,48 @@ def report(metrics: dict) -> str:
                 cells = [_fmt(row.get(m)) for m in names] + ([_fmt(row.get("ceiling"))] if "ceiling" in row else [])
                 n = genetic["n_genes"] if key == "mean" else genetic["n_heritable_genes"]
                 lines.append(f"| {label} ({n}) | " + " | ".join(cells) + " |")
+    lines += _honest_sections(metrics)
     for name, why in metrics.get("skipped", {}).items():
         lines.append(f"\n`{name}` skipped: {why}.")
     lines += ["", "![predicted vs observed](pred_vs_obs.png)", "", "![per tissue](per_tissue.png)", ""]
     return "\n".join(lines)
+
+
+def _honest_sections(metrics: dict) -> list[str]:
+    """Report lines: sequence counts, the baselines' tuned settings, paired bootstrap intervals, interval coverage."""
+    lines = []
+    seq = metrics.get("sequence")
+    if seq:
+        lines += ["", f"Genes with a promoter sequence: {seq['genes_with_sequence']:,} of {seq['genes']:,}; among the "
+                  f"hidden genes {seq['hidden_genes_with_sequence']:,} of {seq['hidden_genes']:,} "
+                  f"({seq['hidden_entries_with_sequence']:,} hidden entries)."]
+    tuning = metrics.get("baselines", {}).get("tuning")
+    if tuning:
+        lines += ["", "Baseline settings chosen on a validation split of the visible data (never the hidden entries):",
+                  ""]
+        for name, row in tuning.items():
+            chosen = ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
+            lines.append(f"- `{name}`: {chosen} (validation RMSE {row['rmse']:.4f}, {row['n_validation']:,} "
+                         f"entries, {len(row['grid'])} candidates)")
+    for scope, comp in metrics.get("comparisons", {}).items():
+        lines += ["", f"Paired bootstrap over {comp['n_genes']:,} genes ({scope} hidden entries, {comp['n_boot']} "
+                  f"resamples): hybrid minus other in {comp['metric']} "
+                  f"({'higher' if comp['higher_is_better'] else 'lower'} is better); best other: "
+                  f"`{comp['best_other']}`.", "",
+                  "| other | hybrid | other | difference | 95% interval | hybrid better |", "|---|---|---|---|---|---|"]
+        for other, c in comp["comparisons"].items():
+            ci = "n/a" if c["ci95"][0] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+            lines.append(f"| {other} | {_fmt(c['reference'])} | {_fmt(c['other'])} | {c['difference']:+.4f} | {ci} "
+                         f"| {'yes' if c['reference_better'] else 'no'} |")
+    for name, m in metrics["methods"].items():
+        cov = m.get("coverage_80_breakdown")
+        if not cov:
+            continue
+        quart = ", ".join(f"Q{q['quartile']} {_fmt(q['coverage'], 3)}" for q in cov["by_quartile"])
+        tissues = [v["coverage"] for v in cov["by_tissue"].values()]
+        lines += ["", f"`{name}` 80% interval coverage {cov['overall']:.3f}; by quartile of the hidden value: {quart}; "
+                  f"by tissue {min(tissues):.3f} to {max(tissues):.3f} over {len(tissues)} tissues."]
+    return lines
 
 
 def _plots(out: Path, observed: np.ndarray, predictions: dict, results: dict) -> None:
