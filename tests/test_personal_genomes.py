@@ -282,3 +282,38 @@ def test_nightly_predicts_new_donors_from_their_own_genomes(tiny_model, tmp_path
     _, frame = run(tmp_path / "reference", "inputs.variants=null")
     table = frame.pivot_table(index=["gene_id", "tissue"], columns="donor_id", values="predicted")
     assert np.array_equal(table["NEW-ALT"].to_numpy(), table["NEW-REF"].to_numpy())
+
+
+def test_evaluation_splits_genes_by_cis_and_promoter_variants(tmp_path):
+    from engine.science.genomes import gene_variant_flags
+    from engine.steps.evaluate import genetic_comparisons, genetic_table
+
+    gts = {TSS1 - 100: ["0/1", "1/1"] * (N_PEOPLE // 2)}  # a promoter SNP of gene 1
+    _, data = _small_dataset(tmp_path, gts=gts)
+    config = config_from_dict({**data, "genotypes": {"cis_window": 50_000}})
+    dataset = load_dataset(config)
+    problem, truth = make_problem(dataset)
+    n_cis, promoter = gene_variant_flags(problem.genomes, dataset.variants.sites["pos"].to_numpy(), problem.tss,
+                                         problem.strand, 1000, 500)
+    assert n_cis.tolist() == [2, 2] and promoter.tolist() == [True, False]
+    gene, sample = truth.gene_index, truth.sample_index
+    tissue = problem.tissue_index[sample]
+    dosage = np.stack([problem.genomes.gene_dosage(g)[-1] for g in range(2)])  # the far SNP
+    donors = problem.donor_index[sample]
+    predictions = {"hybrid": dosage[gene, donors] + 0.01 * truth.values, "elastic_net": dosage[gene, donors],
+                   "hybrid_reference": np.zeros(len(gene))}
+    table = genetic_table(dataclasses_replace_min_donors(config), predictions, truth.values, gene, tissue,
+                          problem.gene_ids, (n_cis, promoter))
+    assert table["n_genes_cis_variant"] == 2 and table["n_genes_promoter_variant"] == 1
+    assert table["n_genes_no_promoter_variant"] == 1
+    assert table["mean_promoter_variant"]["hybrid_reference"] == 0.0
+    assert [r["promoter_variant"] for r in table["per_gene"]] == [True, False]
+    comparisons = genetic_comparisons(dataclasses_replace_min_donors(config), predictions, truth.values, gene,
+                                      tissue, (n_cis, promoter))
+    assert set(comparisons) == {"genetic_cis_variant", "genetic_promoter_variant", "genetic_no_promoter_variant"}
+
+
+def dataclasses_replace_min_donors(config):
+    import dataclasses
+
+    return dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, min_donors=5))

@@ -449,3 +449,21 @@ def _no_donors() -> Any:
                       S.ALT: pa.array([], pa.list_(pa.string()))})
     return Variants(path=Path("<none>"), sites=sites, samples=[], genotypes=np.zeros((0, 0, 2), np.int8),
                     phased=np.zeros((0, 0), bool), report={})
+
+
+def gene_variant_flags(genomes: DonorGenomes, site_pos: np.ndarray, tss: np.ndarray, strand: np.ndarray,
+                       upstream: int, downstream: int) -> tuple[np.ndarray, np.ndarray]:
+    """((G,) number of cis-window sites, (G,) whether one of them lies in the gene's promoter window) per gene.
+
+    Args:
+        genomes: the problem's genomes.
+        site_pos: (n_sites,) position of every site of the VCF's site table (``site_index`` points into it).
+        tss, strand: (G,) the problem's genes.
+        upstream, downstream: the promoter window.
+    """
+    n_cis = np.diff(genomes.site_ptr).astype(np.int64)
+    start, end = window_bounds(tss, strand, upstream, downstream)
+    pos = np.asarray(site_pos, np.int64)[genomes.site_index]
+    gene = np.repeat(np.arange(len(n_cis)), n_cis)
+    inside = (pos >= start[gene]) & (pos <= end[gene])
+    return n_cis, np.bincount(gene[inside], minlength=len(n_cis)) > 0

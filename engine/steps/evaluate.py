@@ -27,6 +27,7 @@ from engine.runtime.console import stage
 from engine.runtime.provenance import manifest, write_json
 from engine.science.baselines import composition_of, make_methods, tune_settings
 from engine.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
+from engine.science.genomes import gene_variant_flags
 from engine.science.metrics import _constant, _pearson, score
 from engine.steps.html_report import evaluation_sections, write_report
 from engine.steps.prepare import Prepared, prepare
@@ -156,6 +157,11 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                                                             config.evaluation.task, mask=with_sequence,
                                                             min_donors=config.evaluation.min_donors,
                                                             seed=config.seed)
+        flags = None
+        if problem.genomes is not None:
+            flags = gene_variant_flags(problem.genomes, dataset.variants.sites[S.POS].to_numpy(), problem.tss,
+                                       problem.strand, config.promoter.upstream, config.promoter.downstream)
+            comparisons.update(genetic_comparisons(config, predictions, observed, gene, tissue, flags))
         comparisons = {k: v for k, v in comparisons.items() if v}
         metrics = {
             "dataset": config.name,
@@ -171,7 +177,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
             "baselines": {"tuned": config.baselines.tune, "settings": dataclasses.asdict(baselines),
                           "tuning": tuning},
             **({"comparisons": comparisons} if comparisons else {}),
-            **({"genetic": genetic_table(config, predictions, observed, gene, tissue, problem.gene_ids)}
+            **({"genetic": genetic_table(config, predictions, observed, gene, tissue, problem.gene_ids, flags)}
                if problem.genomes is not None else {}),
             "seconds": {
                 "prepare": round(prepared.seconds, 2),
@@ -233,14 +239,32 @@ def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table)
 GENETIC_METHODS = ("hybrid", "hybrid_reference", "elastic_net")
 
 
+def genetic_comparisons(config: Config, predictions: dict, observed: np.ndarray, gene: np.ndarray,
+                        tissue: np.ndarray, flags: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Paired bootstrap over genes of the hybrid against ``elastic_net`` and ``hybrid_reference`` (across-donor
+    Pearson for held-out donors), on the genes with a cis variant, split by whether one lies in the promoter."""
+    n_cis, promoter_variant = flags
+    against = [m for m in ("elastic_net", "hybrid_reference") if m in predictions]
+    if "hybrid" not in predictions or not against:
+        return {}
+    subsets = {"genetic_cis_variant": n_cis[gene] > 0,
+               "genetic_promoter_variant": promoter_variant[gene],
+               "genetic_no_promoter_variant": (n_cis[gene] > 0) & ~promoter_variant[gene]}
+    return {name: paired_bootstrap(predictions, observed, gene, tissue, config.evaluation.task, against=against,
+                                   mask=mask, min_donors=config.evaluation.min_donors, seed=config.seed)
+            for name, mask in subsets.items() if mask.any()}
+
+
 def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene: np.ndarray, tissue: np.ndarray,
-                  gene_ids: np.ndarray) -> dict:
+                  gene_ids: np.ndarray, flags: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Per gene, the Pearson across held-out donors of each genotype method, next to the planted ceiling.
 
     For each (gene, tissue) with at least ``evaluation.min_donors`` hidden donors, the Pearson across those
     donors; a constant prediction (a model that cannot tell donors apart) counts as 0. A gene's figure is the
     mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
-    means are given over the genes with ``h2 > 0`` as well.
+    means are given over the genes with ``h2 > 0`` as well. With ``flags`` ((G,) cis-site counts, (G,) promoter
+    variant, :func:`engine.science.genomes.gene_variant_flags`), each gene gets them and the means are given over
+    the genes with a cis variant, with a promoter variant and with cis variants but none in the promoter.
     """
     names = [m for m in GENETIC_METHODS if m in predictions]
     key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
@@ -259,6 +283,9 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
     rows = []
     for g, vals in sorted(per_gene.items()):
         entry = {"gene_id": str(gene_ids[g]), "n_tissues": len(vals[names[0]]) if names else 0}
+        if flags is not None:
+            entry["n_cis_sites"] = int(flags[0][g])
+            entry["promoter_variant"] = bool(flags[1][g])
         entry.update({m: float(np.mean(v)) for m, v in vals.items()})
         if h2 is not None and str(gene_ids[g]) in h2:
             entry["h2"] = h2[str(gene_ids[g])]
@@ -272,6 +299,13 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
         return out
 
     table = {"n_genes": len(rows), "mean": means(rows), "per_gene": rows}
+    if flags is not None:
+        for label, keep in (("cis_variant", lambda r: r["n_cis_sites"] > 0),
+                            ("promoter_variant", lambda r: r["promoter_variant"]),
+                            ("no_promoter_variant", lambda r: r["n_cis_sites"] > 0 and not r["promoter_variant"])):
+            subset = [r for r in rows if keep(r)]
+            table[f"n_genes_{label}"] = len(subset)
+            table[f"mean_{label}"] = means(subset)
     if h2 is not None:
         heritable = [r for r in rows if r.get("h2", 0.0) > 0]
         table["n_heritable_genes"] = len(heritable)
@@ -415,11 +449,14 @@ def report(metrics: dict) -> str:
             "| genes | " + " | ".join(names) + (" | ceiling sqrt(h2) |" if "ceiling" in genetic["mean"] else " |"),
             "|---|" + "---|" * (len(names) + ("ceiling" in genetic["mean"])),
         ]
-        for label, key in (("all", "mean"), ("h2 > 0", "mean_heritable")):
-            if key in genetic:
+        for label, key in (("all", "mean"), ("h2 > 0", "mean_heritable"), ("a cis variant", "mean_cis_variant"),
+                           ("a promoter variant", "mean_promoter_variant"),
+                           ("cis variants, none in the promoter", "mean_no_promoter_variant")):
+            if key in genetic and genetic[key].get(names[0] if names else "") is not None:
                 row = genetic[key]
                 cells = [_fmt(row.get(m)) for m in names] + ([_fmt(row.get("ceiling"))] if "ceiling" in row else [])
-                n = genetic["n_genes"] if key == "mean" else genetic["n_heritable_genes"]
+                n = {"mean": genetic["n_genes"], "mean_heritable": genetic.get("n_heritable_genes")}.get(
+                    key, genetic.get("n_genes_" + key.removeprefix("mean_")))
                 lines.append(f"| {label} ({n}) | " + " | ".join(cells) + " |")
     lines += _honest_sections(metrics)
     for name, why in metrics.get("skipped", {}).items():
