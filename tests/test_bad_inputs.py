@@ -200,3 +200,131 @@ def test_vcf_that_matches_the_genome_is_summarised(toy, capsys):
     code, output = inspect(toy, capsys, "inputs.variants=genomes.vcf")
     assert code == 0, output
     assert "5 sites x 2 genomes, 2 with expression; REF mismatch 0.00%" in output
+
+
+# Issue 16: inputs that used to pass or crash, and outputs that are not ours -------------------------------------
+
+
+def _gct_with_extra_description(gct: str) -> str:
+    out = gct.replace("3\t4\n", "3\t5\n").replace("Name\tDescription\tS1", "Name\tDescription\tDescription\tS1")
+    for a in ("a", "b", "c"):
+        out = out.replace(f"\t{a}\t", f"\t{a}\tx\t")
+    return out
+
+
+def test_a_folder_given_as_expression_or_genes(toy, capfd):
+    (toy / "expr.gct").unlink()
+    (toy / "expr.gct").mkdir()
+    expect_failure(toy, capfd, "expr.gct", "not a regular file")
+    (toy / "genes.tsv").unlink()
+    (toy / "genes.tsv").mkdir()
+    (toy / "expr.gct").rmdir()
+    (toy / "expr.gct").write_text(GCT)
+    expect_failure(toy, capfd, "genes.tsv", "not a regular file")
+
+
+@pytest.mark.parametrize("text", ["inf", "Infinity", "-inf"])
+def test_infinite_expression_values(toy, capfd, text):
+    (toy / "expr.gct").write_text(GCT.replace("\t7\t", f"\t{text}\t"))
+    expect_failure(toy, capfd, "expr.gct", "infinite expression value", "gene ENSG02, sample S3 (line 5)",
+                   "empty cell / NA for an unmeasured value")
+
+
+def test_header_only_vcf(toy, capfd):
+    (toy / "genomes.vcf").write_text(VCF_HEADER)
+    expect_failure(toy, capfd, "genomes.vcf", "no variant records", overrides=("inputs.variants=genomes.vcf",))
+
+
+def test_the_same_vcf_site_twice(toy, capfd):
+    site = "chr1\t101\t.\tA\tT\t.\tPASS\t.\tGT\t0|1\t0|0\n"
+    (toy / "genomes.vcf").write_text(VCF_HEADER + site + site)
+    expect_failure(toy, capfd, "genomes.vcf", "chr1:101 A>T appears twice", "record 2, line 6",
+                   overrides=("inputs.variants=genomes.vcf",))
+
+
+def test_duplicated_annotation_column_in_a_gct(toy, capfd):
+    (toy / "expr.gct").write_text(_gct_with_extra_description(GCT))
+    expect_failure(toy, capfd, "expr.gct", "column 'Description' twice", "columns 2 and 3", "line 3")
+
+
+def test_trailing_tab_in_a_wide_table(toy, capfd):
+    (toy / "wide.tsv").write_text("gene_id\tLiver\tLung\t\nENSG01\t1\t2\t\nENSG02\t3\t4\t\n")
+    expect_failure(toy, capfd, "wide.tsv", "column 4 of the header has no name", "line 1",
+                   overrides=("inputs.expression=wide.tsv",))
+
+
+def test_donor_ids_that_differ_only_by_case(toy, capfd):
+    (toy / "samples.tsv").write_text(SAMPLES.replace("S3\tD2", "S3\td1").replace("S4\tD2", "S4\td1"))
+    expect_failure(toy, capfd, "samples.tsv", "donor_ids 'D1' and 'd1' differ only by case", "lines 2 and 4")
+
+
+def test_donor_id_with_a_trailing_blank(toy, capfd):
+    (toy / "samples.tsv").write_text(SAMPLES.replace("S4\tD2", "S4\tD2 "))
+    expect_failure(toy, capfd, "samples.tsv", "donor_id 'D2 ' has blanks", "line 5")
+
+
+def test_tissue_names_that_differ_only_by_case(toy, capfd):
+    (toy / "samples.tsv").write_text(SAMPLES.replace("S2\tD1\tLung", "S2\tD1\tliver"))
+    expect_failure(toy, capfd, "samples.tsv", "tissues 'Liver' and 'liver'", "lines 2 and 3")
+
+
+def test_expression_that_is_not_utf8(toy, capfd):
+    (toy / "expr.gct").write_bytes(GCT.encode().replace(b"ENSG02.1", b"ENSG\xff02.1"))
+    expect_failure(toy, capfd, "expr.gct", "not UTF-8 text", "byte 61")
+
+
+def _cli_refusal(capfd, *args: str) -> str:
+    code = main(list(args))
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert code == 2, output
+    assert "error:" in output and "Traceback" not in output
+    return output
+
+
+def test_run_date_that_is_not_an_iso_date(toy, capfd):
+    (toy / "inbox").mkdir()
+    for day in ("20240101", "2024-1-1", "2024-02-30"):
+        output = _cli_refusal(capfd, "nightly", "--config", str(toy / "config.yaml"), "--run-date", day,
+                              "--set", f"nightly.inbox={toy / 'inbox'}", "--set", f"output_dir={toy / 'out'}")
+        assert f"run date {day!r}" in output and "YYYY-MM-DD" in output
+    assert not [p for p in _listing(toy) if "run_date" in p or p.endswith(".json")]
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every path under ``folder`` but the command's log files (engine.runtime.console) and their folders, and the
+    FASTA index pyfaidx builds beside an input."""
+    paths = [p for p in folder.rglob("*") if "geximpute.log" not in p.name and p.suffix != ".fai"]
+    return sorted(str(p.relative_to(folder)) for p in paths if not (p.is_dir() and not any(
+        "geximpute.log" not in q.name for q in p.rglob("*")) and p.name in ("out", "geximpute-out")))
+
+
+def test_out_on_a_folder_that_is_not_a_geximpute_output_is_refused(toy, capfd):
+    before = _listing(toy)
+    # the data folder itself, as impute's and evaluate's output
+    for command in ("impute", "evaluate"):
+        output = _cli_refusal(capfd, command, "--config", str(toy / "config.yaml"), "--out", str(toy))
+        assert f"{toy}: is a folder that is not a geximpute output" in output and "--force" in output
+    # impute's output pointed at the config's output_dir, which holds the model and the records
+    out_dir = toy / "work"
+    (out_dir / "model").mkdir(parents=True)
+    (out_dir / "model" / "network.pt").write_bytes(b"weights")
+    output = _cli_refusal(capfd, "impute", "--config", str(toy / "config.yaml"), "--set", f"output_dir={out_dir}",
+                          "--out", str(out_dir))
+    assert f"{out_dir}: is a folder that is not a geximpute output" in output
+    assert (out_dir / "model" / "network.pt").read_bytes() == b"weights"
+    # a file
+    output = _cli_refusal(capfd, "impute", "--config", str(toy / "config.yaml"), "--out", str(toy / "genes.tsv"))
+    assert "is a file" in output
+    assert _listing(toy) == sorted([*before, "work", "work/model", "work/model/network.pt"])
+
+
+def test_out_holding_another_step_s_output_is_refused(toy, capfd):
+    from engine.runtime.atomic import staged_output
+
+    records = toy / "records"
+    with staged_output(records, step="prepare") as staging:
+        (staging / "promoters.parquet").write_bytes(b"PAR1")
+    output = _cli_refusal(capfd, "impute", "--config", str(toy / "config.yaml"), "--out", str(records))
+    assert "holds the output of `prepare`, not of `impute`" in output
+    assert (records / "promoters.parquet").read_bytes() == b"PAR1"

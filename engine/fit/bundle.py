@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +37,7 @@ from engine.config import Config, config_from_dict, dump_config
 from engine.errors import GeximputeError
 from engine.fit.head import HeadModel
 from engine.fit.models import HybridModels
+from engine.io.fasta import Genome
 from engine.model.features import FeatureSpec
 from engine.model.inference import TrainedNetwork
 from engine.model.network import NetworkSpec
@@ -93,8 +96,77 @@ def _model_version(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def compatibility(config: Config, gene_ids: Sequence[str], tissues: Sequence[str]) -> dict[str, Any]:
+    """What data a model fits, recorded in its bundle and compared with the data of ``impute`` and ``nightly``.
+
+    Keys: ``tissues`` (names, in the order of the tissue embedding), ``scale``, ``transform``,
+    ``counts_normalisation``, ``k_neighbours``, ``max_distance``, ``genes_sha256`` (a fingerprint of the gene
+    set), ``n_genes`` and ``genome_contigs`` (contig lengths of the FASTA: the genome build; null without one).
+    """
+    genome = None
+    if config.inputs.genome:
+        with Genome(config.inputs.genome) as fasta:
+            genome = dict(fasta.lengths)
+    return {
+        "tissues": [str(t) for t in tissues],
+        "scale": config.inputs.scale,
+        "transform": config.expression.transform,
+        "counts_normalisation": config.expression.counts_normalisation,
+        "k_neighbours": config.context.k_neighbours,
+        "max_distance": config.context.max_distance,
+        "genes_sha256": hashlib.sha256("\n".join(sorted(map(str, gene_ids))).encode()).hexdigest(),
+        "n_genes": len(gene_ids),
+        "genome_contigs": genome,
+    }
+
+
+def check_compatible(recorded: dict[str, Any] | None, data: dict[str, Any], folder: Path, source: str) -> None:
+    """Refuse data that the bundle in ``folder`` was not trained for, naming the first key that differs.
+
+    Args:
+        recorded: the bundle's :func:`compatibility` (None: a bundle written before it was recorded; only the
+            number of tissues is compared then).
+        data: the same for the data at hand.
+        folder: the bundle folder (for the message).
+        source: what the data is (e.g. the config file), for the message.
+
+    Raises:
+        GeximputeError: a key differs.
+    """
+    def refuse(key: str, model: Any, here: Any) -> None:
+        raise GeximputeError(
+            f"{folder}: the model does not fit the data of {source}: {key} is {model!r} in the bundle but {here!r} "
+            f"in the data; expected the same {key} as the data the model was trained on (the bundle's config.yaml "
+            f"and manifest.json say which), or a model trained on this data")
+
+    if recorded is None:
+        return
+    for key in ("scale", "transform", "counts_normalisation", "k_neighbours", "max_distance"):
+        if key in recorded and recorded[key] != data[key]:
+            refuse(key, recorded[key], data[key])
+    if recorded.get("tissues") is not None and list(recorded["tissues"]) != list(data["tissues"]):
+        model, here = list(recorded["tissues"]), list(data["tissues"])
+        only_model = [t for t in model if t not in here][:3]
+        only_data = [t for t in here if t not in model][:3]
+        detail = (f"tissues {only_model} only in the model and {only_data} only in the data" if only_model or only_data
+                  else "the same tissue names in another order")
+        refuse("tissues", f"{len(model)} tissues", f"{len(here)} tissues ({detail})")
+    if recorded.get("genes_sha256") and recorded["genes_sha256"] != data["genes_sha256"]:
+        refuse("gene set", f"{recorded.get('n_genes')} genes (sha256 {recorded['genes_sha256'][:12]})",
+               f"{data['n_genes']} genes (sha256 {data['genes_sha256'][:12]})")
+    model_genome, data_genome = recorded.get("genome_contigs"), data.get("genome_contigs")
+    if model_genome and data_genome:
+        shared = sorted(set(model_genome) & set(data_genome))
+        if not shared:
+            refuse("genome build", f"contigs {sorted(model_genome)[:3]}", f"contigs {sorted(data_genome)[:3]}")
+        for contig in shared:
+            if model_genome[contig] != data_genome[contig]:
+                refuse("genome build", f"{contig} of {model_genome[contig]:,} bp", f"{contig} of "
+                       f"{data_genome[contig]:,} bp")
+
+
 def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str], gene_ids: np.ndarray,
-                metrics: dict | None = None) -> str:
+                metrics: dict | None = None, tissues: Sequence[str] | None = None) -> str:
     """Write ``models`` (network and hybrid head) as a bundle, atomically; returns its ``model_version``.
 
     Args:
@@ -103,7 +175,10 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         sequences: the promoter sequences of the rows of ``models.promoters``.
         gene_ids: problem genes, in the order of ``models.lookup.gene_row``.
         metrics: training figures recorded in the manifest.
+        tissues: the problem's tissue names (the order of the tissue embedding), recorded with the rest of the
+            bundle's :func:`compatibility`.
     """
+    compat = compatibility(models.config, gene_ids, tissues) if tissues is not None else None
     with staged_output(folder, step="bundle") as staging:
         save_network(models.network, staging, with_metrics=False)
         models.head.save(staging)
@@ -127,7 +202,8 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         (staging / S.BUNDLE_CONFIG_FILE).write_text(dump_config(models.config))
         version = _model_version(staging)
         write_json(staging / S.BUNDLE_MANIFEST_FILE, manifest(models.config, step="bundle", model_version=version,
-                                                       metrics=metrics or {}, seconds=models.seconds))
+                                                       metrics=metrics or {}, seconds=models.seconds,
+                                                       compatibility=compat))
     return version
 
 
@@ -140,6 +216,7 @@ class Bundle:
     model_version: str
     folder: Path
     reference_promoters: np.ndarray  # (P, 4, L) one-hot reference windows of the training genes
+    compatibility: dict | None = None  # what data the model fits (:func:`compatibility`); None in older bundles
 
     def reference_lookup(self, gene_ids: np.ndarray) -> PromoterLookup:
         """Every record of ``gene_ids`` reads its gene's reference window from the bundle's own table."""
@@ -187,5 +264,6 @@ def load_bundle(folder: str | Path) -> Bundle:
     promoters = one_hot_promoters(sequences, network.spec.promoter_length)
     gene_promoter = dict(zip(links[S.GENE_ID].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
     models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head)
-    version = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())["model_version"]
-    return Bundle(models, gene_promoter, version, folder, promoters)
+    bundle_manifest = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())
+    return Bundle(models, gene_promoter, bundle_manifest["model_version"], folder, promoters,
+                  bundle_manifest.get("compatibility"))

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from engine import schema as S
 from engine.config import ExpressionConfig
 from engine.errors import InputError
-from engine.io.checks import open_text, strip_version
+from engine.io.checks import check_readable, open_text, strip_version
 from engine.io.tables import is_parquet, read_table, require_columns
 
 #: wide-table columns that describe genes rather than hold values
@@ -95,18 +95,33 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
         InputError: missing/empty/truncated file, a bad GCT header, missing columns, non-numeric or negative
             values, duplicate gene ids or sample columns.
     """
-    path = Path(path)
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "gct":
-        expr = _read_gct(path, scale)
-    elif fmt == "long":
-        expr = _read_long(path, scale)
-    elif fmt == "bed":
-        expr = _read_phenotype_bed(path, scale)
-    else:
-        expr = _read_wide(path, scale, read_table(path, "expression table"), first_data_line=2)
+    path = check_readable(path, "expression file")
+    try:
+        fmt = detect_format(path) if fmt == "auto" else fmt
+        if fmt == "gct":
+            expr = _read_gct(path, scale)
+        elif fmt == "long":
+            expr = _read_long(path, scale)
+        elif fmt == "bed":
+            expr = _read_phenotype_bed(path, scale)
+        else:
+            expr = _read_wide(path, scale, read_table(path, "expression table"), first_data_line=2)
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})",
+                         expected="a UTF-8 (or ASCII) text table, plain or gzip") from exc
     if expr.values.size == 0:
         raise InputError(path, "expression table holds no values", expected="at least one gene and one sample")
+    # NaN policy: an empty cell, NA or NaN is an unmeasured entry (imputed); an infinite value is an error
+    infinite = np.isinf(expr.values)
+    if infinite.any():
+        g, s = (int(x[0]) for x in np.nonzero(infinite))
+        raise InputError(
+            path,
+            f"infinite expression value {expr.values[g, s]:g}",
+            record=f"gene {expr.gene_ids[g]}, sample {expr.sample_ids[s]}"
+            + (f" (line {g + expr.report['first_data_line']})" if "first_data_line" in expr.report else ""),
+            expected="a finite number, or an empty cell / NA for an unmeasured value",
+        )
     if scale not in ("log", "normalised"):
         neg = expr.values < 0
         if neg.any():
@@ -198,6 +213,11 @@ def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) ->
     ]
     if not value_cols:
         raise InputError(path, "no value columns", record="the header", expected="one column per sample or tissue")
+    for i, n in enumerate(names):
+        if i > 0 and n.strip() == "":
+            raise InputError(path, f"column {i + 1} of the header has no name (a trailing tab or separator?)",
+                             record=f"the header, line {first_data_line - 1}",
+                             expected="a sample or tissue name over every value column")
     seen: dict[str, int] = {}
     for i, n in enumerate(value_cols):
         if n in seen:

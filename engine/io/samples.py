@@ -64,6 +64,8 @@ def read_samples(path: str | Path) -> pa.Table:
         if pc.any(empty).as_py():
             i = pc.index(empty, True).as_py()
             raise InputError(path, f"empty {name}", record=f"line {i + 2}", expected=f"a {name} on every row")
+    for name in (S.SAMPLE_ID, S.DONOR_ID, S.TISSUE):
+        _check_distinct_names(path, name, table[name].to_pylist())
     ids = np.asarray(table[S.SAMPLE_ID].to_pylist(), dtype=object)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
@@ -76,6 +78,23 @@ def read_samples(path: str | Path) -> pa.Table:
             expected="one row per sample id",
         )
     return S.check_table(table, S.SAMPLES, str(path))
+
+
+def _check_distinct_names(path: Path, name: str, values: list[str]) -> None:
+    """Refuse names with blanks at either end, and two names that differ only by case or blanks (``D1``, ``d1``,
+    ``D1 ``): each would silently become a donor (or tissue) of its own."""
+    for i, value in enumerate(values):
+        if value != value.strip():
+            raise InputError(path, f"{name} {value!r} has blanks at its start or end", record=f"line {i + 2}",
+                             expected=f"a {name} without leading or trailing spaces or tabs")
+    first: dict[str, tuple[str, int]] = {}
+    for i, value in enumerate(values):
+        key = " ".join(value.split()).casefold()
+        seen = first.setdefault(key, (value, i))
+        if seen[0] != value:
+            raise InputError(path, f"{name}s {seen[0]!r} and {value!r} differ only by case or spacing",
+                             record=f"lines {seen[1] + 2} and {i + 2}",
+                             expected=f"one spelling per {name} (they would count as two)")
 
 
 def reference_samples(tissues: list[str]) -> pa.Table:

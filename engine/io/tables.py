@@ -103,12 +103,23 @@ def read_table(
         if "Empty CSV file" in message:
             raise InputError(path, f"{what} has no rows") from exc
         raise InputError(path, f"{what} cannot be parsed: {_short_arrow_message(message)}") from exc
+    _check_header(path, what, table.column_names, skip_rows)
     if skip_comment_rows and table.num_rows and table.num_columns:
         first = table.column(0)
         if pa.types.is_string(first.type):
             keep = pc.invert(pc.fill_null(pc.starts_with(first, "#"), False))
             table = table.filter(keep)
     return table
+
+
+def _check_header(path: Path, what: str, names: Sequence[str], skip_rows: int) -> None:
+    """Refuse a header that names one column twice (a column read by name would be ambiguous)."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen and name != "":
+            raise InputError(path, f"{what} names column {name!r} twice (columns {seen[name] + 1} and {i + 1})",
+                             record=f"the header (line {skip_rows + 1})", expected="unique column names")
+        seen.setdefault(name, i)
 
 
 def _short_arrow_message(message: str) -> str:

@@ -408,6 +408,10 @@ def _stream(
         try:
             variant = next(iterator)
         except StopIteration:
+            if number == 0:
+                raise InputError(path, "holds no variant records (a header only)", record="the lines after #CHROM",
+                                 expected="at least one site with genotypes",
+                                 hint="Check that the export or copy of the VCF finished") from None
             return
         except Exception as exc:  # htslib parse errors come as bare Exception
             where = f"record {number + 1}" + _line_of(path, number + 1)
@@ -489,8 +493,24 @@ def _collect(
     """Site columns and per-site genotype rows of ``records``."""
     raw: dict[str, list] = {key: [] for key in ("chrom", "pos", "id", "ref", "alt", "gt", "phased")}
     reorder = not np.array_equal(order, np.arange(len(order)))
+    here: tuple[str, int] | None = None
+    alleles_here: dict[tuple[str, tuple[str, ...]], int | None] = {}
     for variant, number in records:
         alt = list(variant.ALT)
+        if (variant.CHROM, variant.POS) != here:
+            here, alleles_here = (variant.CHROM, variant.POS), {}
+        key = (variant.REF, tuple(alt))
+        if key in alleles_here:
+            before = alleles_here[key]
+            raise InputError(
+                path,
+                f"site {variant.CHROM}:{variant.POS} {variant.REF}>{','.join(alt)} appears twice"
+                + (f" (records {before} and {number})" if before is not None and number is not None else ""),
+                record=_where(path, variant.CHROM, variant.POS, number),
+                expected="each site once (split multi-allelic records may share a position, not their alleles)",
+                hint="Remove the duplicates, e.g. `bcftools norm --rm-dup exact`",
+            )
+        alleles_here[key] = number
         if len(alt) >= _MAX_ALLELES:
             raise InputError(
                 path,

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config, ExpressionConfig
 from engine.errors import ConfigError, GeximputeError
-from engine.fit.bundle import load_bundle
+from engine.fit.bundle import check_compatible, compatibility, load_bundle
 from engine.io.dataset import load_dataset
 from engine.io.expression import from_model_scale
 from engine.runtime.atomic import check_replaceable, staged_output, store_of
@@ -376,7 +376,11 @@ def output_error(out: Path, err: OSError) -> OutputError:
 # The command --------------------------------------------------------------------------------------------------
 
 
-def _check_bundle(bundle: Any, folder: Path, problem: VisibleProblem, config: Config) -> None:
+def check_bundle(bundle: Any, folder: Path, problem: VisibleProblem, config: Config) -> None:
+    """Refuse data the bundle was not trained for: tissue names and order, scale, transform, context settings, gene
+    set and genome build (:func:`engine.fit.bundle.check_compatible`), and in any case the number of tissues."""
+    check_compatible(bundle.compatibility, compatibility(config, problem.gene_ids, problem.tissues), folder,
+                     f"the config ({config.inputs.expression})")
     n_tissues = bundle.models.network.features.n_tissues
     if n_tissues != len(problem.tissues):
         raise GeximputeError(
@@ -427,7 +431,7 @@ def impute(
     if problem is None:
         dataset = dataset or load_dataset(config)
         problem, _ = make_problem(dataset, hidden_mask=False)
-    _check_bundle(bundle, bundle_dir, problem, config)
+    check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
     if settings.missing_profiles:

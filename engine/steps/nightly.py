@@ -71,6 +71,7 @@ from engine.science.problem import VisibleProblem, make_problem
 from engine.steps.impute import (
     OutputError,
     add_missing_profiles,
+    check_bundle,
     donor_promoter_inputs,
     make_run_id,
     model_dir,
@@ -579,6 +580,7 @@ def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
         raise GeximputeError(str(exc)) from exc
     dataset = load_dataset(config)  # with the reference donors' genomes, which the genetic score is fitted on
     problem, _ = make_problem(dataset, hidden_mask=False)
+    check_bundle(bundle, model_dir(config), problem, config)
     valid = []
     for item in todo:
         try:

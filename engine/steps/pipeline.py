@@ -107,12 +107,12 @@ def fit_head_and_save(
     else:
         net_dir = output_path(config, network, "network")
         trained, runs = load_network(net_dir), net_dir / "runs"
-    gene_ids, _ = read_problem_index(records)
+    gene_ids, tissues = read_problem_index(records)
     ensure_ray(config.ray)
     models, _, training = fit_hybrid_head(config, records, trained, gene_ids, runs)
     sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
     version = save_bundle(models, output_path(config, out, "model"), sequences=sequences, gene_ids=gene_ids,
-                          metrics=trained.metrics)
+                          metrics=trained.metrics, tissues=tissues)
     return models, version, training.num_rows
 
 
