@@ -16,7 +16,9 @@ import pytest
 from helpers import TISSUE_NAMES, assert_keys_unique, expected_missing, read_output
 
 from engine import schema as S
-from engine.errors import ConfigError
+from engine.errors import ConfigError, GeximputeError
+from engine.fit.bundle import check_compatible
+from engine.runtime.atomic import SUPERSEDED, resolve, store_of
 from engine.science.problem import VisibleProblem
 from engine.steps.impute import add_missing_profiles, impute, target_mask
 
@@ -106,7 +108,7 @@ def test_every_missing_entry_once_with_the_output_contract(first_run, data, bund
     assert manifest["rows"] == frame.groupby(frame["tissue"].astype(str)).size().to_dict()
     assert {"config", "versions", "inputs"} <= set(manifest) and "expression" in manifest["inputs"]
     # nothing but the committed folder is left beside it
-    assert sorted(p.name for p in result.out_dir.parent.iterdir()) == ["predictions"]
+    assert sorted(p.name for p in result.out_dir.parent.iterdir()) == sorted(["predictions", ".predictions.geximpute"])
 
 
 def test_pyarrow_pandas_and_duckdb_read_the_output_with_the_readme_query(first_run):
@@ -144,7 +146,13 @@ def test_rerun_replaces_with_the_same_rows(first_run, bundle):
         frame["tissue"] = frame["tissue"].astype(str)
     pd.testing.assert_frame_equal(before.sort_values(key).reset_index(drop=True),
                                   after.sort_values(key).reset_index(drop=True), check_exact=False, rtol=1e-5)
-    assert sorted(p.name for p in result.out_dir.parent.iterdir()) == ["predictions"]
+    store = store_of(result.out_dir)
+    assert sorted(p.name for p in result.out_dir.parent.iterdir()) == sorted(["predictions", store.name])
+    # the output names its new version; the previous one stays for its readers, marked superseded
+    versions = sorted(store.iterdir())
+    assert len(versions) >= 2 and all(v.name.startswith("v-") for v in versions)
+    assert resolve(result.out_dir) in versions
+    assert all((v / SUPERSEDED).exists() for v in versions if v != resolve(result.out_dir))
 
 
 def test_selection_with_observed_entries_through_the_cli(first_run, data, bundle, tmp_path):
@@ -177,3 +185,40 @@ def test_readme_shows_the_query_the_demo_runs():
     from engine.apps.demo import README_QUERY
 
     assert README_QUERY.format(path="geximpute-demo/gtex-v8/predictions") in (REPO / "README.md").read_text()
+
+
+def test_check_compatible_names_the_key_that_differs(tmp_path):
+    recorded = {"tissues": ["Liver", "Lung"], "scale": "tpm", "transform": "log1p", "counts_normalisation": "cpm",
+                "k_neighbours": 16, "max_distance": None, "genes_sha256": "a" * 64, "n_genes": 10,
+                "genome_contigs": {"chr1": 1000, "chr2": 500}}
+    check_compatible(recorded, dict(recorded), tmp_path, "the data")
+    for key, value, needle in (
+        ("tissues", ["Lung", "Liver"], "the same tissue names in another order"),
+        ("tissues", ["Liver", "Heart"], "['Lung'] only in the model and ['Heart'] only in the data"),
+        ("scale", "counts", "scale is 'tpm' in the bundle but 'counts'"),
+        ("k_neighbours", 8, "k_neighbours is 16 in the bundle but 8"),
+        ("genes_sha256", "b" * 64, "gene set"),
+        ("genome_contigs", {"chr1": 2000}, "genome build is 'chr1 of 1,000 bp' in the bundle but 'chr1 of 2,000 bp'"),
+    ):
+        with pytest.raises(GeximputeError, match=re.escape(needle)):
+            check_compatible(recorded, {**recorded, key: value}, tmp_path, "the data")
+    check_compatible(None, {**recorded, "scale": "counts"}, tmp_path, "the data")  # an older bundle: no record
+
+
+def test_impute_refuses_data_the_bundle_was_not_trained_for(first_run, data, bundle, tmp_path):
+    import shutil
+
+    from engine.config import load_config
+
+    out = tmp_path / "refused"
+    other = load_config(data / "config.yaml", [f"output_dir={tmp_path}", "context.k_neighbours=5"])
+    with pytest.raises(GeximputeError, match="k_neighbours is 16 in the bundle but 5 in the data"):
+        impute(other, model=bundle, out_dir=out)
+    # the same number of tissues under other names: refused, not predicted with the wrong embeddings
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data, renamed)
+    samples = (renamed / "samples.tsv").read_text()
+    (renamed / "samples.tsv").write_text(samples.replace("Whole Blood", "Blood (whole)"))
+    with pytest.raises(GeximputeError, match=r"tissues is .* \(tissues \['Whole Blood'\] only in the model"):
+        impute(load_config(renamed / "config.yaml", [f"output_dir={tmp_path}"]), model=bundle, out_dir=out)
+    assert not out.exists() and not store_of(out).exists()
