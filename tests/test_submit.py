@@ -251,6 +251,27 @@ def test_token_misconfiguration_is_a_clear_error(tmp_path):
         find_token({"RAY_AUTH_MODE": "token"}, tmp_path)
 
 
+def test_the_token_never_travels_in_clear_to_another_host(capfd, monkeypatch, caplog):
+    from engine.apps.cli import main
+    from engine.runtime.submit import check_transport
+
+    token = Token("s3cret-value", "RAY_AUTH_TOKEN")
+    for local in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://head.example:443",
+                  "127.0.0.1:8265"):
+        check_transport(local, token)
+    check_transport("http://10.0.0.5:8265", None)  # no token, nothing to protect
+    with pytest.raises(GeximputeError, match=r"refusing to send the Ray token .* in clear to http://10\.0\.0\.5"):
+        check_transport("http://10.0.0.5:8265", token)
+    with caplog.at_level("WARNING"):
+        check_transport("http://head.example:8265", token, allow_insecure=True)
+    assert "in clear over plain http" in caplog.text and "s3cret" not in caplog.text
+    # through the CLI: exit 2, before any connection, the token not printed
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-value")
+    code = main(["submit", "impute", "--address", "http://10.0.0.5:8265", "--config", "absent.yaml"])
+    output = "".join(capfd.readouterr())
+    assert code == 2 and "--allow-insecure" in output and "s3cret" not in output and "Traceback" not in output
+
+
 def test_job_dir_holds_the_packages_and_the_resolved_config(tmp_path):
     from engine.config import config_from_dict
 

@@ -135,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    return report(submit(args.step, args.config, args.overrides, address=args.address, wait=not args.no_wait))
+    return report(submit(args.step, args.config, args.overrides, address=args.address, wait=not args.no_wait,
+                         allow_insecure=args.allow_insecure))
 
 
 def cmd_impute(args: argparse.Namespace) -> int:
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.ray/auth_token")
     _add_config(p)
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    p.add_argument("--allow-insecure", action="store_true",
+                   help="send the token over plain http to a host that is not this machine (refused otherwise)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("impute", help="predict every missing donor-tissue-gene entry into partitioned Parquet")

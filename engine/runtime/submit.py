@@ -11,11 +11,14 @@ Token authentication: the cluster's token is read from Ray's usual places, in Ra
 environment variable, the file named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``) and sent as an
 ``Authorization: Bearer`` header, unless ``RAY_AUTH_MODE=disabled``. It is never printed, logged, or written into
 the config, the ``runtime_env`` or the job's metadata; the cluster's own nodes hold the token the job itself uses.
+It is not sent in clear across a network: plain ``http://`` is refused unless the address is this machine (a
+port-forward) or ``--allow-insecure`` is given (:func:`check_transport`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -23,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -159,6 +163,40 @@ def entrypoint(step: str) -> str:
     return f"python -m jobs.{STEPS[step]} --config {JOB_CONFIG}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(address: str, token: Token | None, allow_insecure: bool = False) -> None:
+    """Refuse to send ``token`` in clear: over plain ``http://`` to an address that is not this machine.
+
+    A port-forward (``kubectl port-forward``, ``ray dashboard``) listens on 127.0.0.1 and is fine; a head reached
+    across a network needs ``https://`` (a TLS-terminating ingress or proxy in front of the dashboard), or
+    ``allow_insecure`` on a network the user trusts, with a warning.
+
+    Raises:
+        GeximputeError: a token would cross the network unencrypted and ``allow_insecure`` is not set.
+    """
+    if token is None:
+        return
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"http://{address}")
+    if parsed.scheme != "http" or is_loopback(parsed.hostname or ""):
+        return
+    if not allow_insecure:
+        raise GeximputeError(
+            f"refusing to send the Ray token (from {token.source}) in clear to {address}: plain http to a host that "
+            "is not this machine. Use an https:// address (a TLS proxy or ingress in front of the dashboard), a "
+            "port-forward to 127.0.0.1, or pass --allow-insecure on a network you trust")
+    log.warning("submit: sending the Ray token in clear over plain http to %s (--allow-insecure)", address)
+
+
 def _client(address: str, token: Token | None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -217,6 +255,7 @@ def submit(
     address: str | None = None,
     wait: bool = True,
     out: TextIO = sys.stdout,
+    allow_insecure: bool = False,
 ) -> JobResult:
     """Submit ``python -m jobs.STEP`` to a Ray cluster and, with ``wait``, stream its logs until it ends.
 
@@ -228,6 +267,8 @@ def submit(
             ``RAY_ADDRESS``. An explicit address wins over those variables.
         wait: follow the job's logs until it ends.
         out: where the job's logs go.
+        allow_insecure: send the token over plain http to a host that is not this machine (with a warning);
+            refused otherwise (:func:`check_transport`).
 
     Returns:
         The job's submission id and its last status.
@@ -244,6 +285,7 @@ def submit(
     if not address:
         raise GeximputeError("no cluster address: pass --address http://HEAD:8265 (the cluster's job server)")
     token = find_token()
+    check_transport(address, token, allow_insecure)
     log.info("submit: %s", f"token authentication, token from {token.source}" if token else "no token sent")
     submission_id = f"geximpute-{step}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     with tempfile.TemporaryDirectory(prefix="geximpute-job-") as tmp:
