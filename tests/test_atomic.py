@@ -25,6 +25,7 @@ from engine.runtime.atomic import (
     LeaseBusy,
     LeaseLost,
     OutputRefused,
+    discard,
     resolve,
     staged_output,
     store_of,
@@ -230,3 +231,17 @@ def test_the_heartbeat_renews_and_a_lost_lease_commits_nothing(tmp_path):
             lease_file.write_text(json.dumps({**holder, "owner": "someone-else"}))  # taken over meanwhile
     assert read_version(out) == "kept"
     assert not list(store_of(out).glob("staging-*"))
+
+
+def test_discard_removes_an_output_and_its_versions_but_refuses_others(tmp_path):
+    out = tmp_path / "out"
+    write_version(out, "one")
+    write_version(out, "two")
+    discard(out, step="test")
+    assert sorted(tmp_path.iterdir()) == []
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "keep.txt").write_text("x")
+    with pytest.raises(OutputRefused):
+        discard(data, step="test")
+    assert (data / "keep.txt").read_text() == "x"

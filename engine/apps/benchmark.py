@@ -48,6 +48,7 @@ from engine.config import load_config
 from engine.fit.bundle import load_bundle
 from engine.io.dataset import load_dataset
 from engine.model.network import PromoterCNN
+from engine.runtime.atomic import discard
 from engine.runtime.provenance import versions
 from engine.runtime.raytools import ensure_ray
 from engine.science.context import ContextIndex, build_context
@@ -604,7 +605,7 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
             config = config_of(scale)
             step = {"scale": scale, "donors": spec.donors * scale,
                     **impute_step(config, bundle, work / f"x{scale}" / "predictions")}
-            shutil.rmtree(work / f"x{scale}" / "predictions", ignore_errors=True)
+            discard(work / f"x{scale}" / "predictions", step="impute")  # the link and its versions
             # each predictor actor encodes a haplotype at most once: the run's encoder work is at most this
             problem, targets, _ = imputation_problem(config)
             rows = distinct_promoter_rows(problem, targets, config.promoter.length)

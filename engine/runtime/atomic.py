@@ -644,3 +644,31 @@ def _restore_legacy(target: Path) -> None:
     for path in target.parent.glob(f".{target.name}.staging-*"):
         if time.time() - path.stat().st_mtime > lease_seconds():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def discard(target: str | Path, *, step: str) -> None:
+    """Remove the output ``target`` of ``step`` as a whole: its link (or folder) and its store, under its lease.
+
+    Raises:
+        OutputRefused: ``target`` is not an output of ``step``. LeaseBusy: a run writes it now.
+    """
+    target = Path(target).absolute()
+    store = store_of(target)
+    if not os.path.lexists(target) and not store.exists():
+        return
+    check_replaceable(target, step, store)
+    store.mkdir(parents=True, exist_ok=True)
+    with Lease(store / "lease.json", what=f"`{step}` run on {target}"):
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        fsync_dir(target.parent)
+        for path in store.iterdir():
+            if path.name == "lease.json":
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    shutil.rmtree(store, ignore_errors=True)
