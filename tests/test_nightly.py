@@ -187,3 +187,12 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
     ledger = json.loads(ledger_path(config).read_text())["donors"]
     assert ledger["NEW-A"]["run_date"] == "2026-02-02"
     assert nightly(config, run_date="2026-02-03").done == []  # the new checksum is recorded: once only
+
+    # a partition manifest torn by a volume that lost it: its donors are read from its rows, and the night goes on
+    from engine.runtime.atomic import resolve
+    from engine.steps.nightly import committed_donors
+
+    (resolve(output_root(config) / "run_date=2026-02-02") / "_manifest.json").write_text("")
+    found = committed_donors(output_root(config))
+    assert found["NEW-A"]["run_date"] == "2026-02-02" and found["NEW-A"]["rows"] == genes * tissues
+    assert nightly(config, run_date="2026-02-04").done == []

@@ -10,17 +10,22 @@ Output (``nightly.output``, default ``<output_dir>/nightly``) and what sits besi
 
     <output>/run_date=YYYY-MM-DD/tissue=<t>/*.parquet  schema.PREDICTIONS rows of the donors done that day
     <output>/run_date=YYYY-MM-DD/_manifest.json       config, inputs, model_version, donors and run ids, rows
+    .<output>.geximpute/run_date=YYYY-MM-DD/          the partition's versions and staging (run_date=... links in)
     <output>.ledger.json                              the donors done: run date, run id, rows, VCF fingerprint
-    <output>.lock                                     held while a run works (its pid inside)
-    <inbox>/quarantine/<file>, <file>.error.txt       malformed inputs and why
+    <output>.lock                                     the run's lease: owner, host, pid, expiry time (renewed)
+    <inbox>/quarantine/<file>, <file>.error.txt       inputs that failed and why
 
-A run takes the lock (created with ``O_EXCL``; a lock whose process is gone is stale and is broken), validates each
-new genome (a malformed one is quarantined and the others go on), and imputes the new donors ``donors_per_commit``
-at a time. Each commit is one Ray Data job (:func:`engine.steps.impute.run_pipeline`) into a staging folder outside the
-dataset, holding the day's partition so far plus the new rows, renamed onto ``run_date=<day>`` at once; the ledger is
-rewritten atomically after that. If a run dies between the two, the next run finds the donors in the partition's
-manifest and records them instead of imputing them again, so no donor is ever written twice. A run with nothing new
-writes nothing.
+A run takes the lease (:class:`engine.runtime.atomic.Lease`: it expires unless renewed, so a run killed on one pod
+never blocks the next night's pod, on another host), validates each new genome (any failure of one donor's input
+quarantines that donor and the others go on; two genome files of one donor are both quarantined), and imputes the
+new donors ``donors_per_commit`` at a time. A done donor whose genome file changed since (a new checksum) is imputed
+again into the run's date (``nightly.redelivered``). Each commit is one Ray Data job
+(:func:`engine.steps.impute.run_pipeline`) into a staging folder of the partition's store, outside the dataset,
+holding the day's partition so far (hard links) plus the new rows, committed as a new version of ``run_date=<day>``
+by one atomic link switch (:func:`engine.runtime.atomic.staged_output`, under the run's lease); the ledger is
+rewritten atomically and durably after that. If a run dies between the two, the next run finds the donors in the
+partition's manifest and records them instead of imputing them again, so no donor is ever written twice. A run with
+nothing new writes nothing.
 
 How a donor's genome enters the model: each VCF is read in the windows the model reads (through its index when it has
 one) and validated; :func:`donor_haplotypes` builds the new donors' promoter haplotypes and cis-site dosages from it
@@ -59,6 +64,7 @@ from engine.runtime.atomic import (
     Lease,
     LeaseBusy,
     clean_staging,
+    lease_seconds,
     read_json,
     resolve,
     staged_output,
@@ -230,8 +236,9 @@ def recover(root: Path, ledger: dict[str, dict]) -> dict[str, dict]:
     for store in partition_store(root).glob(f"{RUN_DATE}=*"):
         clean_staging(store)
     for path in root.parent.glob(f".{root.name}.staging-*"):  # left by the previous (pid-named) protocol
-        log.info("nightly: removing %s left by a run that did not finish", path)
-        shutil.rmtree(path, ignore_errors=True)
+        if time.time() - path.stat().st_mtime > lease_seconds():
+            log.info("nightly: removing %s left by a run that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
     for path in root.parent.glob(f".{root.name}.old-*"):
         day = path.name.split(".old-", 1)[1].rsplit("-", 1)[0]
         target = root / f"{RUN_DATE}={day}"
