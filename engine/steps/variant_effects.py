@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from engine import schema as S
 from engine.config import Config
 from engine.errors import ConfigError
-from engine.fit.bundle import load_bundle
+from engine.fit.bundle import check_compatible, compatibility, load_bundle
 from engine.io.dataset import load_dataset
 from engine.runtime.atomic import staged_output
 from engine.runtime.provenance import manifest, write_json
@@ -99,9 +99,12 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     t0 = time.perf_counter()
     if not config.inputs.variants or not config.inputs.genome:
         raise ConfigError("geximpute variant-effects needs inputs.variants (a VCF) and inputs.genome (the FASTA)")
-    bundle = load_bundle(model_dir or Path(config.output_dir) / "model")
+    bundle_dir = Path(model_dir or Path(config.output_dir) / "model")
+    bundle = load_bundle(bundle_dir)
     dataset = load_dataset(config)
     problem, _ = make_problem(dataset, hidden_mask=False)
+    check_compatible(bundle.compatibility, compatibility(config, problem.gene_ids, problem.tissues), bundle_dir,
+                     f"the config ({config.inputs.expression})")
     genomes = problem.genomes
     assert genomes is not None  # variants configured
     scores, effects = genetic_scores(genomes, problem.values, problem.tissue_index, problem.donor_index,
