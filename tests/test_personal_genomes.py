@@ -317,3 +317,42 @@ def dataclasses_replace_min_donors(config):
     import dataclasses
 
     return dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, min_donors=5))
+
+
+def test_new_donors_get_their_own_haplotypes_and_genetic_scores(tmp_path):
+    from engine.steps.nightly import InboxItem, NewDonor, donor_haplotypes, extend_problem
+
+    snp = TSS1 - 100
+    _, data = _small_dataset(tmp_path, gts={snp: ["0/0"] * (N_PEOPLE - 1) + ["0/1"]})
+    config = config_from_dict({**data, "genotypes": {"cis_window": 50_000}})
+    dataset = load_dataset(config)
+    problem, _ = make_problem(dataset, hidden_mask=False)
+    sites = dataset.variants.sites.to_pandas().set_index("pos")
+    lines = ["##fileformat=VCFv4.2", "##contig=<ID=chr1,length=60000>",
+             '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
+             "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tNEW"]
+
+    def new_donor(name: str, far_gt: str, snp_gt: str) -> NewDonor:
+        rows = [f"chr1\t{pos}\t.\t{sites.loc[pos, 'ref']}\t{sites.loc[pos, 'alt'][0]}\t.\tPASS\t.\tGT\t{gt}"
+                for pos, gt in sorted({snp: snp_gt, FAR: far_gt}.items()) if gt != "absent"]
+        path = tmp_path / f"{name}.vcf"
+        path.write_text("\n".join([*lines[:-1], lines[-1].replace("NEW", name), *rows]) + "\n")
+        return NewDonor(InboxItem(name, path), read_variants(path, dataset.genome, samples=[name]))
+
+    donors = [new_donor("HIGH", "1/1", "0|1"), new_donor("LOW", "0/0", "absent")]
+    extended, _ = extend_problem(problem, donors, ())
+    genomes = donor_haplotypes(extended, donors, dataset, problem.genomes).genomes
+    high, low = extended.donors.index("HIGH"), extended.donors.index("LOW")
+    assert genomes.has_genome[[high, low]].all() and genomes.rows.shape[1] == len(extended.donors)
+    far_dosage = genomes.gene_dosage(0)[-1]
+    assert far_dosage[high] == 2 and far_dosage[low] == 0  # LOW's VCF lacks the site: REF on a covered chromosome
+    # HIGH's promoter: haplotype A the reference, B with the ALT; LOW's both the reference
+    ref = genomes.reference_row[0]
+    assert genomes.rows[0, high, 0] == ref and genomes.rows[0, high, 1] != ref
+    assert (genomes.rows[0, low] == ref).all()
+    alt_seq = genomes.sequences[genomes.rows[0, high, 1]]
+    assert alt_seq[snp - (TSS1 - 1000)] == sites.loc[snp, "alt"][0]
+    scores, _ = genetic_scores(genomes, extended.values, extended.tissue_index, extended.donor_index, 1, None)
+    assert scores[0, high] - scores[0, low] > 1.0  # the planted effect is +1 per ALT allele of the far SNP
+    # the reference donors' genomes are unchanged
+    assert np.array_equal(genomes.rows[:, : len(problem.donors)], problem.genomes.rows)

@@ -300,7 +300,7 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
     return scores, effects
 
 
-def add_donors(genomes: DonorGenomes | None, donors: list[str], new: dict[str, Any], reference: Any, genome: Any,
+def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], reference: Any, genome: Any,
                problem: Any, config: Any) -> DonorGenomes:
     """``genomes`` of the reference donors extended to every donor of ``donors`` with the genomes in ``new``.
 
@@ -313,20 +313,18 @@ def add_donors(genomes: DonorGenomes | None, donors: list[str], new: dict[str, A
     say so.
 
     Args:
-        genomes: the reference donors' genomes (the first ``genomes.rows.shape[1]`` of ``donors``), or None when
-            the reference data has no VCF (then only the new donors' haplotypes are known and no cis site is).
+        genomes: the reference donors' genomes (the first ``genomes.rows.shape[1]`` of ``donors``).
         donors: every donor of the extended problem, the reference donors first, in their order.
         new: ``{donor id: Variants}`` of the new donors (one sample each).
-        reference: the reference donors' :class:`~engine.io.variants.Variants` (None with ``genomes`` None).
+        reference: the reference donors' :class:`~engine.io.variants.Variants`.
         genome: the FASTA.
         problem: the problem whose genes (order, TSS, strand) the genomes follow.
         config: the resolved config (``promoter``, ``genotypes``).
+
+    Raises:
+        InputError: ``genotypes.missing`` is ``error`` and a new donor's call is missing at a site the model reads.
     """
-    import pyarrow as pa
-
-    from engine.science.haplotypes import build_haplotypes
-
-    n_genes, n_donors = problem.n_genes, len(donors)
+    n_donors = len(donors)
     genes = pa.table({
         S.GENE_ID: pa.array(problem.gene_ids, pa.string()),
         S.CHROM: pa.array(problem.chroms, pa.string()),
@@ -334,22 +332,12 @@ def add_donors(genomes: DonorGenomes | None, donors: list[str], new: dict[str, A
         S.STRAND: pa.array(np.where(problem.strand > 0, "+", "-"), pa.string()),
     })
     policy = config.genotypes
-    if genomes is None:
-        ref_haps = build_haplotypes(genome, genes, _no_donors(), config.promoter)
-        sequences, ids = list(ref_haps.sequences), list(ref_haps.promoter_ids)
-        reference_row = np.asarray(ref_haps.reference_row, np.int64)
-        old_rows = np.zeros((n_genes, 0, 2), np.int32)
-        old_has = np.zeros(0, bool)
-        site_ptr, site_index = np.zeros(n_genes + 1, np.int64), np.zeros(0, np.int64)
-        old_dosage, dosage_row = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    else:
-        sequences, ids = list(genomes.sequences), list(genomes.promoter_ids)
-        reference_row = np.asarray(genomes.reference_row, np.int64)
-        old_rows, old_has = genomes.rows, genomes.has_genome
-        site_ptr, site_index = genomes.site_ptr, genomes.site_index
-        old_dosage = genomes.dosage
-        dosage_row = (genomes.dosage_row if genomes.dosage_row is not None
-                      else np.arange(len(site_index), dtype=np.int64))
+    sequences, ids = list(genomes.sequences), list(genomes.promoter_ids)
+    reference_row = np.asarray(genomes.reference_row, np.int64)
+    old_rows, old_has = genomes.rows, genomes.has_genome
+    site_ptr, site_index = genomes.site_ptr, genomes.site_index
+    old_dosage = genomes.dosage
+    dosage_row = genomes.dosage_row if genomes.dosage_row is not None else np.arange(len(site_index), dtype=np.int64)
     n_old = old_rows.shape[1]
     if len(donors) < n_old:
         raise ValueError(f"add_donors: {len(donors)} donors, fewer than the {n_old} reference donors")
@@ -364,12 +352,12 @@ def add_donors(genomes: DonorGenomes | None, donors: list[str], new: dict[str, A
     used[dosage_row] = site_index
     keys: list[tuple[str, int, str]] = []
     ref_alts: list[list[str]] = []
-    if reference is not None and len(used):
+    if len(used):
         sites = reference.sites.take(pa.array(used))
         keys = list(zip(sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(), sites[S.REF].to_pylist(), strict=True))
         ref_alts = sites[S.ALT].to_pylist()
     row_of = {seq: i for i, seq in enumerate(sequences)}
-    report = dict(genomes.report) if genomes is not None else {}
+    report = dict(genomes.report)
     ambiguous = 0
     for donor, variants in new.items():
         d = donors.index(donor)
@@ -429,26 +417,17 @@ def _dosage_at(keys: list[tuple[str, int, str]], ref_alts: list[list[str]], vari
         i, alts = hit
         call = calls[i]
         if (call < 0).any():
+            if missing == "error":
+                raise InputError(variants.path, "missing call at a site the model reads",
+                                 record=f"site {c}:{p}, donor {variants.samples[0]}",
+                                 expected="every call made at the model's sites (genotypes.missing: error)",
+                                 hint="Set genotypes.missing to mean or reference, or impute the VCF first")
             continue
         out[u] = float(sum(1 for a in call if a > 0 and alts[a - 1] in ref_alts[u]))
     if missing == "reference":
         out = np.nan_to_num(out, nan=0.0)
     return out
 
-
-def _no_donors() -> Any:
-    """A :class:`~engine.io.variants.Variants` without sites or donors (reference windows only)."""
-    from pathlib import Path
-
-    import pyarrow as pa
-
-    from engine.io.variants import Variants
-
-    sites = pa.table({S.CHROM: pa.array([], pa.string()), S.POS: pa.array([], pa.int64()),
-                      S.VARIANT_ID: pa.array([], pa.string()), S.REF: pa.array([], pa.string()),
-                      S.ALT: pa.array([], pa.list_(pa.string()))})
-    return Variants(path=Path("<none>"), sites=sites, samples=[], genotypes=np.zeros((0, 0, 2), np.int8),
-                    phased=np.zeros((0, 0), bool), report={})
 
 
 def gene_variant_flags(genomes: DonorGenomes, site_pos: np.ndarray, tss: np.ndarray, strand: np.ndarray,
