@@ -31,7 +31,7 @@ import pytest
 from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, nightly_config, read_nightly, read_output
 
 from engine.config import load_config
-from engine.runtime.atomic import LeaseBusy, resolve, store_of
+from engine.runtime.atomic import Lease, LeaseBusy, resolve, store_of
 from engine.steps.impute import OutputError, impute
 from engine.steps.nightly import ledger_path, lock_path, nightly, output_root
 from engine.steps.pipeline import Progress, build_bundle
@@ -208,11 +208,13 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
     assert len(frame) == result.n_rows
     assert_keys_unique(frame)
 
-    # the dead run's lease stops a rerun until it expires; then the rerun takes over, cleans up after the killed
-    # run and writes every row exactly once
+    # the dead run's lease stops another writer until it expires; then the rerun takes over, cleans up after the
+    # killed run and writes every row exactly once
+    lease = store / "lease.json"
+    assert json.loads(lease.read_text())["pid"] == proc.pid
     with pytest.raises(LeaseBusy, match="holds the lease"):
-        impute(config, model=bundle, out_dir=out, include_observed=True)
-    time.sleep(3.5)
+        Lease(lease).acquire()
+    time.sleep(max(0.0, json.loads(lease.read_text())["expires"] - time.time()) + 0.2)
     again = impute(config, model=bundle, out_dir=out, include_observed=True)
     frame = read_output(out)
     _, missing_pairs, n_genes = expected_missing(data)
@@ -220,7 +222,8 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
     assert len(frame) == again.n_rows == n_genes * (n_samples + len(missing_pairs))
     assert_keys_unique(frame)
     assert frame["observed"].notna().sum() > 0
-    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, store.name])
+    beside = [p.name for p in out.parent.iterdir() if ".geximpute.log-" not in p.name]  # the killed CLI's log
+    assert sorted(beside) == sorted([out.name, store.name])
     assert not list(store.glob("staging-*")) and resolve(out).parent == store
 
 

@@ -55,6 +55,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from engine.config_schema import config_schema
+
+    text = json.dumps(config_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        echo(f"JSON Schema of the config written to {args.out}; to use it, make this the first line of a config "
+             "(the path relative to the config file):\n"
+             f"  # yaml-language-server: $schema={args.out}")
+    else:
+        echo(text, end="")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from engine.apps.synth import SynthSpec, generate
 
@@ -206,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("config-schema", help="print or write the JSON Schema of the YAML config, for editors")
+    p.add_argument("--out", metavar="FILE", help="write the schema to FILE instead of printing it")
+    p.set_defaults(func=cmd_config_schema)
+
     p = sub.add_parser("synth", help="write a synthetic dataset with planted effects and its truth")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0)
@@ -346,7 +364,7 @@ def _run_in_session(args: argparse.Namespace) -> int:
     if folder is None:
         log_path = final = None
     else:
-        folder = folder.resolve()
+        folder = folder.absolute()  # not resolved: an output is a link to its version, the new one at the end
         final = folder / LOG_NAME
         log_path = folder.parent / f".{folder.name}.{LOG_NAME}-{os.getpid()}"
     status = 2
