@@ -46,12 +46,19 @@ def _load(args: argparse.Namespace):
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engine.io.dataset import format_summary, load_dataset
+    from engine.steps.evaluate import sequence_summary
 
     dataset = load_dataset(_load(args))
+    sequence = sequence_summary(dataset)
     if args.json:
-        echo(json.dumps(dataset.report, indent=2))
+        echo(json.dumps({**dataset.report, **({"sequence": sequence} if sequence else {})}, indent=2))
     else:
         echo(format_summary(dataset.report))
+        if sequence:
+            echo(f"  sequence: {sequence['genes_with_sequence']:,} of {sequence['genes']:,} genes have a known "
+                 f"promoter window; hidden set of task {sequence['task']}: {sequence['hidden_genes_with_sequence']:,} "
+                 f"of {sequence['hidden_genes']:,} hidden genes ({sequence['hidden_entries_with_sequence']:,} of "
+                 f"{sequence['hidden_entries']:,} hidden entries)")
     return 0
 
 

@@ -10,7 +10,8 @@ Two real datasets, each trained, bundled and imputed on a local single-node Ray:
   (``gtex-medians/predictions``); their accuracy against the held-out truth is reported next to the inverse-distance
   baseline on exactly the same entries.
 
-Then ``summary.md`` and ``summary.png`` at the top of the output folder.
+Then ``report.html`` (one self-contained page: plots, tables, configs, input fingerprints), ``summary.md`` and
+``summary.png`` at the top of the output folder.
 """
 
 from __future__ import annotations
@@ -149,18 +150,26 @@ def _v8(out: Path, seed: int) -> tuple[DemoPart, dict]:
                       rows=result.n_rows, rows_per_tissue=result.rows, run_id=result.run_id,
                       entries_per_second=round(result.n_rows / max(result.seconds, 1e-9)))
     table = pads.dataset(result.out_dir, format="parquet", partitioning="hive").to_table(
-        columns=["predicted", "predicted_lower", "predicted_upper"])
+        columns=["gene_id", "predicted", "predicted_lower", "predicted_upper"])
     width = (table["predicted_upper"].to_numpy() - table["predicted_lower"].to_numpy())
     part.facts["mean_interval_width"] = float(width.mean())
-    return part, {"rows_per_tissue": result.rows, "genes": part.facts["genes"]}
+    return part, {"rows_per_tissue": result.rows, "genes": part.facts["genes"],
+                  "gene_id": np.asarray(table["gene_id"].to_pylist(), dtype=object),
+                  "predicted": table["predicted"].to_numpy(), "width": width}
 
 
-def _duckdb(path: Path) -> str | None:
+def _duckdb_rows(path: Path) -> list[tuple] | None:
     try:
         import duckdb
     except ImportError:  # duckdb comes with the test extra
         return None
-    rows = duckdb.sql(README_QUERY.format(path=path)).fetchall()
+    return duckdb.sql(README_QUERY.format(path=path)).fetchall()
+
+
+def _duckdb(path: Path) -> str | None:
+    rows = _duckdb_rows(path)
+    if rows is None:
+        return None
     lines = ["| tissue | entries | donors | mean interval width |", "|---|---|---|---|"]
     lines += [f"| {t} | {n:,} | {d:,} | {w} |" for t, n, d, w in rows]
     return "\n".join(lines)
@@ -188,6 +197,84 @@ def _plot(out: Path, medians: dict, v8: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=120)
     plt.close(fig)
+
+
+def _across_donors_plot(v8: dict) -> str:
+    """Distribution across donors of each gene's imputed values (the 20 genes that vary most), as box plots."""
+    from engine.steps.html_report import figure_html, pyplot
+
+    plt = pyplot()
+    genes, pred = v8["gene_id"], v8["predicted"]
+    names = np.unique(genes)
+    spread = {g: float(np.std(pred[genes == g])) for g in names}
+    top = sorted(names, key=lambda g: -spread[g])[:20]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    ax.boxplot([pred[genes == g] for g in top], showfliers=False)
+    ax.set_xticks(np.arange(1, len(top) + 1), [str(g).split(".")[0] for g in top], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("imputed log1p(expression)")
+    fig.tight_layout()
+    return figure_html(fig, "imputed values across donors per gene")
+
+
+def _v8_tissues_plot(v8: dict) -> str:
+    from engine.steps.html_report import figure_html, pyplot
+
+    plt = pyplot()
+    rows = sorted(v8["rows_per_tissue"].items(), key=lambda kv: -kv[1])
+    fig, ax = plt.subplots(figsize=(10, max(4, 0.16 * len(rows))))
+    ax.barh([t for t, _ in rows][::-1], [n / v8["genes"] for _, n in rows][::-1], color="tab:orange")
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_xlabel("donors with an imputed profile (never sampled)")
+    fig.tight_layout()
+    return figure_html(fig, "imputed donor-tissue profiles per tissue")
+
+
+def write_html(out: Path, medians: DemoPart, v8: DemoPart, medians_plot: dict, v8_plot: dict, total: float,
+               query_rows: list[tuple] | None) -> Path:
+    """``report.html``: the demo's numbers, plots, tables, configs and input fingerprints in one page."""
+    from engine.runtime.provenance import manifest
+    from engine.steps.html_report import (
+        METRICS_HEADER,
+        Section,
+        coverage_plot,
+        metrics_rows,
+        observed_vs_predicted,
+        per_tissue_bars,
+        provenance_section,
+        table_html,
+        write_report,
+    )
+
+    m, v = medians.facts, v8.facts
+    scores = m["scores"]
+    sections = [
+        Section("GTEx medians: hidden genes", table_html(METRICS_HEADER, metrics_rows(scores))
+                + observed_vs_predicted(medians_plot["observed"], {"hybrid": medians_plot["predicted"]},
+                                        {"hybrid": scores["hybrid"].get("pearson")})
+                + per_tissue_bars(scores) + (coverage_plot(scores) or ""),
+                f"{m['hidden_genes']:,} genes ({m['hidden_entries']:,} entries) were hidden before training "
+                f"(task genes, seed {medians.config.evaluation.seed}); the model never saw them and impute filled "
+                "them in. Accuracy against the held-out truth, log1p(TPM), next to the inverse-distance baseline on "
+                "the same entries; then each tissue's Pearson and the 80% interval's coverage."),
+        Section("GTEx v8: missing donor-tissue profiles", _v8_tissues_plot(v8_plot) + _across_donors_plot(v8_plot),
+                f"{v['donors']:,} donors x {v['tissues']} tissues, {v['sampled_pairs']:,} donor-tissue pairs "
+                f"sampled; the {v['missing_profiles']:,} pairs never sampled were imputed ({v['rows']:,} entries, "
+                f"{v['entries_per_second']:,} entries/s into Parquet, mean 80% interval width "
+                f"{v['mean_interval_width']:.3f}). Below: how many donors got each tissue imputed, and how the "
+                "imputed values spread across donors for the 20 genes that vary most."),
+        Section("Seconds per step", table_html(("dataset", *v8.seconds),
+                                               [(p.name, *(p.seconds.get(k) for k in v8.seconds))
+                                                for p in (v8, medians)]),
+                f"Wall time {total:.0f} s on a local single-node Ray, settings {', '.join(DEMO_SETTINGS)}."),
+    ]
+    if query_rows is not None:
+        sections.append(Section("The README's DuckDB query", "<pre>" + README_QUERY.format(
+            path=out / "gtex-v8" / "predictions").replace("<", "&lt;") + "</pre>"
+            + table_html(("tissue", "entries", "donors", "mean interval width"), query_rows)))
+    sections.append(provenance_section({part.name: manifest(part.config, step="demo") for part in (v8, medians)}))
+    return write_report(out / "report.html", "geximpute demo", "real GTEx data, trained, imputed and scored",
+                        sections)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -256,6 +343,7 @@ def run_demo(out: str | Path, *, seed: int = 0) -> Path:
     _plot(out, medians_plot, v8_plot)
     text = _summary(out, medians, v8, total, _duckdb(out / "gtex-v8" / "predictions"))
     (out / "summary.md").write_text(text)
+    write_html(out, medians, v8, medians_plot, v8_plot, total, _duckdb_rows(out / "gtex-v8" / "predictions"))
     (out / "summary.json").write_text(json.dumps({"seconds": total, "gtex-v8": {**v8.facts, "seconds": v8.seconds},
                                                   "gtex-medians": {**medians.facts, "seconds": medians.seconds}},
                                                  indent=2, default=str))

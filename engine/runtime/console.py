@@ -56,11 +56,11 @@ def interactive(stream: TextIO) -> bool:
         return False
 
 
-def echo(*parts: Any, err: bool = False) -> None:
+def echo(*parts: Any, err: bool = False, end: str = "\n") -> None:
     """Print a result line to the terminal (stdout, or stderr with ``err``), even while fds 1 and 2 are redirected."""
     stream = (_session.err if err else _session.out) if _session else (sys.stderr if err else sys.stdout)
     with _session.lock if _session else _nolock():
-        print(*parts, file=stream, flush=True)
+        print(*parts, file=stream, end=end, flush=True)
 
 
 @contextmanager

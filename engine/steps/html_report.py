@@ -115,7 +115,7 @@ def write_report(path: str | Path, title: str, subtitle: str, sections: Sequence
     return path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +130,7 @@ def _fmt(x: float | None) -> str:
 
 def observed_vs_predicted(observed: np.ndarray, predictions: dict[str, np.ndarray], pearson: dict) -> str:
     """Hexbin of predicted against observed, one panel per method, on a common scale."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(predictions)
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
@@ -151,7 +151,7 @@ def observed_vs_predicted(observed: np.ndarray, predictions: dict[str, np.ndarra
 
 def per_tissue_bars(results: dict) -> str:
     """Pearson per tissue, grouped bars per method."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(results)
     tissues = sorted({t for r in results.values() for t in r.get("per_tissue", {})})
     fig, ax = plt.subplots(figsize=(min(18, max(6, 0.22 * len(tissues) * max(len(names), 1) / 2 + 3)), 4))
@@ -172,7 +172,7 @@ def coverage_plot(results: dict, nominal: float = 0.8) -> str | None:
     have = {n: r for n, r in results.items() if r.get("coverage_80") is not None}
     if not have:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     names = list(have)
     a.bar(names, [have[n]["coverage_80"] for n in names], color="tab:blue")
@@ -193,7 +193,7 @@ def promoter_subsets_plot(results: dict) -> str | None:
     have = {n: r["subsets"] for n, r in results.items() if "subsets" in r}
     if not have:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     names = list(have)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.4))
@@ -233,7 +233,7 @@ def across_individual_plot(correlations: dict[str, np.ndarray]) -> str | None:
     have = {n: v for n, v in correlations.items() if len(v)}
     if not have:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(have)), 3.6))
     ax.boxplot(list(have.values()), showfliers=False)
     ax.set_xticks(np.arange(1, len(have) + 1), list(have), rotation=30, ha="right", fontsize=8)
