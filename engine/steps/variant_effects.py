@@ -1,11 +1,13 @@
-"""``geximpute variant-effects``: the predicted expression change of every promoter variant, per tissue.
+"""``geximpute variant-effects``: the predicted expression change of every cis variant, per tissue.
 
-For each variant site in a gene's promoter window and each of its ALT alleles, the model bundle predicts the gene in
-every tissue twice, for a donor homozygous for the reference promoter and for one homozygous for the promoter that
-carries only that ALT allele (:func:`engine.science.haplotypes.edit_window`), with no other context than the gene's
-levels across donors. Both branches see the difference: the CNN reads the two promoters, and the cis-genetic score
+For each variant site in a gene's cis window (``genotypes.cis_window``; the promoter window when that is null) and
+each of its ALT alleles, the model bundle predicts the gene in every tissue twice, for a donor homozygous for the
+reference promoter and for one homozygous for the promoter that carries only that ALT allele
+(:func:`engine.science.haplotypes.edit_window`), with no other context than the gene's levels across donors. Both
+branches see the difference: the CNN reads the two promoters, and the cis-genetic score
 (:func:`engine.science.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by twice
-the site's fitted effect. ``effect`` is half the difference, the change per ALT allele, on the modelling scale.
+the site's fitted effect; a site outside the promoter window moves the score only. ``effect`` is half the
+difference, the change per ALT allele, on the modelling scale.
 
 Output (atomic folder): ``variant_effects.parquet`` (:data:`engine.schema.VARIANT_EFFECTS`) and ``_manifest.json``.
 """
@@ -28,7 +30,7 @@ from engine.io.dataset import load_dataset
 from engine.runtime.atomic import staged_output
 from engine.runtime.provenance import manifest, write_json
 from engine.science.context import ContextIndex
-from engine.science.genomes import genetic_scores
+from engine.science.genomes import genetic_scores, window_bounds
 from engine.science.haplotypes import edit_window, is_sequence_allele
 from engine.science.problem import make_problem
 from engine.science.promoters import PromoterLookup, one_hot_promoters
@@ -114,6 +116,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     p = config.promoter
     genome = dataset.genome
     strand_sym = np.where(problem.strand > 0, "+", "-")
+    win_start, win_end = window_bounds(problem.tss, problem.strand, p.upstream, p.downstream)
 
     # one (gene, site, allele) per row; the reference and the ALT promoter of each
     rows: dict[str, list] = {k: [] for k in ("gene", "site", "allele", "ref_seq", "alt_seq", "beta", "mean")}
@@ -125,22 +128,25 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
             s = int(genomes.site_index[pos_in])
             pos, ref = int(sites["pos"][s].as_py()), sites["ref"][s].as_py()
             alts = sites["alt"][s].as_py() or []
+            ref_seq = genomes.sequences[genomes.reference_row[g]]
+            # a site of the cis window wholly outside the promoter window leaves the promoter as it is (the window
+            # is anchored on the TSS): only its genetic-score effect counts, and no 100-kb region is edited for it
+            outside = pos + len(ref) - 1 < win_start[g] or pos > win_end[g]
             lo = min(pos, tss - max(p.upstream, p.downstream)) - len(ref) - p.length
             hi = max(pos + len(ref), tss + max(p.upstream, p.downstream)) + p.length
-            region = genome.fetch(chrom, lo, hi)
-            ref_seq = genomes.sequences[genomes.reference_row[g]]
+            region = None if outside else genome.fetch(chrom, lo, hi)
             dosage = genomes.link_dosage(pos_in, pos_in + 1)[0]
             mean = float(np.nanmean(dosage)) if np.isfinite(dosage).any() else 0.0
             for k, alt in enumerate(alts, start=1):
                 if not is_sequence_allele(alt):
                     continue
-                edited = edit_window(region, lo, tss, strand_sym[g], p.upstream, p.downstream, [(pos, ref, alt)],
-                                     p.soft_mask)
+                edited = None if outside else edit_window(region, lo, tss, strand_sym[g], p.upstream, p.downstream,
+                                                          [(pos, ref, alt)], p.soft_mask)
                 rows["gene"].append(g)
                 rows["site"].append(s)
                 rows["allele"].append(k)
                 rows["ref_seq"].append(ref_seq)
-                rows["alt_seq"].append(edited.sequence)
+                rows["alt_seq"].append(ref_seq if edited is None else edited.sequence)
                 # the score is additive in ALT dosage of the site, whatever the allele (engine.science.genomes)
                 rows["beta"].append(float(effects[g][j]) if len(effects[g]) else 0.0)
                 rows["mean"].append(mean)
