@@ -1,0 +1,220 @@
+"""Honest comparisons of methods scored on the same hidden entries: paired bootstrap intervals over genes, the
+coverage of prediction intervals by tissue and expression quartile, and summaries over evaluation seeds.
+
+Numpy only. The hidden values are used here for scoring only, as in :mod:`engine.science.metrics`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: the headline metric of each task, and whether higher is better
+TASK_METRIC = {
+    "samples": ("across_donors_pearson_mean", True),
+    "entries": ("rmse", False),
+    "genes": ("pearson", True),
+}
+
+#: methods that are the hybrid itself or its parts, never "another method" for the hybrid's comparison
+HYBRID_FAMILY = ("hybrid", "hybrid_network", "hybrid_reference")
+
+#: comparators named by issue 13, compared with the hybrid whenever they were scored
+NAMED_COMPARATORS = ("pairwise_regression", "iterative_ridge", "tensor_factorisation", "distance",
+                     "xgb_features_only", "promoter_composition")
+
+
+def _gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: np.ndarray, n_genes: int,
+                tissue: np.ndarray, min_donors: int) -> np.ndarray:
+    """Per-gene sufficient statistics of ``metric``: (n_genes, k), summed over genes (weighted) to give the metric."""
+    def sums(x: np.ndarray) -> np.ndarray:
+        return np.bincount(gene_code, weights=x, minlength=n_genes)
+
+    if metric == "rmse":
+        return np.column_stack([sums((pred - observed) ** 2), sums(np.ones_like(pred))])
+    if metric == "pearson":
+        return np.column_stack([sums(np.ones_like(pred)), sums(pred), sums(observed), sums(pred * pred),
+                                sums(observed * observed), sums(pred * observed)])
+    # across-donor Pearson: per (gene, tissue) with >= min_donors entries, summed per gene with their count
+    key = gene_code.astype(np.int64) * (int(tissue.max()) + 1) + tissue
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+    out = np.zeros((n_genes, 2))
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if hi - lo < min_donors:
+            continue
+        idx = order[lo:hi]
+        x, y = pred[idx], observed[idx]
+        if np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max())) or np.ptp(y) <= 1e-12:
+            r = 0.0 if np.ptp(y) > 1e-12 else None  # a constant prediction tells no donor apart
+        else:
+            r = float(np.corrcoef(x, y)[0, 1])
+        if r is not None:
+            out[gene_code[idx[0]]] += (r, 1.0)
+    return out
+
+
+def _metric_from(metric: str, totals: np.ndarray) -> np.ndarray:
+    """The metric from summed statistics; ``totals`` is (..., k)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "rmse":
+            return np.sqrt(totals[..., 0] / totals[..., 1])
+        if metric == "pearson":
+            n, sx, sy, sxx, syy, sxy = (totals[..., i] for i in range(6))
+            cov = sxy - sx * sy / n
+            return cov / np.sqrt((sxx - sx**2 / n) * (syy - sy**2 / n))
+        return totals[..., 0] / totals[..., 1]
+
+
+def paired_bootstrap(predictions: dict[str, np.ndarray], observed: np.ndarray, gene: np.ndarray,
+                     tissue: np.ndarray, task: str, *, reference: str = "hybrid", against: list[str] | None = None,
+                     mask: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+                     min_donors: int = 10) -> dict:
+    """Paired bootstrap over genes of the difference ``reference - other`` in the task's headline metric.
+
+    Genes are resampled with replacement (all hidden entries of a gene move together, the same genes for both
+    methods), and the metric of each method is recomputed on the resample; the 95% interval is the 2.5 and 97.5
+    percentiles of the difference. ``best other`` is the other method with the best point estimate, outside the
+    hybrid's own family (:data:`HYBRID_FAMILY`).
+
+    Args:
+        predictions: ``{method: (N,) predictions}`` on the hidden entries.
+        observed, gene, tissue: (N,) hidden values and their gene and tissue indices.
+        task: ``samples`` (across-donor Pearson), ``entries`` (RMSE) or ``genes`` (Pearson).
+        reference: the method compared with the others.
+        against: the others (default: the best other and every one of :data:`NAMED_COMPARATORS` scored).
+        mask: (N,) bool, a subset of the entries (e.g. genes with a promoter sequence).
+
+    Returns:
+        ``{"metric", "higher_is_better", "n_genes", "n_boot", "best_other", "comparisons": {other: {"reference",
+        "other", "difference", "ci95": [lo, hi], "reference_better": bool}}}``; the interval is "better" only when
+        it excludes 0 on the reference's side. Empty dict without the reference.
+    """
+    if reference not in predictions:
+        return {}
+    metric, higher = TASK_METRIC[task]
+    if mask is not None:
+        predictions = {k: v[mask] for k, v in predictions.items()}
+        observed, gene, tissue = observed[mask], gene[mask], tissue[mask]
+    uniq, code = np.unique(gene, return_inverse=True)
+    n_genes = len(uniq)
+    if n_genes < 3:
+        return {}
+    stats = {name: _gene_stats(metric, np.asarray(p, np.float64), observed, code, n_genes, tissue, min_donors)
+             for name, p in predictions.items()}
+    point = {name: float(_metric_from(metric, s.sum(axis=0))) for name, s in stats.items()}
+    candidates = [n for n in predictions if n not in HYBRID_FAMILY and np.isfinite(point[n])]
+    best = (max if higher else min)(candidates, key=lambda n: point[n]) if candidates else None
+    if against is None:
+        against = ([best] if best else []) + [n for n in NAMED_COMPARATORS if n in predictions and n != best]
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_genes, np.full(n_genes, 1.0 / n_genes), size=n_boot).astype(np.float64)
+    ref_boot = _metric_from(metric, weights @ stats[reference])
+    out = {"metric": metric, "higher_is_better": higher, "n_genes": n_genes, "n_boot": n_boot, "best_other": best,
+           "comparisons": {}}
+    for other in against:
+        if other == reference or other not in stats:
+            continue
+        diff = ref_boot - _metric_from(metric, weights @ stats[other])
+        diff = diff[np.isfinite(diff)]
+        lo, hi = (float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))) if len(diff) else (None, None)
+        out["comparisons"][other] = {
+            "reference": point[reference],
+            "other": point[other],
+            "difference": point[reference] - point[other],
+            "ci95": [lo, hi],
+            "reference_better": lo is not None and (lo > 0 if higher else hi < 0),
+        }
+    return out
+
+
+def coverage_breakdown(observed: np.ndarray, lower: np.ndarray, upper: np.ndarray, tissue: np.ndarray,
+                       tissue_names: list[str]) -> dict:
+    """Coverage of a prediction interval by tissue and by quartile of the observed (hidden) value.
+
+    Returns:
+        ``{"overall", "by_tissue": {name: {"coverage", "n"}}, "by_quartile": [{"quartile", "low", "high",
+        "coverage", "n"}]}`` (quartile 1 = the least expressed entries).
+    """
+    inside = (observed >= lower) & (observed <= upper)
+    by_tissue = {}
+    for t in np.unique(tissue):
+        m = tissue == t
+        by_tissue[tissue_names[t]] = {"coverage": float(inside[m].mean()), "n": int(m.sum())}
+    edges = np.quantile(observed, [0.0, 0.25, 0.5, 0.75, 1.0])
+    q = np.clip(np.searchsorted(edges[1:-1], observed, side="right"), 0, 3)
+    by_quartile = [{"quartile": i + 1, "low": float(edges[i]), "high": float(edges[i + 1]),
+                    "coverage": float(inside[q == i].mean()) if (q == i).any() else None, "n": int((q == i).sum())}
+                   for i in range(4)]
+    return {"overall": float(inside.mean()), "by_tissue": by_tissue, "by_quartile": by_quartile}
+
+
+#: the per-method figures summarised over seeds
+SEED_METRICS = ("pearson", "spearman", "rmse", "r2", "across_donors_pearson_mean", "low_expressed_pearson",
+                "coverage_80")
+
+
+def summarise_seeds(runs: list[dict]) -> dict:
+    """Mean, standard deviation and per-seed values of every method's figures over evaluations with different
+    ``evaluation.seed`` (each a ``metrics.json`` dictionary), with the with/without-sequence subsets and the paired
+    comparisons of each run."""
+    def stat(values: list) -> dict:
+        vals = [v for v in values if v is not None]
+        return {"mean": float(np.mean(vals)) if vals else None,
+                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "values": values}
+
+    methods = sorted({m for r in runs for m in r["methods"]})
+    out: dict = {"seeds": [r["seed"] for r in runs], "task": runs[0]["task"], "dataset": runs[0]["dataset"],
+                 "methods": {}}
+    for name in methods:
+        entry = {}
+        for key in SEED_METRICS:
+            vals = [r["methods"].get(name, {}).get(key) for r in runs]
+            if any(v is not None for v in vals):
+                entry[key] = stat(vals)
+        for label in ("with_promoter", "without_promoter"):
+            vals = [r["methods"].get(name, {}).get("subsets", {}).get(label, {}).get("pearson") for r in runs]
+            if any(v is not None for v in vals):
+                entry[f"{label}_pearson"] = stat(vals)
+        out["methods"][name] = entry
+    comparisons: dict = {}
+    for r in runs:
+        for scope, comp in r.get("comparisons", {}).items():
+            for other, c in comp.get("comparisons", {}).items():
+                row = comparisons.setdefault(scope, {}).setdefault(other, {"difference": [], "ci95": [],
+                                                                           "reference_better": []})
+                row["difference"].append(c["difference"])
+                row["ci95"].append(c["ci95"])
+                row["reference_better"].append(c["reference_better"])
+    for scope in comparisons.values():
+        for row in scope.values():
+            row["difference_mean"] = float(np.mean(row["difference"]))
+    out["comparisons"] = comparisons
+    out["seconds_total"] = [r.get("seconds", {}).get("total") for r in runs]
+    return out
+
+
+def seeds_report(summary: dict) -> str:
+    """Markdown table of :func:`summarise_seeds`: mean +/- sd over seeds per method."""
+    def cell(entry: dict, key: str) -> str:
+        s = entry.get(key)
+        if not s or s["mean"] is None:
+            return "n/a"
+        return f"{s['mean']:.4f}" + (f" ± {s['sd']:.4f}" if s["sd"] is not None else "")
+
+    keys = ("pearson", "rmse", "across_donors_pearson_mean", "coverage_80", "with_promoter_pearson")
+    lines = [f"# {summary['dataset']}, task `{summary['task']}`: mean ± sd over seeds {summary['seeds']}", "",
+             "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    metric, higher = TASK_METRIC[summary["task"]]
+    ranked = sorted(summary["methods"].items(),
+                    key=lambda kv: (kv[1].get(metric) or {}).get("mean") or (-1e9 if higher else 1e9),
+                    reverse=higher)
+    for name, entry in ranked:
+        lines.append(f"| {name} | " + " | ".join(cell(entry, k) for k in keys) + " |")
+    for scope, rows in summary.get("comparisons", {}).items():
+        lines += ["", f"Paired bootstrap over genes, hybrid minus other ({scope}; {metric}), per seed:", "",
+                  "| other | mean difference | 95% intervals | hybrid better in |", "|---|---|---|---|"]
+        for other, row in rows.items():
+            cis = "; ".join("n/a" if c[0] is None else f"[{c[0]:+.4f}, {c[1]:+.4f}]" for c in row["ci95"])
+            lines.append(f"| {other} | {row['difference_mean']:+.4f} | {cis} | "
+                         f"{sum(row['reference_better'])}/{len(row['reference_better'])} seeds |")
+    return "\n".join(lines) + "\n"

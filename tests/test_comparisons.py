@@ -1,0 +1,72 @@
+"""Paired bootstrap intervals over genes, interval coverage breakdowns and seed summaries (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.science.comparisons import coverage_breakdown, paired_bootstrap, summarise_seeds
+
+
+def hidden_entries(seed: int = 0, n_genes: int = 200, per_gene: int = 12):
+    rng = np.random.default_rng(seed)
+    gene = np.repeat(np.arange(n_genes), per_gene)
+    tissue = np.tile(np.arange(per_gene) % 3, n_genes)
+    truth = rng.normal(size=n_genes)[gene] + rng.normal(scale=0.5, size=len(gene))
+    return rng, gene, tissue, truth
+
+
+def test_a_better_method_gets_an_interval_that_excludes_zero():
+    rng, gene, tissue, truth = hidden_entries()
+    preds = {
+        "hybrid": truth + rng.normal(scale=0.3, size=len(truth)),
+        "good": truth + rng.normal(scale=0.6, size=len(truth)),
+        "poor": truth + rng.normal(scale=1.5, size=len(truth)),
+        "hybrid_network": truth,  # the hybrid's own part: never the "best other"
+    }
+    for task in ("entries", "genes"):
+        out = paired_bootstrap(preds, truth, gene, tissue, task, against=None, n_boot=300)
+        assert out["best_other"] == "good"
+        c = out["comparisons"]["good"]
+        assert c["reference_better"], (task, c)
+        lo, hi = c["ci95"]
+        assert lo <= c["difference"] <= hi
+        assert (hi < 0) if task == "entries" else (lo > 0)
+    # a method against itself: difference 0, interval [0, 0], not better
+    same = paired_bootstrap({"hybrid": preds["good"], "good": preds["good"]}, truth, gene, tissue, "genes",
+                            n_boot=100)["comparisons"]["good"]
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and not same["reference_better"]
+
+
+def test_across_donor_comparison_and_subsets():
+    rng, gene, tissue, truth = hidden_entries(per_gene=30)
+    # per (gene, tissue) the donors differ by their own noise: a method that follows it wins across donors
+    preds = {"hybrid": truth + rng.normal(scale=0.2, size=len(truth)),
+             "pairwise_regression": truth + rng.normal(scale=1.0, size=len(truth))}
+    out = paired_bootstrap(preds, truth, gene, tissue, "samples", n_boot=200, min_donors=5)
+    assert out["metric"] == "across_donors_pearson_mean" and out["comparisons"]["pairwise_regression"][
+        "reference_better"]
+    mask = gene < 50
+    sub = paired_bootstrap(preds, truth, gene, tissue, "samples", mask=mask, n_boot=200, min_donors=5)
+    assert sub["n_genes"] == 50
+    assert paired_bootstrap({"other": truth}, truth, gene, tissue, "genes") == {}  # no hybrid, no comparison
+
+
+def test_coverage_breakdown_by_tissue_and_quartile():
+    rng, gene, tissue, truth = hidden_entries()
+    lower, upper = truth - 1.0, truth + 1.0
+    lower[tissue == 2] = truth[tissue == 2] + 0.1  # tissue 2 never covered
+    out = coverage_breakdown(truth, lower, upper, tissue, ["a", "b", "c"])
+    assert out["by_tissue"]["a"]["coverage"] == 1.0 and out["by_tissue"]["c"]["coverage"] == 0.0
+    assert abs(out["overall"] - 2 / 3) < 1e-9
+    assert sum(q["n"] for q in out["by_quartile"]) == len(truth)
+    assert [q["quartile"] for q in out["by_quartile"]] == [1, 2, 3, 4]
+    assert all(abs(q["n"] - len(truth) / 4) <= 2 for q in out["by_quartile"])
+
+
+def test_summarise_seeds_mean_and_spread():
+    runs = [{"seed": s, "task": "entries", "dataset": "x",
+             "methods": {"a": {"rmse": r, "pearson": None}, "b": {"rmse": 1.0}}} for s, r in ((0, 0.5), (1, 0.7))]
+    out = summarise_seeds(runs)
+    assert out["methods"]["a"]["rmse"]["mean"] == 0.6
+    assert abs(out["methods"]["a"]["rmse"]["sd"] - np.std([0.5, 0.7], ddof=1)) < 1e-12
+    assert "pearson" not in out["methods"]["a"]
