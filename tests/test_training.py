@@ -23,3 +23,46 @@ def test_epoch_rows_sample_the_whole_file_afresh_each_epoch():
     # without a cap an epoch visits every record once
     everything = epoch_rows(len(chrom), None, seed=0, epoch=2, rank=0)
     np.testing.assert_array_equal(np.sort(everything), np.arange(len(chrom)))
+
+
+def test_head_baseline_features_are_out_of_fold(tmp_path):
+    """The head's baseline features of a training-fold entry never see that entry's value; the grids of hidden
+    entries see every visible value and nothing else."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_baselines import donor_data, problem_of
+
+    from engine import schema as S
+    from engine.config import config_from_dict
+    from engine.fit.hybrid import stacked_baselines
+    from engine.fit.models import baseline_columns
+    from engine.science.folds import training_folds
+
+    values, donor, tissue = donor_data(seed=1, n_genes=20, n_donors=60, n_tissues=4)
+    problem = problem_of(values, donor, tissue)
+    pq.write_table(S.PROMOTERS.empty_table(), tmp_path / "promoters.parquet")
+    pq.write_table(S.GENE_PROMOTERS.empty_table(), tmp_path / "gene_promoters.parquet")
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"},
+                               "evaluation": {"task": "entries"}, "train": {"folds": 2, "fold_fraction": 0.25},
+                               "baselines": {"tune": False}})
+    oof, full = stacked_baselines(config, problem, tmp_path)
+    assert {"row_tissue", "iterative_ridge", "pairwise_regression"} <= set(oof) and set(oof) == set(full)
+    masks = training_folds(problem, "entries", 2, 0.25, config.seed)
+    fold = masks[0]
+    # every entry of a fold has an out-of-fold estimate
+    for grid in oof.values():
+        assert not np.isnan(grid[fold | masks[1]]).any()
+    # change the values of fold 0's entries: its estimates do not move, the all-visible ones do
+    changed = dataclasses.replace(problem, values=np.where(fold, problem.values + 3.0, problem.values))
+    oof2, full2 = stacked_baselines(config, changed, tmp_path)
+    for name in oof:
+        np.testing.assert_allclose(oof2[name][fold], oof[name][fold], rtol=1e-5, atol=1e-5, err_msg=name)
+        assert not np.allclose(full2[name][fold], full[name][fold]), name
+    # the head reads a record's estimate at its (gene, sample); a sample outside the grids reads NaN
+    records = pa.table({"gene_index": [0, 3, 1], "sample_index": [2, 5, problem.n_samples + 4]})
+    cols = baseline_columns(full, records)
+    assert cols.shape == (3, len(full))
+    first = next(iter(full.values()))
+    assert cols[0, 0] == first[0, 2] and cols[1, 0] == first[3, 5] and np.isnan(cols[2]).all()

@@ -2,10 +2,17 @@
 
 ``fit_hybrid`` trains the CNN-transformer (and, for the ablations, its promoter-only and context-only variants)
 on the labelled training folds, fits the XGBoost heads on the network embedding plus engineered features, and
-returns a :class:`HybridModels` that predicts context records. Methods it contributes to ``metrics.json``:
+returns a :class:`HybridModels` that predicts context records. With K >= 2 training folds the head is
+cross-fitted: K networks, network k trained on every fold but k, each give their held-out fold's rows a
+prediction and an embedding, so the head learns on K folds of out-of-fold network outputs and, beside them, on the
+strong baselines' out-of-fold estimates (:func:`engine.science.baselines.out_of_fold_estimates`): a head that sees
+its inputs as they will be on hidden entries cannot do worse than the best of them. Methods it contributes to
+``metrics.json``:
 
-- ``hybrid``: XGBoost head on [network embedding, engineered features], with an 80% interval;
-- ``xgb_features_only``: the same head on the engineered features alone;
+- ``hybrid``: XGBoost head on [network embedding, engineered features, network prediction, baseline estimates],
+  with an 80% interval, averaged over the K fold networks;
+- ``hybrid_network``: the mean of the K fold networks' own predictions;
+- ``xgb_features_only``: the same head without the network (engineered features and baseline estimates);
 - ``transformer_only``: the network without its promoter branch, its own regression output;
 - ``cnn_only``: the network without its context transformer, its own regression output.
 """
@@ -22,9 +29,12 @@ import pyarrow.dataset as pads
 
 from engine.config import Config
 from engine.fit.head import fit_head
-from engine.fit.models import HybridModels, genetic_offset
+from engine.fit.models import HybridModels, baseline_columns, genetic_offset
 from engine.fit.train import fold_dirs, holdout, train_network
 from engine.model.inference import TrainedNetwork
+from engine.science.baselines import ENTRY_METHODS, baseline_estimates, composition_of, out_of_fold_estimates
+from engine.science.folds import training_folds
+from engine.science.problem import VisibleProblem
 from engine.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
@@ -95,6 +105,39 @@ def fit_hybrid_head(
     return models, engineered, training
 
 
+def gene_composition(records_dir: Path, gene_ids: np.ndarray, upstream: int) -> np.ndarray:
+    """(G, F) promoter composition of each gene of a prepare output (NaN rows for genes without a known window)."""
+    import pyarrow.parquet as pq
+
+    return composition_of(gene_ids, pq.read_table(records_dir / "gene_promoters.parquet"),
+                          pq.read_table(records_dir / "promoters.parquet", columns=["promoter_id", "sequence"]),
+                          upstream)
+
+
+def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(out-of-fold grids, all-visible grids) of the entry baselines, ``{name: (G, S) float32}``, same names.
+
+    The out-of-fold grid holds, at each entry of training fold k, the estimate of a baseline fitted with fold k
+    hidden as well: the same folds as prepare's (:func:`engine.science.folds.training_folds`, same arguments), so
+    a head row's baseline features never saw its label. The all-visible grid is the baselines fitted on the whole
+    visible problem, as for hidden entries; neither sees a hidden value.
+    """
+    t = config.train
+    masks = training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
+                           whole_donors=config.evaluation.whole_donors)
+    composition = gene_composition(records_dir, problem.gene_ids, config.promoter.upstream)
+    oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
+                                composition=composition)
+    shape = problem.values.shape
+    gi, si = (part.ravel() for part in np.indices(shape))
+    full = baseline_estimates(problem, gi, si, ENTRY_METHODS, config.baselines, seed=config.seed,
+                              composition=composition)
+    names = [n for n in ENTRY_METHODS if n in oof and n in full]
+    return ({n: oof[n].astype(np.float32) for n in names},
+            {n: full[n].reshape(shape).astype(np.float32) for n in names})
+
+
 def fit_hybrid(
     config: Config,
     records_dir: Path,
@@ -103,12 +146,16 @@ def fit_hybrid(
     storage: Path,
     *,
     ablations: bool = True,
+    problem: VisibleProblem | None = None,
 ) -> HybridModels:
-    """Train the network(s) on the first training folds and fit the head(s) on the last one (see
-    :func:`split_folds`); with ``ablations`` also the promoter-only and context-only networks and the head on
-    engineered features alone."""
+    """Cross-fit the hybrid on the K training folds (see the module docstring); with ``problem`` (the visible
+    problem the folds were cut from) the head also reads the baselines' out-of-fold estimates. With ``ablations``
+    also the promoter-only and context-only networks (trained on the first K - 1 folds, as
+    :func:`train_hybrid_network`) and the head without the network. With one fold, the network and the head share
+    it (:func:`split_folds`)."""
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
+    n_folds = config.train.folds
 
     def network(use_promoter: bool, use_context: bool, name: str) -> TrainedNetwork:
         t = time.perf_counter()
@@ -117,14 +164,53 @@ def fit_hybrid(
         seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
         return trained
 
-    full = network(True, True, "hybrid")
-    models, engineered, training = fit_hybrid_head(config, records_dir, full, gene_ids, storage)
-    seconds.update(models.seconds)
+    if n_folds == 1:
+        models, engineered, training = fit_hybrid_head(config, records_dir, network(True, True, "hybrid"), gene_ids,
+                                                       storage)
+        seconds.update(models.seconds)
+        features = engineered
+    else:
+        fold_networks = []
+        for k in range(n_folds):
+            t = time.perf_counter()
+            others = [f for f in range(n_folds) if f != k]
+            fold_networks.append(train_network(config, fold_dirs(records_dir, others), records_dir, gene_ids,
+                                               n_tissues, storage=storage, name=f"hybrid_fold{k}"))
+            seconds[f"train_hybrid_fold{k}"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
+        models = HybridModels(config, promoters, lookup, fold_networks[0], head=None,  # type: ignore[arg-type]
+                              fold_networks=fold_networks, stacked=True)
+        oof: dict[str, np.ndarray] = {}
+        if problem is not None:
+            oof, models.baselines = stacked_baselines(config, problem, records_dir)
+            seconds["baselines_out_of_fold"] = round(time.perf_counter() - t, 1)
+            log.info("hybrid: head reads the out-of-fold estimates of %s", ", ".join(oof) or "no baseline")
+        t = time.perf_counter()
+        parts = [read_training(fold_dirs(records_dir, [k])) for k in range(n_folds)]
+        inputs, engineered_parts, baseline_parts = [], [], []
+        for k, part in enumerate(parts):
+            engineered = models.engineered(part)
+            base = baseline_columns(oof, part)
+            _, _, x = models.head_inputs(part, fold_networks[k], engineered=engineered, baselines=base)
+            inputs.append(x)
+            engineered_parts.append(engineered)
+            baseline_parts.append(base)
+        training = pa.concat_tables(parts, promote_options="default")
+        engineered = np.vstack(engineered_parts)
+        features = np.hstack([engineered, np.vstack(baseline_parts)]).astype(np.float32)
+        labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
+        valid = _head_holdout(config, training)
+        seconds["embed_training"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
+                               name="head_hybrid")
+        seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
     if ablations:
         t = time.perf_counter()
-        _, labels, valid = head_training(config, records_dir)
-        models.features_head = fit_head(engineered, labels, valid, config.head, storage, seed=config.seed,
-                                        name="head_features_only")
+        labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
+        models.features_head = fit_head(features, labels, _head_holdout(config, training), config.head, storage,
+                                        seed=config.seed, name="head_features_only")
         seconds["head_features_only"] = round(time.perf_counter() - t, 1)
         models.ablations = {
             "transformer_only": network(False, True, "transformer_only"),
@@ -134,3 +220,11 @@ def fit_hybrid(
     models.seconds = seconds
     log.info("hybrid: fitted in %.0f s (%s)", seconds["fit_total"], seconds)
     return models
+
+
+def _head_holdout(config: Config, training: pa.Table) -> np.ndarray:
+    """Rows of the head's training records held out for early stopping and the interval's calibration."""
+    use_chroms = bool(config.split.valid_chroms) and bool(
+        np.any(training["split"].to_numpy(zero_copy_only=False) == "valid")
+    )
+    return holdout(training, config.evaluation.task, use_chroms, config.seed)

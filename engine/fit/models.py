@@ -20,7 +20,18 @@ from engine.science.promoters import PromoterLookup
 
 @dataclass
 class HybridModels:
-    """The fitted networks and heads of one evaluation (or of one model bundle)."""
+    """The fitted networks and heads of one evaluation (or of one model bundle).
+
+    Two layouts of the head's inputs:
+
+    - plain (``stacked`` False, what ``geximpute fit-head`` and a bundle hold): [embedding, engineered features] of
+      ``network``, the head fitted on a fold that network was not trained on;
+    - stacked (``stacked`` True, :func:`engine.fit.hybrid.fit_hybrid`): [embedding, engineered features, network
+      prediction, baseline estimates] of each cross-fitted network of ``fold_networks``; network k was trained on
+      every training fold but k and gave the head fold k's rows, so every head row is out of fold. New records
+      go through every fold network and the head's outputs are averaged. The baseline estimates are read from
+      ``baselines`` (each (G, S) grid fitted on all visible data) at the records' (gene, sample).
+    """
 
     config: Config
     promoters: np.ndarray
@@ -30,33 +41,85 @@ class HybridModels:
     ablations: dict[str, TrainedNetwork] = field(default_factory=dict)
     features_head: HeadModel | None = None
     seconds: dict = field(default_factory=dict)
+    fold_networks: list[TrainedNetwork] = field(default_factory=list)
+    stacked: bool = False
+    baselines: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def engineered(self, records: pa.Table) -> np.ndarray:
+        """(N, F) engineered features of ``records`` (:func:`engine.science.head_features.engineered_features`)."""
+        b = self.config.baselines
+        return engineered_features(
+            records, distance_k=b.distance_k, distance_offset=b.distance_offset, donor_shrinkage=b.donor_shrinkage
+        )
+
+    def baseline_inputs(self, records: pa.Table) -> np.ndarray:
+        """(N, B) the baselines' estimates at the records' (gene, sample), in ``baselines`` order; NaN off the grid."""
+        return baseline_columns(self.baselines, records)
+
+    def head_inputs(self, records: pa.Table, network: TrainedNetwork | None = None, *,
+                    engineered: np.ndarray | None = None,
+                    baselines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(engineered features, network predictions, head inputs) of ``records`` through ``network`` (default
+        ``network``); ``engineered`` and ``baselines`` (the stacked layout's estimates) when already computed."""
+        engineered = self.engineered(records) if engineered is None else engineered
+        pred, emb = run_network(network or self.network, records, self.promoters, self.lookup)
+        parts = [emb, engineered]
+        if self.stacked:
+            parts += [pred[:, None], self.baseline_inputs(records) if baselines is None else baselines]
+        return engineered, pred, np.hstack(parts).astype(np.float32)
+
+    def features_inputs(self, records: pa.Table, engineered: np.ndarray) -> np.ndarray:
+        """Inputs of the head without the network: engineered features (and baseline estimates when stacked)."""
+        if not self.stacked:
+            return engineered
+        return np.hstack([engineered, self.baseline_inputs(records)]).astype(np.float32)
+
+    def _hybrid(self, records: pa.Table, engineered: np.ndarray) -> tuple[tuple, np.ndarray]:
+        """((estimate, lower, upper) of the head, the network prediction), averaged over the fold networks."""
+        networks = self.fold_networks or [self.network]
+        baselines = self.baseline_inputs(records) if self.stacked else None
+        head_sum = [np.zeros(records.num_rows) for _ in range(3)]
+        net_sum = np.zeros(records.num_rows)
+        for network in networks:
+            _, pred, inputs = self.head_inputs(records, network, engineered=engineered, baselines=baselines)
+            for total, part in zip(head_sum, self.head.predict(inputs), strict=True):
+                total += part
+            net_sum += pred
+        return tuple(total / len(networks) for total in head_sum), net_sum / len(networks)
 
     def predict_head(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of the hybrid head on ``records`` (the genetic offset added back)."""
-        _, _, inputs = self.head_inputs(records)
+        head, _ = self._hybrid(records, self.engineered(records))
         offset = genetic_offset(records)
-        return tuple(part + offset for part in self.head.predict(inputs))  # type: ignore[return-value]
-
-    def head_inputs(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(engineered features, network predictions, head inputs = [embedding, engineered]) of ``records``."""
-        b = self.config.baselines
-        engineered = engineered_features(
-            records, distance_k=b.distance_k, distance_offset=b.distance_offset, donor_shrinkage=b.donor_shrinkage
-        )
-        pred, emb = run_network(self.network, records, self.promoters, self.lookup)
-        return engineered, pred, np.hstack([emb, engineered]).astype(np.float32)
+        return tuple(part + offset for part in head)  # type: ignore[return-value]
 
     def predict(self, records: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
         """``{method: (estimate, lower, upper)}`` for every method available (bounds None where there are none)."""
-        engineered, net_pred, inputs = self.head_inputs(records)
+        engineered = self.engineered(records)
+        head, net_pred = self._hybrid(records, engineered)
         offset = genetic_offset(records)
-        out = {"hybrid": tuple(p + offset for p in self.head.predict(inputs)), "hybrid_network": (net_pred, None, None)}
+        out = {"hybrid": tuple(p + offset for p in head), "hybrid_network": (net_pred, None, None)}
         if self.features_head is not None:
-            out["xgb_features_only"] = tuple(p + offset for p in self.features_head.predict(engineered))
+            inputs = self.features_inputs(records, engineered)
+            out["xgb_features_only"] = tuple(p + offset for p in self.features_head.predict(inputs))
         for name, network in self.ablations.items():
             pred, _ = run_network(network, records, self.promoters, self.lookup)
             out[name] = (pred, None, None)
         return out
+
+
+def baseline_columns(grids: dict[str, np.ndarray], records: pa.Table) -> np.ndarray:
+    """(N, len(grids)) float32: each (G, S) grid read at the records' (``gene_index``, ``sample_index``); NaN for a
+    record outside a grid (a sample the grids do not have, such as an imputed virtual sample)."""
+    out = np.full((records.num_rows, len(grids)), np.nan, dtype=np.float32)
+    if not grids:
+        return out
+    g = records["gene_index"].to_numpy().astype(np.int64)
+    s = records["sample_index"].to_numpy().astype(np.int64)
+    for j, grid in enumerate(grids.values()):
+        inside = (g < grid.shape[0]) & (s < grid.shape[1])
+        out[inside, j] = grid[g[inside], s[inside]]
+    return out
 
 
 def genetic_offset(records: pa.Table) -> np.ndarray:
