@@ -89,7 +89,8 @@ def _train_loop(cfg: dict) -> None:
     net = HybridNet(cfg["spec"])
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    promoters = torch.as_tensor(cfg["promoters"], device=device) if len(cfg["promoters"]) else None
+    # a copy: the table arrives read-only from the object store, and torch warns about sharing a read-only array
+    promoters = torch.tensor(cfg["promoters"], device=device) if len(cfg["promoters"]) else None
     lookup = cfg["promoter_lookup"]
     state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0}
     # the run's own checkpoint (after a worker failure) wins over the one it was asked to start from
@@ -136,7 +137,7 @@ def _train_loop(cfg: dict) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            loss_sum += float(loss) * len(pred)
+            loss_sum += loss.detach().item() * len(pred)
             n_seen += len(pred)
         model.eval()
         sq, count = 0.0, 0

@@ -162,7 +162,7 @@ def per_tissue_bars(results: dict) -> str:
         ax.bar(x + i * width, vals, width, label=name)
     ax.set_xticks(x + 0.4 - width / 2, tissues, rotation=90, fontsize=6)
     ax.set_ylabel("Pearson")
-    ax.legend(fontsize=7, ncol=min(4, len(names)))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the bars, never over them
     fig.tight_layout()
     return figure_html(fig, "Pearson per tissue")
 

@@ -1,0 +1,129 @@
+"""The Python API for notebooks and scripts: load a config, run a step, read the predictions.
+
+It sits at the level of :mod:`engine.apps` (it may import every layer) and does what the command line does, without
+a terminal::
+
+    from engine import api
+
+    config = api.load_config("configs/gtex-v8-samples.yaml", {"train.epochs": 2, "output_dir": "out"})
+    api.run("prepare", config, training=True)   # steps start a local Ray (or join ray.address) themselves
+    api.run("train", config)
+    api.run("fit-head", config)
+    api.run("impute", config)
+    liver = api.read_predictions(config, tissues=["Liver"])   # pandas, partition columns included
+    table = api.predictions(config).to_table(columns=["gene_id", "predicted"])   # or Arrow, lazily
+
+Steps return what their functions return (:class:`~engine.steps.prepare.Prepared`,
+:class:`~engine.steps.impute.ImputeResult`, the metrics dict of ``evaluate``...).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+
+from engine.config import Config
+from engine.errors import ConfigError, GeximputeError
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """Read a YAML config and apply overrides.
+
+    Args:
+        path: the YAML file (relative input paths are read relative to it).
+        overrides: ``{"train.epochs": 2}`` or the command line's ``["train.epochs=2"]``; values of a mapping
+            may be any YAML value (lists, None...).
+    """
+    from engine.config import load_config as _load
+
+    if isinstance(overrides, Mapping):
+        overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
+    return _load(path, list(overrides))
+
+
+def _steps() -> dict[str, Callable[..., Any]]:
+    from engine.steps.evaluate import evaluate
+    from engine.steps.impute import impute
+    from engine.steps.nightly import nightly
+    from engine.steps.pipeline import build_bundle, fit_head_and_save, train_and_save
+    from engine.steps.prepare import prepare
+    from engine.steps.variant_effects import variant_effects
+
+    return {"prepare": prepare, "train": train_and_save, "fit-head": fit_head_and_save, "build": build_bundle,
+            "impute": impute, "evaluate": evaluate, "variant-effects": variant_effects, "nightly": nightly}
+
+
+#: the steps :func:`run` knows; ``build`` is prepare -> train -> fit-head in one call
+STEPS = ("prepare", "train", "fit-head", "build", "impute", "evaluate", "variant-effects", "nightly")
+
+
+def run(step: str, config: Config | str | Path, **options: Any) -> Any:
+    """Run one step of the engine and return its result.
+
+    Args:
+        step: one of :data:`STEPS` (``fit_head`` and ``variant_effects`` spellings work too).
+        config: a loaded config or the path of a YAML file.
+        options: the step function's keyword arguments, e.g. ``training=True`` for prepare, ``out_dir=...`` for
+            prepare, impute, evaluate and variant-effects, ``run_date=...`` for nightly.
+    """
+    name = step.replace("_", "-")
+    if name not in STEPS:
+        raise ConfigError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return _steps()[name](config, **options)
+
+
+def predictions_path(source: Config | str | Path) -> Path:
+    """The predictions folder of a config (``impute.out_dir`` or ``<output_dir>/predictions``), or ``source``."""
+    if isinstance(source, Config):
+        from engine.steps.impute import output_dir
+
+        return output_dir(source)
+    return Path(source)
+
+
+def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = None,
+                donors: Iterable[str] | None = None, genes: Iterable[str] | None = None) -> pads.Dataset:
+    """The predictions as a lazy Arrow dataset, hive partitions (``tissue``, nightly's ``run_date``) as columns.
+
+    Args:
+        source: a config (its predictions folder), or a folder written by impute or nightly.
+        tissues, donors, genes: keep only these (the tissue filter prunes whole partitions before reading).
+
+    Raises:
+        GeximputeError: the folder holds no predictions.
+    """
+    folder = predictions_path(source)
+    if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+        raise GeximputeError(f"{folder}: no predictions here (Parquet files); run `geximpute impute` first")
+    dataset = pads.dataset(folder, format="parquet", partitioning="hive")
+    conditions = []
+    for column, values in (("tissue", tissues), ("donor_id", donors), ("gene_id", genes)):
+        if values is not None:
+            if column not in dataset.schema.names:
+                raise GeximputeError(f"{folder}: the predictions have no column {column!r}")
+            conditions.append(pads.field(column).isin(list(values)))
+    for condition in conditions:
+        dataset = dataset.filter(condition)
+    return dataset
+
+
+def read_predictions(source: Config | str | Path, *, columns: list[str] | None = None,
+                     tissues: Iterable[str] | None = None, donors: Iterable[str] | None = None,
+                     genes: Iterable[str] | None = None):
+    """The predictions as a pandas DataFrame (see :func:`predictions` for the arguments)."""
+    dataset = predictions(source, tissues=tissues, donors=donors, genes=genes)
+    return dataset.to_table(columns=columns).to_pandas()
+
+
+def read_metrics(folder: str | Path) -> dict:
+    """``metrics.json`` of an ``evaluate`` output folder (its ``report.html`` sits beside it)."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise GeximputeError(f"{folder}: no metrics.json; run `geximpute evaluate --out {folder}` first")
+    return json.loads(path.read_text())

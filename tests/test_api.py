@@ -1,0 +1,60 @@
+"""The notebook API: configs with overrides, steps by name, predictions as Arrow or pandas with partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from engine import api
+from engine.errors import ConfigError, GeximputeError
+
+
+def test_load_config_takes_a_mapping_or_the_command_line_form(synth_small):
+    path = synth_small / "config.yaml"
+    by_map = api.load_config(path, {"train.epochs": 3, "evaluation.methods": ["distance", "row_tissue"],
+                                    "ray.num_cpus": None})
+    by_list = api.load_config(path, ["train.epochs=3", "evaluation.methods=[distance, row_tissue]",
+                                     "ray.num_cpus=null"])
+    assert by_map == by_list
+    assert by_map.train.epochs == 3 and by_map.evaluation.methods == ("distance", "row_tissue")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        api.load_config(path, {"train.epochs": "many"})
+
+
+def test_unknown_step_is_named(synth_small):
+    with pytest.raises(ConfigError, match="unknown step 'trian'.*prepare, train"):
+        api.run("trian", synth_small / "config.yaml")
+
+
+def test_run_prepare_by_name(ray_local, synth_small, tmp_path):
+    config = api.load_config(synth_small / "config.yaml", {"output_dir": str(tmp_path)})
+    prepared = api.run("prepare", config, out_dir=tmp_path / "records", targets="hidden")
+    assert prepared.n_records == len(prepared.truth) > 0
+    context = pads.dataset(tmp_path / "records" / "context", format="parquet", partitioning="hive")
+    assert context.count_rows() == prepared.n_records
+
+
+def test_predictions_with_partitions_and_filters(tiny_imputation):
+    config, result = tiny_imputation
+    everything = api.predictions(config)  # the config's predictions folder
+    assert "tissue" in everything.schema.names  # the hive partition is a column
+    assert everything.count_rows() == result.n_rows
+    tissue = sorted(result.rows)[0]
+    frame = api.read_predictions(result.out_dir, tissues=[tissue], columns=["gene_id", "tissue", "predicted"])
+    assert len(frame) == result.rows[tissue] > 0
+    assert set(frame["tissue"]) == {tissue}
+    donors = api.read_predictions(result.out_dir, columns=["donor_id"])["donor_id"].unique()[:2]
+    some = api.read_predictions(config, donors=donors, tissues=[tissue])
+    assert set(some["donor_id"]) <= set(donors) and set(some["tissue"]) == {tissue}
+    direct = pads.dataset(result.out_dir, format="parquet", partitioning="hive").to_table(
+        filter=(pads.field("tissue") == tissue) & pads.field("donor_id").isin(list(donors))).to_pandas()
+    assert len(some) == len(direct)
+    assert np.allclose(np.sort(some["predicted"].to_numpy()), np.sort(direct["predicted"].to_numpy()))
+
+
+def test_no_predictions_is_a_clear_error(tmp_path):
+    with pytest.raises(GeximputeError, match="no predictions here"):
+        api.predictions(tmp_path)
+    with pytest.raises(GeximputeError, match="no metrics.json"):
+        api.read_metrics(tmp_path)
