@@ -249,6 +249,14 @@ def test_nightly_predicts_new_donors_from_their_own_genomes(tiny_model, tmp_path
     f = eqtls["alt_frequency"]
     pick = eqtls.loc[(eqtls["effect"].abs() * np.sqrt(f * (1 - f))).idxmax()]
     gene, pos, effect = pick["gene_id"], int(pick["pos"]), float(pick["effect"])
+    genes = pd.read_csv(data / "genes.gtf", sep="\t", header=None, comment="#")
+    genes = genes[(genes[2] == "gene") & (genes[0] == "chr1")]
+    tss = np.sort(np.where(genes[6] == "+", genes[3], genes[4]))
+    gaps = np.diff(tss)
+    lonely = int(tss[np.argmax(gaps)] + gaps.max() // 2)  # the middle of the widest gap between chr1's TSSs
+    assert gaps.max() > 10_000
+    with Genome(data / "genome.fa") as fasta:
+        lonely_ref = fasta.fetch("chr1", lonely, lonely).upper()
 
     def run(work: Path, *extra: str) -> pd.DataFrame:
         inbox = work / "inbox"
@@ -258,9 +266,11 @@ def test_nightly_predicts_new_donors_from_their_own_genomes(tiny_model, tmp_path
             _set_genotype(base, pos, gt, inbox / f"{name}.vcf")
             text = (inbox / f"{name}.vcf").read_text().replace("\tX\n", f"\t{name}\n", 1)
             (inbox / f"{name}.vcf").write_text(text)
-        # a genome that lacks the model's regions: a VCF with a header and no record
+        # a genome that lacks the model's regions: one record, far from every gene's window
         header = [line for line in base.read_text().splitlines() if line.startswith("#")]
-        (inbox / "NEW-EMPTY.vcf").write_text("\n".join(header).replace("\tX", "\tNEW-EMPTY") + "\n")
+        far = "\t".join(["chr1", str(lonely), ".", lonely_ref, "ACGT"["ACGT".index(lonely_ref) - 1], ".", "PASS", ".",
+                         "GT", "0|1"])
+        (inbox / "NEW-EMPTY.vcf").write_text("\n".join(header).replace("\tX", "\tNEW-EMPTY") + "\n" + far + "\n")
         config = nightly_config(data, tiny_model.folder, work, *extra)
         from engine.steps.nightly import nightly, output_root
 
@@ -356,3 +366,22 @@ def test_new_donors_get_their_own_haplotypes_and_genetic_scores(tmp_path):
     assert scores[0, high] - scores[0, low] > 1.0  # the planted effect is +1 per ALT allele of the far SNP
     # the reference donors' genomes are unchanged
     assert np.array_equal(genomes.rows[:, : len(problem.donors)], problem.genomes.rows)
+
+
+def test_a_vcf_whose_contig_is_shorter_than_the_fasta_record_is_refused(tmp_path, geuvadis):
+    # an hg38 VCF (chr22 declared 50,818,468 bp) read with a FASTA whose chr22 is hg19's 51,304,566 bp
+    random.seed(2)
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(">chr22\n" + "".join(random.choice("ACGT") for _ in range(2000)) + "\n")
+    vcf = tmp_path / "short.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chr22,length=1500,assembly=other>\n"
+                   '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tP1\n"
+                   f"chr22\t10\t.\t{fasta.read_text().splitlines()[1][9]}\tN\t.\tPASS\t.\tGT\t0/1\n")
+    with Genome(fasta) as genome, pytest.raises(InputError, match=r"declares chr22 1,500 bp long .* 2,000 bp"):
+        read_variants(vcf, genome)
+    # the Geuvadis VCF (chr22 declared 51,304,566 bp) with its 22-Mb piece of hg19: a piece is shorter, accepted
+    with Genome(geuvadis / "chr22_hg19_1-22000000.fa.gz") as piece:
+        v = read_variants(geuvadis / "1000G_phase1_chr22_hg19_unphased.vcf.gz", piece, genome_partial=True,
+                          regions=[("chr22", 16_000_000, 16_100_000)], samples=["HG00096"])
+        assert v.sites.num_rows > 0 and v.report["n_ref_mismatch"] == 0

@@ -203,6 +203,8 @@ def read_variants(
                 hint="Genotypes are read from GT; if the records carry GT, add that header line "
                 "(e.g. with `bcftools annotate --header-lines`)",
             )
+        if genome is not None:
+            check_contig_lengths(path, vcf, genome)
         used, donors = _select_samples(path, vcf_samples, sample_map, samples)
         if len(used) < len(vcf_samples):
             vcf.set_samples(used)
@@ -592,6 +594,35 @@ def _on_genome(sites: pa.Table, genome: Genome) -> np.ndarray:
         [c in lengths and p + len(r) - 1 <= lengths[c] for c, p, r in zip(chroms, pos, ref, strict=True)],
         dtype=bool,
     )
+
+
+def check_contig_lengths(path: Path, vcf: cyvcf2.VCF, genome: Genome) -> None:
+    """Refuse a VCF whose header declares a chromosome shorter than the FASTA's record of it: the two cannot be of
+    one build, and this check needs no REF base (a sparse FASTA knows few of them). A FASTA record shorter than the
+    contig may be a piece of it (``genome_partial``, or a FASTA of chromosome prefixes); sites past its end are
+    refused by the off-genome check and REF alleles by :func:`check_ref_alleles`. Contigs without a declared length
+    are skipped.
+    """
+    try:
+        names, lengths = list(vcf.seqnames), list(vcf.seqlens)
+    except Exception:  # no ##contig lengths in the header (cyvcf2 raises a bare Exception)
+        return
+    if len(names) != len(lengths):
+        return
+    mapping = harmonise_chroms(dict.fromkeys(names), genome.chroms)
+    for name, length in zip(names, lengths, strict=True):
+        fasta = genome.lengths.get(mapping.get(name, name))
+        if not length or fasta is None or fasta <= length:
+            continue
+        raise InputError(
+            path,
+            f"the header declares {name} {length:,} bp long but the FASTA {Path(genome.path).name} has it "
+            f"{fasta:,} bp: the VCF and the FASTA are of different genome builds (e.g. chr22 is 50,818,468 bp in "
+            "hg38 and 51,304,566 in hg19)",
+            record=f"##contig=<ID={name},length={length}>",
+            expected="the FASTA of the VCF's build, whose records are at most as long as the VCF's contigs",
+            hint="Use the FASTA of the VCF's build, or lift the VCF over to the FASTA's build",
+        )
 
 
 def _check_off_genome(path: Path, sites: pa.Table, genome: Genome, on_genome: np.ndarray, partial: bool) -> None:
