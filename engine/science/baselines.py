@@ -180,7 +180,8 @@ class TissueDonorBaseline:
         n = records.num_rows
         total = np.bincount(rows, weights=resid, minlength=n)
         count = np.bincount(rows, minlength=n)
-        return base + total / (count + self.shrinkage)
+        # a donor without any other visible tissue has no deviation to add (also with shrinkage 0)
+        return base + np.where(count > 0, total / np.maximum(count + self.shrinkage, 1e-12), 0.0)
 
 
 class ElasticNetBaseline:
@@ -617,7 +618,7 @@ TUNING_GRIDS: dict[str, dict[str, tuple]] = {
     "matrix_completion": {"mc_rank": (1, 2, 3, 5, 8), "mc_shrinkage": (0.0, 0.01, 0.05)},
     "tissue_donor": {"donor_shrinkage": (0.0, 0.5, 1.0, 2.0, 5.0)},
     "pairwise_regression": {"pr_min_donors": (5, 10, 20, 40), "pr_prior": (0.0, 0.3, 1.0)},
-    "iterative_ridge": {"ridge_alpha": (1.0, 10.0, 100.0, 1000.0, 10000.0)},
+    "iterative_ridge": {"ridge_alpha": (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)},
     "tensor_factorisation": {"tf_rank": (2, 4, 8, 16), "tf_lambda": (1.0, 10.0, 100.0)},
     "promoter_composition": {"comp_alpha": (0.1, 1.0, 10.0, 100.0, 1000.0)},
 }
@@ -680,8 +681,11 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
             method = make_method(name, dataclasses.replace(config, **cand), seed=seed, composition=composition)
             method.fit(valid_problem)
             pred = (method.predict_entries(gi, si) if name in ENTRY_METHODS else method.predict(records))
-            rows.append({**cand, "rmse": float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))})
-        best = min(rows, key=lambda r: r["rmse"])
+            err = float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))
+            rows.append({**cand, "rmse": err if np.isfinite(err) else None})  # None: a setting that failed
+        if all(r["rmse"] is None for r in rows):
+            continue
+        best = min((r for r in rows if r["rmse"] is not None), key=lambda r: r["rmse"])
         settings = {k: best[k] for k in keys}
         chosen = dataclasses.replace(chosen, **settings)
         report[name] = {"chosen": settings, "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi))}
