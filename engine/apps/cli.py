@@ -379,14 +379,17 @@ def _run_in_session(args: argparse.Namespace) -> int:
         with session(log_path, verbose=args.verbose, quiet=args.quiet):
             if final is not None and not args.quiet:
                 echo(f"geximpute {args.command}: log file {final}", err=True)
+            ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
             try:
                 status = args.func(args)
             except (GeximputeError, FileExistsError) as exc:
                 echo(f"geximpute {args.command}: error: {exc}", err=True)
                 status = 2
             finally:
-                if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                    sys.modules["ray"].shutdown()  # inside the session: Ray's goodbye lines go to the log too
+                # a Ray this command started stops inside the session, so that its goodbye lines go to the log
+                # too; one that was running before (a caller's, a test session's) is left alone
+                if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                    sys.modules["ray"].shutdown()
     finally:
         if log_path is not None and log_path.exists():
             if status == 0 and folder.is_dir():

@@ -300,9 +300,14 @@ def run_pipeline(
     """
     import ray
 
+    from engine.runtime.console import stage
+
     blocks = sample_blocks(targets, BLOCK_ENTRIES)
     cpus = config.ray.cpus_per_task
-    context_kwargs = context_builder_kwargs(config, problem, targets, np.zeros_like(targets))
+    # blocks of samples whose records are built; the stream predicts and writes each soon after
+    progress = stage("impute: records -> predictions -> Parquet", total=len(blocks), unit="blocks")
+    context_kwargs = {**context_builder_kwargs(config, problem, targets, np.zeros_like(targets)),
+                      "progress": progress.counter()}
     n_gpus = gpus_to_use(config)
     n_actors = n_gpus or min(config.impute.predictors, max(1, len(blocks)))
     resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}
@@ -326,7 +331,8 @@ def run_pipeline(
             **resources,
         )
     )
-    write_predictions(stream, out, cpus)
+    with progress:
+        write_predictions(stream, out, cpus)
 
 
 def partition_rows(folder: Path, key: str = S.TISSUE) -> dict[str, int]:

@@ -1,0 +1,136 @@
+"""What a person sees: `geximpute evaluate` on a terminal and under CI, its log file, and its report.html in Chromium.
+
+The runs are real subprocesses of the command line (their own local Ray), with the baselines only so that each
+takes seconds; the hybrid's stages report through the same display (see test_progress_counts_ray_work).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from browser import find_chromium, non_blank_fraction, open_page
+
+GEXIMPUTE = [sys.executable, "-m", "engine.apps.cli"]
+BASELINES = "evaluation.methods=[distance, row_tissue, tissue_donor]"
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "GITHUB_ACTIONS")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _evaluate_args(config: Path, out: Path, *extra: str) -> list[str]:
+    return [*GEXIMPUTE, "evaluate", "--config", str(config), "--set", BASELINES, "--set", "ray.num_cpus=2",
+            "--out", str(out), *extra]
+
+
+def run_piped(args: list[str], env: dict) -> tuple[int, str]:
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_on_terminal(args: list[str], env: dict) -> tuple[int, str]:
+    """Run ``args`` with stdout and stderr on a pseudo-terminal, as in an interactive shell."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, env={**env, "COLUMNS": "120", "TERM": "xterm"}, stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=400), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def evaluated_ci(synth_small, tmp_path_factory) -> tuple[Path, int, str]:
+    """`geximpute evaluate` with CI=true and its output piped, as in a CI job or `ray job` logs."""
+    out = tmp_path_factory.mktemp("console") / "eval"
+    rc, text = run_piped(_evaluate_args(synth_small / "config.yaml", out), _env(CI="true"))
+    return out, rc, text
+
+
+def _check_log(out: Path, text: str) -> None:
+    log = out.absolute() / "geximpute.log"  # the output folder is a link to its newest version
+    assert f"log file {log}" in text
+    body = log.read_text()
+    # Ray's own lines are in the file and not on the screen
+    for ray_line in ("Started a local Ray instance", "core_worker"):
+        assert ray_line in body, f"{ray_line!r} not in {log}"
+        assert ray_line not in text
+    assert "logging_progress" not in text and "deprecated" not in text
+    assert "Mean of empty slice" not in body  # fixed at its cause, not filtered
+
+
+def test_ci_output_is_short_with_a_line_per_stage(evaluated_ci):
+    out, rc, text = evaluated_ci
+    assert rc == 0, text
+    lines = text.splitlines()
+    assert len(lines) < 40, text
+    _check_log(out, text)
+    # every stage ends with a plain line naming it, with done/total of its units
+    for stage in ("prepare: context records: 1/1 blocks in", "baselines: 3/3 methods in", "load inputs: done in"):
+        assert any(stage in line for line in lines), f"no {stage!r} in:\n{text}"
+    assert "\r" not in text and "\x1b[" not in text  # no bar redraws or colours off a terminal
+    assert "pearson" in text and "report.html" in text
+
+
+def test_terminal_output_is_short_with_live_bars(synth_small, tmp_path):
+    out = tmp_path / "eval"
+    rc, text = run_on_terminal(_evaluate_args(synth_small / "config.yaml", out), _env())
+    assert rc == 0, text
+    assert text.count("\n") < 40, text
+    _check_log(out, text)
+    # tqdm bars: name, done/total, rate (redrawn with carriage returns on the same line)
+    assert "prepare: context records: 100%" in text and "1/1" in text
+    assert "methods/s" in text
+    assert "\r" in text
+
+
+def test_failure_names_the_log(synth_small, tmp_path):
+    out = tmp_path / "eval"
+    bad = tmp_path / "broken.gct"
+    bad.write_text("this is not a GCT file\n")
+    rc, text = run_piped(_evaluate_args(synth_small / "config.yaml", out, "--set", f"inputs.expression={bad}"),
+                         _env(CI="true"))
+    assert rc == 2, text
+    assert "error:" in text and "broken.gct" in text
+    assert "output is in" in text
+    logged = [p for p in tmp_path.iterdir() if p.name.startswith(".eval.geximpute.log")]
+    assert logged and str(logged[0]) in text
+
+
+def test_report_opens_in_chromium(evaluated_ci):
+    out, rc, text = evaluated_ci
+    assert rc == 0, text
+    report = out / "report.html"
+    page = report.read_text()
+    # self-contained: every image is inline, nothing is fetched
+    assert 'src="http' not in page and "<script" not in page and "<link" not in page
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (scripts/test.sh installs it with apt-get where apt exists)")
+    load = open_page(browser, report)
+    assert load.errors == [], load.errors
+    assert load.title.startswith("geximpute evaluate")
+    # observed vs predicted, per tissue, across individuals: at least three plots, each decoded and drawn
+    assert len(load.images) >= 3
+    for image in load.images:
+        assert image["complete"] and image["naturalWidth"] > 100, image
+        assert image["width"] > 100 and image["height"] > 100, image
+        assert non_blank_fraction(load.screenshot, image) > 0.03, image
+    # the check can fail: the page's margin left of the plots is blank in the same screenshot
+    margin = {"x": 0, "y": load.images[0]["y"], "width": 10, "height": load.images[0]["height"]}
+    assert non_blank_fraction(load.screenshot, margin) < 0.01
