@@ -24,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import cyvcf2
 import numpy as np
 from Bio import bgzf
-
-import cyvcf2
 
 
 def write_vcf(path: Path, donors: int, length: int, spacing: int, seed: int) -> int:
@@ -47,7 +46,8 @@ def write_vcf(path: Path, donors: int, length: int, spacing: int, seed: int) -> 
             freq = rng.uniform(0.01, 0.5, len(block))
             gt = rng.binomial(2, freq[:, None], (len(block), donors))
             gt[rng.random(gt.shape) < 0.001] = 3  # a few missing calls
-            lines = [f"chr1\t{p}\t.\tA\tG\t.\tPASS\t.\tGT\t" + "\t".join(codes[row]) for p, row in zip(block, gt)]
+            lines = [f"chr1\t{p}\t.\tA\tG\t.\tPASS\t.\tGT\t" + "\t".join(codes[row])
+                     for p, row in zip(block, gt, strict=True)]
             out.write(("\n".join(lines) + "\n").encode())
     return len(positions)
 
