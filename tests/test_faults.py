@@ -304,7 +304,7 @@ def test_disk_full_while_writing_commits_nothing(killed_training, previous, monk
     _, _, bundle = killed_training
     config, result = previous
     out = result.out_dir
-    before = _fingerprint(out)
+    before, version = _fingerprint(out), resolve(out)
     real_write = impute_module.write_predictions
 
     def full_disk(dataset, folder: Path, num_cpus: float) -> None:
@@ -315,8 +315,9 @@ def test_disk_full_while_writing_commits_nothing(killed_training, previous, monk
     with pytest.raises(OutputError, match="No space left on device") as caught:
         impute(config, model=bundle, out_dir=out, include_observed=True)  # a different run: it would replace
     assert str(out) in str(caught.value)
-    assert _fingerprint(out) == before
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no staging left
+    assert _fingerprint(out) == before and resolve(out) == version
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, store_of(out).name])
+    assert sorted(p.name for p in store_of(out).iterdir()) == [version.name]  # no staging, no lease left
     frame = pads.dataset(out, format="parquet", partitioning="hive").to_table().to_pandas()
     assert len(frame) == result.n_rows
     assert_keys_unique(frame)
