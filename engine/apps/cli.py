@@ -177,6 +177,11 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     result = nightly(_load(args), run_date=args.run_date)
     for name, why in result.quarantined.items():
         echo(f"quarantined {name}: {why}", err=True)
+    if result.reimputed:
+        echo(f"re-imputed (genome delivered again with a new checksum): {', '.join(result.reimputed)}")
+    if result.deferred:
+        echo(f"genome delivered again after being imputed today, re-imputed by the next run date: "
+             f"{', '.join(result.deferred)}")
     if not result.done:
         echo(f"nightly {result.run_date}: nothing new to impute ({len(result.already_done)} genomes already done, "
               f"{len(result.quarantined)} quarantined)")
