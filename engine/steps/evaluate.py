@@ -114,8 +114,10 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         progress.close()
         if with_hybrid:
             t = time.perf_counter()
-            models = fit_hybrid(config, staging / "records", problem.gene_ids, len(problem.tissues),
-                                staging / "runs", ablations=config.evaluation.ablations, problem=problem)
+            # the head's baseline features use the settings tuned on the visible validation split
+            models = fit_hybrid(dataclasses.replace(config, baselines=baselines), staging / "records",
+                                problem.gene_ids, len(problem.tissues), staging / "runs",
+                                ablations=config.evaluation.ablations, problem=problem)
             with stage("hybrid: predict the hidden entries", total=1, unit="passes") as progress:
                 hybrid_predictions = models.predict(records)
                 progress.advance()
@@ -351,6 +353,29 @@ def promoter_mask(prepared: Prepared, gene: np.ndarray) -> np.ndarray:
     """(N,) bool: the entry's gene has a promoter sequence (a row of the prepare output's gene_promoters)."""
     with_seq = pq.read_table(prepared.out_dir / "gene_promoters.parquet")[S.GENE_ID].to_pylist()
     return np.isin(prepared.problem.gene_ids[gene], np.asarray(sorted(set(with_seq)), dtype=object))
+
+
+def sequence_summary(dataset) -> dict:
+    """For ``inspect``: genes with a known promoter window (the rule of ``prepare``:
+    ``promoter.max_unknown_fraction``), of all the annotated expression genes and of the genes with entries in the
+    hidden set of ``config.evaluation``. Empty without a genome."""
+    from engine.errors import ConfigError
+    from engine.science.problem import make_problem
+    from engine.steps.prepare import promoter_tables
+
+    if dataset.genome is None:
+        return {}
+    try:
+        problem, truth = make_problem(dataset)
+    except ConfigError:  # a task that does not apply to this dataset: count over all genes only
+        problem, truth = make_problem(dataset, hidden_mask=False)
+    _, gene_promoters = promoter_tables(dataset, problem.gene_ids)
+    has = np.isin(problem.gene_ids, np.asarray(gene_promoters[S.GENE_ID].to_pylist(), dtype=object))
+    hidden_genes = np.unique(truth.gene_index)
+    return {"genes": int(problem.n_genes), "genes_with_sequence": int(has.sum()),
+            "task": dataset.config.evaluation.task, "hidden_genes": int(len(hidden_genes)),
+            "hidden_genes_with_sequence": int(has[hidden_genes].sum()),
+            "hidden_entries_with_sequence": int(has[truth.gene_index].sum()), "hidden_entries": int(len(truth))}
 
 
 def sequence_counts(prepared: Prepared, gene: np.ndarray) -> dict:

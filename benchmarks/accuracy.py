@@ -1,0 +1,202 @@
+"""Every accuracy table of ``docs/benchmarks.md``, regenerated at HEAD.
+
+Two modes:
+
+``--baselines-only`` (numpy, no Ray, minutes): for each real task of issue 13 and each seed, the hidden set of
+``geximpute evaluate``, every classical baseline with its settings tuned on a validation split of the visible data,
+scored on the hidden entries; context records (for ``distance`` and ``tissue_donor``) are built in process with
+the same :func:`engine.science.context.build_context` that ``prepare`` runs in Ray Data.
+
+default (full): ``geximpute evaluate --seeds ...`` of each task (the hybrid, its ablations and every baseline),
+each run under the shared Ray lock ``/tmp/geximpute-ray.lock``; the tables are read from the runs'
+``summary.json``.
+
+Either way the tables (mean +/- sd over seeds, per-seed paired bootstrap intervals where the hybrid ran) are
+written between the ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` markers of ``docs/benchmarks.md``
+(``--write-docs``) or printed, with the commit they were measured at.
+
+    .venv/bin/python benchmarks/accuracy.py --baselines-only --seeds 0 1 2 --write-docs
+    .venv/bin/python benchmarks/accuracy.py --seeds 0 1 2 --out /tmp/accuracy --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: (label, config, task) of the three real tasks of issue 13
+TASKS = (
+    ("v8-samples", "configs/gtex-v8-samples.yaml", "samples"),
+    ("medians-entries", "configs/gtex-medians.yaml", "entries"),
+    ("medians-genes", "configs/gtex-medians.yaml", "genes"),
+)
+BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression", "iterative_ridge",
+             "tensor_factorisation", "promoter_composition")
+BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return head.strip() + ("+uncommitted" if dirty else "")
+
+
+def baselines_only(config_path: str, task: str, seed: int) -> dict:
+    """One seed of one task with the baselines only, in process: a ``metrics.json``-shaped dictionary."""
+    from engine.config import load_config
+    from engine.io.dataset import load_dataset
+    from engine.science.baselines import composition_of, make_methods, tune_settings
+    from engine.science.context import ContextIndex, build_context
+    from engine.science.metrics import score
+    from engine.science.problem import make_problem
+    from engine.steps.prepare import promoter_tables
+
+    t0 = time.perf_counter()
+    config = load_config(REPO / config_path, [f"evaluation.task={task}", f"evaluation.seed={seed}"])
+    dataset = load_dataset(config, with_variants=False)
+    problem, truth = make_problem(dataset)
+    promoters, gene_promoters = promoter_tables(dataset, problem.gene_ids)
+    composition = composition_of(problem.gene_ids, gene_promoters, promoters, config.promoter.upstream)
+    t = time.perf_counter()
+    baselines, tuning = tune_settings(problem, BASELINES, config.baselines, task, seed=seed,
+                                      whole_donors=config.evaluation.whole_donors, composition=composition,
+                                      k_neighbours=config.context.k_neighbours)
+    seconds = {"load": round(t - t0, 2), "tuning": round(time.perf_counter() - t, 2)}
+    order = np.lexsort((truth.sample_index, truth.gene_index))
+    gi, si, observed = truth.gene_index[order], truth.sample_index[order], truth.values[order].astype(np.float64)
+    t = time.perf_counter()
+    records = build_context(ContextIndex(problem, genetic=None), gi, si, np.ones(len(gi), dtype=bool),
+                            config.context.k_neighbours, config.context.max_distance)
+    seconds["context"] = round(time.perf_counter() - t, 2)
+    # records come back in their own order: line the truth up with them by (gene, sample)
+    n_s = problem.n_samples
+    key = gi.astype(np.int64) * n_s + si
+    want = records["gene_index"].to_numpy().astype(np.int64) * n_s + records["sample_index"].to_numpy()
+    pos = np.searchsorted(key, want)
+    if len(want) != len(key) or not np.array_equal(key[pos], want):
+        raise RuntimeError("the context records do not match the hidden entries one to one")
+    gi, si, observed = gi[pos], si[pos], observed[pos]
+    methods, skipped = make_methods(BASELINES, baselines, len(problem.donors), seed=config.seed,
+                                    composition=composition)
+    tissue, donor = problem.tissue_index[si], problem.donor_index[si]
+    has_seq = ~np.isnan(composition).any(axis=1)
+    results = {}
+    for method in methods:
+        t = time.perf_counter()
+        method.fit(problem)
+        pred = np.asarray(method.predict(records), np.float64)
+        seconds[method.name] = round(time.perf_counter() - t, 2)
+        results[method.name] = score(pred, observed, gene=gi, tissue=tissue, donor=donor,
+                                     tissue_names=problem.tissues, min_donors=config.evaluation.min_donors)
+        m = has_seq[gi]
+        if m.any() and not m.all():
+            from engine.science.metrics import _pearson
+
+            results[method.name]["subsets"] = {
+                label: {"n": int(k.sum()), "genes": int(len(np.unique(gi[k]))), "pearson": _pearson(pred[k],
+                                                                                                   observed[k]),
+                        "rmse": float(np.sqrt(np.mean((pred[k] - observed[k]) ** 2)))}
+                for label, k in (("with_promoter", m), ("without_promoter", ~m))}
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    return {"dataset": config.name, "task": task, "seed": seed, "n_hidden": int(len(observed)), "methods": results,
+            "skipped": skipped, "baselines": {"tuning": tuning},
+            "sequence": {"genes": problem.n_genes, "genes_with_sequence": int(has_seq.sum()),
+                         "hidden_genes": int(len(np.unique(gi))),
+                         "hidden_genes_with_sequence": int(has_seq[np.unique(gi)].sum())},
+            "seconds": seconds}
+
+
+def full(config_path: str, task: str, seeds: list[int], out: Path) -> dict:
+    """``geximpute evaluate --seeds`` of one task under the shared Ray lock; its ``summary.json``."""
+    folder = out / Path(config_path).stem / task
+    cmd = ["flock", "/tmp/geximpute-ray.lock", sys.executable, "-m", "engine.apps.cli", "evaluate", "--config",
+           config_path, "--set", f"evaluation.task={task}", "--out", str(folder), "--force", "--seeds",
+           *map(str, seeds)]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run(cmd, cwd=REPO, check=True, env=env)
+    return json.loads((folder / "summary.json").read_text())
+
+
+def table(summary: dict, label: str, command: str) -> str:
+    """Markdown of one task: mean +/- sd over seeds per method, and the paired comparisons."""
+    from engine.science.comparisons import TASK_METRIC, seeds_report
+
+    metric, _ = TASK_METRIC[summary["task"]]
+    text = seeds_report(summary).replace("# ", f"### {label}: ", 1)
+    return f"{text}\nHeadline metric of this task: `{metric}`. Command: `{command}`\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--baselines-only", action="store_true", help="numpy baselines only, no Ray")
+    parser.add_argument("--tasks", nargs="+", default=[t[0] for t in TASKS], choices=[t[0] for t in TASKS])
+    parser.add_argument("--out", default="/tmp/accuracy", help="folder of the runs and their JSON")
+    parser.add_argument("--write-docs", action="store_true", help="replace the accuracy block of docs/benchmarks.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --baselines-only: read the runs saved in --out by an earlier call instead of "
+                             "running them again (only the tables are rebuilt)")
+    args = parser.parse_args()
+    from engine.science.comparisons import summarise_seeds
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for label, config_path, task in TASKS:
+        if label not in args.tasks:
+            continue
+        seeds = " ".join(map(str, args.seeds))
+        if args.baselines_only:
+            saved = out / f"{label}-baselines.json"
+            runs = (json.loads(saved.read_text()) if args.reuse else
+                    [baselines_only(config_path, task, s) for s in args.seeds])
+            saved.write_text(json.dumps(runs, indent=1))
+            summary = summarise_seeds(runs)
+            command = f".venv/bin/python benchmarks/accuracy.py --baselines-only --tasks {label} --seeds {seeds}"
+            seq = runs[0]["sequence"]
+            extra = "\n".join(
+                f"- seed {r['seed']}: tuned settings "
+                + "; ".join(f"`{n}` " + ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
+                            for n, row in r["baselines"]["tuning"].items())
+                + f"; {r['seconds']['total']:.0f} s in all (tuning {r['seconds']['tuning']:.0f} s)"
+                for r in runs)
+            extra += (f"\n- genes with a promoter sequence: {seq['genes_with_sequence']:,} of {seq['genes']:,}; "
+                      f"hidden genes with one (seed {runs[0]['seed']}): {seq['hidden_genes_with_sequence']:,} of "
+                      f"{seq['hidden_genes']:,}\n")
+        else:
+            summary = full(config_path, task, args.seeds, out)
+            command = (f".venv/bin/geximpute evaluate --config {config_path} --set evaluation.task={task} "
+                       f"--out {out / Path(config_path).stem / task} --seeds {seeds}")
+            extra = ""
+        (out / f"{label}-summary.json").write_text(json.dumps(summary, indent=1))
+        sections.append(table(summary, label, command) + ("\n" + extra if extra else ""))
+        print(sections[-1], flush=True)
+    load = os.getloadavg()
+    when = (f"Tables rebuilt at commit `{commit()}` from the runs saved in `{out}` (`--reuse`)" if args.reuse else
+            f"Measured at commit `{commit()}`")
+    block = "\n".join([BEGIN, "", f"{when} by `benchmarks/accuracy.py` "
+                       f"({'baselines only' if args.baselines_only else 'full evaluations'}); load average at the "
+                       f"end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).", "", *sections, END])
+    if args.write_docs:
+        path = REPO / "docs" / "benchmarks.md"
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n## Accuracy at HEAD (issue 13)\n\n" + block + "\n"
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
