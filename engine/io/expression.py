@@ -347,8 +347,10 @@ def size_factors(counts: np.ndarray, method: str, visible: np.ndarray | None = N
             return np.where(total > 0, total / 1e6, 1.0)
         logc = np.where(basis > 0, np.log(basis), np.nan)
         # the pseudo-reference comes from visible entries only
-        ref = np.nanmean(np.where(visible & (counts > 0), np.log(np.where(counts > 0, counts, 1.0)), np.nan),
-                         axis=1, keepdims=True)
+        usable = visible & (counts > 0)
+        n_ref = usable.sum(axis=1, keepdims=True)
+        log_ref = np.where(usable, np.log(np.where(usable, counts, 1.0)), 0.0).sum(axis=1, keepdims=True)
+        ref = np.where(n_ref > 0, log_ref / np.maximum(n_ref, 1), np.nan)  # a gene hidden everywhere: no reference
         ratios = np.nanmedian(logc - ref, axis=0)
         factor = np.exp(np.nan_to_num(ratios, nan=0.0))
         # scale so that the median sample has the same per-million scale as cpm (median over samples with

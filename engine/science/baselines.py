@@ -269,7 +269,9 @@ def _gene_tissue_means(cube: np.ndarray) -> np.ndarray:
     """(G, T) mean over donors of each (gene, tissue); row_tissue-style fallback (gene mean + tissue offset, or the
     global mean + tissue offset for a gene with nothing visible) where a (gene, tissue) has no visible donor."""
     ok = ~np.isnan(cube)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # genes or tissues with nothing visible (a hidden gene) have no mean: NaN, filled below, without a warning
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         counts = ok.sum(axis=1)
         means = np.where(counts > 0, np.where(ok, cube, 0.0).sum(axis=1) / np.maximum(counts, 1), np.nan)
         overall = float(np.nanmean(cube)) if ok.any() else 0.0
