@@ -191,3 +191,17 @@ def test_settings_are_tuned_on_a_validation_split_of_visible_data():
     changed.values[np.isnan(visible)] = np.nan
     _, report2 = tune_settings(changed, ("tensor_factorisation",), FIXED, "samples", seed=0)
     assert report2["tensor_factorisation"]["grid"] == tf["grid"]
+
+
+def test_record_methods_are_scored_against_their_own_entries_when_tuned():
+    # tissue_donor and distance predict from context records, which come back in their own order
+    from engine.science.baselines import validation_mask
+
+    values, donor, tissue = donor_data(seed=9, n_genes=30, n_donors=80)
+    problem = problem_of(values, donor, tissue)
+    _, report = tune_settings(problem, ("tissue_donor",), FIXED, "samples", seed=0)
+    mask = validation_mask(problem, "samples", FIXED.tune_fraction, 0)
+    gi, si = np.nonzero(mask)
+    row_tissue = rmse(RowTissueBaseline(), fold_problem(problem, mask), gi, si, values[gi, si])
+    # the donor's other tissues carry its planted factors: scored entry by entry, tissue_donor beats row_tissue
+    assert report["tissue_donor"]["rmse"] < 0.9 * row_tissue, (report["tissue_donor"]["rmse"], row_tissue)

@@ -682,8 +682,12 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         for cand in candidates:
             method = make_method(name, dataclasses.replace(config, **cand), seed=seed, composition=composition)
             method.fit(valid_problem)
-            pred = (method.predict_entries(gi, si) if name in ENTRY_METHODS else method.predict(records))
-            err = float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))
+            if name in ENTRY_METHODS:
+                pred, target = method.predict_entries(gi, si), truth
+            else:  # context records come back in their own order: score each against its own entry's value
+                pred = method.predict(records)
+                target = problem.values[records["gene_index"].to_numpy(), records["sample_index"].to_numpy()]
+            err = float(np.sqrt(np.mean((np.asarray(pred, np.float64) - target) ** 2)))
             rows.append({**cand, "rmse": err if np.isfinite(err) else None})  # None: a setting that failed
         if all(r["rmse"] is None for r in rows):
             continue
