@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow.dataset as pads
 
 from engine.config import Config
+from engine.config import load_config as _load
 from engine.errors import ConfigError, GeximputeError
 
 
@@ -38,8 +39,6 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] =
         overrides: ``{"train.epochs": 2}`` or the command line's ``["train.epochs=2"]``; values of a mapping
             may be any YAML value (lists, None...).
     """
-    from engine.config import load_config as _load
-
     if isinstance(overrides, Mapping):
         overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
     return _load(path, list(overrides))

@@ -28,10 +28,24 @@ import pyarrow.dataset as pads
 from engine.config import Config, load_config
 from engine.errors import GeximputeError
 from engine.io.dataset import load_dataset
+from engine.runtime.provenance import manifest
 from engine.runtime.raytools import ensure_ray
 from engine.science.baselines import make_methods
 from engine.science.metrics import score
 from engine.steps.evaluate import hidden_values, read_records
+from engine.steps.html_report import (
+    METRICS_HEADER,
+    Section,
+    coverage_plot,
+    figure_html,
+    metrics_rows,
+    observed_vs_predicted,
+    per_tissue_bars,
+    provenance_section,
+    pyplot,
+    table_html,
+    write_report,
+)
 from engine.steps.impute import impute
 from engine.steps.pipeline import Progress, build_bundle
 
@@ -201,8 +215,6 @@ def _plot(out: Path, medians: dict, v8: dict) -> None:
 
 def _across_donors_plot(v8: dict) -> str:
     """Distribution across donors of each gene's imputed values (the 20 genes that vary most), as box plots."""
-    from engine.steps.html_report import figure_html, pyplot
-
     plt = pyplot()
     genes, pred = v8["gene_id"], v8["predicted"]
     names = np.unique(genes)
@@ -218,8 +230,6 @@ def _across_donors_plot(v8: dict) -> str:
 
 
 def _v8_tissues_plot(v8: dict) -> str:
-    from engine.steps.html_report import figure_html, pyplot
-
     plt = pyplot()
     rows = sorted(v8["rows_per_tissue"].items(), key=lambda kv: -kv[1])
     fig, ax = plt.subplots(figsize=(10, max(4, 0.16 * len(rows))))
@@ -233,19 +243,6 @@ def _v8_tissues_plot(v8: dict) -> str:
 def write_html(out: Path, medians: DemoPart, v8: DemoPart, medians_plot: dict, v8_plot: dict, total: float,
                query_rows: list[tuple] | None) -> Path:
     """``report.html``: the demo's numbers, plots, tables, configs and input fingerprints in one page."""
-    from engine.runtime.provenance import manifest
-    from engine.steps.html_report import (
-        METRICS_HEADER,
-        Section,
-        coverage_plot,
-        metrics_rows,
-        observed_vs_predicted,
-        per_tissue_bars,
-        provenance_section,
-        table_html,
-        write_report,
-    )
-
     m, v = medians.facts, v8.facts
     scores = m["scores"]
     sections = [

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from engine.config import Config
 from engine.fit.head import fit_head
@@ -107,8 +108,6 @@ def fit_hybrid_head(
 
 def gene_composition(records_dir: Path, gene_ids: np.ndarray, upstream: int) -> np.ndarray:
     """(G, F) promoter composition of each gene of a prepare output (NaN rows for genes without a known window)."""
-    import pyarrow.parquet as pq
-
     return composition_of(gene_ids, pq.read_table(records_dir / "gene_promoters.parquet"),
                           pq.read_table(records_dir / "promoters.parquet", columns=["promoter_id", "sequence"]),
                           upstream)

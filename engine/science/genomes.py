@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from engine import schema as S
 from engine.errors import InputError
+from engine.io.chroms import chrom_key
 from engine.science.haplotypes import build_haplotypes
 
 log = logging.getLogger(__name__)
@@ -386,8 +387,6 @@ def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], re
 
 def uncovered_chromosomes(variants: Any, chroms: np.ndarray) -> list[str]:
     """The chromosomes of ``chroms`` (the problem's genes) on which ``variants`` has no site at all."""
-    from engine.io.chroms import chrom_key
-
     have = {chrom_key(c) for c in variants.sites[S.CHROM].to_pylist()}
     return sorted({str(c) for c in chroms if chrom_key(str(c)) not in have})
 
@@ -397,8 +396,6 @@ def _dosage_at(keys: list[tuple[str, int, str]], ref_alts: list[list[str]], vari
     """(U,) float32 ALT dosage of the one donor of ``variants`` at the sites ``keys`` (their ALTs ``ref_alts``):
     the donor's alleles that are one of the site's ALTs; 0 where its VCF has no record at the site but has records
     on that chromosome; NaN where the call is missing or the chromosome is absent (0 with ``missing`` reference)."""
-    from engine.io.chroms import chrom_key
-
     sites = variants.sites
     calls = variants.genotypes[:, 0, :]  # (n, 2)
     mine = {}

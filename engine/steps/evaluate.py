@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from engine import schema as S
 from engine.config import Config
-from engine.errors import InputError
+from engine.errors import ConfigError, InputError
 from engine.fit.hybrid import fit_hybrid
 from engine.io.dataset import load_dataset
 from engine.io.tables import read_table
@@ -29,8 +29,9 @@ from engine.science.baselines import composition_of, make_methods, tune_settings
 from engine.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from engine.science.genomes import gene_variant_flags
 from engine.science.metrics import _constant, _pearson, score
+from engine.science.problem import make_problem
 from engine.steps.html_report import evaluation_sections, write_report
-from engine.steps.prepare import Prepared, prepare
+from engine.steps.prepare import Prepared, prepare, promoter_tables
 
 log = logging.getLogger(__name__)
 
@@ -359,10 +360,6 @@ def sequence_summary(dataset) -> dict:
     """For ``inspect``: genes with a known promoter window (the rule of ``prepare``:
     ``promoter.max_unknown_fraction``), of all the annotated expression genes and of the genes with entries in the
     hidden set of ``config.evaluation``. Empty without a genome."""
-    from engine.errors import ConfigError
-    from engine.science.problem import make_problem
-    from engine.steps.prepare import promoter_tables
-
     if dataset.genome is None:
         return {}
     try:

@@ -49,6 +49,7 @@ from engine.fit.bundle import check_compatible, compatibility, load_bundle
 from engine.io.dataset import load_dataset
 from engine.io.expression import from_model_scale
 from engine.runtime.atomic import check_replaceable, staged_output, store_of
+from engine.runtime.console import stage
 from engine.runtime.provenance import input_fingerprints, manifest, write_json
 from engine.runtime.raytools import ensure_ray
 from engine.science.problem import VisibleProblem, make_problem
@@ -299,8 +300,6 @@ def run_pipeline(
             windows.
     """
     import ray
-
-    from engine.runtime.console import stage
 
     blocks = sample_blocks(targets, BLOCK_ENTRIES)
     cpus = config.ray.cpus_per_task

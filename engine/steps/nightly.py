@@ -57,7 +57,7 @@ from engine import schema as S
 from engine.config import Config
 from engine.errors import ConfigError, GeximputeError, InputError
 from engine.fit.bundle import load_bundle
-from engine.io.dataset import load_dataset
+from engine.io.dataset import load_dataset, window_regions
 from engine.io.expression import read_expression, to_model_scale
 from engine.io.variants import read_variants
 from engine.runtime.atomic import (
@@ -73,6 +73,7 @@ from engine.runtime.atomic import (
 )
 from engine.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
 from engine.runtime.raytools import ensure_ray
+from engine.science.genomes import add_donors, uncovered_chromosomes
 from engine.science.problem import VisibleProblem, make_problem
 from engine.steps.impute import (
     OutputError,
@@ -314,7 +315,6 @@ def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: A
             log.info("nightly: the model uses no personal genomes (inputs.variants unset): %d new donors are "
                      "predicted from the reference genome", len(donors))
         return problem
-    from engine.science.genomes import add_donors
 
     genomes = add_donors(reference, list(problem.donors), {d.item.donor: d.variants for d in donors},
                          dataset.variants, dataset.genome, problem, dataset.config)
@@ -330,9 +330,6 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
         InputError: the VCF or the expression file is malformed, the VCF lacks the donor's sample, or the
             expression names a tissue the model does not know.
     """
-    from engine.io.dataset import window_regions
-    from engine.science.genomes import uncovered_chromosomes
-
     # only the windows the model reads, through the VCF's index when it has one
     regions = window_regions(problem.chroms, problem.tss, config)
     variants = read_variants(item.vcf, genome, samples=[item.donor], regions=regions,
