@@ -45,6 +45,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] =
 
 
 def _steps() -> dict[str, Callable[..., Any]]:
+    # imported when a step runs, as the CLI does: `from engine import api` stays free of torch and Ray
     from engine.steps.evaluate import evaluate
     from engine.steps.impute import impute
     from engine.steps.nightly import nightly
