@@ -168,6 +168,11 @@ def test_evaluate_writes_metrics_report_and_plots(ray_local, synth_small, tmp_pa
             "low_expressed_pearson",
         }
         assert sum(t["n"] for t in m["per_tissue"].values()) == saved["n_hidden"]
+    # every tunable setting was chosen on a validation split of the visible data and written down
+    assert set(saved["baselines"]["tuning"]) == {"distance", "matrix_completion", "tissue_donor"}
+    for row in saved["baselines"]["tuning"].values():
+        assert row["chosen"].items() <= saved["baselines"]["settings"].items()
+    assert saved["sequence"]["genes_with_sequence"] == saved["sequence"]["genes"]  # synthetic: every gene has one
     # the planted donor effects make the donor's other tissues informative
     td, rt = saved["methods"]["tissue_donor"], saved["methods"]["row_tissue"]
     assert td["rmse"] < rt["rmse"]
@@ -204,3 +209,41 @@ def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_
     assert "coverage_80" not in methods["cnn_only"]
     assert (tmp_path / "eval" / "runs").is_dir()  # Ray Train runs and checkpoints are kept with the evaluation
     assert "| hybrid |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+STRONG = ("evaluation.methods=[row_tissue, tissue_donor, pairwise_regression, iterative_ridge, "
+          "tensor_factorisation, promoter_composition]")
+
+
+@pytest.mark.slow
+def test_evaluate_seeds_tunes_the_strong_baselines_and_summarises(ray_local, synth_small, tmp_path):
+    from engine.steps.evaluate import evaluate_seeds
+
+    config = load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}", STRONG, "evaluation.task=samples",
+                                                       "evaluation.fraction=0.25", "evaluation.min_donors=3"])
+    summary = evaluate_seeds(config, tmp_path / "eval", [0, 1])
+    assert summary["seeds"] == [0, 1]
+    saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert saved["methods"].keys() == summary["methods"].keys()
+    for seed in (0, 1):
+        metrics = json.loads((tmp_path / "eval" / f"seed_{seed}" / "metrics.json").read_text())
+        assert metrics["seed"] == seed
+        assert set(metrics["methods"]) == {"row_tissue", "tissue_donor", "pairwise_regression", "iterative_ridge",
+                                           "tensor_factorisation", "promoter_composition"}
+        # every tunable setting chosen on visible data, and written down
+        tuning = metrics["baselines"]["tuning"]
+        assert set(tuning) == {"tissue_donor", "pairwise_regression", "iterative_ridge", "tensor_factorisation",
+                               "promoter_composition"}
+        for name, row in tuning.items():
+            assert row["rmse"] == min(r["rmse"] for r in row["grid"]), name
+            for key, value in row["chosen"].items():
+                assert metrics["baselines"]["settings"][key] == value
+        seq = metrics["sequence"]
+        assert 0 < seq["genes_with_sequence"] <= seq["genes"] and seq["hidden_genes"] == seq["genes"]
+        # the planted donor effects: reading the donor's other tissues beats the gene's tissue mean
+        m = metrics["methods"]
+        assert m["pairwise_regression"]["rmse"] < m["row_tissue"]["rmse"]
+        assert m["tensor_factorisation"]["rmse"] < m["row_tissue"]["rmse"]
+    row = summary["methods"]["pairwise_regression"]["rmse"]
+    assert len(row["values"]) == 2 and row["sd"] is not None and min(row["values"]) <= row["mean"]
+    assert "mean ± sd over seeds [0, 1]" in (tmp_path / "eval" / "summary.md").read_text()
