@@ -6,10 +6,13 @@ takes seconds; the hybrid's stages report through the same display (see test_pro
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,9 @@ from browser import find_chromium, non_blank_fraction, open_page
 
 GEXIMPUTE = [sys.executable, "-m", "engine.apps.cli"]
 BASELINES = "evaluation.methods=[distance, row_tissue, tissue_donor]"
+#: half the donors held out whole, so that each (gene, tissue) has several hidden individuals to correlate across
+HELD_OUT_DONORS = ["evaluation.task=samples", "evaluation.whole_donors=true", "evaluation.fraction=0.5",
+                   "evaluation.min_donors=5"]
 
 
 def _env(**extra: str) -> dict:
@@ -26,8 +32,8 @@ def _env(**extra: str) -> dict:
 
 
 def _evaluate_args(config: Path, out: Path, *extra: str) -> list[str]:
-    return [*GEXIMPUTE, "evaluate", "--config", str(config), "--set", BASELINES, "--set", "ray.num_cpus=2",
-            "--out", str(out), *extra]
+    sets = [item for key in (BASELINES, *HELD_OUT_DONORS, "ray.num_cpus=2") for item in ("--set", key)]
+    return [*GEXIMPUTE, "evaluate", "--config", str(config), *sets, "--out", str(out), *extra]
 
 
 def run_piped(args: list[str], env: dict) -> tuple[int, str]:
@@ -38,6 +44,7 @@ def run_piped(args: list[str], env: dict) -> tuple[int, str]:
 def run_on_terminal(args: list[str], env: dict) -> tuple[int, str]:
     """Run ``args`` with stdout and stderr on a pseudo-terminal, as in an interactive shell."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows x 120 columns
     proc = subprocess.Popen(args, env={**env, "COLUMNS": "120", "TERM": "xterm"}, stdin=subprocess.DEVNULL,
                             stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
@@ -94,7 +101,7 @@ def test_terminal_output_is_short_with_live_bars(synth_small, tmp_path):
     assert text.count("\n") < 40, text
     _check_log(out, text)
     # tqdm bars: name, done/total, rate (redrawn with carriage returns on the same line)
-    assert "prepare: context records: 100%" in text and "1/1" in text
+    assert "prepare: context records: 100%" in text and "1/1 [" in text, text
     assert "methods/s" in text
     assert "\r" in text
 
@@ -125,8 +132,8 @@ def test_report_opens_in_chromium(evaluated_ci):
     load = open_page(browser, report)
     assert load.errors == [], load.errors
     assert load.title.startswith("geximpute evaluate")
-    # observed vs predicted, per tissue, across individuals: at least three plots, each decoded and drawn
-    assert len(load.images) >= 3
+    # observed vs predicted, per tissue, across individuals: three plots, each decoded and drawn
+    assert len(load.images) == 3
     for image in load.images:
         assert image["complete"] and image["naturalWidth"] > 100, image
         assert image["width"] > 100 and image["height"] > 100, image
@@ -134,3 +141,14 @@ def test_report_opens_in_chromium(evaluated_ci):
     # the check can fail: the page's margin left of the plots is blank in the same screenshot
     margin = {"x": 0, "y": load.images[0]["y"], "width": 10, "height": load.images[0]["height"]}
     assert non_blank_fraction(load.screenshot, margin) < 0.01
+
+
+def test_verbose_shows_ray_live(synth_small, tmp_path):
+    out = tmp_path / "eval"
+    args = _evaluate_args(synth_small / "config.yaml", out)
+    rc, text = run_piped([*args[:3], "-v", *args[3:]], _env(CI="true"))
+    assert rc == 0, text
+    assert "Started a local Ray instance" in text  # Ray's own lines on the screen
+    assert "DEBUG" in text or "evaluate: distance" in text  # and the engine's detail lines
+    assert "baselines: 3/3 methods in" in text  # the stage lines as well
+    assert "prepare: context records" in (out / "geximpute.log").read_text()  # the file keeps the engine's lines

@@ -141,6 +141,10 @@ def session(log_path: str | Path | None, *, verbose: bool = False, quiet: bool =
         to_file.setFormatter(logging.Formatter(_FORMAT))
         handlers.append((engine, to_file))
         handlers.append((root, to_file))
+    if verbose:  # other libraries' logging and Python warnings live on the terminal as well
+        live = logging.StreamHandler(err)
+        live.setFormatter(logging.Formatter(_FORMAT))
+        handlers.append((root, live))
     for logger, handler in handlers:
         logger.addHandler(handler)
     engine.setLevel(logging.DEBUG)  # the file holds the engine's DEBUG lines too
@@ -177,6 +181,15 @@ def current_log() -> Path | None:
     return _session.log_path if _session else None
 
 
+def _columns(stream: TextIO) -> int:
+    """The terminal's width (100 where it reports none, as a fresh pseudo-terminal does)."""
+    try:
+        width = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        width = 0
+    return width if width >= 40 else 100
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -200,7 +213,7 @@ class Stage:
 
             with _session.lock:
                 self._bar = tqdm(total=total, desc=name, unit=f" {unit}", file=_session.err, leave=True,
-                                 dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+                                 ncols=_columns(_session.err), mininterval=0.5, smoothing=0.1)
         if _session is not None:
             self._thread = threading.Thread(target=self._tick, name=f"progress {name}", daemon=True)
             self._thread.start()
@@ -277,6 +290,12 @@ class Stage:
         if self._thread is not None:
             self._thread.join()
         self._poll()
+        # the last counts are sent by other processes without waiting: give them a moment to arrive
+        deadline = time.perf_counter() + 2.0
+        while (self._remote is not None and not failed and self.total is not None and self.done < self.total
+               and time.perf_counter() < deadline):
+            time.sleep(0.1)
+            self._poll()
         if self._remote is not None:
             import ray
 

@@ -29,7 +29,7 @@ main{padding:8px 32px 40px;max-width:1400px}section{background:#fff;border:1px s
 padding:12px 20px;margin:16px 0}h2{font-size:17px;margin:4px 0 10px;color:#1f3b57}
 p.note{font-size:13px;color:#555;margin:4px 0 10px}img.plot{max-width:100%;height:auto;display:block}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}th,td{border:1px solid #dde3e9;padding:3px 8px;
-text-align:right}th{background:#f0f4f8}td:first-child,th:first-child{text-align:left}
+text-align:left}th{background:#f0f4f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;border:1px solid #dde3e9;padding:10px;font-size:12px;overflow:auto;max-height:420px}
 footer{font-size:12px;color:#777;padding:0 32px 24px}
 """
@@ -71,8 +71,12 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
             return f"{x:,}"
         return html.escape(str(x))
 
+    def td(x: object) -> str:
+        numeric = isinstance(x, (int, float)) and not isinstance(x, bool) or x is None
+        return f'<td class="n">{cell(x)}</td>' if numeric else f"<td>{cell(x)}</td>"
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(td(x) for x in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
