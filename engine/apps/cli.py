@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work", action="store_true", help="keep DIR/work (data, records, bundle)")
     p.set_defaults(func=cmd_benchmark)
 
+    for name in SESSION_COMMANDS:  # also after the command: `geximpute evaluate -v ...`
+        sub.choices[name].add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                       help="show Ray's and the libraries' logging live (also in the log file)")
     return parser
 
 

@@ -213,7 +213,9 @@ class Stage:
 
             with _session.lock:
                 self._bar = tqdm(total=total, desc=name, unit=f" {unit}", file=_session.err, leave=True,
-                                 ncols=_columns(_session.err), mininterval=0.5, smoothing=0.1)
+                                 ncols=_columns(_session.err), mininterval=0.5, smoothing=0.1,
+                                 # nothing to count: the time it has taken
+                                 bar_format=None if total is not None else "{desc}: {elapsed}")
         if _session is not None:
             self._thread = threading.Thread(target=self._tick, name=f"progress {name}", daemon=True)
             self._thread.start()
