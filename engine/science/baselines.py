@@ -636,18 +636,31 @@ def validation_mask(problem: VisibleProblem, task: str, fraction: float, seed: i
 @one_blas_thread
 def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig, task: str, *,
                   seed: int = 0, whole_donors: bool = False, composition: np.ndarray | None = None,
-                  k_neighbours: int = 16, max_entries: int = 60_000) -> tuple[BaselinesConfig, dict]:
+                  k_neighbours: int = 16, max_entries: int = 60_000,
+                  min_donors: int = 10) -> tuple[BaselinesConfig, dict]:
     """Choose each named method's settings from :data:`TUNING_GRIDS` on a validation split of the visible data.
 
     The split hides ``config.tune_fraction`` of the visible units as the task hides them
-    (:func:`validation_mask`); each candidate is fitted on what is left and scored by RMSE on the split's values
-    (at most ``max_entries`` of them, drawn with ``seed``). Hidden (evaluation) entries are not in ``problem`` and
-    play no part.
+    (:func:`validation_mask`); each candidate is fitted on what is left and scored on the split's values (at most
+    ``max_entries`` of them, drawn with ``seed``) by the task's headline metric
+    (:data:`engine.science.comparisons.TASK_METRIC`: across-donor Pearson for ``samples``, RMSE for ``entries``,
+    Pearson for ``genes``), so that each comparator is as strong as it can be on the figure it is compared on; RMSE
+    decides where that metric is undefined. Hidden (evaluation) entries are not in ``problem`` and play no part.
 
     Returns:
-        (the config with every chosen setting, ``{method: {"chosen": {...}, "rmse": x, "grid": [...],
-        "n_validation": n}}``).
+        (the config with every chosen setting, ``{method: {"metric": name, "chosen": {...}, "score": x, "rmse": y,
+        "grid": [{setting..., "score", "rmse"}], "n_validation": n}}``).
     """
+    from engine.science.comparisons import TASK_METRIC, gene_stats, metric_from
+
+    metric, higher = TASK_METRIC[task]
+
+    def headline(pred: np.ndarray, target: np.ndarray, gene: np.ndarray, sample: np.ndarray) -> float | None:
+        uniq, code = np.unique(gene, return_inverse=True)
+        stats = gene_stats(metric, pred, target, code, len(uniq), problem.tissue_index[sample], min_donors)
+        value = float(metric_from(metric, stats.sum(axis=0)))
+        return value if np.isfinite(value) else None
+
     mask = validation_mask(problem, task, config.tune_fraction, seed, whole_donors=whole_donors)
     gi, si = np.nonzero(mask)
     if len(gi) == 0:
@@ -683,18 +696,29 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
             method = make_method(name, dataclasses.replace(config, **cand), seed=seed, composition=composition)
             method.fit(valid_problem)
             if name in ENTRY_METHODS:
-                pred, target = method.predict_entries(gi, si), truth
+                pred, target, rg, rs = method.predict_entries(gi, si), truth, gi, si
             else:  # context records come back in their own order: score each against its own entry's value
-                pred = method.predict(records)
-                target = problem.values[records["gene_index"].to_numpy(), records["sample_index"].to_numpy()]
-            err = float(np.sqrt(np.mean((np.asarray(pred, np.float64) - target) ** 2)))
-            rows.append({**cand, "rmse": err if np.isfinite(err) else None})  # None: a setting that failed
-        if all(r["rmse"] is None for r in rows):
+                pred = np.asarray(method.predict(records), np.float64)
+                rg, rs = records["gene_index"].to_numpy(), records["sample_index"].to_numpy()
+                target = problem.values[rg, rs].astype(np.float64)
+            pred = np.asarray(pred, np.float64)
+            err = float(np.sqrt(np.mean((pred - target) ** 2)))
+            if not np.isfinite(err):  # a setting that failed: recorded, never chosen
+                rows.append({**cand, "score": None, "rmse": None})
+                continue
+            rows.append({**cand, "score": headline(pred, target, rg, rs), "rmse": err})
+        valid = [r for r in rows if r["rmse"] is not None]
+        if not valid:
             continue
-        best = min((r for r in rows if r["rmse"] is not None), key=lambda r: r["rmse"])
+        if metric != "rmse" and all(r["score"] is not None for r in valid):
+            best = (max if higher else min)(valid, key=lambda r: r["score"])
+            used = metric
+        else:
+            best, used = min(valid, key=lambda r: r["rmse"]), "rmse"
         settings = {k: best[k] for k in keys}
         chosen = dataclasses.replace(chosen, **settings)
-        report[name] = {"chosen": settings, "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi))}
+        report[name] = {"metric": used, "chosen": settings, "score": best["score"] if used != "rmse" else best["rmse"],
+                        "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi))}
     return chosen, report
 
 

@@ -23,7 +23,7 @@ NAMED_COMPARATORS = ("pairwise_regression", "iterative_ridge", "tensor_factorisa
                      "xgb_features_only", "promoter_composition")
 
 
-def _gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: np.ndarray, n_genes: int,
+def gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: np.ndarray, n_genes: int,
                 tissue: np.ndarray, min_donors: int) -> np.ndarray:
     """Per-gene sufficient statistics of ``metric``: (n_genes, k), summed over genes (weighted) to give the metric."""
     def sums(x: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def _gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: 
     return out
 
 
-def _metric_from(metric: str, totals: np.ndarray) -> np.ndarray:
+def metric_from(metric: str, totals: np.ndarray) -> np.ndarray:
     """The metric from summed statistics; ``totals`` is (..., k)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         if metric == "rmse":
@@ -99,22 +99,22 @@ def paired_bootstrap(predictions: dict[str, np.ndarray], observed: np.ndarray, g
     n_genes = len(uniq)
     if n_genes < 3:
         return {}
-    stats = {name: _gene_stats(metric, np.asarray(p, np.float64), observed, code, n_genes, tissue, min_donors)
+    stats = {name: gene_stats(metric, np.asarray(p, np.float64), observed, code, n_genes, tissue, min_donors)
              for name, p in predictions.items()}
-    point = {name: float(_metric_from(metric, s.sum(axis=0))) for name, s in stats.items()}
+    point = {name: float(metric_from(metric, s.sum(axis=0))) for name, s in stats.items()}
     candidates = [n for n in predictions if n not in HYBRID_FAMILY and np.isfinite(point[n])]
     best = (max if higher else min)(candidates, key=lambda n: point[n]) if candidates else None
     if against is None:
         against = ([best] if best else []) + [n for n in NAMED_COMPARATORS if n in predictions and n != best]
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n_genes, np.full(n_genes, 1.0 / n_genes), size=n_boot).astype(np.float64)
-    ref_boot = _metric_from(metric, weights @ stats[reference])
+    ref_boot = metric_from(metric, weights @ stats[reference])
     out = {"metric": metric, "higher_is_better": higher, "n_genes": n_genes, "n_boot": n_boot, "best_other": best,
            "comparisons": {}}
     for other in against:
         if other == reference or other not in stats:
             continue
-        diff = ref_boot - _metric_from(metric, weights @ stats[other])
+        diff = ref_boot - metric_from(metric, weights @ stats[other])
         diff = diff[np.isfinite(diff)]
         lo, hi = (float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))) if len(diff) else (None, None)
         out["comparisons"][other] = {

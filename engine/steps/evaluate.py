@@ -342,11 +342,12 @@ def tuned_baselines(config: Config, problem, composition: np.ndarray | None):
     with stage("baselines: tune settings on a visible validation split", total=1, unit="passes") as progress:
         chosen, tuning = tune_settings(problem, config.evaluation.methods, config.baselines, config.evaluation.task,
                                        seed=config.evaluation.seed, whole_donors=config.evaluation.whole_donors,
-                                       composition=composition, k_neighbours=config.context.k_neighbours)
+                                       composition=composition, k_neighbours=config.context.k_neighbours,
+                                       min_donors=config.evaluation.min_donors)
         progress.advance()
     for name, row in tuning.items():
-        log.info("evaluate: %s settings %s (validation RMSE %.4f on %d visible entries)", name, row["chosen"],
-                 row["rmse"], row["n_validation"])
+        log.info("evaluate: %s settings %s (validation %s %.4f, RMSE %.4f, on %d visible entries)", name,
+                 row["chosen"], row["metric"], row["score"], row["rmse"], row["n_validation"])
     return chosen, tuning
 
 
@@ -501,8 +502,8 @@ def _honest_sections(metrics: dict) -> list[str]:
                   ""]
         for name, row in tuning.items():
             chosen = ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
-            lines.append(f"- `{name}`: {chosen} (validation RMSE {row['rmse']:.4f}, {row['n_validation']:,} "
-                         f"entries, {len(row['grid'])} candidates)")
+            lines.append(f"- `{name}`: {chosen} (best validation {row['metric']} {row['score']:.4f}, RMSE "
+                         f"{row['rmse']:.4f}; {row['n_validation']:,} entries, {len(row['grid'])} candidates)")
     for scope, comp in metrics.get("comparisons", {}).items():
         lines += ["", f"Paired bootstrap over {comp['n_genes']:,} genes ({scope} hidden entries, {comp['n_boot']} "
                   f"resamples): hybrid minus other in {comp['metric']} "
