@@ -167,6 +167,7 @@ def main() -> None:
             extra = "\n".join(
                 f"- seed {r['seed']}: tuned settings "
                 + "; ".join(f"`{n}` " + ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
+                            + (f" (by {row['metric']})" if "metric" in row else "")
                             for n, row in r["baselines"]["tuning"].items())
                 + f"; {r['seconds']['total']:.0f} s in all (tuning {r['seconds']['tuning']:.0f} s)"
                 for r in runs)
