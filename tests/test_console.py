@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from browser import find_chromium, non_blank_fraction, open_page
 
+from engine.runtime.console import LOG_NAME
+
 GEXIMPUTE = [sys.executable, "-m", "engine.apps.cli"]
 BASELINES = "evaluation.methods=[distance, row_tissue, tissue_donor]"
 #: half the donors held out whole, so that each (gene, tissue) has several hidden individuals to correlate across
@@ -70,7 +72,7 @@ def evaluated_ci(synth_small, tmp_path_factory) -> tuple[Path, int, str]:
 
 
 def _check_log(out: Path, text: str) -> None:
-    log = out.absolute() / "geximpute.log"  # the output folder is a link to its newest version
+    log = out.absolute() / LOG_NAME  # the output folder is a link to its newest version
     assert f"log file {log}" in text
     body = log.read_text()
     # Ray's own lines are in the file and not on the screen
@@ -115,7 +117,7 @@ def test_failure_names_the_log(synth_small, tmp_path):
     assert rc == 2, text
     assert "error:" in text and "broken.gct" in text
     assert "output is in" in text
-    logged = [p for p in tmp_path.iterdir() if p.name.startswith(".eval.geximpute.log")]
+    logged = [p for p in tmp_path.iterdir() if p.name.startswith(f".eval.{LOG_NAME}")]
     assert logged and str(logged[0]) in text
 
 
@@ -151,4 +153,4 @@ def test_verbose_shows_ray_live(synth_small, tmp_path):
     assert "Started a local Ray instance" in text  # Ray's own lines on the screen
     assert "DEBUG" in text or "evaluate: distance" in text  # and the engine's detail lines
     assert "baselines: 3/3 methods in" in text  # the stage lines as well
-    assert "prepare: context records" in (out / "geximpute.log").read_text()  # the file keeps the engine's lines
+    assert "prepare: context records" in (out / LOG_NAME).read_text()  # the file keeps the engine's lines

@@ -372,7 +372,7 @@ def _run_in_session(args: argparse.Namespace) -> int:
     """Run a Ray command with its own output on the terminal and Ray's and third-party output in a log file.
 
     The log is written beside the output folder while the step runs (steps replace their folder atomically) and
-    moved into it as ``geximpute.log`` at the end.
+    moved into it as ``_geximpute.log`` at the end.
     """
 
     folder = _output_folder(args)

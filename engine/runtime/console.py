@@ -28,7 +28,8 @@ from typing import Any, TextIO
 from engine.runtime.raytools import progress_counter
 
 #: name of the log file a command leaves in its output folder
-LOG_NAME = "geximpute.log"
+#: "_" first, as for _manifest.json: Parquet readers of an output folder (pyarrow, Ray Data) skip it
+LOG_NAME = "_geximpute.log"
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
