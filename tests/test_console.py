@@ -145,6 +145,7 @@ def test_report_opens_in_chromium(evaluated_ci):
     assert non_blank_fraction(load.screenshot, margin) < 0.01
 
 
+@pytest.mark.slow  # a third Ray run of ~15 s; the default suite has the quiet ones
 def test_verbose_shows_ray_live(synth_small, tmp_path):
     out = tmp_path / "eval"
     args = _evaluate_args(synth_small / "config.yaml", out)
