@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from helpers import TINY
 
 from engine.config import load_config
 from engine.io.dataset import load_dataset
@@ -192,8 +193,6 @@ def test_same_seed_same_results_other_seed_other_results(ray_local, synth_small,
 
 
 def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_path):
-    from test_hybrid import TINY
-
     config = load_config(
         synth_small / "config.yaml",
         [f"output_dir={tmp_path}", *TINY, "evaluation.task=samples", "evaluation.fraction=0.25",
@@ -201,10 +200,16 @@ def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_
     )
     metrics = evaluate(config, tmp_path / "eval")
     methods = metrics["methods"]
-    assert {"hybrid", "cnn_only", "transformer_only", "xgb_features_only", "tissue_donor"} <= set(methods)
+    assert {"hybrid", "cnn_only", "transformer_only", "xgb_features_only", "tissue_donor", "row_tissue"} <= set(methods)
     for name in ("hybrid", "cnn_only", "transformer_only", "xgb_features_only"):
         assert methods[name]["n"] == metrics["n_hidden"]
-        assert methods[name]["rmse"] < 10
+    # hidden samples: the donor's other tissues (planted donor effects) beat the gene's mean in the tissue, and the
+    # hybrid's head sees them; the networks alone, two tiny epochs, must at least follow the genes' levels
+    rmse = {name: m["rmse"] for name, m in methods.items()}
+    assert rmse["hybrid"] < rmse["row_tissue"], rmse
+    assert rmse["xgb_features_only"] < rmse["row_tissue"], rmse
+    for name in ("hybrid", "cnn_only", "transformer_only", "xgb_features_only"):
+        assert methods[name]["pearson"] > 0.5, (name, methods[name]["pearson"])
     assert 0.5 < methods["hybrid"]["coverage_80"] <= 1.0
     assert "coverage_80" not in methods["cnn_only"]
     assert (tmp_path / "eval" / "runs").is_dir()  # Ray Train runs and checkpoints are kept with the evaluation
