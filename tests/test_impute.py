@@ -211,8 +211,8 @@ def test_impute_refuses_data_the_bundle_was_not_trained_for(first_run, data, bun
     from engine.config import load_config
 
     out = tmp_path / "refused"
-    other = load_config(data / "config.yaml", [f"output_dir={tmp_path}", "context.k_neighbours=5"])
-    with pytest.raises(GeximputeError, match="k_neighbours is 16 in the bundle but 5 in the data"):
+    other = load_config(data / "config.yaml", [f"output_dir={tmp_path}", "context.k_neighbours=12"])
+    with pytest.raises(GeximputeError, match="k_neighbours is 16 in the bundle but 12 in the data"):
         impute(other, model=bundle, out_dir=out)
     # the same number of tissues under other names: refused, not predicted with the wrong embeddings
     renamed = tmp_path / "renamed"
