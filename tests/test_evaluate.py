@@ -192,6 +192,29 @@ def test_same_seed_same_results_other_seed_other_results(ray_local, synth_small,
     assert a["methods"]["distance"]["pearson"] != c["methods"]["distance"]["pearson"]
 
 
+def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path):
+    """The default suite's hybrid evaluation: two fold networks and the stacked head, no ablations (those train
+    two more networks and a head: the slow test below)."""
+    config = load_config(
+        synth_small / "config.yaml",
+        [f"output_dir={tmp_path}", *TINY, "evaluation.task=samples", "evaluation.fraction=0.25",
+         "evaluation.min_donors=3", "evaluation.ablations=false"],
+    )
+    metrics = evaluate(config, tmp_path / "eval")
+    methods = metrics["methods"]
+    assert {"hybrid", "hybrid_network", "tissue_donor", "row_tissue"} <= set(methods)
+    assert not {"cnn_only", "transformer_only", "xgb_features_only"} & set(methods)
+    assert methods["hybrid"]["n"] == metrics["n_hidden"]
+    # hidden samples: the donor's other tissues (planted donor effects) beat the gene's mean in the tissue, and the
+    # hybrid's head sees them through the baselines' out-of-fold estimates
+    assert methods["hybrid"]["rmse"] < methods["row_tissue"]["rmse"], methods
+    assert methods["hybrid"]["pearson"] > 0.5
+    assert 0.5 < methods["hybrid"]["coverage_80"] <= 1.0
+    assert (tmp_path / "eval" / "runs").is_dir()  # Ray Train runs and checkpoints are kept with the evaluation
+    assert "| hybrid |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_path):
     config = load_config(
         synth_small / "config.yaml",

@@ -32,6 +32,7 @@ from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, night
 
 from engine.config import load_config
 from engine.runtime.atomic import Lease, LeaseBusy, resolve, store_of
+from engine.runtime.console import LOG_NAME
 from engine.steps.impute import OutputError, impute
 from engine.steps.nightly import ledger_path, lock_path, nightly, output_root
 from engine.steps.pipeline import Progress, build_bundle
@@ -222,7 +223,7 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
     assert len(frame) == again.n_rows == n_genes * (n_samples + len(missing_pairs))
     assert_keys_unique(frame)
     assert frame["observed"].notna().sum() > 0
-    beside = [p.name for p in out.parent.iterdir() if ".geximpute.log-" not in p.name]  # the killed CLI's log
+    beside = [p.name for p in out.parent.iterdir() if f".{LOG_NAME}-" not in p.name]  # the killed CLI's log
     assert sorted(beside) == sorted([out.name, store.name])
     assert not list(store.glob("staging-*")) and resolve(out).parent == store
 

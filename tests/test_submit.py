@@ -284,7 +284,7 @@ def test_job_dir_holds_the_packages_and_the_resolved_config(tmp_path):
     }))
     job = stage_job_dir(tmp_path / "job", data / "config.yaml", ["train.epochs=3"])
 
-    assert (job / "engine" / "submit.py").is_file() and (job / "jobs" / "pipeline.py").is_file()
+    assert (job / "engine" / "runtime" / "submit.py").is_file() and (job / "jobs" / "pipeline.py").is_file()
     assert not list(job.rglob("__pycache__"))
     shipped = yaml.safe_load((job / JOB_CONFIG).read_text())
     # relative paths are made absolute here, overrides are baked in, and the job joins its cluster
