@@ -192,13 +192,16 @@ def test_same_seed_same_results_other_seed_other_results(ray_local, synth_small,
     assert a["methods"]["distance"]["pearson"] != c["methods"]["distance"]["pearson"]
 
 
+#: the hybrid evaluations' settings: the tiny network on held-out samples of the planted synthetic data
+HYBRID_SAMPLES = [*TINY, "evaluation.task=samples", "evaluation.fraction=0.25", "evaluation.min_donors=3"]
+
+
 def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path):
     """The default suite's hybrid evaluation: two fold networks and the stacked head, no ablations (those train
     two more networks and a head: the slow test below)."""
     config = load_config(
         synth_small / "config.yaml",
-        [f"output_dir={tmp_path}", *TINY, "evaluation.task=samples", "evaluation.fraction=0.25",
-         "evaluation.min_donors=3", "evaluation.ablations=false"],
+        [f"output_dir={tmp_path}", *HYBRID_SAMPLES, "evaluation.ablations=false"],
     )
     metrics = evaluate(config, tmp_path / "eval")
     methods = metrics["methods"]
@@ -218,8 +221,7 @@ def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path)
 def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_path):
     config = load_config(
         synth_small / "config.yaml",
-        [f"output_dir={tmp_path}", *TINY, "evaluation.task=samples", "evaluation.fraction=0.25",
-         "evaluation.min_donors=3"],
+        [f"output_dir={tmp_path}", *HYBRID_SAMPLES],
     )
     metrics = evaluate(config, tmp_path / "eval")
     methods = metrics["methods"]
