@@ -5,7 +5,7 @@ Two modes:
 ``--baselines-only`` (numpy, no Ray, minutes): for each real task of issue 13 and each seed, the hidden set of
 ``geximpute evaluate``, every classical baseline with its settings tuned on a validation split of the visible data,
 scored on the hidden entries; context records (for ``distance`` and ``tissue_donor``) are built in process with
-the same :func:`engine.science.context.build_context` that ``prepare`` runs in Ray Data.
+the same :func:`geximpute.science.context.build_context` that ``prepare`` runs in Ray Data.
 
 default (full): ``geximpute evaluate --seeds ...`` of each task (the hybrid, its ablations and every baseline),
 each run under the shared Ray lock ``/tmp/geximpute-ray.lock``; the tables are read from the runs'
@@ -53,13 +53,13 @@ def commit() -> str:
 
 def baselines_only(config_path: str, task: str, seed: int) -> dict:
     """One seed of one task with the baselines only, in process: a ``metrics.json``-shaped dictionary."""
-    from engine.config import load_config
-    from engine.io.dataset import load_dataset
-    from engine.science.baselines import composition_of, make_methods, tune_settings
-    from engine.science.context import ContextIndex, build_context
-    from engine.science.metrics import score
-    from engine.science.problem import make_problem
-    from engine.steps.prepare import promoter_tables
+    from geximpute.config import load_config
+    from geximpute.io.dataset import load_dataset
+    from geximpute.science.baselines import composition_of, make_methods, tune_settings
+    from geximpute.science.context import ContextIndex, build_context
+    from geximpute.science.metrics import score
+    from geximpute.science.problem import make_problem
+    from geximpute.steps.prepare import promoter_tables
 
     t0 = time.perf_counter()
     config = load_config(REPO / config_path, [f"evaluation.task={task}", f"evaluation.seed={seed}"])
@@ -100,7 +100,7 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
                                      tissue_names=problem.tissues, min_donors=config.evaluation.min_donors)
         m = has_seq[gi]
         if m.any() and not m.all():
-            from engine.science.metrics import _pearson
+            from geximpute.science.metrics import _pearson
 
             results[method.name]["subsets"] = {
                 label: {"n": int(k.sum()), "genes": int(len(np.unique(gi[k]))), "pearson": _pearson(pred[k],
@@ -119,7 +119,7 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
 def full(config_path: str, task: str, seeds: list[int], out: Path) -> dict:
     """``geximpute evaluate --seeds`` of one task under the shared Ray lock; its ``summary.json``."""
     folder = out / Path(config_path).stem / task
-    cmd = ["flock", "/tmp/geximpute-ray.lock", sys.executable, "-m", "engine.apps.cli", "evaluate", "--config",
+    cmd = ["flock", "/tmp/geximpute-ray.lock", sys.executable, "-m", "geximpute.apps.cli", "evaluate", "--config",
            config_path, "--set", f"evaluation.task={task}", "--out", str(folder), "--force", "--seeds",
            *map(str, seeds)]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
@@ -129,7 +129,7 @@ def full(config_path: str, task: str, seeds: list[int], out: Path) -> dict:
 
 def table(summary: dict, label: str, command: str) -> str:
     """Markdown of one task: mean +/- sd over seeds per method, and the paired comparisons."""
-    from engine.science.comparisons import TASK_METRIC, seeds_report
+    from geximpute.science.comparisons import TASK_METRIC, seeds_report
 
     metric, _ = TASK_METRIC[summary["task"]]
     text = seeds_report(summary).replace("# ", f"### {label}: ", 1)
@@ -147,7 +147,7 @@ def main() -> None:
                         help="with --baselines-only: read the runs saved in --out by an earlier call instead of "
                              "running them again (only the tables are rebuilt)")
     args = parser.parse_args()
-    from engine.science.comparisons import summarise_seeds
+    from geximpute.science.comparisons import summarise_seeds
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

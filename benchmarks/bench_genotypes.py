@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.apps.cli import main as cli
+from geximpute.apps.cli import main as cli
 
 
 def run(out: Path, genes: int, donors: int, tissues: int, epochs: int, seed: int) -> dict:

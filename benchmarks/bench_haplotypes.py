@@ -1,4 +1,4 @@
-"""Benchmark of :func:`engine.science.haplotypes.build_haplotypes` on the real 1000 Genomes subset.
+"""Benchmark of :func:`geximpute.science.haplotypes.build_haplotypes` on the real 1000 Genomes subset.
 
 Reads the real hg38 pieces, the 1000 Genomes phase 3 chr17 subset (139 sites x 1,126 people) and the genes of an
 annotation whose whole promoter window lies in the sequence, then builds every donor's two promoter haplotypes.
@@ -17,13 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
-from engine import schema as S
-from engine.config import PromoterConfig
-from engine.io.dataset import promoter_coverage
-from engine.io.fasta import Genome
-from engine.io.genes import read_genes
-from engine.io.variants import read_variants
-from engine.science.haplotypes import build_haplotypes
+from geximpute import schema as S
+from geximpute.config import PromoterConfig
+from geximpute.io.dataset import promoter_coverage
+from geximpute.io.fasta import Genome
+from geximpute.io.genes import read_genes
+from geximpute.io.variants import read_variants
+from geximpute.science.haplotypes import build_haplotypes
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 ANNOTATIONS = {

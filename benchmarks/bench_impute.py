@@ -1,6 +1,7 @@
 """Benchmark of ``geximpute impute``: entries per second end to end into Parquet, and peak memory.
 
-Generates a synthetic dataset (``engine.apps.synth.generate``) and trains a bundle on it with minimal training (neither
+Generates a synthetic dataset (``geximpute.apps.synth.generate``) and trains a bundle on it with minimal training
+(neither
 is timed: imputation throughput depends on the model's size, not on how well it was trained; the network has the
 default size of ``model``), then runs ``impute`` on a local single-node Ray: every missing entry, whole missing
 donor-tissue profiles included, from context records through the predictor actors into Parquet and the atomic
@@ -79,10 +80,10 @@ def main() -> None:
     import pyarrow.dataset as pads
     import ray
 
-    from engine.apps.synth import SynthSpec, generate
-    from engine.config import load_config
-    from engine.steps.impute import impute
-    from engine.steps.pipeline import build_bundle
+    from geximpute.apps.synth import SynthSpec, generate
+    from geximpute.config import load_config
+    from geximpute.steps.impute import impute
+    from geximpute.steps.pipeline import build_bundle
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-impute-"))
     data = work / "data"

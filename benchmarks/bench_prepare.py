@@ -3,7 +3,7 @@
 Generates a synthetic dataset at the requested scale (not timed), runs ``prepare`` on a local single-node Ray
 (all measured entries get a record), and prints one JSON line per scale with the wall time, the time per million
 records, and the peak resident memory of the driver and of the driver plus every Ray process it started
-(:class:`engine.apps.benchmark.PeakRSS`; ``geximpute benchmark`` measures every stage the same way).
+(:class:`geximpute.apps.benchmark.PeakRSS`; ``geximpute benchmark`` measures every stage the same way).
 
     .venv/bin/python benchmarks/bench_prepare.py --genes 1000 --donors 100 --tissues 10 --scales 1 2 4
 """
@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.apps.benchmark import PeakRSS
-from engine.apps.synth import SynthSpec, generate
-from engine.config import load_config
-from engine.steps.prepare import prepare
+from geximpute.apps.benchmark import PeakRSS
+from geximpute.apps.synth import SynthSpec, generate
+from geximpute.config import load_config
+from geximpute.steps.prepare import prepare
 
 
 def main() -> None:

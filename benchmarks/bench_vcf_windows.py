@@ -2,7 +2,7 @@
 
 Writes a synthetic bgzipped VCF (one chromosome, one SNP per ``--spacing`` bases, ``--donors`` unphased diploid
 genomes), indexes it with htslib's own ``bcf_index_build`` (the htslib linked into cyvcf2; a ``.csi`` index, as
-``bcftools index`` writes), then reads it with :func:`engine.io.variants.read_variants` in fresh processes:
+``bcftools index`` writes), then reads it with :func:`geximpute.io.variants.read_variants` in fresh processes:
 
 - the windows of ``--genes`` genes (``+/- --window`` bases around evenly spaced TSSs) through the index,
 - the same windows without an index (every record streamed, only those inside a window kept),
@@ -64,7 +64,7 @@ def index(path: Path) -> Path:
 
 READ = """
 import json, resource, sys, time
-from engine.io.variants import read_variants
+from geximpute.io.variants import read_variants
 path, regions = sys.argv[1], json.loads(sys.argv[2])
 t = time.perf_counter()
 v = read_variants(path, regions=None if regions is None else [tuple(r) for r in regions])

@@ -1,9 +1,9 @@
 """The Python API for notebooks and scripts: load a config, run a step, read the predictions.
 
-It sits at the level of :mod:`engine.apps` (it may import every layer) and does what the command line does, without
+It sits at the level of :mod:`geximpute.apps` (it may import every layer) and does what the command line does, without
 a terminal::
 
-    from engine import api
+    from geximpute import api
 
     config = api.load_config("configs/gtex-v8-samples.yaml", {"train.epochs": 2, "output_dir": "out"})
     api.run("prepare", config, training=True)   # steps start a local Ray (or join ray.address) themselves
@@ -13,8 +13,8 @@ a terminal::
     liver = api.read_predictions(config, tissues=["Liver"])   # pandas, partition columns included
     table = api.predictions(config).to_table(columns=["gene_id", "predicted"])   # or Arrow, lazily
 
-Steps return what their functions return (:class:`~engine.steps.prepare.Prepared`,
-:class:`~engine.steps.impute.ImputeResult`, the metrics dict of ``evaluate``...).
+Steps return what their functions return (:class:`~geximpute.steps.prepare.Prepared`,
+:class:`~geximpute.steps.impute.ImputeResult`, the metrics dict of ``evaluate``...).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
-from engine.config import Config
-from engine.config import load_config as _load
-from engine.errors import ConfigError, GeximputeError
+from geximpute.config import Config
+from geximpute.config import load_config as _load
+from geximpute.errors import ConfigError, GeximputeError
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
@@ -45,13 +45,13 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] =
 
 
 def _steps() -> dict[str, Callable[..., Any]]:
-    # imported when a step runs, as the CLI does: `from engine import api` stays free of torch and Ray
-    from engine.steps.evaluate import evaluate
-    from engine.steps.impute import impute
-    from engine.steps.nightly import nightly
-    from engine.steps.pipeline import build_bundle, fit_head_and_save, train_and_save
-    from engine.steps.prepare import prepare
-    from engine.steps.variant_effects import variant_effects
+    # imported when a step runs, as the CLI does: `from geximpute import api` stays free of torch and Ray
+    from geximpute.steps.evaluate import evaluate
+    from geximpute.steps.impute import impute
+    from geximpute.steps.nightly import nightly
+    from geximpute.steps.pipeline import build_bundle, fit_head_and_save, train_and_save
+    from geximpute.steps.prepare import prepare
+    from geximpute.steps.variant_effects import variant_effects
 
     return {"prepare": prepare, "train": train_and_save, "fit-head": fit_head_and_save, "build": build_bundle,
             "impute": impute, "evaluate": evaluate, "variant-effects": variant_effects, "nightly": nightly}
@@ -81,7 +81,7 @@ def run(step: str, config: Config | str | Path, **options: Any) -> Any:
 def predictions_path(source: Config | str | Path) -> Path:
     """The predictions folder of a config (``impute.out_dir`` or ``<output_dir>/predictions``), or ``source``."""
     if isinstance(source, Config):
-        from engine.steps.impute import output_dir
+        from geximpute.steps.impute import output_dir
 
         return output_dir(source)
     return Path(source)

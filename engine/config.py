@@ -1,7 +1,7 @@
 """Typed configuration: one YAML file parsed into frozen dataclasses, checked on construction.
 
 YAML is only parsed (``yaml.safe_load``) and then mapped field by field onto the dataclasses below; an unknown key,
-a value of the wrong type or an out-of-range value raises :class:`~engine.errors.ConfigError` naming the dotted
+a value of the wrong type or an out-of-range value raises :class:`~geximpute.errors.ConfigError` naming the dotted
 key and the value. Any value can be overridden with ``--set dotted.key=value`` (the value is read as YAML, so
 ``--set promoter.upstream=2000`` gives an int and ``--set inputs.samples=null`` clears a path).
 
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from engine.errors import ConfigError
+from geximpute.errors import ConfigError
 
 Scale = Literal["tpm", "counts", "log", "normalised"]
 GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
@@ -188,7 +188,7 @@ class EvaluationConfig:
             set stays fixed).
         fraction: fraction of entries, genes or samples hidden.
         methods: the methods scored, all on exactly the same hidden entries; ``hybrid`` trains the network and
-            the head on training folds (see :mod:`engine.science.folds`).
+            the head on training folds (see :mod:`geximpute.science.folds`).
         ablations: with ``hybrid``, also score ``cnn_only``, ``transformer_only`` and ``xgb_features_only``.
         min_donors: fewest hidden donors of a (gene, tissue) for its across-donor Pearson to count.
         whole_donors: with task ``samples``, hide whole donors (``fraction`` of the donors) instead of samples.
@@ -228,7 +228,7 @@ class ContextConfig:
         k_neighbours: nearest genes on the same chromosome, with a visible value in the same sample.
         max_distance: neighbours farther than this (bp, TSS to TSS) are left out; ``None``: no limit.
         genetic_shrinkage: ridge penalty of the per-gene cis-genetic score on cis-variant dosages
-            (:func:`engine.science.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
+            (:func:`geximpute.science.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
             needs before it moves far from 0. ``null`` (default): chosen per gene by leave-one-donor-out error.
     """
 
@@ -254,7 +254,7 @@ class GenotypesConfig:
 
     Attributes:
         cis_window: bases on each side of the TSS whose variants feed the cis-genetic score
-            (:func:`engine.science.genomes.genetic_scores`) and the ``elastic_net`` baseline, which always see the
+            (:func:`geximpute.science.genomes.genetic_scores`) and the ``elastic_net`` baseline, which always see the
             same window (PrediXcan uses 1 Mb; 100 kb keeps most of the signal at SNP-array density). ``null``:
             the promoter window only. The CNN reads the promoter haplotypes whatever this is.
         missing: a missing call (``./.``, or one missing allele) inside a window: ``mean`` reads the allele as
@@ -341,7 +341,7 @@ class BaselinesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Size of the CNN-transformer network, checked once here; :class:`engine.model.network.NetworkSpec` extends it.
+    """Size of the CNN-transformer network, checked once here; :class:`geximpute.model.network.NetworkSpec` extends it.
 
     Attributes:
         d_model: width of tokens, the promoter embedding and the returned embedding.
@@ -389,7 +389,7 @@ class TrainConfig:
         patience: epochs without improvement before stopping.
         lr, weight_decay: AdamW settings.
         folds, fold_fraction: inner folds of re-hidden visible entries that make the training examples
-            (see :mod:`engine.science.folds`).
+            (see :mod:`geximpute.science.folds`).
         drop_neighbours, drop_tissues, drop_gene: denoising: per example, the chance that the whole neighbour
             group, tissue group or gene-level means are hidden from the network.
         max_failures: worker failures survived by resuming from the last checkpoint.
@@ -505,7 +505,7 @@ def _resolve_path(path: str | None, base: Path) -> str | None:
 
 @dataclass(frozen=True)
 class ImputeConfig:
-    """Batch imputation (``geximpute impute``, see :mod:`engine.steps.impute`).
+    """Batch imputation (``geximpute impute``, see :mod:`geximpute.steps.impute`).
 
     Attributes:
         donors: donors whose missing entries are imputed (empty: every donor of the data).
@@ -545,7 +545,7 @@ class ImputeConfig:
 
 @dataclass(frozen=True)
 class NightlyConfig:
-    """Nightly imputation of new genomes (``geximpute nightly``, see :mod:`engine.steps.nightly`).
+    """Nightly imputation of new genomes (``geximpute nightly``, see :mod:`geximpute.steps.nightly`).
 
     Attributes:
         inbox: folder of new genomes: one ``<donor>.vcf``/``.vcf.gz``/``.bcf`` per donor, optionally with

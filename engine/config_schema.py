@@ -1,4 +1,4 @@
-"""A JSON Schema of the configuration, generated from the config dataclasses of :mod:`engine.config`.
+"""A JSON Schema of the configuration, generated from the config dataclasses of :mod:`geximpute.config`.
 
 YAML editors that speak JSON Schema (VS Code's YAML extension, PyCharm, Neovim's yaml-language-server) then complete
 keys, show each key's description and flag unknown keys and bad values as the file is typed. Write the schema with
@@ -16,8 +16,8 @@ import types
 import typing
 from typing import Any, Literal
 
-from engine import __version__
-from engine.config import Config
+from geximpute import __version__
+from geximpute.config import Config
 
 SCHEMA_ID = "https://geximpute.invalid/config.schema.json"
 

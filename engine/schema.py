@@ -149,7 +149,8 @@ CONTEXT = pa.schema(
         pa.field("tissue_mean", pa.float32()),  # the gene in the target tissue, mean over other donors
         pa.field("gene_mean", pa.float32()),  # the gene over every other visible sample
         pa.field("tissue_offset", pa.float32(), nullable=False),  # the target tissue's mean deviation from genes
-        # the donor's cis-genetic score for the gene (engine.science.genomes.genetic_scores, fitted on visible values of
+        # the donor's cis-genetic score for the gene (geximpute.science.genomes.genetic_scores, fitted on visible
+        # values of
         # other donors); null without personal genomes, for donors without a genome and genes without variants
         pa.field("genetic_score", pa.float32()),
     ]
@@ -201,11 +202,11 @@ GENE_PROMOTERS = pa.schema(
     ]
 )
 
-# The model bundle (engine.fit.bundle) and the trained network (``geximpute train``) ---------------------------
+# The model bundle (geximpute.fit.bundle) and the trained network (``geximpute train``) ---------------------------
 #: the trained network, written by ``geximpute train`` into its folder and copied into every bundle
 NETWORK_WEIGHTS_FILE = "network.pt"  # the state dict (torch.save; read back with torch.load(weights_only=True))
 NETWORK_SPECS_FILE = "network.json"  # {"network": NetworkSpec, "features": FeatureSpec[, "metrics": training figures]}
-#: the XGBoost head (engine.fit.head): boosters of the estimate and of the interval bounds, and their settings
+#: the XGBoost head (geximpute.fit.head): boosters of the estimate and of the interval bounds, and their settings
 HEAD_POINT_FILE = "point.ubj"
 HEAD_INTERVAL_FILE = "interval.ubj"
 HEAD_SPECS_FILE = "head.json"  # conformal width, feature count, coverage, engineered feature names
@@ -215,7 +216,7 @@ BUNDLE_GENE_PROMOTERS_FILE = "gene_promoters.parquet"
 BUNDLE_CONFIG_FILE = "config.yaml"  # the resolved config that made the bundle
 BUNDLE_MANIFEST_FILE = "manifest.json"  # versions, input fingerprints, training metrics, model_version
 
-#: every file of a bundle folder, in the order listed by :mod:`engine.fit.bundle`
+#: every file of a bundle folder, in the order listed by :mod:`geximpute.fit.bundle`
 BUNDLE_FILES = (
     NETWORK_WEIGHTS_FILE, NETWORK_SPECS_FILE, HEAD_POINT_FILE, HEAD_INTERVAL_FILE, HEAD_SPECS_FILE,
     BUNDLE_PROMOTERS_FILE, BUNDLE_GENE_PROMOTERS_FILE, BUNDLE_CONFIG_FILE, BUNDLE_MANIFEST_FILE,

@@ -1,13 +1,16 @@
-"""Entry points for running geximpute's steps as Ray jobs: ``python -m jobs.NAME --config FILE [--set k=v ...]``.
+"""Entry points for running geximpute's steps as Ray jobs: ``python -m geximpute.jobs.NAME --config FILE [--set k=v
+...]``.
 
-Each module is a thin ``main()`` over the ``geximpute`` command line (:mod:`engine.apps.cli`): it takes the config and
+Each module is a thin ``main()`` over the ``geximpute`` command line (:mod:`geximpute.apps.cli`): it takes the config
+and
 its overrides, runs one step (``pipeline`` runs them in order) and returns the step's exit status. The same command
 runs on a laptop (a local Ray starts in the process), as a Ray job (``geximpute submit``, ``ray job submit``), on a
 cluster launched with ``ray up`` and in a KubeRay ``RayJob``.
 
-``jobs`` is part of the installed package (``pyproject.toml`` lists it beside ``engine``), so the entry points work
-from any folder once geximpute is installed; ``geximpute submit`` also ships the local ``engine`` and ``jobs``
-sources in the job's ``working_dir``, where they take precedence over an installed copy.
+The repository's ``jobs/`` folder installs as ``geximpute.jobs`` (``pyproject.toml`` maps ``engine/`` to ``geximpute``
+and ``jobs/`` to ``geximpute.jobs``), so the entry points work from any folder once geximpute is installed;
+``geximpute submit`` also ships the local sources in the job's ``working_dir`` as ``geximpute/``, where they take
+precedence over an installed copy.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ def step_args(name: str, argv: Sequence[str] | None, description: str | None = N
 
     Args:
         name: the job's module name, for ``--help`` and error messages.
-        argv: the arguments after ``python -m jobs.NAME`` (``None``: ``sys.argv[1:]``).
+        argv: the arguments after ``python -m geximpute.jobs.NAME`` (``None``: ``sys.argv[1:]``).
         description: what the job does, for ``--help`` (the job module's docstring).
 
     Returns:
         ``["--config", FILE, "--set", KEY=VALUE, ...]``, ready to follow a ``geximpute`` subcommand.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m geximpute.jobs.{name}", description=description)
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=2 (repeatable)")

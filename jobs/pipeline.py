@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from engine.apps import cli
-from jobs import step_args
+from geximpute.apps import cli
+from geximpute.jobs import step_args
 
 #: the ``geximpute`` subcommands the pipeline runs, in order
 STEPS: tuple[tuple[str, ...], ...] = (("prepare", "--training"), ("train",), ("fit-head",), ("impute",))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from engine.apps import cli
-from jobs import step_args
+from geximpute.apps import cli
+from geximpute.jobs import step_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

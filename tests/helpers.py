@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
-from engine.config import Config, load_config
-from engine.fit.bundle import Bundle
-from engine.steps.impute import ImputeResult, impute
-from engine.steps.pipeline import Progress, build_bundle
+from geximpute.config import Config, load_config
+from geximpute.fit.bundle import Bundle
+from geximpute.steps.impute import ImputeResult, impute
+from geximpute.steps.pipeline import Progress, build_bundle
 
 TESTS = Path(__file__).resolve().parent
 
@@ -133,7 +133,7 @@ def assert_keys_unique(frame: pd.DataFrame) -> None:
 
 @dataclass
 class TinyModel:
-    """A tiny model built by :func:`engine.steps.pipeline.build_bundle`, and what it was built from."""
+    """A tiny model built by :func:`geximpute.steps.pipeline.build_bundle`, and what it was built from."""
 
     data: Path  # the dataset folder (config.yaml, expression.gct, samples.tsv, variants.vcf, ...)
     config: Config  # the resolved config of the build (TINY settings, output_dir = the work folder)
@@ -153,7 +153,7 @@ class TinyModel:
 
 def synth_small(out: Path) -> Path:
     """The session's small synthetic dataset (120 genes, 24 donors, 4 tissues, seed 3) written to ``out``."""
-    from engine.apps.synth import SynthSpec, generate
+    from geximpute.apps.synth import SynthSpec, generate
 
     generate(out, SynthSpec(seed=3, n_genes=120, n_donors=24, n_tissues=4))
     return out

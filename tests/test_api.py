@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from engine import api
-from engine.errors import ConfigError, GeximputeError
+from geximpute import api
+from geximpute.errors import ConfigError, GeximputeError
 
 
 def test_load_config_takes_a_mapping_or_the_command_line_form(synth_small):

@@ -1,4 +1,4 @@
-"""The commit protocol and leases of :mod:`engine.runtime.atomic`, with real processes and real files (no Ray).
+"""The commit protocol and leases of :mod:`geximpute.runtime.atomic`, with real processes and real files (no Ray).
 
 Each writer below writes ``N_FILES`` files that all carry the writer's label, so a reader can tell a complete
 version (N files, one label) from a mix or a partial one.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime import atomic
-from engine.runtime.atomic import (
+from geximpute.runtime import atomic
+from geximpute.runtime.atomic import (
     COMMIT_POINTS,
     Lease,
     LeaseBusy,
@@ -37,7 +37,7 @@ N_FILES = 20
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from engine.runtime.atomic import staged_output
+    from geximpute.runtime.atomic import staged_output
     out, label, pause, n_files = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     with staged_output(out, step="test") as staging:
         for i in range(n_files):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.apps.cli import main
-from engine.config import load_config
-from engine.errors import InputError
-from engine.io.dataset import load_dataset
+from geximpute.apps.cli import main
+from geximpute.config import load_config
+from geximpute.errors import InputError
+from geximpute.io.dataset import load_dataset
 
 FASTA = ">chr1\n" + "ACGT" * 250 + "\n>chr2\n" + "GATTACA" * 100 + "\n"
 GENES = "gene_id\tchrom\ttss\tstrand\nENSG01\tchr1\t300\t+\nENSG02\tchr1\t600\t-\nENSG03\tchr2\t200\t+\n"
@@ -170,7 +170,7 @@ def test_bad_strand(toy, capsys):
 def test_cli_exit_code_is_non_zero_in_a_real_process(toy):
     (toy / "expr.gct").write_text(GCT.replace("\t7\t", "\tseven\t"))
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.apps.cli", "inspect", "--config", str(toy / "config.yaml")],
+        [sys.executable, "-m", "geximpute.apps.cli", "inspect", "--config", str(toy / "config.yaml")],
         capture_output=True,
         text=True,
     )
@@ -292,7 +292,7 @@ def test_run_date_that_is_not_an_iso_date(toy, capfd):
 
 
 def _listing(folder: Path) -> list[str]:
-    """Every path under ``folder`` but the command's log files (engine.runtime.console) and their folders, and the
+    """Every path under ``folder`` but the command's log files (geximpute.runtime.console) and their folders, and the
     FASTA index pyfaidx builds beside an input."""
     paths = [p for p in folder.rglob("*") if "geximpute.log" not in p.name and p.suffix != ".fai"]
     return sorted(str(p.relative_to(folder)) for p in paths if not (p.is_dir() and not any(
@@ -320,7 +320,7 @@ def test_out_on_a_folder_that_is_not_a_geximpute_output_is_refused(toy, capfd):
 
 
 def test_out_holding_another_step_s_output_is_refused(toy, capfd):
-    from engine.runtime.atomic import staged_output
+    from geximpute.runtime.atomic import staged_output
 
     records = toy / "records"
     with staged_output(records, step="prepare") as staging:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.config import BaselinesConfig
-from engine.science.baselines import (
+from geximpute.config import BaselinesConfig
+from geximpute.science.baselines import (
     ENTRY_METHODS,
     RowTissueBaseline,
     make_method,
@@ -16,8 +16,8 @@ from engine.science.baselines import (
     promoter_composition,
     tune_settings,
 )
-from engine.science.folds import fold_problem, training_folds
-from engine.science.problem import VisibleProblem, tissue_correlation
+from geximpute.science.folds import fold_problem, training_folds
+from geximpute.science.problem import VisibleProblem, tissue_correlation
 
 FIXED = BaselinesConfig(tune=False)
 
@@ -198,7 +198,7 @@ def test_settings_are_tuned_on_a_validation_split_of_visible_data():
 
 def test_record_methods_are_scored_against_their_own_entries_when_tuned():
     # tissue_donor and distance predict from context records, which come back in their own order
-    from engine.science.baselines import validation_mask
+    from geximpute.science.baselines import validation_mask
 
     values, donor, tissue = donor_data(seed=9, n_genes=30, n_donors=80)
     problem = problem_of(values, donor, tissue)

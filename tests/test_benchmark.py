@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import TINY_NETWORK
 
-from engine.apps.cli import main
-from engine.model.features import FeatureSpec
-from engine.model.network import HybridNet, NetworkSpec
-from engine.science.promoters import PromoterLookup
+from geximpute.apps.cli import main
+from geximpute.model.features import FeatureSpec
+from geximpute.model.network import HybridNet, NetworkSpec
+from geximpute.science.promoters import PromoterLookup
 
 TINY = [
     *TINY_NETWORK,
@@ -70,9 +70,9 @@ def test_cached_encoder_gives_the_network_its_own_predictions():
     """run_network's promoter cache (one CNN pass per unique row, kept across batches) changes no prediction."""
     import pyarrow as pa
 
-    from engine import schema as S
-    from engine.model.features import featurize, to_tensors
-    from engine.model.inference import PromoterEncoderCache, TrainedNetwork, run_network
+    from geximpute import schema as S
+    from geximpute.model.features import featurize, to_tensors
+    from geximpute.model.inference import PromoterEncoderCache, TrainedNetwork, run_network
 
     torch.manual_seed(0)
     spec = NetworkSpec(n_tissues=3, promoter_length=40, d_model=8, n_heads=2, n_layers=1, cnn_channels=8,

@@ -1,6 +1,7 @@
 """The cluster files under ``cluster/`` and the ``jobs`` entry points they name.
 
-Every YAML loads; every ``python -m jobs.X`` it names is a module with a ``main()``; the Ray and Python versions of the
+Every YAML loads; every ``python -m geximpute.jobs.X`` it names is a module with a ``main()``; the Ray and Python
+versions of the
 images match ``pyproject.toml``; ``cluster/ray-cluster.yaml`` passes the schema ``ray up`` checks (shipped inside the
 ``ray`` package); every KubeRay manifest passes the KubeRay v1.7.0 CRD schema in ``../shared/schemas``, strictly (an
 unknown field is an error, as with ``kubectl apply --validate=strict``); GPUs are asked for as ``nvidia.com/gpu``
@@ -21,13 +22,13 @@ import jsonschema
 import pytest
 import yaml
 
-from engine import __version__
+from geximpute import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CRDS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
 YAMLS = sorted(CLUSTER.rglob("*.yaml"))
-ENTRY = re.compile(r"python -m jobs\.(\w+)((?:\s+--\S+(?:\s+[^-\s&|;]\S*)?)*)")
+ENTRY = re.compile(r"python -m geximpute\.jobs\.(\w+)((?:\s+--\S+(?:\s+[^-\s&|;]\S*)?)*)")
 
 
 def _pins() -> tuple[str, str]:
@@ -96,9 +97,9 @@ def test_every_entry_point_exists_and_takes_a_config(path):
     for doc in _docs(path):
         for text in _strings(doc):
             for module, args in ENTRY.findall(text):
-                job = importlib.import_module(f"jobs.{module}")
-                assert callable(getattr(job, "main", None)), f"{path.name}: jobs.{module} has no main()"
-                assert "--config " in args, f"{path.name}: `python -m jobs.{module}` without --config"
+                job = importlib.import_module(f"geximpute.jobs.{module}")
+                assert callable(getattr(job, "main", None)), f"{path.name}: geximpute.jobs.{module} has no main()"
+                assert "--config " in args, f"{path.name}: `python -m geximpute.jobs.{module}` without --config"
                 with pytest.raises(SystemExit) as exit_:
                     job.main(["--help"])
                 assert exit_.value.code == 0
@@ -220,7 +221,7 @@ def test_token_authentication_stays_on_and_no_token_is_written_down():
 @pytest.fixture
 def calls(monkeypatch):
     """Record every ``geximpute`` command a job runs; ``fail`` names the subcommands that exit with status 2."""
-    from engine.apps import cli
+    from geximpute.apps import cli
 
     seen: list[list[str]] = []
     fail: set[str] = set()
@@ -239,13 +240,13 @@ def calls(monkeypatch):
 ])
 def test_each_job_is_its_geximpute_step(calls, module, command):
     seen, _ = calls
-    job = importlib.import_module(f"jobs.{module}")
+    job = importlib.import_module(f"geximpute.jobs.{module}")
     assert job.main(["--config", "c.yaml", "--set", "a.b=1", "--set", "c=2"]) == 0
     assert seen == [[*command, "--config", "c.yaml", "--set", "a.b=1", "--set", "c=2"]]
 
 
 def test_pipeline_runs_the_steps_in_order_and_stops_at_the_first_failure(calls):
-    from jobs import pipeline
+    from geximpute.jobs import pipeline
 
     seen, fail = calls
     assert pipeline.main(["--config", "c.yaml"]) == 0

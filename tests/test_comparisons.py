@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.science.comparisons import coverage_breakdown, paired_bootstrap, summarise_seeds
+from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, summarise_seeds
 
 
 def hidden_entries(seed: int = 0, n_genes: int = 200, per_gene: int = 12):

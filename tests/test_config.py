@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, PromoterConfig, apply_overrides, dump_config, load_config
-from engine.errors import ConfigError
+from geximpute.config import Config, PromoterConfig, apply_overrides, dump_config, load_config
+from geximpute.errors import ConfigError
 
 MINIMAL = """
 name: toy

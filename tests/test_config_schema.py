@@ -10,10 +10,10 @@ import jsonschema
 import pytest
 import yaml
 
-from engine.apps.cli import main
-from engine.config import load_config
-from engine.config_schema import config_schema
-from engine.errors import ConfigError
+from geximpute.apps.cli import main
+from geximpute.config import load_config
+from geximpute.config_schema import config_schema
+from geximpute.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

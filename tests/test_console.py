@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from browser import find_chromium, non_blank_fraction, open_page
 
-from engine.runtime.console import LOG_NAME
+from geximpute.runtime.console import LOG_NAME
 
-GEXIMPUTE = [sys.executable, "-m", "engine.apps.cli"]
+GEXIMPUTE = [sys.executable, "-m", "geximpute.apps.cli"]
 BASELINES = "evaluation.methods=[distance, row_tissue, tissue_donor]"
 #: half the donors held out whole, so that each (gene, tissue) has several hidden individuals to correlate across
 HELD_OUT_DONORS = ["evaluation.task=samples", "evaluation.whole_donors=true", "evaluation.fraction=0.5",

@@ -6,15 +6,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import schema as S
-from engine.science.baselines import (
+from geximpute import schema as S
+from geximpute.science.baselines import (
     DistanceBaseline,
     MatrixCompletionBaseline,
     RowTissueBaseline,
     TissueDonorBaseline,
 )
-from engine.science.context import ContextIndex, build_context
-from engine.science.problem import VisibleProblem
+from geximpute.science.context import ContextIndex, build_context
+from geximpute.science.problem import VisibleProblem
 
 NAN = np.nan
 
@@ -182,7 +182,7 @@ def test_matrix_completion_recovers_a_low_rank_matrix():
 
 
 def test_metrics_leave_undefined_correlations_out():
-    from engine.science.metrics import score
+    from geximpute.science.metrics import score
 
     observed = np.array([1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5])
     constant_per_group = np.array([0.1 + 0.2] * 4 + [2.0] * 4)  # one value per (gene, tissue): no across-donor r

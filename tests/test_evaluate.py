@@ -10,13 +10,13 @@ import pyarrow.dataset as pads
 import pytest
 from helpers import TINY
 
-from engine.config import load_config
-from engine.io.dataset import load_dataset
-from engine.science.baselines import make_methods
-from engine.science.context import ContextIndex, build_context
-from engine.science.problem import make_problem
-from engine.steps.evaluate import evaluate
-from engine.steps.prepare import prepare, target_masks
+from geximpute.config import load_config
+from geximpute.io.dataset import load_dataset
+from geximpute.science.baselines import make_methods
+from geximpute.science.context import ContextIndex, build_context
+from geximpute.science.problem import make_problem
+from geximpute.steps.evaluate import evaluate
+from geximpute.steps.prepare import prepare, target_masks
 
 TASKS = ("entries", "genes", "samples")
 
@@ -56,7 +56,7 @@ def features_and_predictions(dataset):
     hidden_records = records.filter(records["hidden"])
     methods, _ = make_methods(dataset.config.evaluation.methods, dataset.config.baselines, len(problem.donors))
     # the hybrid's training examples: folds re-hidden from the visible problem, labelled with visible values
-    from engine.science.folds import fold_problem, training_folds
+    from geximpute.science.folds import fold_problem, training_folds
 
     for inner in training_folds(problem, dataset.config.evaluation.task, 2, 0.25, seed=0):
         fi, fs = np.nonzero(inner)
@@ -67,7 +67,7 @@ def features_and_predictions(dataset):
         m.fit(problem)
         preds[m.name] = m.predict(hidden_records)
     # the strong baselines, their out-of-fold estimates for training units and their tuning
-    from engine.science.baselines import ENTRY_METHODS, out_of_fold_estimates, tune_settings
+    from geximpute.science.baselines import ENTRY_METHODS, out_of_fold_estimates, tune_settings
 
     strong = ("pairwise_regression", "iterative_ridge", "tensor_factorisation", "matrix_completion")
     tuned, choice = tune_settings(problem, strong, dataset.config.baselines, dataset.config.evaluation.task, seed=0)
@@ -101,7 +101,7 @@ def test_no_hidden_value_reaches_any_feature_or_prediction(synth_small, task, sc
     records, preds, truth = features_and_predictions(dataset)
 
     # change every hidden value (in the raw input matrix) and build everything again
-    from engine.science.problem import model_matrix
+    from geximpute.science.problem import model_matrix
 
     _, rows = model_matrix(dataset)
     expr_row = {g: i for i, g in enumerate(dataset.expression.gene_ids)}
@@ -247,7 +247,7 @@ STRONG = ("evaluation.methods=[row_tissue, tissue_donor, pairwise_regression, it
 
 @pytest.mark.slow
 def test_evaluate_seeds_tunes_the_strong_baselines_and_summarises(ray_local, synth_small, tmp_path):
-    from engine.steps.evaluate import evaluate_seeds
+    from geximpute.steps.evaluate import evaluate_seeds
 
     config = load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}", STRONG, "evaluation.task=samples",
                                                        "evaluation.fraction=0.25", "evaluation.min_donors=3"])

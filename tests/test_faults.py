@@ -30,12 +30,12 @@ import pyarrow.dataset as pads
 import pytest
 from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, nightly_config, read_nightly, read_output
 
-from engine.config import load_config
-from engine.runtime.atomic import Lease, LeaseBusy, resolve, store_of
-from engine.runtime.console import LOG_NAME
-from engine.steps.impute import OutputError, impute
-from engine.steps.nightly import ledger_path, lock_path, nightly, output_root
-from engine.steps.pipeline import Progress, build_bundle
+from geximpute.config import load_config
+from geximpute.runtime.atomic import Lease, LeaseBusy, resolve, store_of
+from geximpute.runtime.console import LOG_NAME
+from geximpute.steps.impute import OutputError, impute
+from geximpute.steps.nightly import ledger_path, lock_path, nightly, output_root
+from geximpute.steps.pipeline import Progress, build_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -139,7 +139,7 @@ def _fingerprint(folder: Path) -> dict[str, int]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.apps.cli", "-q", *args]
+    return [sys.executable, "-m", "geximpute.apps.cli", "-q", *args]
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:
@@ -300,7 +300,7 @@ def test_unwritable_output_folder_is_a_clear_error(killed_training, previous, tm
 
 
 def test_disk_full_while_writing_commits_nothing(killed_training, previous, monkeypatch):
-    import engine.steps.impute as impute_module
+    import geximpute.steps.impute as impute_module
 
     _, _, bundle = killed_training
     config, result = previous

@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import TINY_NETWORK
 
-from engine.apps.cli import main as cli
-from engine.apps.synth import SynthSpec, generate
-from engine.config import EvaluationConfig, load_config
-from engine.io.dataset import load_dataset
-from engine.science.baselines import ElasticNetBaseline
-from engine.science.folds import training_folds
-from engine.science.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds
-from engine.science.problem import hide, make_problem
-from engine.science.promoters import PromoterLookup
+from geximpute.apps.cli import main as cli
+from geximpute.apps.synth import SynthSpec, generate
+from geximpute.config import EvaluationConfig, load_config
+from geximpute.io.dataset import load_dataset
+from geximpute.science.baselines import ElasticNetBaseline
+from geximpute.science.folds import training_folds
+from geximpute.science.genomes import DonorGenomes, genetic_scores, promoter_sites, window_bounds
+from geximpute.science.problem import hide, make_problem
+from geximpute.science.promoters import PromoterLookup
 
 TINY = [*TINY_NETWORK, "train.batch_size=128", "train.epochs=3", "head.num_boost_round=60"]
 GENOTYPE_TASK = [

@@ -1,4 +1,4 @@
-"""Tests of engine.science.haplotypes on hand-made FASTA/VCF files (base by base) and on the real 1000 Genomes
+"""Tests of geximpute.science.haplotypes on hand-made FASTA/VCF files (base by base) and on the real 1000 Genomes
 subset."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import engine.science.haplotypes as haplotypes
-from engine.config import PromoterConfig
-from engine.errors import ConfigError, InputError
-from engine.io.fasta import Genome, reverse_complement
-from engine.io.genes import read_genes
-from engine.io.variants import read_variants
-from engine.science.haplotypes import PromoterHaplotypes, build_haplotypes, edit_window, promoter_id
-from engine.steps.prepare import promoter_tables
+import geximpute.science.haplotypes as haplotypes
+from geximpute.config import PromoterConfig
+from geximpute.errors import ConfigError, InputError
+from geximpute.io.fasta import Genome, reverse_complement
+from geximpute.io.genes import read_genes
+from geximpute.io.variants import read_variants
+from geximpute.science.haplotypes import PromoterHaplotypes, build_haplotypes, edit_window, promoter_id
+from geximpute.steps.prepare import promoter_tables
 
 _rng = random.Random(5)
 CHR1 = "".join(_rng.choice("ACGT") for _ in range(90))

@@ -15,15 +15,15 @@ import pytest
 import torch
 from helpers import TINY
 
-from engine import schema as S
-from engine.config import load_config
-from engine.fit.bundle import load_bundle
-from engine.fit.hybrid import train_hybrid_network
-from engine.fit.train import latest_checkpoint
-from engine.model.network import HybridNet
-from engine.science.baselines import make_methods
-from engine.steps.evaluate import hidden_values
-from engine.steps.prepare import read_problem_index
+from geximpute import schema as S
+from geximpute.config import load_config
+from geximpute.fit.bundle import load_bundle
+from geximpute.fit.hybrid import train_hybrid_network
+from geximpute.fit.train import latest_checkpoint
+from geximpute.model.network import HybridNet
+from geximpute.science.baselines import make_methods
+from geximpute.steps.evaluate import hidden_values
+from geximpute.steps.prepare import read_problem_index
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_resume_from_checkpoint(prepared, tmp_path):
     checkpoint = latest_checkpoint(Path(config.output_dir) / "network" / "runs", "hybrid")
     assert checkpoint is not None
 
-    from engine.fit.hybrid import split_folds
-    from engine.fit.train import fold_dirs, train_network
+    from geximpute.fit.hybrid import split_folds
+    from geximpute.fit.train import fold_dirs, train_network
 
     three = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=3",
                                                 "train.patience=5"])
@@ -115,7 +115,7 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     estimate, lower, upper = got
     assert np.all(lower <= upper) and np.isfinite(estimate).all()
-    # the bundle's files are the ones engine.schema declares (beside the atomic store's hidden bookkeeping), its
+    # the bundle's files are the ones geximpute.schema declares (beside the atomic store's hidden bookkeeping), its
     # tables in their declared schemas
     assert sorted(p.name for p in tiny_model.folder.iterdir() if not p.name.startswith(".")) == sorted(S.BUNDLE_FILES)
     for name, schema in ((S.BUNDLE_PROMOTERS_FILE, S.BUNDLE_PROMOTERS),
@@ -124,7 +124,7 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
 
 
 def test_hybrid_beats_the_gene_tissue_mean_on_the_planted_task(tiny_model):
-    """The synthetic data plants donor effects shared across a donor's tissues (engine.apps.synth): a donor's other
+    """The synthetic data plants donor effects shared across a donor's tissues (geximpute.apps.synth): a donor's other
     tissues tell the hidden entry more than the gene's mean in the tissue does. The tiny hybrid (2 epochs, 30 trees)
     must use that: a lower error than ``row_tissue`` on the same hidden entries, and a positive correlation with the
     truth within genes (which ``row_tissue``, one value per gene and tissue, cannot have across donors)."""

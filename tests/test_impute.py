@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import TISSUE_NAMES, assert_keys_unique, expected_missing, read_output
 
-from engine import schema as S
-from engine.errors import ConfigError, GeximputeError
-from engine.fit.bundle import check_compatible
-from engine.runtime.atomic import SUPERSEDED, resolve, store_of
-from engine.science.problem import VisibleProblem
-from engine.steps.impute import add_missing_profiles, impute, target_mask
+from geximpute import schema as S
+from geximpute.errors import ConfigError, GeximputeError
+from geximpute.fit.bundle import check_compatible
+from geximpute.runtime.atomic import SUPERSEDED, resolve, store_of
+from geximpute.science.problem import VisibleProblem
+from geximpute.steps.impute import add_missing_profiles, impute, target_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_rerun_replaces_with_the_same_rows(first_run, bundle):
 
 
 def test_selection_with_observed_entries_through_the_cli(first_run, data, bundle, tmp_path):
-    from engine.apps.cli import main
+    from geximpute.apps.cli import main
 
     config, _ = first_run
     donor = "SYN-D0002"
@@ -182,7 +182,7 @@ def test_selection_with_observed_entries_through_the_cli(first_run, data, bundle
 
 
 def test_readme_shows_the_query_the_demo_runs():
-    from engine.apps.demo import README_QUERY
+    from geximpute.apps.demo import README_QUERY
 
     assert README_QUERY.format(path="geximpute-demo/gtex-v8/predictions") in (REPO / "README.md").read_text()
 
@@ -208,7 +208,7 @@ def test_check_compatible_names_the_key_that_differs(tmp_path):
 def test_impute_refuses_data_the_bundle_was_not_trained_for(first_run, data, bundle, tmp_path):
     import shutil
 
-    from engine.config import load_config
+    from geximpute.config import load_config
 
     out = tmp_path / "refused"
     other = load_config(data / "config.yaml", [f"output_dir={tmp_path}", "context.k_neighbours=12"])

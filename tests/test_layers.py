@@ -1,8 +1,9 @@
 """The engine's layers import only downward: each module's imports (top-level and inside functions) are walked with
 ``ast`` and an import of a higher layer fails, naming the file, the line and the two layers.
 
-Layer order (docs/architecture.md): base (``engine/__init__``, ``errors``, ``config``, ``config_schema``,
-``schema``) < ``io`` < ``science`` < ``model`` < ``runtime`` < ``fit`` < ``steps`` < ``apps`` (and ``engine.api``,
+Layer order (docs/architecture.md): base (``engine/__init__`` = ``geximpute``, ``errors``, ``config``,
+``config_schema``,
+``schema``) < ``io`` < ``science`` < ``model`` < ``runtime`` < ``fit`` < ``steps`` < ``apps`` (and ``geximpute.api``,
 the notebooks' facade); ``jobs/`` may import anything.
 """
 
@@ -18,9 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "engine"
 LAYERS = ("base", "io", "science", "model", "runtime", "fit", "steps", "apps")
-BASE_MODULES = {"engine", "engine.errors", "engine.config", "engine.config_schema", "engine.schema"}
-#: modules at the package's top that belong to a higher layer: ``engine.api`` is the notebooks' facade over the apps
-TOP_LEVEL = {"engine.api": "apps"}
+BASE_MODULES = {"geximpute", "geximpute.errors", "geximpute.config", "geximpute.config_schema", "geximpute.schema"}
+#: modules at the package's top that belong to a higher layer: ``geximpute.api`` is the notebooks' facade over the apps
+TOP_LEVEL = {"geximpute.api": "apps"}
 #: third-party packages a layer must not import, though a higher one may: science is numpy only, model is torch
 #: without Ray (model code knows nothing about Ray), io reads files without any model library
 FORBIDDEN = {
@@ -32,7 +33,7 @@ FORBIDDEN = {
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = ["geximpute", *path.relative_to(ENGINE).with_suffix("").parts]  # engine/ installs as geximpute
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -51,8 +52,8 @@ def layer_of(module: str) -> str:
 
 
 def imported_modules(tree: ast.Module) -> list[tuple[int, str]]:
-    """(line, module name) of every import in ``tree``, at any depth; ``from engine import schema`` gives
-    ``engine.schema``. A relative import gives ``.``: the engine spells its imports out."""
+    """(line, module name) of every import in ``tree``, at any depth; ``from geximpute import schema`` gives
+    ``geximpute.schema``. A relative import gives ``.``: the engine spells its imports out."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -63,7 +64,7 @@ def imported_modules(tree: ast.Module) -> list[tuple[int, str]]:
                 continue
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                path = ROOT / candidate.replace(".", "/")
+                path = ENGINE / "/".join(candidate.split(".")[1:])
                 is_module = path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
                 found.append((node.lineno, candidate if is_module else node.module))
     return found
@@ -87,7 +88,9 @@ def test_imports_go_only_downward(path: Path):
         top = target.split(".")[0]
         if target == ".":
             upward.append(f"{path.relative_to(ROOT)}:{line}: a relative import; write it absolute")
-        elif top == "engine":
+        elif target.startswith("geximpute.jobs"):
+            upward.append(f"{path.relative_to(ROOT)}:{line}: the engine imports {target}; only jobs/ runs steps")
+        elif top == "geximpute":
             other = layer_of(target)
             if LAYERS.index(other) > own:
                 upward.append(f"{path.relative_to(ROOT)}:{line}: {LAYERS[own]} imports {target} ({other})")
@@ -98,21 +101,21 @@ def test_imports_go_only_downward(path: Path):
 
 def test_the_walker_sees_imports_inside_functions_and_from_package_imports():
     source = (
-        "from engine import schema\n"
-        "import engine.io.fasta\n"
+        "from geximpute import schema\n"
+        "import geximpute.io.fasta\n"
         "def f():\n"
-        "    from engine.steps.impute import impute\n"
-        "    from engine.fit import bundle\n"
+        "    from geximpute.steps.impute import impute\n"
+        "    from geximpute.fit import bundle\n"
         "    import torch\n"
         "from . import x\n"
     )
     found = dict((m, line) for line, m in imported_modules(ast.parse(source)))
-    assert found == {"engine.schema": 1, "engine.io.fasta": 2, "engine.steps.impute": 4, "engine.fit.bundle": 5,
-                     "torch": 6, ".": 7}
-    assert [layer_of(m) for m in ("engine", "engine.schema", "engine.io.fasta", "engine.steps.impute")] == [
+    assert found == {"geximpute.schema": 1, "geximpute.io.fasta": 2, "geximpute.steps.impute": 4,
+                     "geximpute.fit.bundle": 5, "torch": 6, ".": 7}
+    assert [layer_of(m) for m in ("geximpute", "geximpute.schema", "geximpute.io.fasta", "geximpute.steps.impute")] == [
         "base", "base", "io", "steps"]
     with pytest.raises(ValueError, match="in no layer"):
-        layer_of("engine.utils")
+        layer_of("geximpute.utils")
 
 
 def _modules_after_import(module: str) -> set[str]:
@@ -123,11 +126,11 @@ def _modules_after_import(module: str) -> set[str]:
 
 def test_the_cli_starts_without_the_heavy_libraries():
     # `geximpute --help` stays fast: each command imports its step module (numpy, pyarrow, torch, Ray) when it runs
-    loaded = _modules_after_import("engine.apps.cli")
+    loaded = _modules_after_import("geximpute.apps.cli")
     assert not {"torch", "ray", "xgboost", "pyarrow", "numpy"} & loaded
 
 
 def test_loading_a_bundle_does_not_import_the_training_code():
-    loaded = _modules_after_import("engine.fit.bundle")
-    assert "engine.fit.models" in loaded
-    assert not {"engine.fit.train", "engine.fit.hybrid", "ray"} & loaded
+    loaded = _modules_after_import("geximpute.fit.bundle")
+    assert "geximpute.fit.models" in loaded
+    assert not {"geximpute.fit.train", "geximpute.fit.hybrid", "ray"} & loaded

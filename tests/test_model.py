@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine import schema as S
-from engine.model import (
+from geximpute import schema as S
+from geximpute.model import (
     BATCH_KEYS,
     FeatureSpec,
     HybridNet,
@@ -18,7 +18,7 @@ from engine.model import (
     featurize,
     to_tensors,
 )
-from engine.science.promoters import one_hot_promoters
+from geximpute.science.promoters import one_hot_promoters
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ VARIANTS = {
 
 
 def context_table(rows: list[dict]) -> pa.Table:
-    """A :data:`engine.schema.CONTEXT` table from short row dicts; unnamed columns get neutral values."""
+    """A :data:`geximpute.schema.CONTEXT` table from short row dicts; unnamed columns get neutral values."""
     defaults = {
         S.GENE_ID: "g",
         S.SAMPLE_ID: "s",
@@ -277,8 +277,8 @@ def test_drop_groups_clears_whole_groups_per_row():
 
 def test_records_from_build_context_featurize_and_run():
     """The record builder and the featuriser agree on the schema (guards against drift between the two)."""
-    from engine.science.context import ContextIndex, build_context
-    from engine.science.problem import VisibleProblem
+    from geximpute.science.context import ContextIndex, build_context
+    from geximpute.science.problem import VisibleProblem
 
     rng = np.random.default_rng(11)
     n_genes, donors, tissues = 12, ["D0", "D1", "D2"], ["T0", "T1", "T2"]

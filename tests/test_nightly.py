@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from helpers import TISSUE_NAMES, assert_keys_unique, donor_vcf, nightly_config, read_nightly
 
-from engine.runtime.atomic import Lease
-from engine.steps.nightly import LockBusy, ledger_path, lock_path, nightly, output_root, scan_inbox
+from geximpute.runtime.atomic import Lease
+from geximpute.steps.nightly import LockBusy, ledger_path, lock_path, nightly, output_root, scan_inbox
 
 
 def donor_expression(data: Path, donor: str, tissues: list[str], out: Path) -> tuple[Path, int]:
@@ -145,7 +145,7 @@ def test_a_held_lock_stops_a_second_run(data, bundle, tmp_path):
 
 
 def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(data, bundle, tmp_path, monkeypatch):
-    import engine.steps.nightly as nightly_module
+    import geximpute.steps.nightly as nightly_module
 
     config = nightly_config(data, bundle, tmp_path)
     inbox = tmp_path / "inbox"
@@ -189,8 +189,8 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
     assert nightly(config, run_date="2026-02-03").done == []  # the new checksum is recorded: once only
 
     # a partition manifest torn by a volume that lost it: its donors are read from its rows, and the night goes on
-    from engine.runtime.atomic import resolve
-    from engine.steps.nightly import committed_donors
+    from geximpute.runtime.atomic import resolve
+    from geximpute.steps.nightly import committed_donors
 
     (resolve(output_root(config) / "run_date=2026-02-02") / "_manifest.json").write_text("")
     found = committed_donors(output_root(config))

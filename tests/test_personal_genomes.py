@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 from helpers import donor_vcf, nightly_config, read_nightly
 
-from engine.config import config_from_dict, load_config
-from engine.errors import ConfigError, InputError
-from engine.io.dataset import load_dataset, variant_regions
-from engine.io.expression import read_expression, to_model_scale
-from engine.io.fasta import Genome
-from engine.io.variants import read_variants
-from engine.science.baselines import ElasticNetBaseline
-from engine.science.genomes import genetic_scores
-from engine.science.problem import make_problem
+from geximpute.config import config_from_dict, load_config
+from geximpute.errors import ConfigError, InputError
+from geximpute.io.dataset import load_dataset, variant_regions
+from geximpute.io.expression import read_expression, to_model_scale
+from geximpute.io.fasta import Genome
+from geximpute.io.variants import read_variants
+from geximpute.science.baselines import ElasticNetBaseline
+from geximpute.science.genomes import genetic_scores
+from geximpute.science.problem import make_problem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -272,7 +272,7 @@ def test_nightly_predicts_new_donors_from_their_own_genomes(tiny_model, tmp_path
                          "GT", "0|1"])
         (inbox / "NEW-EMPTY.vcf").write_text("\n".join(header).replace("\tX", "\tNEW-EMPTY") + "\n" + far + "\n")
         config = nightly_config(data, tiny_model.folder, work, *extra)
-        from engine.steps.nightly import nightly, output_root
+        from geximpute.steps.nightly import nightly, output_root
 
         result = nightly(config, run_date="2026-02-01")
         return result, read_nightly(output_root(config))
@@ -295,8 +295,8 @@ def test_nightly_predicts_new_donors_from_their_own_genomes(tiny_model, tmp_path
 
 
 def test_evaluation_splits_genes_by_cis_and_promoter_variants(tmp_path):
-    from engine.science.genomes import gene_variant_flags
-    from engine.steps.evaluate import genetic_comparisons, genetic_table
+    from geximpute.science.genomes import gene_variant_flags
+    from geximpute.steps.evaluate import genetic_comparisons, genetic_table
 
     gts = {TSS1 - 100: ["0/1", "1/1"] * (N_PEOPLE // 2)}  # a promoter SNP of gene 1
     _, data = _small_dataset(tmp_path, gts=gts)
@@ -330,7 +330,7 @@ def dataclasses_replace_min_donors(config):
 
 
 def test_new_donors_get_their_own_haplotypes_and_genetic_scores(tmp_path):
-    from engine.steps.nightly import InboxItem, NewDonor, donor_haplotypes, extend_problem
+    from geximpute.steps.nightly import InboxItem, NewDonor, donor_haplotypes, extend_problem
 
     snp = TSS1 - 100
     _, data = _small_dataset(tmp_path, gts={snp: ["0/0"] * (N_PEOPLE - 1) + ["0/1"]})

@@ -1,4 +1,4 @@
-"""engine.science.promoters: the promoter inputs of the network (one-hot table + lookup), read from a prepare output
+"""geximpute.science.promoters: the promoter inputs of the network (one-hot table + lookup), read from a prepare output
 on disk and built from donors' genomes; and the one size spec shared by the config and the network."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import schema as S
-from engine.config import ModelConfig, load_config
-from engine.errors import ConfigError
-from engine.model.network import NetworkSpec
-from engine.science.genomes import DonorGenomes
-from engine.science.promoters import genome_promoter_inputs, make_lookup, one_hot_promoters, promoter_inputs
+from geximpute import schema as S
+from geximpute.config import ModelConfig, load_config
+from geximpute.errors import ConfigError
+from geximpute.model.network import NetworkSpec
+from geximpute.science.genomes import DonorGenomes
+from geximpute.science.promoters import genome_promoter_inputs, make_lookup, one_hot_promoters, promoter_inputs
 
 SEQS = {"pA": "ACGTAC", "pB": "CCCCCC", "pC": "GGGTTT", "pD": "TTTTAA"}
 

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import schema as S
-from engine.config import ExpressionConfig
-from engine.errors import InputError
-from engine.io.chroms import harmonise_chroms
-from engine.io.expression import read_expression, size_factors, to_model_scale
-from engine.io.fasta import Genome, reverse_complement
-from engine.io.genes import read_genes
-from engine.io.samples import read_samples
+from geximpute import schema as S
+from geximpute.config import ExpressionConfig
+from geximpute.errors import InputError
+from geximpute.io.chroms import harmonise_chroms
+from geximpute.io.expression import read_expression, size_factors, to_model_scale
+from geximpute.io.fasta import Genome, reverse_complement
+from geximpute.io.genes import read_genes
+from geximpute.io.samples import read_samples
 
 # chr1 = 40 bases with a soft-masked stretch at 11..20
 CHR1 = "ACGTACGTAC" + "ggccttaagg" + "TTTTAAAACC" + "GGGGCCCCAT"
@@ -233,7 +233,7 @@ def test_gtex_attribute_layout_derives_the_donor(write):
 
 def test_cli_help_lists_the_design_subcommands():
     out = subprocess.run(
-        [sys.executable, "-m", "engine.apps.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "geximpute.apps.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for name in (
         "inspect",

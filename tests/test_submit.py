@@ -27,8 +27,8 @@ import pytest
 import yaml
 from helpers import TINY as TINY_BASE
 
-from engine.errors import GeximputeError
-from engine.runtime.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir
+from geximpute.errors import GeximputeError
+from geximpute.runtime.submit import JOB_CONFIG, STEPS, Token, entrypoint, find_token, stage_job_dir
 
 BIN = Path(sys.executable).parent
 GEXIMPUTE = str(BIN / "geximpute")
@@ -191,7 +191,7 @@ def test_submission_without_the_token_is_refused(ray_head, tmp_path):
 def test_pipeline_job_on_a_real_cluster(ray_head, tmp_path):
     import pyarrow.dataset as pads
 
-    from engine.apps.synth import SynthSpec, generate
+    from geximpute.apps.synth import SynthSpec, generate
 
     data = generate(tmp_path / "data", SynthSpec(seed=5, n_genes=48, n_donors=10, n_tissues=3))
     out = tmp_path / "out"
@@ -252,8 +252,8 @@ def test_token_misconfiguration_is_a_clear_error(tmp_path):
 
 
 def test_the_token_never_travels_in_clear_to_another_host(capfd, monkeypatch, caplog):
-    from engine.apps.cli import main
-    from engine.runtime.submit import check_transport
+    from geximpute.apps.cli import main
+    from geximpute.runtime.submit import check_transport
 
     token = Token("s3cret-value", "RAY_AUTH_TOKEN")
     for local in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://head.example:443",
@@ -273,7 +273,7 @@ def test_the_token_never_travels_in_clear_to_another_host(capfd, monkeypatch, ca
 
 
 def test_job_dir_holds_the_packages_and_the_resolved_config(tmp_path):
-    from engine.config import config_from_dict
+    from geximpute.config import config_from_dict
 
     data = tmp_path / "data"
     data.mkdir()
@@ -284,7 +284,9 @@ def test_job_dir_holds_the_packages_and_the_resolved_config(tmp_path):
     }))
     job = stage_job_dir(tmp_path / "job", data / "config.yaml", ["train.epochs=3"])
 
-    assert (job / "engine" / "runtime" / "submit.py").is_file() and (job / "jobs" / "pipeline.py").is_file()
+    assert (job / "geximpute" / "runtime" / "submit.py").is_file()
+    assert (job / "geximpute" / "jobs" / "pipeline.py").is_file()
+    assert not (job / "engine").exists() and not (job / "jobs").exists()  # only the import name ships
     assert not list(job.rglob("__pycache__"))
     shipped = yaml.safe_load((job / JOB_CONFIG).read_text())
     # relative paths are made absolute here, overrides are baked in, and the job joins its cluster
@@ -299,13 +301,13 @@ def test_every_step_has_a_job_module():
     import importlib
 
     for step, module in STEPS.items():
-        assert callable(importlib.import_module(f"jobs.{module}").main), step
-        assert entrypoint(step) == f"python -m jobs.{module} --config {JOB_CONFIG}"
+        assert callable(importlib.import_module(f"geximpute.jobs.{module}").main), step
+        assert entrypoint(step) == f"python -m geximpute.jobs.{module} --config {JOB_CONFIG}"
     assert repr(Token("secret", "somewhere")) == "Token(source='somewhere')"
 
 
 def test_the_outcome_line_and_exit_status(capsys):
-    from engine.runtime.submit import JobResult, report
+    from geximpute.runtime.submit import JobResult, report
 
     assert report(JobResult("j1", "http://h:8265", "SUCCEEDED")) == 0
     assert report(JobResult("j2", "http://h:8265", "FAILED", "Job entrypoint command failed with exit code 2, "

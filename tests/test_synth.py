@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pyfaidx
 import pytest
 
-from engine.apps import synth
-from engine.apps.synth import SynthResult, SynthSpec, generate
-from engine.config import load_config
-from engine.errors import ConfigError
-from engine.io.fasta import Genome, reverse_complement
+from geximpute.apps import synth
+from geximpute.apps.synth import SynthResult, SynthSpec, generate
+from geximpute.config import load_config
+from geximpute.errors import ConfigError
+from geximpute.io.fasta import Genome, reverse_complement
 
 # Small enough to generate several times per test run; the default spec is used once per module.
 SMALL = SynthSpec(seed=3, chrom_length=60_000, n_genes=40, n_donors=12, n_tissues=4)

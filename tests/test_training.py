@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.fit.train import epoch_rows
+from geximpute.fit.train import epoch_rows
 
 
 def test_epoch_rows_sample_the_whole_file_afresh_each_epoch():
@@ -34,11 +34,11 @@ def test_head_baseline_features_are_out_of_fold(tmp_path):
     import pyarrow.parquet as pq
     from test_baselines import donor_data, problem_of
 
-    from engine import schema as S
-    from engine.config import config_from_dict
-    from engine.fit.hybrid import stacked_baselines
-    from engine.fit.models import baseline_columns
-    from engine.science.folds import training_folds
+    from geximpute import schema as S
+    from geximpute.config import config_from_dict
+    from geximpute.fit.hybrid import stacked_baselines
+    from geximpute.fit.models import baseline_columns
+    from geximpute.science.folds import training_folds
 
     values, donor, tissue = donor_data(seed=1, n_genes=20, n_donors=60, n_tissues=4)
     problem = problem_of(values, donor, tissue)

@@ -1,4 +1,4 @@
-"""Tests of engine.io.variants on small hand-written VCF/FASTA files and on the real 1000 Genomes subset."""
+"""Tests of geximpute.io.variants on small hand-written VCF/FASTA files and on the real 1000 Genomes subset."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import schema
-from engine.errors import ConfigError, InputError
-from engine.io.fasta import Genome
-from engine.io.variants import check_ref_alleles, read_sample_map, read_variants
+from geximpute import schema
+from geximpute.errors import ConfigError, InputError
+from geximpute.io.fasta import Genome
+from geximpute.io.variants import check_ref_alleles, read_sample_map, read_variants
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 REAL_VCF = REAL / "genotypes" / "1KG_phase3_subset_chr17p_0-7.84Mb_lifted_hg38.vcf.gz"

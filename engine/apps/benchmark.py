@@ -11,10 +11,10 @@ worker processes (:class:`PeakRSS`). The scaling series multiplies the donors, s
 fixed, and records the time ratio between consecutive steps.
 
 The promoter-encoder comparison replays the imputation's prediction call (``Bundle.predict``, what
-:class:`engine.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and
+:class:`geximpute.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and
 tissues, so their haplotype sharing is the whole run's), counting the sequences that go through the network's
 ``PromoterCNN`` with a forward hook. It runs twice on the same entries: as imputation does (each unique promoter
-haplotype encoded once, :class:`engine.model.inference.PromoterEncoderCache`) and with a per-entry copy of every
+haplotype encoded once, :class:`geximpute.model.inference.PromoterEncoderCache`) and with a per-entry copy of every
 entry's two promoter haplotypes, so that nothing is shared; the ratio of their times is the speed-up of sharing.
 
 ``bench.json`` carries at least ``impute_entries_per_min``, ``encoder_calls_per_entry``, ``device`` and
@@ -42,20 +42,20 @@ import numpy as np
 import psutil
 import pyarrow as pa
 
-from engine import __version__
-from engine.apps.synth import SynthSpec, generate
-from engine.config import load_config
-from engine.fit.bundle import load_bundle
-from engine.io.dataset import load_dataset
-from engine.model.network import PromoterCNN
-from engine.runtime.atomic import discard
-from engine.runtime.provenance import versions
-from engine.runtime.raytools import ensure_ray
-from engine.science.context import ContextIndex, build_context
-from engine.science.problem import make_problem
-from engine.steps.impute import BLOCK_ENTRIES, add_missing_profiles, donor_promoter_inputs, impute, target_mask
-from engine.steps.pipeline import Progress, build_bundle
-from engine.steps.prepare import sample_blocks
+from geximpute import __version__
+from geximpute.apps.synth import SynthSpec, generate
+from geximpute.config import load_config
+from geximpute.fit.bundle import load_bundle
+from geximpute.io.dataset import load_dataset
+from geximpute.model.network import PromoterCNN
+from geximpute.runtime.atomic import discard
+from geximpute.runtime.provenance import versions
+from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.context import ContextIndex, build_context
+from geximpute.science.problem import make_problem
+from geximpute.steps.impute import BLOCK_ENTRIES, add_missing_profiles, donor_promoter_inputs, impute, target_mask
+from geximpute.steps.pipeline import Progress, build_bundle
+from geximpute.steps.prepare import sample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def device_description() -> dict[str, str]:
     device = f"cpu: {cpu_model()}, {usable_cores()} cores"
     if torch.cuda.is_available():
         gpu = (f"{torch.cuda.get_device_name(0)} present but not measured: imputation's network "
-               "(engine.model.inference.run_network) runs on the CPU")
+               "(geximpute.model.inference.run_network) runs on the CPU")
     else:
         gpu = "none: no GPU on this machine (torch.cuda.is_available() is False); GPU figures not measured"
     return {"device": device, "gpu": gpu}
@@ -252,7 +252,7 @@ class BenchSpec:
             raise ValueError(f"BenchSpec.scales: expected increasing integers >= 1, got {self.scales!r}")
 
     def synth_spec(self, scale: int) -> Any:
-        """The :class:`engine.apps.synth.SynthSpec` of one step of the scaling series (donors x ``scale``)."""
+        """The :class:`geximpute.apps.synth.SynthSpec` of one step of the scaling series (donors x ``scale``)."""
         # ~3.4 kb of chromosome per gene, as `geximpute synth` lays them out
         length = max(SynthSpec.chrom_length, self.genes * 3_400 // SynthSpec.n_chroms)
         return SynthSpec(seed=self.seed, n_genes=self.genes, n_donors=self.donors * scale, n_tissues=self.tissues,
@@ -285,7 +285,7 @@ def _rate(count: float, seconds: float) -> float:
 
 
 def measured_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
-    """:func:`engine.steps.pipeline.build_bundle` on every measured entry (prepare with training folds -> train ->
+    """:func:`geximpute.steps.pipeline.build_bundle` on every measured entry (prepare with training folds -> train ->
     fit-head -> bundle), each of its stages timed and memory-sampled by :func:`measured` into ``stages``.
 
     Returns:
@@ -352,7 +352,7 @@ def impute_step(config: Any, bundle: Path, out: Path) -> dict[str, Any]:
 
 
 class EncoderCounter:
-    """Counts the sequences passed through any :class:`engine.model.network.PromoterCNN` while active (a global
+    """Counts the sequences passed through any :class:`geximpute.model.network.PromoterCNN` while active (a global
     forward hook; the network's code is not touched)."""
 
     def __init__(self) -> None:

@@ -10,14 +10,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine import __version__
-from engine.config import load_config
-from engine.errors import ConfigError, GeximputeError
-from engine.runtime.console import LOG_NAME, echo, session
-from engine.runtime.submit import STEPS as SUBMIT_STEPS
-from engine.runtime.submit import report, submit
+from geximpute import __version__
+from geximpute.config import load_config
+from geximpute.errors import ConfigError, GeximputeError
+from geximpute.runtime.console import LOG_NAME, echo, session
+from geximpute.runtime.submit import STEPS as SUBMIT_STEPS
+from geximpute.runtime.submit import report, submit
 
-log = logging.getLogger("engine")
+log = logging.getLogger("geximpute")
 
 # Each command imports its step module inside its function: those load numpy, pyarrow, torch and Ray, which
 # `geximpute --help` and argument errors do not need (0.11 s for --help; importing them all takes seconds).
@@ -45,8 +45,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from engine.io.dataset import format_summary, load_dataset
-    from engine.steps.evaluate import sequence_summary
+    from geximpute.io.dataset import format_summary, load_dataset
+    from geximpute.steps.evaluate import sequence_summary
 
     dataset = load_dataset(_load(args))
     sequence = sequence_summary(dataset)
@@ -63,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    from engine.config_schema import config_schema
+    from geximpute.config_schema import config_schema
 
     text = json.dumps(config_schema(), indent=2) + "\n"
     if args.out:
@@ -77,7 +77,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from engine.apps.synth import SynthSpec, generate
+    from geximpute.apps.synth import SynthSpec, generate
 
     # ~3.3 kb of chromosome per gene keeps the default density (240 genes on 2 x 400 kb) at any size
     length = args.chrom_length or max(SynthSpec.chrom_length, args.genes * 3_400 // SynthSpec.n_chroms)
@@ -90,7 +90,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.apps.demo import run_demo
+    from geximpute.apps.demo import run_demo
 
     summary = run_demo(args.out, seed=args.seed)
     echo(f"summary written to {summary.parent / 'report.html'} and {summary} (plot: {summary.with_suffix('.png')})")
@@ -98,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from engine.steps.prepare import prepare
+    from geximpute.steps.prepare import prepare
 
     result = prepare(_load(args), args.out, targets=args.targets, training=args.training, force=args.force)
     echo(
@@ -109,8 +109,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.schema import NETWORK_WEIGHTS_FILE
-    from engine.steps.pipeline import output_path, train_and_save
+    from geximpute.schema import NETWORK_WEIGHTS_FILE
+    from geximpute.steps.pipeline import output_path, train_and_save
 
     config = _load(args)
     network = train_and_save(config, args.records, args.out)
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:
-    from engine.steps.pipeline import fit_head_and_save, output_path
+    from geximpute.steps.pipeline import fit_head_and_save, output_path
 
     config = _load(args)
     _, version, _ = fit_head_and_save(config, args.records, args.network, args.out)
@@ -140,10 +140,10 @@ def results_table(metrics: dict) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.steps.evaluate import evaluate, evaluate_seeds
+    from geximpute.steps.evaluate import evaluate, evaluate_seeds
 
     if args.seeds:
-        from engine.science.comparisons import seeds_report
+        from geximpute.science.comparisons import seeds_report
 
         summary = evaluate_seeds(_load(args), args.out, args.seeds, force=args.force)
         echo(seeds_report(summary))
@@ -161,7 +161,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_impute(args: argparse.Namespace) -> int:
-    from engine.steps.impute import impute
+    from geximpute.steps.impute import impute
 
     result = impute(_load(args), model=args.model, out_dir=args.out,
                     include_observed=True if args.include_observed else None, force=args.force)
@@ -172,7 +172,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from engine.steps.nightly import nightly
+    from geximpute.steps.nightly import nightly
 
     result = nightly(_load(args), run_date=args.run_date)
     for name, why in result.quarantined.items():
@@ -192,7 +192,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def cmd_variant_effects(args: argparse.Namespace) -> int:
-    from engine.steps.variant_effects import variant_effects
+    from geximpute.steps.variant_effects import variant_effects
 
     table = variant_effects(_load(args), args.out, args.model, force=args.force)
     echo(f"{table.num_rows:,} variant effects (variant allele x gene x tissue) written to "
@@ -201,7 +201,7 @@ def cmd_variant_effects(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from engine.apps.benchmark import BenchSpec, run_benchmark, summary
+    from geximpute.apps.benchmark import BenchSpec, run_benchmark, summary
 
     try:
         spec = BenchSpec(genes=args.genes, donors=args.donors, tissues=args.tissues,

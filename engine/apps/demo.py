@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 
-from engine.config import Config, load_config
-from engine.errors import GeximputeError
-from engine.io.dataset import load_dataset
-from engine.runtime.provenance import manifest
-from engine.runtime.raytools import ensure_ray
-from engine.science.baselines import make_methods
-from engine.science.metrics import score
-from engine.steps.evaluate import hidden_values, read_records
-from engine.steps.html_report import (
+from geximpute.config import Config, load_config
+from geximpute.errors import GeximputeError
+from geximpute.io.dataset import load_dataset
+from geximpute.runtime.provenance import manifest
+from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.baselines import make_methods
+from geximpute.science.metrics import score
+from geximpute.steps.evaluate import hidden_values, read_records
+from geximpute.steps.html_report import (
     METRICS_HEADER,
     Section,
     coverage_plot,
@@ -46,8 +46,8 @@ from engine.steps.html_report import (
     table_html,
     write_report,
 )
-from engine.steps.impute import impute
-from engine.steps.pipeline import Progress, build_bundle
+from geximpute.steps.impute import impute
+from geximpute.steps.pipeline import Progress, build_bundle
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class DemoPart:
 
 
 def _train_bundle(config: Config, part: DemoPart, dataset) -> tuple[Path, object]:
-    """:func:`engine.steps.pipeline.build_bundle` on the hidden entries, its stages timed into ``part.seconds``;
+    """:func:`geximpute.steps.pipeline.build_bundle` on the hidden entries, its stages timed into ``part.seconds``;
     returns (the bundle folder, prepare's output)."""
     progress = Progress()
     bundle = build_bundle(config, dataset=dataset, targets="hidden", progress=progress)

@@ -2,7 +2,7 @@
 
 :func:`generate` writes a small genome (FASTA), a GENCODE-style annotation (GTF), an expression matrix with
 missing samples and missing entries (GCT 1.2, TPM), a sample table, phased personal genomes (VCF) and a
-``config.yaml`` that :func:`engine.config.load_config` reads as it is, plus the hidden truth under ``truth/``.
+``config.yaml`` that :func:`geximpute.config.load_config` reads as it is, plus the hidden truth under ``truth/``.
 Every draw comes from ``numpy.random.default_rng(spec.seed)``, so one spec always gives byte-identical files.
 
 The planted model, on the log1p(TPM) scale, for gene g, donor d and tissue t::
@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from engine import schema as S
-from engine.config import load_config
+from geximpute import schema as S
+from geximpute.config import load_config
 
 _LETTERS = np.frombuffer(b"ACGT", dtype=np.uint8)
 _LOWER = np.frombuffer(b"acgt", dtype=np.uint8)
@@ -195,7 +195,7 @@ class SynthResult:
 
     Attributes:
         out_dir: the dataset folder.
-        config_path: ``out_dir / "config.yaml"``, ready for :func:`engine.config.load_config`.
+        config_path: ``out_dir / "config.yaml"``, ready for :func:`geximpute.config.load_config`.
         truth: the summary also written to ``truth/truth.json``.
     """
 
@@ -921,7 +921,7 @@ def _summarise(data: _Dataset) -> dict[str, Any]:
     y = data.y
     return _rounded(
         {
-            "generator": "engine.apps.synth",
+            "generator": "geximpute.apps.synth",
             "seed": spec.seed,
             "spec": dataclasses.asdict(spec),
             "motifs": {
@@ -996,7 +996,7 @@ def _write_fasta(path: Path, data: _Dataset) -> None:
 
 def _write_gtf(path: Path, data: _Dataset) -> None:
     """GENCODE-style GTF: gene, transcript and exon records, versioned ids, sorted by chrom and start."""
-    lines = ["##description: synthetic annotation (engine.apps.synth)", "##provider: geximpute", "##format: gtf"]
+    lines = ["##description: synthetic annotation (geximpute.apps.synth)", "##provider: geximpute", "##format: gtf"]
     exon_number = 0
     for i, gene in enumerate(data.genes.itertuples(index=False)):
         number = i + 1

@@ -1,6 +1,6 @@
 """The model bundle: the single artefact that later steps load.
 
-A bundle folder holds (names and Parquet schemas declared in :mod:`engine.schema`, ``BUNDLE_FILES``)::
+A bundle folder holds (names and Parquet schemas declared in :mod:`geximpute.schema`, ``BUNDLE_FILES``)::
 
     network.pt        network weights (a plain state dict; loaded with ``torch.load(weights_only=True)``)
     network.json      NetworkSpec and FeatureSpec of the network (the format of :func:`save_network`)
@@ -32,19 +32,19 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from engine import schema as S
-from engine.config import Config, config_from_dict, dump_config
-from engine.errors import GeximputeError
-from engine.fit.head import HeadModel
-from engine.fit.models import HybridModels
-from engine.io.fasta import Genome
-from engine.model.features import FeatureSpec
-from engine.model.inference import TrainedNetwork
-from engine.model.network import NetworkSpec
-from engine.runtime.atomic import staged_output
-from engine.runtime.provenance import manifest, write_json
-from engine.science.head_features import FEATURE_NAMES
-from engine.science.promoters import PromoterLookup, one_hot_promoters
+from geximpute import schema as S
+from geximpute.config import Config, config_from_dict, dump_config
+from geximpute.errors import GeximputeError
+from geximpute.fit.head import HeadModel
+from geximpute.fit.models import HybridModels
+from geximpute.io.fasta import Genome
+from geximpute.model.features import FeatureSpec
+from geximpute.model.inference import TrainedNetwork
+from geximpute.model.network import NetworkSpec
+from geximpute.runtime.atomic import staged_output
+from geximpute.runtime.provenance import manifest, write_json
+from geximpute.science.head_features import FEATURE_NAMES
+from geximpute.science.promoters import PromoterLookup, one_hot_promoters
 
 
 def save_network(network: TrainedNetwork, folder: str | Path, *, with_metrics: bool = True) -> Path:
@@ -234,7 +234,7 @@ class Bundle:
             records: context records (schema.CONTEXT).
             gene_ids: the genes of ``gene_index``.
             promoters: the one-hot promoter table and lookup of the records (e.g. with donors' haplotypes built
-                from their VCF, see :func:`engine.science.promoters.genome_promoter_inputs`); default: the bundle's
+                from their VCF, see :func:`geximpute.science.promoters.genome_promoter_inputs`); default: the bundle's
                 reference windows.
         """
         if promoters is None:

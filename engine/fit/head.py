@@ -1,7 +1,7 @@
 """The XGBoost head, fitted with Ray Train's ``XGBoostTrainer``: a point estimate and an 80% interval.
 
 The head sees the network's embedding (when there is one) and the engineered features of
-:mod:`engine.science.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the
+:mod:`geximpute.science.head_features`. Two boosters are fitted in the same Ray Train run: squared error for the
 estimate and XGBoost's multi-quantile objective for the interval bounds. The bounds are then conformalised on held-out
 training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the quantile of
 ``max(lower - y, y - upper)`` that makes the interval cover the intended fraction of held-out values.
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine import schema as S
-from engine.config import HeadConfig
-from engine.runtime.console import stage
-from engine.runtime.raytools import progress_callbacks
+from geximpute import schema as S
+from geximpute.config import HeadConfig
+from geximpute.runtime.console import stage
+from geximpute.runtime.raytools import progress_callbacks
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ on the labelled training folds, fits the XGBoost heads on the network embedding 
 returns a :class:`HybridModels` that predicts context records. With K >= 2 training folds the head is
 cross-fitted: K networks, network k trained on every fold but k, each give their held-out fold's rows a
 prediction and an embedding, so the head learns on K folds of out-of-fold network outputs and, beside them, on the
-strong baselines' out-of-fold estimates (:func:`engine.science.baselines.out_of_fold_estimates`): a head that sees
+strong baselines' out-of-fold estimates (:func:`geximpute.science.baselines.out_of_fold_estimates`): a head that sees
 its inputs as they will be on hidden entries cannot do worse than the best of them. Methods it contributes to
 ``metrics.json``:
 
@@ -28,15 +28,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from engine.config import Config
-from engine.fit.head import fit_head
-from engine.fit.models import HybridModels, baseline_columns, genetic_offset
-from engine.fit.train import fold_dirs, holdout, train_network
-from engine.model.inference import TrainedNetwork
-from engine.science.baselines import ENTRY_METHODS, baseline_estimates, composition_of, out_of_fold_estimates
-from engine.science.folds import training_folds
-from engine.science.problem import VisibleProblem
-from engine.science.promoters import promoter_inputs
+from geximpute.config import Config
+from geximpute.fit.head import fit_head
+from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
+from geximpute.fit.train import fold_dirs, holdout, train_network
+from geximpute.model.inference import TrainedNetwork
+from geximpute.science.baselines import ENTRY_METHODS, baseline_estimates, composition_of, out_of_fold_estimates
+from geximpute.science.folds import training_folds
+from geximpute.science.problem import VisibleProblem
+from geximpute.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
     """(out-of-fold grids, all-visible grids) of the entry baselines, ``{name: (G, S) float32}``, same names.
 
     The out-of-fold grid holds, at each entry of training fold k, the estimate of a baseline fitted with fold k
-    hidden as well: the same folds as prepare's (:func:`engine.science.folds.training_folds`, same arguments), so
+    hidden as well: the same folds as prepare's (:func:`geximpute.science.folds.training_folds`, same arguments), so
     a head row's baseline features never saw its label. The all-visible grid is the baselines fitted on the whole
     visible problem, as for hidden entries; neither sees a hidden value.
     """

@@ -1,7 +1,7 @@
 """The fitted hybrid as it predicts: networks, heads and ablations of one evaluation or one model bundle.
 
-Fitting lives in :mod:`engine.fit.hybrid` (with the training loop); this module only predicts, so loading a bundle
-(:mod:`engine.fit.bundle`) does not import the training code.
+Fitting lives in :mod:`geximpute.fit.hybrid` (with the training loop); this module only predicts, so loading a bundle
+(:mod:`geximpute.fit.bundle`) does not import the training code.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from engine.config import Config
-from engine.fit.head import HeadModel
-from engine.model.inference import TrainedNetwork, run_network
-from engine.science.head_features import engineered_features
-from engine.science.promoters import PromoterLookup
+from geximpute.config import Config
+from geximpute.fit.head import HeadModel
+from geximpute.model.inference import TrainedNetwork, run_network
+from geximpute.science.head_features import engineered_features
+from geximpute.science.promoters import PromoterLookup
 
 
 @dataclass
@@ -26,7 +26,7 @@ class HybridModels:
 
     - plain (``stacked`` False, what ``geximpute fit-head`` and a bundle hold): [embedding, engineered features] of
       ``network``, the head fitted on a fold that network was not trained on;
-    - stacked (``stacked`` True, :func:`engine.fit.hybrid.fit_hybrid`): [embedding, engineered features, network
+    - stacked (``stacked`` True, :func:`geximpute.fit.hybrid.fit_hybrid`): [embedding, engineered features, network
       prediction, baseline estimates] of each cross-fitted network of ``fold_networks``; network k was trained on
       every training fold but k and gave the head fold k's rows, so every head row is out of fold. New records
       go through every fold network and the head's outputs are averaged. The baseline estimates are read from
@@ -46,7 +46,7 @@ class HybridModels:
     baselines: dict[str, np.ndarray] = field(default_factory=dict)
 
     def engineered(self, records: pa.Table) -> np.ndarray:
-        """(N, F) engineered features of ``records`` (:func:`engine.science.head_features.engineered_features`)."""
+        """(N, F) engineered features of ``records`` (:func:`geximpute.science.head_features.engineered_features`)."""
         b = self.config.baselines
         return engineered_features(
             records, distance_k=b.distance_k, distance_offset=b.distance_offset, donor_shrinkage=b.donor_shrinkage
@@ -127,7 +127,7 @@ def genetic_offset(records: pa.Table) -> np.ndarray:
 
     Trees split a continuous input into steps; a donor's genetic deviation within a gene is small next to the
     differences between genes, so a head that had to rebuild it from splits would lose most of it. The score is
-    already a shrunken estimate (:func:`engine.science.genomes.genetic_scores`), so it enters additively, as
+    already a shrunken estimate (:func:`geximpute.science.genomes.genetic_scores`), so it enters additively, as
     XGBoost's base margin would, and the head still sees it as a feature to correct it.
     """
     if "genetic_score" not in records.column_names:

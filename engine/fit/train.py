@@ -24,13 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engine.config import Config
-from engine.model.features import FeatureSpec, drop_groups, featurize, to_tensors
-from engine.model.inference import TrainedNetwork
-from engine.model.network import HybridNet, NetworkSpec
-from engine.runtime.console import stage
-from engine.runtime.raytools import progress_callbacks
-from engine.science.promoters import PromoterLookup, promoter_inputs
+from geximpute.config import Config
+from geximpute.model.features import FeatureSpec, drop_groups, featurize, to_tensors
+from geximpute.model.inference import TrainedNetwork
+from geximpute.model.network import HybridNet, NetworkSpec
+from geximpute.runtime.console import stage
+from geximpute.runtime.raytools import progress_callbacks
+from geximpute.science.promoters import PromoterLookup, promoter_inputs
 
 log = logging.getLogger(__name__)
 

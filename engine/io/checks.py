@@ -7,7 +7,7 @@ import io
 import zlib
 from pathlib import Path
 
-from engine.errors import InputError
+from geximpute.errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"
 

@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from engine import schema as S
-from engine.config import Config
-from engine.errors import InputError
-from engine.io.expression import Expression, read_expression
-from engine.io.fasta import Genome
-from engine.io.genes import GeneTable, phenotype_bed_genes, read_genes
-from engine.io.samples import person_samples, read_samples, reference_samples
-from engine.io.variants import read_sample_map, read_variants
+from geximpute import schema as S
+from geximpute.config import Config
+from geximpute.errors import InputError
+from geximpute.io.expression import Expression, read_expression
+from geximpute.io.fasta import Genome
+from geximpute.io.genes import GeneTable, phenotype_bed_genes, read_genes
+from geximpute.io.samples import person_samples, read_samples, reference_samples
+from geximpute.io.variants import read_sample_map, read_variants
 
 if TYPE_CHECKING:
-    from engine.io.variants import Variants
+    from geximpute.io.variants import Variants
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def variant_regions(genes: GeneTable, gene_ids: list[str], config: Config) -> li
     """The genomic windows whose variants the model reads: around each expressed gene's TSS, its promoter window
     and its cis window (``genotypes.cis_window``), widened by one promoter length so that a deletion starting just
     outside a promoter window and reaching into it is read too. 1-based inclusive; overlapping ones are merged by
-    :func:`engine.io.variants.read_variants`, which reads them through the VCF's index when it has one, so that
+    :func:`geximpute.io.variants.read_variants`, which reads them through the VCF's index when it has one, so that
     memory grows with the windows and not with the file."""
     table = genes.table
     keep = np.isin(np.asarray(table[S.GENE_ID].to_pylist(), dtype=object), np.asarray(gene_ids, dtype=object))

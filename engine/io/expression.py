@@ -16,11 +16,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import schema as S
-from engine.config import ExpressionConfig
-from engine.errors import InputError
-from engine.io.checks import check_readable, open_text, strip_version
-from engine.io.tables import is_parquet, read_table, require_columns
+from geximpute import schema as S
+from geximpute.config import ExpressionConfig
+from geximpute.errors import InputError
+from geximpute.io.checks import check_readable, open_text, strip_version
+from geximpute.io.tables import is_parquet, read_table, require_columns
 
 #: wide-table columns that describe genes rather than hold values
 ANNOTATION_COLUMNS = {"description", "gene_name", "name", "symbol", "gene_symbol", "gene.name", "gene_type"}
@@ -39,7 +39,7 @@ class Expression:
         scale: ``tpm``, ``counts``, ``log`` or ``normalised``, as configured.
         report: counts for ``inspect``.
         genes: for a phenotype BED, its rows' coordinates as a table of ``gene_id`` (as written), ``chrom``,
-            ``start0``, ``end`` and ``strand`` (see :func:`engine.io.genes.phenotype_bed_genes`); None otherwise.
+            ``start0``, ``end`` and ``strand`` (see :func:`geximpute.io.genes.phenotype_bed_genes`); None otherwise.
     """
 
     path: Path
@@ -55,7 +55,7 @@ class Expression:
         return self.values.shape
 
     def to_long(self) -> pa.Table:
-        """The measured entries as a long table (:data:`engine.schema.EXPRESSION_LONG`)."""
+        """The measured entries as a long table (:data:`geximpute.schema.EXPRESSION_LONG`)."""
         gi, si = np.nonzero(~np.isnan(self.values))
         return pa.table(
             {

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyfaidx
 
-from engine.errors import InputError
-from engine.io.checks import check_readable
+from geximpute.errors import InputError
+from geximpute.io.checks import check_readable
 
 _COMPLEMENT = str.maketrans("ACGTNacgtnRYKMSWBDHVrykmswbdhv", "TGCANtgcanYRMKSWVHDByrmkswvhdb")
 

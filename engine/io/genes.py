@@ -1,4 +1,4 @@
-"""Gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV -> one row per gene with its TSS (engine.schema.GENES).
+"""Gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV -> one row per gene with its TSS (geximpute.schema.GENES).
 
 Gene ids lose their version suffix (``ENSG00000141510.17`` -> ``ENSG00000141510``) so that sources on different
 GENCODE releases join. Chromosome names are harmonised to the genome's (or to ``chr``-style without a genome) and
@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import schema as S
-from engine.errors import InputError
-from engine.io.checks import strip_version
-from engine.io.chroms import harmonise_chroms, renamed
-from engine.io.fasta import Genome
-from engine.io.tables import count_leading_comments, read_table, require_columns
+from geximpute import schema as S
+from geximpute.errors import InputError
+from geximpute.io.checks import strip_version
+from geximpute.io.chroms import harmonise_chroms, renamed
+from geximpute.io.fasta import Genome
+from geximpute.io.tables import count_leading_comments, read_table, require_columns
 
 GFF_COLUMNS = ["seqid", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]
 BED_COLUMNS = ["chrom", "start0", "end", "name", "score", "strand"]
@@ -30,7 +30,7 @@ class GeneTable:
     """Genes with their TSS.
 
     Attributes:
-        table: one row per gene, :data:`engine.schema.GENES`, sorted by chrom then TSS.
+        table: one row per gene, :data:`geximpute.schema.GENES`, sorted by chrom then TSS.
         path: the file read.
         report: counts and renames for ``inspect``.
     """
@@ -276,7 +276,7 @@ def read_genes(
 
 def phenotype_bed_genes(coords: pa.Table, path: str | Path, *, genome: Genome | None = None,
                         genome_partial: bool = False) -> GeneTable:
-    """The genes of a phenotype BED (:func:`engine.io.expression.read_expression`'s ``Expression.genes``).
+    """The genes of a phenotype BED (:func:`geximpute.io.expression.read_expression`'s ``Expression.genes``).
 
     QTLtools writes each gene as a 1-bp interval at its TSS (``end`` is the TSS); for a longer interval the TSS is
     its 5' end on the strand, as in a BED6 annotation. Validated like :func:`read_genes`.

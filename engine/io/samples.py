@@ -1,4 +1,4 @@
-"""Sample table: sample_id -> donor_id, tissue (engine.schema.SAMPLES).
+"""Sample table: sample_id -> donor_id, tissue (geximpute.schema.SAMPLES).
 
 Accepts the engine's own layout (``sample_id``, ``donor_id``, ``tissue``) and GTEx's sample attribute table
 (``SAMPID`` and ``SMTSD``; the donor is the first two dash-separated fields of a GTEx sample id, e.g.
@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import schema as S
-from engine.errors import InputError
-from engine.io.tables import read_table, require_columns
+from geximpute import schema as S
+from geximpute.errors import InputError
+from geximpute.io.tables import read_table, require_columns
 
 SAMPLE_ALIASES = ["SAMPID", "sample", "sample_name"]
 DONOR_ALIASES = ["SUBJID", "donor", "subject_id", "individual", "participant_id"]
@@ -32,7 +32,7 @@ def read_samples(path: str | Path) -> pa.Table:
     """Read and validate a sample table.
 
     Returns:
-        :data:`engine.schema.SAMPLES`, one row per sample.
+        :data:`geximpute.schema.SAMPLES`, one row per sample.
 
     Raises:
         InputError: missing/empty file, missing columns, empty values, duplicate sample ids, a donor that cannot

@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from engine.errors import InputError
-from engine.io.checks import check_gzip_whole, check_readable, open_text
+from geximpute.errors import InputError
+from geximpute.io.checks import check_gzip_whole, check_readable, open_text
 
 #: strings read as missing values in every table
 NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]

@@ -1,9 +1,9 @@
 """Genotypes from VCF, VCF.gz (gzip or bgzip) and BCF through cyvcf2, checked against the reference genome.
 
-:func:`read_variants` returns the sites as an Arrow table in :data:`engine.schema.VARIANT_SITES` (chromosome
+:func:`read_variants` returns the sites as an Arrow table in :data:`geximpute.schema.VARIANT_SITES` (chromosome
 names harmonised to the FASTA's), the genotypes as an ``int8`` array of allele indices per haplotype and a
 report of what was read, renamed, dropped and checked. Every problem with the input raises
-:class:`~engine.errors.InputError` naming the file and the record.
+:class:`~geximpute.errors.InputError` naming the file and the record.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from engine import schema
-from engine.errors import ConfigError, InputError
-from engine.io.checks import check_gzip_whole, check_readable, is_gzip, open_text
-from engine.io.chroms import chrom_key, harmonise_chroms, renamed
-from engine.io.fasta import Genome
+from geximpute import schema
+from geximpute.errors import ConfigError, InputError
+from geximpute.io.checks import check_gzip_whole, check_readable, is_gzip, open_text
+from geximpute.io.chroms import chrom_key, harmonise_chroms, renamed
+from geximpute.io.fasta import Genome
 
 #: columns of a sample map file
 VCF_SAMPLE = "vcf_sample"
@@ -42,7 +42,7 @@ class Variants:
 
     Attributes:
         path: the file read.
-        sites: one row per site in :data:`engine.schema.VARIANT_SITES`: ``chrom`` (the FASTA's name),
+        sites: one row per site in :data:`geximpute.schema.VARIANT_SITES`: ``chrom`` (the FASTA's name),
             ``pos`` (1-based), ``variant_id`` (null for ``.``), ``ref``, ``alt`` (every ALT allele; empty
             for a monomorphic site with ALT ``.``).
         samples: donor ids, in the order of the ``samples`` argument or else of the file.
@@ -673,7 +673,7 @@ def check_ref_alleles(sites: pa.Table, genome: Genome, path: str | Path, max_ref
     and counting it would let a VCF of another build pass against a mostly unknown genome.
 
     Args:
-        sites: a table in :data:`engine.schema.VARIANT_SITES` with chromosome names of ``genome``.
+        sites: a table in :data:`geximpute.schema.VARIANT_SITES` with chromosome names of ``genome``.
         genome: the reference.
         path: the VCF the sites came from, for messages.
         max_ref_mismatch: largest fraction of checked sites allowed to disagree.

@@ -2,10 +2,10 @@
 
 ``features`` turns context records into fixed-shape arrays; ``network`` holds the promoter CNN, the context
 transformer and the hybrid network with its ablations; ``inference`` runs a trained network on records. The
-promoter one-hot encoder and lookup are numpy only and live in :mod:`engine.science.promoters`.
+promoter one-hot encoder and lookup are numpy only and live in :mod:`geximpute.science.promoters`.
 """
 
-from engine.model.features import (
+from geximpute.model.features import (
     BATCH_KEYS,
     FeatureSpec,
     drop_groups,
@@ -13,7 +13,7 @@ from engine.model.features import (
     featurize,
     to_tensors,
 )
-from engine.model.network import ContextEncoder, HybridNet, NetworkSpec, PromoterCNN
+from geximpute.model.network import ContextEncoder, HybridNet, NetworkSpec, PromoterCNN
 
 __all__ = [
     "BATCH_KEYS",

@@ -1,9 +1,9 @@
-"""Context records (:data:`engine.schema.CONTEXT`) to fixed-shape arrays for the network, vectorised, no Ray.
+"""Context records (:data:`geximpute.schema.CONTEXT`) to fixed-shape arrays for the network, vectorised, no Ray.
 
 :func:`featurize` pads or truncates every list column of a record table to a fixed width using the list arrays'
 offsets (one gather per column, no per-row Python); :func:`drop_groups` hides whole evidence groups per row as a
 denoising augmentation. Promoters are one-hot encoded once per table
-(:func:`engine.science.promoters.one_hot_promoters`), so a batch carries only an index into it. Values enter the
+(:func:`geximpute.science.promoters.one_hot_promoters`), so a batch carries only an index into it. Values enter the
 network standardised, ``(v - value_center) / value_scale``.
 
 Batch keys and shapes (N rows, K = ``k_neighbours``, T = ``n_tissues``)::
@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from engine import schema as S
+from geximpute import schema as S
 
 #: neighbour log distances are sign(d) log10(1 + |d|); dividing by this puts 1 Mb at about 1
 LOGDIST_SCALE = 6.0
@@ -184,7 +184,7 @@ def featurize(
     """Fixed-shape arrays of a table of context records.
 
     Args:
-        records: a table with the :data:`engine.schema.CONTEXT` columns (extra columns are ignored; ``target`` is
+        records: a table with the :data:`geximpute.schema.CONTEXT` columns (extra columns are ignored; ``target`` is
             optional).
         spec: widths and value standardisation.
         promoter_index: (N,) index of each row's promoter in the one-hot promoter table, -1 for none; or a pair
@@ -201,7 +201,7 @@ def featurize(
     needed = [*NEIGHBOUR_COLUMNS, *TISSUE_COLUMNS, "tissue_index", "tissue_mean", "gene_mean", "tissue_offset"]
     missing = [c for c in needed if c not in records.column_names]
     if missing:
-        raise ValueError(f"featurize: records lack columns {missing}; expected the engine.schema.CONTEXT columns")
+        raise ValueError(f"featurize: records lack columns {missing}; expected the geximpute.schema.CONTEXT columns")
     n = records.num_rows
     k, t = spec.k_neighbours, spec.n_tissues
 
@@ -210,7 +210,7 @@ def featurize(
     # a NaN value is no evidence: drop the slot rather than let it poison the attention
     nb_mask &= ~np.isnan(nb["nb_value"])
     tis_mask &= ~np.isnan(tis["tis_value"]) & ~np.isnan(tis["tis_corr"])
-    _check_range(nb["nb_orient"], nb_mask, 0, 3, "nb_orient", "expected one of engine.schema.ORIENT_*")
+    _check_range(nb["nb_orient"], nb_mask, 0, 3, "nb_orient", "expected one of geximpute.schema.ORIENT_*")
     _check_range(tis["tis_index"], tis_mask, 0, t, "tis_index", _TISSUE_HINT)
     tis_mean_ok = tis_mask & ~np.isnan(tis["tis_mean"])
 

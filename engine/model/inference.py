@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.model.features import FeatureSpec, featurize, to_tensors
-from engine.model.network import HybridNet, NetworkSpec
-from engine.science.promoters import PromoterLookup
+from geximpute.model.features import FeatureSpec, featurize, to_tensors
+from geximpute.model.network import HybridNet, NetworkSpec
+from geximpute.science.promoters import PromoterLookup
 
 
 class PromoterEncoderCache(torch.nn.Module):

@@ -1,7 +1,7 @@
 """The hybrid imputation network: a promoter CNN and a transformer over context tokens. Plain torch, no Ray.
 
 For a target entry (gene g, donor d, tissue t) the network reads the batch arrays of
-:func:`engine.model.features.featurize` and the one-hot promoter table, and returns a prediction in standardised
+:func:`geximpute.model.features.featurize` and the one-hot promoter table, and returns a prediction in standardised
 units and the embedding the prediction is made from (what the XGBoost head consumes).
 
 Ablations (``NetworkSpec.use_promoter`` / ``use_context``)::
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
+from geximpute.config import ModelConfig
 
 #: the gene-level scalars ((value, ok) pairs) and the target tissue's offset, in the order the query reads them
 GENE_SCALARS = ("tissue_mean", "tissue_mean_ok", "gene_mean", "gene_mean_ok", "tissue_offset", "genetic_score",
@@ -34,13 +34,13 @@ GENE_SCALARS = ("tissue_mean", "tissue_mean_ok", "gene_mean", "gene_mean_ok", "t
 NEIGHBOUR_INPUTS = ("nb_value", "nb_logdist", "nb_overlap", "nb_gene_mean")
 TISSUE_INPUTS = ("tis_value", "tis_corr", "tis_mean", "tis_mean_ok")
 
-_N_ORIENT = 3  # engine.schema.ORIENT_SAME, ORIENT_DIVERGENT, ORIENT_CONVERGENT
+_N_ORIENT = 3  # geximpute.schema.ORIENT_SAME, ORIENT_DIVERGENT, ORIENT_CONVERGENT
 _QUERY, _NEIGHBOUR, _TISSUE = 0, 1, 2  # token types
 
 
 @dataclass(frozen=True, kw_only=True)
 class NetworkSpec(ModelConfig):
-    """Shape of the network: the size fields and checks of :class:`engine.config.ModelConfig`, plus its inputs.
+    """Shape of the network: the size fields and checks of :class:`geximpute.config.ModelConfig`, plus its inputs.
 
     Attributes:
         n_tissues: tissue vocabulary size (``FeatureSpec.n_tissues``).
@@ -292,7 +292,7 @@ class HybridNet(nn.Module):
         """Predict the standardised value of each row.
 
         Args:
-            batch: tensors of :func:`engine.model.features.featurize` (via ``to_tensors``): nb_* (N, K),
+            batch: tensors of :func:`geximpute.model.features.featurize` (via ``to_tensors``): nb_* (N, K),
                 tis_* (N, T), tissue_index, the gene-level scalars, promoter_index (N,) and optionally
                 promoter_index_b (N,) (the second haplotype; the first is used twice without it).
             promoters: (P, 4, L) one-hot promoter table; may be None when ``use_promoter`` is False or no row has

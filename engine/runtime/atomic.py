@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.errors import GeximputeError
+from geximpute.errors import GeximputeError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.runtime.raytools import progress_counter
+from geximpute.runtime.raytools import progress_counter
 
 #: name of the log file a command leaves in its output folder
 #: "_" first, as for _manifest.json: Parquet readers of an output folder (pyarrow, Ray Data) skip it
@@ -72,7 +72,7 @@ def _nolock() -> Iterator[None]:
 class _EngineHandler(logging.Handler):
     """The engine's log lines on the terminal, short form, written between progress bar redraws.
 
-    Below WARNING, only the step-level loggers (``engine.steps``, ``engine.apps``) reach the terminal unless
+    Below WARNING, only the step-level loggers (``geximpute.steps``, ``geximpute.apps``) reach the terminal unless
     ``verbose``: the layers underneath (reading inputs, Ray setup, each training run) are detail for the log file.
     """
 
@@ -83,7 +83,7 @@ class _EngineHandler(logging.Handler):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING or self.verbose:
             return True
-        return record.name.startswith(("engine.steps", "engine.apps", "engine.progress"))
+        return record.name.startswith(("geximpute.steps", "geximpute.apps", "geximpute.progress"))
 
     def emit(self, record: logging.LogRecord) -> None:
         if _session is None:
@@ -131,16 +131,16 @@ def session(log_path: str | Path | None, *, verbose: bool = False, quiet: bool =
     _session = _Session(out=out, err=err, interactive=interactive(err) and not quiet, log_path=log_path,
                         verbose=verbose, redirected=redirect)
 
-    root, engine = logging.getLogger(), logging.getLogger("engine")
-    saved_levels = (root.level, engine.level, engine.propagate)
+    root, ours = logging.getLogger(), logging.getLogger("geximpute")
+    saved_levels = (root.level, ours.level, ours.propagate)
     handlers: list[tuple[logging.Logger, logging.Handler]] = []
     terminal = _EngineHandler(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO, verbose)
     terminal.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    handlers.append((engine, terminal))
+    handlers.append((ours, terminal))
     if log_file is not None:
         to_file = logging.StreamHandler(log_file)
         to_file.setFormatter(logging.Formatter(_FORMAT))
-        handlers.append((engine, to_file))
+        handlers.append((ours, to_file))
         handlers.append((root, to_file))
     if verbose:  # other libraries' logging and Python warnings live on the terminal as well
         live = logging.StreamHandler(err)
@@ -148,8 +148,8 @@ def session(log_path: str | Path | None, *, verbose: bool = False, quiet: bool =
         handlers.append((root, live))
     for logger, handler in handlers:
         logger.addHandler(handler)
-    engine.setLevel(logging.DEBUG)  # the file holds the engine's DEBUG lines too
-    engine.propagate = False  # the engine's lines reach the file through its own handler, once
+    ours.setLevel(logging.DEBUG)  # the file holds the engine's DEBUG lines too
+    ours.propagate = False  # the engine's lines reach the file through its own handler, once
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # Python warnings go through logging: to the file, or live with --verbose
     try:
@@ -158,7 +158,7 @@ def session(log_path: str | Path | None, *, verbose: bool = False, quiet: bool =
         logging.captureWarnings(False)
         for logger, handler in handlers:
             logger.removeHandler(handler)
-        root.level, engine.level, engine.propagate = saved_levels
+        root.level, ours.level, ours.propagate = saved_levels
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
@@ -310,7 +310,7 @@ class Stage:
                 self._bar.close()
         elif _session is not None:
             self._line(final=True)
-        logging.getLogger("engine.progress").debug("%s: %s %s in %.1f s", self.name, self.done, self.unit,
+        logging.getLogger("geximpute.progress").debug("%s: %s %s in %.1f s", self.name, self.done, self.unit,
                                                    time.perf_counter() - self.t0)
 
 

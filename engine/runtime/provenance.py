@@ -9,8 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine import __version__
-from engine.config import Config
+from geximpute import __version__
+from geximpute.config import Config
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from engine.config import RayConfig
+from geximpute.config import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def ensure_ray(config: RayConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    from engine.runtime.console import redirected
+    from geximpute.runtime.console import redirected
 
     if redirected():
         # the engine shows one display per stage; Ray Data's own bars (and their logged form off a terminal) would
@@ -48,7 +48,7 @@ def ensure_ray(config: RayConfig) -> bool:
 
 
 def progress_counter():
-    """A Ray actor that counts units of work done in Ray processes, for :func:`engine.runtime.console.stage`.
+    """A Ray actor that counts units of work done in Ray processes, for :func:`geximpute.runtime.console.stage`.
 
     It takes no CPU, so it never competes with the work it counts. Callers add with ``.add.remote(n)``; the driver
     polls ``.value.remote()``.

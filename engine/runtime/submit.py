@@ -1,8 +1,9 @@
 """Submitting a step to a Ray cluster as a Ray job (``geximpute submit``).
 
-The job runs ``python -m jobs.STEP --config geximpute-job.yaml`` on the cluster. Its ``working_dir`` is a small
-folder staged on this machine and uploaded by the Ray Jobs SDK: the local ``engine`` and ``jobs`` sources (so the
-cluster runs exactly the code that submitted it, over the dependencies installed on its nodes) and the config,
+The job runs ``python -m geximpute.jobs.STEP --config geximpute-job.yaml`` on the cluster. Its ``working_dir`` is a
+small folder staged on this machine and uploaded by the Ray Jobs SDK: the local ``geximpute`` sources (the
+repository's ``engine/`` and ``jobs/``, laid out as ``geximpute/`` and ``geximpute/jobs/``), so that the cluster runs
+exactly the code that submitted it over the dependencies installed on its nodes, and the config,
 resolved here. Resolving means the ``--set`` overrides are applied, relative paths are made absolute against the
 config file's folder (the data is never shipped: the paths must be readable on the cluster, as on a local cluster or
 a shared mount) and ``ray.address`` is set to ``auto`` so that the job joins the cluster it runs on.
@@ -18,6 +19,7 @@ port-forward) or ``--allow-insecure`` is given (:func:`check_transport`).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -31,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from engine import __version__
-from engine.config import dump_config, load_config
-from engine.errors import GeximputeError
+from geximpute import __version__
+from geximpute.config import dump_config, load_config
+from geximpute.errors import GeximputeError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def find_token(environ: dict[str, str] | None = None, home: Path | None = None) 
 
 
 def stage_job_dir(dest: Path, config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Write the job's working_dir: copies of the ``engine`` and ``jobs`` packages and the resolved config.
+    """Write the job's working_dir: a copy of the ``geximpute`` package (``geximpute.jobs`` included) and the resolved
+    config.
 
     Args:
         dest: an empty or absent folder.
@@ -142,16 +145,19 @@ def stage_job_dir(dest: Path, config_path: str | Path, overrides: list[str] | tu
     Raises:
         ConfigError: the config cannot be read or holds a bad value (checked here, before anything is submitted).
     """
-    # the packages themselves, located to be copied; imported here because jobs imports engine
-    import engine
-    import jobs
+    # the sources of the installed package: ``geximpute`` is the repository's engine/ folder and ``geximpute.jobs``
+    # its jobs/ folder (pyproject.toml maps them); in the job's working_dir they become geximpute/ and geximpute/jobs/
+    import geximpute
 
     config = load_config(config_path, [*overrides, *CLUSTER_OVERRIDES])
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in (engine, jobs):
-        source = Path(package.__file__).resolve().parent
-        shutil.copytree(source, dest / source.name, ignore=ignore)
+    package = Path(geximpute.__file__).resolve().parent
+    jobs_spec = importlib.util.find_spec("geximpute.jobs")  # found, not imported: the engine does not import jobs
+    if jobs_spec is None or jobs_spec.origin is None:
+        raise GeximputeError("the geximpute.jobs package is not installed; reinstall geximpute (bash scripts/setup.sh)")
+    shutil.copytree(package, dest / "geximpute", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "jobs"))
+    shutil.copytree(Path(jobs_spec.origin).parent, dest / "geximpute" / "jobs", ignore=ignore)
     (dest / JOB_CONFIG).write_text(
         f"# resolved by geximpute {__version__} submit from {Path(config_path).resolve()}\n" + dump_config(config)
     )
@@ -160,7 +166,7 @@ def stage_job_dir(dest: Path, config_path: str | Path, overrides: list[str] | tu
 
 def entrypoint(step: str) -> str:
     """The shell command the job runs, relative to its working_dir."""
-    return f"python -m jobs.{STEPS[step]} --config {JOB_CONFIG}"
+    return f"python -m geximpute.jobs.{STEPS[step]} --config {JOB_CONFIG}"
 
 
 def is_loopback(host: str) -> bool:
@@ -257,7 +263,7 @@ def submit(
     out: TextIO = sys.stdout,
     allow_insecure: bool = False,
 ) -> JobResult:
-    """Submit ``python -m jobs.STEP`` to a Ray cluster and, with ``wait``, stream its logs until it ends.
+    """Submit ``python -m geximpute.jobs.STEP`` to a Ray cluster and, with ``wait``, stream its logs until it ends.
 
     Args:
         step: one of :data:`STEPS`.

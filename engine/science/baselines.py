@@ -1,7 +1,7 @@
 """Classical baselines, each behind one interface and scored on exactly the same hidden entries.
 
 A method is fitted on the visible problem only and predicts the target entries of a table of context records
-(:data:`engine.schema.CONTEXT`). All predictions are on the modelling scale.
+(:data:`geximpute.schema.CONTEXT`). All predictions are on the modelling scale.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pyarrow as pa
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
-from engine.config import BaselinesConfig
-from engine.science.context import ContextIndex, build_context
-from engine.science.folds import fold_problem, training_folds
-from engine.science.genomes import donor_residuals
-from engine.science.head_features import idw_estimate, list_parts
-from engine.science.problem import VisibleProblem
+from geximpute.config import BaselinesConfig
+from geximpute.science.context import ContextIndex, build_context
+from geximpute.science.folds import fold_problem, training_folds
+from geximpute.science.genomes import donor_residuals
+from geximpute.science.head_features import idw_estimate, list_parts
+from geximpute.science.problem import VisibleProblem
 
 
 class Method(Protocol):
@@ -193,7 +193,8 @@ class ElasticNetBaseline:
     donor's predicted genetic deviation.
 
     The model is fitted per gene on the donor residuals pooled over tissues (each donor's mean visible deviation
-    from the gene's tissue means, :func:`engine.science.genomes.donor_residuals`), not per (gene, tissue) as PrediXcan
+    from the gene's tissue means, :func:`geximpute.science.genomes.donor_residuals`), not per (gene, tissue) as
+    PrediXcan
     does: with few donors per tissue, pooling gives the baseline more data for effects shared across tissues.
     Needs personal genomes (``inputs.variants``).
     """
@@ -643,7 +644,7 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     The split hides ``config.tune_fraction`` of the visible units as the task hides them
     (:func:`validation_mask`); each candidate is fitted on what is left and scored on the split's values (at most
     ``max_entries`` of them, drawn with ``seed``) by the task's headline metric
-    (:data:`engine.science.comparisons.TASK_METRIC`: across-donor Pearson for ``samples``, RMSE for ``entries``,
+    (:data:`geximpute.science.comparisons.TASK_METRIC`: across-donor Pearson for ``samples``, RMSE for ``entries``,
     Pearson for ``genes``), so that each comparator is as strong as it can be on the figure it is compared on; RMSE
     decides where that metric is undefined. Hidden (evaluation) entries are not in ``problem`` and play no part.
 
@@ -651,7 +652,7 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         (the config with every chosen setting, ``{method: {"metric": name, "chosen": {...}, "score": x, "rmse": y,
         "grid": [{setting..., "score", "rmse"}], "n_validation": n}}``).
     """
-    from engine.science.comparisons import TASK_METRIC, gene_stats, metric_from
+    from geximpute.science.comparisons import TASK_METRIC, gene_stats, metric_from
 
     metric, higher = TASK_METRIC[task]
 
@@ -751,12 +752,12 @@ def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray],
     """Out-of-fold estimates of the entry methods for training units: the head features of the training folds.
 
     For each fold k, every method is fitted on ``problem`` with fold k's entries hidden as well
-    (:func:`engine.science.folds.fold_problem`) and predicts fold k's entries, exactly as the evaluation fits on
+    (:func:`geximpute.science.folds.fold_problem`) and predicts fold k's entries, exactly as the evaluation fits on
     the visible problem and predicts the hidden entries. No estimate of an entry ever saw that entry's value.
 
     Args:
         problem: the visible problem.
-        fold_masks: disjoint (G, S) bool masks (e.g. :func:`engine.science.folds.training_folds`).
+        fold_masks: disjoint (G, S) bool masks (e.g. :func:`geximpute.science.folds.training_folds`).
         names: methods wanted; only applicable :data:`ENTRY_METHODS` are computed.
 
     Returns:

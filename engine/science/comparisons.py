@@ -1,7 +1,7 @@
 """Honest comparisons of methods scored on the same hidden entries: paired bootstrap intervals over genes, the
 coverage of prediction intervals by tissue and expression quartile, and summaries over evaluation seeds.
 
-Numpy only. The hidden values are used here for scoring only, as in :mod:`engine.science.metrics`.
+Numpy only. The hidden values are used here for scoring only, as in :mod:`geximpute.science.metrics`.
 """
 
 from __future__ import annotations

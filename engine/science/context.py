@@ -4,7 +4,7 @@ For a target (gene g, sample s) the context is: the K nearest other genes on g's
 in s (value, signed log distance, relative orientation, overlap); g's visible values in the donor's other samples
 with each tissue's correlation to s's tissue; g's mean in s's tissue over other donors; g's mean over every other
 visible sample; with personal genomes, the donor's cis-genetic score for g
-(:func:`engine.science.genomes.genetic_scores`, fitted on the visible values of the problem). No value of the target
+(:func:`geximpute.science.genomes.genetic_scores`, fitted on the visible values of the problem). No value of the target
 entry itself enters its own context.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from engine import schema as S
-from engine.science.genomes import genetic_scores
-from engine.science.problem import SPLITS, VisibleProblem
+from geximpute import schema as S
+from geximpute.science.genomes import genetic_scores
+from geximpute.science.problem import SPLITS, VisibleProblem
 
 
 class ContextIndex:
@@ -25,7 +25,8 @@ class ContextIndex:
         problem: the visible problem.
         genetic_shrinkage: ridge penalty of the cis-genetic scores (``context.genetic_shrinkage``).
         genetic: (G, D) cis-genetic scores of ``problem`` already fitted
-            (:func:`engine.science.genomes.genetic_scores`); fitted here from ``problem`` when it has genomes and this
+            (:func:`geximpute.science.genomes.genetic_scores`); fitted here from ``problem`` when it has genomes and
+            this
             is None.
     """
 
@@ -98,7 +99,7 @@ def build_context(
         max_distance: neighbours farther than this (bp) are left out.
 
     Returns:
-        :data:`engine.schema.CONTEXT` table, targets grouped by sample.
+        :data:`geximpute.schema.CONTEXT` table, targets grouped by sample.
     """
     p = index.problem
     order = np.lexsort((gene_index, sample_index))

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from engine.science.problem import VisibleProblem, tissue_correlation
+from geximpute.science.problem import VisibleProblem, tissue_correlation
 
 
 def training_folds(

@@ -1,6 +1,7 @@
 """Donors' genomes as the model sees them: promoter haplotypes per (gene, donor) and cis-variant dosages.
 
-:class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`engine.science.haplotypes`) to the problem's genes and
+:class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`geximpute.science.haplotypes`) to the problem's genes
+and
 donors. It holds, for every problem gene and donor, the rows of the donor's two promoter haplotypes in one table of
 unique sequences (the reference row for donors without a genome and for genes without variants), and the ALT
 dosage of every variant site inside the gene's cis window (``genotypes.cis_window`` bases either side of the TSS, or
@@ -25,10 +26,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine import schema as S
-from engine.errors import InputError
-from engine.io.chroms import chrom_key
-from engine.science.haplotypes import build_haplotypes
+from geximpute import schema as S
+from geximpute.errors import InputError
+from geximpute.io.chroms import chrom_key
+from geximpute.science.haplotypes import build_haplotypes
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class DonorGenomes:
         site_index: (M,) int64 row of each site in the VCF's site table.
         dosage: (U, D) float32 ALT allele count (0, 1, 2) of each site used, NaN where missing or the donor has
             no genome; :meth:`gene_dosage` gives a gene's rows.
-        report: haplotype construction counts (:func:`engine.science.haplotypes.build_haplotypes`).
+        report: haplotype construction counts (:func:`geximpute.science.haplotypes.build_haplotypes`).
         dosage_row: (M,) int64 row in ``dosage`` of each site link; None when ``dosage`` has one row per link.
     """
 
@@ -81,7 +82,7 @@ class DonorGenomes:
 
 
 def window_bounds(tss: np.ndarray, strand: np.ndarray, upstream: int, downstream: int) -> tuple[np.ndarray, ...]:
-    """1-based inclusive genomic (start, end) of promoter windows, as :meth:`engine.io.fasta.Genome.window`."""
+    """1-based inclusive genomic (start, end) of promoter windows, as :meth:`geximpute.io.fasta.Genome.window`."""
     plus = np.asarray(strand) > 0
     start = np.where(plus, tss - upstream, tss - downstream + 1)
     end = np.where(plus, tss + downstream - 1, tss + upstream)
@@ -117,7 +118,7 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     """The :class:`DonorGenomes` of ``problem``'s genes and donors, or None without ``inputs.variants``.
 
     Args:
-        dataset: the loaded inputs (:class:`engine.io.dataset.Dataset`) with its genome and variants.
+        dataset: the loaded inputs (:class:`geximpute.io.dataset.Dataset`) with its genome and variants.
         problem: the visible problem whose gene and donor order the result follows.
     """
     variants = dataset.variants
@@ -186,7 +187,7 @@ def cis_bounds(tss: np.ndarray, strand: np.ndarray, upstream: int, downstream: i
 
 def refuse_missing(variants, sites: np.ndarray, ptr: np.ndarray, index: np.ndarray, gene_ids: np.ndarray,
                    columns: np.ndarray) -> None:
-    """Raise :class:`~engine.errors.InputError` on the first missing call of ``columns`` (VCF sample columns) at
+    """Raise :class:`~geximpute.errors.InputError` on the first missing call of ``columns`` (VCF sample columns) at
     ``sites`` (``genotypes.missing: error``), naming the file, the site, the donor and a gene whose window holds it."""
     calls = variants.genotypes[sites][:, columns]
     hits = np.argwhere((calls < 0).any(axis=2))
@@ -306,7 +307,7 @@ def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], re
     """``genomes`` of the reference donors extended to every donor of ``donors`` with the genomes in ``new``.
 
     New donors are those of nightly's inbox, each with a VCF of its own: their promoter haplotypes are built from
-    it exactly as the reference donors' (:func:`engine.science.haplotypes.build_haplotypes`, with the same
+    it exactly as the reference donors' (:func:`geximpute.science.haplotypes.build_haplotypes`, with the same
     ``genotypes`` policies), and their dosages at the reference VCF's cis sites (the sites the genetic score
     was fitted on) are read from it. A site absent from a donor's VCF on a chromosome where the VCF has records
     is read as REF (a single-sample VCF lists the sites where the donor differs); on a chromosome where it has
@@ -317,7 +318,7 @@ def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], re
         genomes: the reference donors' genomes (the first ``genomes.rows.shape[1]`` of ``donors``).
         donors: every donor of the extended problem, the reference donors first, in their order.
         new: ``{donor id: Variants}`` of the new donors (one sample each).
-        reference: the reference donors' :class:`~engine.io.variants.Variants`.
+        reference: the reference donors' :class:`~geximpute.io.variants.Variants`.
         genome: the FASTA.
         problem: the problem whose genes (order, TSS, strand) the genomes follow.
         config: the resolved config (``promoter``, ``genotypes``).

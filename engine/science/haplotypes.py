@@ -6,10 +6,11 @@ reference and cuts the window. No Ray here: the pipeline calls these from its ow
 
 Semantics:
 
-- **Window.** As :meth:`engine.io.fasta.Genome.window`: ``upstream`` bases 5' of the TSS, the TSS base and
+- **Window.** As :meth:`geximpute.io.fasta.Genome.window`: ``upstream`` bases 5' of the TSS, the TSS base and
   ``downstream - 1`` bases 3' of it, 5'->3' on the gene's strand (reverse complement on ``-``), soft-masking handled
   by ``promoter.soft_mask``, N beyond the chromosome's ends. A haplotype that carries only REF alleles gives the
-  very sequence (and so the promoter id) of :func:`engine.steps.prepare.promoter_tables`; genes whose window lies wholly
+  very sequence (and so the promoter id) of :func:`geximpute.steps.prepare.promoter_tables`; genes whose window lies
+  wholly
   off the chromosome get no window (row -1), as there.
 - **Alleles.** Allele index k of a site is its k-th ALT. Each (POS, REF, ALT) is first trimmed to the bases that
   change: the common prefix (the VCF padding base), then the common suffix, are dropped. The haplotype is the
@@ -35,11 +36,11 @@ Semantics:
   of several sites inside one window. A haploid call (read into both haplotypes by ``read_variants``) gives two
   equal haplotypes.
 - **Missing alleles** (index -1): ``missing="reference"`` reads them as REF and counts them; ``missing="error"``
-  raises :class:`~engine.errors.InputError` naming the file, site, donor and gene.
+  raises :class:`~geximpute.errors.InputError` naming the file, site, donor and gene.
 - **Skipped ALTs.** Symbolic ALTs (``<DEL>``, ``<CN0>``), the spanning-deletion ``*`` and any ALT with letters other
   than ACGTN are read as REF and counted.
 - **Chromosomes.** Gene and site chromosome names are mapped onto the FASTA's
-  (:func:`engine.io.chroms.harmonise_chroms`, an identity for inputs read with the genome); genes on chromosomes
+  (:func:`geximpute.io.chroms.harmonise_chroms`, an identity for inputs read with the genome); genes on chromosomes
   absent from the FASTA get no window.
 
 Cost: per gene, the sites in the window are found by binary search, the (sites, 2 x donors) allele matrix is reduced
@@ -58,12 +59,12 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from engine import schema as S
-from engine.config import PromoterConfig
-from engine.errors import ConfigError, InputError
-from engine.io.chroms import harmonise_chroms
-from engine.io.fasta import Genome, reverse_complement
-from engine.io.variants import Variants
+from geximpute import schema as S
+from geximpute.config import PromoterConfig
+from geximpute.errors import ConfigError, InputError
+from geximpute.io.chroms import harmonise_chroms
+from geximpute.io.fasta import Genome, reverse_complement
+from geximpute.io.variants import Variants
 
 MissingPolicy = Literal["reference", "error"]
 MISSING_POLICIES: tuple[str, ...] = ("reference", "error")
@@ -75,7 +76,8 @@ _SOFT_TO_N = str.maketrans(string.ascii_lowercase, "N" * len(string.ascii_lowerc
 
 
 def promoter_id(sequence: str) -> str:
-    """The id of a promoter: the first 16 hex digits of its SHA-1, as in :func:`engine.steps.prepare.promoter_tables`.
+    """The id of a promoter: the first 16 hex digits of its SHA-1, as in
+    :func:`geximpute.steps.prepare.promoter_tables`.
 
     Args:
         sequence: the promoter, 5'->3'.
@@ -246,7 +248,7 @@ class PromoterHaplotypes:
     Attributes:
         sequences: P unique sequences, 5'->3' on the gene's strand, each ``promoter.length`` long: every gene's
             reference window and every donor haplotype.
-        promoter_ids: (P,) ``sha1(sequence)[:16]``, the ids of :func:`engine.steps.prepare.promoter_tables`.
+        promoter_ids: (P,) ``sha1(sequence)[:16]``, the ids of :func:`geximpute.steps.prepare.promoter_tables`.
         gene_ids: (G,) object, the genes asked for, in the order given.
         reference_row: (G,) int64 row of each gene's reference window, -1 where the gene has no window (its
             chromosome is not in the FASTA or its window lies wholly off it).
@@ -300,13 +302,13 @@ def build_haplotypes(
     Args:
         genome: the reference the variants were read against.
         genes: ``gene_id``, ``chrom``, ``tss`` (1-based) and ``strand`` (``+``/``-``) columns: an Arrow table, a
-            :class:`~engine.io.genes.GeneTable`, a mapping of column name to values or a pandas DataFrame.
-        variants: the donors' genotypes (:func:`engine.io.variants.read_variants`).
+            :class:`~geximpute.io.genes.GeneTable`, a mapping of column name to values or a pandas DataFrame.
+        variants: the donors' genotypes (:func:`geximpute.io.variants.read_variants`).
         promoter: the window (``upstream``, ``downstream``, ``soft_mask``).
         missing: ``reference`` reads a missing allele as REF; ``error`` refuses it.
         unphased: a donor with unphased heterozygous calls at two or more sites of one window (ambiguous phase):
             ``as_written`` keeps the GT's order, ``cis`` puts every such ALT on haplotype B (REF on A), ``error``
-            refuses it (:class:`~engine.config.GenotypesConfig`).
+            refuses it (:class:`~geximpute.config.GenotypesConfig`).
 
     Returns:
         The unique sequences, each gene's reference row and each donor's two haplotype rows, with counts.

@@ -78,7 +78,7 @@ def engineered_features(
     """Features of each record, columns in :data:`FEATURE_NAMES` order.
 
     Args:
-        records: context records (:data:`engine.schema.CONTEXT`).
+        records: context records (:data:`geximpute.schema.CONTEXT`).
         distance_k, distance_offset: of the inverse-distance estimate (as the ``distance`` baseline).
         donor_shrinkage: pseudo-count of the donor effect (as the ``tissue_donor`` baseline).
 

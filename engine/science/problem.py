@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine import schema as S
-from engine.config import Config, EvaluationConfig
-from engine.errors import ConfigError
-from engine.io.chroms import chrom_key
-from engine.io.dataset import Dataset
-from engine.io.expression import to_model_scale
-from engine.science.genomes import donor_genomes
+from geximpute import schema as S
+from geximpute.config import Config, EvaluationConfig
+from geximpute.errors import ConfigError
+from geximpute.io.chroms import chrom_key
+from geximpute.io.dataset import Dataset
+from geximpute.io.expression import to_model_scale
+from geximpute.science.genomes import donor_genomes
 
 if TYPE_CHECKING:
-    from engine.science.genomes import DonorGenomes
+    from geximpute.science.genomes import DonorGenomes
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class VisibleProblem:
         sample_ids: (S,) sample ids; donor_index, tissue_index: (S,) int32 into ``donors`` and ``tissues``.
         values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*.
         tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
-        genomes: the donors' promoter haplotypes and variant dosages (:mod:`engine.science.genomes`), None without
+        genomes: the donors' promoter haplotypes and variant dosages (:mod:`geximpute.science.genomes`), None without
             personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
     """
 
@@ -103,7 +103,7 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np
         dataset: the loaded inputs.
         hidden: (G, S) bool over the returned rows: entries hidden for evaluation. Count normalisation (CPM,
             median-of-ratios) is then computed from the other entries only, so a hidden count moves no visible
-            value (:func:`engine.io.expression.size_factors`).
+            value (:func:`geximpute.io.expression.size_factors`).
     """
     config = dataset.config
     rows, keep = annotated_rows(dataset)

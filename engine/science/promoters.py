@@ -4,7 +4,7 @@
 (training, the bundle, impute with personal genomes, variant effects) builds its (P, 4, L) table with it.
 :class:`PromoterLookup` maps a record (gene_index, sample_index) to the rows of its two haplotypes in that table;
 :func:`promoter_inputs` reads both from a prepare output, :func:`genome_promoter_inputs` builds them from the
-donors' genomes (:class:`engine.science.genomes.DonorGenomes`).
+donors' genomes (:class:`geximpute.science.genomes.DonorGenomes`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import schema as S
-from engine.science.genomes import DonorGenomes
+from geximpute import schema as S
+from geximpute.science.genomes import DonorGenomes
 
 # A, C, G, T (either case) -> 0..3; anything else -> 4, which matches no channel and so encodes as all zeros
 _BASE_CODE = np.full(256, 4, dtype=np.uint8)
@@ -78,7 +78,7 @@ def one_hot_promoters(sequences: list[str], length: int) -> np.ndarray:
     """One-hot encode promoter sequences.
 
     Args:
-        sequences: P sequences, 5'->3' on the gene's strand (:data:`engine.schema.PROMOTERS` ``sequence``).
+        sequences: P sequences, 5'->3' on the gene's strand (:data:`geximpute.schema.PROMOTERS` ``sequence``).
         length: L. Shorter sequences are right-padded with zeros; longer ones keep their first L bases, so
             position i is always the same offset from the window start.
 

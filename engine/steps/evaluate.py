@@ -1,7 +1,7 @@
 """``geximpute evaluate``: hide, prepare, fit every method on visible data, predict the hidden entries, score.
 
 Writes ``metrics.json`` (the stable shape of DESIGN.md), ``report.html`` (one self-contained page with every plot,
-:mod:`engine.steps.html_report`), ``report.md`` and PNG plots into the output folder.
+:mod:`geximpute.steps.html_report`), ``report.md`` and PNG plots into the output folder.
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from engine import schema as S
-from engine.config import Config
-from engine.errors import ConfigError, InputError
-from engine.fit.hybrid import fit_hybrid
-from engine.io.dataset import load_dataset
-from engine.io.tables import read_table
-from engine.runtime.atomic import staged_output
-from engine.runtime.console import stage
-from engine.runtime.provenance import manifest, write_json
-from engine.science.baselines import composition_of, make_methods, tune_settings
-from engine.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
-from engine.science.genomes import gene_variant_flags
-from engine.science.metrics import _constant, _pearson, score
-from engine.science.problem import make_problem
-from engine.steps.html_report import evaluation_sections, write_report
-from engine.steps.prepare import Prepared, prepare, promoter_tables
+from geximpute import schema as S
+from geximpute.config import Config
+from geximpute.errors import ConfigError, InputError
+from geximpute.fit.hybrid import fit_hybrid
+from geximpute.io.dataset import load_dataset
+from geximpute.io.tables import read_table
+from geximpute.runtime.atomic import staged_output
+from geximpute.runtime.console import stage
+from geximpute.runtime.provenance import manifest, write_json
+from geximpute.science.baselines import composition_of, make_methods, tune_settings
+from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
+from geximpute.science.genomes import gene_variant_flags
+from geximpute.science.metrics import _constant, _pearson, score
+from geximpute.science.problem import make_problem
+from geximpute.steps.html_report import evaluation_sections, write_report
+from geximpute.steps.prepare import Prepared, prepare, promoter_tables
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def hidden_values(prepared: Prepared, records: pa.Table) -> np.ndarray:
 def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dict:
     """Run the evaluation protocol of ``config.evaluation`` and write its outputs to ``out_dir``.
 
-    ``out_dir`` is replaced atomically (:mod:`engine.runtime.atomic`); a folder that is not an earlier evaluate
+    ``out_dir`` is replaced atomically (:mod:`geximpute.runtime.atomic`); a folder that is not an earlier evaluate
     output is refused unless ``force``.
 
     Returns:
@@ -206,7 +206,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
 def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, force: bool = False) -> dict:
     """:func:`evaluate` once per ``evaluation.seed`` in ``seeds`` (each into ``out_dir/seed_<s>``), then the mean and
     spread of every method's figures and the paired comparisons of each seed in ``out_dir/summary.json`` and
-    ``summary.md`` (:func:`engine.science.comparisons.summarise_seeds`).
+    ``summary.md`` (:func:`geximpute.science.comparisons.summarise_seeds`).
 
     Returns:
         the summary dictionary.
@@ -266,7 +266,7 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
     donors; a constant prediction (a model that cannot tell donors apart) counts as 0. A gene's figure is the
     mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
     means are given over the genes with ``h2 > 0`` as well. With ``flags`` ((G,) cis-site counts, (G,) promoter
-    variant, :func:`engine.science.genomes.gene_variant_flags`), each gene gets them and the means are given over
+    variant, :func:`geximpute.science.genomes.gene_variant_flags`), each gene gets them and the means are given over
     the genes with a cis variant, with a promoter variant and with cis variants but none in the promoter.
     """
     names = [m for m in GENETIC_METHODS if m in predictions]
@@ -336,7 +336,7 @@ def promoter_composition_of(prepared: Prepared, config: Config) -> np.ndarray:
 
 def tuned_baselines(config: Config, problem, composition: np.ndarray | None):
     """The baselines' settings, chosen on a validation split of the visible data when ``baselines.tune``
-    (:func:`engine.science.baselines.tune_settings`), and the tuning report (empty when not tuned)."""
+    (:func:`geximpute.science.baselines.tune_settings`), and the tuning report (empty when not tuned)."""
     if not config.baselines.tune:
         return config.baselines, {}
     with stage("baselines: tune settings on a visible validation split", total=1, unit="passes") as progress:

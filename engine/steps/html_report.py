@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import __version__
+from geximpute import __version__
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}

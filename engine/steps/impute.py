@@ -2,7 +2,7 @@
 
 One streaming Ray Data job::
 
-    blocks of samples -> map_batches(ContextBuilder)  context records of the target entries (engine.steps.prepare)
+    blocks of samples -> map_batches(ContextBuilder)  context records of the target entries (geximpute.steps.prepare)
                       -> map_batches(Predictor)       the bundle, loaded once per actor (GPU actors when GPUs exist)
                       -> write_parquet(partition_cols=[tissue])
 
@@ -17,7 +17,7 @@ problem gets a virtual sample for it, with nothing measured, so that its context
 gene's means and its neighbours' means, exactly as for a hidden sample in evaluation. Its ``sample_id`` is null.
 
 A run is atomic and idempotent: it holds the output's lease, writes into a staging folder of its own and commits it
-by one atomic pointer switch (:func:`engine.runtime.atomic.staged_output`), so a reader sees the previous run or
+by one atomic pointer switch (:func:`geximpute.runtime.atomic.staged_output`), so a reader sees the previous run or
 this one, never a mix, and a run that fails or is killed leaves the previous output as it was. A second run on the
 same output at the same time is refused; an ``--out`` that is not an earlier impute output is refused unless
 ``force``. ``run_id`` is a hash of the model version, the input fingerprints and the selection, and each run
@@ -42,19 +42,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import schema as S
-from engine.config import Config, ExpressionConfig
-from engine.errors import ConfigError, GeximputeError
-from engine.fit.bundle import check_compatible, compatibility, load_bundle
-from engine.io.dataset import load_dataset
-from engine.io.expression import from_model_scale
-from engine.runtime.atomic import check_replaceable, staged_output, store_of
-from engine.runtime.console import stage
-from engine.runtime.provenance import input_fingerprints, manifest, write_json
-from engine.runtime.raytools import ensure_ray
-from engine.science.problem import VisibleProblem, make_problem
-from engine.science.promoters import PromoterLookup, genome_promoter_inputs
-from engine.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
+from geximpute import schema as S
+from geximpute.config import Config, ExpressionConfig
+from geximpute.errors import ConfigError, GeximputeError
+from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
+from geximpute.io.dataset import load_dataset
+from geximpute.io.expression import from_model_scale
+from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
+from geximpute.runtime.console import stage
+from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
+from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.problem import VisibleProblem, make_problem
+from geximpute.science.promoters import PromoterLookup, genome_promoter_inputs
+from geximpute.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndar
 
     Returns:
         (one-hot table (P, 4, L) of every reference window and donor haplotype, the
-        :class:`~engine.science.promoters.PromoterLookup` of the problem's samples), as ``Bundle.predict`` takes them.
+        :class:`~geximpute.science.promoters.PromoterLookup` of the problem's samples), as ``Bundle.predict`` takes
+        them.
     """
     if problem.genomes is None:
         return None
@@ -192,7 +193,7 @@ def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndar
 
 
 class Predictor:
-    """Ray Data actor: context records in, :data:`engine.schema.PREDICTIONS` rows out.
+    """Ray Data actor: context records in, :data:`geximpute.schema.PREDICTIONS` rows out.
 
     The bundle is loaded once per actor through ``loader`` (a dependency, not a global: tests may pass another).
     This class is the one caller of ``Bundle.predict`` in the engine's imputation path.
@@ -383,7 +384,7 @@ def output_error(out: Path, err: OSError) -> OutputError:
 
 def check_bundle(bundle: Any, folder: Path, problem: VisibleProblem, config: Config) -> None:
     """Refuse data the bundle was not trained for: tissue names and order, scale, transform, context settings, gene
-    set and genome build (:func:`engine.fit.bundle.check_compatible`), and in any case the number of tissues."""
+    set and genome build (:func:`geximpute.fit.bundle.check_compatible`), and in any case the number of tissues."""
     check_compatible(bundle.compatibility, compatibility(config, problem.gene_ids, problem.tissues), folder,
                      f"the config ({config.inputs.expression})")
     n_tissues = bundle.models.network.features.n_tissues

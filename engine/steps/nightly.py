@@ -15,14 +15,14 @@ Output (``nightly.output``, default ``<output_dir>/nightly``) and what sits besi
     <output>.lock                                     the run's lease: owner, host, pid, expiry time (renewed)
     <inbox>/quarantine/<file>, <file>.error.txt       inputs that failed and why
 
-A run takes the lease (:class:`engine.runtime.atomic.Lease`: it expires unless renewed, so a run killed on one pod
+A run takes the lease (:class:`geximpute.runtime.atomic.Lease`: it expires unless renewed, so a run killed on one pod
 never blocks the next night's pod, on another host), validates each new genome (any failure of one donor's input
 quarantines that donor and the others go on; two genome files of one donor are both quarantined), and imputes the
 new donors ``donors_per_commit`` at a time. A done donor whose genome file changed since (a new checksum) is imputed
 again into the run's date (``nightly.redelivered``). Each commit is one Ray Data job
-(:func:`engine.steps.impute.run_pipeline`) into a staging folder of the partition's store, outside the dataset,
+(:func:`geximpute.steps.impute.run_pipeline`) into a staging folder of the partition's store, outside the dataset,
 holding the day's partition so far (hard links) plus the new rows, committed as a new version of ``run_date=<day>``
-by one atomic link switch (:func:`engine.runtime.atomic.staged_output`, under the run's lease); the ledger is
+by one atomic link switch (:func:`geximpute.runtime.atomic.staged_output`, under the run's lease); the ledger is
 rewritten atomically and durably after that. If a run dies between the two, the next run finds the donors in the
 partition's manifest and records them instead of imputing them again, so no donor is ever written twice. A run with
 nothing new writes nothing.
@@ -53,14 +53,14 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from engine import schema as S
-from engine.config import Config
-from engine.errors import ConfigError, GeximputeError, InputError
-from engine.fit.bundle import load_bundle
-from engine.io.dataset import load_dataset, window_regions
-from engine.io.expression import read_expression, to_model_scale
-from engine.io.variants import read_variants
-from engine.runtime.atomic import (
+from geximpute import schema as S
+from geximpute.config import Config
+from geximpute.errors import ConfigError, GeximputeError, InputError
+from geximpute.fit.bundle import load_bundle
+from geximpute.io.dataset import load_dataset, window_regions
+from geximpute.io.expression import read_expression, to_model_scale
+from geximpute.io.variants import read_variants
+from geximpute.runtime.atomic import (
     Lease,
     LeaseBusy,
     clean_staging,
@@ -71,11 +71,11 @@ from engine.runtime.atomic import (
     store_of,
     write_durable,
 )
-from engine.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
-from engine.runtime.raytools import ensure_ray
-from engine.science.genomes import add_donors, uncovered_chromosomes
-from engine.science.problem import VisibleProblem, make_problem
-from engine.steps.impute import (
+from geximpute.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
+from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.genomes import add_donors, uncovered_chromosomes
+from geximpute.science.problem import VisibleProblem, make_problem
+from geximpute.steps.impute import (
     OutputError,
     add_missing_profiles,
     check_bundle,
@@ -173,7 +173,7 @@ def partition_store(root: Path) -> Path:
 
 
 def run_lease(config: Config) -> Lease:
-    """The nightly run's lease (:class:`engine.runtime.atomic.Lease`) on :func:`lock_path`: it expires unless
+    """The nightly run's lease (:class:`geximpute.runtime.atomic.Lease`) on :func:`lock_path`: it expires unless
     renewed, so a run killed on one pod never blocks a run on another; ``nightly.lease_seconds`` long."""
     return Lease(lock_path(config), what="nightly run", ttl=config.nightly.lease_seconds)
 
@@ -194,7 +194,7 @@ def read_ledger(path: Path) -> dict[str, dict]:
 
 
 def write_ledger(path: Path, donors: dict[str, dict]) -> None:
-    """Write the ledger atomically and durably (:func:`engine.runtime.atomic.write_durable`, mode 0640)."""
+    """Write the ledger atomically and durably (:func:`geximpute.runtime.atomic.write_durable`, mode 0640)."""
     write_durable(path, json.dumps({"donors": dict(sorted(donors.items()))}, indent=1) + "\n")
 
 
@@ -295,9 +295,9 @@ def scan_inbox(inbox: Path) -> list[InboxItem]:
 def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: Any,
                      reference: Any = None) -> VisibleProblem:
     """The extended problem with genomes that cover the new donors: their promoter haplotypes and cis-site dosages
-    built from their own VCFs (:func:`engine.science.genomes.add_donors`) next to the reference donors'.
+    built from their own VCFs (:func:`geximpute.science.genomes.add_donors`) next to the reference donors'.
 
-    With these, :func:`engine.steps.impute.donor_promoter_inputs` gives the predictor each new donor's own promoter
+    With these, :func:`geximpute.steps.impute.donor_promoter_inputs` gives the predictor each new donor's own promoter
     haplotypes, and the context's cis-genetic score (fitted on the reference donors' visible expression and
     genotypes) is evaluated on the new donor's genotypes, exactly as ``impute`` does for the data's donors.
 
@@ -445,7 +445,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                   chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict,
                   lease: Lease) -> dict[str, dict]:
     """Impute ``chunk`` into the day's partition: a new version of it (the previous rows hard-linked, the new rows
-    written) committed by :func:`engine.runtime.atomic.staged_output` under the run's lease. Returns the chunk's
+    written) committed by :func:`geximpute.runtime.atomic.staged_output` under the run's lease. Returns the chunk's
     ledger entries."""
     donors = [n.item.donor for n in chunk]
     run_id = make_run_id(model_version=bundle.model_version, inputs=fingerprints, run_date=day,

@@ -6,9 +6,9 @@ in between. The demo, the benchmark, the benchmarks scripts and the tests build 
 
 Folders, each defaulting to a folder of ``config.output_dir``::
 
-    records/   prepare's output with the labelled training folds (engine.steps.prepare)
-    network/   the trained network (engine.fit.bundle.save_network) and its Ray Train runs and checkpoints (runs/)
-    model/     the bundle (engine.fit.bundle, layout in engine.schema.BUNDLE_FILES)
+    records/   prepare's output with the labelled training folds (geximpute.steps.prepare)
+    network/   the trained network (geximpute.fit.bundle.save_network) and its Ray Train runs and checkpoints (runs/)
+    model/     the bundle (geximpute.fit.bundle, layout in geximpute.schema.BUNDLE_FILES)
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from engine.config import Config
-from engine.fit.bundle import Bundle, load_bundle, load_network, save_bundle, save_network
-from engine.fit.hybrid import fit_hybrid_head, train_hybrid_network
-from engine.fit.models import HybridModels
-from engine.io.dataset import Dataset
-from engine.model.inference import TrainedNetwork
-from engine.runtime.raytools import ensure_ray
-from engine.steps.prepare import prepare, read_problem_index
+from geximpute.config import Config
+from geximpute.fit.bundle import Bundle, load_bundle, load_network, save_bundle, save_network
+from geximpute.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from geximpute.fit.models import HybridModels
+from geximpute.io.dataset import Dataset
+from geximpute.model.inference import TrainedNetwork
+from geximpute.runtime.raytools import ensure_ray
+from geximpute.steps.prepare import prepare, read_problem_index
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class Progress:
 
     Attributes:
         stages: stage name -> its figures (plain numbers and strings, ready for JSON): ``seconds`` and counts.
-        results: stage name -> what the stage made: ``prepare`` the :class:`~engine.steps.prepare.Prepared`,
-            ``train`` the :class:`~engine.model.inference.TrainedNetwork`, ``fit_head`` the fitted
-            :class:`~engine.fit.models.HybridModels` (before saving; the returned bundle is read back from disk).
+        results: stage name -> what the stage made: ``prepare`` the :class:`~geximpute.steps.prepare.Prepared`,
+            ``train`` the :class:`~geximpute.model.inference.TrainedNetwork`, ``fit_head`` the fitted
+            :class:`~geximpute.fit.models.HybridModels` (before saving; the returned bundle is read back from disk).
     """
 
     stages: dict[str, dict] = field(default_factory=dict)

@@ -26,17 +26,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import schema as S
-from engine.config import Config
-from engine.io.dataset import Dataset, load_dataset
-from engine.runtime.atomic import staged_output
-from engine.runtime.console import stage
-from engine.runtime.provenance import manifest, write_json
-from engine.runtime.raytools import ensure_ray
-from engine.science.context import ContextIndex, build_context
-from engine.science.folds import fold_problem, training_folds
-from engine.science.genomes import genetic_scores
-from engine.science.problem import HiddenTruth, VisibleProblem, make_problem
+from geximpute import schema as S
+from geximpute.config import Config
+from geximpute.io.dataset import Dataset, load_dataset
+from geximpute.runtime.atomic import staged_output
+from geximpute.runtime.console import stage
+from geximpute.runtime.provenance import manifest, write_json
+from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.context import ContextIndex, build_context
+from geximpute.science.folds import fold_problem, training_folds
+from geximpute.science.genomes import genetic_scores
+from geximpute.science.problem import HiddenTruth, VisibleProblem, make_problem
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class ContextBuilder:
         self.targets, self.hidden = ray.get(masks_ref)
         self.labels = ray.get(labels_ref) if labels_ref is not None else None
         self.k, self.max_distance = k, max_distance
-        self.progress = progress  # a progress counter actor (engine.runtime.raytools.progress_counter) or None
+        self.progress = progress  # a progress counter actor (geximpute.runtime.raytools.progress_counter) or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = []
@@ -290,8 +290,8 @@ def prepare(
         out_dir: output folder (default ``<output_dir>/records``); replaced atomically.
         dataset: an already loaded dataset (default: load the config's inputs).
         targets: which entries get a context record: ``all``, ``hidden`` or ``visible``.
-        training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`engine.science.folds`).
-        force: replace ``out_dir`` even when it is not an earlier prepare output (:mod:`engine.runtime.atomic`).
+        training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`geximpute.science.folds`).
+        force: replace ``out_dir`` even when it is not an earlier prepare output (:mod:`geximpute.runtime.atomic`).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir or Path(config.output_dir) / "records")

@@ -3,13 +3,14 @@
 For each variant site in a gene's cis window (``genotypes.cis_window``; the promoter window when that is null) and
 each of its ALT alleles, the model bundle predicts the gene in every tissue twice, for a donor homozygous for the
 reference promoter and for one homozygous for the promoter that carries only that ALT allele
-(:func:`engine.science.haplotypes.edit_window`), with no other context than the gene's levels across donors. Both
+(:func:`geximpute.science.haplotypes.edit_window`), with no other context than the gene's levels across donors. Both
 branches see the difference: the CNN reads the two promoters, and the cis-genetic score
-(:func:`engine.science.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by twice
+(:func:`geximpute.science.genomes.genetic_scores`, fitted on the visible expression of the config's donors) moves by
+twice
 the site's fitted effect; a site outside the promoter window moves the score only. ``effect`` is half the
 difference, the change per ALT allele, on the modelling scale.
 
-Output (atomic folder): ``variant_effects.parquet`` (:data:`engine.schema.VARIANT_EFFECTS`) and ``_manifest.json``.
+Output (atomic folder): ``variant_effects.parquet`` (:data:`geximpute.schema.VARIANT_EFFECTS`) and ``_manifest.json``.
 """
 
 from __future__ import annotations
@@ -22,25 +23,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import schema as S
-from engine.config import Config
-from engine.errors import ConfigError
-from engine.fit.bundle import check_compatible, compatibility, load_bundle
-from engine.io.dataset import load_dataset
-from engine.runtime.atomic import staged_output
-from engine.runtime.provenance import manifest, write_json
-from engine.science.context import ContextIndex
-from engine.science.genomes import genetic_scores, window_bounds
-from engine.science.haplotypes import edit_window, is_sequence_allele
-from engine.science.problem import make_problem
-from engine.science.promoters import PromoterLookup, one_hot_promoters
+from geximpute import schema as S
+from geximpute.config import Config
+from geximpute.errors import ConfigError
+from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
+from geximpute.io.dataset import load_dataset
+from geximpute.runtime.atomic import staged_output
+from geximpute.runtime.provenance import manifest, write_json
+from geximpute.science.context import ContextIndex
+from geximpute.science.genomes import genetic_scores, window_bounds
+from geximpute.science.haplotypes import edit_window, is_sequence_allele
+from geximpute.science.problem import make_problem
+from geximpute.science.promoters import PromoterLookup, one_hot_promoters
 
 log = logging.getLogger(__name__)
 
 
 def _population_records(index, gene: np.ndarray, tissue: np.ndarray, genetic: np.ndarray) -> pa.Table:
     """Context records of (gene, tissue) pairs for a donor known only by its genome: no neighbour, no other tissue,
-    the gene's visible levels across donors (from ``index``, a :class:`engine.science.context.ContextIndex`), and
+    the gene's visible levels across donors (from ``index``, a :class:`geximpute.science.context.ContextIndex`), and
     the given cis-genetic score."""
     problem = index.problem
     n = len(gene)
@@ -147,7 +148,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
                 rows["allele"].append(k)
                 rows["ref_seq"].append(ref_seq)
                 rows["alt_seq"].append(ref_seq if edited is None else edited.sequence)
-                # the score is additive in ALT dosage of the site, whatever the allele (engine.science.genomes)
+                # the score is additive in ALT dosage of the site, whatever the allele (geximpute.science.genomes)
                 rows["beta"].append(float(effects[g][j]) if len(effects[g]) else 0.0)
                 rows["mean"].append(mean)
     n_pairs = len(rows["gene"])
