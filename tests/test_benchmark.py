@@ -20,6 +20,7 @@ TINY = [
     *TINY_NETWORK,
     "train.batch_size=32",
     "train.fold_fraction=0.3",
+    "train.folds=1",  # one network (the encoder counts below are per network), the head on its fold
     "head.num_boost_round=10",
     "impute.predictors=1",  # one predictor actor to start per imputation run
 ]
@@ -112,3 +113,17 @@ def test_cached_encoder_gives_the_network_its_own_predictions():
     assert cache.encoded == used  # each row the records read, once
     run_network(network, records, table, lookup)
     assert cache.encoded == used  # the same table again: nothing re-encoded
+
+    # a GPU predictor's code path (bf16 autocast, batches copied to the device, float32 back) run on the CPU
+    from geximpute.model.inference import autocast_dtype
+
+    low_precision = TrainedNetwork(network.spec, network.features, network.state, {})
+    low, low_emb = run_network(low_precision, records, table, lookup, batch_size=7, device="cpu", precision="bf16")
+    assert low.dtype == np.float32 and low_emb.dtype == np.float32
+    assert low_precision._inference[0].promoter_cnn.embeddings.dtype == torch.float32
+    assert not np.array_equal(low, cached)  # bf16 really ran
+    np.testing.assert_allclose(low, cached, rtol=0.05, atol=0.05)
+    assert autocast_dtype(torch.device("cuda")) == torch.bfloat16 and autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("cuda"), "fp32") is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype(torch.device("cpu"), "fp16")

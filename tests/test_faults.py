@@ -119,6 +119,7 @@ def killed_training(ray_local, data, tmp_path_factory):
     # few examples per epoch: the epochs are short, the worker is killed in the second one
     config = load_config(data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
                                                 f"train.patience={EPOCHS}", "train.max_failures=2",
+                                                "train.folds=1",  # one network: the run the killer watches
                                                 "train.max_examples_per_epoch=512", "head.num_boost_round=10"])
     progress = KilledTraining(work / "network" / "runs" / "hybrid")
     bundle = build_bundle(config, progress=progress)

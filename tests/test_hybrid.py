@@ -1,5 +1,5 @@
 """The hybrid model on a real local Ray: Ray Train with one and two workers (DDP over gloo), resuming from a
-checkpoint, the XGBoost head on Ray Train, the model bundle loading back to the same predictions, and the hybrid
+checkpoint, the XGBoost head on Ray Train, the cross-fitted bundle loading back to the same predictions, and the hybrid
 beating the per-gene-and-tissue mean on the planted synthetic task. The one-worker network, its checkpoints and the
 bundle are the session's tiny model (``tiny_model`` in conftest.py)."""
 
@@ -17,7 +17,8 @@ from helpers import TINY
 
 from geximpute import schema as S
 from geximpute.config import load_config
-from geximpute.fit.bundle import load_bundle
+from geximpute.errors import GeximputeError
+from geximpute.fit.bundle import load_bundle, load_networks, save_networks
 from geximpute.fit.hybrid import train_hybrid_network
 from geximpute.fit.train import latest_checkpoint
 from geximpute.model.network import HybridNet
@@ -77,9 +78,9 @@ def _config_path(config):
 def test_resume_from_checkpoint(prepared, tmp_path):
     config, records, _ = prepared
     gene_ids, tissues = read_problem_index(records)
-    # the tiny model trained TINY's 2 epochs (0 and 1) with one worker; its last checkpoint is epoch 1
+    # the tiny model trained TINY's 2 epochs (0 and 1) of fold network 0 with one worker; its last checkpoint is epoch 1
     assert config.train.epochs == 2
-    checkpoint = latest_checkpoint(Path(config.output_dir) / "network" / "runs", "hybrid")
+    checkpoint = latest_checkpoint(Path(config.output_dir) / "network" / "runs", "hybrid_fold0")
     assert checkpoint is not None
 
     from geximpute.fit.hybrid import split_folds
@@ -110,17 +111,48 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
     gene_ids, _ = read_problem_index(tiny_model.records)
     bundle = load_bundle(tiny_model.folder)  # a fresh copy: predict() sets the promoters of the shared one
     assert bundle.model_version == tiny_model.progress.stages["fit_head"]["model_version"]
-    got = bundle.predict(hidden, gene_ids, promoters=personal)
+    # the bundle is the cross-fitted, stacked hybrid that evaluate scores: one network per training fold, and a
+    # head that reads the baselines' estimates, which the bundle recomputes from the visible values
+    assert bundle.stacked and len(bundle.models.fold_networks) == tiny_model.config.train.folds == 2
+    assert {"row_tissue", "pairwise_regression", "iterative_ridge"} <= set(bundle.baseline_names)
+    assert list(bundle.baseline_names) == list(models.baselines)
+    problem = tiny_model.progress.results["prepare"].problem
+    targets = np.zeros(problem.values.shape, bool)
+    targets[hidden["gene_index"].to_numpy(), hidden["sample_index"].to_numpy()] = True
+    grids = bundle.baseline_grids(problem, targets)
+    for name, grid in grids.items():  # the same estimates as when the head was fitted
+        np.testing.assert_allclose(grid[targets], models.baselines[name][targets], rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
+        assert np.isnan(grid[~targets]).all()
+    with pytest.raises(GeximputeError, match="baseline_grids"):
+        bundle.predict(hidden, gene_ids, promoters=personal)
+    got = bundle.predict(hidden, gene_ids, promoters=personal, baselines=grids)
     for a, b in zip(expected, got, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     estimate, lower, upper = got
     assert np.all(lower <= upper) and np.isfinite(estimate).all()
-    # the bundle's files are the ones geximpute.schema declares (beside the atomic store's hidden bookkeeping), its
-    # tables in their declared schemas
-    assert sorted(p.name for p in tiny_model.folder.iterdir() if not p.name.startswith(".")) == sorted(S.BUNDLE_FILES)
+    # the bundle's files are the ones geximpute.schema declares (beside the atomic store's hidden bookkeeping) and
+    # the second fold network, its tables in their declared schemas
+    assert sorted(p.name for p in tiny_model.folder.iterdir() if not p.name.startswith(".")) == sorted(
+        [*S.BUNDLE_FILES, "fold1"])
+    assert sorted(p.name for p in (tiny_model.folder / "fold1").iterdir()) == sorted(
+        [S.NETWORK_SPECS_FILE, S.NETWORK_WEIGHTS_FILE])
     for name, schema in ((S.BUNDLE_PROMOTERS_FILE, S.BUNDLE_PROMOTERS),
                          (S.BUNDLE_GENE_PROMOTERS_FILE, S.BUNDLE_GENE_PROMOTERS)):
         assert pq.read_schema(tiny_model.folder / name).remove_metadata().equals(schema)
+
+
+def test_network_folders_hold_one_run_of_fold_networks(tiny_model, tmp_path):
+    """``geximpute train`` writes K fold networks (fold0/ ...); a later run with fewer folds removes the extra fold
+    folders, so that fit-head never stacks networks of two runs."""
+    network = tiny_model.progress.results["train"]
+    save_networks([network, network, network], tmp_path)
+    assert len(load_networks(tmp_path)) == 3
+    (tmp_path / "fold2" / "notes.txt").write_text("not ours")  # a file the engine did not write stays
+    save_networks([network, network], tmp_path)
+    assert len(load_networks(tmp_path)) == 2 and (tmp_path / "fold2" / "notes.txt").is_file()
+    save_networks([network], tmp_path)
+    assert len(load_networks(tmp_path)) == 1 and not (tmp_path / "fold0").exists()
 
 
 def test_hybrid_beats_the_gene_tissue_mean_on_the_planted_task(tiny_model):

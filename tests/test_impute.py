@@ -222,3 +222,27 @@ def test_impute_refuses_data_the_bundle_was_not_trained_for(first_run, data, bun
     with pytest.raises(GeximputeError, match=r"tissues is .* \(tissues \['Whole Blood'\] only in the model"):
         impute(load_config(renamed / "config.yaml", [f"output_dir={tmp_path}"]), model=bundle, out_dir=out)
     assert not out.exists() and not store_of(out).exists()
+
+
+def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first_run, data, bundle, tmp_path,
+                                                                          capfd):
+    from geximpute.apps.cli import main
+    from geximpute.steps.impute import impute_plan
+
+    config, result = first_run
+    plan = impute_plan(config, model=bundle, out_dir=result.out_dir, workers=4)
+    assert plan["entries"] == result.n_rows == sum(shard["entries"] for shard in plan["shards"])
+    assert plan["missing_profiles"] == result.n_missing_profiles
+    assert plan["bundle"]["stacked"] and plan["bundle"]["model_version"] == result.model_version
+    measured = plan["measured"]  # the run's own manifest: its rate per predictor actor
+    assert measured["entries"] == result.n_rows and measured["predictors"] >= 1
+    rate = measured["entries_per_second_per_predictor"]
+    assert plan["projected_seconds"] == pytest.approx(result.n_rows / (rate * 4), rel=1e-2, abs=0.06)  # 0.1 s
+    assert set(plan["peak_memory_mb"]) == {"driver", "context", "predictor", "writer"}
+    assert all(mb > 0 for mb in plan["peak_memory_mb"].values())
+    # on the command line, into a folder with no run yet: the plan, and that no rate was measured there
+    rc = main(["-q", "impute", "--config", str(data / "config.yaml"), "--model", str(bundle), "--out",
+               str(tmp_path / "new"), "--plan"])
+    out = capfd.readouterr().out  # the console writes to the terminal's file descriptor
+    assert rc == 0 and f"impute plan: {result.n_rows:,} entries" in out and "no measured rate yet" in out
+    assert not (tmp_path / "new").exists()  # a plan writes nothing

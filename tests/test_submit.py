@@ -197,7 +197,8 @@ def test_pipeline_job_on_a_real_cluster(ray_head, tmp_path):
     out = tmp_path / "out"
     home = tmp_path / "home"
     home.mkdir()
-    sets = [arg for item in [f"output_dir={out}", *TINY] for arg in ("--set", item)]
+    # one network and a head on its fold (train.folds=1): the job's steps, not the stacked model, are under test
+    sets = [arg for item in [f"output_dir={out}", *TINY, "train.folds=1"] for arg in ("--set", item)]
     started = time.monotonic()
     run = _submit(ray_head, ray_head.user_env(home), tmp_path, "pipeline", "--config", str(data.config_path), *sets)
     seconds = time.monotonic() - started

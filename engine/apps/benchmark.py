@@ -423,7 +423,9 @@ def encoder_comparison(config: Any, bundle_dir: Path, entries: int) -> dict[str,
     n = records.num_rows
     records = records.append_column("bench_row", pa.array(np.arange(n, dtype=np.int64)))
     batch = config.impute.batch_size
-    length = load_bundle(bundle_dir).models.network.spec.promoter_length
+    loaded = load_bundle(bundle_dir)
+    length = loaded.models.network.spec.promoter_length
+    grids = loaded.baseline_grids(problem, sub) if loaded.stacked else None  # as impute computes them, once
     shared_inputs = donor_promoter_inputs(problem, length)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one predictor actor holds one CPU thread (Ray sets OMP_NUM_THREADS)
@@ -444,7 +446,7 @@ def encoder_comparison(config: Any, bundle_dir: Path, entries: int) -> dict[str,
                         inputs = (copy, PerEntryLookup(a >= 0, b >= 0))
                         part = part.set_column(part.schema.get_field_index("bench_row"), "bench_row",
                                                pa.array(rows, pa.int64()))
-                    bundle.predict(part, problem.gene_ids, inputs)
+                    bundle.predict(part, problem.gene_ids, inputs, baselines=grids)
                 seconds = time.perf_counter() - t0
                 cpu = time.process_time() - c0
             return {"encoded_sequences": counter.sequences, "encoder_calls_per_entry": counter.sequences / max(n, 1),

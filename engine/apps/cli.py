@@ -109,13 +109,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from geximpute.schema import NETWORK_WEIGHTS_FILE
     from geximpute.steps.pipeline import output_path, train_and_save
 
     config = _load(args)
     network = train_and_save(config, args.records, args.out)
-    echo(f"network trained: {network.metrics}; weights in "
-         f"{output_path(config, args.out, 'network') / NETWORK_WEIGHTS_FILE}")
+    folds = config.train.folds
+    where = output_path(config, args.out, "network")
+    echo(f"network trained: {network.metrics}; "
+         + (f"{folds} fold networks in {where}/fold0 ... fold{folds - 1}" if folds > 1 else f"weights in {where}"))
     return 0
 
 
@@ -161,8 +162,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_impute(args: argparse.Namespace) -> int:
-    from geximpute.steps.impute import impute
+    from geximpute.steps.impute import format_plan, impute, impute_plan
 
+    if args.plan:
+        plan = impute_plan(_load(args), model=args.model, out_dir=args.out, workers=args.workers)
+        echo(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+        return 0
     result = impute(_load(args), model=args.model, out_dir=args.out,
                     include_observed=True if args.include_observed else None, force=args.force)
     echo(f"{result.n_rows:,} predictions ({len(result.rows)} tissues, {result.n_missing_profiles:,} missing "
@@ -307,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/predictions; replaced atomically)")
     p.add_argument("--include-observed", action="store_true",
                    help="also write the measured entries, with their measured value in `observed`")
+    p.add_argument("--plan", action="store_true",
+                   help="print the shards, entries, expected peak memory per process and projected wall time; "
+                        "run nothing")
+    p.add_argument("--workers", type=int, metavar="N", help="with --plan: predictor actors to project for "
+                                                             "(default impute.predictors)")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     _add_force(p)
     p.set_defaults(func=cmd_impute)
 

@@ -4,17 +4,22 @@ A bundle folder holds (names and Parquet schemas declared in :mod:`geximpute.sch
 
     network.pt        network weights (a plain state dict; loaded with ``torch.load(weights_only=True)``)
     network.json      NetworkSpec and FeatureSpec of the network (the format of :func:`save_network`)
+    fold1/ ...        the other fold networks of a cross-fitted model (network.pt and network.json each)
     point.ubj         XGBoost booster of the estimate
     interval.ubj      XGBoost booster of the interval bounds
-    head.json         conformal width, feature count, coverage, engineered feature names
+    head.json         conformal width, feature count, coverage, engineered feature names, the stacked layout
+                      (number of fold networks, the baselines whose estimates the head reads)
     promoters.parquet the reference promoter sequences of the training genes
     gene_promoters.parquet gene id -> row of promoters.parquet
     config.yaml       the resolved config that made it
     manifest.json     versions, input fingerprints, training metrics, model_version
 
 ``model_version`` is a hash of the weights and boosters, so two bundles with the same version predict the same.
-Personal haplotypes are not stored: they are rebuilt from the VCF of whatever donors are being predicted and passed
-to :meth:`Bundle.predict` with their lookup.
+A cross-fitted (stacked) bundle predicts through every fold network and averages the head's outputs; its head also
+reads the estimates of the strong baselines (settings tuned when the bundle was built, in ``config.yaml``), which
+are fitted on the visible values of the data being predicted (:meth:`Bundle.baseline_grids`). Personal haplotypes
+are not stored: they are rebuilt from the VCF of whatever donors are being predicted and passed to
+:meth:`Bundle.predict` with their lookup.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from geximpute.model.inference import TrainedNetwork
 from geximpute.model.network import NetworkSpec
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.provenance import manifest, write_json
+from geximpute.science.baselines import baseline_estimates, promoter_composition
 from geximpute.science.head_features import FEATURE_NAMES
+from geximpute.science.problem import VisibleProblem
 from geximpute.science.promoters import PromoterLookup, one_hot_promoters
 
 
@@ -89,10 +96,50 @@ def load_network(folder: str | Path) -> TrainedNetwork:
     )
 
 
-def _model_version(folder: Path) -> str:
+def fold_folder(folder: Path, k: int) -> Path:
+    """Where fold network ``k`` of a cross-fitted model lives inside ``folder`` (a network folder or a bundle)."""
+    return folder / f"fold{k}"
+
+
+def save_networks(networks: list[TrainedNetwork], folder: str | Path) -> None:
+    """Write ``geximpute train``'s networks: one network into ``folder`` itself, or K fold networks into
+    ``folder/fold0`` ... ``fold{K-1}``. Fold folders of an earlier run with more folds are removed first (only
+    folders that hold a saved network), so that :func:`load_networks` reads this run's networks only."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("fold*"):
+        if old.is_dir() and (old / S.NETWORK_SPECS_FILE).is_file():
+            for name in (S.NETWORK_WEIGHTS_FILE, S.NETWORK_SPECS_FILE):
+                (old / name).unlink(missing_ok=True)
+            if not any(old.iterdir()):
+                old.rmdir()
+    if len(networks) == 1:
+        save_network(networks[0], folder)
+        return
+    for k, network in enumerate(networks):
+        save_network(network, fold_folder(folder, k))
+
+
+def load_networks(folder: str | Path) -> list[TrainedNetwork]:
+    """The networks :func:`save_networks` wrote: the fold networks when ``folder/fold0`` holds one, else the one
+    network of ``folder``."""
+    folder = Path(folder)
+    if (fold_folder(folder, 0) / S.NETWORK_SPECS_FILE).is_file():
+        networks, k = [], 0
+        while (fold_folder(folder, k) / S.NETWORK_SPECS_FILE).is_file():
+            networks.append(load_network(fold_folder(folder, k)))
+            k += 1
+        return networks
+    return [load_network(folder)]
+
+
+def _model_version(folder: Path, n_folds: int = 1) -> str:
     digest = hashlib.sha256()
     for name in S.BUNDLE_VERSIONED_FILES:
         digest.update((folder / name).read_bytes())
+    for k in range(1, n_folds):
+        for name in (S.NETWORK_WEIGHTS_FILE, S.NETWORK_SPECS_FILE):
+            digest.update((fold_folder(folder, k) / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -179,14 +226,22 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
             bundle's :func:`compatibility`.
     """
     compat = compatibility(models.config, gene_ids, tissues) if tissues is not None else None
+    folds = models.fold_networks or [models.network]
     with staged_output(folder, step="bundle") as staging:
-        save_network(models.network, staging, with_metrics=False)
+        save_network(folds[0], staging, with_metrics=False)
+        for k, network in enumerate(folds[1:], start=1):
+            save_network(network, fold_folder(staging, k), with_metrics=False)
         models.head.save(staging)
         (staging / S.HEAD_SPECS_FILE).write_text(json.dumps({
             "conformal": models.head.conformal,
             "n_features": models.head.n_features,
             "coverage": models.head.coverage,
             "engineered_features": list(FEATURE_NAMES),
+            # the stacked layout (geximpute.fit.models.HybridModels): the fold networks and, in this order, the
+            # baselines whose estimates the head reads (computed where the bundle predicts: Bundle.baseline_grids)
+            "stacked": models.stacked,
+            "fold_networks": len(folds),
+            "baselines": list(models.baselines) if models.stacked else [],
         }, indent=2))
         gene_row = models.lookup.gene_row
         has = gene_row >= 0
@@ -200,7 +255,7 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
             staging / S.BUNDLE_GENE_PROMOTERS_FILE,
         )
         (staging / S.BUNDLE_CONFIG_FILE).write_text(dump_config(models.config))
-        version = _model_version(staging)
+        version = _model_version(staging, len(folds))
         write_json(staging / S.BUNDLE_MANIFEST_FILE, manifest(models.config, step="bundle", model_version=version,
                                                        metrics=metrics or {}, seconds=models.seconds,
                                                        compatibility=compat))
@@ -217,16 +272,59 @@ class Bundle:
     folder: Path
     reference_promoters: np.ndarray  # (P, 4, L) one-hot reference windows of the training genes
     compatibility: dict | None = None  # what data the model fits (:func:`compatibility`); None in older bundles
+    reference_sequences: list[str] = dataclasses.field(default_factory=list)  # the rows of reference_promoters
+    baseline_names: tuple[str, ...] = ()  # the baselines whose estimates a stacked head reads, in its order
+
+    @property
+    def stacked(self) -> bool:
+        """The head reads the baselines' estimates: :meth:`predict` needs :meth:`baseline_grids`."""
+        return self.models.stacked
 
     def reference_lookup(self, gene_ids: np.ndarray) -> PromoterLookup:
         """Every record of ``gene_ids`` reads its gene's reference window from the bundle's own table."""
         return PromoterLookup.reference(np.array([self.gene_promoter.get(g, -1) for g in gene_ids], dtype=np.int64))
+
+    def baseline_grids(self, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray]:
+        """The estimates a stacked head reads beside the network, ``{name: (G, S) float32}`` in the head's order:
+        each baseline, with the bundle's (tuned) settings, fitted on the visible values of ``problem`` and
+        evaluated at its ``targets`` entries (NaN elsewhere), as the evaluation fits them on the visible values to
+        estimate the hidden ones. Empty for a bundle without the stacked layout.
+
+        Args:
+            problem: the problem being predicted (with its virtual samples); nothing of it is hidden here.
+            targets: (G, S) bool, the entries that will be predicted.
+        """
+        if not self.stacked:
+            return {}
+        config = self.models.config
+        upstream = config.promoter.upstream
+        composition = promoter_composition(
+            [self.reference_sequences[self.gene_promoter[g]] if g in self.gene_promoter else None
+             for g in problem.gene_ids], upstream)
+        gi, si = np.nonzero(targets)
+        estimates = baseline_estimates(problem, gi, si, self.baseline_names, config.baselines, seed=config.seed,
+                                       composition=composition)
+        grids = {}
+        for name in self.baseline_names:
+            grid = np.full(problem.values.shape, np.nan, np.float32)
+            if name in estimates:  # a baseline that does not apply to these data (e.g. no donors) stays NaN
+                grid[gi, si] = estimates[name]
+            grids[name] = grid
+        return grids
+
+    def no_baseline_estimates(self) -> dict[str, np.ndarray] | None:
+        """Baseline estimates that are all missing (the head's trees take their missing-value branch), for records
+        that are no entry of a problem, such as variant-effects' population records; None when not stacked."""
+        if not self.stacked:
+            return None
+        return {name: np.full((0, 0), np.nan, np.float32) for name in self.baseline_names}
 
     def predict(
         self,
         records: pa.Table,
         gene_ids: np.ndarray,
         promoters: tuple[np.ndarray, PromoterLookup] | None = None,
+        baselines: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of context records whose ``gene_index`` indexes ``gene_ids``.
 
@@ -236,11 +334,23 @@ class Bundle:
             promoters: the one-hot promoter table and lookup of the records (e.g. with donors' haplotypes built
                 from their VCF, see :func:`geximpute.science.promoters.genome_promoter_inputs`); default: the bundle's
                 reference windows.
+            baselines: :meth:`baseline_grids` of the records' problem, indexed by their (``gene_index``,
+                ``sample_index``); required when the bundle is :attr:`stacked`.
+
+        Raises:
+            GeximputeError: a stacked bundle is given no baseline estimates.
         """
         if promoters is None:
             self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)
         else:
             self.models.promoters, self.models.lookup = promoters
+        if self.stacked:
+            if baselines is None or list(baselines) != list(self.baseline_names):
+                raise GeximputeError(
+                    f"{self.folder}: the head reads the estimates of {', '.join(self.baseline_names)}; pass "
+                    "Bundle.baseline_grids(problem, targets) as `baselines` (got "
+                    f"{'none' if baselines is None else ', '.join(baselines)})")
+            self.models.baselines = baselines
         return self.models.predict_head(records)
 
 
@@ -263,7 +373,11 @@ def load_bundle(folder: str | Path) -> Bundle:
     links = pq.read_table(folder / S.BUNDLE_GENE_PROMOTERS_FILE)
     promoters = one_hot_promoters(sequences, network.spec.promoter_length)
     gene_promoter = dict(zip(links[S.GENE_ID].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
-    models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head)
+    n_folds = int(head_meta.get("fold_networks", 1))
+    folds = [network, *(load_network(fold_folder(folder, k)) for k in range(1, n_folds))] if n_folds > 1 else []
+    stacked = bool(head_meta.get("stacked", False))
+    models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head,
+                          fold_networks=folds, stacked=stacked)
     bundle_manifest = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())
     return Bundle(models, gene_promoter, bundle_manifest["model_version"], folder, promoters,
-                  bundle_manifest.get("compatibility"))
+                  bundle_manifest.get("compatibility"), sequences, tuple(head_meta.get("baselines", ())))

@@ -28,12 +28,19 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from geximpute.config import Config
+from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
 from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
 from geximpute.fit.train import fold_dirs, holdout, train_network
 from geximpute.model.inference import TrainedNetwork
-from geximpute.science.baselines import ENTRY_METHODS, baseline_estimates, composition_of, out_of_fold_estimates
+from geximpute.runtime.console import stage
+from geximpute.science.baselines import (
+    ENTRY_METHODS,
+    baseline_estimates,
+    composition_of,
+    out_of_fold_estimates,
+    tune_settings,
+)
 from geximpute.science.folds import training_folds
 from geximpute.science.problem import VisibleProblem
 from geximpute.science.promoters import promoter_inputs
@@ -137,6 +144,45 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
             {n: full[n].reshape(shape).astype(np.float32) for n in names})
 
 
+def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray, n_tissues: int,
+                        storage: Path) -> list[TrainedNetwork]:
+    """The networks the head is stacked on (``geximpute train``): with K >= 2 training folds, K networks, network k
+    trained on every fold but k, so that each fold gets out-of-fold network outputs; with one fold, one network."""
+    n_folds = config.train.folds
+    if n_folds == 1:
+        return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage)]
+    networks = []
+    for k in range(n_folds):
+        others = [f for f in range(n_folds) if f != k]
+        log.info("hybrid: training fold network %d of %d (on folds %s)", k + 1, n_folds, others)
+        networks.append(train_network(config, fold_dirs(records_dir, others), records_dir, gene_ids, n_tissues,
+                                      storage=storage, name=f"hybrid_fold{k}"))
+    return networks
+
+
+def tuned_baselines(config: Config, problem: VisibleProblem, composition: np.ndarray | None,
+                    methods: tuple[str, ...] | list[str] | None = None) -> tuple[BaselinesConfig, dict]:
+    """The baselines' settings, chosen on a validation split of the visible data when ``baselines.tune``
+    (:func:`geximpute.science.baselines.tune_settings`), and the tuning report (empty when not tuned).
+
+    Args:
+        methods: the methods whose settings are tuned (default ``evaluation.methods``).
+    """
+    if not config.baselines.tune:
+        return config.baselines, {}
+    methods = list(config.evaluation.methods if methods is None else methods)
+    with stage("baselines: tune settings on a visible validation split", total=1, unit="passes") as progress:
+        chosen, tuning = tune_settings(problem, methods, config.baselines, config.evaluation.task,
+                                       seed=config.evaluation.seed, whole_donors=config.evaluation.whole_donors,
+                                       composition=composition, k_neighbours=config.context.k_neighbours,
+                                       min_donors=config.evaluation.min_donors)
+        progress.advance()
+    for name, row in tuning.items():
+        log.info("baselines: %s settings %s (validation %s %.4f, RMSE %.4f, on %d visible entries)", name,
+                 row["chosen"], row["metric"], row["score"], row["rmse"], row["n_validation"])
+    return chosen, tuning
+
+
 def fit_hybrid(
     config: Config,
     records_dir: Path,
@@ -146,15 +192,19 @@ def fit_hybrid(
     *,
     ablations: bool = True,
     problem: VisibleProblem | None = None,
+    networks: list[TrainedNetwork] | None = None,
 ) -> HybridModels:
     """Cross-fit the hybrid on the K training folds (see the module docstring); with ``problem`` (the visible
     problem the folds were cut from) the head also reads the baselines' out-of-fold estimates. With ``ablations``
     also the promoter-only and context-only networks (trained on the first K - 1 folds, as
     :func:`train_hybrid_network`) and the head without the network. With one fold, the network and the head share
-    it (:func:`split_folds`)."""
+    it (:func:`split_folds`). ``networks``: the fold networks of :func:`train_fold_networks`, already trained
+    (default: trained here)."""
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     n_folds = config.train.folds
+    if networks is not None and len(networks) != n_folds:
+        raise ValueError(f"{len(networks)} fold networks for train.folds = {n_folds}; train them with this config")
 
     def network(use_promoter: bool, use_context: bool, name: str) -> TrainedNetwork:
         t = time.perf_counter()
@@ -164,18 +214,16 @@ def fit_hybrid(
         return trained
 
     if n_folds == 1:
-        models, engineered, training = fit_hybrid_head(config, records_dir, network(True, True, "hybrid"), gene_ids,
-                                                       storage)
+        single = networks[0] if networks is not None else network(True, True, "hybrid")
+        models, engineered, training = fit_hybrid_head(config, records_dir, single, gene_ids, storage)
         seconds.update(models.seconds)
         features = engineered
     else:
-        fold_networks = []
-        for k in range(n_folds):
+        if networks is None:
             t = time.perf_counter()
-            others = [f for f in range(n_folds) if f != k]
-            fold_networks.append(train_network(config, fold_dirs(records_dir, others), records_dir, gene_ids,
-                                               n_tissues, storage=storage, name=f"hybrid_fold{k}"))
-            seconds[f"train_hybrid_fold{k}"] = round(time.perf_counter() - t, 1)
+            networks = train_fold_networks(config, records_dir, gene_ids, n_tissues, storage)
+            seconds["train_hybrid_folds"] = round(time.perf_counter() - t, 1)
+        fold_networks = list(networks)
         t = time.perf_counter()
         promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
         models = HybridModels(config, promoters, lookup, fold_networks[0], head=None,  # type: ignore[arg-type]
@@ -205,6 +253,7 @@ def fit_hybrid(
         models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
                                name="head_hybrid")
         seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
+    models.head_rows = training.num_rows
     if ablations:
         t = time.perf_counter()
         labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)

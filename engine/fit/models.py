@@ -44,6 +44,9 @@ class HybridModels:
     fold_networks: list[TrainedNetwork] = field(default_factory=list)
     stacked: bool = False
     baselines: dict[str, np.ndarray] = field(default_factory=dict)
+    head_rows: int = 0  # the records the head was fitted on
+    device: str = "cpu"  # where the networks run when predicting (a predictor actor's GPU: "cuda")
+    precision: str = "auto"  # autocast of the networks (geximpute.model.inference.autocast_dtype): bf16 on CUDA
 
     def engineered(self, records: pa.Table) -> np.ndarray:
         """(N, F) engineered features of ``records`` (:func:`geximpute.science.head_features.engineered_features`)."""
@@ -62,7 +65,8 @@ class HybridModels:
         """(engineered features, network predictions, head inputs) of ``records`` through ``network`` (default
         ``network``); ``engineered`` and ``baselines`` (the stacked layout's estimates) when already computed."""
         engineered = self.engineered(records) if engineered is None else engineered
-        pred, emb = run_network(network or self.network, records, self.promoters, self.lookup)
+        pred, emb = run_network(network or self.network, records, self.promoters, self.lookup, device=self.device,
+                                precision=self.precision)
         parts = [emb, engineered]
         if self.stacked:
             parts += [pred[:, None], self.baseline_inputs(records) if baselines is None else baselines]
@@ -103,7 +107,8 @@ class HybridModels:
             inputs = self.features_inputs(records, engineered)
             out["xgb_features_only"] = tuple(p + offset for p in self.features_head.predict(inputs))
         for name, network in self.ablations.items():
-            pred, _ = run_network(network, records, self.promoters, self.lookup)
+            pred, _ = run_network(network, records, self.promoters, self.lookup, device=self.device,
+                                  precision=self.precision)
             out[name] = (pred, None, None)
         return out
 

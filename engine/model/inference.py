@@ -51,20 +51,25 @@ class PromoterEncoderCache(torch.nn.Module):
         return torch.arange(len(self.known), dtype=torch.int64)[:, None]
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """(U, 1) int64 row numbers -> (U, D) embeddings."""
+        """(U, 1) int64 row numbers -> (U, D) embeddings, on the CNN's device.
+
+        The table stays in host memory; only the new rows go to the CNN's device, and the embeddings are kept there
+        (float32 whatever the autocast precision of the CNN's output)."""
+        device = next(self.cnn.parameters()).device
         rows = rows[:, 0].cpu()
         new = torch.unique(rows[~self.known[rows]])
         for start in range(0, len(new), self.chunk):
             part = new[start : start + self.chunk]
-            encoded = self.cnn(self.table[part])  # (u, D)
+            encoded = self.cnn(self.table[part].to(device, non_blocking=True))  # (u, D)
             if self.embeddings is None:
-                self.embeddings = torch.zeros((len(self.known), encoded.shape[1]), dtype=encoded.dtype)
-            self.embeddings[part] = encoded
+                self.embeddings = torch.zeros((len(self.known), encoded.shape[1]), dtype=torch.float32,
+                                              device=device)
+            self.embeddings[part.to(device)] = encoded.float()
             self.known[part] = True
             self.encoded += len(part)
         if self.embeddings is None:  # no row at all
-            return torch.zeros((0, self.cnn.proj.out_features))
-        return self.embeddings[rows]
+            return torch.zeros((0, self.cnn.proj.out_features), device=device)
+        return self.embeddings[rows.to(device)]
 
 
 @dataclass
@@ -83,16 +88,21 @@ class TrainedNetwork:
         net.load_state_dict(self.state)
         return net.eval()
 
-    def inference(self, promoters: np.ndarray) -> tuple[HybridNet, torch.Tensor | None]:
-        """(the eval-mode network, the promoter table to pass its forward) for predicting with ``promoters``.
+    def inference(self, promoters: np.ndarray, device: torch.device | str = "cpu"
+                  ) -> tuple[HybridNet, torch.Tensor | None]:
+        """(the eval-mode network on ``device``, the promoter table to pass its forward) for predicting with
+        ``promoters``.
 
-        The network is built once; with a promoter branch its CNN is wrapped in a :class:`PromoterEncoderCache` of
-        ``promoters``, kept while later calls pass the same table object (a new table starts a new cache).
+        The network is built once (and moved when another device is asked for); with a promoter branch its CNN is
+        wrapped in a :class:`PromoterEncoderCache` of ``promoters``, kept while later calls pass the same table
+        object (a new table starts a new cache).
         """
-        if self._inference is not None and self._inference[1] is promoters:
+        device = torch.device(device)
+        if self._inference is not None and self._inference[1] is promoters and _device_of(self._inference[0]) == device:
             model, _, table = self._inference
             return model, table
         model = self._inference[0] if self._inference is not None else self.model()
+        model = model.to(device)
         table = None
         if self.spec.use_promoter:
             cnn = model.promoter_cnn.cnn if isinstance(model.promoter_cnn, PromoterEncoderCache) else model.promoter_cnn
@@ -103,6 +113,28 @@ class TrainedNetwork:
                 model.promoter_cnn = cnn
         self._inference = (model, promoters, table)
         return model, table
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def inference_device(use_gpu: bool) -> torch.device:
+    """The device a predictor's network runs on: the actor's GPU when it holds one (Ray sets
+    ``CUDA_VISIBLE_DEVICES`` to it), else the CPU."""
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of inference on ``device``: ``auto`` is bf16 on CUDA (as training) and none (float32) on
+    the CPU; ``bf16`` asks for it anywhere (the CPU runs the GPU's code path this way in the tests), ``fp32`` never."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision not in ("auto", "bf16"):
+        raise ValueError(f"inference precision {precision!r}: expected auto, bf16 or fp32")
+    return torch.bfloat16
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -118,8 +150,13 @@ def run_network(
     lookup: PromoterLookup,
     batch_size: int = 512,
     chunk: int = 16384,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predictions on the value scale (N,), embeddings (N, D)) of ``records``, in-process, no gradients.
+
+    The network runs on ``device`` (a predictor actor's GPU, or the CPU) under :func:`autocast_dtype` of
+    ``precision``; features are built on the host and each batch is copied over, the outputs come back as float32.
 
     Records are featurised ``chunk`` rows at a time and go through the network ``batch_size`` rows at a time:
     small batches keep the attention's activations in the CPU's cache and let each batch drop the padded slots
@@ -127,19 +164,24 @@ def run_network(
     docs/benchmarks.md). The network is built once per process and each unique promoter haplotype is encoded once
     (:meth:`TrainedNetwork.inference`).
     """
-    model, table = network.inference(promoters)
+    device = torch.device(device)
+    model, table = network.inference(promoters, device)
+    dtype = autocast_dtype(device, precision)
+    if table is not None:
+        table = table.to(device)
     n = records.num_rows
     preds = np.empty(n, np.float32)
     embs = np.empty((n, model.embedding_dim), np.float32)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         for lo in range(0, n, chunk):
             part = records.slice(lo, chunk)
             batch = featurize(part, network.features, lookup.for_records(part))
             batch.pop("target", None)
             tensors = to_tensors(batch)
             for start in range(0, part.num_rows, batch_size):
-                pred, emb = model({k: v[start : start + batch_size] for k, v in tensors.items()}, table)
+                inputs = {k: v[start : start + batch_size].to(device, non_blocking=True) for k, v in tensors.items()}
+                pred, emb = model(inputs, table)
                 rows = slice(lo + start, lo + start + len(pred))
-                preds[rows] = network.features.unstandardise(pred.numpy())
-                embs[rows] = emb.numpy()
+                preds[rows] = network.features.unstandardise(pred.float().cpu().numpy())
+                embs[rows] = emb.float().cpu().numpy()
     return preds, embs

@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.errors import ConfigError, InputError
-from geximpute.fit.hybrid import fit_hybrid
+from geximpute.fit.hybrid import fit_hybrid, tuned_baselines
 from geximpute.io.dataset import load_dataset
 from geximpute.io.tables import read_table
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
-from geximpute.science.baselines import composition_of, make_methods, tune_settings
+from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
 from geximpute.science.metrics import _constant, _pearson, score
@@ -332,23 +332,6 @@ def promoter_composition_of(prepared: Prepared, config: Config) -> np.ndarray:
     """(G, F) promoter composition of the problem's genes from the prepare output (NaN rows: no known promoter)."""
     return composition_of(prepared.problem.gene_ids, pq.read_table(prepared.out_dir / "gene_promoters.parquet"),
                           pq.read_table(prepared.out_dir / "promoters.parquet"), config.promoter.upstream)
-
-
-def tuned_baselines(config: Config, problem, composition: np.ndarray | None):
-    """The baselines' settings, chosen on a validation split of the visible data when ``baselines.tune``
-    (:func:`geximpute.science.baselines.tune_settings`), and the tuning report (empty when not tuned)."""
-    if not config.baselines.tune:
-        return config.baselines, {}
-    with stage("baselines: tune settings on a visible validation split", total=1, unit="passes") as progress:
-        chosen, tuning = tune_settings(problem, config.evaluation.methods, config.baselines, config.evaluation.task,
-                                       seed=config.evaluation.seed, whole_donors=config.evaluation.whole_donors,
-                                       composition=composition, k_neighbours=config.context.k_neighbours,
-                                       min_donors=config.evaluation.min_donors)
-        progress.advance()
-    for name, row in tuning.items():
-        log.info("evaluate: %s settings %s (validation %s %.4f, RMSE %.4f, on %d visible entries)", name,
-                 row["chosen"], row["metric"], row["score"], row["rmse"], row["n_validation"])
-    return chosen, tuning
 
 
 def promoter_mask(prepared: Prepared, gene: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import from_model_scale
+from geximpute.model.inference import inference_device
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
@@ -174,6 +175,20 @@ def target_mask(
 # The predictor actor ------------------------------------------------------------------------------------------
 
 
+def stacked_estimates(bundle: Any, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The baselines' estimates at the ``targets`` entries that a stacked bundle's head reads (fitted on the visible
+    values of ``problem``), or None for a bundle without them."""
+    if not getattr(bundle, "stacked", False):
+        return None
+    t0 = time.perf_counter()
+    with stage("baselines: estimates for the stacked head", total=1, unit="passes") as progress:
+        grids = bundle.baseline_grids(problem, targets)
+        progress.advance()
+    log.info("impute: estimates of %s at %d entries in %.1f s", ", ".join(grids), int(targets.sum()),
+             time.perf_counter() - t0)
+    return grids
+
+
 def load_bundle_from(folder: str) -> Any:
     """The default bundle loader of :class:`Predictor` (a module function, so that Ray pickles it by name)."""
     return load_bundle(folder)
@@ -202,11 +217,13 @@ class Predictor:
         loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, [promoters])`` and
             ``model_version``.
         bundle_dir: the bundle folder.
-        refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes or None).
+        refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes or None, the
+            baselines' estimates of a stacked bundle (:meth:`geximpute.fit.bundle.Bundle.baseline_grids`) or None).
         run_id: written in every row.
         scale: ``inputs.scale`` of the data, for ``predicted_tpm``.
         expression: the expression settings, for ``predicted_tpm``.
-        use_gpu: the actor holds a GPU (the network then runs where ``Bundle.predict`` puts it).
+        use_gpu: the actor holds a GPU: the networks run on it, under bf16 autocast
+            (:func:`geximpute.model.inference.inference_device`).
     """
 
     def __init__(self, loader: Callable[[str], Any], bundle_dir: str, refs: tuple, run_id: str, scale: str,
@@ -214,17 +231,21 @@ class Predictor:
         import ray
 
         self.bundle = loader(bundle_dir)
-        genes_ref, virtual_ref, haplotypes_ref = refs
+        genes_ref, virtual_ref, haplotypes_ref, *rest = refs
         self.gene_ids = ray.get(genes_ref)
         self.virtual = ray.get(virtual_ref)
         self.haplotypes = ray.get(haplotypes_ref) if haplotypes_ref is not None else None
+        self.baselines = ray.get(rest[0]) if rest and rest[0] is not None else None
         self.run_id, self.scale, self.expression, self.use_gpu = run_id, scale, expression, use_gpu
+        if hasattr(self.bundle, "models"):
+            self.bundle.models.device = str(inference_device(use_gpu))
 
     def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
+        extra = {"baselines": self.baselines} if self.baselines is not None else {}
         if self.haplotypes is None:  # the bundle's reference windows
-            return self.bundle.predict(records, self.gene_ids)
-        return self.bundle.predict(records, self.gene_ids, self.haplotypes)
+            return self.bundle.predict(records, self.gene_ids, **extra)
+        return self.bundle.predict(records, self.gene_ids, self.haplotypes, **extra)
 
     def __call__(self, records: pa.Table) -> pa.Table:
         estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
@@ -285,8 +306,10 @@ def run_pipeline(
     *,
     loader: Callable[[str], Any] = load_bundle_from,
     haplotypes: Any = None,
-) -> None:
-    """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job.
+    baselines: dict[str, np.ndarray] | None = None,
+) -> int:
+    """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
+    returns the number of predictor actors it ran.
 
     Args:
         config: ray, context, impute and expression settings.
@@ -299,6 +322,7 @@ def run_pipeline(
         loader: how a predictor actor loads the bundle.
         haplotypes: the donors' promoter inputs (:func:`donor_promoter_inputs`); None: the bundle's reference
             windows.
+        baselines: the baselines' estimates a stacked bundle reads (``Bundle.baseline_grids(problem, targets)``).
     """
     import ray
 
@@ -314,7 +338,8 @@ def run_pipeline(
     log.info("impute: %d blocks of samples, %d predictor actor(s)%s", len(blocks), n_actors,
              " on GPU" if n_gpus else "")
     predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
-                      ray.put(haplotypes) if haplotypes is not None else None)
+                      ray.put(haplotypes) if haplotypes is not None else None,
+                      ray.put(baselines) if baselines else None)
     stream = (
         ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks)))
         .map_batches(ContextBuilder, fn_constructor_kwargs=context_kwargs, batch_size=1, batch_format="numpy",
@@ -333,6 +358,7 @@ def run_pipeline(
     )
     with progress:
         write_predictions(stream, out, cpus)
+    return n_actors
 
 
 def partition_rows(folder: Path, key: str = S.TISSUE) -> dict[str, int]:
@@ -446,6 +472,7 @@ def impute(
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
     haplotypes = donor_promoter_inputs(problem, bundle.models.network.spec.promoter_length)
+    baselines = stacked_estimates(bundle, problem, targets)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=list(settings.donors), tissues=list(settings.tissues),
@@ -456,7 +483,8 @@ def impute(
     ensure_ray(config.ray)
     try:
         with staged_output(out, step="impute", force=force) as staging:
-            run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id, haplotypes=haplotypes)
+            predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
+                                      haplotypes=haplotypes, baselines=baselines)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:
@@ -467,7 +495,7 @@ def impute(
                 model={"path": str(bundle_dir), "model_version": bundle.model_version},
                 include_observed=include_observed, missing_profiles=n_virtual, n_rows=n_rows, rows=rows,
                 seconds=round(seconds, 2), entries_per_second=round(n_rows / max(seconds, 1e-9), 1),
-                ray={"gpus": ray.cluster_resources().get("GPU", 0)},
+                ray={"gpus": ray.cluster_resources().get("GPU", 0), "predictors": predictors},
             ))
     except GeximputeError:
         raise
@@ -480,3 +508,117 @@ def impute(
     log.info("impute: %d rows in %d tissues committed to %s in %.1f s (%.0f entries/s)", n_rows, len(rows), out,
              seconds, n_rows / max(seconds, 1e-9))
     return ImputeResult(out, run_id, bundle.model_version, rows, n_rows, n_virtual, seconds)
+
+
+# A plan before a long run ---------------------------------------------------------------------------------------
+
+#: resident memory of a process before it holds any data, MiB, as measured on the development machine (Python with
+#: numpy, pyarrow and Ray's worker runtime; a predictor also imports torch and XGBoost); see docs/benchmarks.md
+PROCESS_BASE_MB = {"driver": 600, "context": 350, "predictor": 700, "writer": 300}
+#: bytes of one context record in Arrow, about: fixed columns plus four float lists per neighbour and per tissue token
+RECORD_FIXED_BYTES, RECORD_TOKEN_BYTES = 160, 20
+
+
+def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | Path | None = None,
+                workers: int | None = None, dataset: Any = None) -> dict[str, Any]:
+    """What ``impute`` would do, without running it (``geximpute impute --plan``): its shards (blocks of samples,
+    the unit of work of a context task), the entries of each, the expected peak memory of each kind of process and,
+    from the rate measured by the last run into the same output folder, the projected wall time for ``workers``
+    predictor actors.
+
+    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies, one block of context
+    records, the bundle's files, the stacked baselines' grids) over :data:`PROCESS_BASE_MB`: an estimate to size a
+    cluster's nodes, not a measurement (``geximpute benchmark`` measures).
+    """
+    settings = config.impute
+    bundle_dir = Path(model or model_dir(config))
+    out = Path(out_dir or output_dir(config))
+    dataset = dataset or load_dataset(config)
+    problem, _ = make_problem(dataset, hidden_mask=False)
+    n_virtual = 0
+    if settings.missing_profiles:
+        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
+        n_virtual = int(virtual.sum())
+    include_observed = settings.include_observed
+    targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
+    blocks = sample_blocks(targets, BLOCK_ENTRIES)
+    per_sample = targets.sum(axis=0)
+    shards = [{"samples": [b["lo"], b["hi"]], "entries": int(per_sample[b["lo"] : b["hi"]].sum())} for b in blocks]
+    n_entries = int(targets.sum())
+    n_genes, n_samples = problem.values.shape
+    mib = 1 / 2**20
+    matrix = n_genes * n_samples * 4 * mib
+    try:
+        bundle = load_bundle(bundle_dir)
+    except FileNotFoundError as exc:
+        raise GeximputeError(str(exc)) from exc
+    bundle_mb = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) * mib
+    grids = matrix * len(bundle.baseline_names) if bundle.stacked else 0.0
+    tokens = config.context.k_neighbours + len(problem.tissues)
+    record_bytes = RECORD_FIXED_BYTES + tokens * RECORD_TOKEN_BYTES
+    block_records = max((sh["entries"] for sh in shards), default=0) * record_bytes
+    batch_records = settings.batch_size * record_bytes
+    peak = {
+        # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; grids
+        "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + grids,
+        # ContextIndex: a float32 copy and float64 temporaries of the matrix, and one block of records
+        "context": PROCESS_BASE_MB["context"] + 3 * matrix + block_records * mib,
+        # the bundle in memory (about its files), the baselines' grids mapped from the object store, one batch
+        # through the network (activations about 50x the records' bytes)
+        "predictor": PROCESS_BASE_MB["predictor"] + 2 * bundle_mb + grids + 50 * batch_records * mib,
+        "writer": PROCESS_BASE_MB["writer"] + 2 * batch_records * mib,
+    }
+    measured = _measured_rate(out)
+    n_workers = workers or settings.predictors
+    projected = None
+    if measured is not None:
+        projected = round(n_entries / (measured["entries_per_second_per_predictor"] * n_workers), 1)
+    return {
+        "genes": n_genes, "samples": n_samples, "donors": len(problem.donors), "tissues": len(problem.tissues),
+        "missing_profiles": n_virtual, "entries": n_entries, "shards": shards,
+        "peak_memory_mb": {k: round(v) for k, v in peak.items()},
+        "bundle": {"path": str(bundle_dir), "model_version": bundle.model_version, "stacked": bundle.stacked,
+                   "size_mb": round(bundle_mb, 1)},
+        "predictors": n_workers, "measured": measured, "projected_seconds": projected,
+    }
+
+
+def _measured_rate(out: Path) -> dict[str, Any] | None:
+    """The rate of the last committed run into ``out`` (its manifest), per predictor actor; None without one."""
+    path = out / "_manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    rate, predictors = recorded.get("entries_per_second"), (recorded.get("ray") or {}).get("predictors")
+    if not rate or not predictors:
+        return None
+    return {"from": str(path), "entries": recorded.get("n_rows"), "seconds": recorded.get("seconds"),
+            "predictors": predictors, "entries_per_second_per_predictor": round(rate / predictors, 1)}
+
+
+def format_plan(plan: dict[str, Any], max_shards: int = 8) -> str:
+    """The plan as a person reads it on a terminal."""
+    lines = [f"impute plan: {plan['entries']:,} entries ({plan['missing_profiles']:,} missing donor-tissue profiles) "
+             f"of {plan['genes']:,} genes x {plan['donors']:,} donors x {plan['tissues']} tissues",
+             f"model {plan['bundle']['model_version']} ({plan['bundle']['size_mb']} MB"
+             f"{', stacked' if plan['bundle']['stacked'] else ''}) from {plan['bundle']['path']}",
+             f"{len(plan['shards'])} shards (blocks of samples, one context task each):"]
+    for shard in plan["shards"][:max_shards]:
+        lo, hi = shard["samples"]
+        lines.append(f"  samples {lo}-{hi - 1}: {shard['entries']:,} entries")
+    if len(plan["shards"]) > max_shards:
+        lines.append(f"  ... {len(plan['shards']) - max_shards} more")
+    lines.append("expected peak memory per process (estimate, MB): "
+                 + ", ".join(f"{k} {v:,}" for k, v in plan["peak_memory_mb"].items()))
+    measured = plan["measured"]
+    if measured is None:
+        lines.append("projected wall time: no measured rate yet (none recorded in the output folder's manifest); "
+                     "run impute once, or geximpute benchmark")
+    else:
+        lines.append(f"projected wall time with {plan['predictors']} predictor actors: {plan['projected_seconds']:,} s "
+                     f"(at {measured['entries_per_second_per_predictor']:,} entries/s per predictor, measured by "
+                     f"{measured['from']})")
+    return "\n".join(lines)

@@ -86,6 +86,7 @@ from geximpute.steps.impute import (
     output_os_error,
     partition_rows,
     run_pipeline,
+    stacked_estimates,
     target_mask,
 )
 
@@ -461,7 +462,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                 previous = _partition_donors(current)
                 _link_tree(current, staging)
             run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id,
-                         haplotypes=haplotypes)
+                         haplotypes=haplotypes, baselines=stacked_estimates(bundle, problem, targets))
             # rows per donor of this chunk, from the new files only
             rows_by_donor = _rows_by_donor(staging, run_id)
             entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),

@@ -13,6 +13,7 @@ Folders, each defaulting to a folder of ``config.output_dir``::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -24,12 +25,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from geximpute.config import Config
-from geximpute.fit.bundle import Bundle, load_bundle, load_network, save_bundle, save_network
-from geximpute.fit.hybrid import fit_hybrid_head, train_hybrid_network
+from geximpute.errors import ConfigError
+from geximpute.fit.bundle import Bundle, load_bundle, load_networks, save_bundle, save_networks
+from geximpute.fit.hybrid import fit_hybrid, fit_hybrid_head, gene_composition, train_fold_networks, tuned_baselines
 from geximpute.fit.models import HybridModels
-from geximpute.io.dataset import Dataset
+from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.baselines import ENTRY_METHODS
+from geximpute.science.problem import VisibleProblem, make_problem
 from geximpute.steps.prepare import prepare, read_problem_index
 
 log = logging.getLogger(__name__)
@@ -70,16 +74,18 @@ class Progress:
 
 def train_and_save(config: Config, records_dir: str | Path | None = None,
                    network_dir: str | Path | None = None) -> TrainedNetwork:
-    """Train the network on the training folds of ``records_dir`` and save it into ``network_dir``
-    (``geximpute train``); Ray Train's runs and checkpoints go to ``network_dir/runs``."""
+    """Train the networks on the training folds of ``records_dir`` and save them into ``network_dir``
+    (``geximpute train``): with K >= 2 folds the K cross-fitted fold networks (:func:`train_fold_networks`), in
+    ``fold0/`` ... ``fold{K-1}/``; with one fold one network in ``network_dir`` itself. Ray Train's runs and
+    checkpoints go to ``network_dir/runs``. Returns the first network (its metrics are the run's summary)."""
     records = output_path(config, records_dir, "records")
     out = output_path(config, network_dir, "network")
     gene_ids, tissues = read_problem_index(records)
     ensure_ray(config.ray)
     out.mkdir(parents=True, exist_ok=True)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), out / "runs")
-    save_network(network, out)
-    return network
+    networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs")
+    save_networks(networks, out)
+    return networks[0]
 
 
 def fit_head_and_save(
@@ -87,33 +93,69 @@ def fit_head_and_save(
     records_dir: str | Path | None = None,
     network: TrainedNetwork | str | Path | None = None,
     out: str | Path | None = None,
+    *,
+    problem: VisibleProblem | None = None,
 ) -> tuple[HybridModels, str, int]:
-    """Fit the XGBoost head over the embeddings of ``network`` on the head fold of ``records_dir`` and write the
+    """Fit the XGBoost head over the trained networks on the training folds of ``records_dir`` and write the
     bundle into ``out`` (``geximpute fit-head``).
+
+    With K >= 2 fold networks the head is cross-fitted and stacked (:func:`geximpute.fit.hybrid.fit_hybrid`): it
+    learns on every training fold from that fold's own network and from the strong baselines' out-of-fold
+    estimates, whose settings are tuned on a visible validation split (``baselines.tune``) and saved with the
+    bundle; the model ``evaluate`` scores as ``hybrid``.
 
     Args:
         config: the resolved config.
         records_dir: prepare's output with training folds (default ``<output_dir>/records``).
-        network: a trained network, or the folder :func:`train_and_save` wrote it to (default
+        network: a trained network, or the folder :func:`train_and_save` wrote to (default
             ``<output_dir>/network``); the head's Ray Train runs go to that folder's ``runs``.
         out: the bundle folder (default ``<output_dir>/model``), replaced atomically.
+        problem: the visible problem prepare cut the folds from (default: made again from the config's inputs).
 
     Returns:
         (the fitted models, the bundle's ``model_version``, the number of records the head was fitted on).
     """
     records = output_path(config, records_dir, "records")
     if isinstance(network, TrainedNetwork):
-        trained, runs = network, output_path(config, None, "network") / "runs"
+        networks, runs = [network], output_path(config, None, "network") / "runs"
     else:
         net_dir = output_path(config, network, "network")
-        trained, runs = load_network(net_dir), net_dir / "runs"
+        networks, runs = load_networks(net_dir), net_dir / "runs"
     gene_ids, tissues = read_problem_index(records)
+    if len(networks) != config.train.folds and len(networks) > 1:
+        raise ConfigError(f"{len(networks)} fold networks were trained but train.folds is {config.train.folds}; "
+                          "train again with this config (geximpute train)")
     ensure_ray(config.ray)
-    models, _, training = fit_hybrid_head(config, records, trained, gene_ids, runs)
+    if len(networks) == 1 and config.train.folds >= 2:
+        log.warning("fit-head: one network for %d training folds: the head is fitted on the plain layout (no "
+                    "cross-fitting, no baseline estimates); `geximpute train` trains the fold networks",
+                    config.train.folds)
+        models, _, training = fit_hybrid_head(config, records, networks[0], gene_ids, runs)
+        n_head = training.num_rows
+    else:
+        if problem is None and config.train.folds >= 2:
+            problem = read_visible_problem(config, gene_ids)
+        if problem is not None:
+            composition = gene_composition(records, problem.gene_ids, config.promoter.upstream)
+            baselines, _ = tuned_baselines(config, problem, composition, ENTRY_METHODS)
+            config = dataclasses.replace(config, baselines=baselines)
+        models = fit_hybrid(config, records, gene_ids, len(tissues), runs, ablations=False, problem=problem,
+                            networks=networks)
+        n_head = models.head_rows
     sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
     version = save_bundle(models, output_path(config, out, "model"), sequences=sequences, gene_ids=gene_ids,
-                          metrics=trained.metrics, tissues=tissues)
-    return models, version, training.num_rows
+                          metrics=networks[0].metrics, tissues=tissues)
+    return models, version, n_head
+
+
+def read_visible_problem(config: Config, gene_ids) -> VisibleProblem:
+    """The visible problem that prepare cut the training folds from, made again from the config's inputs; its
+    genes must be the prepare output's (``gene_ids``), or the inputs changed in between."""
+    problem, _ = make_problem(load_dataset(config))
+    if list(problem.gene_ids) != list(gene_ids):
+        raise ConfigError(f"the inputs of the config give {problem.n_genes} genes, the training records "
+                          f"{len(gene_ids)} others; run prepare again with this config")
+    return problem
 
 
 def build_bundle(
@@ -154,7 +196,7 @@ def build_bundle(
     progress.results["train"] = network
     with progress.stage("fit_head") as figures:
         net_dir = output_path(config, network_dir, "network")
-        models, version, n_head = fit_head_and_save(config, records, net_dir, out)
+        models, version, n_head = fit_head_and_save(config, records, net_dir, out, problem=prepared.problem)
         figures.update(records=n_head, model_version=version, head_trees=models.head.point.num_boosted_rounds(),
                        seconds_detail=models.seconds)
     progress.results["fit_head"] = models

@@ -170,7 +170,8 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
         lookup = PromoterLookup(np.full(problem.n_genes, -1, np.int64), np.arange(n, dtype=np.int64),
                                 gene * n + np.arange(n), np.stack([hap, hap], axis=1), n)
         records = _population_records(index, gene, tissue, score)
-        predicted[allele], _, _ = bundle.predict(records, problem.gene_ids, promoters=(table, lookup))
+        predicted[allele], _, _ = bundle.predict(records, problem.gene_ids, promoters=(table, lookup),
+                                                 baselines=bundle.no_baseline_estimates())
 
     site = np.repeat(np.asarray(rows["site"], dtype=np.int64), n_t)
     allele = np.repeat(np.asarray(rows["allele"], dtype=np.int64), n_t)
