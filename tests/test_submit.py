@@ -1,10 +1,10 @@
-"""``geximpute submit`` against a real Ray cluster started here (``ray start --head`` with token authentication), and
-the token and working_dir handling on their own.
+"""``geximpute submit`` against a real two-node Ray cluster started here (``ray start --head`` and ``ray start
+--address`` for a second node, with token authentication), and the token and working_dir handling on their own.
 
-The cluster is this module's own: its own temp dir, ports and token file, started in a new session and stopped by
-its process id; other Ray instances on the machine (the in-process ``ray_local`` fixture, other users' clusters) are
-never touched. The user side runs the CLI in a subprocess with the token given as a user would
-(``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``) and a home folder without ``~/.ray/auth_token``.
+The cluster is this module's own: its own temp dirs (one per node), ports and token file, each node started in a new
+session and stopped by its process ids; other Ray instances on the machine (the in-process ``ray_local`` fixture,
+other users' clusters) are never touched. The user side runs the CLI in a subprocess with the token given as a user
+would (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``) and a home folder without ``~/.ray/auth_token``.
 """
 
 from __future__ import annotations
@@ -59,13 +59,25 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Head:
-    """A running single-node Ray cluster started by this module."""
+    """A running Ray cluster started by this module: its head and, once joined, a second node."""
 
     address: str
     token: str
     token_path: Path
     temp_dir: Path
     proc: subprocess.Popen
+    worker: subprocess.Popen | None = None
+
+    def api(self, path: str) -> dict:
+        """GET a dashboard endpoint (the state API's ``/api/v0/...``) with the cluster's token."""
+        import json
+
+        request = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.api("/api/v0/nodes?limit=100")["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
     def user_env(self, home: Path, **extra: str) -> dict[str, str]:
         """A user's environment for the CLI: the token from ``RAY_AUTH_TOKEN_PATH``, a home without a token."""
@@ -78,11 +90,12 @@ class Head:
 
         found = []
         mine = str(self.temp_dir)
+        sessions = {self.proc.pid} | ({self.worker.pid} if self.worker is not None else set())
         for p in psutil.process_iter(["pid", "cmdline"]):
             if p.pid == os.getpid():
                 continue
             try:
-                if (os.getsid(p.pid) == self.proc.pid or mine in " ".join(p.info["cmdline"] or ())
+                if (os.getsid(p.pid) in sessions or mine in " ".join(p.info["cmdline"] or ())
                         or (p.cwd() + os.sep).startswith(mine + os.sep)):
                     found.append(p.pid)
             except (ProcessLookupError, PermissionError, psutil.Error):
@@ -116,19 +129,21 @@ def _stop(head: Head) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while (head.proc.poll() is None or head.own_processes()) and time.monotonic() < deadline:
+        procs = [head.proc, *([head.worker] if head.worker is not None else [])]
+        while (any(p.poll() is None for p in procs) or head.own_processes()) and time.monotonic() < deadline:
             time.sleep(0.5)  # poll() also reaps `ray start`
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head on 127.0.0.1 with token authentication, 2 CPUs, its own ports and temp dir."""
+    """A real two-node Ray cluster on 127.0.0.1 with token authentication: a head with 2 CPUs and a second node with
+    2 CPUs, each with its own ports and temp dir (the state API must list both alive before a test runs)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="gxray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     token = secrets.token_hex(32)
     token_path = temp_dir / "auth_token"
     token_path.write_text(token)
     token_path.chmod(0o600)
-    gcs, dash, client, agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr, *second = _free_ports(15)
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--temp-dir", str(temp_dir / "ray"),
@@ -145,6 +160,23 @@ def ray_head():
     head = Head(f"http://127.0.0.1:{dash}", token, token_path, temp_dir, proc)
     try:
         _wait_for_dashboard(head.address, proc)
+        # the second node: the same machine, its own temp dir, ports and resources, the cluster's token
+        w_agent, w_agent_grpc, w_metrics, w_env_agent, w_node_mgr, w_obj_mgr = second
+        worker_cmd = [
+            str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--block", "--disable-usage-stats",
+            "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir / "node2"),
+            "--dashboard-agent-listen-port", str(w_agent), "--dashboard-agent-grpc-port", str(w_agent_grpc),
+            "--metrics-export-port", str(w_metrics), "--runtime-env-agent-port", str(w_env_agent),
+            "--node-manager-port", str(w_node_mgr), "--object-manager-port", str(w_obj_mgr),
+            "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 * 1024 * 1024),
+        ]
+        head.worker = subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        deadline = time.monotonic() + 120
+        while len(head.alive_nodes()) < 2:
+            assert head.worker.poll() is None, f"the second node's ray start exited with {head.worker.returncode}"
+            assert time.monotonic() < deadline, "the second node did not join the cluster in 120 s"
+            time.sleep(1)
         yield head
     finally:
         _stop(head)
@@ -188,10 +220,15 @@ def test_submission_without_the_token_is_refused(ray_head, tmp_path):
     assert len(_jobs(ray_head)) == before  # nothing was submitted
 
 
-def test_pipeline_job_on_a_real_cluster(ray_head, tmp_path):
+def test_pipeline_job_on_a_real_cluster(ray_head, ray_local, tmp_path):
+    """The pipeline job on the two-node cluster: every step runs, its tasks are placed on both nodes (Ray's state
+    API), and its imputation is the one a single-node run of the same bundle writes."""
+    import numpy as np
     import pyarrow.dataset as pads
 
     from geximpute.apps.synth import SynthSpec, generate
+    from geximpute.config import load_config
+    from geximpute.steps.impute import impute
 
     data = generate(tmp_path / "data", SynthSpec(seed=5, n_genes=48, n_donors=10, n_tissues=3))
     out = tmp_path / "out"
@@ -221,6 +258,25 @@ def test_pipeline_job_on_a_real_cluster(ray_head, tmp_path):
     predictions = pads.dataset(out / "predictions", format="parquet", partitioning="hive").to_table().to_pandas()
     assert len(predictions) > 0
     assert not predictions.duplicated(["donor_id", "tissue", "gene_id"]).any()
+
+    # the job's tasks and actors ran on both nodes of the cluster
+    nodes = {n["node_id"] for n in ray_head.alive_nodes()}
+    assert len(nodes) == 2
+    tasks = ray_head.api("/api/v0/tasks?limit=10000&detail=true")["data"]["result"]["result"]
+    placed = {t["node_id"] for t in tasks if t.get("job_id") == job.job_id and t.get("node_id")}
+    assert placed == nodes, f"the job's {len(tasks)} tasks ran on {len(placed)} of the 2 nodes"
+
+    # the same bundle imputed on a single node (this process's local Ray) writes the same rows and values
+    config = load_config(data.config_path, [f"output_dir={out}", *TINY, "train.folds=1"])
+    single = impute(config, model=out / "model", out_dir=tmp_path / "single-node")
+    alone = pads.dataset(single.out_dir, format="parquet", partitioning="hive").to_table().to_pandas()
+    keys = ["donor_id", "tissue", "gene_id"]
+    predictions, alone = (frame.assign(tissue=frame["tissue"].astype(str)).sort_values(keys, ignore_index=True)
+                          for frame in (predictions, alone))
+    assert predictions[keys].equals(alone[keys])
+    assert set(predictions["run_id"]) == set(alone["run_id"]) == {single.run_id}
+    for column in ("predicted", "predicted_lower", "predicted_upper"):
+        np.testing.assert_allclose(predictions[column], alone[column], rtol=1e-5, atol=1e-5, err_msg=column)
 
 
 # --- token and working_dir handling, without a cluster -------------------------------------------------------

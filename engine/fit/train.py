@@ -110,6 +110,10 @@ def _train_loop(cfg: dict) -> None:
     # this worker's training records, read once; each epoch samples them afresh (epoch_rows)
     parts = list(train_shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
     records = pa.concat_tables(parts).combine_chunks() if parts else None
+    if records is not None and records.num_rows:
+        # Ray Data hands blocks over in the order they finish, which differs between runs: sorted by entry, the
+        # seeded epoch permutations visit the same records in the same order every run
+        records = records.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
     gene_chrom = cfg["gene_chrom"]
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"]):
