@@ -46,14 +46,12 @@ from geximpute import __version__
 from geximpute.apps.synth import SynthSpec, generate
 from geximpute.config import load_config
 from geximpute.fit.bundle import load_bundle
-from geximpute.io.dataset import load_dataset
 from geximpute.model.network import PromoterCNN
 from geximpute.runtime.atomic import discard
 from geximpute.runtime.provenance import versions
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.context import ContextIndex, build_context
-from geximpute.science.problem import make_problem
-from geximpute.steps.impute import BLOCK_ENTRIES, add_missing_profiles, donor_promoter_inputs, impute, target_mask
+from geximpute.steps.impute import BLOCK_ENTRIES, donor_promoter_inputs, imputation_problem, impute
 from geximpute.steps.pipeline import Progress, build_bundle
 from geximpute.steps.prepare import sample_blocks
 
@@ -309,17 +307,6 @@ def measured_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
 
 
 # Imputation --------------------------------------------------------------------------------------------------
-
-
-def imputation_problem(config: Any) -> tuple[Any, np.ndarray, np.ndarray]:
-    """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags), as ``impute`` builds them."""
-    settings = config.impute
-    problem, _ = make_problem(load_dataset(config), hidden_mask=False)
-    virtual = np.zeros(problem.n_samples, bool)
-    if settings.missing_profiles:
-        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
-    targets = target_mask(problem, settings.donors, settings.tissues, settings.include_observed)
-    return problem, targets, virtual
 
 
 def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> int:

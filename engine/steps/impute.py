@@ -214,8 +214,8 @@ class Predictor:
     This class is the one caller of ``Bundle.predict`` in the engine's imputation path.
 
     Args:
-        loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, [promoters])`` and
-            ``model_version``.
+        loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, promoters, baselines=)``
+            and ``model_version`` (a :class:`~geximpute.fit.bundle.Bundle`).
         bundle_dir: the bundle folder.
         refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes or None, the
             baselines' estimates of a stacked bundle (:meth:`geximpute.fit.bundle.Bundle.baseline_grids`) or None).
@@ -231,21 +231,19 @@ class Predictor:
         import ray
 
         self.bundle = loader(bundle_dir)
-        genes_ref, virtual_ref, haplotypes_ref, *rest = refs
+        genes_ref, virtual_ref, haplotypes_ref, baselines_ref = refs
         self.gene_ids = ray.get(genes_ref)
         self.virtual = ray.get(virtual_ref)
         self.haplotypes = ray.get(haplotypes_ref) if haplotypes_ref is not None else None
-        self.baselines = ray.get(rest[0]) if rest and rest[0] is not None else None
+        self.baselines = ray.get(baselines_ref) if baselines_ref is not None else None
         self.run_id, self.scale, self.expression, self.use_gpu = run_id, scale, expression, use_gpu
         if hasattr(self.bundle, "models"):
             self.bundle.models.device = str(inference_device(use_gpu))
 
     def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
-        extra = {"baselines": self.baselines} if self.baselines is not None else {}
-        if self.haplotypes is None:  # the bundle's reference windows
-            return self.bundle.predict(records, self.gene_ids, **extra)
-        return self.bundle.predict(records, self.gene_ids, self.haplotypes, **extra)
+        # haplotypes None: the bundle's reference windows
+        return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
 
     def __call__(self, records: pa.Table) -> pa.Table:
         estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
@@ -512,11 +510,24 @@ def impute(
 
 # A plan before a long run ---------------------------------------------------------------------------------------
 
-#: resident memory of a process before it holds any data, MiB, as measured on the development machine (Python with
-#: numpy, pyarrow and Ray's worker runtime; a predictor also imports torch and XGBoost); see docs/benchmarks.md
+#: resident memory of a process before it holds any data, MiB: round guesses (Python with numpy, pyarrow and Ray's
+#: worker runtime; a predictor also imports torch and XGBoost), not per-process measurements; the RSS figures that
+#: were measured (bench_impute, geximpute benchmark) are in docs/benchmarks.md
 PROCESS_BASE_MB = {"driver": 600, "context": 350, "predictor": 700, "writer": 300}
 #: bytes of one context record in Arrow, about: fixed columns plus four float lists per neighbour and per tissue token
 RECORD_FIXED_BYTES, RECORD_TOKEN_BYTES = 160, 20
+
+
+def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
+    """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags) of the config's inputs, as
+    :func:`impute` builds them with its default settings."""
+    settings = config.impute
+    problem, _ = make_problem(dataset or load_dataset(config), hidden_mask=False)
+    virtual = np.zeros(problem.n_samples, bool)
+    if settings.missing_profiles:
+        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
+    targets = target_mask(problem, settings.donors, settings.tissues, settings.include_observed)
+    return problem, targets, virtual
 
 
 def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | Path | None = None,
@@ -533,14 +544,8 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     settings = config.impute
     bundle_dir = Path(model or model_dir(config))
     out = Path(out_dir or output_dir(config))
-    dataset = dataset or load_dataset(config)
-    problem, _ = make_problem(dataset, hidden_mask=False)
-    n_virtual = 0
-    if settings.missing_profiles:
-        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
-        n_virtual = int(virtual.sum())
-    include_observed = settings.include_observed
-    targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
+    problem, targets, virtual = imputation_problem(config, dataset)
+    n_virtual = int(virtual.sum())
     blocks = sample_blocks(targets, BLOCK_ENTRIES)
     per_sample = targets.sum(axis=0)
     shards = [{"samples": [b["lo"], b["hi"]], "entries": int(per_sample[b["lo"] : b["hi"]].sum())} for b in blocks]
