@@ -44,6 +44,9 @@ def ray_local():
     """One local Ray for the whole session: 2 CPUs, small object store, no dashboard."""
     import ray
 
+    from geximpute.runtime.raytools import local_train_polling
+
+    local_train_polling()  # as the engine's own local Ray: Ray Train's controller polls every 0.25 s, not 2 s
     ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -197,11 +197,11 @@ HYBRID_SAMPLES = [*TINY, "evaluation.task=samples", "evaluation.fraction=0.25", 
 
 
 def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path):
-    """The default suite's hybrid evaluation: two fold networks and the stacked head, no ablations (those train
-    two more networks and a head: the slow test below)."""
+    """The default suite's hybrid evaluation: two fold networks (one epoch each) and the stacked head, no ablations
+    (those train two more networks and a head: the slow test below)."""
     config = load_config(
         synth_small / "config.yaml",
-        [f"output_dir={tmp_path}", *HYBRID_SAMPLES, "evaluation.ablations=false"],
+        [f"output_dir={tmp_path}", *HYBRID_SAMPLES, "evaluation.ablations=false", "train.epochs=1"],
     )
     metrics = evaluate(config, tmp_path / "eval")
     methods = metrics["methods"]

@@ -54,28 +54,15 @@ def test_train_with_one_and_two_workers(prepared, tiny_model, tmp_path, workers)
     assert network.metrics["examples"] > 0
 
 
-def test_every_epoch_samples_every_training_chromosome(prepared, tmp_path):
-    """Records are stored by chromosome; an epoch cut to a fifth of them must still reach every chromosome."""
-    config, records, _ = prepared
-    n_train = sum(pq.ParquetDataset(d).read(columns=["target"]).num_rows for d in sorted((records / "train").iterdir()))
-    config = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=1",
-                                                f"train.max_examples_per_epoch={n_train // 5}"])
-    gene_ids, tissues = read_problem_index(records)
-    network = train_hybrid_network(config, records, gene_ids, len(tissues), tmp_path / "runs", name="coverage")
-    m = network.metrics
-    assert m["chroms_train"] >= 2
-    assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
-    assert m["genes_seen"] >= 0.8 * m["genes_train"], m
-    assert m["examples"] <= n_train // 5
-
-
 def _config_path(config):
     from pathlib import Path
 
     return Path(config.inputs.genes).parent / "config.yaml"
 
 
-def test_resume_from_checkpoint(prepared, tmp_path):
+def test_resume_from_checkpoint_and_a_cut_epoch_reaches_every_chromosome(prepared, tmp_path):
+    """A run resumed from the tiny model's last checkpoint trains only the epochs left; its epoch, cut to a fifth of
+    the records (stored by chromosome), still reaches every training chromosome."""
     config, records, _ = prepared
     gene_ids, tissues = read_problem_index(records)
     # the tiny model trained TINY's 2 epochs (0 and 1) of fold network 0 with one worker; its last checkpoint is epoch 1
@@ -86,14 +73,21 @@ def test_resume_from_checkpoint(prepared, tmp_path):
     from geximpute.fit.hybrid import split_folds
     from geximpute.fit.train import fold_dirs, train_network
 
+    n_train = sum(pq.ParquetDataset(d).read(columns=["target"]).num_rows for d in sorted((records / "train").iterdir()))
     three = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=3",
-                                                "train.patience=5"])
+                                                "train.patience=5", f"train.max_examples_per_epoch={n_train // 5}"])
     net_folds, _ = split_folds(three.train.folds)
     resumed = train_network(three, fold_dirs(records, net_folds), records, gene_ids, len(tissues),
                             storage=tmp_path, name="second", resume_from=checkpoint)
-    assert resumed.metrics["epoch"] == 2
+    m = resumed.metrics
+    assert m["epoch"] == 2
     # epochs 0 and 1 came from the checkpoint: the resumed run wrote a checkpoint for epoch 2 only
     assert len([p for p in (tmp_path / "second").glob("checkpoint_*") if p.is_dir()]) == 1
+    # epoch 2 read a seeded sample of all the records, not the first fifth of the files
+    assert m["examples"] <= n_train // 5
+    assert m["chroms_train"] >= 2
+    assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
+    assert m["genes_seen"] >= 0.8 * m["genes_train"], m
 
 
 def _hidden(records) -> pa.Table:

@@ -246,3 +246,46 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     out = capfd.readouterr().out  # the console writes to the terminal's file descriptor
     assert rc == 0 and f"impute plan: {result.n_rows:,} entries" in out and "no measured rate yet" in out
     assert not (tmp_path / "new").exists()  # a plan writes nothing
+
+
+def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local):
+    """The run's encode tasks give each network the embeddings of every donor haplotype; predicting with them runs
+    no CNN and gives the predictions of the one-hot table path."""
+    from geximpute.apps.benchmark import EncoderCounter
+    from geximpute.fit.bundle import load_bundle
+    from geximpute.science.context import ContextIndex, build_context
+    from geximpute.steps.impute import (
+        EncodedHaplotypes,
+        donor_promoter_inputs,
+        donor_promoter_sequences,
+        encoded_haplotypes,
+        imputation_problem,
+        load_bundle_from,
+    )
+
+    config = tiny_model.config
+    problem, targets, _ = imputation_problem(config)
+    sequences, lookup = donor_promoter_sequences(problem)
+    bundle = load_bundle(tiny_model.folder)
+    assert bundle.reads_promoters and len(bundle.models.networks()) == config.train.folds == 2
+    encoded = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5})
+    assert isinstance(encoded, EncodedHaplotypes) and len(encoded.parts) == 3
+    (empty, _), embeddings = encoded.resolve(bundle.models.network.spec.promoter_length)
+    assert len(empty) == 0 and len(embeddings) == 2
+    assert all(e.shape[0] == len(sequences) for e in embeddings)
+
+    # the predictions of some target entries: with the one-hot table (encoded as met), and with the embeddings
+    gi, si = np.nonzero(targets)
+    pick = np.linspace(0, len(gi) - 1, 200).round().astype(int)
+    index = ContextIndex(problem, config.context.genetic_shrinkage)
+    records = build_context(index, gi[pick], si[pick], np.zeros(len(pick), bool), config.context.k_neighbours,
+                            config.context.max_distance)
+    grids = bundle.baseline_grids(problem, targets)
+    table_path = load_bundle(tiny_model.folder).predict(records, problem.gene_ids,
+                                                         donor_promoter_inputs(problem, config.promoter.length),
+                                                         baselines=grids)
+    with EncoderCounter() as counter:
+        shipped = bundle.predict(records, problem.gene_ids, (empty, lookup), baselines=grids, embeddings=embeddings)
+    assert counter.sequences == 0  # nothing encoded where the predictions are made
+    for ours, theirs in zip(shipped, table_path, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -2,13 +2,24 @@
 
 One run::
 
-    synth (1x, 2x, 4x donors)  -> prepare --training (1x)  -> train (short)  -> fit-head + bundle
-                               -> impute at 1x, 2x, 4x (the scaling series)  -> promoter-encoder comparison
+    synth (every point of both series)
+      -> prepare --training -> train (short) -> fit-head + bundle        (1x genes)
+      -> prepare --training -> fit-head over the same networks + bundle  (each larger gene set)
+      -> impute at every point, each in a driver process of its own      (the series)
+      -> promoter-encoder comparison
 
 and writes ``<out>/bench.json`` and ``<out>/bench.png``. Every stage records its wall time, its throughput (entries
 or records per second; training samples per second) and the peak resident memory of the driver and of the Ray
-worker processes (:class:`PeakRSS`). The scaling series multiplies the donors, so entries grow while genes stay
-fixed, and records the time ratio between consecutive steps.
+worker processes (:class:`PeakRSS`).
+
+The series (issue 15) grow the genes with the donors fixed (``gene_scales``) and the donors with the genes fixed
+(``scales``). Each point is one ``geximpute impute`` end to end into Parquet, run as a new driver process (``python
+-m geximpute.apps.cli impute``) that joins the benchmark's Ray, so that the driver's memory is the imputation's own
+and not what training left in the benchmark's process. Every point records its peak RSS per process kind
+(:data:`PROCESS_KINDS`: the driver, the context actors, the predictor actors, the Parquet writers; the largest single
+process of each kind) and the growth between the first and the last point of each series. A bundle is tied to its
+gene set (:func:`geximpute.fit.bundle.check_compatible`), so each larger gene set gets its own bundle: prepare with
+training folds and a head fitted over the 1x networks (:func:`geximpute.steps.pipeline.fit_head_and_save`).
 
 The promoter-encoder comparison replays the imputation's prediction call (``Bundle.predict``, what
 :class:`geximpute.steps.impute.Predictor` calls) in this process on every entry of a few genes (all their donors and
@@ -17,8 +28,10 @@ tissues, so their haplotype sharing is the whole run's), counting the sequences 
 haplotype encoded once, :class:`geximpute.model.inference.PromoterEncoderCache`) and with a per-entry copy of every
 entry's two promoter haplotypes, so that nothing is shared; the ratio of their times is the speed-up of sharing.
 
-``bench.json`` carries at least ``impute_entries_per_min``, ``encoder_calls_per_entry``, ``device`` and
-``scaling`` (``[{"entries", "seconds", "peak_rss_mb"}, ...]``) so that runs can be compared by script.
+``bench.json`` carries at least ``impute_entries_per_min``, ``encoder_calls_per_entry``, ``device``, ``series``
+(``[{"genes", "donors", "tissues", "entries", "seconds", "peak_rss_mb": {kind: MiB}}, ...]``) and ``scaling`` (the
+donors series as issue 8 recorded it: ``[{"entries", "seconds", "peak_rss_mb"}, ...]``) so that runs can be
+compared by script.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ import math
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -51,9 +66,9 @@ from geximpute.runtime.atomic import discard
 from geximpute.runtime.provenance import versions
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.context import ContextIndex, build_context
-from geximpute.steps.impute import BLOCK_ENTRIES, donor_promoter_inputs, imputation_problem, impute
-from geximpute.steps.pipeline import Progress, build_bundle
-from geximpute.steps.prepare import sample_blocks
+from geximpute.steps.impute import BLOCK_ENTRIES, donor_promoter_inputs, donor_promoter_sequences, imputation_problem
+from geximpute.steps.pipeline import Progress, build_bundle, fit_head_and_save
+from geximpute.steps.prepare import prepare, sample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +77,15 @@ TARGET_ENTRIES_PER_MIN = 1_000_000
 TARGET_DOUBLING_RATIO = 2.2
 TARGET_MEMORY_GROWTH_4X = 0.20
 TARGET_ENCODER_CALLS = 0.05
+#: the targets of issue 15 for 4x genes or 4x donors: peak RSS of each process kind, wall time
+TARGET_SERIES_MEMORY_GROWTH = 1.2
+TARGET_SERIES_TIME_GROWTH = 4.4
+
+#: process kinds of an imputation run, by the Ray worker's title (``ray::MapWorker(MapBatches(Predictor))``...):
+#: the first kind whose marker the title contains; other Ray workers are ``other_ray_workers``
+PROCESS_KINDS = (("context", ("ContextBuilder",)), ("predictor", ("Predictor",)), ("writer", ("Write",)))
+#: Ray's own processes (not workers), reported together as ``ray_system``
+RAY_SYSTEM = ("raylet", "gcs_server", "dashboard", "agent", "log_monitor", "monitor", "runtime_env")
 
 #: settings of the short training that makes the benchmark's bundle (the network keeps the default size)
 TRAINING_OVERRIDES = (
@@ -69,6 +93,19 @@ TRAINING_OVERRIDES = (
     "train.fold_fraction=0.1",
     "train.patience=100",
 )
+
+
+def process_kind(title: str, name: str) -> str:
+    """The kind of a process of a run: a Ray worker by its title (``ray::...``, :data:`PROCESS_KINDS`), Ray's own
+    daemons as ``ray_system``, anything else as ``other``."""
+    if title.startswith("ray::"):
+        for kind, markers in PROCESS_KINDS:
+            if any(marker in title for marker in markers):
+                return kind
+        return "other_ray_workers"
+    if any(part in name for part in RAY_SYSTEM):
+        return "ray_system"
+    return "other"
 
 
 class PeakRSS:
@@ -81,17 +118,23 @@ class PeakRSS:
     counts from its start), attributed to the process's name at each sample (``ray::MapWorker(...)``, ``raylet``);
     unlike wall time it hardly depends on what else the machine runs.
 
+    The driver is this process, or the descendant whose pid is set in ``driver_pid`` (a driver started as a
+    subprocess: then this process itself counts as ``other``).
+
     Attributes:
-        driver: peak RSS of this process, bytes.
+        driver: peak RSS of the driver, bytes.
         workers: peak of the summed RSS of the Ray worker processes.
         driver_workers: peak of driver + workers (sampled together).
         total: peak of this process and all its descendants.
+        kinds: peak RSS of the largest single process of each kind (:func:`process_kind`, and ``driver``), bytes.
         cpu: CPU seconds per process name.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, driver_pid: int | None = None) -> None:
         self.interval = interval
+        self.driver_pid = driver_pid
         self.driver = self.workers = self.driver_workers = self.total = 0
+        self.kinds: dict[str, int] = {}
         self.cpu: dict[str, float] = {}
         self._last_cpu: dict[tuple[int, float], float] = {}
         self._first = True
@@ -106,34 +149,45 @@ class PeakRSS:
         self._last_cpu[key] = now
         self.cpu[name] = self.cpu.get(name, 0.0) + max(now - before, 0.0)
 
+    def _kind(self, kind: str, rss: int) -> None:
+        self.kinds[kind] = max(self.kinds.get(kind, 0), rss)
+
     def sample(self) -> None:
         """Take one sample now."""
         me = psutil.Process()
+        driver_pid = self.driver_pid or me.pid
         try:
             own = me.memory_info().rss
-            self._account(me, "driver")
+            self._account(me, "driver" if driver_pid == me.pid else "benchmark")
             children = me.children(recursive=True)
         except psutil.Error:
             return
-        workers = others = 0
+        driver = own if driver_pid == me.pid else 0
+        workers = 0
+        others = 0 if driver_pid == me.pid else own
         for child in children:
             try:
                 rss = child.memory_info().rss
                 title = " ".join(child.cmdline()[:1])
-                if title.startswith("ray::"):
+                if child.pid == driver_pid:
+                    driver, name = rss, "driver"
+                elif title.startswith("ray::"):
                     workers += rss
                     name = title.split(" ")[0]
+                    self._kind(process_kind(title, child.name()), rss)
                 else:
                     others += rss
                     name = child.name()
+                    self._kind(process_kind(title, name), rss)
                 self._account(child, name)
             except psutil.Error:
                 continue
         self._first = False
-        self.driver = max(self.driver, own)
+        self._kind("driver", driver)
+        self.driver = max(self.driver, driver)
         self.workers = max(self.workers, workers)
-        self.driver_workers = max(self.driver_workers, own + workers)
-        self.total = max(self.total, own + workers + others)
+        self.driver_workers = max(self.driver_workers, driver + workers)
+        self.total = max(self.total, driver + workers + others)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -155,6 +209,12 @@ class PeakRSS:
         mib = 2**20
         return {"driver": round(self.driver / mib), "workers": round(self.workers / mib),
                 "driver_workers": round(self.driver_workers / mib), "all": round(self.total / mib)}
+
+    def kinds_report(self) -> dict[str, int]:
+        """Peak RSS in MiB of the largest process of each kind seen (``driver`` first, then
+        :data:`PROCESS_KINDS`, then the rest)."""
+        order = ["driver", *(kind for kind, _ in PROCESS_KINDS), "other_ray_workers", "ray_system", "other"]
+        return {kind: round(self.kinds[kind] / 2**20) for kind in order if self.kinds.get(kind)}
 
     def cpu_report(self, top: int = 8) -> dict[str, float]:
         """CPU seconds of the ``top`` busiest process names, the rest summed as ``other``."""
@@ -188,15 +248,16 @@ def usable_cores() -> int:
 def device_description() -> dict[str, str]:
     """Where the benchmark's network ran, and what GPU there was.
 
-    The network of ``run_network`` (training's embeddings, fit-head and imputation) runs on the CPU, so ``device``
-    names the CPU; ``gpu`` says whether a GPU was present and measured.
+    The benchmark's Ray has CPU predictor actors unless it has GPUs (then imputation's predictor actors each hold
+    one and run the networks on it, :func:`geximpute.model.inference.inference_device`); ``device`` names the CPU,
+    ``gpu`` says whether a GPU was present.
     """
     import torch
 
     device = f"cpu: {cpu_model()}, {usable_cores()} cores"
     if torch.cuda.is_available():
-        gpu = (f"{torch.cuda.get_device_name(0)} present but not measured: imputation's network "
-               "(geximpute.model.inference.run_network) runs on the CPU")
+        gpu = (f"{torch.cuda.get_device_name(0)} present: predictor actors run the networks on it when Ray lists "
+               "GPUs; the series' figures are end to end, not the GPU's alone")
     else:
         gpu = "none: no GPU on this machine (torch.cuda.is_available() is False); GPU figures not measured"
     return {"device": device, "gpu": gpu}
@@ -207,13 +268,15 @@ class BenchSpec:
     """What one benchmark run measures. Checked on construction: a bad value raises ``ValueError``.
 
     Attributes:
-        genes: genes of the synthetic data (fixed over the scaling series).
-        donors: donors at scale 1.
+        genes: genes at gene scale 1 (fixed over the donors series).
+        donors: donors at donor scale 1 (fixed over the genes series).
         tissues: tissues.
         observed_fraction: share of (donor, tissue) cells with a sample (``SynthSpec.observed_cell_fraction``);
             the rest are missing profiles that imputation fills in.
         variant_density: variant sites per promoter window (``SynthSpec.variants_per_promoter``).
-        scales: donor multipliers of the scaling series, increasing; the first one trains the bundle.
+        scales: donor multipliers of the donors series, increasing; the first one trains the networks.
+        gene_scales: gene multipliers of the genes series (at the first donor scale), increasing; the first one
+            trains the networks, each other one gets a head over them.
         epochs: training epochs of the network.
         max_examples: training examples per epoch (``train.max_examples_per_epoch``).
         encoder_entries: entries of the promoter-encoder comparison (every entry of as many genes as it takes).
@@ -227,6 +290,7 @@ class BenchSpec:
     observed_fraction: float = 0.6
     variant_density: int = 3
     scales: tuple[int, ...] = (1, 2, 4)
+    gene_scales: tuple[int, ...] = (1, 2, 4)
     epochs: int = 1
     max_examples: int = 20_000
     encoder_entries: int = 8192
@@ -244,16 +308,25 @@ class BenchSpec:
             raise ValueError(f"BenchSpec.variant_density: expected an integer >= 0, got {self.variant_density!r}")
         if not 0 < self.observed_fraction <= 1:
             raise ValueError(f"BenchSpec.observed_fraction: expected a number in (0, 1], got {self.observed_fraction}")
-        scales = list(self.scales)
-        if not scales or any(not isinstance(s, int | np.integer) or s < 1 for s in scales) or scales != sorted(
-                set(scales)):
-            raise ValueError(f"BenchSpec.scales: expected increasing integers >= 1, got {self.scales!r}")
+        for name in ("scales", "gene_scales"):
+            scales = list(getattr(self, name))
+            if not scales or any(not isinstance(s, int | np.integer) or s < 1 for s in scales) or scales != sorted(
+                    set(scales)):
+                raise ValueError(f"BenchSpec.{name}: expected increasing integers >= 1, got {getattr(self, name)!r}")
 
-    def synth_spec(self, scale: int) -> Any:
-        """The :class:`geximpute.apps.synth.SynthSpec` of one step of the scaling series (donors x ``scale``)."""
+    def points(self) -> list[tuple[int, int]]:
+        """(gene scale, donor scale) of every imputation run: the donors series, then the rest of the genes series
+        (the first point is in both)."""
+        g0, d0 = self.gene_scales[0], self.scales[0]
+        return [(g0, d) for d in self.scales] + [(g, d0) for g in self.gene_scales[1:]]
+
+    def synth_spec(self, gene_scale: int, donor_scale: int) -> Any:
+        """The :class:`geximpute.apps.synth.SynthSpec` of one point (genes x ``gene_scale``, donors x
+        ``donor_scale``)."""
+        genes = self.genes * gene_scale
         # ~3.4 kb of chromosome per gene, as `geximpute synth` lays them out
-        length = max(SynthSpec.chrom_length, self.genes * 3_400 // SynthSpec.n_chroms)
-        return SynthSpec(seed=self.seed, n_genes=self.genes, n_donors=self.donors * scale, n_tissues=self.tissues,
+        length = max(SynthSpec.chrom_length, genes * 3_400 // SynthSpec.n_chroms)
+        return SynthSpec(seed=self.seed, n_genes=genes, n_donors=self.donors * donor_scale, n_tissues=self.tissues,
                          observed_cell_fraction=self.observed_fraction, variants_per_promoter=self.variant_density,
                          chrom_length=length)
 
@@ -322,17 +395,40 @@ def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> in
     return int((rows >= 0).sum())
 
 
-def impute_step(config: Any, bundle: Path, out: Path) -> dict[str, Any]:
-    """One measured ``impute`` run (end to end into Parquet, commit included)."""
+def gene_set_bundle(config: Any, work: Path, network_dir: Path) -> dict[str, Any]:
+    """A bundle for another gene set over the networks in ``network_dir``: prepare with training folds, then the
+    head (and the stacked baselines' settings) fitted on this data's folds; into ``work/model``."""
+    t0 = time.perf_counter()
+    prepared = prepare(config, work / "records", targets="hidden", training=True)
+    _, version, n_head = fit_head_and_save(config, work / "records", network_dir, work / "model",
+                                           problem=prepared.problem)
+    return {"seconds": round(time.perf_counter() - t0, 1), "head_records": n_head, "model_version": version}
+
+
+def impute_point(config_path: Path, overrides: list[str], bundle: Path, out: Path, address: str) -> dict[str, Any]:
+    """One ``geximpute impute`` end to end into Parquet (commit included) in a new driver process that joins the
+    Ray at ``address``; its time, rate and peak memory per process kind."""
+    cmd = [sys.executable, "-m", "geximpute.apps.cli", "-q", "impute", "--config", str(config_path),
+           "--model", str(bundle), "--out", str(out)]
+    for item in [*overrides, f"ray.address={address}"]:
+        cmd += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        result = impute(config, model=bundle, out_dir=out)
-        seconds = time.perf_counter() - t0
-    cpu = sum(peak.cpu.values())
-    return {"entries": result.n_rows, "seconds": round(seconds, 2), "peak_rss_mb": peak.report()["driver_workers"],
-            "peak_rss_detail_mb": peak.report(), "missing_profiles": result.n_missing_profiles,
-            "entries_per_second": _rate(result.n_rows, seconds), "cpu_seconds": round(cpu, 2),
-            "entries_per_cpu_second": _rate(result.n_rows, cpu), "cpu_by_process": peak.cpu_report()}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        peak.driver_pid = proc.pid
+        stdout, stderr = proc.communicate()
+        process_seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark: impute of {config_path} failed (exit {proc.returncode}): {stderr[-2000:]}")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    entries, seconds = int(manifest["n_rows"]), float(manifest["seconds"])
+    cpu = sum(sec for name, sec in peak.cpu.items() if name != "benchmark")
+    return {"entries": entries, "seconds": round(seconds, 2), "process_seconds": round(process_seconds, 2),
+            "peak_rss_mb": peak.kinds_report(), "peak_rss_detail_mb": peak.report(),
+            "missing_profiles": manifest.get("missing_profiles"), "entries_per_second": _rate(entries, seconds),
+            "cpu_seconds": round(cpu, 2), "entries_per_cpu_second": _rate(entries, cpu),
+            "cpu_by_process": peak.cpu_report()}
 
 
 # Promoter encoder --------------------------------------------------------------------------------------------
@@ -468,14 +564,28 @@ def scaling_ratios(scaling: list[dict]) -> None:
         step["memory_ratio"] = round(step["peak_rss_mb"] / max(prev["peak_rss_mb"], 1), 3)
 
 
+def series_growth(points: list[dict]) -> dict[str, Any]:
+    """From the first to the last point of one series: how much the entries, the wall time and each process kind's
+    peak RSS grew (kinds seen at both ends)."""
+    first, last = points[0], points[-1]
+    kinds = [k for k in first["peak_rss_mb"] if k in last["peak_rss_mb"] and k not in ("other", "ray_system")]
+    return {
+        "from": {k: first[k] for k in ("genes", "donors", "entries")},
+        "to": {k: last[k] for k in ("genes", "donors", "entries")},
+        "entries_ratio": round(last["entries"] / max(first["entries"], 1), 3),
+        "time_ratio": round(last["seconds"] / max(first["seconds"], 1e-9), 3),
+        "peak_rss_ratio": {k: round(last["peak_rss_mb"][k] / max(first["peak_rss_mb"][k], 1), 3) for k in kinds},
+    }
+
+
 def check_targets(bench: dict) -> dict[str, Any]:
-    """The issue's targets against the measured figures (``met`` is None where not measured)."""
+    """The issues' targets against the measured figures (``met`` is None where not measured)."""
     scaling = bench["scaling"]
     doubling = [s["time_ratio"] / s["entries_ratio"] * 2 for s in scaling[1:] if s.get("entries_ratio")]
     first, last = scaling[0], scaling[-1]
     grow = last["entries"] / max(first["entries"], 1)
     memory = last["peak_rss_mb"] / max(first["peak_rss_mb"], 1) - 1 if len(scaling) > 1 else None
-    return {
+    targets = {
         "impute_entries_per_min": {"target": f">= {TARGET_ENTRIES_PER_MIN:,}",
                                    "met": bench["impute_entries_per_min"] >= TARGET_ENTRIES_PER_MIN},
         "time_per_doubling": {"target": f"<= {TARGET_DOUBLING_RATIO}x", "value": [round(d, 3) for d in doubling],
@@ -488,10 +598,23 @@ def check_targets(bench: dict) -> dict[str, Any]:
                                     "met": bench["encoder_calls_per_entry"] < TARGET_ENCODER_CALLS},
         "gpu": {"target": ">= 1e9 entries per hour on one GPU", "met": None, "why": bench["gpu"]},
     }
+    for name, growth in bench["series_growth"].items():
+        fourfold = growth["entries_ratio"] >= 3.5
+        worst = max(growth["peak_rss_ratio"].values(), default=None)
+        targets[f"series_{name}_memory"] = {
+            "target": f"peak RSS of every process kind <= {TARGET_SERIES_MEMORY_GROWTH}x for 4x {name}",
+            "value": growth["peak_rss_ratio"], "met": None if not fourfold or worst is None
+            else worst <= TARGET_SERIES_MEMORY_GROWTH}
+        targets[f"series_{name}_time"] = {
+            "target": f"wall time <= {TARGET_SERIES_TIME_GROWTH}x for 4x entries", "value": growth["time_ratio"],
+            "entries_ratio": growth["entries_ratio"],
+            "met": None if not fourfold else growth["time_ratio"] <= TARGET_SERIES_TIME_GROWTH}
+    return targets
 
 
 def plot_bench(bench: dict, path: Path) -> None:
-    """Four panels: stage throughput, scaling time, scaling memory, promoter-encoder work."""
+    """Four panels: stage throughput, the series' time, the series' memory per process kind, promoter-encoder
+    work."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -512,28 +635,28 @@ def plot_bench(bench: dict, path: Path) -> None:
     for i, r in enumerate(rates):
         ax.text(i, r, f"{r:,.0f}", ha="center", va="bottom", fontsize=8)
 
-    scaling = bench["scaling"]
-    entries = np.array([s["entries"] for s in scaling], float)
-    seconds = np.array([s["seconds"] for s in scaling], float)
+    by_name = {name: [p for p in bench["series"] if p["point"] in members]
+               for name, members in bench["series_members"].items()}
     ax = axes[0, 1]
-    ax.plot(entries, seconds, "o-", label="measured")
-    ax.plot(entries, seconds[0] * entries / entries[0], "--", color="grey", label="linear from 1x")
-    for s in scaling[1:]:
-        ax.annotate(f"x{s['time_ratio']:.2f}", (s["entries"], s["seconds"]), textcoords="offset points",
-                    xytext=(4, -12), fontsize=8)
+    for (name, points), style in zip(by_name.items(), ("o-", "s--"), strict=False):
+        entries = np.array([p["entries"] for p in points], float)
+        ax.plot(entries, [p["seconds"] for p in points], style, label=f"more {name}")
     ax.set_xlabel("entries imputed")
     ax.set_ylabel("seconds (impute, end to end)")
-    ax.set_title("scaling: time")
+    ax.set_title("series: time")
     ax.legend(fontsize=8)
 
     ax = axes[1, 0]
-    for key, label in (("driver_workers", "driver + Ray workers"), ("driver", "driver"), ("workers", "Ray workers")):
-        ax.plot(entries, [s["peak_rss_detail_mb"][key] for s in scaling], "o-", label=label)
+    for (name, points), style in zip(by_name.items(), ("o-", "s--"), strict=False):
+        entries = [p["entries"] for p in points]
+        for i, kind in enumerate(k for k, _ in (("driver", 0), *PROCESS_KINDS)):
+            values = [p["peak_rss_mb"].get(kind, np.nan) for p in points]
+            ax.plot(entries, values, style, color=f"C{i}", label=f"{kind} ({name})")
     ax.set_xlabel("entries imputed")
-    ax.set_ylabel("peak RSS, MiB")
+    ax.set_ylabel("peak RSS of one process, MiB")
     ax.set_ylim(bottom=0)
-    ax.set_title("scaling: peak memory")
-    ax.legend(fontsize=8)
+    ax.set_title("series: peak memory per process kind")
+    ax.legend(fontsize=7, ncol=2)
 
     ax = axes[1, 1]
     enc = bench["encoder"]
@@ -557,7 +680,7 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
     """Run every stage at the scales of ``spec``; write ``<out>/bench.json`` and ``<out>/bench.png``.
 
     Args:
-        out: output folder (created; its ``work/`` holds the data, records, bundle and predictions meanwhile).
+        out: output folder (created; its ``work/`` holds the data, records, bundles and predictions meanwhile).
         spec: the scale and settings (default :class:`BenchSpec`).
         keep_work: keep ``<out>/work`` (default: removed at the end).
 
@@ -573,45 +696,72 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     stages: dict[str, dict] = {}
+    points = spec.points()
 
-    def config_of(scale: int) -> Any:
-        overrides = [f"output_dir={work / f'x{scale}'}", f"train.epochs={spec.epochs}",
-                     f"train.max_examples_per_epoch={spec.max_examples}", *TRAINING_OVERRIDES, *spec.overrides]
-        return load_config(work / f"data-x{scale}" / "config.yaml", overrides)
+    def folder(g: int, d: int) -> Path:
+        return work / f"g{g}-d{d}"
+
+    def overrides_of(g: int, d: int) -> list[str]:
+        return [f"output_dir={folder(g, d)}", f"train.epochs={spec.epochs}",
+                f"train.max_examples_per_epoch={spec.max_examples}", *TRAINING_OVERRIDES, *spec.overrides]
+
+    def config_path(g: int, d: int) -> Path:
+        return work / f"data-g{g}-d{d}" / "config.yaml"
+
+    def config_of(g: int, d: int) -> Any:
+        return load_config(config_path(g, d), overrides_of(g, d))
 
     with measured(stages, "synth") as fig:
-        for scale in spec.scales:
-            generate(work / f"data-x{scale}", spec.synth_spec(scale), overwrite=True)
-        fig["datasets"] = len(spec.scales)
+        for g, d in points:
+            generate(config_path(g, d).parent, spec.synth_spec(g, d), overwrite=True)
+        fig["datasets"] = len(points)
 
-    first = config_of(spec.scales[0])
+    base = points[0]
+    first = config_of(*base)
     started = ensure_ray(first.ray)
     try:
         resources = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
-        bundle = measured_bundle(first, work / f"x{spec.scales[0]}", stages)
-        scaling = []
-        for scale in spec.scales:
-            config = config_of(scale)
-            step = {"scale": scale, "donors": spec.donors * scale,
-                    **impute_step(config, bundle, work / f"x{scale}" / "predictions")}
-            discard(work / f"x{scale}" / "predictions", step="impute")  # the link and its versions
-            # each predictor actor encodes a haplotype at most once: the run's encoder work is at most this
+        address = ray.get_runtime_context().gcs_address
+        bundles = {base[0]: measured_bundle(first, folder(*base), stages)}
+        for g in spec.gene_scales[1:]:
+            with measured(stages, f"bundle_genes_x{g}") as fig:
+                fig.update(gene_set_bundle(config_of(g, base[1]), folder(g, base[1]), folder(*base) / "network"))
+            bundles[g] = folder(g, base[1]) / "model"
+        networks = {g: len(load_bundle(b).models.networks()) for g, b in bundles.items()}
+        series = []
+        for g, d in points:
+            config = config_of(g, d)
+            predictions = folder(g, d) / "predictions"
+            log.info("benchmark: impute %d genes x %d donors ...", spec.genes * g, spec.donors * d)
+            point = {"point": f"g{g}-d{d}", "genes": spec.genes * g, "donors": spec.donors * d,
+                     "tissues": spec.tissues, "gene_scale": g, "donor_scale": d,
+                     **impute_point(config_path(g, d), overrides_of(g, d), bundles[g], predictions, address)}
+            discard(predictions, step="impute")  # the link and its versions
+            # the run encodes every haplotype of its table once per network (run_pipeline's encode tasks)
             problem, targets, _ = imputation_problem(config)
-            rows = distinct_promoter_rows(problem, targets, config.promoter.length)
-            actors = min(config.impute.predictors, max(1, math.ceil(int(targets.sum()) / BLOCK_ENTRIES)))
-            del problem, targets
-            step["distinct_haplotype_rows"] = rows
-            step["encoder_calls_per_entry_bound"] = round(actors * rows / max(step["entries"], 1), 5)
-            scaling.append(step)
-        scaling_ratios(scaling)
-        stages["impute"] = dict(scaling[0])
+            haplotypes = donor_promoter_sequences(problem)
+            point["distinct_haplotype_rows"] = distinct_promoter_rows(problem, targets, config.promoter.length)
+            point["haplotypes_encoded"] = 0 if haplotypes is None else len(haplotypes[0]) * networks[g]
+            point["encoder_calls_per_entry_run"] = round(point["haplotypes_encoded"] / max(point["entries"], 1), 5)
+            del problem, targets, haplotypes
+            series.append(point)
         with measured(stages, "encoder") as fig:
-            encoder = encoder_comparison(first, bundle, spec.encoder_entries)
+            encoder = encoder_comparison(first, bundles[base[0]], spec.encoder_entries)
     finally:
         if started:
             ray.shutdown()
 
-    top = scaling[-1]
+    members = {"donors": [f"g{base[0]}-d{d}" for d in spec.scales],
+               "genes": [f"g{g}-d{base[1]}" for g in spec.gene_scales]}
+    growth = {name: series_growth([p for p in series if p["point"] in names])
+              for name, names in members.items() if len(names) > 1}
+    # issue 8's view: the donors series, with the driver + Ray workers' summed peak as its memory
+    scaling = [{**{k: v for k, v in p.items() if k not in ("peak_rss_mb",)}, "scale": p["donor_scale"],
+                "peak_rss_mb": p["peak_rss_detail_mb"]["driver_workers"]}
+               for p in series if p["point"] in members["donors"]]
+    scaling_ratios(scaling)
+    stages["impute"] = dict(scaling[0])
+    top = max(series, key=lambda p: p["entries"])
     bench: dict[str, Any] = {
         **device_description(),
         "impute_entries_per_min": round(top["entries"] / top["seconds"] * 60, 1),
@@ -620,10 +770,14 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
         "impute_entries_per_min_cpu_bound": round(top["entries_per_cpu_second"] * usable_cores() * 60, 1),
         "encoder_calls_per_entry": round(encoder["shared"]["encoder_calls_per_entry"], 5),
         "encoder_speedup": encoder["speedup"],
+        "series": series,
+        "series_members": members,
+        "series_growth": growth,
         "scaling": scaling,
         "stages": stages,
         "encoder": encoder,
-        "spec": {**dataclasses.asdict(spec), "scales": list(spec.scales), "overrides": list(spec.overrides)},
+        "spec": {**dataclasses.asdict(spec), "scales": list(spec.scales), "gene_scales": list(spec.gene_scales),
+                 "overrides": list(spec.overrides)},
         "model": dataclasses.asdict(first.model),
         "impute_settings": {"batch_size": first.impute.batch_size, "predictors": first.impute.predictors,
                             "cpus_per_task": first.ray.cpus_per_task},
@@ -645,12 +799,18 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
 def summary(bench: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"device: {bench['device']} (load average {bench['load_average']['start'][0]} at start)",
-             f"impute: {bench['impute_entries_per_min']:,.0f} entries/min at {bench['scaling'][-1]['entries']:,} "
-             f"entries; promoter encoder {bench['encoder_calls_per_entry']:.4f} calls/entry, "
-             f"x{bench['encoder_speedup']} faster than encoding every entry"]
-    for s in bench["scaling"]:
-        ratio = f", x{s['time_ratio']:.2f} time for x{s['entries_ratio']:.2f} entries" if "time_ratio" in s else ""
-        lines.append(f"  {s['entries']:>10,} entries  {s['seconds']:7.1f} s  {s['peak_rss_mb']:6,} MiB{ratio}")
+             f"impute: {bench['impute_entries_per_min']:,.0f} entries/min at "
+             f"{max(p['entries'] for p in bench['series']):,} entries; promoter encoder "
+             f"{bench['encoder_calls_per_entry']:.4f} calls/entry, x{bench['encoder_speedup']} faster than encoding "
+             "every entry"]
+    for p in bench["series"]:
+        rss = ", ".join(f"{k} {v:,}" for k, v in p["peak_rss_mb"].items() if k not in ("other", "ray_system"))
+        lines.append(f"  {p['genes']:>6,} genes x {p['donors']:>5,} donors: {p['entries']:>10,} entries "
+                     f"{p['seconds']:7.1f} s; peak MiB {rss}")
+    for name, g in bench["series_growth"].items():
+        worst = max(g["peak_rss_ratio"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
+        lines.append(f"  {name} x{g['entries_ratio']:.2f} entries: time x{g['time_ratio']:.2f}, largest memory "
+                     f"growth x{worst[1]:.2f} ({worst[0]})")
     for name, st in bench["stages"].items():
-        lines.append(f"  stage {name:<9} {st['seconds']:7.1f} s")
+        lines.append(f"  stage {name:<16} {st['seconds']:7.1f} s")
     return "\n".join(lines)

@@ -211,8 +211,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     try:
         spec = BenchSpec(genes=args.genes, donors=args.donors, tissues=args.tissues,
                          observed_fraction=args.observed_fraction, variant_density=args.variant_density,
-                         scales=tuple(args.scales), epochs=args.epochs, max_examples=args.max_examples,
-                         encoder_entries=args.encoder_entries, seed=args.seed, overrides=tuple(args.overrides))
+                         scales=tuple(args.scales), gene_scales=tuple(args.gene_scales), epochs=args.epochs,
+                         max_examples=args.max_examples, encoder_entries=args.encoder_entries, seed=args.seed,
+                         overrides=tuple(args.overrides))
     except ValueError as exc:  # a bad option value: say which, without a traceback
         raise ConfigError(str(exc)) from exc
     bench = run_benchmark(args.out, spec, keep_work=args.keep_work)
@@ -336,14 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="measure every stage on synthetic data of a given scale (bench.json, plot)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: bench.json, bench.png")
-    p.add_argument("--genes", type=int, default=1000, help="genes, fixed over the scaling series (default 1000)")
-    p.add_argument("--donors", type=int, default=100, help="donors at scale 1 (default 100)")
+    p.add_argument("--genes", type=int, default=1000, help="genes at gene scale 1 (default 1000)")
+    p.add_argument("--donors", type=int, default=100, help="donors at donor scale 1 (default 100)")
     p.add_argument("--tissues", type=int, default=10, help="tissues (default 10)")
     p.add_argument("--observed-fraction", type=float, default=0.6,
                    help="share of donor-tissue cells with a sample; the rest are imputed (default 0.6)")
     p.add_argument("--variant-density", type=int, default=3, help="variant sites per promoter window (default 3)")
-    p.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4],
-                   help="donor multipliers of the scaling series (default 1 2 4)")
+    p.add_argument("--scales", "--donor-scales", dest="scales", type=int, nargs="+", default=[1, 2, 4],
+                   help="donor multipliers of the donors series, genes fixed (default 1 2 4)")
+    p.add_argument("--gene-scales", type=int, nargs="+", default=[1, 2, 4],
+                   help="gene multipliers of the genes series, donors fixed (default 1 2 4)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
     p.add_argument("--max-examples", type=int, default=20_000, help="training examples per epoch (default 20000)")
     p.add_argument("--encoder-entries", type=int, default=8192,

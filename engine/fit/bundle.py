@@ -44,7 +44,7 @@ from geximpute.fit.head import HeadModel
 from geximpute.fit.models import HybridModels
 from geximpute.io.fasta import Genome
 from geximpute.model.features import FeatureSpec
-from geximpute.model.inference import TrainedNetwork
+from geximpute.model.inference import TrainedNetwork, encode_promoters
 from geximpute.model.network import NetworkSpec
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.provenance import manifest, write_json
@@ -319,12 +319,27 @@ class Bundle:
             return None
         return {name: np.full((0, 0), np.nan, np.float32) for name in self.baseline_names}
 
+    @property
+    def reads_promoters(self) -> bool:
+        """The networks have a promoter branch (they read the promoter table)."""
+        return bool(self.models.network.spec.use_promoter)
+
+    def encode_promoters(self, table: np.ndarray) -> list[np.ndarray]:
+        """Each network's (P, D) embeddings of every row of the one-hot promoter ``table``
+        (:func:`geximpute.model.inference.encode_promoters`, on ``models.device``), in the order :meth:`predict`
+        takes them as ``embeddings``."""
+        if not self.reads_promoters:
+            raise ValueError(f"{self.folder}: the model's networks have no promoter branch; nothing to encode")
+        m = self.models
+        return [encode_promoters(n, table, device=m.device, precision=m.precision) for n in m.networks()]
+
     def predict(
         self,
         records: pa.Table,
         gene_ids: np.ndarray,
         promoters: tuple[np.ndarray, PromoterLookup] | None = None,
         baselines: dict[str, np.ndarray] | None = None,
+        embeddings: list[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of context records whose ``gene_index`` indexes ``gene_ids``.
 
@@ -336,6 +351,8 @@ class Bundle:
                 reference windows.
             baselines: :meth:`baseline_grids` of the records' problem, indexed by their (``gene_index``,
                 ``sample_index``); required when the bundle is :attr:`stacked`.
+            embeddings: :meth:`encode_promoters` of the table of ``promoters``, encoded beforehand (then that
+                table is not read and may be empty); default: each network encodes the rows it meets.
 
         Raises:
             GeximputeError: a stacked bundle is given no baseline estimates.
@@ -344,6 +361,9 @@ class Bundle:
             self.models.promoters, self.models.lookup = self.reference_promoters, self.reference_lookup(gene_ids)
         else:
             self.models.promoters, self.models.lookup = promoters
+        if embeddings is not None and len(embeddings) != len(self.models.networks()):
+            raise ValueError(f"{len(embeddings)} promoter embeddings for {len(self.models.networks())} networks")
+        self.models.promoter_embeddings = embeddings
         if self.stacked:
             if baselines is None or list(baselines) != list(self.baseline_names):
                 raise GeximputeError(

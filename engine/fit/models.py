@@ -47,6 +47,22 @@ class HybridModels:
     head_rows: int = 0  # the records the head was fitted on
     device: str = "cpu"  # where the networks run when predicting (a predictor actor's GPU: "cuda")
     precision: str = "auto"  # autocast of the networks (geximpute.model.inference.autocast_dtype): bf16 on CUDA
+    # each of :meth:`networks`' encode_promoters of the promoter table, when encoded beforehand (imputation: once
+    # per run); None: each network encodes the rows it meets (PromoterEncoderCache)
+    promoter_embeddings: list[np.ndarray] | None = None
+
+    def networks(self) -> list[TrainedNetwork]:
+        """The networks whose head outputs are averaged: the fold networks, or the one network."""
+        return self.fold_networks or [self.network]
+
+    def embeddings_of(self, network: TrainedNetwork) -> np.ndarray | None:
+        """``network``'s row of :attr:`promoter_embeddings` (None when not encoded beforehand)."""
+        if self.promoter_embeddings is None:
+            return None
+        for mine, embeddings in zip(self.networks(), self.promoter_embeddings, strict=True):
+            if mine is network:
+                return embeddings
+        raise ValueError("promoter_embeddings were encoded for other networks than this one")
 
     def engineered(self, records: pa.Table) -> np.ndarray:
         """(N, F) engineered features of ``records`` (:func:`geximpute.science.head_features.engineered_features`)."""
@@ -65,8 +81,9 @@ class HybridModels:
         """(engineered features, network predictions, head inputs) of ``records`` through ``network`` (default
         ``network``); ``engineered`` and ``baselines`` (the stacked layout's estimates) when already computed."""
         engineered = self.engineered(records) if engineered is None else engineered
-        pred, emb = run_network(network or self.network, records, self.promoters, self.lookup, device=self.device,
-                                precision=self.precision)
+        network = network or self.network
+        pred, emb = run_network(network, records, self.promoters, self.lookup, device=self.device,
+                                precision=self.precision, embeddings=self.embeddings_of(network))
         parts = [emb, engineered]
         if self.stacked:
             parts += [pred[:, None], self.baseline_inputs(records) if baselines is None else baselines]
@@ -80,7 +97,7 @@ class HybridModels:
 
     def _hybrid(self, records: pa.Table, engineered: np.ndarray) -> tuple[tuple, np.ndarray]:
         """((estimate, lower, upper) of the head, the network prediction), averaged over the fold networks."""
-        networks = self.fold_networks or [self.network]
+        networks = self.networks()
         baselines = self.baseline_inputs(records) if self.stacked else None
         head_sum = [np.zeros(records.num_rows) for _ in range(3)]
         net_sum = np.zeros(records.num_rows)

@@ -53,10 +53,24 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _batches(shard, batch_size: int, cfg: dict, lookup: PromoterLookup):
-    """Featurised numpy batches of a Ray Data shard, in its order (validation)."""
-    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-        yield featurize(table, cfg["features"], lookup.for_records(table))
+def _read_shard(shard) -> pa.Table | None:
+    """A worker's whole Ray Data shard as one table (None when empty), sorted by entry: Ray Data hands blocks over
+    in the order they finish, which differs between runs; sorted, every run visits the same records in the same
+    order."""
+    parts = list(shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
+    records = pa.concat_tables(parts).combine_chunks() if parts else None
+    if records is None or not records.num_rows:
+        return None
+    return records.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
+
+
+def _batches(table: pa.Table | None, batch_size: int, cfg: dict, lookup: PromoterLookup):
+    """Featurised numpy batches of ``table``, in its order (validation)."""
+    if table is None:
+        return
+    for lo in range(0, table.num_rows, batch_size):
+        part = table.slice(lo, batch_size)
+        yield featurize(part, cfg["features"], lookup.for_records(part))
 
 
 def epoch_rows(n: int, limit: int | None, seed: int, epoch: int, rank: int) -> np.ndarray:
@@ -107,13 +121,10 @@ def _train_loop(cfg: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
-    # this worker's training records, read once; each epoch samples them afresh (epoch_rows)
-    parts = list(train_shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
-    records = pa.concat_tables(parts).combine_chunks() if parts else None
-    if records is not None and records.num_rows:
-        # Ray Data hands blocks over in the order they finish, which differs between runs: sorted by entry, the
-        # seeded epoch permutations visit the same records in the same order every run
-        records = records.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
+    # this worker's training and validation records, read once (one Ray Data execution each, not one per epoch);
+    # each epoch samples the training records afresh (epoch_rows)
+    records = _read_shard(train_shard)
+    valid_records = _read_shard(valid_shard)
     gene_chrom = cfg["gene_chrom"]
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"]):
@@ -146,7 +157,7 @@ def _train_loop(cfg: dict) -> None:
         model.eval()
         sq, count = 0.0, 0
         with torch.no_grad():
-            for batch in _batches(valid_shard, 4 * cfg["batch_size"], cfg, lookup):
+            for batch in _batches(valid_records, 4 * cfg["batch_size"], cfg, lookup):
                 tensors = to_tensors(batch, device)
                 with autocast:
                     pred, _ = model(tensors, promoters)

@@ -45,6 +45,18 @@ class PromoterEncoderCache(torch.nn.Module):
         self.known = torch.zeros(len(table), dtype=torch.bool)  # (P,)
         self.encoded = 0  # sequences run through the CNN so far
 
+    @classmethod
+    def of_embeddings(cls, cnn: torch.nn.Module, embeddings: np.ndarray) -> PromoterEncoderCache:
+        """A cache whose every row is already encoded (:func:`encode_promoters`, e.g. once per imputation run):
+        it never runs the CNN and holds no one-hot table."""
+        cache = cls(cnn, np.zeros((0, 4, 1), np.uint8))
+        device = next(cnn.parameters()).device
+        with warnings.catch_warnings():  # a read-only array from Ray's object store: only ever read here
+            warnings.simplefilter("ignore", UserWarning)
+            cache.embeddings = torch.as_tensor(embeddings, dtype=torch.float32).to(device)
+        cache.known = torch.ones(len(embeddings), dtype=torch.bool)
+        return cache
+
     @property
     def row_ids(self) -> torch.Tensor:
         """(P, 1) int64 row numbers: what the network takes as its promoter table when this module stands in."""
@@ -88,17 +100,19 @@ class TrainedNetwork:
         net.load_state_dict(self.state)
         return net.eval()
 
-    def inference(self, promoters: np.ndarray, device: torch.device | str = "cpu"
-                  ) -> tuple[HybridNet, torch.Tensor | None]:
+    def inference(self, promoters: np.ndarray, device: torch.device | str = "cpu",
+                  embeddings: np.ndarray | None = None) -> tuple[HybridNet, torch.Tensor | None]:
         """(the eval-mode network on ``device``, the promoter table to pass its forward) for predicting with
         ``promoters``.
 
         The network is built once (and moved when another device is asked for); with a promoter branch its CNN is
         wrapped in a :class:`PromoterEncoderCache` of ``promoters``, kept while later calls pass the same table
-        object (a new table starts a new cache).
+        object (a new table starts a new cache). With ``embeddings`` (this network's :func:`encode_promoters` of
+        the table) the cache starts full and ``promoters`` is not read.
         """
         device = torch.device(device)
-        if self._inference is not None and self._inference[1] is promoters and _device_of(self._inference[0]) == device:
+        source = embeddings if embeddings is not None else promoters
+        if self._inference is not None and self._inference[1] is source and _device_of(self._inference[0]) == device:
             model, _, table = self._inference
             return model, table
         model = self._inference[0] if self._inference is not None else self.model()
@@ -106,13 +120,21 @@ class TrainedNetwork:
         table = None
         if self.spec.use_promoter:
             cnn = model.promoter_cnn.cnn if isinstance(model.promoter_cnn, PromoterEncoderCache) else model.promoter_cnn
-            if len(promoters):
+            if embeddings is not None:
+                model.promoter_cnn = PromoterEncoderCache.of_embeddings(cnn, embeddings)
+                table = model.promoter_cnn.row_ids
+            elif len(promoters):
                 model.promoter_cnn = PromoterEncoderCache(cnn, promoters)
                 table = model.promoter_cnn.row_ids
             else:
                 model.promoter_cnn = cnn
-        self._inference = (model, promoters, table)
+        self._inference = (model, source, table)
         return model, table
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_inference"] = None  # a built network and a reference to a promoter table: rebuilt where unpickled
+        return state
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -136,11 +158,22 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         raise ValueError(f"inference precision {precision!r}: expected auto, bf16 or fp32")
     return torch.bfloat16
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_inference"] = None
-        return state
 
+def encode_promoters(network: TrainedNetwork, promoters: np.ndarray, device: torch.device | str = "cpu",
+                     precision: str = "auto") -> np.ndarray:
+    """(P, D) float32 embeddings of every row of the one-hot table ``promoters`` through the network's promoter
+    CNN: what :class:`PromoterEncoderCache` computes row by row, for a whole table at once (imputation encodes its
+    donors' haplotypes once per run and ships these instead of the (P, 4, L) table). Same device and autocast
+    as :func:`run_network`."""
+    if not network.spec.use_promoter:
+        raise ValueError("encode_promoters: the network has no promoter branch")
+    device = torch.device(device)
+    cnn = network.model().promoter_cnn.to(device)
+    cache = PromoterEncoderCache(cnn, promoters)
+    dtype = autocast_dtype(device, precision)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = cache(torch.arange(len(promoters), dtype=torch.int64)[:, None])
+    return out.float().cpu().numpy()
 
 
 def run_network(
@@ -152,6 +185,7 @@ def run_network(
     chunk: int = 16384,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    embeddings: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predictions on the value scale (N,), embeddings (N, D)) of ``records``, in-process, no gradients.
 
@@ -162,10 +196,11 @@ def run_network(
     small batches keep the attention's activations in the CPU's cache and let each batch drop the padded slots
     that none of its rows uses (on the 2-core development machine 512 rows ran 2.3x faster per entry than 4096,
     docs/benchmarks.md). The network is built once per process and each unique promoter haplotype is encoded once
-    (:meth:`TrainedNetwork.inference`).
+    (:meth:`TrainedNetwork.inference`); with ``embeddings`` (this network's :func:`encode_promoters` of the
+    table) none is encoded here.
     """
     device = torch.device(device)
-    model, table = network.inference(promoters, device)
+    model, table = network.inference(promoters, device, embeddings)
     dtype = autocast_dtype(device, precision)
     if table is not None:
         table = table.to(device)

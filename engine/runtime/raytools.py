@@ -10,6 +10,18 @@ from geximpute.config import RayConfig
 log = logging.getLogger(__name__)
 
 
+#: how often Ray Train's controller polls its workers, in seconds, in a local Ray this process starts (Ray's default
+#: is 2 s: every run's start, each epoch's report and every run's end wait up to that long; on one machine polling is
+#: cheap, and a short run of a few epochs finishes 4-5 s sooner). A value already in the environment wins.
+TRAIN_POLL_SECONDS = "0.25"
+
+
+def local_train_polling() -> None:
+    """Set Ray Train's controller poll interval (:data:`TRAIN_POLL_SECONDS`) for a local Ray about to start: its
+    processes inherit this process's environment. A cluster keeps its own setting."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_SECONDS)
+
+
 def ensure_ray(config: RayConfig) -> bool:
     """Connect to Ray if this process is not connected yet.
 
@@ -35,6 +47,8 @@ def ensure_ray(config: RayConfig) -> bool:
     else:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    if not config.address:
+        local_train_polling()
     if config.address:
         ray.init(address=config.address, **kwargs)
     else:

@@ -149,11 +149,20 @@ def genome_promoter_inputs(genomes: DonorGenomes, sample_donor: np.ndarray, leng
         sample_donor: (S,) donor index (into ``genomes.rows``' donor axis) of each ``sample_index``.
         length: L.
     """
+    return one_hot_promoters(list(genomes.sequences), length), genome_promoter_lookup(genomes, sample_donor)
+
+
+def genome_promoter_lookup(genomes: DonorGenomes, sample_donor: np.ndarray) -> PromoterLookup:
+    """The :class:`PromoterLookup` of the samples into ``genomes.sequences``' rows (reference windows and donor
+    haplotypes), without the one-hot table.
+
+    Args:
+        genomes: the donors' promoter haplotypes.
+        sample_donor: (S,) donor index (into ``genomes.rows``' donor axis) of each ``sample_index``.
+    """
     reference = np.asarray(genomes.reference_row, np.int64)
     rows = np.asarray(genomes.rows, np.int64)  # (G, D, 2)
     gene, donor = genomes.personal_pairs()  # row-major: the keys come out sorted
     n_donors = rows.shape[1]
-    table = one_hot_promoters(list(genomes.sequences), length)
-    lookup = PromoterLookup(reference, np.asarray(sample_donor, np.int64), gene * n_donors + donor,
-                            rows[gene, donor], n_donors)
-    return table, lookup
+    return PromoterLookup(reference, np.asarray(sample_donor, np.int64), gene * n_donors + donor,
+                          rows[gene, donor], n_donors)

@@ -54,7 +54,12 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.problem import VisibleProblem, make_problem
-from geximpute.science.promoters import PromoterLookup, genome_promoter_inputs
+from geximpute.science.promoters import (
+    PromoterLookup,
+    genome_promoter_inputs,
+    genome_promoter_lookup,
+    one_hot_promoters,
+)
 from geximpute.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
 
 log = logging.getLogger(__name__)
@@ -194,6 +199,19 @@ def load_bundle_from(folder: str) -> Any:
     return load_bundle(folder)
 
 
+def donor_promoter_sequences(problem: VisibleProblem) -> tuple[list[str], PromoterLookup] | None:
+    """The problem's donors' own promoter haplotypes as imputation ships them, or None without personal genomes.
+
+    Returns:
+        (every reference window and donor haplotype as a sequence, the
+        :class:`~geximpute.science.promoters.PromoterLookup` of the problem's samples): :func:`run_pipeline` encodes
+        the sequences once per run.
+    """
+    if problem.genomes is None:
+        return None
+    return list(problem.genomes.sequences), genome_promoter_lookup(problem.genomes, problem.donor_index)
+
+
 def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndarray, PromoterLookup] | None:
     """The promoter inputs of the problem's donors' own haplotypes, or None without personal genomes.
 
@@ -207,6 +225,50 @@ def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndar
     return genome_promoter_inputs(problem.genomes, problem.donor_index, length)
 
 
+@dataclass
+class EncodedHaplotypes:
+    """The donors' promoter haplotypes as an imputation run ships them to its predictor actors: the lookup of each
+    record's rows and, per network of the bundle, the (P, D) embeddings of every row (encoded once per run by
+    :func:`encode_haplotypes` tasks, in ``parts`` of consecutive rows) instead of the (P, 4, L) one-hot table."""
+
+    lookup: PromoterLookup
+    parts: list  # object refs of encode_haplotypes' results, in row order
+
+    def resolve(self, length: int) -> tuple[tuple[np.ndarray, PromoterLookup], list[np.ndarray]]:
+        """((an empty table, the lookup), each network's embeddings), as ``Bundle.predict`` takes them."""
+        import ray
+
+        parts = ray.get(self.parts)
+        embeddings = [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
+        return (np.zeros((0, 4, length), np.uint8), self.lookup), embeddings
+
+
+def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, sequences: list[str], lo: int, hi: int,
+                      use_gpu: bool) -> list[np.ndarray]:
+    """Ray task: each network's embeddings (``Bundle.encode_promoters``) of haplotypes ``lo:hi`` of
+    ``sequences``, one-hot encoded here, on the task's GPU when it holds one."""
+    bundle = loader(bundle_dir)
+    bundle.models.device = str(inference_device(use_gpu))
+    return bundle.encode_promoters(one_hot_promoters(sequences[lo:hi], bundle.models.network.spec.promoter_length))
+
+
+def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Callable[[str], Any],
+                       bundle_dir: Path, parts: int, resources: dict[str, Any]) -> EncodedHaplotypes:
+    """Start the encoding of every haplotype sequence once for the run, in ``parts`` Ray tasks of consecutive
+    rows (each with ``resources``: a GPU when predictors get one); returns at once with their refs. Neither the
+    driver nor a predictor holds the (P, 4, L) one-hot table: each task builds its part's."""
+    import ray
+
+    sequences, lookup = haplotypes
+    sequences_ref = ray.put(list(sequences))
+    bounds = np.linspace(0, len(sequences), max(1, min(parts, len(sequences))) + 1).round().astype(int)
+    task = ray.remote(encode_haplotypes).options(**resources)
+    refs = [task.remote(loader, str(bundle_dir), sequences_ref, int(lo), int(hi), "num_gpus" in resources)
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    log.info("impute: %d promoter haplotypes encoded once for the run, in %d task(s)", len(sequences), len(refs))
+    return EncodedHaplotypes(lookup, refs)
+
+
 class Predictor:
     """Ray Data actor: context records in, :data:`geximpute.schema.PREDICTIONS` rows out.
 
@@ -217,8 +279,9 @@ class Predictor:
         loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, promoters, baselines=)``
             and ``model_version`` (a :class:`~geximpute.fit.bundle.Bundle`).
         bundle_dir: the bundle folder.
-        refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes or None, the
-            baselines' estimates of a stacked bundle (:meth:`geximpute.fit.bundle.Bundle.baseline_grids`) or None).
+        refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes (the promoter
+            inputs, or their :class:`EncodedHaplotypes`) or None, the baselines' estimates of a stacked bundle
+            (:meth:`geximpute.fit.bundle.Bundle.baseline_grids`) or None).
         run_id: written in every row.
         scale: ``inputs.scale`` of the data, for ``predicted_tpm``.
         expression: the expression settings, for ``predicted_tpm``.
@@ -235,6 +298,9 @@ class Predictor:
         self.gene_ids = ray.get(genes_ref)
         self.virtual = ray.get(virtual_ref)
         self.haplotypes = ray.get(haplotypes_ref) if haplotypes_ref is not None else None
+        self.embeddings = None
+        if isinstance(self.haplotypes, EncodedHaplotypes):  # encoded once for the run: no table, no CNN here
+            self.haplotypes, self.embeddings = self.haplotypes.resolve(self.bundle.models.network.spec.promoter_length)
         self.baselines = ray.get(baselines_ref) if baselines_ref is not None else None
         self.run_id, self.scale, self.expression, self.use_gpu = run_id, scale, expression, use_gpu
         if hasattr(self.bundle, "models"):
@@ -243,6 +309,9 @@ class Predictor:
     def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
         # haplotypes None: the bundle's reference windows
+        if self.embeddings is not None:
+            return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines,
+                                       embeddings=self.embeddings)
         return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
 
     def __call__(self, records: pa.Table) -> pa.Table:
@@ -305,6 +374,7 @@ def run_pipeline(
     loader: Callable[[str], Any] = load_bundle_from,
     haplotypes: Any = None,
     baselines: dict[str, np.ndarray] | None = None,
+    encode_once: bool = True,
 ) -> int:
     """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
     returns the number of predictor actors it ran.
@@ -318,9 +388,12 @@ def run_pipeline(
         out: the folder written (a staging folder: it is not committed here).
         run_id: the run's id.
         loader: how a predictor actor loads the bundle.
-        haplotypes: the donors' promoter inputs (:func:`donor_promoter_inputs`); None: the bundle's reference
-            windows.
+        haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`); None: the bundle's
+            reference windows. With ``encode_once`` every haplotype is encoded once for the run
+            (:func:`encoded_haplotypes`, as many tasks as predictor actors) and the predictors get the embeddings.
         baselines: the baselines' estimates a stacked bundle reads (``Bundle.baseline_grids(problem, targets)``).
+        encode_once: encode the haplotypes once for the run; False for a bundle whose networks have no promoter
+            branch (``Bundle.reads_promoters``).
     """
     import ray
 
@@ -335,6 +408,11 @@ def run_pipeline(
     resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}
     log.info("impute: %d blocks of samples, %d predictor actor(s)%s", len(blocks), n_actors,
              " on GPU" if n_gpus else "")
+    if haplotypes is not None:
+        if encode_once:
+            haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources)
+        else:  # networks without a promoter branch read no table
+            haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
     predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
                       ray.put(haplotypes) if haplotypes is not None else None,
                       ray.put(baselines) if baselines else None)
@@ -469,7 +547,7 @@ def impute(
         n_virtual = int(virtual.sum())
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
-    haplotypes = donor_promoter_inputs(problem, bundle.models.network.spec.promoter_length)
+    haplotypes = donor_promoter_sequences(problem)
     baselines = stacked_estimates(bundle, problem, targets)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
@@ -482,7 +560,8 @@ def impute(
     try:
         with staged_output(out, step="impute", force=force) as staging:
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
-                                      haplotypes=haplotypes, baselines=baselines)
+                                      haplotypes=haplotypes, baselines=baselines,
+                                      encode_once=bundle.reads_promoters)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:

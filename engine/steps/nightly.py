@@ -79,7 +79,7 @@ from geximpute.steps.impute import (
     OutputError,
     add_missing_profiles,
     check_bundle,
-    donor_promoter_inputs,
+    donor_promoter_sequences,
     make_run_id,
     model_dir,
     output_error,
@@ -298,9 +298,10 @@ def donor_haplotypes(problem: VisibleProblem, donors: list[NewDonor], dataset: A
     """The extended problem with genomes that cover the new donors: their promoter haplotypes and cis-site dosages
     built from their own VCFs (:func:`geximpute.science.genomes.add_donors`) next to the reference donors'.
 
-    With these, :func:`geximpute.steps.impute.donor_promoter_inputs` gives the predictor each new donor's own promoter
-    haplotypes, and the context's cis-genetic score (fitted on the reference donors' visible expression and
-    genotypes) is evaluated on the new donor's genotypes, exactly as ``impute`` does for the data's donors.
+    With these, :func:`geximpute.steps.impute.donor_promoter_sequences` gives the predictors each new donor's own
+    promoter haplotypes (encoded once per run), and the context's cis-genetic score (fitted on the reference donors'
+    visible expression and genotypes) is evaluated on the new donor's genotypes, exactly as ``impute`` does for the
+    data's donors.
 
     Args:
         problem: the problem extended with the new donors (:func:`extend_problem`).
@@ -462,7 +463,8 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                 previous = _partition_donors(current)
                 _link_tree(current, staging)
             run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id,
-                         haplotypes=haplotypes, baselines=stacked_estimates(bundle, problem, targets))
+                         haplotypes=haplotypes, baselines=stacked_estimates(bundle, problem, targets),
+                         encode_once=bundle.reads_promoters)
             # rows per donor of this chunk, from the new files only
             rows_by_donor = _rows_by_donor(staging, run_id)
             entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),
@@ -601,7 +603,7 @@ def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
 
     extended, virtual = extend_problem(problem, valid, config.impute.tissues)
     extended = donor_haplotypes(extended, valid, dataset, problem.genomes)
-    haplotypes = donor_promoter_inputs(extended, bundle.models.network.spec.promoter_length)
+    haplotypes = donor_promoter_sequences(extended)
     fingerprints = {k: v["sha256"] for k, v in input_fingerprints(config).items()}
     ensure_ray(config.ray)
     rows, step = 0, config.nightly.donors_per_commit
