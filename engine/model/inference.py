@@ -16,6 +16,17 @@ from geximpute.model.features import FeatureSpec, featurize, to_tensors
 from geximpute.model.network import HybridNet, NetworkSpec
 from geximpute.science.promoters import PromoterLookup
 
+#: sequences per promoter-CNN call on each kind of device. On a CPU the activations of a call should fit in the
+#: core's cache: with the default network (32 channels x 1,500 bp) 16 ran at 0.19 ms per sequence on the 2-core
+#: development machine (Xeon, 2 MiB L2 per core) against 0.60-0.70 ms at 64 and 256 (docs/benchmarks.md); a GPU
+#: wants large calls.
+ENCODE_CHUNK = {"cpu": 16, "cuda": 2048}
+
+
+def encode_chunk(device: torch.device | str) -> int:
+    """Sequences per promoter-CNN call on ``device`` (:data:`ENCODE_CHUNK`)."""
+    return ENCODE_CHUNK.get(torch.device(device).type, ENCODE_CHUNK["cpu"])
+
 
 class PromoterEncoderCache(torch.nn.Module):
     """Inference stand-in for ``HybridNet.promoter_cnn``: each row of a promoter table is encoded once, then reused.
@@ -30,11 +41,11 @@ class PromoterEncoderCache(torch.nn.Module):
     Args:
         cnn: the network's ``PromoterCNN``.
         table: (P, 4, L) one-hot promoter table (kept by reference, not copied).
-        chunk: sequences per CNN call when many rows are new at once: small calls keep the activations in the CPU's
-            cache (64 ran 2x faster per sequence than 512 on the development machine, docs/benchmarks.md).
+        chunk: sequences per CNN call when many rows are new at once (:func:`encode_chunk`): on a CPU small
+            calls keep the activations in the core's cache.
     """
 
-    def __init__(self, cnn: torch.nn.Module, table: np.ndarray, chunk: int = 64) -> None:
+    def __init__(self, cnn: torch.nn.Module, table: np.ndarray, chunk: int = 16) -> None:
         super().__init__()
         self.cnn = cnn
         with warnings.catch_warnings():  # a read-only array from Ray's object store: only ever read here
@@ -124,7 +135,7 @@ class TrainedNetwork:
                 model.promoter_cnn = PromoterEncoderCache.of_embeddings(cnn, embeddings)
                 table = model.promoter_cnn.row_ids
             elif len(promoters):
-                model.promoter_cnn = PromoterEncoderCache(cnn, promoters)
+                model.promoter_cnn = PromoterEncoderCache(cnn, promoters, chunk=encode_chunk(device))
                 table = model.promoter_cnn.row_ids
             else:
                 model.promoter_cnn = cnn
@@ -169,7 +180,7 @@ def encode_promoters(network: TrainedNetwork, promoters: np.ndarray, device: tor
         raise ValueError("encode_promoters: the network has no promoter branch")
     device = torch.device(device)
     cnn = network.model().promoter_cnn.to(device)
-    cache = PromoterEncoderCache(cnn, promoters)
+    cache = PromoterEncoderCache(cnn, promoters, chunk=encode_chunk(device))
     dtype = autocast_dtype(device, precision)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = cache(torch.arange(len(promoters), dtype=torch.int64)[:, None])
