@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, nightly_config, read_nightly, read_output
 
@@ -156,7 +157,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> N
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, previous, data):
-    network, killer, _ = killed_training
+    network, killer, bundle_folder = killed_training
     assert killer.killed, "the training worker was never killed"
     # killed once the first epoch's checkpoint was registered, before the last epoch
     assert killer.epoch_at_kill is not None and killer.epoch_at_kill < EPOCHS - 1
@@ -165,6 +166,14 @@ def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, pre
     # ... resuming from its checkpoint: each epoch reported once, in order (a restart from scratch repeats epoch 0)
     assert killer.epochs == list(range(EPOCHS))
     assert killer.read()["current_report_index"] == EPOCHS
+    # each epoch was cut to train.max_examples_per_epoch (512, under half of the records, which are stored by
+    # chromosome) and still reached every training chromosome: a seeded sample of all the records, not the first files
+    train_dir = bundle_folder.parent / "records" / "train"
+    n_train = sum(pq.ParquetDataset(d).read(columns=["target"]).num_rows for d in sorted(train_dir.iterdir()))
+    m = network.metrics
+    assert m["examples"] <= 512 < n_train / 2, (m["examples"], n_train)
+    assert m["chroms_train"] >= 2
+    assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
     # the bundle of that run imputes every missing entry once
     _, result = previous
     n_missing, missing_pairs, n_genes = expected_missing(data)
