@@ -16,6 +16,7 @@ in Ray's object store, and streamed to Parquet: the driver never holds the recor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -190,6 +191,9 @@ def context_builder_kwargs(
     if problem.genomes is not None:
         genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), config.context.genetic_shrinkage)
+        # the scores are all a context actor needs of the genomes: not their sequences (Python strings, which each
+        # actor would otherwise unpickle whole: about 1.6 kB per unique haplotype)
+        problem = dataclasses.replace(problem, genomes=None)
     refs = (ray.put(problem), ray.put((targets, hidden)), None if labels is None else ray.put(labels),
             None if genetic is None else ray.put(genetic))
     return {"refs": refs, "k": config.context.k_neighbours, "max_distance": config.context.max_distance}
