@@ -220,13 +220,51 @@ def test_submission_without_the_token_is_refused(ray_head, tmp_path):
     assert len(_jobs(ray_head)) == before  # nothing was submitted
 
 
+def _succeeded(head: Head, run, step: str):
+    """The finished job of ``step``, checked: the submission succeeded and the token reached the cluster and nothing
+    else (not the output, not the job's record)."""
+    assert run.returncode == 0, run.stderr
+    assert "succeeded" in run.stderr
+    assert head.token not in run.stdout + run.stderr
+    (job,) = [j for j in _jobs(head) if j.metadata.get("geximpute_step") == step]
+    assert job.status == "SUCCEEDED" and job.entrypoint == entrypoint(step)
+    assert head.token not in repr(job.runtime_env) + repr(job.metadata) + job.entrypoint
+    return job
+
+
+def _assert_on_both_nodes(head: Head, job) -> None:
+    """The job's tasks and actors ran on both nodes of the cluster (the state API)."""
+    nodes = {n["node_id"] for n in head.alive_nodes()}
+    assert len(nodes) == 2
+    tasks = head.api("/api/v0/tasks?limit=10000&detail=true")["data"]["result"]["result"]
+    placed = {t["node_id"] for t in tasks if t.get("job_id") == job.job_id and t.get("node_id")}
+    assert placed == nodes, f"the job's {len(tasks)} tasks ran on {len(placed)} of the 2 nodes"
+
+
+def _assert_same_predictions(cluster_dir: Path, single) -> None:
+    """The cluster's Parquet (partitioned by tissue, one row per (donor, tissue, gene)) holds the rows, run_id and
+    values of the single-node run ``single`` (an ImputeResult)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    assert list(cluster_dir.glob("tissue=*/*.parquet"))
+    keys = ["donor_id", "tissue", "gene_id"]
+    cluster, alone = (
+        pads.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas()
+        .pipe(lambda f: f.assign(tissue=f["tissue"].astype(str)).sort_values(keys, ignore_index=True))
+        for folder in (cluster_dir, single.out_dir))
+    assert len(cluster) == single.n_rows > 0
+    assert not cluster.duplicated(keys).any()
+    assert cluster[keys].equals(alone[keys])
+    assert set(cluster["run_id"]) == set(alone["run_id"]) == {single.run_id}
+    for column in ("predicted", "predicted_lower", "predicted_upper"):
+        np.testing.assert_allclose(cluster[column], alone[column], rtol=1e-5, atol=1e-5, err_msg=column)
+
+
 def test_impute_job_on_two_nodes_writes_what_one_node_writes(ray_head, tiny_model, tiny_imputation, tmp_path):
     """The impute job of the session's tiny bundle on the two-node cluster: its tasks are placed on both nodes
     (Ray's state API) and it writes the rows, run_id and values that the single-node imputation of the same bundle
     and data (``tiny_imputation``, this process's local Ray) wrote."""
-    import numpy as np
-    import pyarrow.dataset as pads
-
     _, single = tiny_imputation
     out = tmp_path / "out"
     home = tmp_path / "home"
@@ -237,43 +275,15 @@ def test_impute_job_on_two_nodes_writes_what_one_node_writes(ray_head, tiny_mode
                   str(tiny_model.data / "config.yaml"), *sets)
     print(f"impute job: {time.monotonic() - started:.0f} s\n{run.stderr[-3000:]}")
 
-    assert run.returncode == 0, run.stderr
-    assert "succeeded" in run.stderr
-    # the token reached the cluster and nothing else: not the output, not the job's record
-    assert ray_head.token not in run.stdout + run.stderr
-    (job,) = [j for j in _jobs(ray_head) if j.metadata.get("geximpute_step") == "impute"]
-    assert job.status == "SUCCEEDED" and job.entrypoint == entrypoint("impute")
-    assert ray_head.token not in repr(job.runtime_env) + repr(job.metadata) + job.entrypoint
-
-    # the job's tasks and actors ran on both nodes of the cluster
-    nodes = {n["node_id"] for n in ray_head.alive_nodes()}
-    assert len(nodes) == 2
-    tasks = ray_head.api("/api/v0/tasks?limit=10000&detail=true")["data"]["result"]["result"]
-    placed = {t["node_id"] for t in tasks if t.get("job_id") == job.job_id and t.get("node_id")}
-    assert placed == nodes, f"the job's {len(tasks)} tasks ran on {len(placed)} of the 2 nodes"
-
-    # Parquet partitioned by tissue, one row per (donor, tissue, gene): the single-node run's rows and values
-    assert list((out / "predictions").glob("tissue=*/*.parquet"))
-    keys = ["donor_id", "tissue", "gene_id"]
-    cluster, alone = (
-        pads.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas()
-        .pipe(lambda f: f.assign(tissue=f["tissue"].astype(str)).sort_values(keys, ignore_index=True))
-        for folder in (out / "predictions", single.out_dir))
-    assert len(cluster) == single.n_rows > 0
-    assert not cluster.duplicated(keys).any()
-    assert cluster[keys].equals(alone[keys])
-    assert set(cluster["run_id"]) == set(alone["run_id"]) == {single.run_id}
-    for column in ("predicted", "predicted_lower", "predicted_upper"):
-        np.testing.assert_allclose(cluster[column], alone[column], rtol=1e-5, atol=1e-5, err_msg=column)
+    job = _succeeded(ray_head, run, "impute")
+    _assert_on_both_nodes(ray_head, job)
+    _assert_same_predictions(out / "predictions", single)
 
 
 @pytest.mark.slow
 def test_pipeline_job_on_a_real_cluster(ray_head, ray_local, tmp_path):
     """The pipeline job on the two-node cluster: every step runs, its tasks are placed on both nodes (Ray's state
     API), and its imputation is the one a single-node run of the same bundle writes."""
-    import numpy as np
-    import pyarrow.dataset as pads
-
     from geximpute.apps.synth import SynthSpec, generate
     from geximpute.config import load_config
     from geximpute.steps.impute import impute
@@ -289,42 +299,16 @@ def test_pipeline_job_on_a_real_cluster(ray_head, ray_local, tmp_path):
     seconds = time.monotonic() - started
     print(f"pipeline job: {seconds:.0f} s\n{run.stderr[-3000:]}")
 
-    assert run.returncode == 0, run.stderr
-    assert "succeeded" in run.stderr
-    # the token reached the cluster and nothing else: not the output, not the job's record
-    assert ray_head.token not in run.stdout + run.stderr
-    (job,) = [j for j in _jobs(ray_head) if j.metadata.get("geximpute_step") == "pipeline"]
-    assert job.status == "SUCCEEDED" and job.entrypoint == entrypoint("pipeline")
-    assert ray_head.token not in repr(job.runtime_env) + repr(job.metadata) + job.entrypoint
+    job = _succeeded(ray_head, run, "pipeline")
     # the job's logs were streamed to stdout: every step ran, on the cluster
     for step in ("prepare --training", "train", "fit-head", "impute"):
         assert f"pipeline: geximpute {step}" in run.stdout
     assert "pipeline: all steps succeeded" in run.stdout
-
-    # the Parquet the impute step wrote: partitioned by tissue, one row per (donor, tissue, gene)
-    assert list((out / "predictions").glob("tissue=*/*.parquet"))
-    predictions = pads.dataset(out / "predictions", format="parquet", partitioning="hive").to_table().to_pandas()
-    assert len(predictions) > 0
-    assert not predictions.duplicated(["donor_id", "tissue", "gene_id"]).any()
-
-    # the job's tasks and actors ran on both nodes of the cluster
-    nodes = {n["node_id"] for n in ray_head.alive_nodes()}
-    assert len(nodes) == 2
-    tasks = ray_head.api("/api/v0/tasks?limit=10000&detail=true")["data"]["result"]["result"]
-    placed = {t["node_id"] for t in tasks if t.get("job_id") == job.job_id and t.get("node_id")}
-    assert placed == nodes, f"the job's {len(tasks)} tasks ran on {len(placed)} of the 2 nodes"
+    _assert_on_both_nodes(ray_head, job)
 
     # the same bundle imputed on a single node (this process's local Ray) writes the same rows and values
     config = load_config(data.config_path, [f"output_dir={out}", *TINY, "train.folds=1"])
-    single = impute(config, model=out / "model", out_dir=tmp_path / "single-node")
-    alone = pads.dataset(single.out_dir, format="parquet", partitioning="hive").to_table().to_pandas()
-    keys = ["donor_id", "tissue", "gene_id"]
-    predictions, alone = (frame.assign(tissue=frame["tissue"].astype(str)).sort_values(keys, ignore_index=True)
-                          for frame in (predictions, alone))
-    assert predictions[keys].equals(alone[keys])
-    assert set(predictions["run_id"]) == set(alone["run_id"]) == {single.run_id}
-    for column in ("predicted", "predicted_lower", "predicted_upper"):
-        np.testing.assert_allclose(predictions[column], alone[column], rtol=1e-5, atol=1e-5, err_msg=column)
+    _assert_same_predictions(out / "predictions", impute(config, model=out / "model", out_dir=tmp_path / "single-node"))
 
 
 # --- token and working_dir handling, without a cluster -------------------------------------------------------

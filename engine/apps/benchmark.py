@@ -382,13 +382,13 @@ def measured_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
 # Imputation --------------------------------------------------------------------------------------------------
 
 
-def distinct_promoter_rows(problem: Any, targets: np.ndarray, length: int) -> int:
+def distinct_promoter_rows(problem: Any, targets: np.ndarray) -> int:
     """Distinct promoter-table rows (haplotypes A and B) that the ``targets`` entries read: the sequences one
     predictor encodes if it sees every entry."""
-    inputs = donor_promoter_inputs(problem, length)
-    if inputs is None:
+    haplotypes = donor_promoter_sequences(problem)
+    if haplotypes is None:
         return 0
-    _, lookup = inputs
+    _, lookup = haplotypes
     gene, sample = np.nonzero(targets)
     a, b = lookup.rows(gene, sample)
     rows = np.unique(np.concatenate([a, b]))
@@ -545,7 +545,7 @@ def encoder_comparison(config: Any, bundle_dir: Path, entries: int) -> dict[str,
         "genes": len(genes),
         "samples": int(sub.any(axis=0).sum()),
         "batch_size": batch,
-        "distinct_haplotype_rows": distinct_promoter_rows(problem, sub, length),
+        "distinct_haplotype_rows": distinct_promoter_rows(problem, sub),
         "shared": shared,
         "per_entry": per_entry,
         "speedup": round(per_entry["seconds"] / shared["seconds"], 2) if shared["seconds"] > 0 else None,
@@ -727,7 +727,6 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
             with measured(stages, f"bundle_genes_x{g}") as fig:
                 fig.update(gene_set_bundle(config_of(g, base[1]), folder(g, base[1]), folder(*base) / "network"))
             bundles[g] = folder(g, base[1]) / "model"
-        networks = {g: len(load_bundle(b).models.networks()) for g, b in bundles.items()}
         series = []
         for g, d in points:
             config = config_of(g, d)
@@ -740,8 +739,9 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
             # the run encodes every haplotype of its table once per network (run_pipeline's encode tasks)
             problem, targets, _ = imputation_problem(config)
             haplotypes = donor_promoter_sequences(problem)
-            point["distinct_haplotype_rows"] = distinct_promoter_rows(problem, targets, config.promoter.length)
-            point["haplotypes_encoded"] = 0 if haplotypes is None else len(haplotypes[0]) * networks[g]
+            point["distinct_haplotype_rows"] = distinct_promoter_rows(problem, targets)
+            # train_and_save trained train.folds networks, one for every gene set's bundle
+            point["haplotypes_encoded"] = 0 if haplotypes is None else len(haplotypes[0]) * first.train.folds
             point["encoder_calls_per_entry_run"] = round(point["haplotypes_encoded"] / max(point["entries"], 1), 5)
             del problem, targets, haplotypes
             series.append(point)

@@ -276,8 +276,8 @@ class Predictor:
     This class is the one caller of ``Bundle.predict`` in the engine's imputation path.
 
     Args:
-        loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, promoters, baselines=)``
-            and ``model_version`` (a :class:`~geximpute.fit.bundle.Bundle`).
+        loader: ``loader(bundle_dir)`` returns an object with ``predict(records, gene_ids, promoters, baselines=,
+            embeddings=)`` and ``model_version`` (a :class:`~geximpute.fit.bundle.Bundle`).
         bundle_dir: the bundle folder.
         refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes (the promoter
             inputs, or their :class:`EncodedHaplotypes`) or None, the baselines' estimates of a stacked bundle
@@ -308,11 +308,9 @@ class Predictor:
 
     def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
-        # haplotypes None: the bundle's reference windows
-        if self.embeddings is not None:
-            return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines,
-                                       embeddings=self.embeddings)
-        return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
+        # haplotypes None: the bundle's reference windows; embeddings None: the networks encode what they meet
+        return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines,
+                                   embeddings=self.embeddings)
 
     def __call__(self, records: pa.Table) -> pa.Table:
         estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
