@@ -74,6 +74,10 @@ def test_series_in_genes_and_donors_with_peak_memory_per_process_kind(bench):
         assert all(mb > 0 for mb in point["peak_rss_mb"].values())
         # the driver is a new process per point, not the benchmark's (which trained the networks)
         assert point["peak_rss_mb"]["driver"] < point["peak_rss_detail_mb"]["all"]
+        # the heap leaves out shared pages (the object store a process has read, shared libraries)
+        assert set(point["peak_heap_mb"]) == set(point["peak_rss_mb"])
+        for kind in ("driver", "context", "predictor"):
+            assert 0 < point["peak_heap_mb"][kind] < point["peak_rss_mb"][kind], (kind, point)
     assert points[(80, 4)]["entries"] > points[(40, 4)]["entries"]  # twice the genes
     assert points[(40, 8)]["entries"] > points[(40, 4)]["entries"]  # twice the donors
     growth = data["series_growth"]
@@ -83,10 +87,11 @@ def test_series_in_genes_and_donors_with_peak_memory_per_process_kind(bench):
     for g in growth.values():
         assert g["entries_ratio"] > 1 and g["time_ratio"] > 0
         assert {"driver", "context", "predictor"} <= set(g["peak_rss_ratio"])
+        assert set(g["peak_heap_ratio"]) == set(g["peak_rss_ratio"])
     # the targets are for 4x: judged only where the entries grew at least 3.5x (the donors series grows
     # the missing profiles too), else left open
     for name, g in growth.items():
-        for target in (f"series_{name}_memory", f"series_{name}_time"):
+        for target in (f"series_{name}_memory", f"series_{name}_heap", f"series_{name}_time"):
             met = data["targets"][target]["met"]
             assert met is None if g["entries_ratio"] < 3.5 else isinstance(met, bool), (target, g)
 
