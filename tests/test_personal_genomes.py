@@ -4,6 +4,7 @@ elastic net, and nightly predictions that read each new donor's own genome."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import random
 import shutil
@@ -321,6 +322,22 @@ def test_evaluation_splits_genes_by_cis_and_promoter_variants(tmp_path):
     comparisons = genetic_comparisons(dataclasses_replace_min_donors(config), predictions, truth.values, gene,
                                       tissue, (n_cis, promoter))
     assert set(comparisons) == {"genetic_cis_variant", "genetic_promoter_variant", "genetic_no_promoter_variant"}
+
+    # a planted truth that names each gene's kind of effect splits the table and the intervals by kind
+    planted = tmp_path / "planted.tsv"
+    planted.write_text("gene_id\th2\tgenetic_effect\n"
+                       f"{problem.gene_ids[0]}\t0.3\tmotif_loss\n{problem.gene_ids[1]}\t0.5\tadditive\n")
+    config = dataclasses_replace_min_donors(config)
+    config = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation,
+                                                                        heritability=str(planted)))
+    table = genetic_table(config, predictions, truth.values, gene, tissue, problem.gene_ids, (n_cis, promoter))
+    assert [r["effect"] for r in table["per_gene"]] == ["motif_loss", "additive"]
+    assert table["n_genes_effect_motif_loss"] == table["n_genes_effect_additive"] == 1
+    assert table["mean_effect_additive"]["hybrid"] == table["per_gene"][1]["hybrid"]
+    assert table["mean_effect_motif_loss"]["ceiling"] == pytest.approx(0.3**0.5)
+    comparisons = genetic_comparisons(config, predictions, truth.values, gene, tissue, (n_cis, promoter),
+                                      gene_ids=problem.gene_ids)
+    assert {"genetic_effect_additive", "genetic_effect_motif_loss"} <= set(comparisons)
 
 
 def dataclasses_replace_min_donors(config):

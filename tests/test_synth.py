@@ -351,6 +351,55 @@ def test_eqtl_effects_have_the_planted_sign_and_heritability(data: SynthResult) 
     assert np.allclose(h2[unfloored], genes["h2"].to_numpy()[unfloored], atol=2e-3)
 
 
+def test_motif_loss_eqtls_destroy_a_planted_copy_and_act_per_haplotype(tmp_path: Path) -> None:
+    spec = SynthSpec(seed=5, chrom_length=200_000, n_genes=120, n_donors=60, n_tissues=3, motif_eqtl_fraction=0.3)
+    root = generate(tmp_path / "motif", spec).out_dir
+    genes, eqtls = _truth_genes(root), pd.read_csv(root / "truth" / "eqtls.tsv", sep="\t")
+    motif = eqtls[eqtls["kind"] == "motif_loss"]
+    kinds = genes.set_index("gene_id")["genetic_effect"]
+    assert (kinds == "motif_loss").sum() >= 25  # 30% asked; genes with an additive eQTL are not drawn
+    assert set(kinds[motif["gene_id"]]) <= {"motif_loss", "additive+motif_loss"}
+    assert genes.loc[genes["genetic_effect"] == "motif_loss", "h2"].gt(0).all()
+
+    truth = json.loads((root / "truth" / "truth.json").read_text())
+    activator, repressor = truth["motifs"]["activator"], truth["motifs"]["repressor"]
+    fasta = pyfaidx.Fasta(str(root / "genome.fa"))
+    gene = genes.set_index("gene_id")
+    haps = {v.ID: np.array([g[:2] for g in v.genotypes]) for v in cyvcf2.VCF(str(root / "variants.vcf"))
+            if v.ID in set(motif["variant_id"])}
+    full = pq.read_table(root / "truth" / "expression_full.parquet").to_pandas()
+    values = full["value_log1p"].to_numpy().reshape(len(genes), spec.n_donors, spec.n_tissues).mean(axis=2)
+    row = {g: i for i, g in enumerate(genes["gene_id"])}
+    non_additive = 0
+    for gene_id, pair in motif.groupby("gene_id"):
+        if kinds[gene_id] != "motif_loss":
+            continue
+        # the two SNVs sit inside one planted copy, as the gene reads its strand, and either ALT breaks it
+        g = gene.loc[gene_id]
+        lo, hi = int(pair["pos"].min()), int(pair["pos"].max())
+        assert len(pair) == 2 and hi - lo < 8
+        region = str(fasta[g["chrom"]][hi - 8 : lo + 7]).upper()
+        oriented = region if g["strand"] == "+" else reverse_complement(region)
+        motif_seq = activator if pair["effect"].iloc[0] < 0 else repressor
+        assert oriented.count(motif_seq) == 1
+        for e in pair.itertuples():
+            assert e.ref == region[e.pos - (hi - 7)]
+            broken = region[: e.pos - (hi - 7)] + e.alt + region[e.pos - (hi - 7) + 1 :]
+            broken = broken if g["strand"] == "+" else reverse_complement(broken)
+            assert motif_seq not in broken
+        # the level moves with the haplotypes that lost the copy (an OR of the two ALT alleles on each one), by
+        # half the motif's effect per haplotype, and not with the sum of the two dosages where they disagree
+        a, b = (haps[v] for v in pair["variant_id"])
+        lost = ((a == 1) | (b == 1)).sum(axis=1)
+        dosage = (a == 1).sum(axis=1) + (b == 1).sum(axis=1)
+        non_additive += int((lost != dosage).any())
+        y = values[row[gene_id]]
+        if np.var(lost) > 0 and (y > 0.5).all():
+            slope = np.cov(lost, y)[0, 1] / np.var(lost, ddof=1)
+            assert np.sign(slope) == np.sign(pair["effect"].iloc[0])
+    assert non_additive >= 20
+
+
 def test_tissue_correlation_is_recovered_from_the_data(data: SynthResult) -> None:
     root = data.out_dir
     truth = pd.read_csv(root / "truth" / "tissue_correlation.tsv", sep="\t", index_col="tissue")

@@ -82,7 +82,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     # ~3.3 kb of chromosome per gene keeps the default density (240 genes on 2 x 400 kb) at any size
     length = args.chrom_length or max(SynthSpec.chrom_length, args.genes * 3_400 // SynthSpec.n_chroms)
     spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues,
-                     chrom_length=length)
+                     chrom_length=length, motif_eqtl_fraction=args.motif_eqtl_fraction)
     result = generate(args.out, spec, overwrite=args.overwrite)
     echo(f"synthetic dataset written to {result.out_dir}")
     echo(f"  next: geximpute inspect --config {result.config_path}")
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tissues", type=int, default=6, help="number of tissues (default 6)")
     p.add_argument("--chrom-length", type=int, default=None,
                    help="bases per chromosome (default: grows with --genes, at least 400,000)")
+    p.add_argument("--motif-eqtl-fraction", type=float, default=0.0, metavar="F",
+                   help="share of genes with a planted motif-loss eQTL: two SNVs in one planted motif copy, either "
+                        "of which destroys it, a non-additive effect (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_synth)
 

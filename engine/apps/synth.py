@@ -11,11 +11,19 @@ The planted model, on the log1p(TPM) scale, for gene g, donor d and tissue t::
                     + mu[t] + L[g] . F[t] + lam[g] * m[k(g), t]    # tissue part: K latent factors + module
                     + u[d] + lam[g] * delta[d, k(g)]               # donor offset + donor x module
                     + sum_j beta[g,j] * (x[j,d] - mean_d x[j])     # promoter eQTLs; x = ALT dosage
+                    + c[g] * (l[g,d] - mean_d l[g])               # motif-loss eQTLs (0 unless asked for)
                     + e[g,d,t])                                    # noise
 
 ``motif[g] = a * n_activator[g] - b * n_repressor[g]`` counts the planted 8-mers in g's strand-oriented
 promoter window; ``k(g)`` is g's neighbourhood, a contiguous block of genes on one chromosome. The parameter
 values are in :class:`_ModelParams` and are copied into ``truth/truth.json``.
+
+The promoter eQTLs are additive in the ALT dosage by construction. With ``SynthSpec.motif_eqtl_fraction`` > 0
+some genes get a planted effect that is not: two SNVs inside one planted motif copy, either of which destroys the
+copy on its haplotype. ``l[g,d]`` counts donor d's haplotypes (0-2) that lost the copy, and ``c[g] = -a/2`` for an
+activator copy (``+b/2`` for a repressor): exactly what the motif term above gives a diploid whose two haplotypes
+carry ``n`` and ``n - 1`` copies. A haplotype with both ALT alleles loses the copy once, so the effect is an OR
+on each haplotype (an interaction of the two sites' alleles in phase), not a sum of per-site dosage effects.
 """
 
 from __future__ import annotations
@@ -100,6 +108,8 @@ class _ModelParams:
     insertion_rate: float = 0.02
     multiallelic_rate: float = 0.02
     eqtl_af_range: tuple[float, float] = (0.05, 0.95)  # so that every planted effect is observable
+    # each of a motif-loss copy's two SNVs: a haplotype keeps the copy with probability (1 - p1)(1 - p2)
+    motif_loss_af_range: tuple[float, float] = (0.1, 0.35)
     other_af_range: tuple[float, float] = (0.01, 0.99)
 
 
@@ -125,6 +135,9 @@ class SynthSpec:
             ``truth.json``.
         missing_entry_fraction: share of (gene, sample) values left blank within the present samples.
         eqtl_gene_fraction: share of genes with planted promoter eQTLs.
+        motif_eqtl_fraction: share of genes with a planted motif-loss eQTL (two SNVs inside one planted motif
+            copy, either of which destroys it: a non-additive effect), drawn among the genes with a planted copy
+            and no additive eQTL. 0 (the default) draws nothing, so datasets of earlier versions stay byte-identical.
         variants_per_promoter: mean number of variant sites per promoter window (eQTL genes get at least 2).
         upstream: promoter window, bases 5' of the TSS (written to the config's ``promoter`` section).
         downstream: promoter window, bases 3' of the TSS, the TSS included.
@@ -139,6 +152,7 @@ class SynthSpec:
     observed_cell_fraction: float = 0.6
     missing_entry_fraction: float = 0.02
     eqtl_gene_fraction: float = 0.5
+    motif_eqtl_fraction: float = 0.0
     variants_per_promoter: int = 3
     upstream: int = 1000
     downstream: int = 500
@@ -156,6 +170,7 @@ class SynthSpec:
         _check_fraction(self, "observed_cell_fraction", low_open=True)
         _check_fraction(self, "missing_entry_fraction", high=0.5)
         _check_fraction(self, "eqtl_gene_fraction")
+        _check_fraction(self, "motif_eqtl_fraction")
         window = self.upstream + self.downstream
         room = _MODEL.max_motif_copies * 2 * _MODEL.motif_length * 4
         if window < room:
@@ -318,6 +333,7 @@ def _simulate(spec: SynthSpec) -> _Dataset:
         "samples",
         "expression",
         "missing",
+        "motif_eqtls",  # last: appending a stream leaves the others' draws as they were
     )
     rng = dict(zip(names, np.random.default_rng(spec.seed).spawn(len(names)), strict=True))
     chroms = [f"chr{i + 1}" for i in range(spec.n_chroms)]
@@ -331,6 +347,10 @@ def _simulate(spec: SynthSpec) -> _Dataset:
     genes["n_repressor_motifs"] = n_rep
     genes["motif_effect"] = _MODEL.activator_effect * n_act - _MODEL.repressor_effect * n_rep
     sites, eqtls = _draw_variants(spec, chroms, genes, seqs, motif_bases, patterns, rng["variants"])
+    if spec.motif_eqtl_fraction > 0:
+        sites, eqtls = _draw_motif_loss(spec, chroms, genes, seqs, motifs, patterns, sites, eqtls, rng["motif_eqtls"])
+    else:
+        eqtls = eqtls.assign(kind="additive", group=-1)
     haplotypes = _draw_genotypes(sites, spec.n_donors, rng["genotypes"])
     donors = [f"SYN-D{i + 1:0{max(4, len(str(spec.n_donors)))}d}" for i in range(spec.n_donors)]
     width = max(2, len(str(spec.n_tissues)))
@@ -751,6 +771,118 @@ def _creates_motif(text: str, i0: int, ref: str, alt: str, patterns: tuple[str, 
     return any(p in local for p in patterns)
 
 
+def _draw_motif_loss(
+    spec: SynthSpec,
+    chroms: list[str],
+    genes: pd.DataFrame,
+    seqs: list[np.ndarray],
+    motifs: tuple[str, str],
+    patterns: tuple[str, ...],
+    sites: pd.DataFrame,
+    eqtls: pd.DataFrame,
+    rng: np.random.Generator,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Motif-loss eQTLs: two SNVs inside one planted motif copy of a gene's window, either of which destroys it.
+
+    Genes are drawn among those with a planted copy and no additive eQTL (``motif_eqtl_fraction`` of all genes,
+    fewer when not enough qualify); neither ALT allele, alone or with the other, makes a new copy of any motif. A
+    lost copy acts on every gene whose strand-oriented window holds it as an activator or a repressor (a
+    neighbour's window may overlap), which may add a motif-loss effect to a gene with additive eQTLs.
+
+    Returns:
+        ``sites`` with the new SNVs (``is_eqtl``), sorted again, and ``eqtls`` re-indexed with ``kind``
+        (``additive`` or ``motif_loss``) and ``group`` (the lost copy, -1 for additive rows); a motif-loss row's
+        ``weight`` is the change of the gene's level per copy lost from its haploid sequence (``-a`` or ``+b``).
+    """
+    k = _MODEL.motif_length
+    texts = [_LETTERS[s].tobytes().decode() for s in seqs]
+    w_start, w_end = _windows(spec, genes)
+    strands, chrom_index = genes["strand"].to_numpy(), genes["chrom_index"].to_numpy()
+    # forward-strand text of (activator, repressor) as a gene on each strand reads them
+    oriented = {"+": motifs, "-": tuple(_revcomp(m) for m in motifs)}
+    additive = set(eqtls["gene_index"].tolist())
+    copies: dict[int, list[tuple[int, int]]] = {}
+    for g in range(len(genes)):
+        if g in additive:
+            continue
+        ci, lo = int(chrom_index[g]), int(w_start[g]) - 1
+        window = texts[ci][lo : int(w_end[g])]
+        for pattern in oriented[strands[g]]:
+            at = window.find(pattern)
+            while at >= 0:
+                copies.setdefault(g, []).append((ci, lo + at))
+                at = window.find(pattern, at + 1)
+    eligible = np.array(sorted(copies), dtype=np.int64)
+    n_pick = min(round(spec.motif_eqtl_fraction * len(genes)), len(eligible))
+    chosen = np.sort(rng.choice(eligible, n_pick, replace=False)) if n_pick else eligible[:0]
+    used: set[tuple[int, int]] = set()
+    groups: list[tuple[int, int, list[tuple[int, str, str]]]] = []  # (chrom, 0-based copy start, [(pos, ref, alt)])
+    for g in chosen:
+        free = [c for c in copies[int(g)] if c not in used]
+        if not free:
+            continue
+        ci, p0 = free[int(rng.integers(len(free)))]
+        text = texts[ci]
+        for _attempt in range(20):
+            offsets = np.sort(rng.choice(k, 2, replace=False))
+            alts = [[b for b in "ACGT" if b != text[p0 + o]][int(rng.integers(3))] for o in offsets]
+            if not any(
+                _makes_copy(text, p0, [(int(o), a) for o, a in chosen_alts], patterns)
+                for chosen_alts in (
+                    [(offsets[0], alts[0])],
+                    [(offsets[1], alts[1])],
+                    list(zip(offsets, alts, strict=True)),
+                )
+            ):
+                used.add((ci, p0))
+                groups.append(
+                    (ci, p0, [(p0 + int(o) + 1, text[p0 + int(o)], a) for o, a in zip(offsets, alts, strict=True)])
+                )
+                break
+    new = pd.DataFrame(
+        [(ci, pos, True, True, chroms[ci], "snv", ref, (alt,)) for ci, _, snvs in groups for pos, ref, alt in snvs],
+        columns=["chrom_index", "pos", "in_promoter", "is_eqtl", "chrom", "kind", "ref", "alt"],
+    )
+    new["variant_id"] = [
+        f"{c}_{p}_{r}_{a[0]}" for c, p, r, a in zip(new["chrom"], new["pos"], new["ref"], new["alt"], strict=True)
+    ]
+    merged = pd.concat([sites.assign(motif_loss=False), new.assign(motif_loss=True)], ignore_index=True)
+    order = np.lexsort((merged["pos"].to_numpy(), merged["chrom_index"].to_numpy()))
+    where = np.empty(len(merged), dtype=np.int64)
+    where[order] = np.arange(len(merged))  # old row -> sorted row
+    merged = merged.iloc[order].reset_index(drop=True)
+    rows = eqtls.assign(site_index=where[eqtls["site_index"].to_numpy()], kind="additive", group=-1)
+    extra = []
+    for gid, (ci, p0, snvs) in enumerate(groups):
+        forward = texts[ci][p0 : p0 + k]
+        holds = np.flatnonzero((chrom_index == ci) & (w_start - 1 <= p0) & (w_end >= p0 + k))
+        first = len(sites) + 2 * gid
+        for h in holds:
+            activator, repressor = oriented[strands[h]]
+            weight = (
+                -_MODEL.activator_effect
+                if forward == activator
+                else (_MODEL.repressor_effect if forward == repressor else None)
+            )
+            if weight is None:
+                continue
+            extra += [(int(h), int(where[first + j]), weight, j, "motif_loss", gid) for j in range(len(snvs))]
+    extra_rows = pd.DataFrame(extra, columns=["gene_index", "site_index", "weight", "rank", "kind", "group"])
+    out = pd.concat([rows, extra_rows], ignore_index=True)
+    return merged, out.astype({"gene_index": np.int64, "site_index": np.int64, "rank": np.int64, "group": np.int64})
+
+
+def _makes_copy(text: str, p0: int, changes: list[tuple[int, str]], patterns: tuple[str, ...]) -> bool:
+    """True if the SNVs ``changes`` ((offset from ``p0``, ALT base)) inside the copy at ``p0`` make a copy of any
+    pattern (every copy they could make overlaps the changed bases, so the copy and 7 bases on each side suffice)."""
+    k = _MODEL.motif_length
+    lo = max(0, p0 - (k - 1))
+    local = list(text[lo : p0 + 2 * k - 1])
+    for offset, alt in changes:
+        local[p0 - lo + offset] = alt
+    return any(p in "".join(local) for p in patterns)
+
+
 def _draw_genotypes(sites: pd.DataFrame, n_donors: int, rng: np.random.Generator) -> np.ndarray:
     """Phased haplotypes, independent between sites (no LD), from a Beta(0.5, 0.5) allele frequency.
 
@@ -759,8 +891,11 @@ def _draw_genotypes(sites: pd.DataFrame, n_donors: int, rng: np.random.Generator
     """
     n = len(sites)
     is_eqtl = sites["is_eqtl"].to_numpy()
-    freq = rng.beta(0.5, 0.5, n)
-    freq = np.where(is_eqtl, np.clip(freq, *_MODEL.eqtl_af_range), np.clip(freq, *_MODEL.other_af_range))
+    drawn = rng.beta(0.5, 0.5, n)
+    freq = np.where(is_eqtl, np.clip(drawn, *_MODEL.eqtl_af_range), np.clip(drawn, *_MODEL.other_af_range))
+    if "motif_loss" in sites:  # the same draw, mapped into the range where a copy's loss varies most
+        lo, hi = _MODEL.motif_loss_af_range
+        freq = np.where(sites["motif_loss"].to_numpy(dtype=bool), lo + (hi - lo) * drawn, freq)
     split = rng.uniform(0.3, 0.7, n)
     multi = sites["kind"].to_numpy() == "multi"
     p1 = np.where(multi, freq * split, freq)[:, None, None]
@@ -844,15 +979,29 @@ def _simulate_expression(
 
     tissue = mu[None, :] + loadings @ factors.T + lam[:, None] * profile[hood]  # (G, T)
     donor = offset[None, :] + lam[:, None] * donor_module[:, hood].T  # (G, D)
-    dosage = (haplotypes[eqtls["site_index"].to_numpy()] == 1).sum(axis=2).astype(float)  # (n_eqtls, D)
+    additive = (eqtls["kind"] == "additive").to_numpy()
+    added = eqtls[additive]
+    dosage = (haplotypes[added["site_index"].to_numpy()] == 1).sum(axis=2).astype(float)  # (n_eqtls, D)
     # centred on the donors' mean, so that an eQTL moves donors around the gene's level rather than moving the
     # level itself (a common ALT allele with a large effect would otherwise push whole genes out of range)
     dosage -= dosage.mean(axis=1, keepdims=True)
     raw = np.zeros((n_genes, n_donors))
-    np.add.at(raw, eqtls["gene_index"].to_numpy(), eqtls["weight"].to_numpy()[:, None] * dosage)
+    np.add.at(raw, added["gene_index"].to_numpy(), added["weight"].to_numpy()[:, None] * dosage)
     scale, h2 = _heritability_scale(raw, donor[:, :, None] + noise, h2_target)
-    eqtls = eqtls.assign(effect=eqtls["weight"].to_numpy() * scale[eqtls["gene_index"].to_numpy()])
+    weight, gene_index = eqtls["weight"].to_numpy(), eqtls["gene_index"].to_numpy()
+    # per ALT allele for an additive eQTL; per haplotype that lost the copy for a motif-loss one
+    eqtls = eqtls.assign(effect=np.where(additive, weight * scale[gene_index], weight / 2))
     genetic = scale[:, None] * raw
+    kinds = np.full(n_genes, "none", dtype=object)
+    kinds[np.unique(added["gene_index"])] = "additive"
+    if not additive.all():
+        lost = _motif_loss_value(haplotypes, eqtls[~additive], n_genes)
+        genetic = genetic + lost
+        has = np.zeros(n_genes, dtype=bool)
+        has[eqtls.loc[~additive, "gene_index"].to_numpy()] = True
+        kinds[has] = np.where(kinds[has] == "additive", "additive+motif_loss", "motif_loss")
+        h2 = np.where(has, _realised_h2(genetic, donor[:, :, None] + noise), h2)
+    genes["genetic_effect"] = kinds
 
     gene_level = base + genes["motif_effect"].to_numpy()
     latent = gene_level[:, None, None] + tissue[:, None, :] + (donor + genetic)[:, :, None] + noise
@@ -868,6 +1017,24 @@ def _simulate_expression(
     cov += ((hi - lo) ** 2 / 12 + ((hi + lo) / 2) ** 2) * m.module_profile_sd**2 * np.eye(n_tissues)
     sd = np.sqrt(np.diag(cov))
     return y, eqtls, cov / np.outer(sd, sd)
+
+
+def _motif_loss_value(haplotypes: np.ndarray, rows: pd.DataFrame, n_genes: int) -> np.ndarray:
+    """``(G, D)`` genetic value of the motif-loss eQTLs: per (gene, lost copy), ``weight / 2`` times the donor's
+    haplotypes (0-2) with an ALT allele at either of the copy's SNVs, centred on the donors' mean."""
+    value = np.zeros((n_genes, haplotypes.shape[1]))
+    for (g, _), part in rows.groupby(["gene_index", "group"], sort=True):
+        lost = (haplotypes[part["site_index"].to_numpy()] == 1).any(axis=0).sum(axis=1).astype(float)  # (D,)
+        value[g] += part["weight"].iloc[0] / 2 * (lost - lost.mean())
+    return value
+
+
+def _realised_h2(genetic: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """Pooled within-tissue heritability across donors of ``genetic`` ``(G, D)`` beside ``rest`` ``(G, D, T)``."""
+    g_c = genetic - genetic.mean(axis=1, keepdims=True)
+    total = g_c[:, :, None] + rest - rest.mean(axis=1, keepdims=True)
+    v_g = (g_c**2).mean(axis=1)
+    return np.where(v_g > 0, v_g / np.maximum((total**2).mean(axis=(1, 2)), 1e-300), 0.0)
 
 
 def _heritability_scale(raw: np.ndarray, rest: np.ndarray, h2_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -950,6 +1117,9 @@ def _summarise(data: _Dataset) -> dict[str, Any]:
                 "n_multiallelic": int((sites["kind"] == "multi").sum()),
                 "n_eqtl_genes": int((genes["n_eqtls"] > 0).sum()),
                 "n_eqtls": len(data.eqtls),
+                "genetic_effects": {
+                    str(k): int(v) for k, v in genes["genetic_effect"].value_counts().sort_index().items()
+                },
                 "n_divergent_pairs": int(divergent.sum()),
                 "n_overlapping_pairs": int(overlapping.sum()),
                 "n_activator_motifs": int(genes["n_activator_motifs"].sum()),
@@ -1081,7 +1251,7 @@ def _write_truth(folder: Path, data: _Dataset) -> None:
     genes = data.genes
     gene_columns = [
         "gene_id", "gene_name", "chrom", "start", "end", "tss", "strand", "base_level", "n_activator_motifs",
-        "n_repressor_motifs", "motif_effect", "neighbourhood_id", "h2", "n_eqtls", "noise_sd",
+        "n_repressor_motifs", "motif_effect", "neighbourhood_id", "h2", "n_eqtls", "noise_sd", "genetic_effect",
     ]  # fmt: skip
     genes[gene_columns].to_csv(
         folder / FILES["truth_genes"], sep="\t", index=False, float_format="%.6g", lineterminator="\n"
@@ -1099,6 +1269,7 @@ def _write_truth(folder: Path, data: _Dataset) -> None:
             S.GENE_ID: genes["gene_id"].to_numpy()[data.eqtls["gene_index"].to_numpy()],
             "effect": data.eqtls["effect"].to_numpy(),
             "rank": data.eqtls["rank"].to_numpy(),
+            "kind": data.eqtls["kind"].to_numpy(),
             "alt_frequency": alt_freq,
         }
     ).sort_values([S.CHROM, S.POS, S.GENE_ID], key=_natural_chrom)

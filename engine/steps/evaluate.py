@@ -164,7 +164,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         if problem.genomes is not None:
             flags = gene_variant_flags(problem.genomes, dataset.variants.sites[S.POS].to_numpy(), problem.tss,
                                        problem.strand, config.promoter.upstream, config.promoter.downstream)
-            comparisons.update(genetic_comparisons(config, predictions, observed, gene, tissue, flags))
+            comparisons.update(genetic_comparisons(config, predictions, observed, gene, tissue, flags,
+                                                   gene_ids=problem.gene_ids))
         comparisons = {k: v for k, v in comparisons.items() if v}
         metrics = {
             "dataset": config.name,
@@ -243,9 +244,12 @@ GENETIC_METHODS = ("hybrid", "hybrid_reference", "elastic_net")
 
 
 def genetic_comparisons(config: Config, predictions: dict, observed: np.ndarray, gene: np.ndarray,
-                        tissue: np.ndarray, flags: tuple[np.ndarray, np.ndarray]) -> dict:
+                        tissue: np.ndarray, flags: tuple[np.ndarray, np.ndarray],
+                        gene_ids: np.ndarray | None = None) -> dict:
     """Paired bootstrap over genes of the hybrid against ``elastic_net`` and ``hybrid_reference`` (across-donor
-    Pearson for held-out donors), on the genes with a cis variant, split by whether one lies in the promoter."""
+    Pearson for held-out donors), on the genes with a cis variant, split by whether one lies in the promoter, and,
+    where the planted truth names each gene's kind of genetic effect (``evaluation.heritability`` with a
+    ``genetic_effect`` column, and ``gene_ids`` given), on the genes of each kind (``genetic_effect_<kind>``)."""
     n_cis, promoter_variant = flags
     against = [m for m in ("elastic_net", "hybrid_reference") if m in predictions]
     if "hybrid" not in predictions or not against:
@@ -253,6 +257,11 @@ def genetic_comparisons(config: Config, predictions: dict, observed: np.ndarray,
     subsets = {"genetic_cis_variant": n_cis[gene] > 0,
                "genetic_promoter_variant": promoter_variant[gene],
                "genetic_no_promoter_variant": (n_cis[gene] > 0) & ~promoter_variant[gene]}
+    truth = _planted_truth(config.evaluation.heritability)
+    if truth is not None and truth[1] and gene_ids is not None:
+        kinds = np.array([truth[1].get(str(g), "") for g in gene_ids], dtype=object)
+        for kind in sorted(set(kinds.tolist()) - {"", "none"}):
+            subsets[f"genetic_effect_{effect_key(kind)}"] = kinds[gene] == kind
     return {name: paired_bootstrap(predictions, observed, gene, tissue, config.evaluation.task, against=against,
                                    mask=mask, min_donors=config.evaluation.min_donors, seed=config.seed)
             for name, mask in subsets.items() if mask.any()}
@@ -265,9 +274,11 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
     For each (gene, tissue) with at least ``evaluation.min_donors`` hidden donors, the Pearson across those
     donors; a constant prediction (a model that cannot tell donors apart) counts as 0. A gene's figure is the
     mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
-    means are given over the genes with ``h2 > 0`` as well. With ``flags`` ((G,) cis-site counts, (G,) promoter
-    variant, :func:`geximpute.science.genomes.gene_variant_flags`), each gene gets them and the means are given over
-    the genes with a cis variant, with a promoter variant and with cis variants but none in the promoter.
+    means are given over the genes with ``h2 > 0`` as well; where that table has a ``genetic_effect`` column (the
+    kind of planted effect: ``additive``, ``motif_loss``, ...), each gene gets it as ``effect`` and the means are
+    given per kind (``mean_effect_<kind>``, ``n_genes_effect_<kind>``). With ``flags`` ((G,) cis-site counts, (G,)
+    promoter variant, :func:`geximpute.science.genomes.gene_variant_flags`), each gene gets them and the means are
+    given over the genes with a cis variant, with a promoter variant and with cis variants but none in the promoter.
     """
     names = [m for m in GENETIC_METHODS if m in predictions]
     key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
@@ -282,7 +293,8 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
         for m in names:
             r = _pearson(predictions[m][idx], observed[idx])
             row[m].append(0.0 if r is None else r)
-    h2 = _heritability(config.evaluation.heritability)
+    truth = _planted_truth(config.evaluation.heritability)
+    h2, effects = truth if truth is not None else (None, {})
     rows = []
     for g, vals in sorted(per_gene.items()):
         entry = {"gene_id": str(gene_ids[g]), "n_tissues": len(vals[names[0]]) if names else 0}
@@ -293,6 +305,8 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
         if h2 is not None and str(gene_ids[g]) in h2:
             entry["h2"] = h2[str(gene_ids[g])]
             entry["ceiling"] = float(np.sqrt(max(entry["h2"], 0.0)))
+        if str(gene_ids[g]) in effects:
+            entry["effect"] = effects[str(gene_ids[g])]
         rows.append(entry)
 
     def means(subset: list[dict]) -> dict:
@@ -313,11 +327,21 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
         heritable = [r for r in rows if r.get("h2", 0.0) > 0]
         table["n_heritable_genes"] = len(heritable)
         table["mean_heritable"] = means(heritable)
+    for kind in sorted({r["effect"] for r in rows if "effect" in r} - {"none"}):
+        subset = [r for r in rows if r.get("effect") == kind]
+        table[f"n_genes_effect_{effect_key(kind)}"] = len(subset)
+        table[f"mean_effect_{effect_key(kind)}"] = means(subset)
     return table
 
 
-def _heritability(path: str | None) -> dict[str, float] | None:
-    """``gene_id -> h2`` of the configured heritability table, or None."""
+def effect_key(kind: str) -> str:
+    """A planted effect kind as a key of ``metrics.json`` (``additive+motif_loss`` -> ``additive_and_motif_loss``)."""
+    return kind.replace("+", "_and_")
+
+
+def _planted_truth(path: str | None) -> tuple[dict[str, float], dict[str, str]] | None:
+    """``(gene_id -> h2, gene_id -> kind of planted genetic effect)`` of the configured heritability table (the
+    second empty without a ``genetic_effect`` column), or None without a table."""
     if path is None:
         return None
 
@@ -325,7 +349,12 @@ def _heritability(path: str | None) -> dict[str, float] | None:
     missing = [c for c in ("gene_id", "h2") if c not in table.column_names]
     if missing:
         raise InputError(path, f"no column {missing[0]!r}", expected="a table with gene_id and h2 columns")
-    return dict(zip(table["gene_id"].to_pylist(), (float(x) for x in table["h2"].to_pylist()), strict=True))
+    ids = [str(g) for g in table["gene_id"].to_pylist()]
+    h2 = dict(zip(ids, (float(x) for x in table["h2"].to_pylist()), strict=True))
+    effects = {}
+    if "genetic_effect" in table.column_names:
+        effects = dict(zip(ids, (str(k) for k in table["genetic_effect"].to_pylist()), strict=True))
+    return h2, effects
 
 
 def promoter_composition_of(prepared: Prepared, config: Config) -> np.ndarray:
@@ -455,9 +484,11 @@ def report(metrics: dict) -> str:
             "| genes | " + " | ".join(names) + (" | ceiling sqrt(h2) |" if "ceiling" in genetic["mean"] else " |"),
             "|---|" + "---|" * (len(names) + ("ceiling" in genetic["mean"])),
         ]
+        planted = [(f"planted effect: {key.removeprefix('mean_effect_').replace('_and_', ' + ')}", key)
+                   for key in sorted(genetic) if key.startswith("mean_effect_")]
         for label, key in (("all", "mean"), ("h2 > 0", "mean_heritable"), ("a cis variant", "mean_cis_variant"),
                            ("a promoter variant", "mean_promoter_variant"),
-                           ("cis variants, none in the promoter", "mean_no_promoter_variant")):
+                           ("cis variants, none in the promoter", "mean_no_promoter_variant"), *planted):
             if key in genetic and genetic[key].get(names[0] if names else "") is not None:
                 row = genetic[key]
                 cells = [_fmt(row.get(m)) for m in names] + ([_fmt(row.get("ceiling"))] if "ceiling" in row else [])
