@@ -248,12 +248,14 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     assert not (tmp_path / "new").exists()  # a plan writes nothing
 
 
-def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local):
+def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local, monkeypatch):
     """The run's encode tasks give each network the embeddings of every donor haplotype; predicting with them runs
-    no CNN and gives the predictions of the one-hot table path."""
+    no CNN and gives the predictions of the one-hot table path. Tasks are capped in rows (more haplotypes make more
+    tasks) and one-hot encode a slice at a time, with the embeddings of one whole-table pass."""
     from geximpute.apps.benchmark import EncoderCounter
     from geximpute.fit.bundle import load_bundle
     from geximpute.science.context import ContextIndex, build_context
+    from geximpute.steps import impute as impute_module
     from geximpute.steps.impute import (
         EncodedHaplotypes,
         donor_promoter_inputs,
@@ -273,6 +275,13 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     (empty, _), embeddings = encoded.resolve(bundle.models.network.spec.promoter_length)
     assert len(empty) == 0 and len(embeddings) == 2
     assert all(e.shape[0] == len(sequences) for e in embeddings)
+    whole = bundle.encode_promoters(donor_promoter_inputs(problem, config.promoter.length)[0])
+    monkeypatch.setattr(impute_module, "ENCODE_TASK_ROWS", -(-len(sequences) // 5))
+    monkeypatch.setattr(impute_module, "ENCODE_SLICE_ROWS", 7)
+    capped = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5})
+    assert len(capped.parts) == 5  # the cap, not the 3 asked for
+    for ours, theirs in zip(capped.resolve(config.promoter.length)[1], whole, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
     # the predictions of some target entries: with the one-hot table (encoded as met), and with the embeddings
     gi, si = np.nonzero(targets)

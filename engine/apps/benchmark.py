@@ -83,7 +83,8 @@ TARGET_SERIES_TIME_GROWTH = 4.4
 
 #: process kinds of an imputation run, by the Ray worker's title (``ray::MapWorker(MapBatches(Predictor))``...):
 #: the first kind whose marker the title contains; other Ray workers are ``other_ray_workers``
-PROCESS_KINDS = (("context", ("ContextBuilder",)), ("predictor", ("Predictor",)), ("writer", ("Write",)))
+PROCESS_KINDS = (("context", ("ContextBuilder",)), ("predictor", ("Predictor",)), ("writer", ("Write",)),
+                 ("encoder", ("encode_haplotypes",)))
 #: Ray's own processes (not workers), reported together as ``ray_system``
 RAY_SYSTEM = ("raylet", "gcs_server", "dashboard", "agent", "log_monitor", "monitor", "runtime_env")
 
@@ -125,7 +126,8 @@ class PeakRSS:
     allocated itself.
 
     The driver is this process, or the descendant whose pid is set in ``driver_pid`` (a driver started as a
-    subprocess: then this process itself counts as ``other``).
+    subprocess: then this process itself counts as ``other``). Processes in ``exclude`` (the idle Ray workers of
+    this process's own Ray job, when a subprocess's job is measured) count in no kind.
 
     Attributes:
         driver: peak RSS of the driver, bytes.
@@ -137,9 +139,10 @@ class PeakRSS:
         cpu: CPU seconds per process name.
     """
 
-    def __init__(self, interval: float = 0.2, driver_pid: int | None = None) -> None:
+    def __init__(self, interval: float = 0.2, driver_pid: int | None = None, exclude: set[int] = frozenset()) -> None:
         self.interval = interval
         self.driver_pid = driver_pid
+        self.exclude = set(exclude)
         self.driver = self.workers = self.driver_workers = self.total = 0
         self.kinds: dict[str, int] = {}
         self.heap_kinds: dict[str, int] = {}
@@ -184,6 +187,9 @@ class PeakRSS:
                 title = " ".join(child.cmdline()[:1])
                 if child.pid == driver_pid:
                     driver, driver_memory, name = rss, memory, "driver"
+                elif child.pid in self.exclude:
+                    others += rss
+                    name = "benchmark_workers"
                 elif title.startswith("ray::"):
                     workers += rss
                     name = title.split(" ")[0]
@@ -239,6 +245,18 @@ class PeakRSS:
         if rest >= 0.01:
             out["other"] = round(rest, 2)
         return out
+
+
+def ray_worker_pids() -> set[int]:
+    """Pids of the Ray workers among this process's descendants now (``ray::...`` titles)."""
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(child.cmdline()[:1]).startswith("ray::"):
+                pids.add(child.pid)
+        except psutil.Error:
+            continue
+    return pids
 
 
 def cpu_model() -> str:
@@ -428,7 +446,8 @@ def impute_point(config_path: Path, overrides: list[str], bundle: Path, out: Pat
     for item in [*overrides, f"ray.address={address}"]:
         cmd += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with PeakRSS() as peak:
+    # the benchmark's own Ray workers (they trained and prepared, and stay up idle) are not the imputation's
+    with PeakRSS(exclude=ray_worker_pids()) as peak:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         peak.driver_pid = proc.pid
@@ -438,7 +457,7 @@ def impute_point(config_path: Path, overrides: list[str], bundle: Path, out: Pat
         raise RuntimeError(f"benchmark: impute of {config_path} failed (exit {proc.returncode}): {stderr[-2000:]}")
     manifest = json.loads((out / "_manifest.json").read_text())
     entries, seconds = int(manifest["n_rows"]), float(manifest["seconds"])
-    cpu = sum(sec for name, sec in peak.cpu.items() if name != "benchmark")
+    cpu = sum(sec for name, sec in peak.cpu.items() if name not in ("benchmark", "benchmark_workers"))
     return {"entries": entries, "seconds": round(seconds, 2), "process_seconds": round(process_seconds, 2),
             "peak_rss_mb": peak.kinds_report(), "peak_heap_mb": peak.kinds_report(heap=True),
             "peak_rss_detail_mb": peak.report(),

@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 
 #: target entries per block of samples sent to a context actor
 BLOCK_ENTRIES = 50_000
+#: promoter haplotypes per encoding task at most (:func:`encoded_haplotypes`), so that a task's memory does not grow
+#: with the genome: more genes or donors make more tasks, not larger ones
+ENCODE_TASK_ROWS = 8192
+#: haplotypes one-hot encoded at a time inside an encoding task (the (n, 4, L) table of one slice)
+ENCODE_SLICE_ROWS = 1024
 #: errors of the output folder that mean "cannot write here", reported as :class:`OutputError`
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 VIRTUAL_PREFIX = "virtual:"
@@ -243,27 +248,33 @@ class EncodedHaplotypes:
         return (np.zeros((0, 4, length), np.uint8), self.lookup), embeddings
 
 
-def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, sequences: list[str], lo: int, hi: int,
-                      use_gpu: bool) -> list[np.ndarray]:
-    """Ray task: each network's embeddings (``Bundle.encode_promoters``) of haplotypes ``lo:hi`` of
-    ``sequences``, one-hot encoded here, on the task's GPU when it holds one."""
+def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, sequences: list[str],
+                      use_gpu: bool, slice_rows: int = ENCODE_SLICE_ROWS) -> list[np.ndarray]:
+    """Ray task: each network's embeddings (``Bundle.encode_promoters``) of ``sequences`` (one part of the run's
+    haplotypes), one-hot encoded here ``slice_rows`` at a time, on the task's GPU when it holds one."""
     bundle = loader(bundle_dir)
     bundle.models.device = str(inference_device(use_gpu))
-    return bundle.encode_promoters(one_hot_promoters(sequences[lo:hi], bundle.models.network.spec.promoter_length))
+    length = bundle.models.network.spec.promoter_length
+    slices = [bundle.encode_promoters(one_hot_promoters(sequences[lo : lo + slice_rows], length))
+              for lo in range(0, len(sequences), slice_rows)]
+    return [np.concatenate([part[k] for part in slices]) for k in range(len(slices[0]))]
 
 
 def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Callable[[str], Any],
                        bundle_dir: Path, parts: int, resources: dict[str, Any]) -> EncodedHaplotypes:
-    """Start the encoding of every haplotype sequence once for the run, in ``parts`` Ray tasks of consecutive
-    rows (each with ``resources``: a GPU when predictors get one); returns at once with their refs. Neither the
-    driver nor a predictor holds the (P, 4, L) one-hot table: each task builds its part's."""
+    """Start the encoding of every haplotype sequence once for the run, in Ray tasks of consecutive rows: at least
+    ``parts`` (one per predictor actor), and more when a part would exceed :data:`ENCODE_TASK_ROWS`; each has
+    ``resources`` (a GPU when predictors get one) and gets only its own sequences. Returns at once with their
+    refs. Neither the driver nor a predictor holds the (P, 4, L) one-hot table, and no task holds more than its
+    part's sequences and embeddings."""
     import ray
 
     sequences, lookup = haplotypes
-    sequences_ref = ray.put(list(sequences))
-    bounds = np.linspace(0, len(sequences), max(1, min(parts, len(sequences))) + 1).round().astype(int)
+    n_parts = max(1, min(len(sequences), max(parts, -(-len(sequences) // ENCODE_TASK_ROWS))))
+    bounds = np.linspace(0, len(sequences), n_parts + 1).round().astype(int)
     task = ray.remote(encode_haplotypes).options(**resources)
-    refs = [task.remote(loader, str(bundle_dir), sequences_ref, int(lo), int(hi), "num_gpus" in resources)
+    refs = [task.remote(loader, str(bundle_dir), list(sequences[lo:hi]), "num_gpus" in resources,
+                        ENCODE_SLICE_ROWS)
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     log.info("impute: %d promoter haplotypes encoded once for the run, in %d task(s)", len(sequences), len(refs))
     return EncodedHaplotypes(lookup, refs)
