@@ -64,6 +64,36 @@ def test_genetic_scores_recover_a_planted_effect_and_use_only_visible_donors():
     np.testing.assert_array_equal(np.nan_to_num(scores, nan=-9), np.nan_to_num(again, nan=-9))
 
 
+def test_genetic_scores_learn_an_effect_that_lives_on_the_haplotype():
+    """Two sites that each break the same motif on one haplotype break it once (an OR per haplotype): dosages alone
+    cannot represent it, the haplotype stage of the score can, and where haplotypes add nothing it stays out."""
+    rng = np.random.default_rng(1)
+    n_donors, n_tissues = 400, 2
+    alleles = (rng.random((2, n_donors, 2)) < 0.3).astype(np.int32)  # (site, donor, haplotype) ALT allele
+    rows = 1 + alleles[0] + 2 * alleles[1]  # haplotype rows: 1 reference, 2 site 0, 3 site 1, 4 both
+    lost = (alleles.max(axis=0)).sum(axis=1).astype(float)  # haplotypes that lost the motif, 0-2
+    dosage = alleles.sum(axis=2).astype(float)  # (2 sites, D)
+    genomes = DonorGenomes(
+        sequences=[], promoter_ids=[], reference_row=np.array([1, 1], np.int64),
+        rows=np.stack([rows, rows]).astype(np.int32), has_genome=np.ones(n_donors, bool),
+        site_ptr=np.array([0, 2, 4]), site_index=np.arange(4), dosage=np.vstack([dosage, dosage]).astype(np.float32),
+        report={},
+    )
+    donor_index = np.repeat(np.arange(n_donors), n_tissues)
+    tissue_index = np.tile(np.arange(n_tissues), n_donors)
+    genetic = np.stack([-0.6 * lost, 0.5 * dosage[0]])  # gene 0: the OR; gene 1: additive in one site
+    values = genetic[:, donor_index] + rng.normal(0, 0.25, (2, len(donor_index))) + 4.0
+    held_out = np.arange(n_donors) >= 300
+    values[:, held_out[donor_index]] = np.nan
+    scores, _ = genetic_scores(genomes, values, tissue_index, donor_index, n_tissues, None)
+    additive = np.c_[np.ones(n_donors), dosage.T]
+    best_additive = additive @ np.linalg.lstsq(additive, lost, rcond=None)[0]
+    assert np.corrcoef(best_additive, lost)[0, 1] < 0.96  # the OR is not additive in the dosages
+    r = np.corrcoef(scores[0, held_out], genetic[0, held_out])[0, 1]
+    assert r > 0.98 and r > np.corrcoef(best_additive[held_out], lost[held_out])[0, 1]
+    assert np.corrcoef(scores[1, held_out], genetic[1, held_out])[0, 1] > 0.98
+
+
 def test_promoter_sites_follow_the_window_on_both_strands():
     tss = np.array([1000, 1000])
     start, end = window_bounds(tss, np.array([1, -1]), upstream=100, downstream=50)

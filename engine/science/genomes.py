@@ -10,8 +10,12 @@ the promoter haplotypes; the cis-genetic score and the ``elastic_net`` baseline 
 
 :func:`genetic_scores` turns visible expression into a per-(gene, donor) cis-genetic score: for each gene, a ridge
 regression of the donors' visible expression residuals (value minus the gene's mean in that tissue, averaged over
-the donor's visible tissues) on their cis-variant dosages, evaluated for every donor with a genome. It is
-fitted on visible values only, so for a held-out donor it uses nothing but the donor's genotypes.
+the donor's visible tissues) on their cis-variant dosages, evaluated for every donor with a genome; then a second
+ridge of what that leaves on the donor's copies (0-2) of each distinct promoter haplotype that at least
+:data:`HAPLOTYPE_MIN_COPIES` fitted haplotypes carry. Dosages are additive across sites; a haplotype's own effect is
+not (two variants that each break the same motif on one haplotype break it once), and each stage chooses its
+penalty by leave-one-out error, "no effect" included, so where haplotypes add nothing they get zero. Both are
+fitted on visible values only, so for a held-out donor the score uses nothing but the donor's genotypes.
 
 Missing calls follow ``genotypes.missing`` (``mean``: NaN here, the donors' mean dosage when fitted and scored;
 ``reference``: dosage 0; ``error``: refused). Dosages do not depend on phase.
@@ -262,6 +266,22 @@ def _ridge(x: np.ndarray, y: np.ndarray, shrinkage: float | None) -> np.ndarray:
     return best
 
 
+#: fitted haplotypes (two per donor) that must carry a distinct promoter haplotype for it to get an effect of its own
+HAPLOTYPE_MIN_COPIES = 10
+
+
+def haplotype_copies(rows: np.ndarray, reference: int, carriers: np.ndarray,
+                     min_copies: int = HAPLOTYPE_MIN_COPIES) -> np.ndarray:
+    """(D, h) copies (0, 1, 2) each donor carries of the ``h`` distinct non-reference promoter haplotypes of one
+    gene that ``carriers`` (D,) bool donors carry at least ``min_copies`` times (``rows``: (D, 2) haplotype rows of
+    the gene, ``reference``: its reference row)."""
+    carried = rows[carriers]
+    alt = carried[(carried != reference) & (carried >= 0)]
+    uniq, n = np.unique(alt, return_counts=True)
+    keep = uniq[n >= min_copies]
+    return (rows[:, :, None] == keep[None, None, :]).sum(axis=1).astype(np.float64)
+
+
 def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray,
                    n_tissues: int, shrinkage: float | None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per-(gene, donor) cis-genetic score fitted on visible values (see the module docstring).
@@ -276,7 +296,8 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
 
     Returns:
         scores (G, D) float32 (NaN for genes without a cis variant or donors without a genome) and, per gene,
-        the fitted effect per ALT allele of each of its cis-window sites (zeros when nothing was fitted).
+        the fitted effect per ALT allele of each of its cis-window sites (zeros when nothing was fitted; the
+        haplotype stage's effects are in the scores, not here).
     """
     n_genes, n_donors = genomes.rows.shape[0], genomes.rows.shape[1]
     resid = donor_residuals(values, tissue_index, donor_index, n_donors, n_tissues)
@@ -295,10 +316,19 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
         y = resid[g]
         fit = has & ~np.isnan(y)
         beta = np.zeros(hi - lo)
+        score = np.zeros(int(has.sum()))
         if fit.sum() >= 5:
-            beta = _ridge(x[fit] - x[fit].mean(axis=0), y[fit] - y[fit].mean(), shrinkage)
+            xc = x[fit] - x[fit].mean(axis=0)
+            beta = _ridge(xc, y[fit] - y[fit].mean(), shrinkage)
+            score = x[has] @ beta
+            copies = haplotype_copies(genomes.rows[g], int(genomes.reference_row[g]), fit)
+            if copies.shape[1]:
+                left = y[fit] - y[fit].mean() - xc @ beta
+                h = copies - copies[fit].mean(axis=0)
+                gamma = _ridge(h[fit] - h[fit].mean(axis=0), left, None)
+                score = score + h[has] @ gamma
         effects.append(beta.astype(np.float32))
-        scores[g, has] = (x[has] @ beta).astype(np.float32)
+        scores[g, has] = score.astype(np.float32)
     return scores, effects
 
 
