@@ -62,6 +62,7 @@ def _files(root: Path) -> dict[str, bytes]:
         ("observed_cell_fraction", 1.2),
         ("missing_entry_fraction", -0.1),
         ("eqtl_gene_fraction", float("nan")),
+        ("motif_eqtl_fraction", 1.5),
         ("chrom_length", 5_000),
         ("downstream", 0),
         ("upstream", True),
@@ -70,6 +71,14 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_spec_rejects_bad_values_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"SynthSpec\.{field}="):
         SynthSpec(**{field: value})
+
+
+def test_the_command_line_says_which_option_is_wrong_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    from geximpute.apps.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--motif-eqtl-fraction", "2"]) == 2
+    assert "motif_eqtl_fraction=2.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_spec_rejects_a_window_too_small_for_the_motifs() -> None:

@@ -81,8 +81,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     # ~3.3 kb of chromosome per gene keeps the default density (240 genes on 2 x 400 kb) at any size
     length = args.chrom_length or max(SynthSpec.chrom_length, args.genes * 3_400 // SynthSpec.n_chroms)
-    spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues,
-                     chrom_length=length, motif_eqtl_fraction=args.motif_eqtl_fraction)
+    try:
+        spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues,
+                         chrom_length=length, motif_eqtl_fraction=args.motif_eqtl_fraction)
+    except ValueError as exc:  # a bad option: said plainly, as any other bad setting
+        raise ConfigError(str(exc)) from None
     result = generate(args.out, spec, overwrite=args.overwrite)
     echo(f"synthetic dataset written to {result.out_dir}")
     echo(f"  next: geximpute inspect --config {result.config_path}")
