@@ -184,7 +184,7 @@ class PeakRSS:
             try:
                 memory = child.memory_info()
                 rss = memory.rss
-                title = " ".join(child.cmdline()[:1])
+                title = _title(child)
                 if child.pid == driver_pid:
                     driver, driver_memory, name = rss, memory, "driver"
                 elif child.pid in self.exclude:
@@ -247,12 +247,17 @@ class PeakRSS:
         return out
 
 
+def _title(proc: Any) -> str:
+    """A process's title: the first word of its command line (``ray::Predictor...`` for a Ray worker)."""
+    return " ".join(proc.cmdline()[:1])
+
+
 def ray_worker_pids() -> set[int]:
     """Pids of the Ray workers among this process's descendants now (``ray::...`` titles)."""
     pids = set()
     for child in psutil.Process().children(recursive=True):
         try:
-            if " ".join(child.cmdline()[:1]).startswith("ray::"):
+            if _title(child).startswith("ray::"):
                 pids.add(child.pid)
         except psutil.Error:
             continue

@@ -853,10 +853,10 @@ def _draw_motif_loss(
     merged = merged.iloc[order].reset_index(drop=True)
     rows = eqtls.assign(site_index=where[eqtls["site_index"].to_numpy()], kind="additive", group=-1)
     extra = []
+    first = len(sites)  # the merged row (before sorting) of each group's first SNV
     for gid, (ci, p0, snvs) in enumerate(groups):
         forward = texts[ci][p0 : p0 + k]
         holds = np.flatnonzero((chrom_index == ci) & (w_start - 1 <= p0) & (w_end >= p0 + k))
-        first = len(sites) + 2 * gid
         for h in holds:
             activator, repressor = oriented[strands[h]]
             weight = (
@@ -867,6 +867,7 @@ def _draw_motif_loss(
             if weight is None:
                 continue
             extra += [(int(h), int(where[first + j]), weight, j, "motif_loss", gid) for j in range(len(snvs))]
+        first += len(snvs)
     extra_rows = pd.DataFrame(extra, columns=["gene_index", "site_index", "weight", "rank", "kind", "group"])
     out = pd.concat([rows, extra_rows], ignore_index=True)
     return merged, out.astype({"gene_index": np.int64, "site_index": np.int64, "rank": np.int64, "group": np.int64})

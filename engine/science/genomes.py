@@ -324,8 +324,8 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
             copies = haplotype_copies(genomes.rows[g], int(genomes.reference_row[g]), fit)
             if copies.shape[1]:
                 left = y[fit] - y[fit].mean() - xc @ beta
-                h = copies - copies[fit].mean(axis=0)
-                gamma = _ridge(h[fit] - h[fit].mean(axis=0), left, None)
+                h = copies - copies[fit].mean(axis=0)  # centred on the fitted donors already
+                gamma = _ridge(h[fit], left, None)
                 score = score + h[has] @ gamma
         effects.append(beta.astype(np.float32))
         scores[g, has] = score.astype(np.float32)
