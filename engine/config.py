@@ -394,6 +394,9 @@ class TrainConfig:
             group, tissue group or gene-level means are hidden from the network.
         max_failures: worker failures survived by resuming from the last checkpoint.
         max_examples_per_epoch: cap on examples per epoch (``None``: all).
+        pretrain_epochs: gene-level pre-training of the promoter CNN before the network trains: epochs of fitting
+            the CNN to each training gene's mean level from its reference promoter, keeping the epoch best on the
+            validation genes (0: none; networks without the CNN skip it).
     """
 
     num_workers: int = 1
@@ -412,6 +415,7 @@ class TrainConfig:
     drop_promoter: float = 0.0
     max_failures: int = 2
     max_examples_per_epoch: int | None = None
+    pretrain_epochs: int = 10
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
@@ -431,6 +435,7 @@ class TrainConfig:
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "a probability in [0, 1)")
         _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")
+        _require(self.pretrain_epochs >= 0, "train.pretrain_epochs", self.pretrain_epochs, "an integer >= 0")
 
 
 @dataclass(frozen=True)

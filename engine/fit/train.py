@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from geximpute.config import Config
+from geximpute.fit.pretrain import gene_levels, pretrain_cnn
 from geximpute.model.features import FeatureSpec, drop_groups, featurize, to_tensors
 from geximpute.model.inference import TrainedNetwork
 from geximpute.model.network import HybridNet, NetworkSpec
@@ -100,9 +101,7 @@ def _train_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(cfg["threads"])))
     torch.set_flush_denormal(True)  # tiny Adam moments otherwise slow CPU steps down
     device = ray.train.torch.get_device()
-    net = HybridNet(cfg["spec"])
-    model = ray.train.torch.prepare_model(net)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    net = HybridNet(cfg["spec"]).to(device)
     # a copy: the table arrives read-only from the object store, and torch warns about sharing a read-only array
     promoters = torch.tensor(cfg["promoters"], device=device) if len(cfg["promoters"]) else None
     lookup = cfg["promoter_lookup"]
@@ -111,6 +110,17 @@ def _train_loop(cfg: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg["resume_path"]:
         checkpoint = ray.train.Checkpoint.from_directory(cfg["resume_path"])
+    pretrain_r: list[float] = []
+    if not checkpoint and rank == 0 and cfg["spec"].use_promoter and promoters is not None:
+        # rank 0 only: wrapping the model in DDP below copies rank 0's weights to every worker
+        pretrain_r = pretrain_cnn(net.promoter_cnn, cfg["spec"].d_model, promoters, cfg["gene_levels"],
+                                  epochs=cfg["pretrain_epochs"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                  seed=cfg["seed"])
+        if pretrain_r:
+            log.info("CNN pre-training: %d training genes, validation Pearson by epoch %s (kept the best)",
+                     len(cfg["gene_levels"].train_rows), " ".join(f"{r:.3f}" for r in pretrain_r))
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if checkpoint:
         with checkpoint.as_directory() as folder:
             saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location=device)
@@ -181,7 +191,8 @@ def _train_loop(cfg: dict) -> None:
                    "examples": int(totals[3]), "seconds": time.perf_counter() - t0,
                    "genes_seen": int(seen.sum()), "genes_train": cfg["n_train_genes"],
                    "chroms_seen": len(chroms_seen), "chroms_train": cfg["n_train_chroms"],
-                   "chroms_unseen": sorted(set(cfg["train_chroms"]) - {cfg["chrom_names"][c] for c in chroms_seen})}
+                   "chroms_unseen": sorted(set(cfg["train_chroms"]) - {cfg["chrom_names"][c] for c in chroms_seen}),
+                   "pretrain_valid_pearson": max((r for r in pretrain_r if np.isfinite(r)), default=None)}
         if rank == 0:
             log.info("epoch %d: %d examples, %d of %d training genes and %d of %d chromosomes seen%s", epoch,
                      metrics["examples"], metrics["genes_seen"], metrics["genes_train"], metrics["chroms_seen"],
@@ -295,6 +306,9 @@ def train_network(
         "drop": (tc.drop_neighbours, tc.drop_tissues, tc.drop_gene),
         "drop_promoter": tc.drop_promoter,
         "max_examples": tc.max_examples_per_epoch,
+        "pretrain_epochs": tc.pretrain_epochs,
+        "gene_levels": gene_levels(gene_index, labels, valid, lookup.gene_row, features.value_center,
+                                   features.value_scale, config.seed),
         "gene_chrom": gene_chrom,
         "chrom_names": [str(c) for c in chrom_names],
         "n_train_genes": len(train_genes),
