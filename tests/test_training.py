@@ -87,7 +87,7 @@ def _planted(n: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray,
 def test_gene_level_pretraining_finds_a_planted_motif():
     import torch
 
-    from geximpute.fit.pretrain import gene_levels, pretrain_cnn
+    from geximpute.fit.pretrain import gene_levels, pretrain_cnn, record_levels
     from geximpute.model.network import PromoterCNN
 
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def test_gene_level_pretraining_finds_a_planted_motif():
     valid = gene_index >= 300
     gene_row = np.arange(360)
     gene_row[5] = -1
-    levels = gene_levels(gene_index, target, valid, gene_row, center=1.0, scale=2.0, seed=0)
+    levels = gene_levels(*record_levels(gene_index, target, valid, 360), gene_row, center=1.0, scale=2.0, seed=0)
     assert len(levels.train_rows) == 299 and set(levels.valid_rows) == set(range(300, 360))
     np.testing.assert_allclose(levels.train_y, level[levels.train_rows], rtol=1e-5)
 
@@ -120,6 +120,33 @@ def test_gene_level_pretraining_finds_a_planted_motif():
     assert after > 0.6 and after > before + 0.3, (before, after)
 
     # without validation genes a seeded share of the training genes chooses the epoch; none is in both
-    carved = gene_levels(gene_index, target, np.zeros_like(valid), gene_row, 1.0, 2.0, seed=0)
+    carved = gene_levels(*record_levels(gene_index, target, np.zeros_like(valid), 360), gene_row, 1.0, 2.0, seed=0)
     assert len(carved.valid_rows) > 20 and not set(carved.valid_rows) & set(carved.train_rows)
     assert pretrain_cnn(cnn, 16, promoters, carved, epochs=0, lr=5e-3, weight_decay=1e-4, seed=0) == []
+
+
+def test_pretraining_levels_never_read_the_fold_a_network_predicts():
+    """Fold network k's CNN pre-trains on each gene's mean over the visible entries outside fold k: changing fold
+    k's values moves none of its levels, and hidden (NaN) entries are never read."""
+    import dataclasses
+
+    from test_baselines import donor_data, problem_of
+
+    from geximpute.config import config_from_dict
+    from geximpute.fit.hybrid import pretrain_levels
+    from geximpute.science.folds import training_folds
+
+    values, donor, tissue = donor_data(seed=2, n_genes=40, n_donors=30, n_tissues=3)
+    problem = problem_of(values, donor, tissue)
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"},
+                               "evaluation": {"task": "genes"}, "train": {"folds": 2, "fold_fraction": 0.25}})
+    masks = training_folds(problem, "genes", 2, 0.25, config.seed)
+    level, valid_gene = pretrain_levels(config, problem, [0])
+    fold0_genes = masks[0].any(axis=1)
+    assert fold0_genes.any() and np.isnan(level[fold0_genes]).all()  # whole genes of fold 0: no level at all
+    np.testing.assert_allclose(level[~fold0_genes], np.nanmean(problem.values[~fold0_genes], axis=1), rtol=1e-5)
+    assert valid_gene.dtype == bool and len(valid_gene) == problem.n_genes
+    changed = dataclasses.replace(problem, values=np.where(masks[0], problem.values + 5.0, problem.values))
+    np.testing.assert_array_equal(pretrain_levels(config, changed, [0])[0], level)
+    assert not np.array_equal(pretrain_levels(config, changed, [1])[0], pretrain_levels(config, problem, [1])[0],
+                              equal_nan=True)

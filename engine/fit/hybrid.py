@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
+from geximpute.fit.pretrain import visible_levels
 from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
 from geximpute.fit.train import fold_dirs, holdout, train_network
 from geximpute.model.inference import TrainedNetwork
@@ -42,7 +43,7 @@ from geximpute.science.baselines import (
     tune_settings,
 )
 from geximpute.science.folds import training_folds
-from geximpute.science.problem import VisibleProblem
+from geximpute.science.problem import SPLITS, VisibleProblem
 from geximpute.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,29 @@ def train_hybrid_network(
     use_promoter: bool = True,
     use_context: bool = True,
     name: str = "hybrid",
+    problem: VisibleProblem | None = None,
 ) -> TrainedNetwork:
-    """Train one network variant on the network folds of ``records_dir`` (``geximpute train``)."""
+    """Train one network variant on the network folds of ``records_dir`` (``geximpute train``); with ``problem``
+    its CNN pre-trains on every visible gene less the folds it does not train on (:func:`pretrain_levels`)."""
     net_folds, _ = split_folds(config.train.folds)
+    levels = None
+    if problem is not None:
+        levels = pretrain_levels(config, problem, [f for f in range(config.train.folds) if f not in net_folds])
     return train_network(config, fold_dirs(records_dir, net_folds), records_dir, gene_ids, n_tissues,
-                         use_promoter=use_promoter, use_context=use_context, storage=storage, name=name)
+                         use_promoter=use_promoter, use_context=use_context, storage=storage, name=name,
+                         levels=levels)
+
+
+def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(level, valid_gene) of the genes for a network's CNN pre-training: each gene's mean over the visible entries
+    outside training folds ``exclude`` (the same folds as prepare's), genes of the validation chromosomes apart."""
+    t = config.train
+    hide = None
+    if exclude:
+        masks = training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
+                               whole_donors=config.evaluation.whole_donors)
+        hide = np.logical_or.reduce([masks[k] for k in exclude])
+    return visible_levels(problem.values, hide, problem.split == SPLITS.index("valid"))
 
 
 def head_training(config: Config, records_dir: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
@@ -145,18 +164,21 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
 
 
 def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray, n_tissues: int,
-                        storage: Path) -> list[TrainedNetwork]:
+                        storage: Path, problem: VisibleProblem | None = None) -> list[TrainedNetwork]:
     """The networks the head is stacked on (``geximpute train``): with K >= 2 training folds, K networks, network k
-    trained on every fold but k, so that each fold gets out-of-fold network outputs; with one fold, one network."""
+    trained on every fold but k, so that each fold gets out-of-fold network outputs; with one fold, one network.
+    With ``problem`` (the visible problem the folds were cut from) network k's CNN pre-trains on the levels of every
+    visible gene outside fold k; without it, on its training records' genes."""
     n_folds = config.train.folds
     if n_folds == 1:
-        return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage)]
+        return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage, problem=problem)]
     networks = []
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
         log.info("hybrid: training fold network %d of %d (on folds %s)", k + 1, n_folds, others)
+        levels = pretrain_levels(config, problem, [k]) if problem is not None else None
         networks.append(train_network(config, fold_dirs(records_dir, others), records_dir, gene_ids, n_tissues,
-                                      storage=storage, name=f"hybrid_fold{k}"))
+                                      storage=storage, name=f"hybrid_fold{k}", levels=levels))
     return networks
 
 
@@ -209,7 +231,8 @@ def fit_hybrid(
     def network(use_promoter: bool, use_context: bool, name: str) -> TrainedNetwork:
         t = time.perf_counter()
         trained = train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage,
-                                       use_promoter=use_promoter, use_context=use_context, name=name)
+                                       use_promoter=use_promoter, use_context=use_context, name=name,
+                                       problem=problem)
         seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
         return trained
 
@@ -221,7 +244,7 @@ def fit_hybrid(
     else:
         if networks is None:
             t = time.perf_counter()
-            networks = train_fold_networks(config, records_dir, gene_ids, n_tissues, storage)
+            networks = train_fold_networks(config, records_dir, gene_ids, n_tissues, storage, problem)
             seconds["train_hybrid_folds"] = round(time.perf_counter() - t, 1)
         fold_networks = list(networks)
         t = time.perf_counter()

@@ -7,8 +7,10 @@ throw-away linear read-out) is fitted to each training gene's mean standardised 
 one example per gene, and the epoch with the best Pearson on the validation genes is kept. The network then starts
 from a CNN whose embedding already carries the sequence's level.
 
-Only labelled training records feed it (the caller's training folds): a fold network's pre-training never reads
-the fold it predicts out of fold, nor any hidden entry.
+The levels are the genes' means over the visible entries less the fold a network predicts out of fold
+(:func:`visible_levels`; with cross-fitting, fold network k never reads fold k), so pre-training reads every visible
+gene, not only the training fold's, and never a hidden entry; without the visible problem they come from the
+labelled training records alone (:func:`record_levels`).
 """
 
 from __future__ import annotations
@@ -49,40 +51,61 @@ class GeneLevels:
         return len(self.train_rows) >= MIN_GENES and len(self.valid_rows) >= 3
 
 
-def _mean_by_gene(gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    genes, inverse = np.unique(gene_index, return_inverse=True)
-    sums = np.bincount(inverse, weights=values, minlength=len(genes))
-    counts = np.bincount(inverse, minlength=len(genes))
-    return genes, sums / counts
-
-
-def gene_levels(gene_index: np.ndarray, target: np.ndarray, valid: np.ndarray, gene_row: np.ndarray,
-                center: float, scale: float, seed: int) -> GeneLevels:
-    """Each gene's mean standardised level, split into training and validation genes.
+def visible_levels(values: np.ndarray, hide: np.ndarray | None, valid_gene: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(level, valid_gene): each gene's mean visible value with the ``hide`` entries left out (NaN: none left).
 
     Args:
-        gene_index: (N,) gene of each labelled record.
-        target: (N,) its value (model scale).
-        valid: (N,) bool, the record is held out for validation (its gene then validates, never trains).
+        values: (G, S) visible values on the modelling scale, NaN where not measured or hidden.
+        hide: (G, S) bool entries a network must not read (the fold it predicts out of fold), or None.
+        valid_gene: (G,) bool genes that validate (held-out chromosomes): they choose the epoch, never train.
+    """
+    kept = values if hide is None else np.where(hide, np.nan, values)
+    seen = np.isfinite(kept)
+    counts = seen.sum(axis=1)
+    level = np.where(seen, kept, 0.0).sum(axis=1, dtype=np.float64) / np.maximum(counts, 1)
+    return np.where(counts > 0, level, np.nan), np.asarray(valid_gene, bool)
+
+
+def record_levels(gene_index: np.ndarray, target: np.ndarray, valid: np.ndarray, n_genes: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(level, valid_gene) from labelled training records alone (when the visible problem is not at hand).
+
+    Args:
+        gene_index, target: (N,) each record's gene and value (modelling scale).
+        valid: (N,) bool, the record is held out for validation: its gene validates.
+        n_genes: G.
+    """
+    gene_index = np.asarray(gene_index, np.int64)
+    sums = np.bincount(gene_index, weights=np.asarray(target, np.float64), minlength=n_genes)
+    counts = np.bincount(gene_index, minlength=n_genes)
+    valid_gene = np.bincount(gene_index[np.asarray(valid, bool)], minlength=n_genes) > 0
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), valid_gene
+
+
+def gene_levels(level: np.ndarray, valid_gene: np.ndarray, gene_row: np.ndarray, center: float, scale: float,
+                seed: int) -> GeneLevels:
+    """The genes pre-training fits: those with a level and a reference promoter, standardised as the network's
+    targets, split into training and validation genes.
+
+    Args:
+        level, valid_gene: (G,) of :func:`visible_levels` or :func:`record_levels`.
         gene_row: (G,) reference promoter row of each gene, -1 = none (``PromoterLookup.gene_row``).
         center, scale: the standardisation of the network's targets.
         seed: seeds the carve-out when no validation gene has a promoter.
     """
-    gene_index = np.asarray(gene_index, np.int64)
-    y = (np.asarray(target, np.float64) - center) / scale
-    valid = np.asarray(valid, bool)
-    parts = []
-    for rows in (~valid, valid):
-        genes, level = _mean_by_gene(gene_index[rows], y[rows])
-        row = gene_row[genes]
-        keep = row >= 0
-        parts.append((row[keep], level[keep]))
-    (train_rows, train_y), (valid_rows, valid_y) = parts
+    gene_row = np.asarray(gene_row, np.int64)
+    usable = np.isfinite(level) & (gene_row >= 0)
+    y = ((level - center) / scale).astype(np.float32)
+    is_valid = usable & np.asarray(valid_gene, bool)
+    is_train = usable & ~np.asarray(valid_gene, bool)
+    train_rows, train_y = gene_row[is_train], y[is_train]
+    valid_rows, valid_y = gene_row[is_valid], y[is_valid]
     if len(valid_rows) < 3 and len(train_rows) >= MIN_GENES:
         carve = np.random.default_rng([seed, 7]).random(len(train_rows)) < CARVE_FRACTION
         train_rows, valid_rows = train_rows[~carve], train_rows[carve]
         train_y, valid_y = train_y[~carve], train_y[carve]
-    return GeneLevels(train_rows, train_y.astype(np.float32), valid_rows, valid_y.astype(np.float32))
+    return GeneLevels(train_rows, train_y, valid_rows, valid_y)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

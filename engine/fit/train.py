@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from geximpute.config import Config
-from geximpute.fit.pretrain import gene_levels, pretrain_cnn
+from geximpute.fit.pretrain import gene_levels, pretrain_cnn, record_levels
 from geximpute.model.features import FeatureSpec, drop_groups, featurize, to_tensors
 from geximpute.model.inference import TrainedNetwork
 from geximpute.model.network import HybridNet, NetworkSpec
@@ -236,6 +236,7 @@ def train_network(
     storage: Path,
     name: str = "network",
     resume_from=None,
+    levels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainedNetwork:
     """Train one network variant with ``TorchTrainer`` and return its best weights.
 
@@ -249,6 +250,9 @@ def train_network(
         storage: folder for Ray Train's runs and checkpoints.
         name: run name (a run of the same name and storage resumes).
         resume_from: a ``ray.train.Checkpoint`` to continue from.
+        levels: (level, valid_gene) per gene for the CNN's gene-level pre-training
+            (:func:`geximpute.fit.pretrain.visible_levels`: every visible gene less the entries this network must
+            not read); default: from the training records.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -307,8 +311,9 @@ def train_network(
         "drop_promoter": tc.drop_promoter,
         "max_examples": tc.max_examples_per_epoch,
         "pretrain_epochs": tc.pretrain_epochs,
-        "gene_levels": gene_levels(gene_index, labels, valid, lookup.gene_row, features.value_center,
-                                   features.value_scale, config.seed),
+        "gene_levels": gene_levels(*(levels if levels is not None else
+                                     record_levels(gene_index, labels, valid, len(gene_ids))),
+                                   lookup.gene_row, features.value_center, features.value_scale, config.seed),
         "gene_chrom": gene_chrom,
         "chrom_names": [str(c) for c in chrom_names],
         "n_train_genes": len(train_genes),

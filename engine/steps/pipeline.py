@@ -73,17 +73,22 @@ class Progress:
 
 
 def train_and_save(config: Config, records_dir: str | Path | None = None,
-                   network_dir: str | Path | None = None) -> TrainedNetwork:
+                   network_dir: str | Path | None = None, *, problem: VisibleProblem | None = None
+                   ) -> TrainedNetwork:
     """Train the networks on the training folds of ``records_dir`` and save them into ``network_dir``
     (``geximpute train``): with K >= 2 folds the K cross-fitted fold networks (:func:`train_fold_networks`), in
     ``fold0/`` ... ``fold{K-1}/``; with one fold one network in ``network_dir`` itself. Ray Train's runs and
-    checkpoints go to ``network_dir/runs``. Returns the first network (its metrics are the run's summary)."""
+    checkpoints go to ``network_dir/runs``. Returns the first network (its metrics are the run's summary).
+    ``problem``: the visible problem prepare cut the folds from, whose genes the CNNs pre-train on (default: made
+    again from the config's inputs)."""
     records = output_path(config, records_dir, "records")
     out = output_path(config, network_dir, "network")
     gene_ids, tissues = read_problem_index(records)
+    if problem is None:
+        problem = read_visible_problem(config, gene_ids)
     ensure_ray(config.ray)
     out.mkdir(parents=True, exist_ok=True)
-    networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs")
+    networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", problem)
     save_networks(networks, out)
     return networks[0]
 
@@ -189,7 +194,7 @@ def build_bundle(
                        training_records=prepared.n_train, promoters=prepared.n_promoters)
     progress.results["prepare"] = prepared
     with progress.stage("train") as figures:
-        network = train_and_save(config, records, network_dir)
+        network = train_and_save(config, records, network_dir, problem=prepared.problem)
         figures.update(epochs=int(network.metrics.get("epoch", 0)) + 1,
                        examples_per_epoch=int(network.metrics.get("examples", 0)),
                        val_loss=network.metrics.get("val_loss"))
