@@ -394,9 +394,10 @@ class TrainConfig:
             group, tissue group or gene-level means are hidden from the network.
         max_failures: worker failures survived by resuming from the last checkpoint.
         max_examples_per_epoch: cap on examples per epoch (``None``: all).
-        pretrain_epochs: gene-level pre-training of the promoter CNN before the network trains: epochs of fitting
-            the CNN to each training gene's mean level from its reference promoter, keeping the epoch best on the
-            validation genes (0: none; networks without the CNN skip it).
+        pretrain_epochs: gene-level pre-training of the promoter CNN before the network trains: most epochs of
+            fitting the CNN to each visible gene's mean level from its reference promoter, keeping the epoch best
+            on the validation genes and stopping after 3 without a better one (0: none; networks without the CNN
+            skip it).
     """
 
     num_workers: int = 1
@@ -415,7 +416,7 @@ class TrainConfig:
     drop_promoter: float = 0.0
     max_failures: int = 2
     max_examples_per_epoch: int | None = None
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 20
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")

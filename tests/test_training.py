@@ -98,9 +98,11 @@ def test_gene_level_pretraining_finds_a_planted_motif():
     valid = gene_index >= 300
     gene_row = np.arange(360)
     gene_row[5] = -1
-    levels = gene_levels(*record_levels(gene_index, target, valid, 360), gene_row, center=1.0, scale=2.0, seed=0)
+    levels = gene_levels(*record_levels(gene_index, target, valid, 360), gene_row, seed=0)
     assert len(levels.train_rows) == 299 and set(levels.valid_rows) == set(range(300, 360))
-    np.testing.assert_allclose(levels.train_y, level[levels.train_rows], rtol=1e-5)
+    # standardised by the training genes' own mean and spread
+    expected = level[levels.train_rows]
+    np.testing.assert_allclose(levels.train_y, (expected - expected.mean()) / expected.std(), rtol=1e-4, atol=1e-5)
 
     def readout_r(cnn) -> float:
         """Validation Pearson of a least-squares read-out of the CNN's embedding fitted on the training genes."""
@@ -113,14 +115,14 @@ def test_gene_level_pretraining_finds_a_planted_motif():
     cnn = PromoterCNN(16, channels=16, kernel=9, layers=1)
     promoters = torch.as_tensor(onehot)
     before = readout_r(cnn)
-    history = pretrain_cnn(cnn, 16, promoters, levels, epochs=20, lr=5e-3, weight_decay=1e-4, seed=0)
-    assert len(history) == 20 and max(history) > 0.8, history
+    history = pretrain_cnn(cnn, 16, promoters, levels, epochs=40, lr=5e-3, weight_decay=1e-4, seed=0)
+    assert max(history) > 0.7, history  # an untrained CNN reads about 0 (below)
     # the CNN keeps what it learned: its embedding now carries the motif count, which it did not before
     after = readout_r(cnn)
     assert after > 0.6 and after > before + 0.3, (before, after)
 
     # without validation genes a seeded share of the training genes chooses the epoch; none is in both
-    carved = gene_levels(*record_levels(gene_index, target, np.zeros_like(valid), 360), gene_row, 1.0, 2.0, seed=0)
+    carved = gene_levels(*record_levels(gene_index, target, np.zeros_like(valid), 360), gene_row, seed=0)
     assert len(carved.valid_rows) > 20 and not set(carved.valid_rows) & set(carved.train_rows)
     assert pretrain_cnn(cnn, 16, promoters, carved, epochs=0, lr=5e-3, weight_decay=1e-4, seed=0) == []
 

@@ -29,6 +29,8 @@ MIN_GENES = 20
 #: share of the training genes carved out for choosing the epoch when no validation gene has a promoter
 CARVE_FRACTION = 0.15
 BATCH_SIZE = 64
+#: epochs without a better validation Pearson before pre-training stops
+PATIENCE = 3
 
 
 @dataclass(frozen=True)
@@ -83,29 +85,31 @@ def record_levels(gene_index: np.ndarray, target: np.ndarray, valid: np.ndarray,
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), valid_gene
 
 
-def gene_levels(level: np.ndarray, valid_gene: np.ndarray, gene_row: np.ndarray, center: float, scale: float,
-                seed: int) -> GeneLevels:
-    """The genes pre-training fits: those with a level and a reference promoter, standardised as the network's
-    targets, split into training and validation genes.
+def gene_levels(level: np.ndarray, valid_gene: np.ndarray, gene_row: np.ndarray, seed: int) -> GeneLevels:
+    """The genes pre-training fits: those with a level and a reference promoter, split into training and validation
+    genes, standardised by the training genes' own mean and spread (the read-out is thrown away, and targets of
+    unit spread train at the same pace whatever the data's scale).
 
     Args:
         level, valid_gene: (G,) of :func:`visible_levels` or :func:`record_levels`.
         gene_row: (G,) reference promoter row of each gene, -1 = none (``PromoterLookup.gene_row``).
-        center, scale: the standardisation of the network's targets.
         seed: seeds the carve-out when no validation gene has a promoter.
     """
     gene_row = np.asarray(gene_row, np.int64)
+    level = np.asarray(level, np.float64)
     usable = np.isfinite(level) & (gene_row >= 0)
-    y = ((level - center) / scale).astype(np.float32)
     is_valid = usable & np.asarray(valid_gene, bool)
     is_train = usable & ~np.asarray(valid_gene, bool)
-    train_rows, train_y = gene_row[is_train], y[is_train]
-    valid_rows, valid_y = gene_row[is_valid], y[is_valid]
+    train_rows, train_y = gene_row[is_train], level[is_train]
+    valid_rows, valid_y = gene_row[is_valid], level[is_valid]
     if len(valid_rows) < 3 and len(train_rows) >= MIN_GENES:
         carve = np.random.default_rng([seed, 7]).random(len(train_rows)) < CARVE_FRACTION
         train_rows, valid_rows = train_rows[~carve], train_rows[carve]
         train_y, valid_y = train_y[~carve], train_y[carve]
-    return GeneLevels(train_rows, train_y, valid_rows, valid_y)
+    center = float(train_y.mean()) if len(train_y) else 0.0
+    scale = float(train_y.std()) if len(train_y) > 1 and train_y.std() > 0 else 1.0
+    return GeneLevels(train_rows, ((train_y - center) / scale).astype(np.float32), valid_rows,
+                      ((valid_y - center) / scale).astype(np.float32))
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,8 +119,9 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pretrain_cnn(cnn: nn.Module, d_out: int, promoters: torch.Tensor, levels: GeneLevels, *, epochs: int,
-                 lr: float, weight_decay: float, seed: int) -> list[float]:
-    """Fit ``cnn`` (in place) to the genes' levels; keep the weights of the epoch best on the validation genes.
+                 lr: float, weight_decay: float, seed: int, patience: int = PATIENCE) -> list[float]:
+    """Fit ``cnn`` (in place) to the genes' levels; keep the weights of the epoch best on the validation genes,
+    stopping after ``patience`` epochs without a better one.
 
     Args:
         cnn: a :class:`geximpute.model.network.PromoterCNN` (promoters -> (P, d_out)).
@@ -139,7 +144,7 @@ def pretrain_cnn(cnn: nn.Module, d_out: int, promoters: torch.Tensor, levels: Ge
     rng = np.random.default_rng([seed, 11])
     was_training = cnn.training
     history: list[float] = []
-    best, best_state = -np.inf, None
+    best, best_state, bad = -np.inf, None, 0
     for _ in range(epochs):
         cnn.train()
         readout.train()
@@ -163,7 +168,11 @@ def pretrain_cnn(cnn: nn.Module, d_out: int, promoters: torch.Tensor, levels: Ge
         r = _pearson(np.concatenate(preds), levels.valid_y)
         history.append(r)
         if np.isfinite(r) and r > best:
-            best, best_state = r, {k: v.detach().clone() for k, v in cnn.state_dict().items()}
+            best, best_state, bad = r, {k: v.detach().clone() for k, v in cnn.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
     if best_state is not None:
         cnn.load_state_dict(best_state)
     cnn.train(was_training)

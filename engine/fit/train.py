@@ -313,7 +313,7 @@ def train_network(
         "pretrain_epochs": tc.pretrain_epochs,
         "gene_levels": gene_levels(*(levels if levels is not None else
                                      record_levels(gene_index, labels, valid, len(gene_ids))),
-                                   lookup.gene_row, features.value_center, features.value_scale, config.seed),
+                                   lookup.gene_row, config.seed),
         "gene_chrom": gene_chrom,
         "chrom_names": [str(c) for c in chrom_names],
         "n_train_genes": len(train_genes),
