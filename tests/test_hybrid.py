@@ -101,6 +101,8 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
     assert bundle.stacked and len(bundle.models.fold_networks) == tiny_model.config.train.folds == 2
     assert {"row_tissue", "pairwise_regression", "iterative_ridge"} <= set(bundle.baseline_names)
     assert list(bundle.baseline_names) == list(models.baselines)
+    # the head boosts from the blend of its estimate columns, saved with the bundle
+    assert models.head.blend is not None and bundle.models.head.blend == models.head.blend
     problem = tiny_model.progress.results["prepare"].problem
     targets = np.zeros(problem.values.shape, bool)
     targets[hidden["gene_index"].to_numpy(), hidden["sample_index"].to_numpy()] = True
@@ -160,3 +162,32 @@ def test_hybrid_beats_the_gene_tissue_mean_on_the_planted_task(tiny_model):
     # the interval is meant to cover 80%: far from it either way means the conformal step broke
     coverage = float(np.mean((truth >= lower) & (truth <= upper)))
     assert 0.6 <= coverage <= 0.97, coverage
+
+
+def test_head_does_not_lose_to_the_best_of_its_estimate_columns(ray_local, tmp_path):
+    """A head boosted from the blend of its estimate columns is at least as good as the best of them on new rows;
+    boosted from a constant, the same trees end above that column's error on these data."""
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import fit_head
+
+    def rows(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.normal(0, 2, n)
+        good = y + rng.normal(0, 0.3, n)
+        poor = np.where(rng.random(n) < 0.2, np.nan, y + rng.normal(0, 0.8, n))
+        return np.c_[rng.normal(size=(n, 4)), good, poor].astype(np.float32), y
+
+    x, y = rows(2000, np.random.default_rng(0))
+    x_new, y_new = rows(2000, np.random.default_rng(1))
+    valid = np.random.default_rng(2).random(len(y)) < 0.2
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5)
+    best_column = float(np.sqrt(np.mean((x_new[:, 4] - y_new) ** 2)))
+
+    def rmse(head) -> float:
+        return float(np.sqrt(np.mean((head.predict(x_new)[0] - y_new) ** 2)))
+
+    blended = fit_head(x, y, valid, config, tmp_path, name="blend", estimates=[4, 5])
+    plain = fit_head(x, y, valid, config, tmp_path, name="plain")
+    assert blended.blend is not None and blended.blend.coef[0] > blended.blend.coef[1] > 0
+    assert rmse(blended) <= best_column * 1.01 < rmse(plain), (rmse(blended), best_column, rmse(plain))
+    estimate, lower, upper = blended.predict(x_new)
+    assert 0.72 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.88

@@ -236,6 +236,7 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
             "conformal": models.head.conformal,
             "n_features": models.head.n_features,
             "coverage": models.head.coverage,
+            "blend": models.head.blend.to_json() if models.head.blend is not None else None,
             "engineered_features": list(FEATURE_NAMES),
             # the stacked layout (geximpute.fit.models.HybridModels): the fold networks and, in this order, the
             # baselines whose estimates the head reads (computed where the bundle predicts: Bundle.baseline_grids)
@@ -388,7 +389,8 @@ def load_bundle(folder: str | Path) -> Bundle:
     config: Config = config_from_dict(yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text()))
     network = load_network(folder)
     head_meta = json.loads((folder / S.HEAD_SPECS_FILE).read_text())
-    head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"])
+    head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"],
+                          head_meta.get("blend"))
     sequences = pq.read_table(folder / S.BUNDLE_PROMOTERS_FILE)["sequence"].to_pylist()
     links = pq.read_table(folder / S.BUNDLE_GENE_PROMOTERS_FILE)
     promoters = one_hot_promoters(sequences, network.spec.promoter_length)

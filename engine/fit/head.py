@@ -5,6 +5,12 @@ The head sees the network's embedding (when there is one) and the engineered fea
 estimate and XGBoost's multi-quantile objective for the interval bounds. The bounds are then conformalised on held-out
 training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the quantile of
 ``max(lower - y, y - upper)`` that makes the interval cover the intended fraction of held-out values.
+
+When some input columns are themselves estimates of the target (the stacked layout: the network's prediction and the
+baselines' out-of-fold estimates), both boosters start from their least-squares blend (:class:`Blend`, XGBoost's
+``base_margin``) instead of a constant: trees approximate "copy this column" only in steps, so a head boosted from a
+constant can end below the best of its own inputs (measured: 0.462 against the network's 0.510 on the planted-motif
+genes). From the blend, early stopping on held-out rows keeps only the trees that improve on it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,50 @@ INTERVAL_FILE = S.HEAD_INTERVAL_FILE
 
 
 @dataclass
+class Blend:
+    """A least-squares blend of the input columns that estimate the target: where the head's boosting starts.
+
+    Attributes:
+        columns: indices of the estimate columns in the head's inputs.
+        coef: (len(columns),) weights; intercept: the constant.
+        fill: value of a row none of whose estimates is available (the training labels' mean).
+    """
+
+    columns: list[int]
+    coef: list[float]
+    intercept: float
+    fill: float
+
+    @staticmethod
+    def _filled(estimates: np.ndarray, fill: float) -> np.ndarray:
+        """A missing estimate reads the mean of the row's other estimates (they estimate the same value)."""
+        present = np.isfinite(estimates)
+        count = present.sum(axis=1, keepdims=True)
+        row_mean = np.where(count > 0, np.where(present, estimates, 0.0).sum(axis=1, keepdims=True)
+                            / np.maximum(count, 1), fill)
+        return np.where(present, estimates, row_mean)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, columns: list[int]) -> Blend:
+        """Ordinary least squares (with a tiny ridge for collinear estimates) of ``labels`` on the columns."""
+        fill = float(np.mean(labels))
+        x = cls._filled(features[:, columns].astype(np.float64), fill)
+        design = np.c_[x, np.ones(len(x))]
+        gram = design.T @ design
+        gram[np.diag_indices(len(columns))] += 1e-6 * len(x)
+        coef = np.linalg.solve(gram, design.T @ labels.astype(np.float64))
+        return cls(list(columns), [float(c) for c in coef[:-1]], float(coef[-1]), fill)
+
+    def margin(self, features: np.ndarray) -> np.ndarray:
+        """(N,) the blend's estimate of each row."""
+        x = self._filled(features[:, self.columns].astype(np.float64), self.fill)
+        return x @ np.asarray(self.coef) + self.intercept
+
+    def to_json(self) -> dict:
+        return {"columns": self.columns, "coef": self.coef, "intercept": self.intercept, "fill": self.fill}
+
+
+@dataclass
 class HeadModel:
     """The fitted head.
 
@@ -40,6 +90,7 @@ class HeadModel:
         conformal: amount added to the upper and subtracted from the lower bound.
         n_features: number of input columns.
         coverage: the intended coverage of the interval (0.8 for quantiles 0.1 and 0.9).
+        blend: where both boosters start (None: from a constant).
     """
 
     point: object
@@ -47,6 +98,7 @@ class HeadModel:
     conformal: float
     n_features: int
     coverage: float
+    blend: Blend | None = None
 
     def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper), each (N,), from (N, n_features) features."""
@@ -54,9 +106,15 @@ class HeadModel:
 
         if features.shape[1] != self.n_features:
             raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
-        matrix = xgboost.DMatrix(features, missing=np.nan)
+        if self.blend is None:
+            matrix = matrix_q = xgboost.DMatrix(features, missing=np.nan)
+        else:
+            margin = self.blend.margin(features)
+            matrix = xgboost.DMatrix(features, missing=np.nan, base_margin=margin)
+            # the interval booster has one output per quantile (head.quantiles holds two)
+            matrix_q = xgboost.DMatrix(features, missing=np.nan, base_margin=np.repeat(margin[:, None], 2, axis=1))
         point = self.point.predict(matrix)
-        bounds = self.interval.predict(matrix).reshape(len(features), -1)
+        bounds = self.interval.predict(matrix_q).reshape(len(features), -1)
         lower = np.minimum(bounds[:, 0], bounds[:, -1]) - self.conformal
         upper = np.maximum(bounds[:, 0], bounds[:, -1]) + self.conformal
         return point, lower, upper
@@ -66,18 +124,21 @@ class HeadModel:
         self.interval.save_model(str(folder / INTERVAL_FILE))
 
     @classmethod
-    def load(cls, folder: Path, conformal: float, n_features: int, coverage: float) -> HeadModel:
+    def load(cls, folder: Path, conformal: float, n_features: int, coverage: float,
+             blend: dict | None = None) -> HeadModel:
         import xgboost
 
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(folder / POINT_FILE))
         interval.load_model(str(folder / INTERVAL_FILE))
-        return cls(point, interval, conformal, n_features, coverage)
+        return cls(point, interval, conformal, n_features, coverage, Blend(**blend) if blend else None)
 
 
-def _table(features: np.ndarray, labels: np.ndarray) -> pa.Table:
+def _table(features: np.ndarray, labels: np.ndarray, margin: np.ndarray | None) -> pa.Table:
     cols = {f"f{i}": pa.array(features[:, i]) for i in range(features.shape[1])}
     cols["label"] = pa.array(labels.astype(np.float32))
+    if margin is not None:
+        cols["margin"] = pa.array(margin.astype(np.float32))
     return pa.table(cols)
 
 
@@ -99,13 +160,23 @@ def _head_worker(config: dict) -> None:
     import ray.train
     import xgboost
 
-    def matrix(name: str) -> xgboost.DMatrix:
+    n_quantiles = len(config["quantiles"])
+
+    def matrices(name: str) -> tuple[xgboost.DMatrix, xgboost.DMatrix]:
+        """(matrix of the point booster, matrix of the interval booster): with a blend, each starts from it."""
         frame = ray.train.get_dataset_shard(name).materialize().to_pandas()
         # plain arrays, no feature names: prediction later sees numpy arrays too
-        features = frame.drop(columns="label").to_numpy(dtype=np.float32)
-        return xgboost.DMatrix(features, label=frame["label"].to_numpy(), missing=np.nan)
+        features = frame.drop(columns=[c for c in ("label", "margin") if c in frame]).to_numpy(dtype=np.float32)
+        label = frame["label"].to_numpy()
+        if "margin" not in frame:
+            plain = xgboost.DMatrix(features, label=label, missing=np.nan)
+            return plain, plain
+        margin = frame["margin"].to_numpy()
+        return (xgboost.DMatrix(features, label=label, missing=np.nan, base_margin=margin),
+                xgboost.DMatrix(features, label=label, missing=np.nan,
+                                base_margin=np.repeat(margin[:, None], n_quantiles, axis=1)))
 
-    train, valid = matrix("train"), matrix("valid")
+    (train, train_q), (valid, _) = matrices("train"), matrices("valid")
     base = _xgb_params(config, config["nthread"])
     # each ray.train.report costs seconds: evaluation logs stay inside xgboost, one report at the end
     point = xgboost.train(
@@ -120,7 +191,7 @@ def _head_worker(config: dict) -> None:
     point = point[:rounds]
     interval = xgboost.train(
         {**base, "objective": "reg:quantileerror", "quantile_alpha": np.asarray(config["quantiles"])},
-        train,
+        train_q,
         num_boost_round=rounds,
         verbose_eval=False,
     )
@@ -143,6 +214,7 @@ def fit_head(
     *,
     seed: int = 0,
     name: str = "head",
+    estimates: list[int] | None = None,
 ) -> HeadModel:
     """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows.
 
@@ -154,6 +226,8 @@ def fit_head(
         storage: folder for Ray Train's run and checkpoint.
         seed: XGBoost seed.
         name: Ray Train run name.
+        estimates: columns of ``features`` that estimate the target (out of fold): both boosters start from their
+            least-squares blend, fitted on the training rows (:class:`Blend`); None or empty: from a constant.
     """
     import ray
     import xgboost
@@ -161,8 +235,11 @@ def fit_head(
     from ray.train.xgboost import XGBoostTrainer
 
     t0 = time.perf_counter()
-    train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid]))
-    valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid]))
+    blend = Blend.fit(features[~valid], labels[~valid], estimates) if estimates else None
+    margin = blend.margin(features) if blend is not None else None
+    train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid],
+                                          None if margin is None else margin[~valid]))
+    valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid], None if margin is None else margin[valid]))
     loop_config = {
         "max_depth": config.max_depth,
         "eta": config.eta,
@@ -192,12 +269,13 @@ def fit_head(
         point.load_model(str(Path(folder) / POINT_FILE))
         interval.load_model(str(Path(folder) / INTERVAL_FILE))
     coverage = config.quantiles[1] - config.quantiles[0]
-    head = HeadModel(point, interval, 0.0, features.shape[1], coverage)
+    head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
     _, lower, upper = head.predict(features[valid])
     score = np.maximum(lower - labels[valid], labels[valid] - upper)
     n = len(score)
     level = min(1.0, np.ceil((n + 1) * coverage) / n)
     head.conformal = float(np.quantile(score, level)) if n else 0.0
-    log.info("head %s: %s, conformal %+.4f, %.1f s", name, result.metrics, head.conformal,
-             time.perf_counter() - t0)
+    log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
+             "a blend of columns %s (weights %s)" % (blend.columns, np.round(blend.coef, 3).tolist())
+             if blend is not None else "a constant", time.perf_counter() - t0)
     return head

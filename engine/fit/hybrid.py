@@ -236,6 +236,7 @@ def fit_hybrid(
         seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
         return trained
 
+    feature_estimates: list[int] = []  # the single-fold layout has no estimate columns
     if n_folds == 1:
         single = networks[0] if networks is not None else network(True, True, "hybrid")
         models, engineered, training = fit_hybrid_head(config, records_dir, single, gene_ids, storage)
@@ -273,15 +274,20 @@ def fit_hybrid(
         valid = _head_holdout(config, training)
         seconds["embed_training"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
+        # the last columns of the stacked layout are estimates of the target: the network's prediction and the
+        # baselines' (geximpute.fit.models.HybridModels.head_inputs); the head boosts from their blend
+        n_base = baseline_parts[0].shape[1]
+        n_in = inputs[0].shape[1]
         models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
-                               name="head_hybrid")
+                               name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)))
         seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
+        feature_estimates = list(range(features.shape[1] - n_base, features.shape[1]))
     models.head_rows = training.num_rows
     if ablations:
         t = time.perf_counter()
         labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
         models.features_head = fit_head(features, labels, _head_holdout(config, training), config.head, storage,
-                                        seed=config.seed, name="head_features_only")
+                                        seed=config.seed, name="head_features_only", estimates=feature_estimates)
         seconds["head_features_only"] = round(time.perf_counter() - t, 1)
         models.ablations = {
             "transformer_only": network(False, True, "transformer_only"),
