@@ -165,8 +165,8 @@ def test_hybrid_beats_the_gene_tissue_mean_on_the_planted_task(tiny_model):
 
 
 def test_head_does_not_lose_to_the_best_of_its_estimate_columns(ray_local, tmp_path):
-    """A head boosted from the blend of its estimate columns is at least as good as the best of them on new rows;
-    boosted from a constant, the same trees end above that column's error on these data."""
+    """A head boosted from the blend of its estimate columns is at least as good as the best of them on new rows
+    (boosted from a constant, the same trees ended more than 1% above that column's error on these data: 95984d3)."""
     from geximpute.config import HeadConfig
     from geximpute.fit.head import fit_head
 
@@ -186,8 +186,7 @@ def test_head_does_not_lose_to_the_best_of_its_estimate_columns(ray_local, tmp_p
         return float(np.sqrt(np.mean((head.predict(x_new)[0] - y_new) ** 2)))
 
     blended = fit_head(x, y, valid, config, tmp_path, name="blend", estimates=[4, 5])
-    plain = fit_head(x, y, valid, config, tmp_path, name="plain")
     assert blended.blend is not None and blended.blend.coef[0] > blended.blend.coef[1] > 0
-    assert rmse(blended) <= best_column * 1.01 < rmse(plain), (rmse(blended), best_column, rmse(plain))
+    assert rmse(blended) <= best_column * 1.01, (rmse(blended), best_column)
     estimate, lower, upper = blended.predict(x_new)
     assert 0.72 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.88

@@ -276,6 +276,6 @@ def fit_head(
     level = min(1.0, np.ceil((n + 1) * coverage) / n)
     head.conformal = float(np.quantile(score, level)) if n else 0.0
     log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
-             "a blend of columns %s (weights %s)" % (blend.columns, np.round(blend.coef, 3).tolist())
+             f"a blend of columns {blend.columns} (weights {np.round(blend.coef, 3).tolist()})"
              if blend is not None else "a constant", time.perf_counter() - t0)
     return head

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
-from geximpute.fit.pretrain import visible_levels
 from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
+from geximpute.fit.pretrain import visible_levels
 from geximpute.fit.train import fold_dirs, holdout, train_network
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.console import stage
