@@ -176,10 +176,10 @@ def test_head_does_not_lose_to_the_best_of_its_estimate_columns(ray_local, tmp_p
         poor = np.where(rng.random(n) < 0.2, np.nan, y + rng.normal(0, 0.8, n))
         return np.c_[rng.normal(size=(n, 4)), good, poor].astype(np.float32), y
 
-    x, y = rows(2000, np.random.default_rng(0))
+    x, y = rows(1500, np.random.default_rng(0))
     x_new, y_new = rows(2000, np.random.default_rng(1))
     valid = np.random.default_rng(2).random(len(y)) < 0.2
-    config = HeadConfig(num_workers=1, cpus_per_worker=0.5)
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=80)
     best_column = float(np.sqrt(np.mean((x_new[:, 4] - y_new) ** 2)))
 
     def rmse(head) -> float:
