@@ -160,33 +160,37 @@ def _xgb_params(config: dict, nthread: int) -> dict:
     }
 
 
-def _head_worker(config: dict) -> None:
-    """Ray Train worker of the XGBoost fit: both boosters, one report (with the checkpoint) at the end."""
-    import ray.train
+def _matrices(features: np.ndarray, labels: np.ndarray, margin: np.ndarray | None,
+              n_quantiles: int) -> tuple[object, object]:
+    """(matrix of the point booster, matrix of the interval booster): with a blend, each starts from it."""
     import xgboost
 
-    n_quantiles = len(config["quantiles"])
+    if margin is None:
+        plain = xgboost.DMatrix(features, label=labels, missing=np.nan)
+        return plain, plain
+    return (xgboost.DMatrix(features, label=labels, missing=np.nan, base_margin=margin),
+            xgboost.DMatrix(features, label=labels, missing=np.nan,
+                            base_margin=np.repeat(margin[:, None], n_quantiles, axis=1)))
 
-    def matrices(name: str) -> tuple[xgboost.DMatrix, xgboost.DMatrix]:
-        """(matrix of the point booster, matrix of the interval booster): with a blend, each starts from it."""
-        frame = ray.train.get_dataset_shard(name).materialize().to_pandas()
-        # plain arrays, no feature names: prediction later sees numpy arrays too
-        features = frame.drop(columns=[c for c in ("label", "margin") if c in frame]).to_numpy(dtype=np.float32)
-        label = frame["label"].to_numpy()
-        if "margin" not in frame:
-            plain = xgboost.DMatrix(features, label=label, missing=np.nan)
-            return plain, plain
-        margin = frame["margin"].to_numpy()
-        return (xgboost.DMatrix(features, label=label, missing=np.nan, base_margin=margin),
-                xgboost.DMatrix(features, label=label, missing=np.nan,
-                                base_margin=np.repeat(margin[:, None], n_quantiles, axis=1)))
 
-    (train, train_q), (valid, _) = matrices("train"), matrices("valid")
+def _boost(train: tuple[object, object], valid: object, config: dict) -> tuple[object, object, dict]:
+    """Both boosters: the point estimate with early stopping on ``valid``, then the interval with as many rounds.
+
+    Args:
+        train: (point matrix, interval matrix) of the training rows (:func:`_matrices`).
+        valid: point matrix of the held-out rows.
+        config: the loop config (:func:`_loop_config`).
+
+    Returns:
+        (point booster, interval booster, metrics).
+    """
+    import xgboost
+
     base = _xgb_params(config, config["nthread"])
     # each ray.train.report costs seconds: evaluation logs stay inside xgboost, one report at the end
     point = xgboost.train(
         {**base, "objective": "reg:squarederror", "eval_metric": "rmse"},
-        train,
+        train[0],
         num_boost_round=config["num_boost_round"],
         evals=[(valid, "valid")],
         early_stopping_rounds=30,
@@ -196,11 +200,25 @@ def _head_worker(config: dict) -> None:
     point = point[:rounds]
     interval = xgboost.train(
         {**base, "objective": "reg:quantileerror", "quantile_alpha": np.asarray(config["quantiles"])},
-        train_q,
+        train[1],
         num_boost_round=rounds,
         verbose_eval=False,
     )
-    metrics = {"rounds": rounds, "valid_rmse": float(point.eval(valid).split(":")[-1])}
+    return point, interval, {"rounds": rounds, "valid_rmse": float(point.eval(valid).split(":")[-1])}
+
+
+def _head_worker(config: dict) -> None:
+    """Ray Train worker of the XGBoost fit: both boosters, one report (with the checkpoint) at the end."""
+    import ray.train
+
+    def matrices(name: str) -> tuple[object, object]:
+        frame = ray.train.get_dataset_shard(name).materialize().to_pandas()
+        # plain arrays, no feature names: prediction later sees numpy arrays too
+        features = frame.drop(columns=[c for c in ("label", "margin") if c in frame]).to_numpy(dtype=np.float32)
+        margin = frame["margin"].to_numpy() if "margin" in frame else None
+        return _matrices(features, frame["label"].to_numpy(), margin, len(config["quantiles"]))
+
+    point, interval, metrics = _boost(matrices("train"), matrices("valid")[0], config)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
@@ -208,6 +226,53 @@ def _head_worker(config: dict) -> None:
             interval.save_model(os.path.join(folder, INTERVAL_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _loop_config(config: HeadConfig, seed: int) -> dict:
+    return {
+        "max_depth": config.max_depth,
+        "eta": config.eta,
+        "subsample": config.subsample,
+        "colsample_bytree": config.colsample_bytree,
+        "min_child_weight": config.min_child_weight,
+        "num_boost_round": config.num_boost_round,
+        "quantiles": list(config.quantiles),
+        "nthread": max(1, int(round(config.cpus_per_worker))),
+        "seed": seed,
+    }
+
+
+def _conformalised(point: object, interval: object, features: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+                   config: HeadConfig, blend: Blend | None) -> HeadModel:
+    """The head, its interval widened (or narrowed) to cover ``config.quantiles``' span of the ``valid`` rows."""
+    coverage = config.quantiles[1] - config.quantiles[0]
+    head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
+    _, lower, upper = head.predict(features[valid])
+    score = np.maximum(lower - labels[valid], labels[valid] - upper)
+    n = len(score)
+    level = min(1.0, np.ceil((n + 1) * coverage) / n)
+    head.conformal = float(np.quantile(score, level)) if n else 0.0
+    return head
+
+
+def fit_head_in_process(
+    features: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    config: HeadConfig,
+    *,
+    seed: int = 0,
+    estimates: list[int] | None = None,
+) -> HeadModel:
+    """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
+    Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
+    blend = Blend.fit(features[~valid], labels[~valid], estimates) if estimates else None
+    margin = blend.margin(features) if blend is not None else None
+    n_q = len(config.quantiles)
+    train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
+    held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
+    point, interval, _ = _boost(train, held_out, _loop_config(config, seed))
+    return _conformalised(point, interval, features, labels, valid, config, blend)
 
 
 def fit_head(
@@ -246,17 +311,7 @@ def fit_head(
     train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid],
                                           None if margin is None else margin[~valid]))
     valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid], None if margin is None else margin[valid]))
-    loop_config = {
-        "max_depth": config.max_depth,
-        "eta": config.eta,
-        "subsample": config.subsample,
-        "colsample_bytree": config.colsample_bytree,
-        "min_child_weight": config.min_child_weight,
-        "num_boost_round": config.num_boost_round,
-        "quantiles": list(config.quantiles),
-        "nthread": max(1, int(round(config.cpus_per_worker))),
-        "seed": seed,
-    }
+    loop_config = _loop_config(config, seed)
 
     progress = stage(f"fit head: {name}", total=1, unit="fits")
     trainer = XGBoostTrainer(
@@ -274,13 +329,7 @@ def fit_head(
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))
         interval.load_model(str(Path(folder) / INTERVAL_FILE))
-    coverage = config.quantiles[1] - config.quantiles[0]
-    head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
-    _, lower, upper = head.predict(features[valid])
-    score = np.maximum(lower - labels[valid], labels[valid] - upper)
-    n = len(score)
-    level = min(1.0, np.ceil((n + 1) * coverage) / n)
-    head.conformal = float(np.quantile(score, level)) if n else 0.0
+    head = _conformalised(point, interval, features, labels, valid, config, blend)
     log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
              f"a blend of columns {blend.columns} (weights {np.round(blend.coef, 3).tolist()})"
              if blend is not None else "a constant", time.perf_counter() - t0)
