@@ -398,6 +398,8 @@ class TrainConfig:
             fitting the CNN to each visible gene's mean level from its reference promoter, keeping the epoch best
             on the validation genes and stopping after 3 without a better one (0: none; networks without the CNN
             skip it).
+        freeze_cnn: after pre-training, keep the CNN as it is while the rest of the network trains (its output
+            for every promoter is computed once); ``false``: train it further with the rest.
     """
 
     num_workers: int = 1
@@ -417,6 +419,7 @@ class TrainConfig:
     max_failures: int = 2
     max_examples_per_epoch: int | None = None
     pretrain_epochs: int = 20
+    freeze_cnn: bool = False
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")

@@ -566,3 +566,32 @@ def test_learns_the_mean_of_the_neighbours():
     net = HybridNet(tiny_spec(use_promoter=False, n_layers=1))
     first, last = _train(net, batches, None)
     assert last < 0.5 * first, (first, last)
+
+
+def test_a_frozen_cnn_reads_its_cache_gives_the_same_output_and_does_not_train():
+    """After pre-training the CNN can be frozen: the table is encoded once, each batch reads its rows, the output
+    equals the uncached network's, and training steps move the rest of the network but not the CNN."""
+    batch, promoters = make_batch(3)
+    net = HybridNet(tiny_spec()).eval()
+    expected, _ = net(batch, promoters)
+    net.freeze_promoter_cnn(promoters, chunk=3)  # several chunks
+    assert net.promoter_cache is not None and net.promoter_cache.shape == (len(promoters), net.spec.d_model)
+    cached, _ = net(batch, promoters)
+    torch.testing.assert_close(cached, expected)
+    cnn_before = {k: v.clone() for k, v in net.promoter_cnn.state_dict().items()}
+    rest_before = net.head[0].weight.detach().clone()
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(3):
+        pred, _ = net(batch, promoters)
+        loss = torch.mean((pred - batch["target"]) ** 2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in net.promoter_cnn.state_dict().items():
+        torch.testing.assert_close(value, cnn_before[key])
+    assert not torch.equal(net.head[0].weight, rest_before)
+    # a network without the cache (as loaded for prediction) runs the frozen CNN to the same embedding
+    fresh = HybridNet(tiny_spec()).eval()
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(fresh(batch, promoters)[0], net.eval()(batch, promoters)[0])

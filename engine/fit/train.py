@@ -119,6 +119,11 @@ def _train_loop(cfg: dict) -> None:
         if pretrain_r:
             log.info("CNN pre-training: %d training genes, validation Pearson by epoch %s (kept the best)",
                      len(cfg["gene_levels"].train_rows), " ".join(f"{r:.3f}" for r in pretrain_r))
+    # a pre-trained CNN stays as pre-training left it (every rank decides alike, before DDP wraps the model)
+    freeze = (cfg["freeze_cnn"] and cfg["spec"].use_promoter and promoters is not None and cfg["pretrain_epochs"] > 0
+              and cfg["gene_levels"].usable)
+    if freeze:
+        net.freeze_promoter_cnn(None)
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if checkpoint:
@@ -127,6 +132,8 @@ def _train_loop(cfg: dict) -> None:
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in state}
+    if freeze:  # the shared (broadcast or restored) weights, encoded once for every promoter of the table
+        _unwrap(model).freeze_promoter_cnn(promoters)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -311,6 +318,7 @@ def train_network(
         "drop_promoter": tc.drop_promoter,
         "max_examples": tc.max_examples_per_epoch,
         "pretrain_epochs": tc.pretrain_epochs,
+        "freeze_cnn": tc.freeze_cnn,
         "gene_levels": gene_levels(*(levels if levels is not None else
                                      record_levels(gene_index, labels, valid, len(gene_ids))),
                                    lookup.gene_row, config.seed),

@@ -253,6 +253,29 @@ class HybridNet(nn.Module):
                 nn.LayerNorm(d),
             )
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(spec.dropout), nn.Linear(d, 1))
+        #: (P, D) the frozen CNN's output for every row of the promoter table (:meth:`freeze_promoter_cnn`); a plain
+        #: attribute, not a buffer: it is not saved, and DDP does not broadcast it every step
+        self.promoter_cache: torch.Tensor | None = None
+
+    def freeze_promoter_cnn(self, promoters: torch.Tensor | None, chunk: int = 256) -> None:
+        """Stop training the promoter CNN and encode the whole table once: each batch then reads its rows.
+
+        The CNN's weights do not change, so the network's output is the same with or without the cache (a loaded
+        network without it runs the CNN). Call on every DDP rank at the same point, with the weights the ranks share.
+        """
+        if not self.spec.use_promoter:
+            return
+        for param in self.promoter_cnn.parameters():
+            param.requires_grad_(False)
+        if promoters is None or len(promoters) == 0:
+            return
+        device = self.no_promoter.device
+        was_training = self.promoter_cnn.training
+        self.promoter_cnn.eval()
+        with torch.no_grad():
+            self.promoter_cache = torch.cat([self.promoter_cnn(promoters[lo : lo + chunk].to(device))
+                                             for lo in range(0, len(promoters), chunk)])
+        self.promoter_cnn.train(was_training)
 
     @property
     def embedding_dim(self) -> int:
@@ -275,9 +298,12 @@ class HybridNet(nn.Module):
                 raise ValueError("HybridNet: the batch has promoter_index >= 0 but no promoter table was given")
         elif bool(valid.any()):
             unique, inverse = torch.unique(promoter_index[valid], return_inverse=True)  # (U,), (N_valid,)
-            # the table may stay on the CPU (it can be large); only the U rows this batch needs are moved
-            seqs = promoters[unique.to(promoters.device)].to(self.no_promoter.device)
-            encoded = self.promoter_cnn(seqs)  # (U, D)
+            if self.promoter_cache is not None:
+                encoded = self.promoter_cache[unique.to(self.promoter_cache.device)]  # (U, D)
+            else:
+                # the table may stay on the CPU (it can be large); only the U rows this batch needs are moved
+                seqs = promoters[unique.to(promoters.device)].to(self.no_promoter.device)
+                encoded = self.promoter_cnn(seqs)  # (U, D)
             # row 0 of the lookup is the stand-in, so it stays in the graph even when every row has a promoter
             lookup = torch.cat([self.no_promoter[None].to(encoded.dtype), encoded], dim=0)  # (1 + U, D)
             row = torch.zeros_like(promoter_index, dtype=torch.long)
