@@ -402,7 +402,7 @@ class TrainConfig:
             for every promoter is computed once per run); ``false``: train it further with the rest. Measured
             (docs/benchmarks.md): frozen, the networks keep what pre-training found (medians ``genes``:
             ``hybrid_network`` 0.356 against 0.321, ``cnn_only`` 0.237 against 0.184) and evaluations run 2-4x
-            faster.
+            faster; on the medians ``entries`` task the hybrid's RMSE is 0.004 higher frozen.
     """
 
     num_workers: int = 1
