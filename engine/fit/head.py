@@ -107,17 +107,11 @@ class HeadModel:
 
     def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper), each (N,), from (N, n_features) features."""
-        import xgboost
-
         if features.shape[1] != self.n_features:
             raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
-        if self.blend is None:
-            matrix = matrix_q = xgboost.DMatrix(features, missing=np.nan)
-        else:
-            margin = self.blend.margin(features)
-            matrix = xgboost.DMatrix(features, missing=np.nan, base_margin=margin)
-            # the interval booster has one output per quantile (head.quantiles holds two)
-            matrix_q = xgboost.DMatrix(features, missing=np.nan, base_margin=np.repeat(margin[:, None], 2, axis=1))
+        # the interval booster has one output per quantile (head.quantiles holds two)
+        margin = self.blend.margin(features) if self.blend is not None else None
+        matrix, matrix_q = _matrices(features, None, margin, 2)
         point = self.point.predict(matrix)
         bounds = self.interval.predict(matrix_q).reshape(len(features), -1)
         lower = np.minimum(bounds[:, 0], bounds[:, -1]) - self.conformal
@@ -160,7 +154,7 @@ def _xgb_params(config: dict, nthread: int) -> dict:
     }
 
 
-def _matrices(features: np.ndarray, labels: np.ndarray, margin: np.ndarray | None,
+def _matrices(features: np.ndarray, labels: np.ndarray | None, margin: np.ndarray | None,
               n_quantiles: int) -> tuple[object, object]:
     """(matrix of the point booster, matrix of the interval booster): with a blend, each starts from it."""
     import xgboost
@@ -255,6 +249,16 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     return head
 
 
+def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, estimates: list[int] | None
+                  ) -> tuple[Blend | None, np.ndarray | None]:
+    """(the blend of the ``estimates`` columns fitted on the training rows, its margin on every row), or (None,
+    None) without estimate columns: where both boosters start."""
+    if not estimates:
+        return None, None
+    blend = Blend.fit(features[~valid], labels[~valid], estimates)
+    return blend, blend.margin(features)
+
+
 def fit_head_in_process(
     features: np.ndarray,
     labels: np.ndarray,
@@ -266,8 +270,7 @@ def fit_head_in_process(
 ) -> HeadModel:
     """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
     Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
-    blend = Blend.fit(features[~valid], labels[~valid], estimates) if estimates else None
-    margin = blend.margin(features) if blend is not None else None
+    blend, margin = _blend_margin(features, labels, valid, estimates)
     n_q = len(config.quantiles)
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
@@ -306,8 +309,7 @@ def fit_head(
     from ray.train.xgboost import XGBoostTrainer
 
     t0 = time.perf_counter()
-    blend = Blend.fit(features[~valid], labels[~valid], estimates) if estimates else None
-    margin = blend.margin(features) if blend is not None else None
+    blend, margin = _blend_margin(features, labels, valid, estimates)
     train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid],
                                           None if margin is None else margin[~valid]))
     valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid], None if margin is None else margin[valid]))
