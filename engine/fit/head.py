@@ -11,6 +11,19 @@ baselines' out-of-fold estimates), both boosters start from their non-negative l
 XGBoost's ``base_margin``) instead of a constant: trees approximate "copy this column" only in steps, so a head
 boosted from a constant can end below the best of its own inputs (measured: 0.462 against the network's 0.510 on the
 planted-motif genes). From the blend, early stopping on held-out rows keeps only the trees that improve on it.
+
+The head is fitted on rows that each went through one fold network (out of fold), but predicts the mean of its
+outputs over all K fold networks: the network column it meets then carries less noise than the one it was fitted
+on, and a blend fitted on single networks gives the weaker estimates too much weight beside the ensemble (measured
+on the planted-motif genes: the K networks' mean 0.460, each alone 0.39-0.45, the head 0.458). With ``members``
+(the held-out rows through every fold network: rows that no fold network trained on) the fit accounts for that:
+
+- the blend used at prediction (``Blend.ensemble_coef``) is the same non-negative least squares with the network
+  column's variance reduced by what averaging removes, ``s2 * (1 - 1/K)``, where ``s2`` is the networks' mean
+  disagreement (variance between members) on the held-out rows (an errors-in-variables correction);
+- the number of point trees is chosen on the held-out rows as the head is used: each row's outputs averaged over the
+  K members, from the prediction blend;
+- the interval is conformalised on those averaged outputs too.
 """
 
 from __future__ import annotations
@@ -45,12 +58,16 @@ class Blend:
         columns: indices of the estimate columns in the head's inputs.
         coef: (len(columns),) weights; intercept: the constant.
         fill: value of a row none of whose estimates is available (the training labels' mean).
+        ensemble_coef, ensemble_intercept: the weights used at prediction, where the first column is the mean of K
+            ensemble members' estimates (:meth:`fit`'s ``member_noise``); None: ``coef`` and ``intercept``.
     """
 
     columns: list[int]
     coef: list[float]
     intercept: float
     fill: float
+    ensemble_coef: list[float] | None = None
+    ensemble_intercept: float | None = None
 
     @staticmethod
     def _filled(estimates: np.ndarray, fill: float) -> np.ndarray:
@@ -62,11 +79,16 @@ class Blend:
         return np.where(present, estimates, row_mean)
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, columns: list[int]) -> Blend:
+    def fit(cls, features: np.ndarray, labels: np.ndarray, columns: list[int], *,
+            member_noise: float = 0.0) -> Blend:
         """Non-negative least squares of ``labels`` on the columns, with a free intercept (Breiman's stacked
         regression): estimates of one value are often nearly collinear (several baselines fall back to the same
         tissue mean on a hidden gene), and unconstrained weights then cancel in large pairs that amplify their
-        small differences on new rows (measured: weights +2.7 and -3.9 on two such columns)."""
+        small differences on new rows (measured: weights +2.7 and -3.9 on two such columns).
+
+        ``member_noise`` > 0: the first column is one ensemble member's estimate here and the members' mean at
+        prediction, whose variance is smaller by ``member_noise`` (``s2 * (1 - 1/K)``, ``s2`` the variance between
+        members); ``ensemble_coef`` is then the same fit with the first column's variance reduced by it."""
         from scipy.optimize import nnls
 
         fill = float(np.mean(labels))
@@ -74,15 +96,48 @@ class Blend:
         y = labels.astype(np.float64)
         x_mean, y_mean = x.mean(axis=0), float(y.mean())
         coef, _ = nnls(x - x_mean, y - y_mean)
-        return cls(list(columns), [float(c) for c in coef], float(y_mean - x_mean @ coef), fill)
+        blend = cls(list(columns), [float(c) for c in coef], float(y_mean - x_mean @ coef), fill)
+        if member_noise > 0:
+            ensemble = _nnls_corrected(x - x_mean, y - y_mean, member_noise)
+            blend.ensemble_coef = [float(c) for c in ensemble]
+            blend.ensemble_intercept = float(y_mean - x_mean @ ensemble)
+        return blend
 
-    def margin(self, features: np.ndarray) -> np.ndarray:
-        """(N,) the blend's estimate of each row."""
+    def margin(self, features: np.ndarray, *, ensemble: bool = False) -> np.ndarray:
+        """(N,) the blend's estimate of each row; ``ensemble``: with the prediction weights (``ensemble_coef``,
+        when fitted), for rows whose first column is one member of the ensemble that is averaged."""
         x = self._filled(features[:, self.columns].astype(np.float64), self.fill)
+        if ensemble and self.ensemble_coef is not None:
+            return x @ np.asarray(self.ensemble_coef) + float(self.ensemble_intercept)
         return x @ np.asarray(self.coef) + self.intercept
 
     def to_json(self) -> dict:
-        return {"columns": self.columns, "coef": self.coef, "intercept": self.intercept, "fill": self.fill}
+        return {"columns": self.columns, "coef": self.coef, "intercept": self.intercept, "fill": self.fill,
+                "ensemble_coef": self.ensemble_coef, "ensemble_intercept": self.ensemble_intercept}
+
+
+def _nnls_corrected(x: np.ndarray, y: np.ndarray, noise: float) -> np.ndarray:
+    """Non-negative least squares of centred ``y`` on centred ``x`` with the first column's variance reduced by
+    ``noise`` (capped at 90% of it), solved on the Gram matrix through its Cholesky factor."""
+    from scipy.optimize import nnls
+
+    n = len(x)
+    gram = x.T @ x
+    gram[0, 0] -= n * min(noise, 0.9 * gram[0, 0] / n)
+    gram += np.eye(len(gram)) * 1e-9 * np.trace(gram)  # collinear columns (baselines falling back alike)
+    factor = np.linalg.cholesky(gram).T  # factor.T @ factor == gram
+    coef, _ = nnls(factor, np.linalg.solve(factor.T, x.T @ y))
+    return coef
+
+
+def member_noise(members: list[np.ndarray], column: int) -> float:
+    """What averaging K members removes from the variance of ``column`` (one member's estimate): the mean over rows
+    of the variance between the members' estimates, times ``1 - 1/K``; 0 with one member."""
+    k = len(members)
+    if k < 2 or not len(members[0]):
+        return 0.0
+    estimates = np.stack([m[:, column].astype(np.float64) for m in members])
+    return float(np.nanmean(np.var(estimates, axis=0, ddof=1))) * (1 - 1 / k)
 
 
 @dataclass
@@ -105,12 +160,13 @@ class HeadModel:
     coverage: float
     blend: Blend | None = None
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(estimate, lower, upper), each (N,), from (N, n_features) features."""
+    def predict(self, features: np.ndarray, *, ensemble: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper), each (N,), from (N, n_features) features; ``ensemble``: the rows went through
+        one of the fold networks whose outputs are averaged (the blend's prediction weights, :class:`Blend`)."""
         if features.shape[1] != self.n_features:
             raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
         # the interval booster has one output per quantile (head.quantiles holds two)
-        margin = self.blend.margin(features) if self.blend is not None else None
+        margin = self.blend.margin(features, ensemble=ensemble) if self.blend is not None else None
         matrix, matrix_q = _matrices(features, None, margin, 2)
         point = self.point.predict(matrix)
         bounds = self.interval.predict(matrix_q).reshape(len(features), -1)
@@ -236,12 +292,42 @@ def _loop_config(config: HeadConfig, seed: int) -> dict:
     }
 
 
+def averaged(head: HeadModel, members: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(estimate, lower, upper) of the same rows through each member, averaged: how the stacked head predicts."""
+    outputs = [head.predict(m) for m in members]
+    return tuple(np.mean([o[i] for o in outputs], axis=0) for i in range(3))  # type: ignore[return-value]
+
+
+def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarray, blend: Blend | None) -> object:
+    """``point`` cut to the number of trees (1 to all, on a grid of at most 25) whose outputs, averaged over the
+    members from the blend's prediction weights, have the smallest RMSE on ``labels``."""
+    import xgboost
+
+    total = point.num_boosted_rounds()
+    matrices = [xgboost.DMatrix(m, missing=np.nan,
+                                base_margin=None if blend is None else blend.margin(m, ensemble=True))
+                for m in members]
+    best, best_rmse = total, np.inf
+    for rounds in np.unique(np.linspace(1, total, min(total, 25)).round().astype(int)):
+        estimate = np.mean([point.predict(d, iteration_range=(0, int(rounds))) for d in matrices], axis=0)
+        rmse = float(np.sqrt(np.mean((estimate - labels) ** 2)))
+        if rmse < best_rmse:
+            best, best_rmse = int(rounds), rmse
+    log.info("head: %d of %d trees kept on the held-out rows averaged over %d members (RMSE %.4f)", best, total,
+             len(members), best_rmse)
+    return point[:best]
+
+
 def _conformalised(point: object, interval: object, features: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                   config: HeadConfig, blend: Blend | None) -> HeadModel:
-    """The head, its interval widened (or narrowed) to cover ``config.quantiles``' span of the ``valid`` rows."""
+                   config: HeadConfig, blend: Blend | None, members: list[np.ndarray] | None = None) -> HeadModel:
+    """The head, its interval widened (or narrowed) to cover ``config.quantiles``' span of the ``valid`` rows; with
+    ``members`` (the ``valid`` rows through each fold network), its trees chosen and its interval calibrated on
+    their averaged outputs, as it will predict."""
     coverage = config.quantiles[1] - config.quantiles[0]
+    if members:
+        point = _ensemble_rounds(point, members, labels[valid], blend)
     head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
-    _, lower, upper = head.predict(features[valid])
+    _, lower, upper = averaged(head, members) if members else head.predict(features[valid], ensemble=False)
     score = np.maximum(lower - labels[valid], labels[valid] - upper)
     n = len(score)
     level = min(1.0, np.ceil((n + 1) * coverage) / n)
@@ -249,13 +335,18 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     return head
 
 
-def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, estimates: list[int] | None
-                  ) -> tuple[Blend | None, np.ndarray | None]:
+def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, estimates: list[int] | None,
+                  members: list[np.ndarray] | None = None) -> tuple[Blend | None, np.ndarray | None]:
     """(the blend of the ``estimates`` columns fitted on the training rows, its margin on every row), or (None,
-    None) without estimate columns: where both boosters start."""
+    None) without estimate columns: where both boosters start. With ``members``, the blend's prediction weights
+    account for the first estimate column being averaged over them (:func:`member_noise`)."""
     if not estimates:
         return None, None
-    blend = Blend.fit(features[~valid], labels[~valid], estimates)
+    noise = member_noise(members, estimates[0]) if members else 0.0
+    blend = Blend.fit(features[~valid], labels[~valid], estimates, member_noise=noise)
+    if noise:
+        log.info("head: members disagree by %.4f (variance removed by averaging); blend weights %s, at prediction %s",
+                 noise, np.round(blend.coef, 3).tolist(), np.round(blend.ensemble_coef, 3).tolist())
     return blend, blend.margin(features)
 
 
@@ -267,15 +358,16 @@ def fit_head_in_process(
     *,
     seed: int = 0,
     estimates: list[int] | None = None,
+    members: list[np.ndarray] | None = None,
 ) -> HeadModel:
     """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
     Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
-    blend, margin = _blend_margin(features, labels, valid, estimates)
+    blend, margin = _blend_margin(features, labels, valid, estimates, members)
     n_q = len(config.quantiles)
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
     point, interval, _ = _boost(train, held_out, _loop_config(config, seed))
-    return _conformalised(point, interval, features, labels, valid, config, blend)
+    return _conformalised(point, interval, features, labels, valid, config, blend, members)
 
 
 def fit_head(
@@ -288,6 +380,7 @@ def fit_head(
     seed: int = 0,
     name: str = "head",
     estimates: list[int] | None = None,
+    members: list[np.ndarray] | None = None,
 ) -> HeadModel:
     """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows.
 
@@ -302,6 +395,10 @@ def fit_head(
         estimates: columns of ``features`` that estimate the target (out of fold): both boosters start from their
             non-negative least-squares blend, fitted on the training rows (:class:`Blend`); None or empty: from a
             constant.
+        members: the ``valid`` rows' features through each of the K networks whose head outputs are averaged at
+            prediction (rows in ``features[valid]``'s order; the first ``estimates`` column is the network's
+            estimate): the blend's prediction weights, the number of trees and the interval are then fitted for
+            that average (module docstring). None: for single rows as given.
     """
     import ray
     import xgboost
@@ -309,7 +406,7 @@ def fit_head(
     from ray.train.xgboost import XGBoostTrainer
 
     t0 = time.perf_counter()
-    blend, margin = _blend_margin(features, labels, valid, estimates)
+    blend, margin = _blend_margin(features, labels, valid, estimates, members)
     train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid],
                                           None if margin is None else margin[~valid]))
     valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid], None if margin is None else margin[valid]))
@@ -331,7 +428,7 @@ def fit_head(
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))
         interval.load_model(str(Path(folder) / INTERVAL_FILE))
-    head = _conformalised(point, interval, features, labels, valid, config, blend)
+    head = _conformalised(point, interval, features, labels, valid, config, blend, members)
     log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
              f"a blend of columns {blend.columns} (weights {np.round(blend.coef, 3).tolist()})"
              if blend is not None else "a constant", time.perf_counter() - t0)

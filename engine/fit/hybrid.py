@@ -272,6 +272,7 @@ def fit_hybrid(
         features = np.hstack([engineered, np.vstack(baseline_parts)]).astype(np.float32)
         labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
         valid = _head_holdout(config, training)
+        members = _held_out_members(models, parts, valid, inputs, engineered_parts, baseline_parts)
         seconds["embed_training"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         # the last columns of the stacked layout are estimates of the target: the network's prediction and the
@@ -279,7 +280,7 @@ def fit_hybrid(
         n_base = baseline_parts[0].shape[1]
         n_in = inputs[0].shape[1]
         models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
-                               name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)))
+                               name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)), members=members)
         seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
         feature_estimates = list(range(features.shape[1] - n_base, features.shape[1]))
     models.head_rows = training.num_rows
@@ -297,6 +298,31 @@ def fit_hybrid(
     models.seconds = seconds
     log.info("hybrid: fitted in %.0f s (%s)", seconds["fit_total"], seconds)
     return models
+
+
+def _held_out_members(models: HybridModels, parts: list[pa.Table], valid: np.ndarray, inputs: list[np.ndarray],
+                      engineered: list[np.ndarray], baselines: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The head's held-out rows through every fold network: one (V, F) input array per network, rows in the order
+    of the held-out rows of the concatenated ``parts`` (fold k's rows already went through network k: ``inputs``).
+    No fold network trained on these rows (:func:`geximpute.fit.train.holdout` holds out the same units in every
+    network's training), so their spread between networks is what averaging them removes on new rows. None
+    without held-out rows."""
+    if not valid.any():
+        return None
+    starts = np.cumsum([0] + [p.num_rows for p in parts])
+    members: list[list[np.ndarray]] = [[] for _ in models.fold_networks]
+    for k, part in enumerate(parts):
+        rows = valid[starts[k]:starts[k + 1]]
+        if not rows.any():
+            continue
+        held = part.filter(pa.array(rows))
+        for j, network in enumerate(models.fold_networks):
+            if j == k:
+                members[j].append(inputs[k][rows])
+            else:
+                members[j].append(models.head_inputs(held, network, engineered=engineered[k][rows],
+                                                     baselines=baselines[k][rows])[2])
+    return [np.vstack(m) for m in members]
 
 
 def _head_holdout(config: Config, training: pa.Table) -> np.ndarray:
