@@ -237,7 +237,7 @@ def test_head_fitted_on_one_member_predicts_for_the_members_mean():
 
     assert rmse(ensemble) < rmse(plain) * 0.97, (rmse(ensemble), rmse(plain))
     _, lower, upper = averaged(ensemble, new_members)
-    assert 0.74 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.86
+    assert 0.78 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.95  # calibrated on single networks: wide side
     # a bundle's head metadata carries the prediction weights
     from geximpute.fit.head import Blend
 

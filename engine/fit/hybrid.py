@@ -305,8 +305,9 @@ def _held_out_members(models: HybridModels, parts: list[pa.Table], valid: np.nda
     """The head's held-out rows through every fold network: one (V, F) input array per network, rows in the order
     of the held-out rows of the concatenated ``parts`` (fold k's rows already went through network k: ``inputs``).
     No fold network trained on these rows (:func:`geximpute.fit.train.holdout` holds out the same units in every
-    network's training), so their spread between networks is what averaging them removes on new rows. None
-    without held-out rows."""
+    network's training on entries; their genes' levels reach the other networks' CNN pre-training only where no
+    validation chromosomes are set), so their spread between networks is what averaging them removes on new rows.
+    None without held-out rows."""
     if not valid.any():
         return None
     starts = np.cumsum([0] + [p.num_rows for p in parts])
