@@ -16,7 +16,8 @@ The head is fitted on rows that each went through one fold network (out of fold)
 outputs over all K fold networks: the network column it meets then carries less noise than the one it was fitted
 on, and a blend fitted on single networks gives the weaker estimates too much weight beside the ensemble (measured
 on the planted-motif genes: the K networks' mean 0.460, each alone 0.39-0.45, the head 0.458). With ``members``
-(the held-out rows through every fold network: rows that no fold network trained on) the fit accounts for that:
+(the held-out rows through every fold network: rows that no fold network trained on entries of) the fit accounts
+for that:
 
 - the blend used at prediction (``Blend.ensemble_coef``) is the same non-negative least squares with the network
   column's variance reduced by what averaging removes, ``s2 * (1 - 1/K)``, where ``s2`` is the networks' mean
@@ -404,8 +405,8 @@ def fit_head(
             constant.
         members: the ``valid`` rows' features through each of the K networks whose head outputs are averaged at
             prediction (rows in ``features[valid]``'s order; the first ``estimates`` column is the network's
-            estimate): the blend's prediction weights, the number of trees and the interval are then fitted for
-            that average (module docstring). None: for single rows as given.
+            estimate): the blend's prediction weights and the number of trees are then fitted for that average
+            (module docstring; the interval stays calibrated on single networks). None: for single rows as given.
     """
     import ray
     import xgboost
