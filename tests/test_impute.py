@@ -232,6 +232,10 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     config, result = first_run
     plan = impute_plan(config, model=bundle, out_dir=result.out_dir, workers=4)
     assert plan["entries"] == result.n_rows == sum(shard["entries"] for shard in plan["shards"])
+    # each shard is a run of genes of one chromosome x a range of donors; together they tile the run's entries
+    assert all(0 <= shard["genes"][0] < shard["genes"][1] <= plan["genes"]
+               and 0 <= shard["donors"][0] < shard["donors"][1] <= plan["donors"] for shard in plan["shards"])
+    assert not list(result.out_dir.glob("_shards*"))  # the shard files were removed before the commit
     assert plan["missing_profiles"] == result.n_missing_profiles
     assert plan["bundle"]["stacked"] and plan["bundle"]["model_version"] == result.model_version
     measured = plan["measured"]  # the run's own manifest: its rate per predictor actor

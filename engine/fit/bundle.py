@@ -41,7 +41,7 @@ from geximpute import schema as S
 from geximpute.config import Config, config_from_dict, dump_config
 from geximpute.errors import GeximputeError
 from geximpute.fit.head import HeadModel
-from geximpute.fit.models import HybridModels
+from geximpute.fit.models import HybridModels, baseline_column
 from geximpute.io.fasta import Genome
 from geximpute.model.features import FeatureSpec
 from geximpute.model.inference import TrainedNetwork, encode_promoters
@@ -351,7 +351,8 @@ class Bundle:
                 from their VCF, see :func:`geximpute.science.promoters.genome_promoter_inputs`); default: the bundle's
                 reference windows.
             baselines: :meth:`baseline_grids` of the records' problem, indexed by their (``gene_index``,
-                ``sample_index``); required when the bundle is :attr:`stacked`.
+                ``sample_index``); required when the bundle is :attr:`stacked`, unless the records carry each
+                baseline's estimate in its column (:func:`geximpute.fit.models.baseline_column`).
             embeddings: :meth:`encode_promoters` of the table of ``promoters``, encoded beforehand (then that
                 table is not read and may be empty); default: each network encodes the rows it meets.
 
@@ -366,10 +367,14 @@ class Bundle:
             raise ValueError(f"{len(embeddings)} promoter embeddings for {len(self.models.networks())} networks")
         self.models.promoter_embeddings = embeddings
         if self.stacked:
+            carried = [baseline_column(name) in records.column_names for name in self.baseline_names]
+            if baselines is None and all(carried):  # the records carry the estimates (imputation's blocks)
+                baselines = dict.fromkeys(self.baseline_names)
             if baselines is None or list(baselines) != list(self.baseline_names):
                 raise GeximputeError(
                     f"{self.folder}: the head reads the estimates of {', '.join(self.baseline_names)}; pass "
-                    "Bundle.baseline_grids(problem, targets) as `baselines` (got "
+                    "Bundle.baseline_grids(problem, targets) as `baselines`, or records with their columns "
+                    f"{', '.join(baseline_column(n) for n in self.baseline_names)} (got "
                     f"{'none' if baselines is None else ', '.join(baselines)})")
             self.models.baselines = baselines
         return self.models.predict_head(records)

@@ -130,15 +130,25 @@ class HybridModels:
         return out
 
 
-def baseline_columns(grids: dict[str, np.ndarray], records: pa.Table) -> np.ndarray:
+def baseline_column(name: str) -> str:
+    """The name of the record column that carries baseline ``name``'s estimate (imputation ships each block's
+    estimates with its records instead of the (G, S) grids)."""
+    return f"baseline_{name}"
+
+
+def baseline_columns(grids: dict[str, np.ndarray | None], records: pa.Table) -> np.ndarray:
     """(N, len(grids)) float32: each (G, S) grid read at the records' (``gene_index``, ``sample_index``); NaN for a
-    record outside a grid (a sample the grids do not have, such as an imputed virtual sample)."""
+    record outside a grid (a sample the grids do not have, such as an imputed virtual sample). A grid of None: the
+    records carry that baseline's estimates in their column :func:`baseline_column`."""
     out = np.full((records.num_rows, len(grids)), np.nan, dtype=np.float32)
     if not grids:
         return out
     g = records["gene_index"].to_numpy().astype(np.int64)
     s = records["sample_index"].to_numpy().astype(np.int64)
-    for j, grid in enumerate(grids.values()):
+    for j, (name, grid) in enumerate(grids.items()):
+        if grid is None:
+            out[:, j] = records[baseline_column(name)].to_numpy(zero_copy_only=False)
+            continue
         inside = (g < grid.shape[0]) & (s < grid.shape[1])
         out[inside, j] = grid[g[inside], s[inside]]
     return out

@@ -16,6 +16,7 @@ import pyarrow as pa
 from geximpute import schema as S
 from geximpute.science.genomes import genetic_scores
 from geximpute.science.problem import SPLITS, VisibleProblem
+from geximpute.science.shards import GeneStats, donor_sample_lists, gene_stats
 
 
 class ContextIndex:
@@ -26,12 +27,13 @@ class ContextIndex:
         genetic_shrinkage: ridge penalty of the cis-genetic scores (``context.genetic_shrinkage``).
         genetic: (G, D) cis-genetic scores of ``problem`` already fitted
             (:func:`geximpute.science.genomes.genetic_scores`); fitted here from ``problem`` when it has genomes and
-            this
-            is None.
+            this is None.
+        stats: the problem's per-gene statistics (:func:`geximpute.science.shards.gene_stats`), when ``problem`` is
+            one shard of a larger problem whose statistics they are; default: computed from ``problem``.
     """
 
     def __init__(self, problem: VisibleProblem, genetic_shrinkage: float | None = None,
-                 genetic: np.ndarray | None = None) -> None:
+                 genetic: np.ndarray | None = None, stats: GeneStats | None = None) -> None:
         self.problem = problem
         self.genetic = genetic
         if genetic is None and problem.genomes is not None:
@@ -44,28 +46,13 @@ class ContextIndex:
         order = np.argsort(self.gpos, kind="stable")
         if not np.array_equal(order, np.arange(len(order))):
             raise ValueError("problem genes must be sorted by chromosome and TSS")
-        values = problem.values
-        visible = ~np.isnan(values)
-        filled = np.where(visible, values, 0.0)
-        n_tissues = len(problem.tissues)
-        self.tissue_sum = np.zeros((problem.n_genes, n_tissues))
-        self.tissue_n = np.zeros((problem.n_genes, n_tissues))
-        np.add.at(self.tissue_sum.T, problem.tissue_index, filled.T)
-        np.add.at(self.tissue_n.T, problem.tissue_index, visible.T.astype(float))
-        self.gene_sum = filled.sum(axis=1)
-        self.gene_n = visible.sum(axis=1).astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gene_mean = np.where(self.gene_n > 0, self.gene_sum / self.gene_n, np.nan)
-            resid = np.where(visible, values - gene_mean[:, None], 0.0)
-            r_sum = np.zeros(n_tissues)
-            r_n = np.zeros(n_tissues)
-            np.add.at(r_sum, problem.tissue_index, resid.sum(axis=0))
-            np.add.at(r_n, problem.tissue_index, visible.sum(axis=0))
-            self.tissue_offset = np.where(r_n > 0, r_sum / np.maximum(r_n, 1), 0.0).astype(np.float32)
-        # samples of each donor
-        order = np.argsort(problem.donor_index, kind="stable")
-        bounds = np.searchsorted(problem.donor_index[order], np.arange(len(problem.donors) + 1))
-        self.donor_samples = [order[bounds[d] : bounds[d + 1]] for d in range(len(problem.donors))]
+        stats = stats if stats is not None else gene_stats(problem)
+        if len(stats.gene_n) != problem.n_genes:
+            raise ValueError(f"gene statistics of {len(stats.gene_n)} genes for a problem of {problem.n_genes}")
+        self.tissue_sum, self.tissue_n = stats.tissue_sum, stats.tissue_n
+        self.gene_sum, self.gene_n = stats.gene_sum, stats.gene_n
+        self.tissue_offset = stats.tissue_offset
+        self.donor_samples = donor_sample_lists(problem)
 
 
 def _flatten(rows: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 One streaming Ray Data job::
 
-    blocks of samples -> map_batches(ContextBuilder)  context records of the target entries (geximpute.steps.prepare)
+    shards of entries -> map_batches(ContextBuilder)  context records of the target entries (geximpute.steps.prepare)
                       -> map_batches(Predictor)       the bundle, loaded once per actor (GPU actors when GPUs exist)
                       -> write_parquet(partition_cols=[tissue])
 
@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import logging
+import shutil
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -46,6 +47,7 @@ from geximpute import schema as S
 from geximpute.config import Config, ExpressionConfig
 from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
+from geximpute.fit.models import baseline_column
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import from_model_scale
 from geximpute.model.inference import inference_device
@@ -60,11 +62,12 @@ from geximpute.science.promoters import (
     genome_promoter_lookup,
     one_hot_promoters,
 )
-from geximpute.steps.prepare import ContextBuilder, context_builder_kwargs, sample_blocks
+from geximpute.science.shards import blocks as entry_blocks
+from geximpute.steps.prepare import context_records, context_shards
 
 log = logging.getLogger(__name__)
 
-#: target entries per block of samples sent to a context actor
+#: target entries per shard sent to a context actor (a run of genes of one chromosome x a range of donors)
 BLOCK_ENTRIES = 50_000
 #: promoter haplotypes per encoding task at most (:func:`encoded_haplotypes`), so that a task's memory does not grow
 #: with the genome: more genes or donors make more tasks, not larger ones
@@ -74,6 +77,8 @@ ENCODE_SLICE_ROWS = 1024
 #: errors of the output folder that mean "cannot write here", reported as :class:`OutputError`
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 VIRTUAL_PREFIX = "virtual:"
+#: the folder of the context shards inside a run's staging folder (removed before the commit)
+SHARDS_FOLDER = "_shards"
 
 
 class OutputError(GeximputeError):
@@ -406,43 +411,47 @@ def run_pipeline(
     """
     import ray
 
-    blocks = sample_blocks(targets, BLOCK_ENTRIES)
     cpus = config.ray.cpus_per_task
-    # blocks of samples whose records are built; the stream predicts and writes each soon after
-    progress = stage("impute: records -> predictions -> Parquet", total=len(blocks), unit="blocks")
-    context_kwargs = {**context_builder_kwargs(config, problem, targets, np.zeros_like(targets)),
-                      "progress": progress.counter()}
-    n_gpus = gpus_to_use(config)
-    n_actors = n_gpus or min(config.impute.predictors, max(1, len(blocks)))
-    resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}
-    log.info("impute: %d blocks of samples, %d predictor actor(s)%s", len(blocks), n_actors,
-             " on GPU" if n_gpus else "")
-    if haplotypes is not None:
-        if encode_once:
-            haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources)
-        else:  # networks without a promoter branch read no table
-            haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
-    predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
-                      ray.put(haplotypes) if haplotypes is not None else None,
-                      ray.put(baselines) if baselines else None)
-    stream = (
-        ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks)))
-        .map_batches(ContextBuilder, fn_constructor_kwargs=context_kwargs, batch_size=1, batch_format="numpy",
-                     num_cpus=cpus, compute=ray.data.ActorPoolStrategy(size=1))
-        .map_batches(
-            Predictor,
-            fn_constructor_kwargs={"loader": loader, "bundle_dir": str(bundle_dir), "refs": predictor_refs,
-                                   "run_id": run_id, "scale": config.inputs.scale, "expression": config.expression,
-                                   "use_gpu": bool(n_gpus)},
-            batch_size=config.impute.batch_size,
-            batch_format="pyarrow",
-            # a fixed pool: an autoscaling one does not grow while the context stage holds CPUs
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
-            **resources,
+    try:
+        # the stacked head's baseline estimates travel with each block's records: no predictor maps the (G, S) grids
+        columns = {baseline_column(name): grid for name, grid in (baselines or {}).items()}
+        shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
+                                     columns=columns, block_entries=BLOCK_ENTRIES)
+        del columns
+        # blocks of entries whose records are built; the stream predicts and writes each soon after
+        progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
+        n_gpus = gpus_to_use(config)
+        # a predictor per BLOCK_ENTRIES entries, up to impute.predictors (a small run's several chromosomes make
+        # several small shards, not work for several actors that each load the bundle)
+        n_actors = n_gpus or min(config.impute.predictors, max(1, -(-int(targets.sum()) // BLOCK_ENTRIES)))
+        resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}
+        log.info("impute: %d blocks of entries (genes of one chromosome x donors), %d predictor actor(s)%s", len(cut),
+                 n_actors, " on GPU" if n_gpus else "")
+        if haplotypes is not None:
+            if encode_once:
+                haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources)
+            else:  # networks without a promoter branch read no table
+                haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
+        predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
+                          ray.put(haplotypes) if haplotypes is not None else None, None)
+        stream = (
+            context_records(shards, config, 1, progress.counter())
+            .map_batches(
+                Predictor,
+                fn_constructor_kwargs={"loader": loader, "bundle_dir": str(bundle_dir), "refs": predictor_refs,
+                                       "run_id": run_id, "scale": config.inputs.scale, "expression": config.expression,
+                                       "use_gpu": bool(n_gpus)},
+                batch_size=config.impute.batch_size,
+                batch_format="pyarrow",
+                # a fixed pool: an autoscaling one does not grow while the context stage holds CPUs
+                compute=ray.data.ActorPoolStrategy(size=n_actors),
+                **resources,
+            )
         )
-    )
-    with progress:
-        write_predictions(stream, out, cpus)
+        with progress:
+            write_predictions(stream, out, cpus)
+    finally:
+        shutil.rmtree(out / SHARDS_FOLDER, ignore_errors=True)  # ours, inside the staging folder: never committed
     return n_actors
 
 
@@ -620,23 +629,24 @@ def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProb
 
 def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | Path | None = None,
                 workers: int | None = None, dataset: Any = None) -> dict[str, Any]:
-    """What ``impute`` would do, without running it (``geximpute impute --plan``): its shards (blocks of samples,
-    the unit of work of a context task), the entries of each, the expected peak memory of each kind of process and,
-    from the rate measured by the last run into the same output folder, the projected wall time for ``workers``
-    predictor actors.
+    """What ``impute`` would do, without running it (``geximpute impute --plan``): its shards (a run of genes of one
+    chromosome x a range of donors, the unit of work of a context task), the entries of each, the expected peak
+    memory of each kind of process and, from the rate measured by the last run into the same output folder, the
+    projected wall time for ``workers`` predictor actors.
 
-    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies, one block of context
-    records, the bundle's files, the stacked baselines' grids) over :data:`PROCESS_BASE_MB`: an estimate to size a
-    cluster's nodes, not a measurement (``geximpute benchmark`` measures).
+    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies and the stacked
+    baselines' grids in the driver, the largest shard and its block of context records, the bundle's files) over
+    :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
+    measures).
     """
     settings = config.impute
     bundle_dir = Path(model or model_dir(config))
     out = Path(out_dir or output_dir(config))
     problem, targets, virtual = imputation_problem(config, dataset)
     n_virtual = int(virtual.sum())
-    blocks = sample_blocks(targets, BLOCK_ENTRIES)
-    per_sample = targets.sum(axis=0)
-    shards = [{"samples": [b["lo"], b["hi"]], "entries": int(per_sample[b["lo"] : b["hi"]].sum())} for b in blocks]
+    cut = entry_blocks(problem, targets, BLOCK_ENTRIES)
+    shards = [{"genes": [b.lo, b.hi], "chrom": str(problem.chroms[b.lo]), "donors": [b.donor_lo, b.donor_hi],
+               "entries": b.entries} for b in cut]
     n_entries = int(targets.sum())
     n_genes, n_samples = problem.values.shape
     mib = 1 / 2**20
@@ -651,14 +661,20 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     record_bytes = RECORD_FIXED_BYTES + tokens * RECORD_TOKEN_BYTES
     block_records = max((sh["entries"] for sh in shards), default=0) * record_bytes
     batch_records = settings.batch_size * record_bytes
+    # a shard: its genes (the halo is not counted: a few genes) x its donors' samples, float32 values, two masks,
+    # the stacked baselines' estimates
+    samples_of = np.bincount(problem.donor_index, minlength=len(problem.donors))
+    per_entry = 4 + 2 + (4 * len(bundle.baseline_names) if bundle.stacked else 0)
+    shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
+                   default=0) * mib
     peak = {
         # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; grids
         "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + grids,
-        # ContextIndex: a float32 copy and float64 temporaries of the matrix, and one block of records
-        "context": PROCESS_BASE_MB["context"] + 3 * matrix + block_records * mib,
-        # the bundle in memory (about its files), the baselines' grids mapped from the object store, one batch
-        # through the network (activations about 50x the records' bytes)
-        "predictor": PROCESS_BASE_MB["predictor"] + 2 * bundle_mb + grids + 50 * batch_records * mib,
+        # one shard at a time (geximpute.science.shards) and its block of records
+        "context": PROCESS_BASE_MB["context"] + shard_mb + block_records * mib,
+        # the bundle in memory (about its files), one batch through the network (activations about 50x the
+        # records' bytes); the baselines' estimates come with the records
+        "predictor": PROCESS_BASE_MB["predictor"] + 2 * bundle_mb + 50 * batch_records * mib,
         "writer": PROCESS_BASE_MB["writer"] + 2 * batch_records * mib,
     }
     measured = _measured_rate(out)
@@ -698,10 +714,10 @@ def format_plan(plan: dict[str, Any], max_shards: int = 8) -> str:
              f"of {plan['genes']:,} genes x {plan['donors']:,} donors x {plan['tissues']} tissues",
              f"model {plan['bundle']['model_version']} ({plan['bundle']['size_mb']} MB"
              f"{', stacked' if plan['bundle']['stacked'] else ''}) from {plan['bundle']['path']}",
-             f"{len(plan['shards'])} shards (blocks of samples, one context task each):"]
+             f"{len(plan['shards'])} shards (genes of one chromosome x donors, one context task each):"]
     for shard in plan["shards"][:max_shards]:
-        lo, hi = shard["samples"]
-        lines.append(f"  samples {lo}-{hi - 1}: {shard['entries']:,} entries")
+        (lo, hi), (d_lo, d_hi) = shard["genes"], shard["donors"]
+        lines.append(f"  {shard['chrom']} genes {lo}-{hi - 1} x donors {d_lo}-{d_hi - 1}: {shard['entries']:,} entries")
     if len(plan["shards"]) > max_shards:
         lines.append(f"  ... {len(plan['shards']) - max_shards} more")
     lines.append("expected peak memory per process (estimate, MB): "

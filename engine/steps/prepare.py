@@ -10,15 +10,18 @@ Layout of the output folder::
     context/chrom=<c>/*.parquet one row per target entry with its context (schema.CONTEXT)
     _manifest.json             config, versions, input fingerprints, row counts
 
-Context records are built by Ray Data actors, one block of samples at a time, from the visible problem held once
-in Ray's object store, and streamed to Parquet: the driver never holds the records.
+Context records are built by Ray Data actors, one block of entries (a run of genes of one chromosome x a range of
+donors) at a time, each from its own shard of the visible problem (:mod:`geximpute.science.shards`, written as a
+file in the staging folder and removed before the commit), and streamed to Parquet: the driver never holds the
+records and no actor holds the whole problem.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
+import pickle
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +37,23 @@ from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
-from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, make_problem
+from geximpute.science.shards import (
+    Block,
+    Shard,
+    blocks,
+    chromosome_spans,
+    donor_sample_lists,
+    gene_stats,
+    make_shard,
+    shard_records,
+)
 
 log = logging.getLogger(__name__)
 
-#: target entries per Ray Data block (one block = a set of whole samples)
+#: target entries per block of records (one block = a run of genes of one chromosome x a range of donors)
 BLOCK_ENTRIES = 100_000
 
 
@@ -138,65 +150,96 @@ def sample_blocks(targets: np.ndarray, block_entries: int = BLOCK_ENTRIES) -> li
 
 
 class ContextBuilder:
-    """Ray Data actor: builds the context records of a block of samples.
+    """Ray Data actor: builds the context records of one block of entries at a time from its shard file.
 
-    The problem, the target masks and the cis-genetic scores arrive as object references and are fetched once per
-    actor (numpy arrays in the object store are read without a copy); :func:`context_builder_kwargs` makes them.
+    Each input row names a shard (:func:`context_shards`: the block's genes and their halo x the block's donors'
+    samples, with the per-gene statistics, cis-genetic scores, masks and extra columns it needs); the actor reads
+    that file alone, builds its records (:func:`geximpute.science.shards.shard_records`) and lets it go, so its
+    memory follows one shard, not the problem (a shard read from Ray's object store would stay mapped in the
+    actor, and the pages of every shard it read would count in its resident memory).
     """
 
-    def __init__(self, refs: tuple, k: int, max_distance: int | None, progress=None) -> None:
-        import ray
-
-        problem_ref, masks_ref, labels_ref, genetic_ref = refs
-        genetic = ray.get(genetic_ref) if genetic_ref is not None else None
-        self.index = ContextIndex(ray.get(problem_ref), genetic=genetic)
-        self.targets, self.hidden = ray.get(masks_ref)
-        self.labels = ray.get(labels_ref) if labels_ref is not None else None
+    def __init__(self, shards: list[str], k: int, max_distance: int | None, progress=None) -> None:
+        self.shards = shards  # shard files, read one at a time
         self.k, self.max_distance = k, max_distance
         self.progress = progress  # a progress counter actor (geximpute.runtime.raytools.progress_counter) or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = []
-        for lo, hi in zip(batch["lo"], batch["hi"], strict=True):
-            gi, si = np.nonzero(self.targets[:, lo:hi])
-            si = si + lo
-            table = build_context(self.index, gi, si, self.hidden[gi, si], self.k, self.max_distance)
-            if self.labels is not None:
-                # training folds: the label of a re-hidden entry is its visible value in the outer problem
-                g = table["gene_index"].to_numpy()
-                s = table["sample_index"].to_numpy()
-                label = pa.array(self.labels[g, s], pa.float32(), from_pandas=True)
-                table = table.set_column(table.schema.get_field_index("target"), "target", label)
-            tables.append(table)
+        for i in batch["shard"]:
+            tables.append(shard_records(read_shard(self.shards[int(i)]), self.k, self.max_distance))
         if self.progress is not None:
-            self.progress.add.remote(len(batch["lo"]))
+            self.progress.add.remote(len(batch["shard"]))
         return pa.concat_tables(tables)
 
 
-def context_builder_kwargs(
+def read_shard(path: str) -> Shard:
+    """A shard file written by :func:`context_shards` (a pickle this run wrote itself, in its own staging folder)."""
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def context_shards(
     config: Config,
     problem: VisibleProblem,
     targets: np.ndarray,
     hidden: np.ndarray,
+    folder: Path,
     labels: np.ndarray | None = None,
-) -> dict:
-    """The constructor arguments of :class:`ContextBuilder` for the ``targets`` entries of ``problem``.
+    columns: dict[str, np.ndarray] | None = None,
+    block_entries: int = BLOCK_ENTRIES,
+) -> tuple[list[str], list[Block]]:
+    """Cut the records of the ``targets`` entries of ``problem`` into blocks and write each block's
+    :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
 
-    The problem's cis-genetic scores are fitted here, once, rather than in every actor that builds records. The
-    references travel inside a tuple so that the actors fetch them themselves, once each.
+    The problem's cis-genetic scores and per-gene statistics are computed here, once, and each shard gets its slice
+    of them; ``labels`` and ``columns`` ((G, S) grids) are sliced likewise. ``folder`` must be readable by every
+    node that runs a context actor, as the output folder already is (the writers write there): callers put it
+    inside their staging folder and remove it before they commit.
+
+    Returns:
+        (the shard files, their blocks), in the same order: the constructor argument ``shards`` of
+        :class:`ContextBuilder` and, one row per shard, what to feed it.
     """
-    import ray
-
     genetic = None
     if problem.genomes is not None:
         genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), config.context.genetic_shrinkage)
-        # the scores are all a context actor needs of the genomes: not their sequences (Python strings, which each
-        # actor would otherwise unpickle whole: about 1.6 kB per unique haplotype)
-        problem = dataclasses.replace(problem, genomes=None)
-    refs = (ray.put(problem), ray.put((targets, hidden)), None if labels is None else ray.put(labels),
-            None if genetic is None else ray.put(genetic))
-    return {"refs": refs, "k": config.context.k_neighbours, "max_distance": config.context.max_distance}
+    stats = gene_stats(problem)
+    spans = chromosome_spans(problem.chroms)
+    span_of = np.zeros(problem.n_genes, np.int64)
+    for i, (first, end) in enumerate(spans):
+        span_of[first:end] = i
+    donor_samples = donor_sample_lists(problem)
+    cut = blocks(problem, targets, block_entries)
+    folder.mkdir(parents=True)
+    paths = []
+    for i, block in enumerate(cut):
+        shard = make_shard(problem, block, spans[span_of[block.lo]], donor_samples, stats, targets, hidden,
+                           config.context.k_neighbours, genetic=genetic, labels=labels, columns=columns)
+        path = folder / f"shard-{i:06d}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(shard, f, protocol=pickle.HIGHEST_PROTOCOL)
+        paths.append(str(path.absolute()))
+    log.debug("%d shards of %d target entries written to %s", len(paths), int(targets.sum()), folder)
+    return paths, cut
+
+
+def context_records(shards: list[str], config: Config, concurrency: int, progress=None):
+    """The Ray Data stream of context records of the shard files ``shards`` (:func:`context_shards`), built by
+    ``concurrency`` :class:`ContextBuilder` actors, one shard per task."""
+    import ray
+
+    return ray.data.from_items([{"shard": i} for i in range(len(shards))],
+                               override_num_blocks=max(1, len(shards))).map_batches(
+        ContextBuilder,
+        fn_constructor_kwargs={"shards": shards, "k": config.context.k_neighbours,
+                               "max_distance": config.context.max_distance, "progress": progress},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=config.ray.cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(shards)))),
+    )
 
 
 def write_records(
@@ -221,20 +264,14 @@ def write_records(
     Returns:
         the number of records written.
     """
-    import ray
-
-    blocks = sample_blocks(targets)
-    with stage(name, total=len(blocks), unit="blocks") as progress:
-        kwargs = context_builder_kwargs(config, problem, targets, hidden, labels)
-        records = ray.data.from_items(blocks, override_num_blocks=max(1, len(blocks))).map_batches(
-            ContextBuilder,
-            fn_constructor_kwargs={**kwargs, "progress": progress.counter()},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=config.ray.cpus_per_task,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(config.ray.concurrency, len(blocks)))),
-        )
-        records.write_parquet(str(out), partition_cols=[S.CHROM])
+    folder = out.parent / f".shards-{out.name}"  # beside the records, inside the caller's staging folder
+    try:
+        shards, _ = context_shards(config, problem, targets, hidden, folder, labels)
+        with stage(name, total=len(shards), unit="blocks") as progress:
+            records = context_records(shards, config, config.ray.concurrency, progress.counter())
+            records.write_parquet(str(out), partition_cols=[S.CHROM])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return pq.ParquetDataset(out).read(columns=["gene_index"]).num_rows
 
 

@@ -1,0 +1,263 @@
+"""Self-contained shards of a problem: what one context task reads to build the records of one block of entries.
+
+A block is a run of at most :data:`GENES_PER_BLOCK` consecutive genes of one chromosome by a range of donors (all
+their samples). Its records need, and its :class:`Shard` holds, only:
+
+- the values of the block's genes in the donors' samples (a gene's context in a sample is its own values in the
+  donor's other samples, :func:`geximpute.science.context.build_context`);
+- around the block, the genes of the same chromosome whose values can be a target's neighbours: the K + 1 visible
+  genes on either side of the block in each target sample (neighbour context never crosses a chromosome), found
+  from the visible values (the *halo*, :func:`halo`);
+- the per-gene statistics over every sample (:class:`GeneStats`: a gene's sum and count in each tissue), computed
+  once for the problem and sliced, since a gene's mean in a tissue over the other donors reads donors outside the
+  block;
+- the donors' cis-genetic scores of those genes, the target / hidden masks, the labels and extra per-entry columns
+  (a stacked model's baseline estimates) of the block.
+
+So a shard's size depends on the block's entries, not on the genome or the cohort: a context task that fetches one
+shard at a time holds about the same memory at 1,000 genes x 100 donors as at 20,000 x 1,000, and no process but the
+one that cuts the shards maps the whole matrix. The records a shard gives are the whole problem's records, value
+for value (``tests/test_shards.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from geximpute.science.problem import VisibleProblem
+
+#: genes of one block at most (a chromosome with more is cut into several blocks, each with its halo)
+GENES_PER_BLOCK = 1024
+#: gene rows per pass of :func:`gene_stats` (bounds its float64 temporaries; one pass for problems of up to this many
+#: genes, so the statistics are those a single pass over the whole matrix computes)
+STATS_ROWS = 4096
+
+
+@dataclass
+class GeneStats:
+    """Per-gene sums over every visible sample of a problem, which a gene's context reads across donors.
+
+    Attributes:
+        gene_sum, gene_n: (G,) sum and count of each gene's visible values.
+        tissue_sum, tissue_n: (G, T) the same per tissue.
+        tissue_offset: (T,) float32 mean residual (value minus the gene's mean) of each tissue over every visible
+            entry.
+    """
+
+    gene_sum: np.ndarray
+    gene_n: np.ndarray
+    tissue_sum: np.ndarray
+    tissue_n: np.ndarray
+    tissue_offset: np.ndarray
+
+    def rows(self, lo: int, hi: int) -> GeneStats:
+        """The statistics of genes ``lo:hi`` (copies: a shard must not pin the whole problem's arrays)."""
+        return GeneStats(self.gene_sum[lo:hi].copy(), self.gene_n[lo:hi].copy(), self.tissue_sum[lo:hi].copy(),
+                         self.tissue_n[lo:hi].copy(), self.tissue_offset)
+
+
+def gene_stats(problem: VisibleProblem, rows: int = STATS_ROWS) -> GeneStats:
+    """:class:`GeneStats` of ``problem``, ``rows`` genes at a time (float64 temporaries of that many rows only)."""
+    n_genes, n_tissues = problem.n_genes, len(problem.tissues)
+    tissue_sum = np.zeros((n_genes, n_tissues))
+    tissue_n = np.zeros((n_genes, n_tissues))
+    gene_sum = np.zeros(n_genes, np.float32)
+    gene_n = np.zeros(n_genes)
+    r_sum = np.zeros(n_tissues)
+    r_n = np.zeros(n_tissues)
+    for lo in range(0, n_genes, rows):
+        values = problem.values[lo : lo + rows]
+        visible = ~np.isnan(values)
+        filled = np.where(visible, values, 0.0)
+        np.add.at(tissue_sum[lo : lo + rows].T, problem.tissue_index, filled.T)
+        np.add.at(tissue_n[lo : lo + rows].T, problem.tissue_index, visible.T.astype(float))
+        gene_sum[lo : lo + rows] = filled.sum(axis=1)
+        gene_n[lo : lo + rows] = visible.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(gene_n[lo : lo + rows] > 0, gene_sum[lo : lo + rows] / gene_n[lo : lo + rows], np.nan)
+            resid = np.where(visible, values - mean[:, None], 0.0)
+        np.add.at(r_sum, problem.tissue_index, resid.sum(axis=0))
+        np.add.at(r_n, problem.tissue_index, visible.sum(axis=0))
+    offset = np.where(r_n > 0, r_sum / np.maximum(r_n, 1), 0.0).astype(np.float32)
+    return GeneStats(gene_sum, gene_n, tissue_sum, tissue_n, offset)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Genes ``lo:hi`` (one chromosome) x donors ``donor_lo:donor_hi``; ``entries`` target entries."""
+
+    lo: int
+    hi: int
+    donor_lo: int
+    donor_hi: int
+    entries: int
+
+
+def chromosome_spans(chroms: np.ndarray) -> list[tuple[int, int]]:
+    """(first, end) gene rows of each chromosome of a problem sorted by chromosome."""
+    if len(chroms) == 0:
+        return []
+    cuts = np.flatnonzero(chroms[1:] != chroms[:-1]) + 1
+    bounds = np.concatenate([[0], cuts, [len(chroms)]])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def blocks(problem: VisibleProblem, targets: np.ndarray, block_entries: int,
+           genes_per_block: int = GENES_PER_BLOCK) -> list[Block]:
+    """The blocks of ``targets`` ((G, S) bool): runs of at most ``genes_per_block`` genes of one chromosome, each
+    cut into ranges of consecutive donors holding about ``block_entries`` target entries (at least one donor per
+    block). Blocks without a target are left out."""
+    n_donors = len(problem.donors)
+    out = []
+    for first, end in chromosome_spans(problem.chroms):
+        n_runs = -(-(end - first) // genes_per_block)
+        cuts = np.linspace(first, end, n_runs + 1).round().astype(int)
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            per_donor = np.bincount(problem.donor_index, weights=targets[lo:hi].sum(axis=0),
+                                    minlength=n_donors).astype(np.int64)
+            start, acc = 0, 0
+            for d in range(n_donors):
+                acc += int(per_donor[d])
+                if acc >= block_entries or d == n_donors - 1:
+                    if acc:
+                        out.append(Block(lo, hi, start, d + 1, acc))
+                    start, acc = d + 1, 0
+    return out
+
+
+def halo(problem: VisibleProblem, block: Block, samples: np.ndarray, first: int, end: int, k: int) -> tuple[int, int]:
+    """Gene rows ``(lo, hi)`` around ``block`` (within the chromosome's rows ``first:end``) that hold every possible
+    neighbour of the block's targets in ``samples``: in each sample, K + 1 visible genes before the block (before
+    the first gene sharing the block's first TSS) and K + 1 at or after its last gene, plus one on either side."""
+    need = k + 2
+    tss = problem.tss
+    left_of = block.lo
+    while left_of > first and tss[left_of - 1] == tss[block.lo]:
+        left_of -= 1
+    lo, hi = block.lo, block.hi
+    if len(samples) == 0:
+        return left_of, hi
+    if left_of > first:
+        before = ~np.isnan(problem.values[first:left_of, samples][::-1])  # nearest first
+        counts = np.cumsum(before, axis=0)
+        reached = counts[-1] >= need
+        where = np.argmax(counts >= need, axis=0)  # rows back from left_of - 1
+        lo = int(np.min(np.where(reached, left_of - 1 - where, first)))
+    lo = min(lo, left_of)
+    if hi < end:
+        after = ~np.isnan(problem.values[hi:end, samples])
+        counts = np.cumsum(after, axis=0)
+        reached = counts[-1] >= need
+        where = np.argmax(counts >= need, axis=0)
+        hi = int(np.max(np.where(reached, block.hi + where + 1, end)))
+    return lo, hi
+
+
+@dataclass
+class Shard:
+    """What one block's records are built from (:func:`make_shard`); ``problem`` is the block's own small problem
+    (its rows: the block's genes and their halo; its samples: the block's donors' samples, in the whole problem's
+    order; its donors: those donors)."""
+
+    problem: VisibleProblem
+    stats: GeneStats
+    genetic: np.ndarray | None  # (G_local, D_local) cis-genetic scores or None
+    targets: np.ndarray  # (G_local, S_local) bool: the block's target entries (none in the halo rows)
+    hidden: np.ndarray  # (G_local, S_local) bool
+    gene_offset: int  # the whole problem's index of local gene 0
+    samples: np.ndarray  # (S_local,) the whole problem's sample indices
+    labels: np.ndarray | None = None  # (G_local, S_local) float32: each record's ``target`` instead of its value
+    columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> (G_local, S_local) float32
+
+
+def donor_sample_lists(problem: VisibleProblem) -> list[np.ndarray]:
+    """The sample indices of each donor, in increasing order."""
+    order = np.argsort(problem.donor_index, kind="stable")
+    bounds = np.searchsorted(problem.donor_index[order], np.arange(len(problem.donors) + 1))
+    return [order[bounds[d] : bounds[d + 1]] for d in range(len(problem.donors))]
+
+
+def make_shard(
+    problem: VisibleProblem,
+    block: Block,
+    span: tuple[int, int],
+    donor_samples: list[np.ndarray],
+    stats: GeneStats,
+    targets: np.ndarray,
+    hidden: np.ndarray,
+    k: int,
+    genetic: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    columns: dict[str, np.ndarray] | None = None,
+) -> Shard:
+    """Cut the :class:`Shard` of ``block`` out of the whole problem (the arrays it holds are copies).
+
+    Args:
+        problem: the whole visible problem (its ``genomes`` are not carried: the cis-genetic scores are).
+        block: the block; ``span``: its chromosome's gene rows (:func:`chromosome_spans`).
+        donor_samples: :func:`donor_sample_lists` of ``problem``.
+        stats: :func:`gene_stats` of ``problem``.
+        targets, hidden: (G, S) bool masks of the whole problem.
+        k: neighbours per target (the halo's width in visible genes).
+        genetic: (G, D) cis-genetic scores, or None.
+        labels: (G, S) values each record carries as its ``target``, or None.
+        columns: ``{name: (G, S) float32}`` read at each record's entry into a column ``name``.
+    """
+    samples = np.concatenate(donor_samples[block.donor_lo : block.donor_hi]) if block.donor_hi > block.donor_lo \
+        else np.zeros(0, np.int64)
+    samples = np.sort(samples)
+    block_targets = targets[block.lo : block.hi][:, samples]
+    target_samples = samples[block_targets.any(axis=0)]
+    lo, hi = halo(problem, block, target_samples, span[0], span[1], k)
+    rows = slice(lo, hi)
+    local_targets = np.zeros((hi - lo, len(samples)), bool)
+    local_targets[block.lo - lo : block.hi - lo] = block_targets
+    donors = np.arange(block.donor_lo, block.donor_hi)
+    local = dataclasses.replace(
+        problem,
+        gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
+        start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
+        sample_ids=problem.sample_ids[samples],
+        donor_index=(problem.donor_index[samples] - block.donor_lo).astype(problem.donor_index.dtype),
+        tissue_index=problem.tissue_index[samples],
+        donors=[problem.donors[d] for d in donors],
+        values=np.ascontiguousarray(problem.values[rows][:, samples]),
+        genomes=None,
+    )
+    return Shard(
+        problem=local,
+        stats=stats.rows(lo, hi),
+        genetic=None if genetic is None else np.ascontiguousarray(genetic[rows][:, donors]),
+        targets=local_targets,
+        hidden=np.ascontiguousarray(hidden[rows][:, samples]) & local_targets,
+        gene_offset=lo,
+        samples=samples,
+        labels=None if labels is None else np.ascontiguousarray(labels[rows][:, samples]),
+        columns={name: np.ascontiguousarray(grid[rows][:, samples]) for name, grid in (columns or {}).items()},
+    )
+
+
+def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:
+    """The context records of a shard's targets, indexed in the whole problem (``gene_index``, ``sample_index``),
+    with its labels as ``target`` and its extra columns appended."""
+    from geximpute.science.context import ContextIndex, build_context
+
+    gi, si = np.nonzero(shard.targets)
+    index = ContextIndex(shard.problem, genetic=shard.genetic, stats=shard.stats)
+    table = build_context(index, gi, si, shard.hidden[gi, si], k, max_distance)
+    g = table["gene_index"].to_numpy().astype(np.int64)
+    s = table["sample_index"].to_numpy().astype(np.int64)
+    if shard.labels is not None:
+        # training folds: the label of a re-hidden entry is its visible value in the outer problem
+        label = pa.array(shard.labels[g, s], pa.float32(), from_pandas=True)
+        table = table.set_column(table.schema.get_field_index("target"), "target", label)
+    for name, grid in shard.columns.items():
+        table = table.append_column(name, pa.array(grid[g, s], pa.float32(), from_pandas=True))
+    table = table.set_column(table.schema.get_field_index("gene_index"), "gene_index",
+                             pa.array((g + shard.gene_offset).astype(np.int32)))
+    return table.set_column(table.schema.get_field_index("sample_index"), "sample_index",
+                            pa.array(shard.samples[s].astype(np.int32)))

@@ -1,0 +1,126 @@
+"""Shards of a problem: the records one shard gives are the whole problem's records, value for value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from geximpute.science.context import ContextIndex, build_context
+from geximpute.science.problem import VisibleProblem
+from geximpute.science.shards import (
+    Block,
+    blocks,
+    chromosome_spans,
+    donor_sample_lists,
+    gene_stats,
+    halo,
+    make_shard,
+    shard_records,
+)
+
+
+def random_problem(seed: int = 0, n_genes: int = 300, n_donors: int = 13, n_tissues: int = 4) -> VisibleProblem:
+    """Genes on three chromosomes (some sharing a TSS), donors sampled in some tissues only, one donor-tissue
+    sample with nothing measured (like an imputed missing profile), and sparse columns, where a gene's K nearest
+    visible neighbours lie far away."""
+    rng = np.random.default_rng(seed)
+    chroms = np.sort(rng.choice(["chr1", "chr2", "chr3"], n_genes, p=[0.6, 0.3, 0.1]))
+    tss = np.zeros(n_genes, np.int64)
+    for c in np.unique(chroms):
+        at = np.flatnonzero(chroms == c)
+        tss[at] = np.sort(rng.integers(1_000, 2_000_000, len(at)))
+        tss[at[5]] = tss[at[4]]  # two genes sharing a TSS
+    strand = rng.choice(np.array([-1, 1], np.int8), n_genes)
+    start = tss - rng.integers(0, 5_000, n_genes)
+    end = tss + rng.integers(0, 5_000, n_genes)
+    pairs = [(d, t) for d in range(n_donors) for t in range(n_tissues) if rng.random() < 0.7]
+    donor_index = np.array([d for d, _ in pairs], np.int32)
+    tissue_index = np.array([t for _, t in pairs], np.int32)
+    order = np.lexsort((donor_index, tissue_index))  # samples ordered by tissue, as impute orders them
+    donor_index, tissue_index = donor_index[order], tissue_index[order]
+    values = rng.normal(size=(n_genes, len(pairs))).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, 3] = np.nan  # a sample with nothing measured
+    values[rng.random(n_genes) < 0.2, 5] = np.nan
+    values[: n_genes - 10, 7] = np.nan  # a sample with ten visible genes
+    corr = rng.uniform(0.1, 0.9, (n_tissues, n_tissues)).astype(np.float32)
+    return VisibleProblem(
+        gene_ids=np.array([f"g{i}" for i in range(n_genes)], dtype=object),
+        chroms=chroms.astype(object), tss=tss, start=start, end=end, strand=strand,
+        split=rng.integers(0, 3, n_genes).astype(np.int8),
+        sample_ids=np.array([f"s{i}" for i in range(len(pairs))], dtype=object),
+        donor_index=donor_index, tissue_index=tissue_index,
+        donors=[f"D{d}" for d in range(n_donors)], tissues=[f"T{t}" for t in range(n_tissues)],
+        values=values, tissue_corr=(corr + corr.T) / 2,
+    )
+
+
+def sorted_table(table: pa.Table) -> pa.Table:
+    return table.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
+
+
+@pytest.mark.parametrize(("genes_per_block", "block_entries", "max_distance"),
+                         [(40, 150, None), (1024, 400, None), (17, 60, 300_000)])
+def test_shard_records_are_the_whole_problems_records(genes_per_block, block_entries, max_distance):
+    problem = random_problem()
+    rng = np.random.default_rng(1)
+    k = 4
+    targets = np.isnan(problem.values) | (rng.random(problem.values.shape) < 0.1)
+    hidden = targets & (rng.random(targets.shape) < 0.5)
+    genetic = rng.normal(size=(problem.n_genes, len(problem.donors))).astype(np.float32)
+    labels = rng.normal(size=problem.values.shape).astype(np.float32)
+    grid = rng.normal(size=problem.values.shape).astype(np.float32)
+
+    gi, si = np.nonzero(targets)
+    whole = build_context(ContextIndex(problem, genetic=genetic), gi, si, hidden[gi, si], k, max_distance)
+    g, s = whole["gene_index"].to_numpy(), whole["sample_index"].to_numpy()  # records come ordered by sample
+    whole = whole.set_column(whole.schema.get_field_index("target"), "target", pa.array(labels[g, s]))
+    whole = sorted_table(whole.append_column("extra", pa.array(grid[g, s])))
+
+    stats = gene_stats(problem, rows=64)  # several passes: the statistics do not depend on them
+    spans = chromosome_spans(problem.chroms)
+    donor_samples = donor_sample_lists(problem)
+    cut = blocks(problem, targets, block_entries, genes_per_block)
+    assert sum(b.entries for b in cut) == int(targets.sum())
+    assert all(b.hi - b.lo <= genes_per_block for b in cut)
+    assert all(problem.chroms[b.lo] == problem.chroms[b.hi - 1] for b in cut)
+    parts = []
+    for block in cut:
+        span = next(s for s in spans if s[0] <= block.lo < s[1])
+        shard = make_shard(problem, block, span, donor_samples, stats, targets, hidden, k, genetic=genetic,
+                           labels=labels, columns={"extra": grid})
+        assert shard.problem.n_samples < problem.n_samples  # a shard holds only its donors' samples
+        parts.append(shard_records(shard, k, max_distance))
+    sharded = sorted_table(pa.concat_tables(parts))
+    assert sharded.num_rows == whole.num_rows
+    for name in whole.column_names:
+        assert sharded[name].equals(whole[name]), name
+
+
+def test_gene_stats_do_not_depend_on_the_pass_size():
+    problem = random_problem(seed=3)
+    one, many = gene_stats(problem), gene_stats(problem, rows=7)
+    np.testing.assert_array_equal(one.tissue_sum, many.tissue_sum)
+    np.testing.assert_array_equal(one.gene_n, many.gene_n)
+    np.testing.assert_allclose(one.tissue_offset, many.tissue_offset, rtol=1e-6)
+
+
+def test_halo_reaches_k_plus_one_visible_genes_on_each_side():
+    problem = random_problem(seed=2)
+    first, end = chromosome_spans(problem.chroms)[0]
+    k = 3
+    block = Block(first + 50, first + 75, 0, len(problem.donors), 0)
+    samples = np.arange(problem.n_samples)
+    lo, hi = halo(problem, block, samples, first, end, k)
+    assert first <= lo <= block.lo and block.hi <= hi <= end
+    for s in samples:
+        visible = ~np.isnan(problem.values[:, s])
+        before = visible[first : block.lo].sum()
+        after = visible[block.hi : end].sum()
+        # every sample keeps k + 2 visible genes on a side, or all the chromosome has there
+        assert visible[lo : block.lo].sum() >= min(before, k + 2)
+        assert visible[block.hi : hi].sum() >= min(after, k + 2)
+    # and no further than the sample that needs the most
+    assert lo == first or any(
+        (~np.isnan(problem.values[lo + 1 : block.lo, s])).sum() < k + 2 for s in samples)
