@@ -13,6 +13,7 @@ from geximpute.science.shards import (
     blocks,
     chromosome_spans,
     donor_sample_lists,
+    entry_offsets,
     gene_stats,
     halo,
     make_shard,
@@ -82,6 +83,7 @@ def test_shard_records_are_the_whole_problems_records(genes_per_block, block_ent
     spans = chromosome_spans(problem.chroms)
     donor_samples = donor_sample_lists(problem)
     cut = blocks(problem, targets, block_entries, genes_per_block)
+    offsets = entry_offsets(targets)
     assert sum(b.entries for b in cut) == int(targets.sum())
     assert all(b.hi - b.lo <= genes_per_block for b in cut)
     assert all(problem.chroms[b.lo] == problem.chroms[b.hi - 1] for b in cut)
@@ -89,7 +91,7 @@ def test_shard_records_are_the_whole_problems_records(genes_per_block, block_ent
     for block in cut:
         span = next(s for s in spans if s[0] <= block.lo < s[1])
         shard = make_shard(problem, block, span, donor_samples, stats, targets, hidden, k, genetic=genetic,
-                           labels=labels, columns={"extra": grid})
+                           labels=labels, columns={"extra": grid[gi, si]}, entry_offsets=offsets)
         assert shard.problem.n_samples < problem.n_samples  # a shard holds only its donors' samples
         parts.append(shard_records(shard, k, max_distance))
     sharded = sorted_table(pa.concat_tables(parts))

@@ -285,11 +285,12 @@ class Bundle:
         """Every record of ``gene_ids`` reads its gene's reference window from the bundle's own table."""
         return PromoterLookup.reference(np.array([self.gene_promoter.get(g, -1) for g in gene_ids], dtype=np.int64))
 
-    def baseline_grids(self, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray]:
-        """The estimates a stacked head reads beside the network, ``{name: (G, S) float32}`` in the head's order:
-        each baseline, with the bundle's (tuned) settings, fitted on the visible values of ``problem`` and
-        evaluated at its ``targets`` entries (NaN elsewhere), as the evaluation fits them on the visible values to
-        estimate the hidden ones. Empty for a bundle without the stacked layout.
+    def baseline_entries(self, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray]:
+        """The estimates a stacked head reads beside the network at the ``targets`` entries, ``{name: (N,)
+        float32}`` in the head's order and in ``np.nonzero(targets)`` order: each baseline, with the bundle's
+        (tuned) settings, fitted on the visible values of ``problem``, as the evaluation fits them on the visible
+        values to estimate the hidden ones; NaN for a baseline that does not apply to these data (e.g. no donors).
+        Empty for a bundle without the stacked layout.
 
         Args:
             problem: the problem being predicted (with its virtual samples); nothing of it is hidden here.
@@ -305,11 +306,16 @@ class Bundle:
         gi, si = np.nonzero(targets)
         estimates = baseline_estimates(problem, gi, si, self.baseline_names, config.baselines, seed=config.seed,
                                        composition=composition)
+        return {name: np.asarray(estimates[name], np.float32) if name in estimates
+                else np.full(len(gi), np.nan, np.float32) for name in self.baseline_names}
+
+    def baseline_grids(self, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`baseline_entries` as ``{name: (G, S) float32}`` grids, NaN off the ``targets``."""
+        gi, si = np.nonzero(targets)
         grids = {}
-        for name in self.baseline_names:
+        for name, values in self.baseline_entries(problem, targets).items():
             grid = np.full(problem.values.shape, np.nan, np.float32)
-            if name in estimates:  # a baseline that does not apply to these data (e.g. no donors) stays NaN
-                grid[gi, si] = estimates[name]
+            grid[gi, si] = values
             grids[name] = grid
         return grids
 

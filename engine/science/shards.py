@@ -193,6 +193,7 @@ def make_shard(
     genetic: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     columns: dict[str, np.ndarray] | None = None,
+    entry_offsets: np.ndarray | None = None,
 ) -> Shard:
     """Cut the :class:`Shard` of ``block`` out of the whole problem (the arrays it holds are copies).
 
@@ -205,7 +206,9 @@ def make_shard(
         k: neighbours per target (the halo's width in visible genes).
         genetic: (G, D) cis-genetic scores, or None.
         labels: (G, S) values each record carries as its ``target``, or None.
-        columns: ``{name: (G, S) float32}`` read at each record's entry into a column ``name``.
+        columns: ``{name: (N,) float32}``, one value per target entry in ``np.nonzero(targets)`` order, each
+            record's in its column ``name`` (the whole problem never needs a (G, S) grid of them).
+        entry_offsets: (G + 1,) :func:`entry_offsets` of ``targets``; required with ``columns``.
     """
     samples = np.concatenate(donor_samples[block.donor_lo : block.donor_hi]) if block.donor_hi > block.donor_lo \
         else np.zeros(0, np.int64)
@@ -237,8 +240,35 @@ def make_shard(
         gene_offset=lo,
         samples=samples,
         labels=None if labels is None else np.ascontiguousarray(labels[rows][:, samples]),
-        columns={name: np.ascontiguousarray(grid[rows][:, samples]) for name, grid in (columns or {}).items()},
+        columns=_block_columns(columns or {}, entry_offsets, targets, block, samples, lo, hi),
     )
+
+
+def entry_offsets(targets: np.ndarray) -> np.ndarray:
+    """(G + 1,) the position in ``np.nonzero(targets)`` order of each gene's first target entry (and their count)."""
+    offsets = np.zeros(len(targets) + 1, np.int64)
+    np.cumsum(targets.sum(axis=1), out=offsets[1:])
+    return offsets
+
+
+def _block_columns(columns: dict[str, np.ndarray], offsets: np.ndarray | None, targets: np.ndarray, block: Block,
+                   samples: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """``columns`` (one value per target entry of the whole problem) as (G_local, S_local) grids of the block's
+    shard, NaN off its targets."""
+    if not columns:
+        return {}
+    if offsets is None:
+        raise ValueError("columns per target entry need the entry_offsets of the targets")
+    rows = targets[block.lo : block.hi]
+    rank = np.cumsum(rows, axis=1) - 1  # each target's place among its gene's targets
+    position = (offsets[block.lo : block.hi, None] + rank)[:, samples]
+    inside = rows[:, samples]
+    out = {}
+    for name, values in columns.items():
+        grid = np.full((hi - lo, len(samples)), np.nan, np.float32)
+        grid[block.lo - lo : block.hi - lo][inside] = values[position[inside]]
+        out[name] = grid
+    return out
 
 
 def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:

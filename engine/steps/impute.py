@@ -192,16 +192,17 @@ def target_mask(
 
 def stacked_estimates(bundle: Any, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray] | None:
     """The baselines' estimates at the ``targets`` entries that a stacked bundle's head reads (fitted on the visible
-    values of ``problem``), or None for a bundle without them."""
+    values of ``problem``; ``{name: (N,)}`` in ``np.nonzero(targets)`` order, :meth:`Bundle.baseline_entries`), or
+    None for a bundle without them."""
     if not getattr(bundle, "stacked", False):
         return None
     t0 = time.perf_counter()
     with stage("baselines: estimates for the stacked head", total=1, unit="passes") as progress:
-        grids = bundle.baseline_grids(problem, targets)
+        estimates = bundle.baseline_entries(problem, targets)
         progress.advance()
-    log.info("impute: estimates of %s at %d entries in %.1f s", ", ".join(grids), int(targets.sum()),
+    log.info("impute: estimates of %s at %d entries in %.1f s", ", ".join(estimates), int(targets.sum()),
              time.perf_counter() - t0)
-    return grids
+    return estimates
 
 
 def load_bundle_from(folder: str) -> Any:
@@ -296,8 +297,9 @@ class Predictor:
             embeddings=)`` and ``model_version`` (a :class:`~geximpute.fit.bundle.Bundle`).
         bundle_dir: the bundle folder.
         refs: object references of ((G,) gene ids, (S,) virtual-sample flags, per-donor haplotypes (the promoter
-            inputs, or their :class:`EncodedHaplotypes`) or None, the baselines' estimates of a stacked bundle
-            (:meth:`geximpute.fit.bundle.Bundle.baseline_grids`) or None).
+            inputs, or their :class:`EncodedHaplotypes`) or None, the (G, S) grids of a stacked bundle's baselines
+            (:meth:`geximpute.fit.bundle.Bundle.baseline_grids`) or None: :func:`run_pipeline` passes None, its
+            records carry their estimates).
         run_id: written in every row.
         scale: ``inputs.scale`` of the data, for ``predicted_tpm``.
         expression: the expression settings, for ``predicted_tpm``.
@@ -405,7 +407,8 @@ def run_pipeline(
         haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`); None: the bundle's
             reference windows. With ``encode_once`` every haplotype is encoded once for the run
             (:func:`encoded_haplotypes`, as many tasks as predictor actors) and the predictors get the embeddings.
-        baselines: the baselines' estimates a stacked bundle reads (``Bundle.baseline_grids(problem, targets)``).
+        baselines: the baselines' estimates a stacked bundle reads (:func:`stacked_estimates`: one value per
+            target entry, in ``np.nonzero(targets)`` order); they travel with each shard's records.
         encode_once: encode the haplotypes once for the run; False for a bundle whose networks have no promoter
             branch (``Bundle.reads_promoters``).
     """
@@ -413,8 +416,8 @@ def run_pipeline(
 
     cpus = config.ray.cpus_per_task
     try:
-        # the stacked head's baseline estimates travel with each block's records: no predictor maps the (G, S) grids
-        columns = {baseline_column(name): grid for name, grid in (baselines or {}).items()}
+        # the stacked head's baseline estimates travel with each block's records: no predictor maps (G, S) grids
+        columns = {baseline_column(name): values for name, values in (baselines or {}).items()}
         shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES)
         del columns
@@ -635,7 +638,7 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     projected wall time for ``workers`` predictor actors.
 
     Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies and the stacked
-    baselines' grids in the driver, the largest shard and its block of context records, the bundle's files) over
+    baselines' estimates in the driver, the largest shard and its block of context records, the bundle's files) over
     :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
     measures).
     """
@@ -656,7 +659,8 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
     bundle_mb = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) * mib
-    grids = matrix * len(bundle.baseline_names) if bundle.stacked else 0.0
+    # the stacked baselines' estimates, one float32 per target entry and baseline (no (G, S) grids)
+    estimates = n_entries * 4 * mib * len(bundle.baseline_names) if bundle.stacked else 0.0
     tokens = config.context.k_neighbours + len(problem.tissues)
     record_bytes = RECORD_FIXED_BYTES + tokens * RECORD_TOKEN_BYTES
     block_records = max((sh["entries"] for sh in shards), default=0) * record_bytes
@@ -668,8 +672,9 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
                    default=0) * mib
     peak = {
-        # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; grids
-        "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + grids,
+        # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; the
+        # baselines' estimates
+        "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + estimates,
         # one shard at a time (geximpute.science.shards) and its block of records
         "context": PROCESS_BASE_MB["context"] + shard_mb + block_records * mib,
         # the bundle in memory (about its files), one batch through the network (activations about 50x the

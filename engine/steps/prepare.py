@@ -46,6 +46,7 @@ from geximpute.science.shards import (
     blocks,
     chromosome_spans,
     donor_sample_lists,
+    entry_offsets,
     gene_stats,
     make_shard,
     shard_records,
@@ -193,9 +194,10 @@ def context_shards(
     :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
 
     The problem's cis-genetic scores and per-gene statistics are computed here, once, and each shard gets its slice
-    of them; ``labels`` and ``columns`` ((G, S) grids) are sliced likewise. ``folder`` must be readable by every
-    node that runs a context actor, as the output folder already is (the writers write there): callers put it
-    inside their staging folder and remove it before they commit.
+    of them; ``labels`` ((G, S)) and ``columns`` (``{name: (N,)}``, one value per target entry in
+    ``np.nonzero(targets)`` order, each record's in its column ``name``) are sliced likewise. ``folder`` must be
+    readable by every node that runs a context actor, as the output folder already is (the writers write there):
+    callers put it inside their staging folder and remove it before they commit.
 
     Returns:
         (the shard files, their blocks), in the same order: the constructor argument ``shards`` of
@@ -212,11 +214,13 @@ def context_shards(
         span_of[first:end] = i
     donor_samples = donor_sample_lists(problem)
     cut = blocks(problem, targets, block_entries)
+    offsets = entry_offsets(targets) if columns else None
     folder.mkdir(parents=True)
     paths = []
     for i, block in enumerate(cut):
         shard = make_shard(problem, block, spans[span_of[block.lo]], donor_samples, stats, targets, hidden,
-                           config.context.k_neighbours, genetic=genetic, labels=labels, columns=columns)
+                           config.context.k_neighbours, genetic=genetic, labels=labels, columns=columns,
+                           entry_offsets=offsets)
         path = folder / f"shard-{i:06d}.pkl"
         with open(path, "wb") as f:
             pickle.dump(shard, f, protocol=pickle.HIGHEST_PROTOCOL)
