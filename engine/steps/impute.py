@@ -420,7 +420,6 @@ def run_pipeline(
         columns = {baseline_column(name): values for name, values in (baselines or {}).items()}
         shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES)
-        del columns
         # blocks of entries whose records are built; the stream predicts and writes each soon after
         progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
         n_gpus = gpus_to_use(config)
