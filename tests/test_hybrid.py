@@ -103,6 +103,8 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
     assert list(bundle.baseline_names) == list(models.baselines)
     # the head boosts from the blend of its estimate columns, saved with the bundle
     assert models.head.blend is not None and bundle.models.head.blend == models.head.blend
+    # the session's tiny head was boosted by Ray Train's XGBoostTrainer (head.ray_min_rows=0): its run is kept
+    assert (Path(tiny_model.config.output_dir) / "network" / "runs" / "head_hybrid").is_dir()
     problem = tiny_model.progress.results["prepare"].problem
     targets = np.zeros(problem.values.shape, bool)
     targets[hidden["gene_index"].to_numpy(), hidden["sample_index"].to_numpy()] = True

@@ -6,6 +6,9 @@ estimate and XGBoost's multi-quantile objective for the interval bounds. The bou
 training records (Romano, Patterson & Candes 2019): widened (or narrowed) by the quantile of
 ``max(lower - y, y - upper)`` that makes the interval cover the intended fraction of held-out values.
 
+A head table of fewer than ``head.ray_min_rows`` rows (a small dataset, a test) is boosted by the same code in the
+calling process: starting an ``XGBoostTrainer`` (placement group, worker, dataset split) costs more than such a fit.
+
 When some input columns are themselves estimates of the target (the stacked layout: the network's prediction and the
 baselines' out-of-fold estimates), both boosters start from their non-negative least-squares blend (:class:`Blend`,
 XGBoost's ``base_margin``) instead of a constant: trees approximate "copy this column" only in steps, so a head
@@ -390,7 +393,8 @@ def fit_head(
     estimates: list[int] | None = None,
     members: list[np.ndarray] | None = None,
 ) -> HeadModel:
-    """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows.
+    """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows; a table of fewer
+    than ``config.ray_min_rows`` rows is boosted in this process instead (:func:`fit_head_in_process`).
 
     Args:
         features: (N, F) float32, NaN = missing.
@@ -408,6 +412,13 @@ def fit_head(
             estimate): the blend's prediction weights and the number of trees are then fitted for that average
             (module docstring; the interval stays calibrated on single networks). None: for single rows as given.
     """
+    if len(labels) < config.ray_min_rows:
+        t0 = time.perf_counter()
+        head = fit_head_in_process(features, labels, valid, config, seed=seed, estimates=estimates, members=members)
+        log.info("head %s: %d rows (< head.ray_min_rows %d) boosted in this process, conformal %+.4f, %.1f s", name,
+                 len(labels), config.ray_min_rows, head.conformal, time.perf_counter() - t0)
+        return head
+
     import ray
     import xgboost
     from ray.train import RunConfig, ScalingConfig
