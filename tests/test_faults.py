@@ -19,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +30,12 @@ import pytest
 from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, nightly_config, read_nightly, read_output
 
 from geximpute.config import load_config
+from geximpute.fit.train import fold_dirs, train_network
 from geximpute.runtime.atomic import Lease, LeaseBusy, resolve, store_of
 from geximpute.runtime.console import LOG_NAME
 from geximpute.steps.impute import OutputError, impute
 from geximpute.steps.nightly import ledger_path, lock_path, nightly, output_root
-from geximpute.steps.pipeline import Progress, build_bundle
+from geximpute.steps.prepare import read_problem_index
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -96,35 +95,20 @@ def data(tiny_data) -> Path:
     return tiny_data
 
 
-class KilledTraining(Progress):
-    """build_bundle's stages, the training one watched by a :class:`WorkerKiller`."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__()
-        self.killer = WorkerKiller(run_dir)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[dict]:
-        with super().stage(name) as figures:
-            if name != "train":
-                yield figures
-                return
-            with self.killer:
-                yield figures
-
-
 @pytest.fixture(scope="module")
-def killed_training(ray_local, data, tmp_path_factory):
-    """build_bundle with the training worker killed after its first checkpoint: (network, killer, bundle folder)."""
-    work = tmp_path_factory.mktemp("faults-model")
+def killed_training(tiny_model, tmp_path_factory):
+    """A network trained on the session's tiny records with its worker killed after its first checkpoint:
+    (network, killer, the session's tiny bundle, which the other faults' runs impute with)."""
+    work = tmp_path_factory.mktemp("faults-train")
     # few examples per epoch: the epochs are short, the worker is killed in the second one
-    config = load_config(data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
-                                                f"train.patience={EPOCHS}", "train.max_failures=2",
-                                                "train.folds=1",  # one network: the run the killer watches
-                                                "train.max_examples_per_epoch=512", "head.num_boost_round=10"])
-    progress = KilledTraining(work / "network" / "runs" / "hybrid")
-    bundle = build_bundle(config, progress=progress)
-    return progress.results["train"], progress.killer, bundle.folder
+    config = load_config(tiny_model.data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
+                                                           f"train.patience={EPOCHS}", "train.max_failures=2",
+                                                           "train.max_examples_per_epoch=512"])
+    gene_ids, tissues = read_problem_index(tiny_model.records)
+    with WorkerKiller(work / "runs" / "hybrid") as killer:
+        network = train_network(config, fold_dirs(tiny_model.records, [0]), tiny_model.records, gene_ids,
+                                len(tissues), storage=work / "runs", name="hybrid")
+    return network, killer, tiny_model.folder
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +140,8 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> N
         time.sleep(0.02)
 
 
-def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, previous, data):
-    network, killer, bundle_folder = killed_training
+def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, tiny_model, previous, data):
+    network, killer, _ = killed_training
     assert killer.killed, "the training worker was never killed"
     # killed once the first epoch's checkpoint was registered, before the last epoch
     assert killer.epoch_at_kill is not None and killer.epoch_at_kill < EPOCHS - 1
@@ -168,13 +152,12 @@ def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, pre
     assert killer.read()["current_report_index"] == EPOCHS
     # each epoch was cut to train.max_examples_per_epoch (512, under half of the records, which are stored by
     # chromosome) and still reached every training chromosome: a seeded sample of all the records, not the first files
-    train_dir = bundle_folder.parent / "records" / "train"
-    n_train = sum(pq.ParquetDataset(d).read(columns=["target"]).num_rows for d in sorted(train_dir.iterdir()))
+    n_train = pq.ParquetDataset(fold_dirs(tiny_model.records, [0])[0]).read(columns=["target"]).num_rows
     m = network.metrics
     assert m["examples"] <= 512 < n_train / 2, (m["examples"], n_train)
     assert m["chroms_train"] >= 2
     assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
-    # the bundle of that run imputes every missing entry once
+    # the tiny bundle imputes every missing entry once
     _, result = previous
     n_missing, missing_pairs, n_genes = expected_missing(data)
     frame = read_output(result.out_dir)
