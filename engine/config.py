@@ -490,6 +490,12 @@ class RayConfig:
         address: ``None`` starts a local single-node Ray in this process; ``auto`` or ``ray://...`` joins a cluster.
         num_cpus: CPUs for a local Ray (``None``: all of this machine's).
         object_store_mb: object store size for a local Ray (``None``: Ray's default).
+        data_object_store_mb: the object store memory each Ray Data execution of this process may hold at once
+            (blocks built and not yet consumed; Ray Data's ``resource_limits``). Every object-store page a worker
+            writes a block into counts in its resident memory for as long as the page stays mapped, so a budget
+            that grows with the store (Ray Data's default, ``None``: a share of the whole object store) lets the
+            context actors run ahead of the predictors and grow with the entries of a run (measured: 1.82x for
+            4x donors uncapped, 1.16x at 128 MiB, as fast). Raise it for many GPU predictors on one node.
         cpus_per_task: CPUs each Ray Data task or actor asks for; fractional so that read tasks still get
             scheduled on a 2-core machine.
         concurrency: Ray Data actors building records.
@@ -498,6 +504,7 @@ class RayConfig:
     address: str | None = None
     num_cpus: int | None = None
     object_store_mb: int | None = None
+    data_object_store_mb: int | None = 128
     cpus_per_task: float = 0.5
     concurrency: int = 2
 
@@ -510,6 +517,12 @@ class RayConfig:
             "ray.object_store_mb",
             self.object_store_mb,
             "at least 64",
+        )
+        _require(
+            self.data_object_store_mb is None or self.data_object_store_mb >= 16,
+            "ray.data_object_store_mb",
+            self.data_object_store_mb,
+            "at least 16",
         )
 
 

@@ -183,3 +183,21 @@ def test_cached_encoder_gives_the_network_its_own_predictions():
     np.testing.assert_allclose(pre_emb, cached_emb, rtol=1e-5, atol=1e-6)
     # a network sent to another process leaves its built network and promoter cache behind
     assert shipped._inference is not None and pickle.loads(pickle.dumps(shipped))._inference is None
+
+
+def test_peak_rss_of_a_subprocess_driver_is_the_subprocess_s_own():
+    """The driver kind is the subprocess's memory from the first sample on, never the (larger) measuring process."""
+    import os
+    import sys
+
+    import psutil
+
+    from geximpute.apps.benchmark import measured_subprocess
+
+    ballast = np.ones(64 * 2**20 // 8)  # this process: well above a bare interpreter
+    proc, _, peak, seconds = measured_subprocess([sys.executable, "-c", "import time; time.sleep(0.5)"],
+                                                 dict(os.environ))
+    mine = psutil.Process().memory_info().rss
+    assert proc.returncode == 0 and seconds >= 0.5
+    assert 0 < peak.kinds["driver"] < 64 * 2**20 < mine, (peak.kinds, mine)
+    del ballast

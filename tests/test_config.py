@@ -54,6 +54,8 @@ def test_set_overrides_parse_values_as_yaml(write):
         ("promoter.soft_mask=lower", "promoter.soft_mask", "'lower'"),
         ("seed=abc", "seed", "'abc'"),
         ("ray.num_cpus=0", "ray.num_cpus", "0"),
+        ("ray.data_object_store_mb=8", "ray.data_object_store_mb", "8"),
+        ("head.ray_min_rows=-1", "head.ray_min_rows", "-1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(write, override, key, value):
@@ -61,6 +63,24 @@ def test_bad_values_name_the_key_and_the_value(write, override, key, value):
         load_config(write("config.yaml", MINIMAL), [override])
     assert key in str(err.value) and value in str(err.value)
     assert "config.yaml" in str(err.value)
+
+
+def test_ray_data_budget_caps_this_process_s_executions_and_none_leaves_ray_s_default():
+    from ray.data import DataContext
+
+    from geximpute.config import RayConfig
+    from geximpute.runtime.raytools import data_budget
+
+    options = DataContext.get_current().execution_options
+    before = options.resource_limits
+    try:
+        data_budget(RayConfig(data_object_store_mb=None))
+        assert options.resource_limits == before
+        data_budget(RayConfig(data_object_store_mb=64))
+        assert options.resource_limits.object_store_memory == 64 * 2**20
+        assert options.resource_limits.cpu == before.cpu  # only the object store budget changes
+    finally:
+        options.resource_limits = before
 
 
 def test_unknown_key_is_rejected_with_the_valid_keys(write):

@@ -443,6 +443,21 @@ def gene_set_bundle(config: Any, work: Path, network_dir: Path) -> dict[str, Any
     return {"seconds": round(time.perf_counter() - t0, 1), "head_records": n_head, "model_version": version}
 
 
+def measured_subprocess(cmd: list[str], env: dict[str, str], exclude: set[int] = frozenset(),
+                        ) -> tuple[subprocess.Popen, str, PeakRSS, float]:
+    """Run ``cmd`` to its end with its memory sampled as the driver's (:class:`PeakRSS`, from the first sample on:
+    sampled before its pid is known, this measuring process would count as the driver).
+
+    Returns:
+        (the finished process, its stderr, the peaks, seconds from start to end).
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with PeakRSS(driver_pid=proc.pid, exclude=exclude) as peak:
+        _, stderr = proc.communicate()
+    return proc, stderr, peak, time.perf_counter() - t0
+
+
 def impute_point(config_path: Path, overrides: list[str], bundle: Path, out: Path, address: str) -> dict[str, Any]:
     """One ``geximpute impute`` end to end into Parquet (commit included) in a new driver process that joins the
     Ray at ``address``; its time, rate and peak memory per process kind."""
@@ -452,12 +467,7 @@ def impute_point(config_path: Path, overrides: list[str], bundle: Path, out: Pat
         cmd += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the benchmark's own Ray workers (they trained and prepared, and stay up idle) are not the imputation's
-    with PeakRSS(exclude=ray_worker_pids()) as peak:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        peak.driver_pid = proc.pid
-        stdout, stderr = proc.communicate()
-        process_seconds = time.perf_counter() - t0
+    proc, stderr, peak, process_seconds = measured_subprocess(cmd, env, exclude=ray_worker_pids())
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark: impute of {config_path} failed (exit {proc.returncode}): {stderr[-2000:]}")
     manifest = json.loads((out / "_manifest.json").read_text())

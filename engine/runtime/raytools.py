@@ -33,6 +33,7 @@ def ensure_ray(config: RayConfig) -> bool:
     """
     import ray
 
+    data_budget(config)
     if ray.is_initialized():
         return False
     from geximpute.runtime.console import redirected
@@ -59,6 +60,20 @@ def ensure_ray(config: RayConfig) -> bool:
         )
     log.info("ray: %s", ray.cluster_resources())
     return True
+
+
+def data_budget(config: RayConfig) -> None:
+    """Cap the object store memory of this process's Ray Data executions at ``ray.data_object_store_mb`` (nothing
+    changes when it is ``None``)."""
+    if config.data_object_store_mb is None:
+        return
+    from ray.data import DataContext
+
+    limit = config.data_object_store_mb * 1024 * 1024
+    options = DataContext.get_current().execution_options
+    if options.resource_limits.object_store_memory != limit:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
+        log.info("ray data: at most %d MiB of object store per execution", config.data_object_store_mb)
 
 
 def progress_counter():
