@@ -610,9 +610,10 @@ def impute(
 # A plan before a long run ---------------------------------------------------------------------------------------
 
 #: resident memory of each kind of process at the smallest point `geximpute benchmark` measured (1,000 genes x 100
-#: donors x 10 tissues, default model, 44afd6e: driver 1,876, context 356, predictor 701, writer 591 MiB peak,
-#: docs/benchmarks.md "Genome scale"), rounded: where the data are that small, what the process holds besides them
-PROCESS_BASE_MB = {"driver": 1800, "context": 350, "predictor": 650, "writer": 550}
+#: donors x 10 tissues, default model, 44afd6e: context 356, predictor 701, writer 591 MiB peak; the driver measured
+#: as itself at ba33a7d, 605 MiB: the 1,876 recorded at 44afd6e was the benchmark process; docs/benchmarks.md
+#: "Genome scale"), rounded: where the data are that small, what the process holds besides them
+PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 550}
 #: bytes of one context record in Arrow, about: fixed columns plus four float lists per neighbour and per tissue token
 RECORD_FIXED_BYTES, RECORD_TOKEN_BYTES = 160, 20
 
