@@ -495,8 +495,10 @@ class RayConfig:
             writes a block into counts in its resident memory for as long as the page stays mapped, so a budget
             that grows with the store (Ray Data's default, ``None``: a share of the whole object store) lets the
             context actors run ahead of the predictors and grow with the entries of a run (measured at 4x donors,
-            context actor RSS: 1.82x uncapped, 1.07-1.24x at 128 MiB, 1.01-1.12x at 64 MiB, which cost 13-27% of
-            the wall time on 2 cores; ``docs/benchmarks.md``). Raise it for many GPU predictors on one node.
+            context actor RSS: 1.82x uncapped, 1.07-1.24x at 128 MiB, 1.01-1.12x at 64 MiB on 10 tissues, which
+            cost 13-27% of the wall time on 2 cores). Off by default: on the real v8 data (54 tissues, blocks of
+            records near 64 MiB) 64 MiB made ``impute`` 1.7x slower (``docs/benchmarks.md``). Set it (a few
+            blocks' worth) where a worker's memory must not grow with the run.
         cpus_per_task: CPUs each Ray Data task or actor asks for; fractional so that read tasks still get
             scheduled on a 2-core machine.
         concurrency: Ray Data actors building records.
@@ -505,7 +507,7 @@ class RayConfig:
     address: str | None = None
     num_cpus: int | None = None
     object_store_mb: int | None = None
-    data_object_store_mb: int | None = 64
+    data_object_store_mb: int | None = None
     cpus_per_task: float = 0.5
     concurrency: int = 2
 
