@@ -1,7 +1,8 @@
 """``geximpute train``: the CNN-transformer trained with Ray Train's TorchTrainer (DDP), one report per epoch.
 
-Workers read the labelled training folds through Ray Data (``ray.train.get_dataset_shard``) once, then each
-epoch visit a fresh seeded permutation of all their training records (cut to ``train.max_examples_per_epoch``), so
+Workers read the labelled training folds through Ray Data (``ray.train.get_dataset_shard``, one dataset split into
+training and validation rows by each worker) once, then each epoch visit a fresh seeded permutation of all their
+training records (cut to ``train.max_examples_per_epoch``), so
 every epoch samples the whole genome rather than the first chromosomes of the files; they featurise each batch,
 hide whole evidence groups at random (denoising), and minimise the squared error on standardised values. Each
 epoch's report says how many training genes and chromosomes it saw. Validation uses held-out chromosomes
@@ -63,6 +64,15 @@ def _read_shard(shard) -> pa.Table | None:
     if records is None or not records.num_rows:
         return None
     return records.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
+
+
+def _split_rows(table: pa.Table | None, cfg: dict) -> tuple[pa.Table | None, pa.Table | None]:
+    """(training rows, validation rows) of a worker's records, by :func:`holdout`; None where there are none."""
+    if table is None:
+        return None, None
+    held = holdout(table, cfg["task"], cfg["use_chroms"], cfg["seed"])
+    parts = table.filter(pa.array(~held)), table.filter(pa.array(held))
+    return tuple(part if part.num_rows else None for part in parts)  # type: ignore[return-value]
 
 
 def _batches(table: pa.Table | None, batch_size: int, cfg: dict, lookup: PromoterLookup):
@@ -135,13 +145,17 @@ def _train_loop(cfg: dict) -> None:
     if freeze:  # the shared (broadcast or restored) weights, encoded once for every promoter of the table
         _unwrap(model).freeze_promoter_cnn(promoters)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
+    # this worker's records, read once (one Ray Data execution, not one per epoch) and split here into training
+    # and validation rows; each epoch samples the training rows afresh (epoch_rows)
+    records, valid_records = _split_rows(_read_shard(ray.train.get_dataset_shard("records")), cfg)
+    n_train = records.num_rows if records is not None else 0
+    if world > 1:
+        # the shards are equal in records, not in training rows: every worker takes as many steps as the fewest
+        fewest = torch.tensor([n_train], dtype=torch.int64)
+        torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+        n_train = int(fewest[0])
     per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
-    # this worker's training and validation records, read once (one Ray Data execution each, not one per epoch);
-    # each epoch samples the training records afresh (epoch_rows)
-    records = _read_shard(train_shard)
-    valid_records = _read_shard(valid_shard)
+    per_worker_limit = n_train if per_worker_limit is None else min(per_worker_limit, n_train)
     gene_chrom = cfg["gene_chrom"]
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"]):
@@ -201,7 +215,8 @@ def _train_loop(cfg: dict) -> None:
                    "chroms_unseen": sorted(set(cfg["train_chroms"]) - {cfg["chrom_names"][c] for c in chroms_seen}),
                    "pretrain_valid_pearson": max((r for r in pretrain_r if np.isfinite(r)), default=None)}
         if rank == 0:
-            log.info("epoch %d: %d examples, %d of %d training genes and %d of %d chromosomes seen%s", epoch,
+            log.info("%s epoch %d: %d examples, %d of %d training genes and %d of %d chromosomes seen%s",
+                     cfg["name"], epoch,
                      metrics["examples"], metrics["genes_seen"], metrics["genes_train"], metrics["chroms_seen"],
                      metrics["chroms_train"], f" (never: {metrics['chroms_unseen']})" if metrics["chroms_unseen"]
                      else "")
@@ -262,7 +277,7 @@ def train_network(
             not read); default: from the training records.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
@@ -294,14 +309,10 @@ def train_network(
     gene_chrom[gene_index] = chrom_code
     train_genes = np.unique(gene_index[~valid])
 
-    def split(part: str):
-        def select(batch: pa.Table) -> pa.Table:
-            rows = holdout(batch, config.evaluation.task, use_chroms, config.seed)
-            return batch.filter(pa.array(rows if part == "valid" else ~rows))
-
-        return ray.data.read_parquet([str(d) for d in train_dirs]).map_batches(
-            select, batch_format="pyarrow", num_cpus=config.ray.cpus_per_task
-        )
+    # one dataset, split into training and validation rows by each worker (holdout is a function of the row):
+    # one Ray Data execution per run; with one worker nothing is split, and the worker runs it itself
+    records = ray.data.read_parquet([str(d) for d in train_dirs], num_cpus=config.ray.cpus_per_task)
+    data_config = DataConfig(datasets_to_split="all" if tc.num_workers > 1 else [])
 
     loop_config = {
         "spec": spec,
@@ -329,6 +340,9 @@ def train_network(
         "n_train_chroms": len(np.unique(gene_chrom[train_genes])),
         "threads": tc.cpus_per_worker,
         "resume_path": resume_from.path if resume_from is not None else None,
+        "name": name,
+        "task": config.evaluation.task,
+        "use_chroms": use_chroms,
     }
     log.info("train %s: %d training and %d validation examples (%s), %d promoters, %d worker(s)%s", name,
              int((~valid).sum()), len(valid_ref), "chromosomes" if use_chroms else "unit holdout",
@@ -342,7 +356,8 @@ def train_network(
             use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
         ),
-        datasets={"train": split("train"), "valid": split("valid")},
+        datasets={"records": records},
+        dataset_config=data_config,
         run_config=RunConfig(
             storage_path=str(storage.resolve()),
             name=name,

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: target entries per block of records (one block = a run of genes of one chromosome x a range of donors)
 BLOCK_ENTRIES = 100_000
+#: the column (and partition folder) that tells :func:`write_record_parts`'s parts apart while they are written
+PART = "record_part"
 
 
 @dataclass
@@ -160,15 +162,21 @@ class ContextBuilder:
     actor, and the pages of every shard it read would count in its resident memory).
     """
 
-    def __init__(self, shards: list[str], k: int, max_distance: int | None, progress=None) -> None:
+    def __init__(self, shards: list[str], k: int, max_distance: int | None, progress=None,
+                 parts: list[int] | None = None) -> None:
         self.shards = shards  # shard files, read one at a time
+        self.parts = parts  # the part of each shard (write_record_parts), written as each record's PART column
         self.k, self.max_distance = k, max_distance
         self.progress = progress  # a progress counter actor (geximpute.runtime.raytools.progress_counter) or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = []
         for i in batch["shard"]:
-            tables.append(shard_records(read_shard(self.shards[int(i)]), self.k, self.max_distance))
+            records = shard_records(read_shard(self.shards[int(i)]), self.k, self.max_distance)
+            if self.parts is not None:
+                records = records.append_column(PART, pa.array(np.full(records.num_rows, self.parts[int(i)],
+                                                                       dtype=np.int32)))
+            tables.append(records)
         if self.progress is not None:
             self.progress.add.remote(len(batch["shard"]))
         return pa.concat_tables(tables)
@@ -229,16 +237,19 @@ def context_shards(
     return paths, cut
 
 
-def context_records(shards: list[str], config: Config, concurrency: int, progress=None):
+def context_records(shards: list[str], config: Config, concurrency: int, progress=None,
+                    parts: list[int] | None = None):
     """The Ray Data stream of context records of the shard files ``shards`` (:func:`context_shards`), built by
-    ``concurrency`` :class:`ContextBuilder` actors, one shard per task."""
+    ``concurrency`` :class:`ContextBuilder` actors, one shard per task; with ``parts`` (one per shard) each
+    record carries its shard's in a column ``PART``."""
     import ray
 
     return ray.data.from_items([{"shard": i} for i in range(len(shards))],
                                override_num_blocks=max(1, len(shards))).map_batches(
         ContextBuilder,
         fn_constructor_kwargs={"shards": shards, "k": config.context.k_neighbours,
-                               "max_distance": config.context.max_distance, "progress": progress},
+                               "max_distance": config.context.max_distance, "progress": progress,
+                               "parts": parts},
         batch_size=1,
         batch_format="numpy",
         num_cpus=config.ray.cpus_per_task,
@@ -246,37 +257,53 @@ def context_records(shards: list[str], config: Config, concurrency: int, progres
     )
 
 
-def write_records(
-    config: Config,
-    problem: VisibleProblem,
-    targets: np.ndarray,
-    hidden: np.ndarray,
-    out: Path,
-    labels: np.ndarray | None = None,
-    name: str = "prepare: context records",
-) -> int:
-    """Build the context records of the ``targets`` entries with Ray Data and write them under ``out``.
+@dataclass
+class RecordPart:
+    """One set of records that :func:`write_record_parts` writes: those of the ``targets`` entries of ``problem``
+    into the Parquet folder ``out``, each record's ``target`` from ``labels`` ((G, S); default the problem's own
+    values)."""
 
-    Args:
-        config: ray and context settings.
-        problem: what the records may see.
-        targets, hidden: (G, S) masks of the entries that get a record and of those flagged hidden.
-        out: folder of the Parquet dataset, partitioned by chromosome.
-        labels: (G, S) values to use as each record's ``target`` instead of the problem's own.
-        name: the progress display's name.
+    problem: VisibleProblem
+    targets: np.ndarray
+    hidden: np.ndarray
+    out: Path
+    labels: np.ndarray | None = None
+
+
+def write_record_parts(config: Config, parts: list[RecordPart], name: str = "prepare: context records") -> list[int]:
+    """Build the context records of every part in one Ray Data execution (one pool of :class:`ContextBuilder`
+    actors for all of them) and write each part's under its ``out``, partitioned by chromosome.
 
     Returns:
-        the number of records written.
+        the number of records written for each part.
     """
-    folder = out.parent / f".shards-{out.name}"  # beside the records, inside the caller's staging folder
+
+    staging = parts[0].out.parent / ".records"  # beside the outputs, inside the caller's staging folder
+    shards: list[str] = []
+    part_of: list[int] = []
     try:
-        shards, _ = context_shards(config, problem, targets, hidden, folder, labels)
+        for i, part in enumerate(parts):
+            paths, _ = context_shards(config, part.problem, part.targets, part.hidden, staging / f"shards-{i}",
+                                      part.labels)
+            shards += paths
+            part_of += [i] * len(paths)
+        written = staging / "records"
         with stage(name, total=len(shards), unit="blocks") as progress:
-            records = context_records(shards, config, config.ray.concurrency, progress.counter())
-            records.write_parquet(str(out), partition_cols=[S.CHROM])
+            records = context_records(shards, config, config.ray.concurrency, progress.counter(), parts=part_of)
+            records.write_parquet(str(written), partition_cols=[PART, S.CHROM])
+        counts = []
+        for i, part in enumerate(parts):
+            part.out.parent.mkdir(parents=True, exist_ok=True)
+            written_part = written / f"{PART}={i}"
+            if written_part.is_dir():
+                written_part.rename(part.out)
+                counts.append(pq.ParquetDataset(part.out).read(columns=["gene_index"]).num_rows)
+            else:  # no records: an empty folder all the same, as readers expect one per part
+                part.out.mkdir()
+                counts.append(0)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return pq.ParquetDataset(out).read(columns=["gene_index"]).num_rows
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
 
 
 def write_problem_index(problem: VisibleProblem, folder: Path) -> None:
@@ -358,16 +385,18 @@ def prepare(
             promoters.num_rows,
         )
         write_problem_index(problem, staging)
-        n_records = write_records(config, problem, target_mask, hidden, staging / "context")
-        n_train = 0
+        parts = [RecordPart(problem, target_mask, hidden, staging / "context")]
         if training:
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
                                                      config.seed, whole_donors=config.evaluation.whole_donors)):
                 log.debug("prepare: training fold %d: %d re-hidden entries", f, int(inner.sum()))
-                n_train += write_records(config, fold_problem(problem, inner), inner, inner,
-                                         staging / "train" / f"fold={f}", labels=problem.values,
-                                         name=f"prepare: training fold {f}")
+                parts.append(RecordPart(fold_problem(problem, inner), inner, inner,
+                                        staging / "train" / f"fold={f}", labels=problem.values))
+        # the context records and every training fold's in one Ray Data execution
+        counts = write_record_parts(config, parts, "prepare: context records" + (
+            f" and {len(parts) - 1} training folds" if training else ""))
+        n_records, n_train = counts[0], sum(counts[1:])
         seconds = time.perf_counter() - t0
         write_json(
             staging / "_manifest.json",
