@@ -98,7 +98,7 @@ def data(tiny_data) -> Path:
 @pytest.fixture(scope="module")
 def killed_training(tiny_model, tmp_path_factory):
     """A network trained on the session's tiny records with its worker killed after its first checkpoint:
-    (network, killer, the session's tiny bundle, which the other faults' runs impute with)."""
+    (network, killer)."""
     work = tmp_path_factory.mktemp("faults-train")
     # few examples per epoch: the epochs are short, the worker is killed in the second one
     config = load_config(tiny_model.data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
@@ -108,13 +108,18 @@ def killed_training(tiny_model, tmp_path_factory):
     with WorkerKiller(work / "runs" / "hybrid") as killer:
         network = train_network(config, fold_dirs(tiny_model.records, [0]), tiny_model.records, gene_ids,
                                 len(tissues), storage=work / "runs", name="hybrid")
-    return network, killer, tiny_model.folder
+    return network, killer
 
 
 @pytest.fixture(scope="module")
-def previous(killed_training, data, tmp_path_factory):
+def bundle(tiny_model) -> Path:
+    """The session's tiny bundle: the faults' imputations run with it."""
+    return tiny_model.folder
+
+
+@pytest.fixture(scope="module")
+def previous(bundle, data, tmp_path_factory):
     """A committed impute output (the 'previous run' that faults must not damage)."""
-    _, _, bundle = killed_training
     out = tmp_path_factory.mktemp("faults-out") / "predictions"
     config = load_config(data / "config.yaml", [f"output_dir={out.parent}"])
     return config, impute(config, model=bundle, out_dir=out)
@@ -141,7 +146,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> N
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, tiny_model, previous, data):
-    network, killer, _ = killed_training
+    network, killer = killed_training
     assert killer.killed, "the training worker was never killed"
     # killed once the first epoch's checkpoint was registered, before the last epoch
     assert killer.epoch_at_kill is not None and killer.epoch_at_kill < EPOCHS - 1
@@ -165,12 +170,11 @@ def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, tin
     assert_keys_unique(frame)
 
 
-def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, previous, data, tmp_path):
+def test_impute_killed_mid_write_leaves_the_previous_output(bundle, previous, data, tmp_path):
     import shutil
 
     import ray
 
-    _, _, bundle = killed_training
     config, result = previous
     out = tmp_path / "predictions"  # a copy: the other tests keep the fixture's output as it is
     shutil.copytree(result.out_dir, out)
@@ -221,10 +225,9 @@ def test_impute_killed_mid_write_leaves_the_previous_output(killed_training, pre
     assert not list(store.glob("staging-*")) and resolve(out).parent == store
 
 
-def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_training, data, tmp_path):
+def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(bundle, data, tmp_path):
     import ray
 
-    _, _, bundle = killed_training
     config = nightly_config(data, bundle, tmp_path, "nightly.donors_per_commit=1", "nightly.lease_seconds=5")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -271,8 +274,7 @@ def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(killed_tra
     assert nightly(config, run_date="2026-02-03").done == []
 
 
-def test_unwritable_output_folder_is_a_clear_error(killed_training, previous, tmp_path):
-    _, _, bundle = killed_training
+def test_unwritable_output_folder_is_a_clear_error(bundle, previous, tmp_path):
     config, result = previous
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -292,10 +294,9 @@ def test_unwritable_output_folder_is_a_clear_error(killed_training, previous, tm
     assert len(read_output(result.out_dir)) == result.n_rows
 
 
-def test_disk_full_while_writing_commits_nothing(killed_training, previous, monkeypatch):
+def test_disk_full_while_writing_commits_nothing(bundle, previous, monkeypatch):
     import geximpute.steps.impute as impute_module
 
-    _, _, bundle = killed_training
     config, result = previous
     out = result.out_dir
     before, version = _fingerprint(out), resolve(out)

@@ -19,6 +19,7 @@ from geximpute import schema as S
 from geximpute.config import load_config
 from geximpute.errors import GeximputeError
 from geximpute.fit.bundle import load_bundle, load_networks, save_networks
+from geximpute.fit.hybrid import FOLD_RUN
 from geximpute.fit.train import latest_checkpoint
 from geximpute.model.network import HybridNet
 from geximpute.science.baselines import make_methods
@@ -53,12 +54,13 @@ def _config_path(config):
 
 
 def test_two_workers_resume_the_one_worker_checkpoint(prepared, tmp_path):
-    """DDP over gloo with two workers, resumed from the tiny model's last checkpoint (one worker, epochs 0 and 1):
-    the run trains only the epoch left, and both workers' examples add up."""
+    """DDP over gloo with two workers, resumed from the tiny model's last checkpoint (one worker; its first fold
+    network, epochs 0 and 1, is the run's one network): the run trains only the epoch left, and both workers'
+    examples add up."""
     config, records, _ = prepared
     gene_ids, tissues = read_problem_index(records)
     assert config.train.epochs == 2
-    checkpoint = latest_checkpoint(Path(config.output_dir) / "network" / "runs", "hybrid_fold0")
+    checkpoint = latest_checkpoint(Path(config.output_dir) / "network" / "runs", FOLD_RUN)
     assert checkpoint is not None
 
     from geximpute.fit.hybrid import split_folds

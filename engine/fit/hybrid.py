@@ -32,7 +32,7 @@ from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
 from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
 from geximpute.fit.pretrain import visible_levels
-from geximpute.fit.train import fold_dirs, holdout, train_network
+from geximpute.fit.train import NetworkRun, fold_dirs, holdout, train_networks
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.console import stage
 from geximpute.science.baselines import (
@@ -47,6 +47,9 @@ from geximpute.science.problem import SPLITS, VisibleProblem
 from geximpute.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
+
+#: the Ray Train run (under the storage folder) that trains the K fold networks
+FOLD_RUN = "hybrid_folds"
 
 def read_training(dirs: list[Path]) -> pa.Table:
     """The labelled training records of the given fold folders."""
@@ -80,13 +83,19 @@ def train_hybrid_network(
 ) -> TrainedNetwork:
     """Train one network variant on the network folds of ``records_dir`` (``geximpute train``); with ``problem``
     its CNN pre-trains on every visible gene less the folds it does not train on (:func:`pretrain_levels`)."""
+    return train_networks(config, [network_run(config, records_dir, name, problem, use_promoter, use_context)],
+                          records_dir, gene_ids, n_tissues, storage=storage, name=name)[0]
+
+
+def network_run(config: Config, records_dir: Path, name: str, problem: VisibleProblem | None = None,
+                use_promoter: bool = True, use_context: bool = True) -> NetworkRun:
+    """A network variant on the network folds of ``records_dir`` (:func:`split_folds`), its CNN's pre-training
+    levels from ``problem`` when given."""
     net_folds, _ = split_folds(config.train.folds)
     levels = None
     if problem is not None:
         levels = pretrain_levels(config, problem, [f for f in range(config.train.folds) if f not in net_folds])
-    return train_network(config, fold_dirs(records_dir, net_folds), records_dir, gene_ids, n_tissues,
-                         use_promoter=use_promoter, use_context=use_context, storage=storage, name=name,
-                         levels=levels)
+    return NetworkRun(name, fold_dirs(records_dir, net_folds), use_promoter, use_context, levels)
 
 
 def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -172,14 +181,13 @@ def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray,
     n_folds = config.train.folds
     if n_folds == 1:
         return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage, problem=problem)]
-    networks = []
+    runs = []
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
-        log.info("hybrid: training fold network %d of %d (on folds %s)", k + 1, n_folds, others)
         levels = pretrain_levels(config, problem, [k]) if problem is not None else None
-        networks.append(train_network(config, fold_dirs(records_dir, others), records_dir, gene_ids, n_tissues,
-                                      storage=storage, name=f"hybrid_fold{k}", levels=levels))
-    return networks
+        runs.append(NetworkRun(f"hybrid_fold{k}", fold_dirs(records_dir, others), levels=levels))
+    log.info("hybrid: training %d fold networks in one Ray Train run (network k on every fold but k)", n_folds)
+    return train_networks(config, runs, records_dir, gene_ids, n_tissues, storage=storage, name=FOLD_RUN)
 
 
 def tuned_baselines(config: Config, problem: VisibleProblem, composition: np.ndarray | None,
@@ -228,17 +236,13 @@ def fit_hybrid(
     if networks is not None and len(networks) != n_folds:
         raise ValueError(f"{len(networks)} fold networks for train.folds = {n_folds}; train them with this config")
 
-    def network(use_promoter: bool, use_context: bool, name: str) -> TrainedNetwork:
-        t = time.perf_counter()
-        trained = train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage,
-                                       use_promoter=use_promoter, use_context=use_context, name=name,
-                                       problem=problem)
-        seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
-        return trained
-
     feature_estimates: list[int] = []  # the single-fold layout has no estimate columns
     if n_folds == 1:
-        single = networks[0] if networks is not None else network(True, True, "hybrid")
+        if networks is None:
+            t = time.perf_counter()
+            networks = [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage, problem=problem)]
+            seconds["train_hybrid"] = round(time.perf_counter() - t, 1)
+        single = networks[0]
         models, engineered, training = fit_hybrid_head(config, records_dir, single, gene_ids, storage)
         seconds.update(models.seconds)
         features = engineered
@@ -290,10 +294,12 @@ def fit_hybrid(
         models.features_head = fit_head(features, labels, _head_holdout(config, training), config.head, storage,
                                         seed=config.seed, name="head_features_only", estimates=feature_estimates)
         seconds["head_features_only"] = round(time.perf_counter() - t, 1)
-        models.ablations = {
-            "transformer_only": network(False, True, "transformer_only"),
-            "cnn_only": network(True, False, "cnn_only"),
-        }
+        t = time.perf_counter()
+        runs = [network_run(config, records_dir, "transformer_only", problem, use_promoter=False),
+                network_run(config, records_dir, "cnn_only", problem, use_context=False)]
+        trained = train_networks(config, runs, records_dir, gene_ids, n_tissues, storage=storage, name="ablations")
+        models.ablations = {run.name: network for run, network in zip(runs, trained, strict=True)}
+        seconds["train_ablations"] = round(time.perf_counter() - t, 1)
     seconds["fit_total"] = round(time.perf_counter() - t0, 1)
     models.seconds = seconds
     log.info("hybrid: fitted in %.0f s (%s)", seconds["fit_total"], seconds)

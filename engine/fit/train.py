@@ -18,10 +18,12 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -75,13 +77,13 @@ def _split_rows(table: pa.Table | None, cfg: dict) -> tuple[pa.Table | None, pa.
     return tuple(part if part.num_rows else None for part in parts)  # type: ignore[return-value]
 
 
-def _batches(table: pa.Table | None, batch_size: int, cfg: dict, lookup: PromoterLookup):
+def _batches(table: pa.Table | None, batch_size: int, features: FeatureSpec, lookup: PromoterLookup):
     """Featurised numpy batches of ``table``, in its order (validation)."""
     if table is None:
         return
     for lo in range(0, table.num_rows, batch_size):
         part = table.slice(lo, batch_size)
-        yield featurize(part, cfg["features"], lookup.for_records(part))
+        yield featurize(part, features, lookup.for_records(part))
 
 
 def epoch_rows(n: int, limit: int | None, seed: int, epoch: int, rank: int) -> np.ndarray:
@@ -91,63 +93,100 @@ def epoch_rows(n: int, limit: int | None, seed: int, epoch: int, rank: int) -> n
     return order if limit is None else order[:limit]
 
 
-def _epoch_batches(table: pa.Table, order: np.ndarray, batch_size: int, cfg: dict, lookup: PromoterLookup):
+def _epoch_batches(table: pa.Table, order: np.ndarray, batch_size: int, features: FeatureSpec,
+                   lookup: PromoterLookup):
     """(record rows, featurised batch) of one epoch over ``table`` in ``order``; a trailing partial batch is
     dropped unless it is the only one (workers' shards have equal sizes: DDP stays in step)."""
     stop = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
     for lo in range(0, stop, batch_size):
         part = table.take(pa.array(order[lo : lo + batch_size]))
-        yield part, featurize(part, cfg["features"], lookup.for_records(part))
+        yield part, featurize(part, features, lookup.for_records(part))
+
+
+def _saved_networks(checkpoint, device) -> dict[int, dict]:
+    """Each network's state in a checkpoint of :func:`_train_loop` (by its index in the run); {} without one. A
+    checkpoint of one network from before runs held several is that run's network 0."""
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as folder:
+        saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location=device)
+    return saved["networks"] if "networks" in saved else {0: saved}
+
+
+def _finished(state: dict | None, cfg: dict) -> bool:
+    return state is not None and (state["epoch"] >= cfg["epochs"] - 1 or state["bad_epochs"] >= cfg["patience"])
 
 
 def _train_loop(cfg: dict) -> None:
-    """Ray Train worker: one epoch at a time, a checkpoint and one report per epoch."""
+    """Ray Train worker: the run's networks one after another (``cfg["networks"]``), each one epoch at a time, with
+    a checkpoint of every network's state and one report per epoch. A restarted worker group resumes each network
+    where the last checkpoint left it: finished networks are kept, the one in progress continues."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(cfg["seed"])
     torch.set_num_threads(max(1, int(cfg["threads"])))
     torch.set_flush_denormal(True)  # tiny Adam moments otherwise slow CPU steps down
     device = ray.train.torch.get_device()
-    net = HybridNet(cfg["spec"]).to(device)
     # a copy: the table arrives read-only from the object store, and torch warns about sharing a read-only array
     promoters = torch.tensor(cfg["promoters"], device=device) if len(cfg["promoters"]) else None
-    lookup = cfg["promoter_lookup"]
-    state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0}
     # the run's own checkpoint (after a worker failure) wins over the one it was asked to start from
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg["resume_path"]:
         checkpoint = ray.train.Checkpoint.from_directory(cfg["resume_path"])
+    states = _saved_networks(checkpoint, device)
+    # this worker's records of every network's folds, read once (one Ray Data execution for the run, not one per
+    # network or epoch); each network takes its folds' rows and splits them into training and validation rows
+    every = _read_shard(ray.train.get_dataset_shard("records"))
+    for index, network in enumerate(cfg["networks"]):
+        if _finished(states.get(index), cfg):
+            continue
+        rows = None
+        if every is not None:
+            rows = every.filter(pc.is_in(every["fold"].cast(pa.string()),
+                                                 value_set=pa.array(network["folds"], pa.string())))
+        _train_network(cfg, network, index, rows, states, promoters, device, rank, world)
+
+
+def _train_network(cfg: dict, network: dict, index: int, rows: pa.Table | None, states: dict[int, dict],
+                   promoters: torch.Tensor | None, device: torch.device, rank: int, world: int) -> None:
+    """Train network ``index`` of the run (``network``: its settings) on this worker's ``rows``, from its state in
+    ``states`` when it has one; every epoch's checkpoint holds ``states``, updated."""
+    import ray.train
+    import ray.train.torch
+
+    lookup = cfg["promoter_lookup"]
+    torch.manual_seed(cfg["seed"])  # each network starts as it would in a run of its own
+    net = HybridNet(network["spec"]).to(device)
+    saved = states.get(index)
+    state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0}
     pretrain_r: list[float] = []
-    if not checkpoint and rank == 0 and cfg["spec"].use_promoter and promoters is not None:
+    if saved is None and rank == 0 and network["spec"].use_promoter and promoters is not None:
         # rank 0 only: wrapping the model in DDP below copies rank 0's weights to every worker
-        pretrain_r = pretrain_cnn(net.promoter_cnn, cfg["spec"].d_model, promoters, cfg["gene_levels"],
+        pretrain_r = pretrain_cnn(net.promoter_cnn, network["spec"].d_model, promoters, network["gene_levels"],
                                   epochs=cfg["pretrain_epochs"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                   seed=cfg["seed"])
         if pretrain_r:
-            log.info("CNN pre-training: %d training genes, validation Pearson by epoch %s (kept the best)",
-                     len(cfg["gene_levels"].train_rows), " ".join(f"{r:.3f}" for r in pretrain_r))
+            log.info("%s: CNN pre-training: %d training genes, validation Pearson by epoch %s (kept the best)",
+                     network["name"], len(network["gene_levels"].train_rows),
+                     " ".join(f"{r:.3f}" for r in pretrain_r))
     # a pre-trained CNN stays as pre-training left it (every rank decides alike, before DDP wraps the model)
-    freeze = (cfg["freeze_cnn"] and cfg["spec"].use_promoter and promoters is not None and cfg["pretrain_epochs"] > 0
-              and cfg["gene_levels"].usable)
+    freeze = (cfg["freeze_cnn"] and network["spec"].use_promoter and promoters is not None
+              and cfg["pretrain_epochs"] > 0 and network["gene_levels"].usable)
     if freeze:
         net.freeze_promoter_cnn(None)
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location=device)
+    if saved is not None:
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in state}
+        pretrain_r = [r for r in [saved.get("pretrain_valid_pearson")] if r is not None]
     if freeze:  # the shared (broadcast or restored) weights, encoded once for every promoter of the table
         _unwrap(model).freeze_promoter_cnn(promoters)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # this worker's records, read once (one Ray Data execution, not one per epoch) and split here into training
-    # and validation rows; each epoch samples the training rows afresh (epoch_rows)
-    records, valid_records = _split_rows(_read_shard(ray.train.get_dataset_shard("records")), cfg)
+    records, valid_records = _split_rows(rows, {**cfg, **network})
     n_train = records.num_rows if records is not None else 0
     if world > 1:
         # the shards are equal in records, not in training rows: every worker takes as many steps as the fewest
@@ -156,7 +195,8 @@ def _train_loop(cfg: dict) -> None:
         n_train = int(fewest[0])
     per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
     per_worker_limit = n_train if per_worker_limit is None else min(per_worker_limit, n_train)
-    gene_chrom = cfg["gene_chrom"]
+    gene_chrom = network["gene_chrom"]
+    features = network["features"]
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"]):
         if state["bad_epochs"] >= cfg["patience"]:
@@ -167,7 +207,7 @@ def _train_loop(cfg: dict) -> None:
         loss_sum, n_seen = 0.0, 0
         genes_seen = torch.zeros(len(gene_chrom), dtype=torch.float64)
         order = epoch_rows(records.num_rows if records is not None else 0, per_worker_limit, cfg["seed"], epoch, rank)
-        for part, batch in _epoch_batches(records, order, cfg["batch_size"], cfg, lookup) if len(order) else ():
+        for part, batch in _epoch_batches(records, order, cfg["batch_size"], features, lookup) if len(order) else ():
             genes_seen[torch.as_tensor(part["gene_index"].to_numpy().astype(np.int64))] = 1.0
             batch = drop_groups(batch, rng, *cfg["drop"])
             if cfg["drop_promoter"] > 0:
@@ -188,7 +228,7 @@ def _train_loop(cfg: dict) -> None:
         model.eval()
         sq, count = 0.0, 0
         with torch.no_grad():
-            for batch in _batches(valid_records, 4 * cfg["batch_size"], cfg, lookup):
+            for batch in _batches(valid_records, 4 * cfg["batch_size"], features, lookup):
                 tensors = to_tensors(batch, device)
                 with autocast:
                     pred, _ = model(tensors, promoters)
@@ -208,25 +248,27 @@ def _train_loop(cfg: dict) -> None:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val": state["best_val"],
-                   "examples": int(totals[3]), "seconds": time.perf_counter() - t0,
-                   "genes_seen": int(seen.sum()), "genes_train": cfg["n_train_genes"],
-                   "chroms_seen": len(chroms_seen), "chroms_train": cfg["n_train_chroms"],
-                   "chroms_unseen": sorted(set(cfg["train_chroms"]) - {cfg["chrom_names"][c] for c in chroms_seen}),
+        metrics = {"network": network["name"], "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "best_val": state["best_val"], "examples": int(totals[3]), "seconds": time.perf_counter() - t0,
+                   "genes_seen": int(seen.sum()), "genes_train": network["n_train_genes"],
+                   "chroms_seen": len(chroms_seen), "chroms_train": network["n_train_chroms"],
+                   "chroms_unseen": sorted(set(network["train_chroms"])
+                                           - {network["chrom_names"][c] for c in chroms_seen}),
                    "pretrain_valid_pearson": max((r for r in pretrain_r if np.isfinite(r)), default=None)}
         if rank == 0:
             log.info("%s epoch %d: %d examples, %d of %d training genes and %d of %d chromosomes seen%s",
-                     cfg["name"], epoch,
+                     network["name"], epoch,
                      metrics["examples"], metrics["genes_seen"], metrics["genes_train"], metrics["chroms_seen"],
                      metrics["chroms_train"], f" (never: {metrics['chroms_unseen']})" if metrics["chroms_unseen"]
                      else "")
+        states[index] = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **state,
+                         "metrics": metrics, "pretrain_valid_pearson": metrics["pretrain_valid_pearson"]}
         with tempfile.TemporaryDirectory() as folder:
-            saved = None
+            checkpoint = None
             if rank == 0:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **state},
-                           os.path.join(folder, STATE_FILE))
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved)
+                torch.save({"networks": states}, os.path.join(folder, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def fold_dirs(records_dir: Path, folds: list[int]) -> list[Path]:
@@ -246,6 +288,35 @@ def latest_checkpoint(storage: Path, name: str):
     return Checkpoint.from_directory(str(runs[-1])) if runs else None
 
 
+@dataclass
+class NetworkRun:
+    """One network of a Ray Train run of :func:`train_networks`: its name, the training folds it reads and its
+    variant.
+
+    Attributes:
+        train_dirs: Parquet folders of labelled training records (``train/fold=<i>`` of a prepare output).
+        levels: (level, valid_gene) per gene for the CNN's gene-level pre-training
+            (:func:`geximpute.fit.pretrain.visible_levels`); default: from the training records.
+    """
+
+    name: str
+    train_dirs: list[Path]
+    use_promoter: bool = True
+    use_context: bool = True
+    levels: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def folds(self) -> list[str]:
+        """The fold of each folder (``fold=<i>``), as the hive partition column reads it."""
+        folds = []
+        for d in self.train_dirs:
+            key, _, value = Path(d).name.partition("=")
+            if key != "fold" or not value:
+                raise ValueError(f"{d}: not a training fold folder of a prepare output (expected train/fold=<i>)")
+            folds.append(value)
+        return folds
+
+
 def train_network(
     config: Config,
     train_dirs: list[Path],
@@ -260,31 +331,20 @@ def train_network(
     resume_from=None,
     levels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainedNetwork:
-    """Train one network variant with ``TorchTrainer`` and return its best weights.
+    """Train one network variant with ``TorchTrainer`` and return its best weights: :func:`train_networks` with one
+    network (``train_dirs``, ``use_promoter``, ``use_context`` and ``levels`` as in :class:`NetworkRun`)."""
+    run = NetworkRun(name, list(train_dirs), use_promoter, use_context, levels)
+    return train_networks(config, [run], records_dir, gene_ids, n_tissues, storage=storage, name=name,
+                          resume_from=resume_from)[0]
 
-    Args:
-        config: the resolved config (``model``, ``train``, ``split``, ``evaluation.task``, ``seed``).
-        train_dirs: Parquet folders of labelled training records (folds of ``train/`` of a prepare output).
-        records_dir: the prepare output holding ``promoters.parquet`` and ``gene_promoters.parquet``.
-        gene_ids: ids of the problem's genes (``gene_index`` order).
-        n_tissues: tissue vocabulary size.
-        use_promoter, use_context: the variant (both: hybrid; ablations otherwise).
-        storage: folder for Ray Train's runs and checkpoints.
-        name: run name (a run of the same name and storage resumes).
-        resume_from: a ``ray.train.Checkpoint`` to continue from.
-        levels: (level, valid_gene) per gene for the CNN's gene-level pre-training
-            (:func:`geximpute.fit.pretrain.visible_levels`: every visible gene less the entries this network must
-            not read); default: from the training records.
-    """
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    t0 = time.perf_counter()
-    tc = config.train
+def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_tissues: int,
+                      lookup: PromoterLookup) -> dict:
+    """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
+    pre-training targets and chromosome bookkeeping), from its training records."""
     table = pa.concat_tables(
         pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index", "chrom"])
-        for d in train_dirs
+        for d in run.train_dirs
     )
     labels = table["target"].to_numpy(zero_copy_only=False)
     use_chroms = bool(config.split.valid_chroms) and bool(np.any(table["split"].to_numpy(zero_copy_only=False)
@@ -299,24 +359,73 @@ def train_network(
         value_scale=float(np.std(train_labels)) or 1.0,
     )
     spec = NetworkSpec.of(config.model, n_tissues=n_tissues, promoter_length=config.promoter.length,
-                          use_promoter=use_promoter, use_context=use_context)
-    promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
-    valid_ref = np.flatnonzero(valid)
+                          use_promoter=run.use_promoter, use_context=run.use_context)
     # the chromosome of each gene, to report which chromosomes an epoch reached
     chrom_names, chrom_code = np.unique(np.asarray(table["chrom"].to_pylist(), dtype=object), return_inverse=True)
     gene_chrom = np.full(len(gene_ids), -1, dtype=np.int64)
     gene_index = table["gene_index"].to_numpy().astype(np.int64)
     gene_chrom[gene_index] = chrom_code
     train_genes = np.unique(gene_index[~valid])
-
-    # one dataset, split into training and validation rows by each worker (holdout is a function of the row):
-    # one Ray Data execution per run; with one worker nothing is split, and the worker runs it itself
-    records = ray.data.read_parquet([str(d) for d in train_dirs], num_cpus=config.ray.cpus_per_task)
-    data_config = DataConfig(datasets_to_split="all" if tc.num_workers > 1 else [])
-
-    loop_config = {
+    levels = run.levels if run.levels is not None else record_levels(gene_index, labels, valid, len(gene_ids))
+    settings = {
+        "name": run.name,
+        "folds": run.folds,
         "spec": spec,
         "features": features,
+        "use_chroms": use_chroms,
+        "gene_levels": gene_levels(*levels, lookup.gene_row, config.seed),
+        "gene_chrom": gene_chrom,
+        "chrom_names": [str(c) for c in chrom_names],
+        "n_train_genes": len(train_genes),
+        "train_chroms": sorted({str(chrom_names[c]) for c in np.unique(gene_chrom[train_genes])}),
+        "n_train_chroms": len(np.unique(gene_chrom[train_genes])),
+    }
+    log.info("train %s: %d training and %d validation examples (%s)", run.name, int((~valid).sum()),
+             int(valid.sum()), "chromosomes" if use_chroms else "unit holdout")
+    return settings
+
+
+def train_networks(
+    config: Config,
+    runs: list[NetworkRun],
+    records_dir: Path,
+    gene_ids: np.ndarray,
+    n_tissues: int,
+    *,
+    storage: Path,
+    name: str,
+    resume_from=None,
+) -> list[TrainedNetwork]:
+    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start and one
+    Ray Data execution for all of them: each worker reads the union of their folds once) and return each one's best
+    weights.
+
+    Args:
+        config: the resolved config (``model``, ``train``, ``split``, ``evaluation.task``, ``seed``).
+        runs: the networks, in the order they are trained.
+        records_dir: the prepare output holding ``promoters.parquet`` and ``gene_promoters.parquet``.
+        gene_ids: ids of the problem's genes (``gene_index`` order).
+        n_tissues: tissue vocabulary size.
+        storage: folder for Ray Train's runs and checkpoints.
+        name: run name (a run of the same name and storage resumes).
+        resume_from: a ``ray.train.Checkpoint`` to continue from (each network from its state there, by position).
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    tc = config.train
+    promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
+    networks = [_network_settings(config, run, gene_ids, n_tissues, lookup) for run in runs]
+    folders = sorted({str(d) for run in runs for d in run.train_dirs})
+    # one dataset of every network's folds, taken apart by each worker (the fold is a hive partition column, the
+    # training/validation split a function of the row): one Ray Data execution per run; with one worker nothing is
+    # split, and the worker runs it itself
+    records = ray.data.read_parquet(folders, num_cpus=config.ray.cpus_per_task)
+    data_config = DataConfig(datasets_to_split="all" if tc.num_workers > 1 else [])
+    loop_config = {
+        "networks": networks,
         "promoters": promoters,
         "promoter_lookup": lookup,
         "seed": config.seed,
@@ -330,24 +439,13 @@ def train_network(
         "max_examples": tc.max_examples_per_epoch,
         "pretrain_epochs": tc.pretrain_epochs,
         "freeze_cnn": tc.freeze_cnn,
-        "gene_levels": gene_levels(*(levels if levels is not None else
-                                     record_levels(gene_index, labels, valid, len(gene_ids))),
-                                   lookup.gene_row, config.seed),
-        "gene_chrom": gene_chrom,
-        "chrom_names": [str(c) for c in chrom_names],
-        "n_train_genes": len(train_genes),
-        "train_chroms": sorted({str(chrom_names[c]) for c in np.unique(gene_chrom[train_genes])}),
-        "n_train_chroms": len(np.unique(gene_chrom[train_genes])),
         "threads": tc.cpus_per_worker,
         "resume_path": resume_from.path if resume_from is not None else None,
-        "name": name,
         "task": config.evaluation.task,
-        "use_chroms": use_chroms,
     }
-    log.info("train %s: %d training and %d validation examples (%s), %d promoters, %d worker(s)%s", name,
-             int((~valid).sum()), len(valid_ref), "chromosomes" if use_chroms else "unit holdout",
-             len(promoters), tc.num_workers, " with GPU" if tc.use_gpu else "")
-    progress = stage(f"train: {name}", total=tc.epochs, unit="epochs")
+    log.info("train %s: %d network(s) (%s), %d promoters, %d worker(s)%s", name, len(runs),
+             ", ".join(run.name for run in runs), len(promoters), tc.num_workers, " with GPU" if tc.use_gpu else "")
+    progress = stage(f"train: {name}", total=tc.epochs * len(runs), unit="epochs")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -368,10 +466,16 @@ def train_network(
     )
     with progress:
         result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
-    best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
-    metrics = {**result.metrics, "seconds": round(time.perf_counter() - t0, 1)}
-    log.info("train %s: best validation loss %.4f after %d epochs (%.0f s)", name, saved["best_val"],
-             saved["epoch"] + 1, metrics["seconds"])
-    return TrainedNetwork(spec=spec, features=features, state=best, metrics=metrics)
+    states = _saved_networks(result.checkpoint, "cpu")
+    seconds = round(time.perf_counter() - t0, 1)
+    trained = []
+    for index, (run, settings) in enumerate(zip(runs, networks, strict=True)):
+        saved = states[index]
+        best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
+        metrics = {**saved.get("metrics", result.metrics), "seconds": seconds}
+        log.info("train %s: best validation loss %.4f after %d epochs", run.name, saved["best_val"],
+                 saved["epoch"] + 1)
+        trained.append(TrainedNetwork(spec=settings["spec"], features=settings["features"], state=best,
+                                      metrics=metrics))
+    log.info("train %s: %d network(s) in %.0f s", name, len(runs), seconds)
+    return trained
