@@ -1,7 +1,8 @@
 """Faults caused on purpose, and what survives them. Each test asserts row counts and unique (donor, tissue, gene)
 keys afterwards.
 
-- a Ray Train worker SIGKILLed mid-training: the run resumes from its last checkpoint and finishes;
+- a Ray Train worker SIGKILLed in the second of a run's two networks: the run resumes from its last checkpoint,
+  keeps the first network and finishes the second;
 - an ``impute`` process SIGKILLed while writing: the previous output is intact, the rerun writes every row once;
 - a ``nightly`` process SIGKILLed after some donors: the next run does the rest, none twice;
 - an output folder that cannot be written, and a full disk (OSError ENOSPC injected through the writer seam):
@@ -27,10 +28,11 @@ import psutil
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import TINY, assert_keys_unique, donor_vcf, expected_missing, nightly_config, read_nightly, read_output
 
 from geximpute.config import load_config
-from geximpute.fit.train import fold_dirs, train_network
+from geximpute.fit.train import NetworkRun, fold_dirs, train_networks
 from geximpute.runtime.atomic import Lease, LeaseBusy, resolve, store_of
 from geximpute.runtime.console import LOG_NAME
 from geximpute.steps.impute import OutputError, impute
@@ -43,14 +45,15 @@ EPOCHS = 2
 
 class WorkerKiller:
     """SIGKILLs this test's Ray Train worker (found among this process's descendants by its process title) once the
-    run's first checkpoint is registered (in Ray Train's checkpoint manager snapshot), and records the epoch of every
-    checkpoint the run registers, in order."""
+    run has registered a checkpoint of network ``network`` (in Ray Train's checkpoint manager snapshot), and records
+    the (network, epoch) of every checkpoint the run registers, in order."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, network: str) -> None:
         self.snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        self.network = network
         self.killed: list[int] = []
-        self.epoch_at_kill: int | None = None
-        self.epochs: list[int] = []
+        self.at_kill: tuple[str, int] | None = None
+        self.reports: list[tuple[str, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -60,22 +63,27 @@ class WorkerKiller:
         except (FileNotFoundError, ValueError):
             return None
 
+    def _record(self) -> tuple[str, int] | None:
+        latest = (self.read() or {}).get("latest_checkpoint_result")
+        if not latest:
+            return None
+        report = (latest["metrics"]["network"], latest["metrics"]["epoch"])
+        if not self.reports or self.reports[-1] != report:
+            self.reports.append(report)
+        return report
+
     def _watch(self) -> None:
         while not self._stop.is_set():
-            latest = (self.read() or {}).get("latest_checkpoint_result")
-            if latest:
-                epoch = latest["metrics"]["epoch"]
-                if not self.epochs or self.epochs[-1] != epoch:
-                    self.epochs.append(epoch)
-                if not self.killed:
-                    for proc in psutil.Process().children(recursive=True):
-                        try:
-                            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                                os.kill(proc.pid, signal.SIGKILL)
-                                self.killed.append(proc.pid)
-                        except psutil.Error:
-                            continue
-                    self.epoch_at_kill = epoch
+            report = self._record()
+            if report and report[0] == self.network and not self.killed:
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        if "RayTrainWorker" in " ".join(proc.cmdline()):
+                            os.kill(proc.pid, signal.SIGKILL)
+                            self.killed.append(proc.pid)
+                    except psutil.Error:
+                        continue
+                self.at_kill = report
             self._stop.wait(0.05)
 
     def __enter__(self) -> WorkerKiller:
@@ -85,9 +93,7 @@ class WorkerKiller:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        latest = (self.read() or {}).get("latest_checkpoint_result")
-        if latest and (not self.epochs or self.epochs[-1] != latest["metrics"]["epoch"]):
-            self.epochs.append(latest["metrics"]["epoch"])
+        self._record()
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +103,19 @@ def data(tiny_data) -> Path:
 
 @pytest.fixture(scope="module")
 def killed_training(tiny_model, tmp_path_factory):
-    """A network trained on the session's tiny records with its worker killed after its first checkpoint:
-    (network, killer)."""
+    """Two networks trained one after the other in one Ray Train run on the session's tiny records (one per training
+    fold), the worker killed after the second network's first checkpoint: (networks, killer)."""
     work = tmp_path_factory.mktemp("faults-train")
-    # few examples per epoch: the epochs are short, the worker is killed in the second one
+    # few examples per epoch: the epochs are short, the worker is killed in the second network's second one
     config = load_config(tiny_model.data / "config.yaml", [f"output_dir={work}", *TINY, f"train.epochs={EPOCHS}",
                                                            f"train.patience={EPOCHS}", "train.max_failures=2",
                                                            "train.max_examples_per_epoch=512"])
     gene_ids, tissues = read_problem_index(tiny_model.records)
-    with WorkerKiller(work / "runs" / "hybrid") as killer:
-        network = train_network(config, fold_dirs(tiny_model.records, [0]), tiny_model.records, gene_ids,
-                                len(tissues), storage=work / "runs", name="hybrid")
-    return network, killer
+    runs = [NetworkRun(f"fold{k}", fold_dirs(tiny_model.records, [k])) for k in (0, 1)]
+    with WorkerKiller(work / "runs" / "faults", network="fold1") as killer:
+        networks = train_networks(config, runs, tiny_model.records, gene_ids, len(tissues), storage=work / "runs",
+                                  name="faults")
+    return networks, killer
 
 
 @pytest.fixture(scope="module")
@@ -146,22 +153,28 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> N
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, tiny_model, previous, data):
-    network, killer = killed_training
+    networks, killer = killed_training
     assert killer.killed, "the training worker was never killed"
-    # killed once the first epoch's checkpoint was registered, before the last epoch
-    assert killer.epoch_at_kill is not None and killer.epoch_at_kill < EPOCHS - 1
-    # the run finished every epoch ...
-    assert network.metrics["epoch"] == EPOCHS - 1 and np.isfinite(network.metrics["val_loss"])
-    # ... resuming from its checkpoint: each epoch reported once, in order (a restart from scratch repeats epoch 0)
-    assert killer.epochs == list(range(EPOCHS))
-    assert killer.read()["current_report_index"] == EPOCHS
+    # killed once the second network's first epoch's checkpoint was registered, before its last epoch
+    assert killer.at_kill is not None and killer.at_kill[0] == "fold1" and killer.at_kill[1] < EPOCHS - 1
+    # the run finished every epoch of both networks ...
+    for network in networks:
+        assert network.metrics["epoch"] == EPOCHS - 1 and np.isfinite(network.metrics["val_loss"])
+    # ... resuming from its checkpoint: each epoch reported once, in order (a restart from scratch would repeat the
+    # first network, a restart of the network in progress its epoch 0)
+    assert killer.reports == [(name, epoch) for name in ("fold0", "fold1") for epoch in range(EPOCHS)]
+    assert killer.read()["current_report_index"] == 2 * EPOCHS
+    # the two networks differ: each trained on its own fold
+    assert any(not torch.equal(v, networks[1].state[k]) for k, v in networks[0].state.items())
     # each epoch was cut to train.max_examples_per_epoch (512, under half of the records, which are stored by
     # chromosome) and still reached every training chromosome: a seeded sample of all the records, not the first files
-    n_train = pq.ParquetDataset(fold_dirs(tiny_model.records, [0])[0]).read(columns=["target"]).num_rows
-    m = network.metrics
-    assert m["examples"] <= 512 < n_train / 2, (m["examples"], n_train)
-    assert m["chroms_train"] >= 2
-    assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
+    for k, network in enumerate(networks):
+        n_train = pq.ParquetDataset(fold_dirs(tiny_model.records, [k])[0]).read(columns=["target"]).num_rows
+        m = network.metrics
+        assert m["network"] == f"fold{k}"
+        assert m["examples"] <= 512 < n_train / 2, (m["examples"], n_train)
+        assert m["chroms_train"] >= 2
+        assert m["chroms_unseen"] == [] and m["chroms_seen"] == m["chroms_train"], m
     # the tiny bundle imputes every missing entry once
     _, result = previous
     n_missing, missing_pairs, n_genes = expected_missing(data)
