@@ -65,7 +65,7 @@ def test_bad_values_name_the_key_and_the_value(write, override, key, value):
     assert "config.yaml" in str(err.value)
 
 
-def test_ray_data_budget_caps_this_process_s_executions_and_none_leaves_ray_s_default():
+def test_ray_data_budget_caps_this_process_s_executions_and_none_restores_ray_s_default():
     from ray.data import DataContext
 
     from geximpute.config import RayConfig
@@ -79,6 +79,9 @@ def test_ray_data_budget_caps_this_process_s_executions_and_none_leaves_ray_s_de
         data_budget(RayConfig(data_object_store_mb=64))
         assert options.resource_limits.object_store_memory == 64 * 2**20
         assert options.resource_limits.cpu == before.cpu  # only the object store budget changes
+        # a later config of the same process without a budget gets Ray Data's own back, not the earlier cap
+        data_budget(RayConfig(data_object_store_mb=None))
+        assert options.resource_limits == before
     finally:
         options.resource_limits = before
 

@@ -98,14 +98,17 @@ def network_run(config: Config, records_dir: Path, name: str, problem: VisiblePr
     return NetworkRun(name, fold_dirs(records_dir, net_folds), use_promoter, use_context, levels)
 
 
-def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int],
+                    masks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(level, valid_gene) of the genes for a network's CNN pre-training: each gene's mean over the visible entries
-    outside training folds ``exclude`` (the same folds as prepare's), genes of the validation chromosomes apart."""
+    outside training folds ``exclude`` (the same folds as prepare's; ``masks``: those folds, when the caller has
+    them already), genes of the validation chromosomes apart."""
     t = config.train
     hide = None
     if exclude:
-        masks = training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
-                               whole_donors=config.evaluation.whole_donors)
+        if masks is None:
+            masks = training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
+                                   whole_donors=config.evaluation.whole_donors)
         hide = np.logical_or.reduce([masks[k] for k in exclude])
     return visible_levels(problem.values, hide, problem.split == SPLITS.index("valid"))
 
@@ -182,9 +185,12 @@ def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray,
     if n_folds == 1:
         return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage, problem=problem)]
     runs = []
+    t = config.train
+    masks = None if problem is None else training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
+                                                        config.seed, whole_donors=config.evaluation.whole_donors)
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
-        levels = pretrain_levels(config, problem, [k]) if problem is not None else None
+        levels = pretrain_levels(config, problem, [k], masks) if problem is not None else None
         runs.append(NetworkRun(f"hybrid_fold{k}", fold_dirs(records_dir, others), levels=levels))
     log.info("hybrid: training %d fold networks in one Ray Train run (network k on every fold but k)", n_folds)
     return train_networks(config, runs, records_dir, gene_ids, n_tissues, storage=storage, name=FOLD_RUN)

@@ -57,11 +57,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _read_shard(shard) -> pa.Table | None:
+def _read_shard(shard, folds: list[str] | None = None) -> pa.Table | None:
     """A worker's whole Ray Data shard as one table (None when empty), sorted by entry: Ray Data hands blocks over
     in the order they finish, which differs between runs; sorted, every run visits the same records in the same
-    order."""
-    parts = list(shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
+    order. With ``folds``, only the records of those training folds (the hive partition column ``fold``), kept as
+    the blocks arrive: the worker never holds another network's records."""
+    wanted = None if folds is None else pa.array(folds, pa.string())
+    parts = [batch if wanted is None else batch.filter(pc.is_in(batch["fold"].cast(pa.string()), value_set=wanted))
+             for batch in shard.iter_batches(batch_size=65536, batch_format="pyarrow")]
     records = pa.concat_tables(parts).combine_chunks() if parts else None
     if records is None or not records.num_rows:
         return None
@@ -136,16 +139,13 @@ def _train_loop(cfg: dict) -> None:
     if checkpoint is None and cfg["resume_path"]:
         checkpoint = ray.train.Checkpoint.from_directory(cfg["resume_path"])
     states = _saved_networks(checkpoint, device)
-    # this worker's records of every network's folds, read once (one Ray Data execution for the run, not one per
-    # network or epoch); each network takes its folds' rows and splits them into training and validation rows
-    every = _read_shard(ray.train.get_dataset_shard("records"))
+    shard = ray.train.get_dataset_shard("records")
     for index, network in enumerate(cfg["networks"]):
         if _finished(states.get(index), cfg):
             continue
-        rows = None
-        if every is not None:
-            rows = every.filter(pc.is_in(every["fold"].cast(pa.string()),
-                                                 value_set=pa.array(network["folds"], pa.string())))
+        # this worker's records of the network's folds, read once for it (one Ray Data execution per network, not
+        # per epoch; every rank reads at the same point) and split here into training and validation rows
+        rows = _read_shard(shard, network["folds"])
         _train_network(cfg, network, index, rows, states, promoters, device, rank, world)
 
 
@@ -396,9 +396,9 @@ def train_networks(
     name: str,
     resume_from=None,
 ) -> list[TrainedNetwork]:
-    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start and one
-    Ray Data execution for all of them: each worker reads the union of their folds once) and return each one's best
-    weights.
+    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start for all of
+    them; for each network each worker reads its shard of the network's folds, and holds no other network's
+    records) and return each one's best weights.
 
     Args:
         config: the resolved config (``model``, ``train``, ``split``, ``evaluation.task``, ``seed``).
@@ -420,8 +420,8 @@ def train_networks(
     networks = [_network_settings(config, run, gene_ids, n_tissues, lookup) for run in runs]
     folders = sorted({str(d) for run in runs for d in run.train_dirs})
     # one dataset of every network's folds, taken apart by each worker (the fold is a hive partition column, the
-    # training/validation split a function of the row): one Ray Data execution per run; with one worker nothing is
-    # split, and the worker runs it itself
+    # training/validation split a function of the row); with one worker nothing is split, and the worker runs the
+    # Ray Data executions itself
     records = ray.data.read_parquet(folders, num_cpus=config.ray.cpus_per_task)
     data_config = DataConfig(datasets_to_split="all" if tc.num_workers > 1 else [])
     loop_config = {

@@ -62,16 +62,26 @@ def ensure_ray(config: RayConfig) -> bool:
     return True
 
 
+#: the object-store budget Ray Data had before :func:`data_budget` first set one in this process (a later config
+#: that asks for none gets it back)
+_ray_data_default: list = []
+
+
 def data_budget(config: RayConfig) -> None:
-    """Cap the object store memory of this process's Ray Data executions at ``ray.data_object_store_mb`` (nothing
-    changes when it is ``None``)."""
-    if config.data_object_store_mb is None:
-        return
+    """Cap the object store memory of this process's Ray Data executions at ``ray.data_object_store_mb``; with
+    ``None``, Ray Data's own budget (the one it had before a cap set here by an earlier config of this process)."""
     from ray.data import DataContext
 
-    limit = config.data_object_store_mb * 1024 * 1024
     options = DataContext.get_current().execution_options
+    if config.data_object_store_mb is None:
+        if _ray_data_default and options.resource_limits.object_store_memory != _ray_data_default[0]:
+            options.resource_limits = options.resource_limits.copy(object_store_memory=_ray_data_default[0])
+            log.info("ray data: Ray Data's own object store budget per execution")
+        return
+    limit = config.data_object_store_mb * 1024 * 1024
     if options.resource_limits.object_store_memory != limit:
+        if not _ray_data_default:
+            _ray_data_default.append(options.resource_limits.object_store_memory)
         options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
         log.info("ray data: at most %d MiB of object store per execution", config.data_object_store_mb)
 
