@@ -72,12 +72,13 @@ def evaluated_ci(synth_small, tmp_path_factory) -> tuple[Path, int, str]:
     return out, rc, text
 
 
-def _check_log(out: Path, text: str) -> None:
+def _check_log(out: Path, text: str, ray_lines: tuple[str, ...] = ("Started a local Ray instance", "core_worker")
+               ) -> None:
     log = out.absolute() / LOG_NAME  # the output folder is a link to its newest version
     assert f"log file {log}" in text
     body = log.read_text()
     # Ray's own lines are in the file and not on the screen
-    for ray_line in ("Started a local Ray instance", "core_worker"):
+    for ray_line in ray_lines:
         assert ray_line in body, f"{ray_line!r} not in {log}"
         assert ray_line not in text
     assert "logging_progress" not in text and "deprecated" not in text
@@ -97,12 +98,15 @@ def test_ci_output_is_short_with_a_line_per_stage(evaluated_ci):
     assert "pearson" in text and "report.html" in text
 
 
-def test_terminal_output_is_short_with_live_bars(synth_small, tmp_path):
+def test_terminal_output_is_short_with_live_bars(ray_local, synth_small, tmp_path):
+    # this run joins the session's Ray (the piped run above starts a local one of its own)
+    address = ray_local.get_runtime_context().gcs_address
     out = tmp_path / "eval"
-    rc, text = run_on_terminal(_evaluate_args(synth_small / "config.yaml", out), _env())
+    rc, text = run_on_terminal(_evaluate_args(synth_small / "config.yaml", out, "--set", f"ray.address={address}"),
+                               _env())
     assert rc == 0, text
     assert text.count("\n") < 40, text
-    _check_log(out, text)
+    _check_log(out, text, ray_lines=("Connecting to existing Ray cluster",))
     # tqdm bars: name, done/total, rate (redrawn with carriage returns on the same line)
     assert "prepare: context records: 100%" in text and "1/1 [" in text, text
     assert "methods/s" in text

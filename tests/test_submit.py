@@ -122,7 +122,7 @@ def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout_s: float =
 def _stop(head: Head) -> None:
     """Stop only this cluster, by pid: SIGTERM to every process of it (``ray start --block`` alone can wait long on
     the actors a finished job left behind), SIGKILL to what is left after a grace period."""
-    for sig, grace_s in ((signal.SIGTERM, 8), (signal.SIGKILL, 10)):
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         for pid in head.own_processes():
             try:
                 os.kill(pid, sig)
