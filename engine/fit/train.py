@@ -57,35 +57,34 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _read_shard(shard, folds: list[str] | None = None) -> pa.Table | None:
+def _read_shard(shard) -> pa.Table | None:
     """A worker's whole Ray Data shard as one table (None when empty), sorted by entry: Ray Data hands blocks over
     in the order they finish, which differs between runs; sorted, every run visits the same records in the same
-    order. With ``folds``, only the records of those training folds (the hive partition column ``fold``), kept as
-    the blocks arrive: the worker never holds another network's records."""
-    wanted = None if folds is None else pa.array(folds, pa.string())
-    parts = [batch if wanted is None else batch.filter(pc.is_in(batch["fold"].cast(pa.string()), value_set=wanted))
-             for batch in shard.iter_batches(batch_size=65536, batch_format="pyarrow")]
+    order."""
+    parts = list(shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
     records = pa.concat_tables(parts).combine_chunks() if parts else None
     if records is None or not records.num_rows:
         return None
     return records.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
 
 
-def _split_rows(table: pa.Table | None, cfg: dict) -> tuple[pa.Table | None, pa.Table | None]:
-    """(training rows, validation rows) of a worker's records, by :func:`holdout`; None where there are none."""
+def _network_rows(table: pa.Table | None, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of one network among a worker's records, as row numbers of ``table``: the
+    rows of the network's folds (the hive partition column ``fold``), split by :func:`holdout`. Row numbers, not
+    copies: the worker holds one copy of its records however many networks of the run read them."""
     if table is None:
-        return None, None
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    mine = pc.is_in(table["fold"].cast(pa.string()), value_set=pa.array(cfg["folds"], pa.string()))
+    mine = mine.to_numpy(zero_copy_only=False)
     held = holdout(table, cfg["task"], cfg["use_chroms"], cfg["seed"])
-    parts = table.filter(pa.array(~held)), table.filter(pa.array(held))
-    return tuple(part if part.num_rows else None for part in parts)  # type: ignore[return-value]
+    return np.flatnonzero(mine & ~held), np.flatnonzero(mine & held)
 
 
-def _batches(table: pa.Table | None, batch_size: int, features: FeatureSpec, lookup: PromoterLookup):
-    """Featurised numpy batches of ``table``, in its order (validation)."""
-    if table is None:
-        return
-    for lo in range(0, table.num_rows, batch_size):
-        part = table.slice(lo, batch_size)
+def _batches(table: pa.Table | None, rows: np.ndarray, batch_size: int, features: FeatureSpec,
+             lookup: PromoterLookup):
+    """Featurised numpy batches of the ``rows`` of ``table``, in their order (validation)."""
+    for lo in range(0, len(rows), batch_size):
+        part = table.take(pa.array(rows[lo : lo + batch_size]))
         yield featurize(part, features, lookup.for_records(part))
 
 
@@ -139,20 +138,19 @@ def _train_loop(cfg: dict) -> None:
     if checkpoint is None and cfg["resume_path"]:
         checkpoint = ray.train.Checkpoint.from_directory(cfg["resume_path"])
     states = _saved_networks(checkpoint, device)
-    shard = ray.train.get_dataset_shard("records")
+    # this worker's records of every network's folds, read once (one Ray Data execution for the run, not one per
+    # network or epoch); each network reads its folds' training and validation rows of them by row number
+    records = _read_shard(ray.train.get_dataset_shard("records"))
     for index, network in enumerate(cfg["networks"]):
         if _finished(states.get(index), cfg):
             continue
-        # this worker's records of the network's folds, read once for it (one Ray Data execution per network, not
-        # per epoch; every rank reads at the same point) and split here into training and validation rows
-        rows = _read_shard(shard, network["folds"])
-        _train_network(cfg, network, index, rows, states, promoters, device, rank, world)
+        _train_network(cfg, network, index, records, states, promoters, device, rank, world)
 
 
-def _train_network(cfg: dict, network: dict, index: int, rows: pa.Table | None, states: dict[int, dict],
+def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | None, states: dict[int, dict],
                    promoters: torch.Tensor | None, device: torch.device, rank: int, world: int) -> None:
-    """Train network ``index`` of the run (``network``: its settings) on this worker's ``rows``, from its state in
-    ``states`` when it has one; every epoch's checkpoint holds ``states``, updated."""
+    """Train network ``index`` of the run (``network``: its settings) on its folds' rows of this worker's
+    ``records``, from its state in ``states`` when it has one; every epoch's checkpoint holds ``states``, updated."""
     import ray.train
     import ray.train.torch
 
@@ -186,8 +184,8 @@ def _train_network(cfg: dict, network: dict, index: int, rows: pa.Table | None, 
     if freeze:  # the shared (broadcast or restored) weights, encoded once for every promoter of the table
         _unwrap(model).freeze_promoter_cnn(promoters)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    records, valid_records = _split_rows(rows, {**cfg, **network})
-    n_train = records.num_rows if records is not None else 0
+    train_rows, valid_rows = _network_rows(records, {**cfg, **network})
+    n_train = len(train_rows)
     if world > 1:
         # the shards are equal in records, not in training rows: every worker takes as many steps as the fewest
         fewest = torch.tensor([n_train], dtype=torch.int64)
@@ -206,7 +204,7 @@ def _train_network(cfg: dict, network: dict, index: int, rows: pa.Table | None, 
         rng = np.random.default_rng(cfg["seed"] * 1000 + epoch * 10 + rank)
         loss_sum, n_seen = 0.0, 0
         genes_seen = torch.zeros(len(gene_chrom), dtype=torch.float64)
-        order = epoch_rows(records.num_rows if records is not None else 0, per_worker_limit, cfg["seed"], epoch, rank)
+        order = train_rows[epoch_rows(len(train_rows), per_worker_limit, cfg["seed"], epoch, rank)]
         for part, batch in _epoch_batches(records, order, cfg["batch_size"], features, lookup) if len(order) else ():
             genes_seen[torch.as_tensor(part["gene_index"].to_numpy().astype(np.int64))] = 1.0
             batch = drop_groups(batch, rng, *cfg["drop"])
@@ -228,7 +226,7 @@ def _train_network(cfg: dict, network: dict, index: int, rows: pa.Table | None, 
         model.eval()
         sq, count = 0.0, 0
         with torch.no_grad():
-            for batch in _batches(valid_records, 4 * cfg["batch_size"], features, lookup):
+            for batch in _batches(records, valid_rows, 4 * cfg["batch_size"], features, lookup):
                 tensors = to_tensors(batch, device)
                 with autocast:
                     pred, _ = model(tensors, promoters)
@@ -396,9 +394,9 @@ def train_networks(
     name: str,
     resume_from=None,
 ) -> list[TrainedNetwork]:
-    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start for all of
-    them; for each network each worker reads its shard of the network's folds, and holds no other network's
-    records) and return each one's best weights.
+    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start and one
+    Ray Data execution for all of them: each worker reads its shard of the union of their folds once and keeps one
+    copy of it, each network reading its rows by row number) and return each one's best weights.
 
     Args:
         config: the resolved config (``model``, ``train``, ``split``, ``evaluation.task``, ``seed``).
@@ -421,7 +419,7 @@ def train_networks(
     folders = sorted({str(d) for run in runs for d in run.train_dirs})
     # one dataset of every network's folds, taken apart by each worker (the fold is a hive partition column, the
     # training/validation split a function of the row); with one worker nothing is split, and the worker runs the
-    # Ray Data executions itself
+    # Ray Data execution itself
     records = ray.data.read_parquet(folders, num_cpus=config.ray.cpus_per_task)
     data_config = DataConfig(datasets_to_split="all" if tc.num_workers > 1 else [])
     loop_config = {
