@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 #: the Ray Train run (under the storage folder) that trains the K fold networks
 FOLD_RUN = "hybrid_folds"
 
+
 def read_training(dirs: list[Path]) -> pa.Table:
     """The labelled training records of the given fold folders."""
     return pa.concat_tables(pads.dataset(d, format="parquet", partitioning="hive").to_table() for d in dirs)
@@ -98,17 +99,23 @@ def network_run(config: Config, records_dir: Path, name: str, problem: VisiblePr
     return NetworkRun(name, fold_dirs(records_dir, net_folds), use_promoter, use_context, levels)
 
 
+def fold_masks(config: Config, problem: VisibleProblem) -> list[np.ndarray]:
+    """The training folds of ``problem`` as prepare cut them (:func:`geximpute.science.folds.training_folds` with
+    the config's task, folds, seed and donor grouping)."""
+    t = config.train
+    return training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
+                          whole_donors=config.evaluation.whole_donors)
+
+
 def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int],
                     masks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(level, valid_gene) of the genes for a network's CNN pre-training: each gene's mean over the visible entries
     outside training folds ``exclude`` (the same folds as prepare's; ``masks``: those folds, when the caller has
     them already), genes of the validation chromosomes apart."""
-    t = config.train
     hide = None
     if exclude:
         if masks is None:
-            masks = training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
-                                   whole_donors=config.evaluation.whole_donors)
+            masks = fold_masks(config, problem)
         hide = np.logical_or.reduce([masks[k] for k in exclude])
     return visible_levels(problem.values, hide, problem.split == SPLITS.index("valid"))
 
@@ -160,9 +167,7 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
     a head row's baseline features never saw its label. The all-visible grid is the baselines fitted on the whole
     visible problem, as for hidden entries; neither sees a hidden value.
     """
-    t = config.train
-    masks = training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
-                           whole_donors=config.evaluation.whole_donors)
+    masks = fold_masks(config, problem)
     composition = gene_composition(records_dir, problem.gene_ids, config.promoter.upstream)
     oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
                                 composition=composition)
@@ -185,9 +190,7 @@ def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray,
     if n_folds == 1:
         return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage, problem=problem)]
     runs = []
-    t = config.train
-    masks = None if problem is None else training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
-                                                        config.seed, whole_donors=config.evaluation.whole_donors)
+    masks = None if problem is None else fold_masks(config, problem)
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
         levels = pretrain_levels(config, problem, [k], masks) if problem is not None else None

@@ -180,7 +180,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in state}
-        pretrain_r = [r for r in [saved.get("pretrain_valid_pearson")] if r is not None]
+        pretrain_r = [r for r in [saved.get("metrics", {}).get("pretrain_valid_pearson")] if r is not None]
     if freeze:  # the shared (broadcast or restored) weights, encoded once for every promoter of the table
         _unwrap(model).freeze_promoter_cnn(promoters)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -260,7 +260,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
                      metrics["chroms_train"], f" (never: {metrics['chroms_unseen']})" if metrics["chroms_unseen"]
                      else "")
         states[index] = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **state,
-                         "metrics": metrics, "pretrain_valid_pearson": metrics["pretrain_valid_pearson"]}
+                         "metrics": metrics}
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:

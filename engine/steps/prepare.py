@@ -277,7 +277,6 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
     Returns:
         the number of records written for each part.
     """
-
     staging = parts[0].out.parent / ".records"  # beside the outputs, inside the caller's staging folder
     shards: list[str] = []
     part_of: list[int] = []
