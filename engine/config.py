@@ -302,6 +302,11 @@ class BaselinesConfig:
             the values as configured.
         tune_fraction: fraction of the visible units (genes, samples or entries, as the task hides) in the
             validation split.
+        block_cells: the entry baselines (the stacked head's inputs) are fitted on consecutive ranges of genes, one
+            at a time, each holding about this many gene x cell values (a cell: a sample or a donor-tissue pair,
+            whichever the data have more of; at least 256 genes a range), so that a fit's memory does not grow
+            with the genome; data that fit in one range are fitted as a whole (every real dataset shipped here).
+            ``impute`` and ``nightly`` fit each range in a Ray task of its own.
     """
 
     distance_k: int = 10
@@ -320,8 +325,10 @@ class BaselinesConfig:
     comp_alpha: float = 1.0
     tune: bool = True
     tune_fraction: float = 0.1
+    block_cells: int = 8_000_000
 
     def __post_init__(self) -> None:
+        _require(self.block_cells >= 1, "baselines.block_cells", self.block_cells, "an integer >= 1")
         _require(self.distance_k >= 1, "baselines.distance_k", self.distance_k, "an integer >= 1")
         _require(self.distance_offset > 0, "baselines.distance_offset", self.distance_offset, "a number > 0")
         _require(self.mc_rank >= 1, "baselines.mc_rank", self.mc_rank, "an integer >= 1")

@@ -7,17 +7,21 @@ import numpy as np
 import pytest
 
 from geximpute.config import BaselinesConfig
+from geximpute.science import baselines as baselines_module
 from geximpute.science.baselines import (
     ENTRY_METHODS,
     RowTissueBaseline,
+    baseline_estimates,
+    fit_ranges,
     make_method,
     make_methods,
     out_of_fold_estimates,
     promoter_composition,
+    range_estimates,
     tune_settings,
 )
 from geximpute.science.folds import fold_problem, training_folds
-from geximpute.science.problem import VisibleProblem, tissue_correlation
+from geximpute.science.problem import VisibleProblem, gene_rows, tissue_correlation
 
 FIXED = BaselinesConfig(tune=False)
 
@@ -174,6 +178,41 @@ def test_out_of_fold_estimates_never_see_their_own_entries():
     for name in oof:
         np.testing.assert_array_equal(oof[name][folds[1]], oof2[name][folds[1]], err_msg=name)
         assert not np.allclose(oof[name][folds[0]], oof2[name][folds[0]]), name
+
+
+def test_entry_baselines_are_fitted_per_gene_range_of_bounded_size(monkeypatch):
+    values, donor, tissue = donor_data(seed=9, n_genes=50, n_donors=40)
+    visible, gi, si = hide_samples(values, 0.2, seed=10)
+    problem = problem_of(visible, donor, tissue)
+    composition = np.random.default_rng(1).normal(size=(problem.n_genes, 5))
+    composition[:30] = np.nan  # the first range has no sequence at all: the method still applies to the problem
+    cells = max(problem.n_samples, 40 * 6)
+    assert fit_ranges(problem, BaselinesConfig().block_cells) == [(0, 50)]  # small data: one fit, as before
+    monkeypatch.setattr(baselines_module, "MIN_FIT_GENES", 5)
+    small = BaselinesConfig(tune=False, block_cells=cells * 17)
+    ranges = fit_ranges(problem, small.block_cells)
+    assert ranges == [(0, 17), (17, 33), (33, 50)]  # about 17 genes each, consecutive, every gene once
+    whole = baseline_estimates(problem, gi, si, ENTRY_METHODS, FIXED, composition=composition)
+    blocked = baseline_estimates(problem, gi, si, ENTRY_METHODS, small, composition=composition)
+    assert set(blocked) == set(whole) == set(ENTRY_METHODS)
+    for lo, hi in ranges:  # each entry has the estimate of a fit on its gene range alone
+        inside = (gi >= lo) & (gi < hi)
+        alone = range_estimates(gene_rows(problem, lo, hi), gi[inside] - lo, si[inside], ENTRY_METHODS, small,
+                                composition=composition[lo:hi])
+        for name in ENTRY_METHODS:
+            np.testing.assert_array_equal(blocked[name][inside], alone[name], err_msg=name)
+            assert np.isfinite(alone[name]).all(), name
+    # a range never reads another's values: changing the last range's moves none of the first two's estimates
+    changed = visible.copy()
+    changed[33:] += np.random.default_rng(2).normal(scale=3, size=changed[33:].shape)
+    moved = baseline_estimates(problem_of(changed, donor, tissue), gi, si, ENTRY_METHODS, small,
+                               composition=composition)
+    first = gi < 33
+    for name in ENTRY_METHODS:
+        np.testing.assert_array_equal(moved[name][first], blocked[name][first], err_msg=name)
+        assert not np.allclose(moved[name][~first], blocked[name][~first]), name
+    # and the whole problem's fit is not the ranges' (the ranges are fitted apart)
+    assert not np.allclose(whole["iterative_ridge"], blocked["iterative_ridge"])
 
 
 def test_settings_are_tuned_on_a_validation_split_of_visible_data():

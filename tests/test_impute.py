@@ -235,20 +235,23 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     # each shard is a run of genes of one chromosome x a range of donors; together they tile the run's entries
     assert all(0 <= shard["genes"][0] < shard["genes"][1] <= plan["genes"]
                and 0 <= shard["donors"][0] < shard["donors"][1] <= plan["donors"] for shard in plan["shards"])
-    assert not list(result.out_dir.glob("_shards*"))  # the shard files were removed before the commit
+    # the shard and baseline files were removed before the commit
+    assert not list(result.out_dir.glob("_shards*")) and not list(result.out_dir.glob("_baselines*"))
+    assert plan["baseline_ranges"] == [[0, plan["genes"]]]  # small data: the stacked baselines in one task
     assert plan["missing_profiles"] == result.n_missing_profiles
     assert plan["bundle"]["stacked"] and plan["bundle"]["model_version"] == result.model_version
     measured = plan["measured"]  # the run's own manifest: its rate per predictor actor
     assert measured["entries"] == result.n_rows and measured["predictors"] >= 1
     rate = measured["entries_per_second_per_predictor"]
     assert plan["projected_seconds"] == pytest.approx(result.n_rows / (rate * 4), rel=1e-2, abs=0.06)  # 0.1 s
-    assert set(plan["peak_memory_mb"]) == {"driver", "context", "predictor", "writer"}
+    assert set(plan["peak_memory_mb"]) == {"driver", "context", "predictor", "writer", "baselines"}
     assert all(mb > 0 for mb in plan["peak_memory_mb"].values())
     # on the command line, into a folder with no run yet: the plan, and that no rate was measured there
     rc = main(["-q", "impute", "--config", str(data / "config.yaml"), "--model", str(bundle), "--out",
                str(tmp_path / "new"), "--plan"])
     out = capfd.readouterr().out  # the console writes to the terminal's file descriptor
     assert rc == 0 and f"impute plan: {result.n_rows:,} entries" in out and "no measured rate yet" in out
+    assert "stacked baselines fitted on 1 gene range(s)" in out
     assert not (tmp_path / "new").exists()  # a plan writes nothing
 
 
@@ -302,3 +305,45 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     assert counter.sequences == 0  # nothing encoded where the predictions are made
     for ours, theirs in zip(shipped, table_path, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_baselines_are_fitted_per_gene_range_in_ray_tasks(tiny_model, ray_local, tmp_path, monkeypatch):
+    """The stacked head's baselines are fitted in Ray tasks, one gene range each (``baselines.block_cells``),
+    never in the driver; their estimates, read back range by range in any order, are those of the in-process
+    fit (the bundle's own with one range)."""
+    import dataclasses
+
+    from geximpute.fit.bundle import load_bundle
+    from geximpute.fit.models import baseline_column
+    from geximpute.science import baselines as baselines_module
+    from geximpute.science.baselines import baseline_estimates
+    from geximpute.steps.impute import baseline_columns, head_baselines, imputation_problem
+
+    problem, targets, _ = imputation_problem(tiny_model.config)
+    bundle = load_bundle(tiny_model.folder)
+    stacked = head_baselines(bundle, problem)
+    assert stacked is not None and {"pairwise_regression", "iterative_ridge"} <= set(stacked.names)
+    gi, si = np.nonzero(targets)
+    n = len(gi)
+    # one range at the default size: the bundle's own estimates
+    whole = baseline_columns(stacked, problem, targets, tmp_path / "whole", 0.5, 2)
+    assert len(whole.files) == 1
+    entries = bundle.baseline_entries(problem, targets)
+    got = whole.take(np.arange(n))
+    for name in bundle.baseline_names:
+        np.testing.assert_allclose(got[baseline_column(name)], entries[name], rtol=1e-6, err_msg=name)
+    # three ranges
+    monkeypatch.setattr(baselines_module, "MIN_FIT_GENES", 4)
+    cells = max(problem.n_samples, len(problem.donors) * len(problem.tissues))
+    small = dataclasses.replace(stacked, settings=dataclasses.replace(
+        stacked.settings, block_cells=cells * -(-problem.n_genes // 3)))
+    ranged = baseline_columns(small, problem, targets, tmp_path / "ranged", 0.5, 2)
+    assert len(ranged.files) == 3 and len(ranged.starts) == 4 and ranged.starts[-1] == n
+    expected = baseline_estimates(problem, gi, si, small.names, small.settings, seed=small.seed,
+                                  composition=small.composition)
+    order = np.random.default_rng(0).permutation(n)  # positions across every range, in any order
+    got = ranged.take(order)
+    for name in small.names:
+        np.testing.assert_allclose(got[baseline_column(name)], expected[name][order], rtol=1e-6, err_msg=name)
+    # the ranges were fitted apart: a regression across genes differs from the whole problem's
+    assert not np.allclose(got[baseline_column("iterative_ridge")], entries["iterative_ridge"][order])

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from geximpute import schema as S
-from geximpute.config import Config, config_from_dict, dump_config
+from geximpute.config import BaselinesConfig, Config, config_from_dict, dump_config
 from geximpute.errors import GeximputeError
 from geximpute.fit.head import HeadModel
 from geximpute.fit.models import HybridModels, baseline_column
@@ -48,7 +48,7 @@ from geximpute.model.inference import TrainedNetwork, encode_promoters
 from geximpute.model.network import NetworkSpec
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.provenance import manifest, write_json
-from geximpute.science.baselines import baseline_estimates, promoter_composition
+from geximpute.science.baselines import applicable_entry_methods, baseline_estimates, promoter_composition
 from geximpute.science.head_features import FEATURE_NAMES
 from geximpute.science.problem import VisibleProblem
 from geximpute.science.promoters import PromoterLookup, one_hot_promoters
@@ -298,16 +298,22 @@ class Bundle:
         """
         if not self.stacked:
             return {}
-        config = self.models.config
-        upstream = config.promoter.upstream
-        composition = promoter_composition(
-            [self.reference_sequences[self.gene_promoter[g]] if g in self.gene_promoter else None
-             for g in problem.gene_ids], upstream)
+        names, settings, seed, composition = self.baseline_inputs(problem)
         gi, si = np.nonzero(targets)
-        estimates = baseline_estimates(problem, gi, si, self.baseline_names, config.baselines, seed=config.seed,
-                                       composition=composition)
+        estimates = baseline_estimates(problem, gi, si, names, settings, seed=seed, composition=composition)
         return {name: np.asarray(estimates[name], np.float32) if name in estimates
                 else np.full(len(gi), np.nan, np.float32) for name in self.baseline_names}
+
+    def baseline_inputs(self, problem: VisibleProblem) -> tuple[tuple[str, ...], BaselinesConfig, int, np.ndarray]:
+        """What fitting the head's baselines on ``problem`` takes besides its values: (the entry methods of
+        :attr:`baseline_names` that apply to it, the bundle's tuned settings, its seed, the (G, F) promoter
+        composition of the problem's genes from the bundle's reference windows)."""
+        config = self.models.config
+        composition = promoter_composition(
+            [self.reference_sequences[self.gene_promoter[g]] if g in self.gene_promoter else None
+             for g in problem.gene_ids], config.promoter.upstream)
+        names = applicable_entry_methods(problem, self.baseline_names, config.baselines, composition)
+        return names, config.baselines, config.seed, composition
 
     def baseline_grids(self, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`baseline_entries` as ``{name: (G, S) float32}`` grids, NaN off the ``targets``."""

@@ -22,7 +22,7 @@ from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import donor_residuals
 from geximpute.science.head_features import idw_estimate, list_parts
-from geximpute.science.problem import VisibleProblem
+from geximpute.science.problem import VisibleProblem, gene_rows
 
 
 class Method(Protocol):
@@ -727,19 +727,76 @@ def _product(*axes: tuple) -> list[tuple]:
     return list(itertools.product(*axes))
 
 
+#: fewest genes of a fit range (:func:`fit_ranges`): below this, the methods' shared parts (tissue offsets,
+#: regressions across tissues, donor factors) would rest on too few genes
+MIN_FIT_GENES = 256
+
+
+def fit_ranges(problem: VisibleProblem, block_cells: int) -> list[tuple[int, int]]:
+    """The consecutive gene ranges the entry methods are fitted on, one at a time (``baselines.block_cells``).
+
+    Each range holds about ``block_cells`` gene x cell values, a cell being a sample or a donor-tissue pair,
+    whichever the problem has more of (the methods' largest arrays are gene x sample and gene x donor x tissue), and
+    at least :data:`MIN_FIT_GENES` genes; the ranges are as equal as can be. A problem within one range is fitted
+    as a whole. The ranges depend on the problem's shape only, so every caller that fits the same problem cuts it
+    the same way.
+    """
+    per_gene = max(problem.n_samples, len(problem.donors) * len(problem.tissues), 1)
+    genes = max(MIN_FIT_GENES, block_cells // per_gene)
+    n_ranges = max(1, -(-problem.n_genes // genes))
+    cuts = np.linspace(0, problem.n_genes, n_ranges + 1).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
                        names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
                        composition: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Each applicable entry method (:data:`ENTRY_METHODS`) fitted on ``problem`` and evaluated at the entries
     (``gene_index[i]``, ``sample_index[i]``): the head features of the hidden (evaluation) entries.
 
+    The methods are fitted on each gene range of :func:`fit_ranges` separately (one range: the whole problem), and
+    each entry gets the estimate of its gene's range: what :func:`range_estimates` computes for each range alone.
+
     Returns:
         ``{name: (N,) float64}``; methods that do not apply to the problem are left out.
     """
+    gene_index = np.asarray(gene_index, np.int64)
+    sample_index = np.asarray(sample_index, np.int64)
+    names = applicable_entry_methods(problem, names, config, composition)
+    ranges = fit_ranges(problem, config.block_cells)
+    if len(ranges) == 1:
+        return range_estimates(problem, gene_index, sample_index, names, config, seed=seed, composition=composition)
+    out: dict[str, np.ndarray] = {}
+    for lo, hi in ranges:
+        inside = np.flatnonzero((gene_index >= lo) & (gene_index < hi))
+        if len(inside) == 0:
+            continue
+        part = range_estimates(gene_rows(problem, lo, hi), gene_index[inside] - lo, sample_index[inside], names,
+                               config, seed=seed, composition=None if composition is None else composition[lo:hi])
+        for name, values in part.items():
+            out.setdefault(name, np.full(len(gene_index), np.nan))[inside] = values
+    return out
+
+
+def applicable_entry_methods(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig,
+                             composition: np.ndarray | None = None) -> tuple[str, ...]:
+    """The entry methods of ``names`` that apply to the whole of ``problem`` (:func:`make_methods`' checks), in
+    order: a gene range is fitted with the methods of its problem, not only those that would apply to the range
+    alone."""
     names = tuple(n for n in names if n in ENTRY_METHODS)
-    methods, _ = make_methods(names, config, len(problem.donors), problem.genomes is not None, seed, composition)
+    _, skipped = make_methods(names, config, len(problem.donors), problem.genomes is not None, 0, composition)
+    return tuple(n for n in names if n not in skipped)
+
+
+def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
+                    names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
+                    composition: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The entry methods ``names`` (:func:`applicable_entry_methods` of the problem this range was cut from)
+    fitted on the whole of ``problem`` (one gene range) and evaluated at the entries (``gene_index[i]``,
+    ``sample_index[i]``); ``{name: (N,) float64}``."""
     out = {}
-    for method in methods:
+    for name in names:
+        method = make_method(name, config, seed=seed, composition=composition)
         method.fit(problem)
         out[method.name] = np.asarray(method.predict_entries(gene_index, sample_index), np.float64)
     return out

@@ -9,6 +9,7 @@ are NaN in it, exactly like entries that were never measured); the hidden values
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -70,6 +71,16 @@ class VisibleProblem:
     @property
     def n_samples(self) -> int:
         return len(self.sample_ids)
+
+
+def gene_rows(problem: VisibleProblem, lo: int, hi: int) -> VisibleProblem:
+    """The problem of genes ``lo:hi`` alone (every sample; views of the gene arrays, no genomes: a part of a
+    problem that methods fit on one gene range at a time)."""
+    rows = slice(lo, hi)
+    return dataclasses.replace(
+        problem, gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
+        start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
+        values=problem.values[rows], genomes=None)
 
 
 @dataclass

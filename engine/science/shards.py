@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from geximpute.science.problem import VisibleProblem
+from geximpute.science.problem import VisibleProblem, gene_rows
 
 #: genes of one block at most (a chromosome with more is cut into several blocks, each with its halo)
 GENES_PER_BLOCK = 1024
@@ -192,7 +192,7 @@ def make_shard(
     k: int,
     genetic: np.ndarray | None = None,
     labels: np.ndarray | None = None,
-    columns: dict[str, np.ndarray] | None = None,
+    columns: EntryColumns | dict[str, np.ndarray] | None = None,
     entry_offsets: np.ndarray | None = None,
 ) -> Shard:
     """Cut the :class:`Shard` of ``block`` out of the whole problem (the arrays it holds are copies).
@@ -206,8 +206,9 @@ def make_shard(
         k: neighbours per target (the halo's width in visible genes).
         genetic: (G, D) cis-genetic scores, or None.
         labels: (G, S) values each record carries as its ``target``, or None.
-        columns: ``{name: (N,) float32}``, one value per target entry in ``np.nonzero(targets)`` order, each
-            record's in its column ``name`` (the whole problem never needs a (G, S) grid of them).
+        columns: ``{name: (N,) float32}`` or :class:`EntryColumns`, one value per target entry in
+            ``np.nonzero(targets)`` order, each record's in its column ``name`` (the whole problem never needs a
+            (G, S) grid of them).
         entry_offsets: (G + 1,) :func:`entry_offsets` of ``targets``; required with ``columns``.
     """
     samples = np.concatenate(donor_samples[block.donor_lo : block.donor_hi]) if block.donor_hi > block.donor_lo \
@@ -221,15 +222,12 @@ def make_shard(
     local_targets[block.lo - lo : block.hi - lo] = block_targets
     donors = np.arange(block.donor_lo, block.donor_hi)
     local = dataclasses.replace(
-        problem,
-        gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
-        start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
+        gene_rows(problem, lo, hi),
         sample_ids=problem.sample_ids[samples],
         donor_index=(problem.donor_index[samples] - block.donor_lo).astype(problem.donor_index.dtype),
         tissue_index=problem.tissue_index[samples],
         donors=[problem.donors[d] for d in donors],
         values=np.ascontiguousarray(problem.values[rows][:, samples]),
-        genomes=None,
     )
     return Shard(
         problem=local,
@@ -251,11 +249,68 @@ def entry_offsets(targets: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def _block_columns(columns: dict[str, np.ndarray], offsets: np.ndarray | None, targets: np.ndarray, block: Block,
-                   samples: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
+class EntryColumns:
+    """Columns of one value per target entry of a problem, in ``np.nonzero(targets)`` order, that a shard takes
+    its block's values from (:meth:`take`): here arrays in memory."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.arrays)
+
+    def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """``{name: values at positions}``."""
+        return {name: values[positions] for name, values in self.arrays.items()}
+
+
+class RangeFileColumns(EntryColumns):
+    """:class:`EntryColumns` kept in files, one per consecutive range of target entries (a ``.npz`` of one array
+    per column, written by whoever computed that range, e.g. the stacked baselines of a gene range in
+    :func:`geximpute.steps.impute.baseline_columns`). One range's file is held in memory at a time: shards come in
+    gene order, so each file is read about once.
+
+    Args:
+        names: the columns, in order.
+        files: the file of each range.
+        starts: (R + 1,) the position of each range's first entry, then the number of entries.
+    """
+
+    def __init__(self, names: list[str], files: list[str], starts: np.ndarray) -> None:
+        self._names, self.files, self.starts = list(names), list(files), np.asarray(starts, np.int64)
+        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    def _range(self, r: int) -> dict[str, np.ndarray]:
+        if self._loaded is None or self._loaded[0] != r:
+            self._loaded = None  # the previous range goes before the next is read
+            with np.load(self.files[r]) as data:
+                self._loaded = (r, {name: data[name] for name in self._names})
+        return self._loaded[1]
+
+    def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        positions = np.asarray(positions, np.int64)
+        out = {name: np.full(len(positions), np.nan, np.float32) for name in self._names}
+        which = np.searchsorted(self.starts, positions, side="right") - 1
+        for r in np.unique(which):
+            at = which == r
+            values = self._range(int(r))
+            for name in self._names:
+                out[name][at] = values[name][positions[at] - self.starts[r]]
+        return out
+
+
+def _block_columns(columns: EntryColumns | dict[str, np.ndarray], offsets: np.ndarray | None, targets: np.ndarray,
+                   block: Block, samples: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
     """``columns`` (one value per target entry of the whole problem) as (G_local, S_local) grids of the block's
     shard, NaN off its targets."""
-    if not columns:
+    if isinstance(columns, dict):
+        columns = EntryColumns(columns)
+    if not columns.names:
         return {}
     if offsets is None:
         raise ValueError("columns per target entry need the entry_offsets of the targets")
@@ -264,9 +319,9 @@ def _block_columns(columns: dict[str, np.ndarray], offsets: np.ndarray | None, t
     position = (offsets[block.lo : block.hi, None] + rank)[:, samples]
     inside = rows[:, samples]
     out = {}
-    for name, values in columns.items():
+    for name, values in columns.take(position[inside]).items():
         grid = np.full((hi - lo, len(samples)), np.nan, np.float32)
-        grid[block.lo - lo : block.hi - lo][inside] = values[position[inside]]
+        grid[block.lo - lo : block.hi - lo][inside] = values
         out[name] = grid
     return out
 

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geximpute import schema as S
-from geximpute.config import Config, ExpressionConfig
+from geximpute.config import BaselinesConfig, Config, ExpressionConfig
 from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
 from geximpute.fit.models import baseline_column
@@ -55,13 +55,15 @@ from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
-from geximpute.science.problem import VisibleProblem, make_problem
+from geximpute.science.baselines import fit_ranges, range_estimates
+from geximpute.science.problem import VisibleProblem, gene_rows, make_problem
 from geximpute.science.promoters import (
     PromoterLookup,
     genome_promoter_inputs,
     genome_promoter_lookup,
     one_hot_promoters,
 )
+from geximpute.science.shards import RangeFileColumns, entry_offsets
 from geximpute.science.shards import blocks as entry_blocks
 from geximpute.steps.prepare import context_records, context_shards
 
@@ -79,6 +81,8 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ER
 VIRTUAL_PREFIX = "virtual:"
 #: the folder of the context shards inside a run's staging folder (removed before the commit)
 SHARDS_FOLDER = "_shards"
+#: the folder of the stacked baselines' estimates per gene range inside a run's staging folder (removed likewise)
+BASELINES_FOLDER = "_baselines"
 
 
 class OutputError(GeximputeError):
@@ -190,19 +194,84 @@ def target_mask(
 # The predictor actor ------------------------------------------------------------------------------------------
 
 
-def stacked_estimates(bundle: Any, problem: VisibleProblem, targets: np.ndarray) -> dict[str, np.ndarray] | None:
-    """The baselines' estimates at the ``targets`` entries that a stacked bundle's head reads (fitted on the visible
-    values of ``problem``; ``{name: (N,)}`` in ``np.nonzero(targets)`` order, :meth:`Bundle.baseline_entries`), or
-    None for a bundle without them."""
+@dataclass
+class StackedBaselines:
+    """What fitting a stacked bundle's baselines on the data being imputed takes besides the values
+    (:meth:`geximpute.fit.bundle.Bundle.baseline_inputs`).
+
+    Attributes:
+        head_names: the baselines the head reads, in its order (a record's ``baseline_<name>`` columns).
+        names: those that apply to the data (the others are NaN: the head's trees take their missing branch).
+        settings, seed: the bundle's tuned settings and seed.
+        composition: (G, F) promoter composition of the data's genes.
+    """
+
+    head_names: tuple[str, ...]
+    names: tuple[str, ...]
+    settings: BaselinesConfig
+    seed: int
+    composition: np.ndarray
+
+
+def head_baselines(bundle: Any, problem: VisibleProblem) -> StackedBaselines | None:
+    """The :class:`StackedBaselines` of a stacked bundle on ``problem``, or None for a bundle without them."""
     if not getattr(bundle, "stacked", False):
         return None
+    names, settings, seed, composition = bundle.baseline_inputs(problem)
+    return StackedBaselines(tuple(bundle.baseline_names), names, settings, seed, composition)
+
+
+def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: StackedBaselines, path: str) -> int:
+    """Ray task: the stacked baselines fitted on one gene range (``problem``: its genes and every sample) and
+    evaluated at its ``targets``, written to ``path`` (``.npz``, ``baseline_<name>`` -> (N,) float32 in
+    ``np.nonzero(targets)`` order); returns N."""
+    gi, si = np.nonzero(targets)
+    estimates = range_estimates(problem, gi, si, baselines.names, baselines.settings, seed=baselines.seed,
+                                composition=baselines.composition)
+    columns = {baseline_column(name): np.asarray(estimates[name], np.float32) if name in estimates
+               else np.full(len(gi), np.nan, np.float32) for name in baselines.head_names}
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **columns)
+    Path(tmp).rename(path)
+    return len(gi)
+
+
+def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targets: np.ndarray, folder: Path,
+                     cpus: float, concurrency: int) -> RangeFileColumns:
+    """The stacked baselines' estimates at every target entry, fitted per gene range
+    (:func:`geximpute.science.baselines.fit_ranges`, ``baselines.block_cells``) in Ray tasks of their own
+    (:func:`baseline_range`, at most ``concurrency`` at once), each written to a file under ``folder`` (created
+    here, inside the run's staging folder): the driver never fits them nor holds their estimates. The estimates are
+    :meth:`geximpute.fit.bundle.Bundle.baseline_entries`' value for value.
+
+    Returns:
+        the files as the :class:`~geximpute.science.shards.EntryColumns` the context shards take their columns from.
+    """
+    import ray
+
     t0 = time.perf_counter()
-    with stage("baselines: estimates for the stacked head", total=1, unit="passes") as progress:
-        estimates = bundle.baseline_entries(problem, targets)
-        progress.advance()
-    log.info("impute: estimates of %s at %d entries in %.1f s", ", ".join(estimates), int(targets.sum()),
-             time.perf_counter() - t0)
-    return estimates
+    ranges = fit_ranges(problem, baselines.settings.block_cells)
+    offsets = entry_offsets(targets)
+    folder.mkdir(parents=True)
+    task = ray.remote(baseline_range).options(num_cpus=cpus)
+    files, pending = [], []
+    with stage("baselines: estimates for the stacked head", total=len(ranges), unit="gene ranges") as progress:
+        for i, (lo, hi) in enumerate(ranges):
+            while len(pending) >= concurrency:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+                progress.advance()
+            path = str((folder / f"range-{i:05d}.npz").absolute())
+            part = dataclasses.replace(baselines, composition=baselines.composition[lo:hi])
+            pending.append(task.remote(gene_rows(problem, lo, hi), targets[lo:hi], part, path))
+            files.append(path)
+        for ref in pending:
+            ray.get(ref)
+            progress.advance()
+    log.info("impute: estimates of %s at %d entries, %d gene range(s), in %.1f s", ", ".join(baselines.names),
+             int(offsets[-1]), len(ranges), time.perf_counter() - t0)
+    starts = np.array([offsets[lo] for lo, _ in ranges] + [offsets[-1]], np.int64)
+    return RangeFileColumns([baseline_column(n) for n in baselines.head_names], files, starts)
 
 
 def load_bundle_from(folder: str) -> Any:
@@ -389,7 +458,7 @@ def run_pipeline(
     *,
     loader: Callable[[str], Any] = load_bundle_from,
     haplotypes: Any = None,
-    baselines: dict[str, np.ndarray] | None = None,
+    baselines: StackedBaselines | None = None,
     encode_once: bool = True,
 ) -> int:
     """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
@@ -407,8 +476,8 @@ def run_pipeline(
         haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`); None: the bundle's
             reference windows. With ``encode_once`` every haplotype is encoded once for the run
             (:func:`encoded_haplotypes`, as many tasks as predictor actors) and the predictors get the embeddings.
-        baselines: the baselines' estimates a stacked bundle reads (:func:`stacked_estimates`: one value per
-            target entry, in ``np.nonzero(targets)`` order); they travel with each shard's records.
+        baselines: what fitting a stacked bundle's baselines takes (:func:`head_baselines`); their estimates
+            (:func:`baseline_columns`, Ray tasks per gene range) travel with each shard's records.
         encode_once: encode the haplotypes once for the run; False for a bundle whose networks have no promoter
             branch (``Bundle.reads_promoters``).
     """
@@ -416,8 +485,12 @@ def run_pipeline(
 
     cpus = config.ray.cpus_per_task
     try:
-        # the stacked head's baseline estimates travel with each block's records: no predictor maps (G, S) grids
-        columns = {baseline_column(name): values for name, values in (baselines or {}).items()}
+        # the stacked head's baseline estimates, fitted per gene range in Ray tasks, travel with each block's
+        # records: no predictor maps (G, S) grids, and the driver holds none of them
+        columns = None
+        if baselines is not None:
+            columns = baseline_columns(baselines, problem, targets, out / BASELINES_FOLDER, cpus,
+                                       config.ray.concurrency)
         shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES)
         # blocks of entries whose records are built; the stream predicts and writes each soon after
@@ -452,8 +525,9 @@ def run_pipeline(
         )
         with progress:
             write_predictions(stream, out, cpus)
-    finally:
-        shutil.rmtree(out / SHARDS_FOLDER, ignore_errors=True)  # ours, inside the staging folder: never committed
+    finally:  # ours, inside the staging folder: never committed
+        shutil.rmtree(out / SHARDS_FOLDER, ignore_errors=True)
+        shutil.rmtree(out / BASELINES_FOLDER, ignore_errors=True)
     return n_actors
 
 
@@ -568,7 +642,7 @@ def impute(
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
     haplotypes = donor_promoter_sequences(problem)
-    baselines = stacked_estimates(bundle, problem, targets)
+    baselines = head_baselines(bundle, problem)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=list(settings.donors), tissues=list(settings.tissues),
@@ -613,7 +687,10 @@ def impute(
 #: donors x 10 tissues, default model, 44afd6e: context 356, predictor 701, writer 591 MiB peak; the driver measured
 #: as itself at ba33a7d, 605 MiB: the 1,876 recorded at 44afd6e was the benchmark process; docs/benchmarks.md
 #: "Genome scale"), rounded: where the data are that small, what the process holds besides them
-PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 550}
+PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 550, "baselines": 350}
+#: float64 copies of a gene range's (genes x cells) values that fitting the stacked baselines holds at once, about
+#: (the cube, its deviations, masks and the filled copy of iterative_ridge; not measured array by array)
+BASELINE_COPIES = 6
 #: bytes of one context record in Arrow, about: fixed columns plus four float lists per neighbour and per tissue token
 RECORD_FIXED_BYTES, RECORD_TOKEN_BYTES = 160, 20
 
@@ -633,12 +710,14 @@ def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProb
 def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | Path | None = None,
                 workers: int | None = None, dataset: Any = None) -> dict[str, Any]:
     """What ``impute`` would do, without running it (``geximpute impute --plan``): its shards (a run of genes of one
-    chromosome x a range of donors, the unit of work of a context task), the entries of each, the expected peak
-    memory of each kind of process and, from the rate measured by the last run into the same output folder, the
-    projected wall time for ``workers`` predictor actors.
+    chromosome x a range of donors, the unit of work of a context task), the entries of each, the gene ranges the
+    stacked baselines are fitted on (one task each), the expected peak memory of each kind of process and, from the
+    rate measured by the last run into the same output folder, the projected wall time for ``workers`` predictor
+    actors.
 
-    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies and the stacked
-    baselines' estimates in the driver, the largest shard and its block of context records, the bundle's files) over
+    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies and one gene range's
+    baseline estimates in the driver, the largest gene range's values in a baseline task, the largest shard and its
+    block of context records, the bundle's files) over
     :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
     measures).
     """
@@ -659,8 +738,13 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
     bundle_mb = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) * mib
-    # the stacked baselines' estimates, one float32 per target entry and baseline (no (G, S) grids)
-    estimates = n_entries * 4 * mib * len(bundle.baseline_names) if bundle.stacked else 0.0
+    # the stacked baselines: fitted per gene range in tasks; the driver reads one range's estimates at a time
+    offsets = entry_offsets(targets)
+    ranges = fit_ranges(problem, bundle.models.config.baselines.block_cells) if bundle.stacked else []
+    per_gene = max(n_samples, len(problem.donors) * len(problem.tissues))
+    range_genes = max((hi - lo for lo, hi in ranges), default=0)
+    range_entries = max((int(offsets[hi] - offsets[lo]) for lo, hi in ranges), default=0)
+    estimates = range_entries * 4 * mib * len(bundle.baseline_names)
     tokens = config.context.k_neighbours + len(problem.tissues)
     record_bytes = RECORD_FIXED_BYTES + tokens * RECORD_TOKEN_BYTES
     block_records = max((sh["entries"] for sh in shards), default=0) * record_bytes
@@ -672,8 +756,8 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
                    default=0) * mib
     peak = {
-        # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; the
-        # baselines' estimates
+        # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; one
+        # gene range's baseline estimates
         "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + estimates,
         # one shard at a time (geximpute.science.shards) and its block of records
         "context": PROCESS_BASE_MB["context"] + shard_mb + block_records * mib,
@@ -682,6 +766,8 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
         "predictor": PROCESS_BASE_MB["predictor"] + 2 * bundle_mb + 50 * batch_records * mib,
         "writer": PROCESS_BASE_MB["writer"] + 2 * batch_records * mib,
     }
+    if ranges:  # a baseline task: one gene range's values in float64 copies
+        peak["baselines"] = PROCESS_BASE_MB["baselines"] + BASELINE_COPIES * range_genes * per_gene * 8 * mib
     measured = _measured_rate(out)
     n_workers = workers or settings.predictors
     projected = None
@@ -690,6 +776,7 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     return {
         "genes": n_genes, "samples": n_samples, "donors": len(problem.donors), "tissues": len(problem.tissues),
         "missing_profiles": n_virtual, "entries": n_entries, "shards": shards,
+        "baseline_ranges": [list(r) for r in ranges],
         "peak_memory_mb": {k: round(v) for k, v in peak.items()},
         "bundle": {"path": str(bundle_dir), "model_version": bundle.model_version, "stacked": bundle.stacked,
                    "size_mb": round(bundle_mb, 1)},
@@ -725,6 +812,8 @@ def format_plan(plan: dict[str, Any], max_shards: int = 8) -> str:
         lines.append(f"  {shard['chrom']} genes {lo}-{hi - 1} x donors {d_lo}-{d_hi - 1}: {shard['entries']:,} entries")
     if len(plan["shards"]) > max_shards:
         lines.append(f"  ... {len(plan['shards']) - max_shards} more")
+    if plan["baseline_ranges"]:
+        lines.append(f"stacked baselines fitted on {len(plan['baseline_ranges'])} gene range(s), one Ray task each")
     lines.append("expected peak memory per process (estimate, MB): "
                  + ", ".join(f"{k} {v:,}" for k, v in plan["peak_memory_mb"].items()))
     measured = plan["measured"]

@@ -80,13 +80,13 @@ from geximpute.steps.impute import (
     add_missing_profiles,
     check_bundle,
     donor_promoter_sequences,
+    head_baselines,
     make_run_id,
     model_dir,
     output_error,
     output_os_error,
     partition_rows,
     run_pipeline,
-    stacked_estimates,
     target_mask,
 )
 
@@ -463,7 +463,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                 previous = _partition_donors(current)
                 _link_tree(current, staging)
             run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id,
-                         haplotypes=haplotypes, baselines=stacked_estimates(bundle, problem, targets),
+                         haplotypes=haplotypes, baselines=head_baselines(bundle, problem),
                          encode_once=bundle.reads_promoters)
             # rows per donor of this chunk, from the new files only
             rows_by_donor = _rows_by_donor(staging, run_id)
