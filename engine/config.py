@@ -557,6 +557,13 @@ class ImputeConfig:
             of measured samples.
         batch_size: context records per prediction batch (and about the rows per Parquet file).
         predictors: predictor actors on CPU (each ``ray.cpus_per_task`` CPUs); with GPUs, one actor per GPU.
+        blocks_in_flight: the object store the imputation stream may hold at once, counted in blocks of context
+            records (the run's largest block times an estimate of a record's bytes from the tokens its records
+            carry, ``geximpute.steps.impute.record_bytes``), when ``ray.data_object_store_mb`` sets no cap; never
+            more than Ray Data's own budget. A budget that grows with the object store lets the context actor run
+            ahead of the predictors and its resident memory grow with the run; one counted in blocks follows the
+            data's width (records of 10 tissues are about 230 bytes, of GTEx v8's 54 about 420). ``null``: Ray
+            Data's own budget.
         use_gpu: ``true``/``false`` forces GPU predictor actors on or off; ``null`` uses GPUs when the Ray
             cluster has any (or ``train.use_gpu`` is set).
         model_dir: the model bundle (default ``<output_dir>/model``, as written by ``geximpute fit-head``).
@@ -569,6 +576,7 @@ class ImputeConfig:
     missing_profiles: bool = True
     batch_size: int = 16384
     predictors: int = 2
+    blocks_in_flight: int | None = 8
     use_gpu: bool | None = None
     model_dir: str | None = None
     out_dir: str | None = None
@@ -576,6 +584,8 @@ class ImputeConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "impute.batch_size", self.batch_size, "an integer >= 1")
         _require(self.predictors >= 1, "impute.predictors", self.predictors, "an integer >= 1")
+        _require(self.blocks_in_flight is None or self.blocks_in_flight >= 1, "impute.blocks_in_flight",
+                 self.blocks_in_flight, "an integer >= 1 or null")
 
     def resolved(self, base: Path) -> ImputeConfig:
         """Return a copy with relative folders made absolute against ``base``."""

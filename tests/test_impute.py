@@ -252,6 +252,13 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     out = capfd.readouterr().out  # the console writes to the terminal's file descriptor
     assert rc == 0 and f"impute plan: {result.n_rows:,} entries" in out and "no measured rate yet" in out
     assert "stacked baselines fitted on 1 gene range(s)" in out
+    # the stream's object-store budget: impute.blocks_in_flight blocks of the largest block's records
+    from geximpute.steps.impute import imputation_problem, record_bytes
+    largest = max(shard["entries"] for shard in plan["shards"])
+    problem, targets, _ = imputation_problem(config)
+    per_record = record_bytes(config, problem, targets, len(plan["bundle"]["baselines"]))
+    assert plan["stream_budget_mb"] == round(config.impute.blocks_in_flight * largest * per_record / 2**20)
+    assert f"at most {plan['stream_budget_mb']:,} MB" in out
     assert not (tmp_path / "new").exists()  # a plan writes nothing
 
 
@@ -347,3 +354,20 @@ def test_stacked_baselines_are_fitted_per_gene_range_in_ray_tasks(tiny_model, ra
         np.testing.assert_allclose(got[baseline_column(name)], expected[name][order], rtol=1e-6, err_msg=name)
     # the ranges were fitted apart: a regression across genes differs from the whole problem's
     assert not np.allclose(got[baseline_column("iterative_ridge")], entries["iterative_ridge"][order])
+
+
+def test_record_bytes_estimate_the_records_the_stream_carries(tiny_model):
+    """The record size behind the stream's budget (and the plan's memory) is about that of real records."""
+    from geximpute.science.context import ContextIndex, build_context
+    from geximpute.steps.impute import imputation_problem, record_bytes
+
+    config = tiny_model.config
+    problem, targets, _ = imputation_problem(config)
+    gi, si = np.nonzero(targets)
+    pick = np.linspace(0, len(gi) - 1, 2000).round().astype(int)
+    records = build_context(ContextIndex(problem, config.context.genetic_shrinkage), gi[pick], si[pick],
+                            np.zeros(len(pick), bool), config.context.k_neighbours, config.context.max_distance)
+    actual = records.nbytes / records.num_rows
+    estimate = record_bytes(config, problem, targets)
+    assert 0.8 <= estimate / actual <= 1.5, (estimate, actual)
+    assert record_bytes(config, problem, targets, 6) == estimate + 24  # six float32 baseline columns

@@ -374,13 +374,13 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
     Returns:
         float32 array of the same shape as ``expr.values`` (NaN preserved).
     """
-    values = expr.values.astype(np.float32, copy=True)
+    values = expr.values.astype(np.float32, copy=True)  # the one copy: the steps below work in place
     if expr.scale == "counts":
         factors = size_factors(values, config.counts_normalisation, visible)
-        values = values / factors[None, :].astype(np.float32)
+        values /= factors[None, :].astype(np.float32)
     if expr.scale in ("log", "normalised") or config.transform == "none":
         return values
-    return np.log1p(values)
+    return np.log1p(values, out=values)
 
 
 def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -> np.ndarray:

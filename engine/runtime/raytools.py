@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 from geximpute.config import RayConfig
 
@@ -84,6 +86,27 @@ def data_budget(config: RayConfig) -> None:
             _ray_data_default.append(options.resource_limits.object_store_memory)
         options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
         log.info("ray data: at most %d MiB of object store per execution", config.data_object_store_mb)
+
+
+@contextlib.contextmanager
+def execution_budget(config: RayConfig, nbytes: int | None) -> Iterator[None]:
+    """For the Ray Data datasets created inside (a dataset takes a copy of the settings when it is made): an
+    object-store budget of ``nbytes`` per execution, unless ``ray.data_object_store_mb`` sets a cap (that wins) or
+    ``nbytes`` is None. Ray Data never uses more than its own budget (it takes the smaller); the setting before is
+    restored on the way out."""
+    from ray.data import DataContext
+
+    if nbytes is None or config.data_object_store_mb is not None:
+        yield
+        return
+    options = DataContext.get_current().execution_options
+    before = options.resource_limits
+    options.resource_limits = before.copy(object_store_memory=int(nbytes))
+    log.info("ray data: at most %.0f MiB of object store for this execution", nbytes / 2**20)
+    try:
+        yield
+    finally:
+        options.resource_limits = before
 
 
 def progress_counter():

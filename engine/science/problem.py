@@ -123,6 +123,8 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np
         visible = ~np.isnan(dataset.expression.values)
         visible[rows] &= ~hidden
     values = to_model_scale(dataset.expression, config.expression, visible)
+    if len(rows) == len(values) and np.array_equal(rows, np.arange(len(values))):
+        return values, keep  # every expression gene annotated, in order: no second copy
     return values[rows], keep
 
 
@@ -231,7 +233,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
     values, _ = model_matrix(dataset, hidden)
     gi, si = np.nonzero(hidden)
     truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
-    visible = values.copy()
+    visible = values  # hidden in place (the truth above is a copy): one matrix, not two
     visible[hidden] = np.nan
     del values  # nothing below may see a hidden value
 

@@ -54,7 +54,7 @@ from geximpute.model.inference import inference_device
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
-from geximpute.runtime.raytools import ensure_ray
+from geximpute.runtime.raytools import ensure_ray, execution_budget
 from geximpute.science.baselines import fit_ranges, range_estimates
 from geximpute.science.problem import VisibleProblem, gene_rows, make_problem
 from geximpute.science.promoters import (
@@ -76,6 +76,9 @@ BLOCK_ENTRIES = 50_000
 ENCODE_TASK_ROWS = 8192
 #: haplotypes one-hot encoded at a time inside an encoding task (the (n, 4, L) table of one slice)
 ENCODE_SLICE_ROWS = 1024
+#: bytes of one context record in Arrow, about (:func:`record_bytes`; measured on synthetic and GTEx v8 records,
+#: docs/benchmarks.md): the ids, scalars and list offsets; each neighbour token (five lists); each tissue token (four)
+RECORD_FIXED_BYTES, NEIGHBOUR_TOKEN_BYTES, TISSUE_TOKEN_BYTES = 160, 13, 14
 #: errors of the output folder that mean "cannot write here", reported as :class:`OutputError`
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 VIRTUAL_PREFIX = "virtual:"
@@ -168,13 +171,17 @@ def add_missing_profiles(
     tissue_index = np.concatenate([problem.tissue_index, new_tissue]).astype(np.int32)
     virtual = np.concatenate([np.zeros(problem.n_samples, bool), np.ones(len(new_donor), bool)])
     order = np.lexsort((virtual, donor_index, tissue_index))
-    values = np.concatenate([problem.values, np.full((problem.n_genes, len(new_donor)), np.nan, np.float32)], axis=1)
+    # one new (G, S') matrix, the measured columns put in their new places (no concatenated copy to reorder)
+    values = np.full((problem.n_genes, len(order)), np.nan, np.float32)
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))
+    values[:, place[: problem.n_samples]] = problem.values
     out = dataclasses.replace(
         problem,
         sample_ids=np.concatenate([problem.sample_ids, new_ids])[order],
         donor_index=donor_index[order],
         tissue_index=tissue_index[order],
-        values=values[:, order],
+        values=values,
     )
     return out, virtual[order]
 
@@ -447,6 +454,34 @@ def gpus_to_use(config: Config) -> int:
     return n if wanted else 0
 
 
+def record_bytes(config: Config, problem: VisibleProblem, targets: np.ndarray, extra_columns: int = 0) -> int:
+    """About the bytes of one context record of the ``targets`` entries in Arrow, from the tokens they carry on
+    average: neighbours (at most K, and no more than the genes measured in the target's sample) and tissues (the
+    donor's other measured samples), plus ``extra_columns`` float32 columns (the stacked baselines'). An upper
+    bound of the tokens: a neighbour or tissue token also needs the gene's own neighbour or value measured there."""
+    per_sample = targets.sum(axis=0).astype(np.float64)
+    n = per_sample.sum()
+    if n == 0:
+        return RECORD_FIXED_BYTES
+    genes_seen = np.zeros(problem.n_samples, np.int64)
+    for lo in range(0, problem.n_genes, 4096):  # a bool temporary of 4,096 genes at a time
+        genes_seen += (~np.isnan(problem.values[lo : lo + 4096])).sum(axis=0)
+    measured = (genes_seen > 0).astype(np.float64)
+    others = np.bincount(problem.donor_index, weights=measured, minlength=len(problem.donors))[problem.donor_index]
+    neighbours = (per_sample * np.minimum(config.context.k_neighbours, genes_seen)).sum() / n
+    tissues = (per_sample * (others - measured)).sum() / n
+    return int(RECORD_FIXED_BYTES + NEIGHBOUR_TOKEN_BYTES * neighbours + TISSUE_TOKEN_BYTES * tissues
+               + 4 * extra_columns)
+
+
+def stream_budget(config: Config, cut: list, per_record: int) -> int | None:
+    """The object-store budget of the imputation stream: ``impute.blocks_in_flight`` blocks of the run's largest
+    block of context records of ``per_record`` bytes (:func:`record_bytes`); None: Ray Data's own."""
+    if config.impute.blocks_in_flight is None or not cut:
+        return None
+    return config.impute.blocks_in_flight * max(b.entries for b in cut) * per_record
+
+
 def run_pipeline(
     config: Config,
     problem: VisibleProblem,
@@ -509,22 +544,24 @@ def run_pipeline(
                 haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
         predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
                           ray.put(haplotypes) if haplotypes is not None else None, None)
-        stream = (
-            context_records(shards, config, 1, progress.counter())
-            .map_batches(
-                Predictor,
-                fn_constructor_kwargs={"loader": loader, "bundle_dir": str(bundle_dir), "refs": predictor_refs,
-                                       "run_id": run_id, "scale": config.inputs.scale, "expression": config.expression,
-                                       "use_gpu": bool(n_gpus)},
-                batch_size=config.impute.batch_size,
-                batch_format="pyarrow",
-                # a fixed pool: an autoscaling one does not grow while the context stage holds CPUs
-                compute=ray.data.ActorPoolStrategy(size=n_actors),
-                **resources,
+        per_record = record_bytes(config, problem, targets, len(baselines.head_names) if baselines else 0)
+        with execution_budget(config.ray, stream_budget(config, cut, per_record)):
+            stream = (
+                context_records(shards, config, 1, progress.counter())
+                .map_batches(
+                    Predictor,
+                    fn_constructor_kwargs={"loader": loader, "bundle_dir": str(bundle_dir), "refs": predictor_refs,
+                                           "run_id": run_id, "scale": config.inputs.scale,
+                                           "expression": config.expression, "use_gpu": bool(n_gpus)},
+                    batch_size=config.impute.batch_size,
+                    batch_format="pyarrow",
+                    # a fixed pool: an autoscaling one does not grow while the context stage holds CPUs
+                    compute=ray.data.ActorPoolStrategy(size=n_actors),
+                    **resources,
+                )
             )
-        )
-        with progress:
-            write_predictions(stream, out, cpus)
+            with progress:
+                write_predictions(stream, out, cpus)
     finally:  # ours, inside the staging folder: never committed
         shutil.rmtree(out / SHARDS_FOLDER, ignore_errors=True)
         shutil.rmtree(out / BASELINES_FOLDER, ignore_errors=True)
@@ -631,8 +668,8 @@ def impute(
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
     if problem is None:
-        dataset = dataset or load_dataset(config)
-        problem, _ = make_problem(dataset, hidden_mask=False)
+        # the inputs loaded here are not kept: once the problem is made, the reader's matrix goes
+        problem, _ = make_problem(dataset or load_dataset(config), hidden_mask=False)
     check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
@@ -691,8 +728,6 @@ PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 55
 #: float64 copies of a gene range's (genes x cells) values that fitting the stacked baselines holds at once, about
 #: (the cube, its deviations, masks and the filled copy of iterative_ridge; not measured array by array)
 BASELINE_COPIES = 6
-#: bytes of one context record in Arrow, about: fixed columns plus four float lists per neighbour and per tissue token
-RECORD_FIXED_BYTES, RECORD_TOKEN_BYTES = 160, 20
 
 
 def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
@@ -745,10 +780,11 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     range_genes = max((hi - lo for lo, hi in ranges), default=0)
     range_entries = max((int(offsets[hi] - offsets[lo]) for lo, hi in ranges), default=0)
     estimates = range_entries * 4 * mib * len(bundle.baseline_names)
-    tokens = config.context.k_neighbours + len(problem.tissues)
-    record_bytes = RECORD_FIXED_BYTES + tokens * RECORD_TOKEN_BYTES
-    block_records = max((sh["entries"] for sh in shards), default=0) * record_bytes
-    batch_records = settings.batch_size * record_bytes
+    per_record = record_bytes(config, problem, targets, len(bundle.baseline_names) if bundle.stacked else 0)
+    budget = stream_budget(config, cut, per_record) if config.ray.data_object_store_mb is None else \
+        config.ray.data_object_store_mb * 2**20
+    block_records = max((sh["entries"] for sh in shards), default=0) * per_record
+    batch_records = settings.batch_size * per_record
     # a shard: its genes (the halo is not counted: a few genes) x its donors' samples, float32 values, two masks,
     # the stacked baselines' estimates
     samples_of = np.bincount(problem.donor_index, minlength=len(problem.donors))
@@ -777,9 +813,10 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
         "genes": n_genes, "samples": n_samples, "donors": len(problem.donors), "tissues": len(problem.tissues),
         "missing_profiles": n_virtual, "entries": n_entries, "shards": shards,
         "baseline_ranges": [list(r) for r in ranges],
+        "stream_budget_mb": None if budget is None else round(budget * mib),
         "peak_memory_mb": {k: round(v) for k, v in peak.items()},
         "bundle": {"path": str(bundle_dir), "model_version": bundle.model_version, "stacked": bundle.stacked,
-                   "size_mb": round(bundle_mb, 1)},
+                   "baselines": list(bundle.baseline_names) if bundle.stacked else [], "size_mb": round(bundle_mb, 1)},
         "predictors": n_workers, "measured": measured, "projected_seconds": projected,
     }
 
@@ -812,6 +849,8 @@ def format_plan(plan: dict[str, Any], max_shards: int = 8) -> str:
         lines.append(f"  {shard['chrom']} genes {lo}-{hi - 1} x donors {d_lo}-{d_hi - 1}: {shard['entries']:,} entries")
     if len(plan["shards"]) > max_shards:
         lines.append(f"  ... {len(plan['shards']) - max_shards} more")
+    if plan["stream_budget_mb"] is not None:
+        lines.append(f"object store of the stream: at most {plan['stream_budget_mb']:,} MB at once")
     if plan["baseline_ranges"]:
         lines.append(f"stacked baselines fitted on {len(plan['baseline_ranges'])} gene range(s), one Ray task each")
     lines.append("expected peak memory per process (estimate, MB): "
