@@ -563,8 +563,10 @@ class ImputeConfig:
             carry, ``geximpute.steps.impute.record_bytes``), when ``ray.data_object_store_mb`` sets no cap; never
             more than Ray Data's own budget. A budget that grows with the object store lets the context actor run
             ahead of the predictors and its resident memory grow with the run; one counted in blocks follows the
-            data's width (records of 10 tissues are about 230 bytes, of GTEx v8's 54 about 420). ``null``: Ray
-            Data's own budget.
+            data's width (records of 10 tissues are about 230 bytes, of GTEx v8's 54 about 420). Measured
+            (``docs/benchmarks.md``): 8 blocks kept every process within 1.18x for 4x donors but made the v8
+            imputation 41% slower than Ray Data's own budget; 16 (the default) 1.21x and 17%; 24 on v8 9%.
+            ``null``: Ray Data's own budget (fastest; the context actor's memory then grows with the run).
         use_gpu: ``true``/``false`` forces GPU predictor actors on or off; ``null`` uses GPUs when the Ray
             cluster has any (or ``train.use_gpu`` is set).
         model_dir: the model bundle (default ``<output_dir>/model``, as written by ``geximpute fit-head``).
@@ -577,7 +579,7 @@ class ImputeConfig:
     missing_profiles: bool = True
     batch_size: int = 16384
     predictors: int = 2
-    blocks_in_flight: int | None = 8
+    blocks_in_flight: int | None = 16
     use_gpu: bool | None = None
     model_dir: str | None = None
     out_dir: str | None = None
