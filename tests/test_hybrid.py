@@ -53,7 +53,7 @@ def _config_path(config):
     return Path(config.inputs.genes).parent / "config.yaml"
 
 
-def test_two_workers_resume_the_one_worker_checkpoint(prepared, tmp_path):
+def test_two_workers_resume_the_one_worker_checkpoint(prepared, tmp_path, caplog):
     """DDP over gloo with two workers, resumed from the tiny model's last checkpoint (one worker; its first fold
     network, epochs 0 and 1, is the run's one network): the run trains only the epoch left, and both workers'
     examples add up."""
@@ -69,8 +69,11 @@ def test_two_workers_resume_the_one_worker_checkpoint(prepared, tmp_path):
     three = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=3",
                                                 "train.patience=5", "train.num_workers=2"])
     net_folds, _ = split_folds(three.train.folds)
-    resumed = train_network(three, fold_dirs(records, net_folds), records, gene_ids, len(tissues),
-                            storage=tmp_path, name="second", resume_from=checkpoint)
+    with caplog.at_level("WARNING", logger="geximpute.fit.train"):
+        resumed = train_network(three, fold_dirs(records, net_folds), records, gene_ids, len(tissues),
+                                storage=tmp_path, name="second", resume_from=checkpoint)
+    # matched by position, and said so: this run's one network goes on from the fold run's first
+    assert "resumes from the state of network 'hybrid_fold0'" in caplog.text
     m = resumed.metrics
     assert m["epoch"] == 2
     assert np.isfinite(m["val_loss"]) and np.isfinite(m["train_loss"])

@@ -115,6 +115,20 @@ def _saved_networks(checkpoint, device) -> dict[int, dict]:
     return saved["networks"] if "networks" in saved else {0: saved}
 
 
+def _warn_resume_by_position(resume_from, runs: list[NetworkRun]) -> None:
+    """Log each network of ``runs`` that resumes from the state of a network of another name in ``resume_from``
+    (states are matched by position: a one-network run may go on from network 0 of a fold run, on purpose; a run of
+    another layout would start a network from another's weights, which the log then says)."""
+    if resume_from is None:
+        return
+    states = _saved_networks(resume_from, "cpu")
+    for index, run in enumerate(runs):
+        saved = (states.get(index) or {}).get("metrics") or {}
+        if saved.get("network") not in (None, run.name):
+            log.warning("train: network %d (%s) resumes from the state of network %r in %s (states are matched by "
+                        "position)", index, run.name, saved["network"], resume_from.path)
+
+
 def _finished(state: dict | None, cfg: dict) -> bool:
     return state is not None and (state["epoch"] >= cfg["epochs"] - 1 or state["bad_epochs"] >= cfg["patience"])
 
@@ -406,7 +420,8 @@ def train_networks(
         n_tissues: tissue vocabulary size.
         storage: folder for Ray Train's runs and checkpoints.
         name: run name (a run of the same name and storage resumes).
-        resume_from: a ``ray.train.Checkpoint`` to continue from (each network from its state there, by position).
+        resume_from: a ``ray.train.Checkpoint`` to continue from (each network from its state there, by position;
+            a network whose state there has another name is logged).
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -414,6 +429,7 @@ def train_networks(
 
     t0 = time.perf_counter()
     tc = config.train
+    _warn_resume_by_position(resume_from, runs)
     promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
     networks = [_network_settings(config, run, gene_ids, n_tissues, lookup) for run in runs]
     folders = sorted({str(d) for run in runs for d in run.train_dirs})
