@@ -198,7 +198,7 @@ def target_mask(
     return wanted & chosen[None, :]
 
 
-# The predictor actor ------------------------------------------------------------------------------------------
+# The stacked baselines, per gene range --------------------------------------------------------------------------
 
 
 @dataclass
@@ -279,6 +279,9 @@ def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targe
              int(offsets[-1]), len(ranges), time.perf_counter() - t0)
     starts = np.array([offsets[lo] for lo, _ in ranges] + [offsets[-1]], np.int64)
     return RangeFileColumns([baseline_column(n) for n in baselines.head_names], files, starts)
+
+
+# The predictor actor ------------------------------------------------------------------------------------------
 
 
 def load_bundle_from(folder: str) -> Any:
