@@ -301,8 +301,7 @@ class Bundle:
         names, settings, seed, composition = self.baseline_inputs(problem)
         gi, si = np.nonzero(targets)
         estimates = baseline_estimates(problem, gi, si, names, settings, seed=seed, composition=composition)
-        return {name: np.asarray(estimates[name], np.float32) if name in estimates
-                else np.full(len(gi), np.nan, np.float32) for name in self.baseline_names}
+        return head_estimates(estimates, self.baseline_names, len(gi))
 
     def baseline_inputs(self, problem: VisibleProblem) -> tuple[tuple[str, ...], BaselinesConfig, int, np.ndarray]:
         """What fitting the head's baselines on ``problem`` takes besides its values: (the entry methods of
@@ -390,6 +389,13 @@ class Bundle:
                     f"{'none' if baselines is None else ', '.join(baselines)})")
             self.models.baselines = baselines
         return self.models.predict_head(records)
+
+
+def head_estimates(estimates: dict[str, np.ndarray], names: Sequence[str], n: int) -> dict[str, np.ndarray]:
+    """The baselines' ``estimates`` at ``n`` entries as a stacked head reads them: ``{name: (n,) float32}`` in the
+    head's order ``names``, NaN for a baseline that did not apply (the head's trees take their missing branch)."""
+    return {name: np.asarray(estimates[name], np.float32) if name in estimates else np.full(n, np.nan, np.float32)
+            for name in names}
 
 
 def load_bundle(folder: str | Path) -> Bundle:

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from geximpute import schema as S
 from geximpute.config import BaselinesConfig, Config, ExpressionConfig
 from geximpute.errors import ConfigError, GeximputeError
-from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
+from geximpute.fit.bundle import check_compatible, compatibility, head_estimates, load_bundle
 from geximpute.fit.models import baseline_column
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import from_model_scale
@@ -63,7 +63,7 @@ from geximpute.science.promoters import (
     genome_promoter_lookup,
     one_hot_promoters,
 )
-from geximpute.science.shards import RangeFileColumns, entry_offsets
+from geximpute.science.shards import STATS_ROWS, RangeFileColumns, entry_offsets
 from geximpute.science.shards import blocks as entry_blocks
 from geximpute.steps.prepare import context_records, context_shards
 
@@ -235,8 +235,8 @@ def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: Stac
     gi, si = np.nonzero(targets)
     estimates = range_estimates(problem, gi, si, baselines.names, baselines.settings, seed=baselines.seed,
                                 composition=baselines.composition)
-    columns = {baseline_column(name): np.asarray(estimates[name], np.float32) if name in estimates
-               else np.full(len(gi), np.nan, np.float32) for name in baselines.head_names}
+    columns = {baseline_column(name): values
+               for name, values in head_estimates(estimates, baselines.head_names, len(gi)).items()}
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **columns)
     Path(tmp).rename(path)
@@ -467,8 +467,8 @@ def record_bytes(config: Config, problem: VisibleProblem, targets: np.ndarray, e
     if n == 0:
         return RECORD_FIXED_BYTES
     genes_seen = np.zeros(problem.n_samples, np.int64)
-    for lo in range(0, problem.n_genes, 4096):  # a bool temporary of 4,096 genes at a time
-        genes_seen += (~np.isnan(problem.values[lo : lo + 4096])).sum(axis=0)
+    for lo in range(0, problem.n_genes, STATS_ROWS):  # a bool temporary of that many genes at a time
+        genes_seen += (~np.isnan(problem.values[lo : lo + STATS_ROWS])).sum(axis=0)
     measured = (genes_seen > 0).astype(np.float64)
     others = np.bincount(problem.donor_index, weights=measured, minlength=len(problem.donors))[problem.donor_index]
     neighbours = (per_sample * np.minimum(config.context.k_neighbours, genes_seen)).sum() / n
