@@ -401,6 +401,23 @@ def test_agrees_with_edit_window_over_the_whole_chromosome(tmp_path: Path, genom
                 assert h.sequence(g, d, hap) == expected, (tss, strand, donors[d], hap)
     assert h.report["n_indels_applied"] > 0 and h.report["n_overlap_skipped"] > 0
 
+    # handed to a sink in parts (as imputation does): the same sequence in every slot, through rows that follow on
+    # from part to part (12 genes, at most 4 a part); none kept in the result
+    parts: list[list[str]] = []
+    sunk = build(tmp_path, genome, records, donors, genes=genes_table(*tsss),
+                 promoter=dataclasses.replace(P, max_unknown_fraction=0.9), sink=parts.append, part_rows=9,
+                 part_genes=4)
+    every = [seq for part in parts for seq in part]
+    assert sunk.sequences == [] and len(parts) > 2 and sunk.report["n_unique_sequences"] == len(every)
+    assert all(len(part) == len(set(part)) for part in parts)  # unique within a part
+    assert len(set(every)) == len(h.sequences)  # every sequence, some repeated across parts
+    np.testing.assert_array_equal(sunk.rows < 0, h.rows < 0)
+    for (g, d, hap), row in np.ndenumerate(sunk.rows):
+        if row >= 0:
+            assert every[row] == h.sequence(g, d, hap)
+    for g, row in enumerate(sunk.reference_row):
+        assert (row < 0) == (h.reference_row[g] < 0) and (row < 0 or every[row] == h.sequences[h.reference_row[g]])
+
 
 def test_genes_input_is_checked(tmp_path: Path, genome: Genome) -> None:
     with pytest.raises(ValueError, match="strand"):

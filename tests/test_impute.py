@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -263,21 +264,29 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
 
 
 def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local, monkeypatch):
-    """The run's encode tasks give each network the embeddings of every donor haplotype; predicting with them runs
-    no CNN and gives the predictions of the one-hot table path. Tasks are capped in rows (more haplotypes make more
-    tasks) and one-hot encode a slice at a time, with the embeddings of one whole-table pass."""
+    """The run's encode tasks give each network the embeddings of every donor haplotype, in parts of consecutive
+    rows; a predictor fetches only the parts its records read, and predicting with them runs no CNN and gives the
+    predictions of the one-hot table path. Tasks are capped in rows (more haplotypes make more tasks) and one-hot
+    encode a slice at a time, with the embeddings of one whole-table pass."""
+    import ray
+
     from geximpute.apps.benchmark import EncoderCounter
     from geximpute.fit.bundle import load_bundle
     from geximpute.science.context import ContextIndex, build_context
     from geximpute.steps import impute as impute_module
     from geximpute.steps.impute import (
         EncodedHaplotypes,
+        PartEmbeddings,
         donor_promoter_inputs,
         donor_promoter_sequences,
         encoded_haplotypes,
         imputation_problem,
         load_bundle_from,
     )
+
+    def every_row(encoded: EncodedHaplotypes) -> list[np.ndarray]:
+        parts = ray.get(encoded.parts)
+        return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
     config = tiny_model.config
     problem, targets, _ = imputation_problem(config)
@@ -286,15 +295,15 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     assert bundle.reads_promoters and len(bundle.models.networks()) == config.train.folds == 2
     encoded = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5})
     assert isinstance(encoded, EncodedHaplotypes) and len(encoded.parts) == 3
-    (empty, _), embeddings = encoded.resolve(bundle.models.network.spec.promoter_length)
-    assert len(empty) == 0 and len(embeddings) == 2
-    assert all(e.shape[0] == len(sequences) for e in embeddings)
+    assert encoded.starts[0] == 0 and encoded.starts[-1] == len(sequences)
+    embeddings = every_row(encoded)
+    assert len(embeddings) == 2 and all(e.shape[0] == len(sequences) for e in embeddings)
     whole = bundle.encode_promoters(donor_promoter_inputs(problem, config.promoter.length)[0])
     monkeypatch.setattr(impute_module, "ENCODE_TASK_ROWS", -(-len(sequences) // 5))
     monkeypatch.setattr(impute_module, "ENCODE_SLICE_ROWS", 7)
     capped = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5})
     assert len(capped.parts) == 5  # the cap, not the 3 asked for
-    for ours, theirs in zip(capped.resolve(config.promoter.length)[1], whole, strict=True):
+    for ours, theirs in zip(every_row(capped), whole, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
     # the predictions of some target entries: with the one-hot table (encoded as met), and with the embeddings
@@ -307,11 +316,31 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     table_path = load_bundle(tiny_model.folder).predict(records, problem.gene_ids,
                                                          donor_promoter_inputs(problem, config.promoter.length),
                                                          baselines=grids)
+    empty = np.zeros((0, 4, config.promoter.length), np.uint8)
     with EncoderCounter() as counter:
         shipped = bundle.predict(records, problem.gene_ids, (empty, lookup), baselines=grids, embeddings=embeddings)
+        held = PartEmbeddings(capped, keep=2)
+        subset, gathered = held.inputs(records)
+        parted = bundle.predict(records, problem.gene_ids, (empty, subset), baselines=grids, embeddings=gathered)
     assert counter.sequences == 0  # nothing encoded where the predictions are made
     for ours, theirs in zip(shipped, table_path, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(parted, table_path, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert len(held.held) <= 2 and held.fetched == 5  # the records read every part; two are kept
+    assert len(subset.rows) == len(gathered[0]) < len(sequences)  # only the rows the records read
+
+    # the records of one gene read one part, and a predictor holds no more than it
+    first = int(np.flatnonzero(lookup.for_records(records)[0] >= 0)[0])  # a record of a gene with a window
+    one = records.filter(pc.equal(records["gene_index"], records["gene_index"][first]))
+    alone = PartEmbeddings(capped)
+    subset, gathered = alone.inputs(one)
+    assert alone.fetched == 1 and len(alone.held) == 1
+    a, b = subset.for_records(one)
+    rows_a, rows_b = lookup.for_records(one)
+    for ours, theirs in zip(gathered, every_row(capped), strict=True):
+        np.testing.assert_array_equal(ours[a], theirs[rows_a])
+        np.testing.assert_array_equal(ours[b], theirs[rows_b])
 
 
 def test_stacked_baselines_are_fitted_per_gene_range_in_ray_tasks(tiny_model, ray_local, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ are not stored: they are rebuilt from the VCF of whatever donors are being predi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -271,10 +272,15 @@ class Bundle:
     gene_promoter: dict[str, int]
     model_version: str
     folder: Path
-    reference_promoters: np.ndarray  # (P, 4, L) one-hot reference windows of the training genes
     compatibility: dict | None = None  # what data the model fits (:func:`compatibility`); None in older bundles
-    reference_sequences: list[str] = dataclasses.field(default_factory=list)  # the rows of reference_promoters
+    reference_sequences: list[str] = dataclasses.field(default_factory=list)  # the training genes' reference windows
     baseline_names: tuple[str, ...] = ()  # the baselines whose estimates a stacked head reads, in its order
+
+    @functools.cached_property
+    def reference_promoters(self) -> np.ndarray:
+        """(P, 4, L) one-hot :attr:`reference_sequences`, made when first asked for (an imputation with the donors'
+        own haplotypes never reads them), then kept (one table: the networks' encoder cache stays valid)."""
+        return one_hot_promoters(self.reference_sequences, self.models.network.spec.promoter_length)
 
     @property
     def stacked(self) -> bool:
@@ -416,13 +422,15 @@ def load_bundle(folder: str | Path) -> Bundle:
                           head_meta.get("blend"))
     sequences = pq.read_table(folder / S.BUNDLE_PROMOTERS_FILE)["sequence"].to_pylist()
     links = pq.read_table(folder / S.BUNDLE_GENE_PROMOTERS_FILE)
-    promoters = one_hot_promoters(sequences, network.spec.promoter_length)
     gene_promoter = dict(zip(links[S.GENE_ID].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
     n_folds = int(head_meta.get("fold_networks", 1))
     folds = [network, *(load_network(fold_folder(folder, k)) for k in range(1, n_folds))] if n_folds > 1 else []
     stacked = bool(head_meta.get("stacked", False))
-    models = HybridModels(config, promoters, PromoterLookup.reference(np.zeros(0, np.int64)), network, head,
+    # the promoter table of the records is set by each Bundle.predict (the reference windows or the donors' own)
+    models = HybridModels(config, np.zeros((0, 4, network.spec.promoter_length), np.uint8),
+                          PromoterLookup.reference(np.zeros(0, np.int64)), network, head,
                           fold_networks=folds, stacked=stacked)
     bundle_manifest = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())
-    return Bundle(models, gene_promoter, bundle_manifest["model_version"], folder, promoters,
-                  bundle_manifest.get("compatibility"), sequences, tuple(head_meta.get("baselines", ())))
+    return Bundle(models, gene_promoter, bundle_manifest["model_version"], folder,
+                  compatibility=bundle_manifest.get("compatibility"), reference_sequences=sequences,
+                  baseline_names=tuple(head_meta.get("baselines", ())))

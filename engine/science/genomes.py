@@ -24,6 +24,7 @@ Missing calls follow ``genotypes.missing`` (``mean``: NaN here, the donors' mean
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,9 @@ class DonorGenomes:
     """Personal promoter haplotypes and cis-variant dosages of the problem's donors.
 
     Attributes:
-        sequences: P unique promoter sequences (reference windows and every donor haplotype), 5'->3'.
-        promoter_ids: (P,) ids of ``sequences`` (sha1 prefix, as in ``promoters.parquet``).
+        sequences: P unique promoter sequences (reference windows and every donor haplotype), 5'->3'; None where
+            they were handed to a sink as they were built (:func:`donor_genomes`), as imputation does.
+        promoter_ids: (P,) ids of ``sequences`` (sha1 prefix, as in ``promoters.parquet``); None likewise.
         reference_row: (G,) int64 row of each problem gene's reference window, -1 where it has none.
         rows: (G, D, 2) int32 rows of each donor's two haplotypes (``reference_row`` where the donor carries the
             reference or has no genome; -1 where the gene has no window).
@@ -58,8 +60,8 @@ class DonorGenomes:
         dosage_row: (M,) int64 row in ``dosage`` of each site link; None when ``dosage`` has one row per link.
     """
 
-    sequences: list[str]
-    promoter_ids: list[str]
+    sequences: list[str] | None
+    promoter_ids: list[str] | None
     reference_row: np.ndarray
     rows: np.ndarray
     has_genome: np.ndarray
@@ -118,12 +120,17 @@ def promoter_sites(
     return ptr, index
 
 
-def donor_genomes(dataset, problem) -> DonorGenomes | None:
+def donor_genomes(dataset, problem, sink: Callable[[list[str]], None] | None = None, part_rows: int = 8192,
+                  part_genes: int | None = None) -> DonorGenomes | None:
     """The :class:`DonorGenomes` of ``problem``'s genes and donors, or None without ``inputs.variants``.
 
     Args:
-        dataset: the loaded inputs (:class:`geximpute.io.dataset.Dataset`) with its genome and variants.
+        dataset: the loaded inputs (:class:`geximpute.io.dataset.Dataset`) with its genome and variants (its
+            expression is not read).
         problem: the visible problem whose gene and donor order the result follows.
+        sink, part_rows, part_genes: hand the promoter sequences to ``sink`` in parts of consecutive rows as they
+            are built, and keep none (``sequences`` and ``promoter_ids`` of the result are then None; see
+            :func:`geximpute.science.haplotypes.build_haplotypes`).
     """
     variants = dataset.variants
     if variants is None or dataset.genome is None:
@@ -138,7 +145,8 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
         S.STRAND: pa.array(np.where(problem.strand > 0, "+", "-"), pa.string()),
     })
     haps = build_haplotypes(dataset.genome, genes, variants, p,
-                            missing="error" if policy.missing == "error" else "reference", unphased=policy.unphased)
+                            missing="error" if policy.missing == "error" else "reference", unphased=policy.unphased,
+                            sink=sink, part_rows=part_rows, part_genes=part_genes)
     vcf_donor = {d: i for i, d in enumerate(haps.donors)}
     col = np.array([vcf_donor.get(d, -1) for d in problem.donors], dtype=np.int64)
     has = col >= 0
@@ -162,7 +170,8 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     if has.any():
         dosage[:, has] = alt[:, col[has]]
     genomes = DonorGenomes(
-        sequences=list(haps.sequences), promoter_ids=list(haps.promoter_ids), reference_row=ref, rows=rows,
+        sequences=None if sink else list(haps.sequences), promoter_ids=None if sink else list(haps.promoter_ids),
+        reference_row=ref, rows=rows,
         has_genome=has, site_ptr=ptr, site_index=index, dosage=dosage,
         report={**haps.report, "n_problem_donors_with_genome": int(has.sum()),
                 "n_problem_donors": len(problem.donors), "cis_window": policy.cis_window,
@@ -173,7 +182,7 @@ def donor_genomes(dataset, problem) -> DonorGenomes | None:
     )
     log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d cis-site links (%d sites, "
              "window %s); %d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
-             len(genomes.sequences), len(index), len(used),
+             haps.report["n_unique_sequences"], len(index), len(used),
              "the promoter" if policy.cis_window is None else f"+/-{policy.cis_window:,} bp",
              len(genomes.personal_pairs()[0]))
     return genomes
@@ -218,9 +227,23 @@ def _alt_dosage(calls: np.ndarray) -> np.ndarray:
     return np.where(missing, np.nan, count).astype(np.float32)
 
 
+#: genes whose residuals :func:`donor_residuals` computes at a time (its float64 temporaries are that many rows of
+#: the (G, S) matrix, not the whole of it)
+RESIDUAL_ROWS = 256
+
+
 def donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray, n_donors: int,
-                    n_tissues: int) -> np.ndarray:
-    """(G, D) each donor's mean visible deviation from the gene's per-tissue mean; NaN where none is visible."""
+                    n_tissues: int, rows: int = RESIDUAL_ROWS) -> np.ndarray:
+    """(G, D) each donor's mean visible deviation from the gene's per-tissue mean; NaN where none is visible.
+    Computed ``rows`` genes at a time (a gene's residuals read its own row only)."""
+    out = np.empty((values.shape[0], n_donors))
+    for lo in range(0, values.shape[0], rows):
+        out[lo : lo + rows] = _donor_residuals(values[lo : lo + rows], tissue_index, donor_index, n_donors, n_tissues)
+    return out
+
+
+def _donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray, n_donors: int,
+                     n_tissues: int) -> np.ndarray:
     visible = ~np.isnan(values)
     filled = np.where(visible, values, 0.0)
     t_sum = np.zeros((values.shape[0], n_tissues))

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -296,6 +296,9 @@ def build_haplotypes(
     *,
     missing: MissingPolicy = "reference",
     unphased: UnphasedPolicy = "as_written",
+    sink: Callable[[list[str]], None] | None = None,
+    part_rows: int = 8192,
+    part_genes: int | None = None,
 ) -> PromoterHaplotypes:
     """Every donor's two promoter haplotypes for each gene, one sequence built per distinct haplotype.
 
@@ -309,6 +312,12 @@ def build_haplotypes(
         unphased: a donor with unphased heterozygous calls at two or more sites of one window (ambiguous phase):
             ``as_written`` keeps the GT's order, ``cis`` puts every such ALT on haplotype B (REF on A), ``error``
             refuses it (:class:`~geximpute.config.GenotypesConfig`).
+        sink: where the sequences go instead of the result, in parts of consecutive rows: a part is handed over
+            (``sink(sequences)``) once its genes give ``part_rows`` rows or it holds ``part_genes`` genes, and
+            forgotten, so that the caller never holds every sequence (imputation encodes each part in a task of its
+            own). Sequences are then unique within a part, not across parts (a later part may repeat an earlier
+            part's sequence in a row of its own); ``sequences`` and ``promoter_ids`` of the result are empty.
+        part_rows, part_genes: the size of a part handed to ``sink``, in rows and in genes (None: no limit).
 
     Returns:
         The unique sequences, each gene's reference row and each donor's two haplotype rows, with counts.
@@ -335,17 +344,22 @@ def build_haplotypes(
 
     rows = np.full((n_genes, n_donors, 2), -1, dtype=np.int32)
     reference_row = np.full(n_genes, -1, dtype=np.int64)
-    row_of: dict[str, int] = {}
+    row_of: dict[str, int] = {}  # the rows of the part being built (every row without a sink), by sequence
+    handed, part_first_gene = 0, 0  # rows handed to the sink so far; the first gene of the part being built
     used = np.zeros(sites.n, dtype=bool)
     n_with_window = built = overlap_skipped = indels_applied = ambiguous_pairs = 0
     for g in range(n_genes):
+        if sink is not None and row_of and (len(row_of) >= part_rows or g - part_first_gene >= (part_genes or n_genes)):
+            sink(list(row_of))
+            handed += len(row_of)
+            row_of, part_first_gene = {}, g
         chrom, strand, t = gene_chroms[g], strands[g], int(tss[g])
         if chrom not in genome:
             continue
         window = genome.window(chrom, t, strand, up, down, promoter.soft_mask)
         if window.padded >= length or not promoter.known(window.unknown):
             continue
-        ref_row = row_of.setdefault(window.sequence, len(row_of))
+        ref_row = handed + row_of.setdefault(window.sequence, len(row_of))
         reference_row[g] = ref_row
         rows[g] = ref_row
         n_with_window += 1
@@ -382,13 +396,18 @@ def build_haplotypes(
                 continue
             edits = [sites.edit(int(index[i]), int(combos[i, u])) for i in carriers]
             edited = edit_window(region, lo, t, strand, up, down, edits, promoter.soft_mask)
-            combo_rows[u] = row_of.setdefault(edited.sequence, len(row_of))
+            combo_rows[u] = handed + row_of.setdefault(edited.sequence, len(row_of))
             built += 1
             overlap_skipped += edited.n_overlap_skipped * int(weight[u])
             indels_applied += edited.n_indels * int(weight[u])
         rows[g] = combo_rows[inverse].reshape(n_donors, 2)
 
     sequences = list(row_of)
+    n_rows = handed + len(sequences)
+    if sink is not None:
+        if sequences:  # the last part
+            sink(sequences)
+        sequences = []
     slots = n_with_window * n_donors * 2
     report = {
         "n_genes": n_genes,
@@ -397,7 +416,7 @@ def build_haplotypes(
         "n_sites_in_windows": int(used.sum()),
         "n_haplotype_slots": slots,
         "n_distinct_per_gene_sum": built,
-        "n_unique_sequences": len(sequences),
+        "n_unique_sequences": n_rows,
         "unique_ratio": built / slots if slots else 0.0,
         **sites.call_counts(used),
         "n_overlap_skipped": overlap_skipped,

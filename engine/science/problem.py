@@ -206,12 +206,16 @@ def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
     return out
 
 
-def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[VisibleProblem, HiddenTruth]:
+def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True
+                 ) -> tuple[VisibleProblem, HiddenTruth]:
     """Split a dataset into the visible problem and the hidden truth of ``config.evaluation``.
 
     Args:
         dataset: the loaded inputs.
         hidden_mask: ``False`` hides nothing (imputation of what is missing, no evaluation).
+        genomes: build the donors' genomes (:func:`geximpute.science.genomes.donor_genomes`) when the dataset has
+            variants; False leaves ``problem.genomes`` None for the caller to build (imputation builds them later,
+            handing the promoter sequences to its encode tasks as they are made).
 
     Raises:
         ConfigError: the task needs a sample table (``samples``) and the dataset has one donor.
@@ -259,7 +263,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True) -> tuple[Visible
         values=visible,
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
     )
-    if dataset.variants is not None:
+    if dataset.variants is not None and genomes:
         problem.genomes = donor_genomes(dataset, problem)
     log.info(
         "problem: %d genes x %d samples (%d donors, %d tissues); %d visible, %d hidden (%s task)",

@@ -74,6 +74,20 @@ class PromoterLookup:
         return self.rows(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
 
 
+@dataclass(frozen=True)
+class RowSubset:
+    """The promoter rows of ``lookup`` renumbered as positions in ``rows`` (sorted, unique): the lookup of records
+    whose haplotype embeddings were gathered for them alone (:class:`geximpute.steps.impute.PartEmbeddings`).
+    Every row the records read must be in ``rows``; -1 (no promoter) stays -1."""
+
+    lookup: PromoterLookup
+    rows: np.ndarray
+
+    def for_records(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`PromoterLookup.for_records`, each row its position in ``rows``."""
+        return tuple(np.where(r >= 0, np.searchsorted(self.rows, r), -1) for r in self.lookup.for_records(records))
+
+
 def one_hot_promoters(sequences: list[str], length: int) -> np.ndarray:
     """One-hot encode promoter sequences.
 

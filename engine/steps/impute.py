@@ -56,9 +56,11 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray, execution_budget
 from geximpute.science.baselines import fit_ranges, range_estimates
+from geximpute.science.genomes import donor_genomes
 from geximpute.science.problem import VisibleProblem, gene_rows, make_problem
 from geximpute.science.promoters import (
     PromoterLookup,
+    RowSubset,
     genome_promoter_inputs,
     genome_promoter_lookup,
     one_hot_promoters,
@@ -76,6 +78,8 @@ BLOCK_ENTRIES = 50_000
 ENCODE_TASK_ROWS = 8192
 #: haplotypes one-hot encoded at a time inside an encoding task (the (n, 4, L) table of one slice)
 ENCODE_SLICE_ROWS = 1024
+#: parts of the run's haplotype embeddings a predictor keeps between blocks (:class:`PartEmbeddings`)
+PARTS_KEPT = 4
 #: bytes of one context record in Arrow, about (:func:`record_bytes`; measured on synthetic and GTEx v8 records,
 #: docs/benchmarks.md): the ids, scalars and list offsets; each neighbour token (five lists); each tissue token (four)
 RECORD_FIXED_BYTES, NEIGHBOUR_TOKEN_BYTES, TISSUE_TOKEN_BYTES = 160, 13, 14
@@ -318,19 +322,56 @@ def donor_promoter_inputs(problem: VisibleProblem, length: int) -> tuple[np.ndar
 @dataclass
 class EncodedHaplotypes:
     """The donors' promoter haplotypes as an imputation run ships them to its predictor actors: the lookup of each
-    record's rows and, per network of the bundle, the (P, D) embeddings of every row (encoded once per run by
-    :func:`encode_haplotypes` tasks, in ``parts`` of consecutive rows) instead of the (P, 4, L) one-hot table."""
+    record's rows and the refs of the embeddings of consecutive rows (encoded once per run by
+    :func:`encode_haplotypes` tasks) instead of the (P, 4, L) one-hot table. A predictor fetches only the parts its
+    records read (:class:`PartEmbeddings`)."""
 
     lookup: PromoterLookup
-    parts: list  # object refs of encode_haplotypes' results, in row order
+    parts: list  # object refs of encode_haplotypes' results: each network's embeddings of rows starts[i]:starts[i + 1]
+    starts: np.ndarray  # (len(parts) + 1,) int64: the first row of each part, then the row count
 
-    def resolve(self, length: int) -> tuple[tuple[np.ndarray, PromoterLookup], list[np.ndarray]]:
-        """((an empty table, the lookup), each network's embeddings), as ``Bundle.predict`` takes them."""
+
+class PartEmbeddings:
+    """What a predictor holds of a run's haplotype embeddings: the parts that the records it is given read, the
+    ``keep`` most recently used at a time (a block of records is genes of one chromosome, so its rows lie in one
+    part or two), never the whole run's."""
+
+    def __init__(self, encoded: EncodedHaplotypes, keep: int = PARTS_KEPT) -> None:
+        self.encoded, self.keep = encoded, keep
+        self.held: dict[int, list[np.ndarray]] = {}  # part -> each network's embeddings, least recently used first
+        self.fetched = 0  # parts fetched from the object store so far
+        self.empty: list[np.ndarray] | None = None
+
+    def _part(self, i: int) -> list[np.ndarray]:
         import ray
 
-        parts = ray.get(self.parts)
-        embeddings = [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
-        return (np.zeros((0, 4, length), np.uint8), self.lookup), embeddings
+        part = self.held.pop(i, None)
+        if part is None:
+            part = ray.get(self.encoded.parts[i])
+            self.fetched += 1
+        self.held[i] = part
+        while len(self.held) > self.keep:
+            del self.held[next(iter(self.held))]
+        return part
+
+    def inputs(self, records: pa.Table) -> tuple[RowSubset, list[np.ndarray] | None]:
+        """(the records' lookup into the rows gathered for them, each network's embeddings of those rows; None
+        where the run has no haplotype at all)."""
+        if not self.encoded.parts:  # no gene has a window: every record reads the networks' stand-in
+            return RowSubset(self.encoded.lookup, np.zeros(0, np.int64)), None
+        a, b = self.encoded.lookup.for_records(records)
+        rows = np.unique(np.concatenate([a, b]))
+        rows = rows[rows >= 0]
+        starts = self.encoded.starts
+        owner = np.searchsorted(starts, rows, side="right") - 1
+        if self.empty is None:  # each network's (0, D): the widths, for records that read no row
+            self.empty = [np.zeros((0, e.shape[1]), e.dtype) for e in self._part(0)]
+        gathered = [self.empty]
+        for i in np.unique(owner):  # rows sorted, so the parts' rows come out in the order of ``rows``
+            part, local = self._part(int(i)), rows[owner == i] - starts[i]
+            gathered.append([embedding[local] for embedding in part])
+        embeddings = [np.concatenate([g[k] for g in gathered]) for k in range(len(gathered[0]))]
+        return RowSubset(self.encoded.lookup, rows), embeddings
 
 
 def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, sequences: list[str],
@@ -345,6 +386,31 @@ def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, sequences: 
     return [np.concatenate([part[k] for part in slices]) for k in range(len(slices[0]))]
 
 
+class PartEncoder:
+    """A sink of promoter sequences in parts of consecutive rows (:func:`geximpute.science.genomes.donor_genomes`,
+    :func:`encoded_haplotypes`): each part goes to an :func:`encode_haplotypes` task of its own as it comes, with
+    ``resources`` (a GPU when predictors get one), and only the task's ref is kept."""
+
+    def __init__(self, loader: Callable[[str], Any], bundle_dir: Path, resources: dict[str, Any]) -> None:
+        import ray
+
+        self.task = ray.remote(encode_haplotypes).options(**resources)
+        self.loader, self.bundle_dir, self.use_gpu = loader, str(bundle_dir), "num_gpus" in resources
+        self.refs: list = []
+        self.starts = [0]
+
+    def __call__(self, sequences: list[str]) -> None:
+        self.refs.append(self.task.remote(self.loader, self.bundle_dir, list(sequences), self.use_gpu,
+                                          ENCODE_SLICE_ROWS))
+        self.starts.append(self.starts[-1] + len(sequences))
+
+    def encoded(self, lookup: PromoterLookup) -> EncodedHaplotypes:
+        """The :class:`EncodedHaplotypes` of every part handed over, read through ``lookup``."""
+        log.info("impute: %d promoter haplotypes encoded once for the run, in %d task(s)", self.starts[-1],
+                 len(self.refs))
+        return EncodedHaplotypes(lookup, self.refs, np.asarray(self.starts, np.int64))
+
+
 def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Callable[[str], Any],
                        bundle_dir: Path, parts: int, resources: dict[str, Any]) -> EncodedHaplotypes:
     """Start the encoding of every haplotype sequence once for the run, in Ray tasks of consecutive rows: at least
@@ -352,17 +418,33 @@ def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Cal
     ``resources`` (a GPU when predictors get one) and gets only its own sequences. Returns at once with their
     refs. Neither the driver nor a predictor holds the (P, 4, L) one-hot table, and no task holds more than its
     part's sequences and embeddings."""
-    import ray
-
     sequences, lookup = haplotypes
-    n_parts = max(1, min(len(sequences), max(parts, -(-len(sequences) // ENCODE_TASK_ROWS))))
-    bounds = np.linspace(0, len(sequences), n_parts + 1).round().astype(int)
-    task = ray.remote(encode_haplotypes).options(**resources)
-    refs = [task.remote(loader, str(bundle_dir), list(sequences[lo:hi]), "num_gpus" in resources,
-                        ENCODE_SLICE_ROWS)
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    log.info("impute: %d promoter haplotypes encoded once for the run, in %d task(s)", len(sequences), len(refs))
-    return EncodedHaplotypes(lookup, refs)
+    encoder = PartEncoder(loader, bundle_dir, resources)
+    n_parts = min(len(sequences), max(parts, -(-len(sequences) // ENCODE_TASK_ROWS)))
+    bounds = np.linspace(0, len(sequences), n_parts + 1).round().astype(np.int64)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        encoder(sequences[lo:hi])
+    return encoder.encoded(lookup)
+
+
+def personal_haplotypes(config: Config, dataset: Any, problem: VisibleProblem, n_parts: int, bundle: Any,
+                        bundle_dir: Path, resources: dict[str, Any], loader: Callable[[str], Any] = load_bundle_from,
+                        ) -> EncodedHaplotypes | tuple[np.ndarray, PromoterLookup]:
+    """Build ``problem.genomes`` from the dataset's genome and variants, handing the promoter sequences as they are
+    made, in parts of at most :data:`ENCODE_TASK_ROWS` rows and ``problem.n_genes / n_parts`` genes, to encode
+    tasks (:class:`PartEncoder`): the driver never holds every haplotype's sequence. Returns the haplotypes as
+    :func:`run_pipeline` takes them (an empty table and the lookup where the bundle's networks read no promoter)."""
+    encoder = PartEncoder(loader, bundle_dir, resources) if bundle.reads_promoters else None
+    problem.genomes = donor_genomes(dataset, problem, sink=encoder or _forget, part_rows=ENCODE_TASK_ROWS,
+                                    part_genes=-(-problem.n_genes // max(1, n_parts)))
+    lookup = genome_promoter_lookup(problem.genomes, problem.donor_index)
+    if encoder is None:
+        return np.zeros((0, 4, config.promoter.length), np.uint8), lookup
+    return encoder.encoded(lookup)
+
+
+def _forget(sequences: list[str]) -> None:
+    """The sink of the sequences of a bundle whose networks read no promoter."""
 
 
 class Predictor:
@@ -395,9 +477,10 @@ class Predictor:
         self.gene_ids = ray.get(genes_ref)
         self.virtual = ray.get(virtual_ref)
         self.haplotypes = ray.get(haplotypes_ref) if haplotypes_ref is not None else None
-        self.embeddings = None
+        self.embedded = None
         if isinstance(self.haplotypes, EncodedHaplotypes):  # encoded once for the run: no table, no CNN here
-            self.haplotypes, self.embeddings = self.haplotypes.resolve(self.bundle.models.network.spec.promoter_length)
+            self.embedded = PartEmbeddings(self.haplotypes)
+            self.haplotypes = None
         self.baselines = ray.get(baselines_ref) if baselines_ref is not None else None
         self.run_id, self.scale, self.expression, self.use_gpu = run_id, scale, expression, use_gpu
         if hasattr(self.bundle, "models"):
@@ -405,9 +488,13 @@ class Predictor:
 
     def predict(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of ``records``: the single call of ``Bundle.predict``."""
-        # haplotypes None: the bundle's reference windows; embeddings None: the networks encode what they meet
-        return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines,
-                                   embeddings=self.embeddings)
+        if self.embedded is not None:  # the embeddings of the rows these records read, no one-hot table
+            lookup, embeddings = self.embedded.inputs(records)
+            length = self.bundle.models.network.spec.promoter_length
+            return self.bundle.predict(records, self.gene_ids, (np.zeros((0, 4, length), np.uint8), lookup),
+                                       baselines=self.baselines, embeddings=embeddings)
+        # haplotypes None: the bundle's reference windows; else the one-hot table, each network encoding what it meets
+        return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
 
     def __call__(self, records: pa.Table) -> pa.Table:
         estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
@@ -455,6 +542,17 @@ def gpus_to_use(config: Config) -> int:
         raise ConfigError("config key 'impute.use_gpu' (or 'train.use_gpu') asks for GPUs, but the Ray cluster has "
                           "none; set impute.use_gpu: false")
     return n if wanted else 0
+
+
+def predictor_pool(config: Config, targets: np.ndarray) -> tuple[int, dict[str, Any]]:
+    """(predictor actors, each one's resources) of an imputation of ``targets``: one per GPU of the cluster when
+    they are used (:func:`gpus_to_use`), else one per :data:`BLOCK_ENTRIES` entries up to ``impute.predictors``
+    (a small run's several chromosomes make several small shards, not work for several actors that each load the
+    bundle)."""
+    n_gpus = gpus_to_use(config)
+    n_actors = n_gpus or min(config.impute.predictors, max(1, -(-int(targets.sum()) // BLOCK_ENTRIES)))
+    cpus = config.ray.cpus_per_task
+    return n_actors, ({"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus})
 
 
 def record_bytes(config: Config, problem: VisibleProblem, targets: np.ndarray, extra_columns: int = 0) -> int:
@@ -511,9 +609,10 @@ def run_pipeline(
         out: the folder written (a staging folder: it is not committed here).
         run_id: the run's id.
         loader: how a predictor actor loads the bundle.
-        haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`); None: the bundle's
-            reference windows. With ``encode_once`` every haplotype is encoded once for the run
-            (:func:`encoded_haplotypes`, as many tasks as predictor actors) and the predictors get the embeddings.
+        haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`), or their encoding already
+            started (:func:`personal_haplotypes`); None: the bundle's reference windows. With ``encode_once`` every
+            haplotype is encoded once for the run (:func:`encoded_haplotypes`, as many tasks as predictor actors)
+            and the predictors get the embeddings.
         baselines: what fitting a stacked bundle's baselines takes (:func:`head_baselines`); their estimates
             (:func:`baseline_columns`, Ray tasks per gene range) travel with each shard's records.
         encode_once: encode the haplotypes once for the run; False for a bundle whose networks have no promoter
@@ -533,14 +632,11 @@ def run_pipeline(
                                      columns=columns, block_entries=BLOCK_ENTRIES)
         # blocks of entries whose records are built; the stream predicts and writes each soon after
         progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
-        n_gpus = gpus_to_use(config)
-        # a predictor per BLOCK_ENTRIES entries, up to impute.predictors (a small run's several chromosomes make
-        # several small shards, not work for several actors that each load the bundle)
-        n_actors = n_gpus or min(config.impute.predictors, max(1, -(-int(targets.sum()) // BLOCK_ENTRIES)))
-        resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus}
+        n_actors, resources = predictor_pool(config, targets)
+        n_gpus = resources.get("num_gpus", 0)
         log.info("impute: %d blocks of entries (genes of one chromosome x donors), %d predictor actor(s)%s", len(cut),
                  n_actors, " on GPU" if n_gpus else "")
-        if haplotypes is not None:
+        if haplotypes is not None and not isinstance(haplotypes, EncodedHaplotypes):
             if encode_once:
                 haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources)
             else:  # networks without a promoter branch read no table
@@ -670,9 +766,14 @@ def impute(
         bundle = load_bundle(bundle_dir)
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
+    genome_inputs = None  # the inputs of the donors' genomes, built once Ray is up (see below)
     if problem is None:
         # the inputs loaded here are not kept: once the problem is made, the reader's matrix goes
-        problem, _ = make_problem(dataset or load_dataset(config), hidden_mask=False)
+        dataset = dataset or load_dataset(config)
+        problem, _ = make_problem(dataset, hidden_mask=False, genomes=False)
+        if dataset.variants is not None:
+            genome_inputs = dataclasses.replace(dataset, expression=None)
+        dataset = None
     check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
@@ -681,7 +782,14 @@ def impute(
         n_virtual = int(virtual.sum())
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
-    haplotypes = donor_promoter_sequences(problem)
+    ensure_ray(config.ray)
+    if genome_inputs is not None:
+        # the promoter haplotypes go to encode tasks part by part as they are built: the driver never holds them all
+        n_actors, resources = predictor_pool(config, targets)
+        haplotypes = personal_haplotypes(config, genome_inputs, problem, n_actors, bundle, bundle_dir, resources)
+        genome_inputs = None
+    else:  # a problem given with its genomes (or none)
+        haplotypes = donor_promoter_sequences(problem)
     baselines = head_baselines(bundle, problem)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
@@ -690,7 +798,6 @@ def impute(
     log.info("impute: %d entries (%d missing profiles) of %d donors x %d tissues with model %s -> %s (run %s)",
              n_targets, n_virtual, len(problem.donors), len(problem.tissues), bundle.model_version, out, run_id)
 
-    ensure_ray(config.ray)
     try:
         with staged_output(out, step="impute", force=force) as staging:
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
