@@ -236,8 +236,8 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     # each shard is a run of genes of one chromosome x a range of donors; together they tile the run's entries
     assert all(0 <= shard["genes"][0] < shard["genes"][1] <= plan["genes"]
                and 0 <= shard["donors"][0] < shard["donors"][1] <= plan["donors"] for shard in plan["shards"])
-    # the shard and baseline files were removed before the commit
-    assert not list(result.out_dir.glob("_shards*")) and not list(result.out_dir.glob("_baselines*"))
+    # the shard, baseline and haplotype files were removed before the commit
+    assert not [p for p in result.out_dir.iterdir() if p.name in ("_shards", "_baselines", "_haplotypes")]
     assert plan["baseline_ranges"] == [[0, plan["genes"]]]  # small data: the stacked baselines in one task
     assert plan["missing_profiles"] == result.n_missing_profiles
     assert plan["bundle"]["stacked"] and plan["bundle"]["model_version"] == result.model_version
@@ -263,7 +263,8 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     assert not (tmp_path / "new").exists()  # a plan writes nothing
 
 
-def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local, monkeypatch):
+def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local, monkeypatch,
+                                                                            tmp_path):
     """The run's encode tasks give each network the embeddings of every donor haplotype, in parts of consecutive
     rows; a predictor fetches only the parts its records read, and predicting with them runs no CNN and gives the
     predictions of the one-hot table path. Tasks are capped in rows (more haplotypes make more tasks) and one-hot
@@ -293,15 +294,19 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     sequences, lookup = donor_promoter_sequences(problem)
     bundle = load_bundle(tiny_model.folder)
     assert bundle.reads_promoters and len(bundle.models.networks()) == config.train.folds == 2
-    encoded = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5})
+    length = config.promoter.length
+    encoded = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5},
+                                 tmp_path / "three", length)
     assert isinstance(encoded, EncodedHaplotypes) and len(encoded.parts) == 3
+    assert len(list((tmp_path / "three").glob("part-*.npy"))) == 3  # the sequences go through files, not refs
     assert encoded.starts[0] == 0 and encoded.starts[-1] == len(sequences)
     embeddings = every_row(encoded)
     assert len(embeddings) == 2 and all(e.shape[0] == len(sequences) for e in embeddings)
     whole = bundle.encode_promoters(donor_promoter_inputs(problem, config.promoter.length)[0])
     monkeypatch.setattr(impute_module, "ENCODE_TASK_ROWS", -(-len(sequences) // 5))
     monkeypatch.setattr(impute_module, "ENCODE_SLICE_ROWS", 7)
-    capped = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5})
+    capped = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5},
+                                tmp_path / "capped", length)
     assert len(capped.parts) == 5  # the cap, not the 3 asked for
     for ours, theirs in zip(every_row(capped), whole, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

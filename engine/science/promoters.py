@@ -99,11 +99,23 @@ def one_hot_promoters(sequences: list[str], length: int) -> np.ndarray:
     Returns:
         (P, 4, L) uint8, channels A, C, G, T; N and any other letter are all zeros.
     """
+    return one_hot_codes(promoter_codes(sequences, length))
+
+
+def promoter_codes(sequences: list[str], length: int) -> np.ndarray:
+    """(P, L) uint8 base codes of ``sequences`` (A, C, G, T in either case -> 0..3, anything else and the padding
+    -> 4), cut or padded to ``length`` as :func:`one_hot_promoters` does: a quarter of the one-hot table's bytes,
+    which :func:`one_hot_codes` expands."""
     if length < 1:
-        raise ValueError(f"one_hot_promoters: length must be >= 1, got {length}")
+        raise ValueError(f"promoter_codes: length must be >= 1, got {length}")
     # one fixed-width byte string per sequence, then a single table lookup over all of them
     raw = b"".join(s.encode("ascii", errors="replace")[:length].ljust(length, b"N") for s in sequences)
-    codes = _BASE_CODE[np.frombuffer(raw, dtype=np.uint8)].reshape(len(sequences), length)
+    return _BASE_CODE[np.frombuffer(raw, dtype=np.uint8)].reshape(len(sequences), length)
+
+
+def one_hot_codes(codes: np.ndarray) -> np.ndarray:
+    """(P, 4, L) uint8 one-hot table of :func:`promoter_codes`' (P, L) codes (code 4: all zeros)."""
+    codes = np.asarray(codes, np.uint8)
     return (codes[:, None, :] == np.arange(4, dtype=np.uint8)[None, :, None]).astype(np.uint8)
 
 

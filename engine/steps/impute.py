@@ -63,7 +63,8 @@ from geximpute.science.promoters import (
     RowSubset,
     genome_promoter_inputs,
     genome_promoter_lookup,
-    one_hot_promoters,
+    one_hot_codes,
+    promoter_codes,
 )
 from geximpute.science.shards import STATS_ROWS, RangeFileColumns, entry_offsets
 from geximpute.science.shards import blocks as entry_blocks
@@ -90,6 +91,8 @@ VIRTUAL_PREFIX = "virtual:"
 SHARDS_FOLDER = "_shards"
 #: the folder of the stacked baselines' estimates per gene range inside a run's staging folder (removed likewise)
 BASELINES_FOLDER = "_baselines"
+#: the folder of the promoter haplotypes' base codes, one file per encode task, inside a run's staging folder (likewise)
+HAPLOTYPES_FOLDER = "_haplotypes"
 
 
 class OutputError(GeximputeError):
@@ -374,33 +377,44 @@ class PartEmbeddings:
         return RowSubset(self.encoded.lookup, rows), embeddings
 
 
-def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, sequences: list[str],
-                      use_gpu: bool, slice_rows: int = ENCODE_SLICE_ROWS) -> list[np.ndarray]:
-    """Ray task: each network's embeddings (``Bundle.encode_promoters``) of ``sequences`` (one part of the run's
-    haplotypes), one-hot encoded here ``slice_rows`` at a time, on the task's GPU when it holds one."""
+def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, path: str, use_gpu: bool,
+                      slice_rows: int = ENCODE_SLICE_ROWS) -> list[np.ndarray]:
+    """Ray task: each network's embeddings (``Bundle.encode_promoters``) of the sequences of one part of the run's
+    haplotypes (their (n, L) base codes in the ``.npy`` file ``path``, :func:`geximpute.science.promoters.
+    promoter_codes`), one-hot encoded here ``slice_rows`` at a time, on the task's GPU when it holds one."""
     bundle = loader(bundle_dir)
     bundle.models.device = str(inference_device(use_gpu))
-    length = bundle.models.network.spec.promoter_length
-    slices = [bundle.encode_promoters(one_hot_promoters(sequences[lo : lo + slice_rows], length))
-              for lo in range(0, len(sequences), slice_rows)]
+    codes = np.load(path, mmap_mode="r")
+    slices = [bundle.encode_promoters(one_hot_codes(codes[lo : lo + slice_rows]))
+              for lo in range(0, len(codes), slice_rows)]
     return [np.concatenate([part[k] for part in slices]) for k in range(len(slices[0]))]
 
 
 class PartEncoder:
     """A sink of promoter sequences in parts of consecutive rows (:func:`geximpute.science.genomes.donor_genomes`,
-    :func:`encoded_haplotypes`): each part goes to an :func:`encode_haplotypes` task of its own as it comes, with
-    ``resources`` (a GPU when predictors get one), and only the task's ref is kept."""
+    :func:`encoded_haplotypes`): each part's base codes (``length`` of them a sequence) are written to a file of
+    its own under ``folder`` (created here; inside the run's staging folder, readable by every node, as the context
+    shards are) and go to an :func:`encode_haplotypes` task, in a worker process of its own, with ``resources`` (a
+    GPU when predictors get one). Only the task's ref is kept: the sequences travel through the file, not through
+    the object store, so they never count in the driver's memory."""
 
-    def __init__(self, loader: Callable[[str], Any], bundle_dir: Path, resources: dict[str, Any]) -> None:
+    def __init__(self, loader: Callable[[str], Any], bundle_dir: Path, resources: dict[str, Any], folder: Path,
+                 length: int) -> None:
         import ray
 
-        self.task = ray.remote(encode_haplotypes).options(**resources)
+        # a worker process of its own per part (max_calls=1): the torch runtime, the bundle and the part's embeddings
+        # go back to the system when it ends, not into a worker that later fits baselines or writes Parquet
+        self.task = ray.remote(max_calls=1)(encode_haplotypes).options(**resources)
         self.loader, self.bundle_dir, self.use_gpu = loader, str(bundle_dir), "num_gpus" in resources
+        self.folder, self.length = folder, length
+        self.folder.mkdir(parents=True)
         self.refs: list = []
         self.starts = [0]
 
     def __call__(self, sequences: list[str]) -> None:
-        self.refs.append(self.task.remote(self.loader, self.bundle_dir, list(sequences), self.use_gpu,
+        path = self.folder / f"part-{len(self.refs):06d}.npy"
+        np.save(path, promoter_codes(sequences, self.length))
+        self.refs.append(self.task.remote(self.loader, self.bundle_dir, str(path.absolute()), self.use_gpu,
                                           ENCODE_SLICE_ROWS))
         self.starts.append(self.starts[-1] + len(sequences))
 
@@ -412,14 +426,15 @@ class PartEncoder:
 
 
 def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Callable[[str], Any],
-                       bundle_dir: Path, parts: int, resources: dict[str, Any]) -> EncodedHaplotypes:
-    """Start the encoding of every haplotype sequence once for the run, in Ray tasks of consecutive rows: at least
-    ``parts`` (one per predictor actor), and more when a part would exceed :data:`ENCODE_TASK_ROWS`; each has
-    ``resources`` (a GPU when predictors get one) and gets only its own sequences. Returns at once with their
-    refs. Neither the driver nor a predictor holds the (P, 4, L) one-hot table, and no task holds more than its
-    part's sequences and embeddings."""
+                       bundle_dir: Path, parts: int, resources: dict[str, Any], folder: Path,
+                       length: int) -> EncodedHaplotypes:
+    """Start the encoding of every haplotype sequence once for the run, in Ray tasks of consecutive rows
+    (:class:`PartEncoder`, their files under ``folder``): at least ``parts`` (one per predictor actor), and more
+    when a part would exceed :data:`ENCODE_TASK_ROWS`. Returns at once with their refs. Neither the driver nor a
+    predictor holds the (P, 4, L) one-hot table, and no task holds more than its part's sequences and
+    embeddings."""
     sequences, lookup = haplotypes
-    encoder = PartEncoder(loader, bundle_dir, resources)
+    encoder = PartEncoder(loader, bundle_dir, resources, folder, length)
     n_parts = min(len(sequences), max(parts, -(-len(sequences) // ENCODE_TASK_ROWS)))
     bounds = np.linspace(0, len(sequences), n_parts + 1).round().astype(np.int64)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -428,13 +443,17 @@ def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Cal
 
 
 def personal_haplotypes(config: Config, dataset: Any, problem: VisibleProblem, n_parts: int, bundle: Any,
-                        bundle_dir: Path, resources: dict[str, Any], loader: Callable[[str], Any] = load_bundle_from,
+                        bundle_dir: Path, resources: dict[str, Any], folder: Path,
+                        loader: Callable[[str], Any] = load_bundle_from,
                         ) -> EncodedHaplotypes | tuple[np.ndarray, PromoterLookup]:
     """Build ``problem.genomes`` from the dataset's genome and variants, handing the promoter sequences as they are
     made, in parts of at most :data:`ENCODE_TASK_ROWS` rows and ``problem.n_genes / n_parts`` genes, to encode
-    tasks (:class:`PartEncoder`): the driver never holds every haplotype's sequence. Returns the haplotypes as
-    :func:`run_pipeline` takes them (an empty table and the lookup where the bundle's networks read no promoter)."""
-    encoder = PartEncoder(loader, bundle_dir, resources) if bundle.reads_promoters else None
+    tasks (:class:`PartEncoder`, their files under ``folder``): the driver never holds every haplotype's sequence.
+    Returns the haplotypes as :func:`run_pipeline` takes them (an empty table and the lookup where the bundle's
+    networks read no promoter)."""
+    encoder = None
+    if bundle.reads_promoters:
+        encoder = PartEncoder(loader, bundle_dir, resources, folder, bundle.models.network.spec.promoter_length)
     problem.genomes = donor_genomes(dataset, problem, sink=encoder or _forget, part_rows=ENCODE_TASK_ROWS,
                                     part_genes=-(-problem.n_genes // max(1, n_parts)))
     lookup = genome_promoter_lookup(problem.genomes, problem.donor_index)
@@ -638,7 +657,8 @@ def run_pipeline(
                  n_actors, " on GPU" if n_gpus else "")
         if haplotypes is not None and not isinstance(haplotypes, EncodedHaplotypes):
             if encode_once:
-                haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources)
+                haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources,
+                                                out / HAPLOTYPES_FOLDER, config.promoter.length)
             else:  # networks without a promoter branch read no table
                 haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
         predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
@@ -664,6 +684,7 @@ def run_pipeline(
     finally:  # ours, inside the staging folder: never committed
         shutil.rmtree(out / SHARDS_FOLDER, ignore_errors=True)
         shutil.rmtree(out / BASELINES_FOLDER, ignore_errors=True)
+        shutil.rmtree(out / HAPLOTYPES_FOLDER, ignore_errors=True)
     return n_actors
 
 
@@ -774,6 +795,7 @@ def impute(
         if dataset.variants is not None:
             genome_inputs = dataclasses.replace(dataset, expression=None)
         dataset = None
+        pa.default_memory_pool().release_unused()  # what reading the inputs took from Arrow's pool, back to the system
     check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
@@ -782,15 +804,6 @@ def impute(
         n_virtual = int(virtual.sum())
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
-    ensure_ray(config.ray)
-    if genome_inputs is not None:
-        # the promoter haplotypes go to encode tasks part by part as they are built: the driver never holds them all
-        n_actors, resources = predictor_pool(config, targets)
-        haplotypes = personal_haplotypes(config, genome_inputs, problem, n_actors, bundle, bundle_dir, resources)
-        genome_inputs = None
-    else:  # a problem given with its genomes (or none)
-        haplotypes = donor_promoter_sequences(problem)
-    baselines = head_baselines(bundle, problem)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=list(settings.donors), tissues=list(settings.tissues),
@@ -798,8 +811,19 @@ def impute(
     log.info("impute: %d entries (%d missing profiles) of %d donors x %d tissues with model %s -> %s (run %s)",
              n_targets, n_virtual, len(problem.donors), len(problem.tissues), bundle.model_version, out, run_id)
 
+    ensure_ray(config.ray)
     try:
         with staged_output(out, step="impute", force=force) as staging:
+            if genome_inputs is not None:
+                # the promoter haplotypes go to encode tasks part by part as they are built (through files in the
+                # staging folder): the driver never holds them all
+                n_actors, resources = predictor_pool(config, targets)
+                haplotypes = personal_haplotypes(config, genome_inputs, problem, n_actors, bundle, bundle_dir,
+                                                 resources, staging / HAPLOTYPES_FOLDER)
+                genome_inputs = None
+            else:  # a problem given with its genomes (or none)
+                haplotypes = donor_promoter_sequences(problem)
+            baselines = head_baselines(bundle, problem)
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
                                       haplotypes=haplotypes, baselines=baselines,
                                       encode_once=bundle.reads_promoters)
