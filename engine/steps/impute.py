@@ -74,9 +74,12 @@ log = logging.getLogger(__name__)
 
 #: target entries per shard sent to a context actor (a run of genes of one chromosome x a range of donors)
 BLOCK_ENTRIES = 50_000
-#: promoter haplotypes per encoding task at most (:func:`encoded_haplotypes`), so that a task's memory does not grow
-#: with the genome: more genes or donors make more tasks, not larger ones
-ENCODE_TASK_ROWS = 8192
+#: promoter haplotypes per encoding task at most (:func:`encoded_haplotypes`, :func:`personal_haplotypes`), so that a
+#: task's memory does not grow with the genome: more genes or donors make more tasks, not larger ones. Each task
+#: runs in a worker process of its own, whose start (Python, torch, the bundle: ~4 CPU s here) is paid per task:
+#: 32,768 haplotypes (~50 CPU s of encoding with the default model on this 2-core machine) keep that under a tenth;
+#: at 8,192 it was about a third. A task holds their base codes (49 MB) and embeddings (256 bytes a haplotype).
+ENCODE_TASK_ROWS = 32_768
 #: haplotypes one-hot encoded at a time inside an encoding task (the (n, 4, L) table of one slice)
 ENCODE_SLICE_ROWS = 1024
 #: parts of the run's haplotype embeddings a predictor keeps between blocks (:class:`PartEmbeddings`)
