@@ -402,13 +402,20 @@ def test_agrees_with_edit_window_over_the_whole_chromosome(tmp_path: Path, genom
     assert h.report["n_indels_applied"] > 0 and h.report["n_overlap_skipped"] > 0
 
     # handed to a sink in parts (as imputation does): the same sequence in every slot, through rows that follow on
-    # from part to part (12 genes, at most 4 a part); none kept in the result
+    # from part to part; none kept in the result
     parts: list[list[str]] = []
+    ends: list[int] = []
     sunk = build(tmp_path, genome, records, donors, genes=genes_table(*tsss),
-                 promoter=dataclasses.replace(P, max_unknown_fraction=0.9), sink=parts.append, part_rows=9,
-                 part_genes=4)
+                 promoter=dataclasses.replace(P, max_unknown_fraction=0.9),
+                 sink=lambda sequences, next_gene: (parts.append(sequences), ends.append(next_gene)), part_rows=9)
     every = [seq for part in parts for seq in part]
     assert sunk.sequences == [] and len(parts) > 2 and sunk.report["n_unique_sequences"] == len(every)
+    assert ends == sorted(ends) and ends[-1] == len(tsss)
+    assert all(len(part) >= 9 for part in parts[:-1])  # a part closes once it has part_rows rows, at a gene's end
+    bounds = np.cumsum([0] + [len(part) for part in parts])
+    for i, end in enumerate(ends):  # the genes before next_gene read rows of this part or earlier ones, later genes not
+        before, after = sunk.rows[:end], sunk.rows[end:]
+        assert before[before >= 0].max(initial=-1) < bounds[i + 1] <= after[after >= 0].min(initial=bounds[-1])
     assert all(len(part) == len(set(part)) for part in parts)  # unique within a part
     assert len(set(every)) == len(h.sequences)  # every sequence, some repeated across parts
     np.testing.assert_array_equal(sunk.rows < 0, h.rows < 0)

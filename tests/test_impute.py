@@ -278,6 +278,7 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     from geximpute.steps.impute import (
         EncodedHaplotypes,
         PartEmbeddings,
+        PartEncoder,
         donor_promoter_inputs,
         donor_promoter_sequences,
         encoded_haplotypes,
@@ -298,7 +299,7 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     encoded = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5},
                                  tmp_path / "three", length)
     assert isinstance(encoded, EncodedHaplotypes) and len(encoded.parts) == 3
-    assert len(list((tmp_path / "three").glob("part-*.npy"))) == 3  # the sequences go through files, not refs
+    assert len(list((tmp_path / "three").glob("chunk-*.npy"))) == 3  # the sequences go through files, not refs
     assert encoded.starts[0] == 0 and encoded.starts[-1] == len(sequences)
     embeddings = every_row(encoded)
     assert len(embeddings) == 2 and all(e.shape[0] == len(sequences) for e in embeddings)
@@ -309,6 +310,21 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
                                 tmp_path / "capped", length)
     assert len(capped.parts) == 5  # the cap, not the 3 asked for
     for ours, theirs in zip(every_row(capped), whole, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    # chunks as the driver hands them over while it builds them (personal_haplotypes), 10 genes in two shares:
+    # consecutive chunks make one task until it has ENCODE_TASK_ROWS rows or a share of the genes ends
+    chunk = -(-len(sequences) // 6)
+    monkeypatch.setattr(impute_module, "ENCODE_TASK_ROWS", 2 * chunk)
+    grouped = PartEncoder(load_bundle_from, tiny_model.folder, {"num_cpus": 0.5}, tmp_path / "grouped", length,
+                          n_genes=10, shares=2)
+    for i, lo in enumerate(range(0, len(sequences), chunk)):
+        grouped(sequences[lo : lo + chunk], next_gene=(i + 1) * 10 // 6)  # genes 1, 3, 5, 6, 8, 10
+    encoded_grouped = grouped.encoded(lookup)
+    # [0, 1] (rows), [2] (gene 5 ends the first share), [3, 4] (rows), [5] (the end)
+    np.testing.assert_array_equal(encoded_grouped.starts, [0, 2 * chunk, 3 * chunk, 5 * chunk, len(sequences)])
+    assert len(list((tmp_path / "grouped").glob("chunk-*.npy"))) == 6
+    for ours, theirs in zip(every_row(encoded_grouped), whole, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
     # the predictions of some target entries: with the one-hot table (encoded as met), and with the embeddings

@@ -120,16 +120,16 @@ def promoter_sites(
     return ptr, index
 
 
-def donor_genomes(dataset, problem, sink: Callable[[list[str]], None] | None = None, part_rows: int = 8192,
-                  part_genes: int | None = None) -> DonorGenomes | None:
+def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | None = None,
+                  part_rows: int = 8192) -> DonorGenomes | None:
     """The :class:`DonorGenomes` of ``problem``'s genes and donors, or None without ``inputs.variants``.
 
     Args:
         dataset: the loaded inputs (:class:`geximpute.io.dataset.Dataset`) with its genome and variants (its
             expression is not read).
         problem: the visible problem whose gene and donor order the result follows.
-        sink, part_rows, part_genes: hand the promoter sequences to ``sink`` in parts of consecutive rows as they
-            are built, and keep none (``sequences`` and ``promoter_ids`` of the result are then None; see
+        sink, part_rows: hand the promoter sequences to ``sink`` in parts of consecutive rows as they are built,
+            and keep none (``sequences`` and ``promoter_ids`` of the result are then None; see
             :func:`geximpute.science.haplotypes.build_haplotypes`).
     """
     variants = dataset.variants
@@ -146,7 +146,7 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str]], None] | None = N
     })
     haps = build_haplotypes(dataset.genome, genes, variants, p,
                             missing="error" if policy.missing == "error" else "reference", unphased=policy.unphased,
-                            sink=sink, part_rows=part_rows, part_genes=part_genes)
+                            sink=sink, part_rows=part_rows)
     vcf_donor = {d: i for i, d in enumerate(haps.donors)}
     col = np.array([vcf_donor.get(d, -1) for d in problem.donors], dtype=np.int64)
     has = col >= 0

@@ -296,9 +296,8 @@ def build_haplotypes(
     *,
     missing: MissingPolicy = "reference",
     unphased: UnphasedPolicy = "as_written",
-    sink: Callable[[list[str]], None] | None = None,
+    sink: Callable[[list[str], int], None] | None = None,
     part_rows: int = 8192,
-    part_genes: int | None = None,
 ) -> PromoterHaplotypes:
     """Every donor's two promoter haplotypes for each gene, one sequence built per distinct haplotype.
 
@@ -313,11 +312,12 @@ def build_haplotypes(
             ``as_written`` keeps the GT's order, ``cis`` puts every such ALT on haplotype B (REF on A), ``error``
             refuses it (:class:`~geximpute.config.GenotypesConfig`).
         sink: where the sequences go instead of the result, in parts of consecutive rows: a part is handed over
-            (``sink(sequences)``) once its genes give ``part_rows`` rows or it holds ``part_genes`` genes, and
-            forgotten, so that the caller never holds every sequence (imputation encodes each part in a task of its
-            own). Sequences are then unique within a part, not across parts (a later part may repeat an earlier
-            part's sequence in a row of its own); ``sequences`` and ``promoter_ids`` of the result are empty.
-        part_rows, part_genes: the size of a part handed to ``sink``, in rows and in genes (None: no limit).
+            (``sink(sequences, next_gene)``: its sequences and the index of the first gene after its genes) once
+            its genes give ``part_rows`` rows, and at the end, then forgotten, so that the caller never holds every
+            sequence (imputation writes each part to a file for its encode tasks). Sequences are then unique within
+            a part, not across parts (a later part may repeat an earlier part's sequence in a row of its own);
+            ``sequences`` and ``promoter_ids`` of the result are empty.
+        part_rows: the rows of a part handed to ``sink`` (at least; a part ends with its last gene's rows).
 
     Returns:
         The unique sequences, each gene's reference row and each donor's two haplotype rows, with counts.
@@ -345,14 +345,14 @@ def build_haplotypes(
     rows = np.full((n_genes, n_donors, 2), -1, dtype=np.int32)
     reference_row = np.full(n_genes, -1, dtype=np.int64)
     row_of: dict[str, int] = {}  # the rows of the part being built (every row without a sink), by sequence
-    handed, part_first_gene = 0, 0  # rows handed to the sink so far; the first gene of the part being built
+    handed = 0  # rows handed to the sink so far
     used = np.zeros(sites.n, dtype=bool)
     n_with_window = built = overlap_skipped = indels_applied = ambiguous_pairs = 0
     for g in range(n_genes):
-        if sink is not None and row_of and (len(row_of) >= part_rows or g - part_first_gene >= (part_genes or n_genes)):
-            sink(list(row_of))
+        if sink is not None and len(row_of) >= part_rows:
+            sink(list(row_of), g)
             handed += len(row_of)
-            row_of, part_first_gene = {}, g
+            row_of = {}
         chrom, strand, t = gene_chroms[g], strands[g], int(tss[g])
         if chrom not in genome:
             continue
@@ -406,7 +406,7 @@ def build_haplotypes(
     n_rows = handed + len(sequences)
     if sink is not None:
         if sequences:  # the last part
-            sink(sequences)
+            sink(sequences, n_genes)
         sequences = []
     slots = n_with_window * n_donors * 2
     report = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -249,9 +250,20 @@ def entry_offsets(targets: np.ndarray) -> np.ndarray:
     return offsets
 
 
-class EntryColumns:
+class EntryColumns(Protocol):
     """Columns of one value per target entry of a problem, in ``np.nonzero(targets)`` order, that a shard takes
-    its block's values from (:meth:`take`): here arrays in memory."""
+    its block's values from: :class:`ArrayColumns` (in memory) or :class:`RangeFileColumns` (in files)."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """``{name: values at positions}``."""
+        ...
+
+
+class ArrayColumns:
+    """:class:`EntryColumns` of arrays in memory."""
 
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         self.arrays = arrays
@@ -261,11 +273,10 @@ class EntryColumns:
         return list(self.arrays)
 
     def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """``{name: values at positions}``."""
         return {name: values[positions] for name, values in self.arrays.items()}
 
 
-class RangeFileColumns(EntryColumns):
+class RangeFileColumns:
     """:class:`EntryColumns` kept in files, one per consecutive range of target entries (a ``.npz`` of one array
     per column, written by whoever computed that range, e.g. the stacked baselines of a gene range in
     :func:`geximpute.steps.impute.baseline_columns`). One range's file is held in memory at a time: shards come in
@@ -309,7 +320,7 @@ def _block_columns(columns: EntryColumns | dict[str, np.ndarray], offsets: np.nd
     """``columns`` (one value per target entry of the whole problem) as (G_local, S_local) grids of the block's
     shard, NaN off its targets."""
     if isinstance(columns, dict):
-        columns = EntryColumns(columns)
+        columns = ArrayColumns(columns)
     if not columns.names:
         return {}
     if offsets is None:

@@ -80,6 +80,9 @@ BLOCK_ENTRIES = 50_000
 #: 32,768 haplotypes (~50 CPU s of encoding with the default model on this 2-core machine) keep that under a tenth;
 #: at 8,192 it was about a third. A task holds their base codes (49 MB) and embeddings (256 bytes a haplotype).
 ENCODE_TASK_ROWS = 32_768
+#: promoter haplotypes the driver builds before it writes them to a file for their encode task and forgets them
+#: (:func:`personal_haplotypes`): about 1.6 KB each as Python strings, so ~13 MB at a time
+ENCODE_CHUNK_ROWS = 8192
 #: haplotypes one-hot encoded at a time inside an encoding task (the (n, 4, L) table of one slice)
 ENCODE_SLICE_ROWS = 1024
 #: parts of the run's haplotype embeddings a predictor keeps between blocks (:class:`PartEmbeddings`)
@@ -380,29 +383,37 @@ class PartEmbeddings:
         return RowSubset(self.encoded.lookup, rows), embeddings
 
 
-def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, path: str, use_gpu: bool,
+def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, paths: list[str], use_gpu: bool,
                       slice_rows: int = ENCODE_SLICE_ROWS) -> list[np.ndarray]:
     """Ray task: each network's embeddings (``Bundle.encode_promoters``) of the sequences of one part of the run's
-    haplotypes (their (n, L) base codes in the ``.npy`` file ``path``, :func:`geximpute.science.promoters.
-    promoter_codes`), one-hot encoded here ``slice_rows`` at a time, on the task's GPU when it holds one."""
+    haplotypes (their (n, L) base codes in the ``.npy`` files ``paths``, in row order,
+    :func:`geximpute.science.promoters.promoter_codes`), one-hot encoded here ``slice_rows`` at a time, on the
+    task's GPU when it holds one."""
     bundle = loader(bundle_dir)
     bundle.models.device = str(inference_device(use_gpu))
-    codes = np.load(path, mmap_mode="r")
-    slices = [bundle.encode_promoters(one_hot_codes(codes[lo : lo + slice_rows]))
-              for lo in range(0, len(codes), slice_rows)]
+    slices = []
+    for path in paths:
+        codes = np.load(path, mmap_mode="r")
+        slices += [bundle.encode_promoters(one_hot_codes(codes[lo : lo + slice_rows]))
+                   for lo in range(0, len(codes), slice_rows)]
     return [np.concatenate([part[k] for part in slices]) for k in range(len(slices[0]))]
 
 
 class PartEncoder:
-    """A sink of promoter sequences in parts of consecutive rows (:func:`geximpute.science.genomes.donor_genomes`,
-    :func:`encoded_haplotypes`): each part's base codes (``length`` of them a sequence) are written to a file of
-    its own under ``folder`` (created here; inside the run's staging folder, readable by every node, as the context
-    shards are) and go to an :func:`encode_haplotypes` task, in a worker process of its own, with ``resources`` (a
-    GPU when predictors get one). Only the task's ref is kept: the sequences travel through the file, not through
-    the object store, so they never count in the driver's memory."""
+    """A sink of promoter sequences in chunks of consecutive rows (:func:`geximpute.science.genomes.donor_genomes`,
+    :func:`encoded_haplotypes`) that starts their encoding in Ray tasks while they are still being built.
+
+    Each chunk's base codes (``length`` of them a sequence) are written at once to a file of their own under
+    ``folder`` (created here; inside the run's staging folder, readable by every node, as the context shards are),
+    so that the caller holds one chunk at a time and the sequences never pass through the object store (where the
+    driver's writes would count in its memory). Consecutive chunks make one :func:`encode_haplotypes` task (a part)
+    of at most :data:`ENCODE_TASK_ROWS` rows, or fewer where a part reaches the end of one of ``shares`` equal runs
+    of the ``n_genes`` genes (so that a small run still makes one task per predictor actor); each task runs in a
+    worker process of its own, with ``resources`` (a GPU when predictors get one). Only the tasks' refs are kept.
+    """
 
     def __init__(self, loader: Callable[[str], Any], bundle_dir: Path, resources: dict[str, Any], folder: Path,
-                 length: int) -> None:
+                 length: int, n_genes: int = 0, shares: int = 1) -> None:
         import ray
 
         # a worker process of its own per part (max_calls=1): the torch runtime, the bundle and the part's embeddings
@@ -411,18 +422,40 @@ class PartEncoder:
         self.loader, self.bundle_dir, self.use_gpu = loader, str(bundle_dir), "num_gpus" in resources
         self.folder, self.length = folder, length
         self.folder.mkdir(parents=True)
+        self.share_genes = -(-n_genes // max(1, shares)) if n_genes else 0
+        self.share_end = self.share_genes
+        self.chunks = 0
+        self.pending: list[str] = []  # the files of the part being gathered
+        self.pending_rows = 0
         self.refs: list = []
         self.starts = [0]
 
-    def __call__(self, sequences: list[str]) -> None:
-        path = self.folder / f"part-{len(self.refs):06d}.npy"
+    def __call__(self, sequences: list[str], next_gene: int | None = None) -> None:
+        """Take the sequences of the next rows (of the genes before ``next_gene``, when known)."""
+        path = self.folder / f"chunk-{self.chunks:06d}.npy"
         np.save(path, promoter_codes(sequences, self.length))
-        self.refs.append(self.task.remote(self.loader, self.bundle_dir, str(path.absolute()), self.use_gpu,
+        self.chunks += 1
+        self.pending.append(str(path.absolute()))
+        self.pending_rows += len(sequences)
+        share_done = bool(self.share_genes) and next_gene is not None and next_gene >= self.share_end
+        if share_done:
+            self.share_end = (next_gene // self.share_genes + 1) * self.share_genes
+        if share_done or self.pending_rows >= ENCODE_TASK_ROWS:
+            self.submit()
+
+    def submit(self) -> None:
+        """Start the task of the chunks gathered so far, if any."""
+        if not self.pending:
+            return
+        self.refs.append(self.task.remote(self.loader, self.bundle_dir, self.pending, self.use_gpu,
                                           ENCODE_SLICE_ROWS))
-        self.starts.append(self.starts[-1] + len(sequences))
+        self.starts.append(self.starts[-1] + self.pending_rows)
+        self.pending, self.pending_rows = [], 0
 
     def encoded(self, lookup: PromoterLookup) -> EncodedHaplotypes:
-        """The :class:`EncodedHaplotypes` of every part handed over, read through ``lookup``."""
+        """The :class:`EncodedHaplotypes` of every chunk handed over (the last part's task started here), read
+        through ``lookup``."""
+        self.submit()
         log.info("impute: %d promoter haplotypes encoded once for the run, in %d task(s)", self.starts[-1],
                  len(self.refs))
         return EncodedHaplotypes(lookup, self.refs, np.asarray(self.starts, np.int64))
@@ -442,6 +475,7 @@ def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Cal
     bounds = np.linspace(0, len(sequences), n_parts + 1).round().astype(np.int64)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         encoder(sequences[lo:hi])
+        encoder.submit()
     return encoder.encoded(lookup)
 
 
@@ -449,23 +483,23 @@ def personal_haplotypes(config: Config, dataset: Any, problem: VisibleProblem, n
                         bundle_dir: Path, resources: dict[str, Any], folder: Path,
                         loader: Callable[[str], Any] = load_bundle_from,
                         ) -> EncodedHaplotypes | tuple[np.ndarray, PromoterLookup]:
-    """Build ``problem.genomes`` from the dataset's genome and variants, handing the promoter sequences as they are
-    made, in parts of at most :data:`ENCODE_TASK_ROWS` rows and ``problem.n_genes / n_parts`` genes, to encode
-    tasks (:class:`PartEncoder`, their files under ``folder``): the driver never holds every haplotype's sequence.
+    """Build ``problem.genomes`` from the dataset's genome and variants, handing the promoter sequences over in
+    chunks of about :data:`ENCODE_CHUNK_ROWS` as they are made to encode tasks (:class:`PartEncoder`, at least
+    ``n_parts`` of them, their files under ``folder``): the driver never holds more than one chunk of sequences.
     Returns the haplotypes as :func:`run_pipeline` takes them (an empty table and the lookup where the bundle's
     networks read no promoter)."""
     encoder = None
     if bundle.reads_promoters:
-        encoder = PartEncoder(loader, bundle_dir, resources, folder, bundle.models.network.spec.promoter_length)
-    problem.genomes = donor_genomes(dataset, problem, sink=encoder or _forget, part_rows=ENCODE_TASK_ROWS,
-                                    part_genes=-(-problem.n_genes // max(1, n_parts)))
+        encoder = PartEncoder(loader, bundle_dir, resources, folder, bundle.models.network.spec.promoter_length,
+                              n_genes=problem.n_genes, shares=n_parts)
+    problem.genomes = donor_genomes(dataset, problem, sink=encoder or _forget, part_rows=ENCODE_CHUNK_ROWS)
     lookup = genome_promoter_lookup(problem.genomes, problem.donor_index)
     if encoder is None:
         return np.zeros((0, 4, config.promoter.length), np.uint8), lookup
     return encoder.encoded(lookup)
 
 
-def _forget(sequences: list[str]) -> None:
+def _forget(sequences: list[str], next_gene: int) -> None:
     """The sink of the sequences of a bundle whose networks read no promoter."""
 
 
