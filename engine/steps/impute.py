@@ -76,9 +76,8 @@ log = logging.getLogger(__name__)
 BLOCK_ENTRIES = 50_000
 #: promoter haplotypes per encoding task at most (:func:`encoded_haplotypes`, :func:`personal_haplotypes`), so that a
 #: task's memory does not grow with the genome: more genes or donors make more tasks, not larger ones. Each task
-#: runs in a worker process of its own, whose start (Python, torch, the bundle: ~4 CPU s here) is paid per task:
-#: 32,768 haplotypes (~50 CPU s of encoding with the default model on this 2-core machine) keep that under a tenth;
-#: at 8,192 it was about a third. A task holds their base codes (49 MB) and embeddings (256 bytes a haplotype).
+#: loads the bundle (~1 s here), against ~1.5 CPU s of encoding per 1,024 haplotypes with the default model; a task
+#: reads its base codes (49 MB at most) a slice at a time and holds their embeddings (256 bytes a haplotype).
 ENCODE_TASK_ROWS = 32_768
 #: promoter haplotypes the driver builds before it writes them to a file for their encode task and forgets them
 #: (:func:`personal_haplotypes`): about 1.6 KB each as Python strings, so ~13 MB at a time
@@ -401,24 +400,27 @@ def encode_haplotypes(loader: Callable[[str], Any], bundle_dir: str, paths: list
 
 class PartEncoder:
     """A sink of promoter sequences in chunks of consecutive rows (:func:`geximpute.science.genomes.donor_genomes`,
-    :func:`encoded_haplotypes`) that starts their encoding in Ray tasks while they are still being built.
+    :func:`encoded_haplotypes`) that writes them to files for their encode tasks as they come.
 
     Each chunk's base codes (``length`` of them a sequence) are written at once to a file of their own under
     ``folder`` (created here; inside the run's staging folder, readable by every node, as the context shards are),
     so that the caller holds one chunk at a time and the sequences never pass through the object store (where the
-    driver's writes would count in its memory). Consecutive chunks make one :func:`encode_haplotypes` task (a part)
-    of at most :data:`ENCODE_TASK_ROWS` rows, or fewer where a part reaches the end of one of ``shares`` equal runs
-    of the ``n_genes`` genes (so that a small run still makes one task per predictor actor); each task runs in a
-    worker process of its own, with ``resources`` (a GPU when predictors get one). Only the tasks' refs are kept.
+    driver's writes would count in its memory). Consecutive chunks make one part, one :func:`encode_haplotypes`
+    task, of at most :data:`ENCODE_TASK_ROWS` rows, or fewer where a part reaches the end of one of ``shares``
+    equal runs of the ``n_genes`` genes (so that a small run still makes one task per predictor actor). The tasks
+    start together in :meth:`encoded` (the imputation calls it where its stream starts, so that the encoding runs
+    beside the stream's first blocks rather than beside the stacked baselines the driver waits for), each with
+    ``resources`` (a GPU when predictors get one).
     """
 
     def __init__(self, loader: Callable[[str], Any], bundle_dir: Path, resources: dict[str, Any], folder: Path,
                  length: int, n_genes: int = 0, shares: int = 1) -> None:
         import ray
 
-        # a worker process of its own per part (max_calls=1): the torch runtime, the bundle and the part's embeddings
-        # go back to the system when it ends, not into a worker that later fits baselines or writes Parquet
-        self.task = ray.remote(max_calls=1)(encode_haplotypes).options(**resources)
+        # workers are reused (a worker of its own per part, max_calls=1, costs a process start per task: 4% more wall
+        # time in the benchmark and 44 s more in the default suite), so a worker that encoded may later fit
+        # baselines or write Parquet with what encoding left in it
+        self.task = ray.remote(encode_haplotypes).options(**resources)
         self.loader, self.bundle_dir, self.use_gpu = loader, str(bundle_dir), "num_gpus" in resources
         self.folder, self.length = folder, length
         self.folder.mkdir(parents=True)
@@ -427,7 +429,7 @@ class PartEncoder:
         self.chunks = 0
         self.pending: list[str] = []  # the files of the part being gathered
         self.pending_rows = 0
-        self.refs: list = []
+        self.parts: list[list[str]] = []  # the files of each part
         self.starts = [0]
 
     def __call__(self, sequences: list[str], next_gene: int | None = None) -> None:
@@ -441,24 +443,37 @@ class PartEncoder:
         if share_done:
             self.share_end = (next_gene // self.share_genes + 1) * self.share_genes
         if share_done or self.pending_rows >= ENCODE_TASK_ROWS:
-            self.submit()
+            self.cut()
 
-    def submit(self) -> None:
-        """Start the task of the chunks gathered so far, if any."""
+    def cut(self) -> None:
+        """End the part being gathered (if it has rows): the next chunk starts a new one."""
         if not self.pending:
             return
-        self.refs.append(self.task.remote(self.loader, self.bundle_dir, self.pending, self.use_gpu,
-                                          ENCODE_SLICE_ROWS))
+        self.parts.append(self.pending)
         self.starts.append(self.starts[-1] + self.pending_rows)
         self.pending, self.pending_rows = [], 0
 
     def encoded(self, lookup: PromoterLookup) -> EncodedHaplotypes:
-        """The :class:`EncodedHaplotypes` of every chunk handed over (the last part's task started here), read
-        through ``lookup``."""
-        self.submit()
+        """Start every part's task; the :class:`EncodedHaplotypes` of every chunk handed over, read through
+        ``lookup``."""
+        self.cut()
+        refs = [self.task.remote(self.loader, self.bundle_dir, files, self.use_gpu, ENCODE_SLICE_ROWS)
+                for files in self.parts]
         log.info("impute: %d promoter haplotypes encoded once for the run, in %d task(s)", self.starts[-1],
-                 len(self.refs))
-        return EncodedHaplotypes(lookup, self.refs, np.asarray(self.starts, np.int64))
+                 len(refs))
+        return EncodedHaplotypes(lookup, refs, np.asarray(self.starts, np.int64))
+
+
+@dataclass
+class WrittenHaplotypes:
+    """The donors' promoter haplotypes written to part files (:func:`personal_haplotypes`), their encode tasks not
+    started yet: :meth:`start` starts them."""
+
+    encoder: PartEncoder
+    lookup: PromoterLookup
+
+    def start(self) -> EncodedHaplotypes:
+        return self.encoder.encoded(self.lookup)
 
 
 def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Callable[[str], Any],
@@ -475,19 +490,19 @@ def encoded_haplotypes(haplotypes: tuple[list[str], PromoterLookup], loader: Cal
     bounds = np.linspace(0, len(sequences), n_parts + 1).round().astype(np.int64)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         encoder(sequences[lo:hi])
-        encoder.submit()
+        encoder.cut()
     return encoder.encoded(lookup)
 
 
 def personal_haplotypes(config: Config, dataset: Any, problem: VisibleProblem, n_parts: int, bundle: Any,
                         bundle_dir: Path, resources: dict[str, Any], folder: Path,
                         loader: Callable[[str], Any] = load_bundle_from,
-                        ) -> EncodedHaplotypes | tuple[np.ndarray, PromoterLookup]:
+                        ) -> WrittenHaplotypes | tuple[np.ndarray, PromoterLookup]:
     """Build ``problem.genomes`` from the dataset's genome and variants, handing the promoter sequences over in
-    chunks of about :data:`ENCODE_CHUNK_ROWS` as they are made to encode tasks (:class:`PartEncoder`, at least
-    ``n_parts`` of them, their files under ``folder``): the driver never holds more than one chunk of sequences.
-    Returns the haplotypes as :func:`run_pipeline` takes them (an empty table and the lookup where the bundle's
-    networks read no promoter)."""
+    chunks of about :data:`ENCODE_CHUNK_ROWS` as they are made to part files for their encode tasks
+    (:class:`PartEncoder`, at least ``n_parts`` parts, under ``folder``): the driver never holds more than one
+    chunk of sequences. Returns the haplotypes as :func:`run_pipeline` takes them (an empty table and the lookup
+    where the bundle's networks read no promoter)."""
     encoder = None
     if bundle.reads_promoters:
         encoder = PartEncoder(loader, bundle_dir, resources, folder, bundle.models.network.spec.promoter_length,
@@ -496,7 +511,7 @@ def personal_haplotypes(config: Config, dataset: Any, problem: VisibleProblem, n
     lookup = genome_promoter_lookup(problem.genomes, problem.donor_index)
     if encoder is None:
         return np.zeros((0, 4, config.promoter.length), np.uint8), lookup
-    return encoder.encoded(lookup)
+    return WrittenHaplotypes(encoder, lookup)
 
 
 def _forget(sequences: list[str], next_gene: int) -> None:
@@ -665,8 +680,9 @@ def run_pipeline(
         out: the folder written (a staging folder: it is not committed here).
         run_id: the run's id.
         loader: how a predictor actor loads the bundle.
-        haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`), or their encoding already
-            started (:func:`personal_haplotypes`); None: the bundle's reference windows. With ``encode_once`` every
+        haplotypes: the donors' promoter haplotypes (:func:`donor_promoter_sequences`), or their part files
+            written while the genomes were built (:func:`personal_haplotypes`); None: the bundle's reference
+            windows. With ``encode_once`` every
             haplotype is encoded once for the run (:func:`encoded_haplotypes`, as many tasks as predictor actors)
             and the predictors get the embeddings.
         baselines: what fitting a stacked bundle's baselines takes (:func:`head_baselines`); their estimates
@@ -684,20 +700,24 @@ def run_pipeline(
         if baselines is not None:
             columns = baseline_columns(baselines, problem, targets, out / BASELINES_FOLDER, cpus,
                                        config.ray.concurrency)
-        shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
-                                     columns=columns, block_entries=BLOCK_ENTRIES)
-        # blocks of entries whose records are built; the stream predicts and writes each soon after
-        progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
         n_actors, resources = predictor_pool(config, targets)
-        n_gpus = resources.get("num_gpus", 0)
-        log.info("impute: %d blocks of entries (genes of one chromosome x donors), %d predictor actor(s)%s", len(cut),
-                 n_actors, " on GPU" if n_gpus else "")
-        if haplotypes is not None and not isinstance(haplotypes, EncodedHaplotypes):
+        # the haplotypes' encode tasks start once the baselines are done: they run while the driver cuts the shards
+        # and beside the stream's first blocks, not beside the baselines the driver waits for
+        if isinstance(haplotypes, WrittenHaplotypes):  # written while the genomes were built
+            haplotypes = haplotypes.start()
+        elif haplotypes is not None:
             if encode_once:
                 haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources,
                                                 out / HAPLOTYPES_FOLDER, config.promoter.length)
             else:  # networks without a promoter branch read no table
                 haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
+        shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
+                                     columns=columns, block_entries=BLOCK_ENTRIES)
+        # blocks of entries whose records are built; the stream predicts and writes each soon after
+        progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
+        n_gpus = resources.get("num_gpus", 0)
+        log.info("impute: %d blocks of entries (genes of one chromosome x donors), %d predictor actor(s)%s", len(cut),
+                 n_actors, " on GPU" if n_gpus else "")
         predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
                           ray.put(haplotypes) if haplotypes is not None else None, None)
         per_record = record_bytes(config, problem, targets, len(baselines.head_names) if baselines else 0)
