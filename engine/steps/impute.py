@@ -96,7 +96,7 @@ VIRTUAL_PREFIX = "virtual:"
 SHARDS_FOLDER = "_shards"
 #: the folder of the stacked baselines' estimates per gene range inside a run's staging folder (removed likewise)
 BASELINES_FOLDER = "_baselines"
-#: the folder of the promoter haplotypes' base codes, one file per encode task, inside a run's staging folder (likewise)
+#: the folder of the promoter haplotypes' base codes, one file per chunk, inside a run's staging folder (likewise)
 HAPLOTYPES_FOLDER = "_haplotypes"
 
 
