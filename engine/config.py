@@ -201,7 +201,8 @@ class EvaluationConfig:
     seed: int = 0
     fraction: float = 0.1
     methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
-                                "iterative_ridge", "tensor_factorisation", "promoter_composition", "hybrid")
+                                "iterative_ridge", "local_regression", "tensor_factorisation", "promoter_composition",
+                                "hybrid")
     ablations: bool = True
     min_donors: int = 10
     whole_donors: bool = False
@@ -212,8 +213,8 @@ class EvaluationConfig:
         _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
         known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
-                 "elastic_net", "pairwise_regression", "iterative_ridge", "tensor_factorisation",
-                 "promoter_composition"}
+                 "elastic_net", "pairwise_regression", "iterative_ridge", "local_regression",
+                 "tensor_factorisation", "promoter_composition"}
         bad = [m for m in self.methods if m not in known]
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
                  "false unless evaluation.task is 'samples'")
@@ -293,6 +294,9 @@ class BaselinesConfig:
         pr_prior: weight of the gene's tissue mean beside the pairwise estimates (in units of r^2/(1-r^2)).
         ridge_alpha: ridge penalty of each tissue's regression on the others in ``iterative_ridge``.
         ridge_iterations: rounds of ``iterative_ridge`` over all tissues.
+        lls_k: nearest rows each row is regressed on in ``local_regression`` (which starts from ``iterative_ridge``'s
+            filled rows, with its two settings).
+        lls_alpha: ridge penalty of that regression.
         tf_rank: rank of the donor factors of ``tensor_factorisation``.
         tf_lambda: ridge penalty of its donor factors and loadings.
         tf_iterations: alternating least-squares rounds of ``tensor_factorisation``.
@@ -320,6 +324,8 @@ class BaselinesConfig:
     pr_prior: float = 0.0
     ridge_alpha: float = 10.0
     ridge_iterations: int = 5
+    lls_k: int = 20
+    lls_alpha: float = 10.0
     tf_rank: int = 4
     tf_lambda: float = 10.0
     tf_iterations: int = 20
@@ -340,6 +346,8 @@ class BaselinesConfig:
         _require(self.pr_prior >= 0, "baselines.pr_prior", self.pr_prior, "a number >= 0")
         _require(self.ridge_alpha >= 0, "baselines.ridge_alpha", self.ridge_alpha, "a number >= 0")
         _require(self.ridge_iterations >= 1, "baselines.ridge_iterations", self.ridge_iterations, "an integer >= 1")
+        _require(self.lls_k >= 1, "baselines.lls_k", self.lls_k, "an integer >= 1")
+        _require(self.lls_alpha > 0, "baselines.lls_alpha", self.lls_alpha, "a number > 0")
         _require(self.tf_rank >= 1, "baselines.tf_rank", self.tf_rank, "an integer >= 1")
         _require(self.tf_lambda > 0, "baselines.tf_lambda", self.tf_lambda, "a number > 0")
         _require(self.tf_iterations >= 1, "baselines.tf_iterations", self.tf_iterations, "an integer >= 1")

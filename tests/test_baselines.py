@@ -117,6 +117,42 @@ def test_iterative_ridge_beats_row_tissue_on_a_gene_by_tissue_table():
     assert err < 0.6 * base, (err, base)
 
 
+def test_local_regression_follows_gene_clusters_that_one_regression_per_tissue_misses():
+    # a genes x tissues table of 12 clusters, each with its own tissue pattern (no low rank: 12 patterns in 10
+    # tissues, so each tissue's one regression on the others over all genes is a compromise); a gene is its
+    # cluster's pattern at its own amplitude plus its level and noise
+    rng = np.random.default_rng(7)
+    n_genes, n_t, n_clusters = 1500, 10, 12
+    patterns = rng.normal(size=(n_clusters, n_t)) * 1.5
+    cluster = rng.integers(n_clusters, size=n_genes)
+    values = (rng.normal(3, 1, (n_genes, 1)) + rng.uniform(0.5, 1.5, (n_genes, 1)) * patterns[cluster]
+              + rng.normal(scale=0.2, size=(n_genes, n_t)))
+    hidden = rng.random(values.shape) < 0.1
+    visible = np.where(hidden, np.nan, values)
+    problem = problem_of(visible, np.zeros(n_t, int), np.arange(n_t))
+    gi, si = np.nonzero(hidden)
+    ridge = rmse(make_method("iterative_ridge", FIXED), problem, gi, si, values[gi, si])
+    method = make_method("local_regression", FIXED)
+    local = rmse(method, problem, gi, si, values[gi, si])
+    assert local < 0.8 * ridge, (local, ridge)
+    # a visible cell is its own value; every cell is finite
+    vg, vs = np.nonzero(~hidden)
+    np.testing.assert_allclose(method.predict_entries(vg[:50], vs[:50]), values[vg[:50], vs[:50]], rtol=1e-5)
+    assert np.isfinite(method.cells).all()
+
+
+def test_local_regression_with_donors_follows_gene_specific_loadings():
+    # each gene loads the donors' factors differently in every tissue: one regression per tissue pooled over genes
+    # (iterative_ridge) cannot follow that; a (gene, donor) row regressed on the same gene's nearest donors can
+    values, donor, tissue = donor_data(seed=3, n_genes=12, n_donors=150)
+    visible, gi, si = hide_samples(values, 0.15, seed=4)
+    problem = problem_of(visible, donor, tissue)
+    truth = values[gi, si]
+    ridge = rmse(make_method("iterative_ridge", FIXED), problem, gi, si, truth)
+    local = rmse(make_method("local_regression", FIXED), problem, gi, si, truth)
+    assert local < 0.9 * ridge, (local, ridge)
+
+
 def test_promoter_composition_predicts_hidden_genes_from_cpg():
     rng = np.random.default_rng(5)
     n_genes, n_t, length, upstream = 400, 5, 600, 400
@@ -161,7 +197,7 @@ def test_out_of_fold_estimates_never_see_their_own_entries():
     problem = problem_of(values, donor, tissue)
     folds = training_folds(problem, "samples", 3, 0.2, seed=0)
     oof = out_of_fold_estimates(problem, folds, ENTRY_METHODS, FIXED)
-    assert set(oof) == {"row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge",
+    assert set(oof) == {"row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge", "local_regression",
                         "tensor_factorisation"}  # promoter_composition: no composition given
     in_folds = np.any(folds, axis=0)
     for name, grid in oof.items():
