@@ -52,7 +52,7 @@ from geximpute.runtime.provenance import manifest, write_json
 from geximpute.science.baselines import applicable_entry_methods, baseline_estimates, promoter_composition
 from geximpute.science.head_features import FEATURE_NAMES
 from geximpute.science.problem import VisibleProblem
-from geximpute.science.promoters import PromoterLookup, one_hot_promoters
+from geximpute.science.promoters import PromoterLookup, no_promoters, one_hot_promoters
 
 
 def save_network(network: TrainedNetwork, folder: str | Path, *, with_metrics: bool = True) -> Path:
@@ -427,7 +427,7 @@ def load_bundle(folder: str | Path) -> Bundle:
     folds = [network, *(load_network(fold_folder(folder, k)) for k in range(1, n_folds))] if n_folds > 1 else []
     stacked = bool(head_meta.get("stacked", False))
     # the promoter table of the records is set by each Bundle.predict (the reference windows or the donors' own)
-    models = HybridModels(config, np.zeros((0, 4, network.spec.promoter_length), np.uint8),
+    models = HybridModels(config, no_promoters(network.spec.promoter_length),
                           PromoterLookup.reference(np.zeros(0, np.int64)), network, head,
                           fold_networks=folds, stacked=stacked)
     bundle_manifest = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())

@@ -113,6 +113,11 @@ def promoter_codes(sequences: list[str], length: int) -> np.ndarray:
     return _BASE_CODE[np.frombuffer(raw, dtype=np.uint8)].reshape(len(sequences), length)
 
 
+def no_promoters(length: int) -> np.ndarray:
+    """An empty (0, 4, ``length``) one-hot table: for records whose promoters come as embeddings, or from no table."""
+    return np.zeros((0, 4, length), np.uint8)
+
+
 def one_hot_codes(codes: np.ndarray) -> np.ndarray:
     """(P, 4, L) uint8 one-hot table of :func:`promoter_codes`' (P, L) codes (code 4: all zeros)."""
     codes = np.asarray(codes, np.uint8)

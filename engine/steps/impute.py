@@ -63,6 +63,7 @@ from geximpute.science.promoters import (
     RowSubset,
     genome_promoter_inputs,
     genome_promoter_lookup,
+    no_promoters,
     one_hot_codes,
     promoter_codes,
 )
@@ -510,7 +511,7 @@ def personal_haplotypes(config: Config, dataset: Any, problem: VisibleProblem, n
     problem.genomes = donor_genomes(dataset, problem, sink=encoder or _forget, part_rows=ENCODE_CHUNK_ROWS)
     lookup = genome_promoter_lookup(problem.genomes, problem.donor_index)
     if encoder is None:
-        return np.zeros((0, 4, config.promoter.length), np.uint8), lookup
+        return no_promoters(config.promoter.length), lookup
     return WrittenHaplotypes(encoder, lookup)
 
 
@@ -562,7 +563,7 @@ class Predictor:
         if self.embedded is not None:  # the embeddings of the rows these records read, no one-hot table
             lookup, embeddings = self.embedded.inputs(records)
             length = self.bundle.models.network.spec.promoter_length
-            return self.bundle.predict(records, self.gene_ids, (np.zeros((0, 4, length), np.uint8), lookup),
+            return self.bundle.predict(records, self.gene_ids, (no_promoters(length), lookup),
                                        baselines=self.baselines, embeddings=embeddings)
         # haplotypes None: the bundle's reference windows; else the one-hot table, each network encoding what it meets
         return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
@@ -710,7 +711,7 @@ def run_pipeline(
                 haplotypes = encoded_haplotypes(haplotypes, loader, bundle_dir, n_actors, resources,
                                                 out / HAPLOTYPES_FOLDER, config.promoter.length)
             else:  # networks without a promoter branch read no table
-                haplotypes = (np.zeros((0, 4, config.promoter.length), np.uint8), haplotypes[1])
+                haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
         shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES)
         # blocks of entries whose records are built; the stream predicts and writes each soon after
