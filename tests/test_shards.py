@@ -123,6 +123,8 @@ def test_halo_reaches_k_plus_one_visible_genes_on_each_side():
         # every sample keeps k + 2 visible genes on a side, or all the chromosome has there
         assert visible[lo : block.lo].sum() >= min(before, k + 2)
         assert visible[block.hi : hi].sum() >= min(after, k + 2)
+    # a sample with nothing measured (a profile imputed whole) needs no neighbour rows at all
+    assert halo(problem, block, np.array([3]), first, end, k) == (block.lo, block.hi)
     # and no further than the sample that needs the most
     assert lo == first or any(
         (~np.isnan(problem.values[lo + 1 : block.lo, s])).sum() < k + 2 for s in samples)

@@ -133,7 +133,9 @@ def blocks(problem: VisibleProblem, targets: np.ndarray, block_entries: int,
 def halo(problem: VisibleProblem, block: Block, samples: np.ndarray, first: int, end: int, k: int) -> tuple[int, int]:
     """Gene rows ``(lo, hi)`` around ``block`` (within the chromosome's rows ``first:end``) that hold every possible
     neighbour of the block's targets in ``samples``: in each sample, K + 1 visible genes before the block (before
-    the first gene sharing the block's first TSS) and K + 1 at or after its last gene, plus one on either side."""
+    the first gene sharing the block's first TSS) and K + 1 at or after its last gene, plus one on either side; in a
+    sample with fewer visible genes on a side, all it has there (none for a profile imputed whole: without that
+    bound such a sample would stretch every block of its donor over its whole chromosome)."""
     need = k + 2
     tss = problem.tss
     left_of = block.lo
@@ -143,19 +145,23 @@ def halo(problem: VisibleProblem, block: Block, samples: np.ndarray, first: int,
     if len(samples) == 0:
         return left_of, hi
     if left_of > first:
-        before = ~np.isnan(problem.values[first:left_of, samples][::-1])  # nearest first
-        counts = np.cumsum(before, axis=0)
-        reached = counts[-1] >= need
-        where = np.argmax(counts >= need, axis=0)  # rows back from left_of - 1
-        lo = int(np.min(np.where(reached, left_of - 1 - where, first)))
+        lo = left_of - _reach(problem.values[first:left_of, samples][::-1], need)  # nearest first
     lo = min(lo, left_of)
     if hi < end:
-        after = ~np.isnan(problem.values[hi:end, samples])
-        counts = np.cumsum(after, axis=0)
-        reached = counts[-1] >= need
-        where = np.argmax(counts >= need, axis=0)
-        hi = int(np.max(np.where(reached, block.hi + where + 1, end)))
+        hi = block.hi + _reach(problem.values[hi:end, samples], need)
     return lo, hi
+
+
+def _reach(values: np.ndarray, need: int) -> int:
+    """Rows of ``values`` (nearest first, one column per sample) to take so that every sample has ``need`` visible
+    values among them, or all it has."""
+    counts = np.cumsum(~np.isnan(values), axis=0)
+    wanted = np.minimum(counts[-1], need)  # (S,)
+    has = wanted > 0
+    if not has.any():
+        return 0
+    rows = np.argmax(counts[:, has] >= wanted[has], axis=0)  # the row where each sample has what it needs
+    return int(rows.max()) + 1
 
 
 @dataclass
@@ -172,7 +178,9 @@ class Shard:
     gene_offset: int  # the whole problem's index of local gene 0
     samples: np.ndarray  # (S_local,) the whole problem's sample indices
     labels: np.ndarray | None = None  # (G_local, S_local) float32: each record's ``target`` instead of its value
-    columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> (G_local, S_local) float32
+    #: name -> (N,) float32, one value per target entry in ``np.nonzero(targets)`` order (not a (G_local, S_local) grid:
+    #: a block's targets are a few percent of its rows' cells where most are measured)
+    columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def donor_sample_lists(problem: VisibleProblem) -> list[np.ndarray]:
@@ -239,7 +247,7 @@ def make_shard(
         gene_offset=lo,
         samples=samples,
         labels=None if labels is None else np.ascontiguousarray(labels[rows][:, samples]),
-        columns=_block_columns(columns or {}, entry_offsets, targets, block, samples, lo, hi),
+        columns=_block_columns(columns or {}, entry_offsets, targets, block, samples),
     )
 
 
@@ -316,9 +324,9 @@ class RangeFileColumns:
 
 
 def _block_columns(columns: EntryColumns | dict[str, np.ndarray], offsets: np.ndarray | None, targets: np.ndarray,
-                   block: Block, samples: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """``columns`` (one value per target entry of the whole problem) as (G_local, S_local) grids of the block's
-    shard, NaN off its targets."""
+                   block: Block, samples: np.ndarray) -> dict[str, np.ndarray]:
+    """``columns`` (one value per target entry of the whole problem) at the block's target entries, in the
+    ``np.nonzero`` order of the block's shard targets (its halo rows have none)."""
     if isinstance(columns, dict):
         columns = ArrayColumns(columns)
     if not columns.names:
@@ -328,13 +336,7 @@ def _block_columns(columns: EntryColumns | dict[str, np.ndarray], offsets: np.nd
     rows = targets[block.lo : block.hi]
     rank = np.cumsum(rows, axis=1) - 1  # each target's place among its gene's targets
     position = (offsets[block.lo : block.hi, None] + rank)[:, samples]
-    inside = rows[:, samples]
-    out = {}
-    for name, values in columns.take(position[inside]).items():
-        grid = np.full((hi - lo, len(samples)), np.nan, np.float32)
-        grid[block.lo - lo : block.hi - lo][inside] = values
-        out[name] = grid
-    return out
+    return {name: np.asarray(values, np.float32) for name, values in columns.take(position[rows[:, samples]]).items()}
 
 
 def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:
@@ -351,8 +353,10 @@ def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:
         # training folds: the label of a re-hidden entry is its visible value in the outer problem
         label = pa.array(shard.labels[g, s], pa.float32(), from_pandas=True)
         table = table.set_column(table.schema.get_field_index("target"), "target", label)
-    for name, grid in shard.columns.items():
-        table = table.append_column(name, pa.array(grid[g, s], pa.float32(), from_pandas=True))
+    if shard.columns:  # each record's place among the shard's targets in np.nonzero order
+        place = np.searchsorted(np.flatnonzero(shard.targets), g * shard.targets.shape[1] + s)
+        for name, values in shard.columns.items():
+            table = table.append_column(name, pa.array(values[place], pa.float32(), from_pandas=True))
     table = table.set_column(table.schema.get_field_index("gene_index"), "gene_index",
                              pa.array((g + shard.gene_offset).astype(np.int32)))
     return table.set_column(table.schema.get_field_index("sample_index"), "sample_index",
