@@ -354,7 +354,8 @@ def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:
         label = pa.array(shard.labels[g, s], pa.float32(), from_pandas=True)
         table = table.set_column(table.schema.get_field_index("target"), "target", label)
     if shard.columns:  # each record's place among the shard's targets in np.nonzero order
-        place = np.searchsorted(np.flatnonzero(shard.targets), g * shard.targets.shape[1] + s)
+        width = shard.targets.shape[1]  # gi, si above are in that order: their flat indices are sorted
+        place = np.searchsorted(gi.astype(np.int64) * width + si, g * width + s)
         for name, values in shard.columns.items():
             table = table.append_column(name, pa.array(values[place], pa.float32(), from_pandas=True))
     table = table.set_column(table.schema.get_field_index("gene_index"), "gene_index",
