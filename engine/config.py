@@ -201,8 +201,8 @@ class EvaluationConfig:
     seed: int = 0
     fraction: float = 0.1
     methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
-                                "iterative_ridge", "local_regression", "tensor_factorisation", "promoter_composition",
-                                "hybrid")
+                                "iterative_ridge", "local_regression", "chained_boosting", "tensor_factorisation",
+                                "promoter_composition", "hybrid")
     ablations: bool = True
     min_donors: int = 10
     whole_donors: bool = False
@@ -214,7 +214,7 @@ class EvaluationConfig:
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
         known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
                  "elastic_net", "pairwise_regression", "iterative_ridge", "local_regression",
-                 "tensor_factorisation", "promoter_composition"}
+                 "chained_boosting", "tensor_factorisation", "promoter_composition"}
         bad = [m for m in self.methods if m not in known]
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
                  "false unless evaluation.task is 'samples'")
@@ -297,6 +297,9 @@ class BaselinesConfig:
         lls_k: nearest rows each row is regressed on in ``local_regression`` (which starts from ``iterative_ridge``'s
             filled rows, with its two settings).
         lls_alpha: ridge penalty of that regression.
+        cb_rounds: rounds of ``chained_boosting``'s boosted regressions over all tissues (it starts from
+            ``iterative_ridge``'s filled rows, with its two settings).
+        cb_max_rows: most rows each of its regressions learns from (drawn at random where a tissue has more).
         tf_rank: rank of the donor factors of ``tensor_factorisation``.
         tf_lambda: ridge penalty of its donor factors and loadings.
         tf_iterations: alternating least-squares rounds of ``tensor_factorisation``.
@@ -326,6 +329,8 @@ class BaselinesConfig:
     ridge_iterations: int = 5
     lls_k: int = 20
     lls_alpha: float = 10.0
+    cb_rounds: int = 2
+    cb_max_rows: int = 200_000
     tf_rank: int = 4
     tf_lambda: float = 10.0
     tf_iterations: int = 20
@@ -348,6 +353,8 @@ class BaselinesConfig:
         _require(self.ridge_iterations >= 1, "baselines.ridge_iterations", self.ridge_iterations, "an integer >= 1")
         _require(self.lls_k >= 1, "baselines.lls_k", self.lls_k, "an integer >= 1")
         _require(self.lls_alpha > 0, "baselines.lls_alpha", self.lls_alpha, "a number > 0")
+        _require(self.cb_rounds >= 1, "baselines.cb_rounds", self.cb_rounds, "an integer >= 1")
+        _require(self.cb_max_rows >= 100, "baselines.cb_max_rows", self.cb_max_rows, "an integer >= 100")
         _require(self.tf_rank >= 1, "baselines.tf_rank", self.tf_rank, "an integer >= 1")
         _require(self.tf_lambda > 0, "baselines.tf_lambda", self.tf_lambda, "a number > 0")
         _require(self.tf_iterations >= 1, "baselines.tf_iterations", self.tf_iterations, "an integer >= 1")

@@ -153,6 +153,37 @@ def test_local_regression_with_donors_follows_gene_specific_loadings():
     assert local < 0.9 * ridge, (local, ridge)
 
 
+def test_chained_boosting_follows_tissues_that_switch_on_where_linear_regressions_cannot():
+    # a genes x tissues table where two tissues switch on only above a level of two others (a gene silent in the
+    # one unless the other two are both high): no linear map across tissues follows a switch; trees do
+    rng = np.random.default_rng(11)
+    n_genes, n_t = 2000, 8
+    values = rng.normal(3, 1, (n_genes, 1)) + rng.normal(size=(n_genes, 2)) @ rng.normal(size=(2, n_t)) * 0.5
+    on = (values[:, 2] > 3.0) & (values[:, 3] > 3.0)
+    values[:, 0] = np.where(on, values[:, 2] + 2.0, 0.0)
+    values[:, 1] = np.where(values[:, 4] > 3.0, values[:, 4], 0.5)
+    values = values + rng.normal(scale=0.1, size=values.shape)
+    hidden = rng.random(values.shape) < 0.1
+    visible = np.where(hidden, np.nan, values)
+    problem = problem_of(visible, np.zeros(n_t, int), np.arange(n_t))
+    gi, si = np.nonzero(hidden)
+    switching = si < 2
+    ridge = make_method("iterative_ridge", FIXED)
+    ridge.fit(problem)
+    method = make_method("chained_boosting", FIXED, seed=3)
+    method.fit(problem)
+    err = {name: np.sqrt(np.mean((m.predict_entries(gi[switching], si[switching]) - values[gi, si][switching]) ** 2))
+           for name, m in (("ridge", ridge), ("boosting", method))}
+    assert err["boosting"] < 0.6 * err["ridge"], err
+    # a visible cell is its own value; every cell is finite; the same seed gives the same cells
+    vg, vs = np.nonzero(~hidden)
+    np.testing.assert_allclose(method.predict_entries(vg[:50], vs[:50]), values[vg[:50], vs[:50]], rtol=1e-5)
+    assert np.isfinite(method.cells).all()
+    again = make_method("chained_boosting", FIXED, seed=3)
+    again.fit(problem)
+    np.testing.assert_array_equal(again.cells, method.cells)
+
+
 def test_promoter_composition_predicts_hidden_genes_from_cpg():
     rng = np.random.default_rng(5)
     n_genes, n_t, length, upstream = 400, 5, 600, 400
@@ -198,7 +229,7 @@ def test_out_of_fold_estimates_never_see_their_own_entries():
     folds = training_folds(problem, "samples", 3, 0.2, seed=0)
     oof = out_of_fold_estimates(problem, folds, ENTRY_METHODS, FIXED)
     assert set(oof) == {"row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge", "local_regression",
-                        "tensor_factorisation"}  # promoter_composition: no composition given
+                        "chained_boosting", "tensor_factorisation"}  # promoter_composition: no composition given
     in_folds = np.any(folds, axis=0)
     for name, grid in oof.items():
         assert np.isfinite(grid[in_folds]).all() and np.isnan(grid[~in_folds]).all(), name
