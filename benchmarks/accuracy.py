@@ -40,7 +40,7 @@ TASKS = (
     ("medians-genes", "configs/gtex-medians.yaml", "genes"),
 )
 BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression", "iterative_ridge",
-             "local_regression", "chained_boosting", "tensor_factorisation", "promoter_composition")
+             "chained_boosting", "local_regression", "tensor_factorisation", "promoter_composition")
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 

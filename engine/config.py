@@ -201,7 +201,7 @@ class EvaluationConfig:
     seed: int = 0
     fraction: float = 0.1
     methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
-                                "iterative_ridge", "local_regression", "chained_boosting", "tensor_factorisation",
+                                "iterative_ridge", "chained_boosting", "local_regression", "tensor_factorisation",
                                 "promoter_composition", "hybrid")
     ablations: bool = True
     min_donors: int = 10
@@ -294,9 +294,10 @@ class BaselinesConfig:
         pr_prior: weight of the gene's tissue mean beside the pairwise estimates (in units of r^2/(1-r^2)).
         ridge_alpha: ridge penalty of each tissue's regression on the others in ``iterative_ridge``.
         ridge_iterations: rounds of ``iterative_ridge`` over all tissues.
-        lls_k: nearest rows each row is regressed on in ``local_regression`` (which starts from ``iterative_ridge``'s
-            filled rows, with its two settings).
+        lls_k: nearest rows each row is regressed on in ``local_regression``.
         lls_alpha: ridge penalty of that regression.
+        lls_start: the method whose filled rows ``local_regression`` starts from: ``iterative_ridge`` or
+            ``chained_boosting`` (each with its own settings).
         cb_rounds: rounds of ``chained_boosting``'s boosted regressions over all tissues (it starts from
             ``iterative_ridge``'s filled rows, with its two settings).
         cb_max_rows: most rows each of its regressions learns from (drawn at random where a tissue has more).
@@ -329,6 +330,7 @@ class BaselinesConfig:
     ridge_iterations: int = 5
     lls_k: int = 20
     lls_alpha: float = 10.0
+    lls_start: Literal["iterative_ridge", "chained_boosting"] = "chained_boosting"
     cb_rounds: int = 2
     cb_max_rows: int = 200_000
     tf_rank: int = 4

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import itertools
 import warnings
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -283,6 +283,20 @@ def _gene_tissue_means(cube: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(means), gene_mean[:, None] + offset[None, :], means)
 
 
+def shared_fill(problem: VisibleProblem, key: tuple, make) -> Any:
+    """``make()``, computed once per problem object and ``key``: methods fitted one after another on the same
+    problem (a tuning grid, :func:`range_estimates`) start from the same filled rows instead of recomputing them.
+
+    Kept on the problem object itself, not in a dataclass field, so a problem made from it
+    (:func:`geximpute.science.folds.fold_problem`, :func:`geximpute.science.problem.gene_rows`, both through
+    ``dataclasses.replace``) starts without it; a problem's values are never changed in place.
+    """
+    store = problem.__dict__.setdefault("_shared_fills", {})
+    if key not in store:
+        store[key] = make()
+    return store[key]
+
+
 class _CubeMethod:
     """A method that predicts every (gene, donor, tissue) cell at fit time; a sample reads its donor-tissue cell."""
 
@@ -372,7 +386,11 @@ class IterativeRidgeBaseline(_CubeMethod):
         return rows.cube(rows.filled)
 
     def filled_rows(self, problem: VisibleProblem) -> FilledRows:
-        """The problem's rows (:class:`FilledRows`) with every missing cell filled by the chained regressions."""
+        """The problem's rows (:class:`FilledRows`) with every missing cell filled by the chained regressions
+        (computed once per problem and setting: :func:`shared_fill`; read-only)."""
+        return shared_fill(problem, ("iterative_ridge", self.alpha, self.iterations), lambda: self._fill(problem))
+
+    def _fill(self, problem: VisibleProblem) -> FilledRows:
         cube = donor_tissue_cube(problem)
         n_g, n_d, n_t = cube.shape
         base = _gene_tissue_means(cube) if n_d > 1 else np.zeros((n_g, n_t))
@@ -403,6 +421,8 @@ class IterativeRidgeBaseline(_CubeMethod):
                 beta = np.linalg.solve(gram, rhs)
                 miss = ~obs
                 filled[miss, t] = x[obs, t].mean() + (filled[miss] - mu_x) @ beta
+        for array in (filled, ok, base):
+            array.setflags(write=False)
         return FilledRows(filled, ok, base, cube.shape)
 
 
@@ -437,15 +457,15 @@ class FilledRows:
 
 
 class LocalRegressionBaseline(_CubeMethod):
-    """Local least squares imputation (LLSimpute, Kim, Golub & Park 2005) over the rows that ``iterative_ridge``
-    fills.
+    """Local least squares imputation (LLSimpute, Kim, Golub & Park 2005) over filled rows.
 
-    Rows are (gene, donor) pairs over tissues as in :class:`IterativeRidgeBaseline`, whose chained regressions fill
-    every missing cell first. Each row with a missing cell then takes its ``k`` nearest rows (Euclidean distance of
-    the filled, row-centred profiles; among all genes of a gene x tissue table, among the gene's own donors
-    otherwise), regresses its visible cells on theirs (ridge, penalty ``alpha``) and fills its missing cells from the
-    neighbours' values there. A global regression per tissue misses what only genes of one kind share (a cluster's
-    own tissue pattern); the neighbours carry it.
+    Rows are (gene, donor) pairs over tissues as in :class:`IterativeRidgeBaseline`; every missing cell is filled
+    first, by ``start`` (``iterative_ridge``'s chained ridge regressions or ``chained_boosting``'s boosted ones).
+    Each row with a missing cell then takes its ``k`` nearest rows (Euclidean distance of the filled, row-centred
+    profiles; among all genes of a gene x tissue table, among the gene's own donors otherwise), regresses its
+    visible cells on theirs (ridge, penalty ``alpha``) and fills its missing cells from the neighbours' values
+    there. A global regression per tissue misses what only genes of one kind share (a cluster's own tissue
+    pattern); the neighbours carry it.
     """
 
     name = "local_regression"
@@ -453,12 +473,11 @@ class LocalRegressionBaseline(_CubeMethod):
     #: distances held at once: rows whose neighbours are sought together x the rows of their group (128 MiB)
     DISTANCES = 1 << 24
 
-    def __init__(self, k: int, alpha: float, ridge_alpha: float, ridge_iterations: int) -> None:
-        self.k, self.alpha = k, alpha
-        self.ridge = IterativeRidgeBaseline(ridge_alpha, ridge_iterations)
+    def __init__(self, k: int, alpha: float, start: IterativeRidgeBaseline | ChainedBoostingBaseline) -> None:
+        self.k, self.alpha, self.start = k, alpha, start
 
     def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
-        rows = self.ridge.filled_rows(problem)
+        rows = self.start.filled_rows(problem)
         out = rows.filled.copy()
         for group in rows.groups():
             self._refine(rows, group, out)
@@ -514,8 +533,21 @@ class ChainedBoostingBaseline(_CubeMethod):
         self.ridge = IterativeRidgeBaseline(ridge_alpha, ridge_iterations)
 
     def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
-        rows = self.ridge.filled_rows(problem)
-        return rows.cube(self.boosted(rows))
+        rows = self.filled_rows(problem)
+        return rows.cube(rows.filled)
+
+    def filled_rows(self, problem: VisibleProblem) -> FilledRows:
+        """The problem's rows (:class:`FilledRows`) with every missing cell filled by the boosted regressions
+        (computed once per problem and setting: :func:`shared_fill`; read-only)."""
+        key = ("chained_boosting", self.ridge.alpha, self.ridge.iterations, self.rounds, self.max_rows, self.seed)
+
+        def fill() -> FilledRows:
+            rows = self.ridge.filled_rows(problem)
+            boosted = self.boosted(rows)
+            boosted.setflags(write=False)
+            return dataclasses.replace(rows, filled=boosted)
+
+        return shared_fill(problem, key, fill)
 
     def boosted(self, rows: FilledRows) -> np.ndarray:
         """``rows.filled`` with every missing cell refilled by :attr:`rounds` rounds of boosted regressions."""
@@ -702,8 +734,8 @@ class PromoterCompositionBaseline:
 
 #: methods that predict any (gene, sample) entry from the fitted problem alone, without context records; they
 #: give out-of-fold estimates (:func:`out_of_fold_estimates`)
-ENTRY_METHODS = ("row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge", "local_regression",
-                 "chained_boosting", "tensor_factorisation", "promoter_composition")
+ENTRY_METHODS = ("row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge", "chained_boosting",
+                 "local_regression", "tensor_factorisation", "promoter_composition")
 #: methods that need several donors (a sample table)
 DONOR_METHODS = ("tissue_donor", "pairwise_regression", "tensor_factorisation")
 
@@ -726,7 +758,8 @@ def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
     if name == "iterative_ridge":
         return IterativeRidgeBaseline(config.ridge_alpha, config.ridge_iterations)
     if name == "local_regression":
-        return LocalRegressionBaseline(config.lls_k, config.lls_alpha, config.ridge_alpha, config.ridge_iterations)
+        start = make_method(config.lls_start, config, seed=seed)
+        return LocalRegressionBaseline(config.lls_k, config.lls_alpha, start)  # type: ignore[arg-type]
     if name == "chained_boosting":
         return ChainedBoostingBaseline(config.cb_rounds, config.cb_max_rows, config.ridge_alpha,
                                        config.ridge_iterations, seed)
@@ -770,7 +803,7 @@ def make_methods(names: tuple[str, ...], config: BaselinesConfig, n_donors: int,
 
 
 BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "elastic_net", "pairwise_regression",
-             "iterative_ridge", "local_regression", "chained_boosting", "tensor_factorisation",
+             "iterative_ridge", "chained_boosting", "local_regression", "tensor_factorisation",
              "promoter_composition")
 
 #: the grid each tunable method's settings are chosen from on the validation split
@@ -781,8 +814,10 @@ TUNING_GRIDS: dict[str, dict[str, tuple]] = {
     "pairwise_regression": {"pr_min_donors": (5, 10, 20, 40), "pr_prior": (0.0, 0.3, 1.0)},
     "iterative_ridge": {"ridge_alpha": (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)},
     # tuned after iterative_ridge (ENTRY_METHODS order), whose chosen penalty fills the rows it starts from
-    "local_regression": {"lls_k": (10, 20, 40, 80), "lls_alpha": (1.0, 10.0, 100.0)},
     "chained_boosting": {"cb_rounds": (1, 2, 3)},
+    # tuned after both: it starts from the filled rows of one of them (shared by every candidate: shared_fill)
+    "local_regression": {"lls_start": ("iterative_ridge", "chained_boosting"), "lls_k": (10, 20, 40, 80),
+                         "lls_alpha": (10.0, 100.0)},
     "tensor_factorisation": {"tf_rank": (2, 4, 8, 16), "tf_lambda": (1.0, 10.0, 100.0)},
     "promoter_composition": {"comp_alpha": (0.1, 1.0, 10.0, 100.0, 1000.0)},
 }
@@ -808,6 +843,8 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     (:data:`geximpute.science.comparisons.TASK_METRIC`: across-donor Pearson for ``samples``, RMSE for ``entries``,
     Pearson for ``genes``), so that each comparator is as strong as it can be on the figure it is compared on; RMSE
     decides where that metric is undefined. Hidden (evaluation) entries are not in ``problem`` and play no part.
+    Methods are tuned in :data:`TUNING_GRIDS`' order, each with the settings chosen before it (``local_regression``
+    starts from the fill of ``iterative_ridge`` or ``chained_boosting`` as chosen).
 
     Returns:
         (the config with every chosen setting, ``{method: {"metric": name, "chosen": {...}, "score": x, "rmse": y,
@@ -837,11 +874,13 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     records = None
     report: dict = {}
     chosen = config
-    for name in names:
-        grid = TUNING_GRIDS.get(name)
-        if grid is None or name not in BASELINES:
+    # in TUNING_GRIDS' order, whatever the order of ``names``: a method that starts from another's fill is tuned
+    # after it, with its chosen settings
+    for name in [n for n in TUNING_GRIDS if n in names]:
+        grid = TUNING_GRIDS[name]
+        if name not in BASELINES:
             continue
-        methods, skipped = make_methods((name,), config, len(problem.donors), problem.genomes is not None, seed,
+        methods, skipped = make_methods((name,), chosen, len(problem.donors), problem.genomes is not None, seed,
                                         composition)
         if not methods:
             continue
@@ -855,7 +894,7 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
             candidates = [c for c in candidates if c["distance_k"] <= k_neighbours]
         rows = []
         for cand in candidates:
-            method = make_method(name, dataclasses.replace(config, **cand), seed=seed, composition=composition)
+            method = make_method(name, dataclasses.replace(chosen, **cand), seed=seed, composition=composition)
             method.fit(valid_problem)
             if name in ENTRY_METHODS:
                 pred, target, rg, rs = method.predict_entries(gi, si), truth, gi, si

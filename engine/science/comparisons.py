@@ -19,7 +19,7 @@ TASK_METRIC = {
 HYBRID_FAMILY = ("hybrid", "hybrid_network", "hybrid_reference")
 
 #: comparators named by issue 13, compared with the hybrid whenever they were scored
-NAMED_COMPARATORS = ("pairwise_regression", "iterative_ridge", "local_regression", "chained_boosting",
+NAMED_COMPARATORS = ("pairwise_regression", "iterative_ridge", "chained_boosting", "local_regression",
                      "tensor_factorisation", "distance", "xgb_features_only", "promoter_composition")
 
 
