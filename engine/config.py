@@ -297,9 +297,10 @@ class BaselinesConfig:
         lls_k: nearest rows each row is regressed on in ``local_regression``.
         lls_alpha: ridge penalty of that regression.
         lls_start: the method whose filled rows ``local_regression`` starts from: ``iterative_ridge`` or
-            ``chained_boosting`` (each with its own settings).
-        cb_rounds: rounds of ``chained_boosting``'s boosted regressions over all tissues (it starts from
-            ``iterative_ridge``'s filled rows, with its two settings).
+            ``chained_boosting`` (each with its own settings); with sample-level data (several donors), where
+            ``chained_boosting`` does not apply, always ``iterative_ridge``.
+        cb_rounds: rounds of ``chained_boosting``'s boosted regressions over all tissues (a gene x tissue table
+            only; it starts from ``iterative_ridge``'s filled rows, with its two settings).
         cb_max_rows: most rows each of its regressions learns from (drawn at random where a tissue has more).
         tf_rank: rank of the donor factors of ``tensor_factorisation``.
         tf_lambda: ridge penalty of its donor factors and loadings.

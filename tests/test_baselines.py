@@ -3,6 +3,8 @@ estimates never see the entries they estimate; settings are tuned on visible dat
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -149,8 +151,14 @@ def test_local_regression_with_donors_follows_gene_specific_loadings():
     problem = problem_of(visible, donor, tissue)
     truth = values[gi, si]
     ridge = rmse(make_method("iterative_ridge", FIXED), problem, gi, si, truth)
-    local = rmse(make_method("local_regression", FIXED), problem, gi, si, truth)
+    method = make_method("local_regression", FIXED)
+    local = rmse(method, problem, gi, si, truth)
     assert local < 0.9 * ridge, (local, ridge)
+    # with donors it starts from iterative_ridge's fill whatever lls_start says (chained_boosting: tables only)
+    assert FIXED.lls_start == "chained_boosting"
+    from_ridge = make_method("local_regression", dataclasses.replace(FIXED, lls_start="iterative_ridge"))
+    from_ridge.fit(problem)
+    np.testing.assert_array_equal(from_ridge.cells, method.cells)
 
 
 def test_chained_boosting_follows_tissues_that_switch_on_where_linear_regressions_cannot():
@@ -221,6 +229,8 @@ def test_methods_that_need_donors_or_sequence_are_skipped_with_a_reason():
                                      "promoter_composition", "hybrid"), FIXED, n_donors=1)
     assert [m.name for m in methods] == ["row_tissue"]
     assert set(skipped) == {"pairwise_regression", "tensor_factorisation", "promoter_composition"}
+    methods, skipped = make_methods(("iterative_ridge", "chained_boosting"), FIXED, n_donors=5)
+    assert [m.name for m in methods] == ["iterative_ridge"] and "gene x tissue table" in skipped["chained_boosting"]
 
 
 def test_out_of_fold_estimates_never_see_their_own_entries():
@@ -229,7 +239,7 @@ def test_out_of_fold_estimates_never_see_their_own_entries():
     folds = training_folds(problem, "samples", 3, 0.2, seed=0)
     oof = out_of_fold_estimates(problem, folds, ENTRY_METHODS, FIXED)
     assert set(oof) == {"row_tissue", "matrix_completion", "pairwise_regression", "iterative_ridge", "local_regression",
-                        "chained_boosting", "tensor_factorisation"}  # promoter_composition: no composition given
+                        "tensor_factorisation"}  # no composition given; chained_boosting: tables only
     in_folds = np.any(folds, axis=0)
     for name, grid in oof.items():
         assert np.isfinite(grid[in_folds]).all() and np.isnan(grid[~in_folds]).all(), name
@@ -261,12 +271,13 @@ def test_entry_baselines_are_fitted_per_gene_range_of_bounded_size(monkeypatch):
     assert ranges == [(0, 17), (17, 33), (33, 50)]  # about 17 genes each, consecutive, every gene once
     whole = baseline_estimates(problem, gi, si, ENTRY_METHODS, FIXED, composition=composition)
     blocked = baseline_estimates(problem, gi, si, ENTRY_METHODS, small, composition=composition)
-    assert set(blocked) == set(whole) == set(ENTRY_METHODS)
+    applying = tuple(n for n in ENTRY_METHODS if n != "chained_boosting")  # a gene x tissue table only
+    assert set(blocked) == set(whole) == set(applying)
     for lo, hi in ranges:  # each entry has the estimate of a fit on its gene range alone
         inside = (gi >= lo) & (gi < hi)
         alone = range_estimates(gene_rows(problem, lo, hi), gi[inside] - lo, si[inside], ENTRY_METHODS, small,
                                 composition=composition[lo:hi])
-        for name in ENTRY_METHODS:
+        for name in applying:
             np.testing.assert_array_equal(blocked[name][inside], alone[name], err_msg=name)
             assert np.isfinite(alone[name]).all(), name
     # a range never reads another's values: changing the last range's moves none of the first two's estimates
@@ -275,7 +286,7 @@ def test_entry_baselines_are_fitted_per_gene_range_of_bounded_size(monkeypatch):
     moved = baseline_estimates(problem_of(changed, donor, tissue), gi, si, ENTRY_METHODS, small,
                                composition=composition)
     first = gi < 33
-    for name in ENTRY_METHODS:
+    for name in applying:
         np.testing.assert_array_equal(moved[name][first], blocked[name][first], err_msg=name)
         assert not np.allclose(moved[name][~first], blocked[name][~first]), name
     # and the whole problem's fit is not the ranges' (the ranges are fitted apart)
@@ -314,3 +325,51 @@ def test_record_methods_are_scored_against_their_own_entries_when_tuned():
     row_tissue = rmse(RowTissueBaseline(), fold_problem(problem, mask), gi, si, values[gi, si])
     # the donor's other tissues carry its planted factors: scored entry by entry, tissue_donor beats row_tissue
     assert report["tissue_donor"]["rmse"] < 0.9 * row_tissue, (report["tissue_donor"]["rmse"], row_tissue)
+
+
+def test_methods_are_tuned_after_the_methods_they_start_from_with_the_settings_chosen_for_them(monkeypatch):
+    # local_regression starts from iterative_ridge's or chained_boosting's fill: listed first, it is still tuned
+    # after both, and every candidate of it is built with the penalty and rounds already chosen for them
+    rng = np.random.default_rng(12)
+    n_genes, n_t = 400, 6
+    values = rng.normal(3, 1, (n_genes, 1)) + rng.normal(size=(n_genes, 2)) @ rng.normal(size=(2, n_t))
+    problem = problem_of(np.where(rng.random(values.shape) < 0.1, np.nan, values), np.zeros(n_t, int),
+                         np.arange(n_t))
+    monkeypatch.setitem(baselines_module.TUNING_GRIDS, "iterative_ridge", {"ridge_alpha": (0.5, 1e6)})
+    monkeypatch.setitem(baselines_module.TUNING_GRIDS, "chained_boosting", {"cb_rounds": (1, 2)})
+    monkeypatch.setitem(baselines_module.TUNING_GRIDS, "local_regression",
+                        {"lls_start": ("iterative_ridge", "chained_boosting"), "lls_k": (10,), "lls_alpha": (10.0,)})
+    built = []
+    real = baselines_module.make_method
+
+    def spy(name, config, **kwargs):
+        built.append((name, config.ridge_alpha, config.cb_rounds))
+        return real(name, config, **kwargs)
+
+    monkeypatch.setattr(baselines_module, "make_method", spy)
+    tuned, report = tune_settings(problem, ("local_regression", "chained_boosting", "iterative_ridge"), FIXED,
+                                  "entries")
+    assert list(report) == ["iterative_ridge", "chained_boosting", "local_regression"]
+    assert tuned.ridge_alpha == 0.5  # a penalty of a million flattens every regression to the means
+    after_ridge = [b for b in built if b[0] in ("chained_boosting", "local_regression")]
+    assert after_ridge and all(alpha == tuned.ridge_alpha for _, alpha, _ in after_ridge)
+    lls = [b for b in built[built.index(after_ridge[0]):] if b[0] == "local_regression"]
+    assert len(lls) >= 2 and all(rounds == tuned.cb_rounds for _, _, rounds in lls)
+
+
+def test_a_fill_is_shared_by_methods_fitted_on_the_same_problem_and_never_by_a_problem_made_from_it():
+    values, donor, tissue = donor_data(seed=13, n_genes=10, n_donors=60)
+    problem = problem_of(values, donor, tissue)
+    first, second = make_method("local_regression", FIXED), make_method("chained_boosting", FIXED)
+    rows = first.start.filled_rows(problem)
+    assert second.filled_rows(problem) is rows  # the same settings: fitted once
+    assert not rows.filled.flags.writeable  # shared, so nobody may change it
+    folds = training_folds(problem, "samples", 2, 0.2, seed=0)
+    fold = fold_problem(problem, folds[0])
+    refit = second.filled_rows(fold)
+    assert refit is not rows
+    gi, si = np.nonzero(folds[0])
+    # the fold's fill never saw the fold's values: changing them leaves it as it is
+    changed = problem_of(np.where(folds[0], values + 5.0, values), donor, tissue)
+    np.testing.assert_array_equal(second.filled_rows(fold_problem(changed, folds[0])).filled, refit.filled)
+    assert len(gi) > 0

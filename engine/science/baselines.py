@@ -460,7 +460,8 @@ class LocalRegressionBaseline(_CubeMethod):
     """Local least squares imputation (LLSimpute, Kim, Golub & Park 2005) over filled rows.
 
     Rows are (gene, donor) pairs over tissues as in :class:`IterativeRidgeBaseline`; every missing cell is filled
-    first, by ``start`` (``iterative_ridge``'s chained ridge regressions or ``chained_boosting``'s boosted ones).
+    first, by ``start`` (``iterative_ridge``'s chained ridge regressions or, for a gene x tissue table,
+    ``chained_boosting``'s boosted ones; with several donors ``iterative_ridge``'s always).
     Each row with a missing cell then takes its ``k`` nearest rows (Euclidean distance of the filled, row-centred
     profiles; among all genes of a gene x tissue table, among the gene's own donors otherwise), regresses its
     visible cells on theirs (ridge, penalty ``alpha``) and fills its missing cells from the neighbours' values
@@ -477,7 +478,10 @@ class LocalRegressionBaseline(_CubeMethod):
         self.k, self.alpha, self.start = k, alpha, start
 
     def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
-        rows = self.start.filled_rows(problem)
+        start = self.start
+        if isinstance(start, ChainedBoostingBaseline) and len(problem.donors) > 1:
+            start = start.ridge  # chained_boosting applies to a gene x tissue table only (TABLE_METHODS)
+        rows = start.filled_rows(problem)
         out = rows.filled.copy()
         for group in rows.groups():
             self._refine(rows, group, out)
@@ -738,6 +742,8 @@ ENTRY_METHODS = ("row_tissue", "matrix_completion", "pairwise_regression", "iter
                  "local_regression", "tensor_factorisation", "promoter_composition")
 #: methods that need several donors (a sample table)
 DONOR_METHODS = ("tissue_donor", "pairwise_regression", "tensor_factorisation")
+#: methods for a gene x tissue table (one donor) only
+TABLE_METHODS = ("chained_boosting",)
 
 
 def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
@@ -795,6 +801,10 @@ def make_methods(names: tuple[str, ...], config: BaselinesConfig, n_donors: int,
             skipped[name] = "needs personal genomes (inputs.variants)"
         elif name in DONOR_METHODS and n_donors < 2:
             skipped[name] = "needs sample-level data with several donors"
+        elif name in TABLE_METHODS and n_donors > 1:
+            # measured on GTEx v8 (docs/benchmarks.md): trees pooled over every gene's (gene, donor) deviations
+            # fell far below iterative_ridge (across-donor Pearson 0.175 against 0.319) at ~50 s a round
+            skipped[name] = "applies to a gene x tissue table (one donor); with sample-level data see iterative_ridge"
         elif name == "promoter_composition" and (composition is None or np.isnan(composition).all()):
             skipped[name] = "needs promoter sequence (inputs.genome) for some genes"
         else:
@@ -892,6 +902,8 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         candidates = [dict(zip(keys, combo, strict=True)) for combo in _product(*(grid[k] for k in keys))]
         if "distance_k" in grid:
             candidates = [c for c in candidates if c["distance_k"] <= k_neighbours]
+        if len(problem.donors) > 1:  # local_regression starts from iterative_ridge there whatever lls_start says
+            candidates = [c for c in candidates if c.get("lls_start", "iterative_ridge") == "iterative_ridge"]
         rows = []
         for cand in candidates:
             method = make_method(name, dataclasses.replace(chosen, **cand), seed=seed, composition=composition)
