@@ -111,8 +111,9 @@ def process_kind(title: str, name: str) -> str:
 
 
 class PeakRSS:
-    """Samples resident memory and CPU time every ``interval`` seconds: this process, the Ray workers among its
-    descendants (processes named ``ray::...``) and all its descendants (raylet and GCS too).
+    """Samples resident memory and CPU time every ``interval`` seconds (less often in a long run:
+    :attr:`SLOWDOWN`): this process, the Ray workers among its descendants (processes named ``ray::...``) and all
+    its descendants (raylet and GCS too).
 
     With a local Ray started by this process, its workers are descendants; when Ray runs elsewhere (a cluster
     address) only the driver is seen. Shared memory (the object store) counts in every process that maps it. CPU
@@ -210,10 +211,18 @@ class PeakRSS:
         self.driver_workers = max(self.driver_workers, driver + workers)
         self.total = max(self.total, driver + workers + others)
 
+    #: a long run is sampled less often: every ``elapsed / SLOWDOWN`` seconds once that exceeds ``interval``, at
+    #: most every :attr:`MAX_INTERVAL` (each sample reads every process's memory: at 0.2 s the sampler alone took
+    #: 200 CPU s of a 47-minute run on 2 cores; a peak shorter than the interval can be missed)
+    SLOWDOWN = 600.0
+    MAX_INTERVAL = 2.0
+
     def _run(self) -> None:
+        start = time.monotonic()
         while not self._stop.is_set():
             self.sample()
-            self._stop.wait(self.interval)
+            elapsed = time.monotonic() - start
+            self._stop.wait(min(max(self.interval, elapsed / self.SLOWDOWN), max(self.interval, self.MAX_INTERVAL)))
 
     def __enter__(self) -> PeakRSS:
         self.sample()
