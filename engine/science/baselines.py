@@ -475,13 +475,14 @@ class LocalRegressionBaseline(_CubeMethod):
     #: million float64, 128 MiB, and as much again for the product it is made from while it is made)
     DISTANCES = 1 << 24
 
-    def __init__(self, k: int, alpha: float, start: IterativeRidgeBaseline | ChainedBoostingBaseline) -> None:
+    def __init__(self, k: int, alpha: float, start: IterativeRidgeBaseline | ChainedBoostingBaseline,
+                 fallback: IterativeRidgeBaseline | None = None) -> None:
         self.k, self.alpha, self.start = k, alpha, start
+        self.fallback = fallback if fallback is not None else getattr(start, "ridge", start)
 
     def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
-        start = self.start
-        if isinstance(start, ChainedBoostingBaseline) and len(problem.donors) > 1:
-            start = start.ridge  # chained_boosting applies to a gene x tissue table only (TABLE_METHODS)
+        # a start that does not apply to this problem (:func:`not_applicable`) gives way to iterative_ridge
+        start = self.fallback if not_applicable(self.start.name, len(problem.donors)) else self.start
         rows = start.filled_rows(problem)
         out = rows.filled.copy()
         for group in rows.groups():
@@ -750,6 +751,24 @@ DONOR_METHODS = ("tissue_donor", "pairwise_regression", "tensor_factorisation")
 TABLE_METHODS = ("chained_boosting",)
 
 
+def not_applicable(name: str, n_donors: int, has_genomes: bool = False,
+                   composition: np.ndarray | None = None) -> str | None:
+    """Why baseline ``name`` does not apply to a problem with ``n_donors`` donors (and personal genomes or not,
+    promoter composition or not), or None when it does: the one rule that :func:`make_methods`, the start of
+    ``local_regression`` and :func:`tune_settings`' candidates all follow."""
+    if name == "elastic_net" and not has_genomes:
+        return "needs personal genomes (inputs.variants)"
+    if name in DONOR_METHODS and n_donors < 2:
+        return "needs sample-level data with several donors"
+    if name in TABLE_METHODS and n_donors > 1:
+        # measured on GTEx v8 (docs/benchmarks.md): trees pooled over every gene's (gene, donor) deviations
+        # fell far below iterative_ridge (across-donor Pearson 0.175 against 0.319) at ~50 s a round
+        return "applies to a gene x tissue table (one donor); with sample-level data see iterative_ridge"
+    if name == "promoter_composition" and (composition is None or np.isnan(composition).all()):
+        return "needs promoter sequence (inputs.genome) for some genes"
+    return None
+
+
 def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
                 composition: np.ndarray | None = None) -> Method:
     """One baseline by name with the settings of ``config`` (no applicability check: see :func:`make_methods`)."""
@@ -769,7 +788,8 @@ def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
         return IterativeRidgeBaseline(config.ridge_alpha, config.ridge_iterations)
     if name == "local_regression":
         start = make_method(config.lls_start, config, seed=seed)
-        return LocalRegressionBaseline(config.lls_k, config.lls_alpha, start)  # type: ignore[arg-type]
+        ridge = make_method("iterative_ridge", config, seed=seed)
+        return LocalRegressionBaseline(config.lls_k, config.lls_alpha, start, ridge)  # type: ignore[arg-type]
     if name == "chained_boosting":
         return ChainedBoostingBaseline(config.cb_rounds, config.cb_max_rows, config.ridge_alpha,
                                        config.ridge_iterations, seed)
@@ -801,16 +821,9 @@ def make_methods(names: tuple[str, ...], config: BaselinesConfig, n_donors: int,
     for name in names:
         if name not in BASELINES:
             continue
-        if name == "elastic_net" and not has_genomes:
-            skipped[name] = "needs personal genomes (inputs.variants)"
-        elif name in DONOR_METHODS and n_donors < 2:
-            skipped[name] = "needs sample-level data with several donors"
-        elif name in TABLE_METHODS and n_donors > 1:
-            # measured on GTEx v8 (docs/benchmarks.md): trees pooled over every gene's (gene, donor) deviations
-            # fell far below iterative_ridge (across-donor Pearson 0.175 against 0.319) at ~50 s a round
-            skipped[name] = "applies to a gene x tissue table (one donor); with sample-level data see iterative_ridge"
-        elif name == "promoter_composition" and (composition is None or np.isnan(composition).all()):
-            skipped[name] = "needs promoter sequence (inputs.genome) for some genes"
+        reason = not_applicable(name, n_donors, has_genomes, composition)
+        if reason:
+            skipped[name] = reason
         else:
             methods.append(make_method(name, config, seed=seed, composition=composition))
     return methods, skipped
@@ -906,8 +919,8 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         candidates = [dict(zip(keys, combo, strict=True)) for combo in _product(*(grid[k] for k in keys))]
         if "distance_k" in grid:
             candidates = [c for c in candidates if c["distance_k"] <= k_neighbours]
-        if len(problem.donors) > 1:  # local_regression starts from iterative_ridge there whatever lls_start says
-            candidates = [c for c in candidates if c.get("lls_start", "iterative_ridge") == "iterative_ridge"]
+        # a start that does not apply here would be fitted as its fallback: the same candidate twice
+        candidates = [c for c in candidates if not_applicable(c.get("lls_start", ""), len(problem.donors)) is None]
         rows = []
         for cand in candidates:
             method = make_method(name, dataclasses.replace(chosen, **cand), seed=seed, composition=composition)
