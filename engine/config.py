@@ -302,6 +302,9 @@ class BaselinesConfig:
         cb_rounds: rounds of ``chained_boosting``'s boosted regressions over all tissues (a gene x tissue table
             only; it starts from ``iterative_ridge``'s filled rows, with its two settings).
         cb_max_rows: most rows each of its regressions learns from (drawn at random where a tissue has more).
+        cb_bags: independent runs of ``chained_boosting`` (each with its own seed for the rows drawn, the held-out
+            tenth and the trees' row and column samples) whose fills are averaged. Measured on the validation split
+            of the visible medians entries: 0.498 RMSE with one, 0.494 with two, 0.492 with three or four.
         tf_rank: rank of the donor factors of ``tensor_factorisation``.
         tf_lambda: ridge penalty of its donor factors and loadings.
         tf_iterations: alternating least-squares rounds of ``tensor_factorisation``.
@@ -334,6 +337,7 @@ class BaselinesConfig:
     lls_start: Literal["iterative_ridge", "chained_boosting"] = "chained_boosting"
     cb_rounds: int = 2
     cb_max_rows: int = 200_000
+    cb_bags: int = 3
     tf_rank: int = 4
     tf_lambda: float = 10.0
     tf_iterations: int = 20
@@ -358,6 +362,7 @@ class BaselinesConfig:
         _require(self.lls_alpha > 0, "baselines.lls_alpha", self.lls_alpha, "a number > 0")
         _require(self.cb_rounds >= 1, "baselines.cb_rounds", self.cb_rounds, "an integer >= 1")
         _require(self.cb_max_rows >= 100, "baselines.cb_max_rows", self.cb_max_rows, "an integer >= 100")
+        _require(self.cb_bags >= 1, "baselines.cb_bags", self.cb_bags, "an integer >= 1")
         _require(self.tf_rank >= 1, "baselines.tf_rank", self.tf_rank, "an integer >= 1")
         _require(self.tf_lambda > 0, "baselines.tf_lambda", self.tf_lambda, "a number > 0")
         _require(self.tf_iterations >= 1, "baselines.tf_iterations", self.tf_iterations, "an integer >= 1")

@@ -11,6 +11,7 @@ import pytest
 from geximpute.config import BaselinesConfig
 from geximpute.science import baselines as baselines_module
 from geximpute.science.baselines import (
+    BAG_SEED_STEP,
     ENTRY_METHODS,
     RowTissueBaseline,
     baseline_estimates,
@@ -190,6 +191,14 @@ def test_chained_boosting_follows_tissues_that_switch_on_where_linear_regression
     again = make_method("chained_boosting", FIXED, seed=3)
     again.fit(problem)
     np.testing.assert_array_equal(again.cells, method.cells)
+    # bags: the fill is the mean of runs drawn with seed, seed + BAG_SEED_STEP, ...; every one of them differs
+    assert FIXED.cb_bags == 3
+    single = [make_method("chained_boosting", dataclasses.replace(FIXED, cb_bags=1), seed=3 + BAG_SEED_STEP * b)
+              for b in range(3)]
+    for m in single:
+        m.fit(problem)
+    assert not np.allclose(single[0].cells, single[1].cells)
+    np.testing.assert_allclose(method.cells, np.mean([m.cells for m in single], axis=0), rtol=1e-6, atol=1e-6)
 
 
 def test_promoter_composition_predicts_hidden_genes_from_cpg():

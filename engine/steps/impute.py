@@ -919,9 +919,9 @@ def impute(
 PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 550, "baselines": 350}
 #: float64 copies of a gene range's (genes x cells) values that fitting the stacked baselines holds at once, about
 #: (the cube, its deviations, masks, iterative_ridge's and chained_boosting's fills, kept for the range's other
-#: methods (shared_fill), chained_boosting's next round and float32 features, local_regression's refilled rows;
-#: not measured array by array)
-BASELINE_COPIES = 10
+#: methods (shared_fill), chained_boosting's next round, float32 features and the fills of its other bags
+#: (cb_bags, 3), local_regression's refilled rows; not measured array by array)
+BASELINE_COPIES = 12
 
 
 def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
