@@ -17,6 +17,10 @@ written between the ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` ma
 
     .venv/bin/python benchmarks/accuracy.py --baselines-only --seeds 0 1 2 --write-docs
     .venv/bin/python benchmarks/accuracy.py --seeds 0 1 2 --out /tmp/accuracy --write-docs
+
+``--runs LABEL=DIR[,DIR...][@COMMIT] ...`` builds a task's table from ``geximpute evaluate`` folders that already
+ran (each ``DIR`` an ``--out`` of ``evaluate --seeds`` or of one seed), naming under it the commit each ran at (from
+the runs' manifests, or ``@COMMIT`` for runs made before manifests recorded it).
 """
 
 from __future__ import annotations
@@ -127,6 +131,28 @@ def full(config_path: str, task: str, seeds: list[int], out: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
+def finished(spec: str) -> tuple[str, list[dict], str, str]:
+    """(label, the metrics of every seed, the commit(s), the command) of a ``--runs`` entry
+    ``LABEL=DIR[,DIR...][@COMMIT]``."""
+    label, _, rest = spec.partition("=")
+    dirs, _, given = rest.partition("@")
+    runs, commits, manifest = [], set(), None
+    for folder in map(Path, dirs.split(",")):
+        seeds = sorted(folder.glob("seed_*/metrics.json")) or sorted(folder.glob("metrics.json"))
+        if not seeds:
+            raise SystemExit(f"--runs {spec}: no metrics.json in {folder} or its seed_* folders")
+        for path in seeds:
+            runs.append(json.loads(path.read_text()))
+            manifest = json.loads((path.parent / "_manifest.json").read_text())
+            commits.add(given or manifest["versions"].get("geximpute_commit", "unknown"))
+    runs.sort(key=lambda r: r["seed"])
+    evaluation = manifest["config"]["evaluation"]
+    command = (f".venv/bin/geximpute evaluate --config <{label} config> --set evaluation.task={evaluation['task']}"
+               + ("" if evaluation["ablations"] else " --set evaluation.ablations=false")
+               + f" --seeds {' '.join(str(r['seed']) for r in runs)}")
+    return label, runs, ", ".join(sorted(commits)), command
+
+
 def table(summary: dict, label: str, command: str) -> str:
     """Markdown of one task: mean +/- sd over seeds per method, and the paired comparisons."""
     from geximpute.science.comparisons import TASK_METRIC, seeds_report
@@ -146,8 +172,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="with --baselines-only: read the runs saved in --out by an earlier call instead of "
                              "running them again (only the tables are rebuilt)")
+    parser.add_argument("--runs", nargs="+", default=[], metavar="LABEL=DIR[,DIR...][@COMMIT]",
+                        help="build these tasks' tables from finished `geximpute evaluate` folders (see above)")
     args = parser.parse_args()
     from geximpute.science.comparisons import summarise_seeds
+
+    given = {}
+    for spec in args.runs:
+        label, runs, made_at, command = finished(spec)
+        if label not in [t[0] for t in TASKS]:
+            raise SystemExit(f"--runs {spec}: {label!r} is not one of {', '.join(t[0] for t in TASKS)}")
+        given[label] = (runs, made_at, command)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +191,13 @@ def main() -> None:
         if label not in args.tasks:
             continue
         seeds = " ".join(map(str, args.seeds))
-        if args.baselines_only:
+        if label in given:
+            runs, made_at, command = given[label]
+            summary = summarise_seeds(runs)
+            command = command.replace(f"<{label} config>", config_path)
+            extra = (f"- measured at commit `{made_at}`; "
+                     + "; ".join(f"seed {r['seed']} {r['seconds']['total']:.0f} s" for r in runs) + "\n")
+        elif args.baselines_only:
             saved = out / f"{label}-baselines.json"
             runs = (json.loads(saved.read_text()) if args.reuse else
                     [baselines_only(config_path, task, s) for s in args.seeds])
@@ -185,9 +226,15 @@ def main() -> None:
     load = os.getloadavg()
     when = (f"Tables rebuilt at commit `{commit()}` from the runs saved in `{out}` (`--reuse`)" if args.reuse else
             f"Measured at commit `{commit()}`")
-    block = "\n".join([BEGIN, "", f"{when} by `benchmarks/accuracy.py` "
-                       f"({'baselines only' if args.baselines_only else 'full evaluations'}); load average at the "
-                       f"end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).", "", *sections, END])
+    mode = "baselines only" if args.baselines_only else "full evaluations"
+    if given:
+        when = (f"Tables of {', '.join(given)} built at commit `{commit()}` from finished `geximpute evaluate` runs "
+                f"(`--runs`; each table names the commit it was measured at)"
+                + ("" if len(given) == len(sections) else f"; the others measured at commit `{commit()}`"))
+        mode = "full evaluations" if len(given) == len(sections) else mode
+    load_text = (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
+                 if len(given) < len(sections) else "")
+    block = "\n".join([BEGIN, "", f"{when} by `benchmarks/accuracy.py` ({mode}){load_text}.", "", *sections, END])
     if args.write_docs:
         path = REPO / "docs" / "benchmarks.md"
         text = path.read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,10 @@ def test_every_missing_entry_once_with_the_output_contract(first_run, data, bund
     assert manifest["run_id"] == result.run_id and manifest["model_version"] == version
     assert manifest["rows"] == frame.groupby(frame["tissue"].astype(str)).size().to_dict()
     assert {"config", "versions", "inputs"} <= set(manifest) and "expression" in manifest["inputs"]
+    # the code that made it: this checkout's commit (the suite runs from a git checkout)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert manifest["versions"]["geximpute_commit"].split("+")[0] == head
     # nothing but the committed folder is left beside it
     assert sorted(p.name for p in result.out_dir.parent.iterdir()) == sorted(["predictions", ".predictions.geximpute"])
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,30 @@ def input_fingerprints(config: Config) -> dict[str, Any]:
     return {n: fingerprint(getattr(inputs, n)) for n in names if getattr(inputs, n)}
 
 
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit geximpute runs from (``+uncommitted`` when tracked files differ from it), or None when it is
+    not run from a git checkout (an installed wheel) or git is not there: a figure can name the code that made it."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+uncommitted" if dirty else "") if head else None
+
+
 def versions() -> dict[str, str]:
-    """Versions of geximpute, Python and the libraries whose behaviour shapes the outputs."""
+    """Versions of geximpute (and its git commit, when run from a checkout), Python and the libraries whose
+    behaviour shapes the outputs."""
     out = {"geximpute": __version__, "python": platform.python_version()}
+    commit = source_commit()
+    if commit:
+        out["geximpute_commit"] = commit
     for dist in ("ray", "torch", "xgboost", "xgboost-cpu", "pyarrow", "numpy", "pandas", "pyfaidx", "cyvcf2"):
         try:
             out[dist] = metadata.version(dist)
