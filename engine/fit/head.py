@@ -172,9 +172,11 @@ class HeadModel:
             raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
         # the interval booster has one output per quantile (head.quantiles holds two)
         margin = self.blend.margin(features, ensemble=ensemble) if self.blend is not None else None
-        matrix, matrix_q = _matrices(features, None, margin, 2)
-        point = self.point.predict(matrix)
-        bounds = self.interval.predict(matrix_q).reshape(len(features), -1)
+        # in place, without a DMatrix: the same trees and outputs, ~13% less CPU per row (docs/benchmarks.md)
+        point = self.point.inplace_predict(features, missing=np.nan, base_margin=margin)
+        bounds = self.interval.inplace_predict(
+            features, missing=np.nan, base_margin=None if margin is None else np.repeat(margin[:, None], 2, axis=1)
+        ).reshape(len(features), -1)
         lower = np.minimum(bounds[:, 0], bounds[:, -1]) - self.conformal
         upper = np.maximum(bounds[:, 0], bounds[:, -1]) + self.conformal
         return point, lower, upper
