@@ -172,7 +172,7 @@ class HeadModel:
             raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
         # the interval booster has one output per quantile (head.quantiles holds two)
         margin = self.blend.margin(features, ensemble=ensemble) if self.blend is not None else None
-        # in place, without a DMatrix: the same trees and outputs, ~13% less CPU per row (docs/benchmarks.md)
+        # in place, without a DMatrix: the same outputs, 7-13% less CPU per row (benchmarks/head_predict_cpu.py)
         point = self.point.inplace_predict(features, missing=np.nan, base_margin=margin)
         bounds = self.interval.inplace_predict(
             features, missing=np.nan, base_margin=None if margin is None else np.repeat(margin[:, None], 2, axis=1)
