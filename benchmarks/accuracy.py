@@ -18,9 +18,9 @@ written between the ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` ma
     .venv/bin/python benchmarks/accuracy.py --baselines-only --seeds 0 1 2 --write-docs
     .venv/bin/python benchmarks/accuracy.py --seeds 0 1 2 --out /tmp/accuracy --write-docs
 
-``--runs LABEL=DIR[,DIR...][@COMMIT] ...`` builds a task's table from ``geximpute evaluate`` folders that already
-ran (each ``DIR`` an ``--out`` of ``evaluate --seeds`` or of one seed), naming under it the commit each ran at (from
-the runs' manifests, or ``@COMMIT`` for runs made before manifests recorded it).
+``--runs LABEL=DIR[@COMMIT][,DIR[@COMMIT]...] ...`` builds a task's table from ``geximpute evaluate`` folders that
+already ran (each ``DIR`` an ``--out`` of ``evaluate --seeds`` or of one seed), naming under it the commit each ran
+at (from the runs' manifests, or ``@COMMIT`` for runs made before manifests recorded it).
 """
 
 from __future__ import annotations
@@ -133,11 +133,12 @@ def full(config_path: str, task: str, seeds: list[int], out: Path) -> dict:
 
 def finished(spec: str) -> tuple[str, list[dict], str, str]:
     """(label, the metrics of every seed, the commit(s), the command) of a ``--runs`` entry
-    ``LABEL=DIR[,DIR...][@COMMIT]``."""
+    ``LABEL=DIR[@COMMIT][,DIR[@COMMIT]...]``."""
     label, _, rest = spec.partition("=")
-    dirs, _, given = rest.partition("@")
     runs, commits, manifest = [], set(), None
-    for folder in map(Path, dirs.split(",")):
+    for part in rest.split(","):
+        folder, _, given = part.partition("@")
+        folder = Path(folder)
         seeds = sorted(folder.glob("seed_*/metrics.json")) or sorted(folder.glob("metrics.json"))
         if not seeds:
             raise SystemExit(f"--runs {spec}: no metrics.json in {folder} or its seed_* folders")
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="with --baselines-only: read the runs saved in --out by an earlier call instead of "
                              "running them again (only the tables are rebuilt)")
-    parser.add_argument("--runs", nargs="+", default=[], metavar="LABEL=DIR[,DIR...][@COMMIT]",
+    parser.add_argument("--runs", nargs="+", default=[], metavar="LABEL=DIR[@COMMIT][,...]",
                         help="build these tasks' tables from finished `geximpute evaluate` folders (see above)")
     args = parser.parse_args()
     from geximpute.science.comparisons import summarise_seeds
