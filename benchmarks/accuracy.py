@@ -230,7 +230,8 @@ def main() -> None:
     mode = "baselines only" if args.baselines_only else "full evaluations"
     if given:
         when = (f"Tables of {', '.join(given)} built at commit `{commit()}` from finished `geximpute evaluate` runs "
-                f"(`--runs`; each table names the commit it was measured at)"
+                f"(`.venv/bin/python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`; each table names the commit it "
+                "was measured at)"
                 + ("" if len(given) == len(sections) else f"; the others measured at commit `{commit()}`"))
         mode = "full evaluations" if len(given) == len(sections) else mode
     load_text = (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
