@@ -49,10 +49,10 @@ BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 
 def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return head.strip() + ("+uncommitted" if dirty else "")
+    """The commit the tables are built at (the one every geximpute manifest records)."""
+    from geximpute.runtime.provenance import source_commit
+
+    return source_commit() or "unknown"
 
 
 def baselines_only(config_path: str, task: str, seed: int) -> dict:
@@ -135,6 +135,9 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
     """(label, the metrics of every seed, the commit(s), the command) of a ``--runs`` entry
     ``LABEL=DIR[@COMMIT][,DIR[@COMMIT]...]``."""
     label, _, rest = spec.partition("=")
+    configs = {name: config_path for name, config_path, _ in TASKS}
+    if label not in configs:
+        raise SystemExit(f"--runs {spec}: {label!r} is not one of {', '.join(configs)}")
     runs, commits, manifest = [], set(), None
     for part in rest.split(","):
         folder, _, given = part.partition("@")
@@ -148,7 +151,7 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
             commits.add(given or manifest["versions"].get("geximpute_commit", "unknown"))
     runs.sort(key=lambda r: r["seed"])
     evaluation = manifest["config"]["evaluation"]
-    command = (f".venv/bin/geximpute evaluate --config <{label} config> --set evaluation.task={evaluation['task']}"
+    command = (f".venv/bin/geximpute evaluate --config {configs[label]} --set evaluation.task={evaluation['task']}"
                + ("" if evaluation["ablations"] else " --set evaluation.ablations=false")
                + f" --seeds {' '.join(str(r['seed']) for r in runs)}")
     return label, runs, ", ".join(sorted(commits)), command
@@ -181,8 +184,6 @@ def main() -> None:
     given = {}
     for spec in args.runs:
         label, runs, made_at, command = finished(spec)
-        if label not in [t[0] for t in TASKS]:
-            raise SystemExit(f"--runs {spec}: {label!r} is not one of {', '.join(t[0] for t in TASKS)}")
         given[label] = (runs, made_at, command)
 
     out = Path(args.out)
@@ -195,7 +196,6 @@ def main() -> None:
         if label in given:
             runs, made_at, command = given[label]
             summary = summarise_seeds(runs)
-            command = command.replace(f"<{label} config>", config_path)
             extra = (f"- measured at commit `{made_at}`; "
                      + "; ".join(f"seed {r['seed']} {r['seconds']['total']:.0f} s" for r in runs) + "\n")
         elif args.baselines_only:
