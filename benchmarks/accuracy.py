@@ -43,8 +43,9 @@ TASKS = (
     ("medians-entries", "configs/gtex-medians.yaml", "entries"),
     ("medians-genes", "configs/gtex-medians.yaml", "genes"),
 )
-BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression", "iterative_ridge",
-             "chained_boosting", "local_regression", "tensor_factorisation", "promoter_composition")
+BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
+             "cross_gene_regression", "iterative_ridge", "chained_boosting", "local_regression", "tensor_factorisation",
+             "promoter_composition")
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 

@@ -201,8 +201,8 @@ class EvaluationConfig:
     seed: int = 0
     fraction: float = 0.1
     methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
-                                "iterative_ridge", "chained_boosting", "local_regression", "tensor_factorisation",
-                                "promoter_composition", "hybrid")
+                                "cross_gene_regression", "iterative_ridge", "chained_boosting", "local_regression",
+                                "tensor_factorisation", "promoter_composition", "hybrid")
     ablations: bool = True
     min_donors: int = 10
     whole_donors: bool = False
@@ -213,7 +213,7 @@ class EvaluationConfig:
         _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
         known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
-                 "elastic_net", "pairwise_regression", "iterative_ridge", "local_regression",
+                 "elastic_net", "pairwise_regression", "cross_gene_regression", "iterative_ridge", "local_regression",
                  "chained_boosting", "tensor_factorisation", "promoter_composition"}
         bad = [m for m in self.methods if m not in known]
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
@@ -292,6 +292,11 @@ class BaselinesConfig:
         pr_min_donors: fewest donors with both tissues visible for a tissue pair's slope in
             ``pairwise_regression``.
         pr_prior: weight of the gene's tissue mean beside the pairwise estimates (in units of r^2/(1-r^2)).
+        xg_min_donors: fewest donors with both cells visible for a line of ``cross_gene_regression``.
+        xg_weight: weight of the lines from other genes beside the gene's own other tissues (x r^2/(1-r^2)) in
+            ``cross_gene_regression``; 0 makes it ``pairwise_regression`` without a prior.
+        xg_genes: other genes of its fit range each gene's lines are drawn from (those whose donor effects
+            correlate most with its own); bounds the method's cost per gene.
         ridge_alpha: ridge penalty of each tissue's regression on the others in ``iterative_ridge``.
         ridge_iterations: rounds of ``iterative_ridge`` over all tissues.
         lls_k: nearest rows each row is regressed on in ``local_regression``.
@@ -330,6 +335,9 @@ class BaselinesConfig:
     donor_shrinkage: float = 1.0
     pr_min_donors: int = 10
     pr_prior: float = 0.0
+    xg_min_donors: int = 40
+    xg_weight: float = 0.05
+    xg_genes: int = 64
     ridge_alpha: float = 10.0
     ridge_iterations: int = 5
     lls_k: int = 20
@@ -356,6 +364,9 @@ class BaselinesConfig:
         _require(self.donor_shrinkage >= 0, "baselines.donor_shrinkage", self.donor_shrinkage, "a number >= 0")
         _require(self.pr_min_donors >= 3, "baselines.pr_min_donors", self.pr_min_donors, "an integer >= 3")
         _require(self.pr_prior >= 0, "baselines.pr_prior", self.pr_prior, "a number >= 0")
+        _require(self.xg_min_donors >= 3, "baselines.xg_min_donors", self.xg_min_donors, "an integer >= 3")
+        _require(self.xg_weight >= 0, "baselines.xg_weight", self.xg_weight, "a number >= 0")
+        _require(self.xg_genes >= 0, "baselines.xg_genes", self.xg_genes, "an integer >= 0")
         _require(self.ridge_alpha >= 0, "baselines.ridge_alpha", self.ridge_alpha, "a number >= 0")
         _require(self.ridge_iterations >= 1, "baselines.ridge_iterations", self.ridge_iterations, "an integer >= 1")
         _require(self.lls_k >= 1, "baselines.lls_k", self.lls_k, "an integer >= 1")
