@@ -642,9 +642,15 @@ class ChainedBoostingBaseline(_CubeMethod):
 
         def fill() -> FilledRows:
             rows = self.ridge.filled_rows(problem)
-            # bag 0 is the single run's fill; with more bags their fills are averaged
-            bags = [self.boosted(rows, self.seed + BAG_SEED_STEP * b) for b in range(self.bags)]
-            boosted = bags[0] if len(bags) == 1 else np.mean(bags, axis=0, dtype=bags[0].dtype)
+            # bag 0 is the single run's fill; with more bags their fills are averaged, summed as they come (two
+            # fills held at once, not one per bag)
+            boosted = self.boosted(rows, self.seed)
+            if self.bags > 1 and boosted is rows.filled:  # nothing to boost (one tissue): the start's own fill
+                boosted = boosted.copy()
+            for b in range(1, self.bags):
+                boosted += self.boosted(rows, self.seed + BAG_SEED_STEP * b)
+            if self.bags > 1:
+                boosted /= self.bags
             boosted.setflags(write=False)
             return dataclasses.replace(rows, filled=boosted)
 
