@@ -47,7 +47,7 @@ def main() -> None:
         boosting = B.ChainedBoostingBaseline(3, 200_000, 1000.0, 5, args.seed, bags)
         boosting.fit(valid)  # each count is fitted whole (a fill is shared per setting, not per bag)
         fill = boosting.predict_entries(gi, si)
-        lls = B.LocalRegressionBaseline(80, 10.0, boosting)
+        lls = B.LocalRegressionBaseline(80, 10.0, boosting, boosting.ridge)
         lls.fit(valid)
         lls_est = lls.predict_entries(gi, si)
         stack = np.column_stack([ridge_est, fill, lls_est, np.ones(len(gi))])

@@ -558,9 +558,10 @@ class LocalRegressionBaseline(_CubeMethod):
     DISTANCES = 1 << 24
 
     def __init__(self, k: int, alpha: float, start: IterativeRidgeBaseline | ChainedBoostingBaseline,
-                 fallback: IterativeRidgeBaseline | None = None) -> None:
-        self.k, self.alpha, self.start = k, alpha, start
-        self.fallback = fallback if fallback is not None else getattr(start, "ridge", start)
+                 fallback: IterativeRidgeBaseline) -> None:
+        """``fallback``: the start used where ``start`` does not apply to the problem fitted (:func:`make_method`
+        passes ``iterative_ridge`` with the same settings)."""
+        self.k, self.alpha, self.start, self.fallback = k, alpha, start, fallback
 
     def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
         # a start that does not apply to this problem (:func:`not_applicable`) gives way to iterative_ridge
