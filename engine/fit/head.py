@@ -65,6 +65,8 @@ class Blend:
         fill: value of a row none of whose estimates is available (the training labels' mean).
         ensemble_coef, ensemble_intercept: the weights used at prediction, where the first column is the mean of K
             ensemble members' estimates (:meth:`fit`'s ``member_noise``); None: ``coef`` and ``intercept``.
+        level, level_coef, ensemble_level_coef: a blend fitted within groups (:meth:`fit_within`): the feature
+            column of the groups' level and its weight (at prediction: ``ensemble_level_coef``); None: no level.
     """
 
     columns: list[int]
@@ -73,6 +75,9 @@ class Blend:
     fill: float
     ensemble_coef: list[float] | None = None
     ensemble_intercept: float | None = None
+    level: int | None = None
+    level_coef: float = 0.0
+    ensemble_level_coef: float | None = None
 
     @staticmethod
     def _filled(estimates: np.ndarray, fill: float) -> np.ndarray:
@@ -85,7 +90,7 @@ class Blend:
 
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, columns: list[int], *,
-            member_noise: float = 0.0) -> Blend:
+            member_noise: float = 0.0, groups: np.ndarray | None = None, level: int | None = None) -> Blend:
         """Non-negative least squares of ``labels`` on the columns, with a free intercept (Breiman's stacked
         regression): estimates of one value are often nearly collinear (several baselines fall back to the same
         tissue mean on a hidden gene), and unconstrained weights then cancel in large pairs that amplify their
@@ -93,12 +98,18 @@ class Blend:
 
         ``member_noise`` > 0: the first column is one ensemble member's estimate here and the members' mean at
         prediction, whose variance is smaller by ``member_noise`` (``s2 * (1 - 1/K)``, ``s2`` the variance between
-        members); ``ensemble_coef`` is then the same fit with the first column's variance reduced by it."""
+        members); ``ensemble_coef`` is then the same fit with the first column's variance reduced by it.
+
+        ``groups`` (one key per row, e.g. gene x tissue) and ``level`` (a feature column that is about constant
+        within a group: its level, e.g. the gene's visible mean in the tissue): the weights are fitted for what
+        varies *within* the groups (:meth:`fit_within`), the level column's weight and the constant for the rest."""
         from scipy.optimize import nnls
 
         fill = float(np.mean(labels))
         x = cls._filled(features[:, columns].astype(np.float64), fill)
         y = labels.astype(np.float64)
+        if groups is not None and level is not None:
+            return cls.fit_within(x, y, list(columns), fill, groups, features[:, level], level, member_noise)
         x_mean, y_mean = x.mean(axis=0), float(y.mean())
         coef, _ = nnls(x - x_mean, y - y_mean)
         blend = cls(list(columns), [float(c) for c in coef], float(y_mean - x_mean @ coef), fill)
@@ -108,17 +119,67 @@ class Blend:
             blend.ensemble_intercept = float(y_mean - x_mean @ ensemble)
         return blend
 
+    @classmethod
+    def fit_within(cls, x: np.ndarray, y: np.ndarray, columns: list[int], fill: float, groups: np.ndarray,
+                   level_values: np.ndarray, level: int, member_noise: float = 0.0) -> Blend:
+        """The blend for a target that is compared within groups (across the donors of one gene and tissue).
+
+        One least-squares blend over all rows sets its weights mostly by the groups' levels, where every estimate
+        is about as good, and not by how each follows the members of a group, where they differ: an estimate whose
+        deviations are right but shrunk (many weak lines averaged) gets too little weight. Here the non-negative
+        weights are fitted on the rows' deviations from their group's mean (estimates and labels alike), and the
+        weight of the ``level`` feature column (the group's level, e.g. the gene's visible mean in the tissue) and
+        the constant by least squares on what those weights leave, so that the blend's level follows the groups'.
+        Rows of single-row groups carry no within-group information and count in the second step only.
+        """
+        from scipy.optimize import nnls
+
+        _, code = np.unique(groups, return_inverse=True)
+        count = np.bincount(code).astype(np.float64)
+
+        def within(a: np.ndarray) -> np.ndarray:
+            sums = np.stack([np.bincount(code, weights=a[:, j], minlength=len(count)) for j in range(a.shape[1])],
+                            axis=1)
+            return a - (sums / count[:, None])[code]
+
+        xw, yw = within(x), within(y[:, None])[:, 0]
+        lev = cls._level(level_values, x)
+
+        def assemble(weights: np.ndarray) -> tuple[list[float], float, float]:
+            rest = y - x @ weights
+            (gamma, const), *_ = np.linalg.lstsq(np.column_stack([lev, np.ones(len(y))]), rest, rcond=None)
+            return [float(c) for c in weights], float(gamma), float(const)
+
+        weights, _ = nnls(xw, yw)
+        coef, gamma, intercept = assemble(weights)
+        blend = cls(list(columns), coef, intercept, fill, level=level, level_coef=gamma)
+        if member_noise > 0:
+            blend.ensemble_coef, blend.ensemble_level_coef, blend.ensemble_intercept = assemble(
+                _nnls_corrected(xw, yw, member_noise))
+        return blend
+
+    @staticmethod
+    def _level(values: np.ndarray, filled: np.ndarray) -> np.ndarray:
+        """The level feature, where missing the mean of the row's (filled) estimates."""
+        values = values.astype(np.float64)
+        return np.where(np.isfinite(values), values, filled.mean(axis=1))
+
     def margin(self, features: np.ndarray, *, ensemble: bool = False) -> np.ndarray:
         """(N,) the blend's estimate of each row; ``ensemble``: with the prediction weights (``ensemble_coef``,
         when fitted), for rows whose first column is one member of the ensemble that is averaged."""
         x = self._filled(features[:, self.columns].astype(np.float64), self.fill)
-        if ensemble and self.ensemble_coef is not None:
-            return x @ np.asarray(self.ensemble_coef) + float(self.ensemble_intercept)
-        return x @ np.asarray(self.coef) + self.intercept
+        use_ensemble = ensemble and self.ensemble_coef is not None
+        coef, intercept, level_coef = ((self.ensemble_coef, self.ensemble_intercept, self.ensemble_level_coef)
+                                       if use_ensemble else (self.coef, self.intercept, self.level_coef))
+        out = x @ np.asarray(coef) + float(intercept)
+        if self.level is not None:
+            out += float(level_coef) * self._level(features[:, self.level], x)
+        return out
 
     def to_json(self) -> dict:
         return {"columns": self.columns, "coef": self.coef, "intercept": self.intercept, "fill": self.fill,
-                "ensemble_coef": self.ensemble_coef, "ensemble_intercept": self.ensemble_intercept}
+                "ensemble_coef": self.ensemble_coef, "ensemble_intercept": self.ensemble_intercept,
+                "level": self.level, "level_coef": self.level_coef, "ensemble_level_coef": self.ensemble_level_coef}
 
 
 def _nnls_corrected(x: np.ndarray, y: np.ndarray, noise: float) -> np.ndarray:
@@ -349,14 +410,18 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
 
 
 def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, estimates: list[int] | None,
-                  members: list[np.ndarray] | None = None) -> tuple[Blend | None, np.ndarray | None]:
+                  members: list[np.ndarray] | None = None, groups: np.ndarray | None = None,
+                  level: int | None = None) -> tuple[Blend | None, np.ndarray | None]:
     """(the blend of the ``estimates`` columns fitted on the training rows, its margin on every row), or (None,
     None) without estimate columns: where both boosters start. With ``members``, the blend's prediction weights
-    account for the first estimate column being averaged over them (:func:`member_noise`)."""
+    account for the first estimate column being averaged over them (:func:`member_noise`); with ``groups`` and
+    ``level``, its weights are fitted within groups (:meth:`Blend.fit_within`)."""
     if not estimates:
         return None, None
     noise = member_noise(members, estimates[0]) if members else 0.0
-    blend = Blend.fit(features[~valid], labels[~valid], estimates, member_noise=noise)
+    within = groups is not None and level is not None
+    blend = Blend.fit(features[~valid], labels[~valid], estimates, member_noise=noise,
+                      groups=groups[~valid] if within else None, level=level if within else None)
     if noise:
         log.info("head: members disagree by %.4f (variance removed by averaging); blend weights %s, at prediction %s",
                  noise, np.round(blend.coef, 3).tolist(), np.round(blend.ensemble_coef, 3).tolist())
@@ -372,10 +437,12 @@ def fit_head_in_process(
     seed: int = 0,
     estimates: list[int] | None = None,
     members: list[np.ndarray] | None = None,
+    groups: np.ndarray | None = None,
+    level: int | None = None,
 ) -> HeadModel:
     """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
     Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
-    blend, margin = _blend_margin(features, labels, valid, estimates, members)
+    blend, margin = _blend_margin(features, labels, valid, estimates, members, groups, level)
     n_q = len(config.quantiles)
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
@@ -394,6 +461,8 @@ def fit_head(
     name: str = "head",
     estimates: list[int] | None = None,
     members: list[np.ndarray] | None = None,
+    groups: np.ndarray | None = None,
+    level: int | None = None,
 ) -> HeadModel:
     """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows; a table of fewer
     than ``config.ray_min_rows`` rows is boosted in this process instead (:func:`fit_head_in_process`).
@@ -413,10 +482,15 @@ def fit_head(
             prediction (rows in ``features[valid]``'s order; the first ``estimates`` column is the network's
             estimate): the blend's prediction weights and the number of trees are then fitted for that average
             (module docstring; the interval stays calibrated on single networks). None: for single rows as given.
+        groups: (N,) a key per row (gene x tissue) whose members are compared with each other (the ``samples``
+            task's across-donor Pearson), with ``level``, a feature column about constant within a group (its
+            level): the blend's weights are then fitted within groups (:meth:`Blend.fit_within`). None: over all
+            rows.
     """
     if len(labels) < config.ray_min_rows:
         t0 = time.perf_counter()
-        head = fit_head_in_process(features, labels, valid, config, seed=seed, estimates=estimates, members=members)
+        head = fit_head_in_process(features, labels, valid, config, seed=seed, estimates=estimates, members=members,
+                                   groups=groups, level=level)
         log.info("head %s: %d rows (< head.ray_min_rows %d) boosted in this process, conformal %+.4f, %.1f s", name,
                  len(labels), config.ray_min_rows, head.conformal, time.perf_counter() - t0)
         return head
@@ -427,7 +501,7 @@ def fit_head(
     from ray.train.xgboost import XGBoostTrainer
 
     t0 = time.perf_counter()
-    blend, margin = _blend_margin(features, labels, valid, estimates, members)
+    blend, margin = _blend_margin(features, labels, valid, estimates, members, groups, level)
     train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid],
                                           None if margin is None else margin[~valid]))
     valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid], None if margin is None else margin[valid]))

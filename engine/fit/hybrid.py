@@ -43,6 +43,7 @@ from geximpute.science.baselines import (
     tune_settings,
 )
 from geximpute.science.folds import training_folds
+from geximpute.science.head_features import FEATURE_NAMES
 from geximpute.science.problem import SPLITS, VisibleProblem
 from geximpute.science.promoters import promoter_inputs
 
@@ -246,6 +247,7 @@ def fit_hybrid(
         raise ValueError(f"{len(networks)} fold networks for train.folds = {n_folds}; train them with this config")
 
     feature_estimates: list[int] = []  # the single-fold layout has no estimate columns
+    groups, feature_level = None, None
     if n_folds == 1:
         if networks is None:
             t = time.perf_counter()
@@ -292,16 +294,21 @@ def fit_hybrid(
         # baselines' (geximpute.fit.models.HybridModels.head_inputs); the head boosts from their blend
         n_base = baseline_parts[0].shape[1]
         n_in = inputs[0].shape[1]
+        groups, level = _within_groups(config, training)
+        n_embedding = n_in - engineered.shape[1] - 1 - n_base  # inputs: embedding, engineered, network, baselines
         models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
-                               name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)), members=members)
+                               name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)), members=members,
+                               groups=groups, level=None if level is None else n_embedding + level)
         seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
         feature_estimates = list(range(features.shape[1] - n_base, features.shape[1]))
+        feature_level = level
     models.head_rows = training.num_rows
     if ablations:
         t = time.perf_counter()
         labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
         models.features_head = fit_head(features, labels, _head_holdout(config, training), config.head, storage,
-                                        seed=config.seed, name="head_features_only", estimates=feature_estimates)
+                                        seed=config.seed, name="head_features_only", estimates=feature_estimates,
+                                        groups=groups, level=feature_level)
         seconds["head_features_only"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         runs = [network_run(config, records_dir, "transformer_only", problem, use_promoter=False),
@@ -339,6 +346,18 @@ def _held_out_members(models: HybridModels, parts: list[pa.Table], valid: np.nda
                 members[j].append(models.head_inputs(held, network, engineered=engineered[k][rows],
                                                      baselines=baselines[k][rows])[2])
     return [np.vstack(m) for m in members]
+
+
+def _within_groups(config: Config, training: pa.Table) -> tuple[np.ndarray | None, int | None]:
+    """(a gene x tissue key per training row, the index of ``tissue_mean`` among the engineered features) when the
+    task hides whole samples, else (None, None): there the hybrid is judged by how it orders the donors of each gene
+    and tissue (across-donor Pearson), and its blend is fitted for that (:meth:`geximpute.fit.head.Blend.fit_within`);
+    ``tissue_mean`` (the gene's mean in the tissue over the other donors) carries each group's level."""
+    if config.evaluation.task != "samples":
+        return None, None
+    gene = training["gene_index"].to_numpy(zero_copy_only=False).astype(np.int64)
+    tissue = training["tissue_index"].to_numpy(zero_copy_only=False).astype(np.int64)
+    return gene * (int(tissue.max(initial=0)) + 1) + tissue, FEATURE_NAMES.index("tissue_mean")
 
 
 def _head_holdout(config: Config, training: pa.Table) -> np.ndarray:
