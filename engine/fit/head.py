@@ -29,6 +29,11 @@ for that:
   K members, from the prediction blend.
 
 The interval stays calibrated on each held-out row through its own fold network (:func:`_conformalised`).
+
+Where the task compares the members of groups (``samples``: the donors of a gene in a tissue, by across-donor
+Pearson), the blend's weights are fitted within the groups and a level column carries the groups' levels
+(:meth:`Blend.fit_within`): on GTEx v8, one fit over all rows left the head below ``cross_gene_regression``, one of
+its own inputs, on that metric (docs/benchmarks.md).
 """
 
 from __future__ import annotations
