@@ -292,3 +292,44 @@ def test_blend_fitted_within_groups_follows_the_members_of_each_group():
     # nothing varies within single-row groups: the weights come to 0 and the level column carries the blend
     single = Blend.fit(x[:100], y[:100], [1, 2], groups=np.arange(100), level=0)
     assert single.coef == [0.0, 0.0] and single.level_coef > 0.5
+
+
+def test_within_pearson_is_the_mean_pearson_of_groups_with_enough_rows():
+    from geximpute.fit.head import MIN_GROUP_ROWS, within_pearson
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat([0, 1, 2], [30, 40, MIN_GROUP_ROWS - 1])
+    labels = rng.normal(size=len(groups)) + 5 * groups  # levels differ: they must not count
+    estimate = labels + rng.normal(scale=1.0, size=len(groups))
+    expected = np.mean([np.corrcoef(estimate[groups == g], labels[groups == g])[0, 1] for g in (0, 1)])
+    assert within_pearson(estimate, labels, groups) == pytest.approx(expected)
+    assert within_pearson(estimate, labels, groups) < np.corrcoef(estimate, labels)[0, 1]
+    assert np.isnan(within_pearson(estimate[:5], labels[:5], groups[:5]))
+
+
+def test_head_on_groups_keeps_the_trees_chosen_by_the_pearson_within_groups(caplog):
+    """On the ``samples`` task the stacked head's blend is fitted within groups and its trees are cut where the
+    held-out rows' Pearson within groups (the task's figure) is best, not their RMSE."""
+    import logging
+
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import fit_head_in_process, within_pearson
+
+    rng = np.random.default_rng(7)
+    group = np.repeat(np.arange(80), 25)
+    level = rng.normal(0, 3, 80)[group]
+    donor = rng.normal(0, 1, len(group))
+    y = level + donor + rng.normal(0, 0.5, len(group))
+    x = np.c_[rng.normal(size=(len(y), 2)), level + rng.normal(0, 0.05, 80)[group],  # noise, noise, tissue_mean
+              level + 0.3 * donor + rng.normal(0, 0.2, len(y)),  # network: shrunk deviations
+              level + 0.6 * donor + rng.normal(0, 1.0, len(y))].astype(np.float32)  # a noisy baseline
+    valid = rng.random(len(y)) < 0.3
+    members = [x[valid], x[valid]]
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=40)
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.head"):
+        head = fit_head_in_process(x, y, valid, config, estimates=[3, 4], members=members, groups=group, level=2)
+    assert head.blend is not None and head.blend.level == 2 and head.blend.coef[0] > 2.0
+    assert "Pearson within groups" in caplog.text and "blend fitted within groups" in caplog.text
+    estimate = head.predict(x[valid])[0]
+    assert np.isfinite(estimate).all()
+    assert within_pearson(estimate, y[valid], group[valid]) > 0.6  # the network alone: about 0.7 in expectation

@@ -371,28 +371,55 @@ def averaged(head: HeadModel, members: list[np.ndarray]) -> tuple[np.ndarray, np
     return tuple(np.mean([o[i] for o in outputs], axis=0) for i in range(3))  # type: ignore[return-value]
 
 
-def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarray, blend: Blend | None) -> object:
+#: fewest held-out rows of a group for its Pearson to count in :func:`within_pearson`
+MIN_GROUP_ROWS = 10
+
+
+def within_pearson(estimate: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over the groups with at least :data:`MIN_GROUP_ROWS` rows of the Pearson between ``estimate`` and
+    ``labels`` within the group (the ``samples`` task's across-donor Pearson); NaN when no group has enough."""
+    _, code = np.unique(groups, return_inverse=True)
+
+    def sums(v: np.ndarray) -> np.ndarray:
+        return np.bincount(code, weights=v)
+
+    n = sums(np.ones(len(code)))
+    sx, sy = sums(estimate), sums(labels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = sums(estimate * labels) - sx * sy / n
+        r = cov / np.sqrt((sums(estimate**2) - sx**2 / n) * (sums(labels**2) - sy**2 / n))
+    keep = (n >= MIN_GROUP_ROWS) & np.isfinite(r)
+    return float(r[keep].mean()) if keep.any() else float("nan")
+
+
+def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarray, blend: Blend | None,
+                     groups: np.ndarray | None = None) -> object:
     """``point`` cut to the number of trees (1 to all, on a grid of at most 25) whose outputs, averaged over the
-    members from the blend's prediction weights, have the smallest RMSE on ``labels``."""
+    members from the blend's prediction weights, have the smallest RMSE on ``labels``; with ``groups`` (the rows'
+    gene x tissue keys on the ``samples`` task), the largest Pearson within groups (:func:`within_pearson`), the
+    figure the task is judged by (trees fitted for squared error can reorder a group's members while lowering it)."""
     import xgboost
 
     total = point.num_boosted_rounds()
     matrices = [xgboost.DMatrix(m, missing=np.nan,
                                 base_margin=None if blend is None else blend.margin(m, ensemble=True))
                 for m in members]
-    best, best_rmse = total, np.inf
+    by_groups = groups is not None and np.isfinite(within_pearson(labels, labels, groups))
+    best, best_score = total, np.inf
     for rounds in np.unique(np.linspace(1, total, min(total, 25)).round().astype(int)):
         estimate = np.mean([point.predict(d, iteration_range=(0, int(rounds))) for d in matrices], axis=0)
-        rmse = float(np.sqrt(np.mean((estimate - labels) ** 2)))
-        if rmse < best_rmse:
-            best, best_rmse = int(rounds), rmse
-    log.info("head: %d of %d trees kept on the held-out rows averaged over %d members (RMSE %.4f)", best, total,
-             len(members), best_rmse)
+        score = (-within_pearson(estimate, labels, groups) if by_groups
+                 else float(np.sqrt(np.mean((estimate - labels) ** 2))))
+        if score < best_score:
+            best, best_score = int(rounds), score
+    log.info("head: %d of %d trees kept on the held-out rows averaged over %d members (%s %.4f)", best, total,
+             len(members), "Pearson within groups" if by_groups else "RMSE", abs(best_score))
     return point[:best]
 
 
 def _conformalised(point: object, interval: object, features: np.ndarray, labels: np.ndarray, valid: np.ndarray,
-                   config: HeadConfig, blend: Blend | None, members: list[np.ndarray] | None = None) -> HeadModel:
+                   config: HeadConfig, blend: Blend | None, members: list[np.ndarray] | None = None,
+                   groups: np.ndarray | None = None) -> HeadModel:
     """The head, its interval widened (or narrowed) to cover ``config.quantiles``' span of the ``valid`` rows; with
     ``members`` (the ``valid`` rows through each fold network), its trees chosen on their averaged outputs, as it
     will predict.
@@ -404,7 +431,7 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     head's errors are smaller than one network's, so this errs on the wide side."""
     coverage = config.quantiles[1] - config.quantiles[0]
     if members:
-        point = _ensemble_rounds(point, members, labels[valid], blend)
+        point = _ensemble_rounds(point, members, labels[valid], blend, None if groups is None else groups[valid])
     head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
     _, lower, upper = head.predict(features[valid], ensemble=False)
     score = np.maximum(lower - labels[valid], labels[valid] - upper)
@@ -430,6 +457,8 @@ def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, e
     if noise:
         log.info("head: members disagree by %.4f (variance removed by averaging); blend weights %s, at prediction %s",
                  noise, np.round(blend.coef, 3).tolist(), np.round(blend.ensemble_coef, 3).tolist())
+    if within:
+        log.info("head: blend fitted within groups, level column %d weighted %.3f", level, blend.level_coef)
     return blend, blend.margin(features)
 
 
@@ -452,7 +481,7 @@ def fit_head_in_process(
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
     point, interval, _ = _boost(train, held_out, _loop_config(config, seed))
-    return _conformalised(point, interval, features, labels, valid, config, blend, members)
+    return _conformalised(point, interval, features, labels, valid, config, blend, members, groups)
 
 
 def fit_head(
@@ -528,7 +557,7 @@ def fit_head(
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))
         interval.load_model(str(Path(folder) / INTERVAL_FILE))
-    head = _conformalised(point, interval, features, labels, valid, config, blend, members)
+    head = _conformalised(point, interval, features, labels, valid, config, blend, members, groups)
     log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
              f"a blend of columns {blend.columns} (weights {np.round(blend.coef, 3).tolist()})"
              if blend is not None else "a constant", time.perf_counter() - t0)
