@@ -305,6 +305,7 @@ def test_within_pearson_is_the_mean_pearson_of_groups_with_enough_rows():
     assert within_pearson(estimate, labels, groups) == pytest.approx(expected)
     assert within_pearson(estimate, labels, groups) < np.corrcoef(estimate, labels)[0, 1]
     assert np.isnan(within_pearson(estimate[:5], labels[:5], groups[:5]))
+    assert np.isnan(within_pearson(estimate[:0], labels[:0], groups[:0]))
 
 
 def test_head_on_groups_keeps_the_trees_chosen_by_the_pearson_within_groups(caplog):

@@ -377,19 +377,17 @@ MIN_GROUP_ROWS = 10
 
 def within_pearson(estimate: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
     """Mean over the groups with at least :data:`MIN_GROUP_ROWS` rows of the Pearson between ``estimate`` and
-    ``labels`` within the group (the ``samples`` task's across-donor Pearson); NaN when no group has enough."""
+    ``labels`` within the group: the ``samples`` task's across-donor Pearson
+    (:func:`geximpute.science.comparisons.gene_stats`, each group as one gene in one tissue); NaN when no group has
+    enough."""
+    from geximpute.science.comparisons import gene_stats, metric_from
+
+    if len(groups) == 0:
+        return float("nan")
     _, code = np.unique(groups, return_inverse=True)
-
-    def sums(v: np.ndarray) -> np.ndarray:
-        return np.bincount(code, weights=v)
-
-    n = sums(np.ones(len(code)))
-    sx, sy = sums(estimate), sums(labels)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cov = sums(estimate * labels) - sx * sy / n
-        r = cov / np.sqrt((sums(estimate**2) - sx**2 / n) * (sums(labels**2) - sy**2 / n))
-    keep = (n >= MIN_GROUP_ROWS) & np.isfinite(r)
-    return float(r[keep].mean()) if keep.any() else float("nan")
+    stats = gene_stats("across_donors_pearson_mean", np.asarray(estimate, np.float64), np.asarray(labels, np.float64),
+                       code, int(code.max(initial=-1)) + 1, np.zeros(len(code), np.int64), MIN_GROUP_ROWS)
+    return float(metric_from("across_donors_pearson_mean", stats.sum(axis=0)))
 
 
 def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarray, blend: Blend | None,
