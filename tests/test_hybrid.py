@@ -334,3 +334,23 @@ def test_head_on_groups_keeps_the_trees_chosen_by_the_pearson_within_groups(capl
     estimate = head.predict(x[valid])[0]
     assert np.isfinite(estimate).all()
     assert within_pearson(estimate, y[valid], group[valid]) > 0.6  # the network alone: about 0.7 in expectation
+
+
+def test_corrected_blend_of_nearly_collinear_columns_stays_solvable():
+    # the first column is the second plus a little noise: taking 90% of its whole variance off (the old cap) left
+    # an indefinite Gram matrix and the Cholesky factorisation failed; the cap is now 90% of its own variance
+    from geximpute.fit.head import _nnls_corrected
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=500)
+    x = np.column_stack([base + 0.05 * rng.normal(size=500), base])
+    y = base + 0.1 * rng.normal(size=500)
+    x, y = x - x.mean(axis=0), y - y.mean()
+    coef = _nnls_corrected(x, y, noise=10.0)  # far more noise than the column has
+    assert np.all(np.isfinite(coef)) and np.all(coef >= 0)
+    assert coef.sum() == pytest.approx(1.0, abs=0.1)  # together the columns still carry y's scale
+    # a column that the others do not explain: the reduction raises its weight, as before
+    z = rng.normal(size=(500, 2))
+    yz = z @ np.array([0.5, 0.5]) + 0.1 * rng.normal(size=500)
+    plain, corrected = _nnls_corrected(z, yz, 0.0), _nnls_corrected(z, yz, 0.3)
+    assert corrected[0] > plain[0]

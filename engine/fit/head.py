@@ -189,12 +189,20 @@ class Blend:
 
 def _nnls_corrected(x: np.ndarray, y: np.ndarray, noise: float) -> np.ndarray:
     """Non-negative least squares of centred ``y`` on centred ``x`` with the first column's variance reduced by
-    ``noise`` (capped at 90% of it), solved on the Gram matrix through its Cholesky factor."""
+    ``noise``, solved on the Gram matrix through its Cholesky factor.
+
+    The reduction is capped at 90% of the first column's variance that the other columns do not explain (the Schur
+    complement of the rest of the Gram matrix): no more noise can be taken off a column than its own part, and the
+    reduced Gram matrix stays positive definite (a cap at 90% of the whole variance let two nearly collinear
+    columns make it indefinite, and the Cholesky factorisation fail)."""
     from scipy.optimize import nnls
 
     n = len(x)
     gram = x.T @ x
-    gram[0, 0] -= n * min(noise, 0.9 * gram[0, 0] / n)
+    cross = gram[0, 1:]
+    explained = float(cross @ np.linalg.lstsq(gram[1:, 1:], cross, rcond=None)[0]) if len(cross) else 0.0
+    own = max(gram[0, 0] - explained, 0.0)
+    gram[0, 0] -= min(n * noise, 0.9 * own)
     gram += np.eye(len(gram)) * 1e-9 * np.trace(gram)  # collinear columns (baselines falling back alike)
     factor = np.linalg.cholesky(gram).T  # factor.T @ factor == gram
     coef, _ = nnls(factor, np.linalg.solve(factor.T, x.T @ y))

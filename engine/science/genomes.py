@@ -151,7 +151,8 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
     col = np.array([vcf_donor.get(d, -1) for d in problem.donors], dtype=np.int64)
     has = col >= 0
     ref = np.asarray(haps.reference_row, dtype=np.int64)
-    rows = np.repeat(ref[:, None, None], len(problem.donors), axis=1).repeat(2, axis=2).astype(np.int32)
+    # every slot the reference row, then the donors with a genome their own (int32 throughout: (G, D, 2))
+    rows = np.broadcast_to(ref.astype(np.int32)[:, None, None], (len(ref), len(problem.donors), 2)).copy()
     if has.any():
         rows[:, has, :] = haps.rows[:, col[has], :]
 
@@ -235,8 +236,12 @@ RESIDUAL_ROWS = 256
 def donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray, n_donors: int,
                     n_tissues: int, rows: int = RESIDUAL_ROWS) -> np.ndarray:
     """(G, D) each donor's mean visible deviation from the gene's per-tissue mean; NaN where none is visible.
-    Computed ``rows`` genes at a time (a gene's residuals read its own row only)."""
+    Computed at most ``rows`` genes and :data:`geximpute.science.problem.STATS_CELLS` cells at a time (a gene's
+    residuals read its own row only)."""
+    from geximpute.science.problem import pass_rows  # the problem module imports this one
+
     out = np.empty((values.shape[0], n_donors))
+    rows = pass_rows(values.shape[1], rows)
     for lo in range(0, values.shape[0], rows):
         out[lo : lo + rows] = _donor_residuals(values[lo : lo + rows], tissue_index, donor_index, n_donors, n_tissues)
     return out

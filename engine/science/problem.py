@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+#: gene x sample cells per pass of :func:`tissue_correlation` and :func:`geximpute.science.shards.gene_stats` at
+#: most, so that their float64 temporaries (a few of that many cells) do not grow with the genes or the samples:
+#: at 4,000 genes they were the largest thing the driver of an imputation allocated (docs/benchmarks.md)
+STATS_CELLS = 1 << 18
+
+
+def pass_rows(n_samples: int, rows: int, cells: int = STATS_CELLS) -> int:
+    """Gene rows per pass over a (G, ``n_samples``) matrix: at most ``rows`` and at most ``cells`` cells (at least
+    one row)."""
+    return max(1, min(rows, cells // max(1, n_samples)))
 
 
 @dataclass
@@ -167,21 +177,17 @@ def tissue_correlation(values: np.ndarray, tissue_index: np.ndarray, n_tissues: 
     """Tissue-tissue Pearson correlation of gene-centred values, from visible values only.
 
     Each gene's values are centred on its mean over all visible samples, then averaged per (gene, tissue) over
-    donors, and tissues are correlated over genes. Pairs sharing fewer than 3 genes get 0.
+    donors, and tissues are correlated over genes. Pairs sharing fewer than 3 genes get 0. The (gene, tissue) means
+    are computed :data:`STATS_CELLS` cells at a time (:func:`pass_rows`): each is its own row's, and
+    the float64 temporaries do not grow with the matrix.
 
     Returns:
         (T, T) float32 with ones on the diagonal.
     """
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # a gene hidden in every sample (task genes) has no mean: its row stays NaN, without nanmean's warning
-        n = (~np.isnan(values)).sum(axis=1, keepdims=True)
-        centred = values - np.where(n > 0, np.nansum(values, axis=1, keepdims=True) / np.maximum(n, 1), np.nan)
-        sums = np.zeros((values.shape[0], n_tissues))
-        counts = np.zeros((values.shape[0], n_tissues))
-        ok = ~np.isnan(centred)
-        np.add.at(sums.T, tissue_index, np.where(ok, centred, 0).T)
-        np.add.at(counts.T, tissue_index, ok.T.astype(float))
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    means = np.empty((values.shape[0], n_tissues))
+    step = pass_rows(values.shape[1], len(values))
+    for lo in range(0, values.shape[0], step):
+        means[lo : lo + step] = _tissue_means(values[lo : lo + step], tissue_index, n_tissues)
     corr = np.zeros((n_tissues, n_tissues), dtype=np.float32)
     ok = ~np.isnan(means)
     for a in range(n_tissues):
@@ -193,6 +199,20 @@ def tissue_correlation(values: np.ndarray, tissue_index: np.ndarray, n_tissues: 
                     corr[a, b] = corr[b, a] = np.corrcoef(x, y)[0, 1]
     np.fill_diagonal(corr, 1.0)
     return corr
+
+
+def _tissue_means(values: np.ndarray, tissue_index: np.ndarray, n_tissues: int) -> np.ndarray:
+    """(rows, T) mean of each gene's centred visible values in each tissue (NaN where it has none)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # a gene hidden in every sample (task genes) has no mean: its row stays NaN, without nanmean's warning
+        n = (~np.isnan(values)).sum(axis=1, keepdims=True)
+        centred = values - np.where(n > 0, np.nansum(values, axis=1, keepdims=True) / np.maximum(n, 1), np.nan)
+        sums = np.zeros((values.shape[0], n_tissues))
+        counts = np.zeros((values.shape[0], n_tissues))
+        ok = ~np.isnan(centred)
+        np.add.at(sums.T, tissue_index, np.where(ok, centred, 0).T)
+        np.add.at(counts.T, tissue_index, ok.T.astype(float))
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:

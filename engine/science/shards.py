@@ -29,13 +29,14 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from geximpute.science.problem import VisibleProblem, gene_rows
+from geximpute.science.problem import VisibleProblem, gene_rows, pass_rows
 
 #: genes of one block at most (a chromosome with more is cut into several blocks, each with its halo)
 GENES_PER_BLOCK = 1024
-#: gene rows per pass of :func:`gene_stats` (bounds its float64 temporaries; one pass for problems of up to this many
-#: genes, so the statistics are those a single pass over the whole matrix computes)
+#: gene rows per pass of :func:`gene_stats` at most (a pass is also bounded in cells:
+#: :data:`geximpute.science.problem.STATS_CELLS`)
 STATS_ROWS = 4096
+
 
 
 @dataclass
@@ -62,8 +63,11 @@ class GeneStats:
 
 
 def gene_stats(problem: VisibleProblem, rows: int = STATS_ROWS) -> GeneStats:
-    """:class:`GeneStats` of ``problem``, ``rows`` genes at a time (float64 temporaries of that many rows only)."""
+    """:class:`GeneStats` of ``problem``, at most ``rows`` genes and
+    :data:`~geximpute.science.problem.STATS_CELLS` cells at a time (float64 temporaries of that size only). Each
+    gene's sums are its own row's, whatever the passes; the tissue offsets sum the passes' parts."""
     n_genes, n_tissues = problem.n_genes, len(problem.tissues)
+    rows = pass_rows(problem.n_samples, rows)
     tissue_sum = np.zeros((n_genes, n_tissues))
     tissue_n = np.zeros((n_genes, n_tissues))
     gene_sum = np.zeros(n_genes, np.float32)

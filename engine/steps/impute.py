@@ -57,7 +57,7 @@ from geximpute.runtime.provenance import input_fingerprints, manifest, write_jso
 from geximpute.runtime.raytools import ensure_ray, execution_budget
 from geximpute.science.baselines import fit_ranges, range_estimates
 from geximpute.science.genomes import donor_genomes
-from geximpute.science.problem import VisibleProblem, gene_rows, make_problem
+from geximpute.science.problem import VisibleProblem, gene_rows, make_problem, pass_rows
 from geximpute.science.promoters import (
     PromoterLookup,
     RowSubset,
@@ -637,8 +637,9 @@ def record_bytes(config: Config, problem: VisibleProblem, targets: np.ndarray, e
     if n == 0:
         return RECORD_FIXED_BYTES
     genes_seen = np.zeros(problem.n_samples, np.int64)
-    for lo in range(0, problem.n_genes, STATS_ROWS):  # a bool temporary of that many genes at a time
-        genes_seen += (~np.isnan(problem.values[lo : lo + STATS_ROWS])).sum(axis=0)
+    step = pass_rows(problem.n_samples, STATS_ROWS)  # a bool temporary of that many genes at a time
+    for lo in range(0, problem.n_genes, step):
+        genes_seen += (~np.isnan(problem.values[lo : lo + step])).sum(axis=0)
     measured = (genes_seen > 0).astype(np.float64)
     others = np.bincount(problem.donor_index, weights=measured, minlength=len(problem.donors))[problem.donor_index]
     neighbours = (per_sample * np.minimum(config.context.k_neighbours, genes_seen)).sum() / n
