@@ -592,15 +592,16 @@ class ImputeConfig:
             of measured samples.
         batch_size: context records per prediction batch (and about the rows per Parquet file).
         predictors: predictor actors on CPU (each ``ray.cpus_per_task`` CPUs); with GPUs, one actor per GPU.
-        blocks_in_flight: the object store the imputation stream may hold at once, counted in blocks of context
-            records (the run's largest block times an estimate of a record's bytes from the tokens its records
-            carry, ``geximpute.steps.impute.record_bytes``), when ``ray.data_object_store_mb`` sets no cap; never
-            more than Ray Data's own budget. A budget that grows with the object store lets the context actor run
-            ahead of the predictors and its resident memory grow with the run; one counted in blocks follows the
-            data's width (records of 10 tissues are about 230 bytes, of GTEx v8's 54 about 420). Measured
-            (``docs/benchmarks.md``): 8 blocks kept every process within 1.18x for 4x donors but made the v8
-            imputation 41% slower than Ray Data's own budget; 16 (the default) 1.21x and 17%; 24 on v8 9%.
-            ``null``: Ray Data's own budget (fastest; the context actor's memory then grows with the run).
+        blocks_in_flight: blocks of context records the imputation stream holds at once. The context stage
+            hands each block to the predictors as a file in the run's staging folder (``_records/``, read and
+            deleted by a predictor), and waits while this many are unread; the object store, which then carries
+            the predictions, gets a budget of as many blocks (the run's largest block times an estimate of a
+            record's bytes from the tokens its records carry, ``geximpute.steps.impute.record_bytes``), when
+            ``ray.data_object_store_mb`` sets no cap; never more than Ray Data's own budget. Records that passed
+            through the object store stayed mapped in the context actor and the predictors, whose resident
+            memory then grew with the blocks in flight (``docs/benchmarks.md``). ``null``: no files, the records
+            through the object store with Ray Data's own budget (the context actor's memory then grows with the
+            run).
         use_gpu: ``true``/``false`` forces GPU predictor actors on or off; ``null`` uses GPUs when the Ray
             cluster has any (or ``train.use_gpu`` is set).
         model_dir: the model bundle (default ``<output_dir>/model``, as written by ``geximpute fit-head``).

@@ -241,8 +241,9 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     # each shard is a run of genes of one chromosome x a range of donors; together they tile the run's entries
     assert all(0 <= shard["genes"][0] < shard["genes"][1] <= plan["genes"]
                and 0 <= shard["donors"][0] < shard["donors"][1] <= plan["donors"] for shard in plan["shards"])
-    # the shard, baseline and haplotype files were removed before the commit
-    assert not [p for p in result.out_dir.iterdir() if p.name in ("_shards", "_baselines", "_haplotypes")]
+    # the shard, baseline, haplotype and record files were removed before the commit
+    assert not [p for p in result.out_dir.iterdir()
+                if p.name in ("_shards", "_baselines", "_haplotypes", "_records")]
     assert plan["baseline_ranges"] == [[0, plan["genes"]]]  # small data: the stacked baselines in one task
     assert plan["missing_profiles"] == result.n_missing_profiles
     assert plan["bundle"]["stacked"] and plan["bundle"]["model_version"] == result.model_version
@@ -426,3 +427,27 @@ def test_record_bytes_estimate_the_records_the_stream_carries(tiny_model):
     estimate = record_bytes(config, problem, targets)
     assert 0.8 <= estimate / actual <= 1.5, (estimate, actual)
     assert record_bytes(config, problem, targets, 6) == estimate + 24  # six float32 baseline columns
+
+
+def test_spilled_records_wait_for_their_reader_and_read_back_whole(tmp_path):
+    import threading
+
+    import pyarrow as pa
+
+    from geximpute.steps.prepare import read_spilled, spill_records
+
+    records = pa.table({"gene_index": pa.array(np.arange(10, dtype=np.int32)), "target": pa.array(np.ones(10))})
+    first = spill_records(records, tmp_path, "block-000000", max_spilled=2, batch_rows=4)
+    spill_records(records.slice(0, 3), tmp_path, "block-000001", max_spilled=2, batch_rows=4)
+    parts = list(read_spilled(first))
+    assert [p.num_rows for p in parts] == [4, 4, 2]  # record batches of at most batch_rows
+    assert pa.concat_tables(parts).equals(records)
+    # a third block waits while two are unread, and goes once a reader deletes one
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (spill_records(records, tmp_path, "block-000002", 2, 4), done.set()))
+    writer.start()
+    assert not done.wait(0.3)
+    Path(first).unlink()
+    assert done.wait(5)
+    writer.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block-000001.arrow", "block-000002.arrow"]

@@ -69,7 +69,7 @@ from geximpute.science.promoters import (
 )
 from geximpute.science.shards import STATS_ROWS, RangeFileColumns, entry_offsets
 from geximpute.science.shards import blocks as entry_blocks
-from geximpute.steps.prepare import context_records, context_shards
+from geximpute.steps.prepare import SPILLED_PATH, context_records, context_shards, read_spilled
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ SHARDS_FOLDER = "_shards"
 BASELINES_FOLDER = "_baselines"
 #: the folder of the promoter haplotypes' base codes, one file per chunk, inside a run's staging folder (likewise)
 HAPLOTYPES_FOLDER = "_haplotypes"
+#: the folder of the blocks of context records handed from the context stage to the predictors (likewise)
+RECORDS_FOLDER = "_records"
 
 
 class OutputError(GeximputeError):
@@ -569,6 +571,16 @@ class Predictor:
         return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
 
     def __call__(self, records: pa.Table) -> pa.Table:
+        if SPILLED_PATH in records.column_names:  # rows naming blocks of records in files: read, predict, delete
+            out = []
+            for path in records[SPILLED_PATH].to_pylist():
+                out += [self.rows(part) for part in read_spilled(path)]
+                Path(path).unlink()  # read whole: the context stage may write the next block
+            return pa.concat_tables(out) if out else S.PREDICTIONS.empty_table()
+        return self.rows(records)
+
+    def rows(self, records: pa.Table) -> pa.Table:
+        """The :data:`geximpute.schema.PREDICTIONS` rows of ``records``."""
         estimate, lower, upper = (np.asarray(a, dtype=np.float32) for a in self.predict(records))
         n = records.num_rows
         virtual = self.virtual[records["sample_index"].to_numpy()]
@@ -723,15 +735,18 @@ def run_pipeline(
         predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
                           ray.put(haplotypes) if haplotypes is not None else None, None)
         per_record = record_bytes(config, problem, targets, len(baselines.head_names) if baselines else 0)
+        # with a budget in blocks the records pass through files (at most that many unread), not the object store
+        spill = out / RECORDS_FOLDER if config.impute.blocks_in_flight is not None else None
         with execution_budget(config.ray, stream_budget(config, cut, per_record)):
             stream = (
-                context_records(shards, config, 1, progress.counter())
+                context_records(shards, config, 1, progress.counter(), spill=spill,
+                                max_spilled=config.impute.blocks_in_flight or 0)
                 .map_batches(
                     Predictor,
                     fn_constructor_kwargs={"loader": loader, "bundle_dir": str(bundle_dir), "refs": predictor_refs,
                                            "run_id": run_id, "scale": config.inputs.scale,
                                            "expression": config.expression, "use_gpu": bool(n_gpus)},
-                    batch_size=config.impute.batch_size,
+                    batch_size=1 if spill is not None else config.impute.batch_size,
                     batch_format="pyarrow",
                     # a fixed pool: an autoscaling one does not grow while the context stage holds CPUs
                     compute=ray.data.ActorPoolStrategy(size=n_actors),
@@ -744,6 +759,7 @@ def run_pipeline(
         shutil.rmtree(out / SHARDS_FOLDER, ignore_errors=True)
         shutil.rmtree(out / BASELINES_FOLDER, ignore_errors=True)
         shutil.rmtree(out / HAPLOTYPES_FOLDER, ignore_errors=True)
+        shutil.rmtree(out / RECORDS_FOLDER, ignore_errors=True)
     return n_actors
 
 

@@ -23,6 +23,7 @@ import logging
 import pickle
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,14 +161,22 @@ class ContextBuilder:
     that file alone, builds its records (:func:`geximpute.science.shards.shard_records`) and lets it go, so its
     memory follows one shard, not the problem (a shard read from Ray's object store would stay mapped in the
     actor, and the pages of every shard it read would count in its resident memory).
+
+    With ``spill`` (a folder) the records do not enter the object store either: each call writes its block's
+    records to an Arrow IPC file there (:func:`spill_records`, record batches of ``spill_rows``) and returns one
+    row naming it (``records_path``, ``records_rows``), which the imputation's predictors read and delete; the
+    actor waits while ``max_spilled`` such files are not yet read. Object-store pages that the actor wrote would
+    stay mapped in it and count in its resident memory, which then grew with the blocks in flight (docs/benchmarks.md).
     """
 
     def __init__(self, shards: list[str], k: int, max_distance: int | None, progress=None,
-                 parts: list[int] | None = None) -> None:
+                 parts: list[int] | None = None, spill: str | None = None, max_spilled: int = 16,
+                 spill_rows: int = 16384) -> None:
         self.shards = shards  # shard files, read one at a time
         self.parts = parts  # the part of each shard (write_record_parts), written as each record's PART column
         self.k, self.max_distance = k, max_distance
         self.progress = progress  # a progress counter actor (geximpute.runtime.raytools.progress_counter) or None
+        self.spill, self.max_spilled, self.spill_rows = spill, max_spilled, spill_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = []
@@ -177,9 +186,45 @@ class ContextBuilder:
                 records = records.append_column(PART, pa.array(np.full(records.num_rows, self.parts[int(i)],
                                                                        dtype=np.int32)))
             tables.append(records)
+        records = pa.concat_tables(tables)
+        if self.spill is not None:
+            name = f"block-{int(batch['shard'][0]):06d}"
+            path = spill_records(records, Path(self.spill), name, self.max_spilled, self.spill_rows)
+            records = pa.table({SPILLED_PATH: pa.array([path], pa.string()),
+                                SPILLED_ROWS: pa.array([records.num_rows], pa.int64())})
         if self.progress is not None:
             self.progress.add.remote(len(batch["shard"]))
-        return pa.concat_tables(tables)
+        return records
+
+
+#: the columns of a row that names a block of records spilled to a file (:class:`ContextBuilder` with ``spill``)
+SPILLED_PATH, SPILLED_ROWS = "records_path", "records_rows"
+#: the suffix of a spilled block's file
+SPILL_SUFFIX = ".arrow"
+
+
+def spill_records(records: pa.Table, folder: Path, name: str, max_spilled: int, batch_rows: int,
+                  poll: float = 0.02) -> str:
+    """Write ``records`` to ``folder/<name>.arrow`` (Arrow IPC, record batches of at most ``batch_rows``; written
+    under a temporary name and renamed, so a reader sees whole files only), once fewer than ``max_spilled`` such
+    files wait in ``folder`` (their readers delete them); returns the file's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while sum(1 for _ in folder.glob(f"*{SPILL_SUFFIX}")) >= max_spilled:
+        time.sleep(poll)
+    path = folder / f"{name}{SPILL_SUFFIX}"
+    tmp = folder / f"{name}.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, records.schema) as writer:
+        writer.write_table(records, max_chunksize=max(1, batch_rows))
+    tmp.rename(path)
+    return str(path.absolute())
+
+
+def read_spilled(path: str) -> Iterator[pa.Table]:
+    """The record batches of a file written by :func:`spill_records`, one table at a time."""
+    with pa.OSFile(path, "rb") as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield pa.Table.from_batches([reader.get_batch(i)])
 
 
 def read_shard(path: str) -> Shard:
@@ -238,10 +283,12 @@ def context_shards(
 
 
 def context_records(shards: list[str], config: Config, concurrency: int, progress=None,
-                    parts: list[int] | None = None):
+                    parts: list[int] | None = None, spill: Path | None = None, max_spilled: int = 16):
     """The Ray Data stream of context records of the shard files ``shards`` (:func:`context_shards`), built by
     ``concurrency`` :class:`ContextBuilder` actors, one shard per task; with ``parts`` (one per shard) each
-    record carries its shard's in a column ``PART``."""
+    record carries its shard's in a column ``PART``; with ``spill`` each block's records go to a file in that
+    folder (at most ``max_spilled`` unread at once) and the stream carries one row naming it
+    (:func:`spill_records`)."""
     import ray
 
     return ray.data.from_items([{"shard": i} for i in range(len(shards))],
@@ -249,7 +296,8 @@ def context_records(shards: list[str], config: Config, concurrency: int, progres
         ContextBuilder,
         fn_constructor_kwargs={"shards": shards, "k": config.context.k_neighbours,
                                "max_distance": config.context.max_distance, "progress": progress,
-                               "parts": parts},
+                               "parts": parts, "spill": None if spill is None else str(spill.absolute()),
+                               "max_spilled": max_spilled, "spill_rows": config.impute.batch_size},
         batch_size=1,
         batch_format="numpy",
         num_cpus=config.ray.cpus_per_task,
