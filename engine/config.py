@@ -325,6 +325,10 @@ class BaselinesConfig:
             with the genome or the cohort; data that fit in one range are fitted as a whole (every real dataset
             shipped here: 522,000 values in the medians, 59 genes of v8, 608 of Geuvadis). ``impute`` and
             ``nightly`` fit each range in a Ray task of its own.
+        tune_ranges: the tuning (``tune``) fits each candidate setting on at most this many of those gene ranges,
+            drawn with the evaluation seed, as imputation fits them, and scores it on the validation entries of
+            their genes: its cost and memory do not grow with the genome (data within this many ranges, every real
+            dataset shipped here, are tuned as a whole).
     """
 
     distance_k: int = 10
@@ -353,9 +357,11 @@ class BaselinesConfig:
     tune: bool = True
     tune_fraction: float = 0.1
     block_cells: int = 1_000_000
+    tune_ranges: int = 2
 
     def __post_init__(self) -> None:
         _require(self.block_cells >= 1, "baselines.block_cells", self.block_cells, "an integer >= 1")
+        _require(self.tune_ranges >= 1, "baselines.tune_ranges", self.tune_ranges, "an integer >= 1")
         _require(self.distance_k >= 1, "baselines.distance_k", self.distance_k, "an integer >= 1")
         _require(self.distance_offset > 0, "baselines.distance_offset", self.distance_offset, "a number > 0")
         _require(self.mc_rank >= 1, "baselines.mc_rank", self.mc_rank, "an integer >= 1")

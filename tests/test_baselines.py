@@ -441,3 +441,34 @@ def test_a_fill_is_shared_by_methods_fitted_on_the_same_problem_and_never_by_a_p
     changed = problem_of(np.where(folds[0], values + 5.0, values), donor, tissue)
     np.testing.assert_array_equal(second.filled_rows(fold_problem(changed, folds[0])).filled, refit.filled)
     assert len(gi) > 0
+
+
+def test_settings_are_tuned_on_a_sample_of_the_gene_ranges_of_a_large_problem(monkeypatch):
+    # a problem of four fit ranges is tuned on baselines.tune_ranges of them, as imputation fits them: every
+    # candidate is fitted on those ranges' genes only, and the report says how many
+    rng = np.random.default_rng(21)
+    n_genes, n_t = 800, 6
+    values = rng.normal(3, 1, (n_genes, 1)) + rng.normal(size=(n_genes, 2)) @ rng.normal(size=(2, n_t))
+    problem = problem_of(np.where(rng.random(values.shape) < 0.1, np.nan, values), np.zeros(n_t, int),
+                         np.arange(n_t))
+    composition = rng.normal(size=(n_genes, 3))
+    settings = dataclasses.replace(FIXED, block_cells=1)  # 256 genes a range at least: four ranges of 200
+    assert len(baselines_module.fit_ranges(problem, settings.block_cells)) == 4
+    monkeypatch.setitem(baselines_module.TUNING_GRIDS, "iterative_ridge", {"ridge_alpha": (0.5, 1e6)})
+    fitted = []
+    real = baselines_module.make_method
+
+    def spy(name, config, **kwargs):
+        method = real(name, config, **kwargs)
+        fit = method.fit
+        method.fit = lambda p: (fitted.append(p.n_genes), fit(p))[1]
+        return method
+
+    monkeypatch.setattr(baselines_module, "make_method", spy)
+    tuned, report = tune_settings(problem, ("iterative_ridge",), settings, "entries", composition=composition)
+    assert fitted and set(fitted) == {400} and report["iterative_ridge"]["n_genes"] == 400
+    assert tuned.ridge_alpha == 0.5  # still the right choice on half the genome
+    fitted.clear()
+    _, report = tune_settings(problem, ("iterative_ridge",), dataclasses.replace(settings, tune_ranges=4), "entries",
+                              composition=composition)
+    assert set(fitted) == {800} and report["iterative_ridge"]["n_genes"] == 800

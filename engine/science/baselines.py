@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import warnings
 from typing import Any, Protocol
 
@@ -22,7 +23,9 @@ from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import donor_residuals
 from geximpute.science.head_features import idw_estimate, list_parts
-from geximpute.science.problem import VisibleProblem, gene_rows
+from geximpute.science.problem import VisibleProblem, gene_rows, gene_subset
+
+log = logging.getLogger(__name__)
 
 
 class Method(Protocol):
@@ -974,15 +977,27 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     Pearson for ``genes``), so that each comparator is as strong as it can be on the figure it is compared on; RMSE
     decides where that metric is undefined. Hidden (evaluation) entries are not in ``problem`` and play no part.
     Methods are tuned in :data:`TUNING_GRIDS`' order, each with the settings chosen before it (``local_regression``
-    starts from the fill of ``iterative_ridge`` or ``chained_boosting`` as chosen).
+    starts from the fill of ``iterative_ridge`` or ``chained_boosting`` as chosen). A problem of more than
+    ``config.tune_ranges`` gene ranges (:func:`fit_ranges`, the ranges imputation fits the methods on) is tuned on
+    that many of them, drawn with ``seed``: the tuning's cost does not grow with the genome.
 
     Returns:
         (the config with every chosen setting, ``{method: {"metric": name, "chosen": {...}, "score": x, "rmse": y,
-        "grid": [{setting..., "score", "rmse"}], "n_validation": n}}``).
+        "grid": [{setting..., "score", "rmse"}], "n_validation": n, "n_genes": genes fitted on}}``).
     """
     from geximpute.science.comparisons import TASK_METRIC, gene_stats, metric_from
 
     metric, higher = TASK_METRIC[task]
+    has_genomes = problem.genomes is not None
+    ranges = fit_ranges(problem, config.block_cells)
+    n_genes = problem.n_genes
+    if len(ranges) > config.tune_ranges:  # a sample of the ranges, fitted and scored as a whole
+        picked = np.sort(np.random.default_rng(seed + 7_919).choice(len(ranges), config.tune_ranges, replace=False))
+        kept = np.concatenate([np.arange(*ranges[i]) for i in picked])
+        problem = gene_subset(problem, kept)
+        composition = None if composition is None else composition[kept]
+        log.info("baselines: settings tuned on %d of %d gene ranges (%d of %d genes)", len(picked), len(ranges),
+                 len(kept), n_genes)
 
     def headline(pred: np.ndarray, target: np.ndarray, gene: np.ndarray, sample: np.ndarray) -> float | None:
         uniq, code = np.unique(gene, return_inverse=True)
@@ -1010,12 +1025,11 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         grid = TUNING_GRIDS[name]
         if name not in BASELINES:
             continue
-        methods, skipped = make_methods((name,), chosen, len(problem.donors), problem.genomes is not None, seed,
-                                        composition)
+        methods, skipped = make_methods((name,), chosen, len(problem.donors), has_genomes, seed, composition)
         if not methods:
             continue
         if name not in ENTRY_METHODS and records is None:
-            genetic = None if problem.genomes is None else np.zeros((problem.n_genes, len(problem.donors)))
+            genetic = np.zeros((problem.n_genes, len(problem.donors))) if has_genomes else None
             records = build_context(ContextIndex(valid_problem, genetic=genetic), gi, si,
                                     np.ones(len(gi), dtype=bool), k_neighbours)
         keys = list(grid)
@@ -1051,7 +1065,8 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         settings = {k: best[k] for k in keys}
         chosen = dataclasses.replace(chosen, **settings)
         report[name] = {"metric": used, "chosen": settings, "score": best["score"] if used != "rmse" else best["rmse"],
-                        "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi))}
+                        "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi)),
+                        "n_genes": problem.n_genes}
     return chosen, report
 
 

@@ -93,6 +93,16 @@ def gene_rows(problem: VisibleProblem, lo: int, hi: int) -> VisibleProblem:
         values=problem.values[rows], genomes=None)
 
 
+def gene_subset(problem: VisibleProblem, rows: np.ndarray) -> VisibleProblem:
+    """The problem of the genes ``rows`` alone (increasing indices, so that the genes stay sorted; every sample;
+    copies of the gene arrays, no genomes)."""
+    rows = np.asarray(rows, np.int64)
+    return dataclasses.replace(
+        problem, gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
+        start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
+        values=problem.values[rows], genomes=None)
+
+
 @dataclass
 class HiddenTruth:
     """The hidden entries (gene index, sample index) and their true values. Used for scoring only."""
