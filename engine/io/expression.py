@@ -228,13 +228,14 @@ def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) ->
                 expected="unique sample names",
             )
         seen[n] = i
-    columns = []
-    for n in value_cols:
+    # one (genes, samples) array filled a column at a time: no list of per-column arrays to stack (thousands of
+    # small allocations that stayed in the process's heap after they were freed)
+    values = np.empty((table.num_rows, len(value_cols)), np.float32)
+    for j, n in enumerate(value_cols):
         col = table[n]
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
             _raise_non_numeric(path, table, id_col, n, first_data_line)
-        columns.append(col.cast(pa.float32()).to_numpy(zero_copy_only=False))
-    values = np.column_stack(columns).astype(np.float32, copy=False)
+        values[:, j] = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
     gene_ids = _gene_ids(path, table[id_col], first_data_line)
     return Expression(
         path=path,

@@ -53,6 +53,7 @@ from geximpute.io.expression import from_model_scale
 from geximpute.model.inference import inference_device
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
+from geximpute.runtime.memory import release_unused_memory
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray, execution_budget
 from geximpute.science.baselines import fit_ranges, range_estimates
@@ -870,7 +871,7 @@ def impute(
         if dataset.variants is not None:
             genome_inputs = dataclasses.replace(dataset, expression=None)
         dataset = None
-        pa.default_memory_pool().release_unused()  # what reading the inputs took from Arrow's pool, back to the system
+        release_unused_memory()  # what reading the inputs freed, back to the system (Arrow's pool, the C heap)
     check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
@@ -896,6 +897,7 @@ def impute(
                 haplotypes = personal_haplotypes(config, genome_inputs, problem, n_actors, bundle, bundle_dir,
                                                  resources, staging / HAPLOTYPES_FOLDER)
                 genome_inputs = None
+                release_unused_memory()  # the promoter sequences it built and handed over, a chunk at a time
             else:  # a problem given with its genomes (or none)
                 haplotypes = donor_promoter_sequences(problem)
             baselines = head_baselines(bundle, problem)
