@@ -71,6 +71,7 @@ from geximpute.runtime.atomic import (
     store_of,
     write_durable,
 )
+from geximpute.runtime.memory import release_unused_memory
 from geximpute.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.genomes import add_donors, uncovered_chromosomes
@@ -587,6 +588,8 @@ def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
         raise GeximputeError(str(exc)) from exc
     dataset = load_dataset(config)  # with the reference donors' genomes, which the genetic score is fitted on
     problem, _ = make_problem(dataset, hidden_mask=False)
+    dataset = dataclasses.replace(dataset, expression=None)  # the problem holds the values; the genome is kept
+    release_unused_memory()  # what reading the inputs freed, back to the system
     check_bundle(bundle, model_dir(config), problem, config)
     valid = []
     for item in todo:
