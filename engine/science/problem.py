@@ -86,17 +86,16 @@ class VisibleProblem:
 def gene_rows(problem: VisibleProblem, lo: int, hi: int) -> VisibleProblem:
     """The problem of genes ``lo:hi`` alone (every sample; views of the gene arrays, no genomes: a part of a
     problem that methods fit on one gene range at a time)."""
-    rows = slice(lo, hi)
-    return dataclasses.replace(
-        problem, gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
-        start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
-        values=problem.values[rows], genomes=None)
+    return _genes(problem, slice(lo, hi))
 
 
 def gene_subset(problem: VisibleProblem, rows: np.ndarray) -> VisibleProblem:
     """The problem of the genes ``rows`` alone (increasing indices, so that the genes stay sorted; every sample;
     copies of the gene arrays, no genomes)."""
-    rows = np.asarray(rows, np.int64)
+    return _genes(problem, np.asarray(rows, np.int64))
+
+
+def _genes(problem: VisibleProblem, rows: slice | np.ndarray) -> VisibleProblem:
     return dataclasses.replace(
         problem, gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
         start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
