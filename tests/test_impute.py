@@ -451,3 +451,21 @@ def test_spilled_records_wait_for_their_reader_and_read_back_whole(tmp_path):
     assert done.wait(5)
     writer.join()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block-000001.arrow", "block-000002.arrow"]
+
+
+def test_a_taken_block_frees_its_place_and_survives_for_a_retry_until_the_next_block(tmp_path):
+    import pyarrow as pa
+
+    from geximpute.steps.prepare import SpilledBlocks, spill_records
+
+    records = pa.table({"gene_index": pa.array(np.arange(6, dtype=np.int32))})
+    first = spill_records(records, tmp_path, "block-000000", max_spilled=1, batch_rows=4)
+    reader = SpilledBlocks()
+    assert pa.concat_tables(reader.read(first)).equals(records)
+    # taken: no longer counted against max_spilled, so the context stage may write the next block at once
+    second = spill_records(records.slice(0, 2), tmp_path, "block-000001", max_spilled=1, batch_rows=4)
+    # a retry of the first block (its reader died before the predictions left) still reads it
+    assert pa.concat_tables(SpilledBlocks().read(first)).equals(records)
+    # the reader's next block deletes the one before
+    assert pa.concat_tables(reader.read(second)).num_rows == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block-000001.arrow.read"]

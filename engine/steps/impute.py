@@ -70,7 +70,7 @@ from geximpute.science.promoters import (
 )
 from geximpute.science.shards import STATS_ROWS, RangeFileColumns, entry_offsets
 from geximpute.science.shards import blocks as entry_blocks
-from geximpute.steps.prepare import SPILLED_PATH, context_records, context_shards, read_spilled
+from geximpute.steps.prepare import SPILLED_PATH, SpilledBlocks, context_records, context_shards
 
 log = logging.getLogger(__name__)
 
@@ -558,6 +558,7 @@ class Predictor:
             self.haplotypes = None
         self.baselines = ray.get(baselines_ref) if baselines_ref is not None else None
         self.run_id, self.scale, self.expression, self.use_gpu = run_id, scale, expression, use_gpu
+        self.spilled = SpilledBlocks()  # the blocks of records the context stage spilled to files
         if hasattr(self.bundle, "models"):
             self.bundle.models.device = str(inference_device(use_gpu))
 
@@ -572,11 +573,8 @@ class Predictor:
         return self.bundle.predict(records, self.gene_ids, self.haplotypes, baselines=self.baselines)
 
     def __call__(self, records: pa.Table) -> pa.Table:
-        if SPILLED_PATH in records.column_names:  # rows naming blocks of records in files: read, predict, delete
-            out = []
-            for path in records[SPILLED_PATH].to_pylist():
-                out += [self.rows(part) for part in read_spilled(path)]
-                Path(path).unlink()  # read whole: the context stage may write the next block
+        if SPILLED_PATH in records.column_names:  # rows naming blocks of records in files (SpilledBlocks)
+            out = [self.rows(part) for path in records[SPILLED_PATH].to_pylist() for part in self.spilled.read(path)]
             return pa.concat_tables(out) if out else S.PREDICTIONS.empty_table()
         return self.rows(records)
 

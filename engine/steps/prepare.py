@@ -227,6 +227,35 @@ def read_spilled(path: str) -> Iterator[pa.Table]:
             yield pa.Table.from_batches([reader.get_batch(i)])
 
 
+#: the suffix a spilled block's file takes once a reader has it (:class:`SpilledBlocks`)
+READ_SUFFIX = ".read"
+
+
+class SpilledBlocks:
+    """What a predictor reads the spilled blocks of records with (:func:`spill_records`).
+
+    A block taken is first renamed (``<name>.arrow.read``), which frees its place for the context stage, and its file
+    is deleted when the reader takes its next block, once the predictions of the one before have left the actor; a
+    batch retried because its reader died in between finds the block under its new name. The run's staging folder,
+    and with it any block left, is removed at the end of the run.
+    """
+
+    def __init__(self) -> None:
+        self.done: list[Path] = []
+
+    def read(self, path: str) -> Iterator[pa.Table]:
+        """The record batches of the block spilled to ``path``, one table at a time."""
+        for old in self.done:
+            old.unlink(missing_ok=True)
+        self.done = []
+        spilled = Path(path)
+        taken = spilled.with_name(spilled.name + READ_SUFFIX)
+        if spilled.exists():
+            spilled.rename(taken)
+        yield from read_spilled(str(taken))
+        self.done.append(taken)
+
+
 def read_shard(path: str) -> Shard:
     """A shard file written by :func:`context_shards` (a pickle this run wrote itself, in its own staging folder)."""
     with open(path, "rb") as f:
