@@ -326,8 +326,8 @@ class BaselinesConfig:
             shipped here: 522,000 values in the medians, 59 genes of v8, 608 of Geuvadis). ``impute`` and
             ``nightly`` fit each range in a Ray task of its own.
         tune_ranges: the tuning (``tune``) fits each candidate setting on at most this many of those gene ranges,
-            drawn with the evaluation seed, as imputation fits them, and scores it on the validation entries of
-            their genes: its cost and memory do not grow with the genome (data within this many ranges, every real
+            drawn with the evaluation seed and fitted together, and scores it on the validation entries of their
+            genes: its cost and memory do not grow with the genome (data within this many ranges, every real
             dataset shipped here, are tuned as a whole).
     """
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 from typing import Any
 
 import pyarrow as pa
-
-log = logging.getLogger(__name__)
 
 
 @functools.cache

@@ -38,7 +38,6 @@ GENES_PER_BLOCK = 1024
 STATS_ROWS = 4096
 
 
-
 @dataclass
 class GeneStats:
     """Per-gene sums over every visible sample of a problem, which a gene's context reads across donors.

@@ -164,8 +164,8 @@ class ContextBuilder:
 
     With ``spill`` (a folder) the records do not enter the object store either: each call writes its block's
     records to an Arrow IPC file there (:func:`spill_records`, record batches of ``spill_rows``) and returns one
-    row naming it (``records_path``, ``records_rows``), which the imputation's predictors read and delete; the
-    actor waits while ``max_spilled`` such files are not yet read. Object-store pages that the actor wrote would
+    row naming it (``records_path``), which the imputation's predictors take, read and delete (:class:`SpilledBlocks`);
+    the actor waits while ``max_spilled`` such files are not yet read. Object-store pages that the actor wrote would
     stay mapped in it and count in its resident memory, which then grew with the blocks in flight (docs/benchmarks.md).
     """
 
@@ -190,15 +190,14 @@ class ContextBuilder:
         if self.spill is not None:
             name = f"block-{int(batch['shard'][0]):06d}"
             path = spill_records(records, Path(self.spill), name, self.max_spilled, self.spill_rows)
-            records = pa.table({SPILLED_PATH: pa.array([path], pa.string()),
-                                SPILLED_ROWS: pa.array([records.num_rows], pa.int64())})
+            records = pa.table({SPILLED_PATH: pa.array([path], pa.string())})
         if self.progress is not None:
             self.progress.add.remote(len(batch["shard"]))
         return records
 
 
-#: the columns of a row that names a block of records spilled to a file (:class:`ContextBuilder` with ``spill``)
-SPILLED_PATH, SPILLED_ROWS = "records_path", "records_rows"
+#: the column of a row that names a block of records spilled to a file (:class:`ContextBuilder` with ``spill``)
+SPILLED_PATH = "records_path"
 #: the suffix of a spilled block's file
 SPILL_SUFFIX = ".arrow"
 
@@ -207,7 +206,7 @@ def spill_records(records: pa.Table, folder: Path, name: str, max_spilled: int, 
                   poll: float = 0.02) -> str:
     """Write ``records`` to ``folder/<name>.arrow`` (Arrow IPC, record batches of at most ``batch_rows``; written
     under a temporary name and renamed, so a reader sees whole files only), once fewer than ``max_spilled`` such
-    files wait in ``folder`` (their readers delete them); returns the file's path."""
+    files wait in ``folder`` (a reader takes each away, :class:`SpilledBlocks`); returns the file's path."""
     folder.mkdir(parents=True, exist_ok=True)
     while sum(1 for _ in folder.glob(f"*{SPILL_SUFFIX}")) >= max_spilled:
         time.sleep(poll)
