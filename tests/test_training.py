@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from geximpute.fit.train import epoch_rows
 
@@ -136,6 +137,7 @@ def test_pretraining_levels_never_read_the_fold_a_network_predicts():
 
     from geximpute.config import config_from_dict
     from geximpute.fit.hybrid import pretrain_levels
+    from geximpute.fit.train import holdout_grid
     from geximpute.science.folds import training_folds
 
     values, donor, tissue = donor_data(seed=2, n_genes=40, n_donors=30, n_tissues=3)
@@ -145,10 +147,49 @@ def test_pretraining_levels_never_read_the_fold_a_network_predicts():
     masks = training_folds(problem, "genes", 2, 0.25, config.seed)
     level, valid_gene = pretrain_levels(config, problem, [0])
     fold0_genes = masks[0].any(axis=1)
+    held = holdout_grid("genes", problem.n_genes, problem.n_samples, config.seed).any(axis=1)  # no valid chroms
     assert fold0_genes.any() and np.isnan(level[fold0_genes]).all()  # whole genes of fold 0: no level at all
-    np.testing.assert_allclose(level[~fold0_genes], np.nanmean(problem.values[~fold0_genes], axis=1), rtol=1e-5)
+    kept = ~fold0_genes & ~held
+    np.testing.assert_allclose(level[kept], np.nanmean(problem.values[kept], axis=1), rtol=1e-5)
     assert valid_gene.dtype == bool and len(valid_gene) == problem.n_genes
     changed = dataclasses.replace(problem, values=np.where(masks[0], problem.values + 5.0, problem.values))
     np.testing.assert_array_equal(pretrain_levels(config, changed, [0])[0], level)
     assert not np.array_equal(pretrain_levels(config, changed, [1])[0], pretrain_levels(config, problem, [1])[0],
                               equal_nan=True)
+
+
+@pytest.mark.parametrize("task", ["genes", "samples", "entries"])
+def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
+    """Without validation chromosomes the head stops its trees and calibrates its interval on a seeded share of the
+    task's units that no network trains on: no network's CNN pre-training may read them either. Changing every
+    held-out entry moves no level; the held-out units are those :func:`holdout` picks from the records."""
+    import dataclasses
+
+    import pyarrow as pa
+    from test_baselines import donor_data, problem_of
+
+    from geximpute.config import config_from_dict
+    from geximpute.fit.hybrid import pretrain_levels
+    from geximpute.fit.train import holdout, holdout_grid
+    from geximpute.science.problem import SPLITS
+
+    values, donor, tissue = donor_data(seed=3, n_genes=60, n_donors=30, n_tissues=3)
+    problem = problem_of(values, donor, tissue)
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}, "seed": 4,
+                               "evaluation": {"task": task}, "train": {"folds": 2, "fold_fraction": 0.25}})
+    held = holdout_grid(task, problem.n_genes, problem.n_samples, config.seed)
+    gene, sample = np.nonzero(np.ones_like(held))
+    records = pa.table({"gene_index": gene.astype(np.int32), "sample_index": sample.astype(np.int32)})
+    np.testing.assert_array_equal(holdout(records, task, False, config.seed), held[gene, sample])
+    assert 0.05 < held.mean() < 0.3
+    level, _ = pretrain_levels(config, problem, [])
+    changed = dataclasses.replace(problem, values=np.where(held, problem.values + 5.0, problem.values))
+    np.testing.assert_array_equal(pretrain_levels(config, changed, [])[0], level)
+    if task == "genes":
+        assert np.isnan(level[held.any(axis=1)]).all()
+    # with validation chromosomes the networks and the head hold those out instead: every visible entry counts
+    split = np.zeros(problem.n_genes, problem.split.dtype)
+    split[: problem.n_genes // 4] = SPLITS.index("valid")
+    with_chroms = dataclasses.replace(problem, split=split)
+    np.testing.assert_allclose(pretrain_levels(config, with_chroms, [])[0], np.nanmean(problem.values, axis=1),
+                               rtol=1e-5)

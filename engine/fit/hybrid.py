@@ -32,7 +32,7 @@ from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
 from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
 from geximpute.fit.pretrain import visible_levels
-from geximpute.fit.train import NetworkRun, fold_dirs, holdout, train_networks
+from geximpute.fit.train import NetworkRun, fold_dirs, holdout, holdout_grid, train_networks
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.console import stage
 from geximpute.science.baselines import (
@@ -112,13 +112,22 @@ def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int],
                     masks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(level, valid_gene) of the genes for a network's CNN pre-training: each gene's mean over the visible entries
     outside training folds ``exclude`` (the same folds as prepare's; ``masks``: those folds, when the caller has
-    them already), genes of the validation chromosomes apart."""
+    them already), genes of the validation chromosomes apart.
+
+    Without validation chromosomes the networks and the head hold out a seeded share of the task's units instead
+    (:func:`geximpute.fit.train.holdout`): their entries are left out here too, so that no network's CNN has seen
+    the level of a unit the head stops its trees and calibrates its interval on (in the ``genes`` task a held-out
+    gene would otherwise reach the CNN of every network but the one whose fold holds it)."""
+    valid_gene = problem.split == SPLITS.index("valid")
     hide = None
     if exclude:
         if masks is None:
             masks = fold_masks(config, problem)
         hide = np.logical_or.reduce([masks[k] for k in exclude])
-    return visible_levels(problem.values, hide, problem.split == SPLITS.index("valid"))
+    if not valid_gene.any():
+        held = holdout_grid(config.evaluation.task, problem.n_genes, problem.n_samples, config.seed)
+        hide = held if hide is None else hide | held
+    return visible_levels(problem.values, hide, valid_gene)
 
 
 def head_training(config: Config, records_dir: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
@@ -327,8 +336,8 @@ def _held_out_members(models: HybridModels, parts: list[pa.Table], valid: np.nda
     """The head's held-out rows through every fold network: one (V, F) input array per network, rows in the order
     of the held-out rows of the concatenated ``parts`` (fold k's rows already went through network k: ``inputs``).
     No fold network trained on these rows (:func:`geximpute.fit.train.holdout` holds out the same units in every
-    network's training on entries; their genes' levels reach the other networks' CNN pre-training only where no
-    validation chromosomes are set), so their spread between networks is what averaging them removes on new rows.
+    network's training on entries, and :func:`pretrain_levels` leaves them out of every CNN's pre-training), so
+    their spread between networks is what averaging them removes on new rows.
     None without held-out rows."""
     if not valid.any():
         return None

@@ -46,8 +46,24 @@ def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarr
     """Rows held out for validation: records on validation chromosomes, or a seeded 15% of the task's units."""
     if use_chroms:
         return table["split"].to_numpy(zero_copy_only=False) == "valid"
-    gene = table["gene_index"].to_numpy().astype(np.uint64)
-    sample = table["sample_index"].to_numpy().astype(np.uint64)
+    return _held_units(table["gene_index"].to_numpy(), table["sample_index"].to_numpy(), task, seed)
+
+
+def holdout_grid(task: str, n_genes: int, n_samples: int, seed: int) -> np.ndarray:
+    """(G, S) bool: the entries whose unit :func:`holdout` holds out when no validation chromosomes are set (its
+    seeded 15% of the task's units), on the (gene, sample) grid the records' indices point into."""
+    gene = np.arange(n_genes)[:, None]
+    sample = np.arange(n_samples)[None, :]
+    if task == "genes":
+        return np.broadcast_to(_held_units(gene, np.zeros_like(gene), task, seed), (n_genes, n_samples)).copy()
+    if task == "samples":
+        return np.broadcast_to(_held_units(np.zeros_like(sample), sample, task, seed), (n_genes, n_samples)).copy()
+    return _held_units(gene, sample, task, seed)
+
+
+def _held_units(gene: np.ndarray, sample: np.ndarray, task: str, seed: int) -> np.ndarray:
+    """Whether each (gene, sample) pair's unit (the gene, the sample or the entry, by ``task``) is held out."""
+    gene, sample = np.asarray(gene).astype(np.uint64), np.asarray(sample).astype(np.uint64)
     unit = {"genes": gene, "samples": sample}.get(task, gene * np.uint64(1_000_003) + sample)
     mixed = (unit * np.uint64(2654435761) + np.uint64(seed * 97 + 13)) % np.uint64(2**32)
     return (mixed % np.uint64(100)) < HOLDOUT_PERCENT
