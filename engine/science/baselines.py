@@ -22,6 +22,7 @@ from geximpute.config import BaselinesConfig
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import donor_residuals
+from geximpute.science.groups import group_sums
 from geximpute.science.head_features import idw_estimate, list_parts
 from geximpute.science.problem import VisibleProblem, gene_rows, gene_subset
 
@@ -160,13 +161,7 @@ class TissueDonorBaseline:
         self.shrinkage = shrinkage
 
     def fit(self, problem: VisibleProblem) -> None:
-        values = problem.values
-        n_t = len(problem.tissues)
-        ok = ~np.isnan(values)
-        sums = np.zeros((values.shape[0], n_t))
-        counts = np.zeros((values.shape[0], n_t))
-        np.add.at(sums.T, problem.tissue_index, np.where(ok, values, 0).T)
-        np.add.at(counts.T, problem.tissue_index, ok.T.astype(float))
+        sums, counts = group_sums(problem.values, problem.tissue_index, len(problem.tissues))
         fallback = RowTissueBaseline()
         fallback.fit(problem)
         row_tissue = fallback.gene_mean[:, None] + fallback.tissue_offset[None, :]

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from geximpute import schema as S
 from geximpute.science.genomes import genetic_scores
+from geximpute.science.groups import group_sums
 from geximpute.science.problem import SPLITS, VisibleProblem
 from geximpute.science.shards import GeneStats, donor_sample_lists, gene_stats
 
@@ -150,12 +151,7 @@ def build_context(
         tis = np.broadcast_to(p.tissue_index[others][None, :], vals.shape)
         corr = p.tissue_corr[t][tis]
         mine_vals = p.values[np.ix_(tg, mine)]
-        mine_ok = ~np.isnan(mine_vals)
-        n_tissues = index.tissue_sum.shape[1]
-        donor_sum = np.zeros((len(tg), n_tissues))
-        donor_n = np.zeros((len(tg), n_tissues))
-        np.add.at(donor_sum.T, p.tissue_index[mine], np.where(mine_ok, mine_vals, 0.0).T)
-        np.add.at(donor_n.T, p.tissue_index[mine], mine_ok.T.astype(float))
+        donor_sum, donor_n = group_sums(mine_vals, p.tissue_index[mine], index.tissue_sum.shape[1])
         with np.errstate(invalid="ignore", divide="ignore"):
             other_n = index.tissue_n[tg] - donor_n
             other_mean = np.where(other_n > 0, (index.tissue_sum[tg] - donor_sum) / other_n, np.nan)

@@ -34,6 +34,7 @@ import pyarrow as pa
 from geximpute import schema as S
 from geximpute.errors import InputError
 from geximpute.io.chroms import chrom_key
+from geximpute.science.groups import group_sums
 from geximpute.science.haplotypes import build_haplotypes
 
 log = logging.getLogger(__name__)
@@ -249,19 +250,11 @@ def donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: n
 
 def _donor_residuals(values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray, n_donors: int,
                      n_tissues: int) -> np.ndarray:
-    visible = ~np.isnan(values)
-    filled = np.where(visible, values, 0.0)
-    t_sum = np.zeros((values.shape[0], n_tissues))
-    t_n = np.zeros((values.shape[0], n_tissues))
-    np.add.at(t_sum.T, tissue_index, filled.T)
-    np.add.at(t_n.T, tissue_index, visible.T.astype(float))
+    t_sum, t_n = group_sums(values, tissue_index, n_tissues)
     with np.errstate(invalid="ignore", divide="ignore"):
         t_mean = t_sum / np.maximum(t_n, 1)
-        resid = np.where(visible, values - t_mean[:, tissue_index], 0.0)
-        d_sum = np.zeros((values.shape[0], n_donors))
-        d_n = np.zeros((values.shape[0], n_donors))
-        np.add.at(d_sum.T, donor_index, resid.T)
-        np.add.at(d_n.T, donor_index, visible.T.astype(float))
+        # NaN where not visible: the donor sums leave those out, as the tissue sums did
+        d_sum, d_n = group_sums(values - t_mean[:, tissue_index], donor_index, n_donors)
         return np.where(d_n > 0, d_sum / np.maximum(d_n, 1), np.nan)
 
 

@@ -23,6 +23,7 @@ from geximpute.io.chroms import chrom_key
 from geximpute.io.dataset import Dataset
 from geximpute.io.expression import to_model_scale
 from geximpute.science.genomes import donor_genomes
+from geximpute.science.groups import group_sums
 
 if TYPE_CHECKING:
     from geximpute.science.genomes import DonorGenomes
@@ -216,11 +217,7 @@ def _tissue_means(values: np.ndarray, tissue_index: np.ndarray, n_tissues: int) 
         # a gene hidden in every sample (task genes) has no mean: its row stays NaN, without nanmean's warning
         n = (~np.isnan(values)).sum(axis=1, keepdims=True)
         centred = values - np.where(n > 0, np.nansum(values, axis=1, keepdims=True) / np.maximum(n, 1), np.nan)
-        sums = np.zeros((values.shape[0], n_tissues))
-        counts = np.zeros((values.shape[0], n_tissues))
-        ok = ~np.isnan(centred)
-        np.add.at(sums.T, tissue_index, np.where(ok, centred, 0).T)
-        np.add.at(counts.T, tissue_index, ok.T.astype(float))
+        sums, counts = group_sums(centred, tissue_index, n_tissues)
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
+from geximpute.science.groups import group_sums
 from geximpute.science.problem import VisibleProblem, gene_rows, pass_rows
 
 #: genes of one block at most (a chromosome with more is cut into several blocks, each with its halo)
@@ -77,8 +78,7 @@ def gene_stats(problem: VisibleProblem, rows: int = STATS_ROWS) -> GeneStats:
         values = problem.values[lo : lo + rows]
         visible = ~np.isnan(values)
         filled = np.where(visible, values, 0.0)
-        np.add.at(tissue_sum[lo : lo + rows].T, problem.tissue_index, filled.T)
-        np.add.at(tissue_n[lo : lo + rows].T, problem.tissue_index, visible.T.astype(float))
+        tissue_sum[lo : lo + rows], tissue_n[lo : lo + rows] = group_sums(values, problem.tissue_index, n_tissues)
         gene_sum[lo : lo + rows] = filled.sum(axis=1)
         gene_n[lo : lo + rows] = visible.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
