@@ -395,14 +395,20 @@ def test_record_methods_are_scored_against_their_own_entries_when_tuned():
     assert report["tissue_donor"]["rmse"] < 0.9 * row_tissue, (report["tissue_donor"]["rmse"], row_tissue)
 
 
+def low_rank_table(seed: int, n_genes: int, n_tissues: int = 6) -> tuple:
+    """(problem, its generator): a gene x tissue table of one donor, a gene level plus a rank-2 tissue pattern, 10%
+    of its entries missing; the generator goes on from there (for the test's own draws)."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(3, 1, (n_genes, 1)) + rng.normal(size=(n_genes, 2)) @ rng.normal(size=(2, n_tissues))
+    problem = problem_of(np.where(rng.random(values.shape) < 0.1, np.nan, values), np.zeros(n_tissues, int),
+                         np.arange(n_tissues))
+    return problem, rng
+
+
 def test_methods_are_tuned_after_the_methods_they_start_from_with_the_settings_chosen_for_them(monkeypatch):
     # local_regression starts from iterative_ridge's or chained_boosting's fill: listed first, it is still tuned
     # after both, and every candidate of it is built with the penalty and rounds already chosen for them
-    rng = np.random.default_rng(12)
-    n_genes, n_t = 400, 6
-    values = rng.normal(3, 1, (n_genes, 1)) + rng.normal(size=(n_genes, 2)) @ rng.normal(size=(2, n_t))
-    problem = problem_of(np.where(rng.random(values.shape) < 0.1, np.nan, values), np.zeros(n_t, int),
-                         np.arange(n_t))
+    problem, _ = low_rank_table(seed=12, n_genes=400)
     monkeypatch.setitem(baselines_module.TUNING_GRIDS, "iterative_ridge", {"ridge_alpha": (0.5, 1e6)})
     monkeypatch.setitem(baselines_module.TUNING_GRIDS, "chained_boosting", {"cb_rounds": (1, 2)})
     monkeypatch.setitem(baselines_module.TUNING_GRIDS, "local_regression",
@@ -446,12 +452,8 @@ def test_a_fill_is_shared_by_methods_fitted_on_the_same_problem_and_never_by_a_p
 def test_settings_are_tuned_on_a_sample_of_the_gene_ranges_of_a_large_problem(monkeypatch):
     # a problem of four fit ranges is tuned on baselines.tune_ranges of them, as imputation fits them: every
     # candidate is fitted on those ranges' genes only, and the report says how many
-    rng = np.random.default_rng(21)
-    n_genes, n_t = 800, 6
-    values = rng.normal(3, 1, (n_genes, 1)) + rng.normal(size=(n_genes, 2)) @ rng.normal(size=(2, n_t))
-    problem = problem_of(np.where(rng.random(values.shape) < 0.1, np.nan, values), np.zeros(n_t, int),
-                         np.arange(n_t))
-    composition = rng.normal(size=(n_genes, 3))
+    problem, rng = low_rank_table(seed=21, n_genes=800)
+    composition = rng.normal(size=(problem.n_genes, 3))
     settings = dataclasses.replace(FIXED, block_cells=1)  # 256 genes a range at least: four ranges of 200
     assert len(baselines_module.fit_ranges(problem, settings.block_cells)) == 4
     monkeypatch.setitem(baselines_module.TUNING_GRIDS, "iterative_ridge", {"ridge_alpha": (0.5, 1e6)})
