@@ -55,7 +55,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         echo(format_summary(dataset.report))
         if sequence:
-            echo(f"  sequence: {sequence['genes_with_sequence']:,} of {sequence['genes']:,} genes have a known "
+            echo(f"  sequence    {sequence['genes_with_sequence']:,} of {sequence['genes']:,} genes have a known "
                  f"promoter window; hidden set of task {sequence['task']}: {sequence['hidden_genes_with_sequence']:,} "
                  f"of {sequence['hidden_genes']:,} hidden genes ({sequence['hidden_entries_with_sequence']:,} of "
                  f"{sequence['hidden_entries']:,} hidden entries)")

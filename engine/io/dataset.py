@@ -246,7 +246,8 @@ def format_summary(report: dict) -> str:
         lines += [
             f"  genome      {len(m['records'])} records ({sum(m['records'].values()):,} bp): {m['path']}",
             f"  promoters   {m['expressed_genes_with_full_promoter']:,} expressed genes have a full "
-            f"{m['promoter_window']} window in the genome ({m['promoter_join_rate']:.1%}); "
+            f"{m['promoter_window']} window inside the genome's records ({m['promoter_join_rate']:.1%}; "
+            "known bases or N, see `sequence`); "
             f"{m['expressed_genes_on_genome_chroms']:,} lie on its chromosomes",
         ]
     if "variants" in report:
