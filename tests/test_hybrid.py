@@ -136,6 +136,30 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
         assert pq.read_schema(tiny_model.folder / name).remove_metadata().equals(schema)
 
 
+def test_a_bundle_whose_head_reads_other_features_is_refused(tiny_model, tmp_path):
+    """The head reads its engineered features by position: a bundle that recorded another list (an engine that
+    added, removed or reordered one) is refused by name, not read from the wrong columns."""
+    import json
+    import shutil
+
+    from geximpute import schema as S
+    from geximpute.errors import GeximputeError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model.folder, folder)
+    spec = json.loads((folder / S.HEAD_SPECS_FILE).read_text())
+    names = spec["engineered_features"]
+    assert len(names) > 2
+    spec["engineered_features"] = [names[1], names[0], *names[2:]]
+    (folder / S.HEAD_SPECS_FILE).write_text(json.dumps(spec))
+    with pytest.raises(GeximputeError, match=rf"position 0 \('{names[1]}' in the bundle, '{names[0]}' here\)"):
+        load_bundle(folder)
+    spec["engineered_features"] = names[:-1]
+    (folder / S.HEAD_SPECS_FILE).write_text(json.dumps(spec))
+    with pytest.raises(GeximputeError, match=rf"{len(names) - 1} engineered features .* computes {len(names)}"):
+        load_bundle(folder)
+
+
 def test_network_folders_hold_one_run_of_fold_networks(tiny_model, tmp_path):
     """``geximpute train`` writes K fold networks (fold0/ ...); a later run with fewer folds removes the extra fold
     folders, so that fit-head never stacks networks of two runs."""

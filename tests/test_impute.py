@@ -256,8 +256,9 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     # on the command line, into a folder with no run yet: the plan, and that no rate was measured there
     rc = main(["-q", "impute", "--config", str(data / "config.yaml"), "--model", str(bundle), "--out",
                str(tmp_path / "new"), "--plan"])
-    out = capfd.readouterr().out  # the console writes to the terminal's file descriptor
+    out, err = capfd.readouterr()  # the console writes to the terminal's file descriptor
     assert rc == 0 and f"impute plan: {result.n_rows:,} entries" in out and "no measured rate yet" in out
+    assert "failed" not in err, err
     assert "stacked baselines fitted on 1 gene range(s)" in out
     # the stream's object-store budget: impute.blocks_in_flight blocks of the largest block's records
     from geximpute.steps.impute import imputation_problem, record_bytes
@@ -266,7 +267,8 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     per_record = record_bytes(config, problem, targets, len(plan["bundle"]["baselines"]))
     assert plan["stream_budget_mb"] == round(config.impute.blocks_in_flight * largest * per_record / 2**20)
     assert f"at most {plan['stream_budget_mb']:,} MB" in out
-    assert not (tmp_path / "new").exists()  # a plan writes nothing
+    assert not (tmp_path / "new").exists()  # a plan writes nothing: no output, no log file beside it either
+    assert not list(tmp_path.glob(".new.*")), list(tmp_path.iterdir())
 
 
 def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_model, ray_local, monkeypatch,

@@ -395,7 +395,8 @@ def _run_in_session(args: argparse.Namespace) -> int:
     moved into it as ``_geximpute.log`` at the end.
     """
 
-    folder = _output_folder(args)
+    # a plan (impute --plan) writes nothing, not even a log file beside its output folder
+    folder = None if getattr(args, "plan", False) else _output_folder(args)
     if folder is None:
         log_path = final = None
     else:
@@ -423,7 +424,8 @@ def _run_in_session(args: argparse.Namespace) -> int:
             if status == 0 and folder.is_dir():
                 os.replace(log_path, final)
             else:
-                print(f"geximpute {args.command}: failed; Ray's and the libraries' output is in {log_path}",
+                what = "failed" if status != 0 else f"wrote no {folder}"
+                print(f"geximpute {args.command}: {what}; Ray's and the libraries' output is in {log_path}",
                       file=sys.stderr)
     return status
 

@@ -404,11 +404,33 @@ def head_estimates(estimates: dict[str, np.ndarray], names: Sequence[str], n: in
             for name in names}
 
 
+def check_features(recorded: Sequence[str] | None, folder: Path) -> None:
+    """Refuse a bundle whose head was fitted on other engineered features than :data:`FEATURE_NAMES`: its trees and
+    its blend read the head's inputs by position, so another list or order would be read without an error and
+    predict from the wrong columns. A bundle that recorded none (written before they were recorded) is not checked.
+
+    Raises:
+        GeximputeError: the lists differ (the message names the first position where they do).
+    """
+    if recorded is None or list(recorded) == list(FEATURE_NAMES):
+        return
+    recorded, here = list(recorded), list(FEATURE_NAMES)
+    shared = min(len(recorded), len(here))
+    at = next((i for i in range(shared) if recorded[i] != here[i]), shared)
+    model = recorded[at] if at < len(recorded) else "(none)"
+    engine = here[at] if at < len(here) else "(none)"
+    raise GeximputeError(
+        f"{folder / S.HEAD_SPECS_FILE}: the model's head reads {len(recorded)} engineered features and this engine "
+        f"computes {len(here)}; they differ at position {at} ({model!r} in the bundle, {engine!r} here); expected "
+        "the features of the engine that wrote the bundle: rebuild the model with this version (`geximpute build`)")
+
+
 def load_bundle(folder: str | Path) -> Bundle:
     """Load a bundle written by :func:`save_bundle`.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
+        GeximputeError: the bundle's head reads other engineered features than this engine computes.
     """
     folder = Path(folder)
     if not (folder / S.BUNDLE_MANIFEST_FILE).is_file():
@@ -416,8 +438,9 @@ def load_bundle(folder: str | Path) -> Bundle:
                                 "run `geximpute fit-head` first")
 
     config: Config = config_from_dict(yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text()))
-    network = load_network(folder)
     head_meta = json.loads((folder / S.HEAD_SPECS_FILE).read_text())
+    check_features(head_meta.get("engineered_features"), folder)
+    network = load_network(folder)
     head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"],
                           head_meta.get("blend"))
     sequences = pq.read_table(folder / S.BUNDLE_PROMOTERS_FILE)["sequence"].to_pylist()
