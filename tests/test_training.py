@@ -128,6 +128,35 @@ def test_gene_level_pretraining_finds_a_planted_motif():
     assert pretrain_cnn(cnn, 16, promoters, carved, epochs=0, lr=5e-3, weight_decay=1e-4, seed=0) == []
 
 
+def test_pretraining_outlasts_a_stalled_start(monkeypatch):
+    """A motif is often found only after a few epochs of a validation Pearson near 0: pre-training runs
+    ``MIN_EPOCHS`` before its patience may stop it (the best epoch is kept, as before). (A run stopped at epoch 4
+    at 0.04 with the patience counted from the first epoch, on planted motifs where other runs reached 0.4-0.5.)"""
+    import torch
+
+    from geximpute.fit import pretrain as pretrain_module
+    from geximpute.model.network import PromoterCNN
+
+    curve = iter([0.04, 0.01, 0.02, 0.02, 0.1, 0.3, 0.5, 0.45, 0.4, 0.35, 0.3, 0.2, 0.1])
+    monkeypatch.setattr(pretrain_module, "_pearson", lambda a, b: next(curve))
+    rng = np.random.default_rng(1)
+    onehot, level = _planted(60, 50, rng)
+    levels = pretrain_module.gene_levels(level, np.arange(60) >= 48, np.arange(60), seed=0)
+    torch.manual_seed(0)
+    cnn = PromoterCNN(8, channels=4, kernel=5, layers=1)
+
+    history = pretrain_module.pretrain_cnn(cnn, 8, torch.as_tensor(onehot), levels, epochs=20, lr=1e-3,
+                                           weight_decay=0.0, seed=0)
+    # the old rule (patience 3 from the first epoch) stopped after [0.04, 0.01, 0.02, 0.02]
+    assert pretrain_module.MIN_EPOCHS >= 8
+    assert history == [0.04, 0.01, 0.02, 0.02, 0.1, 0.3, 0.5, 0.45, 0.4, 0.35], history  # best at 7, then 3 worse
+    # and a short run still stops at its own number of epochs
+    curve = iter([0.3, 0.2, 0.1, 0.0, 0.0])
+    monkeypatch.setattr(pretrain_module, "_pearson", lambda a, b: next(curve))
+    assert len(pretrain_module.pretrain_cnn(cnn, 8, torch.as_tensor(onehot), levels, epochs=5, lr=1e-3,
+                                            weight_decay=0.0, seed=0)) == 5
+
+
 def test_pretraining_levels_never_read_the_fold_a_network_predicts():
     """Fold network k's CNN pre-trains on each gene's mean over the visible entries outside fold k: changing fold
     k's values moves none of its levels, and hidden (NaN) entries are never read."""
