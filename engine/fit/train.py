@@ -34,6 +34,7 @@ from geximpute.model.inference import TrainedNetwork
 from geximpute.model.network import HybridNet, NetworkSpec
 from geximpute.runtime.console import stage
 from geximpute.runtime.raytools import progress_callbacks
+from geximpute.science.problem import pass_rows
 from geximpute.science.promoters import PromoterLookup, promoter_inputs
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,15 @@ def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarr
 
 def holdout_grid(task: str, n_genes: int, n_samples: int, seed: int) -> np.ndarray:
     """(G, S) bool: the entries whose unit :func:`holdout` holds out when no validation chromosomes are set (its
-    seeded 15% of the task's units), on the (gene, sample) grid the records' indices point into."""
-    gene = np.arange(n_genes)[:, None]
+    seeded 15% of the task's units), on the (gene, sample) grid the records' indices point into. Built in passes of
+    at most :data:`~geximpute.science.problem.STATS_CELLS` cells (the hash's uint64 temporaries)."""
+    out = np.empty((n_genes, n_samples), bool)
     sample = np.arange(n_samples)[None, :]
-    if task == "genes":
-        return np.broadcast_to(_held_units(gene, np.zeros_like(gene), task, seed), (n_genes, n_samples)).copy()
-    if task == "samples":
-        return np.broadcast_to(_held_units(np.zeros_like(sample), sample, task, seed), (n_genes, n_samples)).copy()
-    return _held_units(gene, sample, task, seed)
+    rows = pass_rows(n_samples, n_genes)
+    for lo in range(0, n_genes, rows):
+        gene = np.arange(lo, min(lo + rows, n_genes))[:, None]
+        out[lo : lo + rows] = _held_units(gene, sample, task, seed)
+    return out
 
 
 def _held_units(gene: np.ndarray, sample: np.ndarray, task: str, seed: int) -> np.ndarray:
