@@ -360,6 +360,42 @@ def test_head_on_groups_keeps_the_trees_chosen_by_the_pearson_within_groups(capl
     assert within_pearson(estimate, y[valid], group[valid]) > 0.6  # the network alone: about 0.7 in expectation
 
 
+def test_head_on_the_genes_task_keeps_the_trees_chosen_by_the_pearson(caplog):
+    """On the ``genes`` task (judged by the Pearson over all entries) the head's trees are cut where the held-out
+    rows' Pearson is best, with or without fold-network members; elsewhere by RMSE."""
+    import logging
+
+    import xgboost
+
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import _ensemble_rounds, fit_head_in_process
+
+    rng = np.random.default_rng(11)
+    n = 3000
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = x[:, 0] + 0.5 * np.sin(3 * x[:, 1]) + rng.normal(0, 1.0, n)
+    valid = rng.random(n) < 0.3
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=60)
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.head"):
+        fit_head_in_process(x, y, valid, config, estimates=[0], select="pearson")  # no members: xgb_features_only
+    assert "trees kept on the held-out rows averaged over 1 members (Pearson" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.head"):
+        fit_head_in_process(x, y, valid, config, estimates=[0])
+    assert "trees kept" not in caplog.text  # RMSE, without members: XGBoost's early stopping alone, as before
+    # the cut is the grid point of the best Pearson of the members' mean
+    point = xgboost.train({"max_depth": 4, "eta": 0.3}, xgboost.DMatrix(x[~valid], y[~valid]), 30)
+    members = [x[valid], x[valid] + rng.normal(0, 0.3, x[valid].shape).astype(np.float32)]
+    kept = _ensemble_rounds(point, members, y[valid], None, select="pearson").num_boosted_rounds()
+
+    def pearson(rounds: int) -> float:
+        mean = np.mean([point.predict(xgboost.DMatrix(m), iteration_range=(0, rounds)) for m in members], axis=0)
+        return float(np.corrcoef(mean, y[valid])[0, 1])
+
+    grid = np.unique(np.linspace(1, 30, 25).round().astype(int))
+    assert kept == grid[int(np.argmax([pearson(int(r)) for r in grid]))]
+
+
 def test_corrected_blend_of_nearly_collinear_columns_stays_solvable():
     # the first column is the second plus a little noise: taking 90% of its whole variance off (the old cap) left
     # an indefinite Gram matrix and the Cholesky factorisation failed; the cap is now 90% of its own variance

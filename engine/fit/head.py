@@ -399,11 +399,12 @@ def within_pearson(estimate: np.ndarray, labels: np.ndarray, groups: np.ndarray)
 
 
 def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarray, blend: Blend | None,
-                     groups: np.ndarray | None = None) -> object:
+                     groups: np.ndarray | None = None, select: str = "rmse") -> object:
     """``point`` cut to the number of trees (1 to all, on a grid of at most 25) whose outputs, averaged over the
     members from the blend's prediction weights, have the smallest RMSE on ``labels``; with ``groups`` (the rows'
-    gene x tissue keys on the ``samples`` task), the largest Pearson within groups (:func:`within_pearson`), the
-    figure the task is judged by (trees fitted for squared error can reorder a group's members while lowering it)."""
+    gene x tissue keys on the ``samples`` task), the largest Pearson within groups (:func:`within_pearson`); with
+    ``select`` "pearson" (the ``genes`` task), the largest Pearson over all rows: the figure the task is judged by
+    (trees fitted for squared error can lower it while lowering the error)."""
     import xgboost
 
     total = point.num_boosted_rounds()
@@ -411,21 +412,27 @@ def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarra
                                 base_margin=None if blend is None else blend.margin(m, ensemble=True))
                 for m in members]
     by_groups = groups is not None and np.isfinite(within_pearson(labels, labels, groups))
+    by_pearson = not by_groups and select == "pearson" and len(labels) > 2 and np.std(labels) > 0
     best, best_score = total, np.inf
     for rounds in np.unique(np.linspace(1, total, min(total, 25)).round().astype(int)):
         estimate = np.mean([point.predict(d, iteration_range=(0, int(rounds))) for d in matrices], axis=0)
-        score = (-within_pearson(estimate, labels, groups) if by_groups
-                 else float(np.sqrt(np.mean((estimate - labels) ** 2))))
+        if by_groups:
+            score = -within_pearson(estimate, labels, groups)
+        elif by_pearson:
+            score = -float(np.corrcoef(estimate, labels)[0, 1]) if np.std(estimate) > 0 else np.inf
+        else:
+            score = float(np.sqrt(np.mean((estimate - labels) ** 2)))
         if score < best_score:
             best, best_score = int(rounds), score
+    measure = "Pearson within groups" if by_groups else "Pearson" if by_pearson else "RMSE"
     log.info("head: %d of %d trees kept on the held-out rows averaged over %d members (%s %.4f)", best, total,
-             len(members), "Pearson within groups" if by_groups else "RMSE", abs(best_score))
+             len(members), measure, abs(best_score))
     return point[:best]
 
 
 def _conformalised(point: object, interval: object, features: np.ndarray, labels: np.ndarray, valid: np.ndarray,
                    config: HeadConfig, blend: Blend | None, members: list[np.ndarray] | None = None,
-                   groups: np.ndarray | None = None) -> HeadModel:
+                   groups: np.ndarray | None = None, select: str = "rmse") -> HeadModel:
     """The head, its interval widened (or narrowed) to cover ``config.quantiles``' span of the ``valid`` rows; with
     ``members`` (the ``valid`` rows through each fold network), its trees chosen on their averaged outputs, as it
     will predict.
@@ -436,8 +443,10 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     there, the interval covered 0.73 of the planted-motif genes' hidden entries instead of 0.80). The averaged
     head's errors are smaller than one network's, so this errs on the wide side."""
     coverage = config.quantiles[1] - config.quantiles[0]
-    if members:
-        point = _ensemble_rounds(point, members, labels[valid], blend, None if groups is None else groups[valid])
+    if members or (select == "pearson" and valid.any()):
+        # a head without members (xgb_features_only) has its trees cut by the same measure, on its own rows
+        point = _ensemble_rounds(point, members or [features[valid]], labels[valid], blend,
+                                 None if groups is None else groups[valid], select)
     head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
     _, lower, upper = head.predict(features[valid], ensemble=False)
     score = np.maximum(lower - labels[valid], labels[valid] - upper)
@@ -479,6 +488,7 @@ def fit_head_in_process(
     members: list[np.ndarray] | None = None,
     groups: np.ndarray | None = None,
     level: int | None = None,
+    select: str = "rmse",
 ) -> HeadModel:
     """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
     Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
@@ -487,7 +497,7 @@ def fit_head_in_process(
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
     point, interval, _ = _boost(train, held_out, _loop_config(config, seed))
-    return _conformalised(point, interval, features, labels, valid, config, blend, members, groups)
+    return _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select)
 
 
 def fit_head(
@@ -503,6 +513,7 @@ def fit_head(
     members: list[np.ndarray] | None = None,
     groups: np.ndarray | None = None,
     level: int | None = None,
+    select: str = "rmse",
 ) -> HeadModel:
     """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows; a table of fewer
     than ``config.ray_min_rows`` rows is boosted in this process instead (:func:`fit_head_in_process`).
@@ -526,11 +537,15 @@ def fit_head(
             task's across-donor Pearson), with ``level``, a feature column about constant within a group (its
             level): the blend's weights are then fitted within groups (:meth:`Blend.fit_within`). None: over all
             rows.
+        select: how the number of trees is chosen on the ``valid`` rows after boosting (:func:`_ensemble_rounds`):
+            "rmse" (with ``members``; without them XGBoost's early stopping on the same rows decides alone), or
+            "pearson", the Pearson over all rows, for a head judged by it (the ``genes`` task), with or without
+            ``members``.
     """
     if len(labels) < config.ray_min_rows:
         t0 = time.perf_counter()
         head = fit_head_in_process(features, labels, valid, config, seed=seed, estimates=estimates, members=members,
-                                   groups=groups, level=level)
+                                   groups=groups, level=level, select=select)
         log.info("head %s: %d rows (< head.ray_min_rows %d) boosted in this process, conformal %+.4f, %.1f s", name,
                  len(labels), config.ray_min_rows, head.conformal, time.perf_counter() - t0)
         return head
@@ -563,7 +578,7 @@ def fit_head(
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))
         interval.load_model(str(Path(folder) / INTERVAL_FILE))
-    head = _conformalised(point, interval, features, labels, valid, config, blend, members, groups)
+    head = _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select)
     log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
              f"a blend of columns {blend.columns} (weights {np.round(blend.coef, 3).tolist()})"
              if blend is not None else "a constant", time.perf_counter() - t0)

@@ -156,7 +156,8 @@ def fit_hybrid_head(
     engineered, _, inputs = models.head_inputs(training)
     embed_seconds = round(time.perf_counter() - t0, 1)
     t = time.perf_counter()
-    models.head = fit_head(inputs, labels, valid, config.head, storage, seed=config.seed, name="head_hybrid")
+    models.head = fit_head(inputs, labels, valid, config.head, storage, seed=config.seed, name="head_hybrid",
+                           select=_tree_measure(config))
     models.seconds = {"embed_training": embed_seconds, "head_hybrid": round(time.perf_counter() - t, 1)}
     return models, engineered, training
 
@@ -307,7 +308,8 @@ def fit_hybrid(
         n_embedding = n_in - engineered.shape[1] - 1 - n_base  # inputs: embedding, engineered, network, baselines
         models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
                                name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)), members=members,
-                               groups=groups, level=None if level is None else n_embedding + level)
+                               groups=groups, level=None if level is None else n_embedding + level,
+                               select=_tree_measure(config))
         seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
         feature_estimates = list(range(features.shape[1] - n_base, features.shape[1]))
         feature_level = level
@@ -317,7 +319,7 @@ def fit_hybrid(
         labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
         models.features_head = fit_head(features, labels, _head_holdout(config, training), config.head, storage,
                                         seed=config.seed, name="head_features_only", estimates=feature_estimates,
-                                        groups=groups, level=feature_level)
+                                        groups=groups, level=feature_level, select=_tree_measure(config))
         seconds["head_features_only"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         runs = [network_run(config, records_dir, "transformer_only", problem, use_promoter=False),
@@ -367,6 +369,14 @@ def _within_groups(config: Config, training: pa.Table) -> tuple[np.ndarray | Non
     gene = training["gene_index"].to_numpy(zero_copy_only=False).astype(np.int64)
     tissue = training["tissue_index"].to_numpy(zero_copy_only=False).astype(np.int64)
     return gene * (int(tissue.max(initial=0)) + 1) + tissue, FEATURE_NAMES.index("tissue_mean")
+
+
+def _tree_measure(config: Config) -> str:
+    """How the head's number of trees is chosen on its held-out rows (:func:`geximpute.fit.head.fit_head`'s
+    ``select``): by the figure the task is judged by, as the baselines' settings are
+    (:func:`geximpute.science.baselines.tune_settings`): the Pearson over all rows on the ``genes`` task, RMSE on
+    ``entries``; on ``samples`` the Pearson within (gene, tissue) groups, chosen through the head's groups."""
+    return "pearson" if config.evaluation.task == "genes" else "rmse"
 
 
 def _head_holdout(config: Config, training: pa.Table) -> np.ndarray:
