@@ -438,10 +438,10 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     will predict.
 
     The interval is calibrated on each ``valid`` row through its own fold network, with the blend it was fitted
-    from: those rows are out of fold for everything, while the other fold networks' CNNs may have been
-    pre-trained on the genes' levels where no validation chromosomes are set (calibrated on the members' average
-    there, the interval covered 0.73 of the planted-motif genes' hidden entries instead of 0.80). The averaged
-    head's errors are smaller than one network's, so this errs on the wide side."""
+    from. (Calibrated on the members' average, it covered 0.73 of the planted-motif genes' hidden entries instead
+    of 0.80 at ``abfae09``, when the other fold networks' CNNs were pre-trained on those rows' genes; since
+    ``fb33df7`` no CNN pre-trains on the head's held-out units, but the calibration was not changed back.) The
+    averaged head's errors are smaller than one network's, so this errs on the wide side."""
     coverage = config.quantiles[1] - config.quantiles[0]
     if members or (select == "pearson" and valid.any()):
         # a head without members (xgb_features_only) has its trees cut by the same measure, on its own rows
