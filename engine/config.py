@@ -444,8 +444,9 @@ class TrainConfig:
         max_examples_per_epoch: cap on examples per epoch (``None``: all).
         pretrain_epochs: gene-level pre-training of the promoter CNN before the network trains: most epochs of
             fitting the CNN to each visible gene's mean level from its reference promoter, keeping the epoch best
-            on the validation genes and stopping after 3 without a better one (0: none; networks without the CNN
-            skip it).
+            on the validation genes and stopping after 3 without a better one once 8 have run (0: none; networks
+            without the CNN skip it). Without validation chromosomes the units the head holds out are left out of
+            it (:func:`geximpute.fit.hybrid.pretrain_levels`).
         freeze_cnn: after pre-training, keep the CNN as it is while the rest of the network trains (its output
             for every promoter is computed once per run); ``false``: train it further with the rest. Measured
             (docs/benchmarks.md): frozen, the networks keep what pre-training found (medians ``genes``:

@@ -32,7 +32,7 @@ BATCH_SIZE = 64
 #: epochs without a better validation Pearson before pre-training stops
 PATIENCE = 3
 #: epochs pre-training runs at least, whatever the patience: on planted motifs (~1,000 genes) the validation Pearson
-#: often stalls near 0 for 4-6 epochs before the first motif is found, then climbs to its best at epochs 8-13; with
+#: often stalls near 0 for 4-6 epochs before the first motif is found, then climbs to its best at epochs 7-13; with
 #: a patience of 3 from the first epoch one run stopped at epoch 4 at 0.04 (the validation curves of every logged
 #: run, docs/benchmarks.md). Real promoters peak at epochs 3-7: a few epochs more, the best one still kept.
 MIN_EPOCHS = 8
