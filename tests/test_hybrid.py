@@ -396,6 +396,54 @@ def test_head_on_the_genes_task_keeps_the_trees_chosen_by_the_pearson(caplog):
     assert kept == grid[int(np.argmax([pearson(int(r)) for r in grid]))]
 
 
+def test_head_tree_count_cross_validated_over_the_training_genes(caplog):
+    """On the ``genes`` task the head's tree count is also scored on its training rows, each estimated by trees
+    boosted on the other folds of genes: a row's estimate does not move when its own gene's labels do, and the cut
+    is the grid point of the best Pearson over the held-out and the out-of-fold rows together."""
+    import logging
+
+    import xgboost
+
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import _cross_validated, _ensemble_rounds, _grid, fit_head_in_process
+
+    rng = np.random.default_rng(5)
+    n_genes, per_gene = 300, 8
+    gene = np.repeat(np.arange(n_genes), per_gene)
+    level = rng.normal(size=n_genes)[gene]
+    x = np.column_stack([level + rng.normal(0, 0.7, len(gene)), rng.normal(size=(len(gene), 3))]).astype(np.float32)
+    y = level + 0.4 * np.sin(2 * x[:, 1]) + rng.normal(0, 0.5, len(gene))
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=40, cv_folds=4)
+    out = _cross_validated(30, x, y, None, gene, config, seed=0)
+    assert out.shape == (len(_grid(30)), len(y)) and np.isfinite(out).all()
+    moved = y.copy()
+    moved[gene == 7] += 5.0  # one gene's labels: its own rows' estimates come from trees that never saw them
+    again = _cross_validated(30, x, moved, None, gene, config, seed=0)
+    np.testing.assert_array_equal(again[:, gene == 7], out[:, gene == 7])
+    assert not np.array_equal(again, out)  # the other folds' trees did see them
+
+    valid = gene < 30  # few held-out genes, as on a small genes task
+    point = xgboost.train({"max_depth": 4, "eta": 0.3, "seed": 0}, xgboost.DMatrix(x[~valid], y[~valid]), 30)
+    folded = (out[:, ~valid], y[~valid], None)
+    kept = _ensemble_rounds(point, [x[valid]], y[valid], None, select="pearson", folded=folded).num_boosted_rounds()
+    grid = _grid(30)
+    pooled = [np.corrcoef(np.concatenate([point.predict(xgboost.DMatrix(x[valid]), iteration_range=(0, int(r))),
+                                          out[i, ~valid]]), np.concatenate([y[valid], y[~valid]]))[0, 1]
+              for i, r in enumerate(grid)]
+    assert kept == grid[int(np.argmax(pooled))]
+
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.head"):
+        head = fit_head_in_process(x, y, valid, config, estimates=[0], select="pearson", units=gene)
+    assert "4-fold cross-validation of the tree count" in caplog.text
+    assert f"and {int((~valid).sum())} training rows out of fold" in caplog.text
+    assert np.isfinite(head.predict(x[valid])[0]).all()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.head"):
+        fit_head_in_process(x, y, valid, HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=40,
+                                                    cv_folds=0), estimates=[0], select="pearson", units=gene)
+    assert "cross-validation" not in caplog.text and "training rows out of fold" not in caplog.text
+
+
 def test_corrected_blend_of_nearly_collinear_columns_stays_solvable():
     # the first column is the second plus a little noise: taking 90% of its whole variance off (the old cap) left
     # an indefinite Gram matrix and the Cholesky factorisation failed; the cap is now 90% of its own variance

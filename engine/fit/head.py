@@ -398,24 +398,40 @@ def within_pearson(estimate: np.ndarray, labels: np.ndarray, groups: np.ndarray)
     return float(metric_from("across_donors_pearson_mean", stats.sum(axis=0)))
 
 
+def _grid(total: int) -> np.ndarray:
+    """The numbers of trees :func:`_ensemble_rounds` scores: 1 to ``total``, at most 25 points."""
+    return np.unique(np.linspace(1, total, min(total, 25)).round().astype(int))
+
+
 def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarray, blend: Blend | None,
-                     groups: np.ndarray | None = None, select: str = "rmse") -> object:
+                     groups: np.ndarray | None = None, select: str = "rmse",
+                     folded: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> object:
     """``point`` cut to the number of trees (1 to all, on a grid of at most 25) whose outputs, averaged over the
     members from the blend's prediction weights, have the smallest RMSE on ``labels``; with ``groups`` (the rows'
     gene x tissue keys on the ``samples`` task), the largest Pearson within groups (:func:`within_pearson`); with
     ``select`` "pearson" (the ``genes`` task), the largest Pearson over all rows: the figure the task is judged by
-    (trees fitted for squared error can lower it while lowering the error)."""
+    (trees fitted for squared error can lower it while lowering the error).
+
+    ``folded``: (estimates, labels, groups) of the head's training rows, ``estimates`` (len(grid), n) from trees
+    that were not fitted on a row's unit (:func:`_cross_validated`, at the same grid): each grid point is then
+    scored on the held-out rows and these rows together."""
     import xgboost
 
     total = point.num_boosted_rounds()
     matrices = [xgboost.DMatrix(m, missing=np.nan,
                                 base_margin=None if blend is None else blend.margin(m, ensemble=True))
                 for m in members]
+    if folded is not None:
+        labels = np.concatenate([labels, folded[1]])
+        if groups is not None:
+            groups = np.concatenate([groups, folded[2]])
     by_groups = groups is not None and np.isfinite(within_pearson(labels, labels, groups))
     by_pearson = not by_groups and select == "pearson" and len(labels) > 2 and np.std(labels) > 0
     best, best_score = total, np.inf
-    for rounds in np.unique(np.linspace(1, total, min(total, 25)).round().astype(int)):
+    for i, rounds in enumerate(_grid(total)):
         estimate = np.mean([point.predict(d, iteration_range=(0, int(rounds))) for d in matrices], axis=0)
+        if folded is not None:
+            estimate = np.concatenate([estimate, folded[0][i]])
         if by_groups:
             score = -within_pearson(estimate, labels, groups)
         elif by_pearson:
@@ -425,17 +441,49 @@ def _ensemble_rounds(point: object, members: list[np.ndarray], labels: np.ndarra
         if score < best_score:
             best, best_score = int(rounds), score
     measure = "Pearson within groups" if by_groups else "Pearson" if by_pearson else "RMSE"
-    log.info("head: %d of %d trees kept on the held-out rows averaged over %d members (%s %.4f)", best, total,
+    rows = "the held-out rows" + (f" and {len(folded[1])} training rows out of fold" if folded is not None else "")
+    log.info("head: %d of %d trees kept on %s averaged over %d members (%s %.4f)", best, total, rows,
              len(members), measure, abs(best_score))
     return point[:best]
 
 
+def _cross_validated(total: int, features: np.ndarray, labels: np.ndarray, margin: np.ndarray | None,
+                     units: np.ndarray, config: HeadConfig, seed: int) -> np.ndarray:
+    """(len(_grid(total)), N) estimates of each row by point trees boosted (``total`` rounds, the head's
+    settings, from ``margin``) on the rows of the other ``config.cv_folds`` folds, cut at each grid point: the folds
+    split ``units`` (one key per row: the task's unit, a gene on the ``genes`` task), so that no row is estimated by
+    trees that saw a row of its unit. The blend ``margin`` comes from all the rows (a handful of weights fitted on
+    every row; the trees are what the folds keep apart)."""
+    import xgboost
+
+    _, code = np.unique(units, return_inverse=True)
+    fold = np.random.default_rng(seed).permutation(int(code.max(initial=-1)) + 1)[code] % config.cv_folds
+    params = {**_xgb_params(_loop_config(config, seed), max(1, int(round(config.cpus_per_worker
+                                                                         * config.num_workers)))),
+              "objective": "reg:squarederror"}
+    grid = _grid(total)
+    out = np.empty((len(grid), len(labels)))
+    for k in range(config.cv_folds):
+        test = fold == k
+        if not test.any():
+            continue
+        train = xgboost.DMatrix(features[~test], label=labels[~test], missing=np.nan,
+                                base_margin=None if margin is None else margin[~test])
+        booster = xgboost.train(params, train, num_boost_round=total)
+        held = xgboost.DMatrix(features[test], missing=np.nan, base_margin=None if margin is None else margin[test])
+        for i, rounds in enumerate(grid):
+            out[i, test] = booster.predict(held, iteration_range=(0, int(rounds)))
+    return out
+
+
 def _conformalised(point: object, interval: object, features: np.ndarray, labels: np.ndarray, valid: np.ndarray,
                    config: HeadConfig, blend: Blend | None, members: list[np.ndarray] | None = None,
-                   groups: np.ndarray | None = None, select: str = "rmse") -> HeadModel:
+                   groups: np.ndarray | None = None, select: str = "rmse", units: np.ndarray | None = None,
+                   seed: int = 0) -> HeadModel:
     """The head, its interval widened (or narrowed) to cover ``config.quantiles``' span of the ``valid`` rows; with
     ``members`` (the ``valid`` rows through each fold network), its trees chosen on their averaged outputs, as it
-    will predict.
+    will predict; with ``units`` (the task's unit of each row) and ``config.cv_folds`` >= 2, on the training rows
+    too, each estimated out of fold (:func:`_cross_validated`).
 
     The interval is calibrated on each ``valid`` row through its own fold network, with the blend it was fitted
     from. (Calibrated on the members' average, it covered 0.73 of the planted-motif genes' hidden entries instead
@@ -443,10 +491,20 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     ``fb33df7`` no CNN pre-trains on the head's held-out units, but the calibration was not changed back.) The
     averaged head's errors are smaller than one network's, so this errs on the wide side."""
     coverage = config.quantiles[1] - config.quantiles[0]
-    if members or (select == "pearson" and valid.any()):
+    folded = None
+    if units is not None and config.cv_folds >= 2 and (~valid).any():
+        t0 = time.perf_counter()
+        train = ~valid
+        margin = None if blend is None else blend.margin(features[train])
+        folded = (_cross_validated(point.num_boosted_rounds(), features[train], labels[train], margin,
+                                   units[train], config, seed),
+                  labels[train], None if groups is None else groups[train])
+        log.info("head: %d-fold cross-validation of the tree count over %d training rows, %.1f s", config.cv_folds,
+                 int(train.sum()), time.perf_counter() - t0)
+    if members or folded is not None or (select == "pearson" and valid.any()):
         # a head without members (xgb_features_only) has its trees cut by the same measure, on its own rows
         point = _ensemble_rounds(point, members or [features[valid]], labels[valid], blend,
-                                 None if groups is None else groups[valid], select)
+                                 None if groups is None else groups[valid], select, folded)
     head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
     _, lower, upper = head.predict(features[valid], ensemble=False)
     score = np.maximum(lower - labels[valid], labels[valid] - upper)
@@ -489,6 +547,7 @@ def fit_head_in_process(
     groups: np.ndarray | None = None,
     level: int | None = None,
     select: str = "rmse",
+    units: np.ndarray | None = None,
 ) -> HeadModel:
     """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
     Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
@@ -497,7 +556,8 @@ def fit_head_in_process(
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
     point, interval, _ = _boost(train, held_out, _loop_config(config, seed))
-    return _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select)
+    return _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select,
+                          units, seed)
 
 
 def fit_head(
@@ -514,6 +574,7 @@ def fit_head(
     groups: np.ndarray | None = None,
     level: int | None = None,
     select: str = "rmse",
+    units: np.ndarray | None = None,
 ) -> HeadModel:
     """Fit the head with ``XGBoostTrainer`` and conformalise its interval on the ``valid`` rows; a table of fewer
     than ``config.ray_min_rows`` rows is boosted in this process instead (:func:`fit_head_in_process`).
@@ -541,11 +602,14 @@ def fit_head(
             "rmse" (with ``members``; without them XGBoost's early stopping on the same rows decides alone), or
             "pearson", the Pearson over all rows, for a head judged by it (the ``genes`` task), with or without
             ``members``.
+        units: (N,) the task's unit of each row (a gene on the ``genes`` task): with ``config.cv_folds`` >= 2 the
+            number of trees is chosen on the training rows as well, each estimated by trees boosted on the other
+            folds of units (:func:`_cross_validated`), beside the held-out rows; None: on the held-out rows alone.
     """
     if len(labels) < config.ray_min_rows:
         t0 = time.perf_counter()
         head = fit_head_in_process(features, labels, valid, config, seed=seed, estimates=estimates, members=members,
-                                   groups=groups, level=level, select=select)
+                                   groups=groups, level=level, select=select, units=units)
         log.info("head %s: %d rows (< head.ray_min_rows %d) boosted in this process, conformal %+.4f, %.1f s", name,
                  len(labels), config.ray_min_rows, head.conformal, time.perf_counter() - t0)
         return head
@@ -578,7 +642,8 @@ def fit_head(
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))
         interval.load_model(str(Path(folder) / INTERVAL_FILE))
-    head = _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select)
+    head = _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select,
+                          units, seed)
     log.info("head %s: %s, conformal %+.4f, starts from %s, %.1f s", name, result.metrics, head.conformal,
              f"a blend of columns {blend.columns} (weights {np.round(blend.coef, 3).tolist()})"
              if blend is not None else "a constant", time.perf_counter() - t0)

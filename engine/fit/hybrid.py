@@ -157,7 +157,7 @@ def fit_hybrid_head(
     embed_seconds = round(time.perf_counter() - t0, 1)
     t = time.perf_counter()
     models.head = fit_head(inputs, labels, valid, config.head, storage, seed=config.seed, name="head_hybrid",
-                           select=_tree_measure(config))
+                           select=_tree_measure(config), units=_cv_units(config, training))
     models.seconds = {"embed_training": embed_seconds, "head_hybrid": round(time.perf_counter() - t, 1)}
     return models, engineered, training
 
@@ -309,7 +309,7 @@ def fit_hybrid(
         models.head = fit_head(np.vstack(inputs), labels, valid, config.head, storage, seed=config.seed,
                                name="head_hybrid", estimates=list(range(n_in - 1 - n_base, n_in)), members=members,
                                groups=groups, level=None if level is None else n_embedding + level,
-                               select=_tree_measure(config))
+                               select=_tree_measure(config), units=_cv_units(config, training))
         seconds["head_hybrid"] = round(time.perf_counter() - t, 1)
         feature_estimates = list(range(features.shape[1] - n_base, features.shape[1]))
         feature_level = level
@@ -319,7 +319,8 @@ def fit_hybrid(
         labels = training["target"].to_numpy(zero_copy_only=False).astype(np.float64) - genetic_offset(training)
         models.features_head = fit_head(features, labels, _head_holdout(config, training), config.head, storage,
                                         seed=config.seed, name="head_features_only", estimates=feature_estimates,
-                                        groups=groups, level=feature_level, select=_tree_measure(config))
+                                        groups=groups, level=feature_level, select=_tree_measure(config),
+                                        units=_cv_units(config, training))
         seconds["head_features_only"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         runs = [network_run(config, records_dir, "transformer_only", problem, use_promoter=False),
@@ -377,6 +378,15 @@ def _tree_measure(config: Config) -> str:
     (:func:`geximpute.science.baselines.tune_settings`): the Pearson over all rows on the ``genes`` task, RMSE on
     ``entries``; on ``samples`` the Pearson within (gene, tissue) groups, chosen through the head's groups."""
     return "pearson" if config.evaluation.task == "genes" else "rmse"
+
+
+def _cv_units(config: Config, training: pa.Table) -> np.ndarray | None:
+    """The gene of each training row on the ``genes`` task, whose head also chooses its trees by cross-validation
+    over its training genes (``head.cv_folds``); None elsewhere: there the held-out units (15% of the samples or
+    entries, or the validation chromosomes) are many, and the choice rests on them alone."""
+    if config.evaluation.task != "genes":
+        return None
+    return training["gene_index"].to_numpy(zero_copy_only=False)
 
 
 def _head_holdout(config: Config, training: pa.Table) -> np.ndarray:
