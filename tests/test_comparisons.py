@@ -61,6 +61,16 @@ def test_coverage_breakdown_by_tissue_and_quartile():
     assert sum(q["n"] for q in out["by_quartile"]) == len(truth)
     assert [q["quartile"] for q in out["by_quartile"]] == [1, 2, 3, 4]
     assert all(abs(q["n"] - len(truth) / 4) <= 2 for q in out["by_quartile"])
+    assert "by_estimate_quartile" not in out
+    # an estimate pulled towards the mean with an interval of one width: the extreme observed quartiles are missed
+    # more often, while by quartile of the estimate the coverage stays even
+    estimate = 0.4 * truth + rng.normal(0, np.std(truth) * np.sqrt(1 - 0.4 ** 2) * 0.4, len(truth))
+    half = np.quantile(np.abs(truth - estimate), 0.8)
+    out = coverage_breakdown(truth, estimate - half, estimate + half, tissue, ["a", "b", "c"], estimate)
+    observed_q = [q["coverage"] for q in out["by_quartile"]]
+    estimate_q = [q["coverage"] for q in out["by_estimate_quartile"]]
+    assert min(observed_q[0], observed_q[3]) < 0.7 < 0.9 < min(observed_q[1], observed_q[2])
+    assert max(estimate_q) - min(estimate_q) < 0.12
 
 
 def test_summarise_seeds_mean_and_spread():

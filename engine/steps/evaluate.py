@@ -134,7 +134,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                     results[name]["coverage_80"] = float(inside.mean())
                     results[name]["interval_width_mean"] = float(np.mean(upper - lower))
                     results[name]["coverage_80_breakdown"] = coverage_breakdown(observed, lower, upper, tissue,
-                                                                                problem.tissues)
+                                                                                problem.tissues, pred)
                 log.debug("evaluate: %-18s pearson %.4f  rmse %.4f", name, results[name]["pearson"] or float("nan"),
                          results[name]["rmse"])
             timings["hybrid"] = round(time.perf_counter() - t, 1)
@@ -532,10 +532,12 @@ def _honest_sections(metrics: dict) -> list[str]:
         cov = m.get("coverage_80_breakdown")
         if not cov:
             continue
-        quart = ", ".join(f"Q{q['quartile']} {_fmt(q['coverage'], 3)}" for q in cov["by_quartile"])
+        quart, by_estimate = (", ".join(f"Q{q['quartile']} {_fmt(q['coverage'], 3)}" for q in cov.get(key, []))
+                              for key in ("by_quartile", "by_estimate_quartile"))
         tissues = [v["coverage"] for v in cov["by_tissue"].values()]
         lines += ["", f"`{name}` 80% interval coverage {cov['overall']:.3f}; by quartile of the hidden value: {quart}; "
-                  f"by tissue {min(tissues):.3f} to {max(tissues):.3f} over {len(tissues)} tissues."]
+                  + (f"by quartile of the estimate: {by_estimate}; " if by_estimate else "")
+                  + f"by tissue {min(tissues):.3f} to {max(tissues):.3f} over {len(tissues)} tissues."]
     return lines
 
 
