@@ -444,6 +444,30 @@ def test_head_tree_count_cross_validated_over_the_training_genes(caplog):
     assert "cross-validation" not in caplog.text and "training rows out of fold" not in caplog.text
 
 
+def test_head_judged_by_the_pearson_stops_early_on_the_pearson():
+    """On the ``genes`` task the point booster's early stopping follows the held-out rows' Pearson, not their RMSE:
+    the trees kept are where the Pearson peaks among all the rounds boosted."""
+    import xgboost
+
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import _boost, _loop_config, _matrices, _xgb_params
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = x[:, 0] + 0.7 * np.sin(3 * x[:, 1]) + rng.normal(0, 1.0, n)
+    valid = rng.random(n) < 0.3
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=300, eta=0.3)
+    train = _matrices(x[~valid], y[~valid], None, 2)
+    held = _matrices(x[valid], y[valid], None, 2)[0]
+    by_pearson = _loop_config(config, 0, "pearson")
+    point, _, _ = _boost(train, held, by_pearson)
+    rounds = point.num_boosted_rounds()
+    full = xgboost.train({**_xgb_params(by_pearson, 1), "objective": "reg:squarederror"}, train[0], rounds + 30)
+    pearson = [np.corrcoef(full.predict(held, iteration_range=(0, r)), y[valid])[0, 1] for r in range(1, rounds + 31)]
+    assert rounds == int(np.argmax(pearson)) + 1
+
+
 def test_corrected_blend_of_nearly_collinear_columns_stays_solvable():
     # the first column is the second plus a little noise: taking 90% of its whole variance off (the old cap) left
     # an indefinite Gram matrix and the Cholesky factorisation failed; the cap is now 90% of its own variance

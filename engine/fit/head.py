@@ -13,7 +13,8 @@ When some input columns are themselves estimates of the target (the stacked layo
 baselines' out-of-fold estimates), both boosters start from their non-negative least-squares blend (:class:`Blend`,
 XGBoost's ``base_margin``) instead of a constant: trees approximate "copy this column" only in steps, so a head
 boosted from a constant can end below the best of its own inputs (measured: 0.462 against the network's 0.510 on the
-planted-motif genes). From the blend, early stopping on held-out rows keeps only the trees that improve on it.
+planted-motif genes). From the blend, early stopping on held-out rows keeps only the trees that improve on it (by
+their RMSE; on the ``genes`` task, judged by the Pearson, by their Pearson).
 
 The head is fitted on rows that each went through one fold network (out of fold), but predicts the mean of its
 outputs over all K fold networks: the network column it meets then carries less noise than the one it was fitted
@@ -326,6 +327,8 @@ def _boost(train: tuple[object, object], valid: object, config: dict) -> tuple[o
         evals=[(valid, "valid")],
         early_stopping_rounds=30,
         verbose_eval=False,
+        # early stopping follows the last metric: on a head judged by the Pearson, the Pearson
+        custom_metric=_negative_pearson if config.get("select") == "pearson" else None,
     )
     rounds = point.best_iteration + 1
     point = point[:rounds]
@@ -336,6 +339,15 @@ def _boost(train: tuple[object, object], valid: object, config: dict) -> tuple[o
         verbose_eval=False,
     )
     return point, interval, {"rounds": rounds, "valid_rmse": float(point.eval(valid).split(":")[-1])}
+
+
+def _negative_pearson(estimate: np.ndarray, matrix: object) -> tuple[str, float]:
+    """XGBoost evaluation metric: minus the Pearson of the estimates (the blend's margin included) with the labels;
+    0 where either is constant."""
+    labels = matrix.get_label()
+    if len(labels) < 3 or np.std(estimate) == 0 or np.std(labels) == 0:
+        return "negative_pearson", 0.0
+    return "negative_pearson", -float(np.corrcoef(estimate, labels)[0, 1])
 
 
 def _head_worker(config: dict) -> None:
@@ -359,8 +371,11 @@ def _head_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _loop_config(config: HeadConfig, seed: int) -> dict:
+def _loop_config(config: HeadConfig, seed: int, select: str = "rmse") -> dict:
+    """The boosting settings of both boosters; ``select`` "pearson": the point booster stops early on the held-out
+    rows' Pearson (:func:`_negative_pearson`), as its trees are then chosen, instead of their RMSE."""
     return {
+        "select": select,
         "max_depth": config.max_depth,
         "eta": config.eta,
         "subsample": config.subsample,
@@ -555,7 +570,7 @@ def fit_head_in_process(
     n_q = len(config.quantiles)
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
     held_out = _matrices(features[valid], labels[valid], None if margin is None else margin[valid], n_q)[0]
-    point, interval, _ = _boost(train, held_out, _loop_config(config, seed))
+    point, interval, _ = _boost(train, held_out, _loop_config(config, seed, select))
     return _conformalised(point, interval, features, labels, valid, config, blend, members, groups, select,
                           units, seed)
 
@@ -601,7 +616,7 @@ def fit_head(
         select: how the number of trees is chosen on the ``valid`` rows after boosting (:func:`_ensemble_rounds`):
             "rmse" (with ``members``; without them XGBoost's early stopping on the same rows decides alone), or
             "pearson", the Pearson over all rows, for a head judged by it (the ``genes`` task), with or without
-            ``members``.
+            ``members``; the point booster's early stopping then follows the Pearson too.
         units: (N,) the task's unit of each row (a gene on the ``genes`` task): with ``config.cv_folds`` >= 2 the
             number of trees is chosen on the training rows as well, each estimated by trees boosted on the other
             folds of units (:func:`_cross_validated`), beside the held-out rows; None: on the held-out rows alone.
@@ -624,7 +639,7 @@ def fit_head(
     train_ds = ray.data.from_arrow(_table(features[~valid], labels[~valid],
                                           None if margin is None else margin[~valid]))
     valid_ds = ray.data.from_arrow(_table(features[valid], labels[valid], None if margin is None else margin[valid]))
-    loop_config = _loop_config(config, seed)
+    loop_config = _loop_config(config, seed, select)
 
     progress = stage(f"fit head: {name}", total=1, unit="fits")
     trainer = XGBoostTrainer(
