@@ -20,7 +20,8 @@ written between the ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` ma
 
 ``--runs LABEL=DIR[@COMMIT][,DIR[@COMMIT]...] ...`` builds a task's table from ``geximpute evaluate`` folders that
 already ran (each ``DIR`` an ``--out`` of ``evaluate --seeds`` or of one seed), naming under it the commit each ran
-at (from the runs' manifests, or ``@COMMIT`` for runs made before manifests recorded it).
+at (from the runs' manifests, or ``@COMMIT`` for runs made before manifests recorded it); without ``--tasks``
+only the tasks given there are tabulated (none is evaluated).
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--baselines-only", action="store_true", help="numpy baselines only, no Ray")
-    parser.add_argument("--tasks", nargs="+", default=[t[0] for t in TASKS], choices=[t[0] for t in TASKS])
+    parser.add_argument("--tasks", nargs="+", default=None, choices=[t[0] for t in TASKS],
+                        help="the tasks to tabulate (default: those given by --runs, else all three)")
     parser.add_argument("--out", default="/tmp/accuracy", help="folder of the runs and their JSON")
     parser.add_argument("--write-docs", action="store_true", help="replace the accuracy block of docs/benchmarks.md")
     parser.add_argument("--reuse", action="store_true",
@@ -186,6 +188,9 @@ def main() -> None:
     for spec in args.runs:
         label, runs, made_at, command = finished(spec)
         given[label] = (runs, made_at, command)
+    if args.tasks is None:
+        # --runs alone tabulates those runs; it does not start full evaluations of the other tasks
+        args.tasks = list(given) if given else [t[0] for t in TASKS]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
