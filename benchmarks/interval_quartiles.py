@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
+from geximpute.science.comparisons import quartile_coverage
+
 N = 400_000
 Z80 = float(norm.ppf(0.9))
 
 
 def _quartile_coverage(inside: np.ndarray, value: np.ndarray) -> list[float]:
-    q = np.searchsorted(np.quantile(value, [0.25, 0.5, 0.75]), value, side="right")
-    return [float(inside[q == k].mean()) for k in range(4)]
+    return [q["coverage"] for q in quartile_coverage(inside, value)]
 
 
 def model(r: float, seed: int = 0) -> dict:

@@ -150,13 +150,13 @@ def coverage_breakdown(observed: np.ndarray, lower: np.ndarray, upper: np.ndarra
     for t in np.unique(tissue):
         m = tissue == t
         by_tissue[tissue_names[t]] = {"coverage": float(inside[m].mean()), "n": int(m.sum())}
-    out = {"overall": float(inside.mean()), "by_tissue": by_tissue, "by_quartile": _by_quartile(inside, observed)}
+    out = {"overall": float(inside.mean()), "by_tissue": by_tissue, "by_quartile": quartile_coverage(inside, observed)}
     if estimate is not None:
-        out["by_estimate_quartile"] = _by_quartile(inside, np.asarray(estimate, np.float64))
+        out["by_estimate_quartile"] = quartile_coverage(inside, np.asarray(estimate, np.float64))
     return out
 
 
-def _by_quartile(inside: np.ndarray, value: np.ndarray) -> list[dict]:
+def quartile_coverage(inside: np.ndarray, value: np.ndarray) -> list[dict]:
     """Coverage of ``inside`` within each quartile of ``value``."""
     edges = np.quantile(value, [0.0, 0.25, 0.5, 0.75, 1.0])
     q = np.clip(np.searchsorted(edges[1:-1], value, side="right"), 0, 3)
