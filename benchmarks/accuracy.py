@@ -93,7 +93,7 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
         raise RuntimeError("the context records do not match the hidden entries one to one")
     gi, si, observed = gi[pos], si[pos], observed[pos]
     methods, skipped = make_methods(BASELINES, baselines, len(problem.donors), seed=config.seed,
-                                    composition=composition)
+                                    composition=composition, task=task)
     tissue, donor = problem.tissue_index[si], problem.donor_index[si]
     has_seq = ~np.isnan(composition).any(axis=1)
     results = {}

@@ -13,6 +13,7 @@ from geximpute.science import baselines as baselines_module
 from geximpute.science.baselines import (
     BAG_SEED_STEP,
     ENTRY_METHODS,
+    OWN_ROW_METHODS,
     CrossGeneRegressionBaseline,
     PairwiseRegressionBaseline,
     RowTissueBaseline,
@@ -25,6 +26,7 @@ from geximpute.science.baselines import (
     range_estimates,
     tune_settings,
 )
+from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.problem import VisibleProblem, gene_rows, tissue_correlation
 
@@ -474,3 +476,39 @@ def test_settings_are_tuned_on_a_sample_of_the_gene_ranges_of_a_large_problem(mo
     _, report = tune_settings(problem, ("iterative_ridge",), dataclasses.replace(settings, tune_ranges=4), "entries",
                               composition=composition)
     assert set(fitted) == {800} and report["iterative_ridge"]["n_genes"] == 800
+
+
+def test_methods_that_read_a_genes_own_values_are_skipped_where_whole_genes_are_hidden():
+    """The premise of :data:`OWN_ROW_METHODS`: with whole genes hidden, each gives every hidden gene the same value
+    in a sample (so it is skipped on the ``genes`` task), on donor data and on a gene x tissue table alike."""
+    values, donor, tissue = donor_data(seed=12, n_genes=40, n_donors=30)
+    table = np.random.default_rng(13).normal(size=(40, 6)) + np.arange(6)
+    hidden_genes = np.array([3, 11, 17, 25, 38])
+    for data, donors, tissues in ((values, donor, tissue), (table, np.zeros(6, int), np.arange(6))):
+        visible = data.copy()
+        visible[hidden_genes] = np.nan
+        problem = problem_of(visible, donors, tissues)
+        gi = np.repeat(hidden_genes, problem.n_samples)
+        si = np.tile(np.arange(problem.n_samples), len(hidden_genes))
+        applying, _ = make_methods(OWN_ROW_METHODS, FIXED, len(problem.donors))
+        assert len(applying) >= (1 if len(problem.donors) == 1 else 6)
+        records = build_context(ContextIndex(problem), gi, si, np.ones(len(gi), bool), 8)
+        order = np.lexsort((records["sample_index"].to_numpy(), records["gene_index"].to_numpy()))
+        for method in applying:
+            method.fit(problem)
+            if method.name in ENTRY_METHODS:
+                estimate = np.asarray(method.predict_entries(gi, si))
+            else:  # tissue_donor reads context records (in their own order)
+                estimate = np.asarray(method.predict(records))[order]
+            estimate = estimate.reshape(len(hidden_genes), problem.n_samples)
+            assert np.isfinite(estimate).all(), method.name
+            np.testing.assert_allclose(estimate, estimate[:1].repeat(len(hidden_genes), 0), atol=1e-6,
+                                       err_msg=method.name)
+        kept, skipped = make_methods((*ENTRY_METHODS, "tissue_donor"), FIXED, len(problem.donors), task="genes")
+        assert {m.name for m in kept} == {"row_tissue", "matrix_completion"}  # (no composition given)
+        assert all("genes task hides" in skipped[name] for name in OWN_ROW_METHODS)
+        folds = training_folds(problem, "genes", 2, 0.25, seed=0)
+        assert set(out_of_fold_estimates(problem, folds, ENTRY_METHODS, FIXED, task="genes")) == {
+            "row_tissue", "matrix_completion"}
+    _, other = make_methods(("iterative_ridge",), FIXED, 5, task="entries")
+    assert other == {}  # other tasks keep them

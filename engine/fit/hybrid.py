@@ -180,12 +180,13 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
     """
     masks = fold_masks(config, problem)
     composition = gene_composition(records_dir, problem.gene_ids, config.promoter.upstream)
+    task = config.evaluation.task  # the folds hide units as the task does: on `genes`, whole genes
     oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
-                                composition=composition)
+                                composition=composition, task=task)
     shape = problem.values.shape
     gi, si = (part.ravel() for part in np.indices(shape))
     full = baseline_estimates(problem, gi, si, ENTRY_METHODS, config.baselines, seed=config.seed,
-                              composition=composition)
+                              composition=composition, task=task)
     names = [n for n in ENTRY_METHODS if n in oof and n in full]
     return ({n: oof[n].astype(np.float32) for n in names},
             {n: full[n].reshape(shape).astype(np.float32) for n in names})
