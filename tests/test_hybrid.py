@@ -461,11 +461,16 @@ def test_head_judged_by_the_pearson_stops_early_on_the_pearson():
     train = _matrices(x[~valid], y[~valid], None, 2)
     held = _matrices(x[valid], y[valid], None, 2)[0]
     by_pearson = _loop_config(config, 0, "pearson")
-    point, _, _ = _boost(train, held, by_pearson)
-    rounds = point.num_boosted_rounds()
+    point, interval, metrics = _boost(train, held, by_pearson)
+    rounds = metrics["rounds"]
     full = xgboost.train({**_xgb_params(by_pearson, 1), "objective": "reg:squarederror"}, train[0], rounds + 30)
     pearson = [np.corrcoef(full.predict(held, iteration_range=(0, r)), y[valid])[0, 1] for r in range(1, rounds + 31)]
     assert rounds == int(np.argmax(pearson)) + 1
+    # the trees past that best stay for the choice made afterwards on the pooled rows (_ensemble_rounds); the
+    # interval booster has the best's rounds
+    assert point.num_boosted_rounds() == rounds + 30 and interval.num_boosted_rounds() == rounds
+    assert _boost(train, held, _loop_config(config, 0))[0].num_boosted_rounds() == _boost(
+        train, held, _loop_config(config, 0))[2]["rounds"]  # judged by the RMSE: cut at the best
 
 
 def test_corrected_blend_of_nearly_collinear_columns_stays_solvable():

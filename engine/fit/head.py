@@ -306,7 +306,9 @@ def _matrices(features: np.ndarray, labels: np.ndarray | None, margin: np.ndarra
 
 
 def _boost(train: tuple[object, object], valid: object, config: dict) -> tuple[object, object, dict]:
-    """Both boosters: the point estimate with early stopping on ``valid``, then the interval with as many rounds.
+    """Both boosters: the point estimate with early stopping on ``valid``, then the interval with as many rounds
+    (judged by the Pearson, ``select`` "pearson": the point booster keeps the rounds boosted past its best, for
+    :func:`_ensemble_rounds` to choose from).
 
     Args:
         train: (point matrix, interval matrix) of the training rows (:func:`_matrices`).
@@ -331,14 +333,19 @@ def _boost(train: tuple[object, object], valid: object, config: dict) -> tuple[o
         custom_metric=_negative_pearson if config.get("select") == "pearson" else None,
     )
     rounds = point.best_iteration + 1
-    point = point[:rounds]
+    best = point[:rounds]
+    if config.get("select") != "pearson":
+        point = best
+    # judged by the Pearson (the genes task), the trees are chosen again afterwards on a pooled figure: the held-out
+    # rows through every fold network and the training rows out of fold (_conformalised); the rounds boosted past
+    # this one network's best (early_stopping_rounds more) stay for that choice, which a cut here would cap
     interval = xgboost.train(
         {**base, "objective": "reg:quantileerror", "quantile_alpha": np.asarray(config["quantiles"])},
         train[1],
         num_boost_round=rounds,
         verbose_eval=False,
     )
-    return point, interval, {"rounds": rounds, "valid_rmse": float(point.eval(valid).split(":")[-1])}
+    return point, interval, {"rounds": rounds, "valid_rmse": float(best.eval(valid).split(":")[-1])}
 
 
 def _negative_pearson(estimate: np.ndarray, matrix: object) -> tuple[str, float]:
