@@ -509,6 +509,10 @@ class HeadConfig:
             dataset, a noisy basis for a choice), the head's number of trees is chosen on its training rows as well,
             each estimated by trees boosted on the other ``cv_folds`` folds of genes; 0 (or 1): on the held-out
             rows alone. Costs ``cv_folds`` more boosters per head.
+        conformal_bins: the interval's conformal step is calibrated in this many bins of equal size of the held-out
+            rows' estimates, each with its own amount (Mondrian conformal prediction), so that the interval covers
+            its span within each range of the estimate, not only over all rows; 1: one amount for every row. Bins
+            of fewer than 100 held-out rows fall back to one amount.
     """
 
     num_workers: int = 1
@@ -522,10 +526,13 @@ class HeadConfig:
     min_child_weight: float = 5.0
     quantiles: tuple[float, ...] = (0.1, 0.9)
     cv_folds: int = 4
+    conformal_bins: int = 4
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "head.num_workers", self.num_workers, "an integer >= 1")
         _require(self.cv_folds >= 0, "head.cv_folds", self.cv_folds, "an integer >= 0 (0: no cross-validation)")
+        _require(self.conformal_bins >= 1, "head.conformal_bins", self.conformal_bins,
+                 "an integer >= 1 (1: one conformal amount for every row)")
         _require(self.ray_min_rows >= 0, "head.ray_min_rows", self.ray_min_rows, "an integer >= 0")
         _require(self.num_boost_round >= 1, "head.num_boost_round", self.num_boost_round, "an integer >= 1")
         _require(0 < self.eta <= 1, "head.eta", self.eta, "a number in (0, 1]")

@@ -108,6 +108,9 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
     assert list(bundle.baseline_names) == list(models.baselines)
     # the head boosts from the blend of its estimate columns, saved with the bundle
     assert models.head.blend is not None and bundle.models.head.blend == models.head.blend
+    # and the conformal step's amounts (per bin of the estimate where the held-out rows are enough)
+    assert (bundle.models.head.conformal_edges, bundle.models.head.conformal_bins) == (
+        models.head.conformal_edges, models.head.conformal_bins)
     # the session's tiny head was boosted by Ray Train's XGBoostTrainer (head.ray_min_rows=0): its run is kept
     assert (Path(tiny_model.config.output_dir) / "network" / "runs" / "head_hybrid").is_dir()
     problem = tiny_model.progress.results["prepare"].problem
@@ -491,3 +494,42 @@ def test_corrected_blend_of_nearly_collinear_columns_stays_solvable():
     yz = z @ np.array([0.5, 0.5]) + 0.1 * rng.normal(size=500)
     plain, corrected = _nnls_corrected(z, yz, 0.0), _nnls_corrected(z, yz, 0.3)
     assert corrected[0] > plain[0]
+
+
+def test_conformal_step_per_bin_of_the_estimate_covers_within_each_bin():
+    """One conformal amount covers 80% over all rows but not within ranges of the estimate where the quantile
+    booster's spread is off; an amount per quartile of the estimate (Mondrian) covers ~80% in each, also on new rows
+    of the same kind; the bundle keeps the bins."""
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import HeadModel, conformal_amounts, fit_head_in_process
+
+    rng = np.random.default_rng(11)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, 3)).astype(np.float32)
+        # the noise grows with the level: a spread learned from few trees is too narrow at the top, too wide below
+        return x, x[:, 0] + rng.normal(0, 0.2 + 0.6 * (x[:, 0] > 0.7), n)
+
+    x, y = rows(12000)
+    valid = rng.random(len(y)) < 0.3
+    plain = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=4, eta=0.3, conformal_bins=1)
+    one = fit_head_in_process(x, y, valid, plain)
+    binned = fit_head_in_process(x, y, valid, HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=4,
+                                                          eta=0.3, conformal_bins=4))
+    assert one.conformal_bins is None and len(binned.conformal_bins) == 4 and len(binned.conformal_edges) == 3
+    assert binned.conformal == pytest.approx(one.conformal)  # the same boosters, the same amount over all rows
+
+    new_x, new_y = rows(20000)
+
+    def by_quartile(head: HeadModel) -> np.ndarray:
+        estimate, lower, upper = head.predict(new_x)
+        quartile = np.searchsorted(np.quantile(estimate, [0.25, 0.5, 0.75]), estimate, side="right")
+        inside = (new_y >= lower) & (new_y <= upper)
+        return np.array([inside[quartile == q].mean() for q in range(4)])
+
+    assert np.abs(by_quartile(one) - 0.8).max() > 0.08  # one amount: off in some quartile
+    assert np.abs(by_quartile(binned) - 0.8).max() < 0.05  # an amount per bin: close in each
+
+    # too few rows per bin, or ties that leave a bin empty: one amount
+    assert conformal_amounts(np.arange(300.0), np.ones(300), 0.8, 4)[1] is None
+    assert conformal_amounts(np.repeat([0.0, 1.0], 500), np.ones(1000), 0.8, 4)[1] is None

@@ -7,8 +7,9 @@ A bundle folder holds (names and Parquet schemas declared in :mod:`geximpute.sch
     fold1/ ...        the other fold networks of a cross-fitted model (network.pt and network.json each)
     point.ubj         XGBoost booster of the estimate
     interval.ubj      XGBoost booster of the interval bounds
-    head.json         conformal width, feature count, coverage, engineered feature names, the stacked layout
-                      (number of fold networks, the baselines whose estimates the head reads)
+    head.json         conformal width (and per bin of the estimate), feature count, coverage, engineered feature
+                      names, the stacked layout (number of fold networks, the baselines whose estimates the head
+                      reads)
     promoters.parquet the reference promoter sequences of the training genes
     gene_promoters.parquet gene id -> row of promoters.parquet
     config.yaml       the resolved config that made it
@@ -235,6 +236,8 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         models.head.save(staging)
         (staging / S.HEAD_SPECS_FILE).write_text(json.dumps({
             "conformal": models.head.conformal,
+            "conformal_edges": models.head.conformal_edges,
+            "conformal_bins": models.head.conformal_bins,
             "n_features": models.head.n_features,
             "coverage": models.head.coverage,
             "blend": models.head.blend.to_json() if models.head.blend is not None else None,
@@ -442,7 +445,7 @@ def load_bundle(folder: str | Path) -> Bundle:
     check_features(head_meta.get("engineered_features"), folder)
     network = load_network(folder)
     head = HeadModel.load(folder, head_meta["conformal"], head_meta["n_features"], head_meta["coverage"],
-                          head_meta.get("blend"))
+                          head_meta.get("blend"), head_meta.get("conformal_edges"), head_meta.get("conformal_bins"))
     sequences = pq.read_table(folder / S.BUNDLE_PROMOTERS_FILE)["sequence"].to_pylist()
     links = pq.read_table(folder / S.BUNDLE_GENE_PROMOTERS_FILE)
     gene_promoter = dict(zip(links[S.GENE_ID].to_pylist(), links["promoter_row"].to_pylist(), strict=True))
