@@ -1106,8 +1106,8 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
                        names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
                        composition: np.ndarray | None = None, task: str | None = None) -> dict[str, np.ndarray]:
     """Each applicable entry method (:data:`ENTRY_METHODS`; under ``task``, :func:`not_applicable`) fitted on
-    ``problem`` and evaluated at the entries
-    (``gene_index[i]``, ``sample_index[i]``): the head features of the hidden (evaluation) entries.
+    ``problem`` and evaluated at the entries (``gene_index[i]``, ``sample_index[i]``): the head features of the
+    hidden (evaluation) entries.
 
     The methods are fitted on each gene range of :func:`fit_ranges` separately (one range: the whole problem), and
     each entry gets the estimate of its gene's range: what :func:`range_estimates` computes for each range alone.
