@@ -403,6 +403,8 @@ class ModelConfig:
             scanner with global max and mean pooling) by measurement (docs/benchmarks.md, issue 13): on planted
             synthetic motifs it reaches Pearson 0.52 on held-out genes where 3 blocks of 32 reach 0.07, and on the
             real medians promoters it matches 3 blocks (0.396 against 0.393) at about half the multiply-adds.
+        cnn_bins: stretches of the promoter window the CNN also pools on their own, besides the whole window (its
+            output then knows where along the promoter a motif sits); 0: the whole window only.
         dropout: dropout on the transformer's residual branches (not on its attention weights), in the
             ``cnn_only`` MLP and in the head.
     """
@@ -413,11 +415,12 @@ class ModelConfig:
     cnn_channels: int = 64
     cnn_kernel: int = 15
     cnn_layers: int = 1
+    cnn_bins: int = 0
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
         for name, low in (("d_model", 4), ("n_heads", 1), ("n_layers", 1), ("cnn_channels", 1), ("cnn_kernel", 1),
-                          ("cnn_layers", 1)):
+                          ("cnn_layers", 1), ("cnn_bins", 0)):
             value = getattr(self, name)
             _require(_is_int(value) and value >= low, f"model.{name}", value, f"an integer >= {low}")
         _require(self.d_model % self.n_heads == 0, "model.n_heads", self.n_heads, "a divisor of model.d_model")

@@ -13,6 +13,7 @@ from geximpute.model import (
     FeatureSpec,
     HybridNet,
     NetworkSpec,
+    PromoterCNN,
     drop_groups,
     empty_batch,
     featurize,
@@ -353,6 +354,23 @@ def test_promoter_cnn_shapes_and_short_sequences():
     assert net.promoter_cnn(x).shape == (3, 16)
     assert net.promoter_cnn(x[:, :, :3]).shape == (3, 16)  # pooling in ceil mode copes with L < pool size
     torch.testing.assert_close(net.promoter_cnn(x), net.promoter_cnn(x.float()))  # uint8 and float agree
+
+
+def test_promoter_cnn_bins_tell_where_a_motif_sits():
+    torch.manual_seed(0)
+    motif = torch.as_tensor(one_hot_promoters(["TATAAAGG"], 8)[0])
+    early, late = torch.zeros(1, 4, 400, dtype=torch.uint8), torch.zeros(1, 4, 400, dtype=torch.uint8)
+    early[0, :, 100:108], late[0, :, 300:308] = motif, motif
+    whole = PromoterCNN(8, channels=4, kernel=5, layers=1)
+    # the global pools see the same motif in the same empty window wherever it sits
+    torch.testing.assert_close(whole(early), whole(late))
+    binned = PromoterCNN(8, channels=4, kernel=5, layers=1, bins=4)
+    assert binned(early).shape == (1, 8)
+    assert (binned(early) - binned(late)).abs().max() > 1e-3
+    # short windows (fewer positions than bins) still pool
+    assert binned(early[:, :, :3]).shape == (1, 8)
+    with pytest.raises(ValueError, match="cnn_bins"):
+        tiny_spec(cnn_bins=-1)
 
 
 def test_query_only_last_layer_equals_full_encoder():

@@ -88,18 +88,21 @@ def _touch(params: list[nn.Parameter], like: torch.Tensor) -> torch.Tensor:
 
 
 class PromoterCNN(nn.Module):
-    """Promoter sequence to a vector: conv blocks (GELU, 4x max-pool), then global max and mean pool.
+    """Promoter sequence to a vector: conv blocks (GELU, 4x max-pool), then global max and mean pool, and with
+    ``bins`` the same two pools over each of ``bins`` equal stretches of the window as well.
 
     Args:
         d_out: output width D.
         channels: channels of every conv block.
         kernel: conv kernel width.
         layers: conv blocks; all but the last are followed by a 4x max-pool (ceil mode, so short inputs work).
+        bins: stretches of the (strand-oriented) window pooled on their own besides the whole: where along the
+            promoter a motif sits, which the global pools lose (0: the whole window only).
     """
 
     POOL = 4
 
-    def __init__(self, d_out: int, channels: int = 32, kernel: int = 15, layers: int = 3) -> None:
+    def __init__(self, d_out: int, channels: int = 32, kernel: int = 15, layers: int = 3, bins: int = 0) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         c_in = 4
@@ -109,14 +112,18 @@ class PromoterCNN(nn.Module):
                 blocks.append(nn.MaxPool1d(self.POOL, ceil_mode=True))
             c_in = channels
         self.blocks = nn.Sequential(*blocks)
-        self.proj = nn.Linear(2 * channels, d_out)
+        self.bins = bins
+        self.proj = nn.Linear(2 * channels * (1 + bins), d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(P, 4, L) one-hot (float or uint8) -> (P, D)."""
         h = self.blocks(x.float())  # (P, C, L')
         # max pool finds a motif anywhere; mean pool counts how much of it there is
-        pooled = torch.cat([h.amax(dim=-1), h.mean(dim=-1)], dim=-1)  # (P, 2C)
-        return self.proj(pooled)
+        pooled = [h.amax(dim=-1), h.mean(dim=-1)]  # (P, C) each
+        if self.bins:
+            pooled += [nn.functional.adaptive_max_pool1d(h, self.bins).flatten(1),
+                       nn.functional.adaptive_avg_pool1d(h, self.bins).flatten(1)]  # (P, C * bins) each
+        return self.proj(torch.cat(pooled, dim=-1))
 
 
 class ContextEncoder(nn.Module):
@@ -237,7 +244,7 @@ class HybridNet(nn.Module):
         self.target_tissue_embedding = nn.Embedding(spec.n_tissues, d)
         nn.init.normal_(self.target_tissue_embedding.weight, std=0.1)
         if spec.use_promoter:
-            self.promoter_cnn = PromoterCNN(d, spec.cnn_channels, spec.cnn_kernel, spec.cnn_layers)
+            self.promoter_cnn = PromoterCNN(d, spec.cnn_channels, spec.cnn_kernel, spec.cnn_layers, spec.cnn_bins)
             # stands in for the promoter embedding of rows whose gene has no promoter sequence
             self.no_promoter = nn.Parameter(torch.randn(d) * 0.1)
         if spec.use_context:
