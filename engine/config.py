@@ -453,8 +453,6 @@ class TrainConfig:
             on the validation genes and stopping after 3 without a better one once 8 have run (0: none; networks
             without the CNN skip it). Without validation chromosomes the units the head holds out are left out of
             it (:func:`geximpute.fit.hybrid.pretrain_levels`).
-        pretrain_shift: in pre-training, each batch of promoters moved by a random number of bases up to this
-            many, either way (augmentation; 0: none).
         freeze_cnn: after pre-training, keep the CNN as it is while the rest of the network trains (its output
             for every promoter is computed once per run); ``false``: train it further with the rest. Measured
             (docs/benchmarks.md): frozen, the networks keep what pre-training found (medians ``genes``:
@@ -480,7 +478,6 @@ class TrainConfig:
     max_failures: int = 2
     max_examples_per_epoch: int | None = None
     pretrain_epochs: int = 20
-    pretrain_shift: int = 0
     freeze_cnn: bool = True
 
     def __post_init__(self) -> None:
@@ -502,8 +499,6 @@ class TrainConfig:
             _require(0 <= value < 1, f"train.{name}", value, "a probability in [0, 1)")
         _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")
         _require(self.pretrain_epochs >= 0, "train.pretrain_epochs", self.pretrain_epochs, "an integer >= 0")
-        _require(_is_int(self.pretrain_shift) and self.pretrain_shift >= 0, "train.pretrain_shift",
-                 self.pretrain_shift, "an integer >= 0 (bases)")
 
 
 @dataclass(frozen=True)

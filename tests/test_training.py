@@ -234,18 +234,3 @@ def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
     with_chroms = dataclasses.replace(problem, split=split)
     np.testing.assert_allclose(pretrain_levels(config, with_chroms, [])[0], np.nanmean(problem.values, axis=1),
                                rtol=1e-5)
-
-
-def test_pretraining_shift_moves_the_window_and_reads_new_edge_bases_as_unknown():
-    import torch
-
-    from geximpute.fit.pretrain import shifted
-    from geximpute.science.promoters import one_hot_promoters
-
-    onehot = torch.as_tensor(one_hot_promoters(["ACGTTGCA"], 8)).float()
-    right, left = shifted(onehot, 3), shifted(onehot, -2)
-    torch.testing.assert_close(right[..., 3:], onehot[..., :5])
-    assert right[..., :3].sum() == 0  # moved in from outside the window: N
-    torch.testing.assert_close(left[..., :6], onehot[..., 2:])
-    assert left[..., 6:].sum() == 0
-    assert shifted(onehot, 0) is onehot

@@ -123,22 +123,9 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def shifted(batch: torch.Tensor, shift: int) -> torch.Tensor:
-    """(P, 4, L) one-hot windows moved ``shift`` bases downstream (upstream when negative); the bases moved in at
-    the edge are unknown (all-zero, as ``N``)."""
-    if shift == 0:
-        return batch
-    out = torch.roll(batch, shift, dims=-1)
-    if shift > 0:
-        out[..., :shift] = 0
-    else:
-        out[..., shift:] = 0
-    return out
-
-
 def pretrain_cnn(cnn: nn.Module, d_out: int, promoters: torch.Tensor, levels: GeneLevels, *, epochs: int,
                  lr: float, weight_decay: float, seed: int, patience: int = PATIENCE,
-                 min_epochs: int = MIN_EPOCHS, max_shift: int = 0) -> list[float]:
+                 min_epochs: int = MIN_EPOCHS) -> list[float]:
     """Fit ``cnn`` (in place) to the genes' levels; keep the weights of the epoch best on the validation genes,
     stopping after ``patience`` epochs without a better one once ``min_epochs`` have run.
 
@@ -148,10 +135,7 @@ def pretrain_cnn(cnn: nn.Module, d_out: int, promoters: torch.Tensor, levels: Ge
         promoters: (P, 4, L) one-hot table (uint8 or float) on the CNN's device.
         levels: the genes (:func:`gene_levels`).
         epochs, lr, weight_decay: AdamW over the CNN and a linear read-out, batches of :data:`BATCH_SIZE` genes.
-        seed: the order of the genes in each epoch (and the shifts).
-        max_shift: each training batch moved by a random number of bases in [-max_shift, max_shift] (augmentation:
-            a motif a few bases away from where one gene has it means the same; the validation genes are read
-            as they are).
+        seed: the order of the genes in each epoch.
 
     Returns:
         The validation Pearson of each epoch (empty when ``levels`` is not usable or ``epochs`` is 0).
@@ -174,10 +158,7 @@ def pretrain_cnn(cnn: nn.Module, d_out: int, promoters: torch.Tensor, levels: Ge
         for lo in range(0, len(order), BATCH_SIZE):
             pick = order[lo : lo + BATCH_SIZE]
             rows = torch.as_tensor(levels.train_rows[pick], device=promoters.device)
-            batch = promoters[rows].to(device)
-            if max_shift:
-                batch = shifted(batch.float(), int(rng.integers(-max_shift, max_shift + 1)))
-            pred = readout(cnn(batch)).squeeze(-1)
+            pred = readout(cnn(promoters[rows].to(device))).squeeze(-1)
             loss = torch.mean((pred - train_y[torch.as_tensor(pick, device=device)]) ** 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -211,7 +211,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
         # rank 0 only: wrapping the model in DDP below copies rank 0's weights to every worker
         pretrain_r = pretrain_cnn(net.promoter_cnn, network["spec"].d_model, promoters, network["gene_levels"],
                                   epochs=cfg["pretrain_epochs"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                  seed=cfg["seed"], max_shift=cfg["pretrain_shift"])
+                                  seed=cfg["seed"])
         if pretrain_r:
             log.info("%s: CNN pre-training: %d training genes, validation Pearson by epoch %s (kept the best)",
                      network["name"], len(network["gene_levels"].train_rows),
@@ -490,7 +490,6 @@ def train_networks(
         "drop_promoter": tc.drop_promoter,
         "max_examples": tc.max_examples_per_epoch,
         "pretrain_epochs": tc.pretrain_epochs,
-        "pretrain_shift": tc.pretrain_shift,
         "freeze_cnn": tc.freeze_cnn,
         "threads": tc.cpus_per_worker,
         "resume_path": resume_from.path if resume_from is not None else None,
