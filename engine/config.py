@@ -27,7 +27,6 @@ Scale = Literal["tpm", "counts", "log", "normalised"]
 GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
 ExpressionFormat = Literal["auto", "gct", "wide", "long", "bed"]
 SoftMask = Literal["upper", "n"]
-LrSchedule = Literal["constant", "cosine"]
 
 
 def _is_int(value: Any) -> bool:
@@ -440,8 +439,6 @@ class TrainConfig:
         epochs: most epochs; training stops earlier when the validation loss stops improving.
         patience: epochs without improvement before stopping.
         lr, weight_decay: AdamW settings.
-        lr_schedule: ``constant`` (``lr`` throughout) or ``cosine`` (``lr`` falling step by step along half a
-            cosine to 5% of it at the last step of ``epochs`` full epochs; an early stop ends it sooner).
         folds, fold_fraction: inner folds of re-hidden visible entries that make the training examples
             (see :mod:`geximpute.science.folds`).
         drop_neighbours, drop_tissues, drop_gene: denoising: per example, the chance that the whole neighbour
@@ -468,7 +465,6 @@ class TrainConfig:
     patience: int = 2
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    lr_schedule: LrSchedule = "constant"
     folds: int = 2
     fold_fraction: float = 0.25
     drop_neighbours: float = 0.1

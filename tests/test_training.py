@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from geximpute.fit.train import FINAL_LR_FRACTION, epoch_rows, learning_rate
+from geximpute.fit.train import epoch_rows
 
 
 def test_epoch_rows_sample_the_whole_file_afresh_each_epoch():
@@ -24,18 +24,6 @@ def test_epoch_rows_sample_the_whole_file_afresh_each_epoch():
     # without a cap an epoch visits every record once
     everything = epoch_rows(len(chrom), None, seed=0, epoch=2, rank=0)
     np.testing.assert_array_equal(np.sort(everything), np.arange(len(chrom)))
-
-
-def test_cosine_learning_rate_falls_from_lr_to_its_floor_by_the_last_step():
-    steps = 6 * 40
-    rates = np.array([learning_rate(2e-3, "cosine", step, steps) for step in range(steps)])
-    assert rates[0] == pytest.approx(2e-3)
-    assert rates[-1] == pytest.approx(2e-3 * FINAL_LR_FRACTION)
-    assert rates[steps // 2] == pytest.approx(2e-3 * (1 + FINAL_LR_FRACTION) / 2, rel=0.02)
-    assert np.all(np.diff(rates) < 0)
-    # past the planned steps (an epoch longer than planned) it stays at the floor; constant ignores the step
-    assert learning_rate(2e-3, "cosine", steps + 10, steps) == pytest.approx(rates[-1])
-    assert {learning_rate(2e-3, "constant", step, steps) for step in (0, 100, steps)} == {2e-3}
 
 
 def test_head_baseline_features_are_out_of_fold(tmp_path):

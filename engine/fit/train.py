@@ -15,7 +15,6 @@ kept.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -180,20 +179,6 @@ def _train_loop(cfg: dict) -> None:
         _train_network(cfg, network, index, records, states, promoters, device, rank, world)
 
 
-#: where ``train.lr_schedule: cosine`` ends, as a fraction of ``train.lr``
-FINAL_LR_FRACTION = 0.05
-
-
-def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
-    """The learning rate of optimiser step ``step`` (from 0) of a run of ``steps``: ``lr`` (``constant``), or
-    ``lr`` falling along half a cosine to :data:`FINAL_LR_FRACTION` of it at the last step (``cosine``). A function of
-    the step alone, so a resumed run continues where it left off without a scheduler's state."""
-    if schedule == "constant":
-        return lr
-    progress = min(step, steps - 1) / max(steps - 1, 1)
-    return lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | None, states: dict[int, dict],
                    promoters: torch.Tensor | None, device: torch.device, rank: int, world: int) -> None:
     """Train network ``index`` of the run (``network``: its settings) on its folds' rows of this worker's
@@ -240,7 +225,6 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
         n_train = int(fewest[0])
     per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
     per_worker_limit = n_train if per_worker_limit is None else min(per_worker_limit, n_train)
-    steps_per_epoch = max(1, -(-per_worker_limit // cfg["batch_size"]))
     gene_chrom = network["gene_chrom"]
     features = network["features"]
 
@@ -253,10 +237,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
         loss_sum, n_seen = 0.0, 0
         genes_seen = torch.zeros(len(gene_chrom), dtype=torch.float64)
         order = train_rows[epoch_rows(len(train_rows), per_worker_limit, cfg["seed"], epoch, rank)]
-        batches = _epoch_batches(records, order, cfg["batch_size"], features, lookup) if len(order) else ()
-        for step, (part, batch) in enumerate(batches, start=epoch * steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg["lr"], cfg["lr_schedule"], step, cfg["epochs"] * steps_per_epoch)
+        for part, batch in _epoch_batches(records, order, cfg["batch_size"], features, lookup) if len(order) else ():
             genes_seen[torch.as_tensor(part["gene_index"].to_numpy().astype(np.int64))] = 1.0
             batch = drop_groups(batch, rng, *cfg["drop"])
             if cfg["drop_promoter"] > 0:
@@ -482,7 +463,6 @@ def train_networks(
         "seed": config.seed,
         "lr": tc.lr,
         "weight_decay": tc.weight_decay,
-        "lr_schedule": tc.lr_schedule,
         "epochs": tc.epochs,
         "patience": tc.patience,
         "batch_size": tc.batch_size,
