@@ -405,7 +405,8 @@ class ModelConfig:
         cnn_bins: stretches of the promoter window the CNN also pools on their own, besides the whole window (its
             output then knows where along the promoter a motif sits); 0: the whole window only. Measured with 6 on
             the medians ``genes`` task (docs/benchmarks.md): the CNN alone gains (``cnn_only`` +0.016, +0.04 on
-            held-out genes' levels outside Ray), the hybrid does not (-0.0015), so the default stays 0.
+            held-out genes' levels outside Ray), the hybrid does not (-0.0015), and on planted motifs both lose
+            (``hybrid`` -0.08 over three seeds), so the default stays 0.
         dropout: dropout on the transformer's residual branches (not on its attention weights), in the
             ``cnn_only`` MLP and in the head.
     """
