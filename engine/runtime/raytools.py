@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 
 from geximpute.config import RayConfig
+from geximpute.runtime import code_version
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def ensure_ray(config: RayConfig) -> bool:
         DataContext.get_current().enable_progress_bars = False
     else:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    # every worker of the job checks that it imports the driver's code (geximpute.runtime.code_version)
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "runtime_env": code_version.runtime_env()}
     if not config.address:
         local_train_polling()
     if config.address:

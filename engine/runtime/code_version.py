@@ -1,0 +1,68 @@
+"""The engine's code as this process loaded it, and a check that Ray's workers run the driver's code.
+
+A Ray job's workers import geximpute when their first task or actor arrives, which can be long after the driver
+started. If the package changes in between (upgraded with pip, a checkout edited or switched to another commit, or
+the nodes of a cluster holding different versions), the driver and its workers run different code, and what fails
+is far from the cause: a missing config key, a changed record layout or a model that loads with other shapes.
+The driver's fingerprint travels to every worker of its job in the job's runtime environment
+(:func:`runtime_env`, given to ``ray.init`` by :func:`geximpute.runtime.raytools.ensure_ray`); a worker whose own
+code differs stops at ``import geximpute`` with :class:`CodeMismatchError`, naming both.
+
+The fingerprint is a hash of the package's Python sources as read when the package is imported: the same files
+installed in two places agree; an edited file, another commit or another version differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+#: the environment variable that carries the driver's fingerprint to the workers of its Ray job
+ENV = "GEXIMPUTE_DRIVER_CODE"
+
+#: the package's directory (``geximpute`` as installed; ``engine/`` in a checkout)
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+class CodeMismatchError(ImportError):
+    """A Ray worker's geximpute differs from the code its job's driver started with."""
+
+
+def fingerprint(root: Path = PACKAGE) -> str:
+    """A short hash of every ``*.py`` file under ``root``: its path relative to ``root`` and its bytes."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+#: the fingerprint of the code this process imported (taken once, when geximpute is first imported)
+THIS_PROCESS = fingerprint()
+
+
+def runtime_env() -> dict:
+    """The runtime environment a driver gives its Ray job so that each worker checks its code against the driver's."""
+    return {"env_vars": {ENV: THIS_PROCESS}}
+
+
+def check_driver_code() -> None:
+    """In a worker of a Ray job started by a geximpute driver: stop unless this process's code is the driver's.
+
+    Raises:
+        CodeMismatchError: the fingerprints differ; the message says where this process's package lives and what to
+            do. Outside such a worker (no :data:`ENV` set) it does nothing.
+    """
+    expected = os.environ.get(ENV)
+    if expected and expected != THIS_PROCESS:
+        raise CodeMismatchError(
+            f"this process (pid {os.getpid()} on {socket.gethostname()}) imports geximpute from {PACKAGE}, whose code "
+            f"(fingerprint {THIS_PROCESS}) is not the code the Ray job's driver started with (fingerprint {expected}): "
+            "geximpute was upgraded or edited while the job ran, or the cluster's nodes hold different versions of "
+            "it. Start the job again; on a cluster, install the same geximpute on every node (or ship it in the "
+            "job's runtime_env)."
+        )

@@ -1,0 +1,52 @@
+"""A Ray worker whose geximpute is not its driver's code stops at import, naming both (issue: the tree changed under
+a running evaluation and a worker failed with a ``KeyError`` far from the cause)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from geximpute.runtime import code_version
+
+
+def test_the_fingerprint_follows_the_sources(tmp_path):
+    copy = tmp_path / "geximpute"
+    shutil.copytree(code_version.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_version.fingerprint(copy) == code_version.THIS_PROCESS  # the same files elsewhere: the same code
+    module = copy / "fit" / "train.py"
+    module.write_text(module.read_text() + "\n# edited\n")
+    assert code_version.fingerprint(copy) != code_version.THIS_PROCESS
+
+
+def test_a_driver_gives_its_fingerprint_to_its_workers(ray_local):
+    import ray
+
+    env = ray.get_runtime_context().runtime_env
+    assert env["env_vars"][code_version.ENV] == code_version.THIS_PROCESS
+    # a worker of this job imports geximpute, checks it and runs
+    assert ray.get(ray.remote(code_version.fingerprint).remote()) == code_version.THIS_PROCESS
+
+
+def test_a_worker_with_other_code_stops_naming_both(ray_local):
+    import ray
+
+    other = "0" * 16  # what a driver started before an upgrade or an edit would carry
+    task = ray.remote(code_version.fingerprint).options(
+        runtime_env={"env_vars": {code_version.ENV: other}}, max_retries=0
+    )
+    with pytest.raises(Exception) as caught:
+        ray.get(task.remote())
+    message = str(caught.value)
+    assert "not the code the Ray job's driver started with" in message
+    assert other in message and code_version.THIS_PROCESS in message
+
+
+def test_outside_a_job_nothing_is_checked(monkeypatch):
+    monkeypatch.delenv(code_version.ENV, raising=False)
+    code_version.check_driver_code()
+    monkeypatch.setenv(code_version.ENV, code_version.THIS_PROCESS)
+    code_version.check_driver_code()
+    monkeypatch.setenv(code_version.ENV, "f" * 16)
+    with pytest.raises(code_version.CodeMismatchError, match="fingerprint f{16}"):
+        code_version.check_driver_code()
