@@ -161,7 +161,14 @@ class PromoterConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Held-out chromosomes for model validation and test (names as in the genome or the annotation)."""
+    """Held-out chromosomes for model validation and test (names as in the genome or the annotation).
+
+    Attributes:
+        valid_chroms: genes on these chromosomes validate the network (early stopping, the CNN's pre-training);
+            they are never trained on.
+        test_chroms: genes on these chromosomes are marked ``test`` in the records' ``split`` column, for the
+            user's own analyses; training does not leave them out (``evaluation`` scores genes the model never saw).
+    """
 
     valid_chroms: tuple[str, ...] = ()
     test_chroms: tuple[str, ...] = ()
@@ -446,6 +453,8 @@ class TrainConfig:
             (see :mod:`geximpute.science.folds`).
         drop_neighbours, drop_tissues, drop_gene: denoising: per example, the chance that the whole neighbour
             group, tissue group or gene-level means are hidden from the network.
+        drop_promoter: per example, the chance that the network sees the learned stand-in instead of the gene's
+            promoter, so that it cannot lean on recognising a training gene's promoter (0: never).
         max_failures: worker failures survived by resuming from the last checkpoint.
         max_examples_per_epoch: cap on examples per epoch (``None``: all).
         pretrain_epochs: gene-level pre-training of the promoter CNN before the network trains: most epochs of
@@ -696,7 +705,13 @@ class NightlyConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration tree."""
+    """The whole configuration tree.
+
+    Attributes:
+        name: the dataset's name, written into every output's manifest.
+        seed: seeds every random choice of a run (hidden entries, folds, networks, heads).
+        output_dir: the folder every step writes into by default (relative paths: to the config file's folder).
+    """
 
     inputs: InputsConfig
     name: str = "geximpute"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or updates) the virtual environment at .venv in the repository root and installs geximpute into it.
 #
-#   bash scripts/setup.sh            # CPU-only machine: torch CPU build + xgboost-cpu, no CUDA packages
+#   bash scripts/setup.sh            # CPU-only machine: torch 2.13.0 from pip's indexes + xgboost-cpu
 #   GEXIMPUTE_GPU=1 bash scripts/setup.sh   # GPU machine: CUDA torch from the default index + xgboost with NCCL
 #
 # Environment:

@@ -160,3 +160,20 @@ def test_verbose_shows_ray_live(synth_small, tmp_path):
     assert "DEBUG" in text or "evaluate: distance" in text  # and the engine's detail lines
     assert "baselines: 3/3 methods in" in text  # the stage lines as well
     assert "prepare: context records" in (out / LOG_NAME).read_text()  # the file keeps the engine's lines
+
+
+def test_the_log_goes_into_the_folder_the_command_writes(synth_small, tmp_path):
+    import argparse
+
+    from geximpute.apps import cli
+
+    config = synth_small / "config.yaml"
+
+    def folder(command: str, *sets: str) -> Path:
+        args = argparse.Namespace(command=command, config=str(config), overrides=list(sets), out=None)
+        return cli._output_folder(args)
+
+    out = tmp_path / "preds"
+    assert folder("impute", f"output_dir={tmp_path}") == tmp_path / "predictions"
+    assert folder("impute", f"output_dir={tmp_path}", f"impute.out_dir={out}") == out  # where impute writes
+    assert folder("nightly", f"output_dir={tmp_path}") == tmp_path  # beside the nightly dataset, not in it

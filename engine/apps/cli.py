@@ -385,6 +385,9 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
         config = _load(args)
     except Exception:  # noqa: BLE001 - the command itself reports a bad config
         return None
+    if args.command == "impute" and config.impute.out_dir:  # as geximpute.steps.impute.output_dir
+        return Path(config.impute.out_dir)
+    # nightly's log stays in output_dir: its dataset (nightly.output) outlives each run
     return Path(config.output_dir) / _DEFAULT_FOLDERS.get(args.command, "")
 
 
