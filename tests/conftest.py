@@ -44,17 +44,12 @@ def ray_local():
     """One local Ray for the whole session: 2 CPUs, small object store, no dashboard."""
     import ray
 
-    from geximpute.runtime import code_version
+    from geximpute import code_version
     from geximpute.runtime.raytools import local_train_polling
 
     local_train_polling()  # as the engine's own local Ray: Ray Train's controller polls every 0.25 s, not 2 s
-    ray.init(
-        num_cpus=2,
-        object_store_memory=256 * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env=code_version.runtime_env(),  # as the engine's: each worker checks it runs the driver's code
-    )
+    code_version.export_for_local_ray()  # as the engine's: each worker checks that it runs this process's code
+    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from geximpute.runtime import code_version
+from geximpute import code_version
 
 
 def test_the_fingerprint_follows_the_sources(tmp_path):
@@ -20,12 +20,14 @@ def test_the_fingerprint_follows_the_sources(tmp_path):
 
 
 def test_a_driver_gives_its_fingerprint_to_its_workers(ray_local):
+    import os
+
     import ray
 
-    env = ray.get_runtime_context().runtime_env
-    assert env["env_vars"][code_version.ENV] == code_version.THIS_PROCESS
-    # a worker of this job imports geximpute, checks it and runs
-    assert ray.get(ray.remote(code_version.fingerprint).remote()) == code_version.THIS_PROCESS
+    # a worker of the local Ray inherits the driver's fingerprint, imports geximpute, checks it and runs
+    seen = ray.get(ray.remote(lambda: (os.environ.get(code_version.ENV), code_version.fingerprint())).remote())
+    assert seen == (code_version.THIS_PROCESS, code_version.THIS_PROCESS)
+    assert code_version.runtime_env() == {"env_vars": {code_version.ENV: code_version.THIS_PROCESS}}  # for a cluster
 
 
 def test_a_worker_with_other_code_stops_naming_both(ray_local):

@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "engine"
 LAYERS = ("base", "io", "science", "model", "runtime", "fit", "steps", "apps")
-BASE_MODULES = {"geximpute", "geximpute.errors", "geximpute.config", "geximpute.config_schema", "geximpute.schema"}
+BASE_MODULES = {"geximpute", "geximpute.errors", "geximpute.config", "geximpute.config_schema", "geximpute.schema",
+                "geximpute.code_version"}
 #: modules at the package's top that belong to a higher layer: ``geximpute.api`` is the notebooks' facade over the apps
 TOP_LEVEL = {"geximpute.api": "apps"}
 #: third-party packages a layer must not import, though a higher one may: science is numpy with the classical

@@ -7,8 +7,8 @@ import logging
 import os
 from collections.abc import Iterator
 
+from geximpute import code_version
 from geximpute.config import RayConfig
-from geximpute.runtime import code_version
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,13 @@ def ensure_ray(config: RayConfig) -> bool:
         DataContext.get_current().enable_progress_bars = False
     else:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
-    # every worker of the job checks that it imports the driver's code (geximpute.runtime.code_version)
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "runtime_env": code_version.runtime_env()}
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    # every worker of the job checks that it imports the driver's code (geximpute.code_version)
     if not config.address:
         local_train_polling()
+        code_version.export_for_local_ray()
     if config.address:
-        ray.init(address=config.address, **kwargs)
+        ray.init(address=config.address, runtime_env=code_version.runtime_env(), **kwargs)
     else:
         ray.init(
             num_cpus=config.num_cpus,

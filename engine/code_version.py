@@ -4,9 +4,12 @@ A Ray job's workers import geximpute when their first task or actor arrives, whi
 started. If the package changes in between (upgraded with pip, a checkout edited or switched to another commit, or
 the nodes of a cluster holding different versions), the driver and its workers run different code, and what fails
 is far from the cause: a missing config key, a changed record layout or a model that loads with other shapes.
-The driver's fingerprint travels to every worker of its job in the job's runtime environment
-(:func:`runtime_env`, given to ``ray.init`` by :func:`geximpute.runtime.raytools.ensure_ray`); a worker whose own
-code differs stops at ``import geximpute`` with :class:`CodeMismatchError`, naming both.
+The driver's fingerprint travels to every worker of its job in an environment variable (:data:`ENV`): a local Ray
+that the driver starts inherits it from the driver's environment (:func:`export_for_local_ray`); a driver that joins a
+cluster gives it in the job's runtime environment (:func:`runtime_env`; both by
+:func:`geximpute.runtime.raytools.ensure_ray`). A worker whose own code differs stops at ``import geximpute`` with
+:class:`CodeMismatchError`, naming both. (A runtime environment on a local Ray would cost each new worker about a
+second through Ray's runtime-env agent; the inherited variable costs nothing.)
 
 The fingerprint is a hash of the package's Python sources as read when the package is imported: the same files
 installed in two places agree; an edited file, another commit or another version differ.
@@ -23,7 +26,7 @@ from pathlib import Path
 ENV = "GEXIMPUTE_DRIVER_CODE"
 
 #: the package's directory (``geximpute`` as installed; ``engine/`` in a checkout)
-PACKAGE = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parent
 
 
 class CodeMismatchError(ImportError):
@@ -46,8 +49,14 @@ THIS_PROCESS = fingerprint()
 
 
 def runtime_env() -> dict:
-    """The runtime environment a driver gives its Ray job so that each worker checks its code against the driver's."""
+    """The runtime environment a driver that joins a cluster gives its job, so that each worker checks its code."""
     return {"env_vars": {ENV: THIS_PROCESS}}
+
+
+def export_for_local_ray() -> None:
+    """Before this process starts a local Ray: put the fingerprint in its environment, which Ray's processes (and
+    so every worker of the local cluster) inherit."""
+    os.environ[ENV] = THIS_PROCESS
 
 
 def check_driver_code() -> None:
