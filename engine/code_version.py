@@ -5,7 +5,7 @@ started. If the package changes in between (upgraded with pip, a checkout edited
 the nodes of a cluster holding different versions), the driver and its workers run different code, and what fails
 is far from the cause: a missing config key, a changed record layout or a model that loads with other shapes.
 The driver's fingerprint travels to every worker of its job in an environment variable (:data:`ENV`): a local Ray
-that the driver starts inherits it from the driver's environment (:func:`export_for_local_ray`); a driver that joins a
+that the driver starts inherits it from the driver's environment (:func:`exported_for_local_ray`); a driver that joins a
 cluster gives it in the job's runtime environment (:func:`runtime_env`; both by
 :func:`geximpute.runtime.raytools.ensure_ray`). A worker whose own code differs stops at ``import geximpute`` with
 :class:`CodeMismatchError`, naming both. (A runtime environment on a local Ray would cost each new worker about a
@@ -17,9 +17,11 @@ installed in two places agree; an edited file, another commit or another version
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 #: the environment variable that carries the driver's fingerprint to the workers of its Ray job
@@ -53,10 +55,20 @@ def runtime_env() -> dict:
     return {"env_vars": {ENV: THIS_PROCESS}}
 
 
-def export_for_local_ray() -> None:
-    """Before this process starts a local Ray: put the fingerprint in its environment, which Ray's processes (and
-    so every worker of the local cluster) inherit."""
+@contextlib.contextmanager
+def exported_for_local_ray() -> Iterator[None]:
+    """Around the ``ray.init`` that starts a local Ray: the fingerprint in this process's environment, which Ray's
+    processes (and so every worker of the local cluster) inherit; taken out again after, so that other processes
+    this one starts later (a ``ray start``, a command of another install) do not carry it."""
+    before = os.environ.get(ENV)
     os.environ[ENV] = THIS_PROCESS
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def check_driver_code() -> None:

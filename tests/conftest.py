@@ -48,8 +48,8 @@ def ray_local():
     from geximpute.runtime.raytools import local_train_polling
 
     local_train_polling()  # as the engine's own local Ray: Ray Train's controller polls every 0.25 s, not 2 s
-    code_version.export_for_local_ray()  # as the engine's: each worker checks that it runs this process's code
-    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    with code_version.exported_for_local_ray():  # as the engine's: each worker checks that it runs this code
+        ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

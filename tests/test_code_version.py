@@ -27,6 +27,7 @@ def test_a_driver_gives_its_fingerprint_to_its_workers(ray_local):
     # a worker of the local Ray inherits the driver's fingerprint, imports geximpute, checks it and runs
     seen = ray.get(ray.remote(lambda: (os.environ.get(code_version.ENV), code_version.fingerprint())).remote())
     assert seen == (code_version.THIS_PROCESS, code_version.THIS_PROCESS)
+    assert code_version.ENV not in os.environ  # only Ray's processes carry it, not what this process starts later
     assert code_version.runtime_env() == {"env_vars": {code_version.ENV: code_version.THIS_PROCESS}}  # for a cluster
 
 

@@ -54,15 +54,15 @@ def ensure_ray(config: RayConfig) -> bool:
     # every worker of the job checks that it imports the driver's code (geximpute.code_version)
     if not config.address:
         local_train_polling()
-        code_version.export_for_local_ray()
     if config.address:
         ray.init(address=config.address, runtime_env=code_version.runtime_env(), **kwargs)
     else:
-        ray.init(
-            num_cpus=config.num_cpus,
-            object_store_memory=config.object_store_mb * 1024 * 1024 if config.object_store_mb else None,
-            **kwargs,
-        )
+        with code_version.exported_for_local_ray():
+            ray.init(
+                num_cpus=config.num_cpus,
+                object_store_memory=config.object_store_mb * 1024 * 1024 if config.object_store_mb else None,
+                **kwargs,
+            )
     log.info("ray: %s", ray.cluster_resources())
     return True
 
