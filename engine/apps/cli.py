@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 SESSION_COMMANDS = ("prepare", "train", "fit-head", "evaluate", "impute", "nightly", "variant-effects", "demo",
                     "benchmark")
 
-_DEFAULT_FOLDERS = {"prepare": "records", "train": "network", "fit-head": "model", "impute": "predictions"}
+_DEFAULT_FOLDERS = {"prepare": "records", "train": "network", "fit-head": "model"}
 
 
 def _output_folder(args: argparse.Namespace) -> Path | None:
@@ -385,8 +385,10 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
         config = _load(args)
     except Exception:  # noqa: BLE001 - the command itself reports a bad config
         return None
-    if args.command == "impute" and config.impute.out_dir:  # as geximpute.steps.impute.output_dir
-        return Path(config.impute.out_dir)
+    if args.command == "impute":  # impute.out_dir or <output_dir>/predictions
+        from geximpute.steps.impute import output_dir
+
+        return output_dir(config)
     # nightly's log stays in output_dir: its dataset (nightly.output) outlives each run
     return Path(config.output_dir) / _DEFAULT_FOLDERS.get(args.command, "")
 

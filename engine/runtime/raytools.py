@@ -52,11 +52,10 @@ def ensure_ray(config: RayConfig) -> bool:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     # every worker of the job checks that it imports the driver's code (geximpute.code_version)
-    if not config.address:
-        local_train_polling()
     if config.address:
         ray.init(address=config.address, runtime_env=code_version.runtime_env(), **kwargs)
     else:
+        local_train_polling()
         with code_version.exported_for_local_ray():
             ray.init(
                 num_cpus=config.num_cpus,
