@@ -46,7 +46,7 @@ TASKS = (
 )
 BASELINES = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
              "cross_gene_regression", "iterative_ridge", "chained_boosting", "local_regression", "tensor_factorisation",
-             "promoter_composition")
+             "promoter_composition", "gene_family")
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 

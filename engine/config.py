@@ -209,7 +209,7 @@ class EvaluationConfig:
     fraction: float = 0.1
     methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
                                 "cross_gene_regression", "iterative_ridge", "chained_boosting", "local_regression",
-                                "tensor_factorisation", "promoter_composition", "hybrid")
+                                "tensor_factorisation", "promoter_composition", "gene_family", "hybrid")
     ablations: bool = True
     min_donors: int = 10
     whole_donors: bool = False
@@ -221,7 +221,7 @@ class EvaluationConfig:
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
         known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
                  "elastic_net", "pairwise_regression", "cross_gene_regression", "iterative_ridge", "local_regression",
-                 "chained_boosting", "tensor_factorisation", "promoter_composition"}
+                 "chained_boosting", "tensor_factorisation", "promoter_composition", "gene_family"}
         bad = [m for m in self.methods if m not in known]
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
                  "false unless evaluation.task is 'samples'")
@@ -321,6 +321,8 @@ class BaselinesConfig:
         tf_lambda: ridge penalty of its donor factors and loadings.
         tf_iterations: alternating least-squares rounds of ``tensor_factorisation``.
         comp_alpha: ridge penalty of ``promoter_composition`` (on standardised features).
+        fam_shrinkage: pseudo-genes of ``gene_family``'s prior at each level (the fine family's mean is shrunk
+            towards the coarse family's, that towards the sample's mean over all genes).
         tune: choose every tunable setting above from a small grid on a validation split carved out of the
             visible data (never the hidden entries); the choice is written into ``metrics.json``. ``false``: use
             the values as configured.
@@ -361,6 +363,7 @@ class BaselinesConfig:
     tf_lambda: float = 10.0
     tf_iterations: int = 20
     comp_alpha: float = 1.0
+    fam_shrinkage: float = 3.0
     tune: bool = True
     tune_fraction: float = 0.1
     block_cells: int = 1_000_000
@@ -369,6 +372,7 @@ class BaselinesConfig:
     def __post_init__(self) -> None:
         _require(self.block_cells >= 1, "baselines.block_cells", self.block_cells, "an integer >= 1")
         _require(self.tune_ranges >= 1, "baselines.tune_ranges", self.tune_ranges, "an integer >= 1")
+        _require(self.fam_shrinkage > 0, "baselines.fam_shrinkage", self.fam_shrinkage, "a number > 0")
         _require(self.distance_k >= 1, "baselines.distance_k", self.distance_k, "an integer >= 1")
         _require(self.distance_offset > 0, "baselines.distance_offset", self.distance_offset, "a number > 0")
         _require(self.mc_rank >= 1, "baselines.mc_rank", self.mc_rank, "an integer >= 1")

@@ -15,10 +15,12 @@ from geximpute.science.baselines import (
     ENTRY_METHODS,
     OWN_ROW_METHODS,
     CrossGeneRegressionBaseline,
+    GeneFamilyBaseline,
     PairwiseRegressionBaseline,
     RowTissueBaseline,
     baseline_estimates,
     fit_ranges,
+    gene_family_keys,
     make_method,
     make_methods,
     out_of_fold_estimates,
@@ -293,6 +295,64 @@ def test_promoter_composition_predicts_hidden_genes_from_cpg():
     assert np.sqrt(np.mean((pred - truth) ** 2)) < 0.7 * np.sqrt(np.mean((base.predict_entries(gi, si) - truth) ** 2))
 
 
+def test_gene_family_keys_are_the_stems_of_symbols():
+    coarse, fine = gene_family_keys(["RPL10A", "SLC25A1", "OR2A1", "HLA-DRB1", "ENSG00000141510", None, "",
+                                     "7SK", "znf512"])
+    assert list(coarse) == ["RPL", "SLC", "OR", "HLA", None, None, None, None, "ZNF"]
+    assert list(fine) == ["RPL10", "SLC25", "OR2", "HLA", None, None, None, None, "ZNF512"]
+
+
+def test_gene_family_predicts_hidden_genes_from_their_familys_other_genes():
+    rng = np.random.default_rng(7)
+    n_t = 5
+    # three families at different levels in every tissue, plus genes without a symbol
+    families = {"RPL": 8.0, "OR": 0.5, "ZNF": 3.0}
+    names, level = [], []
+    for stem, mu in families.items():
+        for i in range(40):
+            names.append(f"{stem}{i % 7 + 1}{'AB'[i % 2]}")
+            level.append(mu)
+    names += [None] * 20
+    level += [4.0] * 20
+    level = np.asarray(level)
+    values = level[:, None] + rng.normal(size=(len(level), n_t)) * 0.5 + np.arange(n_t) * 0.1
+    hidden_genes = rng.choice(len(level), size=30, replace=False)
+    visible = values.copy()
+    visible[hidden_genes] = np.nan
+    problem = dataclasses.replace(problem_of(visible, np.zeros(n_t, int), np.arange(n_t)),
+                                  gene_names=np.asarray(names, dtype=object))
+    gi = np.repeat(hidden_genes, n_t)
+    si = np.tile(np.arange(n_t), len(hidden_genes))
+    method = make_method("gene_family", FIXED)
+    method.fit(problem)
+    pred = method.predict_entries(gi, si)
+    assert np.isfinite(pred).all()
+    assert np.corrcoef(pred, values[gi, si])[0, 1] > 0.9
+    # a visible gene is estimated from the others of its family, never from its own value
+    problem.values[0, 0] = 1_000.0
+    method.fit(problem)
+    alone = method.predict_entries(np.array([0]), np.array([0]))[0]
+    other = method.predict_entries(np.array([2]), np.array([0]))[0]  # RPL genes 0 and 2 share the fine family
+    assert alone < 20 < other
+    # a gene without a symbol gets the sample's mean over the visible genes
+    no_name = len(level) - 1
+    sample_mean = np.nanmean(problem.values[:, 1])
+    assert method.predict_entries(np.array([no_name]), np.array([1]))[0] == pytest.approx(sample_mean)
+    # with a strong prior the families' means fade into the sample's mean
+    strong = GeneFamilyBaseline(1e9)
+    strong.fit(problem)
+    assert np.ptp(strong.predict_entries(gi[si == 0], si[si == 0])) < 1e-3
+
+
+def test_gene_family_needs_symbols_and_whole_hidden_genes():
+    _, skipped = make_methods(("gene_family",), FIXED, n_donors=1, task="genes")
+    assert "gene symbols" in skipped["gene_family"]
+    kept, _ = make_methods(("gene_family",), FIXED, n_donors=1, task="genes", gene_names=True)
+    assert [m.name for m in kept] == ["gene_family"]
+    _, skipped = make_methods(("gene_family",), FIXED, n_donors=1, task="entries", gene_names=True)
+    assert "genes task" in skipped["gene_family"]
+
+
 def test_methods_that_need_donors_or_sequence_are_skipped_with_a_reason():
     methods, skipped = make_methods(("row_tissue", "pairwise_regression", "tensor_factorisation",
                                      "promoter_composition", "hybrid"), FIXED, n_donors=1)
@@ -341,11 +401,11 @@ def test_entry_baselines_are_fitted_per_gene_range_of_bounded_size(monkeypatch):
     assert ranges == [(0, 17), (17, 33), (33, 50)]  # about 17 genes each, consecutive, every gene once
     whole = baseline_estimates(problem, gi, si, ENTRY_METHODS, FIXED, composition=composition)
     blocked = baseline_estimates(problem, gi, si, ENTRY_METHODS, small, composition=composition)
-    applying = tuple(n for n in ENTRY_METHODS if n != "chained_boosting")  # a gene x tissue table only
+    applying = tuple(n for n in ENTRY_METHODS if n not in ("chained_boosting", "gene_family"))  # no symbols here
     assert set(blocked) == set(whole) == set(applying)
     for lo, hi in ranges:  # each entry has the estimate of a fit on its gene range alone
         inside = (gi >= lo) & (gi < hi)
-        alone = range_estimates(gene_rows(problem, lo, hi), gi[inside] - lo, si[inside], ENTRY_METHODS, small,
+        alone = range_estimates(gene_rows(problem, lo, hi), gi[inside] - lo, si[inside], applying, small,
                                 composition=composition[lo:hi])
         for name in applying:
             np.testing.assert_array_equal(blocked[name][inside], alone[name], err_msg=name)

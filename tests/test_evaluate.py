@@ -48,6 +48,27 @@ def test_hidden_sets_follow_the_task(synth_small, task):
         assert len(cols) == round(0.2 * problem.n_samples)
 
 
+def test_gene_symbols_come_from_the_annotation_else_the_expression_file(synth_small):
+    import dataclasses
+
+    dataset = load_dataset(load_config(synth_small / "config.yaml"))
+    problem, _ = make_problem(dataset, hidden_mask=False, genomes=False)
+    assert problem.gene_names is not None and all(str(n).startswith("SYN") for n in problem.gene_names)
+    # a genes table without symbols: the expression file's symbol column fills them, row for row
+    genes = dataset.genes.table
+    unnamed = genes.set_column(genes.schema.get_field_index("gene_name"), "gene_name",
+                               pa.nulls(genes.num_rows, pa.string()))
+    expression = dataclasses.replace(dataset.expression,
+                                     gene_names=[f"X{g}" for g in dataset.expression.gene_ids])
+    other = dataclasses.replace(dataset, genes=dataclasses.replace(dataset.genes, table=unnamed),
+                                expression=expression)
+    problem, _ = make_problem(other, hidden_mask=False, genomes=False)
+    assert list(problem.gene_names) == [f"X{g}" for g in problem.gene_ids]
+    # neither: no symbols at all
+    bare = dataclasses.replace(other, expression=dataclasses.replace(expression, gene_names=None))
+    assert make_problem(bare, hidden_mask=False, genomes=False)[0].gene_names is None
+
+
 def features_and_predictions(dataset):
     problem, truth = make_problem(dataset)
     targets, hidden = target_masks(problem, truth, "all")

@@ -169,12 +169,16 @@ def test_gct_ignores_its_dimension_line_and_reads_blanks_as_missing(write):
     assert expr.report["gct_declared_shape"] == (999, 999)
     assert expr.report["gct_dimension_line_matches"] is False
     assert expr.report["n_measured"] == 4
+    assert expr.gene_names == ["AAA", "BBB"]  # the Description column: gene symbols
 
 
 def test_wide_table_with_gene_name_column(write):
-    expr = read_expression(write("medians.tsv", "gene_id\tgene_name\tLiver\tLung\nENSG01\tAAA\t10\t0.5\n"))
+    expr = read_expression(write("medians.tsv", "gene_id\tgene_name\tLiver\tLung\nENSG01\tAAA\t10\t0.5\n"
+                                                "ENSG02\t\t1\t2\n"))
     assert expr.sample_ids == ["Liver", "Lung"]
-    np.testing.assert_allclose(expr.values, [[10, 0.5]])
+    assert expr.gene_names == ["AAA", None]
+    assert read_expression(write("plain.tsv", "gene_id\tLiver\nENSG01\t1\n")).gene_names is None
+    np.testing.assert_allclose(expr.values, [[10, 0.5], [1, 2]])
 
 
 def test_long_tsv_and_parquet_give_the_same_matrix(write, tmp_path):

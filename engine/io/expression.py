@@ -25,6 +25,8 @@ from geximpute.io.tables import is_parquet, read_table, require_columns
 #: wide-table columns that describe genes rather than hold values
 ANNOTATION_COLUMNS = {"description", "gene_name", "name", "symbol", "gene_symbol", "gene.name", "gene_type"}
 GENE_ID_COLUMNS = ["gene_id", "Name", "gene", "geneid", "ensembl_gene_id", "id"]
+#: annotation columns that carry gene symbols, in order of preference (a GCT's ``Description`` holds them)
+NAME_COLUMNS = ["gene_name", "symbol", "gene_symbol", "gene.name", "description"]
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Expression:
         report: counts for ``inspect``.
         genes: for a phenotype BED, its rows' coordinates as a table of ``gene_id`` (as written), ``chrom``,
             ``start0``, ``end`` and ``strand`` (see :func:`geximpute.io.genes.phenotype_bed_genes`); None otherwise.
+        gene_names: the gene symbol of each row (None where blank) when the file has a symbol column
+            (:data:`NAME_COLUMNS`: a GCT's ``Description``, a ``gene_name`` column); None otherwise.
     """
 
     path: Path
@@ -49,6 +53,7 @@ class Expression:
     scale: str
     report: dict = field(default_factory=dict)
     genes: pa.Table | None = None
+    gene_names: list[str | None] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -237,6 +242,11 @@ def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) ->
             _raise_non_numeric(path, table, id_col, n, first_data_line)
         values[:, j] = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
     gene_ids = _gene_ids(path, table[id_col], first_data_line)
+    name_col = next((lower[c] for c in NAME_COLUMNS if c in lower and lower[c] != id_col
+                     and pa.types.is_string(table[lower[c]].type)), None)
+    gene_names = None
+    if name_col is not None:
+        gene_names = [n.strip() or None if n is not None else None for n in table[name_col].to_pylist()]
     return Expression(
         path=path,
         gene_ids=gene_ids,
@@ -244,6 +254,7 @@ def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) ->
         values=values,
         scale=scale,
         report={"first_data_line": first_data_line},
+        gene_names=gene_names,
     )
 
 

@@ -21,7 +21,7 @@ HYBRID_FAMILY = ("hybrid", "hybrid_network", "hybrid_reference")
 #: comparators named by issue 13, compared with the hybrid whenever they were scored
 NAMED_COMPARATORS = ("pairwise_regression", "cross_gene_regression", "iterative_ridge", "chained_boosting",
                      "local_regression", "tensor_factorisation", "distance", "xgb_features_only",
-                     "promoter_composition")
+                     "promoter_composition", "gene_family")
 
 
 def gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: np.ndarray, n_genes: int,

@@ -57,6 +57,9 @@ class VisibleProblem:
         tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
         genomes: the donors' promoter haplotypes and variant dosages (:mod:`geximpute.science.genomes`), None without
             personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
+        gene_names: (G,) gene symbols (None where unknown), from the annotation's ``gene_name`` or else the
+            expression file's symbol column (:func:`gene_names_of`); None when neither has any. Known for hidden
+            genes too: a gene's name is annotation, not a measurement (``gene_family`` reads it).
     """
 
     gene_ids: np.ndarray
@@ -74,6 +77,7 @@ class VisibleProblem:
     values: np.ndarray
     tissue_corr: np.ndarray
     genomes: DonorGenomes | None = None
+    gene_names: np.ndarray | None = None
 
     @property
     def n_genes(self) -> int:
@@ -100,7 +104,8 @@ def _genes(problem: VisibleProblem, rows: slice | np.ndarray) -> VisibleProblem:
     return dataclasses.replace(
         problem, gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
         start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
-        values=problem.values[rows], genomes=None)
+        values=problem.values[rows], genomes=None,
+        gene_names=None if problem.gene_names is None else problem.gene_names[rows])
 
 
 @dataclass
@@ -232,6 +237,20 @@ def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
     return out
 
 
+def gene_names_of(dataset: Dataset, expr_rows: np.ndarray, genes) -> np.ndarray | None:
+    """(G,) object array of each annotated gene's symbol: the annotation's ``gene_name`` where it has one, else the
+    expression file's symbol column (:attr:`geximpute.io.expression.Expression.gene_names`) at the gene's row;
+    None when neither names any gene."""
+    names = np.asarray(genes[S.GENE_NAME].to_pylist(), dtype=object)
+    from_expression = dataset.expression.gene_names
+    if from_expression is not None:
+        other = np.asarray(from_expression, dtype=object)[expr_rows]
+        names = np.where([n is None for n in names], other, names)
+    if all(n is None for n in names):
+        return None
+    return names
+
+
 def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True
                  ) -> tuple[VisibleProblem, HiddenTruth]:
     """Split a dataset into the visible problem and the hidden truth of ``config.evaluation``.
@@ -288,6 +307,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
         tissues=list(tissues),
         values=visible,
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
+        gene_names=gene_names_of(dataset, expr_rows, genes),
     )
     if dataset.variants is not None and genomes:
         problem.genomes = donor_genomes(dataset, problem)

@@ -82,7 +82,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         tuning_seconds = round(time.perf_counter() - t, 2)
         methods, skipped = make_methods(config.evaluation.methods, baselines, len(problem.donors),
                                         has_genomes=problem.genomes is not None, seed=config.seed,
-                                        composition=composition, task=config.evaluation.task)
+                                        composition=composition, task=config.evaluation.task,
+                                        gene_names=problem.gene_names is not None)
         gene = records["gene_index"].to_numpy()
         sample = records["sample_index"].to_numpy()
         tissue = problem.tissue_index[sample]
