@@ -11,7 +11,7 @@ import pytest
 from helpers import TINY
 
 from geximpute.config import load_config
-from geximpute.io.dataset import load_dataset
+from geximpute.io.dataset import load_dataset, summarise
 from geximpute.science.baselines import make_methods
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.problem import make_problem
@@ -54,6 +54,7 @@ def test_gene_symbols_come_from_the_annotation_else_the_expression_file(synth_sm
     dataset = load_dataset(load_config(synth_small / "config.yaml"))
     problem, _ = make_problem(dataset, hidden_mask=False, genomes=False)
     assert problem.gene_names is not None and all(str(n).startswith("SYN") for n in problem.gene_names)
+    assert summarise(dataset)["genes"]["joined_with_symbol"] == problem.n_genes  # what `inspect` shows
     # a genes table without symbols: the expression file's symbol column fills them, row for row
     genes = dataset.genes.table
     unnamed = genes.set_column(genes.schema.get_field_index("gene_name"), "gene_name",
@@ -64,9 +65,11 @@ def test_gene_symbols_come_from_the_annotation_else_the_expression_file(synth_sm
                                 expression=expression)
     problem, _ = make_problem(other, hidden_mask=False, genomes=False)
     assert list(problem.gene_names) == [f"X{g}" for g in problem.gene_ids]
+    assert summarise(other)["genes"]["joined_with_symbol"] == problem.n_genes
     # neither: no symbols at all
     bare = dataclasses.replace(other, expression=dataclasses.replace(expression, gene_names=None))
     assert make_problem(bare, hidden_mask=False, genomes=False)[0].gene_names is None
+    assert summarise(bare)["genes"]["joined_with_symbol"] == 0
 
 
 def features_and_predictions(dataset):

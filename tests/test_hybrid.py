@@ -139,6 +139,21 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
         assert pq.read_schema(tiny_model.folder / name).remove_metadata().equals(schema)
 
 
+def test_a_head_baseline_that_does_not_apply_to_the_data_is_named_in_a_warning(tiny_model, caplog):
+    import dataclasses
+    import logging
+
+    bundle = load_bundle(tiny_model.folder)
+    bundle.baseline_names = (*bundle.baseline_names, "gene_family")  # as a genes-task bundle's head would read it
+    problem = dataclasses.replace(tiny_model.progress.results["prepare"].problem, gene_names=None)
+    targets = np.zeros(problem.values.shape, bool)
+    targets[:3, :2] = True
+    with caplog.at_level(logging.WARNING, logger="geximpute.fit.bundle"):
+        grids = bundle.baseline_grids(problem, targets)
+    assert np.isnan(grids["gene_family"]).all() and np.isfinite(grids["row_tissue"][targets]).all()
+    assert "gene_family" in caplog.text and "gene symbols" in caplog.text
+
+
 def test_a_bundle_whose_head_reads_other_features_is_refused(tiny_model, tmp_path):
     """The head reads its engineered features by position: a bundle that recorded another list (an engine that
     added, removed or reordered one) is refused by name, not read from the wrong columns."""

@@ -148,6 +148,16 @@ def promoter_coverage(genes: pa.Table, genome: Genome, upstream: int, downstream
     return (start >= 1) & (end <= length)
 
 
+def _with_symbol(dataset: Dataset, joined: list[str]) -> int:
+    """Joined genes with a symbol (the annotation's ``gene_name``, else the expression file's symbol column):
+    what ``gene_family`` reads (:func:`geximpute.science.problem.gene_names_of`)."""
+    named = {g for g, n in zip(dataset.genes.table[S.GENE_ID].to_pylist(),
+                               dataset.genes.table[S.GENE_NAME].to_pylist(), strict=True) if n}
+    if dataset.expression.gene_names is not None:
+        named |= {g for g, n in zip(dataset.expression.gene_ids, dataset.expression.gene_names, strict=True) if n}
+    return sum(g in named for g in joined)
+
+
 def summarise(dataset: Dataset) -> dict:
     """Counts and join rates of a dataset, as plain data."""
     expr, genes = dataset.expression, dataset.genes
@@ -165,6 +175,7 @@ def summarise(dataset: Dataset) -> dict:
             "expression_with_annotation": len(joined),
             "join_rate_expression_to_annotation": len(joined) / max(len(expr.gene_ids), 1),
             "renamed_chroms": genes.report.get("renamed_chroms", {}),
+            "joined_with_symbol": _with_symbol(dataset, joined),
         },
         "samples": {
             "samples": len(expr.sample_ids),
@@ -227,6 +238,7 @@ def format_summary(report: dict) -> str:
     ]
     if g["renamed_chroms"]:
         lines.append(f"              chromosomes renamed: {g['renamed_chroms']}")
+    lines.append(f"              {g['joined_with_symbol']:,} of them with a symbol (what gene_family reads)")
     lines += [
         f"  samples     {s['samples']:,} samples, {s['donors']:,} donor(s), {s['tissues']:,} tissues"
         + ("" if s["has_sample_table"] or s["donors"] > 1
