@@ -8,7 +8,7 @@ Two real datasets, each trained, bundled and imputed on a local single-node Ray:
 - ``gtex-medians``: GTEx median TPM of ~18k genes in 29 tissues, evaluation task ``genes``: 10% of the genes are
   hidden before anything runs, the model never sees them, and ``impute`` fills them in
   (``gtex-medians/predictions``); their accuracy against the held-out truth is reported next to the inverse-distance
-  baseline on exactly the same entries.
+  and gene-family baselines on exactly the same entries.
 
 Then ``report.html`` (one self-contained page: plots, tables, configs, input fingerprints), ``summary.md`` and
 ``summary.png`` at the top of the output folder.
@@ -132,7 +132,9 @@ def _medians(out: Path, seed: int) -> tuple[DemoPart, dict]:
                                           (observed <= rows["predicted_upper"].to_numpy())))
     scores = {"hybrid": hybrid}
     records = read_records(prepared, hidden=True)
-    methods, _ = make_methods(("distance",), config.baselines, len(problem.donors))
+    # two classical comparators on the same entries: the neighbours' levels and the gene's family's
+    methods, _ = make_methods(("distance", "gene_family"), config.baselines, len(problem.donors), task="genes",
+                              gene_names=problem.gene_names is not None)
     for method in methods:
         method.fit(problem)
         scores[method.name] = score(np.asarray(method.predict(records), np.float64), hidden_values(prepared, records),
@@ -252,8 +254,9 @@ def write_html(out: Path, medians: DemoPart, v8: DemoPart, medians_plot: dict, v
                 + per_tissue_bars(scores) + (coverage_plot(scores) or ""),
                 f"{m['hidden_genes']:,} genes ({m['hidden_entries']:,} entries) were hidden before training "
                 f"(task genes, seed {medians.config.evaluation.seed}); the model never saw them and impute filled "
-                "them in. Accuracy against the held-out truth, log1p(TPM), next to the inverse-distance baseline on "
-                "the same entries; then each tissue's Pearson and the 80% interval's coverage."),
+                "them in. Accuracy against the held-out truth, log1p(TPM), next to the inverse-distance and "
+                "gene-family baselines on the same entries; then each tissue's Pearson and the 80% interval's "
+                "coverage."),
         Section("GTEx v8: missing donor-tissue profiles", _v8_tissues_plot(v8_plot) + _across_donors_plot(v8_plot),
                 f"{v['donors']:,} donors x {v['tissues']} tissues, {v['sampled_pairs']:,} donor-tissue pairs "
                 f"sampled; the {v['missing_profiles']:,} pairs never sampled were imputed ({v['rows']:,} entries, "
