@@ -166,8 +166,10 @@ class SplitConfig:
     Attributes:
         valid_chroms: genes on these chromosomes validate the network (early stopping, the CNN's pre-training);
             they are never trained on.
-        test_chroms: genes on these chromosomes are marked ``test`` in the records' ``split`` column, for the
-            user's own analyses; training does not leave them out (``evaluation`` scores genes the model never saw).
+        test_chroms: genes on these chromosomes are marked ``test`` (the records' ``split`` column) and held out
+            of learning: no training example, CNN pre-training level or baseline tuning split is cut from their
+            values (they still appear as other genes' context, as any visible value does); ``evaluate`` scores
+            the hidden entries on them apart (``test_chroms`` in ``metrics.json``).
     """
 
     valid_chroms: tuple[str, ...] = ()

@@ -72,6 +72,27 @@ def test_gene_symbols_come_from_the_annotation_else_the_expression_file(synth_sm
     assert summarise(bare)["genes"]["joined_with_symbol"] == 0
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_genes_of_the_test_chromosomes_never_label_a_training_example(synth_small, task):
+    from geximpute.fit.hybrid import pretrain_levels
+    from geximpute.science.folds import training_folds
+    from geximpute.science.problem import SPLITS
+
+    config = load_config(synth_small / "config.yaml", [f"evaluation.task={task}", "split.test_chroms=[chr2]"])
+    problem, _ = make_problem(load_dataset(config), genomes=False)
+    test_gene = problem.split == SPLITS.index("test")
+    assert 0 < test_gene.sum() < problem.n_genes and set(problem.chroms[test_gene]) == {"chr2"}
+    folds = training_folds(problem, task, 2, 0.25, seed=0)
+    assert all(mask.any() and not mask[test_gene].any() for mask in folds)
+    level, _ = pretrain_levels(config, problem, [0])
+    assert np.isnan(level[test_gene]).all() and np.isfinite(level[~test_gene]).any()
+    # without test chromosomes the folds are cut as before: the exclusion changes nothing else
+    plain = load_config(synth_small / "config.yaml", [f"evaluation.task={task}"])
+    unmarked, _ = make_problem(load_dataset(plain), genomes=False)
+    again = training_folds(unmarked, task, 2, 0.25, seed=0)
+    assert any(mask[test_gene].any() for mask in again)
+
+
 def features_and_predictions(dataset):
     problem, truth = make_problem(dataset)
     targets, hidden = target_masks(problem, truth, "all")
@@ -175,6 +196,7 @@ def test_evaluate_writes_metrics_report_and_plots(ray_local, synth_small, tmp_pa
         "evaluation.task=samples",
         "evaluation.fraction=0.25",
         "evaluation.min_donors=3",
+        "split.test_chroms=[chr2]",
     )
     metrics = evaluate(config, tmp_path / "eval")
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -202,8 +224,13 @@ def test_evaluate_writes_metrics_report_and_plots(ray_local, synth_small, tmp_pa
     td, rt = saved["methods"]["tissue_donor"], saved["methods"]["row_tissue"]
     assert td["rmse"] < rt["rmse"]
     assert td["across_donors_pearson_mean"] > 0.1
+    # the hidden entries of the test chromosome's genes, scored apart
+    on_test = saved["methods"]["row_tissue"]["test_chroms"]
+    assert 0 < on_test["n"] < saved["n_hidden"] and on_test["genes"] > 0
+    assert all(m["test_chroms"]["n"] == on_test["n"] for m in saved["methods"].values())
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| tissue_donor |" in report and "samples" in report
+    assert "On the test chromosomes" in report
     for png in ("pred_vs_obs.png", "per_tissue.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
 

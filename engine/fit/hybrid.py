@@ -112,18 +112,21 @@ def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int],
                     masks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(level, valid_gene) of the genes for a network's CNN pre-training: each gene's mean over the visible entries
     outside training folds ``exclude`` (the same folds as prepare's; ``masks``: those folds, when the caller has
-    them already), genes of the validation chromosomes apart.
+    them already), genes of the validation chromosomes apart; genes of the test chromosomes get no level (no
+    network learns from them).
 
     Without validation chromosomes the networks and the head hold out a seeded share of the task's units instead
     (:func:`geximpute.fit.train.holdout`): their entries are left out here too, so that no network's CNN has seen
     the level of a unit the head stops its trees and calibrates its interval on (in the ``genes`` task a held-out
     gene would otherwise reach the CNN of every network but the one whose fold holds it)."""
     valid_gene = problem.split == SPLITS.index("valid")
-    hide = None
+    test_gene = problem.split == SPLITS.index("test")
+    hide = np.broadcast_to(test_gene[:, None], problem.values.shape) if test_gene.any() else None
     if exclude:
         if masks is None:
             masks = fold_masks(config, problem)
-        hide = np.logical_or.reduce([masks[k] for k in exclude])
+        folds = np.logical_or.reduce([masks[k] for k in exclude])
+        hide = folds if hide is None else hide | folds
     if not valid_gene.any():
         held = holdout_grid(config.evaluation.task, problem.n_genes, problem.n_samples, config.seed)
         hide = held if hide is None else hide | held

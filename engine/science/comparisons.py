@@ -172,8 +172,8 @@ SEED_METRICS = ("pearson", "spearman", "rmse", "r2", "across_donors_pearson_mean
 
 def summarise_seeds(runs: list[dict]) -> dict:
     """Mean, standard deviation and per-seed values of every method's figures over evaluations with different
-    ``evaluation.seed`` (each a ``metrics.json`` dictionary), with the with/without-sequence subsets and the paired
-    comparisons of each run."""
+    ``evaluation.seed`` (each a ``metrics.json`` dictionary), with the with/without-sequence subsets, the test
+    chromosomes' subset and the paired comparisons of each run."""
     def stat(values: list) -> dict:
         vals = [v for v in values if v is not None]
         return {"mean": float(np.mean(vals)) if vals else None,
@@ -192,6 +192,9 @@ def summarise_seeds(runs: list[dict]) -> dict:
             vals = [r["methods"].get(name, {}).get("subsets", {}).get(label, {}).get("pearson") for r in runs]
             if any(v is not None for v in vals):
                 entry[f"{label}_pearson"] = stat(vals)
+        vals = [r["methods"].get(name, {}).get("test_chroms", {}).get("pearson") for r in runs]
+        if any(v is not None for v in vals):  # genes on split.test_chroms
+            entry["test_chroms_pearson"] = stat(vals)
         out["methods"][name] = entry
     comparisons: dict = {}
     for r in runs:

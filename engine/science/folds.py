@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from geximpute.science.problem import VisibleProblem, tissue_correlation
+from geximpute.science.problem import SPLITS, VisibleProblem, tissue_correlation
 
 
 def training_folds(
@@ -29,11 +29,13 @@ def training_folds(
         whole_donors: with ``samples``, the unit is a donor (every sample of it), as in the evaluation.
 
     Returns:
-        ``n_folds`` boolean (G, S) masks.
+        ``n_folds`` boolean (G, S) masks; none holds an entry of a gene on ``split.test_chroms``.
     """
     if n_folds * fraction > 1 + 1e-9:
         raise ValueError(f"train.folds x train.fold_fraction = {n_folds} x {fraction} > 1: folds would overlap")
-    visible = ~np.isnan(problem.values)
+    # genes of the test chromosomes (split.test_chroms) are never re-hidden: no training example is labelled with
+    # their values, and no validation split is carved from them
+    visible = ~np.isnan(problem.values) & (problem.split != SPLITS.index("test"))[:, None]
     rng = np.random.default_rng(seed)
     if task == "genes":
         units = rng.permutation(np.flatnonzero(visible.any(axis=1)))

@@ -29,7 +29,7 @@ from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
 from geximpute.science.metrics import _constant, _pearson, score
-from geximpute.science.problem import make_problem
+from geximpute.science.problem import SPLITS, make_problem
 from geximpute.steps.html_report import evaluation_sections, write_report
 from geximpute.steps.prepare import Prepared, prepare, promoter_tables
 
@@ -154,6 +154,10 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                 timings["hybrid_reference"] = round(time.perf_counter() - t, 1)
         with_sequence = promoter_mask(prepared, gene)
         _add_promoter_subsets(results, predictions, observed, gene, with_sequence)
+        # the hidden entries of genes on split.test_chroms: no training example, pre-training level or tuning
+        # split was cut from those genes (geximpute.science.folds.training_folds)
+        on_test = problem.split[gene] == SPLITS.index("test")
+        _add_test_subset(results, predictions, observed, gene, on_test)
         comparisons = {"all": paired_bootstrap(predictions, observed, gene, tissue, config.evaluation.task,
                                                min_donors=config.evaluation.min_donors, seed=config.seed)}
         if with_sequence.any() and not with_sequence.all():
@@ -161,6 +165,10 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                                                             config.evaluation.task, mask=with_sequence,
                                                             min_donors=config.evaluation.min_donors,
                                                             seed=config.seed)
+        if on_test.any():
+            comparisons["test_chroms"] = paired_bootstrap(predictions, observed, gene, tissue, config.evaluation.task,
+                                                          mask=on_test, min_donors=config.evaluation.min_donors,
+                                                          seed=config.seed)
         flags = None
         if problem.genomes is not None:
             flags = gene_variant_flags(problem.genomes, dataset.variants.sites[S.POS].to_numpy(), problem.tss,
@@ -419,6 +427,18 @@ def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray
         results[name]["subsets"] = subsets
 
 
+def _add_test_subset(results: dict, predictions: dict, observed: np.ndarray, gene: np.ndarray,
+                     on_test: np.ndarray) -> None:
+    """Scores on the hidden entries of genes on ``split.test_chroms`` (``results[method]["test_chroms"]``), when
+    there are any: genes whose values no network, head or tuning learned from."""
+    if not on_test.any():
+        return
+    for name, pred in predictions.items():
+        x, y = pred[on_test], observed[on_test]
+        results[name]["test_chroms"] = {"n": int(on_test.sum()), "genes": int(len(np.unique(gene[on_test]))),
+                                        "pearson": _pearson(x, y), "rmse": float(np.sqrt(np.mean((x - y) ** 2)))}
+
+
 def _write_predictions(out: Path, records: pa.Table, observed: np.ndarray, predictions: dict) -> None:
     cols = {name: records[name] for name in (S.GENE_ID, S.SAMPLE_ID, S.DONOR_ID, S.TISSUE, S.CHROM)}
     cols["observed"] = pa.array(observed, pa.float32())
@@ -472,6 +492,18 @@ def report(metrics: dict) -> str:
             w, wo = sub["with_promoter"], sub["without_promoter"]
             lines.append(f"| {name} | {_fmt(w['pearson'])} | {_fmt(w['rmse'])} | {_fmt(wo['pearson'])} | "
                          f"{_fmt(wo['rmse'])} |")
+    tested = {n: m["test_chroms"] for n, m in ranked if "test_chroms" in m}
+    if tested:
+        first = next(iter(tested.values()))
+        lines += [
+            "",
+            f"On the test chromosomes (`split.test_chroms`; no training example, pre-training level or tuning split "
+            f"came from their genes): {first['genes']} hidden genes, {first['n']:,} entries.",
+            "",
+            "| method | Pearson on test chromosomes | RMSE on test chromosomes |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {_fmt(t['pearson'])} | {_fmt(t['rmse'])} |" for name, t in tested.items()]
     genetic = metrics.get("genetic")
     if genetic and genetic["n_genes"]:
         names = [m for m in GENETIC_METHODS if m in genetic["mean"]]
