@@ -114,9 +114,10 @@ def features_and_predictions(dataset):
     # the strong baselines, their out-of-fold estimates for training units and their tuning
     from geximpute.science.baselines import ENTRY_METHODS, out_of_fold_estimates, tune_settings
 
-    strong = ("pairwise_regression", "iterative_ridge", "tensor_factorisation", "matrix_completion")
+    strong = ("pairwise_regression", "iterative_ridge", "tensor_factorisation", "matrix_completion", "gene_family")
     tuned, choice = tune_settings(problem, strong, dataset.config.baselines, dataset.config.evaluation.task, seed=0)
-    strong_methods, _ = make_methods(strong, tuned, len(problem.donors))
+    strong_methods, _ = make_methods(strong, tuned, len(problem.donors), gene_names=problem.gene_names is not None)
+    assert "gene_family" in {m.name for m in strong_methods}  # the synthetic genes have symbols
     for m in strong_methods:
         m.fit(problem)
         preds[m.name] = m.predict(hidden_records)
