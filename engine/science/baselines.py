@@ -972,8 +972,8 @@ def not_applicable(name: str, n_donors: int, has_genomes: bool = False,
         return "needs promoter sequence (inputs.genome) for some genes"
     if name == "gene_family" and task not in (None, "genes"):
         return ("estimates a gene whose own values are all hidden (the genes task) from its family; where a gene's "
-                "own visible values are there they say more (on the medians entries it added 0.001 RMSE to "
-                "iterative_ridge in a linear blend, docs/benchmarks.md)")
+                "own visible values are there they say more (on the medians entries it moved iterative_ridge's RMSE "
+                "by 0.003 at most in a linear blend: benchmarks/gene_family_diagnostics.py)")
     if name == "gene_family" and not gene_names:
         return "needs gene symbols (a gene_name in the genes table, or a symbol column such as a GCT's Description)"
     return None
