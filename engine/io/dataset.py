@@ -148,14 +148,19 @@ def promoter_coverage(genes: pa.Table, genome: Genome, upstream: int, downstream
     return (start >= 1) & (end <= length)
 
 
-def _with_symbol(dataset: Dataset, joined: list[str]) -> int:
-    """Joined genes with a symbol (the annotation's ``gene_name``, else the expression file's symbol column):
-    what ``gene_family`` reads (:func:`geximpute.science.problem.gene_names_of`)."""
-    named = {g for g, n in zip(dataset.genes.table[S.GENE_ID].to_pylist(),
-                               dataset.genes.table[S.GENE_NAME].to_pylist(), strict=True) if n}
-    if dataset.expression.gene_names is not None:
-        named |= {g for g, n in zip(dataset.expression.gene_ids, dataset.expression.gene_names, strict=True) if n}
-    return sum(g in named for g in joined)
+def gene_symbols(dataset: Dataset, gene_ids) -> np.ndarray:
+    """(N,) object array of the symbol of each of ``gene_ids``: the annotation's ``gene_name`` where it has one,
+    else the expression file's symbol column (:attr:`geximpute.io.expression.Expression.gene_names`); None where
+    neither names the gene. What ``gene_family`` reads (:attr:`geximpute.science.problem.VisibleProblem.gene_names`)
+    and ``inspect`` counts."""
+    named: dict = {}
+    if dataset.expression is not None and dataset.expression.gene_names is not None:
+        named.update((g, n) for g, n in zip(dataset.expression.gene_ids, dataset.expression.gene_names, strict=True)
+                     if n)
+    table = dataset.genes.table
+    named.update((g, n) for g, n in zip(table[S.GENE_ID].to_pylist(), table[S.GENE_NAME].to_pylist(), strict=True)
+                 if n)
+    return np.array([named.get(g) for g in gene_ids], dtype=object)
 
 
 def summarise(dataset: Dataset) -> dict:
@@ -175,7 +180,7 @@ def summarise(dataset: Dataset) -> dict:
             "expression_with_annotation": len(joined),
             "join_rate_expression_to_annotation": len(joined) / max(len(expr.gene_ids), 1),
             "renamed_chroms": genes.report.get("renamed_chroms", {}),
-            "joined_with_symbol": _with_symbol(dataset, joined),
+            "joined_with_symbol": int(sum(n is not None for n in gene_symbols(dataset, joined))),
         },
         "samples": {
             "samples": len(expr.sample_ids),

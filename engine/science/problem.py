@@ -20,7 +20,7 @@ from geximpute import schema as S
 from geximpute.config import Config, EvaluationConfig
 from geximpute.errors import ConfigError
 from geximpute.io.chroms import chrom_key
-from geximpute.io.dataset import Dataset
+from geximpute.io.dataset import Dataset, gene_symbols
 from geximpute.io.expression import to_model_scale
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.groups import group_sums
@@ -58,8 +58,9 @@ class VisibleProblem:
         genomes: the donors' promoter haplotypes and variant dosages (:mod:`geximpute.science.genomes`), None without
             personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
         gene_names: (G,) gene symbols (None where unknown), from the annotation's ``gene_name`` or else the
-            expression file's symbol column (:func:`gene_names_of`); None when neither has any. Known for hidden
-            genes too: a gene's name is annotation, not a measurement (``gene_family`` reads it).
+            expression file's symbol column (:func:`geximpute.io.dataset.gene_symbols`); None when neither has
+            any. Known for hidden genes too: a gene's name is annotation, not a measurement (``gene_family``
+            reads it).
     """
 
     gene_ids: np.ndarray
@@ -237,20 +238,6 @@ def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
     return out
 
 
-def gene_names_of(dataset: Dataset, expr_rows: np.ndarray, genes) -> np.ndarray | None:
-    """(G,) object array of each annotated gene's symbol: the annotation's ``gene_name`` where it has one, else the
-    expression file's symbol column (:attr:`geximpute.io.expression.Expression.gene_names`) at the gene's row;
-    None when neither names any gene."""
-    names = np.asarray(genes[S.GENE_NAME].to_pylist(), dtype=object)
-    from_expression = dataset.expression.gene_names
-    if from_expression is not None:
-        other = np.asarray(from_expression, dtype=object)[expr_rows]
-        names = np.where([n is None for n in names], other, names)
-    if all(n is None for n in names):
-        return None
-    return names
-
-
 def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True
                  ) -> tuple[VisibleProblem, HiddenTruth]:
     """Split a dataset into the visible problem and the hidden truth of ``config.evaluation``.
@@ -292,6 +279,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
     start = np.where(start > 0, start, tss)
     end = np.where(end > 0, end, tss)
     chroms = np.asarray(genes[S.CHROM].to_pylist(), dtype=object)
+    symbols = gene_symbols(dataset, genes[S.GENE_ID].to_pylist())
     problem = VisibleProblem(
         gene_ids=np.asarray(genes[S.GENE_ID].to_pylist(), dtype=object),
         chroms=chroms,
@@ -307,7 +295,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
         tissues=list(tissues),
         values=visible,
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
-        gene_names=gene_names_of(dataset, expr_rows, genes),
+        gene_names=None if all(n is None for n in symbols) else symbols,
     )
     if dataset.variants is not None and genomes:
         problem.genomes = donor_genomes(dataset, problem)

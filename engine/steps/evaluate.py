@@ -415,16 +415,15 @@ def _add_promoter_subsets(results: dict, predictions: dict, observed: np.ndarray
     if not has.any() or has.all():
         return
     for name, pred in predictions.items():
-        subsets = {}
-        for label, mask in (("with_promoter", has), ("without_promoter", ~has)):
-            x, y = pred[mask], observed[mask]
-            subsets[label] = {
-                "n": int(mask.sum()),
-                "genes": int(len(np.unique(gene[mask]))),
-                "pearson": _pearson(x, y),
-                "rmse": float(np.sqrt(np.mean((x - y) ** 2))),
-            }
-        results[name]["subsets"] = subsets
+        results[name]["subsets"] = {label: _subset_scores(pred, observed, gene, mask)
+                                    for label, mask in (("with_promoter", has), ("without_promoter", ~has))}
+
+
+def _subset_scores(pred: np.ndarray, observed: np.ndarray, gene: np.ndarray, mask: np.ndarray) -> dict:
+    """Entries, genes, Pearson and RMSE of ``pred`` on the ``mask`` hidden entries."""
+    x, y = pred[mask], observed[mask]
+    return {"n": int(mask.sum()), "genes": int(len(np.unique(gene[mask]))), "pearson": _pearson(x, y),
+            "rmse": float(np.sqrt(np.mean((x - y) ** 2)))}
 
 
 def _add_test_subset(results: dict, predictions: dict, observed: np.ndarray, gene: np.ndarray,
@@ -434,9 +433,7 @@ def _add_test_subset(results: dict, predictions: dict, observed: np.ndarray, gen
     if not on_test.any():
         return
     for name, pred in predictions.items():
-        x, y = pred[on_test], observed[on_test]
-        results[name]["test_chroms"] = {"n": int(on_test.sum()), "genes": int(len(np.unique(gene[on_test]))),
-                                        "pearson": _pearson(x, y), "rmse": float(np.sqrt(np.mean((x - y) ** 2)))}
+        results[name]["test_chroms"] = _subset_scores(pred, observed, gene, on_test)
 
 
 def _write_predictions(out: Path, records: pa.Table, observed: np.ndarray, predictions: dict) -> None:
