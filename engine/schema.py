@@ -156,6 +156,12 @@ CONTEXT = pa.schema(
     ]
 )
 
+#: an optional context-record column (after the CONTEXT columns): what the gene's family says of the entry, the
+#: visible values of the other genes of its symbol's family in the sample (geximpute.science.baselines.FamilyLevels,
+#: the gene itself never counted); null for a gene without a family. Written when ``context.family`` asks for it;
+#: networks trained on records with it read it (NetworkSpec.family_input)
+FAMILY_LEVEL = "family_level"
+
 PROMOTERS = pa.schema(
     [
         pa.field("promoter_id", pa.string(), nullable=False),  # hash of the sequence

@@ -15,11 +15,13 @@ from geximpute.science.baselines import (
     ENTRY_METHODS,
     OWN_ROW_METHODS,
     CrossGeneRegressionBaseline,
+    FamilyLevels,
     GeneFamilyBaseline,
     PairwiseRegressionBaseline,
     RowTissueBaseline,
     baseline_estimates,
     fit_ranges,
+    forms_families,
     gene_family_keys,
     make_method,
     make_methods,
@@ -334,14 +336,41 @@ def test_gene_family_predicts_hidden_genes_from_their_familys_other_genes():
     alone = method.predict_entries(np.array([0]), np.array([0]))[0]
     other = method.predict_entries(np.array([2]), np.array([0]))[0]  # RPL genes 0 and 2 share the fine family
     assert alone < 20 < other
-    # a gene without a symbol gets the sample's mean over the visible genes
+    # a gene without a symbol gets the sample's mean over the other visible genes
     no_name = len(level) - 1
-    sample_mean = np.nanmean(problem.values[:, 1])
+    sample_mean = np.nanmean(np.delete(problem.values[:, 1], no_name))
     assert method.predict_entries(np.array([no_name]), np.array([1]))[0] == pytest.approx(sample_mean)
     # with a strong prior the families' means fade into the sample's mean
     strong = GeneFamilyBaseline(1e9)
     strong.fit(problem)
     assert np.ptp(strong.predict_entries(gi[si == 0], si[si == 0])) < 1e-3
+
+
+def test_family_levels_in_passes_leave_the_gene_out_and_mark_genes_without_a_family():
+    rng = np.random.default_rng(3)
+    names = np.asarray(["RPL10A", "RPL10B", "RPL11", "SLC25A1", "SLC2A1", None, "ENSG00000141510", "OR2A1"] * 5,
+                       dtype=object)
+    values = rng.normal(size=(len(names), 9)) + 3
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, 4] = np.nan  # a sample with nothing visible
+    tissue = np.arange(9) % 3
+    one = FamilyLevels(values, names, tissue, 3)
+    passes = FamilyLevels(values, names, tissue, 3, chunk=2)
+    gi, si = np.divmod(np.arange(values.size), values.shape[1])
+    np.testing.assert_allclose(passes.estimate(gi, si, 3.0), one.estimate(gi, si, 3.0), rtol=1e-12)
+    level = one.level(gi, si, 3.0)
+    no_family = np.isin(names[gi], [None, "ENSG00000141510"])
+    assert np.isnan(level[no_family]).all() and np.isfinite(level[~no_family]).all()
+    # the same estimate gene_family gives (where there is a family), and never the gene's own value
+    method = GeneFamilyBaseline(3.0)
+    method.fit(dataclasses.replace(problem_of(values, np.zeros(9, int), tissue), gene_names=names))
+    np.testing.assert_allclose(level[~no_family], method.predict_entries(gi, si)[~no_family], rtol=1e-5)
+    changed = values.copy()
+    changed[0, 0] = 1_000.0
+    assert FamilyLevels(changed, names, tissue, 3).level(np.array([0]), np.array([0]), 3.0)[0] == pytest.approx(
+        level[0], rel=1e-12)
+    assert FamilyLevels(changed, names, tissue, 3).level(np.array([1]), np.array([0]), 3.0) > level[1] + 10
+    assert forms_families(names) and not forms_families([f"SYN{i}" for i in range(50)])
 
 
 def test_gene_family_needs_symbols_and_whole_hidden_genes():

@@ -72,6 +72,28 @@ def test_gene_symbols_come_from_the_annotation_else_the_expression_file(synth_sm
     assert summarise(bare)["genes"]["joined_with_symbol"] == 0
 
 
+def test_records_carry_the_family_level_where_symbols_form_families_on_the_genes_task(synth_small):
+    import dataclasses
+
+    from geximpute.steps.prepare import family_input
+
+    problem, _ = make_problem(load_dataset(load_config(synth_small / "config.yaml")), hidden_mask=False,
+                              genomes=False)
+    families = dataclasses.replace(problem, gene_names=np.array([f"RPL{i % 7}A{i}" for i in range(problem.n_genes)],
+                                                                dtype=object))
+    unnamed = dataclasses.replace(problem, gene_names=None)
+
+    def carried(mode, task, p):
+        return family_input(load_config(synth_small / "config.yaml", [f"context.family={mode}",
+                                                                      f"evaluation.task={task}"]), p)
+
+    assert carried("null", "genes", families)
+    assert not carried("null", "genes", problem)  # SYN1, SYN2, ...: no two genes share a family
+    assert not carried("null", "entries", families)
+    assert carried("true", "entries", problem) and carried("true", "samples", families)
+    assert not carried("true", "genes", unnamed) and not carried("false", "genes", families)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_genes_of_the_test_chromosomes_never_label_a_training_example(synth_small, task):
     from geximpute.fit.hybrid import pretrain_levels
@@ -100,14 +122,19 @@ def features_and_predictions(dataset):
     records = build_context(ContextIndex(problem), gi, si, hidden[gi, si], 8)
     hidden_records = records.filter(records["hidden"])
     methods, _ = make_methods(dataset.config.evaluation.methods, dataset.config.baselines, len(problem.donors))
-    # the hybrid's training examples: folds re-hidden from the visible problem, labelled with visible values
+    from geximpute.science.baselines import family_levels
     from geximpute.science.folds import fold_problem, training_folds
 
+    # the hybrid's training examples: folds re-hidden from the visible problem, labelled with visible values; and
+    # each record's family level, as prepare's records carry it for the networks (the whole problem's for its
+    # targets, each training fold's from the fold problem)
+    family = [family_levels(problem).level(gi, si, 3.0)]
     for inner in training_folds(problem, dataset.config.evaluation.task, 2, 0.25, seed=0):
         fi, fs = np.nonzero(inner)
         fold = build_context(ContextIndex(fold_problem(problem, inner)), fi, fs, np.ones(len(fi), bool), 8)
         records = pa.concat_tables([records, fold])
-    preds = {}
+        family.append(family_levels(fold_problem(problem, inner)).level(fi, fs, 3.0))
+    preds = {"family_level": np.concatenate(family)}
     for m in methods:
         m.fit(problem)
         preds[m.name] = m.predict(hidden_records)
@@ -250,10 +277,13 @@ HYBRID_SAMPLES = [*TINY, "evaluation.task=samples", "evaluation.fraction=0.25", 
 
 def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path):
     """The default suite's hybrid evaluation: two fold networks (one epoch each) and the stacked head, no ablations
-    (those train two more networks and a head: the slow test below)."""
+    (those train two more networks and a head: the slow test below); the records carry the family level
+    (``context.family=true``: the synthetic symbols form no family, where the default would skip it) and the
+    networks read it."""
     config = load_config(
         synth_small / "config.yaml",
-        [f"output_dir={tmp_path}", *HYBRID_SAMPLES, "evaluation.ablations=false", "train.epochs=1"],
+        [f"output_dir={tmp_path}", *HYBRID_SAMPLES, "evaluation.ablations=false", "train.epochs=1",
+         "context.family=true"],
     )
     metrics = evaluate(config, tmp_path / "eval")
     methods = metrics["methods"]
@@ -270,6 +300,20 @@ def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path)
     runs = {p.name for p in (tmp_path / "eval" / "runs").iterdir()}
     assert "hybrid_folds" in runs and "head_hybrid" not in runs, runs
     assert "| hybrid |" in (tmp_path / "eval" / "report.md").read_text()
+    # the training and hidden records carry the family level, and each fold network's query reads it
+    import torch
+
+    from geximpute import schema as S
+    from geximpute.model.network import FAMILY_SCALARS, GENE_SCALARS
+
+    for part in ("train", "context"):
+        table = pads.dataset(tmp_path / "eval" / "records" / part, format="parquet", partitioning="hive").to_table()
+        assert table[S.FAMILY_LEVEL].null_count < table.num_rows, part
+    state = torch.load(sorted((tmp_path / "eval" / "runs" / "hybrid_folds").glob("checkpoint_*/state.pt"))[-1],
+                       weights_only=False)
+    assert len(state["networks"]) == 2
+    for network in state["networks"].values():
+        assert network["model"]["gene_proj.weight"].shape[1] == len(GENE_SCALARS) + len(FAMILY_SCALARS)
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -613,3 +615,47 @@ def test_a_frozen_cnn_reads_its_cache_gives_the_same_output_and_does_not_train()
     fresh = HybridNet(tiny_spec()).eval()
     fresh.load_state_dict(net.state_dict())
     torch.testing.assert_close(fresh(batch, promoters)[0], net.eval()(batch, promoters)[0])
+
+
+def test_a_network_with_family_input_reads_the_family_level_and_older_specs_do_not(tmp_path):
+    """The family level (an optional record column) enters the query of a network built with ``family_input``;
+    one without it (as every network saved before it existed) ignores the column, and records without the column
+    are refused by a network that needs it."""
+    from geximpute.fit.bundle import load_network, save_network
+    from geximpute.model.inference import TrainedNetwork, run_network
+    from geximpute.science.promoters import PromoterLookup
+
+    rng = np.random.default_rng(5)
+    spec = FeatureSpec(k_neighbours=5, n_tissues=4, promoter_length=40)
+    records = random_records(rng, 24, k_max=7, n_tissues=4)
+    family = np.where(rng.random(24) < 0.3, np.nan, rng.normal(size=24))
+    with_family = records.append_column(S.FAMILY_LEVEL, pa.array(family, pa.float32(), from_pandas=True))
+    batch = featurize(with_family, spec)
+    assert np.array_equal(batch["family_level_ok"], np.isfinite(family).astype(np.float32))
+    assert (batch["family_level"][np.isnan(family)] == 0).all()
+    shifted = featurize(with_family.set_column(with_family.schema.get_field_index(S.FAMILY_LEVEL), S.FAMILY_LEVEL,
+                                               pa.array(family + 3.0, pa.float32(), from_pandas=True)), spec)
+    for reads, moves in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        net = HybridNet(tiny_spec(family_input=reads, use_promoter=False)).eval()
+        with torch.no_grad():
+            a, _ = net(to_tensors(batch))
+            b, _ = net(to_tensors(shifted))
+        changed = ~torch.isclose(a, b)
+        assert bool(changed[torch.from_numpy(np.isfinite(family))].all()) is moves
+        assert not changed[torch.from_numpy(np.isnan(family))].any()  # an unknown level stays unknown
+    # a spec saved before the field existed loads as a network that does not read it
+    trained = TrainedNetwork(tiny_spec(use_promoter=False), spec, HybridNet(tiny_spec(use_promoter=False))
+                             .state_dict(), {})
+    save_network(trained, tmp_path)
+    specs = json.loads((tmp_path / S.NETWORK_SPECS_FILE).read_text())
+    del specs["network"]["family_input"]
+    (tmp_path / S.NETWORK_SPECS_FILE).write_text(json.dumps(specs))
+    assert load_network(tmp_path).spec.family_input is False
+    reader = TrainedNetwork(tiny_spec(family_input=True, use_promoter=False), spec,
+                            HybridNet(tiny_spec(family_input=True, use_promoter=False)).state_dict(), {})
+    lookup = PromoterLookup.reference(np.full(records.num_rows, -1, np.int64))
+    with pytest.raises(ValueError, match="family_level"):
+        run_network(reader, records, np.zeros((0, 4, 40), np.uint8), lookup)
+    pred, _ = run_network(reader, with_family, np.zeros((0, 4, 40), np.uint8), lookup)
+    assert np.isfinite(pred).all()

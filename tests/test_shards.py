@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from geximpute import schema as S
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.problem import VisibleProblem
 from geximpute.science.shards import (
@@ -128,3 +132,33 @@ def test_halo_reaches_k_plus_one_visible_genes_on_each_side():
     # and no further than the sample that needs the most
     assert lo == first or any(
         (~np.isnan(problem.values[lo + 1 : block.lo, s])).sum() < k + 2 for s in samples)
+
+
+def test_shard_records_carry_the_whole_problems_family_level():
+    """A gene's family reads genes on other chromosomes: the shards carry each target's level computed from the
+    whole problem, the same value the whole problem gives it, null for a gene without a family."""
+    from geximpute.science.baselines import FamilyLevels
+
+    problem = random_problem(seed=2)
+    stems = np.array(["RPL10", "RPL11", "SLC25A", "OR2A", None], dtype=object)
+    names = np.array([None if stems[i % 5] is None else f"{stems[i % 5]}{i}" for i in range(problem.n_genes)],
+                     dtype=object)
+    problem = dataclasses.replace(problem, gene_names=names)
+    rng = np.random.default_rng(3)
+    targets = np.isnan(problem.values) | (rng.random(problem.values.shape) < 0.1)
+    levels = FamilyLevels(problem.values, names, problem.tissue_index, len(problem.tissues))
+    level = functools.partial(levels.level, shrinkage=3.0)
+    stats, spans, donor_samples = gene_stats(problem), chromosome_spans(problem.chroms), donor_sample_lists(problem)
+    parts = []
+    for block in blocks(problem, targets, 200, 50):
+        span = next(s for s in spans if s[0] <= block.lo < s[1])
+        shard = make_shard(problem, block, span, donor_samples, stats, targets, np.zeros_like(targets), 4,
+                           family=level)
+        parts.append(shard_records(shard, 4, None))
+    records = pa.concat_tables(parts)
+    g, s = records["gene_index"].to_numpy(), records["sample_index"].to_numpy()
+    assert records.num_rows == int(targets.sum())
+    got = records[S.FAMILY_LEVEL].to_numpy(zero_copy_only=False)
+    np.testing.assert_allclose(got, level(g, s).astype(np.float32), equal_nan=True)
+    assert np.isnan(got[names[g] == None]).all() and np.isfinite(got[names[g] != None]).all()  # noqa: E711
+    assert len(np.unique(problem.chroms[g])) == 3  # blocks of every chromosome, each level from all of them

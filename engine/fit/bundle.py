@@ -352,6 +352,12 @@ class Bundle:
         return {name: np.full((0, 0), np.nan, np.float32) for name in self.baseline_names}
 
     @property
+    def reads_family(self) -> bool:
+        """The networks read each record's family level (:data:`geximpute.schema.FAMILY_LEVEL`): imputation's
+        records must carry it."""
+        return any(n.spec.family_input for n in self.models.networks())
+
+    @property
     def reads_promoters(self) -> bool:
         """The networks have a promoter branch (they read the promoter table)."""
         return bool(self.models.network.spec.use_promoter)

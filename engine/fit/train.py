@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.fit.pretrain import gene_levels, pretrain_cnn, record_levels
 from geximpute.model.features import FeatureSpec, drop_groups, featurize, to_tensors
@@ -368,6 +369,14 @@ def train_network(
                           resume_from=resume_from)[0]
 
 
+def carries_family(dirs: list[Path]) -> bool:
+    """Whether the context records under ``dirs`` carry the family level (:data:`geximpute.schema.FAMILY_LEVEL`)."""
+    import pyarrow.dataset as pads
+
+    names = [pads.dataset(d, format="parquet", partitioning="hive").schema.names for d in dirs]
+    return any(S.FAMILY_LEVEL in n for n in names)
+
+
 def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_tissues: int,
                       lookup: PromoterLookup) -> dict:
     """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
@@ -388,8 +397,10 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
         value_center=float(np.mean(train_labels)),
         value_scale=float(np.std(train_labels)) or 1.0,
     )
+    # records that carry the family level (prepare's context.family) train a network that reads it
+    family = carries_family(run.train_dirs)
     spec = NetworkSpec.of(config.model, n_tissues=n_tissues, promoter_length=config.promoter.length,
-                          use_promoter=run.use_promoter, use_context=run.use_context)
+                          use_promoter=run.use_promoter, use_context=run.use_context, family_input=family)
     # the chromosome of each gene, to report which chromosomes an epoch reached
     chrom_names, chrom_code = np.unique(np.asarray(table["chrom"].to_pylist(), dtype=object), return_inverse=True)
     gene_chrom = np.full(len(gene_ids), -1, dtype=np.int64)

@@ -15,13 +15,15 @@ Batch keys and shapes (N rows, K = ``k_neighbours``, T = ``n_tissues``)::
     tissue_index (N,) int64      tissue_mean (N,) float32     tissue_mean_ok (N,) float32
     gene_mean (N,) float32       gene_mean_ok (N,) float32    tissue_offset (N,) float32
     genetic_score (N,) float32   genetic_score_ok (N,) float32
+    family_level (N,) float32    family_level_ok (N,) float32
     promoter_index (N,) int64    promoter_index_b (N,) int64  (the donor's two haplotypes; equal for the reference)
     target (N,) float32          (only when the table has a ``target`` column; NaN where null)
 
 Expression levels (``*_value``, ``*_mean``, ``target``) are standardised; ``tissue_offset`` and ``genetic_score``
-are differences of levels, so they are only divided by ``value_scale``. Slots under a False mask hold 0; a
-neighbour or tissue whose value is NaN in the records counts as absent, and a NaN ``tis_mean`` (no other donor)
-gives ``tis_mean_ok`` 0.
+are differences of levels, so they are only divided by ``value_scale``; ``family_level`` (the optional column
+:data:`geximpute.schema.FAMILY_LEVEL`) is a level, standardised, 0 with ok 0 where null or absent. Slots under a
+False mask hold 0; a neighbour or tissue whose value is NaN in the records counts as absent, and a NaN ``tis_mean``
+(no other donor) gives ``tis_mean_ok`` 0.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ BATCH_KEYS = (
     "tissue_offset",
     "genetic_score",
     "genetic_score_ok",
+    "family_level",
+    "family_level_ok",
     "promoter_index",
     "promoter_index_b",
 )
@@ -245,6 +249,11 @@ def featurize(
     genetic_ok = ~np.isnan(genetic)
     batch["genetic_score"] = np.where(genetic_ok, np.nan_to_num(genetic) / spec.value_scale, 0).astype(np.float32)
     batch["genetic_score_ok"] = genetic_ok.astype(np.float32)
+    # the gene's family in this sample (other genes' visible values): a level
+    family = _scalar(records, S.FAMILY_LEVEL) if S.FAMILY_LEVEL in records.column_names else np.full(n, np.nan)
+    family_ok = ~np.isnan(family)
+    batch["family_level"] = _standard_where(family_ok, family, spec)
+    batch["family_level_ok"] = family_ok.astype(np.float32)
 
     pair = promoter_index if isinstance(promoter_index, tuple) else (promoter_index, promoter_index)
     for key, pidx in zip(("promoter_index", "promoter_index_b"), pair, strict=True):

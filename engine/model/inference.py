@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from geximpute import schema as S
 from geximpute.model.features import FeatureSpec, featurize, to_tensors
 from geximpute.model.network import HybridNet, NetworkSpec
 from geximpute.science.promoters import PromoterLookup
@@ -210,6 +211,10 @@ def run_network(
     (:meth:`TrainedNetwork.inference`); with ``embeddings`` (this network's :func:`encode_promoters` of the
     table) none is encoded here.
     """
+    if network.spec.family_input and S.FAMILY_LEVEL not in records.column_names:
+        raise ValueError(f"run_network: the network reads each record's {S.FAMILY_LEVEL!r} (it was trained on records "
+                         "with it) and these records have no such column; build them with the family level "
+                         "(geximpute.steps.prepare.context_shards(family=True))")
     device = torch.device(device)
     model, table = network.inference(promoters, device, embeddings)
     dtype = autocast_dtype(device, precision)

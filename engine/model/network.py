@@ -30,6 +30,8 @@ from geximpute.config import ModelConfig
 #: the gene-level scalars ((value, ok) pairs) and the target tissue's offset, in the order the query reads them
 GENE_SCALARS = ("tissue_mean", "tissue_mean_ok", "gene_mean", "gene_mean_ok", "tissue_offset", "genetic_score",
                 "genetic_score_ok")
+#: read after them by a network with ``family_input``
+FAMILY_SCALARS = ("family_level", "family_level_ok")
 #: per-slot inputs of a neighbour token and of a tissue token (besides the embedded indices)
 NEIGHBOUR_INPUTS = ("nb_value", "nb_logdist", "nb_overlap", "nb_gene_mean")
 TISSUE_INPUTS = ("tis_value", "tis_corr", "tis_mean", "tis_mean_ok")
@@ -47,12 +49,20 @@ class NetworkSpec(ModelConfig):
         promoter_length: L of the one-hot promoters.
         use_promoter: build the promoter CNN.
         use_context: build the transformer over neighbour and tissue tokens.
+        family_input: the query also reads the gene's family level (:data:`FAMILY_SCALARS`; records with the column
+            :data:`geximpute.schema.FAMILY_LEVEL`). False for networks saved before it existed.
     """
 
     n_tissues: int
     promoter_length: int
     use_promoter: bool = True
     use_context: bool = True
+    family_input: bool = False
+
+    @property
+    def scalars(self) -> tuple[str, ...]:
+        """The gene-level inputs of the query, in order."""
+        return GENE_SCALARS + (FAMILY_SCALARS if self.family_input else ())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -248,10 +258,10 @@ class HybridNet(nn.Module):
             # stands in for the promoter embedding of rows whose gene has no promoter sequence
             self.no_promoter = nn.Parameter(torch.randn(d) * 0.1)
         if spec.use_context:
-            self.gene_proj = nn.Linear(len(GENE_SCALARS), d)
+            self.gene_proj = nn.Linear(len(spec.scalars), d)
             self.context = ContextEncoder(d, spec.n_heads, spec.n_layers, spec.n_tissues, spec.dropout)
         else:
-            n_in = d + len(GENE_SCALARS) + (d if spec.use_promoter else 0)
+            n_in = d + len(spec.scalars) + (d if spec.use_promoter else 0)
             self.mlp = nn.Sequential(
                 nn.Linear(n_in, 2 * d),
                 nn.GELU(),
@@ -335,18 +345,18 @@ class HybridNet(nn.Module):
             pred (N,) float32 and embedding (N, D) float32, D = :attr:`embedding_dim` (the head's input).
         """
         ok = {name: batch[f"{name}_ok"].float() for name in ("tissue_mean", "gene_mean")}
-        scalars = torch.stack(
-            [
-                torch.where(ok["tissue_mean"] > 0, batch["tissue_mean"].float(), 0.0),
-                ok["tissue_mean"],
-                torch.where(ok["gene_mean"] > 0, batch["gene_mean"].float(), 0.0),
-                ok["gene_mean"],
-                batch["tissue_offset"].float(),
-                batch["genetic_score"].float(),
-                batch["genetic_score_ok"].float(),
-            ],
-            dim=-1,
-        )  # (N, 7)
+        parts = [
+            torch.where(ok["tissue_mean"] > 0, batch["tissue_mean"].float(), 0.0),
+            ok["tissue_mean"],
+            torch.where(ok["gene_mean"] > 0, batch["gene_mean"].float(), 0.0),
+            ok["gene_mean"],
+            batch["tissue_offset"].float(),
+            batch["genetic_score"].float(),
+            batch["genetic_score_ok"].float(),
+        ]
+        if self.spec.family_input:
+            parts += [batch["family_level"].float(), batch["family_level_ok"].float()]
+        scalars = torch.stack(parts, dim=-1)  # (N, len(spec.scalars))
         tissue = self.target_tissue_embedding(batch["tissue_index"].long())  # (N, D)
         promoter = None
         if self.spec.use_promoter:

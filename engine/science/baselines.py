@@ -864,13 +864,121 @@ def gene_family_keys(names: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
     return coarse, fine
 
 
+def forms_families(names: np.ndarray | list) -> bool:
+    """Whether gene symbols group genes into families: some fine family key (:func:`gene_family_keys`) is shared
+    by two genes or more (synthetic genes named ``SYN1``, ``SYN2``, ... form none)."""
+    fine = [k for k in gene_family_keys(names)[1] if k is not None]
+    return len(set(fine)) < len(fine)
+
+
+class FamilyLevels:
+    """What a gene's family says of it in each sample: per family (coarse and fine, :func:`gene_family_keys`) and
+    sample, the sum and count of its members' visible values (families of two genes or more: one of a single gene
+    never counts towards it), and the sums and counts of all visible values by sample, by tissue and overall (the
+    priors). :meth:`estimate` takes a gene's own value out of each, so a gene
+    never counts towards its own estimate. Built in bounded passes over the samples (no (G, S) copy of the values
+    is kept).
+
+    Args:
+        values: (G, S) visible values, NaN where hidden or unmeasured (not copied; :meth:`estimate` reads it).
+        gene_names: (G,) gene symbols, None where unknown.
+        tissue_index: (S,) each sample's tissue; ``n_tissues`` of them.
+        chunk: samples summed at once.
+    """
+
+    def __init__(self, values: np.ndarray, gene_names: np.ndarray, tissue_index: np.ndarray, n_tissues: int,
+                 chunk: int = 2048) -> None:
+        self.values = values
+        n_genes, n_samples = values.shape
+        keys = gene_family_keys(gene_names)
+        self.named = np.not_equal(keys[0], None)  # a gene whose symbol names a family (:meth:`has_family`)
+        members, self.codes = [], []
+        for level in keys:
+            known = np.flatnonzero(np.not_equal(level, None))
+            codes = np.full(len(level), -1, np.int64)
+            if len(known):
+                _, codes[known] = np.unique(level[known].astype(str), return_inverse=True)
+                # a family of one says nothing of its gene (it never counts towards itself): no row for it
+                shared = np.bincount(codes[known])[codes[known]] > 1
+                codes[known[~shared]] = -1
+                known = known[shared]
+                _, codes[known] = np.unique(codes[known], return_inverse=True)
+            n_codes = int(codes.max()) + 1
+            members.append(sparse.csr_matrix((np.ones(len(known)), (codes[known], known)),
+                                             shape=(max(n_codes, 1), n_genes)))
+            self.codes.append(codes)
+        self.sums = [np.zeros((m.shape[0], n_samples)) for m in members]
+        self.counts = [np.zeros((m.shape[0], n_samples)) for m in members]
+        total, n = np.zeros(n_samples), np.zeros(n_samples)
+        for lo in range(0, n_samples, chunk):
+            part = values[:, lo : lo + chunk]
+            visible = ~np.isnan(part)
+            filled = np.where(visible, part, 0.0)
+            total[lo : lo + chunk], n[lo : lo + chunk] = filled.sum(axis=0), visible.sum(axis=0)
+            for member, sums, counts in zip(members, self.sums, self.counts, strict=True):
+                sums[:, lo : lo + chunk] = member @ filled
+                counts[:, lo : lo + chunk] = member @ visible.astype(np.float64)
+        # each sample's sum and count, its tissue's and all of them: the priors, each taken without the gene
+        self.tissue_index = np.asarray(tissue_index, np.int64)
+        self.sample_sum, self.sample_n = total, n
+        self.tissue_sum = np.bincount(self.tissue_index, weights=total, minlength=n_tissues)
+        self.tissue_n = np.bincount(self.tissue_index, weights=n, minlength=n_tissues)
+        self.overall_sum, self.overall_n = float(total.sum()), float(n.sum())
+
+    def has_family(self, gene_index: np.ndarray) -> np.ndarray:
+        """(N,) bool: the gene's symbol names a family (it has a coarse key, :func:`gene_family_keys`)."""
+        return self.named[np.asarray(gene_index, np.int64)]
+
+    def estimate(self, gene_index: np.ndarray, sample_index: np.ndarray, shrinkage: float) -> np.ndarray:
+        """(N,) float64: the fine family's mean without the gene itself, shrunk towards the coarse family's, itself
+        shrunk towards the sample's mean over the other genes, each with ``shrinkage`` pseudo-genes (that mean for
+        a gene with no family). The gene's own value counts nowhere."""
+        gi = np.asarray(gene_index, np.int64)
+        si = np.asarray(sample_index, np.int64)
+        own = self.values[gi, si].astype(np.float64)
+        own_n = ~np.isnan(own)
+        own = np.where(own_n, own, 0.0)
+        # the sample's mean over the other visible genes; with none, its tissue's, else every sample's
+        t = self.tissue_index[si]
+        prior = []
+        for total, count in ((self.sample_sum[si], self.sample_n[si]), (self.tissue_sum[t], self.tissue_n[t]),
+                             (self.overall_sum, self.overall_n)):
+            count = count - own_n
+            with np.errstate(invalid="ignore", divide="ignore"):
+                prior.append(np.where(count > 0, (total - own) / count, np.nan))
+        est = np.where(np.isnan(prior[0]), np.where(np.isnan(prior[1]), np.nan_to_num(prior[2]), prior[1]), prior[0])
+        for codes, sums, counts in zip(self.codes, self.sums, self.counts, strict=True):  # coarse, then fine
+            code = codes[gi]
+            has = code >= 0
+            total = np.where(has, sums[np.maximum(code, 0), si] - own, 0.0)
+            count = np.where(has, counts[np.maximum(code, 0), si] - own_n, 0.0)
+            est = (total + shrinkage * est) / (count + shrinkage)
+        return est
+
+    def level(self, gene_index: np.ndarray, sample_index: np.ndarray, shrinkage: float) -> np.ndarray:
+        """:meth:`estimate` where the gene has a family, NaN where it has none (a network's input: no family is
+        no evidence, not the sample's mean)."""
+        return np.where(self.has_family(gene_index), self.estimate(gene_index, sample_index, shrinkage), np.nan)
+
+
+def family_levels(problem: VisibleProblem) -> FamilyLevels:
+    """:class:`FamilyLevels` of a problem with gene symbols.
+
+    Raises:
+        ValueError: the problem has no gene symbols.
+    """
+    if problem.gene_names is None:
+        raise ValueError("gene_family: the problem has no gene symbols")
+    return FamilyLevels(problem.values, problem.gene_names, problem.tissue_index, len(problem.tissues))
+
+
 class GeneFamilyBaseline:
     """A gene's expression from the other genes of its family (the stem of its symbol, :func:`gene_family_keys`)
     in the same sample: the mean of the fine family's visible members shrunk towards that of the coarse family,
-    itself shrunk towards the sample's mean over all visible genes, each with ``shrinkage`` pseudo-genes. A gene
-    never counts towards its own estimate, so a gene whose values are all hidden gets what its family says
-    (the ``genes`` task); genes without a symbol get the sample's mean. A sample with no visible value (a missing
-    profile) starts from its tissue's visible mean, else the overall mean.
+    itself shrunk towards the sample's mean over the other visible genes, each with ``shrinkage`` pseudo-genes. A
+    gene never counts towards its own estimate, so a gene whose values are all hidden gets what its family says
+    (the ``genes`` task); genes without a symbol get the sample's mean. A sample with no other visible value (a
+    missing profile) starts from its tissue's visible mean, else the overall mean (:class:`FamilyLevels`).
 
     Symbols come from the annotation (``gene_name`` of a GTF) or the expression file (a GCT's ``Description``):
     :attr:`geximpute.science.problem.VisibleProblem.gene_names`. On the medians ``genes`` task (3 seeds): Pearson
@@ -888,49 +996,13 @@ class GeneFamilyBaseline:
 
     @one_blas_thread
     def fit(self, problem: VisibleProblem) -> None:
-        if problem.gene_names is None:
-            raise ValueError("gene_family: the problem has no gene symbols")
-        values = problem.values
-        visible = ~np.isnan(values)
-        filled = np.where(visible, values, 0.0)
-        self.values, self.visible = filled, visible
-        n = visible.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            col = filled.sum(axis=0) / n
-        overall = float(filled.sum() / max(visible.sum(), 1))
-        # a sample with nothing visible: its tissue's visible mean, else the overall mean
-        t_sum = np.bincount(problem.tissue_index, weights=filled.sum(axis=0), minlength=len(problem.tissues))
-        t_n = np.bincount(problem.tissue_index, weights=n, minlength=len(problem.tissues))
-        tissue = np.where(t_n > 0, t_sum / np.maximum(t_n, 1), overall)
-        self.sample_mean = np.where(n > 0, col, tissue[problem.tissue_index])
-        self.levels = []
-        for keys in gene_family_keys(problem.gene_names):
-            known = np.flatnonzero(np.not_equal(keys, None))
-            codes = np.full(len(keys), -1, np.int64)
-            if len(known):
-                _, codes[known] = np.unique(keys[known].astype(str), return_inverse=True)
-            n_codes = int(codes.max()) + 1
-            member = sparse.csr_matrix((np.ones(len(known)), (codes[known], known)),
-                                       shape=(max(n_codes, 1), len(keys)))
-            self.levels.append((codes, np.asarray(member @ filled), np.asarray(member @ visible.astype(np.float64))))
+        self.family = family_levels(problem)
 
     def predict(self, records: pa.Table) -> np.ndarray:
         return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
 
     def predict_entries(self, gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
-        gi = np.asarray(gene_index, np.int64)
-        si = np.asarray(sample_index, np.int64)
-        own = self.values[gi, si]
-        own_n = self.visible[gi, si].astype(np.float64)
-        est = self.sample_mean[si].astype(np.float64)
-        k = self.shrinkage
-        for codes, sums, counts in self.levels:  # coarse, then fine: each shrunk towards the level above
-            code = codes[gi]
-            has = code >= 0
-            total = np.where(has, sums[np.maximum(code, 0), si] - own, 0.0)
-            count = np.where(has, counts[np.maximum(code, 0), si] - own_n, 0.0)
-            est = (total + k * est) / (count + k)
-        return est
+        return self.family.estimate(gene_index, sample_index, self.shrinkage)
 
 
 #: methods that predict any (gene, sample) entry from the fitted problem alone, without context records; they

@@ -12,7 +12,8 @@ their samples). Its records need, and its :class:`Shard` holds, only:
   once for the problem and sliced, since a gene's mean in a tissue over the other donors reads donors outside the
   block;
 - the donors' cis-genetic scores of those genes, the target / hidden masks, the labels and extra per-entry columns
-  (a stacked model's baseline estimates) of the block.
+  (a stacked model's baseline estimates; the family level of each target, which reads genes of other
+  chromosomes and is therefore computed by whoever cuts the shards) of the block.
 
 So a shard's size depends on the block's entries, not on the genome or the cohort: a context task that fetches one
 shard at a time holds about the same memory at 1,000 genes x 100 donors as at 20,000 x 1,000, and no process but the
@@ -23,12 +24,14 @@ for value (``tests/test_shards.py``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from geximpute import schema as S
 from geximpute.science.groups import group_sums
 from geximpute.science.problem import VisibleProblem, gene_rows, pass_rows
 
@@ -206,6 +209,7 @@ def make_shard(
     labels: np.ndarray | None = None,
     columns: EntryColumns | dict[str, np.ndarray] | None = None,
     entry_offsets: np.ndarray | None = None,
+    family: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> Shard:
     """Cut the :class:`Shard` of ``block`` out of the whole problem (the arrays it holds are copies).
 
@@ -222,6 +226,9 @@ def make_shard(
             ``np.nonzero(targets)`` order, each record's in its column ``name`` (the whole problem never needs a
             (G, S) grid of them).
         entry_offsets: (G + 1,) :func:`entry_offsets` of ``targets``; required with ``columns``.
+        family: the family level of entries given by their whole-problem (gene, sample) indices
+            (:meth:`geximpute.science.baselines.FamilyLevels.level`), each record's in the column
+            :data:`geximpute.schema.FAMILY_LEVEL`; None: no such column.
     """
     samples = np.concatenate(donor_samples[block.donor_lo : block.donor_hi]) if block.donor_hi > block.donor_lo \
         else np.zeros(0, np.int64)
@@ -233,6 +240,10 @@ def make_shard(
     local_targets = np.zeros((hi - lo, len(samples)), bool)
     local_targets[block.lo - lo : block.hi - lo] = block_targets
     donors = np.arange(block.donor_lo, block.donor_hi)
+    block_columns = _block_columns(columns or {}, entry_offsets, targets, block, samples)
+    if family is not None:  # in np.nonzero order of the block's targets, as the columns above
+        gi, si = np.nonzero(block_targets)
+        block_columns[S.FAMILY_LEVEL] = np.asarray(family(gi + block.lo, samples[si]), np.float32)
     local = dataclasses.replace(
         gene_rows(problem, lo, hi),
         sample_ids=problem.sample_ids[samples],
@@ -250,7 +261,7 @@ def make_shard(
         gene_offset=lo,
         samples=samples,
         labels=None if labels is None else np.ascontiguousarray(labels[rows][:, samples]),
-        columns=_block_columns(columns or {}, entry_offsets, targets, block, samples),
+        columns=block_columns,
     )
 
 

@@ -680,6 +680,7 @@ def run_pipeline(
     haplotypes: Any = None,
     baselines: StackedBaselines | None = None,
     encode_once: bool = True,
+    reads_family: bool = False,
 ) -> int:
     """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
     returns the number of predictor actors it ran.
@@ -702,10 +703,16 @@ def run_pipeline(
             (:func:`baseline_columns`, Ray tasks per gene range) travel with each shard's records.
         encode_once: encode the haplotypes once for the run; False for a bundle whose networks have no promoter
             branch (``Bundle.reads_promoters``).
+        reads_family: the networks read each record's family level (``Bundle.reads_family``): the records carry it
+            (null throughout, with a warning, where the genes have no symbols).
     """
     import ray
 
     cpus = config.ray.cpus_per_task
+    if reads_family and problem.gene_names is None:
+        log.warning("impute: the model's networks read each gene's family level and these genes have no symbols "
+                    "(inputs.genes' gene_name or the expression file's symbol column): every record's is unknown, "
+                    "which the networks saw only for genes without a family")
     try:
         # the stacked head's baseline estimates, fitted per gene range in Ray tasks, travel with each block's
         # records: no predictor maps (G, S) grids, and the driver holds none of them
@@ -725,7 +732,7 @@ def run_pipeline(
             else:  # networks without a promoter branch read no table
                 haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
         shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
-                                     columns=columns, block_entries=BLOCK_ENTRIES)
+                                     columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family)
         # blocks of entries whose records are built; the stream predicts and writes each soon after
         progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
         n_gpus = resources.get("num_gpus", 0)
@@ -901,7 +908,7 @@ def impute(
             baselines = head_baselines(bundle, problem)
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
                                       haplotypes=haplotypes, baselines=baselines,
-                                      encode_once=bundle.reads_promoters)
+                                      encode_once=bundle.reads_promoters, reads_family=bundle.reads_family)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:

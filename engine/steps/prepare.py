@@ -18,6 +18,7 @@ records and no actor holds the whole problem.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import pickle
@@ -38,6 +39,7 @@ from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
+from geximpute.science.baselines import family_levels, forms_families
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, make_problem
@@ -270,6 +272,7 @@ def context_shards(
     labels: np.ndarray | None = None,
     columns: dict[str, np.ndarray] | None = None,
     block_entries: int = BLOCK_ENTRIES,
+    family: bool = False,
 ) -> tuple[list[str], list[Block]]:
     """Cut the records of the ``targets`` entries of ``problem`` into blocks and write each block's
     :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
@@ -294,6 +297,12 @@ def context_shards(
     for i, (first, end) in enumerate(spans):
         span_of[first:end] = i
     donor_samples = donor_sample_lists(problem)
+    levels = None
+    if family:
+        if problem.gene_names is not None:
+            levels = functools.partial(family_levels(problem).level, shrinkage=config.baselines.fam_shrinkage)
+        else:
+            levels = no_family_level
     cut = blocks(problem, targets, block_entries)
     offsets = entry_offsets(targets) if columns else None
     folder.mkdir(parents=True)
@@ -301,13 +310,28 @@ def context_shards(
     for i, block in enumerate(cut):
         shard = make_shard(problem, block, spans[span_of[block.lo]], donor_samples, stats, targets, hidden,
                            config.context.k_neighbours, genetic=genetic, labels=labels, columns=columns,
-                           entry_offsets=offsets)
+                           entry_offsets=offsets, family=levels)
         path = folder / f"shard-{i:06d}.pkl"
         with open(path, "wb") as f:
             pickle.dump(shard, f, protocol=pickle.HIGHEST_PROTOCOL)
         paths.append(str(path.absolute()))
     log.debug("%d shards of %d target entries written to %s", len(paths), int(targets.sum()), folder)
     return paths, cut
+
+
+def no_family_level(gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+    """The family level of entries whose genes have no symbols: unknown (NaN) for each."""
+    return np.full(len(gene_index), np.nan, np.float32)
+
+
+def family_input(config: Config, problem: VisibleProblem) -> bool:
+    """Whether the records of a model trained on ``problem`` carry the family level (``context.family``; by
+    default on the ``genes`` task where the symbols form families:
+    :func:`geximpute.science.baselines.forms_families`)."""
+    wanted = config.context.family
+    if wanted is False or problem.gene_names is None:
+        return False
+    return wanted is True or (config.evaluation.task == "genes" and forms_families(problem.gene_names))
 
 
 def context_records(shards: list[str], config: Config, concurrency: int, progress=None,
@@ -359,7 +383,7 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
     try:
         for i, part in enumerate(parts):
             paths, _ = context_shards(config, part.problem, part.targets, part.hidden, staging / f"shards-{i}",
-                                      part.labels)
+                                      part.labels, family=family_input(config, part.problem))
             shards += paths
             part_of += [i] * len(paths)
         written = staging / "records"
