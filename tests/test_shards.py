@@ -162,3 +162,30 @@ def test_shard_records_carry_the_whole_problems_family_level():
     np.testing.assert_allclose(got, level(g, s).astype(np.float32), equal_nan=True)
     assert np.isnan(got[names[g] == None]).all() and np.isfinite(got[names[g] != None]).all()  # noqa: E711
     assert len(np.unique(problem.chroms[g])) == 3  # blocks of every chromosome, each level from all of them
+
+
+def test_context_shards_write_the_family_level_when_asked_and_unknown_without_symbols(tmp_path):
+    """What `prepare` and `impute` cut: with ``family`` every record carries the column, the whole problem's level
+    where the genes have symbols and null throughout where they have none (a model that reads the family, imputing
+    data without symbols); without it, no column."""
+    from geximpute.config import config_from_dict
+    from geximpute.science.baselines import family_levels
+    from geximpute.steps.prepare import context_shards, read_shard
+
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}}, base_dir=tmp_path)
+    problem = random_problem(seed=4)
+    named = dataclasses.replace(problem, gene_names=np.array([f"KRT{i % 9}" for i in range(problem.n_genes)],
+                                                             dtype=object))
+    targets = np.isnan(problem.values)
+
+    def records(p, family, name):
+        paths, _ = context_shards(config, p, targets, targets, tmp_path / name, family=family)
+        return pa.concat_tables([shard_records(read_shard(path), 4, None) for path in paths])
+
+    with_names = records(named, True, "named")
+    g, s = with_names["gene_index"].to_numpy(), with_names["sample_index"].to_numpy()
+    expected = family_levels(named).level(g, s, config.baselines.fam_shrinkage).astype(np.float32)
+    np.testing.assert_allclose(with_names[S.FAMILY_LEVEL].to_numpy(zero_copy_only=False), expected)
+    unnamed = records(problem, True, "unnamed")
+    assert unnamed.num_rows == int(targets.sum()) and unnamed[S.FAMILY_LEVEL].null_count == unnamed.num_rows
+    assert S.FAMILY_LEVEL not in records(named, False, "off").column_names

@@ -641,8 +641,9 @@ def predictor_pool(config: Config, targets: np.ndarray) -> tuple[int, dict[str, 
 def record_bytes(config: Config, problem: VisibleProblem, targets: np.ndarray, extra_columns: int = 0) -> int:
     """About the bytes of one context record of the ``targets`` entries in Arrow, from the tokens they carry on
     average: neighbours (at most K, and no more than the genes measured in the target's sample) and tissues (the
-    donor's other measured samples), plus ``extra_columns`` float32 columns (the stacked baselines'). An upper
-    bound of the tokens: a neighbour or tissue token also needs the gene's own neighbour or value measured there."""
+    donor's other measured samples), plus ``extra_columns`` float32 columns (the stacked baselines', the family
+    level). An upper bound of the tokens: a neighbour or tissue token also needs the gene's own neighbour or value
+    measured there."""
     per_sample = targets.sum(axis=0).astype(np.float64)
     n = per_sample.sum()
     if n == 0:
@@ -740,7 +741,8 @@ def run_pipeline(
                  n_actors, " on GPU" if n_gpus else "")
         predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
                           ray.put(haplotypes) if haplotypes is not None else None, None)
-        per_record = record_bytes(config, problem, targets, len(baselines.head_names) if baselines else 0)
+        per_record = record_bytes(config, problem, targets,
+                                  (len(baselines.head_names) if baselines else 0) + int(reads_family))
         # with a budget in blocks the records pass through files (at most that many unread), not the object store
         spill = out / RECORDS_FOLDER if config.impute.blocks_in_flight is not None else None
         with execution_budget(config.ray, stream_budget(config, cut, per_record)):
@@ -998,7 +1000,8 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     range_genes = max((hi - lo for lo, hi in ranges), default=0)
     range_entries = max((int(offsets[hi] - offsets[lo]) for lo, hi in ranges), default=0)
     estimates = range_entries * 4 * mib * len(bundle.baseline_names)
-    per_record = record_bytes(config, problem, targets, len(bundle.baseline_names) if bundle.stacked else 0)
+    per_record = record_bytes(config, problem, targets,
+                              (len(bundle.baseline_names) if bundle.stacked else 0) + int(bundle.reads_family))
     budget = stream_budget(config, cut, per_record) if config.ray.data_object_store_mb is None else \
         config.ray.data_object_store_mb * 2**20
     block_records = max((sh["entries"] for sh in shards), default=0) * per_record
