@@ -66,6 +66,11 @@ def test_gene_symbols_come_from_the_annotation_else_the_expression_file(synth_sm
     problem, _ = make_problem(other, hidden_mask=False, genomes=False)
     assert list(problem.gene_names) == [f"X{g}" for g in problem.gene_ids]
     assert summarise(other)["genes"]["joined_with_symbol"] == problem.n_genes
+    # SYN1, SYN2, ... share no family; X followed by a gene id shares its letters and number with no other gene
+    assert summarise(dataset)["genes"]["shared_families"] == summarise(other)["genes"]["shared_families"] == 0
+    paired = dataclasses.replace(expression, gene_names=[f"KRT{i // 2}A" for i in range(len(expression.gene_ids))])
+    report = summarise(dataclasses.replace(other, expression=paired))["genes"]
+    assert report["shared_families"] == problem.n_genes // 2 and report["joined_in_shared_family"] == problem.n_genes
     # neither: no symbols at all
     bare = dataclasses.replace(other, expression=dataclasses.replace(expression, gene_names=None))
     assert make_problem(bare, hidden_mask=False, genomes=False)[0].gene_names is None

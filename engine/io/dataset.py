@@ -172,6 +172,12 @@ def summarise(dataset: Dataset) -> dict:
     tissues = dataset.samples[S.TISSUE].to_pylist()
     cells = set(zip(donors, tissues, strict=True))
     n_donors, n_tissues = len(set(donors)), len(set(tissues))
+    # families of two genes or more among the joined genes' symbols: what gene_family and the networks' family
+    # level read (geximpute.science.baselines: imported here, as it reads this module)
+    from geximpute.science.baselines import shared_families
+
+    symbols = gene_symbols(dataset, joined)
+    in_family, n_families = shared_families(symbols)
     report: dict = {
         "name": dataset.config.name,
         "genes": {
@@ -180,7 +186,9 @@ def summarise(dataset: Dataset) -> dict:
             "expression_with_annotation": len(joined),
             "join_rate_expression_to_annotation": len(joined) / max(len(expr.gene_ids), 1),
             "renamed_chroms": genes.report.get("renamed_chroms", {}),
-            "joined_with_symbol": int(sum(n is not None for n in gene_symbols(dataset, joined))),
+            "joined_with_symbol": int(sum(n is not None for n in symbols)),
+            "joined_in_shared_family": in_family,
+            "shared_families": n_families,
         },
         "samples": {
             "samples": len(expr.sample_ids),
@@ -243,7 +251,9 @@ def format_summary(report: dict) -> str:
     ]
     if g["renamed_chroms"]:
         lines.append(f"              chromosomes renamed: {g['renamed_chroms']}")
-    lines.append(f"              {g['joined_with_symbol']:,} of them with a symbol (what gene_family reads)")
+    lines.append(f"              {g['joined_with_symbol']:,} of them with a symbol (what gene_family and, on the genes "
+                 f"task, the networks' family level read); {g['joined_in_shared_family']:,} share a fine family "
+                 f"(SLC25, RPL10) with another gene, in {g['shared_families']:,} families")
     lines += [
         f"  samples     {s['samples']:,} samples, {s['donors']:,} donor(s), {s['tissues']:,} tissues"
         + ("" if s["has_sample_table"] or s["donors"] > 1

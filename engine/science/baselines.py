@@ -864,11 +864,18 @@ def gene_family_keys(names: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
     return coarse, fine
 
 
+def shared_families(names: np.ndarray | list) -> tuple[int, int]:
+    """(genes in a shared family, shared families): the fine family keys (:func:`gene_family_keys`) that two genes or
+    more of ``names`` have, and how many genes have one of them."""
+    _, counts = np.unique([k for k in gene_family_keys(names)[1] if k is not None], return_counts=True)
+    shared = counts[counts > 1]
+    return int(shared.sum()), len(shared)
+
+
 def forms_families(names: np.ndarray | list) -> bool:
     """Whether gene symbols group genes into families: some fine family key (:func:`gene_family_keys`) is shared
     by two genes or more (synthetic genes named ``SYN1``, ``SYN2``, ... form none)."""
-    fine = [k for k in gene_family_keys(names)[1] if k is not None]
-    return len(set(fine)) < len(fine)
+    return shared_families(names)[1] > 0
 
 
 class FamilyLevels:
