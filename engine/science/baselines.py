@@ -915,7 +915,8 @@ class FamilyLevels:
                                              shape=(max(n_codes, 1), n_genes)))
             self.codes.append(codes)
         self.sums = [np.zeros((m.shape[0], n_samples)) for m in members]
-        self.counts = [np.zeros((m.shape[0], n_samples)) for m in members]
+        # counts are whole numbers, exact in float32 (up to 2**24 genes): half the memory of the sums beside them
+        self.counts = [np.zeros((m.shape[0], n_samples), np.float32) for m in members]
         total, n = np.zeros(n_samples), np.zeros(n_samples)
         for lo in range(0, n_samples, chunk):
             part = values[:, lo : lo + chunk]
@@ -958,7 +959,7 @@ class FamilyLevels:
             code = codes[gi]
             has = code >= 0
             total = np.where(has, sums[np.maximum(code, 0), si] - own, 0.0)
-            count = np.where(has, counts[np.maximum(code, 0), si] - own_n, 0.0)
+            count = np.where(has, counts[np.maximum(code, 0), si].astype(np.float64) - own_n, 0.0)
             est = (total + shrinkage * est) / (count + shrinkage)
         return est
 
