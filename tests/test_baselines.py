@@ -20,6 +20,7 @@ from geximpute.science.baselines import (
     PairwiseRegressionBaseline,
     RowTissueBaseline,
     baseline_estimates,
+    family_rows,
     fit_ranges,
     forms_families,
     gene_family_keys,
@@ -371,6 +372,8 @@ def test_family_levels_in_passes_leave_the_gene_out_and_mark_genes_without_a_fam
         level[0], rel=1e-12)
     assert FamilyLevels(changed, names, tissue, 3).level(np.array([1]), np.array([0]), 3.0) > level[1] + 10
     assert forms_families(names) and not forms_families([f"SYN{i}" for i in range(50)])
+    # each stem five times: RPL, SLC, OR; RPL10, RPL11, SLC25, SLC2, OR2
+    assert family_rows(names) == sum(len(sums) for sums in one.sums) == 3 + 5
 
 
 def test_gene_family_needs_symbols_and_whole_hidden_genes():

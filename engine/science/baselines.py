@@ -872,10 +872,23 @@ def shared_families(names: np.ndarray | list) -> tuple[int, int]:
     return int(shared.sum()), len(shared)
 
 
+def family_rows(names: np.ndarray | list) -> int:
+    """The rows :class:`FamilyLevels` keeps for ``names``: its coarse and fine families of two genes or more."""
+    rows = 0
+    for level in gene_family_keys(names):
+        _, counts = np.unique([k for k in level if k is not None], return_counts=True)
+        rows += max(int((counts > 1).sum()), 1)
+    return rows
+
+
 def forms_families(names: np.ndarray | list) -> bool:
     """Whether gene symbols group genes into families: some fine family key (:func:`gene_family_keys`) is shared
     by two genes or more (synthetic genes named ``SYN1``, ``SYN2``, ... form none)."""
     return shared_families(names)[1] > 0
+
+
+#: samples :class:`FamilyLevels` sums at once (a float64 copy of that many columns of the values at a time)
+FAMILY_CHUNK = 2048
 
 
 class FamilyLevels:
@@ -894,7 +907,7 @@ class FamilyLevels:
     """
 
     def __init__(self, values: np.ndarray, gene_names: np.ndarray, tissue_index: np.ndarray, n_tissues: int,
-                 chunk: int = 2048) -> None:
+                 chunk: int = FAMILY_CHUNK) -> None:
         self.values = values
         n_genes, n_samples = values.shape
         keys = gene_family_keys(gene_names)

@@ -56,7 +56,7 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.memory import release_unused_memory
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray, execution_budget
-from geximpute.science.baselines import fit_ranges, range_estimates
+from geximpute.science.baselines import FAMILY_CHUNK, family_rows, fit_ranges, range_estimates
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.problem import VisibleProblem, gene_rows, make_problem, pass_rows
 from geximpute.science.promoters import (
@@ -970,9 +970,10 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     rate measured by the last run into the same output folder, the projected wall time for ``workers`` predictor
     actors.
 
-    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies and one gene range's
-    baseline estimates in the driver, the largest gene range's values in a baseline task, the largest shard and its
-    block of context records, the bundle's files) over
+    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies, one gene range's
+    baseline estimates and, for networks that read the family level, the family sums in the driver; the largest
+    gene range's values in a baseline task, the largest shard and its block of context records, the bundle's
+    files) over
     :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
     measures).
     """
@@ -1012,10 +1013,14 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     per_entry = 4 + 2 + (4 * len(bundle.baseline_names) if bundle.stacked else 0)
     shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
                    default=0) * mib
+    family = 0.0
+    if bundle.reads_family and problem.gene_names is not None:  # FamilyLevels where the shards are cut
+        family = (family_rows(problem.gene_names) * n_samples * 12
+                  + n_genes * min(n_samples, FAMILY_CHUNK) * 8 * 2) * mib
     peak = {
         # the Arrow table, the model-scale and visible copies, the missing profiles' copy; the targets mask; one
-        # gene range's baseline estimates
-        "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + estimates,
+        # gene range's baseline estimates; the family sums when the networks read the family level
+        "driver": PROCESS_BASE_MB["driver"] + 4 * matrix + n_genes * n_samples * mib + estimates + family,
         # one shard at a time (geximpute.science.shards) and its block of records
         "context": PROCESS_BASE_MB["context"] + shard_mb + block_records * mib,
         # the bundle in memory (about its files), one batch through the network (activations about 50x the
