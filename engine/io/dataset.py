@@ -15,7 +15,7 @@ from geximpute.config import Config
 from geximpute.errors import InputError
 from geximpute.io.expression import Expression, read_expression
 from geximpute.io.fasta import Genome
-from geximpute.io.genes import GeneTable, phenotype_bed_genes, read_genes
+from geximpute.io.genes import GeneTable, phenotype_bed_genes, read_genes, shared_families
 from geximpute.io.samples import person_samples, read_samples, reference_samples
 from geximpute.io.variants import read_sample_map, read_variants
 
@@ -173,9 +173,7 @@ def summarise(dataset: Dataset) -> dict:
     cells = set(zip(donors, tissues, strict=True))
     n_donors, n_tissues = len(set(donors)), len(set(tissues))
     # families of two genes or more among the joined genes' symbols: what gene_family and the networks' family
-    # level read (geximpute.science.baselines: imported here, as it reads this module)
-    from geximpute.science.baselines import shared_families
-
+    # level read
     symbols = gene_symbols(dataset, joined)
     in_family, n_families = shared_families(symbols)
     report: dict = {

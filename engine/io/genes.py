@@ -7,6 +7,7 @@ the renames are reported. The TSS is the 5' end on the gene's strand: ``start`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,3 +409,37 @@ def _check_against_genome(table: pa.Table, path: Path, fmt: str, genome: Genome,
         "n_on_genome_chroms": int(in_genome.sum()),
         "n_tss_in_genome": int((in_genome & ~outside).sum()),
     }
+
+
+# Gene families from symbols ---------------------------------------------------------------------------------------
+
+#: a gene symbol that names no family: an Ensembl id standing in for a missing symbol
+_NO_FAMILY = re.compile(r"^ENS[A-Z]*G\d")
+_FAMILY = re.compile(r"^([A-Z]+)(\d*)")
+
+
+def gene_family_keys(names: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse, fine) family keys of gene symbols: the leading letters (``SLC``, ``RPL``, ``ZNF``, ``OR``) and the
+    letters with the number that follows them (``SLC25``, ``RPL10``, ``OR2``); None for a missing symbol, one that
+    does not start with a letter, or an Ensembl id. HGNC names most gene families this way (paralogues share a
+    stem), and a family's members share much of their expression (ribosomal proteins high everywhere, olfactory
+    receptors off)."""
+    coarse = np.full(len(names), None, dtype=object)
+    fine = np.full(len(names), None, dtype=object)
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        symbol = str(name).strip().upper()
+        match = _FAMILY.match(symbol)
+        if match is None or _NO_FAMILY.match(symbol):
+            continue
+        coarse[i], fine[i] = match.group(1), match.group(1) + match.group(2)
+    return coarse, fine
+
+
+def shared_families(names: np.ndarray | list) -> tuple[int, int]:
+    """(genes in a shared family, shared families): the fine family keys (:func:`gene_family_keys`) that two genes or
+    more of ``names`` have, and how many genes have one of them."""
+    _, counts = np.unique([k for k in gene_family_keys(names)[1] if k is not None], return_counts=True)
+    shared = counts[counts > 1]
+    return int(shared.sum()), len(shared)

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import re
 import warnings
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from geximpute.config import BaselinesConfig
+from geximpute.io.genes import gene_family_keys, shared_families
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import donor_residuals
@@ -838,38 +838,6 @@ class PromoterCompositionBaseline:
         x = (np.nan_to_num(self.composition[gene_index]) - self.mu) / self.sd
         est = self.intercept[t] + np.einsum("nf,fn->n", x, self.coef[:, t])
         return np.where(self.has[gene_index], est, self.fallback[t])
-
-
-#: a gene symbol that names no family: an Ensembl id standing in for a missing symbol
-_NO_FAMILY = re.compile(r"^ENS[A-Z]*G\d")
-_FAMILY = re.compile(r"^([A-Z]+)(\d*)")
-
-
-def gene_family_keys(names: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
-    """(coarse, fine) family keys of gene symbols: the leading letters (``SLC``, ``RPL``, ``ZNF``, ``OR``) and the
-    letters with the number that follows them (``SLC25``, ``RPL10``, ``OR2``); None for a missing symbol, one that
-    does not start with a letter, or an Ensembl id. HGNC names most gene families this way (paralogues share a
-    stem), and a family's members share much of their expression (ribosomal proteins high everywhere, olfactory
-    receptors off)."""
-    coarse = np.full(len(names), None, dtype=object)
-    fine = np.full(len(names), None, dtype=object)
-    for i, name in enumerate(names):
-        if not name:
-            continue
-        symbol = str(name).strip().upper()
-        match = _FAMILY.match(symbol)
-        if match is None or _NO_FAMILY.match(symbol):
-            continue
-        coarse[i], fine[i] = match.group(1), match.group(1) + match.group(2)
-    return coarse, fine
-
-
-def shared_families(names: np.ndarray | list) -> tuple[int, int]:
-    """(genes in a shared family, shared families): the fine family keys (:func:`gene_family_keys`) that two genes or
-    more of ``names`` have, and how many genes have one of them."""
-    _, counts = np.unique([k for k in gene_family_keys(names)[1] if k is not None], return_counts=True)
-    shared = counts[counts > 1]
-    return int(shared.sum()), len(shared)
 
 
 def family_rows(names: np.ndarray | list) -> int:
