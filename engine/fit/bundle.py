@@ -51,7 +51,7 @@ from geximpute.model.inference import TrainedNetwork, encode_promoters
 from geximpute.model.network import NetworkSpec
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.provenance import manifest, write_json
-from geximpute.science.baselines import applicable_entry_methods, baseline_estimates, make_methods, promoter_composition
+from geximpute.science.baselines import baseline_estimates, entry_methods_skipped, promoter_composition
 from geximpute.science.head_features import FEATURE_NAMES
 from geximpute.science.problem import VisibleProblem
 from geximpute.science.promoters import PromoterLookup, no_promoters, one_hot_promoters
@@ -323,11 +323,9 @@ class Bundle:
         composition = promoter_composition(
             [self.reference_sequences[self.gene_promoter[g]] if g in self.gene_promoter else None
              for g in problem.gene_ids], config.promoter.upstream)
-        names = applicable_entry_methods(problem, self.baseline_names, config.baselines, composition)
+        names, why = entry_methods_skipped(problem, self.baseline_names, config.baselines, composition)
         missing = [n for n in self.baseline_names if n not in names]
         if missing:  # e.g. gene_family on data without gene symbols: the head reads NaN there
-            _, why = make_methods(tuple(missing), config.baselines, len(problem.donors), problem.genomes is not None,
-                                  composition=composition, gene_names=problem.gene_names is not None)
             log.warning("%s: the head reads %s, which %s not apply to these data (%s): their inputs are missing "
                         "(NaN) for every entry, and the estimates are those of the head's trees without them",
                         self.folder, ", ".join(missing), "does" if len(missing) == 1 else "do",

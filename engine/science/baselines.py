@@ -840,13 +840,25 @@ class PromoterCompositionBaseline:
         return np.where(self.has[gene_index], est, self.fallback[t])
 
 
+def shared_family_codes(keys: np.ndarray) -> np.ndarray:
+    """(G,) each gene's family at one level of :func:`gene_family_keys` as 0..F-1, counting only the families of two
+    genes or more (one of a single gene says nothing of its gene, which never counts towards itself); -1 for the
+    others and for genes without a key."""
+    known = np.flatnonzero(np.not_equal(keys, None))
+    codes = np.full(len(keys), -1, np.int64)
+    if len(known):
+        _, codes[known] = np.unique(keys[known].astype(str), return_inverse=True)
+        shared = np.bincount(codes[known])[codes[known]] > 1
+        codes[known[~shared]] = -1
+        known = known[shared]
+        _, codes[known] = np.unique(codes[known], return_inverse=True)
+    return codes
+
+
 def family_rows(names: np.ndarray | list) -> int:
-    """The rows :class:`FamilyLevels` keeps for ``names``: its coarse and fine families of two genes or more."""
-    rows = 0
-    for level in gene_family_keys(names):
-        _, counts = np.unique([k for k in level if k is not None], return_counts=True)
-        rows += max(int((counts > 1).sum()), 1)
-    return rows
+    """The rows :class:`FamilyLevels` keeps for ``names``: its coarse and fine families of two genes or more (one
+    row at least per level)."""
+    return sum(max(int(shared_family_codes(level).max(initial=-1)) + 1, 1) for level in gene_family_keys(names))
 
 
 def forms_families(names: np.ndarray | list) -> bool:
@@ -882,16 +894,9 @@ class FamilyLevels:
         self.named = np.not_equal(keys[0], None)  # a gene whose symbol names a family (:meth:`has_family`)
         members, self.codes = [], []
         for level in keys:
-            known = np.flatnonzero(np.not_equal(level, None))
-            codes = np.full(len(level), -1, np.int64)
-            if len(known):
-                _, codes[known] = np.unique(level[known].astype(str), return_inverse=True)
-                # a family of one says nothing of its gene (it never counts towards itself): no row for it
-                shared = np.bincount(codes[known])[codes[known]] > 1
-                codes[known[~shared]] = -1
-                known = known[shared]
-                _, codes[known] = np.unique(codes[known], return_inverse=True)
-            n_codes = int(codes.max()) + 1
+            codes = shared_family_codes(level)
+            known = np.flatnonzero(codes >= 0)
+            n_codes = int(codes.max(initial=-1)) + 1
             members.append(sparse.csr_matrix((np.ones(len(known)), (codes[known], known)),
                                              shape=(max(n_codes, 1), n_genes)))
             self.codes.append(codes)
@@ -1302,15 +1307,23 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
     return out
 
 
+def entry_methods_skipped(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig,
+                          composition: np.ndarray | None = None, task: str | None = None
+                          ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the entry methods of ``names`` that apply to the whole of ``problem``, in order; why each other entry
+    method of ``names`` does not) by :func:`make_methods`' checks."""
+    names = tuple(n for n in names if n in ENTRY_METHODS)
+    _, skipped = make_methods(names, config, len(problem.donors), problem.genomes is not None, 0, composition, task,
+                              problem.gene_names is not None)
+    return tuple(n for n in names if n not in skipped), skipped
+
+
 def applicable_entry_methods(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig,
                              composition: np.ndarray | None = None, task: str | None = None) -> tuple[str, ...]:
     """The entry methods of ``names`` that apply to the whole of ``problem`` (:func:`make_methods`' checks), in
     order: a gene range is fitted with the methods of its problem, not only those that would apply to the range
     alone."""
-    names = tuple(n for n in names if n in ENTRY_METHODS)
-    _, skipped = make_methods(names, config, len(problem.donors), problem.genomes is not None, 0, composition, task,
-                              problem.gene_names is not None)
-    return tuple(n for n in names if n not in skipped)
+    return entry_methods_skipped(problem, names, config, composition, task)[0]
 
 
 def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
