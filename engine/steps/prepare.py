@@ -380,10 +380,12 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
     staging = parts[0].out.parent / ".records"  # beside the outputs, inside the caller's staging folder
     shards: list[str] = []
     part_of: list[int] = []
+    # one decision for every part (they share their genes and symbols): the records of one model
+    family = family_input(config, parts[0].problem)
     try:
         for i, part in enumerate(parts):
             paths, _ = context_shards(config, part.problem, part.targets, part.hidden, staging / f"shards-{i}",
-                                      part.labels, family=family_input(config, part.problem))
+                                      part.labels, family=family)
             shards += paths
             part_of += [i] * len(paths)
         written = staging / "records"
