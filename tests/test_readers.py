@@ -196,6 +196,80 @@ def test_long_tsv_and_parquet_give_the_same_matrix(write, tmp_path):
     assert long.schema.equals(S.EXPRESSION_LONG) and long.num_rows == 3
 
 
+def _wide_text(rng: np.random.Generator, n_genes: int, n_samples: int) -> tuple[str, np.ndarray]:
+    values = np.round(rng.gamma(0.5, 20.0, size=(n_genes, n_samples)), 2).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = np.nan
+    cells = [["" if np.isnan(v) else f"{v:g}" for v in row] for row in values]
+    lines = [f"ENSG{g:05d}.{g % 3}\tG{g}\t" + "\t".join(row) for g, row in enumerate(cells)]
+    header = "Name\tDescription\t" + "\t".join(f"S{j}" for j in range(n_samples))
+    return f"#1.2\n{n_genes}\t{n_samples}\n{header}\n" + "\n".join(lines) + "\n", values
+
+
+def test_wide_files_read_a_block_at_a_time_equal_the_whole_read(write, monkeypatch):
+    """Blocks of a few lines each: the matrix, ids, symbols and counts are the whole read's (the same file read
+    whole by the fallback path), and a value in a later block is checked and named by its own line."""
+    from geximpute.io import expression as E
+    from geximpute.io import tables
+
+    monkeypatch.setattr(tables, "MIN_BLOCK_BYTES", 64)
+    monkeypatch.setattr(tables, "BLOCK_ROWS", 3)
+    text, values = _wide_text(np.random.default_rng(0), 50, 7)
+    path = write("expr.gct.gz", text)
+    blocks = tables.csv_batches(path, "test", lambda schema: {n: pa.string() for n in schema.names}, skip_rows=2)
+    assert blocks[1] == 53 and len(list(blocks[2])) > 5  # lines of the file; many batches
+    streamed = read_expression(path)
+    whole = E._whole_wide("GCT expression file", 2, "\t", 4)(path, "tpm")
+    np.testing.assert_array_equal(streamed.values, values)
+    np.testing.assert_array_equal(streamed.values, whole.values)
+    assert streamed.gene_ids == whole.gene_ids == [f"ENSG{g:05d}" for g in range(50)]
+    assert streamed.gene_names == whole.gene_names == [f"G{g}" for g in range(50)]
+    assert streamed.report["n_measured"] == int((~np.isnan(values)).sum())
+    lines = text.splitlines()
+    for bad, message in (("inf", r"infinite expression value inf.*gene ENSG00037, sample S0 \(line 41\)"),
+                         # a value that does not convert: read whole, which names the line
+                         ("abc", r"non-numeric expression value 'abc' in column 'S0'.*line 41")):
+        fields = lines[40].split("\t")  # gene 37, on line 41
+        fields[2] = bad
+        changed = [*lines[:40], "\t".join(fields), *lines[41:]]
+        with pytest.raises(InputError, match=message):
+            read_expression(write(f"{bad}.gct", "\n".join(changed) + "\n"))
+
+
+def test_phenotype_bed_read_a_block_at_a_time(write, monkeypatch):
+    from geximpute.io import tables
+
+    monkeypatch.setattr(tables, "MIN_BLOCK_BYTES", 64)
+    monkeypatch.setattr(tables, "BLOCK_ROWS", 2)
+    rows = [f"chr22\t{100 * g}\t{100 * g + 1}\tENSG{g:05d}\tENSG{g:05d}\t{'+-'[g % 2]}\t{g}\t{-g / 2}"
+            for g in range(9)]
+    expr = read_expression(write("pheno.bed", "#chr\tstart\tend\tpid\tgid\tstrand\tP1\tP2\n" + "\n".join(rows)),
+                           scale="normalised")
+    np.testing.assert_array_equal(expr.values, np.array([[g, -g / 2] for g in range(9)], np.float32))
+    assert expr.sample_ids == ["P1", "P2"] and expr.genes.num_rows == 9
+    assert expr.genes["start0"].to_pylist() == [100 * g for g in range(9)]
+    assert expr.genes["strand"].to_pylist() == ["+-"[g % 2] for g in range(9)]
+
+
+@pytest.mark.parametrize("method", ["cpm", "median_ratio"])
+def test_size_factors_in_passes_equal_one_pass(monkeypatch, method):
+    """Each sample's factor is its own column's and each gene's reference its own row's: passes of a few cells
+    give the factors of one pass to the bit, hidden (not visible) entries and unmeasured ones included."""
+    from geximpute.io import expression as E
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.gamma(0.5, 50, size=(40, 1)), size=(40, 30)).astype(np.float32)
+    counts[rng.random(counts.shape) < 0.3] = np.nan
+    visible = rng.random(counts.shape) < 0.8
+    visible[:, 0] = False  # a hidden sample
+    one = [size_factors(counts, method, v) for v in (None, visible)]
+    monkeypatch.setattr(E, "FACTOR_CELLS", 50)
+    passes = [size_factors(counts, method, v) for v in (None, visible)]
+    for a, b in zip(one, passes, strict=True):
+        np.testing.assert_array_equal(a, b)
+    counts[~visible] *= 7  # a hidden count moves no factor (but the hidden sample's own: it is scaled by them)
+    np.testing.assert_array_equal(size_factors(counts, method, visible)[1:], passes[1][1:])
+
+
 def test_counts_are_normalised_per_sample_then_log1p(write):
     expr = read_expression(write("counts.tsv", "gene_id\tA\tB\ng1\t10\t20\ng2\t30\t60\n"), scale="counts")
     cpm = to_model_scale(expr, ExpressionConfig(counts_normalisation="cpm"))

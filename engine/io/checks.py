@@ -43,20 +43,35 @@ def check_gzip_whole(path: str | Path, what: str) -> None:
 
     Streams in 1 MiB chunks, so memory stays flat; cost is one pass over the file.
     """
+    if is_gzip(Path(path)):
+        count_lines(path, what)
+
+
+def count_lines(path: str | Path, what: str) -> tuple[int, int]:
+    """(lines, bytes of text) of a plain or gzip/bgzip text file (a last line without its newline counts), read in
+    1 MiB chunks; a gzip file is decompressed to its end on the way, so this is also :func:`check_gzip_whole`'s pass.
+
+    Raises:
+        InputError: a truncated or corrupt gzip file.
+    """
     path = Path(path)
-    if not is_gzip(path):
-        return
+    lines, size, last, gz = 0, 0, b"\n", is_gzip(path)
     try:
-        with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 20):
-                pass
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            while chunk := fh.read(1 << 20):
+                lines += chunk.count(b"\n")
+                size += len(chunk)
+                last = chunk[-1:]
+    except (EOFError, zlib.error, OSError) as exc:
+        if not gz:
+            raise InputError(path, f"{what} cannot be read ({exc})") from exc
         raise InputError(
             path,
             f"{what} is a truncated or corrupt gzip file ({exc})",
             expected="a complete gzip/bgzip stream",
             hint="Download or copy the file again",
         ) from exc
+    return lines + (last != b"\n"), size
 
 
 def open_text(path: str | Path) -> io.TextIOBase:

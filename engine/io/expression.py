@@ -8,6 +8,7 @@ entries that were not measured, plus the gene and sample ids. Values are kept on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +21,16 @@ from geximpute import schema as S
 from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
-from geximpute.io.tables import is_parquet, read_table, require_columns
+from geximpute.io.tables import csv_batches, is_parquet, read_table, require_columns
 
 #: wide-table columns that describe genes rather than hold values
 ANNOTATION_COLUMNS = {"description", "gene_name", "name", "symbol", "gene_symbol", "gene.name", "gene_type"}
 GENE_ID_COLUMNS = ["gene_id", "Name", "gene", "geneid", "ensembl_gene_id", "id"]
 #: annotation columns that carry gene symbols, in order of preference (a GCT's ``Description`` holds them)
 NAME_COLUMNS = ["gene_name", "symbol", "gene_symbol", "gene.name", "description"]
+#: gene x sample cells per pass of :func:`size_factors` at most: its temporaries (masks, logs, float64 ratios) are a
+#: few times that many cells, not a few copies of the matrix
+FACTOR_CELLS = 1 << 22
 
 
 @dataclass
@@ -110,44 +114,60 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
         elif fmt == "bed":
             expr = _read_phenotype_bed(path, scale)
         else:
-            expr = _read_wide(path, scale, read_table(path, "expression table"), first_data_line=2)
+            expr, _ = _stream_wide(path, scale, "expression table", skip_rows=0, first_data_line=2)
     except UnicodeDecodeError as exc:
         raise InputError(path, f"is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})",
                          expected="a UTF-8 (or ASCII) text table, plain or gzip") from exc
     if expr.values.size == 0:
         raise InputError(path, "expression table holds no values", expected="at least one gene and one sample")
-    # NaN policy: an empty cell, NA or NaN is an unmeasured entry (imputed); an infinite value is an error
-    infinite = np.isinf(expr.values)
-    if infinite.any():
-        g, s = (int(x[0]) for x in np.nonzero(infinite))
-        raise InputError(
-            path,
-            f"infinite expression value {expr.values[g, s]:g}",
-            record=f"gene {expr.gene_ids[g]}, sample {expr.sample_ids[s]}"
-            + (f" (line {g + expr.report['first_data_line']})" if "first_data_line" in expr.report else ""),
-            expected="a finite number, or an empty cell / NA for an unmeasured value",
-        )
-    if scale not in ("log", "normalised"):
-        neg = expr.values < 0
-        if neg.any():
-            g, s = (int(x[0]) for x in np.nonzero(neg))
-            raise InputError(
-                path,
-                f"negative expression value {expr.values[g, s]:g} for scale {scale!r}",
-                record=f"gene {expr.gene_ids[g]}, sample {expr.sample_ids[s]}"
-                + (f" (line {g + expr.report['first_data_line']})" if "first_data_line" in expr.report else ""),
-                expected="values >= 0 (set inputs.scale: log for log-scale values, or normalised for values an "
-                "eQTL pipeline has normalised)",
-            )
-    measured = ~np.isnan(expr.values)
+    if "n_measured" not in expr.report:  # read whole (a long table): its values are checked here
+        expr.report["n_measured"] = check_values(path, expr.values, expr.gene_ids, expr.sample_ids, scale,
+                                                 expr.report.get("first_data_line"))
+    n_measured = expr.report.pop("n_measured")
     expr.report.update(
         format=fmt,
         n_genes=len(expr.gene_ids),
         n_samples=len(expr.sample_ids),
-        n_measured=int(measured.sum()),
-        measured_fraction=float(measured.mean()),
+        n_measured=n_measured,
+        measured_fraction=n_measured / expr.values.size,
     )
     return expr
+
+
+def check_values(path: Path, values: np.ndarray, gene_ids: list[str], sample_ids: list[str], scale: str,
+                 first_line: int | None) -> int:
+    """Refuse an infinite value, or a negative one on a scale that has none; return how many are measured (not NaN).
+
+    Args:
+        values: (rows, samples) of the file, ``gene_ids`` their rows' ids and ``sample_ids`` their columns'.
+        first_line: the file's line of the first row (None: rows are not lines, as in a long table).
+
+    Raises:
+        InputError: naming the gene, the sample and the line. An empty cell, NA or NaN is an unmeasured entry
+            (imputed); an infinite value is an error.
+    """
+    def where(g: int, s: int) -> str:
+        return (f"gene {gene_ids[g]}, sample {sample_ids[s]}"
+                + (f" (line {g + first_line})" if first_line is not None else ""))
+
+    infinite = np.isinf(values)
+    if infinite.any():
+        g, s = (int(x[0]) for x in np.nonzero(infinite))
+        raise InputError(path, f"infinite expression value {values[g, s]:g}", record=where(g, s),
+                         expected="a finite number, or an empty cell / NA for an unmeasured value")
+    del infinite
+    if scale not in ("log", "normalised"):
+        neg = values < 0
+        if neg.any():
+            g, s = (int(x[0]) for x in np.nonzero(neg))
+            raise InputError(
+                path,
+                f"negative expression value {values[g, s]:g} for scale {scale!r}",
+                record=where(g, s),
+                expected="values >= 0 (set inputs.scale: log for log-scale values, or normalised for values an "
+                "eQTL pipeline has normalised)",
+            )
+    return int(values.size - np.count_nonzero(np.isnan(values)))
 
 
 def _read_gct(path: Path, scale: str) -> Expression:
@@ -166,15 +186,8 @@ def _read_gct(path: Path, scale: str) -> Expression:
             record="line 2",
             expected="'<rows>\\t<columns>'",
         ) from exc
-    table = read_table(path, "GCT expression file", skip_rows=2, delimiter="\t")
-    if not table.column_names or table.column_names[0] != "Name":
-        raise InputError(
-            path,
-            f"header starts with {table.column_names[:2]}",
-            record="line 3",
-            expected="'Name', 'Description', then one column per sample",
-        )
-    expr = _read_wide(path, scale, table, first_data_line=4)
+    expr, _ = _stream_wide(path, scale, "GCT expression file", skip_rows=2, first_data_line=4, delimiter="\t",
+                           first_column="Name")
     expr.report["gct_declared_shape"] = declared
     expr.report["gct_dimension_line_matches"] = declared == expr.values.shape
     return expr
@@ -186,27 +199,172 @@ BED_COORDINATES = ("#chr", "start", "end")
 
 def _read_phenotype_bed(path: Path, scale: str) -> Expression:
     """A QTLtools (``#chr start end pid gid strand``) or FastQTL (``#Chr start end ID``) phenotype BED."""
-    table = read_table(path, "phenotype BED", delimiter="\t", quoting=False,
-                       column_types={"#chr": pa.string(), "#Chr": pa.string()})
-    names = table.column_names
+    expr, coords = _stream_wide(path, scale, "phenotype BED", skip_rows=0, first_data_line=2, delimiter="\t",
+                                quoting=False, layout=_bed_layout, whole=_read_phenotype_bed_whole)
+    if coords is not None:  # read a block at a time: the kept columns are the coordinates
+        expr.genes = _bed_genes(coords)
+    return expr
+
+
+def _bed_columns(path: Path, names: list[str]) -> int:
+    """The number of coordinate columns of a phenotype BED header (6 with a strand, else 4)."""
     lower = [n.lower() for n in names]
     if len(names) < 5 or tuple(lower[:3]) != BED_COORDINATES:
         raise InputError(path, f"header starts with {names[:6]}", record="line 1",
                          expected="a phenotype BED header '#chr start end <id> [<gid or length> strand]' followed "
                          "by one column per person (QTLtools/FastQTL layout)")
-    n_coord = 6 if len(names) > 6 and lower[5] == "strand" else 4
-    coords = table.select(names[:n_coord])
-    values = table.select([names[3], *names[n_coord:]])
-    expr = _read_wide(path, scale, values.rename_columns(["gene_id", *names[n_coord:]]), first_data_line=2)
-    strand = coords.column(5).cast(pa.string()) if n_coord == 6 else pa.nulls(table.num_rows, pa.string())
-    expr.genes = pa.table({
+    return 6 if len(names) > 6 and lower[5] == "strand" else 4
+
+
+def _bed_layout(path: Path, schema: pa.Schema) -> _Layout:
+    names = schema.names
+    n_coord = _bed_columns(path, names)
+    types = {name: pa.string() for name in names[:n_coord]}
+    types.update({names[1]: pa.int64(), names[2]: pa.int64()})
+    types.update({name: pa.float64() for name in names[n_coord:]})
+    return _Layout(id_col=3, value_cols=list(range(n_coord, len(names))), kept=list(range(n_coord)), types=types)
+
+
+def _bed_genes(coords: pa.Table) -> pa.Table:
+    strand = coords.column(5).cast(pa.string()) if coords.num_columns == 6 else pa.nulls(coords.num_rows, pa.string())
+    return pa.table({
         "gene_id": coords.column(3).cast(pa.string()),
         "chrom": coords.column(0).cast(pa.string()),
         "start0": coords.column(1),
         "end": coords.column(2),
         "strand": strand,
     })
+
+
+def _read_phenotype_bed_whole(path: Path, scale: str) -> Expression:
+    """The BED read whole (the fallback that names the record of a value that does not convert)."""
+    table = read_table(path, "phenotype BED", delimiter="\t", quoting=False,
+                       column_types={"#chr": pa.string(), "#Chr": pa.string()})
+    names = table.column_names
+    n_coord = _bed_columns(path, names)
+    values = table.select([names[3], *names[n_coord:]])
+    expr = _read_wide(path, scale, values.rename_columns(["gene_id", *names[n_coord:]]), first_data_line=2)
+    expr.genes = _bed_genes(table.select(names[:n_coord]))
     return expr
+
+
+@dataclass
+class _Layout:
+    """Which columns of a wide table (by position) are what, and the types they are read with."""
+
+    id_col: int
+    value_cols: list[int]
+    #: columns returned whole beside the values (a symbol column, a BED's coordinates)
+    kept: list[int]
+    types: dict[str, pa.DataType]
+    #: the column of gene symbols, when it is kept
+    name_col: int | None = None
+
+
+def _wide_layout(path: Path, schema: pa.Schema, first_data_line: int, first_column: str | None = None) -> _Layout:
+    """A GCT's or wide table's columns: the gene id (the first of :data:`GENE_ID_COLUMNS`, else the first column),
+    text columns named as annotations (:data:`ANNOTATION_COLUMNS`), the rest values, one per sample."""
+    names = schema.names
+    if first_column is not None and (not names or names[0] != first_column):
+        raise InputError(path, f"header starts with {names[:2]}", record=f"line {first_data_line - 1}",
+                         expected=f"{first_column!r}, 'Description', then one column per sample")
+    lower = {n.lower(): n for n in names}
+    id_col = names.index(next((lower[c.lower()] for c in GENE_ID_COLUMNS if c.lower() in lower), names[0]))
+
+    def annotation(i: int) -> bool:
+        kind = schema.field(i).type  # as Arrow reads the first block: a text column, or one with no value there
+        return names[i].lower() in ANNOTATION_COLUMNS and (pa.types.is_string(kind) or pa.types.is_null(kind))
+
+    value_cols = [i for i in range(len(names)) if i != id_col and not annotation(i)]
+    if not value_cols:
+        raise InputError(path, "no value columns", record="the header", expected="one column per sample or tissue")
+    for i, n in enumerate(names):
+        if i > 0 and n.strip() == "":
+            raise InputError(path, f"column {i + 1} of the header has no name (a trailing tab or separator?)",
+                             record=f"the header, line {first_data_line - 1}",
+                             expected="a sample or tissue name over every value column")
+    name_col = next((names.index(lower[c]) for c in NAME_COLUMNS
+                     if c in lower and names.index(lower[c]) != id_col and annotation(names.index(lower[c]))), None)
+    types = {names[i]: pa.string() for i in range(len(names)) if i == id_col or annotation(i)}
+    types.update({names[i]: pa.float64() for i in value_cols})
+    return _Layout(id_col, value_cols, [] if name_col is None else [name_col], types, name_col)
+
+
+def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_data_line: int,
+                 delimiter: str | None = None, quoting: bool = True, first_column: str | None = None,
+                 layout: Callable[[Path, pa.Schema], _Layout] | None = None,
+                 whole: Callable[[Path, str], Expression] | None = None) -> tuple[Expression, pa.Table | None]:
+    """A genes x samples text table read a block at a time into one float32 matrix, each block's values checked
+    (:func:`check_values`) as it is read: the reader's peak is about the matrix itself, where reading the table
+    whole held Arrow's float64 table and the matrix at once (docs/benchmarks.md "Reading the expression a block at
+    a time"). The matrix is allocated once for the file's line count; pages are touched as rows are filled.
+
+    Args:
+        skip_rows: lines before the header; ``first_data_line``: the file's line of the first row (for messages).
+        layout: which columns are what (default :func:`_wide_layout`).
+        whole: how to read the file whole (default: :func:`read_table` and :func:`_read_wide`), used only when a
+            block does not convert, to name the record.
+
+    Returns:
+        the expression, and the layout's kept columns (None when the file was read whole).
+    """
+    if layout is None:
+        def layout(path: Path, schema: pa.Schema) -> _Layout:
+            return _wide_layout(path, schema, first_data_line, first_column)
+    found: list[_Layout] = []
+
+    def types(schema: pa.Schema) -> dict[str, pa.DataType]:
+        found.append(layout(path, schema))
+        return found[0].types
+
+    schema, lines, batches = csv_batches(path, what, types, skip_rows=skip_rows, delimiter=delimiter, quoting=quoting)
+    lay, names = found[0], schema.names
+    sample_ids = [names[i] for i in lay.value_cols]
+    # the matrix for every line below the header: rows at most (Arrow skips blank lines); untouched pages cost nothing
+    values = np.empty((max(lines - skip_rows - 1, 0), len(sample_ids)), np.float32)
+    gene_ids: list[str] = []
+    kept: list[pa.RecordBatch] = []
+    row = measured = 0
+    try:
+        for batch in batches:
+            n = batch.num_rows
+            if row + n > len(values):  # more rows than lines counted: a line count that missed some; grow
+                grown = np.empty((max(2 * len(values), row + n), len(sample_ids)), np.float32)
+                grown[:row] = values[:row]
+                values = grown
+            raw = batch.column(lay.id_col).to_pylist()
+            if None in raw:
+                raise InputError(path, "empty gene id", record=f"line {row + raw.index(None) + first_data_line}",
+                                 expected="a gene id")
+            ids = [strip_version(g) for g in raw]
+            block = values[row : row + n]
+            # one conversion of the batch's value columns (row-major, null as NaN), cast to float32 as it is copied
+            block[:] = batch.select(lay.value_cols).to_tensor(null_to_nan=True, row_major=True).to_numpy()
+            measured += check_values(path, block, ids, sample_ids, scale, row + first_data_line)
+            gene_ids.extend(ids)
+            if lay.kept:
+                kept.append(batch.select(lay.kept))
+            row += n
+    except pa.ArrowInvalid:
+        # a row that does not parse or a value that does not convert: read whole, which names the record
+        return (whole or _whole_wide(what, skip_rows, delimiter, first_data_line))(path, scale), None
+    _check_gene_ids(path, gene_ids, first_data_line)
+    kept_table = (pa.Table.from_batches(kept) if kept else
+                  pa.schema([(names[i], lay.types[names[i]]) for i in lay.kept]).empty_table())
+    gene_names = None
+    if lay.name_col is not None:
+        gene_names = [n.strip() or None if n is not None else None for n in kept_table.column(0).to_pylist()]
+    expr = Expression(path=path, gene_ids=gene_ids, sample_ids=sample_ids, values=values[:row], scale=scale,
+                      report={"first_data_line": first_data_line, "n_measured": measured}, gene_names=gene_names)
+    return expr, kept_table
+
+
+def _whole_wide(what: str, skip_rows: int, delimiter: str | None, first_data_line: int
+                ) -> Callable[[Path, str], Expression]:
+    def read(path: Path, scale: str) -> Expression:
+        return _read_wide(path, scale, read_table(path, what, skip_rows=skip_rows, delimiter=delimiter),
+                          first_data_line)
+    return read
 
 
 def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) -> Expression:
@@ -277,6 +435,12 @@ def _gene_ids(path: Path, column: pa.ChunkedArray, first_data_line: int) -> list
         i = raw.index(None)
         raise InputError(path, "empty gene id", record=f"line {i + first_data_line}", expected="a gene id")
     ids = [strip_version(g) for g in raw]
+    _check_gene_ids(path, ids, first_data_line)
+    return ids
+
+
+def _check_gene_ids(path: Path, ids: list[str], first_data_line: int) -> None:
+    """Refuse a gene id on two rows (version suffixes already stripped)."""
     arr = np.asarray(ids, dtype=object)
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
@@ -288,7 +452,6 @@ def _gene_ids(path: Path, column: pa.ChunkedArray, first_data_line: int) -> list
             record=f"lines {lines}",
             expected="one row per gene (version suffixes are ignored when comparing)",
         )
-    return ids
 
 
 def _read_long(path: Path, scale: str) -> Expression:
@@ -346,34 +509,53 @@ def size_factors(counts: np.ndarray, method: str, visible: np.ndarray | None = N
     Returns:
         an array of shape (n_samples,) such that ``counts / factor`` is on a per-million scale.
     """
-    measured = ~np.isnan(counts)
-    if visible is None:
-        visible = measured
-    visible = visible & measured
-    has_visible = visible.any(axis=0)
-    # what each sample's factor is computed from: its visible entries, or all its own entries when none is visible
-    basis = np.where(has_visible[None, :], np.where(visible, counts, np.nan), counts)
+    n_genes, n_samples = counts.shape
+    step = max(1, FACTOR_CELLS // max(n_genes, 1))  # samples per pass: each sample's factor is its own column's
+
+    def usable_of(lo: int, hi: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, visible and measured) of rows (axis 0) or columns (axis 1) lo:hi."""
+        part = counts[lo:hi] if axis == 0 else counts[:, lo:hi]
+        seen = ~np.isnan(part)
+        if visible is not None:
+            seen &= visible[lo:hi] if axis == 0 else visible[:, lo:hi]
+        return part, seen
+
     with np.errstate(divide="ignore", invalid="ignore"):
+        ref = None
+        if method != "cpm":
+            # the pseudo-reference comes from visible entries only, a pass of rows at a time
+            ref = np.empty((n_genes, 1))
+            rows = max(1, FACTOR_CELLS // max(n_samples, 1))
+            for lo in range(0, n_genes, rows):
+                part, seen = usable_of(lo, lo + rows, 0)
+                usable = seen & (part > 0)
+                n_ref = usable.sum(axis=1, keepdims=True)
+                log_ref = np.where(usable, np.log(np.where(usable, part, 1.0)), 0.0).sum(axis=1, keepdims=True)
+                # a gene hidden everywhere: no reference
+                ref[lo : lo + rows] = np.where(n_ref > 0, log_ref / np.maximum(n_ref, 1), np.nan)
+        totals, medians, visibles = [], [], []  # per pass, in the dtypes the whole matrix's would have
+        for lo in range(0, n_samples, step):
+            part, seen = usable_of(lo, lo + step, 1)
+            visibles.append(has := seen.any(axis=0))
+            # what each sample's factor is computed from: its visible entries, or all its own entries when none is
+            basis = np.where(has[None, :], np.where(seen, part, np.nan), part)
+            totals.append(np.nansum(basis, axis=0))
+            if ref is not None:
+                logc = np.where(basis > 0, np.log(basis), np.nan)
+                medians.append(np.nanmedian(logc - ref, axis=0))
+        total, has_visible = np.concatenate(totals), np.concatenate(visibles)
         if method == "cpm":
-            total = np.nansum(basis, axis=0)
             return np.where(total > 0, total / 1e6, 1.0)
-        logc = np.where(basis > 0, np.log(basis), np.nan)
-        # the pseudo-reference comes from visible entries only
-        usable = visible & (counts > 0)
-        n_ref = usable.sum(axis=1, keepdims=True)
-        log_ref = np.where(usable, np.log(np.where(usable, counts, 1.0)), 0.0).sum(axis=1, keepdims=True)
-        ref = np.where(n_ref > 0, log_ref / np.maximum(n_ref, 1), np.nan)  # a gene hidden everywhere: no reference
-        ratios = np.nanmedian(logc - ref, axis=0)
-        factor = np.exp(np.nan_to_num(ratios, nan=0.0))
+        factor = np.exp(np.nan_to_num(np.concatenate(medians), nan=0.0))
         # scale so that the median sample has the same per-million scale as cpm (median over samples with
         # visible entries, from their visible totals)
-        total = np.nansum(basis, axis=0)
         per_million = np.where((total > 0) & has_visible, total / 1e6, np.nan) / factor
         norm = np.nanmedian(per_million) if np.isfinite(per_million).any() else np.nan
         return factor * (norm if np.isfinite(norm) else 1.0)
 
 
-def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarray | None = None) -> np.ndarray:
+def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarray | None = None,
+                   rows: np.ndarray | None = None) -> np.ndarray:
     """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log`` and
     ``normalised``.
 
@@ -382,13 +564,16 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
         config: the transform and the counts normalisation.
         visible: (G, S) bool over ``expr``'s rows and columns: the entries that count normalisation may be
             computed from (see :func:`size_factors`); None: all measured entries.
+        rows: the rows of ``expr`` returned, in this order (default: all). Count normalisation still reads every
+            row (a sample's total counts the genes left out); only the rows returned are copied.
 
     Returns:
-        float32 array of the same shape as ``expr.values`` (NaN preserved).
+        float32 array of ``expr.values``' ``rows`` (NaN preserved): one copy, the steps below work on it in place.
     """
-    values = expr.values.astype(np.float32, copy=True)  # the one copy: the steps below work in place
-    if expr.scale == "counts":
-        factors = size_factors(values, config.counts_normalisation, visible)
+    factors = size_factors(expr.values, config.counts_normalisation, visible) if expr.scale == "counts" else None
+    values = expr.values[rows] if rows is not None else expr.values.copy()
+    values = values.astype(np.float32, copy=False)
+    if factors is not None:
         values /= factors[None, :].astype(np.float32)
     if expr.scale in ("log", "normalised") or config.transform == "none":
         return values

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,10 +11,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from geximpute.errors import InputError
-from geximpute.io.checks import check_gzip_whole, check_readable, open_text
+from geximpute.io.checks import check_gzip_whole, check_readable, count_lines, open_text
 
 #: strings read as missing values in every table
 NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]
+#: bytes of text Arrow parses at a time when a table is read whole
+BLOCK_BYTES = 1 << 24
+#: lines of text a block holds when a table is read a block at a time (:func:`csv_batches`), and the fewest bytes
+BLOCK_ROWS = 256
+MIN_BLOCK_BYTES = 1 << 20
 
 
 def delimiter_for(path: Path) -> str:
@@ -75,18 +80,35 @@ def read_table(
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(path, f"{what} is not a readable Parquet file ({exc})") from exc
     check_gzip_whole(path, what)
-    delimiter = delimiter or delimiter_for(path)
+    read, parse, convert = _csv_options(path, column_names, column_types, skip_rows, delimiter, quoting, null_values,
+                                        skip_comment_rows)
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        raise table_error(path, what, exc) from exc
+    _check_header(path, what, table.column_names, skip_rows)
+    if skip_comment_rows and table.num_rows and table.num_columns:
+        first = table.column(0)
+        if pa.types.is_string(first.type):
+            keep = pc.invert(pc.fill_null(pc.starts_with(first, "#"), False))
+            table = table.filter(keep)
+    return table
 
+
+def _csv_options(path: Path, column_names: Sequence[str] | None, column_types: dict[str, pa.DataType] | None,
+                 skip_rows: int, delimiter: str | None, quoting: bool, null_values: Sequence[str],
+                 skip_comment_rows: bool = False, block_size: int = BLOCK_BYTES
+                 ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
     def on_invalid(row: pacsv.InvalidRow) -> str:
         if skip_comment_rows and (row.text or "").startswith("#"):
             return "skip"
         return "error"
 
     read = pacsv.ReadOptions(
-        skip_rows=skip_rows, column_names=list(column_names) if column_names else None, block_size=1 << 24
+        skip_rows=skip_rows, column_names=list(column_names) if column_names else None, block_size=block_size
     )
     parse = pacsv.ParseOptions(
-        delimiter=delimiter,
+        delimiter=delimiter or delimiter_for(path),
         quote_char='"' if quoting else False,
         invalid_row_handler=on_invalid,
         newlines_in_values=False,
@@ -96,20 +118,63 @@ def read_table(
         null_values=list(null_values),
         strings_can_be_null=True,
     )
+    return read, parse, convert
+
+
+def table_error(path: Path, what: str, exc: pa.ArrowInvalid) -> InputError:
+    """The :class:`InputError` of a text table Arrow could not read."""
+    message = str(exc)
+    if "Empty CSV file" in message:
+        return InputError(path, f"{what} has no rows")
+    return InputError(path, f"{what} cannot be parsed: {_short_arrow_message(message)}")
+
+
+def csv_batches(
+    path: str | Path,
+    what: str,
+    column_types: Callable[[pa.Schema], dict[str, pa.DataType]],
+    *,
+    skip_rows: int = 0,
+    delimiter: str | None = None,
+    quoting: bool = True,
+    null_values: Sequence[str] = NULL_VALUES,
+    block_rows: int | None = None,
+) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+    """A TSV/CSV (plain or gzip) read a block at a time: the schema Arrow infers from its first lines, its number of
+    lines (:func:`~geximpute.io.checks.count_lines`, all of them: header and skipped lines included), and its record
+    batches with the types ``column_types(schema)`` gives (columns it leaves out keep the first block's type). A whole
+    table is never held: a reader of a large matrix keeps only what it converts each batch to.
+
+    A block is about ``block_rows`` (default :data:`BLOCK_ROWS`) lines of the file's mean length (at least
+    :data:`MIN_BLOCK_BYTES`): batches of a wide file stay long enough for a per-batch cost to vanish, and Arrow's
+    buffers stay a few blocks' size. The schema is read first, then the file is read again with the types fixed, so
+    that a column's type cannot change between blocks.
+
+    The batches raise ``pa.ArrowInvalid`` where a row does not parse or a value does not convert (:func:`table_error`
+    words it); a caller that wants to name the record reads the file whole then.
+
+    Raises:
+        InputError: missing, empty or truncated file, or a header that names a column twice.
+    """
+    path = check_readable(path, what)
+    lines, size = count_lines(path, what)  # a gzip file is checked whole on the way
+    block = max(MIN_BLOCK_BYTES, min(BLOCK_BYTES << 2, size // max(lines, 1) * (block_rows or BLOCK_ROWS)))
+    options = _csv_options(path, None, None, skip_rows, delimiter, quoting, null_values, block_size=block)
     try:
-        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        with pacsv.open_csv(path, read_options=options[0], parse_options=options[1],
+                            convert_options=options[2]) as reader:
+            schema = reader.schema
     except pa.ArrowInvalid as exc:
-        message = str(exc)
-        if "Empty CSV file" in message:
-            raise InputError(path, f"{what} has no rows") from exc
-        raise InputError(path, f"{what} cannot be parsed: {_short_arrow_message(message)}") from exc
-    _check_header(path, what, table.column_names, skip_rows)
-    if skip_comment_rows and table.num_rows and table.num_columns:
-        first = table.column(0)
-        if pa.types.is_string(first.type):
-            keep = pc.invert(pc.fill_null(pc.starts_with(first, "#"), False))
-            table = table.filter(keep)
-    return table
+        raise table_error(path, what, exc) from exc
+    _check_header(path, what, schema.names, skip_rows)
+    read, parse, convert = _csv_options(path, None, column_types(schema), skip_rows, delimiter, quoting, null_values,
+                                        block_size=block)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+            yield from reader
+
+    return schema, lines, batches()
 
 
 def _check_header(path: Path, what: str, names: Sequence[str], skip_rows: int) -> None:

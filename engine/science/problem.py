@@ -148,10 +148,9 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np
     if hidden is not None and hidden.any():
         visible = ~np.isnan(dataset.expression.values)
         visible[rows] &= ~hidden
-    values = to_model_scale(dataset.expression, config.expression, visible)
-    if len(rows) == len(values) and np.array_equal(rows, np.arange(len(values))):
-        return values, keep  # every expression gene annotated, in order: no second copy
-    return values[rows], keep
+    if len(rows) == dataset.expression.values.shape[0] and np.array_equal(rows, np.arange(len(rows))):
+        rows = None  # every expression gene annotated, in order
+    return to_model_scale(dataset.expression, config.expression, visible, rows), keep
 
 
 def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarray | None = None) -> np.ndarray:
@@ -263,15 +262,19 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
             "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
             "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
         )
-    observed = ~np.isnan(dataset.expression.values[expr_rows])
-    hidden = hide(observed, config.evaluation, donor_index=donor_index) if hidden_mask else np.zeros_like(observed)
+    hidden = None
+    if hidden_mask:
+        observed = np.isnan(dataset.expression.values)[expr_rows]  # bool rows: no float copy of the matrix
+        hidden = hide(np.logical_not(observed, out=observed), config.evaluation, donor_index=donor_index)
+        del observed
     # normalised after hiding: the hidden entries take no part in any count normalisation
     values, _ = model_matrix(dataset, hidden)
-    gi, si = np.nonzero(hidden)
+    gi, si = np.nonzero(hidden) if hidden is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
     visible = values  # hidden in place (the truth above is a copy): one matrix, not two
-    visible[hidden] = np.nan
-    del values  # nothing below may see a hidden value
+    if hidden is not None:
+        visible[hidden] = np.nan
+    del values, hidden  # nothing below may see a hidden value
 
     tss = genes[S.TSS].to_numpy()
     start = genes[S.START].fill_null(0).to_numpy()
