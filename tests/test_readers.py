@@ -250,6 +250,43 @@ def test_phenotype_bed_read_a_block_at_a_time(write, monkeypatch):
     assert expr.genes["strand"].to_pylist() == ["+-"[g % 2] for g in range(9)]
 
 
+def test_long_tables_read_in_batches_equal_the_whole_read(write, tmp_path, monkeypatch):
+    """Long Parquet and TSV tables in batches of a few rows: the ids (versions stripped, sorted) and the matrix are
+    the whole read's; a cell given twice in two batches, an empty id and a text value are named by the whole read."""
+    from geximpute.io import expression as E
+    from geximpute.io import tables
+
+    monkeypatch.setattr(E, "LONG_BATCH_ROWS", 7)
+    monkeypatch.setattr(E, "LONG_BLOCK_LINES", 5)
+    monkeypatch.setattr(tables, "MIN_BLOCK_BYTES", 64)
+    rng = np.random.default_rng(2)
+    genes, samples = np.nonzero(rng.random((12, 9)) < 0.6)
+    order = rng.permutation(len(genes))
+    table = pa.table({"gene_id": [f"ENSG{g:03d}.{g % 3}" for g in genes[order]],
+                      "sample_id": [f"S{s}" for s in samples[order]],
+                      "value": np.round(rng.gamma(0.5, 20, len(genes)), 3)})
+    pq.write_table(table, tmp_path / "long.parquet", row_group_size=10)
+    rows = ["\t".join(map(str, r.values())) for r in table.to_pylist()]
+    tsv = write("long.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join(rows) + "\n")
+    expected = np.full((len(set(genes)), len(set(samples))), np.nan, np.float32)
+    expected[genes[order], samples[order]] = table["value"].to_numpy()
+    for path in (tmp_path / "long.parquet", tsv):
+        streamed, whole = read_expression(path), E._read_long_whole(path, "tpm")
+        assert streamed.gene_ids == whole.gene_ids == [f"ENSG{g:03d}" for g in sorted(set(genes))]
+        assert streamed.sample_ids == whole.sample_ids
+        np.testing.assert_array_equal(streamed.values, whole.values)
+        np.testing.assert_array_equal(streamed.values, expected[:, np.argsort([f"S{s}" for s in range(9)])])
+    twice = write("twice.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join([*rows, rows[0]]) + "\n")
+    with pytest.raises(InputError, match=rf"appears more than once.*rows 1, {len(rows) + 1}"):
+        read_expression(twice)
+    empty = write("empty.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join([*rows[:20], "ENSG001\t\t1"]) + "\n")
+    with pytest.raises(InputError, match="empty sample_id.*row 21"):
+        read_expression(empty)
+    text = write("text.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join([*rows[:20], "ENSG001\tS99\tabc"]) + "\n")
+    with pytest.raises(InputError, match="non-numeric expression value 'abc'"):
+        read_expression(text)
+
+
 @pytest.mark.parametrize("method", ["cpm", "median_ratio"])
 def test_size_factors_in_passes_equal_one_pass(monkeypatch, method):
     """Each sample's factor is its own column's and each gene's reference its own row's: passes of a few cells

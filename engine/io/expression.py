@@ -8,7 +8,7 @@ entries that were not measured, plus the gene and sample ids. Values are kept on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from geximpute import schema as S
 from geximpute.config import ExpressionConfig
@@ -454,14 +455,100 @@ def _check_gene_ids(path: Path, ids: list[str], first_data_line: int) -> None:
         )
 
 
+#: the long table's columns and the other names each is found by
+LONG_COLUMNS = {S.GENE_ID: ["gene", "Name"], S.SAMPLE_ID: ["sample"], S.VALUE: ["tpm", "count", "expression"]}
+#: rows of a long Parquet table read at a time, and lines of a long text table
+LONG_BATCH_ROWS = 1 << 20
+LONG_BLOCK_LINES = 1 << 16
+
+
 def _read_long(path: Path, scale: str) -> Expression:
+    """A long table (one row per gene and sample; TSV/CSV or Parquet) read in two passes of record batches: the
+    gene and sample ids, then the values into one float32 matrix. Neither the table nor a string per row is ever
+    held; a value that does not convert, an empty id or a cell given twice sends the reader to the whole-table path
+    (:func:`_read_long_whole`), which names the row."""
+    what = "expression table (long)"
+    if is_parquet(path):
+        try:
+            schema = pq.ParquetFile(path).schema_arrow
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(path, f"{what} is not a readable Parquet file ({exc})") from exc
+        names = _long_names(path, schema)
+        if not _numeric(schema.field(names[S.VALUE]).type):
+            return _read_long_whole(path, scale)
+        batches: Iterable[pa.RecordBatch] = _ParquetBatches(path, [names[c] for c in LONG_COLUMNS])
+    else:
+        found: dict[str, str] = {}
+
+        def types(schema: pa.Schema) -> dict[str, pa.DataType]:
+            found.update(_long_names(path, schema))
+            return {found[S.GENE_ID]: pa.string(), found[S.SAMPLE_ID]: pa.string(), found[S.VALUE]: pa.float64()}
+
+        _, _, batches = csv_batches(path, what, types, block_rows=LONG_BLOCK_LINES)
+        names = found
+    gene, sample, value = (names[c] for c in LONG_COLUMNS)
+    try:
+        gene_set: set[str] = set()
+        sample_set: set[str] = set()
+        for batch in batches:  # the ids
+            for column, ids, clean in ((gene, gene_set, strip_version), (sample, sample_set, str)):
+                col = batch.column(column).cast(pa.string())
+                if col.null_count:
+                    return _read_long_whole(path, scale)
+                ids.update(map(clean, pc.unique(col).to_pylist()))
+        gene_ids, sample_ids = sorted(gene_set), sorted(sample_set)
+        row_of = {g: i for i, g in enumerate(gene_ids)}
+        column_of = {s: i for i, s in enumerate(sample_ids)}
+        values = np.full((len(gene_ids), len(sample_ids)), np.nan, dtype=np.float32)
+        seen = np.zeros(values.shape, bool)
+        for batch in batches:  # the values
+            gi = _positions(batch.column(gene), lambda g: row_of[strip_version(g)])
+            si = _positions(batch.column(sample), column_of.__getitem__)
+            key = gi * len(sample_ids) + si
+            if seen[gi, si].any() or len(np.unique(key)) < len(key):  # a cell given twice
+                return _read_long_whole(path, scale)
+            seen[gi, si] = True
+            values[gi, si] = batch.column(value).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        return _read_long_whole(path, scale)
+    return Expression(path=path, gene_ids=gene_ids, sample_ids=sample_ids, values=values, scale=scale)
+
+
+class _ParquetBatches:
+    """A Parquet file's record batches of ``columns``, read afresh each time they are iterated over."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = path, columns
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        yield from pq.ParquetFile(self.path).iter_batches(batch_size=LONG_BATCH_ROWS, columns=self.columns)
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _long_names(path: Path, schema: pa.Schema) -> dict[str, str]:
+    """The long table's column of each of :data:`LONG_COLUMNS` (the first name found), or the error that lists
+    the names accepted."""
+    renamed = require_columns(schema.empty_table(), path, "expression table (long)", LONG_COLUMNS)
+    return {new: old for old, new in zip(schema.names, renamed.column_names, strict=True) if new in LONG_COLUMNS}
+
+
+def _positions(column: pa.Array | pa.ChunkedArray, index: Callable[[str], int]) -> np.ndarray:
+    """(N,) int64: ``index`` of each row's string, computed once per distinct string of the batch."""
+    encoded = column.cast(pa.string()).dictionary_encode()
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    lookup = np.array([index(v) for v in encoded.dictionary.to_pylist()], np.int64)
+    return lookup[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _read_long_whole(path: Path, scale: str) -> Expression:
+    """The long table read whole (the fallback that names the row of an empty id, a non-numeric value or a cell
+    given twice)."""
     table = read_table(path, "expression table (long)")
-    table = require_columns(
-        table,
-        path,
-        "expression table (long)",
-        {S.GENE_ID: ["gene", "Name"], S.SAMPLE_ID: ["sample"], S.VALUE: ["tpm", "count", "expression"]},
-    )
+    table = require_columns(table, path, "expression table (long)", LONG_COLUMNS)
     value = table[S.VALUE]
     if not (pa.types.is_integer(value.type) or pa.types.is_floating(value.type)):
         _raise_non_numeric(path, table, S.GENE_ID, S.VALUE, 2)

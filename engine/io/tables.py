@@ -139,11 +139,12 @@ def csv_batches(
     quoting: bool = True,
     null_values: Sequence[str] = NULL_VALUES,
     block_rows: int | None = None,
-) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+) -> tuple[pa.Schema, int, CsvBatches]:
     """A TSV/CSV (plain or gzip) read a block at a time: the schema Arrow infers from its first lines, its number of
     lines (:func:`~geximpute.io.checks.count_lines`, all of them: header and skipped lines included), and its record
-    batches with the types ``column_types(schema)`` gives (columns it leaves out keep the first block's type). A whole
-    table is never held: a reader of a large matrix keeps only what it converts each batch to.
+    batches (:class:`CsvBatches`: read afresh at each pass) with the types ``column_types(schema)`` gives (columns
+    it leaves out keep the first block's type). A whole table is never held: a reader of a large matrix keeps only
+    what it converts each batch to.
 
     A block is about ``block_rows`` (default :data:`BLOCK_ROWS`) lines of the file's mean length (at least
     :data:`MIN_BLOCK_BYTES`): batches of a wide file stay long enough for a per-batch cost to vanish, and Arrow's
@@ -170,11 +171,21 @@ def csv_batches(
     read, parse, convert = _csv_options(path, None, column_types(schema), skip_rows, delimiter, quoting, null_values,
                                         block_size=block)
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
-            yield from reader
+    return schema, lines, CsvBatches(path, read, parse, convert)
 
-    return schema, lines, batches()
+
+class CsvBatches:
+    """A text table's record batches, read afresh from the file each time they are iterated over (a reader that
+    needs two passes, such as a long table's ids and then its values, iterates twice)."""
+
+    def __init__(self, path: Path, read: pacsv.ReadOptions, parse: pacsv.ParseOptions,
+                 convert: pacsv.ConvertOptions) -> None:
+        self.path, self.options = path, (read, parse, convert)
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        read, parse, convert = self.options
+        with pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+            yield from reader
 
 
 def _check_header(path: Path, what: str, names: Sequence[str], skip_rows: int) -> None:
