@@ -125,6 +125,30 @@ def test_gff3_genes(write):
     assert genes.report["renamed_chroms"] == {"1": "chr1", "2": "chr2"}
 
 
+def test_gtf_and_gff3_read_a_few_lines_at_a_time(write, monkeypatch):
+    """Blocks of two lines: the gene records (and a GTF gene known only by its transcripts, whose lines fall in
+    two blocks) and a GFF3 with directive lines between blocks give the tables of one block."""
+    from geximpute.io import tables
+
+    gtf = GTF + ("chr2\tHAVANA\ttranscript\t20\t28\t.\t+\t.\tgene_id \"ENSG04\"; gene_name \"DDD\";\n"
+                 "chr2\tHAVANA\texon\t20\t22\t.\t+\t.\tgene_id \"ENSG04\"; transcript_id \"T4\";\n"
+                 "chr2\tHAVANA\ttranscript\t12\t25\t.\t+\t.\tgene_id \"ENSG04\"; gene_name \"DDD\";\n")
+    gff = ("##gff-version 3\n" + "".join(
+        f"1\tensembl\tgene\t{100 * g}\t{100 * g + 50}\t.\t+\t.\tID=gene:ENSG{g:02d};Name=G{g}\n###\n"
+        for g in range(1, 6)))
+    whole = [read_genes(write("a.gtf", gtf)).table, read_genes(write("a.gff3", gff)).table]
+    monkeypatch.setattr(tables, "MIN_BLOCK_BYTES", 64)
+    monkeypatch.setattr(tables, "BLOCK_ROWS", 2)
+    assert len(list(tables.csv_batches(write("b.gtf", gtf), "t", lambda _: {}, column_names=list("abcdefghi"),
+                                       quoting=False, skip_rows=2)[2])) > 3
+    blocks = [read_genes(write("b.gtf", gtf)).table, read_genes(write("b.gff3", gff)).table]
+    for one, many in zip(whole, blocks, strict=True):
+        assert one.equals(many)
+    rows = {r["gene_id"]: r for r in blocks[0].to_pylist()}
+    assert rows["ENSG04"]["start"] == 12 and rows["ENSG04"]["end"] == 28 and rows["ENSG04"]["gene_name"] == "DDD"
+    assert blocks[1].num_rows == 5
+
+
 def test_bed6_is_zero_based(write):
     genes = read_genes(write("genes.bed", "chr1\t9\t20\tENSG01\t0\t+\nchr1\t29\t40\tENSG02\t0\t-\n"))
     rows = {r["gene_id"]: r["tss"] for r in genes.table.to_pylist()}

@@ -20,7 +20,7 @@ from geximpute.errors import InputError
 from geximpute.io.checks import strip_version
 from geximpute.io.chroms import harmonise_chroms, renamed
 from geximpute.io.fasta import Genome
-from geximpute.io.tables import count_leading_comments, read_table, require_columns
+from geximpute.io.tables import count_leading_comments, csv_batches, read_table, require_columns, table_error
 
 GFF_COLUMNS = ["seqid", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]
 BED_COLUMNS = ["chrom", "start0", "end", "name", "score", "strand"]
@@ -65,26 +65,31 @@ def _attribute(attrs: pa.ChunkedArray, pattern: str) -> pa.ChunkedArray:
 
 
 def _read_gff(path: Path, fmt: str) -> pa.Table:
-    table = read_table(
-        path,
-        "gene annotation",
-        column_names=GFF_COLUMNS,
-        column_types={
-            "start": pa.int64(),
-            "end": pa.int64(),
-            **{c: pa.string() for c in ("seqid", "feature", "strand", "attributes", "source", "score", "frame")},
-        },
-        skip_rows=count_leading_comments(path),
-        quoting=False,
-        skip_comment_rows=True,
-    )
+    """The gene records of a GTF or GFF3 (and a GTF's transcripts, for genes without a gene line), read a block of
+    lines at a time: the exons, UTRs and other features, most of a GENCODE file's lines, are dropped as they are
+    read instead of being held as one table (docs/benchmarks.md "Reading the expression a block at a time")."""
+    types = {"start": pa.int64(), "end": pa.int64(),
+             **{c: pa.string() for c in ("seqid", "feature", "strand", "attributes", "source", "score", "frame")}}
+    _, _, batches = csv_batches(path, "gene annotation", lambda _: types, column_names=GFF_COLUMNS,
+                                skip_rows=count_leading_comments(path), quoting=False, skip_comment_rows=True)
+    features = pa.array(["gene", "transcript"] if fmt == "gtf" else ["gene"])
+    kept, n_lines = [], 0
+    try:
+        for batch in batches:
+            records = pc.invert(pc.fill_null(pc.starts_with(batch["seqid"], "#"), False))  # not a comment line
+            n_lines += pc.sum(records).as_py() or 0
+            kept.append(batch.filter(pc.and_(records, pc.is_in(batch["feature"], value_set=features))))
+    except pa.ArrowInvalid as exc:
+        raise table_error(path, "gene annotation", exc) from exc
+    schema = pa.schema([(name, types[name]) for name in GFF_COLUMNS])
+    table = pa.Table.from_batches(kept, schema)
     genes = table.filter(pc.equal(table["feature"], "gene"))
     if fmt == "gtf":
         genes = pa.concat_tables([genes, _genes_from_transcripts(table, genes)])
     if genes.num_rows == 0:
         raise InputError(
             path,
-            f"no 'gene' records among {table.num_rows} {fmt.upper()} lines",
+            f"no 'gene' records among {n_lines} {fmt.upper()} lines",
             expected="column 3 = 'gene' for one record per gene",
         )
     attrs = genes["attributes"]

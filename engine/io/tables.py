@@ -139,6 +139,8 @@ def csv_batches(
     quoting: bool = True,
     null_values: Sequence[str] = NULL_VALUES,
     block_rows: int | None = None,
+    column_names: Sequence[str] | None = None,
+    skip_comment_rows: bool = False,
 ) -> tuple[pa.Schema, int, CsvBatches]:
     """A TSV/CSV (plain or gzip) read a block at a time: the schema Arrow infers from its first lines, its number of
     lines (:func:`~geximpute.io.checks.count_lines`, all of them: header and skipped lines included), and its record
@@ -151,6 +153,9 @@ def csv_batches(
     buffers stay a few blocks' size. The schema is read first, then the file is read again with the types fixed, so
     that a column's type cannot change between blocks.
 
+    ``column_names`` names the columns of a file without a header; with ``skip_comment_rows`` a line starting with
+    ``#`` that does not parse is skipped (one that parses is the caller's to drop, as :func:`read_table` does).
+
     The batches raise ``pa.ArrowInvalid`` where a row does not parse or a value does not convert (:func:`table_error`
     words it); a caller that wants to name the record reads the file whole then.
 
@@ -160,7 +165,8 @@ def csv_batches(
     path = check_readable(path, what)
     lines, size = count_lines(path, what)  # a gzip file is checked whole on the way
     block = max(MIN_BLOCK_BYTES, min(BLOCK_BYTES << 2, size // max(lines, 1) * (block_rows or BLOCK_ROWS)))
-    options = _csv_options(path, None, None, skip_rows, delimiter, quoting, null_values, block_size=block)
+    options = _csv_options(path, column_names, None, skip_rows, delimiter, quoting, null_values, skip_comment_rows,
+                           block_size=block)
     try:
         with pacsv.open_csv(path, read_options=options[0], parse_options=options[1],
                             convert_options=options[2]) as reader:
@@ -168,8 +174,8 @@ def csv_batches(
     except pa.ArrowInvalid as exc:
         raise table_error(path, what, exc) from exc
     _check_header(path, what, schema.names, skip_rows)
-    read, parse, convert = _csv_options(path, None, column_types(schema), skip_rows, delimiter, quoting, null_values,
-                                        block_size=block)
+    read, parse, convert = _csv_options(path, column_names, column_types(schema), skip_rows, delimiter, quoting,
+                                        null_values, skip_comment_rows, block_size=block)
 
     return schema, lines, CsvBatches(path, read, parse, convert)
 
