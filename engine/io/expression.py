@@ -297,8 +297,9 @@ def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_dat
                  whole: Callable[[Path, str], Expression] | None = None) -> tuple[Expression, pa.Table | None]:
     """A genes x samples text table read a block at a time into one float32 matrix, each block's values checked
     (:func:`check_values`) as it is read: the reader's peak is about the matrix itself, where reading the table
-    whole held Arrow's float64 table and the matrix at once (docs/benchmarks.md "Reading the expression a block at
-    a time"). The matrix is allocated once for the file's line count; pages are touched as rows are filled.
+    whole held Arrow's float64 table and the matrix at once (docs/benchmarks.md "Reading the expression and the
+    annotation a block at a time"). The matrix is allocated once for the file's line count; pages are touched as
+    rows are filled.
 
     Args:
         skip_rows: lines before the header; ``first_data_line``: the file's line of the first row (for messages).

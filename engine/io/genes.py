@@ -67,7 +67,8 @@ def _attribute(attrs: pa.ChunkedArray, pattern: str) -> pa.ChunkedArray:
 def _read_gff(path: Path, fmt: str) -> pa.Table:
     """The gene records of a GTF or GFF3 (and a GTF's transcripts, for genes without a gene line), read a block of
     lines at a time: the exons, UTRs and other features, most of a GENCODE file's lines, are dropped as they are
-    read instead of being held as one table (docs/benchmarks.md "Reading the expression a block at a time")."""
+    read instead of being held as one table (docs/benchmarks.md "Reading the expression and the annotation a block
+    at a time")."""
     types = {"start": pa.int64(), "end": pa.int64(),
              **{c: pa.string() for c in ("seqid", "feature", "strand", "attributes", "source", "score", "frame")}}
     _, _, batches = csv_batches(path, "gene annotation", lambda _: types, column_names=GFF_COLUMNS,
