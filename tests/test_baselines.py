@@ -29,6 +29,7 @@ from geximpute.science.baselines import (
     out_of_fold_estimates,
     promoter_composition,
     range_estimates,
+    range_families,
     tune_settings,
 )
 from geximpute.science.context import ContextIndex, build_context
@@ -374,6 +375,44 @@ def test_family_levels_in_passes_leave_the_gene_out_and_mark_genes_without_a_fam
     assert forms_families(names) and not forms_families([f"SYN{i}" for i in range(50)])
     # each stem five times: RPL, SLC, OR; RPL10, RPL11, SLC25, SLC2, OR2
     assert family_rows(names) == sum(len(sums) for sums in one.sums) == 3 + 5
+
+
+def test_gene_family_reads_the_whole_problems_families_in_every_gene_range(monkeypatch):
+    """Fitted on gene ranges (``baselines.block_cells``), ``gene_family`` estimates every gene from its family
+    wherever the members are (the families' sums of the whole problem, shared by the ranges): the estimates of one
+    range to the bit, where a range's own families alone would lose members; the other methods stay per range."""
+    rng = np.random.default_rng(5)
+    stems = np.array(["RPL", "OR", "ZNF", "SLC"])
+    # a family's members spread over the genome: every fourth gene, across all the ranges
+    names = np.asarray([f"{stems[g % 4]}{g % 9 + 1}" for g in range(48)], dtype=object)
+    values = np.array([8.0, 0.5, 3.0, 5.0])[np.arange(48) % 4, None] + rng.normal(size=(48, 6)) * 0.5
+    hidden = np.arange(0, 48, 5)
+    values[hidden] = np.nan
+    problem = dataclasses.replace(problem_of(values, np.zeros(6, int), np.arange(6)), gene_names=names)
+    gi, si = np.repeat(hidden, 6), np.tile(np.arange(6), len(hidden))
+    names_fitted = ("gene_family", "row_tissue")
+    one = baseline_estimates(problem, gi, si, names_fitted, FIXED)
+    monkeypatch.setattr(baselines_module, "MIN_FIT_GENES", 4)
+    ranged = dataclasses.replace(FIXED, block_cells=6 * 8)  # six ranges of eight genes
+    assert len(fit_ranges(problem, ranged.block_cells)) == 6
+    many = baseline_estimates(problem, gi, si, names_fitted, ranged)
+    np.testing.assert_array_equal(many["gene_family"], one["gene_family"])
+    assert np.corrcoef(many["gene_family"], (np.array([8.0, 0.5, 3.0, 5.0])[gi % 4]))[0, 1] > 0.95
+    # a range's own families alone: what the ranges gave before (two members of a family per range at most)
+    alone = np.concatenate([range_estimates(gene_rows(problem, lo, hi), gi[(gi >= lo) & (gi < hi)] - lo,
+                                            si[(gi >= lo) & (gi < hi)], ("gene_family",), ranged)["gene_family"]
+                            for lo, hi in fit_ranges(problem, ranged.block_cells)])
+    assert not np.allclose(alone, one["gene_family"])
+    # the parts are views of one set of sums: a part's levels are the whole's for its genes
+    whole = range_families(problem, names_fitted, fit_ranges(problem, ranged.block_cells))
+    assert whole is not None and whole.values is None
+    part = whole.part(8, 16).bind(problem.values[8:16])
+    assert part.sums[0] is whole.sums[0]
+    np.testing.assert_array_equal(part.estimate(np.arange(8), np.zeros(8, int), 3.0),
+                                  FamilyLevels(problem.values, names, problem.tissue_index, 6).estimate(
+                                      np.arange(8, 16), np.zeros(8, int), 3.0))
+    assert range_families(problem, ("row_tissue",), [(0, 8), (8, 48)]) is None
+    assert range_families(problem, names_fitted, [(0, 48)]) is None
 
 
 def test_gene_family_needs_symbols_and_whole_hidden_genes():

@@ -414,6 +414,44 @@ def test_stacked_baselines_are_fitted_per_gene_range_in_ray_tasks(tiny_model, ra
     assert not np.allclose(got[baseline_column("iterative_ridge")], entries["iterative_ridge"][order])
 
 
+def test_gene_family_ranges_in_ray_tasks_read_the_whole_problems_families(ray_local, tmp_path, monkeypatch):
+    """Imputation's baseline tasks, one gene range each, give ``gene_family`` the whole problem's families (put
+    once in the object store, sliced in each task): the estimates of the in-process fit of one range."""
+    import dataclasses
+
+    from geximpute.config import BaselinesConfig
+    from geximpute.fit.models import baseline_column
+    from geximpute.science import baselines as baselines_module
+    from geximpute.science.baselines import baseline_estimates
+    from geximpute.steps.impute import StackedBaselines, baseline_columns
+
+    rng = np.random.default_rng(4)
+    n_genes, n_samples = 40, 5
+    tss = np.arange(n_genes, dtype=np.int64) * 10_000 + 1
+    values = np.array([8.0, 0.5, 3.0, 5.0])[np.arange(n_genes) % 4, None] + rng.normal(size=(n_genes, n_samples))
+    targets = np.zeros((n_genes, n_samples), bool)
+    targets[::3] = True
+    values[targets] = np.nan
+    problem = VisibleProblem(
+        gene_ids=np.array([f"G{i}" for i in range(n_genes)], dtype=object),
+        chroms=np.array(["chr1"] * 20 + ["chr2"] * 20, dtype=object), tss=tss, start=tss, end=tss + 100,
+        strand=np.ones(n_genes, np.int8), split=np.zeros(n_genes, np.int8),
+        sample_ids=np.array([f"S{i}" for i in range(n_samples)], dtype=object),
+        donor_index=np.zeros(n_samples, np.int32), tissue_index=np.arange(n_samples, dtype=np.int32),
+        donors=["D0"], tissues=[f"T{i}" for i in range(n_samples)], values=values.astype(np.float32),
+        tissue_corr=np.eye(n_samples, dtype=np.float32),
+        gene_names=np.asarray([f"{'ABCD'[g % 4]}FAM{g % 7 + 1}" for g in range(n_genes)], dtype=object))
+    monkeypatch.setattr(baselines_module, "MIN_FIT_GENES", 4)
+    settings = BaselinesConfig(tune=False, block_cells=n_samples * 10)  # four ranges of ten genes
+    stacked = StackedBaselines(("gene_family",), ("gene_family",), settings, 0, np.zeros((n_genes, 5)))
+    columns = baseline_columns(stacked, problem, targets, tmp_path / "ranges", 0.5, 2)
+    assert len(columns.files) == 4
+    gi, si = np.nonzero(targets)
+    whole = baseline_estimates(problem, gi, si, ("gene_family",), dataclasses.replace(settings, block_cells=10**9))
+    got = columns.take(np.arange(len(gi)))[baseline_column("gene_family")]
+    np.testing.assert_allclose(got, whole["gene_family"], rtol=1e-6)
+
+
 def test_record_bytes_estimate_the_records_the_stream_carries(tiny_model):
     """The record size behind the stream's budget (and the plan's memory) is about that of real records."""
     from geximpute.science.context import ContextIndex, build_context

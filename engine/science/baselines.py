@@ -6,6 +6,7 @@ A method is fitted on the visible problem only and predicts the target entries o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -919,6 +920,24 @@ class FamilyLevels:
         self.tissue_n = np.bincount(self.tissue_index, weights=n, minlength=n_tissues)
         self.overall_sum, self.overall_n = float(total.sum()), float(n.sum())
 
+    def part(self, lo: int, hi: int) -> FamilyLevels:
+        """The levels of genes ``lo:hi`` alone, without values (:meth:`bind` gives them the range's): the families'
+        sums and the priors stay the whole problem's (shared, not copied), so a gene range's estimates are those
+        of the whole problem, its families reaching into the other ranges and chromosomes."""
+        out = copy.copy(self)
+        out.values = None  # type: ignore[assignment]
+        out.named = self.named[lo:hi]
+        out.codes = [codes[lo:hi] for codes in self.codes]
+        return out
+
+    def bind(self, values: np.ndarray) -> FamilyLevels:
+        """These levels reading ``values`` (the visible values of the genes they cover) for each gene's own value."""
+        if len(values) != len(self.named):
+            raise ValueError(f"FamilyLevels.bind: {len(values)} rows of values for {len(self.named)} genes")
+        out = copy.copy(self)
+        out.values = values
+        return out
+
     def has_family(self, gene_index: np.ndarray) -> np.ndarray:
         """(N,) bool: the gene's symbol names a family (it has a coarse key, :func:`gene_family_keys`)."""
         return self.named[np.asarray(gene_index, np.int64)]
@@ -981,16 +1000,21 @@ class GeneFamilyBaseline:
 
     Args:
         shrinkage: pseudo-genes of the prior at each level.
+        family: for a gene range cut from a larger problem (:func:`fit_ranges`), that problem's
+            :meth:`FamilyLevels.part` of the range: a family's other members count wherever they are. None: the
+            problem fitted on is the whole.
     """
 
     name = "gene_family"
 
-    def __init__(self, shrinkage: float) -> None:
+    def __init__(self, shrinkage: float, family: FamilyLevels | None = None) -> None:
         self.shrinkage = shrinkage
+        self.given = family
 
     @one_blas_thread
     def fit(self, problem: VisibleProblem) -> None:
-        self.family = family_levels(problem)
+        # a gene range of a larger problem reads that problem's families (FamilyLevels.part); else its own
+        self.family = self.given.bind(problem.values) if self.given is not None else family_levels(problem)
 
     def predict(self, records: pa.Table) -> np.ndarray:
         return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
@@ -1046,8 +1070,9 @@ def not_applicable(name: str, n_donors: int, has_genomes: bool = False,
 
 
 def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
-                composition: np.ndarray | None = None) -> Method:
-    """One baseline by name with the settings of ``config`` (no applicability check: see :func:`make_methods`)."""
+                composition: np.ndarray | None = None, family: FamilyLevels | None = None) -> Method:
+    """One baseline by name with the settings of ``config`` (no applicability check: see :func:`make_methods`);
+    ``family``: ``gene_family``'s levels of a gene range (:class:`GeneFamilyBaseline`)."""
     if name == "distance":
         return DistanceBaseline(config.distance_k, config.distance_offset)
     if name == "row_tissue":
@@ -1078,7 +1103,7 @@ def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
             raise ValueError("promoter_composition needs the promoter composition of every gene")
         return PromoterCompositionBaseline(composition, config.comp_alpha)
     if name == "gene_family":
-        return GeneFamilyBaseline(config.fam_shrinkage)
+        return GeneFamilyBaseline(config.fam_shrinkage, family)
     raise ValueError(f"unknown baseline {name!r}")
 
 
@@ -1285,6 +1310,8 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
 
     The methods are fitted on each gene range of :func:`fit_ranges` separately (one range: the whole problem), and
     each entry gets the estimate of its gene's range: what :func:`range_estimates` computes for each range alone.
+    ``gene_family`` reads the whole problem's families in every range (:func:`range_families`): a gene's family is
+    spread over the genome, not over one run of neighbouring genes.
 
     Returns:
         ``{name: (N,) float64}``; methods that do not apply to the problem are left out.
@@ -1296,12 +1323,14 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
     if len(ranges) == 1:
         return range_estimates(problem, gene_index, sample_index, names, config, seed=seed, composition=composition)
     out: dict[str, np.ndarray] = {}
+    family = range_families(problem, names, ranges)
     for lo, hi in ranges:
         inside = np.flatnonzero((gene_index >= lo) & (gene_index < hi))
         if len(inside) == 0:
             continue
         part = range_estimates(gene_rows(problem, lo, hi), gene_index[inside] - lo, sample_index[inside], names,
-                               config, seed=seed, composition=None if composition is None else composition[lo:hi])
+                               config, seed=seed, composition=None if composition is None else composition[lo:hi],
+                               family=None if family is None else family.part(lo, hi))
         for name, values in part.items():
             out.setdefault(name, np.full(len(gene_index), np.nan))[inside] = values
     return out
@@ -1326,15 +1355,27 @@ def applicable_entry_methods(problem: VisibleProblem, names: tuple[str, ...], co
     return entry_methods_skipped(problem, names, config, composition, task)[0]
 
 
+def range_families(problem: VisibleProblem, names: tuple[str, ...], ranges: list[tuple[int, int]]
+                   ) -> FamilyLevels | None:
+    """The whole problem's :class:`FamilyLevels` without its values, for ``gene_family`` fitted on each of several
+    gene ``ranges`` (:meth:`FamilyLevels.part`); None where it is not among ``names``, the problem is one range or
+    it has no symbols. Its size is (families x samples), not (genes x samples)."""
+    if "gene_family" not in names or len(ranges) < 2 or problem.gene_names is None:
+        return None
+    return family_levels(problem).part(0, problem.n_genes)
+
+
 def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
                     names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
-                    composition: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                    composition: np.ndarray | None = None, family: FamilyLevels | None = None
+                    ) -> dict[str, np.ndarray]:
     """The entry methods ``names`` (:func:`applicable_entry_methods` of the problem this range was cut from)
     fitted on the whole of ``problem`` (one gene range) and evaluated at the entries (``gene_index[i]``,
-    ``sample_index[i]``); ``{name: (N,) float64}``."""
+    ``sample_index[i]``); ``{name: (N,) float64}``. ``family``: the levels of the range's genes in the problem it
+    was cut from (:func:`range_families`), read by ``gene_family``."""
     out = {}
     for name in names:
-        method = make_method(name, config, seed=seed, composition=composition)
+        method = make_method(name, config, seed=seed, composition=composition, family=family)
         method.fit(problem)
         out[method.name] = np.asarray(method.predict_entries(gene_index, sample_index), np.float64)
     return out

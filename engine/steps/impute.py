@@ -56,7 +56,14 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.memory import release_unused_memory
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray, execution_budget
-from geximpute.science.baselines import FAMILY_CHUNK, family_rows, fit_ranges, range_estimates
+from geximpute.science.baselines import (
+    FAMILY_CHUNK,
+    FamilyLevels,
+    family_rows,
+    fit_ranges,
+    range_estimates,
+    range_families,
+)
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.problem import VisibleProblem, gene_rows, make_problem, pass_rows
 from geximpute.science.promoters import (
@@ -244,13 +251,17 @@ def head_baselines(bundle: Any, problem: VisibleProblem) -> StackedBaselines | N
     return StackedBaselines(tuple(bundle.baseline_names), names, settings, seed, composition)
 
 
-def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: StackedBaselines, path: str) -> int:
+def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: StackedBaselines, path: str,
+                   family: FamilyLevels | None = None, genes: tuple[int, int] = (0, 0)) -> int:
     """Ray task: the stacked baselines fitted on one gene range (``problem``: its genes and every sample) and
     evaluated at its ``targets``, written to ``path`` (``.npz``, ``baseline_<name>`` -> (N,) float32 in
-    ``np.nonzero(targets)`` order); returns N."""
+    ``np.nonzero(targets)`` order); returns N. ``family``: the whole problem's family levels
+    (:func:`~geximpute.science.baselines.range_families`, one object for every task), of which the range's
+    ``genes`` (lo, hi) are read by ``gene_family``."""
     gi, si = np.nonzero(targets)
     estimates = range_estimates(problem, gi, si, baselines.names, baselines.settings, seed=baselines.seed,
-                                composition=baselines.composition)
+                                composition=baselines.composition,
+                                family=None if family is None else family.part(*genes))
     columns = {baseline_column(name): values
                for name, values in head_estimates(estimates, baselines.head_names, len(gi)).items()}
     tmp = f"{path}.tmp.npz"
@@ -277,6 +288,10 @@ def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targe
     offsets = entry_offsets(targets)
     folder.mkdir(parents=True)
     task = ray.remote(baseline_range).options(num_cpus=cpus)
+    # gene_family reads the whole problem's families in every range: put once, shared by every task
+    family = range_families(problem, baselines.names, ranges)
+    family_ref = ray.put(family) if family is not None else None
+    del family
     files, pending = [], []
     with stage("baselines: estimates for the stacked head", total=len(ranges), unit="gene ranges") as progress:
         for i, (lo, hi) in enumerate(ranges):
@@ -286,7 +301,7 @@ def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targe
                 progress.advance()
             path = str((folder / f"range-{i:05d}.npz").absolute())
             part = dataclasses.replace(baselines, composition=baselines.composition[lo:hi])
-            pending.append(task.remote(gene_rows(problem, lo, hi), targets[lo:hi], part, path))
+            pending.append(task.remote(gene_rows(problem, lo, hi), targets[lo:hi], part, path, family_ref, (lo, hi)))
             files.append(path)
         for ref in pending:
             ray.get(ref)
@@ -1014,7 +1029,9 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
                    default=0) * mib
     family = 0.0
-    if bundle.reads_family and problem.gene_names is not None:  # FamilyLevels where the shards are cut
+    ranged_family = bundle.stacked and "gene_family" in bundle.baseline_names and len(ranges) > 1
+    if (bundle.reads_family or ranged_family) and problem.gene_names is not None:
+        # FamilyLevels where the shards are cut, or for gene_family's ranges (one at a time)
         family = (family_rows(problem.gene_names) * n_samples * 12
                   + n_genes * min(n_samples, FAMILY_CHUNK) * 8 * 2) * mib
     peak = {
@@ -1030,8 +1047,9 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
         "predictor": PROCESS_BASE_MB["predictor"] + 2 * bundle_mb + 50 * batch_records * mib,
         "writer": PROCESS_BASE_MB["writer"] + 2 * batch_records * mib,
     }
-    if ranges:  # a baseline task: one gene range's values in float64 copies
-        peak["baselines"] = PROCESS_BASE_MB["baselines"] + BASELINE_COPIES * range_genes * per_gene * 8 * mib
+    if ranges:  # a baseline task: one gene range's values in float64 copies (and the families' sums it reads)
+        peak["baselines"] = (PROCESS_BASE_MB["baselines"] + BASELINE_COPIES * range_genes * per_gene * 8 * mib
+                             + (family if ranged_family else 0.0))
     measured = _measured_rate(out)
     n_workers = workers or settings.predictors
     projected = None
