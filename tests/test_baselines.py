@@ -34,7 +34,7 @@ from geximpute.science.baselines import (
 )
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
-from geximpute.science.problem import VisibleProblem, gene_rows, tissue_correlation
+from geximpute.science.problem import VisibleProblem, gene_rows, gene_subset, tissue_correlation
 
 #: the defaults untuned, chained_boosting with one bag (three cost three times as long; bags have their own test)
 FIXED = BaselinesConfig(tune=False, cb_bags=1)
@@ -406,13 +406,39 @@ def test_gene_family_reads_the_whole_problems_families_in_every_gene_range(monke
     # the parts are views of one set of sums: a part's levels are the whole's for its genes
     whole = range_families(problem, names_fitted, fit_ranges(problem, ranged.block_cells))
     assert whole is not None and whole.values is None
-    part = whole.part(8, 16).bind(problem.values[8:16])
+    part = whole.part(slice(8, 16)).bind(problem.values[8:16])
     assert part.sums[0] is whole.sums[0]
     np.testing.assert_array_equal(part.estimate(np.arange(8), np.zeros(8, int), 3.0),
                                   FamilyLevels(problem.values, names, problem.tissue_index, 6).estimate(
                                       np.arange(8, 16), np.zeros(8, int), 3.0))
     assert range_families(problem, ("row_tissue",), [(0, 8), (8, 48)]) is None
     assert range_families(problem, names_fitted, [(0, 48)]) is None
+    # entries hidden by a mask count as the NaN they would be (the tuning's split), and a part takes any rows
+    split = np.zeros(problem.values.shape, bool)
+    split[[1, 9, 30], :] = True
+    masked = problem.values.copy()
+    masked[split] = np.nan
+    rows = np.array([1, 2, 9, 30, 47])
+    by_mask = FamilyLevels(problem.values, names, problem.tissue_index, 6, hidden=split).part(rows).bind(masked[rows])
+    by_nan = FamilyLevels(masked, names, problem.tissue_index, 6)
+    np.testing.assert_array_equal(by_mask.estimate(np.arange(5), np.full(5, 2), 1.0),
+                                  by_nan.estimate(rows, np.full(5, 2), 1.0))
+    # the tuning on two of twelve ranges reads the whole problem's families too: their members in the other ranges
+    # (ten of every twelve members) make its validation score higher than that of the two ranges' families alone
+    noisy = np.array([8.0, 0.5, 3.0, 5.0, 1.0, 6.0, 2.0, 4.0])[np.arange(96) % 8, None] + rng.normal(size=(96, 6)) * 2
+    stems = np.array(["RPL", "OR", "ZNF", "SLC", "HLA", "KRT", "COL", "MYH"])
+    wide = dataclasses.replace(problem_of(noisy, np.zeros(6, int), np.arange(6)),
+                               gene_names=np.asarray([f"{stems[g % 8]}{g % 5 + 1}" for g in range(96)], dtype=object))
+    tuning = dataclasses.replace(ranged, tune_ranges=2, tune_fraction=0.25)
+    _, report = tune_settings(wide, ("gene_family",), tuning, "genes", seed=1)
+    # the same two ranges and split, tuned as a problem of their own (the ranges' own families: the old tuning)
+    ranges = fit_ranges(wide, tuning.block_cells)
+    picked = np.sort(np.random.default_rng(1 + 7_919).choice(len(ranges), 2, replace=False))  # as tune_settings
+    kept = np.concatenate([np.arange(*ranges[i]) for i in picked])
+    _, alone = tune_settings(gene_subset(wide, kept), ("gene_family",), tuning, "genes", seed=1)
+    assert len(ranges) == 12 and report["gene_family"]["n_genes"] == alone["gene_family"]["n_genes"] == 16
+    assert report["gene_family"]["n_validation"] == alone["gene_family"]["n_validation"]
+    assert report["gene_family"]["score"] > alone["gene_family"]["score"] + 0.05
 
 
 def test_gene_family_needs_symbols_and_whole_hidden_genes():

@@ -885,10 +885,12 @@ class FamilyLevels:
         gene_names: (G,) gene symbols, None where unknown.
         tissue_index: (S,) each sample's tissue; ``n_tissues`` of them.
         chunk: samples summed at once.
+        hidden: (G, S) bool, entries counted as hidden besides the NaN of ``values`` (a validation split's, without
+            a copy of the values).
     """
 
     def __init__(self, values: np.ndarray, gene_names: np.ndarray, tissue_index: np.ndarray, n_tissues: int,
-                 chunk: int = FAMILY_CHUNK) -> None:
+                 chunk: int = FAMILY_CHUNK, hidden: np.ndarray | None = None) -> None:
         self.values = values
         n_genes, n_samples = values.shape
         keys = gene_family_keys(gene_names)
@@ -908,6 +910,8 @@ class FamilyLevels:
         for lo in range(0, n_samples, chunk):
             part = values[:, lo : lo + chunk]
             visible = ~np.isnan(part)
+            if hidden is not None:
+                visible &= ~hidden[:, lo : lo + chunk]
             filled = np.where(visible, part, 0.0)
             total[lo : lo + chunk], n[lo : lo + chunk] = filled.sum(axis=0), visible.sum(axis=0)
             for member, sums, counts in zip(members, self.sums, self.counts, strict=True):
@@ -920,14 +924,15 @@ class FamilyLevels:
         self.tissue_n = np.bincount(self.tissue_index, weights=n, minlength=n_tissues)
         self.overall_sum, self.overall_n = float(total.sum()), float(n.sum())
 
-    def part(self, lo: int, hi: int) -> FamilyLevels:
-        """The levels of genes ``lo:hi`` alone, without values (:meth:`bind` gives them the range's): the families'
-        sums and the priors stay the whole problem's (shared, not copied), so a gene range's estimates are those
-        of the whole problem, its families reaching into the other ranges and chromosomes."""
+    def part(self, rows: slice | np.ndarray) -> FamilyLevels:
+        """The levels of genes ``rows`` alone (a range, or increasing indices), without values (:meth:`bind` gives
+        them those genes'): the families' sums and the priors stay the whole problem's (shared, not copied), so a
+        gene range's estimates are those of the whole problem, its families reaching into the other ranges and
+        chromosomes."""
         out = copy.copy(self)
         out.values = None  # type: ignore[assignment]
-        out.named = self.named[lo:hi]
-        out.codes = [codes[lo:hi] for codes in self.codes]
+        out.named = self.named[rows]
+        out.codes = [codes[rows] for codes in self.codes]
         return out
 
     def bind(self, values: np.ndarray) -> FamilyLevels:
@@ -1184,7 +1189,8 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     Methods are tuned in :data:`TUNING_GRIDS`' order, each with the settings chosen before it (``local_regression``
     starts from the fill of ``iterative_ridge`` or ``chained_boosting`` as chosen). A problem of more than
     ``config.tune_ranges`` gene ranges (:func:`fit_ranges`, the ranges imputation fits the methods on) is tuned on
-    that many of them, drawn with ``seed``: the tuning's cost does not grow with the genome.
+    that many of them, drawn with ``seed``: the tuning's cost does not grow with the genome (``gene_family`` reads
+    the whole problem's families there, as in every range: :func:`range_families`).
 
     Returns:
         (the config with every chosen setting, ``{method: {"metric": name, "chosen": {...}, "score": x, "rmse": y,
@@ -1196,6 +1202,7 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     has_genomes = problem.genomes is not None
     ranges = fit_ranges(problem, config.block_cells)
     n_genes = problem.n_genes
+    whole, kept = problem, None
     if len(ranges) > config.tune_ranges:  # a sample of the ranges, fitted and scored as a whole
         picked = np.sort(np.random.default_rng(seed + 7_919).choice(len(ranges), config.tune_ranges, replace=False))
         kept = np.concatenate([np.arange(*ranges[i]) for i in picked])
@@ -1221,6 +1228,14 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     truth = problem.values[gi, si].astype(np.float64)
 
     valid_problem = fold_problem(problem, mask)
+    family = None
+    if "gene_family" in names and kept is not None and whole.gene_names is not None:
+        # as the ranges are fitted: gene_family reads the whole problem's families (without the split's entries)
+        split = np.zeros(whole.values.shape, bool)
+        split[kept] = mask
+        family = FamilyLevels(whole.values, whole.gene_names, whole.tissue_index, len(whole.tissues),
+                              hidden=split).part(kept)
+        del split
     records = None
     report: dict = {}
     chosen = config
@@ -1246,7 +1261,8 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         candidates = [c for c in candidates if not_applicable(c.get("lls_start", ""), len(problem.donors)) is None]
         rows = []
         for cand in candidates:
-            method = make_method(name, dataclasses.replace(chosen, **cand), seed=seed, composition=composition)
+            method = make_method(name, dataclasses.replace(chosen, **cand), seed=seed, composition=composition,
+                                 family=family)
             method.fit(valid_problem)
             if name in ENTRY_METHODS:
                 pred, target, rg, rs = method.predict_entries(gi, si), truth, gi, si
@@ -1330,7 +1346,7 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
             continue
         part = range_estimates(gene_rows(problem, lo, hi), gene_index[inside] - lo, sample_index[inside], names,
                                config, seed=seed, composition=None if composition is None else composition[lo:hi],
-                               family=None if family is None else family.part(lo, hi))
+                               family=None if family is None else family.part(slice(lo, hi)))
         for name, values in part.items():
             out.setdefault(name, np.full(len(gene_index), np.nan))[inside] = values
     return out
@@ -1362,7 +1378,7 @@ def range_families(problem: VisibleProblem, names: tuple[str, ...], ranges: list
     it has no symbols. Its size is (families x samples), not (genes x samples)."""
     if "gene_family" not in names or len(ranges) < 2 or problem.gene_names is None:
         return None
-    return family_levels(problem).part(0, problem.n_genes)
+    return family_levels(problem).part(slice(None))
 
 
 def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
