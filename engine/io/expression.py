@@ -370,47 +370,24 @@ def _whole_wide(what: str, skip_rows: int, delimiter: str | None, first_data_lin
 
 
 def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) -> Expression:
+    """A wide table read whole (the fallback of :func:`_stream_wide` that names the record of a value that does
+    not convert), its columns classified as a block-at-a-time read classifies them (:func:`_wide_layout`)."""
+    lay = _wide_layout(path, table.schema, first_data_line)
     names = table.column_names
-    lower = {n.lower(): n for n in names}
-    id_col = next((lower[c.lower()] for c in GENE_ID_COLUMNS if c.lower() in lower), names[0])
-    value_cols = [
-        n for n in names if n != id_col and not (n.lower() in ANNOTATION_COLUMNS and pa.types.is_string(table[n].type))
-    ]
-    if not value_cols:
-        raise InputError(path, "no value columns", record="the header", expected="one column per sample or tissue")
-    for i, n in enumerate(names):
-        if i > 0 and n.strip() == "":
-            raise InputError(path, f"column {i + 1} of the header has no name (a trailing tab or separator?)",
-                             record=f"the header, line {first_data_line - 1}",
-                             expected="a sample or tissue name over every value column")
-    seen: dict[str, int] = {}
-    for i, n in enumerate(value_cols):
-        if n in seen:
-            raise InputError(
-                path,
-                f"sample column {n!r} appears twice",
-                record="the header",
-                expected="unique sample names",
-            )
-        seen[n] = i
-    # one (genes, samples) array filled a column at a time: no list of per-column arrays to stack (thousands of
-    # small allocations that stayed in the process's heap after they were freed)
-    values = np.empty((table.num_rows, len(value_cols)), np.float32)
-    for j, n in enumerate(value_cols):
-        col = table[n]
-        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
-            _raise_non_numeric(path, table, id_col, n, first_data_line)
+    values = np.empty((table.num_rows, len(lay.value_cols)), np.float32)
+    for j, c in enumerate(lay.value_cols):
+        col = table.column(c)
+        if not (_numeric(col.type) or pa.types.is_null(col.type)):
+            _raise_non_numeric(path, table, names[lay.id_col], names[c], first_data_line)
         values[:, j] = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
-    gene_ids = _gene_ids(path, table[id_col], first_data_line)
-    name_col = next((lower[c] for c in NAME_COLUMNS if c in lower and lower[c] != id_col
-                     and pa.types.is_string(table[lower[c]].type)), None)
     gene_names = None
-    if name_col is not None:
-        gene_names = [n.strip() or None if n is not None else None for n in table[name_col].to_pylist()]
+    if lay.name_col is not None:
+        gene_names = [n.strip() or None if n is not None else None
+                      for n in table.column(lay.name_col).cast(pa.string()).to_pylist()]
     return Expression(
         path=path,
-        gene_ids=gene_ids,
-        sample_ids=list(value_cols),
+        gene_ids=_gene_ids(path, table.column(lay.id_col), first_data_line),
+        sample_ids=[names[c] for c in lay.value_cols],
         values=values,
         scale=scale,
         report={"first_data_line": first_data_line},
