@@ -259,6 +259,38 @@ def test_wide_files_read_a_block_at_a_time_equal_the_whole_read(write, monkeypat
             read_expression(write(f"{bad}.gct", "\n".join(changed) + "\n"))
 
 
+def test_wide_parquet_matrices(tmp_path, monkeypatch):
+    """A genes x samples Parquet (as pandas writes a DataFrame with the gene ids as its index, or with a gene_id
+    and a symbol column), read a row group at a time; a Parquet with a sample column stays a long table."""
+    import pandas as pd
+
+    from geximpute.io import expression as E
+
+    monkeypatch.setattr(E, "LONG_BATCH_ROWS", 3)
+    values = np.array([[1.5, np.nan, 3], [0, 2, np.nan], [7, 8, 9], [4, np.nan, 1], [5, 5, 5]], np.float32)
+    frame = pd.DataFrame(values, columns=["S1", "S2", "S3"], index=[f"ENSG0{g}.2" for g in range(5)])
+    frame.to_parquet(tmp_path / "index.parquet", row_group_size=2)
+    named = frame.reset_index(names="gene_id").assign(gene_name=list("ABCD") + [None])
+    named["S3"] = named["S3"].astype("Int64")  # an integer column with a missing value
+    named.to_parquet(tmp_path / "named.parquet", row_group_size=2)
+    for name in ("index.parquet", "named.parquet"):
+        expr = read_expression(tmp_path / name)
+        assert expr.report["format"] == "wide" and expr.sample_ids == ["S1", "S2", "S3"]
+        assert expr.gene_ids == [f"ENSG0{g}" for g in range(5)]
+        np.testing.assert_array_equal(expr.values, values)
+        assert expr.report["n_measured"] == 12
+    assert read_expression(tmp_path / "named.parquet").gene_names == ["A", "B", "C", "D", None]
+    frame.assign(S2=["x"] * 5).to_parquet(tmp_path / "text.parquet")
+    with pytest.raises(InputError, match="column 'S2' holds (large_)?string values"):
+        read_expression(tmp_path / "text.parquet")
+    frame.assign(S1=[1.0, -2, 0, 0, 0]).to_parquet(tmp_path / "negative.parquet")
+    with pytest.raises(InputError, match=r"negative expression value -2.*gene ENSG01, sample S1"):
+        read_expression(tmp_path / "negative.parquet")
+    long = pa.table({"gene": ["ENSG01"], "sample": ["S1"], "tpm": [1.0]})
+    pq.write_table(long, tmp_path / "long.parquet")
+    assert read_expression(tmp_path / "long.parquet").report["format"] == "long"
+
+
 def test_phenotype_bed_read_a_block_at_a_time(write, monkeypatch):
     from geximpute.io import tables
 

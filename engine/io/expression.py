@@ -1,5 +1,7 @@
-"""Expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues), long TSV/CSV/Parquet, or a QTLtools/FastQTL
-phenotype BED (``#chr start end gene [gid|length strand]`` then one column per person).
+"""Expression: GCT 1.2, wide TSV/CSV/Parquet (genes x samples or genes x tissues), long TSV/CSV/Parquet, or a
+QTLtools/FastQTL phenotype BED (``#chr start end gene [gid|length strand]`` then one column per person). Every layout
+is read a block of lines or record batches at a time (docs/benchmarks.md "Reading the expression and the annotation
+a block at a time").
 
 Every layout is read into one in-memory form, :class:`Expression`: a genes x samples float32 matrix with NaN for
 entries that were not measured, plus the gene and sample ids. Values are kept on the scale they were given on;
@@ -27,6 +29,8 @@ from geximpute.io.tables import csv_batches, is_parquet, read_table, require_col
 #: wide-table columns that describe genes rather than hold values
 ANNOTATION_COLUMNS = {"description", "gene_name", "name", "symbol", "gene_symbol", "gene.name", "gene_type"}
 GENE_ID_COLUMNS = ["gene_id", "Name", "gene", "geneid", "ensembl_gene_id", "id"]
+#: the column of a DataFrame's unnamed index in a Parquet file pandas wrote
+PANDAS_INDEX = "__index_level_0__"
 #: annotation columns that carry gene symbols, in order of preference (a GCT's ``Description`` holds them)
 NAME_COLUMNS = ["gene_name", "symbol", "gene_symbol", "gene.name", "description"]
 #: gene x sample cells per pass of :func:`size_factors` at most: its temporaries (masks, logs, float64 ratios) are a
@@ -85,7 +89,12 @@ def detect_format(path: Path) -> str:
     if name.endswith(".bed"):
         return "bed"
     if is_parquet(path):
-        return "long"
+        try:
+            names = {n.lower() for n in pq.ParquetFile(path).schema_arrow.names}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(path, f"expression table is not a readable Parquet file ({exc})") from exc
+        # one row per gene and sample (a sample column), else one column per sample
+        return "long" if names & {S.SAMPLE_ID, *LONG_COLUMNS[S.SAMPLE_ID]} else "wide"
     with open_text(path) as fh:
         header = fh.readline().strip().lower()
     sep = "," if name.endswith(".csv") else "\t"
@@ -97,7 +106,8 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
     """Read and validate an expression file.
 
     Args:
-        path: GCT 1.2, wide TSV/CSV, long TSV/CSV/Parquet or phenotype BED (plain, gzip or bgzip).
+        path: GCT 1.2, wide TSV/CSV/Parquet, long TSV/CSV/Parquet (a Parquet file with a ``sample_id`` or
+            ``sample`` column is long, else wide) or phenotype BED (text plain, gzip or bgzip).
         fmt: ``auto``, ``gct``, ``wide``, ``long`` or ``bed``.
         scale: ``tpm`` and ``counts`` must be non-negative; ``log`` and ``normalised`` may be negative.
 
@@ -114,6 +124,8 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
             expr = _read_long(path, scale)
         elif fmt == "bed":
             expr = _read_phenotype_bed(path, scale)
+        elif is_parquet(path):
+            expr = _read_wide_parquet(path, scale)
         else:
             expr, _ = _stream_wide(path, scale, "expression table", skip_rows=0, first_data_line=2)
     except UnicodeDecodeError as exc:
@@ -270,11 +282,14 @@ def _wide_layout(path: Path, schema: pa.Schema, first_data_line: int, first_colu
         raise InputError(path, f"header starts with {names[:2]}", record=f"line {first_data_line - 1}",
                          expected=f"{first_column!r}, 'Description', then one column per sample")
     lower = {n.lower(): n for n in names}
-    id_col = names.index(next((lower[c.lower()] for c in GENE_ID_COLUMNS if c.lower() in lower), names[0]))
+    # a wide Parquet written by pandas keeps an unnamed index (the gene ids) as its last column
+    id_col = names.index(next((lower[c.lower()] for c in (*GENE_ID_COLUMNS, PANDAS_INDEX) if c.lower() in lower),
+                              names[0]))
 
     def annotation(i: int) -> bool:
         kind = schema.field(i).type  # as Arrow reads the first block: a text column, or one with no value there
-        return names[i].lower() in ANNOTATION_COLUMNS and (pa.types.is_string(kind) or pa.types.is_null(kind))
+        return names[i].lower() in ANNOTATION_COLUMNS and (
+            pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind))
 
     value_cols = [i for i in range(len(names)) if i != id_col and not annotation(i)]
     if not value_cols:
@@ -320,45 +335,81 @@ def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_dat
         return found[0].types
 
     schema, lines, batches = csv_batches(path, what, types, skip_rows=skip_rows, delimiter=delimiter, quoting=quoting)
-    lay, names = found[0], schema.names
-    sample_ids = [names[i] for i in lay.value_cols]
-    # the matrix for every line below the header: rows at most (Arrow skips blank lines); untouched pages cost nothing
-    values = np.empty((max(lines - skip_rows - 1, 0), len(sample_ids)), np.float32)
-    gene_ids: list[str] = []
-    kept: list[pa.RecordBatch] = []
-    row = measured = 0
     try:
-        for batch in batches:
-            n = batch.num_rows
-            if row + n > len(values):  # more rows than lines counted: a line count that missed some; grow
-                grown = np.empty((max(2 * len(values), row + n), len(sample_ids)), np.float32)
-                grown[:row] = values[:row]
-                values = grown
-            raw = batch.column(lay.id_col).to_pylist()
-            if None in raw:
-                raise InputError(path, "empty gene id", record=f"line {row + raw.index(None) + first_data_line}",
-                                 expected="a gene id")
-            ids = [strip_version(g) for g in raw]
-            block = values[row : row + n]
-            # one conversion of the batch's value columns (row-major, null as NaN), cast to float32 as it is copied
-            block[:] = batch.select(lay.value_cols).to_tensor(null_to_nan=True, row_major=True).to_numpy()
-            measured += check_values(path, block, ids, sample_ids, scale, row + first_data_line)
-            gene_ids.extend(ids)
-            if lay.kept:
-                kept.append(batch.select(lay.kept))
-            row += n
+        # the matrix for every line below the header: rows at most (Arrow skips blank lines)
+        return _fill_wide(path, scale, found[0], schema, batches, lines - skip_rows - 1, first_data_line)
     except pa.ArrowInvalid:
         # a row that does not parse or a value that does not convert: read whole, which names the record
         return (whole or _whole_wide(what, skip_rows, delimiter, first_data_line))(path, scale), None
-    _check_gene_ids(path, gene_ids, first_data_line)
+
+
+def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+               rows_hint: int, first_data_line: int | None) -> tuple[Expression, pa.Table]:
+    """The record batches of a wide table into one float32 matrix allocated for ``rows_hint`` rows (untouched pages
+    cost nothing; grown if there are more), each batch's values checked and counted as they are copied;
+    ``first_data_line``: the file's line of the first row, for messages (None: rows are not lines)."""
+    names = schema.names
+    sample_ids = [names[i] for i in lay.value_cols]
+    values = np.empty((max(rows_hint, 0), len(sample_ids)), np.float32)
+    gene_ids: list[str] = []
+    kept: list[pa.RecordBatch] = []
+    row = measured = 0
+    for batch in batches:
+        n = batch.num_rows
+        if row + n > len(values):  # more rows than the hint: grow
+            grown = np.empty((max(2 * len(values), row + n), len(sample_ids)), np.float32)
+            grown[:row] = values[:row]
+            values = grown
+        raw = batch.column(lay.id_col).cast(pa.string()).to_pylist()
+        if None in raw:
+            where = row + raw.index(None)
+            raise InputError(path, "empty gene id", expected="a gene id",
+                             record=f"line {where + first_data_line}" if first_data_line else f"row {where + 1}")
+        ids = [strip_version(g) for g in raw]
+        block = values[row : row + n]
+        # one conversion of the batch's value columns (row-major, null as NaN), cast to float32 as it is copied
+        numbers = pa.RecordBatch.from_arrays([batch.column(c).cast(pa.float64()) for c in lay.value_cols],
+                                             names=sample_ids)
+        block[:] = numbers.to_tensor(null_to_nan=True, row_major=True).to_numpy()
+        measured += check_values(path, block, ids, sample_ids, scale,
+                                 None if first_data_line is None else row + first_data_line)
+        gene_ids.extend(ids)
+        if lay.kept:
+            kept.append(batch.select(lay.kept))
+        row += n
+    _check_gene_ids(path, gene_ids, first_data_line or 1)
     kept_table = (pa.Table.from_batches(kept) if kept else
                   pa.schema([(names[i], lay.types[names[i]]) for i in lay.kept]).empty_table())
     gene_names = None
     if lay.name_col is not None:
-        gene_names = [n.strip() or None if n is not None else None for n in kept_table.column(0).to_pylist()]
+        gene_names = [n.strip() or None if n is not None else None
+                      for n in kept_table.column(0).cast(pa.string()).to_pylist()]
+    report: dict = {"n_measured": measured}
+    if first_data_line is not None:
+        report["first_data_line"] = first_data_line
     expr = Expression(path=path, gene_ids=gene_ids, sample_ids=sample_ids, values=values[:row], scale=scale,
-                      report={"first_data_line": first_data_line, "n_measured": measured}, gene_names=gene_names)
+                      report=report, gene_names=gene_names)
     return expr, kept_table
+
+
+def _read_wide_parquet(path: Path, scale: str) -> Expression:
+    """A wide Parquet table (a gene id column, text annotation columns, one numeric column per sample), read a
+    row group's batches at a time into the matrix."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"expression table is not a readable Parquet file ({exc})") from exc
+    schema = parquet.schema_arrow
+    lay = _wide_layout(path, schema, 2)
+    for c in lay.value_cols:
+        kind = schema.field(c).type
+        if not (_numeric(kind) or pa.types.is_null(kind)):
+            raise InputError(path, f"column {schema.names[c]!r} holds {kind} values", record="the schema",
+                             expected="a numeric column per sample (text columns only for the gene id and "
+                             f"annotations named {', '.join(sorted(ANNOTATION_COLUMNS))})")
+    batches = _ParquetBatches(path, None)
+    expr, _ = _fill_wide(path, scale, lay, schema, batches, parquet.metadata.num_rows, None)
+    return expr
 
 
 def _whole_wide(what: str, skip_rows: int, delimiter: str | None, first_data_line: int
@@ -493,9 +544,9 @@ def _read_long(path: Path, scale: str) -> Expression:
 
 
 class _ParquetBatches:
-    """A Parquet file's record batches of ``columns``, read afresh each time they are iterated over."""
+    """A Parquet file's record batches of ``columns`` (None: all), read afresh each time they are iterated over."""
 
-    def __init__(self, path: Path, columns: list[str]) -> None:
+    def __init__(self, path: Path, columns: list[str] | None) -> None:
         self.path, self.columns = path, columns
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
