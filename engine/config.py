@@ -46,7 +46,7 @@ class InputsConfig:
     Attributes:
         genes: gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV with named columns. May be left out when
             ``expression`` is a QTLtools/FastQTL phenotype BED: the genes' TSS and strand are then read from it.
-        expression: GCT 1.2, wide TSV/CSV (genes x samples or genes x tissues), long TSV/CSV/Parquet
+        expression: GCT 1.2, wide TSV/CSV/Parquet (genes x samples or genes x tissues), long TSV/CSV/Parquet
             (gene_id, sample_id, value) or a QTLtools/FastQTL phenotype BED (``#chr start end gene length
             strand`` then one column per person, format ``bed``).
         genome: FASTA (plain or bgzip) for promoter sequence; optional.
