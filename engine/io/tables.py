@@ -176,7 +176,6 @@ def csv_batches(
     _check_header(path, what, schema.names, skip_rows)
     read, parse, convert = _csv_options(path, column_names, column_types(schema), skip_rows, delimiter, quoting,
                                         null_values, skip_comment_rows, block_size=block)
-
     return schema, lines, CsvBatches(path, read, parse, convert)
 
 
