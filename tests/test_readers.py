@@ -343,6 +343,24 @@ def test_long_tables_read_in_batches_equal_the_whole_read(write, tmp_path, monke
         read_expression(text)
 
 
+def test_hidden_entries_drawn_in_passes_are_the_measured_cells_numpy_draws(monkeypatch):
+    """The entries task hides the measured cells a draw among their positions picks (the mask every evaluation
+    figure was made with); found in passes of a few cells, without an index of every measured cell."""
+    from geximpute.config import EvaluationConfig
+    from geximpute.science import problem as P
+
+    observed = np.random.default_rng(0).random((37, 23)) < 0.6
+    task = EvaluationConfig(task="entries", fraction=0.1, seed=5)
+    reference = np.zeros(observed.shape, bool)
+    positions = np.flatnonzero(observed.ravel())
+    reference.ravel()[np.random.default_rng(5).choice(positions, size=round(0.1 * len(positions)),
+                                                      replace=False)] = True
+    np.testing.assert_array_equal(P.hide(observed, task), reference)
+    monkeypatch.setattr(P, "HIDE_CELLS", 10)
+    np.testing.assert_array_equal(P.hide(observed, task), reference)
+    np.testing.assert_array_equal(P.hide(np.asfortranarray(observed), task), reference)
+
+
 @pytest.mark.parametrize("method", ["cpm", "median_ratio"])
 def test_size_factors_in_passes_equal_one_pass(monkeypatch, method):
     """Each sample's factor is its own column's and each gene's reference its own row's: passes of a few cells

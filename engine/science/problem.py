@@ -35,6 +35,8 @@ SPLITS = ("train", "valid", "test")
 #: most, so that their float64 temporaries (a few of that many cells) do not grow with the genes or the samples:
 #: at 4,000 genes they were the largest thing the driver of an imputation allocated (docs/benchmarks.md)
 STATS_CELLS = 1 << 18
+#: cells per pass of :func:`hide` when it finds the drawn measured cells of the ``entries`` task
+HIDE_CELLS = 1 << 24
 
 
 def pass_rows(n_samples: int, rows: int, cells: int = STATS_CELLS) -> int:
@@ -166,11 +168,22 @@ def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarra
     """
     rng = np.random.default_rng(task.seed)
     n_genes, n_samples = observed.shape
-    hidden = np.zeros_like(observed)
+    hidden = np.zeros(observed.shape, bool)
     if task.task == "entries":
-        idx = np.flatnonzero(observed.ravel())
-        n = max(1, int(round(task.fraction * len(idx))))
-        hidden.ravel()[rng.choice(idx, size=n, replace=False)] = True
+        flat = np.ravel(observed)
+        n_observed = int(np.count_nonzero(flat))
+        n = max(1, int(round(task.fraction * n_observed)))
+        # the same draws as choosing among the measured cells' positions (numpy draws by rank), the ranks found
+        # a pass of cells at a time: no int64 index of every measured cell beside the one numpy's draw keeps
+        ranks = np.sort(rng.choice(n_observed, size=n, replace=False))
+        out, seen, k = hidden.reshape(-1), 0, 0
+        for lo in range(0, flat.size, HIDE_CELLS):
+            part = flat[lo : lo + HIDE_CELLS]
+            end = int(np.searchsorted(ranks, seen + int(np.count_nonzero(part))))
+            if end > k:
+                out[lo + np.flatnonzero(part)[ranks[k:end] - seen]] = True
+            seen += int(np.count_nonzero(part))
+            k = end
     elif task.task == "genes":
         candidates = np.flatnonzero(observed.any(axis=1))
         n = max(1, int(round(task.fraction * len(candidates))))
@@ -237,6 +250,26 @@ def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
     return out
 
 
+def evaluation_hidden(dataset: Dataset) -> np.ndarray:
+    """(G, S) bool: the entries :func:`make_problem` hides for ``config.evaluation``, over the annotated expression
+    genes in the annotation's order (:func:`annotated_rows`); no value is scaled or copied for it.
+
+    Raises:
+        ConfigError: the task needs a sample table (``samples``) and the dataset has one donor.
+    """
+    config = dataset.config
+    expr_rows, _ = annotated_rows(dataset)
+    donors, donor_index = np.unique(np.asarray(dataset.samples[S.DONOR_ID].to_pylist(), dtype=object),
+                                    return_inverse=True)
+    if config.evaluation.task == "samples" and len(donors) < 2:
+        raise ConfigError(
+            "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
+            "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
+        )
+    observed = np.isnan(dataset.expression.values)[expr_rows]  # bool rows: no float copy of the matrix
+    return hide(np.logical_not(observed, out=observed), config.evaluation, donor_index=donor_index)
+
+
 def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True
                  ) -> tuple[VisibleProblem, HiddenTruth]:
     """Split a dataset into the visible problem and the hidden truth of ``config.evaluation``.
@@ -252,21 +285,12 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
         ConfigError: the task needs a sample table (``samples``) and the dataset has one donor.
     """
     config = dataset.config
-    expr_rows, ann_rows = annotated_rows(dataset)
+    _, ann_rows = annotated_rows(dataset)
     genes = dataset.genes.table.take(ann_rows)
     samples = dataset.samples
     donors, donor_index = np.unique(np.asarray(samples[S.DONOR_ID].to_pylist(), dtype=object), return_inverse=True)
     tissues, tissue_index = np.unique(np.asarray(samples[S.TISSUE].to_pylist(), dtype=object), return_inverse=True)
-    if config.evaluation.task == "samples" and len(donors) < 2 and hidden_mask:
-        raise ConfigError(
-            "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
-            "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
-        )
-    hidden = None
-    if hidden_mask:
-        observed = np.isnan(dataset.expression.values)[expr_rows]  # bool rows: no float copy of the matrix
-        hidden = hide(np.logical_not(observed, out=observed), config.evaluation, donor_index=donor_index)
-        del observed
+    hidden = evaluation_hidden(dataset) if hidden_mask else None
     # normalised after hiding: the hidden entries take no part in any count normalisation
     values, _ = model_matrix(dataset, hidden)
     gi, si = np.nonzero(hidden) if hidden is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))

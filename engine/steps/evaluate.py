@@ -29,7 +29,7 @@ from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
 from geximpute.science.metrics import _constant, _pearson, score
-from geximpute.science.problem import SPLITS, make_problem
+from geximpute.science.problem import SPLITS, annotated_rows, evaluation_hidden
 from geximpute.steps.html_report import evaluation_sections, write_report
 from geximpute.steps.prepare import Prepared, prepare, promoter_tables
 
@@ -384,17 +384,19 @@ def sequence_summary(dataset) -> dict:
     hidden set of ``config.evaluation``. Empty without a genome."""
     if dataset.genome is None:
         return {}
-    try:
-        problem, truth = make_problem(dataset)
+    _, ann_rows = annotated_rows(dataset)
+    gene_ids = np.asarray(dataset.genes.table[S.GENE_ID].take(ann_rows).to_pylist(), dtype=object)
+    try:  # the hidden set alone: no scaled copy of the values, no tissue correlations
+        per_gene = evaluation_hidden(dataset).sum(axis=1)
     except ConfigError:  # a task that does not apply to this dataset: count over all genes only
-        problem, truth = make_problem(dataset, hidden_mask=False)
-    _, gene_promoters = promoter_tables(dataset, problem.gene_ids)
-    has = np.isin(problem.gene_ids, np.asarray(gene_promoters[S.GENE_ID].to_pylist(), dtype=object))
-    hidden_genes = np.unique(truth.gene_index)
-    return {"genes": int(problem.n_genes), "genes_with_sequence": int(has.sum()),
+        per_gene = np.zeros(len(gene_ids), np.int64)
+    _, gene_promoters = promoter_tables(dataset, gene_ids)
+    has = np.isin(gene_ids, np.asarray(gene_promoters[S.GENE_ID].to_pylist(), dtype=object))
+    hidden_genes = np.flatnonzero(per_gene)
+    return {"genes": len(gene_ids), "genes_with_sequence": int(has.sum()),
             "task": dataset.config.evaluation.task, "hidden_genes": int(len(hidden_genes)),
             "hidden_genes_with_sequence": int(has[hidden_genes].sum()),
-            "hidden_entries_with_sequence": int(has[truth.gene_index].sum()), "hidden_entries": int(len(truth))}
+            "hidden_entries_with_sequence": int(per_gene[has].sum()), "hidden_entries": int(per_gene.sum())}
 
 
 def sequence_counts(prepared: Prepared, gene: np.ndarray) -> dict:
