@@ -286,6 +286,9 @@ def test_wide_parquet_matrices(tmp_path, monkeypatch):
     frame.assign(S1=[1.0, -2, 0, 0, 0]).to_parquet(tmp_path / "negative.parquet")
     with pytest.raises(InputError, match=r"negative expression value -2.*gene ENSG01, sample S1"):
         read_expression(tmp_path / "negative.parquet")
+    frame.set_axis([f"ENSG0{g % 3}" for g in range(5)]).to_parquet(tmp_path / "twice.parquet")
+    with pytest.raises(InputError, match=r"duplicate gene id.*'ENSG00'.*rows 1, 4"):
+        read_expression(tmp_path / "twice.parquet")
     long = pa.table({"gene": ["ENSG01"], "sample": ["S1"], "tpm": [1.0]})
     pq.write_table(long, tmp_path / "long.parquet")
     assert read_expression(tmp_path / "long.parquet").report["format"] == "long"

@@ -363,8 +363,8 @@ def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches:
         raw = batch.column(lay.id_col).cast(pa.string()).to_pylist()
         if None in raw:
             where = row + raw.index(None)
-            raise InputError(path, "empty gene id", expected="a gene id",
-                             record=f"line {where + first_data_line}" if first_data_line else f"row {where + 1}")
+            raise InputError(path, "empty gene id", expected="a gene id", record=f"line {where + first_data_line}"
+                             if first_data_line is not None else f"row {where + 1}")
         ids = [strip_version(g) for g in raw]
         block = values[row : row + n]
         # one conversion of the batch's value columns (row-major, null as NaN), cast to float32 as it is copied
@@ -377,7 +377,7 @@ def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches:
         if lay.kept:
             kept.append(batch.select(lay.kept))
         row += n
-    _check_gene_ids(path, gene_ids, first_data_line or 1)
+    _check_gene_ids(path, gene_ids, first_data_line)
     kept_table = (pa.Table.from_batches(kept) if kept else
                   pa.schema([(names[i], lay.types[names[i]]) for i in lay.kept]).empty_table())
     gene_names = None
@@ -469,17 +469,19 @@ def _gene_ids(path: Path, column: pa.ChunkedArray, first_data_line: int) -> list
     return ids
 
 
-def _check_gene_ids(path: Path, ids: list[str], first_data_line: int) -> None:
-    """Refuse a gene id on two rows (version suffixes already stripped)."""
+def _check_gene_ids(path: Path, ids: list[str], first_data_line: int | None) -> None:
+    """Refuse a gene id on two rows (version suffixes already stripped); ``first_data_line``: the file's line of
+    the first row (None: rows are not lines, as in a Parquet table: they are named by row)."""
     arr = np.asarray(ids, dtype=object)
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1][0]
-        lines = ", ".join(str(i + first_data_line) for i in np.flatnonzero(arr == dup)[:3])
+        first, unit = (first_data_line, "lines") if first_data_line is not None else (1, "rows")
+        lines = ", ".join(str(i + first) for i in np.flatnonzero(arr == dup)[:3])
         raise InputError(
             path,
             f"{int((counts > 1).sum())} duplicate gene id(s), e.g. {dup!r}",
-            record=f"lines {lines}",
+            record=f"{unit} {lines}",
             expected="one row per gene (version suffixes are ignored when comparing)",
         )
 
@@ -579,7 +581,7 @@ def _read_long_whole(path: Path, scale: str) -> Expression:
     table = read_table(path, "expression table (long)")
     table = require_columns(table, path, "expression table (long)", LONG_COLUMNS)
     value = table[S.VALUE]
-    if not (pa.types.is_integer(value.type) or pa.types.is_floating(value.type)):
+    if not _numeric(value.type):
         _raise_non_numeric(path, table, S.GENE_ID, S.VALUE, 2)
     gene_raw = table[S.GENE_ID].cast(pa.string())
     sample = table[S.SAMPLE_ID].cast(pa.string())

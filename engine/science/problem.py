@@ -179,11 +179,11 @@ def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarra
         out, seen, k = hidden.reshape(-1), 0, 0
         for lo in range(0, flat.size, HIDE_CELLS):
             part = flat[lo : lo + HIDE_CELLS]
-            end = int(np.searchsorted(ranks, seen + int(np.count_nonzero(part))))
+            count = int(np.count_nonzero(part))
+            end = int(np.searchsorted(ranks, seen + count))
             if end > k:
                 out[lo + np.flatnonzero(part)[ranks[k:end] - seen]] = True
-            seen += int(np.count_nonzero(part))
-            k = end
+            seen, k = seen + count, end
     elif task.task == "genes":
         candidates = np.flatnonzero(observed.any(axis=1))
         n = max(1, int(round(task.fraction * len(candidates))))
