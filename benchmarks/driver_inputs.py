@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+TAKE_OVER: dict = {}
+
 
 def make(folder: Path, n_genes: int = 20_000, n_samples: int = 17_382) -> None:
     import pyarrow as pa
@@ -60,6 +62,21 @@ def make(folder: Path, n_genes: int = 20_000, n_samples: int = 17_382) -> None:
         "  samples: samples.tsv\n  scale: counts\nexpression:\n  counts_normalisation: median_ratio\n")
 
 
+def _take_over() -> dict:
+    """The keywords that hand the matrix over, where the checked-out code has them (before `consume`: none)."""
+    import inspect
+
+    from geximpute.science.problem import make_problem
+    from geximpute.steps.impute import add_missing_profiles
+
+    found = {}
+    if "consume" in inspect.signature(make_problem).parameters:
+        found["make_problem"] = {"consume": True}
+    if "in_place" in inspect.signature(add_missing_profiles).parameters:
+        found["add_missing_profiles"] = {"in_place": True}
+    return found
+
+
 def status(key: str) -> int:
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) // 1024
 
@@ -71,6 +88,9 @@ def run(config_path: str) -> None:
     from geximpute.steps.impute import add_missing_profiles, target_mask
 
     config = load_config(config_path)
+    global TAKE_OVER
+    TAKE_OVER = _take_over()
+    print(f"matrices handed over: {sorted(TAKE_OVER) or 'no'}")
     tracemalloc.start()
 
     def mark(name: str, t0: float) -> None:
@@ -86,11 +106,12 @@ def run(config_path: str) -> None:
     print(f"  the expression matrix: {dataset.expression.values.shape}, "
           f"{dataset.expression.values.nbytes / 2**20:.0f} MiB float32")
     t0 = time.perf_counter()
-    problem, _ = make_problem(dataset, hidden_mask=False, genomes=False)
+    # as `impute` does with inputs it reads itself: the reader's matrix scaled in place, then widened in place
+    problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, **TAKE_OVER.get("make_problem", {}))
     del dataset
     mark("make_problem", t0)
     t0 = time.perf_counter()
-    problem, _ = add_missing_profiles(problem, (), ())
+    problem, _ = add_missing_profiles(problem, (), (), **TAKE_OVER.get("add_missing_profiles", {}))
     mark("add_missing_profiles", t0)
     t0 = time.perf_counter()
     target_mask(problem, (), (), False)

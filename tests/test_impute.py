@@ -79,6 +79,44 @@ def test_missing_profiles_are_virtual_samples_of_nothing_measured():
         add_missing_profiles(problem, donors=["nobody"])
 
 
+def test_missing_profiles_in_place_equal_the_copy(monkeypatch, caplog):
+    """In place, the wider matrix is filled a pass of rows at a time while the given one shrinks behind: the same
+    problem as the copy's, the given problem's matrix taken (None), and no pass fell back to a whole copy."""
+    import logging
+
+    from geximpute.steps import impute as I
+
+    rng = np.random.default_rng(4)
+    n_genes, pairs = 23, [(d, t) for d in range(6) for t in range(3) if rng.random() < 0.6]
+
+    def problem():
+        return VisibleProblem(
+            gene_ids=np.array([f"g{i}" for i in range(n_genes)], dtype=object),
+            chroms=np.array(["chr1"] * n_genes, dtype=object), tss=np.arange(n_genes), start=np.arange(n_genes),
+            end=np.arange(n_genes), strand=np.ones(n_genes, np.int8), split=np.zeros(n_genes, np.int8),
+            sample_ids=np.array([f"s{i}" for i in range(len(pairs))], dtype=object),
+            donor_index=np.array([d for d, _ in pairs], np.int32),
+            tissue_index=np.array([t for _, t in pairs], np.int32),
+            donors=[f"d{i}" for i in range(6)], tissues=["A", "B", "C"],
+            values=np.random.default_rng(1).random((n_genes, len(pairs))).astype(np.float32),
+            tissue_corr=np.eye(3, dtype=np.float32))
+
+    monkeypatch.setattr(I, "WIDEN_CELLS", 3 * 18)  # passes of three rows
+    copied, virtual = add_missing_profiles(problem())
+    given = problem()
+    with caplog.at_level(logging.DEBUG, logger=I.log.name):
+        taken, virtual_taken = add_missing_profiles(given, in_place=True)
+    assert given.values is None and "copied whole" not in caplog.text
+    np.testing.assert_array_equal(taken.values, copied.values)
+    np.testing.assert_array_equal(virtual_taken, virtual)
+    assert list(taken.sample_ids) == list(copied.sample_ids) and virtual.sum() > 0
+    # nothing to add nor move: the matrix itself
+    ordered, _ = add_missing_profiles(_problem(), tissues=["A"])
+    matrix = ordered.values
+    same, added = add_missing_profiles(ordered, tissues=["A"], in_place=True)
+    assert same.values is matrix and added.sum() == 0
+
+
 # On Ray ---------------------------------------------------------------------------------------------------------
 
 

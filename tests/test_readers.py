@@ -16,7 +16,7 @@ from geximpute import schema as S
 from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.chroms import harmonise_chroms
-from geximpute.io.expression import read_expression, size_factors, to_model_scale
+from geximpute.io.expression import move_rows_up, read_expression, size_factors, to_model_scale
 from geximpute.io.fasta import Genome, reverse_complement
 from geximpute.io.genes import read_genes
 from geximpute.io.samples import read_samples
@@ -392,6 +392,41 @@ def test_counts_are_normalised_per_sample_then_log1p(write):
     np.testing.assert_allclose(cpm[:, 0], np.log1p([0.25e6, 0.75e6]), rtol=1e-6)
     ratio = size_factors(expr.values, "median_ratio")
     assert ratio[1] / ratio[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("keep", ["all", "reversed", "some", "none", "in_order"])
+def test_rows_moved_up_in_place(keep):
+    rng = np.random.default_rng(5)
+    matrix = rng.random((41, 7)).astype(np.float32)
+    rows = {"all": rng.permutation(41), "reversed": np.arange(41)[::-1], "some": rng.permutation(41)[:17],
+            "none": np.zeros(0, np.int64), "in_order": np.arange(0, 41, 3)}[keep]
+    expected = matrix[rows].copy()
+    before = sorted(map(tuple, matrix))
+    move_rows_up(matrix, rows)
+    np.testing.assert_array_equal(matrix[: len(rows)], expected)
+    assert sorted(map(tuple, matrix)) == before  # every row still there: a permutation, nothing overwritten
+
+
+@pytest.mark.parametrize("method", ["cpm", "median_ratio"])
+def test_model_scale_in_place_takes_the_matrix_over(write, method):
+    """In place, the reader's matrix itself is scaled and shrunk to the rows kept (no second matrix), and the
+    values are the copy's to the bit, the factors still read from every row."""
+    rng = np.random.default_rng(2)
+    counts = rng.poisson(30, size=(12, 5))
+    lines = "gene_id\t" + "\t".join(f"s{j}" for j in range(5)) + "\n"
+    lines += "".join(f"g{i}\t" + "\t".join(map(str, row)) + "\n" for i, row in enumerate(counts))
+    path = write("counts.tsv", lines)
+    config = ExpressionConfig(counts_normalisation=method)
+    rows = np.array([7, 2, 11, 0, 5])
+    for kept in (rows, None):
+        copied = to_model_scale(read_expression(path, scale="counts"), config, rows=kept)
+        expr = read_expression(path, scale="counts")
+        matrix_id = id(expr.values)
+        taken = to_model_scale(expr, config, rows=kept, in_place=True)
+        np.testing.assert_array_equal(taken, copied)
+        assert expr.values is None
+        # the reader's matrix object, owning a buffer of just the rows kept
+        assert id(taken) == matrix_id and taken.flags.owndata and taken.shape == copied.shape
 
 
 def test_log_scale_allows_negative_values(write):

@@ -387,7 +387,13 @@ def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches:
     report: dict = {"n_measured": measured}
     if first_data_line is not None:
         report["first_data_line"] = first_data_line
-    expr = Expression(path=path, gene_ids=gene_ids, sample_ids=sample_ids, values=values[:row], scale=scale,
+    block = grown = None  # views of the matrix, released: it is returned as itself (shrunk), not a view of it
+    if row < len(values):
+        try:
+            values.resize((row, len(sample_ids)))  # in place: a caller can take the matrix over and resize it again
+        except ValueError:  # referenced elsewhere (not expected): a view of its rows
+            values = values[:row]
+    expr = Expression(path=path, gene_ids=gene_ids, sample_ids=sample_ids, values=values, scale=scale,
                       report=report, gene_names=gene_names)
     return expr, kept_table
 
@@ -673,7 +679,7 @@ def size_factors(counts: np.ndarray, method: str, visible: np.ndarray | None = N
 
 
 def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarray | None = None,
-                   rows: np.ndarray | None = None) -> np.ndarray:
+                   rows: np.ndarray | None = None, *, in_place: bool = False) -> np.ndarray:
     """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log`` and
     ``normalised``.
 
@@ -683,19 +689,56 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
         visible: (G, S) bool over ``expr``'s rows and columns: the entries that count normalisation may be
             computed from (see :func:`size_factors`); None: all measured entries.
         rows: the rows of ``expr`` returned, in this order (default: all). Count normalisation still reads every
-            row (a sample's total counts the genes left out); only the rows returned are copied.
+            row (a sample's total counts the genes left out); only the rows returned are kept.
+        in_place: take ``expr.values`` over instead of copying it (``expr.values`` is None afterwards): ``rows`` are
+            moved to its top in place, the other rows freed, and the values scaled where they are, so that the
+            process never holds a second matrix. The values are the copy's to the bit.
 
     Returns:
-        float32 array of ``expr.values``' ``rows`` (NaN preserved): one copy, the steps below work on it in place.
+        float32 array of ``expr.values``' ``rows`` (NaN preserved): one copy (none ``in_place``), the steps below
+        work on it in place.
     """
     factors = size_factors(expr.values, config.counts_normalisation, visible) if expr.scale == "counts" else None
-    values = expr.values[rows] if rows is not None else expr.values.copy()
-    values = values.astype(np.float32, copy=False)
+    if in_place:
+        values, expr.values = expr.values.astype(np.float32, copy=False), None
+        if rows is not None:
+            move_rows_up(values, rows)
+            try:  # this frame holds the only reference: the array shrinks where it is (the rows below are freed)
+                values.resize((len(rows), values.shape[1]))
+            except ValueError:  # a view, or referenced elsewhere: keep the whole buffer and use its top rows
+                values = values[: len(rows)]
+    else:
+        values = expr.values[rows] if rows is not None else expr.values.copy()
+        values = values.astype(np.float32, copy=False)
     if factors is not None:
         values /= factors[None, :].astype(np.float32)
     if expr.scale in ("log", "normalised") or config.transform == "none":
         return values
     return np.log1p(values, out=values)
+
+
+def move_rows_up(matrix: np.ndarray, rows: np.ndarray) -> None:
+    """Put ``matrix[rows]`` in ``matrix[:len(rows)]`` in place (``rows`` distinct); the other rows end below them in
+    no particular order. Follows the cycles of the permutation with one row of scratch: no copy of the matrix."""
+    n = matrix.shape[0]
+    source = np.empty(n, np.int64)  # the row whose values go to each row
+    source[: len(rows)] = rows
+    rest = np.ones(n, bool)
+    rest[rows] = False
+    source[len(rows) :] = np.flatnonzero(rest)
+    done = source == np.arange(n)
+    scratch = np.empty(matrix.shape[1:], matrix.dtype)
+    for start in np.flatnonzero(~done):
+        if done[start]:
+            continue
+        scratch[...] = matrix[start]
+        row = start
+        while source[row] != start:
+            matrix[row] = matrix[source[row]]
+            done[row] = True
+            row = source[row]
+        matrix[row] = scratch
+        done[row] = True
 
 
 def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -> np.ndarray:

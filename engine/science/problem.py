@@ -133,7 +133,8 @@ def annotated_rows(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows, dtype=np.int64), np.asarray(keep, dtype=np.int64)
 
 
-def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None, *, consume: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """(values on the modelling scale for annotated genes, row indices into the annotation table).
 
     Rows follow the annotation's (chrom, TSS) order; expression genes without annotation are dropped.
@@ -143,6 +144,8 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np
         hidden: (G, S) bool over the returned rows: entries hidden for evaluation. Count normalisation (CPM,
             median-of-ratios) is then computed from the other entries only, so a hidden count moves no visible
             value (:func:`geximpute.io.expression.size_factors`).
+        consume: scale the dataset's matrix in place and return it (``dataset.expression.values`` is None
+            afterwards; :func:`~geximpute.io.expression.to_model_scale`'s ``in_place``): one matrix, not two.
     """
     config = dataset.config
     rows, keep = annotated_rows(dataset)
@@ -152,7 +155,7 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None) -> tuple[np
         visible[rows] &= ~hidden
     if len(rows) == dataset.expression.values.shape[0] and np.array_equal(rows, np.arange(len(rows))):
         rows = None  # every expression gene annotated, in order
-    return to_model_scale(dataset.expression, config.expression, visible, rows), keep
+    return to_model_scale(dataset.expression, config.expression, visible, rows, in_place=consume), keep
 
 
 def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarray | None = None) -> np.ndarray:
@@ -270,7 +273,7 @@ def evaluation_hidden(dataset: Dataset) -> np.ndarray:
     return hide(np.logical_not(observed, out=observed), config.evaluation, donor_index=donor_index)
 
 
-def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True
+def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True, consume: bool = False
                  ) -> tuple[VisibleProblem, HiddenTruth]:
     """Split a dataset into the visible problem and the hidden truth of ``config.evaluation``.
 
@@ -280,6 +283,8 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
         genomes: build the donors' genomes (:func:`geximpute.science.genomes.donor_genomes`) when the dataset has
             variants; False leaves ``problem.genomes`` None for the caller to build (imputation builds them later,
             handing the promoter sequences to its encode tasks as they are made).
+        consume: the problem's values are the dataset's matrix, scaled in place (``dataset.expression.values`` is
+            None afterwards): for a caller that reads the inputs only to make the problem (:func:`model_matrix`).
 
     Raises:
         ConfigError: the task needs a sample table (``samples``) and the dataset has one donor.
@@ -292,7 +297,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
     tissues, tissue_index = np.unique(np.asarray(samples[S.TISSUE].to_pylist(), dtype=object), return_inverse=True)
     hidden = evaluation_hidden(dataset) if hidden_mask else None
     # normalised after hiding: the hidden entries take no part in any count normalisation
-    values, _ = model_matrix(dataset, hidden)
+    values, _ = model_matrix(dataset, hidden, consume=consume)
     gi, si = np.nonzero(hidden) if hidden is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
     visible = values  # hidden in place (the truth above is a copy): one matrix, not two

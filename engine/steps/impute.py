@@ -101,6 +101,9 @@ RECORD_FIXED_BYTES, NEIGHBOUR_TOKEN_BYTES, TISSUE_TOKEN_BYTES = 160, 13, 14
 #: errors of the output folder that mean "cannot write here", reported as :class:`OutputError`
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 VIRTUAL_PREFIX = "virtual:"
+#: cells per pass of :func:`add_missing_profiles`' copy into the wider matrix (what it holds beyond the two matrices'
+#: rows at the time: one pass) and of :func:`target_mask`
+WIDEN_CELLS = 1 << 22
 #: the folder of the context shards inside a run's staging folder (removed before the commit)
 SHARDS_FOLDER = "_shards"
 #: the folder of the stacked baselines' estimates per gene range inside a run's staging folder (removed likewise)
@@ -165,7 +168,7 @@ def _indices(names: list[str], wanted: Iterable[str], key: str) -> np.ndarray:
 
 
 def add_missing_profiles(
-    problem: VisibleProblem, donors: Iterable[str] = (), tissues: Iterable[str] = ()
+    problem: VisibleProblem, donors: Iterable[str] = (), tissues: Iterable[str] = (), *, in_place: bool = False
 ) -> tuple[VisibleProblem, np.ndarray]:
     """Add a virtual sample (nothing measured) for every selected (donor, tissue) pair that has no sample.
 
@@ -176,6 +179,8 @@ def add_missing_profiles(
     Args:
         problem: the visible problem.
         donors, tissues: the selection (empty: all).
+        in_place: take ``problem.values`` over (it is None afterwards): the wider matrix is filled from its last
+            rows up while the given one shrinks behind them, so that the two are never held whole at once.
 
     Returns:
         (the problem with the virtual samples, (S,) bool flag of the virtual samples).
@@ -194,11 +199,10 @@ def add_missing_profiles(
     tissue_index = np.concatenate([problem.tissue_index, new_tissue]).astype(np.int32)
     virtual = np.concatenate([np.zeros(problem.n_samples, bool), np.ones(len(new_donor), bool)])
     order = np.lexsort((virtual, donor_index, tissue_index))
-    # one new (G, S') matrix, the measured columns put in their new places (no concatenated copy to reorder)
-    values = np.full((problem.n_genes, len(order)), np.nan, np.float32)
-    place = np.empty(len(order), np.int64)
-    place[order] = np.arange(len(order))
-    values[:, place[: problem.n_samples]] = problem.values
+    if in_place and np.array_equal(order, np.arange(len(order))):
+        values, problem.values = problem.values, None  # no sample added nor moved: the matrix as it is
+    else:
+        values = _widened(problem, order, take=in_place)
     out = dataclasses.replace(
         problem,
         sample_ids=np.concatenate([problem.sample_ids, new_ids])[order],
@@ -209,6 +213,34 @@ def add_missing_profiles(
     return out, virtual[order]
 
 
+def _widened(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> np.ndarray:
+    """(G, len(order)) float32: ``problem.values``' columns in the places ``order`` puts them, NaN in the others,
+    filled a pass of rows at a time from the last rows up. With ``take`` the problem's matrix is taken over
+    (``problem.values`` is None afterwards) and shrinks behind each pass, its rows freed as they are copied."""
+    measured = problem.values
+    if take:
+        problem.values = None  # this frame holds the only reference: the matrix can shrink where it is
+    shrink = take
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))
+    place = place[: measured.shape[1]]
+    n_genes = measured.shape[0]
+    values = np.empty((n_genes, len(order)), np.float32)  # its pages are taken as the passes write them
+    step = pass_rows(len(order), n_genes, WIDEN_CELLS)
+    for hi in range(n_genes, 0, -step):
+        lo = max(0, hi - step)
+        part = values[lo:hi]
+        part.fill(np.nan)
+        part[:, place] = measured[lo:hi]
+        if shrink:
+            try:
+                measured.resize((lo, measured.shape[1]))  # in place: its rows from lo on are freed
+            except ValueError:  # a view, or held elsewhere: copied whole, freed by its holder
+                log.debug("add_missing_profiles: the measured matrix is referenced elsewhere; it is copied whole")
+                shrink = False
+    return values
+
+
 def target_mask(
     problem: VisibleProblem, donors: Iterable[str] = (), tissues: Iterable[str] = (), include_observed: bool = False
 ) -> np.ndarray:
@@ -217,8 +249,16 @@ def target_mask(
     d_sel = _indices(problem.donors, donors, "impute.donors")
     t_sel = _indices(problem.tissues, tissues, "impute.tissues")
     chosen = np.isin(problem.donor_index, d_sel) & np.isin(problem.tissue_index, t_sel)
-    wanted = np.ones(problem.values.shape, bool) if include_observed else np.isnan(problem.values)
-    return wanted & chosen[None, :]
+    targets = np.empty(problem.values.shape, bool)
+    step = pass_rows(problem.n_samples, problem.n_genes, WIDEN_CELLS)  # one mask, no (G, S) temporaries beside it
+    for lo in range(0, problem.n_genes, step):
+        part = targets[lo : lo + step]
+        if include_observed:
+            part[:] = True
+        else:
+            np.isnan(problem.values[lo : lo + step], out=part)
+        part &= chosen
+    return targets
 
 
 # The stacked baselines, per gene range --------------------------------------------------------------------------
@@ -886,10 +926,12 @@ def impute(
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
     genome_inputs = None  # the inputs of the donors' genomes, built once Ray is up (see below)
+    owned = problem is None  # a problem made here: its matrix is widened in place (a caller's is copied)
     if problem is None:
-        # the inputs loaded here are not kept: once the problem is made, the reader's matrix goes
+        # the inputs loaded here are not kept: the reader's matrix becomes the problem's, scaled in place
+        consume = dataset is None
         dataset = dataset or load_dataset(config)
-        problem, _ = make_problem(dataset, hidden_mask=False, genomes=False)
+        problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, consume=consume)
         if dataset.variants is not None:
             genome_inputs = dataclasses.replace(dataset, expression=None)
         dataset = None
@@ -898,7 +940,7 @@ def impute(
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
     if settings.missing_profiles:
-        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
+        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
         n_virtual = int(virtual.sum())
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(targets.sum())
@@ -969,10 +1011,11 @@ def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProb
     """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags) of the config's inputs, as
     :func:`impute` builds them with its default settings."""
     settings = config.impute
-    problem, _ = make_problem(dataset or load_dataset(config), hidden_mask=False)
+    owned = dataset is None  # inputs read here: one matrix throughout (scaled and widened in place)
+    problem, _ = make_problem(dataset or load_dataset(config), hidden_mask=False, consume=owned)
     virtual = np.zeros(problem.n_samples, bool)
     if settings.missing_profiles:
-        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues)
+        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
     targets = target_mask(problem, settings.donors, settings.tissues, settings.include_observed)
     return problem, targets, virtual
 

@@ -587,7 +587,7 @@ def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
     dataset = load_dataset(config)  # with the reference donors' genomes, which the genetic score is fitted on
-    problem, _ = make_problem(dataset, hidden_mask=False)
+    problem, _ = make_problem(dataset, hidden_mask=False, consume=True)  # the reader's matrix, scaled in place
     dataset = dataclasses.replace(dataset, expression=None)  # the problem holds the values; the genome is kept
     release_unused_memory()  # what reading the inputs freed, back to the system
     check_bundle(bundle, model_dir(config), problem, config)

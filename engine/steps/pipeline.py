@@ -156,7 +156,7 @@ def fit_head_and_save(
 def read_visible_problem(config: Config, gene_ids) -> VisibleProblem:
     """The visible problem that prepare cut the training folds from, made again from the config's inputs; its
     genes must be the prepare output's (``gene_ids``), or the inputs changed in between."""
-    problem, _ = make_problem(load_dataset(config))
+    problem, _ = make_problem(load_dataset(config), consume=True)
     if list(problem.gene_ids) != list(gene_ids):
         raise ConfigError(f"the inputs of the config give {problem.n_genes} genes, the training records "
                           f"{len(gene_ids)} others; run prepare again with this config")
