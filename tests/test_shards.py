@@ -189,3 +189,63 @@ def test_context_shards_write_the_family_level_when_asked_and_unknown_without_sy
     unnamed = records(problem, True, "unnamed")
     assert unnamed.num_rows == int(targets.sum()) and unnamed[S.FAMILY_LEVEL].null_count == unnamed.num_rows
     assert S.FAMILY_LEVEL not in records(named, False, "off").column_names
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, request, remote):
+    """Each chromosome's shards are cut from its rows alone (in Ray tasks or in process): the shards of a cut of
+    the whole problem, array for array, with per-entry columns from arrays and from range files whose ranges
+    straddle the chromosomes, labels and the family level."""
+    from geximpute.config import config_from_dict
+    from geximpute.science.baselines import family_levels
+    from geximpute.science.shards import RangeFileColumns
+    from geximpute.steps.prepare import context_shards, read_shard
+
+    if remote:
+        request.getfixturevalue("ray_local")
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}}, base_dir=tmp_path)
+    k = config.context.k_neighbours
+    problem = random_problem(seed=6)
+    problem = dataclasses.replace(problem, gene_names=np.array([f"KRT{i % 7}" for i in range(problem.n_genes)],
+                                                               dtype=object))
+    rng = np.random.default_rng(2)
+    targets = np.isnan(problem.values) | (rng.random(problem.values.shape) < 0.1)
+    hidden = targets & (rng.random(targets.shape) < 0.5)
+    labels = rng.normal(size=problem.values.shape).astype(np.float32)
+    n = int(targets.sum())
+    arrays = {"baseline_a": rng.normal(size=n).astype(np.float32)}
+    starts = np.array([0, n // 3, n // 3 + 5, n])  # three ranges, none on a chromosome's edge
+    files = []
+    for r in range(3):
+        files.append(str(tmp_path / f"range-{r}.npz"))
+        np.savez(files[-1], baseline_a=arrays["baseline_a"][starts[r] : starts[r + 1]])
+    in_files = RangeFileColumns(["baseline_a"], files, starts)
+
+    # the cut before chromosomes were cut apart: every block's shard from the whole problem
+    stats, spans, donor_samples = gene_stats(problem), chromosome_spans(problem.chroms), donor_sample_lists(problem)
+    level = functools.partial(family_levels(problem).level, shrinkage=config.baselines.fam_shrinkage)
+    offsets = entry_offsets(targets)
+    expected = []
+    for block in blocks(problem, targets, 120):
+        span = next(sp for sp in spans if sp[0] <= block.lo < sp[1])
+        expected.append(make_shard(problem, block, span, donor_samples, stats, targets, hidden, k, labels=labels,
+                                   columns=arrays, entry_offsets=offsets, family=level))
+    assert len({problem.chroms[sh.gene_offset] for sh in expected}) == 3
+    for name, columns in (("arrays", arrays), ("files", in_files)):
+        paths, cut = context_shards(config, problem, targets, hidden, tmp_path / name, labels=labels,
+                                    columns=columns, block_entries=120, family=True, remote=remote)
+        assert len(paths) == len(cut) == len(expected)
+        assert sorted(str(f) for f in (tmp_path / name).iterdir()) == sorted(paths)  # no chromosome file left
+        for path, want in zip(paths, expected, strict=True):
+            got = read_shard(path)
+            assert got.gene_offset == want.gene_offset
+            np.testing.assert_array_equal(got.samples, want.samples)
+            for field in ("values", "gene_ids", "tss", "donor_index", "tissue_index"):
+                np.testing.assert_array_equal(getattr(got.problem, field), getattr(want.problem, field))
+            for field in ("targets", "hidden", "labels"):
+                np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+            for field in ("gene_sum", "gene_n", "tissue_sum", "tissue_n", "tissue_offset"):
+                np.testing.assert_array_equal(getattr(got.stats, field), getattr(want.stats, field))
+            assert sorted(got.columns) == sorted(want.columns) == ["baseline_a", S.FAMILY_LEVEL]
+            for column, values in want.columns.items():
+                np.testing.assert_array_equal(got.columns[column], values)

@@ -283,6 +283,10 @@ class EntryColumns(Protocol):
         """``{name: values at positions}``."""
         ...
 
+    def window(self, lo: int, hi: int) -> EntryColumns:
+        """The columns of entries ``lo:hi`` alone, their positions counted from ``lo``."""
+        ...
+
 
 class ArrayColumns:
     """:class:`EntryColumns` of arrays in memory."""
@@ -296,6 +300,9 @@ class ArrayColumns:
 
     def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         return {name: values[positions] for name, values in self.arrays.items()}
+
+    def window(self, lo: int, hi: int) -> ArrayColumns:
+        return ArrayColumns({name: values[lo:hi] for name, values in self.arrays.items()})
 
 
 class RangeFileColumns:
@@ -324,6 +331,16 @@ class RangeFileColumns:
             with np.load(self.files[r]) as data:
                 self._loaded = (r, {name: data[name] for name in self._names})
         return self._loaded[1]
+
+    def window(self, lo: int, hi: int) -> RangeFileColumns:
+        """The ranges that hold entries ``lo:hi``, their starts counted from ``lo`` (none of their files read)."""
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        last = max(first + 1, int(np.searchsorted(self.starts, hi, side="left")))
+        return RangeFileColumns(self._names, self.files[first:last],
+                                np.append(self.starts[first:last], hi) - lo)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded": None}  # a copy (a task's argument) reads its own ranges
 
     def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         positions = np.asarray(positions, np.int64)

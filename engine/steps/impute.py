@@ -737,6 +737,7 @@ def run_pipeline(
     baselines: StackedBaselines | None = None,
     encode_once: bool = True,
     reads_family: bool = False,
+    release_values: bool = False,
 ) -> int:
     """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
     returns the number of predictor actors it ran.
@@ -761,6 +762,8 @@ def run_pipeline(
             branch (``Bundle.reads_promoters``).
         reads_family: the networks read each record's family level (``Bundle.reads_family``): the records carry it
             (null throughout, with a warning, where the genes have no symbols).
+        release_values: let ``problem``'s matrix go once the shards are cut (``problem.values`` is None
+            afterwards): the driver holds no (G, S) values while the stream runs.
     """
     import ray
 
@@ -789,6 +792,11 @@ def run_pipeline(
                 haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
         shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family)
+        per_record = record_bytes(config, problem, targets,
+                                  (len(baselines.head_names) if baselines else 0) + int(reads_family))
+        if release_values:  # everything the stream reads is in the shards now
+            problem.values = None
+            release_unused_memory()
         # blocks of entries whose records are built; the stream predicts and writes each soon after
         progress = stage("impute: records -> predictions -> Parquet", total=len(shards), unit="blocks")
         n_gpus = resources.get("num_gpus", 0)
@@ -796,8 +804,6 @@ def run_pipeline(
                  n_actors, " on GPU" if n_gpus else "")
         predictor_refs = (ray.put(problem.gene_ids), ray.put(virtual),
                           ray.put(haplotypes) if haplotypes is not None else None, None)
-        per_record = record_bytes(config, problem, targets,
-                                  (len(baselines.head_names) if baselines else 0) + int(reads_family))
         # with a budget in blocks the records pass through files (at most that many unread), not the object store
         spill = out / RECORDS_FOLDER if config.impute.blocks_in_flight is not None else None
         with execution_budget(config.ray, stream_budget(config, cut, per_record)):
@@ -967,7 +973,8 @@ def impute(
             baselines = head_baselines(bundle, problem)
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
                                       haplotypes=haplotypes, baselines=baselines,
-                                      encode_once=bundle.reads_promoters, reads_family=bundle.reads_family)
+                                      encode_once=bundle.reads_promoters, reads_family=bundle.reads_family,
+                                      release_values=owned)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:

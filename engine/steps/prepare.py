@@ -18,13 +18,14 @@ records and no actor holds the whole problem.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
 import pickle
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +43,12 @@ from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import family_levels, forms_families
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import genetic_scores
-from geximpute.science.problem import HiddenTruth, VisibleProblem, make_problem
+from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, make_problem
 from geximpute.science.shards import (
+    ArrayColumns,
     Block,
+    EntryColumns,
+    GeneStats,
     Shard,
     blocks,
     chromosome_spans,
@@ -270,33 +274,34 @@ def context_shards(
     hidden: np.ndarray,
     folder: Path,
     labels: np.ndarray | None = None,
-    columns: dict[str, np.ndarray] | None = None,
+    columns: dict[str, np.ndarray] | EntryColumns | None = None,
     block_entries: int = BLOCK_ENTRIES,
     family: bool = False,
+    remote: bool | None = None,
 ) -> tuple[list[str], list[Block]]:
     """Cut the records of the ``targets`` entries of ``problem`` into blocks and write each block's
     :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
 
-    The problem's cis-genetic scores and per-gene statistics are computed here, once, and each shard gets its slice
-    of them; ``labels`` ((G, S)) and ``columns`` (``{name: (N,)}``, one value per target entry in
-    ``np.nonzero(targets)`` order, each record's in its column ``name``) are sliced likewise. ``folder`` must be
-    readable by every node that runs a context actor, as the output folder already is (the writers write there):
+    The problem's cis-genetic scores, per-gene statistics and family levels are computed here, once; the shards of
+    each chromosome are then cut by a task of their own (:func:`cut_chromosome`: Ray tasks, at most
+    ``ray.concurrency`` at once, where Ray is running or ``remote``; else in this process, one after another) that
+    gets only that chromosome's rows of the values, the masks, ``labels`` ((G, S)) and ``columns``
+    (``{name: (N,)}`` or :class:`~geximpute.science.shards.EntryColumns`, one value per target entry in
+    ``np.nonzero(targets)`` order, each record's in its column ``name``). ``folder`` must be readable by every node
+    that runs a context actor or a cutting task, as the output folder already is (the writers write there):
     callers put it inside their staging folder and remove it before they commit.
 
     Returns:
         (the shard files, their blocks), in the same order: the constructor argument ``shards`` of
         :class:`ContextBuilder` and, one row per shard, what to feed it.
     """
+    import ray
+
     genetic = None
     if problem.genomes is not None:
         genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), config.context.genetic_shrinkage)
     stats = gene_stats(problem)
-    spans = chromosome_spans(problem.chroms)
-    span_of = np.zeros(problem.n_genes, np.int64)
-    for i, (first, end) in enumerate(spans):
-        span_of[first:end] = i
-    donor_samples = donor_sample_lists(problem)
     levels = None
     if family:
         if problem.gene_names is not None:
@@ -304,19 +309,109 @@ def context_shards(
         else:
             levels = no_family_level
     cut = blocks(problem, targets, block_entries)
-    offsets = entry_offsets(targets) if columns else None
+    if isinstance(columns, dict):
+        columns = ArrayColumns(columns)
+    offsets = entry_offsets(targets) if columns is not None and columns.names else None
     folder.mkdir(parents=True)
+    donor_samples = donor_sample_lists(problem)
+    remote = ray.is_initialized() if remote is None else remote
+    if remote:  # one copy of each object every task reads, in the object store
+        task = ray.remote(cut_chromosome).options(num_cpus=config.ray.cpus_per_task)
+        donor_samples = ray.put(donor_samples)
+        levels = ray.put(levels) if levels is not None else None
+    written: dict[int, list[str]] = {}  # the files of each chromosome's blocks, by its first block
+    pending: dict = {}
+    first_block = 0
+    for first, end in chromosome_spans(problem.chroms):
+        n_blocks = 0  # the chromosome's blocks follow each other in `cut`
+        while first_block + n_blocks < len(cut) and cut[first_block + n_blocks].lo < end:
+            n_blocks += 1
+        if n_blocks:
+            part = ChromosomeCut(
+                problem=gene_rows(problem, first, end), first=first,
+                blocks=[dataclasses.replace(b, lo=b.lo - first, hi=b.hi - first)
+                        for b in cut[first_block : first_block + n_blocks]],
+                first_block=first_block, targets=targets[first:end], hidden=hidden[first:end],
+                stats=stats.rows(first, end), genetic=None if genetic is None else genetic[first:end],
+                labels=None if labels is None else labels[first:end],
+                columns=None if offsets is None else columns.window(int(offsets[first]), int(offsets[end])),
+                offsets=None if offsets is None else offsets[first : end + 1] - offsets[first],
+                k=config.context.k_neighbours)
+            if remote:
+                while len(pending) >= config.ray.concurrency:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    written[pending.pop(done[0])] = ray.get(done[0])
+                # through a file beside the shards, which its task reads and deletes: neither the driver nor the
+                # object store holds a copy of the chromosome's rows
+                path = folder / f"chromosome-{first_block:06d}.pkl"
+                with open(path, "wb") as f:
+                    pickle.dump(part, f, protocol=pickle.HIGHEST_PROTOCOL)
+                pending[task.remote(str(path.absolute()), donor_samples, levels, str(folder))] = first_block
+            else:
+                written[first_block] = cut_chromosome(part, donor_samples, levels, str(folder))
+        first_block += n_blocks
+    for ref, at in pending.items():
+        written[at] = ray.get(ref)
+    paths = [path for at in sorted(written) for path in written[at]]  # in block order, whatever order tasks ended
+    log.debug("%d shards of %d target entries written to %s", len(paths), int(targets.sum()), folder)
+    return paths, cut
+
+
+@dataclass
+class ChromosomeCut:
+    """What the shards of one chromosome's blocks are cut from (:func:`cut_chromosome`): the chromosome's rows of
+    the problem (every sample) and of each per-gene array, its blocks with their rows counted from its first gene
+    (``first`` in the whole problem), the index of its first block among the whole problem's, and its columns
+    (:meth:`~geximpute.science.shards.ArrayColumns.window`) with their ``offsets`` counted from its first target
+    entry."""
+
+    problem: VisibleProblem
+    first: int
+    blocks: list[Block]
+    first_block: int
+    targets: np.ndarray
+    hidden: np.ndarray
+    stats: GeneStats
+    genetic: np.ndarray | None
+    labels: np.ndarray | None
+    columns: EntryColumns | None
+    offsets: np.ndarray | None
+    k: int
+
+
+def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
+                   family: Callable[[np.ndarray, np.ndarray], np.ndarray] | None, folder: str) -> list[str]:
+    """Ray task (or a call): write the shard of each of a chromosome's blocks (:func:`make_shard` on the
+    chromosome's rows alone; neighbour context never crosses a chromosome) as ``shard-<block>.pkl`` under
+    ``folder``; returns the files. ``part``: the chromosome's :class:`ChromosomeCut`, or the file that
+    :func:`context_shards` wrote it to (read, then deleted). ``family``: the family level of entries given by
+    their whole-problem gene and sample indices, or None. The shards are those of the whole problem's blocks, array
+    for array."""
+    if isinstance(part, str):
+        with open(part, "rb") as f:
+            loaded = pickle.load(f)
+        Path(part).unlink()
+        part = loaded
+    first = part.first
+    level = None if family is None else functools.partial(_level_at, family, first)
+    span = (0, part.problem.n_genes)
     paths = []
-    for i, block in enumerate(cut):
-        shard = make_shard(problem, block, spans[span_of[block.lo]], donor_samples, stats, targets, hidden,
-                           config.context.k_neighbours, genetic=genetic, labels=labels, columns=columns,
-                           entry_offsets=offsets, family=levels)
-        path = folder / f"shard-{i:06d}.pkl"
+    for i, block in enumerate(part.blocks):
+        shard = make_shard(part.problem, block, span, donor_samples, part.stats, part.targets, part.hidden, part.k,
+                           genetic=part.genetic, labels=part.labels, columns=part.columns,
+                           entry_offsets=part.offsets, family=level)
+        shard.gene_offset += first
+        path = Path(folder) / f"shard-{part.first_block + i:06d}.pkl"
         with open(path, "wb") as f:
             pickle.dump(shard, f, protocol=pickle.HIGHEST_PROTOCOL)
         paths.append(str(path.absolute()))
-    log.debug("%d shards of %d target entries written to %s", len(paths), int(targets.sum()), folder)
-    return paths, cut
+    return paths
+
+
+def _level_at(family: Callable[[np.ndarray, np.ndarray], np.ndarray], first: int, gene_index: np.ndarray,
+              sample_index: np.ndarray) -> np.ndarray:
+    """``family`` at genes counted from a chromosome's first gene (``first`` in the whole problem)."""
+    return family(gene_index + first, sample_index)
 
 
 def no_family_level(gene_index: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
