@@ -3,6 +3,7 @@ baseline, and a planted-eQTL run of ``evaluate`` and ``variant-effects`` against
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -148,6 +149,24 @@ def test_elastic_net_predicts_held_out_donors_from_their_genotypes(eqtl_data):
     # donors held out have no visible value, yet the baseline tells them apart
     assert np.isnan(problem.values[:, np.isin(problem.donor_index, held)]).all()
     assert np.ptp(method.genetic[:, held], axis=1).max() > 0
+
+
+def test_genetic_scores_of_a_gene_range_are_the_whole_problems(eqtl_data):
+    """A chromosome task fits its genes' cis-genetic scores from their rows and genomes alone
+    (``DonorGenomes.gene_range``): the whole problem's scores, with one dosage row per site link or shared rows."""
+    config = load_config(eqtl_data / "config.yaml", GENOTYPE_TASK)
+    problem, _ = make_problem(load_dataset(config))
+    genomes = problem.genomes
+    args = (problem.tissue_index, problem.donor_index, len(problem.tissues), config.context.genetic_shrinkage)
+    whole, _ = genetic_scores(genomes, problem.values, *args)
+    assert np.isfinite(whole).sum() > 0
+    links = int(genomes.site_ptr[-1])
+    shared = dataclasses.replace(genomes, dosage=np.asarray(genomes.link_dosage(0, links))[::-1].copy(),
+                                 dosage_row=np.arange(links)[::-1].copy())  # the same dosages through a row map
+    for g in (genomes, shared):
+        for lo, hi in ((0, 37), (37, 38), (38, problem.n_genes)):
+            part, _ = genetic_scores(g.gene_range(lo, hi), problem.values[lo:hi], *args)
+            np.testing.assert_array_equal(part, whole[lo:hi])
 
 
 def test_training_folds_with_whole_donors_are_disjoint_donor_sets(eqtl_data):

@@ -82,6 +82,21 @@ class DonorGenomes:
         """(m, D) float32 dosages of gene ``g``'s cis-window sites."""
         return self.link_dosage(int(self.site_ptr[g]), int(self.site_ptr[g + 1]))
 
+    def gene_range(self, lo: int, hi: int) -> DonorGenomes:
+        """The genomes of genes ``lo:hi`` alone, what :func:`genetic_scores` reads of them (haplotype rows, sites,
+        the dosages of those sites: copies; no sequences), e.g. for a task that fits one chromosome's scores."""
+        a, b = int(self.site_ptr[lo]), int(self.site_ptr[hi])
+        if self.dosage_row is None:
+            dosage, dosage_row = self.dosage[a:b].copy(), None
+        else:  # the rows these links read, renumbered
+            used, dosage_row = np.unique(self.dosage_row[a:b], return_inverse=True)
+            dosage = self.dosage[used]
+        return DonorGenomes(sequences=None, promoter_ids=None, reference_row=self.reference_row[lo:hi].copy(),
+                            rows=self.rows[lo:hi].copy(), has_genome=self.has_genome,
+                            site_ptr=self.site_ptr[lo : hi + 1] - a, site_index=self.site_index[a:b].copy(),
+                            dosage=dosage, report={},
+                            dosage_row=None if dosage_row is None else dosage_row.astype(np.int64))
+
     def personal_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(gene, donor) indices, in row-major order, of the pairs whose haplotypes differ from the reference."""
         differs = np.any(self.rows != self.reference_row[:, None, None], axis=2) & (self.rows >= 0).all(axis=2)

@@ -1085,11 +1085,11 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
         family = (family_rows(problem.gene_names) * n_samples * 12
                   + n_genes * min(n_samples, FAMILY_CHUNK) * 8 * 2) * mib
     peak = {
-        # the matrix as read (a block at a time: no table beside it) and its model-scale copy, then that copy and
-        # the missing profiles' (measured: 3,504 MiB of arrays at 20,000 genes x 17,382 samples of counts,
-        # docs/benchmarks.md); the targets mask; one gene range's baseline estimates; the family sums when the
-        # networks read the family level
-        "driver": PROCESS_BASE_MB["driver"] + 2 * matrix + n_genes * n_samples * mib + estimates + family,
+        # one matrix: the one read (a block at a time), scaled in place, then widened with the missing profiles
+        # while it shrinks, beside the targets mask (measured: 2,768 MiB of arrays at 20,000 genes x 17,382 samples
+        # of counts, 28,440 with the missing profiles, docs/benchmarks.md); one gene range's baseline estimates; the
+        # family sums when the networks read the family level
+        "driver": PROCESS_BASE_MB["driver"] + matrix + n_genes * n_samples * mib + estimates + family,
         # one shard at a time (geximpute.science.shards) and its block of records
         "context": PROCESS_BASE_MB["context"] + shard_mb + block_records * mib,
         # the bundle in memory (about its files), one batch through the network (activations about 50x the

@@ -42,7 +42,7 @@ from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import family_levels, forms_families
 from geximpute.science.folds import fold_problem, training_folds
-from geximpute.science.genomes import genetic_scores
+from geximpute.science.genomes import DonorGenomes, genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, make_problem
 from geximpute.science.shards import (
     ArrayColumns,
@@ -282,8 +282,9 @@ def context_shards(
     """Cut the records of the ``targets`` entries of ``problem`` into blocks and write each block's
     :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
 
-    The problem's cis-genetic scores, per-gene statistics and family levels are computed here, once; the shards of
-    each chromosome are then cut by a task of their own (:func:`cut_chromosome`: Ray tasks, at most
+    The problem's per-gene statistics and family levels are computed here, once; the shards of each chromosome
+    are then cut by a task of their own (:func:`cut_chromosome`, which also fits the chromosome's genes' cis-genetic
+    scores, a gene's from its own row and genome alone: Ray tasks, at most
     ``ray.concurrency`` at once, where Ray is running or ``remote``; else in this process, one after another) that
     gets only that chromosome's rows of the values, the masks, ``labels`` ((G, S)) and ``columns``
     (``{name: (N,)}`` or :class:`~geximpute.science.shards.EntryColumns`, one value per target entry in
@@ -297,10 +298,6 @@ def context_shards(
     """
     import ray
 
-    genetic = None
-    if problem.genomes is not None:
-        genetic, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
-                                    len(problem.tissues), config.context.genetic_shrinkage)
     stats = gene_stats(problem)
     levels = None
     if family:
@@ -332,7 +329,9 @@ def context_shards(
                 blocks=[dataclasses.replace(b, lo=b.lo - first, hi=b.hi - first)
                         for b in cut[first_block : first_block + n_blocks]],
                 first_block=first_block, targets=targets[first:end], hidden=hidden[first:end],
-                stats=stats.rows(first, end), genetic=None if genetic is None else genetic[first:end],
+                stats=stats.rows(first, end),
+                genomes=None if problem.genomes is None else problem.genomes.gene_range(first, end),
+                genetic_shrinkage=config.context.genetic_shrinkage,
                 labels=None if labels is None else labels[first:end],
                 columns=None if offsets is None else columns.window(int(offsets[first]), int(offsets[end])),
                 offsets=None if offsets is None else offsets[first : end + 1] - offsets[first],
@@ -361,7 +360,8 @@ def context_shards(
 class ChromosomeCut:
     """What the shards of one chromosome's blocks are cut from (:func:`cut_chromosome`): the chromosome's rows of
     the problem (every sample) and of each per-gene array, its blocks with their rows counted from its first gene
-    (``first`` in the whole problem), the index of its first block among the whole problem's, and its columns
+    (``first`` in the whole problem), the index of its first block among the whole problem's, its genes' genomes
+    (:meth:`~geximpute.science.genomes.DonorGenomes.gene_range`, None without personal genomes), and its columns
     (:meth:`~geximpute.science.shards.ArrayColumns.window`) with their ``offsets`` counted from its first target
     entry."""
 
@@ -372,7 +372,8 @@ class ChromosomeCut:
     targets: np.ndarray
     hidden: np.ndarray
     stats: GeneStats
-    genetic: np.ndarray | None
+    genomes: DonorGenomes | None
+    genetic_shrinkage: float | None
     labels: np.ndarray | None
     columns: EntryColumns | None
     offsets: np.ndarray | None
@@ -392,13 +393,17 @@ def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
             loaded = pickle.load(f)
         Path(part).unlink()
         part = loaded
-    first = part.first
+    first, problem = part.first, part.problem
     level = None if family is None else functools.partial(_level_at, family, first)
+    genetic = None
+    if part.genomes is not None:
+        genetic, _ = genetic_scores(part.genomes, problem.values, problem.tissue_index, problem.donor_index,
+                                    len(problem.tissues), part.genetic_shrinkage)
     span = (0, part.problem.n_genes)
     paths = []
     for i, block in enumerate(part.blocks):
         shard = make_shard(part.problem, block, span, donor_samples, part.stats, part.targets, part.hidden, part.k,
-                           genetic=part.genetic, labels=part.labels, columns=part.columns,
+                           genetic=genetic, labels=part.labels, columns=part.columns,
                            entry_offsets=part.offsets, family=level)
         shard.gene_offset += first
         path = Path(folder) / f"shard-{part.first_block + i:06d}.pkl"
