@@ -703,7 +703,7 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
         values, expr.values = expr.values.astype(np.float32, copy=False), None
         if rows is not None:
             move_rows_up(values, rows)
-            try:  # this frame holds the only reference: the array shrinks where it is (the rows below are freed)
+            try:  # this frame holds the only reference: the array shrinks where it is, the other rows freed
                 values.resize((len(rows), values.shape[1]))
             except ValueError:  # a view, or referenced elsewhere: keep the whole buffer and use its top rows
                 values = values[: len(rows)]
