@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 BLOCK_ENTRIES = 100_000
 #: the column (and partition folder) that tells :func:`write_record_parts`'s parts apart while they are written
 PART = "record_part"
+#: gene x sample cells of a problem from which :func:`context_shards` cuts each chromosome in a Ray task of its own;
+#: below, the driver cuts them itself: a smaller problem's cut takes the driver a few seconds, about what handing
+#: each chromosome to a task costs (on a 1,000-gene x 1,000-sample point the tasks added 2.5 s, 4%, to an
+#: imputation; docs/benchmarks.md)
+CUT_TASK_CELLS = 1 << 24
 
 
 @dataclass
@@ -285,7 +290,8 @@ def context_shards(
     The problem's per-gene statistics and family levels are computed here, once; the shards of each chromosome
     are then cut by a task of their own (:func:`cut_chromosome`, which also fits the chromosome's genes' cis-genetic
     scores, a gene's from its own row and genome alone: Ray tasks, at most
-    ``ray.concurrency`` at once, where Ray is running or ``remote``; else in this process, one after another) that
+    ``ray.concurrency`` at once, where Ray is running and the problem has :data:`CUT_TASK_CELLS` cells or more, or
+    with ``remote``; else in this process, one after another) that
     gets only that chromosome's rows of the values, the masks, ``labels`` ((G, S)) and ``columns``
     (``{name: (N,)}`` or :class:`~geximpute.science.shards.EntryColumns`, one value per target entry in
     ``np.nonzero(targets)`` order, each record's in its column ``name``). ``folder`` must be readable by every node
@@ -311,7 +317,8 @@ def context_shards(
     offsets = entry_offsets(targets) if columns is not None and columns.names else None
     folder.mkdir(parents=True)
     donor_samples = donor_sample_lists(problem)
-    remote = ray.is_initialized() if remote is None else remote
+    if remote is None:
+        remote = ray.is_initialized() and problem.values.size >= CUT_TASK_CELLS
     if remote:  # one copy of each object every task reads, in the object store
         task = ray.remote(cut_chromosome).options(num_cpus=config.ray.cpus_per_task)
         donor_samples = ray.put(donor_samples)
