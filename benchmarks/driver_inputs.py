@@ -3,12 +3,15 @@ problem, the missing profiles and the targets mask (what ``geximpute impute`` do
 with the code checked out where this runs.
 
     .venv/bin/python benchmarks/driver_inputs.py make DIR [GENES SAMPLES]   # a counts GCT, GTF, samples, config
-    .venv/bin/python benchmarks/driver_inputs.py run DIR/config.yaml
+    .venv/bin/python benchmarks/driver_inputs.py run DIR/config.yaml [--memory]
 
 ``make`` writes GENES genes (default 20,000) x SAMPLES samples (default 17,382, GTEx v8's count: 948 donors x up to
 30 tissues) of Poisson counts, 40% of cells empty, on the two chromosomes of a genome FASTA it also writes (N only).
 ``run`` prints each stage's seconds, the largest numpy allocation it traced and the process's peak resident memory
 (VmHWM; Arrow's own buffers count there, not in the traced figure). Run it in a fresh process per measurement.
+Where the checked-out code keeps the matrix in a file (``load_dataset``'s ``matrix``, as ``impute`` does since the
+matrix moved to disk), it is written under a temporary folder beside the config; ``--memory`` keeps it in memory
+as before.
 """
 
 import sys
@@ -66,10 +69,13 @@ def _take_over() -> dict:
     """The keywords that hand the matrix over, where the checked-out code has them (before `consume`: none)."""
     import inspect
 
+    from geximpute.io.dataset import load_dataset
     from geximpute.science.problem import make_problem
     from geximpute.steps.impute import add_missing_profiles
 
     found = {}
+    if "matrix" in inspect.signature(load_dataset).parameters:
+        found["load_dataset"] = {}
     if "consume" in inspect.signature(make_problem).parameters:
         found["make_problem"] = {"consume": True}
     if "in_place" in inspect.signature(add_missing_profiles).parameters:
@@ -81,7 +87,9 @@ def status(key: str) -> int:
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) // 1024
 
 
-def run(config_path: str) -> None:
+def run(config_path: str, memory: bool = False) -> None:
+    import tempfile
+
     from geximpute.config import load_config
     from geximpute.io.dataset import load_dataset
     from geximpute.science.problem import make_problem
@@ -90,6 +98,11 @@ def run(config_path: str) -> None:
     config = load_config(config_path)
     global TAKE_OVER
     TAKE_OVER = _take_over()
+    if memory:
+        TAKE_OVER.pop("load_dataset", None)
+    scratch = tempfile.TemporaryDirectory(dir=Path(config_path).parent, prefix=".matrix-")
+    if "load_dataset" in TAKE_OVER:
+        TAKE_OVER["load_dataset"] = {"matrix": Path(scratch.name) / "expression.f32"}
     print(f"matrices handed over: {sorted(TAKE_OVER) or 'no'}")
     tracemalloc.start()
 
@@ -101,10 +114,11 @@ def run(config_path: str) -> None:
 
     print(f"RSS at the start {status('VmRSS')} MiB")
     t0 = time.perf_counter()
-    dataset = load_dataset(config, with_variants=False)
+    dataset = load_dataset(config, with_variants=False, **TAKE_OVER.get("load_dataset", {}))
     mark("read the inputs", t0)
     print(f"  the expression matrix: {dataset.expression.values.shape}, "
-          f"{dataset.expression.values.nbytes / 2**20:.0f} MiB float32")
+          f"{dataset.expression.values.nbytes / 2**20:.0f} MiB float32"
+          f"{' in a file' if 'load_dataset' in TAKE_OVER else ''}")
     t0 = time.perf_counter()
     # as `impute` does with inputs it reads itself: the reader's matrix scaled in place, then widened in place
     problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, **TAKE_OVER.get("make_problem", {}))
@@ -116,10 +130,11 @@ def run(config_path: str) -> None:
     t0 = time.perf_counter()
     target_mask(problem, (), (), False)
     mark("target_mask", t0)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]), *(int(a) for a in sys.argv[3:5]))
     else:
-        run(sys.argv[2])
+        run(sys.argv[2], "--memory" in sys.argv[3:])

@@ -245,3 +245,21 @@ def test_discard_removes_an_output_and_its_versions_but_refuses_others(tmp_path)
     with pytest.raises(OutputRefused):
         discard(data, step="test")
     assert (data / "keep.txt").read_text() == "x"
+
+
+def test_a_scratch_folder_is_removed_with_its_run_and_a_dead_runs_after_it(tmp_path):
+    target = tmp_path / "out"
+    host = atomic.run_tag().rsplit("-", 2)[0]
+    dead = tmp_path / f".out.matrix-{host}-{2**22 + 12345}-0000"  # no such process
+    other_host = tmp_path / ".out.matrix-elsewhere-1-0000"  # another host's: never judged from here
+    live = tmp_path / f".out.matrix-{host}-{os.getppid()}-0000"  # a live process's
+    for folder in (dead, other_host, live):
+        folder.mkdir()
+    with atomic.scratch_folder(target, "matrix") as folder:
+        assert folder.parent == tmp_path and folder.name.startswith(f".out.matrix-{host}-{os.getpid()}-")
+        (folder / "expression.f32").write_bytes(b"x")
+        assert not dead.exists() and other_host.exists() and live.exists()
+    assert not folder.exists()
+    with pytest.raises(RuntimeError), atomic.scratch_folder(target, "matrix") as folder:
+        raise RuntimeError("the run failed")
+    assert not folder.exists() and not target.exists()

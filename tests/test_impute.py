@@ -79,7 +79,7 @@ def test_missing_profiles_are_virtual_samples_of_nothing_measured():
         add_missing_profiles(problem, donors=["nobody"])
 
 
-def test_missing_profiles_in_place_equal_the_copy(monkeypatch, caplog):
+def test_missing_profiles_in_place_equal_the_copy(monkeypatch, caplog, tmp_path):
     """In place, the wider matrix is filled a pass of rows at a time while the given one shrinks behind: the same
     problem as the copy's, the given problem's matrix taken (None), and no pass fell back to a whole copy."""
     import logging
@@ -110,6 +110,16 @@ def test_missing_profiles_in_place_equal_the_copy(monkeypatch, caplog):
     np.testing.assert_array_equal(taken.values, copied.values)
     np.testing.assert_array_equal(virtual_taken, virtual)
     assert list(taken.sample_ids) == list(copied.sample_ids) and virtual.sum() > 0
+    # the matrix in a file (impute's): the wider one written beside it, the given file shrunk and removed
+    from geximpute.io.matrixfile import MatrixFile
+
+    on_disk = problem()
+    path = tmp_path / "matrix.f32"
+    on_disk.values = MatrixFile.from_array(path, on_disk.values)
+    widened, virtual_file = add_missing_profiles(on_disk, in_place=True)
+    assert on_disk.values is None and not path.exists() and isinstance(widened.values, MatrixFile)
+    np.testing.assert_array_equal(widened.values.read(), copied.values)
+    np.testing.assert_array_equal(virtual_file, virtual)
     # nothing to add nor move: the matrix itself
     ordered, _ = add_missing_profiles(_problem(), tissues=["A"])
     matrix = ordered.values
@@ -127,6 +137,8 @@ def test_every_missing_entry_once_with_the_output_contract(first_run, data, bund
     assert len(frame) == result.n_rows == n_missing + len(missing_pairs) * n_genes
     assert result.n_missing_profiles == len(missing_pairs)
     assert_keys_unique(frame)
+    # the matrix the run kept on disk beside its output: gone with the run
+    assert not list(result.out_dir.parent.glob(f".{result.out_dir.name}.matrix-*"))
     # DESIGN.md's columns, on the declared schema
     assert set(S.PREDICTIONS.names) <= set(frame.columns)
     files = list(result.out_dir.glob("tissue=*/*.parquet"))

@@ -429,6 +429,91 @@ def test_model_scale_in_place_takes_the_matrix_over(write, method):
         assert id(taken) == matrix_id and taken.flags.owndata and taken.shape == copied.shape
 
 
+@pytest.mark.parametrize("method", ["cpm", "median_ratio"])
+def test_model_scale_of_a_matrix_file_equals_memory(write, method, tmp_path):
+    """Read into a matrix file (each block written as it is converted), moved, shrunk and scaled there a pass of
+    rows at a time: the in-memory values to the bit, the file truncated to the rows kept."""
+    from geximpute.io import matrixfile
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(30, size=(40, 6)).astype(float)
+    counts[rng.random(counts.shape) < 0.2] = np.nan
+    lines = "gene_id\t" + "\t".join(f"s{j}" for j in range(6)) + "\n"
+    lines += "".join(f"g{i}\t" + "\t".join("" if np.isnan(v) else str(int(v)) for v in row) + "\n"
+                     for i, row in enumerate(counts))
+    path = write("counts.tsv", lines)
+    config = ExpressionConfig(counts_normalisation=method)
+    rows = rng.permutation(40)[:29]
+    in_memory = to_model_scale(read_expression(path, scale="counts"), config, rows=rows)
+    expr = read_expression(path, scale="counts", matrix=tmp_path / "m.f32")
+    assert isinstance(expr.values, matrixfile.MatrixFile) and expr.values.shape == (40, 6)
+    with pytest.raises(TypeError, match="not read implicitly"):
+        np.isnan(expr.values)
+    old = matrixfile.PASS_CELLS
+    matrixfile.PASS_CELLS = 6 * 4  # passes of four rows
+    try:
+        taken = to_model_scale(expr, config, rows=rows, in_place=True)
+    finally:
+        matrixfile.PASS_CELLS = old
+    assert expr.values is None and isinstance(taken, matrixfile.MatrixFile)
+    np.testing.assert_array_equal(taken.read(), in_memory)
+    assert (tmp_path / "m.f32").stat().st_size == 29 * 6 * 4
+
+
+@pytest.mark.parametrize("name", ["expr.gct", "expr.parquet", "long.tsv"])
+def test_every_layout_read_into_a_matrix_file(write, tmp_path, name):
+    values = np.array([[1.5, np.nan, 3.0], [0.0, 2.0, np.nan]])
+    if name.endswith(".gct"):
+        text = "#1.2\n2\t3\nName\tDescription\ts1\ts2\ts3\n"
+        text += "".join(f"g{i}\tG{i}\t" + "\t".join("" if np.isnan(v) else str(v) for v in row) + "\n"
+                        for i, row in enumerate(values))
+        path = write(name, text)
+    elif name.endswith(".parquet"):
+        path = tmp_path / name
+        pq.write_table(pa.table({"gene_id": ["g0", "g1"], **{f"s{j + 1}": values[:, j] for j in range(3)}}), path)
+    else:
+        text = "gene_id\tsample_id\tvalue\n" + "".join(
+            f"g{i}\ts{j + 1}\t{values[i, j]}\n" for i in range(2) for j in range(3) if not np.isnan(values[i, j]))
+        path = write(name, text)
+    memory = read_expression(path)
+    on_disk = read_expression(path, matrix=tmp_path / "m.f32")
+    assert on_disk.gene_ids == memory.gene_ids and on_disk.sample_ids == memory.sample_ids
+    assert on_disk.report == memory.report
+    np.testing.assert_array_equal(on_disk.values.read(), memory.values)
+
+
+def test_matrix_file_reads_like_an_array(tmp_path):
+    import pickle
+
+    from geximpute.io.matrixfile import MatrixFile, count_measured, update_rows
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(37, 11)).astype(np.float32)
+    a[a > 1] = np.nan
+    m = MatrixFile.from_array(tmp_path / "m", a)
+    np.testing.assert_array_equal(m[3:9], a[3:9])
+    np.testing.assert_array_equal(m[-1], a[-1])
+    np.testing.assert_array_equal(m[[7, 2, 3, 30]], a[[7, 2, 3, 30]])
+    np.testing.assert_array_equal(m[:, 2:5], a[:, 2:5])
+    np.testing.assert_array_equal(m[4:10, [1, 3]], a[4:10][:, [1, 3]])
+    gi, si = np.array([3, 3, 9, 0]), np.array([1, 2, 3, 4])
+    np.testing.assert_array_equal(m[gi, si], a[gi, si])
+    window = pickle.loads(pickle.dumps(m.window(10, 20)))  # what a task gets: the path and the offsets
+    np.testing.assert_array_equal(window.read(), a[10:20])
+    np.testing.assert_array_equal(window[:, 1:3], a[10:20, 1:3])
+    with pytest.raises(ValueError, match="cannot be resized"):
+        window.resize((5, 11))
+    assert count_measured(m) == np.count_nonzero(~np.isnan(a))
+    m[2:4] = np.zeros((2, 11))
+    a[2:4] = 0
+    update_rows(m, lambda b: np.multiply(b, 2, out=b), cells=30)
+    np.testing.assert_array_equal(m.read(), a * 2)
+    m.resize((5, 11))
+    assert m.read().shape == (5, 11) and (tmp_path / "m").stat().st_size == 5 * 11 * 4
+    with pytest.raises(IndexError):
+        m[5]
+
+
 def test_log_scale_allows_negative_values(write):
     expr = read_expression(write("log.tsv", "gene_id\tA\ng1\t-1.5\n"), scale="log")
     assert expr.values[0, 0] == -1.5

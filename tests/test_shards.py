@@ -197,6 +197,7 @@ def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, requ
     the whole problem, array for array, with per-entry columns from arrays and from range files whose ranges
     straddle the chromosomes, labels and the family level."""
     from geximpute.config import config_from_dict
+    from geximpute.io.matrixfile import MatrixFile
     from geximpute.science.baselines import family_levels
     from geximpute.science.shards import RangeFileColumns
     from geximpute.steps.prepare import context_shards, read_shard
@@ -231,8 +232,11 @@ def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, requ
         expected.append(make_shard(problem, block, span, donor_samples, stats, targets, hidden, k, labels=labels,
                                    columns=arrays, entry_offsets=offsets, family=level))
     assert len({problem.chroms[sh.gene_offset] for sh in expected}) == 3
-    for name, columns in (("arrays", arrays), ("files", in_files)):
-        paths, cut = context_shards(config, problem, targets, hidden, tmp_path / name, labels=labels,
+    # the problem's matrix in a file (impute's): each chromosome's task reads its rows from it
+    on_disk = dataclasses.replace(problem, values=MatrixFile.from_array(tmp_path / "matrix.f32", problem.values))
+    for name, columns, given in (("arrays", arrays, problem), ("files", in_files, problem),
+                                 ("matrix", arrays, on_disk)):
+        paths, cut = context_shards(config, given, targets, hidden, tmp_path / name, labels=labels,
                                     columns=columns, block_entries=120, family=True, remote=remote)
         assert len(paths) == len(cut) == len(expected)
         assert sorted(str(f) for f in (tmp_path / name).iterdir()) == sorted(paths)  # no chromosome file left

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,8 +49,9 @@ class Dataset:
     report: dict = field(default_factory=dict)
 
 
-def load_dataset(config: Config, *, with_variants: bool = True) -> Dataset:
-    """Read and validate every configured input.
+def load_dataset(config: Config, *, with_variants: bool = True, matrix: str | Path | None = None) -> Dataset:
+    """Read and validate every configured input; with ``matrix`` the expression values are kept in that file
+    (:func:`geximpute.io.expression.read_expression`'s ``matrix``), not in memory.
 
     Raises:
         InputError: any input is bad, or the expression names samples the sample table lacks.
@@ -60,7 +62,7 @@ def load_dataset(config: Config, *, with_variants: bool = True) -> Dataset:
         log.info("reading genome %s", inputs.genome)
         genome = Genome(inputs.genome)
     log.info("reading expression %s", inputs.expression)
-    expression = read_expression(inputs.expression, inputs.expression_format, inputs.scale)
+    expression = read_expression(inputs.expression, inputs.expression_format, inputs.scale, matrix=matrix)
     if inputs.genes:
         log.info("reading genes %s", inputs.genes)
         genes = read_genes(

@@ -24,6 +24,7 @@ from geximpute import schema as S
 from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
+from geximpute.io.matrixfile import MatrixFile, update_rows
 from geximpute.io.tables import csv_batches, is_parquet, read_table, require_columns
 
 #: wide-table columns that describe genes rather than hold values
@@ -102,7 +103,8 @@ def detect_format(path: Path) -> str:
     return "long" if {"sample_id", "value"} <= columns else "wide"
 
 
-def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> Expression:
+def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, matrix: str | Path | None = None
+                    ) -> Expression:
     """Read and validate an expression file.
 
     Args:
@@ -110,6 +112,10 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
             ``sample`` column is long, else wide) or phenotype BED (text plain, gzip or bgzip).
         fmt: ``auto``, ``gct``, ``wide``, ``long`` or ``bed``.
         scale: ``tpm`` and ``counts`` must be non-negative; ``log`` and ``normalised`` may be negative.
+        matrix: a file to keep the values in (:class:`~geximpute.io.matrixfile.MatrixFile`; ``Expression.values``
+            is then that file): the wide layouts write each block of rows there as it is converted, so that the
+            matrix is never held in memory; a long table (whose values arrive in any order) and a table read whole
+            to name a bad record are read into memory first and then written there.
 
     Raises:
         InputError: missing/empty/truncated file, a bad GCT header, missing columns, non-numeric or negative
@@ -119,15 +125,15 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
     try:
         fmt = detect_format(path) if fmt == "auto" else fmt
         if fmt == "gct":
-            expr = _read_gct(path, scale)
+            expr = _read_gct(path, scale, matrix)
         elif fmt == "long":
             expr = _read_long(path, scale)
         elif fmt == "bed":
-            expr = _read_phenotype_bed(path, scale)
+            expr = _read_phenotype_bed(path, scale, matrix)
         elif is_parquet(path):
-            expr = _read_wide_parquet(path, scale)
+            expr = _read_wide_parquet(path, scale, matrix)
         else:
-            expr, _ = _stream_wide(path, scale, "expression table", skip_rows=0, first_data_line=2)
+            expr, _ = _stream_wide(path, scale, "expression table", skip_rows=0, first_data_line=2, matrix=matrix)
     except UnicodeDecodeError as exc:
         raise InputError(path, f"is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})",
                          expected="a UTF-8 (or ASCII) text table, plain or gzip") from exc
@@ -144,6 +150,9 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm") -> 
         n_measured=n_measured,
         measured_fraction=n_measured / expr.values.size,
     )
+    if matrix is not None and not isinstance(expr.values, MatrixFile):  # read in memory: kept in the file now
+        values, expr.values = expr.values, None
+        expr.values = MatrixFile.from_array(matrix, values.astype(np.float32, copy=False))
     return expr
 
 
@@ -183,7 +192,7 @@ def check_values(path: Path, values: np.ndarray, gene_ids: list[str], sample_ids
     return int(values.size - np.count_nonzero(np.isnan(values)))
 
 
-def _read_gct(path: Path, scale: str) -> Expression:
+def _read_gct(path: Path, scale: str, matrix: str | Path | None = None) -> Expression:
     with open_text(path) as fh:
         version = fh.readline().strip()
         dims = fh.readline().strip().split("\t")
@@ -200,7 +209,7 @@ def _read_gct(path: Path, scale: str) -> Expression:
             expected="'<rows>\\t<columns>'",
         ) from exc
     expr, _ = _stream_wide(path, scale, "GCT expression file", skip_rows=2, first_data_line=4, delimiter="\t",
-                           first_column="Name")
+                           first_column="Name", matrix=matrix)
     expr.report["gct_declared_shape"] = declared
     expr.report["gct_dimension_line_matches"] = declared == expr.values.shape
     return expr
@@ -210,10 +219,10 @@ def _read_gct(path: Path, scale: str) -> Expression:
 BED_COORDINATES = ("#chr", "start", "end")
 
 
-def _read_phenotype_bed(path: Path, scale: str) -> Expression:
+def _read_phenotype_bed(path: Path, scale: str, matrix: str | Path | None = None) -> Expression:
     """A QTLtools (``#chr start end pid gid strand``) or FastQTL (``#Chr start end ID``) phenotype BED."""
     expr, coords = _stream_wide(path, scale, "phenotype BED", skip_rows=0, first_data_line=2, delimiter="\t",
-                                quoting=False, layout=_bed_layout, whole=_read_phenotype_bed_whole)
+                                quoting=False, layout=_bed_layout, whole=_read_phenotype_bed_whole, matrix=matrix)
     if coords is not None:  # read a block at a time: the kept columns are the coordinates
         expr.genes = _bed_genes(coords)
     return expr
@@ -309,7 +318,8 @@ def _wide_layout(path: Path, schema: pa.Schema, first_data_line: int, first_colu
 def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_data_line: int,
                  delimiter: str | None = None, quoting: bool = True, first_column: str | None = None,
                  layout: Callable[[Path, pa.Schema], _Layout] | None = None,
-                 whole: Callable[[Path, str], Expression] | None = None) -> tuple[Expression, pa.Table | None]:
+                 whole: Callable[[Path, str], Expression] | None = None, matrix: str | Path | None = None
+                 ) -> tuple[Expression, pa.Table | None]:
     """A genes x samples text table read a block at a time into one float32 matrix, each block's values checked
     (:func:`check_values`) as it is read: the reader's peak is about the matrix itself, where reading the table
     whole held Arrow's float64 table and the matrix at once (docs/benchmarks.md "Reading the expression and the
@@ -321,6 +331,7 @@ def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_dat
         layout: which columns are what (default :func:`_wide_layout`).
         whole: how to read the file whole (default: :func:`read_table` and :func:`_read_wide`), used only when a
             block does not convert, to name the record.
+        matrix: the file the rows are written to (:class:`~geximpute.io.matrixfile.MatrixFile`); None: memory.
 
     Returns:
         the expression, and the layout's kept columns (None when the file was read whole).
@@ -337,42 +348,54 @@ def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_dat
     schema, lines, batches = csv_batches(path, what, types, skip_rows=skip_rows, delimiter=delimiter, quoting=quoting)
     try:
         # the matrix for every line below the header: rows at most (Arrow skips blank lines)
-        return _fill_wide(path, scale, found[0], schema, batches, lines - skip_rows - 1, first_data_line)
+        return _fill_wide(path, scale, found[0], schema, batches, lines - skip_rows - 1, first_data_line, matrix)
     except pa.ArrowInvalid:
         # a row that does not parse or a value that does not convert: read whole, which names the record
         return (whole or _whole_wide(what, skip_rows, delimiter, first_data_line))(path, scale), None
 
 
 def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
-               rows_hint: int, first_data_line: int | None) -> tuple[Expression, pa.Table]:
+               rows_hint: int, first_data_line: int | None, matrix: str | Path | None = None
+               ) -> tuple[Expression, pa.Table]:
     """The record batches of a wide table into one float32 matrix allocated for ``rows_hint`` rows (untouched pages
     cost nothing; grown if there are more), each batch's values checked and counted as they are copied;
-    ``first_data_line``: the file's line of the first row, for messages (None: rows are not lines)."""
+    ``first_data_line``: the file's line of the first row, for messages (None: rows are not lines). With
+    ``matrix`` the matrix is that file (:class:`~geximpute.io.matrixfile.MatrixFile`): each batch is converted
+    and checked in memory and written there."""
     names = schema.names
     sample_ids = [names[i] for i in lay.value_cols]
-    values = np.empty((max(rows_hint, 0), len(sample_ids)), np.float32)
+    if matrix is not None:
+        values = MatrixFile.create(matrix, (max(rows_hint, 0), len(sample_ids)))
+    else:
+        values = np.empty((max(rows_hint, 0), len(sample_ids)), np.float32)
     gene_ids: list[str] = []
     kept: list[pa.RecordBatch] = []
     row = measured = 0
     for batch in batches:
         n = batch.num_rows
         if row + n > len(values):  # more rows than the hint: grow
-            grown = np.empty((max(2 * len(values), row + n), len(sample_ids)), np.float32)
-            grown[:row] = values[:row]
-            values = grown
+            if isinstance(values, MatrixFile):
+                values.resize((max(2 * len(values), row + n), len(sample_ids)))
+            else:
+                grown = np.empty((max(2 * len(values), row + n), len(sample_ids)), np.float32)
+                grown[:row] = values[:row]
+                values = grown
         raw = batch.column(lay.id_col).cast(pa.string()).to_pylist()
         if None in raw:
             where = row + raw.index(None)
             raise InputError(path, "empty gene id", expected="a gene id", record=f"line {where + first_data_line}"
                              if first_data_line is not None else f"row {where + 1}")
         ids = [strip_version(g) for g in raw]
-        block = values[row : row + n]
+        block = values[row : row + n] if not isinstance(values, MatrixFile) else np.empty((n, len(sample_ids)),
+                                                                                            np.float32)
         # one conversion of the batch's value columns (row-major, null as NaN), cast to float32 as it is copied
         numbers = pa.RecordBatch.from_arrays([batch.column(c).cast(pa.float64()) for c in lay.value_cols],
                                              names=sample_ids)
         block[:] = numbers.to_tensor(null_to_nan=True, row_major=True).to_numpy()
         measured += check_values(path, block, ids, sample_ids, scale,
                                  None if first_data_line is None else row + first_data_line)
+        if isinstance(values, MatrixFile):
+            values[row : row + n] = block
         gene_ids.extend(ids)
         if lay.kept:
             kept.append(batch.select(lay.kept))
@@ -398,7 +421,7 @@ def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches:
     return expr, kept_table
 
 
-def _read_wide_parquet(path: Path, scale: str) -> Expression:
+def _read_wide_parquet(path: Path, scale: str, matrix: str | Path | None = None) -> Expression:
     """A wide Parquet table (a gene id column, text annotation columns, one numeric column per sample), read a
     row group's batches at a time into the matrix."""
     try:
@@ -414,7 +437,7 @@ def _read_wide_parquet(path: Path, scale: str) -> Expression:
                              expected="a numeric column per sample (text columns only for the gene id and "
                              f"annotations named {', '.join(sorted(ANNOTATION_COLUMNS))})")
     batches = _ParquetBatches(path, None)
-    expr, _ = _fill_wide(path, scale, lay, schema, batches, parquet.metadata.num_rows, None)
+    expr, _ = _fill_wide(path, scale, lay, schema, batches, parquet.metadata.num_rows, None, matrix)
     return expr
 
 
@@ -699,8 +722,12 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
         work on it in place.
     """
     factors = size_factors(expr.values, config.counts_normalisation, visible) if expr.scale == "counts" else None
+    if isinstance(expr.values, MatrixFile) and not in_place:
+        raise ValueError(f"to_model_scale: {expr.path}'s values are a matrix file; they are scaled in place")
     if in_place:
-        values, expr.values = expr.values.astype(np.float32, copy=False), None
+        values, expr.values = expr.values, None
+        if not isinstance(values, MatrixFile):
+            values = values.astype(np.float32, copy=False)
         if rows is not None:
             move_rows_up(values, rows)
             try:  # this frame holds the only reference: the array shrinks where it is, the other rows freed
@@ -710,16 +737,25 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
     else:
         values = expr.values[rows] if rows is not None else expr.values.copy()
         values = values.astype(np.float32, copy=False)
-    if factors is not None:
-        values /= factors[None, :].astype(np.float32)
-    if expr.scale in ("log", "normalised") or config.transform == "none":
+    log1p = not (expr.scale in ("log", "normalised") or config.transform == "none")
+    if factors is None and not log1p:
         return values
-    return np.log1p(values, out=values)
+    divisor = None if factors is None else factors[None, :].astype(np.float32)
+
+    def scale(block: np.ndarray) -> None:  # elementwise: the same values whether done at once or a pass at a time
+        if divisor is not None:
+            block /= divisor
+        if log1p:
+            np.log1p(block, out=block)
+
+    update_rows(values, scale)
+    return values
 
 
-def move_rows_up(matrix: np.ndarray, rows: np.ndarray) -> None:
+def move_rows_up(matrix: np.ndarray | MatrixFile, rows: np.ndarray) -> None:
     """Put ``matrix[rows]`` in ``matrix[:len(rows)]`` in place (``rows`` distinct); the other rows end below them in
-    no particular order. Follows the cycles of the permutation with one row of scratch: no copy of the matrix."""
+    no particular order. Follows the cycles of the permutation with one row of scratch: no copy of the matrix (a
+    :class:`~geximpute.io.matrixfile.MatrixFile`: one read and one write of each row moved)."""
     n = matrix.shape[0]
     source = np.empty(n, np.int64)  # the row whose values go to each row
     source[: len(rows)] = rows

@@ -632,6 +632,42 @@ def staged_output(target: str | Path, *, step: str, force: bool = False, store: 
             own_lease.release()
 
 
+@contextmanager
+def scratch_folder(target: str | Path, what: str = "scratch") -> Iterator[Path]:
+    """A folder of this run's own beside ``target`` (``.<name>.<what>-<host>-<pid>-<random>``, on the output's file
+    system, which every node of the cluster reads), removed when the block ends, however it ends. Before making it,
+    the folders of the same name that runs of this host left when they died (their process is gone) are removed;
+    another host's, or a live run's, are never touched."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    host = run_tag().rsplit("-", 2)[0]
+    for path in target.parent.glob(f".{target.name}.{what}-{host}-*"):
+        try:
+            pid = int(path.name.rsplit("-", 2)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            log.info("%s: removing what a run that did not finish left", path)
+            shutil.rmtree(path, ignore_errors=True)
+    folder = target.parent / f".{target.name}.{what}-{run_tag()}"
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def _restore_legacy(target: Path) -> None:
     """Tidy what the previous protocol (two renames, pid-named folders beside the output) left: if a run died
     between its renames, the previous output is put back; other leftovers older than a lease are removed."""

@@ -22,6 +22,7 @@ from geximpute.errors import ConfigError
 from geximpute.io.chroms import chrom_key
 from geximpute.io.dataset import Dataset, gene_symbols
 from geximpute.io.expression import to_model_scale
+from geximpute.io.matrixfile import MatrixFile, count_measured
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.groups import group_sums
 
@@ -55,7 +56,9 @@ class VisibleProblem:
         strand: (G,) int8, +1 or -1.
         split: (G,) int8 index into :data:`SPLITS` by held-out chromosome.
         sample_ids: (S,) sample ids; donor_index, tissue_index: (S,) int32 into ``donors`` and ``tissues``.
-        values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*.
+        values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*. Where `geximpute impute`
+            read the inputs itself, a :class:`~geximpute.io.matrixfile.MatrixFile` in its staging folder, read in
+            passes of rows (:func:`in_memory` reads a gene range's).
         tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
         genomes: the donors' promoter haplotypes and variant dosages (:mod:`geximpute.science.genomes`), None without
             personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
@@ -77,7 +80,7 @@ class VisibleProblem:
     tissue_index: np.ndarray
     donors: list[str]
     tissues: list[str]
-    values: np.ndarray
+    values: np.ndarray | MatrixFile
     tissue_corr: np.ndarray
     genomes: DonorGenomes | None = None
     gene_names: np.ndarray | None = None
@@ -93,7 +96,8 @@ class VisibleProblem:
 
 def gene_rows(problem: VisibleProblem, lo: int, hi: int) -> VisibleProblem:
     """The problem of genes ``lo:hi`` alone (every sample; views of the gene arrays, no genomes: a part of a
-    problem that methods fit on one gene range at a time)."""
+    problem that methods fit on one gene range at a time). A problem kept in a matrix file gives a window of it
+    (nothing read: :func:`in_memory` reads it where it is used)."""
     return _genes(problem, slice(lo, hi))
 
 
@@ -104,11 +108,23 @@ def gene_subset(problem: VisibleProblem, rows: np.ndarray) -> VisibleProblem:
 
 
 def _genes(problem: VisibleProblem, rows: slice | np.ndarray) -> VisibleProblem:
+    if isinstance(problem.values, MatrixFile) and isinstance(rows, slice):  # a window of the file: nothing read
+        values = problem.values.window(rows.start or 0, problem.n_genes if rows.stop is None else rows.stop)
+    else:
+        values = problem.values[rows]
     return dataclasses.replace(
         problem, gene_ids=problem.gene_ids[rows], chroms=problem.chroms[rows], tss=problem.tss[rows],
         start=problem.start[rows], end=problem.end[rows], strand=problem.strand[rows], split=problem.split[rows],
-        values=problem.values[rows], genomes=None,
+        values=values, genomes=None,
         gene_names=None if problem.gene_names is None else problem.gene_names[rows])
+
+
+def in_memory(problem: VisibleProblem) -> VisibleProblem:
+    """``problem`` with its values in memory: a matrix file (a gene range's window of it, :func:`gene_rows` of a
+    problem kept on disk) read, where a task or a range's fit needs the array; a problem in memory as it is."""
+    if not isinstance(problem.values, MatrixFile):
+        return problem
+    return dataclasses.replace(problem, values=problem.values.read())
 
 
 @dataclass
@@ -299,9 +315,12 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
     # normalised after hiding: the hidden entries take no part in any count normalisation
     values, _ = model_matrix(dataset, hidden, consume=consume)
     gi, si = np.nonzero(hidden) if hidden is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=values[gi, si])
+    truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64),
+                        values=values[gi, si] if len(gi) else np.zeros(0, np.float32))
     visible = values  # hidden in place (the truth above is a copy): one matrix, not two
     if hidden is not None:
+        if isinstance(visible, MatrixFile):
+            raise ValueError("make_problem: entries are hidden from a matrix kept in memory, not from a matrix file")
         visible[hidden] = np.nan
     del values, hidden  # nothing below may see a hidden value
 
@@ -337,7 +356,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
         problem.n_samples,
         len(donors),
         len(tissues),
-        int((~np.isnan(visible)).sum()),
+        count_measured(visible),
         len(truth),
         config.evaluation.task,
     )

@@ -26,6 +26,7 @@ replaces the output as a whole: the same inputs and model give the same rows, no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -50,8 +51,9 @@ from geximpute.fit.bundle import check_compatible, compatibility, head_estimates
 from geximpute.fit.models import baseline_column
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import from_model_scale
+from geximpute.io.matrixfile import MatrixFile
 from geximpute.model.inference import inference_device
-from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
+from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.memory import release_unused_memory
 from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
@@ -65,7 +67,7 @@ from geximpute.science.baselines import (
     range_families,
 )
 from geximpute.science.genomes import donor_genomes
-from geximpute.science.problem import VisibleProblem, gene_rows, make_problem, pass_rows
+from geximpute.science.problem import VisibleProblem, gene_rows, in_memory, make_problem, pass_rows
 from geximpute.science.promoters import (
     PromoterLookup,
     RowSubset,
@@ -112,6 +114,12 @@ BASELINES_FOLDER = "_baselines"
 HAPLOTYPES_FOLDER = "_haplotypes"
 #: the folder of the blocks of context records handed from the context stage to the predictors (likewise)
 RECORDS_FOLDER = "_records"
+#: what the folder of the expression matrix is named after, where `impute` reads the inputs itself: beside the
+#: output, ``.<output>.matrix-<host>-<pid>-<random>`` (:func:`geximpute.runtime.atomic.scratch_folder`), made
+#: before the output's lease is taken and removed when the run ends (:class:`~geximpute.io.matrixfile.MatrixFile`:
+#: the reader writes it, every stage reads and rewrites it in passes of rows, each chromosome's and gene range's task
+#: reads its own rows)
+MATRIX_FOLDER = "matrix"
 
 
 class OutputError(GeximputeError):
@@ -201,6 +209,8 @@ def add_missing_profiles(
     order = np.lexsort((virtual, donor_index, tissue_index))
     if in_place and np.array_equal(order, np.arange(len(order))):
         values, problem.values = problem.values, None  # no sample added nor moved: the matrix as it is
+    elif isinstance(problem.values, MatrixFile):
+        values = _widened_file(problem, order, take=in_place)
     else:
         values = _widened(problem, order, take=in_place)
     out = dataclasses.replace(
@@ -238,6 +248,32 @@ def _widened(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> np.nd
             except ValueError:  # a view, or held elsewhere: copied whole, freed by its holder
                 log.debug("add_missing_profiles: the measured matrix is referenced elsewhere; it is copied whole")
                 shrink = False
+    return values
+
+
+def _widened_file(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> MatrixFile:
+    """:func:`_widened` of a matrix file: the wider matrix written to a file beside it (``<name>.wide``), a pass of
+    rows at a time from the last rows up; with ``take`` the given file is truncated behind each pass (the disk holds
+    about one matrix) and removed at the end (``problem.values`` is None afterwards)."""
+    measured = problem.values
+    if take:
+        problem.values = None
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))
+    place = place[: measured.shape[1]]
+    n_genes = measured.shape[0]
+    values = MatrixFile.create(f"{measured.path}.wide", (n_genes, len(order)))
+    step = pass_rows(len(order), n_genes, WIDEN_CELLS)
+    owned = take and not measured.view
+    for hi in range(n_genes, 0, -step):
+        lo = max(0, hi - step)
+        part = np.full((hi - lo, len(order)), np.nan, np.float32)
+        part[:, place] = measured[lo:hi]
+        values[lo:hi] = part
+        if owned:
+            measured.resize((lo, measured.shape[1]))
+    if owned:
+        measured.unlink()
     return values
 
 
@@ -298,6 +334,7 @@ def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: Stac
     ``np.nonzero(targets)`` order); returns N. ``family``: the whole problem's family levels
     (:func:`~geximpute.science.baselines.range_families`, one object for every task), of which the range's
     ``genes`` (lo, hi) are read by ``gene_family``."""
+    problem = in_memory(problem)  # the range's window of a matrix file: its rows read here, not in the driver
     gi, si = np.nonzero(targets)
     estimates = range_estimates(problem, gi, si, baselines.names, baselines.settings, seed=baselines.seed,
                                 composition=baselines.composition,
@@ -790,11 +827,14 @@ def run_pipeline(
                                                 out / HAPLOTYPES_FOLDER, config.promoter.length)
             else:  # networks without a promoter branch read no table
                 haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
-        shards, cut = context_shards(config, problem, targets, np.zeros_like(targets), out / SHARDS_FOLDER,
+        # nothing hidden; np.zeros (not zeros_like): its pages are the system's zero page until written
+        shards, cut = context_shards(config, problem, targets, np.zeros(targets.shape, bool), out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family)
         per_record = record_bytes(config, problem, targets,
                                   (len(baselines.head_names) if baselines else 0) + int(reads_family))
         if release_values:  # everything the stream reads is in the shards now
+            if isinstance(problem.values, MatrixFile):
+                problem.values.unlink()
             problem.values = None
             release_unused_memory()
         # blocks of entries whose records are built; the stream predicts and writes each soon after
@@ -919,8 +959,6 @@ def impute(
         GeximputeError: the bundle is missing or does not fit the data; :class:`OutputError` when the output cannot
             be written (nothing is committed then).
     """
-    import ray
-
     t0 = time.perf_counter()
     settings = config.impute
     bundle_dir = Path(model or model_dir(config))
@@ -931,12 +969,34 @@ def impute(
         bundle = load_bundle(bundle_dir)
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
+    with contextlib.ExitStack() as scratch:
+        return _impute(config, bundle, bundle_dir, out, include_observed, problem, dataset, force, scratch, t0)
+
+
+def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_observed: bool,
+            problem: VisibleProblem | None, dataset: Any, force: bool, scratch: contextlib.ExitStack, t0: float
+            ) -> ImputeResult:
+    """:func:`impute` once its bundle is loaded; ``scratch`` holds the folder of the matrix where one is made."""
+    import ray
+
+    settings = config.impute
     genome_inputs = None  # the inputs of the donors' genomes, built once Ray is up (see below)
-    owned = problem is None  # a problem made here: its matrix is widened in place (a caller's is copied)
+    owned = problem is None  # a problem made here: kept in a matrix file, widened in place (a caller's is copied)
     if problem is None:
-        # the inputs loaded here are not kept: the reader's matrix becomes the problem's, scaled in place
+        # the inputs loaded here are not kept: the reader writes the matrix to a file of this run's beside the
+        # output (where the caller loaded the dataset, its matrix in memory is copied), which becomes the problem's,
+        # scaled and widened in place; every later stage reads it a pass of rows at a time
+        matrix = None
+        if dataset is None:
+            try:
+                matrix = scratch.enter_context(scratch_folder(out, MATRIX_FOLDER)) / "expression.f32"
+            except OSError as exc:  # beside the output: where it cannot be written, nothing can
+                err = output_os_error(exc)
+                if err is None:
+                    raise
+                raise output_error(out, err) from exc
         consume = dataset is None
-        dataset = dataset or load_dataset(config)
+        dataset = dataset or load_dataset(config, matrix=matrix)
         problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, consume=consume)
         if dataset.variants is not None:
             genome_inputs = dataclasses.replace(dataset, expression=None)

@@ -43,7 +43,7 @@ from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import family_levels, forms_families
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores
-from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, make_problem
+from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
     ArrayColumns,
     Block,
@@ -400,6 +400,7 @@ def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
             loaded = pickle.load(f)
         Path(part).unlink()
         part = loaded
+    part.problem = in_memory(part.problem)  # a window of the driver's matrix file: this chromosome's rows read here
     first, problem = part.first, part.problem
     level = None if family is None else functools.partial(_level_at, family, first)
     genetic = None

@@ -1,0 +1,254 @@
+"""A (rows x columns) matrix kept in a file on disk and read or written a range of rows at a time.
+
+`geximpute impute` keeps its expression matrix in one of these inside its staging folder: the reader writes each
+block of rows as it converts it, every later stage reads and writes bounded passes of rows, and each Ray task that
+needs a range of genes (a chromosome's shards, a gene range's stacked baselines) reads those rows from the file
+itself (:meth:`MatrixFile.window`, which pickles as a path and offsets). The driver then never holds the whole
+(genes x samples) matrix (issue 15's metadata-only driver; docs/benchmarks.md "The matrix on disk").
+
+The file is the matrix's bytes in C order, nothing else (a scratch buffer of this process, not an exchange format):
+rows are read with :func:`numpy.fromfile` and written with :meth:`numpy.ndarray.tofile` at their offsets, never
+memory-mapped, so that the pages read count in the page cache and not in any process's resident memory. Columns
+(:meth:`MatrixFile.columns`) are read through a read-only memory map opened and closed for each call: only the pages
+holding those columns are touched, and they leave the process's resident set when the map closes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: cells of a pass over a matrix file's rows (a float32 pass of 64 MiB)
+PASS_CELLS = 1 << 24
+
+
+class MatrixFile:
+    """A 2-D matrix stored row-major in ``path`` from byte ``offset`` on; indexed like an array for reading
+    (``m[lo:hi]``, ``m[i]``, ``m[rows]``, ``m[lo:hi, cols]``, ``m[:, lo:hi]``, ``m[gi, si]``), each returning a new
+    ndarray, and written by rows (``m[lo:hi] = block``, ``m[i] = row``). Converting the whole file to an array
+    implicitly (``np.asarray(m)``, ``np.isnan(m)``) raises: that is the copy this class exists to avoid; call
+    :meth:`read` where the whole matrix is really wanted.
+
+    A :meth:`window` is a view of a range of rows of the same file (it cannot be resized); it pickles as the path
+    and its offsets, so a Ray task reads its rows from the file and nothing else travels.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32, offset: int = 0,
+                 *, view: bool = False) -> None:
+        self.path = str(path)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.offset = int(offset)
+        self.view = view
+
+    @classmethod
+    def create(cls, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32) -> MatrixFile:
+        """A new file of ``shape`` (its content undefined until written; the file is sparse until then)."""
+        out = cls(path, shape, dtype)
+        with open(out.path, "wb") as f:
+            f.truncate(out.shape[0] * out.row_bytes)
+        return out
+
+    @classmethod
+    def from_array(cls, path: str | Path, values: np.ndarray) -> MatrixFile:
+        """A new file holding ``values`` (2-D)."""
+        out = cls(path, values.shape, values.dtype)
+        with open(out.path, "wb") as f:
+            np.ascontiguousarray(values).tofile(f)
+        return out
+
+    # --- the array-like surface ---------------------------------------------------------------------------------
+
+    ndim = 2
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"MatrixFile({self.path!r}, shape={self.shape}, dtype={self.dtype}, offset={self.offset})"
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise TypeError(f"{self!r}: the whole matrix is not read implicitly; read rows (m[lo:hi]) in passes, or "
+                        "call .read() where the whole matrix is wanted")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise IndexError(f"{self!r}: index with at most two keys, got {len(key)}")
+            rows, cols = key
+            if isinstance(rows, slice) and rows == slice(None) and isinstance(cols, slice):
+                return self.columns(cols)
+            if _is_indices(rows) and _is_indices(cols):  # point reads: each distinct row read once
+                r = np.asarray(rows, np.int64)
+                c = np.asarray(cols, np.int64)
+                r, c = np.broadcast_arrays(r, c)
+                unique, where = np.unique(r, return_inverse=True)
+                return self._take(unique)[where.reshape(r.shape), c]
+            return self[rows][:, cols] if not isinstance(rows, (int, np.integer)) else self[rows][cols]
+        if isinstance(key, (int, np.integer)):
+            i = _position(int(key), self.shape[0], self)
+            return self._read(i, i + 1)[0]
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self.shape[0])
+            if step == 1:
+                return self._read(lo, max(lo, hi))
+            return self._take(np.arange(lo, hi, step))
+        if _is_indices(key):
+            return self._take(np.asarray(key, np.int64))
+        raise IndexError(f"{self!r}: unsupported index {key!r}")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, (int, np.integer)):
+            i = _position(int(key), self.shape[0], self)
+            self._write(i, np.broadcast_to(np.asarray(value, self.dtype), (1, self.shape[1])))
+            return
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self.shape[0])
+            if step == 1:
+                n = max(0, hi - lo)
+                self._write(lo, np.broadcast_to(np.asarray(value, self.dtype), (n, self.shape[1])))
+                return
+        raise IndexError(f"{self!r}: rows are written by an index or a range, got {key!r}")
+
+    # --- reading and writing ------------------------------------------------------------------------------------
+
+    def read(self) -> np.ndarray:
+        """The whole matrix as an array (where it is really wanted: a window's rows in the task that owns them)."""
+        return self._read(0, self.shape[0])
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        n = hi - lo
+        if n <= 0 or self.shape[1] == 0:
+            return np.empty((max(n, 0), self.shape[1]), self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + lo * self.row_bytes)
+            out = np.fromfile(f, self.dtype, count=n * self.shape[1])
+        if out.size != n * self.shape[1]:
+            raise OSError(f"{self.path}: {out.size} values read for rows {lo}:{hi} of {self.shape}; the file is "
+                          "shorter than its matrix (truncated while in use?)")
+        return out.reshape(n, self.shape[1])
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any order), each run of consecutive rows read at once."""
+        rows = np.asarray(rows, np.int64).ravel()
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < -self.shape[0] or rows.max() >= self.shape[0]:
+            raise IndexError(f"{self!r}: rows {rows.min()}..{rows.max()} out of range")
+        rows = np.where(rows < 0, rows + self.shape[0], rows)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        for run in np.split(np.arange(len(rows)), breaks):
+            lo = int(sorted_rows[run[0]])
+            out[order[run]] = self._read(lo, lo + len(run))
+        return out
+
+    def _write(self, lo: int, block: np.ndarray) -> None:
+        if self.shape[1] == 0 or not len(block):
+            return
+        if lo < 0 or lo + len(block) > self.shape[0]:
+            raise IndexError(f"{self!r}: rows {lo}:{lo + len(block)} out of range")
+        with open(self.path, "r+b") as f:
+            f.seek(self.offset + lo * self.row_bytes)
+            np.ascontiguousarray(block, self.dtype).tofile(f)
+
+    def columns(self, cols: slice) -> np.ndarray:
+        """Columns ``cols`` of every row (a copy), through read-only memory maps of :data:`PASS_CELLS` cells of rows
+        each, one at a time: the kernel maps the pages around each one read (most of a row's, for rows of a few
+        pages), so a map of the whole file would put the whole file in this process's resident set; one pass's
+        rows at most are there, and they leave it when their map closes."""
+        lo, hi, step = cols.indices(self.shape[1])
+        out = np.empty((self.shape[0], len(range(lo, hi, step))), self.dtype)
+        if self.shape[0] == 0 or out.shape[1] == 0:
+            return out
+        rows = pass_rows(self)
+        for r0 in range(0, self.shape[0], rows):
+            r1 = min(self.shape[0], r0 + rows)
+            mapped = np.memmap(self.path, self.dtype, "r", offset=self.offset + r0 * self.row_bytes,
+                               shape=(r1 - r0, self.shape[1]))
+            try:
+                out[r0:r1] = mapped[:, lo:hi:step]
+            finally:
+                mapped._mmap.close()  # type: ignore[attr-defined]
+                del mapped
+        return out
+
+    # --- shape --------------------------------------------------------------------------------------------------
+
+    def window(self, lo: int, hi: int) -> MatrixFile:
+        """Rows ``lo:hi`` as a view of the same file (nothing read)."""
+        lo, hi, _ = slice(lo, hi).indices(self.shape[0])
+        hi = max(lo, hi)
+        return MatrixFile(self.path, (hi - lo, self.shape[1]), self.dtype, self.offset + lo * self.row_bytes,
+                          view=True)
+
+    def resize(self, shape: tuple[int, int]) -> None:
+        """Keep the first ``shape[0]`` rows (or add undefined rows); the columns do not change. The file is
+        truncated (or extended) where it is: rows past the new end take no disk space."""
+        if self.view or self.offset:
+            raise ValueError(f"{self!r}: a window of a matrix file cannot be resized")
+        if int(shape[1]) != self.shape[1]:
+            raise ValueError(f"{self!r}: resized to {shape}; only the rows of a matrix file change")
+        os.truncate(self.path, int(shape[0]) * self.row_bytes)
+        self.shape = (int(shape[0]), self.shape[1])
+
+    def unlink(self) -> None:
+        """Remove the file (a window's: the whole file)."""
+        Path(self.path).unlink(missing_ok=True)
+
+
+def _is_indices(key: Any) -> bool:
+    return isinstance(key, (list, np.ndarray)) and np.asarray(key).dtype.kind in "iu"
+
+
+def _position(i: int, n: int, where: MatrixFile) -> int:
+    if not -n <= i < n:
+        raise IndexError(f"{where!r}: row {i} out of range")
+    return i + n if i < 0 else i
+
+
+def pass_rows(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> int:
+    """Rows of ``matrix`` per pass of at most ``cells`` cells (default :data:`PASS_CELLS`; at least one row)."""
+    return max(1, min(max(len(matrix), 1), (cells or PASS_CELLS) // max(1, matrix.shape[1])))
+
+
+def update_rows(matrix: np.ndarray | MatrixFile, fn, cells: int | None = None) -> None:
+    """Apply ``fn`` (an in-place update of a float block of rows) to every row of ``matrix``: an array at once,
+    a matrix file a pass of rows at a time (read, updated, written back). Elementwise updates give the same values
+    to the bit either way."""
+    if not isinstance(matrix, MatrixFile):
+        fn(matrix)
+        return
+    step = pass_rows(matrix, cells)
+    for lo in range(0, len(matrix), step):
+        block = matrix[lo : lo + step]
+        fn(block)
+        matrix[lo : lo + step] = block
+
+
+def count_measured(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> int:
+    """The non-NaN cells of ``matrix``, counted a pass of rows at a time."""
+    step = pass_rows(matrix, cells)
+    return sum(int(np.count_nonzero(~np.isnan(matrix[lo : lo + step]))) for lo in range(0, len(matrix), step))
+
+
+def materialise(values: np.ndarray | MatrixFile | None) -> np.ndarray | None:
+    """``values`` as an array: a matrix file (or window) read whole, an array as it is."""
+    return values.read() if isinstance(values, MatrixFile) else values
