@@ -120,6 +120,10 @@ def test_missing_profiles_in_place_equal_the_copy(monkeypatch, caplog, tmp_path)
     assert on_disk.values is None and not path.exists() and isinstance(widened.values, MatrixFile)
     np.testing.assert_array_equal(widened.values.read(), copied.values)
     np.testing.assert_array_equal(virtual_file, virtual)
+    for observed in (False, True):  # its targets mask: a file beside it
+        in_file = target_mask(widened, include_observed=observed)
+        assert isinstance(in_file, MatrixFile)
+        np.testing.assert_array_equal(in_file.read(), target_mask(copied, include_observed=observed))
     # nothing to add nor move: the matrix itself
     ordered, _ = add_missing_profiles(_problem(), tissues=["A"])
     matrix = ordered.values

@@ -234,9 +234,10 @@ def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, requ
     assert len({problem.chroms[sh.gene_offset] for sh in expected}) == 3
     # the problem's matrix in a file (impute's): each chromosome's task reads its rows from it
     on_disk = dataclasses.replace(problem, values=MatrixFile.from_array(tmp_path / "matrix.f32", problem.values))
-    for name, columns, given in (("arrays", arrays, problem), ("files", in_files, problem),
-                                 ("matrix", arrays, on_disk)):
-        paths, cut = context_shards(config, given, targets, hidden, tmp_path / name, labels=labels,
+    targets_file = MatrixFile.from_array(tmp_path / "targets.bool", targets)
+    for name, columns, given, mask in (("arrays", arrays, problem, targets), ("files", in_files, problem, targets),
+                                       ("matrix", arrays, on_disk, targets_file)):
+        paths, cut = context_shards(config, given, mask, hidden, tmp_path / name, labels=labels,
                                     columns=columns, block_entries=120, family=True, remote=remote)
         assert len(paths) == len(cut) == len(expected)
         assert sorted(str(f) for f in (tmp_path / name).iterdir()) == sorted(paths)  # no chromosome file left

@@ -16,10 +16,10 @@ The series (issue 15) grow the genes with the donors fixed (``gene_scales``) and
 (``scales``). Each point is one ``geximpute impute`` end to end into Parquet, run as a new driver process (``python
 -m geximpute.apps.cli impute``) that joins the benchmark's Ray, so that the driver's memory is the imputation's own
 and not what training left in the benchmark's process. Every point records its peak RSS per process kind
-(:data:`PROCESS_KINDS`: the driver, the context actors, the predictor actors, the Parquet writers, the encode and
-the baseline tasks; the largest single process of each kind) and the growth between the first and the last point of
-each series. A bundle is tied to its gene set (:func:`geximpute.fit.bundle.check_compatible`), so each larger gene
-set gets its own bundle: prepare with training folds and a head fitted over the 1x networks
+(:data:`PROCESS_KINDS`: the driver, the context actors, the predictor actors, the Parquet writers, the encode, the
+baseline and the chromosome-cutting tasks; the largest single process of each kind) and the growth between the first
+and the last point of each series. A bundle is tied to its gene set (:func:`geximpute.fit.bundle.check_compatible`),
+so each larger gene set gets its own bundle: prepare with training folds and a head fitted over the 1x networks
 (:func:`geximpute.steps.pipeline.fit_head_and_save`).
 
 The promoter-encoder comparison replays the imputation's prediction call (``Bundle.predict``, what
@@ -85,7 +85,7 @@ TARGET_SERIES_TIME_GROWTH = 4.4
 #: process kinds of an imputation run, by the Ray worker's title (``ray::MapWorker(MapBatches(Predictor))``...):
 #: the first kind whose marker the title contains; other Ray workers are ``other_ray_workers``
 PROCESS_KINDS = (("context", ("ContextBuilder",)), ("predictor", ("Predictor",)), ("writer", ("Write",)),
-                 ("encoder", ("encode_haplotypes",)), ("baselines", ("baseline_range",)))
+                 ("encoder", ("encode_haplotypes",)), ("baselines", ("baseline_range",)), ("cut", ("cut_chromosome",)))
 #: Ray's own processes (not workers), reported together as ``ray_system``
 RAY_SYSTEM = ("raylet", "gcs_server", "dashboard", "agent", "log_monitor", "monitor", "runtime_env")
 

@@ -249,6 +249,28 @@ def count_measured(matrix: np.ndarray | MatrixFile, cells: int | None = None) ->
     return sum(int(np.count_nonzero(~np.isnan(matrix[lo : lo + step]))) for lo in range(0, len(matrix), step))
 
 
+def row_sums(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> np.ndarray:
+    """(rows,) int64 sums of each row of a bool (or integer) matrix: an array's at once, a file's a pass at a time."""
+    if not isinstance(matrix, MatrixFile):
+        return np.asarray(matrix.sum(axis=1), np.int64)
+    step = pass_rows(matrix, cells)
+    out = np.zeros(len(matrix), np.int64)
+    for lo in range(0, len(matrix), step):
+        out[lo : lo + step] = matrix[lo : lo + step].sum(axis=1)
+    return out
+
+
+def column_sums(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> np.ndarray:
+    """(columns,) int64 sums of each column of a bool (or integer) matrix, likewise."""
+    if not isinstance(matrix, MatrixFile):
+        return np.asarray(matrix.sum(axis=0), np.int64)
+    step = pass_rows(matrix, cells)
+    out = np.zeros(matrix.shape[1], np.int64)
+    for lo in range(0, len(matrix), step):
+        out += matrix[lo : lo + step].sum(axis=0)
+    return out
+
+
 def materialise(values: np.ndarray | MatrixFile | None) -> np.ndarray | None:
     """``values`` as an array: a matrix file (or window) read whole, an array as it is."""
     return values.read() if isinstance(values, MatrixFile) else values

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from geximpute import schema as S
+from geximpute.io.matrixfile import MatrixFile, row_sums
 from geximpute.science.groups import group_sums
 from geximpute.science.problem import VisibleProblem, gene_rows, pass_rows
 
@@ -265,10 +266,11 @@ def make_shard(
     )
 
 
-def entry_offsets(targets: np.ndarray) -> np.ndarray:
-    """(G + 1,) the position in ``np.nonzero(targets)`` order of each gene's first target entry (and their count)."""
+def entry_offsets(targets: np.ndarray | MatrixFile) -> np.ndarray:
+    """(G + 1,) the position in ``np.nonzero(targets)`` order of each gene's first target entry (and their count);
+    a mask in a file is summed a pass of rows at a time."""
     offsets = np.zeros(len(targets) + 1, np.int64)
-    np.cumsum(targets.sum(axis=1), out=offsets[1:])
+    np.cumsum(row_sums(targets), out=offsets[1:])
     return offsets
 
 

@@ -51,7 +51,7 @@ from geximpute.fit.bundle import check_compatible, compatibility, head_estimates
 from geximpute.fit.models import baseline_column
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import from_model_scale
-from geximpute.io.matrixfile import MatrixFile
+from geximpute.io.matrixfile import PASS_CELLS, MatrixFile, column_sums, materialise, row_sums
 from geximpute.model.inference import inference_device
 from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
@@ -77,9 +77,9 @@ from geximpute.science.promoters import (
     one_hot_codes,
     promoter_codes,
 )
-from geximpute.science.shards import STATS_ROWS, RangeFileColumns, entry_offsets
+from geximpute.science.shards import STATS_ROWS, RangeFileColumns, chromosome_spans, entry_offsets
 from geximpute.science.shards import blocks as entry_blocks
-from geximpute.steps.prepare import SPILLED_PATH, SpilledBlocks, context_records, context_shards
+from geximpute.steps.prepare import CUT_TASK_CELLS, SPILLED_PATH, SpilledBlocks, context_records, context_shards
 
 log = logging.getLogger(__name__)
 
@@ -281,19 +281,27 @@ def target_mask(
     problem: VisibleProblem, donors: Iterable[str] = (), tissues: Iterable[str] = (), include_observed: bool = False
 ) -> np.ndarray:
     """(G, S) bool: the entries to predict: unmeasured entries of the selected samples, and with
-    ``include_observed`` their measured entries too."""
+    ``include_observed`` their measured entries too. Of a problem kept in a file, a mask in a file beside it
+    (``<values>.targets``)."""
     d_sel = _indices(problem.donors, donors, "impute.donors")
     t_sel = _indices(problem.tissues, tissues, "impute.tissues")
     chosen = np.isin(problem.donor_index, d_sel) & np.isin(problem.tissue_index, t_sel)
-    targets = np.empty(problem.values.shape, bool)
+    on_disk = isinstance(problem.values, MatrixFile)
+    if on_disk:  # beside the values' file, written a pass at a time
+        targets = MatrixFile.create(f"{problem.values.path}.targets", problem.values.shape, bool)
+    else:
+        targets = np.empty(problem.values.shape, bool)
     step = pass_rows(problem.n_samples, problem.n_genes, WIDEN_CELLS)  # one mask, no (G, S) temporaries beside it
     for lo in range(0, problem.n_genes, step):
-        part = targets[lo : lo + step]
+        part = np.empty((min(step, problem.n_genes - lo), problem.n_samples), bool) if on_disk \
+            else targets[lo : lo + step]
         if include_observed:
             part[:] = True
         else:
             np.isnan(problem.values[lo : lo + step], out=part)
         part &= chosen
+        if on_disk:
+            targets[lo : lo + step] = part
     return targets
 
 
@@ -335,7 +343,7 @@ def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: Stac
     (:func:`~geximpute.science.baselines.range_families`, one object for every task), of which the range's
     ``genes`` (lo, hi) are read by ``gene_family``."""
     problem = in_memory(problem)  # the range's window of a matrix file: its rows read here, not in the driver
-    gi, si = np.nonzero(targets)
+    gi, si = np.nonzero(materialise(targets))
     estimates = range_estimates(problem, gi, si, baselines.names, baselines.settings, seed=baselines.seed,
                                 composition=baselines.composition,
                                 family=None if family is None else family.part(slice(*genes)))
@@ -378,7 +386,8 @@ def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targe
                 progress.advance()
             path = str((folder / f"range-{i:05d}.npz").absolute())
             part = dataclasses.replace(baselines, composition=baselines.composition[lo:hi])
-            pending.append(task.remote(gene_rows(problem, lo, hi), targets[lo:hi], part, path, family_ref, (lo, hi)))
+            rows = targets.window(lo, hi) if isinstance(targets, MatrixFile) else targets[lo:hi]  # a task reads its own
+            pending.append(task.remote(gene_rows(problem, lo, hi), rows, part, path, family_ref, (lo, hi)))
             files.append(path)
         for ref in pending:
             ray.get(ref)
@@ -725,7 +734,7 @@ def predictor_pool(config: Config, targets: np.ndarray) -> tuple[int, dict[str, 
     (a small run's several chromosomes make several small shards, not work for several actors that each load the
     bundle)."""
     n_gpus = gpus_to_use(config)
-    n_actors = n_gpus or min(config.impute.predictors, max(1, -(-int(targets.sum()) // BLOCK_ENTRIES)))
+    n_actors = n_gpus or min(config.impute.predictors, max(1, -(-int(row_sums(targets).sum()) // BLOCK_ENTRIES)))
     cpus = config.ray.cpus_per_task
     return n_actors, ({"num_cpus": cpus, "num_gpus": 1} if n_gpus else {"num_cpus": cpus})
 
@@ -736,7 +745,7 @@ def record_bytes(config: Config, problem: VisibleProblem, targets: np.ndarray, e
     donor's other measured samples), plus ``extra_columns`` float32 columns (the stacked baselines', the family
     level). An upper bound of the tokens: a neighbour or tissue token also needs the gene's own neighbour or value
     measured there."""
-    per_sample = targets.sum(axis=0).astype(np.float64)
+    per_sample = column_sums(targets).astype(np.float64)
     n = per_sample.sum()
     if n == 0:
         return RECORD_FIXED_BYTES
@@ -827,14 +836,14 @@ def run_pipeline(
                                                 out / HAPLOTYPES_FOLDER, config.promoter.length)
             else:  # networks without a promoter branch read no table
                 haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
-        # nothing hidden; np.zeros (not zeros_like): its pages are the system's zero page until written
-        shards, cut = context_shards(config, problem, targets, np.zeros(targets.shape, bool), out / SHARDS_FOLDER,
+        shards, cut = context_shards(config, problem, targets, None, out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family)
         per_record = record_bytes(config, problem, targets,
                                   (len(baselines.head_names) if baselines else 0) + int(reads_family))
         if release_values:  # everything the stream reads is in the shards now
-            if isinstance(problem.values, MatrixFile):
-                problem.values.unlink()
+            for done in (problem.values, targets):
+                if isinstance(done, MatrixFile):
+                    done.unlink()
             problem.values = None
             release_unused_memory()
         # blocks of entries whose records are built; the stream predicts and writes each soon after
@@ -1009,7 +1018,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
         problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
         n_virtual = int(virtual.sum())
     targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
-    n_targets = int(targets.sum())
+    n_targets = int(row_sums(targets).sum())
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=list(settings.donors), tissues=list(settings.tissues),
@@ -1066,7 +1075,8 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
 #: donors x 10 tissues, default model, 44afd6e: context 356, predictor 701, writer 591 MiB peak; the driver measured
 #: as itself at ba33a7d, 605 MiB: the 1,876 recorded at 44afd6e was the benchmark process; docs/benchmarks.md
 #: "Genome scale"), rounded: where the data are that small, what the process holds besides them
-PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 550, "baselines": 350}
+PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 550, "baselines": 350,
+                   "cut": 350}  # a chromosome's cutting task: taken as a baseline task's (not measured at that size)
 #: float64 copies of a gene range's (genes x cells) values that fitting the stacked baselines holds at once, about
 #: (the cube, its deviations, masks, iterative_ridge's and chained_boosting's fills, kept for the range's other
 #: methods (shared_fill), chained_boosting's next round, float32 features and the fills of its other bags
@@ -1095,8 +1105,9 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     rate measured by the last run into the same output folder, the projected wall time for ``workers`` predictor
     actors.
 
-    Memory is estimated from the sizes involved (the problem's (G, S) matrix and its copies, one gene range's
-    baseline estimates and, for networks that read the family level, the family sums in the driver; the largest
+    Memory is estimated from the sizes involved (passes over the problem's (G, S) matrix and targets mask, which
+    the run keeps in files, one gene range's baseline estimates and, for networks that read the family level, the
+    family sums in the driver; the largest chromosome's rows in the task that cuts its shards; the largest
     gene range's values in a baseline task, the largest shard and its block of context records, the bundle's
     files) over
     :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
@@ -1113,7 +1124,6 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     n_entries = int(targets.sum())
     n_genes, n_samples = problem.values.shape
     mib = 1 / 2**20
-    matrix = n_genes * n_samples * 4 * mib
     try:
         bundle = load_bundle(bundle_dir)
     except FileNotFoundError as exc:
@@ -1144,12 +1154,18 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
         # FamilyLevels where the shards are cut, or for gene_family's ranges (one at a time)
         family = (family_rows(problem.gene_names) * n_samples * 12
                   + n_genes * min(n_samples, FAMILY_CHUNK) * 8 * 2) * mib
+    # the largest chromosome's rows of the values and the two masks: what its cutting task reads (the driver
+    # itself, for a problem under CUT_TASK_CELLS)
+    chromosome = max((end - first for first, end in chromosome_spans(problem.chroms)), default=0)
+    cut_mb = chromosome * n_samples * (4 + 1 + 1) * mib
+    in_driver = n_genes * n_samples < CUT_TASK_CELLS
     peak = {
-        # one matrix: the one read (a block at a time), scaled in place, then widened with the missing profiles
-        # while it shrinks, beside the targets mask (measured: 2,768 MiB of arrays at 20,000 genes x 17,382 samples
-        # of counts, 28,440 with the missing profiles, docs/benchmarks.md); one gene range's baseline estimates; the
-        # family sums when the networks read the family level
-        "driver": PROCESS_BASE_MB["driver"] + matrix + n_genes * n_samples * mib + estimates + family,
+        # the matrix and the targets mask in files beside the output, read and written a pass of rows at a time
+        # (a float32 pass and its conversions; measured: 1,193 MiB in all at 20,000 genes x 17,382 samples of
+        # counts, docs/benchmarks.md "The matrix on disk"); one gene range's baseline estimates; the family sums
+        # when the networks read the family level; a chromosome's rows where the driver cuts the shards itself
+        "driver": (PROCESS_BASE_MB["driver"] + 3 * PASS_CELLS * 4 * mib + estimates + family
+                   + (cut_mb if in_driver else 0.0)),
         # one shard at a time (geximpute.science.shards) and its block of records
         "context": PROCESS_BASE_MB["context"] + shard_mb + block_records * mib,
         # the bundle in memory (about its files), one batch through the network (activations about 50x the
@@ -1157,6 +1173,8 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
         "predictor": PROCESS_BASE_MB["predictor"] + 2 * bundle_mb + 50 * batch_records * mib,
         "writer": PROCESS_BASE_MB["writer"] + 2 * batch_records * mib,
     }
+    if not in_driver:  # a chromosome's cutting task: its rows, its genes' statistics, one shard at a time
+        peak["cut"] = PROCESS_BASE_MB["cut"] + cut_mb + shard_mb + (family if bundle.reads_family else 0.0)
     if ranges:  # a baseline task: one gene range's values in float64 copies (and the families' sums it reads)
         peak["baselines"] = (PROCESS_BASE_MB["baselines"] + BASELINE_COPIES * range_genes * per_gene * 8 * mib
                              + (family if ranged_family else 0.0))

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.io.dataset import Dataset, load_dataset
+from geximpute.io.matrixfile import MatrixFile, materialise
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
@@ -275,8 +276,8 @@ def read_shard(path: str) -> Shard:
 def context_shards(
     config: Config,
     problem: VisibleProblem,
-    targets: np.ndarray,
-    hidden: np.ndarray,
+    targets: np.ndarray | MatrixFile,
+    hidden: np.ndarray | None,
     folder: Path,
     labels: np.ndarray | None = None,
     columns: dict[str, np.ndarray] | EntryColumns | None = None,
@@ -296,7 +297,9 @@ def context_shards(
     (``{name: (N,)}`` or :class:`~geximpute.science.shards.EntryColumns`, one value per target entry in
     ``np.nonzero(targets)`` order, each record's in its column ``name``). ``folder`` must be readable by every node
     that runs a context actor or a cutting task, as the output folder already is (the writers write there):
-    callers put it inside their staging folder and remove it before they commit.
+    callers put it inside their staging folder and remove it before they commit. A problem and a ``targets``
+    mask kept in files (:class:`~geximpute.io.matrixfile.MatrixFile`, `impute`'s) hand each chromosome's task a
+    window of each, which it reads itself. ``hidden``: None where nothing is hidden.
 
     Returns:
         (the shard files, their blocks), in the same order: the constructor argument ``shards`` of
@@ -335,7 +338,8 @@ def context_shards(
                 problem=gene_rows(problem, first, end), first=first,
                 blocks=[dataclasses.replace(b, lo=b.lo - first, hi=b.hi - first)
                         for b in cut[first_block : first_block + n_blocks]],
-                first_block=first_block, targets=targets[first:end], hidden=hidden[first:end],
+                first_block=first_block, targets=_rows(targets, first, end),
+                hidden=np.zeros((end - first, problem.n_samples), bool) if hidden is None else hidden[first:end],
                 stats=stats.rows(first, end),
                 genomes=None if problem.genomes is None else problem.genomes.gene_range(first, end),
                 genetic_shrinkage=config.context.genetic_shrinkage,
@@ -359,8 +363,13 @@ def context_shards(
     for ref, at in pending.items():
         written[at] = ray.get(ref)
     paths = [path for at in sorted(written) for path in written[at]]  # in block order, whatever order tasks ended
-    log.debug("%d shards of %d target entries written to %s", len(paths), int(targets.sum()), folder)
+    log.debug("%d shards of %d target entries written to %s", len(paths), sum(b.entries for b in cut), folder)
     return paths, cut
+
+
+def _rows(mask: np.ndarray | MatrixFile, lo: int, hi: int) -> np.ndarray | MatrixFile:
+    """Rows ``lo:hi`` of a mask: a view of an array, a window of a file (read by the task that cuts them)."""
+    return mask.window(lo, hi) if isinstance(mask, MatrixFile) else mask[lo:hi]
 
 
 @dataclass
@@ -401,6 +410,7 @@ def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
         Path(part).unlink()
         part = loaded
     part.problem = in_memory(part.problem)  # a window of the driver's matrix file: this chromosome's rows read here
+    part.targets = materialise(part.targets)
     first, problem = part.first, part.problem
     level = None if family is None else functools.partial(_level_at, family, first)
     genetic = None
