@@ -109,6 +109,7 @@ def test_nightly_imputes_each_new_donor_once_and_quarantines_bad_inputs(data, bu
     ledger = json.loads(ledger_path(config).read_text())["donors"]
     assert sorted(ledger) == ["NEW-001", "NEW-002"] and ledger["NEW-001"]["rows"] == counts["NEW-001"]
     assert not lock_path(config).exists()
+    assert not list(root.parent.glob(f".{root.name}.matrix-*"))  # the run's matrix on disk: gone with the run
     manifest = json.loads((root / "run_date=2026-01-01" / "_manifest.json").read_text())
     assert sorted(manifest["donors"]) == ["NEW-001", "NEW-002"] and sum(manifest["rows"].values()) == len(frame)
 

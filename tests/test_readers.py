@@ -485,7 +485,7 @@ def test_every_layout_read_into_a_matrix_file(write, tmp_path, name):
 def test_matrix_file_reads_like_an_array(tmp_path):
     import pickle
 
-    from geximpute.io.matrixfile import MatrixFile, count_measured, update_rows
+    from geximpute.io.matrixfile import MatrixFile, append_columns, count_measured, update_rows
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(37, 11)).astype(np.float32)
@@ -508,6 +508,9 @@ def test_matrix_file_reads_like_an_array(tmp_path):
     a[2:4] = 0
     update_rows(m, lambda b: np.multiply(b, 2, out=b), cells=30)
     np.testing.assert_array_equal(m.read(), a * 2)
+    extra = rng.normal(size=(37, 2)).astype(np.float32)
+    wider = append_columns(m, extra, tmp_path / "wider", cells=40)  # passes of three rows
+    np.testing.assert_array_equal(wider.read(), np.concatenate([a * 2, extra], axis=1))
     m.resize((5, 11))
     assert m.read().shape == (5, 11) and (tmp_path / "m").stat().st_size == 5 * 11 * 4
     with pytest.raises(IndexError):

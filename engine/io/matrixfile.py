@@ -249,6 +249,19 @@ def count_measured(matrix: np.ndarray | MatrixFile, cells: int | None = None) ->
     return sum(int(np.count_nonzero(~np.isnan(matrix[lo : lo + step]))) for lo in range(0, len(matrix), step))
 
 
+def append_columns(matrix: MatrixFile, extra: np.ndarray, path: str | Path, cells: int | None = None) -> MatrixFile:
+    """A new matrix file at ``path``: ``matrix``'s columns, then ``extra``'s ((rows, k)), written a pass of rows at a
+    time (``matrix`` is left as it is)."""
+    if len(extra) != len(matrix):
+        raise ValueError(f"append_columns: {len(extra)} rows of new columns for the {len(matrix)} of {matrix!r}")
+    out = MatrixFile.create(path, (len(matrix), matrix.shape[1] + extra.shape[1]), matrix.dtype)
+    step = pass_rows(out, cells)
+    for lo in range(0, len(matrix), step):
+        out[lo : lo + step] = np.concatenate([matrix[lo : lo + step], extra[lo : lo + step].astype(matrix.dtype)],
+                                             axis=1)
+    return out
+
+
 def row_sums(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> np.ndarray:
     """(rows,) int64 sums of each row of a bool (or integer) matrix: an array's at once, a file's a pass at a time."""
     if not isinstance(matrix, MatrixFile):

@@ -37,6 +37,7 @@ predicts every donor from the reference genome, the new ones too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -59,6 +60,7 @@ from geximpute.errors import ConfigError, GeximputeError, InputError
 from geximpute.fit.bundle import load_bundle
 from geximpute.io.dataset import load_dataset, window_regions
 from geximpute.io.expression import read_expression, to_model_scale
+from geximpute.io.matrixfile import MatrixFile, append_columns
 from geximpute.io.variants import read_variants
 from geximpute.runtime.atomic import (
     Lease,
@@ -67,6 +69,7 @@ from geximpute.runtime.atomic import (
     lease_seconds,
     read_json,
     resolve,
+    scratch_folder,
     staged_output,
     store_of,
     write_durable,
@@ -77,6 +80,7 @@ from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.genomes import add_donors, uncovered_chromosomes
 from geximpute.science.problem import VisibleProblem, make_problem
 from geximpute.steps.impute import (
+    MATRIX_FOLDER,
     OutputError,
     add_missing_profiles,
     check_bundle,
@@ -405,8 +409,13 @@ def extend_problem(problem: VisibleProblem, donors: list[NewDonor], tissues: tup
             tissue_index.append(tissue_of[tissue])
             columns.append(new.values[:, j])
     values = problem.values
+    own = False  # whether `values` is a matrix of this call's (then widened in place)
     if columns:
-        values = np.concatenate([values, np.stack(columns, axis=1).astype(np.float32)], axis=1)
+        extra = np.stack(columns, axis=1).astype(np.float32)
+        if isinstance(values, MatrixFile):  # a wider file beside it, a pass of rows at a time
+            values, own = append_columns(values, extra, f"{values.path}.extended"), True
+        else:
+            values = np.concatenate([values, extra], axis=1)
     extended = dataclasses.replace(
         problem,
         donors=names,
@@ -417,7 +426,7 @@ def extend_problem(problem: VisibleProblem, donors: list[NewDonor], tissues: tup
     )
     if getattr(extended, "genomes", None) is not None:  # per-donor genomes do not cover the new donors yet
         extended = dataclasses.replace(extended, genomes=None)
-    return add_missing_profiles(extended, [d.item.donor for d in donors], tissues)
+    return add_missing_profiles(extended, [d.item.donor for d in donors], tissues, in_place=own)
 
 
 # The run ------------------------------------------------------------------------------------------------------
@@ -523,8 +532,13 @@ def nightly(config: Config, *, run_date: str | None = None) -> NightlyResult:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{root}: cannot create the nightly output folder: {exc}") from exc
-    with run_lease(config) as lease:
-        return _run(config, root, day, lease)
+    with run_lease(config) as lease, contextlib.ExitStack() as stack:
+        try:  # the expression matrix's folder, beside the output root (as `impute`'s beside its output)
+            scratch = stack.enter_context(scratch_folder(root, MATRIX_FOLDER))
+        except OSError as exc:
+            raise OutputError(f"{root}: cannot create the folder of the run's expression matrix beside it: {exc}"
+                              ) from exc
+        return _run(config, root, day, lease, scratch)
 
 
 def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy: str
@@ -557,8 +571,9 @@ def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy
     return again, deferred
 
 
-def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
-    """The body of :func:`nightly`, under the run's lease."""
+def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> NightlyResult:
+    """The body of :func:`nightly`, under the run's lease; the reference expression matrix is kept in a file under
+    ``scratch`` (:class:`~geximpute.io.matrixfile.MatrixFile`), read a pass of rows at a time."""
     t0 = time.perf_counter()
     ledger_file = ledger_path(config)
     recorded = read_ledger(ledger_file)
@@ -586,8 +601,10 @@ def _run(config: Config, root: Path, day: str, lease: Lease) -> NightlyResult:
         bundle = load_bundle(model_dir(config))
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
-    dataset = load_dataset(config)  # with the reference donors' genomes, which the genetic score is fitted on
-    problem, _ = make_problem(dataset, hidden_mask=False, consume=True)  # the reader's matrix, scaled in place
+    # with the reference donors' genomes, which the genetic score is fitted on; the matrix written to a file as it
+    # is read, then scaled there
+    dataset = load_dataset(config, matrix=scratch / "expression.f32")
+    problem, _ = make_problem(dataset, hidden_mask=False, consume=True)
     dataset = dataclasses.replace(dataset, expression=None)  # the problem holds the values; the genome is kept
     release_unused_memory()  # what reading the inputs freed, back to the system
     check_bundle(bundle, model_dir(config), problem, config)
