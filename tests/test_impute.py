@@ -504,6 +504,16 @@ def test_gene_family_ranges_in_ray_tasks_read_the_whole_problems_families(ray_lo
     whole = baseline_estimates(problem, gi, si, ("gene_family",), dataclasses.replace(settings, block_cells=10**9))
     got = columns.take(np.arange(len(gi)))[baseline_column("gene_family")]
     np.testing.assert_allclose(got, whole["gene_family"], rtol=1e-6)
+    # the values and the targets in files (impute's), each task reading its range; the family levels the caller
+    # built already (the networks' family input) are used, not built again
+    from geximpute.io.matrixfile import MatrixFile
+
+    levels = baselines_module.family_levels(problem)
+    on_disk = dataclasses.replace(problem, values=MatrixFile.from_array(tmp_path / "values.f32", problem.values))
+    mask = MatrixFile.from_array(tmp_path / "targets.bool", targets)
+    monkeypatch.setattr(baselines_module, "family_levels", lambda p: pytest.fail("the family levels built again"))
+    in_files = baseline_columns(stacked, on_disk, mask, tmp_path / "ranges-files", 0.5, 2, levels)
+    np.testing.assert_array_equal(in_files.take(np.arange(len(gi)))[baseline_column("gene_family")], got)
 
 
 def test_record_bytes_estimate_the_records_the_stream_carries(tiny_model):

@@ -1371,14 +1371,15 @@ def applicable_entry_methods(problem: VisibleProblem, names: tuple[str, ...], co
     return entry_methods_skipped(problem, names, config, composition, task)[0]
 
 
-def range_families(problem: VisibleProblem, names: tuple[str, ...], ranges: list[tuple[int, int]]
-                   ) -> FamilyLevels | None:
+def range_families(problem: VisibleProblem, names: tuple[str, ...], ranges: list[tuple[int, int]],
+                   levels: FamilyLevels | None = None) -> FamilyLevels | None:
     """The whole problem's :class:`FamilyLevels` without its values, for ``gene_family`` fitted on each of several
     gene ``ranges`` (:meth:`FamilyLevels.part`); None where it is not among ``names``, the problem is one range or
-    it has no symbols. Its size is (families x samples), not (genes x samples)."""
+    it has no symbols. Its size is (families x samples), not (genes x samples). ``levels``: the problem's, where the
+    caller built them already (:func:`family_levels`)."""
     if "gene_family" not in names or len(ranges) < 2 or problem.gene_names is None:
         return None
-    return family_levels(problem).part(slice(None))
+    return (levels if levels is not None else family_levels(problem)).part(slice(None))
 
 
 def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,

@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -61,6 +62,7 @@ from geximpute.runtime.raytools import ensure_ray, execution_budget
 from geximpute.science.baselines import (
     FAMILY_CHUNK,
     FamilyLevels,
+    family_levels,
     family_rows,
     fit_ranges,
     range_estimates,
@@ -356,12 +358,14 @@ def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: Stac
 
 
 def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targets: np.ndarray, folder: Path,
-                     cpus: float, concurrency: int) -> RangeFileColumns:
+                     cpus: float, concurrency: int, levels: FamilyLevels | None = None) -> RangeFileColumns:
     """The stacked baselines' estimates at every target entry, fitted per gene range
     (:func:`geximpute.science.baselines.fit_ranges`, ``baselines.block_cells``) in Ray tasks of their own
     (:func:`baseline_range`, at most ``concurrency`` at once), each written to a file under ``folder`` (created
     here, inside the run's staging folder): the driver never fits them nor holds their estimates. The estimates are
     :meth:`geximpute.fit.bundle.Bundle.baseline_entries`' value for value.
+
+    ``levels``: the problem's family levels where the caller built them already (``gene_family`` reads them).
 
     Returns:
         the files as the :class:`~geximpute.science.shards.EntryColumns` the context shards take their columns from.
@@ -374,7 +378,7 @@ def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targe
     folder.mkdir(parents=True)
     task = ray.remote(baseline_range).options(num_cpus=cpus)
     # gene_family reads the whole problem's families in every range: put once, shared by every task
-    family = range_families(problem, baselines.names, ranges)
+    family = range_families(problem, baselines.names, ranges, levels)
     family_ref = ray.put(family) if family is not None else None
     del family
     files, pending = [], []
@@ -821,10 +825,13 @@ def run_pipeline(
     try:
         # the stacked head's baseline estimates, fitted per gene range in Ray tasks, travel with each block's
         # records: no predictor maps (G, S) grids, and the driver holds none of them
+        # the family levels, built once where the networks read them (a pass over the matrix): gene_family's
+        # ranges read the same
+        levels = family_levels(problem) if reads_family and problem.gene_names is not None else None
         columns = None
         if baselines is not None:
             columns = baseline_columns(baselines, problem, targets, out / BASELINES_FOLDER, cpus,
-                                       config.ray.concurrency)
+                                       config.ray.concurrency, levels)
         n_actors, resources = predictor_pool(config, targets)
         # the haplotypes' encode tasks start once the baselines are done: they run while the driver cuts the shards
         # and beside the stream's first blocks, not beside the baselines the driver waits for
@@ -837,7 +844,8 @@ def run_pipeline(
             else:  # networks without a promoter branch read no table
                 haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
         shards, cut = context_shards(config, problem, targets, None, out / SHARDS_FOLDER,
-                                     columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family)
+                                     columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family,
+                                     levels=levels)
         per_record = record_bytes(config, problem, targets,
                                   (len(baselines.head_names) if baselines else 0) + int(reads_family))
         if release_values:  # everything the stream reads is in the shards now
@@ -1084,12 +1092,14 @@ PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 55
 BASELINE_COPIES = 12
 
 
-def imputation_problem(config: Config, dataset: Any = None) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
+def imputation_problem(config: Config, dataset: Any = None, matrix: str | Path | None = None
+                       ) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
     """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags) of the config's inputs, as
-    :func:`impute` builds them with its default settings."""
+    :func:`impute` builds them with its default settings; with ``matrix`` (inputs read here) the values and the
+    targets are kept in files there (:class:`~geximpute.io.matrixfile.MatrixFile`), as :func:`impute` keeps them."""
     settings = config.impute
     owned = dataset is None  # inputs read here: one matrix throughout (scaled and widened in place)
-    problem, _ = make_problem(dataset or load_dataset(config), hidden_mask=False, consume=owned)
+    problem, _ = make_problem(dataset or load_dataset(config, matrix=matrix), hidden_mask=False, consume=owned)
     virtual = np.zeros(problem.n_samples, bool)
     if settings.missing_profiles:
         problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
@@ -1113,15 +1123,23 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
     measures).
     """
+    with tempfile.TemporaryDirectory(prefix="geximpute-plan-") as scratch:  # the matrix on disk, as `impute` keeps it
+        return _plan(config, model, out_dir, workers, dataset, None if dataset is not None else
+                     Path(scratch) / "expression.f32")
+
+
+def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, workers: int | None, dataset: Any,
+          matrix: Path | None) -> dict[str, Any]:
+    """:func:`impute_plan` with the inputs' matrix kept in ``matrix`` (None: the dataset given, in memory)."""
     settings = config.impute
     bundle_dir = Path(model or model_dir(config))
     out = Path(out_dir or output_dir(config))
-    problem, targets, virtual = imputation_problem(config, dataset)
+    problem, targets, virtual = imputation_problem(config, dataset, matrix)
     n_virtual = int(virtual.sum())
     cut = entry_blocks(problem, targets, BLOCK_ENTRIES)
     shards = [{"genes": [b.lo, b.hi], "chrom": str(problem.chroms[b.lo]), "donors": [b.donor_lo, b.donor_hi],
                "entries": b.entries} for b in cut]
-    n_entries = int(targets.sum())
+    n_entries = int(row_sums(targets).sum())
     n_genes, n_samples = problem.values.shape
     mib = 1 / 2**20
     try:

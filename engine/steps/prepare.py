@@ -41,7 +41,7 @@ from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
-from geximpute.science.baselines import family_levels, forms_families
+from geximpute.science.baselines import FamilyLevels, family_levels, forms_families
 from geximpute.science.folds import fold_problem, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
@@ -284,6 +284,7 @@ def context_shards(
     block_entries: int = BLOCK_ENTRIES,
     family: bool = False,
     remote: bool | None = None,
+    levels: FamilyLevels | None = None,
 ) -> tuple[list[str], list[Block]]:
     """Cut the records of the ``targets`` entries of ``problem`` into blocks and write each block's
     :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
@@ -297,7 +298,8 @@ def context_shards(
     (``{name: (N,)}`` or :class:`~geximpute.science.shards.EntryColumns`, one value per target entry in
     ``np.nonzero(targets)`` order, each record's in its column ``name``). ``folder`` must be readable by every node
     that runs a context actor or a cutting task, as the output folder already is (the writers write there):
-    callers put it inside their staging folder and remove it before they commit. A problem and a ``targets``
+    callers put it inside their staging folder and remove it before they commit. ``levels``: the problem's
+    :class:`~geximpute.science.baselines.FamilyLevels` where the caller built them already. A problem and a ``targets``
     mask kept in files (:class:`~geximpute.io.matrixfile.MatrixFile`, `impute`'s) hand each chromosome's task a
     window of each, which it reads itself. ``hidden``: None where nothing is hidden.
 
@@ -308,10 +310,11 @@ def context_shards(
     import ray
 
     stats = gene_stats(problem)
-    levels = None
+    given, levels = levels, None
     if family:
         if problem.gene_names is not None:
-            levels = functools.partial(family_levels(problem).level, shrinkage=config.baselines.fam_shrinkage)
+            levels = functools.partial((given or family_levels(problem)).level,
+                                       shrinkage=config.baselines.fam_shrinkage)
         else:
             levels = no_family_level
     cut = blocks(problem, targets, block_entries)
