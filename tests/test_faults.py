@@ -307,6 +307,32 @@ def test_unwritable_output_folder_is_a_clear_error(bundle, previous, tmp_path):
     assert len(read_output(result.out_dir)) == result.n_rows
 
 
+def test_no_room_for_the_runs_matrix_is_a_clear_error_and_leaves_nothing(bundle, previous, monkeypatch):
+    """A file system without room for the run's matrix beside the output: refused before it is written, naming
+    the folder and what it needs; the previous output untouched, the matrix's folder removed."""
+    import collections
+    import shutil
+
+    from geximpute.io import matrixfile
+
+    config, result = previous
+    out = result.out_dir
+    before, version = _fingerprint(out), resolve(out)
+    real = shutil.disk_usage
+
+    def full(path):  # the output's file system, as full as can be
+        usage = real(path)
+        return collections.namedtuple("usage", "total used free")(usage.total, usage.total, 0)
+
+    monkeypatch.setattr(matrixfile.shutil, "disk_usage", full)
+    with pytest.raises(OutputError) as caught:
+        impute(config, model=bundle, out_dir=out)
+    message = str(caught.value)
+    assert "expression matrix" in message and "ENOSPC" in message and "GiB" in message and str(out) in message
+    assert not list(out.parent.glob(f".{out.name}.matrix-*"))
+    assert resolve(out) == version and _fingerprint(out) == before
+
+
 def test_disk_full_while_writing_commits_nothing(bundle, previous, monkeypatch):
     import geximpute.steps.impute as impute_module
 

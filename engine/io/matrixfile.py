@@ -15,7 +15,9 @@ holding those columns are touched, and they leave the process's resident set whe
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +47,29 @@ class MatrixFile:
         self.view = view
 
     @classmethod
-    def create(cls, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32) -> MatrixFile:
-        """A new file of ``shape`` (its content undefined until written; the file is sparse until then)."""
+    def create(cls, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32, *,
+               need: int | None = None) -> MatrixFile:
+        """A new file of ``shape`` (its content undefined until written; the file is sparse until then).
+
+        Args:
+            need: the free bytes its writing needs (default: the whole matrix's; less where another file shrinks
+                while it is written).
+
+        Raises:
+            OSError: ENOSPC, naming the file, where its file system has less free space than that (the file would
+                fail when written, part of the way through; a sparse file claims no space at first).
+        """
         out = cls(path, shape, dtype)
+        check_space(out.path, out.nbytes if need is None else need)
         with open(out.path, "wb") as f:
-            f.truncate(out.shape[0] * out.row_bytes)
+            f.truncate(out.nbytes)
         return out
 
     @classmethod
     def from_array(cls, path: str | Path, values: np.ndarray) -> MatrixFile:
         """A new file holding ``values`` (2-D)."""
         out = cls(path, values.shape, values.dtype)
+        check_space(out.path, out.nbytes)
         with open(out.path, "wb") as f:
             np.ascontiguousarray(values).tofile(f)
         return out
@@ -212,6 +226,14 @@ class MatrixFile:
     def unlink(self) -> None:
         """Remove the file (a window's: the whole file)."""
         Path(self.path).unlink(missing_ok=True)
+
+
+def check_space(path: str | Path, nbytes: int) -> None:
+    """Raise ENOSPC (naming ``path``) where the file system of ``path``'s folder has less than ``nbytes`` free."""
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the matrix needs {nbytes / 2**30:.2f} GiB and its "
+                      f"file system has {free / 2**30:.2f} GiB free", str(path))
 
 
 def _is_indices(key: Any) -> bool:

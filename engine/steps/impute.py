@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,9 +264,12 @@ def _widened_file(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> 
     place[order] = np.arange(len(order))
     place = place[: measured.shape[1]]
     n_genes = measured.shape[0]
-    values = MatrixFile.create(f"{measured.path}.wide", (n_genes, len(order)))
     step = pass_rows(len(order), n_genes, WIDEN_CELLS)
     owned = take and not measured.view
+    wide_bytes = n_genes * len(order) * 4
+    # where the given file shrinks behind each pass, the disk holds one matrix and a pass more
+    values = MatrixFile.create(f"{measured.path}.wide", (n_genes, len(order)),
+                               need=wide_bytes - measured.nbytes + step * len(order) * 4 if owned else wide_bytes)
     for hi in range(n_genes, 0, -step):
         lo = max(0, hi - step)
         part = np.full((hi - lo, len(order)), np.nan, np.float32)
@@ -933,6 +936,25 @@ def output_error(out: Path, err: OSError) -> OutputError:
     )
 
 
+@contextlib.contextmanager
+def matrix_errors(out: Path, matrix: str | Path | None) -> Iterator[None]:
+    """Turn an output error (full disk, quota, permissions) while the run writes its matrix file ``matrix`` into an
+    :class:`OutputError` that names the folder and what to do (other errors pass as they are)."""
+    try:
+        yield
+    except OSError as exc:
+        err = output_os_error(exc)
+        folder = None if matrix is None else Path(matrix).parent
+        if folder is None or err is None or (err.filename and not str(err.filename).startswith(str(folder))):
+            raise  # not the matrix's (an input's, say)
+        raise OutputError(
+            f"{folder}: cannot keep this run's expression matrix beside the output {out}: {err.strerror or err} "
+            f"[{errno.errorcode.get(err.errno or 0, 'error')}] ({err.filename or matrix}). Nothing was committed and "
+            f"the folder was removed. Free space on that file system (the matrix takes genes x samples x 4 bytes, "
+            f"the targets mask a quarter of that) or write the output to another one"
+        ) from exc
+
+
 # The command --------------------------------------------------------------------------------------------------
 
 
@@ -1013,8 +1035,9 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                     raise
                 raise output_error(out, err) from exc
         consume = dataset is None
-        dataset = dataset or load_dataset(config, matrix=matrix)
-        problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, consume=consume)
+        with matrix_errors(out, matrix):
+            dataset = dataset or load_dataset(config, matrix=matrix)
+            problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, consume=consume)
         if dataset.variants is not None:
             genome_inputs = dataclasses.replace(dataset, expression=None)
         dataset = None
@@ -1022,10 +1045,11 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
     check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
-    if settings.missing_profiles:
-        problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
-        n_virtual = int(virtual.sum())
-    targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
+    with matrix_errors(out, getattr(problem.values, "path", None)):
+        if settings.missing_profiles:
+            problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
+            n_virtual = int(virtual.sum())
+        targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(row_sums(targets).sum())
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},

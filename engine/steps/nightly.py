@@ -60,7 +60,7 @@ from geximpute.errors import ConfigError, GeximputeError, InputError
 from geximpute.fit.bundle import load_bundle
 from geximpute.io.dataset import load_dataset, window_regions
 from geximpute.io.expression import read_expression, to_model_scale
-from geximpute.io.matrixfile import MatrixFile, append_columns
+from geximpute.io.matrixfile import MatrixFile, append_columns, row_sums
 from geximpute.io.variants import read_variants
 from geximpute.runtime.atomic import (
     Lease,
@@ -87,6 +87,7 @@ from geximpute.steps.impute import (
     donor_promoter_sequences,
     head_baselines,
     make_run_id,
+    matrix_errors,
     model_dir,
     output_error,
     output_os_error,
@@ -479,7 +480,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
             rows_by_donor = _rows_by_donor(staging, run_id)
             entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),
                            "vcf_sha256": next(n.vcf_sha256 for n in chunk if n.item.donor == d)} for d in donors}
-            expected = int(targets.sum())
+            expected = int(row_sums(targets).sum())
             if sum(e["rows"] for e in entries.values()) != expected:
                 raise GeximputeError(f"{partition}: {sum(e['rows'] for e in entries.values())} rows written for "
                                      f"{expected} target entries; nothing committed")
@@ -603,8 +604,9 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
         raise GeximputeError(str(exc)) from exc
     # with the reference donors' genomes, which the genetic score is fitted on; the matrix written to a file as it
     # is read, then scaled there
-    dataset = load_dataset(config, matrix=scratch / "expression.f32")
-    problem, _ = make_problem(dataset, hidden_mask=False, consume=True)
+    with matrix_errors(root, scratch / "expression.f32"):  # no room for it: a clear error, nothing written
+        dataset = load_dataset(config, matrix=scratch / "expression.f32")
+        problem, _ = make_problem(dataset, hidden_mask=False, consume=True)
     dataset = dataclasses.replace(dataset, expression=None)  # the problem holds the values; the genome is kept
     release_unused_memory()  # what reading the inputs freed, back to the system
     check_bundle(bundle, model_dir(config), problem, config)
@@ -621,7 +623,8 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
     if not valid:
         return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred)
 
-    extended, virtual = extend_problem(problem, valid, config.impute.tissues)
+    with matrix_errors(root, scratch / "expression.f32"):
+        extended, virtual = extend_problem(problem, valid, config.impute.tissues)
     extended = donor_haplotypes(extended, valid, dataset, problem.genomes)
     haplotypes = donor_promoter_sequences(extended)
     fingerprints = {k: v["sha256"] for k, v in input_fingerprints(config).items()}
