@@ -57,8 +57,8 @@ class VisibleProblem:
         split: (G,) int8 index into :data:`SPLITS` by held-out chromosome.
         sample_ids: (S,) sample ids; donor_index, tissue_index: (S,) int32 into ``donors`` and ``tissues``.
         values: (G, S) float32 on the modelling scale; NaN where not measured *or hidden*. Where `geximpute impute`
-            read the inputs itself, a :class:`~geximpute.io.matrixfile.MatrixFile` in its staging folder, read in
-            passes of rows (:func:`in_memory` reads a gene range's).
+            or `nightly` read the inputs themselves, a :class:`~geximpute.io.matrixfile.MatrixFile` in a folder of
+            the run's own beside the output, read in passes of rows (:func:`in_memory` reads a gene range's).
         tissue_corr: (T, T) float32 tissue-tissue correlation computed from visible values only.
         genomes: the donors' promoter haplotypes and variant dosages (:mod:`geximpute.science.genomes`), None without
             personal genomes. Genotypes are never hidden: a held-out donor's genome is what predicts it.
@@ -320,7 +320,8 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
     visible = values  # hidden in place (the truth above is a copy): one matrix, not two
     if hidden is not None:
         if isinstance(visible, MatrixFile):
-            raise ValueError("make_problem: entries are hidden from a matrix kept in memory, not from a matrix file")
+            raise ValueError("make_problem: hiding entries for an evaluation needs the matrix in memory; a matrix "
+                             "file is for imputation, which hides nothing")
         visible[hidden] = np.nan
     del values, hidden  # nothing below may see a hidden value
 
