@@ -1,7 +1,8 @@
 """A (rows x columns) matrix kept in a file on disk and read or written a range of rows at a time.
 
-`geximpute impute` keeps its expression matrix in one of these inside its staging folder: the reader writes each
-block of rows as it converts it, every later stage reads and writes bounded passes of rows, and each Ray task that
+`geximpute impute` and `geximpute nightly` keep their expression matrix in one of these, in a folder of the run's
+own beside the output (:func:`geximpute.runtime.atomic.scratch_folder`): the reader writes each block of rows as it
+converts it, every later stage reads and writes bounded passes of rows, and each Ray task that
 needs a range of genes (a chromosome's shards, a gene range's stacked baselines) reads those rows from the file
 itself (:meth:`MatrixFile.window`, which pickles as a path and offsets). The driver then never holds the whole
 (genes x samples) matrix (issue 15's metadata-only driver; docs/benchmarks.md "The matrix on disk").
