@@ -307,6 +307,12 @@ def column_sums(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> np
     return out
 
 
+def row_range(matrix: np.ndarray | MatrixFile, lo: int, hi: int) -> np.ndarray | MatrixFile:
+    """Rows ``lo:hi``, nothing read: a view of an array, a :meth:`MatrixFile.window` of a file (what a task that
+    reads its own rows is handed)."""
+    return matrix.window(lo, hi) if isinstance(matrix, MatrixFile) else matrix[lo:hi]
+
+
 def materialise(values: np.ndarray | MatrixFile | None) -> np.ndarray | None:
     """``values`` as an array: a matrix file (or window) read whole, an array as it is."""
     return values.read() if isinstance(values, MatrixFile) else values

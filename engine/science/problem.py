@@ -22,7 +22,7 @@ from geximpute.errors import ConfigError
 from geximpute.io.chroms import chrom_key
 from geximpute.io.dataset import Dataset, gene_symbols
 from geximpute.io.expression import to_model_scale
-from geximpute.io.matrixfile import MatrixFile, count_measured
+from geximpute.io.matrixfile import MatrixFile, count_measured, row_range
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.groups import group_sums
 
@@ -108,8 +108,8 @@ def gene_subset(problem: VisibleProblem, rows: np.ndarray) -> VisibleProblem:
 
 
 def _genes(problem: VisibleProblem, rows: slice | np.ndarray) -> VisibleProblem:
-    if isinstance(problem.values, MatrixFile) and isinstance(rows, slice):  # a window of the file: nothing read
-        values = problem.values.window(rows.start or 0, problem.n_genes if rows.stop is None else rows.stop)
+    if isinstance(rows, slice):  # a view, or a window of a matrix file: nothing read
+        values = row_range(problem.values, rows.start or 0, problem.n_genes if rows.stop is None else rows.stop)
     else:
         values = problem.values[rows]
     return dataclasses.replace(

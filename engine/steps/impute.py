@@ -52,7 +52,7 @@ from geximpute.fit.bundle import check_compatible, compatibility, head_estimates
 from geximpute.fit.models import baseline_column
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import from_model_scale
-from geximpute.io.matrixfile import PASS_CELLS, MatrixFile, column_sums, materialise, row_sums
+from geximpute.io.matrixfile import PASS_CELLS, MatrixFile, column_sums, materialise, row_range, row_sums
 from geximpute.model.inference import inference_device
 from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
@@ -211,8 +211,6 @@ def add_missing_profiles(
     order = np.lexsort((virtual, donor_index, tissue_index))
     if in_place and np.array_equal(order, np.arange(len(order))):
         values, problem.values = problem.values, None  # no sample added nor moved: the matrix as it is
-    elif isinstance(problem.values, MatrixFile):
-        values = _widened_file(problem, order, take=in_place)
     else:
         values = _widened(problem, order, take=in_place)
     out = dataclasses.replace(
@@ -225,10 +223,12 @@ def add_missing_profiles(
     return out, virtual[order]
 
 
-def _widened(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> np.ndarray:
+def _widened(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> np.ndarray | MatrixFile:
     """(G, len(order)) float32: ``problem.values``' columns in the places ``order`` puts them, NaN in the others,
     filled a pass of rows at a time from the last rows up. With ``take`` the problem's matrix is taken over
-    (``problem.values`` is None afterwards) and shrinks behind each pass, its rows freed as they are copied."""
+    (``problem.values`` is None afterwards) and shrinks behind each pass, its rows freed as they are copied. A
+    matrix file gives a matrix file beside it (``<name>.wide``; the given file truncated behind each pass, so that
+    the disk holds about one matrix, and removed at the end)."""
     measured = problem.values
     if take:
         problem.values = None  # this frame holds the only reference: the matrix can shrink where it is
@@ -237,47 +237,28 @@ def _widened(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> np.nd
     place[order] = np.arange(len(order))
     place = place[: measured.shape[1]]
     n_genes = measured.shape[0]
-    values = np.empty((n_genes, len(order)), np.float32)  # its pages are taken as the passes write them
     step = pass_rows(len(order), n_genes, WIDEN_CELLS)
-    for hi in range(n_genes, 0, -step):
-        lo = max(0, hi - step)
-        part = values[lo:hi]
-        part.fill(np.nan)
-        part[:, place] = measured[lo:hi]
-        if shrink:
-            try:
-                measured.resize((lo, measured.shape[1]))  # in place: its rows from lo on are freed
-            except ValueError:  # a view, or held elsewhere: copied whole, freed by its holder
-                log.debug("add_missing_profiles: the measured matrix is referenced elsewhere; it is copied whole")
-                shrink = False
-    return values
-
-
-def _widened_file(problem: VisibleProblem, order: np.ndarray, *, take: bool) -> MatrixFile:
-    """:func:`_widened` of a matrix file: the wider matrix written to a file beside it (``<name>.wide``), a pass of
-    rows at a time from the last rows up; with ``take`` the given file is truncated behind each pass (the disk holds
-    about one matrix) and removed at the end (``problem.values`` is None afterwards)."""
-    measured = problem.values
-    if take:
-        problem.values = None
-    place = np.empty(len(order), np.int64)
-    place[order] = np.arange(len(order))
-    place = place[: measured.shape[1]]
-    n_genes = measured.shape[0]
-    step = pass_rows(len(order), n_genes, WIDEN_CELLS)
-    owned = take and not measured.view
-    wide_bytes = n_genes * len(order) * 4
-    # where the given file shrinks behind each pass, the disk holds one matrix and a pass more
-    values = MatrixFile.create(f"{measured.path}.wide", (n_genes, len(order)),
-                               need=wide_bytes - measured.nbytes + step * len(order) * 4 if owned else wide_bytes)
+    on_disk = isinstance(measured, MatrixFile)
+    if on_disk:
+        wide_bytes = n_genes * len(order) * 4
+        # where the given file shrinks behind each pass, the disk holds one matrix and a pass more
+        shrinks = take and not measured.view
+        values = MatrixFile.create(f"{measured.path}.wide", (n_genes, len(order)),
+                                   need=wide_bytes - measured.nbytes + step * len(order) * 4 if shrinks else wide_bytes)
+    else:
+        values = np.empty((n_genes, len(order)), np.float32)  # its pages are taken as the passes write them
     for hi in range(n_genes, 0, -step):
         lo = max(0, hi - step)
         part = np.full((hi - lo, len(order)), np.nan, np.float32)
         part[:, place] = measured[lo:hi]
         values[lo:hi] = part
-        if owned:
-            measured.resize((lo, measured.shape[1]))
-    if owned:
+        if shrink:
+            try:
+                measured.resize((lo, measured.shape[1]))  # in place: its rows from lo on are freed
+            except ValueError:  # a view (of an array or a file), or held elsewhere: copied whole, kept by its holder
+                log.debug("add_missing_profiles: the measured matrix is referenced elsewhere; it is copied whole")
+                shrink = False
+    if on_disk and shrink:
         measured.unlink()
     return values
 
@@ -291,22 +272,19 @@ def target_mask(
     d_sel = _indices(problem.donors, donors, "impute.donors")
     t_sel = _indices(problem.tissues, tissues, "impute.tissues")
     chosen = np.isin(problem.donor_index, d_sel) & np.isin(problem.tissue_index, t_sel)
-    on_disk = isinstance(problem.values, MatrixFile)
-    if on_disk:  # beside the values' file, written a pass at a time
+    if isinstance(problem.values, MatrixFile):  # beside the values' file, written a pass at a time
         targets = MatrixFile.create(f"{problem.values.path}.targets", problem.values.shape, bool)
     else:
         targets = np.empty(problem.values.shape, bool)
     step = pass_rows(problem.n_samples, problem.n_genes, WIDEN_CELLS)  # one mask, no (G, S) temporaries beside it
     for lo in range(0, problem.n_genes, step):
-        part = np.empty((min(step, problem.n_genes - lo), problem.n_samples), bool) if on_disk \
-            else targets[lo : lo + step]
+        part = np.empty((min(step, problem.n_genes - lo), problem.n_samples), bool)
         if include_observed:
             part[:] = True
         else:
             np.isnan(problem.values[lo : lo + step], out=part)
         part &= chosen
-        if on_disk:
-            targets[lo : lo + step] = part
+        targets[lo : lo + step] = part
     return targets
 
 
@@ -393,8 +371,8 @@ def baseline_columns(baselines: StackedBaselines, problem: VisibleProblem, targe
                 progress.advance()
             path = str((folder / f"range-{i:05d}.npz").absolute())
             part = dataclasses.replace(baselines, composition=baselines.composition[lo:hi])
-            rows = targets.window(lo, hi) if isinstance(targets, MatrixFile) else targets[lo:hi]  # a task reads its own
-            pending.append(task.remote(gene_rows(problem, lo, hi), rows, part, path, family_ref, (lo, hi)))
+            pending.append(task.remote(gene_rows(problem, lo, hi), row_range(targets, lo, hi), part, path, family_ref,
+                                       (lo, hi)))
             files.append(path)
         for ref in pending:
             ray.get(ref)

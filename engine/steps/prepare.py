@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.io.dataset import Dataset, load_dataset
-from geximpute.io.matrixfile import MatrixFile, materialise
+from geximpute.io.matrixfile import MatrixFile, materialise, row_range
 from geximpute.runtime.atomic import staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
@@ -341,7 +341,7 @@ def context_shards(
                 problem=gene_rows(problem, first, end), first=first,
                 blocks=[dataclasses.replace(b, lo=b.lo - first, hi=b.hi - first)
                         for b in cut[first_block : first_block + n_blocks]],
-                first_block=first_block, targets=_rows(targets, first, end),
+                first_block=first_block, targets=row_range(targets, first, end),
                 hidden=np.zeros((end - first, problem.n_samples), bool) if hidden is None else hidden[first:end],
                 stats=stats.rows(first, end),
                 genomes=None if problem.genomes is None else problem.genomes.gene_range(first, end),
@@ -369,10 +369,6 @@ def context_shards(
     log.debug("%d shards of %d target entries written to %s", len(paths), sum(b.entries for b in cut), folder)
     return paths, cut
 
-
-def _rows(mask: np.ndarray | MatrixFile, lo: int, hi: int) -> np.ndarray | MatrixFile:
-    """Rows ``lo:hi`` of a mask: a view of an array, a window of a file (read by the task that cuts them)."""
-    return mask.window(lo, hi) if isinstance(mask, MatrixFile) else mask[lo:hi]
 
 
 @dataclass
