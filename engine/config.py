@@ -471,6 +471,12 @@ class TrainConfig:
             promoter, so that it cannot lean on recognising a training gene's promoter (0: never).
         max_failures: worker failures survived by resuming from the last checkpoint.
         max_examples_per_epoch: cap on examples per epoch (``None``: all).
+        max_fold_records: most labelled records a training fold writes (``None``: one per entry it hides). A fold
+            hides ``fold_fraction`` of the visible units; where they hold more entries than this, the records go to
+            a seeded random set of the fold's (gene, tissue) groups (:func:`geximpute.science.folds.fold_targets`;
+            the whole fold stays hidden, so each record's context is unchanged). Bounds prepare's training records,
+            the epochs and the head at genome scale (20,000 genes x 2,400 samples: 11 million entries a fold); the
+            real configs' folds hold 40,000-231,000 and are untouched.
         pretrain_epochs: gene-level pre-training of the promoter CNN before the network trains: most epochs of
             fitting the CNN to each visible gene's mean level from its reference promoter, keeping the epoch best
             on the validation genes and stopping after 3 without a better one once 8 have run (0: none; networks
@@ -499,6 +505,7 @@ class TrainConfig:
     drop_promoter: float = 0.0
     max_failures: int = 2
     max_examples_per_epoch: int | None = None
+    max_fold_records: int | None = 1_000_000
     pretrain_epochs: int = 20
     freeze_cnn: bool = True
 
@@ -520,6 +527,8 @@ class TrainConfig:
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "a probability in [0, 1)")
         _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")
+        _require(self.max_fold_records is None or self.max_fold_records >= 1, "train.max_fold_records",
+                 self.max_fold_records, "an integer >= 1, or null for every entry of a fold")
         _require(self.pretrain_epochs >= 0, "train.pretrain_epochs", self.pretrain_epochs, "an integer >= 0")
 
 

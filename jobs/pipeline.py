@@ -13,7 +13,10 @@ from geximpute.apps import cli
 from geximpute.jobs import step_args
 
 #: the ``geximpute`` subcommands the pipeline runs, in order
-STEPS: tuple[tuple[str, ...], ...] = (("prepare", "--training"), ("train",), ("fit-head",), ("impute",))
+#: (prepare writes the training folds only: train and fit-head read nothing else, and a context record of every
+#: measured entry would be the largest output of the run)
+STEPS: tuple[tuple[str, ...], ...] = (("prepare", "--training", "--targets", "none"), ("train",), ("fit-head",),
+                                      ("impute",))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

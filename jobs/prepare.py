@@ -1,5 +1,5 @@
-"""Ray job entry point: the promoter and context records with the labelled training folds (`geximpute prepare
---training`)."""
+"""Ray job entry point: the promoter records and the labelled training folds (`geximpute prepare --training
+--targets none`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from geximpute.jobs import step_args
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the step; returns its exit status (0 on success)."""
-    return cli.main(["prepare", "--training", *step_args("prepare", argv, __doc__)])
+    # the training folds alone: all that train and fit-head read
+    return cli.main(["prepare", "--training", "--targets", "none", *step_args("prepare", argv, __doc__)])
 
 
 if __name__ == "__main__":

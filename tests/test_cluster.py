@@ -235,7 +235,7 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize(("module", "command"), [
-    ("prepare", ["prepare", "--training"]), ("train", ["train"]), ("fit_head", ["fit-head"]),
+    ("prepare", ["prepare", "--training", "--targets", "none"]), ("train", ["train"]), ("fit_head", ["fit-head"]),
     ("impute", ["impute"]), ("nightly", ["nightly"]),
 ])
 def test_each_job_is_its_geximpute_step(calls, module, command):
@@ -251,7 +251,8 @@ def test_pipeline_runs_the_steps_in_order_and_stops_at_the_first_failure(calls):
     seen, fail = calls
     assert pipeline.main(["--config", "c.yaml"]) == 0
     assert [argv[0] for argv in seen] == ["prepare", "train", "fit-head", "impute"]
-    assert seen[0][:2] == ["prepare", "--training"] and all(argv[-2:] == ["--config", "c.yaml"] for argv in seen)
+    assert seen[0][:4] == ["prepare", "--training", "--targets", "none"]
+    assert all(argv[-2:] == ["--config", "c.yaml"] for argv in seen)
 
     seen.clear()
     fail.add("train")

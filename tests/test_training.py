@@ -48,16 +48,38 @@ def test_head_baseline_features_are_out_of_fold(tmp_path):
     config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"},
                                "evaluation": {"task": "entries"}, "train": {"folds": 2, "fold_fraction": 0.25},
                                "baselines": {"tune": False}})
-    oof, full = stacked_baselines(config, problem, tmp_path)
-    assert {"row_tissue", "iterative_ridge", "pairwise_regression"} <= set(oof) and set(oof) == set(full)
     masks = training_folds(problem, "entries", 2, 0.25, config.seed)
     fold = masks[0]
+    records = tmp_path / "records"
+
+    def write_fold_records(entries: list[np.ndarray]) -> None:
+        for k, mask in enumerate(entries):  # the folds' records: only their (gene, sample) are read here
+            gi, si = np.nonzero(mask)
+            (records / "train" / f"fold={k}").mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"gene_index": gi.astype(np.int32), "sample_index": si.astype(np.int32)}),
+                           records / "train" / f"fold={k}" / "part-0.parquet")  # replaces the one before
+        for name in ("promoters.parquet", "gene_promoters.parquet"):
+            (records / name).write_bytes((tmp_path / name).read_bytes())
+
+    write_fold_records(masks)
+    oof, full = stacked_baselines(config, problem, records)
+    assert {"row_tissue", "iterative_ridge", "pairwise_regression"} <= set(oof) and set(oof) == set(full)
     # every entry of a fold has an out-of-fold estimate
     for grid in oof.values():
         assert not np.isnan(grid[fold | masks[1]]).any()
+    # a fold whose records cover part of it (train.max_fold_records): estimates there alone, the same values
+    part = [m & (np.arange(m.shape[1])[None, :] % 3 == 0) for m in masks]
+    write_fold_records(part)
+    some, none = stacked_baselines(config, problem, records, visible_grids=False)
+    assert set(some) == set(none) == set(oof) and all(v is None for v in none.values())
+    for name in oof:
+        covered = part[0] | part[1]
+        np.testing.assert_array_equal(some[name][covered], oof[name][covered], err_msg=name)
+        assert np.isnan(some[name][~covered]).all(), name
+    write_fold_records(masks)
     # change the values of fold 0's entries: its estimates do not move, the all-visible ones do
     changed = dataclasses.replace(problem, values=np.where(fold, problem.values + 3.0, problem.values))
-    oof2, full2 = stacked_baselines(config, changed, tmp_path)
+    oof2, full2 = stacked_baselines(config, changed, records)
     for name in oof:
         np.testing.assert_allclose(oof2[name][fold], oof[name][fold], rtol=1e-5, atol=1e-5, err_msg=name)
         assert not np.allclose(full2[name][fold], full[name][fold]), name
@@ -67,6 +89,62 @@ def test_head_baseline_features_are_out_of_fold(tmp_path):
     assert cols.shape == (3, len(full))
     first = next(iter(full.values()))
     assert cols[0, 0] == first[0, 2] and cols[1, 0] == first[3, 5] and np.isnan(cols[2]).all()
+
+
+def test_fold_targets_draw_whole_gene_tissue_groups_up_to_the_limit():
+    from geximpute.science.folds import fold_targets
+
+    rng = np.random.default_rng(0)
+    tissue = np.repeat(np.arange(5), 12)  # 5 tissues of 12 samples
+    inner = rng.random((40, len(tissue))) < 0.3
+    total = int(inner.sum())
+    # within the limit, or without one: every entry of the fold
+    assert fold_targets(inner, tissue, None, 0) is inner
+    assert fold_targets(inner, tissue, total, 0) is inner
+    limit = total // 4
+    drawn = fold_targets(inner, tissue, limit, 0)
+    assert not (drawn & ~inner).any()  # inside the fold
+    assert 0.5 * limit < drawn.sum() <= limit
+    for t in range(5):  # each (gene, tissue) group: all of its fold entries or none
+        block, kept = inner[:, tissue == t], drawn[:, tissue == t]
+        whole = (kept == block).all(axis=1)
+        empty = ~kept.any(axis=1)
+        assert (whole | empty).all()
+    assert drawn.any(axis=1).sum() > 20  # groups of many genes, not a few genes' every tissue
+    np.testing.assert_array_equal(drawn, fold_targets(inner, tissue, limit, 0))  # seeded
+    assert not np.array_equal(drawn, fold_targets(inner, tissue, limit, 1))
+    # a limit below the smallest group still labels one group
+    assert fold_targets(inner, tissue, 1, 0).any()
+
+
+def test_training_folds_capped_are_the_uncapped_records_of_fewer_entries(tiny_model, tmp_path):
+    """``train.max_fold_records`` labels fewer entries of each fold, with the same context: every capped record is
+    the uncapped build's record of the same entry, column for column (the whole fold stays hidden); ``--targets
+    none`` writes no context record."""
+    import dataclasses
+
+    import pyarrow.dataset as pads
+
+    from geximpute.steps.prepare import prepare
+
+    full = tiny_model.records / "train"
+    n_full = [pads.dataset(full / f"fold={k}", partitioning="hive").count_rows() for k in range(2)]
+    limit = min(n_full) // 3
+    built = tiny_model.config
+    config = dataclasses.replace(built, output_dir=str(tmp_path),
+                                 train=dataclasses.replace(built.train, max_fold_records=limit))
+    out = prepare(config, tmp_path / "records", targets="none", training=True)
+    assert out.n_records == 0 and not any((tmp_path / "records" / "context").rglob("*.parquet"))
+    keys = ["gene_index", "sample_index"]
+    for k in range(2):
+        capped = pads.dataset(tmp_path / "records" / "train" / f"fold={k}", partitioning="hive").to_table()
+        whole = pads.dataset(full / f"fold={k}", partitioning="hive").to_table()
+        assert 0 < capped.num_rows <= limit < whole.num_rows
+        capped = capped.sort_by([(c, "ascending") for c in keys])
+        at = {(g, s): i for i, (g, s) in enumerate(zip(*(whole[c].to_pylist() for c in keys), strict=True))}
+        same = whole.take([at[(g, s)] for g, s in zip(*(capped[c].to_pylist() for c in keys), strict=True)])
+        for name in capped.column_names:
+            assert capped[name].equals(same[name].cast(capped[name].type)), name
 
 
 def _planted(n: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -269,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/records)")
     p.add_argument(
         "--targets",
-        choices=["all", "hidden", "visible"],
+        choices=["all", "hidden", "visible", "none"],
         default="all",
-        help="entries that get a context record (default all measured entries)",
+        help="entries that get a context record (default all measured entries; `none`: only the training folds, "
+             "all that train and fit-head read)",
     )
     p.add_argument("--training", action="store_true",
                    help="also write the labelled training folds that `train` and `fit-head` read")

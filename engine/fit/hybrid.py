@@ -58,6 +58,17 @@ def read_training(dirs: list[Path]) -> pa.Table:
     return pa.concat_tables(pads.dataset(d, format="parquet", partitioning="hive").to_table() for d in dirs)
 
 
+def record_entries(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(gene_index, sample_index) of the records of one training fold's folder: the entries of the fold that have
+    a record (``train.max_fold_records`` may leave the rest of the fold without one); empty for a fold without
+    records."""
+    data = pads.dataset(folder, format="parquet", partitioning="hive")
+    if "gene_index" not in data.schema.names:  # no records: the folder has no files to take a schema from
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    index = data.to_table(columns=["gene_index", "sample_index"])
+    return index["gene_index"].to_numpy().astype(np.int64), index["sample_index"].to_numpy().astype(np.int64)
+
+
 def split_folds(n_folds: int) -> tuple[list[int], list[int]]:
     """(folds that train the networks, folds that fit the heads).
 
@@ -172,20 +183,24 @@ def gene_composition(records_dir: Path, gene_ids: np.ndarray, upstream: int) -> 
                           upstream)
 
 
-def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
-                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path, *, visible_grids: bool = True
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
     """(out-of-fold grids, all-visible grids) of the entry baselines, ``{name: (G, S) float32}``, same names.
 
-    The out-of-fold grid holds, at each entry of training fold k, the estimate of a baseline fitted with fold k
-    hidden as well: the same folds as prepare's (:func:`geximpute.science.folds.training_folds`, same arguments), so
-    a head row's baseline features never saw its label. The all-visible grid is the baselines fitted on the whole
-    visible problem, as for hidden entries; neither sees a hidden value.
+    The out-of-fold grid holds, at each training record's entry of fold k, the estimate of a baseline fitted with
+    fold k hidden as well: the same folds as prepare's (:func:`geximpute.science.folds.training_folds`, same
+    arguments), so a head row's baseline features never saw its label. The all-visible grid is the baselines
+    fitted on the whole visible problem, as for hidden entries; neither sees a hidden value. Without
+    ``visible_grids`` (a bundle, which fits its baselines where it predicts) each name maps to None.
     """
     masks = fold_masks(config, problem)
     composition = gene_composition(records_dir, problem.gene_ids, config.promoter.upstream)
     task = config.evaluation.task  # the folds hide units as the task does: on `genes`, whole genes
+    entries = [record_entries(folder) for folder in fold_dirs(records_dir, list(range(len(masks))))]
     oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
-                                composition=composition, task=task)
+                                composition=composition, task=task, entries=entries)
+    if not visible_grids:
+        return {n: v.astype(np.float32) for n, v in oof.items()}, dict.fromkeys(oof)
     shape = problem.values.shape
     gi, si = (part.ravel() for part in np.indices(shape))
     full = baseline_estimates(problem, gi, si, ENTRY_METHODS, config.baselines, seed=config.seed,
@@ -247,13 +262,15 @@ def fit_hybrid(
     ablations: bool = True,
     problem: VisibleProblem | None = None,
     networks: list[TrainedNetwork] | None = None,
+    visible_grids: bool = True,
 ) -> HybridModels:
     """Cross-fit the hybrid on the K training folds (see the module docstring); with ``problem`` (the visible
     problem the folds were cut from) the head also reads the baselines' out-of-fold estimates. With ``ablations``
     also the promoter-only and context-only networks (trained on the first K - 1 folds, as
     :func:`train_hybrid_network`) and the head without the network. With one fold, the network and the head share
     it (:func:`split_folds`). ``networks``: the fold networks of :func:`train_fold_networks`, already trained
-    (default: trained here)."""
+    (default: trained here). ``visible_grids``: fit the baselines on the whole visible problem too, for the models
+    to predict its hidden entries (``evaluate``); a bundle, which fits them where it predicts, does without."""
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     n_folds = config.train.folds
@@ -283,7 +300,7 @@ def fit_hybrid(
                               fold_networks=fold_networks, stacked=True)
         oof: dict[str, np.ndarray] = {}
         if problem is not None:
-            oof, models.baselines = stacked_baselines(config, problem, records_dir)
+            oof, models.baselines = stacked_baselines(config, problem, records_dir, visible_grids=visible_grids)
             seconds["baselines_out_of_fold"] = round(time.perf_counter() - t, 1)
             log.info("hybrid: head reads the out-of-fold estimates of %s", ", ".join(oof) or "no baseline")
         t = time.perf_counter()

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from geximpute.config import Config
+from geximpute.errors import GeximputeError
 from geximpute.fit.head import HeadModel
 from geximpute.model.inference import TrainedNetwork, run_network
 from geximpute.science.head_features import engineered_features
@@ -147,6 +148,11 @@ def baseline_columns(grids: dict[str, np.ndarray | None], records: pa.Table) -> 
     s = records["sample_index"].to_numpy().astype(np.int64)
     for j, (name, grid) in enumerate(grids.items()):
         if grid is None:
+            if baseline_column(name) not in records.column_names:
+                raise GeximputeError(
+                    f"the head reads the estimates of {name}: these models hold no grid of them (a bundle's are "
+                    f"computed where it predicts: Bundle.baseline_grids) and the records carry no column "
+                    f"{baseline_column(name)}")
             out[:, j] = records[baseline_column(name)].to_numpy(zero_copy_only=False)
             continue
         inside = (g < grid.shape[0]) & (s < grid.shape[1])

@@ -1401,7 +1401,8 @@ def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_inde
 @one_blas_thread
 def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray], names: tuple[str, ...],
                           config: BaselinesConfig, *, seed: int = 0,
-                          composition: np.ndarray | None = None, task: str | None = None) -> dict[str, np.ndarray]:
+                          composition: np.ndarray | None = None, task: str | None = None,
+                          entries: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """Out-of-fold estimates of the entry methods for training units: the head features of the training folds.
 
     For each fold k, every method is fitted on ``problem`` with fold k's entries hidden as well
@@ -1413,13 +1414,15 @@ def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray],
         fold_masks: disjoint (G, S) bool masks (e.g. :func:`geximpute.science.folds.training_folds`).
         names: methods wanted; only applicable :data:`ENTRY_METHODS` are computed (under ``task``: see
             :func:`not_applicable`).
+        entries: per fold, the (gene, sample) indices to estimate, all inside its mask (the entries that have a
+            training record, :func:`geximpute.science.folds.fold_targets`); default every entry of the mask.
 
     Returns:
-        ``{name: (G, S) float32}``, the estimate at each fold entry, NaN elsewhere.
+        ``{name: (G, S) float32}``, the estimate at each estimated fold entry, NaN elsewhere.
     """
     out: dict[str, np.ndarray] = {}
-    for mask in fold_masks:
-        gi, si = np.nonzero(mask)
+    for k, mask in enumerate(fold_masks):
+        gi, si = np.nonzero(mask) if entries is None else entries[k]
         if len(gi) == 0:
             continue
         fold = fold_problem(problem, mask)

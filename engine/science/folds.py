@@ -62,6 +62,33 @@ def training_folds(
     return masks
 
 
+def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """(G, S) bool: the entries of a training fold (``inner``, one of :func:`training_folds`) that get a labelled
+    record. All of them when they are ``limit`` or fewer (None: no limit); else every entry of a seeded random set
+    of the fold's (gene, tissue) groups, drawn until the next group would pass ``limit``.
+
+    The whole fold stays hidden from the fold's problem, so every record's context is what it would be without the
+    limit; only fewer entries are labelled, and the records, the training epochs and the head's rows stop growing
+    with the data (``train.max_fold_records``). Whole (gene, tissue) groups are drawn, not single entries, so that
+    each group the head compares within (the ``samples`` task's donors of one gene in one tissue) keeps all its
+    rows; a gene keeps some of its tissues, so the genes drawn from stay as many as the groups allow. With one
+    sample per tissue (a median table) a group is one entry.
+    """
+    tissue_index = np.asarray(tissue_index, np.int64)
+    n_tissues = int(tissue_index.max(initial=-1)) + 1
+    counts = np.zeros((inner.shape[0], n_tissues), np.int64)
+    for t in range(n_tissues):
+        counts[:, t] = np.count_nonzero(inner[:, tissue_index == t], axis=1)
+    if limit is None or counts.sum() <= limit:
+        return inner
+    flat = counts.ravel()
+    order = np.random.default_rng((seed, 15_485_863)).permutation(np.flatnonzero(flat))
+    kept = max(1, int(np.searchsorted(np.cumsum(flat[order]), limit, side="right")))
+    keep = np.zeros(flat.shape, bool)
+    keep[order[:kept]] = True
+    return inner & keep.reshape(counts.shape)[:, tissue_index]
+
+
 def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray) -> VisibleProblem:
     """The problem with ``inner_hidden`` entries hidden as well; tissue correlations recomputed without them."""
     values = problem.values.copy()

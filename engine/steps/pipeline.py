@@ -145,7 +145,7 @@ def fit_head_and_save(
             baselines, _ = tuned_baselines(config, problem, composition, ENTRY_METHODS)
             config = dataclasses.replace(config, baselines=baselines)
         models = fit_hybrid(config, records, gene_ids, len(tissues), runs, ablations=False, problem=problem,
-                            networks=networks)
+                            networks=networks, visible_grids=False)
         n_head = models.head_rows
     sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
     version = save_bundle(models, output_path(config, out, "model"), sequences=sequences, gene_ids=gene_ids,

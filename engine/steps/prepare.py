@@ -42,7 +42,7 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import FamilyLevels, family_levels, forms_families
-from geximpute.science.folds import fold_problem, training_folds
+from geximpute.science.folds import fold_problem, fold_targets, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
@@ -556,12 +556,16 @@ def read_problem_index(folder: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def target_masks(problem: VisibleProblem, truth: HiddenTruth, which: str) -> tuple[np.ndarray, np.ndarray]:
-    """(targets, hidden) boolean (G, S) masks: ``all`` = visible + hidden, ``hidden`` or ``visible`` only."""
+    """(targets, hidden) boolean (G, S) masks: ``all`` = visible + hidden, ``hidden`` or ``visible`` only, or
+    ``none`` (training folds only)."""
     hidden = np.zeros(problem.values.shape, dtype=bool)
     hidden[truth.gene_index, truth.sample_index] = True
+    if which == "none":
+        return np.zeros_like(hidden), hidden
+    if which == "hidden":
+        return hidden, hidden
     visible = ~np.isnan(problem.values)
-    targets = {"all": visible | hidden, "hidden": hidden, "visible": visible}[which]
-    return targets, hidden
+    return (visible | hidden if which == "all" else visible), hidden
 
 
 def prepare(
@@ -579,7 +583,8 @@ def prepare(
         config: the resolved config; ``config.evaluation`` decides what is hidden.
         out_dir: output folder (default ``<output_dir>/records``); replaced atomically.
         dataset: an already loaded dataset (default: load the config's inputs).
-        targets: which entries get a context record: ``all``, ``hidden`` or ``visible``.
+        targets: which entries get a context record: ``all``, ``hidden``, ``visible`` or ``none`` (no context
+            records: what training reads is the training folds).
         training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`geximpute.science.folds`).
         force: replace ``out_dir`` even when it is not an earlier prepare output (:mod:`geximpute.runtime.atomic`).
     """
@@ -608,8 +613,13 @@ def prepare(
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
                                                      config.seed, whole_donors=config.evaluation.whole_donors)):
-                log.debug("prepare: training fold %d: %d re-hidden entries", f, int(inner.sum()))
-                parts.append(RecordPart(fold_problem(problem, inner), inner, inner,
+                labelled = fold_targets(inner, problem.tissue_index, t.max_fold_records, config.seed + f)
+                n_inner, n_labelled = int(inner.sum()), int(labelled.sum())
+                if n_labelled < n_inner:
+                    log.info("prepare: training fold %d hides %d entries; %d of them get a record (a random set of "
+                             "its (gene, tissue) groups: train.max_fold_records %d)", f, n_inner, n_labelled,
+                             t.max_fold_records)
+                parts.append(RecordPart(fold_problem(problem, inner), labelled, inner,
                                         staging / "train" / f"fold={f}", labels=problem.values))
         # the context records and every training fold's in one Ray Data execution
         counts = write_record_parts(config, parts, "prepare: context records" + (
