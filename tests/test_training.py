@@ -91,6 +91,40 @@ def test_head_baseline_features_are_out_of_fold(tmp_path):
     assert cols[0, 0] == first[0, 2] and cols[1, 0] == first[3, 5] and np.isnan(cols[2]).all()
 
 
+def test_out_of_fold_estimates_in_ray_tasks_are_the_in_process_ones(ray_local):
+    """fit-head's out-of-fold fits with each gene range in a Ray task give the in-process values, bit for bit,
+    ``gene_family`` reading the whole fold's families in every range."""
+    import dataclasses
+    import functools
+
+    from test_baselines import donor_data, problem_of
+
+    from geximpute.config import config_from_dict
+    from geximpute.fit.hybrid import estimates_in_tasks
+    from geximpute.science.baselines import ENTRY_METHODS, fit_ranges, out_of_fold_estimates
+    from geximpute.science.folds import training_folds
+
+    values, donor, tissue = donor_data(seed=4, n_genes=600, n_donors=20, n_tissues=3)
+    problem = problem_of(values, donor, tissue)
+    problem = dataclasses.replace(problem, gene_names=np.array([f"SLC{i % 40}A{i % 3}" for i in range(600)],
+                                                               dtype=object))
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"},
+                               "baselines": {"tune": False, "block_cells": 10_000},
+                               "ray": {"concurrency": 2, "cpus_per_task": 0.5}})
+    assert len(fit_ranges(problem, config.baselines.block_cells)) == 3
+    for task in ("entries", "genes"):  # gene_family on the genes task
+        masks = training_folds(problem, task, 2, 0.25, 0)
+        entries = [(gi[::2], si[::2]) for gi, si in (np.nonzero(m) for m in masks)]
+        here = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, task=task, entries=entries)
+        calls: list[int] = []
+        tasks = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, task=task, entries=entries,
+                                      estimate=estimates_in_tasks(config), progress=functools.partial(calls.append, 1))
+        assert len(calls) == 2 and list(tasks) == list(here)
+        assert ("gene_family" in here) == (task == "genes") and "promoter_composition" not in here
+        for name in here:
+            np.testing.assert_array_equal(tasks[name], here[name], err_msg=f"{task}: {name}")
+
+
 def test_fold_targets_draw_whole_gene_tissue_groups_up_to_the_limit():
     from geximpute.science.folds import fold_targets
 

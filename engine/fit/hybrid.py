@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,19 @@ from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.console import stage
 from geximpute.science.baselines import (
     ENTRY_METHODS,
+    FamilyLevels,
+    applicable_entry_methods,
     baseline_estimates,
     composition_of,
+    fit_ranges,
     out_of_fold_estimates,
+    range_estimates,
+    range_families,
     tune_settings,
 )
 from geximpute.science.folds import training_folds
 from geximpute.science.head_features import FEATURE_NAMES
-from geximpute.science.problem import SPLITS, VisibleProblem
+from geximpute.science.problem import SPLITS, VisibleProblem, gene_rows
 from geximpute.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
@@ -183,6 +189,63 @@ def gene_composition(records_dir: Path, gene_ids: np.ndarray, upstream: int) -> 
                           upstream)
 
 
+def _range_estimates(rows: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray, names: tuple[str, ...],
+                     settings: BaselinesConfig, seed: int, composition: np.ndarray | None,
+                     family: FamilyLevels | None, genes: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Ray task: :func:`~geximpute.science.baselines.range_estimates` of one gene range (``rows``: its genes and
+    every sample; ``genes``: (lo, hi) in the whole problem, where ``family``'s levels are read)."""
+    return range_estimates(rows, gene_index, sample_index, names, settings, seed=seed, composition=composition,
+                           family=None if family is None else family.part(slice(*genes)))
+
+
+def estimates_in_tasks(config: Config) -> Callable[..., dict[str, np.ndarray]]:
+    """:func:`~geximpute.science.baselines.baseline_estimates` (same arguments, the same values) with each gene
+    range (:func:`~geximpute.science.baselines.fit_ranges`) fitted in a Ray task of its own, at most
+    ``ray.concurrency`` at once with ``ray.cpus_per_task`` CPUs each, where Ray is running and the problem has
+    several ranges (else in this process): the out-of-fold fits of a genome-sized problem spread over the cluster's
+    CPUs, each task holding its range's rows, as imputation fits them."""
+
+    def estimate(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray, names: tuple[str, ...],
+                 settings: BaselinesConfig, *, seed: int = 0, composition: np.ndarray | None = None,
+                 task: str | None = None) -> dict[str, np.ndarray]:
+        import ray
+
+        ranges = fit_ranges(problem, settings.block_cells)
+        if len(ranges) == 1 or not ray.is_initialized():
+            return baseline_estimates(problem, gene_index, sample_index, names, settings, seed=seed,
+                                      composition=composition, task=task)
+        gene_index = np.asarray(gene_index, np.int64)
+        sample_index = np.asarray(sample_index, np.int64)
+        names = applicable_entry_methods(problem, names, settings, composition, task)
+        out = {name: np.full(len(gene_index), np.nan) for name in names} if len(gene_index) else {}
+        family = range_families(problem, names, ranges)
+        family_ref = ray.put(family) if family is not None else None  # one copy, read by every task
+        del family
+        remote = ray.remote(_range_estimates).options(num_cpus=config.ray.cpus_per_task)
+        pending: dict = {}
+
+        def collect(ref) -> None:
+            inside = pending.pop(ref)
+            for name, values in ray.get(ref).items():
+                out[name][inside] = values
+
+        for lo, hi in ranges:
+            inside = np.flatnonzero((gene_index >= lo) & (gene_index < hi))
+            if len(inside) == 0:
+                continue
+            while len(pending) >= config.ray.concurrency:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                collect(done[0])
+            pending[remote.remote(gene_rows(problem, lo, hi), gene_index[inside] - lo, sample_index[inside], names,
+                                  settings, seed, None if composition is None else composition[lo:hi], family_ref,
+                                  (lo, hi))] = inside
+        while pending:
+            collect(next(iter(pending)))
+        return out
+
+    return estimate
+
+
 def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path, *, visible_grids: bool = True
                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
     """(out-of-fold grids, all-visible grids) of the entry baselines, ``{name: (G, S) float32}``, same names.
@@ -197,14 +260,18 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
     composition = gene_composition(records_dir, problem.gene_ids, config.promoter.upstream)
     task = config.evaluation.task  # the folds hide units as the task does: on `genes`, whole genes
     entries = [record_entries(folder) for folder in fold_dirs(records_dir, list(range(len(masks))))]
-    oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
-                                composition=composition, task=task, entries=entries)
+    estimate = estimates_in_tasks(config)
+    with stage("baselines: out-of-fold estimates of the training folds", total=len(masks), unit="folds") as progress:
+        oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
+                                    composition=composition, task=task, entries=entries, estimate=estimate,
+                                    progress=progress.advance)
     if not visible_grids:
-        return {n: v.astype(np.float32) for n, v in oof.items()}, dict.fromkeys(oof)
+        return {n: oof[n].astype(np.float32) for n in ENTRY_METHODS if n in oof}, dict.fromkeys(
+            n for n in ENTRY_METHODS if n in oof)
     shape = problem.values.shape
     gi, si = (part.ravel() for part in np.indices(shape))
-    full = baseline_estimates(problem, gi, si, ENTRY_METHODS, config.baselines, seed=config.seed,
-                              composition=composition, task=task)
+    full = estimate(problem, gi, si, ENTRY_METHODS, config.baselines, seed=config.seed, composition=composition,
+                    task=task)
     names = [n for n in ENTRY_METHODS if n in oof and n in full]
     return ({n: oof[n].astype(np.float32) for n in names},
             {n: full[n].reshape(shape).astype(np.float32) for n in names})

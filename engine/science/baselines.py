@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -1402,7 +1403,9 @@ def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_inde
 def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray], names: tuple[str, ...],
                           config: BaselinesConfig, *, seed: int = 0,
                           composition: np.ndarray | None = None, task: str | None = None,
-                          entries: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+                          entries: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                          estimate: Callable[..., dict[str, np.ndarray]] | None = None,
+                          progress: Callable[[], object] | None = None) -> dict[str, np.ndarray]:
     """Out-of-fold estimates of the entry methods for training units: the head features of the training folds.
 
     For each fold k, every method is fitted on ``problem`` with fold k's entries hidden as well
@@ -1416,6 +1419,9 @@ def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray],
             :func:`not_applicable`).
         entries: per fold, the (gene, sample) indices to estimate, all inside its mask (the entries that have a
             training record, :func:`geximpute.science.folds.fold_targets`); default every entry of the mask.
+        estimate: :func:`baseline_estimates` or a function that computes the same (the fit layer's fits each gene
+            range in a Ray task); default :func:`baseline_estimates`.
+        progress: called after each fold.
 
     Returns:
         ``{name: (G, S) float32}``, the estimate at each estimated fold entry, NaN elsewhere.
@@ -1423,11 +1429,13 @@ def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray],
     out: dict[str, np.ndarray] = {}
     for k, mask in enumerate(fold_masks):
         gi, si = np.nonzero(mask) if entries is None else entries[k]
-        if len(gi) == 0:
-            continue
-        fold = fold_problem(problem, mask)
-        for name, est in baseline_estimates(fold, gi, si, names, config, seed=seed, composition=composition,
-                                            task=task).items():
-            grid = out.setdefault(name, np.full(problem.values.shape, np.nan, dtype=np.float32))
-            grid[gi, si] = est
+        if len(gi):
+            fold = fold_problem(problem, mask)
+            for name, est in (estimate or baseline_estimates)(fold, gi, si, names, config, seed=seed,
+                                                             composition=composition, task=task).items():
+                grid = out.setdefault(name, np.full(problem.values.shape, np.nan, dtype=np.float32))
+                grid[gi, si] = est
+            del fold
+        if progress is not None:
+            progress()
     return out

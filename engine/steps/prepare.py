@@ -478,13 +478,16 @@ def context_records(shards: list[str], config: Config, concurrency: int, progres
 class RecordPart:
     """One set of records that :func:`write_record_parts` writes: those of the ``targets`` entries of ``problem``
     into the Parquet folder ``out``, each record's ``target`` from ``labels`` ((G, S); default the problem's own
-    values)."""
+    values). ``fold``: entries hidden from ``problem`` as well (a training fold's,
+    :func:`~geximpute.science.folds.fold_problem`), when this part's shards are cut: one fold's copy of the values
+    at a time, not one per fold for the whole of prepare."""
 
     problem: VisibleProblem
     targets: np.ndarray
     hidden: np.ndarray
     out: Path
     labels: np.ndarray | None = None
+    fold: np.ndarray | None = None
 
 
 def write_record_parts(config: Config, parts: list[RecordPart], name: str = "prepare: context records") -> list[int]:
@@ -501,8 +504,10 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
     family = family_input(config, parts[0].problem)
     try:
         for i, part in enumerate(parts):
-            paths, _ = context_shards(config, part.problem, part.targets, part.hidden, staging / f"shards-{i}",
+            problem = part.problem if part.fold is None else fold_problem(part.problem, part.fold)
+            paths, _ = context_shards(config, problem, part.targets, part.hidden, staging / f"shards-{i}",
                                       part.labels, family=family)
+            del problem  # a fold's copy: the shards hold what its records need
             shards += paths
             part_of += [i] * len(paths)
         written = staging / "records"
@@ -590,8 +595,10 @@ def prepare(
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir or Path(config.output_dir) / "records")
+    # read here, the dataset's matrix becomes the problem's (scaled in place), not a second copy beside it
+    consume = dataset is None
     dataset = dataset or load_dataset(config)
-    problem, truth = make_problem(dataset)
+    problem, truth = make_problem(dataset, consume=consume)
     target_mask, hidden = target_masks(problem, truth, targets)
     log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
 
@@ -619,8 +626,8 @@ def prepare(
                     log.info("prepare: training fold %d hides %d entries; %d of them get a record (a random set of "
                              "its (gene, tissue) groups: train.max_fold_records %d)", f, n_inner, n_labelled,
                              t.max_fold_records)
-                parts.append(RecordPart(fold_problem(problem, inner), labelled, inner,
-                                        staging / "train" / f"fold={f}", labels=problem.values))
+                parts.append(RecordPart(problem, labelled, inner, staging / "train" / f"fold={f}",
+                                        labels=problem.values, fold=inner))
         # the context records and every training fold's in one Ray Data execution
         counts = write_record_parts(config, parts, "prepare: context records" + (
             f" and {len(parts) - 1} training folds" if training else ""))
