@@ -61,27 +61,34 @@ def test_head_baseline_features_are_out_of_fold(tmp_path):
         for name in ("promoters.parquet", "gene_promoters.parquet"):
             (records / name).write_bytes((tmp_path / name).read_bytes())
 
+    def table(mask: np.ndarray) -> pa.Table:
+        gi, si = np.nonzero(mask)
+        return pa.table({"gene_index": gi.astype(np.int32), "sample_index": si.astype(np.int32)})
+
     write_fold_records(masks)
     oof, full = stacked_baselines(config, problem, records)
-    assert {"row_tissue", "iterative_ridge", "pairwise_regression"} <= set(oof) and set(oof) == set(full)
-    # every entry of a fold has an out-of-fold estimate
-    for grid in oof.values():
-        assert not np.isnan(grid[fold | masks[1]]).any()
+    assert {"row_tissue", "iterative_ridge", "pairwise_regression"} <= set(oof.names) and oof.names == list(full)
+    # every record of a fold has an out-of-fold estimate of every method, found by its (gene, sample) in any order
+    first = [oof.columns(k, table(masks[k])) for k in range(2)]
+    for k in range(2):
+        assert first[k].shape == (int(masks[k].sum()), len(oof.names)) and not np.isnan(first[k]).any()
+        backwards = table(masks[k]).take(np.arange(int(masks[k].sum()))[::-1])
+        np.testing.assert_array_equal(oof.columns(k, backwards), first[k][::-1])
     # a fold whose records cover part of it (train.max_fold_records): estimates there alone, the same values
     part = [m & (np.arange(m.shape[1])[None, :] % 3 == 0) for m in masks]
     write_fold_records(part)
     some, none = stacked_baselines(config, problem, records, visible_grids=False)
-    assert set(some) == set(none) == set(oof) and all(v is None for v in none.values())
-    for name in oof:
-        covered = part[0] | part[1]
-        np.testing.assert_array_equal(some[name][covered], oof[name][covered], err_msg=name)
-        assert np.isnan(some[name][~covered]).all(), name
+    assert some.names == list(none) == oof.names and all(v is None for v in none.values())
+    for k in range(2):
+        np.testing.assert_array_equal(some.columns(k, table(part[k])), oof.columns(k, table(part[k])))
+        outside = some.columns(k, table(masks[k] & ~part[k]))
+        assert outside.shape[0] > 0 and np.isnan(outside).all()
     write_fold_records(masks)
     # change the values of fold 0's entries: its estimates do not move, the all-visible ones do
     changed = dataclasses.replace(problem, values=np.where(fold, problem.values + 3.0, problem.values))
     oof2, full2 = stacked_baselines(config, changed, records)
-    for name in oof:
-        np.testing.assert_allclose(oof2[name][fold], oof[name][fold], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(oof2.columns(0, table(fold)), first[0], rtol=1e-5, atol=1e-5)
+    for name in oof.names:
         assert not np.allclose(full2[name][fold], full[name][fold]), name
     # the head reads a record's estimate at its (gene, sample); a sample outside the grids reads NaN
     records = pa.table({"gene_index": [0, 3, 1], "sample_index": [2, 5, problem.n_samples + 4]})
@@ -101,7 +108,7 @@ def test_out_of_fold_estimates_in_ray_tasks_are_the_in_process_ones(ray_local):
 
     from geximpute.config import config_from_dict
     from geximpute.fit.hybrid import estimates_in_tasks
-    from geximpute.science.baselines import ENTRY_METHODS, fit_ranges, out_of_fold_estimates
+    from geximpute.science.baselines import ENTRY_METHODS, fit_ranges, out_of_fold_entries
     from geximpute.science.folds import training_folds
 
     values, donor, tissue = donor_data(seed=4, n_genes=600, n_donors=20, n_tissues=3)
@@ -115,14 +122,17 @@ def test_out_of_fold_estimates_in_ray_tasks_are_the_in_process_ones(ray_local):
     for task in ("entries", "genes"):  # gene_family on the genes task
         masks = training_folds(problem, task, 2, 0.25, 0)
         entries = [(gi[::2], si[::2]) for gi, si in (np.nonzero(m) for m in masks)]
-        here = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, task=task, entries=entries)
+        here = out_of_fold_entries(problem, masks, ENTRY_METHODS, config.baselines, task=task, entries=entries)
         calls: list[int] = []
-        tasks = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, task=task, entries=entries,
-                                      estimate=estimates_in_tasks(config), progress=functools.partial(calls.append, 1))
-        assert len(calls) == 2 and list(tasks) == list(here)
-        assert ("gene_family" in here) == (task == "genes") and "promoter_composition" not in here
-        for name in here:
-            np.testing.assert_array_equal(tasks[name], here[name], err_msg=f"{task}: {name}")
+        tasks = out_of_fold_entries(problem, masks, ENTRY_METHODS, config.baselines, task=task, entries=entries,
+                                    estimate=estimates_in_tasks(config), progress=functools.partial(calls.append, 1))
+        assert len(calls) == len(tasks) == len(here) == 2
+        for k in range(2):
+            assert list(tasks[k]) == list(here[k])
+            assert ("gene_family" in here[k]) == (task == "genes") and "promoter_composition" not in here[k]
+            for name in here[k]:
+                assert len(here[k][name]) == len(entries[k][0])
+                np.testing.assert_array_equal(tasks[k][name], here[k][name], err_msg=f"{task}: {name}")
 
 
 def test_fold_targets_draw_whole_gene_tissue_groups_up_to_the_limit():

@@ -5,7 +5,7 @@ on the labelled training folds, fits the XGBoost heads on the network embedding 
 returns a :class:`HybridModels` that predicts context records. With K >= 2 training folds the head is
 cross-fitted: K networks, network k trained on every fold but k, each give their held-out fold's rows a
 prediction and an embedding, so the head learns on K folds of out-of-fold network outputs and, beside them, on the
-strong baselines' out-of-fold estimates (:func:`geximpute.science.baselines.out_of_fold_estimates`): a head that sees
+strong baselines' out-of-fold estimates (:func:`geximpute.science.baselines.out_of_fold_entries`): a head that sees
 its inputs as they will be on hidden entries cannot do worse than the best of them. Methods it contributes to
 ``metrics.json``:
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
-from geximpute.fit.models import HybridModels, baseline_columns, genetic_offset
+from geximpute.fit.models import HybridModels, genetic_offset
 from geximpute.fit.pretrain import visible_levels
 from geximpute.fit.train import NetworkRun, fold_dirs, holdout, holdout_grid, train_networks
 from geximpute.model.inference import TrainedNetwork
@@ -43,7 +44,7 @@ from geximpute.science.baselines import (
     baseline_estimates,
     composition_of,
     fit_ranges,
-    out_of_fold_estimates,
+    out_of_fold_entries,
     range_estimates,
     range_families,
     tune_settings,
@@ -246,11 +247,47 @@ def estimates_in_tasks(config: Config) -> Callable[..., dict[str, np.ndarray]]:
     return estimate
 
 
-def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path, *, visible_grids: bool = True
-                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-    """(out-of-fold grids, all-visible grids) of the entry baselines, ``{name: (G, S) float32}``, same names.
+@dataclass
+class FoldEstimates:
+    """The baselines' out-of-fold estimates at each training fold's records' entries (:func:`stacked_baselines`):
+    one value per record and method, no (genes x samples) grid.
 
-    The out-of-fold grid holds, at each training record's entry of fold k, the estimate of a baseline fitted with
+    Attributes:
+        names: the methods, in the order of :meth:`columns`.
+        entries: per fold, the (gene_index, sample_index) of the values.
+        values: per fold, ``{name: (N_k,) float32}`` in ``entries``' order (a method a fold lacks reads NaN).
+        n_samples: the problem's samples (to key an entry by gene and sample).
+    """
+
+    names: list[str]
+    entries: list[tuple[np.ndarray, np.ndarray]]
+    values: list[dict[str, np.ndarray]]
+    n_samples: int
+
+    def columns(self, fold: int, records: pa.Table) -> np.ndarray:
+        """(N, len(names)) float32: the estimates of fold ``fold`` at each record's (``gene_index``,
+        ``sample_index``), NaN for a record the fold has none of."""
+        out = np.full((records.num_rows, len(self.names)), np.nan, np.float32)
+        gi, si = self.entries[fold]
+        if not self.names or not records.num_rows or not len(gi):
+            return out
+        keys = gi.astype(np.int64) * self.n_samples + si
+        order = np.argsort(keys, kind="stable")
+        want = (records["gene_index"].to_numpy().astype(np.int64) * self.n_samples
+                + records["sample_index"].to_numpy().astype(np.int64))
+        at = order[np.minimum(np.searchsorted(keys[order], want), len(keys) - 1)]
+        hit = keys[at] == want
+        for j, name in enumerate(self.names):
+            if name in self.values[fold]:
+                out[hit, j] = self.values[fold][name][at[hit]]
+        return out
+
+
+def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path, *, visible_grids: bool = True
+                      ) -> tuple[FoldEstimates, dict[str, np.ndarray | None]]:
+    """(out-of-fold estimates, all-visible grids ``{name: (G, S) float32}``) of the entry baselines, same names.
+
+    The out-of-fold estimates are, at each training record's entry of fold k, those of a baseline fitted with
     fold k hidden as well: the same folds as prepare's (:func:`geximpute.science.folds.training_folds`, same
     arguments), so a head row's baseline features never saw its label. The all-visible grid is the baselines
     fitted on the whole visible problem, as for hidden entries; neither sees a hidden value. Without
@@ -262,18 +299,18 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
     entries = [record_entries(folder) for folder in fold_dirs(records_dir, list(range(len(masks))))]
     estimate = estimates_in_tasks(config)
     with stage("baselines: out-of-fold estimates of the training folds", total=len(masks), unit="folds") as progress:
-        oof = out_of_fold_estimates(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
-                                    composition=composition, task=task, entries=entries, estimate=estimate,
-                                    progress=progress.advance)
+        values = out_of_fold_entries(problem, masks, ENTRY_METHODS, config.baselines, seed=config.seed,
+                                     composition=composition, task=task, entries=entries, estimate=estimate,
+                                     progress=progress.advance)
+    names = [n for n in ENTRY_METHODS if any(n in fold for fold in values)]
     if not visible_grids:
-        return {n: oof[n].astype(np.float32) for n in ENTRY_METHODS if n in oof}, dict.fromkeys(
-            n for n in ENTRY_METHODS if n in oof)
+        return FoldEstimates(names, entries, values, problem.n_samples), dict.fromkeys(names)
     shape = problem.values.shape
     gi, si = (part.ravel() for part in np.indices(shape))
     full = estimate(problem, gi, si, ENTRY_METHODS, config.baselines, seed=config.seed, composition=composition,
                     task=task)
-    names = [n for n in ENTRY_METHODS if n in oof and n in full]
-    return ({n: oof[n].astype(np.float32) for n in names},
+    names = [n for n in names if n in full]
+    return (FoldEstimates(names, entries, values, problem.n_samples),
             {n: full[n].reshape(shape).astype(np.float32) for n in names})
 
 
@@ -365,17 +402,17 @@ def fit_hybrid(
         promoters, lookup = promoter_inputs(records_dir, gene_ids, config.promoter.length)
         models = HybridModels(config, promoters, lookup, fold_networks[0], head=None,  # type: ignore[arg-type]
                               fold_networks=fold_networks, stacked=True)
-        oof: dict[str, np.ndarray] = {}
+        oof: FoldEstimates | None = None
         if problem is not None:
             oof, models.baselines = stacked_baselines(config, problem, records_dir, visible_grids=visible_grids)
             seconds["baselines_out_of_fold"] = round(time.perf_counter() - t, 1)
-            log.info("hybrid: head reads the out-of-fold estimates of %s", ", ".join(oof) or "no baseline")
+            log.info("hybrid: head reads the out-of-fold estimates of %s", ", ".join(oof.names) or "no baseline")
         t = time.perf_counter()
         parts = [read_training(fold_dirs(records_dir, [k])) for k in range(n_folds)]
         inputs, engineered_parts, baseline_parts = [], [], []
         for k, part in enumerate(parts):
             engineered = models.engineered(part)
-            base = baseline_columns(oof, part)
+            base = oof.columns(k, part) if oof is not None else np.zeros((part.num_rows, 0), np.float32)
             _, _, x = models.head_inputs(part, fold_networks[k], engineered=engineered, baselines=base)
             inputs.append(x)
             engineered_parts.append(engineered)

@@ -1030,7 +1030,7 @@ class GeneFamilyBaseline:
 
 
 #: methods that predict any (gene, sample) entry from the fitted problem alone, without context records; they
-#: give out-of-fold estimates (:func:`out_of_fold_estimates`)
+#: give out-of-fold estimates (:func:`out_of_fold_entries`)
 ENTRY_METHODS = ("row_tissue", "matrix_completion", "pairwise_regression", "cross_gene_regression", "iterative_ridge",
                  "chained_boosting", "local_regression", "tensor_factorisation", "promoter_composition", "gene_family")
 #: methods that need several donors (a sample table)
@@ -1400,12 +1400,12 @@ def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_inde
 
 
 @one_blas_thread
-def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray], names: tuple[str, ...],
-                          config: BaselinesConfig, *, seed: int = 0,
-                          composition: np.ndarray | None = None, task: str | None = None,
-                          entries: list[tuple[np.ndarray, np.ndarray]] | None = None,
-                          estimate: Callable[..., dict[str, np.ndarray]] | None = None,
-                          progress: Callable[[], object] | None = None) -> dict[str, np.ndarray]:
+def out_of_fold_entries(problem: VisibleProblem, fold_masks: list[np.ndarray], names: tuple[str, ...],
+                        config: BaselinesConfig, *, seed: int = 0,
+                        composition: np.ndarray | None = None, task: str | None = None,
+                        entries: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                        estimate: Callable[..., dict[str, np.ndarray]] | None = None,
+                        progress: Callable[[], object] | None = None) -> list[dict[str, np.ndarray]]:
     """Out-of-fold estimates of the entry methods for training units: the head features of the training folds.
 
     For each fold k, every method is fitted on ``problem`` with fold k's entries hidden as well
@@ -1418,24 +1418,40 @@ def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray],
         names: methods wanted; only applicable :data:`ENTRY_METHODS` are computed (under ``task``: see
             :func:`not_applicable`).
         entries: per fold, the (gene, sample) indices to estimate, all inside its mask (the entries that have a
-            training record, :func:`geximpute.science.folds.fold_targets`); default every entry of the mask.
+            training record, :func:`geximpute.science.folds.fold_targets`); default every entry of the mask, in
+            ``np.nonzero`` order.
         estimate: :func:`baseline_estimates` or a function that computes the same (the fit layer's fits each gene
             range in a Ray task); default :func:`baseline_estimates`.
         progress: called after each fold.
 
     Returns:
-        ``{name: (G, S) float32}``, the estimate at each estimated fold entry, NaN elsewhere.
+        per fold, ``{name: (N_k,) float32}`` at its entries, in their order (an empty dict for a fold without
+        entries): no (G, S) grid is made.
     """
-    out: dict[str, np.ndarray] = {}
+    out: list[dict[str, np.ndarray]] = []
     for k, mask in enumerate(fold_masks):
         gi, si = np.nonzero(mask) if entries is None else entries[k]
+        found: dict[str, np.ndarray] = {}
         if len(gi):
             fold = fold_problem(problem, mask)
-            for name, est in (estimate or baseline_estimates)(fold, gi, si, names, config, seed=seed,
-                                                             composition=composition, task=task).items():
-                grid = out.setdefault(name, np.full(problem.values.shape, np.nan, dtype=np.float32))
-                grid[gi, si] = est
+            found = {name: np.asarray(est, np.float32) for name, est in (estimate or baseline_estimates)(
+                fold, gi, si, names, config, seed=seed, composition=composition, task=task).items()}
             del fold
+        out.append(found)
         if progress is not None:
             progress()
+    return out
+
+
+def out_of_fold_estimates(problem: VisibleProblem, fold_masks: list[np.ndarray], names: tuple[str, ...],
+                          config: BaselinesConfig, **kwargs: Any) -> dict[str, np.ndarray]:
+    """:func:`out_of_fold_entries` (same arguments) as ``{name: (G, S) float32}`` grids: the estimate at each
+    estimated fold entry, NaN elsewhere (for inspection and checks of a small problem; ``fit-head`` keeps the
+    values per entry)."""
+    entries = kwargs.get("entries")
+    out: dict[str, np.ndarray] = {}
+    for k, found in enumerate(out_of_fold_entries(problem, fold_masks, names, config, **kwargs)):
+        gi, si = np.nonzero(fold_masks[k]) if entries is None else entries[k]
+        for name, est in found.items():
+            out.setdefault(name, np.full(problem.values.shape, np.nan, dtype=np.float32))[gi, si] = est
     return out
