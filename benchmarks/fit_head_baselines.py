@@ -49,7 +49,7 @@ def main() -> None:
     config = dataclasses.replace(config, baselines=baselines)
     t = time.perf_counter()
     oof, _ = stacked_baselines(config, problem, args.records, visible_grids=False)
-    print(f"out of fold ({', '.join(oof)}) in {time.perf_counter() - t:.1f} s; this process's peak RSS "
+    print(f"out of fold ({', '.join(oof.names)}) in {time.perf_counter() - t:.1f} s; this process's peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
 
 
