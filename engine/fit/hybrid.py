@@ -39,19 +39,15 @@ from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.console import stage
 from geximpute.science.baselines import (
     ENTRY_METHODS,
-    FamilyLevels,
-    applicable_entry_methods,
     baseline_estimates,
     composition_of,
-    fit_ranges,
     out_of_fold_entries,
-    range_estimates,
-    range_families,
+    part_estimates,
     tune_settings,
 )
 from geximpute.science.folds import training_folds
 from geximpute.science.head_features import FEATURE_NAMES
-from geximpute.science.problem import SPLITS, VisibleProblem, gene_rows
+from geximpute.science.problem import SPLITS, VisibleProblem
 from geximpute.science.promoters import promoter_inputs
 
 log = logging.getLogger(__name__)
@@ -190,59 +186,37 @@ def gene_composition(records_dir: Path, gene_ids: np.ndarray, upstream: int) -> 
                           upstream)
 
 
-def _range_estimates(rows: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray, names: tuple[str, ...],
-                     settings: BaselinesConfig, seed: int, composition: np.ndarray | None,
-                     family: FamilyLevels | None, genes: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Ray task: :func:`~geximpute.science.baselines.range_estimates` of one gene range (``rows``: its genes and
-    every sample; ``genes``: (lo, hi) in the whole problem, where ``family``'s levels are read)."""
-    return range_estimates(rows, gene_index, sample_index, names, settings, seed=seed, composition=composition,
-                           family=None if family is None else family.part(slice(*genes)))
-
-
 def estimates_in_tasks(config: Config) -> Callable[..., dict[str, np.ndarray]]:
     """:func:`~geximpute.science.baselines.baseline_estimates` (same arguments, the same values) with each gene
-    range (:func:`~geximpute.science.baselines.fit_ranges`) fitted in a Ray task of its own, at most
-    ``ray.concurrency`` at once with ``ray.cpus_per_task`` CPUs each, where Ray is running and the problem has
-    several ranges (else in this process): the out-of-fold fits of a genome-sized problem spread over the cluster's
-    CPUs, each task holding its range's rows, as imputation fits them."""
+    range (:func:`~geximpute.science.baselines.fit_ranges`) fitted in a Ray task of its own
+    (:func:`~geximpute.science.baselines.part_estimates`), at most ``ray.concurrency`` at once with
+    ``ray.cpus_per_task`` CPUs each, where Ray is running (else in this process): the out-of-fold fits of a
+    genome-sized problem spread over the cluster's CPUs, each task holding its range's rows, as imputation fits
+    them."""
 
-    def estimate(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray, names: tuple[str, ...],
-                 settings: BaselinesConfig, *, seed: int = 0, composition: np.ndarray | None = None,
-                 task: str | None = None) -> dict[str, np.ndarray]:
+    def run(calls: list[tuple]) -> list[dict[str, np.ndarray]]:
         import ray
 
-        ranges = fit_ranges(problem, settings.block_cells)
-        if len(ranges) == 1 or not ray.is_initialized():
-            return baseline_estimates(problem, gene_index, sample_index, names, settings, seed=seed,
-                                      composition=composition, task=task)
-        gene_index = np.asarray(gene_index, np.int64)
-        sample_index = np.asarray(sample_index, np.int64)
-        names = applicable_entry_methods(problem, names, settings, composition, task)
-        out = {name: np.full(len(gene_index), np.nan) for name in names} if len(gene_index) else {}
-        family = range_families(problem, names, ranges)
-        family_ref = ray.put(family) if family is not None else None  # one copy, read by every task
-        del family
-        remote = ray.remote(_range_estimates).options(num_cpus=config.ray.cpus_per_task)
+        if not calls:
+            return []
+        family = calls[0][7]  # every range reads the same families: one copy in the object store
+        family_ref = ray.put(family) if family is not None else None
+        remote = ray.remote(part_estimates).options(num_cpus=config.ray.cpus_per_task)
+        results: dict = {}
         pending: dict = {}
-
-        def collect(ref) -> None:
-            inside = pending.pop(ref)
-            for name, values in ray.get(ref).items():
-                out[name][inside] = values
-
-        for lo, hi in ranges:
-            inside = np.flatnonzero((gene_index >= lo) & (gene_index < hi))
-            if len(inside) == 0:
-                continue
+        for i, call in enumerate(calls):
             while len(pending) >= config.ray.concurrency:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                collect(done[0])
-            pending[remote.remote(gene_rows(problem, lo, hi), gene_index[inside] - lo, sample_index[inside], names,
-                                  settings, seed, None if composition is None else composition[lo:hi], family_ref,
-                                  (lo, hi))] = inside
-        while pending:
-            collect(next(iter(pending)))
-        return out
+                results[pending.pop(done[0])] = ray.get(done[0])
+            pending[remote.remote(*call[:7], family_ref, call[8])] = i
+        for ref, i in pending.items():
+            results[i] = ray.get(ref)
+        return [results[i] for i in range(len(calls))]
+
+    def estimate(*args: object, **kwargs: object) -> dict[str, np.ndarray]:
+        import ray
+
+        return baseline_estimates(*args, **kwargs, run=run if ray.is_initialized() else None)  # type: ignore[arg-type]
 
     return estimate
 

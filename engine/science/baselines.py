@@ -1320,7 +1320,9 @@ def fit_ranges(problem: VisibleProblem, block_cells: int) -> list[tuple[int, int
 
 def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
                        names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
-                       composition: np.ndarray | None = None, task: str | None = None) -> dict[str, np.ndarray]:
+                       composition: np.ndarray | None = None, task: str | None = None,
+                       run: Callable[[list[tuple]], list[dict[str, np.ndarray]]] | None = None
+                       ) -> dict[str, np.ndarray]:
     """Each applicable entry method (:data:`ENTRY_METHODS`; under ``task``, :func:`not_applicable`) fitted on
     ``problem`` and evaluated at the entries (``gene_index[i]``, ``sample_index[i]``): the head features of the
     hidden (evaluation) entries.
@@ -1329,6 +1331,11 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
     each entry gets the estimate of its gene's range: what :func:`range_estimates` computes for each range alone.
     ``gene_family`` reads the whole problem's families in every range (:func:`range_families`): a gene's family is
     spread over the genome, not over one run of neighbouring genes.
+
+    Args:
+        run: with several ranges, computes :func:`part_estimates` of each tuple of arguments, results in their
+            order (the fit layer's runs each in a Ray task; every tuple holds the same family object); default one
+            after another here.
 
     Returns:
         ``{name: (N,) float64}``; methods that do not apply to the problem are left out.
@@ -1339,18 +1346,27 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
     ranges = fit_ranges(problem, config.block_cells)
     if len(ranges) == 1:
         return range_estimates(problem, gene_index, sample_index, names, config, seed=seed, composition=composition)
-    out: dict[str, np.ndarray] = {}
     family = range_families(problem, names, ranges)
-    for lo, hi in ranges:
-        inside = np.flatnonzero((gene_index >= lo) & (gene_index < hi))
-        if len(inside) == 0:
-            continue
-        part = range_estimates(gene_rows(problem, lo, hi), gene_index[inside] - lo, sample_index[inside], names,
-                               config, seed=seed, composition=None if composition is None else composition[lo:hi],
-                               family=None if family is None else family.part(slice(lo, hi)))
+    inside = [np.flatnonzero((gene_index >= lo) & (gene_index < hi)) for lo, hi in ranges]
+    used = [(r, rows) for r, rows in zip(ranges, inside, strict=True) if len(rows)]
+    calls = [(gene_rows(problem, lo, hi), gene_index[rows] - lo, sample_index[rows], names, config, seed,
+              None if composition is None else composition[lo:hi], family, (lo, hi)) for (lo, hi), rows in used]
+    out: dict[str, np.ndarray] = {}
+    results = run(calls) if run is not None else [part_estimates(*call) for call in calls]
+    for (_, rows), part in zip(used, results, strict=True):
         for name, values in part.items():
-            out.setdefault(name, np.full(len(gene_index), np.nan))[inside] = values
+            out.setdefault(name, np.full(len(gene_index), np.nan))[rows] = values
     return out
+
+
+def part_estimates(rows: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray, names: tuple[str, ...],
+                   config: BaselinesConfig, seed: int, composition: np.ndarray | None, family: FamilyLevels | None,
+                   genes: tuple[int, int]) -> dict[str, np.ndarray]:
+    """:func:`range_estimates` of one gene range of a larger problem (``rows``: its genes and every sample;
+    ``genes``: (lo, hi) there, where ``family``, that problem's :func:`range_families`, is read): one call of
+    :func:`baseline_estimates`' ``run``."""
+    return range_estimates(rows, gene_index, sample_index, names, config, seed=seed, composition=composition,
+                           family=None if family is None else family.part(slice(*genes)))
 
 
 def entry_methods_skipped(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig,
