@@ -48,17 +48,20 @@ def _steps() -> dict[str, Callable[..., Any]]:
     # imported when a step runs, as the CLI does: `from geximpute import api` stays free of torch and Ray
     from geximpute.steps.evaluate import evaluate
     from geximpute.steps.impute import impute
+    from geximpute.steps.ingest import ingest
     from geximpute.steps.nightly import nightly
     from geximpute.steps.pipeline import build_bundle, fit_head_and_save, train_and_save
     from geximpute.steps.prepare import prepare
     from geximpute.steps.variant_effects import variant_effects
 
-    return {"prepare": prepare, "train": train_and_save, "fit-head": fit_head_and_save, "build": build_bundle,
+    return {"ingest": ingest, "prepare": prepare, "train": train_and_save, "fit-head": fit_head_and_save,
+            "build": build_bundle,
             "impute": impute, "evaluate": evaluate, "variant-effects": variant_effects, "nightly": nightly}
 
 
-#: the steps :func:`run` knows; ``build`` is prepare -> train -> fit-head in one call
-STEPS = ("prepare", "train", "fit-head", "build", "impute", "evaluate", "variant-effects", "nightly")
+#: the steps :func:`run` knows (``ingest``: the expression file once into a store, :mod:`geximpute.io.store`);
+#: ``build`` is prepare -> train -> fit-head in one call
+STEPS = ("ingest", "prepare", "train", "fit-head", "build", "impute", "evaluate", "variant-effects", "nightly")
 
 
 def run(step: str, config: Config | str | Path, **options: Any) -> Any:

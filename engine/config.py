@@ -25,7 +25,7 @@ from geximpute.errors import ConfigError
 
 Scale = Literal["tpm", "counts", "log", "normalised"]
 GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
-ExpressionFormat = Literal["auto", "gct", "wide", "long", "bed"]
+ExpressionFormat = Literal["auto", "gct", "wide", "long", "bed", "store"]
 SoftMask = Literal["upper", "n"]
 
 

@@ -100,6 +100,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from geximpute.steps.ingest import ingest
+
+    result = ingest(_load(args), args.out, force=args.force)
+    echo(f"expression store of {result.n_genes:,} genes x {result.n_samples:,} samples in {result.partitions} "
+         f"chromosome partitions written to {result.out_dir} in {result.seconds:.1f} s"
+         + (f" ({result.unannotated:,} genes the annotation lacks in a partition of their own)"
+            if result.unannotated else ""))
+    echo(f"  next: set inputs.expression: {result.out_dir.absolute()} in the config (or --set "
+         f"inputs.expression={result.out_dir.absolute()}); every run then reads the store")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from geximpute.steps.prepare import prepare
 
@@ -263,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="geximpute-demo", metavar="DIR", help="output folder (default geximpute-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ingest", help="read the expression file once into Parquet by chromosome, for every later run")
+    _add_config(p)
+    p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/expression)")
+    _add_force(p)
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("prepare", help="build promoter and context records with Ray Data (Parquet by chrom)")
     _add_config(p)

@@ -109,8 +109,9 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, 
 
     Args:
         path: GCT 1.2, wide TSV/CSV/Parquet, long TSV/CSV/Parquet (a Parquet file with a ``sample_id`` or
-            ``sample`` column is long, else wide) or phenotype BED (text plain, gzip or bgzip).
-        fmt: ``auto``, ``gct``, ``wide``, ``long`` or ``bed``.
+            ``sample`` column is long, else wide), phenotype BED (text plain, gzip or bgzip), or the folder of an
+            expression store (:mod:`geximpute.io.store`, written by `geximpute ingest`).
+        fmt: ``auto``, ``gct``, ``wide``, ``long``, ``bed`` or ``store`` (``auto``: a folder is a store).
         scale: ``tpm`` and ``counts`` must be non-negative; ``log`` and ``normalised`` may be negative.
         matrix: a file to keep the values in (:class:`~geximpute.io.matrixfile.MatrixFile`; ``Expression.values``
             is then that file): the wide layouts write each block of rows there as it is converted, so that the
@@ -121,6 +122,8 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, 
         InputError: missing/empty/truncated file, a bad GCT header, missing columns, non-numeric or negative
             values, duplicate gene ids or sample columns.
     """
+    if fmt == "store" or (fmt == "auto" and Path(path).is_dir()):
+        return _read_store(Path(path), scale, matrix)
     path = check_readable(path, "expression file")
     try:
         fmt = detect_format(path) if fmt == "auto" else fmt
@@ -154,6 +157,24 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, 
         values, expr.values = expr.values, None
         expr.values = MatrixFile.from_array(matrix, values.astype(np.float32, copy=False))
     return expr
+
+
+def _read_store(path: Path, scale: str, matrix: str | Path | None) -> Expression:
+    """An expression store (:mod:`geximpute.io.store`, `geximpute ingest`'s output) as the source read it."""
+    from geximpute.io.store import read_store
+
+    if not path.exists():
+        check_readable(path, "expression store")  # says plainly that it is not there
+    read = read_store(path, scale, matrix=matrix)
+    n = read.values.shape[0] * read.values.shape[1]
+    if n == 0:
+        raise InputError(path, "expression store holds no values", expected="at least one gene and one sample")
+    source = read.meta.get("source") or {}
+    report = {"format": "store", "n_genes": len(read.gene_ids), "n_samples": len(read.sample_ids),
+              "n_measured": read.n_measured, "measured_fraction": read.n_measured / n,
+              "store": {"partitions": len(read.meta["partitions"]), "source": source.get("path"),
+                        "source_format": source.get("format"), "created": read.meta.get("created")}}
+    return Expression(path, read.gene_ids, read.sample_ids, read.values, scale, report, gene_names=read.gene_names)
 
 
 def check_values(path: Path, values: np.ndarray, gene_ids: list[str], sample_ids: list[str], scale: str,

@@ -16,8 +16,13 @@ from geximpute.config import Config
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
-    """Size and SHA-256 of a file (streamed in 1 MiB chunks)."""
+    """Size and SHA-256 of a file (streamed in 1 MiB chunks); of an expression store, its description's SHA-256
+    (which lists each partition's) and its partitions' bytes (:func:`geximpute.io.store.fingerprint`)."""
     path = Path(path)
+    if path.is_dir():
+        from geximpute.io.store import fingerprint as store_fingerprint
+
+        return store_fingerprint(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
