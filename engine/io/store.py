@@ -149,7 +149,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta_path = path / STORE_FILE
     if not meta_path.is_file():
-        raise InputError(path, f"a folder, not an expression store (no {STORE_FILE})",
+        raise InputError(path, f"is a folder: not a regular file, nor an expression store (no {STORE_FILE})",
                          expected="an expression file, or a folder that `geximpute ingest` wrote")
     try:
         meta = json.loads(meta_path.read_text())

@@ -1,0 +1,201 @@
+"""The expression store (`geximpute ingest`, :mod:`geximpute.io.store`): read back, it is its source, value for
+value and row for row; each run reading it does what it does with the source; a damaged store is refused, naming
+the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from helpers import read_output
+
+from geximpute.apps.cli import main
+from geximpute.config import load_config
+from geximpute.errors import ConfigError, InputError
+from geximpute.io.dataset import load_dataset
+from geximpute.io.expression import read_expression
+from geximpute.io.matrixfile import MatrixFile
+from geximpute.io.store import STORE_FILE, UNANNOTATED, is_store
+from geximpute.runtime.atomic import OutputRefused
+from geximpute.runtime.provenance import input_fingerprints
+from geximpute.science.problem import make_problem
+from geximpute.steps.impute import impute
+from geximpute.steps.ingest import ingest
+
+GTF = """chr2\tt\tgene\t500\t900\t.\t+\t.\tgene_id "G4"; gene_type "protein_coding"; gene_name "DDD";
+chr1\tt\tgene\t100\t400\t.\t+\t.\tgene_id "G1"; gene_type "protein_coding"; gene_name "AAA";
+chr1\tt\tgene\t800\t990\t.\t-\t.\tgene_id "G3"; gene_type "protein_coding"; gene_name "CCC";
+"""
+# rows out of the annotation's order, a versioned id, a gene the annotation lacks (G2), empty cells
+GCT = """#1.2
+4\t3
+Name\tDescription\tS1\tS2\tS3
+G3.5\tCCC\t1.5\t\t7
+G2\tBBB\t0\t2\t3
+G1\tAAA\t4\t5\t
+G4\tDDD\t10\t11\t12
+"""
+
+
+def _config(write, expression: str = "expression.gct", scale: str = "counts", **extra: str):
+    write("genes.gtf", GTF)
+    text = f"name: t\ninputs:\n  genes: genes.gtf\n  expression: {expression}\n  scale: {scale}\n"
+    return load_config(write("config.yaml", text), [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.fixture
+def small(write, tmp_path):
+    """(config, the store ingested from its GCT)."""
+    write("expression.gct", GCT)
+    config = _config(write)
+    return config, ingest(config, tmp_path / "store").out_dir
+
+
+def _same(a, b) -> None:
+    assert a.gene_ids == b.gene_ids and a.sample_ids == b.sample_ids and a.gene_names == b.gene_names
+    left = a.values.read() if isinstance(a.values, MatrixFile) else a.values
+    right = b.values.read() if isinstance(b.values, MatrixFile) else b.values
+    assert left.dtype == right.dtype == np.float32
+    assert np.array_equal(left, right, equal_nan=True)
+
+
+def test_a_store_reads_as_its_source_row_for_row(small, tmp_path):
+    config, store = small
+    source = read_expression(config.inputs.expression, scale="counts")
+    assert is_store(store)
+    _same(read_expression(store, scale="counts"), source)
+    in_file = read_expression(store, scale="counts", matrix=tmp_path / "m.f32")
+    assert isinstance(in_file.values, MatrixFile)
+    _same(in_file, source)
+    assert in_file.report["format"] == "store" and in_file.report["n_measured"] == source.report["n_measured"] == 10
+    # any Parquet reader: one partition per chromosome (sorted as the annotation table is), the unannotated gene apart
+    table = pads.dataset(store, format="parquet", partitioning="hive").to_table().to_pandas()
+    chrom = dict(zip(table["gene_id"], table["chrom"], strict=True))
+    assert chrom["G1"] == chrom["G3"] == "chr1" and chrom["G4"] == "chr2" and pd.isna(chrom["G2"])
+    meta = json.loads((store / STORE_FILE).read_text())
+    assert [p["chrom"] for p in meta["partitions"]] == ["chr1", "chr2", None]
+    assert meta["partitions"][2]["path"] == f"chrom={UNANNOTATED}/part-0.parquet"
+    assert meta["source"]["format"] == "gct" and meta["scale"] == "counts"
+    # within a partition, the source's row order
+    chr1 = pq.read_table(store / meta["partitions"][0]["path"])
+    assert chr1["gene_id"].to_pylist() == ["G3", "G1"] and chr1["row"].to_pylist() == [0, 2]
+
+
+def test_a_long_table_ingested_reads_as_it_does(write, tmp_path):
+    rows = ["G1\tS2\t5", "G4\tS1\t10", "G3\tS1\t1.5", "G1\tS1\t4", "G4\tS3\t12"]
+    write("long.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join(rows) + "\n")
+    config = _config(write, "long.tsv", scale="tpm")
+    store = ingest(config, tmp_path / "store").out_dir
+    _same(read_expression(store, scale="tpm"), read_expression(config.inputs.expression, scale="tpm"))
+
+
+def test_the_inputs_of_a_run_from_a_store_are_the_sources(synth_small, tmp_path):
+    config = load_config(synth_small / "config.yaml")
+    store = ingest(config, tmp_path / "store").out_dir
+    from_store = load_config(synth_small / "config.yaml", [f"inputs.expression={store}"])
+    a, _ = make_problem(load_dataset(config, with_variants=False))
+    b, _ = make_problem(load_dataset(from_store, with_variants=False))
+    assert list(a.gene_ids) == list(b.gene_ids) and list(a.sample_ids) == list(b.sample_ids)
+    assert np.array_equal(a.values, b.values, equal_nan=True)
+    # a run's manifest names the store by its description, not by hashing its partitions
+    fingerprint = input_fingerprints(from_store)["expression"]
+    assert fingerprint["store"] is True and fingerprint["bytes"] > 0
+
+
+def test_impute_from_a_store_writes_the_same_predictions(tiny_model, tiny_imputation, tmp_path):
+    config, first = tiny_imputation
+    store = ingest(config, tmp_path / "store").out_dir
+    again = load_config(tiny_model.data / "config.yaml",
+                        [f"output_dir={tmp_path}", f"inputs.expression={store}"])
+    second = impute(again, model=tiny_model.folder, out_dir=tmp_path / "predictions")
+    keys = ["donor_id", "tissue", "gene_id"]
+    columns = keys + ["predicted", "predicted_lower", "predicted_upper", "observed"]
+    a = read_output(first.out_dir)[columns].astype({"tissue": str}).sort_values(keys).reset_index(drop=True)
+    b = read_output(second.out_dir)[columns].astype({"tissue": str}).sort_values(keys).reset_index(drop=True)
+    assert len(a) == len(b) > 0
+    pd.testing.assert_frame_equal(a, b)
+
+
+def _edit(store, fn) -> None:
+    path = store / STORE_FILE
+    meta = json.loads(path.read_text())
+    fn(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_a_damaged_store_is_refused_naming_the_file(small, tmp_path):
+    config, committed = small
+    store = tmp_path / "copy"
+    shutil.copytree(committed, store)  # the committed version is read-only to others; edit a copy
+    with pytest.raises(InputError, match=r"_store\.json: the store holds values on the 'counts' scale"):
+        read_expression(store, scale="tpm")
+    part = store / "chrom=chr1" / "part-0.parquet"
+    moved = tmp_path / "moved.parquet"
+    part.rename(moved)
+    with pytest.raises(InputError, match=r"chrom=chr1/part-0\.parquet: expression store partition missing"):
+        read_expression(store, scale="counts")
+    moved.rename(part)
+    with open(part, "ab") as fh:  # written to since it was ingested
+        fh.write(b"x")
+    with pytest.raises(InputError, match=r"part-0\.parquet: expression store partition of \d+ bytes"):
+        read_expression(store, scale="counts")
+    # values of another width, its size recorded as if it had been ingested so
+    table = pq.read_table(store / "chrom=chr2" / "part-0.parquet")
+    narrow = table.set_column(3, "values", pa.FixedSizeListArray.from_arrays(pa.array([1.0, 2.0], pa.float32()), 2))
+    other = store / "chrom=chr2" / "part-0.parquet"
+    pq.write_table(narrow, other)
+    shutil.copyfile(committed / "chrom=chr1" / "part-0.parquet", part)
+
+    def sizes(meta):
+        for p in meta["partitions"]:
+            p["bytes"] = (store / p["path"]).stat().st_size
+
+    _edit(store, sizes)
+    with pytest.raises(InputError, match=r"chrom=chr2/part-0\.parquet: expression store partition of schema"):
+        read_expression(store, scale="counts")
+    shutil.copyfile(committed / "chrom=chr2" / "part-0.parquet", other)
+    _edit(store, sizes)
+    read_expression(store, scale="counts")  # whole again
+    _edit(store, lambda meta: meta["partitions"].append(meta["partitions"][1]))
+    with pytest.raises(InputError, match=r"chrom=chr2/part-0\.parquet: row 3 named twice; at gene G4"):
+        read_expression(store, scale="counts")
+    _edit(store, lambda meta: meta["partitions"].pop() and meta["partitions"].pop(1))
+    with pytest.raises(InputError, match=r"_store\.json: 1 of 4 rows in no partition; at row 3"):
+        read_expression(store, scale="counts")
+    _edit(store, lambda meta: meta.update(version=99))
+    with pytest.raises(InputError, match="expression store version 99"):
+        read_expression(store, scale="counts")
+    (store / STORE_FILE).unlink()
+    with pytest.raises(InputError, match=r"is a folder: not a regular file, nor an expression store \(no _store"):
+        read_expression(store, scale="counts")
+
+
+def test_ingest_writes_only_where_it_may(small, write, tmp_path):
+    config, store = small
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "results.csv").write_text("keep me\n")
+    with pytest.raises(OutputRefused):
+        ingest(config, theirs)
+    assert (theirs / "results.csv").read_text() == "keep me\n"
+    assert ingest(config, store).n_genes == 4  # its own earlier store is replaced
+    with pytest.raises(ConfigError, match="is an expression store already"):
+        ingest(load_config(write("again.yaml", f"name: t\ninputs:\n  genes: genes.gtf\n  expression: {store}\n"
+                                               "  scale: counts\n")), tmp_path / "other")
+
+
+def test_ingest_on_the_command_line(write, tmp_path, capsys):
+    write("expression.gct", GCT)
+    _config(write)
+    out = tmp_path / "cli-store"
+    assert main(["ingest", "--config", str(tmp_path / "config.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 genes x 3 samples in 3 chromosome partitions" in printed
+    assert f"set inputs.expression: {out}" in printed
+    assert main(["inspect", "--config", str(tmp_path / "config.yaml"), "--set", f"inputs.expression={out}"]) == 0
