@@ -205,8 +205,13 @@ def test_prepare_writes_records_partitioned_by_chromosome(ray_local, synth_small
     assert parts == ["chrom=chr1", "chrom=chr2"]
     table = pads.dataset(tmp_path / "records" / "context", partitioning="hive").to_table()
     assert table.num_rows == result.n_records
-    targets, _ = target_masks(result.problem, result.truth, "all")
+    # prepare read the inputs itself: its matrix was kept in a file of its own, gone now; the records are those
+    # of the in-memory problem's entries
+    assert result.problem is None and not list(tmp_path.glob(".records.matrix-*"))
+    problem, truth = make_problem(load_dataset(config))
+    targets, _ = target_masks(problem, truth, "all")
     assert result.n_records == int(targets.sum())
+    np.testing.assert_array_equal(result.truth.values, truth.values)
     keys = table["gene_index"].to_numpy().astype(np.int64) * 10_000 + table["sample_index"].to_numpy()
     assert len(np.unique(keys)) == len(keys)  # every entry exactly once
     assert int(table["hidden"].to_numpy().sum()) == len(result.truth)

@@ -517,6 +517,43 @@ def test_matrix_file_reads_like_an_array(tmp_path):
         m[5]
 
 
+def test_a_matrix_file_hiding_a_mask_reads_as_the_array_with_those_entries_hidden(tmp_path):
+    """`prepare`'s training fold of a problem kept in a file: a read-only view that hides the mask's entries in
+    every kind of read, a pickled window's (a task's) too."""
+    import pickle
+
+    from geximpute.io.matrixfile import MatrixFile, count_measured, measured, take_and_hide
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(23, 9)).astype(np.float32)
+    a[a > 1.2] = np.nan
+    mask = rng.random(a.shape) < 0.3
+    hidden_a = np.where(mask, np.nan, a).astype(np.float32)
+    m = MatrixFile.from_array(tmp_path / "m", a)
+    view = m.hiding(MatrixFile.from_array(tmp_path / "mask", mask))
+    np.testing.assert_array_equal(view.read(), hidden_a)
+    np.testing.assert_array_equal(view[3:9], hidden_a[3:9])
+    np.testing.assert_array_equal(view[[7, 2, 20]], hidden_a[[7, 2, 20]])
+    np.testing.assert_array_equal(view[:, 2:5], hidden_a[:, 2:5])
+    window = pickle.loads(pickle.dumps(view.window(5, 15)))
+    np.testing.assert_array_equal(window.read(), hidden_a[5:15])
+    np.testing.assert_array_equal(window[:, 1:3], hidden_a[5:15, 1:3])
+    assert count_measured(view, cells=18) == np.count_nonzero(~np.isnan(hidden_a))
+    np.testing.assert_array_equal(measured(view, cells=18), ~np.isnan(hidden_a))
+    with pytest.raises(ValueError, match="read-only"):
+        view[0:2] = np.zeros((2, 9))
+    with pytest.raises(ValueError, match="expected a bool matrix"):
+        m.hiding(MatrixFile.from_array(tmp_path / "wrong", mask[:5]))
+    np.testing.assert_array_equal(m.read(), a)  # the values' file untouched
+    # hiding in place: the hidden values taken out in np.nonzero order, a file's a pass of rows at a time
+    copy = a.copy()
+    expected = take_and_hide(copy, mask)
+    got = take_and_hide(m, mask, cells=27)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, a[mask])
+    np.testing.assert_array_equal(m.read(), copy)
+
+
 def test_log_scale_allows_negative_values(write):
     expr = read_expression(write("log.tsv", "gene_id\tA\ng1\t-1.5\n"), scale="log")
     assert expr.values[0, 0] == -1.5

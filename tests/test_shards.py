@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -254,3 +255,47 @@ def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, requ
             assert sorted(got.columns) == sorted(want.columns) == ["baseline_a", S.FAMILY_LEVEL]
             for column, values in want.columns.items():
                 np.testing.assert_array_equal(got.columns[column], values)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_folds_shards_from_a_matrix_file_are_its_in_memory_shards(tmp_path, request, remote):
+    """A training fold of a problem kept in a matrix file (`prepare`'s, since the matrix left its driver) is a view
+    of the same file that hides the fold's entries as it reads; its shards, cut in Ray tasks or in process with the
+    labels read from the unhidden file, are those of the in-memory fold, array for array; the values' file is not
+    changed, and the fold's mask file goes when it is forgotten."""
+    from geximpute.config import config_from_dict
+    from geximpute.io.matrixfile import MatrixFile
+    from geximpute.science.folds import fold_problem, forget_fold
+    from geximpute.steps.prepare import context_shards, read_shard
+
+    if remote:
+        request.getfixturevalue("ray_local")
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}}, base_dir=tmp_path)
+    problem = random_problem(seed=7)
+    rng = np.random.default_rng(5)
+    fold = ~np.isnan(problem.values) & (rng.random(problem.values.shape) < 0.3)
+    targets = fold & (rng.random(fold.shape) < 0.7)
+    memory = fold_problem(problem, fold)
+    expected, _ = context_shards(config, memory, targets, fold, tmp_path / "memory", labels=problem.values,
+                                 block_entries=120, remote=False)
+    on_disk = dataclasses.replace(problem, values=MatrixFile.from_array(tmp_path / "matrix.f32", problem.values))
+    disk_fold = fold_problem(on_disk, fold)
+    assert isinstance(disk_fold.values, MatrixFile) and disk_fold.values.hidden is not None
+    np.testing.assert_array_equal(disk_fold.values.read(), memory.values)
+    np.testing.assert_array_equal(disk_fold.tissue_corr, memory.tissue_corr)
+    paths, _ = context_shards(config, disk_fold, targets, fold, tmp_path / "disk", labels=on_disk.values,
+                              block_entries=120, remote=remote)
+    assert len(paths) == len(expected) > 3
+    for path, want_path in zip(paths, expected, strict=True):
+        got, want = read_shard(path), read_shard(want_path)
+        assert got.gene_offset == want.gene_offset
+        np.testing.assert_array_equal(got.problem.values, want.problem.values)
+        np.testing.assert_array_equal(got.problem.tissue_corr, want.problem.tissue_corr)
+        for field in ("targets", "hidden", "labels", "samples"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+        for field in ("gene_sum", "gene_n", "tissue_sum", "tissue_n", "tissue_offset"):
+            np.testing.assert_array_equal(getattr(got.stats, field), getattr(want.stats, field))
+    np.testing.assert_array_equal(on_disk.values.read(), problem.values)  # the values' file as it was
+    mask = disk_fold.values.hidden.path
+    forget_fold(disk_fold)
+    assert not Path(mask).exists() and Path(on_disk.values.path).exists()

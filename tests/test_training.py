@@ -344,3 +344,53 @@ def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
     with_chroms = dataclasses.replace(problem, split=split)
     np.testing.assert_allclose(pretrain_levels(config, with_chroms, [])[0], np.nanmean(problem.values, axis=1),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["entries", "genes", "samples"])
+def test_a_problem_kept_in_a_matrix_file_is_the_in_memory_problem(synth_small, tmp_path, task):
+    """`prepare` reading the inputs itself keeps the matrix in a file: counts normalised from the visible entries,
+    the evaluation's entries hidden a pass of rows at a time there; the same problem, truth and training folds as
+    in memory, to the bit."""
+    from geximpute.config import load_config
+    from geximpute.io.dataset import load_dataset
+    from geximpute.io.matrixfile import MatrixFile
+    from geximpute.science.folds import training_folds
+    from geximpute.science.problem import make_problem
+
+    config = load_config(synth_small / "config.yaml", [f"evaluation.task={task}", "inputs.scale=counts",
+                                                       "expression.counts_normalisation=median_ratio"])
+    memory, truth = make_problem(load_dataset(config, with_variants=False))
+    on_disk, disk_truth = make_problem(load_dataset(config, with_variants=False, matrix=tmp_path / "m.f32"),
+                                       consume=True)
+    assert isinstance(on_disk.values, MatrixFile) and len(truth) > 0
+    np.testing.assert_array_equal(on_disk.values.read(), memory.values)
+    for field in ("gene_index", "sample_index", "values"):
+        np.testing.assert_array_equal(getattr(disk_truth, field), getattr(truth, field))
+    np.testing.assert_array_equal(on_disk.tissue_corr, memory.tissue_corr)
+    for a, b in zip(training_folds(memory, task, 2, 0.25, 0), training_folds(on_disk, task, 2, 0.25, 0),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_entry_folds_found_by_rank_are_the_draw_over_the_cells_positions(synth_small, monkeypatch):
+    """The `entries` task's training folds permute the visible cells' ranks and find each fold's cells a pass at a
+    time (no int64 index of every visible cell): the folds that permuting the cells' positions gave, cell for
+    cell."""
+    from geximpute.config import load_config
+    from geximpute.io.dataset import load_dataset
+    from geximpute.science import problem as problem_module
+    from geximpute.science.folds import training_folds
+    from geximpute.science.problem import SPLITS, make_problem
+
+    config = load_config(synth_small / "config.yaml", ["evaluation.task=entries"])
+    problem, _ = make_problem(load_dataset(config, with_variants=False))
+    visible = ~np.isnan(problem.values) & (problem.split != SPLITS.index("test"))[:, None]
+    units = np.random.default_rng(3).permutation(np.flatnonzero(visible.ravel()))
+    per_fold = int(round(0.3 * len(units)))
+    monkeypatch.setattr(problem_module, "HIDE_CELLS", 1000)  # passes of 1,000 cells
+    folds = training_folds(problem, "entries", 3, 0.3, 3)
+    for f, mask in enumerate(folds):
+        expected = np.zeros(visible.shape, bool)
+        expected.ravel()[units[f * per_fold : (f + 1) * per_fold]] = True
+        np.testing.assert_array_equal(mask, expected)
+        assert mask.sum() == per_fold

@@ -447,7 +447,7 @@ def gene_set_bundle(config: Any, work: Path, network_dir: Path) -> dict[str, Any
     """A bundle for another gene set over the networks in ``network_dir``: prepare with training folds, then the
     head (and the stacked baselines' settings) fitted on this data's folds; into ``work/model``."""
     t0 = time.perf_counter()
-    prepared = prepare(config, work / "records", targets="hidden", training=True)
+    prepared = prepare(config, work / "records", targets="hidden", training=True, matrix_file=False)
     _, version, n_head = fit_head_and_save(config, work / "records", network_dir, work / "model",
                                            problem=prepared.problem)
     return {"seconds": round(time.perf_counter() - t0, 1), "head_records": n_head, "model_version": version}

@@ -40,12 +40,13 @@ class MatrixFile:
     """
 
     def __init__(self, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32, offset: int = 0,
-                 *, view: bool = False) -> None:
+                 *, view: bool = False, hidden: MatrixFile | None = None) -> None:
         self.path = str(path)
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = np.dtype(dtype)
         self.offset = int(offset)
         self.view = view
+        self.hidden = hidden
 
     @classmethod
     def create(cls, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32, *,
@@ -95,7 +96,8 @@ class MatrixFile:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"MatrixFile({self.path!r}, shape={self.shape}, dtype={self.dtype}, offset={self.offset})"
+        hidden = "" if self.hidden is None else f", hidden by {self.hidden.path!r}"
+        return f"MatrixFile({self.path!r}, shape={self.shape}, dtype={self.dtype}, offset={self.offset}{hidden})"
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         raise TypeError(f"{self!r}: the whole matrix is not read implicitly; read rows (m[lo:hi]) in passes, or "
@@ -156,7 +158,10 @@ class MatrixFile:
         if out.size != n * self.shape[1]:
             raise OSError(f"{self.path}: {out.size} values read for rows {lo}:{hi} of {self.shape}; the file is "
                           "shorter than its matrix (truncated while in use?)")
-        return out.reshape(n, self.shape[1])
+        out = out.reshape(n, self.shape[1])
+        if self.hidden is not None:
+            out[self.hidden._read(lo, hi)] = np.nan
+        return out
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (any order), each run of consecutive rows read at once."""
@@ -176,6 +181,8 @@ class MatrixFile:
         return out
 
     def _write(self, lo: int, block: np.ndarray) -> None:
+        if self.hidden is not None:
+            raise ValueError(f"{self!r}: a matrix with entries hidden is read-only")
         if self.shape[1] == 0 or not len(block):
             return
         if lo < 0 or lo + len(block) > self.shape[0]:
@@ -203,6 +210,8 @@ class MatrixFile:
             finally:
                 mapped._mmap.close()  # type: ignore[attr-defined]
                 del mapped
+        if self.hidden is not None:
+            out[self.hidden.columns(cols)] = np.nan
         return out
 
     # --- shape --------------------------------------------------------------------------------------------------
@@ -212,7 +221,17 @@ class MatrixFile:
         lo, hi, _ = slice(lo, hi).indices(self.shape[0])
         hi = max(lo, hi)
         return MatrixFile(self.path, (hi - lo, self.shape[1]), self.dtype, self.offset + lo * self.row_bytes,
-                          view=True)
+                          view=True, hidden=None if self.hidden is None else self.hidden.window(lo, hi))
+
+    def hiding(self, hidden: MatrixFile) -> MatrixFile:
+        """A read-only view of this matrix with NaN wherever ``hidden`` (a bool matrix file of the same shape) is
+        True: a training fold's problem without a second copy of the values (every read, a window's in a task
+        too, applies the mask; the values' file is not changed)."""
+        if hidden.shape != self.shape or hidden.dtype != np.bool_:
+            raise ValueError(f"{self!r}: hidden by {hidden!r}; expected a bool matrix of shape {self.shape}")
+        if self.hidden is not None:
+            raise ValueError(f"{self!r}: entries are hidden already")
+        return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, hidden=hidden)
 
     def resize(self, shape: tuple[int, int]) -> None:
         """Keep the first ``shape[0]`` rows (or add undefined rows); the columns do not change. The file is
@@ -270,6 +289,38 @@ def count_measured(matrix: np.ndarray | MatrixFile, cells: int | None = None) ->
     """The non-NaN cells of ``matrix``, counted a pass of rows at a time."""
     step = pass_rows(matrix, cells)
     return sum(int(np.count_nonzero(~np.isnan(matrix[lo : lo + step]))) for lo in range(0, len(matrix), step))
+
+
+def measured(matrix: np.ndarray | MatrixFile, cells: int | None = None) -> np.ndarray:
+    """(rows, columns) bool: the non-NaN cells of ``matrix`` (an array's at once, a file's a pass of rows at a time:
+    no float copy of the matrix)."""
+    if not isinstance(matrix, MatrixFile):
+        return ~np.isnan(matrix)
+    out = np.empty(matrix.shape, bool)
+    step = pass_rows(matrix, cells)
+    for lo in range(0, len(matrix), step):
+        np.logical_not(np.isnan(matrix[lo : lo + step]), out=out[lo : lo + step])
+    return out
+
+
+def take_and_hide(matrix: np.ndarray | MatrixFile, hidden: np.ndarray, cells: int | None = None) -> np.ndarray:
+    """The values of the ``hidden`` cells ((rows, columns) bool), in ``np.nonzero(hidden)`` order, set to NaN in
+    ``matrix`` where they are (a file's a pass of rows at a time)."""
+    if not isinstance(matrix, MatrixFile):
+        values = matrix[hidden]
+        matrix[hidden] = np.nan
+        return values
+    out = []
+    step = pass_rows(matrix, cells)
+    for lo in range(0, len(matrix), step):
+        mask = hidden[lo : lo + step]
+        if not mask.any():
+            continue
+        block = matrix[lo : lo + step]
+        out.append(block[mask])
+        block[mask] = np.nan
+        matrix[lo : lo + step] = block
+    return np.concatenate(out) if out else np.zeros(0, matrix.dtype)
 
 
 def append_columns(matrix: MatrixFile, extra: np.ndarray, path: str | Path, cells: int | None = None) -> MatrixFile:

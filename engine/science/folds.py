@@ -9,10 +9,13 @@ with the re-hidden visible values. Outer hidden values are never touched: they a
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from pathlib import Path
 
 import numpy as np
 
-from geximpute.science.problem import SPLITS, VisibleProblem, tissue_correlation
+from geximpute.io.matrixfile import MatrixFile, measured
+from geximpute.science.problem import SPLITS, VisibleProblem, mark_ranks, tissue_correlation
 
 
 def training_folds(
@@ -35,7 +38,7 @@ def training_folds(
         raise ValueError(f"train.folds x train.fold_fraction = {n_folds} x {fraction} > 1: folds would overlap")
     # genes of the test chromosomes (split.test_chroms) are never re-hidden: no training example is labelled with
     # their values, and no validation split is carved from them
-    visible = ~np.isnan(problem.values) & (problem.split != SPLITS.index("test"))[:, None]
+    visible = measured(problem.values) & (problem.split != SPLITS.index("test"))[:, None]
     rng = np.random.default_rng(seed)
     if task == "genes":
         units = rng.permutation(np.flatnonzero(visible.any(axis=1)))
@@ -44,7 +47,10 @@ def training_folds(
     elif task == "samples":
         units = rng.permutation(np.flatnonzero(visible.any(axis=0)))
     else:
-        units = rng.permutation(np.flatnonzero(visible.ravel()))
+        # the ranks of the visible cells (row-major), permuted: the same draw as permuting the cells' positions
+        # (a permutation's swaps depend only on its length), without an int64 index of every visible cell beside
+        # it; each fold's cells are found from their ranks a pass at a time
+        units = rng.permutation(int(np.count_nonzero(visible)))
     per_fold = max(1, int(round(fraction * len(units))))
     masks = []
     for f in range(n_folds):
@@ -57,7 +63,7 @@ def training_folds(
         elif task == "samples":
             mask[:, chosen] = True
         else:
-            mask.ravel()[chosen] = True
+            mark_ranks(visible.ravel(), np.sort(chosen), mask.ravel())
         masks.append(mask & visible)
     return masks
 
@@ -90,8 +96,27 @@ def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None,
 
 
 def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray) -> VisibleProblem:
-    """The problem with ``inner_hidden`` entries hidden as well; tissue correlations recomputed without them."""
-    values = problem.values.copy()
-    values[inner_hidden] = np.nan
+    """The problem with ``inner_hidden`` entries hidden as well; tissue correlations recomputed without them.
+
+    A problem whose values are a matrix file (:class:`~geximpute.io.matrixfile.MatrixFile`) gets a view of the same
+    file that hides the fold's entries as it reads (:meth:`~geximpute.io.matrixfile.MatrixFile.hiding`), the mask
+    written to a file beside the values (``<values>.fold-<n>``, removed with the values' folder, or by
+    :func:`forget_fold`): no second matrix, in the driver or in a task that reads a window of it."""
+    if isinstance(problem.values, MatrixFile):
+        path = Path(problem.values.path)
+        mask = MatrixFile.from_array(path.with_name(f"{path.name}.fold-{next(_FOLD_FILES)}"), inner_hidden)
+        values = problem.values.hiding(mask)
+    else:
+        values = problem.values.copy()
+        values[inner_hidden] = np.nan
     corr = tissue_correlation(values, problem.tissue_index, len(problem.tissues))
     return dataclasses.replace(problem, values=values, tissue_corr=corr)
+
+
+def forget_fold(problem: VisibleProblem) -> None:
+    """Remove the mask file of a :func:`fold_problem` of a problem kept in a matrix file (nothing otherwise)."""
+    if isinstance(problem.values, MatrixFile) and problem.values.hidden is not None:
+        problem.values.hidden.unlink()
+
+
+_FOLD_FILES = itertools.count()

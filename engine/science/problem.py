@@ -22,7 +22,7 @@ from geximpute.errors import ConfigError
 from geximpute.io.chroms import chrom_key
 from geximpute.io.dataset import Dataset, gene_symbols
 from geximpute.io.expression import to_model_scale
-from geximpute.io.matrixfile import MatrixFile, count_measured, row_range
+from geximpute.io.matrixfile import MatrixFile, count_measured, measured, row_range, take_and_hide
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.groups import group_sums
 
@@ -167,7 +167,7 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None, *, consume:
     rows, keep = annotated_rows(dataset)
     visible = None
     if hidden is not None and hidden.any():
-        visible = ~np.isnan(dataset.expression.values)
+        visible = measured(dataset.expression.values)
         visible[rows] &= ~hidden
     if len(rows) == dataset.expression.values.shape[0] and np.array_equal(rows, np.arange(len(rows))):
         rows = None  # every expression gene annotated, in order
@@ -194,15 +194,7 @@ def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarra
         n = max(1, int(round(task.fraction * n_observed)))
         # the same draws as choosing among the measured cells' positions (numpy draws by rank), the ranks found
         # a pass of cells at a time: no int64 index of every measured cell beside the one numpy's draw keeps
-        ranks = np.sort(rng.choice(n_observed, size=n, replace=False))
-        out, seen, k = hidden.reshape(-1), 0, 0
-        for lo in range(0, flat.size, HIDE_CELLS):
-            part = flat[lo : lo + HIDE_CELLS]
-            count = int(np.count_nonzero(part))
-            end = int(np.searchsorted(ranks, seen + count))
-            if end > k:
-                out[lo + np.flatnonzero(part)[ranks[k:end] - seen]] = True
-            seen, k = seen + count, end
+        mark_ranks(flat, np.sort(rng.choice(n_observed, size=n, replace=False)), hidden.reshape(-1))
     elif task.task == "genes":
         candidates = np.flatnonzero(observed.any(axis=1))
         n = max(1, int(round(task.fraction * len(candidates))))
@@ -269,6 +261,20 @@ def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
     return out
 
 
+def mark_ranks(cells: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
+    """Set ``out`` (flat bool) True at the cells of ``cells`` (flat bool) whose rank among its True cells, in order,
+    is in ``ranks`` (sorted): ``out[np.flatnonzero(cells)[ranks]] = True``, without the int64 index of every True
+    cell (the ranks found a pass of :data:`HIDE_CELLS` cells at a time)."""
+    seen, k = 0, 0
+    for lo in range(0, cells.size, HIDE_CELLS):
+        part = cells[lo : lo + HIDE_CELLS]
+        count = int(np.count_nonzero(part))
+        end = int(np.searchsorted(ranks, seen + count))
+        if end > k:
+            out[lo + np.flatnonzero(part)[ranks[k:end] - seen]] = True
+        seen, k = seen + count, end
+
+
 def evaluation_hidden(dataset: Dataset) -> np.ndarray:
     """(G, S) bool: the entries :func:`make_problem` hides for ``config.evaluation``, over the annotated expression
     genes in the annotation's order (:func:`annotated_rows`); no value is scaled or copied for it.
@@ -285,8 +291,8 @@ def evaluation_hidden(dataset: Dataset) -> np.ndarray:
             "config key 'evaluation.task' has value 'samples'; expected a dataset with a sample table and "
             "several donors (hiding a whole column of a median-by-tissue table leaves nothing to learn from)"
         )
-    observed = np.isnan(dataset.expression.values)[expr_rows]  # bool rows: no float copy of the matrix
-    return hide(np.logical_not(observed, out=observed), config.evaluation, donor_index=donor_index)
+    observed = measured(dataset.expression.values)[expr_rows]  # bool rows: no float copy of the matrix
+    return hide(observed, config.evaluation, donor_index=donor_index)
 
 
 def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = True, consume: bool = False
@@ -315,14 +321,11 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
     # normalised after hiding: the hidden entries take no part in any count normalisation
     values, _ = model_matrix(dataset, hidden, consume=consume)
     gi, si = np.nonzero(hidden) if hidden is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64),
-                        values=values[gi, si] if len(gi) else np.zeros(0, np.float32))
-    visible = values  # hidden in place (the truth above is a copy): one matrix, not two
-    if hidden is not None:
-        if isinstance(visible, MatrixFile):
-            raise ValueError("make_problem: hiding entries for an evaluation needs the matrix in memory; a matrix "
-                             "file is for imputation, which hides nothing")
-        visible[hidden] = np.nan
+    # the truth is a copy; the values are hidden where they are (a matrix file's a pass of rows at a time): one
+    # matrix, not two
+    hidden_values = take_and_hide(values, hidden) if hidden is not None else np.zeros(0, np.float32)
+    truth = HiddenTruth(gene_index=gi.astype(np.int64), sample_index=si.astype(np.int64), values=hidden_values)
+    visible = values
     del values, hidden  # nothing below may see a hidden value
 
     tss = genes[S.TSS].to_numpy()

@@ -189,7 +189,7 @@ def build_bundle(
     progress = progress if progress is not None else Progress()
     records = output_path(config, records_dir, "records")
     with progress.stage("prepare") as figures:
-        prepared = prepare(config, records, dataset=dataset, targets=targets, training=True)
+        prepared = prepare(config, records, dataset=dataset, targets=targets, training=True, matrix_file=False)
         figures.update(records=prepared.n_records + prepared.n_train, context_records=prepared.n_records,
                        training_records=prepared.n_train, promoters=prepared.n_promoters)
     progress.results["prepare"] = prepared

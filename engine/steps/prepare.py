@@ -18,6 +18,7 @@ records and no actor holds the whole problem.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -36,13 +37,13 @@ import pyarrow.parquet as pq
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.io.dataset import Dataset, load_dataset
-from geximpute.io.matrixfile import MatrixFile, materialise, row_range
-from geximpute.runtime.atomic import staged_output
+from geximpute.io.matrixfile import MatrixFile, materialise, measured, row_range
+from geximpute.runtime.atomic import scratch_folder, staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import FamilyLevels, family_levels, forms_families
-from geximpute.science.folds import fold_problem, fold_targets, training_folds
+from geximpute.science.folds import fold_problem, fold_targets, forget_fold, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 #: target entries per block of records (one block = a run of genes of one chromosome x a range of donors)
 BLOCK_ENTRIES = 100_000
+#: the run's own folder beside the output that holds the expression matrix file (``matrix_file``), as `impute`'s
+MATRIX_FOLDER = "matrix"
 #: the column (and partition folder) that tells :func:`write_record_parts`'s parts apart while they are written
 PART = "record_part"
 #: gene x sample cells of a problem from which :func:`context_shards` cuts each chromosome in a Ray task of its own;
@@ -78,7 +81,7 @@ class Prepared:
     """What ``prepare`` produced."""
 
     out_dir: Path
-    problem: VisibleProblem
+    problem: VisibleProblem | None  # None where its matrix was kept in a file of the run (removed at its end)
     truth: HiddenTruth
     n_records: int
     n_train: int
@@ -346,7 +349,7 @@ def context_shards(
                 stats=stats.rows(first, end),
                 genomes=None if problem.genomes is None else problem.genomes.gene_range(first, end),
                 genetic_shrinkage=config.context.genetic_shrinkage,
-                labels=None if labels is None else labels[first:end],
+                labels=None if labels is None else row_range(labels, first, end),
                 columns=None if offsets is None else columns.window(int(offsets[first]), int(offsets[end])),
                 offsets=None if offsets is None else offsets[first : end + 1] - offsets[first],
                 k=config.context.k_neighbours)
@@ -410,6 +413,7 @@ def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
         part = loaded
     part.problem = in_memory(part.problem)  # a window of the driver's matrix file: this chromosome's rows read here
     part.targets = materialise(part.targets)
+    part.labels = materialise(part.labels)
     first, problem = part.first, part.problem
     level = None if family is None else functools.partial(_level_at, family, first)
     genetic = None
@@ -505,8 +509,11 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
     try:
         for i, part in enumerate(parts):
             problem = part.problem if part.fold is None else fold_problem(part.problem, part.fold)
-            paths, _ = context_shards(config, problem, part.targets, part.hidden, staging / f"shards-{i}",
-                                      part.labels, family=family)
+            try:
+                paths, _ = context_shards(config, problem, part.targets, part.hidden, staging / f"shards-{i}",
+                                          part.labels, family=family)
+            finally:
+                forget_fold(problem)  # a fold's mask file, where the values are a file's
             del problem  # a fold's copy: the shards hold what its records need
             shards += paths
             part_of += [i] * len(paths)
@@ -569,7 +576,7 @@ def target_masks(problem: VisibleProblem, truth: HiddenTruth, which: str) -> tup
         return np.zeros_like(hidden), hidden
     if which == "hidden":
         return hidden, hidden
-    visible = ~np.isnan(problem.values)
+    visible = measured(problem.values)
     return (visible | hidden if which == "all" else visible), hidden
 
 
@@ -581,6 +588,7 @@ def prepare(
     targets: str = "all",
     training: bool = False,
     force: bool = False,
+    matrix_file: bool | None = None,
 ) -> Prepared:
     """Build and write the records of ``config``.
 
@@ -592,12 +600,35 @@ def prepare(
             records: what training reads is the training folds).
         training: also write the labelled training folds (``train/fold=<i>/``, see :mod:`geximpute.science.folds`).
         force: replace ``out_dir`` even when it is not an earlier prepare output (:mod:`geximpute.runtime.atomic`).
+        matrix_file: keep the expression matrix in a file of the run's own beside ``out_dir`` (as `impute` does,
+            :class:`~geximpute.io.matrixfile.MatrixFile`), not in memory: the problem's values are scaled and
+            hidden there a pass of rows at a time, each training fold is a view of the same file that hides the
+            fold's entries (:func:`~geximpute.science.folds.fold_problem`), and each chromosome's task reads its
+            own rows; the driver holds the (genes x samples) masks (a byte a cell), not the values. Default: when
+            ``dataset`` is None (prepare reads the inputs itself). The result's ``problem`` is then None (its file
+            is removed when prepare ends).
     """
-    t0 = time.perf_counter()
+    if matrix_file is None:
+        matrix_file = dataset is None
+    if matrix_file and dataset is not None:
+        raise ValueError("prepare: matrix_file reads the inputs into a file; it cannot take a loaded dataset")
     out_dir = Path(out_dir or Path(config.output_dir) / "records")
+    with contextlib.ExitStack() as scratch:
+        matrix = None
+        if matrix_file:
+            matrix = scratch.enter_context(scratch_folder(out_dir, MATRIX_FOLDER)) / "expression.f32"
+        result = _prepare(config, out_dir, dataset, matrix, targets, training, force)
+    if matrix_file:
+        result.problem = None
+    return result
+
+
+def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Path | None, targets: str,
+             training: bool, force: bool) -> Prepared:
+    t0 = time.perf_counter()
     # read here, the dataset's matrix becomes the problem's (scaled in place), not a second copy beside it
     consume = dataset is None
-    dataset = dataset or load_dataset(config)
+    dataset = dataset or load_dataset(config, matrix=matrix)
     problem, truth = make_problem(dataset, consume=consume)
     target_mask, hidden = target_masks(problem, truth, targets)
     log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
