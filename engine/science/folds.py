@@ -38,7 +38,8 @@ def training_folds(
         raise ValueError(f"train.folds x train.fold_fraction = {n_folds} x {fraction} > 1: folds would overlap")
     # genes of the test chromosomes (split.test_chroms) are never re-hidden: no training example is labelled with
     # their values, and no validation split is carved from them
-    visible = measured(problem.values) & (problem.split != SPLITS.index("test"))[:, None]
+    visible = measured(problem.values)
+    visible &= (problem.split != SPLITS.index("test"))[:, None]
     rng = np.random.default_rng(seed)
     if task == "genes":
         units = rng.permutation(np.flatnonzero(visible.any(axis=1)))
@@ -63,8 +64,10 @@ def training_folds(
         elif task == "samples":
             mask[:, chosen] = True
         else:
-            mark_ranks(visible.ravel(), np.sort(chosen), mask.ravel())
-        masks.append(mask & visible)
+            chosen.sort()  # in place: each fold's segment of the permutation is its own
+            mark_ranks(visible.ravel(), chosen, mask.ravel())
+        mask &= visible
+        masks.append(mask)
     return masks
 
 
