@@ -299,3 +299,34 @@ def test_a_folds_shards_from_a_matrix_file_are_its_in_memory_shards(tmp_path, re
     mask = disk_fold.values.hidden.path
     forget_fold(disk_fold)
     assert not Path(mask).exists() and Path(on_disk.values.path).exists()
+
+
+def test_the_halo_scan_in_steps_takes_the_rows_the_whole_count_took():
+    """`_reach` scans a side's rows a step at a time, nearest first, and stops where every sample has its K + 2
+    visible values: the rows a cumulative count over the whole side gave, for samples with many, few, one and no
+    visible values, on either side, whatever the step."""
+    from geximpute.science.shards import _reach
+
+    def whole(values: np.ndarray, need: int) -> int:  # the count over every row at once (before the steps)
+        if not len(values):
+            return 0  # (never asked: a side without rows is not scanned)
+        counts = np.cumsum(~np.isnan(values), axis=0)
+        wanted = np.minimum(counts[-1], need)
+        has = wanted > 0
+        return int(np.argmax(counts[:, has] >= wanted[has], axis=0).max()) + 1 if has.any() else 0
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        n_rows, n_samples = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        values = rng.normal(size=(n_rows, n_samples + 3))
+        density = rng.choice([0.05, 0.3, 0.9], size=n_samples + 3)
+        values[rng.random(values.shape) > density] = np.nan
+        values[:, 0] = np.nan  # a sample with nothing visible (a profile imputed whole)
+        samples = np.sort(rng.choice(n_samples + 3, size=n_samples, replace=False))
+        lo, hi = sorted(int(x) for x in rng.integers(0, n_rows + 1, size=2))
+        need = int(rng.integers(1, 6))
+        for cells in (1, 7, 1 << 22):
+            assert _reach(values, lo, hi, samples, need, backwards=True, cells=cells) == whole(
+                values[lo:hi, samples][::-1], need), (trial, cells)
+            assert _reach(values, lo, hi, samples, need, backwards=False, cells=cells) == whole(
+                values[lo:hi, samples], need), (trial, cells)

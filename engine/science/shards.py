@@ -152,23 +152,49 @@ def halo(problem: VisibleProblem, block: Block, samples: np.ndarray, first: int,
     if len(samples) == 0:
         return left_of, hi
     if left_of > first:
-        lo = left_of - _reach(problem.values[first:left_of, samples][::-1], need)  # nearest first
+        lo = left_of - _reach(problem.values, first, left_of, samples, need, backwards=True)  # nearest first
     lo = min(lo, left_of)
     if hi < end:
-        hi = block.hi + _reach(problem.values[hi:end, samples], need)
+        hi = block.hi + _reach(problem.values, hi, end, samples, need, backwards=False)
     return lo, hi
 
 
-def _reach(values: np.ndarray, need: int) -> int:
-    """Rows of ``values`` (nearest first, one column per sample) to take so that every sample has ``need`` visible
-    values among them, or all it has."""
-    counts = np.cumsum(~np.isnan(values), axis=0)
-    wanted = np.minimum(counts[-1], need)  # (S,)
-    has = wanted > 0
-    if not has.any():
+#: cells of ``values`` per step of :func:`_reach`'s scan
+REACH_CELLS = 1 << 22
+
+
+def _reach(values: np.ndarray, lo: int, hi: int, samples: np.ndarray, need: int, *, backwards: bool,
+           cells: int | None = None) -> int:
+    """Rows of ``values[lo:hi]`` to take, nearest first (from ``hi - 1`` down when ``backwards``, else from ``lo``
+    up), so that every sample (the columns ``samples``) has ``need`` visible values among them, or all it has.
+
+    The rows are scanned a step of at most ``cells`` cells (:data:`REACH_CELLS`) at a time, nearest first, and the
+    scan stops where every sample has what it needs: a block's halo reads the rows it reaches, not its chromosome's
+    every row at once (at 17,382 samples a cumulative count of a 10,000-gene chromosome's rows was 2.8 GB).
+    """
+    n, n_samples = hi - lo, len(samples)
+    if n <= 0 or n_samples == 0:
         return 0
-    rows = np.argmax(counts[:, has] >= wanted[has], axis=0)  # the row where each sample has what it needs
-    return int(rows.max()) + 1
+    step = max(1, (cells or REACH_CELLS) // n_samples)
+    counts = np.zeros(n_samples, np.int64)  # visible values so far, per sample
+    reached = np.full(n_samples, -1, np.int64)  # the row (nearest first) where the sample had ``need``
+    last = np.full(n_samples, -1, np.int64)  # the row of the sample's farthest visible value so far
+    for r0 in range(0, n, step):
+        m = min(step, n - r0)
+        chunk = values[hi - r0 - m : hi - r0][::-1] if backwards else values[lo + r0 : lo + r0 + m]
+        visible = ~np.isnan(chunk[:, samples])
+        running = np.cumsum(visible, axis=0, dtype=np.int64)
+        running += counts
+        open_ = reached < 0
+        hit = open_ & (running[-1] >= need)
+        reached[hit] = r0 + np.argmax(running[:, hit] >= need, axis=0)
+        any_visible = visible.any(axis=0)
+        last[any_visible] = r0 + m - 1 - np.argmax(visible[::-1, any_visible], axis=0)
+        counts = running[-1]
+        if (reached >= 0).all():
+            break
+    rows = np.where(reached >= 0, reached, last)  # fewer than ``need``: all it has, to its farthest one
+    return int(rows.max()) + 1 if (rows >= 0).any() else 0
 
 
 @dataclass
