@@ -199,3 +199,21 @@ def test_ingest_on_the_command_line(write, tmp_path, capsys):
     assert "4 genes x 3 samples in 3 chromosome partitions" in printed
     assert f"set inputs.expression: {out}" in printed
     assert main(["inspect", "--config", str(tmp_path / "config.yaml"), "--set", f"inputs.expression={out}"]) == 0
+
+
+def test_a_store_whose_source_changed_says_so(small, caplog):
+    """The store serves what was ingested; a run whose store's source file changed since is told to ingest again."""
+    import logging
+    import os
+
+    config, store = small
+    with caplog.at_level(logging.WARNING, logger="geximpute.io.expression"):
+        read_expression(store, scale="counts")
+    assert not caplog.records
+    source = config.inputs.expression
+    os.utime(source, ns=(1, 1))  # the source touched after its ingest
+    with caplog.at_level(logging.WARNING, logger="geximpute.io.expression"):
+        again = read_expression(store, scale="counts")
+    assert again.gene_ids == ["G3", "G2", "G1", "G4"]
+    assert any("changed since it was ingested" in r.getMessage() and "geximpute ingest" in r.getMessage()
+               for r in caplog.records)

@@ -10,6 +10,7 @@ entries that were not measured, plus the gene and sample ids. Values are kept on
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
 from geximpute.io.matrixfile import MatrixFile, update_rows
 from geximpute.io.tables import csv_batches, is_parquet, read_table, require_columns
+
+log = logging.getLogger(__name__)
 
 #: wide-table columns that describe genes rather than hold values
 ANNOTATION_COLUMNS = {"description", "gene_name", "name", "symbol", "gene_symbol", "gene.name", "gene_type"}
@@ -170,11 +173,25 @@ def _read_store(path: Path, scale: str, matrix: str | Path | None) -> Expression
     if n == 0:
         raise InputError(path, "expression store holds no values", expected="at least one gene and one sample")
     source = read.meta.get("source") or {}
+    _warn_if_stale(path, source)
     report = {"format": "store", "n_genes": len(read.gene_ids), "n_samples": len(read.sample_ids),
               "n_measured": read.n_measured, "measured_fraction": read.n_measured / n,
               "store": {"partitions": len(read.meta["partitions"]), "source": source.get("path"),
                         "source_format": source.get("format"), "created": read.meta.get("created")}}
     return Expression(path, read.gene_ids, read.sample_ids, read.values, scale, report, gene_names=read.gene_names)
+
+
+def _warn_if_stale(store: Path, source: dict) -> None:
+    """Log a warning where the file a store was ingested from is still there and has changed since (its size or
+    modification time; the store keeps serving what was ingested)."""
+    try:
+        now = Path(source["path"]).stat()
+    except (KeyError, TypeError, OSError):
+        return  # moved or removed since: the store is the data now
+    if now.st_size != source.get("bytes") or ("mtime_ns" in source and now.st_mtime_ns != source["mtime_ns"]):
+        log.warning("%s: its source %s changed since it was ingested (%s); this run reads the store as ingested: "
+                    "run `geximpute ingest` again to take the new values", store, source["path"],
+                    source.get("sha256", "")[:12])
 
 
 def check_values(path: Path, values: np.ndarray, gene_ids: list[str], sample_ids: list[str], scale: str,

@@ -85,7 +85,8 @@ def ingest(config: Config, out_dir: str | Path | None = None, *, force: bool = F
                 stage("ingest: chromosome partitions", total=n_parts, unit="partitions") as progress:
             meta = write_store(
                 expr.values, expr.gene_ids, expr.sample_ids, expr.gene_names, chroms, annotation_order, staging,
-                scale=inputs.scale, source={**fingerprint(source), "format": expr.report.get("format")},
+                scale=inputs.scale, source={**fingerprint(source), "format": expr.report.get("format"),
+                                            "mtime_ns": source.stat().st_mtime_ns},
                 annotation=fingerprint(inputs.genes), progress=lambda chrom, n: progress.advance())
     seconds = time.perf_counter() - t0
     if unannotated:
