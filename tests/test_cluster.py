@@ -235,7 +235,8 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize(("module", "command"), [
-    ("prepare", ["prepare", "--training", "--targets", "none"]), ("train", ["train"]), ("fit_head", ["fit-head"]),
+    ("ingest", ["ingest"]), ("prepare", ["prepare", "--training", "--targets", "none"]), ("train", ["train"]),
+    ("fit_head", ["fit-head"]),
     ("impute", ["impute"]), ("nightly", ["nightly"]),
 ])
 def test_each_job_is_its_geximpute_step(calls, module, command):

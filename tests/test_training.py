@@ -394,3 +394,52 @@ def test_entry_folds_found_by_rank_are_the_draw_over_the_cells_positions(synth_s
         expected.ravel()[units[f * per_fold : (f + 1) * per_fold]] = True
         np.testing.assert_array_equal(mask, expected)
         assert mask.sum() == per_fold
+
+
+def test_pretraining_levels_read_in_passes_are_the_whole_matrix_levels(tmp_path):
+    """`visible_levels` reads the values a pass of rows at a time (a matrix file's too: `geximpute train` keeps the
+    problem in one): the levels of the whole-matrix formula, to the bit, with nothing, a broadcast or a mask hidden."""
+    from geximpute.fit.pretrain import visible_levels
+    from geximpute.io.matrixfile import MatrixFile
+
+    rng = np.random.default_rng(8)
+    values = rng.normal(size=(300, 2000)).astype(np.float32)  # 600,000 cells: three passes
+    values[rng.random(values.shape) < 0.4] = np.nan
+    values[7] = np.nan  # a gene with nothing visible
+    valid = rng.random(300) < 0.2
+    on_disk = MatrixFile.from_array(tmp_path / "values.f32", values)
+    test_gene = rng.random(300) < 0.1
+    for hide in (None, np.broadcast_to(test_gene[:, None], values.shape), rng.random(values.shape) < 0.3):
+        kept = values if hide is None else np.where(hide, np.nan, values)
+        seen = np.isfinite(kept)
+        counts = seen.sum(axis=1)
+        whole = np.where(seen, kept, 0.0).sum(axis=1, dtype=np.float64) / np.maximum(counts, 1)
+        whole = np.where(counts > 0, whole, np.nan)
+        for given in (values, on_disk):
+            level, valid_gene = visible_levels(given, hide, valid)
+            np.testing.assert_array_equal(level, whole)
+            np.testing.assert_array_equal(valid_gene, valid)
+
+
+def test_a_networks_pretraining_levels_from_a_matrix_file_are_the_in_memory_ones(synth_small, tmp_path):
+    """`geximpute train` run on its own makes the problem again with its matrix in a file: each fold network's
+    pre-training levels (its folds found and left out, the test chromosomes' genes too) are the in-memory ones."""
+    from geximpute.config import load_config
+    from geximpute.fit.hybrid import fold_masks, pretrain_levels
+    from geximpute.io.dataset import load_dataset
+    from geximpute.io.matrixfile import MatrixFile
+    from geximpute.science.problem import make_problem
+
+    config = load_config(synth_small / "config.yaml", ["evaluation.task=genes", "split.test_chroms=[chr2]"])
+    memory, _ = make_problem(load_dataset(config, with_variants=False))
+    on_disk, _ = make_problem(load_dataset(config, with_variants=False, matrix=tmp_path / "m.f32"), consume=True)
+    assert isinstance(on_disk.values, MatrixFile)
+    masks = fold_masks(config, memory)
+    for a, b in zip(masks, fold_masks(config, on_disk), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k in range(config.train.folds):
+        level, valid = pretrain_levels(config, memory, [k], masks)
+        disk_level, disk_valid = pretrain_levels(config, on_disk, [k])
+        np.testing.assert_array_equal(disk_level, level)
+        np.testing.assert_array_equal(disk_valid, valid)
+        assert np.isnan(level[memory.chroms == "chr2"]).all() and np.isfinite(level).any()

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from geximpute.science.problem import pass_rows
+
 log = logging.getLogger(__name__)
 
 #: fewer training genes with a promoter than this: no pre-training (nothing to learn a motif from)
@@ -63,14 +65,21 @@ def visible_levels(values: np.ndarray, hide: np.ndarray | None, valid_gene: np.n
     """(level, valid_gene): each gene's mean visible value with the ``hide`` entries left out (NaN: none left).
 
     Args:
-        values: (G, S) visible values on the modelling scale, NaN where not measured or hidden.
+        values: (G, S) visible values on the modelling scale, NaN where not measured or hidden (an array or a
+            :class:`~geximpute.io.matrixfile.MatrixFile`: read a pass of rows at a time).
         hide: (G, S) bool entries a network must not read (the fold it predicts out of fold), or None.
         valid_gene: (G,) bool genes that validate (held-out chromosomes): they choose the epoch, never train.
     """
-    kept = values if hide is None else np.where(hide, np.nan, values)
-    seen = np.isfinite(kept)
-    counts = seen.sum(axis=1)
-    level = np.where(seen, kept, 0.0).sum(axis=1, dtype=np.float64) / np.maximum(counts, 1)
+    n_genes = values.shape[0]
+    sums, counts = np.zeros(n_genes, np.float64), np.zeros(n_genes, np.int64)
+    step = pass_rows(values.shape[1], n_genes)  # a pass of rows at a time: its temporaries, not the matrix's
+    for lo in range(0, n_genes, step):
+        block = values[lo : lo + step]
+        kept = block if hide is None else np.where(hide[lo : lo + step], np.nan, block)
+        seen = np.isfinite(kept)
+        counts[lo : lo + step] = seen.sum(axis=1)
+        sums[lo : lo + step] = np.where(seen, kept, 0.0).sum(axis=1, dtype=np.float64)
+    level = sums / np.maximum(counts, 1)
     return np.where(counts > 0, level, np.nan), np.asarray(valid_gene, bool)
 
 

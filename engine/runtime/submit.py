@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 #: steps that can be submitted, as ``geximpute`` names them, with the ``jobs`` module that runs each
 STEPS: dict[str, str] = {
+    "ingest": "ingest",
     "prepare": "prepare",
     "train": "train",
     "fit-head": "fit_head",

@@ -13,6 +13,7 @@ Folders, each defaulting to a folder of ``config.output_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -31,10 +32,11 @@ from geximpute.fit.hybrid import fit_hybrid, fit_hybrid_head, gene_composition, 
 from geximpute.fit.models import HybridModels
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
+from geximpute.runtime.atomic import scratch_folder
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import ENTRY_METHODS
 from geximpute.science.problem import VisibleProblem, make_problem
-from geximpute.steps.prepare import prepare, read_problem_index
+from geximpute.steps.prepare import MATRIX_FOLDER, prepare, read_problem_index
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,13 @@ def train_and_save(config: Config, records_dir: str | Path | None = None,
     records = output_path(config, records_dir, "records")
     out = output_path(config, network_dir, "network")
     gene_ids, tissues = read_problem_index(records)
-    if problem is None:
-        problem = read_visible_problem(config, gene_ids)
-    ensure_ray(config.ray)
-    out.mkdir(parents=True, exist_ok=True)
-    networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", problem)
+    with contextlib.ExitStack() as scratch:
+        if problem is None:  # read here: its matrix in a file of the run's own, as prepare keeps it
+            folder = scratch.enter_context(scratch_folder(out, MATRIX_FOLDER))
+            problem = read_visible_problem(config, gene_ids, matrix=folder / "expression.f32")
+        ensure_ray(config.ray)
+        out.mkdir(parents=True, exist_ok=True)
+        networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", problem)
     save_networks(networks, out)
     return networks[0]
 
@@ -153,10 +157,11 @@ def fit_head_and_save(
     return models, version, n_head
 
 
-def read_visible_problem(config: Config, gene_ids) -> VisibleProblem:
+def read_visible_problem(config: Config, gene_ids, *, matrix: Path | None = None) -> VisibleProblem:
     """The visible problem that prepare cut the training folds from, made again from the config's inputs; its
-    genes must be the prepare output's (``gene_ids``), or the inputs changed in between."""
-    problem, _ = make_problem(load_dataset(config), consume=True)
+    genes must be the prepare output's (``gene_ids``), or the inputs changed in between. ``matrix``: keep its values
+    in that file (:class:`~geximpute.io.matrixfile.MatrixFile`), not in memory."""
+    problem, _ = make_problem(load_dataset(config, matrix=matrix), consume=True)
     if list(problem.gene_ids) != list(gene_ids):
         raise ConfigError(f"the inputs of the config give {problem.n_genes} genes, the training records "
                           f"{len(gene_ids)} others; run prepare again with this config")

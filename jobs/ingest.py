@@ -1,0 +1,19 @@
+"""Ray job entry point: the expression file read once into an expression store, Parquet by chromosome, in
+``<output_dir>/expression`` (`geximpute ingest`); later jobs read it with ``--set inputs.expression=...``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from geximpute.apps import cli
+from geximpute.jobs import step_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the step; returns its exit status (0 on success)."""
+    return cli.main(["ingest", *step_args("ingest", argv, __doc__)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
