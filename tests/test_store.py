@@ -171,6 +171,8 @@ def test_a_damaged_store_is_refused_naming_the_file(small, tmp_path):
     _edit(store, lambda meta: meta.update(version=99))
     with pytest.raises(InputError, match="expression store version 99"):
         read_expression(store, scale="counts")
+    with pytest.raises(InputError, match="not a folder; an expression store is the folder"):
+        read_expression(config.inputs.expression, "store", scale="counts")
     (store / STORE_FILE).unlink()
     with pytest.raises(InputError, match=r"is a folder: not a regular file, nor an expression store \(no _store"):
         read_expression(store, scale="counts")

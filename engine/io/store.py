@@ -148,6 +148,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     meta_path = path / STORE_FILE
+    if not path.is_dir():
+        raise InputError(path, "not a folder; an expression store is the folder that `geximpute ingest` wrote",
+                         expected="inputs.expression_format: auto (or the format of this file)")
     if not meta_path.is_file():
         raise InputError(path, f"is a folder: not a regular file, nor an expression store (no {STORE_FILE})",
                          expected="an expression file, or a folder that `geximpute ingest` wrote")
