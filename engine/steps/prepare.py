@@ -630,8 +630,12 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
     consume = dataset is None
     dataset = dataset or load_dataset(config, matrix=matrix)
     problem, truth = make_problem(dataset, consume=consume)
-    target_mask, hidden = target_masks(problem, truth, targets)
-    log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
+    context = targets != "none"  # `none`: no context part at all, not a (genes x samples) mask of nothing
+    if context:
+        target_mask, hidden = target_masks(problem, truth, targets)
+        log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
+    else:
+        log.info("prepare: no context records (targets none) -> %s", out_dir)
 
     ensure_ray(config.ray)
     with staged_output(out_dir, step="prepare", force=force) as staging:
@@ -646,7 +650,7 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
             promoters.num_rows,
         )
         write_problem_index(problem, staging)
-        parts = [RecordPart(problem, target_mask, hidden, staging / "context")]
+        parts = [RecordPart(problem, target_mask, hidden, staging / "context")] if context else []
         if training:
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
@@ -660,8 +664,12 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
                 parts.append(RecordPart(problem, labelled, inner, staging / "train" / f"fold={f}",
                                         labels=problem.values, fold=inner))
         # the context records and every training fold's in one Ray Data execution
-        counts = write_record_parts(config, parts, "prepare: context records" + (
-            f" and {len(parts) - 1} training folds" if training else ""))
+        what = ", ".join((["context records"] if context else [])
+                         + ([f"{len(parts) - context} training folds"] if training else []))
+        counts = write_record_parts(config, parts, f"prepare: {what}") if parts else []
+        if not context:  # an empty folder all the same, as readers expect one
+            (staging / "context").mkdir()
+            counts = [0, *counts]
         n_records, n_train = counts[0], sum(counts[1:])
         seconds = time.perf_counter() - t0
         write_json(
