@@ -257,19 +257,17 @@ def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, requ
                 np.testing.assert_array_equal(got.columns[column], values)
 
 
-@pytest.mark.parametrize("remote", [False, True])
-def test_a_folds_shards_from_a_matrix_file_are_its_in_memory_shards(tmp_path, request, remote):
+def test_a_folds_shards_from_a_matrix_file_are_its_in_memory_shards(tmp_path):
     """A training fold of a problem kept in a matrix file (`prepare`'s, since the matrix left its driver) is a view
-    of the same file that hides the fold's entries as it reads; its shards, cut in Ray tasks or in process with the
+    of the same file that hides the fold's entries as it reads; its shards, cut from the chromosomes' windows with the
     labels read from the unhidden file, are those of the in-memory fold, array for array; the values' file is not
-    changed, and the fold's mask file goes when it is forgotten."""
+    changed, and the fold's mask file goes when it is forgotten. (A window of such a view read after pickling, as a
+    Ray task reads it: `tests/test_readers.py`; chromosome windows cut in Ray tasks: the test above.)"""
     from geximpute.config import config_from_dict
     from geximpute.io.matrixfile import MatrixFile
     from geximpute.science.folds import fold_problem, forget_fold
     from geximpute.steps.prepare import context_shards, read_shard
 
-    if remote:
-        request.getfixturevalue("ray_local")
     config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}}, base_dir=tmp_path)
     problem = random_problem(seed=7)
     rng = np.random.default_rng(5)
@@ -284,7 +282,7 @@ def test_a_folds_shards_from_a_matrix_file_are_its_in_memory_shards(tmp_path, re
     np.testing.assert_array_equal(disk_fold.values.read(), memory.values)
     np.testing.assert_array_equal(disk_fold.tissue_corr, memory.tissue_corr)
     paths, _ = context_shards(config, disk_fold, targets, fold, tmp_path / "disk", labels=on_disk.values,
-                              block_entries=120, remote=remote)
+                              block_entries=120, remote=False)
     assert len(paths) == len(expected) > 3
     for path, want_path in zip(paths, expected, strict=True):
         got, want = read_shard(path), read_shard(want_path)

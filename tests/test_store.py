@@ -108,6 +108,7 @@ def test_the_inputs_of_a_run_from_a_store_are_the_sources(synth_small, tmp_path)
     assert fingerprint["store"] is True and fingerprint["bytes"] > 0
 
 
+@pytest.mark.slow  # an imputation of its own (8 s); the default suite checks the run's inputs above
 def test_impute_from_a_store_writes_the_same_predictions(tiny_model, tiny_imputation, tmp_path):
     config, first = tiny_imputation
     store = ingest(config, tmp_path / "store").out_dir
