@@ -126,25 +126,30 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, 
             values, duplicate gene ids or sample columns.
     """
     if fmt == "store" or (fmt == "auto" and Path(path).is_dir()):
-        return _read_store(Path(path), scale, matrix)
-    path = check_readable(path, "expression file")
-    try:
-        fmt = detect_format(path) if fmt == "auto" else fmt
-        if fmt == "gct":
-            expr = _read_gct(path, scale, matrix)
-        elif fmt == "long":
-            expr = _read_long(path, scale)
-        elif fmt == "bed":
-            expr = _read_phenotype_bed(path, scale, matrix)
-        elif is_parquet(path):
-            expr = _read_wide_parquet(path, scale, matrix)
-        else:
-            expr, _ = _stream_wide(path, scale, "expression table", skip_rows=0, first_data_line=2, matrix=matrix)
-    except UnicodeDecodeError as exc:
-        raise InputError(path, f"is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})",
-                         expected="a UTF-8 (or ASCII) text table, plain or gzip") from exc
+        fmt, path = "store", Path(path)
+        expr = _read_store(path, scale, matrix)
+    else:
+        path = check_readable(path, "expression file")
+        try:
+            fmt = detect_format(path) if fmt == "auto" else fmt
+            if fmt == "gct":
+                expr = _read_gct(path, scale, matrix)
+            elif fmt == "long":
+                expr = _read_long(path, scale)
+            elif fmt == "bed":
+                expr = _read_phenotype_bed(path, scale, matrix)
+            elif is_parquet(path):
+                expr = _read_wide_parquet(path, scale, matrix)
+            else:
+                expr, _ = _stream_wide(path, scale, "expression table", skip_rows=0, first_data_line=2,
+                                       matrix=matrix)
+        except UnicodeDecodeError as exc:
+            raise InputError(path, f"is not UTF-8 text (byte {exc.start} is "
+                             f"{exc.object[exc.start:exc.start + 1]!r})",
+                             expected="a UTF-8 (or ASCII) text table, plain or gzip") from exc
     if expr.values.size == 0:
-        raise InputError(path, "expression table holds no values", expected="at least one gene and one sample")
+        raise InputError(path, f"expression {'store' if fmt == 'store' else 'table'} holds no values",
+                         expected="at least one gene and one sample")
     if "n_measured" not in expr.report:  # read whole (a long table): its values are checked here
         expr.report["n_measured"] = check_values(path, expr.values, expr.gene_ids, expr.sample_ids, scale,
                                                  expr.report.get("first_data_line"))
@@ -163,19 +168,16 @@ def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, 
 
 
 def _read_store(path: Path, scale: str, matrix: str | Path | None) -> Expression:
-    """An expression store (:mod:`geximpute.io.store`, `geximpute ingest`'s output) as the source read it."""
+    """An expression store (:mod:`geximpute.io.store`, `geximpute ingest`'s output) as the source read it (its
+    values checked as they are read: the report's ``n_measured`` is set)."""
     from geximpute.io.store import read_store
 
     if not path.exists():
         check_readable(path, "expression store")  # says plainly that it is not there
     read = read_store(path, scale, matrix=matrix)
-    n = read.values.shape[0] * read.values.shape[1]
-    if n == 0:
-        raise InputError(path, "expression store holds no values", expected="at least one gene and one sample")
     source = read.meta.get("source") or {}
     _warn_if_stale(path, source)
-    report = {"format": "store", "n_genes": len(read.gene_ids), "n_samples": len(read.sample_ids),
-              "n_measured": read.n_measured, "measured_fraction": read.n_measured / n,
+    report = {"n_measured": read.n_measured,
               "store": {"partitions": len(read.meta["partitions"]), "source": source.get("path"),
                         "source_format": source.get("format"), "created": read.meta.get("created")}}
     return Expression(path, read.gene_ids, read.sample_ids, read.values, scale, report, gene_names=read.gene_names)

@@ -31,7 +31,6 @@ named twice or never, or values of another width are refused, naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -45,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geximpute.errors import InputError
+from geximpute.io.checks import sha256_file
 from geximpute.io.matrixfile import MatrixFile
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,6 @@ def store_schema(n_samples: int, names: bool) -> pa.Schema:
         fields.append(pa.field("gene_name", pa.string()))
     fields.append(pa.field("values", pa.list_(pa.float32(), n_samples), nullable=False))
     return pa.schema(fields)
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def partition_order(chroms: np.ndarray, annotation_order: list[str]) -> list[str | None]:
@@ -127,7 +119,7 @@ def write_store(values: np.ndarray | MatrixFile, gene_ids: list[str], sample_ids
                                                                       n_samples)
                 writer.write_table(pa.table(columns, schema=schema), row_group_size=len(take))
         partitions.append({"chrom": chrom, "path": relative, "genes": int(len(rows)),
-                           "bytes": path.stat().st_size, "sha256": _digest(path)})
+                           "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         if progress is not None:
             progress(chrom, len(rows))
     meta = {
@@ -283,4 +275,4 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     meta_path = path / STORE_FILE
     meta = read_meta(path)
     return {"path": str(path), "bytes": int(sum(p["bytes"] for p in meta["partitions"])),
-            "sha256": _digest(meta_path), "store": True}
+            "sha256": sha256_file(meta_path), "store": True}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import platform
 import subprocess
@@ -13,6 +12,7 @@ from typing import Any
 
 from geximpute import __version__
 from geximpute.config import Config
+from geximpute.io.checks import sha256_file
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
@@ -23,11 +23,7 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
         from geximpute.io.store import fingerprint as store_fingerprint
 
         return store_fingerprint(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def input_fingerprints(config: Config) -> dict[str, Any]:

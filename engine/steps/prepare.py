@@ -568,12 +568,12 @@ def read_problem_index(folder: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def target_masks(problem: VisibleProblem, truth: HiddenTruth, which: str) -> tuple[np.ndarray, np.ndarray]:
-    """(targets, hidden) boolean (G, S) masks: ``all`` = visible + hidden, ``hidden`` or ``visible`` only, or
-    ``none`` (training folds only)."""
+    """(targets, hidden) boolean (G, S) masks: ``all`` = visible + hidden, ``hidden`` or ``visible`` only (``none``
+    builds no context part: :func:`prepare` does not ask)."""
+    if which not in ("all", "hidden", "visible"):
+        raise ValueError(f"target_masks: which is {which!r}; expected all, hidden or visible")
     hidden = np.zeros(problem.values.shape, dtype=bool)
     hidden[truth.gene_index, truth.sample_index] = True
-    if which == "none":
-        return np.zeros_like(hidden), hidden
     if which == "hidden":
         return hidden, hidden
     visible = measured(problem.values)
