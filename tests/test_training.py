@@ -443,3 +443,33 @@ def test_a_networks_pretraining_levels_from_a_matrix_file_are_the_in_memory_ones
         np.testing.assert_array_equal(disk_level, level)
         np.testing.assert_array_equal(disk_valid, valid)
         assert np.isnan(level[memory.chroms == "chr2"]).all() and np.isfinite(level).any()
+
+
+def test_train_on_its_own_removes_its_matrix_before_the_networks_train(tiny_model, tmp_path, monkeypatch):
+    """`geximpute train` run on its own reads the problem into a matrix file for the CNNs' pre-training levels and
+    removes it before Ray Train starts (the file is not read after the levels: it would hold the disk for the whole
+    training); the runs it hands over carry each fold network's levels, those of the in-memory problem."""
+    from geximpute.fit.hybrid import fold_network_runs
+    from geximpute.steps import pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def observe(config, records, gene_ids, n_tissues, storage, problem=None, *, runs=None):
+        seen["scratch"] = sorted(p.name for p in tmp_path.iterdir() if ".matrix-" in p.name)
+        seen["problem"], seen["runs"] = problem, runs
+        raise Stop  # what was handed to training is all this test reads
+
+    monkeypatch.setattr(pipeline, "train_fold_networks", observe)
+    with pytest.raises(Stop):
+        pipeline.train_and_save(tiny_model.config, tiny_model.records, tmp_path / "network")
+    assert seen["scratch"] == [] and seen["problem"] is None
+    expected = fold_network_runs(tiny_model.config, tiny_model.records, tiny_model.progress.results["prepare"].problem)
+    assert [r.name for r in seen["runs"]] == [r.name for r in expected]
+    assert len(expected) == tiny_model.config.train.folds >= 2
+    for got, want in zip(seen["runs"], expected, strict=True):
+        assert got.train_dirs == want.train_dirs
+        for a, b in zip(got.levels, want.levels, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -288,22 +288,36 @@ def stacked_baselines(config: Config, problem: VisibleProblem, records_dir: Path
             {n: full[n].reshape(shape).astype(np.float32) for n in names})
 
 
-def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray, n_tissues: int,
-                        storage: Path, problem: VisibleProblem | None = None) -> list[TrainedNetwork]:
-    """The networks the head is stacked on (``geximpute train``): with K >= 2 training folds, K networks, network k
-    trained on every fold but k, so that each fold gets out-of-fold network outputs; with one fold, one network.
-    With ``problem`` (the visible problem the folds were cut from) network k's CNN pre-trains on the levels of every
-    visible gene outside fold k; without it, on its training records' genes."""
+def fold_network_runs(config: Config, records_dir: Path, problem: VisibleProblem | None = None) -> list[NetworkRun]:
+    """What :func:`train_fold_networks` trains: with K >= 2 training folds, K runs, run k on every fold but k; with
+    one fold, one. With ``problem`` (the visible problem the folds were cut from) run k's CNN pre-trains on the
+    levels of every visible gene outside fold k (computed here: the runs no longer need ``problem``); without it,
+    on its training records' genes."""
     n_folds = config.train.folds
     if n_folds == 1:
-        return [train_hybrid_network(config, records_dir, gene_ids, n_tissues, storage, problem=problem)]
+        return [network_run(config, records_dir, "hybrid", problem)]
     runs = []
     masks = None if problem is None else fold_masks(config, problem)
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
         levels = pretrain_levels(config, problem, [k], masks) if problem is not None else None
         runs.append(NetworkRun(f"hybrid_fold{k}", fold_dirs(records_dir, others), levels=levels))
-    log.info("hybrid: training %d fold networks in one Ray Train run (network k on every fold but k)", n_folds)
+    return runs
+
+
+def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray, n_tissues: int,
+                        storage: Path, problem: VisibleProblem | None = None, *,
+                        runs: list[NetworkRun] | None = None) -> list[TrainedNetwork]:
+    """The networks the head is stacked on (``geximpute train``): with K >= 2 training folds, K networks, network k
+    trained on every fold but k, so that each fold gets out-of-fold network outputs; with one fold, one network.
+    With ``problem`` (the visible problem the folds were cut from) network k's CNN pre-trains on the levels of every
+    visible gene outside fold k; without it, on its training records' genes. ``runs``: those of
+    :func:`fold_network_runs`, made before (``problem`` is then not read)."""
+    if runs is None:
+        runs = fold_network_runs(config, records_dir, problem)
+    if len(runs) == 1:
+        return train_networks(config, runs, records_dir, gene_ids, n_tissues, storage=storage, name="hybrid")
+    log.info("hybrid: training %d fold networks in one Ray Train run (network k on every fold but k)", len(runs))
     return train_networks(config, runs, records_dir, gene_ids, n_tissues, storage=storage, name=FOLD_RUN)
 
 

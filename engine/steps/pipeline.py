@@ -28,7 +28,14 @@ import pyarrow.parquet as pq
 from geximpute.config import Config
 from geximpute.errors import ConfigError
 from geximpute.fit.bundle import Bundle, load_bundle, load_networks, save_bundle, save_networks
-from geximpute.fit.hybrid import fit_hybrid, fit_hybrid_head, gene_composition, train_fold_networks, tuned_baselines
+from geximpute.fit.hybrid import (
+    fit_hybrid,
+    fit_hybrid_head,
+    fold_network_runs,
+    gene_composition,
+    train_fold_networks,
+    tuned_baselines,
+)
 from geximpute.fit.models import HybridModels
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
@@ -90,9 +97,12 @@ def train_and_save(config: Config, records_dir: str | Path | None = None,
         if problem is None:  # read here: its matrix in a file of the run's own, as prepare keeps it
             folder = scratch.enter_context(scratch_folder(out, MATRIX_FOLDER))
             problem = read_visible_problem(config, gene_ids, matrix=folder / "expression.f32")
-        ensure_ray(config.ray)
-        out.mkdir(parents=True, exist_ok=True)
-        networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", problem)
+        # the CNNs' pre-training levels are all the networks read of the problem: its file goes before training
+        runs = fold_network_runs(config, records, problem)
+    del problem
+    ensure_ray(config.ray)
+    out.mkdir(parents=True, exist_ok=True)
+    networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", runs=runs)
     save_networks(networks, out)
     return networks[0]
 
