@@ -18,6 +18,7 @@ from helpers import read_output
 from geximpute.apps.cli import main
 from geximpute.config import load_config
 from geximpute.errors import ConfigError, InputError
+from geximpute.io.checks import sha256_file
 from geximpute.io.dataset import load_dataset
 from geximpute.io.expression import read_expression
 from geximpute.io.matrixfile import MatrixFile
@@ -153,9 +154,10 @@ def test_a_damaged_store_is_refused_naming_the_file(small, tmp_path):
     pq.write_table(narrow, other)
     shutil.copyfile(committed / "chrom=chr1" / "part-0.parquet", part)
 
-    def sizes(meta):
+    def sizes(meta):  # the description of the files as they are now (as if they had been ingested so)
         for p in meta["partitions"]:
             p["bytes"] = (store / p["path"]).stat().st_size
+            p["sha256"] = sha256_file(store / p["path"])
 
     _edit(store, sizes)
     with pytest.raises(InputError, match=r"chrom=chr2/part-0\.parquet: expression store partition of schema"):
@@ -169,6 +171,26 @@ def test_a_damaged_store_is_refused_naming_the_file(small, tmp_path):
     _edit(store, lambda meta: meta["partitions"].pop() and meta["partitions"].pop(1))
     with pytest.raises(InputError, match=r"_store\.json: 1 of 4 rows in no partition; at row 3"):
         read_expression(store, scale="counts")
+    shutil.copyfile(committed / STORE_FILE, store / STORE_FILE)  # the description as ingested
+    # changed in place, its size kept (a byte of its data edited)
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"chrom=chr1/part-0\.parquet: expression store partition changed since it "
+                       r"was written: its SHA-256"):
+        read_expression(store, scale="counts")
+    shutil.copyfile(committed / "chrom=chr1" / "part-0.parquet", part)
+    read_expression(store, scale="counts")
+    # a damaged description names itself and the partition
+    for damage, said in ((lambda p: p.pop("bytes"), "lacks bytes"),
+                         (lambda p: p.update(bytes="12"), "bytes '12' is not a count"),
+                         (lambda p: p.update(path="/etc/passwd"), "path '/etc/passwd' is not a file inside"),
+                         (lambda p: p.update(path="../x/part-0.parquet"), "path '../x/part-0.parquet' is not a file"),
+                         (lambda p: p.update(sha256="abc"), "sha256 'abc' is not a SHA-256 digest")):
+        _edit(store, lambda meta, damage=damage: damage(meta["partitions"][1]))
+        with pytest.raises(InputError, match=rf"_store\.json: expression store description: {said}.*; at partition 2"):
+            read_expression(store, scale="counts")
+        shutil.copyfile(committed / STORE_FILE, store / STORE_FILE)
     _edit(store, lambda meta: meta.update(version=99))
     with pytest.raises(InputError, match="expression store version 99"):
         read_expression(store, scale="counts")
@@ -220,3 +242,44 @@ def test_a_store_whose_source_changed_says_so(small, caplog):
     assert again.gene_ids == ["G3", "G2", "G1", "G4"]
     assert any("changed since it was ingested" in r.getMessage() and "geximpute ingest" in r.getMessage()
                for r in caplog.records)
+
+
+def test_ingest_refuses_a_source_that_changes_while_it_is_read(small, tmp_path, monkeypatch):
+    """A source rewritten while ingest reads it (a delivery still being copied) leaves nothing: not a store of
+    values of neither version under the new file's fingerprint."""
+    from geximpute.steps import ingest as ingest_step
+
+    config, _ = small
+    source = config.inputs.expression
+
+    def read_then_grow(*args, **kwargs):
+        expr = read_expression(*args, **kwargs)
+        with open(source, "a") as fh:  # the writer appends a gene meanwhile
+            fh.write("G5\tEEE\t1\t2\t3\n")
+        return expr
+
+    monkeypatch.setattr(ingest_step, "read_expression", read_then_grow)
+    out = tmp_path / "late"
+    with pytest.raises(InputError, match=r"expression\.gct: the file changed while it was being ingested; nothing "
+                       "was written"):
+        ingest(config, out)
+    assert not out.exists() and not list(tmp_path.glob(".late*"))
+
+
+def test_genes_of_another_type_are_in_their_chromosome_s_partition(write, tmp_path):
+    """`inputs.gene_types` chooses among the genes when a run reads them; ingest files every gene of the annotation
+    under its chromosome (a lncRNA is not 'unannotated'), and a run with the filter reads what it reads from the
+    source."""
+    write("expression.gct", GCT)
+    config = _config(write, **{"inputs.gene_types": "[protein_coding]"})
+    write("genes.gtf", GTF + 'chr2\tt\tgene\t950\t990\t.\t+\t.\tgene_id "G2"; gene_type "lncRNA"; gene_name "BBB";\n')
+    done = ingest(config, tmp_path / "typed")
+    assert done.unannotated == 0 and done.partitions == 2
+    chr2 = pq.read_table(done.out_dir / "chrom=chr2" / "part-0.parquet")
+    assert sorted(chr2["gene_id"].to_pylist()) == ["G2", "G4"]
+    assert not (done.out_dir / f"chrom={UNANNOTATED}").exists()
+    from_store = load_dataset(load_config(tmp_path / "config.yaml", ["inputs.gene_types=[protein_coding]",
+                                                                     f"inputs.expression={done.out_dir}"]),
+                              with_variants=False)
+    from_source = load_dataset(config, with_variants=False)
+    assert from_store.expression.gene_ids == from_source.expression.gene_ids

@@ -24,9 +24,10 @@ column (null for the unannotated genes).
 Reading a store gives the :class:`~geximpute.io.expression.Expression` reading the source gives, value for value and
 in the same row order (tested), without parsing text: a chromosome's partition is read by row groups and written
 to the rows it names (into a :class:`~geximpute.io.matrixfile.MatrixFile` where the caller keeps the matrix on
-disk). ``_store.json`` lists each partition's size and SHA-256 (its own fingerprint is what a run's manifest
-records for the store, :func:`geximpute.runtime.provenance.fingerprint`); a missing or truncated partition, a row
-named twice or never, or values of another width are refused, naming the file.
+disk). ``_store.json`` lists each partition's size and SHA-256, both checked as each partition is read (so its
+own fingerprint, what a run's manifest records for the store, :func:`geximpute.runtime.provenance.fingerprint`,
+stands for the values read); a missing, truncated or changed partition, a damaged description, a row named twice
+or never, or values of another width are refused, naming the file.
 """
 
 from __future__ import annotations
@@ -165,7 +166,37 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if len(meta["sample_ids"]) != meta["n_samples"]:
         raise InputError(meta_path, f"{len(meta['sample_ids'])} sample ids for n_samples {meta['n_samples']}",
                          hint="ingest the expression file again")
+    if not isinstance(meta["partitions"], list):
+        raise InputError(meta_path, "expression store description: partitions is not a list",
+                         hint="ingest the expression file again")
+    for i, part in enumerate(meta["partitions"]):
+        problem = _partition_entry_problem(part)
+        if problem:
+            raise InputError(meta_path, f"expression store description: {problem}", record=f"partition {i + 1}",
+                             expected='{"chrom", "path" (inside the store), "genes", "bytes", "sha256"}',
+                             hint="ingest the expression file again")
     return meta
+
+
+def _partition_entry_problem(part: Any) -> str | None:
+    """What is wrong with one entry of ``_store.json``'s ``partitions`` (None: nothing)."""
+    if not isinstance(part, dict):
+        return f"{part!r} is not an object"
+    missing = [k for k in ("chrom", "path", "genes", "bytes", "sha256") if k not in part]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not (part["chrom"] is None or isinstance(part["chrom"], str)):
+        return f"chrom {part['chrom']!r} is not a name"
+    relative = part["path"]
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
+        return f"path {relative!r} is not a file inside the store"
+    for key in ("genes", "bytes"):
+        if not isinstance(part[key], int) or isinstance(part[key], bool) or part[key] < 0:
+            return f"{key} {part[key]!r} is not a count"
+    digest = part["sha256"]
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return f"sha256 {digest!r} is not a SHA-256 digest"
+    return None
 
 
 def _write_rows(values: np.ndarray | MatrixFile, rows: np.ndarray, block: np.ndarray) -> None:
@@ -195,12 +226,10 @@ def read_store(path: str | Path, scale: str, *, matrix: str | Path | None = None
     """Read the store ``path`` (into the file ``matrix`` when given, else memory).
 
     Raises:
-        InputError: the store's scale is not ``scale``; a partition missing, of another size than listed,
-            unreadable, or of another schema; a row out of range, named twice or by no partition; a value that
+        InputError: the store's scale is not ``scale``; a partition missing, of another size or SHA-256 than
+            listed, unreadable, or of another schema; a row out of range, named twice or by no partition; a value that
             its scale cannot have (infinite; negative TPM or counts).
     """
-    from geximpute.io.expression import check_values
-
     path = Path(path)
     meta = read_meta(path)
     meta_path = path / STORE_FILE
@@ -218,54 +247,79 @@ def read_store(path: str | Path, scale: str, *, matrix: str | Path | None = None
     schema = store_schema(n_samples, bool(meta["gene_names"]))
     n_measured = 0
     for part in meta["partitions"]:
-        file = path / part["path"]
-        if not file.is_file():
-            raise InputError(file, "expression store partition missing",
-                             expected=f"the {part['genes']} genes of chromosome {part['chrom']} that {STORE_FILE} "
-                             "lists", hint="ingest the expression file again")
-        if file.stat().st_size != part["bytes"]:
-            raise InputError(file, f"expression store partition of {file.stat().st_size} bytes; {STORE_FILE} "
-                             f"lists {part['bytes']} (changed or truncated since it was written)",
-                             hint="ingest the expression file again")
-        try:
-            parquet = pq.ParquetFile(file)
-            if not parquet.schema_arrow.equals(schema):
-                raise InputError(file, f"expression store partition of schema {parquet.schema_arrow}",
-                                 expected=f"{schema} ({n_samples} samples)")
-            if parquet.metadata.num_rows != part["genes"]:
-                raise InputError(file, f"{parquet.metadata.num_rows} genes; {STORE_FILE} lists {part['genes']}")
-            for g in range(parquet.num_row_groups):
-                table = parquet.read_row_group(g)
-                rows = table["row"].to_numpy()
-                ids = table["gene_id"].to_pylist()
-                bad = np.flatnonzero((rows < 0) | (rows >= n_genes))
-                if len(bad):
-                    raise InputError(file, f"row {int(rows[bad[0]])} out of range", record=f"gene {ids[bad[0]]}",
-                                     expected=f"rows 0..{n_genes - 1}")
-                ordered = np.sort(rows)
-                again = np.concatenate([rows[seen[rows]], ordered[1:][ordered[1:] == ordered[:-1]]])
-                if len(again):
-                    first = int(np.flatnonzero(rows == again[0])[0])
-                    raise InputError(file, f"row {int(again[0])} named twice", record=f"gene {ids[first]}",
-                                     hint="ingest the expression file again")
-                seen[rows] = True
-                flat = table["values"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                block = flat.reshape(len(rows), n_samples)
-                n_measured += check_values(file, block, ids, sample_ids, scale, None)
-                _write_rows(values, rows, block)
-                for r, gene in zip(rows.tolist(), ids, strict=True):
-                    gene_ids[r] = gene
-                if names is not None:
-                    for r, name in zip(rows.tolist(), table["gene_name"].to_pylist(), strict=True):
-                        names[r] = name
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(file, f"expression store partition unreadable ({exc})",
-                             hint="ingest the expression file again") from exc
-        log.debug("%s: %d genes of chromosome %s", file, part["genes"], part["chrom"])
+        n_measured += _read_partition(path, part, values, gene_ids, names, seen, schema, sample_ids, scale)
+        log.debug("%s: %d genes of chromosome %s", path / part["path"], part["genes"], part["chrom"])
     if not seen.all():
         raise InputError(meta_path, f"{int((~seen).sum())} of {n_genes} rows in no partition",
                          record=f"row {int(np.flatnonzero(~seen)[0])}", hint="ingest the expression file again")
     return StoreRead(gene_ids, names, sample_ids, values, n_measured, meta)
+
+
+def _read_partition(path: Path, part: dict[str, Any], values: np.ndarray | MatrixFile, gene_ids: list[Any],
+                    names: list[Any] | None, seen: np.ndarray, schema: pa.Schema, sample_ids: list[str],
+                    scale: str) -> int:
+    """Read one partition of :func:`read_store` into ``values`` (its rows' ids and names into ``gene_ids`` and
+    ``names``, marked in ``seen``); returns its measured values' count."""
+    file = path / part["path"]
+    if not file.is_file():
+        raise InputError(file, "expression store partition missing",
+                         expected=f"the {part['genes']} genes of chromosome {part['chrom']} that {STORE_FILE} "
+                         "lists", hint="ingest the expression file again")
+    if file.stat().st_size != part["bytes"]:
+        raise InputError(file, f"expression store partition of {file.stat().st_size} bytes; {STORE_FILE} "
+                         f"lists {part['bytes']} (changed or truncated since it was written)",
+                         hint="ingest the expression file again")
+    # the content too, not only the size: a partition rewritten to the same size (genes swapped, values edited)
+    # would otherwise be read under the description, by which the run's manifest fingerprints the store
+    if sha256_file(file) != part["sha256"]:
+        raise InputError(file, f"expression store partition changed since it was written: its SHA-256 is not the "
+                         f"one {STORE_FILE} lists", hint="ingest the expression file again")
+    try:
+        with pq.ParquetFile(file) as parquet:  # closed however the reading ends
+            return _read_groups(file, parquet, part, values, gene_ids, names, seen, schema, sample_ids, scale)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(file, f"expression store partition unreadable ({exc})",
+                         hint="ingest the expression file again") from exc
+
+
+def _read_groups(file: Path, parquet: pq.ParquetFile, part: dict[str, Any], values: np.ndarray | MatrixFile,
+                 gene_ids: list[Any], names: list[Any] | None, seen: np.ndarray, schema: pa.Schema,
+                 sample_ids: list[str], scale: str) -> int:
+    """The row groups of one open partition file (see :func:`_read_partition`)."""
+    from geximpute.io.expression import check_values
+
+    n_genes, n_samples = len(gene_ids), len(sample_ids)
+    if not parquet.schema_arrow.equals(schema):
+        raise InputError(file, f"expression store partition of schema {parquet.schema_arrow}",
+                         expected=f"{schema} ({n_samples} samples)")
+    if parquet.metadata.num_rows != part["genes"]:
+        raise InputError(file, f"{parquet.metadata.num_rows} genes; {STORE_FILE} lists {part['genes']}")
+    n_measured = 0
+    for g in range(parquet.num_row_groups):
+        table = parquet.read_row_group(g)
+        rows = table["row"].to_numpy()
+        ids = table["gene_id"].to_pylist()
+        bad = np.flatnonzero((rows < 0) | (rows >= n_genes))
+        if len(bad):
+            raise InputError(file, f"row {int(rows[bad[0]])} out of range", record=f"gene {ids[bad[0]]}",
+                             expected=f"rows 0..{n_genes - 1}")
+        ordered = np.sort(rows)
+        again = np.concatenate([rows[seen[rows]], ordered[1:][ordered[1:] == ordered[:-1]]])
+        if len(again):
+            first = int(np.flatnonzero(rows == again[0])[0])
+            raise InputError(file, f"row {int(again[0])} named twice", record=f"gene {ids[first]}",
+                             hint="ingest the expression file again")
+        seen[rows] = True
+        flat = table["values"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        block = flat.reshape(len(rows), n_samples)
+        n_measured += check_values(file, block, ids, sample_ids, scale, None)
+        _write_rows(values, rows, block)
+        for r, gene in zip(rows.tolist(), ids, strict=True):
+            gene_ids[r] = gene
+        if names is not None:
+            for r, name in zip(rows.tolist(), table["gene_name"].to_pylist(), strict=True):
+                names[r] = name
+    return n_measured
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,13 @@ def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray) -> VisiblePr
 
     A problem whose values are a matrix file (:class:`~geximpute.io.matrixfile.MatrixFile`) gets a view of the same
     file that hides the fold's entries as it reads (:meth:`~geximpute.io.matrixfile.MatrixFile.hiding`), the mask
-    written to a file beside the values (``<values>.fold-<n>``, removed with the values' folder, or by
-    :func:`forget_fold`): no second matrix, in the driver or in a task that reads a window of it."""
+    written to a file beside the values (``<values>.fold-<pid>-<n>``: one name per process and call, so that two
+    processes folding one file never share a mask; removed with the values' folder, or by :func:`forget_fold`): no
+    second matrix, in the driver or in a task that reads a window of it."""
     if isinstance(problem.values, MatrixFile):
         path = Path(problem.values.path)
-        mask = MatrixFile.from_array(path.with_name(f"{path.name}.fold-{next(_FOLD_FILES)}"), inner_hidden)
+        name = f"{path.name}.fold-{os.getpid()}-{next(_FOLD_FILES)}"
+        mask = MatrixFile.from_array(path.with_name(name), inner_hidden)
         values = problem.values.hiding(mask)
     else:
         values = problem.values.copy()

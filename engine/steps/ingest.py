@@ -4,9 +4,10 @@ A genomics group's expression matrix changes rarely and is read by every run (ea
 `prepare` and `evaluate`): parsing a GCT of 17,382 samples is a minute or more of one process every time. Ingested,
 it is read from Parquet partitions, one per chromosome, that the annotation gives; the run reads exactly the values
 the source gives (tested). The store is written like every output of the engine (:mod:`geximpute.runtime.atomic`:
-staged, committed by one switch, never over a folder that is not an earlier store), and the matrix passes through a
-file beside it, not memory (:class:`~geximpute.io.matrixfile.MatrixFile`), so ingesting a file bigger than memory
-works.
+staged, committed by one switch, never over a folder that is not an earlier store). A GCT or wide table's matrix
+passes through a file beside it, not memory (:class:`~geximpute.io.matrixfile.MatrixFile`), so ingesting one bigger
+than memory works; a long table is gathered in memory first (its rows come in any order), then copied there.
+The source is fingerprinted before it is read and checked after: a file that changed meanwhile is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from geximpute import schema as S
 from geximpute.config import Config
-from geximpute.errors import ConfigError
+from geximpute.errors import ConfigError, InputError
 from geximpute.io.expression import detect_format, read_expression
 from geximpute.io.genes import read_genes
 from geximpute.io.store import is_store, write_store
@@ -71,11 +72,20 @@ def ingest(config: Config, out_dir: str | Path | None = None, *, force: bool = F
     if not inputs.genes:
         raise ConfigError("ingest partitions the genes by chromosome: set inputs.genes to the gene annotation")
     out = Path(out_dir or Path(config.output_dir) / DEFAULT_FOLDER)
+    # the source as it was before reading: the store records it, and a file rewritten while it was read (minutes
+    # for GTEx's) would give values of neither version under the new one's fingerprint
+    before = {**fingerprint(source), "mtime_ns": source.stat().st_mtime_ns}
     with scratch_folder(out, "ingest") as scratch:
         log.info("ingest: reading expression %s", source)
         expr = read_expression(source, inputs.expression_format, inputs.scale, matrix=scratch / "expression.f32")
+        after = source.stat()
+        if (after.st_size, after.st_mtime_ns) != (before["bytes"], before["mtime_ns"]):
+            raise InputError(source, "the file changed while it was being ingested; nothing was written",
+                             hint="ingest again once the file is complete")
         log.info("ingest: reading genes %s", inputs.genes)
-        genes = read_genes(inputs.genes, inputs.genes_format, gene_types=inputs.gene_types)
+        # every gene of the annotation, whatever its type: the partitions are where genes live, and
+        # inputs.gene_types chooses among them when a run reads the store (as it does for the source)
+        genes = read_genes(inputs.genes, inputs.genes_format)
         chrom_of = dict(zip(genes.table[S.GENE_ID].to_pylist(), genes.table[S.CHROM].to_pylist(), strict=True))
         chroms = np.asarray([chrom_of.get(g) for g in expr.gene_ids], dtype=object)
         annotation_order = list(dict.fromkeys(genes.table[S.CHROM].to_pylist()))
@@ -85,8 +95,7 @@ def ingest(config: Config, out_dir: str | Path | None = None, *, force: bool = F
                 stage("ingest: chromosome partitions", total=n_parts, unit="partitions") as progress:
             meta = write_store(
                 expr.values, expr.gene_ids, expr.sample_ids, expr.gene_names, chroms, annotation_order, staging,
-                scale=inputs.scale, source={**fingerprint(source), "format": expr.report.get("format"),
-                                            "mtime_ns": source.stat().st_mtime_ns},
+                scale=inputs.scale, source={**before, "format": expr.report.get("format")},
                 annotation=fingerprint(inputs.genes), progress=lambda chrom, n: progress.advance())
     seconds = time.perf_counter() - t0
     if unannotated:
