@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from geximpute.config import BaselinesConfig
 from geximpute.io.genes import gene_family_keys, shared_families
 from geximpute.science.context import ContextIndex, build_context
-from geximpute.science.folds import fold_problem, training_folds
+from geximpute.science.folds import fold_problem, forget_fold, training_folds
 from geximpute.science.genomes import donor_residuals
 from geximpute.science.groups import group_sums
 from geximpute.science.head_features import idw_estimate, list_parts
@@ -1290,6 +1290,7 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         report[name] = {"metric": used, "chosen": settings, "score": best["score"] if used != "rmse" else best["rmse"],
                         "rmse": best["rmse"], "grid": rows, "n_validation": int(len(gi)),
                         "n_genes": problem.n_genes}
+    forget_fold(valid_problem)  # the split's mask file, where the values are a file's
     return chosen, report
 
 
@@ -1452,6 +1453,7 @@ def out_of_fold_entries(problem: VisibleProblem, fold_masks: list[np.ndarray], n
             fold = fold_problem(problem, mask)
             found = {name: np.asarray(est, np.float32) for name, est in (estimate or baseline_estimates)(
                 fold, gi, si, names, config, seed=seed, composition=composition, task=task).items()}
+            forget_fold(fold)  # a fold's mask file, where the values are a file's
             del fold
         out.append(found)
         if progress is not None:
