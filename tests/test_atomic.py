@@ -263,3 +263,48 @@ def test_a_scratch_folder_is_removed_with_its_run_and_a_dead_runs_after_it(tmp_p
     with pytest.raises(RuntimeError), atomic.scratch_folder(target, "matrix") as folder:
         raise RuntimeError("the run failed")
     assert not folder.exists() and not target.exists()
+
+
+def test_a_scratch_folder_is_judged_by_its_owner_record_never_a_live_runs(tmp_path, monkeypatch):
+    """Each scratch folder names its process (host, boot, pid namespace, start time) and renews that record while
+    its run lasts. A folder of this host, boot and namespace whose pid is gone or is another process now (a pid
+    used again after a container restart) is removed; one of another namespace or host only once its record went
+    two leases without renewal (a replaced pod), never while it is renewed (a live run in another container with
+    the same host name). Output names with dashes and glob characters find their own folders only."""
+    import json
+    import time
+
+    monkeypatch.setenv("GEXIMPUTE_LEASE_SECONDS", "0.4")  # renewed every 0.1 s; stale after 0.8 s
+    target = tmp_path / "run[1]-v8"
+    me = atomic._process_identity(os.getpid())
+    parent = atomic._process_identity(os.getppid())
+    host = me["host"]
+
+    def left(name: str, owner: dict | None, age: float = 0.0) -> Path:
+        folder = tmp_path / f".{target.name}.matrix-{name}"
+        folder.mkdir()
+        if owner is not None:
+            (folder / atomic.OWNER_FILE).write_text(json.dumps(owner))
+            then = time.time() - age
+            os.utime(folder / atomic.OWNER_FILE, (then, then))
+        return folder
+
+    dead_pid = 2**22 + 12345
+    gone = left(f"{host}-{dead_pid}-0001", {**me, "pid": dead_pid, "start": 1})
+    reused = left(f"{host}-{os.getppid()}-0002", {**parent, "start": (parent["start"] or 0) + 1})
+    alive = left(f"{host}-{os.getppid()}-0003", parent)
+    other_ns = left(f"{host}-{dead_pid}-0004", {**me, "pid": dead_pid, "pid_ns": -1})  # renewed just now
+    stale_ns = left(f"{host}-{dead_pid}-0005", {**me, "pid": dead_pid, "pid_ns": -1}, age=5.0)
+    elsewhere = left(f"otherhost-{dead_pid}-0006", {**me, "host": "otherhost", "pid": dead_pid})
+    replaced = left(f"otherhost-{dead_pid}-0007", {**me, "host": "otherhost", "pid": dead_pid}, age=5.0)
+    neighbour = tmp_path / f".run1-v8.matrix-{host}-{dead_pid}-0008"  # another output's, which the glob must miss
+    neighbour.mkdir()
+    with atomic.scratch_folder(target, "matrix") as folder:
+        assert not gone.exists() and not reused.exists() and not stale_ns.exists() and not replaced.exists()
+        assert alive.exists() and other_ns.exists() and elsewhere.exists() and neighbour.exists()
+        record = folder / atomic.OWNER_FILE
+        assert json.loads(record.read_text()) == me
+        first = record.stat().st_mtime_ns
+        time.sleep(0.35)
+        assert record.stat().st_mtime_ns > first  # renewed while the run lasts
+    assert not folder.exists()

@@ -6,6 +6,7 @@ import gzip
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -495,6 +496,8 @@ def test_matrix_file_reads_like_an_array(tmp_path):
     np.testing.assert_array_equal(m[-1], a[-1])
     np.testing.assert_array_equal(m[[7, 2, 3, 30]], a[[7, 2, 3, 30]])
     np.testing.assert_array_equal(m[:, 2:5], a[:, 2:5])
+    np.testing.assert_array_equal(m[:, ::-1], a[:, ::-1])
+    np.testing.assert_array_equal(m[:, 9:1:-3], a[:, 9:1:-3])
     np.testing.assert_array_equal(m[4:10, [1, 3]], a[4:10][:, [1, 3]])
     gi, si = np.array([3, 3, 9, 0]), np.array([1, 2, 3, 4])
     np.testing.assert_array_equal(m[gi, si], a[gi, si])
@@ -515,6 +518,53 @@ def test_matrix_file_reads_like_an_array(tmp_path):
     assert m.read().shape == (5, 11) and (tmp_path / "m").stat().st_size == 5 * 11 * 4
     with pytest.raises(IndexError):
         m[5]
+
+
+def test_a_failed_write_to_a_matrix_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A write that the file system refuses (a full disk; `/dev/full` refuses every byte) is an OSError with its
+    errno and the file's name, whatever its size: not rows dropped without a word (numpy's `tofile` did not report
+    a failure at close, and small writes end there) and read back as zeros. Reading a store into such a file says
+    so too, not that the store is damaged."""
+    import errno
+
+    from geximpute.io.matrixfile import MatrixFile
+    from geximpute.io.store import read_store
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    full = MatrixFile("/dev/full", (4, 100))
+    for block in (np.ones((1, 100), np.float32), np.ones((4, 100), np.float32)):  # 400 bytes, 1,600 bytes
+        with pytest.raises(OSError) as caught:
+            full[: len(block)] = block
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
+    with pytest.raises(OSError) as caught:
+        MatrixFile.from_array("/dev/full", np.ones((3, 3), np.float32))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
+
+    import geximpute.io.store as store_module
+
+    class FullDisk(MatrixFile):  # the run's matrix on a file system that fills up once the reading starts
+        @classmethod
+        def create(cls, path, shape, dtype=np.float32, *, need=None):
+            return cls("/dev/full", shape, dtype)
+
+    store = _ingested_store(tmp_path)
+    monkeypatch.setattr(store_module, "MatrixFile", FullDisk)
+    with pytest.raises(OSError) as caught:
+        read_store(store, "counts", matrix=tmp_path / "m.f32")
+    assert not isinstance(caught.value, InputError) and caught.value.errno == errno.ENOSPC
+
+
+def _ingested_store(tmp_path: Path) -> Path:
+    """A two-gene store of counts, one chromosome."""
+    from geximpute.config import load_config
+    from geximpute.steps.ingest import ingest
+
+    (tmp_path / "e.gct").write_text("#1.2\n2\t2\nName\tDescription\tS1\tS2\nG1\tA\t1\t2\nG2\tB\t3\t4\n")
+    (tmp_path / "g.gtf").write_text('chr1\tt\tgene\t100\t400\t.\t+\t.\tgene_id "G1";\n'
+                                    'chr1\tt\tgene\t800\t990\t.\t-\t.\tgene_id "G2";\n')
+    (tmp_path / "c.yaml").write_text("name: t\ninputs:\n  genes: g.gtf\n  expression: e.gct\n  scale: counts\n")
+    return ingest(load_config(tmp_path / "c.yaml"), tmp_path / "store").out_dir
 
 
 def test_a_matrix_file_hiding_a_mask_reads_as_the_array_with_those_entries_hidden(tmp_path):

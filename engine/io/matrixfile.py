@@ -8,7 +8,7 @@ itself (:meth:`MatrixFile.window`, which pickles as a path and offsets). The dri
 (genes x samples) matrix (issue 15's metadata-only driver; docs/benchmarks.md "The matrix on disk").
 
 The file is the matrix's bytes in C order, nothing else (a scratch buffer of this process, not an exchange format):
-rows are read with :func:`numpy.fromfile` and written with :meth:`numpy.ndarray.tofile` at their offsets, never
+rows are read with :func:`numpy.fromfile` and written with ``os.pwrite`` (:func:`write_at`) at their offsets, never
 memory-mapped, so that the pages read count in the page cache and not in any process's resident memory. Columns
 (:meth:`MatrixFile.columns`) are read through a read-only memory map opened and closed for each call: only the pages
 holding those columns are touched, and they leave the process's resident set when the map closes.
@@ -72,8 +72,7 @@ class MatrixFile:
         """A new file holding ``values`` (2-D)."""
         out = cls(path, values.shape, values.dtype)
         check_space(out.path, out.nbytes)
-        with open(out.path, "wb") as f:
-            np.ascontiguousarray(values).tofile(f)
+        write_at(out.path, 0, np.ascontiguousarray(values), create=True)
         return out
 
     # --- the array-like surface ---------------------------------------------------------------------------------
@@ -156,8 +155,8 @@ class MatrixFile:
             f.seek(self.offset + lo * self.row_bytes)
             out = np.fromfile(f, self.dtype, count=n * self.shape[1])
         if out.size != n * self.shape[1]:
-            raise OSError(f"{self.path}: {out.size} values read for rows {lo}:{hi} of {self.shape}; the file is "
-                          "shorter than its matrix (truncated while in use?)")
+            raise OSError(errno.EIO, f"{out.size} values read for rows {lo}:{hi} of {self.shape}; the file is "
+                          "shorter than its matrix (truncated while in use?)", self.path)
         out = out.reshape(n, self.shape[1])
         if self.hidden is not None:
             out[self.hidden._read(lo, hi)] = np.nan
@@ -187,9 +186,7 @@ class MatrixFile:
             return
         if lo < 0 or lo + len(block) > self.shape[0]:
             raise IndexError(f"{self!r}: rows {lo}:{lo + len(block)} out of range")
-        with open(self.path, "r+b") as f:
-            f.seek(self.offset + lo * self.row_bytes)
-            np.ascontiguousarray(block, self.dtype).tofile(f)
+        write_at(self.path, self.offset + lo * self.row_bytes, np.ascontiguousarray(block, self.dtype))
 
     def columns(self, cols: slice) -> np.ndarray:
         """Columns ``cols`` of every row (a copy), through read-only memory maps of :data:`PASS_CELLS` cells of rows
@@ -206,7 +203,7 @@ class MatrixFile:
             mapped = np.memmap(self.path, self.dtype, "r", offset=self.offset + r0 * self.row_bytes,
                                shape=(r1 - r0, self.shape[1]))
             try:
-                out[r0:r1] = mapped[:, lo:hi:step]
+                out[r0:r1] = mapped[:, cols]
             finally:
                 mapped._mmap.close()  # type: ignore[attr-defined]
                 del mapped
@@ -246,6 +243,32 @@ class MatrixFile:
     def unlink(self) -> None:
         """Remove the file (a window's: the whole file)."""
         Path(self.path).unlink(missing_ok=True)
+
+
+def write_at(path: str | Path, offset: int, block: np.ndarray, *, create: bool = False) -> None:
+    """Write ``block``'s bytes into the file ``path`` at ``offset`` (a new file with ``create``), every byte or an
+    error: ``OSError`` with its errno (ENOSPC, EDQUOT, EIO...) and ``path``, from the write or from closing the file
+    (where a network file system reports a full disk or quota). Not ``ndarray.tofile``, which writes through a
+    stdio copy of the file whose failures at close are not reported: rows lost without an error, read back as 0."""
+    data = memoryview(block.reshape(-1).view(np.uint8))  # its bytes (an empty block: none)
+    flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    try:
+        while len(data):
+            n = os.pwrite(fd, data, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: nothing written at byte {offset}")
+            data, offset = data[n:], offset + n
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    try:
+        os.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def check_space(path: str | Path, nbytes: int) -> None:

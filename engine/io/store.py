@@ -278,6 +278,8 @@ def _read_partition(path: Path, part: dict[str, Any], values: np.ndarray | Matri
         with pq.ParquetFile(file) as parquet:  # closed however the reading ends
             return _read_groups(file, parquet, part, values, gene_ids, names, seen, schema, sample_ids, scale)
     except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(values, MatrixFile) and getattr(exc, "filename", None) == values.path:
+            raise  # writing the run's matrix file failed (a full disk): the store is fine
         raise InputError(file, f"expression store partition unreadable ({exc})",
                          hint="ingest the expression file again") from exc
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import datetime as dt
 import errno
+import glob
 import json
 import logging
 import os
@@ -632,29 +633,104 @@ def staged_output(target: str | Path, *, step: str, force: bool = False, store: 
             own_lease.release()
 
 
+#: the file in a scratch folder naming the process that made it (:func:`scratch_folder`)
+OWNER_FILE = "owner.json"
+
+
 @contextmanager
 def scratch_folder(target: str | Path, what: str = "scratch") -> Iterator[Path]:
     """A folder of this run's own beside ``target`` (``.<name>.<what>-<host>-<pid>-<random>``, on the output's file
-    system, which every node of the cluster reads), removed when the block ends, however it ends. Before making it,
-    the folders of the same name that runs of this host left when they died (their process is gone) are removed;
-    another host's, or a live run's, are never touched."""
+    system, which every node of the cluster reads), removed when the block ends, however it ends.
+
+    The folder holds :data:`OWNER_FILE`: the host, the pid, the machine's boot id, the pid namespace and the
+    process's start time, renewed (its modification time) every quarter of a lease's time to live
+    (:func:`lease_seconds`) while the run lasts. Before making it, the folders of the same name that dead runs left
+    are removed: one of this host, boot and pid namespace whose process is gone or is another process now (a pid
+    used again, after a container's restart); any other whose owner file was not renewed for two leases' time (a pod
+    that was replaced, on another host). A live run's folder is never removed, whichever host or container it runs
+    in (another pid namespace's processes cannot be seen from here: its renewals tell). A folder without an owner
+    file (an older version's) is judged by host and pid alone, on its own host only."""
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    host = run_tag().rsplit("-", 2)[0]
-    for path in target.parent.glob(f".{target.name}.{what}-{host}-*"):
-        try:
-            pid = int(path.name.rsplit("-", 2)[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
+    me = _process_identity(os.getpid())
+    prefix = f".{target.name}.{what}-"
+    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+        if path.is_dir() and _scratch_is_dead(path, path.name[len(prefix):], me):
             log.info("%s: removing what a run that did not finish left", path)
             shutil.rmtree(path, ignore_errors=True)
     folder = target.parent / f".{target.name}.{what}-{run_tag()}"
     folder.mkdir()
+    owner = folder / OWNER_FILE
+    stop = threading.Event()
+    renewer = None
     try:
+        owner.write_text(json.dumps(me) + "\n")
+        renewer = threading.Thread(target=_renew_owner, args=(owner, stop), name=f"scratch {folder.name}",
+                                   daemon=True)
+        renewer.start()
         yield folder
     finally:
+        stop.set()
+        if renewer is not None:
+            renewer.join()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _renew_owner(owner: Path, stop: threading.Event) -> None:
+    """Touch ``owner`` every quarter of a lease's time to live until ``stop``: the folder's run is alive."""
+    while not stop.wait(lease_seconds() / 4):
+        try:
+            os.utime(owner)
+        except OSError:  # the folder went (removed by the run's end, or by hand): nothing to renew
+            return
+
+
+def _process_identity(pid: int) -> dict[str, Any]:
+    """What tells process ``pid`` of this host from any other: host tag, pid, boot id, pid namespace and start time
+    (None where /proc does not say: another system than Linux)."""
+
+    def read(path: str) -> str | None:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    try:
+        namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    stat = read(f"/proc/{pid}/stat")
+    # field 22, after the command in parentheses (which may hold spaces): the start time in ticks since boot
+    start = int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
+    return {"host": run_tag().rsplit("-", 2)[0], "pid": pid, "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": namespace, "start": start}
+
+
+def _scratch_is_dead(path: Path, tag: str, me: dict[str, Any]) -> bool:
+    """Whether the scratch folder ``path`` (its name ending in the run tag ``tag``, ``<host>-<pid>-<random>``) was
+    left by a run that is over (see :func:`scratch_folder`)."""
+    try:
+        host, pid_text, _ = tag.rsplit("-", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False  # not named as this engine names them
+    owner = path / OWNER_FILE
+    try:
+        recorded = json.loads(owner.read_text())
+        renewed = owner.stat().st_mtime
+    except FileNotFoundError:  # an older version's folder (or one made this instant): host and pid only
+        return host == me["host"] and pid != me["pid"] and not _pid_alive(pid)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict):
+        return False
+    same_system = all(recorded.get(k) == me[k] and me[k] is not None for k in ("host", "boot_id", "pid_ns"))
+    if same_system and recorded.get("start") is not None:
+        if recorded.get("pid") == me["pid"] and recorded.get("start") == me["start"]:
+            return False  # this process's own
+        alive = _pid_alive(int(recorded.get("pid", pid)))
+        return not alive or _process_identity(int(recorded.get("pid", pid)))["start"] != recorded["start"]
+    return time.time() - renewed > 2 * lease_seconds()
 
 
 def _pid_alive(pid: int) -> bool:
