@@ -197,3 +197,99 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
     found = committed_donors(output_root(config))
     assert found["NEW-A"]["run_date"] == "2026-02-02" and found["NEW-A"]["rows"] == genes * tissues
     assert nightly(config, run_date="2026-02-04").done == []
+
+
+def test_quarantine_writes_the_note_first_moves_indexes_and_never_touches_a_link_s_target(tmp_path, monkeypatch):
+    """A quarantined donor's files (its genome's index too: a corrected genome put back must not be read through
+    the old index) move with a note each, written before the file moves; a delivered symbolic link moves as a link
+    (the archive file it points at keeps its mode); a file that cannot be moved stays in the inbox, without a note,
+    and the call says so instead of stopping the night."""
+    import shutil
+
+    from geximpute.steps.nightly import InboxItem, quarantine
+
+    inbox, folder, archive = tmp_path / "inbox", tmp_path / "inbox" / "quarantine", tmp_path / "archive"
+    inbox.mkdir()
+    archive.mkdir()
+    original = archive / "A.vcf.gz"
+    original.write_text("genome")
+    original.chmod(0o644)
+    (inbox / "A.vcf.gz").symlink_to(original)
+    (inbox / "A.vcf.gz.tbi").write_text("index")
+    (inbox / "A.expression.tsv").write_text("gene_id\n")
+    item = scan_inbox(inbox)[0]
+    assert [p.name for p in item.files] == ["A.vcf.gz", "A.vcf.gz.tbi", "A.expression.tsv"]
+    seen_notes = []
+    real_move = shutil.move
+
+    def move(src, dst):  # the note is there before its file moves
+        seen_notes.append(Path(str(dst) + ".error.txt").is_file())
+        return real_move(src, dst)
+
+    monkeypatch.setattr(shutil, "move", move)
+    assert quarantine(item, ValueError("bad genome"), folder)
+    assert seen_notes == [True, True, True] and not list(inbox.glob("A*"))
+    assert (folder / "A.vcf.gz").is_symlink() and (original.stat().st_mode & 0o777) == 0o644
+    assert (folder / "A.vcf.gz.tbi").is_file() and "bad genome" in (folder / "A.vcf.gz.error.txt").read_text()
+
+    (inbox / "B.vcf").write_text("genome")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", src)
+
+    monkeypatch.setattr(shutil, "move", refuse)
+    assert not quarantine(InboxItem("B", inbox / "B.vcf"), ValueError("bad"), folder)
+    assert (inbox / "B.vcf").is_file() and not (folder / "B.vcf.error.txt").exists()
+
+
+def test_a_damaged_ledger_and_a_back_filled_date_are_handled(tmp_path):
+    """A ledger that is JSON but not one of donors is refused naming it (not an AttributeError); a genome
+    re-delivered after being imputed on a later run date than this run's waits for a later run date (re-imputed
+    into an earlier partition, its old rows would stay the latest a reader sees)."""
+    from geximpute.errors import GeximputeError
+    from geximpute.steps.nightly import InboxItem, _redelivered, read_ledger
+
+    ledger = tmp_path / "ledger.json"
+    for bad in ("[]", "null", '{"donors": []}', '{"donors": {"X": 3}}'):
+        ledger.write_text(bad)
+        with pytest.raises(GeximputeError, match=r"ledger\.json: the nightly ledger is not an object of donors"):
+            read_ledger(ledger)
+    vcf = tmp_path / "X.vcf"
+    vcf.write_text("new genome")
+    done = {"X": {"run_date": "2024-01-05", "run_id": "r", "rows": 1, "vcf_sha256": "0" * 64}}
+    for day, again, deferred in (("2024-01-03", [], ["X"]), ("2024-01-05", [], ["X"]), ("2024-01-06", ["X"], [])):
+        items, waiting = _redelivered([InboxItem("X", vcf)], done, day, "reimpute")
+        assert [i.donor for i in items] == again and waiting == deferred, day
+
+
+def test_a_genome_that_changes_while_read_or_cannot_be_read_yet_stays_in_the_inbox(data, tmp_path, monkeypatch):
+    """A genome still being copied when the night reads it is neither imputed from its first part nor quarantined:
+    it is left for the next run; so is one that cannot be read for a passing reason (permissions the delivery has
+    not set yet, a network file system's error)."""
+    import errno
+
+    import geximpute.steps.nightly as nightly_module
+    from geximpute.config import load_config
+    from geximpute.io.dataset import load_dataset
+    from geximpute.science.problem import make_problem
+    from geximpute.steps.nightly import InboxItem, StillArriving, _transient, read_new_donor
+
+    config = load_config(data / "config.yaml")
+    dataset = load_dataset(config)
+    problem, _ = make_problem(dataset, hidden_mask=False)
+    vcf = tmp_path / "NEW-001.vcf"
+    donor_vcf(data / "variants.vcf", "SYN-D0001", "NEW-001", vcf)
+    assert read_new_donor(InboxItem("NEW-001", vcf), config, problem, dataset.genome).variants.sites.num_rows > 0
+    real = nightly_module.read_variants
+
+    def read_while_copied(path, *args, **kwargs):
+        out = real(path, *args, **kwargs)
+        with open(path, "a") as fh:  # the copy goes on
+            fh.write("\n")
+        return out
+
+    monkeypatch.setattr(nightly_module, "read_variants", read_while_copied)
+    with pytest.raises(StillArriving, match=r"NEW-001\.vcf: the file changed while it was read"):
+        read_new_donor(InboxItem("NEW-001", vcf), config, problem, dataset.genome)
+    assert _transient(PermissionError(errno.EACCES, "Permission denied")) and _transient(MemoryError())
+    assert not _transient(FileNotFoundError(errno.ENOENT, "gone")) and not _transient(ValueError("bad VCF"))

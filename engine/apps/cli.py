@@ -201,8 +201,11 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     if result.reimputed:
         echo(f"re-imputed (genome delivered again with a new checksum): {', '.join(result.reimputed)}")
     if result.deferred:
-        echo(f"genome delivered again after being imputed today, re-imputed by the next run date: "
-             f"{', '.join(result.deferred)}")
+        echo(f"genome delivered again after being imputed on this run date or a later one, re-imputed by a later run "
+             f"date: {', '.join(result.deferred)}")
+    if result.waiting:
+        echo(f"left in the inbox for the next run (changing while read, or a passing read error; see the log): "
+             f"{', '.join(result.waiting)}", err=True)
     if not result.done:
         echo(f"nightly {result.run_date}: nothing new to impute ({len(result.already_done)} genomes already done, "
               f"{len(result.quarantined)} quarantined)")

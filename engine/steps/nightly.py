@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -99,6 +100,9 @@ from geximpute.steps.impute import (
 log = logging.getLogger(__name__)
 
 VCF_SUFFIXES = (".vcf.gz", ".vcf.bgz", ".vcf", ".bcf")
+#: a genome's index files, beside it (moved with it into quarantine: a corrected genome put back must not be read
+#: through its predecessor's index)
+INDEX_SUFFIXES = (".tbi", ".csi")
 EXPRESSION_SUFFIXES = (".expression.tsv", ".expression.tsv.gz", ".expression.csv", ".expression.csv.gz")
 RUN_DATE = S.RUN_DATE
 
@@ -118,7 +122,10 @@ class InboxItem:
 
     @property
     def files(self) -> list[Path]:
-        return [self.vcf, *self.duplicates] + ([self.expression] if self.expression else [])
+        """The item's files: its genome(s) with their indexes (``.tbi``/``.csi`` beside them), its expression."""
+        genomes = [self.vcf, *self.duplicates]
+        indexes = [p.with_name(p.name + ext) for p in genomes for ext in INDEX_SUFFIXES]
+        return genomes + [p for p in indexes if p.is_file()] + ([self.expression] if self.expression else [])
 
 
 @dataclass
@@ -145,6 +152,8 @@ class NightlyResult:
     seconds: float
     reimputed: list[str] = field(default_factory=list)  # done donors whose genome changed, imputed again
     deferred: list[str] = field(default_factory=list)  # changed genomes of donors imputed today: next run date
+    waiting: list[str] = field(default_factory=list)  # left in the inbox for the next run (still arriving, or a
+    # passing error reading them): neither imputed nor quarantined
 
 
 # Paths --------------------------------------------------------------------------------------------------------
@@ -185,6 +194,21 @@ def run_lease(config: Config) -> Lease:
     return Lease(lock_path(config), what="nightly run", ttl=config.nightly.lease_seconds)
 
 
+class StillArriving(GeximputeError):
+    """An inbox file changed while it was read: it is left for the next run."""
+
+
+#: errors reading a donor's file that say nothing about the file (permissions not set yet by the delivery, a
+#: network file system's hiccup, memory): the donor is left in the inbox for the next run, not quarantined
+TRANSIENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EBUSY,
+                              errno.ETIMEDOUT, errno.ENOMEM, errno.EINTR})
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and not isinstance(exc, GeximputeError)
+                                            and exc.errno in TRANSIENT_ERRNOS)
+
+
 # Ledger -------------------------------------------------------------------------------------------------------
 
 
@@ -197,7 +221,12 @@ def read_ledger(path: Path) -> dict[str, dict]:
     except ValueError as exc:
         raise GeximputeError(f"{path}: the nightly ledger is not valid JSON ({exc}); restore it from the partition "
                              f"manifests by moving it aside and running again") from exc
-    return dict(data.get("donors", {}))
+    donors = data.get("donors", {}) if isinstance(data, dict) else None
+    if not isinstance(donors, dict) or not all(isinstance(v, dict) for v in donors.values()):
+        raise GeximputeError(f"{path}: the nightly ledger is not an object of donors ({{\"donors\": {{donor: "
+                             "{run_date, run_id, rows, vcf_sha256}}}}); restore it from the partition manifests by "
+                             "moving it aside and running again")
+    return dict(donors)
 
 
 def write_ledger(path: Path, donors: dict[str, dict]) -> None:
@@ -338,6 +367,9 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
         InputError: the VCF or the expression file is malformed, the VCF lacks the donor's sample, or the
             expression names a tissue the model does not know.
     """
+    # the genome as it is before it is read: a delivery still being copied is not imputed from its first part
+    # (and then recorded with the whole file's checksum, never to be redone)
+    sha_before = fingerprint(item.vcf)["sha256"]
     # only the windows the model reads, through the VCF's index when it has one
     regions = window_regions(problem.chroms, problem.tss, config)
     variants = read_variants(item.vcf, genome, samples=[item.donor], regions=regions,
@@ -355,7 +387,10 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
             log.warning("nightly: %s has no record on %s: the donor's genotypes there are unknown (their genetic "
                         "score counts them as missing; their promoters read the reference)", item.vcf.name,
                         ", ".join(absent[:6]))
-    new = NewDonor(item, variants, vcf_sha256=fingerprint(item.vcf)["sha256"])
+    if fingerprint(item.vcf)["sha256"] != sha_before:
+        raise StillArriving(f"{item.vcf}: the file changed while it was read (still being delivered?); left in the "
+                            "inbox for the next run")
+    new = NewDonor(item, variants, vcf_sha256=sha_before)
     if item.expression is None:
         return new
     expr = read_expression(item.expression, "wide", config.inputs.scale)
@@ -375,18 +410,38 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     return new
 
 
-def quarantine(item: InboxItem, error: BaseException, folder: Path) -> None:
-    """Move the item's files to ``folder``, each with ``<file>.error.txt`` saying why."""
-    folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+def quarantine(item: InboxItem, error: BaseException, folder: Path) -> bool:
+    """Move the item's files (its indexes too) to ``folder``, each with ``<file>.error.txt`` saying why, written
+    before the file moves (a run killed in between leaves the note, never a file without one). A file of another
+    owner keeps its mode (a symbolic link is moved as a link: its target is not touched). Returns whether every
+    file moved; a file that cannot be moved stays in the inbox, reported, and the night goes on."""
     stamp = dt.datetime.now().isoformat(timespec="seconds")
+    moved = True
+    try:
+        folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as exc:
+        log.error("nightly: cannot quarantine %s (%s: %s); left in the inbox", item.vcf.name, folder, exc)
+        return False
     for path in item.files:
         target = folder / path.name
-        if target.exists():
+        if target.exists() or target.is_symlink():
             target = folder / f"{path.name}.{stamp.replace(':', '')}"
-        shutil.move(str(path), target)
-        os.chmod(target, 0o640)
-        write_durable(target.with_name(target.name + ".error.txt"), f"{stamp} {item.vcf.name}: {error}\n")
+        note = target.with_name(target.name + ".error.txt")
+        try:
+            write_durable(note, f"{stamp} {item.vcf.name}: {error}\n")
+            shutil.move(str(path), target)
+        except OSError as exc:
+            log.error("nightly: cannot quarantine %s (%s); left in the inbox", path, exc)
+            note.unlink(missing_ok=True)
+            moved = False
+            continue
+        if not target.is_symlink():
+            try:
+                os.chmod(target, 0o640)
+            except OSError:  # another user's file: its mode is theirs
+                pass
     log.warning("nightly: quarantined %s: %s", item.vcf.name, error)
+    return moved
 
 
 def extend_problem(problem: VisibleProblem, donors: list[NewDonor], tissues: tuple[str, ...]
@@ -548,7 +603,8 @@ def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy
 
     With ``nightly.redelivered: reimpute`` a changed genome is imputed again into today's partition (its earlier
     rows stay in their run date; a reader takes each donor's latest run date), unless it was imputed today, in
-    which case it waits for the next run date. With ``ignore`` it is only reported.
+    which case (or where this run's date is earlier than that one, a back-filled date) it waits for a later run date:
+    a reader taking each donor's latest run date must see the new rows. With ``ignore`` it is only reported.
     """
     again, deferred = [], []
     for item in items:
@@ -561,9 +617,9 @@ def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy
         if policy == "ignore":
             log.warning("nightly: %s changed since donor %s was imputed on %s (new checksum); not imputed again "
                         "(nightly.redelivered: ignore)", item.vcf, item.donor, before.get(RUN_DATE))
-        elif str(before.get(RUN_DATE)) == day:
-            log.warning("nightly: %s changed since donor %s was imputed today; re-imputed by the next run date",
-                        item.vcf, item.donor)
+        elif str(before.get(RUN_DATE)) >= day:  # ISO dates: the earlier rows would stay the latest
+            log.warning("nightly: %s changed since donor %s was imputed on %s; re-imputed by a run date after it",
+                        item.vcf, item.donor, before.get(RUN_DATE))
             deferred.append(item.donor)
         else:
             log.warning("nightly: %s changed since donor %s was imputed on %s (new checksum): imputing it again "
@@ -583,13 +639,14 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
         write_ledger(ledger_file, done)
     items = scan_inbox(Path(config.nightly.inbox))
     quarantined: dict[str, str] = {}
+    waiting: list[str] = []  # donors left in the inbox for the next run (still arriving, or a passing error)
     for item in [i for i in items if i.duplicates]:
         names = ", ".join(p.name for p in [item.vcf, *item.duplicates])
         error = InputError(item.vcf, f"{len(item.duplicates) + 1} genome files claim donor {item.donor!r} ({names})",
                            expected="one genome file per donor in the inbox",
                            hint="keep the right one and put it back in the inbox")
-        quarantine(item, error, quarantine_dir(config))
-        quarantined[item.vcf.name] = str(error)
+        if quarantine(item, error, quarantine_dir(config)):
+            quarantined[item.vcf.name] = str(error)
     items = [i for i in items if not i.duplicates]
     again, deferred = _redelivered([i for i in items if i.donor in done], done, day, config.nightly.redelivered)
     todo = [i for i in items if i.donor not in done] + again
@@ -614,14 +671,23 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
     for item in todo:
         try:
             valid.append(read_new_donor(item, config, problem, dataset.genome))
+        except StillArriving as exc:
+            log.warning("nightly: %s", exc)
+            waiting.append(item.donor)
         except Exception as exc:  # any failure of one donor's input quarantines that donor, never the night
+            if _transient(exc):  # the file may be fine: a delivery's permissions not set yet, a network hiccup
+                log.error("nightly: %s could not be read (%s: %s); left in the inbox for the next run", item.vcf,
+                          type(exc).__name__, exc)
+                waiting.append(item.donor)
+                continue
             if not isinstance(exc, (GeximputeError, OSError, ValueError)):
                 log.exception("nightly: unexpected error reading %s", item.vcf)
                 exc = GeximputeError(f"{item.vcf}: unexpected error while reading it: {type(exc).__name__}: {exc}")
-            quarantine(item, exc, quarantine_dir(config))
-            quarantined[item.vcf.name] = str(exc)
+            if quarantine(item, exc, quarantine_dir(config)):
+                quarantined[item.vcf.name] = str(exc)
     if not valid:
-        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred)
+        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred,
+                             waiting=waiting)
 
     with matrix_errors(root, scratch / "expression.f32"):
         extended, virtual = extend_problem(problem, valid, config.impute.tissues)
@@ -640,4 +706,5 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
         log.info("nightly: committed %d donors (%d rows) to %s=%s; %d of %d done", len(chunk), n_rows, RUN_DATE, day,
                  start + len(chunk), len(valid))
     return NightlyResult(day, [n.item.donor for n in valid], quarantined, already, rows, root / f"{RUN_DATE}={day}",
-                         time.perf_counter() - t0, reimputed=[i.donor for i in again], deferred=deferred)
+                         time.perf_counter() - t0, reimputed=[i.donor for i in again], deferred=deferred,
+                         waiting=waiting)
