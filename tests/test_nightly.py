@@ -4,6 +4,7 @@ donor once, a partition per run date, the ledger, quarantine of malformed inputs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -145,7 +146,8 @@ def test_a_held_lock_stops_a_second_run(data, bundle, tmp_path):
     lock.unlink()
 
 
-def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(data, bundle, tmp_path, monkeypatch):
+def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(data, bundle, tmp_path, monkeypatch,
+                                                                             caplog):
     import geximpute.steps.nightly as nightly_module
 
     config = nightly_config(data, bundle, tmp_path)
@@ -157,6 +159,9 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
     donor_vcf(vcf, "SYN-D0002", "DUP", inbox / "DUP.vcf")
     donor_vcf(vcf, "SYN-D0002", "DUP", inbox / "DUP.vcf.gz")  # the same donor under two extensions
     donor_vcf(vcf, "SYN-D0003", "ODD", inbox / "ODD.vcf")
+    donor_vcf(vcf, "SYN-D0005", "TWO", inbox / "TWO.vcf")  # with two expression files: which one is meant?
+    (inbox / "TWO.expression.tsv").write_text("gene_id\n")
+    (inbox / "TWO.expression.csv").write_text("gene_id\n")
     real_read = nightly_module.read_variants
 
     def read_variants(path, *args, **kwargs):  # an error no reader anticipated, for one donor only
@@ -167,11 +172,14 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
     monkeypatch.setattr(nightly_module, "read_variants", read_variants)
     first = nightly(config, run_date="2026-02-01")
     assert first.done == ["NEW-A"]
-    assert sorted(first.quarantined) == ["DUP.vcf", "ODD.vcf"]
+    assert sorted(first.quarantined) == ["DUP.vcf", "ODD.vcf", "TWO.vcf"]
     quarantine = inbox / "quarantine"
     assert (quarantine / "DUP.vcf").is_file() and (quarantine / "DUP.vcf.gz").is_file()
     assert "2 genome files claim donor 'DUP' (DUP.vcf, DUP.vcf.gz)" in (quarantine / "DUP.vcf.error.txt").read_text()
     assert "KeyError" in (quarantine / "ODD.vcf.error.txt").read_text()
+    assert "2 expression files claim donor 'TWO' (TWO.expression.csv, TWO.expression.tsv)" in (
+        quarantine / "TWO.vcf.error.txt").read_text()
+    assert not list(inbox.glob("TWO*")) and (quarantine / "TWO.expression.tsv").is_file()
     assert oct((quarantine / "ODD.vcf").stat().st_mode & 0o777) == oct(0o640)
 
     # NEW-A's genome is delivered again, changed: not re-imputed the same day, then into the next run date
@@ -187,7 +195,13 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
         assert_keys_unique(day)
     ledger = json.loads(ledger_path(config).read_text())["donors"]
     assert ledger["NEW-A"]["run_date"] == "2026-02-02"
-    assert nightly(config, run_date="2026-02-03").done == []  # the new checksum is recorded: once only
+    # measured tissues delivered after the genome was imputed: not read, and said so (not silently ignored)
+    (inbox / "NEW-A.expression.tsv").write_text("gene_id\n")
+    with caplog.at_level(logging.WARNING, logger="geximpute.steps.nightly"):
+        assert nightly(config, run_date="2026-02-03").done == []  # the new checksum is recorded: once only
+    assert any("NEW-A.expression.tsv, new or changed beside the genome of donor NEW-A" in r.getMessage()
+               for r in caplog.records)
+    (inbox / "NEW-A.expression.tsv").unlink()
 
     # a partition manifest torn by a volume that lost it: its donors are read from its rows, and the night goes on
     from geximpute.runtime.atomic import resolve

@@ -119,13 +119,15 @@ class InboxItem:
     vcf: Path
     expression: Path | None = None
     duplicates: list[Path] = field(default_factory=list)  # other genome files of the same donor (quarantined)
+    other_expressions: list[Path] = field(default_factory=list)  # more expression files of the donor (quarantined)
 
     @property
     def files(self) -> list[Path]:
         """The item's files: its genome(s) with their indexes (``.tbi``/``.csi`` beside them), its expression."""
         genomes = [self.vcf, *self.duplicates]
         indexes = [p.with_name(p.name + ext) for p in genomes for ext in INDEX_SUFFIXES]
-        return genomes + [p for p in indexes if p.is_file()] + ([self.expression] if self.expression else [])
+        return (genomes + [p for p in indexes if p.is_file()] + ([self.expression] if self.expression else [])
+                + self.other_expressions)
 
 
 @dataclass
@@ -137,6 +139,7 @@ class NewDonor:
     tissues: list[str] = field(default_factory=list)
     values: np.ndarray | None = None  # (G, len(tissues)) float32 over the problem's genes, NaN where unmeasured
     vcf_sha256: str = ""
+    expression_sha256: str | None = None  # of the expression file read with the genome (None: none)
 
 
 @dataclass
@@ -213,7 +216,8 @@ def _transient(exc: BaseException) -> bool:
 
 
 def read_ledger(path: Path) -> dict[str, dict]:
-    """The ledger's donors: ``{donor: {run_date, run_id, rows, vcf_sha256}}`` (empty when there is none)."""
+    """The ledger's donors: ``{donor: {run_date, run_id, rows, vcf_sha256, expression_sha256}}`` (empty when there
+    is none; ``expression_sha256`` None where no expression file came with the genome)."""
     if not path.is_file():
         return {}
     try:
@@ -308,11 +312,15 @@ def _strip(name: str, suffixes: tuple[str, ...]) -> str | None:
 
 def scan_inbox(inbox: Path) -> list[InboxItem]:
     """The genomes of the inbox, one item per donor whatever the extension, each with its expression file when
-    there is one; a donor claimed by two genome files (``X.vcf`` and ``X.vcf.gz``) has them in ``duplicates``."""
+    there is one; a donor claimed by two genome files (``X.vcf`` and ``X.vcf.gz``) has them in ``duplicates``, one
+    with two expression files (``X.expression.tsv`` and ``X.expression.csv``) the others in ``other_expressions``."""
     if not inbox.is_dir():
         raise ConfigError(f"config key 'nightly.inbox' has value {str(inbox)!r}; expected an existing folder")
     files = {p.name: p for p in inbox.iterdir() if p.is_file()}
-    expressions = {d: p for n, p in files.items() if (d := _strip(n, EXPRESSION_SUFFIXES))}
+    expressions: dict[str, list[Path]] = {}
+    for name, path in sorted(files.items()):
+        if donor := _strip(name, EXPRESSION_SUFFIXES):
+            expressions.setdefault(donor, []).append(path)
     by_donor: dict[str, InboxItem] = {}
     for name, path in sorted(files.items()):
         donor = _strip(name, VCF_SUFFIXES)
@@ -321,10 +329,12 @@ def scan_inbox(inbox: Path) -> list[InboxItem]:
         if donor in by_donor:
             by_donor[donor].duplicates.append(path)
         else:
-            by_donor[donor] = InboxItem(donor, path, expressions.pop(donor, None))
+            mine = expressions.pop(donor, [])
+            by_donor[donor] = InboxItem(donor, path, mine[0] if mine else None, other_expressions=mine[1:])
     items = list(by_donor.values())
-    for donor, path in expressions.items():
-        log.warning("nightly: %s has no genome beside it (%s.vcf.gz); left in the inbox", path, donor)
+    for donor, paths in expressions.items():
+        log.warning("nightly: %s has no genome beside it (%s.vcf.gz); left in the inbox",
+                    ", ".join(map(str, paths)), donor)
     return items
 
 
@@ -393,6 +403,7 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     new = NewDonor(item, variants, vcf_sha256=sha_before)
     if item.expression is None:
         return new
+    new.expression_sha256 = fingerprint(item.expression)["sha256"]
     expr = read_expression(item.expression, "wide", config.inputs.scale)
     unknown = [t for t in expr.sample_ids if t not in problem.tissues]
     if unknown:
@@ -534,7 +545,9 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
             # rows per donor of this chunk, from the new files only
             rows_by_donor = _rows_by_donor(staging, run_id)
             entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),
-                           "vcf_sha256": next(n.vcf_sha256 for n in chunk if n.item.donor == d)} for d in donors}
+                           "vcf_sha256": next(n.vcf_sha256 for n in chunk if n.item.donor == d),
+                           "expression_sha256": next(n.expression_sha256 for n in chunk if n.item.donor == d)}
+                       for d in donors}
             expected = int(row_sums(targets).sum())
             if sum(e["rows"] for e in entries.values()) != expected:
                 raise GeximputeError(f"{partition}: {sum(e['rows'] for e in entries.values())} rows written for "
@@ -640,6 +653,13 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
     items = scan_inbox(Path(config.nightly.inbox))
     quarantined: dict[str, str] = {}
     waiting: list[str] = []  # donors left in the inbox for the next run (still arriving, or a passing error)
+    for item in [i for i in items if i.other_expressions and not i.duplicates]:
+        names = ", ".join(p.name for p in [item.expression, *item.other_expressions])
+        error = InputError(item.expression, f"{len(item.other_expressions) + 1} expression files claim donor "
+                           f"{item.donor!r} ({names})", expected="one expression file per donor in the inbox",
+                           hint="keep the right one and put it back in the inbox with the genome")
+        if quarantine(item, error, quarantine_dir(config)):
+            quarantined[item.vcf.name] = str(error)
     for item in [i for i in items if i.duplicates]:
         names = ", ".join(p.name for p in [item.vcf, *item.duplicates])
         error = InputError(item.vcf, f"{len(item.duplicates) + 1} genome files claim donor {item.donor!r} ({names})",
@@ -647,10 +667,17 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
                            hint="keep the right one and put it back in the inbox")
         if quarantine(item, error, quarantine_dir(config)):
             quarantined[item.vcf.name] = str(error)
-    items = [i for i in items if not i.duplicates]
+    items = [i for i in items if not i.duplicates and not i.other_expressions]
     again, deferred = _redelivered([i for i in items if i.donor in done], done, day, config.nightly.redelivered)
     todo = [i for i in items if i.donor not in done] + again
     already = [i.donor for i in items if i.donor in done and i not in again]
+    for item in items:  # an expression file read only with the genome it came with: one that came later is said
+        if (item.expression is not None and item.donor in already and "expression_sha256" in done[item.donor]
+                and fingerprint(item.expression)["sha256"] != done[item.donor]["expression_sha256"]):
+            log.warning("nightly: %s, new or changed beside the genome of donor %s imputed on %s, is not read "
+                        "(deliver the genome again with it to impute the donor with these measured tissues)",
+                        item.expression, item.donor,
+                        done[item.donor].get(RUN_DATE))
     if not todo:
         log.info("nightly: nothing new in %s (%d genomes already done)", config.nightly.inbox, len(already))
         return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred)
