@@ -241,7 +241,8 @@ def test_impute_killed_mid_write_leaves_the_previous_output(bundle, previous, da
 def test_nightly_killed_after_some_donors_is_finished_by_the_next_run(bundle, data, tmp_path):
     import ray
 
-    config = nightly_config(data, bundle, tmp_path, "nightly.donors_per_commit=1", "nightly.lease_seconds=5")
+    # the killed run commits a donor at a time (its own --set below); the next one commits what is left at once
+    config = nightly_config(data, bundle, tmp_path, "nightly.donors_per_commit=3", "nightly.lease_seconds=5")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     donors = [f"NEW-{i:03d}" for i in range(1, 4)]
