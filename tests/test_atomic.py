@@ -308,3 +308,36 @@ def test_a_scratch_folder_is_judged_by_its_owner_record_never_a_live_runs(tmp_pa
         time.sleep(0.35)
         assert record.stat().st_mtime_ns > first  # renewed while the run lasts
     assert not folder.exists()
+
+
+def test_a_folder_filled_during_the_run_is_refused_at_commit_and_a_users_lookalikes_are_left(tmp_path, monkeypatch):
+    """The output is checked again just before it is switched: a folder that was empty when the run started and
+    that someone wrote into meanwhile is refused (it was swapped into the store and pruned with what it held).
+    Folders beside the output that only look like the old protocol's leftovers (`.out.old-backup`) are a user's:
+    never restored onto the output nor removed. A failure to sync after the switch is a warning, the commit done."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OutputRefused, match=r"out: is a folder that is not a geximpute output"):
+        with staged_output(out, step="test", keep=0) as staging:
+            (staging / "part.txt").write_text("new")
+            (out / "thesis.txt").write_text("a user's")  # written while the run works
+    assert (out / "thesis.txt").read_text() == "a user's" and not out.is_symlink()
+
+    fresh = tmp_path / "fresh"
+    backup = tmp_path / ".fresh.old-backup"
+    backup.mkdir()
+    (backup / "notes.txt").write_text("mine")
+    os.utime(backup, (0, 0))  # older than any lease
+    write_version(fresh, "v1")
+    assert (backup / "notes.txt").read_text() == "mine" and read_version(fresh) == "v1"
+
+    real_sync = atomic.fsync_dir
+
+    def refused(path):  # the output's parent: a drop box this user may write into but not open
+        if Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_sync(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", refused)
+    write_version(fresh, "v2")  # committed; the sync's failure is said, not raised as "nothing committed"
+    assert read_version(fresh) == "v2"

@@ -556,11 +556,16 @@ def new_staging(store: Path) -> Path:
 
 
 def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease | None = None,
-           keep: float | None = None, extra: dict | None = None) -> Path:
+           keep: float | None = None, extra: dict | None = None, force: bool = False) -> Path:
     """Make ``staging`` the committed version of ``target`` (the protocol of this module). Returns the version.
+
+    ``target`` is checked again just before it is switched (:func:`check_replaceable`, ``force`` as the run was
+    given it): a folder that was empty when the run started and that someone filled meanwhile is refused, not
+    swapped into the store and pruned with what it holds.
 
     Raises:
         LeaseLost: ``lease`` is no longer held; the staging folder is left for the next holder to remove.
+        OutputRefused: ``target`` is no longer replaceable; the new version stays in the store, unlinked.
     """
     fault_point("written")
     version = store / f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{staging.name.removeprefix('staging-')}"
@@ -578,11 +583,17 @@ def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease 
     fault_point("versioned")
     if lease is not None:
         lease.check()
+    check_replaceable(target, step, store, force)
     replaced = _switch(target, version, staging.name.removeprefix("staging-"))
-    fsync_dir(target.parent)
-    fault_point("linked")
-    if replaced is not None:
-        fsync_dir(store)
+    # committed: what fails from here on cannot undo it, and is said as such (not "nothing was committed")
+    try:
+        fsync_dir(target.parent)
+        fault_point("linked")
+        if replaced is not None:
+            fsync_dir(store)
+    except OSError as exc:
+        log.warning("%s: committed as %s, but its folder could not be synced to disk (%s): the commit may not "
+                    "survive a power loss", target, version.name, exc)
     _mark_superseded(store, version)
     prune(store, version, keep)
     fault_point("pruned")
@@ -624,7 +635,7 @@ def staged_output(target: str | Path, *, step: str, force: bool = False, store: 
         staging = new_staging(store)
         try:
             yield staging
-            commit(staging, target, store, step=step, lease=lease, keep=keep)
+            commit(staging, target, store, step=step, lease=lease, keep=keep, force=force)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -747,13 +758,20 @@ def _pid_alive(pid: int) -> bool:
 def _restore_legacy(target: Path) -> None:
     """Tidy what the previous protocol (two renames, pid-named folders beside the output) left: if a run died
     between its renames, the previous output is put back; other leftovers older than a lease are removed."""
-    for path in target.parent.glob(f".{target.name}.old-*"):
+    # only what that protocol named (`.<name>.old-<pid>`, `.<name>.staging-<pid>`), and an old output only with our
+    # marker in it: a user's `.<name>.old-backup` is never moved or removed
+    legacy = re.compile(rf"\.{re.escape(target.name)}\.(old|staging)-\d+")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+        if not legacy.fullmatch(path.name) or not path.is_dir() or path.is_symlink() or marker_of(path) is None:
+            continue
         if not os.path.lexists(target):
             log.warning("%s: restoring the previous output from %s (a run died while committing)", target, path)
             os.replace(path, target)
         elif time.time() - path.stat().st_mtime > lease_seconds():
             shutil.rmtree(path, ignore_errors=True)
-    for path in target.parent.glob(f".{target.name}.staging-*"):
+    for path in target.parent.glob(f".{glob.escape(target.name)}.staging-*"):
+        if not legacy.fullmatch(path.name) or not path.is_dir() or path.is_symlink():
+            continue
         if time.time() - path.stat().st_mtime > lease_seconds():
             shutil.rmtree(path, ignore_errors=True)
 
