@@ -341,3 +341,24 @@ def test_a_folder_filled_during_the_run_is_refused_at_commit_and_a_users_lookali
     monkeypatch.setattr(atomic, "fsync_dir", refused)
     write_version(fresh, "v2")  # committed; the sync's failure is said, not raised as "nothing committed"
     assert read_version(fresh) == "v2"
+
+
+def test_what_the_engine_did_not_name_in_a_store_is_never_removed(tmp_path):
+    """Only what the engine names in a store (its versions, staging folders, lease files) is ever removed from it:
+    a `staging-notes` or `v-draft` folder someone put there survives runs and pruning, and `discard` refuses to
+    remove such a store with the output's versions."""
+    out = tmp_path / "out"
+    write_version(out, "v1")
+    store = store_of(out)
+    for name in ("staging-notes", "v-draft"):
+        (store / name).mkdir()
+        (store / name / "mine.txt").write_text("keep")
+    write_version(out, "v2", keep=0)
+    write_version(out, "v3", keep=0)  # prunes every superseded version it wrote
+    assert read_version(out) == "v3"
+    assert [p.name for p in sorted(store.glob("v-*")) if p.name != "v-draft"] == [resolve(out).name]
+    for name in ("staging-notes", "v-draft"):
+        assert (store / name / "mine.txt").read_text() == "keep"
+    with pytest.raises(OutputRefused, match=r"holds staging-notes, v-draft, which this engine did not write"):
+        discard(out, step="test")
+    assert read_version(out) == "v3" and (store / "v-draft" / "mine.txt").exists()

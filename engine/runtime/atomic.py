@@ -381,6 +381,21 @@ class Lease:
 # Ownership ----------------------------------------------------------------------------------------------------
 
 
+#: what the engine names in a store (a version, a staging folder, the lease and its temporary and set-aside
+#: files): only these are ever removed from it, and a store holding anything else is not removed as a whole
+_TAG = r"[A-Za-z0-9_.]+-\d+-[0-9a-f]{8}"
+STORE_ENTRY = re.compile(rf"v-\d{{8}}T\d{{6}}-(?:replaced-)?{_TAG}|staging-{_TAG}|lease\.json"
+                         rf"|lease\.json\.expired-{_TAG}|\.lease\.json\.(?:new|tmp)-{_TAG}")
+
+
+def foreign_entries(store: Path) -> list[str]:
+    """The entries of ``store`` that the engine did not name (sorted; empty for a store of ours)."""
+    try:
+        return sorted(p.name for p in store.iterdir() if not STORE_ENTRY.fullmatch(p.name))
+    except FileNotFoundError:
+        return []
+
+
 def store_of(target: Path) -> Path:
     """The default store of ``target``: ``.<name>.geximpute`` beside it."""
     target = Path(target)
@@ -515,6 +530,8 @@ def prune(store: Path, current: Path | None, keep: float | None = None) -> list[
     for version in sorted(store.glob("v-*")):
         if current is not None and version.resolve() == current.resolve():
             continue
+        if not STORE_ENTRY.fullmatch(version.name) or not version.is_dir() or version.is_symlink():
+            continue  # not a version the engine wrote: never removed
         mark = version / SUPERSEDED
         try:
             since = mark.stat().st_mtime
@@ -534,7 +551,7 @@ def clean_staging(store: Path, own: Path | None = None) -> None:
     """Remove the staging folders of ``store`` other than ``own``: called under the lease that protects them, so
     they belong to runs whose lease expired (dead, or stopped for longer than a lease lives)."""
     for path in store.glob("staging-*"):
-        if own is not None and path == own:
+        if (own is not None and path == own) or not STORE_ENTRY.fullmatch(path.name) or path.is_symlink():
             continue
         log.info("%s: removing the staging folder of a run that did not finish", path)
         shutil.rmtree(path, ignore_errors=True)
@@ -787,6 +804,10 @@ def discard(target: str | Path, *, step: str) -> None:
     if not os.path.lexists(target) and not store.exists():
         return
     check_replaceable(target, step, store)
+    foreign = foreign_entries(store)
+    if foreign:
+        raise OutputRefused(f"{store}: holds {', '.join(foreign[:5])}, which this engine did not write; refusing to "
+                            f"remove it with {target}'s versions (move them elsewhere first)")
     store.mkdir(parents=True, exist_ok=True)
     with Lease(store / "lease.json", what=f"`{step}` run on {target}"):
         if target.is_symlink() or target.is_file():
