@@ -487,3 +487,16 @@ def test_real_alt_alleles_land_where_the_vcf_says(real_data: Path) -> None:
     assert {s for s, _ in checked["insertion"]} == {"+", "-"}
     assert h.report["n_donors"] == 1126 and h.report["n_missing_alleles"] == 0
     assert h.report["n_unique_sequences"] < h.report["n_genes_with_window"] + 20
+
+
+def test_a_site_whose_ref_is_an_iupac_code_leaves_the_reference(tmp_path: Path) -> None:
+    """A FASTA base that is an IUPAC code (`M`), named as REF by the VCF: the site cannot be written (no base to
+    replace is known), so its haplotypes keep the reference there, instead of the run failing on the edit (which
+    stopped a whole nightly run)."""
+    seq = CHR1[:27] + "M" + CHR1[28:]
+    path = tmp_path / "iupac.fa"
+    path.write_text(">chr1\n" + seq + "\n>chr2\n" + CHR2 + "\n")
+    with Genome(path) as genome:
+        haps = build(tmp_path, genome, [rec(28, "M", "A", "0|1")], ["d1"])
+        plain = build(tmp_path, genome, [rec(28, "M", "A", "0|0")], ["d1"])  # the reference, both haplotypes
+        assert np.array_equal(haps.rows, plain.rows)

@@ -472,12 +472,14 @@ class _Sites:
         self.alt: list[list[str]] = sites[S.ALT].to_pylist()
         ref_len = np.fromiter((len(r) for r in self.ref), dtype=np.int64, count=self.n)
         self.end = self.pos + ref_len - 1
-        # usable[i, k]: allele k of site i can be written (REF always; an ALT when spelled in ACGTN)
+        # usable[i, k]: allele k of site i can be written (REF always; an ALT when it and REF are spelled in ACGTN)
         n_alleles = 1 + max((len(a) for a in self.alt), default=0)
         self.usable = np.zeros((self.n, n_alleles), dtype=bool)
         self.usable[:, 0] = True
         deleted = np.zeros(self.n, dtype=np.int64)  # most reference bases an ALT of the site removes
         for i, alts in enumerate(self.alt):
+            if not is_sequence_allele(self.ref[i]):  # an IUPAC code (M, R...) as REF: no edit of it can be written
+                continue
             for k, a in enumerate(alts, start=1):
                 if is_sequence_allele(a):
                     self.usable[i, k] = True
