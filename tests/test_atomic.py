@@ -296,14 +296,17 @@ def test_a_scratch_folder_is_judged_by_its_owner_record_never_a_live_runs(tmp_pa
     other_ns = left(f"{host}-{dead_pid}-0004", {**me, "pid": dead_pid, "pid_ns": -1})  # renewed just now
     stale_ns = left(f"{host}-{dead_pid}-0005", {**me, "pid": dead_pid, "pid_ns": -1}, age=5.0)
     elsewhere = left(f"otherhost-{dead_pid}-0006", {**me, "host": "otherhost", "pid": dead_pid})
+    slow_renewer = left(f"otherhost-{dead_pid}-0009", {**me, "host": "otherhost", "pid": dead_pid,
+                                                        "renew_seconds": 3.0}, age=5.0)  # renews every 3 s: alive
     replaced = left(f"otherhost-{dead_pid}-0007", {**me, "host": "otherhost", "pid": dead_pid}, age=5.0)
     neighbour = tmp_path / f".run1-v8.matrix-{host}-{dead_pid}-0008"  # another output's, which the glob must miss
     neighbour.mkdir()
     with atomic.scratch_folder(target, "matrix") as folder:
         assert not gone.exists() and not reused.exists() and not stale_ns.exists() and not replaced.exists()
         assert alive.exists() and other_ns.exists() and elsewhere.exists() and neighbour.exists()
+        assert slow_renewer.exists()  # a host with a longer lease renews less often: judged by its own period
         record = folder / atomic.OWNER_FILE
-        assert json.loads(record.read_text()) == me
+        assert json.loads(record.read_text()) == {**me, "renew_seconds": 0.1}
         first = record.stat().st_mtime_ns
         time.sleep(0.35)
         assert record.stat().st_mtime_ns > first  # renewed while the run lasts

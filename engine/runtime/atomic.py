@@ -674,10 +674,11 @@ def scratch_folder(target: str | Path, what: str = "scratch") -> Iterator[Path]:
     process's start time, renewed (its modification time) every quarter of a lease's time to live
     (:func:`lease_seconds`) while the run lasts. Before making it, the folders of the same name that dead runs left
     are removed: one of this host, boot and pid namespace whose process is gone or is another process now (a pid
-    used again, after a container's restart); any other whose owner file was not renewed for two leases' time (a pod
-    that was replaced, on another host). A live run's folder is never removed, whichever host or container it runs
-    in (another pid namespace's processes cannot be seen from here: its renewals tell). A folder without an owner
-    file (an older version's) is judged by host and pid alone, on its own host only."""
+    used again, after a container's restart); any other whose owner file was not renewed for two leases' time, or
+    four of the renewal periods it records where its host has a longer lease (a pod that was replaced). A live
+    run's folder is never removed, whichever host or container it runs in (another pid namespace's processes cannot
+    be seen from here: its renewals tell). A folder without an owner file (an older version's) is judged by host
+    and pid alone, on its own host only."""
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     me = _process_identity(os.getpid())
@@ -692,7 +693,7 @@ def scratch_folder(target: str | Path, what: str = "scratch") -> Iterator[Path]:
     stop = threading.Event()
     renewer = None
     try:
-        owner.write_text(json.dumps(me) + "\n")
+        owner.write_text(json.dumps({**me, "renew_seconds": lease_seconds() / 4}) + "\n")
         renewer = threading.Thread(target=_renew_owner, args=(owner, stop), name=f"scratch {folder.name}",
                                    daemon=True)
         renewer.start()
@@ -758,7 +759,12 @@ def _scratch_is_dead(path: Path, tag: str, me: dict[str, Any]) -> bool:
             return False  # this process's own
         alive = _pid_alive(int(recorded.get("pid", pid)))
         return not alive or _process_identity(int(recorded.get("pid", pid)))["start"] != recorded["start"]
-    return time.time() - renewed > 2 * lease_seconds()
+    # stale after two of this host's leases, or four of the owner's renewal periods where it renews less often
+    try:
+        period = float(recorded.get("renew_seconds") or 0.0)
+    except (TypeError, ValueError):
+        period = 0.0
+    return time.time() - renewed > max(2 * lease_seconds(), 4 * period)
 
 
 def _pid_alive(pid: int) -> bool:
