@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import zlib
 from pathlib import Path
 
@@ -101,3 +102,10 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_state(path: str | Path) -> tuple[int, int]:
+    """(size, modification time in ns) of ``path``: what a writer still writing it changes. Taken before a file is
+    read and compared after, it tells a read of a file that changed meanwhile (a delivery still being copied)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns

@@ -254,19 +254,14 @@ def write_at(path: str | Path, offset: int, block: np.ndarray, *, create: bool =
     flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
     try:
         fd = os.open(path, flags, 0o666)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    try:
-        while len(data):
-            n = os.pwrite(fd, data, offset)
-            if n <= 0:
-                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: nothing written at byte {offset}")
-            data, offset = data[n:], offset + n
-    except OSError as exc:
-        os.close(fd)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    try:
-        os.close(fd)
+        try:
+            while len(data):
+                n = os.pwrite(fd, data, offset)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: nothing written at byte {offset}")
+                data, offset = data[n:], offset + n
+        finally:
+            os.close(fd)  # where a network file system reports what the writes did not
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 

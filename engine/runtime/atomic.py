@@ -728,11 +728,18 @@ def _process_identity(pid: int) -> dict[str, Any]:
         namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = None
-    stat = read(f"/proc/{pid}/stat")
-    # field 22, after the command in parentheses (which may hold spaces): the start time in ticks since boot
-    start = int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
     return {"host": run_tag().rsplit("-", 2)[0], "pid": pid, "boot_id": read("/proc/sys/kernel/random/boot_id"),
-            "pid_ns": namespace, "start": start}
+            "pid_ns": namespace, "start": _start_time(pid)}
+
+
+def _start_time(pid: int) -> int | None:
+    """Process ``pid``'s start time in clock ticks since boot (None: no such process, or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 22, after the command in parentheses (which may hold spaces)
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _scratch_is_dead(path: Path, tag: str, me: dict[str, Any]) -> bool:
@@ -757,8 +764,8 @@ def _scratch_is_dead(path: Path, tag: str, me: dict[str, Any]) -> bool:
     if same_system and recorded.get("start") is not None:
         if recorded.get("pid") == me["pid"] and recorded.get("start") == me["start"]:
             return False  # this process's own
-        alive = _pid_alive(int(recorded.get("pid", pid)))
-        return not alive or _process_identity(int(recorded.get("pid", pid)))["start"] != recorded["start"]
+        owner_pid = int(recorded.get("pid", pid))
+        return not _pid_alive(owner_pid) or _start_time(owner_pid) != recorded["start"]
     # stale after two of this host's leases, or four of the owner's renewal periods where it renews less often
     try:
         period = float(recorded.get("renew_seconds") or 0.0)

@@ -22,6 +22,7 @@ import numpy as np
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.errors import ConfigError, InputError
+from geximpute.io.checks import file_state
 from geximpute.io.expression import detect_format, read_expression
 from geximpute.io.genes import read_genes
 from geximpute.io.store import is_store, write_store
@@ -74,12 +75,12 @@ def ingest(config: Config, out_dir: str | Path | None = None, *, force: bool = F
     out = Path(out_dir or Path(config.output_dir) / DEFAULT_FOLDER)
     # the source as it was before reading: the store records it, and a file rewritten while it was read (minutes
     # for GTEx's) would give values of neither version under the new one's fingerprint
-    before = {**fingerprint(source), "mtime_ns": source.stat().st_mtime_ns}
+    state = file_state(source)
+    before = {**fingerprint(source), "mtime_ns": state[1]}
     with scratch_folder(out, "ingest") as scratch:
         log.info("ingest: reading expression %s", source)
         expr = read_expression(source, inputs.expression_format, inputs.scale, matrix=scratch / "expression.f32")
-        after = source.stat()
-        if (after.st_size, after.st_mtime_ns) != (before["bytes"], before["mtime_ns"]):
+        if file_state(source) != state:
             raise InputError(source, "the file changed while it was being ingested; nothing was written",
                              hint="ingest again once the file is complete")
         log.info("ingest: reading genes %s", inputs.genes)

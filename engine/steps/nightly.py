@@ -59,6 +59,7 @@ from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.errors import ConfigError, GeximputeError, InputError
 from geximpute.fit.bundle import load_bundle
+from geximpute.io.checks import file_state
 from geximpute.io.dataset import load_dataset, window_regions
 from geximpute.io.expression import read_expression, to_model_scale
 from geximpute.io.matrixfile import MatrixFile, append_columns, row_sums
@@ -379,7 +380,7 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     """
     # the genome as it is before it is read: a delivery still being copied is not imputed from its first part
     # (and then recorded with the whole file's checksum, never to be redone)
-    sha_before = fingerprint(item.vcf)["sha256"]
+    state, sha = file_state(item.vcf), fingerprint(item.vcf)["sha256"]
     # only the windows the model reads, through the VCF's index when it has one
     regions = window_regions(problem.chroms, problem.tss, config)
     variants = read_variants(item.vcf, genome, samples=[item.donor], regions=regions,
@@ -397,10 +398,10 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
             log.warning("nightly: %s has no record on %s: the donor's genotypes there are unknown (their genetic "
                         "score counts them as missing; their promoters read the reference)", item.vcf.name,
                         ", ".join(absent[:6]))
-    if fingerprint(item.vcf)["sha256"] != sha_before:
+    if file_state(item.vcf) != state:
         raise StillArriving(f"{item.vcf}: the file changed while it was read (still being delivered?); left in the "
                             "inbox for the next run")
-    new = NewDonor(item, variants, vcf_sha256=sha_before)
+    new = NewDonor(item, variants, vcf_sha256=sha)
     if item.expression is None:
         return new
     new.expression_sha256 = fingerprint(item.expression)["sha256"]
@@ -435,7 +436,7 @@ def quarantine(item: InboxItem, error: BaseException, folder: Path) -> bool:
         return False
     for path in item.files:
         target = folder / path.name
-        if target.exists() or target.is_symlink():
+        if os.path.lexists(target):
             target = folder / f"{path.name}.{stamp.replace(':', '')}"
         note = target.with_name(target.name + ".error.txt")
         try:
