@@ -279,16 +279,21 @@ class GenotypesConfig:
             REF in the promoter haplotypes and gives the site the mean dosage of the donors called there in the
             genetic score (it then adds nothing to the donor's score); ``reference`` reads it as REF in both;
             ``error`` refuses the VCF, naming the site and the donor.
-        unphased: a donor with unphased heterozygous calls at two or more sites of one promoter window, whose two
-            promoter haplotypes are therefore ambiguous: ``as_written`` takes the alleles in the order the GT
-            writes them (``0/1``: ALT on haplotype B); ``cis`` puts every heterozygous ALT of the window on
-            haplotype B whatever the GT's order (all on one chromosome); ``error`` refuses the VCF. Phased calls
-            are never changed. The genetic score uses dosages, which phase does not affect.
+        unphased: a donor whose two promoter haplotypes are ambiguous in a window: two or more heterozygous calls
+            there, one of them unphased (``0/1``), or phased calls of two phase sets (FORMAT ``PS``, phased within
+            their set only): ``as_written`` takes the alleles in the order the GT writes them (``0/1``: ALT on
+            haplotype B); ``cis`` puts every unphased heterozygous ALT of the window on haplotype B whatever the
+            GT's order (all on one chromosome); ``error`` refuses the VCF. Phased calls are never changed. The
+            genetic score uses dosages, which phase does not affect.
+        keep_filtered: read VCF records whose FILTER names a failed filter (``LowQual``, ``q10``) as well; by
+            default only records that passed (``PASS``) or were not filtered (``.``) are read, and the others are
+            counted in the report and logged.
     """
 
     cis_window: int | None = None
     missing: Literal["mean", "reference", "error"] = "mean"
     unphased: Literal["as_written", "cis", "error"] = "as_written"
+    keep_filtered: bool = False
 
     def __post_init__(self) -> None:
         _require(self.cis_window is None or 0 <= self.cis_window <= 10_000_000, "genotypes.cis_window",

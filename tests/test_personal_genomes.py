@@ -223,8 +223,116 @@ def test_unphased_heterozygotes_at_two_sites_of_a_window(tmp_path):
     assert cis[1][ia] != ref_seq[ia] and cis[1][ib] != ref_seq[ib]
     assert phased_cis == phased  # phased calls keep their phase
     assert _problem(data, unphased="cis")[0].genomes.report["n_ambiguous_phase_pairs"] == 1
-    with pytest.raises(InputError, match=rf"unphased heterozygous.*gene G1.*donor P00, sites chr1:{a}, chr1:{b}"):
+    with pytest.raises(InputError, match=rf"gene G1 whose phase relative to each other is unknown.*donor P00, "
+                                         rf"sites chr1:{a} \(unphased\), chr1:{b} \(unphased\)"):
         _problem(data, unphased="error")
+
+
+def _append_records(vcf: Path, records: list[str], header: tuple[str, ...] = ()) -> None:
+    """Add ``records`` (sorted, after the file's own) and ``header`` lines (before #CHROM) to a VCF."""
+    lines = vcf.read_text().splitlines()
+    head = [line for line in lines if line.startswith("#")]
+    body = [line for line in lines if not line.startswith("#")]
+    vcf.write_text("\n".join([*head[:-1], *header, head[-1], *body, *records]) + "\n")
+
+
+def _bases(tmp: Path, pos: int) -> tuple[str, str, str]:
+    """The reference base at ``pos`` of the small dataset's chromosome and two other bases."""
+    with Genome(tmp / "ref.fa") as fasta:
+        ref = fasta.fetch("chr1", pos, pos).upper()
+    x, y = [b for b in "ACGT" if b != ref][:2]
+    return ref, x, y
+
+
+def test_each_alt_of_a_multiallelic_site_is_a_variant_of_its_own(tmp_path):
+    """``1/2`` is one copy of each ALT and ``2/2`` two of the second, not two of "ALT" (they were one dosage); the
+    spanning deletion ``*`` is no variant of this site. A new donor's VCF may split the site into one record per
+    ALT, or write only some of its ALTs, in any order: each ALT's copies are found."""
+    from geximpute.steps.nightly import InboxItem, NewDonor, donor_haplotypes, extend_problem
+
+    tmp, data = _small_dataset(tmp_path)
+    site = TSS2 + 50  # in gene 2's promoter window ('-' strand)
+    ref, x, y = _bases(tmp, site)
+    gts = ["1/2", "2/2", "1/1", "0/3"] + ["0/0"] * (N_PEOPLE - 4)
+    _append_records(tmp / "people.vcf", ["\t".join(["chr1", str(site), "multi", ref, f"{x},{y},*", ".", "PASS",
+                                                    ".", "GT", *gts])])
+    problem, _ = _problem(data)
+    genomes = problem.genomes
+    people = [problem.donors.index(f"P{i:02d}") for i in range(4)]
+    dosage = genomes.gene_dosage(1)
+    assert dosage.shape[0] == 2  # x and y; '*' has none
+    assert dosage[0, people].tolist() == [1, 0, 2, 0] and dosage[1, people].tolist() == [1, 2, 0, 0]
+    assert genomes.site_allele[genomes.site_ptr[1]:genomes.site_ptr[2]].tolist() == [1, 2]
+    assert genomes.report["n_multiallelic_cis_sites"] == 1
+    # P01 (2/2) carries y on both haplotypes, P02 (1/1) x: two different promoters
+    assert len({genomes.rows[1, people[1], 0], genomes.rows[1, people[2], 0], genomes.reference_row[1]}) == 3
+
+    header = ["##fileformat=VCFv4.2", "##contig=<ID=chr1,length=60000>",
+              '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">']
+
+    def new_donor(name: str, records: list[tuple[str, str]]) -> NewDonor:
+        path = tmp_path / f"{name}.vcf"
+        body = [f"chr1\t{site}\t.\t{ref}\t{alts}\t.\tPASS\t.\tGT\t{gt}" for alts, gt in records]
+        body.insert(0, f"chr1\t{FAR}\t.\t{_bases(tmp, FAR)[0]}\t{_bases(tmp, FAR)[1]}\t.\tPASS\t.\tGT\t0/0")
+        path.write_text("\n".join([*header, "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + name,
+                                   *body]) + "\n")
+        return NewDonor(InboxItem(name, path), read_variants(path, problem_dataset.genome, samples=[name]))
+
+    problem_dataset = load_dataset(config_from_dict(data))
+    base, _ = make_problem(problem_dataset, hidden_mask=False)
+    donors = [new_donor("SPLIT", [(x, "0/1"), (y, "1/0")]),  # 1/2 written as two records
+              new_donor("YONLY", [(f"{y},{x}", "1/1")]),  # the ALTs in another order: two copies of y
+              new_donor("NONE", [])]  # the site absent on a covered chromosome: REF
+    extended, _ = extend_problem(base, donors, ())
+    grown = donor_haplotypes(extended, donors, problem_dataset, base.genomes).genomes
+    mine = grown.gene_dosage(1)[:, [extended.donors.index(d) for d in ("SPLIT", "YONLY", "NONE")]]
+    assert mine[0].tolist() == [1, 0, 0] and mine[1].tolist() == [1, 2, 0]
+
+
+def test_records_that_failed_a_filter_are_not_read_unless_asked(tmp_path):
+    tmp, data = _small_dataset(tmp_path)
+    records = []
+    for offset, flag in ((40, "LowQual"), (60, "."), (80, "PASS;q10")):
+        ref, x, _ = _bases(tmp, TSS2 + offset)
+        records.append("\t".join(["chr1", str(TSS2 + offset), ".", ref, x, ".", flag, ".", "GT",
+                                  *["0/1"] * N_PEOPLE]))
+    _append_records(tmp / "people.vcf", records,
+                    ('##FILTER=<ID=LowQual,Description="low">', '##FILTER=<ID=q10,Description="q10">'))
+    problem, _ = _problem(data)
+    assert problem.genomes.gene_dosage(1).shape[0] == 1  # the '.' record alone
+    dataset = load_dataset(config_from_dict(data))
+    assert dataset.variants.report["n_filtered"] == 2
+    assert dataset.variants.report["filtered_examples"][0] == f"chr1:{TSS2 + 40} FILTER=LowQual"
+    kept, _ = _problem(data, keep_filtered=True)
+    assert kept.genomes.gene_dosage(1).shape[0] == 3
+
+
+def test_phase_sets_and_a_phased_call_beside_an_unphased_one(tmp_path):
+    """Phased calls of two phase sets (FORMAT PS) are phased within their set only, and a phased heterozygote says
+    nothing about an unphased one beside it: both leave the donor's two haplotypes ambiguous."""
+    tmp, data = _small_dataset(tmp_path)
+    a, b = TSS2 + 40, TSS2 + 90
+    calls = {a: ["0|1:100", "0|1:100", "0|1:.", "0|1:.", "0|1:7"], b: ["0|1:100", "1|0:200", "0/1:.", "1|0:.", "0/0:7"]}
+    records = []
+    for pos, gts in calls.items():
+        ref, x, _ = _bases(tmp, pos)
+        records.append("\t".join(["chr1", str(pos), ".", ref, x, ".", "PASS", ".", "GT:PS",
+                                  *gts, *["0/0:."] * (N_PEOPLE - len(gts))]))
+    _append_records(tmp / "people.vcf", records,
+                    ('##FORMAT=<ID=PS,Number=1,Type=Integer,Description="Phase set">',))
+    dataset = load_dataset(config_from_dict(data))
+    row = dataset.variants.sites["pos"].to_pylist().index(b)
+    assert dataset.variants.phase_set[row, :5].tolist() == [100, 200, -1, -1, 7]
+    # P00: one set; P01: two sets; P02: phased beside unphased; P03: phased without PS (one set); P04: one het
+    problem, _ = _problem(data)
+    assert problem.genomes.report["n_ambiguous_phase_pairs"] == 2
+    with pytest.raises(InputError, match=rf"gene G2 whose phase relative to each other is unknown.*donor P01, "
+                                         rf"sites chr1:{a} \(PS 100\), chr1:{b} \(PS 200\)"):
+        _problem(data, unphased="error")
+    cis, _ = _problem(data, unphased="cis")
+    p02 = cis.donors.index("P02")
+    assert cis.genomes.rows[1, p02, 0] == cis.genomes.reference_row[1]  # both ALTs on haplotype B
+    assert cis.genomes.rows[1, p02, 1] != cis.genomes.reference_row[1]
 
 
 # Nightly reads the new genomes -----------------------------------------------------------------------------------

@@ -95,6 +95,31 @@ def test_plain_gzip_fasta_gets_a_clear_error(tmp_path):
 # genes ---------------------------------------------------------------------------------------------------------
 
 
+def test_an_index_older_than_its_fasta_is_rebuilt_or_warned_about(tmp_path, monkeypatch, caplog):
+    """A FASTA edited after it was indexed: the old .fai's offsets would read the wrong bases without an error."""
+    import os
+
+    path = tmp_path / "g.fa"
+    path.write_text(">a\nAAAACCCC\n>b\nGGGGTTTT\n")
+    with Genome(path) as first:
+        assert first.fetch("b", 1, 4) == "GGGG"
+    path.write_text(">a\nAAAACCCCAAAACCCC\n>b\nTTTTGGGG\n")  # record a grew: b moved
+    fai = tmp_path / "g.fa.fai"
+    os.utime(fai, (path.stat().st_mtime - 60, path.stat().st_mtime - 60))
+    monkeypatch.setattr("geximpute.io.fasta._writable", lambda _: False)
+    with caplog.at_level("WARNING"), Genome(path) as unwritable:  # used as it is, with a warning naming both
+        assert unwritable.lengths["a"] == 8
+    assert "g.fa.fai is older than the FASTA and cannot be rebuilt" in caplog.text
+    monkeypatch.undo()
+    with Genome(path) as rebuilt:
+        assert rebuilt.lengths["a"] == 16 and rebuilt.fetch("b", 1, 4) == "TTTT"
+    assert fai.stat().st_mtime >= path.stat().st_mtime
+    caplog.clear()
+    with caplog.at_level("WARNING"), Genome(path):  # a fresh index: nothing to say
+        pass
+    assert "older than the FASTA" not in caplog.text
+
+
 def test_gtf_genes_with_tss_from_strand_and_versions_stripped(write, genome):
     genes = read_genes(write("genes.gtf.gz", GTF), genome=genome)
     rows = {r["gene_id"]: r for r in genes.table.to_pylist()}

@@ -303,6 +303,16 @@ def test_not_a_vcf(tmp_path: Path) -> None:
         read_variants(no_chrom)
 
 
+def test_a_sample_named_twice_is_named_in_the_error(tmp_path: Path) -> None:
+    """htslib refuses a repeated sample name as "cannot parse VCF header"; the error names the sample, and finds it
+    past a header of thousands of ##contig lines (a GRCh38 VCF's header is larger than one read of the file)."""
+    contigs = ("chr17", "chr2", *(f"chrUn_{i:05d}" for i in range(3000)))
+    path = write_vcf(tmp_path / "twice.vcf.gz", [snp(10, "0|1", "0|0", "0|0")], samples=["S1", "S2", "S1"],
+                     contigs=contigs)
+    with pytest.raises(InputError, match=r"twice\.vcf\.gz: names sample\(s\) S1 twice in its #CHROM line"):
+        read_variants(path)
+
+
 def test_no_gt_field_in_header(tmp_path: Path) -> None:
     path = write_vcf(tmp_path / "dosage.vcf", [snp(10, "0|1", "0|0", "0|0")], gt_header=False)
     with pytest.raises(InputError) as err:

@@ -98,6 +98,7 @@ def load_dataset(config: Config, *, with_variants: bool = True, matrix: str | Pa
             sample_map=read_sample_map(inputs.sample_map) if inputs.sample_map else None,
             regions=regions,
             genome_partial=inputs.genome_partial,
+            keep_filtered=config.genotypes.keep_filtered,
         )
     dataset = Dataset(config, genes, expression, samples, genome, variants)
     dataset.report = summarise(dataset)

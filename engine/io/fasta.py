@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import logging
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +13,8 @@ import pyfaidx
 
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable
+
+log = logging.getLogger(__name__)
 
 _COMPLEMENT = str.maketrans("ACGTNacgtnRYKMSWBDHVrykmswbdhv", "TGCANtgcanYRMKSWVHDByrmkswvhdb")
 
@@ -40,11 +45,37 @@ class PromoterWindow:
         return self.padded == 0
 
 
+def _stale_index(path: Path) -> bool:
+    """Whether ``path``'s ``.fai`` is older than it and can be rebuilt (warned about where it cannot)."""
+    fai = path.with_name(path.name + ".fai")
+    try:
+        if fai.stat().st_mtime >= path.stat().st_mtime:
+            return False
+    except FileNotFoundError:
+        return False
+    if _writable(fai):
+        log.warning("%s: its index %s is older than the FASTA (the FASTA changed after it was indexed?): rebuilding "
+                    "it", path, fai.name)
+        return True
+    log.warning("%s: its index %s is older than the FASTA and cannot be rebuilt there (read-only): it is used as it "
+                "is. If the FASTA changed after it was indexed, sequences may be read at the wrong offsets: index it "
+                "again (`samtools faidx %s`)", path, fai.name, path)
+    return False
+
+
+def _writable(fai: Path) -> bool:
+    return os.access(fai.parent, os.W_OK) and os.access(fai, os.W_OK)
+
+
 class Genome:
     """A FASTA file opened through pyfaidx (plain ``.fa`` or bgzip ``.fa.gz`` with its ``.fai``/``.gzi``).
 
     Args:
         path: the FASTA file.
+
+    An index (``.fai``) older than its FASTA may describe an earlier version of it, whose record offsets would
+    fetch the wrong bases without an error: it is rebuilt where its folder can be written, and otherwise used
+    with a warning that names both files.
 
     Raises:
         InputError: the file is missing or empty, is plain gzip rather than bgzip, or cannot be indexed.
@@ -53,10 +84,13 @@ class Genome:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         check_readable(self.path, "FASTA file")
+        rebuild = _stale_index(self.path)
         try:
-            self._fasta = pyfaidx.Fasta(
-                str(self.path), as_raw=True, sequence_always_upper=False, rebuild=False, build_index=True
-            )
+            with warnings.catch_warnings():  # pyfaidx's own word on an old index: ours above says more
+                warnings.filterwarnings("ignore", message=".*is older than FASTA file", category=RuntimeWarning)
+                self._fasta = pyfaidx.Fasta(
+                    str(self.path), as_raw=True, sequence_always_upper=False, rebuild=rebuild, build_index=True
+                )
         except pyfaidx.UnsupportedCompressionFormat as exc:
             raise InputError(
                 self.path,

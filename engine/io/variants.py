@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from geximpute.errors import ConfigError, InputError
 from geximpute.io.checks import check_gzip_whole, check_readable, is_gzip, open_text
 from geximpute.io.chroms import chrom_key, harmonise_chroms, renamed
 from geximpute.io.fasta import Genome
+
+log = logging.getLogger(__name__)
 
 #: columns of a sample map file
 VCF_SAMPLE = "vcf_sample"
@@ -49,13 +52,17 @@ class Variants:
         genotypes: ``int8``, shape (n_sites, n_samples, 2): allele index per haplotype (0 = REF, k = k-th
             ALT), -1 where missing. A haploid call fills both haplotypes with its one allele.
         phased: ``bool``, shape (n_sites, n_samples): True where the call is phased (``|``) or haploid.
+        phase_set: ``int32``, shape (n_sites, n_samples), the FORMAT ``PS`` of each call where the header declares
+            it (calls phased relative to each other share one; -1 where a phased call gives none: the VCF
+            specification puts all of those in one set); None when the header declares no ``PS``.
         report: counts: ``n_sites`` (kept), ``n_sites_read``, ``n_samples``, ``n_multiallelic``,
             ``n_indels`` (an ALT whose length differs from REF's; symbolic ALTs excluded),
             ``n_missing_calls`` (calls with at least one missing allele), ``n_unphased_calls`` (called,
             diploid and unphased), ``renamed_chroms`` ``{vcf name: FASTA name}``, ``n_ref_checked``,
             ``n_ref_mismatch`` (dropped), ``ref_mismatch_fraction``, ``ref_mismatch_examples``,
             ``n_sites_off_genome`` (chromosome absent from the FASTA or REF past the record's end; kept,
-            unchecked) and ``indexed`` (whether ``regions`` were read through the file's index).
+            unchecked), ``n_filtered`` (records dropped because their FILTER is neither ``PASS`` nor ``.``),
+            ``filtered_examples`` and ``indexed`` (whether ``regions`` were read through the file's index).
     """
 
     path: Path
@@ -64,12 +71,15 @@ class Variants:
     genotypes: np.ndarray
     phased: np.ndarray
     report: dict
+    phase_set: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shape = (self.sites.num_rows, len(self.samples))
-        if self.genotypes.shape != (*shape, 2) or self.phased.shape != shape:
+        if (self.genotypes.shape != (*shape, 2) or self.phased.shape != shape
+                or (self.phase_set is not None and self.phase_set.shape != shape)):
             raise ValueError(
-                f"{self.path}: genotypes {self.genotypes.shape} and phased {self.phased.shape} do not match "
+                f"{self.path}: genotypes {self.genotypes.shape}, phased {self.phased.shape} and phase sets "
+                f"{None if self.phase_set is None else self.phase_set.shape} do not match "
                 f"{shape[0]} sites x {shape[1]} samples"
             )
 
@@ -152,6 +162,7 @@ def read_variants(
     regions: list[tuple[str, int, int]] | None = None,
     genome_partial: bool = False,
     max_ref_mismatch: float = 0.01,
+    keep_filtered: bool = False,
 ) -> Variants:
     """Read the sites and genotypes of a VCF, VCF.gz or BCF file and check them against the genome.
 
@@ -168,6 +179,8 @@ def read_variants(
             unchecked and counted rather than refused.
         max_ref_mismatch: largest fraction of checked sites whose REF may disagree with the FASTA; those
             sites are dropped. A larger fraction raises, as it means the VCF and FASTA builds differ.
+        keep_filtered: read records whose FILTER names a failed filter (``LowQual``) too; by default only
+            records that passed (``PASS``) or were not filtered (``.``) are read, the others counted.
 
     Returns:
         The sites, samples, genotypes, phase flags and report (see :class:`Variants`).
@@ -213,7 +226,8 @@ def read_variants(
         order = np.array([position[name] for name in used], dtype=np.intp)
         index_file = _index_of(path) if wanted is not None else None
         records = _query(vcf, wanted) if index_file is not None else _stream(path, vcf, wanted)
-        raw = _collect(path, records, len(used), order)
+        with_ps = vcf.contains("PS")
+        raw = _collect(path, records, len(used), order, keep_filtered=keep_filtered, phase_sets=with_ps)
     finally:
         vcf.close()
 
@@ -234,6 +248,9 @@ def read_variants(
     n_sites = sites.num_rows
     genotypes = np.stack(raw["gt"]) if n_sites else np.full((0, len(used), 2), -1, dtype=np.int8)
     phased = np.stack(raw["phased"]) if n_sites else np.zeros((0, len(used)), dtype=bool)
+    phase_set = None
+    if with_ps:
+        phase_set = np.stack(raw["ps"]) if n_sites else np.zeros((0, len(used)), dtype=np.int32)
 
     ref_report = {
         "n_ref_checked": 0,
@@ -252,6 +269,7 @@ def read_variants(
             sites = sites.filter(pa.array(keep))
             genotypes = genotypes[keep]
             phased = phased[keep]
+            phase_set = None if phase_set is None else phase_set[keep]
 
     report = {
         "n_sites": sites.num_rows,
@@ -261,9 +279,15 @@ def read_variants(
         "renamed_chroms": renamed(mapping),
         **ref_report,
         "n_sites_off_genome": n_off,
+        "n_filtered": raw["n_filtered"],
+        "filtered_examples": raw["filtered_examples"],
         "indexed": index_file is not None,
     }
-    return Variants(path=path, sites=sites, samples=donors, genotypes=genotypes, phased=phased, report=report)
+    if raw["n_filtered"]:
+        log.info("%s: %d record(s) failed a FILTER and were not read (e.g. %s); set genotypes.keep_filtered to read "
+                 "them", path, raw["n_filtered"], "; ".join(raw["filtered_examples"][:3]))
+    return Variants(path=path, sites=sites, samples=donors, genotypes=genotypes, phased=phased, report=report,
+                    phase_set=phase_set)
 
 
 def _check_regions(regions: list[tuple[str, int, int]] | None) -> dict[str, list[tuple[int, int]]] | None:
@@ -306,21 +330,31 @@ def _open_vcf(path: Path) -> cyvcf2.VCF:
 
 
 def _why_not_vcf(path: Path) -> str:
-    """Say in words why htslib could not open ``path``, looking at its first lines."""
+    """Say in words why htslib could not open ``path``, reading its header lines (up to #CHROM)."""
     opener = gzip.open if is_gzip(path) else open
     try:
         with opener(path, "rb") as fh:
-            head = fh.read(1 << 16)
-    except OSError:
+            if fh.read(3) == b"BCF":
+                return "is a BCF file whose header cannot be read"
+            fh.seek(0)
+            first = fh.readline(1 << 16).decode("utf-8", errors="replace").rstrip("\r\n")
+            if not first.startswith("##fileformat=VCF"):
+                return f"is not a VCF: the first line is {first[:60]!r}, not '##fileformat=VCFv4.x'"
+            chrom_line = None
+            for raw in fh:  # a header of thousands of ##contig lines is read whole, never a record
+                if not raw.startswith(b"#"):
+                    break
+                if raw.startswith(b"#CHROM"):
+                    chrom_line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                    break
+    except (OSError, EOFError, gzip.BadGzipFile):
         return "cannot be read"
-    if head.startswith(b"BCF"):
-        return "is a BCF file whose header cannot be read"
-    lines = head.decode("utf-8", errors="replace").splitlines()
-    if not lines or not lines[0].startswith("##fileformat=VCF"):
-        first = lines[0][:60] if lines else ""
-        return f"is not a VCF: the first line is {first!r}, not '##fileformat=VCFv4.x'"
-    if not any(line.startswith("#CHROM") for line in lines):
+    if chrom_line is None:
         return "is not a VCF: no '#CHROM' header line before the records"
+    repeated = [name for name, n in Counter(chrom_line.split("\t")[9:]).items() if n > 1]
+    if repeated:
+        return (f"names sample(s) {_few(repeated)} twice in its #CHROM line: each sample column needs a name of its "
+                "own (rename one, e.g. with `bcftools reheader --samples`)")
     return "has a VCF header that cannot be parsed"
 
 
@@ -490,14 +524,23 @@ def _line_of(path: Path, number: int) -> str:
 
 
 def _collect(
-    path: Path, records: Iterator[tuple[cyvcf2.Variant, int | None]], n_samples: int, order: np.ndarray
-) -> dict[str, list]:
-    """Site columns and per-site genotype rows of ``records``."""
-    raw: dict[str, list] = {key: [] for key in ("chrom", "pos", "id", "ref", "alt", "gt", "phased")}
+    path: Path, records: Iterator[tuple[cyvcf2.Variant, int | None]], n_samples: int, order: np.ndarray, *,
+    keep_filtered: bool = False, phase_sets: bool = False,
+) -> dict:
+    """Site columns and per-site genotype rows (and phase sets) of ``records``, less those that failed a FILTER
+    unless ``keep_filtered``; ``n_filtered`` and ``filtered_examples`` count those."""
+    raw: dict = {key: [] for key in ("chrom", "pos", "id", "ref", "alt", "gt", "phased", "ps", "filtered_examples")}
+    raw["n_filtered"] = 0
     reorder = not np.array_equal(order, np.arange(len(order)))
     here: tuple[str, int] | None = None
     alleles_here: dict[tuple[str, tuple[str, ...]], int | None] = {}
     for variant, number in records:
+        failed = variant.FILTER  # None for PASS and '.'
+        if failed is not None and not keep_filtered:
+            raw["n_filtered"] += 1
+            if len(raw["filtered_examples"]) < _SHOW:
+                raw["filtered_examples"].append(f"{variant.CHROM}:{variant.POS} FILTER={failed}")
+            continue
         alt = list(variant.ALT)
         if (variant.CHROM, variant.POS) != here:
             here, alleles_here = (variant.CHROM, variant.POS), {}
@@ -538,7 +581,19 @@ def _collect(
         raw["alt"].append(alt)
         raw["gt"].append(gt)
         raw["phased"].append(phased)
+        if phase_sets:
+            ps = _phase_set(variant, n_samples)
+            raw["ps"].append(ps[order] if reorder else ps)
     return raw
+
+
+def _phase_set(variant: cyvcf2.Variant, n_samples: int) -> np.ndarray:
+    """(n_samples,) int32 FORMAT PS of one record; -1 where the record or the call gives none."""
+    values = variant.format("PS") if "PS" in variant.FORMAT else None
+    if values is None:
+        return np.full(n_samples, -1, dtype=np.int32)
+    ps = np.asarray(values).reshape(n_samples, -1)[:, 0].astype(np.int64)
+    return np.where(ps < 0, -1, ps).astype(np.int32)  # htslib's missing integer is the most negative one
 
 
 def _genotype(path: Path, variant: cyvcf2.Variant, number: int | None, n_samples: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,9 @@
 :class:`DonorGenomes` joins the personal genomes of a VCF (:mod:`geximpute.science.haplotypes`) to the problem's genes
 and
 donors. It holds, for every problem gene and donor, the rows of the donor's two promoter haplotypes in one table of
-unique sequences (the reference row for donors without a genome and for genes without variants), and the ALT
-dosage of every variant site inside the gene's cis window (``genotypes.cis_window`` bases either side of the TSS, or
+unique sequences (the reference row for donors without a genome and for genes without variants), and the
+dosage of every ALT allele of every variant site inside the gene's cis window (each ALT of a multi-allelic site a
+variant of its own: :func:`allele_links`) (``genotypes.cis_window`` bases either side of the TSS, or
 the promoter window when that is null; NaN where the call is missing or the donor has no genome). The CNN reads
 the promoter haplotypes; the cis-genetic score and the ``elastic_net`` baseline read the cis-window dosages.
 
@@ -54,11 +55,14 @@ class DonorGenomes:
         has_genome: (D,) bool, the donor is in the VCF.
         site_ptr: (G + 1,) int64; the cis-window sites of gene g are ``site_ptr[g]:site_ptr[g + 1]`` of
             ``site_index`` and ``dosage_row`` (a site in two genes' windows appears once per gene).
-        site_index: (M,) int64 row of each site in the VCF's site table.
-        dosage: (U, D) float32 ALT allele count (0, 1, 2) of each site used, NaN where missing or the donor has
+        site_index: (M,) int64 row of each site in the VCF's site table (a multi-allelic site once per counted
+            ALT allele: see ``site_allele``).
+        dosage: (U, D) float32 count (0, 1, 2) of one ALT allele of a site, NaN where missing or the donor has
             no genome; :meth:`gene_dosage` gives a gene's rows.
         report: haplotype construction counts (:func:`geximpute.science.haplotypes.build_haplotypes`).
         dosage_row: (M,) int64 row in ``dosage`` of each site link; None when ``dosage`` has one row per link.
+        site_allele: (M,) int8 the ALT allele (1 = the first ALT) each link counts; None where every link counts
+            its site's first ALT (tables built by hand of biallelic sites).
     """
 
     sequences: list[str] | None
@@ -71,6 +75,7 @@ class DonorGenomes:
     dosage: np.ndarray
     report: dict
     dosage_row: np.ndarray | None = None
+    site_allele: np.ndarray | None = None
 
     def link_dosage(self, lo: int, hi: int) -> np.ndarray:
         """(hi - lo, D) float32 dosages of the site links ``lo:hi``."""
@@ -95,7 +100,12 @@ class DonorGenomes:
                             rows=self.rows[lo:hi].copy(), has_genome=self.has_genome,
                             site_ptr=self.site_ptr[lo : hi + 1] - a, site_index=self.site_index[a:b].copy(),
                             dosage=dosage, report={},
-                            dosage_row=None if dosage_row is None else dosage_row.astype(np.int64))
+                            dosage_row=None if dosage_row is None else dosage_row.astype(np.int64),
+                            site_allele=None if self.site_allele is None else self.site_allele[a:b].copy())
+
+    def link_allele(self, link: int) -> int:
+        """The ALT allele (1 = the first) that site link ``link`` counts."""
+        return 1 if self.site_allele is None else int(self.site_allele[link])
 
     def personal_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(gene, donor) indices, in row-major order, of the pairs whose haplotypes differ from the reference."""
@@ -176,11 +186,13 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
     sites = variants.sites
     ptr, index = promoter_sites(problem.chroms, start, end,
                                 np.asarray(sites[S.CHROM].to_pylist(), dtype=object), sites["pos"].to_numpy())
-    used, dosage_row = np.unique(index, return_inverse=True)
-    calls = variants.genotypes[used]  # (U, n_vcf, 2)
+    ptr, index, allele = allele_links(ptr, index, sites[S.ALT])
+    # one dosage row per (site, ALT allele) that some gene's window links to
+    used_key, dosage_row = np.unique(index * _ALLELE_SLOTS + allele, return_inverse=True)
+    used, used_allele = used_key // _ALLELE_SLOTS, used_key % _ALLELE_SLOTS
     if policy.missing == "error":
-        refuse_missing(variants, used, ptr, index, problem.gene_ids, col[has])
-    alt = _alt_dosage(calls)
+        refuse_missing(variants, np.unique(used), ptr, index, problem.gene_ids, col[has])
+    alt = allele_dosage(variants.genotypes[used], used_allele)  # (U, n_vcf)
     if policy.missing == "reference":
         alt = np.nan_to_num(alt, nan=0.0)
     dosage = np.full((len(used), len(problem.donors)), np.nan, dtype=np.float32)
@@ -194,8 +206,10 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
                 "n_problem_donors": len(problem.donors), "cis_window": policy.cis_window,
                 "n_cis_site_links": len(index), "n_cis_sites": len(used),
                 "n_genes_with_cis_site": int((np.diff(ptr) > 0).sum()),
+                "n_multiallelic_cis_sites": int(np.count_nonzero(np.bincount(used) > 1)) if len(used) else 0,
                 "missing_policy": policy.missing, "unphased_policy": policy.unphased},
         dosage_row=dosage_row.reshape(-1).astype(np.int64),
+        site_allele=allele.astype(np.int8),
     )
     log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d cis-site links (%d sites, "
              "window %s); %d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
@@ -237,10 +251,50 @@ def refuse_missing(variants, sites: np.ndarray, ptr: np.ndarray, index: np.ndarr
     )
 
 
-def _alt_dosage(calls: np.ndarray) -> np.ndarray:
-    """(M, n, 2) allele indices -> (M, n) float32 count of non-REF alleles; NaN where either allele is missing."""
+#: (site, allele) pairs are keyed ``site * _ALLELE_SLOTS + allele`` (a VCF site has fewer ALTs: the reader refuses more)
+_ALLELE_SLOTS = 128
+
+
+def counted_allele(allele: str) -> bool:
+    """Whether an ALT allele gets a dosage of its own: a sequence or a symbolic structural allele (``<DEL>``,
+    ``<CN0>``) does; the spanning deletion ``*`` (the upstream deletion's own record counts it), gVCF's
+    non-reference placeholders (``<*>``, ``<NON_REF>``, ``<X>``: no allele was observed) and ``.`` do not."""
+    return bool(allele) and allele not in ("*", ".", "<*>", "<NON_REF>", "<X>")
+
+
+def allele_links(ptr: np.ndarray, index: np.ndarray, alts: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(site_ptr, site_index, allele) with every site link of ``ptr``/``index`` (:func:`promoter_sites`) repeated
+    once per counted ALT allele of its site (:func:`counted_allele`), in allele order; a site without one drops out.
+
+    Each ALT of a multi-allelic site is a variant of its own, as after ``bcftools norm -m -``: its dosage counts
+    the copies of that allele, so ``1/2`` is one copy of each ALT and ``2/2`` two of the second, never two of "ALT".
+
+    Args:
+        ptr, index: (G + 1,) and (M,) as :func:`promoter_sites` returns them.
+        alts: the ALT lists of the VCF's site table (``sites[S.ALT]``: one list of strings per site).
+    """
+    if not len(index):
+        return ptr, index, np.zeros(0, np.int64)
+    sites = np.unique(index)
+    counted = [[k for k, a in enumerate(alts[int(s)].as_py() or [], start=1) if counted_allele(a)] for s in sites]
+    n = np.zeros(int(sites[-1]) + 1, np.int64)
+    n[sites] = [len(c) for c in counted]
+    start = np.zeros_like(n)
+    start[sites] = np.concatenate([[0], np.cumsum(n[sites])[:-1]])
+    numbers = np.array([k for c in counted for k in c], np.int64)
+    repeat = n[index]
+    first = np.cumsum(repeat) - repeat  # each link's first new link
+    within = np.arange(int(repeat.sum())) - np.repeat(first, repeat)
+    allele = numbers[np.repeat(start[index], repeat) + within] if len(numbers) else np.zeros(0, np.int64)
+    ends = np.concatenate([[0], np.cumsum(repeat)])
+    return ends[ptr].astype(np.int64), np.repeat(index, repeat).astype(np.int64), allele.astype(np.int64)
+
+
+def allele_dosage(calls: np.ndarray, allele: np.ndarray) -> np.ndarray:
+    """(U, n, 2) allele indices and (U,) ALT numbers -> (U, n) float32 copies of row u's ALT ``allele[u]``; NaN
+    where either allele of the call is missing."""
     missing = (calls < 0).any(axis=2)
-    count = (calls > 0).sum(axis=2).astype(np.float32)
+    count = (calls == np.asarray(allele)[:, None, None]).sum(axis=2).astype(np.float32)
     return np.where(missing, np.nan, count).astype(np.float32)
 
 
@@ -415,15 +469,18 @@ def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], re
     has[:n_old] = old_has
     dosage = np.full((old_dosage.shape[0], n_donors), np.nan, np.float32)
     dosage[:, :n_old] = old_dosage
-    # the reference VCF row of each dosage row, and the (chrom, pos, ref) -> ALTs of those sites
+    # the reference VCF row and ALT allele of each dosage row: the (chrom, pos, REF, ALT) each row counts
     used = np.zeros(old_dosage.shape[0], np.int64)
     used[dosage_row] = site_index
-    keys: list[tuple[str, int, str]] = []
-    ref_alts: list[list[str]] = []
+    used_allele = np.ones(old_dosage.shape[0], np.int64)
+    if genomes.site_allele is not None:
+        used_allele[dosage_row] = genomes.site_allele
+    keys: list[tuple[str, int, str, str]] = []
     if len(used):
         sites = reference.sites.take(pa.array(used))
-        keys = list(zip(sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(), sites[S.REF].to_pylist(), strict=True))
-        ref_alts = sites[S.ALT].to_pylist()
+        keys = [(c, p, r, alts[k - 1]) for c, p, r, alts, k in zip(
+            sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(), sites[S.REF].to_pylist(), sites[S.ALT].to_pylist(),
+            used_allele.tolist(), strict=True)]
     row_of = {seq: i for i, seq in enumerate(sequences)}
     report = dict(genomes.report)
     ambiguous = 0
@@ -441,13 +498,13 @@ def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], re
         mine = haps.rows[:, 0, :]
         rows[:, d, :] = np.where(mine >= 0, remap[np.maximum(mine, 0)], -1)
         has[d] = True
-        dosage[:, d] = _dosage_at(keys, ref_alts, variants, policy.missing)
+        dosage[:, d] = _dosage_at(keys, variants, policy.missing)
     out = DonorGenomes(
         sequences=sequences, promoter_ids=ids, reference_row=reference_row, rows=rows, has_genome=has,
         site_ptr=site_ptr, site_index=site_index, dosage=dosage,
         report={**report, "n_new_donors": len(new), "n_new_ambiguous_phase_pairs": ambiguous,
                 "n_problem_donors": n_donors, "n_problem_donors_with_genome": int(has.sum())},
-        dosage_row=dosage_row,
+        dosage_row=dosage_row, site_allele=genomes.site_allele,
     )
     return out
 
@@ -458,27 +515,30 @@ def uncovered_chromosomes(variants: Any, chroms: np.ndarray) -> list[str]:
     return sorted({str(c) for c in chroms if chrom_key(str(c)) not in have})
 
 
-def _dosage_at(keys: list[tuple[str, int, str]], ref_alts: list[list[str]], variants: Any,
-               missing: str) -> np.ndarray:
-    """(U,) float32 ALT dosage of the one donor of ``variants`` at the sites ``keys`` (their ALTs ``ref_alts``):
-    the donor's alleles that are one of the site's ALTs; 0 where its VCF has no record at the site but has records
-    on that chromosome; NaN where the call is missing or the chromosome is absent (0 with ``missing`` reference)."""
+def _dosage_at(keys: list[tuple[str, int, str, str]], variants: Any, missing: str) -> np.ndarray:
+    """(U,) float32 dosage of the one donor of ``variants`` at the variants ``keys`` (chrom, pos, REF, ALT): the
+    donor's copies of that ALT at a record of the same position and REF, whether its VCF writes the site as one
+    multi-allelic record or split into one record per ALT (``bcftools norm -m -``); 0 where no record of it carries
+    that ALT but the VCF has records on that chromosome; NaN where the call is missing or the chromosome is absent
+    (0 with ``missing`` reference)."""
     sites = variants.sites
     calls = variants.genotypes[:, 0, :]  # (n, 2)
-    mine = {}
+    mine: dict[tuple[str, int, str, str], tuple[int, int]] = {}  # (chrom key, pos, REF, ALT) -> (record, allele)
     for i, (c, p, r, alts) in enumerate(zip(sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(),
                                             sites[S.REF].to_pylist(), sites[S.ALT].to_pylist(), strict=True)):
-        mine[(chrom_key(c), p, r)] = (i, alts)
+        k = chrom_key(c)
+        for a, alt in enumerate(alts or [], start=1):
+            mine.setdefault((k, p, r, alt), (i, a))
     covered = {chrom_key(c) for c in sites[S.CHROM].to_pylist()}
     out = np.full(len(keys), np.nan, np.float32)
-    for u, (c, p, r) in enumerate(keys):
+    for u, (c, p, r, alt) in enumerate(keys):
         k = chrom_key(c)
-        hit = mine.get((k, p, r))
+        hit = mine.get((k, p, r, alt))
         if hit is None:
             if k in covered:
                 out[u] = 0.0
             continue
-        i, alts = hit
+        i, a = hit
         call = calls[i]
         if (call < 0).any():
             if missing == "error":
@@ -487,11 +547,10 @@ def _dosage_at(keys: list[tuple[str, int, str]], ref_alts: list[list[str]], vari
                                  expected="every call made at the model's sites (genotypes.missing: error)",
                                  hint="Set genotypes.missing to mean or reference, or impute the VCF first")
             continue
-        out[u] = float(sum(1 for a in call if a > 0 and alts[a - 1] in ref_alts[u]))
+        out[u] = float(np.count_nonzero(call == a))
     if missing == "reference":
         out = np.nan_to_num(out, nan=0.0)
     return out
-
 
 
 def gene_variant_flags(genomes: DonorGenomes, site_pos: np.ndarray, tss: np.ndarray, strand: np.ndarray,

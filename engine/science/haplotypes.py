@@ -33,7 +33,10 @@ Semantics:
   insertion inside a replaced span): the first by position is applied, the later one is skipped and counted.
 - **Phase.** Haplotype A is the first allele of the GT, B the second. Unphased diploid calls are taken in the order
   written and counted: the model averages the two haplotype embeddings, so phase matters only for the combination
-  of several sites inside one window. A haploid call (read into both haplotypes by ``read_variants``) gives two
+  of several sites inside one window. A donor's phase in a window is ambiguous when two or more of its calls there
+  are heterozygous and one of them is unphased, or its phased ones belong to two phase sets (FORMAT ``PS``);
+  ``unphased`` says what is done then (``cis`` moves the unphased calls' ALTs to B, phased calls keep their
+  order). A haploid call (read into both haplotypes by ``read_variants``) gives two
   equal haplotypes.
 - **Missing alleles** (index -1): ``missing="reference"`` reads them as REF and counts them; ``missing="error"``
   raises :class:`~geximpute.errors.InputError` naming the file, site, donor and gene.
@@ -72,6 +75,7 @@ UnphasedPolicy = Literal["as_written", "cis", "error"]
 UNPHASED_POLICIES: tuple[str, ...] = ("as_written", "cis", "error")
 
 _BASES = frozenset("ACGTNacgtn")
+_SHOW_SITES = 5  # sites named in an error message
 _SOFT_TO_N = str.maketrans(string.ascii_lowercase, "N" * len(string.ascii_lowercase))
 
 
@@ -308,7 +312,8 @@ def build_haplotypes(
         variants: the donors' genotypes (:func:`geximpute.io.variants.read_variants`).
         promoter: the window (``upstream``, ``downstream``, ``soft_mask``).
         missing: ``reference`` reads a missing allele as REF; ``error`` refuses it.
-        unphased: a donor with unphased heterozygous calls at two or more sites of one window (ambiguous phase):
+        unphased: a donor whose phase is ambiguous in a window (two heterozygous calls there, one unphased or
+            the two in different phase sets):
             ``as_written`` keeps the GT's order, ``cis`` puts every such ALT on haplotype B (REF on A), ``error``
             refuses it (:class:`~geximpute.config.GenotypesConfig`).
         sink: where the sequences go instead of the result, in parts of consecutive rows: a part is handed over
@@ -550,10 +555,18 @@ class _Sites:
 
 
 def _ambiguous_phase(variants: Variants, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """((n_sites, D) unphased heterozygous calls at ``index``, (D,) donors with two or more of them)."""
+    """((n_sites, D) unphased heterozygous calls at ``index``, (D,) donors whose phase across these sites is not
+    known: two or more heterozygous calls of which one is unphased, or phased calls of two phase sets (FORMAT
+    ``PS``: calls of different sets are phased within their set only)."""
     calls = variants.genotypes[index]
-    het = (calls[..., 0] != calls[..., 1]) & (calls >= 0).all(axis=2) & ~variants.phased[index]
-    return het, het.sum(axis=0) >= 2
+    het_any = (calls[..., 0] != calls[..., 1]) & (calls >= 0).all(axis=2)
+    unphased = het_any & ~variants.phased[index]
+    ambiguous = (het_any.sum(axis=0) >= 2) & unphased.any(axis=0)
+    if variants.phase_set is not None:
+        sets = np.where(het_any & ~unphased, variants.phase_set[index].astype(np.int64), np.iinfo(np.int64).min)
+        top, low = sets.max(axis=0), np.where(het_any & ~unphased, sets, np.iinfo(np.int64).max).min(axis=0)
+        ambiguous |= (het_any & ~unphased).any(axis=0) & (top != low)
+    return unphased, ambiguous
 
 
 def _alts_on_b(alleles: np.ndarray, move: np.ndarray) -> np.ndarray:
@@ -571,15 +584,23 @@ def _refuse_ambiguous(variants: Variants, index: np.ndarray, het: np.ndarray, am
                       gene_id: str) -> None:
     """Raise on the first donor whose phase in the window of ``gene_id`` is ambiguous (``unphased="error"``)."""
     d = int(np.flatnonzero(ambiguous)[0])
-    rows = index[np.flatnonzero(het[:, d])[:2]]
-    where = ", ".join(f"{variants.sites[S.CHROM][int(r)].as_py()}:{variants.sites[S.POS][int(r)].as_py()}"
-                      for r in rows)
+    calls = variants.genotypes[index, d]
+    rows = index[np.flatnonzero((calls[:, 0] != calls[:, 1]) & (calls >= 0).all(axis=1))[:_SHOW_SITES]]
+
+    def site(r: int) -> str:
+        where = f"{variants.sites[S.CHROM][r].as_py()}:{variants.sites[S.POS][r].as_py()}"
+        if not variants.phased[r, d]:
+            return where + " (unphased)"
+        return where + ("" if variants.phase_set is None else f" (PS {int(variants.phase_set[r, d])})")
+
     raise InputError(
         variants.path,
-        f"{int(ambiguous.sum())} donor(s) have unphased heterozygous calls at two or more sites of the promoter "
-        f"window of gene {gene_id}: their two promoter haplotypes are ambiguous",
-        record=f"donor {variants.samples[d]}, sites {where}",
-        expected="phased calls (0|1) wherever a window holds two heterozygous sites (genotypes.unphased: error)",
+        f"{int(ambiguous.sum())} donor(s) have heterozygous calls at two or more sites of the promoter window of "
+        f"gene {gene_id} whose phase relative to each other is unknown (unphased heterozygous calls, or phase sets "
+        "that differ): their two promoter haplotypes are ambiguous",
+        record=f"donor {variants.samples[d]}, sites {', '.join(site(int(r)) for r in rows)}",
+        expected="calls phased in one phase set (0|1, one PS) wherever a window holds two heterozygous sites "
+        "(genotypes.unphased: error)",
         hint="Phase the VCF (e.g. with SHAPEIT or Beagle), or set genotypes.unphased to as_written or cis",
     )
 

@@ -126,9 +126,11 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
             continue
         chrom, tss = problem.chroms[g], int(problem.tss[g])
         for j, pos_in in enumerate(range(genomes.site_ptr[g], genomes.site_ptr[g + 1])):
-            s = int(genomes.site_index[pos_in])
+            s, k = int(genomes.site_index[pos_in]), genomes.link_allele(pos_in)
             pos, ref = int(sites["pos"][s].as_py()), sites["ref"][s].as_py()
-            alts = sites["alt"][s].as_py() or []
+            alt = (sites["alt"][s].as_py() or [])[k - 1]
+            if not is_sequence_allele(alt):
+                continue
             ref_seq = genomes.sequences[genomes.reference_row[g]]
             # a site of the cis window wholly outside the promoter window leaves the promoter as it is (the window
             # is anchored on the TSS): only its genetic-score effect counts, and no 100-kb region is edited for it
@@ -136,21 +138,21 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
             lo = min(pos, tss - max(p.upstream, p.downstream)) - len(ref) - p.length
             hi = max(pos + len(ref), tss + max(p.upstream, p.downstream)) + p.length
             region = None if outside else genome.fetch(chrom, lo, hi)
-            dosage = genomes.link_dosage(pos_in, pos_in + 1)[0]
+            dosage = genomes.link_dosage(pos_in, pos_in + 1)[0]  # this ALT allele's copies
             mean = float(np.nanmean(dosage)) if np.isfinite(dosage).any() else 0.0
-            for k, alt in enumerate(alts, start=1):
-                if not is_sequence_allele(alt):
-                    continue
-                edited = None if outside else edit_window(region, lo, tss, strand_sym[g], p.upstream, p.downstream,
-                                                          [(pos, ref, alt)], p.soft_mask)
-                rows["gene"].append(g)
-                rows["site"].append(s)
-                rows["allele"].append(k)
-                rows["ref_seq"].append(ref_seq)
-                rows["alt_seq"].append(ref_seq if edited is None else edited.sequence)
-                # the score is additive in ALT dosage of the site, whatever the allele (geximpute.science.genomes)
-                rows["beta"].append(float(effects[g][j]) if len(effects[g]) else 0.0)
-                rows["mean"].append(mean)
+            # a REF spelled with an IUPAC code cannot be edited: the promoter stays the reference's there too
+            edited = None
+            if not outside and is_sequence_allele(ref):
+                edited = edit_window(region, lo, tss, strand_sym[g], p.upstream, p.downstream, [(pos, ref, alt)],
+                                     p.soft_mask)
+            rows["gene"].append(g)
+            rows["site"].append(s)
+            rows["allele"].append(k)
+            rows["ref_seq"].append(ref_seq)
+            rows["alt_seq"].append(ref_seq if edited is None else edited.sequence)
+            # the score is additive in the copies of each ALT allele (geximpute.science.genomes.allele_links)
+            rows["beta"].append(float(effects[g][j]) if len(effects[g]) else 0.0)
+            rows["mean"].append(mean)
     n_pairs = len(rows["gene"])
     log.info("variant-effects: %d (variant allele, gene) pairs x %d tissues", n_pairs, len(problem.tissues))
 
