@@ -285,12 +285,20 @@ def test_impute_refuses_data_the_bundle_was_not_trained_for(first_run, data, bun
 
 
 def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first_run, data, bundle, tmp_path,
-                                                                          capfd):
+                                                                          capfd, monkeypatch):
+    import geximpute.steps.impute as impute_module
     from geximpute.apps.cli import main
     from geximpute.steps.impute import impute_plan
 
     config, result = first_run
+    matrices = []
+    plan_of = impute_module._plan
+    monkeypatch.setattr(impute_module, "_plan", lambda *a: matrices.append(a[-1]) or plan_of(*a))
     plan = impute_plan(config, model=bundle, out_dir=result.out_dir, workers=4)
+    monkeypatch.undo()
+    # its matrix on disk where `impute` keeps it, beside the output (not in $TMPDIR), and gone after
+    assert matrices[0].parent.parent == Path(result.out_dir).absolute().parent
+    assert not list(Path(result.out_dir).parent.glob(f".{Path(result.out_dir).name}.matrix-*"))
     assert plan["entries"] == result.n_rows == sum(shard["entries"] for shard in plan["shards"])
     # each shard is a run of genes of one chromosome x a range of donors; together they tile the run's entries
     assert all(0 <= shard["genes"][0] < shard["genes"][1] <= plan["genes"]

@@ -1125,9 +1125,18 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
     :data:`PROCESS_BASE_MB`: an estimate to size a cluster's nodes, not a measurement (``geximpute benchmark``
     measures).
     """
-    with tempfile.TemporaryDirectory(prefix="geximpute-plan-") as scratch:  # the matrix on disk, as `impute` keeps it
-        return _plan(config, model, out_dir, workers, dataset, None if dataset is not None else
-                     Path(scratch) / "expression.f32")
+    if dataset is not None:  # the dataset given, in memory
+        return _plan(config, model, out_dir, workers, dataset, None)
+    out = Path(out_dir or output_dir(config)).absolute()
+    with contextlib.ExitStack() as stack:
+        # the matrix on disk where `impute` keeps it: beside the output, on its file system (at GTEx's layout
+        # 1.4 GB, more than a node's /tmp may hold); in $TMPDIR only while the output's folder does not exist yet
+        # (a plan makes no folder)
+        if out.parent.is_dir():
+            scratch = stack.enter_context(scratch_folder(out, MATRIX_FOLDER))
+        else:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="geximpute-plan-")))
+        return _plan(config, model, out_dir, workers, dataset, scratch / "expression.f32")
 
 
 def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, workers: int | None, dataset: Any,
