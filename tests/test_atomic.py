@@ -233,6 +233,56 @@ def test_the_heartbeat_renews_and_a_lost_lease_commits_nothing(tmp_path):
     assert not list(store_of(out).glob("staging-*"))
 
 
+def test_a_renewal_never_overwrites_a_lease_another_run_took(tmp_path, monkeypatch):
+    """A renewal is a compare-and-swap: a run that takes the lease while its holder renews it keeps it, whichever
+    side of the holder's steps it lands on, and the holder learns it lost (before, a holder paused between reading
+    its lease and writing the renewal overwrote a takeover made in between: two runs held the lease)."""
+    path = tmp_path / "lease.json"
+
+    def stopped(lease: Lease) -> Lease:  # a holder whose heartbeat is paused (a stalled process)
+        lease._stop.set()
+        lease._thread.join()
+        return lease
+
+    # 1. another run creates the lease while the holder has set its own aside to renew it
+    holder, other = stopped(Lease(path, ttl=60).acquire()), Lease(path, ttl=60)
+    real_link = os.link
+
+    def racing_link(src, dst, *args, **kwargs):
+        if Path(dst) == path and f".new-{holder.owner}" in str(src) and not other._thread:
+            other.acquire()  # the name is free: the other run takes it
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", racing_link)
+    with pytest.raises(LeaseLost, match="another run took the .* lease while"):
+        holder.renew()
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["owner"] == other.owner
+    with pytest.raises(LeaseLost):
+        holder.check()
+    other.release()
+    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # 2. the holder's lease expired and another run took it over before the holder's renewal
+    holder = stopped(Lease(path, ttl=0.2).acquire())
+    time.sleep(0.4)
+    with Lease(path, ttl=60) as other:
+        with pytest.raises(LeaseLost, match=f"taken over by {other.owner}"):
+            holder.renew()
+        assert json.loads(path.read_text())["owner"] == other.owner  # put back, untouched
+        other.check()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # 3. an ordinary renewal: the same owner and acquisition time, a later expiry, nothing left beside it
+    with Lease(path, ttl=60) as lease:
+        before = json.loads(path.read_text())
+        lease.renew()
+        after = json.loads(path.read_text())
+        assert (after["owner"], after["acquired"]) == (before["owner"], before["acquired"])
+        assert after["expires"] >= before["expires"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lease.json"]
+
+
 def test_discard_removes_an_output_and_its_versions_but_refuses_others(tmp_path):
     out = tmp_path / "out"
     write_version(out, "one")

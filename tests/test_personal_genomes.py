@@ -246,47 +246,64 @@ def _bases(tmp: Path, pos: int) -> tuple[str, str, str]:
 
 def test_each_alt_of_a_multiallelic_site_is_a_variant_of_its_own(tmp_path):
     """``1/2`` is one copy of each ALT and ``2/2`` two of the second, not two of "ALT" (they were one dosage); the
-    spanning deletion ``*`` is no variant of this site. A new donor's VCF may split the site into one record per
-    ALT, or write only some of its ALTs, in any order: each ALT's copies are found."""
+    spanning deletion ``*`` is no variant of this site. A new donor's VCF may split a site into one record per ALT
+    (with ``bcftools norm -m - -f``'s trimming of an indel too), or write only some of its ALTs, in any order: each
+    ALT's copies are found; a no-call or a record that failed a FILTER there is unknown, never REF."""
     from geximpute.steps.nightly import InboxItem, NewDonor, donor_haplotypes, extend_problem
 
     tmp, data = _small_dataset(tmp_path)
-    site = TSS2 + 50  # in gene 2's promoter window ('-' strand)
+    site, indel = TSS2 + 50, TSS2 + 120  # in gene 2's promoter window ('-' strand)
     ref, x, y = _bases(tmp, site)
+    with Genome(tmp / "ref.fa") as fasta:
+        b0, b1, b2 = fasta.fetch("chr1", indel, indel + 2).upper()
     gts = ["1/2", "2/2", "1/1", "0/3"] + ["0/0"] * (N_PEOPLE - 4)
-    _append_records(tmp / "people.vcf", ["\t".join(["chr1", str(site), "multi", ref, f"{x},{y},*", ".", "PASS",
-                                                    ".", "GT", *gts])])
+    _append_records(tmp / "people.vcf", [
+        "\t".join(["chr1", str(site), "multi", ref, f"{x},{y},*", ".", "PASS", ".", "GT", *gts]),
+        "\t".join(["chr1", str(indel), "indels", b0 + b1 + b2, f"{b0},{b0 + b1}", ".", "PASS", ".", "GT",
+                   *(["1/2", "0/2"] + ["0/0"] * (N_PEOPLE - 2))])])
     problem, _ = _problem(data)
     genomes = problem.genomes
     people = [problem.donors.index(f"P{i:02d}") for i in range(4)]
     dosage = genomes.gene_dosage(1)
-    assert dosage.shape[0] == 2  # x and y; '*' has none
+    assert dosage.shape[0] == 4  # x and y ('*' has none), then the two deletions
     assert dosage[0, people].tolist() == [1, 0, 2, 0] and dosage[1, people].tolist() == [1, 2, 0, 0]
-    assert genomes.site_allele[genomes.site_ptr[1]:genomes.site_ptr[2]].tolist() == [1, 2]
-    assert genomes.report["n_multiallelic_cis_sites"] == 1
+    assert genomes.site_allele[genomes.site_ptr[1]:genomes.site_ptr[2]].tolist() == [1, 2, 1, 2]
+    assert genomes.report["n_multiallelic_cis_sites"] == 2 and genomes.report["n_cis_sites"] == 2
+    assert genomes.report["n_cis_alleles"] == 4
     # P01 (2/2) carries y on both haplotypes, P02 (1/1) x: two different promoters
     assert len({genomes.rows[1, people[1], 0], genomes.rows[1, people[2], 0], genomes.reference_row[1]}) == 3
 
-    header = ["##fileformat=VCFv4.2", "##contig=<ID=chr1,length=60000>",
+    header = ["##fileformat=VCFv4.2", "##contig=<ID=chr1,length=60000>", '##FILTER=<ID=LowQual,Description="q">',
               '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">']
 
-    def new_donor(name: str, records: list[tuple[str, str]]) -> NewDonor:
+    def new_donor(name: str, records: list[tuple]) -> NewDonor:
         path = tmp_path / f"{name}.vcf"
-        body = [f"chr1\t{site}\t.\t{ref}\t{alts}\t.\tPASS\t.\tGT\t{gt}" for alts, gt in records]
-        body.insert(0, f"chr1\t{FAR}\t.\t{_bases(tmp, FAR)[0]}\t{_bases(tmp, FAR)[1]}\t.\tPASS\t.\tGT\t0/0")
+        body = [f"chr1\t{FAR}\t.\t{_bases(tmp, FAR)[0]}\t{_bases(tmp, FAR)[1]}\t.\tPASS\t.\tGT\t0/0"]
+        body += ["\t".join(["chr1", str(pos), ".", r, alts, ".", flag, ".", "GT", gt])
+                 for pos, r, alts, gt, flag in records]
         path.write_text("\n".join([*header, "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + name,
                                    *body]) + "\n")
-        return NewDonor(InboxItem(name, path), read_variants(path, problem_dataset.genome, samples=[name]))
+        return NewDonor(InboxItem(name, path), read_variants(path, problem_dataset.genome, samples=[name],
+                                                             filtered_as_missing=True))
 
     problem_dataset = load_dataset(config_from_dict(data))
     base, _ = make_problem(problem_dataset, hidden_mask=False)
-    donors = [new_donor("SPLIT", [(x, "0/1"), (y, "1/0")]),  # 1/2 written as two records
-              new_donor("YONLY", [(f"{y},{x}", "1/1")]),  # the ALTs in another order: two copies of y
-              new_donor("NONE", [])]  # the site absent on a covered chromosome: REF
+    names = ("SPLIT", "YONLY", "NONE", "NOCALL", "LOWQUAL")
+    donors = [
+        # 1/2 at both sites, each written as one record per ALT; the indel's second ALT trimmed as `norm -f` does
+        new_donor("SPLIT", [(site, ref, x, "0/1", "PASS"), (site, ref, y, "1/0", "PASS"),
+                            (indel, b0 + b1 + b2, b0, "0/1", "PASS"), (indel + 1, b1 + b2, b1, "1/0", "PASS")]),
+        new_donor("YONLY", [(site, ref, f"{y},{x}", "1/1", "PASS")]),  # the ALTs in another order: two copies of y
+        new_donor("NONE", []),  # the sites absent on a covered chromosome: REF
+        new_donor("NOCALL", [(site, ref, ".", "./.", "PASS")]),  # a no-call written with ALT '.'
+        new_donor("LOWQUAL", [(site, ref, x, "1/1", "LowQual")]),  # failed QC: unknown, not REF
+    ]
     extended, _ = extend_problem(base, donors, ())
     grown = donor_haplotypes(extended, donors, problem_dataset, base.genomes).genomes
-    mine = grown.gene_dosage(1)[:, [extended.donors.index(d) for d in ("SPLIT", "YONLY", "NONE")]]
-    assert mine[0].tolist() == [1, 0, 0] and mine[1].tolist() == [1, 2, 0]
+    mine = grown.gene_dosage(1)[:, [extended.donors.index(d) for d in names]]
+    np.testing.assert_array_equal(mine[0], [1, 0, 0, np.nan, np.nan])
+    np.testing.assert_array_equal(mine[1], [1, 2, 0, np.nan, np.nan])
+    np.testing.assert_array_equal(mine[2:, :3], [[1, 0, 0], [1, 0, 0]])
 
 
 def test_records_that_failed_a_filter_are_not_read_unless_asked(tmp_path):

@@ -235,7 +235,8 @@ def summarise(dataset: Dataset) -> dict:
             "genomes_with_expression": len(expr_donors & set(v.samples)),
             **{
                 k: v.report[k]
-                for k in ("n_multiallelic", "n_missing_calls", "n_unphased_calls", "ref_mismatch_fraction")
+                for k in ("n_multiallelic", "n_missing_calls", "n_unphased_calls", "ref_mismatch_fraction",
+                          "n_filtered")
                 if k in v.report
             },
         }

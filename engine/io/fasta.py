@@ -64,7 +64,11 @@ def _stale_index(path: Path) -> bool:
 
 
 def _writable(fai: Path) -> bool:
-    return os.access(fai.parent, os.W_OK) and os.access(fai, os.W_OK)
+    """Whether the index can be written again: its folder and it, and the bgzip index beside it (``.gzi``, which
+    pyfaidx rewrites with it)."""
+    gzi = fai.with_name(fai.name[: -len(".fai")] + ".gzi")
+    return (os.access(fai.parent, os.W_OK) and os.access(fai, os.W_OK)
+            and (not gzi.exists() or os.access(gzi, os.W_OK)))
 
 
 class Genome:
@@ -87,7 +91,8 @@ class Genome:
         rebuild = _stale_index(self.path)
         try:
             with warnings.catch_warnings():  # pyfaidx's own word on an old index: ours above says more
-                warnings.filterwarnings("ignore", message=".*is older than FASTA file", category=RuntimeWarning)
+                warnings.filterwarnings("ignore", message="Index file .* is older than FASTA file",
+                                        category=RuntimeWarning)
                 self._fasta = pyfaidx.Fasta(
                     str(self.path), as_raw=True, sequence_always_upper=False, rebuild=rebuild, build_index=True
                 )

@@ -163,6 +163,7 @@ def read_variants(
     genome_partial: bool = False,
     max_ref_mismatch: float = 0.01,
     keep_filtered: bool = False,
+    filtered_as_missing: bool = False,
 ) -> Variants:
     """Read the sites and genotypes of a VCF, VCF.gz or BCF file and check them against the genome.
 
@@ -181,6 +182,9 @@ def read_variants(
             sites are dropped. A larger fraction raises, as it means the VCF and FASTA builds differ.
         keep_filtered: read records whose FILTER names a failed filter (``LowQual``) too; by default only
             records that passed (``PASS``) or were not filtered (``.``) are read, the others counted.
+        filtered_as_missing: keep the records that failed a FILTER (unless ``keep_filtered``) with every call
+            missing instead of dropping them: for one donor's genome, where a dropped record would read as REF
+            (a single-sample VCF lists the sites where its donor differs), failed QC is an unknown call.
 
     Returns:
         The sites, samples, genotypes, phase flags and report (see :class:`Variants`).
@@ -227,7 +231,8 @@ def read_variants(
         index_file = _index_of(path) if wanted is not None else None
         records = _query(vcf, wanted) if index_file is not None else _stream(path, vcf, wanted)
         with_ps = vcf.contains("PS")
-        raw = _collect(path, records, len(used), order, keep_filtered=keep_filtered, phase_sets=with_ps)
+        raw = _collect(path, records, len(used), order, keep_filtered=keep_filtered, phase_sets=with_ps,
+                       filtered_as_missing=filtered_as_missing)
     finally:
         vcf.close()
 
@@ -525,10 +530,11 @@ def _line_of(path: Path, number: int) -> str:
 
 def _collect(
     path: Path, records: Iterator[tuple[cyvcf2.Variant, int | None]], n_samples: int, order: np.ndarray, *,
-    keep_filtered: bool = False, phase_sets: bool = False,
+    keep_filtered: bool = False, phase_sets: bool = False, filtered_as_missing: bool = False,
 ) -> dict:
     """Site columns and per-site genotype rows (and phase sets) of ``records``, less those that failed a FILTER
-    unless ``keep_filtered``; ``n_filtered`` and ``filtered_examples`` count those."""
+    unless ``keep_filtered`` (with every call missing where ``filtered_as_missing``); ``n_filtered`` and
+    ``filtered_examples`` count those."""
     raw: dict = {key: [] for key in ("chrom", "pos", "id", "ref", "alt", "gt", "phased", "ps", "filtered_examples")}
     raw["n_filtered"] = 0
     reorder = not np.array_equal(order, np.arange(len(order)))
@@ -540,7 +546,8 @@ def _collect(
             raw["n_filtered"] += 1
             if len(raw["filtered_examples"]) < _SHOW:
                 raw["filtered_examples"].append(f"{variant.CHROM}:{variant.POS} FILTER={failed}")
-            continue
+            if not filtered_as_missing:
+                continue
         alt = list(variant.ALT)
         if (variant.CHROM, variant.POS) != here:
             here, alleles_here = (variant.CHROM, variant.POS), {}
@@ -566,6 +573,8 @@ def _collect(
         gt, phased = _genotype(path, variant, number, n_samples)
         if reorder:
             gt, phased = gt[order], phased[order]
+        if failed is not None and not keep_filtered:  # filtered_as_missing: kept, every call unknown
+            gt, phased = np.full_like(gt, -1), np.zeros_like(phased)
         top = int(gt.max()) if gt.size else -1
         if top > len(alt):
             raise InputError(

@@ -344,13 +344,57 @@ class Lease:
                 log.warning("%s: could not renew the lease: %s", self.path, exc)
 
     def renew(self) -> None:
-        """Push the expiry time forward; raises :class:`LeaseLost` when the lease is no longer ours."""
-        _, holder = self.read()
-        if holder is None or holder.get("owner") != self.owner:
+        """Push the expiry time forward; raises :class:`LeaseLost` when the lease is no longer ours.
+
+        A compare-and-swap made of a rename and a hard link, as a takeover is: the lease file is renamed aside (one
+        rename wins), its content checked to be this run's, and the renewed lease created at the name by a hard
+        link, which fails when another run created one meanwhile. A read, a check and a write (what this did
+        before) let a holder paused between its check and its write overwrite the lease of a run that had taken it
+        over in between: two runs then held it. Here a takeover that lands first is put back and this run has lost;
+        one that lands while the name is free wins and this run has lost; either way one holder.
+        """
+        aside = self.path.with_name(f"{self.path.name}.renew-{self.owner}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
             self._lost = True
-            raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} was taken over by "
-                            f"{holder.get('owner') if holder else 'nobody'}; this run stops without committing")
-        write_durable(self.path, self._content(self._acquired))
+            raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} is gone (removed, or taken over and "
+                            "given back); this run stops without committing") from None
+        restore = True
+        try:
+            try:
+                holder = json.loads(aside.read_text())
+            except ValueError:
+                holder = None
+            if not isinstance(holder, dict) or holder.get("owner") != self.owner:
+                self._lost = True
+                raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} was taken over by "
+                                f"{holder.get('owner') if isinstance(holder, dict) else 'nobody'}; this run stops "
+                                "without committing")
+            tmp = self.path.with_name(f".{self.path.name}.new-{self.owner}")
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(self._content(self._acquired))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                restore = False  # from here the name is either the renewed lease or another run's
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    self._lost = True
+                    raise LeaseLost(f"{self.path}: another run took the {self.what} lease while {self.owner} renewed "
+                                    "it; this run stops without committing") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+        finally:
+            if restore:  # not renewed (another run's lease set aside, or an error): the name gets back what it held
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+            aside.unlink(missing_ok=True)
+        fsync_dir(self.path.parent)
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run holds the lease and it has not expired."""
@@ -385,7 +429,7 @@ class Lease:
 #: files): only these are ever removed from it, and a store holding anything else is not removed as a whole
 _TAG = r"[A-Za-z0-9_.]+-\d+-[0-9a-f]{8}"
 STORE_ENTRY = re.compile(rf"v-\d{{8}}T\d{{6}}-(?:replaced-)?{_TAG}|staging-{_TAG}|lease\.json"
-                         rf"|lease\.json\.expired-{_TAG}|\.lease\.json\.(?:new|tmp)-{_TAG}")
+                         rf"|lease\.json\.(?:expired|renew)-{_TAG}|\.lease\.json\.(?:new|tmp)-{_TAG}")
 
 
 def foreign_entries(store: Path) -> list[str]:

@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from geximpute import schema as S
 from geximpute.errors import InputError
 from geximpute.io.chroms import chrom_key
 from geximpute.science.groups import group_sums
-from geximpute.science.haplotypes import build_haplotypes
+from geximpute.science.haplotypes import build_haplotypes, is_sequence_allele
 
 log = logging.getLogger(__name__)
 
@@ -204,16 +205,18 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
         has_genome=has, site_ptr=ptr, site_index=index, dosage=dosage,
         report={**haps.report, "n_problem_donors_with_genome": int(has.sum()),
                 "n_problem_donors": len(problem.donors), "cis_window": policy.cis_window,
-                "n_cis_site_links": len(index), "n_cis_sites": len(used),
+                "n_cis_site_links": len(index), "n_cis_sites": len(np.unique(used)), "n_cis_alleles": len(used),
                 "n_genes_with_cis_site": int((np.diff(ptr) > 0).sum()),
-                "n_multiallelic_cis_sites": int(np.count_nonzero(np.bincount(used) > 1)) if len(used) else 0,
+                "n_multiallelic_cis_sites": int(np.count_nonzero(
+                    pc.list_value_length(sites[S.ALT].take(pa.array(np.unique(used)))).to_numpy(
+                        zero_copy_only=False) > 1)) if len(used) else 0,
                 "missing_policy": policy.missing, "unphased_policy": policy.unphased},
         dosage_row=dosage_row.reshape(-1).astype(np.int64),
         site_allele=allele.astype(np.int8),
     )
     log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d cis-site links (%d sites, "
              "window %s); %d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
-             haps.report["n_unique_sequences"], len(index), len(used),
+             haps.report["n_unique_sequences"], len(index), genomes.report["n_cis_sites"],
              "the promoter" if policy.cis_window is None else f"+/-{policy.cis_window:,} bp",
              len(genomes.personal_pairs()[0]))
     return genomes
@@ -276,7 +279,8 @@ def allele_links(ptr: np.ndarray, index: np.ndarray, alts: Any) -> tuple[np.ndar
     if not len(index):
         return ptr, index, np.zeros(0, np.int64)
     sites = np.unique(index)
-    counted = [[k for k, a in enumerate(alts[int(s)].as_py() or [], start=1) if counted_allele(a)] for s in sites]
+    lists = alts.take(pa.array(sites)).to_pylist()
+    counted = [[k for k, a in enumerate(lst or [], start=1) if counted_allele(a)] for lst in lists]
     n = np.zeros(int(sites[-1]) + 1, np.int64)
     n[sites] = [len(c) for c in counted]
     start = np.zeros_like(n)
@@ -515,39 +519,64 @@ def uncovered_chromosomes(variants: Any, chroms: np.ndarray) -> list[str]:
     return sorted({str(c) for c in chroms if chrom_key(str(c)) not in have})
 
 
+def variant_key(pos: int, ref: str, alt: str) -> tuple[int, str, str]:
+    """``(pos, REF, ALT)`` of one ALT allele with the bases REF and ALT share cut off, the common suffix first, then
+    the common prefix (``pos`` moved past it), in capitals: one key for a variant however a VCF pads it, so that
+    ``CAA>CA`` of a multi-allelic record and the ``CA>C`` that ``bcftools norm -m - -f`` splits it into agree.
+    Symbolic alleles are keyed as written."""
+    ref_u, alt_u = ref.upper(), alt.upper()
+    if not (is_sequence_allele(ref_u) and is_sequence_allele(alt_u)):
+        return pos, ref_u, alt
+    j = 0
+    while j < min(len(ref_u), len(alt_u)) - 1 and ref_u[-1 - j] == alt_u[-1 - j]:
+        j += 1
+    ref_u, alt_u = ref_u[: len(ref_u) - j], alt_u[: len(alt_u) - j]
+    k = 0
+    while k < min(len(ref_u), len(alt_u)) and ref_u[k] == alt_u[k]:
+        k += 1
+    return pos + k, ref_u[k:], alt_u[k:]
+
+
 def _dosage_at(keys: list[tuple[str, int, str, str]], variants: Any, missing: str) -> np.ndarray:
     """(U,) float32 dosage of the one donor of ``variants`` at the variants ``keys`` (chrom, pos, REF, ALT): the
-    donor's copies of that ALT at a record of the same position and REF, whether its VCF writes the site as one
-    multi-allelic record or split into one record per ALT (``bcftools norm -m -``); 0 where no record of it carries
-    that ALT but the VCF has records on that chromosome; NaN where the call is missing or the chromosome is absent
-    (0 with ``missing`` reference)."""
+    donor's copies of that ALT, whether its VCF writes the site as one multi-allelic record or split into one record
+    per ALT (``bcftools norm -m -``, with or without ``-f``: variants are matched by :func:`variant_key`). Where no
+    record carries that ALT: NaN when a record at the site's position has a missing call (a no-call written with
+    ALT ``.``, or a record that failed a FILTER, read as missing), 0 when the records there are called or the VCF has
+    records on that chromosome but none there; NaN where the chromosome is absent (0 with ``missing``
+    reference).
+
+    Raises:
+        InputError: ``missing`` is ``error`` and the call that decides a dosage is missing.
+    """
     sites = variants.sites
     calls = variants.genotypes[:, 0, :]  # (n, 2)
-    mine: dict[tuple[str, int, str, str], tuple[int, int]] = {}  # (chrom key, pos, REF, ALT) -> (record, allele)
+    mine: dict[tuple, tuple[int, int]] = {}  # (chrom key, *variant key) -> (record, allele)
+    at: dict[tuple[str, int], list[int]] = {}  # (chrom key, pos) -> records
+    covered = set()
     for i, (c, p, r, alts) in enumerate(zip(sites[S.CHROM].to_pylist(), sites[S.POS].to_pylist(),
                                             sites[S.REF].to_pylist(), sites[S.ALT].to_pylist(), strict=True)):
         k = chrom_key(c)
+        covered.add(k)
+        at.setdefault((k, p), []).append(i)
         for a, alt in enumerate(alts or [], start=1):
-            mine.setdefault((k, p, r, alt), (i, a))
-    covered = {chrom_key(c) for c in sites[S.CHROM].to_pylist()}
+            mine.setdefault((k, *variant_key(p, r, alt)), (i, a))
     out = np.full(len(keys), np.nan, np.float32)
     for u, (c, p, r, alt) in enumerate(keys):
         k = chrom_key(c)
-        hit = mine.get((k, p, r, alt))
-        if hit is None:
-            if k in covered:
-                out[u] = 0.0
-            continue
-        i, a = hit
-        call = calls[i]
-        if (call < 0).any():
+        hit = mine.get((k, *variant_key(p, r, alt)))
+        records = [hit[0]] if hit is not None else at.get((k, p), [])
+        if any((calls[i] < 0).any() for i in records):
             if missing == "error":
                 raise InputError(variants.path, "missing call at a site the model reads",
                                  record=f"site {c}:{p}, donor {variants.samples[0]}",
                                  expected="every call made at the model's sites (genotypes.missing: error)",
                                  hint="Set genotypes.missing to mean or reference, or impute the VCF first")
             continue
-        out[u] = float(np.count_nonzero(call == a))
+        if hit is not None:
+            out[u] = float(np.count_nonzero(calls[hit[0]] == hit[1]))
+        elif k in covered:
+            out[u] = 0.0
     if missing == "reference":
         out = np.nan_to_num(out, nan=0.0)
     return out
@@ -563,9 +592,13 @@ def gene_variant_flags(genomes: DonorGenomes, site_pos: np.ndarray, tss: np.ndar
         tss, strand: (G,) the problem's genes.
         upstream, downstream: the promoter window.
     """
-    n_cis = np.diff(genomes.site_ptr).astype(np.int64)
+    links = np.diff(genomes.site_ptr).astype(np.int64)
     start, end = window_bounds(tss, strand, upstream, downstream)
     pos = np.asarray(site_pos, np.int64)[genomes.site_index]
-    gene = np.repeat(np.arange(len(n_cis)), n_cis)
+    gene = np.repeat(np.arange(len(links)), links)
+    # a multi-allelic site has a link per ALT, side by side: count each site of a gene once
+    first = np.ones(len(gene), bool)
+    first[1:] = (genomes.site_index[1:] != genomes.site_index[:-1]) | (gene[1:] != gene[:-1])
+    n_cis = np.bincount(gene[first], minlength=len(links)).astype(np.int64)
     inside = (pos >= start[gene]) & (pos <= end[gene])
-    return n_cis, np.bincount(gene[inside], minlength=len(n_cis)) > 0
+    return n_cis, np.bincount(gene[inside], minlength=len(links)) > 0

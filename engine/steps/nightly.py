@@ -385,15 +385,15 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     regions = window_regions(problem.chroms, problem.tss, config)
     variants = read_variants(item.vcf, genome, samples=[item.donor], regions=regions,
                              genome_partial=config.inputs.genome_partial,
-                             keep_filtered=config.genotypes.keep_filtered)
+                             keep_filtered=config.genotypes.keep_filtered, filtered_as_missing=True)
     if config.inputs.variants:  # the model reads genomes: one that lacks the model's regions cannot be used
         absent = uncovered_chromosomes(variants, problem.chroms)
-        if variants.sites.num_rows == 0:
-            filtered = variants.report.get("n_filtered", 0)
+        filtered = variants.report.get("n_filtered", 0)
+        if variants.sites.num_rows == filtered:  # none, or only records that failed a FILTER (unknown calls)
             raise InputError(
                 item.vcf, f"none of its records lies in the {len(regions):,} windows the model reads around its "
                 f"genes' TSSs (chromosomes {', '.join(sorted(set(map(str, problem.chroms)))[:6])})"
-                + (f"; {filtered} record(s) there failed a FILTER and were not read (genotypes.keep_filtered)"
+                + (f" but {filtered} that failed a FILTER, read as unknown calls (genotypes.keep_filtered)"
                    if filtered else ""),
                 expected="the donor's genotypes on the chromosomes of the model's genes, in the genome build of "
                 "inputs.genome", hint="Predicting this donor would silently use the reference genome; give the "
