@@ -39,3 +39,21 @@ def step_args(name: str, argv: Sequence[str] | None, description: str | None = N
     for item in args.overrides:
         forwarded += ["--set", item]
     return forwarded
+
+
+def run_steps(name: str, steps: Sequence[Sequence[str]], forwarded: list[str]) -> int:
+    """Run ``geximpute`` subcommands ``steps`` in order with the same ``forwarded`` arguments, in this process;
+    returns 0, or the exit status of the first that failed (the later ones are not run)."""
+    import sys
+
+    from geximpute.apps import cli
+
+    for step in steps:
+        print(f"{name}: geximpute {' '.join(step)}", flush=True)
+        status = cli.main([*step, *forwarded])
+        if status != 0:
+            print(f"{name}: `geximpute {step[0]}` failed with exit status {status}; later steps not run",
+                  file=sys.stderr, flush=True)
+            return status
+    print(f"{name}: all steps succeeded", flush=True)
+    return 0

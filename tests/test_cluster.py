@@ -107,7 +107,7 @@ def test_every_entry_point_exists_and_takes_a_config(path):
 
 def test_the_kuberay_jobs_cover_every_step():
     named = {m for _, d in _kuberay_docs() for text in _strings(d) for m, _ in ENTRY.findall(text)}
-    assert {"prepare", "train", "fit_head", "impute", "nightly"} <= named
+    assert {"build", "impute", "nightly"} <= named  # build: prepare, train and fit-head in one job
 
 
 def test_ray_and_python_versions_match_pyproject():
@@ -150,6 +150,11 @@ def test_ray_up_config_passes_rays_own_schema():
         assert any(f"geximpute[{extra}]" in c for c in commands), name
         assert any("torch==2.13.0" in c for c in commands), name
         assert ("download.pytorch.org/whl/cpu" in " ".join(commands)) == (extra == "cpu"), name
+    # the head offers no CPU to tasks (the control plane and the drivers run there), and a node whose shared
+    # volume did not mount stops instead of writing to a folder of its own
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    mount = next(c for c in config["initialization_commands"] if "mount -t" in c)
+    assert mount.rstrip().endswith("exit 1; }") and "|| echo" not in mount
 
 
 def _strict(schema):
@@ -244,6 +249,32 @@ def test_each_job_is_its_geximpute_step(calls, module, command):
     job = importlib.import_module(f"geximpute.jobs.{module}")
     assert job.main(["--config", "c.yaml", "--set", "a.b=1", "--set", "c=2"]) == 0
     assert seen == [[*command, "--config", "c.yaml", "--set", "a.b=1", "--set", "c=2"]]
+
+
+def test_every_entrypoint_is_one_command_without_shell_operators():
+    """KubeRay's K8sJobMode submitter pastes ``spec.entrypoint`` into its own ``bash -c`` line (``ray job submit ...
+    -- ENTRYPOINT ; ray job logs ...``): a ``&&``, ``;`` or ``|`` in it would end the Ray job's command there and run
+    the rest in the submitter's pod (a training RayJob ran only ``prepare`` and reported success)."""
+    for path, doc in _kuberay_docs():
+        spec = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+        if "entrypoint" not in spec:
+            continue
+        entry = spec["entrypoint"]
+        assert not re.search(r"&&|\|\||[;|&`]|\$\(", entry), f"{path.name}: entrypoint {entry!r} is several commands"
+        assert len(ENTRY.findall(entry)) == 1 and entry.startswith("python -m geximpute.jobs."), (path.name, entry)
+
+
+def test_build_runs_the_model_steps_in_order(calls):
+    from geximpute.jobs import build
+
+    seen, fail = calls
+    assert build.main(["--config", "c.yaml", "--set", "train.use_gpu=true"]) == 0
+    assert [argv[0] for argv in seen] == ["prepare", "train", "fit-head"]
+    assert seen[0][:4] == ["prepare", "--training", "--targets", "none"]
+    assert all(argv[-4:] == ["--config", "c.yaml", "--set", "train.use_gpu=true"] for argv in seen)
+    seen.clear()
+    fail.add("prepare")
+    assert build.main(["--config", "c.yaml"]) == 2 and [argv[0] for argv in seen] == ["prepare"]
 
 
 def test_pipeline_runs_the_steps_in_order_and_stops_at_the_first_failure(calls):

@@ -47,6 +47,7 @@ STEPS: dict[str, str] = {
     "fit-head": "fit_head",
     "impute": "impute",
     "nightly": "nightly",
+    "build": "build",
     "pipeline": "pipeline",
 }
 #: the config's name inside the job's working_dir
