@@ -11,7 +11,9 @@ Relative input paths are resolved against the directory of the config file, so a
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import numbers
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -710,6 +712,9 @@ class NightlyConfig:
             works; a run killed on any host blocks the next one at most this long.
         redelivered: a done donor whose genome file changed (a new checksum): ``reimpute`` imputes it again into the
             run date of the run that sees it (the next one if it was imputed the same day); ``ignore`` only warns.
+        run_date: the partition a run writes, ``YYYY-MM-DD`` (null: today); ``geximpute nightly --run-date`` sets
+            it too. A config key so that a back-fill reaches a run on a cluster (``--set nightly.run_date=...``
+            through ``geximpute submit`` or a job's entry point).
     """
 
     inbox: str | None = None
@@ -719,8 +724,11 @@ class NightlyConfig:
     donors_per_commit: int = 50
     lease_seconds: float = 600.0
     redelivered: Literal["reimpute", "ignore"] = "reimpute"
+    run_date: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.run_date is None or bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(self.run_date))),
+                 "nightly.run_date", self.run_date, "null or a date written YYYY-MM-DD")
         _require(self.donors_per_commit >= 1, "nightly.donors_per_commit", self.donors_per_commit, "an integer >= 1")
         _require(self.lease_seconds >= 5, "nightly.lease_seconds", self.lease_seconds, "a number of seconds >= 5")
 
@@ -835,6 +843,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, dt.date):  # YAML reads an unquoted 2026-12-01 as a date: the text was meant
+            return value.isoformat()
     raise ConfigError(f"config key {key!r} has value {value!r}; expected {_type_name(tp)}")
 
 

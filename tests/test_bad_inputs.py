@@ -292,6 +292,14 @@ def test_run_date_that_is_not_an_iso_date(toy, capfd):
     assert not [p for p in _listing(toy) if "run_date" in p or p.endswith(".json")]
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line(toy, tmp_path, capfd):
+    """A relative output_dir taken from a config in a read-only folder (a KubeRay ConfigMap mount), or any output
+    whose folder cannot take files: one line naming the folder, before anything runs (a traceback before)."""
+    output = _cli_refusal(capfd, "impute", "--config", str(toy / "config.yaml"), "--set",
+                          "output_dir=/proc/geximpute-out")
+    assert "cannot write in /proc" in output and "output_dir" in output and "Traceback" not in output
+
+
 def _listing(folder: Path) -> list[str]:
     """Every path under ``folder`` but the command's log files (geximpute.runtime.console) and their folders, and the
     FASTA index pyfaidx builds beside an input."""

@@ -407,3 +407,81 @@ def test_the_outcome_line_and_exit_status(capsys):
     # the first line of the server's reason only: the logs it repeats were streamed already
     assert lines[1].endswith("job j2 FAILED: Job entrypoint command failed with exit code 2, last available logs:")
     assert "ray job logs --follow j3 --address http://h:8265" in lines[2] and "ray job stop j3" in lines[2]
+
+
+def test_a_detached_job_is_not_reported_as_success(capsys):
+    """Ctrl-C while following, or a job server gone for good: the job may still run, and the exit status says so
+    (0 would read as success to cron or a script)."""
+    from geximpute.runtime.submit import DETACHED_STATUS, JobResult, report
+
+    assert report(JobResult("j4", "http://h:8265", "RUNNING", detached=True)) == DETACHED_STATUS
+    assert report(JobResult("j5", "http://h:8265", "UNKNOWN", "job server out of reach: gone", detached=True)) \
+        == DETACHED_STATUS
+    err = capsys.readouterr().err
+    assert "job j5 may still be running (job server out of reach: gone)" in err and "ray job logs --follow j5" in err
+
+
+class _FlakyClient:
+    """A job server whose log stream breaks off and whose status answers fail ``fails`` times (``None``: always)."""
+
+    def __init__(self, fails: int | None, status: str = "SUCCEEDED") -> None:
+        self.fails, self.status, self.calls = fails, status, 0
+
+    async def tail_job_logs(self, _id):
+        import aiohttp
+
+        yield "first lines\n"
+        raise aiohttp.ServerDisconnectedError()
+
+    def get_job_status(self, _id):
+        import requests
+        from ray.job_submission import JobStatus
+
+        self.calls += 1
+        if self.fails is None or self.calls <= self.fails:
+            raise requests.ConnectionError("connection refused (the port-forward died)")
+        return JobStatus(self.status)
+
+    def get_job_info(self, _id):
+        return type("Info", (), {"message": "done"})()
+
+
+def test_following_survives_a_broken_stream_and_stops_when_the_server_is_gone(caplog):
+    import io
+
+    from geximpute.runtime.submit import wait_for
+
+    out = io.StringIO()
+    result = wait_for(_FlakyClient(fails=2), "j6", "http://127.0.0.1:1", out, poll_s=0.01, patience_s=60)
+    assert (result.status, result.detached) == ("SUCCEEDED", False) and out.getvalue() == "first lines\n"
+    assert "log stream of j6 broke off" in caplog.text
+    gone = wait_for(_FlakyClient(fails=None), "j7", "http://127.0.0.1:1", io.StringIO(), poll_s=0.01, patience_s=0.2)
+    assert (gone.status, gone.detached) == ("UNKNOWN", True) and "out of reach" in gone.message
+
+
+@pytest.mark.parametrize("answer", [404, 502])
+def test_an_address_that_is_not_a_ray_job_server_is_a_clear_error(answer, monkeypatch):
+    """A web server that answers 404 (not a dashboard) or 502 (an ingress whose cluster is down): a clear error,
+    not the Jobs SDK's traceback."""
+    import http.server
+    import threading
+
+    from geximpute.runtime.submit import _client
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server API)
+            self.send_response(answer)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises(GeximputeError, match=r"cannot reach a Ray job server at http://127\.0\.0\.1:\d+"):
+            _client(f"http://127.0.0.1:{server.server_address[1]}", None)
+    finally:
+        server.shutdown()

@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nightly", help="impute the new genomes of an inbox into a partition per run date")
     _add_config(p)
-    p.add_argument("--run-date", metavar="YYYY-MM-DD", help="the partition to write (default today)")
+    p.add_argument("--run-date", metavar="YYYY-MM-DD",
+                   help="the partition to write (default: the config's nightly.run_date, else today)")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("variant-effects",
@@ -431,6 +432,15 @@ def _run_in_session(args: argparse.Namespace) -> int:
         folder = folder.absolute()  # not resolved: an output is a link to its version, the new one at the end
         final = folder / LOG_NAME
         log_path = folder.parent / f".{folder.name}.{LOG_NAME}-{os.getpid()}"
+    if log_path is not None:
+        try:  # the output's folder must take files: said in one line, before anything runs
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.touch()
+        except OSError as exc:
+            print(f"geximpute {args.command}: error: cannot write in {log_path.parent}, the folder of the output "
+                  f"{folder.name} ({exc.strerror or exc}); set output_dir (or the step's output) to a writable path "
+                  "(a relative one is taken from the config file's folder)", file=sys.stderr)
+            return 2
     status = 2
     try:
         with session(log_path, verbose=args.verbose, quiet=args.quiet):

@@ -27,6 +27,9 @@ from typing import Any, TextIO
 
 from geximpute.runtime.raytools import progress_counter
 
+#: the longest wait between two progress lines of a long stage away from a terminal (they double from 30 s up to it)
+MAX_LINE_SECONDS = 600.0
+
 #: name of the log file a command leaves in its output folder
 #: "_" first, as for _manifest.json: Parquet readers of an output folder (pyarrow, Ray Data) skip it
 LOG_NAME = "_geximpute.log"
@@ -266,7 +269,9 @@ class Stage:
                     self._bar.refresh()  # elapsed time moves even when nothing finished
             elif time.perf_counter() - self._last_line >= self.every:
                 self._last_line = time.perf_counter()
-                self.every *= 2  # 30 s, 1, 2, 4 min...: a long stage stays a few lines
+                # 30 s, 1, 2, 4, 8, then every 10 min: a long stage stays a few lines, and a job's log (`kubectl
+                # logs`, `submit`) never goes hours without one, which would read as a hung job
+                self.every = min(self.every * 2, MAX_LINE_SECONDS)
                 self._line()
 
     def _line(self, final: bool = False) -> None:

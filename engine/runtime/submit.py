@@ -50,6 +50,10 @@ STEPS: dict[str, str] = {
     "build": "build",
     "pipeline": "pipeline",
 }
+#: the exit status of `geximpute submit` when it stopped following a job that may still run (as a shell's Ctrl-C)
+DETACHED_STATUS = 130
+#: how long the job server may be out of reach while a job is followed before `submit` stops following it
+GONE_SECONDS = 300.0
 #: the config's name inside the job's working_dir
 JOB_CONFIG = "geximpute-job.yaml"
 #: overrides every submitted config gets last: the job joins the cluster it runs on, with that cluster's resources
@@ -85,12 +89,14 @@ class JobResult:
         address: the job server it was submitted to.
         status: the last status seen (``SUCCEEDED``, ``FAILED``, ``STOPPED``; ``PENDING``/``RUNNING`` without wait).
         message: the job server's message about that status, if any.
+        detached: this process stopped following the job (Ctrl-C, or the job server out of reach) while it ran.
     """
 
     submission_id: str
     address: str
     status: str
     message: str = ""
+    detached: bool = False
 
 
 def find_token(environ: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
@@ -216,7 +222,9 @@ def _client(address: str, token: Token | None):
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
         raise _refused(address, token, exc) from None
-    except ConnectionError as exc:
+    except _server_errors() as exc:
+        # refused or unresolved (ConnectionError), or something answered that is not a Ray job server: a 404 of the
+        # version check (RuntimeError), a 502 of an ingress whose cluster is down (an HTTPError)
         raise GeximputeError(
             f"cannot reach a Ray job server at {address}: {exc}. Is the cluster up, and is this the address of its "
             "dashboard (http://HEAD:8265 by default; `ray dashboard CLUSTER.yaml` or `kubectl port-forward` "
@@ -224,6 +232,15 @@ def _client(address: str, token: Token | None):
         ) from None
     finally:
         os.environ.update(hidden)
+
+
+def _server_errors() -> tuple[type[BaseException], ...]:
+    """What the Jobs SDK raises when the job server does not answer as one (imported here: the SDK's own
+    dependencies, loaded only by a command that talks to a cluster)."""
+    import aiohttp
+    import requests
+
+    return RuntimeError, OSError, requests.RequestException, aiohttp.ClientError
 
 
 def _refused(address: str, token: Token | None, exc: Exception) -> GeximputeError:
@@ -241,18 +258,38 @@ async def _follow(client, submission_id: str, out: TextIO) -> None:
         out.flush()
 
 
-def wait_for(client, submission_id: str, address: str, out: TextIO, poll_s: float = 2.0) -> JobResult:
-    """Stream the job's logs to ``out`` until it ends, then return its final status."""
+def wait_for(client, submission_id: str, address: str, out: TextIO, poll_s: float = 2.0,
+             patience_s: float = GONE_SECONDS) -> JobResult:
+    """Stream the job's logs to ``out`` until it ends, then return its final status.
+
+    A log stream that breaks off (a port-forward or tunnel that dropped, the head restarting) is followed by
+    polling the job's status; the job server out of reach for ``patience_s`` in a row ends the wait with the job
+    detached (it still runs on the cluster), never with a traceback.
+    """
     from ray.job_submission import JobStatus
 
     try:
         asyncio.run(_follow(client, submission_id, out))
-    except RuntimeError as exc:  # the log stream broke off; the job may still be running
-        log.warning("submit: log stream of %s ended early (%s); waiting for the job to finish", submission_id, exc)
-    while not (status := client.get_job_status(submission_id)).is_terminal():
+    except _server_errors() as exc:  # OSError takes in timeouts and refused connections
+        log.warning("submit: the log stream of %s broke off (%s); waiting for the job to finish (its logs: `ray job "
+                    "logs %s --address %s`)", submission_id, exc or type(exc).__name__, submission_id, address)
+    unreachable_since = None
+    while True:
+        try:
+            status = client.get_job_status(submission_id)
+            if status.is_terminal():
+                message = client.get_job_info(submission_id).message or ""
+                return JobResult(submission_id, address, JobStatus(status).value, message)
+            unreachable_since = None
+        except _server_errors() as exc:
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since >= patience_s:
+                log.error("submit: the job server at %s has been out of reach for %.0f s (%s); job %s may still "
+                          "be running", address, now - unreachable_since, exc, submission_id)
+                return JobResult(submission_id, address, "UNKNOWN", f"job server out of reach: {exc}",
+                                 detached=True)
         time.sleep(poll_s)
-    message = client.get_job_info(submission_id).message or ""
-    return JobResult(submission_id, address, JobStatus(status).value, message)
 
 
 def submit(
@@ -309,7 +346,7 @@ def submit(
             )
         except AuthenticationError as exc:
             raise _refused(address, token, exc) from None
-        except RuntimeError as exc:
+        except _server_errors() as exc:
             raise GeximputeError(f"the Ray job server at {address} did not take the job: {exc}") from None
     log.info("submit: job %s submitted to %s: %s", submission_id, address, entrypoint(step))
     if not wait:
@@ -319,19 +356,26 @@ def submit(
     except AuthenticationError as exc:
         raise _refused(address, token, exc) from None
     except KeyboardInterrupt:  # stop following, not the job: it runs on the cluster
-        return JobResult(submission_id, address, client.get_job_status(submission_id).value)
+        try:
+            status = client.get_job_status(submission_id).value
+        except _server_errors():
+            status = "UNKNOWN"
+        return JobResult(submission_id, address, status, detached=True)
 
 
 def report(result: JobResult) -> int:
-    """Print a one-line outcome to stderr; returns the exit status (0 on success or when not waiting, else 1)."""
+    """Print a one-line outcome to stderr; returns the exit status: 0 on success or when not waiting,
+    :data:`DETACHED_STATUS` when this process stopped following a job that may still run (Ctrl-C, or the job
+    server out of reach: a script or cron cannot take it for success), else 1."""
     job = result.submission_id
     if result.status == "SUCCEEDED":
         print(f"geximpute submit: job {job} succeeded", file=sys.stderr)
         return 0
-    if result.status in ("PENDING", "RUNNING"):
-        print(f"geximpute submit: job {job} is {result.status}; follow it with `ray job logs --follow {job} --address "
+    if result.status in ("PENDING", "RUNNING", "UNKNOWN"):
+        what = "is " + result.status if result.status != "UNKNOWN" else "may still be running (" + result.message + ")"
+        print(f"geximpute submit: job {job} {what}; follow it with `ray job logs --follow {job} --address "
               f"{result.address}`, stop it with `ray job stop {job} --address {result.address}`", file=sys.stderr)
-        return 0
+        return DETACHED_STATUS if result.detached else 0
     # the first line only: the server's message repeats the tail of the logs that were just streamed
     detail = f": {result.message.splitlines()[0]}" if result.message else ""
     print(f"geximpute submit: job {job} {result.status}{detail}", file=sys.stderr)

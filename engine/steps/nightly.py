@@ -600,7 +600,7 @@ def nightly(config: Config, *, run_date: str | None = None) -> NightlyResult:
     """
     if not config.nightly.inbox:
         raise ConfigError("config key 'nightly.inbox' is not set; expected the folder where new genomes arrive")
-    day = check_run_date(run_date or dt.date.today().isoformat())
+    day = check_run_date(run_date or config.nightly.run_date or dt.date.today().isoformat())
     root = output_root(config)
     try:
         root.mkdir(parents=True, exist_ok=True)
