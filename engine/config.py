@@ -669,6 +669,12 @@ class ImputeConfig:
             run).
         use_gpu: ``true``/``false`` forces GPU predictor actors on or off; ``null`` uses GPUs when the Ray
             cluster has any (or ``train.use_gpu`` is set).
+        gpus: GPU predictor actors (one GPU each) when GPUs are used; ``null``: one per GPU the cluster has when
+            the run starts. On an autoscaling cluster whose GPU nodes start at zero, set it with
+            ``gpu_wait_seconds``: the run asks the autoscaler for that many GPUs and waits for them.
+        gpu_wait_seconds: how long a run that uses GPUs waits for the autoscaler to add the GPUs it asks for
+            (``gpus``, at least one) when the cluster has fewer; 0: none are asked for, the GPUs already there are
+            used (a run that wants GPUs on a cluster without any stops at once, naming the setting).
         model_dir: the model bundle (default ``<output_dir>/model``, as written by ``geximpute fit-head``).
         out_dir: the Parquet output (default ``<output_dir>/predictions``); replaced as a whole by each run.
     """
@@ -681,11 +687,15 @@ class ImputeConfig:
     predictors: int = 2
     blocks_in_flight: int | None = 16
     use_gpu: bool | None = None
+    gpus: int | None = None
+    gpu_wait_seconds: float = 0.0
     model_dir: str | None = None
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "impute.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.gpus is None or self.gpus >= 1, "impute.gpus", self.gpus, "an integer >= 1 or null")
+        _require(self.gpu_wait_seconds >= 0, "impute.gpu_wait_seconds", self.gpu_wait_seconds, "seconds >= 0")
         _require(self.predictors >= 1, "impute.predictors", self.predictors, "an integer >= 1")
         _require(self.blocks_in_flight is None or self.blocks_in_flight >= 1, "impute.blocks_in_flight",
                  self.blocks_in_flight, "an integer >= 1 or null")

@@ -581,3 +581,37 @@ def test_a_taken_block_frees_its_place_and_survives_for_a_retry_until_the_next_b
     # the reader's next block deletes the one before
     assert pa.concat_tables(reader.read(second)).num_rows == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block-000001.arrow.read"]
+
+
+def test_gpu_predictors_ask_the_autoscaler_for_gpus_and_wait(monkeypatch):
+    """An autoscaling cluster whose GPU nodes start at zero (the KubeRay and ray-up files): counting the GPUs there
+    are at the start found none, so the GPU groups were never used (or a run that asked for GPUs stopped). With
+    impute.gpus and impute.gpu_wait_seconds the run asks the autoscaler for them, waits, and withdraws the request."""
+    import time as time_module
+
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    from geximpute.config import config_from_dict
+    from geximpute.errors import ConfigError
+    from geximpute.steps.impute import gpus_to_use
+
+    gpus = iter([0, 0, 1, 3])  # the cluster's GPUs at each look: nodes joining
+    requests: list = []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": float(next(gpus, 3))})
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles=None, num_cpus=None: requests.append(bundles))
+    monkeypatch.setattr(time_module, "sleep", lambda _s: None)
+
+    def config(**impute):
+        return config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}, "impute": impute})
+
+    assert gpus_to_use(config(use_gpu=True, gpus=3, gpu_wait_seconds=60)) == 3
+    assert requests == [[{"GPU": 1}] * 3, []]  # asked for three, then withdrawn
+    # without a wait: the GPUs there are (none): a clear refusal that names the settings
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(ConfigError, match="impute.gpus and impute.gpu_wait_seconds"):
+        gpus_to_use(config(use_gpu=True))
+    assert gpus_to_use(config()) == 0  # not asked for, none there: CPU predictors
+    # a wait that ends without any: refused, naming the wait
+    with pytest.raises(ConfigError, match=r"none came in impute.gpu_wait_seconds=0.01"):
+        gpus_to_use(config(use_gpu=True, gpu_wait_seconds=0.01))

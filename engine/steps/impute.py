@@ -700,17 +700,54 @@ def write_predictions(dataset: Any, folder: Path, num_cpus: float) -> None:
 
 
 def gpus_to_use(config: Config) -> int:
-    """GPU predictor actors: ``impute.use_gpu`` when set, else one per GPU of the Ray cluster."""
+    """GPU predictor actors: none unless GPUs are wanted (``impute.use_gpu``; when null, if the cluster has any or
+    ``train.use_gpu`` is set); then ``impute.gpus`` (else one per GPU of the cluster), asking Ray's autoscaler for
+    them and waiting up to ``impute.gpu_wait_seconds`` where the cluster has fewer (GPU nodes that start at zero);
+    never more than the cluster has.
+
+    Raises:
+        ConfigError: GPUs are wanted and the cluster has none (after the wait, where there is one).
+    """
     import ray
 
+    settings = config.impute
     n = int(ray.cluster_resources().get("GPU", 0))
-    wanted = config.impute.use_gpu
+    wanted = settings.use_gpu
     if wanted is None:
         wanted = n > 0 or config.train.use_gpu
-    if wanted and n == 0:
+    if not wanted:
+        return 0
+    target = settings.gpus or max(n, 1)
+    if n < target and settings.gpu_wait_seconds > 0:
+        n = _wait_for_gpus(target, settings.gpu_wait_seconds)
+    if n == 0:
         raise ConfigError("config key 'impute.use_gpu' (or 'train.use_gpu') asks for GPUs, but the Ray cluster has "
-                          "none; set impute.use_gpu: false")
-    return n if wanted else 0
+                          "none" + (f" (none came in impute.gpu_wait_seconds={settings.gpu_wait_seconds:g})"
+                                    if settings.gpu_wait_seconds > 0 else
+                                    "; on an autoscaling cluster set impute.gpus and impute.gpu_wait_seconds to ask "
+                                    "for them") + "; or set impute.use_gpu: false")
+    if n < target:
+        log.warning("impute: %d GPU(s) of the %d asked for (impute.gpus) are there; using %d", n, target, n)
+    return min(n, target)
+
+
+def _wait_for_gpus(target: int, wait_s: float, poll_s: float = 5.0) -> int:
+    """Ask the autoscaler for ``target`` GPUs (one bundle each) and wait up to ``wait_s`` for them; returns the
+    GPUs the cluster has then. The request is withdrawn before returning: the actors that take the GPUs keep their
+    nodes busy, and a standing request would keep GPU nodes after the run."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * target)
+    log.info("impute: asked the autoscaler for %d GPU(s); waiting up to %.0f s", target, wait_s)
+    deadline = time.monotonic() + wait_s
+    try:
+        while (n := int(ray.cluster_resources().get("GPU", 0))) < target and time.monotonic() < deadline:
+            time.sleep(poll_s)
+    finally:
+        request_resources(bundles=[])
+    log.info("impute: %d GPU(s) in the cluster", n)
+    return n
 
 
 def predictor_pool(config: Config, targets: np.ndarray) -> tuple[int, dict[str, Any]]:
