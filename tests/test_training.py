@@ -309,11 +309,13 @@ def test_pretraining_levels_never_read_the_fold_a_network_predicts():
                               equal_nan=True)
 
 
-@pytest.mark.parametrize("task", ["genes", "samples", "entries"])
+@pytest.mark.parametrize("task", ["genes", "samples", "entries", "donors"])
 def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
     """Without validation chromosomes the head stops its trees and calibrates its interval on a seeded share of the
     task's units that no network trains on: no network's CNN pre-training may read them either. Changing every
-    held-out entry moves no level; the held-out units are those :func:`holdout` picks from the records."""
+    held-out entry moves no level; the held-out units are those :func:`holdout` picks from the records. With whole
+    donors hidden (``donors``) the unit is the donor: every sample of a held-out donor is held out, so the head's
+    validation donors are new to what it learned from (it held out samples, whose donors trained it)."""
     import dataclasses
 
     import pyarrow as pa
@@ -321,18 +323,25 @@ def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
 
     from geximpute.config import config_from_dict
     from geximpute.fit.hybrid import pretrain_levels
-    from geximpute.fit.train import holdout, holdout_grid
+    from geximpute.fit.train import holdout, holdout_grid, holdout_task
     from geximpute.science.problem import SPLITS
 
     values, donor, tissue = donor_data(seed=3, n_genes=60, n_donors=30, n_tissues=3)
     problem = problem_of(values, donor, tissue)
+    evaluation = {"task": "samples", "whole_donors": True} if task == "donors" else {"task": task}
     config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}, "seed": 4,
-                               "evaluation": {"task": task}, "train": {"folds": 2, "fold_fraction": 0.25}})
-    held = holdout_grid(task, problem.n_genes, problem.n_samples, config.seed)
+                               "evaluation": evaluation, "train": {"folds": 2, "fold_fraction": 0.25}})
+    assert holdout_task(config) == task
+    sample_donors = np.asarray(problem.donors, dtype=object)[problem.donor_index]
+    held = holdout_grid(task, problem.n_genes, problem.n_samples, config.seed, sample_donors=sample_donors)
     gene, sample = np.nonzero(np.ones_like(held))
-    records = pa.table({"gene_index": gene.astype(np.int32), "sample_index": sample.astype(np.int32)})
+    records = pa.table({"gene_index": gene.astype(np.int32), "sample_index": sample.astype(np.int32),
+                        "donor_id": pa.array(sample_donors[sample].astype(str))})
     np.testing.assert_array_equal(holdout(records, task, False, config.seed), held[gene, sample])
     assert 0.05 < held.mean() < 0.3
+    if task == "donors":  # a donor is held out in every sample or in none
+        by_donor = [np.unique(held[:, problem.donor_index == d]) for d in range(len(problem.donors))]
+        assert all(len(u) == 1 for u in by_donor) and any(u[0] for u in by_donor)
     level, _ = pretrain_levels(config, problem, [])
     changed = dataclasses.replace(problem, values=np.where(held, problem.values + 5.0, problem.values))
     np.testing.assert_array_equal(pretrain_levels(config, changed, [])[0], level)
@@ -344,6 +353,13 @@ def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
     with_chroms = dataclasses.replace(problem, split=split)
     np.testing.assert_allclose(pretrain_levels(config, with_chroms, [])[0], np.nanmean(problem.values, axis=1),
                                rtol=1e-5)
+    # ... unless every validation gene is hidden (no record lies there, so the head holds out hashed units): then
+    # pre-training leaves those units out as well
+    none_visible = dataclasses.replace(with_chroms, values=np.where((split == SPLITS.index("valid"))[:, None], np.nan,
+                                                                    problem.values))
+    level = pretrain_levels(config, none_visible, [])[0]
+    moved = dataclasses.replace(none_visible, values=np.where(held, none_visible.values + 5.0, none_visible.values))
+    np.testing.assert_array_equal(pretrain_levels(config, moved, [])[0], level)
 
 
 @pytest.mark.parametrize("task", ["entries", "genes", "samples"])

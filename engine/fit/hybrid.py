@@ -34,7 +34,7 @@ from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
 from geximpute.fit.models import HybridModels, genetic_offset
 from geximpute.fit.pretrain import visible_levels
-from geximpute.fit.train import NetworkRun, fold_dirs, holdout, holdout_grid, train_networks
+from geximpute.fit.train import NetworkRun, fold_dirs, holdout, holdout_grid, holdout_task, train_networks
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.console import stage
 from geximpute.science.baselines import (
@@ -141,8 +141,11 @@ def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int],
             masks = fold_masks(config, problem)
         folds = np.logical_or.reduce([masks[k] for k in exclude])
         hide = folds if hide is None else hide | folds
-    if not valid_gene.any():
-        held = holdout_grid(config.evaluation.task, problem.n_genes, problem.n_samples, config.seed)
+    # the head holds out hashed units where no record lies on a validation chromosome: hide them here whenever no
+    # gene there has a visible value (all of them hidden by the evaluation, e.g.), not only when there is none
+    if not any(np.isfinite(problem.values[int(g)]).any() for g in np.flatnonzero(valid_gene)):
+        held = holdout_grid(holdout_task(config), problem.n_genes, problem.n_samples, config.seed,
+                            sample_donors=np.asarray(problem.donors, dtype=object)[problem.donor_index])
         hide = held if hide is None else hide | held
     return visible_levels(problem.values, hide, valid_gene)
 
@@ -155,7 +158,7 @@ def head_training(config: Config, records_dir: Path) -> tuple[pa.Table, np.ndarr
     use_chroms = bool(config.split.valid_chroms) and bool(
         np.any(training["split"].to_numpy(zero_copy_only=False) == "valid")
     )
-    return training, labels, holdout(training, config.evaluation.task, use_chroms, config.seed)
+    return training, labels, holdout(training, holdout_task(config), use_chroms, config.seed)
 
 
 def fit_hybrid_head(
@@ -507,4 +510,4 @@ def _head_holdout(config: Config, training: pa.Table) -> np.ndarray:
     use_chroms = bool(config.split.valid_chroms) and bool(
         np.any(training["split"].to_numpy(zero_copy_only=False) == "valid")
     )
-    return holdout(training, config.evaluation.task, use_chroms, config.seed)
+    return holdout(training, holdout_task(config), use_chroms, config.seed)

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,30 +45,59 @@ STATE_FILE = "state.pt"
 HOLDOUT_PERCENT = 15
 
 
+def holdout_task(config: Config) -> str:
+    """The unit :func:`holdout` holds out for the evaluation's task: ``genes``, ``samples``, ``entries``, or
+    ``donors`` for the ``samples`` task with ``evaluation.whole_donors`` (whose hidden units are whole donors: a
+    held-out sample whose donor has other samples in the training rows would judge the early stopping, the tree
+    count and the interval on donors that are not new)."""
+    task = config.evaluation.task
+    return "donors" if task == "samples" and config.evaluation.whole_donors else task
+
+
 def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarray:
-    """Rows held out for validation: records on validation chromosomes, or a seeded 15% of the task's units."""
+    """Rows held out for validation: records on validation chromosomes, or a seeded 15% of the task's units
+    (:func:`holdout_task`; ``donors`` reads the records' ``donor_id``)."""
     if use_chroms:
         return table["split"].to_numpy(zero_copy_only=False) == "valid"
-    return _held_units(table["gene_index"].to_numpy(), table["sample_index"].to_numpy(), task, seed)
+    donor = donor_keys(table[S.DONOR_ID].to_numpy(zero_copy_only=False)) if task == "donors" else None
+    return _held_units(table["gene_index"].to_numpy(), table["sample_index"].to_numpy(), task, seed, donor)
 
 
-def holdout_grid(task: str, n_genes: int, n_samples: int, seed: int) -> np.ndarray:
+def holdout_grid(task: str, n_genes: int, n_samples: int, seed: int,
+                 sample_donors: np.ndarray | None = None) -> np.ndarray:
     """(G, S) bool: the entries whose unit :func:`holdout` holds out when no validation chromosomes are set (its
-    seeded 15% of the task's units), on the (gene, sample) grid the records' indices point into. Built in passes of
-    at most :data:`~geximpute.science.problem.STATS_CELLS` cells (the hash's uint64 temporaries)."""
+    seeded 15% of the task's units), on the (gene, sample) grid the records' indices point into
+    (``sample_donors``: (S,) the donor id of each sample, for ``donors``). Built in passes of at most
+    :data:`~geximpute.science.problem.STATS_CELLS` cells (the hash's uint64 temporaries)."""
     out = np.empty((n_genes, n_samples), bool)
     sample = np.arange(n_samples)[None, :]
+    donor = None
+    if task == "donors":
+        if sample_donors is None:
+            raise ValueError("holdout_grid: the donors task needs each sample's donor id")
+        donor = donor_keys(np.asarray(sample_donors))[None, :]
     rows = pass_rows(n_samples, n_genes)
     for lo in range(0, n_genes, rows):
         gene = np.arange(lo, min(lo + rows, n_genes))[:, None]
-        out[lo : lo + rows] = _held_units(gene, sample, task, seed)
+        out[lo : lo + rows] = _held_units(gene, sample, task, seed, donor)
     return out
 
 
-def _held_units(gene: np.ndarray, sample: np.ndarray, task: str, seed: int) -> np.ndarray:
-    """Whether each (gene, sample) pair's unit (the gene, the sample or the entry, by ``task``) is held out."""
+def donor_keys(donor_ids: np.ndarray) -> np.ndarray:
+    """(n,) uint64 a stable number per donor id (CRC-32 of its text): the same in every table and grid."""
+    uniq, inverse = np.unique(np.asarray(donor_ids, dtype=object).astype(str), return_inverse=True)
+    return np.array([zlib.crc32(u.encode()) for u in uniq], np.uint64)[inverse.reshape(-1)]
+
+
+def _held_units(gene: np.ndarray, sample: np.ndarray, task: str, seed: int,
+                donor: np.ndarray | None = None) -> np.ndarray:
+    """Whether each (gene, sample) pair's unit (the gene, the sample, the donor or the entry, by ``task``) is held
+    out (``donor``: the pairs' :func:`donor_keys`, for ``donors``)."""
     gene, sample = np.asarray(gene).astype(np.uint64), np.asarray(sample).astype(np.uint64)
-    unit = {"genes": gene, "samples": sample}.get(task, gene * np.uint64(1_000_003) + sample)
+    if task == "donors":
+        unit = np.broadcast_to(np.asarray(donor, np.uint64), np.broadcast_shapes(gene.shape, sample.shape))
+    else:
+        unit = {"genes": gene, "samples": sample}.get(task, gene * np.uint64(1_000_003) + sample)
     mixed = (unit * np.uint64(2654435761) + np.uint64(seed * 97 + 13)) % np.uint64(2**32)
     return (mixed % np.uint64(100)) < HOLDOUT_PERCENT
 
@@ -382,13 +412,13 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
     """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
     pre-training targets and chromosome bookkeeping), from its training records."""
     table = pa.concat_tables(
-        pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index", "chrom"])
+        pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index", "chrom", S.DONOR_ID])
         for d in run.train_dirs
     )
     labels = table["target"].to_numpy(zero_copy_only=False)
     use_chroms = bool(config.split.valid_chroms) and bool(np.any(table["split"].to_numpy(zero_copy_only=False)
                                                                  == "valid"))
-    valid = holdout(table, config.evaluation.task, use_chroms, config.seed)
+    valid = holdout(table, holdout_task(config), use_chroms, config.seed)
     train_labels = labels[~valid]
     features = FeatureSpec(
         k_neighbours=config.context.k_neighbours,
@@ -484,7 +514,7 @@ def train_networks(
         "freeze_cnn": tc.freeze_cnn,
         "threads": tc.cpus_per_worker,
         "resume_path": resume_from.path if resume_from is not None else None,
-        "task": config.evaluation.task,
+        "task": holdout_task(config),
     }
     log.info("train %s: %d network(s) (%s), %d promoters, %d worker(s)%s", name, len(runs),
              ", ".join(run.name for run in runs), len(promoters), tc.num_workers, " with GPU" if tc.use_gpu else "")
