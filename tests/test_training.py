@@ -386,6 +386,20 @@ def test_a_problem_kept_in_a_matrix_file_is_the_in_memory_problem(synth_small, t
     for a, b in zip(training_folds(memory, task, 2, 0.25, 0), training_folds(on_disk, task, 2, 0.25, 0),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+    # a training fold of each: hidden and normalised again without its entries, the file's view as it reads (a
+    # window too, as a task reads it), the same values as in memory
+    from geximpute.science.folds import fold_problem, forget_fold
+
+    mask = training_folds(memory, task, 2, 0.25, 0)[0]
+    fold_memory, fold_disk = fold_problem(memory, mask), fold_problem(on_disk, mask)
+    assert fold_disk.values.rescale is not None
+    np.testing.assert_allclose(fold_disk.values.read(), fold_memory.values, rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(fold_disk.values.window(3, 9)[:, 2:7], fold_memory.values[3:9, 2:7], rtol=1e-6,
+                               atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(fold_disk.values[:, 1:4], fold_memory.values[:, 1:4], rtol=1e-6, atol=1e-6,
+                               equal_nan=True)
+    np.testing.assert_array_equal(fold_disk.scaling.factors, fold_memory.scaling.factors)
+    forget_fold(fold_disk)
 
 
 def test_entry_folds_found_by_rank_are_the_draw_over_the_cells_positions(synth_small, monkeypatch):

@@ -11,6 +11,7 @@ entries that were not measured, plus the gene and sample ids. Values are kept on
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -741,8 +742,74 @@ def size_factors(counts: np.ndarray, method: str, visible: np.ndarray | None = N
         return factor * (norm if np.isfinite(norm) else 1.0)
 
 
+@dataclass(frozen=True)
+class CountScaling:
+    """How counts were put on the modelling scale: ``value = log1p(count / factors[sample])`` (``log1p``) or
+    ``count / factors[sample]``, the factors by ``method`` (:func:`size_factors`) from the visible entries."""
+
+    method: str
+    factors: np.ndarray
+    log1p: bool
+
+    def counts(self, values: np.ndarray, columns: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """float64 counts of model-scale ``values`` (rows x the samples ``columns``; NaN kept)."""
+        counts = np.expm1(values, dtype=np.float64) if self.log1p else values.astype(np.float64)
+        return counts * self.factors[columns][None, :]
+
+    def rescale(self, values: np.ndarray, ratio: np.ndarray) -> None:
+        """``values`` (rows x every sample) divided on the count scale by ``ratio`` per sample, in place: the values
+        a divisor ``factors * ratio`` gives."""
+        if self.log1p:
+            np.log1p(np.expm1(values) / ratio[None, :].astype(np.float32), out=values)
+        else:
+            values /= ratio[None, :].astype(np.float32)
+
+
+def fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: np.ndarray) -> np.ndarray:
+    """(S,) the factors ``scaling`` would have given had the entries ``fold`` ((G, S) bool) been hidden too: counts
+    normalised from the visible entries outside a training fold, so that a fold's own counts move no value its
+    records read (a training fold's hidden values reach nothing, as the evaluation's hidden values do not).
+
+    The counts are read back from the model-scale ``values`` (the problem's rows). ``cpm``: each sample's total
+    less its fold entries' counts (the total counted every row of the input, annotated or not: exactly what the
+    total of the input without the fold would be). ``median_ratio``: the factors computed again from the problem's
+    rows outside the fold (:func:`size_factors`).
+    """
+    n_genes, n_samples = values.shape
+    rows = max(1, FACTOR_CELLS // max(n_samples, 1))
+    if scaling.method == "cpm":
+        fold_sum = np.zeros(n_samples)
+        for lo in range(0, n_genes, rows):
+            counts = scaling.counts(values[lo : lo + rows])
+            fold_sum += np.where(fold[lo : lo + rows] & ~np.isnan(counts), counts, 0.0).sum(axis=0)
+        total = scaling.factors * 1e6 - fold_sum
+        return np.where(total > 0, total / 1e6, scaling.factors)
+    with warnings.catch_warnings():  # a sample all of whose visible entries are the fold's: no median (its values
+        warnings.simplefilter("ignore", RuntimeWarning)  # are all hidden in the fold problem; its factor unused)
+        return size_factors(_FoldCounts(scaling, values, fold), scaling.method)
+
+
+class _FoldCounts:
+    """The counts of a problem's model-scale values with a fold's entries NaN, read a slice at a time as
+    :func:`size_factors` reads (rows ``[lo:hi]``, columns ``[:, lo:hi]``): no (G, S) float64 copy."""
+
+    def __init__(self, scaling: CountScaling, values: np.ndarray | MatrixFile, fold: np.ndarray) -> None:
+        self.scaling, self.values, self.fold, self.shape = scaling, values, fold, values.shape
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # [:, lo:hi]
+            cols = key[1]
+            counts = self.scaling.counts(self.values[:, cols], cols)
+            counts[self.fold[:, cols]] = np.nan
+            return counts
+        counts = self.scaling.counts(self.values[key])
+        counts[self.fold[key]] = np.nan
+        return counts
+
+
 def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarray | None = None,
-                   rows: np.ndarray | None = None, *, in_place: bool = False) -> np.ndarray:
+                   rows: np.ndarray | None = None, *, in_place: bool = False,
+                   scaling_out: list | None = None) -> np.ndarray:
     """Values on the modelling scale: ``log1p`` of TPM or of normalised counts, or as given for ``log`` and
     ``normalised``.
 
@@ -756,6 +823,8 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
         in_place: take ``expr.values`` over instead of copying it (``expr.values`` is None afterwards): ``rows`` are
             moved to its top in place, the other rows freed, and the values scaled where they are, so that the
             process never holds a second matrix. The values are the copy's to the bit.
+        scaling_out: where counts are normalised, a :class:`CountScaling` of the factors used is appended to it
+            (what a training fold needs to normalise again without its entries: :func:`fold_factors`).
 
     Returns:
         float32 array of ``expr.values``' ``rows`` (NaN preserved): one copy (none ``in_place``), the steps below
@@ -778,6 +847,8 @@ def to_model_scale(expr: Expression, config: ExpressionConfig, visible: np.ndarr
         values = expr.values[rows] if rows is not None else expr.values.copy()
         values = values.astype(np.float32, copy=False)
     log1p = not (expr.scale in ("log", "normalised") or config.transform == "none")
+    if factors is not None and scaling_out is not None:
+        scaling_out.append(CountScaling(config.counts_normalisation, np.asarray(factors, np.float64), log1p))
     if factors is None and not log1p:
         return values
     divisor = None if factors is None else factors[None, :].astype(np.float32)

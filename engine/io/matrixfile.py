@@ -40,13 +40,15 @@ class MatrixFile:
     """
 
     def __init__(self, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32, offset: int = 0,
-                 *, view: bool = False, hidden: MatrixFile | None = None) -> None:
+                 *, view: bool = False, hidden: MatrixFile | None = None,
+                 rescale: tuple[np.ndarray, bool] | None = None) -> None:
         self.path = str(path)
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = np.dtype(dtype)
         self.offset = int(offset)
         self.view = view
         self.hidden = hidden
+        self.rescale = rescale
 
     @classmethod
     def create(cls, path: str | Path, shape: tuple[int, int], dtype: Any = np.float32, *,
@@ -160,6 +162,8 @@ class MatrixFile:
         out = out.reshape(n, self.shape[1])
         if self.hidden is not None:
             out[self.hidden._read(lo, hi)] = np.nan
+        if self.rescale is not None:
+            _rescale(out, self.rescale, slice(None))
         return out
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
@@ -180,8 +184,8 @@ class MatrixFile:
         return out
 
     def _write(self, lo: int, block: np.ndarray) -> None:
-        if self.hidden is not None:
-            raise ValueError(f"{self!r}: a matrix with entries hidden is read-only")
+        if self.hidden is not None or self.rescale is not None:
+            raise ValueError(f"{self!r}: a matrix with entries hidden or rescaled is read-only")
         if self.shape[1] == 0 or not len(block):
             return
         if lo < 0 or lo + len(block) > self.shape[0]:
@@ -209,6 +213,8 @@ class MatrixFile:
                 del mapped
         if self.hidden is not None:
             out[self.hidden.columns(cols)] = np.nan
+        if self.rescale is not None:
+            _rescale(out, self.rescale, cols)
         return out
 
     # --- shape --------------------------------------------------------------------------------------------------
@@ -218,17 +224,24 @@ class MatrixFile:
         lo, hi, _ = slice(lo, hi).indices(self.shape[0])
         hi = max(lo, hi)
         return MatrixFile(self.path, (hi - lo, self.shape[1]), self.dtype, self.offset + lo * self.row_bytes,
-                          view=True, hidden=None if self.hidden is None else self.hidden.window(lo, hi))
+                          view=True, hidden=None if self.hidden is None else self.hidden.window(lo, hi),
+                          rescale=self.rescale)
 
-    def hiding(self, hidden: MatrixFile) -> MatrixFile:
+    def hiding(self, hidden: MatrixFile, rescale: tuple[np.ndarray, bool] | None = None) -> MatrixFile:
         """A read-only view of this matrix with NaN wherever ``hidden`` (a bool matrix file of the same shape) is
         True: a training fold's problem without a second copy of the values (every read, a window's in a task
-        too, applies the mask; the values' file is not changed)."""
+        too, applies the mask; the values' file is not changed). ``rescale``: ``(ratio, log1p)``, each column's
+        values divided by its ``ratio`` on the count scale as they are read (``log1p``: the values are log1p of
+        counts), for a fold whose counts are normalised again without its entries."""
         if hidden.shape != self.shape or hidden.dtype != np.bool_:
             raise ValueError(f"{self!r}: hidden by {hidden!r}; expected a bool matrix of shape {self.shape}")
-        if self.hidden is not None:
+        if self.hidden is not None or self.rescale is not None:
             raise ValueError(f"{self!r}: entries are hidden already")
-        return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, hidden=hidden)
+        if rescale is not None:
+            rescale = (np.asarray(rescale[0], np.float32), bool(rescale[1]))
+            if rescale[0].shape != (self.shape[1],):
+                raise ValueError(f"{self!r}: rescaled by {rescale[0].shape[0]} ratios; expected one per column")
+        return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, hidden=hidden, rescale=rescale)
 
     def resize(self, shape: tuple[int, int]) -> None:
         """Keep the first ``shape[0]`` rows (or add undefined rows); the columns do not change. The file is
@@ -243,6 +256,16 @@ class MatrixFile:
     def unlink(self) -> None:
         """Remove the file (a window's: the whole file)."""
         Path(self.path).unlink(missing_ok=True)
+
+
+def _rescale(block: np.ndarray, rescale: tuple[np.ndarray, bool], cols: slice) -> None:
+    """``block`` (rows x the columns ``cols``) divided by each column's ratio on the count scale, in place."""
+    ratio, log1p = rescale
+    ratio = ratio[cols][None, :]
+    if log1p:
+        np.log1p(np.expm1(block) / ratio, out=block)
+    else:
+        block /= ratio
 
 
 def write_at(path: str | Path, offset: int, block: np.ndarray, *, create: bool = False) -> None:

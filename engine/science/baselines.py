@@ -21,6 +21,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from geximpute.config import BaselinesConfig
+from geximpute.io.expression import fold_factors
 from geximpute.io.genes import gene_family_keys, shared_families
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, forget_fold, training_folds
@@ -1228,15 +1229,28 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         gi, si = gi[keep], si[keep]
     truth = problem.values[gi, si].astype(np.float64)
 
-    valid_problem = fold_problem(problem, mask)
+    split = None
+    if kept is not None and (whole.scaling is not None or ("gene_family" in names and whole.gene_names is not None)):
+        split = np.zeros(whole.values.shape, bool)  # the split's entries in the whole problem
+        split[kept] = mask
+    # counts normalised again without the split's entries, from the whole problem (the sampled ranges are a part)
+    factors = "auto" if split is None or whole.scaling is None else fold_factors(whole.scaling, whole.values, split)
+    valid_problem = fold_problem(problem, mask, factors)
     family = None
     if "gene_family" in names and kept is not None and whole.gene_names is not None:
-        # as the ranges are fitted: gene_family reads the whole problem's families (without the split's entries)
-        split = np.zeros(whole.values.shape, bool)
-        split[kept] = mask
-        family = FamilyLevels(whole.values, whole.gene_names, whole.tissue_index, len(whole.tissues),
+        # as the ranges are fitted: gene_family reads the whole problem's families (without the split's entries,
+        # on the split's scale)
+        values = whole.values
+        if whole.scaling is not None:  # a fold of the whole problem (a view where its values are a file)
+            whole_fold = fold_problem(whole, split, valid_problem.scaling.factors)
+            values = whole_fold.values
+        family = FamilyLevels(values, whole.gene_names, whole.tissue_index, len(whole.tissues),
                               hidden=split).part(kept)
-        del split
+        if whole.scaling is not None:
+            forget_fold(whole_fold)
+            del whole_fold
+        del values
+    del split
     records = None
     report: dict = {}
     chosen = config

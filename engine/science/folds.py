@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geximpute.io.expression import fold_factors
 from geximpute.io.matrixfile import MatrixFile, measured
 from geximpute.science.problem import SPLITS, VisibleProblem, mark_ranks, tissue_correlation
 
@@ -99,24 +100,44 @@ def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None,
     return inner & keep.reshape(counts.shape)[:, tissue_index]
 
 
-def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray) -> VisibleProblem:
-    """The problem with ``inner_hidden`` entries hidden as well; tissue correlations recomputed without them.
+def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray,
+                 factors: np.ndarray | None | str = "auto") -> VisibleProblem:
+    """The problem with ``inner_hidden`` entries hidden as well; counts normalised again without them and tissue
+    correlations recomputed without them.
+
+    On counts (``problem.scaling``) each sample's values are put on the scale its factor would have had without the
+    fold's entries (:func:`~geximpute.io.expression.fold_factors`): a fold's own counts move no value its records
+    read, as the evaluation's hidden counts move no visible value (a dominant gene's fold, under CPM, shifted its
+    samples' other values by as much as its own level, which the fold's records would read as a feature of their
+    labels). ``factors``: those factors, when the caller computed them on the whole problem (this one is a part of
+    it); ``"auto"``: computed here from ``problem``; None: not normalised again.
 
     A problem whose values are a matrix file (:class:`~geximpute.io.matrixfile.MatrixFile`) gets a view of the same
-    file that hides the fold's entries as it reads (:meth:`~geximpute.io.matrixfile.MatrixFile.hiding`), the mask
-    written to a file beside the values (``<values>.fold-<pid>-<n>``: one name per process and call, so that two
-    processes folding one file never share a mask; removed with the values' folder, or by :func:`forget_fold`): no
-    second matrix, in the driver or in a task that reads a window of it."""
+    file that hides the fold's entries (and rescales) as it reads (:meth:`~geximpute.io.matrixfile.MatrixFile.hiding`),
+    the mask written to a file beside the values (``<values>.fold-<pid>-<n>``: one name per process and call, so that
+    two processes folding one file never share a mask; removed with the values' folder, or by :func:`forget_fold`):
+    no second matrix, in the driver or in a task that reads a window of it."""
+    scaling = problem.scaling
+    if isinstance(factors, str):
+        factors = fold_factors(scaling, problem.values, inner_hidden) if scaling is not None else None
+    ratio = None
+    if scaling is not None and factors is not None:
+        ratio = np.asarray(factors, np.float64) / scaling.factors
+        if np.allclose(ratio, 1.0, rtol=0, atol=1e-12):
+            ratio = None
     if isinstance(problem.values, MatrixFile):
         path = Path(problem.values.path)
         name = f"{path.name}.fold-{os.getpid()}-{next(_FOLD_FILES)}"
         mask = MatrixFile.from_array(path.with_name(name), inner_hidden)
-        values = problem.values.hiding(mask)
+        values = problem.values.hiding(mask, None if ratio is None else (ratio, scaling.log1p))
     else:
         values = problem.values.copy()
         values[inner_hidden] = np.nan
+        if ratio is not None:
+            scaling.rescale(values, ratio)
     corr = tissue_correlation(values, problem.tissue_index, len(problem.tissues))
-    return dataclasses.replace(problem, values=values, tissue_corr=corr)
+    new_scaling = scaling if ratio is None else dataclasses.replace(scaling, factors=np.asarray(factors, np.float64))
+    return dataclasses.replace(problem, values=values, tissue_corr=corr, scaling=new_scaling)
 
 
 def forget_fold(problem: VisibleProblem) -> None:

@@ -21,7 +21,7 @@ from geximpute.config import Config, EvaluationConfig
 from geximpute.errors import ConfigError
 from geximpute.io.chroms import chrom_key
 from geximpute.io.dataset import Dataset, gene_symbols
-from geximpute.io.expression import to_model_scale
+from geximpute.io.expression import CountScaling, to_model_scale
 from geximpute.io.matrixfile import MatrixFile, count_measured, measured, row_range, take_and_hide
 from geximpute.science.genomes import donor_genomes
 from geximpute.science.groups import group_sums
@@ -66,6 +66,9 @@ class VisibleProblem:
             expression file's symbol column (:func:`geximpute.io.dataset.gene_symbols`); None when neither has
             any. Known for hidden genes too: a gene's name is annotation, not a measurement (``gene_family``
             reads it).
+        scaling: how counts were normalised onto ``values`` (:class:`~geximpute.io.expression.CountScaling`, the
+            per-sample factors from the visible entries); None for data that are not counts. A training fold
+            normalises again without its own entries from it (:func:`geximpute.science.folds.fold_problem`).
     """
 
     gene_ids: np.ndarray
@@ -84,6 +87,7 @@ class VisibleProblem:
     tissue_corr: np.ndarray
     genomes: DonorGenomes | None = None
     gene_names: np.ndarray | None = None
+    scaling: CountScaling | None = None
 
     @property
     def n_genes(self) -> int:
@@ -149,8 +153,8 @@ def annotated_rows(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows, dtype=np.int64), np.asarray(keep, dtype=np.int64)
 
 
-def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None, *, consume: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None, *, consume: bool = False,
+                 scaling_out: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(values on the modelling scale for annotated genes, row indices into the annotation table).
 
     Rows follow the annotation's (chrom, TSS) order; expression genes without annotation are dropped.
@@ -171,7 +175,8 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None, *, consume:
         visible[rows] &= ~hidden
     if len(rows) == dataset.expression.values.shape[0] and np.array_equal(rows, np.arange(len(rows))):
         rows = None  # every expression gene annotated, in order
-    return to_model_scale(dataset.expression, config.expression, visible, rows, in_place=consume), keep
+    return to_model_scale(dataset.expression, config.expression, visible, rows, in_place=consume,
+                          scaling_out=scaling_out), keep
 
 
 def hide(observed: np.ndarray, task: EvaluationConfig, *, donor_index: np.ndarray | None = None) -> np.ndarray:
@@ -319,7 +324,8 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
     tissues, tissue_index = np.unique(np.asarray(samples[S.TISSUE].to_pylist(), dtype=object), return_inverse=True)
     hidden = evaluation_hidden(dataset) if hidden_mask else None
     # normalised after hiding: the hidden entries take no part in any count normalisation
-    values, _ = model_matrix(dataset, hidden, consume=consume)
+    scaling: list = []
+    values, _ = model_matrix(dataset, hidden, consume=consume, scaling_out=scaling)
     gi, si = np.nonzero(hidden) if hidden is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     # the truth is a copy; the values are hidden where they are (a matrix file's a pass of rows at a time): one
     # matrix, not two
@@ -351,6 +357,7 @@ def make_problem(dataset: Dataset, *, hidden_mask: bool = True, genomes: bool = 
         values=visible,
         tissue_corr=tissue_correlation(visible, tissue_index, len(tissues)),
         gene_names=None if all(n is None for n in symbols) else symbols,
+        scaling=scaling[0] if scaling else None,
     )
     if dataset.variants is not None and genomes:
         problem.genomes = donor_genomes(dataset, problem)

@@ -219,6 +219,9 @@ def add_missing_profiles(
         donor_index=donor_index[order],
         tissue_index=tissue_index[order],
         values=values,
+        # the added samples measure nothing: no factor of their own (1)
+        scaling=None if problem.scaling is None else dataclasses.replace(
+            problem.scaling, factors=np.concatenate([problem.scaling.factors, np.ones(len(new_donor))])[order]),
     )
     return out, virtual[order]
 
