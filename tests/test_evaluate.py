@@ -235,6 +235,17 @@ def test_a_training_folds_counts_move_nothing_its_records_read(synth_small, task
     # a fold that hides nothing changes no value
     np.testing.assert_allclose(fold_problem(problem, np.zeros_like(mask)).values, problem.values, rtol=1e-6,
                                atol=1e-6, equal_nan=True)
+    # the fold's labels share its features' scale: outside the fold they are the fold problem's values (the outer
+    # values, labels before, sat on the scale that counted the fold's own counts)
+    from geximpute.science.folds import fold_labels
+
+    fold = fold_problem(problem2, mask2)
+    labels = fold_labels(problem2, fold)
+    np.testing.assert_allclose(np.where(mask2, np.nan, labels), fold.values, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert np.isfinite(labels[mask2]).all()
+    # a sample the fold hides whole keeps its factor (it is scaled by its own entries, as an evaluation's hidden one)
+    whole = ~np.any(~mask2 & ~np.isnan(problem2.values), axis=0)
+    np.testing.assert_array_equal(fold.scaling.factors[whole], problem2.scaling.factors[whole])
 
 
 def test_prepare_writes_records_partitioned_by_chromosome(ray_local, synth_small, tmp_path):

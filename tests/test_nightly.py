@@ -309,3 +309,24 @@ def test_a_genome_that_changes_while_read_or_cannot_be_read_yet_stays_in_the_inb
         read_new_donor(InboxItem("NEW-001", vcf), config, problem, dataset.genome)
     assert _transient(PermissionError(errno.EACCES, "Permission denied")) and _transient(MemoryError())
     assert not _transient(FileNotFoundError(errno.ENOENT, "gone")) and not _transient(ValueError("bad VCF"))
+
+
+def test_new_donors_measured_samples_extend_a_problem_of_counts(synth_small):
+    """A problem of counts keeps its count scaling (for training folds); new donors' measured samples, normalised
+    from their own files, extend it without it (an IndexError before: the factors stayed as long as the samples
+    were before the donors came)."""
+    import numpy as np
+
+    from geximpute.config import load_config
+    from geximpute.io.dataset import load_dataset
+    from geximpute.science.problem import make_problem
+    from geximpute.steps.nightly import InboxItem, NewDonor, extend_problem
+
+    config = load_config(synth_small / "config.yaml", ["inputs.scale=counts", "expression.counts_normalisation=cpm"])
+    problem, _ = make_problem(load_dataset(config, with_variants=False), hidden_mask=False)
+    assert problem.scaling is not None
+    new = NewDonor(InboxItem("NEW-1", synth_small / "none.vcf"), None, tissues=[problem.tissues[0]],
+                   values=np.full((problem.n_genes, 1), 2.5, np.float32))
+    extended, virtual = extend_problem(problem, [new], ())
+    assert extended.scaling is None and extended.values.shape[1] == len(virtual) > problem.n_samples
+    assert "inbox:NEW-1:" + problem.tissues[0] in set(extended.sample_ids)

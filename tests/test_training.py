@@ -399,6 +399,12 @@ def test_a_problem_kept_in_a_matrix_file_is_the_in_memory_problem(synth_small, t
     np.testing.assert_allclose(fold_disk.values[:, 1:4], fold_memory.values[:, 1:4], rtol=1e-6, atol=1e-6,
                                equal_nan=True)
     np.testing.assert_array_equal(fold_disk.scaling.factors, fold_memory.scaling.factors)
+    from geximpute.science.folds import fold_labels
+
+    labels_disk = fold_labels(on_disk, fold_disk)
+    assert isinstance(labels_disk, MatrixFile) and labels_disk.hidden is None
+    np.testing.assert_allclose(labels_disk.read(), fold_labels(memory, fold_memory), rtol=1e-6, atol=1e-6,
+                               equal_nan=True)
     forget_fold(fold_disk)
 
 

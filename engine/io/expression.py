@@ -756,6 +756,11 @@ class CountScaling:
         counts = np.expm1(values, dtype=np.float64) if self.log1p else values.astype(np.float64)
         return counts * self.factors[columns][None, :]
 
+    def rescale_at(self, values: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+        """``values`` (any shape) divided on the count scale by ``ratio`` (the same shape, or broadcast): a copy."""
+        values = np.asarray(values, np.float64)
+        return np.log1p(np.expm1(values) / ratio) if self.log1p else values / ratio
+
     def rescale(self, values: np.ndarray, ratio: np.ndarray) -> None:
         """``values`` (rows x every sample) divided on the count scale by ``ratio`` per sample, in place: the values
         a divisor ``factors * ratio`` gives."""
@@ -771,39 +776,51 @@ def fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: n
     records read (a training fold's hidden values reach nothing, as the evaluation's hidden values do not).
 
     The counts are read back from the model-scale ``values`` (the problem's rows). ``cpm``: each sample's total
-    less its fold entries' counts (the total counted every row of the input, annotated or not: exactly what the
-    total of the input without the fold would be). ``median_ratio``: the factors computed again from the problem's
-    rows outside the fold (:func:`size_factors`).
+    less its fold entries' counts (the total counted every row of the input, annotated or not: exactly the total of
+    the input without the fold). ``median_ratio``: the factor times the change the fold makes to the median of
+    ratios over the problem's rows (computed with and without it: a fold that hides nothing changes nothing, and
+    where every input row is a problem row, as the input's genes are annotated, exactly the factors of the input
+    without the fold). A sample with no visible entry outside the fold keeps its factor: as a sample the
+    evaluation hides whole, it is scaled by its own entries.
     """
     n_genes, n_samples = values.shape
     rows = max(1, FACTOR_CELLS // max(n_samples, 1))
+    left = np.zeros(n_samples, bool)  # samples with a visible entry outside the fold
+    fold_sum = np.zeros(n_samples)
+    for lo in range(0, n_genes, rows):
+        counts = scaling.counts(values[lo : lo + rows])
+        seen = ~np.isnan(counts)
+        left |= (seen & ~fold[lo : lo + rows]).any(axis=0)
+        fold_sum += np.where(fold[lo : lo + rows] & seen, counts, 0.0).sum(axis=0)
     if scaling.method == "cpm":
-        fold_sum = np.zeros(n_samples)
-        for lo in range(0, n_genes, rows):
-            counts = scaling.counts(values[lo : lo + rows])
-            fold_sum += np.where(fold[lo : lo + rows] & ~np.isnan(counts), counts, 0.0).sum(axis=0)
         total = scaling.factors * 1e6 - fold_sum
-        return np.where(total > 0, total / 1e6, scaling.factors)
-    with warnings.catch_warnings():  # a sample all of whose visible entries are the fold's: no median (its values
-        warnings.simplefilter("ignore", RuntimeWarning)  # are all hidden in the fold problem; its factor unused)
-        return size_factors(_FoldCounts(scaling, values, fold), scaling.method)
+        new = np.where(total > 0, total / 1e6, scaling.factors)
+    else:
+        with warnings.catch_warnings():  # a sample all of whose entries are the fold's: no median (kept below)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            without = size_factors(_FoldCounts(scaling, values, fold), scaling.method)
+            with_fold = size_factors(_FoldCounts(scaling, values, None), scaling.method)
+        new = scaling.factors * without / with_fold
+    return np.where(left & np.isfinite(new) & (new > 0), new, scaling.factors)
 
 
 class _FoldCounts:
     """The counts of a problem's model-scale values with a fold's entries NaN, read a slice at a time as
     :func:`size_factors` reads (rows ``[lo:hi]``, columns ``[:, lo:hi]``): no (G, S) float64 copy."""
 
-    def __init__(self, scaling: CountScaling, values: np.ndarray | MatrixFile, fold: np.ndarray) -> None:
+    def __init__(self, scaling: CountScaling, values: np.ndarray | MatrixFile, fold: np.ndarray | None) -> None:
         self.scaling, self.values, self.fold, self.shape = scaling, values, fold, values.shape
 
     def __getitem__(self, key):
         if isinstance(key, tuple):  # [:, lo:hi]
             cols = key[1]
             counts = self.scaling.counts(self.values[:, cols], cols)
-            counts[self.fold[:, cols]] = np.nan
+            if self.fold is not None:
+                counts[self.fold[:, cols]] = np.nan
             return counts
         counts = self.scaling.counts(self.values[key])
-        counts[self.fold[key]] = np.nan
+        if self.fold is not None:
+            counts[self.fold[key]] = np.nan
         return counts
 
 

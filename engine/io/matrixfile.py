@@ -243,6 +243,16 @@ class MatrixFile:
                 raise ValueError(f"{self!r}: rescaled by {rescale[0].shape[0]} ratios; expected one per column")
         return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, hidden=hidden, rescale=rescale)
 
+    def rescaled(self, rescale: tuple[np.ndarray, bool]) -> MatrixFile:
+        """A read-only view of this matrix with each column divided by its ratio on the count scale as it is read
+        (:meth:`hiding`'s ``rescale`` without hiding anything): a training fold's labels on the fold's scale."""
+        if self.hidden is not None or self.rescale is not None:
+            raise ValueError(f"{self!r}: a view already")
+        ratio = np.asarray(rescale[0], np.float32)
+        if ratio.shape != (self.shape[1],):
+            raise ValueError(f"{self!r}: rescaled by {ratio.shape[0]} ratios; expected one per column")
+        return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, rescale=(ratio, bool(rescale[1])))
+
     def resize(self, shape: tuple[int, int]) -> None:
         """Keep the first ``shape[0]`` rows (or add undefined rows); the columns do not change. The file is
         truncated (or extended) where it is: rows past the new end take no disk space."""

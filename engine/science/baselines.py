@@ -1227,8 +1227,6 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     if len(gi) > max_entries:
         keep = np.sort(rng.choice(len(gi), size=max_entries, replace=False))
         gi, si = gi[keep], si[keep]
-    truth = problem.values[gi, si].astype(np.float64)
-
     split = None
     if kept is not None and (whole.scaling is not None or ("gene_family" in names and whole.gene_names is not None)):
         split = np.zeros(whole.values.shape, bool)  # the split's entries in the whole problem
@@ -1236,6 +1234,15 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     # counts normalised again without the split's entries, from the whole problem (the sampled ranges are a part)
     factors = "auto" if split is None or whole.scaling is None else fold_factors(whole.scaling, whole.values, split)
     valid_problem = fold_problem(problem, mask, factors)
+
+    def split_scale(values: np.ndarray, samples: np.ndarray) -> np.ndarray:
+        """The split's values on its own scale (counts: its factors), as its candidates' estimates are."""
+        if valid_problem.scaling is problem.scaling or problem.scaling is None:
+            return np.asarray(values, np.float64)
+        ratio = valid_problem.scaling.factors / problem.scaling.factors
+        return problem.scaling.rescale_at(values, ratio[samples])
+
+    truth = split_scale(problem.values[gi, si], si)
     family = None
     if "gene_family" in names and kept is not None and whole.gene_names is not None:
         # as the ranges are fitted: gene_family reads the whole problem's families (without the split's entries,
@@ -1284,7 +1291,7 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
             else:  # context records come back in their own order: score each against its own entry's value
                 pred = np.asarray(method.predict(records), np.float64)
                 rg, rs = records["gene_index"].to_numpy(), records["sample_index"].to_numpy()
-                target = problem.values[rg, rs].astype(np.float64)
+                target = split_scale(problem.values[rg, rs], rs)
             pred = np.asarray(pred, np.float64)
             err = float(np.sqrt(np.mean((pred - target) ** 2)))
             if not np.isfinite(err):  # a setting that failed: recorded, never chosen

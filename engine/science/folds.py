@@ -140,6 +140,22 @@ def fold_problem(problem: VisibleProblem, inner_hidden: np.ndarray,
     return dataclasses.replace(problem, values=values, tissue_corr=corr, scaling=new_scaling)
 
 
+def fold_labels(problem: VisibleProblem, fold: VisibleProblem) -> np.ndarray | MatrixFile:
+    """``problem``'s values on the scale of ``fold`` (its :func:`fold_problem`), nothing hidden: the labels of the
+    fold's records. On counts a fold's entries are normalised by the fold's factors, as the evaluation's hidden
+    entries are by factors that leave them out, so that labels and the features built from the fold problem share
+    one scale (the outer values as labels sat on the scale that counted the fold's own counts). The problem's own
+    values where the scale is the same; a copy rescaled in memory, or a view of a matrix file."""
+    if fold.scaling is problem.scaling or problem.scaling is None or fold.scaling is None:
+        return problem.values
+    ratio = fold.scaling.factors / problem.scaling.factors
+    if isinstance(problem.values, MatrixFile):
+        return problem.values.rescaled((ratio, problem.scaling.log1p))
+    values = problem.values.copy()
+    problem.scaling.rescale(values, ratio)
+    return values
+
+
 def forget_fold(problem: VisibleProblem) -> None:
     """Remove the mask file of a :func:`fold_problem` of a problem kept in a matrix file (nothing otherwise)."""
     if isinstance(problem.values, MatrixFile) and problem.values.hidden is not None:

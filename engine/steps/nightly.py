@@ -495,6 +495,9 @@ def extend_problem(problem: VisibleProblem, donors: list[NewDonor], tissues: tup
         donor_index=np.concatenate([problem.donor_index, np.asarray(donor_index, np.int32)]).astype(np.int32),
         tissue_index=np.concatenate([problem.tissue_index, np.asarray(tissue_index, np.int32)]).astype(np.int32),
         values=values,
+        # the new donors' samples were normalised on their own (their own files); nightly cuts no training fold,
+        # which is all the count scaling is kept for
+        scaling=None,
     )
     if getattr(extended, "genomes", None) is not None:  # per-donor genomes do not cover the new donors yet
         extended = dataclasses.replace(extended, genomes=None)

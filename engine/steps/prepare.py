@@ -43,7 +43,7 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import FamilyLevels, family_levels, forms_families
-from geximpute.science.folds import fold_problem, fold_targets, forget_fold, training_folds
+from geximpute.science.folds import fold_labels, fold_problem, fold_targets, forget_fold, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
@@ -509,12 +509,15 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
     try:
         for i, part in enumerate(parts):
             problem = part.problem if part.fold is None else fold_problem(part.problem, part.fold)
+            labels = part.labels
+            if part.fold is not None and labels is part.problem.values:  # on the fold's scale (counts: its factors)
+                labels = fold_labels(part.problem, problem)
             try:
                 paths, _ = context_shards(config, problem, part.targets, part.hidden, staging / f"shards-{i}",
-                                          part.labels, family=family)
+                                          labels, family=family)
             finally:
                 forget_fold(problem)  # a fold's mask file, where the values are a file's
-            del problem  # a fold's copy: the shards hold what its records need
+            del problem, labels  # a fold's copies: the shards hold what its records need
             shards += paths
             part_of += [i] * len(paths)
         written = staging / "records"
