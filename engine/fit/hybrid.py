@@ -141,13 +141,12 @@ def pretrain_levels(config: Config, problem: VisibleProblem, exclude: list[int],
             masks = fold_masks(config, problem)
         folds = np.logical_or.reduce([masks[k] for k in exclude])
         hide = folds if hide is None else hide | folds
-    # the head holds out hashed units where none of its records lies on a validation chromosome: hide them here
-    # whenever no entry of the head's folds lies on a validation gene (every such gene hidden by the evaluation,
-    # or left out of those folds), not only when there is no validation gene
-    _, head_folds = split_folds(config.train.folds)
+    # the head (cross-fitted: on every fold's records) holds out hashed units where none of its records lies on a
+    # validation chromosome: hide them here whenever no fold's entry lies on a validation gene (every such gene
+    # hidden by the evaluation, e.g.), not only when there is no validation gene
     if valid_gene.any() and masks is None:
         masks = fold_masks(config, problem)
-    if not (valid_gene.any() and any(masks[k][valid_gene].any() for k in head_folds)):
+    if not (valid_gene.any() and any(mask[valid_gene].any() for mask in masks)):
         held = holdout_grid(holdout_task(config), problem.n_genes, problem.n_samples, config.seed,
                             sample_donors=np.asarray(problem.donors, dtype=object)[problem.donor_index])
         hide = held if hide is None else hide | held

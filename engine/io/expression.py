@@ -764,11 +764,15 @@ class CountScaling:
 
     def rescale(self, values: np.ndarray, ratio: np.ndarray) -> None:
         """``values`` (rows x every sample) divided on the count scale by ``ratio`` per sample, in place: the values
-        a divisor ``factors * ratio`` gives."""
-        if self.log1p:
-            np.log1p(np.expm1(values) / ratio[None, :].astype(np.float32), out=values)
-        else:
-            values /= ratio[None, :].astype(np.float32)
+        a divisor ``factors * ratio`` gives. A pass of rows at a time: no full-size temporary."""
+        ratio = ratio[None, :].astype(np.float32)
+        rows = max(1, FACTOR_CELLS // max(values.shape[1], 1))
+        for lo in range(0, values.shape[0], rows):
+            block = values[lo : lo + rows]
+            if self.log1p:
+                np.log1p(np.expm1(block) / ratio, out=block)
+            else:
+                block /= ratio
 
 
 def fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: np.ndarray) -> np.ndarray:
@@ -781,28 +785,32 @@ def fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: n
     the input without the fold). ``median_ratio``: the factor times the change the fold makes to the median of
     ratios over the problem's rows (computed with and without it: a fold that hides nothing changes nothing, and
     where every input row is a problem row, as the input's genes are annotated, exactly the factors of the input
-    without the fold). A sample with no visible entry outside the fold keeps its factor: as a sample the
-    evaluation hides whole, it is scaled by its own entries.
+    without the fold). A sample with no visible entry outside the fold is scaled by its own entries, as a sample
+    the evaluation hides whole (CPM: it keeps its factor; a total whose counts outside the fold are all zero is none,
+    factor 1, as :func:`size_factors` has it).
     """
     n_genes, n_samples = values.shape
-    rows = max(1, FACTOR_CELLS // max(n_samples, 1))
-    left = np.zeros(n_samples, bool)  # samples with a visible entry outside the fold
-    fold_sum = np.zeros(n_samples)
-    for lo in range(0, n_genes, rows):
-        counts = scaling.counts(values[lo : lo + rows])
-        seen = ~np.isnan(counts)
-        left |= (seen & ~fold[lo : lo + rows]).any(axis=0)
-        fold_sum += np.where(fold[lo : lo + rows] & seen, counts, 0.0).sum(axis=0)
     if scaling.method == "cpm":
+        rows = max(1, FACTOR_CELLS // max(n_samples, 1))
+        left = np.zeros(n_samples, bool)  # samples with a visible entry outside the fold
+        fold_sum = np.zeros(n_samples)
+        for lo in range(0, n_genes, rows):
+            counts = scaling.counts(values[lo : lo + rows])
+            seen = ~np.isnan(counts)
+            left |= (seen & ~fold[lo : lo + rows]).any(axis=0)
+            fold_sum += np.where(fold[lo : lo + rows] & seen, counts, 0.0).sum(axis=0)
         total = scaling.factors * 1e6 - fold_sum
-        new = np.where(total > 0, total / 1e6, scaling.factors)
-    else:
-        with warnings.catch_warnings():  # a sample all of whose entries are the fold's: no median (kept below)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            without = size_factors(_FoldCounts(scaling, values, fold), scaling.method)
-            with_fold = _basis_factors(scaling, values)
-        new = scaling.factors * without / with_fold
-    return np.where(left & np.isfinite(new) & (new > 0), new, scaling.factors)
+        # what is left of a total whose every count outside the fold is zero is the float round-off of the counts
+        # read back: no total, as size_factors has it (factor 1 there)
+        new = np.where(total > 1e-6 * scaling.factors * 1e6, total / 1e6, 1.0)
+        return np.where(left, new, scaling.factors)
+    # the median of ratios without the fold's entries as the evaluation's hiding computes it (visible: outside the
+    # fold; a sample with nothing visible there scaled by its own entries), relative to the same over every entry
+    with warnings.catch_warnings():  # a sample with no count at all has no median (its factor is kept below)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        without = size_factors(_FoldCounts(scaling, values, None), scaling.method, visible=_Outside(fold))
+        new = scaling.factors * without / _basis_factors(scaling, values)
+    return np.where(np.isfinite(new) & (new > 0), new, scaling.factors)
 
 
 #: the median-of-ratios factors over a problem's rows, every visible entry in, per (scaling, values) pair (weak
@@ -822,6 +830,16 @@ def _basis_factors(scaling: CountScaling, values: np.ndarray | MatrixFile) -> np
     except TypeError:  # an object that takes no weak reference: computed each time
         pass
     return factors
+
+
+class _Outside:
+    """``~fold`` read a slice at a time (``size_factors``' ``visible``): no second (G, S) mask."""
+
+    def __init__(self, fold: np.ndarray) -> None:
+        self.fold = fold
+
+    def __getitem__(self, key):
+        return ~self.fold[key]
 
 
 class _FoldCounts:

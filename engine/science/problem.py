@@ -173,6 +173,10 @@ def model_matrix(dataset: Dataset, hidden: np.ndarray | None = None, *, consume:
     if hidden is not None and hidden.any():
         visible = measured(dataset.expression.values)
         visible[rows] &= ~hidden
+        # a sample hidden whole (the samples task) is scaled by its own entries, every row's: its unannotated rows
+        # alone (still "visible", no model row holds them) gave its truth another scale
+        whole = hidden.any(axis=0) & ~visible[rows].any(axis=0)
+        visible[:, whole] = False
     if len(rows) == dataset.expression.values.shape[0] and np.array_equal(rows, np.arange(len(rows))):
         rows = None  # every expression gene annotated, in order
     return to_model_scale(dataset.expression, config.expression, visible, rows, in_place=consume,

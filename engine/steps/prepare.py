@@ -510,7 +510,8 @@ def write_record_parts(config: Config, parts: list[RecordPart], name: str = "pre
         for i, part in enumerate(parts):
             problem = part.problem if part.fold is None else fold_problem(part.problem, part.fold)
             labels = part.labels
-            if part.fold is not None and labels is part.problem.values:  # on the fold's scale (counts: its factors)
+            # a fold's own values (the default, or given as the problem's) on the fold's scale (counts: its factors)
+            if part.fold is not None and (labels is None or labels is part.problem.values):
                 labels = fold_labels(part.problem, problem)
             try:
                 paths, _ = context_shards(config, problem, part.targets, part.hidden, staging / f"shards-{i}",
