@@ -27,7 +27,7 @@ from geximpute import schema as S
 from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
-from geximpute.io.matrixfile import MatrixFile, update_rows
+from geximpute.io.matrixfile import MatrixFile, rescale_columns, update_rows
 from geximpute.io.tables import csv_batches, is_parquet, read_table, require_columns
 
 log = logging.getLogger(__name__)
@@ -765,14 +765,9 @@ class CountScaling:
     def rescale(self, values: np.ndarray, ratio: np.ndarray) -> None:
         """``values`` (rows x every sample) divided on the count scale by ``ratio`` per sample, in place: the values
         a divisor ``factors * ratio`` gives. A pass of rows at a time: no full-size temporary."""
-        ratio = ratio[None, :].astype(np.float32)
         rows = max(1, FACTOR_CELLS // max(values.shape[1], 1))
         for lo in range(0, values.shape[0], rows):
-            block = values[lo : lo + rows]
-            if self.log1p:
-                np.log1p(np.expm1(block) / ratio, out=block)
-            else:
-                block /= ratio
+            rescale_columns(values[lo : lo + rows], ratio, self.log1p)
 
 
 def fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: np.ndarray) -> np.ndarray:

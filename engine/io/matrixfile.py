@@ -163,7 +163,7 @@ class MatrixFile:
         if self.hidden is not None:
             out[self.hidden._read(lo, hi)] = np.nan
         if self.rescale is not None:
-            _rescale(out, self.rescale, slice(None))
+            rescale_columns(out, *self.rescale)
         return out
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
@@ -214,7 +214,7 @@ class MatrixFile:
         if self.hidden is not None:
             out[self.hidden.columns(cols)] = np.nan
         if self.rescale is not None:
-            _rescale(out, self.rescale, cols)
+            rescale_columns(out, *self.rescale, cols)
         return out
 
     # --- shape --------------------------------------------------------------------------------------------------
@@ -235,23 +235,22 @@ class MatrixFile:
         counts), for a fold whose counts are normalised again without its entries."""
         if hidden.shape != self.shape or hidden.dtype != np.bool_:
             raise ValueError(f"{self!r}: hidden by {hidden!r}; expected a bool matrix of shape {self.shape}")
+        return self._view(hidden, rescale)
+
+    def rescaled(self, rescale: tuple[np.ndarray, bool]) -> MatrixFile:
+        """A read-only view of this matrix with each column divided by its ratio on the count scale as it is read
+        (:meth:`hiding`'s ``rescale`` without hiding anything): a training fold's labels on the fold's scale."""
+        return self._view(None, rescale)
+
+    def _view(self, hidden: MatrixFile | None, rescale: tuple[np.ndarray, bool] | None) -> MatrixFile:
+        """A read-only view hiding ``hidden``'s entries and rescaling by ``rescale`` as it reads."""
         if self.hidden is not None or self.rescale is not None:
-            raise ValueError(f"{self!r}: entries are hidden already")
+            raise ValueError(f"{self!r}: a view already (entries hidden or rescaled)")
         if rescale is not None:
             rescale = (np.asarray(rescale[0], np.float32), bool(rescale[1]))
             if rescale[0].shape != (self.shape[1],):
                 raise ValueError(f"{self!r}: rescaled by {rescale[0].shape[0]} ratios; expected one per column")
         return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, hidden=hidden, rescale=rescale)
-
-    def rescaled(self, rescale: tuple[np.ndarray, bool]) -> MatrixFile:
-        """A read-only view of this matrix with each column divided by its ratio on the count scale as it is read
-        (:meth:`hiding`'s ``rescale`` without hiding anything): a training fold's labels on the fold's scale."""
-        if self.hidden is not None or self.rescale is not None:
-            raise ValueError(f"{self!r}: a view already")
-        ratio = np.asarray(rescale[0], np.float32)
-        if ratio.shape != (self.shape[1],):
-            raise ValueError(f"{self!r}: rescaled by {ratio.shape[0]} ratios; expected one per column")
-        return MatrixFile(self.path, self.shape, self.dtype, self.offset, view=True, rescale=(ratio, bool(rescale[1])))
 
     def resize(self, shape: tuple[int, int]) -> None:
         """Keep the first ``shape[0]`` rows (or add undefined rows); the columns do not change. The file is
@@ -268,10 +267,10 @@ class MatrixFile:
         Path(self.path).unlink(missing_ok=True)
 
 
-def _rescale(block: np.ndarray, rescale: tuple[np.ndarray, bool], cols: slice) -> None:
-    """``block`` (rows x the columns ``cols``) divided by each column's ratio on the count scale, in place."""
-    ratio, log1p = rescale
-    ratio = ratio[cols][None, :]
+def rescale_columns(block: np.ndarray, ratio: np.ndarray, log1p: bool, cols: slice = slice(None)) -> None:
+    """``block`` (rows x the columns ``cols`` of ``ratio``) divided by each column's ratio on the count scale
+    (``log1p``: the values are log1p of counts), in place."""
+    ratio = np.asarray(ratio, block.dtype)[cols][None, :]
     if log1p:
         np.log1p(np.expm1(block) / ratio, out=block)
     else:

@@ -24,7 +24,7 @@ from geximpute.config import BaselinesConfig
 from geximpute.io.expression import fold_factors
 from geximpute.io.genes import gene_family_keys, shared_families
 from geximpute.science.context import ContextIndex, build_context
-from geximpute.science.folds import fold_problem, forget_fold, training_folds
+from geximpute.science.folds import fold_problem, fold_ratio, forget_fold, training_folds
 from geximpute.science.genomes import donor_residuals
 from geximpute.science.groups import group_sums
 from geximpute.science.head_features import idw_estimate, list_parts
@@ -1237,9 +1237,9 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
 
     def split_scale(values: np.ndarray, samples: np.ndarray) -> np.ndarray:
         """The split's values on its own scale (counts: its factors), as its candidates' estimates are."""
-        if valid_problem.scaling is problem.scaling or problem.scaling is None:
+        ratio = fold_ratio(problem, valid_problem)
+        if ratio is None:
             return np.asarray(values, np.float64)
-        ratio = valid_problem.scaling.factors / problem.scaling.factors
         return problem.scaling.rescale_at(values, ratio[samples])
 
     truth = split_scale(problem.values[gi, si], si)

@@ -146,14 +146,22 @@ def fold_labels(problem: VisibleProblem, fold: VisibleProblem) -> np.ndarray | M
     entries are by factors that leave them out, so that labels and the features built from the fold problem share
     one scale (the outer values as labels sat on the scale that counted the fold's own counts). The problem's own
     values where the scale is the same; a copy rescaled in memory, or a view of a matrix file."""
-    if fold.scaling is problem.scaling or problem.scaling is None or fold.scaling is None:
+    ratio = fold_ratio(problem, fold)
+    if ratio is None:
         return problem.values
-    ratio = fold.scaling.factors / problem.scaling.factors
     if isinstance(problem.values, MatrixFile):
         return problem.values.rescaled((ratio, problem.scaling.log1p))
     values = problem.values.copy()
     problem.scaling.rescale(values, ratio)
     return values
+
+
+def fold_ratio(problem: VisibleProblem, fold: VisibleProblem) -> np.ndarray | None:
+    """(S,) how much each sample's count divisor grew from ``problem`` to its :func:`fold_problem` ``fold``; None
+    where the scale is the same (not counts, or nothing renormalised)."""
+    if fold.scaling is problem.scaling or problem.scaling is None or fold.scaling is None:
+        return None
+    return fold.scaling.factors / problem.scaling.factors
 
 
 def forget_fold(problem: VisibleProblem) -> None:

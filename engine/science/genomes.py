@@ -191,8 +191,9 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
     # one dosage row per (site, ALT allele) that some gene's window links to
     used_key, dosage_row = np.unique(index * _ALLELE_SLOTS + allele, return_inverse=True)
     used, used_allele = used_key // _ALLELE_SLOTS, used_key % _ALLELE_SLOTS
+    used_sites = np.unique(used)  # each VCF site once, however many of its ALTs count
     if policy.missing == "error":
-        refuse_missing(variants, np.unique(used), ptr, index, problem.gene_ids, col[has])
+        refuse_missing(variants, used_sites, ptr, index, problem.gene_ids, col[has])
     alt = allele_dosage(variants.genotypes[used], used_allele)  # (U, n_vcf)
     if policy.missing == "reference":
         alt = np.nan_to_num(alt, nan=0.0)
@@ -205,10 +206,10 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
         has_genome=has, site_ptr=ptr, site_index=index, dosage=dosage,
         report={**haps.report, "n_problem_donors_with_genome": int(has.sum()),
                 "n_problem_donors": len(problem.donors), "cis_window": policy.cis_window,
-                "n_cis_site_links": len(index), "n_cis_sites": len(np.unique(used)), "n_cis_alleles": len(used),
+                "n_cis_site_links": len(index), "n_cis_sites": len(used_sites), "n_cis_alleles": len(used),
                 "n_genes_with_cis_site": int((np.diff(ptr) > 0).sum()),
                 "n_multiallelic_cis_sites": int(np.count_nonzero(
-                    pc.list_value_length(sites[S.ALT].take(pa.array(np.unique(used)))).to_numpy(
+                    pc.list_value_length(sites[S.ALT].take(pa.array(used_sites))).to_numpy(
                         zero_copy_only=False) > 1)) if len(used) else 0,
                 "missing_policy": policy.missing, "unphased_policy": policy.unphased},
         dosage_row=dosage_row.reshape(-1).astype(np.int64),

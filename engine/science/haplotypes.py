@@ -562,10 +562,12 @@ def _ambiguous_phase(variants: Variants, index: np.ndarray) -> tuple[np.ndarray,
     het_any = (calls[..., 0] != calls[..., 1]) & (calls >= 0).all(axis=2)
     unphased = het_any & ~variants.phased[index]
     ambiguous = (het_any.sum(axis=0) >= 2) & unphased.any(axis=0)
-    if variants.phase_set is not None:
-        sets = np.where(het_any & ~unphased, variants.phase_set[index].astype(np.int64), np.iinfo(np.int64).min)
-        top, low = sets.max(axis=0), np.where(het_any & ~unphased, sets, np.iinfo(np.int64).max).min(axis=0)
-        ambiguous |= (het_any & ~unphased).any(axis=0) & (top != low)
+    if variants.phase_set is not None:  # phased hets of more than one set
+        phased = het_any & ~unphased
+        sets = variants.phase_set[index].astype(np.int64)
+        top = np.where(phased, sets, np.iinfo(np.int64).min).max(axis=0)
+        low = np.where(phased, sets, np.iinfo(np.int64).max).min(axis=0)
+        ambiguous |= phased.any(axis=0) & (top != low)
     return unphased, ambiguous
 
 
