@@ -261,6 +261,30 @@ def test_a_training_folds_counts_move_nothing_its_records_read(synth_small, task
     np.testing.assert_allclose(labels[mask2], truth[mask2], rtol=1e-4, atol=1e-4)
 
 
+def test_a_folds_factors_are_computed_once_per_fold_content(synth_small, monkeypatch):
+    """prepare and the out-of-fold baselines fold the same problem with equal masks (different arrays): the fold's
+    factors are computed once; another fold, or another problem, is computed anew; callers get copies."""
+    from geximpute.io import expression as ex
+    from geximpute.science.folds import training_folds
+
+    config = load_config(synth_small / "config.yaml", ["evaluation.task=entries", "inputs.scale=counts",
+                                                       "expression.counts_normalisation=median_ratio"])
+    problem, _ = make_problem(load_dataset(config, with_variants=False))
+    masks = training_folds(problem, "entries", 2, 0.25, seed=0)
+    computed = []
+    real = ex._fold_factors
+    monkeypatch.setattr(ex, "_fold_factors", lambda *a: computed.append(1) or real(*a))
+    first = ex.fold_factors(problem.scaling, problem.values, masks[0])
+    first[:] = -1.0  # a caller's copy: the cache is not written through
+    again = ex.fold_factors(problem.scaling, problem.values, masks[0].copy())
+    assert len(computed) == 1 and (again > 0).all()
+    np.testing.assert_array_equal(again, real(problem.scaling, problem.values, masks[0]))
+    other = ex.fold_factors(problem.scaling, problem.values, masks[1])
+    assert len(computed) == 2 and not np.allclose(other, again)
+    ex.fold_factors(problem.scaling, problem.values.copy(), masks[0])  # another matrix, equal values
+    assert len(computed) == 3
+
+
 def test_a_training_folds_records_are_labelled_on_the_folds_scale(synth_small, tmp_path, monkeypatch):
     """prepare hands the shards of a training fold its labels on the fold's scale (counts: its own factors), not the
     outer values (the shards are captured before any Ray work)."""
