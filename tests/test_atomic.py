@@ -297,6 +297,29 @@ def test_discard_removes_an_output_and_its_versions_but_refuses_others(tmp_path)
     assert (data / "keep.txt").read_text() == "x"
 
 
+def test_discard_leaves_the_store_of_a_run_that_took_the_lease_after_it(tmp_path, monkeypatch):
+    """discard empties the store under its lease and removes it after releasing it only while empty: a run that
+    took the lease in between keeps its lease and staging (the store was removed whole before)."""
+    out = tmp_path / "out"
+    write_version(out, "one")
+    store = store_of(out)
+    racer = {}
+    release = atomic.Lease.release
+
+    def release_then_race(self):
+        release(self)
+        if not racer:  # the next run, right after discard lets go
+            racer["lease"] = atomic.Lease(store / "lease.json", what="racer").acquire()
+            (store / "staging-racer-1-0123abcd").mkdir()
+
+    monkeypatch.setattr(atomic.Lease, "release", release_then_race)
+    discard(out, step="test")
+    assert not os.path.lexists(out)
+    assert sorted(p.name for p in store.iterdir()) == ["lease.json", "staging-racer-1-0123abcd"]
+    assert json.loads((store / "lease.json").read_text())["owner"] == racer["lease"].owner
+    racer["lease"].release()
+
+
 def test_a_scratch_folder_is_removed_with_its_run_and_a_dead_runs_after_it(tmp_path):
     target = tmp_path / "out"
     host = atomic.run_tag().rsplit("-", 2)[0]

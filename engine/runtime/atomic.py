@@ -40,6 +40,7 @@ processes that wrote them, since they hold per-donor genomic data.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import errno
@@ -879,4 +880,7 @@ def discard(target: str | Path, *, step: str) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    shutil.rmtree(store, ignore_errors=True)
+    # the lease is released: the store is removed only while empty, so that a run that took the lease meanwhile
+    # keeps what it began there (its lease and staging)
+    with contextlib.suppress(OSError):
+        store.rmdir()
