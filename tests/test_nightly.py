@@ -330,3 +330,41 @@ def test_new_donors_measured_samples_extend_a_problem_of_counts(synth_small):
     extended, virtual = extend_problem(problem, [new], ())
     assert extended.scaling is None and extended.values.shape[1] == len(virtual) > problem.n_samples
     assert "inbox:NEW-1:" + problem.tissues[0] in set(extended.sample_ids)
+
+
+@pytest.mark.parametrize("method", ["median_ratio", "cpm"])
+def test_a_new_donors_counts_are_normalised_on_the_cohorts_scale(data, tmp_path, method):
+    """A new donor's measured counts are put on the scale of the reference donors': a donor whose two tissues are
+    a reference donor's counts gets that donor's values. Under median-of-ratios they were normalised against their
+    own two columns' pseudo-reference (a lone column is then plain CPM), a scale the model never saw."""
+    import numpy as np
+
+    from geximpute.config import load_config
+    from geximpute.io.dataset import load_dataset
+    from geximpute.science.problem import make_problem
+    from geximpute.steps.nightly import InboxItem, read_new_donor
+
+    config = load_config(data / "config.yaml", ["inputs.scale=counts",
+                                                f"expression.counts_normalisation={method}"])
+    dataset = load_dataset(config)
+    problem, _ = make_problem(dataset, hidden_mask=False)
+    assert problem.scaling is not None and problem.scaling.method == method
+    samples = pd.read_csv(data / "samples.tsv", sep="\t")
+    tissues = sorted(samples.loc[samples["donor_id"] == "SYN-D0003", "tissue"])[:2]
+    vcf = tmp_path / "NEW-002.vcf"
+    donor_vcf(data / "variants.vcf", "SYN-D0003", "NEW-002", vcf)
+    table, _ = donor_expression(data, "SYN-D0003", tissues, tmp_path / "NEW-002.expression.tsv")
+    new = read_new_donor(InboxItem("NEW-002", vcf, table), config, problem, dataset.genome)
+    column = {s: i for i, s in enumerate(problem.sample_ids)}
+    mine = samples[(samples["donor_id"] == "SYN-D0003") & samples["tissue"].isin(tissues)].set_index("tissue")
+    expected = problem.values[:, [column[mine.loc[t, "sample_id"]] for t in new.tissues]]
+    seen = ~np.isnan(expected)
+    assert seen.sum() > 50
+    # the cohort's factors of these two samples, read back through the new path (the same counts, the same genes)
+    np.testing.assert_allclose(new.values[seen], expected[seen], rtol=0, atol=0.02)
+    if method == "median_ratio":  # their own two columns' pseudo-reference put them elsewhere
+        from geximpute.config import ExpressionConfig
+        from geximpute.io.expression import read_expression, to_model_scale
+
+        own = to_model_scale(read_expression(table, "wide", "counts"), ExpressionConfig(counts_normalisation=method))
+        assert np.abs(np.nanmedian(own, axis=0) - np.nanmedian(new.values, axis=0)).max() > 0.05

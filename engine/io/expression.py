@@ -857,6 +857,66 @@ def _basis_factors(scaling: CountScaling, values: np.ndarray | MatrixFile) -> np
     return factors
 
 
+#: cohort samples whose factors fix a new sample's per-million scale (:func:`new_sample_factors`)
+REFERENCE_SAMPLES = 256
+
+
+def new_sample_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, counts: np.ndarray) -> np.ndarray:
+    """(S_new,) the factors of new samples' raw ``counts`` ((G, S_new), the problem's rows, NaN where unmeasured)
+    on the scale of a problem normalised by ``scaling`` (its model-scale ``values``): what :func:`size_factors` run
+    over the cohort would give them, without running it again over every sample.
+
+    ``cpm``: each new sample's own total (a CPM factor is a sample's own; the caller's totals count every row of
+    its file). ``median_ratio``: the median ratio of the new sample's counts to the cohort's pseudo-reference (each
+    gene's geometric mean over the cohort's measured counts, > 0), times the cohort's per-million constant (read
+    from up to :data:`REFERENCE_SAMPLES` cohort samples' factors against their own median ratios): a new donor's
+    few tissues normalised against each other alone were put on a scale the model never saw (a lone column is
+    plain CPM; up to 1.2 log1p units off on GTEx's counts). A new sample with no count the reference has keeps its
+    total's CPM factor. Remembered per (scaling, values) while both live.
+    """
+    counts = np.asarray(counts, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = np.nansum(counts, axis=0)
+        own = np.where(total > 0, total / 1e6, 1.0)
+        if scaling.method == "cpm":
+            return own
+        log_ref, norm = _cohort_reference(scaling, values)
+        logc = np.where(counts > 0, np.log(counts), np.nan) - log_ref[:, None]
+        usable = np.isfinite(logc).any(axis=0)
+        median = np.nanmedian(np.where(usable[None, :], logc, 0.0), axis=0)
+    return np.where(usable, np.exp(median) * norm, own)
+
+
+_REFERENCES: list[tuple[weakref.ref, weakref.ref, np.ndarray, float]] = []
+
+
+def _cohort_reference(scaling: CountScaling, values: np.ndarray | MatrixFile) -> tuple[np.ndarray, float]:
+    """(each row's log pseudo-reference over the cohort, the per-million constant) of :func:`new_sample_factors`."""
+    for scaling_ref, values_ref, log_ref, norm in _REFERENCES:
+        if scaling_ref() is scaling and values_ref() is values:
+            return log_ref, norm
+    n_genes, n_samples = values.shape
+    picked = np.unique(np.linspace(0, n_samples - 1, min(n_samples, REFERENCE_SAMPLES)).round().astype(np.int64))
+    log_ref = np.full(n_genes, np.nan)
+    picked_logs = np.full((n_genes, len(picked)), np.nan)
+    rows = max(1, FACTOR_CELLS // max(n_samples, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for lo in range(0, n_genes, rows):
+            part = scaling.counts(values[lo : lo + rows])
+            logs = np.where(part > 0, np.log(part), np.nan)
+            n_ref = np.isfinite(logs).sum(axis=1)
+            log_ref[lo : lo + rows] = np.where(n_ref > 0, np.nansum(logs, axis=1) / np.maximum(n_ref, 1), np.nan)
+            picked_logs[lo : lo + rows] = logs[:, picked]
+        ratios = picked_logs - log_ref[:, None]
+        seen = np.isfinite(ratios).any(axis=0)
+        medians = np.nanmedian(np.where(seen[None, :], ratios, 0.0), axis=0)
+        norms = scaling.factors[picked] / np.exp(medians)
+    norms = norms[seen & np.isfinite(norms) & (norms > 0)]
+    norm = float(np.median(norms)) if len(norms) else 1.0
+    _remember(_REFERENCES, (scaling, values), (log_ref, norm), keep=2)
+    return log_ref, norm
+
+
 class _Outside:
     """``~fold`` read a slice at a time (``size_factors``' ``visible``): no second (G, S) mask."""
 

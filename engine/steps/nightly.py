@@ -61,7 +61,7 @@ from geximpute.errors import ConfigError, GeximputeError, InputError
 from geximpute.fit.bundle import load_bundle
 from geximpute.io.checks import file_state
 from geximpute.io.dataset import load_dataset, window_regions
-from geximpute.io.expression import read_expression, to_model_scale
+from geximpute.io.expression import new_sample_factors, read_expression, to_model_scale
 from geximpute.io.matrixfile import MatrixFile, append_columns, row_sums
 from geximpute.io.variants import read_variants
 from geximpute.runtime.atomic import (
@@ -414,14 +414,23 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     if unknown:
         raise InputError(item.expression, f"tissue column {unknown[0]!r} is not a tissue of the model",
                          record="the header", expected=f"tissue names among {problem.tissues}")
-    values = to_model_scale(expr, config.expression)
     row_of = {g: i for i, g in enumerate(expr.gene_ids)}
     rows = np.array([row_of.get(g, -1) for g in problem.gene_ids])
     if not (rows >= 0).any():
         raise InputError(item.expression, "no gene of the model is in the file", record="the gene_id column",
                          expected=f"gene ids such as {problem.gene_ids[0]}")
-    aligned = np.full((problem.n_genes, len(expr.sample_ids)), np.nan, np.float32)
-    aligned[rows >= 0] = values[rows[rows >= 0]]
+    scaling = problem.scaling
+    if expr.scale == "counts" and scaling is not None and scaling.method != "cpm":
+        # on the cohort's scale: the median of ratios to the reference donors' pseudo-reference, not to these few
+        # columns' own (a CPM factor is each sample's own total, which to_model_scale takes from the whole file)
+        counts = np.full((problem.n_genes, len(expr.sample_ids)), np.nan)
+        counts[rows >= 0] = expr.values[rows[rows >= 0]]
+        factors = new_sample_factors(scaling, problem.values, counts)
+        aligned = (np.log1p(counts / factors) if scaling.log1p else counts / factors).astype(np.float32)
+    else:
+        values = to_model_scale(expr, config.expression)
+        aligned = np.full((problem.n_genes, len(expr.sample_ids)), np.nan, np.float32)
+        aligned[rows >= 0] = values[rows[rows >= 0]]
     new.tissues, new.values = list(expr.sample_ids), aligned
     return new
 
