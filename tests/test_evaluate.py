@@ -436,11 +436,15 @@ def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path)
     config = load_config(
         synth_small / "config.yaml",
         [f"output_dir={tmp_path}", *HYBRID_SAMPLES, "evaluation.ablations=false", "train.epochs=1",
-         "context.family=true"],
+         "context.family=true", "evaluation.methods=[row_tissue, tissue_donor, pairwise_regression, hybrid]"],
     )
     metrics = evaluate(config, tmp_path / "eval")
     methods = metrics["methods"]
     assert {"hybrid", "hybrid_network", "tissue_donor", "row_tissue"} <= set(methods)
+    # the settings the hybrid reads are tuned as fit-head tunes them, whichever comparators are listed: those of
+    # its engineered features (distance) and of its stacked baselines (iterative_ridge), scored or not
+    assert "distance" not in methods
+    assert {"distance", "tissue_donor", "iterative_ridge", "pairwise_regression"} <= set(metrics["baselines"]["tuning"])
     assert not {"cnn_only", "transformer_only", "xgb_features_only"} & set(methods)
     assert methods["hybrid"]["n"] == metrics["n_hidden"]
     # hidden samples: the donor's other tissues (planted donor effects) beat the gene's mean in the tissue, and the

@@ -327,6 +327,19 @@ def train_fold_networks(config: Config, records_dir: Path, gene_ids: np.ndarray,
     return train_networks(config, runs, records_dir, gene_ids, n_tissues, storage=storage, name=FOLD_RUN)
 
 
+#: the methods whose settings the head's engineered features read (``est_distance`` and the inverse-distance
+#: columns: ``distance``'s; ``est_tissue_donor``: ``tissue_donor``'s), beside the stacked baselines of
+#: :data:`~geximpute.science.baselines.ENTRY_METHODS`
+HEAD_FEATURE_METHODS = ("distance", "tissue_donor")
+
+
+def head_tuned_methods(also: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The methods a hybrid's settings are tuned for (its stacked baselines and the methods its engineered
+    features read), then ``also``: one list for ``fit-head`` and ``evaluate``, so that the hybrid an evaluation
+    scores reads the settings a bundle of the same data would."""
+    return tuple(dict.fromkeys((*ENTRY_METHODS, *HEAD_FEATURE_METHODS, *also)))
+
+
 def tuned_baselines(config: Config, problem: VisibleProblem, composition: np.ndarray | None,
                     methods: tuple[str, ...] | list[str] | None = None) -> tuple[BaselinesConfig, dict]:
     """The baselines' settings, chosen on a validation split of the visible data when ``baselines.tune``

@@ -33,6 +33,7 @@ from geximpute.fit.hybrid import (
     fit_hybrid_head,
     fold_network_runs,
     gene_composition,
+    head_tuned_methods,
     train_fold_networks,
     tuned_baselines,
 )
@@ -41,7 +42,6 @@ from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.atomic import scratch_folder
 from geximpute.runtime.raytools import ensure_ray
-from geximpute.science.baselines import ENTRY_METHODS
 from geximpute.science.problem import VisibleProblem, make_problem
 from geximpute.steps.prepare import MATRIX_FOLDER, prepare, read_problem_index
 
@@ -156,7 +156,7 @@ def fit_head_and_save(
             problem = read_visible_problem(config, gene_ids)
         if problem is not None:
             composition = gene_composition(records, problem.gene_ids, config.promoter.upstream)
-            baselines, _ = tuned_baselines(config, problem, composition, ENTRY_METHODS)
+            baselines, _ = tuned_baselines(config, problem, composition, head_tuned_methods())
             config = dataclasses.replace(config, baselines=baselines)
         models = fit_hybrid(config, records, gene_ids, len(tissues), runs, ablations=False, problem=problem,
                             networks=networks, visible_grids=False)
