@@ -243,18 +243,22 @@ class ContextConfig:
             (:func:`geximpute.science.genomes.genetic_scores`); about the number of donors' worth of evidence an effect
             needs before it moves far from 0. ``null`` (default): chosen per gene by leave-one-donor-out error.
         family: whether each record carries its gene's family level (the other genes of its symbol's family in
-            the sample, :class:`geximpute.science.baselines.FamilyLevels`, shrunk as ``baselines.fam_shrinkage``
+            the sample, :class:`geximpute.science.baselines.FamilyLevels`, shrunk as ``context.family_shrinkage``
             says) for the networks to read: ``true`` whenever the genes have symbols, ``false`` never, ``null``
             (default) on the ``genes`` task when the genes' symbols form families (two genes or more share a stem
             such as ``SLC25``; a hidden gene has no value of its own, and its family is what the networks do not
             otherwise see). A model's networks read it when their training records had it, and ``impute`` then
             writes it into its records whatever this says.
+        family_shrinkage: pseudo-genes of the family level's prior at each level (as ``baselines.fam_shrinkage``
+            for the ``gene_family`` baseline, which tuning may change; the networks' input is fixed when their
+            records are written, so it has a key of its own, recorded with the model and checked by ``impute``).
     """
 
     k_neighbours: int = 16
     max_distance: int | None = None
     genetic_shrinkage: float | None = None
     family: bool | None = None
+    family_shrinkage: float = 3.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.k_neighbours <= 256, "context.k_neighbours", self.k_neighbours, "an integer in 1..256")
@@ -266,6 +270,7 @@ class ContextConfig:
         )
         _require(self.genetic_shrinkage is None or self.genetic_shrinkage > 0, "context.genetic_shrinkage",
                  self.genetic_shrinkage, "a number > 0 or null")
+        _require(self.family_shrinkage > 0, "context.family_shrinkage", self.family_shrinkage, "a number > 0")
 
 
 @dataclass(frozen=True)

@@ -250,8 +250,31 @@ def test_readme_shows_the_query_the_demo_runs():
 def test_check_compatible_names_the_key_that_differs(tmp_path):
     recorded = {"tissues": ["Liver", "Lung"], "scale": "tpm", "transform": "log1p", "counts_normalisation": "cpm",
                 "k_neighbours": 16, "max_distance": None, "genes_sha256": "a" * 64, "n_genes": 10,
-                "genome_contigs": {"chr1": 1000, "chr2": 500}}
+                "genome_contigs": {"chr1": 1000, "chr2": 500}, "family_shrinkage": 3.0,
+                "promoter": {"promoter.upstream": 1000, "promoter.downstream": 500, "promoter.soft_mask": "upper",
+                             "promoter.max_unknown_fraction": 0.0},
+                "genotypes": {"genotypes.cis_window": None, "genotypes.missing": "mean",
+                              "genotypes.unphased": "as_written", "genotypes.keep_filtered": False,
+                              "context.genetic_shrinkage": None}}
     check_compatible(recorded, dict(recorded), tmp_path, "the data")
+    # the settings that shape a record's features: another window, missing-call policy or family prior is refused
+    for key, value, needle in (
+        ("promoter", {**recorded["promoter"], "promoter.max_unknown_fraction": 0.1},
+         "promoter.max_unknown_fraction is 0.0 in the bundle but 0.1"),
+        ("genotypes", {**recorded["genotypes"], "genotypes.missing": "reference"},
+         "genotypes.missing is 'mean' in the bundle but 'reference'"),
+        ("genotypes", {**recorded["genotypes"], "context.genetic_shrinkage": 10.0},
+         "context.genetic_shrinkage is None in the bundle but 10.0"),
+        ("family_shrinkage", 10.0, "context.family_shrinkage is 3.0 in the bundle but 10.0"),
+    ):
+        with pytest.raises(GeximputeError, match=re.escape(needle)):
+            check_compatible(recorded, {**recorded, key: value}, tmp_path, "the data")
+    # a model without genomes (or data without them) is not judged on how genomes are read; an older bundle's
+    # record without these keys is not judged on them
+    check_compatible({**recorded, "genotypes": None}, {**recorded, "genotypes": {"genotypes.missing": "error"}},
+                     tmp_path, "the data")
+    old = {k: v for k, v in recorded.items() if k not in ("promoter", "family_shrinkage")}
+    check_compatible(old, {**recorded, "family_shrinkage": 10.0}, tmp_path, "the data")
     for key, value, needle in (
         ("tissues", ["Lung", "Liver"], "the same tissue names in another order"),
         ("tissues", ["Liver", "Heart"], "['Lung'] only in the model and ['Heart'] only in the data"),

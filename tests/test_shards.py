@@ -185,7 +185,7 @@ def test_context_shards_write_the_family_level_when_asked_and_unknown_without_sy
 
     with_names = records(named, True, "named")
     g, s = with_names["gene_index"].to_numpy(), with_names["sample_index"].to_numpy()
-    expected = family_levels(named).level(g, s, config.baselines.fam_shrinkage).astype(np.float32)
+    expected = family_levels(named).level(g, s, config.context.family_shrinkage).astype(np.float32)
     np.testing.assert_allclose(with_names[S.FAMILY_LEVEL].to_numpy(zero_copy_only=False), expected)
     unnamed = records(problem, True, "unnamed")
     assert unnamed.num_rows == int(targets.sum()) and unnamed[S.FAMILY_LEVEL].null_count == unnamed.num_rows
@@ -225,7 +225,7 @@ def test_context_shards_cut_per_chromosome_are_the_whole_problems(tmp_path, requ
 
     # the cut before chromosomes were cut apart: every block's shard from the whole problem
     stats, spans, donor_samples = gene_stats(problem), chromosome_spans(problem.chroms), donor_sample_lists(problem)
-    level = functools.partial(family_levels(problem).level, shrinkage=config.baselines.fam_shrinkage)
+    level = functools.partial(family_levels(problem).level, shrinkage=config.context.family_shrinkage)
     offsets = entry_offsets(targets)
     expected = []
     for block in blocks(problem, targets, 120):

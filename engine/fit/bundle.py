@@ -30,7 +30,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,10 @@ def compatibility(config: Config, gene_ids: Sequence[str], tissues: Sequence[str
 
     Keys: ``tissues`` (names, in the order of the tissue embedding), ``scale``, ``transform``,
     ``counts_normalisation``, ``k_neighbours``, ``max_distance``, ``genes_sha256`` (a fingerprint of the gene
-    set), ``n_genes`` and ``genome_contigs`` (contig lengths of the FASTA: the genome build; null without one).
+    set), ``n_genes``, ``genome_contigs`` (contig lengths of the FASTA: the genome build; null without one), and
+    the settings that make the records' features as the networks and head learned them: ``family_shrinkage``,
+    ``promoter`` (the window and which windows count as known; null without a genome) and ``genotypes`` (how
+    genomes are read and the genetic score shrunk; null without genomes): :data:`FEATURE_SETTINGS`.
     """
     genome = None
     if config.inputs.genome:
@@ -169,7 +172,22 @@ def compatibility(config: Config, gene_ids: Sequence[str], tissues: Sequence[str
         "genes_sha256": hashlib.sha256("\n".join(sorted(map(str, gene_ids))).encode()).hexdigest(),
         "n_genes": len(gene_ids),
         "genome_contigs": genome,
+        "family_shrinkage": config.context.family_shrinkage,
+        "promoter": FEATURE_SETTINGS["promoter"](config) if config.inputs.genome else None,
+        "genotypes": FEATURE_SETTINGS["genotypes"](config) if config.inputs.variants else None,
     }
+
+
+#: the settings (besides the data's) that shape a record's features, per compatibility key, by their config keys:
+#: a model read with others would be given features it never learned from (a window of another length, another
+#: policy for missing calls, another shrinkage of the genetic score)
+FEATURE_SETTINGS: dict[str, Callable[[Config], dict[str, Any]]] = {
+    "promoter": lambda c: {f"promoter.{k}": getattr(c.promoter, k)
+                           for k in ("upstream", "downstream", "soft_mask", "max_unknown_fraction")},
+    "genotypes": lambda c: {**{f"genotypes.{k}": getattr(c.genotypes, k)
+                               for k in ("cis_window", "missing", "unphased", "keep_filtered")},
+                            "context.genetic_shrinkage": c.context.genetic_shrinkage},
+}
 
 
 def check_compatible(recorded: dict[str, Any] | None, data: dict[str, Any], folder: Path, source: str) -> None:
@@ -196,6 +214,15 @@ def check_compatible(recorded: dict[str, Any] | None, data: dict[str, Any], fold
     for key in ("scale", "transform", "counts_normalisation", "k_neighbours", "max_distance"):
         if key in recorded and recorded[key] != data[key]:
             refuse(key, recorded[key], data[key])
+    if "family_shrinkage" in recorded and recorded["family_shrinkage"] != data["family_shrinkage"]:
+        refuse("context.family_shrinkage", recorded["family_shrinkage"], data["family_shrinkage"])
+    # a model without a genome or genomes, or data without them, is not judged on how they are read
+    for key in FEATURE_SETTINGS:
+        model, here = recorded.get(key), data.get(key)
+        if model is not None and here is not None:
+            for name in {**model, **here}:  # the first setting that differs, by its config key
+                if model.get(name) != here.get(name):
+                    refuse(name, model.get(name), here.get(name))
     if recorded.get("tissues") is not None and list(recorded["tissues"]) != list(data["tissues"]):
         model, here = list(recorded["tissues"]), list(data["tissues"])
         only_model = [t for t in model if t not in here][:3]

@@ -317,7 +317,7 @@ def context_shards(
     if family:
         if problem.gene_names is not None:
             levels = functools.partial((given or family_levels(problem)).level,
-                                       shrinkage=config.baselines.fam_shrinkage)
+                                       shrinkage=config.context.family_shrinkage)
         else:
             levels = no_family_level
     cut = blocks(problem, targets, block_entries)
