@@ -669,3 +669,31 @@ def test_methods_that_read_a_genes_own_values_are_skipped_where_whole_genes_are_
             "row_tissue", "matrix_completion"}
     _, other = make_methods(("iterative_ridge",), FIXED, 5, task="entries")
     assert other == {}  # other tasks keep them
+
+
+def test_measured_entries_are_estimated_without_their_own_values():
+    """Imputing measured entries too (``include_observed``): with ``own_value_free`` a measured entry's estimate
+    does not move when its own value does (its fold is hidden where the methods are fitted), as the stacked head's
+    training rows were out of fold; fitted on the visible values, ``iterative_ridge`` returned the entry's own value.
+    Unmeasured entries are estimated as before."""
+    values, donor, tissue = donor_data(4, n_genes=24, n_donors=40)
+    values[np.random.default_rng(0).random(values.shape) < 0.1] = np.nan
+    problem = problem_of(values, donor, tissue)
+    names = ("row_tissue", "pairwise_regression", "iterative_ridge")
+    rng = np.random.default_rng(1)
+    measured = np.argwhere(~np.isnan(values))[rng.choice(int((~np.isnan(values)).sum()), 40, replace=False)]
+    unmeasured = np.argwhere(np.isnan(values))[:20]
+    gi = np.concatenate([measured[:, 0], unmeasured[:, 0]])
+    si = np.concatenate([measured[:, 1], unmeasured[:, 1]])
+    free = range_estimates(problem, gi, si, names, FIXED, seed=3, own_value_free=True)
+    plain = range_estimates(problem, gi, si, names, FIXED, seed=3)
+    np.testing.assert_allclose(plain["iterative_ridge"][:40], values[gi[:40], si[:40]], rtol=1e-5)  # its own value
+    for name in names:  # unmeasured entries: the same fit
+        np.testing.assert_allclose(free[name][40:], plain[name][40:], rtol=1e-6, err_msg=name)
+    for i in (0, 7, 23):  # one measured entry's value changed: its own estimate stays
+        moved = values.copy()
+        moved[gi[i], si[i]] += 4.0
+        again = range_estimates(problem_of(moved, donor, tissue), gi, si, names, FIXED, seed=3, own_value_free=True)
+        for name in names:
+            assert again[name][i] == pytest.approx(free[name][i], rel=1e-5, abs=1e-5), name
+    assert np.abs(free["iterative_ridge"][:40] - values[gi[:40], si[:40]]).mean() > 0.1

@@ -328,8 +328,9 @@ class Bundle:
         """The estimates a stacked head reads beside the network at the ``targets`` entries, ``{name: (N,)
         float32}`` in the head's order and in ``np.nonzero(targets)`` order: each baseline, with the bundle's
         (tuned) settings, fitted on the visible values of ``problem``, as the evaluation fits them on the visible
-        values to estimate the hidden ones; NaN for a baseline that does not apply to these data (e.g. no donors).
-        Empty for a bundle without the stacked layout.
+        values to estimate the hidden ones (a measured target without its own value, as the head's training rows
+        were: :func:`~geximpute.science.baselines.range_estimates`' ``own_value_free``); NaN for a baseline that
+        does not apply to these data (e.g. no donors). Empty for a bundle without the stacked layout.
 
         Args:
             problem: the problem being predicted (with its virtual samples); nothing of it is hidden here.
@@ -339,7 +340,8 @@ class Bundle:
             return {}
         names, settings, seed, composition = self.baseline_inputs(problem)
         gi, si = np.nonzero(targets)
-        estimates = baseline_estimates(problem, gi, si, names, settings, seed=seed, composition=composition)
+        estimates = baseline_estimates(problem, gi, si, names, settings, seed=seed, composition=composition,
+                                       own_value_free=True)
         return head_estimates(estimates, self.baseline_names, len(gi))
 
     def baseline_inputs(self, problem: VisibleProblem) -> tuple[tuple[str, ...], BaselinesConfig, int, np.ndarray]:

@@ -1343,8 +1343,8 @@ def fit_ranges(problem: VisibleProblem, block_cells: int) -> list[tuple[int, int
 def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
                        names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
                        composition: np.ndarray | None = None, task: str | None = None,
-                       run: Callable[[list[tuple]], list[dict[str, np.ndarray]]] | None = None
-                       ) -> dict[str, np.ndarray]:
+                       run: Callable[[list[tuple]], list[dict[str, np.ndarray]]] | None = None,
+                       own_value_free: bool = False) -> dict[str, np.ndarray]:
     """Each applicable entry method (:data:`ENTRY_METHODS`; under ``task``, :func:`not_applicable`) fitted on
     ``problem`` and evaluated at the entries (``gene_index[i]``, ``sample_index[i]``): the head features of the
     hidden (evaluation) entries.
@@ -1358,6 +1358,8 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
         run: with several ranges, computes :func:`part_estimates` of each tuple of arguments, results in their
             order (the fit layer's runs each in a Ray task; every tuple holds the same family object); default one
             after another here.
+        own_value_free: entries measured in ``problem`` estimated without their own values
+            (:func:`range_estimates`).
 
     Returns:
         ``{name: (N,) float64}``; methods that do not apply to the problem are left out.
@@ -1367,12 +1369,14 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
     names = applicable_entry_methods(problem, names, config, composition, task)
     ranges = fit_ranges(problem, config.block_cells)
     if len(ranges) == 1:
-        return range_estimates(problem, gene_index, sample_index, names, config, seed=seed, composition=composition)
+        return range_estimates(problem, gene_index, sample_index, names, config, seed=seed, composition=composition,
+                               own_value_free=own_value_free)
     family = range_families(problem, names, ranges)
     inside = [np.flatnonzero((gene_index >= lo) & (gene_index < hi)) for lo, hi in ranges]
     used = [(r, rows) for r, rows in zip(ranges, inside, strict=True) if len(rows)]
     calls = [(gene_rows(problem, lo, hi), gene_index[rows] - lo, sample_index[rows], names, config, seed,
-              None if composition is None else composition[lo:hi], family, (lo, hi)) for (lo, hi), rows in used]
+              None if composition is None else composition[lo:hi], family, (lo, hi), own_value_free)
+             for (lo, hi), rows in used]
     out: dict[str, np.ndarray] = {}
     results = run(calls) if run is not None else [part_estimates(*call) for call in calls]
     for (_, rows), part in zip(used, results, strict=True):
@@ -1383,12 +1387,13 @@ def baseline_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_i
 
 def part_estimates(rows: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray, names: tuple[str, ...],
                    config: BaselinesConfig, seed: int, composition: np.ndarray | None, family: FamilyLevels | None,
-                   genes: tuple[int, int]) -> dict[str, np.ndarray]:
+                   genes: tuple[int, int], own_value_free: bool = False) -> dict[str, np.ndarray]:
     """:func:`range_estimates` of one gene range of a larger problem (``rows``: its genes and every sample;
     ``genes``: (lo, hi) there, where ``family``, that problem's :func:`range_families`, is read): one call of
     :func:`baseline_estimates`' ``run``."""
     return range_estimates(rows, gene_index, sample_index, names, config, seed=seed, composition=composition,
-                           family=None if family is None else family.part(slice(*genes)))
+                           family=None if family is None else family.part(slice(*genes)),
+                           own_value_free=own_value_free)
 
 
 def entry_methods_skipped(problem: VisibleProblem, names: tuple[str, ...], config: BaselinesConfig,
@@ -1423,18 +1428,52 @@ def range_families(problem: VisibleProblem, names: tuple[str, ...], ranges: list
 
 def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_index: np.ndarray,
                     names: tuple[str, ...], config: BaselinesConfig, *, seed: int = 0,
-                    composition: np.ndarray | None = None, family: FamilyLevels | None = None
-                    ) -> dict[str, np.ndarray]:
+                    composition: np.ndarray | None = None, family: FamilyLevels | None = None,
+                    own_value_free: bool = False) -> dict[str, np.ndarray]:
     """The entry methods ``names`` (:func:`applicable_entry_methods` of the problem this range was cut from)
     fitted on the whole of ``problem`` (one gene range) and evaluated at the entries (``gene_index[i]``,
     ``sample_index[i]``); ``{name: (N,) float64}``. ``family``: the levels of the range's genes in the problem it
-    was cut from (:func:`range_families`), read by ``gene_family``."""
-    out = {}
-    for name in names:
-        method = make_method(name, config, seed=seed, composition=composition, family=family)
-        method.fit(problem)
-        out[method.name] = np.asarray(method.predict_entries(gene_index, sample_index), np.float64)
+    was cut from (:func:`range_families`), read by ``gene_family``.
+
+    ``own_value_free``: an entry measured in ``problem`` is estimated without its own value, as a stacked head's
+    training rows were (out of fold): the measured entries are cut into :data:`OWN_VALUE_FOLDS` random folds
+    (drawn with ``seed``), each estimated by the methods fitted with its fold hidden (imputation with
+    ``include_observed``; fitted on the visible values, some of them, such as ``iterative_ridge``'s fill, return
+    the entry's own value, and the head stacked on them copied it). Unmeasured entries are estimated as without it.
+    """
+    gene_index = np.asarray(gene_index, np.int64)
+    sample_index = np.asarray(sample_index, np.int64)
+    measured = np.zeros(len(gene_index), bool)
+    if own_value_free and len(gene_index):
+        measured = ~np.isnan(np.asarray(problem.values[gene_index, sample_index], np.float64))
+    if not measured.any():
+        out = {}
+        for name in names:
+            method = make_method(name, config, seed=seed, composition=composition, family=family)
+            method.fit(problem)
+            out[method.name] = np.asarray(method.predict_entries(gene_index, sample_index), np.float64)
+        return out
+    out: dict[str, np.ndarray] = {}
+    fold = np.full(len(gene_index), -1)
+    fold[measured] = np.random.default_rng(seed + 7_727).integers(0, OWN_VALUE_FOLDS, int(measured.sum()))
+    for k in range(-1, OWN_VALUE_FOLDS):
+        rows = np.flatnonzero(fold == k)
+        if not len(rows):
+            continue
+        fitted = problem
+        if k >= 0:  # this fold's measured entries hidden
+            values = np.array(problem.values, np.float32, copy=True)
+            values[gene_index[rows], sample_index[rows]] = np.nan
+            fitted = dataclasses.replace(problem, values=values)
+        part = range_estimates(fitted, gene_index[rows], sample_index[rows], names, config, seed=seed,
+                               composition=composition, family=family)
+        for name, estimate in part.items():
+            out.setdefault(name, np.full(len(gene_index), np.nan))[rows] = estimate
     return out
+
+
+#: folds of the measured entries that :func:`range_estimates` estimates without their own values
+OWN_VALUE_FOLDS = 5
 
 
 @one_blas_thread

@@ -332,7 +332,7 @@ def baseline_range(problem: VisibleProblem, targets: np.ndarray, baselines: Stac
     gi, si = np.nonzero(materialise(targets))
     estimates = range_estimates(problem, gi, si, baselines.names, baselines.settings, seed=baselines.seed,
                                 composition=baselines.composition,
-                                family=None if family is None else family.part(slice(*genes)))
+                                family=None if family is None else family.part(slice(*genes)), own_value_free=True)
     columns = {baseline_column(name): values
                for name, values in head_estimates(estimates, baselines.head_names, len(gi)).items()}
     tmp = f"{path}.tmp.npz"
