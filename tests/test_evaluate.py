@@ -466,6 +466,11 @@ def test_evaluate_with_the_cross_fitted_hybrid(ray_local, synth_small, tmp_path)
     for part in ("train", "context"):
         table = pads.dataset(tmp_path / "eval" / "records" / part, format="parquet", partitioning="hive").to_table()
         assert table[S.FAMILY_LEVEL].null_count < table.num_rows, part
+    # a samples fold's records have no neighbour: the fold networks learned nothing of them, and hide them at
+    # prediction (FeatureSpec.absent)
+    from geximpute.fit.train import absent_groups
+
+    assert absent_groups([tmp_path / "eval" / "records" / "train" / "fold=0"]) == ("neighbours",)
     state = torch.load(sorted((tmp_path / "eval" / "runs" / "hybrid_folds").glob("checkpoint_*/state.pt"))[-1],
                        weights_only=False)
     assert len(state["networks"]) == 2

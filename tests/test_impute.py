@@ -388,6 +388,8 @@ def test_haplotypes_are_encoded_once_per_run_and_predict_as_the_table_does(tiny_
     sequences, lookup = donor_promoter_sequences(problem)
     bundle = load_bundle(tiny_model.folder)
     assert bundle.reads_promoters and len(bundle.models.networks()) == config.train.folds == 2
+    # an entries fold's records have every evidence group: nothing is hidden at prediction
+    assert all(network.features.absent == () for network in bundle.models.networks())
     length = config.promoter.length
     encoded = encoded_haplotypes((sequences, lookup), load_bundle_from, tiny_model.folder, 3, {"num_cpus": 0.5},
                                  tmp_path / "three", length)

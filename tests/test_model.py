@@ -659,3 +659,56 @@ def test_a_network_with_family_input_reads_the_family_level_and_older_specs_do_n
         run_network(reader, records, np.zeros((0, 4, 40), np.uint8), lookup)
     pred, _ = run_network(reader, with_family, np.zeros((0, 4, 40), np.uint8), lookup)
     assert np.isfinite(pred).all()
+
+
+def test_groups_no_training_record_had_are_hidden_at_prediction(tmp_path):
+    """A network whose training records never had a group (``FeatureSpec.absent``: a ``samples`` fold's records
+    have no neighbour) predicts every record as it trained, without that group: records with neighbours and the
+    same records without them give the same predictions (its neighbour weights kept their random start and moved
+    the predictions before); the spec round-trips through the bundle's JSON, and a spec without the field (every
+    network saved before it) hides nothing."""
+    from geximpute.fit.bundle import load_network, save_network
+    from geximpute.fit.train import absent_groups
+    from geximpute.model.inference import TrainedNetwork, run_network
+    from geximpute.science.promoters import PromoterLookup
+
+    rng = np.random.default_rng(8)
+    records = random_records(rng, 40, k_max=6, n_tissues=4)
+    empty = pa.array([[]] * records.num_rows, pa.list_(pa.float32()))
+    bare = records
+    for name in ("nb_value", "nb_logdist", "nb_gene_mean"):
+        bare = bare.set_column(bare.schema.get_field_index(name), name, empty)
+    bare = bare.set_column(bare.schema.get_field_index("nb_orient"), "nb_orient",
+                           pa.array([[]] * records.num_rows, pa.list_(pa.int8())))
+    bare = bare.set_column(bare.schema.get_field_index("nb_overlap"), "nb_overlap",
+                           pa.array([[]] * records.num_rows, pa.list_(pa.bool_())))
+    lookup = PromoterLookup.reference(np.full(records.num_rows, -1, np.int64))
+    no_promoters = np.zeros((0, 4, 40), np.uint8)
+    torch.manual_seed(0)
+    state = HybridNet(tiny_spec(use_promoter=False)).state_dict()
+    predictions = {}
+    for absent in ((), ("neighbours",)):
+        features = FeatureSpec(k_neighbours=5, n_tissues=4, promoter_length=40, absent=absent)
+        network = TrainedNetwork(tiny_spec(use_promoter=False), features, state, {})
+        predictions[absent] = [run_network(network, table, no_promoters, lookup)[0] for table in (records, bare)]
+        save_network(network, tmp_path / str(len(absent)))
+        assert load_network(tmp_path / str(len(absent))).features == features
+    with_them, without = predictions[()]
+    assert not np.allclose(with_them, without)  # the neighbours move an untrained network's predictions...
+    hidden, bare_hidden = predictions[("neighbours",)]
+    np.testing.assert_array_equal(hidden, bare_hidden)  # ... unless they are hidden as in its training
+    np.testing.assert_array_equal(hidden, without)
+    specs = json.loads((tmp_path / "1" / S.NETWORK_SPECS_FILE).read_text())
+    del specs["features"]["absent"]
+    (tmp_path / "1" / S.NETWORK_SPECS_FILE).write_text(json.dumps(specs))
+    assert load_network(tmp_path / "1").features.absent == ()
+    with pytest.raises(ValueError, match="unknown evidence group"):
+        FeatureSpec(k_neighbours=5, n_tissues=4, promoter_length=40, absent=("cousins",))
+    # the groups of records on disk: a fold without neighbours, as a samples fold's
+    import pyarrow.parquet as pq
+
+    (tmp_path / "fold").mkdir()
+    pq.write_table(bare, tmp_path / "fold" / "part.parquet")
+    assert absent_groups([tmp_path / "fold"]) == ("neighbours",)
+    pq.write_table(records, tmp_path / "fold" / "part.parquet")
+    assert absent_groups([tmp_path / "fold"]) == ()

@@ -31,7 +31,7 @@ import torch
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.fit.pretrain import gene_levels, pretrain_cnn, record_levels
-from geximpute.model.features import FeatureSpec, drop_groups, featurize, to_tensors
+from geximpute.model.features import GROUPS, FeatureSpec, drop_groups, featurize, to_tensors
 from geximpute.model.inference import TrainedNetwork
 from geximpute.model.network import HybridNet, NetworkSpec
 from geximpute.runtime.console import stage
@@ -407,6 +407,30 @@ def carries_family(dirs: list[Path]) -> bool:
     return any(S.FAMILY_LEVEL in n for n in names)
 
 
+#: training records read to tell which evidence groups the records have (:func:`absent_groups`)
+GROUP_SAMPLE_ROWS = 50_000
+
+
+def absent_groups(dirs: list[Path]) -> tuple[str, ...]:
+    """The evidence groups (:data:`geximpute.model.features.GROUPS`) that none of the first
+    :data:`GROUP_SAMPLE_ROWS` context records under ``dirs`` has: a task's folds hide them in every record (a
+    ``samples`` fold's records have no neighbour, a ``genes`` fold's no other tissue and no gene mean), so that a
+    group one record has, every record of the task may have."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    parts = [pads.dataset(str(d), format="parquet", partitioning="hive") for d in dirs]
+    table = (parts[0] if len(parts) == 1 else pads.dataset(parts)).head(
+        GROUP_SAMPLE_ROWS, columns=["nb_value", "tis_value", "gene_mean", "tissue_mean"])
+    if not table.num_rows:
+        return ()
+    has = {"neighbours": pc.max(pc.list_value_length(table["nb_value"])).as_py() > 0,
+           "tissues": pc.max(pc.list_value_length(table["tis_value"])).as_py() > 0,
+           "gene": any(np.isfinite(table[c].to_numpy(zero_copy_only=False)).any()
+                       for c in ("gene_mean", "tissue_mean"))}
+    return tuple(g for g in GROUPS if not has[g])
+
+
 def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_tissues: int,
                       lookup: PromoterLookup) -> dict:
     """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
@@ -426,7 +450,11 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
         promoter_length=config.promoter.length,
         value_center=float(np.mean(train_labels)),
         value_scale=float(np.std(train_labels)) or 1.0,
+        absent=absent_groups(run.train_dirs),
     )
+    if features.absent:
+        log.info("train: %s: no training record has its %s (the folds hide them as the task does); predictions "
+                 "hide them too", run.name, " or ".join(features.absent))
     # records that carry the family level (prepare's context.family) train a network that reads it
     family = carries_family(run.train_dirs)
     spec = NetworkSpec.of(config.model, n_tissues=n_tissues, promoter_length=config.promoter.length,

@@ -73,6 +73,10 @@ BATCH_KEYS = (
     "promoter_index_b",
 )
 
+#: the evidence groups of a record that :func:`drop_groups` hides, in its argument order
+GROUPS = ("neighbours", "tissues", "gene")
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """How records become arrays.
@@ -84,6 +88,10 @@ class FeatureSpec:
         promoter_length: L of the one-hot promoters.
         value_center: expression values enter the network as ``(v - value_center) / value_scale``.
         value_scale: see ``value_center``; > 0.
+        absent: the evidence groups (:data:`GROUPS`) that no training record had, so the network never learned
+            to read them (its weights for them kept their random start: every record of a ``samples`` fold has
+            no neighbour, every record of a ``genes`` fold no other tissue and no gene mean); prediction hides them
+            (:meth:`serving`) from records that have them, such as a measured sample's missing entries.
     """
 
     k_neighbours: int
@@ -91,8 +99,13 @@ class FeatureSpec:
     promoter_length: int
     value_center: float = 0.0
     value_scale: float = 1.0
+    absent: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "absent", tuple(self.absent))  # a list, as read back from JSON
+        unknown = [g for g in self.absent if g not in GROUPS]
+        if unknown:
+            raise ValueError(f"FeatureSpec.absent: unknown evidence group(s) {unknown}; expected some of {GROUPS}")
         for name in ("k_neighbours", "n_tissues", "promoter_length"):
             value = getattr(self, name)
             if not isinstance(value, int | np.integer) or value < 1:
@@ -101,6 +114,13 @@ class FeatureSpec:
             raise ValueError(f"FeatureSpec.value_scale: expected a finite number > 0, got {self.value_scale!r}")
         if not np.isfinite(self.value_center):
             raise ValueError(f"FeatureSpec.value_center: expected a finite number, got {self.value_center!r}")
+
+    def serving(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` (of :func:`featurize`) with the :attr:`absent` groups hidden, as :func:`drop_groups` hides a
+        group: what the network saw in training (the batch itself when nothing is absent)."""
+        if not self.absent:
+            return batch
+        return drop_groups(batch, np.random.default_rng(0), *(float(g in self.absent) for g in GROUPS))
 
     def standardise(self, values: np.ndarray) -> np.ndarray:
         """``(values - value_center) / value_scale`` as float32."""

@@ -226,7 +226,7 @@ def run_network(
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         for lo in range(0, n, chunk):
             part = records.slice(lo, chunk)
-            batch = featurize(part, network.features, lookup.for_records(part))
+            batch = network.features.serving(featurize(part, network.features, lookup.for_records(part)))
             batch.pop("target", None)
             tensors = to_tensors(batch)
             for start in range(0, part.num_rows, batch_size):
