@@ -613,7 +613,9 @@ class RayConfig:
             blocks' worth) where a worker's memory must not grow with the run.
         cpus_per_task: CPUs each Ray Data task or actor asks for; fractional so that read tasks still get
             scheduled on a 2-core machine.
-        concurrency: Ray Data actors building records.
+        concurrency: Ray Data actors building records in ``prepare`` and ``evaluate``, and the most Ray tasks run
+            at once where a step fits the stacked baselines per gene range or cuts each chromosome's shards
+            (``impute`` and ``nightly`` build their records with one context actor).
     """
 
     address: str | None = None
@@ -680,7 +682,8 @@ class ImputeConfig:
         gpu_wait_seconds: how long a run that uses GPUs waits for the autoscaler to add the GPUs it asks for
             (``gpus``, at least one) when the cluster has fewer; 0: none are asked for, the GPUs already there are
             used (a run that wants GPUs on a cluster without any stops at once, naming the setting).
-        model_dir: the model bundle (default ``<output_dir>/model``, as written by ``geximpute fit-head``).
+        model_dir: the model bundle (default ``<output_dir>/model``): where ``geximpute fit-head`` writes it and
+            ``impute``, ``nightly`` and ``variant-effects`` read it.
         out_dir: the Parquet output (default ``<output_dir>/predictions``); replaced as a whole by each run.
     """
 
@@ -791,6 +794,12 @@ class Config:
             self.baselines.distance_k,
             f"at most context.k_neighbours ({self.context.k_neighbours})",
         )
+
+    @property
+    def model_dir(self) -> Path:
+        """The model bundle's folder: ``impute.model_dir``, or ``<output_dir>/model``; where ``fit-head`` writes it
+        and ``impute``, ``nightly`` and ``variant-effects`` read it, unless told another."""
+        return Path(self.impute.model_dir or Path(self.output_dir) / "model")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (for manifests and bundles)."""

@@ -28,6 +28,10 @@ def test_load_resolves_paths_against_the_config_folder(write):
     assert config.inputs.genome is None and config.inputs.samples is None
     assert config.promoter == PromoterConfig(upstream=200, downstream=500)
     assert config.output_dir == str((path.parent / "geximpute-out").resolve())
+    # the model's folder, one rule for the step that writes it and those that read it
+    assert config.model_dir == path.parent.resolve() / "geximpute-out" / "model"
+    elsewhere = load_config(path, ["impute.model_dir=models/v2"])
+    assert elsewhere.model_dir == path.parent.resolve() / "models" / "v2"
 
 
 def test_config_is_frozen(write):

@@ -345,6 +345,11 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
     assert rc == 0 and f"impute plan: {result.n_rows:,} entries" in out and "no measured rate yet" in out
     assert "failed" not in err, err
     assert "stacked baselines fitted on 1 gene range(s)" in out
+    # with --include-observed the plan counts the measured entries too, as the run would write them
+    rc = main(["-q", "impute", "--config", str(data / "config.yaml"), "--model", str(bundle), "--out",
+               str(tmp_path / "new"), "--plan", "--include-observed", "--json"])
+    every, _ = capfd.readouterr()
+    assert rc == 0 and json.loads(every)["entries"] > result.n_rows
     # the stream's object-store budget: impute.blocks_in_flight blocks of the largest block's records
     from geximpute.steps.impute import imputation_problem, record_bytes
     largest = max(shard["entries"] for shard in plan["shards"])

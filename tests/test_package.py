@@ -47,7 +47,7 @@ def test_the_wheel_installs_only_geximpute_at_the_top(wheel: Path):
     missing = sorted(expected - set(names))
     assert not missing, f"pyproject.toml's package list misses: {missing}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "geximpute = geximpute.apps.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "geximpute = geximpute.apps.cli:run" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_installed_wheel_imports_as_geximpute(wheel: Path, tmp_path: Path):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,7 +186,10 @@ def cmd_impute(args: argparse.Namespace) -> int:
     from geximpute.steps.impute import format_plan, impute, impute_plan
 
     if args.plan:
-        plan = impute_plan(_load(args), model=args.model, out_dir=args.out, workers=args.workers)
+        config = _load(args)
+        if args.include_observed:  # the plan counts the entries the run would write
+            config = dataclasses.replace(config, impute=dataclasses.replace(config.impute, include_observed=True))
+        plan = impute_plan(config, model=args.model, out_dir=args.out, workers=args.workers)
         echo(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         return 0
     result = impute(_load(args), model=args.model, out_dir=args.out,
@@ -251,17 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Ray's and the libraries' logging live instead of only in the log file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # -q and -v also after the command (`geximpute inspect -q`), where they override what came before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only warnings and errors on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's and the libraries' logging live instead of only in the log file")
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("inspect", help="load and validate every input, print a summary")
+    p = add_parser("inspect", help="load and validate every input, print a summary")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("config-schema", help="print or write the JSON Schema of the YAML config, for editors")
+    p = add_parser("config-schema", help="print or write the JSON Schema of the YAML config, for editors")
     p.add_argument("--out", metavar="FILE", help="write the schema to FILE instead of printing it")
     p.set_defaults(func=cmd_config_schema)
 
-    p = sub.add_parser("synth", help="write a synthetic dataset with planted effects and its truth")
+    p = add_parser("synth", help="write a synthetic dataset with planted effects and its truth")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--genes", type=int, default=240, help="number of genes (default 240)")
@@ -275,18 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("demo", help="the main job on the real GTEx data: train, impute, Parquet, summary")
+    p = add_parser("demo", help="the main job on the real GTEx data: train, impute, Parquet, summary")
     p.add_argument("--out", default="geximpute-demo", metavar="DIR", help="output folder (default geximpute-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ingest", help="read the expression file once into Parquet by chromosome, for every later run")
+    p = add_parser("ingest", help="read the expression file once into Parquet by chromosome, for every later run")
     _add_config(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/expression)")
     _add_force(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("prepare", help="build promoter and context records with Ray Data (Parquet by chrom)")
+    p = add_parser("prepare", help="build promoter and context records with Ray Data (Parquet by chrom)")
     _add_config(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/records)")
     p.add_argument(
@@ -301,20 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train the CNN-transformer with Ray Train (TorchTrainer, DDP)")
+    p = add_parser("train", help="train the CNN-transformer with Ray Train (TorchTrainer, DDP)")
     _add_config(p)
     p.add_argument("--records", metavar="DIR", help="prepare output with training folds (default <output_dir>/records)")
     p.add_argument("--out", metavar="DIR", help="where the network goes (default <output_dir>/network)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("fit-head", help="fit the XGBoost head with Ray Train and write the model bundle")
+    p = add_parser("fit-head", help="fit the XGBoost head with Ray Train and write the model bundle")
     _add_config(p)
     p.add_argument("--records", metavar="DIR", help="prepare output with training folds (default <output_dir>/records)")
     p.add_argument("--network", metavar="DIR", help="trained network (default <output_dir>/network)")
-    p.add_argument("--out", metavar="DIR", help="bundle folder (default <output_dir>/model)")
+    p.add_argument("--out", metavar="DIR", help="bundle folder (default impute.model_dir, else <output_dir>/model)")
     p.set_defaults(func=cmd_fit_head)
 
-    p = sub.add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")
+    p = add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
@@ -323,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("submit", help="run a step on a Ray cluster as a Ray job, streaming its logs (token auth)")
-    p.add_argument("step", choices=list(SUBMIT_STEPS),
-                   help="the step (`pipeline`: prepare --training, train, fit-head, impute)")
+    p = add_parser("submit", help="run a step on a Ray cluster as a Ray job, streaming its logs (token auth)")
+    p.add_argument("step", choices=list(SUBMIT_STEPS), type=lambda step: step.replace("_", "-"),
+                   help="the step (`fit_head` as the jobs module is named is `fit-head`; `pipeline`: prepare "
+                        "--training --targets none, train, fit-head, impute)")
     p.add_argument("--address", metavar="URL",
                    help="the cluster's job server, e.g. http://127.0.0.1:8265 (default $RAY_API_SERVER_ADDRESS or "
                         "$RAY_ADDRESS); the token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
@@ -336,12 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send the token over plain http to a host that is not this machine (refused otherwise)")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("impute", help="predict every missing donor-tissue-gene entry into partitioned Parquet")
+    p = add_parser("impute", help="predict every missing donor-tissue-gene entry into partitioned Parquet")
     _add_config(p)
-    p.add_argument("--model", metavar="DIR", help="model bundle (default <output_dir>/model, from fit-head)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/predictions; replaced atomically)")
+    p.add_argument("--model", metavar="DIR",
+                   help="model bundle (default impute.model_dir, else <output_dir>/model, from fit-head)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default impute.out_dir, else <output_dir>/predictions; "
+                   "replaced atomically)")
     p.add_argument("--include-observed", action="store_true",
-                   help="also write the measured entries, with their measured value in `observed`")
+                   help="also write the measured entries, with their measured value in `observed` (each predicted "
+                        "without it)")
     p.add_argument("--plan", action="store_true",
                    help="print the shards, entries, expected peak memory per process and projected wall time; "
                         "run nothing")
@@ -351,21 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p)
     p.set_defaults(func=cmd_impute)
 
-    p = sub.add_parser("nightly", help="impute the new genomes of an inbox into a partition per run date")
+    p = add_parser("nightly", help="impute the new genomes of an inbox into a partition per run date")
     _add_config(p)
     p.add_argument("--run-date", metavar="YYYY-MM-DD",
                    help="the partition to write (default: the config's nightly.run_date, else today)")
     p.set_defaults(func=cmd_nightly)
 
-    p = sub.add_parser("variant-effects",
+    p = add_parser("variant-effects",
                        help="score every promoter variant by its predicted expression change per tissue (Parquet)")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
-    p.add_argument("--model", metavar="DIR", help="model bundle (default <output_dir>/model)")
+    p.add_argument("--model", metavar="DIR", help="model bundle (default impute.model_dir, else <output_dir>/model)")
     _add_force(p)
     p.set_defaults(func=cmd_variant_effects)
 
-    p = sub.add_parser("benchmark", help="measure every stage on synthetic data of a given scale (bench.json, plot)")
+    p = add_parser("benchmark", help="measure every stage on synthetic data of a given scale (bench.json, plot)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: bench.json, bench.png")
     p.add_argument("--genes", type=int, default=1000, help="genes at gene scale 1 (default 1000)")
     p.add_argument("--donors", type=int, default=100, help="donors at donor scale 1 (default 100)")
@@ -387,9 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work", action="store_true", help="keep DIR/work (data, records, bundle)")
     p.set_defaults(func=cmd_benchmark)
 
-    for name in SESSION_COMMANDS:  # also after the command: `geximpute evaluate -v ...`
-        sub.choices[name].add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                                       help="show Ray's and the libraries' logging live (also in the log file)")
     return parser
 
 
@@ -489,5 +505,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``geximpute`` command: :func:`main`, then the process ends with its status once what a normal exit runs
+    has run (the ``atexit`` handlers: logging's flush, a Ray session's shutdown, temporary folders), without the
+    interpreter's teardown of the native libraries (Arrow, torch, htslib), where a thread pool's destructor at times
+    aborted the process after an error had been reported (status 134 instead of 2, a few runs in a hundred)."""
+    try:
+        status = main()
+    except SystemExit as exc:  # argparse: usage errors, --help, --version
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        status = 130
+    except BaseException:  # what the interpreter would print, with its status
+        traceback.print_exc()
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -152,8 +152,8 @@ class ImputeResult:
 
 
 def model_dir(config: Config) -> Path:
-    """The bundle folder of ``config``: ``impute.model_dir`` or ``<output_dir>/model``."""
-    return Path(config.impute.model_dir or Path(config.output_dir) / "model")
+    """The bundle folder of ``config``: ``impute.model_dir`` or ``<output_dir>/model`` (:attr:`Config.model_dir`)."""
+    return config.model_dir
 
 
 def output_dir(config: Config) -> Path:
@@ -1194,8 +1194,8 @@ def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, 
     problem, targets, virtual = imputation_problem(config, dataset, matrix)
     n_virtual = int(virtual.sum())
     cut = entry_blocks(problem, targets, BLOCK_ENTRIES)
-    shards = [{"genes": [b.lo, b.hi], "chrom": str(problem.chroms[b.lo]), "donors": [b.donor_lo, b.donor_hi],
-               "entries": b.entries} for b in cut]
+    shards = [{"genes": [int(b.lo), int(b.hi)], "chrom": str(problem.chroms[b.lo]),
+               "donors": [int(b.donor_lo), int(b.donor_hi)], "entries": int(b.entries)} for b in cut]
     n_entries = int(row_sums(targets).sum())
     n_genes, n_samples = problem.values.shape
     mib = 1 / 2**20

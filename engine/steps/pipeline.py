@@ -52,8 +52,11 @@ STAGES = ("prepare", "train", "fit_head")
 
 
 def output_path(config: Config, given: str | Path | None, default: str) -> Path:
-    """``given``, or the folder ``default`` (``records``, ``network``, ``model``) of ``config.output_dir``."""
-    return Path(given) if given else Path(config.output_dir) / default
+    """``given``, or the folder ``default`` (``records``, ``network``, ``model``) of ``config.output_dir``; the
+    model's is :attr:`Config.model_dir` (``impute.model_dir`` where set: the bundle imputation reads)."""
+    if given:
+        return Path(given)
+    return config.model_dir if default == "model" else Path(config.output_dir) / default
 
 
 @dataclass

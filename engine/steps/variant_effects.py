@@ -90,7 +90,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     Args:
         config: the resolved config; needs ``inputs.variants`` and ``inputs.genome``.
         out_dir: output folder (replaced atomically).
-        model_dir: model bundle (default ``<output_dir>/model``).
+        model_dir: model bundle (default ``impute.model_dir``, else ``<output_dir>/model``).
         force: replace ``out_dir`` even when it is not an earlier variant-effects output.
 
     Returns:
@@ -102,7 +102,7 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     t0 = time.perf_counter()
     if not config.inputs.variants or not config.inputs.genome:
         raise ConfigError("geximpute variant-effects needs inputs.variants (a VCF) and inputs.genome (the FASTA)")
-    bundle_dir = Path(model_dir or Path(config.output_dir) / "model")
+    bundle_dir = Path(model_dir or config.model_dir)
     bundle = load_bundle(bundle_dir)
     dataset = load_dataset(config)
     problem, _ = make_problem(dataset, hidden_mask=False)
