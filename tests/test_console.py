@@ -177,3 +177,5 @@ def test_the_log_goes_into_the_folder_the_command_writes(synth_small, tmp_path):
     assert folder("impute", f"output_dir={tmp_path}") == tmp_path / "predictions"
     assert folder("impute", f"output_dir={tmp_path}", f"impute.out_dir={out}") == out  # where impute writes
     assert folder("nightly", f"output_dir={tmp_path}") == tmp_path  # beside the nightly dataset, not in it
+    assert folder("fit-head", f"output_dir={tmp_path}") == tmp_path / "model"
+    assert folder("fit-head", f"output_dir={tmp_path}", f"impute.model_dir={out}") == out  # where it writes

@@ -273,6 +273,12 @@ def test_check_compatible_names_the_key_that_differs(tmp_path):
     # record without these keys is not judged on them
     check_compatible({**recorded, "genotypes": None}, {**recorded, "genotypes": {"genotypes.missing": "error"}},
                      tmp_path, "the data")
+    # a strict policy (`error`) reads data with nothing to fill in: it matches a model of any policy, both ways;
+    # networks that do not read the family level (recorded null) take any prior
+    strict = {**recorded["genotypes"], "genotypes.missing": "error", "genotypes.unphased": "error"}
+    check_compatible(recorded, {**recorded, "genotypes": strict}, tmp_path, "the data")
+    check_compatible({**recorded, "genotypes": strict}, recorded, tmp_path, "the data")
+    check_compatible({**recorded, "family_shrinkage": None}, {**recorded, "family_shrinkage": 10.0}, tmp_path, "x")
     old = {k: v for k, v in recorded.items() if k not in ("promoter", "family_shrinkage")}
     check_compatible(old, {**recorded, "family_shrinkage": 10.0}, tmp_path, "the data")
     for key, value, needle in (

@@ -429,6 +429,8 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
         from geximpute.steps.impute import output_dir
 
         return output_dir(config)
+    if args.command == "fit-head":  # where it writes the bundle: impute.model_dir or <output_dir>/model
+        return config.model_dir
     # nightly's log stays in output_dir: its dataset (nightly.output) outlives each run
     return Path(config.output_dir) / _DEFAULT_FOLDERS.get(args.command, "")
 
@@ -525,6 +527,10 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    with contextlib.suppress(Exception):  # what native code buffered in C's stdio, as exit() would
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
     os._exit(status)
 
 

@@ -178,6 +178,9 @@ def compatibility(config: Config, gene_ids: Sequence[str], tissues: Sequence[str
     }
 
 
+#: policies whose ``error`` refuses what the others would fill in: data read under it have nothing to fill, so it
+#: matches a model of any of them (a strict imputation of a lenient model's data, or the reverse)
+STRICT_POLICIES = ("genotypes.missing", "genotypes.unphased")
 #: the settings (besides the data's) that shape a record's features, per compatibility key, by their config keys:
 #: a model read with others would be given features it never learned from (a window of another length, another
 #: policy for missing calls, another shrinkage of the genetic score)
@@ -214,14 +217,16 @@ def check_compatible(recorded: dict[str, Any] | None, data: dict[str, Any], fold
     for key in ("scale", "transform", "counts_normalisation", "k_neighbours", "max_distance"):
         if key in recorded and recorded[key] != data[key]:
             refuse(key, recorded[key], data[key])
-    if "family_shrinkage" in recorded and recorded["family_shrinkage"] != data["family_shrinkage"]:
+    # null where the model's networks do not read the family level (save_bundle)
+    if recorded.get("family_shrinkage") is not None and recorded["family_shrinkage"] != data["family_shrinkage"]:
         refuse("context.family_shrinkage", recorded["family_shrinkage"], data["family_shrinkage"])
     # a model without a genome or genomes, or data without them, is not judged on how they are read
     for key in FEATURE_SETTINGS:
         model, here = recorded.get(key), data.get(key)
         if model is not None and here is not None:
             for name in {**model, **here}:  # the first setting that differs, by its config key
-                if model.get(name) != here.get(name):
+                if model.get(name) != here.get(name) and not (name in STRICT_POLICIES and "error" in
+                                                              (model.get(name), here.get(name))):
                     refuse(name, model.get(name), here.get(name))
     if recorded.get("tissues") is not None and list(recorded["tissues"]) != list(data["tissues"]):
         model, here = list(recorded["tissues"]), list(data["tissues"])
@@ -258,6 +263,8 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
             bundle's :func:`compatibility`.
     """
     compat = compatibility(models.config, gene_ids, tissues) if tissues is not None else None
+    if compat is not None and not any(n.spec.family_input for n in models.networks()):
+        compat["family_shrinkage"] = None  # the networks do not read the family level: any prior fits
     folds = models.fold_networks or [models.network]
     with staged_output(folder, step="bundle") as staging:
         save_network(folds[0], staging, with_metrics=False)

@@ -214,7 +214,7 @@ def estimates_in_tasks(config: Config) -> Callable[..., dict[str, np.ndarray]]:
             while len(pending) >= config.ray.concurrency:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 results[pending.pop(done[0])] = ray.get(done[0])
-            pending[remote.remote(*call[:7], family_ref, call[8])] = i
+            pending[remote.remote(*call[:7], family_ref, *call[8:])] = i
         for ref, i in pending.items():
             results[i] = ray.get(ref)
         return [results[i] for i in range(len(calls))]

@@ -407,28 +407,29 @@ def carries_family(dirs: list[Path]) -> bool:
     return any(S.FAMILY_LEVEL in n for n in names)
 
 
-#: training records read to tell which evidence groups the records have (:func:`absent_groups`)
-GROUP_SAMPLE_ROWS = 50_000
-
-
 def absent_groups(dirs: list[Path]) -> tuple[str, ...]:
-    """The evidence groups (:data:`geximpute.model.features.GROUPS`) that none of the first
-    :data:`GROUP_SAMPLE_ROWS` context records under ``dirs`` has: a task's folds hide them in every record (a
-    ``samples`` fold's records have no neighbour, a ``genes`` fold's no other tissue and no gene mean), so that a
-    group one record has, every record of the task may have."""
+    """The evidence groups (:data:`geximpute.model.features.GROUPS`) that no context record under ``dirs`` has: a
+    task's folds hide them in every record (a ``samples`` fold's records have no neighbour, a ``genes`` fold's no
+    other tissue and no gene mean). Every record is read, a batch of the four columns at a time, until each group
+    has been seen once: a group that is there is found in the first batch, and one that is not is empty lists."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     parts = [pads.dataset(str(d), format="parquet", partitioning="hive") for d in dirs]
-    table = (parts[0] if len(parts) == 1 else pads.dataset(parts)).head(
-        GROUP_SAMPLE_ROWS, columns=["nb_value", "tis_value", "gene_mean", "tissue_mean"])
-    if not table.num_rows:
-        return ()
-    has = {"neighbours": pc.max(pc.list_value_length(table["nb_value"])).as_py() > 0,
-           "tissues": pc.max(pc.list_value_length(table["tis_value"])).as_py() > 0,
-           "gene": any(np.isfinite(table[c].to_numpy(zero_copy_only=False)).any()
-                       for c in ("gene_mean", "tissue_mean"))}
-    return tuple(g for g in GROUPS if not has[g])
+    seen = dict.fromkeys(GROUPS, False)
+    rows = 0
+    for batch in (parts[0] if len(parts) == 1 else pads.dataset(parts)).to_batches(
+            columns=["nb_value", "tis_value", "gene_mean", "tissue_mean"]):
+        if not batch.num_rows:
+            continue
+        rows += batch.num_rows
+        seen["neighbours"] |= pc.max(pc.list_value_length(batch.column("nb_value"))).as_py() > 0
+        seen["tissues"] |= pc.max(pc.list_value_length(batch.column("tis_value"))).as_py() > 0
+        seen["gene"] |= any(np.isfinite(batch.column(c).to_numpy(zero_copy_only=False)).any()
+                            for c in ("gene_mean", "tissue_mean"))
+        if all(seen.values()):
+            break
+    return tuple(g for g in GROUPS if not seen[g]) if rows else ()
 
 
 def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_tissues: int,

@@ -1069,12 +1069,13 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
             n_virtual = int(virtual.sum())
         targets = target_mask(problem, settings.donors, settings.tissues, include_observed)
     n_targets = int(row_sums(targets).sum())
-    if n_virtual and "neighbours" not in bundle.models.networks()[0].features.absent:
+    task = bundle.models.config.evaluation.task
+    if n_virtual and task != "samples" and "neighbours" not in bundle.models.networks()[0].features.absent:
         log.warning("impute: %d of the problem's %d samples are missing profiles, whose records have no neighbour; "
-                    "this model learned from records that had them (its folds hid entries, not whole samples: the "
-                    "network met records without them only in training's denoising, train.drop_neighbours, and "
-                    "its head never): a model built with evaluation.task: samples learns from records like them",
-                    n_virtual, problem.n_samples)
+                    "this model learned from records that had them (evaluation.task %s: the network met records "
+                    "without them only in training's denoising, train.drop_neighbours, and its head never): a "
+                    "model built with evaluation.task: samples learns from records like them",
+                    n_virtual, problem.n_samples, task)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=list(settings.donors), tissues=list(settings.tissues),
