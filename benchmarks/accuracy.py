@@ -76,7 +76,8 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
     t = time.perf_counter()
     baselines, tuning = tune_settings(problem, BASELINES, config.baselines, task, seed=seed,
                                       whole_donors=config.evaluation.whole_donors, composition=composition,
-                                      k_neighbours=config.context.k_neighbours)
+                                      k_neighbours=config.context.k_neighbours,
+                                      min_donors=config.evaluation.min_donors)
     seconds = {"load": round(t - t0, 2), "tuning": round(time.perf_counter() - t, 2)}
     order = np.lexsort((truth.sample_index, truth.gene_index))
     gi, si, observed = truth.gene_index[order], truth.sample_index[order], truth.values[order].astype(np.float64)
@@ -93,7 +94,7 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
         raise RuntimeError("the context records do not match the hidden entries one to one")
     gi, si, observed = gi[pos], si[pos], observed[pos]
     methods, skipped = make_methods(BASELINES, baselines, len(problem.donors), seed=config.seed,
-                                    composition=composition, task=task)
+                                    composition=composition, task=task, gene_names=problem.gene_names is not None)
     tissue, donor = problem.tissue_index[si], problem.donor_index[si]
     has_seq = ~np.isnan(composition).any(axis=1)
     results = {}
@@ -152,6 +153,10 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
             manifest = json.loads((path.parent / "_manifest.json").read_text())
             commits.add(given or manifest["versions"].get("geximpute_commit", "unknown"))
     runs.sort(key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--runs {spec}: seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} in more than "
+                         "one folder; give each seed once")
     evaluation = manifest["config"]["evaluation"]
     command = (f".venv/bin/geximpute evaluate --config {configs[label]} --set evaluation.task={evaluation['task']}"
                + ("" if evaluation["ablations"] else " --set evaluation.ablations=false")

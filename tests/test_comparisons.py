@@ -80,3 +80,37 @@ def test_summarise_seeds_mean_and_spread():
     assert out["methods"]["a"]["rmse"]["mean"] == 0.6
     assert abs(out["methods"]["a"]["rmse"]["sd"] - np.std([0.5, 0.7], ddof=1)) < 1e-12
     assert "pearson" not in out["methods"]["a"]
+
+
+def test_quartiles_by_rank_with_many_ties_and_seeds_of_one_definition():
+    """30% zeros no longer empty the first quartile into the second (the bins are equal by rank); a seeds summary
+    refuses runs of two metric definitions or of two evaluations."""
+    import pytest
+
+    from geximpute.science.comparisons import quartile_coverage
+
+    rng = np.random.default_rng(0)
+    value = np.where(rng.random(1000) < 0.3, 0.0, np.abs(rng.normal(3, 1, 1000)) + 0.01)
+    bins = quartile_coverage(np.ones(1000, bool), value)
+    assert [b["n"] for b in bins] == [250, 250, 250, 250]
+    assert bins[0]["low"] == bins[0]["high"] == 0.0 and bins[1]["low"] == 0.0
+    run = {"seed": 0, "task": "entries", "dataset": "x", "metrics_version": 2, "methods": {"a": {"rmse": 0.5}}}
+    with pytest.raises(ValueError, match="mix metric definitions"):
+        summarise_seeds([run, {**run, "seed": 1, "metrics_version": 1}])
+    with pytest.raises(ValueError, match="mix metric definitions"):
+        summarise_seeds([run, {**run, "seed": 1, "task": "genes"}])
+    assert summarise_seeds([run, {**run, "seed": 1}])["metrics_version"] == 2
+
+
+def test_the_bootstrap_resamples_the_genes_that_carry_the_across_donor_metric():
+    """Genes with no (gene, tissue) pair of enough donors carry nothing across donors: they are not resampled
+    (they thinned resamples out and made some all-empty ones, silently dropped) nor counted in n_genes."""
+    rng, gene, tissue, truth = hidden_entries(per_gene=30)
+    few = gene >= 30  # these genes keep 3 entries each: under min_donors
+    keep = ~few | (np.arange(len(gene)) % 30 < 3)
+    gene, tissue, truth = gene[keep], tissue[keep], truth[keep]
+    preds = {"hybrid": truth + rng.normal(scale=0.2, size=len(truth)),
+             "pairwise_regression": truth + rng.normal(scale=1.0, size=len(truth))}
+    out = paired_bootstrap(preds, truth, gene, tissue, "samples", n_boot=200, min_donors=5)
+    assert out["n_genes"] == len(np.unique(gene[gene < 30]))
+    assert out["comparisons"]["pairwise_regression"]["reference_better"]

@@ -194,6 +194,16 @@ def test_metrics_leave_undefined_correlations_out():
                  tissue_names=["T"], min_donors=3)
     assert good["across_donors_pearson_mean"] == pytest.approx(1.0)
     assert good["rmse"] == pytest.approx(0.1) and good["per_tissue"]["T"]["n"] == 8
+    # a method that tells the donors apart in one pair only is not scored on that pair alone: the constant pair
+    # counts as 0, as in the paired bootstrap's point estimate
+    from geximpute.science.comparisons import gene_stats, metric_from
+
+    half = np.where(gene == 0, 0.3, observed + 0.1)
+    mixed = score(half, observed, gene=gene, tissue=np.zeros(8, int), donor=np.arange(8), tissue_names=["T"],
+                  min_donors=3)
+    assert mixed["across_donors_pearson_mean"] == pytest.approx(0.5) and mixed["across_donors_pairs"] == 2
+    stats = gene_stats("across_donors_pearson_mean", half, observed, gene, 2, np.zeros(8, int), 3)
+    assert float(metric_from("across_donors_pearson_mean", stats.sum(axis=0))) == pytest.approx(0.5)
 
 
 def test_neighbours_carry_their_own_mean_level():

@@ -1472,8 +1472,9 @@ def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_inde
     return out
 
 
-#: folds of the measured entries that :func:`range_estimates` estimates without their own values
-OWN_VALUE_FOLDS = 5
+#: folds of the measured entries that :func:`range_estimates` estimates without their own values: each fit hides a
+#: quarter of them, as a training fold hides a quarter of the visible units (``train.fold_fraction``'s default)
+OWN_VALUE_FOLDS = 4
 
 
 @one_blas_thread

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from geximpute.science.metrics import _constant
+
 #: the headline metric of each task, and whether higher is better
 TASK_METRIC = {
     "samples": ("across_donors_pearson_mean", True),
@@ -45,12 +47,10 @@ def gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: n
             continue
         idx = order[lo:hi]
         x, y = pred[idx], observed[idx]
-        if np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max())) or np.ptp(y) <= 1e-12:
-            r = 0.0 if np.ptp(y) > 1e-12 else None  # a constant prediction tells no donor apart
-        else:
-            r = float(np.corrcoef(x, y)[0, 1])
-        if r is not None:
-            out[gene_code[idx[0]]] += (r, 1.0)
+        if _constant(y):  # nothing to tell apart (metrics.score's rule)
+            continue
+        r = 0.0 if _constant(x) else float(np.corrcoef(x, y)[0, 1])  # a constant prediction tells no donor apart
+        out[gene_code[idx[0]]] += (r, 1.0)
     return out
 
 
@@ -102,6 +102,14 @@ def paired_bootstrap(predictions: dict[str, np.ndarray], observed: np.ndarray, g
         return {}
     stats = {name: gene_stats(metric, np.asarray(p, np.float64), observed, code, n_genes, tissue, min_donors)
              for name, p in predictions.items()}
+    if metric == "across_donors_pearson_mean":
+        # the genes with a (gene, tissue) pair to score (the same for every method) are the units resampled: a
+        # gene without one only thinned a resample out, and a resample of none of them was dropped
+        informative = stats[reference][:, 1] > 0
+        if informative.sum() < 3:
+            return {}
+        stats = {name: s[informative] for name, s in stats.items()}
+        n_genes = int(informative.sum())
     point = {name: float(metric_from(metric, s.sum(axis=0))) for name, s in stats.items()}
     candidates = [n for n in predictions if n not in HYBRID_FAMILY and np.isfinite(point[n])]
     best = (max if higher else min)(candidates, key=lambda n: point[n]) if candidates else None
@@ -116,7 +124,7 @@ def paired_bootstrap(predictions: dict[str, np.ndarray], observed: np.ndarray, g
         if other == reference or other not in stats:
             continue
         diff = ref_boot - metric_from(metric, weights @ stats[other])
-        diff = diff[np.isfinite(diff)]
+        diff = diff[np.isfinite(diff)]  # every resample of informative genes is finite but for a degenerate one
         lo, hi = (float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))) if len(diff) else (None, None)
         out["comparisons"][other] = {
             "reference": point[reference],
@@ -157,10 +165,15 @@ def coverage_breakdown(observed: np.ndarray, lower: np.ndarray, upper: np.ndarra
 
 
 def quartile_coverage(inside: np.ndarray, value: np.ndarray) -> list[dict]:
-    """Coverage of ``inside`` within each quartile of ``value``."""
-    edges = np.quantile(value, [0.0, 0.25, 0.5, 0.75, 1.0])
-    q = np.clip(np.searchsorted(edges[1:-1], value, side="right"), 0, 3)
-    return [{"quartile": i + 1, "low": float(edges[i]), "high": float(edges[i + 1]),
+    """Coverage of ``inside`` within each quartile of ``value``: four bins of equal size by rank (ties broken by
+    position), so that many equal values (zeros) do not empty one quartile into the next; ``low``/``high`` are each
+    bin's smallest and largest value."""
+    n = len(value)
+    q = np.empty(n, np.int64)
+    q[np.argsort(value, kind="stable")] = np.arange(n) * 4 // max(n, 1)
+    return [{"quartile": i + 1,
+             "low": float(value[q == i].min()) if (q == i).any() else None,
+             "high": float(value[q == i].max()) if (q == i).any() else None,
              "coverage": float(inside[q == i].mean()) if (q == i).any() else None, "n": int((q == i).sum())}
             for i in range(4)]
 
@@ -179,9 +192,14 @@ def summarise_seeds(runs: list[dict]) -> dict:
         return {"mean": float(np.mean(vals)) if vals else None,
                 "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "values": values}
 
+    versions = {r.get("metrics_version", 1) for r in runs}
+    kinds = {(r["task"], r["dataset"]) for r in runs}
+    if len(versions) > 1 or len(kinds) > 1:
+        raise ValueError(f"summarise_seeds: the runs mix metric definitions {sorted(versions)} or (task, dataset) "
+                         f"{sorted(kinds)}; summarise runs of one evaluation, written by one metrics version")
     methods = sorted({m for r in runs for m in r["methods"]})
     out: dict = {"seeds": [r["seed"] for r in runs], "task": runs[0]["task"], "dataset": runs[0]["dataset"],
-                 "methods": {}}
+                 "metrics_version": versions.pop(), "methods": {}}
     for name in methods:
         entry = {}
         for key in SEED_METRICS:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+#: the definitions of metrics.json's figures: 2 since a pair whose prediction is constant across donors counts as 0
+#: in ``across_donors_pearson_mean`` (left out before); seeds summaries refuse to mix versions
+METRICS_VERSION = 2
+
 
 def _constant(x: np.ndarray) -> bool:
     # exact ties can still give a tiny non-zero std through rounding in the mean
@@ -45,7 +49,9 @@ def score(
     Returns:
         ``{"pearson", "spearman", "rmse", "r2", "per_tissue", "across_donors_pearson_mean",
         "low_expressed_pearson", "n"}``. ``across_donors_pearson_mean`` is the mean over (gene, tissue) pairs
-        with at least ``min_donors`` hidden donors of the Pearson across those donors (null without such pairs).
+        with at least ``min_donors`` hidden donors whose values differ of the Pearson across those donors, a
+        prediction that is the same for every donor of a pair counting as 0 (null without such pairs, or for a
+        method that predicts no pair's donors apart).
         ``low_expressed_pearson`` is the Pearson over entries of the quartile of genes with the lowest mean
         observed value.
     """
@@ -66,7 +72,11 @@ def score(
         per_tissue[tissue_names[t]] = {"pearson": _pearson(predicted[m], observed[m]), "n": int(m.sum())}
     out["per_tissue"] = per_tissue
 
-    across = []
+    # a pair whose prediction is the same for every donor tells no donor apart: it counts as 0, as in the paired
+    # bootstrap (geximpute.science.comparisons.gene_stats), so that a method is not scored on the pairs it varies
+    # in alone (the Geuvadis hybrid, constant where a gene has no genetic score: 0.138 over those pairs, 0.096 over
+    # all); a method constant in every pair has no across-donor figure
+    across, varied = [], 0
     if len(np.unique(donor)) > 1:
         key = gene.astype(np.int64) * (int(tissue.max()) + 1) + tissue
         order = np.argsort(key, kind="stable")
@@ -74,9 +84,13 @@ def score(
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             if hi - lo >= min_donors:
                 idx = order[lo:hi]
+                if _constant(observed[idx]):
+                    continue
                 r = _pearson(predicted[idx], observed[idx])
-                if r is not None:
-                    across.append(r)
+                varied += r is not None
+                across.append(0.0 if r is None else r)
+    if not varied:
+        across = []
     out["across_donors_pearson_mean"] = float(np.mean(across)) if across else None
     out["across_donors_pairs"] = len(across)
 

@@ -28,7 +28,7 @@ from geximpute.runtime.provenance import manifest, write_json
 from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
-from geximpute.science.metrics import _constant, _pearson, score
+from geximpute.science.metrics import METRICS_VERSION, _constant, _pearson, score
 from geximpute.science.problem import SPLITS, annotated_rows, evaluation_hidden
 from geximpute.steps.html_report import evaluation_sections, write_report
 from geximpute.steps.prepare import Prepared, prepare, promoter_tables
@@ -181,6 +181,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         comparisons = {k: v for k, v in comparisons.items() if v}
         metrics = {
             "dataset": config.name,
+            "metrics_version": METRICS_VERSION,
             "task": config.evaluation.task,
             "seed": config.evaluation.seed,
             "fraction": config.evaluation.fraction,
@@ -258,10 +259,11 @@ GENETIC_METHODS = ("hybrid", "hybrid_reference", "elastic_net")
 def genetic_comparisons(config: Config, predictions: dict, observed: np.ndarray, gene: np.ndarray,
                         tissue: np.ndarray, flags: tuple[np.ndarray, np.ndarray],
                         gene_ids: np.ndarray | None = None) -> dict:
-    """Paired bootstrap over genes of the hybrid against ``elastic_net`` and ``hybrid_reference`` (across-donor
-    Pearson for held-out donors), on the genes with a cis variant, split by whether one lies in the promoter, and,
-    where the planted truth names each gene's kind of genetic effect (``evaluation.heritability`` with a
-    ``genetic_effect`` column, and ``gene_ids`` given), on the genes of each kind (``genetic_effect_<kind>``)."""
+    """Paired bootstrap over genes of the hybrid against ``elastic_net`` and ``hybrid_reference`` (in the task's
+    headline metric: across-donor Pearson for held-out donors), on the genes with a cis variant, split by whether
+    one lies in the promoter, and, where the planted truth names each gene's kind of genetic effect
+    (``evaluation.heritability`` with a ``genetic_effect`` column, and ``gene_ids`` given), on the genes of each
+    kind (``genetic_effect_<kind>``)."""
     n_cis, promoter_variant = flags
     against = [m for m in ("elastic_net", "hybrid_reference") if m in predictions]
     if "hybrid" not in predictions or not against:
@@ -513,7 +515,9 @@ def report(metrics: dict) -> str:
             "",
             f"## Across held-out donors, per gene ({genetic['n_genes']} genes)",
             "",
-            "Pearson across the hidden donors of each (gene, tissue), averaged over the gene's tissues; a model that "
+            "Pearson across the hidden donors of each (gene, tissue), averaged over the gene's tissues, then over "
+            "the genes (each gene weighs the same; the methods table and the paired intervals weigh each (gene, "
+            "tissue) pair the same, which differs where genes have different numbers of tissues); a model that "
             "predicts every donor alike scores 0.",
             "",
             "| genes | " + " | ".join(names) + (" | ceiling sqrt(h2) |" if "ceiling" in genetic["mean"] else " |"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from geximpute import __version__
+from geximpute.science.metrics import _constant
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -224,11 +225,11 @@ def across_individual_correlations(predictions: dict[str, np.ndarray], observed:
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         idx = order[lo:hi]
         y = observed[idx]
-        if hi - lo < max(min_donors, 3) or np.ptp(y) == 0:
+        if hi - lo < max(min_donors, 3) or _constant(y):  # the rule of metrics.score and the bootstrap
             continue
         for name, pred in predictions.items():
             x = pred[idx]
-            out[name].append(0.0 if np.ptp(x) == 0 else float(np.corrcoef(x, y)[0, 1]))
+            out[name].append(0.0 if _constant(x) else float(np.corrcoef(x, y)[0, 1]))
     return {name: np.asarray(v) for name, v in out.items()}
 
 
