@@ -261,6 +261,20 @@ def test_head_does_not_lose_to_the_best_of_its_estimate_columns():
     assert rmse(fit_head_in_process(x, y, valid, config)) > best_column * 1.05
     estimate, lower, upper = blended.predict(x_new)
     assert 0.72 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.88
+    # a negative conformal amount (held-out rows quieter than the band) narrows it, never inside out
+    import dataclasses
+
+    narrowed = dataclasses.replace(blended, conformal=-50.0, conformal_edges=None, conformal_bins=None)
+    estimate, lower, upper = narrowed.predict(x_new)
+    assert np.all(lower <= estimate) and np.all(estimate <= upper)
+    # too few held-out rows to stop the trees and calibrate on: a clear error (a reshape error, or an interval
+    # calibrated on two rows, before)
+    from geximpute.errors import GeximputeError
+
+    few = np.zeros(len(y), bool)
+    few[:2] = True
+    with pytest.raises(GeximputeError, match="2 held-out row"):
+        fit_head_in_process(x, y, few, config, estimates=[4, 5])
 
 
 def test_head_fitted_on_one_member_predicts_for_the_members_mean():

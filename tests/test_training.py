@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -519,3 +521,41 @@ def test_train_on_its_own_removes_its_matrix_before_the_networks_train(tiny_mode
         assert got.train_dirs == want.train_dirs
         for a, b in zip(got.levels, want.levels, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_of_the_same_name_resumes_only_what_it_trains(tmp_path, caplog):
+    """A second `train` or `build` into the same network folder (new records, another seed) starts afresh: its
+    Ray Train run of the same name held the earlier run's checkpoints, and their finished networks came back as
+    the new run's. A rerun of the same records and settings (after a crash) resumes; so does one with other
+    workers or CPUs."""
+    import dataclasses
+
+    from geximpute.config import config_from_dict
+    from geximpute.fit.train import NetworkRun, _run_fingerprint, _start_or_resume
+
+    records = tmp_path / "records"
+    (records / "train" / "fold=0").mkdir(parents=True)
+    (records / "_manifest.json").write_text('{"run": 1}')
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}})
+    runs = [NetworkRun("fold0", [records / "train" / "fold=0"])]
+    first = _run_fingerprint(config, runs, records)
+    run_dir = tmp_path / "runs" / "hybrid_folds"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_000001").mkdir()
+    _start_or_resume(run_dir, first)  # no fingerprint yet: a run of unknown origin is not resumed
+    assert not run_dir.exists()
+    run_dir.mkdir()
+    (run_dir / "checkpoint_000001").mkdir()
+    more_workers = dataclasses.replace(config, train=dataclasses.replace(config.train, num_workers=2))
+    assert _run_fingerprint(more_workers, runs, records) == first
+    with caplog.at_level("INFO", logger="geximpute.fit.train"):
+        _start_or_resume(run_dir, first)  # the same: resumed
+    assert (run_dir / "checkpoint_000001").is_dir() and "resuming the run" in caplog.text
+    other_seed = dataclasses.replace(config, seed=1)
+    assert _run_fingerprint(other_seed, runs, records) != first
+    (records / "_manifest.json").write_text('{"run": 2}')  # prepare ran again
+    second = _run_fingerprint(config, runs, records)
+    assert second != first
+    _start_or_resume(run_dir, second)
+    assert not run_dir.exists()
+    assert json.loads((run_dir.parent / ".hybrid_folds.fingerprint.json").read_text()) == second

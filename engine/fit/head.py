@@ -51,6 +51,7 @@ import pyarrow as pa
 
 from geximpute import schema as S
 from geximpute.config import HeadConfig
+from geximpute.errors import GeximputeError
 from geximpute.runtime.console import stage
 from geximpute.runtime.raytools import progress_callbacks
 
@@ -265,8 +266,10 @@ class HeadModel:
             features, missing=np.nan, base_margin=None if margin is None else np.repeat(margin[:, None], 2, axis=1)
         ).reshape(len(features), -1)
         widening = self.widening(point)
-        lower = np.minimum(bounds[:, 0], bounds[:, -1]) - widening
-        upper = np.maximum(bounds[:, 0], bounds[:, -1]) + widening
+        # a negative conformal amount (the quantile booster's band wider than its held-out rows needed) narrows
+        # the band; it never turns it inside out nor leaves the estimate outside its own interval
+        lower = np.minimum(np.minimum(bounds[:, 0], bounds[:, -1]) - widening, point)
+        upper = np.maximum(np.maximum(bounds[:, 0], bounds[:, -1]) + widening, point)
         return point, lower, upper
 
     def save(self, folder: Path) -> None:
@@ -612,6 +615,20 @@ def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, e
     return blend, blend.margin(features)
 
 
+#: fewest held-out rows the head stops its trees and calibrates its interval on (under 4 the finite-sample
+#: conformal level exceeds 1 for an 80% interval)
+MIN_HELD_OUT = 4
+
+
+def _require_held_out(valid: np.ndarray, name: str) -> None:
+    n = int(np.count_nonzero(valid))
+    if n < MIN_HELD_OUT:
+        raise GeximputeError(
+            f"{name}: {n} held-out row(s) to stop the head's trees and calibrate its interval on; at least "
+            f"{MIN_HELD_OUT} are needed (the task's units are held out by a seeded hash of about 15%, or the "
+            "validation chromosomes split.valid_chroms): give more samples, donors or genes")
+
+
 def fit_head_in_process(
     features: np.ndarray,
     labels: np.ndarray,
@@ -628,6 +645,7 @@ def fit_head_in_process(
 ) -> HeadModel:
     """The head of :func:`fit_head` (the same blend, boosters and conformal step) boosted in this process, without
     Ray Train: for small tables, where starting an ``XGBoostTrainer`` costs more than the fit."""
+    _require_held_out(valid, "head")
     blend, margin = _blend_margin(features, labels, valid, estimates, members, groups, level)
     n_q = len(config.quantiles)
     train = _matrices(features[~valid], labels[~valid], None if margin is None else margin[~valid], n_q)
@@ -683,6 +701,7 @@ def fit_head(
             number of trees is chosen on the training rows as well, each estimated by trees boosted on the other
             folds of units (:func:`_cross_validated`), beside the held-out rows; None: on the held-out rows alone.
     """
+    _require_held_out(valid, name)
     if len(labels) < config.ray_min_rows:
         t0 = time.perf_counter()
         head = fit_head_in_process(features, labels, valid, config, seed=seed, estimates=estimates, members=members,

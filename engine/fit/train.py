@@ -14,13 +14,19 @@ kept.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -432,6 +438,54 @@ def absent_groups(dirs: list[Path]) -> tuple[str, ...]:
     return tuple(g for g in GROUPS if not seen[g]) if rows else ()
 
 
+#: beside a Ray Train run's folder: what it trains (:func:`_run_fingerprint`), so that a run of the same name is
+#: resumed only when it trains the same networks on the same records
+RUN_FINGERPRINT = ".{name}.fingerprint.json"
+
+
+def _run_fingerprint(config: Config, runs: list[NetworkRun], records_dir: Path,
+                     resume_from: Any = None) -> dict[str, Any]:
+    """What a training run trains: the records (their prepare manifest, or the folds' files by name, size and
+    time), the networks and their folds, and every setting that moves the weights (not how many workers or CPUs
+    train them, which a resumed run may change)."""
+    manifest = Path(records_dir) / "_manifest.json"
+    if manifest.is_file():
+        records = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    else:
+        files = sorted(p for run in runs for d in run.train_dirs for p in Path(d).rglob("*.parquet"))
+        records = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                           for p in files).encode()).hexdigest()
+    train = {k: v for k, v in dataclasses.asdict(config.train).items()
+             if k not in ("num_workers", "cpus_per_worker", "use_gpu", "max_failures")}
+    settings = {"train": train, "model": dataclasses.asdict(config.model), "seed": config.seed,
+                "promoter": dataclasses.asdict(config.promoter), "context": dataclasses.asdict(config.context),
+                "split": dataclasses.asdict(config.split), "task": holdout_task(config)}
+    return {"records": records,
+            "networks": [[run.name, [str(d) for d in run.train_dirs], run.use_promoter, run.use_context]
+                         for run in runs],
+            "settings": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
+            "resume_from": None if resume_from is None else str(resume_from.path)}
+
+
+def _start_or_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Keep ``run_dir`` (Ray Train resumes a run of the same name from its checkpoints) only when it trains what
+    ``fingerprint`` says; a run of other records or settings (an earlier ``train`` or ``build`` into the same
+    folder) is removed first, or its finished networks would come back as this run's. The fingerprint is written
+    beside the run's folder before it starts."""
+    mark = run_dir.parent / RUN_FINGERPRINT.format(name=run_dir.name)
+    recorded = None
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads(mark.read_text())
+    if run_dir.exists() and recorded != fingerprint:
+        log.warning("train %s: %s holds a run of other records or settings (%s); it is removed and training starts "
+                    "afresh", run_dir.name, run_dir, "no fingerprint" if recorded is None else "another fingerprint")
+        shutil.rmtree(run_dir)
+    elif run_dir.exists():
+        log.info("train %s: resuming the run in %s (the same records and settings)", run_dir.name, run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps(fingerprint))
+
+
 def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_tissues: int,
                       lookup: PromoterLookup) -> dict:
     """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
@@ -545,6 +599,7 @@ def train_networks(
         "resume_path": resume_from.path if resume_from is not None else None,
         "task": holdout_task(config),
     }
+    _start_or_resume(Path(storage) / name, _run_fingerprint(config, runs, records_dir, resume_from))
     log.info("train %s: %d network(s) (%s), %d promoters, %d worker(s)%s", name, len(runs),
              ", ".join(run.name for run in runs), len(promoters), tc.num_workers, " with GPU" if tc.use_gpu else "")
     progress = stage(f"train: {name}", total=tc.epochs * len(runs), unit="epochs")
