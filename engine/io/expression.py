@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -787,11 +788,10 @@ def fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: n
     live: a fold folded again (prepare's records, then its out-of-fold baselines) is not computed twice.
     """
     key = _fold_key(fold)
-    for scaling_ref, values_ref, fold_key, factors in _FOLDS:
-        if scaling_ref() is scaling and values_ref() is values and fold_key == key:
-            return factors.copy()
-    factors = _fold_factors(scaling, values, fold)
-    _remember(_FOLDS, (scaling, values), (key, factors), keep=8)
+    factors = _recall(_FOLDS, (scaling, values), key)
+    if factors is None:
+        factors = _fold_factors(scaling, values, fold)
+        _remember(_FOLDS, (scaling, values), key, factors, keep=8)
     return factors.copy()
 
 
@@ -830,30 +830,39 @@ def _fold_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, fold: 
 #: the median-of-ratios factors over a problem's rows, every visible entry in, per (scaling, values) pair (weak
 #: references: an entry never keeps a matrix alive, and a dead one is never matched): each fold of one problem
 #: divides by the same (18 s at 20,000 x 17,382 here)
-_BASIS: list[tuple[weakref.ref, weakref.ref, np.ndarray]] = []
+_BASIS: list[tuple[tuple[weakref.ref, ...], Any, np.ndarray]] = []
 #: each fold's factors per (scaling, values, fold mask's content): prepare cuts a fold's records and the
 #: out-of-fold baselines estimate its entries, each folding the same problem (a median of ratios is 18 s a fold at
 #: 20,000 x 17,382 here)
-_FOLDS: list[tuple[weakref.ref, weakref.ref, tuple, np.ndarray]] = []
+_FOLDS: list[tuple[tuple[weakref.ref, ...], Any, np.ndarray]] = []
 
 
-def _remember(cache: list, owners: tuple, entry: tuple, keep: int) -> None:
-    """Append ``(weakref(owner)..., *entry)`` to ``cache``, dropping entries whose owners died and all but the
-    last ``keep``; an owner that takes no weak reference is not cached (computed each time)."""
+def _recall(cache: list, owners: tuple, key: Any = None) -> Any:
+    """The value :func:`_remember` stored in ``cache`` for these very ``owners`` (by identity, while they live) and
+    ``key``; None when there is none."""
+    for refs, entry_key, value in cache:
+        if entry_key == key and all(r() is o for r, o in zip(refs, owners, strict=True)):
+            return value
+    return None
+
+
+def _remember(cache: list, owners: tuple, key: Any, value: Any, keep: int) -> None:
+    """Store ``value`` in ``cache`` for ``owners`` (weak references: an entry never keeps them alive, and a dead
+    one is never matched) and ``key``, dropping entries whose owners died and all but the last ``keep``; an owner
+    that takes no weak reference is not cached (computed each time)."""
     try:
         refs = tuple(weakref.ref(o) for o in owners)
     except TypeError:
         return
-    cache[:] = [e for e in cache if all(r() is not None for r in e[: len(owners)])][-(keep - 1):]
-    cache.append((*refs, *entry))
+    cache[:] = [e for e in cache if all(r() is not None for r in e[0])][-(keep - 1):]
+    cache.append((refs, key, value))
 
 
 def _basis_factors(scaling: CountScaling, values: np.ndarray | MatrixFile) -> np.ndarray:
-    for scaling_ref, values_ref, factors in _BASIS:
-        if scaling_ref() is scaling and values_ref() is values:
-            return factors
-    factors = size_factors(_FoldCounts(scaling, values, None), scaling.method)
-    _remember(_BASIS, (scaling, values), (factors,), keep=4)
+    factors = _recall(_BASIS, (scaling, values))
+    if factors is None:
+        factors = size_factors(_FoldCounts(scaling, values, None), scaling.method)
+        _remember(_BASIS, (scaling, values), None, factors, keep=4)
     return factors
 
 
@@ -887,14 +896,14 @@ def new_sample_factors(scaling: CountScaling, values: np.ndarray | MatrixFile, c
     return np.where(usable, np.exp(median) * norm, own)
 
 
-_REFERENCES: list[tuple[weakref.ref, weakref.ref, np.ndarray, float]] = []
+_REFERENCES: list[tuple[tuple[weakref.ref, ...], Any, tuple[np.ndarray, float]]] = []
 
 
 def _cohort_reference(scaling: CountScaling, values: np.ndarray | MatrixFile) -> tuple[np.ndarray, float]:
     """(each row's log pseudo-reference over the cohort, the per-million constant) of :func:`new_sample_factors`."""
-    for scaling_ref, values_ref, log_ref, norm in _REFERENCES:
-        if scaling_ref() is scaling and values_ref() is values:
-            return log_ref, norm
+    known = _recall(_REFERENCES, (scaling, values))
+    if known is not None:
+        return known
     n_genes, n_samples = values.shape
     picked = np.unique(np.linspace(0, n_samples - 1, min(n_samples, REFERENCE_SAMPLES)).round().astype(np.int64))
     log_ref = np.full(n_genes, np.nan)
@@ -913,7 +922,7 @@ def _cohort_reference(scaling: CountScaling, values: np.ndarray | MatrixFile) ->
         norms = scaling.factors[picked] / np.exp(medians)
     norms = norms[seen & np.isfinite(norms) & (norms > 0)]
     norm = float(np.median(norms)) if len(norms) else 1.0
-    _remember(_REFERENCES, (scaling, values), (log_ref, norm), keep=2)
+    _remember(_REFERENCES, (scaling, values), None, (log_ref, norm), keep=2)
     return log_ref, norm
 
 
