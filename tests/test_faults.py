@@ -11,6 +11,7 @@ keys afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -125,11 +126,21 @@ def bundle(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def previous(bundle, data, tmp_path_factory):
-    """A committed impute output (the 'previous run' that faults must not damage)."""
-    out = tmp_path_factory.mktemp("faults-out") / "predictions"
-    config = load_config(data / "config.yaml", [f"output_dir={out.parent}"])
-    return config, impute(config, model=bundle, out_dir=out)
+def previous(tiny_imputation, data, tmp_path_factory):
+    """A committed impute output (the 'previous run' that faults must not damage): a copy of the session's
+    imputation of the tiny data with the tiny bundle (its output folder, a relative link, and the versions store
+    beside it), so that a fault that did damage it damages no other module's fixture."""
+    import shutil
+
+    _, result = tiny_imputation
+    work = tmp_path_factory.mktemp("faults-out")
+    out = work / result.out_dir.name
+    version = resolve(result.out_dir)  # only the version it names (other modules may commit newer ones)
+    shutil.copytree(version, store_of(out) / version.name)
+    out.symlink_to(Path(store_of(out).name) / version.name)  # relative, as the engine links
+    assert resolve(out) == store_of(out) / version.name and len(read_output(out)) == result.n_rows
+    config = load_config(data / "config.yaml", [f"output_dir={work}"])
+    return config, dataclasses.replace(result, out_dir=out)
 
 
 def _fingerprint(folder: Path) -> dict[str, int]:
