@@ -527,3 +527,50 @@ def test_a_vcf_whose_contig_is_shorter_than_the_fasta_record_is_refused(tmp_path
         v = read_variants(geuvadis / "1000G_phase1_chr22_hg19_unphased.vcf.gz", piece, genome_partial=True,
                           regions=[("chr22", 16_000_000, 16_100_000)], samples=["HG00096"])
         assert v.sites.num_rows > 0 and v.report["n_ref_mismatch"] == 0
+
+
+def test_a_measured_entrys_genetic_score_never_reads_its_own_value(synth_small, tmp_path):
+    """Imputing measured entries too (``include_observed``): the cis-genetic score in a measured target's record is
+    fitted without that entry's value (its fold of the measured targets hidden), as a training record's was; the
+    whole problem's fit, which read it, moves with it. A missing entry's score is the whole problem's."""
+    import pyarrow as pa
+
+    from geximpute.science.shards import shard_records
+    from geximpute.steps.impute import imputation_problem
+    from geximpute.steps.prepare import context_shards, read_shard
+
+    config = load_config(synth_small / "config.yaml", ["impute.include_observed=true"])
+    problem, targets, _ = imputation_problem(config)
+    assert problem.genomes is not None
+    scores, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
+                               len(problem.tissues), config.context.genetic_shrinkage)
+    # a few genes with a genetic score, all of their entries (measured and missing) targets
+    genes = np.flatnonzero(np.isfinite(scores).any(axis=1) & (np.abs(np.nan_to_num(scores)).max(axis=1) > 0))[:6]
+    assert len(genes) == 6
+    mask = np.zeros_like(targets)
+    mask[genes] = targets[genes]
+    measured = mask & ~np.isnan(problem.values)
+    assert measured.any() and (mask & np.isnan(problem.values)).any()
+
+    def records(p, name):
+        paths, _ = context_shards(config, p, mask, None, tmp_path / name)
+        table = pa.concat_tables([shard_records(read_shard(path), config.context.k_neighbours, None) for path in paths])
+        assert "_genetic_score_own_value_free" not in table.column_names
+        g, s = table["gene_index"].to_numpy(), table["sample_index"].to_numpy()
+        grid = np.full(problem.values.shape, np.nan, np.float32)
+        grid[g, s] = table["genetic_score"].to_numpy(zero_copy_only=False)
+        return grid
+
+    before = records(problem, "before")
+    missing = mask & np.isnan(problem.values)
+    whole = scores[:, problem.donor_index]
+    np.testing.assert_allclose(before[missing], whole[missing], rtol=1e-5, atol=1e-6)
+    assert np.abs(before[measured] - whole[measured]).max() > 1e-4  # measured: not the whole fit's
+    gi, si = np.argwhere(measured)[[0, len(np.argwhere(measured)) // 2]].T
+    moved = problem.values.copy()
+    moved[gi, si] += 5.0
+    after = records(dataclasses.replace(problem, values=moved), "after")
+    np.testing.assert_allclose(after[gi, si], before[gi, si], rtol=1e-5, atol=1e-6)  # its own value: no effect
+    again, _ = genetic_scores(problem.genomes, moved, problem.tissue_index, problem.donor_index,
+                              len(problem.tissues), config.context.genetic_shrinkage)
+    assert np.abs(again[gi, problem.donor_index[si]] - scores[gi, problem.donor_index[si]]).min() > 1e-3

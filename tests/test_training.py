@@ -559,3 +559,31 @@ def test_a_run_of_the_same_name_resumes_only_what_it_trains(tmp_path, caplog):
     _start_or_resume(run_dir, second)
     assert not run_dir.exists()
     assert json.loads((run_dir.parent / ".hybrid_folds.fingerprint.json").read_text()) == second
+
+
+def test_a_network_without_validation_rows_is_refused_before_it_trains(synth_small, tmp_path):
+    """Without validation rows every epoch's loss reads 0 and the first epoch's weights would be kept: a run whose
+    holdout leaves none is refused, naming the network, its records and what to change."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geximpute import schema as S
+    from geximpute.config import load_config
+    from geximpute.errors import GeximputeError
+    from geximpute.fit.train import NetworkRun, _network_settings, holdout, holdout_grid
+
+    config = load_config(synth_small / "config.yaml", ["evaluation.task=genes"])
+    # two genes that the seeded 15% of genes leaves in training
+    kept = np.flatnonzero(~holdout_grid("genes", 50, 1, config.seed)[:, 0])[:2]
+    n = 2 * 5
+    table = pa.table({"target": np.linspace(0, 1, n), "split": ["train"] * n,
+                      "gene_index": np.repeat(kept, 5), "sample_index": np.tile(np.arange(5), 2),
+                      "chrom": ["chr1"] * n, S.DONOR_ID: [f"D{i}" for i in np.tile(np.arange(5), 2)]})
+    folder = tmp_path / "fold=0"
+    folder.mkdir()
+    pq.write_table(table, folder / "part-0.parquet")
+    assert not holdout(table, "genes", False, config.seed).any()  # two genes, neither drawn into the 15%
+    run = NetworkRun("tiny_fold0", [folder])
+    with pytest.raises(GeximputeError, match=r"train tiny_fold0: 10 training records in .*fold=0 leave no "
+                                             r"validation rows after the holdout of the genes task"):
+        _network_settings(config, run, np.array([f"g{i}" for i in range(50)], dtype=object), 4, None)

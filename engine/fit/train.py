@@ -36,6 +36,7 @@ import torch
 
 from geximpute import schema as S
 from geximpute.config import Config
+from geximpute.errors import GeximputeError
 from geximpute.fit.pretrain import gene_levels, pretrain_cnn, record_levels
 from geximpute.model.features import GROUPS, FeatureSpec, drop_groups, featurize, to_tensors
 from geximpute.model.inference import TrainedNetwork
@@ -498,6 +499,15 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
     use_chroms = bool(config.split.valid_chroms) and bool(np.any(table["split"].to_numpy(zero_copy_only=False)
                                                                  == "valid"))
     valid = holdout(table, holdout_task(config), use_chroms, config.seed)
+    if not valid.any() or valid.all():
+        # without validation rows every epoch's loss would read 0 and the first epoch's weights be kept
+        what = "no validation rows" if not valid.any() else "no training rows"
+        raise GeximputeError(
+            f"train {run.name}: {len(valid)} training records in {', '.join(str(d) for d in run.train_dirs)} leave "
+            f"{what} after the holdout of the {holdout_task(config)} task"
+            + (f" (split.valid_chroms {list(config.split.valid_chroms)})" if use_chroms else "")
+            + ": the network cannot choose its epoch. Give it more units (genes, samples or donors), fewer "
+              "train.folds, or other split.valid_chroms")
     train_labels = labels[~valid]
     features = FeatureSpec(
         k_neighbours=config.context.k_neighbours,

@@ -427,6 +427,29 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
     return scores, effects
 
 
+def own_value_free_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.ndarray,
+                          donor_index: np.ndarray, n_tissues: int, shrinkage: float | None, gene_index: np.ndarray,
+                          sample_index: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """(N,) float32 the cis-genetic score of each entry (``gene_index[i]``, ``sample_index[i]``) fitted without that
+    entry's own value, for entries measured in ``values`` (imputation with ``include_observed``): the entries are cut
+    into ``folds`` random folds (drawn with ``seed``), and each fold's scores come from :func:`genetic_scores`
+    fitted with that fold's entries hidden. The donor's other measured tissues still shape its score, as they do a
+    missing entry's."""
+    gene_index = np.asarray(gene_index, np.int64)
+    sample_index = np.asarray(sample_index, np.int64)
+    out = np.full(len(gene_index), np.nan, np.float32)
+    fold = np.random.default_rng(seed + 7_919).integers(0, folds, len(gene_index))
+    for k in range(folds):
+        rows = np.flatnonzero(fold == k)
+        if not len(rows):
+            continue
+        hidden = np.array(values, np.float32, copy=True)
+        hidden[gene_index[rows], sample_index[rows]] = np.nan
+        scores, _ = genetic_scores(genomes, hidden, tissue_index, donor_index, n_tissues, shrinkage)
+        out[rows] = scores[gene_index[rows], donor_index[sample_index[rows]]]
+    return out
+
+
 def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], reference: Any, genome: Any,
                problem: Any, config: Any) -> DonorGenomes:
     """``genomes`` of the reference donors extended to every donor of ``donors`` with the genomes in ``new``.

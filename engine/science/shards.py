@@ -197,6 +197,13 @@ def _reach(values: np.ndarray, lo: int, hi: int, samples: np.ndarray, need: int,
     return int(rows.max()) + 1 if (rows >= 0).any() else 0
 
 
+#: the column of a shard's per-entry values (:attr:`Shard.columns`) that holds measured targets' own-value-free
+#: cis-genetic scores: :func:`shard_records` puts them in ``genetic_score`` and writes no such column
+OWN_GENETIC = "_genetic_score_own_value_free"
+#: the records' column of the cis-genetic score (geximpute.schema.CONTEXT)
+GENETIC_SCORE = "genetic_score"
+
+
 @dataclass
 class Shard:
     """What one block's records are built from (:func:`make_shard`); ``problem`` is the block's own small problem
@@ -237,6 +244,7 @@ def make_shard(
     columns: EntryColumns | dict[str, np.ndarray] | None = None,
     entry_offsets: np.ndarray | None = None,
     family: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    own_genetic: np.ndarray | None = None,
 ) -> Shard:
     """Cut the :class:`Shard` of ``block`` out of the whole problem (the arrays it holds are copies).
 
@@ -256,6 +264,9 @@ def make_shard(
         family: the family level of entries given by their whole-problem (gene, sample) indices
             (:meth:`geximpute.science.baselines.FamilyLevels.level`), each record's in the column
             :data:`geximpute.schema.FAMILY_LEVEL`; None: no such column.
+        own_genetic: (G, S) float32, the cis-genetic score of each target entry measured in ``problem`` fitted
+            without its own value (:func:`geximpute.science.genomes.own_value_free_scores`), NaN elsewhere: those
+            records read it instead of ``genetic``'s score (:func:`shard_records`).
     """
     samples = np.concatenate(donor_samples[block.donor_lo : block.donor_hi]) if block.donor_hi > block.donor_lo \
         else np.zeros(0, np.int64)
@@ -271,6 +282,11 @@ def make_shard(
     if family is not None:  # in np.nonzero order of the block's targets, as the columns above
         gi, si = np.nonzero(block_targets)
         block_columns[S.FAMILY_LEVEL] = np.asarray(family(gi + block.lo, samples[si]), np.float32)
+    if own_genetic is not None:
+        gi, si = np.nonzero(block_targets)
+        own = np.asarray(own_genetic[gi + block.lo, samples[si]], np.float32)
+        if not np.isnan(own).all():
+            block_columns[OWN_GENETIC] = own
     local = dataclasses.replace(
         gene_rows(problem, lo, hi),
         sample_ids=problem.sample_ids[samples],
@@ -416,6 +432,13 @@ def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:
         width = shard.targets.shape[1]  # gi, si above are in that order: their flat indices are sorted
         place = np.searchsorted(gi.astype(np.int64) * width + si, g * width + s)
         for name, values in shard.columns.items():
+            if name == OWN_GENETIC:  # a measured target's score without its own value, in place of the score
+                at = table.schema.get_field_index(GENETIC_SCORE)
+                score = table[GENETIC_SCORE].to_numpy(zero_copy_only=False).astype(np.float32)
+                own = values[place]
+                table = table.set_column(at, GENETIC_SCORE, pa.array(np.where(np.isnan(own), score, own),
+                                                                      pa.float32(), from_pandas=True))
+                continue
             table = table.append_column(name, pa.array(values[place], pa.float32(), from_pandas=True))
     table = table.set_column(table.schema.get_field_index("gene_index"), "gene_index",
                              pa.array((g + shard.gene_offset).astype(np.int32)))

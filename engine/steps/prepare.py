@@ -42,9 +42,9 @@ from geximpute.runtime.atomic import scratch_folder, staged_output
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
-from geximpute.science.baselines import FamilyLevels, family_levels, forms_families
+from geximpute.science.baselines import OWN_VALUE_FOLDS, FamilyLevels, family_levels, forms_families
 from geximpute.science.folds import fold_labels, fold_problem, fold_targets, forget_fold, training_folds
-from geximpute.science.genomes import DonorGenomes, genetic_scores
+from geximpute.science.genomes import DonorGenomes, genetic_scores, own_value_free_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
     ArrayColumns,
@@ -416,16 +416,23 @@ def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
     part.labels = materialise(part.labels)
     first, problem = part.first, part.problem
     level = None if family is None else functools.partial(_level_at, family, first)
-    genetic = None
+    genetic = own_genetic = None
     if part.genomes is not None:
         genetic, _ = genetic_scores(part.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), part.genetic_shrinkage)
+        # targets measured in the problem (impute's include_observed): their scores fitted without their own values
+        gi, si = np.nonzero(part.targets & ~np.isnan(problem.values))
+        if len(gi):
+            own_genetic = np.full(problem.values.shape, np.nan, np.float32)
+            own_genetic[gi, si] = own_value_free_scores(part.genomes, problem.values, problem.tissue_index,
+                                                        problem.donor_index, len(problem.tissues),
+                                                        part.genetic_shrinkage, gi, si, OWN_VALUE_FOLDS)
     span = (0, part.problem.n_genes)
     paths = []
     for i, block in enumerate(part.blocks):
         shard = make_shard(part.problem, block, span, donor_samples, part.stats, part.targets, part.hidden, part.k,
                            genetic=genetic, labels=part.labels, columns=part.columns,
-                           entry_offsets=part.offsets, family=level)
+                           entry_offsets=part.offsets, family=level, own_genetic=own_genetic)
         shard.gene_offset += first
         path = Path(folder) / f"shard-{part.first_block + i:06d}.pkl"
         with open(path, "wb") as f:
