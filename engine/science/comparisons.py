@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from geximpute.science.metrics import _constant
+from geximpute.science.metrics import across_donor_pairs
 
 #: the headline metric of each task, and whether higher is better
 TASK_METRIC = {
@@ -37,21 +37,10 @@ def gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: n
     if metric == "pearson":
         return np.column_stack([sums(np.ones_like(pred)), sums(pred), sums(observed), sums(pred * pred),
                                 sums(observed * observed), sums(pred * observed)])
-    # across-donor Pearson: per (gene, tissue) with >= min_donors entries, summed per gene with their count
-    key = gene_code.astype(np.int64) * (int(tissue.max()) + 1) + tissue
-    order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
-    out = np.zeros((n_genes, 2))
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if hi - lo < min_donors:
-            continue
-        idx = order[lo:hi]
-        x, y = pred[idx], observed[idx]
-        if _constant(y):  # nothing to tell apart (metrics.score's rule)
-            continue
-        r = 0.0 if _constant(x) else float(np.corrcoef(x, y)[0, 1])  # a constant prediction tells no donor apart
-        out[gene_code[idx[0]]] += (r, 1.0)
-    return out
+    # across-donor Pearson: the pairs metrics.score counts, their Pearsons summed per gene with their count
+    pair_gene, r, _ = across_donor_pairs(pred, observed, gene_code, tissue, min_donors)
+    return np.column_stack([np.bincount(pair_gene, weights=r, minlength=n_genes),
+                            np.bincount(pair_gene, minlength=n_genes).astype(np.float64)])
 
 
 def metric_from(metric: str, totals: np.ndarray) -> np.ndarray:

@@ -15,6 +15,36 @@ def _constant(x: np.ndarray) -> bool:
     return bool(np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max())))
 
 
+def across_donor_pairs(predicted: np.ndarray, observed: np.ndarray, gene: np.ndarray, tissue: np.ndarray,
+                       min_donors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (gene, tissue) pairs that the across-donor Pearson scores, and their scores: the one definition of
+    ``score``'s ``across_donors_pearson_mean``, the paired bootstrap's per-gene statistics
+    (:func:`geximpute.science.comparisons.gene_stats`) and the report's box plots.
+
+    A pair counts when it has at least ``max(min_donors, 3)`` entries and its observed values are not all the same
+    (nothing to tell apart); a prediction the same for every donor of the pair tells no donor apart and scores 0.
+    Which pairs count depends on ``observed`` alone, so every method is scored on the same pairs, in the same order.
+
+    Returns:
+        (gene of each pair, its Pearson across the pair's donors, whether the prediction varied in it), each (P,).
+    """
+    key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True]) if len(key) else np.array([0])
+    genes, scores, varied = [], [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        idx = order[lo:hi]
+        y = observed[idx]
+        if hi - lo < max(min_donors, 3) or _constant(y):
+            continue
+        x = predicted[idx]
+        moves = not _constant(x)
+        genes.append(gene[idx[0]])
+        scores.append(float(np.corrcoef(x, y)[0, 1]) if moves else 0.0)
+        varied.append(moves)
+    return np.asarray(genes, np.int64), np.asarray(scores, np.float64), np.asarray(varied, bool)
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson correlation, or None when it is undefined (fewer than 3 values, or either side constant)."""
     if len(x) < 3 or _constant(x) or _constant(y):
@@ -76,22 +106,11 @@ def score(
     # bootstrap (geximpute.science.comparisons.gene_stats), so that a method is not scored on the pairs it varies
     # in alone (the Geuvadis hybrid, constant where a gene has no genetic score: 0.138 over those pairs, 0.096 over
     # all); a method constant in every pair has no across-donor figure
-    across, varied = [], 0
+    across = np.zeros(0)
     if len(np.unique(donor)) > 1:
-        key = gene.astype(np.int64) * (int(tissue.max()) + 1) + tissue
-        order = np.argsort(key, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            if hi - lo >= min_donors:
-                idx = order[lo:hi]
-                if _constant(observed[idx]):
-                    continue
-                r = _pearson(predicted[idx], observed[idx])
-                varied += r is not None
-                across.append(0.0 if r is None else r)
-    if not varied:
-        across = []
-    out["across_donors_pearson_mean"] = float(np.mean(across)) if across else None
+        _, across, varied = across_donor_pairs(predicted, observed, gene, tissue, min_donors)
+        across = across if varied.any() else np.zeros(0)
+    out["across_donors_pearson_mean"] = float(np.mean(across)) if len(across) else None
     out["across_donors_pairs"] = len(across)
 
     genes = np.unique(gene)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from geximpute import __version__
-from geximpute.science.metrics import _constant
+from geximpute.science.metrics import across_donor_pairs
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -216,21 +216,11 @@ def across_individual_correlations(predictions: dict[str, np.ndarray], observed:
                                    tissue: np.ndarray, min_donors: int) -> dict[str, np.ndarray]:
     """Per method, the Pearson across individuals of each (gene, tissue) with ``min_donors`` hidden entries or more.
 
-    A (gene, tissue) whose observed values are constant is left out; a constant prediction counts as 0.
+    A (gene, tissue) whose observed values are constant is left out; a constant prediction counts as 0
+    (:func:`geximpute.science.metrics.across_donor_pairs`, as ``metrics.json`` and the bootstrap count them).
     """
-    key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
-    order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True]) if len(key) else np.array([0])
-    out: dict[str, list[float]] = {name: [] for name in predictions}
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        idx = order[lo:hi]
-        y = observed[idx]
-        if hi - lo < max(min_donors, 3) or _constant(y):  # the rule of metrics.score and the bootstrap
-            continue
-        for name, pred in predictions.items():
-            x = pred[idx]
-            out[name].append(0.0 if _constant(x) else float(np.corrcoef(x, y)[0, 1]))
-    return {name: np.asarray(v) for name, v in out.items()}
+    return {name: across_donor_pairs(pred, observed, gene, tissue, min_donors)[1]
+            for name, pred in predictions.items()}
 
 
 def across_individual_plot(correlations: dict[str, np.ndarray]) -> str | None:
