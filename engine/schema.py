@@ -149,9 +149,10 @@ CONTEXT = pa.schema(
         pa.field("tissue_mean", pa.float32()),  # the gene in the target tissue, mean over other donors
         pa.field("gene_mean", pa.float32()),  # the gene over every other visible sample
         pa.field("tissue_offset", pa.float32(), nullable=False),  # the target tissue's mean deviation from genes
-        # the donor's cis-genetic score for the gene (geximpute.science.genomes.genetic_scores, fitted on visible
-        # values of
-        # other donors); null without personal genomes, for donors without a genome and genes without variants
+        # the donor's cis-genetic score for the gene (geximpute.science.genomes.genetic_scores, fitted on the
+        # visible values, the donor's other measured tissues among them; a measured target of impute
+        # --include-observed reads a fit without its own value); null without personal genomes, for donors without
+        # a genome and genes without variants
         pa.field("genetic_score", pa.float32()),
     ]
 )

@@ -531,46 +531,68 @@ def test_a_vcf_whose_contig_is_shorter_than_the_fasta_record_is_refused(tmp_path
 
 def test_a_measured_entrys_genetic_score_never_reads_its_own_value(synth_small, tmp_path):
     """Imputing measured entries too (``include_observed``): the cis-genetic score in a measured target's record is
-    fitted without that entry's value (its fold of the measured targets hidden), as a training record's was; the
-    whole problem's fit, which read it, moves with it. A missing entry's score is the whole problem's."""
+    the one fitted with its fold of the measured targets hidden (:func:`own_value_fold` on whole-problem indices),
+    on every chromosome and in every block, and it does not move with the entry's own value; without
+    ``own_value_free`` (prepare) and for a missing entry it is the whole problem's fit, which moves with it."""
     import pyarrow as pa
 
-    from geximpute.science.shards import shard_records
+    from geximpute.science.baselines import OWN_VALUE_FOLDS
+    from geximpute.science.genomes import own_value_fold
+    from geximpute.science.problem import gene_rows
+    from geximpute.science.shards import chromosome_spans, shard_records
     from geximpute.steps.impute import imputation_problem
     from geximpute.steps.prepare import context_shards, read_shard
 
     config = load_config(synth_small / "config.yaml", ["impute.include_observed=true"])
     problem, targets, _ = imputation_problem(config)
     assert problem.genomes is not None
-    scores, _ = genetic_scores(problem.genomes, problem.values, problem.tissue_index, problem.donor_index,
-                               len(problem.tissues), config.context.genetic_shrinkage)
-    # a few genes with a genetic score, all of their entries (measured and missing) targets
-    genes = np.flatnonzero(np.isfinite(scores).any(axis=1) & (np.abs(np.nan_to_num(scores)).max(axis=1) > 0))[:6]
-    assert len(genes) == 6
-    mask = np.zeros_like(targets)
-    mask[genes] = targets[genes]
-    measured = mask & ~np.isnan(problem.values)
-    assert measured.any() and (mask & np.isnan(problem.values)).any()
+    mask = targets & (np.random.default_rng(0).random(targets.shape) < 0.5)
+    measured, missing = mask & ~np.isnan(problem.values), mask & np.isnan(problem.values)
+    spans = chromosome_spans(problem.chroms)
+    assert len(spans) >= 2 and measured.any() and missing.any()
+    shrink = config.context.genetic_shrinkage
 
-    def records(p, name):
-        paths, _ = context_shards(config, p, mask, None, tmp_path / name)
+    def records(p, name, own):
+        paths, cut = context_shards(config, p, mask, None, tmp_path / name, block_entries=60, own_value_free=own)
+        assert len(cut) > 2 * len(spans)  # several blocks a chromosome: their offsets count
         table = pa.concat_tables([shard_records(read_shard(path), config.context.k_neighbours, None) for path in paths])
         assert "_genetic_score_own_value_free" not in table.column_names
-        g, s = table["gene_index"].to_numpy(), table["sample_index"].to_numpy()
-        grid = np.full(problem.values.shape, np.nan, np.float32)
-        grid[g, s] = table["genetic_score"].to_numpy(zero_copy_only=False)
+        grid = np.full(p.values.shape, np.nan, np.float32)
+        grid[table["gene_index"].to_numpy(), table["sample_index"].to_numpy()] = table["genetic_score"].to_numpy(
+            zero_copy_only=False)
         return grid
 
-    before = records(problem, "before")
-    missing = mask & np.isnan(problem.values)
-    whole = scores[:, problem.donor_index]
+    def expected(values):  # each chromosome's fits, written out: the whole one, and one per fold of its targets
+        whole = np.full(values.shape, np.nan, np.float32)
+        own = np.full(values.shape, np.nan, np.float32)
+        for first, end in spans:
+            rows = dataclasses.replace(gene_rows(problem, first, end), values=values[first:end])
+            genomes = problem.genomes.gene_range(first, end)
+            fit = [genetic_scores(genomes, rows.values, rows.tissue_index, rows.donor_index, len(rows.tissues),
+                                  shrink)[0]]
+            gi, si = np.nonzero(measured[first:end])
+            fold = own_value_fold(gi + first, si, OWN_VALUE_FOLDS, config.seed)
+            for k in range(OWN_VALUE_FOLDS):
+                hidden = rows.values.copy()
+                hidden[gi[fold == k], si[fold == k]] = np.nan
+                fit.append(genetic_scores(genomes, hidden, rows.tissue_index, rows.donor_index, len(rows.tissues),
+                                          shrink)[0])
+            whole[first:end] = fit[0][:, problem.donor_index]
+            own[gi + first, si] = [fit[1 + f][g, problem.donor_index[s]] for g, s, f in zip(gi, si, fold, strict=True)]
+        return whole, own
+
+    whole, own = expected(problem.values)
+    before = records(problem, "before", True)
     np.testing.assert_allclose(before[missing], whole[missing], rtol=1e-5, atol=1e-6)
-    assert np.abs(before[measured] - whole[measured]).max() > 1e-4  # measured: not the whole fit's
-    gi, si = np.argwhere(measured)[[0, len(np.argwhere(measured)) // 2]].T
+    np.testing.assert_allclose(before[measured], own[measured], rtol=1e-5, atol=1e-6)
+    assert np.nanmax(np.abs(own[measured] - whole[measured])) > 1e-3
+    np.testing.assert_allclose(records(problem, "prepare", False)[measured], whole[measured], rtol=1e-5, atol=1e-6)
+
+    # a measured entry of the last chromosome moved: its own score stays, the whole fit's moves
+    first, end = spans[-1]
+    gi, si = np.argwhere(measured[first:end] & np.isfinite(whole[first:end]))[0]
     moved = problem.values.copy()
-    moved[gi, si] += 5.0
-    after = records(dataclasses.replace(problem, values=moved), "after")
-    np.testing.assert_allclose(after[gi, si], before[gi, si], rtol=1e-5, atol=1e-6)  # its own value: no effect
-    again, _ = genetic_scores(problem.genomes, moved, problem.tissue_index, problem.donor_index,
-                              len(problem.tissues), config.context.genetic_shrinkage)
-    assert np.abs(again[gi, problem.donor_index[si]] - scores[gi, problem.donor_index[si]]).min() > 1e-3
+    moved[first + gi, si] += 5.0
+    after = records(dataclasses.replace(problem, values=moved), "after", True)
+    assert after[first + gi, si] == pytest.approx(before[first + gi, si], rel=1e-5, abs=1e-6)
+    assert abs(expected(moved)[0][first + gi, si] - whole[first + gi, si]) > 1e-3

@@ -561,29 +561,39 @@ def test_a_run_of_the_same_name_resumes_only_what_it_trains(tmp_path, caplog):
     assert json.loads((run_dir.parent / ".hybrid_folds.fingerprint.json").read_text()) == second
 
 
-def test_a_network_without_validation_rows_is_refused_before_it_trains(synth_small, tmp_path):
-    """Without validation rows every epoch's loss reads 0 and the first epoch's weights would be kept: a run whose
-    holdout leaves none is refused, naming the network, its records and what to change."""
+def test_a_network_without_training_rows_is_refused_and_one_without_validation_rows_warns(tiny_model, tmp_path,
+                                                                                          caplog):
+    """Records all held out leave nothing to train: refused, naming the network, its records and what to change.
+    Records none of which the holdout draws (few units) train every epoch and keep the last, and say so: before,
+    every epoch's validation loss read 0 and the first epoch's weights were kept."""
     import pyarrow as pa
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from geximpute import schema as S
-    from geximpute.config import load_config
     from geximpute.errors import GeximputeError
-    from geximpute.fit.train import NetworkRun, _network_settings, holdout, holdout_grid
+    from geximpute.fit.train import NetworkRun, _network_settings, fold_dirs, holdout
+    from geximpute.science.promoters import promoter_inputs
+    from geximpute.steps.prepare import read_problem_index
 
-    config = load_config(synth_small / "config.yaml", ["evaluation.task=genes"])
-    # two genes that the seeded 15% of genes leaves in training
-    kept = np.flatnonzero(~holdout_grid("genes", 50, 1, config.seed)[:, 0])[:2]
-    n = 2 * 5
-    table = pa.table({"target": np.linspace(0, 1, n), "split": ["train"] * n,
-                      "gene_index": np.repeat(kept, 5), "sample_index": np.tile(np.arange(5), 2),
-                      "chrom": ["chr1"] * n, S.DONOR_ID: [f"D{i}" for i in np.tile(np.arange(5), 2)]})
-    folder = tmp_path / "fold=0"
-    folder.mkdir()
-    pq.write_table(table, folder / "part-0.parquet")
-    assert not holdout(table, "genes", False, config.seed).any()  # two genes, neither drawn into the 15%
-    run = NetworkRun("tiny_fold0", [folder])
-    with pytest.raises(GeximputeError, match=r"train tiny_fold0: 10 training records in .*fold=0 leave no "
-                                             r"validation rows after the holdout of the genes task"):
-        _network_settings(config, run, np.array([f"g{i}" for i in range(50)], dtype=object), 4, None)
+    config = tiny_model.config
+    records = tiny_model.records
+    gene_ids, tissues = read_problem_index(records)
+    _, lookup = promoter_inputs(records, gene_ids, config.promoter.length)
+    table = pads.dataset(fold_dirs(records, [0])[0], format="parquet", partitioning="hive").to_table()
+    held = holdout(table, "entries", False, config.seed)
+    assert 0 < held.sum() < len(held)
+
+    def run_of(rows, name):
+        folder = tmp_path / name / "fold=0"
+        folder.mkdir(parents=True)
+        pq.write_to_dataset(table.filter(pa.array(rows)), folder, partition_cols=["chrom"])  # as prepare writes
+        return NetworkRun(f"tiny_{name}", [folder])
+
+    with caplog.at_level("WARNING", logger="geximpute.fit.train"):
+        settings = _network_settings(config, run_of(~held, "kept"), gene_ids, len(tissues), lookup)
+    assert settings["n_train_genes"] > 0
+    assert "tiny_kept: the holdout of the entries task leaves none of its" in caplog.text
+    assert "keeps the last" in caplog.text
+    with pytest.raises(GeximputeError, match=r"train tiny_held: every one of the \d+ training records in .*held.* "
+                                             r"is held out for validation.*nothing is left to train on"):
+        _network_settings(config, run_of(held, "held"), gene_ids, len(tissues), lookup)

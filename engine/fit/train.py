@@ -308,9 +308,13 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
             torch.distributed.all_reduce(genes_seen)
         seen = genes_seen.numpy() > 0
         chroms_seen = np.unique(gene_chrom[seen & (gene_chrom >= 0)])
-        val_loss = float(totals[0] / max(totals[1], 1))
+        # no validation rows (a warning at the start): every epoch's weights replace the last, none is judged
+        val_loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         train_loss = float(totals[2] / max(totals[3], 1))
-        if val_loss < state["best_val"] - 1e-4:
+        if np.isnan(val_loss):
+            state["bad_epochs"] = 0
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        elif val_loss < state["best_val"] - 1e-4:
             state["best_val"], state["bad_epochs"] = val_loss, 0
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
@@ -499,15 +503,18 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
     use_chroms = bool(config.split.valid_chroms) and bool(np.any(table["split"].to_numpy(zero_copy_only=False)
                                                                  == "valid"))
     valid = holdout(table, holdout_task(config), use_chroms, config.seed)
-    if not valid.any() or valid.all():
-        # without validation rows every epoch's loss would read 0 and the first epoch's weights be kept
-        what = "no validation rows" if not valid.any() else "no training rows"
+    if valid.all():
         raise GeximputeError(
-            f"train {run.name}: {len(valid)} training records in {', '.join(str(d) for d in run.train_dirs)} leave "
-            f"{what} after the holdout of the {holdout_task(config)} task"
-            + (f" (split.valid_chroms {list(config.split.valid_chroms)})" if use_chroms else "")
-            + ": the network cannot choose its epoch. Give it more units (genes, samples or donors), fewer "
-              "train.folds, or other split.valid_chroms")
+            f"train {run.name}: every one of the {len(valid)} training records in "
+            f"{', '.join(str(d) for d in run.train_dirs)} is held out for validation"
+            + (f" (they all lie on split.valid_chroms {list(config.split.valid_chroms)})" if use_chroms else "")
+            + ": nothing is left to train on. Give the network more units (genes, samples or donors), more "
+              "train.folds or a larger train.fold_fraction, or other split.valid_chroms")
+    if not valid.any():
+        log.warning("train %s: the holdout of the %s task leaves none of its %d training records for validation "
+                    "(few units: more train.folds, a larger train.fold_fraction, another seed or "
+                    "split.valid_chroms would give some): it trains every epoch, without early stopping, and "
+                    "keeps the last", run.name, holdout_task(config), len(valid))
     train_labels = labels[~valid]
     features = FeatureSpec(
         k_neighbours=config.context.k_neighbours,

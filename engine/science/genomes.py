@@ -427,27 +427,69 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
     return scores, effects
 
 
+def own_value_fold(gene_index: np.ndarray, sample_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) the fold, 0 to ``folds`` - 1, of each entry (``gene_index[i]``, ``sample_index[i]``): a hash of the two
+    indices and ``seed``, so that the fold of an entry is found wherever it is needed without keeping a grid."""
+    with np.errstate(over="ignore"):
+        h = (np.asarray(gene_index).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             ^ np.asarray(sample_index).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+             ^ np.uint64(seed) * np.uint64(0x165667B19E3779F9))
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return (h % np.uint64(folds)).astype(np.int64)
+
+
+@dataclass
+class OwnValueScores:
+    """Cis-genetic scores for measured entries fitted without their own values (:func:`own_value_free_scores`):
+    one (G, D) score matrix per fold, each fitted with that fold's measured entries hidden."""
+
+    scores: list[np.ndarray]
+    seed: int
+    first: int = 0  # the whole problem's index of gene row 0 (folds are drawn on whole-problem indices)
+
+    def at(self, gene_index: np.ndarray, sample_index: np.ndarray, donor_index: np.ndarray) -> np.ndarray:
+        """(N,) float32 the score of each entry from the fit that hid its fold (its donor's, ``donor_index[i]``)."""
+        fold = own_value_fold(gene_index + self.first, sample_index, len(self.scores), self.seed)
+        out = np.empty(len(fold), np.float32)
+        for k, scores in enumerate(self.scores):
+            rows = fold == k
+            out[rows] = scores[gene_index[rows], donor_index[rows]]
+        return out
+
+
 def own_value_free_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.ndarray,
-                          donor_index: np.ndarray, n_tissues: int, shrinkage: float | None, gene_index: np.ndarray,
-                          sample_index: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """(N,) float32 the cis-genetic score of each entry (``gene_index[i]``, ``sample_index[i]``) fitted without that
-    entry's own value, for entries measured in ``values`` (imputation with ``include_observed``): the entries are cut
-    into ``folds`` random folds (drawn with ``seed``), and each fold's scores come from :func:`genetic_scores`
-    fitted with that fold's entries hidden. The donor's other measured tissues still shape its score, as they do a
-    missing entry's."""
-    gene_index = np.asarray(gene_index, np.int64)
-    sample_index = np.asarray(sample_index, np.int64)
-    out = np.full(len(gene_index), np.nan, np.float32)
-    fold = np.random.default_rng(seed + 7_919).integers(0, folds, len(gene_index))
+                          donor_index: np.ndarray, n_tissues: int, shrinkage: float | None, targets: np.ndarray,
+                          folds: int, seed: int = 0, first: int = 0) -> OwnValueScores:
+    """The cis-genetic scores of the ``targets`` entries measured in ``values`` fitted without their own values
+    (imputation with ``include_observed``): the measured targets are cut into ``folds`` folds
+    (:func:`own_value_fold`), and each fold's scores come from :func:`genetic_scores` fitted with that fold's
+    entries hidden. The donor's other measured tissues still shape its score, as they do a missing entry's.
+    ``first``: the whole problem's index of the first row of ``values`` (a chromosome's rows), on which the folds
+    are drawn.
+
+    ``values`` is hidden and restored in place, a pass of rows at a time: besides the (G, D) scores of each fold,
+    this holds a bool mask of the cells and the hidden cells' values of one fold."""
+    out = []
+    rows = max(1, (1 << 20) // max(1, values.shape[1]))  # the hash's uint64 temporaries: 8 MiB each
+    samples = np.arange(values.shape[1])
     for k in range(folds):
-        rows = np.flatnonzero(fold == k)
-        if not len(rows):
-            continue
-        hidden = np.array(values, np.float32, copy=True)
-        hidden[gene_index[rows], sample_index[rows]] = np.nan
-        scores, _ = genetic_scores(genomes, hidden, tissue_index, donor_index, n_tissues, shrinkage)
-        out[rows] = scores[gene_index[rows], donor_index[sample_index[rows]]]
-    return out
+        hidden: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for lo in range(0, len(values), rows):
+            part = values[lo : lo + rows]
+            genes = np.arange(first + lo, first + lo + len(part))
+            mask = targets[lo : lo + rows] & ~np.isnan(part)
+            mask &= own_value_fold(genes[:, None], samples[None, :], folds, seed) == k
+            hidden.append((lo, mask, part[mask]))
+            part[mask] = np.nan
+        try:
+            scores, _ = genetic_scores(genomes, values, tissue_index, donor_index, n_tissues, shrinkage)
+        finally:
+            for lo, mask, kept in hidden:
+                values[lo : lo + rows][mask] = kept
+        out.append(scores)
+    return OwnValueScores(out, seed, first)
 
 
 def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], reference: Any, genome: Any,

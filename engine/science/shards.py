@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,9 @@ from geximpute import schema as S
 from geximpute.io.matrixfile import MatrixFile, row_sums
 from geximpute.science.groups import group_sums
 from geximpute.science.problem import VisibleProblem, gene_rows, pass_rows
+
+if TYPE_CHECKING:
+    from geximpute.science.genomes import OwnValueScores
 
 #: genes of one block at most (a chromosome with more is cut into several blocks, each with its halo)
 GENES_PER_BLOCK = 1024
@@ -244,7 +247,7 @@ def make_shard(
     columns: EntryColumns | dict[str, np.ndarray] | None = None,
     entry_offsets: np.ndarray | None = None,
     family: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-    own_genetic: np.ndarray | None = None,
+    own_genetic: OwnValueScores | None = None,
 ) -> Shard:
     """Cut the :class:`Shard` of ``block`` out of the whole problem (the arrays it holds are copies).
 
@@ -264,9 +267,9 @@ def make_shard(
         family: the family level of entries given by their whole-problem (gene, sample) indices
             (:meth:`geximpute.science.baselines.FamilyLevels.level`), each record's in the column
             :data:`geximpute.schema.FAMILY_LEVEL`; None: no such column.
-        own_genetic: (G, S) float32, the cis-genetic score of each target entry measured in ``problem`` fitted
-            without its own value (:func:`geximpute.science.genomes.own_value_free_scores`), NaN elsewhere: those
-            records read it instead of ``genetic``'s score (:func:`shard_records`).
+        own_genetic: the cis-genetic scores of the target entries measured in ``problem`` fitted without their own
+            values (:func:`geximpute.science.genomes.own_value_free_scores`, on ``problem``'s gene rows): those
+            records read them instead of ``genetic``'s (:func:`shard_records`).
     """
     samples = np.concatenate(donor_samples[block.donor_lo : block.donor_hi]) if block.donor_hi > block.donor_lo \
         else np.zeros(0, np.int64)
@@ -282,10 +285,14 @@ def make_shard(
     if family is not None:  # in np.nonzero order of the block's targets, as the columns above
         gi, si = np.nonzero(block_targets)
         block_columns[S.FAMILY_LEVEL] = np.asarray(family(gi + block.lo, samples[si]), np.float32)
-    if own_genetic is not None:
+    if own_genetic is not None:  # in np.nonzero order of the block's targets, as the columns above
         gi, si = np.nonzero(block_targets)
-        own = np.asarray(own_genetic[gi + block.lo, samples[si]], np.float32)
-        if not np.isnan(own).all():
+        at_gene, at_sample = gi + block.lo, samples[si]
+        measured = ~np.isnan(problem.values[at_gene, at_sample])
+        if measured.any():
+            own = np.full(len(gi), np.nan, np.float32)
+            at_gene, at_sample = at_gene[measured], at_sample[measured]
+            own[measured] = own_genetic.at(at_gene, at_sample, problem.donor_index[at_sample])
             block_columns[OWN_GENETIC] = own
     local = dataclasses.replace(
         gene_rows(problem, lo, hi),

@@ -809,6 +809,7 @@ def run_pipeline(
     encode_once: bool = True,
     reads_family: bool = False,
     release_values: bool = False,
+    own_value_free: bool = False,
 ) -> int:
     """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
     returns the number of predictor actors it ran.
@@ -833,6 +834,8 @@ def run_pipeline(
             branch (``Bundle.reads_promoters``).
         reads_family: the networks read each record's family level (``Bundle.reads_family``): the records carry it
             (null throughout, with a warning, where the genes have no symbols).
+        own_value_free: a target measured in ``problem`` (``include_observed``) reads a cis-genetic score fitted
+            without its own value (:func:`~geximpute.steps.prepare.context_shards`).
         release_values: let ``problem``'s matrix go once the shards are cut (``problem.values`` is None
             afterwards): the driver holds no (G, S) values while the stream runs.
     """
@@ -866,7 +869,7 @@ def run_pipeline(
                 haplotypes = (no_promoters(config.promoter.length), haplotypes[1])
         shards, cut = context_shards(config, problem, targets, None, out / SHARDS_FOLDER,
                                      columns=columns, block_entries=BLOCK_ENTRIES, family=reads_family,
-                                     levels=levels)
+                                     levels=levels, own_value_free=own_value_free)
         per_record = record_bytes(config, problem, targets,
                                   (len(baselines.head_names) if baselines else 0) + int(reads_family))
         if release_values:  # everything the stream reads is in the shards now
@@ -1100,7 +1103,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
                                       haplotypes=haplotypes, baselines=baselines,
                                       encode_once=bundle.reads_promoters, reads_family=bundle.reads_family,
-                                      release_values=owned)
+                                      release_values=owned, own_value_free=include_observed)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:
@@ -1221,7 +1224,8 @@ def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, 
     # a shard: its genes (the halo is not counted: a few genes) x its donors' samples, float32 values, two masks,
     # the stacked baselines' estimates
     samples_of = np.bincount(problem.donor_index, minlength=len(problem.donors))
-    per_entry = 4 + 2 + (4 * len(bundle.baseline_names) if bundle.stacked else 0)
+    per_entry = (4 + 2 + (4 * len(bundle.baseline_names) if bundle.stacked else 0)
+                 + 4 * int(config.impute.include_observed and problem.genomes is not None))  # own-value-free scores
     shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
                    default=0) * mib
     family = 0.0
@@ -1233,7 +1237,8 @@ def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, 
     # the largest chromosome's rows of the values and the two masks: what its cutting task reads (the driver
     # itself, for a problem under CUT_TASK_CELLS)
     chromosome = max((end - first for first, end in chromosome_spans(problem.chroms)), default=0)
-    cut_mb = chromosome * n_samples * (4 + 1 + 1) * mib
+    # (with include_observed, a bool mask more while each fold's own-value-free genetic scores are fitted)
+    cut_mb = chromosome * n_samples * (4 + 1 + 1 + int(config.impute.include_observed)) * mib
     in_driver = n_genes * n_samples < CUT_TASK_CELLS
     peak = {
         # the matrix and the targets mask in files beside the output, read and written a pass of rows at a time

@@ -558,7 +558,8 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                 _link_tree(current, staging)
             run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id,
                          haplotypes=haplotypes, baselines=head_baselines(bundle, problem),
-                         encode_once=bundle.reads_promoters, reads_family=bundle.reads_family)
+                         encode_once=bundle.reads_promoters, reads_family=bundle.reads_family,
+                         own_value_free=config.impute.include_observed)
             # rows per donor of this chunk, from the new files only
             rows_by_donor = _rows_by_donor(staging, run_id)
             entries = {d: {"run_id": run_id, "rows": rows_by_donor.get(d, 0),

@@ -288,6 +288,7 @@ def context_shards(
     family: bool = False,
     remote: bool | None = None,
     levels: FamilyLevels | None = None,
+    own_value_free: bool = False,
 ) -> tuple[list[str], list[Block]]:
     """Cut the records of the ``targets`` entries of ``problem`` into blocks and write each block's
     :class:`~geximpute.science.shards.Shard` as a file under ``folder`` (created here; it must not exist).
@@ -304,7 +305,10 @@ def context_shards(
     callers put it inside their staging folder and remove it before they commit. ``levels``: the problem's
     :class:`~geximpute.science.baselines.FamilyLevels` where the caller built them already. A problem and a ``targets``
     mask kept in files (:class:`~geximpute.io.matrixfile.MatrixFile`, `impute`'s) hand each chromosome's task a
-    window of each, which it reads itself. ``hidden``: None where nothing is hidden.
+    window of each, which it reads itself. ``hidden``: None where nothing is hidden. ``own_value_free`` (impute's
+    ``include_observed``): a target measured in ``problem`` reads a cis-genetic score fitted without its own value
+    (:func:`~geximpute.science.genomes.own_value_free_scores`, four more fits per chromosome), as a training record
+    did; otherwise the score fitted on every visible value.
 
     Returns:
         (the shard files, their blocks), in the same order: the constructor argument ``shards`` of
@@ -352,7 +356,7 @@ def context_shards(
                 labels=None if labels is None else row_range(labels, first, end),
                 columns=None if offsets is None else columns.window(int(offsets[first]), int(offsets[end])),
                 offsets=None if offsets is None else offsets[first : end + 1] - offsets[first],
-                k=config.context.k_neighbours)
+                k=config.context.k_neighbours, own_value_seed=config.seed if own_value_free else None)
             if remote:
                 while len(pending) >= config.ray.concurrency:
                     done, _ = ray.wait(list(pending), num_returns=1)
@@ -396,6 +400,8 @@ class ChromosomeCut:
     columns: EntryColumns | None
     offsets: np.ndarray | None
     k: int
+    #: not None (the fold seed): measured targets read cis-genetic scores fitted without their own values
+    own_value_seed: int | None = None
 
 
 def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
@@ -420,13 +426,11 @@ def cut_chromosome(part: ChromosomeCut | str, donor_samples: list[np.ndarray],
     if part.genomes is not None:
         genetic, _ = genetic_scores(part.genomes, problem.values, problem.tissue_index, problem.donor_index,
                                     len(problem.tissues), part.genetic_shrinkage)
-        # targets measured in the problem (impute's include_observed): their scores fitted without their own values
-        gi, si = np.nonzero(part.targets & ~np.isnan(problem.values))
-        if len(gi):
-            own_genetic = np.full(problem.values.shape, np.nan, np.float32)
-            own_genetic[gi, si] = own_value_free_scores(part.genomes, problem.values, problem.tissue_index,
-                                                        problem.donor_index, len(problem.tissues),
-                                                        part.genetic_shrinkage, gi, si, OWN_VALUE_FOLDS)
+        # impute's include_observed: the measured targets' scores fitted without their own values
+        if part.own_value_seed is not None and (part.targets & ~np.isnan(problem.values)).any():
+            own_genetic = own_value_free_scores(part.genomes, problem.values, problem.tissue_index,
+                                                problem.donor_index, len(problem.tissues), part.genetic_shrinkage,
+                                                part.targets, OWN_VALUE_FOLDS, part.own_value_seed, first)
     span = (0, part.problem.n_genes)
     paths = []
     for i, block in enumerate(part.blocks):
