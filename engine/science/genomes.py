@@ -471,6 +471,8 @@ def own_value_free_scores(genomes: DonorGenomes, values: np.ndarray, tissue_inde
 
     ``values`` is hidden and restored in place, a pass of rows at a time: besides the (G, D) scores of each fold,
     this holds a bool mask of the cells and the hidden cells' values of one fold."""
+    if not values.flags.writeable:  # e.g. zero-copy from Ray's object store: hidden in a copy of its own
+        values = np.array(values)
     out = []
     rows = max(1, (1 << 20) // max(1, values.shape[1]))  # the hash's uint64 temporaries: 8 MiB each
     samples = np.arange(values.shape[1])
