@@ -171,6 +171,9 @@ def test_killed_training_worker_resumes_from_its_checkpoint(killed_training, tin
     # the run finished every epoch of both networks ...
     for network in networks:
         assert network.metrics["epoch"] == EPOCHS - 1 and np.isfinite(network.metrics["val_loss"])
+        # the kept epoch and its loss, carried through the restart (the last epoch's loss may be worse)
+        assert 0 <= network.metrics["best_epoch"] <= EPOCHS - 1
+        assert network.metrics["best_val"] <= network.metrics["val_loss"] + 1e-12
     # ... resuming from its checkpoint: each epoch reported once, in order (a restart from scratch would repeat the
     # first network, a restart of the network in progress its epoch 0)
     assert killer.reports == [(name, epoch) for name in ("fold0", "fold1") for epoch in range(EPOCHS)]

@@ -228,7 +228,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
     torch.manual_seed(cfg["seed"])  # each network starts as it would in a run of its own
     net = HybridNet(network["spec"]).to(device)
     saved = states.get(index)
-    state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0}
+    state = {"epoch": -1, "best_val": float("inf"), "best_model": None, "bad_epochs": 0, "best_epoch": -1}
     pretrain_r: list[float] = []
     if saved is None and rank == 0 and network["spec"].use_promoter and promoters is not None:
         # rank 0 only: wrapping the model in DDP below copies rank 0's weights to every worker
@@ -249,7 +249,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
     if saved is not None:
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}
         pretrain_r = [r for r in [saved.get("metrics", {}).get("pretrain_valid_pearson")] if r is not None]
     if freeze:  # the shared (broadcast or restored) weights, encoded once for every promoter of the table
         _unwrap(model).freeze_promoter_cnn(promoters)
@@ -312,16 +312,17 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
         val_loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         train_loss = float(totals[2] / max(totals[3], 1))
         if np.isnan(val_loss):
-            state["bad_epochs"] = 0
+            state["bad_epochs"], state["best_epoch"] = 0, epoch
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         elif val_loss < state["best_val"] - 1e-4:
-            state["best_val"], state["bad_epochs"] = val_loss, 0
+            state["best_val"], state["bad_epochs"], state["best_epoch"] = val_loss, 0, epoch
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         metrics = {"network": network["name"], "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                   "best_val": state["best_val"], "examples": int(totals[3]), "seconds": time.perf_counter() - t0,
+                   "best_val": state["best_val"], "best_epoch": state["best_epoch"], "examples": int(totals[3]),
+                   "seconds": time.perf_counter() - t0,
                    "genes_seen": int(seen.sum()), "genes_train": network["n_train_genes"],
                    "chroms_seen": len(chroms_seen), "chroms_train": network["n_train_chroms"],
                    "chroms_unseen": sorted(set(network["train_chroms"])
@@ -647,8 +648,12 @@ def train_networks(
         saved = states[index]
         best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
         metrics = {**saved.get("metrics", result.metrics), "seconds": seconds}
-        log.info("train %s: best validation loss %.4f after %d epochs", run.name, saved["best_val"],
-                 saved["epoch"] + 1)
+        if np.isfinite(saved["best_val"]):
+            log.info("train %s: best validation loss %.4f at epoch %d of %d (its weights kept)", run.name,
+                     saved["best_val"], saved.get("best_epoch", -1) + 1, saved["epoch"] + 1)
+        else:
+            log.info("train %s: no validation rows: the weights of the last of %d epochs kept", run.name,
+                     saved["epoch"] + 1)
         trained.append(TrainedNetwork(spec=settings["spec"], features=settings["features"], state=best,
                                       metrics=metrics))
     log.info("train %s: %d network(s) in %.0f s", name, len(runs), seconds)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -215,7 +216,8 @@ def build_bundle(
         network = train_and_save(config, records, network_dir, problem=prepared.problem)
         figures.update(epochs=int(network.metrics.get("epoch", 0)) + 1,
                        examples_per_epoch=int(network.metrics.get("examples", 0)),
-                       val_loss=network.metrics.get("val_loss"))
+                       # the kept epoch's (the last epoch's may be worse: early stopping waits train.patience)
+                       val_loss=_finite(network.metrics.get("best_val", network.metrics.get("val_loss"))))
     progress.results["train"] = network
     with progress.stage("fit_head") as figures:
         net_dir = output_path(config, network_dir, "network")
@@ -224,3 +226,8 @@ def build_bundle(
                        seconds_detail=models.seconds)
     progress.results["fit_head"] = models
     return load_bundle(output_path(config, out, "model"))
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None where it is missing or not finite (a network without validation rows)."""
+    return float(value) if value is not None and math.isfinite(value) else None
