@@ -38,6 +38,7 @@ from geximpute.errors import InputError
 from geximpute.io.chroms import chrom_key
 from geximpute.science.groups import group_sums
 from geximpute.science.haplotypes import build_haplotypes, is_sequence_allele
+from geximpute.science.hashing import mix64
 
 log = logging.getLogger(__name__)
 
@@ -430,13 +431,7 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
 def own_value_fold(gene_index: np.ndarray, sample_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """(N,) the fold, 0 to ``folds`` - 1, of each entry (``gene_index[i]``, ``sample_index[i]``): a hash of the two
     indices and ``seed``, so that the fold of an entry is found wherever it is needed without keeping a grid."""
-    with np.errstate(over="ignore"):
-        h = (np.asarray(gene_index).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-             ^ np.asarray(sample_index).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
-             ^ np.uint64(seed) * np.uint64(0x165667B19E3779F9))
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(32)
+    h = mix64(gene_index, sample_index, seed)
     return (h % np.uint64(folds)).astype(np.int64)
 
 
