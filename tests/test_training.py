@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -597,3 +598,29 @@ def test_a_network_without_training_rows_is_refused_and_one_without_validation_r
     with pytest.raises(GeximputeError, match=r"train tiny_held: every one of the \d+ training records in .*held.* "
                                              r"is held out for validation.*nothing is left to train on"):
         _network_settings(config, run_of(held, "held"), gene_ids, len(tissues), lookup)
+
+
+def test_fit_head_refuses_networks_that_chose_their_epochs_on_another_holdout(tiny_model):
+    """Each trained network records the holdout it chose its epochs on (task, seed, validation chromosomes); a
+    head fitted over it with another holdout would be calibrated on rows the network trained on, and is refused,
+    naming the setting. The config it was trained with passes."""
+    import dataclasses
+
+    from geximpute.errors import ConfigError
+    from geximpute.fit.bundle import load_networks
+    from geximpute.fit.train import check_holdout
+
+    config = tiny_model.config
+    folder = Path(config.output_dir) / "network"
+    networks = load_networks(folder)
+    assert len(networks) == 2
+    assert all(n.metrics["holdout"] == {"task": "entries", "seed": config.seed, "valid_chroms": []}
+               for n in networks)
+    check_holdout(networks, config, folder)
+    with pytest.raises(ConfigError, match=r"network 0 chose its epochs on the validation units of seed 3, this "
+                                          r"config holds out those of 4 \(seed\)"):
+        check_holdout(networks, dataclasses.replace(config, seed=config.seed + 1), folder)
+    samples = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, task="samples"))
+    with pytest.raises(ConfigError, match=r"task 'entries'.*'samples'"):
+        check_holdout(networks, samples, folder)
+    check_holdout([dataclasses.replace(n, metrics={}) for n in networks], samples, folder)  # trained before: pass

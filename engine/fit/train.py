@@ -36,7 +36,7 @@ import torch
 
 from geximpute import schema as S
 from geximpute.config import Config
-from geximpute.errors import GeximputeError
+from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.pretrain import gene_levels, pretrain_cnn, record_levels
 from geximpute.model.features import GROUPS, FeatureSpec, drop_groups, featurize, to_tensors
 from geximpute.model.inference import TrainedNetwork
@@ -60,6 +60,38 @@ def holdout_task(config: Config) -> str:
     count and the interval on donors that are not new)."""
     task = config.evaluation.task
     return "donors" if task == "samples" and config.evaluation.whole_donors else task
+
+
+def holdout_identity(config: Config) -> dict[str, Any]:
+    """What decides which units :func:`holdout` holds out under ``config``: recorded with each trained network
+    (its ``metrics["holdout"]``) and compared by ``fit-head`` (:func:`check_holdout`), whose head is calibrated on
+    the rows the networks did not train on."""
+    return {"task": holdout_task(config), "seed": config.seed,
+            "valid_chroms": sorted(str(c) for c in config.split.valid_chroms)}
+
+
+def check_holdout(networks: list[TrainedNetwork], config: Config, folder: Path | str) -> None:
+    """Refuse to fit a head over ``networks`` (read from ``folder``) with a holdout other than the one they chose
+    their epochs on: the head's held-out rows would include rows the networks trained on, and its tree count and
+    interval would be judged on the networks' fitted outputs. Networks trained before the holdout was recorded pass.
+
+    Raises:
+        ConfigError: a network's recorded holdout differs from ``config``'s, naming the setting.
+    """
+    want = holdout_identity(config)
+    for k, network in enumerate(networks):
+        had = network.metrics.get("holdout")
+        if not had:
+            continue
+        for key, value in want.items():
+            if had.get(key) != value:
+                setting = {"task": "evaluation.task (and evaluation.whole_donors)", "seed": "seed",
+                           "valid_chroms": "split.valid_chroms"}[key]
+                raise ConfigError(
+                    f"{folder}: network {k} chose its epochs on the validation units of {key} {had.get(key)!r}, "
+                    f"this config holds out those of {value!r} ({setting}): the head would be calibrated on rows "
+                    f"the network trained on. Fit the head with the config the networks were trained with, or "
+                    f"train them again with this one (geximpute train)")
 
 
 def holdout(table: pa.Table, task: str, use_chroms: bool, seed: int) -> np.ndarray:
@@ -651,7 +683,7 @@ def train_networks(
     for index, (run, settings) in enumerate(zip(runs, networks, strict=True)):
         saved = states[index]
         best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
-        metrics = {**saved.get("metrics", result.metrics), "seconds": seconds}
+        metrics = {**saved.get("metrics", result.metrics), "seconds": seconds, "holdout": holdout_identity(config)}
         if np.isfinite(saved["best_val"]):
             log.info("train %s: best validation loss %.4f at epoch %d of %d (its weights kept)", run.name,
                      saved["best_val"], saved.get("best_epoch", -1) + 1, saved["epoch"] + 1)

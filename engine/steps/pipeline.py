@@ -39,6 +39,7 @@ from geximpute.fit.hybrid import (
     tuned_baselines,
 )
 from geximpute.fit.models import HybridModels
+from geximpute.fit.train import check_holdout
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
 from geximpute.runtime.atomic import scratch_folder
@@ -144,6 +145,7 @@ def fit_head_and_save(
     else:
         net_dir = output_path(config, network, "network")
         networks, runs = load_networks(net_dir), net_dir / "runs"
+        check_holdout(networks, config, net_dir)
     gene_ids, tissues = read_problem_index(records)
     if len(networks) != config.train.folds and len(networks) > 1:
         raise ConfigError(f"{len(networks)} fold networks were trained but train.folds is {config.train.folds}; "
