@@ -506,6 +506,24 @@ STRONG = ("evaluation.methods=[row_tissue, tissue_donor, pairwise_regression, it
           "tensor_factorisation, promoter_composition]")
 
 
+def test_each_seed_of_evaluate_seeds_replicates_every_draw(synth_small, tmp_path, monkeypatch):
+    """``evaluate --seeds``: seed s hides other entries (``evaluation.seed`` s) and draws the model anew (``seed``
+    the config's + s: the networks' start, the training folds and the validation units), seed 0 the config as it
+    is; before, every seed trained on the same validation units."""
+    import dataclasses
+
+    from geximpute.steps import evaluate as module
+
+    config = load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}", "seed=5"])
+    seen = []
+    monkeypatch.setattr(module, "evaluate", lambda c, out, force=False: seen.append(c) or {"seed": c.evaluation.seed})
+    monkeypatch.setattr(module, "summarise_seeds", lambda runs: {"seeds": [r["seed"] for r in runs]})
+    monkeypatch.setattr(module, "seeds_report", lambda summary: "")
+    module.evaluate_seeds(config, tmp_path / "eval", [0, 1, 2])
+    assert [(c.evaluation.seed, c.seed) for c in seen] == [(0, 5), (1, 6), (2, 7)]
+    assert all(dataclasses.replace(c, seed=5, evaluation=config.evaluation) == config for c in seen)
+
+
 @pytest.mark.slow
 def test_evaluate_seeds_tunes_the_strong_baselines_and_summarises(ray_local, synth_small, tmp_path):
     from geximpute.steps.evaluate import evaluate_seeds

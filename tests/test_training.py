@@ -600,7 +600,7 @@ def test_a_network_without_training_rows_is_refused_and_one_without_validation_r
         _network_settings(config, run_of(held, "held"), gene_ids, len(tissues), lookup)
 
 
-def test_fit_head_refuses_networks_that_chose_their_epochs_on_another_holdout(tiny_model):
+def test_fit_head_refuses_networks_that_chose_their_epochs_on_another_holdout(tiny_model, caplog):
     """Each trained network records the holdout it chose its epochs on (task, seed, validation chromosomes); a
     head fitted over it with another holdout would be calibrated on rows the network trained on, and is refused,
     naming the setting. The config it was trained with passes."""
@@ -614,8 +614,11 @@ def test_fit_head_refuses_networks_that_chose_their_epochs_on_another_holdout(ti
     folder = Path(config.output_dir) / "network"
     networks = load_networks(folder)
     assert len(networks) == 2
-    assert all(n.metrics["holdout"] == {"task": "entries", "seed": config.seed, "valid_chroms": []}
+    assert all(n.metrics["holdout"] == {"task": "entries", "seed": config.seed, "valid_chroms": [], "hash": "mix64"}
                for n in networks)
+    # no NaN or Infinity in network.json: strict JSON readers refuse them
+    text = (folder / "fold0" / "network.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
     check_holdout(networks, config, folder)
     with pytest.raises(ConfigError, match=r"network 0 chose its epochs on the validation units of seed 3, this "
                                           r"config holds out those of 4 \(seed\)"):
@@ -623,4 +626,21 @@ def test_fit_head_refuses_networks_that_chose_their_epochs_on_another_holdout(ti
     samples = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, task="samples"))
     with pytest.raises(ConfigError, match=r"task 'entries'.*'samples'"):
         check_holdout(networks, samples, folder)
-    check_holdout([dataclasses.replace(n, metrics={}) for n in networks], samples, folder)  # trained before: pass
+    # trained before the holdout was recorded (and drawn by the old hash): passed, with a warning
+    with caplog.at_level("WARNING", logger="geximpute.fit.train"):
+        check_holdout([dataclasses.replace(n, metrics={}) for n in networks], samples, folder)
+    assert "network 0 records no holdout" in caplog.text and "train it again" in caplog.text
+
+
+def test_json_written_has_no_nan_or_infinity(tmp_path):
+    """A network without validation rows has a NaN loss and an infinite best: written as null."""
+    import math
+
+    from geximpute.runtime.provenance import finite_json, write_json
+
+    data = {"val_loss": float("nan"), "best_val": math.inf, "epochs": [1.0, -math.inf, np.float64("nan")],
+            "nested": {"x": (2.5, None)}, "name": "n"}
+    assert finite_json(data) == {"val_loss": None, "best_val": None, "epochs": [1.0, None, None],
+                                 "nested": {"x": [2.5, None]}, "name": "n"}
+    write_json(tmp_path / "m.json", data)
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c))["best_val"] is None

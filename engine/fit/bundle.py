@@ -50,7 +50,7 @@ from geximpute.model.features import FeatureSpec
 from geximpute.model.inference import TrainedNetwork, encode_promoters
 from geximpute.model.network import NetworkSpec
 from geximpute.runtime.atomic import staged_output
-from geximpute.runtime.provenance import manifest, write_json
+from geximpute.runtime.provenance import finite_json, manifest, write_json
 from geximpute.science.baselines import baseline_estimates, entry_methods_skipped, promoter_composition
 from geximpute.science.head_features import FEATURE_NAMES
 from geximpute.science.problem import VisibleProblem
@@ -76,7 +76,7 @@ def save_network(network: TrainedNetwork, folder: str | Path, *, with_metrics: b
     torch.save(network.state, folder / S.NETWORK_WEIGHTS_FILE)
     specs = {"network": dataclasses.asdict(network.spec), "features": dataclasses.asdict(network.features)}
     if with_metrics:
-        specs["metrics"] = network.metrics
+        specs["metrics"] = finite_json(network.metrics)
     (folder / S.NETWORK_SPECS_FILE).write_text(json.dumps(specs, indent=2, default=str))
     return folder / S.NETWORK_WEIGHTS_FILE
 

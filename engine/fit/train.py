@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 HOLDOUT_PERCENT = 15
+#: which hash draws the validation units (recorded with each network, :func:`holdout_identity`): "mix64" since
+#: 8fdfc09 (a linear hash before, unrecorded)
+HOLDOUT_HASH = "mix64"
 
 
 def holdout_task(config: Config) -> str:
@@ -67,7 +70,7 @@ def holdout_identity(config: Config) -> dict[str, Any]:
     (its ``metrics["holdout"]``) and compared by ``fit-head`` (:func:`check_holdout`), whose head is calibrated on
     the rows the networks did not train on."""
     return {"task": holdout_task(config), "seed": config.seed,
-            "valid_chroms": sorted(str(c) for c in config.split.valid_chroms)}
+            "valid_chroms": sorted(str(c) for c in config.split.valid_chroms), "hash": HOLDOUT_HASH}
 
 
 def check_holdout(networks: list[TrainedNetwork], config: Config, folder: Path | str) -> None:
@@ -82,11 +85,16 @@ def check_holdout(networks: list[TrainedNetwork], config: Config, folder: Path |
     for k, network in enumerate(networks):
         had = network.metrics.get("holdout")
         if not had:
+            if not config.split.valid_chroms:
+                log.warning("%s: network %d records no holdout (trained before 8fdfc09, whose hash drew other "
+                            "validation units): the head's held-out rows may include rows it trained on, which "
+                            "makes its tree count and interval optimistic; train it again (geximpute train)",
+                            folder, k)
             continue
         for key, value in want.items():
             if had.get(key) != value:
                 setting = {"task": "evaluation.task (and evaluation.whole_donors)", "seed": "seed",
-                           "valid_chroms": "split.valid_chroms"}[key]
+                           "valid_chroms": "split.valid_chroms", "hash": "the engine's version"}[key]
                 raise ConfigError(
                     f"{folder}: network {k} chose its epochs on the validation units of {key} {had.get(key)!r}, "
                     f"this config holds out those of {value!r} ({setting}): the head would be calibrated on rows "
@@ -344,10 +352,12 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
             torch.distributed.all_reduce(genes_seen)
         seen = genes_seen.numpy() > 0
         chroms_seen = np.unique(gene_chrom[seen & (gene_chrom >= 0)])
-        # no validation rows (a warning at the start): every epoch's weights replace the last, none is judged
-        val_loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        # no validation rows (a warning at the start): every epoch's weights replace the last, none is judged; a
+        # loss gone NaN on validation rows (a diverged epoch) is a bad epoch, its weights never kept
+        unjudged = float(totals[1]) == 0
+        val_loss = float(totals[0] / totals[1]) if not unjudged else float("nan")
         train_loss = float(totals[2] / max(totals[3], 1))
-        if np.isnan(val_loss):
+        if unjudged:
             state["bad_epochs"], state["best_epoch"] = 0, epoch
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         elif val_loss < state["best_val"] - 1e-4:

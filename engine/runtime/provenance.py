@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 import subprocess
 from importlib import metadata
@@ -70,5 +71,17 @@ def manifest(config: Config, **extra: Any) -> dict[str, Any]:
     return {"config": config.to_dict(), "versions": versions(), "inputs": input_fingerprints(config), **extra}
 
 
+def finite_json(data: Any) -> Any:
+    """``data`` with every float that is not finite (a network's NaN validation loss without validation rows, its
+    infinite best loss) as None: JSON has no NaN or Infinity, and strict readers refuse them."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    path.write_text(json.dumps(finite_json(data), indent=2, sort_keys=False, default=str) + "\n")

@@ -428,10 +428,15 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
     return scores, effects
 
 
+#: mixed into :func:`own_value_fold`'s hash, so that its folds are drawn independently of the training holdout's
+#: units, which hash the same (gene, sample, seed) on the ``entries`` task
+OWN_VALUE_TAG = 0x6F776E
+
+
 def own_value_fold(gene_index: np.ndarray, sample_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """(N,) the fold, 0 to ``folds`` - 1, of each entry (``gene_index[i]``, ``sample_index[i]``): a hash of the two
     indices and ``seed``, so that the fold of an entry is found wherever it is needed without keeping a grid."""
-    h = mix64(gene_index, sample_index, seed)
+    h = mix64(gene_index, sample_index, seed, OWN_VALUE_TAG)  # tagged: not the entries holdout's draw
     return (h % np.uint64(folds)).astype(np.int64)
 
 

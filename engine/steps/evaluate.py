@@ -229,7 +229,10 @@ def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, for
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in seeds:
-        seeded = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, seed=seed))
+        # a replicate of everything drawn: the hidden entries (evaluation.seed) and the model's own draws (seed: the
+        # networks' start, the training folds, the validation units), seed 0 the config as it is
+        seeded = dataclasses.replace(config, seed=config.seed + seed,
+                                     evaluation=dataclasses.replace(config.evaluation, seed=seed))
         runs.append(evaluate(seeded, out_dir / f"seed_{seed}", force=force))
     summary = summarise_seeds(runs)
     write_json(out_dir / "summary.json", summary)
