@@ -511,7 +511,7 @@ def _run_fingerprint(config: Config, runs: list[NetworkRun], records_dir: Path,
              if k not in ("num_workers", "cpus_per_worker", "use_gpu", "max_failures")}
     settings = {"train": train, "model": dataclasses.asdict(config.model), "seed": config.seed,
                 "promoter": dataclasses.asdict(config.promoter), "context": dataclasses.asdict(config.context),
-                "split": dataclasses.asdict(config.split), "task": holdout_task(config)}
+                "split": dataclasses.asdict(config.split), "task": holdout_task(config), "holdout_hash": HOLDOUT_HASH}
     return {"records": records,
             "networks": [[run.name, [str(d) for d in run.train_dirs], run.use_promoter, run.use_context]
                          for run in runs],
