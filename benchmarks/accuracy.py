@@ -68,13 +68,16 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
     from geximpute.steps.prepare import promoter_tables
 
     t0 = time.perf_counter()
-    config = load_config(REPO / config_path, [f"evaluation.task={task}", f"evaluation.seed={seed}"])
+    from geximpute.steps.evaluate import seeded_config
+
+    # replicate `seed` as `evaluate --seeds` runs it: hidden entries and the model's draws
+    config = seeded_config(load_config(REPO / config_path, [f"evaluation.task={task}"]), seed)
     dataset = load_dataset(config, with_variants=False)
     problem, truth = make_problem(dataset)
     promoters, gene_promoters = promoter_tables(dataset, problem.gene_ids)
     composition = composition_of(problem.gene_ids, gene_promoters, promoters, config.promoter.upstream)
     t = time.perf_counter()
-    baselines, tuning = tune_settings(problem, BASELINES, config.baselines, task, seed=seed,
+    baselines, tuning = tune_settings(problem, BASELINES, config.baselines, task, seed=config.evaluation.seed,
                                       whole_donors=config.evaluation.whole_donors, composition=composition,
                                       k_neighbours=config.context.k_neighbours,
                                       min_donors=config.evaluation.min_donors)

@@ -114,3 +114,33 @@ def test_the_bootstrap_resamples_the_genes_that_carry_the_across_donor_metric():
     out = paired_bootstrap(preds, truth, gene, tissue, "samples", n_boot=200, min_donors=5)
     assert out["n_genes"] == len(np.unique(gene[gene < 30]))
     assert out["comparisons"]["pairwise_regression"]["reference_better"]
+
+
+def test_seeds_read_back_from_json_and_replicates_drawn_one_way():
+    """A comparison's difference that was not finite is null in metrics.json: the mean is over the others, and
+    the report says n/a where none is left. Replicates whose model seeds were drawn two ways (``seed`` + s, or
+    not) are refused."""
+    import json
+
+    import pytest
+
+    from geximpute.science.comparisons import seeds_report
+
+    def run(seed, difference, model_seed=None):
+        out = {"seed": seed, "task": "genes", "dataset": "x", "metrics_version": 2,
+               "methods": {"hybrid": {"pearson": 0.5}},
+               "comparisons": {"all": {"metric": "pearson", "comparisons": {"distance": {
+                   "difference": difference, "ci95": [None, None], "reference_better": False}}}}}
+        if model_seed is not None:
+            out["model_seed"] = model_seed
+        return json.loads(json.dumps(out))
+
+    summary = summarise_seeds([run(0, None, 7), run(1, 0.25, 8), run(2, 0.05, 9)])
+    assert summary["comparisons"]["all"]["distance"]["difference_mean"] == pytest.approx(0.15)
+    none = summarise_seeds([run(0, None), run(1, None)])
+    assert none["comparisons"]["all"]["distance"]["difference_mean"] is None
+    assert "| distance | n/a |" in seeds_report(none)
+    with pytest.raises(ValueError, match="model seeds are drawn two ways"):
+        summarise_seeds([run(0, 0.1, 7), run(1, 0.1, 7)])
+    with pytest.raises(ValueError, match="model seeds are drawn two ways"):
+        summarise_seeds([run(0, 0.1, 7), run(1, 0.1)])

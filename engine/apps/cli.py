@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
-                   help="evaluate once per evaluation.seed (hidden set) into OUT/seed_S, with mean and spread in "
-                        "OUT/summary.json and summary.md")
+                   help="evaluate once per replicate S (the hidden set drawn with evaluation.seed S, the model "
+                        "with seed + S) into OUT/seed_S, with mean and spread in OUT/summary.json and summary.md")
     _add_force(p)
     p.set_defaults(func=cmd_evaluate)
 

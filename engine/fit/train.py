@@ -86,11 +86,12 @@ def check_holdout(networks: list[TrainedNetwork], config: Config, folder: Path |
         had = network.metrics.get("holdout")
         if not had:
             if not config.split.valid_chroms:
-                log.warning("%s: network %d records no holdout (trained before 8fdfc09, whose hash drew other "
-                            "validation units): the head's held-out rows may include rows it trained on, which "
-                            "makes its tree count and interval optimistic; train it again (geximpute train)",
-                            folder, k)
+                log.warning("%s: network %d records no holdout (trained before it was recorded, perhaps with the "
+                            "hash used before 8fdfc09, which drew other validation units): the head's held-out rows "
+                            "may include rows it trained on, which makes its tree count and interval optimistic; "
+                            "train it again (geximpute train)", folder, k)
             continue
+        had = {"hash": "mix64", **had}  # recorded before the hash's name was (89f8713): drawn by mix64 already
         for key, value in want.items():
             if had.get(key) != value:
                 setting = {"task": "evaluation.task (and evaluation.whole_donors)", "seed": "seed",
@@ -692,7 +693,12 @@ def train_networks(
     trained = []
     for index, (run, settings) in enumerate(zip(runs, networks, strict=True)):
         saved = states[index]
-        best = saved["best_model"] if saved["best_model"] is not None else saved["model"]
+        if saved["best_model"] is None:  # validation rows at every epoch, and never a finite loss on them
+            raise GeximputeError(
+                f"train {run.name}: the validation loss was NaN at every one of its {saved['epoch'] + 1} epochs "
+                "(the training diverged, or its records carry NaN features): no weights to keep. Lower "
+                "train.lr, or check the inputs")
+        best = saved["best_model"]
         metrics = {**saved.get("metrics", result.metrics), "seconds": seconds, "holdout": holdout_identity(config)}
         if np.isfinite(saved["best_val"]):
             log.info("train %s: best validation loss %.4f at epoch %d of %d (its weights kept)", run.name,

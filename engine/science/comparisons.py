@@ -186,6 +186,12 @@ def summarise_seeds(runs: list[dict]) -> dict:
     if len(versions) > 1 or len(kinds) > 1:
         raise ValueError(f"summarise_seeds: the runs mix metric definitions {sorted(versions)} or (task, dataset) "
                          f"{sorted(kinds)}; summarise runs of one evaluation, written by one metrics version")
+    # evaluate --seeds s draws the model with the config's seed + s (since f181b64), before with the one seed: a
+    # summary of replicates drawn both ways would mix two kinds of spread
+    offsets = {r["model_seed"] - r["seed"] for r in runs if r.get("model_seed") is not None}
+    if len(offsets) > 1 or (offsets and any(r.get("model_seed") is None for r in runs)):
+        raise ValueError("summarise_seeds: the runs' model seeds are drawn two ways (seed + s in some, not in "
+                         "others, or from different base seeds): evaluate them again with evaluate --seeds")
     methods = sorted({m for r in runs for m in r["methods"]})
     out: dict = {"seeds": [r["seed"] for r in runs], "task": runs[0]["task"], "dataset": runs[0]["dataset"],
                  "metrics_version": versions.pop(), "methods": {}}
@@ -214,7 +220,9 @@ def summarise_seeds(runs: list[dict]) -> dict:
                 row["reference_better"].append(c["reference_better"])
     for scope in comparisons.values():
         for row in scope.values():
-            row["difference_mean"] = float(np.mean(row["difference"]))
+            # a difference read back from metrics.json is null where it was not finite
+            finite = [d for d in row["difference"] if d is not None and np.isfinite(d)]
+            row["difference_mean"] = float(np.mean(finite)) if finite else None
     out["comparisons"] = comparisons
     out["seconds_total"] = [r.get("seconds", {}).get("total") for r in runs]
     return out
@@ -242,6 +250,7 @@ def seeds_report(summary: dict) -> str:
                   "| other | mean difference | 95% intervals | hybrid better in |", "|---|---|---|---|"]
         for other, row in rows.items():
             cis = "; ".join("n/a" if c[0] is None else f"[{c[0]:+.4f}, {c[1]:+.4f}]" for c in row["ci95"])
-            lines.append(f"| {other} | {row['difference_mean']:+.4f} | {cis} | "
+            mean = "n/a" if row["difference_mean"] is None else f"{row['difference_mean']:+.4f}"
+            lines.append(f"| {other} | {mean} | {cis} | "
                          f"{sum(row['reference_better'])}/{len(row['reference_better'])} seeds |")
     return "\n".join(lines) + "\n"

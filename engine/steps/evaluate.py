@@ -184,6 +184,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
             "metrics_version": METRICS_VERSION,
             "task": config.evaluation.task,
             "seed": config.evaluation.seed,
+            "model_seed": config.seed,  # evaluate --seeds s runs with the config's seed + s (seeded_config)
             "fraction": config.evaluation.fraction,
             "n_hidden": int(len(observed)),
             "n_genes": problem.n_genes,
@@ -217,10 +218,19 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
     return metrics
 
 
+def seeded_config(config: Config, seed: int) -> Config:
+    """``config`` for replicate ``seed`` of :func:`evaluate_seeds`: everything drawn anew, the hidden entries
+    (``evaluation.seed`` = ``seed``) and the model's own draws (``seed`` = the config's + ``seed``: the networks'
+    start, the training folds, the validation units, the seeded baselines); seed 0 is ``config`` with
+    ``evaluation.seed`` 0."""
+    return dataclasses.replace(config, seed=config.seed + seed,
+                               evaluation=dataclasses.replace(config.evaluation, seed=seed))
+
+
 def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, force: bool = False) -> dict:
-    """:func:`evaluate` once per ``evaluation.seed`` in ``seeds`` (each into ``out_dir/seed_<s>``), then the mean and
-    spread of every method's figures and the paired comparisons of each seed in ``out_dir/summary.json`` and
-    ``summary.md`` (:func:`geximpute.science.comparisons.summarise_seeds`).
+    """:func:`evaluate` once per replicate in ``seeds`` (:func:`seeded_config`; each into ``out_dir/seed_<s>``),
+    then the mean and spread of every method's figures and the paired comparisons of each seed in
+    ``out_dir/summary.json`` and ``summary.md`` (:func:`geximpute.science.comparisons.summarise_seeds`).
 
     Returns:
         the summary dictionary.
@@ -229,11 +239,7 @@ def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, for
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in seeds:
-        # a replicate of everything drawn: the hidden entries (evaluation.seed) and the model's own draws (seed: the
-        # networks' start, the training folds, the validation units), seed 0 the config as it is
-        seeded = dataclasses.replace(config, seed=config.seed + seed,
-                                     evaluation=dataclasses.replace(config.evaluation, seed=seed))
-        runs.append(evaluate(seeded, out_dir / f"seed_{seed}", force=force))
+        runs.append(evaluate(seeded_config(config, seed), out_dir / f"seed_{seed}", force=force))
     summary = summarise_seeds(runs)
     write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(seeds_report(summary))
