@@ -639,8 +639,10 @@ def test_json_written_has_no_nan_or_infinity(tmp_path):
     from geximpute.runtime.provenance import finite_json, write_json
 
     data = {"val_loss": float("nan"), "best_val": math.inf, "epochs": [1.0, -math.inf, np.float64("nan")],
-            "nested": {"x": (2.5, None)}, "name": "n"}
+            "nested": {"x": (2.5, None)}, "name": "n", "f32": np.float32("nan"), "array": np.array([np.nan, 1.0]),
+            "count": np.int64(3)}
     assert finite_json(data) == {"val_loss": None, "best_val": None, "epochs": [1.0, None, None],
-                                 "nested": {"x": [2.5, None]}, "name": "n"}
+                                 "nested": {"x": [2.5, None]}, "name": "n", "f32": None, "array": [None, 1.0],
+                                 "count": 3}
     write_json(tmp_path / "m.json", data)
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c))["best_val"] is None

@@ -74,6 +74,8 @@ def manifest(config: Config, **extra: Any) -> dict[str, Any]:
 def finite_json(data: Any) -> Any:
     """``data`` with every float that is not finite (a network's NaN validation loss without validation rows, its
     infinite best loss) as None: JSON has no NaN or Infinity, and strict readers refuse them."""
+    if hasattr(data, "tolist") and not isinstance(data, (str, bytes)):  # numpy scalars and arrays (float32 too)
+        data = data.tolist()
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, dict):
