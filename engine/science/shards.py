@@ -200,13 +200,6 @@ def _reach(values: np.ndarray, lo: int, hi: int, samples: np.ndarray, need: int,
     return int(rows.max()) + 1 if (rows >= 0).any() else 0
 
 
-#: the column of a shard's per-entry values (:attr:`Shard.columns`) that holds measured targets' own-value-free
-#: cis-genetic scores: :func:`shard_records` puts them in ``genetic_score`` and writes no such column
-OWN_GENETIC = "_genetic_score_own_value_free"
-#: the records' column of the cis-genetic score (geximpute.schema.CONTEXT)
-GENETIC_SCORE = "genetic_score"
-
-
 @dataclass
 class Shard:
     """What one block's records are built from (:func:`make_shard`); ``problem`` is the block's own small problem
@@ -224,6 +217,9 @@ class Shard:
     #: name -> (N,) float32, one value per target entry in ``np.nonzero(targets)`` order (not a (G_local, S_local) grid:
     #: a block's targets are a few percent of its rows' cells where most are measured)
     columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: (N,) float32 in the same order: a measured target's cis-genetic score fitted without its own value (NaN for
+    #: the others), which its record reads in place of ``genetic``'s; None without ``include_observed``
+    own_genetic: np.ndarray | None = None
 
 
 def donor_sample_lists(problem: VisibleProblem) -> list[np.ndarray]:
@@ -285,6 +281,7 @@ def make_shard(
     if family is not None:  # in np.nonzero order of the block's targets, as the columns above
         gi, si = np.nonzero(block_targets)
         block_columns[S.FAMILY_LEVEL] = np.asarray(family(gi + block.lo, samples[si]), np.float32)
+    own = None
     if own_genetic is not None:  # in np.nonzero order of the block's targets, as the columns above
         gi, si = np.nonzero(block_targets)
         at_gene, at_sample = gi + block.lo, samples[si]
@@ -293,7 +290,6 @@ def make_shard(
             own = np.full(len(gi), np.nan, np.float32)
             at_gene, at_sample = at_gene[measured], at_sample[measured]
             own[measured] = own_genetic.at(at_gene, at_sample, problem.donor_index[at_sample])
-            block_columns[OWN_GENETIC] = own
     local = dataclasses.replace(
         gene_rows(problem, lo, hi),
         sample_ids=problem.sample_ids[samples],
@@ -312,6 +308,7 @@ def make_shard(
         samples=samples,
         labels=None if labels is None else np.ascontiguousarray(labels[rows][:, samples]),
         columns=block_columns,
+        own_genetic=own,
     )
 
 
@@ -435,18 +432,16 @@ def shard_records(shard: Shard, k: int, max_distance: int | None) -> pa.Table:
         # training folds: the label of a re-hidden entry is its visible value in the outer problem
         label = pa.array(shard.labels[g, s], pa.float32(), from_pandas=True)
         table = table.set_column(table.schema.get_field_index("target"), "target", label)
-    if shard.columns:  # each record's place among the shard's targets in np.nonzero order
+    if shard.columns or shard.own_genetic is not None:  # each record's place among the targets, np.nonzero order
         width = shard.targets.shape[1]  # gi, si above are in that order: their flat indices are sorted
         place = np.searchsorted(gi.astype(np.int64) * width + si, g * width + s)
         for name, values in shard.columns.items():
-            if name == OWN_GENETIC:  # a measured target's score without its own value, in place of the score
-                at = table.schema.get_field_index(GENETIC_SCORE)
-                score = table[GENETIC_SCORE].to_numpy(zero_copy_only=False).astype(np.float32)
-                own = values[place]
-                table = table.set_column(at, GENETIC_SCORE, pa.array(np.where(np.isnan(own), score, own),
-                                                                      pa.float32(), from_pandas=True))
-                continue
             table = table.append_column(name, pa.array(values[place], pa.float32(), from_pandas=True))
+        if shard.own_genetic is not None:  # a measured target's score without its own value, in place of the score
+            own = shard.own_genetic[place]
+            score = table["genetic_score"].to_numpy(zero_copy_only=False).astype(np.float32)
+            table = table.set_column(table.schema.get_field_index("genetic_score"), "genetic_score",
+                                     pa.array(np.where(np.isnan(own), score, own), pa.float32(), from_pandas=True))
     table = table.set_column(table.schema.get_field_index("gene_index"), "gene_index",
                              pa.array((g + shard.gene_offset).astype(np.int32)))
     return table.set_column(table.schema.get_field_index("sample_index"), "sample_index",
