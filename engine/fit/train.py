@@ -358,11 +358,11 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
         unjudged = float(totals[1]) == 0
         val_loss = float(totals[0] / totals[1]) if not unjudged else float("nan")
         train_loss = float(totals[2] / max(totals[3], 1))
-        if unjudged:
+        improved = not unjudged and val_loss < state["best_val"] - 1e-4
+        if unjudged or improved:
+            if improved:
+                state["best_val"] = val_loss
             state["bad_epochs"], state["best_epoch"] = 0, epoch
-            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        elif val_loss < state["best_val"] - 1e-4:
-            state["best_val"], state["bad_epochs"], state["best_epoch"] = val_loss, 0, epoch
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             state["bad_epochs"] += 1
