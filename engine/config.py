@@ -728,7 +728,8 @@ class NightlyConfig:
         donors_per_commit: donors imputed and committed together; an interrupted run keeps the commits it made.
         lease_seconds: time to live of the run's lease (``<output>.lock``), renewed every third of it while the run
             works; a run killed on any host blocks the next one at most this long.
-        redelivered: a done donor whose genome file changed (a new checksum): ``reimpute`` imputes it again into the
+        redelivered: a done donor whose genome file changed (a new checksum), or whose expression file is new or
+            changed: ``reimpute`` imputes it again into the
             run date of the run that sees it (the next one if it was imputed the same day); ``ignore`` only warns.
         run_date: the partition a run writes, ``YYYY-MM-DD`` (null: today); ``geximpute nightly --run-date`` sets
             it too. A config key so that a back-fill reaches a run on a cluster (``--set nightly.run_date=...``

@@ -228,7 +228,8 @@ BUNDLE_FILES = (
     NETWORK_WEIGHTS_FILE, NETWORK_SPECS_FILE, HEAD_POINT_FILE, HEAD_INTERVAL_FILE, HEAD_SPECS_FILE,
     BUNDLE_PROMOTERS_FILE, BUNDLE_GENE_PROMOTERS_FILE, BUNDLE_CONFIG_FILE, BUNDLE_MANIFEST_FILE,
 )
-#: the files whose bytes make ``model_version``: two bundles with the same version predict the same
+#: the files whose bytes make ``model_version``: the model itself (the weights, the boosters and their specs);
+#: two bundles built from the same inputs and settings with the same version predict the same
 BUNDLE_VERSIONED_FILES = (NETWORK_WEIGHTS_FILE, HEAD_POINT_FILE, HEAD_INTERVAL_FILE, HEAD_SPECS_FILE,
                           NETWORK_SPECS_FILE)
 

@@ -283,6 +283,51 @@ def test_a_renewal_never_overwrites_a_lease_another_run_took(tmp_path, monkeypat
         assert sorted(p.name for p in tmp_path.iterdir()) == ["lease.json"]
 
 
+
+def test_a_renewal_leaves_the_name_free_only_between_a_rename_and_a_link_and_survives_an_io_error(tmp_path,
+                                                                                                  monkeypatch):
+    """The renewed lease is written and synced before the lease is set aside (the name free for a write and an
+    fsync let a run starting then take a live lease); an I/O error linking it (a network volume's EIO) puts the
+    lease back, and an error putting it back leaves it for the next renewal to restore: the lease is never lost."""
+    import errno
+
+    path = tmp_path / "lease.json"
+    lease = Lease(path, ttl=60).acquire()
+    lease._stop.set()
+    lease._thread.join()
+    real_rename, real_link, seen = os.rename, os.link, []
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(src) == path:  # the lease set aside: its renewal is already on disk
+            seen.append([p.name for p in tmp_path.iterdir() if ".new-" in p.name])
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    lease.renew()
+    assert seen == [[f".lease.json.new-{lease.owner}"]]
+    failures = {"renewed": 1, "restore": 0}
+
+    def flaky_link(src, dst, *args, **kwargs):
+        kind = "renewed" if ".new-" in str(src) else "restore"
+        if Path(dst) == path and failures[kind] > 0:
+            failures[kind] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", flaky_link)
+    with pytest.raises(OSError, match="Input/output"):
+        lease.renew()
+    lease.check()  # put back: still this run's
+    failures.update(renewed=1, restore=1)  # and when putting it back fails too
+    with pytest.raises(OSError, match="Input/output"):
+        lease.renew()
+    assert not path.exists() and (tmp_path / f"lease.json.renew-{lease.owner}").exists()
+    lease.renew()  # the next beat puts it back and renews
+    lease.check()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lease.json"]
+    monkeypatch.undo()
+    lease.release()
+
 def test_discard_removes_an_output_and_its_versions_but_refuses_others(tmp_path):
     out = tmp_path / "out"
     write_version(out, "one")

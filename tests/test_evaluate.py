@@ -497,6 +497,7 @@ def test_evaluate_with_the_hybrid_and_its_ablations(ray_local, synth_small, tmp_
     for name in ("hybrid", "cnn_only", "transformer_only", "xgb_features_only"):
         assert methods[name]["pearson"] > 0.5, (name, methods[name]["pearson"])
     assert 0.5 < methods["hybrid"]["coverage_80"] <= 1.0
+    assert methods["hybrid"]["coverage_nominal"] == pytest.approx(0.8)  # head.quantiles (0.1, 0.9)
     assert "coverage_80" not in methods["cnn_only"]
     assert (tmp_path / "eval" / "runs").is_dir()  # Ray Train runs and checkpoints are kept with the evaluation
     assert "| hybrid |" in (tmp_path / "eval" / "report.md").read_text()

@@ -87,6 +87,106 @@ def test_two_workers_resume_the_one_worker_checkpoint(prepared, tmp_path, caplog
     assert sum(not torch.equal(v, fresh[k]) for k, v in resumed.state.items()) > len(fresh) // 2
 
 
+
+def test_two_workers_share_every_networks_rows_evenly(prepared, tmp_path, caplog):
+    """Two networks, each reading one fold, trained in one run by two workers: each worker keeps its share of the
+    records by entry, so both networks train on nearly all their rows each epoch. Ray Data's split handed each
+    worker whole files in reading order (a fold here is one file): one worker held most of fold 0 and the other
+    most of fold 1, and each network took as many steps as the worker with fewest of its rows allowed (on the
+    Geuvadis folds: 7,968 rows of 40,736)."""
+    import re
+
+    from geximpute.fit.train import NetworkRun, fold_dirs, train_networks
+
+    config, records, _ = prepared
+    gene_ids, tissues = read_problem_index(records)
+    two = load_config(_config_path(config), [f"output_dir={tmp_path}", *TINY, "train.epochs=1",
+                                              "train.pretrain_epochs=0", "train.num_workers=2",
+                                              "train.cpus_per_worker=0.25"])
+    # each fold in one file, as prepare writes a fold of one chromosome (the Geuvadis folds)
+    single = tmp_path / "single"
+    for k in (0, 1):
+        fold = pads.dataset(fold_dirs(records, [k])[0], partitioning="hive").to_table()
+        fold = fold.set_column(fold.schema.get_field_index("chrom"), "chrom", fold["chrom"].cast(pa.string()))
+        (single / f"fold={k}").mkdir(parents=True)
+        pq.write_table(fold, single / f"fold={k}" / "part-0.parquet")
+    runs = [NetworkRun(f"on_fold{k}", [single / f"fold={k}"]) for k in (0, 1)]
+    with caplog.at_level("INFO", logger="geximpute.fit.train"):
+        trained = train_networks(two, runs, records, gene_ids, len(tissues), storage=tmp_path, name="shared")
+    for run, network in zip(runs, trained, strict=True):
+        n_train = int(re.search(rf"train {run.name}: (\d+) training and", caplog.text).group(1))
+        # each worker's share is a hash draw (on ~1,300 rows, a few percent from half) and an epoch drops a partial
+        # batch a worker: 0.88 of the rows here; the split by files left a network few rows on one worker
+        assert 0.8 * n_train <= network.metrics["examples"] <= n_train, (run.name, n_train, network.metrics)
+        assert f"train {run.name}: the 2 workers hold" in caplog.text
+
+
+def test_a_run_with_a_worker_holding_no_training_rows_is_refused():
+    """A network with fewer training rows than workers (near enough) would leave a worker none: refused on the
+    driver, naming the network and the setting, before any worker starts."""
+    from geximpute.fit.train import NetworkRun, _check_worker_rows, worker_of
+
+    table = pa.table({"gene_index": np.array([3], np.int64), "sample_index": np.array([7], np.int64)})
+    run = NetworkRun("lonely", [Path("records/train/fold=0")])
+    _check_worker_rows(run, table, np.zeros(1, bool), 1)  # one worker: nothing to share
+    with pytest.raises(GeximputeError, match=r"lonely.*train.num_workers = 2.*would hold none"):
+        _check_worker_rows(run, table, np.zeros(1, bool), 2)
+    # the shares: a hash of the entry, even over many entries, the same in every call
+    g, s = np.divmod(np.arange(20_000), 100)
+    share = np.bincount(worker_of(g, s, 4), minlength=4)
+    assert share.min() > 0.95 * 5_000 and np.array_equal(worker_of(g, s, 4), worker_of(g, s, 4))
+
+
+def test_a_bundle_is_read_from_one_version_and_a_network_cut_short_is_refused(tiny_model, tmp_path):
+    """load_bundle reads the version its link names at that moment, and names it (actors load that one, whatever a
+    build commits meanwhile); train's network files carry the weights' checksum, so a save cut between its two
+    renames (new weights, old feature scaling) is refused when read, not used."""
+    from geximpute.fit.bundle import load_network, save_network
+
+    bundle = load_bundle(tiny_model.folder)
+    assert bundle.folder == Path(tiny_model.folder).resolve() and bundle.reads_genomes  # the tiny data has a VCF
+    network = tiny_model.progress.results["train"]
+    save_network(network, tmp_path / "net")
+    assert load_network(tmp_path / "net").metrics["epoch"] == network.metrics["epoch"]
+    assert sorted(p.name for p in (tmp_path / "net").iterdir()) == ["network.json", "network.pt"]
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in network.state.items()}
+    torch.save(other, tmp_path / "net" / "network.pt")  # the weights of another save, with this save's specs
+    with pytest.raises(GeximputeError, match=r"network\.pt is not the weights network\.json was written with"):
+        load_network(tmp_path / "net")
+
+
+def test_a_model_trained_without_genomes_is_not_given_them(tmp_path, caplog):
+    """A model whose records never carried a cis-genetic score predicts from the reference genome: its imputation
+    and nightly runs do not read the config's VCF (its untrained inputs read the scores, and the score was added
+    to every estimate and bound, before); a model trained with genomes reads them as before."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from geximpute.config import config_from_dict
+    from geximpute.fit.bundle import Bundle
+    from geximpute.steps.impute import genomes_the_model_reads
+
+    config = config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv", "variants": "donors.vcf.gz",
+                                          "genome": "hg38.fa"}})
+    @dataclasses.dataclass
+    class Loaded:  # a dataset a caller loaded, with its VCF's sites
+        variants: object
+        expression: object = None
+
+    dataset = Loaded(variants="the sites")
+    blind = SimpleNamespace(reads_genomes=False, folder=tmp_path / "model")
+    with caplog.at_level("WARNING", logger="geximpute.steps.impute"):
+        seen, data = genomes_the_model_reads(config, blind, dataset, "impute")
+    assert seen.inputs.variants is None and seen.inputs.genome == config.inputs.genome and data.variants is None
+    assert dataset.variants == "the sites"  # the caller's, untouched
+    assert "trained without personal genomes" in caplog.text and "donors.vcf.gz is not read" in caplog.text
+    reading = SimpleNamespace(reads_genomes=True, folder=tmp_path / "model")
+    assert genomes_the_model_reads(config, reading, dataset, "impute") == (config, dataset)
+    # what the bundle recorded decides: genotypes null (trained without inputs.variants), or not recorded (older)
+    for compat, reads in (({"genotypes": None}, False), ({"genotypes": {"genotypes.cis_window": None}}, True),
+                          (None, True), ({"tissues": ["Liver"], "scale": "tpm"}, True)):  # older: not recorded
+        assert Bundle.reads_genomes.fget(SimpleNamespace(compatibility=compat)) is reads
+
 def _hidden(records) -> pa.Table:
     """The tiny model's context records: the entries hidden for evaluation, sorted by (gene, sample)."""
     table = pads.dataset(records / "context", partitioning="hive").to_table()
@@ -267,6 +367,8 @@ def test_head_does_not_lose_to_the_best_of_its_estimate_columns():
     narrowed = dataclasses.replace(blended, conformal=-50.0, conformal_edges=None, conformal_bins=None)
     estimate, lower, upper = narrowed.predict(x_new)
     assert np.all(lower <= estimate) and np.all(estimate <= upper)
+    # no rows (a VCF whose sites give variant-effects no pair): three empty arrays, not a reshape error
+    assert [part.shape for part in blended.predict(x_new[:0])] == [(0,), (0,), (0,)]
     # too few held-out rows to stop the trees and calibrate on: a clear error (a reshape error, or an interval
     # calibrated on two rows, before)
     from geximpute.errors import GeximputeError

@@ -197,22 +197,28 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
         assert_keys_unique(day)
     ledger = json.loads(ledger_path(config).read_text())["donors"]
     assert ledger["NEW-A"]["run_date"] == "2026-02-02"
-    # measured tissues delivered after the genome was imputed: not read, and said so (not silently ignored)
-    (inbox / "NEW-A.expression.tsv").write_text("gene_id\n")
+    # measured tissues delivered after the genome was imputed: the donor imputed again with them, said so, once
+    samples = pd.read_csv(data / "samples.tsv", sep="\t")
+    measured = sorted(samples.loc[samples["donor_id"] == "SYN-D0004", "tissue"])[:1]
+    donor_expression(data, "SYN-D0004", measured, inbox / "NEW-A.expression.tsv")
     with caplog.at_level(logging.WARNING, logger="geximpute.steps.nightly"):
-        assert nightly(config, run_date="2026-02-03").done == []  # the new checksum is recorded: once only
-    assert any("NEW-A.expression.tsv, new or changed beside the genome of donor NEW-A" in r.getMessage()
+        late = nightly(config, run_date="2026-02-03")
+    assert late.done == ["NEW-A"] and late.reimputed == ["NEW-A"]
+    assert any("NEW-A.expression.tsv new since donor NEW-A was imputed on 2026-02-02" in r.getMessage()
                for r in caplog.records)
-    (inbox / "NEW-A.expression.tsv").unlink()
+    ledger = json.loads(ledger_path(config).read_text())["donors"]
+    assert ledger["NEW-A"]["run_date"] == "2026-02-03" and ledger["NEW-A"]["expression_sha256"]
+    assert ledger["NEW-A"]["rows"] < genes * tissues  # its measured tissue is context now, not predicted
+    assert nightly(config, run_date="2026-02-04").done == []  # the checksum is recorded: once only
 
     # a partition manifest torn by a volume that lost it: its donors are read from its rows, and the night goes on
     from geximpute.runtime.atomic import resolve
     from geximpute.steps.nightly import committed_donors
 
-    (resolve(output_root(config) / "run_date=2026-02-02") / "_manifest.json").write_text("")
+    (resolve(output_root(config) / "run_date=2026-02-03") / "_manifest.json").write_text("")
     found = committed_donors(output_root(config))
-    assert found["NEW-A"]["run_date"] == "2026-02-02" and found["NEW-A"]["rows"] == genes * tissues
-    assert nightly(config, run_date="2026-02-04").done == []
+    assert found["NEW-A"]["run_date"] == "2026-02-03" and found["NEW-A"]["rows"] == ledger["NEW-A"]["rows"]
+    assert nightly(config, run_date="2026-02-05").done == []
 
 
 def test_quarantine_writes_the_note_first_moves_indexes_and_never_touches_a_link_s_target(tmp_path, monkeypatch):
@@ -274,8 +280,68 @@ def test_a_damaged_ledger_and_a_back_filled_date_are_handled(tmp_path):
     vcf.write_text("new genome")
     done = {"X": {"run_date": "2024-01-05", "run_id": "r", "rows": 1, "vcf_sha256": "0" * 64}}
     for day, again, deferred in (("2024-01-03", [], ["X"]), ("2024-01-05", [], ["X"]), ("2024-01-06", ["X"], [])):
-        items, waiting = _redelivered([InboxItem("X", vcf)], done, day, "reimpute")
-        assert [i.donor for i in items] == again and waiting == deferred, day
+        items, later, waiting = _redelivered([InboxItem("X", vcf)], done, day, "reimpute")
+        assert [i.donor for i in items] == again and later == deferred and waiting == [], day
+
+
+def test_a_done_donors_files_that_vanish_or_gain_an_expression_file(tmp_path, caplog):
+    """A done donor's genome removed after the inbox was listed leaves it for the next run (it stopped the whole
+    night with a FileNotFoundError); an expression file that comes after the genome, or changes, re-imputes the
+    donor as a changed genome does (it was reported every night and never read, whatever was delivered again)."""
+    from geximpute.runtime.provenance import fingerprint
+    from geximpute.steps.nightly import InboxItem, _redelivered
+
+    vcf, expr = tmp_path / "X.vcf", tmp_path / "X.expression.tsv"
+    vcf.write_text("genome")
+    sha = fingerprint(vcf)["sha256"]
+    done = {"X": {"run_date": "2024-01-05", "run_id": "r", "rows": 1, "vcf_sha256": sha, "expression_sha256": None}}
+    assert _redelivered([InboxItem("X", vcf)], done, "2024-01-06", "reimpute") == ([], [], [])
+    expr.write_text("gene_id\tLiver\nG1\t3.0\n")
+    with caplog.at_level("WARNING", logger="geximpute.steps.nightly"):
+        again, later, waiting = _redelivered([InboxItem("X", vcf, expr)], done, "2024-01-06", "reimpute")
+    assert [i.donor for i in again] == ["X"] and later == waiting == []
+    assert "X.expression.tsv new since donor X was imputed on 2024-01-05: imputing it again" in caplog.text
+    done["X"]["expression_sha256"] = fingerprint(expr)["sha256"]
+    assert _redelivered([InboxItem("X", vcf, expr)], done, "2024-01-06", "reimpute") == ([], [], [])
+    expr.write_text("gene_id\tLiver\nG1\t4.0\n")  # changed
+    assert _redelivered([InboxItem("X", vcf, expr)], done, "2024-01-06", "ignore") == ([], [], [])
+    assert [i.donor for i in _redelivered([InboxItem("X", vcf, expr)], done, "2024-01-06", "reimpute")[0]] == ["X"]
+    vcf.unlink()  # gone since the inbox was listed
+    assert _redelivered([InboxItem("X", vcf, expr)], done, "2024-01-06", "reimpute") == ([], [], ["X"])
+    # a ledger written before expression checksums were recorded: the expression file is not compared
+    vcf.write_text("genome")
+    del done["X"]["expression_sha256"]
+    assert _redelivered([InboxItem("X", vcf, expr)], done, "2024-01-06", "reimpute") == ([], [], [])
+
+
+def test_recover_restores_only_what_the_old_protocol_named(tmp_path):
+    """`.<root>.old-<day>-<pid>` (a partition the previous protocol moved aside) is put back; a user's
+    `.nightly.old-backup`, `.nightly.old-2024-01-01-keep`, a plain file or a link of that shape is never moved or
+    removed (every `.nightly.old-*` was: moved into the dataset as `run_date=backup`, or deleted)."""
+    import json as json_module
+
+    from geximpute.steps.nightly import recover
+
+    root = tmp_path / "nightly"
+    root.mkdir()
+    legacy = tmp_path / ".nightly.old-2024-01-01-4242"
+    legacy.mkdir()
+    (legacy / "_manifest.json").write_text(json_module.dumps({"donors": {}}))
+    mine = [tmp_path / ".nightly.old-backup", tmp_path / ".nightly.old-2024-01-01-keep"]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "precious.txt").write_text("keep me")
+    (tmp_path / ".nightly.old-2024-02-02-7").write_text("a file, not a folder")
+    (tmp_path / ".nightly.old-2024-03-03-8").symlink_to(mine[0])
+    stale = tmp_path / ".nightly.staging-99"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    recover(root, {})
+    assert (root / "run_date=2024-01-01" / "_manifest.json").is_file() and not legacy.exists()
+    assert all((folder / "precious.txt").read_text() == "keep me" for folder in mine)
+    assert (tmp_path / ".nightly.old-2024-02-02-7").is_file() and (tmp_path / ".nightly.old-2024-03-03-8").is_symlink()
+    assert sorted(p.name for p in root.iterdir()) == ["run_date=2024-01-01"]
+    assert not stale.exists()  # the old protocol's staging, older than a lease
 
 
 def test_a_genome_that_changes_while_read_or_cannot_be_read_yet_stays_in_the_inbox(data, tmp_path, monkeypatch):
@@ -307,6 +373,32 @@ def test_a_genome_that_changes_while_read_or_cannot_be_read_yet_stays_in_the_inb
     monkeypatch.setattr(nightly_module, "read_variants", read_while_copied)
     with pytest.raises(StillArriving, match=r"NEW-001\.vcf: the file changed while it was read"):
         read_new_donor(InboxItem("NEW-001", vcf), config, problem, dataset.genome)
+
+    def cut_short(path, *args, **kwargs):  # a copy cut mid-record fails to parse, and the copy goes on
+        with open(path, "a") as fh:
+            fh.write("\n")
+        raise ValueError(f"{path}: line 12: expected 10 columns")
+
+    monkeypatch.setattr(nightly_module, "read_variants", cut_short)
+    with pytest.raises(StillArriving, match=r"NEW-001\.vcf: the file changed while it was read .* did not read"):
+        read_new_donor(InboxItem("NEW-001", vcf), config, problem, dataset.genome)
+    monkeypatch.setattr(nightly_module, "read_variants", real)
+    donor_vcf(data / "variants.vcf", "SYN-D0001", "NEW-001", vcf)  # whole again
+    # the expression file too: one cut at a line's end parses (40 of 100 genes), and was recorded as final
+    samples = pd.read_csv(data / "samples.tsv", sep="\t")
+    measured = sorted(samples.loc[samples["donor_id"] == "SYN-D0001", "tissue"])[:1]
+    expr, _ = donor_expression(data, "SYN-D0001", measured, tmp_path / "NEW-001.expression.tsv")
+    real_expression = nightly_module.read_expression
+
+    def expression_while_copied(path, *args, **kwargs):
+        out = real_expression(path, *args, **kwargs)
+        with open(path, "a") as fh:
+            fh.write("\n")
+        return out
+
+    monkeypatch.setattr(nightly_module, "read_expression", expression_while_copied)
+    with pytest.raises(StillArriving, match=r"NEW-001\.expression\.tsv: the file changed while it was read"):
+        read_new_donor(InboxItem("NEW-001", vcf, expr), config, problem, dataset.genome)
     assert _transient(PermissionError(errno.EACCES, "Permission denied")) and _transient(MemoryError())
     assert not _transient(FileNotFoundError(errno.ENOENT, "gone")) and not _transient(ValueError("bad VCF"))
 

@@ -170,6 +170,8 @@ def test_fold_targets_draw_whole_gene_tissue_groups_up_to_the_limit():
     assert drawn.any(axis=1).sum() > 20  # groups of many genes, not a few genes' every tissue
     np.testing.assert_array_equal(drawn, fold_targets(inner, tissue, limit, 0))  # seeded
     assert not np.array_equal(drawn, fold_targets(inner, tissue, limit, 1))
+    # replicate 0's fold 1 and replicate 1's fold 0 draw apart (seed + fold made them one draw)
+    assert not np.array_equal(fold_targets(inner, tissue, limit, 0, fold=1), fold_targets(inner, tissue, limit, 1))
     # a limit below the smallest group still labels one group
     assert fold_targets(inner, tissue, 1, 0).any()
 

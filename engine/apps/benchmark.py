@@ -64,7 +64,7 @@ from geximpute.config import load_config
 from geximpute.fit.bundle import load_bundle
 from geximpute.model.network import PromoterCNN
 from geximpute.runtime.atomic import discard
-from geximpute.runtime.provenance import versions
+from geximpute.runtime.provenance import versions, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.steps.impute import BLOCK_ENTRIES, donor_promoter_inputs, donor_promoter_sequences, imputation_problem
@@ -857,7 +857,7 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
         "versions": {**versions(), "geximpute": __version__},
     }
     bench["targets"] = check_targets(bench)
-    (out / "bench.json").write_text(json.dumps(bench, indent=2, default=str) + "\n")
+    write_json(out / "bench.json", bench)
     plot_bench(bench, out / "bench.png")
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)

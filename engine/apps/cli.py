@@ -207,10 +207,11 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     for name, why in result.quarantined.items():
         echo(f"quarantined {name}: {why}", err=True)
     if result.reimputed:
-        echo(f"re-imputed (genome delivered again with a new checksum): {', '.join(result.reimputed)}")
+        echo(f"re-imputed (genome delivered again with a new checksum, or a new or changed expression file): "
+             f"{', '.join(result.reimputed)}")
     if result.deferred:
-        echo(f"genome delivered again after being imputed on this run date or a later one, re-imputed by a later run "
-             f"date: {', '.join(result.deferred)}")
+        echo(f"genome or expression file delivered again after being imputed on this run date or a later one, "
+             f"re-imputed by a later run date: {', '.join(result.deferred)}")
     if result.waiting:
         echo(f"left in the inbox for the next run (changing while read, or a passing read error; see the log): "
              f"{', '.join(result.waiting)}", err=True)

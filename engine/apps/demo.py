@@ -16,7 +16,6 @@ Then ``report.html`` (one self-contained page: plots, tables, configs, input fin
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import pyarrow.dataset as pads
 from geximpute.config import Config, load_config
 from geximpute.errors import GeximputeError
 from geximpute.io.dataset import load_dataset
-from geximpute.runtime.provenance import manifest
+from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import make_methods
 from geximpute.science.metrics import score
@@ -344,8 +343,7 @@ def run_demo(out: str | Path, *, seed: int = 0) -> Path:
     text = _summary(out, medians, v8, total, _duckdb(out / "gtex-v8" / "predictions"))
     (out / "summary.md").write_text(text)
     write_html(out, medians, v8, medians_plot, v8_plot, total, _duckdb_rows(out / "gtex-v8" / "predictions"))
-    (out / "summary.json").write_text(json.dumps({"seconds": total, "gtex-v8": {**v8.facts, "seconds": v8.seconds},
-                                                  "gtex-medians": {**medians.facts, "seconds": medians.seconds}},
-                                                 indent=2, default=str))
+    write_json(out / "summary.json", {"seconds": total, "gtex-v8": {**v8.facts, "seconds": v8.seconds},
+                                      "gtex-medians": {**medians.facts, "seconds": medians.seconds}})
     log.info("demo: done in %.0f s; summary in %s", total, out / "summary.md")
     return out / "summary.md"

@@ -15,7 +15,10 @@ A bundle folder holds (names and Parquet schemas declared in :mod:`geximpute.sch
     config.yaml       the resolved config that made it
     manifest.json     versions, input fingerprints, training metrics, model_version
 
-``model_version`` is a hash of the weights and boosters, so two bundles with the same version predict the same.
+``model_version`` is a hash of the weights, the boosters and their specs (network.json, head.json): the model
+itself. ``config.yaml`` (the tuned baselines' and the engineered features' settings) and the promoter tables are
+not part of it, being the same for two builds of the same inputs and settings: a bundle edited by hand there keeps
+its version.
 A cross-fitted (stacked) bundle predicts through every fold network and averages the head's outputs; its head also
 reads the estimates of the strong baselines (settings tuned when the bundle was built, in ``config.yaml``), which
 are fitted on the visible values of the data being predicted (:meth:`Bundle.baseline_grids`). Personal haplotypes
@@ -30,6 +33,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,12 +77,26 @@ def save_network(network: TrainedNetwork, folder: str | Path, *, with_metrics: b
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state, folder / S.NETWORK_WEIGHTS_FILE)
+    weights = folder / S.NETWORK_WEIGHTS_FILE
     specs = {"network": dataclasses.asdict(network.spec), "features": dataclasses.asdict(network.features)}
-    if with_metrics:
-        specs["metrics"] = finite_json(network.metrics)
-    (folder / S.NETWORK_SPECS_FILE).write_text(json.dumps(specs, indent=2, default=str))
-    return folder / S.NETWORK_WEIGHTS_FILE
+    if not with_metrics:  # a bundle's copy: written in its staging folder, committed whole
+        torch.save(network.state, weights)
+        (folder / S.NETWORK_SPECS_FILE).write_text(json.dumps(specs, indent=2, default=str))
+        return weights
+    # train's output is replaced in place (its Ray Train runs live beside it): each file written whole under a
+    # temporary name and renamed, the specs naming the weights' checksum, so that a save cut between the two
+    # renames is refused when read (old weights read with the new feature scaling would predict without an error)
+    new_weights = folder / f".{S.NETWORK_WEIGHTS_FILE}.{os.getpid()}.tmp"
+    torch.save(network.state, new_weights)
+    specs["weights_sha256"] = hashlib.sha256(new_weights.read_bytes()).hexdigest()
+    specs["metrics"] = finite_json(network.metrics)
+    new_specs = folder / f".{S.NETWORK_SPECS_FILE}.{os.getpid()}.tmp"
+    new_specs.write_text(json.dumps(specs, indent=2, default=str))
+    # the specs (naming the new weights' checksum) first: a save cut before the weights' rename leaves specs that
+    # refuse the old weights, whatever wrote those (an older engine recorded no checksum)
+    os.replace(new_specs, folder / S.NETWORK_SPECS_FILE)
+    os.replace(new_weights, weights)
+    return weights
 
 
 def load_network(folder: str | Path) -> TrainedNetwork:
@@ -93,6 +111,12 @@ def load_network(folder: str | Path) -> TrainedNetwork:
         raise GeximputeError(f"{folder}: no trained network ({S.NETWORK_WEIGHTS_FILE} and {S.NETWORK_SPECS_FILE}); "
                              "run `geximpute train` first")
     specs = json.loads(specs_file.read_text())
+    recorded = specs.get("weights_sha256")
+    if recorded is not None and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+        raise GeximputeError(
+            f"{folder}: {S.NETWORK_WEIGHTS_FILE} is not the weights {S.NETWORK_SPECS_FILE} was written with (its "
+            f"sha256 differs from the recorded {recorded[:12]}: a save cut short, or a file copied from another run); "
+            "run `geximpute train` again")
     return TrainedNetwork(
         spec=NetworkSpec(**specs["network"]),
         features=FeatureSpec(**specs["features"]),
@@ -197,8 +221,8 @@ def check_compatible(recorded: dict[str, Any] | None, data: dict[str, Any], fold
     """Refuse data that the bundle in ``folder`` was not trained for, naming the first key that differs.
 
     Args:
-        recorded: the bundle's :func:`compatibility` (None: a bundle written before it was recorded; only the
-            number of tissues is compared then).
+        recorded: the bundle's :func:`compatibility` (None: a bundle written before it was recorded: nothing is
+            compared here; ``impute`` and ``nightly`` still compare the number of tissues).
         data: the same for the data at hand.
         folder: the bundle folder (for the message).
         source: what the data is (e.g. the config file), for the message.
@@ -271,7 +295,8 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         for k, network in enumerate(folds[1:], start=1):
             save_network(network, fold_folder(staging, k), with_metrics=False)
         models.head.save(staging)
-        (staging / S.HEAD_SPECS_FILE).write_text(json.dumps({
+        # finite_json: a conformal amount or coverage that came out NaN is written as null, never as bare NaN
+        (staging / S.HEAD_SPECS_FILE).write_text(json.dumps(finite_json({
             "conformal": models.head.conformal,
             "conformal_edges": models.head.conformal_edges,
             "conformal_bins": models.head.conformal_bins,
@@ -284,7 +309,7 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
             "stacked": models.stacked,
             "fold_networks": len(folds),
             "baselines": list(models.baselines) if models.stacked else [],
-        }, indent=2))
+        }), indent=2))
         gene_row = models.lookup.gene_row
         has = gene_row >= 0
         # only the reference windows: personal haplotypes come from the VCF of the donors being predicted
@@ -392,6 +417,15 @@ class Bundle:
         return any(n.spec.family_input for n in self.models.networks())
 
     @property
+    def reads_genomes(self) -> bool:
+        """The model was trained with personal genomes (``inputs.variants``): its records carried cis-genetic
+        scores, which it learned from. A model trained without them never did (the score's inputs were 0 with their
+        flag 0 throughout): it predicts every donor from the reference genome. True for bundles written before
+        this was recorded (no compatibility record, or one without its ``genotypes`` key)."""
+        recorded = self.compatibility
+        return recorded is None or "genotypes" not in recorded or recorded["genotypes"] is not None
+
+    @property
     def reads_promoters(self) -> bool:
         """The networks have a promoter branch (they read the promoter table)."""
         return bool(self.models.network.spec.use_promoter)
@@ -479,14 +513,29 @@ def check_features(recorded: Sequence[str] | None, folder: Path) -> None:
         "the features of the engine that wrote the bundle: rebuild the model with this version (`geximpute build`)")
 
 
+def _version_of(folder: Path) -> Path:
+    """The version folder that the output link ``folder`` names now (``folder`` itself where it is not a link):
+    only that last link is followed, so a parent folder that is a link on this host stays as the user named it
+    (workers on other hosts read the same path)."""
+    if not folder.is_symlink():
+        return folder
+    return folder.parent / os.readlink(folder)
+
+
 def load_bundle(folder: str | Path) -> Bundle:
     """Load a bundle written by :func:`save_bundle`.
 
+    ``Bundle.folder`` is the version folder read (the link ``folder`` resolved): whoever loads the bundle again
+    for the same run (imputation's actors and tasks) loads it from there, the same version.
+
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
-        GeximputeError: the bundle's head reads other engineered features than this engine computes.
+        GeximputeError: the bundle's head reads other engineered features than this engine computes, or a
+            network's files are missing or do not match.
     """
-    folder = Path(folder)
+    # the version the link names now, read whole from there: a build committed meanwhile switches the link, and
+    # files read through it one by one could come from two versions
+    folder = _version_of(Path(folder))
     if not (folder / S.BUNDLE_MANIFEST_FILE).is_file():
         raise FileNotFoundError(f"{folder}: not a model bundle (no {S.BUNDLE_MANIFEST_FILE}); "
                                 "run `geximpute fit-head` first")

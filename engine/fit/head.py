@@ -264,7 +264,7 @@ class HeadModel:
         point = self.point.inplace_predict(features, missing=np.nan, base_margin=margin)
         bounds = self.interval.inplace_predict(
             features, missing=np.nan, base_margin=None if margin is None else np.repeat(margin[:, None], 2, axis=1)
-        ).reshape(len(features), -1)
+        ).reshape(len(features), 2)  # (N, 2) for N = 0 too
         widening = self.widening(point)
         # a negative conformal amount (the quantile booster's band wider than its held-out rows needed) narrows
         # the band; it never turns it inside out nor leaves the estimate outside its own interval
@@ -285,8 +285,13 @@ class HeadModel:
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(folder / POINT_FILE))
         interval.load_model(str(folder / INTERVAL_FILE))
-        return cls(point, interval, conformal, n_features, coverage, Blend(**blend) if blend else None,
-                   conformal_edges, conformal_bins)
+
+        def number(x: float | None) -> float:  # head.json writes a non-finite figure as null
+            return float("nan") if x is None else x
+
+        return cls(point, interval, number(conformal), n_features, number(coverage),
+                   Blend(**blend) if blend else None, conformal_edges,
+                   None if conformal_bins is None else [number(x) for x in conformal_bins])
 
 
 #: fewest calibration rows per bin of :func:`conformal_amounts` (else one amount for all rows)

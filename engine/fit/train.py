@@ -158,11 +158,34 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _read_shard(shard) -> pa.Table | None:
-    """A worker's whole Ray Data shard as one table (None when empty), sorted by entry: Ray Data hands blocks over
-    in the order they finish, which differs between runs; sorted, every run visits the same records in the same
-    order."""
-    parts = list(shard.iter_batches(batch_size=65536, batch_format="pyarrow"))
+#: folded into :func:`worker_of`'s hash: the workers' shares are drawn independently of the holdout's units
+WORKER_TAG = 0x5744_4450  # "WDDP"
+
+
+def worker_of(gene_index: np.ndarray, sample_index: np.ndarray, world: int) -> np.ndarray:
+    """(N,) the Ray Train worker (0 .. ``world`` - 1) that trains on each record of the entries (``gene_index``,
+    ``sample_index``): a hash of the entry, so every network's training and validation rows are shared out evenly
+    whatever folds, chromosomes or files they come from, and the same way in every run and restart.
+
+    Ray Data's split of the records hands each worker whole blocks in reading order: with one file a fold, one
+    worker held most of one fold and the other most of the next, and a network whose training folds a worker
+    barely held took as few steps as that worker had rows (DDP keeps workers in step), or none at all."""
+    if world <= 1:
+        return np.zeros(len(gene_index), np.int64)
+    return (mix64(np.asarray(gene_index, np.int64), np.asarray(sample_index, np.int64), WORKER_TAG)
+            % np.uint64(world)).astype(np.int64)
+
+
+def _read_shard(shard, rank: int = 0, world: int = 1) -> pa.Table | None:
+    """This worker's share of the records (:func:`worker_of`) as one table (None when empty), read from the whole
+    dataset a batch at a time, sorted by entry: Ray Data hands blocks over in the order they finish, which differs
+    between runs; sorted, every run visits the same records in the same order."""
+    parts = []
+    for batch in shard.iter_batches(batch_size=65536, batch_format="pyarrow"):
+        if world > 1:
+            mine = worker_of(batch["gene_index"].to_numpy(), batch["sample_index"].to_numpy(), world) == rank
+            batch = batch.filter(pa.array(mine))
+        parts.append(batch)
     records = pa.concat_tables(parts).combine_chunks() if parts else None
     if records is None or not records.num_rows:
         return None
@@ -255,7 +278,7 @@ def _train_loop(cfg: dict) -> None:
     states = _saved_networks(checkpoint, device)
     # this worker's records of every network's folds, read once (one Ray Data execution for the run, not one per
     # network or epoch); each network reads its folds' training and validation rows of them by row number
-    records = _read_shard(ray.train.get_dataset_shard("records"))
+    records = _read_shard(ray.train.get_dataset_shard("records"), rank, world)
     for index, network in enumerate(cfg["networks"]):
         if _finished(states.get(index), cfg):
             continue
@@ -302,7 +325,7 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
     train_rows, valid_rows = _network_rows(records, {**cfg, **network})
     n_train = len(train_rows)
     if world > 1:
-        # the shards are equal in records, not in training rows: every worker takes as many steps as the fewest
+        # the shares are even by a hash, not exactly equal: every worker takes as many steps as the fewest rows allow
         fewest = torch.tensor([n_train], dtype=torch.int64)
         torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
         n_train = int(fewest[0])
@@ -539,6 +562,28 @@ def _start_or_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:
     mark.write_text(json.dumps(fingerprint))
 
 
+def _check_worker_rows(run: NetworkRun, table: pa.Table, valid: np.ndarray, world: int) -> None:
+    """Refuse a run in which some worker would hold none of the network's training rows (DDP keeps the workers in
+    step: every worker would take as many steps as that one, none); log the spread of the workers' shares.
+
+    Raises:
+        GeximputeError: a worker's share of the training rows is empty (fewer rows than workers, near enough).
+    """
+    if world <= 1:
+        return
+    train = ~valid
+    share = np.bincount(worker_of(table["gene_index"].to_numpy()[train], table["sample_index"].to_numpy()[train],
+                                  world), minlength=world)
+    if share.min() == 0:
+        raise GeximputeError(
+            f"train {run.name}: {int(train.sum())} training record(s) in "
+            f"{', '.join(str(d) for d in run.train_dirs)} for train.num_workers = {world}: worker(s) "
+            f"{', '.join(str(w) for w in np.flatnonzero(share == 0))} would hold none, and DDP trains every worker "
+            "as many steps as the fewest rows allow (none). Train with fewer workers (train.num_workers)")
+    log.info("train %s: the %d workers hold %d-%d of its training records each (each epoch takes %d a worker at "
+             "most)", run.name, world, int(share.min()), int(share.max()), int(share.min()))
+
+
 def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_tissues: int,
                       lookup: PromoterLookup) -> dict:
     """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
@@ -563,6 +608,7 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
                     "(few units: more train.folds, a larger train.fold_fraction, another seed or "
                     "split.valid_chroms would give some): it trains every epoch, without early stopping, and "
                     "keeps the last", run.name, holdout_task(config), len(valid))
+    _check_worker_rows(run, table, valid, config.train.num_workers)
     train_labels = labels[~valid]
     features = FeatureSpec(
         k_neighbours=config.context.k_neighbours,
@@ -615,9 +661,9 @@ def train_networks(
     name: str,
     resume_from=None,
 ) -> list[TrainedNetwork]:
-    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start and one
-    Ray Data execution for all of them: each worker reads its shard of the union of their folds once and keeps one
-    copy of it, each network reading its rows by row number) and return each one's best weights.
+    """Train the networks of ``runs`` one after another in one ``TorchTrainer`` run (one worker group start for all
+    of them: each worker reads the union of their folds once and keeps one copy of its share, :func:`worker_of`,
+    each network reading its rows by row number) and return each one's best weights.
 
     Args:
         config: the resolved config (``model``, ``train``, ``split``, ``evaluation.task``, ``seed``).
@@ -641,10 +687,10 @@ def train_networks(
     networks = [_network_settings(config, run, gene_ids, n_tissues, lookup) for run in runs]
     folders = sorted({str(d) for run in runs for d in run.train_dirs})
     # one dataset of every network's folds, taken apart by each worker (the fold is a hive partition column, the
-    # training/validation split a function of the row); with one worker nothing is split, and the worker runs the
-    # Ray Data execution itself
+    # training/validation split a function of the row); not split by Ray Data: each worker runs the read itself
+    # and keeps its share by entry (worker_of), balanced within every network's folds
     records = ray.data.read_parquet(folders, num_cpus=config.ray.cpus_per_task)
-    data_config = DataConfig(datasets_to_split="all" if tc.num_workers > 1 else [])
+    data_config = DataConfig(datasets_to_split=[])
     loop_config = {
         "networks": networks,
         "promoters": promoters,

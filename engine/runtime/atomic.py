@@ -334,12 +334,35 @@ class Lease:
         log.warning("%s: took over the expired lease of %s", self.path,
                     f"{holder.get('owner')} (expired {holder.get('expires')})" if holder else "a torn lease file")
 
+    def _aside(self) -> Path:
+        """Where :meth:`renew` sets the lease aside while it swaps it."""
+        return self.path.with_name(f"{self.path.name}.renew-{self.owner}")
+
+    def _restore_aside(self) -> None:
+        """Put back a lease that a renewal set aside and could not put back (an I/O error linking it): this run's
+        own, or another run's it found there. Where the name is taken meanwhile, the set-aside copy is dropped; an
+        error again leaves it for the next call (every renewal, check and release tries)."""
+        aside = self._aside()
+        if not os.path.lexists(aside):
+            return
+        try:
+            os.link(aside, self.path)
+        except FileExistsError:  # the name is another run's now
+            pass
+        except OSError as exc:
+            log.error("%s: could not put the set-aside lease back (%s); tried again at the next renewal", self.path,
+                      exc)
+            return
+        aside.unlink(missing_ok=True)
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self.renew()
             except LeaseLost as exc:
                 log.error("%s", exc)
+                with contextlib.suppress(OSError):
+                    self._restore_aside()  # another run's lease, set aside by this renewal, goes back
                 return
             except OSError as exc:  # a transient error of the volume: the next beat tries again
                 log.warning("%s: could not renew the lease: %s", self.path, exc)
@@ -354,13 +377,33 @@ class Lease:
         over in between: two runs then held it. Here a takeover that lands first is put back and this run has lost;
         one that lands while the name is free wins and this run has lost; either way one holder.
         """
-        aside = self.path.with_name(f"{self.path.name}.renew-{self.owner}")
+        aside = self._aside()
+        self._restore_aside()
+        # the renewed lease written and synced before the name is set aside: the name stays free only between a
+        # rename and a link, never for a write and an fsync (milliseconds on a network volume), so a run starting
+        # then does not find it free
+        tmp = self.path.with_name(f".{self.path.name}.new-{self.owner}")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            self._lost = True
-            raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} is gone (removed, or taken over and "
-                            "given back); this run stops without committing") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self._content(self._acquired))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                self._lost = True
+                raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} is gone (removed, or taken over "
+                                "and given back); this run stops without committing") from None
+            self._swap(aside, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.path.parent)
+
+    def _swap(self, aside: Path, renewed: Path) -> None:
+        """The second half of :meth:`renew`, the lease set aside at ``aside``: link ``renewed`` at the name if the
+        set-aside lease is this run's; otherwise, or on any error but another run's lease at the name, the name
+        gets back what it held. An error putting it back leaves ``aside`` for the next renewal to put back."""
         restore = True
         try:
             try:
@@ -372,33 +415,30 @@ class Lease:
                 raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} was taken over by "
                                 f"{holder.get('owner') if isinstance(holder, dict) else 'nobody'}; this run stops "
                                 "without committing")
-            tmp = self.path.with_name(f".{self.path.name}.new-{self.owner}")
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
             try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(self._content(self._acquired))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                restore = False  # from here the name is either the renewed lease or another run's
-                try:
-                    os.link(tmp, self.path)
-                except FileExistsError:
-                    self._lost = True
-                    raise LeaseLost(f"{self.path}: another run took the {self.what} lease while {self.owner} renewed "
-                                    "it; this run stops without committing") from None
-            finally:
-                tmp.unlink(missing_ok=True)
+                os.link(renewed, self.path)
+            except FileExistsError:  # the name is another run's: nothing to put back
+                restore = False
+                self._lost = True
+                raise LeaseLost(f"{self.path}: another run took the {self.what} lease while {self.owner} renewed "
+                                "it; this run stops without committing") from None
+            restore = False  # renewed
         finally:
+            keep = False
             if restore:  # not renewed (another run's lease set aside, or an error): the name gets back what it held
                 try:
                     os.link(aside, self.path)
                 except FileExistsError:
                     pass
-            aside.unlink(missing_ok=True)
-        fsync_dir(self.path.parent)
+                except OSError as exc:  # kept aside: the next renew() puts it back
+                    log.error("%s: could not put the lease back (%s); the next renewal tries again", self.path, exc)
+                    keep = True
+            if not keep:
+                aside.unlink(missing_ok=True)
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run holds the lease and it has not expired."""
+        self._restore_aside()
         _, holder = self.read()
         if self._lost or holder is None or holder.get("owner") != self.owner:
             raise LeaseLost(f"{self.path}: this run ({self.owner}) no longer holds the {self.what} lease (held by "
@@ -412,6 +452,7 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._restore_aside()
         _, holder = self.read()
         if holder is not None and holder.get("owner") == self.owner:
             self.path.unlink(missing_ok=True)

@@ -73,10 +73,13 @@ def training_folds(
     return masks
 
 
-def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None, seed: int,
+                 fold: int = 0) -> np.ndarray:
     """(G, S) bool: the entries of a training fold (``inner``, one of :func:`training_folds`) that get a labelled
     record. All of them when they are ``limit`` or fewer (None: no limit); else every entry of a seeded random set
-    of the fold's (gene, tissue) groups, drawn until the next group would pass ``limit``.
+    of the fold's (gene, tissue) groups, drawn until the next group would pass ``limit``, seeded by (``seed``,
+    ``fold``) as a pair: a seed added to the fold number would give replicate s's fold 1 the draw of replicate
+    s + 1's fold 0.
 
     The whole fold stays hidden from the fold's problem, so every record's context is what it would be without the
     limit; only fewer entries are labelled, and the records, the training epochs and the head's rows stop growing
@@ -93,7 +96,7 @@ def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None,
     if limit is None or counts.sum() <= limit:
         return inner
     flat = counts.ravel()
-    order = np.random.default_rng((seed, 15_485_863)).permutation(np.flatnonzero(flat))
+    order = np.random.default_rng((seed, fold, 15_485_863)).permutation(np.flatnonzero(flat))
     kept = max(1, int(np.searchsorted(np.cumsum(flat[order]), limit, side="right")))
     keep = np.zeros(flat.shape, bool)
     keep[order[:kept]] = True

@@ -1029,14 +1029,34 @@ def impute(
         bundle = load_bundle(bundle_dir)
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
+    config, dataset = genomes_the_model_reads(config, bundle, dataset, "impute")
     with contextlib.ExitStack() as scratch:
-        return _impute(config, bundle, bundle_dir, out, include_observed, problem, dataset, force, scratch, t0)
+        # every actor and task loads the version loaded here (bundle.folder), whatever a build commits meanwhile
+        return _impute(config, bundle, bundle.folder, out, include_observed, problem, dataset, force, scratch, t0,
+                       bundle_dir)
+
+
+def genomes_the_model_reads(config: Config, bundle: Any, dataset: Any, step: str) -> tuple[Config, Any]:
+    """(config, dataset) as a model trained without personal genomes reads them: without ``inputs.variants``
+    (every donor predicted from the reference genome, as the model learned), with a warning when the config
+    names a VCF; unchanged for a model trained with genomes. Fed the donors' cis-genetic scores, such a model
+    would read inputs it never learned from (their weights untrained) and add the score to its estimates."""
+    if bundle.reads_genomes or not config.inputs.variants:
+        return config, dataset
+    log.warning("%s: the model in %s was trained without personal genomes (inputs.variants): every donor is predicted "
+                "from the reference genome, and %s is not read", step, bundle.folder, config.inputs.variants)
+    config = dataclasses.replace(config, inputs=dataclasses.replace(config.inputs, variants=None))
+    if dataset is not None and getattr(dataset, "variants", None) is not None:
+        dataset = dataclasses.replace(dataset, variants=None)
+    return config, dataset
 
 
 def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_observed: bool,
-            problem: VisibleProblem | None, dataset: Any, force: bool, scratch: contextlib.ExitStack, t0: float
-            ) -> ImputeResult:
-    """:func:`impute` once its bundle is loaded; ``scratch`` holds the folder of the matrix where one is made."""
+            problem: VisibleProblem | None, dataset: Any, force: bool, scratch: contextlib.ExitStack, t0: float,
+            config_model_path: Path | None = None) -> ImputeResult:
+    """:func:`impute` once its bundle is loaded from ``bundle_dir`` (the version folder; ``config_model_path``: the
+    path the user named, recorded); ``scratch`` holds the folder of the matrix where one is made."""
+    config_model_path = config_model_path or bundle_dir
     import ray
 
     settings = config.impute
@@ -1111,7 +1131,8 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
             seconds = time.perf_counter() - t0
             write_json(staging / "_manifest.json", manifest(
                 config, step="impute", run_id=run_id, model_version=bundle.model_version,
-                model={"path": str(bundle_dir), "model_version": bundle.model_version},
+                model={"path": str(config_model_path), "version_folder": str(bundle_dir),
+                       "model_version": bundle.model_version},
                 include_observed=include_observed, missing_profiles=n_virtual, n_rows=n_rows, rows=rows,
                 seconds=round(seconds, 2), entries_per_second=round(n_rows / max(seconds, 1e-9), 1),
                 ray={"gpus": ray.cluster_resources().get("GPU", 0), "predictors": predictors},

@@ -18,14 +18,14 @@ Output (``nightly.output``, default ``<output_dir>/nightly``) and what sits besi
 A run takes the lease (:class:`geximpute.runtime.atomic.Lease`: it expires unless renewed, so a run killed on one pod
 never blocks the next night's pod, on another host), validates each new genome (any failure of one donor's input
 quarantines that donor and the others go on; two genome files of one donor are both quarantined), and imputes the
-new donors ``donors_per_commit`` at a time. A done donor whose genome file changed since (a new checksum) is imputed
-again into the run's date (``nightly.redelivered``). Each commit is one Ray Data job
-(:func:`geximpute.steps.impute.run_pipeline`) into a staging folder of the partition's store, outside the dataset,
-holding the day's partition so far (hard links) plus the new rows, committed as a new version of ``run_date=<day>``
-by one atomic link switch (:func:`geximpute.runtime.atomic.staged_output`, under the run's lease); the ledger is
-rewritten atomically and durably after that. If a run dies between the two, the next run finds the donors in the
-partition's manifest and records them instead of imputing them again, so no donor is ever written twice. A run with
-nothing new writes nothing.
+new donors ``donors_per_commit`` at a time. A done donor whose genome file changed since (a new checksum), or whose
+expression file is new or changed, is imputed again into the run's date (``nightly.redelivered``). Each commit is
+one Ray Data job (:func:`geximpute.steps.impute.run_pipeline`) into a staging folder of the partition's store,
+outside the dataset, holding the day's partition so far (hard links) plus the new rows, committed as a new version
+of ``run_date=<day>`` by one atomic link switch (:func:`geximpute.runtime.atomic.staged_output`, under the run's
+lease); the ledger is rewritten atomically and durably after that. If a run dies between the two, the next run finds
+the donors in the partition's manifest and records them instead of imputing them again, so no donor is ever written
+twice. A run with nothing new writes nothing.
 
 How a donor's genome enters the model: each VCF is read in the windows the model reads (through its index when it has
 one) and validated; :func:`donor_haplotypes` builds the new donors' promoter haplotypes and cis-site dosages from it
@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import errno
+import glob
 import json
 import logging
 import os
@@ -87,6 +88,7 @@ from geximpute.steps.impute import (
     add_missing_profiles,
     check_bundle,
     donor_promoter_sequences,
+    genomes_the_model_reads,
     head_baselines,
     make_run_id,
     matrix_errors,
@@ -277,17 +279,24 @@ def recover(root: Path, ledger: dict[str, dict]) -> dict[str, dict]:
     """
     for store in partition_store(root).glob(f"{RUN_DATE}=*"):
         clean_staging(store)
-    for path in root.parent.glob(f".{root.name}.staging-*"):  # left by the previous (pid-named) protocol
-        if time.time() - path.stat().st_mtime > lease_seconds():
-            log.info("nightly: removing %s left by a run that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
-    for path in root.parent.glob(f".{root.name}.old-*"):
-        day = path.name.split(".old-", 1)[1].rsplit("-", 1)[0]
-        target = root / f"{RUN_DATE}={day}"
-        if not os.path.lexists(target):
-            log.warning("nightly: restoring %s (a run died while committing it)", target)
+    # left by the previous protocol, and only what it named: `.<root>.staging-<pid>` and `.<root>.old-<day>-<pid>`
+    # (a partition moved aside), real folders; a user's `.<root>.old-backup` or a link is never moved or removed
+    legacy = re.compile(rf"\.{re.escape(root.name)}\.(?:staging-\d+|old-(\d{{4}}-\d{{2}}-\d{{2}})-\d+)")
+    for path in sorted(root.parent.glob(f".{glob.escape(root.name)}.*")):
+        match = legacy.fullmatch(path.name)
+        if match is None or not path.is_dir() or path.is_symlink():
+            if path.name.startswith(f".{root.name}.old-") and path.is_dir() and not path.is_symlink():
+                log.info("nightly: %s is left as it is (not a name this engine gives a partition it moves aside, "
+                            ".%s.old-YYYY-MM-DD-<pid>); if a run died committing it, move it back as %s/%s=<date>",
+                            path, root.name, root, RUN_DATE)
+            continue
+        day = match.group(1)
+        target = root / f"{RUN_DATE}={day}" if day else None
+        if target is not None and not os.path.lexists(target):
+            log.warning("nightly: restoring %s from %s (a run died while committing it)", target, path)
             os.replace(path, target)
-        else:
+        elif time.time() - path.stat().st_mtime > lease_seconds():
+            log.info("nightly: removing %s left by a run that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
     updated = {}
     for donor, info in committed_donors(root).items():
@@ -377,10 +386,43 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     Raises:
         InputError: the VCF or the expression file is malformed, the VCF lacks the donor's sample, or the
             expression names a tissue the model does not know.
+        StillArriving: a file changed while it was read (or vanished): the donor waits for the next run.
     """
-    # the genome as it is before it is read: a delivery still being copied is not imputed from its first part
-    # (and then recorded with the whole file's checksum, never to be redone)
-    state, sha = file_state(item.vcf), fingerprint(item.vcf)["sha256"]
+    # the files as they are before they are read: a delivery still being copied is not imputed from its first part
+    # (and then recorded with the whole file's checksum, never to be redone), nor quarantined because its first
+    # part does not parse (a gzip cut short, a line cut in two)
+    states = {path: file_state(path) for path in (item.vcf, item.expression) if path is not None}
+    try:
+        new = _read_new_donor(item, config, problem, genome)
+    except StillArriving:
+        raise
+    except Exception as exc:
+        moved = _moved(states)
+        if moved is not None:
+            raise StillArriving(f"{moved}: the file changed while it was read (still being delivered?) and did not "
+                                f"read ({type(exc).__name__}: {exc}); left in the inbox for the next run") from exc
+        raise
+    moved = _moved(states)
+    if moved is not None:
+        raise StillArriving(f"{moved}: the file changed while it was read (still being delivered?); left in the "
+                            "inbox for the next run")
+    return new
+
+
+def _moved(states: dict[Path, tuple[int, int]]) -> Path | None:
+    """The first file whose size or modification time is not what ``states`` recorded (gone counts), or None."""
+    for path, state in states.items():
+        try:
+            if file_state(path) != state:
+                return path
+        except OSError:
+            return path
+    return None
+
+
+def _read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, genome: Any) -> NewDonor:
+    """:func:`read_new_donor` without the check that the files did not change while they were read."""
+    sha = fingerprint(item.vcf)["sha256"]
     # only the windows the model reads, through the VCF's index when it has one
     regions = window_regions(problem.chroms, problem.tss, config)
     variants = read_variants(item.vcf, genome, samples=[item.donor], regions=regions,
@@ -402,9 +444,6 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
             log.warning("nightly: %s has no record on %s: the donor's genotypes there are unknown (their genetic "
                         "score counts them as missing; their promoters read the reference)", item.vcf.name,
                         ", ".join(absent[:6]))
-    if file_state(item.vcf) != state:
-        raise StillArriving(f"{item.vcf}: the file changed while it was read (still being delivered?); left in the "
-                            "inbox for the next run")
     new = NewDonor(item, variants, vcf_sha256=sha)
     if item.expression is None:
         return new
@@ -465,7 +504,11 @@ def quarantine(item: InboxItem, error: BaseException, folder: Path) -> bool:
                 os.chmod(target, 0o640)
             except OSError:  # another user's file: its mode is theirs
                 pass
-    log.warning("nightly: quarantined %s: %s", item.vcf.name, error)
+    if moved:
+        log.warning("nightly: quarantined %s: %s", item.vcf.name, error)
+    else:
+        log.error("nightly: %s could not be quarantined whole (%s); what did not move stays in the inbox and is "
+                  "tried again next run", item.vcf.name, error)
     return moved
 
 
@@ -556,7 +599,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                 current = resolve(partition)
                 previous = _partition_donors(current)
                 _link_tree(current, staging)
-            run_pipeline(config, problem, targets, virtual, model_dir(config), staging, run_id,
+            run_pipeline(config, problem, targets, virtual, bundle.folder, staging, run_id,
                          haplotypes=haplotypes, baselines=head_baselines(bundle, problem),
                          encode_once=bundle.reads_promoters, reads_family=bundle.reads_family,
                          own_value_free=config.impute.include_observed)
@@ -628,35 +671,61 @@ def nightly(config: Config, *, run_date: str | None = None) -> NightlyResult:
         return _run(config, root, day, lease, scratch)
 
 
-def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy: str
-                 ) -> tuple[list[InboxItem], list[str]]:
-    """Done donors whose genome changed since (a new checksum): (to re-impute today, deferred to a later date).
+def _changed(item: InboxItem, before: dict) -> Path | None:
+    """The file of a done donor's inbox item that differs from what its imputation read, or None: its genome (a
+    new checksum), or an expression file new beside it or changed (a ledger that recorded no expression checksum,
+    written before it did, is not compared).
 
-    With ``nightly.redelivered: reimpute`` a changed genome is imputed again into today's partition (its earlier
+    Raises:
+        OSError: a file cannot be read now (gone since the inbox was listed, or a passing error).
+    """
+    if before.get("vcf_sha256") and fingerprint(item.vcf)["sha256"] != before["vcf_sha256"]:
+        return item.vcf
+    if "expression_sha256" in before and item.expression is not None:
+        if fingerprint(item.expression)["sha256"] != before["expression_sha256"]:
+            return item.expression
+    return None
+
+
+def _redelivered(items: list[InboxItem], done: dict[str, dict], day: str, policy: str
+                 ) -> tuple[list[InboxItem], list[str], list[str]]:
+    """Done donors whose genome or expression file changed since (a new checksum, or an expression file that came
+    after the genome): (to re-impute today, deferred to a later date, left for the next run).
+
+    With ``nightly.redelivered: reimpute`` a changed donor is imputed again into today's partition (its earlier
     rows stay in their run date; a reader takes each donor's latest run date), unless it was imputed today, in
     which case (or where this run's date is earlier than that one, a back-filled date) it waits for a later run date:
-    a reader taking each donor's latest run date must see the new rows. With ``ignore`` it is only reported.
+    a reader taking each donor's latest run date must see the new rows. With ``ignore`` it is only reported. A file
+    that cannot be read now (removed since the inbox was listed, permissions, an I/O error) leaves its donor for
+    the next run, reported; it never stops the night.
     """
-    again, deferred = [], []
+    again, deferred, waiting = [], [], []
     for item in items:
         before = done.get(item.donor)
-        if before is None or not before.get("vcf_sha256"):
+        if before is None:
             continue
-        now = fingerprint(item.vcf)["sha256"]
-        if now == before["vcf_sha256"]:
+        try:
+            changed = _changed(item, before)
+        except OSError as exc:
+            log.warning("nightly: the files of donor %s, imputed on %s, could not be read to see whether they changed "
+                        "(%s: %s); left for the next run", item.donor, before.get(RUN_DATE), type(exc).__name__, exc)
+            waiting.append(item.donor)
             continue
+        if changed is None:
+            continue
+        what = "new" if changed == item.expression and before.get("expression_sha256") is None else "changed"
         if policy == "ignore":
-            log.warning("nightly: %s changed since donor %s was imputed on %s (new checksum); not imputed again "
-                        "(nightly.redelivered: ignore)", item.vcf, item.donor, before.get(RUN_DATE))
+            log.warning("nightly: %s %s since donor %s was imputed on %s; not imputed again "
+                        "(nightly.redelivered: ignore)", changed, what, item.donor, before.get(RUN_DATE))
         elif str(before.get(RUN_DATE)) >= day:  # ISO dates: the earlier rows would stay the latest
-            log.warning("nightly: %s changed since donor %s was imputed on %s; re-imputed by a run date after it",
-                        item.vcf, item.donor, before.get(RUN_DATE))
+            log.warning("nightly: %s %s since donor %s was imputed on %s; re-imputed by a run date after it",
+                        changed, what, item.donor, before.get(RUN_DATE))
             deferred.append(item.donor)
         else:
-            log.warning("nightly: %s changed since donor %s was imputed on %s (new checksum): imputing it again "
-                        "into %s=%s", item.vcf, item.donor, before.get(RUN_DATE), RUN_DATE, day)
+            log.warning("nightly: %s %s since donor %s was imputed on %s: imputing it again into %s=%s", changed,
+                        what, item.donor, before.get(RUN_DATE), RUN_DATE, day)
             again.append(item)
-    return again, deferred
+    return again, deferred, waiting
 
 
 def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> NightlyResult:
@@ -678,6 +747,8 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
                            hint="keep the right one and put it back in the inbox with the genome")
         if quarantine(item, error, quarantine_dir(config)):
             quarantined[item.vcf.name] = str(error)
+        else:  # named on stderr as waiting: never silent
+            waiting.append(item.donor)
     for item in [i for i in items if i.duplicates]:
         names = ", ".join(p.name for p in [item.vcf, *item.duplicates])
         error = InputError(item.vcf, f"{len(item.duplicates) + 1} genome files claim donor {item.donor!r} ({names})",
@@ -685,25 +756,24 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
                            hint="keep the right one and put it back in the inbox")
         if quarantine(item, error, quarantine_dir(config)):
             quarantined[item.vcf.name] = str(error)
+        else:  # named on stderr as waiting: never silent
+            waiting.append(item.donor)
     items = [i for i in items if not i.duplicates and not i.other_expressions]
-    again, deferred = _redelivered([i for i in items if i.donor in done], done, day, config.nightly.redelivered)
+    again, deferred, unread = _redelivered([i for i in items if i.donor in done], done, day,
+                                           config.nightly.redelivered)
+    waiting.extend(unread)
     todo = [i for i in items if i.donor not in done] + again
-    already = [i.donor for i in items if i.donor in done and i not in again]
-    for item in items:  # an expression file read only with the genome it came with: one that came later is said
-        if (item.expression is not None and item.donor in already and "expression_sha256" in done[item.donor]
-                and fingerprint(item.expression)["sha256"] != done[item.donor]["expression_sha256"]):
-            log.warning("nightly: %s, new or changed beside the genome of donor %s imputed on %s, is not read "
-                        "(deliver the genome again with it to impute the donor with these measured tissues)",
-                        item.expression, item.donor,
-                        done[item.donor].get(RUN_DATE))
+    already = [i.donor for i in items if i.donor in done and i not in again and i.donor not in unread]
     if not todo:
         log.info("nightly: nothing new in %s (%d genomes already done)", config.nightly.inbox, len(already))
-        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred)
+        return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred,
+                             waiting=waiting)
 
     try:
         bundle = load_bundle(model_dir(config))
     except FileNotFoundError as exc:
         raise GeximputeError(str(exc)) from exc
+    config, _ = genomes_the_model_reads(config, bundle, None, "nightly")
     # with the reference donors' genomes, which the genetic score is fitted on; the matrix written to a file as it
     # is read, then scaled there
     with matrix_errors(root, scratch / "expression.f32"):  # no room for it: a clear error, nothing written
@@ -711,7 +781,7 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
         problem, _ = make_problem(dataset, hidden_mask=False, consume=True)
     dataset = dataclasses.replace(dataset, expression=None)  # the problem holds the values; the genome is kept
     release_unused_memory()  # what reading the inputs freed, back to the system
-    check_bundle(bundle, model_dir(config), problem, config)
+    check_bundle(bundle, bundle.folder, problem, config)
     valid = []
     for item in todo:
         try:
@@ -730,6 +800,8 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
                 exc = GeximputeError(f"{item.vcf}: unexpected error while reading it: {type(exc).__name__}: {exc}")
             if quarantine(item, exc, quarantine_dir(config)):
                 quarantined[item.vcf.name] = str(exc)
+            else:  # named on stderr as waiting: never silent
+                waiting.append(item.donor)
     if not valid:
         return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred,
                              waiting=waiting)

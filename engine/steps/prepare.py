@@ -670,7 +670,7 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
                                                      config.seed, whole_donors=config.evaluation.whole_donors)):
-                labelled = fold_targets(inner, problem.tissue_index, t.max_fold_records, config.seed + f)
+                labelled = fold_targets(inner, problem.tissue_index, t.max_fold_records, config.seed, f)
                 n_inner, n_labelled = int(inner.sum()), int(labelled.sum())
                 if n_labelled < n_inner:
                     log.info("prepare: training fold %d hides %d entries; %d of them get a record (a random set of "

@@ -171,7 +171,11 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
         # every record is its own donor, homozygous for its promoter
         lookup = PromoterLookup(np.full(problem.n_genes, -1, np.int64), np.arange(n, dtype=np.int64),
                                 gene * n + np.arange(n), np.stack([hap, hap], axis=1), n)
+        if not bundle.reads_genomes:  # a model trained without genomes never learned from a genetic score
+            score = np.full(len(score), np.nan)
         records = _population_records(index, gene, tissue, score)
+        if bundle.reads_family:  # a donor known only by its genome has no sample, so no family level in it
+            records = records.append_column(S.FAMILY_LEVEL, pa.nulls(records.num_rows, pa.float32()))
         predicted[allele], _, _ = bundle.predict(records, problem.gene_ids, promoters=(table, lookup),
                                                  baselines=bundle.no_baseline_estimates())
 
