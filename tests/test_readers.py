@@ -318,6 +318,11 @@ def test_wide_parquet_matrices(tmp_path, monkeypatch):
     long = pa.table({"gene": ["ENSG01"], "sample": ["S1"], "tpm": [1.0]})
     pq.write_table(long, tmp_path / "long.parquet")
     assert read_expression(tmp_path / "long.parquet").report["format"] == "long"
+    # the same columns in a text table are long too (only sample_id and value were, before: read as wide, the
+    # sample ids failed as non-numeric values)
+    (tmp_path / "long.tsv").write_text("gene_id\tsample\ttpm\nENSG01\tS1\t1\nENSG01\tS2\t2\n")
+    text = read_expression(tmp_path / "long.tsv")
+    assert text.report["format"] == "long" and text.sample_ids == ["S1", "S2"]
 
 
 def test_phenotype_bed_read_a_block_at_a_time(write, monkeypatch):
@@ -677,3 +682,12 @@ def test_cli_help_lists_the_design_subcommands():
         "variant-effects",
     ):
         assert name in out
+
+
+def test_a_gene_twice_is_refused_naming_each_record_as_written(tmp_path):
+    """Two versions of one gene id on two chromosomes: refused, naming each record as written and its chromosome
+    (the message said `gene ENSG1, gene ENSG1`: nothing to find them by)."""
+    bed = tmp_path / "genes.bed"
+    bed.write_text("chr1\t100\t200\tENSG1.1\t0\t+\nchr2\t300\t400\tENSG2\t0\t-\nchrX\t500\t600\tENSG1.2\t0\t+\n")
+    with pytest.raises(InputError, match=r"duplicate gene id.*'ENSG1\.1' on chr1.*'ENSG1\.2' on chrX"):
+        read_genes(bed)

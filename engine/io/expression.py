@@ -107,7 +107,9 @@ def detect_format(path: Path) -> str:
         header = fh.readline().strip().lower()
     sep = "," if name.endswith(".csv") else "\t"
     columns = {c.strip().strip('"') for c in header.split(sep)}
-    return "long" if {"sample_id", "value"} <= columns else "wide"
+    # the column names a long table is read by (its reader's aliases too: `sample`, `tpm`, `count`, `expression`)
+    names = {k: {k, *(a.lower() for a in LONG_COLUMNS[k])} for k in (S.SAMPLE_ID, S.VALUE)}
+    return "long" if columns & names[S.SAMPLE_ID] and columns & names[S.VALUE] else "wide"
 
 
 def read_expression(path: str | Path, fmt: str = "auto", scale: str = "tpm", *, matrix: str | Path | None = None

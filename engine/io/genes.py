@@ -338,10 +338,11 @@ def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...
         report["n_dropped_gene_type"] = table.num_rows - pc.sum(keep).as_py()
         table = table.filter(keep)
 
-    ids = [strip_version(g) for g in table[S.GENE_ID].to_pylist()]
-    report["n_version_stripped"] = sum(a != b for a, b in zip(ids, table[S.GENE_ID].to_pylist(), strict=True))
+    raw = table[S.GENE_ID].to_pylist()
+    ids = [strip_version(g) for g in raw]
+    report["n_version_stripped"] = sum(a != b for a, b in zip(ids, raw, strict=True))
     table = table.set_column(0, S.GENE_ID, pa.array(ids, pa.string()))
-    _check_unique(table, path, fmt)
+    _check_unique(table, path, fmt, raw)
 
     chroms = pc.unique(table[S.CHROM]).to_pylist()
     mapping = harmonise_chroms(chroms, genome.chroms if genome is not None else None)
@@ -362,13 +363,17 @@ def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...
     return GeneTable(table=table, path=path, report=report)
 
 
-def _check_unique(table: pa.Table, path: Path, fmt: str) -> None:
+def _check_unique(table: pa.Table, path: Path, fmt: str, raw: list[str] | None = None) -> None:
+    """Refuse two records of one gene id (``raw``: the ids as written, before their version was stripped), naming
+    each as written and its chromosome: one gene on two chromosomes, or two versions of it."""
     ids = np.asarray(table[S.GENE_ID].to_pylist(), dtype=object)
     uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1]
         rows = np.flatnonzero(ids == dup[0])[:3]
-        where = ", ".join(_record(fmt, int(i), table) for i in rows)
+        raw = raw if raw is not None else list(ids)
+        where = ", ".join(f"{_record(fmt, int(i), table)} as {raw[i]!r} on {table[S.CHROM][int(i)].as_py()}"
+                          for i in rows)
         raise InputError(
             path,
             f"{len(dup)} duplicate gene id(s), e.g. {dup[0]!r} ({', '.join(map(str, dup[1:4]))})".rstrip(" ()"),
