@@ -424,16 +424,9 @@ class Lease:
                                 "it; this run stops without committing") from None
             restore = False  # renewed
         finally:
-            keep = False
             if restore:  # not renewed (another run's lease set aside, or an error): the name gets back what it held
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
-                except OSError as exc:  # kept aside: the next renew() puts it back
-                    log.error("%s: could not put the lease back (%s); the next renewal tries again", self.path, exc)
-                    keep = True
-            if not keep:
+                self._restore_aside()
+            else:
                 aside.unlink(missing_ok=True)
 
     def check(self) -> None:

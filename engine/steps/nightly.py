@@ -287,8 +287,8 @@ def recover(root: Path, ledger: dict[str, dict]) -> dict[str, dict]:
         if match is None or not path.is_dir() or path.is_symlink():
             if path.name.startswith(f".{root.name}.old-") and path.is_dir() and not path.is_symlink():
                 log.info("nightly: %s is left as it is (not a name this engine gives a partition it moves aside, "
-                            ".%s.old-YYYY-MM-DD-<pid>); if a run died committing it, move it back as %s/%s=<date>",
-                            path, root.name, root, RUN_DATE)
+                         ".%s.old-YYYY-MM-DD-<pid>); if a run died committing it, move it back as %s/%s=<date>",
+                         path, root.name, root, RUN_DATE)
             continue
         day = match.group(1)
         target = root / f"{RUN_DATE}={day}" if day else None
@@ -740,24 +740,26 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
     items = scan_inbox(Path(config.nightly.inbox))
     quarantined: dict[str, str] = {}
     waiting: list[str] = []  # donors left in the inbox for the next run (still arriving, or a passing error)
+
+    def set_aside(item: InboxItem, error: BaseException) -> None:
+        """Quarantine the donor; where its files could not all be moved, it waits (named on stderr: never silent)."""
+        if quarantine(item, error, quarantine_dir(config)):
+            quarantined[item.vcf.name] = str(error)
+        else:
+            waiting.append(item.donor)
+
     for item in [i for i in items if i.other_expressions and not i.duplicates]:
         names = ", ".join(p.name for p in [item.expression, *item.other_expressions])
         error = InputError(item.expression, f"{len(item.other_expressions) + 1} expression files claim donor "
                            f"{item.donor!r} ({names})", expected="one expression file per donor in the inbox",
                            hint="keep the right one and put it back in the inbox with the genome")
-        if quarantine(item, error, quarantine_dir(config)):
-            quarantined[item.vcf.name] = str(error)
-        else:  # named on stderr as waiting: never silent
-            waiting.append(item.donor)
+        set_aside(item, error)
     for item in [i for i in items if i.duplicates]:
         names = ", ".join(p.name for p in [item.vcf, *item.duplicates])
         error = InputError(item.vcf, f"{len(item.duplicates) + 1} genome files claim donor {item.donor!r} ({names})",
                            expected="one genome file per donor in the inbox",
                            hint="keep the right one and put it back in the inbox")
-        if quarantine(item, error, quarantine_dir(config)):
-            quarantined[item.vcf.name] = str(error)
-        else:  # named on stderr as waiting: never silent
-            waiting.append(item.donor)
+        set_aside(item, error)
     items = [i for i in items if not i.duplicates and not i.other_expressions]
     again, deferred, unread = _redelivered([i for i in items if i.donor in done], done, day,
                                            config.nightly.redelivered)
@@ -798,10 +800,7 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
             if not isinstance(exc, (GeximputeError, OSError, ValueError)):
                 log.exception("nightly: unexpected error reading %s", item.vcf)
                 exc = GeximputeError(f"{item.vcf}: unexpected error while reading it: {type(exc).__name__}: {exc}")
-            if quarantine(item, exc, quarantine_dir(config)):
-                quarantined[item.vcf.name] = str(exc)
-            else:  # named on stderr as waiting: never silent
-                waiting.append(item.donor)
+            set_aside(item, exc)
     if not valid:
         return NightlyResult(day, [], quarantined, already, 0, None, time.perf_counter() - t0, deferred=deferred,
                              waiting=waiting)
