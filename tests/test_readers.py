@@ -323,6 +323,16 @@ def test_wide_parquet_matrices(tmp_path, monkeypatch):
     (tmp_path / "long.tsv").write_text("gene_id\tsample\ttpm\nENSG01\tS1\t1\nENSG01\tS2\t2\n")
     text = read_expression(tmp_path / "long.tsv")
     assert text.report["format"] == "long" and text.sample_ids == ["S1", "S2"]
+    # a comma-separated table named neither .csv nor .tsv (DataFrame.to_csv("expression.txt")) is read by its
+    # first line: before, it was read as tab-separated, one column, and failed with "no value columns"
+    (tmp_path / "wide.txt").write_text("gene_id,S1,S2\nENSG01,1,2\nENSG02,3,4\n")
+    wide = read_expression(tmp_path / "wide.txt")
+    assert wide.sample_ids == ["S1", "S2"] and wide.values.tolist() == [[1, 2], [3, 4]]
+    (tmp_path / "long.txt").write_text("gene_id,sample,tpm\nENSG01,S1,1\nENSG01,S2,2\n")
+    assert read_expression(tmp_path / "long.txt").report["format"] == "long"
+    # a tab-separated table whose values hold commas stays tab-separated; a .tsv is never sniffed
+    (tmp_path / "names.txt").write_text("gene_id\tS1,a\nENSG01\t1\n")
+    assert read_expression(tmp_path / "names.txt").sample_ids == ["S1,a"]
 
 
 def test_phenotype_bed_read_a_block_at_a_time(write, monkeypatch):

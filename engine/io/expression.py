@@ -30,7 +30,7 @@ from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
 from geximpute.io.matrixfile import MatrixFile, rescale_columns, update_rows
-from geximpute.io.tables import csv_batches, is_parquet, read_table, require_columns
+from geximpute.io.tables import csv_batches, delimiter_for, is_parquet, read_table, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def detect_format(path: Path) -> str:
         return "long" if names & {S.SAMPLE_ID, *LONG_COLUMNS[S.SAMPLE_ID]} else "wide"
     with open_text(path) as fh:
         header = fh.readline().strip().lower()
-    sep = "," if name.endswith(".csv") else "\t"
+    sep = delimiter_for(path)
     columns = {c.strip().strip('"') for c in header.split(sep)}
     # the column names a long table is read by (its reader's aliases too: `sample`, `tpm`, `count`, `expression`)
     names = {k: {k, *(a.lower() for a in LONG_COLUMNS[k])} for k in (S.SAMPLE_ID, S.VALUE)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,9 +24,20 @@ MIN_BLOCK_BYTES = 1 << 20
 
 
 def delimiter_for(path: Path) -> str:
-    """``,`` for ``.csv``/``.csv.gz``, tab otherwise."""
+    """``,`` for ``.csv``/``.csv.gz``, tab for ``.tsv``; any other name is read by its first line that is not a
+    ``#`` comment: comma-separated when it holds a comma and no tab (``expression.txt`` written by
+    ``DataFrame.to_csv``), tab-separated otherwise."""
     name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
-    return "," if name.endswith(".csv") else "\t"
+    if name.endswith(".csv"):
+        return ","
+    if name.endswith(".tsv"):
+        return "\t"
+    try:
+        with open_text(path) as fh:
+            first = next((line for line in fh if not line.startswith("#")), "")
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error):
+        return "\t"  # the reader that follows names what is wrong with the file
+    return "," if "," in first and "\t" not in first else "\t"
 
 
 def is_parquet(path: Path) -> bool:
