@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import numbers
 import re
 import types
@@ -92,10 +93,7 @@ class InputsConfig:
         """Return a copy with every relative path made absolute against ``base``."""
 
         def fix(p: str | None) -> str | None:
-            if p is None:
-                return None
-            path = Path(p).expanduser()
-            return str(path if path.is_absolute() else (base / path).resolve())
+            return _resolve_path(p, base)
 
         return dataclasses.replace(
             self,
@@ -528,6 +526,10 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.max_examples_per_epoch is None or self.max_examples_per_epoch >= self.num_workers,
+                 "train.max_examples_per_epoch", self.max_examples_per_epoch,
+                 f"null (every example) or an integer >= train.num_workers ({self.num_workers})")
         _require(self.folds >= 1, "train.folds", self.folds, "an integer >= 1")
         _require(
             0 < self.fold_fraction and self.folds * self.fold_fraction <= 1,
@@ -586,6 +588,12 @@ class HeadConfig:
         _require(self.ray_min_rows >= 0, "head.ray_min_rows", self.ray_min_rows, "an integer >= 0")
         _require(self.num_boost_round >= 1, "head.num_boost_round", self.num_boost_round, "an integer >= 1")
         _require(0 < self.eta <= 1, "head.eta", self.eta, "a number in (0, 1]")
+        _require(self.cpus_per_worker > 0, "head.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _require(self.max_depth >= 1, "head.max_depth", self.max_depth, "an integer >= 1")
+        _require(0 < self.subsample <= 1, "head.subsample", self.subsample, "a fraction in (0, 1]")
+        _require(0 < self.colsample_bytree <= 1, "head.colsample_bytree", self.colsample_bytree,
+                 "a fraction in (0, 1]")
+        _require(self.min_child_weight >= 0, "head.min_child_weight", self.min_child_weight, "a number >= 0")
         _require(
             len(self.quantiles) == 2 and 0 < self.quantiles[0] < self.quantiles[1] < 1,
             "head.quantiles",
@@ -644,7 +652,9 @@ class RayConfig:
 
 
 def _resolve_path(path: str | None, base: Path) -> str | None:
-    if path is None:
+    """``path`` made absolute against ``base`` (``~`` expanded); None or an empty text: None (``Path("")`` would be
+    ``base`` itself: an empty ``nightly.inbox`` read the config's own folder as the inbox)."""
+    if path is None or not str(path).strip():
         return None
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -749,7 +759,9 @@ class NightlyConfig:
         _require(self.run_date is None or bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(self.run_date))),
                  "nightly.run_date", self.run_date, "null or a date written YYYY-MM-DD")
         _require(self.donors_per_commit >= 1, "nightly.donors_per_commit", self.donors_per_commit, "an integer >= 1")
-        _require(self.lease_seconds >= 5, "nightly.lease_seconds", self.lease_seconds, "a number of seconds >= 5")
+        _require(5 <= self.lease_seconds < math.inf, "nightly.lease_seconds", self.lease_seconds,
+                 "a finite number of seconds >= 5 (a lease that never expires would hold every later run back "
+                 "after a crash)")
 
     def resolved(self, base: Path) -> NightlyConfig:
         """Return a copy with relative paths made absolute against ``base``."""
@@ -865,12 +877,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # 1e-3: text to PyYAML (YAML 1.1 wants 1.0e-3), a number to YAML 1.2 and editors
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, dt.date):  # YAML reads an unquoted 2026-12-01 as a date: the text was meant
             return value.isoformat()
     raise ConfigError(f"config key {key!r} has value {value!r}; expected {_type_name(tp)}")
+
+
+#: a number written as YAML 1.2 reads it and YAML 1.1 (PyYAML) does not: ``1e-3``, ``5E4``
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -902,7 +920,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             raise ConfigError(f"--set {item!r}: empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: a value YAML cannot build (2026-02-30)
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
         node = out
         for part in parts[:-1]:
@@ -931,15 +949,13 @@ def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", overri
         raise ConfigError("config has no 'inputs' section; it must name at least inputs.genes and inputs.expression")
     config = _build(Config, merged)
     base = Path(base_dir).resolve()
-    out_dir = Path(config.output_dir).expanduser()
-    h2 = config.evaluation.heritability
-    if h2 is not None and not Path(h2).expanduser().is_absolute():
-        config = dataclasses.replace(
-            config, evaluation=dataclasses.replace(config.evaluation, heritability=str((base / h2).resolve())))
+    _require(bool(str(config.output_dir).strip()), "output_dir", config.output_dir, "a folder path")
+    config = dataclasses.replace(config, evaluation=dataclasses.replace(
+        config.evaluation, heritability=_resolve_path(config.evaluation.heritability, base)))
     return dataclasses.replace(
         config,
         inputs=config.inputs.resolved(base),
-        output_dir=str(out_dir if out_dir.is_absolute() else (base / out_dir).resolve()),
+        output_dir=_resolve_path(config.output_dir, base),
         impute=config.impute.resolved(base),
         nightly=config.nightly.resolved(base),
     )
@@ -955,8 +971,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file as UTF-8 text ({exc})") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a value YAML cannot build (a date 2026-02-30)
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top, got {type(data).__name__}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -438,11 +439,14 @@ def test_a_folder_filled_during_the_run_is_refused_at_commit_and_a_users_lookali
     never restored onto the output nor removed. A failure to sync after the switch is a warning, the commit done."""
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(OutputRefused, match=r"out: is a folder that is not a geximpute output"):
+    with pytest.raises(OutputRefused, match=r"out: is a folder that is not a geximpute output") as refused:
         with staged_output(out, step="test", keep=0) as staging:
             (staging / "part.txt").write_text("new")
             (out / "thesis.txt").write_text("a user's")  # written while the run works
     assert (out / "thesis.txt").read_text() == "a user's" and not out.is_symlink()
+    # the finished output is named, not left unlinked in the store for the next run to prune unsaid
+    kept = re.search(r"This run's output is complete in (\S+): move it out", str(refused.value))
+    assert kept and (Path(kept.group(1)) / "part.txt").read_text() == "new"
 
     fresh = tmp_path / "fresh"
     backup = tmp_path / ".fresh.old-backup"

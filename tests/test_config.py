@@ -60,6 +60,18 @@ def test_set_overrides_parse_values_as_yaml(write):
         ("ray.num_cpus=0", "ray.num_cpus", "0"),
         ("ray.data_object_store_mb=8", "ray.data_object_store_mb", "8"),
         ("head.ray_min_rows=-1", "head.ray_min_rows", "-1"),
+        # accepted before, failing deep inside XGBoost after prepare and train had run, or running on wrongly
+        ("head.subsample=0", "head.subsample", "0.0"),
+        ("head.colsample_bytree=2", "head.colsample_bytree", "2.0"),
+        ("head.max_depth=-1", "head.max_depth", "-1"),
+        ("head.min_child_weight=-5", "head.min_child_weight", "-5.0"),
+        ("head.cpus_per_worker=0", "head.cpus_per_worker", "0.0"),
+        ("train.weight_decay=-1", "train.weight_decay", "-1.0"),
+        ("train.max_examples_per_epoch=0", "train.max_examples_per_epoch", "0"),
+        ("nightly.lease_seconds=.inf", "nightly.lease_seconds", "inf"),
+        ("output_dir=", "output_dir", "''"),
+        # a value YAML cannot build was a traceback (ValueError: day is out of range for month)
+        ("nightly.run_date=2026-02-30", "nightly.run_date", "day is out of range"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(write, override, key, value):
@@ -116,3 +128,23 @@ def test_dump_round_trips(write, tmp_path: Path):
     config = load_config(write("config.yaml", MINIMAL), ["seed=7"])
     again = load_config(write("again.yaml", dump_config(config)))
     assert again == config
+
+
+def test_numbers_yaml_1_1_reads_as_text_and_empty_paths_are_no_path(write):
+    """``1e-3`` is a number to YAML 1.2 (and the schema's editors) but text to PyYAML: it was refused; an empty path
+    was the config's own folder (``nightly.inbox=`` read the config folder as the inbox)."""
+    path = write("cfg/config.yaml", MINIMAL)
+    config = load_config(path, ["train.lr=1e-3", "head.eta=5E-2", "nightly.inbox=", "impute.out_dir= ",
+                                "evaluation.heritability=~/h2.tsv"])
+    assert config.train.lr == 0.001 and config.head.eta == 0.05
+    assert config.nightly.inbox is None and config.impute.out_dir is None
+    assert config.evaluation.heritability == str(Path("~/h2.tsv").expanduser())
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(path, ["train.lr=fast"])
+
+
+def test_an_unreadable_config_is_named(write):
+    path = write("config.yaml", "x")
+    path.write_bytes(b"name: \xff\xfe toy\n")
+    with pytest.raises(ConfigError, match="config.yaml: cannot read the config file as UTF-8"):
+        load_config(path)

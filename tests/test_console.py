@@ -7,6 +7,7 @@ takes seconds; the hybrid's stages report through the same display (see test_pro
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import pty
 import re
@@ -179,3 +180,33 @@ def test_the_log_goes_into_the_folder_the_command_writes(synth_small, tmp_path):
     assert folder("nightly", f"output_dir={tmp_path}") == tmp_path  # beside the nightly dataset, not in it
     assert folder("fit-head", f"output_dir={tmp_path}") == tmp_path / "model"
     assert folder("fit-head", f"output_dir={tmp_path}", f"impute.model_dir={out}") == out  # where it writes
+
+
+def test_each_nightly_run_keeps_its_own_log(synth_small, tmp_path, monkeypatch):
+    """Every night writes into the same folder: each run's log was moved onto `_geximpute.log`, replacing the last
+    night's (only failed nights kept theirs)."""
+    from geximpute.apps import cli
+
+    args = cli.build_parser().parse_args(["nightly", "--config", str(synth_small / "config.yaml"),
+                                          "--set", f"output_dir={tmp_path}", "-q"])
+    nights = iter(["20261201T020000Z", "20261202T020000Z"])
+    assert re.fullmatch(r"_geximpute-nightly-\d{8}T\d{6}Z\.log", cli._log_name("nightly"))
+    assert cli._log_name("impute") == LOG_NAME
+    monkeypatch.setattr(cli, "_log_name", lambda command: f"_geximpute-{command}-{next(nights)}.log")
+    for _ in range(2):
+        args.func = lambda a: logging.getLogger("geximpute").warning("a night's work") or 0
+        assert cli._run_in_session(args) == 0
+    logs = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("_geximpute"))
+    assert logs == ["_geximpute-nightly-20261201T020000Z.log", "_geximpute-nightly-20261202T020000Z.log"]
+    assert all("a night's work" in (tmp_path / name).read_text() for name in logs)
+
+
+def test_plan_options_without_plan_are_a_usage_error(synth_small, capsys):
+    """`impute --workers 8` without `--plan` ran a whole imputation with the option silently ignored."""
+    from geximpute.apps import cli
+
+    for extra in (["--workers", "8"], ["--json"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["impute", "--config", str(synth_small / "config.yaml"), *extra])
+        assert exit_.value.code == 2
+        assert "--workers and --json shape the plan: give them with --plan" in capsys.readouterr().err

@@ -525,6 +525,36 @@ def test_each_seed_of_evaluate_seeds_replicates_every_draw(synth_small, tmp_path
     assert all(dataclasses.replace(c, seed=5, evaluation=config.evaluation) == config for c in seen)
 
 
+def test_evaluate_seeds_refuses_repeated_seeds_and_a_folder_not_its_own(synth_small, tmp_path, monkeypatch):
+    """A seed given twice counted twice in the spread, a negative one failed after the seeds before it had run, and
+    the summary was written into any ``--out`` (a user's folder, or an earlier single evaluation's version)."""
+    from geximpute.errors import ConfigError
+    from geximpute.runtime.atomic import OutputRefused
+    from geximpute.steps import evaluate as module
+
+    config = load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}"])
+    ran = []
+    monkeypatch.setattr(module, "evaluate", lambda c, out, force=False: ran.append(out) or {"seed": 0})
+    monkeypatch.setattr(module, "summarise_seeds", lambda runs: {"seeds": len(runs)})
+    monkeypatch.setattr(module, "seeds_report", lambda summary: "report")
+    for seeds in ([0, 0], [1, -1], []):
+        with pytest.raises(ConfigError, match="expected distinct integers >= 0"):
+            module.evaluate_seeds(config, tmp_path / "eval", seeds)
+    assert ran == []
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "summary.json").write_text("the user's own")
+    with pytest.raises(OutputRefused, match="not a geximpute output"):
+        module.evaluate_seeds(config, user, [0])
+    assert (user / "summary.json").read_text() == "the user's own" and ran == []
+    # committed whole; a second run replaces it (an output of this step)
+    module.evaluate_seeds(config, tmp_path / "eval", [0, 1])
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == {"seeds": 2}
+    module.evaluate_seeds(config, tmp_path / "eval", [2])
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == {"seeds": 1}
+    assert (tmp_path / "eval" / "summary.md").read_text() == "report"
+
+
 @pytest.mark.slow
 def test_evaluate_seeds_tunes_the_strong_baselines_and_summarises(ray_local, synth_small, tmp_path):
     from geximpute.steps.evaluate import evaluate_seeds

@@ -5,6 +5,7 @@ the file."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -191,6 +192,16 @@ def test_a_damaged_store_is_refused_naming_the_file(small, tmp_path):
         with pytest.raises(InputError, match=rf"_store\.json: expression store description: {said}.*; at partition 2"):
             read_expression(store, scale="counts")
         shutil.copyfile(committed / STORE_FILE, store / STORE_FILE)
+    # counts and ids of the description: a TypeError or numpy's "negative dimensions" before, and "s1" read as the
+    # sample ids "s" and "1"
+    for damage, said in ((lambda m: m.update(n_genes=None), "n_genes None is not a count"),
+                         (lambda m: m.update(n_genes=-1), "n_genes -1 is not a count"),
+                         (lambda m: m.update(n_samples="3x"), "n_samples '3x' is not a count"),
+                         (lambda m: m.update(sample_ids="S12", n_samples=3), "sample_ids is not a list of names")):
+        _edit(store, damage)
+        with pytest.raises(InputError, match=rf"_store\.json: expression store description: {said}"):
+            read_expression(store, scale="counts")
+        shutil.copyfile(committed / STORE_FILE, store / STORE_FILE)
     _edit(store, lambda meta: meta.update(version=99))
     with pytest.raises(InputError, match="expression store version 99"):
         read_expression(store, scale="counts")
@@ -201,13 +212,43 @@ def test_a_damaged_store_is_refused_naming_the_file(small, tmp_path):
         read_expression(store, scale="counts")
 
 
-def test_ingest_writes_only_where_it_may(small, write, tmp_path):
+def test_a_store_ingested_again_while_it_is_read_is_read_as_one_version(small, write, tmp_path, monkeypatch):
+    """The reader followed the link at every file: an `ingest` committing between two partitions gave a matrix of
+    chromosome 1 from one version and chromosome 2 from the other, without an error."""
+    from geximpute.io import store as module
+
+    config, store = small
+    before = read_expression(store, scale="counts")
+    write("expression.gct", GCT.replace("\t10\t11\t12", "\t20\t21\t22"))  # G4, on chr2: other values
+    reading = module._read_partition
+    committed = []
+
+    def read_then_reingest(path, part, *args):
+        out = reading(path, part, *args)
+        if not committed:  # after the first partition, a new version is committed onto the same link
+            committed.append(ingest(config, store, force=True).out_dir)
+        return out
+
+    monkeypatch.setattr(module, "_read_partition", read_then_reingest)
+    _same(read_expression(store, scale="counts"), before)
+    monkeypatch.setattr(module, "_read_partition", reading)
+    after = read_expression(store, scale="counts")
+    assert after.values[after.gene_ids.index("G4")].tolist() == [20, 21, 22]
+    assert module.fingerprint(store)["version"] == os.path.realpath(store)
+
+
+def test_ingest_writes_only_where_it_may(small, write, tmp_path, monkeypatch):
+    from geximpute.steps import ingest as module
+
     config, store = small
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "results.csv").write_text("keep me\n")
-    with pytest.raises(OutputRefused):
+    reading = module.read_expression
+    monkeypatch.setattr(module, "read_expression", lambda *a, **k: pytest.fail("read before the refusal"))
+    with pytest.raises(OutputRefused):  # before the source is read (it was refused only at the commit)
         ingest(config, theirs)
+    monkeypatch.setattr(module, "read_expression", reading)
     assert (theirs / "results.csv").read_text() == "keep me\n"
     assert ingest(config, store).n_genes == 4  # its own earlier store is replaced
     with pytest.raises(ConfigError, match="is an expression store already"):

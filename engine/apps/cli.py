@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -436,6 +437,15 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
     return Path(config.output_dir) / _DEFAULT_FOLDERS.get(args.command, "")
 
 
+def _log_name(command: str) -> str:
+    """The name of a command's log file in its output folder: ``nightly`` writes into one folder every night, so
+    each run's log has its own name (the UTC time it started), none replaced by the next."""
+    if command != "nightly":
+        return LOG_NAME
+    stem, suffix = LOG_NAME.rsplit(".", 1)
+    return f"{stem}-nightly-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{suffix}"
+
+
 def _run_in_session(args: argparse.Namespace) -> int:
     """Run a Ray command with its own output on the terminal and Ray's and third-party output in a log file.
 
@@ -449,7 +459,7 @@ def _run_in_session(args: argparse.Namespace) -> int:
         log_path = final = None
     else:
         folder = folder.absolute()  # not resolved: an output is a link to its version, the new one at the end
-        final = folder / LOG_NAME
+        final = folder / _log_name(args.command)
         log_path = folder.parent / f".{folder.name}.{LOG_NAME}-{os.getpid()}"
     if log_path is not None:
         try:  # the output's folder must take files: said in one line, before anything runs
@@ -490,6 +500,9 @@ def _run_in_session(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "impute" and not args.plan and (args.workers is not None or args.json):
+        parser.error("impute: --workers and --json shape the plan: give them with --plan (an imputation without "
+                     "--plan runs impute.predictors actors and prints its summary as text)")
     if args.command in SESSION_COMMANDS:
         return _run_in_session(args)
     logging.basicConfig(
@@ -505,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FileExistsError as exc:
         print(f"geximpute {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason, no traceback
+        print(f"geximpute {args.command}: error: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else "") + (f" ({type(exc).__name__})"), file=sys.stderr)
         return 2
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -163,6 +164,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if missing:
         raise InputError(meta_path, f"expression store description lacks {', '.join(missing)}",
                          hint="ingest the expression file again")
+    for key in ("n_genes", "n_samples"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise InputError(meta_path, f"expression store description: {key} {meta[key]!r} is not a count",
+                             expected="an integer >= 0", hint="ingest the expression file again")
+    if not isinstance(meta["sample_ids"], list) or not all(isinstance(x, str) for x in meta["sample_ids"]):
+        raise InputError(meta_path, "expression store description: sample_ids is not a list of names",
+                         expected='"sample_ids": ["S1", "S2", ...]', hint="ingest the expression file again")
     if len(meta["sample_ids"]) != meta["n_samples"]:
         raise InputError(meta_path, f"{len(meta['sample_ids'])} sample ids for n_samples {meta['n_samples']}",
                          hint="ingest the expression file again")
@@ -230,7 +238,10 @@ def read_store(path: str | Path, scale: str, *, matrix: str | Path | None = None
             listed, unreadable, or of another schema; a row out of range, named twice or by no partition; a value that
             its scale cannot have (infinite; negative TPM or counts).
     """
-    path = Path(path)
+    # the version folder the store's link names now, read through to the end: an `ingest` that commits a new
+    # version meanwhile (the old one is kept for keep_seconds) would otherwise switch the link between the
+    # description and the partitions, and the run would read chromosomes of both without an error
+    path = Path(os.path.realpath(path))
     meta = read_meta(path)
     meta_path = path / STORE_FILE
     if meta["scale"] != scale:
@@ -327,8 +338,8 @@ def _read_groups(file: Path, parquet: pq.ParquetFile, part: dict[str, Any], valu
 def fingerprint(path: str | Path) -> dict[str, Any]:
     """A store's fingerprint: its ``_store.json``'s SHA-256 (which lists each partition's) and the bytes of every
     partition."""
-    path = Path(path)
-    meta_path = path / STORE_FILE
-    meta = read_meta(path)
+    version = Path(os.path.realpath(path))  # one version of the store throughout, as read_store reads it
+    meta_path = version / STORE_FILE
+    meta = read_meta(version)
     return {"path": str(path), "bytes": int(sum(p["bytes"] for p in meta["partitions"])),
-            "sha256": sha256_file(meta_path), "store": True}
+            "sha256": sha256_file(meta_path), "store": True, "version": str(version)}

@@ -679,7 +679,12 @@ def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease 
     fault_point("versioned")
     if lease is not None:
         lease.check()
-    check_replaceable(target, step, store, force)
+    try:
+        check_replaceable(target, step, store, force)
+    except OutputRefused as exc:
+        # the run is complete: say where, for the next run of this output prunes what it does not link
+        raise OutputRefused(f"{exc}. This run's output is complete in {version}: move it out of {store} before "
+                            "the next run of this output, which removes unlinked versions") from exc
     replaced = _switch(target, version, staging.name.removeprefix("staging-"))
     # committed: what fails from here on cannot undo it, and is said as such (not "nothing was committed")
     try:

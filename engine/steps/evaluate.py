@@ -22,7 +22,7 @@ from geximpute.errors import ConfigError, InputError
 from geximpute.fit.hybrid import fit_hybrid, head_tuned_methods, tuned_baselines
 from geximpute.io.dataset import load_dataset
 from geximpute.io.tables import read_table
-from geximpute.runtime.atomic import staged_output
+from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.science.baselines import composition_of, make_methods
@@ -68,6 +68,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    # refused before the inputs are read (minutes at GTEx's size), and again where the output is committed
+    check_replaceable(out_dir, "evaluate", store_of(out_dir.absolute()), force)
     with stage("load inputs", unit="steps"):
         dataset = load_dataset(config)
     with staged_output(out_dir, step="evaluate", force=force) as staging:
@@ -236,17 +238,29 @@ def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, for
     then the mean and spread of every method's figures and the paired comparisons of each seed in
     ``out_dir/summary.json`` and ``summary.md`` (:func:`geximpute.science.comparisons.summarise_seeds`).
 
+    ``out_dir`` is written as one output (:mod:`geximpute.runtime.atomic`, step ``evaluate-seeds``): refused when
+    it is not absent, empty or an earlier one of these unless ``force``, committed whole when the last seed is
+    done (a failure leaves an earlier output as it was).
+
     Returns:
         the summary dictionary.
+
+    Raises:
+        ConfigError: a seed given twice (its run would count twice in the spread) or below 0.
     """
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated or any(s < 0 for s in seeds) or not seeds:
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected distinct integers >= 0"
+                          + (f" ({', '.join(map(str, repeated))} given twice)" if repeated else ""))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in seeds:
-        runs.append(evaluate(seeded_config(config, seed), out_dir / f"seed_{seed}", force=force))
-    summary = summarise_seeds(runs)
-    write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(seeds_report(summary))
+    check_replaceable(out_dir, "evaluate-seeds", store_of(out_dir.absolute()), force)
+    with staged_output(out_dir, step="evaluate-seeds", force=force) as staging:
+        runs = []
+        for seed in seeds:
+            runs.append(evaluate(seeded_config(config, seed), staging / f"seed_{seed}"))
+        summary = summarise_seeds(runs)
+        write_json(staging / "summary.json", summary)
+        (staging / "summary.md").write_text(seeds_report(summary))
     return summary
 
 

@@ -26,7 +26,7 @@ from geximpute.io.checks import file_state
 from geximpute.io.expression import detect_format, read_expression
 from geximpute.io.genes import read_genes
 from geximpute.io.store import is_store, write_store
-from geximpute.runtime.atomic import scratch_folder, staged_output
+from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import fingerprint
 
@@ -73,6 +73,8 @@ def ingest(config: Config, out_dir: str | Path | None = None, *, force: bool = F
     if not inputs.genes:
         raise ConfigError("ingest partitions the genes by chromosome: set inputs.genes to the gene annotation")
     out = Path(out_dir or Path(config.output_dir) / DEFAULT_FOLDER)
+    # refused before the source is read (minutes for GTEx's), and again where the store is committed
+    check_replaceable(out, "ingest", store_of(out.absolute()), force)
     # the source as it was before reading: the store records it, and a file rewritten while it was read (minutes
     # for GTEx's) would give values of neither version under the new one's fingerprint
     state = file_state(source)

@@ -38,7 +38,7 @@ from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.io.matrixfile import MatrixFile, materialise, measured, row_range
-from geximpute.runtime.atomic import scratch_folder, staged_output
+from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
@@ -641,6 +641,8 @@ def prepare(
 def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Path | None, targets: str,
              training: bool, force: bool) -> Prepared:
     t0 = time.perf_counter()
+    if dataset is None:  # refused before the inputs are read, and again where the records are committed
+        check_replaceable(out_dir, "prepare", store_of(Path(out_dir).absolute()), force)
     # read here, the dataset's matrix becomes the problem's (scaled in place), not a second copy beside it
     consume = dataset is None
     dataset = dataset or load_dataset(config, matrix=matrix)
