@@ -20,6 +20,7 @@ from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.errors import ConfigError, InputError
 from geximpute.fit.hybrid import fit_hybrid, head_tuned_methods, tuned_baselines
+from geximpute.io.checks import check_readable
 from geximpute.io.dataset import load_dataset
 from geximpute.io.tables import read_table
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
@@ -70,6 +71,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
     out_dir = Path(out_dir)
     # refused before the inputs are read (minutes at GTEx's size), and again where the output is committed
     check_replaceable(out_dir, "evaluate", store_of(out_dir.absolute()), force)
+    if config.evaluation.heritability:  # read only at the end: a wrong path would fail after the whole run
+        check_readable(config.evaluation.heritability, "evaluation.heritability table")
     with stage("load inputs", unit="steps"):
         dataset = load_dataset(config)
     with staged_output(out_dir, step="evaluate", force=force) as staging:
