@@ -712,3 +712,97 @@ def test_groups_no_training_record_had_are_hidden_at_prediction(tmp_path):
     assert absent_groups([tmp_path / "fold"]) == ("neighbours",)
     pq.write_table(records, tmp_path / "fold" / "part.parquet")
     assert absent_groups([tmp_path / "fold"]) == ()
+
+
+def _saved_networks(n: int, seed: int = 0) -> list:
+    from geximpute.model.inference import TrainedNetwork
+
+    spec = FeatureSpec(k_neighbours=5, n_tissues=4, promoter_length=40)
+    out = []
+    for k in range(n):
+        torch.manual_seed(seed * 100 + k)
+        out.append(TrainedNetwork(tiny_spec(use_promoter=False), spec,
+                                  HybridNet(tiny_spec(use_promoter=False)).state_dict(), {"fold": k}))
+    return out
+
+
+def test_a_set_of_fold_networks_is_read_whole_or_refused(tmp_path, monkeypatch):
+    """`train` saved its fold networks one after another after deleting the last run's: a save cut after fold 0
+    left one network that fit-head read as the plain layout, and a cut before fold 0 after a one-network run read
+    that older network as this run's. The set is now marked while it is written and indexed when done."""
+    from geximpute.errors import GeximputeError
+    from geximpute.fit import bundle
+    from geximpute.fit.bundle import NETWORKS_INDEX, SAVING_MARK, load_networks, networks_index, save_networks
+
+    folder = tmp_path / "network"
+    save_networks(_saved_networks(1), folder, records="r1")
+    assert len(load_networks(folder)) == 1 and networks_index(folder)["records"] == "r1"
+    saving = bundle.save_network
+    calls = []
+
+    def cut_after_first(network, where, **kw):
+        if calls:
+            raise OSError(28, "No space left on device")
+        calls.append(where)
+        return saving(network, where, **kw)
+
+    monkeypatch.setattr(bundle, "save_network", cut_after_first)
+    with pytest.raises(OSError):
+        save_networks(_saved_networks(3), folder, records="r2")
+    monkeypatch.setattr(bundle, "save_network", saving)
+    assert (folder / SAVING_MARK).exists() and not (folder / NETWORKS_INDEX).exists()
+    assert not (folder / S.NETWORK_SPECS_FILE).exists()  # the one-network run's files went with the old set
+    with pytest.raises(GeximputeError, match="the networks' save was cut short"):
+        load_networks(folder)
+    save_networks(_saved_networks(3), folder, records="r2")
+    assert [n.metrics["fold"] for n in load_networks(folder)] == [0, 1, 2] and not (folder / SAVING_MARK).exists()
+    # another run's files in one fold folder: each weights file matches its specs, but not the set's index
+    other = tmp_path / "other"
+    save_networks(_saved_networks(3, seed=1), other)
+    for name in (S.NETWORK_WEIGHTS_FILE, S.NETWORK_SPECS_FILE):
+        (folder / "fold1" / name).write_bytes((other / "fold1" / name).read_bytes())
+    with pytest.raises(GeximputeError, match=r"fold1: not the network .*networks\.json lists"):
+        load_networks(folder)
+    (folder / NETWORKS_INDEX).unlink()  # a folder written before the index: read as before
+    assert len(load_networks(folder)) == 3
+
+
+def test_train_writes_only_into_a_folder_of_its_own_from_records_of_its_folds(tmp_path):
+    """`train` wrote into any --out in place: into a committed bundle through its link (deleting its fold
+    networks) or a user's folder; and it cut its folds from its own config, not from the records'."""
+    from geximpute.config import config_from_dict
+    from geximpute.errors import ConfigError
+    from geximpute.runtime.atomic import MARKER, OutputRefused
+    from geximpute.steps.pipeline import check_network_folder, check_records_settings
+
+    check_network_folder(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    check_network_folder(tmp_path / "empty")
+    version = tmp_path / ".model.geximpute" / "v-1"
+    version.mkdir(parents=True)
+    (version / MARKER).write_text(json.dumps({"format": "geximpute-output", "step": "fit-head"}))
+    (tmp_path / "model").symlink_to(version)
+    with pytest.raises(OutputRefused, match=r"model: is a link to .*\(a committed output\)"):
+        check_network_folder(tmp_path / "model")
+    with pytest.raises(OutputRefused, match=r"v-1: holds the output of `fit-head`"):
+        check_network_folder(version)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputRefused, match="a folder that is not a geximpute output"):
+        check_network_folder(user)
+    (tmp_path / "legacy" / "fold0").mkdir(parents=True)  # train's, written before the marker
+    check_network_folder(tmp_path / "legacy")
+    (user / MARKER).write_text(json.dumps({"format": "geximpute-output", "step": "train"}))
+    check_network_folder(user)
+
+    records = tmp_path / "records"
+    records.mkdir()
+    base = {"name": "t", "inputs": {"genes": "g.gtf", "expression": "e.gct"}}
+    prepared = config_from_dict({**base, "train": {"fold_fraction": 0.2}}, tmp_path)
+    (records / "_manifest.json").write_text(json.dumps({"config": prepared.to_dict()}))
+    check_records_settings(config_from_dict({**base, "train": {"fold_fraction": 0.2, "epochs": 9}}, tmp_path),
+                           records)
+    with pytest.raises(ConfigError, match=r"records were prepared with train.fold_fraction 0.2; this config says "
+                                          r"0.25"):
+        check_records_settings(config_from_dict(base, tmp_path), records)

@@ -496,6 +496,16 @@ def test_a_networks_pretraining_levels_from_a_matrix_file_are_the_in_memory_ones
         assert np.isnan(level[memory.chroms == "chr2"]).all() and np.isfinite(level).any()
 
 
+def test_ctrl_c_stops_a_command_after_ray_train_ran(tiny_model):
+    """Ray Train's fit installs a Ctrl-C handler of its own and left it installed: an evaluation interrupted in
+    its baselines after the networks trained ran on (the handler aborted a finished run), and a third Ctrl-C ended
+    the command with status 0. ``tiny_model`` trained networks and a head through Ray Train in this process."""
+    import signal
+
+    assert tiny_model.progress.results["train"] is not None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_train_on_its_own_removes_its_matrix_before_the_networks_train(tiny_model, tmp_path, monkeypatch):
     """`geximpute train` run on its own reads the problem into a matrix file for the CNNs' pre-training levels and
     removes it before Ray Train starts (the file is not read after the levels: it would hold the disk for the whole

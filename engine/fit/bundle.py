@@ -130,29 +130,77 @@ def fold_folder(folder: Path, k: int) -> Path:
     return folder / f"fold{k}"
 
 
-def save_networks(networks: list[TrainedNetwork], folder: str | Path) -> None:
+#: in a network folder: the set of networks :func:`save_networks` wrote (how many, each one's weights' checksum,
+#: the records they learned from), written last; and the mark of a save in progress, removed after it
+NETWORKS_INDEX = "networks.json"
+SAVING_MARK = "networks.saving"
+
+
+def save_networks(networks: list[TrainedNetwork], folder: str | Path, *, records: str | None = None) -> None:
     """Write ``geximpute train``'s networks: one network into ``folder`` itself, or K fold networks into
-    ``folder/fold0`` ... ``fold{K-1}``. Fold folders of an earlier run with more folds are removed first (only
-    folders that hold a saved network), so that :func:`load_networks` reads this run's networks only."""
+    ``folder/fold0`` ... ``fold{K-1}``. The networks of an earlier run are removed first (fold folders that hold a
+    saved network, and the single network's files when folds are written), so that :func:`load_networks` reads
+    this run's networks only; :data:`SAVING_MARK` stays while the set is incomplete (a save cut short is refused
+    when read, not read as the folds it got to) and :data:`NETWORKS_INDEX` is written last. ``records``: the
+    fingerprint of the records they were trained on (:func:`records_fingerprint`), for ``fit-head`` to compare."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    saving = folder / SAVING_MARK
+    saving.write_text("a save of the networks is in progress, or was cut short: run `geximpute train` again\n")
+    (folder / NETWORKS_INDEX).unlink(missing_ok=True)
+    for stale in folder.glob(f"**/.{S.NETWORK_WEIGHTS_FILE}.*.tmp"):  # what killed saves left
+        stale.unlink(missing_ok=True)
     for old in folder.glob("fold*"):
         if old.is_dir() and (old / S.NETWORK_SPECS_FILE).is_file():
             for name in (S.NETWORK_WEIGHTS_FILE, S.NETWORK_SPECS_FILE):
                 (old / name).unlink(missing_ok=True)
             if not any(old.iterdir()):
                 old.rmdir()
-    if len(networks) == 1:
-        save_network(networks[0], folder)
-        return
-    for k, network in enumerate(networks):
-        save_network(network, fold_folder(folder, k))
+    if len(networks) > 1:  # an earlier single network's files would be read as this set's when a fold is missing
+        for name in (S.NETWORK_WEIGHTS_FILE, S.NETWORK_SPECS_FILE):
+            (folder / name).unlink(missing_ok=True)
+    folders = [folder] if len(networks) == 1 else [fold_folder(folder, k) for k in range(len(networks))]
+    written = [save_network(network, where) for network, where in zip(networks, folders, strict=True)]
+    index = {"count": len(networks), "records": records,
+             "networks": [{"folder": str(w.parent.relative_to(folder)) if w.parent != folder else ".",
+                           "weights_sha256": json.loads((w.parent / S.NETWORK_SPECS_FILE).read_text())
+                           .get("weights_sha256")} for w in written]}
+    temporary = folder / f".{NETWORKS_INDEX}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(temporary, folder / NETWORKS_INDEX)
+    saving.unlink()
+
+
+def networks_index(folder: str | Path) -> dict | None:
+    """What :func:`save_networks` recorded of the networks in ``folder`` (None: written before the index was)."""
+    try:
+        return json.loads((Path(folder) / NETWORKS_INDEX).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise GeximputeError(f"{Path(folder) / NETWORKS_INDEX}: unreadable ({exc}); run `geximpute train` "
+                             "again") from exc
 
 
 def load_networks(folder: str | Path) -> list[TrainedNetwork]:
     """The networks :func:`save_networks` wrote: the fold networks when ``folder/fold0`` holds one, else the one
     network of ``folder``."""
     folder = Path(folder)
+    if (folder / SAVING_MARK).exists():
+        raise GeximputeError(f"{folder}: the networks' save was cut short ({SAVING_MARK} is there): the set is "
+                             "incomplete; run `geximpute train` again")
+    index = networks_index(folder)
+    if index is not None:  # the set as it was saved: each network's specs name the weights the index recorded
+        networks = []
+        for entry in index["networks"]:
+            where = folder / entry["folder"]
+            network = load_network(where)  # its weights checked against its specs
+            specs = json.loads((where / S.NETWORK_SPECS_FILE).read_text())
+            if specs.get("weights_sha256") != entry["weights_sha256"]:
+                raise GeximputeError(f"{where}: not the network {folder / NETWORKS_INDEX} lists (another run's "
+                                     "files); run `geximpute train` again")
+            networks.append(network)
+        return networks
     if (fold_folder(folder, 0) / S.NETWORK_SPECS_FILE).is_file():
         networks, k = [], 0
         while (fold_folder(folder, k) / S.NETWORK_SPECS_FILE).is_file():

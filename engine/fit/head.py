@@ -53,7 +53,7 @@ from geximpute import schema as S
 from geximpute.config import HeadConfig
 from geximpute.errors import GeximputeError
 from geximpute.runtime.console import stage
-from geximpute.runtime.raytools import progress_callbacks
+from geximpute.runtime.raytools import fit_trainer, progress_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -738,7 +738,7 @@ def fit_head(
                              callbacks=progress_callbacks(progress.counter())),
     )
     with progress:
-        result = trainer.fit()
+        result = fit_trainer(trainer)
     with result.checkpoint.as_directory() as folder:
         point, interval = xgboost.Booster(), xgboost.Booster()
         point.load_model(str(Path(folder) / POINT_FILE))

@@ -42,7 +42,7 @@ from geximpute.model.features import GROUPS, FeatureSpec, drop_groups, featurize
 from geximpute.model.inference import TrainedNetwork
 from geximpute.model.network import HybridNet, NetworkSpec
 from geximpute.runtime.console import stage
-from geximpute.runtime.raytools import progress_callbacks
+from geximpute.runtime.raytools import fit_trainer, progress_callbacks
 from geximpute.science.hashing import mix64
 from geximpute.science.problem import pass_rows
 from geximpute.science.promoters import PromoterLookup, promoter_inputs
@@ -536,8 +536,16 @@ def _run_fingerprint(config: Config, runs: list[NetworkRun], records_dir: Path,
     settings = {"train": train, "model": dataclasses.asdict(config.model), "seed": config.seed,
                 "promoter": dataclasses.asdict(config.promoter), "context": dataclasses.asdict(config.context),
                 "split": dataclasses.asdict(config.split), "task": holdout_task(config), "holdout_hash": HOLDOUT_HASH}
+    def levels(run: NetworkRun) -> str | None:  # the CNN's pre-training levels (an input replaced moves them)
+        if run.levels is None:
+            return None
+        digest = hashlib.sha256()
+        for part in run.levels:
+            digest.update(np.ascontiguousarray(part).tobytes())
+        return digest.hexdigest()
+
     return {"records": records,
-            "networks": [[run.name, [str(d) for d in run.train_dirs], run.use_promoter, run.use_context]
+            "networks": [[run.name, [str(d) for d in run.train_dirs], run.use_promoter, run.use_context, levels(run)]
                          for run in runs],
             "settings": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
             "resume_from": None if resume_from is None else str(resume_from.path)}
@@ -559,7 +567,10 @@ def _start_or_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:
     elif run_dir.exists():
         log.info("train %s: resuming the run in %s (the same records and settings)", run_dir.name, run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    mark.write_text(json.dumps(fingerprint))
+    # whole or not at all: a half-written fingerprint read as none would remove a resumable run
+    temporary = mark.parent / f".{mark.name}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(fingerprint))
+    os.replace(temporary, mark)
 
 
 def _check_worker_rows(run: NetworkRun, table: pa.Table, valid: np.ndarray, world: int) -> None:
@@ -733,7 +744,7 @@ def train_networks(
         ),
     )
     with progress:
-        result = trainer.fit()
+        result = fit_trainer(trainer)
     states = _saved_networks(result.checkpoint, "cpu")
     seconds = round(time.perf_counter() - t0, 1)
     trained = []

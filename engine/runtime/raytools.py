@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from geximpute import code_version
@@ -23,6 +25,19 @@ def local_train_polling() -> None:
     """Set Ray Train's controller poll interval (:data:`TRAIN_POLL_SECONDS`) for a local Ray about to start: its
     processes inherit this process's environment. A cluster keeps its own setting."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_SECONDS)
+
+
+def fit_trainer(trainer):
+    """``trainer.fit()``, with this process's Ctrl-C handler as it was before: Ray Train installs its own for the
+    run (the first Ctrl-C aborts the run gracefully) and leaves it there after the run, where every later Ctrl-C of
+    the command (an evaluation's baselines, an imputation) was swallowed and a third exited with status 0."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def ensure_ray(config: RayConfig) -> bool:

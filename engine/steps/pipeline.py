@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +31,7 @@ import pyarrow.parquet as pq
 
 from geximpute.config import Config
 from geximpute.errors import ConfigError
-from geximpute.fit.bundle import Bundle, load_bundle, load_networks, save_bundle, save_networks
+from geximpute.fit.bundle import Bundle, load_bundle, load_networks, networks_index, save_bundle, save_networks
 from geximpute.fit.hybrid import (
     fit_hybrid,
     fit_hybrid_head,
@@ -42,7 +45,7 @@ from geximpute.fit.models import HybridModels
 from geximpute.fit.train import check_holdout
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
-from geximpute.runtime.atomic import scratch_folder
+from geximpute.runtime.atomic import MARKER, Lease, OutputRefused, marker_of, scratch_folder, store_of
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.problem import VisibleProblem, make_problem
 from geximpute.steps.prepare import MATRIX_FOLDER, prepare, read_problem_index
@@ -97,19 +100,96 @@ def train_and_save(config: Config, records_dir: str | Path | None = None,
     again from the config's inputs)."""
     records = output_path(config, records_dir, "records")
     out = output_path(config, network_dir, "network")
+    check_records_settings(config, records)
+    check_network_folder(out)
     gene_ids, tissues = read_problem_index(records)
-    with contextlib.ExitStack() as scratch:
-        if problem is None:  # read here: its matrix in a file of the run's own, as prepare keeps it
-            folder = scratch.enter_context(scratch_folder(out, MATRIX_FOLDER))
-            problem = read_visible_problem(config, gene_ids, matrix=folder / "expression.f32")
-        # the CNNs' pre-training levels are all the networks read of the problem: its file goes before training
-        runs = fold_network_runs(config, records, problem)
-    del problem
-    ensure_ray(config.ray)
-    out.mkdir(parents=True, exist_ok=True)
-    networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", runs=runs)
-    save_networks(networks, out)
+    # one train run on a folder at a time (a second one would remove the first's live Ray Train run, or both
+    # resume it and save their networks into one set)
+    lease = Lease(store_of(out.absolute()) / "lease.json", what=f"`train` run on {out}").acquire()
+    try:
+        with contextlib.ExitStack() as scratch:
+            if problem is None:  # read here: its matrix in a file of the run's own, as prepare keeps it
+                folder = scratch.enter_context(scratch_folder(out, MATRIX_FOLDER))
+                problem = read_visible_problem(config, gene_ids, matrix=folder / "expression.f32")
+            # the CNNs' pre-training levels are all the networks read of the problem: its file goes before training
+            runs = fold_network_runs(config, records, problem)
+        del problem
+        ensure_ray(config.ray)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / MARKER).is_file():  # the folder is train's (written in place: its Ray Train runs live in it)
+            (out / MARKER).write_text(json.dumps({"format": "geximpute-output", "step": "train"}) + "\n")
+        networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", runs=runs)
+        save_networks(networks, out, records=records_fingerprint(records))
+    finally:
+        lease.release()
     return networks[0]
+
+
+#: the settings by which prepare cuts the training folds: `train` recomputes the folds from its own config (the CNNs'
+#: pre-training levels leave each network's fold out) and must cut the ones the records were labelled by
+FOLD_SETTINGS = ("seed", "train.folds", "train.fold_fraction", "evaluation.task", "evaluation.whole_donors",
+                 "evaluation.fraction", "evaluation.seed", "split.valid_chroms", "split.test_chroms")
+
+
+def check_records_settings(config: Config, records: Path) -> None:
+    """Refuse a config whose training folds are not the ones prepare cut ``records`` by (:data:`FOLD_SETTINGS`, as
+    its ``_manifest.json`` records them; records without one are not checked).
+
+    Raises:
+        ConfigError: a setting differs, named with both values.
+    """
+    try:
+        prepared = json.loads((records / "_manifest.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = config.to_dict()
+    for dotted in FOLD_SETTINGS:
+        a, b = prepared, now
+        for part in dotted.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a is not None and (list(a) if isinstance(a, (list, tuple)) else a) != (
+                list(b) if isinstance(b, (list, tuple)) else b):
+            raise ConfigError(f"{records}: the records were prepared with {dotted} {a!r}; this config says {b!r}: "
+                              "the networks would leave other folds out than the records hold (prepare again with "
+                              "this config, or train with the records' setting)")
+
+
+def records_fingerprint(records: Path) -> str | None:
+    """The SHA-256 of prepare's ``_manifest.json`` in ``records`` (None without one): which records a set of
+    networks was trained on, recorded with them and compared by ``fit-head``."""
+    try:
+        return hashlib.sha256((records / "_manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def check_network_folder(out: Path) -> None:
+    """Refuse a `train` output that is not absent, empty or an earlier `train` output: `train` writes its folder
+    in place (its Ray Train runs resume there), so a committed output (a bundle's link) or a user's folder would
+    be written into.
+
+    Raises:
+        OutputRefused: ``out`` is a link, a file, or a folder of another step or of no step of ours.
+    """
+    if out.is_symlink():
+        raise OutputRefused(f"{out}: is a link to {os.path.realpath(out)} (a committed output); `train` writes its "
+                            "networks into a folder of its own in place: choose another output folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputRefused(f"{out}: is a file; `train` writes its networks into a folder of its own")
+    if not any(out.iterdir()):
+        return
+    marker = marker_of(out)
+    if marker is not None and marker.get("step") == "train":
+        return
+    # train's folders written before they carried a marker: their networks and Ray Train runs
+    legacy = marker is None and any((out / name).exists() for name in ("runs", "fold0", "network.json"))
+    if not legacy:
+        found = f"the output of `{marker.get('step')}`" if marker else "a folder that is not a geximpute output"
+        raise OutputRefused(f"{out}: holds {found}; `train` writes its networks into a folder of its own in place "
+                            "and would mix them with what is there: choose another output folder")
 
 
 def fit_head_and_save(
@@ -146,6 +226,11 @@ def fit_head_and_save(
         net_dir = output_path(config, network, "network")
         networks, runs = load_networks(net_dir), net_dir / "runs"
         check_holdout(networks, config, net_dir)
+        trained_on = (networks_index(net_dir) or {}).get("records")
+        if trained_on is not None and records_fingerprint(records) not in (None, trained_on):
+            raise ConfigError(f"the networks in {net_dir} were trained on other records than those in {records} "
+                              "(prepared again since): the head would be fitted on rows the networks saw; train "
+                              "again on these records (geximpute train)")
     gene_ids, tissues = read_problem_index(records)
     if len(networks) != config.train.folds and len(networks) > 1:
         raise ConfigError(f"{len(networks)} fold networks were trained but train.folds is {config.train.folds}; "
