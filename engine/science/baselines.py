@@ -625,12 +625,13 @@ class ChainedBoostingBaseline(_CubeMethod):
     name = "chained_boosting"
 
     MAX_TREES = 1000
-    PARAMS = {"max_depth": 6, "eta": 0.1, "subsample": 0.8, "colsample_bytree": 0.8, "min_child_weight": 5.0,
+    PARAMS = {"eta": 0.1, "subsample": 0.8, "colsample_bytree": 0.8, "min_child_weight": 5.0,
               "lambda": 5.0, "objective": "reg:squarederror", "tree_method": "hist", "verbosity": 0}
 
     def __init__(self, rounds: int, max_rows: int, ridge_alpha: float, ridge_iterations: int, seed: int = 0,
-                 bags: int = 1) -> None:
+                 bags: int = 1, max_depth: int = 6) -> None:
         self.rounds, self.max_rows, self.seed, self.bags = rounds, max_rows, seed, bags
+        self.max_depth = max_depth
         self.ridge = IterativeRidgeBaseline(ridge_alpha, ridge_iterations)
 
     def _fit_cube(self, problem: VisibleProblem) -> np.ndarray:
@@ -641,7 +642,7 @@ class ChainedBoostingBaseline(_CubeMethod):
         """The problem's rows (:class:`FilledRows`) with every missing cell filled by the boosted regressions
         (computed once per problem and setting: :func:`shared_fill`; read-only)."""
         key = ("chained_boosting", self.ridge.alpha, self.ridge.iterations, self.rounds, self.max_rows, self.seed,
-               self.bags)
+               self.bags, self.max_depth)
 
         def fill() -> FilledRows:
             rows = self.ridge.filled_rows(problem)
@@ -668,7 +669,7 @@ class ChainedBoostingBaseline(_CubeMethod):
         filled, visible = rows.filled, rows.visible
         n_t = filled.shape[1]
         n_missing = (~visible).sum(axis=1, keepdims=True).astype(np.float64)
-        params = dict(self.PARAMS, seed=seed)
+        params = dict(self.PARAMS, seed=seed, max_depth=self.max_depth)
         for _ in range(self.rounds if n_t > 1 else 0):
             total, squares = filled.sum(axis=1), np.einsum("rt,rt->r", filled, filled)
             nxt = filled.copy()
@@ -1102,7 +1103,7 @@ def make_method(name: str, config: BaselinesConfig, *, seed: int = 0,
         return LocalRegressionBaseline(config.lls_k, config.lls_alpha, start, ridge)  # type: ignore[arg-type]
     if name == "chained_boosting":
         return ChainedBoostingBaseline(config.cb_rounds, config.cb_max_rows, config.ridge_alpha,
-                                       config.ridge_iterations, seed, config.cb_bags)
+                                       config.ridge_iterations, seed, config.cb_bags, config.cb_max_depth)
     if name == "tensor_factorisation":
         return TensorFactorisationBaseline(config.tf_rank, config.tf_lambda, config.tf_iterations, seed)
     if name == "promoter_composition":
