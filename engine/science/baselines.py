@@ -614,9 +614,10 @@ class ChainedBoostingBaseline(_CubeMethod):
     fill, which the next round starts from. Trees find what one linear map across tissues cannot: a gene silent in
     most tissues, a tissue that follows others only above a level. Each regression stops adding trees when a tenth
     of its rows, held out, stops improving (visible rows only; at most :attr:`MAX_TREES`), and learns from at most
-    ``max_rows`` rows drawn with ``seed``. With ``bags`` > 1 that whole run is repeated with other seeds
-    (:data:`BAG_SEED_STEP`) and the fills averaged: the trees of one run vary with its row and column samples and
-    where its held-out tenth stops it, and the average varies less.
+    ``max_rows`` rows drawn with ``seed`` (its trees ``max_depth`` deep: ``baselines.cb_max_depth``). With ``bags``
+    > 1 that whole run is repeated with other seeds (:data:`BAG_SEED_STEP`) and the fills averaged: the trees of
+    one run vary with its row and column samples and where its held-out tenth stops it, and the average varies
+    less.
 
     For a gene x tissue table only (:data:`TABLE_METHODS`): with sample-level data the rows are (gene, donor)
     deviations pooled over genes, where trees fell far below ``iterative_ridge`` on GTEx v8 and took ~50 s a round.
