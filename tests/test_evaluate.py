@@ -553,6 +553,13 @@ def test_evaluate_seeds_refuses_repeated_seeds_and_a_folder_not_its_own(synth_sm
     module.evaluate_seeds(config, tmp_path / "eval", [2])
     assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == {"seeds": 1}
     assert (tmp_path / "eval" / "summary.md").read_text() == "report"
+    # a plain folder an earlier version wrote (its seeds' outputs and the summary, no marker) is ours to replace
+    old = tmp_path / "old"
+    (old / ".seed_0.geximpute" / "v-1").mkdir(parents=True)
+    (old / "seed_0").symlink_to(".seed_0.geximpute/v-1")
+    (old / "summary.json").write_text("{}")
+    module.evaluate_seeds(config, old, [0])
+    assert json.loads((old / "summary.json").read_text()) == {"seeds": 1} and old.is_symlink()
 
 
 @pytest.mark.slow

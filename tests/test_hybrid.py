@@ -296,6 +296,25 @@ def test_a_bundle_whose_head_reads_other_features_is_refused(tiny_model, tmp_pat
         load_bundle(folder)
 
 
+def test_a_bundle_written_before_a_setting_keeps_the_value_its_head_was_fitted_with(tiny_model, tmp_path):
+    """``chained_boosting``'s trees were 6 deep before ``baselines.cb_max_depth`` (default 8): a bundle whose
+    config does not name it is read with 6, the depth of the estimates its stacked head learned from."""
+    import shutil
+
+    import yaml
+
+    from geximpute import schema as S
+    from geximpute.fit.bundle import load_bundle
+
+    assert load_bundle(tiny_model.folder).models.config.baselines.cb_max_depth == 8
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model.folder, folder)
+    saved = yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text())
+    del saved["baselines"]["cb_max_depth"]
+    (folder / S.BUNDLE_CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    assert load_bundle(folder).models.config.baselines.cb_max_depth == 6
+
+
 def test_network_folders_hold_one_run_of_fold_networks(tiny_model, tmp_path):
     """``geximpute train`` writes K fold networks (fold0/ ...); a later run with fewer folds removes the extra fold
     folders, so that fit-head never stacks networks of two runs."""

@@ -806,3 +806,14 @@ def test_train_writes_only_into_a_folder_of_its_own_from_records_of_its_folds(tm
     with pytest.raises(ConfigError, match=r"records were prepared with train.fold_fraction 0.2; this config says "
                                           r"0.25"):
         check_records_settings(config_from_dict(base, tmp_path), records)
+    # the records' fingerprint: what makes them, not when or by which version they were made
+    from geximpute.steps.pipeline import records_fingerprint
+
+    manifest = {"config": prepared.to_dict(), "inputs": {"expression": {"sha256": "a"}}, "rows": {"train": 10},
+                "seconds": 1.0, "versions": {"geximpute": "1"}}
+    (records / "_manifest.json").write_text(json.dumps(manifest))
+    first = records_fingerprint(records)
+    (records / "_manifest.json").write_text(json.dumps({**manifest, "seconds": 2.0, "versions": {"geximpute": "2"}}))
+    assert records_fingerprint(records) == first
+    (records / "_manifest.json").write_text(json.dumps({**manifest, "inputs": {"expression": {"sha256": "b"}}}))
+    assert records_fingerprint(records) != first

@@ -220,6 +220,11 @@ def _model_version(folder: Path, n_folds: int = 1) -> str:
     return digest.hexdigest()[:16]
 
 
+#: (section, key, value) of settings whose default changed after bundles were written without them: such a bundle
+#: is read with the value it was fitted with (``chained_boosting``'s trees were 6 deep before ``cb_max_depth``)
+BUNDLE_SETTING_DEFAULTS = (("baselines", "cb_max_depth", 6),)
+
+
 def compatibility(config: Config, gene_ids: Sequence[str], tissues: Sequence[str]) -> dict[str, Any]:
     """What data a model fits, recorded in its bundle and compared with the data of ``impute`` and ``nightly``.
 
@@ -588,7 +593,11 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise FileNotFoundError(f"{folder}: not a model bundle (no {S.BUNDLE_MANIFEST_FILE}); "
                                 "run `geximpute fit-head` first")
 
-    config: Config = config_from_dict(yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text()))
+    saved = yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text())
+    # settings added since a bundle was written take the value its head was fitted with, not today's default
+    for section, key, then in BUNDLE_SETTING_DEFAULTS:
+        saved.setdefault(section, {}).setdefault(key, then)
+    config: Config = config_from_dict(saved)
     head_meta = json.loads((folder / S.HEAD_SPECS_FILE).read_text())
     check_features(head_meta.get("engineered_features"), folder)
     network = load_network(folder)

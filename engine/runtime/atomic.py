@@ -274,6 +274,35 @@ class Lease:
 
     # taking and giving back ------------------------------------------------------------------------------------
 
+    def acquire_after_the_dead(self, poll: float = 5.0) -> Lease:
+        """:meth:`acquire`, waiting out a holder that does not renew its lease (it died: a killed process, a replaced
+        pod; its lease expires within a time to live and is taken over then) instead of refusing at once; a holder
+        that renews it while this waits is alive: :class:`LeaseBusy`. For a step whose retry after a crash should
+        resume, not fail (`train`, whose Ray Train run resumes in its folder).
+
+        Raises:
+            LeaseBusy: a live holder (its lease renewed while this waited).
+        """
+        seen = None
+        while True:
+            try:
+                return self.acquire()
+            except LeaseBusy:
+                text, holder = self.read()
+                if seen is not None and text != seen:
+                    raise  # renewed (or taken by another) meanwhile: a live run holds it
+                if seen is None:
+                    expires = (holder or {}).get("expires")
+                    left = f"{max(float(expires) - time.time(), 0):.0f} s" if isinstance(expires, (int, float)) \
+                        else "up to a lease's time to live"
+                    log.warning("%s: held by %s; waiting for it to be renewed (a live run: refused) or to expire "
+                                "(a run that died: taken over), %s", self.path,
+                                "a run being written" if holder is None else
+                                f"{holder.get('owner', '?')} (pid {holder.get('pid', '?')} on "
+                                f"{holder.get('host', '?')})", left)
+                seen = text
+                time.sleep(poll)
+
     def acquire(self) -> Lease:
         """Take the lease, taking over an expired one; start the heartbeat.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -256,6 +257,7 @@ def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, for
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected distinct integers >= 0"
                           + (f" ({', '.join(map(str, repeated))} given twice)" if repeated else ""))
     out_dir = Path(out_dir)
+    force = force or _earlier_seeds_folder(out_dir)
     check_replaceable(out_dir, "evaluate-seeds", store_of(out_dir.absolute()), force)
     with staged_output(out_dir, step="evaluate-seeds", force=force) as staging:
         runs = []
@@ -265,6 +267,19 @@ def evaluate_seeds(config: Config, out_dir: str | Path, seeds: list[int], *, for
         write_json(staging / "summary.json", summary)
         (staging / "summary.md").write_text(seeds_report(summary))
     return summary
+
+
+#: what an `evaluate --seeds` folder held before it was one output (a plain folder of the seeds' outputs)
+_SEEDS_LAYOUT = re.compile(r"(seed_\d+|\.seed_\d+\.geximpute|summary\.(json|md)|_geximpute\.log)")
+
+
+def _earlier_seeds_folder(folder: Path) -> bool:
+    """``folder`` is a plain folder an earlier `evaluate --seeds` wrote (before its output carried a marker): every
+    entry one of its seeds' outputs, their stores, the summary or the log, and at least one seed."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    names = [p.name for p in folder.iterdir()]
+    return (any(n.startswith("seed_") for n in names) and all(_SEEDS_LAYOUT.fullmatch(n) for n in names))
 
 
 def _reference_hybrid(config: Config, dataset, staging: Path, records: pa.Table) -> np.ndarray:

@@ -101,11 +101,13 @@ def train_and_save(config: Config, records_dir: str | Path | None = None,
     records = output_path(config, records_dir, "records")
     out = output_path(config, network_dir, "network")
     check_records_settings(config, records)
+    trained_on = records_fingerprint(records)  # before training: records prepared again meanwhile are not these
     check_network_folder(out)
     gene_ids, tissues = read_problem_index(records)
     # one train run on a folder at a time (a second one would remove the first's live Ray Train run, or both
     # resume it and save their networks into one set)
-    lease = Lease(store_of(out.absolute()) / "lease.json", what=f"`train` run on {out}").acquire()
+    # a retry after a crash waits out the dead run's lease and resumes; a live run on the folder is refused
+    lease = Lease(store_of(out.absolute()) / "lease.json", what=f"`train` run on {out}").acquire_after_the_dead()
     try:
         with contextlib.ExitStack() as scratch:
             if problem is None:  # read here: its matrix in a file of the run's own, as prepare keeps it
@@ -119,7 +121,7 @@ def train_and_save(config: Config, records_dir: str | Path | None = None,
         if not (out / MARKER).is_file():  # the folder is train's (written in place: its Ray Train runs live in it)
             (out / MARKER).write_text(json.dumps({"format": "geximpute-output", "step": "train"}) + "\n")
         networks = train_fold_networks(config, records, gene_ids, len(tissues), out / "runs", runs=runs)
-        save_networks(networks, out, records=records_fingerprint(records))
+        save_networks(networks, out, records=trained_on)
     finally:
         lease.release()
     return networks[0]
@@ -156,12 +158,24 @@ def check_records_settings(config: Config, records: Path) -> None:
 
 
 def records_fingerprint(records: Path) -> str | None:
-    """The SHA-256 of prepare's ``_manifest.json`` in ``records`` (None without one): which records a set of
-    networks was trained on, recorded with them and compared by ``fit-head``."""
+    """Which records a set of networks was trained on, recorded with them and compared by ``fit-head``: a SHA-256
+    of what prepare's ``_manifest.json`` in ``records`` says makes them (the inputs' checksums, the settings that
+    cut the folds (:data:`FOLD_SETTINGS`), the records' counts), not of its run's time or versions: the same
+    records prepared again have the same fingerprint. None without a manifest."""
     try:
-        return hashlib.sha256((records / "_manifest.json").read_bytes()).hexdigest()
-    except OSError:
+        manifest = json.loads((records / "_manifest.json").read_text())
+        config = manifest["config"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    folds = {}
+    for dotted in FOLD_SETTINGS:
+        value = config
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        folds[dotted] = value
+    made = {"inputs": manifest.get("inputs"), "rows": manifest.get("rows"), "targets": manifest.get("targets"),
+            "folds": folds}
+    return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_network_folder(out: Path) -> None:
@@ -199,6 +213,7 @@ def fit_head_and_save(
     out: str | Path | None = None,
     *,
     problem: VisibleProblem | None = None,
+    check_records: bool = True,
 ) -> tuple[HybridModels, str, int]:
     """Fit the XGBoost head over the trained networks on the training folds of ``records_dir`` and write the
     bundle into ``out`` (``geximpute fit-head``).
@@ -215,6 +230,8 @@ def fit_head_and_save(
             ``<output_dir>/network``); the head's Ray Train runs go to that folder's ``runs``.
         out: the bundle folder (default ``<output_dir>/model``), replaced atomically.
         problem: the visible problem prepare cut the folds from (default: made again from the config's inputs).
+        check_records: refuse networks trained on other records than ``records_dir``'s (False: a head fitted on
+            purpose over another data set's networks, as the benchmark's gene sets are).
 
     Returns:
         (the fitted models, the bundle's ``model_version``, the number of records the head was fitted on).
@@ -227,7 +244,7 @@ def fit_head_and_save(
         networks, runs = load_networks(net_dir), net_dir / "runs"
         check_holdout(networks, config, net_dir)
         trained_on = (networks_index(net_dir) or {}).get("records")
-        if trained_on is not None and records_fingerprint(records) not in (None, trained_on):
+        if check_records and trained_on is not None and records_fingerprint(records) not in (None, trained_on):
             raise ConfigError(f"the networks in {net_dir} were trained on other records than those in {records} "
                               "(prepared again since): the head would be fitted on rows the networks saw; train "
                               "again on these records (geximpute train)")
