@@ -133,6 +133,13 @@ FOLD_SETTINGS = ("seed", "train.folds", "train.fold_fraction", "evaluation.task"
                  "evaluation.fraction", "evaluation.seed", "split.valid_chroms", "split.test_chroms")
 
 
+def _setting(config: dict, dotted: str) -> Any:
+    """The value at ``dotted`` (``train.folds``) in a config's dictionary; None where a level is missing."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def check_records_settings(config: Config, records: Path) -> None:
     """Refuse a config whose training folds are not the ones prepare cut ``records`` by (:data:`FOLD_SETTINGS`, as
     its ``_manifest.json`` records them; records without one are not checked).
@@ -146,10 +153,7 @@ def check_records_settings(config: Config, records: Path) -> None:
         return
     now = config.to_dict()
     for dotted in FOLD_SETTINGS:
-        a, b = prepared, now
-        for part in dotted.split("."):
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
+        a, b = _setting(prepared, dotted), _setting(now, dotted)
         if a is not None and (list(a) if isinstance(a, (list, tuple)) else a) != (
                 list(b) if isinstance(b, (list, tuple)) else b):
             raise ConfigError(f"{records}: the records were prepared with {dotted} {a!r}; this config says {b!r}: "
@@ -167,12 +171,7 @@ def records_fingerprint(records: Path) -> str | None:
         config = manifest["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    folds = {}
-    for dotted in FOLD_SETTINGS:
-        value = config
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        folds[dotted] = value
+    folds = {dotted: _setting(config, dotted) for dotted in FOLD_SETTINGS}
     made = {"inputs": manifest.get("inputs"), "rows": manifest.get("rows"), "targets": manifest.get("targets"),
             "folds": folds}
     return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()
