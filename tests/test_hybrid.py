@@ -402,8 +402,8 @@ def test_head_fitted_on_one_member_predicts_for_the_members_mean():
     """Fitted on rows that each went through one of K noisy networks and used on their mean, the head's blend
     (errors-in-variables weights from the members' spread on the held-out rows) and its trees and interval (chosen
     on the held-out rows averaged over the members) do better on the mean than the weights fitted for one member,
-    and keep their interval's coverage. Without that correction the blend leans on the weaker estimate: measured on
-    the planted-motif genes, the head below the networks' mean."""
+    and its interval covers what it was meant to on the members' mean. Without that correction the blend leans on
+    the weaker estimate: measured on the planted-motif genes, the head below the networks' mean."""
     from geximpute.config import HeadConfig
     from geximpute.fit.head import averaged, fit_head_in_process, member_noise
 
@@ -439,7 +439,9 @@ def test_head_fitted_on_one_member_predicts_for_the_members_mean():
 
     assert rmse(ensemble) < rmse(plain) * 0.97, (rmse(ensemble), rmse(plain))
     _, lower, upper = averaged(ensemble, new_members)
-    assert 0.78 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.95  # calibrated on single networks: wide side
+    # calibrated on the held-out rows' outputs averaged over the members, as it predicts: 80%, not the wide side
+    # that calibrating each row through its own member left (0.86 here before session 39)
+    assert 0.77 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.83
     # a bundle's head metadata carries the prediction weights
     from geximpute.fit.head import Blend
 

@@ -29,7 +29,8 @@ for that:
 - the number of point trees is chosen on the held-out rows as the head is used: each row's outputs averaged over the
   K members, from the prediction blend.
 
-The interval stays calibrated on each held-out row through its own fold network (:func:`_conformalised`).
+- the interval is calibrated on the held-out rows the same way: their boosters' outputs averaged over the K
+  members (:func:`_conformalised`).
 
 Where the task compares the members of groups (``samples``: the donors of a gene in a tissue, by across-donor
 Pearson), the blend's weights are fitted within the groups and a level column carries the groups' levels
@@ -256,6 +257,10 @@ class HeadModel:
     def predict(self, features: np.ndarray, *, ensemble: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper), each (N,), from (N, n_features) features; ``ensemble``: the rows went through
         one of the fold networks whose outputs are averaged (the blend's prediction weights, :class:`Blend`)."""
+        return self.widened(*self.raw(features, ensemble=ensemble))
+
+    def raw(self, features: np.ndarray, *, ensemble: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower quantile, upper quantile) of the boosters, before the conformal step (:meth:`widened`)."""
         if features.shape[1] != self.n_features:
             raise ValueError(f"head expects {self.n_features} features, got {features.shape[1]}")
         # the interval booster has one output per quantile (head.quantiles holds two)
@@ -265,12 +270,16 @@ class HeadModel:
         bounds = self.interval.inplace_predict(
             features, missing=np.nan, base_margin=None if margin is None else np.repeat(margin[:, None], 2, axis=1)
         ).reshape(len(features), 2)  # (N, 2) for N = 0 too
+        return point, np.minimum(bounds[:, 0], bounds[:, -1]), np.maximum(bounds[:, 0], bounds[:, -1])
+
+    def widened(self, point: np.ndarray, lower: np.ndarray, upper: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, lower, upper) of :meth:`raw`'s outputs (or their average over fold networks) after the
+        conformal step for that estimate."""
         widening = self.widening(point)
         # a negative conformal amount (the quantile booster's band wider than its held-out rows needed) narrows
         # the band; it never turns it inside out nor leaves the estimate outside its own interval
-        lower = np.minimum(np.minimum(bounds[:, 0], bounds[:, -1]) - widening, point)
-        upper = np.maximum(np.maximum(bounds[:, 0], bounds[:, -1]) + widening, point)
-        return point, lower, upper
+        return point, np.minimum(lower - widening, point), np.maximum(upper + widening, point)
 
     def save(self, folder: Path) -> None:
         self.point.save_model(str(folder / POINT_FILE))
@@ -455,10 +464,13 @@ def _loop_config(config: HeadConfig, seed: int, select: str = "rmse") -> dict:
     }
 
 
-def averaged(head: HeadModel, members: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(estimate, lower, upper) of the same rows through each member, averaged: how the stacked head predicts."""
-    outputs = [head.predict(m) for m in members]
-    return tuple(np.mean([o[i] for o in outputs], axis=0) for i in range(3))  # type: ignore[return-value]
+def averaged(head: HeadModel, members: list[np.ndarray], *, widen: bool = True
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(estimate, lower, upper) of the same rows through each member (fold network): the boosters' outputs averaged,
+    then the conformal step for the averaged estimate (``widen``): how the stacked head predicts."""
+    outputs = [head.raw(m) for m in members]
+    mean = tuple(np.mean([o[i] for o in outputs], axis=0) for i in range(3))
+    return head.widened(*mean) if widen else mean  # type: ignore[return-value]
 
 
 #: fewest held-out rows of a group for its Pearson to count in :func:`within_pearson`
@@ -567,11 +579,14 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     will predict; with ``units`` (the task's unit of each row) and ``config.cv_folds`` >= 2, on the training rows
     too, each estimated out of fold (:func:`_cross_validated`).
 
-    The interval is calibrated on each ``valid`` row through its own fold network, with the blend it was fitted
-    from. (Calibrated on the members' average, it covered 0.73 of the planted-motif genes' hidden entries instead
-    of 0.80 at ``abfae09``, when the other fold networks' CNNs were pre-trained on those rows' genes; since
-    ``fb33df7`` no CNN pre-trains on the head's held-out units, but the calibration was not changed back.) The
-    averaged head's errors are smaller than one network's, so this errs on the wide side."""
+    With ``members`` the interval is calibrated as the head predicts: each ``valid`` row's boosters' outputs
+    averaged over the fold networks (:func:`averaged`), the conformal amounts by bin of that averaged estimate. No
+    fold network trained on these rows, nor (since ``fb33df7``) pre-trained its CNN on their units, so the average
+    is what a new row meets. (Calibrated on each row through its own fold network, as until session 39, the
+    averaged head's smaller errors left the interval wide: 0.83 on medians ``entries``, docs/benchmarks.md;
+    calibrated on the average at ``abfae09``, when the other networks' CNNs had pre-trained on those genes, it
+    covered 0.73 of the planted-motif genes' hidden entries.) Without members, each row through its own network,
+    with the blend it was fitted from."""
     coverage = config.quantiles[1] - config.quantiles[0]
     folded = None
     if units is not None and config.cv_folds >= 2 and (~valid).any():
@@ -588,7 +603,10 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
         point = _ensemble_rounds(point, members or [features[valid]], labels[valid], blend,
                                  None if groups is None else groups[valid], select, folded)
     head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
-    estimate, lower, upper = head.predict(features[valid], ensemble=False)
+    if members:
+        estimate, lower, upper = averaged(head, members, widen=False)
+    else:
+        estimate, lower, upper = head.raw(features[valid], ensemble=False)
     score = np.maximum(lower - labels[valid], labels[valid] - upper)
     head.conformal, head.conformal_edges, head.conformal_bins = conformal_amounts(estimate, score, coverage,
                                                                                   config.conformal_bins)

@@ -104,10 +104,13 @@ class HybridModels:
         net_sum = np.zeros(records.num_rows)
         for network in networks:
             _, pred, inputs = self.head_inputs(records, network, engineered=engineered, baselines=baselines)
-            for total, part in zip(head_sum, self.head.predict(inputs), strict=True):
+            for total, part in zip(head_sum, self.head.raw(inputs), strict=True):
                 total += part
             net_sum += pred
-        return tuple(total / len(networks) for total in head_sum), net_sum / len(networks)
+        # the boosters' outputs averaged over the fold networks, then the conformal step for the averaged estimate:
+        # as the interval was calibrated (geximpute.fit.head.averaged)
+        mean = [total / len(networks) for total in head_sum]
+        return self.head.widened(*mean), net_sum / len(networks)
 
     def predict_head(self, records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(estimate, lower, upper) of the hybrid head on ``records`` (the genetic offset added back)."""
