@@ -711,7 +711,7 @@ def fit_head(
         members: the ``valid`` rows' features through each of the K networks whose head outputs are averaged at
             prediction (rows in ``features[valid]``'s order; the first ``estimates`` column is the network's
             estimate): the blend's prediction weights and the number of trees are then fitted for that average
-            (module docstring; the interval stays calibrated on single networks). None: for single rows as given.
+            and the interval calibrated on it (module docstring). None: for single rows as given.
         groups: (N,) a key per row (gene x tissue) whose members are compared with each other (the ``samples``
             task's across-donor Pearson), with ``level``, a feature column about constant within a group (its
             level): the blend's weights are then fitted within groups (:meth:`Blend.fit_within`). None: over all
