@@ -63,7 +63,7 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
     from geximpute.io.dataset import load_dataset
     from geximpute.science.baselines import composition_of, make_methods, tune_settings
     from geximpute.science.context import ContextIndex, build_context
-    from geximpute.science.metrics import score
+    from geximpute.science.metrics import METRICS_VERSION, score
     from geximpute.science.problem import make_problem
     from geximpute.steps.prepare import promoter_tables
 
@@ -92,7 +92,7 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
     n_s = problem.n_samples
     key = gi.astype(np.int64) * n_s + si
     want = records["gene_index"].to_numpy().astype(np.int64) * n_s + records["sample_index"].to_numpy()
-    pos = np.searchsorted(key, want)
+    pos = np.minimum(np.searchsorted(key, want), max(len(key) - 1, 0))  # a key past the last: no match
     if len(want) != len(key) or not np.array_equal(key[pos], want):
         raise RuntimeError("the context records do not match the hidden entries one to one")
     gi, si, observed = gi[pos], si[pos], observed[pos]
@@ -118,7 +118,8 @@ def baselines_only(config_path: str, task: str, seed: int) -> dict:
                         "rmse": float(np.sqrt(np.mean((pred[k] - observed[k]) ** 2)))}
                 for label, k in (("with_promoter", m), ("without_promoter", ~m))}
     seconds["total"] = round(time.perf_counter() - t0, 2)
-    return {"dataset": config.name, "task": task, "seed": seed, "n_hidden": int(len(observed)), "methods": results,
+    return {"metrics_version": METRICS_VERSION, "model_seed": config.seed, "commit": commit(),
+            "dataset": config.name, "task": task, "seed": seed, "n_hidden": int(len(observed)), "methods": results,
             "skipped": skipped, "baselines": {"tuning": tuning},
             "sequence": {"genes": problem.n_genes, "genes_with_sequence": int(has_seq.sum()),
                          "hidden_genes": int(len(np.unique(gi))),
@@ -140,11 +141,15 @@ def full(config_path: str, task: str, seeds: list[int], out: Path) -> dict:
 def finished(spec: str) -> tuple[str, list[dict], str, str]:
     """(label, the metrics of every seed, the commit(s), the command) of a ``--runs`` entry
     ``LABEL=DIR[@COMMIT][,DIR[@COMMIT]...]``."""
+    from geximpute.config import load_config
+
     label, _, rest = spec.partition("=")
-    configs = {name: config_path for name, config_path, _ in TASKS}
+    configs = {name: (config_path, task) for name, config_path, task in TASKS}
     if label not in configs:
         raise SystemExit(f"--runs {spec}: {label!r} is not one of {', '.join(configs)}")
-    runs, commits, manifest = [], set(), None
+    config_path, task = configs[label]
+    dataset = load_config(REPO / config_path).name
+    runs, made_at, settings = [], {}, {}
     for part in rest.split(","):
         folder, _, given = part.partition("@")
         folder = Path(folder)
@@ -152,19 +157,56 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
         if not seeds:
             raise SystemExit(f"--runs {spec}: no metrics.json in {folder} or its seed_* folders")
         for path in seeds:
-            runs.append(json.loads(path.read_text()))
+            run = json.loads(path.read_text())
             manifest = json.loads((path.parent / "_manifest.json").read_text())
-            commits.add(given or manifest["versions"].get("geximpute_commit", "unknown"))
+            if (run["task"], run["dataset"]) != (task, dataset):
+                raise SystemExit(f"--runs {spec}: {path} is task {run['task']!r} of {run['dataset']!r}; {label} is "
+                                 f"task {task!r} of {dataset!r} ({config_path})")
+            recorded = manifest["versions"].get("geximpute_commit")
+            if given and recorded and recorded != "unknown" and not recorded.startswith(given[:7]):
+                raise SystemExit(f"--runs {spec}: {path.parent} was made at {recorded} by its manifest, not {given}")
+            runs.append(run)
+            made_at[run["seed"]] = given or recorded or "unknown"
+            settings[run["seed"]] = (path.parent, _settings(manifest["config"]))
     runs.sort(key=lambda r: r["seed"])
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--runs {spec}: seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} in more than "
                          "one folder; give each seed once")
-    evaluation = manifest["config"]["evaluation"]
-    command = (f".venv/bin/geximpute evaluate --config {configs[label]} --set evaluation.task={evaluation['task']}"
-               + ("" if evaluation["ablations"] else " --set evaluation.ablations=false")
-               + f" --seeds {' '.join(str(r['seed']) for r in runs)}")
-    return label, runs, ", ".join(sorted(commits)), command
+    first, (where, reference) = seeds[0], settings[seeds[0]]
+    for seed in seeds[1:]:
+        other, theirs = settings[seed]
+        differ = sorted(k for k in set(reference) | set(theirs) if reference.get(k) != theirs.get(k))
+        if differ:
+            raise SystemExit(f"--runs {spec}: {other} (seed {seed}) was run with other settings than {where} (seed "
+                             f"{first}): {', '.join(differ[:8])}; a table summarises one evaluation's seeds")
+    ablations = json.loads(reference["evaluation.ablations"])
+    command = (f".venv/bin/geximpute evaluate --config {config_path} --set evaluation.task={task}"
+               + ("" if ablations else " --set evaluation.ablations=false")
+               + f" --seeds {' '.join(str(s) for s in seeds)}")
+    commits = sorted(set(made_at.values()))
+    where_made = (f"commit `{commits[0]}`" if len(commits) == 1 else
+                  "; ".join(f"seed {s} at commit `{made_at[s]}`" for s in seeds))
+    return label, runs, where_made, command
+
+
+#: settings that differ between the seeds of one evaluation (``evaluate --seeds s`` sets both seeds to the config's
+#: + s) or that do not move a figure (where it ran, with how many CPUs)
+_PER_SEED = ("seed", "evaluation.seed", "output_dir")
+
+
+def _settings(config: dict, prefix: str = "") -> dict:
+    """A manifest's config as {dotted key: value}, without :data:`_PER_SEED` and the ``ray`` section."""
+    out = {}
+    for key, value in config.items():
+        name = prefix + key
+        if name in _PER_SEED or name == "ray":
+            continue
+        if isinstance(value, dict):
+            out.update(_settings(value, name + "."))
+        else:
+            out[name] = json.dumps(value, sort_keys=True)
+    return out
 
 
 def table(summary: dict, label: str, command: str) -> str:
@@ -191,6 +233,7 @@ def main() -> None:
                         help="build these tasks' tables from finished `geximpute evaluate` folders (see above)")
     args = parser.parse_args()
     from geximpute.science.comparisons import summarise_seeds
+    from geximpute.science.metrics import METRICS_VERSION
 
     given = {}
     for spec in args.runs:
@@ -210,12 +253,15 @@ def main() -> None:
         if label in given:
             runs, made_at, command = given[label]
             summary = summarise_seeds(runs)
-            extra = (f"- measured at commit `{made_at}`; "
+            extra = (f"- measured at {made_at}; "
                      + "; ".join(f"seed {r['seed']} {r['seconds']['total']:.0f} s" for r in runs) + "\n")
         elif args.baselines_only:
             saved = out / f"{label}-baselines.json"
             runs = (json.loads(saved.read_text()) if args.reuse else
                     [baselines_only(config_path, task, s) for s in args.seeds])
+            if args.reuse and any(r.get("metrics_version") != METRICS_VERSION for r in runs):
+                raise SystemExit(f"{saved}: saved by a geximpute of another metrics version than "
+                                 f"{METRICS_VERSION}; run without --reuse")
             saved.write_text(json.dumps(runs, indent=1))
             summary = summarise_seeds(runs)
             command = f".venv/bin/python benchmarks/accuracy.py --baselines-only --tasks {label} --seeds {seeds}"

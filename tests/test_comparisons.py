@@ -22,6 +22,7 @@ def test_a_better_method_gets_an_interval_that_excludes_zero():
         "good": truth + rng.normal(scale=0.6, size=len(truth)),
         "poor": truth + rng.normal(scale=1.5, size=len(truth)),
         "hybrid_network": truth,  # the hybrid's own part: never the "best other"
+        "cnn_only": truth + rng.normal(scale=0.4, size=len(truth)),  # an ablation of its network: neither
     }
     for task in ("entries", "genes"):
         out = paired_bootstrap(preds, truth, gene, tissue, task, against=None, n_boot=300)
@@ -144,3 +145,29 @@ def test_seeds_read_back_from_json_and_replicates_drawn_one_way():
         summarise_seeds([run(0, 0.1, 7), run(1, 0.1, 7)])
     with pytest.raises(ValueError, match="model seeds are drawn two ways"):
         summarise_seeds([run(0, 0.1, 7), run(1, 0.1)])
+
+
+def test_a_seed_without_a_figure_is_named_in_the_summary_and_its_intervals_name_their_seeds():
+    """A method scored at some seeds only is summarised over those, and the table says so; a comparator compared
+    at some seeds only has its intervals labelled by seed; seeds whose intervals aim at other coverages are refused."""
+    import pytest
+
+    from geximpute.science.comparisons import seeds_report
+
+    def comparison(diff: float) -> dict:
+        return {"comparisons": {"b": {"difference": diff, "ci95": [diff - 0.1, diff + 0.1],
+                                      "reference_better": False}}}
+
+    runs = [{"seed": s, "task": "entries", "dataset": "x",
+             "methods": {"hybrid": {"rmse": 0.5 + s / 10, "coverage_nominal": 0.8},
+                         "a": {"rmse": 0.9 if s == 0 else None}, "b": {"rmse": 1.0}},
+             "comparisons": {"all": comparison(-0.5)} if s != 1 else {}} for s in (0, 1, 2)]
+    out = summarise_seeds(runs)
+    assert out["methods"]["a"]["rmse"]["n"] == 1 and out["methods"]["hybrid"]["rmse"]["n"] == 3
+    assert out["comparisons"]["all"]["b"]["seeds"] == [0, 2]
+    text = seeds_report(out)
+    assert "| a | n/a | 0.9000 (1 of 3 seeds) |" in text
+    assert "seed 0 [-0.6000, -0.4000]; seed 2 [-0.6000, -0.4000] | 0/2 seeds |" in text
+    runs[2]["methods"]["hybrid"]["coverage_nominal"] = 0.9
+    with pytest.raises(ValueError, match="different coverages"):
+        summarise_seeds(runs)

@@ -17,8 +17,10 @@ TASK_METRIC = {
     "genes": ("pearson", True),
 }
 
-#: methods that are the hybrid itself or its parts, never "another method" for the hybrid's comparison
-HYBRID_FAMILY = ("hybrid", "hybrid_network", "hybrid_reference")
+#: methods that are the hybrid itself or its parts (its network, and the network's ablations, which
+#: ``evaluation.ablations`` scores), never "another method" for the hybrid's comparison; ``xgb_features_only`` (the
+#: head without a network) stays a candidate: a comparator issue 13 names, as strong as the engineered features make it
+HYBRID_FAMILY = ("hybrid", "hybrid_network", "hybrid_reference", "cnn_only", "transformer_only", "gene_only")
 
 #: comparators named by issue 13, compared with the hybrid whenever they were scored
 NAMED_COMPARATORS = ("pairwise_regression", "cross_gene_regression", "iterative_ridge", "chained_boosting",
@@ -177,9 +179,10 @@ def summarise_seeds(runs: list[dict]) -> dict:
     ``evaluation.seed`` (each a ``metrics.json`` dictionary), with the with/without-sequence subsets, the test
     chromosomes' subset and the paired comparisons of each run."""
     def stat(values: list) -> dict:
+        # n: the seeds with a figure (a method not run, or without a figure, at some seed is summarised over fewer)
         vals = [v for v in values if v is not None]
         return {"mean": float(np.mean(vals)) if vals else None,
-                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "values": values}
+                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals), "values": values}
 
     versions = {r.get("metrics_version", 1) for r in runs}
     kinds = {(r["task"], r["dataset"]) for r in runs}
@@ -188,6 +191,10 @@ def summarise_seeds(runs: list[dict]) -> dict:
                          f"{sorted(kinds)}; summarise runs of one evaluation, written by one metrics version")
     # evaluate --seeds s draws the model with the config's seed + s (since f181b64), before with the one seed: a
     # summary of replicates drawn both ways would mix two kinds of spread
+    nominal = {m.get("coverage_nominal") for r in runs for m in r["methods"].values()} - {None}
+    if len(nominal) > 1:
+        raise ValueError(f"summarise_seeds: the runs' intervals aim at different coverages {sorted(nominal)} "
+                         "(head.quantiles); summarise runs of one evaluation")
     offsets = {r["model_seed"] - r["seed"] for r in runs if r.get("model_seed") is not None}
     if len(offsets) > 1 or (offsets and any(r.get("model_seed") is None for r in runs)):
         raise ValueError("summarise_seeds: the runs' model seeds are drawn two ways (seed + s in some, not in "
@@ -213,8 +220,9 @@ def summarise_seeds(runs: list[dict]) -> dict:
     for r in runs:
         for scope, comp in r.get("comparisons", {}).items():
             for other, c in comp.get("comparisons", {}).items():
-                row = comparisons.setdefault(scope, {}).setdefault(other, {"difference": [], "ci95": [],
-                                                                           "reference_better": []})
+                row = comparisons.setdefault(scope, {}).setdefault(other, {"seeds": [], "difference": [],
+                                                                           "ci95": [], "reference_better": []})
+                row["seeds"].append(r["seed"])  # a comparator not compared at every seed has fewer rows
                 row["difference"].append(c["difference"])
                 row["ci95"].append(c["ci95"])
                 row["reference_better"].append(c["reference_better"])
@@ -234,7 +242,9 @@ def seeds_report(summary: dict) -> str:
         s = entry.get(key)
         if not s or s["mean"] is None:
             return "n/a"
-        return f"{s['mean']:.4f}" + (f" ± {s['sd']:.4f}" if s["sd"] is not None else "")
+        n = s.get("n", len(s["values"]))
+        return (f"{s['mean']:.4f}" + (f" ± {s['sd']:.4f}" if s["sd"] is not None else "")
+                + (f" ({n} of {len(s['values'])} seeds)" if n < len(s["values"]) else ""))
 
     keys = ("pearson", "rmse", "across_donors_pearson_mean", "coverage_80", "with_promoter_pearson")
     lines = [f"# {summary['dataset']}, task `{summary['task']}`: mean ± sd over seeds {summary['seeds']}", "",
@@ -249,7 +259,12 @@ def seeds_report(summary: dict) -> str:
         lines += ["", f"Paired bootstrap over genes, hybrid minus other ({scope}; {metric}), per seed:", "",
                   "| other | mean difference | 95% intervals | hybrid better in |", "|---|---|---|---|"]
         for other, row in rows.items():
-            cis = "; ".join("n/a" if c[0] is None else f"[{c[0]:+.4f}, {c[1]:+.4f}]" for c in row["ci95"])
+            # a summary written before rows named their seeds lists its intervals unlabelled
+            every = row.get("seeds") is None or list(row["seeds"]) == list(summary["seeds"])
+            cis = "; ".join(("" if every else f"seed {seed} ")
+                            + ("n/a" if c[0] is None else f"[{c[0]:+.4f}, {c[1]:+.4f}]")
+                            for seed, c in zip(row.get("seeds") or [None] * len(row["ci95"]), row["ci95"],
+                                               strict=True))
             mean = "n/a" if row["difference_mean"] is None else f"{row['difference_mean']:+.4f}"
             lines.append(f"| {other} | {mean} | {cis} | "
                          f"{sum(row['reference_better'])}/{len(row['reference_better'])} seeds |")
