@@ -20,6 +20,7 @@ Steps return what their functions return (:class:`~geximpute.steps.prepare.Prepa
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = 
         GeximputeError: the folder holds no predictions.
     """
     folder = predictions_path(source)
-    if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+    if not folder.is_dir() or not _holds_parquet(folder):
         raise GeximputeError(f"{folder}: no predictions here (Parquet files); run `geximpute impute` first")
     dataset = pads.dataset(folder, format="parquet", partitioning="hive")
     conditions = []
@@ -114,6 +115,12 @@ def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = 
     for condition in conditions:
         dataset = dataset.filter(condition)
     return dataset
+
+
+def _holds_parquet(folder: Path) -> bool:
+    """Whether a Parquet file lies anywhere under ``folder``, through linked folders too (nightly's ``run_date=``
+    partitions are links into its versions; ``Path.rglob`` does not follow them)."""
+    return any(name.endswith(".parquet") for _, _, names in os.walk(folder, followlinks=True) for name in names)
 
 
 def read_predictions(source: Config | str | Path, *, columns: list[str] | None = None,

@@ -53,6 +53,26 @@ def test_predictions_with_partitions_and_filters(tiny_imputation):
     assert np.allclose(np.sort(some["predicted"].to_numpy()), np.sort(direct["predicted"].to_numpy()))
 
 
+def test_a_nightly_root_reads_through_its_linked_run_dates(tmp_path):
+    """Nightly commits each run date as a link into its versions; the API finds the predictions through it (it
+    looked for Parquet files without following links, and refused every nightly root)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geximpute.runtime.atomic import staged_output
+    from geximpute.steps.nightly import partition_store
+
+    root = tmp_path / "nightly"
+    part = root / "run_date=2026-12-07"
+    with staged_output(part, step="nightly", store=partition_store(root) / part.name) as staging:
+        (staging / "tissue=Liver").mkdir()
+        pq.write_table(pa.table({"gene_id": ["g1"], "donor_id": ["d1"], "predicted": [1.0]}),
+                       staging / "tissue=Liver" / "part-0.parquet")
+    assert part.is_symlink()
+    frame = api.read_predictions(root)
+    assert frame[["gene_id", "tissue", "run_date"]].astype(str).values.tolist() == [["g1", "Liver", "2026-12-07"]]
+
+
 def test_no_predictions_is_a_clear_error(tmp_path):
     with pytest.raises(GeximputeError, match="no predictions here"):
         api.predictions(tmp_path)

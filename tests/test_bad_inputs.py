@@ -182,6 +182,26 @@ def test_cli_exit_code_is_non_zero_in_a_real_process(toy):
     assert "terminate called" not in proc.stderr
 
 
+def test_a_step_run_before_its_input_exists_is_one_line_not_a_traceback(toy, capfd):
+    """``train`` before ``prepare`` and ``variant-effects`` without a model raised a bare FileNotFoundError past the
+    session's handler: a traceback and status 1; now one line naming the folder, status 2 (nothing starts Ray)."""
+    from geximpute.apps.cli import main
+
+    config = str(toy / "config.yaml")
+    assert main(["train", "-q", "--config", config, "--set", f"output_dir={toy / 'fresh'}"]) == 2
+    err = capfd.readouterr().err
+    assert "not a prepare output" in err and "Traceback" not in err, err
+    (toy / "genomes.vcf").write_text(VCF_HEADER)
+    assert main(["variant-effects", "-q", "--config", config, "--set", "inputs.variants=genomes.vcf",
+                 "--model", str(toy / "no-model"), "--out", str(toy / "ve")]) == 2
+    err = capfd.readouterr().err
+    assert "no-model" in err and "Traceback" not in err, err
+    # a command without a config is told of its --out, not of output_dir
+    assert main(["demo", "--out", str(toy / "genome.fa" / "demo")]) == 2
+    err = capfd.readouterr().err
+    assert "choose a writable --out" in err and "output_dir" not in err, err
+
+
 VCF_HEADER = (
     "##fileformat=VCFv4.2\n##contig=<ID=chr1,length=1000>\n"
     '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'

@@ -265,6 +265,14 @@ def test_ingest_on_the_command_line(write, tmp_path, capsys):
     assert "4 genes x 3 samples in 3 chromosome partitions" in printed
     assert f"set inputs.expression: {out}" in printed
     assert main(["inspect", "--config", str(tmp_path / "config.yaml"), "--set", f"inputs.expression={out}"]) == 0
+    # a missing input is named as every run names it, before anything is read (it was a bare FileNotFoundError)
+    for key, what in (("inputs.expression=missing.gct", "expression file not found"),
+                      ("inputs.genes=missing.gtf", "gene annotation not found")):
+        capsys.readouterr()
+        assert main(["ingest", "--config", str(tmp_path / "config.yaml"), "--set", key, "--out",
+                     str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "missing." in err and "FileNotFoundError" not in err, err
 
 
 def test_a_store_whose_source_changed_says_so(small, caplog):

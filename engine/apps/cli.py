@@ -214,8 +214,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         echo(f"genome or expression file delivered again after being imputed on this run date or a later one, "
              f"re-imputed by a later run date: {', '.join(result.deferred)}")
     if result.waiting:
-        echo(f"left in the inbox for the next run (changing while read, or a passing read error; see the log): "
-             f"{', '.join(result.waiting)}", err=True)
+        # the prefix the README gives schedulers to alert on: "left in the inbox for the next run: "
+        echo(f"left in the inbox for the next run: {', '.join(result.waiting)} (changing while read, or a passing "
+             "read error; see the log)", err=True)
     if not result.done:
         echo(f"nightly {result.run_date}: nothing new to impute ({len(result.already_done)} genomes already done, "
               f"{len(result.quarantined)} quarantined)")
@@ -467,8 +468,10 @@ def _run_in_session(args: argparse.Namespace) -> int:
             log_path.touch()
         except OSError as exc:
             print(f"geximpute {args.command}: error: cannot write in {log_path.parent}, the folder of the output "
-                  f"{folder.name} ({exc.strerror or exc}); set output_dir (or the step's output) to a writable path "
-                  "(a relative one is taken from the config file's folder)", file=sys.stderr)
+                  f"{folder.name} ({exc.strerror or exc}); "
+                  + ("choose a writable --out" if getattr(args, "config", None) is None else
+                     "set output_dir (or the step's output) to a writable path (a relative one is taken from the "
+                     "config file's folder)"), file=sys.stderr)
             return 2
     status = 2
     try:
@@ -480,6 +483,9 @@ def _run_in_session(args: argparse.Namespace) -> int:
                 status = args.func(args)
             except (GeximputeError, FileExistsError) as exc:
                 echo(f"geximpute {args.command}: error: {exc}", err=True)
+                status = 2
+            except OSError as exc:  # a step's input missing (train before prepare), a full disk: one line
+                echo(f"geximpute {args.command}: error: {_os_error(exc)}", err=True)
                 status = 2
             finally:
                 # a Ray this command started stops inside the session, so that its goodbye lines go to the log
@@ -520,9 +526,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"geximpute {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason, no traceback
-        print(f"geximpute {args.command}: error: {exc.strerror or exc}"
-              + (f": {exc.filename}" if exc.filename else "") + (f" ({type(exc).__name__})"), file=sys.stderr)
+        print(f"geximpute {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an ``OSError``: its reason, the path, the kind."""
+    return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "") + f" ({type(exc).__name__})"
 
 
 def run() -> None:

@@ -294,7 +294,8 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir}: exists and is not a folder; pass another path for the synthetic dataset")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"{out_dir}: folder exists and is not empty; pass overwrite=True to replace it, or choose another path"
+            f"{out_dir}: folder exists and is not empty; pass overwrite=True (`geximpute synth --overwrite`) to "
+            "replace it, or choose another path"
         )
 
 

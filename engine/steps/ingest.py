@@ -22,7 +22,7 @@ import numpy as np
 from geximpute import schema as S
 from geximpute.config import Config
 from geximpute.errors import ConfigError, InputError
-from geximpute.io.checks import file_state
+from geximpute.io.checks import check_readable, file_state
 from geximpute.io.expression import detect_format, read_expression
 from geximpute.io.genes import read_genes
 from geximpute.io.store import is_store, write_store
@@ -72,6 +72,9 @@ def ingest(config: Config, out_dir: str | Path | None = None, *, force: bool = F
                           "itself; runs read it directly (ingest takes GCT, wide or long tables)")
     if not inputs.genes:
         raise ConfigError("ingest partitions the genes by chromosome: set inputs.genes to the gene annotation")
+    # both inputs checked before anything is read (minutes for GTEx's expression): named as every run names them
+    check_readable(source, "expression file")
+    check_readable(inputs.genes, "gene annotation")
     out = Path(out_dir or Path(config.output_dir) / DEFAULT_FOLDER)
     # refused before the source is read (minutes for GTEx's), and again where the store is committed
     check_replaceable(out, "ingest", store_of(out.absolute()), force)

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from geximpute import schema as S
 from geximpute.config import Config
+from geximpute.errors import GeximputeError
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.io.matrixfile import MatrixFile, materialise, measured, row_range
 from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
@@ -572,7 +573,7 @@ def write_problem_index(problem: VisibleProblem, folder: Path) -> None:
 def read_problem_index(folder: Path) -> tuple[np.ndarray, list[str]]:
     """(gene ids in ``gene_index`` order, tissue names in ``tissue_index`` order) of a prepare output."""
     if not (folder / "genes.parquet").is_file():
-        raise FileNotFoundError(f"{folder}: not a prepare output (no genes.parquet); run `geximpute prepare` first")
+        raise GeximputeError(f"{folder}: not a prepare output (no genes.parquet); run `geximpute prepare` first")
     genes = pq.read_table(folder / "genes.parquet")[S.GENE_ID].to_pylist()
     samples = pq.read_table(folder / "samples.parquet")
     order = np.argsort(samples["tissue_index"].to_numpy(), kind="stable")

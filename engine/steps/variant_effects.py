@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from geximpute import schema as S
 from geximpute.config import Config
-from geximpute.errors import ConfigError
+from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
 from geximpute.io.dataset import load_dataset
 from geximpute.runtime.atomic import staged_output
@@ -103,7 +103,10 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     if not config.inputs.variants or not config.inputs.genome:
         raise ConfigError("geximpute variant-effects needs inputs.variants (a VCF) and inputs.genome (the FASTA)")
     bundle_dir = Path(model_dir or config.model_dir)
-    bundle = load_bundle(bundle_dir)
+    try:
+        bundle = load_bundle(bundle_dir)
+    except FileNotFoundError as exc:  # no model there: one line naming it, as impute says it
+        raise GeximputeError(str(exc)) from exc
     dataset = load_dataset(config)
     problem, _ = make_problem(dataset, hidden_mask=False)
     check_compatible(bundle.compatibility, compatibility(config, problem.gene_ids, problem.tissues), bundle_dir,
