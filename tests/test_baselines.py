@@ -267,6 +267,28 @@ def test_chained_boosting_bags_average_runs_drawn_with_their_own_seeds():
     np.testing.assert_allclose(bagged.cells[:, 0, :][~missing], visible[~missing], rtol=1e-5)  # visible kept
 
 
+def test_chained_boosting_rounds_from_one_run_are_the_runs_of_fewer_rounds():
+    """The tuning fills every cb_rounds candidate from one run of the most rounds (half the rounds fitted for the
+    grid 1, 2, 3): each fill must be, to the last bit, the one a run of its own rounds gives, bags included."""
+    rng = np.random.default_rng(13)
+    values = rng.normal(size=(300, 1)) + rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5))
+    visible = np.where(rng.random(values.shape) < 0.2, np.nan, values + rng.normal(scale=0.3, size=values.shape))
+    settings = dataclasses.replace(FIXED, cb_bags=2)
+    shared = problem_of(visible, np.zeros(5, int), np.arange(5))
+    make_method("chained_boosting", settings, seed=3).fill_rounds(shared, [1, 2, 3])
+    for rounds in (1, 2, 3):
+        cached = make_method("chained_boosting", dataclasses.replace(settings, cb_rounds=rounds), seed=3)
+        cached.fit(shared)  # finds its fill: no boosting here
+        own = make_method("chained_boosting", dataclasses.replace(settings, cb_rounds=rounds), seed=3)
+        own.fit(problem_of(visible, np.zeros(5, int), np.arange(5)))  # a new problem: its own run
+        np.testing.assert_array_equal(cached.cells, own.cells)
+    one, three = (make_method("chained_boosting", dataclasses.replace(settings, cb_rounds=r), seed=3)
+                  for r in (1, 3))
+    one.fit(shared)
+    three.fit(shared)
+    assert not np.array_equal(one.cells, three.cells)  # the rounds do differ
+
+
 def test_promoter_composition_predicts_hidden_genes_from_cpg():
     rng = np.random.default_rng(5)
     n_genes, n_t, length, upstream = 400, 5, 600, 400
