@@ -178,8 +178,13 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
         other, theirs = settings[seed]
         differ = sorted(k for k in set(reference) | set(theirs) if reference.get(k) != theirs.get(k))
         if differ:
+            # a setting only one of them has: a geximpute with another config schema (a setting added since)
+            absent = [k for k in differ if (k in reference) != (k in theirs)]
             raise SystemExit(f"--runs {spec}: {other} (seed {seed}) was run with other settings than {where} (seed "
-                             f"{first}): {', '.join(differ[:8])}; a table summarises one evaluation's seeds")
+                             f"{first}): {', '.join(differ[:8])}"
+                             + (f" ({', '.join(absent[:4])} in one config only: runs of geximpute versions with "
+                                "other settings)" if absent else "")
+                             + "; a table summarises one evaluation's seeds")
     ablations = json.loads(reference["evaluation.ablations"])
     command = (f".venv/bin/geximpute evaluate --config {config_path} --set evaluation.task={task}"
                + ("" if ablations else " --set evaluation.ablations=false")

@@ -182,7 +182,7 @@ def test_cli_exit_code_is_non_zero_in_a_real_process(toy):
     assert "terminate called" not in proc.stderr
 
 
-def test_a_step_run_before_its_input_exists_is_one_line_not_a_traceback(toy, capfd):
+def test_a_step_run_before_its_input_exists_is_one_line_not_a_traceback(toy, capfd, monkeypatch):
     """``train`` before ``prepare`` and ``variant-effects`` without a model raised a bare FileNotFoundError past the
     session's handler: a traceback and status 1; now one line naming the folder, status 2 (nothing starts Ray)."""
     from geximpute.apps.cli import main
@@ -196,6 +196,19 @@ def test_a_step_run_before_its_input_exists_is_one_line_not_a_traceback(toy, cap
                  "--model", str(toy / "no-model"), "--out", str(toy / "ve")]) == 2
     err = capfd.readouterr().err
     assert "no-model" in err and "Traceback" not in err, err
+    # any other OSError in a session command (here a lost connection, injected): one line, its traceback in the log
+    import geximpute.steps.pipeline as pipeline
+
+    def lost(_):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(pipeline, "read_problem_index", lost)
+    (toy / "fresh" / "records").mkdir(parents=True)
+    assert main(["train", "-q", "--config", config, "--set", f"output_dir={toy / 'fresh'}"]) == 2
+    err = capfd.readouterr().err
+    assert "Connection reset by peer (ConnectionResetError)" in err and "Traceback" not in err, err
+    log = Path(err.rsplit(" output is in ", 1)[1].strip())
+    assert "Traceback" in log.read_text() and "ConnectionResetError" in log.read_text()
     # a command without a config is told of its --out, not of output_dir
     assert main(["demo", "--out", str(toy / "genome.fa" / "demo")]) == 2
     err = capfd.readouterr().err

@@ -215,6 +215,16 @@ def test_bundle_loads_back_to_the_same_predictions(tiny_model):
         fitted.predict_head(hidden)
     models, grids = _fitted(tiny_model, hidden)
     expected = models.predict_head(hidden)
+    # the head's boosters' outputs averaged over the fold networks, then one conformal step for the average: as
+    # the interval was calibrated (each network's output widened and then averaged was the order until session 39)
+    from geximpute.fit.models import genetic_offset
+
+    engineered, base = models.engineered(hidden), models.baseline_inputs(hidden)
+    raw = [models.head.raw(models.head_inputs(hidden, network, engineered=engineered, baselines=base)[2])
+           for network in models.networks()]
+    mean = [np.mean([r[i] for r in raw], axis=0) for i in range(3)]
+    for got, want in zip(expected, models.head.widened(*mean), strict=True):
+        np.testing.assert_allclose(got, want + genetic_offset(hidden), rtol=1e-6, atol=1e-6)
     personal = (models.promoters, models.lookup)  # the synthetic data has genomes: the donors' own haplotypes
     assert models.lookup.personal
     gene_ids, _ = read_problem_index(tiny_model.records)
@@ -441,7 +451,7 @@ def test_head_fitted_on_one_member_predicts_for_the_members_mean():
     _, lower, upper = averaged(ensemble, new_members)
     # calibrated on the held-out rows' outputs averaged over the members, as it predicts: 80%, not the wide side
     # that calibrating each row through its own member left (0.86 here before session 39)
-    assert 0.77 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.83
+    assert 0.76 <= np.mean((lower <= y_new) & (y_new <= upper)) <= 0.84
     # a bundle's head metadata carries the prediction weights
     from geximpute.fit.head import Blend
 

@@ -484,7 +484,9 @@ def _run_in_session(args: argparse.Namespace) -> int:
             except (GeximputeError, FileExistsError) as exc:
                 echo(f"geximpute {args.command}: error: {exc}", err=True)
                 status = 2
-            except OSError as exc:  # a step's input missing (train before prepare), a full disk: one line
+            except OSError as exc:  # a step's input missing (train before prepare), a full disk: one line here,
+                # the traceback in the session's log (a failure inside Ray or a library is an OSError too)
+                log.debug("geximpute %s: %s", args.command, type(exc).__name__, exc_info=True)
                 echo(f"geximpute {args.command}: error: {_os_error(exc)}", err=True)
                 status = 2
             finally:
