@@ -222,6 +222,21 @@ VCF_HEADER = (
 )
 
 
+def test_inputs_that_name_different_things_are_refused(toy, capsys):
+    """Each file reads, but they do not meet: an annotation by symbols against an expression by Ensembl ids (a
+    traceback with a genome, "0 joined" without one), a VCF whose samples are no donor (accepted, unused)."""
+    (toy / "symbols.tsv").write_text(GENES.replace("ENSG01", "TP53").replace("ENSG02", "BRCA1")
+                                     .replace("ENSG03", "MYC"))
+    expect_failure(toy, capsys, "expr.gct", "none of its 3 genes", "symbols.tsv", "TP53",
+                   overrides=("inputs.genes=symbols.tsv",))
+    sites = "".join(f"chr1\t{p}\t.\t{'ACGT'[(p - 1) % 4]}\tT\t.\tPASS\t.\tGT\t0|1\t0|0\n" for p in (301, 305))
+    (toy / "genomes.vcf").write_text(VCF_HEADER.replace("\tD1\tD2", "\tX1\tX2") + sites)
+    expect_failure(toy, capsys, "genomes.vcf", "none of its 2 genomes", "X1", "D1", "sample_map",
+                   overrides=("inputs.variants=genomes.vcf",))
+    (toy / "genomes.vcf").write_text(VCF_HEADER + sites)  # named as the donors: read
+    assert load_dataset(load_config(toy / "config.yaml", ["inputs.variants=genomes.vcf"])).variants is not None
+
+
 def test_vcf_genome_build_mismatch(toy, capsys):
     # chr1 is ACGT repeated: position p holds "ACGT"[(p - 1) % 4]; these REFs are all off by one base
     sites = "".join(f"chr1\t{p}\t.\t{'ACGT'[p % 4]}\tT\t.\tPASS\t.\tGT\t0|1\t0|0\n" for p in range(101, 121))

@@ -701,3 +701,15 @@ def test_a_gene_twice_is_refused_naming_each_record_as_written(tmp_path):
     bed.write_text("chr1\t100\t200\tENSG1.1\t0\t+\nchr2\t300\t400\tENSG2\t0\t-\nchrX\t500\t600\tENSG1.2\t0\t+\n")
     with pytest.raises(InputError, match=r"duplicate gene id.*'ENSG1\.1' on chr1.*'ENSG1\.2' on chrX"):
         read_genes(bed)
+
+
+def test_ids_are_kept_as_written_whatever_they_look_like(write):
+    """Id columns were typed by guessing: sample ids 001 read as 1 (then matched no expression column), donors 01
+    and 1 merged into one donor without a word, annotation genes 007 and 7 reported as two '7's."""
+    samples = read_samples(write("s.tsv", "sample_id\tdonor_id\ttissue\n001\t01\tLiver\n002\t1\tLiver\n003\t02\tLung\n"))
+    assert samples[S.SAMPLE_ID].to_pylist() == ["001", "002", "003"]
+    assert samples[S.DONOR_ID].to_pylist() == ["01", "1", "02"]  # three donors, not two
+    genes = read_genes(write("g.csv", "gene_id,chrom,start,end,strand\n007,1,100,200,+\n7,1,300,400,+\n"))
+    assert genes.table[S.GENE_ID].to_pylist() == ["007", "7"]
+    long = read_expression(write("long.tsv", "gene_id\tsample_id\tvalue\n007\t001\t1.5\n7\t001\t2.5\n"), "long")
+    assert sorted(long.gene_ids) == ["007", "7"] and long.sample_ids == ["001"]

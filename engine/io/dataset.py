@@ -102,7 +102,29 @@ def load_dataset(config: Config, *, with_variants: bool = True, matrix: str | Pa
         )
     dataset = Dataset(config, genes, expression, samples, genome, variants)
     dataset.report = summarise(dataset)
+    _check_joins(dataset)
     return dataset
+
+
+def _check_joins(dataset: Dataset) -> None:
+    """Refuse inputs that each read well but do not name the same things: no expressed gene in the annotation
+    (symbols against Ensembl ids), or a VCF none of whose genomes is a donor of the expression (its sample names
+    against the sample table's donors, without ``inputs.sample_map``)."""
+    inputs = dataset.config.inputs
+    if dataset.report["genes"]["expression_with_annotation"] == 0:
+        annotated = dataset.genes.table[S.GENE_ID].to_pylist()[:3]
+        raise InputError(dataset.expression.path, f"none of its {len(dataset.expression.gene_ids):,} genes is in the "
+                         f"gene annotation {inputs.genes or dataset.expression.path} (e.g. "
+                         f"{', '.join(dataset.expression.gene_ids[:3])} here; {', '.join(map(str, annotated))} there)",
+                         expected="the same gene ids in both (versions such as .5 are ignored)",
+                         hint="gene symbols against Ensembl ids? use an annotation with the expression's ids")
+    variants = dataset.variants
+    if variants is not None and len(variants.samples) and dataset.report["variants"]["genomes_with_expression"] == 0:
+        donors = sorted(set(dataset.samples[S.DONOR_ID].to_pylist()))
+        raise InputError(variants.path, f"none of its {len(variants.samples):,} genomes is a donor of the expression "
+                         f"(e.g. {', '.join(variants.samples[:3])} here; donors {', '.join(donors[:3])})",
+                         expected="VCF samples named as the donors of the sample table",
+                         hint="map the VCF's sample names to donors with inputs.sample_map")
 
 
 def variant_regions(genes: GeneTable, gene_ids: list[str], config: Config) -> list[tuple[str, int, int]]:

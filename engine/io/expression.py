@@ -653,7 +653,8 @@ def _positions(column: pa.Array | pa.ChunkedArray, index: Callable[[str], int]) 
 def _read_long_whole(path: Path, scale: str) -> Expression:
     """The long table read whole (the fallback that names the row of an empty id, a non-numeric value or a cell
     given twice)."""
-    table = read_table(path, "expression table (long)")
+    table = read_table(path, "expression table (long)",
+                       text_columns={S.GENE_ID: LONG_COLUMNS[S.GENE_ID], S.SAMPLE_ID: LONG_COLUMNS[S.SAMPLE_ID]})
     table = require_columns(table, path, "expression table (long)", LONG_COLUMNS)
     value = table[S.VALUE]
     if not _numeric(value.type):

@@ -192,17 +192,14 @@ def _read_bed(path: Path) -> pa.Table:
 
 
 def _read_named(path: Path, fmt: str) -> pa.Table:
-    table = read_table(path, "gene annotation", delimiter="," if fmt == "csv" else "\t")
-    table = require_columns(
-        table,
-        path,
-        "gene annotation",
-        {
-            S.GENE_ID: ["gene", "ensembl_gene_id", "geneid", "id"],
-            S.CHROM: ["chr", "chromosome", "seqname", "seqid", "contig"],
-            S.STRAND: [],
-        },
-    )
+    columns = {
+        S.GENE_ID: ["gene", "ensembl_gene_id", "geneid", "id"],
+        S.CHROM: ["chr", "chromosome", "seqname", "seqid", "contig"],
+        S.STRAND: [],
+    }
+    table = read_table(path, "gene annotation", delimiter="," if fmt == "csv" else "\t",
+                       text_columns={**columns, S.GENE_NAME: [], S.GENE_TYPE: []})
+    table = require_columns(table, path, "gene annotation", columns)
     names = table.column_names
     n = table.num_rows
 

@@ -39,7 +39,9 @@ def read_samples(path: str | Path) -> pa.Table:
             be derived.
     """
     path = Path(path)
-    table = read_table(path, "sample table", column_types={}, null_values=[""])
+    table = read_table(path, "sample table", column_types={}, null_values=[""],
+                       text_columns={S.SAMPLE_ID: SAMPLE_ALIASES, S.TISSUE: TISSUE_ALIASES,
+                                     S.DONOR_ID: DONOR_ALIASES})
     lower = {c.lower() for c in table.column_names}
     has_donor = any(a.lower() in lower for a in (S.DONOR_ID, *DONOR_ALIASES))
     required = {S.SAMPLE_ID: SAMPLE_ALIASES, S.TISSUE: TISSUE_ALIASES}

@@ -67,6 +67,7 @@ def read_table(
     quoting: bool = True,
     null_values: Sequence[str] = NULL_VALUES,
     skip_comment_rows: bool = False,
+    text_columns: dict[str, Sequence[str]] | None = None,
 ) -> pa.Table:
     """Read a TSV/CSV (plain or gzip) or Parquet file into an Arrow table.
 
@@ -80,6 +81,9 @@ def read_table(
         quoting: whether ``"`` quotes fields (off for GTF/GFF3, whose attributes hold quotes).
         null_values: strings read as null.
         skip_comment_rows: drop rows starting with ``#`` anywhere in the file (GFF3 ``###`` directives).
+        text_columns: columns read as text whatever they look like, as :func:`require_columns` names them
+            (``{canonical_name: [accepted names, ...]}``, case-insensitive): ids, where a guessed type would change
+            what was written (``001`` read as the number 1, two donors ``01`` and ``1`` as one).
 
     Raises:
         InputError: missing, empty or truncated file; rows with the wrong number of fields; values that do not
@@ -94,6 +98,14 @@ def read_table(
     check_gzip_whole(path, what)
     read, parse, convert = _csv_options(path, column_names, column_types, skip_rows, delimiter, quoting, null_values,
                                         skip_comment_rows)
+    if text_columns:
+        names = {a.lower() for canonical, aliases in text_columns.items() for a in (canonical, *aliases)}
+        try:
+            with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as head:
+                header = head.schema.names
+        except (pa.ArrowInvalid, StopIteration):
+            header = []  # read_csv below names what is wrong with the file
+        convert.column_types = {**{n: pa.string() for n in header if n.lower() in names}, **(column_types or {})}
     try:
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
