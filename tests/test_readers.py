@@ -713,3 +713,32 @@ def test_ids_are_kept_as_written_whatever_they_look_like(write):
     assert genes.table[S.GENE_ID].to_pylist() == ["007", "7"]
     long = read_expression(write("long.tsv", "gene_id\tsample_id\tvalue\n007\t001\t1.5\n7\t001\t2.5\n"), "long")
     assert sorted(long.gene_ids) == ["007", "7"] and long.sample_ids == ["001"]
+
+
+def test_a_bgzip_fasta_cut_short_is_named(tmp_path, real_data):
+    """A bgzip FASTA whose copy stopped part of the way (Bio.bgzf's struct.error was a traceback)."""
+    whole = (real_data / "sequence" / "hg38_prefixes.fa.gz").read_bytes()
+    cut = tmp_path / "genome.fa.gz"
+    cut.write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(InputError, match="cannot be read as FASTA") as err:
+        Genome(cut)
+    assert "genome.fa.gz" in str(err.value)
+
+
+def test_header_and_coordinate_mistakes_are_named(write, tmp_path):
+    """A table written with its row index (an unnamed first column, or pandas' 'Unnamed: 0'), a wide Parquet naming
+    a sample twice (the text form was refused, the Parquet one read two samples 'S1'), and a gene whose start lies
+    past its end were all accepted."""
+    with pytest.raises(InputError, match="has no name.*index=False"):
+        read_expression(write("indexed.csv", ",gene_id,Liver,Lung\n0,ENSG1,1,2\n1,ENSG2,3,4\n"))
+    with pytest.raises(InputError, match="'Unnamed: 0'"):
+        read_expression(write("indexed2.csv", "Unnamed: 0,gene_id,Liver,Lung\n0,ENSG1,1,2\n1,ENSG2,3,4\n"))
+    table = pa.table([pa.array(["ENSG1", "ENSG2"]), pa.array([1.0, 2.0]), pa.array([3.0, 4.0])],
+                     names=["gene_id", "S1", "S1"])
+    pq.write_table(table, tmp_path / "twice.parquet")
+    with pytest.raises(InputError, match="names column 'S1' twice"):
+        read_expression(tmp_path / "twice.parquet")
+    with pytest.raises(InputError, match="start 300 and end 200") as err:
+        read_genes(write("swapped.tsv", "gene_id\tchrom\tstart\tend\tstrand\nG1\tchr1\t100\t150\t+\n"
+                                        "G2\tchr1\t300\t200\t-\n"))
+    assert "G2" in str(err.value) or "line 3" in str(err.value), err.value

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
 from geximpute.io.matrixfile import MatrixFile, rescale_columns, update_rows
-from geximpute.io.tables import csv_batches, delimiter_for, is_parquet, read_table, require_columns
+from geximpute.io.tables import check_header, csv_batches, delimiter_for, is_parquet, read_table, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +350,17 @@ def _wide_layout(path: Path, schema: pa.Schema, first_data_line: int, first_colu
     value_cols = [i for i in range(len(names)) if i != id_col and not annotation(i)]
     if not value_cols:
         raise InputError(path, "no value columns", record="the header", expected="one column per sample or tissue")
-    for i, n in enumerate(names):
-        if i > 0 and n.strip() == "":
-            raise InputError(path, f"column {i + 1} of the header has no name (a trailing tab or separator?)",
-                             record=f"the header, line {first_data_line - 1}",
-                             expected="a sample or tissue name over every value column")
+    for i in value_cols:
+        if names[i].strip() == "":
+            raise InputError(path, f"column {i + 1} of the header has no name (a trailing tab or separator, or a "
+                             "table written with its row index?)", record=f"the header, line {first_data_line - 1}",
+                             expected="a sample or tissue name over every value column",
+                             hint="pandas writes its index as an unnamed first column: write with index=False")
+        if re.fullmatch(r"Unnamed: \d+", names[i]):
+            raise InputError(path, f"column {i + 1} is named {names[i]!r}: pandas' name for a column without one "
+                             "(a row index written and read back)", record=f"the header, line {first_data_line - 1}",
+                             expected="a sample or tissue name over every value column",
+                             hint="write the table with index=False, or drop that column")
     name_col = next((names.index(lower[c]) for c in NAME_COLUMNS
                      if c in lower and names.index(lower[c]) != id_col and annotation(names.index(lower[c]))), None)
     types = {names[i]: pa.string() for i in range(len(names)) if i == id_col or annotation(i)}
@@ -475,6 +482,7 @@ def _read_wide_parquet(path: Path, scale: str, matrix: str | Path | None = None)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(path, f"expression table is not a readable Parquet file ({exc})") from exc
     schema = parquet.schema_arrow
+    check_header(path, "expression table", schema.names, None)  # a sample named twice, as the text reader refuses it
     lay = _wide_layout(path, schema, 2)
     for c in lay.value_cols:
         kind = schema.field(c).type

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,11 @@ class Genome:
                 expected="a plain FASTA or a bgzip-compressed one",
                 hint="Recompress with `bgzip` (htslib) or decompress it",
             ) from exc
-        except (OSError, ValueError, pyfaidx.FastaIndexingError, gzip.BadGzipFile) as exc:
-            raise InputError(self.path, f"cannot be read as FASTA ({exc})", expected="'>name' records") from exc
+        except (OSError, ValueError, EOFError, struct.error, pyfaidx.FastaIndexingError, gzip.BadGzipFile) as exc:
+            # struct.error / EOFError: Bio.bgzf on a bgzip file cut short (a copy that did not finish)
+            raise InputError(self.path, f"cannot be read as FASTA ({type(exc).__name__}: {exc})",
+                             expected="'>name' records, a bgzip file whole",
+                             hint="a truncated copy? copy it again") from exc
         self.lengths: dict[str, int] = {name: len(rec) for name, rec in self._fasta.records.items()}
         if not self.lengths:
             raise InputError(self.path, "holds no FASTA records", expected="at least one '>name' record")

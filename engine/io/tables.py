@@ -110,7 +110,7 @@ def read_table(
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise table_error(path, what, exc) from exc
-    _check_header(path, what, table.column_names, skip_rows)
+    check_header(path, what, table.column_names, skip_rows)
     if skip_comment_rows and table.num_rows and table.num_columns:
         first = table.column(0)
         if pa.types.is_string(first.type):
@@ -197,7 +197,7 @@ def csv_batches(
             schema = reader.schema
     except pa.ArrowInvalid as exc:
         raise table_error(path, what, exc) from exc
-    _check_header(path, what, schema.names, skip_rows)
+    check_header(path, what, schema.names, skip_rows)
     read, parse, convert = _csv_options(path, column_names, column_types(schema), skip_rows, delimiter, quoting,
                                         null_values, skip_comment_rows, block_size=block)
     return schema, lines, CsvBatches(path, read, parse, convert)
@@ -217,13 +217,15 @@ class CsvBatches:
             yield from reader
 
 
-def _check_header(path: Path, what: str, names: Sequence[str], skip_rows: int) -> None:
-    """Refuse a header that names one column twice (a column read by name would be ambiguous)."""
+def check_header(path: Path, what: str, names: Sequence[str], skip_rows: int | None) -> None:
+    """Refuse a header that names one column twice (a column read by name would be ambiguous); ``skip_rows`` None:
+    a Parquet file's schema."""
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen and name != "":
             raise InputError(path, f"{what} names column {name!r} twice (columns {seen[name] + 1} and {i + 1})",
-                             record=f"the header (line {skip_rows + 1})", expected="unique column names")
+                             record="the schema" if skip_rows is None else f"the header (line {skip_rows + 1})",
+                             expected="unique column names")
         seen.setdefault(name, i)
 
 
