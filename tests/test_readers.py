@@ -742,3 +742,20 @@ def test_header_and_coordinate_mistakes_are_named(write, tmp_path):
         read_genes(write("swapped.tsv", "gene_id\tchrom\tstart\tend\tstrand\nG1\tchr1\t100\t150\t+\n"
                                         "G2\tchr1\t300\t200\t-\n"))
     assert "G2" in str(err.value) or "line 3" in str(err.value), err.value
+
+
+def test_a_phenotype_bed_position_that_is_no_whole_number_and_a_byte_order_mark(write):
+    """A BED start of 99.5 or 'abc' ended in Arrow's own error about a schema or a missing kernel; a spreadsheet's
+    byte-order mark before a GCT's '#1.2' or a sample map's header was refused as a bad header."""
+    header = "#chr\tstart\tend\tpid\tgid\tstrand\tP1\tP2\n"
+    for bad in ("99.5", "abc"):
+        path = write(f"pheno-{bad}.bed", header + "chr22\t100\t101\tG1\tG1\t+\t1\t2\n"
+                     f"chr22\t{bad}\t201\tG2\tG2\t-\t3\t4\n")
+        with pytest.raises(InputError, match=f"start '{bad}' is not a position") as err:
+            read_expression(path, scale="normalised")
+        assert "line 3 (gene G2)" in str(err.value)
+    gct = write("bom.gct", "\ufeff#1.2\n1\t2\nName\tDescription\tS1\tS2\nENSG1\ta\t1\t2\n")
+    assert read_expression(gct).sample_ids == ["S1", "S2"]
+    from geximpute.io.variants import read_sample_map
+
+    assert read_sample_map(write("map.tsv", '\ufeff"vcf_sample"\t"donor_id"\nX1\tD1\n')) == {"X1": "D1"}

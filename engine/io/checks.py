@@ -77,11 +77,12 @@ def count_lines(path: str | Path, what: str) -> tuple[int, int]:
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a plain or gzip-compressed text file for reading."""
+    """Open a plain or gzip-compressed text file for reading (a leading byte-order mark, which spreadsheet programs
+    write, is dropped: Arrow's readers drop it too)."""
     path = Path(path)
     if is_gzip(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def strip_version(gene_id: str) -> str:

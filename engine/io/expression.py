@@ -311,6 +311,15 @@ def _read_phenotype_bed_whole(path: Path, scale: str) -> Expression:
                        column_types={"#chr": pa.string(), "#Chr": pa.string()})
     names = table.column_names
     n_coord = _bed_columns(path, names)
+    for i in (1, 2):  # start and end: whole positions (a guessed type let 99.5 or 'abc' through to a traceback)
+        try:
+            table = table.set_column(i, names[i], table[names[i]].cast(pa.int64()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = table[names[i]].cast(pa.string()).to_pylist()
+            row = next((r for r, v in enumerate(values) if v is None or not v.strip().lstrip("-").isdigit()), 0)
+            raise InputError(path, f"{names[i]} {values[row]!r} is not a position", record=f"line {row + 2} (gene "
+                             f"{table[names[3]][row].as_py()})", expected="a whole number (BED: 0-based start, "
+                             "end)") from None
     values = table.select([names[3], *names[n_coord:]])
     expr = _read_wide(path, scale, values.rename_columns(["gene_id", *names[n_coord:]]), first_data_line=2)
     expr.genes = _bed_genes(table.select(names[:n_coord]))

@@ -108,7 +108,7 @@ def read_sample_map(path: str | Path) -> dict[str, str]:
     with open_text(path) as fh:
         header = fh.readline().rstrip("\r\n")
     delimiter = "\t" if "\t" in header else ","
-    columns = [name.strip() for name in header.split(delimiter)]
+    columns = [name.strip().strip('"') for name in header.split(delimiter)]
     missing = [name for name in (VCF_SAMPLE, schema.DONOR_ID) if name not in columns]
     if missing:
         raise InputError(
