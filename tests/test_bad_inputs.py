@@ -237,6 +237,13 @@ def test_inputs_that_name_different_things_are_refused(toy, capsys):
     assert load_dataset(load_config(toy / "config.yaml", ["inputs.variants=genomes.vcf"])).variants is not None
 
 
+def test_tissue_columns_spelled_two_ways_without_a_sample_table(toy, capsys):
+    """Without a sample table each column is a tissue: 'Liver' and 'liver' became two tissues without a word."""
+    (toy / "tissues.gct").write_text(GCT.replace("S1\tS2\tS3\tS4", "Liver\tliver\tLung\tHeart"))
+    expect_failure(toy, capsys, "tissues.gct", "'Liver' and 'liver' differ only by case", "value columns 1 and 2",
+                   overrides=("inputs.samples=", "inputs.expression=tissues.gct"))
+
+
 def test_vcf_genome_build_mismatch(toy, capsys):
     # chr1 is ACGT repeated: position p holds "ACGT"[(p - 1) % 4]; these REFs are all off by one base
     sites = "".join(f"chr1\t{p}\t.\t{'ACGT'[p % 4]}\tT\t.\tPASS\t.\tGT\t0|1\t0|0\n" for p in range(101, 121))

@@ -759,3 +759,16 @@ def test_a_phenotype_bed_position_that_is_no_whole_number_and_a_byte_order_mark(
     from geximpute.io.variants import read_sample_map
 
     assert read_sample_map(write("map.tsv", '\ufeff"vcf_sample"\t"donor_id"\nX1\tD1\n')) == {"X1": "D1"}
+
+
+def test_a_long_parquet_with_numbers_stored_as_text_reads_as_its_text_form(write, tmp_path):
+    """Numbers stored as text in a long Parquet file were refused as "non-numeric '1.5' at line 2" (a Parquet file
+    has no lines; the same table as TSV reads); they read as numbers now, NA as missing, and real text is refused
+    at the schema."""
+    table = pa.table({"gene_id": ["G1", "G2", "G1"], "sample_id": ["S1", "S1", "S2"], "value": ["1.5", "NA", "2"]})
+    pq.write_table(table, tmp_path / "long.parquet")
+    expr = read_expression(tmp_path / "long.parquet", "long")
+    np.testing.assert_array_equal(expr.values, np.array([[1.5, 2.0], [np.nan, np.nan]], np.float32))
+    pq.write_table(table.set_column(2, "value", pa.array(["1.5", "high", "2"])), tmp_path / "text.parquet")
+    with pytest.raises(InputError, match="not all numbers"):
+        read_expression(tmp_path / "text.parquet", "long")

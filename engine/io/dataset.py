@@ -17,7 +17,7 @@ from geximpute.errors import InputError
 from geximpute.io.expression import Expression, read_expression
 from geximpute.io.fasta import Genome
 from geximpute.io.genes import GeneTable, phenotype_bed_genes, read_genes, shared_families
-from geximpute.io.samples import person_samples, read_samples, reference_samples
+from geximpute.io.samples import check_column_names, person_samples, read_samples, reference_samples
 from geximpute.io.variants import read_sample_map, read_variants
 
 if TYPE_CHECKING:
@@ -84,8 +84,10 @@ def load_dataset(config: Config, *, with_variants: bool = True, matrix: str | Pa
         samples = _join_samples(read_samples(inputs.samples), expression, inputs.samples)
     elif expression.genes is not None or inputs.tissue:
         # one column per person, all of one tissue (a phenotype BED): each column is a donor
+        check_column_names(expression.path, "donor", expression.sample_ids)
         samples = person_samples(expression.sample_ids, inputs.tissue or "tissue")
     else:
+        check_column_names(expression.path, "tissue", expression.sample_ids)  # Liver, liver and 'Lung ': 3 tissues
         samples = reference_samples(expression.sample_ids)
     variants = None
     if inputs.variants and with_variants:

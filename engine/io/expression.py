@@ -31,7 +31,15 @@ from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
 from geximpute.io.checks import check_readable, open_text, strip_version
 from geximpute.io.matrixfile import MatrixFile, rescale_columns, update_rows
-from geximpute.io.tables import check_header, csv_batches, delimiter_for, is_parquet, read_table, require_columns
+from geximpute.io.tables import (
+    NULL_VALUES,
+    check_header,
+    csv_batches,
+    delimiter_for,
+    is_parquet,
+    read_table,
+    require_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -675,7 +683,19 @@ def _read_long_whole(path: Path, scale: str) -> Expression:
     table = require_columns(table, path, "expression table (long)", LONG_COLUMNS)
     value = table[S.VALUE]
     if not _numeric(value.type):
-        _raise_non_numeric(path, table, S.GENE_ID, S.VALUE, 2)
+        if is_parquet(path):
+            # numbers stored as text (a Parquet file has no line to name, and the text reader would read them): read
+            # as numbers, with the text tables' missing-value spellings, or refused at the schema
+            text = value.cast(pa.string())
+            missing = pc.or_(pc.is_null(text), pc.is_in(pc.utf8_trim_whitespace(text), pa.array(NULL_VALUES)))
+            try:
+                value = pc.if_else(missing, None, text).cast(pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise InputError(path, f"column {S.VALUE!r} holds {table[S.VALUE].type} values that are not all "
+                                 f"numbers ({exc})", record="the schema",
+                                 expected="a numeric value column (or text that reads as numbers)") from exc
+        else:
+            _raise_non_numeric(path, table, S.GENE_ID, S.VALUE, 2)
     gene_raw = table[S.GENE_ID].cast(pa.string())
     sample = table[S.SAMPLE_ID].cast(pa.string())
     for name, col in ((S.GENE_ID, gene_raw), (S.SAMPLE_ID, sample)):

@@ -82,12 +82,14 @@ def read_samples(path: str | Path) -> pa.Table:
     return S.check_table(table, S.SAMPLES, str(path))
 
 
-def _check_distinct_names(path: Path, name: str, values: list[str]) -> None:
+def _check_distinct_names(path: Path, name: str, values: list[str], where: str = "line", first_at: int = 2) -> None:
     """Refuse names with blanks at either end, and two names that differ only by case or blanks (``D1``, ``d1``,
-    ``D1 ``): each would silently become a donor (or tissue) of its own."""
+    ``D1 ``): each would silently become a donor (or tissue) of its own. ``where``/``first_at``: how the records
+    are named (the sample table's lines from 2; an expression header's columns)."""
     for i, value in enumerate(values):
         if value != value.strip():
-            raise InputError(path, f"{name} {value!r} has blanks at its start or end", record=f"line {i + 2}",
+            raise InputError(path, f"{name} {value!r} has blanks at its start or end",
+                             record=f"{where} {i + first_at}",
                              expected=f"a {name} without leading or trailing spaces or tabs")
     first: dict[str, tuple[str, int]] = {}
     for i, value in enumerate(values):
@@ -95,8 +97,14 @@ def _check_distinct_names(path: Path, name: str, values: list[str]) -> None:
         seen = first.setdefault(key, (value, i))
         if seen[0] != value:
             raise InputError(path, f"{name}s {seen[0]!r} and {value!r} differ only by case or spacing",
-                             record=f"lines {seen[1] + 2} and {i + 2}",
+                             record=f"{where}s {seen[1] + first_at} and {i + first_at}",
                              expected=f"one spelling per {name} (they would count as two)")
+
+
+def check_column_names(path: Path, name: str, values: list[str]) -> None:
+    """:func:`_check_distinct_names` of an expression file's sample columns where they are the tissues or donors
+    themselves (no sample table)."""
+    _check_distinct_names(path, name, values, where="value column", first_at=1)
 
 
 def reference_samples(tissues: list[str]) -> pa.Table:
