@@ -742,6 +742,9 @@ def test_header_and_coordinate_mistakes_are_named(write, tmp_path):
         read_genes(write("swapped.tsv", "gene_id\tchrom\tstart\tend\tstrand\nG1\tchr1\t100\t150\t+\n"
                                         "G2\tchr1\t300\t200\t-\n"))
     assert "G2" in str(err.value) or "line 3" in str(err.value), err.value
+    with pytest.raises(InputError, match=r"column 'start' is not int64: 100.5; at line 3 \(gene G2\)"):
+        read_genes(write("half.tsv", "gene_id\tchrom\tstart\tend\tstrand\nG1\tchr1\t100\t150\t+\n"
+                                     "G2\tchr1\t100.5\t300\t-\n"))
 
 
 def test_a_phenotype_bed_position_that_is_no_whole_number_and_a_byte_order_mark(write):

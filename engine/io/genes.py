@@ -209,7 +209,12 @@ def _read_named(path: Path, fmt: str) -> pa.Table:
         try:
             return table[name].cast(tp)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise InputError(path, f"column {name!r} is not {tp}", expected=f"{tp} values ({exc})") from exc
+            # the first value that does not convert, named with its line (100.5 for a position: a whole number)
+            values = table[name].to_pylist()
+            bad = next((i for i, v in enumerate(values) if v is not None and not _converts(v, tp)), None)
+            raise InputError(path, f"column {name!r} is not {tp}" + ("" if bad is None else f": {values[bad]!r}"),
+                             record=None if bad is None else _record(fmt, bad, table),
+                             expected=f"{tp} values" + (f" ({exc})" if bad is None else "")) from exc
 
     start, end = column(S.START, pa.int64()), column(S.END, pa.int64())
     if S.TSS in names:
@@ -235,6 +240,15 @@ def _read_named(path: Path, fmt: str) -> pa.Table:
             S.STRAND: column(S.STRAND, pa.string()),
         }
     )
+
+
+def _converts(value: object, tp: pa.DataType) -> bool:
+    """Whether one value converts to ``tp`` as Arrow's cast would (no truncation)."""
+    try:
+        pa.array([value]).cast(tp)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
 
 
 def _record(fmt: str, i: int, table: pa.Table) -> str:
