@@ -230,7 +230,9 @@ def check_values(path: Path, values: np.ndarray, gene_ids: list[str], sample_ids
     infinite = np.isinf(values)
     if infinite.any():
         g, s = (int(x[0]) for x in np.nonzero(infinite))
-        raise InputError(path, f"infinite expression value {values[g, s]:g}", record=where(g, s),
+        # values are kept as float32: one beyond its range (about 3.4e38, such as 1e39) is infinite there too
+        raise InputError(path, f"infinite expression value {values[g, s]:g} (or one beyond float32's range, "
+                         "about 3.4e38)", record=where(g, s),
                          expected="a finite number, or an empty cell / NA for an unmeasured value")
     del infinite
     if scale not in ("log", "normalised"):
