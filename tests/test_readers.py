@@ -706,7 +706,8 @@ def test_a_gene_twice_is_refused_naming_each_record_as_written(tmp_path):
 def test_ids_are_kept_as_written_whatever_they_look_like(write):
     """Id columns were typed by guessing: sample ids 001 read as 1 (then matched no expression column), donors 01
     and 1 merged into one donor without a word, annotation genes 007 and 7 reported as two '7's."""
-    samples = read_samples(write("s.tsv", "sample_id\tdonor_id\ttissue\n001\t01\tLiver\n002\t1\tLiver\n003\t02\tLung\n"))
+    samples = read_samples(write("s.tsv", "sample_id\tdonor_id\ttissue\n"
+                                          "001\t01\tLiver\n002\t1\tLiver\n003\t02\tLung\n"))
     assert samples[S.SAMPLE_ID].to_pylist() == ["001", "002", "003"]
     assert samples[S.DONOR_ID].to_pylist() == ["01", "1", "02"]  # three donors, not two
     genes = read_genes(write("g.csv", "gene_id,chrom,start,end,strand\n007,1,100,200,+\n7,1,300,400,+\n"))

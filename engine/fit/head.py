@@ -583,10 +583,10 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
     averaged over the fold networks (:func:`averaged`), the conformal amounts by bin of that averaged estimate. No
     fold network trained on these rows, nor (since ``fb33df7``) pre-trained its CNN on their units, so the average
     is what a new row meets. (Calibrated on each row through its own fold network, as until session 39, the
-    averaged head's smaller errors left the interval wide: 0.83 on medians ``entries``, docs/benchmarks.md;
-    calibrated on the average at ``abfae09``, when the other networks' CNNs had pre-trained on those genes, it
-    covered 0.73 of the planted-motif genes' hidden entries.) Without members, each row through its own network,
-    with the blend it was fitted from."""
+    coverage was about the same: medians ``entries`` 0.83 either way, ``genes`` 0.80 against 0.79 now,
+    docs/benchmarks.md; calibrated on the average at ``abfae09``, when the other networks' CNNs had pre-trained on
+    those genes, it covered 0.73 of the planted-motif genes' hidden entries.) Without members, each row through
+    its own network, with the blend it was fitted from."""
     coverage = config.quantiles[1] - config.quantiles[0]
     folded = None
     if units is not None and config.cv_folds >= 2 and (~valid).any():
