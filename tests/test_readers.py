@@ -758,6 +758,11 @@ def test_a_phenotype_bed_position_that_is_no_whole_number_and_a_byte_order_mark(
         with pytest.raises(InputError, match=f"start '{bad}' is not a position") as err:
             read_expression(path, scale="normalised")
         assert "line 3 (gene G2)" in str(err.value)
+    # an empty interval (start0 == end, as some QTL tools write a TSS) is a gene, not a start past its end
+    from geximpute.io.genes import phenotype_bed_genes
+
+    empty = read_expression(write("empty.bed", header + "chr22\t100\t100\tG1\tG1\t+\t1\t2\n"), scale="normalised")
+    assert phenotype_bed_genes(empty.genes, empty.path).table[S.TSS].to_pylist() == [101]
     gct = write("bom.gct", "\ufeff#1.2\n1\t2\nName\tDescription\tS1\tS2\nENSG1\ta\t1\t2\n")
     assert read_expression(gct).sample_ids == ["S1", "S2"]
     from geximpute.io.variants import read_sample_map

@@ -343,9 +343,12 @@ def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...
     if (i := _first(pc.less(table[S.TSS], 1))) is not None:
         raise InputError(path, f"TSS {table[S.TSS][i].as_py()} is outside its chromosome",
                          record=_record(fmt, i, table), expected="a 1-based position >= 1")
-    # where a record gives both ends: 1 <= start <= end (a swapped pair put the TSS at the wrong end, silently)
+    # where a record gives both ends: 1 <= start <= end (a swapped pair put the TSS at the wrong end, silently); a
+    # BED's empty interval (start0 == end, as some QTL tools write a TSS) is one base past its end: allowed
     both = pc.and_(pc.is_valid(table[S.START]), pc.is_valid(table[S.END]))
-    wrong = pc.and_(both, pc.or_(pc.less(table[S.START], 1), pc.greater(table[S.START], table[S.END])))
+    slack = 1 if fmt in ("bed", "phenotype-bed") else 0
+    wrong = pc.and_(both, pc.or_(pc.less(table[S.START], 1),
+                                 pc.greater(table[S.START], pc.add(table[S.END], slack))))
     if (i := _first(pc.fill_null(wrong, False))) is not None:
         raise InputError(path, f"start {table[S.START][i].as_py()} and end {table[S.END][i].as_py()}",
                          record=_record(fmt, i, table), expected="1 <= start <= end (1-based, inclusive)")
