@@ -293,10 +293,15 @@ def shared_fill(problem: VisibleProblem, key: tuple, make) -> Any:
     (:func:`geximpute.science.folds.fold_problem`, :func:`geximpute.science.problem.gene_rows`, both through
     ``dataclasses.replace``) starts without it; a problem's values are never changed in place.
     """
-    store = problem.__dict__.setdefault("_shared_fills", {})
+    store = _shared_fills(problem)
     if key not in store:
         store[key] = make()
     return store[key]
+
+
+def _shared_fills(problem: VisibleProblem) -> dict:
+    """The problem's own store of :func:`shared_fill`'s fills, by key."""
+    return problem.__dict__.setdefault("_shared_fills", {})
 
 
 class _CubeMethod:
@@ -651,12 +656,10 @@ class ChainedBoostingBaseline(_CubeMethod):
         each finds its own. A run's first k rounds draw and fit exactly what a run of k rounds does (one generator,
         drawn from in the same order), so each fill equals the one its own run gives (tested), for the cost of the
         largest alone: the tuning of ``cb_rounds`` over (1, 2, 3) fitted 6 rounds, it fits 3."""
-        have = problem.__dict__.get("_shared_fills", {})
-        wanted = [k for k in sorted({int(r) for r in rounds}) if self._key(k) not in have]
-        if not wanted:
-            return
-        for k, fill in zip(wanted, self._fills(problem, wanted), strict=True):
-            shared_fill(problem, self._key(k), lambda fill=fill: fill)
+        store = _shared_fills(problem)
+        wanted = [k for k in sorted({int(r) for r in rounds}) if self._key(k) not in store]
+        if wanted:
+            store.update(zip(map(self._key, wanted), self._fills(problem, wanted), strict=True))
 
     def _key(self, rounds: int) -> tuple:
         """The key of this method's fill with ``rounds`` rounds in the problem's shared fills."""
@@ -670,7 +673,7 @@ class ChainedBoostingBaseline(_CubeMethod):
         # a round held at once, not one per bag)
         sums: list[np.ndarray] | None = None
         for b in range(self.bags):
-            fills = self.boosted(rows, self.seed + BAG_SEED_STEP * b, rounds=rounds)
+            fills = self.boosted(rows, self.seed + BAG_SEED_STEP * b, rounds)
             if sums is None:
                 # nothing to boost (one tissue) leaves the start's own fill, which is shared: copied to be summed
                 sums = [f.copy() if self.bags > 1 and f is rows.filled else f for f in fills]
@@ -686,14 +689,12 @@ class ChainedBoostingBaseline(_CubeMethod):
             out.append(dataclasses.replace(rows, filled=total))
         return out
 
-    def boosted(self, rows: FilledRows, seed: int, rounds: list[int] | None = None) -> np.ndarray | list[np.ndarray]:
-        """``rows.filled`` with every missing cell refilled by :attr:`rounds` rounds of boosted regressions, drawn
-        with ``seed`` (the rows each regression learns from, its held-out tenth, the trees' samples); with
-        ``rounds`` (ascending), the fill after each of those rounds, from one run of the last."""
+    def boosted(self, rows: FilledRows, seed: int, rounds: list[int]) -> list[np.ndarray]:
+        """``rows.filled`` with every missing cell refilled by boosted regressions, drawn with ``seed`` (the rows
+        each regression learns from, its held-out tenth, the trees' samples): the fill after each of ``rounds``
+        (ascending) rounds, from one run of the last."""
         import xgboost as xgb
 
-        every = rounds
-        rounds = list(rounds) if rounds is not None else [self.rounds]
         rng = np.random.default_rng(seed)
         filled, visible = rows.filled, rows.visible
         n_t = filled.shape[1]
@@ -726,8 +727,6 @@ class ChainedBoostingBaseline(_CubeMethod):
             filled = nxt
             if done in rounds:
                 after[done] = filled
-        if every is None:
-            return filled
         return [after.get(k, filled) for k in rounds]  # one tissue: nothing boosted, the start's fill each round
 
 
