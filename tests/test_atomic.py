@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from geximpute.errors import GeximputeError
 from geximpute.runtime import atomic
 from geximpute.runtime.atomic import (
     COMMIT_POINTS,
@@ -259,24 +260,54 @@ def test_a_renewal_never_overwrites_a_lease_another_run_took(tmp_path, monkeypat
         lease._thread.join()
         return lease
 
-    # 1. another run creates the lease while the holder has set its own aside to renew it
-    holder, other = stopped(Lease(path, ttl=60).acquire()), Lease(path, ttl=60)
+    # 1. another run starts while the holder has set its own lease aside to renew it: the name is free, the starter
+    # links its lease there, finds the holder's set aside and live, gives the name back and is refused; the renewal
+    # lands (before, the starter kept the lease and the live holder lost it: "the second is refused" did not hold)
+    holder, starter = stopped(Lease(path, ttl=60).acquire()), Lease(path, ttl=60)
     real_link = os.link
+    refused = []
 
     def racing_link(src, dst, *args, **kwargs):
-        if Path(dst) == path and f".new-{holder.owner}" in str(src) and not other._thread:
-            other.acquire()  # the name is free: the other run takes it
+        if Path(dst) == path and f".new-{holder.owner}" in str(src) and not refused:
+            with pytest.raises(LeaseBusy, match=f"another output holds the lease: {holder.owner}") as info:
+                starter.acquire()
+            refused.append(info.value)
+            assert not path.exists() and starter._thread is None
         return real_link(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "link", racing_link)
+    holder.renew()
+    monkeypatch.undo()
+    assert refused and json.loads(path.read_text())["owner"] == holder.owner
+    holder.check()
+    holder.release()
+    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # 1b. a starter that keeps the name (a run of code without that step) holds it; the renewal waits for it
+    # (RENEW_WAIT_SECONDS), then this run has lost
+    holder = stopped(Lease(path, ttl=60).acquire())
+    squatter = tmp_path / "squatter.json"
+    squatter.write_text(json.dumps({"owner": "squatter", "expires": time.time() + 60}))
+
+    def squatting_link(src, dst, *args, **kwargs):
+        if Path(dst) == path and f".new-{holder.owner}" in str(src) and not os.path.lexists(path):
+            real_link(squatter, path)
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", squatting_link)
+    monkeypatch.setattr(atomic, "RENEW_WAIT_SECONDS", 0.1)
+    monkeypatch.setattr(Lease._link_renewed, "__defaults__", (0.1,))
     with pytest.raises(LeaseLost, match="another run took the .* lease while"):
         holder.renew()
     monkeypatch.undo()
-    assert json.loads(path.read_text())["owner"] == other.owner
+    assert json.loads(path.read_text())["owner"] == "squatter"
     with pytest.raises(LeaseLost):
         holder.check()
-    other.release()
-    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    holder.release()  # not its lease: left as it is
+    assert json.loads(path.read_text())["owner"] == "squatter"
+    path.unlink()
+    squatter.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
     # 2. the holder's lease expired and another run took it over before the holder's renewal
     holder = stopped(Lease(path, ttl=0.2).acquire())
@@ -501,3 +532,97 @@ def test_what_the_engine_did_not_name_in_a_store_is_never_removed(tmp_path):
     with pytest.raises(OutputRefused, match=r"holds staging-notes, v-draft, which this engine did not write"):
         discard(out, step="test")
     assert read_version(out) == "v3" and (store / "v-draft" / "mine.txt").exists()
+
+
+def test_a_check_during_a_renewal_waits_for_it(tmp_path, monkeypatch):
+    """The committer's check and the heartbeat's renewal never interleave: a check between the renewal's rename
+    aside and its link found no lease (LeaseLost, the run's commit refused although nobody else held it), or put the
+    set-aside lease back so that the renewal's link failed and the run lost its lease for good."""
+    path = tmp_path / "lease.json"
+    lease = Lease(path, ttl=60).acquire()
+    lease._stop.set()
+    lease._thread.join()
+    swap = Lease._swap
+    outcome = []
+
+    def check_meanwhile(self, aside, renewed):
+        def check():
+            try:
+                self.check()
+                outcome.append("held")
+            except LeaseLost as exc:
+                outcome.append(str(exc))
+
+        thread = threading.Thread(target=check)
+        thread.start()
+        thread.join(0.3)  # with the renewal holding the lease's lock, the check waits for it
+        swap(self, aside, renewed)
+        return thread
+
+    monkeypatch.setattr(Lease, "_swap", check_meanwhile)
+    lease.renew()
+    monkeypatch.undo()
+    deadline = time.time() + 5
+    while not outcome and time.time() < deadline:
+        time.sleep(0.01)
+    assert outcome == ["held"]
+    lease.check()
+    lease.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_release_leaves_a_lease_taken_over_after_it_read_it(tmp_path, monkeypatch):
+    """A run whose lease expired and was taken over between release's read and its removal left the new holder's
+    lease in place (before, it unlinked the name: the new holder's lease, and a third run could start beside it)."""
+    path = tmp_path / "lease.json"
+    mine = Lease(path, ttl=60).acquire()
+    mine._stop.set()
+    mine._thread.join()
+    text, holder = mine.read()
+    other = Lease(path, ttl=60)
+
+    def read_then_taken_over():
+        path.unlink()  # expired here, and taken over by another run just after this read
+        other.acquire()
+        return text, holder
+
+    monkeypatch.setattr(mine, "read", read_then_taken_over)
+    mine.release()
+    assert json.loads(path.read_text())["owner"] == other.owner
+    other.check()
+    other.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_torn_json_of_undecodable_bytes_is_named(tmp_path):
+    """Stale blocks of a torn write (not UTF-8) are an error naming the file, as a torn JSON is, and a lease file
+    holding them reads as torn; before, UnicodeDecodeError escaped as a traceback."""
+    manifest = tmp_path / "_manifest.json"
+    manifest.write_bytes(b'{"donors": \xff\xfe\x00')
+    with pytest.raises(GeximputeError, match=r"_manifest.json: the partition manifest is not valid JSON"):
+        atomic.read_json(manifest, "partition manifest")
+    lease_file = tmp_path / "lease.json"
+    lease_file.write_bytes(b"\xff\xfe torn")
+    text, holder = Lease(lease_file).read()
+    assert holder is None and text
+
+
+def test_a_durable_commit_whose_folder_does_not_sync_is_not_recorded_as_done(tmp_path, monkeypatch):
+    """With ``durable`` (nightly, which writes its ledger after each commit), a commit whose folder cannot be synced
+    raises instead of warning: the ledger is not written ahead of a switch that a power loss could take back. The
+    commit itself stands (the output is the new version)."""
+    out = tmp_path / "out"
+    write_version(out, "old")
+    real_sync = atomic.fsync_dir
+
+    def failing_sync(path):
+        if Path(path) == out.parent:
+            raise OSError(5, "Input/output error")
+        return real_sync(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", failing_sync)
+    with pytest.raises(atomic.CommitNotSynced, match=r"out: committed as v-.*could not be synced.*nothing records"):
+        write_version(out, "new", durable=True)
+    assert read_version(out) == "new"
+    write_version(out, "newer")  # without durable: a warning, the commit stands
+    assert read_version(out) == "newer"

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 from helpers import TISSUE_NAMES, assert_keys_unique, donor_vcf, nightly_config, read_nightly
 
+import geximpute.steps.nightly as nightly_step
 from geximpute.runtime.atomic import Lease
 from geximpute.steps.nightly import LockBusy, ledger_path, lock_path, nightly, output_root, scan_inbox
 
@@ -226,7 +228,6 @@ def test_quarantine_writes_the_note_first_moves_indexes_and_never_touches_a_link
     the old index) move with a note each, written before the file moves; a delivered symbolic link moves as a link
     (the archive file it points at keeps its mode); a file that cannot be moved stays in the inbox, without a note,
     and the call says so instead of stopping the night."""
-    import shutil
 
     from geximpute.steps.nightly import InboxItem, quarantine
 
@@ -242,13 +243,13 @@ def test_quarantine_writes_the_note_first_moves_indexes_and_never_touches_a_link
     item = scan_inbox(inbox)[0]
     assert [p.name for p in item.files] == ["A.vcf.gz", "A.vcf.gz.tbi", "A.expression.tsv"]
     seen_notes = []
-    real_move = shutil.move
+    real_move = nightly_step._move_whole
 
     def move(src, dst):  # the note is there before its file moves
         seen_notes.append(Path(str(dst) + ".error.txt").is_file())
         return real_move(src, dst)
 
-    monkeypatch.setattr(shutil, "move", move)
+    monkeypatch.setattr(nightly_step, "_move_whole", move)
     assert quarantine(item, ValueError("bad genome"), folder)
     assert seen_notes == [True, True, True] and not list(inbox.glob("A*"))
     assert (folder / "A.vcf.gz").is_symlink() and (original.stat().st_mode & 0o777) == 0o644
@@ -259,9 +260,60 @@ def test_quarantine_writes_the_note_first_moves_indexes_and_never_touches_a_link
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied", src)
 
-    monkeypatch.setattr(shutil, "move", refuse)
+    monkeypatch.setattr(nightly_step, "_move_whole", refuse)
     assert not quarantine(InboxItem("B", inbox / "B.vcf"), ValueError("bad"), folder)
     assert (inbox / "B.vcf").is_file() and not (folder / "B.vcf.error.txt").exists()
+
+
+def test_quarantine_keeps_a_donor_together_and_never_names_part_of_a_file(tmp_path, monkeypatch):
+    """A genome that cannot be moved keeps its index and expression file in the inbox with it (before, they were
+    quarantined without it: the genome delivered again was imputed without the donor's measured tissues); across
+    file systems a file is copied under a temporary name and renamed into place, so a full disk (or a kill) never
+    leaves the genome's own name on part of it in the quarantine."""
+    import errno
+
+    from geximpute.steps.nightly import InboxItem, quarantine
+
+    inbox, folder = tmp_path / "inbox", tmp_path / "inbox" / "quarantine"
+    inbox.mkdir()
+    (inbox / "C.vcf").write_text("genome")
+    (inbox / "C.expression.tsv").write_text("gene_id\n")
+    item = InboxItem("C", inbox / "C.vcf", expression=inbox / "C.expression.tsv")
+    real_move = nightly_step._move_whole
+
+    def genome_stuck(src, dst):
+        if Path(src).name == "C.vcf":
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_move(src, dst)
+
+    monkeypatch.setattr(nightly_step, "_move_whole", genome_stuck)
+    assert not quarantine(item, ValueError("bad"), folder)
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["C.expression.tsv", "C.vcf"]
+    assert not list(folder.iterdir())
+    monkeypatch.undo()
+
+    # another file system: rename fails with EXDEV; the copy fills the disk part-way
+    (inbox / "D.vcf.gz").write_bytes(b"x" * 100_000)
+    real_rename, real_copy = os.rename, shutil.copy2
+
+    def rename(src, dst):
+        if Path(dst).parent == folder and not Path(src).name.startswith("."):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    def copy_part(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:30_000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(shutil, "copy2", copy_part)
+    assert not quarantine(InboxItem("D", inbox / "D.vcf.gz"), ValueError("bad"), folder)
+    assert (inbox / "D.vcf.gz").stat().st_size == 100_000 and not list(folder.iterdir())
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    assert quarantine(InboxItem("D", inbox / "D.vcf.gz"), ValueError("bad"), folder)
+    assert not (inbox / "D.vcf.gz").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["D.vcf.gz", "D.vcf.gz.error.txt"]
+    assert (folder / "D.vcf.gz").stat().st_size == 100_000
 
 
 def test_a_damaged_ledger_and_a_back_filled_date_are_handled(tmp_path):
@@ -460,3 +512,30 @@ def test_a_new_donors_counts_are_normalised_on_the_cohorts_scale(data, tmp_path,
 
         own = to_model_scale(read_expression(table, "wide", "counts"), ExpressionConfig(counts_normalisation=method))
         assert np.abs(np.nanmedian(own, axis=0) - np.nanmedian(new.values, axis=0)).max() > 0.05
+
+
+def test_a_genome_gone_before_it_is_read_waits_for_the_next_run(tmp_path):
+    """A genome removed (or being replaced) between the inbox scan and its read is left for the next run
+    (StillArriving); before, a bare FileNotFoundError had the donor quarantined: its expression file and index went
+    to the quarantine without the genome."""
+    from geximpute.steps.nightly import InboxItem, StillArriving, read_new_donor
+
+    expression = tmp_path / "E.expression.tsv"
+    expression.write_text("gene_id\n")
+    item = InboxItem("E", tmp_path / "E.vcf.gz", expression=expression)
+    with pytest.raises(StillArriving, match=r"E\.vcf\.gz: gone since the inbox was read"):
+        read_new_donor(item, None, None, None)
+
+
+def test_a_partition_whose_manifest_and_rows_are_damaged_is_named(tmp_path):
+    """A torn manifest falls back to the partition's rows; rows that do not read either are an error naming the
+    partition (before, pyarrow's ArrowInvalid escaped as a traceback)."""
+    from geximpute.errors import GeximputeError
+    from geximpute.steps.nightly import committed_donors
+
+    partition = tmp_path / "run_date=2024-01-05"
+    (partition / "tissue=Lung").mkdir(parents=True)
+    (partition / "_manifest.json").write_bytes(b"\xff\xfe torn")
+    (partition / "tissue=Lung" / "part-0.parquet").write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(GeximputeError, match=r"run_date=2024-01-05: its manifest is unreadable and its rows do not"):
+        committed_donors(tmp_path)

@@ -84,6 +84,11 @@ class LeaseBusy(GeximputeError):
     """Another run holds a lease that has not expired."""
 
 
+class CommitNotSynced(GeximputeError):
+    """A commit made (the output switched to the new version) whose folder could not be synced to disk: raised where
+    the caller asked for a durable commit, so that it records nothing as done that a power loss could take back."""
+
+
 class LeaseLost(GeximputeError):
     """A run's lease expired or was taken over before it could commit; nothing was committed."""
 
@@ -196,7 +201,7 @@ def write_durable(path: Path, text: str, mode: int = 0o640) -> None:
 def read_json(path: Path, what: str) -> Any:
     """A JSON file written by the engine; an empty or torn one is an error naming the file and what to do."""
     path = Path(path)
-    text = path.read_text()
+    text = path.read_bytes().decode("utf-8", errors="replace")
     try:
         return json.loads(text)
     except ValueError as exc:
@@ -207,6 +212,9 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # Leases -------------------------------------------------------------------------------------------------------
+
+#: how long a renewal waits for a run that linked its lease in the renewal's instant to give the name back
+RENEW_WAIT_SECONDS = 2.0
 
 
 class Lease:
@@ -234,13 +242,17 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost = False
+        # the heartbeat's renewal and the committing thread's check or release never interleave: a check between a
+        # renewal's rename and its link found no lease (or put the set-aside one back, failing the renewal)
+        self._lock = threading.RLock()
 
     # reading ---------------------------------------------------------------------------------------------------
 
     def read(self) -> tuple[str, dict | None]:
         """(raw text, parsed holder or None when absent, empty or torn)."""
         try:
-            text = self.path.read_text()
+            # undecodable bytes (blocks of a torn write) read as a torn lease, not an escaping UnicodeDecodeError
+            text = self.path.read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return "", None
         try:
@@ -328,6 +340,12 @@ class Lease:
                 continue
             finally:
                 tmp.unlink(missing_ok=True)
+            renewing = self._renewing_holder()
+            if renewing is not None:
+                # the name was free only because its holder is renewing it (between its rename aside and its link):
+                # give it back, so that the live holder's renewal lands and this run is refused
+                self._give_back()
+                raise LeaseBusy(self._busy_message(renewing))
             fsync_dir(self.path.parent)
             self._acquired = json.loads(content)["acquired"]
             self._stop.clear()
@@ -335,6 +353,45 @@ class Lease:
             self._thread.start()
             return self
         raise LeaseBusy(f"{self.path}: could not take the {self.what} lease (other runs keep taking it); try again")
+
+    def _renewing_holder(self) -> dict | None:
+        """The holder of a live lease that another run has set aside to renew it (:meth:`renew`), or None; a
+        set-aside lease that has expired (its holder died renewing it) is removed."""
+        for aside in self.path.parent.glob(f"{glob.escape(self.path.name)}.renew-*"):
+            if aside == self._aside():
+                continue
+            try:
+                text = aside.read_bytes().decode("utf-8", errors="replace")
+            except FileNotFoundError:  # renewed meanwhile
+                continue
+            try:
+                holder = json.loads(text)
+            except ValueError:
+                holder = None
+            if not isinstance(holder, dict):
+                holder = None
+            if not self._expired(text, holder):
+                return holder or {}
+            with contextlib.suppress(OSError):
+                aside.unlink()
+        return None
+
+    def _give_back(self) -> None:
+        """Remove this run's lease from the name if it is still this run's (set aside, checked, unlinked; another
+        run's found there goes back)."""
+        aside = self._aside()
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            again = json.loads(aside.read_bytes().decode("utf-8", errors="replace"))
+        except ValueError:
+            again = None
+        if isinstance(again, dict) and again.get("owner") == self.owner:
+            aside.unlink(missing_ok=True)
+        else:
+            self._restore_aside()
 
     def _busy_message(self, holder: dict | None) -> str:
         if holder is None:
@@ -403,9 +460,16 @@ class Lease:
         rename wins), its content checked to be this run's, and the renewed lease created at the name by a hard
         link, which fails when another run created one meanwhile. A read, a check and a write (what this did
         before) let a holder paused between its check and its write overwrite the lease of a run that had taken it
-        over in between: two runs then held it. Here a takeover that lands first is put back and this run has lost;
-        one that lands while the name is free wins and this run has lost; either way one holder.
+        over in between: two runs then held it. Here a takeover that lands first is put back and this run has lost.
+        A run starting while the name is free (between the rename and the link) finds this run's set-aside lease
+        live, gives the name back and is refused (:meth:`acquire`), while this renewal waits up to
+        :data:`RENEW_WAIT_SECONDS` for the name; a starter that does not give it back keeps it and this run has
+        lost. Either way one holder.
         """
+        with self._lock:
+            self._renew()
+
+    def _renew(self) -> None:
         aside = self._aside()
         self._restore_aside()
         # the renewed lease written and synced before the name is set aside: the name stays free only between a
@@ -444,13 +508,11 @@ class Lease:
                 raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} was taken over by "
                                 f"{holder.get('owner') if isinstance(holder, dict) else 'nobody'}; this run stops "
                                 "without committing")
-            try:
-                os.link(renewed, self.path)
-            except FileExistsError:  # the name is another run's: nothing to put back
+            if not self._link_renewed(renewed):  # the name is another run's: nothing to put back
                 restore = False
                 self._lost = True
                 raise LeaseLost(f"{self.path}: another run took the {self.what} lease while {self.owner} renewed "
-                                "it; this run stops without committing") from None
+                                "it; this run stops without committing")
             restore = False  # renewed
         finally:
             if restore:  # not renewed (another run's lease set aside, or an error): the name gets back what it held
@@ -458,10 +520,25 @@ class Lease:
             else:
                 aside.unlink(missing_ok=True)
 
+    def _link_renewed(self, renewed: Path, wait: float = RENEW_WAIT_SECONDS) -> bool:
+        """Link the renewed lease at the name; where a starting run linked its own there meanwhile, wait up to
+        ``wait`` seconds for it to see this renewal's set-aside lease and give the name back (:meth:`acquire`).
+        Returns False where the name stays another run's."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                os.link(renewed, self.path)
+                return True
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run holds the lease and it has not expired."""
-        self._restore_aside()
-        _, holder = self.read()
+        with self._lock:
+            self._restore_aside()
+            _, holder = self.read()
         if self._lost or holder is None or holder.get("owner") != self.owner:
             raise LeaseLost(f"{self.path}: this run ({self.owner}) no longer holds the {self.what} lease (held by "
                             f"{holder.get('owner') if holder else 'nobody'}); nothing was committed")
@@ -474,10 +551,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._restore_aside()
-        _, holder = self.read()
-        if holder is not None and holder.get("owner") == self.owner:
-            self.path.unlink(missing_ok=True)
+        with self._lock:
+            self._restore_aside()
+            _, holder = self.read()
+            if holder is None or holder.get("owner") != self.owner:
+                return
+            # removed only if it is still this run's as it goes: a lease that expired here can be taken over between
+            # the read and an unlink, which would remove the new holder's
+            self._give_back()
 
     def __enter__(self) -> Lease:
         return self.acquire()
@@ -681,7 +762,7 @@ def new_staging(store: Path) -> Path:
 
 
 def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease | None = None,
-           keep: float | None = None, extra: dict | None = None, force: bool = False) -> Path:
+           keep: float | None = None, extra: dict | None = None, force: bool = False, durable: bool = False) -> Path:
     """Make ``staging`` the committed version of ``target`` (the protocol of this module). Returns the version.
 
     ``target`` is checked again just before it is switched (:func:`check_replaceable`, ``force`` as the run was
@@ -691,6 +772,8 @@ def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease 
     Raises:
         LeaseLost: ``lease`` is no longer held; the staging folder is left for the next holder to remove.
         OutputRefused: ``target`` is no longer replaceable; the new version stays in the store, unlinked.
+        CommitNotSynced: with ``durable``, committed but its folder could not be synced to disk (without
+            ``durable`` a warning says so and the commit stands).
     """
     fault_point("written")
     version = store / f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{staging.name.removeprefix('staging-')}"
@@ -722,6 +805,10 @@ def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease 
         if replaced is not None:
             fsync_dir(store)
     except OSError as exc:
+        if durable:
+            raise CommitNotSynced(f"{target}: committed as {version.name}, but its folder could not be synced to "
+                                  f"disk ({exc}); nothing records it as done (a power loss could take it back): the "
+                                  f"next {step} run finds it committed, or makes it again") from exc
         log.warning("%s: committed as %s, but its folder could not be synced to disk (%s): the commit may not "
                     "survive a power loss", target, version.name, exc)
     _mark_superseded(store, version)
@@ -732,7 +819,7 @@ def commit(staging: Path, target: Path, store: Path, *, step: str, lease: Lease 
 
 @contextmanager
 def staged_output(target: str | Path, *, step: str, force: bool = False, store: str | Path | None = None,
-                  lease: Lease | None = None, keep: float | None = None) -> Iterator[Path]:
+                  lease: Lease | None = None, keep: float | None = None, durable: bool = False) -> Iterator[Path]:
     """Write the folder ``target`` atomically: yields a staging folder, committed onto ``target`` on success.
 
     Takes the output's lease (unless the caller holds one that covers it, ``lease``), refuses a ``target`` that is
@@ -746,6 +833,8 @@ def staged_output(target: str | Path, *, step: str, force: bool = False, store: 
         store: where versions and staging live (default :func:`store_of`); on ``target``'s file system.
         lease: a lease the caller holds over this output (nightly's run lease); default: the output's own.
         keep: seconds a superseded version is kept (default :func:`keep_seconds`).
+        durable: a commit whose folder cannot be synced to disk raises :class:`CommitNotSynced` instead of a
+            warning (for a caller that records the commit elsewhere afterwards: nightly's ledger).
 
     Raises:
         OutputRefused: ``target`` is not ours. LeaseBusy: another run writes this output now.
@@ -765,7 +854,9 @@ def staged_output(target: str | Path, *, step: str, force: bool = False, store: 
         staging = new_staging(store)
         try:
             yield staging
-            commit(staging, target, store, step=step, lease=lease, keep=keep, force=force)
+            commit(staging, target, store, step=step, lease=lease, keep=keep, force=force, durable=durable)
+        except CommitNotSynced:
+            raise  # committed: the staging folder is the version now
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

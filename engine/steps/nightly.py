@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -69,6 +70,7 @@ from geximpute.runtime.atomic import (
     Lease,
     LeaseBusy,
     clean_staging,
+    fsync_dir,
     lease_seconds,
     read_json,
     resolve,
@@ -243,7 +245,13 @@ def write_ledger(path: Path, donors: dict[str, dict]) -> None:
 
 def _donors_from_rows(partition: Path) -> dict[str, dict]:
     """The donors of a partition read from its rows (donor, run id, rows), for a partition whose manifest is torn."""
-    table = pads.dataset(partition, format="parquet", partitioning="hive").to_table(columns=[S.DONOR_ID, "run_id"])
+    try:
+        table = pads.dataset(partition, format="parquet", partitioning="hive").to_table(
+            columns=[S.DONOR_ID, "run_id"])
+    except (pa.ArrowException, ValueError) as exc:
+        raise GeximputeError(f"{partition}: its manifest is unreadable and its rows do not read either ({exc}): the "
+                             "partition is damaged; restore it from a backup, or move it out of the output and run "
+                             "again") from exc
     found: dict[str, dict] = {}
     for donor, run_id in zip(table[S.DONOR_ID].to_pylist(), table["run_id"].to_pylist(), strict=True):
         entry = found.setdefault(donor, {"run_id": run_id, "rows": 0, "vcf_sha256": None})
@@ -391,7 +399,11 @@ def read_new_donor(item: InboxItem, config: Config, problem: VisibleProblem, gen
     # the files as they are before they are read: a delivery still being copied is not imputed from its first part
     # (and then recorded with the whole file's checksum, never to be redone), nor quarantined because its first
     # part does not parse (a gzip cut short, a line cut in two)
-    states = {path: file_state(path) for path in (item.vcf, item.expression) if path is not None}
+    try:
+        states = {path: file_state(path) for path in (item.vcf, item.expression) if path is not None}
+    except FileNotFoundError as exc:  # removed (or being replaced) since the inbox was scanned
+        raise StillArriving(f"{exc.filename}: gone since the inbox was read (moved away, or being replaced?); the "
+                            "donor is left for the next run") from exc
     try:
         new = _read_new_donor(item, config, problem, genome)
     except StillArriving:
@@ -493,11 +505,15 @@ def quarantine(item: InboxItem, error: BaseException, folder: Path) -> bool:
         note = target.with_name(target.name + ".error.txt")
         try:
             write_durable(note, f"{stamp} {item.vcf.name}: {error}\n")
-            shutil.move(str(path), target)
+            _move_whole(path, target)
         except OSError as exc:
             log.error("nightly: cannot quarantine %s (%s); left in the inbox", path, exc)
             note.unlink(missing_ok=True)
             moved = False
+            if path == item.vcf:
+                # the genome stays: so do its indexes and expression files (quarantined without it, the donor's
+                # measured tissues would be lost to a later delivery of the genome)
+                break
             continue
         if not target.is_symlink():
             try:
@@ -510,6 +526,34 @@ def quarantine(item: InboxItem, error: BaseException, folder: Path) -> bool:
         log.error("nightly: %s could not be quarantined whole (%s); what did not move stays in the inbox and is "
                   "tried again next run", item.vcf.name, error)
     return moved
+
+
+def _move_whole(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target`` (absent): a rename on one file system; across file systems a copy to a
+    temporary name beside ``target``, synced and renamed into place, then ``source`` removed, so that ``target``
+    never names part of a file (a full disk or a kill mid-copy leaves the source whole and the temporary removed or
+    named as such). A symbolic link moves as a link."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        if source.is_symlink():
+            os.symlink(os.readlink(source), partial)
+        else:
+            shutil.copy2(source, partial)
+            with open(partial, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+    fsync_dir(target.parent)
+    source.unlink()
 
 
 def extend_problem(problem: VisibleProblem, donors: list[NewDonor], tissues: tuple[str, ...]
@@ -593,7 +637,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
     partition = root / f"{RUN_DATE}={day}"
     try:
         with staged_output(partition, step="nightly", store=partition_store(root) / partition.name,
-                           lease=lease) as staging:
+                           lease=lease, durable=True) as staging:
             previous = {}
             if partition.is_dir():
                 current = resolve(partition)
