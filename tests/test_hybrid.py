@@ -323,6 +323,14 @@ def test_a_bundle_written_before_a_setting_keeps_the_value_its_head_was_fitted_w
     del saved["baselines"]["cb_max_depth"]
     (folder / S.BUNDLE_CONFIG_FILE).write_text(yaml.safe_dump(saved))
     assert load_bundle(folder).models.config.baselines.cb_max_depth == 6
+    # a setting this engine does not know (a bundle of a newer version): named as the bundle's, not the user's
+    from geximpute.errors import GeximputeError
+
+    saved["context"]["tissue_tokens"] = 4
+    (folder / S.BUNDLE_CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    with pytest.raises(GeximputeError, match=r"model/config.yaml: the model's own settings do not read here "
+                                             r"\(.*tissue_tokens.*another geximpute version"):
+        load_bundle(folder)
 
 
 def test_network_folders_hold_one_run_of_fold_networks(tiny_model, tmp_path):

@@ -303,6 +303,10 @@ def test_impute_refuses_data_the_bundle_was_not_trained_for(first_run, data, bun
     other = load_config(data / "config.yaml", [f"output_dir={tmp_path}", "context.k_neighbours=12"])
     with pytest.raises(GeximputeError, match="k_neighbours is 16 in the bundle but 12 in the data"):
         impute(other, model=bundle, out_dir=out)
+    # the plan refuses it as the run would (it planned a run that could not start)
+    from geximpute.steps.impute import impute_plan
+    with pytest.raises(GeximputeError, match="k_neighbours is 16 in the bundle but 12 in the data"):
+        impute_plan(other, model=bundle, out_dir=out)
     # the same number of tissues under other names: refused, not predicted with the wrong embeddings
     renamed = tmp_path / "renamed"
     shutil.copytree(data, renamed)
@@ -356,6 +360,8 @@ def test_plan_counts_the_run_s_entries_and_projects_from_its_measured_rate(first
                str(tmp_path / "new"), "--plan", "--include-observed", "--json"])
     every, _ = capfd.readouterr()
     assert rc == 0 and json.loads(every)["entries"] > result.n_rows
+    # without --workers, the pool impute starts: one actor per 50,000 entries, up to impute.predictors
+    assert json.loads(every)["predictors"] == min(config.impute.predictors, -(-json.loads(every)["entries"] // 50_000))
     # the stream's object-store budget: impute.blocks_in_flight blocks of the largest block's records
     from geximpute.steps.impute import imputation_problem, record_bytes
     largest = max(shard["entries"] for shard in plan["shards"])
@@ -651,3 +657,35 @@ def test_gpu_predictors_ask_the_autoscaler_for_gpus_and_wait(monkeypatch):
     # a wait that ends without any: refused, naming the wait
     with pytest.raises(ConfigError, match=r"none came in impute.gpu_wait_seconds=0.01"):
         gpus_to_use(config(use_gpu=True, gpu_wait_seconds=0.01))
+
+
+def test_a_run_id_hashes_what_a_selection_selects_not_how_it_is_written():
+    """The same donors listed in another order, twice, or every tissue named instead of none: the same rows, so
+    the same run id (before, each spelling was a new run id and a re-run was not recognised as the same)."""
+    from geximpute.steps.impute import selection_key
+
+    names = ["a", "b", "c"]
+    assert selection_key(names, ["c", "a"]) == selection_key(names, ["a", "c", "a"]) == ["a", "c"]
+    assert selection_key(names, []) == selection_key(names, ["b", "c", "a"]) == []
+
+
+def test_a_slow_measured_rate_projects_without_dividing_by_zero(tmp_path):
+    """A run of 0.3 entries/s over 8 predictors rounds to 0.0 a predictor: the projection uses the exact rate (it
+    divided by the rounded one: ZeroDivisionError); a manifest without a positive rate is no measured rate."""
+    from geximpute.steps.impute import _measured_rate
+
+    (tmp_path / "_manifest.json").write_text(json.dumps({"entries_per_second": 0.3, "n_rows": 30, "seconds": 100,
+                                                         "ray": {"predictors": 8}}))
+    measured = _measured_rate(tmp_path)
+    assert measured["entries_per_second_per_predictor"] == 0.0 and measured["rate_per_predictor"] == 0.3 / 8
+    for bad in (0, -1.0, None, "fast"):
+        (tmp_path / "_manifest.json").write_text(json.dumps({"entries_per_second": bad, "ray": {"predictors": 8}}))
+        assert _measured_rate(tmp_path) is None
+
+
+def test_plan_workers_must_be_positive(capsys):
+    from geximpute.apps.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["impute", "--config", "c.yaml", "--plan", "--workers", "0"])
+    assert "--workers 0: expected a number of predictor actors >= 1" in capsys.readouterr().err

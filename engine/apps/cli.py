@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the shards, entries, expected peak memory per process and projected wall time; "
                         "run nothing")
     p.add_argument("--workers", type=int, metavar="N", help="with --plan: predictor actors to project for "
-                                                             "(default impute.predictors)")
+                                                             "(default: the pool impute starts, one per 50,000 "
+                                                             "entries up to impute.predictors)")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     _add_force(p)
     p.set_defaults(func=cmd_impute)
@@ -511,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "impute" and not args.plan and (args.workers is not None or args.json):
         parser.error("impute: --workers and --json shape the plan: give them with --plan (an imputation without "
                      "--plan runs impute.predictors actors and prints its summary as text)")
+    if args.command == "impute" and args.workers is not None and args.workers < 1:
+        parser.error(f"impute: --workers {args.workers}: expected a number of predictor actors >= 1")
     if args.command in SESSION_COMMANDS:
         return _run_in_session(args)
     logging.basicConfig(

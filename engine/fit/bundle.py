@@ -46,7 +46,7 @@ import yaml
 
 from geximpute import schema as S
 from geximpute.config import BaselinesConfig, Config, config_from_dict, dump_config
-from geximpute.errors import GeximputeError
+from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.head import HeadModel
 from geximpute.fit.models import HybridModels, baseline_column
 from geximpute.io.fasta import Genome
@@ -597,7 +597,12 @@ def load_bundle(folder: str | Path) -> Bundle:
     # settings added since a bundle was written take the value its head was fitted with, not today's default
     for section, key, then in BUNDLE_SETTING_DEFAULTS:
         saved.setdefault(section, {}).setdefault(key, then)
-    config: Config = config_from_dict(saved)
+    try:
+        config: Config = config_from_dict(saved)
+    except ConfigError as exc:
+        raise GeximputeError(f"{folder / S.BUNDLE_CONFIG_FILE}: the model's own settings do not read here ({exc}); "
+                             "the bundle was written by another geximpute version: use that version, or build the "
+                             "model again with this one") from exc
     head_meta = json.loads((folder / S.HEAD_SPECS_FILE).read_text())
     check_features(head_meta.get("engineered_features"), folder)
     network = load_network(folder)

@@ -736,8 +736,10 @@ def gpus_to_use(config: Config) -> int:
 
 def _wait_for_gpus(target: int, wait_s: float, poll_s: float = 5.0) -> int:
     """Ask the autoscaler for ``target`` GPUs (one bundle each) and wait up to ``wait_s`` for them; returns the
-    GPUs the cluster has then. The request is withdrawn before returning: the actors that take the GPUs keep their
-    nodes busy, and a standing request would keep GPU nodes after the run."""
+    GPUs the cluster has then. The request is withdrawn before returning (a standing request would keep GPU nodes
+    after the run); the pool is sized once per run (:func:`predictor_pool`, passed on to :func:`run_pipeline`).
+    Nodes that an autoscaler's idle timeout removes before the actors start (while the genomes and the baselines
+    are built) come back for the actors' own GPU demand, which the autoscaler serves as it served this request."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
@@ -810,6 +812,7 @@ def run_pipeline(
     reads_family: bool = False,
     release_values: bool = False,
     own_value_free: bool = False,
+    pool: tuple[int, dict[str, Any]] | None = None,
 ) -> int:
     """Context records -> predictions -> Parquet under ``out`` (partitioned by tissue), one streaming Ray Data job;
     returns the number of predictor actors it ran.
@@ -838,6 +841,8 @@ def run_pipeline(
             without its own value (:func:`~geximpute.steps.prepare.context_shards`).
         release_values: let ``problem``'s matrix go once the shards are cut (``problem.values`` is None
             afterwards): the driver holds no (G, S) values while the stream runs.
+        pool: the predictor pool (:func:`predictor_pool`) where the caller sized it already (GPUs asked for and
+            waited for once, not again after the baselines); None: sized here.
     """
     import ray
 
@@ -856,7 +861,7 @@ def run_pipeline(
         if baselines is not None:
             columns = baseline_columns(baselines, problem, targets, out / BASELINES_FOLDER, cpus,
                                        config.ray.concurrency, levels)
-        n_actors, resources = predictor_pool(config, targets)
+        n_actors, resources = pool or predictor_pool(config, targets)
         # the haplotypes' encode tasks start once the baselines are done: they run while the driver cuts the shards
         # and beside the stream's first blocks, not beside the baselines the driver waits for
         if isinstance(haplotypes, WrittenHaplotypes):  # written while the genomes were built
@@ -920,6 +925,13 @@ def partition_rows(folder: Path, key: str = S.TISSUE) -> dict[str, int]:
         name = urllib.parse.unquote(part.name.split("=", 1)[1])
         rows[name] = sum(pq.ParquetFile(f).metadata.num_rows for f in part.glob("*.parquet"))
     return rows
+
+
+def selection_key(names: list[str], chosen: Iterable[str]) -> list[str]:
+    """A selection of ``names`` as the run id hashes it: what it selects, not how it was written (sorted, each
+    once; every name or none both mean all: [])."""
+    chosen = sorted(set(chosen))
+    return [] if set(chosen) == set(names) else chosen
 
 
 def make_run_id(**parts: Any) -> str:
@@ -1101,18 +1113,22 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                     n_virtual, problem.n_samples, task)
     fingerprints = input_fingerprints(config)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
-                         donors=list(settings.donors), tissues=list(settings.tissues),
-                         include_observed=include_observed, missing_profiles=settings.missing_profiles)
+                         donors=selection_key(problem.donors, settings.donors),
+                         tissues=selection_key(problem.tissues, settings.tissues),
+                         include_observed=include_observed, missing_profiles=settings.missing_profiles,
+                         # the measured entries' own-value-free genetic scores draw their folds with the seed
+                         **({"seed": config.seed} if include_observed else {}))
     log.info("impute: %d entries (%d missing profiles) of %d donors x %d tissues with model %s -> %s (run %s)",
              n_targets, n_virtual, len(problem.donors), len(problem.tissues), bundle.model_version, out, run_id)
 
     ensure_ray(config.ray)
     try:
         with staged_output(out, step="impute", force=force) as staging:
+            pool = None
             if genome_inputs is not None:
                 # the promoter haplotypes go to encode tasks part by part as they are built (through files in the
                 # staging folder): the driver never holds them all
-                n_actors, resources = predictor_pool(config, targets)
+                pool = n_actors, resources = predictor_pool(config, targets)
                 haplotypes = personal_haplotypes(config, genome_inputs, problem, n_actors, bundle, bundle_dir,
                                                  resources, staging / HAPLOTYPES_FOLDER)
                 genome_inputs = None
@@ -1123,7 +1139,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
             predictors = run_pipeline(config, problem, targets, virtual, bundle_dir, staging, run_id,
                                       haplotypes=haplotypes, baselines=baselines,
                                       encode_once=bundle.reads_promoters, reads_family=bundle.reads_family,
-                                      release_values=owned, own_value_free=include_observed)
+                                      release_values=owned, own_value_free=include_observed, pool=pool)
             rows = partition_rows(staging)
             n_rows = sum(rows.values())
             if n_rows != n_targets:
@@ -1165,14 +1181,17 @@ PROCESS_BASE_MB = {"driver": 650, "context": 350, "predictor": 650, "writer": 55
 BASELINE_COPIES = 12
 
 
-def imputation_problem(config: Config, dataset: Any = None, matrix: str | Path | None = None
-                       ) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
+def imputation_problem(config: Config, dataset: Any = None, matrix: str | Path | None = None, *,
+                       genomes: bool = True) -> tuple[VisibleProblem, np.ndarray, np.ndarray]:
     """(problem with its missing profiles, (G, S) target entries, (S,) virtual flags) of the config's inputs, as
     :func:`impute` builds them with its default settings; with ``matrix`` (inputs read here) the values and the
-    targets are kept in files there (:class:`~geximpute.io.matrixfile.MatrixFile`), as :func:`impute` keeps them."""
+    targets are kept in files there (:class:`~geximpute.io.matrixfile.MatrixFile`), as :func:`impute` keeps them.
+    ``genomes`` False: the donors' promoter haplotypes are not built (``impute`` streams them to its encode tasks
+    instead of holding them in the driver)."""
     settings = config.impute
     owned = dataset is None  # inputs read here: one matrix throughout (scaled and widened in place)
-    problem, _ = make_problem(dataset or load_dataset(config, matrix=matrix), hidden_mask=False, consume=owned)
+    problem, _ = make_problem(dataset or load_dataset(config, matrix=matrix), hidden_mask=False, genomes=genomes,
+                              consume=owned)
     virtual = np.zeros(problem.n_samples, bool)
     if settings.missing_profiles:
         problem, virtual = add_missing_profiles(problem, settings.donors, settings.tissues, in_place=owned)
@@ -1213,10 +1232,19 @@ def impute_plan(config: Config, model: str | Path | None = None, out_dir: str | 
 def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, workers: int | None, dataset: Any,
           matrix: Path | None) -> dict[str, Any]:
     """:func:`impute_plan` with the inputs' matrix kept in ``matrix`` (None: the dataset given, in memory)."""
-    settings = config.impute
     bundle_dir = Path(model or model_dir(config))
     out = Path(out_dir or output_dir(config))
-    problem, targets, virtual = imputation_problem(config, dataset, matrix)
+    # the model first, as impute reads it: a missing or incompatible one is refused before the inputs are read,
+    # and a model trained without genomes reads no VCF
+    try:
+        bundle = load_bundle(bundle_dir)
+    except FileNotFoundError as exc:
+        raise GeximputeError(str(exc)) from exc
+    config, dataset = genomes_the_model_reads(config, bundle, dataset, "impute --plan")
+    settings = config.impute
+    # the problem as impute makes it: its promoter haplotypes are never built in the driver (impute streams them)
+    problem, targets, virtual = imputation_problem(config, dataset, matrix, genomes=False)
+    check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = int(virtual.sum())
     cut = entry_blocks(problem, targets, BLOCK_ENTRIES)
     shards = [{"genes": [int(b.lo), int(b.hi)], "chrom": str(problem.chroms[b.lo]),
@@ -1224,10 +1252,6 @@ def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, 
     n_entries = int(row_sums(targets).sum())
     n_genes, n_samples = problem.values.shape
     mib = 1 / 2**20
-    try:
-        bundle = load_bundle(bundle_dir)
-    except FileNotFoundError as exc:
-        raise GeximputeError(str(exc)) from exc
     bundle_mb = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) * mib
     # the stacked baselines: fitted per gene range in tasks; the driver reads one range's estimates at a time
     offsets = entry_offsets(targets)
@@ -1246,7 +1270,7 @@ def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, 
     # the stacked baselines' estimates
     samples_of = np.bincount(problem.donor_index, minlength=len(problem.donors))
     per_entry = (4 + 2 + (4 * len(bundle.baseline_names) if bundle.stacked else 0)
-                 + 4 * int(config.impute.include_observed and problem.genomes is not None))  # own-value-free scores
+                 + 4 * int(config.impute.include_observed and config.inputs.variants is not None))  # own-value-free
     shard_mb = max(((b.hi - b.lo) * int(samples_of[b.donor_lo : b.donor_hi].sum()) * per_entry for b in cut),
                    default=0) * mib
     family = 0.0
@@ -1281,10 +1305,11 @@ def _plan(config: Config, model: str | Path | None, out_dir: str | Path | None, 
         peak["baselines"] = (PROCESS_BASE_MB["baselines"] + BASELINE_COPIES * range_genes * per_gene * 8 * mib
                              + (family if ranged_family else 0.0))
     measured = _measured_rate(out)
-    n_workers = workers or settings.predictors
+    # the pool impute starts on CPUs: one actor per BLOCK_ENTRIES entries, up to impute.predictors
+    n_workers = workers or min(settings.predictors, max(1, -(-n_entries // BLOCK_ENTRIES)))
     projected = None
     if measured is not None:
-        projected = round(n_entries / (measured["entries_per_second_per_predictor"] * n_workers), 1)
+        projected = round(n_entries / (measured["rate_per_predictor"] * n_workers), 1)
     return {
         "genes": n_genes, "samples": n_samples, "donors": len(problem.donors), "tissues": len(problem.tissues),
         "missing_profiles": n_virtual, "entries": n_entries, "shards": shards,
@@ -1307,10 +1332,12 @@ def _measured_rate(out: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     rate, predictors = recorded.get("entries_per_second"), (recorded.get("ray") or {}).get("predictors")
-    if not rate or not predictors:
+    if not isinstance(rate, (int, float)) or not isinstance(predictors, int) or rate <= 0 or predictors <= 0:
         return None
+    # the projection divides by the exact rate; the figure shown is rounded (a slow run's 0.04 is not 0)
     return {"from": str(path), "entries": recorded.get("n_rows"), "seconds": recorded.get("seconds"),
-            "predictors": predictors, "entries_per_second_per_predictor": round(rate / predictors, 1)}
+            "predictors": predictors, "entries_per_second_per_predictor": round(rate / predictors, 1),
+            "rate_per_predictor": rate / predictors}
 
 
 def format_plan(plan: dict[str, Any], max_shards: int = 8) -> str:
