@@ -626,3 +626,38 @@ def test_a_durable_commit_whose_folder_does_not_sync_is_not_recorded_as_done(tmp
     assert read_version(out) == "new"
     write_version(out, "newer")  # without durable: a warning, the commit stands
     assert read_version(out) == "newer"
+
+
+def test_a_set_aside_lease_is_judged_by_its_own_age_and_a_renewal_that_lost_it_stops(tmp_path):
+    """A ``.renew-*`` file left by a renewer that died (torn, or without an expiry) is judged by its own age, not by
+    the starter's lease just linked (which made it live forever: every start refused); a renewer paused past its
+    expiry whose set-aside lease a starter removed learns it lost (a FileNotFoundError before, taken for a passing
+    error: its next beat set the new holder's lease aside)."""
+    path = tmp_path / "lease.json"
+    stale = tmp_path / "lease.json.renew-ghost-1-0000abcd"
+    stale.write_bytes(b"\x00\x00 torn")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    with Lease(path, ttl=60) as lease:  # taken; the stale set-aside file removed
+        lease.check()
+    assert not stale.exists()
+    stale.write_bytes(b"\x00\x00 torn")  # a young one: a renewal in progress
+    with pytest.raises(LeaseBusy, match="a run that is writing it now"):
+        Lease(path, ttl=60).acquire()
+    stale.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    holder = Lease(path, ttl=60).acquire()
+    holder._stop.set()
+    holder._thread.join()
+    swap = Lease._swap
+
+    def starter_removed_it(self, aside, renewed):
+        aside.unlink()  # expired while this renewal paused: removed by a run that took the name
+        return swap(self, aside, renewed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Lease, "_swap", starter_removed_it)
+        with pytest.raises(LeaseLost, match="expired while it was being renewed"):
+            holder.renew()
+    assert holder._lost

@@ -290,6 +290,20 @@ def test_quarantine_keeps_a_donor_together_and_never_names_part_of_a_file(tmp_pa
     assert not quarantine(item, ValueError("bad"), folder)
     assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["C.expression.tsv", "C.vcf"]
     assert not list(folder.iterdir())
+    # a duplicate genome that cannot move: the same (the first genome moved; the rest wait with the duplicate)
+    (inbox / "C.vcf.gz").write_text("genome again")
+
+    def duplicate_stuck(src, dst):
+        if Path(src).name == "C.vcf.gz":
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_move(src, dst)
+
+    monkeypatch.setattr(nightly_step, "_move_whole", duplicate_stuck)
+    item = InboxItem("C", inbox / "C.vcf", expression=inbox / "C.expression.tsv", duplicates=[inbox / "C.vcf.gz"])
+    assert not quarantine(item, ValueError("two genomes"), folder)
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["C.expression.tsv", "C.vcf.gz"]
+    for name in list(folder.iterdir()):
+        name.unlink()
     monkeypatch.undo()
 
     # another file system: rename fails with EXDEV; the copy fills the disk part-way

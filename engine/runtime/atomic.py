@@ -261,17 +261,20 @@ class Lease:
             return text, None
         return text, holder if isinstance(holder, dict) else None
 
-    def _expired(self, text: str, holder: dict | None) -> bool:
+    def _expired(self, text: str, holder: dict | None, path: Path | None = None) -> bool:
+        """Whether the lease read from ``path`` (default: the lease file) has expired; one without a readable
+        expiry is judged by that file's age."""
+        path = self.path if path is None else path
         if holder is None:  # torn (a holder died while writing it) unless it is being written right now
             try:
-                return time.time() - self.path.stat().st_mtime > min(self.ttl, 30.0)
+                return time.time() - path.stat().st_mtime > min(self.ttl, 30.0)
             except FileNotFoundError:
                 return True
         try:
             return float(holder["expires"]) < time.time()
         except (KeyError, TypeError, ValueError):  # a pid lock of the previous protocol: judged by its age
             try:
-                return time.time() - self.path.stat().st_mtime > self.ttl
+                return time.time() - path.stat().st_mtime > self.ttl
             except FileNotFoundError:
                 return True
 
@@ -345,7 +348,7 @@ class Lease:
                 # the name was free only because its holder is renewing it (between its rename aside and its link):
                 # give it back, so that the live holder's renewal lands and this run is refused
                 self._give_back()
-                raise LeaseBusy(self._busy_message(renewing))
+                raise LeaseBusy(self._busy_message(renewing[0]))
             fsync_dir(self.path.parent)
             self._acquired = json.loads(content)["acquired"]
             self._stop.clear()
@@ -354,9 +357,10 @@ class Lease:
             return self
         raise LeaseBusy(f"{self.path}: could not take the {self.what} lease (other runs keep taking it); try again")
 
-    def _renewing_holder(self) -> dict | None:
-        """The holder of a live lease that another run has set aside to renew it (:meth:`renew`), or None; a
-        set-aside lease that has expired (its holder died renewing it) is removed."""
+    def _renewing_holder(self) -> tuple[dict | None] | None:
+        """(holder,) of a live lease that another run has set aside to renew it (:meth:`renew`; the holder None
+        where it does not parse), or None; a set-aside lease that has expired (its holder died renewing it, or it
+        is torn and older than a lease's time to live, judged by its own age) is removed."""
         for aside in self.path.parent.glob(f"{glob.escape(self.path.name)}.renew-*"):
             if aside == self._aside():
                 continue
@@ -370,8 +374,8 @@ class Lease:
                 holder = None
             if not isinstance(holder, dict):
                 holder = None
-            if not self._expired(text, holder):
-                return holder or {}
+            if not self._expired(text, holder, aside):
+                return (holder,)
             with contextlib.suppress(OSError):
                 aside.unlink()
         return None
@@ -447,7 +451,7 @@ class Lease:
                 self.renew()
             except LeaseLost as exc:
                 log.error("%s", exc)
-                with contextlib.suppress(OSError):
+                with self._lock, contextlib.suppress(OSError):
                     self._restore_aside()  # another run's lease, set aside by this renewal, goes back
                 return
             except OSError as exc:  # a transient error of the volume: the next beat tries again
@@ -500,9 +504,14 @@ class Lease:
         restore = True
         try:
             try:
-                holder = json.loads(aside.read_text())
+                holder = json.loads(aside.read_bytes().decode("utf-8", errors="replace"))
             except ValueError:
                 holder = None
+            except FileNotFoundError:  # removed as expired by a starting run while this renewal was paused
+                restore = False
+                self._lost = True
+                raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} expired while it was being "
+                                "renewed and another run took it; this run stops without committing") from None
             if not isinstance(holder, dict) or holder.get("owner") != self.owner:
                 self._lost = True
                 raise LeaseLost(f"{self.path}: the {self.what} lease of {self.owner} was taken over by "

@@ -510,7 +510,7 @@ def quarantine(item: InboxItem, error: BaseException, folder: Path) -> bool:
             log.error("nightly: cannot quarantine %s (%s); left in the inbox", path, exc)
             note.unlink(missing_ok=True)
             moved = False
-            if path == item.vcf:
+            if path in (item.vcf, *item.duplicates):
                 # the genome stays: so do its indexes and expression files (quarantined without it, the donor's
                 # measured tissues would be lost to a later delivery of the genome)
                 break
