@@ -8,9 +8,9 @@ the others in the submitter's pod.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
+from geximpute.apps import cli
 from geximpute.jobs import run_steps, step_args
 from geximpute.jobs.pipeline import STEPS
 
@@ -24,4 +24,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)  # the status of the step, without the teardown that at times aborted (cli.run)

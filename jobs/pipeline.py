@@ -6,9 +6,9 @@ the first step that fails stops the pipeline and its exit status is the pipeline
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
+from geximpute.apps import cli
 from geximpute.jobs import run_steps, step_args
 
 #: the ``geximpute`` subcommands the pipeline runs, in order
@@ -24,4 +24,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)  # the status of the step, without the teardown that at times aborted (cli.run)

@@ -251,6 +251,23 @@ def test_each_job_is_its_geximpute_step(calls, module, command):
     assert seen == [[*command, "--config", "c.yaml", "--set", "a.b=1", "--set", "c=2"]]
 
 
+def test_every_job_ends_its_process_as_the_geximpute_command_does():
+    """A job's ``__main__`` ends through ``cli.run`` (its status once the atexit handlers ran, without the
+    interpreter's teardown of native libraries that at times aborted with 134 instead of the step's status), as
+    ``geximpute`` does; a step's error is its status."""
+    import subprocess
+    import sys
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tail = path.read_text().split('if __name__ == "__main__":', 1)[-1]
+        assert "cli.run(main)" in tail and "sys.exit" not in tail, path.name
+    done = subprocess.run([sys.executable, "-m", "geximpute.jobs.impute", "--config", "absent.yaml"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "absent.yaml: config file not found" in done.stderr, done.stderr
+
+
 def test_every_entrypoint_is_one_command_without_shell_operators():
     """KubeRay's K8sJobMode submitter pastes ``spec.entrypoint`` into its own ``bash -c`` line (``ray job submit ...
     -- ENTRYPOINT ; ray job logs ...``): a ``&&``, ``;`` or ``|`` in it would end the Ray job's command there and run

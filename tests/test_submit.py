@@ -349,6 +349,11 @@ def test_the_token_never_travels_in_clear_to_another_host(capfd, monkeypatch, ca
                   "127.0.0.1:8265"):
         check_transport(local, token)
     check_transport("http://10.0.0.5:8265", None)  # no token, nothing to protect
+    # Ray Client addresses reach the dashboard over plain http on the head's own address: refused, token or not
+    for client in ("ray://10.0.0.5:10001", "RAY://head.corp:10001", "ray://127.0.0.1:10001"):
+        for with_token in (token, None):
+            with pytest.raises(GeximputeError, match=r"expected the address of the cluster's job server .* ray://"):
+                check_transport(client, with_token)
     with pytest.raises(GeximputeError, match=r"refusing to send the Ray token .* in clear to http://10\.0\.0\.5"):
         check_transport("http://10.0.0.5:8265", token)
     with caplog.at_level("WARNING"):
@@ -485,3 +490,47 @@ def test_an_address_that_is_not_a_ray_job_server_is_a_clear_error(answer, monkey
             _client(f"http://127.0.0.1:{server.server_address[1]}", None)
     finally:
         server.shutdown()
+
+
+class _DeadTunnelClient:
+    """A job server behind a tunnel whose far end died: the log stream says nothing more and never ends, and every
+    status request hangs (until ``released``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.released = threading.Event()
+        self.asked = 0
+
+    async def tail_job_logs(self, _id):
+        import asyncio
+
+        yield "first lines\n"
+        await asyncio.Event().wait()  # silent for ever
+
+    def get_job_status(self, _id):
+        self.asked += 1
+        self.released.wait(30)
+        raise AssertionError("a hung request was waited for")
+
+    def get_job_info(self, _id):
+        raise AssertionError("no status, no info")
+
+
+def test_following_ends_when_the_stream_is_silent_and_requests_hang():
+    """A silent log stream has the job's status asked; requests that hang count as the server out of reach, and
+    ``patience_s`` of that ends the wait (detached). Before, a dead SSH tunnel held the stream's read and then a
+    status request without a timeout for hours, whatever the 5-minute patience said."""
+    import io
+
+    from geximpute.runtime.submit import wait_for
+
+    client, out = _DeadTunnelClient(), io.StringIO()
+    t0 = time.monotonic()
+    try:
+        result = wait_for(client, "j8", "http://127.0.0.1:1", out, poll_s=0.01, patience_s=0.3, answer_s=0.1,
+                          quiet_s=0.2)
+    finally:
+        client.released.set()
+    assert (result.status, result.detached) == ("UNKNOWN", True) and "out of reach" in result.message
+    assert out.getvalue() == "first lines\n" and client.asked >= 2 and time.monotonic() - t0 < 10

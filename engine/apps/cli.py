@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from geximpute import __version__
@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the shards, entries, expected peak memory per process and projected wall time; "
                         "run nothing")
     p.add_argument("--workers", type=int, metavar="N", help="with --plan: predictor actors to project for "
-                                                             "(default: the pool impute starts, one per 50,000 "
-                                                             "entries up to impute.predictors)")
+                                                             "(default: the pool impute starts on CPUs, one per "
+                                                             "50,000 entries up to impute.predictors)")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     _add_force(p)
     p.set_defaults(func=cmd_impute)
@@ -540,13 +540,14 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "") + f" ({type(exc).__name__})"
 
 
-def run() -> None:
-    """The ``geximpute`` command: :func:`main`, then the process ends with its status once what a normal exit runs
-    has run (the ``atexit`` handlers: logging's flush, a Ray session's shutdown, temporary folders), without the
-    interpreter's teardown of the native libraries (Arrow, torch, htslib), where a thread pool's destructor at times
-    aborted the process after an error had been reported (status 134 instead of 2, a few runs in a hundred)."""
+def run(entry: Callable[[], int] | None = None) -> None:
+    """The ``geximpute`` command: :func:`main` (or ``entry``: a job's entry point, ``geximpute.jobs``), then the
+    process ends with its status once what a normal exit runs has run (the ``atexit`` handlers: logging's flush, a
+    Ray session's shutdown, temporary folders), without the interpreter's teardown of the native libraries (Arrow,
+    torch, htslib), where a thread pool's destructor at times aborted the process after an error had been reported
+    (status 134 instead of 2, a few runs in a hundred)."""
     try:
-        status = main()
+        status = (entry or main)()
     except SystemExit as exc:  # argparse: usage errors, --help, --version
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):

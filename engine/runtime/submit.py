@@ -27,11 +27,12 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from geximpute import __version__
 from geximpute.config import dump_config, load_config
@@ -54,6 +55,11 @@ STEPS: dict[str, str] = {
 DETACHED_STATUS = 130
 #: how long the job server may be out of reach while a job is followed before `submit` stops following it
 GONE_SECONDS = 300.0
+#: a status request that has not answered in this many seconds counts as the job server out of reach (the Jobs
+#: SDK's requests carry no timeout: a tunnel whose far end died held one for hours)
+ANSWER_SECONDS = 30.0
+#: a log stream silent this long has the job's status asked (a stream over a dead tunnel never ends by itself)
+QUIET_SECONDS = 60.0
 #: the config's name inside the job's working_dir
 JOB_CONFIG = "geximpute-job.yaml"
 #: overrides every submitted config gets last: the job joins the cluster it runs on, with that cluster's resources
@@ -189,19 +195,29 @@ def is_loopback(host: str) -> bool:
 
 
 def check_transport(address: str, token: Token | None, allow_insecure: bool = False) -> None:
-    """Refuse to send ``token`` in clear: over plain ``http://`` to an address that is not this machine.
+    """Refuse an address that is not a job server's (``ray://``: Ray Client), and refuse to send ``token`` in
+    clear: over plain ``http://`` to an address that is not this machine.
 
     A port-forward (``kubectl port-forward``, ``ray dashboard``) listens on 127.0.0.1 and is fine; a head reached
     across a network needs ``https://`` (a TLS-terminating ingress or proxy in front of the dashboard), or
     ``allow_insecure`` on a network the user trusts, with a warning.
 
     Raises:
-        GeximputeError: a token would cross the network unencrypted and ``allow_insecure`` is not set.
+        GeximputeError: a ``ray://`` address; a token would cross the network unencrypted and ``allow_insecure``
+            is not set.
     """
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"http://{address}")
+    if parsed.scheme.lower() not in ("http", "https"):
+        # ray:// goes through Ray Client, which then reaches the dashboard over plain http on the head's own
+        # address: neither this check nor the job server's address is what the user named
+        raise GeximputeError(
+            f"--address {address}: expected the address of the cluster's job server (its dashboard), "
+            "http(s)://HEAD:8265; a ray:// (Ray Client) address is not one. Forward the dashboard "
+            "(`ray dashboard CLUSTER.yaml`, `kubectl port-forward`) and use http://127.0.0.1:8265, or an https:// "
+            "address in front of it")
     if token is None:
         return
-    parsed = urllib.parse.urlsplit(address if "://" in address else f"http://{address}")
-    if parsed.scheme != "http" or is_loopback(parsed.hostname or ""):
+    if parsed.scheme.lower() == "https" or is_loopback(parsed.hostname or ""):
         return
     if not allow_insecure:
         raise GeximputeError(
@@ -252,34 +268,90 @@ def _refused(address: str, token: Token | None, exc: Exception) -> GeximputeErro
     return GeximputeError(f"the Ray cluster at {address} refused the request ({body}): {why}. {TOKEN_HELP}")
 
 
-async def _follow(client, submission_id: str, out: TextIO) -> None:
-    async for lines in client.tail_job_logs(submission_id):
-        out.write(lines)
-        out.flush()
+async def _follow(client, submission_id: str, out: TextIO, quiet_s: float, answer_s: float) -> str:
+    """Write the job's log stream to ``out`` until it ends ("ended"); where it stays silent ``quiet_s``, the job's
+    status is asked (in a thread, at most ``answer_s``): a job that has finished ("finished") or a server that does
+    not answer ("silent") ends the following here, for :func:`wait_for`'s polling."""
+    stream = client.tail_job_logs(submission_id).__aiter__()
+    loop = asyncio.get_running_loop()
+    pending = asyncio.ensure_future(stream.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=quiet_s)
+            if done:
+                try:
+                    lines = pending.result()
+                except StopAsyncIteration:
+                    return "ended"
+                out.write(lines)
+                out.flush()
+                pending = asyncio.ensure_future(stream.__anext__())
+                continue
+            try:
+                status = await loop.run_in_executor(None, _answer, answer_s, client.get_job_status, submission_id)
+            except _server_errors():
+                return "silent"
+            if status.is_terminal():
+                return "finished"
+    finally:
+        pending.cancel()
+
+
+def _answer(timeout_s: float, call, *args):
+    """``call(*args)`` in a daemon thread, waited for at most ``timeout_s`` (TimeoutError after it: the request
+    is left to its thread, which never holds up the process's exit)."""
+    box: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            box["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=ask, name="job-status", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def wait_for(client, submission_id: str, address: str, out: TextIO, poll_s: float = 2.0,
-             patience_s: float = GONE_SECONDS) -> JobResult:
+             patience_s: float = GONE_SECONDS, answer_s: float = ANSWER_SECONDS,
+             quiet_s: float = QUIET_SECONDS) -> JobResult:
     """Stream the job's logs to ``out`` until it ends, then return its final status.
 
-    A log stream that breaks off (a port-forward or tunnel that dropped, the head restarting) is followed by
-    polling the job's status; the job server out of reach for ``patience_s`` in a row ends the wait with the job
-    detached (it still runs on the cluster), never with a traceback.
+    A log stream that breaks off (a port-forward or tunnel that dropped, the head restarting), or that stays silent
+    ``quiet_s`` while the job server does not answer, is followed by polling the job's status; a status request
+    that does not answer within ``answer_s`` counts as the server out of reach, and out of reach for
+    ``patience_s`` in a row ends the wait with the job detached (it still runs on the cluster), never with a
+    traceback and never waiting on a dead connection.
     """
     from ray.job_submission import JobStatus
 
+    how = None
     try:
-        asyncio.run(_follow(client, submission_id, out))
+        how = asyncio.run(_follow(client, submission_id, out, quiet_s, answer_s))
     except _server_errors() as exc:  # OSError takes in timeouts and refused connections
         log.warning("submit: the log stream of %s broke off (%s); waiting for the job to finish (its logs: `ray job "
                     "logs %s --address %s`)", submission_id, exc or type(exc).__name__, submission_id, address)
+    if how == "silent":
+        log.warning("submit: the log stream of %s is silent and the job server at %s does not answer; waiting for "
+                    "it (at most %.0f s)", submission_id, address, patience_s)
     unreachable_since = None
     while True:
         try:
-            status = client.get_job_status(submission_id)
+            status = _answer(answer_s, client.get_job_status, submission_id)
             if status.is_terminal():
-                message = client.get_job_info(submission_id).message or ""
+                message = _answer(answer_s, client.get_job_info, submission_id).message or ""
                 return JobResult(submission_id, address, JobStatus(status).value, message)
+            if how == "ended":  # closed by the server or a proxy with the job still running: said, once
+                log.warning("submit: the log stream of %s ended before the job (a proxy's timeout?); waiting for the "
+                            "job to finish (its logs: `ray job logs --follow %s --address %s`)", submission_id,
+                            submission_id, address)
+                how = None
             unreachable_since = None
         except _server_errors() as exc:
             now = time.monotonic()
