@@ -201,6 +201,33 @@ def test_overlapping_edits_keep_the_first_by_position() -> None:
     result = edit_window(CHR1, 1, TSS, "+", P.upstream, P.downstream, insertions)
     assert result.sequence == bases(25, 27) + "A" + bases(28, 33)
     assert result.n_overlap_skipped == 1
+    # edits that trim to one start keep the VCF's order, whatever their lengths or bases: the first wins (a
+    # deletion written before an SNV at its first deleted base was skipped, the shorter span sorting first; two
+    # insertions at one point were chosen alphabetically)
+    result = edit_window(CHR1, 1, TSS, "+", P.upstream, P.downstream, insertions[::-1])
+    assert result.sequence == bases(25, 27) + "C" + bases(28, 33)
+    deletion, snv = (26, bases(26, 29), b(26)), (27, b(27), other(b(27)))  # both trim to start 27
+    result = edit_window(CHR1, 1, TSS, "+", P.upstream, P.downstream, [deletion, snv])
+    assert result.sequence == bases(21, 26) + bases(30, 33) and result.n_overlap_skipped == 1
+    result = edit_window(CHR1, 1, TSS, "+", P.upstream, P.downstream, [snv, deletion])
+    assert result.sequence == bases(24, 26) + other(b(27)) + bases(28, 33) and result.n_overlap_skipped == 1
+
+
+def test_the_window_checks_read_the_window_s_sites_only(tmp_path: Path, genome: Genome) -> None:
+    """A site that select gathered only because a deletion nobody carries could pull it in is not the window's:
+    its missing or unphased calls do not refuse the VCF, nor count in the report (a valid VCF was refused, naming a
+    site outside the window as in it)."""
+    genes = genes_table(("gplus", "chr1", TSS, "+"))  # window 24..33
+    records = [rec(16, b(16), other(b(16)), "0/1", "./."),  # outside the window
+               rec(26, b(26), other(b(26)), "1/0", "0/0"),  # inside
+               rec(31, bases(31, 45), b(31), "0/0", "0/0")]  # a 14-base deletion nobody carries
+    for policy in ({"unphased": "error"}, {"missing": "error"}):
+        built = build(tmp_path, genome, records, ["D1", "D2"], genes, **policy)
+        assert built.report["n_sites_in_windows"] == 2  # 26 and the deletion's first base, 31
+    # a second unphased heterozygous site inside the window is still refused
+    records[2] = rec(31, b(31), other(b(31)), "0/1", "0/0")
+    with pytest.raises(InputError, match=r"donor D1, sites chr1:26 \(unphased\), chr1:31 \(unphased\)"):
+        build(tmp_path, genome, records, ["D1", "D2"], genes, unphased="error")
 
 
 def test_edit_window_refuses_bad_input() -> None:

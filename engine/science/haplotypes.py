@@ -172,8 +172,9 @@ def edit_window(
             continue  # ALT spells REF
         lower = region[pos - region_start].islower()
         trimmed.append((start, start + r_len, alt_bases.lower() if lower else alt_bases.upper(), order))
-    # by position; at one position a pure insertion (end == start) goes before a replacement
-    trimmed.sort()
+    # by position; at one position a pure insertion (end == start) goes before a replacement, and otherwise the
+    # edits keep their order (the VCF's: the first wins an overlap, as documented)
+    trimmed.sort(key=lambda t: (t[0], t[1] != t[0], t[3]))
 
     pieces: list[str] = []
     cursor = region_start  # first reference position not yet copied
@@ -374,15 +375,18 @@ def build_haplotypes(
         index, lo, hi = sites.select(chrom, int(win_start[g]), int(win_end[g]))
         if index.size == 0:
             continue
-        used[index] = True
+        # the checks and counts read the sites on the window's reference bases; the edits read every site select
+        # gathered (its region widened by every deletion any donor might carry, which reaches past the window)
+        inside = (sites.end[index] >= win_start[g]) & (sites.pos[index] <= win_end[g])
+        used[index[inside]] = True
         if missing == "error":
-            _refuse_missing(variants, index, gene_ids[g])
+            _refuse_missing(variants, index[inside], gene_ids[g])
         alleles = sites.alleles(index)  # (n_sites, 2 * D)
-        het, ambiguous = _ambiguous_phase(variants, index)
+        het, ambiguous = _ambiguous_phase(variants, index, inside)
         if ambiguous.any():
             ambiguous_pairs += int(ambiguous.sum())
             if unphased == "error":
-                _refuse_ambiguous(variants, index, het, ambiguous, gene_ids[g])
+                _refuse_ambiguous(variants, index[inside], het[inside], ambiguous, gene_ids[g])
             if unphased == "cis":
                 alleles = _alts_on_b(alleles, het & ambiguous[None, :])
         carried = alleles.any(axis=1)
@@ -554,12 +558,17 @@ class _Sites:
         }
 
 
-def _ambiguous_phase(variants: Variants, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ambiguous_phase(variants: Variants, index: np.ndarray, inside: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """((n_sites, D) unphased heterozygous calls at ``index``, (D,) donors whose phase across these sites is not
     known: two or more heterozygous calls of which one is unphased, or phased calls of two phase sets (FORMAT
-    ``PS``: calls of different sets are phased within their set only)."""
+    ``PS``: calls of different sets are phased within their set only); ``inside`` (n_sites,): only these sites'
+    calls count towards the donors' ambiguity (the window's own; the others are still returned)."""
     calls = variants.genotypes[index]
     het_any = (calls[..., 0] != calls[..., 1]) & (calls >= 0).all(axis=2)
+    unphased_all = het_any & ~variants.phased[index]
+    if inside is not None:
+        het_any = het_any & inside[:, None]
     unphased = het_any & ~variants.phased[index]
     ambiguous = (het_any.sum(axis=0) >= 2) & unphased.any(axis=0)
     if variants.phase_set is not None:  # phased hets of more than one set
@@ -568,7 +577,7 @@ def _ambiguous_phase(variants: Variants, index: np.ndarray) -> tuple[np.ndarray,
         top = np.where(phased, sets, np.iinfo(np.int64).min).max(axis=0)
         low = np.where(phased, sets, np.iinfo(np.int64).max).min(axis=0)
         ambiguous |= phased.any(axis=0) & (top != low)
-    return unphased, ambiguous
+    return unphased_all, ambiguous
 
 
 def _alts_on_b(alleles: np.ndarray, move: np.ndarray) -> np.ndarray:
