@@ -264,6 +264,24 @@ def test_phased_unphased_and_multiallelic_calls(tmp_path: Path, genome: Genome) 
     assert h.rows.dtype == np.int32 and h.reference_row.dtype == np.int64
 
 
+def test_a_split_multiallelic_site_is_one_site_under_every_phase_policy(tmp_path: Path, genome: Genome) -> None:
+    """``bcftools norm -m -`` writes an unphased 1/2 as two records of one position, 1/0 and 0/1: one
+    heterozygous site whose ALTs lie on different haplotypes, as the unsplit record is read (``cis`` put both ALTs
+    on haplotype B, where the second was skipped as overlapping, and A kept REF; ``error`` refused two sites). A
+    ``*`` allele beside REF writes nothing, so a call 0/2 on it is no heterozygous site."""
+    alt1, alt2 = [x for x in "ACGT" if x != b(28)][:2]
+    split = [rec(28, b(28), alt1, "1/0"), rec(28, b(28), alt2, "0/1")]
+    for policy in ("as_written", "cis", "error"):
+        h = build(tmp_path, genome, split, ["d1"], unphased=policy)
+        assert [h.sequence(0, 0, hap)[28 - 24] for hap in (0, 1)] == [alt1, alt2], policy
+        assert h.report["n_overlap_skipped"] == 0
+    # a heterozygous deletion and the record it spans, written with `*` (GATK): one site
+    star = [rec(25, bases(25, 28), b(25), "0/1"), rec(27, b(27), f"{other(b(27))},*", "0/2")]
+    h = build(tmp_path, genome, star, ["d1"], unphased="error")
+    assert sorted(h.sequence(0, 0, hap) for hap in (0, 1)) == sorted([h.sequences[h.reference_row[0]],
+                                                                       cut("+", [(25, bases(25, 28), b(25))])])
+
+
 def test_missing_alleles_read_as_reference_or_refused(tmp_path: Path, genome: Genome) -> None:
     alt = other(b(31))
     records = [rec(31, b(31), alt, ".|1", "./.", "1|1")]

@@ -382,13 +382,16 @@ def build_haplotypes(
         if missing == "error":
             _refuse_missing(variants, index[inside], gene_ids[g])
         alleles = sites.alleles(index)  # (n_sites, 2 * D)
-        het, ambiguous = _ambiguous_phase(variants, index, inside)
+        # records of one position are one site: a multi-allelic site split by `bcftools norm -m -` (GT 1/2 written
+        # as 1/0 and 0/1) is one heterozygous site whose two ALTs lie on different haplotypes
+        group = np.unique(sites.pos[index], return_inverse=True)[1].reshape(-1)
+        het, ambiguous = _ambiguous_phase(variants, index, inside, alleles, group)
         if ambiguous.any():
             ambiguous_pairs += int(ambiguous.sum())
             if unphased == "error":
                 _refuse_ambiguous(variants, index[inside], het[inside], ambiguous, gene_ids[g])
             if unphased == "cis":
-                alleles = _alts_on_b(alleles, het & ambiguous[None, :])
+                alleles = _alts_on_b(alleles, het & ambiguous[None, :], group)
         carried = alleles.any(axis=1)
         if not carried.any():
             continue
@@ -558,19 +561,35 @@ class _Sites:
         }
 
 
-def _ambiguous_phase(variants: Variants, index: np.ndarray, inside: np.ndarray | None = None
+def _ambiguous_phase(variants: Variants, index: np.ndarray, inside: np.ndarray | None = None,
+                     alleles: np.ndarray | None = None, group: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """((n_sites, D) unphased heterozygous calls at ``index``, (D,) donors whose phase across these sites is not
-    known: two or more heterozygous calls of which one is unphased, or phased calls of two phase sets (FORMAT
-    ``PS``: calls of different sets are phased within their set only); ``inside`` (n_sites,): only these sites'
-    calls count towards the donors' ambiguity (the window's own; the others are still returned)."""
+    known: heterozygous calls at two or more sites of which one is unphased, or phased calls of two phase sets
+    (FORMAT ``PS``: calls of different sets are phased within their set only).
+
+    ``inside`` (n_sites,): only these sites' calls count towards the donors' ambiguity (the window's own; the
+    others are still returned). ``alleles`` (:meth:`_Sites.alleles`): a call is heterozygous in the alleles that
+    can be written (a ``*`` or symbolic ALT beside REF is not: it writes nothing). ``group`` (n_sites,): records
+    of one group are one site (the records of one position: a split multi-allelic site)."""
     calls = variants.genotypes[index]
-    het_any = (calls[..., 0] != calls[..., 1]) & (calls >= 0).all(axis=2)
+    called = (calls >= 0).all(axis=2)
+    if alleles is not None:
+        pairs = alleles.reshape(len(index), -1, 2)
+        het_any = (pairs[..., 0] != pairs[..., 1]) & called
+    else:
+        het_any = (calls[..., 0] != calls[..., 1]) & called
     unphased_all = het_any & ~variants.phased[index]
     if inside is not None:
         het_any = het_any & inside[:, None]
     unphased = het_any & ~variants.phased[index]
-    ambiguous = (het_any.sum(axis=0) >= 2) & unphased.any(axis=0)
+    if group is not None and len(index):
+        het_sites = np.zeros((int(group.max()) + 1, het_any.shape[1]), dtype=bool)
+        np.logical_or.at(het_sites, group, het_any)
+        n_het = het_sites.sum(axis=0)
+    else:
+        n_het = het_any.sum(axis=0)
+    ambiguous = (n_het >= 2) & unphased.any(axis=0)
     if variants.phase_set is not None:  # phased hets of more than one set
         phased = het_any & ~unphased
         sets = variants.phase_set[index].astype(np.int64)
@@ -580,10 +599,17 @@ def _ambiguous_phase(variants: Variants, index: np.ndarray, inside: np.ndarray |
     return unphased_all, ambiguous
 
 
-def _alts_on_b(alleles: np.ndarray, move: np.ndarray) -> np.ndarray:
+def _alts_on_b(alleles: np.ndarray, move: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
     """``alleles`` (n_sites, 2 * D) with the calls of ``move`` (n_sites, D) that pair REF with one ALT rewritten
-    as REF on haplotype A and the ALT on B (policy ``cis``); calls with two different ALTs keep their order."""
+    as REF on haplotype A and the ALT on B (policy ``cis``); calls with two different ALTs keep their order, and so
+    do the records of a ``group`` (one position) where the donor carries ALTs of two of them: a split
+    multi-allelic call (1/0 and 0/1 for 1/2) keeps its ALTs on different haplotypes."""
     pairs = alleles.reshape(alleles.shape[0], -1, 2).copy()
+    if group is not None and len(group):
+        carrying = (pairs != 0).any(axis=2).astype(np.int64)  # (n_sites, D)
+        per_group = np.zeros((int(group.max()) + 1, carrying.shape[1]), dtype=np.int64)
+        np.add.at(per_group, group, carrying)
+        move = move & (per_group[group] < 2)
     one_ref = move & ((pairs[..., 0] == 0) | (pairs[..., 1] == 0))
     alt = pairs[..., 0] + pairs[..., 1]
     pairs[..., 0] = np.where(one_ref, 0, pairs[..., 0])
