@@ -148,3 +148,31 @@ def test_an_unreadable_config_is_named(write):
     path.write_bytes(b"name: \xff\xfe toy\n")
     with pytest.raises(ConfigError, match="config.yaml: cannot read the config file as UTF-8"):
         load_config(path)
+
+
+def test_fold_fraction_follows_the_task_unless_set(write):
+    """Null (the default): the training folds of the ``entries`` task hide the evaluation's fraction (a record's
+    context as thin as a hidden entry's), those of ``genes`` and ``samples`` a quarter of their units; resolved
+    where it is read (``Config.fold_fraction``), so a config whose task is replaced never keeps another task's
+    number; a number set is kept. A manifest's plain config resolves the same (``fold_fraction_of``)."""
+    import dataclasses
+
+    from geximpute.config import fold_fraction_of
+
+    path = write("config.yaml", MINIMAL)
+    entries = load_config(path, ["evaluation.task=entries"])
+    assert entries.fold_fraction == 0.1 and entries.to_dict()["train"]["fold_fraction"] is None
+    assert load_config(path, ["evaluation.task=entries", "evaluation.fraction=0.2"]).fold_fraction == 0.2
+    # never past 1 / folds: the folds stay disjoint
+    assert load_config(path, ["evaluation.task=entries", "evaluation.fraction=0.8"]).fold_fraction == 0.5
+    for task in ("genes", "samples"):
+        config = load_config(path, [f"evaluation.task={task}"])
+        assert config.fold_fraction == 0.25 == fold_fraction_of(config.to_dict())
+        assert dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, task="entries")
+                                   ).fold_fraction == 0.1
+    assert fold_fraction_of({"train": {"fold_fraction": 0.25}}) == 0.25  # records of an older default
+    assert fold_fraction_of({"train": {}, "evaluation": {"task": "entries", "fraction": 0.3}}) == 0.3
+    assert load_config(path, ["evaluation.task=entries", "train.fold_fraction=0.3"]).fold_fraction == 0.3
+    with pytest.raises(ConfigError,
+                       match=r"train.fold_fraction.*null \(by task\) or a number in \(0, 1/train.folds\] = \(0, 0.5\]"):
+        load_config(path, ["train.fold_fraction=0.6"])

@@ -804,8 +804,14 @@ def test_train_writes_only_into_a_folder_of_its_own_from_records_of_its_folds(tm
     check_records_settings(config_from_dict({**base, "train": {"fold_fraction": 0.2, "epochs": 9}}, tmp_path),
                            records)
     with pytest.raises(ConfigError, match=r"records were prepared with train.fold_fraction 0.2; this config says "
-                                          r"0.25"):
-        check_records_settings(config_from_dict(base, tmp_path), records)
+                                          r"0.1"):
+        check_records_settings(config_from_dict(base, tmp_path), records)  # null on entries: the fraction hidden
+    # records an older default prepared (0.25 written out) fit a config whose null resolves to it (genes), not one
+    # whose null resolves to another number (entries)
+    genes = {**base, "evaluation": {"task": "genes"}}
+    older = config_from_dict({**genes, "train": {"fold_fraction": 0.25}}, tmp_path)
+    (records / "_manifest.json").write_text(json.dumps({"config": older.to_dict()}))
+    check_records_settings(config_from_dict(genes, tmp_path), records)
     # the records' fingerprint: what makes them, not when or by which version they were made
     from geximpute.steps.pipeline import records_fingerprint
 

@@ -118,7 +118,7 @@ def fold_masks(config: Config, problem: VisibleProblem) -> list[np.ndarray]:
     """The training folds of ``problem`` as prepare cut them (:func:`geximpute.science.folds.training_folds` with
     the config's task, folds, seed and donor grouping)."""
     t = config.train
-    return training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction, config.seed,
+    return training_folds(problem, config.evaluation.task, t.folds, config.fold_fraction, config.seed,
                           whole_donors=config.evaluation.whole_donors)
 
 

@@ -1511,7 +1511,7 @@ def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_inde
 
 
 #: folds of the measured entries that :func:`range_estimates` estimates without their own values: each fit hides a
-#: quarter of them, as a training fold hides a quarter of the visible units (``train.fold_fraction``'s default)
+#: quarter of them, as a training fold on the ``genes`` and ``samples`` tasks hides a quarter of the visible units
 OWN_VALUE_FOLDS = 4
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from geximpute.config import Config
+from geximpute.config import Config, fold_fraction_of
 from geximpute.errors import ConfigError
 from geximpute.fit.bundle import Bundle, load_bundle, load_networks, networks_index, save_bundle, save_networks
 from geximpute.fit.hybrid import (
@@ -134,7 +134,10 @@ FOLD_SETTINGS = ("seed", "train.folds", "train.fold_fraction", "evaluation.task"
 
 
 def _setting(config: dict, dotted: str) -> Any:
-    """The value at ``dotted`` (``train.folds``) in a config's dictionary; None where a level is missing."""
+    """The value at ``dotted`` (``train.folds``) in a config's dictionary; None where a level is missing;
+    ``train.fold_fraction`` as resolved (:func:`~geximpute.config.fold_fraction_of`: null is the task's default)."""
+    if dotted == "train.fold_fraction" and isinstance(config, dict) and "train" in config:
+        return fold_fraction_of(config)
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config

@@ -671,7 +671,7 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
         parts = [RecordPart(problem, target_mask, hidden, staging / "context")] if context else []
         if training:
             t = config.train
-            for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, t.fold_fraction,
+            for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, config.fold_fraction,
                                                      config.seed, whole_donors=config.evaluation.whole_donors)):
                 labelled = fold_targets(inner, problem.tissue_index, t.max_fold_records, config.seed, f)
                 n_inner, n_labelled = int(inner.sum()), int(labelled.sum())
