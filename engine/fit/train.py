@@ -326,9 +326,11 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
     n_train = len(train_rows)
     if world > 1:
         # the shares are even by a hash, not exactly equal: every worker takes as many steps as the fewest rows allow
-        fewest = torch.tensor([n_train], dtype=torch.int64)
+        # collectives on the worker's device: NCCL (Ray Train's backend where workers hold GPUs) reduces CUDA tensors
+        # only, a CPU tensor there stopped every multi-GPU run at its first step
+        fewest = torch.tensor([n_train], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
-        n_train = int(fewest[0])
+        n_train = int(fewest.cpu()[0])
     per_worker_limit = cfg["max_examples"] // world if cfg["max_examples"] else None
     per_worker_limit = n_train if per_worker_limit is None else min(per_worker_limit, n_train)
     gene_chrom = network["gene_chrom"]
@@ -370,11 +372,13 @@ def _train_network(cfg: dict, network: dict, index: int, records: pa.Table | Non
                     pred, _ = model(tensors, promoters)
                 sq += float(torch.sum((pred.float() - tensors["target"]) ** 2))
                 count += len(pred)
-        totals = torch.tensor([sq, count, loss_sum, n_seen], dtype=torch.float64)
+        totals = torch.tensor([sq, count, loss_sum, n_seen], dtype=torch.float64, device=device)
         if world > 1:
+            genes_seen = genes_seen.to(device)
             torch.distributed.all_reduce(totals)
             torch.distributed.all_reduce(genes_seen)
-        seen = genes_seen.numpy() > 0
+        totals = totals.cpu()
+        seen = genes_seen.cpu().numpy() > 0
         chroms_seen = np.unique(gene_chrom[seen & (gene_chrom >= 0)])
         # no validation rows (a warning at the start): every epoch's weights replace the last, none is judged; a
         # loss gone NaN on validation rows (a diverged epoch) is a bad epoch, its weights never kept
