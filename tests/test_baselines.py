@@ -18,6 +18,7 @@ from geximpute.science.baselines import (
     FamilyLevels,
     GeneFamilyBaseline,
     PairwiseRegressionBaseline,
+    PromoterCompositionBaseline,
     RowTissueBaseline,
     baseline_estimates,
     family_rows,
@@ -719,3 +720,46 @@ def test_measured_entries_are_estimated_without_their_own_values():
         for name in names:
             assert again[name][i] == pytest.approx(free[name][i], rel=1e-5, abs=1e-5), name
     assert np.abs(free["iterative_ridge"][:40] - values[gi[:40], si[:40]]).mean() > 0.1
+
+
+def test_samples_tuning_scores_whole_donor_groups_and_ranges_that_hold_a_split():
+    """On the ``samples`` task a validation split larger than ``max_entries`` is scored on whole (gene, tissue)
+    groups (single entries drawn left 2-3 donors a group, under ``min_donors``: the tuning fell back to RMSE);
+    ranges whose genes are all on the test chromosomes are never the ones drawn (the split was empty there and
+    every method silently kept its defaults)."""
+    rng = np.random.default_rng(1)
+    n_genes, n_donors, n_tissues = 40, 300, 4
+    donor = np.repeat(np.arange(n_donors), n_tissues)
+    tissue = np.tile(np.arange(n_tissues), n_donors)
+    values = 5 + rng.normal(size=(n_genes, 1)) + rng.normal(size=(n_genes, n_donors))[:, donor] \
+        + 0.5 * rng.normal(size=(n_genes, n_donors * n_tissues))
+    problem = problem_of(values, donor, tissue)
+    for cap in (60_000, 320):
+        _, report = tune_settings(problem, ("pairwise_regression",), FIXED, "samples", seed=0, max_entries=cap,
+                                  min_donors=10)
+        pr = report["pairwise_regression"]
+        assert pr["metric"] == "across_donors_pearson_mean" and all(r["score"] is not None for r in pr["grid"])
+        assert pr["n_validation"] <= cap
+
+    big, _ = low_rank_table(seed=21, n_genes=1024)
+    big = dataclasses.replace(big, split=np.where(np.arange(1024) < 512, 2, 0).astype(np.int8))  # half on test
+    settings = dataclasses.replace(FIXED, block_cells=1)  # four ranges of 256 genes
+    for seed in range(8):
+        _, report = tune_settings(big, ("iterative_ridge",), settings, "entries", seed=seed)
+        assert report and report["iterative_ridge"]["n_validation"] > 0, seed
+
+
+def test_promoter_composition_fits_each_tissue_on_the_genes_measured_there():
+    """A gene without a visible value in a tissue has only a filled-in mean there (its mean plus the tissue's
+    offset): each tissue's ridge is fitted on the genes measured in it (before, on every gene seen anywhere, which
+    halved a planted slope where half the genes were hidden in the tissue)."""
+    rng = np.random.default_rng(3)
+    composition = rng.normal(size=(200, 5))
+    values = np.column_stack([rng.normal(size=200), 3.0 * composition[:, 0]])
+    truth = values[:100, 1].copy()
+    values[:100, 1] = np.nan  # the entries task: half the genes' tissue-1 value hidden
+    problem = problem_of(values, np.array([0, 0]), np.array([0, 1]))
+    method = PromoterCompositionBaseline(composition, alpha=1e-6)
+    method.fit(problem)
+    pred = method.predict_entries(np.arange(100), np.ones(100, np.int64))
+    assert np.sqrt(np.mean((pred - truth) ** 2)) < 0.05

@@ -24,11 +24,11 @@ from geximpute.config import BaselinesConfig
 from geximpute.io.expression import fold_factors
 from geximpute.io.genes import gene_family_keys, shared_families
 from geximpute.science.context import ContextIndex, build_context
-from geximpute.science.folds import fold_problem, fold_ratio, forget_fold, training_folds
+from geximpute.science.folds import fold_problem, fold_ratio, fold_targets, forget_fold, training_folds
 from geximpute.science.genomes import donor_residuals
 from geximpute.science.groups import group_sums
 from geximpute.science.head_features import idw_estimate, list_parts
-from geximpute.science.problem import VisibleProblem, gene_rows, gene_subset
+from geximpute.science.problem import SPLITS, VisibleProblem, gene_rows, gene_subset
 
 log = logging.getLogger(__name__)
 
@@ -824,8 +824,9 @@ def composition_of(gene_ids: np.ndarray, gene_promoters: pa.Table, promoters: pa
 class PromoterCompositionBaseline:
     """Expression from promoter base composition alone (CpG islands mark broadly expressed genes): per tissue, a
     ridge regression (penalty ``alpha`` on standardised features) of the genes' visible mean in that tissue on the
-    composition of their promoter (:func:`promoter_composition`). Genes without a known promoter get the tissue's
-    mean over genes without one.
+    composition of their promoter (:func:`promoter_composition`), fitted on the genes with a visible value in that
+    tissue (fewer than 3: the tissue's fallback mean). Genes without a known promoter get the tissue's mean over
+    genes without one.
 
     Args:
         composition: (G, F) features of the problem's genes, NaN rows for genes without sequence.
@@ -861,10 +862,22 @@ class PromoterCompositionBaseline:
         x = self.composition[fit]
         self.mu, self.sd = x.mean(axis=0), x.std(axis=0)
         self.sd = np.where(self.sd > 0, self.sd, 1.0)
-        xs = (x - self.mu) / self.sd
-        y = means[fit]
-        self.intercept = y.mean(axis=0)
-        self.coef = np.linalg.solve(xs.T @ xs + self.alpha * np.eye(xs.shape[1]), xs.T @ (y - self.intercept))
+        # each tissue's ridge on the genes visible in that tissue: a gene seen elsewhere only has a filled-in mean
+        # there (its mean plus the tissue's offset), which it learned as if measured
+        seen_in = np.zeros((problem.n_genes, n_t), dtype=bool)
+        for t in range(n_t):
+            seen_in[:, t] = observed[:, problem.tissue_index == t].any(axis=1)
+        self.intercept = self.fallback.astype(np.float64).copy()
+        self.coef = np.zeros((self.composition.shape[1], n_t))
+        eye = self.alpha * np.eye(x.shape[1])
+        for t in range(n_t):
+            rows = has & seen_in[:, t]
+            if rows.sum() < 3:
+                continue  # too few genes measured here: the tissue's fallback mean
+            xs = (self.composition[rows] - self.mu) / self.sd
+            y = means[rows, t]
+            self.intercept[t] = y.mean()
+            self.coef[:, t] = np.linalg.solve(xs.T @ xs + eye, xs.T @ (y - self.intercept[t]))
 
     def predict(self, records: pa.Table) -> np.ndarray:
         return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
@@ -1225,8 +1238,11 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     Methods are tuned in :data:`TUNING_GRIDS`' order, each with the settings chosen before it (``local_regression``
     starts from the fill of ``iterative_ridge`` or ``chained_boosting`` as chosen). A problem of more than
     ``config.tune_ranges`` gene ranges (:func:`fit_ranges`, the ranges imputation fits the methods on) is tuned on
-    that many of them, drawn with ``seed``: the tuning's cost does not grow with the genome (``gene_family`` reads
-    the whole problem's families there, as in every range: :func:`range_families`).
+    that many of them, drawn with ``seed`` among the ranges holding a gene the split can hide (not all on
+    ``split.test_chroms``): the tuning's cost does not grow with the genome (``gene_family`` reads the whole
+    problem's families there, as in every range: :func:`range_families`). On the ``samples`` task the entries
+    scored are whole (gene, tissue) groups of the split (:func:`~geximpute.science.folds.fold_targets`), as its
+    across-donor Pearson compares them; on the others single entries.
 
     Returns:
         (the config with every chosen setting, ``{method: {"metric": name, "chosen": {...}, "score": x, "rmse": y,
@@ -1239,8 +1255,11 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     ranges = fit_ranges(problem, config.block_cells)
     n_genes = problem.n_genes
     whole, kept = problem, None
-    if len(ranges) > config.tune_ranges:  # a sample of the ranges, fitted and scored as a whole
-        picked = np.sort(np.random.default_rng(seed + 7_919).choice(len(ranges), config.tune_ranges, replace=False))
+    # ranges whose every gene lies on the test chromosomes hold no validation entry (never re-hidden)
+    eligible = np.array([i for i, (lo, hi) in enumerate(ranges)
+                         if (np.asarray(problem.split[lo:hi]) != SPLITS.index("test")).any()], dtype=np.int64)
+    if len(eligible) > config.tune_ranges:  # a sample of the ranges, fitted and scored as a whole
+        picked = np.sort(np.random.default_rng(seed + 7_919).choice(eligible, config.tune_ranges, replace=False))
         kept = np.concatenate([np.arange(*ranges[i]) for i in picked])
         problem = gene_subset(problem, kept)
         composition = None if composition is None else composition[kept]
@@ -1257,9 +1276,12 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     gi, si = np.nonzero(mask)
     if len(gi) == 0:
         return config, {}
-    rng = np.random.default_rng(seed)
-    if len(gi) > max_entries:
-        keep = np.sort(rng.choice(len(gi), size=max_entries, replace=False))
+    if len(gi) > max_entries and task == "samples":
+        # whole (gene, tissue) groups: single entries drawn from ~35 donors a group left 2-3 of each, under the
+        # metric's min_donors, and the tuning fell back to RMSE
+        gi, si = np.nonzero(fold_targets(mask, problem.tissue_index, max_entries, seed))
+    elif len(gi) > max_entries:
+        keep = np.sort(np.random.default_rng(seed).choice(len(gi), size=max_entries, replace=False))
         gi, si = gi[keep], si[keep]
     split = None
     if kept is not None and (whole.scaling is not None or ("gene_family" in names and whole.gene_names is not None)):
