@@ -743,10 +743,11 @@ def test_samples_tuning_scores_whole_donor_groups_and_ranges_that_hold_a_split()
 
     big, _ = low_rank_table(seed=21, n_genes=1024)
     big = dataclasses.replace(big, split=np.where(np.arange(1024) < 512, 2, 0).astype(np.int8))  # half on test
-    settings = dataclasses.replace(FIXED, block_cells=1)  # four ranges of 256 genes
+    settings = dataclasses.replace(FIXED, block_cells=1, tune_ranges=1)  # four ranges of 256 genes, one tuned on
     for seed in range(8):
         _, report = tune_settings(big, ("iterative_ridge",), settings, "entries", seed=seed)
         assert report and report["iterative_ridge"]["n_validation"] > 0, seed
+        assert report["iterative_ridge"]["n_genes"] == 256, seed
 
 
 def test_promoter_composition_fits_each_tissue_on_the_genes_measured_there():
@@ -763,3 +764,11 @@ def test_promoter_composition_fits_each_tissue_on_the_genes_measured_there():
     method.fit(problem)
     pred = method.predict_entries(np.arange(100), np.ones(100, np.int64))
     assert np.sqrt(np.mean((pred - truth) ** 2)) < 0.05
+    # measured where the composition is high only: the tissue's genes are not centred where every seen gene is,
+    # and its ridge is centred on its own (an intercept taken as y's mean over uncentred columns biased it)
+    values = np.column_stack([rng.normal(size=200), 3.0 * composition[:, 0]])
+    values[composition[:, 0] < -0.3, 1] = np.nan
+    method.fit(problem_of(values, np.array([0, 0]), np.array([0, 1])))
+    shown = ~np.isnan(values[:, 1])
+    pred = method.predict_entries(np.flatnonzero(shown), np.ones(int(shown.sum()), np.int64))
+    assert np.sqrt(np.mean((pred - values[shown, 1]) ** 2)) < 0.05

@@ -258,3 +258,42 @@ def test_a_kind_seen_at_one_end_of_a_series_leaves_its_memory_target_unjudged():
             "peak_rss_mb": {"driver": 550, "writer": 310, "cut": 2400}, "peak_heap_mb": {"driver": 420}}
     growth = series_growth([first, last])
     assert growth["kinds_at_one_end"] == ["cut"] and set(growth["peak_rss_ratio"]) == {"driver", "writer"}
+
+
+def test_a_reused_worker_s_peak_goes_to_the_kind_it_ran(tmp_path):
+    """A worker's high-water mark is read and reset at each sample: a peak reached while it ran one kind counts
+    for that kind (and for the next one only within the interval of the switch), not for every later kind it runs
+    (a reused task worker's baseline peak was the writer's and the encoder's). A worker started before the sampler
+    has its earlier mark dropped."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from geximpute.apps.benchmark import PeakRSS
+
+    code = ("import sys\nheld = None\nfor line in sys.stdin:\n"
+            "    held = b'x' * (int(line) * 2**20) if int(line) else None\n    held = None\n"
+            "    print('ok', flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        def spike(mib: int) -> None:
+            child.stdin.write(f"{mib}\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "ok"
+
+        spike(400)  # before the sampler: an earlier stage's peak
+        peak = PeakRSS(driver_pid=-1)
+        proc = psutil.Process(child.pid)
+        peak._worker_kind(proc, "baselines", proc.memory_info())
+        assert peak.kinds["baselines"] < 300 * 2**20  # the earlier peak dropped
+        spike(300)  # while it runs baselines
+        peak._worker_kind(proc, "baselines", proc.memory_info())
+        assert peak.kinds["baselines"] >= 300 * 2**20
+        spike(0)
+        peak._worker_kind(proc, "baselines", proc.memory_info())
+        peak._worker_kind(proc, "writer", proc.memory_info())  # now it writes: baselines' peak is not the writer's
+        assert peak.kinds["writer"] < 200 * 2**20, peak.kinds
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)

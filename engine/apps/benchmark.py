@@ -157,6 +157,9 @@ class PeakRSS:
         self.cpu: dict[str, float] = {}
         self._last_cpu: dict[tuple[int, float], float] = {}
         self._worker_kinds: dict[int, str] = {}
+        self._resettable: dict[int, bool] = {}
+        self._started = time.time()
+        self._own_mark = False
         self._first = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -170,27 +173,34 @@ class PeakRSS:
         self.cpu[name] = self.cpu.get(name, 0.0) + max(now - before, 0.0)
 
     def _kind(self, kind: str, memory: Any, peak: int = 0) -> None:
-        self.kinds[kind] = max(self.kinds.get(kind, 0), memory.rss, peak)
-        heap = memory.rss - getattr(memory, "shared", 0)
-        self.heap_kinds[kind] = max(self.heap_kinds.get(kind, 0), heap)
+        """Raise ``kind``'s peaks to this sample's RSS and heap (``memory``; None: none) and to ``peak``."""
+        rss = 0 if memory is None else memory.rss
+        self.kinds[kind] = max(self.kinds.get(kind, 0), rss, peak)
+        if memory is not None:
+            heap = memory.rss - getattr(memory, "shared", 0)
+            self.heap_kinds[kind] = max(self.heap_kinds.get(kind, 0), heap)
 
-    def _worker_kind(self, pid: int, kind: str, memory: Any) -> None:
-        """A Ray worker's sample: its RSS, and the kernel's high-water mark of it since the last sample
-        (``VmHWM``: a peak between two samples is not missed), to its kind now. A reused worker that now runs
-        another kind (a task worker that ran ``baseline_range`` and now writes) has the mark reset as its kind
-        changes (``clear_refs``), so that the new kind is not given the old one's peak; what the worker still holds
-        from before stays in its RSS (a reused worker's memory is not the new task's alone)."""
+    def _worker_kind(self, proc: Any, kind: str, memory: Any) -> None:
+        """A Ray worker's sample: its RSS, and the kernel's high-water mark of it since the last reset (``VmHWM``:
+        a peak between two samples is not missed), to its kind now; the mark is reset after each sample, so each
+        sample reads its own interval's. A worker started before this sampler (one of an earlier stage) has its
+        mark reset when first seen; a reused worker whose kind changes (a task worker that ran ``baseline_range``
+        and now writes) has the interval's mark given to both kinds (the switch lies somewhere in it; an idle
+        worker's kind gets none), so that the new kind is not given the old one's earlier peak. What a worker still
+        holds from before stays in its RSS (a reused worker's memory is not the new task's alone). Where the mark
+        cannot be reset (``clear_refs`` not writable), the worker's plain RSS is taken instead."""
+        pid = proc.pid
         before = self._worker_kinds.get(pid)
-        if before is None:
-            # first seen by this sampler: a worker of an earlier run or stage (Ray reuses them) keeps that run's mark
-            _reset_high_water(pid)
-        peak = _high_water(pid) if before is not None else 0
-        if before is not None and before != kind:
-            self._kind(before, memory, peak)  # the mark since the last sample: the old kind's tail
-            _reset_high_water(pid)
-            peak = 0
+        if before is None and proc.create_time() < self._started:
+            self._resettable[pid] = _reset_high_water(pid)
+        use_mark = self._resettable.get(pid, True)
+        peak = _high_water(pid) if use_mark else 0
+        if before is not None and before != kind and before != "other_ray_workers":
+            self._kind(before, None, peak)
         self._worker_kinds[pid] = kind
         self._kind(kind, memory, peak)
+        if use_mark:  # the next sample reads the mark of its own interval
+            self._resettable[pid] = _reset_high_water(pid)
 
     def sample(self) -> None:
         """Take one sample now."""
@@ -220,7 +230,7 @@ class PeakRSS:
                 elif title.startswith("ray::") and process_kind(title, child.name()) != "ray_system":
                     workers += rss
                     name = title.split(" ")[0]
-                    self._worker_kind(child.pid, process_kind(title, child.name()), memory)
+                    self._worker_kind(child, process_kind(title, child.name()), memory)
                 else:
                     others += rss
                     name = child.name()
@@ -232,7 +242,8 @@ class PeakRSS:
         if driver_memory is not None:
             # a driver started for this measurement (a series point): its whole life's high-water mark, a peak
             # between samples included; this process's own is not (it spans earlier stages)
-            self._kind("driver", driver_memory, _high_water(driver_pid) if driver_pid != me.pid else 0)
+            mark = _high_water(driver_pid) if driver_pid != me.pid or self._own_mark else 0
+            self._kind("driver", driver_memory, mark)
         self.driver = max(self.driver, driver)
         self.workers = max(self.workers, workers)
         self.driver_workers = max(self.driver_workers, driver + workers)
@@ -252,6 +263,9 @@ class PeakRSS:
             self._stop.wait(min(max(self.interval, elapsed / self.SLOWDOWN), max(self.interval, self.MAX_INTERVAL)))
 
     def __enter__(self) -> PeakRSS:
+        self._started = time.time()
+        if self.driver_pid is None:  # this process is the driver: its mark from here on, not its earlier stages'
+            self._own_mark = _reset_high_water(os.getpid())
         self.sample()
         self._thread.start()
         return self
@@ -297,14 +311,15 @@ def _high_water(pid: int) -> int:
     return 0
 
 
-def _reset_high_water(pid: int) -> None:
-    """Reset the process's ``VmHWM`` to its resident memory now (``5`` to ``/proc/PID/clear_refs``); nothing where
-    that cannot be written."""
+def _reset_high_water(pid: int) -> bool:
+    """Reset the process's ``VmHWM`` to its resident memory now (``5`` to ``/proc/PID/clear_refs``); False where
+    that cannot be written (another user's process, a kernel without it)."""
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def _title(proc: Any) -> str:
@@ -682,7 +697,8 @@ def series_growth(points: list[dict]) -> dict[str, Any]:
     kinds = [k for k in first["peak_rss_mb"] if k in last["peak_rss_mb"] and k not in ("other", "ray_system")]
     # a kind seen at one end only (a chromosome's cutting task runs only above CUT_TASK_CELLS) has no ratio: named,
     # so that no target reads "met" without it
-    one_end = sorted((set(first["peak_rss_mb"]) ^ set(last["peak_rss_mb"])) - {"other", "ray_system"})
+    one_end = sorted((set(first["peak_rss_mb"]) ^ set(last["peak_rss_mb"]))
+                     - {"other", "ray_system", "other_ray_workers"})  # idle workers come and go with the timing
     return {
         "from": {k: first[k] for k in ("genes", "donors", "entries")},
         "to": {k: last[k] for k in ("genes", "donors", "entries")},

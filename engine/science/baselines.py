@@ -875,9 +875,11 @@ class PromoterCompositionBaseline:
             if rows.sum() < 3:
                 continue  # too few genes measured here: the tissue's fallback mean
             xs = (self.composition[rows] - self.mu) / self.sd
+            centre = xs.mean(axis=0)  # this tissue's genes, not every seen gene: the ridge's columns centred on them
             y = means[rows, t]
-            self.intercept[t] = y.mean()
-            self.coef[:, t] = np.linalg.solve(xs.T @ xs + eye, xs.T @ (y - self.intercept[t]))
+            self.coef[:, t] = np.linalg.solve((xs - centre).T @ (xs - centre) + eye,
+                                              (xs - centre).T @ (y - y.mean()))
+            self.intercept[t] = y.mean() - centre @ self.coef[:, t]
 
     def predict(self, records: pa.Table) -> np.ndarray:
         return self.predict_entries(records["gene_index"].to_numpy(), records["sample_index"].to_numpy())
@@ -1258,8 +1260,9 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
     # ranges whose every gene lies on the test chromosomes hold no validation entry (never re-hidden)
     eligible = np.array([i for i, (lo, hi) in enumerate(ranges)
                          if (np.asarray(problem.split[lo:hi]) != SPLITS.index("test")).any()], dtype=np.int64)
-    if len(eligible) > config.tune_ranges:  # a sample of the ranges, fitted and scored as a whole
-        picked = np.sort(np.random.default_rng(seed + 7_919).choice(eligible, config.tune_ranges, replace=False))
+    if len(ranges) > config.tune_ranges and len(eligible):  # a sample of the ranges, fitted and scored as a whole
+        picked = np.sort(np.random.default_rng(seed + 7_919).choice(eligible, min(config.tune_ranges, len(eligible)),
+                                                                    replace=False))
         kept = np.concatenate([np.arange(*ranges[i]) for i in picked])
         problem = gene_subset(problem, kept)
         composition = None if composition is None else composition[kept]
