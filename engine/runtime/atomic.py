@@ -217,6 +217,21 @@ def read_json(path: Path, what: str) -> Any:
 RENEW_WAIT_SECONDS = 2.0
 
 
+def _read_lease(path: Path) -> tuple[str, dict | None]:
+    """(raw text, parsed holder or None when empty or torn) of a lease file; undecodable bytes (blocks of a torn
+    write) read as torn, not as an escaping UnicodeDecodeError.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+    """
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return text, None
+    return text, holder if isinstance(holder, dict) else None
+
+
 class Lease:
     """An exclusive lease on a file: valid across hosts, expiring unless its holder renews it.
 
@@ -251,15 +266,9 @@ class Lease:
     def read(self) -> tuple[str, dict | None]:
         """(raw text, parsed holder or None when absent, empty or torn)."""
         try:
-            # undecodable bytes (blocks of a torn write) read as a torn lease, not an escaping UnicodeDecodeError
-            text = self.path.read_bytes().decode("utf-8", errors="replace")
+            return _read_lease(self.path)
         except FileNotFoundError:
             return "", None
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            return text, None
-        return text, holder if isinstance(holder, dict) else None
 
     def _expired(self, text: str, holder: dict | None, path: Path | None = None) -> bool:
         """Whether the lease read from ``path`` (default: the lease file) has expired; one without a readable
@@ -365,15 +374,9 @@ class Lease:
             if aside == self._aside():
                 continue
             try:
-                text = aside.read_bytes().decode("utf-8", errors="replace")
+                text, holder = _read_lease(aside)
             except FileNotFoundError:  # renewed meanwhile
                 continue
-            try:
-                holder = json.loads(text)
-            except ValueError:
-                holder = None
-            if not isinstance(holder, dict):
-                holder = None
             if not self._expired(text, holder, aside):
                 return (holder,)
             with contextlib.suppress(OSError):
@@ -388,11 +391,8 @@ class Lease:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        try:
-            again = json.loads(aside.read_bytes().decode("utf-8", errors="replace"))
-        except ValueError:
-            again = None
-        if isinstance(again, dict) and again.get("owner") == self.owner:
+        _, again = _read_lease(aside)
+        if again is not None and again.get("owner") == self.owner:
             aside.unlink(missing_ok=True)
         else:
             self._restore_aside()
@@ -504,9 +504,7 @@ class Lease:
         restore = True
         try:
             try:
-                holder = json.loads(aside.read_bytes().decode("utf-8", errors="replace"))
-            except ValueError:
-                holder = None
+                _, holder = _read_lease(aside)
             except FileNotFoundError:  # removed as expired by a starting run while this renewal was paused
                 restore = False
                 self._lost = True
