@@ -149,7 +149,7 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
         raise SystemExit(f"--runs {spec}: {label!r} is not one of {', '.join(configs)}")
     config_path, task = configs[label]
     dataset = load_config(REPO / config_path).name
-    runs, made_at, settings = [], {}, {}
+    runs, made_at, settings, raw = [], {}, {}, {}
     for part in rest.split(","):
         folder, _, given = part.partition("@")
         folder = Path(folder)
@@ -168,6 +168,7 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
             runs.append(run)
             made_at[run["seed"]] = given or recorded or "unknown"
             settings[run["seed"]] = (path.parent, _settings(manifest["config"]))
+            raw.setdefault(run["seed"], manifest["config"])
     runs.sort(key=lambda r: r["seed"])
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
@@ -188,11 +189,39 @@ def finished(spec: str) -> tuple[str, list[dict], str, str]:
     ablations = json.loads(reference["evaluation.ablations"])
     command = (f".venv/bin/geximpute evaluate --config {config_path} --set evaluation.task={task}"
                + ("" if ablations else " --set evaluation.ablations=false")
+               + "".join(f" --set {key}={value}" for key, value in _set_beside(config_path, task, raw[first], where))
                + f" --seeds {' '.join(str(s) for s in seeds)}")
     commits = sorted(set(made_at.values()))
     where_made = (f"commit `{commits[0]}`" if len(commits) == 1 else
                   "; ".join(f"seed {s} at commit `{made_at[s]}`" for s in seeds))
     return label, runs, where_made, command
+
+
+def _set_beside(config_path: str, task: str, run_config: dict, where: Path) -> list[tuple[str, str]]:
+    """The ``--set`` pairs that give a run's config (its manifest's) from ``config_path`` at HEAD with
+    ``evaluation.task`` set to ``task`` (the printed command must reproduce the run, not the file's defaults),
+    settings compared as resolved (``train.fold_fraction``); a setting the file's config lacks or the run lacks
+    (another config schema) is refused by name."""
+    from geximpute.config import fold_fraction_of, load_config
+
+    head = load_config(REPO / config_path).to_dict()
+    head["evaluation"]["task"] = task
+    here, settings = _settings(head), _settings(run_config)
+    for config, flat in ((head, here), (run_config, settings)):
+        flat["train.fold_fraction"] = json.dumps(fold_fraction_of(config))
+    differ = sorted(k for k in set(here) | set(settings)
+                    if here.get(k) != settings.get(k) and k not in ("evaluation.task", "evaluation.ablations"))
+    absent = [k for k in differ if (k in here) != (k in settings)]
+    if absent:
+        raise SystemExit(f"{where}: run with a config of another schema than {config_path} at HEAD (settings "
+                         f"{', '.join(absent[:6])} in one of them only): its command cannot be written; run it again")
+    pairs = []
+    for key in differ:
+        value = json.loads(settings[key])
+        text = ("null" if value is None else str(value).lower() if isinstance(value, bool)
+                else value if isinstance(value, str) else json.dumps(value))
+        pairs.append((key, text if " " not in text else f"'{text}'"))
+    return pairs
 
 
 #: settings that differ between the seeds of one evaluation (``evaluate --seeds s`` sets both seeds to the config's
@@ -248,7 +277,13 @@ def main() -> None:
         # --runs alone tabulates those runs; it does not start full evaluations of the other tasks
         args.tasks = list(given) if given else [t[0] for t in TASKS]
 
-    out = Path(args.out)
+    if args.reuse and not args.baselines_only:
+        parser.error("--reuse reads saved --baselines-only runs; full evaluations are tabulated with --runs")
+    if args.write_docs and sorted(args.tasks) != sorted(t[0] for t in TASKS):
+        parser.error("--write-docs replaces the whole accuracy block: tabulate every task "
+                     f"({', '.join(t[0] for t in TASKS)}), or its other tables would be lost")
+    # resolved: the full evaluations run from the repository's root and are read back from here
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     for label, config_path, task in TASKS:
@@ -269,7 +304,10 @@ def main() -> None:
                                  f"{METRICS_VERSION}; run without --reuse")
             saved.write_text(json.dumps(runs, indent=1))
             summary = summarise_seeds(runs)
-            command = f".venv/bin/python benchmarks/accuracy.py --baselines-only --tasks {label} --seeds {seeds}"
+            # the seeds and commits of the runs tabulated (saved ones under --reuse), not of this call
+            made = sorted({str(r.get("commit", "unknown")) for r in runs})
+            command = (".venv/bin/python benchmarks/accuracy.py --baselines-only --tasks "
+                       f"{label} --seeds {' '.join(str(r['seed']) for r in runs)}")
             seq = runs[0]["sequence"]
             extra = "\n".join(
                 f"- seed {r['seed']}: tuned settings "
@@ -278,6 +316,7 @@ def main() -> None:
                             for n, row in r["baselines"]["tuning"].items())
                 + f"; {r['seconds']['total']:.0f} s in all (tuning {r['seconds']['tuning']:.0f} s)"
                 for r in runs)
+            extra += f"\n- measured at commit {', '.join(f'`{c}`' for c in made)}"
             extra += (f"\n- genes with a promoter sequence: {seq['genes_with_sequence']:,} of {seq['genes']:,}; "
                       f"hidden genes with one (seed {runs[0]['seed']}): {seq['hidden_genes_with_sequence']:,} of "
                       f"{seq['hidden_genes']:,}\n")

@@ -117,6 +117,29 @@ def test_the_bootstrap_resamples_the_genes_that_carry_the_across_donor_metric():
     assert out["comparisons"]["pairwise_regression"]["reference_better"]
 
 
+def test_a_method_constant_across_donors_is_no_comparator_across_donors():
+    """A method that gives every donor of a (gene, tissue) pair the same value (a gene-level estimate) has no
+    across-donor figure in ``metrics.score`` (null): the bootstrap neither compares it (a 0.0 beside score's null)
+    nor makes it the best other."""
+    from geximpute.science.metrics import score
+
+    rng, gene, tissue, truth = hidden_entries(per_gene=30)
+    level = np.bincount(gene, weights=truth) / np.bincount(gene)
+    preds = {"hybrid": truth + rng.normal(scale=0.2, size=len(truth)),
+             "distance": level[gene],  # the same for every donor of a pair
+             "pairwise_regression": truth + rng.normal(scale=3.0, size=len(truth))}
+    donor = np.arange(len(gene)) % 30
+    assert score(preds["distance"], truth, gene=gene, tissue=tissue, donor=donor, tissue_names=["a", "b", "c"],
+                 min_donors=5)["across_donors_pearson_mean"] is None
+    out = paired_bootstrap(preds, truth, gene, tissue, "samples", n_boot=100, min_donors=5)
+    assert out["best_other"] == "pairwise_regression"
+    assert set(out["comparisons"]) == {"pairwise_regression"}
+    named = paired_bootstrap(preds, truth, gene, tissue, "samples", against=["distance"], n_boot=100, min_donors=5)
+    assert named["comparisons"] == {}
+    # on the entries task the same method is an ordinary comparator
+    assert "distance" in paired_bootstrap(preds, truth, gene, tissue, "entries", n_boot=100)["comparisons"]
+
+
 def test_seeds_read_back_from_json_and_replicates_drawn_one_way():
     """A comparison's difference that was not finite is null in metrics.json: the mean is over the others, and
     the report says n/a where none is left. Replicates whose model seeds were drawn two ways (``seed`` + s, or

@@ -39,10 +39,12 @@ def gene_stats(metric: str, pred: np.ndarray, observed: np.ndarray, gene_code: n
     if metric == "pearson":
         return np.column_stack([sums(np.ones_like(pred)), sums(pred), sums(observed), sums(pred * pred),
                                 sums(observed * observed), sums(pred * observed)])
-    # across-donor Pearson: the pairs metrics.score counts, their Pearsons summed per gene with their count
-    pair_gene, r, _ = across_donor_pairs(pred, observed, gene_code, tissue, min_donors)
+    # across-donor Pearson: the pairs metrics.score counts, their Pearsons summed per gene with their count, and
+    # (a third column the metric does not read) how many of them the prediction varied in
+    pair_gene, r, varied = across_donor_pairs(pred, observed, gene_code, tissue, min_donors)
     return np.column_stack([np.bincount(pair_gene, weights=r, minlength=n_genes),
-                            np.bincount(pair_gene, minlength=n_genes).astype(np.float64)])
+                            np.bincount(pair_gene, minlength=n_genes).astype(np.float64),
+                            np.bincount(pair_gene, weights=varied.astype(np.float64), minlength=n_genes)])
 
 
 def metric_from(metric: str, totals: np.ndarray) -> np.ndarray:
@@ -99,13 +101,15 @@ def paired_bootstrap(predictions: dict[str, np.ndarray], observed: np.ndarray, g
         informative = stats[reference][:, 1] > 0
         if informative.sum() < 3:
             return {}
-        stats = {name: s[informative] for name, s in stats.items()}
+        # a method the same for every donor of every pair tells no donor apart: no figure (as in metrics.score, a
+        # null), never the best other, not compared (a 0.0 here beside score's null read as a real comparator)
+        stats = {name: s[informative] for name, s in stats.items() if name == reference or s[:, 2].any()}
         n_genes = int(informative.sum())
     point = {name: float(metric_from(metric, s.sum(axis=0))) for name, s in stats.items()}
-    candidates = [n for n in predictions if n not in HYBRID_FAMILY and np.isfinite(point[n])]
+    candidates = [n for n in stats if n not in HYBRID_FAMILY and np.isfinite(point[n])]
     best = (max if higher else min)(candidates, key=lambda n: point[n]) if candidates else None
     if against is None:
-        against = ([best] if best else []) + [n for n in NAMED_COMPARATORS if n in predictions and n != best]
+        against = ([best] if best else []) + [n for n in NAMED_COMPARATORS if n in stats and n != best]
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n_genes, np.full(n_genes, 1.0 / n_genes), size=n_boot).astype(np.float64)
     ref_boot = metric_from(metric, weights @ stats[reference])
@@ -217,9 +221,14 @@ def summarise_seeds(runs: list[dict]) -> dict:
             entry["test_chroms_pearson"] = stat(vals)
         out["methods"][name] = entry
     comparisons: dict = {}
+    metric = TASK_METRIC[runs[0]["task"]][0]
     for r in runs:
         for scope, comp in r.get("comparisons", {}).items():
             for other, c in comp.get("comparisons", {}).items():
+                if other in r["methods"] and r["methods"][other].get(metric) is None:
+                    # no figure of its own in this run (across donors: the same for every donor of every pair);
+                    # runs before paired_bootstrap skipped such a method compared it as 0.0
+                    continue
                 row = comparisons.setdefault(scope, {}).setdefault(other, {"seeds": [], "difference": [],
                                                                            "ci95": [], "reference_better": []})
                 row["seeds"].append(r["seed"])  # a comparator not compared at every seed has fewer rows
