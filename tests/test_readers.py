@@ -142,13 +142,26 @@ def test_gff3_genes(write):
         "1\tensembl\tmRNA\t100\t200\t.\t-\t.\tID=transcript:T7;Parent=gene:ENSG07\n"
         "###\n"
         "2\tensembl\tgene\t5\t50\t.\t+\t.\tID=ENSG08.2;gene_id=ENSG08.2;gene_name=HHH\n"
+        # Ensembl types its non-coding genes and pseudogenes apart: genes all the same
+        "2\tensembl\tncRNA_gene\t500\t900\t.\t-\t.\tID=gene:ENSG09;Name=LNC1;biotype=lncRNA\n"
+        "2\tensembl\tpseudogene\t1000\t1200\t.\t+\t.\tID=gene:ENSG10;biotype=processed_pseudogene\n"
+        "2\tensembl\tncRNA\t500\t900\t.\t-\t.\tID=transcript:T9;Parent=gene:ENSG09\n"
     )
     genes = read_genes(write("genes.gff3", text))
     rows = {r["gene_id"]: r for r in genes.table.to_pylist()}
+    assert sorted(rows) == ["ENSG07", "ENSG08", "ENSG09", "ENSG10"]
+    assert rows["ENSG09"]["tss"] == 900 and rows["ENSG10"]["gene_type"] == "processed_pseudogene"
     assert rows["ENSG07"]["tss"] == 200 and rows["ENSG07"]["chrom"] == "chr1"
     assert rows["ENSG07"]["gene_name"] == "GGG" and rows["ENSG07"]["gene_type"] == "protein_coding"
     assert rows["ENSG08"]["tss"] == 5 and rows["ENSG08"]["gene_name"] == "HHH"
     assert genes.report["renamed_chroms"] == {"1": "chr1", "2": "chr2"}
+
+
+def test_a_gene_annotation_that_is_not_a_file_is_named(tmp_path):
+    for path in (tmp_path / "absent.gtf", tmp_path):
+        with pytest.raises(InputError, match="gene annotation") as err:
+            read_genes(path)
+        assert str(path) in str(err.value)
 
 
 def test_gtf_and_gff3_read_a_few_lines_at_a_time(write, monkeypatch):
@@ -220,6 +233,30 @@ def test_gct_ignores_its_dimension_line_and_reads_blanks_as_missing(write):
     assert expr.report["gct_dimension_line_matches"] is False
     assert expr.report["n_measured"] == 4
     assert expr.gene_names == ["AAA", "BBB"]  # the Description column: gene symbols
+
+
+def test_a_gct_description_of_numbers_is_no_sample(write):
+    """A GCT's second column is its Description by the format, whatever its values (Entrez ids read as numbers)
+    or its heading; GenePattern heads the first column `NAME`. A numeric annotation named as one is no sample in a
+    wide table either."""
+    numbers = read_expression(write("entrez.gct", "#1.2\n2\t2\nNAME\tDescription\tS1\tS2\nENSG1.1\t7157\t1\t2\n"
+                                                  "ENSG2.3\t672\t3\t4\n"))
+    assert numbers.sample_ids == ["S1", "S2"]
+    np.testing.assert_allclose(numbers.values, [[1, 2], [3, 4]])
+    headed = read_expression(write("other.gct", "#1.2\n1\t2\nName\tEntrez\tS1\tS2\nENSG1\t7157\t1\t2\n"))
+    assert headed.sample_ids == ["S1", "S2"]
+    wide = read_expression(write("wide.tsv", "gene_id\tsymbol\tLiver\nENSG1\t1\t5\nENSG2\t2\t6\n"))
+    assert wide.sample_ids == ["Liver"] and wide.gene_names == ["1", "2"]
+
+
+def test_only_ensembl_ids_lose_their_version(write):
+    """GENCODE's clone-based names differ after their dot: two genes, never one gene merged from both."""
+    long = read_expression(write("long.tsv", "gene_id\tsample_id\tvalue\nRP11-34P13.7\tS1\t5\n"
+                                             "RP11-34P13.8\tS1\t900\nENSG01.2\tS1\t1\n"))
+    assert sorted(long.gene_ids) == ["ENSG01", "RP11-34P13.7", "RP11-34P13.8"]
+    wide = read_expression(write("wide.tsv", "gene_id\tLiver\nRP11-34P13.7\t5\nRP11-34P13.8\t900\n"
+                                             "ENSG00000141510.17_PAR_Y\t1\n"))
+    assert wide.gene_ids == ["RP11-34P13.7", "RP11-34P13.8", "ENSG00000141510_PAR_Y"]
 
 
 def test_wide_table_with_gene_name_column(write):

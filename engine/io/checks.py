@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -85,15 +86,18 @@ def open_text(path: str | Path) -> io.TextIOBase:
     return open(path, encoding="utf-8-sig")
 
 
+#: an Ensembl stable id with its version (any species' prefix: ENSG, ENSMUSG, ...), and GENCODE's PAR tag
+_VERSIONED_ENSEMBL = re.compile(r"(ENS[A-Z]*[GTPE]\d+)\.\d+(_PAR_Y)?")
+
+
 def strip_version(gene_id: str) -> str:
-    """``ENSG00000141510.17`` -> ``ENSG00000141510``; ``ENSG00000141510.17_PAR_Y`` keeps its PAR tag."""
-    head, dot, tail = gene_id.partition(".")
-    if not dot:
+    """``ENSG00000141510.17`` -> ``ENSG00000141510``; ``ENSG00000141510.17_PAR_Y`` keeps its PAR tag. Only
+    Ensembl ids carry a version after their dot: other ids keep it (GENCODE's clone names ``RP11-34P13.7`` and
+    ``RP11-34P13.8`` are two genes)."""
+    found = _VERSIONED_ENSEMBL.fullmatch(gene_id)
+    if found is None:
         return gene_id
-    version, underscore, rest = tail.partition("_")
-    if version.isdigit():
-        return head + (underscore + rest if underscore else "")
-    return gene_id
+    return found.group(1) + (found.group(2) or "")
 
 
 def sha256_file(path: str | Path) -> str:

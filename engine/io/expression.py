@@ -353,7 +353,8 @@ def _wide_layout(path: Path, schema: pa.Schema, first_data_line: int, first_colu
     """A GCT's or wide table's columns: the gene id (the first of :data:`GENE_ID_COLUMNS`, else the first column),
     text columns named as annotations (:data:`ANNOTATION_COLUMNS`), the rest values, one per sample."""
     names = schema.names
-    if first_column is not None and (not names or names[0] != first_column):
+    # GenePattern and GSEA write the GCT's first column as `NAME`
+    if first_column is not None and (not names or names[0].lower() != first_column.lower()):
         raise InputError(path, f"header starts with {names[:2]}", record=f"line {first_data_line - 1}",
                          expected=f"{first_column!r}, 'Description', then one column per sample")
     lower = {n.lower(): n for n in names}
@@ -362,9 +363,9 @@ def _wide_layout(path: Path, schema: pa.Schema, first_data_line: int, first_colu
                               names[0]))
 
     def annotation(i: int) -> bool:
-        kind = schema.field(i).type  # as Arrow reads the first block: a text column, or one with no value there
-        return names[i].lower() in ANNOTATION_COLUMNS and (
-            pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind))
+        # by name, whatever its values look like (a GCT's Description of Entrez ids reads as numbers), and a GCT's
+        # second column by position (the format's Description, however it is headed): never a sample's values
+        return names[i].lower() in ANNOTATION_COLUMNS or (first_column is not None and i == 1)
 
     value_cols = [i for i in range(len(names)) if i != id_col and not annotation(i)]
     if not value_cols:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from geximpute import schema as S
 from geximpute.errors import InputError
-from geximpute.io.checks import strip_version
+from geximpute.io.checks import check_readable, strip_version
 from geximpute.io.chroms import harmonise_chroms, renamed
 from geximpute.io.fasta import Genome
 from geximpute.io.tables import count_leading_comments, csv_batches, read_table, require_columns, table_error
@@ -42,6 +42,10 @@ class GeneTable:
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+
+#: GFF3 feature types read as genes, beside any type ending ``_gene`` (``ncRNA_gene``: Ensembl's non-coding genes)
+GFF3_GENE_FEATURES = ["gene", "pseudogene"]
 
 
 def detect_format(path: Path) -> str:
@@ -73,20 +77,28 @@ def _read_gff(path: Path, fmt: str) -> pa.Table:
              **{c: pa.string() for c in ("seqid", "feature", "strand", "attributes", "source", "score", "frame")}}
     _, _, batches = csv_batches(path, "gene annotation", lambda _: types, column_names=GFF_COLUMNS,
                                 skip_rows=count_leading_comments(path), quoting=False, skip_comment_rows=True)
-    features = pa.array(["gene", "transcript"] if fmt == "gtf" else ["gene"])
+    features = pa.array(["gene", "transcript"] if fmt == "gtf" else GFF3_GENE_FEATURES)
+
+    def wanted(feature: pa.Array) -> pa.Array:
+        # GFF3 types genes by kind: Ensembl's `ncRNA_gene` and `pseudogene`, Sequence Ontology's `*_gene`
+        found = pc.is_in(feature, value_set=features)
+        return found if fmt == "gtf" else pc.or_(found, pc.fill_null(pc.ends_with(feature, "_gene"), False))
+
     kept, n_lines = [], 0
     try:
         for batch in batches:
             records = pc.invert(pc.fill_null(pc.starts_with(batch["seqid"], "#"), False))  # not a comment line
             n_lines += pc.sum(records).as_py() or 0
-            kept.append(batch.filter(pc.and_(records, pc.is_in(batch["feature"], value_set=features))))
+            kept.append(batch.filter(pc.and_(records, wanted(batch["feature"]))))
     except pa.ArrowInvalid as exc:
         raise table_error(path, "gene annotation", exc) from exc
     schema = pa.schema([(name, types[name]) for name in GFF_COLUMNS])
     table = pa.Table.from_batches(kept, schema)
-    genes = table.filter(pc.equal(table["feature"], "gene"))
     if fmt == "gtf":
+        genes = table.filter(pc.equal(table["feature"], "gene"))
         genes = pa.concat_tables([genes, _genes_from_transcripts(table, genes)])
+    else:
+        genes = table
     if genes.num_rows == 0:
         raise InputError(
             path,
@@ -281,7 +293,7 @@ def read_genes(
         InputError: missing/empty/truncated file, missing columns, bad strand or TSS, duplicate gene ids,
             chromosomes absent from the genome, a TSS outside its chromosome.
     """
-    path = Path(path)
+    path = check_readable(path, "gene annotation")  # missing, a folder or empty: named before any reader opens it
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt in ("gtf", "gff3"):
         table = _read_gff(path, fmt)
