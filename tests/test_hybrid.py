@@ -414,6 +414,9 @@ def test_head_does_not_lose_to_the_best_of_its_estimate_columns():
     few[:2] = True
     with pytest.raises(GeximputeError, match="2 held-out row"):
         fit_head_in_process(x, y, few, config, estimates=[4, 5])
+    # every row held out (a head fold all on the validation chromosomes): named, not XGBoost's NaN base score
+    with pytest.raises(GeximputeError, match="0 row\\(s\\) of .* left to fit the head on"):
+        fit_head_in_process(x, y, np.ones(len(y), bool), config, estimates=[4, 5])
 
 
 def test_head_fitted_on_one_member_predicts_for_the_members_mean():
@@ -507,6 +510,28 @@ def test_blend_fitted_within_groups_follows_the_members_of_each_group():
     # nothing varies within single-row groups: the weights come to 0 and the level column carries the blend
     single = Blend.fit(x[:100], y[:100], [1, 2], groups=np.arange(100), level=0)
     assert single.coef == [0.0, 0.0] and single.level_coef > 0.5
+
+
+def test_members_that_differ_by_a_group_offset_do_not_inflate_a_within_group_blend():
+    """Fold networks that disagree by a constant per (gene, tissue) group agree on every deviation a blend fitted
+    within groups reads: their disagreement there is measured within groups, or the averaged network's weight was
+    inflated up to tenfold (a 90% variance correction); single-row groups (nothing varies) give no weight and no
+    failed factorisation."""
+    from geximpute.fit.head import Blend, member_noise
+
+    rng = np.random.default_rng(0)
+    n_groups, size, k = 300, 30, 4
+    group = np.repeat(np.arange(n_groups), size)
+    level = rng.normal(0, 2, n_groups)[group]
+    deviation = rng.normal(0, 1, len(group))
+    y = level + deviation + rng.normal(0, 1, len(group))
+    members = [np.c_[level, level + 0.5 * deviation + rng.normal(0, 1.0, n_groups)[group]
+                     + rng.normal(0, 0.05, len(group))] for _ in range(k)]
+    assert member_noise(members, 1, group) < 0.01 < 0.5 < member_noise(members, 1)
+    blend = Blend.fit(members[0], y, [1], member_noise=member_noise(members, 1, group), groups=group, level=0)
+    assert blend.ensemble_coef[0] == pytest.approx(blend.coef[0], rel=0.05) and 1.5 < blend.coef[0] < 2.5
+    single = Blend.fit(members[0][:50], y[:50], [1], member_noise=0.3, groups=np.arange(50), level=0)
+    assert single.coef == [0.0] and single.ensemble_coef == [0.0]
 
 
 def test_within_pearson_is_the_mean_pearson_of_groups_with_enough_rows():

@@ -202,6 +202,8 @@ def _nnls_corrected(x: np.ndarray, y: np.ndarray, noise: float) -> np.ndarray:
 
     n = len(x)
     gram = x.T @ x
+    if not np.trace(gram) > 0:  # nothing varies (every group a single row): no weight to correct
+        return np.zeros(x.shape[1])
     cross = gram[0, 1:]
     explained = float(cross @ np.linalg.lstsq(gram[1:, 1:], cross, rcond=None)[0]) if len(cross) else 0.0
     own = max(gram[0, 0] - explained, 0.0)
@@ -212,13 +214,22 @@ def _nnls_corrected(x: np.ndarray, y: np.ndarray, noise: float) -> np.ndarray:
     return coef
 
 
-def member_noise(members: list[np.ndarray], column: int) -> float:
+def member_noise(members: list[np.ndarray], column: int, groups: np.ndarray | None = None) -> float:
     """What averaging K members removes from the variance of ``column`` (one member's estimate): the mean over rows
-    of the variance between the members' estimates, times ``1 - 1/K``; 0 with one member."""
+    of the variance between the members' estimates, times ``1 - 1/K``; 0 with one member. With ``groups`` (one per
+    row) each member's estimates are centred within their group first: the disagreement a blend fitted within
+    groups (:meth:`Blend.fit_within`) sees, where members that differ by a constant per group do not disagree."""
     k = len(members)
     if k < 2 or not len(members[0]):
         return 0.0
     estimates = np.stack([m[:, column].astype(np.float64) for m in members])
+    if groups is not None:
+        _, code = np.unique(groups, return_inverse=True)
+        for row in estimates:
+            known = np.isfinite(row)
+            count = np.bincount(code[known], minlength=code.max() + 1)
+            total = np.bincount(code[known], weights=row[known], minlength=code.max() + 1)
+            row -= (total / np.maximum(count, 1))[code]  # in place; a NaN stays NaN
     return float(np.nanmean(np.var(estimates, axis=0, ddof=1))) * (1 - 1 / k)
 
 
@@ -626,8 +637,10 @@ def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, e
     ``level``, its weights are fitted within groups (:meth:`Blend.fit_within`)."""
     if not estimates:
         return None, None
-    noise = member_noise(members, estimates[0]) if members else 0.0
     within = groups is not None and level is not None
+    # within groups the blend's weights read the members' deviations from their group's mean: their disagreement
+    # is measured there too (a per-group offset between members, removed by the centring, inflated the weight)
+    noise = member_noise(members, estimates[0], groups[valid] if within else None) if members else 0.0
     blend = Blend.fit(features[~valid], labels[~valid], estimates, member_noise=noise,
                       groups=groups[~valid] if within else None, level=level if within else None)
     if noise:
@@ -644,6 +657,14 @@ MIN_HELD_OUT = 4
 
 
 def _require_held_out(valid: np.ndarray, name: str) -> None:
+    """Enough held-out rows (``valid``) and enough rows left to fit on, or an error that says what to give."""
+    fit_on = int(np.count_nonzero(~valid))
+    if fit_on < MIN_HELD_OUT:
+        raise GeximputeError(
+            f"{name}: {fit_on} row(s) of {len(valid)} left to fit the head on once its held-out rows are set aside; "
+            f"at least {MIN_HELD_OUT} are needed (the task's units are held out by a seeded hash of about 15%, or "
+            "every record on the validation chromosomes split.valid_chroms: a head fold on those alone has none "
+            "left): give more samples, donors or genes, or other split.valid_chroms")
     n = int(np.count_nonzero(valid))
     if n < MIN_HELD_OUT:
         raise GeximputeError(
