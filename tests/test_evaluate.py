@@ -102,7 +102,8 @@ def test_records_carry_the_family_level_where_symbols_form_families_on_the_genes
 @pytest.mark.parametrize("task", TASKS)
 def test_genes_of_the_test_chromosomes_never_label_a_training_example(synth_small, task):
     from geximpute.fit.hybrid import pretrain_levels
-    from geximpute.science.folds import training_folds
+    from geximpute.io.matrixfile import measured
+    from geximpute.science.folds import trainable, training_folds
     from geximpute.science.problem import SPLITS
 
     config = load_config(synth_small / "config.yaml", [f"evaluation.task={task}", "split.test_chroms=[chr2]"])
@@ -110,7 +111,15 @@ def test_genes_of_the_test_chromosomes_never_label_a_training_example(synth_smal
     test_gene = problem.split == SPLITS.index("test")
     assert 0 < test_gene.sum() < problem.n_genes and set(problem.chroms[test_gene]) == {"chr2"}
     folds = training_folds(problem, task, 2, 0.25, seed=0)
-    assert all(mask.any() and not mask[test_gene].any() for mask in folds)
+    assert all(trainable(problem, mask).any() and not trainable(problem, mask)[test_gene].any() for mask in folds)
+    if task == "samples":
+        # a held-out sample is hidden whole, as the evaluation hides it: its test genes too (left visible they gave
+        # its other genes same-sample context a hidden sample never has)
+        for mask in folds:
+            held = mask.any(axis=0)
+            assert np.array_equal(mask[:, held], measured(problem.values)[:, held])
+    else:
+        assert not any(mask[test_gene].any() for mask in folds)
     level, _ = pretrain_levels(config, problem, [0])
     assert np.isnan(level[test_gene]).all() and np.isfinite(level[~test_gene]).any()
     # without test chromosomes the folds are cut as before: the exclusion changes nothing else

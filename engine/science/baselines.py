@@ -24,7 +24,7 @@ from geximpute.config import BaselinesConfig
 from geximpute.io.expression import fold_factors
 from geximpute.io.genes import gene_family_keys, shared_families
 from geximpute.science.context import ContextIndex, build_context
-from geximpute.science.folds import fold_problem, fold_ratio, fold_targets, forget_fold, training_folds
+from geximpute.science.folds import fold_problem, fold_ratio, fold_targets, forget_fold, trainable, training_folds
 from geximpute.science.genomes import donor_residuals
 from geximpute.science.groups import group_sums
 from geximpute.science.head_features import idw_estimate, list_parts
@@ -1276,13 +1276,14 @@ def tune_settings(problem: VisibleProblem, names: tuple[str, ...], config: Basel
         return value if np.isfinite(value) else None
 
     mask = validation_mask(problem, task, config.tune_fraction, seed, whole_donors=whole_donors)
-    gi, si = np.nonzero(mask)
+    scored = trainable(problem, mask)  # hidden as the task hides; scored off the test chromosomes
+    gi, si = np.nonzero(scored)
     if len(gi) == 0:
         return config, {}
     if len(gi) > max_entries and task == "samples":
         # whole (gene, tissue) groups: single entries drawn from ~35 donors a group left 2-3 of each, under the
         # metric's min_donors, and the tuning fell back to RMSE
-        gi, si = np.nonzero(fold_targets(mask, problem.tissue_index, max_entries, seed))
+        gi, si = np.nonzero(fold_targets(scored, problem.tissue_index, max_entries, seed))
     elif len(gi) > max_entries:
         keep = np.sort(np.random.default_rng(seed).choice(len(gi), size=max_entries, replace=False))
         gi, si = gi[keep], si[keep]

@@ -34,14 +34,16 @@ def training_folds(
         whole_donors: with ``samples``, the unit is a donor (every sample of it), as in the evaluation.
 
     Returns:
-        ``n_folds`` boolean (G, S) masks; none holds an entry of a gene on ``split.test_chroms``.
+        ``n_folds`` boolean (G, S) masks. No unit is chosen among the entries of genes on ``split.test_chroms``
+        (no training example is labelled with their values, no validation split carved from them: callers label and
+        score a fold's :func:`trainable` entries); on ``samples`` a chosen sample or donor is hidden in every gene,
+        theirs too, as the evaluation hides it (a held-out sample's test genes left visible gave its other genes
+        same-sample context a hidden entry never has).
     """
     if n_folds * fraction > 1 + 1e-9:
         raise ValueError(f"train.folds x train.fold_fraction = {n_folds} x {fraction} > 1: folds would overlap")
-    # genes of the test chromosomes (split.test_chroms) are never re-hidden: no training example is labelled with
-    # their values, and no validation split is carved from them
-    visible = measured(problem.values)
-    visible &= (problem.split != SPLITS.index("test"))[:, None]
+    measured_any = measured(problem.values)
+    visible = measured_any & (problem.split != SPLITS.index("test"))[:, None]
     rng = np.random.default_rng(seed)
     if task == "genes":
         units = rng.permutation(np.flatnonzero(visible.any(axis=1)))
@@ -68,9 +70,16 @@ def training_folds(
         else:
             chosen.sort()  # in place: each fold's segment of the permutation is its own
             mark_ranks(visible.ravel(), chosen, mask.ravel())
-        mask &= visible
+        mask &= measured_any if task == "samples" else visible
         masks.append(mask)
     return masks
+
+
+def trainable(problem: VisibleProblem, mask: np.ndarray) -> np.ndarray:
+    """The entries of a fold's ``mask`` (:func:`training_folds`) that may be labelled or scored: those off the
+    genes of ``split.test_chroms``."""
+    test = problem.split == SPLITS.index("test")
+    return mask & ~test[:, None] if test.any() else mask
 
 
 def fold_targets(inner: np.ndarray, tissue_index: np.ndarray, limit: int | None, seed: int,

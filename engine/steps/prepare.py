@@ -44,7 +44,7 @@ from geximpute.runtime.console import stage
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import OWN_VALUE_FOLDS, FamilyLevels, family_levels, forms_families
-from geximpute.science.folds import fold_labels, fold_problem, fold_targets, forget_fold, training_folds
+from geximpute.science.folds import fold_labels, fold_problem, fold_targets, forget_fold, trainable, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores, own_value_free_scores
 from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
@@ -673,7 +673,8 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
             t = config.train
             for f, inner in enumerate(training_folds(problem, config.evaluation.task, t.folds, config.fold_fraction,
                                                      config.seed, whole_donors=config.evaluation.whole_donors)):
-                labelled = fold_targets(inner, problem.tissue_index, t.max_fold_records, config.seed, f)
+                labelled = fold_targets(trainable(problem, inner), problem.tissue_index, t.max_fold_records,
+                                        config.seed, f)
                 n_inner, n_labelled = int(inner.sum()), int(labelled.sum())
                 if n_labelled < n_inner:
                     log.info("prepare: training fold %d hides %d entries; %d of them get a record (a random set of "
