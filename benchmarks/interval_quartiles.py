@@ -25,19 +25,19 @@ from scipy.stats import norm
 from geximpute.science.comparisons import quartile_coverage
 
 N = 400_000
-Z80 = float(norm.ppf(0.9))
 
 
 def _quartile_coverage(inside: np.ndarray, value: np.ndarray) -> list[float]:
     return [q["coverage"] for q in quartile_coverage(inside, value)]
 
 
-def model(r: float, seed: int = 0) -> dict:
-    """Coverage overall and by observed quartile: the calibrated interval and the label-conditional one."""
+def model(r: float, seed: int = 0, nominal: float = 0.8) -> dict:
+    """Coverage overall and by observed quartile of a ``nominal`` interval: the calibrated interval and the
+    label-conditional one."""
     rng = np.random.default_rng(seed)
     estimate = rng.normal(size=N) * r
     value = estimate + rng.normal(size=N) * np.sqrt(1 - r * r)
-    half = Z80 * np.sqrt(1 - r * r)
+    half = float(norm.ppf(0.5 + nominal / 2)) * np.sqrt(1 - r * r)
     inside = np.abs(value - estimate) <= half
     calibrated = {"overall": float(inside.mean()), "by_quartile": _quartile_coverage(inside, value),
                   "width": 2 * half}
@@ -48,7 +48,7 @@ def model(r: float, seed: int = 0) -> dict:
     edges = np.concatenate([[-np.inf], cuts, [np.inf]])
     score = np.abs(value - estimate)
     bins = np.searchsorted(cuts, value, side="right")
-    widths = [float(np.quantile(score[cal & (bins == k)], 0.8)) for k in range(4)]
+    widths = [float(np.quantile(score[cal & (bins == k)], nominal)) for k in range(4)]
     lower, upper = np.full(test.sum(), np.inf), np.full(test.sum(), -np.inf)
     for k in range(4):
         lo = np.maximum(estimate[test] - widths[k], edges[k])
@@ -80,11 +80,17 @@ def main() -> None:
     print("| run | Pearson | measured overall | measured Q1-Q4 | model at that Pearson: Q1-Q4 |")
     print("|---|---|---|---|---|")
     for run in runs:
-        for metrics_file in sorted(run.glob("seed_*/metrics.json")):
+        # an `evaluate --seeds` folder, or a single evaluation's
+        files = sorted(run.glob("seed_*/metrics.json")) or sorted(run.glob("metrics.json"))
+        if not files:
+            raise SystemExit(f"{run}: no metrics.json in it or its seed_* folders")
+        for metrics_file in files:
             hybrid = json.loads(metrics_file.read_text())["methods"]["hybrid"]
             breakdown = hybrid["coverage_80_breakdown"]
             measured = " / ".join(f"{q['coverage']:.3f}" for q in breakdown["by_quartile"])
-            expected = " / ".join(f"{c:.3f}" for c in model(hybrid["pearson"])["calibrated"]["by_quartile"])
+            nominal = hybrid.get("coverage_nominal") or 0.8
+            expected = " / ".join(f"{c:.3f}" for c in
+                                  model(hybrid["pearson"], nominal=nominal)["calibrated"]["by_quartile"])
             print(f"| {metrics_file.parent} | {hybrid['pearson']:.4f} | {breakdown['overall']:.3f} | {measured} "
                   f"| {expected} |")
 

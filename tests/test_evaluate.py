@@ -605,3 +605,21 @@ def test_evaluate_seeds_tunes_the_strong_baselines_and_summarises(ray_local, syn
     row = summary["methods"]["pairwise_regression"]["rmse"]
     assert len(row["values"]) == 2 and row["sd"] is not None and min(row["values"]) <= row["mean"]
     assert "mean ± sd over seeds [0, 1]" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_the_html_report_judges_intervals_at_their_own_level():
+    """``head.quantiles`` [0.05, 0.95] makes 90% intervals: report.html's table, plot and note say 90%, as
+    report.md does, not a fixed 80%."""
+    from geximpute.steps.html_report import evaluation_sections
+
+    rng = np.random.default_rng(0)
+    observed = rng.normal(size=60)
+    gene, tissue = np.repeat(np.arange(20), 3), np.tile(np.arange(3), 20)
+    results = {"hybrid": {"pearson": 0.5, "coverage_80": 0.91, "coverage_nominal": 0.9, "interval_width_mean": 1.0,
+                          "per_tissue": {"t0": {"pearson": 0.5, "n": 20}}}}
+    metrics = {"methods": results, "n_hidden": 60, "task": "entries", "fraction": 0.1, "seed": 0, "n_genes": 20,
+               "n_samples": 3}
+    sections = evaluation_sections(metrics, observed, {"hybrid": observed + 0.1}, gene, tissue, 10,
+                                   {"config": {}, "inputs": {}, "versions": {}})
+    text = "".join(s.body + s.note for s in sections)
+    assert "90% coverage" in text and "90% interval" in text and "80%" not in text

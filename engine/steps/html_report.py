@@ -254,8 +254,11 @@ def evaluation_sections(metrics: dict, observed: np.ndarray, predictions: dict[s
                         tissue: np.ndarray, min_donors: int, manifest: dict) -> list[Section]:
     """The sections of ``geximpute evaluate``'s report."""
     results = metrics["methods"]
+    # the level the intervals were made for (head.quantiles), as report.md reads it
+    nominal = next((r["coverage_nominal"] for r in results.values() if r.get("coverage_nominal")), 0.8)
+    header = (*METRICS_HEADER[:-1], f"{nominal:.0%} coverage")
     sections = [
-        Section("Metrics", table_html(METRICS_HEADER, metrics_rows(results)),
+        Section("Metrics", table_html(header, metrics_rows(results)),
                 f"{metrics['n_hidden']:,} hidden entries (task {metrics['task']}, fraction {metrics['fraction']}, "
                 f"seed {metrics['seed']}); {metrics['n_genes']:,} genes x {metrics['n_samples']:,} samples. Every "
                 "method is scored on exactly these entries, on the modelling scale (log1p)."),
@@ -264,11 +267,11 @@ def evaluation_sections(metrics: dict, observed: np.ndarray, predictions: dict[s
             {n: r.get("pearson") for n, r in results.items()}), "Counts per hexagon on a log colour scale."),
         Section("Per tissue", per_tissue_bars(results), "Pearson over the hidden entries of each tissue."),
     ]
-    coverage = coverage_plot(results)
+    coverage = coverage_plot(results, nominal)
     if coverage:
         sections.append(Section("Interval coverage", coverage,
-                                "Share of hidden entries inside each method's 80% interval (the red line is the "
-                                "nominal level), and how wide the intervals are."))
+                                f"Share of hidden entries inside each method's {nominal:.0%} interval (the red line "
+                                "is the nominal level), and how wide the intervals are."))
     subsets = promoter_subsets_plot(results)
     if subsets:
         sections.append(Section("With and without promoter sequence", subsets,
