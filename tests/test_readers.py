@@ -422,6 +422,11 @@ def test_long_tables_read_in_batches_equal_the_whole_read(write, tmp_path, monke
     text = write("text.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join([*rows[:20], "ENSG001\tS99\tabc"]) + "\n")
     with pytest.raises(InputError, match="non-numeric expression value 'abc'"):
         read_expression(text)
+    # a column the reader does not use, empty in the first block and text later: still read a block at a time
+    noted = write("noted.tsv", "gene_id\tsample_id\tvalue\tnote\n" + "\n".join(
+        f"{r}\t{'' if i < 20 else 'checked'}" for i, r in enumerate(rows)) + "\n")
+    monkeypatch.setattr(E, "_read_long_whole", lambda *_: pytest.fail("a valid table read whole"))
+    np.testing.assert_array_equal(read_expression(noted).values, read_expression(tsv).values)
 
 
 def test_hidden_entries_drawn_in_passes_are_the_measured_cells_numpy_draws(monkeypatch):
@@ -818,3 +823,14 @@ def test_a_long_parquet_with_numbers_stored_as_text_reads_as_its_text_form(write
     pq.write_table(table.set_column(2, "value", pa.array(["1.5", "high", "2"])), tmp_path / "text.parquet")
     with pytest.raises(InputError, match="not all numbers"):
         read_expression(tmp_path / "text.parquet", "long")
+
+
+def test_gzip_files_named_bgz_or_without_a_suffix_are_read(tmp_path):
+    """Arrow decompresses by the name (``.gz``); bgzip writes ``.bgz``, and a copy can lose its suffix: read by the
+    file's own bytes, as the other readers tell gzip."""
+    (tmp_path / "e.gct.bgz").write_bytes(gzip.compress(b"#1.2\n1\t2\nName\tDescription\tS1\tS2\nENSG1\ta\t1\t2\n"))
+    (tmp_path / "expression").write_bytes(gzip.compress(b"gene_id\tLiver\nENSG1\t3\n"))
+    (tmp_path / "g.gtf.bgz").write_bytes(gzip.compress(b'chr1\tx\tgene\t100\t200\t.\t-\t.\tgene_id "ENSG1";\n'))
+    np.testing.assert_array_equal(read_expression(tmp_path / "e.gct.bgz").values, [[1, 2]])
+    np.testing.assert_array_equal(read_expression(tmp_path / "expression").values, [[3]])
+    assert read_genes(tmp_path / "g.gtf.bgz").table.to_pylist()[0]["tss"] == 200

@@ -100,7 +100,7 @@ class Expression:
 
 def detect_format(path: Path) -> str:
     """``gct``, ``bed``, ``long`` or ``wide`` from the file name and, for text tables, the header."""
-    name = path.name.lower().removesuffix(".gz")
+    name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
     if name.endswith(".gct"):
         return "gct"
     if name.endswith(".bed"):
@@ -616,7 +616,10 @@ def _read_long(path: Path, scale: str) -> Expression:
 
         def types(schema: pa.Schema) -> dict[str, pa.DataType]:
             found.update(_long_names(path, schema))
-            return {found[S.GENE_ID]: pa.string(), found[S.SAMPLE_ID]: pa.string(), found[S.VALUE]: pa.float64()}
+            # the columns it does not read as text: one empty in the first block and filled later (a note) no
+            # longer fails a later block's conversion and sends a valid table to the whole-table read
+            return {**dict.fromkeys(schema.names, pa.string()),
+                    found[S.GENE_ID]: pa.string(), found[S.SAMPLE_ID]: pa.string(), found[S.VALUE]: pa.float64()}
 
         _, _, batches = csv_batches(path, what, types, block_rows=LONG_BLOCK_LINES)
         names = found

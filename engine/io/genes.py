@@ -50,7 +50,7 @@ GFF3_GENE_FEATURES = ["gene", "pseudogene"]
 
 def detect_format(path: Path) -> str:
     """Gene-annotation format from the file name."""
-    name = path.name.lower().removesuffix(".gz")
+    name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
     for suffix, fmt in (
         (".gtf", "gtf"),
         (".gff3", "gff3"),

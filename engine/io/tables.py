@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from geximpute.errors import InputError
-from geximpute.io.checks import check_gzip_whole, check_readable, count_lines, open_text
+from geximpute.io.checks import check_gzip_whole, check_readable, count_lines, is_gzip, open_text
 
 #: strings read as missing values in every table
 NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]
@@ -101,13 +101,14 @@ def read_table(
     if text_columns:
         names = {a.lower() for canonical, aliases in text_columns.items() for a in (canonical, *aliases)}
         try:
-            with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as head:
+            with pacsv.open_csv(source(path), read_options=read, parse_options=parse,
+                                convert_options=convert) as head:
                 header = head.schema.names
         except (pa.ArrowInvalid, StopIteration):
             header = []  # read_csv below names what is wrong with the file
         convert.column_types = {**{n: pa.string() for n in header if n.lower() in names}, **(column_types or {})}
     try:
-        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        table = pacsv.read_csv(source(path), read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise table_error(path, what, exc) from exc
     check_header(path, what, table.column_names, skip_rows)
@@ -192,7 +193,7 @@ def csv_batches(
     options = _csv_options(path, column_names, None, skip_rows, delimiter, quoting, null_values, skip_comment_rows,
                            block_size=block)
     try:
-        with pacsv.open_csv(path, read_options=options[0], parse_options=options[1],
+        with pacsv.open_csv(source(path), read_options=options[0], parse_options=options[1],
                             convert_options=options[2]) as reader:
             schema = reader.schema
     except pa.ArrowInvalid as exc:
@@ -201,6 +202,16 @@ def csv_batches(
     read, parse, convert = _csv_options(path, column_names, column_types(schema), skip_rows, delimiter, quoting,
                                         null_values, skip_comment_rows, block_size=block)
     return schema, lines, CsvBatches(path, read, parse, convert)
+
+
+def source(path: Path) -> str | pa.NativeFile:
+    """What Arrow's CSV reader reads ``path`` from: the path itself (Arrow decompresses a ``.gz`` name), or a
+    gzip stream over a gzip file named otherwise (bgzip's ``.bgz``, or no suffix), which Arrow would read as
+    text (its reader closes the stream)."""
+    path = Path(path)
+    if path.suffix.lower() != ".gz" and is_gzip(path):
+        return pa.CompressedInputStream(pa.OSFile(str(path)), "gzip")
+    return str(path)
 
 
 class CsvBatches:
@@ -213,7 +224,8 @@ class CsvBatches:
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         read, parse, convert = self.options
-        with pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+        with pacsv.open_csv(source(self.path), read_options=read, parse_options=parse,
+                            convert_options=convert) as reader:
             yield from reader
 
 
