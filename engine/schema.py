@@ -247,3 +247,13 @@ BUNDLE_GENE_PROMOTERS = pa.schema(
         pa.field("promoter_row", pa.int64(), nullable=False),
     ]
 )
+
+
+def record_partitioning():
+    """The hive partitioning that record folders (``chrom=<name>/``) are read with: the chromosome is text however
+    its names look. Inferred from the folder names, Ensembl's ``1``..``22`` read as integers and ``X`` as text, so
+    two folds with and without a record on X failed to concatenate, and all-numeric names reached the output as
+    numbers."""
+    import pyarrow.dataset as pads
+
+    return pads.partitioning(pa.schema([(CHROM, pa.string())]), flavor="hive")

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from geximpute import schema as S
 from geximpute.config import BaselinesConfig, Config
 from geximpute.fit.head import fit_head
 from geximpute.fit.models import HybridModels, genetic_offset
@@ -58,14 +59,15 @@ FOLD_RUN = "hybrid_folds"
 
 def read_training(dirs: list[Path]) -> pa.Table:
     """The labelled training records of the given fold folders."""
-    return pa.concat_tables(pads.dataset(d, format="parquet", partitioning="hive").to_table() for d in dirs)
+    return pa.concat_tables(pads.dataset(d, format="parquet", partitioning=S.record_partitioning()).to_table()
+                            for d in dirs)
 
 
 def record_entries(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(gene_index, sample_index) of the records of one training fold's folder: the entries of the fold that have
     a record (``train.max_fold_records`` may leave the rest of the fold without one); empty for a fold without
     records."""
-    data = pads.dataset(folder, format="parquet", partitioning="hive")
+    data = pads.dataset(folder, format="parquet", partitioning=S.record_partitioning())
     if "gene_index" not in data.schema.names:  # no records: the folder has no files to take a schema from
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     index = data.to_table(columns=["gene_index", "sample_index"])

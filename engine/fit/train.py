@@ -489,7 +489,7 @@ def carries_family(dirs: list[Path]) -> bool:
     """Whether the context records under ``dirs`` carry the family level (:data:`geximpute.schema.FAMILY_LEVEL`)."""
     import pyarrow.dataset as pads
 
-    names = [pads.dataset(d, format="parquet", partitioning="hive").schema.names for d in dirs]
+    names = [pads.dataset(d, format="parquet", partitioning=S.record_partitioning()).schema.names for d in dirs]
     return any(S.FAMILY_LEVEL in n for n in names)
 
 
@@ -501,7 +501,7 @@ def absent_groups(dirs: list[Path]) -> tuple[str, ...]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    parts = [pads.dataset(str(d), format="parquet", partitioning="hive") for d in dirs]
+    parts = [pads.dataset(str(d), format="parquet", partitioning=S.record_partitioning()) for d in dirs]
     seen = dict.fromkeys(GROUPS, False)
     rows = 0
     for batch in (parts[0] if len(parts) == 1 else pads.dataset(parts)).to_batches(
@@ -604,7 +604,8 @@ def _network_settings(config: Config, run: NetworkRun, gene_ids: np.ndarray, n_t
     """What the workers need to train ``run``'s network (its spec, feature scaling, validation split, gene-level
     pre-training targets and chromosome bookkeeping), from its training records."""
     table = pa.concat_tables(
-        pq.ParquetDataset(d).read(columns=["target", "split", "gene_index", "sample_index", "chrom", S.DONOR_ID])
+        pq.ParquetDataset(d, partitioning=S.record_partitioning()).read(
+            columns=["target", "split", "gene_index", "sample_index", "chrom", S.DONOR_ID])
         for d in run.train_dirs
     )
     labels = table["target"].to_numpy(zero_copy_only=False)

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 def read_records(prepared: Prepared, *, hidden: bool | None = None) -> pa.Table:
     """Context records of a prepare output, sorted by (gene_index, sample_index); optionally only hidden ones."""
-    dataset = pads.dataset(prepared.out_dir / "context", format="parquet", partitioning="hive")
+    dataset = pads.dataset(prepared.out_dir / "context", format="parquet",
+                           partitioning=S.record_partitioning())
     flt = None if hidden is None else (pads.field("hidden") == hidden)
     table = dataset.to_table(filter=flt)
     return table.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
