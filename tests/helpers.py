@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 
 from geximpute.config import Config, load_config
 from geximpute.fit.bundle import Bundle
+from geximpute.science.problem import VisibleProblem, tissue_correlation
 from geximpute.steps.impute import ImputeResult, impute
 from geximpute.steps.pipeline import Progress, build_bundle
 
@@ -197,3 +198,40 @@ def golden_rows(predictions: pd.DataFrame) -> pd.DataFrame:
     frame = frame.sort_values(GOLDEN_KEYS).reset_index(drop=True)
     picks = np.unique(np.linspace(0, len(frame) - 1, GOLDEN_ROWS).round().astype(int))
     return frame.iloc[picks].reset_index(drop=True)
+
+
+def problem_of(values: np.ndarray, donor_index: np.ndarray, tissue_index: np.ndarray) -> VisibleProblem:
+    """A visible problem around a (G, S) matrix, genes on one chromosome 10 kb apart."""
+    n_genes, n_samples = values.shape
+    n_d, n_t = int(donor_index.max()) + 1, int(tissue_index.max()) + 1
+    tss = np.arange(n_genes, dtype=np.int64) * 10_000 + 1
+    return VisibleProblem(
+        gene_ids=np.array([f"G{i}" for i in range(n_genes)], dtype=object),
+        chroms=np.array(["chr1"] * n_genes, dtype=object),
+        tss=tss, start=tss, end=tss + 100,
+        strand=np.ones(n_genes, np.int8),
+        split=np.zeros(n_genes, np.int8),
+        sample_ids=np.array([f"S{i}" for i in range(n_samples)], dtype=object),
+        donor_index=donor_index.astype(np.int32),
+        tissue_index=tissue_index.astype(np.int32),
+        donors=[f"D{i}" for i in range(n_d)],
+        tissues=[f"T{i}" for i in range(n_t)],
+        values=values.astype(np.float32),
+        tissue_corr=tissue_correlation(values, tissue_index, n_t),
+    )
+
+
+def donor_data(seed: int, n_genes: int = 30, n_donors: int = 120, n_tissues: int = 6, rank: int = 2,
+               observed: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, donor_index, tissue_index): one sample per observed (donor, tissue); each gene has tissue levels
+    plus donor factors (``rank`` per donor) loaded differently in every (gene, tissue), plus noise."""
+    rng = np.random.default_rng(seed)
+    cells = [(d, t) for d in range(n_donors) for t in range(n_tissues) if rng.random() < observed]
+    donor = np.array([c[0] for c in cells])
+    tissue = np.array([c[1] for c in cells])
+    level = rng.normal(3, 1.5, size=(n_genes, n_tissues))
+    z = rng.normal(size=(n_donors, rank))
+    load = rng.normal(size=(n_genes, n_tissues, rank))
+    signal = np.einsum("gtr,dr->gdt", load, z)
+    values = level[:, tissue] + signal[:, donor, tissue] + rng.normal(scale=0.3, size=(n_genes, len(cells)))
+    return values, donor, tissue

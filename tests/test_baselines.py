@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import donor_data, problem_of
 
 from geximpute.config import BaselinesConfig
 from geximpute.science import baselines as baselines_module
@@ -35,47 +36,10 @@ from geximpute.science.baselines import (
 )
 from geximpute.science.context import ContextIndex, build_context
 from geximpute.science.folds import fold_problem, training_folds
-from geximpute.science.problem import VisibleProblem, gene_rows, gene_subset, tissue_correlation
+from geximpute.science.problem import gene_rows, gene_subset
 
 #: the defaults untuned, chained_boosting with one bag (three cost three times as long; bags have their own test)
 FIXED = BaselinesConfig(tune=False, cb_bags=1)
-
-
-def problem_of(values: np.ndarray, donor_index: np.ndarray, tissue_index: np.ndarray) -> VisibleProblem:
-    """A visible problem around a (G, S) matrix, genes on one chromosome 10 kb apart."""
-    n_genes, n_samples = values.shape
-    n_d, n_t = int(donor_index.max()) + 1, int(tissue_index.max()) + 1
-    tss = np.arange(n_genes, dtype=np.int64) * 10_000 + 1
-    return VisibleProblem(
-        gene_ids=np.array([f"G{i}" for i in range(n_genes)], dtype=object),
-        chroms=np.array(["chr1"] * n_genes, dtype=object),
-        tss=tss, start=tss, end=tss + 100,
-        strand=np.ones(n_genes, np.int8),
-        split=np.zeros(n_genes, np.int8),
-        sample_ids=np.array([f"S{i}" for i in range(n_samples)], dtype=object),
-        donor_index=donor_index.astype(np.int32),
-        tissue_index=tissue_index.astype(np.int32),
-        donors=[f"D{i}" for i in range(n_d)],
-        tissues=[f"T{i}" for i in range(n_t)],
-        values=values.astype(np.float32),
-        tissue_corr=tissue_correlation(values, tissue_index, n_t),
-    )
-
-
-def donor_data(seed: int, n_genes: int = 30, n_donors: int = 120, n_tissues: int = 6, rank: int = 2,
-               observed: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, donor_index, tissue_index): one sample per observed (donor, tissue); each gene has tissue levels
-    plus donor factors (``rank`` per donor) loaded differently in every (gene, tissue), plus noise."""
-    rng = np.random.default_rng(seed)
-    cells = [(d, t) for d in range(n_donors) for t in range(n_tissues) if rng.random() < observed]
-    donor = np.array([c[0] for c in cells])
-    tissue = np.array([c[1] for c in cells])
-    level = rng.normal(3, 1.5, size=(n_genes, n_tissues))
-    z = rng.normal(size=(n_donors, rank))
-    load = rng.normal(size=(n_genes, n_tissues, rank))
-    signal = np.einsum("gtr,dr->gdt", load, z)
-    values = level[:, tissue] + signal[:, donor, tissue] + rng.normal(scale=0.3, size=(n_genes, len(cells)))
-    return values, donor, tissue
 
 
 def hide_samples(values: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

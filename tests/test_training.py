@@ -36,7 +36,7 @@ def test_head_baseline_features_are_out_of_fold(tmp_path):
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from test_baselines import donor_data, problem_of
+    from helpers import donor_data, problem_of
 
     from geximpute import schema as S
     from geximpute.config import config_from_dict
@@ -107,7 +107,7 @@ def test_out_of_fold_estimates_in_ray_tasks_are_the_in_process_ones(ray_local):
     import dataclasses
     import functools
 
-    from test_baselines import donor_data, problem_of
+    from helpers import donor_data, problem_of
 
     from geximpute.config import config_from_dict
     from geximpute.fit.hybrid import estimates_in_tasks
@@ -299,7 +299,7 @@ def test_pretraining_levels_never_read_the_fold_a_network_predicts():
     k's values moves none of its levels, and hidden (NaN) entries are never read."""
     import dataclasses
 
-    from test_baselines import donor_data, problem_of
+    from helpers import donor_data, problem_of
 
     from geximpute.config import config_from_dict
     from geximpute.fit.hybrid import pretrain_levels
@@ -334,7 +334,7 @@ def test_pretraining_levels_never_read_the_units_the_head_holds_out(task):
     import dataclasses
 
     import pyarrow as pa
-    from test_baselines import donor_data, problem_of
+    from helpers import donor_data, problem_of
 
     from geximpute.config import config_from_dict
     from geximpute.fit.hybrid import pretrain_levels
@@ -668,3 +668,20 @@ def test_json_written_has_no_nan_or_infinity(tmp_path):
                                  "count": 3}
     write_json(tmp_path / "m.json", data)
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c))["best_val"] is None
+
+
+def test_record_folders_read_the_chromosome_as_text(tmp_path):
+    """Ensembl's chromosome names (``1``, ``X``) as hive folders: the chromosome stays text, so a fold with a
+    record on X and one without concatenate (inferred, ``1`` was read as an integer and ``X`` as text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geximpute.fit.hybrid import read_training
+
+    for fold, chroms in ((0, ["1"]), (1, ["1", "X"])):
+        for chrom in chroms:
+            part = tmp_path / f"fold={fold}" / f"chrom={chrom}"
+            part.mkdir(parents=True)
+            pq.write_table(pa.table({"gene_index": [1], "target": [0.5]}), part / "part-0.parquet")
+    table = read_training([tmp_path / "fold=0", tmp_path / "fold=1"])
+    assert table.schema.field("chrom").type == pa.string() and sorted(table["chrom"].to_pylist()) == ["1", "1", "X"]
