@@ -563,7 +563,8 @@ def check_features(recorded: Sequence[str] | None, folder: Path) -> None:
     raise GeximputeError(
         f"{folder / S.HEAD_SPECS_FILE}: the model's head reads {len(recorded)} engineered features and this engine "
         f"computes {len(here)}; they differ at position {at} ({model!r} in the bundle, {engine!r} here); expected "
-        "the features of the engine that wrote the bundle: rebuild the model with this version (`geximpute build`)")
+        "the features of the engine that wrote the bundle: rebuild the model with this version (`geximpute "
+        "prepare --training --targets none`, `train` and `fit-head`, or `python -m geximpute.jobs.build`)")
 
 
 def _version_of(folder: Path) -> Path:

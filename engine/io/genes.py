@@ -1,8 +1,9 @@
 """Gene annotation: GTF/GTF.gz, GFF3, BED6 or TSV/CSV -> one row per gene with its TSS (geximpute.schema.GENES).
 
-Gene ids lose their version suffix (``ENSG00000141510.17`` -> ``ENSG00000141510``) so that sources on different
-GENCODE releases join. Chromosome names are harmonised to the genome's (or to ``chr``-style without a genome) and
-the renames are reported. The TSS is the 5' end on the gene's strand: ``start`` on ``+``, ``end`` on ``-``.
+Ensembl gene ids lose their version suffix (``ENSG00000141510.17`` -> ``ENSG00000141510``) so that sources on
+different GENCODE releases join; other ids keep what follows their dot (``RP11-34P13.7``). Chromosome names are
+harmonised to the genome's (or to ``chr``-style without a genome) and the renames are reported. The TSS is the 5'
+end on the gene's strand: ``start`` on ``+``, ``end`` on ``-``.
 """
 
 from __future__ import annotations
