@@ -52,10 +52,10 @@ class InputsConfig:
         expression: GCT 1.2, wide TSV/CSV/Parquet (genes x samples or genes x tissues), long TSV/CSV/Parquet
             (gene_id, sample_id, value) or a QTLtools/FastQTL phenotype BED (``#chr start end gene length
             strand`` then one column per person, format ``bed``).
-        genome: FASTA (plain or bgzip) for promoter sequence; optional.
+        genome: FASTA (plain or bgzip) for promoter sequence; optional, but required with ``variants``.
         samples: sample table (sample_id -> donor_id, tissue); without it every expression column is one tissue
             of one reference genotype, as in a median-by-tissue table.
-        variants: VCF/VCF.gz/BCF of personal genomes; optional.
+        variants: VCF/VCF.gz/BCF of personal genomes; optional (needs ``genome``: haplotypes are built on it).
         sample_map: two-column table linking VCF sample names to expression donor ids, when they differ.
         scale: what the expression values are: ``tpm`` (or another length-normalised abundance), raw
             ``counts`` (normalised per sample on reading), already ``log``-transformed, or ``normalised`` by an
@@ -88,6 +88,11 @@ class InputsConfig:
         _require(bool(self.genes) or bed, "inputs.genes", self.genes,
                  "a path to a gene annotation file (it may be left out only when inputs.expression is a "
                  "phenotype BED, whose rows give each gene's TSS and strand)")
+        # personal genomes are built on the reference: without it the VCF was read and then every genetic score
+        # was missing, and the bundle still claimed to read genomes
+        _require(not self.variants or bool(self.genome), "inputs.genome", self.genome,
+                 "a FASTA of the reference genome whenever inputs.variants is set (the donors' promoter haplotypes "
+                 "and cis-genetic scores are built on it; it may cover part of the genome: inputs.genome_partial)")
 
     def resolved(self, base: Path) -> InputsConfig:
         """Return a copy with every relative path made absolute against ``base``."""

@@ -72,6 +72,8 @@ def test_set_overrides_parse_values_as_yaml(write):
         ("output_dir=", "output_dir", "''"),
         # a value YAML cannot build was a traceback (ValueError: day is out of range for month)
         ("nightly.run_date=2026-02-30", "nightly.run_date", "day is out of range"),
+        # a VCF without the reference it is built on was read and then ignored (every genetic score missing)
+        ("inputs.variants=people.vcf.gz", "inputs.genome", "whenever inputs.variants is set"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(write, override, key, value):
