@@ -86,8 +86,9 @@ def open_text(path: str | Path) -> io.TextIOBase:
     return open(path, encoding="utf-8-sig")
 
 
-#: an Ensembl stable id with its version (any species' prefix: ENSG, ENSMUSG, ...), and GENCODE's PAR tag
-_VERSIONED_ENSEMBL = re.compile(r"(ENS[A-Z]*[GTPE]\d+)\.\d+(_PAR_Y)?")
+#: an Ensembl stable id with its version (any species' prefix: ENSG, ENSMUSG, ...), and GENCODE's PAR tag; the
+#: synthetic data (geximpute synth) writes its ids in the same form (SYNG00000001.1)
+_VERSIONED_ENSEMBL = re.compile(r"((?:ENS[A-Z]*[GTPE]|SYN[GT])\d+)\.\d+(_PAR_Y)?")
 
 
 def strip_version(gene_id: str) -> str:
