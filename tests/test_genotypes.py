@@ -65,6 +65,25 @@ def test_genetic_scores_recover_a_planted_effect_and_use_only_visible_donors():
     np.testing.assert_array_equal(np.nan_to_num(scores, nan=-9), np.nan_to_num(again, nan=-9))
 
 
+def test_genetic_scores_are_centred_on_the_donors_they_were_fitted_on():
+    """Donors known by their genome alone (held out, or arrived since: another ancestry here) do not move the
+    scores: they are centred on the fitted donors, as the residuals they predict are (centred on every genome, a
+    REF/REF fitted donor's score moved by the two groups' difference in allele frequency times the effect)."""
+    rng = np.random.default_rng(0)
+    n_donors = 400
+    fitted = np.arange(n_donors) < 200
+    dosage = rng.binomial(2, np.where(fitted, 0.1, 0.6)).astype(float)[None, :]
+    values = (0.5 * (dosage[0] - dosage[0, fitted].mean()) + rng.normal(0, 0.5, n_donors))[None, :]
+    values[:, ~fitted] = np.nan
+    args = (np.zeros(n_donors, np.int32), np.arange(n_donors, dtype=np.int32), 1, 1.0)
+    scores, _ = genetic_scores(_genomes(dosage, np.array([0, 1])), values, *args)
+    assert abs(scores[0, fitted].mean()) < 1e-5
+    # fewer genome-only donors: the fitted donors' scores stay where they were
+    fewer, _ = genetic_scores(_genomes(dosage[:, :250], np.array([0, 1])), values[:, :250], args[0][:250],
+                              args[1][:250], 1, 1.0)
+    np.testing.assert_allclose(fewer[0, :200], scores[0, :200], atol=1e-5)
+
+
 def test_genetic_scores_learn_an_effect_that_lives_on_the_haplotype():
     """Two sites that each break the same motif on one haplotype break it once (an OR per haplotype): dosages alone
     cannot represent it, the haplotype stage of the score can, and where haplotypes add nothing it stays out."""

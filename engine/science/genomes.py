@@ -416,7 +416,10 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
         if fit.sum() >= 5:
             xc = x[fit] - x[fit].mean(axis=0)
             beta = _ridge(xc, y[fit] - y[fit].mean(), shrinkage)
-            score = x[has] @ beta
+            # centred on the donors it was fitted on, as the residuals are: centred on every donor with a genome,
+            # each score moved by (their mean - the fitted donors') @ beta, and a nightly run's new genomes moved
+            # every earlier donor's score
+            score = (x[has] - x[fit].mean(axis=0)) @ beta
             copies = haplotype_copies(genomes.rows[g], int(genomes.reference_row[g]), fit)
             if copies.shape[1]:
                 left = y[fit] - y[fit].mean() - xc @ beta
