@@ -409,12 +409,18 @@ def test_sample_map_and_subset(tmp_path: Path, genome: Genome) -> None:
     assert subset.report["n_samples"] == 2
 
 
-def test_vcf_samples_absent_from_the_map(tmp_path: Path) -> None:
+def test_vcf_samples_absent_from_the_map(tmp_path: Path, caplog) -> None:
+    """A cohort VCF holds people who were never measured: the map links those who were, the others are not read
+    (and said so); a map that names none of the VCF's samples is refused."""
     path = write_vcf(tmp_path / "cohort.vcf", [snp(10, "0|1", "0|0", "0|0")])
+    with caplog.at_level("INFO", logger="geximpute.io.variants"):
+        mapped = read_variants(path, sample_map={"s1": "D1"})
+    assert mapped.samples == ["D1"] and mapped.genotypes.shape[1] == 1
+    assert "2 of 3 VCF samples are not in the sample map and are not read: s2, s3" in caplog.text
     with pytest.raises(InputError) as err:
-        read_variants(path, sample_map={"s1": "D1"})
+        read_variants(path, sample_map={"elsewhere": "D1"})
     message = str(err.value)
-    assert "cohort.vcf" in message and "2 of 3 VCF samples are absent from the sample map: s2, s3" in message
+    assert "cohort.vcf" in message and "none of its 3 VCF samples is in the sample map" in message
 
     # choosing mapped donors only is fine; asking for a donor the map cannot reach names the unmapped samples
     assert read_variants(path, sample_map={"s1": "D1"}, samples=["D1"]).samples == ["D1"]

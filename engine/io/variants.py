@@ -171,8 +171,8 @@ def read_variants(
         path: the VCF/BCF file; a ``.tbi``/``.csi`` index beside it is used for ``regions``.
         genome: the reference; when given, chromosome names are mapped to its record names and REF alleles
             are checked against it. Without it, names are mapped to the UCSC style (``chr17``).
-        sample_map: ``{vcf_sample: donor_id}`` (see :func:`read_sample_map`); every VCF sample used must be
-            in it.
+        sample_map: ``{vcf_sample: donor_id}`` (see :func:`read_sample_map`); VCF samples absent from it are
+            not read (logged; none in it is an error).
         samples: donor ids to keep, in this order; all samples of the file when None.
         regions: ``(chrom, start, end)`` intervals, 1-based and inclusive, in any chromosome naming; only
             sites whose POS lies in one are read. All sites when None.
@@ -374,15 +374,20 @@ def _select_samples(
         donor_of = {s: sample_map[s] for s in vcf_samples if s in sample_map}
         unmapped = [s for s in vcf_samples if s not in sample_map]
     if samples is None:
-        if unmapped:
+        # a cohort VCF (1000 Genomes: 2,504 people) holds more people than were measured: the map links those
+        # that were, and the others are not read (a map had to list every VCF sample, and no setting chose them)
+        if unmapped and len(unmapped) == len(vcf_samples):
             raise InputError(
                 path,
-                f"{len(unmapped)} of {len(vcf_samples)} VCF samples are absent from the sample map: {_few(unmapped)}",
+                f"none of its {len(vcf_samples)} VCF samples is in the sample map: {_few(unmapped)}",
                 record="the #CHROM header line",
-                expected="every VCF sample in the sample map's vcf_sample column",
-                hint="Add them to the sample map, or choose the donors to read with `samples`",
+                expected="the VCF sample names in the sample map's vcf_sample column",
+                hint="Check that the sample map was written for this VCF",
             )
-        used = list(vcf_samples)
+        if unmapped:
+            log.info("%s: %d of %d VCF samples are not in the sample map and are not read: %s", path.name,
+                     len(unmapped), len(vcf_samples), _few(unmapped))
+        used = [s for s in vcf_samples if s in donor_of]
     else:
         duplicated = [d for d, n in Counter(samples).items() if n > 1]
         if duplicated:
