@@ -406,6 +406,9 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
             effects.append(np.zeros(0, np.float32))
             continue
         x = genomes.link_dosage(lo, hi).T.astype(np.float64)  # (D, m)
+        # a missing call (genotypes.missing: mean) leaves the donor's haplotypes unknown: they were built with the
+        # missing allele as REF, and the haplotype stage read that REF (a call adds nothing when missing)
+        unknown = np.isnan(x).any(axis=1)
         mean = np.nanmean(np.where(has[:, None], x, np.nan), axis=0) if has.any() else np.zeros(hi - lo)
         mean = np.nan_to_num(mean)
         x = np.where(np.isnan(x), mean, x) - mean  # missing calls at the mean dosage
@@ -420,11 +423,13 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
             # each score moved by (their mean - the fitted donors') @ beta, and a nightly run's new genomes moved
             # every earlier donor's score
             score = (x[has] - x[fit].mean(axis=0)) @ beta
-            copies = haplotype_copies(genomes.rows[g], int(genomes.reference_row[g]), fit)
-            if copies.shape[1]:
-                left = y[fit] - y[fit].mean() - xc @ beta
-                h = copies - copies[fit].mean(axis=0)  # centred on the fitted donors already
-                gamma = _ridge(h[fit], left, None)
+            known = fit & ~unknown
+            copies = haplotype_copies(genomes.rows[g], int(genomes.reference_row[g]), known)
+            if copies.shape[1] and known.sum() >= 5:
+                left = (y[fit] - y[fit].mean() - xc @ beta)[~unknown[fit]]
+                h = copies - copies[known].mean(axis=0)  # centred on the donors it is fitted on
+                h[unknown] = 0.0  # the fitted donors' mean: an unknown haplotype moves nothing
+                gamma = _ridge(h[known], left, None)
                 score = score + h[has] @ gamma
         effects.append(beta.astype(np.float32))
         scores[g, has] = score.astype(np.float32)
