@@ -40,7 +40,7 @@ def main() -> None:
         ensure_ray(config.ray)
     t = time.perf_counter()
     gene_ids, _ = read_problem_index(args.records)
-    problem = read_visible_problem(config, gene_ids)
+    problem = read_visible_problem(config, gene_ids, args.records)
     print(f"problem {problem.values.shape} read in {time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
     composition = gene_composition(args.records, problem.gene_ids, config.promoter.upstream)

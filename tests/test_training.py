@@ -179,19 +179,33 @@ def test_fold_targets_draw_whole_gene_tissue_groups_up_to_the_limit():
 def test_training_folds_capped_are_the_uncapped_records_of_fewer_entries(tiny_model, tmp_path):
     """``train.max_fold_records`` labels fewer entries of each fold, with the same context: every capped record is
     the uncapped build's record of the same entry, column for column (the whole fold stays hidden); ``--targets
-    none`` writes no context record."""
+    none`` writes no context record and holds no evaluation entry out."""
     import dataclasses
 
     import pyarrow.dataset as pads
 
     from geximpute.steps.prepare import prepare
 
-    full = tiny_model.records / "train"
+    built = dataclasses.replace(tiny_model.config, output_dir=str(tmp_path))
+    # `--targets none` (a model for imputation): the training folds are cut from every visible entry, the
+    # evaluation's included (the tiny model's build held them out)
+    uncapped = prepare(built, tmp_path / "uncapped", targets="none", training=True)
+    assert uncapped.n_train > tiny_model.progress.results["prepare"].n_train and len(uncapped.truth) == 0
+    assert json.loads((tmp_path / "uncapped" / "_manifest.json").read_text())["evaluation_hidden"] is False
+    # train and fit-head, run on their own, make the problem again as prepare made it: folds cut from the same
+    from geximpute.io.dataset import load_dataset
+    from geximpute.io.matrixfile import measured
+    from geximpute.science.problem import make_problem
+    from geximpute.steps.pipeline import read_visible_problem
+    from geximpute.steps.prepare import read_problem_index
+
+    again = read_visible_problem(built, read_problem_index(tmp_path / "uncapped")[0], tmp_path / "uncapped")
+    everything, _ = make_problem(load_dataset(built), hidden_mask=False)
+    assert np.array_equal(measured(again.values), measured(everything.values))
+    full = tmp_path / "uncapped" / "train"
     n_full = [pads.dataset(full / f"fold={k}", partitioning="hive").count_rows() for k in range(2)]
     limit = min(n_full) // 3
-    built = tiny_model.config
-    config = dataclasses.replace(built, output_dir=str(tmp_path),
-                                 train=dataclasses.replace(built.train, max_fold_records=limit))
+    config = dataclasses.replace(built, train=dataclasses.replace(built.train, max_fold_records=limit))
     out = prepare(config, tmp_path / "records", targets="none", training=True)
     assert out.n_records == 0 and not any((tmp_path / "records" / "context").rglob("*.parquet"))
     keys = ["gene_index", "sample_index"]

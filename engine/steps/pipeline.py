@@ -112,7 +112,7 @@ def train_and_save(config: Config, records_dir: str | Path | None = None,
         with contextlib.ExitStack() as scratch:
             if problem is None:  # read here: its matrix in a file of the run's own, as prepare keeps it
                 folder = scratch.enter_context(scratch_folder(out, MATRIX_FOLDER))
-                problem = read_visible_problem(config, gene_ids, matrix=folder / "expression.f32")
+                problem = read_visible_problem(config, gene_ids, records, matrix=folder / "expression.f32")
             # the CNNs' pre-training levels are all the networks read of the problem: its file goes before training
             runs = fold_network_runs(config, records, problem)
         del problem
@@ -263,7 +263,7 @@ def fit_head_and_save(
         n_head = training.num_rows
     else:
         if problem is None and config.train.folds >= 2:
-            problem = read_visible_problem(config, gene_ids)
+            problem = read_visible_problem(config, gene_ids, records)
         if problem is not None:
             composition = gene_composition(records, problem.gene_ids, config.promoter.upstream)
             baselines, _ = tuned_baselines(config, problem, composition, head_tuned_methods())
@@ -277,11 +277,22 @@ def fit_head_and_save(
     return models, version, n_head
 
 
-def read_visible_problem(config: Config, gene_ids, *, matrix: Path | None = None) -> VisibleProblem:
-    """The visible problem that prepare cut the training folds from, made again from the config's inputs; its
-    genes must be the prepare output's (``gene_ids``), or the inputs changed in between. ``matrix``: keep its values
-    in that file (:class:`~geximpute.io.matrixfile.MatrixFile`), not in memory."""
-    problem, _ = make_problem(load_dataset(config, matrix=matrix), consume=True)
+def evaluation_hidden(records: Path) -> bool:
+    """Whether prepare hid the evaluation's entries before cutting the training folds of ``records`` (its
+    manifest's ``evaluation_hidden``; records of a prepare before it was recorded did)."""
+    try:
+        return bool(json.loads((records / "_manifest.json").read_text()).get("evaluation_hidden", True))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def read_visible_problem(config: Config, gene_ids, records: Path, *, matrix: Path | None = None) -> VisibleProblem:
+    """The visible problem that prepare cut the training folds of ``records`` from, made again from the config's
+    inputs (with the evaluation's entries hidden where prepare hid them: the folds are cut from the same entries);
+    its genes must be the prepare output's (``gene_ids``), or the inputs changed in between. ``matrix``: keep its
+    values in that file (:class:`~geximpute.io.matrixfile.MatrixFile`), not in memory."""
+    problem, _ = make_problem(load_dataset(config, matrix=matrix), consume=True,
+                              hidden_mask=evaluation_hidden(records))
     if list(problem.gene_ids) != list(gene_ids):
         raise ConfigError(f"the inputs of the config give {problem.n_genes} genes, the training records "
                           f"{len(gene_ids)} others; run prepare again with this config")

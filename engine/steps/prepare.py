@@ -647,8 +647,11 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
     # read here, the dataset's matrix becomes the problem's (scaled in place), not a second copy beside it
     consume = dataset is None
     dataset = dataset or load_dataset(config, matrix=matrix)
-    problem, truth = make_problem(dataset, consume=consume)
     context = targets != "none"  # `none`: no context part at all, not a (genes x samples) mask of nothing
+    # the evaluation's entries are hidden where there is something to score them with (context records); the
+    # training folds alone (`--targets none`: a model for imputation, as the cluster jobs build it) are cut from
+    # every visible entry, where a tenth of the data was held out for a score nobody computed
+    problem, truth = make_problem(dataset, consume=consume, hidden_mask=context)
     if context:
         target_mask, hidden = target_masks(problem, truth, targets)
         log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
@@ -706,6 +709,7 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
                 },
                 genomes=problem.genomes.report if problem.genomes is not None else None,
                 hidden_entries=len(truth),
+                evaluation_hidden=context,
                 seconds=round(seconds, 2),
             ),
         )
