@@ -19,6 +19,7 @@ Steps return what their functions return (:class:`~geximpute.steps.prepare.Prepa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -41,8 +42,21 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] =
             may be any YAML value (lists, None...).
     """
     if isinstance(overrides, Mapping):
-        overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
+        overrides = [f"{key}={json.dumps(value, default=_plain)}" for key, value in overrides.items()]  # JSON: YAML
     return _load(path, list(overrides))
+
+
+def _plain(value: Any) -> Any:
+    """A notebook's value as plain JSON: a path as its text, a numpy scalar or array as Python's, a date as ISO."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{value!r} ({type(value).__name__}) is not a value a config holds")
 
 
 def _steps() -> dict[str, Callable[..., Any]]:
@@ -56,7 +70,8 @@ def _steps() -> dict[str, Callable[..., Any]]:
     from geximpute.steps.variant_effects import variant_effects
 
     return {"ingest": ingest, "prepare": prepare, "train": train_and_save, "fit-head": fit_head_and_save,
-            "build": build_bundle,
+            # a model for imputation, as the build job makes it: every visible entry, none held out to score
+            "build": functools.partial(build_bundle, targets="none"),
             "impute": impute, "evaluate": evaluate, "variant-effects": variant_effects, "nightly": nightly}
 
 

@@ -20,6 +20,18 @@ def test_load_config_takes_a_mapping_or_the_command_line_form(synth_small):
     assert by_map.train.epochs == 3 and by_map.evaluation.methods == ("distance", "row_tissue")
     with pytest.raises(ConfigError, match="train.epochs"):
         api.load_config(path, {"train.epochs": "many"})
+    # a notebook's values: a path, numpy numbers (a bare TypeError before)
+    from pathlib import Path
+
+    notebook = api.load_config(path, {"output_dir": Path("/tmp/gx"), "train.epochs": np.int64(3),
+                                      "evaluation.fraction": np.float32(0.25)})
+    assert notebook.output_dir == "/tmp/gx" and notebook.train.epochs == 3 and notebook.evaluation.fraction == 0.25
+
+
+def test_build_makes_the_model_the_build_job_makes():
+    """``api.run("build")`` learns from every visible entry, as ``python -m geximpute.jobs.build`` does
+    (``prepare --targets none``): it held out the evaluation's entries before."""
+    assert api._steps()["build"].keywords == {"targets": "none"}
 
 
 def test_unknown_step_is_named(synth_small):

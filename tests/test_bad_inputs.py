@@ -395,3 +395,26 @@ def test_out_holding_another_step_s_output_is_refused(toy, capfd):
     output = _cli_refusal(capfd, "impute", "--config", str(toy / "config.yaml"), "--out", str(records))
     assert "holds the output of `prepare`, not of `impute`" in output
     assert (records / "promoters.parquet").read_bytes() == b"PAR1"
+
+
+def test_an_error_raised_in_a_ray_task_is_one_line():
+    """Ray hands a task's error back wrapped (``RayTaskError(OSError)``: the worker's whole coloured traceback as
+    its text, no errno or file name of its own): the command's line is the task's own error."""
+    import errno
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from geximpute.apps.cli import _os_error, unwrapped
+
+    def raised_in_a_task(cause: Exception) -> Exception:
+        try:
+            raise cause
+        except Exception as exc:
+            text = "".join(traceback.format_exception(exc))
+        return RayTaskError("baseline_range", text, cause, proctitle="ray::baseline_range").as_instanceof_cause()
+
+    full = raised_in_a_task(OSError(errno.ENOSPC, "No space left on device", "/out/range-3.npz"))
+    assert _os_error(unwrapped(full)) == "No space left on device: /out/range-3.npz (OSError)"
+    bad = raised_in_a_task(InputError("/data/x.vcf.gz", "truncated bgzip block", record="line 12"))
+    assert str(unwrapped(bad)) == "/data/x.vcf.gz: truncated bgzip block; at line 12"

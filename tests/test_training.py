@@ -529,6 +529,16 @@ def test_ctrl_c_stops_a_command_after_ray_train_ran(tiny_model):
 
     assert fit_trainer(Trainer()) == "result" and signal.getsignal(signal.SIGINT) is handler
 
+    class Interrupted:  # Ray Train's handler ends a run stopped by Ctrl-C with sys.exit(0)
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: None)
+            raise SystemExit(0)
+
+    # an interruption (the command's status 130), not a success: `train && fit-head` went on after a Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        fit_trainer(Interrupted())
+    assert signal.getsignal(signal.SIGINT) is handler
+
 
 def test_train_on_its_own_removes_its_matrix_before_the_networks_train(tiny_model, tmp_path, monkeypatch):
     """`geximpute train` run on its own reads the problem into a matrix file for the CNNs' pre-training levels and

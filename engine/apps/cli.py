@@ -483,12 +483,13 @@ def _run_in_session(args: argparse.Namespace) -> int:
             try:
                 status = args.func(args)
             except (GeximputeError, FileExistsError) as exc:
-                echo(f"geximpute {args.command}: error: {exc}", err=True)
+                log.debug("geximpute %s: %s", args.command, type(exc).__name__, exc_info=True)
+                echo(f"geximpute {args.command}: error: {unwrapped(exc)}", err=True)
                 status = 2
             except OSError as exc:  # a step's input missing (train before prepare), a full disk: one line here,
                 # the traceback in the session's log (a failure inside Ray or a library is an OSError too)
                 log.debug("geximpute %s: %s", args.command, type(exc).__name__, exc_info=True)
-                echo(f"geximpute {args.command}: error: {_os_error(exc)}", err=True)
+                echo(f"geximpute {args.command}: error: {_os_error(unwrapped(exc))}", err=True)
                 status = 2
             finally:
                 # a Ray this command started stops inside the session, so that its goodbye lines go to the log
@@ -525,14 +526,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except GeximputeError as exc:
-        print(f"geximpute {args.command}: error: {exc}", file=sys.stderr)
+        print(f"geximpute {args.command}: error: {unwrapped(exc)}", file=sys.stderr)
         return 2
     except FileExistsError as exc:
-        print(f"geximpute {args.command}: error: {exc}", file=sys.stderr)
+        print(f"geximpute {args.command}: error: {unwrapped(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that cannot be written, a full disk: the path and the reason, no traceback
-        print(f"geximpute {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        print(f"geximpute {args.command}: error: {_os_error(unwrapped(exc))}", file=sys.stderr)
         return 2
+
+
+def unwrapped(exc: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, out of Ray's wrapper: a ``RayTaskError(InputError)`` is an
+    ``InputError`` too, but its text is the worker's whole traceback (coloured), and a ``RayTaskError(OSError)``
+    has no errno or file name of its own."""
+    exceptions = sys.modules.get("ray.exceptions")  # never imported here: a command without Ray has no wrapper
+    while (exceptions is not None and isinstance(exc, exceptions.RayTaskError)
+           and isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc):
+        exc = exc.cause
+    return exc
 
 
 def _os_error(exc: OSError) -> str:

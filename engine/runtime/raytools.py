@@ -36,6 +36,10 @@ def fit_trainer(trainer):
     before = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
+    except SystemExit as exc:
+        # Ray Train's handler ends a run interrupted by Ctrl-C with sys.exit(0): an interruption (status 130), not
+        # a success (`train && fit-head` went on after the user stopped the training)
+        raise KeyboardInterrupt("Ray Train's run was interrupted") from exc
     finally:
         signal.signal(signal.SIGINT, before)
 
