@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,21 @@ def test_plan_options_without_plan_are_a_usage_error(synth_small, capsys):
             cli.main(["impute", "--config", str(synth_small / "config.yaml"), *extra])
         assert exit_.value.code == 2
         assert "--workers and --json shape the plan: give them with --plan" in capsys.readouterr().err
+
+
+def test_quiet_keeps_progress_off_the_terminal_and_in_the_log(tmp_path, capfd, monkeypatch):
+    """``-q``: only warnings and errors on the terminal; a stage's progress lines went there all the same (a
+    nightly job run with -q, where any output reads as an alert); they go to the log file."""
+    from geximpute.runtime.console import session, stage
+
+    monkeypatch.setattr("geximpute.runtime.console.interactive", lambda stream: False)
+    monkeypatch.setenv("GEXIMPUTE_PROGRESS_SECONDS", "0.2")
+    log_file = tmp_path / "run.log"
+    with session(log_file, quiet=True):
+        with stage("prepare: records", total=3, unit="blocks") as progress:
+            time.sleep(1.0)
+            progress.advance(3)
+        logging.getLogger("geximpute").warning("one warning")
+    err = capfd.readouterr().err
+    assert "prepare: records" not in err and "one warning" in err
+    assert "prepare: records: 3/3 blocks in" in log_file.read_text()

@@ -46,6 +46,9 @@ class _Session:
     verbose: bool
     redirected: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: only warnings and errors on the terminal: progress lines go to the log alone (a nightly job run with -q
+    #: printed a line per stage, where any output reads as an alert)
+    quiet: bool = False
 
 
 _session: _Session | None = None
@@ -132,7 +135,7 @@ def session(log_path: str | Path | None, *, verbose: bool = False, quiet: bool =
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
     _session = _Session(out=out, err=err, interactive=interactive(err) and not quiet, log_path=log_path,
-                        verbose=verbose, redirected=redirect)
+                        verbose=verbose, redirected=redirect, quiet=quiet)
 
     root, ours = logging.getLogger(), logging.getLogger("geximpute")
     saved_levels = (root.level, ours.level, ours.propagate)
@@ -286,6 +289,9 @@ class Stage:
             text += f", {rate:.2f} {self.unit}/s, {_fmt_seconds(elapsed)} elapsed"
             if self.total and self.done and self.done < self.total:
                 text += f", ~{_fmt_seconds((self.total - self.done) / rate)} left"
+        if _session.quiet:
+            logging.getLogger("geximpute.progress").info(text)  # the log file's, under -q
+            return
         with _session.lock:
             print(time.strftime("%H:%M:%S ") + text, file=_session.err, flush=True)
 
