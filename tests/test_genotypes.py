@@ -78,10 +78,14 @@ def test_genetic_scores_are_centred_on_the_donors_they_were_fitted_on():
     args = (np.zeros(n_donors, np.int32), np.arange(n_donors, dtype=np.int32), 1, 1.0)
     scores, _ = genetic_scores(_genomes(dosage, np.array([0, 1])), values, *args)
     assert abs(scores[0, fitted].mean()) < 1e-5
-    # fewer genome-only donors: the fitted donors' scores stay where they were
+    # fewer genome-only donors: the fitted donors' scores stay where they were, a missing call's too (filled at
+    # the fitted donors' mean dosage: it adds nothing, whatever the other genomes)
+    dosage[0, 0] = np.nan
+    scores, _ = genetic_scores(_genomes(dosage, np.array([0, 1])), values, *args)
     fewer, _ = genetic_scores(_genomes(dosage[:, :250], np.array([0, 1])), values[:, :250], args[0][:250],
                               args[1][:250], 1, 1.0)
     np.testing.assert_allclose(fewer[0, :200], scores[0, :200], atol=1e-5)
+    assert abs(scores[0, 0]) < 1e-6
 
 
 def test_a_missing_call_leaves_the_haplotype_stage_out_of_the_donors_score():
@@ -108,6 +112,15 @@ def test_a_missing_call_leaves_the_haplotype_stage_out_of_the_donors_score():
     missing = scores(dosage, rows)
     a_a = a.sum(axis=1) == 2
     assert called[k] > 1.4 and abs(missing[k] - called[a_a].mean()) < 0.15
+    # a missing call elsewhere in the cis window (not a promoter site) leaves the haplotypes known
+    distant = np.vstack([dosage[:2], rng.binomial(2, 0.3, n_donors).astype(np.float32)])
+    distant[1, k] = dosage[1, k] = 2.0
+    distant[2, rng.random(n_donors) < 0.3] = np.nan
+    genomes = dataclasses.replace(_genomes(distant, np.array([0, 3])), rows=haplotypes[None],
+                                  in_promoter=np.array([True, True, False]))
+    far, _ = genetic_scores(genomes, values, np.zeros(n_donors, np.int32), np.arange(n_donors, dtype=np.int32), 1,
+                            None)
+    assert np.corrcoef(far[0], called)[0, 1] > 0.98
 
 
 def test_genetic_scores_learn_an_effect_that_lives_on_the_haplotype():

@@ -65,6 +65,8 @@ class DonorGenomes:
         dosage_row: (M,) int64 row in ``dosage`` of each site link; None when ``dosage`` has one row per link.
         site_allele: (M,) int8 the ALT allele (1 = the first ALT) each link counts; None where every link counts
             its site's first ALT (tables built by hand of biallelic sites).
+        in_promoter: (M,) bool, the link's site lies in its gene's promoter window (the sites the haplotypes are
+            built from); None: every link's does (tables built by hand).
     """
 
     sequences: list[str] | None
@@ -78,6 +80,7 @@ class DonorGenomes:
     report: dict
     dosage_row: np.ndarray | None = None
     site_allele: np.ndarray | None = None
+    in_promoter: np.ndarray | None = None
 
     def link_dosage(self, lo: int, hi: int) -> np.ndarray:
         """(hi - lo, D) float32 dosages of the site links ``lo:hi``."""
@@ -103,7 +106,8 @@ class DonorGenomes:
                             site_ptr=self.site_ptr[lo : hi + 1] - a, site_index=self.site_index[a:b].copy(),
                             dosage=dosage, report={},
                             dosage_row=None if dosage_row is None else dosage_row.astype(np.int64),
-                            site_allele=None if self.site_allele is None else self.site_allele[a:b].copy())
+                            site_allele=None if self.site_allele is None else self.site_allele[a:b].copy(),
+                            in_promoter=None if self.in_promoter is None else self.in_promoter[a:b].copy())
 
     def link_allele(self, link: int) -> int:
         """The ALT allele (1 = the first) that site link ``link`` counts."""
@@ -189,6 +193,11 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
     ptr, index = promoter_sites(problem.chroms, start, end,
                                 np.asarray(sites[S.CHROM].to_pylist(), dtype=object), sites["pos"].to_numpy())
     ptr, index, allele = allele_links(ptr, index, sites[S.ALT])
+    # which links' sites the promoter haplotypes are built from: a missing call there leaves them unknown
+    window_start, window_end = window_bounds(problem.tss, problem.strand, p.upstream, p.downstream)
+    link_gene = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    link_pos = sites["pos"].to_numpy()[index] if len(index) else np.zeros(0, np.int64)
+    in_promoter = (link_pos >= window_start[link_gene]) & (link_pos <= window_end[link_gene])
     # one dosage row per (site, ALT allele) that some gene's window links to
     used_key, dosage_row = np.unique(index * _ALLELE_SLOTS + allele, return_inverse=True)
     used, used_allele = used_key // _ALLELE_SLOTS, used_key % _ALLELE_SLOTS
@@ -215,6 +224,7 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
                 "missing_policy": policy.missing, "unphased_policy": policy.unphased},
         dosage_row=dosage_row.reshape(-1).astype(np.int64),
         site_allele=allele.astype(np.int8),
+        in_promoter=in_promoter,
     )
     log.info("genomes: %d of %d donors have a genome; %d unique promoter sequences; %d cis-site links (%d sites, "
              "window %s); %d (gene, donor) pairs differ from the reference", int(has.sum()), len(problem.donors),
@@ -378,6 +388,14 @@ def haplotype_copies(rows: np.ndarray, reference: int, carriers: np.ndarray,
     return (rows[:, :, None] == keep[None, None, :]).sum(axis=1).astype(np.float64)
 
 
+def _called_mean(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(m,) each column's mean over the called (not NaN) values of ``rows``; NaN where there is none."""
+    sub = x[rows]
+    called = ~np.isnan(sub)
+    n = called.sum(axis=0)
+    return np.where(n > 0, np.where(called, sub, 0.0).sum(axis=0) / np.maximum(n, 1), np.nan)
+
+
 def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.ndarray, donor_index: np.ndarray,
                    n_tissues: int, shrinkage: float | None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per-(gene, donor) cis-genetic score fitted on visible values (see the module docstring).
@@ -406,14 +424,18 @@ def genetic_scores(genomes: DonorGenomes, values: np.ndarray, tissue_index: np.n
             effects.append(np.zeros(0, np.float32))
             continue
         x = genomes.link_dosage(lo, hi).T.astype(np.float64)  # (D, m)
-        # a missing call (genotypes.missing: mean) leaves the donor's haplotypes unknown: they were built with the
-        # missing allele as REF, and the haplotype stage read that REF (a call adds nothing when missing)
-        unknown = np.isnan(x).any(axis=1)
-        mean = np.nanmean(np.where(has[:, None], x, np.nan), axis=0) if has.any() else np.zeros(hi - lo)
-        mean = np.nan_to_num(mean)
-        x = np.where(np.isnan(x), mean, x) - mean  # missing calls at the mean dosage
+        # a missing call (genotypes.missing: mean) in the promoter window leaves the donor's haplotypes unknown:
+        # they were built with the missing allele as REF, and the haplotype stage read that REF (a missing call
+        # adds nothing); one elsewhere in the cis window leaves them known
+        window = slice(None) if genomes.in_promoter is None else genomes.in_promoter[lo:hi]
+        unknown = np.isnan(x[:, window]).any(axis=1)
         y = resid[g]
         fit = has & ~np.isnan(y)
+        # missing calls at the mean dosage of the donors the score is fitted on and centred on (else of every
+        # genome): a missing call adds nothing, whatever genome-only donors there are
+        mean = _called_mean(x, fit)
+        mean = np.nan_to_num(np.where(np.isnan(mean), _called_mean(x, has), mean))
+        x = np.where(np.isnan(x), mean, x) - mean
         beta = np.zeros(hi - lo)
         score = np.zeros(int(has.sum()))
         if fit.sum() >= 5:
@@ -584,7 +606,7 @@ def add_donors(genomes: DonorGenomes, donors: list[str], new: dict[str, Any], re
         site_ptr=site_ptr, site_index=site_index, dosage=dosage,
         report={**report, "n_new_donors": len(new), "n_new_ambiguous_phase_pairs": ambiguous,
                 "n_problem_donors": n_donors, "n_problem_donors_with_genome": int(has.sum())},
-        dosage_row=dosage_row, site_allele=genomes.site_allele,
+        dosage_row=dosage_row, site_allele=genomes.site_allele, in_promoter=genomes.in_promoter,
     )
     return out
 
