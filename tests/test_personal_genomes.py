@@ -62,10 +62,10 @@ def test_phenotype_bed_gives_genes_people_and_one_tissue(geuvadis):
 def test_normalised_scale_keeps_negative_values_and_tpm_refuses_them(tmp_path):
     bed = tmp_path / "ranks.bed"
     bed.write_text("#chr\tstart\tend\tgene\tgid\tstrand\tP1\tP2\tP3\n"
-                   "chr1\t99\t100\tG1.4\tG1\t+\t-1.25\t0.5\t0.75\n"
+                   "chr1\t99\t100\tENSG1.4\tENSG1\t+\t-1.25\t0.5\t0.75\n"
                    "chr1\t499\t500\tG2\tG2\t-\t0.1\t-0.2\t0.3\n")
     expr = read_expression(bed, "auto", "normalised")
-    assert expr.gene_ids == ["G1", "G2"] and expr.sample_ids == ["P1", "P2", "P3"]
+    assert expr.gene_ids == ["ENSG1", "G2"] and expr.sample_ids == ["P1", "P2", "P3"]
     assert expr.values[0, 0] == pytest.approx(-1.25)
     with pytest.raises(InputError, match=r"negative expression value -1\.25.*normalised"):
         read_expression(bed, "auto", "tpm")

@@ -32,13 +32,13 @@ from geximpute.steps.ingest import ingest
 
 GTF = """chr2\tt\tgene\t500\t900\t.\t+\t.\tgene_id "G4"; gene_type "protein_coding"; gene_name "DDD";
 chr1\tt\tgene\t100\t400\t.\t+\t.\tgene_id "G1"; gene_type "protein_coding"; gene_name "AAA";
-chr1\tt\tgene\t800\t990\t.\t-\t.\tgene_id "G3"; gene_type "protein_coding"; gene_name "CCC";
+chr1\tt\tgene\t800\t990\t.\t-\t.\tgene_id "ENSG3"; gene_type "protein_coding"; gene_name "CCC";
 """
 # rows out of the annotation's order, a versioned id, a gene the annotation lacks (G2), empty cells
 GCT = """#1.2
 4\t3
 Name\tDescription\tS1\tS2\tS3
-G3.5\tCCC\t1.5\t\t7
+ENSG3.5\tCCC\t1.5\t\t7
 G2\tBBB\t0\t2\t3
 G1\tAAA\t4\t5\t
 G4\tDDD\t10\t11\t12
@@ -79,18 +79,18 @@ def test_a_store_reads_as_its_source_row_for_row(small, tmp_path):
     # any Parquet reader: one partition per chromosome (sorted as the annotation table is), the unannotated gene apart
     table = pads.dataset(store, format="parquet", partitioning="hive").to_table().to_pandas()
     chrom = dict(zip(table["gene_id"], table["chrom"], strict=True))
-    assert chrom["G1"] == chrom["G3"] == "chr1" and chrom["G4"] == "chr2" and pd.isna(chrom["G2"])
+    assert chrom["G1"] == chrom["ENSG3"] == "chr1" and chrom["G4"] == "chr2" and pd.isna(chrom["G2"])
     meta = json.loads((store / STORE_FILE).read_text())
     assert [p["chrom"] for p in meta["partitions"]] == ["chr1", "chr2", None]
     assert meta["partitions"][2]["path"] == f"chrom={UNANNOTATED}/part-0.parquet"
     assert meta["source"]["format"] == "gct" and meta["scale"] == "counts"
     # within a partition, the source's row order
     chr1 = pq.read_table(store / meta["partitions"][0]["path"])
-    assert chr1["gene_id"].to_pylist() == ["G3", "G1"] and chr1["row"].to_pylist() == [0, 2]
+    assert chr1["gene_id"].to_pylist() == ["ENSG3", "G1"] and chr1["row"].to_pylist() == [0, 2]
 
 
 def test_a_long_table_ingested_reads_as_it_does(write, tmp_path):
-    rows = ["G1\tS2\t5", "G4\tS1\t10", "G3\tS1\t1.5", "G1\tS1\t4", "G4\tS3\t12"]
+    rows = ["G1\tS2\t5", "G4\tS1\t10", "ENSG3\tS1\t1.5", "G1\tS1\t4", "G4\tS3\t12"]
     write("long.tsv", "gene_id\tsample_id\tvalue\n" + "\n".join(rows) + "\n")
     config = _config(write, "long.tsv", scale="tpm")
     store = ingest(config, tmp_path / "store").out_dir
@@ -288,7 +288,7 @@ def test_a_store_whose_source_changed_says_so(small, caplog):
     os.utime(source, ns=(1, 1))  # the source touched after its ingest
     with caplog.at_level(logging.WARNING, logger="geximpute.io.expression"):
         again = read_expression(store, scale="counts")
-    assert again.gene_ids == ["G3", "G2", "G1", "G4"]
+    assert again.gene_ids == ["ENSG3", "G2", "G1", "G4"]
     assert any("changed since it was ingested" in r.getMessage() and "geximpute ingest" in r.getMessage()
                for r in caplog.records)
 

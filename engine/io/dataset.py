@@ -118,7 +118,7 @@ def _check_joins(dataset: Dataset) -> None:
         raise InputError(dataset.expression.path, f"none of its {len(dataset.expression.gene_ids):,} genes is in the "
                          f"gene annotation {inputs.genes or dataset.expression.path} (e.g. "
                          f"{', '.join(dataset.expression.gene_ids[:3])} here; {', '.join(map(str, annotated))} there)",
-                         expected="the same gene ids in both (versions such as .5 are ignored)",
+                         expected="the same gene ids in both (an Ensembl id's version, such as .5, is ignored)",
                          hint="gene symbols against Ensembl ids? use an annotation with the expression's ids")
     variants = dataset.variants
     if variants is not None and len(variants.samples) and dataset.report["variants"]["genomes_with_expression"] == 0:
