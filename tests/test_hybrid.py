@@ -746,3 +746,22 @@ def test_conformal_step_per_bin_of_the_estimate_covers_within_each_bin():
     # too few rows per bin, or ties that leave a bin empty: one amount
     assert conformal_amounts(np.arange(300.0), np.ones(300), 0.8, 4)[1] is None
     assert conformal_amounts(np.repeat([0.0, 1.0], 500), np.ones(1000), 0.8, 4)[1] is None
+
+
+def test_a_bundle_of_a_vcf_without_its_reference_loads_as_a_model_without_genomes(tiny_model, tmp_path):
+    """Before ``inputs.variants`` needed ``inputs.genome``, a model could be built from a VCF without the
+    reference: no genetic score was built, so it learned from none. It loads (its config no longer reads as a
+    config), as the model without genomes it is."""
+    import shutil
+
+    import yaml
+
+    from geximpute import schema as S
+
+    folder = shutil.copytree(tiny_model.folder, tmp_path / "model")
+    saved = yaml.safe_load((folder / S.BUNDLE_CONFIG_FILE).read_text())
+    assert saved["inputs"]["variants"] and load_bundle(folder).reads_genomes
+    saved["inputs"]["genome"] = None
+    (folder / S.BUNDLE_CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    bundle = load_bundle(folder)
+    assert not bundle.reads_genomes and bundle.models.config.inputs.variants is None

@@ -567,6 +567,11 @@ def check_features(recorded: Sequence[str] | None, folder: Path) -> None:
         "prepare --training --targets none`, `train` and `fit-head`, or `python -m geximpute.jobs.build`)")
 
 
+def _without_genomes(compatibility: dict | None) -> dict:
+    """A bundle's compatibility record as a model trained without genomes records it (``genotypes`` null)."""
+    return {**(compatibility or {}), "genotypes": None}
+
+
 def _version_of(folder: Path) -> Path:
     """The version folder that the output link ``folder`` names now (``folder`` itself where it is not a link):
     only that last link is followed, so a parent folder that is a link on this host stays as the user named it
@@ -598,6 +603,16 @@ def load_bundle(folder: str | Path) -> Bundle:
     # settings added since a bundle was written take the value its head was fitted with, not today's default
     for section, key, then in BUNDLE_SETTING_DEFAULTS:
         saved.setdefault(section, {}).setdefault(key, then)
+    inputs = saved.get("inputs") or {}
+    if inputs.get("variants") and not inputs.get("genome"):
+        # written before inputs.variants needed inputs.genome: its VCF gave no genetic score (none was built
+        # without the reference), so the model read none: it loads as the model without genomes it is
+        log.info("%s: the model's config names a VCF without a reference genome; read as a model without genomes",
+                 folder / S.BUNDLE_CONFIG_FILE)
+        inputs["variants"] = None
+        without_genomes = True
+    else:
+        without_genomes = False
     try:
         config: Config = config_from_dict(saved)
     except ConfigError as exc:
@@ -621,5 +636,6 @@ def load_bundle(folder: str | Path) -> Bundle:
                           fold_networks=folds, stacked=stacked)
     bundle_manifest = json.loads((folder / S.BUNDLE_MANIFEST_FILE).read_text())
     return Bundle(models, gene_promoter, bundle_manifest["model_version"], folder,
-                  compatibility=bundle_manifest.get("compatibility"), reference_sequences=sequences,
+                  compatibility=_without_genomes(bundle_manifest.get("compatibility")) if without_genomes
+                  else bundle_manifest.get("compatibility"), reference_sequences=sequences,
                   baseline_names=tuple(head_meta.get("baselines", ())))
