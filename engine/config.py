@@ -84,7 +84,8 @@ class InputsConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.expression), "inputs.expression", self.expression, "a path to an expression file")
-        bed = self.expression_format == "bed" or self.expression.lower().removesuffix(".gz").endswith(".bed")
+        bed = self.expression_format == "bed" or self.expression.lower().removesuffix(".gz").removesuffix(
+            ".bgz").endswith(".bed")
         _require(bool(self.genes) or bed, "inputs.genes", self.genes,
                  "a path to a gene annotation file (it may be left out only when inputs.expression is a "
                  "phenotype BED, whose rows give each gene's TSS and strand)")
@@ -908,8 +909,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
     elif origin is tuple:
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one item given alone (a numeric donor id too)
         if isinstance(value, (list, tuple)):
             (item_tp, *_rest) = typing.get_args(tp)
             return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
@@ -936,6 +937,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 #: a number written as YAML 1.2 reads it and YAML 1.1 (PyYAML) does not: ``1e-3``, ``5E4``
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: ids are text unless they are plain decimal numbers. YAML 1.1
+    reads ``0012`` as octal (10), ``1:30`` as base 60 (90) and ``1_0`` as 10, so a zero-padded or clock-like donor,
+    sample or tissue id given unquoted became another id."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|(?:0|[1-9][0-9]*)(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+               r"|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    """``text`` parsed as YAML (:class:`_Loader`: safe, YAML 1.2's numbers)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -967,7 +991,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         if not parts:
             raise ConfigError(f"--set {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: a value YAML cannot build (2026-02-30)
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
         node = out
@@ -1023,7 +1047,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config file as UTF-8 text ({exc})") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml(text) or {}
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a value YAML cannot build (a date 2026-02-30)
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

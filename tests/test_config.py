@@ -50,6 +50,17 @@ def test_set_overrides_parse_values_as_yaml(write):
     assert config.inputs.gene_types == ("protein_coding", "lncRNA")
 
 
+def test_ids_that_look_like_numbers_stay_the_ids_given(write):
+    """YAML 1.1 (PyYAML) reads ``0012`` as octal 10 and ``1:30`` as base-60 90: a zero-padded or clock-like donor
+    or tissue id given unquoted became another id. Numbers are YAML 1.2's (plain decimals); a single id is a list
+    of one, a numeric one too."""
+    config = load_config(write("config.yaml", MINIMAL), ["impute.donors=[0012, 1:30, HG00096, 7]",
+                                                         "impute.tissues=1:30", "train.lr=1e-3"])
+    assert config.impute.donors == ("0012", "1:30", "HG00096", "7") and config.impute.tissues == ("1:30",)
+    assert config.train.lr == 0.001
+    assert load_config(write("config.yaml", MINIMAL), ["impute.donors=1000017"]).impute.donors == ("1000017",)
+
+
 @pytest.mark.parametrize(
     ("override", "key", "value"),
     [

@@ -247,6 +247,10 @@ def test_a_gct_description_of_numbers_is_no_sample(write):
     assert headed.sample_ids == ["S1", "S2"]
     wide = read_expression(write("wide.tsv", "gene_id\tsymbol\tLiver\nENSG1\t1\t5\nENSG2\t2\t6\n"))
     assert wide.sample_ids == ["Liver"] and wide.gene_names == ["1", "2"]
+    # a bad value found by the whole-table read names its own cell there too (it named column 2's first value)
+    rows = "".join(f"ENSG{i}\tGENE{i}\t1\t{'abc' if i == 5 else 2}\n" for i in range(8))
+    with pytest.raises(InputError, match=r"'abc' in column 'S2'; at line 9 \(gene ENSG5\)"):
+        read_expression(write("bad.gct", "#1.2\n8\t2\nName\tGene\tS1\tS2\n" + rows))
 
 
 def test_only_ensembl_ids_lose_their_version(write):
@@ -834,3 +838,7 @@ def test_gzip_files_named_bgz_or_without_a_suffix_are_read(tmp_path):
     np.testing.assert_array_equal(read_expression(tmp_path / "e.gct.bgz").values, [[1, 2]])
     np.testing.assert_array_equal(read_expression(tmp_path / "expression").values, [[3]])
     assert read_genes(tmp_path / "g.gtf.bgz").table.to_pylist()[0]["tss"] == 200
+    from geximpute.io.variants import read_sample_map
+
+    (tmp_path / "map.tsv.bgz").write_bytes(gzip.compress(b"vcf_sample\tdonor_id\ns1\tD1\n"))
+    assert read_sample_map(tmp_path / "map.tsv.bgz") == {"s1": "D1"}

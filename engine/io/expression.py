@@ -424,7 +424,7 @@ def _stream_wide(path: Path, scale: str, what: str, *, skip_rows: int, first_dat
         return _fill_wide(path, scale, found[0], schema, batches, lines - skip_rows - 1, first_data_line, matrix)
     except pa.ArrowInvalid:
         # a row that does not parse or a value that does not convert: read whole, which names the record
-        return (whole or _whole_wide(what, skip_rows, delimiter, first_data_line))(path, scale), None
+        return (whole or _whole_wide(what, skip_rows, delimiter, first_data_line, first_column))(path, scale), None
 
 
 def _fill_wide(path: Path, scale: str, lay: _Layout, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
@@ -515,18 +515,20 @@ def _read_wide_parquet(path: Path, scale: str, matrix: str | Path | None = None)
     return expr
 
 
-def _whole_wide(what: str, skip_rows: int, delimiter: str | None, first_data_line: int
-                ) -> Callable[[Path, str], Expression]:
+def _whole_wide(what: str, skip_rows: int, delimiter: str | None, first_data_line: int,
+                first_column: str | None = None) -> Callable[[Path, str], Expression]:
     def read(path: Path, scale: str) -> Expression:
         return _read_wide(path, scale, read_table(path, what, skip_rows=skip_rows, delimiter=delimiter),
-                          first_data_line)
+                          first_data_line, first_column)
     return read
 
 
-def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int) -> Expression:
+def _read_wide(path: Path, scale: str, table: pa.Table, first_data_line: int,
+               first_column: str | None = None) -> Expression:
     """A wide table read whole (the fallback of :func:`_stream_wide` that names the record of a value that does
-    not convert), its columns classified as a block-at-a-time read classifies them (:func:`_wide_layout`)."""
-    lay = _wide_layout(path, table.schema, first_data_line)
+    not convert), its columns classified as a block-at-a-time read classifies them (:func:`_wide_layout`, a GCT's
+    second column its Description whatever its heading: ``first_column``)."""
+    lay = _wide_layout(path, table.schema, first_data_line, first_column)
     names = table.column_names
     values = np.empty((table.num_rows, len(lay.value_cols)), np.float32)
     for j, c in enumerate(lay.value_cols):

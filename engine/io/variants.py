@@ -26,6 +26,7 @@ from geximpute.errors import ConfigError, InputError
 from geximpute.io.checks import check_gzip_whole, check_readable, is_gzip, open_text
 from geximpute.io.chroms import chrom_key, harmonise_chroms, renamed
 from geximpute.io.fasta import Genome
+from geximpute.io.tables import source
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def read_sample_map(path: str | Path) -> dict[str, str]:
         )
     try:
         table = pacsv.read_csv(
-            path,
+            source(path),  # gzip by its bytes (a .bgz name, or none), as the header was read
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(
                 include_columns=[VCF_SAMPLE, schema.DONOR_ID],
@@ -127,7 +128,7 @@ def read_sample_map(path: str | Path) -> dict[str, str]:
                 strings_can_be_null=False,
             ),
         )
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise InputError(path, f"cannot be read as a table ({exc})", expected="one value per column") from exc
     vcf_samples = [s.strip() for s in table.column(VCF_SAMPLE).to_pylist()]
     donors = [d.strip() for d in table.column(schema.DONOR_ID).to_pylist()]
