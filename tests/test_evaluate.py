@@ -129,6 +129,18 @@ def test_genes_of_the_test_chromosomes_never_label_a_training_example(synth_smal
     assert any(mask[test_gene].any() for mask in again)
 
 
+def test_a_held_out_chromosome_without_genes_is_named(synth_small):
+    """``split.test_chroms`` or ``valid_chroms`` naming no chromosome of the problem (a typo, or ``chr1,chr2`` read
+    as one name) trained on everything and dropped the held-out scores, unsaid."""
+    from geximpute.errors import ConfigError
+
+    for override, needle in (("split.test_chroms=[chr9]", r"split.test_chroms.*'chr9'"),
+                             ("split.valid_chroms=chr1,chr2", r"split.valid_chroms.*'chr1,chr2'.*as a list")):
+        config = load_config(synth_small / "config.yaml", [override])
+        with pytest.raises(ConfigError, match=needle):
+            make_problem(load_dataset(config), genomes=False)
+
+
 def features_and_predictions(dataset):
     problem, truth = make_problem(dataset)
     targets, hidden = target_masks(problem, truth, "all")

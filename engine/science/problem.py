@@ -260,10 +260,25 @@ def _tissue_means(values: np.ndarray, tissue_index: np.ndarray, n_tissues: int) 
 
 
 def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
-    """Split index per gene from the held-out chromosomes (names compared without the ``chr`` prefix)."""
+    """Split index per gene from the held-out chromosomes (names compared without the ``chr`` prefix).
+
+    Raises:
+        ConfigError: a chromosome of ``split.valid_chroms`` or ``split.test_chroms`` holds no gene (a typo, or
+            ``chr21,chr22`` read as one name: training went on with no held-out chromosome, unsaid).
+    """
     valid = {chrom_key(c) for c in config.split.valid_chroms}
     test = {chrom_key(c) for c in config.split.test_chroms}
     keys = np.array([chrom_key(c) for c in chroms], dtype=object)
+    present = set(keys.tolist())
+    for key in ("valid_chroms", "test_chroms"):
+        absent = [c for c in getattr(config.split, key) if chrom_key(c) not in present]
+        if absent:
+            listed = any("," in c or " " in c.strip() for c in absent)
+            raise ConfigError(
+                f"config key 'split.{key}' names {', '.join(repr(c) for c in absent)}, a chromosome with no gene of "
+                f"the problem (its genes are on {', '.join(sorted(set(map(str, chroms)))[:8])}"
+                f"{', ...' if len(present) > 8 else ''})"
+                + ("; give several as a list: [chr21, chr22]" if listed else ""))
     out = np.zeros(len(chroms), dtype=np.int8)
     out[np.isin(keys, list(valid))] = 1
     out[np.isin(keys, list(test))] = 2
