@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import math
 import numbers
 import re
@@ -969,7 +970,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1, cutoff=0.6)
+        raise ConfigError(f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -1014,12 +1017,32 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def _has_path(data: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the plain ``data`` holds the dotted key."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", overrides: Iterable[str] = ()) -> Config:
     """Build a :class:`Config` from plain data; relative input paths resolve against ``base_dir``."""
+    overrides = list(overrides)
     merged = apply_overrides(dict(data), overrides)
     if "inputs" not in merged:
         raise ConfigError("config has no 'inputs' section; it must name at least inputs.genes and inputs.expression")
-    config = _build(Config, merged)
+    try:
+        config = _build(Config, merged)
+    except ConfigError as exc:
+        # a key only a --set names is the command line's, not the file's
+        given = [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
+        bad = re.search(r"unknown config key '([^']+)'", str(exc))
+        mine = [g for g in given if bad and (g == bad.group(1) or g.startswith(bad.group(1) + "."))]
+        if mine and not _has_path(data, bad.group(1)):
+            raise ConfigError(f"--set {mine[0]}: {exc}") from exc
+        raise
     base = Path(base_dir).resolve()
     _require(bool(str(config.output_dir).strip()), "output_dir", config.output_dir, "a folder path")
     config = dataclasses.replace(config, evaluation=dataclasses.replace(

@@ -50,6 +50,15 @@ def test_set_overrides_parse_values_as_yaml(write):
     assert config.inputs.gene_types == ("protein_coding", "lncRNA")
 
 
+def test_a_mistyped_key_is_named_where_it_was_typed_with_the_closest_one(write):
+    """A typo in a --set was blamed on the config file, with no suggestion among 19 keys."""
+    with pytest.raises(ConfigError, match=r"--set trian.epochs: unknown config key 'trian' \(did you mean 'train'"):
+        load_config(write("config.yaml", MINIMAL), ["trian.epochs=2"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch' \(did you mean 'epochs'") as err:
+        load_config(write("config.yaml", MINIMAL + "train:\n  epoch: 2\n"))
+    assert "--set" not in str(err.value)  # the file's own typo
+
+
 def test_ids_that_look_like_numbers_stay_the_ids_given(write):
     """YAML 1.1 (PyYAML) reads ``0012`` as octal 10 and ``1:30`` as base-60 90: a zero-padded or clock-like donor
     or tissue id given unquoted became another id. Numbers are YAML 1.2's (plain decimals); a single id is a list
