@@ -93,6 +93,13 @@ def test_divergent_pair():
     # g3 (minus strand) sits upstream of g4 (plus strand): head to head
     assert rec["nb_value"] == [0.0] and rec["nb_logdist"][0] < 0
     assert rec["nb_orient"] == [S.ORIENT_DIVERGENT]
+    # opposite strands sharing a TSS (a bidirectional promoter) are head to head too, from either side
+    import dataclasses
+
+    problem = toy_problem()
+    shared = dataclasses.replace(problem, tss=np.where(np.arange(6) == 3, 21000, problem.tss))
+    for gene in (3, 4):
+        assert context_of(shared, gene=gene, sample=0, k=1)["nb_orient"] == [S.ORIENT_DIVERGENT]
 
 
 def test_tissue_context_and_means_leave_the_target_out():

@@ -133,7 +133,8 @@ def build_context(
         signed = (p.tss[nb] - p.tss[tg][:, None]) * p.strand[tg][:, None]
         logdist = np.sign(signed) * np.log10(1.0 + np.abs(signed))
         same = p.strand[nb] == p.strand[tg][:, None]
-        orient = np.where(same, S.ORIENT_SAME, np.where(signed < 0, S.ORIENT_DIVERGENT, S.ORIENT_CONVERGENT))
+        # opposite strands sharing a TSS are a bidirectional promoter: head to head, divergent
+        orient = np.where(same, S.ORIENT_SAME, np.where(signed <= 0, S.ORIENT_DIVERGENT, S.ORIENT_CONVERGENT))
         overlap = (p.start[nb] <= p.end[tg][:, None]) & (p.start[tg][:, None] <= p.end[nb])
         nb_columns = (("value", col[nb]), ("logdist", logdist), ("orient", orient), ("overlap", overlap),
                       ("mean", all_gene_mean[nb]))
