@@ -213,6 +213,13 @@ def test_a_step_run_before_its_input_exists_is_one_line_not_a_traceback(toy, cap
     assert main(["demo", "--out", str(toy / "genome.fa" / "demo")]) == 2
     err = capfd.readouterr().err
     assert "choose a writable --out" in err and "output_dir" not in err, err
+    # a folder of someone else's files: the demo would write its summary and report over theirs
+    theirs = toy / "theirs"
+    theirs.mkdir()
+    (theirs / "report.html").write_text("my own report")
+    assert main(["demo", "--out", str(theirs)]) == 2
+    err = capfd.readouterr().err
+    assert "not a demo's output" in err and (theirs / "report.html").read_text() == "my own report", err
 
 
 VCF_HEADER = (

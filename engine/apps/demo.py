@@ -319,6 +319,24 @@ def _summary(out: Path, medians: DemoPart, v8: DemoPart, total: float, query_tab
     return "\n".join(lines) + "\n"
 
 
+#: the file that marks a folder as a demo's output, which a later demo may replace
+DEMO_MARKER = ".geximpute-demo"
+
+
+def _check_demo_folder(out: Path) -> None:
+    """Refuse a folder that holds something other than a demo's output: the demo writes its summary, report and
+    plots at its top, over files of those names."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GeximputeError(f"demo --out {out}: not a folder; choose a new folder for the demo's output")
+    earlier = (out / DEMO_MARKER).is_file() or ((out / "summary.json").is_file() and (out / "gtex-v8").is_dir())
+    if any(not p.name.startswith("_geximpute") for p in out.iterdir()) and not earlier:  # its logs aside
+        raise GeximputeError(f"demo --out {out}: the folder holds files that are not a demo's output (the demo "
+                             "writes summary.md, summary.json, summary.png and report.html there); choose a new or "
+                             "empty folder")
+
+
 def run_demo(out: str | Path, *, seed: int = 0) -> Path:
     """Run the demo into ``out`` and return the path of ``summary.md``.
 
@@ -327,7 +345,9 @@ def run_demo(out: str | Path, *, seed: int = 0) -> Path:
     """
     t0 = time.perf_counter()
     out = Path(out).resolve()
+    _check_demo_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("geximpute demo output: `geximpute demo --out` may replace what is here\n")
     first = load_config(CONFIGS / "gtex-v8-samples.yaml")
     started = ensure_ray(first.ray)
     try:
