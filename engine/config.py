@@ -1063,6 +1063,8 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         ConfigError: the file is missing, is not YAML, or holds an unknown key or a bad value.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (give the YAML file, e.g. {path / 'config.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

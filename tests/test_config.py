@@ -50,6 +50,11 @@ def test_set_overrides_parse_values_as_yaml(write):
     assert config.inputs.gene_types == ("protein_coding", "lncRNA")
 
 
+def test_a_config_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)
+
+
 def test_a_mistyped_key_is_named_where_it_was_typed_with_the_closest_one(write):
     """A typo in a --set was blamed on the config file, with no suggestion among 19 keys."""
     with pytest.raises(ConfigError, match=r"--set trian.epochs: unknown config key 'trian' \(did you mean 'train'"):
