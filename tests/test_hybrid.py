@@ -534,6 +534,21 @@ def test_members_that_differ_by_a_group_offset_do_not_inflate_a_within_group_ble
     assert single.coef == [0.0] and single.ensemble_coef == [0.0]
 
 
+def test_member_noise_within_small_held_out_groups_is_the_training_groups():
+    """The members' disagreement measured within held-out groups of n rows keeps (1 - 1/n) of it: groups of two
+    read half of it. Scaled back and brought to the training groups' size, every held-out size reads the same."""
+    from geximpute.fit.head import member_noise
+
+    rng = np.random.default_rng(0)
+    k, fitted = 4, np.repeat(np.arange(100), 30)  # training groups of 30 rows
+    expected = (1 - 1 / 30) * (1 - 1 / k)  # unit disagreement per row, as the blend's centring keeps it
+    for size in (2, 5, 30):
+        groups = np.repeat(np.arange(6000 // size), size)
+        members = [rng.normal(size=(len(groups), 1)) for _ in range(k)]
+        assert member_noise(members, 0, groups, fitted) == pytest.approx(expected, rel=0.06), size
+    assert member_noise(members, 0, np.arange(len(groups)), fitted) == 0.0  # groups of one: nothing to read
+
+
 def test_within_pearson_is_the_mean_pearson_of_groups_with_enough_rows():
     from geximpute.fit.head import MIN_GROUP_ROWS, within_pearson
 

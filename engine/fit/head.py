@@ -214,15 +214,22 @@ def _nnls_corrected(x: np.ndarray, y: np.ndarray, noise: float) -> np.ndarray:
     return coef
 
 
-def member_noise(members: list[np.ndarray], column: int, groups: np.ndarray | None = None) -> float:
+def member_noise(members: list[np.ndarray], column: int, groups: np.ndarray | None = None,
+                 fitted_groups: np.ndarray | None = None) -> float:
     """What averaging K members removes from the variance of ``column`` (one member's estimate): the mean over rows
-    of the variance between the members' estimates, times ``1 - 1/K``; 0 with one member. With ``groups`` (one per
-    row) each member's estimates are centred within their group first: the disagreement a blend fitted within
-    groups (:meth:`Blend.fit_within`) sees, where members that differ by a constant per group do not disagree."""
+    of the variance between the members' estimates, times ``1 - 1/K``; 0 with one member.
+
+    With ``groups`` (one per row) each member's estimates are centred within their group first: the disagreement a
+    blend fitted within groups (:meth:`Blend.fit_within`) sees, where members that differ by a constant per group
+    do not disagree. Centring over a group of n rows keeps (1 - 1/n) of a row's own disagreement: each row's is
+    scaled back by n / (n - 1) (a group of one row tells nothing), and with ``fitted_groups`` (the groups of the
+    rows the blend is fitted on) brought to what their centring keeps, the mean of (1 - 1/m) over those rows (a
+    held-out group is smaller than a training one: its disagreement read low, by half in groups of two)."""
     k = len(members)
     if k < 2 or not len(members[0]):
         return 0.0
     estimates = np.stack([m[:, column].astype(np.float64) for m in members])
+    scale = np.ones(estimates.shape[1])
     if groups is not None:
         _, code = np.unique(groups, return_inverse=True)
         for row in estimates:
@@ -230,7 +237,14 @@ def member_noise(members: list[np.ndarray], column: int, groups: np.ndarray | No
             count = np.bincount(code[known], minlength=code.max() + 1)
             total = np.bincount(code[known], weights=row[known], minlength=code.max() + 1)
             row -= (total / np.maximum(count, 1))[code]  # in place; a NaN stays NaN
-    return float(np.nanmean(np.var(estimates, axis=0, ddof=1))) * (1 - 1 / k)
+        size = np.bincount(code)[code].astype(np.float64)
+        scale = np.where(size > 1, size / np.maximum(size - 1, 1), np.nan)
+        if fitted_groups is not None and len(fitted_groups):
+            _, fitted = np.unique(fitted_groups, return_inverse=True)
+            scale = scale * float(np.mean(1 - 1 / np.bincount(fitted)[fitted]))
+    spread = np.var(estimates, axis=0, ddof=1) * scale
+    spread = spread[np.isfinite(spread)]
+    return float(np.mean(spread)) * (1 - 1 / k) if len(spread) else 0.0
 
 
 @dataclass
@@ -640,7 +654,8 @@ def _blend_margin(features: np.ndarray, labels: np.ndarray, valid: np.ndarray, e
     within = groups is not None and level is not None
     # within groups the blend's weights read the members' deviations from their group's mean: their disagreement
     # is measured there too (a per-group offset between members, removed by the centring, inflated the weight)
-    noise = member_noise(members, estimates[0], groups[valid] if within else None) if members else 0.0
+    noise = (member_noise(members, estimates[0], groups[valid] if within else None,
+                          groups[~valid] if within else None) if members else 0.0)
     blend = Blend.fit(features[~valid], labels[~valid], estimates, member_noise=noise,
                       groups=groups[~valid] if within else None, level=level if within else None)
     if noise:
