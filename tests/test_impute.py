@@ -155,7 +155,9 @@ def test_every_missing_entry_once_with_the_output_contract(first_run, data, bund
     assert virtual.sum() == len(missing_pairs) * n_genes
     assert frame["observed"].isna().all()
     assert (frame["predicted_lower"] <= frame["predicted_upper"]).all() and np.isfinite(frame["predicted"]).all()
-    np.testing.assert_allclose(frame["predicted_tpm"], np.expm1(frame["predicted"]), rtol=1e-4, atol=1e-4)
+    # back on TPM, at least 0 (an estimate below 0 on the log1p scale is no negative abundance)
+    np.testing.assert_allclose(frame["predicted_tpm"], np.expm1(np.maximum(frame["predicted"], 0)), rtol=1e-4,
+                               atol=1e-4)
     version = json.loads((bundle / "manifest.json").read_text())["model_version"]
     assert set(frame["model_version"]) == {version} and set(frame["run_id"]) == {result.run_id}
     # the manifest: config, inputs, model, run, rows per partition, versions
@@ -163,6 +165,9 @@ def test_every_missing_entry_once_with_the_output_contract(first_run, data, bund
     assert manifest["run_id"] == result.run_id and manifest["model_version"] == version
     assert manifest["rows"] == frame.groupby(frame["tissue"].astype(str)).size().to_dict()
     assert {"config", "versions", "inputs"} <= set(manifest) and "expression" in manifest["inputs"]
+    # what the columns hold: the synthetic data is TPM, its intervals 80%
+    assert manifest["columns"] == {"predicted": "log1p of TPM", "predicted_tpm": "TPM", "interval_level": 0.8,
+                                   "interval_quantiles": [0.1, 0.9]}
     # the code that made it: this checkout's commit (the suite runs from a git checkout)
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, check=True).stdout.strip()

@@ -842,3 +842,16 @@ def test_gzip_files_named_bgz_or_without_a_suffix_are_read(tmp_path):
 
     (tmp_path / "map.tsv.bgz").write_bytes(gzip.compress(b"vcf_sample\tdonor_id\ns1\tD1\n"))
     assert read_sample_map(tmp_path / "map.tsv.bgz") == {"s1": "D1"}
+
+
+def test_the_linear_scale_is_given_back_only_where_there_is_one():
+    """``predicted_tpm``: TPM from log1p TPM, normalised counts per million from counts, at least 0; none for
+    ``log`` or ``normalised`` input (it gave the model's own values under a TPM name)."""
+    from geximpute.io.expression import from_model_scale, linear_unit
+
+    config = ExpressionConfig()
+    values = np.array([-0.2, 0.0, np.log1p(9.0)])
+    np.testing.assert_allclose(from_model_scale(values, "tpm", config), [0.0, 0.0, 9.0])
+    assert linear_unit("counts", config) == "normalised counts per million" and linear_unit("tpm", config) == "TPM"
+    for scale in ("log", "normalised"):
+        assert from_model_scale(values, scale, config) is None and linear_unit(scale, config) is None

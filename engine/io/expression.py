@@ -1085,8 +1085,18 @@ def move_rows_up(matrix: np.ndarray | MatrixFile, rows: np.ndarray) -> None:
         done[row] = True
 
 
-def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -> np.ndarray:
-    """Inverse of the log1p transform: TPM (or normalised counts per million) from modelling-scale values."""
+def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -> np.ndarray | None:
+    """Inverse of the log1p transform: TPM (or normalised counts per million) from modelling-scale values, at least
+    0 (an estimate below 0 on the log1p scale is no negative abundance); None where the model's scale is not a
+    log1p of a linear one (``log`` and ``normalised`` input, ``transform: none``): there is no linear value to give."""
+    if linear_unit(scale, config) is None:
+        return None
+    return np.expm1(np.maximum(values, 0.0))
+
+
+def linear_unit(scale: str, config: ExpressionConfig) -> str | None:
+    """What :func:`from_model_scale` gives back (the predictions' ``predicted_tpm``): ``TPM``, ``normalised counts
+    per million`` (counts, CPM or median-of-ratios, per million of the file's genes), or None."""
     if scale in ("log", "normalised") or config.transform == "none":
-        return values
-    return np.expm1(values)
+        return None
+    return "TPM" if scale == "tpm" else "normalised counts per million"

@@ -682,7 +682,8 @@ class Predictor:
             "predicted": pa.array(estimate),
             "predicted_lower": pa.array(lower),
             "predicted_upper": pa.array(upper),
-            "predicted_tpm": pa.array(from_model_scale(estimate, self.scale, self.expression).astype(np.float32)),
+            # back on the input's linear scale (null where there is none: log or normalised input)
+            "predicted_tpm": _linear(from_model_scale(estimate, self.scale, self.expression), n),
             # the measured value where the entry was measured (only targets with --include-observed); null where
             # imputed: the context records carry it as their label
             "observed": pa.array(records["target"].to_numpy(zero_copy_only=False), pa.float32(), from_pandas=True),
@@ -693,6 +694,24 @@ class Predictor:
 
 
 # The pipeline -------------------------------------------------------------------------------------------------
+
+
+def _linear(values: np.ndarray | None, n: int) -> pa.Array:
+    """The ``predicted_tpm`` column: float32 values, or ``n`` nulls where the input has no linear scale."""
+    return pa.nulls(n, pa.float32()) if values is None else pa.array(values.astype(np.float32))
+
+
+def prediction_columns(config: Config) -> dict:
+    """What the prediction columns hold, for the output's ``_manifest.json``: the scale of ``predicted`` and
+    ``observed``, the unit of ``predicted_tpm`` (null: not written) and the level of the interval."""
+    from geximpute.io.expression import linear_unit
+
+    scale = config.inputs.scale
+    model = ("the values as given" if scale in ("log", "normalised") or config.expression.transform == "none"
+             else f"log1p of {'TPM' if scale == 'tpm' else 'normalised counts per million'}")
+    return {"predicted": model, "predicted_tpm": linear_unit(scale, config.expression),
+            "interval_level": round(config.head.quantiles[1] - config.head.quantiles[0], 6),
+            "interval_quantiles": list(config.head.quantiles)}
 
 
 def write_predictions(dataset: Any, folder: Path, num_cpus: float) -> None:
@@ -1149,6 +1168,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                 config, step="impute", run_id=run_id, model_version=bundle.model_version,
                 model={"path": str(config_model_path), "version_folder": str(bundle_dir),
                        "model_version": bundle.model_version},
+                columns=prediction_columns(config),
                 include_observed=include_observed, missing_profiles=n_virtual, n_rows=n_rows, rows=rows,
                 seconds=round(seconds, 2), entries_per_second=round(n_rows / max(seconds, 1e-9), 1),
                 ray={"gpus": ray.cluster_resources().get("GPU", 0), "predictors": predictors},
