@@ -630,8 +630,10 @@ def test_the_html_report_judges_intervals_at_their_own_level():
     results = {"hybrid": {"pearson": 0.5, "coverage_80": 0.91, "coverage_nominal": 0.9, "interval_width_mean": 1.0,
                           "per_tissue": {"t0": {"pearson": 0.5, "n": 20}}}}
     metrics = {"methods": results, "n_hidden": 60, "task": "entries", "fraction": 0.1, "seed": 0, "n_genes": 20,
-               "n_samples": 3}
+               "n_samples": 3, "scale": "normalised, as given"}
     sections = evaluation_sections(metrics, observed, {"hybrid": observed + 0.1}, gene, tissue, 10,
                                    {"config": {}, "inputs": {}, "versions": {}})
     text = "".join(s.body + s.note for s in sections)
     assert "90% coverage" in text and "90% interval" in text and "80%" not in text
+    # and on the data's own scale (Geuvadis: normalised values, no log1p)
+    assert "modelling scale (normalised, as given)" in text and "log1p" not in text

@@ -146,6 +146,7 @@ def test_every_missing_entry_once_with_the_output_contract(first_run, data, bund
     # DESIGN.md's columns, on the declared schema
     assert set(S.PREDICTIONS.names) <= set(frame.columns)
     files = list(result.out_dir.glob("tissue=*/*.parquet"))
+    assert files and all(f.name.startswith("part-") for f in files)  # tissue=.../part-*.parquet, as designed
     assert files and pq.read_schema(files[0]).remove_metadata().equals(S.PREDICTIONS.remove(2), check_metadata=False)
     assert set(frame["tissue"].astype(str)) == set(TISSUE_NAMES.values())
     # missing profiles: no sample id; missing genes of measured samples: their sample id

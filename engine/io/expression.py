@@ -1094,6 +1094,15 @@ def from_model_scale(values: np.ndarray, scale: str, config: ExpressionConfig) -
     return np.expm1(np.maximum(values, 0.0))
 
 
+def model_scale(scale: str, config: ExpressionConfig) -> str:
+    """The modelling scale in a few words, for reports and axes: ``log1p TPM``, ``log1p normalised CPM``, or the
+    input's own (``log``, ``normalised``: the values as given)."""
+    unit = linear_unit(scale, config)
+    if unit is None:
+        return f"{scale}, as given" if scale in ("log", "normalised") else f"{scale}, untransformed"
+    return "log1p TPM" if unit == "TPM" else "log1p normalised CPM"
+
+
 def linear_unit(scale: str, config: ExpressionConfig) -> str | None:
     """What :func:`from_model_scale` gives back (the predictions' ``predicted_tpm``): ``TPM``, ``normalised counts
     per million`` (counts, CPM or median-of-ratios, per million of the file's genes), or None."""

@@ -23,6 +23,7 @@ from geximpute.errors import ConfigError, InputError
 from geximpute.fit.hybrid import fit_hybrid, head_tuned_methods, tuned_baselines
 from geximpute.io.checks import check_readable
 from geximpute.io.dataset import load_dataset
+from geximpute.io.expression import model_scale
 from geximpute.io.tables import read_table
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
@@ -193,6 +194,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         metrics = {
             "dataset": config.name,
             "metrics_version": METRICS_VERSION,
+            # what every figure is computed on (RMSE, intervals' widths): the modelling scale
+            "scale": model_scale(config.inputs.scale, config.expression),
             "task": config.evaluation.task,
             "seed": config.evaluation.seed,
             "model_seed": config.seed,  # evaluate --seeds s runs with the config's seed + s (seeded_config)
@@ -219,7 +222,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         made = manifest(config, step="evaluate")
         write_json(staging / "_manifest.json", made)
         _write_predictions(staging, records, observed, predictions)
-        _plots(staging, observed, predictions, results)
+        _plots(staging, observed, predictions, results, metrics["scale"])
         (staging / "report.md").write_text(report(metrics))
         write_report(staging / "report.html", f"geximpute evaluate: {config.name}",
                      f"task {config.evaluation.task}, {metrics['n_hidden']:,} hidden entries",
@@ -510,7 +513,7 @@ def report(metrics: dict) -> str:
         "",
         f"Hidden entries: {metrics['n_hidden']:,} (fraction {metrics['fraction']}, seed {metrics['seed']}); "
         f"{metrics['n_genes']:,} genes x {metrics['n_samples']:,} samples. All methods are scored on exactly these "
-        "entries, on the modelling scale (log1p).",
+        f"entries, on the modelling scale ({metrics.get('scale', 'log1p')}).",
         "",
         "| method | Pearson | Spearman | RMSE | R2 | across-donor Pearson | low-expressed Pearson | "
         f"{nominal:.0%} coverage |",
@@ -631,7 +634,7 @@ def _honest_sections(metrics: dict) -> list[str]:
     return lines
 
 
-def _plots(out: Path, observed: np.ndarray, predictions: dict, results: dict) -> None:
+def _plots(out: Path, observed: np.ndarray, predictions: dict, results: dict, scale: str = "log1p") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,8 +647,8 @@ def _plots(out: Path, observed: np.ndarray, predictions: dict, results: dict) ->
         ax.hexbin(observed, predictions[name], gridsize=60, bins="log", cmap="viridis", extent=(lo, hi, lo, hi))
         ax.plot([lo, hi], [lo, hi], color="white", lw=0.8)
         ax.set_title(f"{name}\nr = {_fmt(results[name]['pearson'], 3)}")
-        ax.set_xlabel("observed (log1p)")
-        ax.set_ylabel("predicted (log1p)")
+        ax.set_xlabel(f"observed ({scale})")
+        ax.set_ylabel(f"predicted ({scale})")
     fig.tight_layout()
     fig.savefig(out / "pred_vs_obs.png", dpi=110)
     plt.close(fig)

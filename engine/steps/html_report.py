@@ -133,7 +133,8 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def observed_vs_predicted(observed: np.ndarray, predictions: dict[str, np.ndarray], pearson: dict) -> str:
+def observed_vs_predicted(observed: np.ndarray, predictions: dict[str, np.ndarray], pearson: dict,
+                          scale: str = "log1p") -> str:
     """Hexbin of predicted against observed, one panel per method, on a common scale."""
     plt = pyplot()
     names = list(predictions)
@@ -146,8 +147,8 @@ def observed_vs_predicted(observed: np.ndarray, predictions: dict[str, np.ndarra
                   mincnt=1)
         ax.plot([lo, hi], [lo, hi], color="0.3", lw=0.8, ls="--")
         ax.set_title(f"{name}  r = {_fmt(pearson.get(name))}", fontsize=9)
-        ax.set_xlabel("observed (log1p)", fontsize=8)
-        ax.set_ylabel("predicted (log1p)", fontsize=8)
+        ax.set_xlabel(f"observed ({scale})", fontsize=8)
+        ax.set_ylabel(f"predicted ({scale})", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
@@ -172,7 +173,7 @@ def per_tissue_bars(results: dict) -> str:
     return figure_html(fig, "Pearson per tissue")
 
 
-def coverage_plot(results: dict, nominal: float = 0.8) -> str | None:
+def coverage_plot(results: dict, nominal: float = 0.8, scale: str = "log1p") -> str | None:
     """Empirical coverage of each method's interval against the nominal level, and the mean interval width."""
     have = {n: r for n, r in results.items() if r.get("coverage_80") is not None}
     if not have:
@@ -186,7 +187,7 @@ def coverage_plot(results: dict, nominal: float = 0.8) -> str | None:
     a.set_ylabel("share of hidden entries inside")
     a.legend(fontsize=8)
     b.bar(names, [have[n].get("interval_width_mean") or 0.0 for n in names], color="tab:orange")
-    b.set_ylabel("mean interval width (log1p)")
+    b.set_ylabel(f"mean interval width ({scale})")
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
@@ -254,6 +255,7 @@ def evaluation_sections(metrics: dict, observed: np.ndarray, predictions: dict[s
                         tissue: np.ndarray, min_donors: int, manifest: dict) -> list[Section]:
     """The sections of ``geximpute evaluate``'s report."""
     results = metrics["methods"]
+    scale = metrics.get("scale", "log1p")  # the modelling scale (recorded since session 41)
     # the level the intervals were made for (head.quantiles), as report.md reads it
     nominal = next((r["coverage_nominal"] for r in results.values() if r.get("coverage_nominal")), 0.8)
     header = (*METRICS_HEADER[:-1], f"{nominal:.0%} coverage")
@@ -261,13 +263,13 @@ def evaluation_sections(metrics: dict, observed: np.ndarray, predictions: dict[s
         Section("Metrics", table_html(header, metrics_rows(results)),
                 f"{metrics['n_hidden']:,} hidden entries (task {metrics['task']}, fraction {metrics['fraction']}, "
                 f"seed {metrics['seed']}); {metrics['n_genes']:,} genes x {metrics['n_samples']:,} samples. Every "
-                "method is scored on exactly these entries, on the modelling scale (log1p)."),
+                f"method is scored on exactly these entries, on the modelling scale ({scale})."),
         Section("Observed vs predicted", observed_vs_predicted(
             observed, {n: predictions[n] for n in results if n in predictions},
-            {n: r.get("pearson") for n, r in results.items()}), "Counts per hexagon on a log colour scale."),
+            {n: r.get("pearson") for n, r in results.items()}, scale), "Counts per hexagon on a log colour scale."),
         Section("Per tissue", per_tissue_bars(results), "Pearson over the hidden entries of each tissue."),
     ]
-    coverage = coverage_plot(results, nominal)
+    coverage = coverage_plot(results, nominal, scale)
     if coverage:
         sections.append(Section("Interval coverage", coverage,
                                 f"Share of hidden entries inside each method's {nominal:.0%} interval (the red line "

@@ -715,10 +715,22 @@ def prediction_columns(config: Config) -> dict:
 
 
 def write_predictions(dataset: Any, folder: Path, num_cpus: float) -> None:
-    """Write the prediction stream as Parquet partitioned by tissue (the seam through which tests inject write
+    """Write the prediction stream as Parquet partitioned by tissue, files named ``part-<write>_<task>-<i>.parquet``
+    as the design's contract reads them (``tissue=.../part-*.parquet``; the seam through which tests inject write
     faults such as a full disk)."""
     dataset.write_parquet(str(folder), partition_cols=list(S.PREDICTION_PARTITIONS),
-                          ray_remote_args={"num_cpus": num_cpus})
+                          filename_provider=_part_names(), ray_remote_args={"num_cpus": num_cpus})
+
+
+def _part_names() -> Any:
+    """A Ray Data filename provider of ``part-`` names (Ray's own are the write's id alone)."""
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{write_uuid}_{task_index:06}"
+
+    return PartNames()
 
 
 def gpus_to_use(config: Config) -> int:
