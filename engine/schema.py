@@ -131,7 +131,8 @@ CONTEXT = pa.schema(
         pa.field("tissue_index", pa.int16(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("hidden", pa.bool_(), nullable=False),
-        # the visible value of the entry itself (training label); null for hidden and unmeasured entries
+        # the entry's own visible value, its training label: in a training fold's records set though the entry is
+        # hidden from its context (``hidden`` true); null in the context records of hidden and unmeasured entries
         pa.field("target", pa.float32()),
         # K nearest genes on the chromosome with a visible value in this sample, nearest first
         pa.field("nb_value", pa.list_(pa.float32()), nullable=False),
@@ -171,7 +172,9 @@ PROMOTERS = pa.schema(
     ]
 )
 
-#: ``geximpute variant-effects``: one row per (variant ALT allele, gene whose promoter holds it, tissue)
+#: ``geximpute variant-effects``: one row per (variant ALT allele, gene whose cis window holds it, tissue): the
+#: promoter window, or ``genotypes.cis_window`` bases either side of the TSS (a site outside the promoter moves the
+#: cis-genetic score alone)
 VARIANT_EFFECTS = pa.schema(
     [
         pa.field("variant_id", pa.string()),  # the VCF's ID, null for '.'
@@ -185,7 +188,9 @@ VARIANT_EFFECTS = pa.schema(
         pa.field("predicted_ref", pa.float32(), nullable=False),  # homozygous reference promoter
         pa.field("predicted_alt", pa.float32(), nullable=False),  # homozygous for this ALT allele alone
         pa.field("effect", pa.float32(), nullable=False),  # (alt - ref) / 2: change per ALT allele, modelling scale
-        pa.field("genetic_effect", pa.float32(), nullable=False),  # the cis-genetic score's part of ``effect``
+        # the cis-genetic score's fitted change per ALT allele (the score's input to the model; null where the
+        # model reads no genomes)
+        pa.field("genetic_effect", pa.float32()),
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )

@@ -8,7 +8,11 @@ Layout of the output folder::
     donor_promoters.parquet    (gene, donor) -> the donor's two haplotypes, where they differ from the reference
                                (schema.DONOR_PROMOTERS; empty without personal genomes)
     context/chrom=<c>/*.parquet one row per target entry with its context (schema.CONTEXT)
-    _manifest.json             config, versions, input fingerprints, row counts
+    train/fold=<i>/chrom=<c>/  with --training, the labelled records of training fold i (schema.CONTEXT: the fold's
+                               entries hidden, each labelled with its own visible value in ``target``)
+    genes.parquet              gene_index -> gene id, chromosome, TSS, strand
+    samples.parquet            sample_index -> sample, donor, tissue
+    _manifest.json             config, versions, input fingerprints, row counts, evaluation_hidden
 
 Context records are built by Ray Data actors, one block of entries (a run of genes of one chromosome x a range of
 donors) at a time, each from its own shard of the visible problem (:mod:`geximpute.science.shards`, written as a

@@ -204,7 +204,8 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
         "predicted_ref": pa.array(predicted["ref"], pa.float32()),
         "predicted_alt": pa.array(predicted["alt"], pa.float32()),
         "effect": pa.array((predicted["alt"] - predicted["ref"]) / 2, pa.float32()),
-        "genetic_effect": pa.array(beta, pa.float32()),
+        "genetic_effect": pa.array(beta if bundle.reads_genomes else np.full(len(beta), np.nan), pa.float32(),
+                                   from_pandas=True),
         "model_version": pa.array([bundle.model_version] * len(gene), pa.string()),
     }, schema=S.VARIANT_EFFECTS)
     with staged_output(out_dir, step="variant-effects", force=force) as staging:
