@@ -107,12 +107,16 @@ def predictions_path(source: Config | str | Path) -> Path:
 
 
 def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = None,
-                donors: Iterable[str] | None = None, genes: Iterable[str] | None = None) -> pads.Dataset:
+                donors: Iterable[str] | None = None, genes: Iterable[str] | None = None,
+                latest: bool = True) -> pads.Dataset:
     """The predictions as a lazy Arrow dataset, hive partitions (``tissue``, nightly's ``run_date``) as columns.
 
     Args:
         source: a config (its predictions folder), or a folder written by impute or nightly.
         tissues, donors, genes: keep only these (the tissue filter prunes whole partitions before reading).
+        latest: on a nightly root, each donor's rows of its latest ``run_date`` alone (a genome delivered again is
+            imputed again into a later run date, and its earlier rows stay there: read whole, the root holds an
+            entry once per delivery); False: every run date's.
 
     Raises:
         GeximputeError: the folder holds no predictions.
@@ -127,9 +131,25 @@ def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = 
             if column not in dataset.schema.names:
                 raise GeximputeError(f"{folder}: the predictions have no column {column!r}")
             conditions.append(pads.field(column).isin(list(values)))
+    if latest and "run_date" in dataset.schema.names and "donor_id" in dataset.schema.names:
+        conditions.append(_latest_run_dates(dataset))
     for condition in conditions:
         dataset = dataset.filter(condition)
     return dataset
+
+
+def _latest_run_dates(dataset: pads.Dataset) -> pads.Expression:
+    """A filter that keeps each donor's rows of its latest ``run_date`` (read from the two columns alone)."""
+    pairs = dataset.to_table(columns=["donor_id", "run_date"]).group_by("donor_id").aggregate(
+        [("run_date", "max")]).to_pydict()
+    by_date: dict = {}
+    for donor, day in zip(pairs["donor_id"], pairs["run_date_max"], strict=True):
+        by_date.setdefault(day, []).append(donor)
+    keep = None
+    for day, donors in by_date.items():
+        one = (pads.field("run_date") == pads.scalar(day)) & pads.field("donor_id").isin(donors)
+        keep = one if keep is None else keep | one
+    return keep if keep is not None else pads.scalar(True)
 
 
 def _holds_parquet(folder: Path) -> bool:
@@ -140,9 +160,9 @@ def _holds_parquet(folder: Path) -> bool:
 
 def read_predictions(source: Config | str | Path, *, columns: list[str] | None = None,
                      tissues: Iterable[str] | None = None, donors: Iterable[str] | None = None,
-                     genes: Iterable[str] | None = None):
+                     genes: Iterable[str] | None = None, latest: bool = True):
     """The predictions as a pandas DataFrame (see :func:`predictions` for the arguments)."""
-    dataset = predictions(source, tissues=tissues, donors=donors, genes=genes)
+    dataset = predictions(source, tissues=tissues, donors=donors, genes=genes, latest=latest)
     return dataset.to_table(columns=columns).to_pandas()
 
 

@@ -90,3 +90,24 @@ def test_no_predictions_is_a_clear_error(tmp_path):
         api.predictions(tmp_path)
     with pytest.raises(GeximputeError, match="no metrics.json"):
         api.read_metrics(tmp_path)
+
+
+def test_a_nightly_root_reads_each_donor_from_its_latest_run_date(tmp_path):
+    """A genome delivered again is imputed again into a later run date; its earlier rows stay there. The API reads
+    each donor's latest run date (the root read whole held an entry once per delivery)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def part(day: str, donor: str, value: float) -> None:
+        folder = tmp_path / "nightly" / f"run_date={day}" / "tissue=Liver"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"gene_id": ["G1", "G2"], "donor_id": [donor, donor], "predicted": [value, value]}),
+                       folder / f"part-{donor}.parquet")
+
+    part("2026-01-01", "A", 1.0)
+    part("2026-01-01", "B", 2.0)
+    part("2026-01-03", "A", 3.0)  # A delivered again
+    frame = api.read_predictions(tmp_path / "nightly")
+    assert sorted(zip(frame["donor_id"], frame["predicted"], strict=True)) == [("A", 3.0)] * 2 + [("B", 2.0)] * 2
+    assert len(api.read_predictions(tmp_path / "nightly", latest=False)) == 6
+    assert len(api.read_predictions(tmp_path / "nightly", donors=["A"])) == 2
