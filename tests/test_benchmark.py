@@ -177,6 +177,12 @@ def test_cached_encoder_gives_the_network_its_own_predictions():
     assert cache.encoded == used  # each row the records read, once
     run_network(network, records, table, lookup)
     assert cache.encoded == used  # the same table again: nothing re-encoded
+    run_network(network, records, table, lookup, device="cpu:0")
+    assert network._inference[0].promoter_cnn is cache  # one device however named (cuda is cuda:0 on a GPU)
+    run_network(network, records, table, lookup, precision="bf16")
+    assert network._inference[0].promoter_cnn is not cache  # embeddings of another precision: a cache of its own
+    run_network(network, records, table, lookup)  # back to full precision: encoded again, not bf16's reused
+    assert network._inference[0].promoter_cnn.encoded == used
 
     # a GPU predictor's code path (bf16 autocast, batches copied to the device, float32 back) run on the CPU
     from geximpute.model.inference import autocast_dtype

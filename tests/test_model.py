@@ -823,3 +823,15 @@ def test_train_writes_only_into_a_folder_of_its_own_from_records_of_its_folds(tm
     assert records_fingerprint(records) == first
     (records / "_manifest.json").write_text(json.dumps({**manifest, "inputs": {"expression": {"sha256": "b"}}}))
     assert records_fingerprint(records) != first
+
+
+def test_an_unknown_value_in_a_present_slot_is_no_value():
+    """A present neighbour whose gene mean is NaN: the feature is the mean (0 standardised), not an expression of 0
+    standardised into a confident ``-center / scale``."""
+    from types import SimpleNamespace
+
+    from geximpute.model.features import _standard_where
+
+    spec = SimpleNamespace(standardise=lambda v: (v - 5.0) / 2.0)
+    out = _standard_where(np.array([True, True, False]), np.array([np.nan, 7.0, 9.0]), spec)
+    np.testing.assert_array_equal(out, [0.0, 1.0, 0.0])

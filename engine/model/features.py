@@ -183,8 +183,10 @@ def _scalar(table: pa.Table, name: str) -> np.ndarray:
 
 
 def _standard_where(present: np.ndarray, values: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    """Standardised ``values`` where ``present``, 0 elsewhere (NaN included), float32."""
-    return np.where(present, spec.standardise(np.nan_to_num(values)), 0).astype(np.float32)
+    """Standardised ``values`` where ``present`` and known, 0 (the mean) elsewhere, float32: a NaN in a present slot
+    is unknown, not an expression of 0 (which standardised to a confident ``-center / scale``)."""
+    known = present & ~np.isnan(values)
+    return np.where(known, spec.standardise(np.nan_to_num(values)), 0).astype(np.float32)
 
 
 def _check_range(values: np.ndarray, where: np.ndarray, lo: int, hi: int, name: str, hint: str) -> None:

@@ -113,19 +113,23 @@ class TrainedNetwork:
         return net.eval()
 
     def inference(self, promoters: np.ndarray, device: torch.device | str = "cpu",
-                  embeddings: np.ndarray | None = None) -> tuple[HybridNet, torch.Tensor | None]:
+                  embeddings: np.ndarray | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[HybridNet, torch.Tensor | None]:
         """(the eval-mode network on ``device``, the promoter table to pass its forward) for predicting with
         ``promoters``.
 
         The network is built once (and moved when another device is asked for); with a promoter branch its CNN is
         wrapped in a :class:`PromoterEncoderCache` of ``promoters``, kept while later calls pass the same table
         object (a new table starts a new cache). With ``embeddings`` (this network's :func:`encode_promoters` of
-        the table) the cache starts full and ``promoters`` is not read.
+        the table) the cache starts full and ``promoters`` is not read. ``dtype``: the autocast precision the caller
+        runs the network under (None: none); the cache holds embeddings computed at one precision, so another one
+        starts a new cache.
         """
         device = torch.device(device)
         source = embeddings if embeddings is not None else promoters
-        if self._inference is not None and self._inference[1] is source and _device_of(self._inference[0]) == device:
-            model, _, table = self._inference
+        if (self._inference is not None and self._inference[1] is source and self._inference[3] == dtype
+                and same_device(_device_of(self._inference[0]), device)):
+            model, _, table, _ = self._inference
             return model, table
         model = self._inference[0] if self._inference is not None else self.model()
         model = model.to(device)
@@ -140,7 +144,7 @@ class TrainedNetwork:
                 table = model.promoter_cnn.row_ids
             else:
                 model.promoter_cnn = cnn
-        self._inference = (model, source, table)
+        self._inference = (model, source, table, dtype)
         return model, table
 
     def __getstate__(self) -> dict:
@@ -151,6 +155,17 @@ class TrainedNetwork:
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` is the current CUDA device (a network moved to ``cuda`` reports
+    ``cuda:0``, which is not ``== torch.device("cuda")``: every call on a GPU started a new promoter cache)."""
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def inference_device(use_gpu: bool) -> torch.device:
@@ -216,8 +231,8 @@ def run_network(
                          "with it) and these records have no such column; build them with the family level "
                          "(geximpute.steps.prepare.context_shards(family=True))")
     device = torch.device(device)
-    model, table = network.inference(promoters, device, embeddings)
     dtype = autocast_dtype(device, precision)
+    model, table = network.inference(promoters, device, embeddings, dtype)
     if table is not None:
         table = table.to(device)
     n = records.num_rows
