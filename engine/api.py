@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from geximpute.config import Config
@@ -132,16 +133,32 @@ def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = 
                 raise GeximputeError(f"{folder}: the predictions have no column {column!r}")
             conditions.append(pads.field(column).isin(list(values)))
     if latest and "run_date" in dataset.schema.names and "donor_id" in dataset.schema.names:
-        conditions.append(_latest_run_dates(dataset))
+        conditions.append(_latest_run_dates(folder, dataset))
     for condition in conditions:
         dataset = dataset.filter(condition)
     return dataset
 
 
-def _latest_run_dates(dataset: pads.Dataset) -> pads.Expression:
-    """A filter that keeps each donor's rows of its latest ``run_date`` (read from the two columns alone)."""
-    pairs = dataset.to_table(columns=["donor_id", "run_date"]).group_by("donor_id").aggregate(
-        [("run_date", "max")]).to_pydict()
+def _latest_run_dates(folder: Path, dataset: pads.Dataset) -> pads.Expression:
+    """A filter that keeps each donor's rows of its latest ``run_date``: from the donors each run date's
+    ``_manifest.json`` lists (nightly writes them), else read from the two columns (a root without them)."""
+    latest: dict[str, str] = {}
+    for part in sorted(folder.glob("run_date=*")):
+        try:
+            donors = json.loads((part / "_manifest.json").read_text())["donors"]
+        except (OSError, ValueError, KeyError, TypeError):
+            latest = {}
+            break
+        day = part.name.split("=", 1)[1]
+        for donor in donors:
+            latest[donor] = max(latest.get(donor, day), day)  # ISO dates order as text
+    kind = dataset.schema.field("run_date").type
+    if latest:
+        as_column = pa.array(list(latest.values())).cast(kind).to_pylist()
+        pairs = {"donor_id": list(latest), "run_date_max": as_column}
+    else:
+        pairs = dataset.to_table(columns=["donor_id", "run_date"]).group_by("donor_id").aggregate(
+            [("run_date", "max")]).to_pydict()
     by_date: dict = {}
     for donor, day in zip(pairs["donor_id"], pairs["run_date_max"], strict=True):
         by_date.setdefault(day, []).append(donor)

@@ -95,6 +95,8 @@ def test_no_predictions_is_a_clear_error(tmp_path):
 def test_a_nightly_root_reads_each_donor_from_its_latest_run_date(tmp_path):
     """A genome delivered again is imputed again into a later run date; its earlier rows stay there. The API reads
     each donor's latest run date (the root read whole held an entry once per delivery)."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,3 +113,9 @@ def test_a_nightly_root_reads_each_donor_from_its_latest_run_date(tmp_path):
     assert sorted(zip(frame["donor_id"], frame["predicted"], strict=True)) == [("A", 3.0)] * 2 + [("B", 2.0)] * 2
     assert len(api.read_predictions(tmp_path / "nightly", latest=False)) == 6
     assert len(api.read_predictions(tmp_path / "nightly", donors=["A"])) == 2
+    # nightly's own roots: each run date's manifest lists its donors (no scan of the rows)
+    for day, donors in (("2026-01-01", ["A", "B"]), ("2026-01-03", ["A"])):
+        (tmp_path / "nightly" / f"run_date={day}" / "_manifest.json").write_text(json.dumps({"donors": {
+            d: {"rows": 2} for d in donors}}))
+    frame = api.read_predictions(tmp_path / "nightly")
+    assert sorted(zip(frame["donor_id"], frame["predicted"], strict=True)) == [("A", 3.0)] * 2 + [("B", 2.0)] * 2
