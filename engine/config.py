@@ -924,11 +924,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            return int(value.strip().replace("_", ""))  # 1_000_000, 017: text to the loader (ids stay text)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # 1e-3: text to PyYAML (YAML 1.1 wants 1.0e-3), a number to YAML 1.2 and editors
+            return float(value.strip().replace("_", ""))  # 1e-3, 1_000.5 as YAML 1.1 wrote them
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -961,7 +963,9 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+(_\d+)*\.?\d*|\.\d+)([eE][-+]?\d+)?")
+#: a whole number as YAML 1.1 also wrote it (digit groups, leading zeros), for a setting that is a number
+_INT_TEXT = re.compile(r"[-+]?\d+(_\d+)*")
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -1083,6 +1087,19 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that also quotes the strings :class:`_Loader` reads as numbers (``1e3``: a number to
+    YAML 1.2, text to YAML 1.1), so that a config written out reads back the same under either."""
+
+
+_Dumper.yaml_implicit_resolvers = {first: list(resolvers) for first, resolvers in
+                                   yaml.SafeDumper.yaml_implicit_resolvers.items()}
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    for _tag, _regexp in _resolvers:
+        if _tag in _NUMBER_TAGS:
+            _Dumper.yaml_implicit_resolvers.setdefault(_first, []).append((_tag, _regexp))
+
+
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved config as YAML text (read back the same by :func:`load_config` and by ``yaml.safe_load``)."""
+    return yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False)

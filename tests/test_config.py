@@ -73,6 +73,15 @@ def test_ids_that_look_like_numbers_stay_the_ids_given(write):
     assert config.impute.donors == ("0012", "1:30", "HG00096", "7") and config.impute.tissues == ("1:30",)
     assert config.train.lr == 0.001
     assert load_config(write("config.yaml", MINIMAL), ["impute.donors=1000017"]).impute.donors == ("1000017",)
+    # numbers written YAML 1.1's way still read as numbers where a setting is a number
+    grouped = load_config(write("config.yaml", MINIMAL + "genotypes:\n  cis_window: 1_000_000\n"),
+                          ["train.epochs=1_000", "seed=017"])
+    assert grouped.genotypes.cis_window == 1_000_000 and grouped.train.epochs == 1000 and grouped.seed == 17
+    # and a config written out reads back the same (submit's job config, a bundle's): ids YAML 1.2 reads as
+    # numbers are quoted
+    ids = load_config(write("config.yaml", MINIMAL), ['impute.donors=["1e3", "5E4", "0012"]', 'name="2e5"'])
+    again = load_config(write("again.yaml", dump_config(ids)))
+    assert again.impute.donors == ("1e3", "5E4", "0012") and again.name == "2e5"
 
 
 @pytest.mark.parametrize(

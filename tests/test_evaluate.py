@@ -129,16 +129,21 @@ def test_genes_of_the_test_chromosomes_never_label_a_training_example(synth_smal
     assert any(mask[test_gene].any() for mask in again)
 
 
-def test_a_held_out_chromosome_without_genes_is_named(synth_small):
+def test_a_held_out_chromosome_without_genes_is_named(synth_small, tmp_path):
     """``split.test_chroms`` or ``valid_chroms`` naming no chromosome of the problem (a typo, or ``chr1,chr2`` read
-    as one name) trained on everything and dropped the held-out scores, unsaid."""
+    as one name) trained on everything and dropped the held-out scores, unsaid: prepare (the folds and the
+    evaluation) refuses it before anything runs; imputation, which only carries the split, runs on."""
     from geximpute.errors import ConfigError
+    from geximpute.steps.prepare import prepare
 
     for override, needle in (("split.test_chroms=[chr9]", r"split.test_chroms.*'chr9'"),
                              ("split.valid_chroms=chr1,chr2", r"split.valid_chroms.*'chr1,chr2'.*as a list")):
-        config = load_config(synth_small / "config.yaml", [override])
+        config = load_config(synth_small / "config.yaml", [override, f"output_dir={tmp_path}"])
         with pytest.raises(ConfigError, match=needle):
-            make_problem(load_dataset(config), genomes=False)
+            prepare(config, tmp_path / "records", training=True)
+        assert not (tmp_path / "records").exists()
+        problem, _ = make_problem(load_dataset(config), hidden_mask=False, genomes=False)
+        assert not problem.split.any()
 
 
 def features_and_predictions(dataset):

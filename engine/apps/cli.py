@@ -155,7 +155,8 @@ def results_table(metrics: dict) -> str:
     """The methods of an evaluation, best first, one short line each (the full report is report.html)."""
     ranked = sorted(metrics["methods"].items(), key=lambda kv: -(kv[1].get("pearson") or -1))
     width = max((len(n) for n, _ in ranked), default=6)
-    lines = [f"{metrics['n_hidden']:,} hidden entries ({metrics['task']} task); Pearson and RMSE on log1p:"]
+    lines = [f"{metrics['n_hidden']:,} hidden entries ({metrics['task']} task); Pearson and RMSE on "
+             f"{metrics.get('scale', 'log1p')}:"]
     for name, m in ranked:
         pearson = "n/a" if m.get("pearson") is None else f"{m['pearson']:.4f}"
         lines.append(f"  {name:<{width}}  pearson {pearson}  rmse {m['rmse']:.4f}")

@@ -197,7 +197,10 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
     window_start, window_end = window_bounds(problem.tss, problem.strand, p.upstream, p.downstream)
     link_gene = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
     link_pos = sites["pos"].to_numpy()[index] if len(index) else np.zeros(0, np.int64)
-    in_promoter = (link_pos >= window_start[link_gene]) & (link_pos <= window_end[link_gene])
+    # a site whose REF reaches into the window (a deletion from just upstream) is edited into the haplotypes too
+    ref_len = pc.utf8_length(sites[S.REF]).to_numpy(zero_copy_only=False)
+    link_end = link_pos + (ref_len[index] if len(index) else 0) - 1
+    in_promoter = (link_end >= window_start[link_gene]) & (link_pos <= window_end[link_gene])
     # one dosage row per (site, ALT allele) that some gene's window links to
     used_key, dosage_row = np.unique(index * _ALLELE_SLOTS + allele, return_inverse=True)
     used, used_allele = used_key // _ALLELE_SLOTS, used_key % _ALLELE_SLOTS

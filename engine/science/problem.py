@@ -259,26 +259,33 @@ def _tissue_means(values: np.ndarray, tissue_index: np.ndarray, n_tissues: int) 
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
-    """Split index per gene from the held-out chromosomes (names compared without the ``chr`` prefix).
+def check_split(chroms: np.ndarray, config: Config) -> None:
+    """Refuse a chromosome of ``split.valid_chroms`` or ``split.test_chroms`` that holds no gene of ``chroms`` (a
+    typo, or ``chr21,chr22`` read as one name: training went on with no held-out chromosome and the evaluation
+    dropped its held-out scores, unsaid). Run where the split is used (prepare: the training folds and the
+    evaluation); imputation and nightly, which only carry it, run on.
 
     Raises:
-        ConfigError: a chromosome of ``split.valid_chroms`` or ``split.test_chroms`` holds no gene (a typo, or
-            ``chr21,chr22`` read as one name: training went on with no held-out chromosome, unsaid).
+        ConfigError: naming the key and the chromosomes.
     """
-    valid = {chrom_key(c) for c in config.split.valid_chroms}
-    test = {chrom_key(c) for c in config.split.test_chroms}
-    keys = np.array([chrom_key(c) for c in chroms], dtype=object)
-    present = set(keys.tolist())
+    present = {chrom_key(str(c)) for c in chroms}
     for key in ("valid_chroms", "test_chroms"):
         absent = [c for c in getattr(config.split, key) if chrom_key(c) not in present]
         if absent:
             listed = any("," in c or " " in c.strip() for c in absent)
+            names = sorted({str(c) for c in chroms})
             raise ConfigError(
                 f"config key 'split.{key}' names {', '.join(repr(c) for c in absent)}, a chromosome with no gene of "
-                f"the problem (its genes are on {', '.join(sorted(set(map(str, chroms)))[:8])}"
-                f"{', ...' if len(present) > 8 else ''})"
+                f"the problem (its genes are on {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
                 + ("; give several as a list: [chr21, chr22]" if listed else ""))
+
+
+def split_of(chroms: np.ndarray, config: Config) -> np.ndarray:
+    """Split index per gene from the held-out chromosomes (names compared without the ``chr`` prefix); a name that
+    holds no gene marks none (:func:`check_split` refuses it where the split is used: prepare)."""
+    valid = {chrom_key(c) for c in config.split.valid_chroms}
+    test = {chrom_key(c) for c in config.split.test_chroms}
+    keys = np.array([chrom_key(c) for c in chroms], dtype=object)
     out = np.zeros(len(chroms), dtype=np.int8)
     out[np.isin(keys, list(valid))] = 1
     out[np.isin(keys, list(test))] = 2

@@ -8,9 +8,10 @@ One streaming Ray Data job::
 
 Output (DESIGN.md, "Prediction output")::
 
-    <out>/tissue=<name>/<uuid>_<block>-<i>.parquet  schema.PREDICTIONS (the tissue is in the folder name, URI-encoded)
-    <out>/_manifest.json                          config, input fingerprints, model_version, run_id, rows per tissue,
-                                                  versions
+    <out>/tissue=<name>/part-<uuid>_<task>-<i>.parquet  schema.PREDICTIONS (the tissue is in the folder name,
+                                                        URI-encoded)
+    <out>/_manifest.json                                config, input fingerprints, model_version, run_id, rows per
+                                                        tissue, the columns' scale and units, versions
 
 A (donor, tissue) pair without any sample (most of GTEx: 34% of the pairs were sampled) is a missing profile: the
 problem gets a virtual sample for it, with nothing measured, so that its context is the donor's other tissues, the
@@ -703,7 +704,8 @@ def _linear(values: np.ndarray | None, n: int) -> pa.Array:
 
 def prediction_columns(config: Config) -> dict:
     """What the prediction columns hold, for the output's ``_manifest.json``: the scale of ``predicted`` and
-    ``observed``, the unit of ``predicted_tpm`` (null: not written) and the level of the interval."""
+    ``observed``, the unit of ``predicted_tpm`` (null: not written) and the level of the interval. ``config``: the
+    model bundle's (its head's quantiles made the intervals; its scale is the imputation's, as impute checks)."""
     from geximpute.io.expression import linear_unit
 
     scale = config.inputs.scale
@@ -1180,7 +1182,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                 config, step="impute", run_id=run_id, model_version=bundle.model_version,
                 model={"path": str(config_model_path), "version_folder": str(bundle_dir),
                        "model_version": bundle.model_version},
-                columns=prediction_columns(config),
+                columns=prediction_columns(bundle.models.config),  # the model's intervals (its head.quantiles)
                 include_observed=include_observed, missing_profiles=n_virtual, n_rows=n_rows, rows=rows,
                 seconds=round(seconds, 2), entries_per_second=round(n_rows / max(seconds, 1e-9), 1),
                 ray={"gpus": ray.cluster_resources().get("GPU", 0), "predictors": predictors},

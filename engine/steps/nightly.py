@@ -660,7 +660,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                                      f"{expected} target entries; nothing committed")
             write_json(staging / "_manifest.json", manifest(
                 config, step="nightly", run_date=day, model_version=bundle.model_version,
-                columns=prediction_columns(config),
+                columns=prediction_columns(bundle.models.config),
                 donors={**previous, **entries}, rows=partition_rows(staging),
                 inbox={n.item.donor: [str(p) for p in n.item.files] for n in chunk},
             ))

@@ -50,7 +50,7 @@ from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import OWN_VALUE_FOLDS, FamilyLevels, family_levels, forms_families
 from geximpute.science.folds import fold_labels, fold_problem, fold_targets, forget_fold, trainable, training_folds
 from geximpute.science.genomes import DonorGenomes, genetic_scores, own_value_free_scores
-from geximpute.science.problem import HiddenTruth, VisibleProblem, gene_rows, in_memory, make_problem
+from geximpute.science.problem import HiddenTruth, VisibleProblem, check_split, gene_rows, in_memory, make_problem
 from geximpute.science.shards import (
     ArrayColumns,
     Block,
@@ -656,6 +656,7 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
     # training folds alone (`--targets none`: a model for imputation, as the cluster jobs build it) are cut from
     # every visible entry, where a tenth of the data was held out for a score nobody computed
     problem, truth = make_problem(dataset, consume=consume, hidden_mask=context)
+    check_split(problem.chroms, config)  # the folds and the evaluation read the split: a name that holds no gene
     if context:
         target_mask, hidden = target_masks(problem, truth, targets)
         log.info("prepare: %d target entries -> %s", int(target_mask.sum()), out_dir)
