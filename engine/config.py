@@ -620,6 +620,11 @@ class HeadConfig:
             "two increasing probabilities in (0, 1)",
         )
 
+    @property
+    def interval_level(self) -> float:
+        """The share of values the interval aims to hold: the span of ``quantiles`` (0.8 for 0.1 to 0.9)."""
+        return round(self.quantiles[1] - self.quantiles[0], 6)
+
 
 @dataclass(frozen=True)
 class RayConfig:

@@ -91,6 +91,12 @@ def open_text(path: str | Path) -> io.TextIOBase:
 _VERSIONED_ENSEMBL = re.compile(r"((?:ENS[A-Z]*[GTPE]|SYN[GT])\d+)\.\d+(_PAR_Y)?")
 
 
+def format_name(path: Path) -> str:
+    """A file's name in lower case without its compression suffix (``.gz``, bgzip's ``.bgz``): what its format is
+    told by."""
+    return path.name.lower().removesuffix(".gz").removesuffix(".bgz")
+
+
 def strip_version(gene_id: str) -> str:
     """``ENSG00000141510.17`` -> ``ENSG00000141510``; ``ENSG00000141510.17_PAR_Y`` keeps its PAR tag. Only
     Ensembl ids carry a version after their dot: other ids keep it (GENCODE's clone names ``RP11-34P13.7`` and

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from geximpute import schema as S
 from geximpute.config import ExpressionConfig
 from geximpute.errors import InputError
-from geximpute.io.checks import check_readable, open_text, strip_version
+from geximpute.io.checks import check_readable, format_name, open_text, strip_version
 from geximpute.io.matrixfile import MatrixFile, rescale_columns, update_rows
 from geximpute.io.tables import (
     NULL_VALUES,
@@ -100,7 +100,7 @@ class Expression:
 
 def detect_format(path: Path) -> str:
     """``gct``, ``bed``, ``long`` or ``wide`` from the file name and, for text tables, the header."""
-    name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
+    name = format_name(path)
     if name.endswith(".gct"):
         return "gct"
     if name.endswith(".bed"):

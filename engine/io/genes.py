@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from geximpute import schema as S
 from geximpute.errors import InputError
-from geximpute.io.checks import check_readable, strip_version
+from geximpute.io.checks import check_readable, format_name, strip_version
 from geximpute.io.chroms import harmonise_chroms, renamed
 from geximpute.io.fasta import Genome
 from geximpute.io.tables import count_leading_comments, csv_batches, read_table, require_columns, table_error
@@ -51,7 +51,7 @@ GFF3_GENE_FEATURES = ["gene", "pseudogene"]
 
 def detect_format(path: Path) -> str:
     """Gene-annotation format from the file name."""
-    name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
+    name = format_name(path)
     for suffix, fmt in (
         (".gtf", "gtf"),
         (".gff3", "gff3"),

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from geximpute.errors import InputError
-from geximpute.io.checks import check_gzip_whole, check_readable, count_lines, is_gzip, open_text
+from geximpute.io.checks import check_gzip_whole, check_readable, count_lines, format_name, is_gzip, open_text
 
 #: strings read as missing values in every table
 NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]
@@ -27,7 +27,7 @@ def delimiter_for(path: Path) -> str:
     """``,`` for ``.csv``/``.csv.gz``, tab for ``.tsv``; any other name is read by its first line that is not a
     ``#`` comment: comma-separated when it holds a comma and no tab (``expression.txt`` written by
     ``DataFrame.to_csv``), tab-separated otherwise."""
-    name = path.name.lower().removesuffix(".gz").removesuffix(".bgz")
+    name = format_name(path)
     if name.endswith(".csv"):
         return ","
     if name.endswith(".tsv"):

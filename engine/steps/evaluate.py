@@ -33,7 +33,7 @@ from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, 
 from geximpute.science.genomes import gene_variant_flags
 from geximpute.science.metrics import METRICS_VERSION, _constant, _pearson, score
 from geximpute.science.problem import SPLITS, annotated_rows, evaluation_hidden
-from geximpute.steps.html_report import evaluation_sections, write_report
+from geximpute.steps.html_report import evaluation_sections, nominal_coverage, write_report
 from geximpute.steps.prepare import Prepared, prepare, promoter_tables
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                     inside = (observed >= lower) & (observed <= upper)
                     # the key keeps its name whatever head.quantiles; coverage_nominal is what the interval aims at
                     results[name]["coverage_80"] = float(inside.mean())
-                    results[name]["coverage_nominal"] = round(config.head.quantiles[1] - config.head.quantiles[0], 6)
+                    results[name]["coverage_nominal"] = config.head.interval_level
                     results[name]["interval_width_mean"] = float(np.mean(upper - lower))
                     results[name]["coverage_80_breakdown"] = coverage_breakdown(observed, lower, upper, tissue,
                                                                                 problem.tissues, pred)
@@ -507,7 +507,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 def report(metrics: dict) -> str:
     """Markdown report of a metrics dictionary."""
     # the span of head.quantiles the intervals aim at (recorded since 0c3aaba; 80% before, the default)
-    nominal = next((m["coverage_nominal"] for m in metrics["methods"].values() if m.get("coverage_nominal")), 0.8)
+    nominal = nominal_coverage(metrics["methods"])
     lines = [
         f"# Evaluation: {metrics['dataset']}, task `{metrics['task']}`",
         "",

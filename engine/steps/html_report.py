@@ -251,13 +251,19 @@ METRICS_HEADER = ("method", "Pearson", "Spearman", "RMSE", "R2", "across-donor P
                   "80% coverage")
 
 
+def nominal_coverage(methods: dict) -> float:
+    """The level the methods' intervals aim at (``head.quantiles``' span, recorded as ``coverage_nominal`` since
+    0c3aaba; 80%, the default, before)."""
+    return next((m["coverage_nominal"] for m in methods.values() if m.get("coverage_nominal")), 0.8)
+
+
 def evaluation_sections(metrics: dict, observed: np.ndarray, predictions: dict[str, np.ndarray], gene: np.ndarray,
                         tissue: np.ndarray, min_donors: int, manifest: dict) -> list[Section]:
     """The sections of ``geximpute evaluate``'s report."""
     results = metrics["methods"]
     scale = metrics.get("scale", "log1p")  # the modelling scale (recorded since session 41)
     # the level the intervals were made for (head.quantiles), as report.md reads it
-    nominal = next((r["coverage_nominal"] for r in results.values() if r.get("coverage_nominal")), 0.8)
+    nominal = nominal_coverage(results)
     header = (*METRICS_HEADER[:-1], f"{nominal:.0%} coverage")
     sections = [
         Section("Metrics", table_html(header, metrics_rows(results)),

@@ -708,12 +708,9 @@ def prediction_columns(config: Config) -> dict:
     model bundle's (its head's quantiles made the intervals; its scale is the imputation's, as impute checks)."""
     from geximpute.io.expression import linear_unit
 
-    scale = config.inputs.scale
-    model = ("the values as given" if scale in ("log", "normalised") or config.expression.transform == "none"
-             else f"log1p of {'TPM' if scale == 'tpm' else 'normalised counts per million'}")
-    return {"predicted": model, "predicted_tpm": linear_unit(scale, config.expression),
-            "interval_level": round(config.head.quantiles[1] - config.head.quantiles[0], 6),
-            "interval_quantiles": list(config.head.quantiles)}
+    unit = linear_unit(config.inputs.scale, config.expression)
+    return {"predicted": "the values as given" if unit is None else f"log1p of {unit}", "predicted_tpm": unit,
+            "interval_level": config.head.interval_level, "interval_quantiles": list(config.head.quantiles)}
 
 
 def write_predictions(dataset: Any, folder: Path, num_cpus: float) -> None:
