@@ -642,3 +642,28 @@ def test_the_html_report_judges_intervals_at_their_own_level():
     assert "90% coverage" in text and "90% interval" in text and "80%" not in text
     # and on the data's own scale (Geuvadis: normalised values, no log1p)
     assert "modelling scale (normalised, as given)" in text and "log1p" not in text
+
+
+def test_the_genetic_table_scores_the_pairs_the_across_donor_pearson_scores():
+    """A (gene, tissue) pair of two donors has no Pearson: the per-gene table leaves it out as ``score`` does, so a
+    method is not given 0.0 there (it lowered every method's mean toward 0 where ``min_donors`` allowed it)."""
+    from types import SimpleNamespace
+
+    from geximpute.science.metrics import across_donor_pairs
+    from geximpute.steps.evaluate import genetic_table
+
+    config = SimpleNamespace(evaluation=SimpleNamespace(min_donors=2, heritability=None))
+    # gene 0: tissue 0 has four donors, tissue 1 only two; gene 1: tissue 0 has three donors
+    gene = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    tissue = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0])
+    observed = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 2.0, 0.0, 1.0])
+    predictions = {"hybrid": observed + np.array([0.0, 0.5, -0.5, 0.0, 0.0, 0.0, 0.3, 0.0, -0.3]),
+                   "hybrid_reference": np.zeros(len(gene))}
+    table = genetic_table(config, predictions, observed, gene, tissue, np.array(["G0", "G1"]))
+    pair_gene, scores, _ = across_donor_pairs(predictions["hybrid"], observed, gene, tissue, 2)
+    assert pair_gene.tolist() == [0, 1]
+    rows = {r["gene_id"]: r for r in table["per_gene"]}
+    assert rows["G0"]["n_tissues"] == 1 and rows["G0"]["hybrid"] == pytest.approx(scores[0])
+    assert rows["G1"]["hybrid"] == pytest.approx(scores[1])
+    assert rows["G0"]["hybrid_reference"] == 0.0
+    assert table["mean"]["hybrid"] == pytest.approx(scores.mean())

@@ -31,7 +31,7 @@ from geximpute.runtime.provenance import manifest, write_json
 from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
-from geximpute.science.metrics import METRICS_VERSION, _constant, _pearson, score
+from geximpute.science.metrics import METRICS_VERSION, _pearson, across_donor_pairs, score
 from geximpute.science.problem import SPLITS, annotated_rows, evaluation_hidden
 from geximpute.steps.html_report import evaluation_sections, nominal_coverage, write_report
 from geximpute.steps.prepare import Prepared, prepare, promoter_tables
@@ -334,28 +334,24 @@ def genetic_table(config: Config, predictions: dict, observed: np.ndarray, gene:
                   gene_ids: np.ndarray, flags: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Per gene, the Pearson across held-out donors of each genotype method, next to the planted ceiling.
 
-    For each (gene, tissue) with at least ``evaluation.min_donors`` hidden donors, the Pearson across those
-    donors; a constant prediction (a model that cannot tell donors apart) counts as 0. A gene's figure is the
-    mean over its tissues. With ``evaluation.heritability``, each gene also gets ``ceiling = sqrt(h2)`` and the
-    means are given over the genes with ``h2 > 0`` as well; where that table has a ``genetic_effect`` column (the
-    kind of planted effect: ``additive``, ``motif_loss``, ...), each gene gets it as ``effect`` and the means are
-    given per kind (``mean_effect_<kind>``, ``n_genes_effect_<kind>``). With ``flags`` ((G,) cis-site counts, (G,)
-    promoter variant, :func:`geximpute.science.genomes.gene_variant_flags`), each gene gets them and the means are
-    given over the genes with a cis variant, with a promoter variant and with cis variants but none in the promoter.
+    For each (gene, tissue) pair that ``score``'s across-donor Pearson counts
+    (:func:`geximpute.science.metrics.across_donor_pairs`: at least ``max(evaluation.min_donors, 3)`` hidden donors
+    whose values differ), the Pearson across those donors; a constant prediction (a model that cannot tell donors
+    apart) counts as 0. A gene's figure is the mean over its tissues. With ``evaluation.heritability``, each gene
+    also gets ``ceiling = sqrt(h2)`` and the means are given over the genes with ``h2 > 0`` as well; where that
+    table has a ``genetic_effect`` column (the kind of planted effect: ``additive``, ``motif_loss``, ...), each gene
+    gets it as ``effect`` and the means are given per kind (``mean_effect_<kind>``, ``n_genes_effect_<kind>``). With
+    ``flags`` ((G,) cis-site counts, (G,) promoter variant, :func:`geximpute.science.genomes.gene_variant_flags`),
+    each gene gets them and the means are given over the genes with a cis variant, with a promoter variant and with
+    cis variants but none in the promoter.
     """
     names = [m for m in GENETIC_METHODS if m in predictions]
-    key = gene.astype(np.int64) * (int(tissue.max()) + 1 if len(tissue) else 1) + tissue
-    order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
     per_gene: dict[int, dict[str, list[float]]] = {}
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        idx = order[lo:hi]
-        if hi - lo < config.evaluation.min_donors or _constant(observed[idx]):
-            continue
-        row = per_gene.setdefault(int(gene[idx[0]]), {m: [] for m in names})
-        for m in names:
-            r = _pearson(predictions[m][idx], observed[idx])
-            row[m].append(0.0 if r is None else r)
+    for m in names:  # the pairs depend on ``observed`` alone: the same pairs, in the same order, for every method
+        pair_gene, scores, _ = across_donor_pairs(predictions[m], observed, gene, tissue,
+                                                  config.evaluation.min_donors)
+        for g, r in zip(pair_gene.tolist(), scores.tolist(), strict=True):
+            per_gene.setdefault(int(g), {n: [] for n in names})[m].append(r)
     truth = _planted_truth(config.evaluation.heritability)
     h2, effects = truth if truth is not None else (None, {})
     rows = []
