@@ -150,9 +150,8 @@ def check_records_settings(config: Config, records: Path) -> None:
     Raises:
         ConfigError: a setting differs, named with both values.
     """
-    try:
-        prepared = json.loads((records / "_manifest.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    prepared = _records_manifest(records).get("config")
+    if not isinstance(prepared, dict):
         return
     now = config.to_dict()
     for dotted in FOLD_SETTINGS:
@@ -169,10 +168,9 @@ def records_fingerprint(records: Path) -> str | None:
     of what prepare's ``_manifest.json`` in ``records`` says makes them (the inputs' checksums, the settings that
     cut the folds (:data:`FOLD_SETTINGS`), the records' counts), not of its run's time or versions: the same
     records prepared again have the same fingerprint. None without a manifest."""
-    try:
-        manifest = json.loads((records / "_manifest.json").read_text())
-        config = manifest["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    manifest = _records_manifest(records)
+    config = manifest.get("config")
+    if not isinstance(config, dict):
         return None
     folds = {dotted: _setting(config, dotted) for dotted in FOLD_SETTINGS}
     made = {"inputs": manifest.get("inputs"), "rows": manifest.get("rows"), "targets": manifest.get("targets"),
@@ -280,10 +278,17 @@ def fit_head_and_save(
 def evaluation_hidden(records: Path) -> bool:
     """Whether prepare hid the evaluation's entries before cutting the training folds of ``records`` (its
     manifest's ``evaluation_hidden``; records of a prepare before it was recorded did)."""
+    return bool(_records_manifest(records).get("evaluation_hidden", True))
+
+
+def _records_manifest(records: Path) -> dict:
+    """Prepare's ``_manifest.json`` in ``records``, or ``{}`` where there is none to read (records of an older
+    prepare, or a folder without one): the readers above then check nothing and assume what older prepares did."""
     try:
-        return bool(json.loads((records / "_manifest.json").read_text()).get("evaluation_hidden", True))
-    except (OSError, ValueError, AttributeError):
-        return True
+        manifest = json.loads((records / "_manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def read_visible_problem(config: Config, gene_ids, records: Path, *, matrix: Path | None = None) -> VisibleProblem:
