@@ -141,30 +141,17 @@ def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = 
 
 def _latest_run_dates(folder: Path, dataset: pads.Dataset) -> pads.Expression:
     """A filter that keeps each donor's rows of its latest ``run_date``: from the donors each run date's
-    ``_manifest.json`` lists (nightly writes them), else read from the two columns (a root without them)."""
-    latest: dict[str, str] = {}
-    for part in sorted(folder.glob("run_date=*")):
-        try:
-            donors = json.loads((part / "_manifest.json").read_text())["donors"]
-        except (OSError, ValueError, KeyError, TypeError):
-            latest = {}
-            break
-        day = part.name.split("=", 1)[1]
-        for donor in donors:
-            latest[donor] = max(latest.get(donor, day), day)  # ISO dates order as text
+    ``_manifest.json`` lists (nightly writes them; a partition without one is read from its rows)."""
+    from geximpute.io.partitions import committed_donors
+
     kind = dataset.schema.field("run_date").type
-    if latest:
-        as_column = pa.array(list(latest.values())).cast(kind).to_pylist()
-        pairs = {"donor_id": list(latest), "run_date_max": as_column}
-    else:
-        pairs = dataset.to_table(columns=["donor_id", "run_date"]).group_by("donor_id").aggregate(
-            [("run_date", "max")]).to_pydict()
     by_date: dict = {}
-    for donor, day in zip(pairs["donor_id"], pairs["run_date_max"], strict=True):
-        by_date.setdefault(day, []).append(donor)
+    for donor, info in committed_donors(folder).items():
+        by_date.setdefault(info["run_date"], []).append(donor)
     keep = None
     for day, donors in by_date.items():
-        one = (pads.field("run_date") == pads.scalar(day)) & pads.field("donor_id").isin(donors)
+        as_value = pa.array([day]).cast(kind)[0]
+        one = (pads.field("run_date") == as_value) & pads.field("donor_id").isin(donors)
         keep = one if keep is None else keep | one
     return keep if keep is not None else pads.scalar(True)
 

@@ -119,3 +119,7 @@ def test_a_nightly_root_reads_each_donor_from_its_latest_run_date(tmp_path):
             d: {"rows": 2} for d in donors}}))
     frame = api.read_predictions(tmp_path / "nightly")
     assert sorted(zip(frame["donor_id"], frame["predicted"], strict=True)) == [("A", 3.0)] * 2 + [("B", 2.0)] * 2
+    # a manifest that lists no donors (or is torn): that run date's donors are read from its rows
+    (tmp_path / "nightly" / "run_date=2026-01-03" / "_manifest.json").write_text(json.dumps({"config": {}}))
+    frame = api.read_predictions(tmp_path / "nightly")
+    assert sorted(zip(frame["donor_id"], frame["predicted"], strict=True)) == [("A", 3.0)] * 2 + [("B", 2.0)] * 2

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -65,6 +64,7 @@ from geximpute.io.checks import file_state
 from geximpute.io.dataset import load_dataset, window_regions
 from geximpute.io.expression import new_sample_factors, read_expression, to_model_scale
 from geximpute.io.matrixfile import MatrixFile, append_columns, row_sums
+from geximpute.io.partitions import committed_donors, partition_donors
 from geximpute.io.variants import read_variants
 from geximpute.runtime.atomic import (
     Lease,
@@ -72,7 +72,6 @@ from geximpute.runtime.atomic import (
     clean_staging,
     fsync_dir,
     lease_seconds,
-    read_json,
     resolve,
     scratch_folder,
     staged_output,
@@ -242,41 +241,6 @@ def read_ledger(path: Path) -> dict[str, dict]:
 def write_ledger(path: Path, donors: dict[str, dict]) -> None:
     """Write the ledger atomically and durably (:func:`geximpute.runtime.atomic.write_durable`, mode 0640)."""
     write_durable(path, json.dumps({"donors": dict(sorted(donors.items()))}, indent=1) + "\n")
-
-
-def _donors_from_rows(partition: Path) -> dict[str, dict]:
-    """The donors of a partition read from its rows (donor, run id, rows), for a partition whose manifest is torn."""
-    try:
-        table = pads.dataset(partition, format="parquet", partitioning="hive").to_table(
-            columns=[S.DONOR_ID, "run_id"])
-    except (pa.ArrowException, ValueError) as exc:
-        raise GeximputeError(f"{partition}: its manifest is unreadable and its rows do not read either ({exc}): the "
-                             "partition is damaged; restore it from a backup, or move it out of the output and run "
-                             "again") from exc
-    found: dict[str, dict] = {}
-    for donor, run_id in zip(table[S.DONOR_ID].to_pylist(), table["run_id"].to_pylist(), strict=True):
-        entry = found.setdefault(donor, {"run_id": run_id, "rows": 0, "vcf_sha256": None})
-        entry["rows"] += 1
-    return found
-
-
-def committed_donors(root: Path) -> dict[str, dict]:
-    """Donors recorded in the committed partitions of ``root`` (the latest run date of each donor).
-
-    A partition's manifest is written last and fsynced before the commit; one found empty or torn anyway (a volume
-    that lost it) is not fatal: the partition's donors are read from its rows instead, with a warning.
-    """
-    found: dict[str, dict] = {}
-    for partition in sorted(root.glob(f"{RUN_DATE}=*")):
-        day = partition.name.split("=", 1)[1]
-        try:
-            donors = read_json(partition / "_manifest.json", "partition manifest").get("donors", {})
-        except (GeximputeError, FileNotFoundError) as exc:
-            log.warning("nightly: %s; reading the partition's donors from its rows", exc)
-            donors = _donors_from_rows(partition)
-        for donor, info in donors.items():
-            found[donor] = {**info, RUN_DATE: day}
-    return found
 
 
 def recover(root: Path, ledger: dict[str, dict]) -> dict[str, dict]:
@@ -616,15 +580,6 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(path, target)
 
 
-def _partition_donors(partition: Path) -> dict[str, dict]:
-    """The donors of one committed partition, from its manifest (or its rows when the manifest is torn)."""
-    try:
-        return dict(read_json(partition / "_manifest.json", "partition manifest").get("donors", {}))
-    except (GeximputeError, FileNotFoundError) as exc:
-        log.warning("nightly: %s; reading the partition's donors from its rows", exc)
-        return _donors_from_rows(partition)
-
-
 def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem, virtual: np.ndarray,
                   chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict,
                   lease: Lease) -> dict[str, dict]:
@@ -642,7 +597,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
             previous = {}
             if partition.is_dir():
                 current = resolve(partition)
-                previous = _partition_donors(current)
+                previous = partition_donors(current)
                 _link_tree(current, staging)
             run_pipeline(config, problem, targets, virtual, bundle.folder, staging, run_id,
                          haplotypes=haplotypes, baselines=head_baselines(bundle, problem),
