@@ -142,7 +142,7 @@ def predictions(source: Config | str | Path, *, tissues: Iterable[str] | None = 
 def _latest_run_dates(folder: Path, dataset: pads.Dataset) -> pads.Expression:
     """A filter that keeps each donor's rows of its latest ``run_date``: from the donors each run date's
     ``_manifest.json`` lists (nightly writes them; a partition without one is read from its rows)."""
-    from geximpute.io.partitions import committed_donors
+    from geximpute.runtime.partitions import committed_donors
 
     kind = dataset.schema.field("run_date").type
     by_date: dict = {}

@@ -214,8 +214,8 @@ def test_duplicates_redelivered_genomes_and_any_error_are_one_donor_s_business(d
     assert nightly(config, run_date="2026-02-04").done == []  # the checksum is recorded: once only
 
     # a partition manifest torn by a volume that lost it: its donors are read from its rows, and the night goes on
-    from geximpute.io.partitions import committed_donors
     from geximpute.runtime.atomic import resolve
+    from geximpute.runtime.partitions import committed_donors
 
     (resolve(output_root(config) / "run_date=2026-02-03") / "_manifest.json").write_text("")
     found = committed_donors(output_root(config))
@@ -545,7 +545,7 @@ def test_a_partition_whose_manifest_and_rows_are_damaged_is_named(tmp_path):
     """A torn manifest falls back to the partition's rows; rows that do not read either are an error naming the
     partition (before, pyarrow's ArrowInvalid escaped as a traceback)."""
     from geximpute.errors import GeximputeError
-    from geximpute.io.partitions import committed_donors
+    from geximpute.runtime.partitions import committed_donors
 
     partition = tmp_path / "run_date=2024-01-05"
     (partition / "tissue=Lung").mkdir(parents=True)

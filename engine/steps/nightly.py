@@ -64,7 +64,6 @@ from geximpute.io.checks import file_state
 from geximpute.io.dataset import load_dataset, window_regions
 from geximpute.io.expression import new_sample_factors, read_expression, to_model_scale
 from geximpute.io.matrixfile import MatrixFile, append_columns, row_sums
-from geximpute.io.partitions import committed_donors, partition_donors
 from geximpute.io.variants import read_variants
 from geximpute.runtime.atomic import (
     Lease,
@@ -79,6 +78,7 @@ from geximpute.runtime.atomic import (
     write_durable,
 )
 from geximpute.runtime.memory import release_unused_memory
+from geximpute.runtime.partitions import committed_donors, partition_donors
 from geximpute.runtime.provenance import fingerprint, input_fingerprints, manifest, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.genomes import add_donors, uncovered_chromosomes
