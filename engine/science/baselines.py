@@ -1518,6 +1518,13 @@ def range_estimates(problem: VisibleProblem, gene_index: np.ndarray, sample_inde
             out[method.name] = np.asarray(method.predict_entries(gene_index, sample_index), np.float64)
         return out
     out: dict[str, np.ndarray] = {}
+    if family is not None and "gene_family" in names:
+        # a larger problem's levels hold every visible value of the range (hiding a fold in the range's values does
+        # not take it out of their sums); they take each gene's own value out by themselves (FamilyLevels.estimate)
+        # where they read it, so they are read with every value in place
+        out.update(range_estimates(problem, gene_index, sample_index, ("gene_family",), config, seed=seed,
+                                   composition=composition, family=family))
+        names = tuple(n for n in names if n != "gene_family")
     fold = np.full(len(gene_index), -1)
     fold[measured] = np.random.default_rng(seed + 7_727).integers(0, OWN_VALUE_FOLDS, int(measured.sum()))
     for k in range(-1, OWN_VALUE_FOLDS):
