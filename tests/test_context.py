@@ -218,3 +218,19 @@ def test_neighbours_carry_their_own_mean_level():
     rec = context_of(problem, gene=0, sample=0, k=3)
     means = np.nanmean(problem.values, axis=1)
     np.testing.assert_allclose(rec["nb_gene_mean"], means[[1, 2, 3]], rtol=1e-6)
+
+
+def test_the_tissue_donor_feature_without_other_tissues_is_the_tissue_mean_at_any_shrinkage():
+    """A record with no other visible tissue of its donor adds no deviation, as the ``tissue_donor`` baseline adds
+    none: with ``donor_shrinkage`` 0 (in the tuning's grid, and chosen where every candidate ties) the head's
+    feature was 0/0, NaN in every such row."""
+    from geximpute.science.head_features import FEATURE_NAMES, engineered_features
+
+    records = records_for(toy_problem(), [(1, 0), (0, 0)])  # g1 in D1:T1: D1:T2 of g1 is not visible
+    col = FEATURE_NAMES.index("est_tissue_donor")
+    for shrinkage in (0.0, 1.0):
+        with np.errstate(all="raise"):
+            out = engineered_features(records, donor_shrinkage=shrinkage)
+        first = records["gene_index"].to_pylist().index(1)
+        assert out[first, col] == pytest.approx(records["tissue_mean"][first].as_py())
+        assert np.isfinite(out[:, col]).all()

@@ -139,7 +139,10 @@ def engineered_features(
     out[:, col["tissue_mean"]] = tissue_mean
     out[:, col["gene_mean"]] = gene_mean
     out[:, col["est_row_tissue"]] = gene_mean + _nan_column(records["tissue_offset"])
-    out[:, col["est_tissue_donor"]] = tissue_mean + r_sum / (r_n + donor_shrinkage)
+    # a record without another visible tissue of its donor adds no deviation (also with shrinkage 0), as the
+    # ``tissue_donor`` baseline
+    out[:, col["est_tissue_donor"]] = tissue_mean + np.where(
+        r_n > 0, r_sum / np.maximum(r_n + donor_shrinkage, 1e-12), 0.0)
     out[:, col["tissue_index"]] = records["tissue_index"].to_numpy()
     # the donor's cis-genetic score (NaN without personal genomes), and the gene's level in the tissue moved by it
     genetic = (_nan_column(records["genetic_score"]) if "genetic_score" in records.column_names
