@@ -605,6 +605,13 @@ def test_a_torn_json_of_undecodable_bytes_is_named(tmp_path):
     lease_file.write_bytes(b"\xff\xfe torn")
     text, holder = Lease(lease_file).read()
     assert holder is None and text
+    # once old, it is taken over like any torn lease (the comparison after setting it aside decoded strictly: a
+    # UnicodeDecodeError escaped, leaving a `lease.json.expired-*` file behind)
+    old = time.time() - 120
+    os.utime(lease_file, (old, old))
+    with Lease(lease_file, ttl=60):
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("lease")] == ["lease.json"]
+    assert not any(p.name.startswith("lease.json.expired-") for p in tmp_path.iterdir())
 
 
 def test_a_durable_commit_whose_folder_does_not_sync_is_not_recorded_as_done(tmp_path, monkeypatch):

@@ -413,7 +413,7 @@ class Lease:
             os.rename(self.path, aside)
         except FileNotFoundError:  # someone else took it over first
             return
-        if aside.read_text() != text:  # a holder renewed (or another run took it) in between: give it back
+        if _read_lease(aside)[0] != text:  # a holder renewed (or another run took it) in between: give it back
             try:
                 os.link(aside, self.path)
             except FileExistsError:
