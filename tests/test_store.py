@@ -4,9 +4,11 @@ the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -229,12 +231,25 @@ def test_a_store_ingested_again_while_it_is_read_is_read_as_one_version(small, w
             committed.append(ingest(config, store, force=True).out_dir)
         return out
 
+    first = os.path.realpath(store)
     monkeypatch.setattr(module, "_read_partition", read_then_reingest)
-    _same(read_expression(store, scale="counts"), before)
+    during = read_expression(store, scale="counts")
+    _same(during, before)
     monkeypatch.setattr(module, "_read_partition", reading)
     after = read_expression(store, scale="counts")
     assert after.values[after.gene_ids.index("G4")].tolist() == [20, 21, 22]
-    assert module.fingerprint(store)["version"] == os.path.realpath(store)
+    assert module.fingerprint(store)["version"] == os.path.realpath(store) != first
+    # the run's manifest and run id name the version it read, not the one the link names by the time they are
+    # written (they named the new one: another run reading it would have had the same run id)
+    from geximpute.runtime.provenance import read_versions
+
+    assert during.report["store"]["version"] == first
+    read = read_versions(SimpleNamespace(expression=during))
+    read_print = module.fingerprint(store, read["expression"])
+    assert read_print["version"] == first and read_print["sha256"] != module.fingerprint(store)["sha256"]
+    assert read_print["path"] == str(store)
+    from_store = dataclasses.replace(config, inputs=dataclasses.replace(config.inputs, expression=str(store)))
+    assert input_fingerprints(from_store, read)["expression"] == read_print
 
 
 def test_ingest_writes_only_where_it_may(small, write, tmp_path, monkeypatch):

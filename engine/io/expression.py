@@ -194,7 +194,8 @@ def _read_store(path: Path, scale: str, matrix: str | Path | None) -> Expression
     _warn_if_stale(path, source)
     report = {"n_measured": read.n_measured,
               "store": {"partitions": len(read.meta["partitions"]), "source": source.get("path"),
-                        "source_format": source.get("format"), "created": read.meta.get("created")}}
+                        "source_format": source.get("format"), "created": read.meta.get("created"),
+                        "version": read.version}}
     return Expression(path, read.gene_ids, read.sample_ids, read.values, scale, report, gene_names=read.gene_names)
 
 

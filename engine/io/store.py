@@ -228,6 +228,7 @@ class StoreRead:
     values: np.ndarray | MatrixFile
     n_measured: int
     meta: dict[str, Any]
+    version: str = ""  # the version folder read (the store's link resolved once, at the start)
 
 
 def read_store(path: str | Path, scale: str, *, matrix: str | Path | None = None) -> StoreRead:
@@ -263,7 +264,7 @@ def read_store(path: str | Path, scale: str, *, matrix: str | Path | None = None
     if not seen.all():
         raise InputError(meta_path, f"{int((~seen).sum())} of {n_genes} rows in no partition",
                          record=f"row {int(np.flatnonzero(~seen)[0])}", hint="ingest the expression file again")
-    return StoreRead(gene_ids, names, sample_ids, values, n_measured, meta)
+    return StoreRead(gene_ids, names, sample_ids, values, n_measured, meta, str(path))
 
 
 def _read_partition(path: Path, part: dict[str, Any], values: np.ndarray | MatrixFile, gene_ids: list[Any],
@@ -335,10 +336,12 @@ def _read_groups(file: Path, parquet: pq.ParquetFile, part: dict[str, Any], valu
     return n_measured
 
 
-def fingerprint(path: str | Path) -> dict[str, Any]:
+def fingerprint(path: str | Path, version: str | Path | None = None) -> dict[str, Any]:
     """A store's fingerprint: its ``_store.json``'s SHA-256 (which lists each partition's) and the bytes of every
-    partition."""
-    version = Path(os.path.realpath(path))  # one version of the store throughout, as read_store reads it
+    partition; of the version the link names now, or of ``version``, the one a run read (:attr:`StoreRead.version`:
+    an `ingest` may have committed another since)."""
+    # one version of the store throughout, as read_store reads it
+    version = Path(version) if version is not None else Path(os.path.realpath(path))
     meta_path = version / STORE_FILE
     meta = read_meta(version)
     return {"path": str(path), "bytes": int(sum(p["bytes"] for p in meta["partitions"])),

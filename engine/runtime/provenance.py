@@ -16,22 +16,33 @@ from geximpute.config import Config
 from geximpute.io.checks import sha256_file
 
 
-def fingerprint(path: str | Path) -> dict[str, Any]:
+def fingerprint(path: str | Path, version: str | None = None) -> dict[str, Any]:
     """Size and SHA-256 of a file (streamed in 1 MiB chunks); of an expression store, its description's SHA-256
-    (which lists each partition's) and its partitions' bytes (:func:`geximpute.io.store.fingerprint`)."""
+    (which lists each partition's) and its partitions' bytes (:func:`geximpute.io.store.fingerprint`), of the
+    version its link names now or of ``version``."""
     path = Path(path)
     if path.is_dir():
         from geximpute.io.store import fingerprint as store_fingerprint
 
-        return store_fingerprint(path)
+        return store_fingerprint(path, version)
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def input_fingerprints(config: Config) -> dict[str, Any]:
-    """Fingerprints of every configured input file."""
+def input_fingerprints(config: Config, read: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fingerprints of every configured input file; ``read``: the version of a store input that the run read
+    (:func:`read_versions`), fingerprinted instead of the version its link names by now."""
     inputs = config.inputs
     names = ("genes", "expression", "samples", "genome", "variants", "sample_map")
-    return {n: fingerprint(getattr(inputs, n)) for n in names if getattr(inputs, n)}
+    read = read or {}
+    return {n: fingerprint(getattr(inputs, n), read.get(n)) for n in names if getattr(inputs, n)}
+
+
+def read_versions(dataset: Any) -> dict[str, str]:
+    """``{input: version folder}`` of the store inputs a loaded dataset read (``expression`` where it is a store;
+    :func:`input_fingerprints`' ``read``); empty for files."""
+    expression = getattr(dataset, "expression", None)
+    version = ((getattr(expression, "report", None) or {}).get("store") or {}).get("version")
+    return {"expression": version} if version else {}
 
 
 @functools.cache
@@ -66,9 +77,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def manifest(config: Config, **extra: Any) -> dict[str, Any]:
-    """The manifest written beside an output: config, versions, input fingerprints and ``extra``."""
-    return {"config": config.to_dict(), "versions": versions(), "inputs": input_fingerprints(config), **extra}
+def manifest(config: Config, *, read: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """The manifest written beside an output: config, versions, input fingerprints (of the store versions ``read``,
+    :func:`read_versions`) and ``extra``."""
+    return {"config": config.to_dict(), "versions": versions(), "inputs": input_fingerprints(config, read), **extra}
 
 
 def finite_json(data: Any) -> Any:

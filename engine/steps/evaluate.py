@@ -27,7 +27,7 @@ from geximpute.io.expression import model_scale
 from geximpute.io.tables import read_table
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
-from geximpute.runtime.provenance import manifest, write_json
+from geximpute.runtime.provenance import manifest, read_versions, write_json
 from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
@@ -78,6 +78,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         check_readable(config.evaluation.heritability, "evaluation.heritability table")
     with stage("load inputs", unit="steps"):
         dataset = load_dataset(config)
+    read = read_versions(dataset)  # the store versions read (an `ingest` may commit another meanwhile)
     with staged_output(out_dir, step="evaluate", force=force) as staging:
         with_hybrid = "hybrid" in config.evaluation.methods
         prepared = prepare(config, staging / "records", dataset=dataset, targets="hidden", training=with_hybrid)
@@ -219,7 +220,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
             },
         }
         write_json(staging / "metrics.json", metrics)
-        made = manifest(config, step="evaluate")
+        made = manifest(config, read=read, step="evaluate")
         write_json(staging / "_manifest.json", made)
         _write_predictions(staging, records, observed, predictions)
         _plots(staging, observed, predictions, results, metrics["scale"])

@@ -58,7 +58,7 @@ from geximpute.model.inference import inference_device
 from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
 from geximpute.runtime.memory import release_unused_memory
-from geximpute.runtime.provenance import input_fingerprints, manifest, write_json
+from geximpute.runtime.provenance import input_fingerprints, manifest, read_versions, write_json
 from geximpute.runtime.raytools import ensure_ray, execution_budget
 from geximpute.science.baselines import (
     FAMILY_CHUNK,
@@ -1104,6 +1104,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
     settings = config.impute
     genome_inputs = None  # the inputs of the donors' genomes, built once Ray is up (see below)
     owned = problem is None  # a problem made here: kept in a matrix file, widened in place (a caller's is copied)
+    read = read_versions(dataset)  # the store versions read (an `ingest` may commit another meanwhile)
     if problem is None:
         # the inputs loaded here are not kept: the reader writes the matrix to a file of this run's beside the
         # output (where the caller loaded the dataset, its matrix in memory is copied), which becomes the problem's,
@@ -1121,6 +1122,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
         with matrix_errors(out, matrix):
             dataset = dataset or load_dataset(config, matrix=matrix)
             problem, _ = make_problem(dataset, hidden_mask=False, genomes=False, consume=consume)
+        read = read_versions(dataset)
         if dataset.variants is not None:
             genome_inputs = dataclasses.replace(dataset, expression=None)
         dataset = None
@@ -1141,7 +1143,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                     "without them only in training's denoising, train.drop_neighbours, and its head never): a "
                     "model built with evaluation.task: samples learns from records like them",
                     n_virtual, problem.n_samples, task)
-    fingerprints = input_fingerprints(config)
+    fingerprints = input_fingerprints(config, read)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=selection_key(problem.donors, settings.donors),
                          tissues=selection_key(problem.tissues, settings.tissues),
@@ -1176,7 +1178,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                 raise GeximputeError(f"{out}: {n_rows} rows written for {n_targets} target entries; nothing committed")
             seconds = time.perf_counter() - t0
             write_json(staging / "_manifest.json", manifest(
-                config, step="impute", run_id=run_id, model_version=bundle.model_version,
+                config, read=read, step="impute", run_id=run_id, model_version=bundle.model_version,
                 model={"path": str(config_model_path), "version_folder": str(bundle_dir),
                        "model_version": bundle.model_version},
                 columns=prediction_columns(bundle.models.config),  # the model's intervals (its head.quantiles)
