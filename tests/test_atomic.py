@@ -668,3 +668,23 @@ def test_a_set_aside_lease_is_judged_by_its_own_age_and_a_renewal_that_lost_it_s
         with pytest.raises(LeaseLost, match="expired while it was being renewed"):
             holder.renew()
     assert holder._lost
+
+
+def test_a_partition_of_a_root_that_is_a_link_elsewhere_points_at_its_version(tmp_path):
+    """nightly's partitions live in a root that may be a link (``/data/nightly -> /mnt/big/nightly``), their store
+    beside the link (``/data/.nightly.geximpute``). A relative link's ``..`` is the real folder's parent: the
+    partition's link pointed at nothing (the night exited 0 with its rows unreadable), and the next commit of the
+    day was refused as a link that is not a version of this output."""
+    real = tmp_path / "big" / "nightly"
+    real.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    root = tmp_path / "data" / "nightly"
+    root.symlink_to(real)
+    partition = root / "run_date=2024-01-05"
+    store = store_of(root) / partition.name
+    assert store.parent.parent == tmp_path / "data"
+    write_version(partition, "first", store=store)
+    assert partition.exists() and read_version(partition) == "first"
+    write_version(partition, "second", store=store)  # the day's next commit
+    assert read_version(partition) == "second"
+    assert Path(os.path.realpath(partition)).parent == Path(os.path.realpath(store))

@@ -689,7 +689,10 @@ def _switch(target: Path, version: Path, tag: str) -> Path | None:
     """Point ``target`` at ``version`` in one atomic rename. Returns a folder that ``target`` was before (now in the
     store's care), if it was a real folder."""
     link = target.parent / f".{target.name}.link-{tag}"
-    os.symlink(os.path.relpath(version, target.parent), link)
+    # relative between the real folders: ``..`` in a link names the parent of the folder it sits in, which is not
+    # the textual parent where that folder is itself a link (a nightly root linked elsewhere, its store beside the
+    # link: the partitions' links pointed at nothing)
+    os.symlink(os.path.relpath(os.path.realpath(version), os.path.realpath(target.parent)), link)
     if target.is_dir() and not target.is_symlink():
         # a folder (written before the pointer layout, or forced): swapped for the link atomically where possible
         aside = version.parent / f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-replaced-{tag}"

@@ -23,7 +23,7 @@ def donors_from_rows(partition: Path) -> dict[str, dict]:
     try:
         dataset = pads.dataset(partition, format="parquet", partitioning="hive")
         table = dataset.to_table(columns=[S.DONOR_ID] + (["run_id"] if "run_id" in dataset.schema.names else []))
-    except (pa.ArrowException, ValueError) as exc:
+    except (pa.ArrowException, ValueError, OSError) as exc:
         raise GeximputeError(f"{partition}: its manifest is unreadable and its rows do not read either ({exc}): the "
                              "partition is damaged; restore it from a backup, or move it out of the output and run "
                              "again") from exc
