@@ -15,6 +15,7 @@ import datetime as dt
 import difflib
 import math
 import numbers
+import os
 import re
 import types
 import typing
@@ -677,11 +678,13 @@ class RayConfig:
 
 def _resolve_path(path: str | None, base: Path) -> str | None:
     """``path`` made absolute against ``base`` (``~`` expanded); None or an empty text: None (``Path("")`` would be
-    ``base`` itself: an empty ``nightly.inbox`` read the config's own folder as the inbox)."""
+    ``base`` itself: an empty ``nightly.inbox`` read the config's own folder as the inbox). Links are not followed:
+    a committed output is a link to its current version, and a run given that version folder as its output wrote a
+    new store inside the old one (each rerun of ``fit-head`` with ``impute.model_dir: model`` one level deeper)."""
     if path is None or not str(path).strip():
         return None
     p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return str(p if p.is_absolute() else Path(os.path.abspath(base / p)))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,15 @@ def test_load_resolves_paths_against_the_config_folder(write):
     assert config.model_dir == path.parent.resolve() / "geximpute-out" / "model"
     elsewhere = load_config(path, ["impute.model_dir=models/v2"])
     assert elsewhere.model_dir == path.parent.resolve() / "models" / "v2"
+    # a committed output is a link to its version: the path is the link, not the version folder it names today
+    # (fit-head run again with `impute.model_dir: model` wrote a new store inside the old version, a level deeper
+    # each time)
+    version = path.parent / ".model.geximpute" / "v-1"
+    version.mkdir(parents=True)
+    (path.parent / "model").symlink_to(Path(".model.geximpute") / "v-1")
+    linked = load_config(path, ["impute.model_dir=model", "impute.out_dir=model/../predictions"])
+    assert linked.model_dir == path.parent.resolve() / "model"
+    assert linked.impute.out_dir == str(path.parent.resolve() / "predictions")
 
 
 def test_config_is_frozen(write):

@@ -46,6 +46,15 @@ def test_train_with_one_worker(prepared, tiny_model):
     changed = [k for k, v in network.state.items() if not torch.equal(v, fresh[k])]
     assert len(changed) > len(fresh) // 2  # the weights were trained, not the initial ones
     assert network.metrics["examples"] > 0
+    # the stage's figures count every fold network's examples (the benchmark's training samples/s counted the
+    # first network's alone, over the time of all of them)
+    from geximpute.fit.bundle import load_networks
+
+    trained = load_networks(Path(tiny_model.config.output_dir) / "network")
+    figures = tiny_model.progress.stages["train"]
+    assert figures["networks"] == len(trained) == config.train.folds == 2
+    assert figures["samples"] == sum((n.metrics["epoch"] + 1) * n.metrics["examples"] for n in trained)
+    assert figures["samples"] > figures["epochs"] * figures["examples_per_epoch"]
 
 
 def _config_path(config):

@@ -485,8 +485,8 @@ def measured_bundle(config: Any, work: Path, stages: dict[str, dict]) -> Path:
     fig = stages["prepare"]
     fig["records_per_second"] = _rate(fig["records"], fig["seconds"])
     fig = stages["train"]
-    samples = fig["epochs"] * fig.pop("examples_per_epoch")
-    fig.update(samples=samples, samples_per_second=_rate(samples, fig["seconds"]))
+    fig.pop("examples_per_epoch")  # the first network's: ``samples`` counts every fold network's epochs
+    fig["samples_per_second"] = _rate(fig["samples"], fig["seconds"])
     fig = stages["fit_head"]
     fig["records_per_second"] = _rate(fig["records"], fig["seconds"])
     return bundle

@@ -336,8 +336,13 @@ def build_bundle(
     progress.results["prepare"] = prepared
     with progress.stage("train") as figures:
         network = train_and_save(config, records, network_dir, problem=prepared.problem)
+        # every network of the run (K fold networks, trained one after another in the stage): its examples
+        trained = load_networks(output_path(config, network_dir, "network"))
         figures.update(epochs=int(network.metrics.get("epoch", 0)) + 1,
                        examples_per_epoch=int(network.metrics.get("examples", 0)),
+                       networks=len(trained),
+                       samples=sum((int(n.metrics.get("epoch", 0)) + 1) * int(n.metrics.get("examples", 0))
+                                   for n in trained),
                        # the kept epoch's (the last epoch's may be worse: early stopping waits train.patience)
                        val_loss=_finite(network.metrics.get("best_val", network.metrics.get("val_loss"))))
     progress.results["train"] = network
