@@ -307,3 +307,24 @@ def test_pipeline_runs_the_steps_in_order_and_stops_at_the_first_failure(calls):
     fail.add("train")
     assert pipeline.main(["--config", "c.yaml"]) == 2
     assert [argv[0] for argv in seen] == ["prepare", "train"]
+
+
+def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch):
+    """``ray.address: null`` starts a Ray of its own: without an address, ``ray.init`` joins ``$RAY_ADDRESS`` (the
+    Jobs API address `geximpute submit` reads failed there as an invalid Ray Client address) or the cluster a
+    `ray start` on this machine recorded (where the config's CPUs are refused)."""
+    import ray
+
+    from geximpute.config import RayConfig
+    from geximpute.runtime import raytools
+
+    seen = {}
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert raytools.ensure_ray(RayConfig(num_cpus=2)) is True
+    assert seen["address"] == "local" and seen["num_cpus"] == 2
+    seen.clear()
+    assert raytools.ensure_ray(RayConfig(address="ray://head:10001")) is True
+    assert seen["address"] == "ray://head:10001" and "num_cpus" not in seen

@@ -77,6 +77,10 @@ def ensure_ray(config: RayConfig) -> bool:
         local_train_polling()
         with code_version.exported_for_local_ray():
             ray.init(
+                # "local": without an address Ray joins $RAY_ADDRESS (a Jobs API address that `geximpute submit`
+                # reads fails there as an invalid Ray Client address) or the cluster a `ray start` on this machine
+                # recorded, where the config's resources are refused and the code check is not exported
+                address="local",
                 num_cpus=config.num_cpus,
                 object_store_memory=config.object_store_mb * 1024 * 1024 if config.object_store_mb else None,
                 **kwargs,
