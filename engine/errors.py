@@ -51,3 +51,12 @@ class InputError(GeximputeError, ValueError):
         if hint:
             message += f". {hint}"
         super().__init__(message)
+
+    def __reduce__(self):
+        # rebuilt from its parts where it crosses processes (a Ray task's error: pickled with the message alone,
+        # the required ``problem`` was missing and the driver got Ray's UnserializableException, a traceback)
+        return _input_error, (self.path, self.problem, self.record, self.expected, self.hint)
+
+
+def _input_error(path: str, problem: str, record: str | None, expected: str | None, hint: str | None) -> InputError:
+    return InputError(path, problem, record=record, expected=expected, hint=hint)

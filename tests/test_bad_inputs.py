@@ -425,3 +425,17 @@ def test_an_error_raised_in_a_ray_task_is_one_line():
     assert _os_error(unwrapped(full)) == "No space left on device: /out/range-3.npz (OSError)"
     bad = raised_in_a_task(InputError("/data/x.vcf.gz", "truncated bgzip block", record="line 12"))
     assert str(unwrapped(bad)) == "/data/x.vcf.gz: truncated bgzip block; at line 12"
+
+
+def test_an_input_error_crosses_processes_whole():
+    """Ray pickles a task's exception for the driver: an ``InputError`` pickled with its message alone could not
+    be rebuilt (``problem`` is required), and the driver got Ray's UnserializableException with a traceback."""
+    import pickle
+
+    from geximpute.errors import InputError
+
+    error = InputError("/data/x.vcf", "bad genotype", record="line 12", expected="0/1", hint="Fix it")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is InputError and str(again) == str(error)
+    assert (again.path, again.problem, again.record, again.expected, again.hint) == (
+        "/data/x.vcf", "bad genotype", "line 12", "0/1", "Fix it")
