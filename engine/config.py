@@ -236,6 +236,7 @@ class EvaluationConfig:
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
                  "false unless evaluation.task is 'samples'")
         _require(not bad, "evaluation.methods", list(self.methods), f"names among {sorted(known)}")
+        _require(len(self.methods) > 0, "evaluation.methods", list(self.methods), "at least one method to score")
 
 
 @dataclass(frozen=True)
@@ -901,6 +902,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _NotFinite(ConfigError):
+    """A setting's number is infinite or NaN: no setting takes one."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, ints to floats)."""
     origin = typing.get_origin(tp)
@@ -915,6 +920,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
+            except _NotFinite:
+                raise
             except ConfigError:
                 continue
     elif origin is tuple:
@@ -935,10 +942,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             return int(value.strip().replace("_", ""))  # 1_000_000, 017: text to the loader (ids stay text)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value.strip().replace("_", ""))  # 1e-3, 1_000.5 as YAML 1.1 wrote them
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            number = float(value.strip().replace("_", ""))  # 1e-3, 1_000.5 as YAML 1.1 wrote them
+        if number is not None:
+            if not math.isfinite(number):  # `.inf` passed every `> 0` check (a learning rate, a wait for GPUs)
+                raise _NotFinite(f"config key {key!r} has value {value!r}; expected a finite number")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

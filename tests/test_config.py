@@ -112,6 +112,14 @@ def test_ids_that_look_like_numbers_stay_the_ids_given(write):
         ("train.weight_decay=-1", "train.weight_decay", "-1.0"),
         ("train.max_examples_per_epoch=0", "train.max_examples_per_epoch", "0"),
         ("nightly.lease_seconds=.inf", "nightly.lease_seconds", "inf"),
+        # infinite numbers passed every `> 0` check (a learning rate of inf trained NaN weights; a GPU wait of inf
+        # polled for ever)
+        ("train.lr=.inf", "train.lr", "expected a finite number"),
+        ("impute.gpu_wait_seconds=.inf", "impute.gpu_wait_seconds", "expected a finite number"),
+        # nothing to score: accepted, then a traceback from the plots after prepare and the tuning had run
+        ("evaluation.methods=[]", "evaluation.methods", "at least one method"),
+        ("head.min_child_weight=.nan", "head.min_child_weight", "expected a finite number"),
+        ("baselines.pr_prior=-.inf", "baselines.pr_prior", "expected a finite number"),
         ("output_dir=", "output_dir", "''"),
         # a value YAML cannot build was a traceback (ValueError: day is out of range for month)
         ("nightly.run_date=2026-02-30", "nightly.run_date", "day is out of range"),

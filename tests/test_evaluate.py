@@ -667,3 +667,15 @@ def test_the_genetic_table_scores_the_pairs_the_across_donor_pearson_scores():
     assert rows["G1"]["hybrid"] == pytest.approx(scores[1])
     assert rows["G0"]["hybrid_reference"] == 0.0
     assert table["mean"]["hybrid"] == pytest.approx(scores.mean())
+
+
+def test_an_evaluation_with_no_method_that_applies_is_refused_naming_why(ray_local, synth_small, tmp_path):
+    """Every listed method skipped (a genetic method without personal genomes): refused with the reasons, where it
+    was a traceback from the plots after prepare and the tuning had run; nothing is committed."""
+    from geximpute.errors import ConfigError
+
+    config = config_for(synth_small, tmp_path, "evaluation.methods=[elastic_net]", "inputs.variants=null",
+                        "evaluation.task=samples", "evaluation.min_donors=3")
+    with pytest.raises(ConfigError, match=r"evaluation.methods: none of \['elastic_net'\] applies.*elastic_net: "):
+        evaluate(config, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()

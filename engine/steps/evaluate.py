@@ -96,6 +96,12 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                                         has_genomes=problem.genomes is not None, seed=config.seed,
                                         composition=composition, task=config.evaluation.task,
                                         gene_names=problem.gene_names is not None)
+        if not methods and not with_hybrid and not (
+                "hybrid_reference" in config.evaluation.methods and problem.genomes is not None):
+            raise ConfigError(
+                f"evaluation.methods: none of {list(config.evaluation.methods)} applies to these data ("
+                + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+                + "): list a method that does, e.g. distance or row_tissue")
         gene = records["gene_index"].to_numpy()
         sample = records["sample_index"].to_numpy()
         tissue = problem.tissue_index[sample]
