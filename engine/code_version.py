@@ -36,10 +36,17 @@ class CodeMismatchError(ImportError):
 
 
 def fingerprint(root: Path = PACKAGE) -> str:
-    """A short hash of every ``*.py`` file under ``root``: its path relative to ``root`` and its bytes."""
+    """A short hash of every ``*.py`` file of the package at ``root``: its path relative to the package and its
+    bytes. ``geximpute.jobs`` counts as ``jobs/`` in both layouts: inside the package as a wheel installs it, the
+    ``jobs/`` folder beside ``engine/`` in a checkout (the same sources hashed differently made a wheel's workers
+    refuse an editable checkout's driver of the same commit, and an edit to ``jobs/`` in a checkout went unseen)."""
+    files = [(path.relative_to(root).as_posix(), path) for path in root.rglob("*.py")]
+    jobs = root.parent / "jobs"
+    if not (root / "jobs").is_dir() and (jobs / "__init__.py").is_file():
+        files += [("jobs/" + path.relative_to(jobs).as_posix(), path) for path in jobs.rglob("*.py")]
     digest = hashlib.blake2b(digest_size=8)
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
+    for name, path in sorted(files):
+        digest.update(name.encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())
         digest.update(b"\0")

@@ -4,6 +4,7 @@ a running evaluation and a worker failed with a ``KeyError`` far from the cause)
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +12,25 @@ from geximpute import code_version
 
 
 def test_the_fingerprint_follows_the_sources(tmp_path):
+    """The same sources in a wheel's layout (``geximpute.jobs`` inside the package) and in a checkout's (``jobs/``
+    beside ``engine/``) are the same code; an edit anywhere, ``jobs/`` included, is other code."""
+    import geximpute.jobs
+
+    jobs = Path(geximpute.jobs.__file__).parent
     copy = tmp_path / "geximpute"
     shutil.copytree(code_version.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(jobs, copy / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
     assert code_version.fingerprint(copy) == code_version.THIS_PROCESS  # the same files elsewhere: the same code
     module = copy / "fit" / "train.py"
     module.write_text(module.read_text() + "\n# edited\n")
     assert code_version.fingerprint(copy) != code_version.THIS_PROCESS
+    checkout = tmp_path / "checkout"
+    shutil.copytree(code_version.PACKAGE, checkout / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(jobs, checkout / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_version.fingerprint(checkout / "engine") == code_version.THIS_PROCESS
+    entry = sorted((checkout / "jobs").glob("*.py"))[-1]
+    entry.write_text(entry.read_text() + "\n# edited\n")
+    assert code_version.fingerprint(checkout / "engine") != code_version.THIS_PROCESS
 
 
 def test_a_driver_gives_its_fingerprint_to_its_workers(ray_local):
