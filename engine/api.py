@@ -95,6 +95,9 @@ def run(step: str, config: Config | str | Path, **options: Any) -> Any:
         raise ConfigError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
     if not isinstance(config, Config):
         config = load_config(config)
+    from geximpute.runtime.provenance import versions
+
+    versions()  # the code and libraries this process runs, as its manifests record them
     return _steps()[name](config, **options)
 
 

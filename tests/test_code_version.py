@@ -67,3 +67,16 @@ def test_outside_a_job_nothing_is_checked(monkeypatch):
     monkeypatch.setenv(code_version.ENV, "f" * 16)
     with pytest.raises(code_version.CodeMismatchError, match="fingerprint f{16}"):
         code_version.check_driver_code()
+
+
+def test_a_manifest_names_the_code_and_libraries_the_run_started_with(monkeypatch):
+    """A run of hours writes its manifest at the end: a checkout switched to another commit, or a library upgraded
+    meanwhile, was recorded although the process ran what it had imported."""
+    from geximpute.runtime import provenance
+
+    first = provenance.versions()
+    monkeypatch.setattr(provenance.metadata, "version", lambda dist: "99.0")
+    monkeypatch.setattr(provenance, "source_commit", lambda: "0123456789ab")
+    assert provenance.versions() == first
+    provenance.versions()["torch"] = "edited"  # each caller gets its own copy
+    assert provenance.versions() == first

@@ -516,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--plan runs impute.predictors actors and prints its summary as text)")
     if args.command == "impute" and args.workers is not None and args.workers < 1:
         parser.error(f"impute: --workers {args.workers}: expected a number of predictor actors >= 1")
+    from geximpute.runtime.provenance import versions
+
+    versions()  # the code and libraries this run starts with, as its manifest records them
     if args.command in SESSION_COMMANDS:
         return _run_in_session(args)
     logging.basicConfig(

@@ -64,7 +64,14 @@ def source_commit() -> str | None:
 
 def versions() -> dict[str, str]:
     """Versions of geximpute (and its git commit, when run from a checkout), Python and the libraries whose
-    behaviour shapes the outputs."""
+    behaviour shapes the outputs: as this process first asked for them (the command line and ``api.run`` ask as a
+    step starts), not as they are by the time its manifest is written (a checkout switched to another commit, or a
+    library upgraded, during a run of hours named code that never ran)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
     out = {"geximpute": __version__, "python": platform.python_version()}
     commit = source_commit()
     if commit:
