@@ -229,3 +229,24 @@ def test_quiet_keeps_progress_off_the_terminal_and_in_the_log(tmp_path, capfd, m
     err = capfd.readouterr().err
     assert "prepare: records" not in err and "one warning" in err
     assert "prepare: records: 3/3 blocks in" in log_file.read_text()
+
+
+def test_a_stage_an_error_left_open_ends_with_its_session(tmp_path, capfd, monkeypatch):
+    """A stage made before its ``with`` (or never entered) when an error ends the command: its display thread kept
+    drawing over the error line and raised once the session was gone; the session ends it first."""
+    import threading
+
+    from geximpute.runtime.console import session, stage
+
+    monkeypatch.setattr("geximpute.runtime.console.interactive", lambda stream: False)
+    monkeypatch.setenv("GEXIMPUTE_PROGRESS_SECONDS", "0.2")
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    with pytest.raises(RuntimeError, match="the step failed"), session(tmp_path / "run.log") as current:
+        progress = stage("train: networks", total=4, unit="epochs")
+        progress.advance()
+        raise RuntimeError("the step failed")
+    assert progress._closed and not progress._thread.is_alive() and current.stages == []
+    time.sleep(0.7)  # a thread left running would tick (and fail) by now
+    assert errors == []
+    assert "train: networks" in capfd.readouterr().err

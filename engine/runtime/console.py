@@ -49,6 +49,9 @@ class _Session:
     #: only warnings and errors on the terminal: progress lines go to the log alone (a nightly job run with -q
     #: printed a line per stage, where any output reads as an alert)
     quiet: bool = False
+    #: stages shown and not closed yet: closed when the session ends (a stage made before its ``with``, or left
+    #: by an error, kept its display thread redrawing over the error line, and raised once the session was gone)
+    stages: list = field(default_factory=list)
 
 
 _session: _Session | None = None
@@ -161,6 +164,11 @@ def session(log_path: str | Path | None, *, verbose: bool = False, quiet: bool =
     try:
         yield _session
     finally:
+        for left in list(_session.stages):  # stages an error left open: their displays end before the routing
+            try:
+                left.close(failed=True)
+            except Exception:  # noqa: BLE001 - ending a display must not hide the error that ended the command
+                logging.getLogger(__name__).debug("closing the display of %s failed", left.name, exc_info=True)
         logging.captureWarnings(False)
         for logger, handler in handlers:
             logger.removeHandler(handler)
@@ -224,6 +232,8 @@ class Stage:
                                  # nothing to count: the time it has taken
                                  bar_format=None if total is not None else "{desc}: {elapsed}")
         if _session is not None:
+            self._session = _session
+            _session.stages.append(self)
             self._thread = threading.Thread(target=self._tick, name=f"progress {name}", daemon=True)
             self._thread.start()
 
@@ -303,6 +313,8 @@ class Stage:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            if self in self._session.stages:
+                self._session.stages.remove(self)
         self._poll()
         # the last counts are sent by other processes without waiting: give them a moment to arrive
         deadline = time.perf_counter() + 2.0
