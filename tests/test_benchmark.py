@@ -303,3 +303,25 @@ def test_a_reused_worker_s_peak_goes_to_the_kind_it_ran(tmp_path):
     finally:
         child.stdin.close()
         child.wait(timeout=30)
+
+
+def test_the_benchmark_refuses_a_work_folder_it_did_not_make(tmp_path):
+    """``<out>/work`` is removed when the benchmark ends: a user's ``work/`` under ``--out`` was deleted with exit
+    status 0. Refused before anything is written; a benchmark's own (kept with --keep-work) is reused."""
+    from geximpute.apps.benchmark import WORK_MARKER, check_work_folder, run_benchmark
+    from geximpute.errors import GeximputeError
+
+    mine = tmp_path / "project" / "work"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(GeximputeError, match=r"project/work: not a work folder of geximpute benchmark"):
+        run_benchmark(tmp_path / "project")
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    kept = tmp_path / "kept" / "work"
+    kept.mkdir(parents=True)
+    (kept / WORK_MARKER).write_text("")
+    (kept / "data-g40-d4").mkdir()
+    check_work_folder(kept)  # a benchmark's own
+    check_work_folder(tmp_path / "absent" / "work")
+    (tmp_path / "empty" / "work").mkdir(parents=True)
+    check_work_folder(tmp_path / "empty" / "work")

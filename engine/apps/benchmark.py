@@ -61,6 +61,7 @@ import pyarrow as pa
 from geximpute import __version__
 from geximpute.apps.synth import SynthSpec, generate
 from geximpute.config import load_config
+from geximpute.errors import GeximputeError
 from geximpute.fit.bundle import load_bundle
 from geximpute.model.network import PromoterCNN
 from geximpute.runtime.atomic import discard
@@ -816,6 +817,23 @@ def plot_bench(bench: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: the file that marks ``<out>/work`` as a benchmark's own (it is removed at the end, unless ``--keep-work``)
+WORK_MARKER = ".geximpute-benchmark"
+
+
+def check_work_folder(work: Path) -> None:
+    """Refuse a ``<out>/work`` that a benchmark did not make: the benchmark writes its datasets there and removes
+    the folder at the end (a user's ``work/`` under ``--out`` was deleted with exit status 0).
+
+    Raises:
+        GeximputeError: ``work`` exists, is not empty and holds no :data:`WORK_MARKER`.
+    """
+    if work.is_symlink() or (work.exists() and (not work.is_dir() or (
+            any(work.iterdir()) and not (work / WORK_MARKER).is_file()))):
+        raise GeximputeError(f"{work}: not a work folder of geximpute benchmark (it writes its datasets there and "
+                             "removes the folder at the end); give --out a folder without a work/ of its own")
+
+
 def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: bool = False) -> dict[str, Any]:
     """Run every stage at the scales of ``spec``; write ``<out>/bench.json`` and ``<out>/bench.png``.
 
@@ -832,7 +850,10 @@ def run_benchmark(out: str | Path, spec: BenchSpec | None = None, *, keep_work: 
     spec = spec or BenchSpec()
     out = Path(out)
     work = out / "work"
+    check_work_folder(work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(exist_ok=True)
+    (work / WORK_MARKER).write_text("geximpute benchmark's work folder: removed when the benchmark ends\n")
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     stages: dict[str, dict] = {}
