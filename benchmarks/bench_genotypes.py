@@ -27,11 +27,20 @@ def run(out: Path, genes: int, donors: int, tissues: int, epochs: int, seed: int
         motif_eqtl_fraction: float = 0.0) -> dict:
     """Generate, evaluate and return ``metrics.json``'s genotype table and timings."""
     data = out / "data"
-    if not (data / "config.yaml").is_file():
+    made = {"genes": genes, "donors": donors, "tissues": tissues, "seed": seed,
+            "motif_eqtl_fraction": motif_eqtl_fraction}
+    recorded = data / "bench_genotypes.json"  # what the data in `out` were made with: a rerun reuses them
+    if (data / "config.yaml").is_file():
+        before = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if before != made:
+            raise SystemExit(f"{data}: made with {before or 'settings not recorded'}, not {made}: give another "
+                             "--out (the data are reused, not made again)")
+    else:
         code = cli(["-q", "synth", "--out", str(data), "--genes", str(genes), "--donors", str(donors), "--tissues",
                     str(tissues), "--seed", str(seed), "--motif-eqtl-fraction", str(motif_eqtl_fraction)])
         if code:
             raise SystemExit(code)
+        recorded.write_text(json.dumps(made) + "\n")
     config = yaml.safe_load((data / "config.yaml").read_text())
     config.update({
         "name": "synthetic-eqtl",
@@ -50,7 +59,7 @@ def run(out: Path, genes: int, donors: int, tissues: int, epochs: int, seed: int
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     genetic = metrics["genetic"]
     return {
-        "genes": genes, "donors": donors, "tissues": tissues, "epochs": epochs,
+        **made, "epochs": epochs,
         "n_genes_scored": genetic["n_genes"], "n_heritable_genes": genetic.get("n_heritable_genes"),
         "mean_all": genetic["mean"], "mean_heritable": genetic.get("mean_heritable"),
         "by_effect": {key.removeprefix("mean_effect_"): {"n_genes": genetic["n_genes_effect_" + key.removeprefix(
