@@ -99,6 +99,10 @@ def main() -> None:
         bundle = work / "model"
         if not (bundle / "manifest.json").is_file():  # prepare (training folds) -> train -> fit-head -> bundle
             build_bundle(load_config(data / "config.yaml", [f"output_dir={work}", *training]), out=bundle)
+            # a fresh Ray for the measured imputation: the training's idle workers (reused by its tasks, or left
+            # idle) counted in the workers' peak, which a rerun on the same --work (model reused) did not have
+            ray.shutdown()
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         config = load_config(data / "config.yaml", [f"output_dir={work}", f"impute.predictors={args.predictors}",
                                                     f"impute.batch_size={args.batch_size}"])
         with PeakMemory() as memory:
