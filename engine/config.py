@@ -96,6 +96,10 @@ class InputsConfig:
         _require(not self.variants or bool(self.genome), "inputs.genome", self.genome,
                  "a FASTA of the reference genome whenever inputs.variants is set (the donors' promoter haplotypes "
                  "and cis-genetic scores are built on it; it may cover part of the genome: inputs.genome_partial)")
+        # the sample table names each column's tissue: the one tissue was dropped without a word
+        _require(not (self.tissue and self.samples), "inputs.tissue", self.tissue,
+                 "null when inputs.samples is set (the sample table gives each sample's tissue; inputs.tissue names "
+                 "the one tissue of an expression file without a sample table)")
 
     def resolved(self, base: Path) -> InputsConfig:
         """Return a copy with every relative path made absolute against ``base``."""
@@ -910,6 +914,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, ints to floats)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out: YAML reads it as null, meaning its defaults
+            value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} has value {value!r}; expected a mapping of {tp.__name__} keys")
         return _build(tp, value, key)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from geximpute.config import Config, PromoterConfig, apply_overrides, dump_config, load_config
+from geximpute.config import (
+    Config,
+    GenotypesConfig,
+    PromoterConfig,
+    TrainConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+)
 from geximpute.errors import ConfigError
 
 MINIMAL = """
@@ -229,3 +237,17 @@ def test_fold_fraction_follows_the_task_unless_set(write):
     with pytest.raises(ConfigError,
                        match=r"train.fold_fraction.*null \(by task\) or a number in \(0, 1/train.folds\] = \(0, 0.5\]"):
         load_config(path, ["train.fold_fraction=0.6"])
+
+
+def test_a_section_with_every_key_commented_out_reads_as_its_defaults(write):
+    """``genotypes:`` with its keys commented out is null to YAML: it was refused as not a mapping."""
+    config = load_config(write("config.yaml", MINIMAL + "genotypes:\n  # cis_window: 100000\ntrain:\n"))
+    assert config.genotypes == GenotypesConfig() and config.train == TrainConfig()
+    with pytest.raises(ConfigError, match=r"config key 'genotypes' has value 3; expected a mapping"):
+        load_config(write("bad.yaml", MINIMAL + "genotypes: 3\n"))
+
+
+def test_one_tissue_beside_a_sample_table_is_refused(write):
+    """A sample table gives each sample's tissue: ``inputs.tissue`` beside it was dropped without a word."""
+    with pytest.raises(ConfigError, match=r"inputs.tissue.*'Liver'.*null when inputs.samples is set"):
+        load_config(write("config.yaml", MINIMAL), ["inputs.samples=s.tsv", "inputs.tissue=Liver"])
