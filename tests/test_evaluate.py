@@ -679,3 +679,17 @@ def test_an_evaluation_with_no_method_that_applies_is_refused_naming_why(ray_loc
     with pytest.raises(ConfigError, match=r"evaluation.methods: none of \['elastic_net'\] applies.*elastic_net: "):
         evaluate(config, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_prepare_without_targets_or_training_is_refused_before_anything_is_read(synth_small, tmp_path):
+    """``--targets none`` without ``--training`` committed an output with an empty context/ and no folds."""
+    from geximpute.apps.cli import main
+    from geximpute.errors import ConfigError
+
+    config = config_for(synth_small, tmp_path)
+    with pytest.raises(ConfigError, match=r"--targets none writes no context record, so it needs --training"):
+        prepare(config, tmp_path / "records", targets="none")
+    assert not (tmp_path / "records").exists()
+    assert main(["-q", "prepare", "--config", str(synth_small / "config.yaml"), "--targets", "none",
+                 "--out", str(tmp_path / "cli")]) == 2
+    assert not (tmp_path / "cli").exists()

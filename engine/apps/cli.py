@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["all", "hidden", "visible", "none"],
         default="all",
         help="entries that get a context record (default all measured entries; `none`: only the training folds, "
-             "all that train and fit-head read)",
+             "all that train and fit-head read, with --training)",
     )
     p.add_argument("--training", action="store_true",
                    help="also write the labelled training folds that `train` and `fit-head` read")

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from geximpute import schema as S
 from geximpute.config import Config
-from geximpute.errors import GeximputeError
+from geximpute.errors import ConfigError, GeximputeError
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.io.matrixfile import MatrixFile, materialise, measured, row_range
 from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
@@ -627,7 +627,13 @@ def prepare(
             own rows; the driver holds the (genes x samples) masks (a byte a cell), not the values. Default: when
             ``dataset`` is None (prepare reads the inputs itself). The result's ``problem`` is then None (its file
             is removed when prepare ends).
+
+    Raises:
+        ConfigError: ``targets`` ``none`` without ``training`` (nothing to write).
     """
+    if targets == "none" and not training:
+        raise ConfigError("prepare: --targets none writes no context record, so it needs --training (the folds "
+                          "train and fit-head read); without it the output would hold nothing")
     if matrix_file is None:
         matrix_file = dataset is None
     if matrix_file and dataset is not None:
