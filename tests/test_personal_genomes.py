@@ -635,3 +635,24 @@ def test_variant_effects_score_genes_without_a_promoter_window_by_their_genetic_
     # the promoter is the same stand-in for both alleles: where the score does not move, neither does the estimate
     still = mine[mine["genetic_effect"] == 0]
     np.testing.assert_allclose(still["predicted_alt"], still["predicted_ref"], atol=1e-6)
+
+
+def test_variant_effects_refuse_a_foreign_output_before_reading_anything(synth_small, tmp_path, monkeypatch):
+    """Its --out was refused only at the commit, after the VCF was read and every site scored."""
+    from geximpute.runtime.atomic import OutputRefused
+    from geximpute.steps import variant_effects as module
+
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the inputs were read before the output was checked")
+
+    monkeypatch.setattr(module, "load_dataset", never)
+    monkeypatch.setattr(module, "load_bundle", never)
+    config = load_config(synth_small / "config.yaml")
+    assert config.inputs.variants and config.inputs.genome
+    with pytest.raises(OutputRefused):
+        module.variant_effects(config, mine, tmp_path / "model")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -29,7 +29,7 @@ from geximpute.config import Config
 from geximpute.errors import ConfigError, GeximputeError
 from geximpute.fit.bundle import check_compatible, compatibility, load_bundle
 from geximpute.io.dataset import load_dataset
-from geximpute.runtime.atomic import staged_output
+from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.provenance import manifest, write_json
 from geximpute.science.context import ContextIndex
 from geximpute.science.genomes import genetic_scores, window_bounds
@@ -103,6 +103,8 @@ def variant_effects(config: Config, out_dir: str | Path, model_dir: str | Path |
     t0 = time.perf_counter()
     if not config.inputs.variants or not config.inputs.genome:
         raise ConfigError("geximpute variant-effects needs inputs.variants (a VCF) and inputs.genome (the FASTA)")
+    # refused before the inputs are read and every site scored, and again where the output is committed
+    check_replaceable(Path(out_dir), "variant-effects", store_of(Path(out_dir).absolute()), force)
     bundle_dir = Path(model_dir or config.model_dir)
     try:
         bundle = load_bundle(bundle_dir)
