@@ -309,7 +309,7 @@ def test_pipeline_runs_the_steps_in_order_and_stops_at_the_first_failure(calls):
     assert [argv[0] for argv in seen] == ["prepare", "train"]
 
 
-def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch):
+def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch, tmp_path):
     """``ray.address: null`` starts a Ray of its own: without an address, ``ray.init`` joins ``$RAY_ADDRESS`` (the
     Jobs API address `geximpute submit` reads failed there as an invalid Ray Client address) or the cluster a
     `ray start` on this machine recorded (where the config's CPUs are refused)."""
@@ -321,10 +321,20 @@ def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch):
     seen = {}
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    token = tmp_path / ".ray" / "auth_token"
+    monkeypatch.setattr(raytools.Path, "home", classmethod(lambda cls: tmp_path))
+
+    def init(**kwargs):  # Ray 2.60 writes the token it generates under the umask: 0644 on most systems
+        seen.update(kwargs)
+        token.parent.mkdir(exist_ok=True)
+        token.write_text("secret")
+        token.chmod(0o644)
+
+    monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     assert raytools.ensure_ray(RayConfig(num_cpus=2)) is True
     assert seen["address"] == "local" and seen["num_cpus"] == 2
+    assert token.stat().st_mode & 0o777 == 0o600  # the generated token readable by its owner alone
     seen.clear()
     assert raytools.ensure_ray(RayConfig(address="ray://head:10001")) is True
     assert seen["address"] == "ray://head:10001" and "num_cpus" not in seen

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from geximpute import code_version
 from geximpute.config import RayConfig
@@ -42,6 +43,20 @@ def fit_trainer(trainer):
         raise KeyboardInterrupt("Ray Train's run was interrupted") from exc
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def private_token(path: Path | None = None) -> None:
+    """The token a local Ray generated for its authentication (``~/.ray/auth_token``, where the user had none)
+    readable by its owner alone: Ray 2.60 writes it under the process's umask, 0644 on most systems, so every
+    account on the machine could read it and run code on the cluster."""
+    path = path or Path.home() / ".ray" / "auth_token"
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077 and path.stat().st_uid == os.getuid():
+            os.chmod(path, 0o600)
+            log.info("ray: %s made readable by its owner alone (it was %s)", path, oct(mode & 0o777))
+    except OSError:
+        return
 
 
 def ensure_ray(config: RayConfig) -> bool:
@@ -85,6 +100,7 @@ def ensure_ray(config: RayConfig) -> bool:
                 object_store_memory=config.object_store_mb * 1024 * 1024 if config.object_store_mb else None,
                 **kwargs,
             )
+        private_token()
     log.info("ray: %s", ray.cluster_resources())
     return True
 
