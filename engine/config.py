@@ -28,6 +28,10 @@ import yaml
 
 from geximpute.errors import ConfigError
 
+#: an output's store, beside it: ``.<name>.geximpute`` holds its versions, and ``<name>`` links to the current one
+#: (:mod:`geximpute.runtime.atomic`)
+OUTPUT_STORE_SUFFIX = ".geximpute"
+
 Scale = Literal["tpm", "counts", "log", "normalised"]
 GenesFormat = Literal["auto", "gtf", "gff3", "bed", "tsv", "csv"]
 ExpressionFormat = Literal["auto", "gct", "wide", "long", "bed", "store"]
@@ -683,13 +687,20 @@ class RayConfig:
 
 def _resolve_path(path: str | None, base: Path) -> str | None:
     """``path`` made absolute against ``base`` (``~`` expanded); None or an empty text: None (``Path("")`` would be
-    ``base`` itself: an empty ``nightly.inbox`` read the config's own folder as the inbox). Links are not followed:
-    a committed output is a link to its current version, and a run given that version folder as its output wrote a
-    new store inside the old one (each rerun of ``fit-head`` with ``impute.model_dir: model`` one level deeper)."""
+    ``base`` itself: an empty ``nightly.inbox`` read the config's own folder as the inbox). Links are followed but a
+    committed output's own (``<name>`` -> ``.<name>.geximpute/v-*``): given the version folder it named when the
+    config was read, a run wrote a new store inside the old version (each rerun of ``fit-head`` with
+    ``impute.model_dir: model`` one level deeper)."""
     if path is None or not str(path).strip():
         return None
     p = Path(path).expanduser()
-    return str(p if p.is_absolute() else Path(os.path.abspath(base / p)))
+    if p.is_absolute():
+        return str(p)
+    p = base / p
+    parent = Path(os.path.realpath(p.parent))
+    if p.is_symlink() and Path(os.path.realpath(p)).parent == parent / f".{p.name}{OUTPUT_STORE_SUFFIX}":
+        return str(parent / p.name)  # a committed output: the link, which every commit moves to its new version
+    return str(p.resolve())  # any other link followed (a user's folder elsewhere: a nightly root on a big disk)
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,14 @@ def test_load_resolves_paths_against_the_config_folder(write):
     version = path.parent / ".model.geximpute" / "v-1"
     version.mkdir(parents=True)
     (path.parent / "model").symlink_to(Path(".model.geximpute") / "v-1")
-    linked = load_config(path, ["impute.model_dir=model", "impute.out_dir=model/../predictions"])
+    linked = load_config(path, ["impute.model_dir=model"])
     assert linked.model_dir == path.parent.resolve() / "model"
-    assert linked.impute.out_dir == str(path.parent.resolve() / "predictions")
+    # a user's own link (a folder on a bigger disk) is followed, as before
+    big = path.parent / "big" / "predictions"
+    big.mkdir(parents=True)
+    (path.parent / "predictions").symlink_to(big)
+    elsewhere = load_config(path, ["impute.out_dir=predictions"])
+    assert elsewhere.impute.out_dir == str(big.resolve())
 
 
 def test_config_is_frozen(write):

@@ -61,6 +61,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from geximpute.config import OUTPUT_STORE_SUFFIX
 from geximpute.errors import GeximputeError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 MARKER = ".geximpute.json"
 SUPERSEDED = ".geximpute-superseded"
 MANIFESTS = ("_manifest.json", "manifest.json")
-STORE_SUFFIX = ".geximpute"
+STORE_SUFFIX = OUTPUT_STORE_SUFFIX
 #: the points of the commit protocol, in order, where :func:`fault_point` may kill the process in fault tests
 COMMIT_POINTS = ("written", "synced", "versioned", "linked", "pruned")
 FAULT_ENV = "GEXIMPUTE_KILL_AT"
