@@ -256,3 +256,23 @@ def test_one_tissue_beside_a_sample_table_is_refused(write):
     """A sample table gives each sample's tissue: ``inputs.tissue`` beside it was dropped without a word."""
     with pytest.raises(ConfigError, match=r"inputs.tissue.*'Liver'.*null when inputs.samples is set"):
         load_config(write("config.yaml", MINIMAL), ["inputs.samples=s.tsv", "inputs.tissue=Liver"])
+
+
+def test_a_bundle_written_with_settings_refused_since_still_loads(tmp_path, caplog):
+    """A model built before ``inputs.tissue`` beside ``inputs.samples`` and infinite numbers were refused: its saved
+    config reads with them left out (the model stopped loading after the upgrade)."""
+    import logging
+
+    from geximpute.config import config_from_dict
+    from geximpute.fit.bundle import _settings_refused_since
+
+    saved = {"inputs": {"genes": "g.gtf", "expression": "e.gct", "samples": "s.tsv", "tissue": "Liver"},
+             "impute": {"gpu_wait_seconds": float("inf"), "predictors": 2}, "seed": 3}
+    with pytest.raises(ConfigError):
+        config_from_dict(saved, tmp_path)
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.bundle"):
+        _settings_refused_since(saved, tmp_path / "config.yaml")
+    config = config_from_dict(saved, tmp_path)
+    assert config.inputs.tissue is None and config.impute.predictors == 2
+    assert config.impute.gpu_wait_seconds == type(config.impute)().gpu_wait_seconds
+    assert "impute.gpu_wait_seconds inf is read as its default" in caplog.text

@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -572,6 +573,24 @@ def _without_genomes(compatibility: dict | None) -> dict:
     return {**(compatibility or {}), "genotypes": None}
 
 
+def _settings_refused_since(saved: dict, path: Path) -> None:
+    """Settings that configs refuse since a bundle may have been written with them, taken out of its saved config
+    (in place) with a log line, so that the model loads: ``inputs.tissue`` beside ``inputs.samples`` (never read:
+    the sample table gives the tissues) and infinite or NaN numbers (their defaults instead)."""
+    inputs = saved.get("inputs")
+    if isinstance(inputs, dict) and inputs.get("tissue") and inputs.get("samples"):
+        log.info("%s: inputs.tissue beside inputs.samples was never read; left out", path)
+        inputs["tissue"] = None
+    for section, values in saved.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in list(values.items()):
+            if isinstance(value, float) and not math.isfinite(value):
+                log.info("%s: %s.%s %r is read as its default (a number configs refuse since)", path, section,
+                         key, value)
+                del values[key]
+
+
 def _version_of(folder: Path) -> Path:
     """The version folder that the output link ``folder`` names now (``folder`` itself where it is not a link):
     only that last link is followed, so a parent folder that is a link on this host stays as the user named it
@@ -613,6 +632,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         without_genomes = True
     else:
         without_genomes = False
+    _settings_refused_since(saved, folder / S.BUNDLE_CONFIG_FILE)
     try:
         config: Config = config_from_dict(saved)
     except ConfigError as exc:
