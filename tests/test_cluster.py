@@ -326,15 +326,19 @@ def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch, tmp_
 
     def init(**kwargs):  # Ray 2.60 writes the token it generates under the umask: 0644 on most systems
         seen.update(kwargs)
-        token.parent.mkdir(exist_ok=True)
-        token.write_text("secret")
-        token.chmod(0o644)
+        if not token.exists():
+            token.parent.mkdir(exist_ok=True)
+            token.write_text("secret")
+            token.chmod(0o644)
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     assert raytools.ensure_ray(RayConfig(num_cpus=2)) is True
     assert seen["address"] == "local" and seen["num_cpus"] == 2
     assert token.stat().st_mode & 0o777 == 0o600  # the generated token readable by its owner alone
+    token.chmod(0o640)  # the user's own token (a group's, say): left as it is
+    raytools.ensure_ray(RayConfig(num_cpus=2))
+    assert token.stat().st_mode & 0o777 == 0o640
     seen.clear()
     assert raytools.ensure_ray(RayConfig(address="ray://head:10001")) is True
     assert seen["address"] == "ray://head:10001" and "num_cpus" not in seen

@@ -674,9 +674,10 @@ def test_an_evaluation_with_no_method_that_applies_is_refused_naming_why(ray_loc
     was a traceback from the plots after prepare and the tuning had run; nothing is committed."""
     from geximpute.errors import ConfigError
 
-    config = config_for(synth_small, tmp_path, "evaluation.methods=[elastic_net]", "inputs.variants=null",
-                        "evaluation.task=samples", "evaluation.min_donors=3")
-    with pytest.raises(ConfigError, match=r"evaluation.methods: none of \['elastic_net'\] applies.*elastic_net: "):
+    config = config_for(synth_small, tmp_path, "evaluation.methods=[elastic_net, hybrid_reference]",
+                        "inputs.variants=null", "evaluation.task=samples", "evaluation.min_donors=3")
+    with pytest.raises(ConfigError, match=r"evaluation.methods: none of \['elastic_net', 'hybrid_reference'\] "
+                                          r"applies.*elastic_net: .*hybrid_reference: the same as hybrid"):
         evaluate(config, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
 

@@ -84,10 +84,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def manifest(config: Config, *, read: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
-    """The manifest written beside an output: config, versions, input fingerprints (of the store versions ``read``,
-    :func:`read_versions`) and ``extra``."""
-    return {"config": config.to_dict(), "versions": versions(), "inputs": input_fingerprints(config, read), **extra}
+def manifest(config: Config, *, inputs: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The manifest written beside an output: config, versions, input fingerprints and ``extra``. ``inputs``: the
+    fingerprints the run took where it read its inputs (:func:`input_fingerprints` with :func:`read_versions`);
+    default taken now (a store's version the run read may be pruned by the end of a long run: fingerprinted when
+    the output is written, it failed the commit after all the work)."""
+    return {"config": config.to_dict(), "versions": versions(),
+            "inputs": inputs if inputs is not None else input_fingerprints(config), **extra}
 
 
 def finite_json(data: Any) -> Any:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,16 +46,20 @@ def fit_trainer(trainer):
         signal.signal(signal.SIGINT, before)
 
 
-def private_token(path: Path | None = None) -> None:
-    """The token a local Ray generated for its authentication (``~/.ray/auth_token``, where the user had none)
-    readable by its owner alone: Ray 2.60 writes it under the process's umask, 0644 on most systems, so every
-    account on the machine could read it and run code on the cluster."""
-    path = path or Path.home() / ".ray" / "auth_token"
+def token_file() -> Path:
+    """Where a local Ray writes the authentication token it generates when the user has none."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def private_token(path: Path) -> None:
+    """The token a local Ray has just generated (``path`` was not there before ``ray.init``) made readable by its
+    owner alone: Ray 2.60 writes it under the process's umask, 0644 on most systems, so every account on the
+    machine could read it and run code on the cluster. A token the user made, or a link, is left as it is."""
     try:
-        mode = path.stat().st_mode
-        if mode & 0o077 and path.stat().st_uid == os.getuid():
+        status = path.lstat()
+        if stat.S_ISREG(status.st_mode) and status.st_mode & 0o077 and status.st_uid == os.getuid():
             os.chmod(path, 0o600)
-            log.info("ray: %s made readable by its owner alone (it was %s)", path, oct(mode & 0o777))
+            log.info("ray: %s made readable by its owner alone (it was %s)", path, oct(status.st_mode & 0o777))
     except OSError:
         return
 
@@ -90,6 +95,8 @@ def ensure_ray(config: RayConfig) -> bool:
         ray.init(address=config.address, runtime_env=code_version.runtime_env(), **kwargs)
     else:
         local_train_polling()
+        token = token_file()
+        had_token = os.path.lexists(token)
         with code_version.exported_for_local_ray():
             ray.init(
                 # "local": without an address Ray joins $RAY_ADDRESS (a Jobs API address that `geximpute submit`
@@ -100,7 +107,8 @@ def ensure_ray(config: RayConfig) -> bool:
                 object_store_memory=config.object_store_mb * 1024 * 1024 if config.object_store_mb else None,
                 **kwargs,
             )
-        private_token()
+        if not had_token:
+            private_token(token)
     log.info("ray: %s", ray.cluster_resources())
     return True
 

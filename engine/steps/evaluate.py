@@ -27,7 +27,7 @@ from geximpute.io.expression import model_scale
 from geximpute.io.tables import read_table
 from geximpute.runtime.atomic import check_replaceable, staged_output, store_of
 from geximpute.runtime.console import stage
-from geximpute.runtime.provenance import manifest, read_versions, write_json
+from geximpute.runtime.provenance import input_fingerprints, manifest, read_versions, write_json
 from geximpute.science.baselines import composition_of, make_methods
 from geximpute.science.comparisons import coverage_breakdown, paired_bootstrap, seeds_report, summarise_seeds
 from geximpute.science.genomes import gene_variant_flags
@@ -78,7 +78,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
         check_readable(config.evaluation.heritability, "evaluation.heritability table")
     with stage("load inputs", unit="steps"):
         dataset = load_dataset(config)
-    read = read_versions(dataset)  # the store versions read (an `ingest` may commit another meanwhile)
+    # fingerprinted as read (an `ingest` may commit another store version meanwhile, and prune this one)
+    inputs = input_fingerprints(config, read_versions(dataset))
     with staged_output(out_dir, step="evaluate", force=force) as staging:
         with_hybrid = "hybrid" in config.evaluation.methods
         prepared = prepare(config, staging / "records", dataset=dataset, targets="hidden", training=with_hybrid)
@@ -96,6 +97,8 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                                         has_genomes=problem.genomes is not None, seed=config.seed,
                                         composition=composition, task=config.evaluation.task,
                                         gene_names=problem.gene_names is not None)
+        if "hybrid_reference" in config.evaluation.methods and problem.genomes is None:
+            skipped["hybrid_reference"] = "the same as hybrid without personal genomes (inputs.variants)"
         if not methods and not with_hybrid and not (
                 "hybrid_reference" in config.evaluation.methods and problem.genomes is not None):
             raise ConfigError(
@@ -160,20 +163,17 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
                          results[name]["rmse"])
             timings["hybrid"] = round(time.perf_counter() - t, 1)
             timings.update(models.seconds)
-        if "hybrid_reference" in config.evaluation.methods:
-            if problem.genomes is None:
-                skipped["hybrid_reference"] = "the same as hybrid without personal genomes (inputs.variants)"
-            else:
-                t = time.perf_counter()
-                # with the hybrid's tuned settings: the two differ in the genomes alone (the defaults, before)
-                pred = _reference_hybrid(dataclasses.replace(config, baselines=baselines), dataset, staging,
-                                         records)
-                predictions["hybrid_reference"] = pred
-                results["hybrid_reference"] = score(
-                    pred, observed, gene=gene, tissue=tissue, donor=donor, tissue_names=problem.tissues,
-                    min_donors=config.evaluation.min_donors,
-                )
-                timings["hybrid_reference"] = round(time.perf_counter() - t, 1)
+        if "hybrid_reference" in config.evaluation.methods and problem.genomes is not None:
+            t = time.perf_counter()
+            # with the hybrid's tuned settings: the two differ in the genomes alone (the defaults, before)
+            pred = _reference_hybrid(dataclasses.replace(config, baselines=baselines), dataset, staging,
+                                     records)
+            predictions["hybrid_reference"] = pred
+            results["hybrid_reference"] = score(
+                pred, observed, gene=gene, tissue=tissue, donor=donor, tissue_names=problem.tissues,
+                min_donors=config.evaluation.min_donors,
+            )
+            timings["hybrid_reference"] = round(time.perf_counter() - t, 1)
         with_sequence = promoter_mask(prepared, gene)
         _add_promoter_subsets(results, predictions, observed, gene, with_sequence)
         # the hidden entries of genes on split.test_chroms: no training example, pre-training level or tuning
@@ -226,7 +226,7 @@ def evaluate(config: Config, out_dir: str | Path, *, force: bool = False) -> dic
             },
         }
         write_json(staging / "metrics.json", metrics)
-        made = manifest(config, read=read, step="evaluate")
+        made = manifest(config, inputs=inputs, step="evaluate")
         write_json(staging / "_manifest.json", made)
         _write_predictions(staging, records, observed, predictions)
         _plots(staging, observed, predictions, results, metrics["scale"])

@@ -1127,6 +1127,8 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
             genome_inputs = dataclasses.replace(dataset, expression=None)
         dataset = None
         release_unused_memory()  # what reading the inputs freed, back to the system (Arrow's pool, the C heap)
+    # fingerprinted as read (an `ingest` may commit another store version meanwhile, and prune this one)
+    fingerprints = input_fingerprints(config, read)
     check_bundle(bundle, bundle_dir, problem, config)
     n_virtual = 0
     virtual = np.zeros(problem.n_samples, bool)
@@ -1143,7 +1145,6 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                     "without them only in training's denoising, train.drop_neighbours, and its head never): a "
                     "model built with evaluation.task: samples learns from records like them",
                     n_virtual, problem.n_samples, task)
-    fingerprints = input_fingerprints(config, read)
     run_id = make_run_id(model_version=bundle.model_version, inputs={k: v["sha256"] for k, v in fingerprints.items()},
                          donors=selection_key(problem.donors, settings.donors),
                          tissues=selection_key(problem.tissues, settings.tissues),
@@ -1178,7 +1179,7 @@ def _impute(config: Config, bundle: Any, bundle_dir: Path, out: Path, include_ob
                 raise GeximputeError(f"{out}: {n_rows} rows written for {n_targets} target entries; nothing committed")
             seconds = time.perf_counter() - t0
             write_json(staging / "_manifest.json", manifest(
-                config, read=read, step="impute", run_id=run_id, model_version=bundle.model_version,
+                config, inputs=fingerprints, step="impute", run_id=run_id, model_version=bundle.model_version,
                 model={"path": str(config_model_path), "version_folder": str(bundle_dir),
                        "model_version": bundle.model_version},
                 columns=prediction_columns(bundle.models.config),  # the model's intervals (its head.quantiles)

@@ -582,11 +582,10 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem, virtual: np.ndarray,
                   chunk: list[NewDonor], bundle: Any, haplotypes: dict | None, fingerprints: dict,
-                  lease: Lease, read: dict[str, str] | None = None) -> dict[str, dict]:
+                  lease: Lease, inputs: dict | None = None) -> dict[str, dict]:
     """Impute ``chunk`` into the day's partition: a new version of it (the previous rows hard-linked, the new rows
     written) committed by :func:`geximpute.runtime.atomic.staged_output` under the run's lease. Returns the chunk's
-    ledger entries. ``read``: the store versions the run read (:func:`geximpute.runtime.provenance.read_versions`),
-    for the manifest."""
+    ledger entries. ``inputs``: the input fingerprints the run took as it read them, for the manifest."""
     donors = [n.item.donor for n in chunk]
     run_id = make_run_id(model_version=bundle.model_version, inputs=fingerprints, run_date=day,
                          donors={n.item.donor: n.vcf_sha256 for n in chunk})
@@ -615,7 +614,7 @@ def _commit_chunk(config: Config, root: Path, day: str, problem: VisibleProblem,
                 raise GeximputeError(f"{partition}: {sum(e['rows'] for e in entries.values())} rows written for "
                                      f"{expected} target entries; nothing committed")
             write_json(staging / "_manifest.json", manifest(
-                config, read=read, step="nightly", run_date=day, model_version=bundle.model_version,
+                config, inputs=inputs, step="nightly", run_date=day, model_version=bundle.model_version,
                 columns=prediction_columns(bundle.models.config),
                 donors={**previous, **entries}, rows=partition_rows(staging),
                 inbox={n.item.donor: [str(p) for p in n.item.files] for n in chunk},
@@ -783,7 +782,8 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
     with matrix_errors(root, scratch / "expression.f32"):  # no room for it: a clear error, nothing written
         dataset = load_dataset(config, matrix=scratch / "expression.f32")
         problem, _ = make_problem(dataset, hidden_mask=False, consume=True)
-    read = read_versions(dataset)  # the store versions read (an `ingest` may commit another meanwhile)
+    # fingerprinted as read (an `ingest` may commit another store version meanwhile, and prune this one)
+    inputs = input_fingerprints(config, read_versions(dataset))
     dataset = dataclasses.replace(dataset, expression=None)  # the problem holds the values; the genome is kept
     release_unused_memory()  # what reading the inputs freed, back to the system
     check_bundle(bundle, bundle.folder, problem, config)
@@ -812,13 +812,13 @@ def _run(config: Config, root: Path, day: str, lease: Lease, scratch: Path) -> N
         extended, virtual = extend_problem(problem, valid, config.impute.tissues)
     extended = donor_haplotypes(extended, valid, dataset, problem.genomes)
     haplotypes = donor_promoter_sequences(extended)
-    fingerprints = {k: v["sha256"] for k, v in input_fingerprints(config, read).items()}
+    fingerprints = {k: v["sha256"] for k, v in inputs.items()}
     ensure_ray(config.ray)
     rows, step = 0, config.nightly.donors_per_commit
     for start in range(0, len(valid), step):
         chunk = valid[start : start + step]
         entries = _commit_chunk(config, root, day, extended, virtual, chunk, bundle, haplotypes, fingerprints, lease,
-                                read)
+                                inputs)
         done.update(entries)
         write_ledger(ledger_file, done)
         n_rows = sum(e["rows"] for e in entries.values())

@@ -45,7 +45,7 @@ from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.io.matrixfile import MatrixFile, materialise, measured, row_range
 from geximpute.runtime.atomic import check_replaceable, scratch_folder, staged_output, store_of
 from geximpute.runtime.console import stage
-from geximpute.runtime.provenance import manifest, read_versions, write_json
+from geximpute.runtime.provenance import input_fingerprints, manifest, read_versions, write_json
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.baselines import OWN_VALUE_FOLDS, FamilyLevels, family_levels, forms_families
 from geximpute.science.folds import fold_labels, fold_problem, fold_targets, forget_fold, trainable, training_folds
@@ -657,7 +657,8 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
     # read here, the dataset's matrix becomes the problem's (scaled in place), not a second copy beside it
     consume = dataset is None
     dataset = dataset or load_dataset(config, matrix=matrix)
-    read = read_versions(dataset)  # the store versions read (an `ingest` may commit another meanwhile)
+    # fingerprinted as read (an `ingest` may commit another store version meanwhile, and prune this one)
+    inputs = input_fingerprints(config, read_versions(dataset))
     context = targets != "none"  # `none`: no context part at all, not a (genes x samples) mask of nothing
     # the evaluation's entries are hidden where there is something to score them with (context records); the
     # training folds alone (`--targets none`: a model for imputation, as the cluster jobs build it) are cut from
@@ -710,7 +711,7 @@ def _prepare(config: Config, out_dir: Path, dataset: Dataset | None, matrix: Pat
             staging / "_manifest.json",
             manifest(
                 config,
-                read=read,
+                inputs=inputs,
                 step="prepare",
                 targets=targets,
                 rows={
