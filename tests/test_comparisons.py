@@ -138,6 +138,12 @@ def test_a_method_constant_across_donors_is_no_comparator_across_donors():
     assert named["comparisons"] == {}
     # on the entries task the same method is an ordinary comparator
     assert "distance" in paired_bootstrap(preds, truth, gene, tissue, "entries", n_boot=100)["comparisons"]
+    # nor is the reference compared where it tells no donor apart (a hybrid without genomes, neighbours or other
+    # tissues): score's null was compared as 0.0 and its differences entered the seeds' summary
+    flat = {"hybrid": level[gene] + 0.1 * tissue, "pairwise_regression": preds["pairwise_regression"]}
+    assert score(flat["hybrid"], truth, gene=gene, tissue=tissue, donor=donor, tissue_names=["a", "b", "c"],
+                 min_donors=5)["across_donors_pearson_mean"] is None
+    assert paired_bootstrap(flat, truth, gene, tissue, "samples", n_boot=100, min_donors=5) == {}
 
 
 def test_seeds_read_back_from_json_and_replicates_drawn_one_way():

@@ -99,7 +99,9 @@ def paired_bootstrap(predictions: dict[str, np.ndarray], observed: np.ndarray, g
         # the genes with a (gene, tissue) pair to score (the same for every method) are the units resampled: a
         # gene without one only thinned a resample out, and a resample of none of them was dropped
         informative = stats[reference][:, 1] > 0
-        if informative.sum() < 3:
+        if informative.sum() < 3 or not stats[reference][:, 2].any():
+            # nor is the reference, where it tells no donor apart (score's null: compared as 0.0, its
+            # differences entered the seeds' summary)
             return {}
         # a method the same for every donor of every pair tells no donor apart: no figure (as in metrics.score, a
         # null), never the best other, not compared (a 0.0 here beside score's null read as a real comparator)

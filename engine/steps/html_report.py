@@ -289,7 +289,8 @@ def evaluation_sections(metrics: dict, observed: np.ndarray, predictions: dict[s
     if across:
         sections.append(Section("Across individuals", across,
                                 f"Pearson across the individuals of each (gene, tissue) with at least {min_donors} "
-                                "hidden entries: can a method tell people apart, beyond the gene's level?"))
+                                "hidden entries whose values differ (a method the same for all of them counts 0): "
+                                "can a method tell people apart, beyond the gene's level?"))
     else:
         sections.append(Section("Across individuals", "<p>No (gene, tissue) has enough hidden individuals for a "
                                 "correlation across them (one sample per tissue, or too few hidden donors).</p>"))
