@@ -155,6 +155,31 @@ def test_gff3_genes(write):
     assert rows["ENSG07"]["gene_name"] == "GGG" and rows["ENSG07"]["gene_type"] == "protein_coding"
     assert rows["ENSG08"]["tss"] == 5 and rows["ENSG08"]["gene_name"] == "HHH"
     assert genes.report["renamed_chroms"] == {"1": "chr1", "2": "chr2"}
+    # a GFF3 may end in a `##FASTA` section of its sequences (Prokka's do): sequence, not malformed features
+    with_fasta = read_genes(write("fasta.gff3", text + "##FASTA\n>1 chromosome\nACGTNNacgt\nACGT\n>2\nGGCC\n"))
+    assert with_fasta.table.equals(genes.table)
+
+
+def test_text_tables_are_gzip_by_their_bytes_and_not_utf8_is_named(write, tmp_path):
+    """Arrow decides gzip by a case-sensitive name: a plain file named .gz failed as a bare zlib error without the
+    file's name, and a gzip file named .GZ was parsed as text (binary junk as rows). A Latin-1 header (a
+    spreadsheet's export) escaped as a UnicodeDecodeError traceback."""
+    import gzip
+
+    samples = "sample_id\tdonor_id\ttissue\nS1\tD1\tLiver\nS2\tD1\tLung\n"
+    expected = read_samples(write("s.tsv", samples)).to_pylist()
+    (tmp_path / "plain.tsv.gz").write_text(samples)  # decompressed by a browser, name kept
+    assert read_samples(tmp_path / "plain.tsv.gz").to_pylist() == expected
+    (tmp_path / "UPPER.TSV.GZ").write_bytes(gzip.compress(samples.encode()))
+    assert read_samples(tmp_path / "UPPER.TSV.GZ").to_pylist() == expected
+    gtf = '1\tsrc\tgene\t10\t20\t.\t+\t.\tgene_id "G1"; gene_name "M\xfcller";\n'
+    (tmp_path / "latin1.gtf").write_bytes(gtf.encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.gtf"):
+        read_genes(tmp_path / "latin1.gtf")
+    (tmp_path / "latin1.tsv").write_bytes("sample_id\tdonor_id\ttissue\tdescripci\xf3n\nS1\tD1\tLiver\tx\n"
+                                          .encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.tsv: sample table is not UTF-8 text"):
+        read_samples(tmp_path / "latin1.tsv")
 
 
 def test_a_gene_annotation_that_is_not_a_file_is_named(tmp_path):

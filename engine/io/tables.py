@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,11 +48,16 @@ def is_parquet(path: Path) -> bool:
 
 
 def count_leading_comments(path: Path, prefix: str = "#") -> int:
-    """Number of lines at the top of a (possibly gzip) text file that start with ``prefix``."""
+    """Number of lines at the top of a (possibly gzip) text file that start with ``prefix``: compared as bytes
+    (a byte that is not UTF-8 in a data line near the top is the table reader's to name, not a decoding error
+    here: text decoded a block at a time failed on such a byte anywhere in the first 8 KB)."""
     n = 0
-    with open_text(path) as fh:
-        for line in fh:
-            if not line.startswith(prefix):
+    mark = prefix.encode()
+    with gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb") as fh:
+        for number, line in enumerate(fh):
+            if number == 0 and line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as open_text drops it
+                line = line[3:]
+            if not line.startswith(mark):
                 break
             n += 1
     return n
@@ -106,12 +113,17 @@ def read_table(
                 header = head.schema.names
         except (pa.ArrowInvalid, StopIteration):
             header = []  # read_csv below names what is wrong with the file
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, what, exc) from exc
         convert.column_types = {**{n: pa.string() for n in header if n.lower() in names}, **(column_types or {})}
     try:
         table = pacsv.read_csv(source(path), read_options=read, parse_options=parse, convert_options=convert)
+        names = table.column_names  # Arrow decodes the header's names here
     except pa.ArrowInvalid as exc:
         raise table_error(path, what, exc) from exc
-    check_header(path, what, table.column_names, skip_rows)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, what, exc) from exc
+    check_header(path, what, names, skip_rows)
     if skip_comment_rows and table.num_rows and table.num_columns:
         first = table.column(0)
         if pa.types.is_string(first.type):
@@ -120,12 +132,18 @@ def read_table(
     return table
 
 
+#: a line of bases (IUPAC letters, gaps), as a GFF3's ``##FASTA`` section holds after its features
+_FASTA_LINE = re.compile(r"[A-Za-z*.-]+")
+
+
 def _csv_options(path: Path, column_names: Sequence[str] | None, column_types: dict[str, pa.DataType] | None,
                  skip_rows: int, delimiter: str | None, quoting: bool, null_values: Sequence[str],
                  skip_comment_rows: bool = False, block_size: int = BLOCK_BYTES
                  ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        if skip_comment_rows and (row.text or "").startswith("#"):
+        text = row.text or ""
+        # a GFF3's `##FASTA` section (allowed at its end: `>seqid` lines and bases) is sequence, not features
+        if skip_comment_rows and (text.startswith(("#", ">")) or _FASTA_LINE.fullmatch(text.rstrip("\r"))):
             return "skip"
         return "error"
 
@@ -144,6 +162,13 @@ def _csv_options(path: Path, column_names: Sequence[str] | None, column_types: d
         strings_can_be_null=True,
     )
     return read, parse, convert
+
+
+def not_utf8(path: Path, what: str, exc: UnicodeDecodeError) -> InputError:
+    """The :class:`InputError` of a text table whose header is not UTF-8 (a spreadsheet's Latin-1 export)."""
+    return InputError(path, f"{what} is not UTF-8 text (the header holds byte "
+                      f"{exc.object[exc.start:exc.start + 1]!r})", expected="a UTF-8 (or ASCII) text table",
+                      hint="Save the table as UTF-8 (in a spreadsheet: CSV UTF-8)")
 
 
 def table_error(path: Path, what: str, exc: pa.ArrowInvalid) -> InputError:
@@ -196,22 +221,24 @@ def csv_batches(
         with pacsv.open_csv(source(path), read_options=options[0], parse_options=options[1],
                             convert_options=options[2]) as reader:
             schema = reader.schema
+            names = schema.names  # Arrow decodes the header's names here
     except pa.ArrowInvalid as exc:
         raise table_error(path, what, exc) from exc
-    check_header(path, what, schema.names, skip_rows)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, what, exc) from exc
+    check_header(path, what, names, skip_rows)
     read, parse, convert = _csv_options(path, column_names, column_types(schema), skip_rows, delimiter, quoting,
                                         null_values, skip_comment_rows, block_size=block)
     return schema, lines, CsvBatches(path, read, parse, convert)
 
 
-def source(path: Path) -> str | pa.NativeFile:
-    """What Arrow's CSV reader reads ``path`` from: the path itself (Arrow decompresses a ``.gz`` name), or a
-    gzip stream over a gzip file named otherwise (bgzip's ``.bgz``, or no suffix), which Arrow would read as
-    text (its reader closes the stream)."""
+def source(path: Path) -> pa.NativeFile:
+    """What Arrow's CSV reader reads ``path`` from (its reader closes the stream): gzip by the file's bytes alone.
+    Arrow decides by the name, case-sensitively: a plain file named ``.gz`` (a download the browser decompressed)
+    failed as a bare zlib error without the file's name, and a gzip file named ``.GZ``, ``.bgz`` or without a
+    suffix was parsed as text."""
     path = Path(path)
-    if path.suffix.lower() != ".gz" and is_gzip(path):
-        return pa.CompressedInputStream(pa.OSFile(str(path)), "gzip")
-    return str(path)
+    return pa.input_stream(str(path), compression="gzip" if is_gzip(path) else None)
 
 
 class CsvBatches:
