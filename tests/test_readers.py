@@ -610,6 +610,14 @@ def test_matrix_file_reads_like_an_array(tmp_path):
     np.testing.assert_array_equal(m[:, ::-1], a[:, ::-1])
     np.testing.assert_array_equal(m[:, 9:1:-3], a[:, 9:1:-3])
     np.testing.assert_array_equal(m[4:10, [1, 3]], a[4:10][:, [1, 3]])
+    # one column (build_context's per-sample read) is read as one, not the whole matrix first
+    read_whole = []
+    m_read = m._read
+    m._read = lambda lo, hi: read_whole.append((lo, hi)) or m_read(lo, hi)
+    np.testing.assert_array_equal(m[:, 4], a[:, 4])
+    np.testing.assert_array_equal(m[:, -1], a[:, -1])
+    assert read_whole == []
+    del m._read
     gi, si = np.array([3, 3, 9, 0]), np.array([1, 2, 3, 4])
     np.testing.assert_array_equal(m[gi, si], a[gi, si])
     window = pickle.loads(pickle.dumps(m.window(10, 20)))  # what a task gets: the path and the offsets

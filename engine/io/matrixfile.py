@@ -111,6 +111,9 @@ class MatrixFile:
             rows, cols = key
             if isinstance(rows, slice) and rows == slice(None) and isinstance(cols, slice):
                 return self.columns(cols)
+            if isinstance(rows, slice) and rows == slice(None) and isinstance(cols, (int, np.integer)):
+                c = _position(int(cols), self.shape[1], self)  # one column: read as one, not the whole matrix
+                return self.columns(slice(c, c + 1))[:, 0]
             if _is_indices(rows) and _is_indices(cols):  # point reads: each distinct row read once
                 r = np.asarray(rows, np.int64)
                 c = np.asarray(cols, np.int64)
