@@ -313,6 +313,8 @@ def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch, tmp_
     """``ray.address: null`` starts a Ray of its own: without an address, ``ray.init`` joins ``$RAY_ADDRESS`` (the
     Jobs API address `geximpute submit` reads failed there as an invalid Ray Client address) or the cluster a
     `ray start` on this machine recorded (where the config's CPUs are refused)."""
+    import os
+
     import ray
 
     from geximpute.config import RayConfig
@@ -320,6 +322,9 @@ def test_a_local_ray_is_started_here_whatever_ray_address_says(monkeypatch, tmp_
 
     seen = {}
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    # what ensure_ray sets for a local Ray, restored after the test (later subprocesses inherited them)
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     token = tmp_path / ".ray" / "auth_token"
     monkeypatch.setattr(raytools.Path, "home", classmethod(lambda cls: tmp_path))

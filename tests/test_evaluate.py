@@ -534,9 +534,9 @@ STRONG = ("evaluation.methods=[row_tissue, tissue_donor, pairwise_regression, it
 
 
 def test_each_seed_of_evaluate_seeds_replicates_every_draw(synth_small, tmp_path, monkeypatch):
-    """``evaluate --seeds``: seed s hides other entries (``evaluation.seed`` s) and draws the model anew (``seed``
-    the config's + s: the networks' start, the training folds and the validation units), seed 0 the config as it
-    is; before, every seed trained on the same validation units."""
+    """``evaluate --seeds``: seed s runs with ``evaluation.seed`` s (other hidden entries) and ``seed`` the
+    config's + s (every draw of the model reads it), nothing else changed; before, every seed trained on the same
+    validation units. (The draws themselves are checked by the slow multi-seed evaluation.)"""
     import dataclasses
 
     from geximpute.steps import evaluate as module

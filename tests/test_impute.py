@@ -648,7 +648,13 @@ def test_gpu_predictors_ask_the_autoscaler_for_gpus_and_wait(monkeypatch):
     requests: list = []
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": float(next(gpus, 3))})
     monkeypatch.setattr(sdk, "request_resources", lambda bundles=None, num_cpus=None: requests.append(bundles))
-    monkeypatch.setattr(time_module, "sleep", lambda _s: None)
+    # impute's own `time` alone: patched on the module, every thread of the session spun without sleeping
+    from types import SimpleNamespace
+
+    from geximpute.steps import impute as impute_module
+
+    monkeypatch.setattr(impute_module, "time", SimpleNamespace(sleep=lambda _s: None, monotonic=time_module.monotonic,
+                                                               perf_counter=time_module.perf_counter))
 
     def config(**impute):
         return config_from_dict({"inputs": {"genes": "g.tsv", "expression": "e.tsv"}, "impute": impute})

@@ -482,8 +482,7 @@ def test_bad_region_is_a_config_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.real_data
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"real data folder {REAL} is absent")
-def test_real_1000_genomes_subset() -> None:
+def test_real_1000_genomes_subset(real_data) -> None:
     with Genome(REAL_FASTA) as genome:
         v = read_variants(REAL_VCF, genome)
     assert v.genotypes.shape == (139, 1126, 2)
