@@ -835,3 +835,28 @@ def test_an_unknown_value_in_a_present_slot_is_no_value():
     spec = SimpleNamespace(standardise=lambda v: (v - 5.0) / 2.0)
     out = _standard_where(np.array([True, True, False]), np.array([np.nan, 7.0, 9.0]), spec)
     np.testing.assert_array_equal(out, [0.0, 1.0, 0.0])
+
+
+def test_fit_head_refuses_a_foreign_out_before_fitting_and_takes_force(synth_small, tmp_path, monkeypatch):
+    """fit-head's --out was refused only at the commit, after the head was fitted, with a hint to pass --force
+    that fit-head did not take."""
+    from geximpute.apps.cli import build_parser
+    from geximpute.config import load_config
+    from geximpute.runtime.atomic import OutputRefused
+    from geximpute.steps import pipeline
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the networks were read before the output was checked")
+
+    monkeypatch.setattr(pipeline, "load_networks", never)
+    config = load_config(synth_small / "config.yaml", [f"output_dir={tmp_path}"])
+    with pytest.raises(OutputRefused, match="pass --force"):
+        pipeline.fit_head_and_save(config, tmp_path / "records", tmp_path / "network", mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(AssertionError, match="networks were read"):  # with force: on to the fitting
+        pipeline.fit_head_and_save(config, tmp_path / "records", tmp_path / "network", mine, force=True)
+    assert build_parser().parse_args(["fit-head", "--config", "c.yaml", "--force"]).force is True

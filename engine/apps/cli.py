@@ -146,7 +146,7 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
     from geximpute.steps.pipeline import fit_head_and_save, output_path
 
     config = _load(args)
-    _, version, _ = fit_head_and_save(config, args.records, args.network, args.out)
+    _, version, _ = fit_head_and_save(config, args.records, args.network, args.out, force=args.force)
     echo(f"model bundle {version} written to {output_path(config, args.out, 'model')}")
     return 0
 
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", metavar="DIR", help="prepare output with training folds (default <output_dir>/records)")
     p.add_argument("--network", metavar="DIR", help="trained network (default <output_dir>/network)")
     p.add_argument("--out", metavar="DIR", help="bundle folder (default impute.model_dir, else <output_dir>/model)")
+    _add_force(p)
     p.set_defaults(func=cmd_fit_head)
 
     p = add_parser("evaluate", help="hide, fit every method on visible data, score the hidden entries")

@@ -328,7 +328,7 @@ def check_compatible(recorded: dict[str, Any] | None, data: dict[str, Any], fold
 
 
 def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str], gene_ids: np.ndarray,
-                metrics: dict | None = None, tissues: Sequence[str] | None = None) -> str:
+                metrics: dict | None = None, tissues: Sequence[str] | None = None, force: bool = False) -> str:
     """Write ``models`` (network and hybrid head) as a bundle, atomically; returns its ``model_version``.
 
     Args:
@@ -339,12 +339,13 @@ def save_bundle(models: HybridModels, folder: str | Path, *, sequences: list[str
         metrics: training figures recorded in the manifest.
         tissues: the problem's tissue names (the order of the tissue embedding), recorded with the rest of the
             bundle's :func:`compatibility`.
+        force: replace ``folder`` even when it is not an earlier bundle.
     """
     compat = compatibility(models.config, gene_ids, tissues) if tissues is not None else None
     if compat is not None and not any(n.spec.family_input for n in models.networks()):
         compat["family_shrinkage"] = None  # the networks do not read the family level: any prior fits
     folds = models.fold_networks or [models.network]
-    with staged_output(folder, step="bundle") as staging:
+    with staged_output(folder, step="bundle", force=force) as staging:
         save_network(folds[0], staging, with_metrics=False)
         for k, network in enumerate(folds[1:], start=1):
             save_network(network, fold_folder(staging, k), with_metrics=False)

@@ -45,7 +45,15 @@ from geximpute.fit.models import HybridModels
 from geximpute.fit.train import check_holdout
 from geximpute.io.dataset import Dataset, load_dataset
 from geximpute.model.inference import TrainedNetwork
-from geximpute.runtime.atomic import MARKER, Lease, OutputRefused, marker_of, scratch_folder, store_of
+from geximpute.runtime.atomic import (
+    MARKER,
+    Lease,
+    OutputRefused,
+    check_replaceable,
+    marker_of,
+    scratch_folder,
+    store_of,
+)
 from geximpute.runtime.raytools import ensure_ray
 from geximpute.science.problem import VisibleProblem, make_problem
 from geximpute.steps.prepare import MATRIX_FOLDER, prepare, read_problem_index
@@ -214,6 +222,7 @@ def fit_head_and_save(
     *,
     problem: VisibleProblem | None = None,
     check_records: bool = True,
+    force: bool = False,
 ) -> tuple[HybridModels, str, int]:
     """Fit the XGBoost head over the trained networks on the training folds of ``records_dir`` and write the
     bundle into ``out`` (``geximpute fit-head``).
@@ -232,11 +241,15 @@ def fit_head_and_save(
         problem: the visible problem prepare cut the folds from (default: made again from the config's inputs).
         check_records: refuse networks trained on other records than ``records_dir``'s (False: a head fitted on
             purpose over another data set's networks, as the benchmark's gene sets are).
+        force: replace ``out`` even when it is not an earlier bundle (:mod:`geximpute.runtime.atomic`).
 
     Returns:
         (the fitted models, the bundle's ``model_version``, the number of records the head was fitted on).
     """
     records = output_path(config, records_dir, "records")
+    bundle_dir = output_path(config, out, "model")
+    # refused before the head is fitted (minutes to hours), and again where the bundle is committed
+    check_replaceable(bundle_dir, "bundle", store_of(bundle_dir.absolute()), force)
     if isinstance(network, TrainedNetwork):
         networks, runs = [network], output_path(config, None, "network") / "runs"
     else:
@@ -270,8 +283,8 @@ def fit_head_and_save(
                             networks=networks, visible_grids=False)
         n_head = models.head_rows
     sequences = pq.read_table(records / "promoters.parquet")["sequence"].to_pylist()
-    version = save_bundle(models, output_path(config, out, "model"), sequences=sequences, gene_ids=gene_ids,
-                          metrics=networks[0].metrics, tissues=tissues)
+    version = save_bundle(models, bundle_dir, sequences=sequences, gene_ids=gene_ids, metrics=networks[0].metrics,
+                          tissues=tissues, force=force)
     return models, version, n_head
 
 
