@@ -201,6 +201,13 @@ class SplitConfig:
         )
 
 
+#: the names ``evaluation.methods`` takes
+EVALUATION_METHODS = frozenset({
+    "distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference", "elastic_net",
+    "pairwise_regression", "cross_gene_regression", "iterative_ridge", "local_regression", "chained_boosting",
+    "tensor_factorisation", "promoter_composition", "gene_family"})
+
+
 @dataclass(frozen=True)
 class EvaluationConfig:
     """Which values are hidden for evaluation, and how results are scored.
@@ -225,9 +232,13 @@ class EvaluationConfig:
     task: Literal["entries", "genes", "samples"] = "entries"
     seed: int = 0
     fraction: float = 0.1
-    methods: tuple[str, ...] = ("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
-                                "cross_gene_regression", "iterative_ridge", "chained_boosting", "local_regression",
-                                "tensor_factorisation", "promoter_composition", "gene_family", "hybrid")
+    methods: tuple[str, ...] = field(
+        default=("distance", "row_tissue", "matrix_completion", "tissue_donor", "pairwise_regression",
+                 "cross_gene_regression", "iterative_ridge", "chained_boosting", "local_regression",
+                 "tensor_factorisation", "promoter_composition", "gene_family", "hybrid"),
+        # the schema an editor checks against: the names the loader takes, one at least
+        metadata={"schema": {"anyOf": [{"type": "array", "items": {"enum": sorted(EVALUATION_METHODS)},
+                                        "minItems": 1}, {"enum": sorted(EVALUATION_METHODS)}]}})
     ablations: bool = True
     min_donors: int = 10
     whole_donors: bool = False
@@ -237,9 +248,7 @@ class EvaluationConfig:
         _require(0 < self.fraction < 1, "evaluation.fraction", self.fraction, "a number in (0, 1)")
         _require(self.seed >= 0, "evaluation.seed", self.seed, "an integer >= 0")
         _require(self.min_donors >= 3, "evaluation.min_donors", self.min_donors, "an integer >= 3")
-        known = {"distance", "row_tissue", "matrix_completion", "tissue_donor", "hybrid", "hybrid_reference",
-                 "elastic_net", "pairwise_regression", "cross_gene_regression", "iterative_ridge", "local_regression",
-                 "chained_boosting", "tensor_factorisation", "promoter_composition", "gene_family"}
+        known = EVALUATION_METHODS
         bad = [m for m in self.methods if m not in known]
         _require(not self.whole_donors or self.task == "samples", "evaluation.whole_donors", self.whole_donors,
                  "false unless evaluation.task is 'samples'")

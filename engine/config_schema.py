@@ -46,7 +46,8 @@ def _descriptions(cls: type) -> dict[str, str]:
 def _type_schema(tp: Any) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _class_schema(tp)
+        # a section: a mapping, or null (its keys all commented out: the loader reads its defaults)
+        return {**_class_schema(tp), "type": ["object", "null"]}
     if origin is Literal:
         return {"enum": list(typing.get_args(tp))}
     if origin in (typing.Union, types.UnionType):
@@ -80,7 +81,7 @@ def _class_schema(cls: type) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     required = []
     for f in dataclasses.fields(cls):
-        prop = _type_schema(hints[f.name])
+        prop = dict(f.metadata["schema"]) if "schema" in f.metadata else _type_schema(hints[f.name])
         if f.name in texts:
             prop["description"] = texts[f.name]
         if f.default is not dataclasses.MISSING:

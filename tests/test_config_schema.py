@@ -74,3 +74,30 @@ def test_bad_config_rejected_by_schema_and_loader(validator, tmp_path, why, chan
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(bad)
+
+
+BAD_METHODS = [("no method", []), ("an unknown method", ["distance", "nearest_gene"])]
+
+
+@pytest.mark.parametrize(("why", "methods"), BAD_METHODS, ids=[b[0] for b in BAD_METHODS])
+def test_the_schema_checks_evaluation_methods_as_the_loader_does(validator, tmp_path, why, methods):
+    """The schema accepted any list of names (empty too) that the loader refuses: an editor passed a config that
+    failed to load."""
+    data = yaml.safe_load((CONFIGS / "gtex-medians.yaml").read_text())
+    data.setdefault("evaluation", {})["methods"] = methods
+    assert list(validator.iter_errors(data)), f"schema accepted {why}"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="evaluation.methods"):
+        load_config(bad)
+
+
+def test_a_section_with_every_key_commented_out_is_valid_to_the_schema(validator, tmp_path):
+    """``train:`` with its keys commented out is null to YAML, which the loader reads as the section's defaults;
+    the schema refused it, and an editor flagged a valid config."""
+    data = yaml.safe_load((CONFIGS / "gtex-medians.yaml").read_text())
+    data["genotypes"] = None
+    assert not list(validator.iter_errors(data))
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).genotypes == type(load_config(path).genotypes)()
