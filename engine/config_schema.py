@@ -46,7 +46,8 @@ def _descriptions(cls: type) -> dict[str, str]:
 def _type_schema(tp: Any) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        # a section: a mapping, or null (its keys all commented out: the loader reads its defaults)
+        # a section: a mapping, or null (its keys all commented out: the loader reads its defaults); a section the
+        # config requires (`inputs`) is a mapping (see _class_schema)
         return {**_class_schema(tp), "type": ["object", "null"]}
     if origin is Literal:
         return {"enum": list(typing.get_args(tp))}
@@ -88,6 +89,8 @@ def _class_schema(cls: type) -> dict[str, Any]:
             prop["default"] = _default(f.default)
         elif f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             required.append(f.name)
+            if prop.get("type") == ["object", "null"]:
+                prop["type"] = "object"  # a required section (`inputs`: its files) is never its defaults
         properties[f.name] = prop
     summary = (inspect.getdoc(cls) or "").split("\n\n", 1)[0].replace("\n", " ")
     schema: dict[str, Any] = {"type": "object", "description": summary, "properties": properties,

@@ -101,3 +101,10 @@ def test_a_section_with_every_key_commented_out_is_valid_to_the_schema(validator
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(data))
     assert load_config(path).genotypes == type(load_config(path).genotypes)()
+
+
+def test_inputs_are_never_null_to_the_schema(validator):
+    """Sections may be null (their defaults), but not `inputs`, whose files the loader needs."""
+    data = yaml.safe_load((CONFIGS / "gtex-medians.yaml").read_text())
+    data["inputs"] = None
+    assert list(validator.iter_errors(data))

@@ -180,6 +180,25 @@ def test_text_tables_are_gzip_by_their_bytes_and_not_utf8_is_named(write, tmp_pa
                                           .encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1.tsv: sample table is not UTF-8 text"):
         read_samples(tmp_path / "latin1.tsv")
+    # other compressions Arrow knows by the name are read as before (bz2)
+    import bz2
+
+    (tmp_path / "s.tsv.bz2").write_bytes(bz2.compress(samples.encode()))
+    assert read_samples(tmp_path / "s.tsv.bz2").to_pylist() == expected
+
+
+def test_sequence_lines_are_skipped_only_in_a_gff3_with_a_fasta_section(write, tmp_path):
+    """A GTF (or a GFF3 without `##FASTA`) cut short after a seqid of letters (`X`, `MT`) is an error, not the genes
+    read so far; comment lines ending in a bare carriage return are counted as Arrow reads them."""
+    gtf = '1\tsrc\tgene\t10\t20\t.\t+\t.\tgene_id "G1";\nX'
+    with pytest.raises(InputError, match=r"cut.gtf: gene annotation cannot be parsed"):
+        read_genes(write("cut.gtf", gtf))
+    gff = "##gff-version 3\n1\tsrc\tgene\t10\t20\t.\t+\t.\tID=G1\nMT"
+    with pytest.raises(InputError, match=r"cut.gff3: gene annotation cannot be parsed.*no ##FASTA section"):
+        read_genes(write("cut.gff3", gff))
+    bed = "#c1\r#c2\rchr1\t100\t200\tG1\t0\t+\rchr1\t300\t400\tG2\t0\t-\r"
+    (tmp_path / "cr.bed").write_bytes(bed.encode())
+    assert read_genes(tmp_path / "cr.bed").table.num_rows == 2
 
 
 def test_a_gene_annotation_that_is_not_a_file_is_named(tmp_path):

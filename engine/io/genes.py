@@ -77,7 +77,8 @@ def _read_gff(path: Path, fmt: str) -> pa.Table:
     types = {"start": pa.int64(), "end": pa.int64(),
              **{c: pa.string() for c in ("seqid", "feature", "strand", "attributes", "source", "score", "frame")}}
     _, _, batches = csv_batches(path, "gene annotation", lambda _: types, column_names=GFF_COLUMNS,
-                                skip_rows=count_leading_comments(path), quoting=False, skip_comment_rows=True)
+                                skip_rows=count_leading_comments(path), quoting=False, skip_comment_rows=True,
+                                fasta_section=fmt != "gtf")
     features = pa.array(["gene", "transcript"] if fmt == "gtf" else GFF3_GENE_FEATURES)
 
     def wanted(feature: pa.Array) -> pa.Array:

@@ -112,7 +112,7 @@ class MatrixFile:
             if isinstance(rows, slice) and rows == slice(None) and isinstance(cols, slice):
                 return self.columns(cols)
             if isinstance(rows, slice) and rows == slice(None) and isinstance(cols, (int, np.integer)):
-                c = _position(int(cols), self.shape[1], self)  # one column: read as one, not the whole matrix
+                c = _position(int(cols), self.shape[1], self, "column")  # read as one, not the whole matrix
                 return self.columns(slice(c, c + 1))[:, 0]
             if _is_indices(rows) and _is_indices(cols):  # point reads: each distinct row read once
                 r = np.asarray(rows, np.int64)
@@ -313,9 +313,9 @@ def _is_indices(key: Any) -> bool:
     return isinstance(key, (list, np.ndarray)) and np.asarray(key).dtype.kind in "iu"
 
 
-def _position(i: int, n: int, where: MatrixFile) -> int:
+def _position(i: int, n: int, where: MatrixFile, axis: str = "row") -> int:
     if not -n <= i < n:
-        raise IndexError(f"{where!r}: row {i} out of range")
+        raise IndexError(f"{where!r}: {axis} {i} out of range")
     return i + n if i < 0 else i
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -48,16 +49,17 @@ def is_parquet(path: Path) -> bool:
 
 
 def count_leading_comments(path: Path, prefix: str = "#") -> int:
-    """Number of lines at the top of a (possibly gzip) text file that start with ``prefix``: compared as bytes
-    (a byte that is not UTF-8 in a data line near the top is the table reader's to name, not a decoding error
-    here: text decoded a block at a time failed on such a byte anywhere in the first 8 KB)."""
+    """Number of lines at the top of a (possibly gzip) text file that start with ``prefix``, lines ending in
+    ``\\n``, ``\\r\\n`` or ``\\r`` as Arrow's reader ends them. Read as Latin-1, which decodes any byte: one
+    that is not UTF-8 in a data line near the top is the table reader's to name (UTF-8 text decoded a block at a
+    time failed on such a byte anywhere in the first 8 KB)."""
     n = 0
-    mark = prefix.encode()
-    with gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb") as fh:
+    raw = gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb")  # noqa: SIM115 - closed below
+    with io.TextIOWrapper(raw, encoding="latin-1", newline=None) as fh:
         for number, line in enumerate(fh):
-            if number == 0 and line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as open_text drops it
+            if number == 0 and line.startswith("\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as open_text drops it
                 line = line[3:]
-            if not line.startswith(mark):
+            if not line.startswith(prefix):
                 break
             n += 1
     return n
@@ -138,12 +140,16 @@ _FASTA_LINE = re.compile(r"[A-Za-z*.-]+")
 
 def _csv_options(path: Path, column_names: Sequence[str] | None, column_types: dict[str, pa.DataType] | None,
                  skip_rows: int, delimiter: str | None, quoting: bool, null_values: Sequence[str],
-                 skip_comment_rows: bool = False, block_size: int = BLOCK_BYTES
+                 skip_comment_rows: bool = False, block_size: int = BLOCK_BYTES, sequence: list | None = None
                  ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
     def on_invalid(row: pacsv.InvalidRow) -> str:
         text = row.text or ""
-        # a GFF3's `##FASTA` section (allowed at its end: `>seqid` lines and bases) is sequence, not features
-        if skip_comment_rows and (text.startswith(("#", ">")) or _FASTA_LINE.fullmatch(text.rstrip("\r"))):
+        if skip_comment_rows and text.startswith("#"):
+            return "skip"
+        # what a GFF3's `##FASTA` section holds (`>seqid` lines and bases): skipped, and kept in ``sequence`` for
+        # the reader to check that the file has that section (a line cut short is an error otherwise)
+        if sequence is not None and (text.startswith(">") or _FASTA_LINE.fullmatch(text.rstrip("\r"))):
+            sequence.append(text)
             return "skip"
         return "error"
 
@@ -191,6 +197,7 @@ def csv_batches(
     block_rows: int | None = None,
     column_names: Sequence[str] | None = None,
     skip_comment_rows: bool = False,
+    fasta_section: bool = False,
 ) -> tuple[pa.Schema, int, CsvBatches]:
     """A TSV/CSV (plain or gzip) read a block at a time: the schema Arrow infers from its first lines, its number of
     lines (:func:`~geximpute.io.checks.count_lines`, all of them: header and skipped lines included), and its record
@@ -204,7 +211,9 @@ def csv_batches(
     that a column's type cannot change between blocks.
 
     ``column_names`` names the columns of a file without a header; with ``skip_comment_rows`` a line starting with
-    ``#`` that does not parse is skipped (one that parses is the caller's to drop, as :func:`read_table` does).
+    ``#`` that does not parse is skipped (one that parses is the caller's to drop, as :func:`read_table` does). With
+    ``fasta_section`` (a GFF3) the ``>seqid`` and sequence lines of a ``##FASTA`` section are skipped; in a file
+    without that section such a line is the error it was.
 
     The batches raise ``pa.ArrowInvalid`` where a row does not parse or a value does not convert (:func:`table_error`
     words it); a caller that wants to name the record reads the file whole then.
@@ -216,7 +225,7 @@ def csv_batches(
     lines, size = count_lines(path, what)  # a gzip file is checked whole on the way
     block = max(MIN_BLOCK_BYTES, min(BLOCK_BYTES << 2, size // max(lines, 1) * (block_rows or BLOCK_ROWS)))
     options = _csv_options(path, column_names, None, skip_rows, delimiter, quoting, null_values, skip_comment_rows,
-                           block_size=block)
+                           block_size=block, sequence=[] if fasta_section else None)
     try:
         with pacsv.open_csv(source(path), read_options=options[0], parse_options=options[1],
                             convert_options=options[2]) as reader:
@@ -227,18 +236,26 @@ def csv_batches(
     except UnicodeDecodeError as exc:
         raise not_utf8(path, what, exc) from exc
     check_header(path, what, names, skip_rows)
+    sequence: list | None = [] if fasta_section else None
     read, parse, convert = _csv_options(path, column_names, column_types(schema), skip_rows, delimiter, quoting,
-                                        null_values, skip_comment_rows, block_size=block)
-    return schema, lines, CsvBatches(path, read, parse, convert)
+                                        null_values, skip_comment_rows, block_size=block, sequence=sequence)
+    return schema, lines, CsvBatches(path, read, parse, convert, sequence)
 
 
 def source(path: Path) -> pa.NativeFile:
-    """What Arrow's CSV reader reads ``path`` from (its reader closes the stream): gzip by the file's bytes alone.
-    Arrow decides by the name, case-sensitively: a plain file named ``.gz`` (a download the browser decompressed)
-    failed as a bare zlib error without the file's name, and a gzip file named ``.GZ``, ``.bgz`` or without a
-    suffix was parsed as text."""
+    """What Arrow's CSV reader reads ``path`` from (its reader closes the stream): gzip by the file's bytes, a plain
+    file named ``.gz`` as text, any other name as Arrow's reader decides by it (``.bz2``, ``.zst``, ``.lz4``).
+    Arrow alone decides gzip by the name, case-sensitively: a plain file named ``.gz`` (a download the browser
+    decompressed) failed as a bare zlib error without the file's name, and a gzip file named ``.GZ``, ``.bgz`` or
+    without a suffix was parsed as text."""
     path = Path(path)
-    return pa.input_stream(str(path), compression="gzip" if is_gzip(path) else None)
+    if is_gzip(path):
+        compression: str | None = "gzip"
+    elif path.suffix.lower() == ".gz":
+        compression = None
+    else:
+        compression = "detect"
+    return pa.input_stream(str(path), compression=compression)
 
 
 class CsvBatches:
@@ -246,14 +263,25 @@ class CsvBatches:
     needs two passes, such as a long table's ids and then its values, iterates twice)."""
 
     def __init__(self, path: Path, read: pacsv.ReadOptions, parse: pacsv.ParseOptions,
-                 convert: pacsv.ConvertOptions) -> None:
-        self.path, self.options = path, (read, parse, convert)
+                 convert: pacsv.ConvertOptions, sequence: list | None = None) -> None:
+        self.path, self.options, self.sequence = path, (read, parse, convert), sequence
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         read, parse, convert = self.options
+        if self.sequence is not None:
+            self.sequence.clear()
         with pacsv.open_csv(source(self.path), read_options=read, parse_options=parse,
                             convert_options=convert) as reader:
             yield from reader
+        if self.sequence and not _has_fasta_section(self.path):
+            raise pa.ArrowInvalid(f"CSV parse error: a line is not a feature (columns missing) and the file has no "
+                                  f"##FASTA section it could belong to: {self.sequence[0][:80]!r}")
+
+
+def _has_fasta_section(path: Path) -> bool:
+    """Whether a (possibly gzip) text file has a ``##FASTA`` line (a GFF3's sequence section)."""
+    with gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb") as fh:
+        return any(line.startswith(b"##FASTA") for line in fh)
 
 
 def check_header(path: Path, what: str, names: Sequence[str], skip_rows: int | None) -> None:
