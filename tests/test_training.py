@@ -709,3 +709,25 @@ def test_record_folders_read_the_chromosome_as_text(tmp_path):
             pq.write_table(pa.table({"gene_index": [1], "target": [0.5]}), part / "part-0.parquet")
     table = read_training([tmp_path / "fold=0", tmp_path / "fold=1"])
     assert table.schema.field("chrom").type == pa.string() and sorted(table["chrom"].to_pylist()) == ["1", "1", "X"]
+
+
+def test_the_head_reads_a_fold_s_records_in_one_order_whatever_the_file_names(tmp_path):
+    """prepare's files are named in the order its Ray Data workers finished: the head read its rows in that order,
+    and its boosters sample rows by position (the same data and seed gave another head, another model version)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geximpute.fit.hybrid import read_training
+
+    a = pa.table({"gene_index": [3, 1], "sample_index": [0, 2], "target": [0.3, 0.1]})
+    b = pa.table({"gene_index": [2, 1], "sample_index": [5, 0], "target": [0.2, 0.0]})
+    tables = []
+    for run, (first, second) in enumerate(((a, b), (b, a))):
+        part = tmp_path / f"run{run}" / "fold=0" / "chrom=chr1"
+        part.mkdir(parents=True)
+        pq.write_table(first, part / "part-000000.parquet")
+        pq.write_table(second, part / "part-000001.parquet")
+        tables.append(read_training([tmp_path / f"run{run}" / "fold=0"]))
+    assert tables[0].equals(tables[1])
+    entries = zip(tables[0]["gene_index"].to_pylist(), tables[0]["sample_index"].to_pylist(), strict=True)
+    assert list(entries) == [(1, 0), (1, 2), (2, 5), (3, 0)]

@@ -58,9 +58,17 @@ FOLD_RUN = "hybrid_folds"
 
 
 def read_training(dirs: list[Path]) -> pa.Table:
-    """The labelled training records of the given fold folders."""
-    return pa.concat_tables(pads.dataset(d, format="parquet", partitioning=S.record_partitioning()).to_table()
-                            for d in dirs)
+    """The labelled training records of the given fold folders, each fold's sorted by entry: prepare's files are
+    named in the order its Ray Data workers finished, which differs between runs, and the head's boosters sample
+    rows by position (the same data and seed gave another head, another model version)."""
+    return pa.concat_tables(_by_entry(pads.dataset(d, format="parquet", partitioning=S.record_partitioning())
+                                      .to_table()) for d in dirs)
+
+
+def _by_entry(table: pa.Table) -> pa.Table:
+    if not {"gene_index", "sample_index"} <= set(table.column_names):  # a fold without records
+        return table
+    return table.sort_by([("gene_index", "ascending"), ("sample_index", "ascending")])
 
 
 def record_entries(folder: Path) -> tuple[np.ndarray, np.ndarray]:
