@@ -789,3 +789,24 @@ def test_a_bundle_of_a_vcf_without_its_reference_loads_as_a_model_without_genome
     (folder / S.BUNDLE_CONFIG_FILE).write_text(yaml.safe_dump(saved))
     bundle = load_bundle(folder)
     assert not bundle.reads_genomes and bundle.models.config.inputs.variants is None
+
+
+def test_a_head_without_members_on_groups_keeps_its_trees_by_the_pearson_within_groups(caplog):
+    """``xgb_features_only`` on ``samples``: its trees are cut by the Pearson within (gene, tissue) groups, as the
+    hybrid's beside it are (it kept XGBoost's RMSE early stopping there, so the ablation was tuned otherwise)."""
+    import logging
+
+    from geximpute.config import HeadConfig
+    from geximpute.fit.head import fit_head_in_process
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 20)
+    level = rng.normal(0, 3, 60)[groups]
+    y = level + rng.normal(0, 1, len(groups))
+    x = np.c_[level + rng.normal(0, 0.1, len(y)), y - level + rng.normal(0, 0.7, len(y)),
+              rng.normal(size=(len(y), 2))].astype(np.float32)
+    valid = np.isin(groups, np.arange(0, 60, 5))
+    config = HeadConfig(num_workers=1, cpus_per_worker=0.5, num_boost_round=40)
+    with caplog.at_level(logging.INFO, logger="geximpute.fit.head"):
+        fit_head_in_process(x, y, valid, config, groups=groups, select="rmse")
+    assert "trees kept on the held-out rows averaged over 1 members (Pearson within groups" in caplog.text

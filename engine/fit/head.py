@@ -623,8 +623,10 @@ def _conformalised(point: object, interval: object, features: np.ndarray, labels
                   labels[train], None if groups is None else groups[train])
         log.info("head: %d-fold cross-validation of the tree count over %d training rows, %.1f s", config.cv_folds,
                  int(train.sum()), time.perf_counter() - t0)
-    if members or folded is not None or (select == "pearson" and valid.any()):
-        # a head without members (xgb_features_only) has its trees cut by the same measure, on its own rows
+    if members or folded is not None or ((select == "pearson" or groups is not None) and valid.any()):
+        # a head without members (xgb_features_only) has its trees cut by the same measure, on its own rows: the
+        # Pearson on `genes`, the Pearson within groups on `samples` (there it kept XGBoost's RMSE stopping, a
+        # measure the hybrid beside it was not cut by)
         point = _ensemble_rounds(point, members or [features[valid]], labels[valid], blend,
                                  None if groups is None else groups[valid], select, folded)
     head = HeadModel(point, interval, 0.0, features.shape[1], coverage, blend)
