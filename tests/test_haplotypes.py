@@ -545,3 +545,15 @@ def test_a_site_whose_ref_is_an_iupac_code_leaves_the_reference(tmp_path: Path) 
         haps = build(tmp_path, genome, [rec(28, "M", "A", "0|1")], ["d1"])
         plain = build(tmp_path, genome, [rec(28, "M", "A", "0|0")], ["d1"])  # the reference, both haplotypes
         assert np.array_equal(haps.rows, plain.rows)
+
+
+def test_a_replacement_of_another_length_over_the_tss_is_built(tmp_path: Path, genome: Genome) -> None:
+    """A complex variant over the TSS (REF 25..30, an ALT one base shorter, or longer) anchors the window at the
+    replacement's first base; the region was widened only by the bases it deletes, and the build stopped with a
+    ValueError (every gene of the run lost)."""
+    ref = bases(25, 30)
+    for alt in ("".join(other(c) for c in ref[:-1]), "".join(other(c) for c in ref) + "A"):
+        h = build(tmp_path, genome, [rec(25, ref, alt, "0|1")], ["D1"])
+        for gene, strand in ((0, "+"), (1, "-")):
+            assert h.sequence(gene, 0, 0) == h.sequences[h.reference_row[gene]]
+            assert h.sequence(gene, 0, 1) == cut(strand, [(25, ref, alt)]), (alt, strand)

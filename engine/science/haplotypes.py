@@ -519,7 +519,9 @@ class _Sites:
         """``(site rows sorted by position, region start, region end)`` for the window ``start..end`` (1-based).
 
         The sites are those whose REF span meets the region; the region is the window widened on both sides by
-        every base those sites' ALTs may delete, and to cover their REF spans, until no new site joins.
+        every base those sites' ALTs may delete and by their REF spans (a replacement of another length over the
+        TSS anchors the window at its first base: the 5' side then reaches past the span's start), and to cover
+        their REF spans, until no new site joins.
         """
         index, pos, site_end, deleted, longest = self.by_chrom[chrom]
         lo, hi = start, end
@@ -529,7 +531,7 @@ class _Sites:
             chosen = a + np.flatnonzero(site_end[a:b] >= lo)
             if chosen.size == 0:
                 return index[chosen], start, end
-            margin = int(deleted[chosen].sum())
+            margin = int(deleted[chosen].sum() + (site_end[chosen] - pos[chosen] + 1).sum())
             new_lo = min(start - margin, int(pos[chosen].min()))
             new_hi = max(end + margin, int(site_end[chosen].max()))
             if (new_lo, new_hi) == (lo, hi):
