@@ -655,3 +655,21 @@ def test_variant_effects_refuse_a_foreign_output_before_reading_anything(synth_s
     with pytest.raises(OutputRefused):
         module.variant_effects(config, mine, tmp_path / "model")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_people_of_a_cohort_vcf_outside_the_expression_refuse_nothing(tmp_path):
+    """A cohort VCF holds people the expression does not: their missing calls (or ambiguous phases) refused the
+    run under ``genotypes.missing: error`` although no donor of the problem reads them."""
+    _, data = _small_dataset(tmp_path, gts={TSS1 - 100: ["0/1"] * N_PEOPLE})  # a promoter SNP of gene 1
+    vcf = tmp_path / "people.vcf"
+    lines = []
+    for line in vcf.read_text().splitlines():
+        if line.startswith("#CHROM"):
+            line += "\tQ99"
+        elif not line.startswith("#"):
+            line += "\t./." if line.split("\t")[1] == str(TSS1 - 100) else "\t0/0"
+        lines.append(line)
+    vcf.write_text("\n".join(lines) + "\n")
+    problem, _ = _problem(data, missing="error")
+    assert "Q99" not in problem.donors and problem.genomes is not None
+    assert problem.genomes.gene_dosage(0).shape[0] == 1  # the promoter SNP, read for the problem's donors

@@ -24,8 +24,9 @@ Missing calls follow ``genotypes.missing`` (``mean``: NaN here, the donors' mean
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,19 @@ def promoter_sites(
     return ptr, index
 
 
+def problem_donors_of(variants: Any, donors: Sequence[str]) -> Any:
+    """``variants`` with the problem's donors alone (a cohort VCF holds people the expression does not: their
+    missing calls or ambiguous phases refused the run under ``genotypes.missing``/``unphased: error``, and their
+    haplotypes were built for nothing)."""
+    wanted = set(donors)
+    keep = [i for i, sample in enumerate(variants.samples) if sample in wanted]
+    if len(keep) == len(variants.samples):
+        return variants
+    return dataclasses.replace(
+        variants, samples=[variants.samples[i] for i in keep], genotypes=variants.genotypes[:, keep],
+        phased=variants.phased[:, keep], phase_set=None if variants.phase_set is None else variants.phase_set[:, keep])
+
+
 def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | None = None,
                   part_rows: int = 8192) -> DonorGenomes | None:
     """The :class:`DonorGenomes` of ``problem``'s genes and donors, or None without ``inputs.variants``.
@@ -170,6 +184,7 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
 
     p = dataset.config.promoter
     policy = dataset.config.genotypes
+    variants = problem_donors_of(variants, problem.donors)
     genes = pa.table({
         S.GENE_ID: pa.array(problem.gene_ids, pa.string()),
         S.CHROM: pa.array(problem.chroms, pa.string()),
