@@ -673,3 +673,33 @@ def test_people_of_a_cohort_vcf_outside_the_expression_refuse_nothing(tmp_path):
     problem, _ = _problem(data, missing="error")
     assert "Q99" not in problem.donors and problem.genomes is not None
     assert problem.genomes.gene_dosage(0).shape[0] == 1  # the promoter SNP, read for the problem's donors
+
+
+def test_a_deletion_reaching_into_the_promoter_window_from_upstream_is_linked(tmp_path):
+    """With the default ``cis_window`` (the promoter window) a deletion starting just 5' of the window is edited into
+    the donors' haplotypes, but its dosage was linked by its position alone: no link, no dosage, no variant-effect
+    row, and a missing call there never marked the haplotypes unknown."""
+    from geximpute.science.genomes import gene_variant_flags, window_bounds
+
+    _, data = _small_dataset(tmp_path)
+    config = config_from_dict(data)
+    start, _ = window_bounds(np.array([TSS1]), np.array([1]), config.promoter.upstream, config.promoter.downstream)
+    pos = int(start[0]) - 1  # one base 5' of gene 1's window; its REF reaches two bases into it
+    import pyfaidx
+
+    ref = pyfaidx.Fasta(str(tmp_path / "ref.fa"))["chr1"][pos - 1:pos + 2].seq.upper()
+    record = "\t".join(["chr1", str(pos), "del", ref, ref[0], ".", "PASS", ".", "GT",
+                        *(["1|1"] + ["0|0"] * (N_PEOPLE - 1))])
+    vcf = tmp_path / "people.vcf"
+    lines = vcf.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    vcf.write_text("\n".join([*lines[:first], record, *lines[first:]]) + "\n")  # sorted: the window is first
+    problem, _ = _problem(data)
+    genomes = problem.genomes
+    links = genomes.site_index[genomes.site_ptr[0]:genomes.site_ptr[1]]
+    sites = load_dataset(config_from_dict(data)).variants.sites
+    assert [int(sites["pos"][int(i)].as_py()) for i in links] == [pos]
+    assert genomes.in_promoter[genomes.site_ptr[0]:genomes.site_ptr[1]].tolist() == [True]
+    _, promoter = gene_variant_flags(genomes, sites["pos"].to_numpy(), problem.tss, problem.strand,
+                                     config.promoter.upstream, config.promoter.downstream)
+    assert promoter[0]

@@ -129,9 +129,12 @@ def window_bounds(tss: np.ndarray, strand: np.ndarray, upstream: int, downstream
 
 
 def promoter_sites(
-    chroms: np.ndarray, start: np.ndarray, end: np.ndarray, site_chroms: np.ndarray, site_pos: np.ndarray
+    chroms: np.ndarray, start: np.ndarray, end: np.ndarray, site_chroms: np.ndarray, site_pos: np.ndarray,
+    site_end: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(site_ptr (G + 1,), site_index (M,)): the sites whose position lies in each gene's window.
+    """(site_ptr (G + 1,), site_index (M,)): the sites whose position lies in each gene's window; with
+    ``site_end`` (the last base of each site's REF), the sites whose REF span meets it (a deletion from just
+    upstream of a promoter window is edited into the donors' haplotypes, so its dosage is linked too).
 
     Sites must be sorted by position within each chromosome (the VCF reader guarantees it).
     """
@@ -139,15 +142,20 @@ def promoter_sites(
     by_chrom: dict[str, np.ndarray] = {}
     for c in np.unique(site_chroms):
         by_chrom[c] = np.flatnonzero(site_chroms == c)
+    reach = {c: int((site_end[rows] - site_pos[rows]).max(initial=0)) if site_end is not None else 0
+             for c, rows in by_chrom.items()}
     for g, (c, lo, hi) in enumerate(zip(chroms, start, end, strict=True)):
         rows = by_chrom.get(c)
         if rows is None:
             parts.append(np.zeros(0, np.int64))
             continue
         pos = site_pos[rows]
-        a, b = np.searchsorted(pos, lo, "left"), np.searchsorted(pos, hi, "right")
-        parts.append(rows[a:b])
-        counts[g] = b - a
+        a, b = np.searchsorted(pos, lo - reach[c], "left"), np.searchsorted(pos, hi, "right")
+        found = rows[a:b]
+        if site_end is not None:
+            found = found[site_end[found] >= lo]
+        parts.append(found)
+        counts[g] = len(found)
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     index = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     return ptr, index
@@ -205,15 +213,17 @@ def donor_genomes(dataset, problem, sink: Callable[[list[str], int], None] | Non
 
     start, end = cis_bounds(problem.tss, problem.strand, p.upstream, p.downstream, policy.cis_window)
     sites = variants.sites
-    ptr, index = promoter_sites(problem.chroms, start, end,
-                                np.asarray(sites[S.CHROM].to_pylist(), dtype=object), sites["pos"].to_numpy())
+    site_pos = sites["pos"].to_numpy()
+    ref_len = pc.utf8_length(sites[S.REF]).to_numpy(zero_copy_only=False)
+    # a site whose REF reaches into the window (a deletion from just upstream) is edited into the haplotypes: its
+    # dosage is linked as well (linked by its position alone, it changed the haplotypes and had no dosage)
+    ptr, index = promoter_sites(problem.chroms, start, end, np.asarray(sites[S.CHROM].to_pylist(), dtype=object),
+                                site_pos, site_end=site_pos + ref_len - 1)
     ptr, index, allele = allele_links(ptr, index, sites[S.ALT])
     # which links' sites the promoter haplotypes are built from: a missing call there leaves them unknown
     window_start, window_end = window_bounds(problem.tss, problem.strand, p.upstream, p.downstream)
     link_gene = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
-    link_pos = sites["pos"].to_numpy()[index] if len(index) else np.zeros(0, np.int64)
-    # a site whose REF reaches into the window (a deletion from just upstream) is edited into the haplotypes too
-    ref_len = pc.utf8_length(sites[S.REF]).to_numpy(zero_copy_only=False)
+    link_pos = site_pos[index] if len(index) else np.zeros(0, np.int64)
     link_end = link_pos + (ref_len[index] if len(index) else 0) - 1
     in_promoter = (link_end >= window_start[link_gene]) & (link_pos <= window_end[link_gene])
     # one dosage row per (site, ALT allele) that some gene's window links to
@@ -717,4 +727,6 @@ def gene_variant_flags(genomes: DonorGenomes, site_pos: np.ndarray, tss: np.ndar
     first[1:] = (genomes.site_index[1:] != genomes.site_index[:-1]) | (gene[1:] != gene[:-1])
     n_cis = np.bincount(gene[first], minlength=len(links)).astype(np.int64)
     inside = (pos >= start[gene]) & (pos <= end[gene])
+    if genomes.in_promoter is not None:  # a deletion from just upstream reaching into the window counts too
+        inside = inside | genomes.in_promoter
     return n_cis, np.bincount(gene[inside], minlength=len(links)) > 0
