@@ -276,3 +276,12 @@ def test_a_bundle_written_with_settings_refused_since_still_loads(tmp_path, capl
     assert config.inputs.tissue is None and config.impute.predictors == 2
     assert config.impute.gpu_wait_seconds == type(config.impute)().gpu_wait_seconds
     assert "impute.gpu_wait_seconds inf is read as its default" in caplog.text
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(write):
+    """YAML keeps the last of two equal keys: ``scale: counts`` below ``scale: tpm`` (or a second ``promoter:``
+    section, which replaced the first whole) ran without a word."""
+    with pytest.raises(ConfigError, match=r"config.yaml: not valid YAML: key .upstream. is given twice \(lines 7"):
+        load_config(write("config.yaml", MINIMAL + "  upstream: 300\n"))
+    with pytest.raises(ConfigError, match=r"key 'promoter' is given twice \(lines 6 and 8\)"):
+        load_config(write("two.yaml", MINIMAL + "promoter:\n  downstream: 10\n"))

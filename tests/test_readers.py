@@ -133,6 +133,10 @@ def test_gtf_genes_with_tss_from_strand_and_versions_stripped(write, genome):
 def test_gene_types_filter(write):
     genes = read_genes(write("genes.gtf", GTF), gene_types=("protein_coding",))
     assert sorted(genes.table[S.GENE_ID].to_pylist()) == ["ENSG01", "ENSG03"]
+    # a mistyped type keeps nothing: named, with the types the file has (the genome was blamed further on)
+    with pytest.raises(InputError, match=r"genes2.gtf: inputs.gene_types \['protein_codin'\] keeps none of its .*"
+                                         r"expected gene types the annotation has: protein_coding \(2\)"):
+        read_genes(write("genes2.gtf", GTF), gene_types=("protein_codin",))
 
 
 def test_gff3_genes(write):

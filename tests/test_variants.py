@@ -500,3 +500,15 @@ def test_real_1000_genomes_subset(real_data) -> None:
         "alt": ["T"],
     }
     assert int(v.genotypes.max()) <= 2 and int(v.genotypes.min()) >= 0
+
+
+def test_a_header_naming_fewer_samples_than_the_records_hold_is_refused(tmp_path: Path) -> None:
+    """A sample name lost from the #CHROM line: htslib read the first columns by the names left, each donor a
+    neighbour's genotypes, without a word. Plain and gzip alike."""
+    records = [snp(10, "0|1", "0|0", "1|1"), snp(20, "0|0", "0|1", "1|1")]
+    for name in ("lost.vcf", "lost.vcf.gz"):
+        path = write_vcf(tmp_path / name, records, samples=SAMPLES[:2])
+        with pytest.raises(InputError, match=rf"{name}: a record has 12 columns where the #CHROM line names 2 "
+                                             r"sample\(s\); at line 6; expected 11 tab-separated columns"):
+            read_variants(path)
+    assert read_variants(write_vcf(tmp_path / "whole.vcf", records)).genotypes.shape == (2, 3, 2)

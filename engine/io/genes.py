@@ -370,6 +370,12 @@ def _validated(table: pa.Table, path: Path, fmt: str, gene_types: tuple[str, ...
     if gene_types and pc.any(pc.is_valid(table[S.GENE_TYPE])).as_py():
         keep = pc.is_in(table[S.GENE_TYPE], pa.array(list(gene_types)))
         report["n_dropped_gene_type"] = table.num_rows - pc.sum(keep).as_py()
+        if not pc.any(keep).as_py():  # a mistyped type kept nothing (the genome was blamed further on)
+            present = pc.value_counts(table[S.GENE_TYPE].drop_null()).to_pylist()
+            present.sort(key=lambda c: -c["counts"])
+            common = ", ".join(f"{c['values']} ({c['counts']:,})" for c in present[:8])
+            raise InputError(path, f"inputs.gene_types {list(gene_types)} keeps none of its {table.num_rows:,} genes",
+                             expected=f"gene types the annotation has: {common}")
         table = table.filter(keep)
 
     raw = table[S.GENE_ID].to_pylist()

@@ -221,6 +221,7 @@ def read_variants(
                 hint="Genotypes are read from GT; if the records carry GT, add that header line "
                 "(e.g. with `bcftools annotate --header-lines`)",
             )
+        _check_sample_columns(path, len(vcf_samples))
         if genome is not None:
             check_contig_lengths(path, vcf, genome)
         used, donors = _select_samples(path, vcf_samples, sample_map, samples)
@@ -333,6 +334,28 @@ def _open_vcf(path: Path) -> cyvcf2.VCF:
             expected="a VCF (plain, gzip or bgzip) or BCF file: '##' meta lines, then a '#CHROM POS ID REF "
             "ALT QUAL FILTER INFO FORMAT sample...' line, then one record per line",
         ) from exc
+
+
+def _check_sample_columns(path: Path, n_samples: int) -> None:
+    """Refuse a text VCF whose first record has another number of columns than the ``#CHROM`` line names (a sample
+    name lost from the header: htslib reads the first columns by the names there, each donor a neighbour's
+    genotypes, without a word). A BCF is binary and holds its samples itself."""
+    opener = gzip.open if is_gzip(path) else open
+    with opener(path, "rb") as fh:
+        if fh.read(3) == b"BCF":
+            return
+        fh.seek(0)
+        for number, line in enumerate(fh, start=1):
+            if line.startswith(b"#"):
+                continue
+            columns = line.rstrip(b"\r\n").count(b"\t") + 1
+            if columns != 9 + n_samples:
+                raise InputError(path, f"a record has {columns} columns where the #CHROM line names {n_samples} "
+                                 f"sample(s)", record=f"line {number}",
+                                 expected=f"{9 + n_samples} tab-separated columns: CHROM to FORMAT, then one per "
+                                 "sample named in the #CHROM line",
+                                 hint="A sample name may have been lost from the header line")
+            return
 
 
 def _why_not_vcf(path: Path) -> str:
