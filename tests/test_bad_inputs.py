@@ -78,6 +78,10 @@ def test_the_toy_dataset_is_valid(toy, capsys):
     assert "2 donor(s), 2 tissues" in output
     assert "4 of 4 donor-tissue cells observed (100.0%)" in output
     assert "3 expressed genes have a full" in output
+    assert "warning" not in output
+    # a held-out chromosome with no gene: prepare refuses it after Ray has started; inspect says so first
+    code, output = inspect(toy, capsys, "split.valid_chroms=[chr21,chr99]")
+    assert code == 0 and "warning: config key 'split.valid_chroms' names 'chr21', 'chr99'" in output
 
 
 def test_missing_file(toy, capsys):

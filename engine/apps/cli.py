@@ -51,10 +51,19 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from geximpute import schema as S
     from geximpute.io.dataset import format_summary, load_dataset
+    from geximpute.science.problem import check_split
     from geximpute.steps.evaluate import sequence_summary
 
-    dataset = load_dataset(_load(args))
+    config = _load(args)
+    dataset = load_dataset(config)
+    try:  # prepare refuses it, after Ray has started: said here, where the inputs are checked
+        check_split(np.asarray(dataset.genes.table[S.CHROM].to_pylist(), dtype=object), config)
+    except ConfigError as exc:
+        echo(f"geximpute inspect: warning: {exc}; prepare and evaluate refuse it", err=True)
     sequence = sequence_summary(dataset)
     if args.json:
         echo(json.dumps({**dataset.report, **({"sequence": sequence} if sequence else {})}, indent=2))
