@@ -1103,11 +1103,12 @@ def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", overri
     try:
         config = _build(Config, merged)
     except ConfigError as exc:
-        # a key only a --set names is the command line's, not the file's
+        # a key only a --set names is the command line's, not the file's; so is a bad value a --set gave (it wins
+        # over the file's): the value quoted was not in the file
         given = [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
-        bad = re.search(r"unknown config key '([^']+)'", str(exc))
-        mine = [g for g in given if bad and (g == bad.group(1) or g.startswith(bad.group(1) + "."))]
-        if mine and not _has_path(data, bad.group(1)):
+        bad = re.search(r"(unknown )?config key '([^']+)'", str(exc))
+        mine = [g for g in given if bad and (g == bad.group(2) or g.startswith(bad.group(2) + "."))]
+        if mine and (not bad.group(1) or not _has_path(data, bad.group(2))):
             raise ConfigError(f"--set {mine[0]}: {exc}") from exc
         raise
     base = Path(base_dir).resolve()

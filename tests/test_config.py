@@ -285,3 +285,14 @@ def test_a_key_given_twice_is_refused_naming_both_lines(write):
         load_config(write("config.yaml", MINIMAL + "  upstream: 300\n"))
     with pytest.raises(ConfigError, match=r"key 'promoter' is given twice \(lines 6 and 8\)"):
         load_config(write("two.yaml", MINIMAL + "promoter:\n  downstream: 10\n"))
+
+
+def test_a_bad_value_given_by_set_is_the_command_line_s(write):
+    """``--set promoter.upstream=abc`` was reported as the file's (``config.yaml: config key ... has value 'abc'``:
+    the file holds no ``abc``)."""
+    with pytest.raises(ConfigError, match=r"config.yaml: --set promoter.upstream: config key 'promoter.upstream' "
+                                          r"has value 'abc'"):
+        load_config(write("config.yaml", MINIMAL), ["promoter.upstream=abc"])
+    with pytest.raises(ConfigError) as err:  # the file's own bad value stays the file's
+        load_config(write("bad.yaml", MINIMAL.replace("upstream: 200", "upstream: abc")))
+    assert "--set" not in str(err.value) and "'promoter.upstream' has value 'abc'" in str(err.value)
