@@ -92,6 +92,18 @@ def test_plain_gzip_fasta_gets_a_clear_error(tmp_path):
         Genome(path)
 
 
+def test_a_fasta_that_cannot_be_indexed_says_why_and_leaves_no_index(tmp_path):
+    """A repeated record name and uneven line lengths were both called "a truncated copy?", and the index pyfaidx
+    began was left beside the user's FASTA."""
+    cases = {"dup.fa": (">chr1\nACGT\n>chr1\nGGCC\n", "each record name must be unique"),
+             "ragged.fa": (">chr1\nACGTACGT\nACG\nACGTACGT\n", "each record's lines must have one length")}
+    for name, (text, hint) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=rf"{name}: cannot be read as FASTA.*{hint}"):
+            Genome(tmp_path / name)
+        assert not (tmp_path / f"{name}.fai").exists()
+
+
 # genes ---------------------------------------------------------------------------------------------------------
 
 

@@ -90,6 +90,8 @@ class Genome:
         self.path = Path(path)
         check_readable(self.path, "FASTA file")
         rebuild = _stale_index(self.path)
+        index = self.path.with_name(self.path.name + ".fai")
+        had_index = index.exists()
         try:
             with warnings.catch_warnings():  # pyfaidx's own word on an old index: ours above says more
                 warnings.filterwarnings("ignore", message="Index file .* is older than FASTA file",
@@ -105,10 +107,18 @@ class Genome:
                 hint="Recompress with `bgzip` (htslib) or decompress it",
             ) from exc
         except (OSError, ValueError, EOFError, struct.error, pyfaidx.FastaIndexingError, gzip.BadGzipFile) as exc:
-            # struct.error / EOFError: Bio.bgzf on a bgzip file cut short (a copy that did not finish)
-            raise InputError(self.path, f"cannot be read as FASTA ({type(exc).__name__}: {exc})",
-                             expected="'>name' records, a bgzip file whole",
-                             hint="a truncated copy? copy it again") from exc
+            if not had_index:  # the index pyfaidx began for a file it could not read: not left beside the input
+                index.unlink(missing_ok=True)
+            text = str(exc)
+            if "Duplicate key" in text:
+                hint = "each record name must be unique: rename or remove the repeated record"
+            elif isinstance(exc, pyfaidx.FastaIndexingError):
+                hint = ("each record's lines must have one length (its last may be shorter): rewrap it, e.g. "
+                        "`seqkit seq -w 60`")
+            else:  # struct.error / EOFError: Bio.bgzf on a bgzip file cut short (a copy that did not finish)
+                hint = "a truncated copy? copy it again"
+            raise InputError(self.path, f"cannot be read as FASTA ({type(exc).__name__}: {text})",
+                             expected="'>name' records, a bgzip file whole", hint=hint) from exc
         self.lengths: dict[str, int] = {name: len(rec) for name, rec in self._fasta.records.items()}
         if not self.lengths:
             raise InputError(self.path, "holds no FASTA records", expected="at least one '>name' record")
