@@ -77,8 +77,15 @@ def test_the_command_line_says_which_option_is_wrong_and_writes_nothing(tmp_path
     from geximpute.apps.cli import main
 
     assert main(["synth", "--out", str(tmp_path / "bad"), "--motif-eqtl-fraction", "2"]) == 2
-    assert "motif_eqtl_fraction=2.0" in capsys.readouterr().err
+    assert "--motif-eqtl-fraction 2.0" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--genes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--genes 0: expected at least one gene per chromosome" in err and "SynthSpec" not in err
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    assert main(["synth", "--out", str(tmp_path / "full"), "--genes", "30"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
 
 
 def test_spec_rejects_a_window_too_small_for_the_motifs() -> None:

@@ -99,9 +99,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     try:
         spec = SynthSpec(seed=args.seed, n_genes=args.genes, n_donors=args.donors, n_tissues=args.tissues,
                          chrom_length=length, motif_eqtl_fraction=args.motif_eqtl_fraction)
-    except ValueError as exc:  # a bad option: said plainly, as any other bad setting
-        raise ConfigError(str(exc)) from None
-    result = generate(args.out, spec, overwrite=args.overwrite)
+    except ValueError as exc:  # a bad option: said plainly, as any other bad setting, in the option's own name
+        text = str(exc)
+        for field_name, option in (("n_genes", "--genes"), ("n_donors", "--donors"), ("n_tissues", "--tissues"),
+                                   ("chrom_length", "--chrom-length"), ("motif_eqtl_fraction", "--motif-eqtl-fraction"),
+                                   ("seed", "--seed")):
+            text = text.replace(f"SynthSpec.{field_name}=", f"{option} ")
+        raise ConfigError(text.replace(" (n_chroms)", "")) from None
+    try:
+        result = generate(args.out, spec, overwrite=args.overwrite)
+    except FileExistsError as exc:  # the Python API's wording, in the command line's
+        raise ConfigError(str(exc).replace("pass overwrite=True (`geximpute synth --overwrite`)", "pass --overwrite")
+                          ) from None
     echo(f"synthetic dataset written to {result.out_dir}")
     echo(f"  next: geximpute inspect --config {result.config_path}")
     return 0
