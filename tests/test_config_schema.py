@@ -34,6 +34,15 @@ def test_shipped_schema_is_the_generated_one(tmp_path):
         "configs/geximpute.schema.json is stale: run `geximpute config-schema --out configs/geximpute.schema.json`")
 
 
+def test_config_schema_out_names_a_missing_folder_or_a_folder(tmp_path, capsys):
+    """A bare OS error (``No such file or directory ... (FileNotFoundError)``) before."""
+    assert main(["config-schema", "--out", str(tmp_path / "absent" / "schema.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"its folder {tmp_path / 'absent'} does not exist" in err and "Traceback" not in err
+    assert main(["config-schema", "--out", str(tmp_path)]) == 2
+    assert "a folder; give the file to write" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid_and_point_at_the_schema(validator, path):
     assert path.read_text().splitlines()[0] == "# yaml-language-server: $schema=geximpute.schema.json"

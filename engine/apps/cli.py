@@ -82,7 +82,13 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
     text = json.dumps(config_schema(), indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(f"config-schema --out {out}: a folder; give the file to write, e.g. "
+                              f"{out / 'geximpute.schema.json'}")
+        if not out.parent.is_dir():
+            raise ConfigError(f"config-schema --out {out}: its folder {out.parent} does not exist; create it first")
+        out.write_text(text)
         echo(f"JSON Schema of the config written to {args.out}; to use it, make this the first line of a config "
              "(the path relative to the config file):\n"
              f"  # yaml-language-server: $schema={args.out}")
