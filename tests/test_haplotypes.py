@@ -557,3 +557,16 @@ def test_a_replacement_of_another_length_over_the_tss_is_built(tmp_path: Path, g
         for gene, strand in ((0, "+"), (1, "-")):
             assert h.sequence(gene, 0, 0) == h.sequences[h.reference_row[gene]]
             assert h.sequence(gene, 0, 1) == cut(strand, [(25, ref, alt)]), (alt, strand)
+
+
+def test_two_heterozygous_records_at_one_position_are_two_sites_to_phase(tmp_path: Path, genome: Genome) -> None:
+    """An SNV and a deletion sharing its base, each 0/1 unphased: two sites whose phase is unknown (read as one
+    site, both ALTs went on one haplotype without a word, even under ``unphased: error``); a multi-allelic site
+    split as 1/0 and 0/1 stays one site."""
+    snv = rec(28, b(28), other(b(28)), "0/1")
+    deletion = rec(28, bases(28, 30), b(28), "0/1")
+    with pytest.raises(InputError, match=r"donor D1"):
+        build(tmp_path, genome, [snv, deletion], ["D1"], unphased="error")
+    split = [rec(28, b(28), other(b(28)), "1/0"), rec(28, bases(28, 30), b(28), "0/1")]
+    h = build(tmp_path, genome, split, ["D1"], unphased="error")
+    assert h.report["n_ambiguous_phase_pairs"] == 0

@@ -576,19 +576,21 @@ def _ambiguous_phase(variants: Variants, index: np.ndarray, inside: np.ndarray |
     of one group are one site (the records of one position: a split multi-allelic site)."""
     calls = variants.genotypes[index]
     called = (calls >= 0).all(axis=2)
-    if alleles is not None:
-        pairs = alleles.reshape(len(index), -1, 2)
-        het_any = (pairs[..., 0] != pairs[..., 1]) & called
-    else:
-        het_any = (calls[..., 0] != calls[..., 1]) & called
+    pairs = alleles.reshape(len(index), -1, 2) if alleles is not None else calls
+    het_any = (pairs[..., 0] != pairs[..., 1]) & called
     unphased_all = het_any & ~variants.phased[index]
     if inside is not None:
         het_any = het_any & inside[:, None]
     unphased = het_any & ~variants.phased[index]
     if group is not None and len(index):
-        het_sites = np.zeros((int(group.max()) + 1, het_any.shape[1]), dtype=bool)
-        np.logical_or.at(het_sites, group, het_any)
-        n_het = het_sites.sum(axis=0)
+        # a split multi-allelic site puts its ALTs on different slots (1/2 as 1/0 and 0/1): one site; records of
+        # one position with ALTs on the same slot (0/1 and 0/1: an SNV and a deletion sharing its base) are as
+        # many sites, whose phase an unphased call leaves unknown
+        shape = (int(group.max()) + 1, het_any.shape[1])
+        on_a, on_b = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        np.add.at(on_a, group, het_any & (pairs[..., 0] > 0))
+        np.add.at(on_b, group, het_any & (pairs[..., 1] > 0))
+        n_het = np.maximum(on_a, on_b).sum(axis=0)
     else:
         n_het = het_any.sum(axis=0)
     ambiguous = (n_het >= 2) & unphased.any(axis=0)
