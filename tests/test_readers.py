@@ -207,7 +207,7 @@ def test_sequence_lines_are_skipped_only_in_a_gff3_with_a_fasta_section(write, t
     """A GTF (or a GFF3 without `##FASTA`) cut short after a seqid of letters (`X`, `MT`) is an error, not the genes
     read so far; comment lines ending in a bare carriage return are counted as Arrow reads them."""
     gtf = '1\tsrc\tgene\t10\t20\t.\t+\t.\tgene_id "G1";\nX'
-    with pytest.raises(InputError, match=r"cut.gtf: gene annotation cannot be parsed"):
+    with pytest.raises(InputError, match=r"cut.gtf: gene annotation cannot be parsed: a row has 1 fields; at line 2"):
         read_genes(write("cut.gtf", gtf))
     gff = "##gff-version 3\n1\tsrc\tgene\t10\t20\t.\t+\t.\tID=G1\nMT"
     with pytest.raises(InputError, match=r"cut.gff3: gene annotation cannot be parsed.*no ##FASTA section"):
@@ -923,3 +923,13 @@ def test_the_linear_scale_is_given_back_only_where_there_is_one():
     assert linear_unit("counts", config) == "normalised counts per million" and linear_unit("tpm", config) == "TPM"
     for scale in ("log", "normalised"):
         assert from_model_scale(values, scale, config) is None and linear_unit(scale, config) is None
+
+
+def test_a_row_with_other_fields_than_the_header_is_named_by_its_line(write):
+    """Arrow's message quoted the row but not its number ("Expected 3 columns, got 2: S2 D1")."""
+    text = "sample_id\tdonor_id\ttissue\nS1\tD1\tLiver\nS2\tD1\nS3\tD2\tLung\n"
+    with pytest.raises(InputError, match=r"short.tsv: sample table cannot be parsed: a row has 2 fields; at line 3; "
+                                         r"expected 3 fields, as the header has"):
+        read_samples(write("short.tsv", text))
+    with pytest.raises(InputError, match=r"at line 3;"):
+        read_samples(write("short.tsv.gz", text))

@@ -178,11 +178,33 @@ def not_utf8(path: Path, what: str, exc: UnicodeDecodeError) -> InputError:
 
 
 def table_error(path: Path, what: str, exc: pa.ArrowInvalid) -> InputError:
-    """The :class:`InputError` of a text table Arrow could not read."""
+    """The :class:`InputError` of a text table Arrow could not read; a row with another number of fields than the
+    header is named by its line (Arrow's message quotes the row, not its number)."""
     message = str(exc)
     if "Empty CSV file" in message:
         return InputError(path, f"{what} has no rows")
+    fields = re.search(r"Expected (\d+) columns, got (\d+): (.*)", message, re.S)
+    if fields:
+        line = _line_of_row(path, fields.group(3))
+        return InputError(path, f"{what} cannot be parsed: a row has {fields.group(2)} fields",
+                          record=f"line {line}" if line else None,
+                          expected=f"{fields.group(1)} fields, as the header has (tab- or comma-separated as the "
+                                   f"file is; a field with the separator in it quoted)")
     return InputError(path, f"{what} cannot be parsed: {_short_arrow_message(message)}")
+
+
+def _line_of_row(path: Path, row: str) -> int | None:
+    """The line number (1-based) of the first line of ``path`` that reads ``row`` (one pass over the file, on an
+    error only); None where none does (Arrow shortens long rows)."""
+    wanted = row.rstrip("\r\n").encode("utf-8", errors="replace")
+    try:
+        with gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb") as fh:
+            for number, line in enumerate(fh, start=1):
+                if line.rstrip(b"\r\n") == wanted:
+                    return number
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None
 
 
 def csv_batches(
