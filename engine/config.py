@@ -997,7 +997,13 @@ def _unique_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) ->
     ``scale: tpm`` (or a second ``promoter:`` section) replaced the first without a word."""
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys, which explicit ones override
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # an unhashable key: SafeLoader's own refusal below
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",

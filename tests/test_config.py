@@ -285,6 +285,10 @@ def test_a_key_given_twice_is_refused_naming_both_lines(write):
         load_config(write("config.yaml", MINIMAL + "  upstream: 300\n"))
     with pytest.raises(ConfigError, match=r"key 'promoter' is given twice \(lines 6 and 8\)"):
         load_config(write("two.yaml", MINIMAL + "promoter:\n  downstream: 10\n"))
+    # YAML's merge keys (an anchor's keys shared) are not duplicates: an explicit key overrides a merged one
+    from geximpute.config import _yaml
+
+    assert _yaml("a: &w\n  x: 1\n  y: 2\nb:\n  <<: *w\n  y: 3\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
 
 
 def test_a_bad_value_given_by_set_is_the_command_line_s(write):
