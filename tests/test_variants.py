@@ -512,3 +512,5 @@ def test_a_header_naming_fewer_samples_than_the_records_hold_is_refused(tmp_path
                                              r"sample\(s\); at line 6; expected 11 tab-separated columns"):
             read_variants(path)
     assert read_variants(write_vcf(tmp_path / "whole.vcf", records)).genotypes.shape == (2, 3, 2)
+    trailing = [r + " " for r in records]  # a trailing tab (written by some tools) is no sample column
+    assert read_variants(write_vcf(tmp_path / "trailing.vcf", trailing)).genotypes.shape == (2, 3, 2)
