@@ -77,6 +77,12 @@ def count_lines(path: str | Path, what: str) -> tuple[int, int]:
     return lines + (last != b"\n"), size
 
 
+def open_bytes(path: str | Path) -> io.BufferedIOBase:
+    """Open a plain or gzip-compressed file for reading its bytes (gzip by the file's own bytes, not its name)."""
+    path = Path(path)
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
 def open_text(path: str | Path) -> io.TextIOBase:
     """Open a plain or gzip-compressed text file for reading (a leading byte-order mark, which spreadsheet programs
     write, is dropped: Arrow's readers drop it too)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import re
 import zlib
@@ -15,7 +14,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from geximpute.errors import InputError
-from geximpute.io.checks import check_gzip_whole, check_readable, count_lines, format_name, is_gzip, open_text
+from geximpute.io.checks import (
+    check_gzip_whole,
+    check_readable,
+    count_lines,
+    format_name,
+    is_gzip,
+    open_bytes,
+    open_text,
+)
 
 #: strings read as missing values in every table
 NULL_VALUES = ["", "NA", "NaN", "nan", "NAN", "null", "NULL", "None", "."]
@@ -54,8 +61,7 @@ def count_leading_comments(path: Path, prefix: str = "#") -> int:
     that is not UTF-8 in a data line near the top is the table reader's to name (UTF-8 text decoded a block at a
     time failed on such a byte anywhere in the first 8 KB)."""
     n = 0
-    raw = gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb")  # noqa: SIM115 - closed below
-    with io.TextIOWrapper(raw, encoding="latin-1", newline=None) as fh:
+    with io.TextIOWrapper(open_bytes(path), encoding="latin-1", newline=None) as fh:
         for number, line in enumerate(fh):
             if number == 0 and line.startswith("\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as open_text drops it
                 line = line[3:]
@@ -198,7 +204,7 @@ def _line_of_row(path: Path, row: str) -> int | None:
     error only); None where none does (Arrow shortens long rows)."""
     wanted = row.rstrip("\r\n").encode("utf-8", errors="replace")
     try:
-        with gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb") as fh:
+        with open_bytes(path) as fh:
             for number, line in enumerate(fh, start=1):
                 if line.rstrip(b"\r\n") == wanted:
                     return number
@@ -302,7 +308,7 @@ class CsvBatches:
 
 def _has_fasta_section(path: Path) -> bool:
     """Whether a (possibly gzip) text file has a ``##FASTA`` line (a GFF3's sequence section)."""
-    with gzip.open(path, "rb") if is_gzip(Path(path)) else open(path, "rb") as fh:
+    with open_bytes(path) as fh:
         return any(line.startswith(b"##FASTA") for line in fh)
 
 

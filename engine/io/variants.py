@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 
 from geximpute import schema
 from geximpute.errors import ConfigError, InputError
-from geximpute.io.checks import check_gzip_whole, check_readable, is_gzip, open_text
+from geximpute.io.checks import check_gzip_whole, check_readable, open_bytes, open_text
 from geximpute.io.chroms import chrom_key, harmonise_chroms, renamed
 from geximpute.io.fasta import Genome
 from geximpute.io.tables import source
@@ -340,8 +340,7 @@ def _check_sample_columns(path: Path, n_samples: int) -> None:
     """Refuse a text VCF whose first record has another number of columns than the ``#CHROM`` line names (a sample
     name lost from the header: htslib reads the first columns by the names there, each donor a neighbour's
     genotypes, without a word). A BCF is binary and holds its samples itself."""
-    opener = gzip.open if is_gzip(path) else open
-    with opener(path, "rb") as fh:
+    with open_bytes(path) as fh:
         if fh.read(3) == b"BCF":
             return
         fh.seek(0)
@@ -360,9 +359,8 @@ def _check_sample_columns(path: Path, n_samples: int) -> None:
 
 def _why_not_vcf(path: Path) -> str:
     """Say in words why htslib could not open ``path``, reading its header lines (up to #CHROM)."""
-    opener = gzip.open if is_gzip(path) else open
     try:
-        with opener(path, "rb") as fh:
+        with open_bytes(path) as fh:
             if fh.read(3) == b"BCF":
                 return "is a BCF file whose header cannot be read"
             fh.seek(0)
